@@ -1,0 +1,20 @@
+"""Exceptions raised on bad input. Each message says what was wrong and how to fix it."""
+
+
+class TLDegeneracyError(Exception):
+    """Base class of every error the package raises on purpose."""
+
+
+class MissingHookError(TLDegeneracyError, KeyError):
+    """A hook kind that the model's architecture does not have (e.g. resid_mid on parallel blocks)."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(TLDegeneracyError, ValueError):
+    """Data that cannot be used: empty, token ids out of range, sequences longer than n_ctx."""
+
+
+class NumericalError(TLDegeneracyError, FloatingPointError):
+    """Non-finite activations, losses or statistics."""

@@ -1,0 +1,48 @@
+"""``adapt(model)``: pick the adapter for a model's backend."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapter import ModelAdapter
+
+SUPPORTED = (
+    "transformer_lens.HookedTransformer (TransformerLens 3.x), "
+    "transformer_lens.model_bridge.TransformerBridge (TransformerLens 3.x and 4.x, default or "
+    "compatibility mode), and the bundled tl_degeneracy toys (tl_degeneracy.models.toys)"
+)
+
+
+def _hooked_transformer_class():
+    try:
+        from transformer_lens import HookedTransformer  # absent on TL 4.x: ImportError, not AttributeError
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def adapt(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """Wrap ``model`` in the adapter of its backend; an adapter is returned unchanged.
+
+    Raises ``TypeError`` naming the supported model types for anything else.
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from .toys.base import ToyModel
+
+    if isinstance(model, ToyModel):
+        from .toy_adapter import ToyAdapter
+
+        return ToyAdapter(model)
+    if isinstance(model, TransformerBridge):
+        from .bridge import BridgeAdapter
+
+        return BridgeAdapter(model)
+    HookedTransformer = _hooked_transformer_class()
+    if HookedTransformer is not None and isinstance(model, HookedTransformer):
+        from .hooked_transformer import HookedTransformerAdapter
+
+        return HookedTransformerAdapter(model)
+    raise TypeError(f"tl_degeneracy cannot adapt a {type(model).__module__}.{type(model).__name__}; supported: {SUPPORTED}")

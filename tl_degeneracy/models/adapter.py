@@ -1,0 +1,296 @@
+"""The adapter: one interface over every supported model (API.md, "models").
+
+Analyses never reach into a backend; they ask an adapter for config numbers, hook names, weights in
+TransformerLens layout, the live parameter set and a perturbed forward. Backends subclass
+:class:`ModelAdapter` and implement the few ``_``-prefixed methods; everything that must be done
+once for all backends (GQA expansion, zero biases, de-duplicated parameters, leak-free perturbed
+forwards over a chain axis, eval mode) lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import MissingHookError
+from .config import ModelConfig
+from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
+from .parameters import ParameterSet, find_live_parameters
+from .weights import AttentionWeights, EmbeddingWeights, MLPWeights
+
+HookFn = Callable[[Tensor, object], Tensor | None]
+
+
+class ModelAdapter:
+    """Uniform access to a model's architecture, hooks, weights and parameters.
+
+    Subclasses set ``backend`` and implement ``_read_config``, ``_hook_template``,
+    ``_layer_attention``, ``_layer_mlp``, ``_embedding``; they may override ``_canonical_name``
+    (stable parameter names) and ``_logits`` (forward output → [batch, pos, vocab]).
+    """
+
+    backend: ClassVar[str] = "abstract"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.cfg: ModelConfig = self._read_config()
+        self._live: ParameterSet | None = None
+        self._vmap_works: bool | None = None
+
+    # ------------------------------------------------------------------ config
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"{type(self).__name__}(backend={self.backend!r}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
+            f"n_kv_heads={c.n_kv_heads}, d_model={c.d_model}, d_head={c.d_head}, d_mlp={c.d_mlp}, "
+            f"d_vocab={c.d_vocab}, n_ctx={c.n_ctx})"
+        )
+
+    n_layers = property(lambda self: self.cfg.n_layers)
+    n_heads = property(lambda self: self.cfg.n_heads)
+    n_kv_heads = property(lambda self: self.cfg.n_kv_heads)
+    d_model = property(lambda self: self.cfg.d_model)
+    d_head = property(lambda self: self.cfg.d_head)
+    d_mlp = property(lambda self: self.cfg.d_mlp)
+    d_vocab = property(lambda self: self.cfg.d_vocab)
+    n_ctx = property(lambda self: self.cfg.n_ctx)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def summary(self) -> dict:
+        """Backend, parametrisation and sizes, for results and reports."""
+        live = self.live_parameters()
+        return {
+            "backend": self.backend,
+            "model_class": type(self.model).__name__,
+            **self.cfg.to_dict(),
+            "n_live_parameters": live.numel,
+            "n_live_tensors": len(live),
+            "n_module_parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def _hook_template(self, kind: str) -> str:
+        """Return the hook name template for ``kind`` (``{layer}`` placeholder), or raise
+        :class:`MissingHookError` saying why the architecture lacks it."""
+        raise NotImplementedError
+
+    def hook_name(self, kind: str, layer: int | None = None) -> str:
+        """The hook point name of ``kind`` at ``layer`` (no layer for ``embed`` and ``ln_final``)."""
+        if kind not in HOOK_KINDS:
+            raise MissingHookError(f"unknown hook kind {kind!r}; kinds are {', '.join(HOOK_KINDS)}")
+        template = self._hook_template(kind)
+        if kind in MODEL_KINDS:
+            if layer is not None:
+                raise ValueError(f"hook kind {kind!r} exists once per model; do not pass a layer")
+            return template
+        if layer is None:
+            raise ValueError(f"hook kind {kind!r} exists in every layer; pass layer=0..{self.n_layers - 1}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range for a model with {self.n_layers} layers")
+        return template.format(layer=layer % self.n_layers)
+
+    def hook_names(self, spec: str | Sequence[str]) -> list[str]:
+        """Resolve hook kinds (every layer) and exact hook names to a list of hook names, in order."""
+        items = [spec] if isinstance(spec, str) else list(spec)
+        if not items:
+            raise ValueError("no hooks requested")
+        available = self.available_hooks()
+        names: list[str] = []
+        for item in items:
+            if item in LAYER_KINDS:
+                new = [self.hook_name(item, layer) for layer in range(self.n_layers)]
+            elif item in MODEL_KINDS:
+                new = [self.hook_name(item)]
+            elif item in available:
+                new = [item]
+            else:
+                raise MissingHookError(
+                    f"{item!r} is neither a hook kind ({', '.join(HOOK_KINDS)}) nor a hook point of this "
+                    f"{type(self.model).__name__}; e.g. {sorted(available)[:3]}"
+                )
+            names.extend(n for n in new if n not in names)
+        return names
+
+    def available_hooks(self) -> set[str]:
+        """Every hook point name the model accepts (aliases included)."""
+        return set(getattr(self.model, "hook_dict", {}))
+
+    def hook_kind(self, name: str) -> tuple[str, int | None] | None:
+        """Inverse of :meth:`hook_name`: (kind, layer) for a hook name, or None if it is no kind."""
+        for kind in HOOK_KINDS:
+            try:
+                template = self._hook_template(kind)
+            except MissingHookError:
+                continue
+            pattern = "^" + re.escape(template).replace(re.escape("{layer}"), r"(\d+)") + "$"
+            m = re.match(pattern, name)
+            if m:
+                return kind, (int(m.group(1)) if m.groups() else None)
+        return None
+
+    # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Run in eval mode (no dropout) and give the model back in the mode it had."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _logits(self, out) -> Float[Tensor, "batch pos vocab"]:
+        """Turn the model's forward output into logits of shape [batch, pos, vocab]."""
+        return out
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of the unperturbed model, in eval mode."""
+        with self.eval_mode():
+            return self._logits(self.model(tokens))
+
+    def run_with_hooks(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """Forward with temporary hooks (removed afterwards, also on error), in eval mode.
+
+        Hook functions receive ``(activation, hook)``; do not rely on ``hook.name``, which is the
+        canonical spelling on the bridge rather than the name you asked for.
+        """
+        with self.eval_mode():
+            out = self.model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+        return self._logits(out)
+
+    # ------------------------------------------------------------------ weights
+    def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
+        """TL-layout attention tensors of one layer: W_Q [H,D,d], W_K/W_V [n_kv,D,d], W_O [H,d,D],
+        b_Q [H,d], b_K/b_V [n_kv,d], b_O [D]; a missing bias is None."""
+        raise NotImplementedError
+
+    def _layer_mlp(self, layer: int) -> dict[str, Tensor | None]:
+        """TL-layout MLP tensors of one layer: W_in [D,F], W_gate [D,F] or None, W_out [F,D], b_in, b_out."""
+        raise NotImplementedError
+
+    def _embedding(self) -> dict[str, Tensor | None]:
+        """W_E [V,D], W_pos [n_ctx,D] or None, W_U [D,V], b_U [V] or None."""
+        raise NotImplementedError
+
+    def attention_weights(self) -> AttentionWeights:
+        """Per-head attention weights of every layer, GQA expanded, zero where a bias is absent."""
+        with torch.no_grad():
+            return AttentionWeights.from_layers(
+                [self._layer_attention(layer) for layer in range(self.n_layers)], self.n_heads
+            )
+
+    def mlp_weights(self) -> MLPWeights:
+        """MLP weights of every layer (W_gate set for gated MLPs)."""
+        if self.d_mlp is None:
+            raise MissingHookError(f"this {type(self.model).__name__} has no MLP layers")
+        with torch.no_grad():
+            return MLPWeights.from_layers([self._layer_mlp(layer) for layer in range(self.n_layers)])
+
+    def embedding_weights(self) -> EmbeddingWeights:
+        with torch.no_grad():
+            e = self._embedding()
+            b_U = e.get("b_U")
+            if b_U is None:
+                b_U = e["W_U"].new_zeros(e["W_U"].shape[-1])
+            return EmbeddingWeights(W_E=e["W_E"], W_U=e["W_U"], b_U=b_U, W_pos=e.get("W_pos"))
+
+    # ------------------------------------------------------------------ parameters
+    def _canonical_name(self, slot: str) -> str:
+        return slot
+
+    def example_tokens(self, batch: int = 1, pos: int = 8) -> Int[Tensor, "batch pos"]:
+        """Valid tokens for probing the model (e.g. to find live parameters)."""
+        g = torch.Generator().manual_seed(0)
+        pos = min(pos, self.n_ctx)
+        return torch.randint(0, self.d_vocab, (batch, pos), generator=g).to(self.device)
+
+    def live_parameters(self) -> ParameterSet:
+        """Parameters that reach the output, each tensor once, with stable names (cached).
+
+        Found with one backward pass of the logits; dead duplicates (the bridge's joint-QKV copies)
+        get no gradient and are left out; tied tensors appear once with all their slots.
+        """
+        if self._live is None:
+            tokens = self.example_tokens()
+
+            def loss():
+                with self.eval_mode():
+                    return self._logits(self.model(tokens)).float().square().mean()
+
+            self._live = find_live_parameters(self.model, loss, self._canonical_name)
+        return self._live
+
+    # ------------------------------------------------------------------ perturbed forward
+    def _call_with(self, values: Mapping[str, Tensor], tokens: Tensor) -> Tensor:
+        """Forward with the live tensors named in ``values`` replaced by the given values.
+
+        Every slot of a tied tensor is replaced, ``tie_weights=False`` and one name per slot keep
+        the bridge from leaking the replacement into the model (research/transformerlens.md §1.7).
+        """
+        live = self.live_parameters()
+        swap = {slot: v for name, v in values.items() for slot in live[name].slots}
+        return self._logits(functional_call(self.model, swap, (tokens,), tie_weights=False, strict=False))
+
+    def perturbed_forward(
+        self,
+        deltas: Mapping[str, Tensor],
+        tokens: Int[Tensor, "batch pos"],
+        *,
+        chains: bool = False,
+    ) -> Tensor:
+        """Logits at θ* + Δ, differentiable in Δ; the model itself is never changed.
+
+        ``deltas`` maps live-parameter names to perturbations of the parameter's shape (omitted
+        parameters stay at θ*). With ``chains=True`` every delta carries a leading chain axis C and
+        the result is [C, batch, pos, vocab], computed in one batched call with ``torch.func.vmap``
+        where the backend allows it, else chain by chain. Always in eval mode.
+        """
+        live = self.live_parameters()
+        for name, d in deltas.items():
+            shape = live[name].shape
+            expected = d.shape[1:] if chains else d.shape
+            if tuple(expected) != shape:
+                axis = "[chains, *shape]" if chains else "the parameter's shape"
+                raise ValueError(f"delta for {name!r} has shape {tuple(d.shape)}; expected {axis} with shape {shape}")
+
+        def single(ds: Mapping[str, Tensor]) -> Tensor:
+            return self._call_with({n: live[n].param.detach() + d for n, d in ds.items()}, tokens)
+
+        with self.eval_mode():
+            if not chains:
+                return single(deltas)
+            if not deltas:
+                raise ValueError("chains=True needs at least one delta to read the chain axis from")
+            if self._vmap_works is not False:
+                try:
+                    out = torch.func.vmap(single)(dict(deltas))
+                    self._vmap_works = True
+                    return out
+                except Exception:
+                    if self._vmap_works:
+                        raise
+                    self._vmap_works = False
+            n_chains = next(iter(deltas.values())).shape[0]
+            return torch.stack([single({n: d[c] for n, d in deltas.items()}) for c in range(n_chains)])
