@@ -1,0 +1,1 @@
+"""Bundled toy models (METHODS §7) as TransformerLens ``HookedRootModule``s."""
