@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make report   set up .venv and run the main job (tl-degeneracy report on the bundled default model)
+#   make test     set up both test environments (TransformerLens 4.x and 3.9) and run the test suite in each
+PYTHON ?= python3
+VENV ?= .venv
+VENV_TL3 ?= .venv-tl3
+TL4 ?= transformer-lens>=4.3,<5
+TL3 ?= transformer-lens==3.9.0
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-tl3 report test test-tl4 test-tl3 bench clean
+
+setup: $(VENV)/.installed
+setup-tl3: $(VENV_TL3)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) bash scripts/bootstrap.sh $(VENV) "$(TL4)" dev,gguf
+	touch $@
+
+$(VENV_TL3)/.installed: pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) bash scripts/bootstrap.sh $(VENV_TL3) "$(TL3)" dev
+	touch $@
+
+report: setup
+	$(VENV)/bin/tl-degeneracy report
+
+test: test-tl4 test-tl3
+
+test-tl4: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-tl3: setup-tl3
+	$(VENV_TL3)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/python benchmarks/stats_throughput.py
+
+clean:
+	rm -rf $(VENV) $(VENV_TL3) reports

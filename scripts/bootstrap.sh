@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment with tl-degeneracy installed in editable mode.
+#   scripts/bootstrap.sh VENV_DIR TRANSFORMER_LENS_REQUIREMENT [EXTRAS]
+# Torch policy: keep a torch the user already has; otherwise install a CPU build unless the
+# machine has an NVIDIA GPU. pip never replaces the torch that is there (a constraints file pins it).
+set -euo pipefail
+venv=${1:?usage: bootstrap.sh VENV_DIR TL_REQUIREMENT [EXTRAS]}
+tl_req=${2:?usage: bootstrap.sh VENV_DIR TL_REQUIREMENT [EXTRAS]}
+extras=${3:-dev}
+py=${PYTHON:-python3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ ! -x "$venv/bin/python" ]; then
+  if "$py" -c "import torch" 2>/dev/null; then
+    echo "bootstrap: reusing the torch already installed for $py ($("$py" -c 'import torch; print(torch.__version__)'))"
+    "$py" -m venv --system-site-packages "$venv"
+  else
+    "$py" -m venv "$venv"
+  fi
+fi
+pip=("$venv/bin/python" -m pip install -q)
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${pip[@]}" torch
+  elif ! "${pip[@]}" "torch==2.13.0+cpu" ${TORCH_CPU_INDEX:+--extra-index-url "$TORCH_CPU_INDEX"}; then
+    echo "bootstrap: no CPU build of torch found. This machine has no GPU, so a CUDA build is not installed." >&2
+    echo "  Install a CPU build first (set TORCH_CPU_INDEX to PyTorch's CPU wheel index, or pip install a local" >&2
+    echo "  torch-*+cpu wheel into $venv) and rerun." >&2
+    exit 1
+  fi
+fi
+
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
+"${pip[@]}" -c "$constraints" -e "$root[$extras]" "$tl_req"
+"$venv/bin/python" -c "import torch, transformer_lens, tl_degeneracy; from importlib.metadata import version; \
+print(f'bootstrap: {\"$venv\"}: torch {torch.__version__}, transformer-lens {version(\"transformer-lens\")}, tl-degeneracy {tl_degeneracy.__version__}')"
