@@ -34,7 +34,7 @@ fi
 
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
+"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null >"$constraints"
 "${pip[@]}" -c "$constraints" -e "$root[$extras]" "$tl_req"
 "$venv/bin/python" -c "import torch, transformer_lens, tl_degeneracy; from importlib.metadata import version; \
 print(f'bootstrap: {\"$venv\"}: torch {torch.__version__}, transformer-lens {version(\"transformer-lens\")}, tl-degeneracy {tl_degeneracy.__version__}')"

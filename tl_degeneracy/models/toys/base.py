@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from transformer_lens.hook_points import HookedRootModule
+from transformer_lens import HookedRootModule  # TL 4 removed it from hook_points; the top level has it in 3.9 and 4.x
 
 from ..config import ModelConfig
 
