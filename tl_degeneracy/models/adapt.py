@@ -28,14 +28,15 @@ def adapt(model: nn.Module | ModelAdapter) -> ModelAdapter:
     """
     if isinstance(model, ModelAdapter):
         return model
-    from transformer_lens.model_bridge import TransformerBridge
-
     from .toys.base import ToyModel
 
     if isinstance(model, ToyModel):
         from .toy_adapter import ToyAdapter
 
         return ToyAdapter(model)
+    # Imported only now: transformer_lens.model_bridge pulls in transformers' model zoo (~5 s).
+    from transformer_lens.model_bridge import TransformerBridge
+
     if isinstance(model, TransformerBridge):
         from .bridge import BridgeAdapter
 

