@@ -9,6 +9,7 @@ forwards over a chain axis, eval mode) lives here.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,7 +32,7 @@ _BLOCK_COMPONENT = re.compile(r"^blocks\.(\d+)\.(attn|mlp|ln\w*)\.")
 _MODEL_COMPONENT = re.compile(r"^(embed|pos_embed|unembed|ln_final)\.")
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """Uniform access to a model's architecture, hooks, weights and parameters.
 
     Subclasses set ``backend`` and implement ``_read_config``, ``_hook_template``,
@@ -48,6 +49,10 @@ class ModelAdapter:
         self._vmap_works: bool | None = None
 
     # ------------------------------------------------------------------ config
+    @abc.abstractmethod
+    def _read_config(self) -> ModelConfig:
+        """Architecture numbers of the wrapped model."""
+
     def __repr__(self) -> str:
         c = self.cfg
         return (
@@ -88,10 +93,10 @@ class ModelAdapter:
         }
 
     # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
     def _hook_template(self, kind: str) -> str:
         """Return the hook name template for ``kind`` (``{layer}`` placeholder), or raise
         :class:`MissingHookError` saying why the architecture lacks it."""
-        raise NotImplementedError
 
     def hook_name(self, kind: str, layer: int | None = None) -> str:
         """The hook point name of ``kind`` at ``layer`` (no layer for ``embed`` and ``ln_final``)."""
@@ -184,18 +189,18 @@ class ModelAdapter:
         return self._logits(out)
 
     # ------------------------------------------------------------------ weights
+    @abc.abstractmethod
     def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
         """TL-layout attention tensors of one layer: W_Q [H,D,d], W_K/W_V [n_kv,D,d], W_O [H,d,D],
         b_Q [H,d], b_K/b_V [n_kv,d], b_O [D]; a missing bias is None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _layer_mlp(self, layer: int) -> dict[str, Tensor | None]:
         """TL-layout MLP tensors of one layer: W_in [D,F], W_gate [D,F] or None, W_out [F,D], b_in, b_out."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _embedding(self) -> dict[str, Tensor | None]:
         """W_E [V,D], W_pos [n_ctx,D] or None, W_U [D,V], b_U [V] or None."""
-        raise NotImplementedError
 
     def attention_weights(self) -> AttentionWeights:
         """Per-head attention weights of every layer, GQA expanded, zero where a bias is absent."""

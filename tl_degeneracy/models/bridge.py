@@ -117,7 +117,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         mlp = self.model.blocks[layer].mlp
         weights = {name: _attribute(mlp, name) for name in ("W_in", "W_gate", "W_out", "b_in", "b_out")}
         if weights["W_in"] is None or weights["W_out"] is None:
-            raise NotImplementedError(
+            raise TypeError(
                 f"the MLP of layer {layer} ({type(mlp).__name__}) has no W_in/W_out accessors "
                 f"(mixture-of-experts or another non-standard MLP); tl_degeneracy cannot read its weights"
             )

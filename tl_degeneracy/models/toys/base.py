@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -13,7 +14,7 @@ from transformer_lens import HookedRootModule  # TL 4 removed it from hook_point
 from ..config import ModelConfig
 
 
-class ToyModel(HookedRootModule):
+class ToyModel(HookedRootModule, abc.ABC):
     """A toy transformer with TransformerLens hook points and TL-named weights.
 
     Subclasses set ``HOOK_TEMPLATES`` (hook kind → name template with ``{layer}``) and
@@ -28,20 +29,25 @@ class ToyModel(HookedRootModule):
     MISSING_HOOKS: ClassVar[dict[str, str]] = {}
 
     @property
+    @abc.abstractmethod
     def cfg(self) -> ModelConfig:
-        raise NotImplementedError
+        """Architecture numbers."""
 
+    @abc.abstractmethod
     def init_kwargs(self) -> dict:
-        raise NotImplementedError
+        """Constructor arguments that rebuild this model."""
 
+    @abc.abstractmethod
     def layer_attention(self, layer: int) -> dict[str, Tensor | None]:
-        raise NotImplementedError
+        """TL-layout attention tensors of one layer (see ``ModelAdapter._layer_attention``)."""
 
+    @abc.abstractmethod
     def layer_mlp(self, layer: int) -> dict[str, Tensor | None]:
-        raise NotImplementedError
+        """TL-layout MLP tensors of one layer (see ``ModelAdapter._layer_mlp``)."""
 
+    @abc.abstractmethod
     def embedding(self) -> dict[str, Tensor | None]:
-        raise NotImplementedError
+        """W_E, W_pos, W_U, b_U (see ``ModelAdapter._embedding``)."""
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
