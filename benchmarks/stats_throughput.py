@@ -1,0 +1,216 @@
+"""Throughput of ``activation_stats`` on every residual hook, against two baselines, in one run.
+
+For each model, on the same batches:
+
+- ``forward``: the plain forward pass (``adapter.forward`` under ``torch.no_grad``, no hooks);
+- ``activation_stats``: resid_pre of every layer + resid_post of the last, float64 Gram/mean/count;
+- ``naive``: ``run_with_cache`` of the same hooks, then per batch a float64 einsum
+  ``Σ_n f_n f_nᵀ`` over the cached, masked activations (the usual hand-written approach; a
+  per-sample outer-product loop would be far slower still and is not timed).
+
+Each measurement is repeated ``--reps`` times, interleaved (forward, stats, naive, forward, …) so
+that load from other processes hits all three alike; the median and the best (least disturbed)
+repetition are reported. Models:
+``toy:bytelm`` (bundled weights; a same-sized random ToyTransformer if absent) and a GPT-2-small
+shaped random ToyTransformer (12 layers, d_model 768, 12 heads, d_mlp 3072, d_vocab 50257).
+
+Prints a table and appends it, with the machine (nproc, CPU model, torch version, date, load
+averages before/after), to BENCHMARKS.md under "## activation_stats throughput".
+
+    .venv/bin/python benchmarks/stats_throughput.py [--models bytelm,gpt2] [--reps 5] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+import tl_degeneracy as tld  # noqa: E402
+from tl_degeneracy.data import token_batches  # noqa: E402
+from tl_degeneracy.stats import activation_stats  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## activation_stats throughput"
+GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024, act_fn="gelu")
+
+
+def load_bytelm():
+    try:
+        model = tld.load_model("toy:bytelm")
+        origin = "toy:bytelm (bundled weights)"
+    except Exception as e:  # weights not bundled yet: same architecture, random weights
+        from tl_degeneracy.models.toys.bytelm import BYTELM_KWARGS
+        from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+        model, origin = ToyTransformer(**BYTELM_KWARGS, seed=0).eval(), f"random ToyTransformer like toy:bytelm ({type(e).__name__})"
+    try:
+        from tl_degeneracy.models.toys.data import toy_data
+
+        tokens = toy_data("bytelm")[:64]
+    except Exception:
+        tokens = torch.randint(0, 256, (64, 128), generator=torch.Generator().manual_seed(0))
+    return model, tokens, 16, origin
+
+
+def load_gpt2_shaped():
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    model = ToyTransformer(**GPT2_SMALL, seed=0).eval()
+    tokens = torch.randint(0, GPT2_SMALL["d_vocab"], (4, 128), generator=torch.Generator().manual_seed(0))
+    return model, tokens, 4, "random ToyTransformer, GPT-2-small shape"
+
+
+def residual_hooks(adapter) -> list[str]:
+    return [adapter.hook_name("resid_pre", layer) for layer in range(adapter.n_layers)] + [
+        adapter.hook_name("resid_post", adapter.n_layers - 1)
+    ]
+
+
+def time_forward(adapter, batches) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            adapter.forward(batch.tokens)
+
+
+def time_stats(adapter, batches, hooks) -> None:
+    activation_stats(adapter, batches, hooks=hooks, progress=False)
+
+
+def time_naive(adapter, batches, hooks) -> None:
+    sums = {}
+    with torch.no_grad():
+        for batch in batches:
+            _, cache = adapter.model.run_with_cache(batch.tokens, names_filter=hooks)
+            for h in hooks:
+                x = cache[h][batch.mask].double()
+                sums[h] = sums.get(h, 0) + torch.einsum("ni,nj->ij", x, x)
+
+
+def measure(name, loader, reps) -> dict:
+    model, tokens, batch_size, origin = loader()
+    adapter = tld.adapt(model)
+    batches = token_batches(tokens, adapter, batch_size=batch_size)
+    hooks = residual_hooks(adapter)
+    runs = {"forward": lambda: time_forward(adapter, batches),
+            "activation_stats": lambda: time_stats(adapter, batches, hooks),
+            "naive": lambda: time_naive(adapter, batches, hooks)}
+    for fn in runs.values():  # warm-up (allocator, lazy imports)
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    n_tok = batches.n_samples
+    return {
+        "model": name,
+        "origin": origin,
+        "shape": f"L={adapter.n_layers} D={adapter.d_model} V={adapter.d_vocab}",
+        "tokens": n_tok,
+        "batches": f"{len(batches)}×{batch_size}×{tokens.shape[1]}",
+        "hooks": len(hooks),
+        **{f"{k}_tok_s": n_tok / v for k, v in med.items()},
+        "stats_over_forward": med["activation_stats"] / med["forward"],
+        "naive_over_forward": med["naive"] / med["forward"],
+        "naive_over_stats": med["naive"] / med["activation_stats"],
+        # On a shared machine the fastest repetition is the least disturbed one: report its ratios too.
+        "best_stats_over_forward": best["activation_stats"] / best["forward"],
+        "best_naive_over_forward": best["naive"] / best["forward"],
+        "spread": {k: (min(v), max(v)) for k, v in times.items()},
+    }
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu or platform.processor(),
+        "torch": torch.__version__,
+    }
+
+
+def table(rows) -> str:
+    head = ("| model | shape | tokens (batches) | hooks | forward tok/s | activation_stats tok/s | naive tok/s "
+            "| stats / forward (median; best) | naive / forward (median; best) |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['tokens']} ({r['batches']}) | {r['hooks']} | {r['forward_tok_s']:,.0f} "
+            f"| {r['activation_stats_tok_s']:,.0f} | {r['naive_tok_s']:,.0f} "
+            f"| {r['stats_over_forward']:.2f}×; {r['best_stats_over_forward']:.2f}× "
+            f"| {r['naive_over_forward']:.2f}×; {r['best_naive_over_forward']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(block: str) -> None:
+    """Append ``block`` to this script's section of BENCHMARKS.md (created if missing), leaving
+    every other section as it is."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by `benchmarks/stats_throughput.py`; newest run last.\n"
+    start = text.index(SECTION)
+    nxt = text.find("\n## ", start + len(SECTION))
+    end = len(text) if nxt < 0 else nxt + 1
+    section = text[start:end].rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
+    text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="bytelm,gpt2")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaders = {"bytelm": load_bytelm, "gpt2": load_gpt2_shaped}
+    load_before = os.getloadavg()
+    rows = [measure(name, loaders[name], args.reps) for name in args.models.split(",")]
+    load_after = os.getloadavg()
+    m = machine()
+    out = table(rows)
+    print(out)
+    for r in rows:
+        print(f"{r['model']}: {r['origin']}; min/max seconds per pass: "
+              + ", ".join(f"{k} {a:.3f}/{b:.3f}" for k, (a, b) in r["spread"].items()))
+    print(f"load average (1/5/15 min) before {load_before}, after {load_after}")
+    if not args.no_write:
+        fmt = lambda la: "/".join(f"{x:.2f}" for x in la)
+        block = (
+            f"### {m['date']} — {m['cpu']}, nproc {m['nproc']}, torch {m['torch']} ({m['torch_threads']} threads)\n\n"
+            f"Load average (1/5/15 min) before {fmt(load_before)}, after {fmt(load_after)}; "
+            f"median (and best) of {args.reps} interleaved repetitions; tok/s from the medians. Hooks: resid_pre of every layer + resid_post of "
+            "the last. naive = run_with_cache + per-batch float64 einsum on the cached activations.\n\n"
+            + out + "\n\n" + "\n".join(f"- {r['model']}: {r['origin']}" for r in rows) + "\n"
+        )
+        write_section(block)
+        print(f"appended to {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()

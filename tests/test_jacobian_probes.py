@@ -1,0 +1,217 @@
+"""jacobian_stats (METHODS §4): exact Grams against brute-force Jacobians, probes unbiased with
+1/√k error, determinism, sequence-level outputs, hook outputs, errors."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures.toys import make_tiny_toy_transformer
+from tl_degeneracy.data import token_batches
+from tl_degeneracy.errors import NumericalError
+from tl_degeneracy.models.toys.sma import SparseModularAddition
+from tl_degeneracy.stats import jacobian_stats
+
+HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_v"]
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def small_vocab_model():
+    """float64 tiny toy, d_vocab 20, with BOS = 1 (a stub tokenizer carries the ids)."""
+    model = make_tiny_toy_transformer().double()
+    model.tokenizer = types.SimpleNamespace(bos_token_id=1, pad_token_id=0)
+    return model
+
+
+def ragged_batches(model, batch_size=2):
+    """Two sequences of different lengths with BOS: the batch has padding and a skipped BOS."""
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(2, 20, (n,), generator=g) for n in (6, 3)]
+    return token_batches(seqs, model, batch_size=batch_size, prepend_bos=True)
+
+
+def brute_force_gram(model, tokens, mask, hook, objective, output_hook=None, transform=None, out_unit="position"):
+    """K = (1/n) Σ_s Σ_{t counted} Σ_{t' counted} Jᵀ W J from torch.autograd.functional.jacobian.
+
+    kl: J = ∂ log_softmax(logits)_{t'} / ∂ f_t and W = diag(p_{t'}) (Fisher: Σ_y p(y) ∇log p(y) ∇log p(y)ᵀ);
+    mse: J = ∂ o_{t'} / ∂ f_t and W = I.
+    """
+    _, cache = model.run_with_cache(tokens, names_filter=hook)
+    f0 = cache[hook]
+    b, p = tokens.shape
+
+    def F(x):
+        store = {}
+        hooks = [(hook, lambda a, hook: x)]
+        if output_hook is not None:
+            hooks.append((output_hook, lambda a, hook: store.__setitem__("o", a)))
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        o = store["o"] if output_hook is not None else logits
+        if transform is not None:
+            o = transform(o)
+        return o.log_softmax(-1) if objective == "kl" else o.flatten(2)
+
+    out = F(f0).detach()
+    P, V = out.shape[1], out.shape[2]
+    J = torch.autograd.functional.jacobian(F, f0, vectorize=True).reshape(b, P, V, b, p, -1).double()
+    probs = out.exp() if objective == "kl" else None
+    out_mask = mask if out_unit == "position" else mask.any(1, keepdim=True)
+    D = J.shape[-1]
+    K = torch.zeros(D, D, dtype=torch.float64)
+    n = 0
+    for s in range(b):
+        for t in range(p):
+            if not mask[s, t]:
+                continue
+            n += 1
+            for tp in range(P):
+                if out_mask[s, tp]:
+                    L = J[s, tp, :, s, t, :]  # [V, D]
+                    K += L.T @ (probs[s, tp][:, None] * L) if objective == "kl" else L.T @ L
+    return K / n, n
+
+
+@pytest.mark.parametrize("objective", ["kl", "mse"])
+def test_exact_gram_equals_brute_force_jacobian(objective):
+    model = small_vocab_model()
+    tb = ragged_batches(model)
+    batch = tb.batch(0)
+    assert not batch.mask.all()  # padding and BOS both present
+    js = jacobian_stats(model, tb, hooks=HOOKS, output=objective, exact=True, progress=False)
+    for hook in HOOKS:
+        K, n = brute_force_gram(model, batch.tokens, batch.mask, hook, objective)
+        assert js[hook].count == n == tb.n_samples
+        assert rel(js[hook].gram, K) < 1e-10, hook
+    # batches of one sequence (no padding at all) give the same Grams: the sums are exact
+    js1 = jacobian_stats(model, ragged_batches(model, batch_size=1), hooks=HOOKS, output=objective, exact=True, progress=False)
+    for hook in HOOKS:
+        assert rel(js1[hook].gram, js[hook].gram) < 1e-10
+
+
+def test_exact_mse_on_a_hook_output_with_transform():
+    model = small_vocab_model()
+    tb = ragged_batches(model)
+    batch = tb.batch(0)
+    C = torch.randn(16, 5, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    transform = lambda o: o @ C  # e.g. coordinates in a next layer's basis (METHODS §5, LIB)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    js = jacobian_stats(model, tb, hooks=hooks, output="blocks.1.hook_resid_mid", output_transform=transform,
+                        exact=True, progress=False)
+    assert js.output == "mse" and js.output_hook == "blocks.1.hook_resid_mid"
+    K, _ = brute_force_gram(model, batch.tokens, batch.mask, hooks[0], "mse", output_hook="blocks.1.hook_resid_mid", transform=transform)
+    assert rel(js[hooks[0]].gram, K) < 1e-10
+    # a hook after the output does not influence it: zero Gram, samples still counted
+    assert torch.count_nonzero(js[hooks[1]].gram) == 0 and js[hooks[1]].count == tb.n_samples
+
+
+def test_sequence_level_output_sma():
+    """SMA: logits [b, 1, V] (one output per sequence), hooks with a position per token."""
+    model = SparseModularAddition(p_max=4, d=4, d_mlp=8, seq_len=6, seed=2).double()
+    toks = torch.randint(0, 4, (3, 6), generator=torch.Generator().manual_seed(13))
+    js = jacobian_stats(model, toks, hooks=["resid_pre", "attn_out"], output="kl", exact=True, progress=False)
+    assert js.output_unit == "sequence"
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    K, n = brute_force_gram(model, toks, mask, "blocks.0.hook_resid_pre", "kl", out_unit="sequence")
+    assert js["resid_pre", 0].count == n == 18 and rel(js["resid_pre", 0].gram, K) < 1e-10
+    assert js["attn_out", 0].unit == "sequence" and js["attn_out", 0].count == 3
+
+
+@pytest.mark.parametrize("objective", ["kl", "mse"])
+def test_probe_estimates_are_unbiased(objective):
+    """The mean of R independent k-probe estimates converges to the exact Gram: its squared error
+    is the single-run mean squared error divided by R (unbiased), checked with a 3× margin."""
+    model = small_vocab_model()
+    tb = ragged_batches(model)
+    hook = HOOKS[0]
+    exact = jacobian_stats(model, tb, hooks=hook, output=objective, exact=True, progress=False)[hook].gram
+    R, k = 24, 16
+    runs = torch.stack([jacobian_stats(model, tb, hooks=hook, output=objective, n_probes=k, seed=s, progress=False)[hook].gram
+                        for s in range(R)])
+    single_mse = float(((runs - exact) ** 2).sum((1, 2)).mean())
+    mean_err2 = float(((runs.mean(0) - exact) ** 2).sum())
+    assert mean_err2 < 3 * single_mse / R
+    assert mean_err2 > single_mse / R / 10  # and not suspiciously exact (probes really are random)
+
+
+@pytest.mark.parametrize("objective", ["kl", "mse"])
+def test_probe_error_shrinks_like_inverse_sqrt_probes(objective):
+    model = small_vocab_model()
+    tb = ragged_batches(model)
+    hook = HOOKS[0]
+    exact = jacobian_stats(model, tb, hooks=hook, output=objective, exact=True, progress=False)[hook].gram
+    probes, seeds = [4, 16, 64, 256], range(8)
+    rms = []
+    for k in probes:
+        errs = [rel(jacobian_stats(model, tb, hooks=hook, output=objective, n_probes=k, seed=100 + s, progress=False)[hook].gram, exact)
+                for s in seeds]
+        rms.append(float(np.sqrt(np.mean(np.square(errs)))))
+    slope = np.polyfit(np.log(probes), np.log(rms), 1)[0]
+    assert -0.65 <= slope <= -0.35, (slope, rms)
+
+
+def test_probes_are_seeded_and_independent_of_chunking_and_method():
+    model = small_vocab_model()
+    tb = ragged_batches(model)
+    run = lambda **kw: jacobian_stats(model, tb, hooks=HOOKS, output="kl", n_probes=6, progress=False, **kw)
+    a, b = run(seed=3), run(seed=3)
+    assert all(torch.equal(a[h].gram, b[h].gram) for h in HOOKS)
+    for other in (run(seed=3, probe_chunk=4), run(seed=3, method="loop")):
+        assert all(rel(other[h].gram, a[h].gram) < 1e-12 for h in HOOKS)
+    assert rel(run(seed=4)[HOOKS[0]].gram, a[HOOKS[0]].gram) > 1e-3
+
+
+def test_per_head_query_grams_are_blocks():
+    model = small_vocab_model()
+    tb = ragged_batches(model)
+    per = jacobian_stats(model, tb, hooks="q", exact=True, progress=False)
+    full = jacobian_stats(model, tb, hooks="q", exact=True, per_head=False, progress=False)
+    for name in per:
+        H, d = full[name].feature_shape
+        g = full[name].gram
+        blocks = torch.stack([g[h * d : (h + 1) * d, h * d : (h + 1) * d] for h in range(H)])
+        assert not per[name].has_full and rel(per[name].head_gram, blocks) < 1e-12
+    assert list(per.to_frame(per_head=True)["head"]) == [0, 1, 0, 1]
+
+
+def test_errors(tiny_toy_transformer, tiny_toy_tokens):
+    with pytest.raises(ValueError, match="output_transform"):
+        jacobian_stats(tiny_toy_transformer, tiny_toy_tokens, output="kl", output_transform=lambda o: o)
+    with pytest.raises(ValueError, match="n_probes"):
+        jacobian_stats(tiny_toy_transformer, tiny_toy_tokens, n_probes=0)
+    with pytest.raises(ValueError, match="head_synchronization"):
+        jacobian_stats(tiny_toy_transformer, tiny_toy_tokens, hooks="attn_pattern")
+    with torch.no_grad():
+        tiny_toy_transformer.unembed.W_U[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="output 'logits' in batch 0"):
+        jacobian_stats(tiny_toy_transformer, tiny_toy_tokens, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["bridge", "hooked_transformer"])
+def test_transformerlens_backends(backend, tmp_path):
+    """On a TransformerBridge / HookedTransformer (tiny GPT-2, float32): activation statistics
+    equal run_with_cache, and the value-hook Jacobian equals brute force. The bridge continues the
+    forward from a hook's *returned* tensor only, which is what the gradient must be taken at."""
+    from tests.fixtures import hf
+
+    model = hf.open_model(hf.save_hf_model("gpt2", tmp_path / "tiny_gpt2"), backend)
+    tb = token_batches(["w5 w6 w7 w8", "w9 w10"], model, batch_size=2)
+    batch = tb.batch(0)
+    assert tb.positions.bos_source == "prepended" and not batch.mask.all()
+    from tl_degeneracy.stats import activation_stats
+
+    st = activation_stats(model, tb, hooks=["blocks.1.hook_resid_pre", "blocks.1.attn.hook_v"], progress=False)
+    _, cache = model.run_with_cache(batch.tokens, names_filter=list(st))
+    for name, s in st.items():
+        x = cache[name][batch.mask].flatten(1).double()
+        assert s.count == len(x) and rel(s.gram, x.T @ x / len(x)) < 1e-12, name
+    hook, out = "blocks.1.attn.hook_v", "blocks.1.hook_resid_post"
+    js = jacobian_stats(model, tb, hooks=hook, output=out, exact=True, progress=False)
+    K, n = brute_force_gram(model, batch.tokens, batch.mask, hook, "mse", output_hook=out)
+    # float32 model: Jacobians agree to float32 rounding (~1e-7 relative), checked at 1e-5
+    assert js[hook].count == n and float(K.norm()) > 0 and rel(js[hook].gram, K) < 1e-5

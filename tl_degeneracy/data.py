@@ -1,0 +1,517 @@
+"""Token batches: turn user data into validated, padded, masked batches (API.md, "data").
+
+``token_batches(data, model)`` accepts a LongTensor, a list of strings, a Hugging Face
+``datasets.Dataset``, a torch ``DataLoader`` (or a list of token sequences) and returns a
+:class:`TokenBatches`: a re-iterable, deterministic sequence of :class:`Batch` objects.
+
+Everything is checked *before* anything runs (empty data, non-integer or negative ids, ids ≥
+d_vocab, sequences longer than n_ctx), so a long statistics pass never dies half way on bad data.
+
+Positions and samples (METHODS §0): a *sample* is one (sequence, position). ``Batch.mask`` marks the
+positions that count as samples: not padding, and not the BOS position when the sequences begin
+with a BOS token and ``skip_bos`` is on (the default whenever there is a BOS, because BOS
+activations are outliers in pretrained LMs). :attr:`TokenBatches.positions` records the rule, so
+every result can say which positions counted.
+
+Padding is on the right. With causal attention and absolute positions counted from the first
+token, a position never attends to anything after it, so the activations and logits at the real
+positions are exactly those of the unpadded sequence and no attention mask is needed. (A
+non-causal model, such as the SMA toy's single query over all positions, must get sequences of one
+length; its bundled data has a fixed length, so no padding happens there.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from .errors import DataError
+from .models.adapt import adapt
+from .models.adapter import ModelAdapter
+
+__all__ = ["Batch", "Positions", "TokenBatches", "token_batches"]
+
+#: Column names read from a ``datasets.Dataset``, in order of preference.
+TOKEN_COLUMNS = ("tokens", "input_ids")
+TEXT_COLUMNS = ("text",)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which positions of the data count as samples (METHODS §0), recorded in every result.
+
+    ``bos``: every sequence begins with the BOS token ``bos_token_id``; ``bos_source`` says why
+    (``"prepended"`` by :func:`token_batches`, ``"given"`` when the token data already began with it,
+    ``None`` when there is no BOS). ``skip_bos``: the BOS position is not a sample.
+    ``n_tokens`` counts real (non-padding) positions, ``n_samples`` the positions that count.
+    """
+
+    bos: bool
+    bos_source: str | None
+    bos_token_id: int | None
+    skip_bos: bool
+    padding: str
+    pad_token_id: int
+    n_sequences: int
+    n_tokens: int
+    n_samples: int
+    n_dropped: int = 0  # sequences left out because no position of theirs would count
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: right-padded ``tokens`` [b, p] and the ``mask`` of positions that count.
+
+    ``index`` holds the positions of the batch's sequences in :attr:`TokenBatches.sequences`;
+    ``number`` is the batch's place in the iteration order.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+    index: Int[Tensor, " batch"]
+    number: int
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            tokens=self.tokens.to(device),
+            mask=self.mask.to(device),
+            lengths=self.lengths.to(device),
+            index=self.index,
+            number=self.number,
+        )
+
+
+@dataclass
+class TokenBatches:
+    """Validated token sequences, cut into batches in a fixed (optionally seeded-shuffled) order.
+
+    Re-iterable: every iteration yields the same batches in the same order, on :attr:`device` (the
+    model's device when built by :func:`token_batches`). ``len()`` is the number of batches.
+    :meth:`batches` with ``rank``/``world_size`` yields the shard ``rank::world_size`` of them, which
+    is how the statistics split work across ``torch.distributed`` processes.
+    """
+
+    sequences: list[Tensor] = field(repr=False)
+    batch_size: int
+    bos: bool
+    bos_source: str | None
+    bos_token_id: int | None
+    skip_bos: bool
+    pad_token_id: int
+    shuffle: bool = False
+    seed: int = 0
+    source: str = "tokens"
+    d_vocab: int | None = None
+    device: torch.device | None = None
+    n_dropped: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sequences:
+            raise DataError("no sequences to batch (empty data)")
+        if self.batch_size < 1:
+            raise DataError(f"batch_size must be ≥ 1; got {self.batch_size}")
+        n = len(self.sequences)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(int(self.seed))
+            self._order = torch.randperm(n, generator=g)
+        else:
+            self._order = torch.arange(n)
+        self._lengths = torch.tensor([len(s) for s in self.sequences], dtype=torch.long)
+
+    # ------------------------------------------------------------------ sizes
+    def __len__(self) -> int:
+        return -(-len(self.sequences) // self.batch_size)
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._lengths.sum())
+
+    @property
+    def n_samples(self) -> int:
+        """Number of token positions that count as samples (padding and, if skipped, BOS excluded)."""
+        return self.n_tokens - (self.n_sequences if self.bos and self.skip_bos else 0)
+
+    @property
+    def max_len(self) -> int:
+        return int(self._lengths.max())
+
+    @property
+    def positions(self) -> Positions:
+        return Positions(
+            bos=self.bos,
+            bos_source=self.bos_source,
+            bos_token_id=self.bos_token_id,
+            skip_bos=self.skip_bos,
+            padding="right",
+            pad_token_id=self.pad_token_id,
+            n_sequences=self.n_sequences,
+            n_tokens=self.n_tokens,
+            n_samples=self.n_samples,
+            n_dropped=self.n_dropped,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenBatches(n_sequences={self.n_sequences}, n_batches={len(self)}, batch_size={self.batch_size}, "
+            f"max_len={self.max_len}, n_samples={self.n_samples}, bos={self.bos}, skip_bos={self.skip_bos}, "
+            f"shuffle={self.shuffle}, source={self.source!r})"
+        )
+
+    # ------------------------------------------------------------------ batches
+    def batch(self, number: int, device: torch.device | str | None = None) -> Batch:
+        """Batch ``number`` of the iteration order (random access), on ``device`` (default: :attr:`device`)."""
+        if not 0 <= number < len(self):
+            raise IndexError(f"batch {number} out of range for {len(self)} batches")
+        index = self._order[number * self.batch_size : (number + 1) * self.batch_size]
+        lengths = self._lengths[index]
+        width = int(lengths.max())
+        tokens = torch.full((len(index), width), self.pad_token_id, dtype=torch.long)
+        for row, i in enumerate(index.tolist()):
+            seq = self.sequences[i]
+            tokens[row, : len(seq)] = seq
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        if self.bos and self.skip_bos:
+            mask[:, 0] = False
+        out = Batch(tokens=tokens, mask=mask, lengths=lengths, index=index, number=number)
+        device = device if device is not None else self.device
+        return out.to(device) if device is not None else out
+
+    def batches(self, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None) -> Iterator[Batch]:
+        """Yield the batches ``rank, rank + world_size, …`` (all of them by default)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
+        for number in range(rank, len(self), world_size):
+            yield self.batch(number, device=device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion of each accepted input type to a list of 1-D token tensors (or strings)
+
+
+def _is_hf_dataset(data) -> bool:
+    return type(data).__module__.split(".")[0] == "datasets"
+
+
+def _check_integer(t: Tensor, where: str) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise DataError(f"token ids must be integers; {where} has dtype {t.dtype} (convert with .long())")
+
+
+def _as_token_tensor(x, where: str) -> Tensor:
+    """A 1-D int64 tensor from a tensor/list of ints, with a clear error for anything else."""
+    if isinstance(x, Tensor):
+        t = x
+    elif isinstance(x, Sequence) and len(x) == 0:
+        t = torch.zeros(0, dtype=torch.long)
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{where} is not a sequence of token ids ({type(x).__name__}): {e}") from None
+    _check_integer(t, where)
+    if t.ndim != 1:
+        raise DataError(f"{where} must be a 1-D sequence of token ids; got shape {tuple(t.shape)}")
+    return t.detach().to("cpu", torch.long)
+
+
+def _rows_from_tensor(t: Tensor, where: str) -> list[Tensor]:
+    _check_integer(t, where)
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2:
+        raise DataError(f"{where} must be [batch, pos] or [pos]; got shape {tuple(t.shape)}")
+    t = t.detach().to("cpu", torch.long)
+    return list(t.unbind(0))
+
+
+def _rows_from_mapping(item: dict, where: str) -> list[Tensor]:
+    for col in TOKEN_COLUMNS:
+        if col in item:
+            ids = item[col]
+            ids = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
+            rows = _rows_from_tensor(ids, f"{where}[{col!r}]")
+            if "attention_mask" in item:
+                # Collators pad (left or right) and mark real tokens with 1: keep only those.
+                am = torch.as_tensor(item["attention_mask"]).to("cpu").bool()
+                am = am[None] if am.ndim == 1 else am
+                if tuple(am.shape) != (len(rows), len(rows[0]) if rows else 0):
+                    raise DataError(f"{where}['attention_mask'] has shape {tuple(am.shape)}, tokens {(len(rows), len(rows[0]))}")
+                rows = [r[m] for r, m in zip(rows, am)]
+            return rows
+    raise DataError(f"{where} is a mapping without a token column; expected one of {TOKEN_COLUMNS}, got keys {sorted(item)}")
+
+
+def _rows_from_dataloader(loader) -> list[Tensor]:
+    rows: list[Tensor] = []
+    for i, item in enumerate(loader):
+        where = f"DataLoader batch {i}"
+        if isinstance(item, dict):
+            rows.extend(_rows_from_mapping(item, where))
+        elif isinstance(item, Tensor):
+            rows.extend(_rows_from_tensor(item, where))
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], Tensor):
+            # TensorDataset yields a list of tensors per batch; the first one holds the tokens.
+            rows.extend(_rows_from_tensor(item[0], where + "[0]"))
+        else:
+            raise DataError(f"{where} is a {type(item).__name__}; expected a LongTensor [batch, pos] or a dict with {TOKEN_COLUMNS}")
+    return rows
+
+
+def _from_hf_dataset(ds) -> tuple[list[Tensor] | None, list[str] | None, str]:
+    if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
+        raise DataError(f"got a {type(ds).__name__}; pass one split of it (e.g. ds['train']), a datasets.Dataset")
+    cols = list(ds.column_names)
+    for col in TOKEN_COLUMNS:
+        if col in cols:
+            values = ds[col]
+            if isinstance(values, Tensor):
+                return _rows_from_tensor(values, f"Dataset column {col!r}"), None, f"datasets.Dataset[{col}]"
+            return [_as_token_tensor(v, f"Dataset column {col!r} row {i}") for i, v in enumerate(values)], None, f"datasets.Dataset[{col}]"
+    for col in TEXT_COLUMNS:
+        if col in cols:
+            return None, list(ds[col]), f"datasets.Dataset[{col}]"
+    raise DataError(f"the Dataset has columns {cols}; expected a token column {TOKEN_COLUMNS} or a text column {TEXT_COLUMNS}")
+
+
+def _encoder(adapter: ModelAdapter) -> tuple[Callable[[str], list[int]], str]:
+    """How to turn one string into token ids (no special tokens; BOS is handled by token_batches)."""
+    model = adapter.model
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        def encode(s: str) -> list[int]:
+            try:
+                return list(tok(s, add_special_tokens=False, verbose=False)["input_ids"])
+            except TypeError:  # tokenizers without the HF call signature
+                return list(tok.encode(s))
+
+        return encode, "tokenizer"
+    to_tokens = getattr(model, "to_tokens", None)
+    if callable(to_tokens):
+        return (lambda s: to_tokens(s, prepend_bos=False, truncate=False)[0].tolist()), "to_tokens"
+    if adapter.d_vocab == 256:
+        # Byte-level models (toy:bytelm): the UTF-8 bytes are the tokens.
+        return (lambda s: list(s.encode("utf-8"))), "utf-8 bytes"
+    raise DataError(
+        f"cannot tokenize strings for this {type(model).__name__}: it has no .tokenizer or .to_tokens and is not "
+        f"byte-level (d_vocab={adapter.d_vocab}, not 256); pass token ids (a LongTensor [batch, pos]) instead"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk(seq: Tensor, bos_id: int | None, piece: int) -> list[Tensor]:
+    """Cut ``seq`` (without BOS) into pieces of ``piece`` tokens, each led by BOS if ``bos_id`` is set."""
+    out = []
+    for start in range(0, max(len(seq), 1), piece):
+        body = seq[start : start + piece]
+        out.append(torch.cat([body.new_tensor([bos_id]), body]) if bos_id is not None else body)
+    return out
+
+
+def _validate_ids(rows: list[Tensor], d_vocab: int, source: str) -> None:
+    flat = torch.cat(rows)
+    if flat.numel() == 0:
+        return
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo >= 0 and hi < d_vocab:
+        return
+    for i, r in enumerate(rows):
+        bad = ((r < 0) | (r >= d_vocab)).nonzero()
+        if len(bad):
+            p = int(bad[0, 0])
+            kind = "negative token id" if int(r[p]) < 0 else "token id"
+            raise DataError(
+                f"{kind} {int(r[p])} at sequence {i}, position {p} of the {source} data is outside the model's "
+                f"vocabulary [0, {d_vocab}) (ids seen: [{lo}, {hi}]); was the data tokenized for another model?"
+            )
+
+
+def token_batches(
+    data,
+    model,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    prepend_bos: bool | None = None,
+    skip_bos: bool | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    pad_token_id: int | None = None,
+) -> TokenBatches:
+    """Validated, right-padded, masked batches of ``data`` for ``model`` (API.md, "data").
+
+    Args:
+        data: a LongTensor [batch, pos] or [pos]; a list of strings (tokenized with the model's
+            tokenizer, or as UTF-8 bytes for byte-level models with d_vocab 256); a list of token-id
+            sequences (ragged allowed); a Hugging Face ``datasets.Dataset`` with a ``tokens`` /
+            ``input_ids`` column or a ``text`` column; a torch ``DataLoader`` yielding LongTensors or
+            dicts with ``tokens``/``input_ids`` (and optionally ``attention_mask``; it is read once,
+            up front, so that everything is validated before any model runs); or a
+            :class:`TokenBatches`, returned unchanged.
+        model: the model or its adapter (``tld.adapt(model)``).
+        batch_size: sequences per batch.
+        seq_len: if set, sequences longer than ``seq_len`` are cut into consecutive chunks of at most
+            ``seq_len`` tokens (BOS included, re-prepended to each chunk when there is one). If unset,
+            a sequence longer than the model's n_ctx is an error.
+        prepend_bos: strings: whether to start each sequence with BOS (default: the model's
+            ``default_prepend_bos``). Token ids: ``True`` makes every sequence start with BOS (added
+            where missing), ``False`` treats the ids as they are (no BOS position), ``None`` (default)
+            sees a BOS when every sequence already begins with the model's ``bos_token_id``.
+        skip_bos: whether the BOS position is excluded from the samples (default: yes, when the
+            sequences begin with BOS; METHODS §0). ``True`` without a BOS is an error.
+        shuffle, seed: a fixed order drawn from ``seed`` (the same on every iteration).
+        pad_token_id: the id written into padding (it never counts). Token-id tensors: when given,
+            trailing runs of it at the end of each row are treated as right padding. Default: the
+            tokenizer's pad id, else BOS, else 0.
+
+    Raises:
+        DataError: empty data, non-integer or out-of-vocabulary ids (naming the id and where),
+            sequences longer than n_ctx without ``seq_len``.
+    """
+    if isinstance(data, TokenBatches):
+        return data
+    adapter = adapt(model)
+    cfg = adapter.cfg
+    bos_id = cfg.bos_token_id
+    tok = getattr(adapter.model, "tokenizer", None)
+    if bos_id is None and tok is not None:
+        bos_id = getattr(tok, "bos_token_id", None)
+
+    # --- 1. read the data into token rows (or strings)
+    rows: list[Tensor] | None = None
+    texts: list[str] | None = None
+    if isinstance(data, Tensor):
+        rows, source = _rows_from_tensor(data, "the token tensor"), "tensor"
+        if pad_token_id is not None:
+            rows = [_strip_right_padding(r, pad_token_id) for r in rows]
+    elif _is_hf_dataset(data):
+        rows, texts, source = _from_hf_dataset(data)
+    elif isinstance(data, torch.utils.data.DataLoader):
+        rows, source = _rows_from_dataloader(data), "DataLoader"
+    elif isinstance(data, str):
+        raise DataError("got a single string; pass a list of strings")
+    elif isinstance(data, Sequence):
+        if len(data) and all(isinstance(x, str) for x in data):
+            texts, source = list(data), "strings"
+        elif any(isinstance(x, str) for x in data):
+            raise DataError("a list mixing strings and other items; pass either strings or token-id sequences")
+        elif any(isinstance(x, Tensor) and x.ndim != 1 for x in data):
+            shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in data][:4]
+            raise DataError(
+                f"got a {type(data).__name__} of tensors with shapes {shapes}; pass the token tensor [batch, pos] "
+                "itself (e.g. tokens, not (tokens, labels)), or a list of 1-D token sequences"
+            )
+        else:
+            rows, source = [_as_token_tensor(x, f"sequence {i}") for i, x in enumerate(data)], "token lists"
+    else:
+        raise DataError(
+            f"cannot use a {type(data).__module__}.{type(data).__name__} as data; pass a LongTensor [batch, pos], a "
+            "list of strings, a datasets.Dataset, a DataLoader, or a TokenBatches"
+        )
+    if (rows is not None and not rows) or (texts is not None and not texts):
+        raise DataError(f"the {source} data is empty")
+
+    # --- 2. BOS: strings get it from the model's default, token ids keep or ensure it
+    if texts is not None:
+        encode, how = _encoder(adapter)
+        source = f"{source} ({how})"
+        rows = [torch.tensor(encode(s), dtype=torch.long) for s in texts]
+        bos = cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
+        if bos and bos_id is None:
+            raise DataError("prepend_bos=True but the model has no bos_token_id")
+        bos_source = "prepended" if bos else None
+        bodies = rows
+    else:
+        starts_bos = bos_id is not None and all(len(r) and int(r[0]) == bos_id for r in rows)
+        if prepend_bos is None:
+            bos, bos_source = starts_bos, ("given" if starts_bos else None)
+        elif prepend_bos:
+            if bos_id is None:
+                raise DataError("prepend_bos=True but the model has no bos_token_id")
+            bos, bos_source = True, ("given" if starts_bos else "prepended")
+        else:
+            bos, bos_source = False, None
+        bodies = [r[1:] if bos and len(r) and int(r[0]) == bos_id else r for r in rows]
+    if skip_bos is None:
+        skip_bos = bos
+    elif skip_bos and not bos:
+        raise DataError(
+            "skip_bos=True, but the sequences do not begin with a BOS token "
+            f"(prepend_bos={prepend_bos}, bos_token_id={bos_id}); pass prepend_bos=True or leave skip_bos unset"
+        )
+
+    # --- 3. lengths: chunk to seq_len, or refuse sequences longer than n_ctx
+    extra = 1 if bos else 0
+    if seq_len is not None:
+        if not isinstance(seq_len, int) or seq_len < 1 + extra:
+            raise DataError(f"seq_len must be an integer ≥ {1 + extra}{' (BOS + 1 token)' if bos else ''}; got {seq_len!r}")
+        if seq_len > cfg.n_ctx:
+            raise DataError(f"seq_len={seq_len} is longer than the model's context n_ctx={cfg.n_ctx}")
+        seqs = [c for b in bodies for c in _chunk(b, bos_id if bos else None, seq_len - extra)]
+    else:
+        seqs = [torch.cat([b.new_tensor([bos_id]), b]) if bos else b for b in bodies]
+        lengths = torch.tensor([len(s) for s in seqs])
+        if len(lengths) and int(lengths.max()) > cfg.n_ctx:
+            i = int(lengths.argmax())
+            raise DataError(
+                f"sequence {i} has {int(lengths[i])} tokens{' (BOS included)' if bos else ''}, more than the model's "
+                f"n_ctx={cfg.n_ctx}; pass seq_len= (≤ {cfg.n_ctx}) to cut long sequences into chunks, or use shorter data"
+            )
+
+    # --- 4. ids in range (the pad id too), and something left to count
+    _validate_ids(seqs, cfg.d_vocab, source)
+    if pad_token_id is None:
+        pad_token_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+        if pad_token_id is None:
+            pad_token_id = bos_id if bos_id is not None else 0
+    if not 0 <= int(pad_token_id) < cfg.d_vocab:
+        raise DataError(f"pad_token_id={pad_token_id} is outside the vocabulary [0, {cfg.d_vocab})")
+    n_min = 2 if bos and skip_bos else 1
+    kept = [s for s in seqs if len(s) >= n_min]
+    if not kept:
+        raise DataError(
+            f"the {source} data has no position to count: every sequence is empty"
+            + (" or holds only BOS (skip_bos=True)" if bos and skip_bos else "")
+        )
+    return TokenBatches(
+        sequences=kept,
+        batch_size=int(batch_size),
+        bos=bos,
+        bos_source=bos_source,
+        bos_token_id=bos_id if bos else None,
+        skip_bos=bool(skip_bos),
+        pad_token_id=int(pad_token_id),
+        shuffle=bool(shuffle),
+        seed=int(seed),
+        source=source,
+        d_vocab=cfg.d_vocab,
+        device=adapter.device,
+        n_dropped=len(seqs) - len(kept),
+    )
+
+
+def _strip_right_padding(row: Tensor, pad_id: int) -> Tensor:
+    keep = row != pad_id
+    if bool(keep.all()):
+        return row
+    nz = keep.nonzero()
+    return row[: int(nz[-1, 0]) + 1] if len(nz) else row[:0]

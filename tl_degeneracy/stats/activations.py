@@ -1,0 +1,161 @@
+"""``activation_stats``: streaming float64 Gram, mean and count per hook point (API.md, METHODS §4).
+
+One forward pass per batch captures every requested hook through ``run_with_hooks``; each hook
+function selects the sample rows (METHODS §0: mask of counted positions), converts them to
+float64 and folds them into its accumulator in place with one matrix product. Nothing is cached,
+so memory is O(Σ_hooks D²) whatever the amount of data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..data import token_batches
+from ..errors import MissingHookError
+from ..models.adapt import adapt
+from .accumulators import MomentAccumulator
+from .distributed import distributed_context
+from .passes import FeatureLayout, HookTarget, feature_layout, raise_if_not_finite, resolve_targets, shard
+from .results import ActivationStats, HookStats
+from .samples import SampleIndex
+
+__all__ = ["activation_stats"]
+
+
+class _Collector:
+    """Forward hooks that fold each batch's sample rows into one accumulator per hook point."""
+
+    def __init__(self, targets: list[HookTarget], per_head: bool, device: torch.device):
+        self.targets, self.per_head, self.device = targets, per_head, device
+        self.layouts: dict[str, FeatureLayout] = {}
+        self.units: dict[str, str] = {}
+        self.accs: dict[str, MomentAccumulator] = {}
+        self.index: SampleIndex | None = None
+        self.flags: dict[str, torch.Tensor] = {}
+        self.accumulate = True
+
+    def hook_fn(self, target: HookTarget):
+        name = target.name
+
+        def hook(act: torch.Tensor, hook=None) -> None:
+            if name in self.flags:
+                raise RuntimeError(f"hook {name!r} fired twice in one forward pass; its statistics would count samples twice")
+            unit = self.index.unit(tuple(act.shape), name)
+            if name not in self.layouts:
+                layout = feature_layout(target.kind, tuple(act.shape[2:]), self.per_head)
+                self.layouts[name], self.units[name] = layout, unit
+                self.accs[name] = MomentAccumulator(layout.groups, layout.dim, device=self.device)
+            elif unit != self.units[name]:
+                raise ValueError(f"hook {name!r} changed its position axis between batches ({self.units[name]} → {unit})")
+            if not self.accumulate:
+                self.flags[name] = torch.ones((), dtype=torch.bool)
+                return None
+            layout = self.layouts[name]
+            rows = self.index.rows(act.detach(), unit)
+            self.flags[name] = self.accs[name].update(rows.reshape(rows.shape[0], layout.groups, layout.dim))
+            return None  # the activation is only read, never replaced
+
+        return hook
+
+    def run(self, adapter, batch) -> None:
+        self.index, self.flags = SampleIndex.from_batch(batch), {}
+        adapter.run_with_hooks(batch.tokens, fwd_hooks=[(t.name, self.hook_fn(t)) for t in self.targets])
+        silent = [t.name for t in self.targets if t.name not in self.flags]
+        if silent:
+            raise MissingHookError(
+                f"hook(s) {silent} did not fire during the forward pass of this {type(adapter.model).__name__}; "
+                "they exist but are not used (e.g. disabled by a model setting)"
+            )
+        raise_if_not_finite(self.flags, batch, "activation")
+
+
+def activation_stats(
+    model,
+    data,
+    hooks: str | Sequence[str] = ("resid_pre",),
+    batch_size: int = 32,
+    center: bool = False,
+    per_head: bool = True,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    seq_len: int | None = None,
+    skip_bos: bool | None = None,
+) -> ActivationStats:
+    """Streaming float64 statistics of the activations at ``hooks`` over ``data`` (METHODS §4, §0).
+
+    For every hook point: n (samples counted), μ = (1/n) Σ f, the second moment
+    G = (1/n) Σ f fᵀ (``.gram``, METHODS §4) and the covariance (1/n) Σ (f − μ)(f − μ)ᵀ
+    (``.covariance()``; METHODS §5 step 1), all float64 whatever the model's dtype.
+
+    Args:
+        model: a model (or adapter) that ``tld.adapt`` accepts.
+        data: anything :func:`tl_degeneracy.token_batches` accepts (a TokenBatches is used as is;
+            ``batch_size``, ``seq_len`` and ``skip_bos`` apply only when the data still needs batching).
+        hooks: hook kinds (every layer, e.g. ``"resid_pre"``) and/or exact hook names. Attention
+            patterns/scores are refused: compare them with ``tld.head_synchronization``.
+        center: the default of ``.eigenvalues()`` / ``.rank()`` / ``to_frame``: covariance (True)
+            or uncentred second moment (False, METHODS §4's G). Both are always available.
+        per_head: q and k activations get only their per-head Grams [H, d, d] (the cross-head Gram
+            of queries or keys is used by no method and costs H× more); ``False`` accumulates the
+            full [H·d, H·d] Gram for them too. v and z always get the full cross-head Gram (METHODS
+            §3 needs block ranks), whose diagonal blocks are the per-head Grams.
+        progress: a tqdm bar (rank 0 only; the TQDM_DISABLE environment variable turns it off).
+        device: where the float64 accumulators live (default: the model's device).
+
+    Samples: with an activation position axis as long as the tokens', every counted token position
+    (``data.positions``: padding never, BOS not by default); with a position axis of length 1, one
+    sample per sequence that has a counted position. Under ``torch.distributed`` each rank takes
+    the batches ``rank::world_size`` and the accumulators are summed in float64 at the end.
+
+    Raises:
+        NumericalError: a NaN/inf activation (naming the hook and batch). DataError: bad data.
+        MissingHookError: unknown hooks, or hooks that never fire.
+    """
+    adapter = adapt(model)
+    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    targets = resolve_targets(adapter, hooks, "activation_stats")
+    ctx = distributed_context()
+    acc_device = torch.device(device) if device is not None else adapter.device
+    collector = _Collector(targets, per_head, acc_device)
+
+    n_mine = 0
+    with torch.no_grad():
+        for batch in shard(batches, ctx, adapter.device, progress, "activation_stats"):
+            collector.run(adapter, batch)
+            n_mine += 1
+        if ctx.active:
+            if n_mine == 0:
+                # More ranks than batches: learn the hook shapes from batch 0 without counting it, so
+                # that this rank joins the reductions with accumulators of the right shape.
+                collector.accumulate = False
+                collector.run(adapter, batches.batch(0, device=adapter.device))
+            for t in targets:  # the same order on every rank
+                collector.accs[t.name].all_reduce()
+
+    stats = {}
+    for t in targets:
+        acc, layout = collector.accs[t.name], collector.layouts[t.name]
+        cov = acc.covariance()
+        stats[t.name] = HookStats(
+            name=t.name,
+            kind=t.kind,
+            layer=t.layer,
+            count=acc.count,
+            unit=collector.units[t.name],
+            feature_shape=layout.feature_shape,
+            mean=acc.mean.flatten(),
+            centered=bool(center),
+            cov=None if layout.head_blocks_only else cov[0],
+            head_cov=cov if layout.head_blocks_only else None,
+        )
+    return ActivationStats(
+        stats=stats,
+        positions=batches.positions,
+        n_layers=adapter.n_layers,
+        centered=bool(center),
+        per_head=bool(per_head),
+        n_batches=len(batches),
+        world_size=ctx.world_size,
+    )

@@ -1,0 +1,57 @@
+"""``torch.distributed`` helpers for the streaming statistics.
+
+When a process group is initialised, every statistics pass processes the batches
+``rank, rank + world_size, …`` of the data (a disjoint shard per rank) and sums its float64
+accumulators across ranks at the end, so every rank returns the same, complete result. Probes
+are seeded per batch (not per rank), so the result does not depend on the number of processes.
+Without a process group everything runs in the one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Rank and world size of the default process group (0 and 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def distributed_context(group=None) -> DistributedContext:
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(dist.get_rank(group), dist.get_world_size(group))
+    return DistributedContext()
+
+
+def _reduce_device(t: Tensor, group) -> torch.device:
+    # NCCL reduces only CUDA tensors; statistics kept on the CPU (device="cpu") go through the GPU.
+    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def all_reduce_sum_(t: Tensor, group=None) -> Tensor:
+    """Sum ``t`` over the ranks of ``group`` in place (no-op without a process group)."""
+    if not distributed_context(group).active:
+        return t
+    device = _reduce_device(t, group)
+    if device == t.device:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    else:
+        buf = t.to(device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        t.copy_(buf)
+    return t

@@ -1,0 +1,309 @@
+"""Result objects of the statistics passes: per-hook Gram statistics and their collections.
+
+Every matrix is float64. For hooks with a head axis (q, k, v, z: ``[batch, pos, head, d_head]``)
+the feature vector is the flattened ``[head · d_head]`` activation, so the full Gram is the
+cross-head Gram and the per-head Grams ``[head, d_head, d_head]`` are its diagonal blocks
+(METHODS §3 uses both: per-head value ranks s_h and block ranks s_S).
+
+Rank convention (METHODS §4, "zero means below rtol·max, or below loss_scale"): the number of
+eigenvalues λ with λ > max(rtol · λ_max, atol).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..data import Positions
+from .accumulators import descending_eigvalsh
+
+__all__ = ["ActivationStats", "HookStats", "JacobianHookStats", "JacobianStats", "numerical_rank"]
+
+DEFAULT_RTOL = 1e-10
+
+
+def numerical_rank(eigenvalues: Float[Tensor, "*groups d"], rtol: float = DEFAULT_RTOL, atol: float = 0.0) -> Tensor:
+    """Number of eigenvalues above max(rtol · largest, atol), per group (0 for an all-zero matrix)."""
+    top = eigenvalues.max(-1, keepdim=True).values.clamp_min(0)
+    cut = torch.maximum(top * rtol, torch.full_like(top, atol))
+    return ((eigenvalues > cut) & (eigenvalues > 0)).sum(-1)
+
+
+def _blocks(m: Float[Tensor, "D D"], heads: int) -> Float[Tensor, "heads d d"]:
+    d = m.shape[-1] // heads
+    return torch.stack([m[h * d : (h + 1) * d, h * d : (h + 1) * d] for h in range(heads)])
+
+
+@dataclass(eq=False)
+class _GramStats:
+    """Shared read-out of one hook's Gram statistics (full and per head)."""
+
+    name: str
+    kind: str | None
+    layer: int | None
+    count: int
+    unit: str  # "position": one sample per counted token position; "sequence": one per sequence
+    feature_shape: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.feature_shape)
+
+    @property
+    def n_heads(self) -> int | None:
+        return self.feature_shape[0] if len(self.feature_shape) == 2 else None
+
+    @property
+    def has_full(self) -> bool:
+        raise NotImplementedError
+
+    def _matrix(self, centered: bool | None) -> Tensor:
+        raise NotImplementedError
+
+    def _head_matrix(self, centered: bool | None) -> Tensor:
+        raise NotImplementedError
+
+    def _need_heads(self) -> int:
+        if self.n_heads is None:
+            raise ValueError(f"hook {self.name!r} has no head axis (features {self.feature_shape}); per-head statistics exist for q, k, v, z")
+        return self.n_heads
+
+    def eigenvalues(self, centered: bool | None = None) -> Float[Tensor, " D"]:
+        """Eigenvalues of the full Gram, largest first."""
+        return descending_eigvalsh(self._matrix(centered))
+
+    def head_eigenvalues(self, centered: bool | None = None) -> Float[Tensor, "head d_head"]:
+        """Eigenvalues of each head's Gram, largest first."""
+        return descending_eigvalsh(self._head_matrix(centered))
+
+    def rank(self, rtol: float = DEFAULT_RTOL, atol: float = 0.0, centered: bool | None = None) -> int:
+        return int(numerical_rank(self.eigenvalues(centered), rtol, atol))
+
+    def head_ranks(self, rtol: float = DEFAULT_RTOL, atol: float = 0.0, centered: bool | None = None) -> Tensor:
+        return numerical_rank(self.head_eigenvalues(centered), rtol, atol)
+
+    def trace(self, centered: bool | None = None) -> float:
+        if self.has_full:
+            return float(self._matrix(centered).diagonal().sum())
+        return float(self._head_matrix(centered).diagonal(dim1=-2, dim2=-1).sum())
+
+    def summary(self, rtol: float = DEFAULT_RTOL) -> dict:
+        return {
+            "hook": self.name,
+            "kind": self.kind,
+            "layer": self.layer,
+            "unit": self.unit,
+            "dim": self.dim,
+            "count": self.count,
+            "rank": self.rank(rtol) if self.has_full else None,
+            "trace": self.trace(),
+        }
+
+
+@dataclass(eq=False)
+class HookStats(_GramStats):
+    """Activation statistics of one hook point (METHODS §4: G = (1/n) Σ f fᵀ).
+
+    ``mean`` [D], ``gram`` = E[f fᵀ] [D, D], ``covariance()`` = E[(f − μ)(f − μ)ᵀ], ``count`` = n.
+    ``centered`` is the default of :meth:`eigenvalues` / :meth:`rank` (set by
+    ``activation_stats(center=...)``). Per-head views: ``head_mean`` [H, d], ``head_gram`` and
+    ``head_covariance()`` [H, d, d]. For q and k with ``per_head=True`` only the per-head blocks
+    were accumulated, so ``gram`` is unavailable (``has_full`` is False).
+    """
+
+    mean: Tensor = field(repr=False, default=None)
+    centered: bool = False
+    cov: Tensor | None = field(repr=False, default=None)  # [D, D]
+    head_cov: Tensor | None = field(repr=False, default=None)  # [H, d, d], per-head-only accumulation
+
+    @property
+    def has_full(self) -> bool:
+        return self.cov is not None
+
+    @property
+    def gram(self) -> Float[Tensor, "D D"]:
+        """Uncentred second moment E[f fᵀ], float64."""
+        return self.covariance() + torch.outer(self.mean, self.mean)
+
+    def covariance(self) -> Float[Tensor, "D D"]:
+        if self.cov is None:
+            raise ValueError(
+                f"only per-head Grams were accumulated for {self.name!r} (per_head=True for {self.kind} "
+                "activations); use .head_gram / .head_covariance(), or activation_stats(..., per_head=False)"
+            )
+        return self.cov
+
+    @property
+    def head_mean(self) -> Float[Tensor, "head d_head"]:
+        return self.mean.view(self._need_heads(), -1)
+
+    def head_covariance(self) -> Float[Tensor, "head d_head d_head"]:
+        heads = self._need_heads()
+        return self.head_cov if self.head_cov is not None else _blocks(self.cov, heads)
+
+    @property
+    def head_gram(self) -> Float[Tensor, "head d_head d_head"]:
+        mu = self.head_mean
+        return self.head_covariance() + mu[:, :, None] * mu[:, None, :]
+
+    def _matrix(self, centered):
+        centered = self.centered if centered is None else centered
+        return self.covariance() if centered else self.gram
+
+    def _head_matrix(self, centered):
+        centered = self.centered if centered is None else centered
+        return self.head_covariance() if centered else self.head_gram
+
+
+@dataclass(eq=False)
+class JacobianHookStats(_GramStats):
+    """Jacobian Gram of one hook point (METHODS §4): K = (1/n) Σ_t E[g_t g_tᵀ], float64.
+
+    ``gram`` [D, D] (unavailable for q/k with ``per_head=True``), ``head_gram`` [H, d, d].
+    """
+
+    full: Tensor | None = field(repr=False, default=None)
+    head_full: Tensor | None = field(repr=False, default=None)
+
+    @property
+    def has_full(self) -> bool:
+        return self.full is not None
+
+    @property
+    def gram(self) -> Float[Tensor, "D D"]:
+        if self.full is None:
+            raise ValueError(
+                f"only per-head Jacobian Grams were accumulated for {self.name!r} (per_head=True for {self.kind}); "
+                "use .head_gram, or jacobian_stats(..., per_head=False)"
+            )
+        return self.full
+
+    @property
+    def head_gram(self) -> Float[Tensor, "head d_head d_head"]:
+        heads = self._need_heads()
+        return self.head_full if self.head_full is not None else _blocks(self.full, heads)
+
+    def _matrix(self, centered):
+        return self.gram
+
+    def _head_matrix(self, centered):
+        return self.head_gram
+
+
+class _Collection(Mapping):
+    """Hook name → per-hook statistics; also indexable by ``(kind, layer)`` or a model-level kind."""
+
+    stats: dict
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            kind, layer = key
+            for s in self.stats.values():
+                if s.kind == kind and s.layer is not None and s.layer % self.n_layers == layer % self.n_layers:
+                    return s
+            raise KeyError(f"no statistics for kind {kind!r} at layer {layer}; hooks: {list(self.stats)}")
+        if key in self.stats:
+            return self.stats[key]
+        matches = [s for s in self.stats.values() if s.kind == key]
+        if len(matches) == 1:
+            return matches[0]
+        raise KeyError(f"no statistics for {key!r}; hooks: {list(self.stats)}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.stats)
+
+    def to_frame(self, rtol: float = DEFAULT_RTOL, per_head: bool = False) -> pd.DataFrame:
+        """One row per hook (hook, kind, layer, unit, dim, count, rank at ``rtol``, trace); with
+        ``per_head=True`` one row per (hook, head) for hooks with a head axis."""
+        rows = []
+        for s in self.stats.values():
+            if per_head and s.n_heads is not None:
+                ranks = s.head_ranks(rtol)
+                traces = s._head_matrix(None).diagonal(dim1=-2, dim2=-1).sum(-1)
+                for h in range(s.n_heads):
+                    rows.append({**s.summary(rtol), "head": h, "dim": s.feature_shape[1],
+                                 "rank": int(ranks[h]), "trace": float(traces[h])})
+            else:
+                rows.append(s.summary(rtol))
+        frame = pd.DataFrame(rows)
+        for col in ("layer", "rank", "head"):  # integers with gaps (model-level hooks, q/k ranks)
+            if col in frame:
+                frame[col] = frame[col].astype("Int64")
+        return frame
+
+
+@dataclass(eq=False)
+class ActivationStats(_Collection):
+    """Streaming activation statistics (``activation_stats``): hook name → :class:`HookStats`.
+
+    ``positions`` records which positions counted (METHODS §0); ``n_batches`` the batches seen
+    (over all ranks); ``world_size`` the number of processes that shared them.
+    """
+
+    stats: dict[str, HookStats]
+    positions: Positions
+    n_layers: int
+    centered: bool = False
+    per_head: bool = True
+    n_batches: int = 0
+    world_size: int = 1
+
+    def to_dict(self, rtol: float = DEFAULT_RTOL) -> dict:
+        return {
+            "kind": "activation_stats",
+            "centered": self.centered,
+            "per_head": self.per_head,
+            "n_batches": self.n_batches,
+            "world_size": self.world_size,
+            "positions": self.positions.to_dict(),
+            "hooks": self.to_frame(rtol).to_dict(orient="records"),
+        }
+
+
+@dataclass(eq=False)
+class JacobianStats(_Collection):
+    """Jacobian-probe Grams (``jacobian_stats``): hook name → :class:`JacobianHookStats`.
+
+    ``output``: ``"kl"`` (Fisher-weighted, logits) or ``"mse"``; ``output_hook``: the hook whose
+    activation was the output for ``mse`` (None: logits). ``n_probes`` per batch, or ``exact``.
+    """
+
+    stats: dict[str, JacobianHookStats]
+    positions: Positions
+    n_layers: int
+    output: str
+    output_hook: str | None
+    n_probes: int | None
+    exact: bool
+    seed: int
+    n_batches: int = 0
+    world_size: int = 1
+    output_unit: str = "position"
+
+    def to_dict(self, rtol: float = DEFAULT_RTOL) -> dict:
+        return {
+            "kind": "jacobian_stats",
+            "output": self.output,
+            "output_hook": self.output_hook,
+            "output_unit": self.output_unit,
+            "n_probes": self.n_probes,
+            "exact": self.exact,
+            "seed": self.seed,
+            "n_batches": self.n_batches,
+            "world_size": self.world_size,
+            "positions": self.positions.to_dict(),
+            "hooks": self.to_frame(rtol).to_dict(orient="records"),
+        }
