@@ -33,7 +33,7 @@ class CLIError(Exception):
     """Bad input on the command line: printed without a traceback, exit code 2."""
 
 
-def _load_data(spec: str | None, model_spec: str, adapter, n_sequences: int, seq_len: int | None):
+def _load_data(spec: str | None, model_spec: str, n_sequences: int):
     """Resolve ``--data`` to something ``token_batches`` accepts."""
     import torch
 
@@ -96,7 +96,7 @@ def _report(args: argparse.Namespace) -> int:
         result["parameters"] = {"n_live": int(frame["numel"].sum()), "n_tensors": len(frame), "csv": "parameters.csv"}
     if "activations" in sections:
         t1 = time.perf_counter()
-        data = _load_data(args.data, args.model, adapter, preset["n_sequences"], args.seq_len)
+        data = _load_data(args.data, args.model, preset["n_sequences"])
         batches = token_batches(data, adapter, batch_size=preset["batch_size"], seq_len=args.seq_len)
         stats = activation_stats(adapter, batches, hooks=["resid_pre", "resid_post"], progress=not args.quiet)
         frame = stats.to_frame()
