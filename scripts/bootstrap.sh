@@ -19,12 +19,15 @@ if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv "$venv"
   fi
 fi
-pip=("$venv/bin/python" -m pip install -q)
+# The local package mirrors of some machines make pip warn once per package; keep real errors.
+pip_install() {
+  "$venv/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+}
 
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" torch
-  elif ! "${pip[@]}" "torch==2.13.0+cpu" ${TORCH_CPU_INDEX:+--extra-index-url "$TORCH_CPU_INDEX"}; then
+    pip_install torch
+  elif ! pip_install "torch==2.13.0+cpu" ${TORCH_CPU_INDEX:+--extra-index-url "$TORCH_CPU_INDEX"}; then
     echo "bootstrap: no CPU build of torch found. This machine has no GPU, so a CUDA build is not installed." >&2
     echo "  Install a CPU build first (set TORCH_CPU_INDEX to PyTorch's CPU wheel index, or pip install a local" >&2
     echo "  torch-*+cpu wheel into $venv) and rerun." >&2
@@ -35,6 +38,6 @@ fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null >"$constraints"
-"${pip[@]}" -c "$constraints" -e "$root[$extras]" "$tl_req"
+pip_install -c "$constraints" -e "$root[$extras]" "$tl_req"
 "$venv/bin/python" -c "import torch, transformer_lens, tl_degeneracy; from importlib.metadata import version; \
 print(f'bootstrap: {\"$venv\"}: torch {torch.__version__}, transformer-lens {version(\"transformer-lens\")}, tl-degeneracy {tl_degeneracy.__version__}')"
