@@ -1,0 +1,100 @@
+"""Activation/Jacobian degeneracy counts (METHODS §4): an exact low-rank residual stream, all backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_degeneracy.counts import degeneracy_counts
+
+from .fixtures.hf import ARCHS
+from .fixtures.toys import make_tiny_toy_transformer
+
+
+def _tokens(n=16, pos=10, vocab=20, seed=0):
+    return torch.randint(0, vocab, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def _low_rank_model(k: int):
+    """One layer; the residual stream entering it is confined to a k-dim subspace: W_E of rank k,
+    no positions, and ln1.b = 0 (LayerNorm centres and rescales, so the subspace stays k-dim)."""
+    model = make_tiny_toy_transformer(n_layers=1)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        V, D = model.embed.W_E.shape
+        model.embed.W_E.copy_(torch.randn(V, k, generator=g) @ torch.randn(k, D, generator=g))
+        model.pos_embed.W_pos.zero_()
+        model.blocks[0].ln1.b.zero_()
+    return model
+
+
+def test_low_rank_residual_stream_exact():
+    k = 5
+    model = _low_rank_model(k)
+    D, d, H = 16, 8, 2
+    frame = degeneracy_counts(model, _tokens(), output="kl", n_probes=4)
+    reading = frame[frame["map"].isin(["W_Q", "W_K", "W_V"])]
+    assert len(reading) == 3 * H
+    assert (reading["rank_G"] == k).all()
+    # K is exact here too: the score gradient with respect to a query is a softmax-weighted sum of
+    # *differences* of keys (rank k: the key bias cancels), with respect to a key it is along the
+    # queries x W_Q + b_Q (rank k + 1); every value direction reaches the logits (rank d).
+    expected_K = {"W_Q": k, "W_K": k + 1, "W_V": d}
+    for _, row in reading.iterrows():
+        assert row["rank_K"] == expected_K[row["map"]], row.to_dict()
+        assert row["free"] == D * d - k * expected_K[row["map"]]
+    # The stream after attention (and so the MLP input) has more directions than k.
+    assert int(frame[frame["map"] == "W_in"]["rank_G"].iloc[0]) > k
+    assert frame.attrs["n_eff_kfac"] == int(frame["kfac"].sum())
+    assert frame.attrs["n_params"] == int(frame["n_params"].sum())
+    assert (frame["free"] == frame["n_params"] - frame["rank_G"] * frame["rank_K"]).all()
+
+
+def test_loss_scale_cuts_small_directions():
+    model = make_tiny_toy_transformer(n_layers=1)
+    full = degeneracy_counts(model, _tokens(), n_probes=4)
+    cut = degeneracy_counts(model, _tokens(), n_probes=4, loss_scale=1e9)
+    assert (cut["kfac"] == 0).all() and (full["kfac"] > 0).all()
+
+
+def test_embeddings_row():
+    model = make_tiny_toy_transformer(n_layers=1)
+    tokens = _tokens() % 7  # only 7 distinct tokens appear
+    frame = degeneracy_counts(model, tokens, n_probes=4, embeddings=True)
+    row = frame[frame["map"] == "W_E"].iloc[0]
+    assert row["rank_G"] == 7 and row["n_params"] == 20 * 16
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backends(tl_models, arch):
+    """GQA: W_K/W_V counted on the stored KV heads; gated MLP: W_gate and W_in rows."""
+    model = tl_models(arch, "bridge")
+    frame = degeneracy_counts(model, _tokens(n=4, pos=8, vocab=100), n_probes=2, output="mse")
+    n_kv = 2 if arch == "llama" else 4
+    assert (frame["map"] == "W_K").sum() == 2 * n_kv and (frame["map"] == "W_Q").sum() == 2 * 4
+    assert ("W_gate" in set(frame["map"])) == (arch == "llama")
+    assert (frame["rank_G"] <= frame["d_in"]).all() and (frame["rank_K"] <= frame["d_out"]).all()
+    assert (frame["rank_G"] > 0).all() and (frame["rank_K"] > 0).all()
+
+
+def test_hooked_transformer_input_gram(tl_models):
+    """HookedTransformer's hook_normalized precedes ln gain/bias; the counts must match the bridge's."""
+    from .fixtures.hf import has_hooked_transformer
+
+    if not has_hooked_transformer():
+        pytest.skip("HookedTransformer needs TransformerLens 3.x")
+    tokens = _tokens(n=4, pos=8, vocab=100)
+    a = degeneracy_counts(tl_models("gpt2", "hooked_transformer"), tokens, n_probes=2, output="mse")
+    b = degeneracy_counts(tl_models("gpt2", "bridge"), tokens, n_probes=2, output="mse")
+    assert a["rank_G"].tolist() == b["rank_G"].tolist()
+
+
+def test_bad_input(tiny_toy_transformer):
+    with pytest.raises(ValueError, match="output"):
+        degeneracy_counts(tiny_toy_transformer, _tokens(), output="nll")
+    with pytest.raises(ValueError, match="loss_scale"):
+        degeneracy_counts(tiny_toy_transformer, _tokens(), loss_scale=-1.0)
+    from tl_degeneracy.errors import DataError
+
+    with pytest.raises(DataError):
+        degeneracy_counts(tiny_toy_transformer, torch.zeros(0, 4, dtype=torch.long))

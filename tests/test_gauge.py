@@ -1,0 +1,114 @@
+"""Random and canonical per-head gauges (METHODS §2): same function, same invariants, canonical weights."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.gauge import canonicalize_heads, random_gauge
+from tl_degeneracy.invariants import ov_invariants, qk_invariants
+
+from .fixtures.hf import ARCHS, BACKENDS, assert_state_unchanged, state_snapshot
+
+KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+
+
+def _tokens(adapter, n=2, pos=10):
+    return torch.randint(3, adapter.d_vocab, (n, pos), generator=torch.Generator().manual_seed(0))
+
+
+def _assert_invariants_equal(a, b, rtol=1e-5):
+    for fn in (ov_invariants, qk_invariants):
+        fa, fb = fn(a), fn(b)
+        assert (fa["rank"] == fb["rank"]).all()
+        for (_, ra), (_, rb) in zip(fa.iterrows(), fb.iterrows()):
+            top = ra["singular_values"][0]
+            np.testing.assert_allclose(ra["singular_values"], rb["singular_values"], rtol=0, atol=rtol * top)
+            np.testing.assert_allclose(ra["frobenius"], rb["frobenius"], rtol=rtol)
+            assert len(ra["eigenvalues"]) == len(rb["eigenvalues"])
+            for lam in ra["eigenvalues"]:
+                assert np.min(np.abs(rb["eigenvalues"] - lam)) <= rtol * top
+            np.testing.assert_allclose(ra["copying_score"], rb["copying_score"], atol=rtol)
+
+
+def _weights(model):
+    aw = tld.adapt(model).attention_weights()
+    return {k: getattr(aw, k).detach().double() for k in KEYS}
+
+
+def _check_gauge(model, tokens):
+    before = state_snapshot(model)
+    gauged = random_gauge(model, seed=3)
+    assert_state_unchanged(model, before)  # the input model is not mutated
+    w0, w1 = _weights(model), _weights(gauged)
+    assert (w0["W_V"] - w1["W_V"]).abs().max() > 0.1 * w0["W_V"].abs().max()  # the gauge is not trivial
+    assert (w0["W_Q"] - w1["W_Q"]).abs().max() > 0.01 * w0["W_Q"].abs().max()
+    with torch.no_grad():
+        base, out = tld.adapt(model).forward(tokens), tld.adapt(gauged).forward(tokens)
+    torch.testing.assert_close(out, base, rtol=1e-4, atol=1e-4 * float(base.abs().max()))
+    _assert_invariants_equal(model, gauged)
+
+    canon = canonicalize_heads(gauged)
+    with torch.no_grad():
+        out = tld.adapt(canon).forward(tokens)
+    torch.testing.assert_close(out, base, rtol=1e-4, atol=1e-4 * float(base.abs().max()))
+    other = canonicalize_heads(random_gauge(model, seed=4))
+    again = canonicalize_heads(canon)
+    wc, wo, wa = _weights(canon), _weights(other), _weights(again)
+    for k in KEYS:
+        scale = float(wc[k].abs().max()) or 1.0
+        torch.testing.assert_close(wo[k], wc[k], rtol=0, atol=1e-4 * scale, msg=lambda m: f"two gauges, {k}: {m}")
+        torch.testing.assert_close(wa[k], wc[k], rtol=0, atol=1e-4 * scale, msg=lambda m: f"idempotence, {k}: {m}")
+
+
+def test_toy_transformer(tiny_toy_transformer, tiny_toy_tokens):
+    _check_gauge(tiny_toy_transformer, tiny_toy_tokens)
+
+
+def test_canonical_form_is_the_svd(tiny_toy_transformer):
+    """W_V = U√S, W_O = √S Vᵀ: the canonical factors have equal, orthogonal Gram matrices."""
+    canon = canonicalize_heads(tiny_toy_transformer)
+    a = canon.blocks[1].attn
+    for h in range(a.W_V.shape[0]):
+        gv = a.W_V[h].detach().double().T @ a.W_V[h].detach().double()
+        go = a.W_O[h].detach().double() @ a.W_O[h].detach().double().T
+        torch.testing.assert_close(gv, torch.diag(gv.diagonal()), atol=1e-5, rtol=0)
+        torch.testing.assert_close(gv, go, atol=1e-5, rtol=0)
+        assert (gv.diagonal()[:-1] >= gv.diagonal()[1:]).all()  # σ descending
+
+
+def test_inplace(tiny_toy_transformer):
+    W_V = tiny_toy_transformer.blocks[0].attn.W_V.detach().clone()
+    out = random_gauge(tiny_toy_transformer, seed=0, inplace=True)
+    assert out is tiny_toy_transformer
+    assert not torch.equal(tiny_toy_transformer.blocks[0].attn.W_V.detach(), W_V)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends(tl_models, arch, backend):
+    """GPT-2 (tied, Conv1D, biases), NeoX (rotary, parallel) and Llama (GQA, no biases) shapes."""
+    model = tl_models(arch, backend)
+    _check_gauge(model, _tokens(tld.adapt(model)))
+
+
+def test_gqa_gauge_acts_on_the_group(tl_models):
+    """One A per KV head: W_V changes, and W_O of both heads of the group changes consistently."""
+    model = tl_models("llama", "bridge")
+    gauged = random_gauge(model, seed=5)
+    a0, a1 = model.blocks[0].attn, gauged.blocks[0].attn
+    assert a1.W_V.shape[0] == 2  # stored with n_kv heads
+    for h in range(4):
+        kv = h // 2
+        torch.testing.assert_close(a1.W_V[kv].detach().double() @ a1.W_O[h].detach().double(),
+                                   a0.W_V[kv].detach().double() @ a0.W_O[h].detach().double(), atol=1e-5, rtol=1e-4)
+
+
+def test_sma_has_no_attention_gauge():
+    sma = tld.load_model("toy:sma")
+    with pytest.warns(RuntimeWarning, match="no gauge to apply"):
+        gauged = random_gauge(sma)
+    torch.testing.assert_close(gauged.blocks[0].attn.W_V, sma.blocks[0].attn.W_V)

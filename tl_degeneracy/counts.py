@@ -1,0 +1,240 @@
+"""Activation and Jacobian degeneracy counts per linear map (METHODS §4).
+
+For a linear map W: R^{d_in} → R^{d_out} inside the model, G = (1/n) Σ f fᵀ over its inputs and
+K = (1/n) Σ E[g gᵀ] with g the gradient of the output probe (``kl``: Fisher-weighted, ``mse``) with
+respect to W's output. Under the Kronecker factorisation H ≈ G ⊗ K (paper eq. 37), rank(H) ≈
+rank(G)·rank(K), so W has ≈ d_in·d_out − rank(G)·rank(K) free directions; Σ rank(G)·rank(K) over
+all maps is a cheap estimate of N_eff (``n_eff_kfac``) to set beside 2·λ̂_B.
+
+Maps and where their statistics come from (one activation pass, one Jacobian-probe pass):
+
+====================  ===========================================  =================================
+map                   input f (G)                                  output (K)
+====================  ===========================================  =================================
+W_Q^h                 attention input (normalized residual)        hook_q, head h
+W_K^kv, W_V^kv        attention input                              hook_k / hook_v, KV head kv
+W_O^h                 hook_z, head h                               hook_attn_out (sum over heads)
+W_in (W_gate)         MLP input (normalized residual)              hook_pre_linear (hook_pre)
+W_out                 hook_post                                    hook_mlp_out
+W_E (optional)        one-hot tokens: G = diag(frequencies)        hook_embed
+====================  ===========================================  =================================
+
+Under GQA, W_K and W_V are counted once per stored KV head (METHODS §0). Biases are affine
+offsets, not linear maps, and are left out. The attention/MLP input is ``ln1/ln2.hook_out`` on the
+bridge and ``hook_normalized`` elsewhere (with HookedTransformer's unfolded gain and bias applied
+to the Gram, since its ``hook_normalized`` precedes them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .data import token_batches
+from .errors import MissingHookError
+from .models.adapt import adapt
+from .models.adapter import ModelAdapter
+from .stats.accumulators import MomentAccumulator, descending_eigvalsh
+from .stats.distributed import distributed_context
+from .stats.passes import raise_if_not_finite, shard
+from .stats.samples import SampleIndex
+from .stats.activations import activation_stats
+from .stats.jacobian import jacobian_stats
+from .stats.results import numerical_rank
+
+__all__ = ["degeneracy_counts"]
+
+
+def _input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
+    """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps."""
+    available = adapter.available_hooks()
+    for name in (f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{ln}.hook_normalized"):
+        if adapter.backend.startswith("bridge") and name.endswith("hook_normalized"):
+            continue  # on the bridge hook_normalized precedes the affine part; hook_out is the input
+        if name in available:
+            return name
+    raise MissingHookError(
+        f"cannot find the input of layer {layer}'s {'attention' if ln == 'ln1' else 'MLP'} on this "
+        f"{type(adapter.model).__name__} (no {ln}.hook_out / {ln}.hook_normalized); degeneracy_counts needs a "
+        "standard pre-norm block"
+    )
+
+
+def _affine_gram(adapter: ModelAdapter, layer: int, ln: str, gram: Tensor, mean: Tensor) -> Tensor:
+    """HookedTransformer's hook_normalized is before the gain w and bias b: x = n·w + b, so
+    E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ with W = diag(w). Other backends: unchanged."""
+    if adapter.backend != "hooked_transformer":
+        return gram
+    module = getattr(adapter.model.blocks[layer], ln)
+    w = getattr(module, "w", None)
+    b = getattr(module, "b", None)
+    if w is not None:
+        w = w.detach().to(gram)
+        gram = w[:, None] * gram * w[None, :]
+        mean = mean * w
+    if b is not None:
+        b = b.detach().to(gram)
+        gram = gram + torch.outer(mean, b) + torch.outer(b, mean) + torch.outer(b, b)
+    return gram
+
+
+def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: bool) -> dict[str, MomentAccumulator]:
+    """Uncentred moments of the normalized block inputs, counting each hook's first firing per
+    forward pass only: HookedTransformer applies ``ln1`` separately to the query, key and value
+    inputs (three firings of one hook with identical values), which ``activation_stats`` refuses."""
+    accs: dict[str, MomentAccumulator] = {}
+    with torch.no_grad():
+        for batch in shard(batches, distributed_context(), adapter.device, progress, "degeneracy_counts"):
+            index, seen, flags = SampleIndex.from_batch(batch), set(), {}
+
+            def keep(name):
+                def hook(act: Tensor, hook=None) -> None:
+                    if name in seen:
+                        return
+                    seen.add(name)
+                    rows = index.rows(act.detach(), index.unit(tuple(act.shape), name))
+                    if name not in accs:
+                        accs[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
+                    flags[name] = accs[name].update(rows.reshape(rows.shape[0], 1, -1))
+
+                return hook
+
+            adapter.run_with_hooks(batch.tokens, fwd_hooks=[(n, keep(n)) for n in hooks])
+            silent = [n for n in hooks if n not in seen]
+            if silent:
+                raise MissingHookError(f"hook(s) {silent} did not fire on this {type(adapter.model).__name__}")
+            raise_if_not_finite(flags, batch, "activation")
+    if distributed_context().active:
+        for name in hooks:  # the same order on every rank
+            accs[name].all_reduce()
+    return accs
+
+
+def _rank(matrix: Tensor, rtol: float, atol: float) -> int:
+    return int(numerical_rank(descending_eigvalsh(matrix), rtol, atol))
+
+
+def default_rank_rtol(dim: int, dtype: torch.dtype) -> float:
+    """Relative eigenvalue cut-off for Grams of activations or gradients computed in ``dtype``:
+    vectors carry a relative error ~√dim·eps, so zero directions show eigenvalues up to about
+    (√dim·eps)²·λ_max; a factor 10 of margin on that singular-value scale."""
+    return (10 * math.sqrt(dim) * torch.finfo(dtype).eps) ** 2
+
+
+def degeneracy_counts(
+    model,
+    data,
+    rtol: float | None = None,
+    loss_scale: float | None = None,
+    output: str = "kl",
+    n_probes: int = 8,
+    exact: bool = False,
+    embeddings: bool = False,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+    seq_len: int | None = None,
+    skip_bos: bool | None = None,
+) -> pd.DataFrame:
+    """Kronecker estimate of free directions per linear map (METHODS §4; module docstring).
+
+    Returns one row per map: ``map`` (W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, W_E), ``layer``,
+    ``head`` (query head, or KV head for W_K/W_V; None for MLP maps), ``d_in``, ``d_out``,
+    ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K and ``free`` =
+    n_params − kfac. ``frame.attrs`` holds ``n_eff_kfac`` (Σ kfac), ``n_params``, the tolerances,
+    the objective and the positions counted.
+
+    Args:
+        rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram); default from
+            the model's dtype (:func:`default_rank_rtol`).
+        loss_scale: eigenvalues at or below it also count as zero (METHODS §4: a direction whose
+            variance is below ε is free at loss scale ε). ``None``: no absolute cut-off.
+        output: ``"kl"`` (Fisher-weighted) or ``"mse"`` on the logits, for K.
+        n_probes, exact, seed: the Jacobian probes (``tld.jacobian_stats``).
+        embeddings: also count W_E (one-hot inputs, G = diag of token frequencies).
+    """
+    if output not in ("kl", "mse"):
+        raise ValueError(f"output must be 'kl' or 'mse'; got {output!r}")
+    if loss_scale is not None and not loss_scale >= 0:
+        raise ValueError(f"loss_scale must be a non-negative number or None; got {loss_scale!r}")
+    adapter = adapt(model)
+    mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
+    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    L, H, n_kv, D, d = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_model, adapter.d_head
+    atol = 0.0 if loss_scale is None else float(loss_scale)
+    gated = adapter.cfg.gated_mlp
+
+    attn_in = [_input_hook(adapter, layer, "ln1") for layer in range(L)]
+    mlp_in = [_input_hook(adapter, layer, "ln2") for layer in range(L)] if mlp else []
+    g_hooks = adapter.hook_names("z") + (adapter.hook_names("mlp_post") if mlp else [])
+    k_hooks = adapter.hook_names(["q", "k", "v", "attn_out"])
+    if mlp:
+        k_hooks += adapter.hook_names(["mlp_pre", "mlp_out"])
+        if gated:
+            k_hooks += [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)]
+    if embeddings:
+        k_hooks.append(adapter.hook_name("embed"))
+
+    inputs = _input_moments(adapter, batches, attn_in + mlp_in, progress)
+    acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress)
+    jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
+                         seed=seed, per_head=True, progress=progress)
+    tol = (lambda dim: default_rank_rtol(dim, adapter.dtype)) if rtol is None else (lambda dim: float(rtol))
+
+    def rank(m: Tensor) -> int:
+        return _rank(m, tol(m.shape[-1]), atol)
+
+    rows = []
+
+    def add(map_name, layer, head, G_rank, K_rank, d_in, d_out):
+        rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
+                     "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
+                     "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank})
+
+    for layer in range(L):
+        s = inputs[attn_in[layer]]
+        rank_x = rank(_affine_gram(adapter, layer, "ln1", s.gram()[0], s.mean[0]))
+        q_K = jac[("q", layer)].head_gram
+        k_K = jac[("k", layer)].head_gram
+        v_K = jac[("v", layer)].head_gram
+        z_G = acts[("z", layer)].head_gram
+        out_K = rank(jac[("attn_out", layer)].gram)
+        for h in range(H):
+            add("W_Q", layer, h, rank_x, rank(q_K[h]), D, d)
+        for kv in range(n_kv):
+            add("W_K", layer, kv, rank_x, rank(k_K[kv]), D, d)
+            add("W_V", layer, kv, rank_x, rank(v_K[kv]), D, d)
+        for h in range(H):
+            add("W_O", layer, h, rank(z_G[h]), out_K, d, D)
+        if mlp:
+            s = inputs[mlp_in[layer]]
+            rank_m = rank(_affine_gram(adapter, layer, "ln2", s.gram()[0], s.mean[0]))
+            F = adapter.d_mlp
+            if gated:
+                add("W_gate", layer, None, rank_m, rank(jac[("mlp_pre", layer)].gram), D, F)
+                add("W_in", layer, None, rank_m, rank(jac[f"blocks.{layer}.mlp.hook_pre_linear"].gram), D, F)
+            else:
+                add("W_in", layer, None, rank_m, rank(jac[("mlp_pre", layer)].gram), D, F)
+            add("W_out", layer, None, rank(acts[("mlp_post", layer)].gram), rank(jac[("mlp_out", layer)].gram), F, D)
+    if embeddings:
+        seen = torch.zeros(adapter.d_vocab, dtype=torch.bool)
+        for batch in batches:
+            seen[batch.tokens[batch.mask].cpu()] = True
+        # G = diag(token frequencies): its rank is the number of distinct tokens at counted positions.
+        add("W_E", None, None, int(seen.sum()), rank(jac[adapter.hook_name("embed")].gram), adapter.d_vocab, D)
+
+    frame = pd.DataFrame(rows)
+    for col in ("layer", "head"):
+        frame[col] = frame[col].astype("Int64")
+    frame.attrs.update({
+        "n_eff_kfac": int(frame["kfac"].sum()),
+        "n_params": int(frame["n_params"].sum()),
+        "free": int(frame["free"].sum()),
+        "rtol": rtol, "loss_scale": loss_scale, "output": output,
+        "n_probes": None if exact else n_probes, "exact": bool(exact),
+        "positions": batches.positions.to_dict(),
+    })
+    return frame

@@ -1,0 +1,273 @@
+"""Per-head gauges: random GL(d_head) gauges and the canonical gauge (METHODS §2).
+
+The gauge of a head, (W_V, W_O, b_V) → (W_V A, A⁻¹ W_O, b_V A) and (W_Q, W_K, b_Q, b_K) →
+(W_Q B, W_K B⁻ᵀ, b_Q B, b_K B⁻ᵀ), leaves the model's function unchanged. Under grouped-query
+attention a key/value head is shared by a group of query heads, so its gauge acts on the shared
+W_K/W_V (and b_K/b_V) and on the W_Q/W_O slices of *every* head of the group at once.
+
+Rotary position embeddings put a position-dependent rotation between q and k, so a generic B would
+change the scores; only gauges that commute with every rotation are symmetries. Here the QK gauge of
+rotary models is restricted to scalars B = s·I (s ≠ 0), which commute with anything. (Block scalings
+that act as complex numbers on each rotary pair are symmetries too; they are not used.)
+
+Weights are written back through the adapter (:func:`write_attention`): the TransformerLens-layout
+accessors of every backend are pure re-layouts of live parameters (HookedTransformer and the toys:
+the parameters themselves; TransformerBridge: views of the HF weights), and
+``models.selection._measure_parameter`` measures which parameter entry feeds which accessor entry.
+Each write is read back and checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .models.adapt import adapt
+from .models.adapter import ModelAdapter
+from .models.selection import _components, _measure_parameter, _read_attention
+
+__all__ = ["random_gauge", "canonicalize_heads", "write_attention"]
+
+_KEYS = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _parameters_for_writing(adapter: ModelAdapter):
+    """The live parameters; where the adapter refuses them because some *MLP* weights are computed
+    from detached copies (TransformerLens 3.x bridge, compatibility mode, gated MLP), the parameters
+    that do get a gradient still include every attention weight, which is all a gauge writes. That
+    partial set is computed without being cached on the adapter, so no other analysis sees it."""
+    try:
+        return adapter.live_parameters()
+    except RuntimeError:
+        saved = adapter._live
+        try:
+            return ModelAdapter.live_parameters(adapter)
+        finally:
+            adapter._live = saved
+
+
+def _layer_layouts(adapter: ModelAdapter, layer: int) -> list[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]:
+    """(parameter, accessor key → (touched mask, flat parameter index)) for layer ``layer``'s attention."""
+    component = f"blocks.{layer}.attn"
+    out = []
+    for lp in _parameters_for_writing(adapter):
+        if component in _components(adapter, lp):
+            out.append((lp.param, _measure_parameter(adapter, layer, lp.name, lp.param)))
+    return out
+
+
+def _writable(layouts, key: str, shape: torch.Size) -> bool:
+    """Whether every entry of accessor ``key`` comes from some live parameter entry."""
+    covered = torch.zeros(shape, dtype=torch.bool)
+    for _, layout in layouts:
+        if key in layout:
+            covered |= layout[key][0].cpu()
+    return bool(covered.all())
+
+
+def write_attention(adapter: ModelAdapter, layer: int, values: dict[str, Tensor], layouts=None) -> None:
+    """Set layer ``layer``'s attention accessors (TL layout, n_kv heads for K/V) to ``values``, in place.
+
+    Every entry of an accessor must come from a live parameter (otherwise ValueError: e.g. the SMA
+    toy's fixed W_O = I). The result is read back and compared with ``values``.
+    """
+    layouts = _layer_layouts(adapter, layer) if layouts is None else layouts
+    current = _read_attention(adapter, layer)
+    for key, value in values.items():
+        if key not in current:
+            raise ValueError(f"layer {layer} has no {key} (a bias the checkpoint lacks?); cannot write it")
+        if not _writable(layouts, key, current[key].shape):
+            raise ValueError(f"{key} of layer {layer} is not (entirely) a parameter of this model; cannot write it")
+    with torch.no_grad():
+        for p, layout in layouts:
+            for key, (touched, idx) in layout.items():
+                if key in values:
+                    # Multi-dimensional indices: bridge parameters can be non-contiguous views
+                    # (GPT-2's split q/k/v share storage with the joint c_attn), so no flat view.
+                    p[torch.unravel_index(idx, p.shape)] = values[key].to(device=p.device, dtype=p.dtype)[touched]
+    back = _read_attention(adapter, layer)
+    for key, value in values.items():
+        target = value.to(back[key].dtype)
+        scale = float(target.abs().max()) or 1.0
+        if not torch.allclose(back[key], target, rtol=0, atol=4 * torch.finfo(target.dtype).eps * scale):
+            raise RuntimeError(f"writing {key} of layer {layer} did not take effect (read back differs)")
+
+
+# ---------------------------------------------------------------------------------------------- gauges
+def _random_invertible(d: int, g: torch.Generator) -> Float[Tensor, "d d"]:
+    """A well-conditioned random matrix: Q1 diag(±e^{N(0, 0.3²)}) Q2 (condition number ~e^{±1})."""
+    q1, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    signs = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    scales = torch.exp(0.3 * torch.randn(d, generator=g, dtype=torch.float64))
+    return q1 @ torch.diag(signs * scales) @ q2
+
+
+def _random_scalar(d: int, g: torch.Generator) -> Float[Tensor, "d d"]:
+    sign = -1.0 if float(torch.rand(1, generator=g)) < 0.5 else 1.0
+    return sign * float(torch.exp(0.3 * torch.randn(1, generator=g, dtype=torch.float64))) * torch.eye(d, dtype=torch.float64)
+
+
+def _sign_fix(cols: Float[Tensor, "n r"]) -> Float[Tensor, " r"]:
+    """±1 per column so that each column's entry of largest modulus is positive (first on ties)."""
+    idx = cols.abs().argmax(0)
+    s = torch.sign(cols[idx, torch.arange(cols.shape[1])])
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _canonical_gl(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Float[Tensor, "d d"]:
+    """A with left·A = U√S and A⁻¹·right = √S Vᵀ, from the thin SVD left·right = U S Vᵀ (METHODS §2).
+
+    Done through the d×d core: left = Q1 R1, rightᵀ = Q2 R2, R1 R2ᵀ = u s vᵀ, so U = Q1 u and
+    A = R1⁻¹ u √s. Signs: each column of U gets its entry of largest modulus positive (gauge
+    invariant, since U is). Directions with s = 0 (a rank-deficient head) keep scale 1 there: they
+    remain free, and the canonical form is unique only on the rank-r part.
+    """
+    q1, r1 = torch.linalg.qr(left)
+    q2, r2 = torch.linalg.qr(right.mT)
+    u, s, vh = torch.linalg.svd(r1 @ r2.mT)
+    signs = _sign_fix(q1 @ u)
+    u = u * signs
+    tol = s.max() * s.shape[0] * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    root = torch.where(s > tol, s.sqrt(), torch.ones_like(s))
+    return torch.linalg.solve_triangular(r1, u * root, upper=True)
+
+
+def _canonical_scalar(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Float[Tensor, "d d"]:
+    """B = c·I balancing ‖left·B‖ = ‖B⁻¹·right‖, with the sign making left's largest entry positive."""
+    nl, nr = left.norm(), right.norm()
+    if nl == 0 or nr == 0:
+        return torch.eye(left.shape[1], dtype=torch.float64)
+    flat = left.reshape(-1)
+    sign = torch.sign(flat[flat.abs().argmax()])
+    return sign * (nr / nl).sqrt() * torch.eye(left.shape[1], dtype=torch.float64)
+
+
+def copy_model(model):
+    """A deep copy of ``model``. Tensors that a forward pass left on modules with an autograd history
+    (TransformerBridge keeps the last attention ``_pattern``) cannot be deep-copied; they are copied
+    detached, which is what they are for a model at rest."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else [value]
+            for t in items:
+                if isinstance(t, Tensor) and not isinstance(t, torch.nn.Parameter) and t.grad_fn is not None:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str):
+    """Apply per-KV-head gauges chosen by ``choose_*(kv, left, right) -> matrix`` to a copy of the model."""
+    model = adapter.model if inplace else copy_model(adapter.model)
+    target = adapt(model) if not inplace else adapter
+    H, n_kv = target.n_heads, target.n_kv_heads
+    group = H // n_kv
+    rotary = target.cfg.positional_embedding == "rotary"
+    skipped = []
+    for layer in range(target.n_layers):
+        layouts = _layer_layouts(target, layer)
+        w = {k: v.to(torch.float64) for k, v in _read_attention(target, layer).items()}
+        shapes = {k: v.shape for k, v in w.items()}
+        ov_ok = all(k in w and _writable(layouts, k, shapes[k]) for k in ("W_V", "W_O"))
+        ov_ok = ov_ok and ("b_V" not in w or _writable(layouts, "b_V", shapes["b_V"]) or not w["b_V"].any())
+        qk_ok = all(k in w and _writable(layouts, k, shapes[k]) for k in ("W_Q", "W_K"))
+        for b in ("b_Q", "b_K"):
+            qk_ok = qk_ok and (b not in w or _writable(layouts, b, shapes[b]) or not w[b].any())
+        new = {}
+        if ov_ok:
+            W_V, W_O = w["W_V"].clone(), w["W_O"].clone()
+            b_V = w["b_V"].clone() if "b_V" in w else None
+            for kv in range(n_kv):
+                heads = slice(kv * group, (kv + 1) * group)
+                right = torch.cat(list(W_O[heads]), dim=-1)  # [d, group·D]: every O slice of the group
+                A = choose_ov(W_V[kv], right)
+                W_V[kv] = W_V[kv] @ A
+                W_O[heads] = torch.linalg.solve(A, W_O[heads])
+                if b_V is not None:
+                    b_V[kv] = b_V[kv] @ A
+            new.update(W_V=W_V, W_O=W_O)
+            if b_V is not None and _writable(layouts, "b_V", shapes["b_V"]):
+                new["b_V"] = b_V
+        else:
+            skipped.append(f"OV of layer {layer}")
+        if qk_ok:
+            W_Q, W_K = w["W_Q"].clone(), w["W_K"].clone()
+            b_Q = w["b_Q"].clone() if "b_Q" in w else None
+            b_K = w["b_K"].clone() if "b_K" in w else None
+            for kv in range(n_kv):
+                heads = slice(kv * group, (kv + 1) * group)
+                left = torch.cat(list(W_Q[heads]), dim=0)  # [group·D, d]: every Q slice of the group
+                B = choose_qk(left, W_K[kv].mT, rotary)
+                B_inv_T = torch.linalg.inv(B).mT
+                W_Q[heads] = W_Q[heads] @ B
+                W_K[kv] = W_K[kv] @ B_inv_T
+                if b_Q is not None:
+                    b_Q[heads] = b_Q[heads] @ B
+                if b_K is not None:
+                    b_K[kv] = b_K[kv] @ B_inv_T
+            new.update(W_Q=W_Q, W_K=W_K)
+            for name, value in (("b_Q", b_Q), ("b_K", b_K)):
+                if value is not None and _writable(layouts, name, shapes[name]):
+                    new[name] = value
+        else:
+            skipped.append(f"QK of layer {layer}")
+        if new:
+            dtype = _read_attention(target, layer)["W_V"].dtype
+            write_attention(target, layer, {k: v.to(dtype) for k, v in new.items()}, layouts)
+    if skipped:
+        warnings.warn(
+            f"{what}: left {', '.join(skipped)} unchanged: their factors are not both parameters of this "
+            f"{type(model).__name__} (e.g. the SMA toy has no W_O and no W_K), so there is no gauge to apply",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return model
+
+
+def random_gauge(model, seed: int = 0, inplace: bool = False):
+    """A model with a random GL(d_head) gauge on every head; its outputs equal the original's.
+
+    V/O: A = Q1 diag(±e^{N(0, 0.09)}) Q2 per KV head (well conditioned, so the float rounding of the
+    gauged weights stays at a few eps); Q/K: the same for B, or B = ±e^{N(0, 0.09)}·I on rotary models
+    (module docstring). GQA: one A and one B per KV head, acting on its whole group. Circuits whose
+    factors are not both parameters (the SMA toy) are left unchanged, with a RuntimeWarning.
+
+    Returns a deep copy of ``model`` (the input is untouched) unless ``inplace=True``.
+    """
+    adapter = adapt(model)
+    g = torch.Generator().manual_seed(int(seed))
+
+    def choose_ov(left, right):
+        return _random_invertible(left.shape[1], g)
+
+    def choose_qk(left, right, rotary):
+        return (_random_scalar if rotary else _random_invertible)(left.shape[1], g)
+
+    return _gauge(adapter, choose_ov, choose_qk, inplace, "random_gauge")
+
+
+def canonicalize_heads(model, inplace: bool = False):
+    """A model with every head in the canonical gauge of METHODS §2; its outputs equal the original's.
+
+    OV: W_V = U√S, W_O = √S Vᵀ from the thin SVD U S Vᵀ of OV (under GQA, of the group's product
+    W_V [W_O^{h1} … W_O^{hG}], so the shared value head gets one gauge). QK likewise from
+    [W_Q^{h1}; …; W_Q^{hG}] W_Kᵀ; on rotary models only the scalar gauge is available, and the
+    canonical choice balances ‖W_Q‖ = ‖W_K‖ with the largest entry of W_Q positive. Signs are fixed
+    deterministically (each left singular vector's largest entry positive), so the result is
+    idempotent and two gauges of one model give the same weights (for heads whose singular values
+    are distinct and nonzero; a rank-deficient head keeps its residual freedom).
+
+    Returns a deep copy unless ``inplace=True``.
+    """
+    adapter = adapt(model)
+
+    def choose_qk(left, right, rotary):
+        return (_canonical_scalar if rotary else _canonical_gl)(left, right)
+
+    return _gauge(adapter, _canonical_gl, choose_qk, inplace, "canonicalize_heads")

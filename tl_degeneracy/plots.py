@@ -1,0 +1,68 @@
+"""Plotly figures for the weight-space and synchronization analyses (METHODS §2, §3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["plot_spectra", "plot_distance_heatmaps"]
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 4)
+    return math.ceil(n / cols), cols
+
+
+def plot_spectra(frame: pd.DataFrame, log: bool = True):
+    """Singular-value spectra per layer from :func:`ov_invariants` / :func:`qk_invariants` output.
+
+    One panel per layer, one line per head (σ_i against i, log scale by default), so rank
+    deficiency and the spread of spectra across heads are visible at a glance.
+    """
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    need = {"layer", "head", "singular_values"}
+    if not need <= set(frame.columns):
+        raise ValueError(f"plot_spectra needs the columns {sorted(need)} (ov_invariants / qk_invariants output); got {list(frame.columns)}")
+    layers = sorted(frame["layer"].unique())
+    rows, cols = _grid(len(layers))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in layers])
+    for i, layer in enumerate(layers):
+        for _, row in frame[frame["layer"] == layer].iterrows():
+            s = np.asarray(row["singular_values"], dtype=float)
+            fig.add_trace(
+                go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", name=f"L{layer}H{row['head']}",
+                           legendgroup=f"H{row['head']}", showlegend=i == 0),
+                row=i // cols + 1, col=i % cols + 1,
+            )
+    if log:
+        fig.update_yaxes(type="log")
+    circuit = frame["circuit"].iloc[0] if "circuit" in frame and len(frame) else ""
+    fig.update_layout(title=f"{circuit} singular values per head", xaxis_title="index i", yaxis_title="σ_i")
+    return fig
+
+
+def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: str = "pattern distance"):
+    """One heatmap per layer of a [layer, n, n] distance array (head or neuron synchronization)."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    distance = np.asarray(distance)
+    if distance.ndim != 3 or distance.shape[1] != distance.shape[2]:
+        raise ValueError(f"distance must be [layer, n, n]; got shape {distance.shape}")
+    n_layers = distance.shape[0]
+    rows, cols = _grid(n_layers)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in range(n_layers)])
+    top = float(np.nanmax(distance)) if distance.size else 1.0
+    for layer in range(n_layers):
+        fig.add_trace(
+            go.Heatmap(z=distance[layer], zmin=0, zmax=top or 1.0, coloraxis="coloraxis",
+                       hovertemplate=f"{labels} %{{y}} vs %{{x}}: %{{z:.4f}}<extra>layer {layer}</extra>"),
+            row=layer // cols + 1, col=layer % cols + 1,
+        )
+    fig.update_layout(title=title, coloraxis={"colorscale": "Viridis"})
+    fig.update_yaxes(autorange="reversed")
+    return fig
