@@ -3,30 +3,45 @@
 The data flow reads in one direction: model → adapter → batches → accumulators → analyses.
 """
 
+from .counts import degeneracy_counts
 from .data import Batch, TokenBatches, token_batches
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
+from .gauge import canonicalize_heads, random_gauge
+from .invariants import ov_invariants, qk_invariants
 from .models import ModelAdapter, adapt, load_model
 from .models.config import ModelConfig
 from .models.selection import ParameterSelection, select_parameters
 from .models.toys.data import toy_data
+from .plots import plot_spectra
 from .stats import ActivationStats, JacobianStats, activation_stats, jacobian_stats
+from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronization, neuron_synchronization
 
 __all__ = [
     "ActivationStats",
     "Batch",
     "DataError",
+    "HeadSyncResult",
     "JacobianStats",
     "MissingHookError",
     "ModelAdapter",
     "ModelConfig",
+    "NeuronSyncResult",
     "NumericalError",
     "ParameterSelection",
     "TLDegeneracyError",
     "TokenBatches",
     "activation_stats",
     "adapt",
+    "canonicalize_heads",
+    "degeneracy_counts",
+    "head_synchronization",
     "jacobian_stats",
     "load_model",
+    "neuron_synchronization",
+    "ov_invariants",
+    "plot_spectra",
+    "qk_invariants",
+    "random_gauge",
     "select_parameters",
     "token_batches",
     "toy_data",
