@@ -1,0 +1,70 @@
+"""Checkpoint/resume of the sampler and chains sharded over torch.distributed ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from tl_degeneracy.llc import behavioral_llc
+
+from .test_llc import linear_regression
+
+ROOT = Path(__file__).resolve().parents[1]
+KW = dict(chains=3, draws=600, burnin=100, seed=5, checkpoint_every=256)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, sampler):
+    model, x = linear_regression(d=5, n=100)
+    full = behavioral_llc(model, x, sampler=sampler, **KW)
+    # Stop at step 300 (not a block or checkpoint multiple), then resume from the checkpoint.
+    partial = behavioral_llc(model, x, sampler=sampler, checkpoint_dir=tmp_path, _stop_after=300, **KW)
+    assert partial.diagnostics["steps_done"] == 300
+    assert os.listdir(tmp_path) == ["llc-rank0.pt"]
+    resumed = behavioral_llc(model, x, sampler=sampler, checkpoint_dir=tmp_path, **KW)
+    assert resumed.diagnostics["step_size_source"] == "automatic (from checkpoint)"
+    assert resumed.step_size == full.step_size
+    np.testing.assert_array_equal(resumed.trace, full.trace)
+    assert resumed.llc == full.llc
+    np.testing.assert_array_equal(resumed.diagnostics["norms"], full.diagnostics["norms"])
+    # A finished checkpoint is read back without sampling again.
+    again = behavioral_llc(model, x, sampler=sampler, checkpoint_dir=tmp_path, **KW)
+    np.testing.assert_array_equal(again.trace, full.trace)
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    model, x = linear_regression(d=3, n=30)
+    behavioral_llc(model, x, chains=2, draws=20, burnin=5, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="different settings.*gamma"):
+        behavioral_llc(model, x, chains=2, draws=20, burnin=5, gamma=2.0, checkpoint_dir=tmp_path)
+
+
+def test_checkpoint_files_are_written_atomically(tmp_path):
+    model, x = linear_regression(d=3, n=30)
+    behavioral_llc(model, x, chains=2, draws=600, burnin=0, checkpoint_dir=tmp_path, checkpoint_every=256)
+    assert sorted(os.listdir(tmp_path)) == ["llc-rank0.pt"]  # no temporary file left behind
+    payload = torch.load(tmp_path / "llc-rank0.pt", weights_only=False)
+    assert payload["step"] == 600 and payload["delta"].shape == (2, 3) and len(payload["generators"]) == 2
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_ranks_give_the_single_process_chains(tmp_path):
+    from tests.llc_distributed_worker import run
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "llc_distributed_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = run()
+    for rank in (0, 1):
+        multi = np.load(tmp_path / f"rank{rank}.npz")
+        assert int(multi["world_size"]) == 2
+        np.testing.assert_allclose(multi["trace"], single.trace, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(multi["llc_per_chain"], single.llc_per_chain, rtol=1e-6)
+        assert float(multi["step_size"]) == single.step_size

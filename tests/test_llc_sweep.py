@@ -1,0 +1,60 @@
+"""Loss-scale sweeps and per-component restricted LLCs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tl_degeneracy.llc import llc_by_component, llc_sweep, plot_llc_sweep
+
+
+class QuadraticPlusQuartic(nn.Module):
+    """One parameter w (θ* = 0) with mse behavioral loss ½‖f(w) − f(0)‖² = c²w² + w⁴.
+
+    Finite-data SLT: the volume {L < ε} ~ √ε/c for ε ≪ c⁴ (λ = 1/2) and ~ ε^{1/4} for ε ≫ c⁴ (λ = 1/4).
+    """
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+        self.w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x):
+        f = torch.cat([np.sqrt(2) * self.c * self.w, np.sqrt(2) * self.w**2])
+        return f.expand(x.shape[0], 2)
+
+
+def test_llc_sweep_crosses_over_from_half_to_quarter():
+    c = 0.03  # c⁴ = 8.1e-7; the end points below are 4 decades away on either side
+    model = QuadraticPlusQuartic(c)
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    # gamma = 0: at ε = 0.1 the posterior reaches |w| ≈ 0.5, where a unit prior would change the volume.
+    frame = llc_sweep(model, x, loss_scales=[1e-10, 1e-1], gamma=0.0, seed=0)
+    assert list(frame["loss_scale"]) == [1e-10, 1e-1]
+    assert np.allclose(frame["nbeta"], [1e10, 10.0])
+    assert np.allclose(frame["n_eff"], 2 * frame["llc"])
+    for expected, row in zip([0.5, 0.25], frame.itertuples()):
+        tolerance = expected * row.bias_bound / (1 - row.bias_bound) + 4 * row.llc_stderr + 0.01
+        assert abs(row.llc - expected) < tolerance, (row.llc, expected, tolerance)
+    fig = plot_llc_sweep(frame)
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_llc_sweep_refuses_a_fixed_scale():
+    with pytest.raises(ValueError, match="loss_scales"):
+        llc_sweep(QuadraticPlusQuartic(1.0), torch.zeros(1, 1), loss_scales=[1e-2], nbeta=10)
+
+
+def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens):
+    import tl_degeneracy as tld
+
+    frame = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components="heads",
+                             chains=2, draws=10, burnin=2, step_size=1e-6, nbeta=100)
+    assert list(frame["component"]) == [f"blocks.{l}.attn.head{h}" for l in range(2) for h in range(2)]
+    for row in frame.itertuples():
+        assert row.n_params == tld.select_parameters(tiny_toy_transformer, row.component).numel
+        assert np.isfinite(row.llc) and row.llc > 0
+        assert row.n_eff_fraction == pytest.approx(row.n_eff / row.n_params)
+    layers = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components="layers",
+                              chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100)
+    assert list(layers["component"]) == ["blocks.0", "blocks.1"]

@@ -1,0 +1,50 @@
+"""Behavioral losses against reference outputs (METHODS §1).
+
+Both losses are means over samples of a per-sample divergence between the perturbed model's output
+f_θ(x) and the reference output f_θ*(x); both vanish, with their gradient, at θ = θ*, so the LLC
+estimator needs no baseline estimate (L_B(θ*) = 0 exactly).
+
+* ``kl``:  KL(p_θ*(·|x) ‖ p_θ(·|x)) with p = softmax(outputs) over the last axis.
+* ``mse``: ½‖f_θ(x) − f_θ*(x)‖² over the last axis. The factor ½ makes it the KL divergence
+  between unit-variance Gaussians N(f_θ*(x), I) and N(f_θ(x), I), so the behavioral LLC of a
+  Gaussian-output model (e.g. a deep linear network) is the learning coefficient of theory.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+LOSSES = ("kl", "mse")
+
+
+def reference_form(loss: str, outputs: Float[Tensor, "*batch k"]) -> Tensor:
+    """What is kept of the reference outputs: log-probabilities for ``kl``, the outputs for ``mse``."""
+    if loss == "kl":
+        return torch.log_softmax(outputs.float(), dim=-1)
+    return outputs.float()
+
+
+def per_sample_loss(
+    loss: str, outputs: Float[Tensor, "chain *batch k"], reference: Float[Tensor, "*batch k"]
+) -> Float[Tensor, "chain *batch"]:
+    """Per-sample divergence of each chain's outputs from the reference (``reference_form``)."""
+    if loss == "kl":
+        logp = torch.log_softmax(outputs.float(), dim=-1)
+        # Σ p* (log p* − log p); p* = exp(log p*) is exact where the reference puts zero mass.
+        return (reference.exp() * (reference - logp)).sum(-1)
+    if loss == "mse":
+        return 0.5 * (outputs.float() - reference).square().sum(-1)
+    raise ValueError(f"unknown behavioral loss {loss!r}; choose one of {LOSSES}")
+
+
+def masked_mean(
+    values: Float[Tensor, "chain *batch"], mask: Bool[Tensor, "*batch"] | None
+) -> Float[Tensor, " chain"]:
+    """Mean over all sample axes (or over the samples where ``mask`` is true), one value per chain."""
+    flat = values.flatten(1)
+    if mask is None:
+        return flat.mean(1)
+    m = mask.flatten().to(flat.dtype)
+    return (flat * m).sum(1) / m.sum().clamp_min(1)

@@ -1,0 +1,108 @@
+"""The LLC estimate and its diagnostics (METHODS §1).
+
+λ̂_c = nβ · mean_{t ≥ burnin} L_B,b_t(θ_t^{(c)}) per chain c (the minibatch loss at θ_t used for
+its gradient; L_B(θ*) = 0 so no baseline is subtracted); λ̂ = mean over healthy chains;
+spread = their standard deviation (ddof = 1); standard error = spread/√C. N_eff = 2λ̂.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .sampler import NORMS
+
+
+@dataclass
+class LLCResult:
+    """Behavioral LLC at one loss scale, with per-chain values, traces and diagnostics.
+
+    ``trace`` is [chains, steps] of nβ·L_B (burn-in included; NaN after a chain failed), so its
+    post-burn-in mean per chain is that chain's estimate. ``failed`` maps failed chains to the step
+    they failed at; they are excluded from ``llc``, ``llc_std`` and ``llc_stderr``.
+    """
+
+    llc: float
+    llc_std: float
+    llc_stderr: float
+    llc_per_chain: np.ndarray
+    trace: np.ndarray
+    nbeta: float
+    step_size: float
+    gamma: float
+    chains: int
+    draws: int
+    burnin: int
+    n_params: int
+    loss: str
+    sampler: str
+    failed: dict[int, int] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    selection: tuple[str, ...] | None = None
+
+    @property
+    def loss_scale(self) -> float:
+        """ε = 1/nβ, the loss scale the tempered posterior probes."""
+        return 1.0 / self.nbeta
+
+    @property
+    def n_eff(self) -> float:
+        """Effective parameter count 2λ̂."""
+        return 2.0 * self.llc
+
+    @property
+    def n_eff_stderr(self) -> float:
+        return 2.0 * self.llc_stderr
+
+    def summary(self) -> dict:
+        d = self.diagnostics
+        return {
+            "llc": self.llc, "llc_std": self.llc_std, "llc_stderr": self.llc_stderr, "n_eff": self.n_eff,
+            "n_params": self.n_params, "loss_scale": self.loss_scale, "nbeta": self.nbeta, "step_size": self.step_size,
+            "gamma": self.gamma, "bias_bound": d.get("bias_bound"), "h_max": d.get("h_max"), "chains": self.chains,
+            "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin, "loss": self.loss,
+            "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
+        }
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per chain: its estimate, failure step (−1 if healthy) and mean update norms."""
+        rows = []
+        norms = self.diagnostics.get("norms", np.full((self.chains, len(NORMS)), np.nan))
+        for c in range(self.chains):
+            row = {"chain": c, "llc": self.llc_per_chain[c], "failed_at": self.failed.get(c, -1)}
+            row.update({k: norms[c][i] for i, k in enumerate(NORMS)})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"LLCResult(llc={self.llc:.4g} ± {self.llc_stderr:.2g} (stderr), n_eff={self.n_eff:.4g}, n_params={self.n_params}, "
+            f"nbeta={self.nbeta:g}, step_size={self.step_size:.3g}, bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
+            f"chains={self.chains}, failed={len(self.failed)})"
+        )
+
+    def plot(self):
+        """Plotly figure: nβ·L_B per step for every chain, burn-in shaded, λ̂ as a line."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        steps = np.arange(self.trace.shape[1])
+        for c in range(self.chains):
+            fig.add_trace(go.Scatter(x=steps, y=self.trace[c], mode="lines", name=f"chain {c}", opacity=0.6))
+        fig.add_vrect(x0=0, x1=self.burnin, fillcolor="grey", opacity=0.15, line_width=0, annotation_text="burn-in")
+        fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"λ̂ = {self.llc:.3g}")
+        fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title="Behavioral LLC traces")
+        return fig
+
+
+def estimate(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """Per-chain λ̂ from losses [steps, C]; mean, spread (ddof 1) and standard error over healthy chains."""
+    per_chain = nbeta * trace_losses[burnin:].mean(0)
+    per_chain = np.where(failed_at >= 0, np.nan, per_chain)
+    ok = per_chain[np.isfinite(per_chain)]
+    mean = float(ok.mean()) if len(ok) else float("nan")
+    std = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
+    stderr = std / np.sqrt(len(ok)) if len(ok) > 1 else float("nan")
+    return per_chain, mean, std, float(stderr)

@@ -1,0 +1,230 @@
+"""Vectorised SGLD over a chain axis (METHODS §1).
+
+All chains live in one flat tensor δ ∈ R^{C×D} (δ = θ − θ*, D = entries of the sampled parameters)
+and advance together: one chain-batched forward/backward per step, no host synchronisation inside
+the loop. Per step t, on batch b = t mod n_batches (the same batch for every chain):
+
+    δ ← δ − (η/2) G ⊙ m ⊙ [ nβ ∇L_B,b(θ* + δ) + γ δ ] + √η √G ⊙ m ⊙ ξ,     ξ ~ N(0, I)
+
+with m the selection mask (restricted LLC: it multiplies gradient, prior and noise, so unselected
+coordinates never move) and G = 1 (SGLD) or the RMSProp preconditioner G = 1/(eps + √V),
+V ← αV + (1 − α)(nβ∇L)². The loss L_B,b(θ_t) evaluated for the gradient (before the update) is
+recorded per chain and step on the device and copied out in blocks.
+
+A chain whose loss becomes non-finite or explodes (nβ L > ``explode_at``) is frozen at θ* and
+flagged with the step it failed at; the check is a device-side ``where``, read at block ends.
+Each chain has its own generator seeded from its global chain index, so a chain's path does not
+depend on which other chains run beside it (sharding across ranks) or on interruptions (resume).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .targets import Target
+
+#: Steps per block: traces are copied to the host, failures read and checkpoints written at block ends.
+BLOCK = 256
+#: Columns of the per-chain norm sums (means over steps are reported).
+NORMS = ("grad_norm", "prior_norm", "noise_norm", "distance")
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each sampled parameter lives in the flat coordinate vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def unflatten(self, flat: Float[Tensor, "chain D"]) -> dict[str, Tensor]:
+        parts = torch.split(flat, self.sizes, dim=1)
+        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    nbeta: float
+    step_size: float
+    gamma: float
+    steps: int
+    rmsprop: bool = False
+    rms_alpha: float = 0.99
+    rms_eps: float = 0.1
+    explode_at: float = float("inf")
+
+
+@dataclass
+class SamplerState:
+    """Everything needed to continue a run bit for bit (what a checkpoint holds)."""
+
+    delta: Tensor
+    v: Tensor | None
+    generators: list[torch.Generator]
+    step: int
+    trace: np.ndarray  # [steps, C] float64 losses L_B,b(θ_t); NaN after a chain failed
+    alive: Tensor
+    failed_at: Tensor
+    norms: Tensor  # [C, len(NORMS)] sums over steps
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def generator_states(self) -> list[Tensor]:
+        return [g.get_state() for g in self.generators]
+
+
+def chain_seed(seed: int, chain: int) -> int:
+    """Seed of global chain ``chain``: independent of sharding and of the number of chains."""
+    return (int(seed) * 1_000_003 + 7919 * (int(chain) + 1)) % (2**63 - 1)
+
+
+def initial_state(target: Target, layout: FlatLayout, seeds: Sequence[int], settings: SamplerSettings) -> SamplerState:
+    device = target.device
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
+    C = len(seeds)
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return SamplerState(
+        delta=torch.zeros(C, layout.numel, device=device, dtype=dtype),
+        v=torch.zeros(C, layout.numel, device=device, dtype=dtype) if settings.rmsprop else None,
+        generators=gens,
+        step=0,
+        trace=np.full((settings.steps, C), np.nan),
+        alive=torch.ones(C, dtype=torch.bool, device=device),
+        failed_at=torch.full((C,), -1, dtype=torch.long, device=device),
+        norms=torch.zeros(C, len(NORMS), dtype=torch.float64, device=device),
+    )
+
+
+def run_chains(
+    target: Target,
+    layout: FlatLayout,
+    mask: Bool[Tensor, " D"],
+    settings: SamplerSettings,
+    state: SamplerState,
+    on_block: Callable[[SamplerState], None] | None = None,
+    stop_after: int | None = None,
+) -> SamplerState:
+    """Advance ``state`` to ``settings.steps`` (or to ``stop_after`` steps, for tests of resume).
+
+    ``on_block(state)`` runs at every block end (checkpointing); it sees a consistent state.
+    """
+    eta, nbeta, gamma = settings.step_size, settings.nbeta, settings.gamma
+    m = mask.to(state.delta.dtype)
+    delta, v = state.delta, state.v
+    alive, failed_at, norms = state.alive, state.failed_at, state.norms
+    C, D = delta.shape
+    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    block_trace = torch.empty(BLOCK, C, dtype=torch.float64, device=delta.device)
+    block_start = state.step
+    sqrt_eta = eta**0.5
+    t0 = time.perf_counter()
+    for t in range(state.step, end):
+        d = delta.detach().requires_grad_(True)
+        loss = target.loss(layout.unflatten(d), t % target.n_batches)
+        (grad,) = torch.autograd.grad(loss.sum(), d)
+        drift = nbeta * grad
+        noise = torch.stack([torch.randn(D, generator=g, device=delta.device, dtype=delta.dtype) for g in state.generators])
+        if v is not None:
+            v = settings.rms_alpha * v + (1 - settings.rms_alpha) * drift.square()
+            precond = 1.0 / (settings.rms_eps + v.sqrt())
+            update = -0.5 * eta * precond * (drift + gamma * delta) + sqrt_eta * precond.sqrt() * noise
+        else:
+            update = -0.5 * eta * (drift + gamma * delta) + sqrt_eta * noise
+        update = update * m
+        lossd = loss.detach().to(torch.float64)
+        # Failure: non-finite loss or one far beyond anything a posterior at this nβ reaches.
+        bad = ~torch.isfinite(lossd) | (nbeta * lossd > settings.explode_at) | ~torch.isfinite(update).all(1)
+        newly = bad & alive
+        failed_at = torch.where(newly, torch.full_like(failed_at, t), failed_at)
+        alive = alive & ~bad
+        block_trace[(t - block_start) % BLOCK] = torch.where(alive | newly, lossd, torch.full_like(lossd, float("nan")))
+        step_norms = torch.stack(
+            [(drift * m).norm(dim=1), (gamma * delta * m).norm(dim=1), sqrt_eta * (noise * m).norm(dim=1), delta.norm(dim=1)],
+            dim=1,
+        ).to(torch.float64)
+        norms = norms + torch.where(alive[:, None], step_norms, torch.zeros_like(step_norms))
+        # A failed chain is parked at θ* (δ = 0) so that its NaNs never reach the other chains' arithmetic.
+        delta = torch.where(alive[:, None], delta + update, torch.zeros_like(delta))
+        if v is not None:
+            v = torch.where(alive[:, None], v, torch.zeros_like(v))
+        if (t + 1) % BLOCK == 0 or t + 1 == end:
+            n = t + 1 - block_start
+            state.trace[block_start : t + 1] = block_trace[:n].cpu().numpy()
+            state.delta, state.v, state.alive, state.failed_at, state.norms = delta, v, alive, failed_at, norms
+            state.step = t + 1
+            state.wall_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            block_start = t + 1
+            if on_block is not None:
+                on_block(state)
+    state.delta, state.v, state.alive, state.failed_at, state.norms = delta, v, alive, failed_at, norms
+    return state
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str, state: SamplerState, settings: dict) -> None:
+    """Write the full sampler state atomically (write to a temporary file, then rename)."""
+    payload = {
+        "settings": settings,
+        "step": state.step,
+        "delta": state.delta.cpu(),
+        "v": None if state.v is None else state.v.cpu(),
+        "generators": state.generator_states(),
+        "trace": state.trace,
+        "alive": state.alive.cpu(),
+        "failed_at": state.failed_at.cpu(),
+        "norms": state.norms.cpu(),
+        "wall_s": state.wall_s,
+        "extra": state.extra,
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, settings: dict, state: SamplerState) -> SamplerState:
+    """Restore ``state`` from ``path``; refuse a checkpoint written with different settings."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    saved = payload["settings"]
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {settings.get(k)!r}" for k in diff[:6])
+        raise ValueError(
+            f"checkpoint {path} was written with different settings ({detail}); use another checkpoint_dir "
+            f"or delete the file to start afresh"
+        )
+    device = state.delta.device
+    state.step = int(payload["step"])
+    state.delta = payload["delta"].to(device)
+    state.v = None if payload["v"] is None else payload["v"].to(device)
+    for g, s in zip(state.generators, payload["generators"]):
+        g.set_state(s)
+    state.trace = payload["trace"]
+    state.alive = payload["alive"].to(device)
+    state.failed_at = payload["failed_at"].to(device)
+    state.norms = payload["norms"].to(device)
+    state.wall_s = float(payload["wall_s"])
+    state.extra = payload["extra"]
+    return state

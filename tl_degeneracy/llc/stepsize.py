@@ -1,0 +1,169 @@
+"""Automatic SGLD step size from the top Hessian eigenvalue of L_B (METHODS §1).
+
+On a quadratic with curvature h the discretised Langevin dynamics of sampler.py has stationary
+variance 1/(a(1 − η a/4)) per direction, a = nβ h + γ, instead of 1/a, so
+
+    λ̂ ≈ λ / (1 − η (nβ h + γ)/4).
+
+The step size is set so that the bias bound  b = η (nβ h_max + γ)/4  equals ``bias_bound``
+(default 0.05, i.e. at most ≈ 5 % over-estimate from the stiffest direction).
+
+h_max is the top eigenvalue of the Hessian of L_B restricted to the selected coordinates, found by
+power iteration on Hessian-vector products (double backward, all points at once along the chain
+axis). At θ* a singular model can be flat (e.g. a deep linear network at W = 0 has zero Hessian),
+while the posterior it samples is curved, so the curvature is also measured where the sampler
+goes: short pilot runs from θ* with the current η, h_max re-measured at their end points, η
+recomputed from the largest h seen, until η changes by less than 25 %. A pilot whose chains all
+diverge divides η by 10. Pilots use their own seeds and a fixed number of chains, so the chosen
+η is the same on every rank and for every number of chains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ..errors import NumericalError
+from .sampler import FlatLayout, SamplerSettings, chain_seed, initial_state, run_chains
+from .targets import Target
+
+
+def top_hessian_eigenvalue(
+    target: Target,
+    layout: FlatLayout,
+    mask: Bool[Tensor, " D"],
+    points: Float[Tensor, "P D"],
+    *,
+    max_batches: int = 4,
+    iters: int = 30,
+    rtol: float = 1e-3,
+    seed: int = 0,
+    point_seeds: list[int] | None = None,
+) -> Float[Tensor, " P"]:
+    """Top eigenvalue of ∇²L_B at θ* + points[p] (masked coordinates), for every point at once.
+
+    Uses the first ``max_batches`` batches (their mean Hessian). Returns Rayleigh quotients, which
+    approach h_max from below; the iteration stops when all change by less than ``rtol`` (``rtol=0``:
+    always ``iters`` iterations, so that each point's value is independent of the others').
+    """
+    m = mask.to(points.dtype)
+    if point_seeds is None:
+        g = torch.Generator(device=points.device).manual_seed(seed)
+        vec = torch.randn(points.shape, generator=g, device=points.device, dtype=points.dtype)
+    else:
+        # One start vector per point from its own seed: a chain's value does not depend on its neighbours.
+        vec = torch.stack([
+            torch.randn(points.shape[1], generator=torch.Generator(device=points.device).manual_seed(int(ps)),
+                        device=points.device, dtype=points.dtype)
+            for ps in point_seeds
+        ])
+    vec = vec * m
+    vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    n_b = min(max_batches, target.n_batches)
+    prev = None
+    eig = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
+    for _ in range(iters):
+        hv = torch.zeros_like(vec)
+        for b in range(n_b):
+            d = points.detach().requires_grad_(True)
+            loss = target.loss(layout.unflatten(d), b).sum()
+            (grad,) = torch.autograd.grad(loss, d, create_graph=True)
+            (h,) = torch.autograd.grad((grad * vec).sum(), d)
+            hv = hv + h.detach() / n_b
+        hv = hv * m
+        eig = (vec * hv).sum(1)
+        norm = hv.norm(dim=1, keepdim=True)
+        if bool((norm == 0).all()):
+            return torch.zeros_like(eig)  # Flat in every selected direction.
+        vec = torch.where(norm > 0, hv / norm.clamp_min(1e-30), vec)
+        if rtol > 0 and prev is not None and bool(((eig - prev).abs() <= rtol * eig.abs().clamp_min(1e-30)).all()):
+            break
+        prev = eig
+    return eig.clamp_min(0)
+
+
+def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float) -> float:
+    """η with η (nβ h_max + γ)/4 = bias_bound."""
+    curvature = nbeta * h_max + gamma
+    if not curvature > 0:
+        raise ValueError(
+            "the behavioral loss is flat at θ* in every sampled direction and gamma = 0, so no step size "
+            "can be derived; set gamma > 0 (localization) or pass step_size"
+        )
+    return 4.0 * bias_bound / curvature
+
+
+def bias_bound_of(step_size: float, h_max: float, nbeta: float, gamma: float) -> float:
+    """b = η (nβ h_max + γ)/4: λ̂ ≲ λ/(1 − b) from the stiffest direction."""
+    return step_size * (nbeta * h_max + gamma) / 4.0
+
+
+@dataclass
+class StepSizeChoice:
+    step_size: float
+    h_max: float
+    h_max_at_reference: float
+    bias_bound: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"step_size": self.step_size, "h_max": self.h_max, "h_max_at_reference": self.h_max_at_reference,
+                "bias_bound": self.bias_bound, "calibration": self.history}
+
+
+def choose_step_size(
+    target: Target,
+    layout: FlatLayout,
+    mask: Bool[Tensor, " D"],
+    *,
+    nbeta: float,
+    gamma: float,
+    bias_bound: float = 0.05,
+    explode_at: float = float("inf"),
+    pilot_chains: int = 4,
+    pilot_steps: int = 200,
+    max_rounds: int = 8,
+    seed: int = 0,
+) -> StepSizeChoice:
+    """Choose η so that the bias bound η (nβ h_max + γ)/4 is ``bias_bound`` (module docstring)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
+    origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
+    h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
+    h_used = h_ref
+    eta = step_size_for(h_ref, nbeta, gamma, bias_bound)
+    history: list[dict] = []
+    # Pilot seeds live far from the sampling chains' seeds (chain_seed of a large negative index).
+    seeds = [chain_seed(seed, -1000 - c) for c in range(pilot_chains)]
+    for rnd in range(max_rounds):
+        settings = SamplerSettings(nbeta=nbeta, step_size=eta, gamma=gamma, steps=pilot_steps, explode_at=explode_at)
+        state = run_chains(target, layout, mask, settings, initial_state(target, layout, seeds, settings))
+        alive = state.alive
+        if not bool(alive.any()):
+            history.append({"round": rnd, "step_size": eta, "h_max": float("nan"), "diverged": True})
+            eta = eta / 10
+            continue
+        h_pilot = float(top_hessian_eigenvalue(target, layout, mask, state.delta[alive], seed=seed + rnd + 1).max())
+        history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "diverged": not bool(alive.all())})
+        h_new = max(h_ref, h_pilot)
+        eta_new = step_size_for(h_new, nbeta, gamma, bias_bound)
+        if not bool(alive.all()):
+            # Some pilot chains diverged at this η: never go back up, go down at least by half.
+            eta_new = min(eta_new, eta / 2)
+            history[-1]["diverged"] = True
+        converged = abs(eta_new - eta) <= 0.25 * eta
+        h_used = h_new
+        if converged:
+            eta = min(eta, eta_new)
+            return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
+        # The curvature a pilot sees depends on the η it ran with, so the fixed point is approached
+        # with geometric damping (plain iteration can oscillate on singular models).
+        eta = eta_new if history[-1]["diverged"] or len(history) < 2 or history[-2]["diverged"] else (eta * eta_new) ** 0.5
+    if not history or history[-1].get("diverged"):
+        raise NumericalError(
+            f"automatic step size: the pilot chains kept diverging down to step_size {eta:.3g}; the behavioral loss "
+            f"may be non-finite near θ* or nβ = {nbeta:g} too large; try a larger loss_scale, a larger gamma, or pass step_size"
+        )
+    return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)

@@ -1,0 +1,86 @@
+"""Loss-scale sweeps λ_B(ε), N_eff(ε) = 2λ_B(ε), and restricted LLCs per component (METHODS §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from .api import behavioral_llc
+
+_SUMMARY = ["llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "h_max", "n_failed"]
+
+
+def llc_sweep(model, data, loss_scales: Sequence[float], **kwargs) -> pd.DataFrame:
+    """λ_B(ε) and N_eff(ε) = 2λ_B(ε) at each loss scale ε (nβ = 1/ε); other arguments as in
+    :func:`behavioral_llc` (the step size is chosen per scale unless given).
+
+    Returns one row per loss scale: loss_scale, nbeta, llc, llc_std, llc_stderr, n_eff, n_params,
+    step_size, bias_bound, h_max, n_failed. Plot with :func:`plot_llc_sweep`.
+    """
+    if "nbeta" in kwargs or "loss_scale" in kwargs:
+        raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
+    if not len(loss_scales):
+        raise ValueError("loss_scales is empty")
+    rows = []
+    for eps in loss_scales:
+        res = behavioral_llc(model, data, loss_scale=float(eps), **kwargs)
+        s = res.summary()
+        rows.append({"loss_scale": float(eps), "nbeta": res.nbeta, **{k: s[k] for k in _SUMMARY}})
+    return pd.DataFrame(rows)
+
+
+def plot_llc_sweep(frame: pd.DataFrame):
+    """Plotly figure of N_eff(ε) = 2λ_B(ε) against the loss scale (log axis), ±2 standard errors."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatter(
+            x=frame["loss_scale"], y=frame["n_eff"], mode="lines+markers", name="N_eff",
+            error_y=dict(type="data", array=4 * frame["llc_stderr"]),
+        )
+    )
+    fig.update_layout(xaxis_type="log", xaxis_title="loss scale ε = 1/nβ", yaxis_title="N_eff(ε) = 2 λ_B(ε)",
+                      title="Effective parameter count over loss scales")
+    return fig
+
+
+def _components(adapter, components) -> list[str]:
+    from ..models.selection import select_parameters
+
+    if not isinstance(components, str):
+        return list(components)
+    L, H = adapter.n_layers, adapter.n_heads
+    if components == "heads":
+        return [f"blocks.{l}.attn.head{h}" for l in range(L) for h in range(H)]
+    if components == "layers":
+        return [f"blocks.{l}" for l in range(L)]
+    if components in ("attn", "mlp"):
+        out = []
+        for l in range(L):
+            try:
+                select_parameters(adapter, f"blocks.{l}.{components}")
+                out.append(f"blocks.{l}.{components}")
+            except ValueError:
+                continue  # e.g. an attention-only layer has no MLP
+        return out
+    raise ValueError(f'components must be "heads", "layers", "attn", "mlp" or a list of selections; got {components!r}')
+
+
+def llc_by_component(model, data, components: str | Sequence[str] = "heads", **kwargs) -> pd.DataFrame:
+    """Restricted (weight-refined) LLC of each component: only its entries are sampled.
+
+    One row per component: component, n_params (its nominal parameter count), llc, llc_std,
+    llc_stderr, n_eff = 2λ̂, n_eff_fraction = n_eff/n_params, step_size, bias_bound, n_failed.
+    """
+    from ..models.adapt import adapt
+
+    if "params" in kwargs:
+        raise ValueError("llc_by_component sets params itself; pass components=")
+    adapter = adapt(model)
+    rows = []
+    for comp in _components(adapter, components):
+        res = behavioral_llc(adapter, data, params=comp, **kwargs)
+        s = res.summary()
+        rows.append({"component": comp, **{k: s[k] for k in _SUMMARY}, "n_eff_fraction": res.n_eff / res.n_params})
+    return pd.DataFrame(rows)

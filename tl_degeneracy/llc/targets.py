@@ -1,0 +1,224 @@
+"""What the sampler samples: a model's parameters θ = θ* + δ, its batches and its behavioral loss.
+
+A *target* hands the sampler the reference parameters θ*, a fixed list of batches, and
+``loss(deltas, b)``: the behavioral loss L_B,b(θ* + δ_c) of every chain c on batch b, in one
+chain-batched computation (differentiable in δ). Two kinds:
+
+* :class:`AdapterTarget` – TransformerLens models and the bundled toys, through
+  ``adapter.perturbed_forward(deltas, tokens, chains=True)`` (leak-free, eval mode).
+* :class:`ModuleTarget` – any ``nn.Module`` mapping an input tensor to an output tensor, through
+  ``torch.func.functional_call`` vmapped over the chain axis.
+
+Reference outputs f_θ*(x) are computed from the frozen θ* under ``no_grad`` when a batch is first
+needed and kept while the cache stays within ``cache_bytes``; beyond that they are recomputed per
+step (one extra forward pass).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import DataError
+from .losses import LOSSES, masked_mean, per_sample_loss, reference_form
+
+#: Default memory budget for cached reference outputs (log-probabilities for kl).
+DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+class Target(abc.ABC):
+    """Base class: θ*, batches and the chain-batched behavioral loss."""
+
+    loss_name: str
+    star: dict[str, Tensor]
+    description: dict
+
+    def __init__(self, loss: str, cache_bytes: int):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown behavioral loss {loss!r}; choose one of {LOSSES}")
+        self.loss_name = loss
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, Tensor] = {}
+        self._cached_bytes = 0
+
+    @property
+    @abc.abstractmethod
+    def n_batches(self) -> int:
+        """Number of batches in the fixed cycle."""
+
+    @property
+    @abc.abstractmethod
+    def n_samples(self) -> int:
+        """Number of samples the loss averages over (all batches)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.star.values())).device
+
+    @abc.abstractmethod
+    def _reference_outputs(self, b: int) -> Tensor:
+        """f_θ*(x) on batch b (called under no_grad)."""
+
+    @abc.abstractmethod
+    def _outputs(self, deltas: dict[str, Tensor], b: int) -> Tensor:
+        """f_{θ*+δ_c}(x) on batch b for every chain c: [chain, *reference shape]."""
+
+    def _mask(self, b: int, outputs: Tensor) -> Tensor | None:
+        return None
+
+    def reference(self, b: int) -> Tensor:
+        """Reference outputs of batch b in the form the loss needs (cached within the budget)."""
+        if b in self._cache:
+            return self._cache[b]
+        with torch.no_grad():
+            ref = reference_form(self.loss_name, self._reference_outputs(b))
+        size = ref.numel() * ref.element_size()
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[b] = ref
+            self._cached_bytes += size
+        return ref
+
+    def loss(self, deltas: dict[str, Float[Tensor, "chain ..."]], b: int) -> Float[Tensor, " chain"]:
+        """L_B,b(θ* + δ_c) for every chain c (differentiable in ``deltas``)."""
+        out = self._outputs(deltas, b)
+        ref = self.reference(b)
+        if out.shape[1:] != ref.shape:
+            raise DataError(f"perturbed outputs {tuple(out.shape[1:])} and reference outputs {tuple(ref.shape)} differ in shape")
+        return masked_mean(per_sample_loss(self.loss_name, out, ref), self._mask(b, out))
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class ModuleTarget(Target):
+    """A plain ``nn.Module`` on a tensor of inputs (first axis = samples).
+
+    ``kl`` treats the outputs' last axis as logits; ``mse`` compares outputs (a 1-D output is one
+    number per sample). All trainable parameters are sampled unless a selection says otherwise.
+    """
+
+    def __init__(self, module: nn.Module, data: Tensor, loss: str, batch_size: int | None, cache_bytes: int):
+        super().__init__(loss, cache_bytes)
+        if not isinstance(data, Tensor) or data.ndim < 1 or len(data) == 0:
+            raise DataError(
+                f"a plain nn.Module needs its inputs as a non-empty tensor with samples on the first axis; got {type(data).__name__}"
+            )
+        self.module = module
+        self.star = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+        if not self.star:
+            raise ValueError(f"{type(module).__name__} has no trainable parameters to sample")
+        device = next(iter(self.star.values())).device
+        self.data = data.to(device)
+        self.batch_size = len(data) if batch_size is None else int(batch_size)
+        if self.batch_size < 1:
+            raise DataError(f"batch_size must be ≥ 1; got {batch_size}")
+        self.description = {"kind": "module", "class": type(module).__name__, "n_samples": len(data),
+                            "batch_size": self.batch_size}
+        self._vmap_works: bool | None = None
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.data)
+
+    def _x(self, b: int) -> Tensor:
+        return self.data[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def _shape_outputs(self, out: Tensor) -> Tensor:
+        # One number per sample is a 1-wide output axis, so both losses see [..., k].
+        return out.unsqueeze(-1) if out.ndim == 1 else out
+
+    def _reference_outputs(self, b: int) -> Tensor:
+        with _eval(self.module):
+            return self._shape_outputs(self.module(self._x(b)))
+
+    def _outputs(self, deltas: dict[str, Tensor], b: int) -> Tensor:
+        x = self._x(b)
+
+        def single(ds: dict[str, Tensor]) -> Tensor:
+            values = {n: self.star[n] + d for n, d in ds.items()}
+            return self._shape_outputs(functional_call(self.module, values, (x,), strict=False))
+
+        with _eval(self.module):
+            if self._vmap_works is not False:
+                try:
+                    out = torch.func.vmap(single)(dict(deltas))
+                    self._vmap_works = True
+                    return out
+                except Exception:
+                    if self._vmap_works:
+                        raise
+                    # Modules with data-dependent control flow cannot be vmapped: loop over chains.
+                    self._vmap_works = False
+            n_chains = next(iter(deltas.values())).shape[0]
+            return torch.stack([single({n: d[c] for n, d in deltas.items()}) for c in range(n_chains)])
+
+
+class AdapterTarget(Target):
+    """A TransformerLens model or bundled toy (through its adapter) on token data.
+
+    Samples are the positions that count (``TokenBatches.mask``; BOS skipped per METHODS §0). A
+    model whose logits have fewer positions than its input (e.g. toy:sma predicts once per
+    sequence) counts every output position.
+    """
+
+    def __init__(self, adapter, data, loss: str, batch_size: int | None, cache_bytes: int):
+        super().__init__(loss, cache_bytes)
+        from ..data import TokenBatches, token_batches
+
+        self.adapter = adapter
+        if isinstance(data, TokenBatches):
+            self.batches = data
+        else:
+            if batch_size is None:
+                # Full batch: one batch holding every sequence (validated once to count them).
+                batch_size = token_batches(data, adapter, batch_size=1).n_sequences
+            self.batches = token_batches(data, adapter, batch_size=batch_size)
+        live = adapter.live_parameters()
+        self.star = {p.name: p.param.detach() for p in live}
+        self._batch_cache: dict[int, object] = {}
+        self.description = {"kind": "adapter", "backend": adapter.backend, "class": type(adapter.model).__name__,
+                            "n_sequences": self.batches.n_sequences, "batch_size": self.batches.batch_size,
+                            "n_samples": self.batches.n_samples}
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batches)
+
+    @property
+    def n_samples(self) -> int:
+        return self.batches.n_samples
+
+    def _batch(self, b: int):
+        if b not in self._batch_cache:
+            self._batch_cache[b] = self.batches.batch(b, device=self.device)
+        return self._batch_cache[b]
+
+    def _reference_outputs(self, b: int) -> Tensor:
+        return self.adapter.forward(self._batch(b).tokens)
+
+    def _outputs(self, deltas: dict[str, Tensor], b: int) -> Tensor:
+        return self.adapter.perturbed_forward(deltas, self._batch(b).tokens, chains=True)
+
+    def _mask(self, b: int, outputs: Tensor) -> Tensor | None:
+        batch = self._batch(b)
+        if outputs.shape[-2] == batch.tokens.shape[-1]:
+            return batch.mask
+        return None
