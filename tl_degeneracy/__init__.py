@@ -7,7 +7,9 @@ from .counts import degeneracy_counts
 from .data import Batch, TokenBatches, token_batches
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
 from .gauge import canonicalize_heads, random_gauge
+from . import theory
 from .invariants import ov_invariants, qk_invariants
+from .llc import DEFAULT_NBETA, LLCResult, behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from .models import ModelAdapter, adapt, load_model
 from .models.config import ModelConfig
 from .models.selection import ParameterSelection, select_parameters
@@ -17,6 +19,13 @@ from .stats import ActivationStats, JacobianStats, activation_stats, jacobian_st
 from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronization, neuron_synchronization
 
 __all__ = [
+    "DEFAULT_NBETA",
+    "LLCResult",
+    "behavioral_llc",
+    "llc_by_component",
+    "llc_sweep",
+    "plot_llc_sweep",
+    "theory",
     "ActivationStats",
     "Batch",
     "DataError",
