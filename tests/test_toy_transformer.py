@@ -227,7 +227,7 @@ def test_perturbed_forward_matches_inplace_and_never_leaks(tiny_toy_transformer,
     chains = 3
     cdeltas = _random_deltas(adapter, chains=chains, seed=1)
     got_c = adapter.perturbed_forward(cdeltas, tiny_toy_tokens, chains=True)
-    assert adapter._vmap_works is True, "ToyTransformer must run under torch.func.vmap, not the chain-by-chain fallback"
+    assert adapter._chain_map.vmap_works is True, "ToyTransformer must run under torch.func.vmap, not the chain-by-chain fallback"
     assert got_c.shape == (chains, *tiny_toy_tokens.shape, V)
     for c in range(chains):
         want_c = _inplace_forward(model, {n: d[c] for n, d in cdeltas.items()}, tiny_toy_tokens)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import DataError
+from ..models.chains import ChainMap
 from .losses import LOSSES, masked_mean, per_sample_loss, reference_form
 
 #: Default memory budget for cached reference outputs (log-probabilities for kl).
@@ -128,7 +129,7 @@ class ModuleTarget(Target):
             raise DataError(f"batch_size must be ≥ 1; got {batch_size}")
         self.description = {"kind": "module", "class": type(module).__name__, "n_samples": len(data),
                             "batch_size": self.batch_size}
-        self._vmap_works: bool | None = None
+        self._chain_map = ChainMap()
 
     @property
     def n_batches(self) -> int:
@@ -157,18 +158,7 @@ class ModuleTarget(Target):
             return self._shape_outputs(functional_call(self.module, values, (x,), strict=False))
 
         with _eval(self.module):
-            if self._vmap_works is not False:
-                try:
-                    out = torch.func.vmap(single)(dict(deltas))
-                    self._vmap_works = True
-                    return out
-                except Exception:
-                    if self._vmap_works:
-                        raise
-                    # Modules with data-dependent control flow cannot be vmapped: loop over chains.
-                    self._vmap_works = False
-            n_chains = next(iter(deltas.values())).shape[0]
-            return torch.stack([single({n: d[c] for n, d in deltas.items()}) for c in range(n_chains)])
+            return self._chain_map(single, deltas)
 
 
 class AdapterTarget(Target):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import MissingHookError
+from .chains import ChainMap
 from .config import ModelConfig
 from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
 from .parameters import ParameterSet, find_live_parameters
@@ -46,7 +47,7 @@ class ModelAdapter(abc.ABC):
         self.model = model
         self.cfg: ModelConfig = self._read_config()
         self._live: ParameterSet | None = None
-        self._vmap_works: bool | None = None
+        self._chain_map = ChainMap()
 
     # ------------------------------------------------------------------ config
     @abc.abstractmethod
@@ -300,16 +301,4 @@ class ModelAdapter(abc.ABC):
         with self.eval_mode():
             if not chains:
                 return single(deltas)
-            if not deltas:
-                raise ValueError("chains=True needs at least one delta to read the chain axis from")
-            if self._vmap_works is not False:
-                try:
-                    out = torch.func.vmap(single)(dict(deltas))
-                    self._vmap_works = True
-                    return out
-                except Exception:
-                    if self._vmap_works:
-                        raise
-                    self._vmap_works = False
-            n_chains = next(iter(deltas.values())).shape[0]
-            return torch.stack([single({n: d[c] for n, d in deltas.items()}) for c in range(n_chains)])
+            return self._chain_map(single, deltas)
