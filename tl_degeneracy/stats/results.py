@@ -11,6 +11,8 @@ eigenvalues λ with λ > max(rtol · λ_max, atol).
 
 from __future__ import annotations
 
+import abc
+
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ def _blocks(m: Float[Tensor, "D D"], heads: int) -> Float[Tensor, "heads d d"]:
 
 
 @dataclass(eq=False)
-class _GramStats:
+class _GramStats(abc.ABC):
     """Shared read-out of one hook's Gram statistics (full and per head)."""
 
     name: str
@@ -60,14 +62,17 @@ class _GramStats:
         return self.feature_shape[0] if len(self.feature_shape) == 2 else None
 
     @property
+    @abc.abstractmethod
     def has_full(self) -> bool:
-        raise NotImplementedError
+        """Whether the full [D, D] matrix was accumulated (not only per-head blocks)."""
 
+    @abc.abstractmethod
     def _matrix(self, centered: bool | None) -> Tensor:
-        raise NotImplementedError
+        """The full [D, D] matrix."""
 
+    @abc.abstractmethod
     def _head_matrix(self, centered: bool | None) -> Tensor:
-        raise NotImplementedError
+        """The per-head [H, d, d] blocks."""
 
     def _need_heads(self) -> int:
         if self.n_heads is None:
