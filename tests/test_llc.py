@@ -159,9 +159,175 @@ def test_kl_on_a_plain_classifier_and_chain_independence():
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     res = behavioral_llc(model, x, loss="kl", chains=4, draws=60, burnin=10, batch_size=16)
     assert np.isfinite(res.llc) and res.llc > 0 and res.diagnostics["n_batches"] == 4
-    # A chain's path depends only on its own seed: the first two chains of a 2-chain run are the same.
-    two = behavioral_llc(model, x, loss="kl", chains=2, draws=60, burnin=10, batch_size=16)
-    np.testing.assert_allclose(two.trace, res.trace[:2], rtol=1e-5, atol=1e-7)
+    # A chain's path depends on its own seed and on the shared η. The automatic η is adapted to the
+    # largest curvature over all chains, so only with a given step size is a chain's path
+    # independent of the other chains: then the first two chains of a 2-chain run are the same.
+    eta = res.step_size
+    four = behavioral_llc(model, x, loss="kl", step_size=eta, chains=4, draws=60, burnin=10, batch_size=16)
+    two = behavioral_llc(model, x, loss="kl", step_size=eta, chains=2, draws=60, burnin=10, batch_size=16)
+    np.testing.assert_allclose(two.trace, four.trace[:2], rtol=1e-5, atol=1e-7)
+
+
+def softmax_regression(bias: bool):
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(4, 3, bias=bias)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(3, 4, generator=g))
+        if bias:
+            model.bias.copy_(0.5 * torch.randn(3, generator=g))
+    return model, torch.randn(500, 4, generator=torch.Generator().manual_seed(4))
+
+
+def test_kl_softmax_regression_gives_half_the_identifiable_parameter_count():
+    """Softmax regression z = Wx + b (d = 4 inputs, k = 3 classes, 15 parameters) under the kl loss.
+
+    L_B(θ) = E_x KL(softmax(z*) ‖ softmax(z)). Adding one vector u ∈ R^d (and one number to b) to
+    every class's row shifts all k logits by the same u·x + c, which softmax ignores: L_B is exactly
+    constant along these d + 1 directions. Its Hessian at θ* is the Fisher information
+    E_x[(diag p − p pᵀ) ⊗ (x, 1)(x, 1)ᵀ]; diag p − p pᵀ has rank k − 1 (null vector 1) and the
+    (x, 1) span R^{d+1}, so the Hessian has rank (k − 1)(d + 1) = 10 and the model is regular in
+    the remaining directions: λ = (k − 1)(d + 1)/2 = 5 (without the bias: (k − 1)d/2 = 4).
+    """
+    model, x = softmax_regression(bias=True)
+    k, d = 3, 4
+    expected = (k - 1) * (d + 1) / 2
+    # The Fisher in float64: exactly d + 1 flat directions, and its spectrum gives the SGLD prediction.
+    W, b = model.weight.detach().double(), model.bias.detach().double()
+    x64 = x.double()
+    p = torch.softmax(x64 @ W.T + b, -1)
+
+    def kl(flat):
+        logq = torch.log_softmax(x64 @ flat[: k * d].reshape(k, d).T + flat[k * d :], -1)
+        return (p * (p.log() - logq)).sum(-1).mean()
+
+    h = np.linalg.eigvalsh(torch.autograd.functional.hessian(kl, torch.cat([W.reshape(-1), b])).numpy())
+    assert np.sum(h > 1e-8 * h.max()) == (k - 1) * (d + 1)
+    res = behavioral_llc(model, x, loss="kl")
+    assert res.n_params == k * (d + 1) and not res.failed
+    bound = res.diagnostics["bias_bound"]
+    assert bound <= 0.05 + 1e-3  # η is rounded to 3 significant figures when adapted
+    assert abs(res.llc - expected) < expected * bound / (1 - bound) + 4 * res.llc_stderr, (res.llc, res.llc_stderr)
+    # Close to θ* the kl loss is its quadratic (Fisher) form, so the exact SGLD mean applies too.
+    predicted = quadratic_prediction(np.clip(h, 0, None), res.nbeta, res.gamma, res.step_size)
+    assert abs(res.llc - predicted) < 4 * res.llc_stderr, (res.llc, predicted, res.llc_stderr)
+
+
+def test_reported_bias_bound_uses_the_curvature_found_in_burn_in():
+    # Short pilots at the flat θ* of a rank-0 DLN under-estimate the curvature; the burn-in checks
+    # find more and lower η. The reported h_max/bias bound must be the ones that η was chosen for.
+    from tl_degeneracy.llc.stepsize import bias_bound_of
+
+    res = behavioral_llc(deep_linear_network(0), dln_inputs(200), chains=4, draws=50, burnin=200, pilot_steps=20)
+    d = res.diagnostics
+    adapted = max(a["h_max"] for a in d["adaptations"])
+    assert adapted > d["h_max_pilot"]  # the case this test is about
+    assert d["h_max"] == max(adapted, d["h_max_pilot"]) == res.summary()["h_max"]
+    assert d["bias_bound"] == pytest.approx(bias_bound_of(res.step_size, d["h_max"], res.nbeta, res.gamma))
+    assert d["bias_bound"] == pytest.approx(0.05, rel=0.01)  # η adapted to that h_max (3 significant figures)
+    assert d["predicted_bias_factor"] == pytest.approx(1 / (1 - d["bias_bound"]))
+    assert np.isfinite(d["bias_bound_end"])
+
+
+class _Affine64(nn.Module):
+    """Float64 outputs offset + x·w with |offset| ≈ 10⁴: float32 resolves them to ulp(10⁴) ≈ 10⁻³ only."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -0.25, 1.0], dtype=torch.float64))
+        self.offset = torch.as_tensor(offset, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.offset + x * self.w
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_float64_model_is_computed_in_float64(loss):
+    """Perturbations far below float32's resolution at the outputs' size give the float64 loss.
+
+    Float64 rounds the outputs to ≈ 2·10⁻¹² absolute, so the perturbations are chosen for a
+    relative error ≤ 10⁻⁴ there: 10⁻⁶ for mse (L ∝ δ²), 10⁻³ for kl (its first-order terms cancel,
+    leaving L ∝ δ² against rounding ∝ 10⁻¹²). In float32 both are lost (or pure rounding noise).
+    """
+    from tl_degeneracy.llc.api import make_target
+
+    centred = torch.tensor([0.0, 0.5, -0.3], dtype=torch.float64)  # softmax is not one-hot for kl
+    offset = 1e4 + centred if loss == "kl" else torch.tensor([1e4, -1e4, 2e4], dtype=torch.float64)
+    model = _Affine64(offset)
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
+    scale = 1e-3 if loss == "kl" else 1e-6
+    delta = scale * torch.tensor([[3.0, -2.0, 1.0]], dtype=torch.float64)
+    value = make_target(model, x, loss, None).loss({"w": delta}, 0)
+    assert value.dtype == torch.float64
+    # Hand computation in float64, free of the large offset: the outputs change by x·δ, and softmax
+    # ignores the common 10⁴ (so kl is computed on the centred logits, without its rounding).
+    shift = x * delta[0]
+    if loss == "mse":
+        expected = 0.5 * shift.square().sum(-1).mean()
+    else:
+        z = centred + x * model.w.detach()
+        logp = torch.log_softmax(z, -1)
+        expected = (logp.exp() * (logp - torch.log_softmax(z + shift, -1))).sum(-1).mean()
+    assert float(expected) > 0
+    assert float(value[0]) == pytest.approx(float(expected), rel=1e-4)
+
+
+class _MaskedLogits(nn.Module):
+    """A 3-class softmax regression whose last class is masked out with a −inf logit."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = self.linear(x)
+        return torch.cat([z[..., :2], torch.full_like(z[..., 2:], -torch.inf)], -1)
+
+
+def test_minus_inf_reference_logits_give_a_finite_kl():
+    from tl_degeneracy.llc.losses import per_sample_loss, reference_form
+
+    ref = reference_form("kl", torch.tensor([[0.0, 1.0, -torch.inf]]))
+    out = torch.tensor([[[0.5, 0.5, -torch.inf]]], requires_grad=True)
+    value = per_sample_loss("kl", out, ref)
+    (grad,) = torch.autograd.grad(value.sum(), out)
+    assert torch.isfinite(value).all() and value.item() > 0
+    assert torch.isfinite(grad[..., :2]).all()
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    res = behavioral_llc(_MaskedLogits(), x, loss="kl", chains=2, draws=100, burnin=20)
+    assert not res.failed and np.isfinite(res.llc) and res.llc > 0
+
+
+class _NaNOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return torch.where(x[:, :1] > 0, torch.full_like(x * self.w, float("nan")), x * self.w)
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_non_finite_reference_outputs_are_reported_as_such(loss):
+    # NaN outputs at θ*: refused before sampling, not reported as divergence with step-size advice.
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NumericalError, match="reference outputs are not finite.*cannot help"):
+        behavioral_llc(_NaNOutputs(), x, loss=loss, chains=2, draws=5, burnin=0)
+
+
+def test_chain_map_reraises_out_of_memory_and_keeps_deciding_later():
+    from tl_degeneracy.models.chains import ChainMap
+
+    cm = ChainMap()
+    deltas = {"w": torch.zeros(2, 3)}
+
+    def oom(ds):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cm(oom, deltas)
+    assert cm.vmap_works is None  # an OOM is not evidence that vmap is unsupported
+    out = cm(lambda ds: ds["w"].sum(-1, keepdim=True), deltas)
+    assert cm.vmap_works is True and out.shape == (2, 1)
 
 
 def test_rmsprop_sampler_on_regular_model():
@@ -174,6 +340,17 @@ def test_rmsprop_sampler_on_regular_model():
 
 def test_bad_arguments():
     model, x = linear_regression(d=3, n=20)
+    bad = [
+        (dict(step_size=0.0), "step_size"), (dict(step_size=-1e-3), "step_size"), (dict(step_size=float("nan")), "step_size"),
+        (dict(bias_bound=0.0), "bias_bound"), (dict(bias_bound=float("inf")), "bias_bound"), (dict(bias_bound=1.5), "bias_bound"),
+        (dict(rms_alpha=1.0), "rms_alpha"), (dict(rms_alpha=-0.1), "rms_alpha"), (dict(rms_eps=0.0), "rms_eps"),
+        (dict(chains=0), "chains"), (dict(draws=0), "draws"), (dict(burnin=-1), "burnin"), (dict(chains=2.5), "chains"),
+        (dict(nbeta=0.0), "nbeta"), (dict(nbeta=float("inf")), "nbeta"), (dict(loss_scale=-1.0), "loss_scale"),
+        (dict(gamma=float("nan")), "gamma"), (dict(checkpoint_every=0), "checkpoint_every"), (dict(pilot_steps=0), "pilot_steps"),
+    ]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            behavioral_llc(model, x, **kwargs)
     with pytest.raises(ValueError, match="sampler"):
         behavioral_llc(model, x, sampler="hmc")
     with pytest.raises(ValueError, match="unknown behavioral loss"):

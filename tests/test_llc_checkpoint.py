@@ -44,6 +44,75 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         behavioral_llc(model, x, chains=2, draws=20, burnin=5, gamma=2.0, checkpoint_dir=tmp_path)
 
 
+def test_checkpoint_from_another_model_or_other_data_is_refused(tmp_path):
+    # Same class, same sizes, same settings: only θ* (or the data) differs, which the fingerprint catches.
+    model_a, x = linear_regression(d=3, n=30)
+    model_b, _ = linear_regression(d=3, n=30)
+    with torch.no_grad():
+        model_b.weight.add_(0.1)
+    kw = dict(chains=2, draws=20, burnin=5, step_size=1e-4, checkpoint_dir=tmp_path)
+    behavioral_llc(model_a, x, **kw)
+    with pytest.raises(ValueError, match=r"another model or other data \(differs in: parameters_sha256\)"):
+        behavioral_llc(model_b, x, **kw)
+    with pytest.raises(ValueError, match=r"another model or other data \(differs in: data_sha256\)"):
+        behavioral_llc(model_a, x + 1.0, **kw)
+    with pytest.raises(ValueError, match=r"differs in: .*dtype"):
+        behavioral_llc(model_a.double(), x.double(), **kw)
+    # The original model and data still resume (here: read the finished run back).
+    model_a.float()
+    assert behavioral_llc(model_a, x, **kw).diagnostics["steps_done"] == 25
+
+
+def test_more_ranks_than_chains_is_refused(monkeypatch):
+    import sys
+
+    api = sys.modules["tl_degeneracy.llc.api"]
+    monkeypatch.setattr(api, "_distributed", lambda: (0, 4))
+    model, x = linear_regression(d=3, n=30)
+    with pytest.raises(ValueError, match="4 ranks but only 2 chains"):
+        behavioral_llc(model, x, chains=2, draws=5, burnin=0)
+
+
+def test_collectives_use_the_backend_device(monkeypatch):
+    """Under NCCL the scalars broadcast/reduced across ranks must be CUDA tensors (NCCL rejects CPU
+    ones), so api.py places them with stats.distributed.reduce_device. Simulated on the CPU: a fake
+    two-rank world whose collectives check that every tensor went through reduce_device."""
+    import sys
+
+    from tl_degeneracy.stats import distributed
+
+    api = sys.modules["tl_degeneracy.llc.api"]
+    placed = []
+
+    def fake_reduce_device(t, group=None):
+        placed.append(t)
+        return t.device
+
+    def collective(t, *args, **kwargs):
+        assert any(t is p or t.data_ptr() == p.data_ptr() for p in placed), "collective on a tensor not placed by reduce_device"
+
+    def gather(parts, local):
+        # Rank 1 holds the odd chains; its traces are stand-ins (this test is about devices).
+        parts[0] = local
+        parts[1] = {**local, "chains": [c + 1 for c in local["chains"]]}
+
+    monkeypatch.setattr(api, "_distributed", lambda: (0, 2))
+    monkeypatch.setattr(api, "reduce_device", fake_reduce_device)
+    monkeypatch.setattr(dist, "broadcast", collective)
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    model, x = linear_regression(d=3, n=30)
+    res = behavioral_llc(model, x, chains=4, draws=10, burnin=4, pilot_steps=10)
+    assert res.diagnostics["world_size"] == 2 and len(placed) >= 3  # η broadcast + curvature reductions
+    # And the real helper sends CPU tensors to the current GPU under NCCL only.
+    t = torch.zeros(1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.reduce_device(t) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert distributed.reduce_device(t) == torch.device("cuda", 0)
+
+
 def test_checkpoint_files_are_written_atomically(tmp_path):
     model, x = linear_regression(d=3, n=30)
     behavioral_llc(model, x, chains=2, draws=600, burnin=0, checkpoint_dir=tmp_path, checkpoint_every=256)

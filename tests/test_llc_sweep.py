@@ -40,12 +40,24 @@ def test_llc_sweep_crosses_over_from_half_to_quarter():
     assert fig.layout.xaxis.type == "log"
 
 
+def test_llc_sweep_checkpoints_each_scale_in_its_own_directory(tmp_path):
+    from .test_llc import linear_regression
+
+    model, x = linear_regression(d=3, n=40)
+    kw = dict(loss_scales=[1e-2, 1e-3], chains=2, draws=20, burnin=5, checkpoint_dir=tmp_path)
+    first = llc_sweep(model, x, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_scale_0.001", "loss_scale_0.01"]
+    # Rerunning reads every scale back from its own finished checkpoint (one shared file would be refused).
+    again = llc_sweep(model, x, **kw)
+    assert np.array_equal(first["llc"], again["llc"])
+
+
 def test_llc_sweep_refuses_a_fixed_scale():
     with pytest.raises(ValueError, match="loss_scales"):
         llc_sweep(QuadraticPlusQuartic(1.0), torch.zeros(1, 1), loss_scales=[1e-2], nbeta=10)
 
 
-def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens):
+def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens, tmp_path):
     import tl_degeneracy as tld
 
     frame = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components="heads",
@@ -55,6 +67,11 @@ def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens
         assert row.n_params == tld.select_parameters(tiny_toy_transformer, row.component).numel
         assert np.isfinite(row.llc) and row.llc > 0
         assert row.n_eff_fraction == pytest.approx(row.n_eff / row.n_params)
+    # With a checkpoint directory every component gets its own subdirectory (sanitised name).
+    ckpt = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components=["blocks.0.attn.head0", "blocks.1.attn.head1"],
+                            chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.0.attn.head0", "blocks.1.attn.head1"]
+    assert np.isfinite(ckpt["llc"]).all()
     layers = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components="layers",
                               chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100)
     assert list(layers["component"]) == ["blocks.0", "blocks.1"]

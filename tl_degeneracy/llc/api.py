@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NumericalError
+from ..stats.distributed import reduce_device
 from .result import LLCResult, estimate
 from .sampler import (
     NORMS,
@@ -93,13 +95,59 @@ def resolve_nbeta(nbeta: float | None, loss_scale: float | None) -> float:
     if nbeta is not None and loss_scale is not None and not np.isclose(nbeta * loss_scale, 1.0):
         raise ValueError(f"nbeta = {nbeta} and loss_scale = {loss_scale} disagree (nbeta must be 1/loss_scale); pass one of them")
     if loss_scale is not None:
-        if not loss_scale > 0:
-            raise ValueError(f"loss_scale must be > 0; got {loss_scale}")
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be finite and > 0; got {loss_scale}")
         return 1.0 / float(loss_scale)
     value = DEFAULT_NBETA if nbeta is None else float(nbeta)
-    if not value > 0:
-        raise ValueError(f"nbeta must be > 0; got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"nbeta must be finite and > 0; got {value}")
     return value
+
+
+def _positive_finite(name: str, value) -> None:
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def _check_arguments(*, sampler, chains, draws, burnin, gamma, step_size, bias_bound, rms_alpha, rms_eps,
+                     checkpoint_every, pilot_steps) -> None:
+    """Refuse arguments the sampler cannot run with, before any work (each with its own message)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
+    for name, value, low in (("chains", chains, 1), ("draws", draws, 1), ("burnin", burnin, 0),
+                             ("checkpoint_every", checkpoint_every, 1), ("pilot_steps", pilot_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}; got {value!r}")
+    if not (isinstance(gamma, (int, float, np.floating, np.integer)) and math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma must be a finite number ≥ 0; got {gamma!r}")
+    if step_size is not None:
+        _positive_finite("step_size", step_size)
+    _positive_finite("bias_bound", bias_bound)
+    if not bias_bound < 1:
+        # η(nβ h + γ)/4 ≥ 1 is past the stability limit of the stiffest direction (λ̂ ∝ 1/(1 − b)).
+        raise ValueError(f"bias_bound must be < 1 (the predicted bias factor is 1/(1 − bias_bound)); got {bias_bound!r}")
+    if not (isinstance(rms_alpha, (int, float, np.floating)) and 0 <= rms_alpha < 1):
+        raise ValueError(f"rms_alpha must satisfy 0 ≤ rms_alpha < 1; got {rms_alpha!r}")
+    _positive_finite("rms_eps", rms_eps)
+
+
+def _check_finite_at_reference(target: Target, layout: FlatLayout) -> None:
+    """L_B(θ*) must be finite (it is 0 for finite reference outputs) on every batch.
+
+    Non-finite reference outputs (NaN/inf logits, all −inf rows) would make every chain "diverge"
+    at its first step and the advice would wrongly point at the step size.
+    """
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
+    zero = layout.unflatten(torch.zeros(1, layout.numel, device=target.device, dtype=dtype))
+    with torch.no_grad():
+        for b in range(target.n_batches):
+            value = float(target.loss(zero, b)[0])
+            if not math.isfinite(value):
+                raise NumericalError(
+                    f"the behavioral loss at the model's own parameters (θ*, δ = 0) is {value} on batch {b}: the "
+                    f"model's reference outputs are not finite there (NaN/inf outputs, or logits that are −inf "
+                    f"everywhere in a row). Fix the model or the data; changing the step size cannot help"
+                )
 
 
 def _distributed() -> tuple[int, int]:
@@ -152,12 +200,14 @@ def behavioral_llc(
         step_size: η; default automatic: η (nβ h_max + γ)/4 = ``bias_bound`` with h_max the top
             Hessian eigenvalue of L_B at θ* and along pilot runs (stepsize.py), so that the
             step-size bias λ̂ ≈ λ/(1 − η nβ h/4) stays below ≈ ``bias_bound``; η is lowered (never
-            raised) after half and all of the burn-in if the chains reached stiffer regions. The
+            raised) after half and all of the burn-in if the chains reached stiffer regions.
+            ``diagnostics["h_max"]``/``["bias_bound"]`` use the largest curvature measured before
+            sampling (pilots and burn-in checks; the pilots' alone is ``["h_max_pilot"]``). The
             bound where the chains end is reported (``diagnostics["bias_bound_end"]``) and a warning
             is issued when it exceeds twice ``bias_bound``.
         gamma: localization γ (prior centred at θ*); it also keeps flat directions bounded.
         chains, draws, burnin: chains run together; each runs burnin + draws steps; the estimate
-            averages the draws.
+            averages the draws. Under torchrun, chains must be at least the number of ranks.
         batch_size: samples (sequences, for token data) per minibatch; default all (full batch).
             Minibatches are visited in a fixed cycle, the same batch for all chains at each step.
         params: restrict sampling to a selection (``select_parameters`` spellings for TL models and
@@ -165,7 +215,9 @@ def behavioral_llc(
             The mask multiplies gradient, prior and noise.
         seed: chain c uses the generator seeded by ``chain_seed(seed, c)``.
         checkpoint_dir: write the sampler state there every ``checkpoint_every`` steps (atomically)
-            and resume from it when it exists; a checkpoint from other settings is refused.
+            and resume from it when it exists; a checkpoint from other settings is refused, and so
+            is one from another model or other data (θ*, data, dtype and device type are hashed
+            into the checkpoint's settings). One directory holds one run.
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
             multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
         bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size.
@@ -176,15 +228,22 @@ def behavioral_llc(
     round-robin across ranks and gathered; every rank returns the full result.
 
     Raises:
-        NumericalError: every chain diverged (the message says what to change).
+        ValueError: an argument out of range (chains/draws ≥ 1, burnin ≥ 0, step_size, bias_bound
+            (< 1), rms_eps, nbeta/loss_scale finite and > 0, 0 ≤ rms_alpha < 1, gamma ≥ 0), more
+            ranks than chains, or a checkpoint from other settings, another model or other data.
+        NumericalError: L_B at θ* is not finite (non-finite reference outputs), or every chain
+            diverged (the message says what to change).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
-    if chains < 1 or draws < 1 or burnin < 0:
-        raise ValueError(f"need chains ≥ 1, draws ≥ 1, burnin ≥ 0; got chains={chains}, draws={draws}, burnin={burnin}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be ≥ 0; got {gamma}")
+    _check_arguments(sampler=sampler, chains=chains, draws=draws, burnin=burnin, gamma=gamma, step_size=step_size,
+                     bias_bound=bias_bound, rms_alpha=rms_alpha, rms_eps=rms_eps, checkpoint_every=checkpoint_every,
+                     pilot_steps=pilot_steps)
     nb = resolve_nbeta(nbeta, loss_scale)
+    rank, world = _distributed()
+    if world > chains:
+        raise ValueError(
+            f"{world} ranks but only {chains} chains: chains are split across ranks and a rank without a chain "
+            f"has nothing to sample; pass chains ≥ {world} or run with fewer processes"
+        )
     target = make_target(model, data, loss, batch_size, cache_bytes)
     spec, masks = resolve_selection(model, target, params)
     layout = FlatLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
@@ -194,10 +253,14 @@ def behavioral_llc(
         raise ValueError("the parameter selection is empty")
     # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
     explode_at = 10.0 * n_params + 100.0
-    rank, world = _distributed()
+    _check_finite_at_reference(target, layout)
     my_chains = list(range(rank, chains, world))
     settings_key = {
-        "target": target.description, "loss": target.loss_name, "nbeta": nb, "gamma": float(gamma), "chains": chains,
+        # The fingerprint (θ*, data, dtype, device type) ties a checkpoint to this model on this data:
+        # class and sizes alone would let another model of the same shape resume this one's chains.
+        # Hashing reads every parameter on the CPU, so it is done only when checkpointing.
+        "target": target.description, "fingerprint": target.fingerprint() if checkpoint_dir is not None else None,
+        "loss": target.loss_name, "nbeta": nb, "gamma": float(gamma), "chains": chains,
         "draws": draws, "burnin": burnin, "seed": seed, "sampler": sampler, "bias_bound": bias_bound,
         "selection": spec, "n_params": n_params, "step_size_given": step_size, "my_chains": my_chains,
         "rms": (rms_alpha, rms_eps) if sampler == "rmsprop" else None,
@@ -228,6 +291,7 @@ def behavioral_llc(
         if world > 1:
             # Every rank computes the same η (same seeds); broadcasting rules out last-bit differences.
             t = torch.tensor([choice.step_size], dtype=torch.float64)
+            t = t.to(reduce_device(t))  # NCCL takes CUDA tensors only
             torch.distributed.broadcast(t, 0)
             choice.step_size = float(t[0])
         source = "automatic"
@@ -263,6 +327,7 @@ def behavioral_llc(
             h = float(top_hessian_eigenvalue(target, layout, mask, pts, iters=20, rtol=0.0, point_seeds=seeds_alive).max())
         if world > 1:
             t = torch.tensor([h], dtype=torch.float64)
+            t = t.to(reduce_device(t))  # NCCL takes CUDA tensors only
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             h = float(t[0])
         return h
@@ -336,10 +401,15 @@ def behavioral_llc(
             RuntimeWarning, stacklevel=2,
         )
     wall = max(p["wall_s"] for p in parts)
+    # The reported bound uses the largest curvature measured before sampling: the pilots' h_max and
+    # every burn-in re-measurement (which may have lowered η because the chains found stiffer regions);
+    # the pilot value alone would under-state the bound the final η was chosen for.
+    h_max = max([choice.h_max] + [a["h_max"] for a in adaptations if math.isfinite(a["h_max"])])
+    bound = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
     diagnostics = {
         **choice.to_dict(), "step_size_source": source, "step_size": eta,
-        "bias_bound": bias_bound_of(eta / rms_factor, choice.h_max, nb, gamma),
-        "predicted_bias_factor": 1.0 / (1.0 - bias_bound_of(eta / rms_factor, choice.h_max, nb, gamma)),
+        "h_max_pilot": choice.h_max, "h_max": h_max, "bias_bound": bound,
+        "predicted_bias_factor": 1.0 / (1.0 - bound) if bound < 1 else float("inf"),
         "h_max_end": h_end, "bias_bound_end": bias_end, "adaptations": list(adaptations),
         "norms": norms, "norm_names": NORMS, "failed_at": failed_at, "wall_s": wall,
         "s_per_chain_step": wall * world / max(chains * steps_done, 1), "n_batches": target.n_batches,

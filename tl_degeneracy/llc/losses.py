@@ -19,11 +19,17 @@ from torch import Tensor
 LOSSES = ("kl", "mse")
 
 
+def _promoted(x: Tensor) -> Tensor:
+    """``x`` in at least float32: half precision is lifted (its rounding would swamp L_B near θ*),
+    float64 is kept (a float64 model's tiny perturbations must not be rounded away in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def reference_form(loss: str, outputs: Float[Tensor, "*batch k"]) -> Tensor:
     """What is kept of the reference outputs: log-probabilities for ``kl``, the outputs for ``mse``."""
     if loss == "kl":
-        return torch.log_softmax(outputs.float(), dim=-1)
-    return outputs.float()
+        return torch.log_softmax(_promoted(outputs), dim=-1)
+    return _promoted(outputs)
 
 
 def per_sample_loss(
@@ -31,11 +37,17 @@ def per_sample_loss(
 ) -> Float[Tensor, "chain *batch"]:
     """Per-sample divergence of each chain's outputs from the reference (``reference_form``)."""
     if loss == "kl":
-        logp = torch.log_softmax(outputs.float(), dim=-1)
-        # Σ p* (log p* − log p); p* = exp(log p*) is exact where the reference puts zero mass.
-        return (reference.exp() * (reference - logp)).sum(-1)
+        logp = torch.log_softmax(_promoted(outputs), dim=-1)
+        # Σ p* (log p* − log p). Where the reference puts zero mass (log p* = −inf, e.g. masked
+        # logits) the term is 0 by convention; computed naively it is 0·(−inf) = NaN, so those
+        # entries are selected out (with a finite stand-in so no NaN/inf reaches the backward pass).
+        # Only −inf is selected out: a NaN reference stays NaN, so broken outputs are still caught.
+        zero_mass = reference == -torch.inf
+        ref = torch.where(zero_mass, torch.zeros_like(reference), reference)
+        terms = torch.where(zero_mass, torch.zeros_like(logp), ref.exp() * (ref - logp))
+        return terms.sum(-1)
     if loss == "mse":
-        return 0.5 * (outputs.float() - reference).square().sum(-1)
+        return 0.5 * (_promoted(outputs) - reference).square().sum(-1)
     raise ValueError(f"unknown behavioral loss {loss!r}; choose one of {LOSSES}")
 
 

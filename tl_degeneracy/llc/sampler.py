@@ -13,8 +13,12 @@ recorded per chain and step on the device and copied out in blocks.
 
 A chain whose loss becomes non-finite or explodes (nβ L > ``explode_at``) is frozen at θ* and
 flagged with the step it failed at; the check is a device-side ``where``, read at block ends.
-Each chain has its own generator seeded from its global chain index, so a chain's path does not
-depend on which other chains run beside it (sharding across ranks) or on interruptions (resume).
+Each chain has its own generator seeded from its global chain index, so its noise does not depend
+on which other chains run beside it (sharding across ranks) or on interruptions (resume). Its path
+depends on its seed and on the step size η, which all chains share: with a given ``step_size`` a
+chain's path is independent of the other chains, but the automatic η is lowered during burn-in to
+the largest curvature over *all* chains (api.py), so there the number of chains (and the other
+chains' paths) can change every chain's path.
 """
 
 from __future__ import annotations
@@ -209,6 +213,13 @@ def load_checkpoint(path: str, settings: dict, state: SamplerState) -> SamplerSt
     payload = torch.load(path, map_location="cpu", weights_only=False)
     saved = payload["settings"]
     diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if "fingerprint" in diff:
+        old, new = saved.get("fingerprint") or {}, settings.get("fingerprint") or {}
+        what = ", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) or "fingerprint"
+        raise ValueError(
+            f"checkpoint {path} belongs to another model or other data (differs in: {what}); it cannot be "
+            f"resumed for this one. Use another checkpoint_dir (one per model and data set) or delete the file"
+        )
     if diff:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {settings.get(k)!r}" for k in diff[:6])
         raise ValueError(

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from collections.abc import Sequence
 
 import pandas as pd
 
 from .api import behavioral_llc
 
+def _subdir(kwargs: dict, name: str) -> dict:
+    """``kwargs`` with ``checkpoint_dir`` replaced by its subdirectory for one call of a sweep.
+
+    Each call samples something else (another loss scale or component), so sharing one directory
+    would make every call after the first find the first one's checkpoint and refuse it. The name is
+    sanitised to a safe file name; where that changed it, a short hash of the original keeps two
+    names that sanitise alike apart.
+    """
+    if kwargs.get("checkpoint_dir") is None:
+        return kwargs
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", name).strip(".") or "_"
+    if safe != name:
+        safe = f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return {**kwargs, "checkpoint_dir": os.path.join(os.fspath(kwargs["checkpoint_dir"]), safe)}
+
+
 _SUMMARY = ["llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "h_max", "n_failed"]
 
 
 def llc_sweep(model, data, loss_scales: Sequence[float], **kwargs) -> pd.DataFrame:
     """λ_B(ε) and N_eff(ε) = 2λ_B(ε) at each loss scale ε (nβ = 1/ε); other arguments as in
-    :func:`behavioral_llc` (the step size is chosen per scale unless given).
+    :func:`behavioral_llc` (the step size is chosen per scale unless given). With
+    ``checkpoint_dir``, each scale checkpoints in its own subdirectory ``loss_scale_<ε>``.
 
     Returns one row per loss scale: loss_scale, nbeta, llc, llc_std, llc_stderr, n_eff, n_params,
     step_size, bias_bound, h_max, n_failed. Plot with :func:`plot_llc_sweep`.
@@ -24,7 +44,7 @@ def llc_sweep(model, data, loss_scales: Sequence[float], **kwargs) -> pd.DataFra
         raise ValueError("loss_scales is empty")
     rows = []
     for eps in loss_scales:
-        res = behavioral_llc(model, data, loss_scale=float(eps), **kwargs)
+        res = behavioral_llc(model, data, loss_scale=float(eps), **_subdir(kwargs, f"loss_scale_{float(eps)!r}"))
         s = res.summary()
         rows.append({"loss_scale": float(eps), "nbeta": res.nbeta, **{k: s[k] for k in _SUMMARY}})
     return pd.DataFrame(rows)
@@ -72,6 +92,7 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
 
     One row per component: component, n_params (its nominal parameter count), llc, llc_std,
     llc_stderr, n_eff = 2λ̂, n_eff_fraction = n_eff/n_params, step_size, bias_bound, n_failed.
+    With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
     """
     from ..models.adapt import adapt
 
@@ -80,7 +101,7 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     adapter = adapt(model)
     rows = []
     for comp in _components(adapter, components):
-        res = behavioral_llc(adapter, data, params=comp, **kwargs)
+        res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
         s = res.summary()
         rows.append({"component": comp, **{k: s[k] for k in _SUMMARY}, "n_eff_fraction": res.n_eff / res.n_params})
     return pd.DataFrame(rows)

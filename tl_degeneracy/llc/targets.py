@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from jaxtyping import Float
@@ -31,6 +32,21 @@ from .losses import LOSSES, masked_mean, per_sample_loss, reference_form
 
 #: Default memory budget for cached reference outputs (log-probabilities for kl).
 DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of each tensor, in the order given.
+
+    Bytes are read on the CPU, so the digest identifies values, not where they live; names, dtypes
+    and shapes enter too, so equal bytes under another layout give another digest.
+    """
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # A uint8 view reads any dtype's bytes (bfloat16 included, which numpy cannot hold).
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class Target(abc.ABC):
@@ -72,6 +88,24 @@ class Target(abc.ABC):
 
     def _mask(self, b: int, outputs: Tensor) -> Tensor | None:
         return None
+
+    @abc.abstractmethod
+    def _data_digest(self) -> str:
+        """sha256 of the data's bytes (inputs or token sequences, in batch order)."""
+
+    def fingerprint(self) -> dict:
+        """What identifies this target beyond its description: θ*, the data, dtype and device type.
+
+        Checkpoints store it, so a checkpoint written for other weights or other data (same class,
+        same sizes) is refused instead of being resumed as if it belonged to this model.
+        """
+        star = sorted(self.star.items())
+        return {
+            "parameters_sha256": tensor_digest(star),
+            "data_sha256": self._data_digest(),
+            "dtype": str(star[0][1].dtype) if len({t.dtype for _, t in star}) == 1 else str(sorted({str(t.dtype) for _, t in star})),
+            "device_type": self.device.type,
+        }
 
     def reference(self, b: int) -> Tensor:
         """Reference outputs of batch b in the form the loss needs (cached within the budget)."""
@@ -139,6 +173,11 @@ class ModuleTarget(Target):
     def n_samples(self) -> int:
         return len(self.data)
 
+    def _data_digest(self) -> str:
+        # Buffers (e.g. normalisation statistics) shape the outputs too, so they are part of "the data".
+        buffers = sorted((f"buffer:{n}", t) for n, t in self.module.named_buffers())
+        return tensor_digest([("inputs", self.data), *buffers])
+
     def _x(self, b: int) -> Tensor:
         return self.data[b * self.batch_size : (b + 1) * self.batch_size]
 
@@ -195,6 +234,14 @@ class AdapterTarget(Target):
     @property
     def n_samples(self) -> int:
         return self.batches.n_samples
+
+    def _data_digest(self) -> str:
+        tb = self.batches
+        # Sequences in batch order (a shuffled TokenBatches visits them in its own order).
+        order = getattr(tb, "_order", torch.arange(len(tb.sequences)))
+        head = torch.tensor([tb.batch_size, int(tb.bos), int(tb.skip_bos), tb.pad_token_id], dtype=torch.long)
+        return tensor_digest([("layout", head), ("order", order),
+                              *((f"seq{i}", tb.sequences[int(i)]) for i in order)])
 
     def _batch(self, b: int):
         if b not in self._batch_cache:

@@ -8,12 +8,17 @@ import torch
 from torch import Tensor
 
 
+# torch.OutOfMemoryError (torch ≥ 2.5) is the base of torch.cuda.OutOfMemoryError; older torch has only the latter.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 class ChainMap:
     """Apply ``single(deltas) -> Tensor`` to every chain of ``deltas`` (each [C, *shape]).
 
     One batched ``torch.func.vmap`` call where the model allows it; a model that cannot be vmapped
     (data-dependent control flow, in-place ops) falls back to a loop over chains. The choice is
-    made on the first call and kept, so a later vmap failure is a real error and is raised.
+    made on the first call and kept, so a later vmap failure is a real error and is raised. Out of
+    memory is always raised and never taken as "vmap unsupported".
     """
 
     def __init__(self) -> None:
@@ -27,6 +32,10 @@ class ChainMap:
                 out = torch.func.vmap(single)(dict(deltas))
                 self.vmap_works = True
                 return out
+            except _OUT_OF_MEMORY:
+                # Running out of memory says nothing about vmap support (and a chain loop would only
+                # hide the real problem, slowly): re-raise, and decide on vmap at a later call.
+                raise
             except Exception:
                 if self.vmap_works:
                     raise

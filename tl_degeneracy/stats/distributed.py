@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_"]
+__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "reduce_device"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,12 @@ def distributed_context(group=None) -> DistributedContext:
     return DistributedContext()
 
 
-def _reduce_device(t: Tensor, group) -> torch.device:
-    # NCCL reduces only CUDA tensors; statistics kept on the CPU (device="cpu") go through the GPU.
+def reduce_device(t: Tensor, group=None) -> torch.device:
+    """Device on which ``t`` can take part in a collective of ``group``'s backend.
+
+    NCCL reduces only CUDA tensors, so CPU tensors (statistics kept with device="cpu", scalars built
+    on the host) go through the current GPU; other backends use ``t``'s own device.
+    """
     if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return t.device
@@ -47,7 +51,7 @@ def all_reduce_sum_(t: Tensor, group=None) -> Tensor:
     """Sum ``t`` over the ranks of ``group`` in place (no-op without a process group)."""
     if not distributed_context(group).active:
         return t
-    device = _reduce_device(t, group)
+    device = reduce_device(t, group)
     if device == t.device:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     else:
