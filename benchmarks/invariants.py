@@ -40,6 +40,7 @@ from tl_degeneracy.models.toys.transformer import ToyTransformer  # noqa: E402
 from tl_degeneracy.synchronization import head_synchronization  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_to_section  # noqa: E402
 from stats_throughput import GPT2_SMALL, machine  # noqa: E402  (shared machine description)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,16 +62,7 @@ def timed(fn) -> float:
 
 
 def write_section(block: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by `benchmarks/invariants.py`; newest run last.\n"
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt + 1
-    section = text[start:end].rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
-    text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
-    path.write_text(text)
+    append_to_section(SECTION, "invariants.py", block)
 
 
 REAL_TEXTS = [

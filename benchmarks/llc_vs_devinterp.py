@@ -37,9 +37,15 @@ from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from record import append_to_section  # noqa: E402
 from tl_degeneracy.llc import behavioral_llc  # noqa: E402
-from tl_degeneracy.theory import dln_learning_coefficient, regular_learning_coefficient  # noqa: E402
+from tl_degeneracy.theory import (  # noqa: E402
+    dln_learning_coefficient,
+    regular_learning_coefficient,
+    two_layer_linear_network,
+)
 
 
 def regression():
@@ -51,15 +57,7 @@ def regression():
 
 
 def dln(rank: int):
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 3, bias=False))
-    q1, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
-    q2, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
-    with torch.no_grad():
-        model[0].weight.zero_()
-        model[1].weight.zero_()
-        model[0].weight[:rank] = q1[:rank]
-        model[1].weight[:, :rank] = q2[:, :rank]
+    model = two_layer_linear_network((3, 2, 3), rank)
     x = torch.randn(1000, 3, generator=torch.Generator().manual_seed(1))
     return model, x, dln_learning_coefficient((3, 2, 3), rank).llc
 
@@ -137,14 +135,7 @@ def main() -> None:
             f"nproc {os.cpu_count()}, torch {torch.__version__} (1 thread), {dv}\n\n"
             "Defaults: 8 chains × (500 + 2000) steps, nβ = 1000, γ = 1, automatic η; n = 1000, full batch; "
             "devinterp with tld's η. Ratio = devinterp / tld time per chain-step (tld incl. step-size calibration).\n\n")
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## behavioral LLC vs devinterp"
-    if section not in text:
-        text = text.rstrip() + f"\n\n{section}\n\n"
-    else:
-        text = text.rstrip() + "\n\n"
-    path.write_text(text + head + table + "\n")
+    append_to_section("## behavioral LLC vs devinterp", "llc_vs_devinterp.py", head + table)
 
 
 if __name__ == "__main__":

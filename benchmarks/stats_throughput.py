@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -37,6 +38,9 @@ import torch  # noqa: E402
 import tl_degeneracy as tld  # noqa: E402
 from tl_degeneracy.data import token_batches  # noqa: E402
 from tl_degeneracy.stats import activation_stats  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_to_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## activation_stats throughput"
@@ -165,18 +169,7 @@ def table(rows) -> str:
 
 
 def write_section(block: str) -> None:
-    """Append ``block`` to this script's section of BENCHMARKS.md (created if missing), leaving
-    every other section as it is."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by `benchmarks/stats_throughput.py`; newest run last.\n"
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt + 1
-    section = text[start:end].rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
-    text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
-    path.write_text(text)
+    append_to_section(SECTION, "stats_throughput.py", block)
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tl_degeneracy.errors import NumericalError
 from tl_degeneracy.llc import DEFAULT_NBETA, LLCResult, behavioral_llc
-from tl_degeneracy.theory import dln_learning_coefficient
+from tl_degeneracy.theory import dln_learning_coefficient, two_layer_linear_network
 
 
 def linear_regression(d: int = 10, n: int = 1000):
@@ -23,19 +23,7 @@ def linear_regression(d: int = 10, n: int = 1000):
 
 
 def deep_linear_network(rank: int, seed: int = 0) -> nn.Module:
-    """Widths (3, 2, 3); θ* realises a rank-`rank` product with orthonormal factors and the unused
-    hidden units switched off in both layers (the most singular point of the fibre, as training from
-    small initialisation finds it)."""
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 3, bias=False))
-    q1, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
-    q2, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
-    with torch.no_grad():
-        model[0].weight.zero_()
-        model[1].weight.zero_()
-        model[0].weight[:rank] = q1[:rank]
-        model[1].weight[:, :rank] = q2[:, :rank]
-    return model
+    return two_layer_linear_network((3, 2, 3), rank, seed)
 
 
 def dln_inputs(n: int = 1000) -> torch.Tensor:

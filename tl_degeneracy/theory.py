@@ -110,3 +110,30 @@ def rrr_learning_coefficient(n_in: int, n_hidden: int, n_out: int, rank: int) ->
     if (M + H + N + r) % 2 == 0:
         return LearningCoefficient(base / 8, 1)
     return LearningCoefficient((base + 1) / 8, 2)
+
+
+def two_layer_linear_network(widths: Sequence[int] = (3, 2, 3), rank: int = 1, seed: int = 0):
+    """A two-layer linear network x ↦ W2 W1 x (no biases) at a true parameter of rank ``rank``.
+
+    θ* realises a rank-``rank`` product with orthonormal factors and the unused hidden units
+    switched off in both layers — the most singular point of the fibre, which training from small
+    initialisation finds. With an ``mse`` behavioral loss (½‖Δf‖², the KL of a unit Gaussian
+    output) its learning coefficient is :func:`dln_learning_coefficient` (METHODS §1).
+    """
+    import torch
+    from torch import nn
+
+    if len(widths) != 3:
+        raise ValueError(f"a two-layer network has widths (input, hidden, output); got {tuple(widths)}")
+    n_in, hidden, n_out = widths
+    _check_rank(widths, rank)
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(n_in, hidden, bias=False), nn.Linear(hidden, n_out, bias=False))
+    q1, _ = torch.linalg.qr(torch.randn(n_in, n_in, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(n_out, n_out, generator=g))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[1].weight.zero_()
+        model[0].weight[:rank] = q1[:rank]
+        model[1].weight[:, :rank] = q2[:, :rank]
+    return model
