@@ -49,6 +49,7 @@ from transformer_lens.hook_points import HookPoint
 
 from ...errors import DataError
 from ..config import ModelConfig
+from .transformer import MLP
 from ..hooks import TL_HOOK_TEMPLATES
 from .base import ToyModel
 
@@ -162,25 +163,6 @@ class QueryVectorAttention(nn.Module):
         return self.hook_z((weights * v).sum(dim=1, keepdim=True))
 
 
-class MLP(nn.Module):
-    """GELU MLP in TL layout: post = GELU(x W_in + b_in), out = post W_out + b_out."""
-
-    def __init__(self, d: int, d_mlp: int):
-        super().__init__()
-        self.W_in = nn.Parameter(torch.empty(d, d_mlp))
-        self.b_in = nn.Parameter(torch.empty(d_mlp))
-        self.W_out = nn.Parameter(torch.empty(d_mlp, d))
-        self.b_out = nn.Parameter(torch.empty(d))
-        self.hook_pre = HookPoint()
-        self.hook_post = HookPoint()
-
-    def forward(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
-        # Exact (erf) GELU, as torch.nn.functional.gelu and TransformerLens's act_fn "gelu".
-        post = self.hook_post(F.gelu(pre))
-        return post @ self.W_out + self.b_out
-
-
 class SMABlock(nn.Module):
     """The single block: attention without residual or W_O, then a residual pre-norm MLP."""
 
@@ -191,7 +173,7 @@ class SMABlock(nn.Module):
         self.attn = QueryVectorAttention(d)
         self.hook_attn_out = HookPoint()  # [batch, 1, d]: z (W_O = I)
         self.ln2 = RMSNormPre()  # [batch, 1, d]
-        self.mlp = MLP(d, d_mlp)
+        self.mlp = MLP(d, d_mlp, act_fn="gelu")  # exact (erf) GELU, as in the seed paper
         self.hook_mlp_out = HookPoint()  # [batch, 1, d]
         self.hook_resid_post = HookPoint()  # [batch, 1, d]
 
