@@ -55,6 +55,7 @@ def main(out_dir: str) -> None:
             torch.save(result, os.path.join(out_dir, "distributed.pt"))
         else:  # every rank holds the complete, identical result
             torch.save(result, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+        dist.barrier()  # leave together: tearing gloo down while the peer still talks to it can abort
     finally:
         dist.destroy_process_group()
 

@@ -18,7 +18,12 @@ def run():
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    res = run()
-    np.savez(f"{sys.argv[1]}/rank{dist.get_rank()}.npz", trace=res.trace, llc_per_chain=res.llc_per_chain,
-             step_size=res.step_size, world_size=res.diagnostics["world_size"])
-    dist.destroy_process_group()
+    try:
+        res = run()
+        np.savez(f"{sys.argv[1]}/rank{dist.get_rank()}.npz", trace=res.trace, llc_per_chain=res.llc_per_chain,
+                 step_size=res.step_size, world_size=res.diagnostics["world_size"])
+        # A rank that tears gloo down while its peer still talks to it can abort at exit
+        # ("terminate called without an active exception"): leave together.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
