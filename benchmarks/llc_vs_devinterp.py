@@ -1,21 +1,35 @@
 """Behavioral LLC: tl_degeneracy's vectorised sampler against devinterp 2.0.1 (optional), and theory.
 
-Models with known learning coefficients (METHODS §1), behavioral mse loss (= KL of unit Gaussians):
-linear regression (d = 10, λ = 5) and deep linear networks (3, 2, 3) with true ranks 0, 1, 2
-(Aoyagi: 2.5, 3.5, 4.0). n = 1000 inputs, full batch.
+Models (METHODS §1):
 
-* ``tld``: ``behavioral_llc`` at default settings (8 chains × (500 + 2000), nβ = 1000, γ = 1,
-  automatic step size).
-* ``devinterp``: ``devinterp.slt.llc.llc`` with the same η (the one tld chose), nβ, γ, chains and
-  steps, the behavioral loss against the frozen reference as ``loss_fn``; its baseline is exact here
-  (``num_init_loss_batches=1``, full batch, L_B(θ*) = 0). Its λ̂ is recomputed over post-burn-in
-  steps (devinterp averages burn-in too). Skipped when devinterp is not importable.
+* ``reg``: linear regression (d = 10, λ = 5); ``dln0``/``dln1``/``dln2``: deep linear networks
+  (3, 2, 3) with true ranks 0, 1, 2 (Aoyagi: 2.5, 3.5, 4.0). Behavioral mse loss (= KL of unit
+  Gaussians), n = 1000 inputs, full batch, 8 chains × (500 + 2000) steps (``--steps``).
+* ``tf``: a 2-layer ToyTransformer (d_model 64, 4 heads of 16, d_mlp 256, vocab 32; ≈ 105k
+  parameters) with well-spread random weights, KL behavioral loss on its logits over 16 random
+  token sequences of 16 tokens, full batch, 4 chains × (100 + 300) steps (``--tf-*`` options).
+  No theory value: the estimates, their spread, and the bias of devinterp's estimated baseline.
 
-Wall time is reported per chain-step (total sampling seconds / (chains × steps)), tld including its
-automatic step-size calibration. Prints a Markdown table and, unless ``--no-write``, appends it to
-BENCHMARKS.md under "## behavioral LLC vs devinterp".
+Both libraries sample the same model and data with the same loss, chains, steps, η (the one tld
+chose automatically), nβ = 1000 and γ = 1. devinterp gets the behavioral loss against frozen
+reference outputs as ``loss_fn`` (the reference is tld's own ``reference_form``, the per-token
+loss tld's ``per_sample_loss``) and its default ``num_init_loss_batches`` (32, its real default in
+``devinterp.slt.config.SamplerConfig``). From each devinterp run two estimates are read:
 
-    .venv/bin/python benchmarks/llc_vs_devinterp.py [--models reg,dln0,dln1,dln2] [--no-write]
+* *default baseline*: devinterp's ``llc_mean`` as it reports it: nβ (mean loss over every step,
+  burn-in included, − its init loss, the mean over 32 batches at θ*);
+* *exact baseline*: nβ · mean over post-burn-in steps (as tld), baseline L_B(θ*) = 0 exactly.
+
+Wall time: per chain-step = the whole call's seconds / (chains × steps). tld's includes its
+automatic step-size calibration (pilots, burn-in curvature checks) in its default run; the
+like-for-like comparison gives tld the same η as devinterp (``step_size=η``: no calibration, the
+curvature at θ* and at the end is still measured); "sampling only" is tld's chain loop alone.
+devinterp's includes its init-loss pass and Zarr writes. Per model: one automatic tld run (the
+estimate), then ``--reps`` pairs (tld given η, devinterp) alternating, so both see the same
+machine load; the ratio is the median of the per-pair ratios. The 1/5/15-minute load average before and after is recorded.
+
+    PYTHONPATH=/tmp/di-deps .venv/bin/python benchmarks/llc_vs_devinterp.py [--models reg,dln0,dln1,dln2,tf]
+        [--reps 2] [--steps 500,2000] [--chains 8] [--tf-size 64] [--tf-steps 100,300] [--tf-chains 4] [--no-write]
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -41,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from record import append_to_section  # noqa: E402
 from tl_degeneracy.llc import behavioral_llc  # noqa: E402
+from tl_degeneracy.llc.losses import per_sample_loss, reference_form  # noqa: E402
 from tl_degeneracy.theory import (  # noqa: E402
     dln_learning_coefficient,
     regular_learning_coefficient,
@@ -48,80 +64,196 @@ from tl_degeneracy.theory import (  # noqa: E402
 )
 
 
-def regression():
+@dataclass
+class Case:
+    """One benchmark model: what both libraries sample, and how devinterp is fed the same loss."""
+
+    name: str
+    model: nn.Module
+    data: torch.Tensor
+    theory: float | None
+    loss: str
+    chains: int
+    burnin: int
+    draws: int
+
+    def devinterp_inputs(self):
+        """Rows of devinterp's ``input_ids`` and its ``loss_fn`` (per-token loss [batch, seq − 1]).
+
+        The last column of a row is the sample's index (devinterp shuffles the rows), so the loss
+        finds its reference output; the columns before it are the model's input (tokens for the
+        transformer, a placeholder for a plain module, whose input is looked up by index).
+        """
+        model, data = self.model, self.data
+        with torch.no_grad():
+            ref = reference_form(self.loss, model(data))
+        if ref.ndim == 1:
+            ref = ref[:, None]
+        idx = torch.arange(len(data))[:, None]
+        if self.loss == "kl":  # token model: [tokens…, index] → KL at every position
+            rows = torch.cat([data, idx], 1)
+
+            def loss_fn(m, ids):
+                logits = m(ids[:, :-1])
+                return per_sample_loss("kl", logits[None], ref[ids[:, -1]])[0]
+        else:  # plain module: [0, index] → one loss per sample
+            rows = torch.cat([torch.zeros_like(idx), idx], 1)
+
+            def loss_fn(m, ids):
+                out = m(data[ids[:, -1]])
+                out = out[:, None] if out.ndim == 1 else out
+                return per_sample_loss("mse", out[None], ref[ids[:, -1]])[0][:, None]
+
+        return rows.tolist(), loss_fn
+
+
+def regression(args) -> Case:
     x = torch.randn(1000, 10, generator=torch.Generator().manual_seed(1))
     model = nn.Linear(10, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.randn(1, 10, generator=torch.Generator().manual_seed(2)))
-    return model, x, regular_learning_coefficient(10).llc
+    return Case("reg", model, x, regular_learning_coefficient(10).llc, "mse", args.chains, *args.steps)
 
 
 def dln(rank: int):
-    model = two_layer_linear_network((3, 2, 3), rank)
-    x = torch.randn(1000, 3, generator=torch.Generator().manual_seed(1))
-    return model, x, dln_learning_coefficient((3, 2, 3), rank).llc
+    def make(args) -> Case:
+        model = two_layer_linear_network((3, 2, 3), rank)
+        x = torch.randn(1000, 3, generator=torch.Generator().manual_seed(1))
+        return Case(f"dln{rank}", model, x, dln_learning_coefficient((3, 2, 3), rank).llc, "mse", args.chains, *args.steps)
+
+    return make
 
 
-MODELS = {"reg": regression, "dln0": lambda: dln(0), "dln1": lambda: dln(1), "dln2": lambda: dln(2)}
+def transformer(args) -> Case:
+    from tests.fixtures.toys import make_tiny_toy_transformer
+
+    d = args.tf_size
+    model = make_tiny_toy_transformer(0, n_layers=2, d_model=d, n_heads=4, d_head=d // 4, d_mlp=4 * d, d_vocab=32, n_ctx=16)
+    tokens = torch.randint(0, 32, (args.tf_seqs, 16), generator=torch.Generator().manual_seed(0))
+    return Case("tf", model, tokens, None, "kl", args.tf_chains, *args.tf_steps)
 
 
-def run_devinterp(model, x, res):
-    try:
-        from datasets import Dataset
-        from devinterp.slt.llc import llc
-    except ImportError:
-        return None
-    ref = model(x).detach()
-    if ref.ndim == 1:
-        ref = ref[:, None]
-    ds = Dataset.from_dict({"input_ids": [[i, 0] for i in range(len(x))]}).with_format("torch")
+MODELS = {"reg": regression, "dln0": dln(0), "dln1": dln(1), "dln2": dln(2), "tf": transformer}
 
-    def loss_fn(m, ids):
-        idx = ids[:, 0].long()
-        out = m(x[idx])
-        out = out[:, None] if out.ndim == 1 else out
-        return 0.5 * (out - ref[idx]).square().sum(-1, keepdim=True)
 
-    steps = res.burnin + res.draws
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def run_tld(case: Case, step_size: float | None = None) -> dict:
+    t0 = time.perf_counter()
+    res = behavioral_llc(case.model, case.data, loss=case.loss, chains=case.chains, draws=case.draws, burnin=case.burnin,
+                         step_size=step_size)
+    wall = time.perf_counter() - t0
+    n = case.chains * (case.burnin + case.draws)
+    return {"res": res, "s": wall / n, "s_sampling": res.diagnostics["s_per_chain_step"]}
+
+
+class _Plain(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def run_devinterp(case: Case, res, step_size: float) -> dict:
+    from datasets import Dataset
+    from devinterp.slt.llc import llc
+
+    rows, loss_fn = case.devinterp_inputs()
+    ds = Dataset.from_dict({"input_ids": rows}).with_format("torch")
+    # devinterp takes anything with ``cfg.n_heads`` for a HookedTransformer and calls its TL-only
+    # ``.to(device, print_details=…)``; the toy has a cfg but a plain ``.to``, so it goes in a wrapper.
+    model = _Plain(case.model) if hasattr(case.model, "cfg") else case.model
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        out = llc(model, ds, {}, lr=res.step_size, n_beta=res.nbeta, loss_fn=loss_fn, num_chains=res.chains,
-                  num_draws=res.draws, num_burnin_steps=res.burnin, batch_size=len(x), num_init_loss_batches=1,
-                  localization=res.gamma, device="cpu", output_path=os.path.join(tmp, "run"))
-        trace = np.asarray(out["loss_trace"].values)  # [chain, step]
+        # num_init_loss_batches is left at devinterp's default (32).
+        out = llc(model, ds, {}, lr=step_size, n_beta=res.nbeta, loss_fn=loss_fn, num_chains=case.chains,
+                  num_draws=case.draws, num_burnin_steps=case.burnin, batch_size=len(rows), localization=res.gamma,
+                  device="cpu", output_path=os.path.join(tmp, "run"))
+        trace = np.asarray(out["loss_trace"].values, dtype=float)  # [chain, step]
         wall = time.perf_counter() - t0
-    per_chain = res.nbeta * (trace[:, res.burnin:] - float(np.asarray(out["init_loss"].values).mean())).mean(1)
-    return {"llc": per_chain.mean(), "stderr": per_chain.std(ddof=1) / np.sqrt(len(per_chain)),
-            "s_per_chain_step": wall / (res.chains * steps), "llc_devinterp_mean": float(out["llc_mean"])}
+    case.model.eval()  # devinterp leaves the caller's model in train mode
+    init = float(np.asarray(out["init_loss"].values).mean())
+    return {
+        "exact": res.nbeta * trace[:, case.burnin:].mean(1),
+        "default": np.asarray(out["llc_per_chain"].values, dtype=float),
+        "baseline_bias": res.nbeta * init,
+        "s": wall / (case.chains * (case.burnin + case.draws)),
+    }
+
+
+def fmt(values: np.ndarray, theory: float | None) -> str:
+    m, se = mean_se(values)
+    err = "" if theory is None else f" ({m - theory:+.3f})"
+    return f"{m:.3f} ± {se:.3f}{err}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="reg,dln0,dln1,dln2")
+    ap.add_argument("--models", default="reg,dln0,dln1,dln2,tf")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions per model, tld and devinterp alternating")
+    ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--steps", default="500,2000", help="burn-in,draws of the regression/DLN models")
+    ap.add_argument("--tf-size", type=int, default=64, help="d_model of the transformer (4 heads, d_mlp 4·d_model)")
+    ap.add_argument("--tf-seqs", type=int, default=16, help="token sequences (16 tokens each)")
+    ap.add_argument("--tf-chains", type=int, default=4)
+    ap.add_argument("--tf-steps", default="100,300", help="burn-in,draws of the transformer")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    args.steps = tuple(int(s) for s in args.steps.split(","))
+    args.tf_steps = tuple(int(s) for s in args.tf_steps.split(","))
     torch.set_num_threads(1)
-    rows = []
+    try:
+        import devinterp  # noqa: F401
+    except ImportError:
+        sys.exit("devinterp is not importable: install devinterp==2.0.1 (e.g. pip install --target DIR) and put DIR on PYTHONPATH")
+    load_before = os.getloadavg()
+    results = []
     for name in args.models.split(","):
-        model, x, theory = MODELS[name]()
-        t0 = time.perf_counter()
-        res = behavioral_llc(model, x)
-        wall = time.perf_counter() - t0
-        steps = res.burnin + res.draws
-        di = run_devinterp(model, x, res)
-        rows.append((name, theory, res, wall / (res.chains * steps), res.diagnostics["s_per_chain_step"], di))
-        print(name, "done", flush=True)
-    lines = [
-        "| model | theory λ | tld λ̂ ± se | tld s/chain-step (total / sampling only) | devinterp λ̂ ± se (same η) | devinterp s/chain-step | ratio |",
+        case = MODELS[name](args)
+        auto = run_tld(case)  # the default use: automatic η (calibration included in its time)
+        eta = auto["res"].step_size
+        reps = []
+        for _ in range(args.reps):
+            # Like for like: both get the same η, tld's whole call against devinterp's whole call.
+            tld = run_tld(case, eta)
+            di = run_devinterp(case, auto["res"], eta)
+            reps.append((tld, di))
+            print(f"{name}: tld {tld['s'] * 1e3:.3f} ms, devinterp {di['s'] * 1e3:.3f} ms per chain-step", flush=True)
+        results.append((case, auto, reps))
+    load_after = os.getloadavg()
+
+    acc = [
+        "| model | params | chains × (burn-in + draws) | theory λ | tld λ̂ ± se (− theory) | devinterp λ̂ ± se, exact baseline | "
+        "devinterp λ̂ ± se, default baseline (its llc_mean) | nβ · default baseline | η (tld's, both) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    speed = [
+        "| model | tld ms/chain-step, given η: whole call (sampling only) | devinterp ms/chain-step | ratio devinterp/tld | "
+        "per-rep ratios | tld ms/chain-step, automatic η (incl. calibration) | ratio devinterp/tld automatic |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, theory, res, total, sampling, di in rows:
-        d_llc = f"{di['llc']:.3f} ± {di['stderr']:.3f}" if di else "n/a"
-        d_t = f"{di['s_per_chain_step'] * 1e3:.3f} ms" if di else "n/a"
-        ratio = f"{di['s_per_chain_step'] / total:.1f}×" if di else "n/a"
-        lines.append(f"| {name} | {theory} | {res.llc:.3f} ± {res.llc_stderr:.3f} (η {res.step_size:.2g}) | "
-                     f"{total * 1e3:.3f} ms / {sampling * 1e3:.3f} ms | {d_llc} | {d_t} | {ratio} |")
-    table = "\n".join(lines)
+    for case, auto, reps in results:
+        res, di = auto["res"], reps[0][1]  # devinterp repetitions sample the same chains (same seeds)
+        theory = "—" if case.theory is None else f"{case.theory}"
+        acc.append(
+            f"| {case.name} | {res.n_params} | {case.chains} × ({case.burnin} + {case.draws}) | {theory} | "
+            f"{fmt(res.llc_per_chain, case.theory)} | {fmt(di['exact'], case.theory)} | {fmt(di['default'], case.theory)} | "
+            f"{di['baseline_bias']:.2g} | {res.step_size:.3g} |"
+        )
+        ratios = [d["s"] / t["s"] for t, d in reps]
+        d_s = np.median([d["s"] for _, d in reps])
+        speed.append(
+            f"| {case.name} | {np.median([t['s'] for t, _ in reps]) * 1e3:.3f} ({np.median([t['s_sampling'] for t, _ in reps]) * 1e3:.3f}) | "
+            f"{d_s * 1e3:.3f} | {np.median(ratios):.1f}× | {', '.join(f'{r:.1f}' for r in ratios)} | "
+            f"{auto['s'] * 1e3:.3f} | {d_s / auto['s']:.1f}× |"
+        )
+    load = f"Load average (1/5/15 min) before {tuple(round(v, 2) for v in load_before)}, after {tuple(round(v, 2) for v in load_after)}."
+    table = "\n".join(acc) + "\n\n" + "\n".join(speed) + "\n\n" + load
     print(table)
     if args.no_write:
         return
@@ -130,11 +262,18 @@ def main() -> None:
     try:
         dv = f"devinterp {version('devinterp')}"
     except PackageNotFoundError:
-        dv = "devinterp not installed"
-    head = (f"### {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {platform.processor() or platform.machine()}, "
-            f"nproc {os.cpu_count()}, torch {torch.__version__} (1 thread), {dv}\n\n"
-            "Defaults: 8 chains × (500 + 2000) steps, nβ = 1000, γ = 1, automatic η; n = 1000, full batch; "
-            "devinterp with tld's η. Ratio = devinterp / tld time per chain-step (tld incl. step-size calibration).\n\n")
+        dv = "devinterp (version unknown)"
+    head = (
+        f"### {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {platform.processor() or platform.machine()}, "
+        f"nproc {os.cpu_count()}, torch {torch.__version__} (1 thread), {dv}, CPU\n\n"
+        f"`{' '.join(['llc_vs_devinterp.py', *sys.argv[1:]])}`. Same model, data, behavioral loss, chains, steps, "
+        f"η (tld's automatic one), nβ = 1000, γ = 1 for both; full batch. Estimates ± standard error over chains "
+        f"(ddof 1), deviation from theory in brackets; tld's estimate is its default run (automatic η). devinterp "
+        f"*exact baseline*: post-burn-in mean, L_B(θ*) = 0; *default baseline*: its reported llc_mean (all steps "
+        f"incl. burn-in, minus its init loss from num_init_loss_batches = 32 at θ*). Times per chain-step (whole "
+        f"call / (chains × steps)) are medians over {args.reps} interleaved repetitions of tld with the same given η "
+        f"and devinterp; the automatic-η column is tld's default run once, calibration included.\n\n"
+    )
     append_to_section("## behavioral LLC vs devinterp", "llc_vs_devinterp.py", head + table)
 
 

@@ -1,4 +1,10 @@
-"""Worker for test_llc_checkpoint.py: behavioral LLC with chains sharded over 2 gloo ranks."""
+"""Worker for test_llc_checkpoint.py: behavioral LLC with chains sharded over 2 gloo ranks.
+
+    torchrun --nproc_per_node=2 tests/llc_distributed_worker.py OUT_DIR [CHECKPOINT_DIR]
+
+Each rank writes OUT_DIR/rank<r>.npz with its result or, when ``behavioral_llc`` refuses to run
+(ValueError), OUT_DIR/rank<r>.txt with the message.
+"""
 
 import sys
 
@@ -7,21 +13,27 @@ import torch
 import torch.distributed as dist
 
 
-def run():
+def run(checkpoint_dir=None):
     from tests.test_llc import linear_regression
     from tl_degeneracy.llc import behavioral_llc
 
     torch.set_num_threads(1)
     model, x = linear_regression(d=4, n=60)
-    return behavioral_llc(model, x, chains=5, draws=80, burnin=20, seed=3)
+    return behavioral_llc(model, x, chains=5, draws=80, burnin=20, seed=3, checkpoint_dir=checkpoint_dir)
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
-        res = run()
-        np.savez(f"{sys.argv[1]}/rank{dist.get_rank()}.npz", trace=res.trace, llc_per_chain=res.llc_per_chain,
-                 step_size=res.step_size, world_size=res.diagnostics["world_size"])
+        out = sys.argv[1]
+        try:
+            res = run(sys.argv[2] if len(sys.argv) > 2 else None)
+        except ValueError as err:
+            with open(f"{out}/rank{dist.get_rank()}.txt", "w") as f:
+                f.write(str(err))
+        else:
+            np.savez(f"{out}/rank{dist.get_rank()}.npz", trace=res.trace, llc_per_chain=res.llc_per_chain,
+                     step_size=res.step_size, world_size=res.diagnostics["world_size"])
         # A rank that tears gloo down while its peer still talks to it can abort at exit
         # ("terminate called without an active exception"): leave together.
         dist.barrier()

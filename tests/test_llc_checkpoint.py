@@ -121,19 +121,76 @@ def test_checkpoint_files_are_written_atomically(tmp_path):
     assert payload["step"] == 600 and payload["delta"].shape == (2, 3) and len(payload["generators"]) == 2
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_two_ranks_give_the_single_process_chains(tmp_path):
-    from tests.llc_distributed_worker import run
-
+def _torchrun(out_dir, *args):
+    os.makedirs(out_dir, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "llc_distributed_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+           str(ROOT / "tests" / "llc_distributed_worker.py"), str(out_dir), *map(str, args)]
+    # A bounded wait: ranks that disagree about resuming used to hang in their collectives.
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_ranks_give_the_single_process_chains_and_resume_only_together(tmp_path):
+    from tests.llc_distributed_worker import run
+
+    ckpt = tmp_path / "ckpt"
+    proc = _torchrun(tmp_path / "first", ckpt)
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = run()
     for rank in (0, 1):
-        multi = np.load(tmp_path / f"rank{rank}.npz")
+        multi = np.load(tmp_path / "first" / f"rank{rank}.npz")
         assert int(multi["world_size"]) == 2
         np.testing.assert_allclose(multi["trace"], single.trace, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(multi["llc_per_chain"], single.llc_per_chain, rtol=1e-6)
         assert float(multi["step_size"]) == single.step_size
+    assert sorted(os.listdir(ckpt)) == ["llc-rank0.pt", "llc-rank1.pt"]
+    # Rank 1's checkpoint lost: rank 0 alone would resume (skipping the step-size calibration)
+    # while rank 1 calibrated afresh, and their collectives would wait for each other forever.
+    # Both ranks must refuse, with the same message.
+    os.remove(ckpt / "llc-rank1.pt")
+    proc = _torchrun(tmp_path / "second", ckpt)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    messages = [(tmp_path / "second" / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert messages[0] == messages[1] and "checkpoints for ranks [0] only, of 2" in messages[0]
+
+
+def _fake_world(monkeypatch, found):
+    """A two-rank world whose all_gather_object returns ``found`` (this rank's entry is its own)."""
+    import sys
+
+    api = sys.modules["tl_degeneracy.llc.api"]
+
+    def gather(parts, local):
+        parts[:] = [local if f == "mine" else f for f in found]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    return api
+
+
+def test_ranks_agree_on_resuming(tmp_path, monkeypatch):
+    """The collective resume decision (api._agree_on_resume), with the other rank simulated."""
+    model, x = linear_regression(d=3, n=30)
+    kw = dict(chains=2, draws=20, burnin=8, seed=1)
+    behavioral_llc(model, x, checkpoint_dir=tmp_path, **kw)
+    path = str(tmp_path / "llc-rank0.pt")
+    payload = torch.load(path, weights_only=False)
+    extra = payload["extra"]
+    other = {"extra": extra, "settings": {k: v for k, v in payload["settings"].items() if k != "my_chains"},
+             "step": payload["step"], "adapted": (extra.get("step_size"), [a["step"] for a in extra["adaptations"]])}
+    api = _fake_world(monkeypatch, ["mine", other])  # both ranks hold consistent checkpoints: resume
+    assert api._agree_on_resume(path, 2)["step_size_choice"] == extra["step_size_choice"]
+    # The other rank has none: refused (on every rank: each sees the same gathered list).
+    api = _fake_world(monkeypatch, ["mine", None])
+    with pytest.raises(ValueError, match=r"checkpoints for ranks \[0\] only, of 2"):
+        api._agree_on_resume(path, 2)
+    # This rank has none but the other has one: refused too.
+    with pytest.raises(ValueError, match=r"ranks \[0\] only"):
+        _fake_world(monkeypatch, [other, "mine"])._agree_on_resume(str(tmp_path / "absent.pt"), 2)
+    # Another run's checkpoint, or one that stopped before a burn-in adaptation the other has done.
+    with pytest.raises(ValueError, match="different runs"):
+        _fake_world(monkeypatch, ["mine", {**other, "settings": {**other["settings"], "gamma": 2.0}}])._agree_on_resume(path, 2)
+    with pytest.raises(ValueError, match="different points of the burn-in"):
+        _fake_world(monkeypatch, ["mine", {**other, "adapted": (None, []), "step": 1}])._agree_on_resume(path, 2)
+    # Nobody has one: start afresh.
+    assert _fake_world(monkeypatch, ["mine", None])._agree_on_resume(str(tmp_path / "absent.pt"), 2) is None

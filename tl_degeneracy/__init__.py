@@ -8,6 +8,7 @@ from .data import Batch, TokenBatches, token_batches
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
 from .gauge import canonicalize_heads, random_gauge
 from . import theory
+from .interaction import InteractionBasis, Modules, find_modules, interaction_basis
 from .invariants import ov_invariants, qk_invariants
 from .llc import DEFAULT_NBETA, LLCResult, behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from .models import ModelAdapter, adapt, load_model
@@ -30,10 +31,12 @@ __all__ = [
     "Batch",
     "DataError",
     "HeadSyncResult",
+    "InteractionBasis",
     "JacobianStats",
     "MissingHookError",
     "ModelAdapter",
     "ModelConfig",
+    "Modules",
     "NeuronSyncResult",
     "NumericalError",
     "ParameterSelection",
@@ -43,7 +46,9 @@ __all__ = [
     "adapt",
     "canonicalize_heads",
     "degeneracy_counts",
+    "find_modules",
     "head_synchronization",
+    "interaction_basis",
     "jacobian_stats",
     "load_model",
     "neuron_synchronization",

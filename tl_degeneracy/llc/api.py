@@ -31,6 +31,13 @@ from .targets import DEFAULT_CACHE_BYTES, AdapterTarget, ModuleTarget, Target
 #: Default nβ: the tempered posterior probes loss scale ε = 1/nβ = 10⁻³ (nats per sample for kl).
 DEFAULT_NBETA = 1000.0
 SAMPLERS = ("sgld", "rmsprop")
+#: Fractions of the burn-in after which the automatic η is re-adapted to the chains' curvature. The
+#: last one leaves a quarter of the burn-in to run under the final η, so the chains re-equilibrate
+#: to it before any draw counts (an adaptation at the very end of burn-in would let the first draws
+#: carry the transient of the η change). At the bias bound b the stiffest direction contracts by
+#: 1 − 2b per step (10 steps' relaxation time at b = 0.05), so the default burn-in's last 125 steps
+#: are ≈ 12 relaxation times.
+ADAPT_AT = (0.25, 0.5, 0.75)
 
 
 def _is_adaptable(model) -> bool:
@@ -150,6 +157,59 @@ def _check_finite_at_reference(target: Target, layout: FlatLayout) -> None:
                 )
 
 
+def _round_down(x: float, digits: int = 3) -> float:
+    """``x`` > 0 rounded *down* to ``digits`` significant figures (a readable η that never exceeds
+    the one the bias bound allows)."""
+    exponent = math.floor(math.log10(x)) - digits + 1
+    # Written back through its decimal form, so that 8e-05 is not 7.999999999999999e-05.
+    return float(f"{math.floor(x / 10.0**exponent)}e{exponent}")
+
+
+def _agree_on_resume(path: str, world: int) -> dict | None:
+    """Whether this run resumes from its checkpoints, decided by all ranks together.
+
+    Returns this rank's checkpoint ``extra`` (step-size choice, adaptations) to resume from, or None
+    to start afresh. Under torchrun every rank reads its own file and the ranks exchange what they
+    found, so that all take the same decision: a rank that resumes skips the step-size calibration
+    and burn-in adaptations that a fresh rank runs, and their collectives would wait for each other
+    forever. Checkpoints on some ranks only, or written by different runs (settings) or at different
+    points of the burn-in adaptation, are refused on every rank with the same message.
+    """
+    mine = None
+    if os.path.exists(path):
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        extra = payload["extra"]
+        settings = {k: v for k, v in payload["settings"].items() if k != "my_chains"}
+        mine = {"extra": extra, "settings": settings, "step": int(payload["step"]),
+                "adapted": (extra.get("step_size"), [a["step"] for a in extra.get("adaptations", [])])}
+    if world == 1:
+        return None if mine is None else mine["extra"]
+    found = [None] * world
+    torch.distributed.all_gather_object(found, mine)
+    have = [r for r, f in enumerate(found) if f is not None]
+    where = os.path.dirname(path)
+    if not have:
+        return None
+    if len(have) < world:
+        raise ValueError(
+            f"checkpoint_dir {where} holds checkpoints for ranks {have} only, of {world}: the ranks cannot resume "
+            f"together (a rank would start afresh while the others resume). Delete the directory's llc-rank*.pt "
+            f"files to start afresh, or restore the missing ones"
+        )
+    first = found[have[0]]
+    if any(f["settings"] != first["settings"] for f in found):
+        raise ValueError(f"checkpoint_dir {where}: the ranks' checkpoints were written by different runs (settings differ); "
+                         f"delete its llc-rank*.pt files to start afresh")
+    if any(f["adapted"] != first["adapted"] for f in found):
+        steps = {r: f["step"] for r, f in enumerate(found)}
+        raise ValueError(
+            f"checkpoint_dir {where}: the ranks' checkpoints stopped at different points of the burn-in step-size "
+            f"adaptation (steps per rank {steps}), so they cannot resume together; delete its llc-rank*.pt files "
+            f"to start afresh"
+        )
+    return mine["extra"]
+
+
 def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -200,7 +260,9 @@ def behavioral_llc(
         step_size: η; default automatic: η (nβ h_max + γ)/4 = ``bias_bound`` with h_max the top
             Hessian eigenvalue of L_B at θ* and along pilot runs (stepsize.py), so that the
             step-size bias λ̂ ≈ λ/(1 − η nβ h/4) stays below ≈ ``bias_bound``; η is lowered (never
-            raised) after half and all of the burn-in if the chains reached stiffer regions.
+            raised) after a quarter, half and three quarters of the burn-in if the chains reached
+            stiffer regions (:data:`ADAPT_AT`), so the last quarter of the burn-in runs under the
+            final η.
             ``diagnostics["h_max"]``/``["bias_bound"]`` use the largest curvature measured before
             sampling (pilots and burn-in checks; the pilots' alone is ``["h_max_pilot"]``). The
             bound where the chains end is reported (``diagnostics["bias_bound_end"]``) and a warning
@@ -217,7 +279,9 @@ def behavioral_llc(
         checkpoint_dir: write the sampler state there every ``checkpoint_every`` steps (atomically)
             and resume from it when it exists; a checkpoint from other settings is refused, and so
             is one from another model or other data (θ*, data, dtype and device type are hashed
-            into the checkpoint's settings). One directory holds one run.
+            into the checkpoint's settings). One directory holds one run. Under torchrun each rank
+            writes its own file and the ranks resume only together: checkpoints on some ranks
+            only, or inconsistent ones, are refused on every rank.
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
             multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
         bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size.
@@ -230,7 +294,8 @@ def behavioral_llc(
     Raises:
         ValueError: an argument out of range (chains/draws ≥ 1, burnin ≥ 0, step_size, bias_bound
             (< 1), rms_eps, nbeta/loss_scale finite and > 0, 0 ≤ rms_alpha < 1, gamma ≥ 0), more
-            ranks than chains, or a checkpoint from other settings, another model or other data.
+            ranks than chains, a checkpoint from other settings, another model or other data, or
+            (torchrun) checkpoints missing on some ranks or inconsistent between ranks.
         NumericalError: L_B at θ* is not finite (non-finite reference outputs), or every chain
             diverged (the message says what to change).
     """
@@ -267,11 +332,14 @@ def behavioral_llc(
     }
     ckpt_path = None
     saved_choice = None
+    resume = False
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         ckpt_path = os.path.join(os.fspath(checkpoint_dir), f"llc-rank{rank}.pt")
-        if os.path.exists(ckpt_path):
-            saved_choice = torch.load(ckpt_path, map_location="cpu", weights_only=False)["extra"].get("step_size_choice")
+        saved_extra = _agree_on_resume(ckpt_path, world)
+        resume = saved_extra is not None
+        if resume:
+            saved_choice = saved_extra.get("step_size_choice")
 
     # ---- step size
     if step_size is not None:
@@ -305,7 +373,7 @@ def behavioral_llc(
     on_block = None
     if ckpt_path is not None:
         key = {**settings_key, "step_size": eta}
-        if os.path.exists(ckpt_path):
+        if resume:
             state = load_checkpoint(ckpt_path, key, state)
         last = [state.step]
 
@@ -333,10 +401,11 @@ def behavioral_llc(
         return h
 
     # Burn-in adaptation (automatic step size only): the chains reach regions the pilots did not
-    # (flat directions spread slowly), so the curvature is re-measured at the chains themselves half
-    # way through and at the end of burn-in, and η is lowered (never raised) to keep the bias bound.
-    # Burn-in steps do not enter the estimate, so changing η there is harmless.
-    checks = sorted({burnin // 2, burnin} - {0}) if step_size is None else []
+    # (flat directions spread slowly), so the curvature is re-measured at the chains themselves
+    # during burn-in (ADAPT_AT) and η is lowered (never raised) to keep the bias bound. Burn-in steps
+    # do not enter the estimate, so changing η there is harmless; the last change leaves a quarter
+    # of the burn-in for the chains to settle under the final η.
+    checks = sorted({int(burnin * f) for f in ADAPT_AT} - {0}) if step_size is None else []
     if "step_size" in state.extra:
         settings = replace(settings, step_size=state.extra["step_size"])
     adaptations = state.extra.setdefault("adaptations", [])
@@ -347,7 +416,7 @@ def behavioral_llc(
         if check == settings.steps or state.step != check or any(a["step"] == check for a in adaptations):
             continue
         h_now = chain_curvature(state)
-        eta_new = float(f"{step_size_for(h_now, nb, gamma, bias_bound) * rms_factor:.3g}") if nb * h_now + gamma > 0 else settings.step_size
+        eta_new = _round_down(step_size_for(h_now, nb, gamma, bias_bound) * rms_factor) if nb * h_now + gamma > 0 else settings.step_size
         adaptations.append({"step": check, "h_max": h_now, "step_size": min(eta_new, settings.step_size)})
         if eta_new < settings.step_size:
             settings = replace(settings, step_size=eta_new)

@@ -67,7 +67,9 @@ class LLCResult:
         }
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per chain: its estimate, failure step (−1 if healthy) and mean update norms."""
+        """One row per chain: its estimate, failure step (−1 if healthy) and, averaged over its steps,
+        the magnitudes of the three terms of its SGLD update and its distance from θ*, all on the
+        scale of one update (``grad_step``, ``prior_step``, ``noise_step``, ``distance``; sampler.NORMS)."""
         rows = []
         norms = self.diagnostics.get("norms", np.full((self.chains, len(NORMS)), np.nan))
         for c in range(self.chains):

@@ -37,8 +37,12 @@ from .targets import Target
 
 #: Steps per block: traces are copied to the host, failures read and checkpoints written at block ends.
 BLOCK = 256
-#: Columns of the per-chain norm sums (means over steps are reported).
-NORMS = ("grad_norm", "prior_norm", "noise_norm", "distance")
+#: Columns of the per-chain norm sums (means over steps are reported). All four are lengths in
+#: parameter space, on the scale of one update δ ← δ − grad_step − prior_step + noise_step (module
+#: docstring): grad_step = ‖(η/2) G ⊙ m ⊙ nβ∇L_B,b‖, prior_step = ‖(η/2) G ⊙ m ⊙ γδ‖,
+#: noise_step = ‖√η √G ⊙ m ⊙ ξ‖ (so the three compare directly: drift-dominated steps have
+#: grad_step ≫ noise_step), and distance = ‖δ‖ = ‖θ − θ*‖ before the step.
+NORMS = ("grad_step", "prior_step", "noise_step", "distance")
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,14 @@ def run_chains(
         if v is not None:
             v = settings.rms_alpha * v + (1 - settings.rms_alpha) * drift.square()
             precond = 1.0 / (settings.rms_eps + v.sqrt())
-            update = -0.5 * eta * precond * (drift + gamma * delta) + sqrt_eta * precond.sqrt() * noise
+            grad_step = 0.5 * eta * precond * drift * m
+            prior_step = 0.5 * eta * precond * gamma * delta * m
+            noise_step = sqrt_eta * precond.sqrt() * noise * m
         else:
-            update = -0.5 * eta * (drift + gamma * delta) + sqrt_eta * noise
-        update = update * m
+            grad_step = 0.5 * eta * drift * m
+            prior_step = 0.5 * eta * gamma * delta * m
+            noise_step = sqrt_eta * noise * m
+        update = noise_step - grad_step - prior_step
         lossd = loss.detach().to(torch.float64)
         # Failure: non-finite loss or one far beyond anything a posterior at this nβ reaches.
         bad = ~torch.isfinite(lossd) | (nbeta * lossd > settings.explode_at) | ~torch.isfinite(update).all(1)
@@ -165,8 +173,7 @@ def run_chains(
         alive = alive & ~bad
         block_trace[(t - block_start) % BLOCK] = torch.where(alive | newly, lossd, torch.full_like(lossd, float("nan")))
         step_norms = torch.stack(
-            [(drift * m).norm(dim=1), (gamma * delta * m).norm(dim=1), sqrt_eta * (noise * m).norm(dim=1), delta.norm(dim=1)],
-            dim=1,
+            [grad_step.norm(dim=1), prior_step.norm(dim=1), noise_step.norm(dim=1), delta.norm(dim=1)], dim=1
         ).to(torch.float64)
         norms = norms + torch.where(alive[:, None], step_norms, torch.zeros_like(step_norms))
         # A failed chain is parked at θ* (δ = 0) so that its NaNs never reach the other chains' arithmetic.

@@ -8,9 +8,9 @@ variance 1/(a(1 − η a/4)) per direction, a = nβ h + γ, instead of 1/a, so
 The step size is set so that the bias bound  b = η (nβ h_max + γ)/4  equals ``bias_bound``
 (default 0.05, i.e. at most ≈ 5 % over-estimate from the stiffest direction).
 
-h_max is the top eigenvalue of the Hessian of L_B restricted to the selected coordinates, found by
-power iteration on Hessian-vector products (double backward, all points at once along the chain
-axis). At θ* a singular model can be flat (e.g. a deep linear network at W = 0 has zero Hessian),
+h_max is the largest positive eigenvalue of the Hessian of L_B restricted to the selected
+coordinates, found by Lanczos iteration on Hessian-vector products (double backward, all points at
+once along the chain axis); negative curvature (a chain away from the minimum) cannot mask it. At θ* a singular model can be flat (e.g. a deep linear network at W = 0 has zero Hessian),
 while the posterior it samples is curved, so the curvature is also measured where the sampler
 goes: short pilot runs from θ* with the current η, h_max re-measured at their end points, η
 recomputed from the largest h seen, until η changes by less than 25 %. A pilot whose chains all
@@ -43,46 +43,82 @@ def top_hessian_eigenvalue(
     seed: int = 0,
     point_seeds: list[int] | None = None,
 ) -> Float[Tensor, " P"]:
-    """Top eigenvalue of ∇²L_B at θ* + points[p] (masked coordinates), for every point at once.
+    """Largest *positive* eigenvalue h_max of ∇²L_B at θ* + points[p] (masked coordinates), for
+    every point at once; 0 where the Hessian has no positive eigenvalue (METHODS §1, SGLD).
 
-    Uses the first ``max_batches`` batches (their mean Hessian). Returns Rayleigh quotients, which
-    approach h_max from below; the iteration stops when all change by less than ``rtol`` (``rtol=0``:
-    always ``iters`` iterations, so that each point's value is independent of the others').
+    Lanczos on Hessian-vector products: after k products the Krylov space of the start vector gives
+    a k × k tridiagonal matrix T whose largest eigenvalue (Ritz value) approaches the largest
+    *algebraic* eigenvalue of the Hessian from below. Power iteration would find the eigenvalue of
+    largest magnitude instead, which away from a minimum can be a large negative one (negative
+    curvature), and clamping it to 0 would hide the real positive curvature that limits η. The
+    three-term recurrence keeps only two vectors per point (memory O(P·D), as power iteration);
+    without full reorthogonalisation Ritz values stay inside the spectrum and the largest one is
+    still accurate (duplicated "ghost" values do not exceed it). A point whose Krylov space is
+    exhausted (next residual ≈ 0, e.g. a flat Hessian) keeps its exact value.
+
+    Uses the first ``max_batches`` batches (their mean Hessian). The iteration stops when every
+    point's top Ritz value changes by less than ``rtol`` (``rtol=0``: always ``iters`` products, so
+    that each point's value is independent of the others').
     """
     m = mask.to(points.dtype)
+    P = points.shape[0]
     if point_seeds is None:
         g = torch.Generator(device=points.device).manual_seed(seed)
-        vec = torch.randn(points.shape, generator=g, device=points.device, dtype=points.dtype)
+        q = torch.randn(points.shape, generator=g, device=points.device, dtype=points.dtype)
     else:
         # One start vector per point from its own seed: a chain's value does not depend on its neighbours.
-        vec = torch.stack([
+        q = torch.stack([
             torch.randn(points.shape[1], generator=torch.Generator(device=points.device).manual_seed(int(ps)),
                         device=points.device, dtype=points.dtype)
             for ps in point_seeds
         ])
-    vec = vec * m
-    vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    q = q * m
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    q_prev = torch.zeros_like(q)
     n_b = min(max_batches, target.n_batches)
-    prev = None
-    eig = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
+    # T is accumulated in float64 (its eigenvalues are the result), whatever the model dtype.
+    alphas = torch.zeros(P, 0, dtype=torch.float64, device=points.device)
+    betas = torch.zeros(P, 0, dtype=torch.float64, device=points.device)
+    beta_prev = torch.zeros(P, 1, dtype=points.dtype, device=points.device)
+    active = torch.ones(P, dtype=torch.bool, device=points.device)
+    top = torch.zeros(P, dtype=torch.float64, device=points.device)
+    # Relative size below which a residual means the Krylov space is exhausted (rounding level).
+    breakdown = torch.finfo(points.dtype).eps ** 0.5
     for _ in range(iters):
-        hv = torch.zeros_like(vec)
+        hq = torch.zeros_like(q)
         for b in range(n_b):
             d = points.detach().requires_grad_(True)
             loss = target.loss(layout.unflatten(d), b).sum()
             (grad,) = torch.autograd.grad(loss, d, create_graph=True)
-            (h,) = torch.autograd.grad((grad * vec).sum(), d)
-            hv = hv + h.detach() / n_b
-        hv = hv * m
-        eig = (vec * hv).sum(1)
-        norm = hv.norm(dim=1, keepdim=True)
-        if bool((norm == 0).all()):
-            return torch.zeros_like(eig)  # Flat in every selected direction.
-        vec = torch.where(norm > 0, hv / norm.clamp_min(1e-30), vec)
-        if rtol > 0 and prev is not None and bool(((eig - prev).abs() <= rtol * eig.abs().clamp_min(1e-30)).all()):
+            (h,) = torch.autograd.grad((grad * q).sum(), d)
+            hq = hq + h.detach() / n_b
+        hq = hq * m
+        alpha = (q * hq).sum(1, keepdim=True)
+        w = hq - alpha * q - beta_prev * q_prev
+        # One pass of local reorthogonalisation against the last two vectors (cheap, keeps the
+        # recurrence from drifting in float32).
+        w = w - (w * q).sum(1, keepdim=True) * q - (w * q_prev).sum(1, keepdim=True) * q_prev
+        beta = w.norm(dim=1, keepdim=True)
+        # An exhausted point's value is final: it is frozen below and its T is padded with zeros.
+        alpha = torch.where(active[:, None], alpha, torch.zeros_like(alpha))
+        alphas = torch.cat([alphas, alpha.to(torch.float64)], 1)
+        k = alphas.shape[1]
+        T = torch.diag_embed(alphas)
+        if k > 1:
+            T = T + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
+        new_top = torch.where(active, torch.linalg.eigvalsh(T)[:, -1], top)
+        scale = torch.cat([alphas.abs(), betas.abs()], 1).amax(1).clamp_min(1e-300)
+        exhausted = beta[:, 0].to(torch.float64) <= breakdown * scale
+        converged = (new_top - top).abs() <= rtol * new_top.abs().clamp_min(1e-30)
+        top = new_top
+        active = active & ~exhausted
+        if not bool(active.any()) or (rtol > 0 and k > 1 and bool((converged | ~active).all())):
             break
-        prev = eig
-    return eig.clamp_min(0)
+        beta = torch.where(active[:, None], beta, torch.zeros_like(beta))
+        betas = torch.cat([betas, beta.to(torch.float64)], 1)
+        q_prev, q = q, torch.where(active[:, None], w / beta.clamp_min(1e-30), torch.zeros_like(w))
+        beta_prev = beta
+    return top.clamp_min(0).to(points.dtype)
 
 
 def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float) -> float:

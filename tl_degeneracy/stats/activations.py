@@ -21,7 +21,7 @@ from .passes import FeatureLayout, HookTarget, feature_layout, raise_if_not_fini
 from .results import ActivationStats, HookStats
 from .samples import SampleIndex
 
-__all__ = ["activation_stats"]
+__all__ = ["activation_stats", "moment_pass"]
 
 
 class _Collector:
@@ -59,16 +59,43 @@ class _Collector:
 
         return hook
 
-    def run(self, adapter, batch) -> None:
+    def run(self, runner, batch) -> None:
         self.index, self.flags = SampleIndex.from_batch(batch), {}
-        adapter.run_with_hooks(batch.tokens, fwd_hooks=[(t.name, self.hook_fn(t)) for t in self.targets])
+        runner.run_with_hooks(batch.tokens, fwd_hooks=[(t.name, self.hook_fn(t)) for t in self.targets])
         silent = [t.name for t in self.targets if t.name not in self.flags]
         if silent:
             raise MissingHookError(
-                f"hook(s) {silent} did not fire during the forward pass of this {type(adapter.model).__name__}; "
+                f"hook(s) {silent} did not fire during the forward pass of this {type(runner.model).__name__}; "
                 "they exist but are not used (e.g. disabled by a model setting)"
             )
         raise_if_not_finite(self.flags, batch, "activation")
+
+
+def moment_pass(runner, batches, targets: list[HookTarget], per_head: bool, device=None, progress: bool = True,
+                desc: str = "activation_stats") -> _Collector:
+    """One no-grad pass over ``batches`` folding every target's sample rows into its float64
+    :class:`MomentAccumulator` (``collector.accs``), summed across ``torch.distributed`` ranks.
+
+    ``runner``: anything with ``run_with_hooks(tokens, fwd_hooks)``, ``.model`` and ``.device`` (a
+    ModelAdapter, or the interaction basis's runner for plain HookedRootModules).
+    """
+    ctx = distributed_context()
+    acc_device = torch.device(device) if device is not None else runner.device
+    collector = _Collector(targets, per_head, acc_device)
+    n_mine = 0
+    with torch.no_grad():
+        for batch in shard(batches, ctx, runner.device, progress, desc):
+            collector.run(runner, batch)
+            n_mine += 1
+        if ctx.active:
+            if n_mine == 0:
+                # More ranks than batches: learn the hook shapes from batch 0 without counting it, so
+                # that this rank joins the reductions with accumulators of the right shape.
+                collector.accumulate = False
+                collector.run(runner, batches.batch(0, device=runner.device))
+            for t in targets:  # the same order on every rank
+                collector.accs[t.name].all_reduce()
+    return collector
 
 
 def activation_stats(
@@ -116,23 +143,7 @@ def activation_stats(
     adapter = adapt(model)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "activation_stats")
-    ctx = distributed_context()
-    acc_device = torch.device(device) if device is not None else adapter.device
-    collector = _Collector(targets, per_head, acc_device)
-
-    n_mine = 0
-    with torch.no_grad():
-        for batch in shard(batches, ctx, adapter.device, progress, "activation_stats"):
-            collector.run(adapter, batch)
-            n_mine += 1
-        if ctx.active:
-            if n_mine == 0:
-                # More ranks than batches: learn the hook shapes from batch 0 without counting it, so
-                # that this rank joins the reductions with accumulators of the right shape.
-                collector.accumulate = False
-                collector.run(adapter, batches.batch(0, device=adapter.device))
-            for t in targets:  # the same order on every rank
-                collector.accs[t.name].all_reduce()
+    collector = moment_pass(adapter, batches, targets, per_head, device, progress)
 
     stats = {}
     for t in targets:
@@ -157,5 +168,5 @@ def activation_stats(
         centered=bool(center),
         per_head=bool(per_head),
         n_batches=len(batches),
-        world_size=ctx.world_size,
+        world_size=distributed_context().world_size,
     )

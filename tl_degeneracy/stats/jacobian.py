@@ -39,9 +39,9 @@ tiny model (per-call overhead dominates) and on par on toy:bytelm at 16×128 tok
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,11 +50,12 @@ from ..errors import MissingHookError, NumericalError
 from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
 from .distributed import distributed_context
-from .passes import FeatureLayout, HookTarget, feature_layout, raise_if_not_finite, resolve_targets, shard
+from .passes import FeatureLayout, HookTarget, feature_layout, raise_if_not_finite, resolve_targets, run_until, shard
 from .results import JacobianHookStats, JacobianStats
 from .samples import SampleIndex
+from .vjp import Backward, cotangents, differentiable_capture
 
-__all__ = ["jacobian_stats"]
+__all__ = ["JacobianPass", "jacobian_pass", "jacobian_stats"]
 
 OBJECTIVES = ("kl", "mse")
 METHODS_ = ("auto", "batched", "loop")
@@ -62,78 +63,117 @@ METHODS_ = ("auto", "batched", "loop")
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _probe_generator(seed: int, batch_number: int, probe: int, device: torch.device) -> torch.Generator:
-    # SeedSequence mixes the three integers into well-separated streams (no seed + index collisions).
-    state = np.random.SeedSequence([int(seed), int(batch_number), int(probe)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+@dataclass
+class JacobianPass:
+    """What one pass accumulated: per hook its float64 accumulator, feature layout and sample unit."""
+
+    accs: dict[str, SecondMomentAccumulator] = field(default_factory=dict)
+    layouts: dict[str, FeatureLayout] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    output_unit: str | None = None
+    no_gradient: set[str] = field(default_factory=set)
 
 
-class _Backward:
-    """Vector-Jacobian products of one forward pass for a chunk of cotangents, batched or looped."""
-
-    def __init__(self, method: str):
-        self.method = method
-        self.batched_works: bool | None = None if method == "auto" else method == "batched"
-
-    def __call__(self, out: Tensor, inputs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
-        if self.batched_works is not False:
-            try:
-                grads = torch.autograd.grad(out, inputs, grad_outputs=cot, retain_graph=True,
-                                            is_grads_batched=True, allow_unused=True)
-                self.batched_works = True
-                return list(grads)
-            except RuntimeError:
-                if self.method == "batched" or self.batched_works:
-                    raise
-                self.batched_works = False  # e.g. an op without a vmap rule: loop from now on
-        per_probe = [torch.autograd.grad(out, inputs, grad_outputs=c, retain_graph=True, allow_unused=True) for c in cot]
-        return [None if per_probe[0][i] is None else torch.stack([g[i] for g in per_probe]) for i in range(len(inputs))]
-
-
-def _cotangents(
+def jacobian_pass(
+    runner,
+    batches,
+    targets: list[HookTarget],
+    *,
     objective: str,
-    out: Tensor,
-    out_mask: Tensor,
-    n_probes: int,
-    exact: bool,
-    seed: int,
-    batch_number: int,
-    chunk: int,
-) -> Iterator[tuple[Tensor, float]]:
-    """Chunks of cotangents [J, batch, pos, out_dim] on the output, each with its weight."""
-    b, P, V = out.shape
-    m = out_mask.to(out.dtype)[:, :, None]  # zero at outputs that do not count
-    if objective == "kl":
-        p = torch.softmax(out.detach().to(torch.float64), dim=-1)
-    if exact:
-        columns = [(t, v) for t in out_mask.any(0).nonzero().flatten().tolist() for v in range(V)]
-        for start in range(0, len(columns), chunk):
-            cols = columns[start : start + chunk]
-            cot = torch.zeros(len(cols), b, P, V, dtype=torch.float64, device=out.device)
-            for j, (t, v) in enumerate(cols):
-                if objective == "mse":
-                    cot[j, :, t, v] = 1.0
-                else:  # s_v = √p_v (e_v − p): Σ_v s_v s_vᵀ = diag(p) − p pᵀ
-                    s = -p[:, t, :] * p[:, t, v : v + 1].sqrt()
-                    s[:, v] += p[:, t, v].sqrt()
-                    cot[j, :, t, :] = s
-            yield cot.to(out.dtype) * m, 1.0
-        return
-    for start in range(0, n_probes, chunk):
-        probes = range(start, min(start + chunk, n_probes))
-        gens = [_probe_generator(seed, batch_number, j, out.device) for j in probes]
-        if objective == "mse":
-            rand_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-            cot = torch.stack([torch.randn(b, P, V, generator=g, device=out.device, dtype=rand_dtype) for g in gens])
-        else:
-            # y ~ p by inverse CDF (one uniform per output position): far cheaper than multinomial.
-            cdf = p.reshape(b * P, V).cumsum(-1)
-            cot = -p.expand(len(gens), b, P, V).clone()
-            for j, g in enumerate(gens):
-                u = torch.rand(b * P, 1, generator=g, device=out.device, dtype=torch.float64) * cdf[:, -1:]
-                y = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # [b·P, 1]
-                cot[j].view(b * P, V).scatter_add_(1, y, torch.ones_like(y, dtype=cot.dtype))
-        yield cot.to(out.dtype) * m, 1.0 / n_probes
+    output_hook: str | None = None,
+    output_transform: Callable[[Tensor], Tensor] | None = None,
+    n_probes: int = 8,
+    exact: bool = False,
+    seed: int = 0,
+    per_head: bool = True,
+    device: torch.device | None = None,
+    progress: bool = True,
+    method: str = "auto",
+    probe_chunk: int | None = None,
+    desc: str = "jacobian_stats",
+) -> JacobianPass:
+    """One pass over ``batches`` accumulating K = (1/n) Σ_t E[g_t g_tᵀ] at ``targets`` (module docstring).
+
+    ``runner`` is anything with ``run_with_hooks(tokens, fwd_hooks)`` returning the output
+    [batch, pos, …], ``.model`` and ``.device``: a ModelAdapter, or the interaction basis's runner
+    for plain HookedRootModules. ``batches`` has ``len()`` and ``.batch(number, device)`` (a
+    TokenBatches or alike). With ``output_hook`` the forward stops right after that hook fired.
+    Under ``torch.distributed`` each rank takes its shard and the accumulators are summed.
+    """
+    ctx = distributed_context()
+    acc_device = torch.device(device) if device is not None else runner.device
+    backward = Backward(method)
+    res = JacobianPass()
+
+    def one_batch(batch, accumulate: bool = True) -> None:
+        index = SampleIndex.from_batch(batch)
+        acts: dict[str, Tensor] = {}
+        captured: dict[str, Tensor] = {}
+
+        def keep_output(act: Tensor, hook=None) -> None:
+            captured["out"] = act
+
+        fwd = [(t.name, differentiable_capture(acts, t.name)) for t in targets]
+        if output_hook is not None:
+            fwd.append((output_hook, keep_output))  # after the captures: sees their replacements
+        with torch.enable_grad():
+            # Stop at the output hook once every target has fired; a target after it keeps a zero Gram.
+            logits = run_until(runner, batch.tokens, fwd, stop_after=output_hook, when=lambda: len(acts) == len(targets))
+            out = captured["out"] if output_hook is not None else logits
+            if output_transform is not None:
+                out = output_transform(out)
+        silent = [t.name for t in targets if t.name not in acts]
+        if silent:
+            raise MissingHookError(f"hook(s) {silent} did not fire during the forward pass of this {type(runner.model).__name__}")
+        out_name = output_hook or "logits"
+        unit_o = index.unit(tuple(out.shape), out_name)
+        out = out.flatten(2) if out.ndim > 3 else (out[..., None] if out.ndim == 2 else out)
+        out_mask = index.mask if unit_o == "position" else index.seq_mask[:, None]
+        res.output_unit = unit_o
+        if not bool(torch.isfinite(out.detach()[out_mask]).all()):
+            raise NumericalError(f"non-finite (NaN or inf) output {out_name!r} in batch {batch.number}; check the model's weights and dtype")
+
+        for t in targets:
+            act = acts[t.name]
+            unit = index.unit(tuple(act.shape), t.name)
+            if t.name not in res.layouts:
+                layout = feature_layout(t.kind, tuple(act.shape[2:]), per_head)
+                res.layouts[t.name], res.units[t.name] = layout, unit
+                res.accs[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
+        if not accumulate:
+            return
+        names = [t.name for t in targets]
+        inputs = [acts[n] for n in names]
+        flags: dict[str, Tensor] = {}
+        if out.requires_grad:
+            n_cot = (int(out_mask.any(0).sum()) * out.shape[-1]) if exact else n_probes
+            per = max(1, out.shape[0] * out.shape[1] * out.shape[2])
+            chunk = probe_chunk or max(1, min(n_cot, CHUNK_ELEMENTS // per))
+            for cot, weight in cotangents(objective, out, out_mask, n_probes, exact, seed, batch.number, chunk):
+                grads = backward(out, inputs, cot)
+                for name, g in zip(names, grads):
+                    if g is None:  # the output does not depend on this hook: a zero contribution
+                        res.no_gradient.add(name)
+                        continue
+                    layout = res.layouts[name]
+                    rows = index.rows(g, res.units[name], lead=1)  # [J, n, *feature]
+                    rows = rows.reshape(-1, layout.groups, layout.dim)
+                    ok = res.accs[name].update(rows, weight=weight)
+                    flags[name] = ok if name not in flags else flags[name] & ok
+        for name in names:
+            res.accs[name].add_samples(index.count(res.units[name]))
+        raise_if_not_finite(flags, batch, "gradient")
+
+    n_mine = 0
+    for batch in shard(batches, ctx, runner.device, progress, desc):
+        one_batch(batch)
+        n_mine += 1
+    if ctx.active:
+        if n_mine == 0:  # more ranks than batches: learn shapes from batch 0, count nothing
+            one_batch(batches.batch(0, device=runner.device), accumulate=False)
+        for t in targets:
+            res.accs[t.name].all_reduce()
+    return res
 
 
 def jacobian_stats(
@@ -194,102 +234,12 @@ def jacobian_stats(
         raise ValueError(f"n_probes must be a positive integer; got {n_probes!r}")
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "jacobian_stats")
-    ctx = distributed_context()
-    acc_device = torch.device(device) if device is not None else adapter.device
-    backward = _Backward(method)
-
-    layouts: dict[str, FeatureLayout] = {}
-    units: dict[str, str] = {}
-    accs: dict[str, SecondMomentAccumulator] = {}
-    out_unit = {"unit": None}
-    no_gradient: set[str] = set()
-
-    def one_batch(batch, accumulate: bool = True) -> None:
-        index = SampleIndex.from_batch(batch)
-        acts: dict[str, Tensor] = {}
-        captured: dict[str, Tensor] = {}
-
-        def capture(target: HookTarget):
-            def hook(act: Tensor, hook=None):
-                if target.name in acts:
-                    raise RuntimeError(f"hook {target.name!r} fired twice in one forward pass")
-                # Return a fresh tensor and differentiate with respect to it: the TransformerBridge
-                # hands some hooks (e.g. hook_v) a reshaped view that the forward only continues
-                # from when the hook returns a replacement, so the untouched view gets no gradient.
-                if act.requires_grad:
-                    act = act.view_as(act)
-                else:
-                    # Frozen parameters upstream: make the activation a leaf so the gradient reaches it.
-                    act = act.detach().requires_grad_(True)
-                acts[target.name] = act
-                return act
-
-            return hook
-
-        def keep_output(act: Tensor, hook=None) -> None:
-            captured["out"] = act
-
-        fwd = [(t.name, capture(t)) for t in targets]
-        if output_hook is not None:
-            fwd.append((output_hook, keep_output))  # after the captures: sees their replacements
-        with torch.enable_grad():
-            logits = adapter.run_with_hooks(batch.tokens, fwd_hooks=fwd)
-            out = captured.get("out", logits) if output_hook is not None else logits
-            if output_hook is not None and "out" not in captured:
-                raise MissingHookError(f"output hook {output_hook!r} did not fire during the forward pass")
-            if output_transform is not None:
-                out = output_transform(out)
-        silent = [t.name for t in targets if t.name not in acts]
-        if silent:
-            raise MissingHookError(f"hook(s) {silent} did not fire during the forward pass of this {type(adapter.model).__name__}")
-        out_name = output_hook or "logits"
-        unit_o = index.unit(tuple(out.shape), out_name)
-        out = out.flatten(2) if out.ndim > 3 else (out[..., None] if out.ndim == 2 else out)
-        out_mask = index.mask if unit_o == "position" else index.seq_mask[:, None]
-        out_unit["unit"] = unit_o
-        if not bool(torch.isfinite(out.detach()[out_mask]).all()):
-            raise NumericalError(f"non-finite (NaN or inf) output {out_name!r} in batch {batch.number}; check the model's weights and dtype")
-
-        for t in targets:
-            act = acts[t.name]
-            unit = index.unit(tuple(act.shape), t.name)
-            if t.name not in layouts:
-                layout = feature_layout(t.kind, tuple(act.shape[2:]), per_head)
-                layouts[t.name], units[t.name] = layout, unit
-                accs[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
-        if not accumulate:
-            return
-        names = [t.name for t in targets]
-        inputs = [acts[n] for n in names]
-        flags: dict[str, Tensor] = {}
-        if out.requires_grad:
-            n_cot = (int(out_mask.any(0).sum()) * out.shape[-1]) if exact else n_probes
-            per = max(1, out.shape[0] * out.shape[1] * out.shape[2])
-            chunk = probe_chunk or max(1, min(n_cot, CHUNK_ELEMENTS // per))
-            for cot, weight in _cotangents(objective, out, out_mask, n_probes, exact, seed, batch.number, chunk):
-                grads = backward(out, inputs, cot)
-                for name, g in zip(names, grads):
-                    if g is None:  # the output does not depend on this hook: a zero contribution
-                        no_gradient.add(name)
-                        continue
-                    layout = layouts[name]
-                    rows = index.rows(g, units[name], lead=1)  # [J, n, *feature]
-                    rows = rows.reshape(-1, layout.groups, layout.dim)
-                    ok = accs[name].update(rows, weight=weight)
-                    flags[name] = ok if name not in flags else flags[name] & ok
-        for name in names:
-            accs[name].add_samples(index.count(units[name]))
-        raise_if_not_finite(flags, batch, "gradient")
-
-    n_mine = 0
-    for batch in shard(batches, ctx, adapter.device, progress, "jacobian_stats"):
-        one_batch(batch)
-        n_mine += 1
-    if ctx.active:
-        if n_mine == 0:  # more ranks than batches: learn shapes from batch 0, count nothing
-            one_batch(batches.batch(0, device=adapter.device), accumulate=False)
-        for t in targets:
-            accs[t.name].all_reduce()
+    res = jacobian_pass(
+        adapter, batches, targets, objective=objective, output_hook=output_hook, output_transform=output_transform,
+        n_probes=n_probes, exact=exact, seed=seed, per_head=per_head, device=device, progress=progress,
+        method=method, probe_chunk=probe_chunk,
+    )
+    no_gradient, accs, layouts, units = res.no_gradient, res.accs, res.layouts, res.units
 
     if no_gradient and output_hook is None:
         # Every hook of a transformer feeds its logits; no gradient means the backend did not
@@ -323,6 +273,6 @@ def jacobian_stats(
         exact=bool(exact),
         seed=int(seed),
         n_batches=len(batches),
-        world_size=ctx.world_size,
-        output_unit=out_unit["unit"] or "position",
+        world_size=distributed_context().world_size,
+        output_unit=res.output_unit or "position",
     )

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data import Batch, TokenBatches
-from ..errors import NumericalError
+from ..errors import MissingHookError, NumericalError
 from ..models.adapter import ModelAdapter
 from ..models.hooks import PATTERN_KINDS
 from .distributed import DistributedContext
 
-__all__ = ["HookTarget", "FeatureLayout", "resolve_targets", "feature_layout", "shard", "raise_if_not_finite"]
+__all__ = ["HookTarget", "FeatureLayout", "resolve_targets", "feature_layout", "shard", "raise_if_not_finite", "run_until"]
 
 #: Per-head kinds whose cross-head Gram no method needs: per_head=True keeps only their blocks.
 HEAD_BLOCK_ONLY_KINDS = ("q", "k")
@@ -95,3 +95,31 @@ def raise_if_not_finite(flags: dict[str, torch.Tensor], batch: Batch, what: str)
         + (f"; also at {bad[1:]}" if len(bad) > 1 else "")
         + ". Check the model's weights and dtype (float16 overflow?) and the input tokens."
     )
+
+
+class _StopForward(Exception):
+    """Raised by the stopping hook of :func:`run_until`; never leaves it."""
+
+
+def run_until(runner, tokens, fwd_hooks: list, stop_after: str | None = None,
+              when: Callable[[], bool] = lambda: True) -> torch.Tensor | None:
+    """``runner.run_with_hooks(tokens, fwd_hooks)``; with ``stop_after`` (a hook name), the forward
+    pass is abandoned right after that hook's functions ran (if ``when()`` then holds), so nothing
+    downstream of it (later blocks, the unembedding) is computed. Returns the output, or None when
+    stopped. Hooks are removed on the way out by TransformerLens's own ``finally``."""
+    if stop_after is None:
+        return runner.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+    fired = []
+
+    def stop(act, hook=None):
+        fired.append(True)
+        if when():
+            raise _StopForward
+
+    try:
+        out = runner.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (stop_after, stop)])
+    except _StopForward:
+        return None
+    if not fired:
+        raise MissingHookError(f"hook {stop_after!r} did not fire during the forward pass of this {type(runner.model).__name__}")
+    return out

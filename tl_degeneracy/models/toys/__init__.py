@@ -13,6 +13,7 @@ BUNDLED_TOYS: list[tuple[str, str, str, str, str]] = [
     ("toy:bytelm", "bytelm", "ToyTransformer", "bytelm.pt", "2-layer byte-level LM trained on Python stdlib source"),
     ("toy:sma", "sma", "SparseModularAddition", "sma.pt", "sparse modular addition (p=4, T=12, k=5), d=32, curriculum p=2→4: generalising solution"),
     ("toy:sma-scratch", "sma", "SparseModularAddition", "sma-scratch.pt", "sparse modular addition (p=4, T=12, k=5), d=32, trained from scratch: memorising solution"),
+    ("toy:modadd", "modadd", "ToyTransformer", "modadd.pt", "modular addition (a+b) mod 31, Nanda et al. 1-layer config (d=128, 4 heads, ReLU, no LN): grokked"),
 ]
 
 for _entry in BUNDLED_TOYS:

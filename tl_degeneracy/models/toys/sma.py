@@ -29,13 +29,10 @@ Run ``python -m tl_degeneracy.models.toys.sma --help`` for the command line.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
-import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,6 +48,7 @@ from ...errors import DataError
 from ..config import ModelConfig
 from .transformer import MLP
 from ..hooks import TL_HOOK_TEMPLATES
+from . import training
 from .base import ToyModel
 
 #: The RMSNorm epsilon of the original model: added to the RMS, not inside the square root.
@@ -448,26 +446,12 @@ def train_sma(
 
     rows: list[dict] = []
     start = time.perf_counter()
-    with _num_threads(num_threads):
+    with training.num_threads(num_threads):
         model.train()
         _run_phases(model, schedule, n_train, n_test, data_seed, test_seed, T, k, eval_every,
                     ckpt_dir, checkpoint_every, verbose, rows, start)
         model.eval()
     return model, pd.DataFrame(rows)
-
-
-@contextlib.contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count for a block only (None: leave it alone)."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_phases(model, schedule, n_train, n_test, data_seed, test_seed, T, k, eval_every,
@@ -580,12 +564,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int, default=2048)
     parser.add_argument("--n-test", type=int, default=2048)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint file to write (ToyModel.save)")
-    parser.add_argument("--history", type=Path, default=None, help="CSV file for the training history")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=None)
-    parser.add_argument("--verbose", action="store_true")
+    training.add_output_arguments(parser)
     args = parser.parse_args(argv)
 
     schedule = args.schedule or [list(ph) for ph in RECIPES[args.recipe]]
@@ -602,10 +581,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     wall = time.perf_counter() - start
     final = history.iloc[-1]
-    command = "python -m tl_degeneracy.models.toys.sma " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     metadata = {
-        "command": command,
+        "command": training.command_line("tl_degeneracy.models.toys.sma", argv),
         "recipe": "custom" if args.schedule else args.recipe,
         "p_schedule": [list(ph) for ph in schedule],
         "seed": args.seed, "data_seed": args.data_seed, "test_seed": test_seed,
@@ -620,12 +597,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # The whole training curve travels with the checkpoint (a few KiB), for plots and tutorials.
         "history": history.to_dict("records"),
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        model.save(args.out, metadata=metadata)
-    if args.history is not None:
-        history.to_csv(args.history, index=False)
-    print(json.dumps({key: value for key, value in metadata.items() if key != "history"}))
+    training.write_outputs(model, metadata, history, args)
     return metadata
 
 

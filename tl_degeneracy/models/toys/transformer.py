@@ -1,7 +1,10 @@
 """A small GPT-style decoder with TransformerLens hook points and TL-named weights.
 
 Pre-norm blocks (LayerNorm with learned w/b), learned absolute positions, causal multi-head
-attention with biases, a GELU (or ReLU) MLP and an untied unembedding with bias. Module, parameter
+attention with biases, a GELU (or ReLU) MLP and an untied unembedding with bias. Options drop the
+LayerNorms (``normalization=None``, as TransformerLens' ``normalization_type=None``) and the biases
+(``bias=False``), and give the unembedding its own width (``d_vocab_out``): together they make the
+Nanda et al. modular-addition model (METHODS §7, :mod:`.modadd`). Module, parameter
 and hook names follow the legacy ``HookedTransformer`` ones (``blocks.0.attn.W_Q``,
 ``blocks.0.attn.hook_q`` …), so :data:`tl_degeneracy.models.hooks.TL_HOOK_TEMPLATES` apply
 unchanged and every TransformerLens habit (``run_with_cache``, ``run_with_hooks``) works on it.
@@ -47,20 +50,30 @@ class LayerNorm(nn.Module):
         return self.hook_normalized(x / scale * self.w + self.b)
 
 
-class Attention(nn.Module):
-    """Causal multi-head attention in TL layout: q = x W_Q + b_Q per head, output Σ_h z_h W_O^h + b_O."""
+def _bias(shape: tuple[int, ...], bias: bool) -> nn.Parameter | None:
+    """A zero-initialised bias, or None (registered as an absent parameter) when ``bias`` is off."""
+    return nn.Parameter(torch.zeros(shape)) if bias else None
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int):
+
+def _add_bias(x: Tensor, b: Tensor | None) -> Tensor:
+    return x if b is None else x + b
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention in TL layout: q = x W_Q + b_Q per head, output Σ_h z_h W_O^h + b_O
+    (the biases are absent, i.e. zero, with ``bias=False``)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, bias: bool = True):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
         self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_K = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_V = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
-        self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head))
-        self.b_K = nn.Parameter(torch.zeros(n_heads, d_head))
-        self.b_V = nn.Parameter(torch.zeros(n_heads, d_head))
-        self.b_O = nn.Parameter(torch.zeros(d_model))
+        self.b_Q = _bias((n_heads, d_head), bias)
+        self.b_K = _bias((n_heads, d_head), bias)
+        self.b_V = _bias((n_heads, d_head), bias)
+        self.b_O = _bias((d_model,), bias)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -69,9 +82,9 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(torch.einsum("bpm,hmd->bphd", x, self.W_Q) + self.b_Q)
-        k = self.hook_k(torch.einsum("bpm,hmd->bphd", x, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpm,hmd->bphd", x, self.W_V) + self.b_V)
+        q = self.hook_q(_add_bias(torch.einsum("bpm,hmd->bphd", x, self.W_Q), self.b_Q))
+        k = self.hook_k(_add_bias(torch.einsum("bpm,hmd->bphd", x, self.W_K), self.b_K))
+        v = self.hook_v(_add_bias(torch.einsum("bpm,hmd->bphd", x, self.W_V), self.b_V))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
         # The mask is built per call (not a buffer) so a change of device or dtype, a
         # functional_call or a vmap never meets a stale or wrongly sized mask. -inf matches what
@@ -81,37 +94,43 @@ class Attention(nn.Module):
         scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1))
         z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
-        return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
+        return _add_bias(torch.einsum("bqhd,hdm->bqm", z, self.W_O), self.b_O)
 
 
 class MLP(nn.Module):
-    """post = act(x W_in + b_in), out = post W_out + b_out."""
+    """post = act(x W_in + b_in), out = post W_out + b_out (no biases with ``bias=False``)."""
 
-    def __init__(self, d_model: int, d_mlp: int, act_fn: str):
+    def __init__(self, d_model: int, d_mlp: int, act_fn: str, bias: bool = True):
         super().__init__()
         self.act = ACT_FNS[act_fn]
         self.W_in = nn.Parameter(torch.empty(d_model, d_mlp))
-        self.b_in = nn.Parameter(torch.zeros(d_mlp))
+        self.b_in = _bias((d_mlp,), bias)
         self.W_out = nn.Parameter(torch.empty(d_mlp, d_model))
-        self.b_out = nn.Parameter(torch.zeros(d_model))
+        self.b_out = _bias((d_model,), bias)
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        pre = self.hook_pre(_add_bias(x @ self.W_in, self.b_in))
         post = self.hook_post(self.act(pre))
-        return post @ self.W_out + self.b_out
+        return _add_bias(post @ self.W_out, self.b_out)
+
+
+def _norm(d_model: int, normalization: str | None) -> nn.Module:
+    # Without normalization the module is an identity with no hooks, as in TransformerLens.
+    return LayerNorm(d_model) if normalization == "LN" else nn.Identity()
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int, d_mlp: int, act_fn: str):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, d_mlp: int, act_fn: str,
+                 normalization: str | None = "LN", bias: bool = True):
         super().__init__()
-        self.ln1 = LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, d_head)
-        self.ln2 = LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_mlp, act_fn)
+        self.ln1 = _norm(d_model, normalization)
+        self.attn = Attention(d_model, n_heads, d_head, bias)
+        self.ln2 = _norm(d_model, normalization)
+        self.mlp = MLP(d_model, d_mlp, act_fn, bias)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -147,13 +166,13 @@ class PosEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
-    def __init__(self, d_model: int, d_vocab: int):
+    def __init__(self, d_model: int, d_vocab_out: int, bias: bool = True):
         super().__init__()
-        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab))
-        self.b_U = nn.Parameter(torch.zeros(d_vocab))
+        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab_out))
+        self.b_U = _bias((d_vocab_out,), bias)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return x @ self.W_U + self.b_U
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab_out"]:
+        return _add_bias(x @ self.W_U, self.b_U)
 
 
 class ToyTransformer(ToyModel):
@@ -164,9 +183,13 @@ class ToyTransformer(ToyModel):
         n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx: sizes, in TL terms.
         act_fn: ``"gelu"`` (exact, erf form) or ``"relu"``.
         seed: seeds the initialisation (a private generator; the global RNG is left alone).
+        normalization: ``"LN"`` (pre-norm LayerNorms and a final one) or None (no norms at all; the
+            ``ln_final`` hook kind is then missing).
+        bias: False drops every bias (b_Q, b_K, b_V, b_O, b_in, b_out, b_U): they are not parameters.
+        d_vocab_out: width of the unembedding (default ``d_vocab``), as TL's ``d_vocab_out``.
 
     ``forward(tokens)`` takes integer tokens [batch, pos] with pos ≤ n_ctx and returns logits
-    [batch, pos, d_vocab].
+    [batch, pos, d_vocab_out].
     """
 
     HOOK_TEMPLATES: ClassVar[dict[str, str]] = dict(TL_HOOK_TEMPLATES)
@@ -183,26 +206,43 @@ class ToyTransformer(ToyModel):
         n_ctx: int,
         act_fn: str = "gelu",
         seed: int = 0,
+        normalization: str | None = "LN",
+        bias: bool = True,
+        d_vocab_out: int | None = None,
     ):
         super().__init__()
+        d_vocab_out = d_vocab if d_vocab_out is None else d_vocab_out
         sizes = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp,
-                     d_vocab=d_vocab, n_ctx=n_ctx)
+                     d_vocab=d_vocab, n_ctx=n_ctx, d_vocab_out=d_vocab_out)
         bad = {k: v for k, v in sizes.items() if not (isinstance(v, int) and v > 0)}
         if bad:
             raise ValueError(f"ToyTransformer sizes must be positive integers; got {bad}")
         if act_fn not in ACT_FNS:
             raise ValueError(f"act_fn must be one of {sorted(ACT_FNS)}; got {act_fn!r}")
-        self._kwargs = dict(sizes, act_fn=act_fn, seed=int(seed))
+        if normalization not in ("LN", None):
+            raise ValueError(f"normalization must be 'LN' or None; got {normalization!r}")
+        # The options enter the constructor arguments only where they differ from the defaults, so
+        # the arguments (and checkpoints) of the default architecture read as they always have.
+        options = dict(normalization=normalization, bias=bool(bias), d_vocab_out=d_vocab_out)
+        defaults = dict(normalization="LN", bias=True, d_vocab_out=d_vocab)
+        self._kwargs = dict(
+            {k: v for k, v in sizes.items() if k != "d_vocab_out"}, act_fn=act_fn, seed=int(seed),
+            **{k: v for k, v in options.items() if v != defaults[k]},
+        )
+        if normalization is None:
+            # Per instance: the class-level table describes the default (normed) architecture.
+            self.MISSING_HOOKS = {"ln_final": "it has no normalization layers (normalization=None); the "
+                                  f"unembedding reads blocks.{n_layers - 1}.hook_resid_post directly"}
 
         self.embed = Embed(d_vocab, d_model)
         self.hook_embed = HookPoint()
         self.pos_embed = PosEmbed(n_ctx, d_model)
         self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(
-            TransformerBlock(d_model, n_heads, d_head, d_mlp, act_fn) for _ in range(n_layers)
+            TransformerBlock(d_model, n_heads, d_head, d_mlp, act_fn, normalization, bias) for _ in range(n_layers)
         )
-        self.ln_final = LayerNorm(d_model)
-        self.unembed = Unembed(d_model, d_vocab)
+        self.ln_final = _norm(d_model, normalization)
+        self.unembed = Unembed(d_model, d_vocab_out, bias)
         self._init_weights(int(seed))
         self.setup()
 
@@ -262,7 +302,7 @@ class ToyTransformer(ToyModel):
             d_vocab=k["d_vocab"],
             n_ctx=k["n_ctx"],
             act_fn=k["act_fn"],
-            normalization="LN",
+            normalization=k.get("normalization", "LN"),
             parallel_attn_mlp=False,
             gated_mlp=False,
             positional_embedding="standard",

@@ -1,0 +1,283 @@
+"""interaction_basis (METHODS §5): moments and scaling, invariance under reparametrisation of a node,
+deep linear networks (LIB = SVD of the whitened weights = global basis), multi-batch = single batch,
+probe convergence, errors, and runs on the bundled toys and the HF test architectures."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures.toys import make_tiny_toy_transformer
+from tests.interaction_models import HookedMLP, mlp_inputs, node_acts, random_invertible
+from tl_degeneracy.data import token_batches
+from tl_degeneracy.errors import DataError, MissingHookError, NumericalError
+from tl_degeneracy.interaction import InteractionBasis, interaction_basis
+
+MLP_NODES = ["hook_in", "hook_h0", "hook_h1", "hook_out"]
+
+
+def rel(a, b) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def signed_close(a, b, tol):
+    """a ≈ b up to one sign per column (last axis): each basis direction is defined up to sign."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    s = torch.sign((a * b).sum(0))
+    return rel(a * s, b) < tol
+
+
+def tiny_toy():
+    model = make_tiny_toy_transformer().double()
+    model.tokenizer = types.SimpleNamespace(bos_token_id=1, pad_token_id=0)
+    return model
+
+
+def toy_tokens(n=4, p=7, seed=0):
+    return torch.randint(2, 20, (n, p), generator=torch.Generator().manual_seed(seed))
+
+
+def run_mlp(model, x, **kw):
+    kw = {"output": "mse", "exact": True, "progress": False, "nodes": MLP_NODES, **kw}
+    return interaction_basis(model, x, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- moments
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_importance_scaling_moments_unit_jacobian_gram_and_paper_scaling(kind):
+    """E[f̂ f̂ᵀ] = diag(D_M) on the data; the Jacobian Gram of the outputs in f̂ coordinates is I
+    (brute force, torch.func.jacrev); the paper scaling differs only by D_M per direction."""
+    model, x = HookedMLP([5, 7, 6, 4]), mlp_inputs(96, 5)
+    ib = run_mlp(model, x, kind=kind)
+    assert isinstance(ib, InteractionBasis) and ib.nodes == MLP_NODES
+    acts = node_acts(model, x, MLP_NODES)
+    for node in MLP_NODES:
+        fhat = ib.transform(acts[node], node)
+        lam = ib.eigenvalues[node].kept
+        assert fhat.shape == (96, ib.dims.set_index("node").loc[node, "interaction_rank"])
+        second = fhat.mT @ fhat / len(x)
+        assert rel(second, torch.diag(lam)) < 1e-10, node
+        assert fhat.mean(0).abs().max() < 1e-10 * lam.sqrt().max()  # centred
+        # round trip on the kept subspace
+        assert rel(ib.transform(ib.inverse_transform(fhat, node), node), fhat) < 1e-10
+    # Jacobian Gram of the outputs with respect to f̂ at the first hidden node (global basis, or
+    # the last node's outputs = the model's for both kinds): I in importance scaling.
+    node = "hook_h1" if kind == "global" else "hook_out"
+    C_inv, f = ib.inverse[node], acts[node]
+
+    def out_of(delta):  # output as a function of f̂ moved along the kept subspace
+        return model.run_with_hooks(x, fwd_hooks=[(node, lambda a, hook: a + delta @ C_inv.mT)])
+
+    J = torch.func.jacrev(out_of)(torch.zeros(len(x), C_inv.shape[1], dtype=torch.float64))  # [n, out, n, k]
+    J = torch.einsum("aoak->aok", J)
+    gram = torch.einsum("aok,aol->kl", J, J) / len(x)
+    assert rel(gram, torch.eye(gram.shape[0], dtype=torch.float64)) < 1e-9
+    paper = run_mlp(model, x, kind=kind, scaling="paper")
+    for node in MLP_NODES:
+        lam = ib.eigenvalues[node].kept
+        assert torch.allclose(paper.basis[node] * lam[:, None], ib.basis[node], rtol=1e-9, atol=1e-12 * ib.basis[node].abs().max())
+        assert torch.allclose(paper.eigenvalues[node].interaction, ib.eigenvalues[node].interaction)
+
+
+# ---------------------------------------------------------------------------------------------- invariance
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_invariance_under_invertible_map_at_an_mlp_node(kind):
+    """f → R f at hidden node 1 with the next weights → W R⁻¹: the same f̂ values at every node
+    (so the basis of that node is C R⁻¹), and the same edges."""
+    x = mlp_inputs(80, 5)
+    a = HookedMLP([5, 7, 6, 4], seed=3)
+    b = HookedMLP([5, 7, 6, 4], seed=3)
+    R = random_invertible(6, seed=4)
+    b.insert_mix(1, R)
+    assert rel(b(x), a(x)) < 1e-12
+    ia, ib_ = run_mlp(a, x, kind=kind), run_mlp(b, x, kind=kind)
+    acts_a, acts_b = node_acts(a, x, MLP_NODES), node_acts(b, x, MLP_NODES)
+    for node in MLP_NODES:
+        assert signed_close(ib_.transform(acts_b[node], node), ia.transform(acts_a[node], node), 1e-8), node
+    assert signed_close((ib_.basis["hook_h1"] @ R).mT, ia.basis["hook_h1"].mT, 1e-8)  # C' = C R⁻¹
+    for pair in ia.edges:
+        assert rel(ib_.edges[pair], ia.edges[pair]) < 1e-8, pair
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_invariance_under_head_gauge_in_a_transformer(kind):
+    """A random GL(d_head) gauge per head (W_V → W_V A, W_O → A⁻¹ W_O) maps hook_z by A: the z
+    node's f̂ values, every other node's basis, and all edges are unchanged."""
+    from tl_degeneracy.gauge import random_gauge
+
+    model = tiny_toy()
+    gauged = random_gauge(model, seed=5)
+    toks = toy_tokens()
+    nodes = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "ln_final.hook_normalized"]
+    kw = dict(kind=kind, nodes=nodes, output="kl", exact=True, progress=False)
+    ia, ig = interaction_basis(model, toks, **kw), interaction_basis(gauged, toks, **kw)
+    _, ca = model.run_with_cache(toks)
+    _, cg = gauged.run_with_cache(toks)
+    assert rel(cg[nodes[0]], ca[nodes[0]]) > 1e-2  # the gauge really moved z
+    for node in nodes:
+        assert signed_close(ig.transform(cg[node], node), ia.transform(ca[node], node), 1e-7), node
+    for pair in ia.edges:
+        assert rel(ig.edges[pair], ia.edges[pair]) < 1e-7, pair
+
+
+# ---------------------------------------------------------------------------------------------- deep linear
+def test_deep_linear_network_lib_is_an_svd_and_equals_global():
+    """Linear layers: LIB transition matrices C^{l+1} W_l C^{l+} are signed identities, Λ is the same
+    at every node (the output's PCA variances), edges are diagonal, and LIB = the global basis."""
+    widths = [4, 6, 5, 3]
+    model, x = HookedMLP(widths, act=lambda h: h, seed=7), mlp_inputs(64, 4)
+    lib = run_mlp(model, x, kind="local")
+    glob = run_mlp(model, x, kind="global")
+    out_cov = torch.cov(model(x).mT, correction=0)
+    pca = torch.linalg.eigvalsh(out_cov).flip(0)
+    for node in MLP_NODES:
+        assert lib.eigenvalues[node].interaction_rank == 3, node
+        assert torch.allclose(lib.eigenvalues[node].kept, pca, rtol=1e-9), node
+        assert rel(lib.basis[node], glob.basis[node]) < 1e-9, node
+    for l, W in enumerate(model.weights):
+        a, b = MLP_NODES[l], MLP_NODES[l + 1]
+        T = lib.basis[b] @ W.detach() @ lib.inverse[a]
+        assert torch.allclose(T.abs(), torch.eye(3, dtype=torch.float64), atol=1e-9), (a, b, T)
+        E = lib.edges[a, b]
+        off = E - torch.diag(E.diagonal())
+        assert off.abs().max() < 1e-12 * E.max(), (a, b)
+        assert torch.allclose(E.diagonal(), pca, rtol=1e-9)  # E_ii = E[f̂_i²] = Λ_i for a signed identity
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+def test_multi_batch_equals_single_batch():
+    model = tiny_toy()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(2, 20, (n,), generator=g) for n in (7, 4, 6, 5)]
+    runs = [interaction_basis(model, token_batches(seqs, model, batch_size=bs, prepend_bos=True), kind="local",
+                              output="kl", exact=True, progress=False) for bs in (4, 1, 3)]
+    one = runs[0]
+    assert one.counts["blocks.0.hook_resid_pre"] == 22  # BOS skipped, padding never counted
+    for other in runs[1:]:
+        for node in one.nodes:
+            assert rel(other.basis[node], one.basis[node]) < 1e-10, node
+        for pair in one.edges:
+            assert rel(other.edges[pair], one.edges[pair]) < 1e-10, pair
+
+
+def test_probe_estimates_converge_to_exact_like_inverse_sqrt():
+    """D_M from k probes per batch → exact D_M (small vocabulary), rms error ∝ k^{-1/2}."""
+    model, toks = tiny_toy(), toy_tokens(n=3, p=6)
+    nodes = ["blocks.1.hook_resid_pre"]
+    exact = interaction_basis(model, toks, kind="global", nodes=nodes, exact=True, edges=False, progress=False)
+    ref = exact.eigenvalues[nodes[0]].interaction
+    probes, rms = [4, 16, 64], []
+    for k in probes:
+        errs = [rel(interaction_basis(model, toks, kind="global", nodes=nodes, n_probes=k, seed=s, edges=False,
+                                      progress=False).eigenvalues[nodes[0]].interaction, ref) for s in range(6)]
+        rms.append(float(np.sqrt(np.mean(np.square(errs)))))
+    slope = np.polyfit(np.log(probes), np.log(rms), 1)[0]
+    assert -0.8 <= slope <= -0.3, (slope, rms)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_input_gives_clear_errors():
+    model, toks = tiny_toy(), toy_tokens()
+    with pytest.raises(MissingHookError, match="blocks.9"):
+        interaction_basis(model, toks, nodes=["blocks.9.hook_resid_pre"], progress=False)
+    with pytest.raises(ValueError, match="forward order"):
+        interaction_basis(model, toks, nodes=["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"], progress=False)
+    with pytest.raises(ValueError, match="distinct"):
+        interaction_basis(model, toks, nodes=["resid_pre", "blocks.0.hook_resid_pre"], progress=False)
+    with pytest.raises(DataError):
+        interaction_basis(model, torch.zeros(0, 5, dtype=torch.long), progress=False)
+    for bad in (dict(kind="both"), dict(output="ce"), dict(scaling="unit"), dict(n_probes=0), dict(edge_sources=0)):
+        with pytest.raises(ValueError):
+            interaction_basis(model, toks, progress=False, **bad)
+    mlp = HookedMLP([3, 4, 2])
+    with pytest.raises(MissingHookError, match="hook_nope"):
+        interaction_basis(mlp, mlp_inputs(8, 3), nodes=["hook_in", "hook_nope"], progress=False)
+    with pytest.raises(DataError):
+        interaction_basis(mlp, torch.zeros(0, 3, dtype=torch.float64), progress=False)
+    with pytest.raises(TypeError, match="HookedRootModule"):
+        interaction_basis(torch.nn.Linear(3, 2), mlp_inputs(8, 3), progress=False)
+    with torch.no_grad():
+        model.blocks[0].attn.W_V[0, 0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="hook_resid_pre"):
+        interaction_basis(model, toks, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def check_result(ib: InteractionBasis) -> None:
+    assert len(ib.edges) == len(ib.nodes) - 1
+    for node in ib.nodes:
+        k, D = ib.basis[node].shape
+        assert ib.basis[node].dtype == torch.float64 and torch.isfinite(ib.basis[node]).all()
+        assert ib.inverse[node].shape == (D, k) and ib.mean[node].shape == (D,)
+        assert 0 < k <= ib.eigenvalues[node].rank_G <= D
+    for (a, b), e in ib.edges.items():
+        assert e.shape == (ib.basis[b].shape[0], ib.basis[a].shape[0]) and e.dtype == torch.float64
+        assert torch.isfinite(e).all() and (e >= 0).all() and e.sum() > 0
+    assert list(ib.dims.columns[:5]) == ["node", "D", "rank_G", "interaction_rank", "degenerate"]
+    json.dumps(ib.to_dict())
+    assert ib.plot_spectra().data and ib.plot_edges().data
+
+
+def test_sma_default_nodes_and_sequence_level_output(sma_model):
+    import tl_degeneracy as tld
+
+    toks = tld.toy_data("sma", 24, seed=0)
+    ib = interaction_basis(sma_model, toks, kind="local", n_probes=4, progress=False)
+    assert ib.nodes == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"]  # no final norm
+    assert ib.counts == {"blocks.0.hook_resid_pre": 24 * 12, "blocks.0.hook_resid_post": 24}
+    check_result(ib)
+
+
+def test_bytelm_small_data():
+    import tl_degeneracy as tld
+
+    model = tld.load_model("toy:bytelm")
+    toks = tld.toy_data("bytelm", 2, seed=0, seq_len=12)
+    ib = interaction_basis(model, toks, kind="local", n_probes=2, edge_sources=1, progress=False)
+    assert ib.nodes == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "ln_final.hook_normalized"]
+    assert ib.settings["passes"] == 5 and ib.counts[ib.nodes[0]] == 24
+    check_result(ib)
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_hf_architectures(arch, tl_models, single_thread):
+    model = tl_models(arch, "bridge")
+    toks = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    for kind in ("global", "local"):
+        ib = interaction_basis(model, toks, kind=kind, n_probes=2, edge_sources=1, progress=False)
+        assert ib.nodes[-1] == "ln_final.hook_normalized" and len(ib.nodes) == 3
+        check_result(ib)
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+@pytest.mark.slow  # ~25 s: two fresh interpreters import torch and TransformerLens
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_equal_one(tmp_path):
+    """Under torchrun (2 gloo ranks, batches split 2 + 1) every rank gets the single-process LIB:
+    probes and sources are seeded per batch, the float64 sums are reduced across ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.interaction_distributed_worker import compute
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "tests" / "interaction_distributed_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = compute()
+    assert int(single["world_size"]) == 1
+    for rank in (0, 1):
+        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert int(multi["world_size"]) == 2 and sorted(multi) == sorted(single)
+        for key in single:
+            if key != "world_size":
+                assert rel(multi[key], single[key]) < 1e-10, (rank, key)

@@ -1,0 +1,80 @@
+"""Automatic step size (METHODS §1, SGLD): the curvature it is derived from, and when it is adapted."""
+
+import numpy as np
+import pytest
+import torch
+
+from tl_degeneracy.llc import behavioral_llc
+from tl_degeneracy.llc.api import ADAPT_AT
+from tl_degeneracy.llc.sampler import FlatLayout
+from tl_degeneracy.llc.stepsize import top_hessian_eigenvalue
+
+from .test_llc import deep_linear_network, dln_inputs, linear_regression
+
+
+class _Quadratic:
+    """L(θ* + δ) = ½ δᵀ A δ for every chain: a target whose Hessian is A everywhere."""
+
+    n_batches = 1
+
+    def __init__(self, A):
+        self.A = A
+
+    def loss(self, deltas, b):
+        d = deltas["w"]
+        return 0.5 * torch.einsum("ci,ij,cj->c", d, self.A, d)
+
+
+def _with_spectrum(spectrum, dtype):
+    q, _ = torch.linalg.qr(torch.randn(len(spectrum), len(spectrum), generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    return (q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_eigenvalue_is_the_largest_positive_one_beside_a_larger_negative_one(dtype):
+    # |−50| dominates: power iteration converges to −50 (then clamped to 0), hiding the curvature 4
+    # that limits η. The Lanczos value is the largest algebraic eigenvalue.
+    spectrum = [-50.0, 4.0, 3.0, 2.0, 1.0, 0.5, -1.0, 0.0, -20.0, 3.9]
+    n = len(spectrum)
+    target = _Quadratic(_with_spectrum(spectrum, dtype))
+    layout, mask = FlatLayout(("w",), ((n,),)), torch.ones(n, dtype=torch.bool)
+    points = torch.zeros(3, n, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9  # rounding of the 50-scale products
+    top = top_hessian_eigenvalue(target, layout, mask, points)
+    np.testing.assert_allclose(top.numpy(), 4.0, atol=tol)
+    top = top_hessian_eigenvalue(target, layout, mask, points, rtol=0.0, iters=30, point_seeds=[1, 2, 3])
+    np.testing.assert_allclose(top.numpy(), 4.0, atol=tol)
+    # No positive curvature at all: 0 (the step size then comes from γ alone).
+    target = _Quadratic(_with_spectrum([-5.0, -1.0, -0.1, -3.0], dtype))
+    layout, mask = FlatLayout(("w",), ((4,),)), torch.ones(4, dtype=torch.bool)
+    assert torch.equal(top_hessian_eigenvalue(target, layout, mask, torch.zeros(2, 4, dtype=dtype)), torch.zeros(2, dtype=dtype))
+
+
+def test_top_eigenvalue_matches_the_dense_hessian_of_a_network_away_from_its_minimum():
+    from tl_degeneracy.llc.api import make_target
+
+    model = deep_linear_network(1).double()
+    x = dln_inputs(50).double()
+    target = make_target(model, x, None, None)
+    names = list(target.star)
+    layout = FlatLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
+    mask = torch.ones(layout.numel, dtype=torch.bool)
+    points = 0.7 * torch.randn(4, layout.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lanczos = top_hessian_eigenvalue(target, layout, mask, points, rtol=0.0, iters=layout.numel)
+    for p, point in enumerate(points):
+        hess = torch.autograd.functional.hessian(lambda d: target.loss(layout.unflatten(d[None]), 0)[0], point)
+        eig = torch.linalg.eigvalsh(hess)
+        assert float(lanczos[p]) == pytest.approx(max(float(eig[-1]), 0.0), rel=1e-8, abs=1e-10)
+
+
+def test_last_step_size_adaptation_leaves_burn_in_steps_under_the_final_step_size():
+    # A rank-0 DLN at its flat θ*: the chains find stiffer regions during burn-in, so η is lowered.
+    burnin = 80
+    res = behavioral_llc(deep_linear_network(0), dln_inputs(200), chains=3, draws=20, burnin=burnin, pilot_steps=10)
+    steps = [a["step"] for a in res.diagnostics["adaptations"]]
+    assert steps == [int(burnin * f) for f in ADAPT_AT] == [20, 40, 60]
+    assert burnin - max(steps) == burnin // 4  # a quarter of the burn-in runs under the final η
+    assert res.step_size == res.diagnostics["adaptations"][-1]["step_size"]
+    # A given step size is never adapted.
+    model, x = linear_regression(d=3, n=30)
+    assert behavioral_llc(model, x, step_size=1e-4, chains=2, draws=10, burnin=20).diagnostics["adaptations"] == []

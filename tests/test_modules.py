@@ -1,0 +1,248 @@
+"""find_modules (METHODS §6) on hand-made interaction graphs with known modules."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from tl_degeneracy.errors import DataError, NumericalError
+from tl_degeneracy.interaction.modules import find_modules, log_edge_weights, mass_cutoff
+
+NODES = ["a", "b", "c"]
+# Two interleaved blocks of directions, so the answer is not simply "the first half".
+BLOCKS = [(0, 2, 4), (1, 3, 5)]
+
+
+@dataclass
+class FakeBasis:
+    """The two attributes find_modules reads from an interaction-basis result."""
+
+    nodes: list[str]
+    edges: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+
+def block_chain(cross: float = 0.0, seed: int = 0) -> FakeBasis:
+    """Three node layers of 6 directions: strong edges (50–100) inside each block, ``cross`` across."""
+    rng = np.random.default_rng(seed)
+    edges = {}
+    for pair in zip(NODES[:-1], NODES[1:]):
+        E = np.full((6, 6), cross)
+        for block in BLOCKS:
+            E[np.ix_(block, block)] = rng.uniform(50.0, 100.0, (3, 3))
+        edges[pair] = torch.tensor(E, dtype=torch.float64)
+    return FakeBasis(NODES, edges)
+
+
+def block_members() -> list[set]:
+    return [{(node, d) for node in NODES for d in block} for block in BLOCKS]
+
+
+def as_sets(modules) -> list[set]:
+    return sorted((set(m) for m in modules.members), key=min)
+
+
+def test_disconnected_blocks_are_the_modules():
+    for cutoff in (1.0, None):
+        mods = find_modules(block_chain(), cutoff=cutoff)
+        assert as_sets(mods) == sorted(block_members(), key=min)
+        assert mods.isolated == []
+        assert mods.inside_share == 1.0 and mods.edges_inside_share == 1.0
+        frame = mods.to_frame()
+        assert list(frame["span"]) == [3, 3]
+        assert list(frame["first_layer"]) == ["a", "a"] and list(frame["last_layer"]) == ["c", "c"]
+        assert list(frame["size"]) == [9, 9]
+        assert (frame["weight_boundary"] == 0).all()
+        assert frame["share_of_weight"].sum() == pytest.approx(1.0, rel=1e-12)
+        # Nothing between the modules: Q = Σ_c [w_c/W − (2w_c/2W)²] = 1 − Σ_c (w_c/W)².
+        share = frame["share_of_weight"].to_numpy()
+        assert mods.modularity == pytest.approx(1.0 - (share**2).sum(), rel=1e-12)
+
+
+def test_cross_edges_below_cutoff_change_nothing():
+    clean = find_modules(block_chain(), cutoff=1.0)
+    noisy = find_modules(block_chain(cross=0.9), cutoff=1.0)
+    assert noisy.members == clean.members
+    assert noisy.modularity == clean.modularity and noisy.inside_share == 1.0
+    assert noisy.graph.number_of_edges() == clean.graph.number_of_edges() == 2 * 2 * 9
+
+
+def test_weak_cross_edges_above_cutoff_keep_the_partition():
+    ib = block_chain(cross=2.0)
+    mods = find_modules(ib, cutoff=1.0, resolution=1.0)
+    assert as_sets(mods) == sorted(block_members(), key=min)
+    # Every cross edge (2·9 per pair, 2 pairs) has weight log 2 and is cut; everything else is inside.
+    inside = sum(float(np.log(ib.edges[p].numpy()[np.ix_(b, b)]).sum()) for p in ib.edges for b in BLOCKS)
+    cut = 2 * 18 * math.log(2.0)
+    assert mods.inside_share == pytest.approx(inside / (inside + cut), rel=1e-12)
+    assert mods.edges_inside_share == pytest.approx(36 / 72, rel=1e-12)
+    assert mods.to_frame()["weight_boundary"].sum() == pytest.approx(2 * cut, rel=1e-12)
+
+
+def test_log_weight_formula_by_hand():
+    E = np.array([[math.e**3, 0.0], [0.5, math.e]])
+    np.testing.assert_allclose(log_edge_weights(E, 1.0), [[3.0, 0.0], [0.0, 1.0]], rtol=1e-15)
+    np.testing.assert_allclose(log_edge_weights(E, math.e), [[2.0, 0.0], [0.0, 0.0]], rtol=1e-15)
+
+    ib = FakeBasis(["x", "y"], {("x", "y"): torch.tensor(E)})
+    mods = find_modules(ib, cutoff=1.0)
+    # E[i, j] links direction j of x to direction i of y.
+    assert mods.graph.edges[("x", 0), ("y", 0)]["weight"] == pytest.approx(3.0, rel=1e-15)
+    assert mods.graph.edges[("x", 1), ("y", 1)]["weight"] == pytest.approx(1.0, rel=1e-15)
+    assert mods.graph.number_of_edges() == 2  # 0.5 ≤ c and 0 do not count
+    assert list(mods.to_frame()["weight_inside"]) == pytest.approx([3.0, 1.0], rel=1e-15)
+
+    higher = find_modules(ib, cutoff=math.e)
+    assert higher.members == [[("x", 0), ("y", 0)]]
+    assert higher.isolated == [("x", 1), ("y", 1)]
+    members = higher.members_frame()
+    assert members["module"].isna().sum() == 2 and list(members["module"].dropna()) == [0, 0]
+
+
+def test_mass_cutoff_by_hand():
+    values = np.array([10.0, 5.0, 3.0, 1.0, 1.0])  # mass 20
+    # Budget 2 = the two edges of 1 (dropped together, as ties), and nothing more.
+    assert mass_cutoff(values, 0.9) == 1.0
+    # Budget 1 < the tied pair's mass 2: nothing can be dropped; c = floor b/N = 1/5.
+    assert mass_cutoff(values, 0.95) == pytest.approx(0.2, rel=1e-12)
+    # Budget 5: the 1s and the 3 (mass 5); the floor 1 is lower.
+    assert mass_cutoff(values, 0.75) == 3.0
+    assert mass_cutoff(np.zeros(4)) is None
+    with pytest.raises(ValueError, match="keep_share"):
+        mass_cutoff(values, 1.0)
+
+
+def test_default_cutoff_per_layer_and_pooled():
+    ib = block_chain(cross=0.01)
+    ib.edges[("b", "c")] = ib.edges[("b", "c")] * 1e-3  # a much weaker layer pair
+    per_layer = find_modules(ib)
+    for pair, E in ib.edges.items():
+        c = per_layer.cutoff[pair]
+        assert c == mass_cutoff(E.numpy())
+        assert E[E > c].sum() >= 0.99 * E.sum()
+    assert as_sets(per_layer) == sorted(block_members(), key=min)
+    assert per_layer.keep_share == 0.99 and per_layer.per_layer_cutoff is True
+
+    pooled = find_modules(ib, per_layer_cutoff=False)
+    assert len(set(pooled.cutoff.values())) == 1
+    # One scale for both pairs: the weak pair's edges all fall below it, so layer c is isolated.
+    assert {node for node, _ in pooled.isolated} == {"c"}
+    assert all(node != "c" for m in pooled.members for node, _ in m)
+
+    given = find_modules(ib, cutoff={("a", "b"): 1.0, ("b", "c"): 1e-3})
+    assert given.cutoff == {("a", "b"): 1.0, ("b", "c"): 1e-3}
+    assert given.keep_share is None and given.per_layer_cutoff is None
+
+
+def test_same_seed_same_result():
+    # Heavy-tailed random edges: no clear modules, so Louvain's random node order matters.
+    rng = np.random.default_rng(0)
+    nodes = ["a", "b", "c", "d"]
+    ib = FakeBasis(nodes, {p: torch.tensor(rng.lognormal(0.0, 2.0, (8, 8))) for p in zip(nodes[:-1], nodes[1:])})
+    runs = {seed: find_modules(ib, seed=seed) for seed in range(4)}
+    again = find_modules(ib, seed=2)
+    assert again.members == runs[2].members and again.modularity == runs[2].modularity
+    assert again.to_dict() == runs[2].to_dict()
+    # ... and the seed is really used: other seeds find other partitions of this graph.
+    assert len({tuple(map(tuple, run.members)) for run in runs.values()}) > 1
+
+
+def test_modules_are_connected_and_span_their_layers():
+    rng = np.random.default_rng(1)
+    nodes = ["a", "b", "c", "d", "e"]
+    ib = FakeBasis(nodes, {p: torch.tensor(rng.lognormal(0.0, 2.0, (10, 10))) for p in zip(nodes[:-1], nodes[1:])})
+    for resolution in (0.2, 1.0, 3.0):
+        mods = find_modules(ib, resolution=resolution)
+        frame = mods.to_frame()
+        for members, span in zip(mods.members, frame["span"]):
+            assert nx.is_connected(mods.graph.subgraph(members))
+            assert span == len({node for node, _ in members})
+        in_modules = sum(len(m) for m in mods.members)
+        assert in_modules + len(mods.isolated) == 50
+
+
+def test_leiden_runs_or_names_the_missing_backend():
+    try:
+        nx.community.leiden_communities(nx.path_graph(3))
+    except NotImplementedError:
+        with pytest.raises(ValueError, match="backend"):
+            find_modules(block_chain(), method="leiden")
+    else:
+        assert as_sets(find_modules(block_chain(), method="leiden")) == sorted(block_members(), key=min)
+
+
+def path_chain(n_layers: int = 12) -> FakeBasis:
+    """One direction per layer, all edges equal: a path, whose best partition shrinks as γ grows."""
+    nodes = [f"n{i}" for i in range(n_layers)]
+    return FakeBasis(nodes, {p: torch.full((1, 1), 10.0, dtype=torch.float64) for p in zip(nodes[:-1], nodes[1:])})
+
+
+def test_resolution_direction():
+    counts = [find_modules(path_chain(), cutoff=1.0, resolution=g).n_modules for g in (0.05, 1.0, 4.0)]
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[0] == 1  # γ → 0 rewards merging everything connected
+
+
+def test_to_dict_is_json():
+    mods = find_modules(block_chain(cross=2.0), cutoff=1.0)
+    data = json.loads(json.dumps(mods.to_dict()))
+    assert [len(m["members"]) for m in data["modules"]] == [9, 9]
+    assert data["settings"]["cutoff"][0] == {"source": "a", "target": "b", "cutoff": 1.0}
+    empty = find_modules(block_chain(), cutoff=1e6)  # nothing survives: scores are undefined
+    assert empty.n_modules == 0 and len(empty.isolated) == 18 and math.isnan(empty.modularity)
+    assert json.loads(json.dumps(empty.to_dict()))["modularity"] is None
+
+
+def test_plot_traces_and_points():
+    ib = block_chain()
+    ib.edges[("b", "c")][:, 5] = 0.0  # direction 5 of layer b now links only to layer a
+    ib.edges[("a", "b")][5, :] = 0.0  # ... and to nothing: isolated
+    mods = find_modules(ib, cutoff=1.0)
+    assert mods.isolated == [("b", 5)]
+    fig = mods.plot()
+    names = [t.name for t in fig.data]
+    assert names == ["edges", "module 0", "module 1", "isolated"]
+    assert sum(len(t.x) for t in fig.data[1:]) == 18
+    n_edges = mods.graph.number_of_edges()
+    assert len(fig.data[0].x) == 3 * n_edges == 3 * (36 - 6)
+    assert len(mods.plot(max_edges=5).data[0].x) == 15
+
+
+def test_bad_input():
+    good = block_chain()
+    with pytest.raises(DataError, match="not adjacent"):
+        find_modules(FakeBasis(NODES, {**good.edges, ("a", "c"): good.edges[("a", "b")]}))
+    with pytest.raises(DataError, match="not adjacent"):
+        find_modules(FakeBasis(NODES, {("a", "b"): good.edges[("a", "b")], ("c", "b"): good.edges[("b", "c")]}))
+    with pytest.raises(DataError, match="lacks"):
+        find_modules(FakeBasis(NODES, {("a", "b"): good.edges[("a", "b")]}))
+    with pytest.raises(DataError, match="node layer 'b' has 6 directions"):
+        find_modules(FakeBasis(NODES, {("a", "b"): good.edges[("a", "b")], ("b", "c"): torch.ones(6, 4)}))
+    negative = block_chain()
+    negative.edges[("a", "b")][0, 1] = -1e-3
+    with pytest.raises(DataError, match="negative"):
+        find_modules(negative)
+    nan = block_chain()
+    nan.edges[("b", "c")][2, 2] = float("nan")
+    with pytest.raises(NumericalError, match="non-finite"):
+        find_modules(nan)
+    for cutoff in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            find_modules(good, cutoff=cutoff)
+    with pytest.raises(ValueError, match="positive"):
+        find_modules(good, cutoff={("a", "b"): 1.0, ("b", "c"): 0.0})
+    with pytest.raises(DataError, match="missing"):
+        find_modules(good, cutoff={("a", "b"): 1.0})
+    with pytest.raises(ValueError, match="resolution"):
+        find_modules(good, resolution=0.0)
+    with pytest.raises(ValueError, match="method"):
+        find_modules(good, method="spectral")
+    with pytest.raises(TypeError, match="nodes and .edges"):
+        find_modules(good.edges)
+    with pytest.raises(DataError, match="at least two"):
+        find_modules(FakeBasis(["a"], {}))

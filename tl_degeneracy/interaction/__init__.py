@@ -1,0 +1,12 @@
+"""Interaction basis (METHODS §5): global and local (LIB) bases with edges, and modules (METHODS §6).
+
+- :func:`interaction_basis` → :class:`InteractionBasis` (``.basis``, ``.eigenvalues``, ``.dims``,
+  ``.edges``, ``.transform``, ``.inverse_transform``, plots).
+- :func:`find_modules` → :class:`Modules`: communities of the log-normalised edge graph.
+"""
+
+from .api import interaction_basis
+from .modules import Modules, find_modules
+from .result import InteractionBasis, NodeSpectrum
+
+__all__ = ["InteractionBasis", "Modules", "NodeSpectrum", "find_modules", "interaction_basis"]

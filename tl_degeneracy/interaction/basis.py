@@ -1,0 +1,118 @@
+"""The linear algebra of one node's interaction basis (METHODS §5, steps 1–3), all in float64.
+
+Step 1 (whitening): G = U diag(D_G) Uᵀ (centred covariance or uncentred second moment); keep the
+directions with D_G > max(rtol·max D_G, atol): P = U[:, kept], f̃ = D_G^{-1/2} Pᵀ (f − μ).
+Step 2: the Jacobian Gram M (accumulated in the original coordinates) in whitened coordinates,
+M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2} = V diag(D_M) Vᵀ; keep D_M > max(rtol·max D_M, atol).
+Step 3: f̂ = D_M^{s} Vᵀ f̃, i.e. C = D_M^{s} Vᵀ D_G^{-1/2} Pᵀ and f̂ = C (f − μ), with s = +½
+("importance": E[f̂ f̂ᵀ] = diag(D_M) and the Jacobian Gram in f̂ coordinates is I) or s = −½
+("paper"). The right inverse C⁺ = P D_G^{1/2} V D_M^{-s} (C C⁺ = I) maps f̂ back onto the kept
+subspace; derivatives with respect to f̂ are taken along it (∂/∂f̂ = C⁺ᵀ ∂/∂f).
+
+Each row of C is signed so that its entry of largest modulus is positive, so that two runs on the
+same model and data give the same matrices, not just the same directions up to sign.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import NumericalError
+from ..gauge import _sign_fix
+from ..stats.results import DEFAULT_RTOL, numerical_rank
+
+__all__ = ["SCALINGS", "NodeBasis", "Whitening", "default_rtol", "interaction_directions", "whiten"]
+
+#: scaling → exponent s of D_M in f̂ = D_M^{s} Vᵀ f̃ (METHODS §5 step 3).
+SCALINGS = {"importance": 0.5, "paper": -0.5}
+
+
+def default_rtol(dim: int, dtype: torch.dtype) -> float:
+    """Relative eigenvalue cut-off: eigenvalues of a float64 eigendecomposition are accurate to a
+    few eps·max, and values computed in ``dtype`` carry a relative error ~√dim·eps(dtype), so
+    numerically-zero directions have eigenvalues up to ~(√dim·eps)²·max; the package's 1e-10
+    (``DEFAULT_RTOL``) unless the model's precision needs more (factor 10 of margin)."""
+    return max(DEFAULT_RTOL, (10 * math.sqrt(dim) * torch.finfo(dtype).eps) ** 2)
+
+
+def _eigh_descending(m: Float[Tensor, "d d"]) -> tuple[Float[Tensor, " d"], Float[Tensor, "d d"]]:
+    m = m.to(torch.float64)
+    vals, vecs = torch.linalg.eigh((m + m.mT) / 2)
+    return vals.flip(-1), vecs.flip(-1)
+
+
+def _kept(descending: Float[Tensor, " d"], rtol: float, atol: float) -> int:
+    """How many leading eigenvalues lie above max(rtol·max, atol) (and above 0)."""
+    return int(numerical_rank(descending, rtol, atol)) if descending.numel() else 0
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """Step 1 of one node: mean μ, the Gram's spectrum D_G and its kept eigenvectors P."""
+
+    mean: Float[Tensor, " D"]
+    eigenvalues: Float[Tensor, " D"]  # all of D_G, descending
+    vectors: Float[Tensor, "D r"]  # P: eigenvectors with D_G above the cut-off
+
+    @property
+    def rank(self) -> int:
+        return self.vectors.shape[1]
+
+    def whitened(self, m: Float[Tensor, "D D"]) -> Float[Tensor, "r r"]:
+        """M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2}: a Jacobian Gram with respect to f̃ (chain rule)."""
+        s = self.eigenvalues[: self.rank].sqrt()
+        m = self.vectors.mT @ m.to(torch.float64) @ self.vectors
+        return s[:, None] * m * s[None, :]
+
+
+def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float) -> Whitening:
+    """Step 1: eigendecompose the (centred or uncentred) Gram and keep D_G > max(rtol·max, atol)."""
+    if not bool(torch.isfinite(gram).all()):
+        raise NumericalError("non-finite Gram matrix")
+    vals, vecs = _eigh_descending(gram)
+    r = _kept(vals, rtol, atol)
+    return Whitening(mean=mean.to(torch.float64), eigenvalues=vals, vectors=vecs[:, :r])
+
+
+@dataclass(frozen=True)
+class NodeBasis:
+    """Steps 2–3 of one node: the interaction spectrum D_M and the kept directions V [r, k]."""
+
+    whitening: Whitening
+    eigenvalues: Float[Tensor, " r"]  # all of D_M, descending
+    directions: Float[Tensor, "r k"]  # V: eigenvectors of M̃ with D_M above the cut-off, signed
+
+    @property
+    def size(self) -> int:
+        return self.directions.shape[1]
+
+    def matrix(self, scaling: str) -> Float[Tensor, "k D"]:
+        """C = D_M^{s} Vᵀ D_G^{-1/2} Pᵀ, so that f̂ = C (f − μ)."""
+        w, s = self.whitening, SCALINGS[scaling]
+        lam = self.eigenvalues[: self.size]
+        return (lam**s)[:, None] * (self.directions.mT / w.eigenvalues[: w.rank].sqrt()[None, :]) @ w.vectors.mT
+
+    def right_inverse(self, scaling: str) -> Float[Tensor, "D k"]:
+        """C⁺ = P D_G^{1/2} V D_M^{-s}: C C⁺ = I, and μ + C⁺ f̂ lies on the kept subspace."""
+        w, s = self.whitening, SCALINGS[scaling]
+        lam = self.eigenvalues[: self.size]
+        return (w.vectors * w.eigenvalues[: w.rank].sqrt()[None, :]) @ self.directions * (lam ** (-s))[None, :]
+
+
+def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D D"], rtol: float, atol: float) -> NodeBasis:
+    """Steps 2–3: eigendecompose M̃ and keep D_M > max(rtol·max, atol), largest first."""
+    if not bool(torch.isfinite(jacobian_gram).all()):
+        raise NumericalError("non-finite Jacobian Gram matrix")
+    vals, vecs = _eigh_descending(whitening.whitened(jacobian_gram))
+    k = _kept(vals, rtol, atol)
+    v = vecs[:, :k]
+    # The sign of each direction, fixed on C's rows (original coordinates): C's row i is a positive
+    # multiple of v_iᵀ D_G^{-1/2} Pᵀ, so signing that row signs v_i.
+    rows = (v.mT / whitening.eigenvalues[: whitening.rank].sqrt()[None, :]) @ whitening.vectors.mT
+    v = v * _sign_fix(rows.mT)[None, :] if k else v
+    return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v)

@@ -1,0 +1,360 @@
+"""Modules of interaction-basis directions (METHODS §6, paper §5.2.3).
+
+Interaction strengths between adjacent node layers (METHODS §5, the companion paper's squared edge
+formula E_ij ≥ 0) add logarithmically along paths, so the graph has one vertex per (node layer,
+direction) and an undirected edge between adjacent layers with weight
+
+    w_ij = max(0, log(E_ij / c))                                               (METHODS §6)
+
+where c is the edge cut-off: edges at or below c do not count. A module is a group of directions
+with much weight inside and little across its boundary; we find them by modularity maximisation
+with networkx's community detection (resolution γ, seed), as ApolloResearch/rib does with Leiden
+on its ``ByLayerLogEdgeNorm`` weights (research/interaction_basis.md §6). The log base is
+immaterial: modularity is invariant under a common scale of all weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+from jaxtyping import Float
+
+from ..errors import DataError, NumericalError
+
+__all__ = ["DEFAULT_KEEP_SHARE", "Modules", "find_modules", "log_edge_weights", "mass_cutoff"]
+
+#: Default share of each layer pair's edge mass ΣE_ij that the kept edges (E > c) must hold.
+DEFAULT_KEEP_SHARE = 0.99
+
+Pair = tuple[str, str]
+Member = tuple[str, int]
+
+
+def mass_cutoff(edges: Float[np.ndarray, "..."], keep_share: float = DEFAULT_KEEP_SHARE) -> float | None:
+    """Data-driven edge cut-off c: the edges above c hold at least ``keep_share`` of the edge mass.
+
+    E_ij is a mean squared contribution of direction j to direction i (METHODS §5), so the edge
+    mass ΣE_ij is the natural budget, and dropping the weakest edges while keeping a fixed share
+    of it plays the role of rib's bisect edge ablation (which keeps edges until the loss is within
+    a tolerance). With budget b = (1 − keep_share)·ΣE and N nonzero edges, c is the largest edge
+    value u with Σ_{E ≤ u} E ≤ b, but at least b/N: edges at or below b/N cannot exceed the budget
+    even all together, and without this floor c would be zero (or set by one arbitrary tiny edge)
+    whenever the weakest edges alone exceed the budget. Either way everything dropped (E ≤ c)
+    holds at most b. Returns None when all edges are zero (there is nothing to cut).
+    """
+    if not 0.0 < keep_share < 1.0:
+        raise ValueError(f"keep_share must lie in (0, 1); got {keep_share}")
+    values = np.asarray(edges, dtype=np.float64).ravel()
+    total = float(values.sum())
+    if total <= 0.0:
+        return None
+    budget = (1.0 - keep_share) * total
+    floor = budget / np.count_nonzero(values)
+    distinct, counts = np.unique(values, return_counts=True)
+    # Ties are dropped or kept together: the mass at or below a value includes all its copies.
+    below = np.cumsum(distinct * counts)
+    slack = np.finfo(np.float64).eps * len(values) * total  # rounding of the cumulative sum
+    fits = np.nonzero(below <= budget + slack)[0]
+    return float(max(distinct[fits[-1]], floor)) if len(fits) else float(floor)
+
+
+def log_edge_weights(edges: Float[np.ndarray, "out inp"], cutoff: float) -> Float[np.ndarray, "out inp"]:
+    """Graph weights w_ij = max(0, log(E_ij / c)) of METHODS §6 (natural log; zero at or below c)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.maximum(0.0, np.log(edges / cutoff))
+
+
+@dataclass(eq=False)
+class Modules:
+    """Modules of interaction-basis directions (METHODS §6).
+
+    ``members``: per module (ordered by decreasing inside weight), its (node layer, direction)
+    pairs; every module is connected in the graph, so it covers every node layer from its first to
+    its last. ``isolated``: directions with no edge above the cut-off — they interact with nothing
+    at this cut-off and are reported apart instead of as one-member modules. ``inside_share``: the
+    share of the total log-normalised weight on edges inside modules; ``edges_inside_share``: the
+    share of kept edges (E > c) inside modules (rib's ``num_edges_kept``); ``modularity``: Q at the
+    resolution used. Both shares and Q are NaN when no edge survives the cut-off. ``cutoff``: c per
+    adjacent layer pair (None for a pair whose edges are all zero). ``keep_share`` is None when the
+    cut-off was given, and so is ``per_layer_cutoff``.
+    """
+
+    nodes: list[str]
+    members: list[list[Member]]
+    isolated: list[Member]
+    modularity: float
+    inside_share: float
+    edges_inside_share: float
+    cutoff: dict[Pair, float | None]
+    resolution: float
+    seed: int | None
+    method: str
+    keep_share: float | None
+    per_layer_cutoff: bool | None
+    graph: nx.Graph = field(repr=False)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.members)
+
+    def _layer(self, node: str) -> int:
+        return self.nodes.index(node)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per module: size, first/last node layer, span (number of node layers covered),
+        weight_inside (Σw on edges inside), weight_boundary (Σw on edges leaving it), share_of_weight
+        (weight_inside over the total weight of the graph)."""
+        total = self.graph.size(weight="weight")
+        rows = []
+        for k, members in enumerate(self.members):
+            layers = sorted(self._layer(node) for node, _ in members)
+            inside = self.graph.subgraph(members).size(weight="weight")
+            boundary = nx.cut_size(self.graph, members, weight="weight")
+            rows.append({
+                "module": k,
+                "size": len(members),
+                "first_layer": self.nodes[layers[0]],
+                "last_layer": self.nodes[layers[-1]],
+                "span": layers[-1] - layers[0] + 1,
+                "weight_inside": inside,
+                "weight_boundary": boundary,
+                "share_of_weight": inside / total if total > 0 else math.nan,
+            })
+        columns = ["module", "size", "first_layer", "last_layer", "span", "weight_inside", "weight_boundary",
+                   "share_of_weight"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def members_frame(self) -> pd.DataFrame:
+        """One row per direction of every node layer: node, layer (its index), direction, module
+        (nullable integer; <NA> for isolated directions, so ``groupby("module")`` skips them)."""
+        module_of = {m: k for k, members in enumerate(self.members) for m in members}
+        rows = [{"node": node, "layer": self._layer(node), "direction": d, "module": module_of.get((node, d))}
+                for node, d in self.graph.nodes]
+        frame = pd.DataFrame(rows, columns=["node", "layer", "direction", "module"])
+        frame["module"] = frame["module"].astype("Int64")
+        return frame
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary: settings, scores (NaN as None), modules with members, isolated."""
+        def number(x: float) -> float | None:
+            return None if math.isnan(x) else float(x)
+
+        modules = self.to_frame().to_dict(orient="records")
+        for row, members in zip(modules, self.members):
+            row["share_of_weight"] = number(row["share_of_weight"])
+            row["members"] = [[node, int(d)] for node, d in members]
+        return {
+            "kind": "interaction_modules",
+            "nodes": list(self.nodes),
+            "modularity": number(self.modularity),
+            "inside_share": number(self.inside_share),
+            "edges_inside_share": number(self.edges_inside_share),
+            "settings": {
+                "cutoff": [{"source": a, "target": b, "cutoff": c} for (a, b), c in self.cutoff.items()],
+                "resolution": self.resolution,
+                "seed": self.seed,
+                "method": self.method,
+                "keep_share": self.keep_share,
+                "per_layer_cutoff": self.per_layer_cutoff,
+            },
+            "modules": modules,
+            "isolated": [[node, int(d)] for node, d in self.isolated],
+        }
+
+    def plot(self, max_edges: int = 2000):
+        """Layered ("piano") plot: x = node layer, y = direction index (0, the strongest, on top),
+        colour = module; isolated directions in grey; the ``max_edges`` heaviest kept edges drawn
+        faintly behind (drawing every edge of a large basis would swamp the figure).
+
+        Traces: one for the edges (when any are kept), one per module, one for isolated directions
+        (when there are any)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        edges = sorted(self.graph.edges(data="weight"), key=lambda e: -e[2])[:max_edges]
+        if edges:
+            xs: list[float | None] = []
+            ys: list[float | None] = []
+            for (node_a, d_a), (node_b, d_b), _ in edges:
+                xs += [self._layer(node_a), self._layer(node_b), None]
+                ys += [d_a, d_b, None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="edges", hoverinfo="skip",
+                                     line={"color": "rgba(120,120,120,0.25)", "width": 1}))
+        groups = [(f"module {k}", members, None) for k, members in enumerate(self.members)]
+        if self.isolated:
+            groups.append(("isolated", self.isolated, "lightgrey"))
+        for name, members, color in groups:
+            fig.add_trace(go.Scatter(
+                x=[self._layer(node) for node, _ in members], y=[d for _, d in members], mode="markers",
+                name=name, marker={"size": 8, "color": color},
+                text=[f"{node} dir {d}" for node, d in members], hovertemplate=f"%{{text}}<extra>{name}</extra>",
+            ))
+        fig.update_layout(
+            title=f"interaction modules ({self.method}, resolution {self.resolution}): "
+                  f"{self.n_modules} modules, Q = {self.modularity:.3f}",
+            xaxis={"title": "node layer", "tickmode": "array", "tickvals": list(range(len(self.nodes))),
+                   "ticktext": self.nodes},
+            yaxis={"title": "direction", "autorange": "reversed"},
+        )
+        return fig
+
+
+def _edge_arrays(ib) -> tuple[list[str], dict[Pair, Float[np.ndarray, "out inp"]]]:
+    """The validated float64 edge matrices of ``ib``, one per adjacent node-layer pair."""
+    if not hasattr(ib, "nodes") or not hasattr(ib, "edges"):
+        raise TypeError(f"find_modules needs an interaction-basis result with .nodes and .edges; got {type(ib).__name__}")
+    nodes = [str(node) for node in ib.nodes]
+    if len(nodes) < 2 or len(set(nodes)) != len(nodes):
+        raise DataError(f"ib.nodes must list at least two distinct node layers; got {nodes}")
+    pairs = list(zip(nodes[:-1], nodes[1:]))
+    keys = set(ib.edges)
+    unknown = [key for key in keys if key not in set(pairs)]
+    if unknown:
+        raise DataError(f"ib.edges has keys that are not adjacent node-layer pairs (nodes[l], nodes[l+1]): "
+                        f"{unknown}; expected {pairs}")
+    missing = [pair for pair in pairs if pair not in keys]
+    if missing:
+        raise DataError(f"ib.edges lacks the adjacent pair(s) {missing}")
+    arrays = {}
+    for pair in pairs:
+        value = ib.edges[pair]
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().double().numpy()
+        array = np.asarray(value, dtype=np.float64)
+        if array.ndim != 2:
+            raise DataError(f"ib.edges[{pair}] must be a matrix [kept_(l+1), kept_l]; got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise NumericalError(f"ib.edges[{pair}] has non-finite values (NaN or inf)")
+        if (array < 0).any():
+            raise DataError(f"ib.edges[{pair}] has negative values (min {array.min():.3g}); interaction "
+                            "strengths E_ij are mean squares and must be ≥ 0")
+        arrays[pair] = array
+    for before, after in zip(pairs[:-1], pairs[1:]):
+        if arrays[before].shape[0] != arrays[after].shape[1]:
+            raise DataError(f"node layer {before[1]!r} has {arrays[before].shape[0]} directions in ib.edges[{before}] "
+                            f"(rows) but {arrays[after].shape[1]} in ib.edges[{after}] (columns)")
+    return nodes, arrays
+
+
+def _check_cutoff(value, where: str) -> float:
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a positive number; got {value!r}") from None
+    if not c > 0.0 or math.isinf(c):
+        raise ValueError(f"{where} must be a positive finite number (w = log(E/c)); got {value!r}")
+    return c
+
+
+def _cutoffs(arrays: dict[Pair, np.ndarray], cutoff, keep_share: float, per_layer_cutoff: bool) -> dict[Pair, float | None]:
+    """c per adjacent layer pair: given (one number or one per pair) or from :func:`mass_cutoff`."""
+    if cutoff is None:
+        if per_layer_cutoff:
+            return {pair: mass_cutoff(array, keep_share) for pair, array in arrays.items()}
+        pooled = mass_cutoff(np.concatenate([array.ravel() for array in arrays.values()]), keep_share)
+        return {pair: pooled for pair in arrays}
+    if isinstance(cutoff, dict):
+        extra = [key for key in cutoff if key not in arrays]
+        missing = [pair for pair in arrays if pair not in cutoff]
+        if extra or missing:
+            raise DataError(f"a cutoff dict needs exactly the adjacent pairs {list(arrays)}; "
+                            f"unknown {extra}, missing {missing}")
+        return {pair: _check_cutoff(cutoff[pair], f"cutoff[{pair}]") for pair in arrays}
+    c = _check_cutoff(cutoff, "cutoff")
+    return {pair: c for pair in arrays}
+
+
+def _graph(nodes: list[str], arrays: dict[Pair, np.ndarray], cutoffs: dict[Pair, float | None]) -> nx.Graph:
+    """One vertex per (node layer, direction), in forward order; weighted edges with E > c."""
+    graph = nx.Graph()
+    sizes = [arrays[(nodes[0], nodes[1])].shape[1]] + [array.shape[0] for array in arrays.values()]
+    graph.add_nodes_from((node, d) for node, size in zip(nodes, sizes) for d in range(size))
+    for (source, target), array in arrays.items():
+        c = cutoffs[(source, target)]
+        if c is None:
+            continue
+        weights = log_edge_weights(array, c)
+        rows, cols = np.nonzero(weights > 0.0)
+        graph.add_weighted_edges_from(((source, int(j)), (target, int(i)), float(weights[i, j])) for i, j in zip(rows, cols))
+    return graph
+
+
+def _communities(graph: nx.Graph, method: str, resolution: float, seed: int | None) -> list[set]:
+    if method == "louvain":
+        return nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
+    try:
+        return nx.community.leiden_communities(graph, weight="weight", resolution=resolution, seed=seed)
+    except NotImplementedError as e:
+        raise ValueError(f"method='leiden' needs a networkx backend that implements it (e.g. nx-cugraph); "
+                         f"none is installed ({e}). Use method='louvain'.") from None
+
+
+def find_modules(
+    ib,
+    cutoff: float | dict[Pair, float] | None = None,
+    resolution: float = 1.0,
+    seed: int | None = 0,
+    method: Literal["louvain", "leiden"] = "louvain",
+    keep_share: float = DEFAULT_KEEP_SHARE,
+    per_layer_cutoff: bool = True,
+) -> Modules:
+    """Modules of interaction-basis directions by modularity maximisation (METHODS §6).
+
+    ``ib``: any object with ``nodes`` (node layers in forward order) and ``edges`` {(nodes[l],
+    nodes[l+1]): E [kept_(l+1), kept_l], E ≥ 0} (METHODS §5). The graph has weights
+    w = max(0, log(E/c)); ``cutoff`` c is one number, a dict with one per adjacent pair, or None:
+    then c comes from :func:`mass_cutoff` so that the kept edges hold ``keep_share`` of the edge
+    mass, per layer pair (``per_layer_cutoff=True``, like rib's ByLayerLogEdgeNorm) or pooled
+    over all pairs (``False``; edges of different pairs are on one scale with the importance
+    scaling). ``keep_share`` and ``per_layer_cutoff`` are used only when ``cutoff`` is None.
+
+    ``method``: "louvain" (networkx, the default) or "leiden" (networkx defines only the API;
+    it needs a backend such as nx-cugraph). Louvain can return a disconnected community; we split
+    every community into its connected components, which never lowers modularity (the inside
+    weight is unchanged and the degree penalty shrinks) and makes each module connected, as
+    Leiden guarantees. ``resolution`` γ > 0: larger γ favours smaller modules. ``seed`` makes the
+    result reproducible (the vertex order is fixed, so one seed gives one partition).
+    """
+    if method not in ("louvain", "leiden"):
+        raise ValueError(f"method must be 'louvain' or 'leiden'; got {method!r}")
+    if not resolution > 0.0 or math.isinf(resolution):
+        raise ValueError(f"resolution must be a positive finite number; got {resolution!r}")
+    nodes, arrays = _edge_arrays(ib)
+    cutoffs = _cutoffs(arrays, cutoff, keep_share, per_layer_cutoff)
+    graph = _graph(nodes, arrays, cutoffs)
+
+    isolated = [v for v in graph.nodes if graph.degree(v) == 0]
+    connected = graph.subgraph(v for v in graph.nodes if graph.degree(v) > 0)
+    members: list[list[Member]] = []
+    if connected.number_of_edges():
+        for community in _communities(connected, method, resolution, seed):
+            members += [list(part) for part in nx.connected_components(connected.subgraph(community))]
+    order = {v: i for i, v in enumerate(graph.nodes)}
+    members = [sorted(m, key=order.__getitem__) for m in members]
+    inside = [connected.subgraph(m).size(weight="weight") for m in members]
+    ranked = sorted(range(len(members)), key=lambda k: (-inside[k], order[members[k][0]]))
+    members = [members[k] for k in ranked]
+
+    total = graph.size(weight="weight")
+    if total > 0:
+        modularity = nx.community.modularity(connected, members, weight="weight", resolution=resolution)
+        module_of = {v: k for k, m in enumerate(members) for v in m}
+        cut = [w for u, v, w in graph.edges(data="weight") if module_of[u] != module_of[v]]
+        # From the cut edges, so that a partition that cuts nothing reports exactly 1.
+        inside_share = 1.0 - sum(cut) / total
+        edges_inside_share = 1.0 - len(cut) / graph.number_of_edges()
+    else:
+        modularity = inside_share = edges_inside_share = math.nan
+    return Modules(
+        nodes=nodes, members=members, isolated=isolated, modularity=float(modularity),
+        inside_share=float(inside_share), edges_inside_share=float(edges_inside_share), cutoff=cutoffs,
+        resolution=float(resolution), seed=seed, method=method,
+        keep_share=keep_share if cutoff is None else None,
+        per_layer_cutoff=per_layer_cutoff if cutoff is None else None, graph=graph,
+    )

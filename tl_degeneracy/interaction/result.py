@@ -1,0 +1,153 @@
+"""``InteractionBasis``: the bases, spectra and edges of one interaction-basis run (METHODS §5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["InteractionBasis", "NodeSpectrum"]
+
+
+@dataclass(frozen=True)
+class NodeSpectrum:
+    """Both spectra of one node, float64, descending.
+
+    ``gram``: D_G, all D eigenvalues of the node's Gram (centred or not, as the run). ``interaction``:
+    D_M, all eigenvalues of the whitened Jacobian Gram M̃ (one per kept Gram direction, rank_G of
+    them). ``rank_G`` / ``interaction_rank``: how many lie above the run's cut-offs; the basis keeps
+    the first ``interaction_rank`` directions, and ``kept`` are their D_M (= E[f̂ f̂ᵀ]'s diagonal with
+    importance scaling).
+    """
+
+    gram: Float[Tensor, " D"]
+    interaction: Float[Tensor, " rank_G"]
+    rank_G: int
+    interaction_rank: int
+
+    @property
+    def kept(self) -> Float[Tensor, " kept"]:
+        return self.interaction[: self.interaction_rank]
+
+
+@dataclass(eq=False)
+class InteractionBasis:
+    """The interaction basis of every node layer, and the edges between adjacent ones (METHODS §5).
+
+    - ``nodes``: hook names in forward order; ``kind`` (``"global"``/``"local"``), ``output``
+      (``"kl"``/``"mse"``), ``scaling`` (``"importance"``/``"paper"``), ``centered``.
+    - ``basis[node]``: C, float64 [kept, D], f̂ = C (f − μ); rows ordered by decreasing D_M.
+    - ``inverse[node]``: C⁺, float64 [D, kept], a right inverse (C C⁺ = I) onto the kept subspace.
+    - ``mean[node]``: μ [D] (zeros when uncentred).
+    - ``eigenvalues[node]``: a :class:`NodeSpectrum` with ``.gram`` (D_G) and ``.interaction`` (D_M).
+    - ``edges[(node_l, node_l1)]``: E, float64 [kept_{l+1}, kept_l] ≥ 0 (i: direction of node l+1,
+      j: of node l); empty when the run had ``edges=False``.
+    - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges);
+      ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
+      counted; ``settings``: cut-offs, probes, sources, seed, passes over the data, timings.
+    """
+
+    nodes: list[str]
+    kind: str
+    output: str
+    scaling: str
+    centered: bool
+    basis: dict[str, Tensor]
+    inverse: dict[str, Tensor]
+    mean: dict[str, Tensor]
+    eigenvalues: dict[str, NodeSpectrum]
+    edges: dict[tuple[str, str], Tensor]
+    counts: dict[str, int]
+    feature_shapes: dict[str, tuple[int, ...]]
+    positions: dict | None = None
+    settings: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ coordinates
+    def _flat(self, x: Tensor, node: str, what: str) -> Tensor:
+        if node not in self.basis:
+            raise KeyError(f"{node!r} is not a node of this interaction basis; nodes: {self.nodes}")
+        shape = self.feature_shapes[node]
+        if len(shape) > 1 and tuple(x.shape[-len(shape):]) == tuple(shape):
+            x = x.flatten(-len(shape))
+        D = self.basis[node].shape[1]
+        if x.shape[-1] != D:
+            raise ValueError(f"{what} for node {node!r} must end in {D} features (or the shape {shape}); got {tuple(x.shape)}")
+        return x.to(torch.float64)
+
+    def transform(self, acts: Float[Tensor, "... D"], node: str) -> Float[Tensor, "... kept"]:
+        """f̂ = C (f − μ) for activations [..., D] (or [..., *feature_shape]) of ``node``, float64."""
+        x = self._flat(acts, node, "activations")
+        return (x - self.mean[node].to(x.device)) @ self.basis[node].to(x.device).mT
+
+    def inverse_transform(self, fhat: Float[Tensor, "... kept"], node: str) -> Float[Tensor, "... D"]:
+        """μ + C⁺ f̂: activations on the kept subspace with coordinates f̂ (transform ∘ this = id)."""
+        if node not in self.basis:
+            raise KeyError(f"{node!r} is not a node of this interaction basis; nodes: {self.nodes}")
+        k = self.basis[node].shape[0]
+        if fhat.shape[-1] != k:
+            raise ValueError(f"coordinates for node {node!r} must end in its {k} kept directions; got {tuple(fhat.shape)}")
+        x = fhat.to(torch.float64)
+        return x @ self.inverse[node].to(x.device).mT + self.mean[node].to(x.device)
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def dims(self) -> pd.DataFrame:
+        """One row per node: D, rank_G (Gram directions kept), interaction_rank (basis size),
+        degenerate = D − interaction_rank, n (samples)."""
+        rows = []
+        for node in self.nodes:
+            spec = self.eigenvalues[node]
+            D = int(spec.gram.numel())
+            rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
+                         "degenerate": D - spec.interaction_rank, "n": self.counts[node]})
+        return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n"])
+
+    def to_frame(self) -> pd.DataFrame:
+        """The same table as :attr:`dims`."""
+        return self.dims
+
+    def edge_summary(self) -> pd.DataFrame:
+        """One row per adjacent pair: shape, total ΣE, largest E and the share of ΣE on the diagonal."""
+        rows = []
+        for (a, b), e in self.edges.items():
+            total = float(e.sum())
+            k = min(e.shape)
+            rows.append({"source": a, "target": b, "kept_source": e.shape[1], "kept_target": e.shape[0], "total": total,
+                         "max": float(e.max()) if e.numel() else 0.0,
+                         "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan")})
+        return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "max", "diagonal_share"])
+
+    def to_dict(self) -> dict:
+        """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists)."""
+        return {
+            "kind": self.kind,
+            "output": self.output,
+            "scaling": self.scaling,
+            "centered": self.centered,
+            "nodes": list(self.nodes),
+            "dims": self.dims.to_dict(orient="records"),
+            "eigenvalues": {n: {"gram": s.gram.tolist(), "interaction": s.interaction.tolist()} for n, s in self.eigenvalues.items()},
+            "edges": [{"source": a, "target": b, "values": e.tolist()} for (a, b), e in self.edges.items()],
+            "counts": dict(self.counts),
+            "positions": self.positions,
+            "settings": dict(self.settings),
+        }
+
+    def plot_spectra(self, log: bool = True):
+        """D_G and D_M of every node (plotly figure); see :func:`.plots.plot_interaction_spectra`."""
+        from .plots import plot_interaction_spectra
+
+        return plot_interaction_spectra(self, log=log)
+
+    def plot_edges(self, log: bool = True):
+        """One heatmap of E per adjacent pair (plotly figure); see :func:`.plots.plot_edges`."""
+        from .plots import plot_edges
+
+        return plot_edges(self, log=log)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}: {self.eigenvalues[n].interaction_rank}/{self.eigenvalues[n].gram.numel()}" for n in self.nodes)
+        return f"InteractionBasis(kind={self.kind!r}, output={self.output!r}, scaling={self.scaling!r}, kept/D = {{{sizes}}})"

@@ -1,0 +1,241 @@
+"""What every pass of the interaction basis needs, for any model: batches, a forward with hooks,
+the output, the sample mask, and the node hooks in forward order.
+
+Two kinds of model share one code path:
+
+- anything :func:`tl_degeneracy.adapt` accepts: the engine is its adapter, the data are token
+  batches (:func:`tl_degeneracy.token_batches`) and the output is the logits;
+- any other ``HookedRootModule`` (a small MLP, a deep linear network): the engine is a
+  :class:`ModuleRunner` and the data are input tensors. A floating tensor [n, d_in] is n samples
+  with no position axis (every hook activation [batch, …] is seen as [batch, 1, …]); a tensor
+  [n, pos, d_in] (or integer inputs [n, pos]) has pos samples per row, all of which count.
+
+An engine has ``run_with_hooks(inputs, fwd_hooks)`` returning the output [batch, pos, …],
+``.model`` and ``.device``: exactly what the statistics passes (``moment_pass``, ``jacobian_pass``)
+call, so the same passes serve both kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedRootModule  # TL 4 removed it from hook_points; the top level has it in 3.9 and 4.x
+
+from ..data import Batch, TokenBatches, token_batches
+from ..errors import DataError, MissingHookError
+from ..models.adapt import adapt
+from ..models.adapter import ModelAdapter
+from ..stats.passes import HookTarget, resolve_targets, run_until
+
+__all__ = ["ModuleRunner", "Runner", "TensorBatches", "build_runner"]
+
+
+class ModuleRunner:
+    """``run_with_hooks`` for a HookedRootModule that is not a transformer ``adapt`` knows.
+
+    With ``lift`` (inputs without a position axis), hook functions see each activation [batch, …] as
+    [batch, 1, …] and may return a replacement in that layout; the output is lifted the same way.
+    """
+
+    def __init__(self, model: HookedRootModule, lift: bool, device: torch.device):
+        self.model, self.lift, self.device = model, lift, device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.get_default_dtype()
+
+    def _wrap(self, fn):
+        def hook(act: Tensor, hook=None):
+            out = fn(act.unsqueeze(1), hook)
+            return None if out is None else out.squeeze(1)
+
+        return hook
+
+    def run_with_hooks(self, inputs: Tensor, fwd_hooks: Sequence = ()) -> Tensor:
+        hooks = [(name, self._wrap(fn)) for name, fn in fwd_hooks] if self.lift else list(fwd_hooks)
+        # The adapter's eval-mode context only needs ``.model``: no dropout, mode restored after.
+        with ModelAdapter.eval_mode(self):
+            out = self.model.run_with_hooks(inputs, fwd_hooks=hooks)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{type(self.model).__name__}.forward returned a {type(out).__name__}; the interaction basis needs a tensor output")
+        return out.unsqueeze(1) if self.lift else out
+
+
+@dataclass
+class TensorBatches:
+    """Input tensors cut into batches; every (row, position) is a sample (no padding)."""
+
+    chunks: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(c.shape[0] * (c.shape[1] if self.has_positions else 1) for c in self.chunks)
+
+    @property
+    def has_positions(self) -> bool:
+        x = self.chunks[0]
+        return x.ndim >= 3 or not x.is_floating_point()
+
+    def batch(self, number: int, device: torch.device | str | None = None) -> Batch:
+        if not 0 <= number < len(self):
+            raise IndexError(f"batch {number} out of range for {len(self)} batches")
+        x = self.chunks[number]
+        start = sum(c.shape[0] for c in self.chunks[:number])
+        pos = x.shape[1] if self.has_positions else 1
+        mask = torch.ones(x.shape[0], pos, dtype=torch.bool)
+        out = Batch(tokens=x, mask=mask, lengths=torch.full((x.shape[0],), pos), index=torch.arange(start, start + x.shape[0]),
+                    number=number)
+        return out.to(device) if device is not None else out
+
+    @property
+    def positions(self) -> dict:
+        return {"inputs": "tensor", "n_sequences": sum(c.shape[0] for c in self.chunks), "n_samples": self.n_samples,
+                "position_axis": self.has_positions}
+
+
+def tensor_batches(data, batch_size: int) -> TensorBatches:
+    """A tensor [n, d_in] / [n, pos, d_in] (cut into ``batch_size`` rows) or a list of such batches."""
+    if isinstance(data, Tensor):
+        if data.ndim < 2 or data.shape[0] == 0:
+            raise DataError(f"module inputs must be a non-empty tensor [n, d_in] or [n, pos, d_in]; got shape {tuple(data.shape)}")
+        chunks = list(data.split(int(batch_size)))
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(x, Tensor) for x in data):
+        chunks = [x for x in data if x.shape[0] > 0]
+        shapes = {tuple(x.shape[2:] if x.ndim >= 3 else x.shape[1:]) for x in chunks}
+        if not chunks or len(shapes) > 1 or len({x.ndim for x in chunks}) > 1:
+            raise DataError(f"a list of input batches must hold non-empty tensors of one layout; got shapes {[tuple(x.shape) for x in data][:4]}")
+    else:
+        raise DataError(
+            f"cannot use a {type(data).__name__} as inputs of a HookedRootModule; pass a tensor [n, d_in] or "
+            "[n, pos, d_in], or a list of such batches"
+        )
+    if not chunks or chunks[0].ndim < 2:
+        raise DataError("the module input data is empty")
+    return TensorBatches(chunks)
+
+
+@dataclass
+class Runner:
+    """The engine, the batches and the node hooks (forward order) of one interaction-basis run."""
+
+    engine: ModelAdapter | ModuleRunner
+    batches: TokenBatches | TensorBatches
+    nodes: list[HookTarget]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def positions(self) -> dict:
+        p = self.batches.positions
+        return p if isinstance(p, dict) else p.to_dict()
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.nodes]
+
+
+def _default_transformer_nodes(adapter: ModelAdapter) -> list[str]:
+    """resid_pre of every layer, then the final residual after the final norm (ln_final), or the
+    last resid_post where the model has no final norm (e.g. toy:sma)."""
+    names = adapter.hook_names("resid_pre")
+    try:
+        return names + adapter.hook_names("ln_final")
+    except MissingHookError:
+        return names + [adapter.hook_name("resid_post", adapter.n_layers - 1)]
+
+
+def _firing_order(engine, batch: Batch, names: list[str], stop: bool) -> list[str]:
+    """The order in which ``names`` fire in one forward pass (a name twice if it fires twice)."""
+    order: list[str] = []
+
+    def record(name: str):
+        def hook(act, hook=None):
+            order.append(name)
+
+        return hook
+
+    with torch.no_grad():
+        run_until(engine, batch.tokens, [(n, record(n)) for n in names], stop_after=names[-1] if stop else None,
+                  when=lambda: set(order) >= set(names))
+    return order
+
+
+def _check_order(names: list[str], order: list[str]) -> None:
+    repeated = sorted({n for n in order if order.count(n) > 1})
+    if repeated:
+        raise ValueError(f"node hook(s) {repeated} fire more than once per forward pass; a node must be one activation per sample")
+    silent = [n for n in names if n not in order]
+    if silent:
+        raise MissingHookError(f"node hook(s) {silent} did not fire during the forward pass; nodes must lie on the path to the output")
+    if order != names:
+        raise ValueError(f"nodes must be given in forward order, each once; they fire in the order {order}, got {names}")
+
+
+#: Classes whose instances ``adapt`` takes (by name, so that checking needs no import of the bridge).
+_ADAPTED_CLASSES = ("TransformerBridge", "HookedTransformer", "ToyModel")
+
+
+def _plain_module(model) -> bool:
+    """A HookedRootModule none of whose classes ``adapt`` knows. Decided without ``adapt``, whose
+    bridge check imports transformers' model zoo (~5 s) just to reject a small MLP."""
+    return isinstance(model, HookedRootModule) and not any(c.__name__ in _ADAPTED_CLASSES for c in type(model).__mro__)
+
+
+def _adapt_or_none(model) -> ModelAdapter:
+    try:
+        return adapt(model)
+    except TypeError:
+        raise TypeError(
+            f"interaction_basis needs a model tld.adapt accepts or a transformer_lens HookedRootModule; got "
+            f"{type(model).__module__}.{type(model).__name__}"
+        ) from None
+
+
+def build_runner(model, data, nodes: str | Sequence[str] | None, batch_size: int, seq_len: int | None,
+                 skip_bos: bool | None) -> Runner:
+    """Engine, batches and validated nodes: hook kinds (every layer) or exact hook names, in forward
+    order, each once (ValueError otherwise); unknown names raise MissingHookError."""
+    adapter = None if _plain_module(model) else _adapt_or_none(model)
+    if adapter is not None:
+        batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+        items = _default_transformer_nodes(adapter) if nodes is None else ([nodes] if isinstance(nodes, str) else list(nodes))
+        targets = [t for item in items for t in resolve_targets(adapter, [item], "interaction_basis")]
+        engine = adapter
+    else:
+        batches = tensor_batches(data, batch_size)
+        device = next((p.device for p in model.parameters()), batches.chunks[0].device)
+        engine = ModuleRunner(model, lift=not batches.has_positions, device=device)
+        available = list(model.hook_dict)
+        items = available if nodes is None else ([nodes] if isinstance(nodes, str) else list(nodes))
+        unknown = [n for n in items if n not in model.hook_dict]
+        if unknown:
+            raise MissingHookError(f"{unknown} are not hook points of this {type(model).__name__}; it has {available}")
+        targets = [HookTarget(n, None, None) for n in items]
+    names = [t.name for t in targets]
+    if len(names) < 1:
+        raise ValueError("no nodes requested")
+    if len(set(names)) != len(names):
+        raise ValueError(f"nodes must be distinct; got {names}")
+    order = _firing_order(engine, batches.batch(0, device=engine.device), names, stop=nodes is not None)
+    if nodes is None and adapter is None:
+        # Every hook point of the module, in the order the forward pass reaches them.
+        _check_order(sorted(set(order), key=order.index), order)
+        targets = [HookTarget(n, None, None) for n in dict.fromkeys(order)]
+        if not targets:
+            raise MissingHookError(f"no hook point of this {type(model).__name__} fired during its forward pass")
+    else:
+        _check_order(names, order)
+    return Runner(engine=engine, batches=batches, nodes=targets)

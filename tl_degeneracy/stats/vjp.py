@@ -1,0 +1,127 @@
+"""Vector-Jacobian products of one forward pass: probe cotangents, seeded generators, batched or
+looped backward calls, and the hook that makes an activation differentiable (METHODS §4, "Estimating
+Jacobian Gram matrices without V backward passes").
+
+Shared by :func:`~tl_degeneracy.stats.jacobian_stats` and the interaction basis (METHODS §5), whose
+Jacobian Grams and edges are built from the same VJPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+__all__ = ["Backward", "cotangents", "differentiable_capture", "probe_generator"]
+
+
+def probe_generator(seed: int, batch_number: int, probe: int, device: torch.device,
+                    stream: tuple[int, ...] = ()) -> torch.Generator:
+    """Generator of probe ``probe`` of batch ``batch_number``; ``stream`` separates independent uses
+    (e.g. edge sources from Jacobian probes) without changing the default streams."""
+    # SeedSequence mixes the integers into well-separated streams (no seed + index collisions).
+    keys = [int(seed), int(batch_number), int(probe), *(int(s) for s in stream)]
+    state = np.random.SeedSequence(keys).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class Backward:
+    """Vector-Jacobian products of one forward pass for a chunk of cotangents, batched or looped.
+
+    ``method``: ``"batched"`` (one vmapped ``autograd.grad`` call, ``is_grads_batched=True``),
+    ``"loop"`` (one call per cotangent, graph retained) or ``"auto"`` (batched until an operation
+    without a vmap rule is met, then the loop from there on).
+    """
+
+    def __init__(self, method: str):
+        self.method = method
+        self.batched_works: bool | None = None if method == "auto" else method == "batched"
+
+    def __call__(self, out: Tensor, inputs: list[Tensor], cot: Tensor) -> list[Tensor | None]:
+        if self.batched_works is not False:
+            try:
+                grads = torch.autograd.grad(out, inputs, grad_outputs=cot, retain_graph=True,
+                                            is_grads_batched=True, allow_unused=True)
+                self.batched_works = True
+                return list(grads)
+            except RuntimeError:
+                if self.method == "batched" or self.batched_works:
+                    raise
+                self.batched_works = False  # e.g. an op without a vmap rule: loop from now on
+        per_probe = [torch.autograd.grad(out, inputs, grad_outputs=c, retain_graph=True, allow_unused=True) for c in cot]
+        return [None if per_probe[0][i] is None else torch.stack([g[i] for g in per_probe]) for i in range(len(inputs))]
+
+
+def cotangents(
+    objective: str,
+    out: Float[Tensor, "batch pos out"],
+    out_mask: Bool[Tensor, "batch pos"],
+    n_probes: int,
+    exact: bool,
+    seed: int,
+    batch_number: int,
+    chunk: int,
+) -> Iterator[tuple[Float[Tensor, "chunk batch pos out"], float]]:
+    """Chunks of cotangents [J, batch, pos, out_dim] on the output, each with its weight.
+
+    ``mse``: Gaussian probes u ~ N(0, I) (weight 1/k), or one-hot e_v per output entry (exact).
+    ``kl``: e_y − p with y ~ softmax(out) at every output position (weight 1/k), or the columns
+    √p_v (e_v − p) of a square root of the softmax Fisher (exact). Zero at outputs that do not count.
+    """
+    b, P, V = out.shape
+    m = out_mask.to(out.dtype)[:, :, None]
+    if objective == "kl":
+        p = torch.softmax(out.detach().to(torch.float64), dim=-1)
+    if exact:
+        columns = [(t, v) for t in out_mask.any(0).nonzero().flatten().tolist() for v in range(V)]
+        for start in range(0, len(columns), chunk):
+            cols = columns[start : start + chunk]
+            cot = torch.zeros(len(cols), b, P, V, dtype=torch.float64, device=out.device)
+            for j, (t, v) in enumerate(cols):
+                if objective == "mse":
+                    cot[j, :, t, v] = 1.0
+                else:  # s_v = √p_v (e_v − p): Σ_v s_v s_vᵀ = diag(p) − p pᵀ
+                    s = -p[:, t, :] * p[:, t, v : v + 1].sqrt()
+                    s[:, v] += p[:, t, v].sqrt()
+                    cot[j, :, t, :] = s
+            yield cot.to(out.dtype) * m, 1.0
+        return
+    for start in range(0, n_probes, chunk):
+        probes = range(start, min(start + chunk, n_probes))
+        gens = [probe_generator(seed, batch_number, j, out.device) for j in probes]
+        if objective == "mse":
+            rand_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+            cot = torch.stack([torch.randn(b, P, V, generator=g, device=out.device, dtype=rand_dtype) for g in gens])
+        else:
+            # y ~ p by inverse CDF (one uniform per output position): far cheaper than multinomial.
+            cdf = p.reshape(b * P, V).cumsum(-1)
+            cot = -p.expand(len(gens), b, P, V).clone()
+            for j, g in enumerate(gens):
+                u = torch.rand(b * P, 1, generator=g, device=out.device, dtype=torch.float64) * cdf[:, -1:]
+                y = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # [b·P, 1]
+                cot[j].view(b * P, V).scatter_add_(1, y, torch.ones_like(y, dtype=cot.dtype))
+        yield cot.to(out.dtype) * m, 1.0 / n_probes
+
+
+def differentiable_capture(store: dict[str, Tensor], name: str):
+    """A forward hook that stores the activation under ``name`` as a tensor gradients can be taken
+    at, and hands that same tensor on to the rest of the forward pass."""
+
+    def hook(act: Tensor, hook=None) -> Tensor:
+        if name in store:
+            raise RuntimeError(f"hook {name!r} fired twice in one forward pass")
+        # Return a fresh tensor and differentiate with respect to it: the TransformerBridge hands
+        # some hooks (e.g. hook_v) a reshaped view that the forward only continues from when the
+        # hook returns a replacement, so the untouched view gets no gradient.
+        if act.requires_grad:
+            act = act.view_as(act)
+        else:
+            # Frozen parameters upstream: make the activation a leaf so the gradient reaches it.
+            act = act.detach().requires_grad_(True)
+        store[name] = act
+        return act
+
+    return hook
