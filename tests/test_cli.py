@@ -1,52 +1,105 @@
-"""The main job: ``tl-degeneracy report`` writes its files, prints a summary, fails clearly."""
+"""The main job: ``tl-degeneracy report`` writes its files, prints a summary, resumes, fails clearly."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from tl_degeneracy.cli import main
+from tl_degeneracy.cli import SECTIONS, main
+
+#: CI-sized budgets for the sections that sample (see tl_degeneracy/report/settings.py).
+TINY = ["--set", "chains=2", "draws=10", "burnin=4", "pilot_steps=5", "loss_scales=1e-2,1e-3", "n_sequences=16",
+        "n_probes=2"]
 
 
-def test_default_report_on_bundled_model(tmp_path, capsys):
+def _report(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def test_help_lists_sections_presets_and_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("examples:", "--only", "--preset", "--set", "--seed", "--device", "--out", "--data", "thorough", *SECTIONS):
+        assert word in text, word
+
+
+def test_cli_sections_are_the_registered_ones():
+    from tl_degeneracy.report import SECTIONS as REGISTERED
+
+    assert list(SECTIONS) == list(REGISTERED)
+
+
+def test_default_model_report_without_sampling(tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["report", "--out", str(out), "--quiet"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["model"] == "toy:bytelm"
-    assert report["summary"]["backend"] == "toy"
-    assert report["summary"]["n_live_parameters"] == 478_976
-    rows = report["activations"]["table"]
+    assert main(["report", "--out", str(out), "--quiet", "--only", "summary", "parameters", "activations"]) == 0
+    report = _report(out)
+    assert report["model"]["label"] == "toy:bytelm" and report["model"]["backend"] == "toy"
+    assert report["model"]["n_live_parameters"] == 478_976
+    assert list(report["sections"]) == ["summary", "parameters", "activations"]
+    rows = report["sections"]["activations"]["tables"]["hooks"]["records"]
     # resid_pre of both layers and resid_post of both layers, full rank on real text
     assert {r["hook"] for r in rows} == {
         "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
     }
-    assert all(r["count"] == 64 * 128 and r["dim"] == 128 for r in rows)
-    assert (out / "activation_stats.csv").exists() and (out / "parameters.csv").exists()
-    assert "live parameters 478,976" in capsys.readouterr().out
+    assert all(r["count"] == 64 * 128 and r["dim"] == 128 and r["rank"] == 128 for r in rows)
+    assert (out / "activations_hooks.csv").exists() and (out / "parameters_live.csv").exists()
+    assert (out / "report.html").exists()
+    printed = capsys.readouterr().out
+    assert "478,976 live parameters" in printed and "activations" in printed
 
 
-def test_sma_report_sees_the_embedding_rank(tmp_path):
+def test_full_report_on_sma_then_rerun_reuses_it(tmp_path, capsys):
     """resid_pre of SMA is E[x] + P_t with 4 tokens and 12 positions. The vectors e_x + p_t span
     span{e_x - e_0} + span{p_t - p_0} + span{e_0 + p_0}: 3 + 11 + 1 = 15 dimensions (d = 32 > 16, so
     generic weights reach it). The uncentred Gram over all sequences has exactly that rank."""
     out = tmp_path / "sma"
-    assert main(["report", "--model", "toy:sma", "--out", str(out), "--quiet"]) == 0
-    rows = {r["hook"]: r for r in json.loads((out / "report.json").read_text())["activations"]["table"]}
+    argv = ["report", "--model", "toy:sma", "--out", str(out), "--quiet", *TINY]
+    assert main(argv) == 0
+    report = _report(out)
+    status = {name: s["status"] for name, s in report["sections"].items()}
+    # SMA's query is a learned vector, not a projection of the input: the counts do not apply
+    assert status == {**{s: "ok" for s in SECTIONS}, "counts": "skipped"}
+    assert "MissingHookError" in report["sections"]["counts"]["reason"]
+    rows = {r["hook"]: r for r in report["sections"]["activations"]["tables"]["hooks"]["records"]}
     assert rows["blocks.0.hook_resid_pre"]["rank"] == 15
     assert rows["blocks.0.hook_resid_post"]["unit"] == "sequence"
+    assert not any(s["cached"] for s in report["sections"].values())
+    assert len(list((out / "checkpoints").glob("llc-*/default/llc-rank0.pt"))) == 1
+    first = capsys.readouterr().out
+    assert "counts" in first and "skipped: MissingHookError" in first
+
+    assert main(argv) == 0  # same --out: finished sections come from the checkpoint directory
+    again = _report(out)
+    assert all(again["sections"][s]["cached"] for s in status if status[s] == "ok")
+    assert again["sections"]["llc"]["values"] == report["sections"]["llc"]["values"]
+    assert "cached" in capsys.readouterr().out
+
+    assert main([*argv, "--fresh", "--only", "invariants"]) == 0  # --fresh drops the checkpoints
+    assert not _report(out)["sections"]["invariants"]["cached"]
 
 
-def test_only_summary_needs_no_data(tmp_path):
+def test_only_runs_the_named_sections_and_needs_no_data_for_weights(tmp_path, hf_dirs):
     out = tmp_path / "s"
-    assert main(["report", "--only", "summary", "--out", str(out), "--quiet"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert "activations" not in report and "parameters" not in report
+    model = str(hf_dirs["gpt2"])  # a non-toy model, no --data: the weight sections still run
+    assert main(["report", "--model", model, "--only", "summary", "invariants", "--out", str(out), "--quiet"]) == 0
+    report = _report(out)
+    assert list(report["sections"]) == ["summary", "invariants"] and report["data"] is None
+    assert report["sections"]["invariants"]["status"] == "ok"
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--model", "toy:nope"], "bundled"),
+        (["--model", "/nonexistent/model-dir"], "no such file"),
         (["--data", "/nonexistent/file.txt"], "no such file"),
+        (["--set", "draws"], "KEY=VALUE"),
+        (["--set", "nope=1"], "unknown report setting"),
+        (["--set", "chains=0"], "chains must be"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
@@ -54,10 +107,24 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_token_ids_out_of_range_exit_2(tmp_path, capsys):
+    tokens = tmp_path / "tokens.pt"
+    torch.save(torch.full((2, 8), 300), tokens)  # toy:bytelm has 256 byte tokens
+    assert main(["report", "--data", str(tokens), "--out", str(tmp_path / "x"), "--quiet", "--only", "activations"]) == 2
+    err = capsys.readouterr().err
+    assert "300" in err and "256" in err
+
+
 def test_text_file_data(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     out = tmp_path / "t"
-    assert main(["report", "--data", str(text), "--seq-len", "64", "--out", str(out), "--quiet"]) == 0
-    rows = json.loads((out / "report.json").read_text())["activations"]["table"]
-    assert sum(1 for _ in text.read_bytes()) == rows[0]["count"]
+    assert main(["report", "--data", str(text), "--seq-len", "64", "--out", str(out), "--quiet",
+                 "--only", "activations"]) == 0
+    rows = _report(out)["sections"]["activations"]["tables"]["hooks"]["records"]
+    assert len(text.read_bytes()) == rows[0]["count"]
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "tl_degeneracy.cli", "report", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "tl-degeneracy report" in done.stdout

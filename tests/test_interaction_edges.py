@@ -1,6 +1,8 @@
-"""Interaction edges (METHODS §5, squared formula): equal to a brute-force torch.func.jacrev
-reference (with padding and a skipped BOS), ±1 position sources unbiased and converging like
-r^{-1/2}, one source exact for a single output position, non-negative."""
+"""Interaction edges (METHODS §5, squared formula): forward-mode (JVP) and reverse-mode (VJP) edges
+both equal a brute-force torch.func.jacrev reference (transformer with padding and a skipped BOS;
+a HookedRootModule MLP), "auto" picks the cheaper mode per pair, a model without forward-mode
+derivatives falls back to reverse mode, ±1 position sources are unbiased and converge like
+r^{-1/2}, and one source is exact for a single output position."""
 
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ import pytest
 import torch
 
 from tests.fixtures.toys import make_tiny_toy_transformer
+from tests.interaction_models import HookedMLP, mlp_inputs
 from tl_degeneracy.data import token_batches
 from tl_degeneracy.interaction import interaction_basis
+from tl_degeneracy.interaction.edges import edge_pass
+from tl_degeneracy.interaction.runner import build_runner
 from tl_degeneracy.models.toys.sma import SparseModularAddition
+
+MLP_NODES = ["hook_in", "hook_h0", "hook_h1", "hook_out"]
 
 
 def rel(a, b) -> float:
@@ -32,9 +39,24 @@ def ragged(model):
     return token_batches(seqs, model, batch_size=2, prepend_bos=True)
 
 
-def brute_force_edges(model, ib, tokens, mask, a, b):
-    """E_ij = (1/n_a) Σ_x Σ_t (Σ_s ∂f̂^b_{t,i}/∂f̂^a_{s,j} f̂^a_{s,j})², the Jacobian of node b's
-    activation with respect to node a's from torch.func.jacrev, mapped to f̂ coordinates."""
+def recompute(model, data, ib, batch_size=32, **kw):
+    """edge_pass on the bases of ``ib`` (same nodes, data and batches), with ``kw`` (mode, sources, seed)."""
+    runner = build_runner(model, data, ib.nodes, batch_size, None, None)
+    return edge_pass(runner.engine, runner.batches, runner.nodes, ib.basis, ib.inverse, ib.mean, ib.counts,
+                     progress=False, **kw)
+
+
+def reference_edges(ib, a, b, J, fa, mask):
+    """E_ij = (1/n_a) Σ_x Σ_t (Σ_s ∂f̂^b_{t,i}/∂f̂^a_{s,j} f̂^a_{s,j})² from the per-sequence
+    Jacobian J [x, t, D_b, s, D_a] of node b's activation with respect to node a's."""
+    Jhat = torch.einsum("id,xtdse,ej->xtisj", ib.basis[b], J, ib.inverse[a])
+    fhat = ib.transform(fa, a) * mask[:, :, None]
+    A = torch.einsum("xtisj,xsj->xtij", Jhat, fhat)
+    return torch.einsum("xt,xtij->ij", mask.double(), A.square()) / int(mask.sum())
+
+
+def transformer_reference(model, ib, tokens, mask, a, b):
+    """``reference_edges`` with J from torch.func.jacrev through the model's hooks."""
     _, cache = model.run_with_cache(tokens, names_filter=[a, b])
     fa0 = cache[a]
 
@@ -44,24 +66,83 @@ def brute_force_edges(model, ib, tokens, mask, a, b):
         return store["b"].flatten(2)
 
     J = torch.func.jacrev(node_b)(fa0)  # [B, Pb, Db, B, Pa, Da]
-    J = torch.einsum("xtdxse->xtdse", J)  # sequences do not interact
-    Ca, Ca_inv, Cb = ib.basis[a], ib.inverse[a], ib.basis[b]
-    Jhat = torch.einsum("id,xtdse,ej->xtisj", Cb, J, Ca_inv)
-    fhat = ib.transform(fa0, a) * mask[:, :, None]
-    A = torch.einsum("xtisj,xsj->xtij", Jhat, fhat)
-    return torch.einsum("xt,xtij->ij", mask.double(), A.square()) / int(mask.sum())
+    return reference_edges(ib, a, b, torch.einsum("xtdxse->xtdse", J), fa0, mask)  # sequences do not interact
+
+
+def mlp_reference(model, ib, x, a, b):
+    """``reference_edges`` for a position-free MLP: one position per sample, J per sample."""
+    _, cache = model.run_with_cache(x, names_filter=[a, b])
+    fa0 = cache[a]
+
+    def node_b(fa, xi):
+        store = {}
+        model.run_with_hooks(xi[None], fwd_hooks=[(a, lambda act, hook: fa[None]), (b, lambda act, hook: store.__setitem__("b", act))])
+        return store["b"][0]
+
+    J = torch.vmap(torch.func.jacrev(node_b))(fa0, x)  # [n, Db, Da]
+    mask = torch.ones(x.shape[0], 1, dtype=torch.bool)
+    return reference_edges(ib, a, b, J[:, None, :, None, :], fa0[:, None], mask)
 
 
 @pytest.mark.parametrize("kind", ["local", "global"])
-def test_edges_equal_jacrev_reference(kind):
+def test_forward_and_reverse_edges_equal_jacrev_reference_with_padding(kind):
     model = tiny_toy()
     tb = ragged(model)
     batch = tb.batch(0)
     assert not batch.mask.all()  # padding and a skipped BOS are both present
     ib = interaction_basis(model, tb, kind=kind, exact=True, progress=False)
+    assert set(ib.settings["edge_modes"].values()) == {"forward"}  # kept_l ≤ P·kept_{l+1}: JVPs are cheaper
+    reverse = recompute(model, tb, ib, batch_size=2, mode="reverse")
+    assert set(reverse.modes.values()) == {"reverse"}
     for a, b in ib.edges:
-        ref = brute_force_edges(model, ib, batch.tokens, batch.mask, a, b)
+        ref = transformer_reference(model, ib, batch.tokens, batch.mask, a, b)
         assert (ib.edges[a, b] >= 0).all() and rel(ib.edges[a, b], ref) < 1e-10, (a, b)
+        assert rel(reverse.edges[a, b], ref) < 1e-10, (a, b)
+
+
+def test_mlp_edges_equal_jacrev_reference_in_both_modes_and_auto_picks_the_cheaper():
+    """HookedRootModule MLP 6 → 9 → 2 → 3 in PCA coordinates (kept 6, 9, 2, 2): for h0 → h1 (one
+    position) reverse mode needs 2 VJPs per batch against 9 JVPs, so "auto" takes it there and
+    forward mode elsewhere. (LIB and global bases keep no more directions at node l than at l+1
+    for one position, so there "auto" is always forward.)"""
+    model, x = HookedMLP([6, 9, 2, 3]), mlp_inputs(40, 6)
+    ib = interaction_basis(model, x, kind="pca", nodes=MLP_NODES, batch_size=16, progress=False)
+    assert ib.dims.interaction_rank.tolist() == [6, 9, 2, 2]
+    assert list(ib.settings["edge_modes"].values()) == ["forward", "reverse", "forward"]
+    forced = {m: recompute(model, x, ib, batch_size=16, mode=m) for m in ("forward", "reverse")}
+    for a, b in ib.edges:
+        ref = mlp_reference(model, ib, x, a, b)
+        for e in (ib.edges[a, b], forced["forward"].edges[a, b], forced["reverse"].edges[a, b]):
+            assert rel(e, ref) < 1e-10, (a, b)
+
+
+class _TanhNoForwardAD(torch.autograd.Function):
+    """tanh with a backward formula only: no forward-mode derivative, no functorch support."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_model_without_forward_mode_derivatives_falls_back_to_reverse_mode():
+    model, x = HookedMLP([4, 5, 5, 6], act=_TanhNoForwardAD.apply), mlp_inputs(24, 4)
+    kw = dict(kind="local", output="mse", exact=True, nodes=MLP_NODES, batch_size=8, progress=False)
+    with pytest.warns(RuntimeWarning, match="forward-mode derivatives failed"):
+        ib = interaction_basis(model, x, **kw)
+    assert set(ib.settings["edge_modes"].values()) == {"reverse"}
+    plain = interaction_basis(HookedMLP([4, 5, 5, 6]), x, **kw)  # the same function with torch.tanh
+    assert set(plain.settings["edge_modes"].values()) == {"forward"}
+    for pair in ib.edges:
+        assert rel(ib.edges[pair], plain.edges[pair]) < 1e-12, pair
+    with pytest.raises(RuntimeError):
+        recompute(model, x, ib, batch_size=8, mode="forward")
 
 
 def test_one_source_is_exact_for_a_single_output_position():
@@ -69,26 +150,44 @@ def test_one_source_is_exact_for_a_single_output_position():
     source gives the exact edges."""
     model = SparseModularAddition(p_max=4, d=4, d_mlp=8, seq_len=6, seed=2).double()
     toks = torch.randint(0, 4, (5, 6), generator=torch.Generator().manual_seed(13))
-    kw = dict(kind="local", exact=True, progress=False)
-    exact = interaction_basis(model, toks, **kw)
-    one = interaction_basis(model, toks, edge_sources=1, seed=3, **kw)
+    exact = interaction_basis(model, toks, kind="local", exact=True, progress=False)
+    one = recompute(model, toks, exact, mode="reverse", sources=1, seed=3)
     pair = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post")
+    assert one.modes[pair] == "reverse, 1 sources"
     assert rel(one.edges[pair], exact.edges[pair]) < 1e-12
 
 
 def test_sources_are_unbiased_and_converge_like_inverse_sqrt():
     model = tiny_toy()
     toks = torch.randint(2, 20, (3, 8), generator=torch.Generator().manual_seed(5))
-    kw = dict(kind="local", exact=True, progress=False)
-    exact = interaction_basis(model, toks, **kw)
+    exact = interaction_basis(model, toks, kind="local", exact=True, progress=False)
     pair = next(iter(exact.edges))
     ref = exact.edges[pair]
     sources, seeds, rms = [1, 4, 16], range(6), []
     for r in sources:
-        runs = torch.stack([interaction_basis(model, toks, edge_sources=r, seed=s, **kw).edges[pair] for s in seeds])
+        runs = torch.stack([recompute(model, toks, exact, mode="reverse", sources=r, seed=s).edges[pair] for s in seeds])
         rms.append(float(np.sqrt(np.mean([rel(e, ref) ** 2 for e in runs]))))
         if r == 1:  # unbiased: the mean of R runs has 1/R of the single-run squared error (3× margin)
             single = float(((runs - ref) ** 2).sum((1, 2)).mean())
             assert float(((runs.mean(0) - ref) ** 2).sum()) < 3 * single / len(seeds)
     slope = np.polyfit(np.log(sources), np.log(rms), 1)[0]
     assert -0.8 <= slope <= -0.3, (slope, rms)
+
+
+def test_auto_with_sources_is_exact_where_forward_mode_is_no_dearer():
+    """kept_l ≤ r·kept_{l+1}: the source estimate would cost more VJPs than the exact JVPs."""
+    model = tiny_toy()
+    toks = torch.randint(2, 20, (3, 8), generator=torch.Generator().manual_seed(5))
+    exact = interaction_basis(model, toks, kind="local", exact=True, progress=False)
+    ib = interaction_basis(model, toks, kind="local", exact=True, edge_sources=1, progress=False)
+    assert set(ib.settings["edge_modes"].values()) == {"forward"}
+    for pair in exact.edges:
+        assert rel(ib.edges[pair], exact.edges[pair]) < 1e-12
+
+
+def test_bad_mode_is_refused():
+    model = tiny_toy()
+    toks = torch.randint(2, 20, (2, 5), generator=torch.Generator().manual_seed(5))
+    ib = interaction_basis(model, toks, kind="pca", progress=False, edges=False)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        recompute(model, toks, ib, mode="sideways")

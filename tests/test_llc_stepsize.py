@@ -78,3 +78,59 @@ def test_last_step_size_adaptation_leaves_burn_in_steps_under_the_final_step_siz
     # A given step size is never adapted.
     model, x = linear_regression(d=3, n=30)
     assert behavioral_llc(model, x, step_size=1e-4, chains=2, draws=10, burnin=20).diagnostics["adaptations"] == []
+
+
+class _FlatThenWall:
+    """L(θ* + δ) = ‖δ‖¹⁶: flat near θ* (zero Hessian there), a steep wall at ‖δ‖ ≈ 1.
+
+    The shape of a confident classifier's KL (its Hessian ∝ p*(1 − p*) is tiny at θ* and O(1) once
+    the margins shrink, e.g. toy:sma): a pilot at a large η reaches the wall and diverges, one at a
+    small η stays in the flat region for its few steps and sees almost no curvature.
+    """
+
+    n_batches = 1
+    device = torch.device("cpu")
+
+    def __init__(self, dim):
+        self.star = {"w": torch.zeros(dim, dtype=torch.float64)}
+
+    def loss(self, deltas, b):
+        return deltas["w"].square().sum(1) ** 8
+
+
+def test_automatic_step_size_stays_below_every_step_size_whose_pilots_diverged():
+    # The pilots' healthy small-η rounds see little curvature and propose an η near the diverging
+    # ones again; the choice must remember the divergences (before the fix it alternated between
+    # diverging and healthy rounds and returned η = 0.2, where every pilot had diverged).
+    from tl_degeneracy.llc.sampler import SamplerSettings, chain_seed, initial_state, run_chains
+    from tl_degeneracy.llc.stepsize import choose_step_size
+
+    dim = 100
+    target, layout, mask = _FlatThenWall(dim), FlatLayout(("w",), ((dim,),)), torch.ones(dim, dtype=torch.bool)
+    explode_at = 10.0 * dim + 100.0
+    choice = choose_step_size(target, layout, mask, nbeta=1000.0, gamma=1.0, explode_at=explode_at, pilot_steps=50)
+    diverged = [h["step_size"] for h in choice.history if h["diverged"]]
+    assert diverged, "the case must make some pilots diverge to test anything"
+    assert choice.step_size <= min(diverged) / 2
+    # And the chosen η samples: chains from θ* survive 4× the pilots' length at it.
+    settings = SamplerSettings(nbeta=1000.0, step_size=choice.step_size, gamma=1.0, steps=200, explode_at=explode_at)
+    state = run_chains(target, layout, mask, settings, initial_state(target, layout, [chain_seed(5, c) for c in range(4)], settings))
+    assert bool(state.alive.all()), state.failed_at
+
+
+def test_automatic_step_size_error_names_a_step_size_that_was_tried():
+    # Non-finite loss away from θ*: every pilot diverges; the message reports the smallest η that
+    # actually ran (not the next, untried proposal).
+    from tl_degeneracy.errors import NumericalError
+    from tl_degeneracy.llc.stepsize import choose_step_size, step_size_for
+
+    class _Cliff(_FlatThenWall):
+        def loss(self, deltas, b):
+            r2 = deltas["w"].square().sum(1)
+            return torch.where(r2 > 0, torch.full_like(r2, float("nan")), r2)
+
+    target, layout, mask = _Cliff(10), FlatLayout(("w",), ((10,),)), torch.ones(10, dtype=torch.bool)
+    # At θ* the loss is ‖δ‖² (h = 2): the first pilot runs at step_size_for(2), each next one at a tenth.
+    smallest_tried = step_size_for(2.0, 1000.0, 1.0, 0.05) / 10**7
+    with pytest.raises(NumericalError, match=f"diverged at every step size tried, down to {smallest_tried:.3g};"):
+        choose_step_size(target, layout, mask, nbeta=1000.0, gamma=1.0, pilot_steps=5, max_rounds=8)

@@ -1,31 +1,39 @@
 """``tl-degeneracy``: the command line.
 
-``tl-degeneracy report`` runs the main job on a model and dataset and writes the results to a
-directory. With no arguments it uses the bundled default model (``toy:bytelm``) and its bundled
-held-out text, offline.
+``tl-degeneracy report`` runs ``tld.report.degeneracy_report`` on a model and dataset and writes
+report.json, report.html and one CSV per table to a directory. With no arguments it uses the bundled
+default model (``toy:bytelm``) on its bundled held-out text, offline. Reruns into the same
+directory reuse finished sections and resume interrupted LLC runs from ``<out>/checkpoints``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_MODEL = "toy:bytelm"
-SECTIONS = ("summary", "parameters", "activations")
-PRESETS = {
-    # sequences of the default data used for statistics
-    "quick": {"n_sequences": 64, "batch_size": 16},
-    "thorough": {"n_sequences": 512, "batch_size": 32},
-}
+#: Section names, in report order (kept here so that ``--help`` needs no heavy imports; a test
+#: checks it against the report's registry).
+SECTIONS = ("summary", "parameters", "invariants", "synchronization", "counts", "activations", "llc")
+PRESETS = ("quick", "thorough")
 
 EXAMPLES = """examples:
-  tl-degeneracy report                                  # bundled toy:bytelm, bundled text, ./reports/
+  tl-degeneracy report                                  # toy:bytelm on its bundled text → reports/default/
   tl-degeneracy report --model toy:sma --out out/sma    # another bundled model
   tl-degeneracy report --model ./my-hf-dir --data corpus.txt --device cpu
-  tl-degeneracy report --model smollm2.gguf --data tokens.pt --only summary parameters
+  tl-degeneracy report --model smollm2.gguf --data tokens.pt --only summary invariants
+  tl-degeneracy report --preset thorough --llc-components heads
+  tl-degeneracy report --set draws=400 chains=8 loss_scales=1e-2,1e-3,1e-4
+
+presets: quick (default; about a minute on toy:bytelm with 2 CPU cores) and thorough. --set changes
+single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale, loss_scales,
+llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps (see tl_degeneracy/report/settings.py).
+
+Rerunning into the same --out reuses finished sections whose fingerprint (model weights, data,
+settings, seed, version) matches and resumes LLC chains from <out>/checkpoints; --fresh ignores both.
+Exit codes: 0 done; 1 a section failed unexpectedly (see report.json); 2 bad input.
 """
 
 
@@ -33,102 +41,64 @@ class CLIError(Exception):
     """Bad input on the command line: printed without a traceback, exit code 2."""
 
 
-def _load_data(spec: str | None, model_spec: str, n_sequences: int):
-    """Resolve ``--data`` to something ``token_batches`` accepts."""
-    import torch
-
-    from .models.toys.data import toy_data
-
-    if spec is None or spec == "toy":
-        if not model_spec.startswith("toy:"):
-            raise CLIError("--data is required for models that are not bundled toys (a .txt, .pt, or dataset dir)")
-        name = model_spec.removeprefix("toy:").split("-")[0]
-        return toy_data(name, n=n_sequences)
-    if spec.startswith("toy:"):
-        return toy_data(spec.removeprefix("toy:"), n=n_sequences)
-    path = Path(spec)
-    if not path.exists():
-        raise CLIError(f"--data {spec!r}: no such file or directory (give a .txt, a .pt tensor file, a dataset "
-                       "directory saved with datasets' save_to_disk, or toy:NAME)")
-    if path.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as e:  # pragma: no cover - datasets ships with transformer-lens 4
-            raise CLIError("reading a dataset directory needs the `datasets` package") from e
-        return load_from_disk(str(path))
-    if path.suffix in (".pt", ".pth"):
-        tokens = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(tokens, torch.Tensor):
-            raise CLIError(f"{path} must hold one LongTensor of token ids [batch, pos]")
-        return tokens[:n_sequences]
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise CLIError(f"{path} is empty")
-    return [text]
+def _overrides(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE (e.g. draws=400)")
+        out[key.strip()] = value
+    return out
 
 
 def _report(args: argparse.Namespace) -> int:
-    import pandas as pd
-    import torch
+    import shutil
 
-    from . import activation_stats, adapt, load_model, token_batches
+    from .models.loading import load_model
+    from .report import degeneracy_report
+    from .report.context import default_data_spec
 
-    preset = PRESETS[args.preset]
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sections = args.only or list(SECTIONS)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    out = Path(args.out)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise CLIError(f"--threads must be ≥ 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         model = load_model(args.model, device=args.device)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+    except (ValueError, FileNotFoundError, OSError, ImportError, TypeError) as e:
         raise CLIError(f"--model {args.model!r}: {e}") from e
-    adapter = adapt(model)
-    timings["load"] = time.perf_counter() - t0
-    result: dict = {"model": args.model, "settings": {**vars(args), **preset}, "library_versions": _versions()}
+    data = args.data if args.data not in (None, "toy") else default_data_spec(args.model)
+    if args.data == "toy" and data is None:
+        raise CLIError(f"--data toy: {args.model!r} is not a bundled toy; give a .txt, .pt or dataset directory")
+    overrides = _overrides(args.set)
+    if args.seq_len is not None:
+        overrides["seq_len"] = args.seq_len
+    checkpoints = out / "checkpoints"
+    if args.fresh and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    try:
+        report = degeneracy_report(
+            model, data, sections=args.only, preset=args.preset, seed=args.seed, checkpoint_dir=checkpoints,
+            progress=not args.quiet, llc_components=args.llc_components, overrides=overrides, label=args.model,
+        )
+    except ValueError as e:
+        from .errors import TLDegeneracyError
 
-    summary = adapter.summary()
-    result["summary"] = summary
-    if "parameters" in sections:
-        frame = adapter.live_parameters().to_frame()
-        frame.to_csv(out / "parameters.csv", index=False)
-        result["parameters"] = {"n_live": int(frame["numel"].sum()), "n_tensors": len(frame), "csv": "parameters.csv"}
-    if "activations" in sections:
-        t1 = time.perf_counter()
-        data = _load_data(args.data, args.model, preset["n_sequences"])
-        batches = token_batches(data, adapter, batch_size=preset["batch_size"], seq_len=args.seq_len)
-        stats = activation_stats(adapter, batches, hooks=["resid_pre", "resid_post"], progress=not args.quiet)
-        frame = stats.to_frame()
-        frame.to_csv(out / "activation_stats.csv", index=False)
-        result["activations"] = {"table": frame.to_dict(orient="records"), "csv": "activation_stats.csv"}
-        timings["activations"] = time.perf_counter() - t1
-    result["timings_s"] = timings
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
-
-    print(f"tl-degeneracy report: {args.model} ({summary['backend']}, {summary['model_class']})")
-    print(f"  layers {summary['n_layers']}  heads {summary['n_heads']} (kv {summary['n_kv_heads']})  d_model "
-          f"{summary['d_model']}  d_head {summary['d_head']}  d_mlp {summary['d_mlp']}  vocab {summary['d_vocab']}")
-    print(f"  live parameters {summary['n_live_parameters']:,} in {summary['n_live_tensors']} tensors "
-          f"(module parameters {summary['n_module_parameters']:,})")
-    if "activations" in result:
-        with pd.option_context("display.width", 120, "display.max_columns", 12):
-            print(pd.DataFrame(result["activations"]["table"]).to_string(index=False))
-    print(f"  wrote {out / 'report.json'} in {time.perf_counter() - t0:.1f} s")
+        if isinstance(e, TLDegeneracyError):
+            raise
+        raise CLIError(str(e)) from e
+    html = report.save(out)
+    print(report.summary())
+    print(f"  wrote {html} and report.json, CSVs in {out} ({time.perf_counter() - t0:.1f} s)")
+    failed = [s.name for s in report.sections.values() if s.status == "failed"]
+    if failed:
+        print(f"tl-degeneracy: section(s) {', '.join(failed)} failed unexpectedly; tracebacks in {out / 'report.json'}",
+              file=sys.stderr)
+        return 1
     return 0
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for pkg in ("tl-degeneracy", "torch", "transformer-lens", "transformers", "numpy", "pandas"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    found["python"] = sys.version.split()[0]
-    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,23 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="run the degeneracy report on a model and dataset",
+                         description="Run every degeneracy analysis on one model and dataset and write report.json, "
+                                     "a self-contained report.html and one CSV per table.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     rep.add_argument("--model", default=DEFAULT_MODEL, help=f"anything load_model accepts (default {DEFAULT_MODEL})")
     rep.add_argument("--data", default=None, help="a .txt file, a .pt LongTensor [batch,pos], a saved dataset "
-                     "directory, or toy:NAME (default: the bundled data of a toy model)")
+                     "directory, or toy / toy:NAME (default: the bundled data of a toy model)")
     rep.add_argument("--out", default="reports/default", help="output directory (default reports/default)")
-    rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model loads)")
-    rep.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
-    rep.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="data budget (default quick)")
+    rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    rep.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+                     help=f"run only these sections: {', '.join(SECTIONS)}")
+    rep.add_argument("--preset", choices=PRESETS, default="quick", help="budget preset (default quick)")
+    rep.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override budget fields of the preset")
     rep.add_argument("--seq-len", type=int, default=None, help="chunk/truncate sequences to this length")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep.add_argument("--llc-components", nargs="+", default=None, metavar="COMPONENT",
+                     help="also the restricted LLC per component: heads, layers, attn, mlp, or selections "
+                          "such as blocks.0.attn.head1")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the probes and SGLD chains (default 0)")
+    rep.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's own, one per core); on a machine other jobs "
+                          "keep busy, --threads 1 avoids threads waiting on each other and is often several times faster")
+    rep.add_argument("--fresh", action="store_true", help="delete <out>/checkpoints first (no reuse, no resume)")
+    rep.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     rep.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "llc_components", None) and args.llc_components[0] in ("heads", "layers", "attn", "mlp"):
+        if len(args.llc_components) > 1:
+            print("tl-degeneracy: error: --llc-components heads/layers/attn/mlp stands alone", file=sys.stderr)
+            return 2
+        args.llc_components = args.llc_components[0]  # a family name; otherwise a list of selections
     try:
         return args.func(args)
     except CLIError as e:

@@ -20,7 +20,7 @@ from .runner import Runner, build_runner
 
 __all__ = ["interaction_basis"]
 
-KINDS = ("local", "global")
+KINDS = ("local", "global", "pca")
 
 
 def _pass_seed(seed: int, node: int) -> int:
@@ -30,7 +30,7 @@ def _pass_seed(seed: int, node: int) -> int:
 
 def _jacobian_grams(runner: Runner, whitenings, kind: str, output: str, interaction_rtol, interaction_atol,
                     probe_kw: dict) -> dict[str, NodeBasis]:
-    """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB."""
+    """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB, none for PCA."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
 
@@ -38,6 +38,13 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, output: str, interact
         rtol = default_rtol(whitenings[name].rank, runner.dtype) if interaction_rtol is None else interaction_rtol
         bases[name] = interaction_directions(whitenings[name], gram, rtol, interaction_atol)
 
+    if kind == "pca":
+        # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
+        # C = D_G^{s-½} Pᵀ; with s = +½ that is Pᵀ, the principal components (rib's "svd" baseline).
+        for name in names:
+            D = whitenings[name].mean.numel()
+            finish(name, torch.eye(D, dtype=torch.float64))
+        return bases
     if kind == "global":
         res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output,
                             seed=_pass_seed(probe_kw.pop("seed"), 0), desc="interaction basis: Jacobians", **probe_kw)
@@ -115,11 +122,18 @@ def interaction_basis(
       uses the importance-scaled f̂^{l+1} (only s = +½ composes, METHODS §5); ``scaling`` only
       rescales the returned coordinates, so the two scalings differ by a per-direction factor
       D_M^{±1} for both kinds.
+    - ``kind="pca"`` (the baseline the companion paper compares LIB with): M = I, the Jacobian
+      replaced by the identity, so D_M = D_G and f̂ = Pᵀ (f − μ) with importance scaling, the
+      principal components with E[f̂ f̂ᵀ] = diag(D_G); no Jacobian pass. Edges use the same formula
+      in these coordinates.
 
     Edges (``edges=True``): E_ij = (1/n_l) Σ_x Σ_t (Σ_s ∂f̂^{l+1}_{t,i}/∂f̂^l_{s,j} f̂^l_{s,j})² in
-    the returned coordinates, n_l = node l's sample count; exact over output positions
-    (``edge_sources=None``) or with r random ±1 position sources per batch (``edge_sources=r``,
-    unbiased). See :mod:`tl_degeneracy.interaction.edges`.
+    the returned coordinates, n_l = node l's sample count. Exact by default: per pair, kept_l
+    forward-mode JVPs per batch (one per direction j of node l), or P·kept_{l+1} reverse-mode VJPs
+    where that is fewer (P: counted positions of node l+1). ``edge_sources=r`` allows the unbiased
+    estimate with r random ±1 position sources (r·kept_{l+1} VJPs) on pairs where it is cheaper
+    than the exact JVPs (kept_l > r·kept_{l+1}); other pairs stay exact. ``settings["edge_modes"]``
+    says which way each pair went. See :mod:`tl_degeneracy.interaction.edges`.
 
     Args:
         model: a model ``tld.adapt`` accepts (data: anything ``token_batches`` accepts), or any other
@@ -133,7 +147,7 @@ def interaction_basis(
             dtype needs it: (10·√dim·eps)²); gram_atol, interaction_atol: absolute ones.
         n_probes, exact, method: Jacobian probes per batch, or one backward per output entry
             (small outputs, tests); VJPs batched or looped (see ``jacobian_stats``).
-        edge_sources: None (exact over output positions) or r random ±1 position sources.
+        edge_sources: None (exact) or r: random ±1 position sources where they are cheaper (above).
         seed: probes and sources are seeded per (seed, pass, batch, probe): results do not depend
             on chunking or on the number of processes.
         device: where the float64 accumulators live (default: the model's device).
@@ -141,9 +155,9 @@ def interaction_basis(
     Cost (B batches): one Gram pass (a forward per batch); global: one Jacobian pass (a forward and
     n_probes VJPs per batch, or P·V exact ones); LIB: one Jacobian pass per node (node l's
     forward stops at node l+1, its VJPs go back through one section only, n_probes or
-    P·kept_{l+1} per batch); edges: one pass (a forward to the last node, and Σ_l P·kept_{l+1} or
-    r·kept_{l+1} VJPs per batch through one section each). Memory: the D×D float64 accumulators and
-    one chunk of VJPs; no per-cotangent gradient is stored.
+    P·kept_{l+1} per batch); PCA: no Jacobian pass; edges: one pass (per batch and pair, min(kept_l JVPs,
+    P·kept_{l+1} or r·kept_{l+1} VJPs) through one section each, in chunks). Memory: the D×D
+    float64 accumulators and one chunk of tangents or VJPs; no per-direction gradient is stored.
 
     Under ``torch.distributed`` every pass shards the batches and reduces its float64 sums.
 
@@ -189,17 +203,21 @@ def interaction_basis(
     timings["jacobian_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    edge_values = {}
+    basis = {n: bases[n].matrix(scaling) for n in runner.names}
+    inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
+    mean = {n: whitenings[n].mean for n in runner.names}
+    edge_values, edge_modes = {}, {}
     if edges and len(runner.nodes) > 1:
-        edge_values = edge_pass(runner.engine, runner.batches, runner.nodes, bases, scaling, counts, edge_sources, seed,
-                                method=method, device=acc_device, progress=progress)
+        ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, edge_sources, seed,
+                       method=method, device=acc_device, progress=progress)
+        edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
     timings["edges_s"] = time.perf_counter() - t2
 
-    n_jacobian_passes = 1 if kind == "global" else len(runner.nodes)
+    n_jacobian_passes = {"global": 1, "local": len(runner.nodes), "pca": 0}[kind]
     settings = {
         "gram_rtol": gram_rtol, "gram_atol": gram_atol, "interaction_rtol": interaction_rtol,
         "interaction_atol": interaction_atol, "n_probes": None if exact else n_probes, "exact": bool(exact),
-        "edges": bool(edges), "edge_sources": edge_sources, "seed": int(seed), "method": method,
+        "edges": bool(edges), "edge_sources": edge_sources, "edge_modes": edge_modes, "seed": int(seed), "method": method,
         "batch_size": batch_size, "n_batches": len(runner.batches), "world_size": distributed_context().world_size,
         "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
         **timings,
@@ -210,9 +228,9 @@ def interaction_basis(
         output=output,
         scaling=scaling,
         centered=bool(centered),
-        basis={n: bases[n].matrix(scaling) for n in runner.names},
-        inverse={n: bases[n].right_inverse(scaling) for n in runner.names},
-        mean={n: whitenings[n].mean for n in runner.names},
+        basis=basis,
+        inverse=inverse,
+        mean=mean,
         eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
                                      rank_G=whitenings[n].rank, interaction_rank=bases[n].size) for n in runner.names},
         edges=edge_values,

@@ -139,47 +139,67 @@ def run_chains(
     ``on_block(state)`` runs at every block end (checkpointing); it sees a consistent state.
     """
     eta, nbeta, gamma = settings.step_size, settings.nbeta, settings.gamma
-    m = mask.to(state.delta.dtype)
-    delta, v = state.delta, state.v
+    # The update is applied in place (one pass per term instead of a new tensor per product), on
+    # copies, so the caller's state is never changed behind its back.
+    delta = state.delta.clone()
+    v = None if state.v is None else state.v.clone()
     alive, failed_at, norms = state.alive, state.failed_at, state.norms
     C, D = delta.shape
+    # With every coordinate selected the mask is all ones and its products are skipped.
+    m = None if bool(mask.all()) else mask.to(delta.dtype)
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     block_trace = torch.empty(BLOCK, C, dtype=torch.float64, device=delta.device)
     block_start = state.step
     sqrt_eta = eta**0.5
+    c_grad, c_prior = 0.5 * eta * nbeta, 0.5 * eta * gamma
+    noise = torch.empty_like(delta)
     t0 = time.perf_counter()
     for t in range(state.step, end):
         d = delta.detach().requires_grad_(True)
         loss = target.loss(layout.unflatten(d), t % target.n_batches)
         (grad,) = torch.autograd.grad(loss.sum(), d)
-        drift = nbeta * grad
-        noise = torch.stack([torch.randn(D, generator=g, device=delta.device, dtype=delta.dtype) for g in state.generators])
+        for c, g in enumerate(state.generators):
+            torch.randn(D, generator=g, device=delta.device, dtype=delta.dtype, out=noise[c])
+        distance = delta.norm(dim=1)
         if v is not None:
-            v = settings.rms_alpha * v + (1 - settings.rms_alpha) * drift.square()
-            precond = 1.0 / (settings.rms_eps + v.sqrt())
-            grad_step = 0.5 * eta * precond * drift * m
-            prior_step = 0.5 * eta * precond * gamma * delta * m
-            noise_step = sqrt_eta * precond.sqrt() * noise * m
+            drift = nbeta * grad
+            v.mul_(settings.rms_alpha).addcmul_(drift, drift, value=1 - settings.rms_alpha)
+            precond = (v.sqrt() + settings.rms_eps).reciprocal_()
+            if m is not None:
+                precond.mul_(m)
+            grad_step = (0.5 * eta) * precond * drift
+            prior_step = (0.5 * eta * gamma) * precond * delta
+            noise_step = precond.sqrt_().mul_(noise).mul_(sqrt_eta)
+            step_norms = torch.stack([grad_step.norm(dim=1), prior_step.norm(dim=1), noise_step.norm(dim=1), distance], 1)
+            delta.add_(noise_step).sub_(grad_step).sub_(prior_step)
         else:
-            grad_step = 0.5 * eta * drift * m
-            prior_step = 0.5 * eta * gamma * delta * m
-            noise_step = sqrt_eta * noise * m
-        update = noise_step - grad_step - prior_step
+            if m is not None:
+                grad, noise_m = grad * m, noise * m
+                prior_norm = (delta * m).norm(dim=1)
+            else:
+                noise_m, prior_norm = noise, distance
+            # The three terms' norms are scalar multiples of these, so no term is materialised.
+            step_norms = torch.stack([c_grad * grad.norm(dim=1), c_prior * prior_norm,
+                                      sqrt_eta * noise_m.norm(dim=1), distance], 1)
+            if m is not None:
+                delta.addcmul_(delta, m, value=-c_prior)
+            else:
+                delta.mul_(1 - c_prior)
+            delta.add_(grad, alpha=-c_grad).add_(noise_m, alpha=sqrt_eta)
+        step_norms = step_norms.to(torch.float64)
         lossd = loss.detach().to(torch.float64)
-        # Failure: non-finite loss or one far beyond anything a posterior at this nβ reaches.
-        bad = ~torch.isfinite(lossd) | (nbeta * lossd > settings.explode_at) | ~torch.isfinite(update).all(1)
+        # Failure: non-finite loss or one far beyond anything a posterior at this nβ reaches, or a
+        # non-finite update (then one of its terms' norms is non-finite).
+        bad = ~torch.isfinite(lossd) | (nbeta * lossd > settings.explode_at) | ~torch.isfinite(step_norms).all(1)
         newly = bad & alive
         failed_at = torch.where(newly, torch.full_like(failed_at, t), failed_at)
         alive = alive & ~bad
         block_trace[(t - block_start) % BLOCK] = torch.where(alive | newly, lossd, torch.full_like(lossd, float("nan")))
-        step_norms = torch.stack(
-            [grad_step.norm(dim=1), prior_step.norm(dim=1), noise_step.norm(dim=1), delta.norm(dim=1)], dim=1
-        ).to(torch.float64)
         norms = norms + torch.where(alive[:, None], step_norms, torch.zeros_like(step_norms))
         # A failed chain is parked at θ* (δ = 0) so that its NaNs never reach the other chains' arithmetic.
-        delta = torch.where(alive[:, None], delta + update, torch.zeros_like(delta))
+        delta.masked_fill_(~alive[:, None], 0.0)
         if v is not None:
-            v = torch.where(alive[:, None], v, torch.zeros_like(v))
+            v.masked_fill_(~alive[:, None], 0.0)
         if (t + 1) % BLOCK == 0 or t + 1 == end:
             n = t + 1 - block_start
             state.trace[block_start : t + 1] = block_trace[:n].cpu().numpy()

@@ -13,8 +13,9 @@ coordinates, found by Lanczos iteration on Hessian-vector products (double backw
 once along the chain axis); negative curvature (a chain away from the minimum) cannot mask it. At θ* a singular model can be flat (e.g. a deep linear network at W = 0 has zero Hessian),
 while the posterior it samples is curved, so the curvature is also measured where the sampler
 goes: short pilot runs from θ* with the current η, h_max re-measured at their end points, η
-recomputed from the largest h seen, until η changes by less than 25 %. A pilot whose chains all
-diverge divides η by 10. Pilots use their own seeds and a fixed number of chains, so the chosen
+recomputed from the larger of that and h_max at θ*, until η changes by less than 25 % in a round
+whose pilots all stayed healthy. A pilot whose chains all diverge divides η by 10; once any pilot
+chain has diverged at some η, no later pilot (and not the result) goes above half of it. Pilots use their own seeds and a fixed number of chains, so the chosen
 η is the same on every rank and for every number of chains.
 """
 
@@ -171,35 +172,44 @@ def choose_step_size(
     h_used = h_ref
     eta = step_size_for(h_ref, nbeta, gamma, bias_bound)
     history: list[dict] = []
+    # The smallest η at which a pilot chain diverged: no later pilot (nor the result) reaches half of
+    # it. Without this memory a pilot at a much smaller η, whose chains cover less ground in
+    # ``pilot_steps`` and so meet less curvature, proposes an η back near the diverging one; on a
+    # model whose curvature grows fast away from θ* (a confident classifier: the KL Hessian ∝
+    # p*(1 − p*) is tiny at θ* and O(1) once the margins shrink) the rounds then alternate between
+    # diverging and healthy pilots until they run out.
+    ceiling = float("inf")
     # Pilot seeds live far from the sampling chains' seeds (chain_seed of a large negative index).
     seeds = [chain_seed(seed, -1000 - c) for c in range(pilot_chains)]
     for rnd in range(max_rounds):
         settings = SamplerSettings(nbeta=nbeta, step_size=eta, gamma=gamma, steps=pilot_steps, explode_at=explode_at)
         state = run_chains(target, layout, mask, settings, initial_state(target, layout, seeds, settings))
         alive = state.alive
+        diverged = not bool(alive.all())
+        if diverged:
+            ceiling = min(ceiling, eta)
         if not bool(alive.any()):
             history.append({"round": rnd, "step_size": eta, "h_max": float("nan"), "diverged": True})
             eta = eta / 10
             continue
         h_pilot = float(top_hessian_eigenvalue(target, layout, mask, state.delta[alive], seed=seed + rnd + 1).max())
-        history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "diverged": not bool(alive.all())})
-        h_new = max(h_ref, h_pilot)
-        eta_new = step_size_for(h_new, nbeta, gamma, bias_bound)
-        if not bool(alive.all()):
-            # Some pilot chains diverged at this η: never go back up, go down at least by half.
-            eta_new = min(eta_new, eta / 2)
-            history[-1]["diverged"] = True
-        converged = abs(eta_new - eta) <= 0.25 * eta
-        h_used = h_new
-        if converged:
+        history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "diverged": diverged})
+        h_used = max(h_ref, h_pilot)
+        # After a divergence never go back up to it: at most half the smallest diverging η.
+        eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound), ceiling / 2)
+        if not diverged and abs(eta_new - eta) <= 0.25 * eta:
             eta = min(eta, eta_new)
             return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
         # The curvature a pilot sees depends on the η it ran with, so the fixed point is approached
         # with geometric damping (plain iteration can oscillate on singular models).
-        eta = eta_new if history[-1]["diverged"] or len(history) < 2 or history[-2]["diverged"] else (eta * eta_new) ** 0.5
-    if not history or history[-1].get("diverged"):
+        eta = eta_new if diverged or len(history) < 2 or history[-2]["diverged"] else (eta * eta_new) ** 0.5
+    healthy = [h["step_size"] for h in history if not h["diverged"]]
+    if not healthy:
+        tried = min(h["step_size"] for h in history)
         raise NumericalError(
-            f"automatic step size: the pilot chains kept diverging down to step_size {eta:.3g}; the behavioral loss "
-            f"may be non-finite near θ* or nβ = {nbeta:g} too large; try a larger loss_scale, a larger gamma, or pass step_size"
+            f"automatic step size: pilot chains diverged at every step size tried, down to {tried:.3g}; the behavioral "
+            f"loss may be non-finite near θ* or nβ = {nbeta:g} too large; try a larger loss_scale, a larger gamma, or pass step_size"
         )
+    # Not converged within max_rounds: the next proposal, which is below every diverging η (the
+    # burn-in adaptation lowers it further if the chains find stiffer regions).
     return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)

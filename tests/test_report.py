@@ -1,0 +1,222 @@
+"""degeneracy_report: every section on a tiny toy, saved and read back; skipped and failed sections;
+the section registry; the checkpoint cache and LLC resume; bad input refused before any work."""
+
+import json
+import math
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.report import SECTIONS, Report, SectionOutput, degeneracy_report, register_section
+from tl_degeneracy.report.serialize import to_jsonable
+from tl_degeneracy.report.settings import PRESETS, resolve_settings
+from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
+
+#: CI-sized LLC: far too short for converged estimates, long enough for finite positive ones.
+TINY = {"chains": 2, "draws": 12, "burnin": 4, "pilot_steps": 5, "loss_scales": (1e-2, 1e-3), "n_probes": 2}
+
+
+def _tokens(n=8, length=12, seed=0):
+    return torch.randint(0, TINY_TOY_KWARGS["d_vocab"], (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    model = make_tiny_toy_transformer()
+    with warnings.catch_warnings(record=True) as caught:  # the short chains may warn about their bias bound
+        warnings.simplefilter("always")
+        rep = degeneracy_report(model, _tokens(), overrides=TINY, llc_components=["blocks.1.attn"], progress=False)
+    out = tmp_path_factory.mktemp("report")
+    rep.save(out)
+    return rep, out, [str(w.message) for w in caught]
+
+
+def test_every_section_runs_on_the_tiny_toy(full_report):
+    rep, _, caught = full_report
+    assert list(rep.sections) == list(SECTIONS)
+    assert {s.status for s in rep.sections.values()} == {"ok"}, {s.name: s.reason for s in rep.sections.values()}
+    assert all(w.startswith("report section 'llc'") for w in caught), caught  # only the LLC's own may fire
+    for s in rep.sections.values():
+        assert s.wall_s >= 0 and s.versions["torch"] == torch.__version__ and s.headline
+        assert set(SECTIONS[s.name].settings) <= set(s.settings)
+    assert rep.model["n_live_parameters"] == tld.adapt(make_tiny_toy_transformer()).live_parameters().numel
+    assert rep.data["positions"]["n_samples"] == 8 * 12
+
+
+def test_sections_hold_the_analyses_numbers(full_report):
+    rep, _, _ = full_report
+    model, tokens = make_tiny_toy_transformer(), _tokens()
+    ov = tld.ov_invariants(model)
+    assert rep["invariants"].tables["ov"]["rank"].tolist() == ov["rank"].tolist()
+    counts = rep["counts"]
+    assert counts.values["n_eff_kfac"] == int(counts.tables["maps"]["kfac"].sum())
+    assert counts.tables["totals"]["n_params"].sum() == counts.values["n_params"]
+    direct = tld.head_synchronization(model, tokens, tol=PRESETS["quick"].sync_tol)
+    np.testing.assert_allclose(rep["synchronization"].values["head_distance"], direct.distance)
+    llc = rep["llc"]
+    sweep = llc.tables["sweep"]
+    assert sorted(sweep["loss_scale"]) == sorted({1e-2, 1e-3, PRESETS["quick"].loss_scale})
+    default = sweep[np.isclose(sweep["loss_scale"], llc.values["loss_scale"])].iloc[0]
+    assert default["llc"] == llc.values["llc"] and math.isclose(llc.values["n_eff"], 2 * llc.values["llc"])
+    assert np.all(np.isfinite(sweep["llc"])) and np.all(sweep["llc"] > 0) and (sweep["n_failed"] == 0).all()
+    assert len(llc.tables["chains"]) == TINY["chains"]
+    assert llc.tables["components"]["component"].tolist() == ["blocks.1.attn"]
+    assert set(llc.figures) == {"n_eff_sweep", "trace", "components"}
+
+
+def test_saved_report_round_trips_and_has_a_csv_per_table(full_report, tmp_path):
+    rep, out, _ = full_report
+    stored = json.loads((out / "report.json").read_text())  # strict JSON: json.loads would accept NaN, so check
+    assert not re.search(r"\bNaN\b|\bInfinity\b", (out / "report.json").read_text())
+    assert stored == json.loads(json.dumps(rep.to_dict()))
+    loaded = Report.load(out)
+    assert loaded.to_dict() == stored
+    again = loaded.save(tmp_path / "again")  # a loaded report renders again, with its figures
+    assert again.read_text().count("Plotly.newPlot") == (out / "report.html").read_text().count("Plotly.newPlot")
+    n_tables = 0
+    for name, sec in stored["sections"].items():
+        for table, t in sec["tables"].items():
+            csv = pd.read_csv(out / t["csv"])
+            assert list(csv.columns) == t["columns"] and len(csv) == len(t["records"]), (name, table)
+            n_tables += 1
+    assert n_tables == len(list(out.glob("*.csv"))) == 11  # llc components included
+    # complex eigenvalues are stored as [re, im] pairs, every one of them
+    ev = stored["sections"]["invariants"]["tables"]["ov"]["records"][0]["eigenvalues"]
+    assert all(len(pair) == 2 for pair in ev) and len(ev) == rep["invariants"].tables["ov"]["rank"].iloc[0]
+
+
+def test_html_is_self_contained(full_report):
+    import plotly
+
+    rep, out, _ = full_report
+    page = (out / "report.html").read_text()
+    from plotly.offline import get_plotlyjs
+
+    bundle = get_plotlyjs()
+    assert page.count(bundle) == 1  # plotly.js inlined exactly once
+    rest = page.replace(bundle, "")
+    assert not re.search(r"<script[^>]*\bsrc=", rest) and not re.search(r"<link[^>]*\bhref=", rest)
+    assert "cdn" not in rest.lower() and "http://" not in rest and "https://" not in rest
+    n_figures = sum(len(s.figures) for s in rep.sections.values())
+    assert rest.count("Plotly.newPlot") == n_figures
+    for sec in rep.sections.values():  # table of contents and one anchor per section
+        assert f'href="#sec-{sec.name}"' in rest and f'id="sec-{sec.name}"' in rest
+    assert f"v{plotly.__version__}" in page or plotly.__version__ in page
+    assert "<table class=\"data\">" in rest  # tables are HTML, readable without JavaScript
+
+
+def test_a_section_that_does_not_apply_is_skipped_with_its_reason():
+    # toy:sma has no query projection, so the counts (which need hook_q) do not apply; the rest run.
+    rep = degeneracy_report("toy:sma", sections=["invariants", "counts"], overrides={"n_sequences": 8}, progress=False)
+    assert rep["invariants"].status == "ok"
+    counts = rep["counts"]
+    assert counts.status == "skipped" and counts.reason.startswith("MissingHookError") and "query" in counts.reason
+    assert counts.traceback is None and "skipped: MissingHookError" in rep.summary()
+
+
+@pytest.fixture
+def temporary_section():
+    added = []
+
+    def add(name, compute, **kwargs):
+        register_section(name, name.title(), needs_data=False, **kwargs)(compute)
+        added.append(name)
+
+    yield add
+    for name in added:
+        SECTIONS.pop(name, None)
+
+
+def test_a_failing_section_is_recorded_with_its_traceback_and_a_warning(temporary_section):
+    def broken(ctx):
+        return {"not": "a SectionOutput"}["missing"]
+
+    temporary_section("broken", broken)
+    with pytest.warns(RuntimeWarning, match="section 'broken' failed with KeyError"):
+        rep = degeneracy_report(make_tiny_toy_transformer(), sections=["summary", "broken"], progress=False)
+    sec = rep["broken"]
+    assert sec.status == "failed" and sec.reason == "KeyError: 'missing'" and "broken" in sec.traceback
+    assert rep["summary"].status == "ok"
+    with pytest.raises(KeyError):
+        degeneracy_report(make_tiny_toy_transformer(), sections=["broken"], progress=False, errors="raise")
+
+
+def test_a_registered_section_slots_in_before_another(temporary_section):
+    def weights(ctx):
+        n = ctx.adapter.live_parameters().numel
+        return SectionOutput(values={"n": n}, headline=f"{n} parameters", tables={"t": pd.DataFrame({"n": [n]})})
+
+    temporary_section("weights", weights, before="llc", settings=("chains",))
+    names = list(SECTIONS)
+    assert names.index("weights") == names.index("llc") - 1
+    rep = degeneracy_report(make_tiny_toy_transformer(), sections=["weights"], progress=False)
+    assert rep["weights"].values == {"n": 5396} and rep["weights"].settings == {"chains": PRESETS["quick"].chains}
+    with pytest.raises(ValueError, match="unknown settings"):
+        register_section("bad", "Bad", needs_data=False, settings=("nope",))(weights)
+
+
+@pytest.mark.filterwarnings("ignore:report section 'llc'")
+def test_rerun_reuses_finished_sections_and_resumes_the_llc(tmp_path):
+    model, tokens = make_tiny_toy_transformer(), _tokens(4)
+    kwargs = dict(sections=["invariants", "llc"], overrides={**TINY, "loss_scales": (1e-3,)}, checkpoint_dir=tmp_path,
+                  progress=False)
+    first = degeneracy_report(model, tokens, **kwargs)
+    assert not first["llc"].cached and first["llc"].values["diagnostics"]["step_size_source"] == "automatic"
+    second = degeneracy_report(model, tokens, **kwargs)
+    assert second["invariants"].cached and second["llc"].cached
+    assert second["llc"].to_dict() == {**first["llc"].to_dict(), "cached": True}
+    # Without the finished-section cache the LLC resumes from its own sampler checkpoint.
+    (tmp_path / "sections" / "llc.json").unlink()
+    third = degeneracy_report(model, tokens, **kwargs)
+    assert not third["llc"].cached
+    assert third["llc"].values["diagnostics"]["step_size_source"] == "automatic (from checkpoint)"
+    assert third["llc"].values["llc"] == first["llc"].values["llc"]
+    # Other settings: a new fingerprint and checkpoint directory, so nothing is reused (nor refused).
+    other = degeneracy_report(model, tokens, **{**kwargs, "overrides": {**kwargs["overrides"], "draws": 14}})
+    assert other["llc"].status == "ok" and not other["llc"].cached and other["llc"].values["draws"] == 14
+    assert len(list(tmp_path.glob("llc-*/default/llc-rank0.pt"))) == 2
+    # Other weights: a new fingerprint too.
+    with torch.no_grad():
+        model.blocks[0].attn.W_V[0, 0, 0] += 1.0
+    assert not degeneracy_report(model, tokens, **{**kwargs, "sections": ["invariants"]})["invariants"].cached
+
+
+def test_bad_data_is_refused_before_any_section_runs(temporary_section):
+    ran = []
+    temporary_section("probe", lambda ctx: ran.append(1) or SectionOutput())
+    model = make_tiny_toy_transformer()
+    with pytest.raises(tld.DataError, match="outside|out of|vocab"):
+        degeneracy_report(model, torch.full((2, 5), 999), sections=["probe", "activations"], progress=False)
+    with pytest.raises(tld.DataError, match="needs data"):
+        degeneracy_report(model, None, sections=["probe", "counts"], progress=False)
+    with pytest.raises(tld.DataError, match="no such file"):
+        degeneracy_report(model, "/nonexistent/corpus.txt", sections=["counts"], progress=False)
+    assert not ran
+    rep = degeneracy_report(model, None, sections=["probe"], progress=False)  # no data needed, none given
+    assert rep.data is None and ran == [1]
+
+
+def test_settings_presets_and_overrides():
+    s = resolve_settings("quick", {"draws": "400", "loss_scales": "1e-2, 1e-3", "llc_seq_len": "none", "sync_tol": 0.1})
+    assert (s.draws, s.loss_scales, s.llc_seq_len, s.sync_tol) == (400, (1e-2, 1e-3), None, 0.1)
+    assert PRESETS["thorough"].draws > PRESETS["quick"].draws
+    for bad in ({"nope": 1}, {"draws": "many"}, {"chains": 0}, {"loss_scales": "0"}):
+        with pytest.raises(ValueError):
+            resolve_settings("quick", bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_settings("slow")
+    with pytest.raises(ValueError, match="unknown report section"):
+        degeneracy_report(make_tiny_toy_transformer(), sections=["nope"], progress=False)
+
+
+def test_json_values_are_strict():
+    assert to_jsonable({"a": float("nan"), "b": float("inf"), "c": np.complex128(1 - 2j), "d": np.arange(2),
+                        "e": (np.int64(3), np.bool_(True)), "f": torch.tensor([0.5])}) == \
+        {"a": None, "b": "inf", "c": [1.0, -2.0], "d": [0, 1], "e": [3, True], "f": [0.5]}
+    with pytest.raises(TypeError, match="cannot store"):
+        to_jsonable(object())

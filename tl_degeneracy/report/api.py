@@ -1,0 +1,178 @@
+"""``degeneracy_report``: every analysis of the package on one model and dataset, as one Report."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import TLDegeneracyError
+from ..models.adapt import adapt
+from . import cache
+from . import sections as _builtin_sections  # noqa: F401  (registers the built-in sections)
+from .context import LoadedData, ReportContext, default_data_spec, library_versions, load_data_spec
+from .registry import SECTIONS, Section
+from .result import Report, SectionResult
+from .settings import ReportSettings, resolve_settings
+
+__all__ = ["degeneracy_report"]
+
+ERRORS = ("record", "raise")
+
+
+def _resolve_model(model, device):
+    """(label, adapter) for a spec string or a model; a spec is loaded on ``device``."""
+    if isinstance(model, (str, os.PathLike)):
+        from ..models.loading import load_model
+
+        return os.fspath(model), adapt(load_model(model, device=device))
+    adapter = adapt(model)
+    if device is not None and adapter.device != torch.device(device):
+        raise ValueError(f"the model is on {adapter.device}, not on device={device!r}; move it first (model.to(...)) "
+                         "or pass a spec string to load it there")
+    return type(adapter.model).__name__, adapter
+
+
+def _resolve_data(data, label: str) -> LoadedData | None:
+    if data is None:
+        spec = default_data_spec(label)
+        return None if spec is None else load_data_spec(spec)
+    if isinstance(data, (str, os.PathLike)):
+        return load_data_spec(data)
+    return LoadedData(data, type(data).__name__)
+
+
+def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionResult:
+    """Run one section: time it, keep its warnings, and turn errors into a skipped/failed entry."""
+    result = SectionResult(name=section.name, title=section.title, status="ok", methods=section.methods,
+                           settings={k: getattr(ctx.settings, k) for k in section.settings}, versions=library_versions())
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = section.compute(ctx)
+        except TLDegeneracyError as e:
+            # The analysis does not apply here (a missing hook, unusable data, non-finite numbers).
+            if errors == "raise":
+                raise
+            result.status, result.reason = "skipped", f"{type(e).__name__}: {e}"
+        except Exception as e:
+            if errors == "raise":
+                raise
+            result.status, result.reason = "failed", f"{type(e).__name__}: {e}"
+            result.traceback = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-8))
+        else:
+            result.tables, result.figures, result.values = out.tables, out.figures, out.values
+            result.headline, result.notes = out.headline, list(out.notes)
+            result.settings.update(out.settings)
+    result.wall_s = time.perf_counter() - t0
+    seen = set()
+    for w in caught:
+        text = f"{w.category.__name__}: {w.message}"
+        if text not in seen:
+            seen.add(text)
+            result.warnings.append(text)
+            warnings.warn(f"report section {section.name!r}: {w.message}", w.category, stacklevel=3)
+    if result.status == "failed":
+        warnings.warn(f"report section {section.name!r} failed with {result.reason}; recorded in the report with its "
+                      "traceback, the other sections ran", RuntimeWarning, stacklevel=3)
+    return result
+
+
+def degeneracy_report(
+    model,
+    data=None,
+    sections: Sequence[str] | None = None,
+    preset: str | ReportSettings = "quick",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    llc_components=None,
+    overrides: dict | None = None,
+    label: str | None = None,
+    errors: str = "record",
+) -> Report:
+    """The degeneracy report of ``model`` on ``data``: model summary and live parameters, OV/QK
+    invariants and spectra (METHODS §2), head and neuron synchronization (§3), activation and
+    Jacobian degeneracy counts with n_eff_kfac (§4), activation statistics, and the behavioral LLC
+    with its sweep N_eff(ε) (§1). Each section records its settings, wall time and library versions.
+
+    Args:
+        model: a spec string (anything ``load_model`` accepts, loaded on ``device``) or a model
+            ``tld.adapt`` accepts.
+        data: anything ``token_batches`` takes, or a spec string: a text file, a ``.pt`` file of
+            token ids [batch, pos], a directory saved with ``datasets``' ``save_to_disk``, or
+            ``toy:NAME``. Default: a bundled toy's own data (for ``toy:`` specs); otherwise the
+            sections that need data fail with a DataError before anything runs.
+        sections: names to run (default all, in report order: ``tld.report.SECTIONS``).
+        preset: ``"quick"``, ``"thorough"`` or a :class:`ReportSettings`; ``overrides`` changes
+            single fields (e.g. ``{"draws": 500}``).
+        seed: seeds torch and the stochastic estimators (Jacobian probes, SGLD chains).
+        checkpoint_dir: keep finished sections and the LLC sampler states there; a rerun with the
+            same fingerprint (cache.py) reuses finished sections and resumes interrupted LLC runs.
+        progress: progress lines and bars on stderr.
+        llc_components: also the restricted LLC per component (``"heads"``, ``"layers"``,
+            ``"attn"``, ``"mlp"`` or a list of selections; see ``llc_by_component``).
+        label: the model's name in the report (default: the spec, or the model's class name).
+        errors: ``"record"`` (default): an error in a section is recorded — as ``skipped`` for the
+            package's own errors (the analysis does not apply), as ``failed`` with its traceback and
+            a warning for anything else — and the other sections still run; ``"raise"``: re-raise.
+
+    Raises:
+        ValueError: unknown section names, preset or settings; a model not on ``device``.
+        DataError: unusable data (missing file, ids outside the vocabulary, …) when a selected
+            section needs data — checked before any section runs.
+    """
+    t0 = time.perf_counter()
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}; got {errors!r}")
+    chosen = list(SECTIONS) if sections is None else list(dict.fromkeys(sections))
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown report section(s) {unknown}; sections: {', '.join(SECTIONS)}")
+    settings = resolve_settings(preset, overrides)
+    torch.manual_seed(seed)
+    spec_label, adapter = _resolve_model(model, device)
+    label = label or spec_label
+    ctx = ReportContext(
+        label=label, adapter=adapter, settings=settings, seed=seed,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), progress=progress,
+        llc_components=llc_components, data=_resolve_data(data, label),
+    )
+    if any(SECTIONS[s].needs_data for s in chosen):
+        ctx.batches  # noqa: B018  (validates the data now, before any section runs)
+    results = {}
+    for i, name in enumerate(chosen, 1):
+        section = SECTIONS[name]
+        if progress:
+            print(f"[{i}/{len(chosen)}] {section.title} …", file=sys.stderr, flush=True)
+        result = None
+        if ctx.checkpoint_dir is not None:
+            key = cache.fingerprint(section, ctx)
+            ctx.section_dir = ctx.checkpoint_dir / f"{name}-{key[:12]}"
+            result = cache.load_cached(section, ctx)
+        if result is None:
+            result = _run_section(section, ctx, errors)
+            if ctx.checkpoint_dir is not None and result.status == "ok":
+                cache.store(section, ctx, result)
+        results[name] = result
+    return Report(
+        model={"label": label, **ctx.summary},
+        data=ctx.data_description() if ctx.data is not None and "batches" in ctx.__dict__ else None,
+        settings={"preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
+                  "seed": seed, "device": str(adapter.device), "torch_threads": torch.get_num_threads(), "sections": chosen,
+                  "checkpoint_dir": None if checkpoint_dir is None else os.fspath(checkpoint_dir),
+                  "llc_components": llc_components, "budgets": settings.to_dict()},
+        versions=library_versions(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        wall_s=time.perf_counter() - t0,
+        sections=results,
+    )

@@ -1,0 +1,185 @@
+"""What every report section shares: the model, its adapter, the validated batches and the budgets.
+
+Also where a data *spec* (a text file, a token tensor file, a saved dataset, ``toy:NAME``) becomes
+data, and where the fingerprints of model and data that key the section cache are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from ..data import TokenBatches, token_batches
+from ..errors import DataError
+from ..models.adapter import ModelAdapter
+from .settings import ReportSettings
+
+__all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for pkg in ("tl-degeneracy", "torch", "transformer-lens", "transformers", "numpy", "pandas", "plotly"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    found["python"] = sys.version.split()[0]
+    return found
+
+
+def default_data_spec(model_spec: str | None) -> str | None:
+    """``toy:NAME`` for a bundled toy spec (its bundled data), else None (no default data)."""
+    if isinstance(model_spec, str) and model_spec.startswith("toy:"):
+        return "toy:" + model_spec.removeprefix("toy:").split("-")[0]
+    return None
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """Data read from a spec, and how: ``text`` data has no natural sequence length."""
+
+    data: object
+    source: str
+    text: bool = False
+
+
+def load_data_spec(spec: str | os.PathLike) -> LoadedData:
+    """Read a data spec: ``toy:NAME`` (bundled data), a ``.pt``/``.pth`` file holding one LongTensor of
+    token ids [batch, pos], a directory saved with ``datasets``' ``save_to_disk``, or a text file.
+
+    Raises:
+        DataError: no such file, an empty file, a .pt file that is not one tensor, an unknown toy.
+    """
+    import torch
+
+    spec = os.fspath(spec)
+    if spec.startswith("toy:"):
+        from ..models.toys.data import toy_data
+
+        try:
+            return LoadedData(toy_data(spec.removeprefix("toy:")), spec)
+        except ValueError as e:
+            raise DataError(f"data {spec!r}: {e}") from None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data {spec!r}: no such file or directory (give a .txt file, a .pt tensor file, a dataset "
+                        "directory saved with datasets' save_to_disk, or toy:NAME)")
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as e:  # pragma: no cover - datasets ships with transformer-lens
+            raise DataError("reading a dataset directory needs the `datasets` package") from e
+        try:
+            return LoadedData(load_from_disk(str(path)), f"dataset {path}")
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"data {spec!r}: not a dataset saved with save_to_disk ({e})") from None
+    if path.suffix in (".pt", ".pth"):
+        try:
+            tokens = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors come in many types
+            raise DataError(f"data {spec!r}: cannot read it as a torch tensor file ({type(e).__name__}: {e})") from None
+        if not isinstance(tokens, torch.Tensor):
+            raise DataError(f"data {spec!r} must hold one LongTensor of token ids [batch, pos]; it holds a {type(tokens).__name__}")
+        return LoadedData(tokens, f"tensor file {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"data {spec!r}: the file is empty")
+    return LoadedData([text], f"text file {path}", text=True)
+
+
+def _head(data, n: int):
+    """The first ``n`` sequences (or texts, or dataset rows) of ``data`` where that is cheap to take
+    before tokenizing; anything else whole (``batches`` cuts after validation)."""
+    import torch
+
+    if (isinstance(data, torch.Tensor) and data.ndim == 2) or isinstance(data, list):
+        return data[:n]
+    if hasattr(data, "select") and hasattr(data, "column_names"):  # a datasets.Dataset
+        return data.select(range(min(n, len(data))))
+    return data
+
+
+@dataclass(eq=False)
+class ReportContext:
+    """Shared inputs of the sections (registry.py).
+
+    ``batches``: the first ``settings.n_sequences`` validated sequences (METHODS §0: which positions
+    count is recorded in ``batches.positions``); ``llc_batches``: the first ``llc_sequences`` of them
+    cut to ``llc_seq_len`` tokens, one full batch. Both are built on first use; the report builds
+    ``batches`` before any section runs when a selected section needs data, so bad data fails early.
+    """
+
+    label: str
+    adapter: ModelAdapter
+    settings: ReportSettings
+    seed: int = 0
+    checkpoint_dir: Path | None = None
+    progress: bool = False
+    llc_components: object = None
+    data: LoadedData | None = None
+    summary: dict = field(init=False)
+    #: Checkpoint directory of the section now running, named after its fingerprint (cache.py), so
+    #: that a rerun with other settings starts afresh instead of meeting a checkpoint it must refuse.
+    section_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.summary = self.adapter.summary()
+
+    @cached_property
+    def batches(self) -> TokenBatches:
+        if self.data is None:
+            raise DataError(
+                f"this section needs data, and none was given for {self.label}; pass data (token ids, strings, a "
+                "dataset, or a spec: a .txt/.pt file, a dataset directory, toy:NAME)"
+            )
+        s = self.settings
+        seq_len = s.seq_len
+        if seq_len is None and self.data.text:
+            seq_len = self.adapter.n_ctx  # one long text: cut into context-sized chunks
+        tb = token_batches(_head(self.data.data, s.n_sequences), self.adapter, batch_size=s.batch_size, seq_len=seq_len)
+        if tb.n_sequences > s.n_sequences:
+            tb = dataclasses.replace(tb, sequences=tb.sequences[: s.n_sequences])
+        return tb
+
+    @cached_property
+    def llc_batches(self) -> TokenBatches:
+        s = self.settings
+        seqs = self.batches.sequences[: s.llc_sequences]
+        if s.llc_seq_len is not None:
+            seqs = [q[: s.llc_seq_len] for q in seqs]
+        return dataclasses.replace(self.batches, sequences=seqs, batch_size=len(seqs))
+
+    def data_description(self) -> dict | None:
+        """Where the data came from and which positions counted (None without data)."""
+        if self.data is None:
+            return None
+        return {"source": self.data.source, "positions": self.batches.positions.to_dict(),
+                "n_batches": len(self.batches), "batch_size": self.batches.batch_size}
+
+    def checkpoint(self, *parts: str) -> str | None:
+        """A directory under the running section's checkpoint directory (None when not checkpointing)."""
+        if self.section_dir is None:
+            return None
+        return os.fspath(self.section_dir.joinpath(*parts))
+
+    @cached_property
+    def model_digest(self) -> str:
+        """sha256 of the live parameters (names, dtypes, shapes, values)."""
+        from ..llc.targets import tensor_digest
+
+        return tensor_digest(sorted((p.name, p.param) for p in self.adapter.live_parameters()))
+
+    @cached_property
+    def data_digest(self) -> str:
+        """sha256 of the token sequences the sections read (in order)."""
+        from ..llc.targets import tensor_digest
+
+        return tensor_digest((f"seq{i}", s) for i, s in enumerate(self.batches.sequences))

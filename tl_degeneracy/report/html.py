@@ -1,0 +1,222 @@
+"""``report.html``: one self-contained page that opens offline.
+
+plotly.js (from the installed plotly package) is inlined once in the head; every figure is a div
+plus a call to ``Plotly.newPlot``. Tables are plain HTML, so the numbers are readable with
+JavaScript off. Nothing is loaded from the network: no CDN, no fonts, no MathJax.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from .result import Report, SectionResult
+
+__all__ = ["render_html"]
+
+#: Rows of a table shown in the page; the CSV next to it has them all.
+MAX_ROWS = 60
+#: Entries of a list shown in a table cell.
+MAX_ITEMS = 4
+
+_CSS = """
+:root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg:#f6f8fa; --accent:#0b5cad;
+        --ok:#1a7f37; --skip:#9a6700; --fail:#cf222e; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.5 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif; color:var(--fg); }
+header { background:#0d1b2a; color:#fff; padding:28px 40px 22px; }
+header h1 { margin:0 0 4px; font-size:26px; font-weight:650; }
+header .sub { color:#c9d4e0; margin:0; }
+header .facts { display:flex; flex-wrap:wrap; gap:10px 28px; margin-top:16px; }
+header .fact b { display:block; font-size:12px; font-weight:500; color:#9fb3c8; text-transform:uppercase; letter-spacing:.04em; }
+header .fact span { font-size:16px; }
+main { max-width:1180px; margin:0 auto; padding:10px 40px 60px; }
+nav { background:var(--bg); border:1px solid var(--line); border-radius:8px; padding:12px 20px; margin:24px 0; }
+nav h2 { font-size:15px; margin:0 0 6px; }
+nav ol { margin:0; padding-left:22px; }
+nav li { margin:3px 0; }
+nav .time { color:var(--muted); font-variant-numeric:tabular-nums; }
+nav .hl { color:var(--muted); font-size:13px; }
+section { border-top:1px solid var(--line); padding:18px 0 8px; }
+section h2 { font-size:21px; margin:6px 0 4px; }
+section h3 { font-size:15px; margin:18px 0 6px; }
+.meta { color:var(--muted); font-size:13px; margin:0 0 8px; }
+.headline { font-size:16px; margin:6px 0 12px; }
+.badge { display:inline-block; font-size:11px; font-weight:600; padding:1px 8px; border-radius:10px; color:#fff;
+         text-transform:uppercase; letter-spacing:.03em; vertical-align:middle; }
+.badge.ok { background:var(--ok); } .badge.skipped { background:var(--skip); } .badge.failed { background:var(--fail); }
+.badge.cached { background:#6e7781; }
+.note { background:#fff8c5; border:1px solid #eed888; border-radius:6px; padding:6px 12px; margin:6px 0; font-size:14px; }
+.note.error { background:#ffebe9; border-color:#ffc1bc; }
+pre { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:10px; overflow:auto; font-size:12px; }
+.figure { border:1px solid var(--line); border-radius:8px; margin:10px 0 14px; padding:4px; min-height:60px; }
+.table-wrap { overflow-x:auto; max-width:100%; }
+table.data { border-collapse:collapse; font-size:13px; font-variant-numeric:tabular-nums; margin:4px 0; }
+table.data th, table.data td { border-bottom:1px solid var(--line); padding:3px 10px; text-align:right; white-space:nowrap; }
+table.data th { background:var(--bg); position:sticky; top:0; font-weight:600; }
+table.data td.text, table.data th.text { text-align:left; }
+table.data tr:hover td { background:#eef4fb; }
+table.kv { border-collapse:collapse; font-size:13px; margin:4px 0; }
+table.kv th { text-align:left; color:var(--muted); font-weight:500; padding:2px 16px 2px 0; vertical-align:top; }
+table.kv td { padding:2px 0; font-variant-numeric:tabular-nums; }
+.more { color:var(--muted); font-size:12px; margin:2px 0 10px; }
+details { margin:8px 0; } summary { cursor:pointer; color:var(--accent); font-size:14px; }
+footer { color:var(--muted); font-size:12px; text-align:center; padding:20px; border-top:1px solid var(--line); }
+"""
+
+# Records script errors on the page itself (data-js-errors on <html>), so a headless browser can check them.
+_ERROR_PROBE = ("<script>window.addEventListener('error',function(e){var h=document.documentElement;"
+                "h.dataset.jsErrors=(parseInt(h.dataset.jsErrors||'0')+1)+'';h.dataset.jsLastError=String(e.message);});"
+                "</script>")
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(v) -> str:
+    """A cell or value as short text: 4 significant digits, long lists abbreviated."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "—"
+        return f"{v:.4g}"
+    if isinstance(v, complex):
+        return f"{v.real:.3g}{v.imag:+.3g}i"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in list(v.items())[:MAX_ITEMS]) + (", …}" if len(v) > MAX_ITEMS else "}")
+    if hasattr(v, "tolist") and not isinstance(v, str):  # numpy scalars and arrays
+        return _fmt(v.tolist())
+    if isinstance(v, (list, tuple)):
+        items = ", ".join(_fmt(x) for x in v[:MAX_ITEMS])
+        return f"[{items}{', …' if len(v) > MAX_ITEMS else ''}] ({len(v)})" if len(v) > MAX_ITEMS else f"[{items}]"
+    try:
+        if pd.isna(v):
+            return "—"
+    except (TypeError, ValueError):
+        pass
+    return str(v)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    text_cols = {c for c in frame.columns
+                 if frame[c].dtype == object and frame[c].map(lambda v: isinstance(v, (str, list, tuple)) or hasattr(v, "ndim")).any()}
+    head = "".join(f'<th class="{"text" if c in text_cols else ""}">{_e(c)}</th>' for c in frame.columns)
+    rows = []
+    for rec in frame.head(MAX_ROWS).itertuples(index=False):
+        cells = "".join(f'<td class="{"text" if c in text_cols else ""}">{_e(_fmt(v))}</td>' for c, v in zip(frame.columns, rec))
+        rows.append(f"<tr>{cells}</tr>")
+    return f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _is_matrix(v) -> bool:
+    """Arrays of two or more axes (e.g. pattern distances): shown as figures, not as text."""
+    if hasattr(v, "ndim"):
+        return v.ndim >= 2
+    return isinstance(v, list) and bool(v) and isinstance(v[0], list)
+
+
+def _kv(values: Mapping) -> str:
+    """Key-value rows; nested mappings are flattened one level ("ov · rank"), matrices left out."""
+    flat = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            flat.update({f"{k} · {k2}": v2 for k2, v2 in v.items()})
+        else:
+            flat[k] = v
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in flat.items() if not _is_matrix(v))
+    return f'<table class="kv">{rows}</table>'
+
+
+def _figure(fig, div_id: str) -> str:
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    fig = go.Figure(fig)  # a copy: the report's own figure keeps its layout
+    fig.update_layout(template="plotly_white", margin=dict(l=60, r=30, t=60, b=50))
+    if fig.layout.height is None:
+        fig.update_layout(height=420)
+    body = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
+    return f'<div class="figure">{body}</div>'
+
+
+def _section(sec: SectionResult) -> str:
+    badges = f'<span class="badge {sec.status}">{sec.status}</span>'
+    if sec.cached:
+        badges += ' <span class="badge cached">from checkpoint</span>'
+    when = f"{sec.wall_s:.1f} s" + (" (earlier run)" if sec.cached else "")
+    meta = " · ".join(x for x in (when, sec.methods) if x)
+    parts = [f'<section id="sec-{_e(sec.name)}"><h2>{_e(sec.title)} {badges}</h2><p class="meta">{_e(meta)}</p>']
+    if sec.status == "ok":
+        parts.append(f'<p class="headline">{_e(sec.headline)}</p>')
+    else:
+        parts.append(f'<div class="note{" error" if sec.status == "failed" else ""}">{_e(sec.status)}: {_e(sec.reason)}</div>')
+        if sec.traceback:
+            parts.append(f"<details><summary>Traceback</summary><pre>{_e(sec.traceback)}</pre></details>")
+    parts += [f'<div class="note">{_e(n)}</div>' for n in sec.notes]
+    parts += [f'<div class="note">warning: {_e(w)}</div>' for w in sec.warnings]
+    for i, (name, fig) in enumerate(sec.figures.items()):
+        parts.append(_figure(fig, f"fig-{sec.name}-{i}"))
+    if sec.values:
+        parts.append(("" if sec.name == "summary" else "<h3>Values</h3>") + _kv(sec.values))
+    for name, table in sec.tables.items():
+        parts.append(f"<h3>{_e(name.replace('_', ' '))}</h3>{_table(table)}")
+        shown = f"first {MAX_ROWS} of {len(table)} rows; " if len(table) > MAX_ROWS else f"{len(table)} rows; "
+        parts.append(f'<p class="more">{_e(shown)}all values in <code>{_e(sec.csv_name(name))}</code> and report.json</p>')
+    details = {**sec.settings, **{f"version {k}": v for k, v in sec.versions.items()}}
+    if details:
+        parts.append(f"<details><summary>Settings and versions</summary>{_kv(details)}</details>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def render_html(report: Report) -> str:
+    """The report as one HTML page (see the module docstring)."""
+    from plotly.offline import get_plotlyjs
+
+    m, s = report.model, report.settings
+    facts = {"backend": f"{m.get('backend')} · {m.get('model_class')}",
+             "live parameters": f"{m.get('n_live_parameters', 0):,}", "preset": s.get("preset"),
+             "total time": f"{report.wall_s:.1f} s"}
+    if report.data:
+        p = report.data["positions"]
+        facts["data"] = f"{p['n_sequences']} sequences · {p['n_samples']:,} positions"
+    facts_html = "".join(f'<div class="fact"><b>{_e(k)}</b><span>{_e(v)}</span></div>' for k, v in facts.items())
+    toc = []
+    for sec in report.sections.values():
+        when = "cached" if sec.cached else f"{sec.wall_s:.1f} s"
+        hl = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
+        toc.append(f'<li><a href="#sec-{_e(sec.name)}">{_e(sec.title)}</a> <span class="badge {sec.status}">{sec.status}'
+                   f'</span> <span class="time">{_e(when)}</span><br><span class="hl">{_e(hl)}</span></li>')
+    settings = {k: v for k, v in s.items() if k != "budgets"}
+    header_details = (f"<details><summary>Settings</summary>{_kv(settings)}{_kv(s.get('budgets', {}))}</details>"
+                      f"<details><summary>Data</summary>{_kv(report.data or {'data': None})}"
+                      f"{_kv((report.data or {}).get('positions', {}))}</details>"
+                      f"<details><summary>Library versions</summary>{_kv(report.versions)}</details>")
+    title = f"Degeneracy report — {m['label']}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}</style>
+{_ERROR_PROBE}
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head><body>
+<header><h1>{_e(title)}</h1>
+<p class="sub">tl-degeneracy {_e(report.versions.get("tl-degeneracy", ""))} · created {_e(report.created)}</p>
+<div class="facts">{facts_html}</div></header>
+<main>
+<nav><h2>Contents</h2><ol>{"".join(toc)}</ol>{header_details}</nav>
+{"".join(_section(sec) for sec in report.sections.values())}
+</main>
+<footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods: METHODS.md.</footer>
+</body></html>
+"""

@@ -1,0 +1,93 @@
+"""Report sections as independent, registered units.
+
+A section is one function ``compute(ctx) -> SectionOutput`` from the shared
+:class:`~tl_degeneracy.report.context.ReportContext` (model, adapter, batches, settings, seed,
+checkpoint directory) to its tables, figures and scalars. The report runs the registered sections in
+order, times each, records its settings and library versions, and turns a failure into a skipped
+or failed entry instead of a crash. Adding a section is one decorated function::
+
+    @register_section("interaction", "Interaction basis", needs_data=True,
+                      settings=("n_sequences", "batch_size", "seq_len"), before="llc",
+                      methods="METHODS §5–6")
+    def interaction(ctx):
+        ib = tld.interaction_basis(ctx.adapter, ctx.batches)
+        return SectionOutput(tables={"dims": ib.dims}, figures={"spectra": ib.plot_spectra()},
+                             headline=f"{int(ib.dims['degenerate'].sum())} degenerate directions")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+__all__ = ["SECTIONS", "Section", "SectionOutput", "register_section"]
+
+
+@dataclass
+class SectionOutput:
+    """What a section computes. ``tables``: name → DataFrame (each saved as a CSV); ``figures``:
+    name → plotly figure; ``values``: name → JSON-able scalars or small arrays; ``headline``: one
+    line for the summary; ``notes``: remarks on the result (e.g. a part that does not apply to
+    this model); ``settings``: choices the section made beyond the report settings it declared."""
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, object] = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    headline: str = ""
+    notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A registered section. ``needs_data``: it reads ``ctx.batches`` (so the data must be valid
+    before it runs); ``settings``: the :class:`ReportSettings` fields it reads (recorded with its
+    result and part of its cache key); ``methods``: where METHODS.md states what it computes."""
+
+    name: str
+    title: str
+    compute: Callable[..., SectionOutput]
+    needs_data: bool
+    settings: tuple[str, ...]
+    methods: str
+
+
+#: name → Section, in report order.
+SECTIONS: dict[str, Section] = {}
+
+
+def register_section(
+    name: str,
+    title: str,
+    *,
+    needs_data: bool,
+    settings: tuple[str, ...] = (),
+    methods: str = "",
+    before: str | None = None,
+) -> Callable[[Callable[..., SectionOutput]], Callable[..., SectionOutput]]:
+    """Decorator registering ``compute(ctx) -> SectionOutput`` as section ``name`` (at the end, or
+    just before section ``before``). Registering a name again replaces that section in place."""
+    if before is not None and before not in SECTIONS:
+        raise ValueError(f"no section {before!r} to insert before; sections: {', '.join(SECTIONS)}")
+
+    def decorate(compute: Callable[..., SectionOutput]) -> Callable[..., SectionOutput]:
+        from .settings import ReportSettings
+
+        known = {f for f in ReportSettings.__dataclass_fields__}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"section {name!r} declares unknown settings {unknown}; settings: {sorted(known)}")
+        section = Section(name, title, compute, needs_data, tuple(settings), methods)
+        if name in SECTIONS or before is None:
+            SECTIONS[name] = section
+        else:
+            items = list(SECTIONS.items())
+            at = [k for k, _ in items].index(before)
+            items.insert(at, (name, section))
+            SECTIONS.clear()
+            SECTIONS.update(items)
+        return compute
+
+    return decorate

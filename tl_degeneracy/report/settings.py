@@ -1,0 +1,116 @@
+"""Budgets of the degeneracy report: how much data each analysis reads and how long the LLC samples.
+
+Two presets: ``quick`` (the default; ``tl-degeneracy report`` on the bundled ``toy:bytelm`` stays
+well under two minutes on 2 CPU cores) and ``thorough`` (estimates worth quoting). Any field can be
+overridden: ``degeneracy_report(..., overrides={"draws": 500})`` or ``tl-degeneracy report --set
+draws=500``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..llc import DEFAULT_NBETA
+
+__all__ = ["PRESETS", "ReportSettings", "resolve_settings"]
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What the sections read and how hard they work.
+
+    Statistics (synchronization, counts, activations) use the first ``n_sequences`` sequences of the
+    data in batches of ``batch_size`` (``seq_len``: cut longer sequences into chunks of that length).
+    The behavioral LLC (METHODS §1) samples on the first ``llc_sequences`` of them, each cut to its
+    first ``llc_seq_len`` tokens (None: whole), full batch: ``chains`` chains of ``burnin`` +
+    ``draws`` SGLD steps, with pilot runs of ``pilot_steps`` steps for the automatic step size. It
+    is estimated at ``loss_scale`` (ε = 1/nβ) and swept over ``loss_scales`` for N_eff(ε).
+    ``sync_tol``: the pattern-distance tolerance of head and neuron synchronization (METHODS §3);
+    ``n_probes``: Jacobian probes per batch for the counts' K Grams (METHODS §4).
+    """
+
+    n_sequences: int = 64
+    batch_size: int = 16
+    seq_len: int | None = None
+    sync_tol: float = 0.05
+    n_probes: int = 4
+    loss_scale: float = 1.0 / DEFAULT_NBETA
+    loss_scales: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+    llc_sequences: int = 4
+    llc_seq_len: int | None = 32
+    chains: int = 4
+    draws: int = 80
+    burnin: int = 20
+    pilot_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("n_sequences", "batch_size", "n_probes", "llc_sequences", "chains", "draws", "pilot_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"report setting {name} must be an integer ≥ 1; got {value!r}")
+        if isinstance(self.burnin, bool) or not isinstance(self.burnin, int) or self.burnin < 0:
+            raise ValueError(f"report setting burnin must be an integer ≥ 0; got {self.burnin!r}")
+        for name in ("seq_len", "llc_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+                raise ValueError(f"report setting {name} must be None or an integer ≥ 2; got {value!r}")
+        if not 0.0 <= self.sync_tol <= 1.0:
+            raise ValueError(f"report setting sync_tol must lie in [0, 1]; got {self.sync_tol!r}")
+        for eps in (self.loss_scale, *self.loss_scales):
+            if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+                raise ValueError(f"loss scales must be finite numbers > 0; got {eps!r}")
+        if not self.loss_scales:
+            raise ValueError("report setting loss_scales is empty")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides) -> ReportSettings:
+        """A copy with some fields changed; values may be strings (``"500"``, ``"1e-2,1e-3"``,
+        ``"none"``) as they come from the command line."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown report setting(s) {unknown}; settings: {', '.join(fields)}")
+        return dataclasses.replace(self, **{k: _parse(k, v, getattr(self, k)) for k, v in overrides.items()})
+
+
+def _parse(name: str, value, current):
+    """Convert a command-line string to the type of the field it sets (ints, floats, None, tuples)."""
+    if not isinstance(value, str):
+        return tuple(float(v) for v in value) if isinstance(current, tuple) else value
+    text = value.strip()
+    try:
+        if isinstance(current, tuple):
+            return tuple(float(v) for v in text.split(",") if v.strip())
+        if text.lower() == "none" and name in ("seq_len", "llc_seq_len"):
+            return None
+        if isinstance(current, float):
+            return float(text)
+        return int(text)
+    except ValueError:
+        raise ValueError(f"report setting {name}={value!r}: not a valid value (now {current!r})") from None
+
+
+#: Named budgets. ``quick``: the numbers above, about a minute on toy:bytelm; ``thorough``: 8× the
+#: statistics data, longer chains on longer sequences and a finer sweep.
+PRESETS: dict[str, ReportSettings] = {
+    "quick": ReportSettings(),
+    "thorough": ReportSettings(
+        n_sequences=512, batch_size=32, n_probes=16, loss_scales=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
+        llc_sequences=32, llc_seq_len=None, chains=8, draws=1000, burnin=200, pilot_steps=200,
+    ),
+}
+
+
+def resolve_settings(preset: str | ReportSettings, overrides: dict | None = None) -> ReportSettings:
+    """The preset (a name in :data:`PRESETS`, or settings themselves) with ``overrides`` applied."""
+    if isinstance(preset, ReportSettings):
+        base = preset
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return base.replace(**overrides) if overrides else base
