@@ -152,6 +152,37 @@ def test_same_seed_same_result():
     assert len({tuple(map(tuple, run.members)) for run in runs.values()}) > 1
 
 
+_PARTITION_SCRIPT = """
+import json, numpy as np, torch
+from tl_degeneracy.interaction.modules import find_modules
+rng = np.random.default_rng(0)
+nodes = ["resid_pre.0", "resid_pre.1", "resid_post.1"]
+# Edges among the first 40 of 128 directions only: most vertices are isolated, as on real models.
+edges = {}
+for p in zip(nodes[:-1], nodes[1:]):
+    E = np.zeros((128, 128))
+    E[:40, :40] = rng.lognormal(0.0, 2.0, (40, 40))
+    edges[p] = torch.tensor(E)
+class IB: pass
+ib = IB(); ib.nodes = nodes; ib.edges = edges
+print(json.dumps([[list(v) for v in m] for m in find_modules(ib, seed=0).members]))
+"""
+
+
+def test_same_seed_same_result_in_every_process():
+    # Vertex sets hash differently per process (PYTHONHASHSEED); the partition must not depend on it.
+    import subprocess
+    import sys
+
+    results = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", _PARTITION_SCRIPT], env=env, capture_output=True,
+                             text=True, check=True)
+        results.add(out.stdout.strip())
+    assert len(results) == 1
+
+
 def test_modules_are_connected_and_span_their_layers():
     rng = np.random.default_rng(1)
     nodes = ["a", "b", "c", "d", "e"]

@@ -17,8 +17,10 @@ from tl_degeneracy.report.serialize import to_jsonable
 from tl_degeneracy.report.settings import PRESETS, resolve_settings
 from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 
-#: CI-sized LLC: far too short for converged estimates, long enough for finite positive ones.
-TINY = {"chains": 2, "draws": 12, "burnin": 4, "pilot_steps": 5, "loss_scales": (1e-2, 1e-3), "n_probes": 2}
+#: CI-sized LLC: far too short for converged estimates, long enough for finite positive ones. The
+#: interaction basis reads 5 of the 8 sequences, cut to 10 tokens: 50 tokens fit 5 of them whole.
+TINY = {"chains": 2, "draws": 12, "burnin": 4, "pilot_steps": 5, "loss_scales": (1e-2, 1e-3), "n_probes": 2,
+        "ib_tokens": 54, "ib_seq_len": 10}
 
 
 def _tokens(n=8, length=12, seed=0):
@@ -84,7 +86,7 @@ def test_saved_report_round_trips_and_has_a_csv_per_table(full_report, tmp_path)
             csv = pd.read_csv(out / t["csv"])
             assert list(csv.columns) == t["columns"] and len(csv) == len(t["records"]), (name, table)
             n_tables += 1
-    assert n_tables == len(list(out.glob("*.csv"))) == 11  # llc components included
+    assert n_tables == len(list(out.glob("*.csv"))) == 15  # llc components and 4 interaction tables included
     # complex eigenvalues are stored as [re, im] pairs, every one of them
     ev = stored["sections"]["invariants"]["tables"]["ov"]["records"][0]["eigenvalues"]
     assert all(len(pair) == 2 for pair in ev) and len(ev) == rep["invariants"].tables["ov"]["rank"].iloc[0]
@@ -108,6 +110,73 @@ def test_html_is_self_contained(full_report):
         assert f'href="#sec-{sec.name}"' in rest and f'id="sec-{sec.name}"' in rest
     assert f"v{plotly.__version__}" in page or plotly.__version__ in page
     assert "<table class=\"data\">" in rest  # tables are HTML, readable without JavaScript
+
+
+def test_interaction_section_equals_a_direct_call(full_report):
+    """Ground truth: the same functions on the same tokens with the same seed give the same numbers."""
+    rep, _, _ = full_report
+    sec = rep["interaction"]
+    direct = tld.interaction_basis(make_tiny_toy_transformer(), _tokens()[:5, :10], kind="local", output="kl",
+                                   n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
+    modules = tld.find_modules(direct, seed=0)
+    assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n"]
+    pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)
+    assert (sec.tables["dims"]["n"] == 5 * 10).all()  # the ib_tokens budget: 5 whole sequences of 10 tokens
+    pd.testing.assert_frame_equal(sec.tables["edges"], direct.edge_summary(), check_exact=True)
+    assert len(sec.tables["edges"]) == len(direct.nodes) - 1 == 2
+    pd.testing.assert_frame_equal(sec.tables["modules"], modules.to_frame(), check_exact=True)
+    pd.testing.assert_frame_equal(sec.tables["members"], modules.members_frame(), check_exact=True)
+    assert sec.values["degenerate_directions"] == int(direct.dims["degenerate"].sum())
+    assert (sec.values["n_modules"], sec.values["modularity"], sec.values["inside_share"]) == \
+        (modules.n_modules, modules.modularity, modules.inside_share)
+    assert sec.settings["kind"] == "local" and sec.settings["output"] == "kl" and sec.settings["nodes"] == direct.nodes
+    assert sec.settings["ib_tokens"] == 54 and sec.settings["ib_data"]["n_sequences"] == 5
+    assert set(sec.values["timings"]) == {"gram_s", "jacobian_s", "edges_s", "modules_s"}
+    assert set(sec.figures) == {"spectra", "edges", "modules"}
+    names = list(SECTIONS)
+    assert names.index("interaction") == names.index("llc") - 1
+
+
+def test_interaction_tables_survive_save_and_load(full_report):
+    rep, out, _ = full_report
+    loaded = Report.load(out)["interaction"]
+    for name in ("dims", "edges", "modules", "members"):
+        table = rep["interaction"].tables[name]
+        csv = pd.read_csv(out / f"interaction_{name}.csv")
+        for frame in (csv, loaded.tables[name]):
+            assert list(frame.columns) == list(table.columns) and len(frame) == len(table), name
+            for col in table.columns:
+                if pd.api.types.is_numeric_dtype(table[col]):  # CSV text keeps 17 digits: floats come back exactly
+                    np.testing.assert_array_equal(pd.to_numeric(frame[col]).to_numpy(float),
+                                                  table[col].to_numpy(float, na_value=np.nan), err_msg=f"{name}.{col}")
+                else:
+                    assert frame[col].tolist() == table[col].tolist(), (name, col)
+
+
+@pytest.mark.filterwarnings("ignore:report section 'interaction'. A forward hook edited")  # the bridge's own note
+@pytest.mark.parametrize("which", ["toy:modadd", "llama-bridge"])
+def test_interaction_section_on_other_models(which, request):
+    if which == "llama-bridge":
+        model, data = request.getfixturevalue("tl_models")("llama", "bridge"), torch.randint(3, 100, (4, 8))
+    else:
+        model, data = which, None  # the toy's own data
+    sec = degeneracy_report(model, data, sections=["interaction"], progress=False, errors="raise")["interaction"]
+    dims = sec.tables["dims"]
+    assert sec.status == "ok" and dims["node"].iloc[-1] in ("ln_final.hook_normalized", "blocks.0.hook_resid_post")
+    assert (dims["interaction_rank"] <= dims["rank_G"]).all() and (dims["degenerate"] == dims["D"] - dims["interaction_rank"]).all()
+    assert len(sec.tables["edges"]) == len(dims) - 1 and np.isfinite(sec.tables["edges"]["total"]).all()
+
+
+def test_notebook_view_shows_every_section_with_its_tables_and_no_script(full_report):
+    rep, _, _ = full_report
+    page = rep._repr_html_()
+    for sec in rep.sections.values():
+        assert sec.title in page and sec.headline.split(";")[0].replace("'", "&#x27;") in page
+    assert "<script" not in page and 'class="tld-report"' in page
+    one = rep["interaction"]._repr_html_()
+    assert rep["interaction"].title in one and all(f'.tables["{name}"]' in one for name in rep["interaction"].tables)
+    assert "<script" not in one and len(one) < len(page)
+    assert repr(rep) == rep.summary()
 
 
 def test_a_section_that_does_not_apply_is_skipped_with_its_reason():
@@ -208,6 +277,14 @@ def test_settings_presets_and_overrides():
     for bad in ({"nope": 1}, {"draws": "many"}, {"chains": 0}, {"loss_scales": "0"}):
         with pytest.raises(ValueError):
             resolve_settings("quick", bad)
+    ib = resolve_settings("quick", {"ib_edge_sources": "2", "ib_seq_len": "none", "ib_keep_share": "0.9"})
+    assert (ib.ib_edge_sources, ib.ib_seq_len, ib.ib_keep_share) == (2, None, 0.9)
+    assert resolve_settings("quick", {"ib_edge_sources": "none"}).ib_edge_sources is None
+    for bad in ({"ib_tokens": 0}, {"ib_probes": "0"}, {"ib_seq_len": 1}, {"ib_edge_sources": 0},
+                {"ib_keep_share": 1.0}, {"ib_resolution": "-1"}, {"ib_resolution": "nan"}):
+        with pytest.raises(ValueError, match=f"report setting {next(iter(bad))} must"):
+            resolve_settings("quick", bad)
+    assert PRESETS["thorough"].ib_tokens > PRESETS["quick"].ib_tokens
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_settings("slow")
     with pytest.raises(ValueError, match="unknown report section"):

@@ -47,7 +47,9 @@ def saved_report(tmp_path_factory):
 def test_report_renders_with_its_plots_and_no_script_errors(saved_report, tmp_path):
     rep, page = saved_report
     n_figures = sum(len(s.figures) for s in rep.sections.values())
-    assert n_figures == 7  # OV, QK spectra; head distances; counts; activation spectra; N_eff(ε); LLC traces
+    # OV, QK spectra; head distances; counts; activation spectra; interaction spectra, edges (heatmaps) and
+    # modules; N_eff(ε); LLC traces
+    assert n_figures == 10
     done = _chromium(page, tmp_path / "profile", "--dump-dom")
     assert done.returncode == 0, done.stderr[-2000:]
     dom = done.stdout

@@ -16,6 +16,7 @@ from .models.config import ModelConfig
 from .models.selection import ParameterSelection, select_parameters
 from .models.toys.data import toy_data
 from .plots import plot_spectra
+from .report import Report, degeneracy_report
 from .stats import ActivationStats, JacobianStats, activation_stats, jacobian_stats
 from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronization, neuron_synchronization
 
@@ -40,12 +41,14 @@ __all__ = [
     "NeuronSyncResult",
     "NumericalError",
     "ParameterSelection",
+    "Report",
     "TLDegeneracyError",
     "TokenBatches",
     "activation_stats",
     "adapt",
     "canonicalize_heads",
     "degeneracy_counts",
+    "degeneracy_report",
     "find_modules",
     "head_synchronization",
     "interaction_basis",

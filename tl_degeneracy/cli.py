@@ -16,7 +16,7 @@ from pathlib import Path
 DEFAULT_MODEL = "toy:bytelm"
 #: Section names, in report order (kept here so that ``--help`` needs no heavy imports; a test
 #: checks it against the report's registry).
-SECTIONS = ("summary", "parameters", "invariants", "synchronization", "counts", "activations", "llc")
+SECTIONS = ("summary", "parameters", "invariants", "synchronization", "counts", "activations", "interaction", "llc")
 PRESETS = ("quick", "thorough")
 
 EXAMPLES = """examples:
@@ -29,7 +29,8 @@ EXAMPLES = """examples:
 
 presets: quick (default; about a minute on toy:bytelm with 2 CPU cores) and thorough. --set changes
 single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale, loss_scales,
-llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps (see tl_degeneracy/report/settings.py).
+llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, ib_tokens, ib_seq_len, ib_probes,
+ib_edge_sources, ib_keep_share, ib_resolution (see tl_degeneracy/report/settings.py).
 
 Rerunning into the same --out reuses finished sections whose fingerprint (model weights, data,
 settings, seed, version) matches and resumes LLC chains from <out>/checkpoints; --fresh ignores both.

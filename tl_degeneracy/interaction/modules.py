@@ -330,7 +330,11 @@ def find_modules(
     graph = _graph(nodes, arrays, cutoffs)
 
     isolated = [v for v in graph.nodes if graph.degree(v) == 0]
-    connected = graph.subgraph(v for v in graph.nodes if graph.degree(v) > 0)
+    # A graph of its own, not a subgraph view: a view over a small share of the vertices iterates
+    # them in set order, which changes with PYTHONHASHSEED and would change Louvain's partition.
+    connected = nx.Graph()
+    connected.add_nodes_from(v for v in graph.nodes if graph.degree(v) > 0)
+    connected.add_weighted_edges_from(graph.edges(data="weight"))
     members: list[list[Member]] = []
     if connected.number_of_edges():
         for community in _communities(connected, method, resolution, seed):

@@ -102,8 +102,11 @@ def degeneracy_report(
 ) -> Report:
     """The degeneracy report of ``model`` on ``data``: model summary and live parameters, OV/QK
     invariants and spectra (METHODS §2), head and neuron synchronization (§3), activation and
-    Jacobian degeneracy counts with n_eff_kfac (§4), activation statistics, and the behavioral LLC
-    with its sweep N_eff(ε) (§1). Each section records its settings, wall time and library versions.
+    Jacobian degeneracy counts with n_eff_kfac (§4), activation statistics, the local interaction
+    basis with its dimensions, edges and modules (§5–§6), and the behavioral LLC with its sweep
+    N_eff(ε) (§1). Each section records its settings, wall time and library versions. In a notebook
+    the Report displays as its summary and tables; ``report["name"].tables`` holds a section's
+    DataFrames and ``.figures`` its plotly figures.
 
     Args:
         model: a spec string (anything ``load_model`` accepts, loaded on ``device``) or a model

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from ..data import TokenBatches, token_batches
 from ..errors import DataError
 from ..models.adapter import ModelAdapter
@@ -113,8 +115,10 @@ class ReportContext:
 
     ``batches``: the first ``settings.n_sequences`` validated sequences (METHODS §0: which positions
     count is recorded in ``batches.positions``); ``llc_batches``: the first ``llc_sequences`` of them
-    cut to ``llc_seq_len`` tokens, one full batch. Both are built on first use; the report builds
-    ``batches`` before any section runs when a selected section needs data, so bad data fails early.
+    cut to ``llc_seq_len`` tokens, one full batch; ``ib_batches``: the first of them cut to
+    ``ib_seq_len`` tokens, as many as fit whole in ``ib_tokens`` tokens, in batches of
+    ``batch_size``. All are built on first use; the report builds ``batches`` before any section
+    runs when a selected section needs data, so bad data fails early.
     """
 
     label: str
@@ -149,13 +153,29 @@ class ReportContext:
             tb = dataclasses.replace(tb, sequences=tb.sequences[: s.n_sequences])
         return tb
 
+    def _prefix(self, n_sequences: int | None, seq_len: int | None, batch_size: int | None,
+                n_tokens: int | None = None) -> TokenBatches:
+        """The first ``n_sequences`` of ``batches`` (None: as many as fit whole in ``n_tokens``
+        tokens, at least one), each cut to its first ``seq_len`` tokens, in batches of
+        ``batch_size`` (None: one full batch)."""
+        seqs = self.batches.sequences[:n_sequences]
+        if seq_len is not None:
+            seqs = [q[:seq_len] for q in seqs]
+        if n_tokens is not None:
+            # Whole sequences only: a non-causal model (toy:sma) needs all of one length.
+            ends = np.cumsum([len(q) for q in seqs])
+            seqs = seqs[: max(1, int(np.searchsorted(ends, n_tokens, side="right")))]
+        return dataclasses.replace(self.batches, sequences=seqs, batch_size=batch_size or len(seqs))
+
     @cached_property
     def llc_batches(self) -> TokenBatches:
         s = self.settings
-        seqs = self.batches.sequences[: s.llc_sequences]
-        if s.llc_seq_len is not None:
-            seqs = [q[: s.llc_seq_len] for q in seqs]
-        return dataclasses.replace(self.batches, sequences=seqs, batch_size=len(seqs))
+        return self._prefix(s.llc_sequences, s.llc_seq_len, None)
+
+    @cached_property
+    def ib_batches(self) -> TokenBatches:
+        s = self.settings
+        return self._prefix(None, s.ib_seq_len, s.batch_size, n_tokens=s.ib_tokens)
 
     def data_description(self) -> dict | None:
         """Where the data came from and which positions counted (None without data)."""

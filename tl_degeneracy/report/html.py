@@ -1,8 +1,12 @@
-"""``report.html``: one self-contained page that opens offline.
+"""``report.html``: one self-contained page that opens offline; and the compact notebook view.
 
 plotly.js (from the installed plotly package) is inlined once in the head; every figure is a div
 plus a call to ``Plotly.newPlot``. Tables are plain HTML, so the numbers are readable with
 JavaScript off. Nothing is loaded from the network: no CDN, no fonts, no MathJax.
+
+The notebook view (``Report._repr_html_``, ``SectionResult._repr_html_``) is tables only, with no
+script at all: a notebook that displays a report many times stays small, and it renders the same
+offline, in JupyterLab, VS Code and on GitHub. The figures stay one call away (``.figures``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import pandas as pd
 
 from .result import Report, SectionResult
 
-__all__ = ["render_html"]
+__all__ = ["render_html", "render_notebook"]
 
 #: Rows of a table shown in the page; the CSV next to it has them all.
 MAX_ROWS = 60
+#: Rows of a table shown in a notebook.
+NOTEBOOK_ROWS = 12
 #: Entries of a list shown in a table cell.
 MAX_ITEMS = 4
 
@@ -106,12 +112,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _table(frame: pd.DataFrame) -> str:
-    text_cols = {c for c in frame.columns
-                 if frame[c].dtype == object and frame[c].map(lambda v: isinstance(v, (str, list, tuple)) or hasattr(v, "ndim")).any()}
+def _table(frame: pd.DataFrame, max_rows: int = MAX_ROWS) -> str:
+    # Not ``dtype == object``: pandas ≥ 3 gives strings a dtype of their own.
+    text_cols = {c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
+                 and frame[c].map(lambda v: isinstance(v, (str, list, tuple)) or hasattr(v, "ndim")).any()}
     head = "".join(f'<th class="{"text" if c in text_cols else ""}">{_e(c)}</th>' for c in frame.columns)
     rows = []
-    for rec in frame.head(MAX_ROWS).itertuples(index=False):
+    for rec in frame.head(max_rows).itertuples(index=False):
         cells = "".join(f'<td class="{"text" if c in text_cols else ""}">{_e(_fmt(v))}</td>' for c, v in zip(frame.columns, rec))
         rows.append(f"<tr>{cells}</tr>")
     return f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
@@ -220,3 +227,67 @@ def render_html(report: Report) -> str:
 <footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods: METHODS.md.</footer>
 </body></html>
 """
+
+
+# Scoped to the view's own div: a notebook page has styles of its own.
+_NOTEBOOK_CSS = """
+.tld-report { font-size:13px; line-height:1.45; }
+.tld-report .badge { display:inline-block; font-size:10px; font-weight:600; padding:0 7px; border-radius:9px; color:#fff;
+                     text-transform:uppercase; }
+.tld-report .badge.ok { background:#1a7f37; } .tld-report .badge.skipped { background:#9a6700; }
+.tld-report .badge.failed { background:#cf222e; } .tld-report .badge.cached { background:#6e7781; }
+.tld-report table { border-collapse:collapse; margin:4px 0; font-variant-numeric:tabular-nums; }
+.tld-report th, .tld-report td { padding:2px 10px; border-bottom:1px solid #d1d9e0; text-align:right; white-space:nowrap; }
+.tld-report th.text, .tld-report td.text, .tld-report table.kv th, .tld-report table.sections td { text-align:left; }
+.tld-report table.sections td { white-space:normal; vertical-align:top; }
+.tld-report table.sections td.muted { white-space:nowrap; }
+.tld-report details { margin:4px 0 4px 8px; } .tld-report summary { cursor:pointer; }
+.tld-report .muted { color:#59636e; }
+"""
+
+
+def _notebook_section(sec: SectionResult, open_: bool = False) -> str:
+    """One section as a <details> block: headline or reason, notes, values and the first rows of each table."""
+    when = "cached" if sec.cached else f"{sec.wall_s:.1f} s"
+    text = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
+    parts = [f'<details{" open" if open_ else ""}><summary><b>{_e(sec.title)}</b> '
+             f'<span class="badge {sec.status}">{sec.status}</span> <span class="muted">{_e(when)} · '
+             f'{_e(sec.methods or sec.name)}</span></summary><p>{_e(text)}</p>']
+    parts += [f"<p>note: {_e(n)}</p>" for n in sec.notes]
+    parts += [f"<p>warning: {_e(w)}</p>" for w in sec.warnings]
+    if sec.values and sec.name != "summary":
+        parts.append(_kv(sec.values))
+    for name, table in sec.tables.items():
+        more = f" (first {NOTEBOOK_ROWS} of {len(table)} rows)" if len(table) > NOTEBOOK_ROWS else ""
+        parts.append(f'<p><code>.tables["{_e(name)}"]</code><span class="muted">{_e(more)}</span></p>'
+                     f"{_table(table, NOTEBOOK_ROWS)}")
+    if sec.figures:
+        names = ", ".join(f'"{_e(n)}"' for n in sec.figures)
+        parts.append(f'<p class="muted">figures (plotly; <code>.show()</code>): <code>.figures[…]</code> with {names}</p>')
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def render_notebook(item: Report | SectionResult) -> str:
+    """The compact notebook view of a report (a header, one line per section, then each section
+    folded) or of one section (unfolded); tables only, no script (see the module docstring)."""
+    if isinstance(item, SectionResult):
+        return f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style>{_notebook_section(item, open_=True)}</div>'
+    m, s = item.model, item.settings
+    facts = [f"{m.get('backend')} · {m.get('model_class')}", f"{m.get('n_live_parameters', 0):,} live parameters",
+             f"preset {s.get('preset')}, seed {s.get('seed')}", f"{item.wall_s:.1f} s"]
+    if item.data:
+        p = item.data["positions"]
+        facts.append(f"data {item.data['source']}: {p['n_sequences']} sequences, {p['n_samples']:,} positions")
+    rows = "".join(
+        f'<tr><td><code>{_e(sec.name)}</code></td><td><span class="badge {sec.status}">{sec.status}</span></td>'
+        f'<td class="muted">{_e("cached" if sec.cached else f"{sec.wall_s:.1f} s")}</td>'
+        f'<td>{_e(sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}")}</td></tr>'
+        for sec in item.sections.values())
+    return (f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style>'
+            f"<h3>Degeneracy report — {_e(m['label'])}</h3><p class=\"muted\">{_e(' · '.join(facts))}</p>"
+            f'<table class="sections">{rows}</table>'
+            f"{''.join(_notebook_section(sec) for sec in item.sections.values())}"
+            f'<p class="muted">A section: <code>report["name"]</code>; its DataFrames: <code>.tables</code>; its plotly '
+            f"figures: <code>.figures</code>; every plot in one page: <code>report.save(directory)</code> → report.html."
+            f"</p></div>")

@@ -6,13 +6,15 @@ checkpoint directory) to its tables, figures and scalars. The report runs the re
 order, times each, records its settings and library versions, and turns a failure into a skipped
 or failed entry instead of a crash. Adding a section is one decorated function::
 
-    @register_section("interaction", "Interaction basis", needs_data=True,
+    @register_section("global_basis", "Global interaction basis", needs_data=True,
                       settings=("n_sequences", "batch_size", "seq_len"), before="llc",
-                      methods="METHODS §5–6")
-    def interaction(ctx):
-        ib = tld.interaction_basis(ctx.adapter, ctx.batches)
+                      methods="METHODS §5")
+    def global_basis(ctx):
+        ib = tld.interaction_basis(ctx.adapter, ctx.batches, kind="global", edges=False)
         return SectionOutput(tables={"dims": ib.dims}, figures={"spectra": ib.plot_spectra()},
                              headline=f"{int(ib.dims['degenerate'].sum())} degenerate directions")
+
+(sections.py holds the built-in ones.)
 """
 
 from __future__ import annotations

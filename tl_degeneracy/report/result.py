@@ -48,6 +48,12 @@ class SectionResult:
     def csv_name(self, table: str) -> str:
         return f"{self.name}_{table}.csv"
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: headline, values and the first rows of each table (html.py)."""
+        from .html import render_notebook
+
+        return render_notebook(self)
+
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("name", "title", "status", "methods", "reason", "traceback", "headline",
                                           "notes", "warnings", "settings", "values", "wall_s", "versions", "cached")}
@@ -82,6 +88,16 @@ class Report:
 
     def __getitem__(self, name: str) -> SectionResult:
         return self.sections[name]
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the summary, then each section folded with its tables (html.py); no
+        plots, so that displaying a report adds no plotly.js to the notebook."""
+        from .html import render_notebook
+
+        return render_notebook(self)
+
+    def __repr__(self) -> str:
+        return self.summary()
 
     def to_dict(self) -> dict:
         """Everything, as strict JSON values (NaN → null, ±∞ → "inf"/"-inf", complex → [re, im])."""

@@ -7,6 +7,8 @@ analysis modules do not already provide.
 from __future__ import annotations
 
 import math
+import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..counts import degeneracy_counts
 from ..errors import MissingHookError
+from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..plots import plot_spectra
@@ -146,6 +149,48 @@ def activations(ctx: ReportContext) -> SectionOutput:
         figures={"spectra": plot_gram_spectra(stats)},
         values={"n_samples": int(frame["count"].iloc[0]), "min_rank": int(frame["rank"].min()), "dim": int(frame["dim"].max())},
         headline=f"ranks: {ranks}",
+    )
+
+
+_IB = ("ib_tokens", "ib_seq_len", "ib_probes", "ib_edge_sources", "ib_keep_share", "ib_resolution", "batch_size")
+
+
+@register_section("interaction", "Interaction bases, edges and modules", needs_data=True, settings=_IB,
+                  methods="METHODS §5–§6")
+def interaction(ctx: ReportContext) -> SectionOutput:
+    """The local interaction basis (LIB, METHODS §5, output "kl", importance scaling) at the default
+    nodes: per node D, rank(G), the interaction rank and the D − interaction-rank degenerate
+    directions; the squared-formula edges E_ij between adjacent nodes; and modules of the
+    log-normalised edge graph w_ij = max(0, log(E_ij / c)) (METHODS §6), with c keeping
+    ``ib_keep_share`` of each pair's edge mass."""
+    s, data = ctx.settings, ctx.ib_batches
+    with warnings.catch_warnings():
+        # torch loads its forward-mode AD decompositions with torch.jit.script on the first JVP of
+        # a process and warns that jit.script is deprecated: torch's own business, not the user's.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
+        ib = interaction_basis(ctx.adapter, data, kind="local", output="kl", n_probes=s.ib_probes,
+                               edge_sources=s.ib_edge_sources, batch_size=s.batch_size, seed=ctx.seed,
+                               progress=ctx.progress)
+    t0 = time.perf_counter()
+    modules = find_modules(ib, resolution=s.ib_resolution, keep_share=s.ib_keep_share, seed=ctx.seed)
+    modules_s = time.perf_counter() - t0
+    dims, edges, table = ib.dims, ib.edge_summary(), modules.to_frame()
+    timings = {k: ib.settings[k] for k in ("gram_s", "jacobian_s", "edges_s")} | {"modules_s": modules_s}
+    ranks = ", ".join(f"{r.interaction_rank}/{r.D}" for r in dims.itertuples())
+    return SectionOutput(
+        tables={"dims": dims, "edges": edges, "modules": table, "members": modules.members_frame()},
+        figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
+        values={"degenerate_directions": int(dims["degenerate"].sum()), "n_modules": modules.n_modules,
+                "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
+                "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
+                "timings": timings},
+        settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
+                  "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
+                  "modules": modules.to_dict()["settings"]},
+        headline=f"interaction rank per node {ranks} ({int(dims['degenerate'].sum())} degenerate directions); " + (
+            "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
+            f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the edge weight (modularity "
+            f"{modules.modularity:.3f})"),
     )
 
 

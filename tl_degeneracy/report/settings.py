@@ -29,6 +29,15 @@ class ReportSettings:
     is estimated at ``loss_scale`` (ε = 1/nβ) and swept over ``loss_scales`` for N_eff(ε).
     ``sync_tol``: the pattern-distance tolerance of head and neuron synchronization (METHODS §3);
     ``n_probes``: Jacobian probes per batch for the counts' K Grams (METHODS §4).
+
+    The local interaction basis (METHODS §5) reads the first sequences, each cut to its first
+    ``ib_seq_len`` tokens (None: whole), as many as fit in ``ib_tokens`` tokens (at least one; a
+    token budget, since its cost grows with the tokens and toys' sequences differ in length from 3
+    to 128 tokens), in batches of ``batch_size``, with ``ib_probes`` Jacobian probes per batch and
+    pass; its edges are exact (one forward-mode JVP per direction) unless ``ib_edge_sources`` = r
+    asks for the unbiased estimate with r random ±1 position sources where that is cheaper. Modules
+    (METHODS §6) keep the edges holding ``ib_keep_share`` of each layer pair's edge mass and use
+    modularity resolution ``ib_resolution``.
     """
 
     n_sequences: int = 64
@@ -44,18 +53,32 @@ class ReportSettings:
     draws: int = 80
     burnin: int = 20
     pilot_steps: int = 10
+    ib_tokens: int = 512
+    ib_seq_len: int | None = 64
+    ib_probes: int = 4
+    ib_edge_sources: int | None = None
+    ib_keep_share: float = 0.99
+    ib_resolution: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("n_sequences", "batch_size", "n_probes", "llc_sequences", "chains", "draws", "pilot_steps"):
+        for name in ("n_sequences", "batch_size", "n_probes", "llc_sequences", "chains", "draws", "pilot_steps",
+                     "ib_tokens", "ib_probes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"report setting {name} must be an integer ≥ 1; got {value!r}")
         if isinstance(self.burnin, bool) or not isinstance(self.burnin, int) or self.burnin < 0:
             raise ValueError(f"report setting burnin must be an integer ≥ 0; got {self.burnin!r}")
-        for name in ("seq_len", "llc_seq_len"):
+        for name in ("seq_len", "llc_seq_len", "ib_seq_len"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise ValueError(f"report setting {name} must be None or an integer ≥ 2; got {value!r}")
+        e = self.ib_edge_sources
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise ValueError(f"report setting ib_edge_sources must be None (exact edges) or an integer ≥ 1; got {e!r}")
+        if not (isinstance(self.ib_keep_share, (int, float)) and 0.0 < self.ib_keep_share < 1.0):
+            raise ValueError(f"report setting ib_keep_share must lie in (0, 1); got {self.ib_keep_share!r}")
+        if not (isinstance(self.ib_resolution, (int, float)) and math.isfinite(self.ib_resolution) and self.ib_resolution > 0):
+            raise ValueError(f"report setting ib_resolution must be a finite number > 0; got {self.ib_resolution!r}")
         if not 0.0 <= self.sync_tol <= 1.0:
             raise ValueError(f"report setting sync_tol must lie in [0, 1]; got {self.sync_tol!r}")
         for eps in (self.loss_scale, *self.loss_scales):
@@ -77,6 +100,10 @@ class ReportSettings:
         return dataclasses.replace(self, **{k: _parse(k, v, getattr(self, k)) for k, v in overrides.items()})
 
 
+#: Fields that may be None (``--set ib_seq_len=none``).
+_OPTIONAL = ("seq_len", "llc_seq_len", "ib_seq_len", "ib_edge_sources")
+
+
 def _parse(name: str, value, current):
     """Convert a command-line string to the type of the field it sets (ints, floats, None, tuples)."""
     if not isinstance(value, str):
@@ -85,7 +112,7 @@ def _parse(name: str, value, current):
     try:
         if isinstance(current, tuple):
             return tuple(float(v) for v in text.split(",") if v.strip())
-        if text.lower() == "none" and name in ("seq_len", "llc_seq_len"):
+        if text.lower() == "none" and name in _OPTIONAL:
             return None
         if isinstance(current, float):
             return float(text)
@@ -95,12 +122,14 @@ def _parse(name: str, value, current):
 
 
 #: Named budgets. ``quick``: the numbers above, about a minute on toy:bytelm; ``thorough``: 8× the
-#: statistics data, longer chains on longer sequences and a finer sweep.
+#: statistics data, longer chains on longer sequences, a finer sweep, and an interaction basis on
+#: 8× the tokens with 4× the probes.
 PRESETS: dict[str, ReportSettings] = {
     "quick": ReportSettings(),
     "thorough": ReportSettings(
         n_sequences=512, batch_size=32, n_probes=16, loss_scales=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
         llc_sequences=32, llc_seq_len=None, chains=8, draws=1000, burnin=200, pilot_steps=200,
+        ib_tokens=4096, ib_seq_len=128, ib_probes=16,
     ),
 }
 
