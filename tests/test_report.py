@@ -178,6 +178,19 @@ def test_notebook_view_shows_every_section_with_its_tables_and_no_script(full_re
     assert rep["interaction"].title in one and all(f'.tables["{name}"]' in one for name in rep["interaction"].tables)
     assert "<script" not in one and len(one) < len(page)
     assert repr(rep) == rep.summary()
+    counts = rep["counts"]
+    line = repr(counts)
+    assert "\n" not in line and counts.status in line and all(f"{k} {t.shape[0]}×{t.shape[1]}" in line
+                                                              for k, t in counts.tables.items())
+    assert rep.data["source"] == "Tensor [8, 12]"
+
+
+def test_a_loaded_toy_brings_its_name_and_data():
+    # A model from tld.load_model keeps its spec, so the report reads the toy's own data, as for the spec.
+    model = tld.load_model("toy:sma")
+    assert model.tld_spec == "toy:sma"
+    rep = degeneracy_report(model, sections=["activations"], overrides={"n_sequences": 8}, progress=False)
+    assert rep.model["label"] == "toy:sma" and rep.data["source"] == "toy:sma"
 
 
 def test_a_section_that_does_not_apply_is_skipped_with_its_reason():

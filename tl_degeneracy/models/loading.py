@@ -74,7 +74,15 @@ def load_model(
     ``device`` defaults to CUDA when available, else CPU (toys: where their loader puts them);
     ``dtype`` to float32 for Hugging Face models. ``backend="bridge"`` forces a TransformerBridge on
     TransformerLens 3.x, ``backend="hooked_transformer"`` asks for a HookedTransformer (3.x only).
+    The spec is kept on the model as ``model.tld_spec``: the report names the model by it and, for a
+    bundled toy, reads the toy's own data when none is given.
     """
+    model = _load(spec, device, dtype, backend)
+    object.__setattr__(model, "tld_spec", str(spec))
+    return model
+
+
+def _load(spec: str | Path, device, dtype, backend: str | None) -> nn.Module:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "hooked_transformer" and _hooked_transformer_class() is None:

@@ -37,7 +37,7 @@ def _resolve_model(model, device):
     if device is not None and adapter.device != torch.device(device):
         raise ValueError(f"the model is on {adapter.device}, not on device={device!r}; move it first (model.to(...)) "
                          "or pass a spec string to load it there")
-    return type(adapter.model).__name__, adapter
+    return getattr(model, "tld_spec", None) or type(adapter.model).__name__, adapter
 
 
 def _resolve_data(data, label: str) -> LoadedData | None:
@@ -46,7 +46,8 @@ def _resolve_data(data, label: str) -> LoadedData | None:
         return None if spec is None else load_data_spec(spec)
     if isinstance(data, (str, os.PathLike)):
         return load_data_spec(data)
-    return LoadedData(data, type(data).__name__)
+    shape = getattr(data, "shape", None)
+    return LoadedData(data, type(data).__name__ + (f" {list(shape)}" if shape is not None else ""))
 
 
 def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionResult:
@@ -113,7 +114,8 @@ def degeneracy_report(
             ``tld.adapt`` accepts.
         data: anything ``token_batches`` takes, or a spec string: a text file, a ``.pt`` file of
             token ids [batch, pos], a directory saved with ``datasets``' ``save_to_disk``, or
-            ``toy:NAME``. Default: a bundled toy's own data (for ``toy:`` specs); otherwise the
+            ``toy:NAME``. Default: a bundled toy's own data (for ``toy:`` specs and toys loaded with
+            ``tld.load_model``, which keeps the spec as ``model.tld_spec``); otherwise the
             sections that need data fail with a DataError before anything runs.
         sections: names to run (default all, in report order: ``tld.report.SECTIONS``).
         preset: ``"quick"``, ``"thorough"`` or a :class:`ReportSettings`; ``overrides`` changes
@@ -124,7 +126,8 @@ def degeneracy_report(
         progress: progress lines and bars on stderr.
         llc_components: also the restricted LLC per component (``"heads"``, ``"layers"``,
             ``"attn"``, ``"mlp"`` or a list of selections; see ``llc_by_component``).
-        label: the model's name in the report (default: the spec, or the model's class name).
+        label: the model's name in the report (default: the spec — also ``model.tld_spec`` — or
+            the model's class name).
         errors: ``"record"`` (default): an error in a section is recorded — as ``skipped`` for the
             package's own errors (the analysis does not apply), as ``failed`` with its traceback and
             a warning for anything else — and the other sections still run; ``"raise"``: re-raise.

@@ -48,6 +48,13 @@ class SectionResult:
     def csv_name(self, table: str) -> str:
         return f"{self.name}_{table}.csv"
 
+    def __repr__(self) -> str:
+        # One line: the dataclass default would print every table and figure.
+        tables = ", ".join(f"{k} {t.shape[0]}×{t.shape[1]}" for k, t in self.tables.items())
+        status = self.status + (" (cached)" if self.cached else "")
+        return (f"<SectionResult {self.name!r} {status}, {self.wall_s:.1f} s: {self.headline or self.reason or ''}"
+                f"{'; tables: ' + tables if tables else ''}>")
+
     def _repr_html_(self) -> str:
         """Jupyter's view: headline, values and the first rows of each table (html.py)."""
         from .html import render_notebook
