@@ -29,7 +29,11 @@ estimate), then ``--reps`` pairs (tld given η, devinterp) alternating, so both 
 machine load; the ratio is the median of the per-pair ratios. The 1/5/15-minute load average before and after is recorded.
 
     PYTHONPATH=/tmp/di-deps .venv/bin/python benchmarks/llc_vs_devinterp.py [--models reg,dln0,dln1,dln2,tf]
-        [--reps 2] [--steps 500,2000] [--chains 8] [--tf-size 64] [--tf-steps 100,300] [--tf-chains 4] [--no-write]
+        [--reps 2] [--steps 500,2000] [--chains 8] [--tf-size 64] [--tf-steps 100,300] [--tf-chains 4] [--threads 1]
+        [--no-write]
+
+``--threads`` sets torch's intra-op threads for both libraries alike (CI and the development machine
+have 2 cores: run 1 and 2 and report both).
 """
 
 from __future__ import annotations
@@ -202,11 +206,12 @@ def main() -> None:
     ap.add_argument("--tf-seqs", type=int, default=16, help="token sequences (16 tokens each)")
     ap.add_argument("--tf-chains", type=int, default=4)
     ap.add_argument("--tf-steps", default="100,300", help="burn-in,draws of the transformer")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for both libraries")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.tf_steps = tuple(int(s) for s in args.tf_steps.split(","))
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     try:
         import devinterp  # noqa: F401
     except ImportError:
@@ -265,7 +270,7 @@ def main() -> None:
         dv = "devinterp (version unknown)"
     head = (
         f"### {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {platform.processor() or platform.machine()}, "
-        f"nproc {os.cpu_count()}, torch {torch.__version__} (1 thread), {dv}, CPU\n\n"
+        f"nproc {os.cpu_count()}, torch {torch.__version__} ({args.threads} thread{'s' if args.threads > 1 else ''}), {dv}, CPU\n\n"
         f"`{' '.join(['llc_vs_devinterp.py', *sys.argv[1:]])}`. Same model, data, behavioral loss, chains, steps, "
         f"η (tld's automatic one), nβ = 1000, γ = 1 for both; full batch. Estimates ± standard error over chains "
         f"(ddof 1), deviation from theory in brackets; tld's estimate is its default run (automatic η). devinterp "

@@ -386,13 +386,13 @@ def behavioral_llc(
     point_seeds = [chain_seed(seed + 17, c) for c in my_chains]
 
     def chain_curvature(st) -> float:
-        """Largest top-Hessian eigenvalue over the healthy chains (all ranks), at their current points."""
+        """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains (all ranks), at their current points."""
         alive = st.alive.cpu()
         h = 0.0
         if bool(alive.any()):
             pts = st.delta[st.alive]
             seeds_alive = [s for s, a in zip(point_seeds, alive.tolist()) if a]
-            h = float(top_hessian_eigenvalue(target, layout, mask, pts, iters=20, rtol=0.0, point_seeds=seeds_alive).max())
+            h = float(top_hessian_eigenvalue(target, layout, mask, pts, iters=20, point_seeds=seeds_alive).max())
         if world > 1:
             t = torch.tensor([h], dtype=torch.float64)
             t = t.to(reduce_device(t))  # NCCL takes CUDA tensors only

@@ -44,22 +44,34 @@ def top_hessian_eigenvalue(
     seed: int = 0,
     point_seeds: list[int] | None = None,
 ) -> Float[Tensor, " P"]:
-    """Largest *positive* eigenvalue h_max of ∇²L_B at θ* + points[p] (masked coordinates), for
-    every point at once; 0 where the Hessian has no positive eigenvalue (METHODS §1, SGLD).
+    """Upper estimate of the largest *positive* eigenvalue h_max of ∇²L_B at θ* + points[p]
+    (masked coordinates), for every point at once; 0 where the Hessian has no positive eigenvalue
+    (METHODS §1, SGLD step-size bias).
 
     Lanczos on Hessian-vector products: after k products the Krylov space of the start vector gives
-    a k × k tridiagonal matrix T whose largest eigenvalue (Ritz value) approaches the largest
+    a k × k tridiagonal matrix T whose largest eigenvalue (Ritz value) θ approaches the largest
     *algebraic* eigenvalue of the Hessian from below. Power iteration would find the eigenvalue of
     largest magnitude instead, which away from a minimum can be a large negative one (negative
     curvature), and clamping it to 0 would hide the real positive curvature that limits η. The
     three-term recurrence keeps only two vectors per point (memory O(P·D), as power iteration);
     without full reorthogonalisation Ritz values stay inside the spectrum and the largest one is
-    still accurate (duplicated "ghost" values do not exceed it). A point whose Krylov space is
-    exhausted (next residual ≈ 0, e.g. a flat Hessian) keeps its exact value.
+    still accurate (duplicated "ghost" values do not exceed it).
 
-    Uses the first ``max_batches`` batches (their mean Hessian). The iteration stops when every
-    point's top Ritz value changes by less than ``rtol`` (``rtol=0``: always ``iters`` products, so
-    that each point's value is independent of the others').
+    Stopping and the value returned: the top Ritz pair (θ, y) has residual ‖H y − θ y‖ = r = β_k |s_k|
+    (β_k the next off-diagonal, s_k the last entry of T's top eigenvector), so the Hessian has an
+    eigenvalue in [θ − r, θ + r]; since θ ≤ h_max, the value returned, θ + r, is an upper bound of
+    h_max whenever that eigenvalue is the top one, and it exceeds the Ritz value by at most r. (From
+    a random start, P(θ_k < (1 − ε) h_max) ≤ 1.648 √D exp(−√ε (2k − 1)) after k products:
+    Kuczyński & Woźniakowski 1992, Thm 4.2; missing the top eigenvalue altogether is that unlikely.)
+    A point stops (and keeps its value) once r ≤ ``rtol`` · |θ| (the stated accuracy: h_max within
+    ``rtol`` relative, from above), when its
+    Krylov space is exhausted (next residual at rounding level, e.g. a flat Hessian; then θ is exact
+    and returned), or after ``iters`` products (θ + r, a looser bound). Stopped points leave the
+    batched computation, and each point's iteration depends on its own values only, so its result
+    does not depend on which other points are computed beside it (``point_seeds``: one start vector
+    per point from its own seed; else one generator seeded by ``seed`` for all).
+
+    Uses the first ``max_batches`` batches (their mean Hessian).
     """
     m = mask.to(points.dtype)
     P = points.shape[0]
@@ -67,7 +79,6 @@ def top_hessian_eigenvalue(
         g = torch.Generator(device=points.device).manual_seed(seed)
         q = torch.randn(points.shape, generator=g, device=points.device, dtype=points.dtype)
     else:
-        # One start vector per point from its own seed: a chain's value does not depend on its neighbours.
         q = torch.stack([
             torch.randn(points.shape[1], generator=torch.Generator(device=points.device).manual_seed(int(ps)),
                         device=points.device, dtype=points.dtype)
@@ -86,13 +97,14 @@ def top_hessian_eigenvalue(
     # Relative size below which a residual means the Krylov space is exhausted (rounding level).
     breakdown = torch.finfo(points.dtype).eps ** 0.5
     for _ in range(iters):
+        rows = active.nonzero()[:, 0]
         hq = torch.zeros_like(q)
         for b in range(n_b):
-            d = points.detach().requires_grad_(True)
+            d = points[rows].detach().requires_grad_(True)
             loss = target.loss(layout.unflatten(d), b).sum()
             (grad,) = torch.autograd.grad(loss, d, create_graph=True)
-            (h,) = torch.autograd.grad((grad * q).sum(), d)
-            hq = hq + h.detach() / n_b
+            (h,) = torch.autograd.grad((grad * q[rows]).sum(), d)
+            hq[rows] += h.detach() / n_b
         hq = hq * m
         alpha = (q * hq).sum(1, keepdim=True)
         w = hq - alpha * q - beta_prev * q_prev
@@ -100,20 +112,21 @@ def top_hessian_eigenvalue(
         # recurrence from drifting in float32).
         w = w - (w * q).sum(1, keepdim=True) * q - (w * q_prev).sum(1, keepdim=True) * q_prev
         beta = w.norm(dim=1, keepdim=True)
-        # An exhausted point's value is final: it is frozen below and its T is padded with zeros.
+        # A stopped point's value is final: its T is padded with zeros and never read again.
         alpha = torch.where(active[:, None], alpha, torch.zeros_like(alpha))
         alphas = torch.cat([alphas, alpha.to(torch.float64)], 1)
         k = alphas.shape[1]
         T = torch.diag_embed(alphas)
         if k > 1:
             T = T + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
-        new_top = torch.where(active, torch.linalg.eigvalsh(T)[:, -1], top)
+        evals, evecs = torch.linalg.eigh(T)
+        theta, beta64 = evals[:, -1], beta[:, 0].to(torch.float64)
+        resid = beta64 * evecs[:, -1, -1].abs()
         scale = torch.cat([alphas.abs(), betas.abs()], 1).amax(1).clamp_min(1e-300)
-        exhausted = beta[:, 0].to(torch.float64) <= breakdown * scale
-        converged = (new_top - top).abs() <= rtol * new_top.abs().clamp_min(1e-30)
-        top = new_top
-        active = active & ~exhausted
-        if not bool(active.any()) or (rtol > 0 and k > 1 and bool((converged | ~active).all())):
+        exhausted = beta64 <= breakdown * scale
+        top = torch.where(active, torch.where(exhausted, theta, theta + resid), top)
+        active = active & ~exhausted & ~(resid <= rtol * theta.abs())
+        if not bool(active.any()):
             break
         beta = torch.where(active[:, None], beta, torch.zeros_like(beta))
         betas = torch.cat([betas, beta.to(torch.float64)], 1)
