@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from tl_degeneracy import cli
 from tl_degeneracy.cli import SECTIONS, main
 
 #: CI-sized budgets for the sections that sample (see tl_degeneracy/report/settings.py).
@@ -128,3 +129,10 @@ def test_text_file_data(tmp_path):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "tl_degeneracy.cli", "report", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "tl-degeneracy report" in done.stdout
+
+
+@pytest.mark.parametrize("load, available, expected", [(0.0, 2, 2), (0.4, 2, 2), (1.0, 2, 1), (1.6, 2, 1),
+                                                       (5.0, 2, 1), (3.0, 16, 13), (0.0, 1, 1)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, load, available, expected):
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    assert cli._idle_threads(available) == expected

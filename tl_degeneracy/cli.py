@@ -9,6 +9,7 @@ directory reuse finished sections and resume interrupted LLC runs from ``<out>/c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,20 @@ def _overrides(items: list[str] | None) -> dict:
     return out
 
 
+def _idle_threads(available: int) -> int:
+    """Threads for the cores other jobs leave idle (by the 1-minute load average), at least one.
+
+    torch's threads spin while they wait for each other; on a core another process holds they wait
+    long, and a run can be several times slower than with fewer threads (measured: the default
+    report's LLC 85 s with 2 threads against 38 s with one, beside one busy process on 2 cores).
+    """
+    return max(1, min(available, round(available - _load())))
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def _report(args: argparse.Namespace) -> int:
     import shutil
 
@@ -61,12 +76,15 @@ def _report(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    if args.threads is not None:
-        import torch
+    import torch
 
-        if args.threads < 1:
-            raise CLIError(f"--threads must be ≥ 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be ≥ 1; got {args.threads}")
+    threads = args.threads or _idle_threads(torch.get_num_threads())
+    torch.set_num_threads(threads)
+    if not args.quiet and args.threads is None:
+        print(f"tl-degeneracy: {threads} torch thread(s) (load average {_load():.1f}; "
+              "--threads N to choose)", file=sys.stderr)
     try:
         model = load_model(args.model, device=args.device)
     except (ValueError, FileNotFoundError, OSError, ImportError, TypeError) as e:
@@ -127,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "such as blocks.0.attn.head1")
     rep.add_argument("--seed", type=int, default=0, help="seed of the probes and SGLD chains (default 0)")
     rep.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's own, one per core); on a machine other jobs "
-                          "keep busy, --threads 1 avoids threads waiting on each other and is often several times faster")
+                     help="CPU threads for torch (default: one per core that the 1-minute load average leaves "
+                          "idle, at least one: threads waiting on a busy core make a run several times slower)")
     rep.add_argument("--fresh", action="store_true", help="delete <out>/checkpoints first (no reuse, no resume)")
     rep.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     rep.set_defaults(func=_report)
