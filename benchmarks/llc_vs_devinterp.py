@@ -28,9 +28,14 @@ devinterp's includes its init-loss pass and Zarr writes. Per model: one automati
 estimate), then ``--reps`` pairs (tld given η, devinterp) alternating, so both see the same
 machine load; the ratio is the median of the per-pair ratios. The 1/5/15-minute load average before and after is recorded.
 
+``--compile`` adds tld with ``compile=True``: one automatic run first (it pays the compilation,
+reported apart, and gives the compiled estimate), then a compiled run given η in every repetition
+(between tld's uncompiled run and devinterp's), which reuses the compiled step: the steady state of a
+long run or of later calls in one session.
+
     PYTHONPATH=/tmp/di-deps .venv/bin/python benchmarks/llc_vs_devinterp.py [--models reg,dln0,dln1,dln2,tf]
         [--reps 2] [--steps 500,2000] [--chains 8] [--tf-size 64] [--tf-steps 100,300] [--tf-chains 4] [--threads 1]
-        [--no-write]
+        [--compile] [--no-write]
 
 ``--threads`` sets torch's intra-op threads for both libraries alike (CI and the development machine
 have 2 cores: run 1 and 2 and report both).
@@ -41,7 +46,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -59,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from record import append_to_section  # noqa: E402
+from stats_throughput import machine  # noqa: E402  (shared machine description)
 from tl_degeneracy.llc import behavioral_llc  # noqa: E402
 from tl_degeneracy.llc.losses import per_sample_loss, reference_form  # noqa: E402
 from tl_degeneracy.theory import (  # noqa: E402
@@ -145,13 +150,16 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def run_tld(case: Case, step_size: float | None = None) -> dict:
+def run_tld(case: Case, step_size: float | None = None, compile: bool = False) -> dict:
     t0 = time.perf_counter()
     res = behavioral_llc(case.model, case.data, loss=case.loss, chains=case.chains, draws=case.draws, burnin=case.burnin,
-                         step_size=step_size)
+                         step_size=step_size, compile=compile)
     wall = time.perf_counter() - t0
     n = case.chains * (case.burnin + case.draws)
-    return {"res": res, "s": wall / n, "s_sampling": res.diagnostics["s_per_chain_step"]}
+    if compile and not res.diagnostics["compiled"]:
+        sys.exit(f"--compile: tld could not compile the loss: {res.diagnostics['compile_error']}")
+    return {"res": res, "s": wall / n, "s_sampling": res.diagnostics["s_per_chain_step"],
+            "compile_s": res.diagnostics["compile_s"]}
 
 
 class _Plain(nn.Module):
@@ -207,6 +215,8 @@ def main() -> None:
     ap.add_argument("--tf-chains", type=int, default=4)
     ap.add_argument("--tf-steps", default="100,300", help="burn-in,draws of the transformer")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for both libraries")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time tld with compile=True (its first call compiles; the repetitions reuse it)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     args.steps = tuple(int(s) for s in args.steps.split(","))
@@ -222,41 +232,57 @@ def main() -> None:
         case = MODELS[name](args)
         auto = run_tld(case)  # the default use: automatic η (calibration included in its time)
         eta = auto["res"].step_size
+        # The first compiled call pays the compilation; the repetitions reuse its compiled step.
+        first_compiled = run_tld(case, compile=True) if args.compile else None
         reps = []
         for _ in range(args.reps):
             # Like for like: both get the same η, tld's whole call against devinterp's whole call.
             tld = run_tld(case, eta)
+            compiled = run_tld(case, eta, compile=True) if args.compile else None
             di = run_devinterp(case, auto["res"], eta)
-            reps.append((tld, di))
-            print(f"{name}: tld {tld['s'] * 1e3:.3f} ms, devinterp {di['s'] * 1e3:.3f} ms per chain-step", flush=True)
-        results.append((case, auto, reps))
+            reps.append((tld, compiled, di))
+            also = "" if compiled is None else f", tld compiled {compiled['s'] * 1e3:.3f} ms"
+            print(f"{name}: tld {tld['s'] * 1e3:.3f} ms{also}, devinterp {di['s'] * 1e3:.3f} ms per chain-step", flush=True)
+        results.append((case, auto, first_compiled, reps))
     load_after = os.getloadavg()
 
     acc = [
         "| model | params | chains × (burn-in + draws) | theory λ | tld λ̂ ± se (− theory) | devinterp λ̂ ± se, exact baseline | "
-        "devinterp λ̂ ± se, default baseline (its llc_mean) | nβ · default baseline | η (tld's, both) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "devinterp λ̂ ± se, default baseline (its llc_mean) | nβ · default baseline | η (tld's, both) |"
+        + (" tld compile=True λ̂ ± se (− theory) |" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""),
     ]
     speed = [
         "| model | tld ms/chain-step, given η: whole call (sampling only) | devinterp ms/chain-step | ratio devinterp/tld | "
-        "per-rep ratios | tld ms/chain-step, automatic η (incl. calibration) | ratio devinterp/tld automatic |",
-        "|---|---|---|---|---|---|---|",
+        "per-rep ratios | tld ms/chain-step, automatic η (incl. calibration) | ratio devinterp/tld automatic |"
+        + (" tld compile=True ms/chain-step, given η: whole call (sampling only) | ratio devinterp/tld compiled | "
+           "per-rep ratios | compilation s (first call) | tld compile=True first call ms/chain-step, automatic η "
+           "(incl. calibration and compilation) |" if args.compile else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if args.compile else ""),
     ]
-    for case, auto, reps in results:
-        res, di = auto["res"], reps[0][1]  # devinterp repetitions sample the same chains (same seeds)
+    for case, auto, first_compiled, reps in results:
+        res, di = auto["res"], reps[0][2]  # devinterp repetitions sample the same chains (same seeds)
         theory = "—" if case.theory is None else f"{case.theory}"
         acc.append(
             f"| {case.name} | {res.n_params} | {case.chains} × ({case.burnin} + {case.draws}) | {theory} | "
             f"{fmt(res.llc_per_chain, case.theory)} | {fmt(di['exact'], case.theory)} | {fmt(di['default'], case.theory)} | "
             f"{di['baseline_bias']:.2g} | {res.step_size:.3g} |"
+            + (f" {fmt(first_compiled['res'].llc_per_chain, case.theory)} |" if args.compile else "")
         )
-        ratios = [d["s"] / t["s"] for t, d in reps]
-        d_s = np.median([d["s"] for _, d in reps])
-        speed.append(
-            f"| {case.name} | {np.median([t['s'] for t, _ in reps]) * 1e3:.3f} ({np.median([t['s_sampling'] for t, _ in reps]) * 1e3:.3f}) | "
-            f"{d_s * 1e3:.3f} | {np.median(ratios):.1f}× | {', '.join(f'{r:.1f}' for r in ratios)} | "
-            f"{auto['s'] * 1e3:.3f} | {d_s / auto['s']:.1f}× |"
-        )
+        d_s = np.median([d["s"] for *_, d in reps])
+
+        def timing(runs: list[dict]) -> tuple[str, str, str]:
+            """Median ms per chain-step (sampling only), median ratio to devinterp, per-rep ratios."""
+            ratios = [d["s"] / t["s"] for t, (*_, d) in zip(runs, reps)]
+            return (f"{np.median([t['s'] for t in runs]) * 1e3:.3f} ({np.median([t['s_sampling'] for t in runs]) * 1e3:.3f})",
+                    f"{np.median(ratios):.1f}×", ", ".join(f"{r:.1f}" for r in ratios))
+
+        ms, ratio, per_rep = timing([t for t, _, _ in reps])
+        row = f"| {case.name} | {ms} | {d_s * 1e3:.3f} | {ratio} | {per_rep} | {auto['s'] * 1e3:.3f} | {d_s / auto['s']:.1f}× |"
+        if args.compile:
+            row += (f" {' | '.join(timing([c for _, c, _ in reps]))} | {first_compiled['compile_s']:.1f} | "
+                    f"{first_compiled['s'] * 1e3:.3f} |")
+        speed.append(row)
     load = f"Load average (1/5/15 min) before {tuple(round(v, 2) for v in load_before)}, after {tuple(round(v, 2) for v in load_after)}."
     table = "\n".join(acc) + "\n\n" + "\n".join(speed) + "\n\n" + load
     print(table)
@@ -269,7 +295,7 @@ def main() -> None:
     except PackageNotFoundError:
         dv = "devinterp (version unknown)"
     head = (
-        f"### {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {platform.processor() or platform.machine()}, "
+        f"### {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {machine()['cpu']}, "
         f"nproc {os.cpu_count()}, torch {torch.__version__} ({args.threads} thread{'s' if args.threads > 1 else ''}), {dv}, CPU\n\n"
         f"`{' '.join(['llc_vs_devinterp.py', *sys.argv[1:]])}`. Same model, data, behavioral loss, chains, steps, "
         f"η (tld's automatic one), nβ = 1000, γ = 1 for both; full batch. Estimates ± standard error over chains "

@@ -31,6 +31,15 @@ def test_kl_llc_on_shipped_toys_is_finite_and_positive(name):
     assert not model.training
 
 
+def test_samples_are_the_positions_the_loss_counts(tiny_toy_transformer, tiny_toy_tokens):
+    from tl_degeneracy.llc.api import make_target
+
+    sma = make_target(tld.load_model("toy:sma"), tld.toy_data("sma", 8), None, None)
+    assert sma.n_samples == 8  # one prediction per sequence, not one per token
+    toy = make_target(tiny_toy_transformer, tiny_toy_tokens, None, None)
+    assert toy.n_samples == toy.batches.n_samples == tiny_toy_tokens.numel()  # no BOS: every position counts
+
+
 def test_kl_reference_is_exact_zero_at_theta_star(tiny_toy_transformer, tiny_toy_tokens):
     from tl_degeneracy.llc.api import make_target
 

@@ -294,6 +294,13 @@ def test_settings_presets_and_overrides():
     ib = resolve_settings("quick", {"ib_edge_sources": "2", "ib_seq_len": "none", "ib_keep_share": "0.9"})
     assert (ib.ib_edge_sources, ib.ib_seq_len, ib.ib_keep_share) == (2, None, 0.9)
     assert resolve_settings("quick", {"ib_edge_sources": "none"}).ib_edge_sources is None
+    assert not PRESETS["quick"].llc_compile
+    assert resolve_settings("quick", {"llc_compile": "true"}).llc_compile is True
+    assert resolve_settings("quick", {"llc_compile": "0"}).llc_compile is False
+    with pytest.raises(ValueError, match="llc_compile='maybe': not a valid value"):
+        resolve_settings("quick", {"llc_compile": "maybe"})
+    with pytest.raises(ValueError, match="report setting llc_compile must be true or false"):
+        resolve_settings("quick", {"llc_compile": 1})
     for bad in ({"ib_tokens": 0}, {"ib_probes": "0"}, {"ib_seq_len": 1}, {"ib_edge_sources": 0},
                 {"ib_keep_share": 1.0}, {"ib_resolution": "-1"}, {"ib_resolution": "nan"}):
         with pytest.raises(ValueError, match=f"report setting {next(iter(bad))} must"):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import NumericalError
 from ..stats.distributed import reduce_device
+from .loss_grad import LossGrad
 from .result import LLCResult, estimate
 from .sampler import (
     NORMS,
@@ -239,6 +240,7 @@ def behavioral_llc(
     checkpoint_every: int = 512,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     pilot_steps: int = 200,
+    compile: bool = False,
     _stop_after: int | None = None,
 ) -> LLCResult:
     """Behavioral LLC λ̂_B = nβ · E[L_B(θ)] under the tempered, localized posterior (METHODS §1)
@@ -287,6 +289,13 @@ def behavioral_llc(
         bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size.
         pilot_steps: length of each pilot run of the automatic step size (stepsize.py).
         cache_bytes: memory budget for cached reference outputs (beyond it they are recomputed).
+        compile: compile the sampling steps' loss and gradient with ``torch.compile`` (loss_grad.py):
+            about 2× faster per chain-step on small transformers on a CPU (BENCHMARKS.md), after a
+            one-off compilation (``diagnostics["compile_s"]``: tens of seconds on a CPU the first
+            time, a few once Inductor's cache holds it), so for long runs. Same estimate up to
+            rounding (the chains' paths differ in the last bits from an uncompiled run's). Step-size
+            calibration (Hessian-vector products) stays uncompiled. Falls back to uncompiled, with
+            a warning, where compilation fails.
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the chains are split
     round-robin across ranks and gathered; every rank returns the full result.
@@ -302,6 +311,8 @@ def behavioral_llc(
     _check_arguments(sampler=sampler, chains=chains, draws=draws, burnin=burnin, gamma=gamma, step_size=step_size,
                      bias_bound=bias_bound, rms_alpha=rms_alpha, rms_eps=rms_eps, checkpoint_every=checkpoint_every,
                      pilot_steps=pilot_steps)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False; got {compile!r}")
     nb = resolve_nbeta(nbeta, loss_scale)
     rank, world = _distributed()
     if world > chains:
@@ -383,6 +394,7 @@ def behavioral_llc(
                 last[0] = s.step
 
     rms_factor = rms_eps if sampler == "rmsprop" else 1.0
+    loss_grad = LossGrad(target, layout, compile=compile)
     point_seeds = [chain_seed(seed + 17, c) for c in my_chains]
 
     def chain_curvature(st) -> float:
@@ -412,7 +424,8 @@ def behavioral_llc(
     for check in checks + [settings.steps]:
         stop = check if _stop_after is None else min(check, _stop_after)
         if state.step < stop:
-            state = run_chains(target, layout, mask, settings, state, on_block=on_block, stop_after=stop)
+            state = run_chains(target, layout, mask, settings, state, on_block=on_block, stop_after=stop,
+                               loss_grad=loss_grad)
         if check == settings.steps or state.step != check or any(a["step"] == check for a in adaptations):
             continue
         h_now = chain_curvature(state)
@@ -432,6 +445,7 @@ def behavioral_llc(
     local = {
         "chains": my_chains, "trace": state.trace, "failed_at": state.failed_at.cpu().numpy(),
         "norms": (state.norms.cpu().numpy() / max(state.step, 1)), "wall_s": state.wall_s, "step": state.step,
+        "compile_s": loss_grad.compile_s,
     }
     parts = [local]
     if world > 1:
@@ -470,6 +484,7 @@ def behavioral_llc(
             RuntimeWarning, stacklevel=2,
         )
     wall = max(p["wall_s"] for p in parts)
+    compile_s = max(p["compile_s"] for p in parts)
     # The reported bound uses the largest curvature measured before sampling: the pilots' h_max and
     # every burn-in re-measurement (which may have lowered η because the chains found stiffer regions);
     # the pilot value alone would under-state the bound the final η was chosen for.
@@ -481,7 +496,9 @@ def behavioral_llc(
         "predicted_bias_factor": 1.0 / (1.0 - bound) if bound < 1 else float("inf"),
         "h_max_end": h_end, "bias_bound_end": bias_end, "adaptations": list(adaptations),
         "norms": norms, "norm_names": NORMS, "failed_at": failed_at, "wall_s": wall,
-        "s_per_chain_step": wall * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
+        # Per chain-step of sampling, without the one-off compilation (its seconds are compile_s).
+        "s_per_chain_step": (wall - compile_s) * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
+        "compiled": loss_grad.compiled, "compile_s": compile_s, "compile_error": loss_grad.compile_error,
         "n_samples": target.n_samples, "world_size": world, "steps_done": steps_done,
         "estimate_uses": "minibatch loss at θ_t used for its gradient, averaged over post-burn-in steps",
     }

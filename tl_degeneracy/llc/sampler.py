@@ -23,6 +23,7 @@ chains' paths) can change every chain's path.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from .loss_grad import LossGrad
 from .targets import Target
 
 #: Steps per block: traces are copied to the host, failures read and checkpoints written at block ends.
@@ -54,7 +56,7 @@ class FlatLayout:
 
     @property
     def sizes(self) -> list[int]:
-        return [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        return [math.prod(s) for s in self.shapes]
 
     @property
     def numel(self) -> int:
@@ -133,11 +135,14 @@ def run_chains(
     state: SamplerState,
     on_block: Callable[[SamplerState], None] | None = None,
     stop_after: int | None = None,
+    loss_grad: LossGrad | None = None,
 ) -> SamplerState:
     """Advance ``state`` to ``settings.steps`` (or to ``stop_after`` steps, for tests of resume).
 
     ``on_block(state)`` runs at every block end (checkpointing); it sees a consistent state.
+    ``loss_grad`` computes each step's losses and gradient (default: uncompiled ``LossGrad``).
     """
+    loss_grad = LossGrad(target, layout) if loss_grad is None else loss_grad
     eta, nbeta, gamma = settings.step_size, settings.nbeta, settings.gamma
     # The update is applied in place (one pass per term instead of a new tensor per product), on
     # copies, so the caller's state is never changed behind its back.
@@ -155,9 +160,7 @@ def run_chains(
     noise = torch.empty_like(delta)
     t0 = time.perf_counter()
     for t in range(state.step, end):
-        d = delta.detach().requires_grad_(True)
-        loss = target.loss(layout.unflatten(d), t % target.n_batches)
-        (grad,) = torch.autograd.grad(loss.sum(), d)
+        loss, grad = loss_grad(delta, t % target.n_batches)
         for c, g in enumerate(state.generators):
             torch.randn(D, generator=g, device=delta.device, dtype=delta.dtype, out=noise[c])
         distance = delta.norm(dim=1)
@@ -187,7 +190,7 @@ def run_chains(
                 delta.mul_(1 - c_prior)
             delta.add_(grad, alpha=-c_grad).add_(noise_m, alpha=sqrt_eta)
         step_norms = step_norms.to(torch.float64)
-        lossd = loss.detach().to(torch.float64)
+        lossd = loss.to(torch.float64)
         # Failure: non-finite loss or one far beyond anything a posterior at this nβ reaches, or a
         # non-finite update (then one of its terms' norms is non-finite).
         bad = ~torch.isfinite(lossd) | (nbeta * lossd > settings.explode_at) | ~torch.isfinite(step_norms).all(1)

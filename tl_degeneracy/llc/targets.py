@@ -2,7 +2,10 @@
 
 A *target* hands the sampler the reference parameters θ*, a fixed list of batches, and
 ``loss(deltas, b)``: the behavioral loss L_B,b(θ* + δ_c) of every chain c on batch b, in one
-chain-batched computation (differentiable in δ). Two kinds:
+chain-batched computation (differentiable in δ). ``loss`` is ``loss_on(deltas, *batch_tensors(b))``:
+a batch's tensors (inputs, reference outputs, sample mask) are looked up first, so the loss itself
+is a function of tensors alone, which ``torch.compile`` can trace once for every batch of one shape
+(compiled.py). Two kinds:
 
 * :class:`AdapterTarget` – TransformerLens models and the bundled toys, through
   ``adapter.perturbed_forward(deltas, tokens, chains=True)`` (leak-free, eval mode).
@@ -74,6 +77,9 @@ class Target(abc.ABC):
     def n_samples(self) -> int:
         """Number of samples the loss averages over (all batches)."""
 
+    #: Why this target's loss cannot be compiled as one graph ("" where it can; loss_grad.py).
+    compile_obstacle: str = ""
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.star.values())).device
@@ -83,10 +89,15 @@ class Target(abc.ABC):
         """f_θ*(x) on batch b (called under no_grad)."""
 
     @abc.abstractmethod
-    def _outputs(self, deltas: dict[str, Tensor], b: int) -> Tensor:
-        """f_{θ*+δ_c}(x) on batch b for every chain c: [chain, *reference shape]."""
+    def _inputs(self, b: int) -> Tensor:
+        """The model's input on batch b (a tensor of inputs, or token ids)."""
 
-    def _mask(self, b: int, outputs: Tensor) -> Tensor | None:
+    @abc.abstractmethod
+    def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        """f_{θ*+δ_c}(x) on ``inputs`` for every chain c: [chain, *reference shape]."""
+
+    def _mask(self, b: int, reference: Tensor) -> Tensor | None:
+        """Which samples of batch b count (None: all)."""
         return None
 
     @abc.abstractmethod
@@ -119,13 +130,23 @@ class Target(abc.ABC):
             self._cached_bytes += size
         return ref
 
+    def batch_tensors(self, b: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Batch b as the tensors ``loss_on`` takes: (inputs, reference outputs, sample mask or None)."""
+        ref = self.reference(b)
+        return self._inputs(b), ref, self._mask(b, ref)
+
+    def loss_on(
+        self, deltas: dict[str, Float[Tensor, "chain ..."]], inputs: Tensor, reference: Tensor, mask: Tensor | None
+    ) -> Float[Tensor, " chain"]:
+        """L_B(θ* + δ_c) on one batch's tensors (``batch_tensors``), for every chain c."""
+        out = self._outputs(deltas, inputs)
+        if out.shape[1:] != reference.shape:
+            raise DataError(f"perturbed outputs {tuple(out.shape[1:])} and reference outputs {tuple(reference.shape)} differ in shape")
+        return masked_mean(per_sample_loss(self.loss_name, out, reference), mask)
+
     def loss(self, deltas: dict[str, Float[Tensor, "chain ..."]], b: int) -> Float[Tensor, " chain"]:
         """L_B,b(θ* + δ_c) for every chain c (differentiable in ``deltas``)."""
-        out = self._outputs(deltas, b)
-        ref = self.reference(b)
-        if out.shape[1:] != ref.shape:
-            raise DataError(f"perturbed outputs {tuple(out.shape[1:])} and reference outputs {tuple(ref.shape)} differ in shape")
-        return masked_mean(per_sample_loss(self.loss_name, out, ref), self._mask(b, out))
+        return self.loss_on(deltas, *self.batch_tensors(b))
 
 
 @contextlib.contextmanager
@@ -178,7 +199,7 @@ class ModuleTarget(Target):
         buffers = sorted((f"buffer:{n}", t) for n, t in self.module.named_buffers())
         return tensor_digest([("inputs", self.data), *buffers])
 
-    def _x(self, b: int) -> Tensor:
+    def _inputs(self, b: int) -> Tensor:
         return self.data[b * self.batch_size : (b + 1) * self.batch_size]
 
     def _shape_outputs(self, out: Tensor) -> Tensor:
@@ -187,11 +208,9 @@ class ModuleTarget(Target):
 
     def _reference_outputs(self, b: int) -> Tensor:
         with _eval(self.module):
-            return self._shape_outputs(self.module(self._x(b)))
+            return self._shape_outputs(self.module(self._inputs(b)))
 
-    def _outputs(self, deltas: dict[str, Tensor], b: int) -> Tensor:
-        x = self._x(b)
-
+    def _outputs(self, deltas: dict[str, Tensor], x: Tensor) -> Tensor:
         def single(ds: dict[str, Tensor]) -> Tensor:
             values = {n: self.star[n] + d for n, d in ds.items()}
             return self._shape_outputs(functional_call(self.module, values, (x,), strict=False))
@@ -213,6 +232,7 @@ class AdapterTarget(Target):
         from ..data import TokenBatches, token_batches
 
         self.adapter = adapter
+        self.compile_obstacle = adapter.compile_obstacle
         if isinstance(data, TokenBatches):
             self.batches = data
         else:
@@ -233,7 +253,12 @@ class AdapterTarget(Target):
 
     @property
     def n_samples(self) -> int:
-        return self.batches.n_samples
+        """The data's counted positions; for a model with fewer output positions than tokens (it
+        predicts once per sequence, e.g. toy:sma) every output position of every sequence."""
+        positions = self.reference(0).shape[-2]
+        if positions == self._batch(0).tokens.shape[-1]:
+            return self.batches.n_samples
+        return self.batches.n_sequences * positions
 
     def _data_digest(self) -> str:
         tb = self.batches
@@ -248,14 +273,17 @@ class AdapterTarget(Target):
             self._batch_cache[b] = self.batches.batch(b, device=self.device)
         return self._batch_cache[b]
 
+    def _inputs(self, b: int) -> Tensor:
+        return self._batch(b).tokens
+
     def _reference_outputs(self, b: int) -> Tensor:
-        return self.adapter.forward(self._batch(b).tokens)
+        return self.adapter.forward(self._inputs(b))
 
-    def _outputs(self, deltas: dict[str, Tensor], b: int) -> Tensor:
-        return self.adapter.perturbed_forward(deltas, self._batch(b).tokens, chains=True)
+    def _outputs(self, deltas: dict[str, Tensor], tokens: Tensor) -> Tensor:
+        return self.adapter.perturbed_forward(deltas, tokens, chains=True)
 
-    def _mask(self, b: int, outputs: Tensor) -> Tensor | None:
+    def _mask(self, b: int, reference: Tensor) -> Tensor | None:
         batch = self._batch(b)
-        if outputs.shape[-2] == batch.tokens.shape[-1]:
+        if reference.shape[-2] == batch.tokens.shape[-1]:
             return batch.mask
         return None

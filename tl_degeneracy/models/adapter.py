@@ -42,6 +42,9 @@ class ModelAdapter(abc.ABC):
     """
 
     backend: ClassVar[str] = "abstract"
+    #: Why ``torch.compile`` cannot trace the perturbed forward as one graph ("" where it can); the
+    #: compiled behavioral LLC (``behavioral_llc(compile=True)``) then runs uncompiled and says why.
+    compile_obstacle: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -57,6 +57,13 @@ def _strip_original(path: str) -> str:
 class BridgeAdapter(LegacyHookNames, ModelAdapter):
     """Adapter over a ``TransformerBridge`` in default or compatibility mode (module docstring)."""
 
+    # Measured on TransformerLens 4.3: dynamo stops at every bridge component's attribute lookup,
+    # so a "compiled" step is the uncompiled one in pieces, slower, after a long compilation.
+    compile_obstacle = (
+        "TorchDynamo cannot trace TransformerBridge's component attribute lookups "
+        "(GeneralizedComponent.__getattr__), so its forward would break into many small graphs and run no faster"
+    )
+
     def __init__(self, model: nn.Module):
         self._compat = bool(getattr(model, "compatibility_mode", False))
         self._module_names: dict[int, str] | None = None

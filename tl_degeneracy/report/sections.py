@@ -27,7 +27,8 @@ from .plots import plot_component_llc, plot_counts, plot_gram_spectra
 from .registry import SectionOutput, register_section
 
 _DATA = ("n_sequences", "batch_size", "seq_len")
-_LLC = ("llc_sequences", "llc_seq_len", "loss_scale", "loss_scales", "chains", "draws", "burnin", "pilot_steps")
+_LLC = ("llc_sequences", "llc_seq_len", "loss_scale", "loss_scales", "chains", "draws", "burnin", "pilot_steps",
+        "llc_compile")
 
 
 @register_section("summary", "Model summary", needs_data=False)
@@ -196,7 +197,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
 
 _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference", "h_max_end", "bias_bound",
                 "bias_bound_end", "predicted_bias_factor", "calibration", "adaptations", "s_per_chain_step",
-                "wall_s", "n_samples", "n_batches", "steps_done")
+                "wall_s", "n_samples", "n_batches", "steps_done", "compiled", "compile_s", "compile_error")
 
 
 @register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
@@ -205,7 +206,8 @@ def llc(ctx: ReportContext) -> SectionOutput:
     over ``loss_scales``, and restricted LLCs per component when ``llc_components`` is given.
     With a checkpoint directory every run resumes from its checkpoint."""
     s, data = ctx.settings, ctx.llc_batches
-    kwargs = dict(chains=s.chains, draws=s.draws, burnin=s.burnin, pilot_steps=s.pilot_steps, seed=ctx.seed)
+    kwargs = dict(chains=s.chains, draws=s.draws, burnin=s.burnin, pilot_steps=s.pilot_steps, seed=ctx.seed,
+                  compile=s.llc_compile)
     others = [eps for eps in s.loss_scales if not math.isclose(eps, s.loss_scale)]
     runs = 1 + len(others) + (ctx.llc_components is not None)
     with tqdm(total=runs, desc="llc runs", disable=not ctx.progress, leave=False) as bar:

@@ -27,6 +27,8 @@ class ReportSettings:
     first ``llc_seq_len`` tokens (None: whole), full batch: ``chains`` chains of ``burnin`` +
     ``draws`` SGLD steps, with pilot runs of ``pilot_steps`` steps for the automatic step size. It
     is estimated at ``loss_scale`` (ε = 1/nβ) and swept over ``loss_scales`` for N_eff(ε).
+    ``llc_compile``: compile the SGLD steps (``behavioral_llc(compile=True)``): faster per step
+    after a one-off compilation, which pays off on the thorough preset's long chains.
     ``sync_tol``: the pattern-distance tolerance of head and neuron synchronization (METHODS §3);
     ``n_probes``: Jacobian probes per batch for the counts' K Grams (METHODS §4).
 
@@ -53,6 +55,7 @@ class ReportSettings:
     draws: int = 80
     burnin: int = 20
     pilot_steps: int = 10
+    llc_compile: bool = False
     ib_tokens: int = 512
     ib_seq_len: int | None = 64
     ib_probes: int = 4
@@ -72,6 +75,8 @@ class ReportSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise ValueError(f"report setting {name} must be None or an integer ≥ 2; got {value!r}")
+        if not isinstance(self.llc_compile, bool):
+            raise ValueError(f"report setting llc_compile must be true or false; got {self.llc_compile!r}")
         e = self.ib_edge_sources
         if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
             raise ValueError(f"report setting ib_edge_sources must be None (exact edges) or an integer ≥ 1; got {e!r}")
@@ -114,10 +119,12 @@ def _parse(name: str, value, current):
             return tuple(float(v) for v in text.split(",") if v.strip())
         if text.lower() == "none" and name in _OPTIONAL:
             return None
+        if isinstance(current, bool):
+            return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
         if isinstance(current, float):
             return float(text)
         return int(text)
-    except ValueError:
+    except (ValueError, KeyError):
         raise ValueError(f"report setting {name}={value!r}: not a valid value (now {current!r})") from None
 
 

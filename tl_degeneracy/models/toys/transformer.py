@@ -273,7 +273,9 @@ class ToyTransformer(ToyModel):
         n_ctx = self._kwargs["n_ctx"]
         if tokens.shape[1] > n_ctx:
             raise ValueError(f"sequence of {tokens.shape[1]} positions is longer than n_ctx={n_ctx}; cut it to ≤ {n_ctx}")
-        if tokens.numel() and (bool(tokens.min() < 0) or bool(tokens.max() >= self._kwargs["d_vocab"])):
+        # The range check reads the tokens' values: a compiled forward (behavioral_llc(compile=True),
+        # whose tokens token_batches already validated) skips it rather than break its graph there.
+        if tokens.numel() and not torch.compiler.is_compiling() and (bool(tokens.min() < 0) or bool(tokens.max() >= self._kwargs["d_vocab"])):
             raise ValueError(
                 f"token ids must lie in [0, {self._kwargs['d_vocab']}); got range "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
