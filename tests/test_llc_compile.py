@@ -81,6 +81,24 @@ def test_compiled_and_uncompiled_estimates_agree_within_their_error():
     assert abs(compiled.llc - eager.llc) < 0.25 * eager.llc_stderr, (compiled.llc, eager.llc, eager.llc_stderr)
 
 
+@needs_compiler
+def test_reaching_the_recompile_limit_warns_and_runs_uncompiled(monkeypatch):
+    """Dynamo would silently run uncompiled past its limit; here it says so and diagnostics agree."""
+    import tl_degeneracy.llc.loss_grad as loss_grad
+
+    monkeypatch.setattr(loss_grad, "RECOMPILE_LIMIT", 1)
+    for d in (2, 3):
+        model, x = linear_regression(d=d, n=20)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pairs, compiled = _loss_grads(model, x, 0.1)
+    # d = 3 is a new shape: the process holds at least one compilation (d = 2's, or earlier tests').
+    assert not compiled.compiled and "recompile limit" in compiled.compile_error
+    assert any("recompile limit" in str(w.message) for w in caught)
+    (loss_e, grad_e), (loss_c, grad_c) = pairs[0]
+    assert torch.equal(loss_c, loss_e) and torch.equal(grad_c, grad_e)  # the uncompiled computation itself
+
+
 def test_compilation_failure_warns_and_runs_uncompiled(monkeypatch):
     model, x = linear_regression(d=4, n=50)
     kw = dict(chains=2, draws=40, burnin=10, seed=1, step_size=1e-4)

@@ -13,7 +13,8 @@ Inductor's on-disk cache makes later processes much faster), so it pays off on l
 compiled loss equals the uncompiled one up to float rounding (fused kernels sum in another order),
 so a compiled run's chains differ from an uncompiled run's with the same seed, but each is
 reproducible in its own mode. Where compilation fails (no C++ compiler, a model dynamo cannot
-trace), the step warns once and runs uncompiled.
+trace, more than ``RECOMPILE_LIMIT`` compilations in one process), the step warns once and runs
+uncompiled.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ if TYPE_CHECKING:
     from .sampler import FlatLayout
 
 
+#: Compilations of the loss one process may hold (models × selections × batch shapes; dynamo's default is 8).
+RECOMPILE_LIMIT = 64
+
+
+def _recompile_limit() -> dict:
+    """Dynamo settings for a raised, enforced recompile limit, under the names this torch has (older
+    versions call the limit ``cache_size_limit``, and some cannot make reaching it an error)."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    fail = {"fail_on_recompile_limit_hit": True} if hasattr(config, "fail_on_recompile_limit_hit") else {}
+    return {limit: RECOMPILE_LIMIT, **fail}
+
+
 class LossGrad:
     """L_B,b(θ* + δ) per chain and its gradient in δ, uncompiled or compiled (module docstring)."""
 
@@ -48,6 +62,8 @@ class LossGrad:
         if compile and target.compile_obstacle:
             self._give_up(target.compile_obstacle)
         elif compile:
+            import torch._dynamo  # noqa: F401  (its config is patched around compiling calls)
+
             with warnings.catch_warnings():
                 # torch.compile's first call imports Inductor, which imports torch.utils.mkldnn, which
                 # warns about torch's own use of torch.jit: nothing the caller can act on.
@@ -86,15 +102,23 @@ class LossGrad:
             return self._value_and_grad(self._compiled_loss, delta, tensors)
         t0 = time.perf_counter()
         try:
-            out = self._value_and_grad(self._compiled_loss, delta, tensors)
+            # Dynamo keeps one cache for this method across all calls in the process (every model,
+            # selection and batch shape); past its limit it would run the loss uncompiled without a
+            # word, so the limit is raised and reaching it is an error (handled below).
+            with torch._dynamo.config.patch(_recompile_limit()):
+                out = self._value_and_grad(self._compiled_loss, delta, tensors)
         except _OUT_OF_MEMORY:
             raise
         except Exception as err:  # noqa: BLE001 - any compiler failure; a real error is re-raised below
             # An error of the model or the data itself is raised by the uncompiled call too, as itself.
             out = self._value_and_grad(self._eager_loss, delta, (b,))
-            first_line = (str(err).strip().splitlines() or [""])[0]
-            self._give_up(f"torch.compile failed: {type(err).__name__}: {first_line}; on a CPU, TorchInductor needs a "
-                          f"C++ compiler (g++) on the PATH")
+            if isinstance(err, torch._dynamo.exc.FailOnRecompileLimitHit):
+                self._give_up(f"this process has compiled the loss for {RECOMPILE_LIMIT} models, selections or batch "
+                              f"shapes already, torch._dynamo's recompile limit; run further ones in a new process")
+            else:
+                first_line = (str(err).strip().splitlines() or [""])[0]
+                self._give_up(f"torch.compile failed: {type(err).__name__}: {first_line}; on a CPU, TorchInductor "
+                              f"needs a C++ compiler (g++) on the PATH")
             return out
         self.compile_s += time.perf_counter() - t0
         self._shapes.add(shape)
