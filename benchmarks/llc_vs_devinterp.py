@@ -204,6 +204,14 @@ def fmt(values: np.ndarray, theory: float | None) -> str:
     return f"{m:.3f} ± {se:.3f}{err}"
 
 
+def timing(runs: list[dict], devinterp_runs: list[dict]) -> tuple[str, str, str]:
+    """Table cells of tld runs paired with devinterp runs: median ms per chain-step (sampling only),
+    median of the pairs' ratios devinterp/tld, the pairs' ratios."""
+    ratios = [d["s"] / t["s"] for t, d in zip(runs, devinterp_runs)]
+    return (f"{np.median([t['s'] for t in runs]) * 1e3:.3f} ({np.median([t['s_sampling'] for t in runs]) * 1e3:.3f})",
+            f"{np.median(ratios):.1f}×", ", ".join(f"{r:.1f}" for r in ratios))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="reg,dln0,dln1,dln2,tf")
@@ -269,19 +277,13 @@ def main() -> None:
             f"{di['baseline_bias']:.2g} | {res.step_size:.3g} |"
             + (f" {fmt(first_compiled['res'].llc_per_chain, case.theory)} |" if args.compile else "")
         )
-        d_s = np.median([d["s"] for *_, d in reps])
-
-        def timing(runs: list[dict]) -> tuple[str, str, str]:
-            """Median ms per chain-step (sampling only), median ratio to devinterp, per-rep ratios."""
-            ratios = [d["s"] / t["s"] for t, (*_, d) in zip(runs, reps)]
-            return (f"{np.median([t['s'] for t in runs]) * 1e3:.3f} ({np.median([t['s_sampling'] for t in runs]) * 1e3:.3f})",
-                    f"{np.median(ratios):.1f}×", ", ".join(f"{r:.1f}" for r in ratios))
-
-        ms, ratio, per_rep = timing([t for t, _, _ in reps])
+        devinterp_runs = [d for *_, d in reps]
+        d_s = np.median([d["s"] for d in devinterp_runs])
+        ms, ratio, per_rep = timing([t for t, _, _ in reps], devinterp_runs)
         row = f"| {case.name} | {ms} | {d_s * 1e3:.3f} | {ratio} | {per_rep} | {auto['s'] * 1e3:.3f} | {d_s / auto['s']:.1f}× |"
         if args.compile:
-            row += (f" {' | '.join(timing([c for _, c, _ in reps]))} | {first_compiled['compile_s']:.1f} | "
-                    f"{first_compiled['s'] * 1e3:.3f} |")
+            row += (f" {' | '.join(timing([c for _, c, _ in reps], devinterp_runs))} | "
+                    f"{first_compiled['compile_s']:.1f} | {first_compiled['s'] * 1e3:.3f} |")
         speed.append(row)
     load = f"Load average (1/5/15 min) before {tuple(round(v, 2) for v in load_before)}, after {tuple(round(v, 2) for v in load_after)}."
     table = "\n".join(acc) + "\n\n" + "\n".join(speed) + "\n\n" + load

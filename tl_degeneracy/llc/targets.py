@@ -5,7 +5,7 @@ A *target* hands the sampler the reference parameters θ*, a fixed list of batch
 chain-batched computation (differentiable in δ). ``loss`` is ``loss_on(deltas, *batch_tensors(b))``:
 a batch's tensors (inputs, reference outputs, sample mask) are looked up first, so the loss itself
 is a function of tensors alone, which ``torch.compile`` can trace once for every batch of one shape
-(compiled.py). Two kinds:
+(loss_grad.py). Two kinds:
 
 * :class:`AdapterTarget` – TransformerLens models and the bundled toys, through
   ``adapter.perturbed_forward(deltas, tokens, chains=True)`` (leak-free, eval mode).
@@ -255,10 +255,10 @@ class AdapterTarget(Target):
     def n_samples(self) -> int:
         """The data's counted positions; for a model with fewer output positions than tokens (it
         predicts once per sequence, e.g. toy:sma) every output position of every sequence."""
-        positions = self.reference(0).shape[-2]
-        if positions == self._batch(0).tokens.shape[-1]:
+        reference = self.reference(0)
+        if self._mask(0, reference) is not None:
             return self.batches.n_samples
-        return self.batches.n_sequences * positions
+        return self.batches.n_sequences * reference.shape[-2]
 
     def _data_digest(self) -> str:
         tb = self.batches
