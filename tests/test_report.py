@@ -269,6 +269,17 @@ def test_rerun_reuses_finished_sections_and_resumes_the_llc(tmp_path):
     assert not degeneracy_report(model, tokens, **{**kwargs, "sections": ["invariants"]})["invariants"].cached
 
 
+def test_a_new_package_version_recomputes_cached_sections(tmp_path, monkeypatch):
+    # Results computed under an older rule (e.g. padding counted, dtype-dependent ranks) must not be
+    # reused by a version that computes them differently: the version is part of the fingerprint.
+    model = make_tiny_toy_transformer()
+    kwargs = dict(sections=["invariants"], checkpoint_dir=tmp_path, progress=False)
+    assert not degeneracy_report(model, None, **kwargs)["invariants"].cached
+    assert degeneracy_report(model, None, **kwargs)["invariants"].cached
+    monkeypatch.setattr(tld, "__version__", tld.__version__ + ".post1")
+    assert not degeneracy_report(model, None, **kwargs)["invariants"].cached
+
+
 def test_bad_data_is_refused_before_any_section_runs(temporary_section):
     ran = []
     temporary_section("probe", lambda ctx: ran.append(1) or SectionOutput())

@@ -63,4 +63,4 @@ __all__ = [
     "token_batches",
     "toy_data",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

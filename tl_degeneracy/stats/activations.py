@@ -17,9 +17,10 @@ from ..errors import MissingHookError
 from ..models.adapt import adapt
 from .accumulators import MomentAccumulator
 from .distributed import distributed_context
-from .passes import FeatureLayout, HookTarget, feature_layout, raise_if_not_finite, resolve_targets, shard
+from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets
 from .results import ActivationStats, HookStats
 from .samples import SampleIndex
+from .stream import Step, stream
 
 __all__ = ["activation_stats", "moment_pass"]
 
@@ -59,16 +60,20 @@ class _Collector:
 
         return hook
 
-    def run(self, runner, batch) -> None:
-        self.index, self.flags = SampleIndex.from_batch(batch), {}
-        runner.run_with_hooks(batch.tokens, fwd_hooks=[(t.name, self.hook_fn(t)) for t in self.targets])
-        silent = [t.name for t in self.targets if t.name not in self.flags]
-        if silent:
-            raise MissingHookError(
-                f"hook(s) {silent} did not fire during the forward pass of this {type(runner.model).__name__}; "
-                "they exist but are not used (e.g. disabled by a model setting)"
-            )
-        raise_if_not_finite(self.flags, batch, "activation")
+    def on_batch(self, runner):
+        """The collector's work for one :class:`~tl_degeneracy.stats.stream.Step` of the stream."""
+
+        def run(step: Step) -> None:
+            self.index, self.flags, self.accumulate = step.index, step.flags, step.count
+            runner.run_with_hooks(step.batch.tokens, fwd_hooks=[(t.name, self.hook_fn(t)) for t in self.targets])
+            silent = [t.name for t in self.targets if t.name not in self.flags]
+            if silent:
+                raise MissingHookError(
+                    f"hook(s) {silent} did not fire during the forward pass of this {type(runner.model).__name__}; "
+                    "they exist but are not used (e.g. disabled by a model setting)"
+                )
+
+        return run
 
 
 def moment_pass(runner, batches, targets: list[HookTarget], per_head: bool, device=None, progress: bool = True,
@@ -79,22 +84,10 @@ def moment_pass(runner, batches, targets: list[HookTarget], per_head: bool, devi
     ``runner``: anything with ``run_with_hooks(tokens, fwd_hooks)``, ``.model`` and ``.device`` (a
     ModelAdapter, or the interaction basis's runner for plain HookedRootModules).
     """
-    ctx = distributed_context()
     acc_device = torch.device(device) if device is not None else runner.device
     collector = _Collector(targets, per_head, acc_device)
-    n_mine = 0
-    with torch.no_grad():
-        for batch in shard(batches, ctx, runner.device, progress, desc):
-            collector.run(runner, batch)
-            n_mine += 1
-        if ctx.active:
-            if n_mine == 0:
-                # More ranks than batches: learn the hook shapes from batch 0 without counting it, so
-                # that this rank joins the reductions with accumulators of the right shape.
-                collector.accumulate = False
-                collector.run(runner, batches.batch(0, device=runner.device))
-            for t in targets:  # the same order on every rank
-                collector.accs[t.name].all_reduce()
+    stream(runner.device, batches, collector.on_batch(runner), desc=desc, progress=progress, what="activation",
+           reduce=lambda: [collector.accs[t.name] for t in targets])  # the same order on every rank
     return collector
 
 

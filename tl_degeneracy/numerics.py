@@ -1,0 +1,74 @@
+"""The package's one rank rule and one compute-dtype rule (METHODS §2, "Precision and ranks").
+
+Rank rule. A spectrum is the singular values σ of a matrix (or the eigenvalues λ = σ² of its Gram).
+A value counts as nonzero when
+
+    σ_i > max(dims) · eps(precision) · σ_1          (singular values)
+    λ_i > (max(dims) · eps(precision))² · λ_1        (Gram eigenvalues, ``gram=True``)
+
+the standard backward-error bound of a rank-revealing decomposition (as in ``numpy.linalg.matrix_rank``).
+``precision`` is the dtype in which the matrix's *inputs* are exact up to rounding, never the
+storage dtype of something that was later computed in float64:
+
+- products of stored weights (OV, QK, …) are formed in float64 from numbers that are exact in any
+  storage dtype (bf16/fp16 values are float64 values), so their precision is float64;
+- Grams of activations or gradients carry the rounding of the forward/backward pass that produced
+  them, so their precision is that pass's dtype (:func:`compute_dtype` of the model).
+
+Compute-dtype rule (:func:`compute_dtype`): a computation on tensors of several dtypes runs in
+float64 when any of them is float64, else in float32, so that half-precision storage (bf16/fp16)
+never sets the precision of sums, losses or samplers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["compute_dtype", "rank_rtol", "numerical_rank"]
+
+
+def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:
+    """float64 if any of ``dtypes`` (dtypes or iterables of dtypes) is float64, else float32."""
+    flat: list[torch.dtype] = []
+    for d in dtypes:
+        flat.extend([d] if isinstance(d, torch.dtype) else list(d))
+    return torch.float64 if torch.float64 in flat else torch.float32
+
+
+def rank_rtol(dims: int | Iterable[int], precision: torch.dtype = torch.float64, gram: bool = False) -> float:
+    """The relative cut-off of the rank rule (module docstring): max(dims)·eps(precision) on
+    singular values, its square on Gram eigenvalues (``gram=True``)."""
+    dims = [int(dims)] if isinstance(dims, int) else [int(d) for d in dims]
+    if not dims or min(dims) < 0:
+        raise ValueError(f"dims must be non-negative matrix dimensions; got {dims}")
+    rtol = max(max(dims), 1) * torch.finfo(precision).eps
+    return rtol * rtol if gram else rtol
+
+
+def numerical_rank(
+    spectrum: Float[Tensor, "*groups k"],
+    dims: int | Iterable[int] | None = None,
+    *,
+    precision: torch.dtype = torch.float64,
+    gram: bool = False,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> Tensor:
+    """Number of values of ``spectrum`` (per group along the last axis) above the rank rule's
+    cut-off max(rtol·largest, atol); 0 for an all-zero spectrum.
+
+    ``rtol`` defaults to :func:`rank_rtol` ``(dims, precision, gram)``; ``dims`` (the matrix's
+    dimensions) defaults to the spectrum's length. ``atol`` is an absolute floor (METHODS §4: a
+    variance below ``loss_scale`` counts as zero).
+    """
+    if rtol is None:
+        rtol = rank_rtol(spectrum.shape[-1] if dims is None else dims, precision, gram)
+    if spectrum.shape[-1] == 0:
+        return torch.zeros(spectrum.shape[:-1], dtype=torch.long)
+    top = spectrum.max(-1, keepdim=True).values.clamp_min(0)
+    cut = torch.maximum(top * rtol, torch.full_like(top, atol))
+    return ((spectrum > cut) & (spectrum > 0)).sum(-1)
