@@ -3,10 +3,13 @@
 Rank rule. A spectrum is the singular values σ of a matrix (or the eigenvalues λ = σ² of its Gram).
 A value counts as nonzero when
 
-    σ_i > max(dims) · eps(precision) · σ_1          (singular values)
-    λ_i > (max(dims) · eps(precision))² · λ_1        (Gram eigenvalues, ``gram=True``)
+    σ_i > max(dims) · eps(precision) · σ_1                                   (singular values)
+    λ_i > max((max(dims) · eps(precision))², max(dims) · eps(float64)) · λ_1  (Gram eigenvalues, ``gram=True``)
 
 the standard backward-error bound of a rank-revealing decomposition (as in ``numpy.linalg.matrix_rank``).
+A Gram's eigenvalues are σ², hence the square; but its float64 eigendecomposition itself moves every
+eigenvalue by about max(dims)·eps(float64)·λ_1, a floor that the square of a float64 cut-off would
+fall far below.
 ``precision`` is the dtype in which the matrix's *inputs* are exact up to rounding, never the
 storage dtype of something that was later computed in float64:
 
@@ -41,12 +44,14 @@ def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:
 
 def rank_rtol(dims: int | Iterable[int], precision: torch.dtype = torch.float64, gram: bool = False) -> float:
     """The relative cut-off of the rank rule (module docstring): max(dims)·eps(precision) on
-    singular values, its square on Gram eigenvalues (``gram=True``)."""
+    singular values; on Gram eigenvalues (``gram=True``) its square, but not below the float64
+    eigensolver's own error max(dims)·eps(float64)."""
     dims = [int(dims)] if isinstance(dims, int) else [int(d) for d in dims]
     if not dims or min(dims) < 0:
         raise ValueError(f"dims must be non-negative matrix dimensions; got {dims}")
-    rtol = max(max(dims), 1) * torch.finfo(precision).eps
-    return rtol * rtol if gram else rtol
+    size = max(max(dims), 1)
+    rtol = size * torch.finfo(precision).eps
+    return max(rtol * rtol, size * torch.finfo(torch.float64).eps) if gram else rtol
 
 
 def numerical_rank(

@@ -1,0 +1,47 @@
+"""The package's one rank rule and compute-dtype rule (tl_degeneracy/numerics.py, METHODS §2)."""
+
+import pytest
+import torch
+
+from tl_degeneracy.numerics import compute_dtype, numerical_rank, rank_rtol
+
+
+def test_rank_rule_is_max_dim_times_eps_on_singular_values_and_its_square_on_gram_eigenvalues():
+    eps = torch.finfo(torch.float64).eps
+    assert rank_rtol(768) == 768 * eps
+    assert rank_rtol((768, 64)) == 768 * eps
+    # Gram eigenvalues: the square of the precision's cut-off, floored by the float64 eigensolver's error.
+    assert rank_rtol(64, gram=True) == 64 * eps
+    eps32 = torch.finfo(torch.float32).eps
+    assert rank_rtol(10, precision=torch.float32) == 10 * eps32
+    assert rank_rtol(768, precision=torch.float32, gram=True) == (768 * eps32) ** 2
+    with pytest.raises(ValueError, match="non-negative"):
+        rank_rtol((-1,))
+
+
+def test_rank_of_an_exact_low_rank_product_in_float64_whatever_the_storage_dtype():
+    # A rank-5 product of bfloat16 factors: the factors are exact float64 numbers, so the product
+    # formed in float64 has exactly 5 singular values above the float64 cut-off.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(768, 5, generator=g).to(torch.bfloat16).double()
+    b = torch.randn(5, 768, generator=g).to(torch.bfloat16).double()
+    s = torch.linalg.svdvals(a @ b)
+    assert int(numerical_rank(s, dims=(768, 768))) == 5
+    # The Gram of the same matrix (eigenvalues σ²) gives the same rank with gram=True.
+    lam = torch.linalg.eigvalsh((a @ b) @ (a @ b).T).flip(-1)
+    assert int(numerical_rank(lam, dims=768, gram=True)) == 5
+
+
+def test_rank_per_group_overrides_and_edge_cases():
+    spectra = torch.tensor([[3.0, 1.0, 0.0], [1.0, 1e-20, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert numerical_rank(spectra).tolist() == [2, 1, 0]
+    assert numerical_rank(spectra, rtol=0.5).tolist() == [1, 1, 0]
+    assert numerical_rank(spectra, atol=2.0).tolist() == [1, 0, 0]
+    assert numerical_rank(torch.zeros(4, 0)).tolist() == [0, 0, 0, 0]
+
+
+def test_compute_dtype_is_float64_only_when_an_input_is():
+    assert compute_dtype(torch.bfloat16) == torch.float32
+    assert compute_dtype(torch.float16, torch.float32) == torch.float32
+    assert compute_dtype([torch.float32, torch.float64]) == torch.float64
+    assert compute_dtype() == torch.float32
