@@ -194,7 +194,8 @@ def test_dataloader_of_tensors_and_of_dicts(tiny_toy_transformer):
         (torch.zeros(1, 17, dtype=torch.long), r"17 tokens.*n_ctx=16.*seq_len="),
         ("just one string", "list of strings"),
         ((torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long)), r"not \(tokens, labels\)"),
-        ({"a": 1}, "cannot use"),
+        ({"a": 1}, "mapping without a token column"),
+        ({1, 2}, "cannot use"),
     ],
 )
 def test_bad_data_raises_clear_data_errors(tiny_toy_transformer, data, message):

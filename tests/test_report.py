@@ -329,3 +329,134 @@ def test_json_values_are_strict():
         {"a": None, "b": "inf", "c": [1.0, -2.0], "d": [0, 1], "e": [3, True], "f": [0.5]}
     with pytest.raises(TypeError, match="cannot store"):
         to_jsonable(object())
+
+
+# ------------------------------------------------------------------ a report that explains itself
+
+def _methods_anchors() -> set[int]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    return {int(n) for n in re.findall(r'<a id="s(\d)"></a>', text)}
+
+
+def test_every_section_opens_with_a_verdict_and_a_glossary(full_report):
+    import html as html_lib
+
+    from tl_degeneracy.report.sections import METHODS_DOC, glossary, verdict
+
+    rep, out, _ = full_report
+    page = (out / "report.html").read_text()
+    anchors = _methods_anchors()
+    assert anchors == set(range(9))  # docs/methods.md keeps METHODS §0–§8
+    summary = rep.summary(width=200)
+    for sec in rep.sections.values():
+        words, terms = verdict(sec), glossary(sec)
+        assert words and "\n" not in words and terms, sec.name
+        body = page.split(f'id="sec-{sec.name}"', 1)[1].split("</section>", 1)[0]
+        # the verdict comes first, right under the title, then the glossary, before any number
+        assert body.index(f'<p class="verdict">{html_lib.escape(words)}</p>') < body.index('<dl class="glossary">') \
+            < body.index('<p class="meta">'), sec.name
+        for term, text, n in terms:
+            assert n in anchors and text
+            assert f"<dt>{html_lib.escape(term)}</dt>" in body and f'href="{METHODS_DOC}#s{n}"' in body
+        assert words in summary and words in rep._repr_html_().replace("&#x27;", "'")
+    # loaded from report.json the verdicts are the same (they are made from stored values only)
+    loaded = Report.load(out)
+    assert [verdict(s) for s in loaded.sections.values()] == [verdict(s) for s in rep.sections.values()]
+
+
+def test_verdicts_say_what_the_numbers_mean():
+    from tl_degeneracy.report.result import SectionResult
+    from tl_degeneracy.report.sections import verdict
+
+    def sec(name, **values):
+        return SectionResult(name=name, title=name, status="ok", values=values)
+
+    full = {"heads": 8, "full_rank_heads": 8}
+    assert verdict(sec("invariants", ov=full, qk=full)) == \
+        "every head full rank: no weight-space degeneracy beyond the GL(d_head) gauge"
+    low = verdict(sec("invariants", ov={"heads": 8, "full_rank_heads": 6}, qk=full))
+    assert low.startswith("2 of 8 OV circuits rank-deficient") and "QK" not in low
+    llc = {"n_eff": 43.81, "loss_scale": 1e-3, "gamma": 1.0, "n_params": 478976}
+    assert verdict(sec("llc", **llc)).startswith("λ̂ not checked for convergence")  # no R̂/ESS recorded
+    assert verdict(sec("llc", **llc, converged=False)) == "λ̂ not converged: N_eff ≥ 43.8 is a lower bound at ε = 0.001, γ = 1"
+    assert verdict(sec("llc", **llc, converged=True)).startswith("λ̂ converged: N_eff = 43.8 of 478,976")
+    assert verdict(sec("counts", free=0, n_params=10, n_eff_kfac=10)).startswith("no activation or Jacobian degeneracy")
+    assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")
+    assert verdict(SectionResult(name="counts", title="c", status="skipped", reason="MissingHookError: x")).startswith(
+        "does not apply")
+
+
+def test_header_states_every_setting_changed_from_the_preset(full_report):
+    import html as html_lib
+
+    from tl_degeneracy.report.result import changed_settings
+
+    rep, out, _ = full_report
+    expected = {"n_probes": "2", "loss_scales": "0.01,0.001", "chains": "2", "draws": "12", "burnin": "4",
+                "pilot_steps": "5", "ib_tokens": "54", "ib_seq_len": "10"}
+    assert changed_settings(rep.settings) == expected
+    assert changed_settings(Report.load(out).settings) == expected  # lists in JSON, tuples in settings
+    header = (out / "report.html").read_text().split("</header>", 1)[0]
+    summary = rep.summary()
+    for k, v in expected.items():
+        assert html_lib.escape(f"{k}={v}") in header and f"{k}={v}" in summary
+    assert "changed from preset quick" in summary
+    # an override that repeats the preset's value changes nothing, so nothing is listed
+    same = {**rep.settings, "overrides": {"draws": 80}, "budgets": PRESETS["quick"].to_dict()}
+    assert changed_settings(same) == {}
+    thorough = {"preset": "thorough", "budgets": {**PRESETS["thorough"].to_dict(), "llc_seq_len": 16}}
+    assert changed_settings(thorough) == {"llc_seq_len": "16"}
+
+
+def test_a_clipped_headline_never_ends_inside_a_number():
+    from tl_degeneracy.report.result import _NUMBER, _clip
+
+    lines = ["llc  51.1 s  λ̂_B = 21.9 ± 1.6 (N_eff = 43.81 of 478,976 parameters) at ε = 0.001; "
+             "N_eff(ε): 39.1 at 0.01, 43.8 at 0.001, 50 at 0.0001",
+             "interaction rank per node 119/128, 127/128, 87/128 (51 degenerate directions); 3 modules hold 40%",
+             "Σ n_eff_kfac = 391,552 of 393,216 linear-map parameters (1,664 free, 0.4%) −1.5e-07 L0H1"]
+    for line in lines:
+        whole = {(m.start(), m.end()) for m in _NUMBER.finditer(line)}
+        for width in range(12, len(line) + 1):
+            clipped = _clip(line, width)
+            assert len(clipped) <= width, (width, clipped)
+            if clipped == line:
+                continue
+            kept = clipped.removesuffix(" …")
+            assert clipped.endswith(" …") and line.startswith(kept)
+            for m in _NUMBER.finditer(kept):  # every number shown is a whole number of the line
+                assert (m.start(), m.end()) in whole, (width, clipped)
+
+
+def test_spectra_legend_names_every_head_of_every_layer():
+    from tl_degeneracy.plots import plot_spectra
+
+    frame = tld.ov_invariants(make_tiny_toy_transformer())
+    fig = plot_spectra(frame)
+    shown = {t.name for t in fig.data if t.showlegend is not False}
+    assert shown == {f"L{r.layer}H{r.head}" for r in frame.itertuples()} and frame["layer"].nunique() > 1
+    assert {t.legendgroup for t in fig.data} == {f"layer {layer}" for layer in frame["layer"].unique()}
+
+
+def test_report_figures_name_every_trace_and_heatmaps_have_integer_ticks(full_report):
+    rep, _, _ = full_report
+    n_heatmaps = 0
+    for sec in rep.sections.values():
+        for name, fig in sec.figures.items():
+            lines = [t for t in fig.data if t.type != "heatmap"]
+            if len(lines) > 1:  # a legend is shown: it must name each trace
+                named = {(t.legendgroup, t.name) for t in lines if t.showlegend is not False and t.name}
+                for t in lines:
+                    assert t.name and (t.showlegend is not False or any(g == t.legendgroup and n == t.name
+                                                                        for g, n in named)), (sec.name, name)
+            if any(t.type == "heatmap" for t in fig.data):
+                n_heatmaps += 1
+                layout = fig.to_plotly_json()["layout"]
+                axes = [v for k, v in layout.items() if re.fullmatch(r"[xy]axis\d*", k)]
+                assert axes, (sec.name, name)
+                for ax in axes:
+                    assert ax.get("tickmode") == "linear" and float(ax["dtick"]).is_integer() and ax["dtick"] >= 1
+                    assert float(ax["tick0"]).is_integer(), (sec.name, name, ax)
+    assert n_heatmaps == 2  # head pattern distances, interaction edges

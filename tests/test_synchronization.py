@@ -25,8 +25,15 @@ def _synchronize_layer0(model):
     return model
 
 
+def _wide_toy():
+    """The tiny toy with d_model 24: LayerNorm leaves D − 1 = 23 ≥ 2·d_head input and output
+    dimensions, room for two independent heads."""
+    return make_tiny_toy_transformer(d_model=24)
+
+
 def test_shared_qk_pair_is_one_block_with_2d2_extra():
-    model = _synchronize_layer0(make_tiny_toy_transformer())
+    """Two heads with one pattern and independent values: the paper's 2·d² (METHODS §3)."""
+    model = _synchronize_layer0(_wide_toy())
     res = head_synchronization(model, _tokens(), tol=0.01)
     d = model.cfg.d_head
     assert res.distance.shape == (2, 2, 2)
@@ -45,19 +52,22 @@ def test_shared_qk_pair_is_one_block_with_2d2_extra():
 
 
 def test_rank_deficient_values_give_less():
-    """W_V of head 1 of rank 3 (and b_V = 0): s_1 = 3, s_S = d + 3, extra = (d+3)² − d² − 9."""
-    model = _synchronize_layer0(make_tiny_toy_transformer())
+    """W_V of head 1 of rank 3 (and b_V = 0): s_1 = 3, s_S = d + 3. METHODS §3 with
+    D_in = D_out = E = D − 1 (LayerNorm) and full-rank W_O: J_apart = (E·d + E·d − d²) + (E·d + 3·E − 3·d),
+    J_sync = E·2d + E·(d + 3) − 2d·(d + 3), so extra = d² + 3·d = 88 (the paper's s_S² − Σ s_h² = 6·d
+    = 48 assumed full-rank value maps)."""
+    model = _synchronize_layer0(_wide_toy())
     a = model.blocks[0].attn
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         a.W_V[1] = torch.randn(a.W_V.shape[1], 3, generator=g) @ torch.randn(3, a.W_V.shape[2], generator=g)
         a.b_V[1] = 0
     res = head_synchronization(model, _tokens(), tol=0.01)
-    d = model.cfg.d_head
+    d, D = model.cfg.d_head, model.cfg.d_model
     pair = res.to_frame().iloc[0]
-    assert pair["heads"] == (0, 1)
+    assert pair["heads"] == (0, 1) and pair["input_rank"] == D - 1
     assert pair["s_heads"] == (d, 3) and pair["s_block"] == d + 3
-    assert pair["extra_freedom"] == (d + 3) ** 2 - d * d - 9
+    assert pair["extra_freedom"] == d * d + 3 * d == 88
 
 
 def test_streaming_equals_one_batch():
@@ -168,3 +178,211 @@ def test_sma_toy_one_sample_per_sequence():
     assert heads.to_dict()["blocks"][0]["s_block"] == heads.head_rank[0, 0] > 0
     neurons = neuron_synchronization(sma, data, tol=0.0)
     assert neurons.n_samples == 32 and neurons.approximate
+
+
+# ---------------------------------------------------------------------------------------------- J_apart − J_sync
+from tl_degeneracy.synchronization import synchronization_freedom  # noqa: E402
+
+# Small block sizes: n samples of a D-dimensional input of rank D_IN < D (so D_in ≠ D is exercised),
+# heads of width d writing into D_OUT dimensions.
+N, D, D_IN, d, D_OUT = 14, 8, 6, 2, 5
+#: P = I − 11ᵀ/D_OUT: what a LayerNorm reads of the heads' output (its mean direction never).
+MEAN_FREE = torch.eye(D_OUT, dtype=torch.float64) - 1 / D_OUT
+
+
+def _jacobian_rank(fn, params: list[torch.Tensor]) -> int:
+    """Rank of the Jacobian of ``fn`` (list of tensors → tensor) at ``params``, float64, by SVD."""
+    from torch.func import jacfwd
+
+    sizes = [p.numel() for p in params]
+
+    def flat(theta):
+        return fn([t.view_as(p) for t, p in zip(theta.split(sizes), params)]).flatten()
+
+    J = jacfwd(flat)(torch.cat([p.flatten() for p in params]))
+    return int(torch.linalg.matrix_rank(J))
+
+
+def _block(case: str, g: torch.Generator):
+    """Input X [N, D] of rank D_IN, value weights W_V per value group and (group, W_O) per head."""
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    X = rand(N, D_IN) @ rand(D_IN, D)
+    V1, V2, O1, O2, O3 = rand(D, d), rand(D, d), rand(d, D_OUT), rand(d, D_OUT), rand(d, D_OUT)
+    overlap = torch.cat([V1[:, :1], rand(D, d - 1)], 1)  # shares one value direction with V1
+    if case == "independent":
+        return X, [V1, V2], [(0, O1), (1, O2)]
+    if case == "exact copy":  # a second head with its own, identical, weights
+        return X, [V1, V1.clone()], [(0, O1), (1, O1.clone())]
+    if case == "gqa pair":  # two query heads reading one value head
+        return X, [V1], [(0, O1), (0, O2)]
+    if case == "partial overlap":
+        return X, [V1, overlap], [(0, O1), (1, O2)]
+    if case == "rank-deficient value":
+        return X, [V1, rand(D, 1) @ rand(1, d)], [(0, O1), (1, O2)]
+    if case == "block of 3":  # a GQA pair and a third head whose values overlap theirs
+        return X, [V1, overlap], [(0, O1), (0, O2), (1, O3)]
+    if case == "mean-free outputs":  # W_O P, as under LayerNorm: D_out = D − 1
+        return X, [V1, V1.clone()], [(0, O1 @ MEAN_FREE), (1, O1 @ MEAN_FREE)]
+    raise ValueError(case)
+
+
+def _ranks_and_jacobians(X, W_V, heads):
+    """(our count, J_apart, J_sync): the count from ranks alone, the J's by torch.func. Heads whose
+    W_O is mean-free are read through P (the function sees only D_out = D_OUT − 1 directions)."""
+    G = len(W_V)
+    mean_free = torch.allclose(heads[0][1].sum(-1), torch.zeros((), dtype=X.dtype))
+    readout, d_out = (MEAN_FREE, D_OUT - 1) if mean_free else (torch.eye(D_OUT, dtype=X.dtype), D_OUT)
+
+    def outputs(params):
+        V, O = params[:G], params[G:]
+        return [X @ V[g] @ O[i] @ readout for i, (g, _) in enumerate(heads)]
+
+    params = [*W_V, *(O for _, O in heads)]
+    j_apart = _jacobian_rank(lambda p: torch.stack(outputs(p)), params)
+    j_sync = _jacobian_rank(lambda p: torch.stack(outputs(p)).sum(0), params)
+    rank = lambda m: int(torch.linalg.matrix_rank(m))  # noqa: E731
+    count = synchronization_freedom(
+        rank(X), [rank(X @ V) for V in W_V], rank(torch.cat([X @ V for V in W_V], 1)),
+        [torch.stack([O for gh, O in heads if gh == g]) for g in range(G)], d_out,
+    )
+    return count, j_apart, j_sync
+
+
+@pytest.mark.parametrize("case", ["independent", "exact copy", "gqa pair", "partial overlap",
+                                  "rank-deficient value", "block of 3", "mean-free outputs"])
+def test_count_equals_the_jacobian_rank(case):
+    """METHODS §3's J_apart and J_sync are the ranks of the Jacobians of the heads' separate outputs
+    and of their sum with respect to (W_V^g, W_O^h), computed here directly with torch.func."""
+    X, W_V, heads = _block(case, torch.Generator().manual_seed(0))
+    count, j_apart, j_sync = _ranks_and_jacobians(X, W_V, heads)
+    assert (count.j_apart, count.j_sync) == (j_apart, j_sync)
+    assert count.extra_freedom >= 0
+
+
+def test_count_closed_forms():
+    """The cases METHODS §3 names: independent pair 2·d² (the paper's s_S² − Σ s_h²), exact copy
+    d·(D_in + D_out − d) (the old count said −d²), GQA pair d·D_out (the old count said 0), and partly
+    overlapping values in between the independent pair and the copy."""
+    g = torch.Generator().manual_seed(1)
+    extra = {case: _ranks_and_jacobians(*_block(case, g))[0].extra_freedom
+             for case in ("independent", "exact copy", "gqa pair", "partial overlap")}
+    assert extra["independent"] == 2 * d * d
+    assert extra["exact copy"] == d * (D_IN + D_OUT - d)
+    assert extra["gqa pair"] == d * D_OUT
+    assert 2 * d * d < extra["partial overlap"] < d * (D_IN + D_OUT - d)
+
+
+def test_count_bad_input():
+    O = torch.zeros(1, d, D_OUT)
+    with pytest.raises(ValueError, match="one value rank per group"):
+        synchronization_freedom(D_IN, [d, d], 2 * d, [O])
+    with pytest.raises(ValueError, match="inconsistent ranks"):
+        synchronization_freedom(1, [d], d, [O])  # values cannot span more than the input
+    with pytest.raises(ValueError, match=r"\[m_g, d, D\] stacks"):
+        synchronization_freedom(D_IN, [d, d], 2 * d, [O, torch.zeros(1, d, D_OUT + 1)])
+    with pytest.raises(ValueError, match="d_out must lie in"):
+        synchronization_freedom(D_IN, [d], d, [O], d_out=D_OUT + 1)
+
+
+def _copy_head(model, layer: int, src: int, dst: int, names=("W_Q", "W_K", "b_Q", "b_K", "W_V", "b_V", "W_O")):
+    a = model.blocks[layer].attn
+    with torch.no_grad():
+        for name in names:
+            getattr(a, name)[dst] = getattr(a, name)[src]
+    return model
+
+
+@pytest.mark.parametrize("normalization, input_hook", [("LN", "blocks.0.ln1.hook_normalized"),
+                                                       (None, "blocks.0.hook_resid_pre")])
+def test_exact_copy_end_to_end(normalization, input_hook):
+    """Head 1 of layer 0 becomes an exact copy of head 0: one block, extra = d·(D_in + D − d) with
+    D_in the rank of the centred heads' input on the data, computed here from the cache (the
+    LayerNorm output, or the residual stream of a model without norms), and D_out = D − 1 under
+    LayerNorm (its mean direction is never read), D without norms."""
+    model = _copy_head(make_tiny_toy_transformer(normalization=normalization), 0, 0, 1)
+    tokens = _tokens()
+    res = head_synchronization(model, tokens, tol=1e-6)
+    _, cache = model.run_with_cache(tokens)
+    x = cache[input_hook].flatten(0, 1).double()
+    sv = torch.linalg.svdvals(x - x.mean(0))
+    # float32 activations: rounding noise ~1e-7·σ_1, true directions O(σ_1); 1e-4 lies in the gap
+    d_in = int((sv > 1e-4 * sv[0]).sum())
+    d_, D_ = model.cfg.d_head, model.cfg.d_model
+    d_out = D_ - 1 if normalization == "LN" else D_
+    assert d_in == d_out  # generic data: D − 1 directions after LayerNorm, D without
+    assert res.blocks[0] == [[0, 1]] and res.input_rank[0] == d_in and res.d_out == d_out
+    pair = res.to_frame().iloc[0]
+    assert pair["s_heads"] == (d_, d_) and pair["s_block"] == d_
+    assert pair["extra_freedom"] == d_ * (d_in + d_out - d_) == res.block_freedom(0, [0, 1]).extra_freedom
+    assert pair["free_block"] - pair["free_separate"] == pair["extra_freedom"]
+    assert res.extra_freedom == pair["extra_freedom"]  # every other block is a singleton
+
+
+def test_gqa_pair_end_to_end(tmp_path):
+    """Llama bridge (2 KV heads for 4 query heads): query heads 0 and 1 read KV head 0; giving head 1
+    head 0's W_Q makes their patterns identical, and synchronization adds d·D (the old count said 0)."""
+    from .fixtures.hf import boot_bridge, make_hf_model, tiny_tokenizer
+
+    hf = make_hf_model("llama")
+    q = hf.model.layers[0].self_attn.q_proj.weight
+    dh = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        q[dh : 2 * dh] = q[:dh]
+    directory = tmp_path / "tiny_gqa_synced"
+    hf.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    res = head_synchronization(boot_bridge(directory), _tokens(n=8, pos=8, vocab=100), tol=1e-6)
+    assert res.blocks[0][0] == [0, 1] and res.distance[0, 0, 1] < 1e-6
+    pair = res.to_frame().iloc[0]
+    assert pair["s_heads"] == (dh, dh) and pair["s_block"] == dh
+    assert res.d_out == hf.config.hidden_size  # RMSNorm reads every direction
+    assert pair["extra_freedom"] == dh * hf.config.hidden_size
+
+
+def test_backends_agree(tl_models):
+    """The same GPT-2 checkpoint through every available backend (HookedTransformer's hook_normalized
+    precedes the norm's gain and bias; the bridge's ln1.hook_out is the input) gives the same ranks."""
+    from .fixtures.hf import BACKENDS, has_hooked_transformer
+
+    tokens = _tokens(n=4, pos=8, vocab=100)
+    frames = {b: head_synchronization(tl_models("gpt2", b), tokens, tol=1.0).to_frame()
+              for b in BACKENDS if b != "hooked_transformer" or has_hooked_transformer()}
+    first = next(iter(frames.values()))
+    assert (first["input_rank"] > 0).all()
+    for frame in frames.values():
+        cols = ["heads", "s_block", "input_rank", "j_apart", "j_sync", "extra_freedom"]
+        assert frame[cols].equals(first[cols])
+
+
+
+def test_two_processes_equal_one(tmp_path):
+    """Under torch.distributed (2 gloo processes) both ranks get the single-process result, also
+    when one rank has no batch of its own (``stats.stream`` reduces what ``on_batch`` accumulated)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from .sync_distributed_worker import compute
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "tests" / "sync_distributed_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = compute()
+    for rank in (0, 1):
+        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert sorted(multi) == sorted(single)
+        for key, b in single.items():
+            a = multi[key]
+            if a.is_floating_point():  # sums in another order: float64 rounding only
+                torch.testing.assert_close(a.double(), b.double(), rtol=1e-10, atol=1e-12, msg=key)
+            else:
+                assert torch.equal(a, b), key
+    assert int(single["one/n_samples"]) == 30 and int(single["three/extra"]) > 0

@@ -1,6 +1,7 @@
 """tl_degeneracy: degeneracy in transformer circuits, on TransformerLens models.
 
 The data flow reads in one direction: model → adapter → batches → accumulators → analyses.
+"METHODS §N" in docstrings refers to docs/methods.md §N, the maths the package implements.
 """
 
 from .counts import degeneracy_counts

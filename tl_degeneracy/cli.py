@@ -33,9 +33,13 @@ single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss
 llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, ib_tokens, ib_seq_len, ib_probes,
 ib_edge_sources, ib_keep_share, ib_resolution (see tl_degeneracy/report/settings.py).
 
-Rerunning into the same --out reuses finished sections whose fingerprint (model weights, data,
-settings, seed, version) matches and resumes LLC chains from <out>/checkpoints; --fresh ignores both.
-Exit codes: 0 done; 1 a section failed unexpectedly (see report.json); 2 bad input.
+An --out directory holds the report of one model on one data set, computed by one tl-degeneracy
+version. Rerunning into it reuses finished sections whose fingerprint (model weights, data, settings,
+seed, version) matches and resumes LLC chains from <out>/checkpoints; --only adds or replaces those
+sections and keeps the others. A directory holding another model's (data set's, version's) report
+is refused; --fresh replaces it whole and ignores the checkpoints.
+Exit codes: 0 done; 1 a section failed unexpectedly (see report.json); 2 bad input, with a message
+saying what to do (--debug adds the traceback).
 """
 
 
@@ -67,40 +71,56 @@ def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
-def _report(args: argparse.Namespace) -> int:
-    import shutil
+def _check_options(args: argparse.Namespace) -> dict:
+    """Validate every option that needs no model (cheap), before anything is loaded or computed;
+    returns the budget overrides."""
+    from .report.api import check_device
+    from .report.result import check_writable
+    from .report.settings import resolve_settings
 
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be ≥ 1; got {args.threads}")
+    overrides = _overrides(args.set)
+    if args.seq_len is not None:
+        overrides["seq_len"] = args.seq_len
+    try:
+        resolve_settings(args.preset, overrides)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None
+    check_writable(Path(args.out))
+    return overrides
+
+
+def _report(args: argparse.Namespace) -> int:
     from .models.loading import load_model
     from .report import degeneracy_report
-    from .report.context import default_data_spec
+    from .report.context import default_data_spec, load_data_spec
 
     t0 = time.perf_counter()
     out = Path(args.out)
     import torch
 
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be ≥ 1; got {args.threads}")
+    overrides = _check_options(args)
+    data = args.data if args.data not in (None, "toy") else default_data_spec(args.model)
+    if args.data == "toy" and data is None:
+        raise CLIError(f"--data toy: {args.model!r} is not a bundled toy; give a .txt, .pt or dataset directory")
     threads = args.threads or _idle_threads(torch.get_num_threads())
     torch.set_num_threads(threads)
     if not args.quiet and args.threads is None:
         print(f"tl-degeneracy: {threads} torch thread(s) (load average {_load():.1f}; "
               "--threads N to choose)", file=sys.stderr)
+    loaded = None if data is None else load_data_spec(data)  # a bad --data fails before the model loads
     try:
         model = load_model(args.model, device=args.device)
     except (ValueError, FileNotFoundError, OSError, ImportError, TypeError) as e:
         raise CLIError(f"--model {args.model!r}: {e}") from e
-    data = args.data if args.data not in (None, "toy") else default_data_spec(args.model)
-    if args.data == "toy" and data is None:
-        raise CLIError(f"--data toy: {args.model!r} is not a bundled toy; give a .txt, .pt or dataset directory")
-    overrides = _overrides(args.set)
-    if args.seq_len is not None:
-        overrides["seq_len"] = args.seq_len
-    checkpoints = out / "checkpoints"
-    if args.fresh and checkpoints.exists():
-        shutil.rmtree(checkpoints)
     try:
         report = degeneracy_report(
-            model, data, sections=args.only, preset=args.preset, seed=args.seed, checkpoint_dir=checkpoints,
+            model, loaded, sections=args.only, preset=args.preset, seed=args.seed, out=out, fresh=args.fresh,
             progress=not args.quiet, llc_components=args.llc_components, overrides=overrides, label=args.model,
         )
     except ValueError as e:
@@ -109,7 +129,9 @@ def _report(args: argparse.Namespace) -> int:
         if isinstance(e, TLDegeneracyError):
             raise
         raise CLIError(str(e)) from e
-    html = report.save(out)
+    except OSError as e:  # writing the report (a full disk, a directory made read-only meanwhile)
+        raise CLIError(f"cannot write the report to {out}: {e}; free space or choose another --out") from e
+    html = out / "report.html"
     print(report.summary())
     print(f"  wrote {html} and report.json, CSVs in {out} ({time.perf_counter() - t0:.1f} s)")
     failed = [s.name for s in report.sections.values() if s.status == "failed"]
@@ -147,30 +169,41 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (default: one per core that the 1-minute load average leaves "
                           "idle, at least one: threads waiting on a busy core make a run several times slower)")
-    rep.add_argument("--fresh", action="store_true", help="delete <out>/checkpoints first (no reuse, no resume)")
+    rep.add_argument("--fresh", action="store_true",
+                     help="start afresh: delete <out>/checkpoints (no reuse, no resume) and replace the report "
+                          "in --out, whichever model it belongs to")
     rep.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    rep.add_argument("--debug", action="store_true", help="show the traceback of an error")
     rep.set_defaults(func=_report)
     return parser
 
 
+def _error(e: BaseException, debug: bool) -> int:
+    """Print ``e`` as one paragraph (its traceback first with ``--debug``); exit code 2."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(e), e, e.__traceback__)
+    print(f"tl-degeneracy: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     if getattr(args, "llc_components", None) and args.llc_components[0] in ("heads", "layers", "attn", "mlp"):
         if len(args.llc_components) > 1:
-            print("tl-degeneracy: error: --llc-components heads/layers/attn/mlp stands alone", file=sys.stderr)
-            return 2
+            return _error(CLIError("--llc-components heads/layers/attn/mlp stands alone"), debug)
         args.llc_components = args.llc_components[0]  # a family name; otherwise a list of selections
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"tl-degeneracy: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, debug)
     except Exception as e:  # the package's own errors carry a message meant for the user
         from .errors import TLDegeneracyError
 
         if isinstance(e, TLDegeneracyError):
-            print(f"tl-degeneracy: error: {e}", file=sys.stderr)
-            return 2
+            return _error(e, debug)
         raise
 
 

@@ -13,16 +13,31 @@ with a BOS token and ``skip_bos`` is on (the default whenever there is a BOS, be
 activations are outliers in pretrained LMs). :attr:`TokenBatches.positions` records the rule, so
 every result can say which positions counted.
 
-Padding is on the right. With causal attention and absolute positions counted from the first
-token, a position never attends to anything after it, so the activations and logits at the real
-positions are exactly those of the unpadded sequence and no attention mask is needed. (A
+Padding (METHODS §0: padding positions never count) is recognised as the data are read, and only
+the real tokens of each row are kept (:attr:`Positions.padding_rule` says how):
+
+- an attention mask (1 = real token), wherever one can be given: a ``datasets.Dataset`` column, a
+  dict batch (e.g. a tokenizer's output), a DataLoader's dict batches, or ``attention_mask=``. The
+  mask may pad left or right; each row's real tokens must be one contiguous run;
+- a token *tensor* without a mask (the data itself, or a DataLoader's batches): the trailing run of
+  the pad id at the end of each row (default: the tokenizer's ``pad_token_id``, which is what
+  ``model.to_tokens`` pads with). A pad id inside a row is a real token; where the pad id is also
+  BOS (GPT-2 in TransformerLens: pad = BOS = EOS), a row's first position is its BOS, never
+  padding. This drops a real trailing token that equals the pad id (GPT-2's EOS), so a
+  :class:`PaddingWarning` says how many positions were dropped; ``strip_padding=False`` keeps them;
+- strings, token lists and unmasked Dataset rows carry each sequence at its own length: no padding.
+
+Batches are then re-padded on the right. With causal attention and absolute positions counted from
+the first token, a position never attends to anything after it, so the activations and logits at
+the real positions are exactly those of the unpadded sequence and no attention mask is needed. (A
 non-causal model, such as the SMA toy's single query over all positions, must get sequences of one
 length; its bundled data has a fixed length, so no padding happens there.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,11 +48,16 @@ from .errors import DataError
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 
-__all__ = ["Batch", "Positions", "TokenBatches", "token_batches"]
+__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "token_batches"]
 
 #: Column names read from a ``datasets.Dataset``, in order of preference.
 TOKEN_COLUMNS = ("tokens", "input_ids")
 TEXT_COLUMNS = ("text",)
+MASK_COLUMN = "attention_mask"
+
+
+class PaddingWarning(UserWarning):
+    """Positions of a token tensor were taken for padding because they hold the pad id."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,10 @@ class Positions:
     (``"prepended"`` by :func:`token_batches`, ``"given"`` when the token data already began with it,
     ``None`` when there is no BOS). ``skip_bos``: the BOS position is not a sample.
     ``n_tokens`` counts real (non-padding) positions, ``n_samples`` the positions that count.
+    ``padding_rule`` says how padding in the data was recognised (module docstring):
+    ``"attention_mask"``, ``"trailing_pad_id"`` (trailing runs of ``pad_token_id`` in token
+    tensors), both joined by ``+``, or ``"none"`` (the data were read as given); ``n_padding`` is
+    the number of positions it left out. ``padding`` is the side the batches are padded on.
     """
 
     bos: bool
@@ -60,6 +84,8 @@ class Positions:
     n_tokens: int
     n_samples: int
     n_dropped: int = 0  # sequences left out because no position of theirs would count
+    padding_rule: str = "none"
+    n_padding: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +142,8 @@ class TokenBatches:
     d_vocab: int | None = None
     device: torch.device | None = None
     n_dropped: int = 0
+    padding_rule: str = "none"
+    n_padding: int = 0
 
     def __post_init__(self) -> None:
         if not self.sequences:
@@ -164,6 +192,8 @@ class TokenBatches:
             n_tokens=self.n_tokens,
             n_samples=self.n_samples,
             n_dropped=self.n_dropped,
+            padding_rule=self.padding_rule,
+            n_padding=self.n_padding,
         )
 
     def __repr__(self) -> str:
@@ -216,8 +246,20 @@ def _check_integer(t: Tensor, where: str) -> None:
         raise DataError(f"token ids must be integers; {where} has dtype {t.dtype} (convert with .long())")
 
 
-def _as_token_tensor(x, where: str) -> Tensor:
-    """A 1-D int64 tensor from a tensor/list of ints, with a clear error for anything else."""
+def _check_mask(t: Tensor, where: str) -> None:
+    if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
+        bad = t[(t != 0) & (t != 1)].unique()[:5].tolist()
+        raise DataError(f"{where} must hold 1 (real token) or 0 (padding); it also holds {bad}")
+
+
+#: What a row holds → (its name in errors, the check of a tensor of it, the dtype it is kept in).
+_ROW_KINDS = {False: ("token ids", _check_integer, torch.long), True: ("attention mask values", _check_mask, torch.bool)}
+
+
+def _as_row(x, where: str, mask: bool = False) -> Tensor:
+    """A 1-D CPU tensor (int64 token ids, or bool for an attention ``mask``) from a tensor or a
+    sequence, with a clear error for anything else."""
+    what, check, dtype = _ROW_KINDS[mask]
     if isinstance(x, Tensor):
         t = x
     elif isinstance(x, Sequence) and len(x) == 0:
@@ -226,66 +268,138 @@ def _as_token_tensor(x, where: str) -> Tensor:
         try:
             t = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise DataError(f"{where} is not a sequence of token ids ({type(x).__name__}): {e}") from None
-    _check_integer(t, where)
+            raise DataError(f"{where} is not a sequence of {what} ({type(x).__name__}): {e}") from None
+    check(t, where)
     if t.ndim != 1:
-        raise DataError(f"{where} must be a 1-D sequence of token ids; got shape {tuple(t.shape)}")
-    return t.detach().to("cpu", torch.long)
+        raise DataError(f"{where} must be a 1-D sequence of {what}; got shape {tuple(t.shape)}")
+    return t.detach().to("cpu", dtype)
 
 
-def _rows_from_tensor(t: Tensor, where: str) -> list[Tensor]:
-    _check_integer(t, where)
-    if t.ndim == 1:
-        t = t[None]
-    if t.ndim != 2:
-        raise DataError(f"{where} must be [batch, pos] or [pos]; got shape {tuple(t.shape)}")
-    t = t.detach().to("cpu", torch.long)
-    return list(t.unbind(0))
+def _rows(x, where: str, mask: bool = False) -> list[Tensor]:
+    """The 1-D rows (as :func:`_as_row` makes them) of a tensor [batch, pos] or [pos], or of a
+    sequence of sequences, ragged allowed (a Dataset column, a list of lists)."""
+    if isinstance(x, Tensor):
+        _, check, dtype = _ROW_KINDS[mask]
+        check(x, where)
+        t = x[None] if x.ndim == 1 else x
+        if t.ndim != 2:
+            raise DataError(f"{where} must be [batch, pos] or [pos]; got shape {tuple(x.shape)}")
+        return list(t.detach().to("cpu", dtype).unbind(0))
+    if not isinstance(x, Iterable) or isinstance(x, (str, bytes)):
+        raise DataError(f"{where} is a {type(x).__name__}; expected a tensor [batch, pos] or a list of sequences")
+    items = list(x)
+    if items and not (isinstance(items[0], Sequence) or getattr(items[0], "ndim", 0)):
+        items = [items]  # one flat sequence is one row
+    return [_as_row(v, f"{where} row {i}", mask) for i, v in enumerate(items)]
 
 
-def _rows_from_mapping(item: dict, where: str) -> list[Tensor]:
+def _describe(rows: list[Tensor]) -> str:
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) <= 1:
+        return f"shape {(len(rows), lengths[0] if lengths else 0)}"
+    return f"{len(rows)} rows of lengths {lengths[0]}..{lengths[-1]}"
+
+
+@dataclass
+class _Padding:
+    """How padding is recognised while the data are read (module docstring), and what it found.
+
+    ``pad_id``: in token tensors without a mask, the trailing run of it ends each row's real tokens
+    (None: not looked for); ``keep_first``: the pad id is also BOS, so a row's first position is its
+    BOS, never padding. The counts and :attr:`rule` go into :class:`Positions`.
+    """
+
+    pad_id: int | None
+    keep_first: bool
+    rules: set[str] = field(default_factory=set)
+    n_padding: int = 0  # positions left out, by either rule
+    n_pad_id: int = 0  # positions left out as trailing pad ids
+    rows_pad_id: int = 0  # rows that had some
+    rows_unmasked: int = 0  # rows searched for trailing pad ids
+
+    @property
+    def rule(self) -> str:
+        return "+".join(sorted(self.rules)) or "none"
+
+    def masked(self, rows: list[Tensor], mask, where: str) -> list[Tensor]:
+        """The real tokens of each row: the positions where ``mask`` (1 = real token) is set.
+
+        The one place where attention masks are read (Dataset column, dict batches, DataLoader
+        dicts, ``attention_mask=``). Collators pad on either side; the real tokens must be one
+        contiguous run, as a gap would join tokens that were never next to each other.
+        """
+        masks = _rows(mask, where, mask=True)
+        if [len(m) for m in masks] != [len(r) for r in rows]:
+            raise DataError(f"{where} does not fit the tokens: it has {_describe(masks)}, the tokens {_describe(rows)}")
+        out = []
+        for i, (row, m) in enumerate(zip(rows, masks)):
+            real = m.nonzero()[:, 0]
+            if len(real) and int(real[-1] - real[0]) + 1 != len(real):
+                raise DataError(
+                    f"{where} row {i} marks real tokens at positions {real.tolist()[:12]}, which are not one contiguous "
+                    "run; only padding on the left or the right can be left out"
+                )
+            out.append(row[int(real[0]) : int(real[-1]) + 1] if len(real) else row[:0])
+        self.rules.add("attention_mask")
+        self.n_padding += sum(len(r) for r in rows) - sum(len(r) for r in out)
+        return out
+
+    def unpadded(self, rows: list[Tensor]) -> list[Tensor]:
+        """Rows of a token tensor without a mask, each without its trailing run of ``pad_id``
+        (a pad id before the row's last real token is a real token)."""
+        if self.pad_id is None:
+            return rows
+        out = []
+        for row in rows:
+            real = (row != self.pad_id).nonzero()
+            end = int(real[-1, 0]) + 1 if len(real) else 0
+            out.append(row[: max(end, min(len(row), 1))] if self.keep_first else row[:end])
+        dropped = [len(r) - len(o) for r, o in zip(rows, out)]
+        self.rules.add("trailing_pad_id")
+        self.n_padding += sum(dropped)
+        self.n_pad_id += sum(dropped)
+        self.rows_pad_id += sum(d > 0 for d in dropped)
+        self.rows_unmasked += len(rows)
+        return out
+
+
+def _rows_from_mapping(item: Mapping, where: str, padding: _Padding) -> list[Tensor]:
+    """Token rows of a dict batch (or of a Dataset's columns): only the real tokens where it has an
+    attention mask; without one, a token *tensor* is a padded batch (:meth:`_Padding.unpadded`),
+    while lists (and Dataset columns) hold each sequence at its own length."""
     for col in TOKEN_COLUMNS:
         if col in item:
-            ids = item[col]
-            ids = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
-            rows = _rows_from_tensor(ids, f"{where}[{col!r}]")
-            if "attention_mask" in item:
-                # Collators pad (left or right) and mark real tokens with 1: keep only those.
-                am = torch.as_tensor(item["attention_mask"]).to("cpu").bool()
-                am = am[None] if am.ndim == 1 else am
-                if tuple(am.shape) != (len(rows), len(rows[0]) if rows else 0):
-                    raise DataError(f"{where}['attention_mask'] has shape {tuple(am.shape)}, tokens {(len(rows), len(rows[0]))}")
-                rows = [r[m] for r, m in zip(rows, am)]
-            return rows
+            rows = _rows(item[col], f"{where}[{col!r}]")
+            if MASK_COLUMN in item:
+                return padding.masked(rows, item[MASK_COLUMN], f"{where}[{MASK_COLUMN!r}]")
+            return padding.unpadded(rows) if isinstance(item[col], Tensor) else rows
     raise DataError(f"{where} is a mapping without a token column; expected one of {TOKEN_COLUMNS}, got keys {sorted(item)}")
 
 
-def _rows_from_dataloader(loader) -> list[Tensor]:
+def _rows_from_dataloader(loader, padding: _Padding) -> list[Tensor]:
     rows: list[Tensor] = []
     for i, item in enumerate(loader):
         where = f"DataLoader batch {i}"
-        if isinstance(item, dict):
-            rows.extend(_rows_from_mapping(item, where))
+        if isinstance(item, Mapping):
+            rows.extend(_rows_from_mapping(item, where, padding))
         elif isinstance(item, Tensor):
-            rows.extend(_rows_from_tensor(item, where))
+            rows.extend(padding.unpadded(_rows(item, where)))
         elif isinstance(item, (list, tuple)) and item and isinstance(item[0], Tensor):
             # TensorDataset yields a list of tensors per batch; the first one holds the tokens.
-            rows.extend(_rows_from_tensor(item[0], where + "[0]"))
+            rows.extend(padding.unpadded(_rows(item[0], where + "[0]")))
         else:
             raise DataError(f"{where} is a {type(item).__name__}; expected a LongTensor [batch, pos] or a dict with {TOKEN_COLUMNS}")
     return rows
 
 
-def _from_hf_dataset(ds) -> tuple[list[Tensor] | None, list[str] | None, str]:
+def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[str] | None, str]:
     if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
         raise DataError(f"got a {type(ds).__name__}; pass one split of it (e.g. ds['train']), a datasets.Dataset")
     cols = list(ds.column_names)
     for col in TOKEN_COLUMNS:
         if col in cols:
-            values = ds[col]
-            if isinstance(values, Tensor):
-                return _rows_from_tensor(values, f"Dataset column {col!r}"), None, f"datasets.Dataset[{col}]"
-            return [_as_token_tensor(v, f"Dataset column {col!r} row {i}") for i, v in enumerate(values)], None, f"datasets.Dataset[{col}]"
+            item = {c: ds[c] for c in (col, MASK_COLUMN) if c in cols}
+            return _rows_from_mapping(item, "the Dataset", padding), None, f"datasets.Dataset[{col}]"
     for col in TEXT_COLUMNS:
         if col in cols:
             return None, list(ds[col]), f"datasets.Dataset[{col}]"
@@ -356,17 +470,20 @@ def token_batches(
     shuffle: bool = False,
     seed: int = 0,
     pad_token_id: int | None = None,
+    attention_mask=None,
+    strip_padding: bool = True,
 ) -> TokenBatches:
     """Validated, right-padded, masked batches of ``data`` for ``model`` (API.md, "data").
 
     Args:
         data: a LongTensor [batch, pos] or [pos]; a list of strings (tokenized with the model's
             tokenizer, or as UTF-8 bytes for byte-level models with d_vocab 256); a list of token-id
-            sequences (ragged allowed); a Hugging Face ``datasets.Dataset`` with a ``tokens`` /
-            ``input_ids`` column or a ``text`` column; a torch ``DataLoader`` yielding LongTensors or
-            dicts with ``tokens``/``input_ids`` (and optionally ``attention_mask``; it is read once,
-            up front, so that everything is validated before any model runs); or a
-            :class:`TokenBatches`, returned unchanged.
+            sequences (ragged allowed); a dict with ``tokens``/``input_ids`` and optionally
+            ``attention_mask`` (e.g. a tokenizer's output); a Hugging Face ``datasets.Dataset`` with a
+            ``tokens``/``input_ids`` column (and optionally ``attention_mask``) or a ``text`` column;
+            a torch ``DataLoader`` yielding LongTensors or such dicts (it is read once, up front, so
+            that everything is validated before any model runs); or a :class:`TokenBatches`,
+            returned unchanged. Padding in the data never counts (module docstring).
         model: the model or its adapter (``tld.adapt(model)``).
         batch_size: sequences per batch.
         seq_len: if set, sequences longer than ``seq_len`` are cut into consecutive chunks of at most
@@ -379,15 +496,26 @@ def token_batches(
         skip_bos: whether the BOS position is excluded from the samples (default: yes, when the
             sequences begin with BOS; METHODS §0). ``True`` without a BOS is an error.
         shuffle, seed: a fixed order drawn from ``seed`` (the same on every iteration).
-        pad_token_id: the id written into padding (it never counts). Token-id tensors: when given,
-            trailing runs of it at the end of each row are treated as right padding. Default: the
-            tokenizer's pad id, else BOS, else 0.
+        pad_token_id: the id written into padding (it never counts). In token tensors without a
+            mask, the trailing run of it at the end of each row is padding (where it is also BOS, a
+            row's first position is its BOS). Default: the tokenizer's pad id (recognised as
+            padding, with a :class:`PaddingWarning` saying how many positions that dropped), else
+            BOS, else 0 (written into padding only: without a tokenizer, no id is taken for padding
+            unless given here).
+        attention_mask: for a token tensor or token lists, which positions are real tokens (1) and
+            which padding (0), of the same shape; padding on either side. It replaces the pad-id
+            rule. Dicts, Datasets and DataLoaders carry theirs as an ``attention_mask`` key/column.
+        strip_padding: ``False`` takes token tensors without a mask as they are: no id is
+            recognised as padding (``pad_token_id`` is then only written into padding).
 
     Raises:
         DataError: empty data, non-integer or out-of-vocabulary ids (naming the id and where),
-            sequences longer than n_ctx without ``seq_len``.
+            sequences longer than n_ctx without ``seq_len``, an attention mask that does not fit
+            the tokens (shape, values other than 0/1, real tokens not one contiguous run).
     """
     if isinstance(data, TokenBatches):
+        if attention_mask is not None:
+            raise DataError("attention_mask= cannot apply to a TokenBatches: its padding was already left out")
         return data
     adapter = adapt(model)
     cfg = adapter.cfg
@@ -396,17 +524,20 @@ def token_batches(
     if bos_id is None and tok is not None:
         bos_id = getattr(tok, "bos_token_id", None)
 
-    # --- 1. read the data into token rows (or strings)
+    # --- 1. read the data into token rows (or strings), leaving padding out
+    pad_id = pad_token_id if pad_token_id is not None else getattr(tok, "pad_token_id", None)
+    padding = _Padding(pad_id if strip_padding else None, keep_first=pad_id is not None and pad_id == bos_id)
     rows: list[Tensor] | None = None
     texts: list[str] | None = None
     if isinstance(data, Tensor):
-        rows, source = _rows_from_tensor(data, "the token tensor"), "tensor"
-        if pad_token_id is not None:
-            rows = [_strip_right_padding(r, pad_token_id) for r in rows]
+        rows, source = _rows(data, "the token tensor"), "tensor"
+        rows = padding.masked(rows, attention_mask, "attention_mask") if attention_mask is not None else padding.unpadded(rows)
     elif _is_hf_dataset(data):
-        rows, texts, source = _from_hf_dataset(data)
+        rows, texts, source = _from_hf_dataset(data, padding)
     elif isinstance(data, torch.utils.data.DataLoader):
-        rows, source = _rows_from_dataloader(data), "DataLoader"
+        rows, source = _rows_from_dataloader(data, padding), "DataLoader"
+    elif isinstance(data, Mapping):
+        rows, source = _rows_from_mapping(data, "the dict", padding), "dict"
     elif isinstance(data, str):
         raise DataError("got a single string; pass a list of strings")
     elif isinstance(data, Sequence):
@@ -421,11 +552,26 @@ def token_batches(
                 "itself (e.g. tokens, not (tokens, labels)), or a list of 1-D token sequences"
             )
         else:
-            rows, source = [_as_token_tensor(x, f"sequence {i}") for i, x in enumerate(data)], "token lists"
+            rows, source = [_as_row(x, f"sequence {i}") for i, x in enumerate(data)], "token lists"
+            if attention_mask is not None:
+                rows = padding.masked(rows, attention_mask, "attention_mask")
     else:
         raise DataError(
             f"cannot use a {type(data).__module__}.{type(data).__name__} as data; pass a LongTensor [batch, pos], a "
-            "list of strings, a datasets.Dataset, a DataLoader, or a TokenBatches"
+            "list of strings, a dict of token ids, a datasets.Dataset, a DataLoader, or a TokenBatches"
+        )
+    if attention_mask is not None and source not in ("tensor", "token lists"):
+        raise DataError(
+            f"attention_mask= applies to a token tensor or token lists, not to {source} data; a dict, Dataset or "
+            f"DataLoader carries its mask as an {MASK_COLUMN!r} key or column"
+        )
+    if padding.n_pad_id and pad_token_id is None:
+        warnings.warn(
+            f"token_batches: {padding.n_pad_id} positions at the ends of {padding.rows_pad_id} of {padding.rows_unmasked} "
+            f"token rows hold the tokenizer's pad id {pad_id} and were left out as padding; pass strip_padding=False "
+            "to count them, or attention_mask= to say which positions are real",
+            PaddingWarning,
+            stacklevel=2,
         )
     if (rows is not None and not rows) or (texts is not None and not texts):
         raise DataError(f"the {source} data is empty")
@@ -506,12 +652,7 @@ def token_batches(
         d_vocab=cfg.d_vocab,
         device=adapter.device,
         n_dropped=len(seqs) - len(kept),
+        padding_rule=padding.rule,
+        n_padding=padding.n_padding,
     )
 
-
-def _strip_right_padding(row: Tensor, pad_id: int) -> Tensor:
-    keep = row != pad_id
-    if bool(keep.all()):
-        return row
-    nz = keep.nonzero()
-    return row[: int(nz[-1, 0]) + 1] if len(nz) else row[:0]

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_spectra", "plot_distance_heatmaps"]
+__all__ = ["plot_spectra", "plot_distance_heatmaps", "integer_ticks"]
 
 
 def _grid(n: int) -> tuple[int, int]:
     cols = min(n, 4)
     return math.ceil(n / cols), cols
+
+
+def integer_ticks(n: int, first: int = 0, most: int = 12) -> dict:
+    """Axis settings with ticks only at integers for an axis of ``n`` indices from ``first`` (heads,
+    neurons, directions, eigenvalue indices): a step of 1, 2 or 5 × 10^k, at most ``most`` ticks.
+    Plotly's automatic ticks would put 0.5 between two heads."""
+    steps = (m * 10**k for k in itertools.count() for m in (1, 2, 5))
+    step = next(s for s in steps if math.ceil(n / s) <= most)
+    return {"tickmode": "linear", "tick0": first, "dtick": step}
 
 
 def plot_spectra(frame: pd.DataFrame, log: bool = True):
@@ -33,11 +43,14 @@ def plot_spectra(frame: pd.DataFrame, log: bool = True):
     for i, layer in enumerate(layers):
         for _, row in frame[frame["layer"] == layer].iterrows():
             s = np.asarray(row["singular_values"], dtype=float)
+            # Every trace in the legend, grouped by layer: the legend names each line of each panel.
             fig.add_trace(
                 go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", name=f"L{layer}H{row['head']}",
-                           legendgroup=f"H{row['head']}", showlegend=i == 0),
+                           legendgroup=f"layer {layer}", legendgrouptitle_text=f"layer {layer}"),
                 row=i // cols + 1, col=i % cols + 1,
             )
+    width = max((len(v) for v in frame["singular_values"]), default=1)
+    fig.update_xaxes(**integer_ticks(width, first=1))
     if log:
         fig.update_yaxes(type="log")
     circuit = frame["circuit"].iloc[0] if "circuit" in frame and len(frame) else ""
@@ -64,5 +77,7 @@ def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: st
             row=layer // cols + 1, col=layer % cols + 1,
         )
     fig.update_layout(title=title, coloraxis={"colorscale": "Viridis"})
-    fig.update_yaxes(autorange="reversed")
+    ticks = integer_ticks(distance.shape[1])
+    fig.update_xaxes(title_text=labels, **ticks)
+    fig.update_yaxes(autorange="reversed", title_text=labels, **ticks)
     return fig

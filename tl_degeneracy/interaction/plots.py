@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plots import _grid
+from ..plots import _grid, integer_ticks
 
 __all__ = ["plot_edges", "plot_interaction_spectra"]
 
@@ -24,7 +24,8 @@ def plot_interaction_spectra(ib, log: bool = True):
                                      showlegend=col == 1), row=1, col=col)
     if log:
         fig.update_yaxes(type="log")
-    fig.update_xaxes(title_text="index i")
+    width = max((spec.gram.numel() for spec in ib.eigenvalues.values()), default=1)
+    fig.update_xaxes(title_text="index i", **integer_ticks(width, first=1))
     fig.update_layout(title=f"{ib.kind} interaction basis ({ib.output}, {ib.scaling} scaling): spectra per node")
     return fig
 
@@ -46,6 +47,11 @@ def plot_edges(ib, log: bool = True):
         fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis",
                                  hovertemplate="i=%{y}, j=%{x}: %{z:.3g}<extra>" + f"{pair[0]} → {pair[1]}</extra>"),
                       row=n // cols + 1, col=n % cols + 1)
+        # Direction indices are integers; each pair has its own numbers of directions.
+        fig.update_xaxes(integer_ticks(e.shape[1]), title_text=f"direction j of {pair[0]}", row=n // cols + 1,
+                         col=n % cols + 1)
+        fig.update_yaxes(integer_ticks(e.shape[0]), title_text=f"direction i of {pair[1]}", row=n // cols + 1,
+                         col=n % cols + 1)
     fig.update_layout(title="interaction edges E_ij" + (" (log10)" if log else ""), coloraxis={"colorscale": "Viridis"})
     fig.update_yaxes(autorange="reversed")
     return fig

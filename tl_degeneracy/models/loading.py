@@ -75,7 +75,9 @@ def load_model(
     ``dtype`` to float32 for Hugging Face models. ``backend="bridge"`` forces a TransformerBridge on
     TransformerLens 3.x, ``backend="hooked_transformer"`` asks for a HookedTransformer (3.x only).
     The spec is kept on the model as ``model.tld_spec``: the report names the model by it and, for a
-    bundled toy, reads the toy's own data when none is given.
+    bundled toy, reads the toy's own data when none is given. A local directory without a tokenizer
+    gives a model with ``model.tld_tokenizer_missing`` (a sentence saying so), and the report refuses
+    text data for it rather than tokenize with the empty tokenizer transformers puts in its place.
     """
     model = _load(spec, device, dtype, backend)
     object.__setattr__(model, "tld_spec", str(spec))
@@ -127,10 +129,23 @@ def _boot_bridge(name: str, device, dtype, **kwargs) -> nn.Module:
     return bridge.eval()
 
 
+#: Files of which a saved tokenizer has at least one (fast, slow BPE/WordPiece, SentencePiece,
+#: tiktoken; tokenizer_config.json alone suffices for vocabulary-free ones such as ByT5's).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
 def _load_hf_directory(path: Path, device, dtype, backend: str | None) -> nn.Module:
     if backend == "bridge" or _hooked_transformer_class() is None:
-        return _boot_bridge(str(path), device, dtype)
-    return _hooked_transformer_from_directory(path, device, dtype)
+        model = _boot_bridge(str(path), device, dtype)
+    else:
+        model = _hooked_transformer_from_directory(path, device, dtype)
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        # transformers then builds an empty tokenizer of the config's class instead of failing (every
+        # word [UNK] for BERT, nothing at all for GPT-2); the report refuses text for such a model.
+        missing = f"the model directory {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+        object.__setattr__(model, "tld_tokenizer_missing", missing)
+    return model
 
 
 def _hooked_transformer_from_directory(path: Path, device, dtype) -> nn.Module:

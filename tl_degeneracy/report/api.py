@@ -17,18 +17,64 @@ from ..errors import TLDegeneracyError
 from ..models.adapt import adapt
 from . import cache
 from . import sections as _builtin_sections  # noqa: F401  (registers the built-in sections)
-from .context import LoadedData, ReportContext, default_data_spec, library_versions, load_data_spec
+from .context import (
+    LoadedData, ReportContext, check_finite_weights, default_data_spec, library_versions, load_data_spec,
+)
 from .registry import SECTIONS, Section
 from .result import Report, SectionResult
 from .settings import ReportSettings, resolve_settings
 
-__all__ = ["degeneracy_report"]
+__all__ = ["check_device", "degeneracy_report"]
 
 ERRORS = ("record", "raise")
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it.
+
+    Raises:
+        ValueError: not a device name, or a CUDA/MPS device (or CUDA index) that is not there.
+    """
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device ({e}); use cpu, cuda, cuda:1, mps, …") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else f"this torch is built for CUDA {torch.version.cuda} but finds no CUDA GPU")
+            raise ValueError(f"device {device!r}: this machine has no usable CUDA device ({why}, torch "
+                             f"{torch.__version__}); use device cpu, or leave the device unset to use CUDA where "
+                             "there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: this machine has no usable MPS device; use device cpu")
+
+
+def _check_components(adapter, llc_components) -> None:
+    """Resolve ``llc_components`` on the model now, so that a bad one fails before the LLC runs."""
+    if llc_components is None:
+        return
+    from ..llc.sweep import _components  # llc_by_component's own reading of the argument
+    from ..models.selection import select_parameters
+
+    try:
+        components = _components(adapter, llc_components)
+        for component in components:
+            select_parameters(adapter, component)
+    except ValueError as e:
+        raise ValueError(f"llc_components {llc_components!r}: {e}") from None
+    if not components:
+        raise ValueError(f"llc_components {llc_components!r}: this model has no such component")
+
+
 def _resolve_model(model, device):
     """(label, adapter) for a spec string or a model; a spec is loaded on ``device``."""
+    check_device(device)
     if isinstance(model, (str, os.PathLike)):
         from ..models.loading import load_model
 
@@ -41,6 +87,8 @@ def _resolve_model(model, device):
 
 
 def _resolve_data(data, label: str) -> LoadedData | None:
+    if isinstance(data, LoadedData):  # read already (the command line reads it before the model)
+        return data
     if data is None:
         spec = default_data_spec(label)
         return None if spec is None else load_data_spec(spec)
@@ -100,6 +148,8 @@ def degeneracy_report(
     overrides: dict | None = None,
     label: str | None = None,
     errors: str = "record",
+    out: str | os.PathLike | None = None,
+    fresh: bool = False,
 ) -> Report:
     """The degeneracy report of ``model`` on ``data``: model summary and live parameters, OV/QK
     invariants and spectra (METHODS §2), head and neuron synchronization (§3), activation and
@@ -131,11 +181,24 @@ def degeneracy_report(
         errors: ``"record"`` (default): an error in a section is recorded — as ``skipped`` for the
             package's own errors (the analysis does not apply), as ``failed`` with its traceback and
             a warning for anything else — and the other sections still run; ``"raise"``: re-raise.
+        out: save the report there (``Report.save``; checkpoints in ``out/checkpoints`` unless
+            ``checkpoint_dir`` is given). The directory must be writable and hold no report of
+            another model, data set or package version (checked before any section runs); a report
+            of the same ones there is merged: its sections that this run does not compute stay,
+            and the merged report is returned.
+        fresh: start afresh: delete the finished sections and LLC checkpoints in ``checkpoint_dir``
+            (no reuse, no resume) and replace whatever report ``out`` holds.
 
     Raises:
-        ValueError: unknown section names, preset or settings; a model not on ``device``.
-        DataError: unusable data (missing file, ids outside the vocabulary, …) when a selected
-            section needs data — checked before any section runs.
+        ValueError: unknown section names, preset, settings or ``llc_components``; a device this
+            machine does not have; a model not on ``device``.
+        NumericalError: NaN or ±∞ in the model's live parameters (naming the first tensor).
+        DataError: unusable data (missing file, ids outside the vocabulary, text for a model whose
+            directory has no tokenizer, …) when a selected section needs data.
+        ReportDirectoryError: ``out`` cannot be written or holds another model's (data set's,
+            version's) report; a damaged checkpoint in ``checkpoint_dir``.
+
+        All are raised before any section runs.
     """
     t0 = time.perf_counter()
     if errors not in ERRORS:
@@ -148,6 +211,10 @@ def degeneracy_report(
     torch.manual_seed(seed)
     spec_label, adapter = _resolve_model(model, device)
     label = label or spec_label
+    check_finite_weights(adapter)
+    _check_components(adapter, llc_components)
+    if out is not None and checkpoint_dir is None:
+        checkpoint_dir = Path(out) / "checkpoints"
     ctx = ReportContext(
         label=label, adapter=adapter, settings=settings, seed=seed,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), progress=progress,
@@ -155,22 +222,31 @@ def degeneracy_report(
     )
     if any(SECTIONS[s].needs_data for s in chosen):
         ctx.batches  # noqa: B018  (validates the data now, before any section runs)
+    # The output directory and the checkpoints are checked now too: nothing is computed for a
+    # directory that would refuse the result.
+    older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh)
+    section_dirs, cached = {}, {}
+    if ctx.checkpoint_dir is not None:
+        if fresh:
+            cache.clear(ctx.checkpoint_dir)
+        for name in chosen:
+            section_dirs[name] = ctx.checkpoint_dir / f"{name}-{cache.fingerprint(SECTIONS[name], ctx)[:12]}"
+            cached[name] = cache.load_cached(SECTIONS[name], ctx)
+            if cached[name] is None:  # it will run, and resume from its checkpoints
+                cache.check_checkpoints(section_dirs[name])
     results = {}
     for i, name in enumerate(chosen, 1):
         section = SECTIONS[name]
         if progress:
             print(f"[{i}/{len(chosen)}] {section.title} …", file=sys.stderr, flush=True)
-        result = None
-        if ctx.checkpoint_dir is not None:
-            key = cache.fingerprint(section, ctx)
-            ctx.section_dir = ctx.checkpoint_dir / f"{name}-{key[:12]}"
-            result = cache.load_cached(section, ctx)
+        ctx.section_dir = section_dirs.get(name)
+        result = cached.get(name)
         if result is None:
             result = _run_section(section, ctx, errors)
             if ctx.checkpoint_dir is not None and result.status == "ok":
                 cache.store(section, ctx, result)
         results[name] = result
-    return Report(
+    report = Report(
         model={"label": label, **ctx.summary},
         data=ctx.data_description() if ctx.data is not None and "batches" in ctx.__dict__ else None,
         settings={"preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
@@ -181,4 +257,9 @@ def degeneracy_report(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_s=time.perf_counter() - t0,
         sections=results,
+        identity=ctx.identity(),
     )
+    if out is not None:
+        report = report.merge(older) if older is not None else report
+        report.save(out, replace=fresh)
+    return report

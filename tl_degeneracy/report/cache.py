@@ -6,6 +6,8 @@ sections that read data — the token sequences. A rerun with the same fingerpri
 instead of recomputing it. The section's own checkpoints (the LLC's sampler states) live in
 ``<checkpoint_dir>/<section>-<fingerprint[:12]>/``: an interrupted run resumes there, and a run with
 other settings gets a directory of its own rather than a checkpoint it would have to refuse.
+A damaged sampler checkpoint there (truncated by a full disk or a killed copy) is refused before any
+section runs, and ``clear`` removes everything this module and the sections wrote (``--fresh``).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import zipfile
 from pathlib import Path
 
 from .context import ReportContext
-from .registry import Section
-from .result import SectionResult
+from .registry import SECTIONS, Section
+from .result import ReportDirectoryError, SectionResult
 from .serialize import to_jsonable
 
-__all__ = ["fingerprint", "load_cached", "store"]
+__all__ = ["check_checkpoints", "clear", "fingerprint", "load_cached", "store"]
 
 
 def fingerprint(section: Section, ctx: ReportContext) -> str:
@@ -66,3 +71,44 @@ def store(section: Section, ctx: ReportContext, result: SectionResult) -> None:
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"fingerprint": fingerprint(section, ctx), "result": result.to_dict()}, allow_nan=False))
     os.replace(tmp, path)
+
+
+def check_checkpoints(section_dir: Path) -> None:
+    """Refuse a damaged checkpoint under ``section_dir`` before any section runs.
+
+    torch writes its checkpoints as zip archives with a CRC per record: a truncated file has no
+    central directory, and a corrupted one fails its CRC — both found here without unpickling,
+    where torch.load would fail deep inside a section (or, for a flipped byte in a tensor, not at all).
+
+    Raises:
+        ReportDirectoryError: the damaged file, and ``--fresh`` or deleting it as the way out.
+    """
+    for path in sorted(Path(section_dir).rglob("*.pt")) if Path(section_dir).is_dir() else ():
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            problem = None if bad is None else f"record {bad} fails its checksum"
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            raise ReportDirectoryError(
+                f"the checkpoint {path} is damaged (truncated or corrupted: {problem}), so its run cannot resume. "
+                "Rerun with --fresh (degeneracy_report(..., fresh=True)) to start the checkpointed sections afresh, "
+                "or delete that file")
+
+
+#: A section's own checkpoint directory: ``<section>-<fingerprint[:12]>``.
+_SECTION_DIR = re.compile(r"^(?P<name>.+)-[0-9a-f]{12}$")
+
+
+def clear(checkpoint_dir: Path) -> None:
+    """Delete what the report wrote under ``checkpoint_dir``: the finished sections and each
+    registered section's checkpoint directory (nothing else: the directory may be shared)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return
+    shutil.rmtree(root / "sections", ignore_errors=True)
+    for entry in root.iterdir():
+        m = _SECTION_DIR.match(entry.name)
+        if entry.is_dir() and m and m["name"] in SECTIONS:
+            shutil.rmtree(entry)

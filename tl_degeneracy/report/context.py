@@ -1,12 +1,16 @@
 """What every report section shares: the model, its adapter, the validated batches and the budgets.
 
 Also where a data *spec* (a text file, a token tensor file, a saved dataset, ``toy:NAME``) becomes
-data, and where the fingerprints of model and data that key the section cache are computed.
+data, where the fingerprints of model and data that key the section cache are computed, and the
+report's identity (which model, which data set, which package version) that an output directory
+holds one of.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -15,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import TokenBatches, token_batches
-from ..errors import DataError
+from ..data import TEXT_COLUMNS, TOKEN_COLUMNS, TokenBatches, token_batches
+from ..errors import DataError, NumericalError
 from ..models.adapter import ModelAdapter
 from .settings import ReportSettings
 
-__all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
+__all__ = ["ReportContext", "check_finite_weights", "default_data_spec", "library_versions", "load_data_spec"]
 
 
 def library_versions() -> dict[str, str]:
@@ -97,6 +101,47 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
     return LoadedData([text], f"text file {path}", text=True)
 
 
+def check_finite_weights(adapter: ModelAdapter) -> None:
+    """Refuse a model whose live parameters hold NaN or ±∞, naming the first such tensor.
+
+    Every section reads the weights (the spectra of METHODS §2 directly, the others through the
+    forward pass), and non-finite weights would fail each in its own way, deep inside.
+
+    Raises:
+        NumericalError: the first non-finite tensor, its NaN and ±∞ counts, and how many others.
+    """
+    import torch
+
+    bad = [p for p in adapter.live_parameters() if not bool(torch.isfinite(p.param.detach()).all())]
+    if not bad:
+        return
+    t = bad[0].param.detach()
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    others = ""
+    if len(bad) > 1:
+        names = ", ".join(p.name for p in bad[1:4]) + (" …" if len(bad) > 4 else "")
+        others = f" (and {len(bad) - 1} other tensor(s): {names})"
+    raise NumericalError(
+        f"the model's weights are not finite: live parameter {bad[0].name} {list(t.shape)} holds {n_nan} NaN and "
+        f"{n_inf} ±inf entries of {t.numel():,}{others}. Every analysis reads the weights, so none can run; load "
+        "weights that are finite (non-finite weights usually come from a diverged training run or a damaged file)"
+    )
+
+
+def _is_text(loaded: LoadedData) -> bool:
+    """Whether ``loaded`` holds strings that a tokenizer must turn into ids (token_batches' rules)."""
+    data = loaded.data
+    if loaded.text or isinstance(data, str):
+        return True
+    if isinstance(data, (list, tuple)):
+        return bool(data) and isinstance(data[0], str)
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, list):  # a datasets.Dataset: token_batches reads a token column first
+        return not any(c in columns for c in TOKEN_COLUMNS) and any(c in columns for c in TEXT_COLUMNS)
+    return False
+
+
 def _head(data, n: int):
     """The first ``n`` sequences (or texts, or dataset rows) of ``data`` where that is cheap to take
     before tokenizing; anything else whole (``batches`` cuts after validation)."""
@@ -143,6 +188,13 @@ class ReportContext:
             raise DataError(
                 f"this section needs data, and none was given for {self.label}; pass data (token ids, strings, a "
                 "dataset, or a spec: a .txt/.pt file, a dataset directory, toy:NAME)"
+            )
+        missing = getattr(self.adapter.model, "tld_tokenizer_missing", None)  # set by load_model
+        if missing and _is_text(self.data):
+            raise DataError(
+                f"{missing}, and the data ({self.data.source}) is text, which must be tokenized: its tokens would "
+                "be meaningless. Save the model's tokenizer into that directory (tokenizer.save_pretrained(dir)), or "
+                "give token ids: a .pt file holding a LongTensor [batch, pos]"
             )
         s = self.settings
         seq_len = s.seq_len
@@ -203,3 +255,34 @@ class ReportContext:
         from ..llc.targets import tensor_digest
 
         return tensor_digest((f"seq{i}", s) for i, s in enumerate(self.batches.sequences))
+
+    @cached_property
+    def source_digest(self) -> str:
+        """sha256 of the data set as given, all of it (before the budgets take their share), so
+        that reruns with other budgets on the same data agree; for data of other kinds (token
+        lists, iterables) the sequences read, :attr:`data_digest`."""
+        import torch
+
+        from ..llc.targets import tensor_digest
+
+        data = self.data.data
+        if isinstance(data, torch.Tensor):
+            return tensor_digest([("tokens", data)])
+        texts = [data] if isinstance(data, str) else data
+        if isinstance(texts, (list, tuple)) and texts and all(isinstance(x, str) for x in texts):
+            return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+        fingerprint = getattr(data, "_fingerprint", None)  # a datasets.Dataset: the hash of its contents
+        if isinstance(fingerprint, str):
+            return f"datasets:{fingerprint}"
+        return self.data_digest
+
+    def identity(self) -> dict:
+        """What this report's numbers belong to (``Report.identity``): the model (label, sha256 of
+        the live parameters), the data set (source, :attr:`source_digest`; None when no section
+        read data) and the tl-degeneracy version."""
+        from .. import __version__
+
+        data = None
+        if self.data is not None and "batches" in self.__dict__:
+            data = {"source": self.data.source, "digest": self.source_digest}
+        return {"model": {"label": self.label, "digest": self.model_digest}, "data": data, "tl-degeneracy": __version__}

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from .result import Report, SectionResult
+from .result import Report, SectionResult, changed_settings
+from .sections import METHODS_DOC, glossary, verdict
 
 __all__ = ["render_html", "render_notebook"]
 
@@ -51,6 +52,11 @@ section h2 { font-size:21px; margin:6px 0 4px; }
 section h3 { font-size:15px; margin:18px 0 6px; }
 .meta { color:var(--muted); font-size:13px; margin:0 0 8px; }
 .headline { font-size:16px; margin:6px 0 12px; }
+.verdict { font-size:17px; font-weight:600; margin:4px 0 6px; }
+dl.glossary { display:grid; grid-template-columns:max-content 1fr; gap:1px 14px; font-size:13px; color:var(--muted);
+              margin:4px 0 10px; padding:6px 12px; border-left:3px solid var(--line); }
+dl.glossary dt { font-weight:600; color:var(--fg); } dl.glossary dd { margin:0; }
+nav .verdict-line { font-size:13px; }
 .badge { display:inline-block; font-size:11px; font-weight:600; padding:1px 8px; border-radius:10px; color:#fff;
          text-transform:uppercase; letter-spacing:.03em; vertical-align:middle; }
 .badge.ok { background:var(--ok); } .badge.skipped { background:var(--skip); } .badge.failed { background:var(--fail); }
@@ -156,13 +162,32 @@ def _figure(fig, div_id: str) -> str:
     return f'<div class="figure">{body}</div>'
 
 
+def _methods_link(n: int) -> str:
+    """A link to section §n of the methods page (relative: the page lives in the repository)."""
+    return f'<a href="{_e(METHODS_DOC)}#s{n}">methods §{n}</a>'
+
+
+def _glossary(sec: SectionResult) -> str:
+    """The section's terms with their definitions, each linking to where docs/methods.md defines it."""
+    items = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)} ({_methods_link(n)})</dd>" for term, text, n in glossary(sec))
+    return f'<dl class="glossary">{items}</dl>' if items else ""
+
+
+def _changed(settings: Mapping) -> str:
+    """Every setting that differs from the preset, as ``--set`` would write it ("" if none)."""
+    return " ".join(f"{k}={v}" for k, v in changed_settings(settings).items())
+
+
 def _section(sec: SectionResult) -> str:
     badges = f'<span class="badge {sec.status}">{sec.status}</span>'
     if sec.cached:
         badges += ' <span class="badge cached">from checkpoint</span>'
     when = f"{sec.wall_s:.1f} s" + (" (earlier run)" if sec.cached else "")
     meta = " · ".join(x for x in (when, sec.methods) if x)
-    parts = [f'<section id="sec-{_e(sec.name)}"><h2>{_e(sec.title)} {badges}</h2><p class="meta">{_e(meta)}</p>']
+    words = verdict(sec)
+    parts = [f'<section id="sec-{_e(sec.name)}"><h2>{_e(sec.title)} {badges}</h2>'
+             + (f'<p class="verdict">{_e(words)}</p>' if words else "") + _glossary(sec)
+             + f'<p class="meta">{_e(meta)}</p>']
     if sec.status == "ok":
         parts.append(f'<p class="headline">{_e(sec.headline)}</p>')
     else:
@@ -194,6 +219,9 @@ def render_html(report: Report) -> str:
     facts = {"backend": f"{m.get('backend')} · {m.get('model_class')}",
              "live parameters": f"{m.get('n_live_parameters', 0):,}", "preset": s.get("preset"),
              "total time": f"{report.wall_s:.1f} s"}
+    changed = _changed(s)
+    if changed:
+        facts["changed from preset"] = changed
     if report.data:
         p = report.data["positions"]
         facts["data"] = f"{p['n_sequences']} sequences · {p['n_samples']:,} positions"
@@ -202,8 +230,10 @@ def render_html(report: Report) -> str:
     for sec in report.sections.values():
         when = "cached" if sec.cached else f"{sec.wall_s:.1f} s"
         hl = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
+        words = verdict(sec) if sec.status == "ok" else ""
+        line = f'<br><span class="verdict-line">{_e(words)}</span>' if words else ""
         toc.append(f'<li><a href="#sec-{_e(sec.name)}">{_e(sec.title)}</a> <span class="badge {sec.status}">{sec.status}'
-                   f'</span> <span class="time">{_e(when)}</span><br><span class="hl">{_e(hl)}</span></li>')
+                   f'</span> <span class="time">{_e(when)}</span>{line}<br><span class="hl">{_e(hl)}</span></li>')
     settings = {k: v for k, v in s.items() if k != "budgets"}
     header_details = (f"<details><summary>Settings</summary>{_kv(settings)}{_kv(s.get('budgets', {}))}</details>"
                       f"<details><summary>Data</summary>{_kv(report.data or {'data': None})}"
@@ -224,7 +254,8 @@ def render_html(report: Report) -> str:
 <nav><h2>Contents</h2><ol>{"".join(toc)}</ol>{header_details}</nav>
 {"".join(_section(sec) for sec in report.sections.values())}
 </main>
-<footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods: METHODS.md.</footer>
+<footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods:
+<a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>
 </body></html>
 """
 
@@ -250,9 +281,13 @@ def _notebook_section(sec: SectionResult, open_: bool = False) -> str:
     """One section as a <details> block: headline or reason, notes, values and the first rows of each table."""
     when = "cached" if sec.cached else f"{sec.wall_s:.1f} s"
     text = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
+    words = verdict(sec)
+    terms = ", ".join(f"{term} (methods §{n})" for term, _, n in glossary(sec))
     parts = [f'<details{" open" if open_ else ""}><summary><b>{_e(sec.title)}</b> '
              f'<span class="badge {sec.status}">{sec.status}</span> <span class="muted">{_e(when)} · '
-             f'{_e(sec.methods or sec.name)}</span></summary><p>{_e(text)}</p>']
+             f'{_e(sec.methods or sec.name)}</span></summary>'
+             + (f"<p><b>{_e(words)}</b></p>" if words else "") + f"<p>{_e(text)}</p>"
+             + (f'<p class="muted">terms: {_e(terms)}; definitions in {_e(METHODS_DOC)}</p>' if terms else "")]
     parts += [f"<p>note: {_e(n)}</p>" for n in sec.notes]
     parts += [f"<p>warning: {_e(w)}</p>" for w in sec.warnings]
     if sec.values and sec.name != "summary":
@@ -276,12 +311,16 @@ def render_notebook(item: Report | SectionResult) -> str:
     m, s = item.model, item.settings
     facts = [f"{m.get('backend')} · {m.get('model_class')}", f"{m.get('n_live_parameters', 0):,} live parameters",
              f"preset {s.get('preset')}, seed {s.get('seed')}", f"{item.wall_s:.1f} s"]
+    changed = _changed(s)
+    if changed:
+        facts.insert(3, f"changed from preset: {changed}")
     if item.data:
         p = item.data["positions"]
         facts.append(f"data {item.data['source']}: {p['n_sequences']} sequences, {p['n_samples']:,} positions")
     rows = "".join(
         f'<tr><td><code>{_e(sec.name)}</code></td><td><span class="badge {sec.status}">{sec.status}</span></td>'
         f'<td class="muted">{_e("cached" if sec.cached else f"{sec.wall_s:.1f} s")}</td>'
+        f'<td>{_e(verdict(sec) if sec.status == "ok" else "")}</td>'
         f'<td>{_e(sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}")}</td></tr>'
         for sec in item.sections.values())
     return (f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style>'

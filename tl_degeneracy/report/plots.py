@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..plots import integer_ticks
+
 __all__ = ["plot_counts", "plot_gram_spectra", "plot_component_llc"]
 
 
@@ -35,6 +37,7 @@ def plot_gram_spectra(stats):
         fig.add_trace(go.Scatter(x=np.arange(1, len(ev) + 1), y=np.clip(ev / top, 1e-300, None), mode="lines", name=hook))
     fig.update_layout(title="Activation Gram spectra (λ_i / λ_1)", xaxis_title="index i", yaxis_title="λ_i / λ_1",
                       yaxis_type="log")
+    fig.update_xaxes(**integer_ticks(max((len(trace.x) for trace in fig.data), default=1), first=1))
     return fig
 
 

@@ -3,19 +3,36 @@
 ``Report.save(dir)`` writes ``report.json`` (every number, strict JSON: serialize.py), one CSV per
 table and ``report.html`` (self-contained, opens offline: html.py); ``Report.load(dir)`` reads the
 JSON back.
+
+A directory holds the report of one model on one data set, computed by one package version: the
+report's ``identity`` (model weights digest, data digest, tl-degeneracy version) is stored in
+report.json, and saving compares it with the report already there. The same identity merges —
+sections of this report replace theirs, the others stay (a partial rerun keeps the finished
+sections) — and any other identity is refused unless ``replace=True``, which removes the old
+report's files first.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import textwrap
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ..errors import TLDegeneracyError
 from .serialize import csv_frame, figure_from_dict, figure_to_dict, table_from_dict, table_to_dict, to_jsonable
 
-__all__ = ["Report", "SectionResult"]
+__all__ = ["Report", "ReportDirectoryError", "SectionResult", "check_writable", "identity_conflicts"]
+
+
+class ReportDirectoryError(TLDegeneracyError, ValueError):
+    """An output or checkpoint directory the report cannot use: it holds another model's (data set's,
+    package version's) report or a damaged checkpoint, or it cannot be written."""
 
 #: Section status: ``ok``; ``skipped`` (the analysis does not apply to this model or data: a
 #: MissingHookError, DataError or NumericalError, with its message); ``failed`` (any other error: a
@@ -82,7 +99,11 @@ class Report:
 
     ``model``: the label and ``adapter.summary()``; ``data``: its source and the positions that
     counted (None without data); ``settings``: preset, budgets, seed, device, checkpoint directory;
-    ``versions``: library versions; ``sections``: name → :class:`SectionResult`, in report order.
+    ``versions``: library versions; ``sections``: name → :class:`SectionResult`, in report order;
+    ``identity``: what the numbers belong to — ``{"model": {"label", "digest"}, "data": {"source",
+    "digest"} or None, "tl-degeneracy": version}`` (digests: sha256 of the live parameters and of
+    the data; ``ReportContext.identity``) — compared by :meth:`save` with the report already in
+    the directory.
     """
 
     model: dict
@@ -92,6 +113,7 @@ class Report:
     created: str
     wall_s: float
     sections: dict[str, SectionResult]
+    identity: dict | None = None
 
     def __getitem__(self, name: str) -> SectionResult:
         return self.sections[name]
@@ -108,29 +130,92 @@ class Report:
 
     def to_dict(self) -> dict:
         """Everything, as strict JSON values (NaN → null, ±∞ → "inf"/"-inf", complex → [re, im])."""
-        head = to_jsonable({k: getattr(self, k) for k in ("model", "data", "settings", "versions", "created", "wall_s")})
+        head = to_jsonable({k: getattr(self, k) for k in ("model", "data", "settings", "versions", "created", "wall_s",
+                                                          "identity")})
         return {"format": "tl-degeneracy-report/1", **head,
                 "sections": {name: s.to_dict() for name, s in self.sections.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
         return cls(**{k: d[k] for k in ("model", "data", "settings", "versions", "created", "wall_s")},
-                   sections={name: SectionResult.from_dict(s) for name, s in d["sections"].items()})
+                   sections={name: SectionResult.from_dict(s) for name, s in d["sections"].items()},
+                   identity=d.get("identity"))
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, replace: bool = False) -> Path:
         """Write ``report.json``, ``report.html`` and ``<section>_<table>.csv`` into ``directory``
-        (created if needed); returns the path of ``report.html``."""
+        (created if needed); returns the path of ``report.html``.
+
+        A report of the same identity already there is merged (:meth:`merge`: its sections that
+        this report does not hold stay, in the JSON, the HTML and as CSVs); one of another identity
+        raises :class:`ReportDirectoryError` unless ``replace``, which deletes its files first.
+        """
         from .html import render_html
 
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        for section in self.sections.values():
+        older = self.check_directory(out, self.identity, replace=replace)
+        if replace:
+            _remove_report(out)
+        report = self.merge(older) if older is not None else self
+        stale = set() if older is None else {s.csv_name(t) for s in older.sections.values() for t in s.tables}
+        for section in report.sections.values():
             for name, table in section.tables.items():
-                csv_frame(table).to_csv(out / section.csv_name(name), index=False)
-        (out / "report.json").write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+                _write(out / section.csv_name(name), csv_frame(table).to_csv(index=False))
+                stale.discard(section.csv_name(name))
+        for name in stale:  # tables of a replaced section that its new result no longer has
+            (out / name).unlink(missing_ok=True)
+        _write(out / "report.json", json.dumps(report.to_dict(), indent=1, allow_nan=False))
         html = out / "report.html"
-        html.write_text(render_html(self), encoding="utf-8")
+        _write(html, render_html(report))
         return html
+
+    def merge(self, older: Report) -> Report:
+        """This report with the sections of ``older`` (a report of the same identity) that it does
+        not hold, in report order: what a partial rerun (``sections=[...]``) leaves in a directory.
+        The header (settings, versions, time) is this run's; each section keeps its own settings
+        and versions. Data and identity are this report's, or ``older``'s where this run read none."""
+        from .registry import SECTIONS
+
+        names = [n for n in SECTIONS if n in self.sections or n in older.sections]
+        names += [n for n in (*older.sections, *self.sections) if n not in names]
+        sections = {n: self.sections[n] if n in self.sections else older.sections[n] for n in names}
+        identity = self.identity
+        if identity is not None and older.identity is not None and identity.get("data") is None:
+            identity = {**identity, "data": older.identity.get("data")}
+        settings = {**self.settings, "sections": names}
+        return Report(model=self.model, data=self.data if self.data is not None else older.data, settings=settings,
+                      versions=self.versions, created=self.created, wall_s=self.wall_s, sections=sections,
+                      identity=identity)
+
+    @classmethod
+    def check_directory(cls, directory: str | Path, identity: dict | None, *, replace: bool = False) -> Report | None:
+        """Whether a report of ``identity`` may be written to ``directory``; before any work.
+
+        Returns the report already there when it has the same identity (to :meth:`merge` with),
+        else None (no report there, or ``replace``). Creates the directory.
+
+        Raises:
+            ReportDirectoryError: ``directory`` cannot be written, or (without ``replace``) it holds
+                a report of another model, data set or package version, or one it cannot read.
+        """
+        out = Path(directory)
+        check_writable(out)
+        path = out / "report.json"
+        if replace or not path.exists():
+            return None
+        try:
+            older = cls.load(out)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ReportDirectoryError(
+                f"{out} holds a report.json that cannot be read ({type(e).__name__}: {e}), so a new report cannot be "
+                f"merged with it. {_WAY_OUT}") from None
+        conflicts = identity_conflicts(older.identity, identity)
+        if conflicts:
+            there = older.identity or {}
+            label = (there.get("model") or {}).get("label") or older.model.get("label")
+            raise ReportDirectoryError(
+                f"{out} holds the report of {label}, and this run's results would mix with it: "
+                f"{'; '.join(conflicts)}. A directory holds one model on one data set. {_WAY_OUT}")
+        return older
 
     @classmethod
     def load(cls, directory: str | Path) -> Report:
@@ -141,7 +226,10 @@ class Report:
         return cls.from_dict(json.loads(path.read_text()))
 
     def summary(self, width: int = 100) -> str:
-        """One screen of text: the model, the data, and one line per section with its time."""
+        """One screen of text: the model, the data, every setting changed from the preset, and per
+        section its time, its verdict in words (sections.py) and its headline."""
+        from .sections import verdict
+
         m = self.model
         lines = [f"tl-degeneracy report: {m['label']} ({m.get('backend')}, {m.get('model_class')}), "
                  f"{m.get('n_live_parameters', 0):,} live parameters"]
@@ -150,15 +238,145 @@ class Report:
             lines.append(f"  data: {self.data['source']}: {p['n_sequences']} sequences, {p['n_samples']:,} positions counted")
         s = self.settings
         lines.append(f"  preset {s['preset']}, seed {s['seed']}; {self.wall_s:.1f} s in all")
+        changed = changed_settings(s)
+        if changed:  # never clipped: a reader must see every setting that differs from the preset
+            lines += textwrap.wrap(" ".join(f"{k}={v}" for k, v in changed.items()), width,
+                                   initial_indent=f"  changed from {_base_name(s)}: ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
         for sec in self.sections.values():
             mark = {"ok": "  ", "skipped": "- ", "failed": "! "}[sec.status]
             when = "cached" if sec.cached else f"{sec.wall_s:6.1f} s"
+            words = verdict(sec) if sec.status == "ok" else ""
             text = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
-            lines.append(_clip(f"{mark}{sec.name:<16} {when:>8}  {text}", width))
+            if words:  # the verdict in full, wrapped; the headline's numbers below it, on one line
+                lines += textwrap.wrap(words, width, initial_indent=f"{mark}{sec.name:<16} {when:>8}  ",
+                                       subsequent_indent=" " * 28, break_on_hyphens=False)
+                if text:
+                    lines.append(_clip(f"{'':28}{text}", width))
+            else:
+                lines.append(_clip(f"{mark}{sec.name:<16} {when:>8}  {text}", width))
             lines += [_clip(f"{'':28}warning: {w}", width) for w in sec.warnings]
         return "\n".join(lines)
 
 
+#: A number as it appears in a headline: sign, digits with thousands separators, a decimal point or
+#: a fraction bar, exponent, percent ("−1,234.5e-3%", "119/128"), not inside a name ("L0H1",
+#: "blocks.0"); a line is never cut inside one.
+_NUMBER = re.compile(r"(?<![\w.])[-+−]?\d(?:[\d,./]*\d)?(?:[eE][-+]?\d+)?%?")
+
+
+_WAY_OUT = ("Rerun with --fresh (degeneracy_report(..., fresh=True), Report.save(..., replace=True)) to replace it "
+            "whole, or write to another --out directory.")
+
+
+def identity_conflicts(there: dict | None, here: dict | None) -> list[str]:
+    """How the identity of the report in a directory (``there``) differs from this run's
+    (``here``), one phrase each; empty when they may share the directory. Data differ only when
+    both runs read data: a run without data (weights-only sections) fits any data set."""
+    if there is None or here is None:
+        which = "the report there" if there is None else "this report"
+        return [f"{which} records no identity (written by an older tl-degeneracy or built by hand), so the two "
+                "cannot be told apart"]
+    out = []
+    m0, m1 = there.get("model") or {}, here.get("model") or {}
+    if m0.get("digest") != m1.get("digest"):
+        out.append(f"model {m0.get('label')} (weights sha256 {str(m0.get('digest'))[:12]}) there, "
+                   f"{m1.get('label')} ({str(m1.get('digest'))[:12]}) now")
+    d0, d1 = there.get("data"), here.get("data")
+    if d0 is not None and d1 is not None and d0.get("digest") != d1.get("digest"):
+        out.append(f"data {d0.get('source')} (sha256 {str(d0.get('digest'))[:12]}) there, {d1.get('source')} "
+                   f"({str(d1.get('digest'))[:12]}) now")
+    if there.get("tl-degeneracy") != here.get("tl-degeneracy"):
+        out.append(f"computed by tl-degeneracy {there.get('tl-degeneracy')} there, {here.get('tl-degeneracy')} now "
+                   "(its results may differ)")
+    return out
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a file there, or raise :class:`ReportDirectoryError` saying why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tld-write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ReportDirectoryError(f"the output directory {out} cannot be written ({e.strerror or e}); "
+                                   "choose another --out directory") from None
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically: an interrupted save leaves the old file, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove_report(out: Path) -> None:
+    """Delete the report in ``out``: report.json, report.html and the CSVs report.json lists (or,
+    when it cannot be read, every ``<section>_<table>.csv`` of a registered section)."""
+    from .registry import SECTIONS
+
+    try:
+        stored = json.loads((out / "report.json").read_text())
+        csvs = [out / t["csv"] for s in stored["sections"].values() for t in s["tables"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        csvs = [p for name in SECTIONS for p in out.glob(f"{name}_*.csv")]
+    for path in (*csvs, out / "report.json", out / "report.html"):
+        path.unlink(missing_ok=True)
+
+
 def _clip(line: str, width: int) -> str:
+    """``line`` on one line of at most ``width`` characters; a longer one is cut at a space (else at
+    the start of a number) before ``width`` − 2, so that no number is ever shown truncated, and
+    marked with " …"."""
     line = " ".join(line.splitlines())
-    return line if len(line) <= width else line[: width - 2] + " …"
+    if len(line) <= width:
+        return line
+    cut = max(width - 2, 0)
+    for match in _NUMBER.finditer(line):
+        if match.start() >= cut:
+            break
+        if cut < match.end():
+            cut = match.start()
+    space = line.rfind(" ", 0, cut + 1)
+    if space > width // 2:
+        cut = space
+    return line[:cut].rstrip() + " …"
+
+
+def _base_name(settings: dict) -> str:
+    preset = settings.get("preset")
+    return f"preset {preset}" if preset in _presets() else "the quick defaults"
+
+
+def _presets() -> dict:
+    from .settings import PRESETS
+
+    return PRESETS
+
+
+def _setting_text(value) -> str:
+    """A setting as ``--set`` writes it: 1e-2,1e-3 for tuples, none, true/false, %g for floats."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(_setting_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def changed_settings(settings: dict) -> dict[str, str]:
+    """The budget fields of a report's ``settings`` that differ from its preset's (settings given as a
+    ``ReportSettings``, preset "custom": from the quick defaults), as ``--set`` text, in field order."""
+    from .settings import ReportSettings
+
+    base = _presets().get(settings.get("preset"), ReportSettings()).to_dict()
+    budgets = settings.get("budgets") or {}
+
+    def same(a, b) -> bool:  # a loaded report has lists where the settings have tuples
+        return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+    return {k: _setting_text(v) for k, v in budgets.items() if k in base and not same(v, base[k])}

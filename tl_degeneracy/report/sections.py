@@ -240,3 +240,167 @@ def llc(ctx: ReportContext) -> SectionOutput:
     out.headline = (f"λ̂_B = {res.llc:.4g} ± {res.llc_stderr:.2g} (N_eff = {res.n_eff:.4g} of {res.n_params:,} "
                     f"parameters) at ε = {res.loss_scale:g}; N_eff(ε): {curve}")
     return out
+
+
+# ------------------------------------------------------------------------------ verdicts and glossary
+# What each section means in words, for readers who do not know the methods yet. Computed from a
+# section's stored values (so a report loaded from report.json gets them too), never from the model.
+
+#: The methods page that the glossary links to (relative to the repository root).
+METHODS_DOC = "docs/methods.md"
+
+#: term → (definition, section of docs/methods.md that defines it).
+TERMS: dict[str, tuple[str, int]] = {
+    "live parameters": ("the trainable tensors' entries, each shared tensor counted once; every count and "
+                        "N_eff refers to them", 0),
+    "sample": ("one (sequence, token position) of the data; padding never counts, a leading BOS by default "
+               "neither", 0),
+    "OV / QK circuit": ("the D×D products W_V W_O (what a head writes) and W_Q W_Kᵀ (where it attends); "
+                        "invariant under the head's gauge", 2),
+    "GL(d_head) gauge": ("W_V → W_V A, W_O → A⁻¹ W_O (and likewise for Q, K): d_head² re-parametrisations per "
+                         "circuit that never change the model", 2),
+    "numerical rank": ("the number of singular values above max(dims)·eps·σ₁ (one rule for the whole "
+                       "package); full rank = d_head", 0),
+    "free directions": ("2·D·d − r(2D − r): directions of a rank-r circuit's factors that leave the circuit "
+                        "unchanged; d² (the gauge alone) at full rank", 2),
+    "copying score": ("Σ Re λ / Σ |λ| over the circuit's nonzero eigenvalues, in [−1, 1]; 1: the head copies "
+                      "what it reads", 2),
+    "pattern distance": ("mean total-variation distance between two heads' attention patterns (neurons: "
+                         "mean squared difference of firing patterns), in [0, 1]", 3),
+    "synchronized block": ("heads (or neurons) of one layer whose patterns agree within sync_tol on the data, "
+                           "so only the sum of their output maps matters", 3),
+    "extra freedom": ("parameter directions a synchronized block frees beyond those of its units apart "
+                      "(the drop in the Jacobian's rank)", 3),
+    "G and K": ("a linear map's input Gram E[f fᵀ] and output-Jacobian Gram E[JᵀJ]; their zero directions "
+                "free parameters", 4),
+    "n_eff_kfac": ("Σ rank(G)·rank(K) over the linear maps: the Kronecker estimate of N_eff", 4),
+    "free (counts)": ("d_in·d_out − rank(G)·rank(K): a map's parameters that the data cannot see", 4),
+    "Gram rank": ("numerical rank of a hook's float64 activation Gram: dimensions the activations "
+                  "actually use", 4),
+    "interaction rank": ("basis directions kept at a node: those through which its activations vary and "
+                         "something downstream depends on them", 5),
+    "degenerate directions": ("D − interaction rank: directions nothing downstream depends on, on the data", 5),
+    "edge E_ij": ("mean squared contribution of direction j of one node to direction i of the next", 5),
+    "module": ("a group of basis directions with strong edges inside and weak edges to the rest "
+               "(modularity Q: how clean the split is)", 6),
+    "λ̂_B": ("the behavioral local learning coefficient: nβ times the mean behavioral loss over the "
+            "localized posterior", 1),
+    "loss scale ε": ("the resolution at which behaviour counts as changed, ε = 1/nβ (not the SGLD "
+                     "step size)", 1),
+    "N_eff": ("effective parameter count 2λ̂_B(ε): the number of parameters a regular model with the same "
+              "volume scaling would have", 1),
+    "γ (localization)": ("strength of the prior that keeps samples near θ*; λ̂ depends on it, so it is "
+                         "stated with λ̂", 1),
+    "converged": ("split-R̂ ≤ 1.05, effective sample size ≥ 100 and no drift between the halves of the "
+                  "draws; otherwise λ̂ reads as a lower bound", 1),
+}
+
+#: Section name → the terms its glossary explains, in reading order.
+GLOSSARY: dict[str, tuple[str, ...]] = {
+    "summary": ("live parameters",),
+    "parameters": ("live parameters",),
+    "invariants": ("OV / QK circuit", "GL(d_head) gauge", "numerical rank", "free directions", "copying score"),
+    "synchronization": ("pattern distance", "synchronized block", "extra freedom"),
+    "counts": ("G and K", "free (counts)", "n_eff_kfac", "N_eff"),
+    "activations": ("sample", "Gram rank"),
+    "interaction": ("interaction rank", "degenerate directions", "edge E_ij", "module"),
+    "llc": ("λ̂_B", "loss scale ε", "N_eff", "γ (localization)", "converged"),
+}
+
+
+def _summary_verdict(v: dict) -> str:
+    return (f"{v.get('n_layers')} layers × {v.get('n_heads')} heads: {v.get('n_live_parameters', 0):,} live "
+            "parameters for the other sections to account for")
+
+
+def _parameters_verdict(v: dict) -> str:
+    live, module = v.get("n_live_parameters", 0), v.get("n_module_parameters", 0)
+    if live == module:
+        return f"every trainable parameter is counted once: {live:,} live parameters"
+    return f"{live:,} live parameters; shared or derived tensors make the module total {module:,}"
+
+
+def _invariants_verdict(v: dict) -> str:
+    ov, qk = v.get("ov", {}), v.get("qk", {})
+    low = {name: c.get("heads", 0) - c.get("full_rank_heads", 0) for name, c in (("OV", ov), ("QK", qk))}
+    if not any(low.values()):
+        return "every head full rank: no weight-space degeneracy beyond the GL(d_head) gauge"
+    parts = [f"{n} of {c.get('heads', 0)} {name} circuits" for (name, n), c in zip(low.items(), (ov, qk)) if n]
+    return f"{' and '.join(parts)} rank-deficient: weight-space degeneracy beyond the GL(d_head) gauge"
+
+
+def _synchronization_verdict(v: dict) -> str:
+    blocks = v.get("head_synchronized_blocks", 0)
+    text = ("no synchronized heads" if not blocks else
+            f"{blocks} synchronized head block(s), {v.get('head_extra_freedom', 0):,} extra free directions")
+    if "neuron_synchronized_blocks" in v:
+        n = v["neuron_synchronized_blocks"]
+        text += "; no synchronized neurons" if not n else (
+            f"; {n} synchronized neuron block(s)" + (" (approximate: smooth activation)"
+                                                     if v.get("neuron_sync_approximate") else ""))
+    return text
+
+
+def _counts_verdict(v: dict) -> str:
+    free, n = v.get("free", 0), v.get("n_params", 0)
+    if not free:
+        return "no activation or Jacobian degeneracy: the data constrain every linear-map parameter"
+    return (f"{free / max(n, 1):.1%} of the linear-map parameters are free (activation/Jacobian degeneracy): "
+            f"N_eff ≈ {v.get('n_eff_kfac', 0):,} by the Kronecker estimate")
+
+
+def _activations_verdict(v: dict) -> str:
+    rank, dim = v.get("min_rank"), v.get("dim")
+    if rank == dim:
+        return "residual stream full rank at every hook: no activation degeneracy there"
+    return f"residual stream rank-deficient (lowest rank {rank} of {dim}): unused directions at some hooks"
+
+
+def _interaction_verdict(v: dict) -> str:
+    deg = v.get("degenerate_directions", 0)
+    text = "every node at full interaction rank" if not deg else f"{deg} degenerate directions across the nodes"
+    share = v.get("inside_share")
+    if share is None or (isinstance(share, float) and math.isnan(share)):
+        return text + "; no modules (no edge above the cut-off)"
+    return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the edge weight"
+
+
+def _g(x, spec: str = "g") -> str:
+    """A stored number as text ("?" where a loaded report has null)."""
+    return "?" if x is None else format(x, spec)
+
+
+def _llc_verdict(v: dict) -> str:
+    where = f"at ε = {_g(v.get('loss_scale'))}, γ = {_g(v.get('gamma'))}"
+    n_eff, converged = _g(v.get("n_eff"), ".3g"), v.get("converged")
+    if converged is True:
+        return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
+    if converged is False:
+        return f"λ̂ not converged: N_eff ≥ {n_eff} is a lower bound {where}"
+    # No convergence check recorded (R̂, effective sample size, drift: docs/methods.md §1); short
+    # chains under-estimate λ_B, so an unchecked number reads as a lower bound.
+    return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound"
+
+
+#: Section name → verdict(values) → one line in words. A section registered elsewhere may add its own.
+VERDICTS: dict = {
+    "summary": _summary_verdict, "parameters": _parameters_verdict, "invariants": _invariants_verdict,
+    "synchronization": _synchronization_verdict, "counts": _counts_verdict, "activations": _activations_verdict,
+    "interaction": _interaction_verdict, "llc": _llc_verdict,
+}
+
+
+def verdict(section) -> str:
+    """One line in words for a :class:`SectionResult`: what its numbers mean ("" for a section that
+    has no verdict of its own). A section that did not run says why in one line."""
+    if section.status == "skipped":
+        return "does not apply to this model or data (reason below)"
+    if section.status == "failed":
+        return "failed with an unexpected error: no result (traceback below)"
+    make = VERDICTS.get(section.name)
+    return make(section.values) if make is not None else ""
+
+
+def glossary(section) -> list[tuple[str, str, int]]:
+    """(term, definition, docs/methods.md section) for the terms a section's reader meets."""
+    return [(term, *TERMS[term]) for term in GLOSSARY.get(section.name, ())]

@@ -1,0 +1,56 @@
+"""Worker for tests/test_synchronization.py's two-process test, launched with
+``python -m torch.distributed.run``: head and neuron synchronization under a gloo process group (each
+rank streams the batches ``rank::world_size``), saved by every rank; ``compute()`` is shared with
+the single-process side of the test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.fixtures.toys import make_tiny_toy_transformer  # noqa: E402
+from tl_degeneracy.synchronization import head_synchronization, neuron_synchronization  # noqa: E402
+
+
+def compute() -> dict[str, torch.Tensor]:
+    """On a tiny toy whose layer-0 head 1 copies head 0: 3 batches (2 on rank 0, 1 on rank 1), and
+    1 batch (rank 1 then has none and must still join the reductions)."""
+    model = make_tiny_toy_transformer(act_fn="relu")
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for name in ("W_Q", "W_K", "b_Q", "b_K", "W_V", "b_V", "W_O"):
+            getattr(attn, name)[1] = getattr(attn, name)[0]
+    toks = torch.randint(0, 20, (9, 10), generator=torch.Generator().manual_seed(3))
+    out: dict[str, torch.Tensor] = {}
+    for key, data, batch_size in (("three", toks, 4), ("one", toks[:3], 8)):
+        hs = head_synchronization(model, data, tol=1e-6, batch_size=batch_size)
+        ns = neuron_synchronization(model, data, tol=0.0, batch_size=batch_size)
+        out |= {f"{key}/distance": torch.as_tensor(hs.distance), f"{key}/value_cov": hs.value_cov,
+                f"{key}/input_rank": torch.as_tensor(hs.input_rank), f"{key}/n_samples": torch.tensor(hs.n_samples),
+                f"{key}/extra": torch.tensor(hs.extra_freedom), f"{key}/neuron_distance": torch.as_tensor(ns.distance),
+                f"{key}/pre_gram": ns.pre_gram, f"{key}/neuron_samples": torch.tensor(ns.n_samples)}
+    return out
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        torch.save(compute(), os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+        dist.barrier()  # leave together: tearing gloo down while the peer still talks to it can abort
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,264 @@
+"""The output directory and the errors of ``tl-degeneracy report`` (issue 17).
+
+A directory holds one model on one data set computed by one package version: another one is refused
+before any work (exit 2, naming what is there and the way out), ``--fresh`` replaces it whole, and a
+partial rerun (``--only``) of the same one keeps the finished sections. Bad input — an option, a
+device, an --out, a damaged checkpoint, non-finite weights, text for a model without a tokenizer —
+exits 2 with one paragraph saying what to do, before anything is computed.
+"""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.cli import main
+from tl_degeneracy.report import Report, SectionResult, degeneracy_report
+from tl_degeneracy.report.result import ReportDirectoryError
+
+#: Weights-only sections: no data read, no sampling (a fraction of a second on the bundled toys).
+CHEAP = ["--only", "summary", "invariants"]
+
+
+def _run(out, *argv):
+    return main(["report", "--out", str(out), "--quiet", *argv])
+
+
+def _stored(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def _csvs(out):
+    return {p.name for p in out.glob("*.csv")}
+
+
+def _listed_csvs(out):
+    return {t["csv"] for s in _stored(out)["sections"].values() for t in s["tables"].values()}
+
+
+def _one_paragraph(err: str) -> str:
+    """The error as printed: one line on stderr, no traceback."""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tl-degeneracy: error: "), err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------- directory
+def test_another_model_is_refused_and_fresh_replaces_the_report_whole(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+
+    assert _run(out, "--model", "toy:modadd", *CHEAP) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "holds the report of toy:sma" in err and "model toy:sma" in err and "toy:modadd" in err
+    assert "--fresh" in err and "another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing written
+
+    assert _run(out, "--model", "toy:modadd", *CHEAP, "--fresh") == 0
+    stored = _stored(out)
+    assert stored["model"]["label"] == stored["identity"]["model"]["label"] == "toy:modadd"
+    assert _csvs(out) == _listed_csvs(out)  # no CSV of toy:sma's report is left beside it
+    ov = pd.read_csv(out / "invariants_ov.csv")
+    assert len(ov) == stored["sections"]["invariants"]["values"]["ov"]["heads"]
+
+
+def test_the_report_records_what_it_belongs_to(tmp_path):
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", "--only", "summary", "activations", "--set", "n_sequences=8") == 0
+    identity = _stored(out)["identity"]
+    ctx_digest = tld.report.context.ReportContext(
+        label="toy:sma", adapter=tld.adapt(tld.load_model("toy:sma")), settings=tld.report.PRESETS["quick"],
+    ).model_digest
+    assert identity["model"] == {"label": "toy:sma", "digest": ctx_digest}
+    assert identity["tl-degeneracy"] == tld.__version__
+    # The data set is the toy's whole data, hashed as given: a budget takes a share of it, the digest
+    # does not depend on the budget.
+    from tl_degeneracy.llc.targets import tensor_digest
+
+    assert identity["data"] == {"source": "toy:sma", "digest": tensor_digest([("tokens", tld.toy_data("sma"))])}
+
+
+def test_other_data_is_refused_but_another_budget_on_the_same_data_is_not(tmp_path, capsys):
+    out = tmp_path / "rep"
+    argv = ["--model", "toy:sma", "--only", "activations"]
+    assert _run(out, *argv, "--set", "n_sequences=8") == 0
+    assert _run(out, *argv, "--set", "n_sequences=16") == 0  # the same data set, a larger share of it
+    assert _stored(out)["sections"]["activations"]["tables"]["hooks"]["records"][0]["count"] == 16 * 12
+    other = tmp_path / "other.pt"
+    torch.save(tld.toy_data("sma")[100:116], other)
+    capsys.readouterr()
+    assert _run(out, *argv, "--data", str(other)) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "data toy:sma" in err and f"tensor file {other}" in err and "--fresh" in err
+
+
+def test_another_package_version_is_refused(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    monkeypatch.setattr(tld, "__version__", tld.__version__ + ".post1")
+    capsys.readouterr()
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"tl-degeneracy {tld.__version__.removesuffix('.post1')} there, {tld.__version__} now" in err
+
+
+def test_a_partial_rerun_keeps_the_finished_sections(tmp_path):
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", "--only", "summary", "parameters", "invariants") == 0
+    full = _stored(out)
+    csvs = _csvs(out)
+    assert _run(out, "--model", "toy:sma", "--only", "summary") == 0
+    merged = _stored(out)
+    assert list(merged["sections"]) == ["summary", "parameters", "invariants"]
+    for name in ("parameters", "invariants"):
+        assert merged["sections"][name] == full["sections"][name]
+    assert _csvs(out) == csvs == _listed_csvs(out)
+    page = (out / "report.html").read_text()
+    assert all(f'id="sec-{name}"' in page for name in ("summary", "parameters", "invariants"))
+    # A section the rerun needs data for adds its data to the report; the weight sections stay.
+    assert _run(out, "--model", "toy:sma", "--only", "activations", "--set", "n_sequences=8") == 0
+    again = _stored(out)
+    assert list(again["sections"]) == ["summary", "parameters", "invariants", "activations"]
+    assert again["data"]["source"] == again["identity"]["data"]["source"] == "toy:sma"
+
+
+def _report(identity, tables):
+    section = SectionResult(name="summary", title="Model summary", status="ok", headline="h",
+                            tables={k: pd.DataFrame({"x": [1.0, 2.0]}) for k in tables})
+    return Report(model={"label": identity["model"]["label"]}, data=None,
+                  settings={"preset": "quick", "seed": 0, "sections": ["summary"]}, versions={}, created="now",
+                  wall_s=0.0, sections={"summary": section}, identity=identity)
+
+
+def test_save_merges_the_same_identity_and_refuses_another(tmp_path):
+    a = {"model": {"label": "a", "digest": "1" * 64}, "data": None, "tl-degeneracy": tld.__version__}
+    _report(a, ["one", "two"]).save(tmp_path)
+    assert _csvs(tmp_path) == {"summary_one.csv", "summary_two.csv"}
+    _report(a, ["one"]).save(tmp_path)  # a rerun of the section: its table that went away goes too
+    assert _csvs(tmp_path) == {"summary_one.csv"} == _listed_csvs(tmp_path)
+    b = {**a, "model": {"label": "b", "digest": "2" * 64}}
+    with pytest.raises(ReportDirectoryError, match=r"holds the report of a.*model a \(weights sha256 111111111111\) "
+                                                   r"there, b \(222222222222\) now"):
+        _report(b, ["three"]).save(tmp_path)
+    _report(b, ["three"]).save(tmp_path, replace=True)
+    assert _csvs(tmp_path) == {"summary_three.csv"} and Report.load(tmp_path).identity == b
+    legacy = _stored(tmp_path)
+    del legacy["identity"]  # written before reports recorded one
+    (tmp_path / "report.json").write_text(json.dumps(legacy))
+    with pytest.raises(ReportDirectoryError, match="records no identity"):
+        _report(b, ["three"]).save(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_a_bad_llc_component_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "rep"
+    for components, message in ((["bogus"], "llc_components ['bogus']"), (["blocks.7.attn"], "blocks.7")):
+        assert _run(out, "--model", "toy:sma", "--only", "summary", "llc", "--llc-components", *components) == 2
+        err = _one_paragraph(capsys.readouterr().err)
+        assert message in err
+    assert not (out / "report.json").exists() and not (out / "checkpoints").exists()  # the LLC never ran
+
+
+def test_a_device_the_machine_lacks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _run(tmp_path / "rep", "--device", "cuda", *CHEAP) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "--device 'cuda': this machine has no usable CUDA device" in err and "use device cpu" in err
+    assert _run(tmp_path / "rep", "--device", "gpu", *CHEAP) == 2
+    assert "is not a device" in _one_paragraph(capsys.readouterr().err)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _run(tmp_path / "rep", "--device", "cuda", "--debug", *CHEAP) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("tl-degeneracy: error: --device")
+
+
+def test_an_out_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    assert _run(blocker / "rep", *CHEAP) == 2  # root may write anywhere, but not below a file
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"the output directory {blocker / 'rep'} cannot be written" in err and "another --out" in err
+
+
+@pytest.mark.filterwarnings("ignore:report section 'llc'")  # chains this short warn about their bias bound
+def test_a_damaged_checkpoint_is_named_and_fresh_starts_afresh(tmp_path, capsys):
+    out = tmp_path / "rep"
+    argv = ["--model", "toy:sma", "--only", "llc", "--set", "chains=2", "draws=6", "burnin=2", "pilot_steps=3",
+            "loss_scales=1e-3", "llc_sequences=2"]
+    assert _run(out, *argv) == 0
+    (ckpt,) = out.glob("checkpoints/llc-*/default/llc-rank0.pt")
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # a truncated copy, as a full disk leaves it
+    (out / "checkpoints" / "sections" / "llc.json").unlink()  # so that the LLC must resume
+    capsys.readouterr()
+    assert _run(out, *argv) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"the checkpoint {ckpt} is damaged" in err and "--fresh" in err
+    assert _run(out, *argv, "--fresh") == 0
+    assert _stored(out)["sections"]["llc"]["status"] == "ok"
+
+
+def _nan_toy(monkeypatch):
+    """Make load_model give toy:sma with one NaN in blocks.0.attn.W_V (as a diverged run leaves it)."""
+    from tl_degeneracy.models import loading
+
+    real = loading.load_model
+
+    def load(spec, *args, **kwargs):
+        model = real(spec, *args, **kwargs)
+        with torch.no_grad():
+            model.blocks[0].attn.W_V.view(-1)[3] = float("nan")
+        return model
+
+    monkeypatch.setattr(loading, "load_model", load)
+    return load
+
+
+def test_non_finite_weights_are_named_before_any_section_runs(tmp_path, capsys, monkeypatch):
+    load = _nan_toy(monkeypatch)
+    assert _run(tmp_path / "rep", "--model", "toy:sma", *CHEAP) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "live parameter blocks.0.attn.W_V" in err and "holds 1 NaN and 0 ±inf entries" in err
+    assert not (tmp_path / "rep" / "report.json").exists()
+    with pytest.raises(tld.NumericalError, match="blocks.0.attn.W_V"):
+        degeneracy_report(load("toy:sma"), sections=["summary"], progress=False)
+
+
+@pytest.fixture
+def hf_dir_without_tokenizer(hf_dirs, tmp_path):
+    keep = {"config.json", "generation_config.json", "model.safetensors"}
+    out = tmp_path / "tiny_gpt2_weights_only"
+    shutil.copytree(hf_dirs["gpt2"], out, ignore=lambda d, names: [n for n in names if n not in keep])
+    return out
+
+
+def test_text_for_a_model_without_a_tokenizer_is_refused(hf_dir_without_tokenizer, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("w3 w4 w5 w6 " * 40)
+    model = str(hf_dir_without_tokenizer)
+    assert _run(tmp_path / "rep", "--model", model, "--data", str(text), "--only", "activations") == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"the model directory {model!r} has no tokenizer" in err and "tokenizer.save_pretrained" in err
+    assert ".pt file" in err
+    tokens = tmp_path / "tokens.pt"
+    torch.save(torch.randint(3, 100, (4, 16)), tokens)  # token ids need no tokenizer
+    assert _run(tmp_path / "rep", "--model", model, "--data", str(tokens), "--only", "activations") == 0
+
+
+def test_bad_data_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from tl_degeneracy.models import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    assert _run(tmp_path / "rep", "--data", str(tmp_path / "missing.txt")) == 2
+    assert "no such file" in _one_paragraph(capsys.readouterr().err)
