@@ -213,3 +213,12 @@ def test_bad_options(tiny_toy_transformer):
         token_batches(toks, tiny_toy_transformer, pad_token_id=20)
     with pytest.raises(DataError, match="no bos_token_id"):
         token_batches(toks, tiny_toy_transformer, prepend_bos=True)
+
+
+def test_strings_for_a_model_loaded_without_its_tokenizer_are_refused(tiny_toy_transformer):
+    # load_model marks a local directory without tokenizer files: transformers would otherwise build an
+    # empty tokenizer and every string would become [UNK] (or nothing), silently.
+    object.__setattr__(tiny_toy_transformer, "tld_tokenizer_missing", "the model directory '/x' has no tokenizer")
+    with pytest.raises(DataError, match="has no tokenizer.*save_pretrained"):
+        token_batches(["some text"], tiny_toy_transformer)
+    assert token_batches(torch.tensor([[1, 2, 3]]), tiny_toy_transformer).n_samples == 3  # ids need no tokenizer

@@ -5,7 +5,7 @@ The data flow reads in one direction: model → adapter → batches → accumula
 """
 
 from .counts import degeneracy_counts
-from .data import Batch, TokenBatches, token_batches
+from .data import Batch, PaddingWarning, TokenBatches, token_batches
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
 from .gauge import canonicalize_heads, random_gauge
 from . import theory
@@ -41,6 +41,7 @@ __all__ = [
     "Modules",
     "NeuronSyncResult",
     "NumericalError",
+    "PaddingWarning",
     "ParameterSelection",
     "Report",
     "TLDegeneracyError",

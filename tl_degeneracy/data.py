@@ -409,6 +409,13 @@ def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[s
 def _encoder(adapter: ModelAdapter) -> tuple[Callable[[str], list[int]], str]:
     """How to turn one string into token ids (no special tokens; BOS is handled by token_batches)."""
     model = adapter.model
+    missing = getattr(model, "tld_tokenizer_missing", None)  # set by load_model
+    if missing:
+        raise DataError(
+            f"{missing}, and the data are strings, which must be tokenized: its tokens would be meaningless. Save "
+            "the model's tokenizer into that directory (tokenizer.save_pretrained(dir)), or give token ids (a "
+            "LongTensor [batch, pos]; for the report, a .pt file holding one)"
+        )
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
         def encode(s: str) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import TEXT_COLUMNS, TOKEN_COLUMNS, TokenBatches, token_batches
+from ..data import TokenBatches, token_batches
 from ..errors import DataError, NumericalError
 from ..models.adapter import ModelAdapter
 from .settings import ReportSettings
@@ -129,19 +129,6 @@ def check_finite_weights(adapter: ModelAdapter) -> None:
     )
 
 
-def _is_text(loaded: LoadedData) -> bool:
-    """Whether ``loaded`` holds strings that a tokenizer must turn into ids (token_batches' rules)."""
-    data = loaded.data
-    if loaded.text or isinstance(data, str):
-        return True
-    if isinstance(data, (list, tuple)):
-        return bool(data) and isinstance(data[0], str)
-    columns = getattr(data, "column_names", None)
-    if isinstance(columns, list):  # a datasets.Dataset: token_batches reads a token column first
-        return not any(c in columns for c in TOKEN_COLUMNS) and any(c in columns for c in TEXT_COLUMNS)
-    return False
-
-
 def _head(data, n: int):
     """The first ``n`` sequences (or texts, or dataset rows) of ``data`` where that is cheap to take
     before tokenizing; anything else whole (``batches`` cuts after validation)."""
@@ -188,13 +175,6 @@ class ReportContext:
             raise DataError(
                 f"this section needs data, and none was given for {self.label}; pass data (token ids, strings, a "
                 "dataset, or a spec: a .txt/.pt file, a dataset directory, toy:NAME)"
-            )
-        missing = getattr(self.adapter.model, "tld_tokenizer_missing", None)  # set by load_model
-        if missing and _is_text(self.data):
-            raise DataError(
-                f"{missing}, and the data ({self.data.source}) is text, which must be tokenized: its tokens would "
-                "be meaningless. Save the model's tokenizer into that directory (tokenizer.save_pretrained(dir)), or "
-                "give token ids: a .pt file holding a LongTensor [batch, pos]"
             )
         s = self.settings
         seq_len = s.seq_len

@@ -46,7 +46,7 @@ class SectionOutput:
 class Section:
     """A registered section. ``needs_data``: it reads ``ctx.batches`` (so the data must be valid
     before it runs); ``settings``: the :class:`ReportSettings` fields it reads (recorded with its
-    result and part of its cache key); ``methods``: where METHODS.md states what it computes."""
+    result and part of its cache key); ``methods``: where docs/methods.md states what it computes."""
 
     name: str
     title: str
