@@ -166,6 +166,29 @@ def test_probes_are_seeded_and_independent_of_chunking_and_method():
     assert rel(run(seed=4)[HOOKS[0]].gram, a[HOOKS[0]].gram) > 1e-3
 
 
+def test_auto_is_decided_once_from_the_data_not_per_batch():
+    """exact="auto": exact iff P·V ≤ EXACT_FACTOR·k with P the longest sequence's counted
+    positions (here 7 after a skipped BOS, V = 20: 140 cotangents), whatever the batch split; a
+    per-batch choice would make the 3-token batches exact at k = 8 (2·20 = 40 ≤ 128)."""
+    from tl_degeneracy.stats.jacobian import EXACT_FACTOR
+
+    model = small_vocab_model()
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(2, 20, (n,), generator=g) for n in (7, 2, 2, 2)]
+    assert 7 * 20 > EXACT_FACTOR * 8 and 7 * 20 <= EXACT_FACTOR * 9
+    for batch_size in (1, 4):
+        tb = token_batches(seqs, model, batch_size=batch_size, prepend_bos=True)
+        run = lambda **kw: jacobian_stats(model, tb, hooks=HOOKS, output="kl", progress=False, **kw)
+        probes, auto_probes = run(n_probes=8, exact=False), run(n_probes=8, exact="auto")
+        assert not auto_probes.exact and auto_probes.n_probes == 8
+        assert all(torch.equal(auto_probes[h].gram, probes[h].gram) for h in HOOKS)
+        exact, auto_exact = run(exact=True), run(n_probes=9, exact="auto")
+        assert auto_exact.exact and auto_exact.n_probes is None
+        assert all(torch.equal(auto_exact[h].gram, exact[h].gram) for h in HOOKS)
+    with pytest.raises(ValueError, match="exact"):
+        run(exact="sometimes")
+
+
 def test_per_head_query_grams_are_blocks():
     model = small_vocab_model()
     tb = ragged_batches(model)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import DataError
+from ..numerics import rank_rtol
 from ..stats.activations import moment_pass
 from ..stats.distributed import distributed_context
-from ..stats.jacobian import METHODS_, OBJECTIVES, jacobian_pass
-from .basis import SCALINGS, NodeBasis, default_rtol, interaction_directions, whiten
+from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
+from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
 from .edges import edge_pass
 from .result import InteractionBasis, NodeSpectrum
 from .runner import Runner, build_runner
@@ -21,6 +23,7 @@ from .runner import Runner, build_runner
 __all__ = ["interaction_basis"]
 
 KINDS = ("local", "global", "pca")
+LAST = ("pca", "outputs")
 
 
 def _pass_seed(seed: int, node: int) -> int:
@@ -28,39 +31,67 @@ def _pass_seed(seed: int, node: int) -> int:
     return int(np.random.SeedSequence([int(seed), 7, int(node)]).generate_state(1)[0])
 
 
-def _jacobian_grams(runner: Runner, whitenings, kind: str, output: str, interaction_rtol, interaction_atol,
-                    probe_kw: dict) -> dict[str, NodeBasis]:
-    """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB, none for PCA."""
+@dataclass(frozen=True)
+class _M:
+    """How one node's M was obtained: whose Jacobian, exactly or by probes, the half-probe agreement."""
+
+    source: str
+    method: str
+    stability: float = float("nan")
+
+
+def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, output: str, interaction_rtol,
+                    interaction_atol, probe_kw: dict) -> tuple[dict[str, NodeBasis], dict[str, _M]]:
+    """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB (none for
+    its last node with ``last="pca"``), none for PCA."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
+    how: dict[str, _M] = {}
+    seed = probe_kw.pop("seed")
 
     def finish(name: str, gram: torch.Tensor) -> None:
-        rtol = default_rtol(whitenings[name].rank, runner.dtype) if interaction_rtol is None else interaction_rtol
-        bases[name] = interaction_directions(whitenings[name], gram, rtol, interaction_atol)
+        w = whitenings[name]
+        rtol = rank_rtol(w.rank, precision=runner.dtype, gram=True) if interaction_rtol is None else interaction_rtol
+        bases[name] = interaction_directions(w, gram, rtol, interaction_atol)
 
-    if kind == "pca":
+    def identity(name: str, source: str) -> None:
         # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
         # C = D_G^{s-½} Pᵀ; with s = +½ that is Pᵀ, the principal components (rib's "svd" baseline).
+        D = whitenings[name].mean.numel()
+        finish(name, torch.eye(D, dtype=torch.float64))
+        how[name] = _M(source, "none")
+
+    def from_pass(res, name: str, source: str) -> None:
+        finish(name, res.accs[name].gram()[0])
+        stability = float("nan")
+        if name in res.halves:
+            a, b = (acc.gram()[0] for acc in res.halves[name])
+            stability = probe_agreement(whitenings[name], a, b, bases[name].size)
+        how[name] = _M(source, "exact" if res.exact else "probes", stability)
+
+    if kind == "pca":
         for name in names:
-            D = whitenings[name].mean.numel()
-            finish(name, torch.eye(D, dtype=torch.float64))
-        return bases
+            identity(name, "identity")
+        return bases, how
     if kind == "global":
-        res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output,
-                            seed=_pass_seed(probe_kw.pop("seed"), 0), desc="interaction basis: Jacobians", **probe_kw)
+        res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output, seed=_pass_seed(seed, 0),
+                            desc="interaction basis: Jacobians", **probe_kw)
         for name in names:
-            finish(name, res.accs[name].gram()[0])
-        return bases
-    seed = probe_kw.pop("seed")
-    last = len(names) - 1
-    res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[last]], objective=output, seed=_pass_seed(seed, last),
-                        desc=f"LIB {names[last]}", **probe_kw)
-    finish(names[last], res.accs[names[last]].gram()[0])
-    for l in range(last - 1, -1, -1):
+            from_pass(res, name, "outputs")
+        return bases, how
+    final = len(names) - 1
+    if last_rule == "pca":  # the companion paper's last node: its PCA (METHODS §5)
+        identity(names[final], "identity")
+    else:
+        res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[final]], objective=output,
+                            seed=_pass_seed(seed, final), desc=f"LIB {names[final]}", **probe_kw)
+        from_pass(res, names[final], "outputs")
+    for l in range(final - 1, -1, -1):
         nxt = bases[names[l + 1]]
         D = whitenings[names[l]].mean.numel()
         if nxt.size == 0:  # node l+1 keeps nothing: nothing downstream depends on node l either
             finish(names[l], torch.zeros(D, D, dtype=torch.float64))
+            how[names[l]] = _M("next node", "exact")
             continue
         # The recursion differentiates node l+1's importance-scaled coordinates whatever the output
         # scaling (METHODS §5 step 3: only s = +½ composes); the shift by μ does not change a Jacobian.
@@ -68,8 +99,8 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, output: str, interact
         res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[l]], objective="mse", output_hook=names[l + 1],
                             output_transform=lambda o, C=C: o.flatten(2) @ C.mT, seed=_pass_seed(seed, l),
                             desc=f"LIB {names[l]}", **probe_kw)
-        finish(names[l], res.accs[names[l]].gram()[0])
-    return bases
+        from_pass(res, names[l], "next node")
+    return bases, how
 
 
 def interaction_basis(
@@ -85,7 +116,8 @@ def interaction_basis(
     interaction_rtol: float | None = None,
     interaction_atol: float = 0.0,
     n_probes: int = 8,
-    exact: bool = False,
+    exact: bool | str = "auto",
+    last: str = "pca",
     edges: bool = True,
     edge_sources: int | None = None,
     batch_size: int = 32,
@@ -104,8 +136,9 @@ def interaction_basis(
        eigendecomposed; directions with D_G ≤ max(gram_rtol·max, gram_atol) are dropped; the rest
        are whitened, f̃ = D_G^{-1/2} Pᵀ (f − μ).
     2. M = (1/n) Σ_t E[g_t g_tᵀ], the Jacobian Gram of the outputs with respect to f (float64
-       accumulation of Jacobian-probe VJPs, METHODS §4), in whitened coordinates M̃ = V D_M Vᵀ;
-       directions with D_M ≤ max(interaction_rtol·max, interaction_atol) are dropped.
+       accumulation of VJPs: one per output entry, exact, or Jacobian probes, METHODS §4), in
+       whitened coordinates M̃ = V D_M Vᵀ; directions with D_M ≤ max(interaction_rtol·max,
+       interaction_atol) are dropped.
     3. f̂ = C (f − μ), C = D_M^{s} Vᵀ D_G^{-1/2} Pᵀ; s = +½ (``scaling="importance"``: E[f̂ f̂ᵀ] =
        diag(D_M), Jacobian Gram in f̂ coordinates = I) or s = −½ (``"paper"``, the paper's formula).
 
@@ -116,12 +149,14 @@ def interaction_basis(
       nodes.
     - ``kind="local"`` (LIB, companion paper), from the last node backwards: node l's outputs are
       node l+1's finished coordinates f̂^{l+1} with ``mse`` weighting (every output position,
-      cross-position terms included); the last node's outputs are the model's outputs with the
-      chosen kl/mse weighting, so for the last node LIB equals the global basis (with ``mse`` and
-      the logits as the last node, this is rib's PCA-rotated output node). The recursion always
+      cross-position terms included). The last node's basis is its PCA (``last="pca"``, the
+      default: M = I, as in the companion paper; ``output`` is then unused), or, with
+      ``last="outputs"``, the global basis of the model's outputs with the chosen kl/mse weighting
+      (the behaviour before issue 14; with ``mse`` and the logits as the last node, rib's un-rotated
+      output node). ``ib.last`` and the ``M`` column of ``ib.dims`` say which. The recursion always
       uses the importance-scaled f̂^{l+1} (only s = +½ composes, METHODS §5); ``scaling`` only
       rescales the returned coordinates, so the two scalings differ by a per-direction factor
-      D_M^{±1} for both kinds.
+      D_M^{±1} for every kind. ``last`` does not apply to the other kinds.
     - ``kind="pca"`` (the baseline the companion paper compares LIB with): M = I, the Jacobian
       replaced by the identity, so D_M = D_G and f̂ = Pᵀ (f − μ) with importance scaling, the
       principal components with E[f̂ f̂ᵀ] = diag(D_G); no Jacobian pass. Edges use the same formula
@@ -143,19 +178,30 @@ def interaction_basis(
             transformers: resid_pre of every layer, then ``ln_final.hook_normalized`` (or the last
             resid_post where there is no final norm); for other modules every hook point, in the
             order the forward pass reaches them.
-        gram_rtol, interaction_rtol: relative cut-offs (default: 1e-10, or more where the model's
-            dtype needs it: (10·√dim·eps)²); gram_atol, interaction_atol: absolute ones.
-        n_probes, exact, method: Jacobian probes per batch, or one backward per output entry
-            (small outputs, tests); VJPs batched or looped (see ``jacobian_stats``).
+        gram_rtol, interaction_rtol: relative cut-offs (default: the package's rank rule for Gram
+            eigenvalues, ``tld.numerics.rank_rtol(dim, precision=<the model's dtype>, gram=True)``,
+            dim = D for G and rank_G for M̃); gram_atol, interaction_atol: absolute ones.
+        exact: ``"auto"`` (default): per Jacobian pass, M exactly (one backward per counted output
+            entry: P·V for the outputs, P·kept_{l+1} for a LIB node, P = the longest sequence's
+            counted positions) where that is at most ``EXACT_FACTOR`` = 16 times ``n_probes``
+            backward passes per batch, else ``n_probes`` probes. Decided from the data, once per
+            pass, so another batch split never changes the method. True / False force it.
+            ``ib.dims["M_method"]`` says what each node got.
+        n_probes, method: Jacobian probes per batch; VJPs batched or looped (see ``jacobian_stats``).
+            Where probes are used, ``ib.dims["probe_stability"]`` is the agreement of the bases
+            from the two halves of each batch's probes, accumulated in the same pass
+            (:func:`~tl_degeneracy.interaction.basis.probe_agreement`: 1 = the same directions,
+            lower = probe noise; it needs n_probes ≥ 2).
+        last: LIB's last node, ``"pca"`` or ``"outputs"`` (above).
         edge_sources: None (exact) or r: random ±1 position sources where they are cheaper (above).
         seed: probes and sources are seeded per (seed, pass, batch, probe): results do not depend
             on chunking or on the number of processes.
         device: where the float64 accumulators live (default: the model's device).
 
     Cost (B batches): one Gram pass (a forward per batch); global: one Jacobian pass (a forward and
-    n_probes VJPs per batch, or P·V exact ones); LIB: one Jacobian pass per node (node l's
-    forward stops at node l+1, its VJPs go back through one section only, n_probes or
-    P·kept_{l+1} per batch); PCA: no Jacobian pass; edges: one pass (per batch and pair, min(kept_l JVPs,
+    n_probes VJPs per batch, or P·V exact ones); LIB: one Jacobian pass per node but the last with
+    ``last="pca"`` (node l's forward stops at node l+1, its VJPs go back through one section only,
+    n_probes or P·kept_{l+1} per batch); PCA: no Jacobian pass; edges: one pass (per batch and pair, min(kept_l JVPs,
     P·kept_{l+1} or r·kept_{l+1} VJPs) through one section each, in chunks). Memory: the D×D
     float64 accumulators and one chunk of tangents or VJPs; no per-direction gradient is stored.
 
@@ -174,8 +220,9 @@ def interaction_basis(
         raise ValueError(f"scaling must be one of {tuple(SCALINGS)}; got {scaling!r}")
     if method not in METHODS_:
         raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
-    if not exact and (not isinstance(n_probes, int) or n_probes < 1):
-        raise ValueError(f"n_probes must be a positive integer; got {n_probes!r}")
+    if last not in LAST:
+        raise ValueError(f"last must be one of {LAST}; got {last!r}")
+    check_exact(exact, n_probes)
     if edge_sources is not None and (not isinstance(edge_sources, int) or edge_sources < 1):
         raise ValueError(f"edge_sources must be None (exact) or a positive integer; got {edge_sources!r}")
     timings: dict[str, float] = {}
@@ -192,14 +239,15 @@ def interaction_basis(
             raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
         gram = acc.covariance()[0] if centered else acc.gram()[0]
         mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
-        rtol = default_rtol(acc.dim, runner.dtype) if gram_rtol is None else gram_rtol
+        rtol = rank_rtol(acc.dim, precision=runner.dtype, gram=True) if gram_rtol is None else gram_rtol
         whitenings[name] = whiten(gram, mean, rtol, gram_atol)
         counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
     timings["gram_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    probe_kw = dict(n_probes=n_probes, exact=exact, seed=seed, per_head=False, device=acc_device, progress=progress, method=method)
-    bases = _jacobian_grams(runner, whitenings, kind, output, interaction_rtol, interaction_atol, probe_kw)
+    probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, seed=seed, per_head=False, device=acc_device,
+                    progress=progress, method=method)
+    bases, how = _jacobian_grams(runner, whitenings, kind, last, output, interaction_rtol, interaction_atol, probe_kw)
     timings["jacobian_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -213,10 +261,12 @@ def interaction_basis(
         edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
     timings["edges_s"] = time.perf_counter() - t2
 
-    n_jacobian_passes = {"global": 1, "local": len(runner.nodes), "pca": 0}[kind]
+    n_jacobian_passes = {"global": 1, "local": len(runner.nodes) - (last == "pca"), "pca": 0}[kind]
+    probed = any(h.method == "probes" for h in how.values())
     settings = {
         "gram_rtol": gram_rtol, "gram_atol": gram_atol, "interaction_rtol": interaction_rtol,
-        "interaction_atol": interaction_atol, "n_probes": None if exact else n_probes, "exact": bool(exact),
+        "interaction_atol": interaction_atol, "n_probes": n_probes if probed else None, "exact": exact,
+        "exact_factor": EXACT_FACTOR, "last": last if kind == "local" else None,
         "edges": bool(edges), "edge_sources": edge_sources, "edge_modes": edge_modes, "seed": int(seed), "method": method,
         "batch_size": batch_size, "n_batches": len(runner.batches), "world_size": distributed_context().world_size,
         "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
@@ -228,11 +278,13 @@ def interaction_basis(
         output=output,
         scaling=scaling,
         centered=bool(centered),
+        last=last if kind == "local" else None,
         basis=basis,
         inverse=inverse,
         mean=mean,
         eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
-                                     rank_G=whitenings[n].rank, interaction_rank=bases[n].size) for n in runner.names},
+                                     rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
+                                     M_method=how[n].method, probe_stability=how[n].stability) for n in runner.names},
         edges=edge_values,
         counts=counts,
         feature_shapes=shapes,

@@ -11,11 +11,18 @@ subspace; derivatives with respect to f̂ are taken along it (∂/∂f̂ = C⁺�
 
 Each row of C is signed so that its entry of largest modulus is positive, so that two runs on the
 same model and data give the same matrices, not just the same directions up to sign.
+
+Default cut-offs: the package's rank rule on Gram eigenvalues (:func:`tl_degeneracy.numerics.rank_rtol`
+with ``gram=True``), dims = the matrix's size, precision = the dtype of the forward pass whose
+activations or gradients the Gram sums (``interaction_basis`` applies it).
+
+Probe stability (:func:`probe_agreement`): where M is a probe estimate, two estimates from the two
+halves of the probes give two sets of kept directions; their agreement says how much of the basis
+is signal rather than probe noise.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,20 +31,12 @@ from torch import Tensor
 
 from ..errors import NumericalError
 from ..gauge import _sign_fix
-from ..stats.results import DEFAULT_RTOL, numerical_rank
+from ..numerics import numerical_rank
 
-__all__ = ["SCALINGS", "NodeBasis", "Whitening", "default_rtol", "interaction_directions", "whiten"]
+__all__ = ["SCALINGS", "NodeBasis", "Whitening", "interaction_directions", "probe_agreement", "whiten"]
 
 #: scaling → exponent s of D_M in f̂ = D_M^{s} Vᵀ f̃ (METHODS §5 step 3).
 SCALINGS = {"importance": 0.5, "paper": -0.5}
-
-
-def default_rtol(dim: int, dtype: torch.dtype) -> float:
-    """Relative eigenvalue cut-off: eigenvalues of a float64 eigendecomposition are accurate to a
-    few eps·max, and values computed in ``dtype`` carry a relative error ~√dim·eps(dtype), so
-    numerically-zero directions have eigenvalues up to ~(√dim·eps)²·max; the package's 1e-10
-    (``DEFAULT_RTOL``) unless the model's precision needs more (factor 10 of margin)."""
-    return max(DEFAULT_RTOL, (10 * math.sqrt(dim) * torch.finfo(dtype).eps) ** 2)
 
 
 def _eigh_descending(m: Float[Tensor, "d d"]) -> tuple[Float[Tensor, " d"], Float[Tensor, "d d"]]:
@@ -48,7 +47,7 @@ def _eigh_descending(m: Float[Tensor, "d d"]) -> tuple[Float[Tensor, " d"], Floa
 
 def _kept(descending: Float[Tensor, " d"], rtol: float, atol: float) -> int:
     """How many leading eigenvalues lie above max(rtol·max, atol) (and above 0)."""
-    return int(numerical_rank(descending, rtol, atol)) if descending.numel() else 0
+    return int(numerical_rank(descending, rtol=rtol, atol=atol)) if descending.numel() else 0
 
 
 @dataclass(frozen=True)
@@ -116,3 +115,24 @@ def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D
     rows = (v.mT / whitening.eigenvalues[: whitening.rank].sqrt()[None, :]) @ whitening.vectors.mT
     v = v * _sign_fix(rows.mT)[None, :] if k else v
     return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v)
+
+
+def probe_agreement(whitening: Whitening, gram_a: Float[Tensor, "D D"], gram_b: Float[Tensor, "D D"], k: int) -> float:
+    """Agreement of the kept directions from two independent estimates of M (two halves of the
+    probes): with V_A, V_B the leading k eigenvectors of each whitened estimate M̃_A, M̃_B (k = the
+    node's basis size) and Q = V_Aᵀ V_B,
+
+        agreement = (1/k) Σ_{r=1..k} ‖Q[:r, :r]‖_F² / r,
+
+    the mean over r of the mean squared cosine of the principal angles between the two leading-r
+    subspaces (in whitened coordinates). 1 when every leading subspace, hence every direction up to
+    sign (and rotation inside exactly repeated eigenvalues), agrees; about r/rank_G for a leading-r
+    subspace that is pure noise. NaN when k = 0. Each half has half the probes, so this is a
+    pessimistic figure for the full estimate."""
+    if k == 0:
+        return float("nan")
+    va = _eigh_descending(whitening.whitened(gram_a))[1][:, :k]
+    vb = _eigh_descending(whitening.whitened(gram_b))[1][:, :k]
+    q2 = (va.mT @ vb).square()
+    leading = q2.cumsum(0).cumsum(1).diagonal()  # ‖Q[:r, :r]‖_F², r = 1 … k
+    return float((leading / torch.arange(1, k + 1, dtype=torch.float64)).mean())

@@ -48,10 +48,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import MissingHookError, NumericalError
-from ..stats.distributed import all_reduce_sum_, distributed_context
 from ..stats.jacobian import CHUNK_ELEMENTS
-from ..stats.passes import HookTarget, run_until, shard
+from ..stats.passes import HookTarget, run_until
 from ..stats.samples import SampleIndex
+from ..stats.stream import Step, stream
 from ..stats.vjp import Backward, differentiable_capture, probe_generator
 
 __all__ = ["EDGE_MODES", "EdgePass", "edge_pass"]
@@ -223,11 +223,11 @@ def edge_pass(
     ``mode``: ``"auto"``, ``"forward"`` or ``"reverse"`` for every pair. Per batch, one forward
     captures the nodes, each forward-mode pair runs its JVP chunks (a forward up to node l+1 each)
     and the reverse-mode pairs share one differentiable forward and take VJPs through one section
-    each. Under ``torch.distributed`` each rank takes its shard and the sums are reduced at the end.
+    each: the ``on_batch`` of :func:`~tl_degeneracy.stats.stream.stream`, which shards the batches
+    under ``torch.distributed`` and reduces the float64 sums at the end.
     """
     if mode not in EDGE_MODES:
         raise ValueError(f"mode must be one of {EDGE_MODES}; got {mode!r}")
-    ctx = distributed_context()
     acc_device = torch.device(device) if device is not None else engine.device
     backward = Backward(method)
     names = [t.name for t in nodes]
@@ -241,37 +241,51 @@ def edge_pass(
                           mode) if pairs else {}
     proven: set[Pair] = set()  # forward-mode pairs that ran once: an error there is not a missing rule
 
-    for batch in shard(batches, ctx, engine.device, progress, "interaction edges"):
-        index = SampleIndex.from_batch(batch)
+    def forward_pairs(step: Step) -> None:
+        """Each forward-mode pair's JVP chunks on one batch (a forward up to node l+1 each)."""
         forward = [p for p in pairs if modes[p] == "forward"]
-        if forward:
-            acts = _capture(engine, batch.tokens, sorted({n for p in forward for n in p}, key=names.index), grad=False)
-            for a, b in forward:
-                f_a = acts[a]
-                fhat = (f_a.flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
-                fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
-                try:
-                    totals[a, b] += _forward_pair(engine, batch.tokens, f_a, fhat, C_inv[a], C[b],
-                                                  _sample_mask(index, acts[b], b), a, b)
-                except RuntimeError as err:  # NotImplementedError included
-                    if (a, b) in proven or mode == "forward":
-                        raise
-                    warnings.warn(f"interaction edges {a!r} → {b!r}: forward-mode derivatives failed ({err}); using "
-                                  "reverse mode for this pair", RuntimeWarning, stacklevel=2)
-                    modes[a, b] = "reverse"
-                    continue
-                proven.add((a, b))
+        if not forward:
+            return
+        batch, index = step.batch, step.index
+        acts = _capture(engine, batch.tokens, sorted({n for p in forward for n in p}, key=names.index), grad=False)
+        for a, b in forward:
+            f_a = acts[a]
+            fhat = (f_a.flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
+            fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
+            try:
+                totals[a, b] += _forward_pair(engine, batch.tokens, f_a, fhat, C_inv[a], C[b],
+                                              _sample_mask(index, acts[b], b), a, b)
+            except RuntimeError as err:  # NotImplementedError included
+                if (a, b) in proven or mode == "forward":
+                    raise
+                warnings.warn(f"interaction edges {a!r} → {b!r}: forward-mode derivatives failed ({err}); using "
+                              "reverse mode for this pair", RuntimeWarning, stacklevel=5)
+                modes[a, b] = "reverse"  # this batch's reverse pass below picks it up
+                continue
+            proven.add((a, b))
+
+    def reverse_pairs(step: Step) -> None:
+        """The reverse-mode pairs on one batch: one differentiable forward, VJPs through one section each."""
         reverse = [p for p in pairs if modes[p] == "reverse"]
-        if reverse:
-            acts = _capture(engine, batch.tokens, sorted({n for p in reverse for n in p}, key=names.index), grad=True)
-            for a, b in reverse:
-                f_a, f_b = acts[a], acts[b]
-                fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
-                fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
-                _reverse_pair(backward, f_a, f_b, fhat, C_inv[a], C[b], _sample_mask(index, f_b, b), sources, seed,
-                              batch.number, names.index(a), totals[a, b])
-    for pair in totals:  # the same order on every rank
-        all_reduce_sum_(totals[pair])
+        if not reverse:
+            return
+        batch, index = step.batch, step.index
+        acts = _capture(engine, batch.tokens, sorted({n for p in reverse for n in p}, key=names.index), grad=True)
+        for a, b in reverse:
+            f_a, f_b = acts[a], acts[b]
+            fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
+            fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
+            _reverse_pair(backward, f_a, f_b, fhat, C_inv[a], C[b], _sample_mask(index, f_b, b), sources, seed,
+                          batch.number, names.index(a), totals[a, b])
+
+    def on_batch(step: Step) -> None:
+        if step.count:  # the accumulators exist already: a rank without batches only joins the reduction
+            forward_pairs(step)
+            reverse_pairs(step)
+
+    # grad: the reverse pairs' VJPs need autograd; the forward pairs run under their own no_grad.
+    stream(engine.device, batches, on_batch, reduce=lambda: list(totals.values()), desc="interaction edges",
+           progress=progress, grad=True, what="edge")
     edges = {}
     for a, b in totals:
         e = totals[a, b] / max(counts[a], 1)

@@ -21,12 +21,22 @@ class NodeSpectrum:
     them). ``rank_G`` / ``interaction_rank``: how many lie above the run's cut-offs; the basis keeps
     the first ``interaction_rank`` directions, and ``kept`` are their D_M (= E[f̂ f̂ᵀ]'s diagonal with
     importance scaling).
+
+    How M was obtained (METHODS §5 step 2): ``M`` says whose Jacobian it is — ``"next node"`` (LIB:
+    node l+1's coordinates), ``"outputs"`` (the model's outputs: the global basis, or LIB's last node
+    with ``last="outputs"``) or ``"identity"`` (M = I: PCA, or LIB's last node with ``last="pca"``);
+    ``M_method`` is ``"exact"``, ``"probes"`` or ``"none"`` (M = I); ``probe_stability`` is
+    :func:`~tl_degeneracy.interaction.basis.probe_agreement` of the two half-probe estimates where
+    probes were used (NaN otherwise, or with a single probe).
     """
 
     gram: Float[Tensor, " D"]
     interaction: Float[Tensor, " rank_G"]
     rank_G: int
     interaction_rank: int
+    M: str = "outputs"
+    M_method: str = "exact"
+    probe_stability: float = float("nan")
 
     @property
     def kept(self) -> Float[Tensor, " kept"]:
@@ -37,8 +47,10 @@ class NodeSpectrum:
 class InteractionBasis:
     """The interaction basis of every node layer, and the edges between adjacent ones (METHODS §5).
 
-    - ``nodes``: hook names in forward order; ``kind`` (``"global"``/``"local"``), ``output``
-      (``"kl"``/``"mse"``), ``scaling`` (``"importance"``/``"paper"``), ``centered``.
+    - ``nodes``: hook names in forward order; ``kind`` (``"global"``/``"local"``/``"pca"``),
+      ``output`` (``"kl"``/``"mse"``), ``scaling`` (``"importance"``/``"paper"``), ``centered``;
+      ``last``: LIB's last node, ``"pca"`` (M = I) or ``"outputs"`` (the model's outputs), None for
+      the other kinds.
     - ``basis[node]``: C, float64 [kept, D], f̂ = C (f − μ); rows ordered by decreasing D_M.
     - ``inverse[node]``: C⁺, float64 [D, kept], a right inverse (C C⁺ = I) onto the kept subspace.
     - ``mean[node]``: μ [D] (zeros when uncentred).
@@ -64,6 +76,7 @@ class InteractionBasis:
     feature_shapes: dict[str, tuple[int, ...]]
     positions: dict | None = None
     settings: dict = field(default_factory=dict)
+    last: str | None = None
 
     # ------------------------------------------------------------------ coordinates
     def _flat(self, x: Tensor, node: str, what: str) -> Tensor:
@@ -96,14 +109,18 @@ class InteractionBasis:
     @property
     def dims(self) -> pd.DataFrame:
         """One row per node: D, rank_G (Gram directions kept), interaction_rank (basis size),
-        degenerate = D − interaction_rank, n (samples)."""
+        degenerate = D − interaction_rank, n (samples), and how M was obtained: M (whose Jacobian:
+        "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none") and
+        probe_stability (the half-probe agreement, NaN unless probes; see :class:`NodeSpectrum`)."""
         rows = []
         for node in self.nodes:
             spec = self.eigenvalues[node]
             D = int(spec.gram.numel())
             rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
-                         "degenerate": D - spec.interaction_rank, "n": self.counts[node]})
-        return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n"])
+                         "degenerate": D - spec.interaction_rank, "n": self.counts[node], "M": spec.M,
+                         "M_method": spec.M_method, "probe_stability": spec.probe_stability})
+        return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M", "M_method",
+                                           "probe_stability"])
 
     def to_frame(self) -> pd.DataFrame:
         """The same table as :attr:`dims`."""
@@ -127,6 +144,7 @@ class InteractionBasis:
             "output": self.output,
             "scaling": self.scaling,
             "centered": self.centered,
+            "last": self.last,
             "nodes": list(self.nodes),
             "dims": self.dims.to_dict(orient="records"),
             "eigenvalues": {n: {"gram": s.gram.tolist(), "interaction": s.interaction.tolist()} for n, s in self.eigenvalues.items()},
@@ -150,4 +168,5 @@ class InteractionBasis:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{n}: {self.eigenvalues[n].interaction_rank}/{self.eigenvalues[n].gram.numel()}" for n in self.nodes)
-        return f"InteractionBasis(kind={self.kind!r}, output={self.output!r}, scaling={self.scaling!r}, kept/D = {{{sizes}}})"
+        last = f", last={self.last!r}" if self.last is not None else ""
+        return f"InteractionBasis(kind={self.kind!r}{last}, output={self.output!r}, scaling={self.scaling!r}, kept/D = {{{sizes}}})"

@@ -79,6 +79,11 @@ class TensorBatches:
         return sum(c.shape[0] * (c.shape[1] if self.has_positions else 1) for c in self.chunks)
 
     @property
+    def max_len(self) -> int:
+        """Positions per row (1 without a position axis), as ``TokenBatches.max_len``."""
+        return self.chunks[0].shape[1] if self.has_positions else 1
+
+    @property
     def has_positions(self) -> bool:
         x = self.chunks[0]
         return x.ndim >= 3 or not x.is_floating_point()

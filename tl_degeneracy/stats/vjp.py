@@ -12,18 +12,19 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = ["Backward", "cotangents", "differentiable_capture", "probe_generator"]
 
 
-def probe_generator(seed: int, batch_number: int, probe: int, device: torch.device,
+def probe_generator(seed: int, unit: int, probe: int, device: torch.device,
                     stream: tuple[int, ...] = ()) -> torch.Generator:
-    """Generator of probe ``probe`` of batch ``batch_number``; ``stream`` separates independent uses
-    (e.g. edge sources from Jacobian probes) without changing the default streams."""
+    """Generator of probe ``probe`` of ``unit`` (a sequence's number in the data for Jacobian
+    probes, a batch's number for edge sources); ``stream`` separates independent uses (e.g. edge
+    sources from Jacobian probes) without changing the default streams."""
     # SeedSequence mixes the integers into well-separated streams (no seed + index collisions).
-    keys = [int(seed), int(batch_number), int(probe), *(int(s) for s in stream)]
+    keys = [int(seed), int(unit), int(probe), *(int(s) for s in stream)]
     state = np.random.SeedSequence(keys).generate_state(2, dtype=np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -62,7 +63,7 @@ def cotangents(
     n_probes: int,
     exact: bool,
     seed: int,
-    batch_number: int,
+    sequences: Int[Tensor, " batch"],
     chunk: int,
 ) -> Iterator[tuple[Float[Tensor, "chunk batch pos out"], float]]:
     """Chunks of cotangents [J, batch, pos, out_dim] on the output, each with its weight.
@@ -70,6 +71,11 @@ def cotangents(
     ``mse``: Gaussian probes u ~ N(0, I) (weight 1/k), or one-hot e_v per output entry (exact).
     ``kl``: e_y − p with y ~ softmax(out) at every output position (weight 1/k), or the columns
     √p_v (e_v − p) of a square root of the softmax Fisher (exact). Zero at outputs that do not count.
+
+    Probe j of a sequence is drawn from a generator keyed by (seed, the sequence's number in the
+    data ``sequences[i]``, j), at its counted output positions only: each sequence gets the same
+    probes whichever batch (or process) it falls in, so cutting the data into batches differently
+    changes a probe estimate only by rounding (METHODS §5).
     """
     b, P, V = out.shape
     m = out_mask.to(out.dtype)[:, :, None]
@@ -89,20 +95,28 @@ def cotangents(
                     cot[j, :, t, :] = s
             yield cot.to(out.dtype) * m, 1.0
         return
+    counted = [row.nonzero().flatten() for row in out_mask]
+    ids = sequences.tolist()
     for start in range(0, n_probes, chunk):
         probes = range(start, min(start + chunk, n_probes))
-        gens = [probe_generator(seed, batch_number, j, out.device) for j in probes]
         if objective == "mse":
             rand_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-            cot = torch.stack([torch.randn(b, P, V, generator=g, device=out.device, dtype=rand_dtype) for g in gens])
+            cot = torch.zeros(len(probes), b, P, V, dtype=rand_dtype, device=out.device)
         else:
-            # y ~ p by inverse CDF (one uniform per output position): far cheaper than multinomial.
-            cdf = p.reshape(b * P, V).cumsum(-1)
-            cot = -p.expand(len(gens), b, P, V).clone()
-            for j, g in enumerate(gens):
-                u = torch.rand(b * P, 1, generator=g, device=out.device, dtype=torch.float64) * cdf[:, -1:]
-                y = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # [b·P, 1]
-                cot[j].view(b * P, V).scatter_add_(1, y, torch.ones_like(y, dtype=cot.dtype))
+            cot = -p.expand(len(probes), b, P, V).clone()
+        for i, (pos, seq) in enumerate(zip(counted, ids)):
+            if not len(pos):
+                continue
+            for j, probe in enumerate(probes):
+                g = probe_generator(seed, seq, probe, out.device)
+                if objective == "mse":
+                    cot[j, i, pos] = torch.randn(len(pos), V, generator=g, device=out.device, dtype=rand_dtype)
+                else:
+                    # y ~ p by inverse CDF (one uniform per output position): far cheaper than multinomial.
+                    cdf = p[i, pos].cumsum(-1)  # [n_i, V]
+                    u = torch.rand(len(pos), 1, generator=g, device=out.device, dtype=torch.float64) * cdf[:, -1:]
+                    y = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # [n_i, 1]
+                    cot[j, i, pos] = cot[j, i, pos].scatter_add(1, y, torch.ones_like(y, dtype=cot.dtype))
         yield cot.to(out.dtype) * m, 1.0 / n_probes
 
 
