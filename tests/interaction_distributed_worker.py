@@ -31,16 +31,7 @@ def compute() -> dict[str, torch.Tensor]:
     return out
 
 
-def main(out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    try:
-        torch.save(compute(), os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
-        dist.barrier()  # leave together: tearing gloo down while the peer still talks to it can abort
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from tests.fixtures.distributed import worker_main
+
+    worker_main(compute, sys.argv[1])

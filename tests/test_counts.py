@@ -7,6 +7,7 @@ import torch
 
 from tl_degeneracy.counts import degeneracy_counts
 
+from .fixtures.distributed import rank_results, run_two_processes
 from .fixtures.hf import ARCHS
 from .fixtures.toys import make_tiny_toy_transformer
 
@@ -48,6 +49,34 @@ def test_low_rank_residual_stream_exact():
     assert frame.attrs["n_eff_kfac"] == int(frame["kfac"].sum())
     assert frame.attrs["n_params"] == int(frame["n_params"].sum())
     assert (frame["free"] == frame["n_params"] - frame["rank_G"] * frame["rank_K"]).all()
+
+
+def test_ranks_follow_the_package_rule_in_float64():
+    """Issue 14 item 4: the default ranks are the package's rule (numerics) at the forward's precision.
+    In float64 the exact answers appear: rank_G = k for the reading maps, and the gradient with respect to
+    what attention and the MLP write has rank D − 1, because every later LayerNorm removes its mean
+    (METHODS §2's P). The old cut-off ((10·√D·eps)², 8e-29 relative in float64) counted rounding as
+    directions (rank_G 14)."""
+    k, D, d = 5, 16, 8
+    model = _low_rank_model(k).double()
+    frame = degeneracy_counts(model, _tokens(), output="kl", n_probes=4)
+    assert frame.attrs["precision"] == "float64" and frame.attrs["rtol"] is None
+    reading = frame[frame["map"].isin(["W_Q", "W_K", "W_V"])]
+    assert (reading["rank_G"] == k).all()
+    expected_K = {"W_Q": k, "W_K": k + 1, "W_V": d}
+    for _, row in reading.iterrows():
+        assert row["rank_K"] == expected_K[row["map"]], row.to_dict()
+    writing = frame[frame["map"].isin(["W_O", "W_out"])]
+    assert (writing["rank_K"] == D - 1).all()
+
+
+def test_half_precision_ranks_use_the_float32_rule():
+    """A bfloat16 model's Grams are ranked at compute_dtype(bfloat16) = float32 (numerics), not at
+    bfloat16's eps, whose (D·eps)² = 0.016 cut-off dropped most directions."""
+    model = make_tiny_toy_transformer(n_layers=1).to(torch.bfloat16)
+    frame = degeneracy_counts(model, _tokens(), n_probes=4)
+    assert frame.attrs["precision"] == "float32"
+    assert (frame["rank_K"][frame["map"] == "W_V"] == 8).all()
 
 
 def test_loss_scale_cuts_small_directions():
@@ -98,3 +127,15 @@ def test_bad_input(tiny_toy_transformer):
 
     with pytest.raises(DataError):
         degeneracy_counts(tiny_toy_transformer, torch.zeros(0, 4, dtype=torch.long))
+
+
+def test_two_processes_one_batch(tmp_path):
+    """Under torch.distributed a rank without a batch still joins the input-moment reduction (it raised
+    KeyError), and both ranks get the single-process counts."""
+    from tests.counts_distributed_worker import compute
+
+    run_two_processes("counts_distributed_worker.py", tmp_path)
+    single = compute()
+    for rank, multi in enumerate(rank_results(tmp_path)):
+        for key, value in single.items():
+            assert torch.equal(multi[key], value), (rank, key)

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
-import torch.distributed as dist
 
 from tests.distributed_stats_worker import compute
+from tests.fixtures.distributed import run_two_processes
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_process_stats_equal_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "distributed_stats_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes("distributed_stats_worker.py", tmp_path)
     multi = torch.load(tmp_path / "distributed.pt", weights_only=True)
     other_rank = torch.load(tmp_path / "rank1.pt", weights_only=True)
     single = compute()

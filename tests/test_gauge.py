@@ -9,9 +9,10 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.gauge import canonicalize_heads, random_gauge
-from tl_degeneracy.invariants import ov_invariants, qk_invariants
+from tl_degeneracy.invariants import center_writing, fold_reading, ov_invariants, qk_invariants
+from tl_degeneracy.models.selection import _read_attention
 
-from .fixtures.hf import ARCHS, BACKENDS, assert_state_unchanged, state_snapshot
+from .fixtures.hf import ARCHS, BACKENDS, assert_state_unchanged, has_hooked_transformer, open_model, state_snapshot
 
 KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 
@@ -68,16 +69,54 @@ def test_toy_transformer(tiny_toy_transformer, tiny_toy_tokens):
     _check_gauge(tiny_toy_transformer, tiny_toy_tokens)
 
 
+def _effective(model, layer: int) -> dict[str, torch.Tensor]:
+    """The effective factors of METHODS §2 of one layer, as stored (n_kv heads for K/V), float64."""
+    adapter = tld.adapt(model)
+    norm = adapter.norm_weights(layer, "ln1")
+    w = _read_attention(adapter, layer)
+    return {"W_Q": fold_reading(w["W_Q"], norm), "W_K": fold_reading(w["W_K"], norm),
+            "W_V": fold_reading(w["W_V"], norm), "W_O": center_writing(w["W_O"], norm)}
+
+
 def test_canonical_form_is_the_svd(tiny_toy_transformer):
-    """W_V = U√S, W_O = √S Vᵀ: the canonical factors have equal, orthogonal Gram matrices."""
+    """P diag(w) W_V = U√S, W_O P = √S Vᵀ: the canonical *effective* factors have equal, diagonal Grams
+    (the toy's LayerNorm has a random gain, so this is not true of the stored W_V, W_O)."""
     canon = canonicalize_heads(tiny_toy_transformer)
-    a = canon.blocks[1].attn
-    for h in range(a.W_V.shape[0]):
-        gv = a.W_V[h].detach().double().T @ a.W_V[h].detach().double()
-        go = a.W_O[h].detach().double() @ a.W_O[h].detach().double().T
+    eff = _effective(canon, 1)
+    for h in range(eff["W_V"].shape[0]):
+        gv = eff["W_V"][h].T @ eff["W_V"][h]
+        go = eff["W_O"][h] @ eff["W_O"][h].T
         torch.testing.assert_close(gv, torch.diag(gv.diagonal()), atol=1e-5, rtol=0)
         torch.testing.assert_close(gv, go, atol=1e-5, rtol=0)
         assert (gv.diagonal()[:-1] >= gv.diagonal()[1:]).all()  # σ descending
+        raw = canon.blocks[1].attn.W_V[h].detach().double()
+        assert (raw.T @ raw - torch.diag((raw.T @ raw).diagonal())).abs().max() > 1e-2  # stored ≠ effective
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_canonical_gauge_does_not_depend_on_how_the_model_was_loaded(tl_models, hf_dirs, arch):
+    """Canonicalising the unfolded bridge, the compatibility-mode bridge (and on TL 3.x a HookedTransformer
+    with fold_ln + center_writing_weights) of one checkpoint gives the same effective factors; in the folded
+    models they are the stored weights themselves. Tolerance: the canonical weights are written back in
+    float32 and TransformerLens folded in float32, a few eps32 per entry (1e-5 of the largest entry)."""
+    loads = ["bridge", "bridge-compat"] + (["hooked_transformer-folded"] if has_hooked_transformer() else [])
+    canon = {}
+    for ld in loads:
+        if ld == "hooked_transformer-folded":
+            model = open_model(hf_dirs[arch], "hooked_transformer")
+            model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+        else:
+            model = tl_models(arch, ld)
+        canon[ld] = canonicalize_heads(model)
+    for layer in range(2):
+        ref = _effective(canon["bridge"], layer)
+        for ld in loads[1:]:
+            eff = _effective(canon[ld], layer)
+            stored = {k: v.double() for k, v in _read_attention(tld.adapt(canon[ld]), layer).items()}
+            for k in ("W_Q", "W_K", "W_V", "W_O"):
+                scale = float(ref[k].abs().max())
+                torch.testing.assert_close(eff[k], ref[k], rtol=0, atol=1e-5 * scale, msg=lambda m: f"{ld} {k}: {m}")
+                torch.testing.assert_close(stored[k], eff[k], rtol=0, atol=1e-5 * scale, msg=lambda m: f"{ld} {k}: {m}")
 
 
 def test_inplace(tiny_toy_transformer):

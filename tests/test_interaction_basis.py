@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.distributed import rank_results, run_two_processes
 from tests.fixtures.toys import make_tiny_toy_transformer
 from tests.interaction_models import HookedMLP, mlp_inputs, node_acts, random_invertible
 from tl_degeneracy.data import token_batches
@@ -258,28 +259,15 @@ def test_hf_architectures(arch, tl_models, single_thread):
 
 # ---------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.slow  # ~25 s: two fresh interpreters import torch and TransformerLens
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
 def test_two_processes_equal_one(tmp_path):
     """Under torchrun (2 gloo ranks, batches split 2 + 1) every rank gets the single-process LIB:
-    probes and sources are seeded per batch, the float64 sums are reduced across ranks."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    probes are seeded per sequence and sources per batch, the float64 sums are reduced across ranks."""
     from tests.interaction_distributed_worker import compute
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "tests" / "interaction_distributed_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes("interaction_distributed_worker.py", tmp_path)
     single = compute()
     assert int(single["world_size"]) == 1
-    for rank in (0, 1):
-        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, multi in enumerate(rank_results(tmp_path)):
         assert int(multi["world_size"]) == 2 and sorted(multi) == sorted(single)
         for key in single:
             if key != "world_size":

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tl_degeneracy.llc import behavioral_llc
+from tl_degeneracy.stats.distributed import DistributedContext
 
 from .test_llc import linear_regression
 
@@ -67,7 +68,7 @@ def test_more_ranks_than_chains_is_refused(monkeypatch):
     import sys
 
     api = sys.modules["tl_degeneracy.llc.api"]
-    monkeypatch.setattr(api, "_distributed", lambda: (0, 4))
+    monkeypatch.setattr(api, "distributed_context", lambda group=None: DistributedContext(0, 4))
     model, x = linear_regression(d=3, n=30)
     with pytest.raises(ValueError, match="4 ranks but only 2 chains"):
         behavioral_llc(model, x, chains=2, draws=5, burnin=0)
@@ -75,13 +76,14 @@ def test_more_ranks_than_chains_is_refused(monkeypatch):
 
 def test_collectives_use_the_backend_device(monkeypatch):
     """Under NCCL the scalars broadcast/reduced across ranks must be CUDA tensors (NCCL rejects CPU
-    ones), so api.py places them with stats.distributed.reduce_device. Simulated on the CPU: a fake
+    ones), so stats.distributed places them with reduce_device. Simulated on the CPU: a fake
     two-rank world whose collectives check that every tensor went through reduce_device."""
     import sys
 
     from tl_degeneracy.stats import distributed
 
     api = sys.modules["tl_degeneracy.llc.api"]
+    real_reduce_device = distributed.reduce_device
     placed = []
 
     def fake_reduce_device(t, group=None):
@@ -96,8 +98,10 @@ def test_collectives_use_the_backend_device(monkeypatch):
         parts[0] = local
         parts[1] = {**local, "chains": [c + 1 for c in local["chains"]]}
 
-    monkeypatch.setattr(api, "_distributed", lambda: (0, 2))
-    monkeypatch.setattr(api, "reduce_device", fake_reduce_device)
+    two = lambda group=None: DistributedContext(0, 2)  # noqa: E731
+    monkeypatch.setattr(api, "distributed_context", two)
+    monkeypatch.setattr(distributed, "distributed_context", two)
+    monkeypatch.setattr(distributed, "reduce_device", fake_reduce_device)
     monkeypatch.setattr(dist, "broadcast", collective)
     monkeypatch.setattr(dist, "all_reduce", collective)
     monkeypatch.setattr(dist, "all_gather_object", gather)
@@ -107,10 +111,10 @@ def test_collectives_use_the_backend_device(monkeypatch):
     # And the real helper sends CPU tensors to the current GPU under NCCL only.
     t = torch.zeros(1)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
-    assert distributed.reduce_device(t) == torch.device("cpu")
+    assert real_reduce_device(t) == torch.device("cpu")
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert distributed.reduce_device(t) == torch.device("cuda", 0)
+    assert real_reduce_device(t) == torch.device("cuda", 0)
 
 
 def test_checkpoint_files_are_written_atomically(tmp_path):

@@ -45,3 +45,24 @@ def test_compute_dtype_is_float64_only_when_an_input_is():
     assert compute_dtype(torch.float16, torch.float32) == torch.float32
     assert compute_dtype([torch.float32, torch.float64]) == torch.float64
     assert compute_dtype() == torch.float32
+
+
+def test_half_precision_activations_are_ranked_at_float32_with_a_warning():
+    from tl_degeneracy.numerics import HalfPrecisionWarning, activation_precision
+
+    with pytest.warns(HalfPrecisionWarning, match="upper bounds.*float32"):
+        assert activation_precision(torch.bfloat16) == torch.float32
+    assert activation_precision(torch.float64) == torch.float64
+
+
+def test_activation_stats_of_a_bfloat16_model_warn_and_record_their_dtype():
+    import tl_degeneracy as tld
+    from tests.fixtures.toys import make_tiny_toy_transformer
+    from tl_degeneracy.numerics import HalfPrecisionWarning
+
+    model = make_tiny_toy_transformer().to(torch.bfloat16)
+    stats = tld.activation_stats(model, torch.randint(0, 20, (4, 8)), hooks=["resid_pre"], progress=False)
+    s = stats["blocks.0.hook_resid_pre"]
+    assert s.dtype == torch.bfloat16
+    with pytest.warns(HalfPrecisionWarning):
+        assert s.precision == torch.float32

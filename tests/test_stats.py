@@ -9,7 +9,10 @@ from tests.fixtures.toys import make_tiny_toy_transformer
 from tl_degeneracy.data import token_batches
 from tl_degeneracy.errors import MissingHookError, NumericalError
 from tl_degeneracy.models.toys.sma import SparseModularAddition
-from tl_degeneracy.stats import MomentAccumulator, SampleIndex, activation_stats, numerical_rank
+from tl_degeneracy.numerics import rank_rtol
+from tl_degeneracy.stats import (
+    ActivationStats, HookStats, MomentAccumulator, SampleIndex, activation_stats, numerical_rank,
+)
 
 # float64 models: statistics computed in one batch layout or another agree to float64 rounding,
 # so 1e-10 (relative to the largest entry) checks the accumulation itself, not float32 noise.
@@ -222,3 +225,29 @@ def test_rank_of_low_rank_rows():
     ev = acc.eigenvalues()[0]
     assert int(numerical_rank(ev, rtol=1e-10)) == 3
     assert float(ev[3:].abs().max()) < 1e-12 * float(ev[0])
+
+
+def _stats_with_eigenvalues(ev: list[float], dtype: torch.dtype):
+    """A HookStats whose (uncentred) Gram has eigenvalues ``ev`` in a random orthonormal basis."""
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(len(ev), len(ev), generator=g, dtype=torch.float64))
+    cov = q @ torch.diag(torch.tensor(ev, dtype=torch.float64)) @ q.T
+    return HookStats(name="blocks.0.hook_resid_pre", kind="resid_pre", layer=0, count=100, unit="position",
+                     feature_shape=(len(ev),), dtype=dtype, mean=torch.zeros(len(ev), dtype=torch.float64), cov=cov)
+
+
+def test_default_rank_follows_the_rank_rule_at_the_activations_precision():
+    """Issue 14 item 4: the default cut-off is the package's rule (numerics.rank_rtol, Gram form) at
+    compute_dtype of the dtype the activations had, not a fixed 1e-10: a 1e-13 eigenvalue is real in
+    float64 activations and rounding in float32 (or bf16, computed at float32) ones."""
+    ev = [1.0, 0.5, 1e-13, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert _stats_with_eigenvalues(ev, torch.float64).rank() == 3
+    for dtype in (torch.float32, torch.bfloat16):
+        st = _stats_with_eigenvalues(ev, dtype)
+        assert st.precision == torch.float32 and st.rank() == 2
+    st = _stats_with_eigenvalues(ev, torch.float64)
+    assert st.rank(rtol=1e-10) == 2  # an explicit rtol still wins
+    assert rank_rtol(10, torch.float64, gram=True) < 1e-13 < rank_rtol(10, torch.float32, gram=True)
+    # Summaries use each hook's rule too (positions are not read by to_frame).
+    frame = ActivationStats(stats={st.name: st}, positions=None, n_layers=1).to_frame()
+    assert int(frame["rank"].iloc[0]) == 3

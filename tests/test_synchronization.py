@@ -9,6 +9,7 @@ import torch
 from tl_degeneracy.errors import DataError
 from tl_degeneracy.synchronization import head_synchronization, synchronized_blocks
 
+from .fixtures.distributed import rank_results, run_two_processes
 from .fixtures.toys import make_tiny_toy_transformer
 
 
@@ -358,26 +359,11 @@ def test_backends_agree(tl_models):
 def test_two_processes_equal_one(tmp_path):
     """Under torch.distributed (2 gloo processes) both ranks get the single-process result, also
     when one rank has no batch of its own (``stats.stream`` reduces what ``on_batch`` accumulated)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import torch.distributed as dist
-
     from .sync_distributed_worker import compute
 
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("needs torch.distributed with gloo")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "tests" / "sync_distributed_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes("sync_distributed_worker.py", tmp_path)
     single = compute()
-    for rank in (0, 1):
-        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for multi in rank_results(tmp_path):
         assert sorted(multi) == sorted(single)
         for key, b in single.items():
             a = multi[key]

@@ -23,11 +23,13 @@ Under GQA, W_K and W_V are counted once per stored KV head (METHODS §0). Biases
 offsets, not linear maps, and are left out. The attention/MLP input is ``ln1/ln2.hook_out`` on the
 bridge and ``hook_normalized`` elsewhere (with HookedTransformer's unfolded gain and bias applied
 to the Gram, since its ``hook_normalized`` precedes them).
+
+Ranks follow the package's one rule (METHODS §2, :func:`tl_degeneracy.numerics.rank_rtol` with
+``gram=True``) for Grams of vectors computed in the forward/backward pass: its precision is
+``activation_precision`` of the model's dtype (float32 for bf16/fp16/fp32 models, with a warning for half precision).
 """
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 import torch
@@ -37,23 +39,21 @@ from .data import token_batches
 from .errors import MissingHookError
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
+from .numerics import activation_precision, numerical_rank
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
-from .stats.distributed import distributed_context
-from .stats.passes import raise_if_not_finite, shard
-from .stats.samples import SampleIndex
 from .stats.activations import activation_stats
 from .stats.jacobian import jacobian_stats
-from .stats.results import numerical_rank
+from .stats.stream import Step, stream
 
-__all__ = ["degeneracy_counts"]
+__all__ = ["block_input_affine", "block_input_hook", "degeneracy_counts"]
 
 
-def _input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
+def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps."""
     available = adapter.available_hooks()
+    # hook_out (the bridge) is the input itself; hook_normalized may precede the norm's affine part
+    # (block_input_affine), so it comes second.
     for name in (f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{ln}.hook_normalized"):
-        if adapter.backend.startswith("bridge") and name.endswith("hook_normalized"):
-            continue  # on the bridge hook_normalized precedes the affine part; hook_out is the input
         if name in available:
             return name
     raise MissingHookError(
@@ -63,14 +63,21 @@ def _input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     )
 
 
+def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tensor | None, Tensor | None]:
+    """(w, b) such that the linear maps' input is x = n·w + b with n = the activation at
+    :func:`block_input_hook`: the norm's stored gain and bias where that hook is a
+    ``hook_normalized`` that precedes them (``adapter.normalized_before_affine``: HookedTransformer);
+    (None, None) where the hook is the input itself (the bridge's ``hook_out``, the toys, folded norms)."""
+    if not (block_input_hook(adapter, layer, ln).endswith(".hook_normalized") and adapter.normalized_before_affine):
+        return None, None
+    norm = adapter.norm_weights(layer, ln)
+    return norm.w, norm.b
+
+
 def _affine_gram(adapter: ModelAdapter, layer: int, ln: str, gram: Tensor, mean: Tensor) -> Tensor:
-    """HookedTransformer's hook_normalized is before the gain w and bias b: x = n·w + b, so
-    E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ with W = diag(w). Other backends: unchanged."""
-    if adapter.backend != "hooked_transformer":
-        return gram
-    module = getattr(adapter.model.blocks[layer], ln)
-    w = getattr(module, "w", None)
-    b = getattr(module, "b", None)
+    """E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ with W = diag(w), x = n·w + b
+    (:func:`block_input_affine`)."""
+    w, b = block_input_affine(adapter, layer, ln)
     if w is not None:
         w = w.detach().to(gram)
         gram = w[:, None] * gram * w[None, :]
@@ -86,42 +93,31 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
     forward pass only: HookedTransformer applies ``ln1`` separately to the query, key and value
     inputs (three firings of one hook with identical values), which ``activation_stats`` refuses."""
     accs: dict[str, MomentAccumulator] = {}
-    with torch.no_grad():
-        for batch in shard(batches, distributed_context(), adapter.device, progress, "degeneracy_counts"):
-            index, seen, flags = SampleIndex.from_batch(batch), set(), {}
 
-            def keep(name):
-                def hook(act: Tensor, hook=None) -> None:
-                    if name in seen:
-                        return
-                    seen.add(name)
-                    rows = index.rows(act.detach(), index.unit(tuple(act.shape), name))
-                    if name not in accs:
-                        accs[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
-                    flags[name] = accs[name].update(rows.reshape(rows.shape[0], 1, -1))
+    def on_batch(step: Step) -> None:
+        seen: set[str] = set()
 
-                return hook
+        def keep(name):
+            def hook(act: Tensor, hook=None) -> None:
+                if name in seen:
+                    return
+                seen.add(name)
+                rows = step.index.rows(act.detach(), step.index.unit(tuple(act.shape), name))
+                if name not in accs:  # also on a rank without batches (step.count False): it joins the reduction
+                    accs[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
+                if step.count:
+                    step.flags[name] = accs[name].update(rows.reshape(rows.shape[0], 1, -1))
 
-            adapter.run_with_hooks(batch.tokens, fwd_hooks=[(n, keep(n)) for n in hooks])
-            silent = [n for n in hooks if n not in seen]
-            if silent:
-                raise MissingHookError(f"hook(s) {silent} did not fire on this {type(adapter.model).__name__}")
-            raise_if_not_finite(flags, batch, "activation")
-    if distributed_context().active:
-        for name in hooks:  # the same order on every rank
-            accs[name].all_reduce()
+            return hook
+
+        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=[(n, keep(n)) for n in hooks])
+        silent = [n for n in hooks if n not in seen]
+        if silent:
+            raise MissingHookError(f"hook(s) {silent} did not fire on this {type(adapter.model).__name__}")
+
+    stream(adapter.device, batches, on_batch, reduce=lambda: [accs[n] for n in hooks],  # the same order on every rank
+           desc="degeneracy_counts", progress=progress, what="activation")
     return accs
-
-
-def _rank(matrix: Tensor, rtol: float, atol: float) -> int:
-    return int(numerical_rank(descending_eigvalsh(matrix), rtol, atol))
-
-
-def default_rank_rtol(dim: int, dtype: torch.dtype) -> float:
-    """Relative eigenvalue cut-off for Grams of activations or gradients computed in ``dtype``:
-    vectors carry a relative error ~√dim·eps, so zero directions show eigenvalues up to about
-    (√dim·eps)²·λ_max; a factor 10 of margin on that singular-value scale."""
-    return (10 * math.sqrt(dim) * torch.finfo(dtype).eps) ** 2
 
 
 def degeneracy_counts(
@@ -148,8 +144,9 @@ def degeneracy_counts(
     the objective and the positions counted.
 
     Args:
-        rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram); default from
-            the model's dtype (:func:`default_rank_rtol`).
+        rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram); default: the
+            package's rank rule for a Gram (:func:`tl_degeneracy.numerics.rank_rtol` with ``gram=True``)
+            of that Gram's size at the forward pass's precision, ``activation_precision`` of the model's dtype.
         loss_scale: eigenvalues at or below it also count as zero (METHODS §4: a direction whose
             variance is below ε is free at loss scale ε). ``None``: no absolute cut-off.
         output: ``"kl"`` (Fisher-weighted) or ``"mse"`` on the logits, for K.
@@ -167,8 +164,8 @@ def degeneracy_counts(
     atol = 0.0 if loss_scale is None else float(loss_scale)
     gated = adapter.cfg.gated_mlp
 
-    attn_in = [_input_hook(adapter, layer, "ln1") for layer in range(L)]
-    mlp_in = [_input_hook(adapter, layer, "ln2") for layer in range(L)] if mlp else []
+    attn_in = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
+    mlp_in = [block_input_hook(adapter, layer, "ln2") for layer in range(L)] if mlp else []
     g_hooks = adapter.hook_names("z") + (adapter.hook_names("mlp_post") if mlp else [])
     k_hooks = adapter.hook_names(["q", "k", "v", "attn_out"])
     if mlp:
@@ -182,10 +179,11 @@ def degeneracy_counts(
     acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress)
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
                          seed=seed, per_head=True, progress=progress)
-    tol = (lambda dim: default_rank_rtol(dim, adapter.dtype)) if rtol is None else (lambda dim: float(rtol))
+    precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
 
     def rank(m: Tensor) -> int:
-        return _rank(m, tol(m.shape[-1]), atol)
+        return int(numerical_rank(descending_eigvalsh(m), m.shape[-1], precision=precision, gram=True,
+                                  rtol=None if rtol is None else float(rtol), atol=atol))
 
     rows = []
 
@@ -233,7 +231,7 @@ def degeneracy_counts(
         "n_eff_kfac": int(frame["kfac"].sum()),
         "n_params": int(frame["n_params"].sum()),
         "free": int(frame["free"].sum()),
-        "rtol": rtol, "loss_scale": loss_scale, "output": output,
+        "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
         "positions": batches.positions.to_dict(),
     })

@@ -26,9 +26,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .invariants import center_writing, fold_reading
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.selection import _components, _measure_parameter, _read_attention
+from .numerics import numerical_rank
 
 __all__ = ["random_gauge", "canonicalize_heads", "write_attention"]
 
@@ -125,16 +127,17 @@ def _canonical_gl(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Fl
 
     Done through the d×d core: left = Q1 R1, rightᵀ = Q2 R2, R1 R2ᵀ = u s vᵀ, so U = Q1 u and
     A = R1⁻¹ u √s. Signs: each column of U gets its entry of largest modulus positive (gauge
-    invariant, since U is). Directions with s = 0 (a rank-deficient head) keep scale 1 there: they
-    remain free, and the canonical form is unique only on the rank-r part.
+    invariant, since U is). Directions beyond the numerical rank (the package's rule at float64
+    precision; a rank-deficient head) keep scale 1 there: they remain free, and the canonical form
+    is unique only on the rank-r part.
     """
     q1, r1 = torch.linalg.qr(left)
     q2, r2 = torch.linalg.qr(right.mT)
     u, s, vh = torch.linalg.svd(r1 @ r2.mT)
     signs = _sign_fix(q1 @ u)
     u = u * signs
-    tol = s.max() * s.shape[0] * torch.finfo(torch.float64).eps if s.numel() else 0.0
-    root = torch.where(s > tol, s.sqrt(), torch.ones_like(s))
+    rank = int(numerical_rank(s, dims=(left.shape[0], right.shape[1])))
+    root = torch.where(torch.arange(s.shape[0]) < rank, s.sqrt(), torch.ones_like(s))
     return torch.linalg.solve_triangular(r1, u * root, upper=True)
 
 
@@ -163,7 +166,10 @@ def copy_model(model):
 
 
 def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str):
-    """Apply per-KV-head gauges chosen by ``choose_*(kv, left, right) -> matrix`` to a copy of the model."""
+    """Apply per-KV-head gauges ``choose_ov(left, right)`` / ``choose_qk(left, right, rotary)`` to a
+    copy of the model. ``left``/``right`` are the head group's *effective* factors (METHODS §2:
+    P diag(w) W_V and W_O P, P diag(w) W_Q and (P diag(w) W_K)ᵀ); the chosen matrix multiplies the
+    stored factors, which is the same gauge on the effective ones (P diag(w) (W_V A) = (P diag(w) W_V) A)."""
     model = adapter.model if inplace else copy_model(adapter.model)
     target = adapt(model) if not inplace else adapter
     H, n_kv = target.n_heads, target.n_kv_heads
@@ -172,6 +178,7 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
     skipped = []
     for layer in range(target.n_layers):
         layouts = _layer_layouts(target, layer)
+        norm = target.norm_weights(layer, "ln1")
         w = {k: v.to(torch.float64) for k, v in _read_attention(target, layer).items()}
         shapes = {k: v.shape for k, v in w.items()}
         ov_ok = all(k in w and _writable(layouts, k, shapes[k]) for k in ("W_V", "W_O"))
@@ -185,8 +192,8 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
             b_V = w["b_V"].clone() if "b_V" in w else None
             for kv in range(n_kv):
                 heads = slice(kv * group, (kv + 1) * group)
-                right = torch.cat(list(W_O[heads]), dim=-1)  # [d, group·D]: every O slice of the group
-                A = choose_ov(W_V[kv], right)
+                right = torch.cat(list(center_writing(W_O[heads], norm)), dim=-1)  # [d, group·D]: every O slice
+                A = choose_ov(fold_reading(W_V[kv], norm), right)
                 W_V[kv] = W_V[kv] @ A
                 W_O[heads] = torch.linalg.solve(A, W_O[heads])
                 if b_V is not None:
@@ -202,8 +209,8 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
             b_K = w["b_K"].clone() if "b_K" in w else None
             for kv in range(n_kv):
                 heads = slice(kv * group, (kv + 1) * group)
-                left = torch.cat(list(W_Q[heads]), dim=0)  # [group·D, d]: every Q slice of the group
-                B = choose_qk(left, W_K[kv].mT, rotary)
+                left = torch.cat(list(fold_reading(W_Q[heads], norm)), dim=0)  # [group·D, d]: every Q slice
+                B = choose_qk(left, fold_reading(W_K[kv], norm).mT, rotary)
                 B_inv_T = torch.linalg.inv(B).mT
                 W_Q[heads] = W_Q[heads] @ B
                 W_K[kv] = W_K[kv] @ B_inv_T
@@ -255,11 +262,20 @@ def random_gauge(model, seed: int = 0, inplace: bool = False):
 def canonicalize_heads(model, inplace: bool = False):
     """A model with every head in the canonical gauge of METHODS §2; its outputs equal the original's.
 
-    OV: W_V = U√S, W_O = √S Vᵀ from the thin SVD U S Vᵀ of OV (under GQA, of the group's product
-    W_V [W_O^{h1} … W_O^{hG}], so the shared value head gets one gauge). QK likewise from
-    [W_Q^{h1}; …; W_Q^{hG}] W_Kᵀ; on rotary models only the scalar gauge is available, and the
-    canonical choice balances ‖W_Q‖ = ‖W_K‖ with the largest entry of W_Q positive. Signs are fixed
-    deterministically (each left singular vector's largest entry positive), so the result is
+    Canonical is defined on the *effective* factors (METHODS §2; ``tld.ov_invariants``), so that it
+    does not depend on how the model was loaded: the gauge A is chosen so that P diag(w) W_V A = U√S
+    and A⁻¹ W_O P = √S Vᵀ, with U S Vᵀ the thin SVD of the effective OV = P diag(w) W_V W_O P (w the
+    gain of ``ln1``, P = I − 11ᵀ/D for LayerNorm, no P for RMSNorm), and applied to the *stored*
+    weights (W_V A, A⁻¹ W_O), so the model's function is unchanged. For a model whose norms are folded
+    (compatibility-mode bridge, HookedTransformer with fold_ln + center_writing_weights) the stored
+    factors are the effective ones, so they become U√S and √S Vᵀ themselves; an unfolded model of
+    the same checkpoint gets stored weights whose effective factors are those same matrices.
+
+    Under GQA the SVD is of the group's product P diag(w) W_V [W_O^{h1} P … W_O^{hG} P], so the shared
+    value head gets one gauge. QK likewise from [P diag(w) W_Q^{h1}; …] (P diag(w) W_K)ᵀ; on rotary
+    models only the scalar gauge is available, and the canonical choice balances the effective
+    ‖P diag(w) W_Q‖ = ‖P diag(w) W_K‖ with the largest entry of the effective W_Q positive. Signs are
+    fixed deterministically (each left singular vector's largest entry positive), so the result is
     idempotent and two gauges of one model give the same weights (for heads whose singular values
     are distinct and nonzero; a rank-deficient head keeps its residual freedom).
 

@@ -25,13 +25,20 @@ never sets the precision of sums, losses or samplers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["compute_dtype", "rank_rtol", "numerical_rank"]
+__all__ = ["HalfPrecisionWarning", "activation_precision", "compute_dtype", "rank_rtol", "numerical_rank"]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class HalfPrecisionWarning(UserWarning):
+    """Activations or gradients were computed in float16/bfloat16: ranks of their Grams are upper bounds."""
 
 
 def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:
@@ -40,6 +47,28 @@ def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:
     for d in dtypes:
         flat.extend([d] if isinstance(d, torch.dtype) else list(d))
     return torch.float64 if torch.float64 in flat else torch.float32
+
+
+def activation_precision(dtype: torch.dtype) -> torch.dtype:
+    """The rank rule's precision for Grams of activations or gradients produced in ``dtype``:
+    :func:`compute_dtype` (float32 for half-precision forwards, float64 for float64 models).
+
+    A float16/bfloat16 forward rounds every activation to ~eps(dtype), which at any useful width
+    exceeds a cut-off at that dtype's own eps (max(dims)·eps ≥ 1 for D ≥ 128 in bfloat16: every rank 0),
+    so the cut-off is float32's and rounding noise may count as directions: a
+    :class:`HalfPrecisionWarning` says so, and the ranks are upper bounds (load the model in float32
+    for exact ones).
+    """
+    if dtype in HALF_DTYPES:
+        warnings.warn(
+            f"the model computes in {str(dtype).removeprefix('torch.')}: its activations carry rounding of "
+            f"~{torch.finfo(dtype).eps:.0e}, which float32's rank cut-off counts as directions, so activation and "
+            "gradient ranks are upper bounds; load the model in float32 (tld.load_model(spec, dtype=torch.float32)) "
+            "for exact ranks",
+            HalfPrecisionWarning,
+            stacklevel=2,
+        )
+    return compute_dtype(dtype)
 
 
 def rank_rtol(dims: int | Iterable[int], precision: torch.dtype = torch.float64, gram: bool = False) -> float:

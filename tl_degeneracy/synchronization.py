@@ -34,7 +34,7 @@ from .errors import MissingHookError
 from .invariants import center_writing
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import compute_dtype, numerical_rank
+from .numerics import activation_precision, numerical_rank
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
 
@@ -188,7 +188,7 @@ class HeadSyncResult:
     [L]: D_in, the rank of the covariance of the heads' input; ``W_O`` [L, H, d, D]: the effective
     output weights (float64; W_O P under LayerNorm) and ``d_out`` the dimension D_out they write into
     (D − 1 under LayerNorm, else D). ``rank_rtol`` is the caller's relative eigenvalue cut-off for
-    activation ranks, or None for the package's rule at ``precision`` (compute_dtype of the model)."""
+    activation ranks, or None for the package's rule at ``precision`` (activation_precision of the model)."""
 
     distance: Float[np.ndarray, "layer head head"]
     tol: float
@@ -330,7 +330,7 @@ def head_synchronization(
     Args:
         tol: distance threshold in [0, 1] (TV distance lies in [0, 1]).
         rank_rtol: relative eigenvalue cut-off for the activation ranks (D_in, s); default: the
-            package's rank rule at compute_dtype of the model (``tl_degeneracy.numerics``). Weight ranks
+            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). Weight ranks
             always use the float64 rule.
 
     Raises:
@@ -408,7 +408,7 @@ def head_synchronization(
     distance = (distance + distance.transpose(0, 2, 1)) / 2  # symmetric up to rounding already
     grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
     covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
-    precision = compute_dtype(adapter.dtype)  # activation Grams: the forward's precision (numerics)
+    precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
     rtol = None if rank_rtol is None else float(rank_rtol)
     input_rank = np.array([_gram_rank(_input_covariance(inputs[layer], attn_inputs[layer][1]).cpu(), precision, rtol)
                            for layer in range(L)], dtype=np.int64)
@@ -445,7 +445,7 @@ class NeuronSyncResult:
     samples, r = f/p the firing pattern; ``blocks``: per layer, the synchronized blocks (lists of
     neurons, singletons left out of ``to_frame`` unless asked); ``pre_gram`` [L, F, F]: uncentred
     Gram of the pre-activations, from which block ranks s_a come (``rank_rtol``: the caller's
-    eigenvalue cut-off, or None for the package's rule at ``precision``, compute_dtype of the model).
+    eigenvalue cut-off, or None for the package's rule at ``precision``, activation_precision of the model).
     ``approximate`` is True for smooth activations (GELU, SiLU), where r varies continuously and
     synchronization is only approximate."""
 
@@ -525,7 +525,7 @@ def neuron_synchronization(
     Args:
         tol: distance threshold in [0, 1].
         rank_rtol: relative eigenvalue cut-off for the pre-activation ranks s_a; default: the
-            package's rank rule at compute_dtype of the model (``tl_degeneracy.numerics``).
+            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
 
     Raises:
         ValueError: tol outside [0, 1], or a gated MLP with an unknown activation function.
@@ -600,7 +600,7 @@ def neuron_synchronization(
     return NeuronSyncResult(
         distance=distance_np, tol=tol, blocks=blocks, pre_gram=torch.stack([a.gram()[0] for a in p_acc]).cpu(),
         n_samples=r_acc[0].count, act_fn=act_fn, approximate=approximate,
-        rank_rtol=None if rank_rtol is None else float(rank_rtol), precision=compute_dtype(adapter.dtype),
+        rank_rtol=None if rank_rtol is None else float(rank_rtol), precision=activation_precision(adapter.dtype),
         positions=batches.positions,
     )
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..numerics import rank_rtol
+from ..numerics import activation_precision, rank_rtol
 from ..stats.activations import moment_pass
 from ..stats.distributed import distributed_context
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
@@ -51,7 +51,7 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
 
     def finish(name: str, gram: torch.Tensor) -> None:
         w = whitenings[name]
-        rtol = rank_rtol(w.rank, precision=runner.dtype, gram=True) if interaction_rtol is None else interaction_rtol
+        rtol = rank_rtol(w.rank, precision=activation_precision(runner.dtype), gram=True) if interaction_rtol is None else interaction_rtol
         bases[name] = interaction_directions(w, gram, rtol, interaction_atol)
 
     def identity(name: str, source: str) -> None:
@@ -239,7 +239,7 @@ def interaction_basis(
             raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
         gram = acc.covariance()[0] if centered else acc.gram()[0]
         mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
-        rtol = rank_rtol(acc.dim, precision=runner.dtype, gram=True) if gram_rtol is None else gram_rtol
+        rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
         whitenings[name] = whiten(gram, mean, rtol, gram_atol)
         counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
     timings["gram_s"] = time.perf_counter() - t0

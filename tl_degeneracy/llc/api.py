@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NumericalError
-from ..stats.distributed import reduce_device
+from ..models.adapter import forward_scope
+from ..stats.distributed import broadcast_float, distributed_context, max_over_ranks
 from .loss_grad import LossGrad
 from .result import LLCResult, estimate
 from .sampler import (
@@ -145,7 +146,7 @@ def _check_finite_at_reference(target: Target, layout: FlatLayout) -> None:
     Non-finite reference outputs (NaN/inf logits, all −inf rows) would make every chain "diverge"
     at its first step and the advice would wrongly point at the step size.
     """
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
+    dtype = target.dtype
     zero = layout.unflatten(torch.zeros(1, layout.numel, device=target.device, dtype=dtype))
     with torch.no_grad():
         for b in range(target.n_batches):
@@ -211,12 +212,6 @@ def _agree_on_resume(path: str, world: int) -> dict | None:
     return mine["extra"]
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def behavioral_llc(
     model,
     data,
@@ -274,6 +269,15 @@ def behavioral_llc(
             averages the draws. Under torchrun, chains must be at least the number of ranks.
         batch_size: samples (sequences, for token data) per minibatch; default all (full batch).
             Minibatches are visited in a fixed cycle, the same batch for all chains at each step.
+            L_B is a mean over every counted position of the whole data (METHODS §1), so each
+            step's minibatch loss L_B,b (whose gradient drives the step and whose value enters the
+            estimate and the trace) is batch b's sum over its n_b counted positions divided by the
+            mean count per batch N/n_batches, not by n_b (targets.py): over a cycle these losses
+            and their gradients average to the dataset's L_B and ∇L_B however ragged the batches
+            (sequences of different lengths, a short last batch); with equal counts L_B,b is the
+            batch mean. λ̂ = nβ · the mean of L_B,b over the draws is therefore the position-weighted
+            estimate (exactly so for draws spanning whole cycles). ``diagnostics["n_samples"]``
+            is N, the counted positions of the data; ``["mean_positions_per_batch"]`` is N/n_batches.
         params: restrict sampling to a selection (``select_parameters`` spellings for TL models and
             toys, e.g. ``"blocks.0.attn.head1"``; parameter names or name → mask for plain modules).
             The mask multiplies gradient, prior and noise.
@@ -314,196 +318,194 @@ def behavioral_llc(
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False; got {compile!r}")
     nb = resolve_nbeta(nbeta, loss_scale)
-    rank, world = _distributed()
+    ctx = distributed_context()
+    rank, world = ctx.rank, ctx.world_size
     if world > chains:
         raise ValueError(
             f"{world} ranks but only {chains} chains: chains are split across ranks and a rank without a chain "
             f"has nothing to sample; pass chains ≥ {world} or run with fewer processes"
         )
     target = make_target(model, data, loss, batch_size, cache_bytes)
-    spec, masks = resolve_selection(model, target, params)
-    layout = FlatLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
-    mask = layout.flatten(masks)
-    n_params = int(mask.sum())
-    if n_params == 0:
-        raise ValueError("the parameter selection is empty")
-    # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
-    explode_at = 10.0 * n_params + 100.0
-    _check_finite_at_reference(target, layout)
-    my_chains = list(range(rank, chains, world))
-    settings_key = {
-        # The fingerprint (θ*, data, dtype, device type) ties a checkpoint to this model on this data:
-        # class and sizes alone would let another model of the same shape resume this one's chains.
-        # Hashing reads every parameter on the CPU, so it is done only when checkpointing.
-        "target": target.description, "fingerprint": target.fingerprint() if checkpoint_dir is not None else None,
-        "loss": target.loss_name, "nbeta": nb, "gamma": float(gamma), "chains": chains,
-        "draws": draws, "burnin": burnin, "seed": seed, "sampler": sampler, "bias_bound": bias_bound,
-        "selection": spec, "n_params": n_params, "step_size_given": step_size, "my_chains": my_chains,
-        "rms": (rms_alpha, rms_eps) if sampler == "rmsprop" else None,
-    }
-    ckpt_path = None
-    saved_choice = None
-    resume = False
-    if checkpoint_dir is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        ckpt_path = os.path.join(os.fspath(checkpoint_dir), f"llc-rank{rank}.pt")
-        saved_extra = _agree_on_resume(ckpt_path, world)
-        resume = saved_extra is not None
-        if resume:
-            saved_choice = saved_extra.get("step_size_choice")
+    # One forward scope for the whole run: every forward inside it (checks, curvature, pilots, each
+    # SGLD step) is then free of the per-forward bookkeeping, and the model is given back as found
+    # (modes, no cached attention patterns holding the chains' graphs) when the run ends or fails.
+    with forward_scope(target.module):
+        spec, masks = resolve_selection(model, target, params)
+        layout = FlatLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
+        mask = layout.flatten(masks)
+        n_params = int(mask.sum())
+        if n_params == 0:
+            raise ValueError("the parameter selection is empty")
+        # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
+        explode_at = 10.0 * n_params + 100.0
+        _check_finite_at_reference(target, layout)
+        my_chains = list(range(rank, chains, world))
+        settings_key = {
+            # The fingerprint (θ*, data, dtype, device type) ties a checkpoint to this model on this data:
+            # class and sizes alone would let another model of the same shape resume this one's chains.
+            # Hashing reads every parameter on the CPU, so it is done only when checkpointing.
+            "target": target.description, "fingerprint": target.fingerprint() if checkpoint_dir is not None else None,
+            "loss": target.loss_name, "nbeta": nb, "gamma": float(gamma), "chains": chains,
+            "draws": draws, "burnin": burnin, "seed": seed, "sampler": sampler, "bias_bound": bias_bound,
+            "selection": spec, "n_params": n_params, "step_size_given": step_size, "my_chains": my_chains,
+            "rms": (rms_alpha, rms_eps) if sampler == "rmsprop" else None,
+        }
+        ckpt_path = None
+        saved_choice = None
+        resume = False
+        if checkpoint_dir is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            ckpt_path = os.path.join(os.fspath(checkpoint_dir), f"llc-rank{rank}.pt")
+            saved_extra = _agree_on_resume(ckpt_path, world)
+            resume = saved_extra is not None
+            if resume:
+                saved_choice = saved_extra.get("step_size_choice")
 
-    # ---- step size
-    if step_size is not None:
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
-        origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
-        h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
-        eta = float(step_size)
-        choice = StepSizeChoice(eta, h_ref, h_ref, bias_bound_of(eta, h_ref, nb, gamma), [])
-        source = "given"
-    elif saved_choice is not None:
-        choice = StepSizeChoice(**{k: saved_choice[k] for k in ("step_size", "h_max", "h_max_at_reference", "bias_bound")},
-                                history=saved_choice["calibration"])
-        source = "automatic (from checkpoint)"
-    else:
-        choice = choose_step_size(target, layout, mask, nbeta=nb, gamma=gamma, bias_bound=bias_bound,
-                                  explode_at=explode_at, pilot_steps=pilot_steps, seed=seed)
-        if world > 1:
+        # ---- step size
+        if step_size is not None:
+            dtype = target.dtype
+            origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
+            h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
+            eta = float(step_size)
+            choice = StepSizeChoice(eta, h_ref, h_ref, bias_bound_of(eta, h_ref, nb, gamma), [])
+            source = "given"
+        elif saved_choice is not None:
+            choice = StepSizeChoice(**{k: saved_choice[k] for k in ("step_size", "h_max", "h_max_at_reference", "bias_bound")},
+                                    history=saved_choice["calibration"])
+            source = "automatic (from checkpoint)"
+        else:
+            choice = choose_step_size(target, layout, mask, nbeta=nb, gamma=gamma, bias_bound=bias_bound,
+                                      explode_at=explode_at, pilot_steps=pilot_steps, seed=seed)
             # Every rank computes the same η (same seeds); broadcasting rules out last-bit differences.
-            t = torch.tensor([choice.step_size], dtype=torch.float64)
-            t = t.to(reduce_device(t))  # NCCL takes CUDA tensors only
-            torch.distributed.broadcast(t, 0)
-            choice.step_size = float(t[0])
-        source = "automatic"
-    eta = choice.step_size * (rms_eps if sampler == "rmsprop" and step_size is None else 1.0)
+            choice.step_size = broadcast_float(choice.step_size)
+            source = "automatic"
+        eta = choice.step_size * (rms_eps if sampler == "rmsprop" and step_size is None else 1.0)
 
-    # ---- sampling
-    settings = SamplerSettings(nbeta=nb, step_size=eta, gamma=gamma, steps=burnin + draws, rmsprop=sampler == "rmsprop",
-                               rms_alpha=rms_alpha, rms_eps=rms_eps, explode_at=explode_at)
-    state = initial_state(target, layout, [chain_seed(seed, c) for c in my_chains], settings)
-    state.extra["step_size_choice"] = choice.to_dict()
-    on_block = None
-    if ckpt_path is not None:
-        key = {**settings_key, "step_size": eta}
-        if resume:
-            state = load_checkpoint(ckpt_path, key, state)
-        last = [state.step]
-
-        def on_block(s):
-            if s.step - last[0] >= checkpoint_every or s.step == settings.steps or s.step == _stop_after:
-                save_checkpoint(ckpt_path, s, key)
-                last[0] = s.step
-
-    rms_factor = rms_eps if sampler == "rmsprop" else 1.0
-    loss_grad = LossGrad(target, layout, compile=compile)
-    point_seeds = [chain_seed(seed + 17, c) for c in my_chains]
-
-    def chain_curvature(st) -> float:
-        """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains (all ranks), at their current points."""
-        alive = st.alive.cpu()
-        h = 0.0
-        if bool(alive.any()):
-            pts = st.delta[st.alive]
-            seeds_alive = [s for s, a in zip(point_seeds, alive.tolist()) if a]
-            h = float(top_hessian_eigenvalue(target, layout, mask, pts, iters=20, point_seeds=seeds_alive).max())
-        if world > 1:
-            t = torch.tensor([h], dtype=torch.float64)
-            t = t.to(reduce_device(t))  # NCCL takes CUDA tensors only
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            h = float(t[0])
-        return h
-
-    # Burn-in adaptation (automatic step size only): the chains reach regions the pilots did not
-    # (flat directions spread slowly), so the curvature is re-measured at the chains themselves
-    # during burn-in (ADAPT_AT) and η is lowered (never raised) to keep the bias bound. Burn-in steps
-    # do not enter the estimate, so changing η there is harmless; the last change leaves a quarter
-    # of the burn-in for the chains to settle under the final η.
-    checks = sorted({int(burnin * f) for f in ADAPT_AT} - {0}) if step_size is None else []
-    if "step_size" in state.extra:
-        settings = replace(settings, step_size=state.extra["step_size"])
-    adaptations = state.extra.setdefault("adaptations", [])
-    for check in checks + [settings.steps]:
-        stop = check if _stop_after is None else min(check, _stop_after)
-        if state.step < stop:
-            state = run_chains(target, layout, mask, settings, state, on_block=on_block, stop_after=stop,
-                               loss_grad=loss_grad)
-        if check == settings.steps or state.step != check or any(a["step"] == check for a in adaptations):
-            continue
-        h_now = chain_curvature(state)
-        eta_new = _round_down(step_size_for(h_now, nb, gamma, bias_bound) * rms_factor) if nb * h_now + gamma > 0 else settings.step_size
-        adaptations.append({"step": check, "h_max": h_now, "step_size": min(eta_new, settings.step_size)})
-        if eta_new < settings.step_size:
-            settings = replace(settings, step_size=eta_new)
-            state.extra["step_size"] = eta_new
+        # ---- sampling
+        settings = SamplerSettings(nbeta=nb, step_size=eta, gamma=gamma, steps=burnin + draws, rmsprop=sampler == "rmsprop",
+                                   rms_alpha=rms_alpha, rms_eps=rms_eps, explode_at=explode_at)
+        state = initial_state(target, layout, [chain_seed(seed, c) for c in my_chains], settings)
+        state.extra["step_size_choice"] = choice.to_dict()
+        on_block = None
         if ckpt_path is not None:
-            save_checkpoint(ckpt_path, state, key)
-        if _stop_after is not None and state.step >= _stop_after:
-            break
-    eta = settings.step_size
-    # The bias bound where the chains ended: reported, and a warning when far above the target.
-    h_end = chain_curvature(state) if state.step == settings.steps else float("nan")
-    bias_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
-    local = {
-        "chains": my_chains, "trace": state.trace, "failed_at": state.failed_at.cpu().numpy(),
-        "norms": (state.norms.cpu().numpy() / max(state.step, 1)), "wall_s": state.wall_s, "step": state.step,
-        "compile_s": loss_grad.compile_s,
-    }
-    parts = [local]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, local)
-    order = np.argsort(np.concatenate([p["chains"] for p in parts]))
-    losses = np.concatenate([p["trace"] for p in parts], axis=1)[:, order]
-    failed_at = np.concatenate([p["failed_at"] for p in parts])[order]
-    norms = np.concatenate([p["norms"] for p in parts])[order]
-    steps_done = min(p["step"] for p in parts)
-    losses = losses[:steps_done]
-    if steps_done < settings.steps:
-        # Interrupted on purpose (_stop_after): report what was sampled so far.
-        burnin_used = min(burnin, max(steps_done - 1, 0))
-    else:
-        burnin_used = burnin
-    per_chain, mean, std, stderr = estimate(losses, nb, burnin_used, failed_at)
-    failed = {int(c): int(failed_at[c]) for c in range(chains) if failed_at[c] >= 0}
-    advice = (
-        f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_bound}), increase gamma (now {gamma}), or use a "
-        f"larger loss_scale (smaller nbeta, now {nb:g})"
-    )
-    if len(failed) == chains:
-        raise NumericalError(f"all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
-    if failed:
-        warnings.warn(
-            f"{len(failed)} of {chains} chains diverged and are excluded (chain: step {failed}); {advice}",
-            RuntimeWarning, stacklevel=2,
+            key = {**settings_key, "step_size": eta}
+            if resume:
+                state = load_checkpoint(ckpt_path, key, state)
+            last = [state.step]
+
+            def on_block(s):
+                if s.step - last[0] >= checkpoint_every or s.step == settings.steps or s.step == _stop_after:
+                    save_checkpoint(ckpt_path, s, key)
+                    last[0] = s.step
+
+        rms_factor = rms_eps if sampler == "rmsprop" else 1.0
+        loss_grad = LossGrad(target, layout, compile=compile)
+        point_seeds = [chain_seed(seed + 17, c) for c in my_chains]
+
+        def chain_curvature(st) -> float:
+            """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains (all ranks), at their current points."""
+            alive = st.alive.cpu()
+            h = 0.0
+            if bool(alive.any()):
+                pts = st.delta[st.alive]
+                seeds_alive = [s for s, a in zip(point_seeds, alive.tolist()) if a]
+                h = float(top_hessian_eigenvalue(target, layout, mask, pts, iters=20, point_seeds=seeds_alive).max())
+            return max_over_ranks(h)
+
+        # Burn-in adaptation (automatic step size only): the chains reach regions the pilots did not
+        # (flat directions spread slowly), so the curvature is re-measured at the chains themselves
+        # during burn-in (ADAPT_AT) and η is lowered (never raised) to keep the bias bound. Burn-in steps
+        # do not enter the estimate, so changing η there is harmless; the last change leaves a quarter
+        # of the burn-in for the chains to settle under the final η.
+        checks = sorted({int(burnin * f) for f in ADAPT_AT} - {0}) if step_size is None else []
+        if "step_size" in state.extra:
+            settings = replace(settings, step_size=state.extra["step_size"])
+        adaptations = state.extra.setdefault("adaptations", [])
+        for check in checks + [settings.steps]:
+            stop = check if _stop_after is None else min(check, _stop_after)
+            if state.step < stop:
+                state = run_chains(target, layout, mask, settings, state, on_block=on_block, stop_after=stop,
+                                   loss_grad=loss_grad)
+            if check == settings.steps or state.step != check or any(a["step"] == check for a in adaptations):
+                continue
+            h_now = chain_curvature(state)
+            eta_new = _round_down(step_size_for(h_now, nb, gamma, bias_bound) * rms_factor) if nb * h_now + gamma > 0 else settings.step_size
+            adaptations.append({"step": check, "h_max": h_now, "step_size": min(eta_new, settings.step_size)})
+            if eta_new < settings.step_size:
+                settings = replace(settings, step_size=eta_new)
+                state.extra["step_size"] = eta_new
+            if ckpt_path is not None:
+                save_checkpoint(ckpt_path, state, key)
+            if _stop_after is not None and state.step >= _stop_after:
+                break
+        eta = settings.step_size
+        # The bias bound where the chains ended: reported, and a warning when far above the target.
+        h_end = chain_curvature(state) if state.step == settings.steps else float("nan")
+        bias_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
+        local = {
+            "chains": my_chains, "trace": state.trace, "failed_at": state.failed_at.cpu().numpy(),
+            "norms": (state.norms.cpu().numpy() / max(state.step, 1)), "wall_s": state.wall_s, "step": state.step,
+            "compile_s": loss_grad.compile_s,
+        }
+        parts = [local]
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, local)
+        order = np.argsort(np.concatenate([p["chains"] for p in parts]))
+        losses = np.concatenate([p["trace"] for p in parts], axis=1)[:, order]
+        failed_at = np.concatenate([p["failed_at"] for p in parts])[order]
+        norms = np.concatenate([p["norms"] for p in parts])[order]
+        steps_done = min(p["step"] for p in parts)
+        losses = losses[:steps_done]
+        if steps_done < settings.steps:
+            # Interrupted on purpose (_stop_after): report what was sampled so far.
+            burnin_used = min(burnin, max(steps_done - 1, 0))
+        else:
+            burnin_used = burnin
+        per_chain, mean, std, stderr = estimate(losses, nb, burnin_used, failed_at)
+        failed = {int(c): int(failed_at[c]) for c in range(chains) if failed_at[c] >= 0}
+        advice = (
+            f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_bound}), increase gamma (now {gamma}), or use a "
+            f"larger loss_scale (smaller nbeta, now {nb:g})"
         )
-    if bias_end > 2 * bias_bound:
-        warnings.warn(
-            f"at the end of sampling the chains sit where the step-size bias bound η(nβ h_max + γ)/4 is {bias_end:.2g} "
-            f"(h_max {h_end:.3g}), above the {bias_bound:.2g} aimed for: λ̂ may be over-estimated by "
-            f"up to {bias_end / (1 - min(bias_end, 0.99)):.0%}; pass a smaller step_size (e.g. {eta * bias_bound / bias_end:.2g}) "
-            f"or a larger burnin so that the burn-in adaptation sees these regions",
-            RuntimeWarning, stacklevel=2,
+        if len(failed) == chains:
+            raise NumericalError(f"all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
+        if failed:
+            warnings.warn(
+                f"{len(failed)} of {chains} chains diverged and are excluded (chain: step {failed}); {advice}",
+                RuntimeWarning, stacklevel=2,
+            )
+        if bias_end > 2 * bias_bound:
+            warnings.warn(
+                f"at the end of sampling the chains sit where the step-size bias bound η(nβ h_max + γ)/4 is {bias_end:.2g} "
+                f"(h_max {h_end:.3g}), above the {bias_bound:.2g} aimed for: λ̂ may be over-estimated by "
+                f"up to {bias_end / (1 - min(bias_end, 0.99)):.0%}; pass a smaller step_size (e.g. {eta * bias_bound / bias_end:.2g}) "
+                f"or a larger burnin so that the burn-in adaptation sees these regions",
+                RuntimeWarning, stacklevel=2,
+            )
+        wall = max(p["wall_s"] for p in parts)
+        compile_s = max(p["compile_s"] for p in parts)
+        # The reported bound uses the largest curvature measured before sampling: the pilots' h_max and
+        # every burn-in re-measurement (which may have lowered η because the chains found stiffer regions);
+        # the pilot value alone would under-state the bound the final η was chosen for.
+        h_max = max([choice.h_max] + [a["h_max"] for a in adaptations if math.isfinite(a["h_max"])])
+        bound = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
+        diagnostics = {
+            **choice.to_dict(), "step_size_source": source, "step_size": eta,
+            "h_max_pilot": choice.h_max, "h_max": h_max, "bias_bound": bound,
+            "predicted_bias_factor": 1.0 / (1.0 - bound) if bound < 1 else float("inf"),
+            "h_max_end": h_end, "bias_bound_end": bias_end, "adaptations": list(adaptations),
+            "norms": norms, "norm_names": NORMS, "failed_at": failed_at, "wall_s": wall,
+            # Per chain-step of sampling, without the one-off compilation (its seconds are compile_s).
+            "s_per_chain_step": (wall - compile_s) * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
+            "compiled": loss_grad.compiled, "compile_s": compile_s, "compile_error": loss_grad.compile_error,
+            "n_samples": target.n_samples, "mean_positions_per_batch": target.mean_positions, "world_size": world,
+            "steps_done": steps_done,
+            "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "
+                             "averaged over post-burn-in steps",
+        }
+        return LLCResult(
+            llc=mean, llc_std=std, llc_stderr=stderr, llc_per_chain=per_chain, trace=(nb * losses).T, nbeta=nb,
+            step_size=eta, gamma=float(gamma), chains=chains, draws=draws, burnin=burnin, n_params=n_params,
+            loss=target.loss_name, sampler=sampler, failed=failed, diagnostics=diagnostics, selection=spec,
         )
-    wall = max(p["wall_s"] for p in parts)
-    compile_s = max(p["compile_s"] for p in parts)
-    # The reported bound uses the largest curvature measured before sampling: the pilots' h_max and
-    # every burn-in re-measurement (which may have lowered η because the chains found stiffer regions);
-    # the pilot value alone would under-state the bound the final η was chosen for.
-    h_max = max([choice.h_max] + [a["h_max"] for a in adaptations if math.isfinite(a["h_max"])])
-    bound = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
-    diagnostics = {
-        **choice.to_dict(), "step_size_source": source, "step_size": eta,
-        "h_max_pilot": choice.h_max, "h_max": h_max, "bias_bound": bound,
-        "predicted_bias_factor": 1.0 / (1.0 - bound) if bound < 1 else float("inf"),
-        "h_max_end": h_end, "bias_bound_end": bias_end, "adaptations": list(adaptations),
-        "norms": norms, "norm_names": NORMS, "failed_at": failed_at, "wall_s": wall,
-        # Per chain-step of sampling, without the one-off compilation (its seconds are compile_s).
-        "s_per_chain_step": (wall - compile_s) * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
-        "compiled": loss_grad.compiled, "compile_s": compile_s, "compile_error": loss_grad.compile_error,
-        "n_samples": target.n_samples, "world_size": world, "steps_done": steps_done,
-        "estimate_uses": "minibatch loss at θ_t used for its gradient, averaged over post-burn-in steps",
-    }
-    return LLCResult(
-        llc=mean, llc_std=std, llc_stderr=stderr, llc_per_chain=per_chain, trace=(nb * losses).T, nbeta=nb,
-        step_size=eta, gamma=float(gamma), chains=chains, draws=draws, burnin=burnin, n_params=n_params,
-        loss=target.loss_name, sampler=sampler, failed=failed, diagnostics=diagnostics, selection=spec,
-    )

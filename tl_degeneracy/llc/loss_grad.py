@@ -64,6 +64,10 @@ class LossGrad:
         elif compile:
             import torch._dynamo  # noqa: F401  (its config is patched around compiling calls)
 
+            # The loss divides by the data's mean count of positions per batch (targets.py), which is
+            # computed (forwards over every batch) and cached here, so the trace reads a constant.
+            target.mean_positions  # noqa: B018
+
             with warnings.catch_warnings():
                 # torch.compile's first call imports Inductor, which imports torch.utils.mkldnn, which
                 # warns about torch's own use of torch.jit: nothing the caller can act on.

@@ -1,8 +1,9 @@
 """Behavioral losses against reference outputs (METHODS §1).
 
-Both losses are means over samples of a per-sample divergence between the perturbed model's output
-f_θ(x) and the reference output f_θ*(x); both vanish, with their gradient, at θ = θ*, so the LLC
-estimator needs no baseline estimate (L_B(θ*) = 0 exactly).
+Both losses are means over samples (every counted position of the whole dataset, METHODS §0) of a
+per-sample divergence between the perturbed model's output f_θ(x) and the reference output f_θ*(x);
+both vanish, with their gradient, at θ = θ*, so the LLC estimator needs no baseline estimate
+(L_B(θ*) = 0 exactly).
 
 * ``kl``:  KL(p_θ*(·|x) ‖ p_θ(·|x)) with p = softmax(outputs) over the last axis.
 * ``mse``: ½‖f_θ(x) − f_θ*(x)‖² over the last axis. The factor ½ makes it the KL divergence
@@ -51,12 +52,16 @@ def per_sample_loss(
     raise ValueError(f"unknown behavioral loss {loss!r}; choose one of {LOSSES}")
 
 
-def masked_mean(
+def masked_sum(
     values: Float[Tensor, "chain *batch"], mask: Bool[Tensor, "*batch"] | None
 ) -> Float[Tensor, " chain"]:
-    """Mean over all sample axes (or over the samples where ``mask`` is true), one value per chain."""
+    """Sum over all sample axes (or over the samples where ``mask`` is true), one value per chain.
+
+    A sum, not a mean: the dataset's L_B is a mean over every counted position of all batches
+    (METHODS §1), so a batch contributes its sum and the division is by positions counted across
+    batches (``Target.loss_on``), never by the batch's own count.
+    """
     flat = values.flatten(1)
     if mask is None:
-        return flat.mean(1)
-    m = mask.flatten().to(flat.dtype)
-    return (flat * m).sum(1) / m.sum().clamp_min(1)
+        return flat.sum(1)
+    return (flat * mask.flatten().to(flat.dtype)).sum(1)

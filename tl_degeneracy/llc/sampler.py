@@ -8,8 +8,10 @@ the loop. Per step t, on batch b = t mod n_batches (the same batch for every cha
 
 with m the selection mask (restricted LLC: it multiplies gradient, prior and noise, so unselected
 coordinates never move) and G = 1 (SGLD) or the RMSProp preconditioner G = 1/(eps + √V),
-V ← αV + (1 − α)(nβ∇L)². The loss L_B,b(θ_t) evaluated for the gradient (before the update) is
-recorded per chain and step on the device and copied out in blocks.
+V ← αV + (1 − α)(nβ∇L)². L_B,b is batch b's estimate of the dataset's L_B, weighted by its counted
+positions (targets.py), so that over a cycle of ragged batches the drift averages to nβ∇L_B. The
+loss L_B,b(θ_t) evaluated for the gradient (before the update) is recorded per chain and step on
+the device and copied out in blocks.
 
 A chain whose loss becomes non-finite or explodes (nβ L > ``explode_at``) is frozen at θ* and
 flagged with the step it failed at; the check is a device-side ``where``, read at block ends.
@@ -108,7 +110,7 @@ def chain_seed(seed: int, chain: int) -> int:
 
 def initial_state(target: Target, layout: FlatLayout, seeds: Sequence[int], settings: SamplerSettings) -> SamplerState:
     device = target.device
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
+    dtype = target.dtype
     C = len(seeds)
     gens = []
     for s in seeds:

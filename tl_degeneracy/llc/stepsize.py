@@ -71,7 +71,9 @@ def top_hessian_eigenvalue(
     does not depend on which other points are computed beside it (``point_seeds``: one start vector
     per point from its own seed; else one generator seeded by ``seed`` for all).
 
-    Uses the first ``max_batches`` batches (their mean Hessian).
+    Uses the first ``max_batches`` batches: the mean of their Hessians of L_B,b, each batch's loss
+    weighted by its counted positions (targets.py), so that with no more batches than that it is
+    the Hessian of the dataset's L_B (METHODS §1), however ragged the batches.
     """
     m = mask.to(points.dtype)
     P = points.shape[0]
@@ -179,7 +181,7 @@ def choose_step_size(
     seed: int = 0,
 ) -> StepSizeChoice:
     """Choose η so that the bias bound η (nβ h_max + γ)/4 is ``bias_bound`` (module docstring)."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in target.star.values()) else torch.float32
+    dtype = target.dtype
     origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
     h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
     h_used = h_ref

@@ -12,6 +12,20 @@ is a function of tensors alone, which ``torch.compile`` can trace once for every
 * :class:`ModuleTarget` – any ``nn.Module`` mapping an input tensor to an output tensor, through
   ``torch.func.functional_call`` vmapped over the chain axis.
 
+Weighting (METHODS §1). L_B is the mean of the per-sample divergence over every counted position
+of the whole dataset: N positions in ``n_batches`` batches, n_b of them in batch b (padding and a
+skipped BOS never count). ``loss(deltas, b)`` is batch b's estimate of it,
+
+    L_B,b = (Σ over the n_b counted positions of b of the divergence) / n̄,    n̄ = N / n_batches,
+
+divided by the mean count per batch n̄, not by n_b. Its mean over the batches of one cycle is
+exactly L_B = Σ divergence / N, so ragged batches (sequences of different lengths, a short last
+batch) give the same L_B as one full batch, and so does its expectation when b is drawn uniformly
+from the cycle; dividing by n_b would make the cycle mean a mean of batch means, which weights the
+positions of short batches up. With equal counts per batch (fixed-length sequences, full batches)
+n_b = n̄ and L_B,b is the batch mean; with one batch it is L_B itself. ``mean_loss`` is the
+position-weighted mean over a set of batches (by default all: the dataset's L_B).
+
 Reference outputs f_θ*(x) are computed from the frozen θ* under ``no_grad`` when a batch is first
 needed and kept while the cache stays within ``cache_bytes``; beyond that they are recomputed per
 step (one extra forward pass).
@@ -20,9 +34,10 @@ step (one extra forward pass).
 from __future__ import annotations
 
 import abc
-import contextlib
+import functools
 import hashlib
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -30,8 +45,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import DataError
+from ..numerics import compute_dtype
+from ..models.adapter import forward_scope
 from ..models.chains import ChainMap
-from .losses import LOSSES, masked_mean, per_sample_loss, reference_form
+from .losses import LOSSES, masked_sum, per_sample_loss, reference_form
 
 #: Default memory budget for cached reference outputs (log-probabilities for kl).
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -58,6 +75,8 @@ class Target(abc.ABC):
     loss_name: str
     star: dict[str, Tensor]
     description: dict
+    #: The model whose forwards the loss runs (what ``forward_scope`` keeps as found).
+    module: nn.Module
 
     def __init__(self, loss: str, cache_bytes: int):
         if loss not in LOSSES:
@@ -72,10 +91,24 @@ class Target(abc.ABC):
     def n_batches(self) -> int:
         """Number of batches in the fixed cycle."""
 
-    @property
-    @abc.abstractmethod
+    def positions(self, b: int) -> int:
+        """n_b: the counted positions of batch b, what its loss sums over (every output position
+        where the target has no sample mask, e.g. one per sequence for toy:sma)."""
+        _, reference, mask = self.batch_tensors(b)
+        return int(mask.sum()) if mask is not None else math.prod(reference.shape[:-1])
+
+    @functools.cached_property
     def n_samples(self) -> int:
-        """Number of samples the loss averages over (all batches)."""
+        """N = Σ_b n_b: the samples (counted positions) of the whole dataset that L_B averages over."""
+        count = sum(self.positions(b) for b in range(self.n_batches))
+        if count == 0:
+            raise DataError("the data hold no counted positions (every position is padding or a skipped BOS)")
+        return count
+
+    @property
+    def mean_positions(self) -> float:
+        """n̄ = N / n_batches, the divisor of every batch's loss (module docstring)."""
+        return self.n_samples / self.n_batches
 
     #: Why this target's loss cannot be compiled as one graph ("" where it can; loss_grad.py).
     compile_obstacle: str = ""
@@ -83,6 +116,12 @@ class Target(abc.ABC):
     @property
     def device(self) -> torch.device:
         return next(iter(self.star.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the sampler's state, losses and sums are kept in: the package's compute-dtype rule
+        (float64 when a parameter is, else float32; bf16/fp16 parameters never set it)."""
+        return compute_dtype(t.dtype for t in self.star.values())
 
     @abc.abstractmethod
     def _reference_outputs(self, b: int) -> Tensor:
@@ -138,33 +177,41 @@ class Target(abc.ABC):
     def loss_on(
         self, deltas: dict[str, Float[Tensor, "chain ..."]], inputs: Tensor, reference: Tensor, mask: Tensor | None
     ) -> Float[Tensor, " chain"]:
-        """L_B(θ* + δ_c) on one batch's tensors (``batch_tensors``), for every chain c."""
+        """L_B,b(θ* + δ_c) on one batch's tensors (``batch_tensors``), for every chain c: the sum of
+        the per-sample divergence over the batch's counted positions divided by n̄ (module docstring)."""
         out = self._outputs(deltas, inputs)
         if out.shape[1:] != reference.shape:
             raise DataError(f"perturbed outputs {tuple(out.shape[1:])} and reference outputs {tuple(reference.shape)} differ in shape")
-        return masked_mean(per_sample_loss(self.loss_name, out, reference), mask)
+        return masked_sum(per_sample_loss(self.loss_name, out, reference), mask) / self.mean_positions
 
     def loss(self, deltas: dict[str, Float[Tensor, "chain ..."]], b: int) -> Float[Tensor, " chain"]:
-        """L_B,b(θ* + δ_c) for every chain c (differentiable in ``deltas``)."""
+        """L_B,b(θ* + δ_c) for every chain c (differentiable in ``deltas``): batch b's estimate of the
+        dataset's L_B, weighted by its counted positions (module docstring)."""
         return self.loss_on(deltas, *self.batch_tensors(b))
 
+    def mean_loss(
+        self, deltas: dict[str, Float[Tensor, "chain ..."]], batches: Sequence[int] | None = None
+    ) -> Float[Tensor, " chain"]:
+        """L_B(θ* + δ_c) averaged over every counted position of ``batches`` (default: all batches,
+        the dataset's L_B; METHODS §1), for every chain c (differentiable in ``deltas``).
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+        Each ``loss(·, b)`` is batch b's sum over its positions divided by n̄, so their sum times
+        n̄ / Σ_b n_b is the mean over those positions (for all batches: the mean of the losses).
+        """
+        batches = range(self.n_batches) if batches is None else batches
+        count = sum(self.positions(b) for b in batches)
+        if count == 0:
+            raise DataError(f"batches {list(batches)} hold no counted positions")
+        return sum(self.loss(deltas, b) for b in batches) * (self.mean_positions / count)
 
 
 class ModuleTarget(Target):
     """A plain ``nn.Module`` on a tensor of inputs (first axis = samples).
 
     ``kl`` treats the outputs' last axis as logits; ``mse`` compares outputs (a 1-D output is one
-    number per sample). All trainable parameters are sampled unless a selection says otherwise.
+    number per sample). Every output position counts: an output [rows, k] has one sample per row, an
+    output [rows, pos, k] one per (row, position). All trainable parameters are sampled unless a
+    selection says otherwise.
     """
 
     def __init__(self, module: nn.Module, data: Tensor, loss: str, batch_size: int | None, cache_bytes: int):
@@ -190,10 +237,6 @@ class ModuleTarget(Target):
     def n_batches(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
-    @property
-    def n_samples(self) -> int:
-        return len(self.data)
-
     def _data_digest(self) -> str:
         # Buffers (e.g. normalisation statistics) shape the outputs too, so they are part of "the data".
         buffers = sorted((f"buffer:{n}", t) for n, t in self.module.named_buffers())
@@ -207,7 +250,7 @@ class ModuleTarget(Target):
         return out.unsqueeze(-1) if out.ndim == 1 else out
 
     def _reference_outputs(self, b: int) -> Tensor:
-        with _eval(self.module):
+        with forward_scope(self.module):
             return self._shape_outputs(self.module(self._inputs(b)))
 
     def _outputs(self, deltas: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -215,7 +258,7 @@ class ModuleTarget(Target):
             values = {n: self.star[n] + d for n, d in ds.items()}
             return self._shape_outputs(functional_call(self.module, values, (x,), strict=False))
 
-        with _eval(self.module):
+        with forward_scope(self.module):
             return self._chain_map(single, deltas)
 
 
@@ -232,6 +275,7 @@ class AdapterTarget(Target):
         from ..data import TokenBatches, token_batches
 
         self.adapter = adapter
+        self.module = adapter.model
         self.compile_obstacle = adapter.compile_obstacle
         if isinstance(data, TokenBatches):
             self.batches = data
@@ -250,15 +294,6 @@ class AdapterTarget(Target):
     @property
     def n_batches(self) -> int:
         return len(self.batches)
-
-    @property
-    def n_samples(self) -> int:
-        """The data's counted positions; for a model with fewer output positions than tokens (it
-        predicts once per sequence, e.g. toy:sma) every output position of every sequence."""
-        reference = self.reference(0)
-        if self._mask(0, reference) is not None:
-            return self.batches.n_samples
-        return self.batches.n_sequences * reference.shape[-2]
 
     def _data_digest(self) -> str:
         tb = self.batches

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import operator
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -29,8 +31,89 @@ from .weights import AttentionWeights, EmbeddingWeights, MLPWeights
 
 HookFn = Callable[[Tensor, object], Tensor | None]
 
+
+def _changed_tensor_attributes(now: dict, before: dict) -> list[str]:
+    """Keys of a module's ``__dict__`` that hold, or held, a tensor and are no longer the same object.
+
+    Parameters, buffers and submodules live in nn.Module's own dicts (``_parameters`` ...), so what
+    is found here are plain tensor attributes: caches a forward writes, never the model's state.
+    """
+    # Fast path, in C: most modules' attributes are the same objects under the same keys.
+    if now.keys() == before.keys() and all(map(operator.is_, now.values(), before.values())):
+        return []
+    return [
+        k for k in now.keys() | before.keys()
+        if now.get(k) is not before.get(k) and (isinstance(now.get(k), Tensor) or isinstance(before.get(k), Tensor))
+    ]
+
+
+#: id() of the models inside a :func:`forward_scope` now (a nested scope on the same model is free).
+_IN_SCOPE: set[int] = set()
+
+
+@contextlib.contextmanager
+def forward_scope(model: nn.Module) -> Iterator[None]:
+    """Run forwards of ``model`` in eval mode (no dropout) and give the model back as it found it.
+
+    Every forward an analysis runs goes through this (``ModelAdapter.eval_mode``, the LLC's plain
+    modules), so no analysis leaves state behind: each module's training flag is restored, and so is
+    every tensor attribute that is neither a parameter nor a buffer — a forward-time cache such as
+    the Hugging Face attention's ``_pattern`` under a TransformerLens 4.x bridge, which after a
+    perturbed forward holds the chains' autograd graph (keeping it in memory) and after a vmapped
+    one a batched tensor that escaped ``vmap`` (``copy.deepcopy(model)`` then fails). An attribute
+    the forward added is deleted; one it replaced, rebound or deleted is put back as the same object.
+    Outputs a forward returns, and the graphs behind them, are the caller's and are not touched.
+    Tensors changed in place (not rebound) are not tracked: no supported backend does that.
+
+    Re-entrant: inside a scope on the same model a nested one does nothing, the outer one restoring
+    everything at its end, so a loop of forwards (an SGLD run) can hold one scope around all of them
+    instead of paying for one per forward.
+    """
+    if id(model) in _IN_SCOPE:
+        yield
+        return
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    # A shallow copy of each __dict__: references only, no tensor data is copied.
+    before = [dict(vars(m)) for m in modules]
+    model.eval()
+    _IN_SCOPE.add(id(model))
+    try:
+        yield
+    finally:
+        _IN_SCOPE.discard(id(model))
+        for m, training, saved in zip(modules, modes, before):
+            m.training = training
+            attributes = vars(m)
+            # Written through __dict__, past nn.Module's and the bridge components' __setattr__ /
+            # __delattr__, which would route names to parameters or to the wrapped HF module.
+            for key in _changed_tensor_attributes(attributes, saved):
+                if key in saved:
+                    attributes[key] = saved[key]
+                else:
+                    del attributes[key]
+
+
 _BLOCK_COMPONENT = re.compile(r"^blocks\.(\d+)\.(attn|mlp|ln\w*)\.")
 _MODEL_COMPONENT = re.compile(r"^(embed|pos_embed|unembed|ln_final)\.")
+
+#: ModelConfig.normalization → the name :class:`NormWeights` gives the operation.
+_NORM_KINDS = {"LN": "layernorm", "RMS": "rmsnorm", None: None}
+
+
+@dataclass(frozen=True)
+class NormWeights:
+    """The normalization in front of a block's attention (``ln1``) or MLP (``ln2``) (METHODS §2).
+
+    ``kind``: ``"layernorm"`` (x ↦ (x − mean x)/σ · w + b), ``"rmsnorm"`` (x ↦ x/rms · w) or None
+    (no normalization). ``w``/``b`` [d_model] as stored, None where the model has none: absent from
+    the architecture, or folded into the next linear maps (HookedTransformer's ``fold_ln``; a
+    compatibility-mode bridge keeps them as w = 1, b = 0).
+    """
+
+    kind: str | None
+    w: Float[Tensor, " d_model"] | None
+    b: Float[Tensor, " d_model"] | None
 
 
 class ModelAdapter(abc.ABC):
@@ -157,16 +240,11 @@ class ModelAdapter(abc.ABC):
         return None
 
     # ------------------------------------------------------------------ forward
-    @contextlib.contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        """Run in eval mode (no dropout) and give the model back in the mode it had."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
+    def eval_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Run in eval mode (no dropout) and give the model back as it was found: its modes and its
+        modules' tensor attributes (forward-time caches); see :func:`forward_scope`. Every forward
+        of the adapter runs inside it."""
+        return forward_scope(self.model)
 
     def _logits(self, out) -> Float[Tensor, "batch pos vocab"]:
         """Turn the model's forward output into logits of shape [batch, pos, vocab]."""
@@ -212,6 +290,35 @@ class ModelAdapter(abc.ABC):
             return AttentionWeights.from_layers(
                 [self._layer_attention(layer) for layer in range(self.n_layers)], self.n_heads
             )
+
+    #: Whether a norm's ``hook_normalized`` fires before its gain and bias (TransformerLens'
+    #: LayerNorm/RMSNorm and the bridge's: x/σ) or after them (the bundled toys: x/σ·w + b).
+    normalized_before_affine: ClassVar[bool] = False
+
+    def _layer_norm(self, layer: int, ln: str) -> tuple[Tensor | None, Tensor | None]:
+        """(w, b) of the norm ``ln`` of ``layer``, None where absent. Default: the TransformerLens
+        module ``blocks[layer].<ln>`` with attributes ``w`` and ``b`` (HookedTransformer, the bridge's
+        NormalizationBridge and the toys all have this shape)."""
+        module = getattr(self.model.blocks[layer], ln)
+        return getattr(module, "w", None), getattr(module, "b", None)
+
+    def norm_weights(self, layer: int, ln: str) -> NormWeights:
+        """The normalization ``ln`` (``"ln1"``: before the attention, ``"ln2"``: before the MLP) of
+        ``layer``: its kind and stored gain/bias (:class:`NormWeights`), detached."""
+        if ln not in ("ln1", "ln2"):
+            raise ValueError(f"ln must be 'ln1' (attention input) or 'ln2' (MLP input); got {ln!r}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range for a model with {self.n_layers} layers")
+        if self.cfg.normalization not in _NORM_KINDS:
+            raise ValueError(
+                f"normalization {self.cfg.normalization!r} of this {type(self.model).__name__} is neither LayerNorm nor "
+                "RMSNorm; tl_degeneracy does not know how it enters the attention and MLP inputs"
+            )
+        kind = _NORM_KINDS[self.cfg.normalization]
+        if kind is None:
+            return NormWeights(None, None, None)
+        w, b = self._layer_norm(layer % self.n_layers, ln)
+        return NormWeights(kind, None if w is None else w.detach(), None if b is None else b.detach())
 
     def mlp_weights(self) -> MLPWeights:
         """MLP weights of every layer (W_gate set for gated MLPs)."""

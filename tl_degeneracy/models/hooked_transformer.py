@@ -86,6 +86,7 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
     parameter set: HookedTransformer's names, its zero biases and its untied ``W_U``)."""
 
     backend = "hooked_transformer"
+    normalized_before_affine = True  # LayerNorm/RMSNorm: hook_normalized(x / scale), then · w + b
 
     def _read_config(self) -> ModelConfig:
         c = self.model.cfg

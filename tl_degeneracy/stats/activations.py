@@ -33,6 +33,7 @@ class _Collector:
         self.layouts: dict[str, FeatureLayout] = {}
         self.units: dict[str, str] = {}
         self.accs: dict[str, MomentAccumulator] = {}
+        self.dtypes: dict[str, torch.dtype] = {}  # as the forward produced them: the rank rule's precision
         self.index: SampleIndex | None = None
         self.flags: dict[str, torch.Tensor] = {}
         self.accumulate = True
@@ -46,7 +47,7 @@ class _Collector:
             unit = self.index.unit(tuple(act.shape), name)
             if name not in self.layouts:
                 layout = feature_layout(target.kind, tuple(act.shape[2:]), self.per_head)
-                self.layouts[name], self.units[name] = layout, unit
+                self.layouts[name], self.units[name], self.dtypes[name] = layout, unit, act.dtype
                 self.accs[name] = MomentAccumulator(layout.groups, layout.dim, device=self.device)
             elif unit != self.units[name]:
                 raise ValueError(f"hook {name!r} changed its position axis between batches ({self.units[name]} → {unit})")
@@ -153,6 +154,7 @@ def activation_stats(
             centered=bool(center),
             cov=None if layout.head_blocks_only else cov[0],
             head_cov=cov if layout.head_blocks_only else None,
+            dtype=collector.dtypes[t.name],
         )
     return ActivationStats(
         stats=stats,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "reduce_device"]
+__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,24 @@ def all_reduce_sum_(t: Tensor, group=None) -> Tensor:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         t.copy_(buf)
     return t
+
+
+def _scalar_collective(value: float, collective, group=None) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = t.to(reduce_device(t, group))  # NCCL takes CUDA tensors only
+    collective(t)
+    return float(t[0])
+
+
+def broadcast_float(value: float, src: int = 0, group=None) -> float:
+    """Rank ``src``'s ``value`` on every rank (``value`` itself without a process group)."""
+    if not distributed_context(group).active:
+        return float(value)
+    return _scalar_collective(value, lambda t: dist.broadcast(t, src, group=group), group)
+
+
+def max_over_ranks(value: float, group=None) -> float:
+    """The largest ``value`` over the ranks (``value`` itself without a process group)."""
+    if not distributed_context(group).active:
+        return float(value)
+    return _scalar_collective(value, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group), group)

@@ -82,6 +82,7 @@ class JacobianPass:
     accs: dict[str, SecondMomentAccumulator] = field(default_factory=dict)
     layouts: dict[str, FeatureLayout] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # of the activations: the backward's precision
     output_unit: str | None = None
     no_gradient: set[str] = field(default_factory=set)
     exact: bool | None = None
@@ -189,6 +190,7 @@ def jacobian_pass(
             act = acts[t.name]
             layout = feature_layout(t.kind, tuple(act.shape[2:]), per_head)
             res.layouts[t.name], res.units[t.name] = layout, step.index.unit(tuple(act.shape), t.name)
+            res.dtypes[t.name] = act.dtype
             res.accs[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
             if halves and not res.exact and half > 0:
                 res.halves[t.name] = tuple(SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
@@ -325,6 +327,7 @@ def jacobian_stats(
             feature_shape=layout.feature_shape,
             full=None if layout.head_blocks_only else gram[0],
             head_full=gram if layout.head_blocks_only else None,
+            dtype=res.dtypes[t.name],
         )
     return JacobianStats(
         stats=stats,

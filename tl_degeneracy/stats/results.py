@@ -5,8 +5,11 @@ the feature vector is the flattened ``[head · d_head]`` activation, so the full
 cross-head Gram and the per-head Grams ``[head, d_head, d_head]`` are its diagonal blocks
 (METHODS §3 uses both: per-head value ranks s_h and block ranks s_S).
 
-Rank convention (METHODS §4, "zero means below rtol·max, or below loss_scale"): the number of
-eigenvalues λ with λ > max(rtol · λ_max, atol).
+Rank convention (METHODS §2 "Precision and ranks", §4 "zero means below rtol·max, or below
+loss_scale"): the number of eigenvalues λ with λ > max(rtol · λ_max, atol), where rtol defaults to
+the package's one rank rule (:mod:`tl_degeneracy.numerics`) for a Gram of vectors computed at the
+precision of the pass that produced them: ``activation_precision(dtype)`` of the activations' (or
+gradients') dtype, recorded per hook as ``dtype``.
 """
 
 from __future__ import annotations
@@ -23,18 +26,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..data import Positions
+from ..numerics import activation_precision, numerical_rank  # numerical_rank re-exported: tl_degeneracy.stats
 from .accumulators import descending_eigvalsh
 
 __all__ = ["ActivationStats", "HookStats", "JacobianHookStats", "JacobianStats", "numerical_rank"]
-
-DEFAULT_RTOL = 1e-10
-
-
-def numerical_rank(eigenvalues: Float[Tensor, "*groups d"], rtol: float = DEFAULT_RTOL, atol: float = 0.0) -> Tensor:
-    """Number of eigenvalues above max(rtol · largest, atol), per group (0 for an all-zero matrix)."""
-    top = eigenvalues.max(-1, keepdim=True).values.clamp_min(0)
-    cut = torch.maximum(top * rtol, torch.full_like(top, atol))
-    return ((eigenvalues > cut) & (eigenvalues > 0)).sum(-1)
 
 
 def _blocks(m: Float[Tensor, "D D"], heads: int) -> Float[Tensor, "heads d d"]:
@@ -52,6 +47,9 @@ class _GramStats(abc.ABC):
     count: int
     unit: str  # "position": one sample per counted token position; "sequence": one per sequence
     feature_shape: tuple[int, ...]
+    #: dtype of the activations (gradients) as the forward (backward) pass produced them; the rank
+    #: rule's precision is ``activation_precision(dtype)`` (METHODS §2, numerics module docstring).
+    dtype: torch.dtype = torch.float32
 
     @property
     def dim(self) -> int:
@@ -60,6 +58,11 @@ class _GramStats(abc.ABC):
     @property
     def n_heads(self) -> int | None:
         return self.feature_shape[0] if len(self.feature_shape) == 2 else None
+
+    @property
+    def precision(self) -> torch.dtype:
+        """The precision of the rank rule for these Grams: ``activation_precision(dtype)``."""
+        return activation_precision(self.dtype)
 
     @property
     @abc.abstractmethod
@@ -87,18 +90,23 @@ class _GramStats(abc.ABC):
         """Eigenvalues of each head's Gram, largest first."""
         return descending_eigvalsh(self._head_matrix(centered))
 
-    def rank(self, rtol: float = DEFAULT_RTOL, atol: float = 0.0, centered: bool | None = None) -> int:
-        return int(numerical_rank(self.eigenvalues(centered), rtol, atol))
+    def rank(self, rtol: float | None = None, atol: float = 0.0, centered: bool | None = None) -> int:
+        """Numerical rank of the full Gram: eigenvalues above max(rtol·λ_max, atol); ``rtol``
+        defaults to the rank rule for a [dim, dim] Gram at :attr:`precision`."""
+        return int(numerical_rank(self.eigenvalues(centered), self.dim, precision=self.precision, gram=True,
+                                  rtol=rtol, atol=atol))
 
-    def head_ranks(self, rtol: float = DEFAULT_RTOL, atol: float = 0.0, centered: bool | None = None) -> Tensor:
-        return numerical_rank(self.head_eigenvalues(centered), rtol, atol)
+    def head_ranks(self, rtol: float | None = None, atol: float = 0.0, centered: bool | None = None) -> Tensor:
+        """Numerical rank of each head's [d_head, d_head] Gram (rule as in :meth:`rank`)."""
+        ev = self.head_eigenvalues(centered)
+        return numerical_rank(ev, ev.shape[-1], precision=self.precision, gram=True, rtol=rtol, atol=atol)
 
     def trace(self, centered: bool | None = None) -> float:
         if self.has_full:
             return float(self._matrix(centered).diagonal().sum())
         return float(self._head_matrix(centered).diagonal(dim1=-2, dim2=-1).sum())
 
-    def summary(self, rtol: float = DEFAULT_RTOL) -> dict:
+    def summary(self, rtol: float | None = None) -> dict:
         return {
             "hook": self.name,
             "kind": self.kind,
@@ -230,9 +238,10 @@ class _Collection(Mapping):
     def hooks(self) -> list[str]:
         return list(self.stats)
 
-    def to_frame(self, rtol: float = DEFAULT_RTOL, per_head: bool = False) -> pd.DataFrame:
+    def to_frame(self, rtol: float | None = None, per_head: bool = False) -> pd.DataFrame:
         """One row per hook (hook, kind, layer, unit, dim, count, rank at ``rtol``, trace); with
-        ``per_head=True`` one row per (hook, head) for hooks with a head axis."""
+        ``per_head=True`` one row per (hook, head) for hooks with a head axis. ``rtol=None``: each
+        hook's rank rule (:meth:`HookStats.rank`)."""
         rows = []
         for s in self.stats.values():
             if per_head and s.n_heads is not None:
@@ -266,7 +275,7 @@ class ActivationStats(_Collection):
     n_batches: int = 0
     world_size: int = 1
 
-    def to_dict(self, rtol: float = DEFAULT_RTOL) -> dict:
+    def to_dict(self, rtol: float | None = None) -> dict:
         return {
             "kind": "activation_stats",
             "centered": self.centered,
@@ -298,7 +307,7 @@ class JacobianStats(_Collection):
     world_size: int = 1
     output_unit: str = "position"
 
-    def to_dict(self, rtol: float = DEFAULT_RTOL) -> dict:
+    def to_dict(self, rtol: float | None = None) -> dict:
         return {
             "kind": "jacobian_stats",
             "output": self.output,

@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..numerics import compute_dtype
+
 __all__ = ["Backward", "cotangents", "differentiable_capture", "probe_generator"]
 
 
@@ -100,7 +102,7 @@ def cotangents(
     for start in range(0, n_probes, chunk):
         probes = range(start, min(start + chunk, n_probes))
         if objective == "mse":
-            rand_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+            rand_dtype = compute_dtype(out.dtype)
             cot = torch.zeros(len(probes), b, P, V, dtype=rand_dtype, device=out.device)
         else:
             cot = -p.expand(len(probes), b, P, V).clone()

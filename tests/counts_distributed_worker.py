@@ -1,0 +1,34 @@
+"""Worker for tests/test_counts.py::test_two_processes_one_batch, launched with ``python -m
+torch.distributed.run``: ``degeneracy_counts`` on data of a single batch under a gloo process group
+of two ranks, so rank 1 has no batch of its own and must still join every reduction (the input
+moments once raised KeyError there). Each rank saves its frame's rank columns."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.fixtures.toys import make_tiny_toy_transformer  # noqa: E402
+from tl_degeneracy.counts import degeneracy_counts  # noqa: E402
+
+
+def compute() -> dict[str, torch.Tensor]:
+    """rank_G and rank_K of every map of a float64 tiny toy on one batch of 3 sequences."""
+    model = make_tiny_toy_transformer(n_layers=1).double()
+    tokens = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(4))
+    frame = degeneracy_counts(model, tokens, n_probes=4, batch_size=8, output="mse")
+    return {"rank_G": torch.tensor(frame["rank_G"].tolist()), "rank_K": torch.tensor(frame["rank_K"].tolist())}
+
+
+if __name__ == "__main__":
+    from tests.fixtures.distributed import worker_main
+
+    worker_main(compute, sys.argv[1])
