@@ -137,6 +137,40 @@ def test_live_parameters(case, hf_dirs):
         assert sum(p.numel() for p in a.model.parameters()) > live.numel
 
 
+def test_tokenizer_ids_and_text_encoder(case):
+    """What data.py asks the adapter instead of the tokenizer: BOS and pad ids, and string encoding
+    without special tokens (the fixture's tokenizer: <pad>=0, <bos>=1, "wN" = N)."""
+    arch, backend, a = case
+    assert (a.bos_token_id, a.pad_token_id) == (1, 0)
+    encode, how = a.text_encoder()
+    assert how == "tokenizer" and encode("w3 w17 w99") == [3, 17, 99]
+
+
+def test_parameter_components(case):
+    """Every slot of a live parameter counts: GPT-2's tied embedding is both embed and unembed."""
+    arch, backend, a = case
+    live = a.unchecked_live_parameters()
+    components = {lp.name: a.parameter_components(lp) for lp in live}
+    assert components["blocks.0.attn.q.weight"] == {"blocks.0.attn"}
+    assert components["blocks.1.ln1.weight"] == {"blocks.1.ln1"}
+    if not tl3_compat_gated(arch, backend):  # there the MLP weights are detached copies, not live
+        assert components["blocks.1.mlp.out.weight"] == {"blocks.1.mlp"}
+    tied = arch == "gpt2" and backend == "bridge"
+    assert components["embed.weight"] == ({"embed", "unembed"} if tied else {"embed"})
+
+
+def test_unchecked_live_parameters(case):
+    """Where the bridge refuses its live set (TL 3.x compatibility mode, gated MLP), the unchecked set
+    still holds the attention weights, and is not cached: the adapter goes on refusing."""
+    arch, backend, a = case
+    if not tl3_compat_gated(arch, backend):
+        assert a.unchecked_live_parameters().names == a.live_parameters().names
+        return
+    assert "blocks.0.attn.q.weight" in a.unchecked_live_parameters().names
+    with pytest.raises(RuntimeError, match="detached"):
+        a.live_parameters()
+
+
 def test_perturbed_forward(case):
     arch, backend, a = case
     if tl3_compat_gated(arch, backend):

@@ -10,7 +10,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy.gauge import canonicalize_heads, random_gauge
 from tl_degeneracy.invariants import center_writing, fold_reading, ov_invariants, qk_invariants
-from tl_degeneracy.models.selection import _read_attention
+from tl_degeneracy.models.selection import read_attention
 
 from .fixtures.hf import ARCHS, BACKENDS, assert_state_unchanged, has_hooked_transformer, open_model, state_snapshot
 
@@ -73,7 +73,7 @@ def _effective(model, layer: int) -> dict[str, torch.Tensor]:
     """The effective factors of METHODS §2 of one layer, as stored (n_kv heads for K/V), float64."""
     adapter = tld.adapt(model)
     norm = adapter.norm_weights(layer, "ln1")
-    w = _read_attention(adapter, layer)
+    w = read_attention(adapter, layer)
     return {"W_Q": fold_reading(w["W_Q"], norm), "W_K": fold_reading(w["W_K"], norm),
             "W_V": fold_reading(w["W_V"], norm), "W_O": center_writing(w["W_O"], norm)}
 
@@ -112,7 +112,7 @@ def test_canonical_gauge_does_not_depend_on_how_the_model_was_loaded(tl_models, 
         ref = _effective(canon["bridge"], layer)
         for ld in loads[1:]:
             eff = _effective(canon[ld], layer)
-            stored = {k: v.double() for k, v in _read_attention(tld.adapt(canon[ld]), layer).items()}
+            stored = {k: v.double() for k, v in read_attention(tld.adapt(canon[ld]), layer).items()}
             for k in ("W_Q", "W_K", "W_V", "W_O"):
                 scale = float(ref[k].abs().max())
                 torch.testing.assert_close(eff[k], ref[k], rtol=0, atol=1e-5 * scale, msg=lambda m: f"{ld} {k}: {m}")

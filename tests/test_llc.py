@@ -261,7 +261,7 @@ def test_float64_model_is_computed_in_float64(loss):
     relative error ≤ 10⁻⁴ there: 10⁻⁶ for mse (L ∝ δ²), 10⁻³ for kl (its first-order terms cancel,
     leaving L ∝ δ² against rounding ∝ 10⁻¹²). In float32 both are lost (or pure rounding noise).
     """
-    from tl_degeneracy.llc.api import make_target
+    from tl_degeneracy.llc.targets import make_target
 
     centred = torch.tensor([0.0, 0.5, -0.3], dtype=torch.float64)  # softmax is not one-hot for kl
     offset = 1e4 + centred if loss == "kl" else torch.tensor([1e4, -1e4, 2e4], dtype=torch.float64)

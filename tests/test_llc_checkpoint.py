@@ -67,7 +67,7 @@ def test_checkpoint_from_another_model_or_other_data_is_refused(tmp_path):
 def test_more_ranks_than_chains_is_refused(monkeypatch):
     import sys
 
-    api = sys.modules["tl_degeneracy.llc.api"]
+    api = sys.modules["tl_degeneracy.llc.estimate"]
     monkeypatch.setattr(api, "distributed_context", lambda group=None: DistributedContext(0, 4))
     model, x = linear_regression(d=3, n=30)
     with pytest.raises(ValueError, match="4 ranks but only 2 chains"):
@@ -82,7 +82,7 @@ def test_collectives_use_the_backend_device(monkeypatch):
 
     from tl_degeneracy.stats import distributed
 
-    api = sys.modules["tl_degeneracy.llc.api"]
+    api = sys.modules["tl_degeneracy.llc.estimate"]
     real_reduce_device = distributed.reduce_device
     placed = []
 
@@ -163,7 +163,7 @@ def _fake_world(monkeypatch, found):
     """A two-rank world whose all_gather_object returns ``found`` (this rank's entry is its own)."""
     import sys
 
-    api = sys.modules["tl_degeneracy.llc.api"]
+    api = sys.modules["tl_degeneracy.llc.checkpoint"]
 
     def gather(parts, local):
         parts[:] = [local if f == "mine" else f for f in found]
@@ -173,7 +173,7 @@ def _fake_world(monkeypatch, found):
 
 
 def test_ranks_agree_on_resuming(tmp_path, monkeypatch):
-    """The collective resume decision (api._agree_on_resume), with the other rank simulated."""
+    """The collective resume decision (checkpoint.agree_on_resume), with the other rank simulated."""
     model, x = linear_regression(d=3, n=30)
     kw = dict(chains=2, draws=20, burnin=8, seed=1)
     behavioral_llc(model, x, checkpoint_dir=tmp_path, **kw)
@@ -183,18 +183,18 @@ def test_ranks_agree_on_resuming(tmp_path, monkeypatch):
     other = {"extra": extra, "settings": {k: v for k, v in payload["settings"].items() if k != "my_chains"},
              "step": payload["step"], "adapted": (extra.get("step_size"), [a["step"] for a in extra["adaptations"]])}
     api = _fake_world(monkeypatch, ["mine", other])  # both ranks hold consistent checkpoints: resume
-    assert api._agree_on_resume(path, 2)["step_size_choice"] == extra["step_size_choice"]
+    assert api.agree_on_resume(path, 2)["step_size_choice"] == extra["step_size_choice"]
     # The other rank has none: refused (on every rank: each sees the same gathered list).
     api = _fake_world(monkeypatch, ["mine", None])
     with pytest.raises(ValueError, match=r"checkpoints for ranks \[0\] only, of 2"):
-        api._agree_on_resume(path, 2)
+        api.agree_on_resume(path, 2)
     # This rank has none but the other has one: refused too.
     with pytest.raises(ValueError, match=r"ranks \[0\] only"):
-        _fake_world(monkeypatch, [other, "mine"])._agree_on_resume(str(tmp_path / "absent.pt"), 2)
+        _fake_world(monkeypatch, [other, "mine"]).agree_on_resume(str(tmp_path / "absent.pt"), 2)
     # Another run's checkpoint, or one that stopped before a burn-in adaptation the other has done.
     with pytest.raises(ValueError, match="different runs"):
-        _fake_world(monkeypatch, ["mine", {**other, "settings": {**other["settings"], "gamma": 2.0}}])._agree_on_resume(path, 2)
+        _fake_world(monkeypatch, ["mine", {**other, "settings": {**other["settings"], "gamma": 2.0}}]).agree_on_resume(path, 2)
     with pytest.raises(ValueError, match="different points of the burn-in"):
-        _fake_world(monkeypatch, ["mine", {**other, "adapted": (None, []), "step": 1}])._agree_on_resume(path, 2)
+        _fake_world(monkeypatch, ["mine", {**other, "adapted": (None, []), "step": 1}]).agree_on_resume(path, 2)
     # Nobody has one: start afresh.
-    assert _fake_world(monkeypatch, ["mine", None])._agree_on_resume(str(tmp_path / "absent.pt"), 2) is None
+    assert _fake_world(monkeypatch, ["mine", None]).agree_on_resume(str(tmp_path / "absent.pt"), 2) is None

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tl_degeneracy.llc import behavioral_llc
-from tl_degeneracy.llc.api import make_target, resolve_selection
+from tl_degeneracy.llc.layout import ParameterLayout, selection_masks
+from tl_degeneracy.llc.targets import make_target
 from tl_degeneracy.llc.loss_grad import LossGrad
-from tl_degeneracy.llc.sampler import FlatLayout
 from tl_degeneracy.theory import dln_learning_coefficient
 
 from .test_llc import deep_linear_network, dln_inputs, linear_regression
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _loss_grads(model, data, delta_scale: float, chains: int = 3):
     target = make_target(model, data, None, None)
-    _, masks = resolve_selection(model, target, None)
-    layout = FlatLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
+    _, masks = selection_masks(target, None)
+    layout = ParameterLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
     delta = delta_scale * torch.randn(chains, layout.numel, generator=torch.Generator().manual_seed(3))
     eager = LossGrad(target, layout)
     compiled = LossGrad(target, layout, compile=True)

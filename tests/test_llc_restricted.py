@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from tl_degeneracy.llc import behavioral_llc
-from tl_degeneracy.llc.api import make_target, resolve_selection
-from tl_degeneracy.llc.sampler import FlatLayout, SamplerSettings, chain_seed, initial_state, run_chains
+from tl_degeneracy.llc.layout import ParameterLayout, selection_masks
+from tl_degeneracy.llc.targets import make_target
+from tl_degeneracy.llc.sampler import Dynamics, chain_seed, initial_state, run_chains
 from tl_degeneracy.models.selection import select_parameters
 
 from .test_llc import linear_regression
@@ -14,10 +15,10 @@ from .test_llc import linear_regression
 
 def _run(model, data, params, steps=40, loss=None):
     target = make_target(model, data, loss, None)
-    _, masks = resolve_selection(model, target, params)
-    layout = FlatLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
+    _, masks = selection_masks(target, params)
+    layout = ParameterLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
     mask = layout.flatten(masks)
-    settings = SamplerSettings(nbeta=100.0, step_size=1e-3, gamma=1.0, steps=steps)
+    settings = Dynamics(nbeta=100.0, step_size=1e-3, gamma=1.0, steps=steps)
     state = run_chains(target, layout, mask, settings, initial_state(target, layout, [chain_seed(0, c) for c in range(3)], settings))
     return layout, mask, state
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tl_degeneracy.llc import behavioral_llc
-from tl_degeneracy.llc.api import ADAPT_AT
-from tl_degeneracy.llc.sampler import FlatLayout
+from tl_degeneracy.llc.stepsize import ADAPT_AT
+from tl_degeneracy.llc.layout import ParameterLayout
 from tl_degeneracy.llc.stepsize import top_hessian_eigenvalue
 
 from .test_llc import deep_linear_network, dln_inputs, linear_regression
@@ -37,7 +37,7 @@ def test_top_eigenvalue_is_the_largest_positive_one_beside_a_larger_negative_one
     spectrum = [-50.0, 4.0, 3.0, 2.0, 1.0, 0.5, -1.0, 0.0, -20.0, 3.9]
     n = len(spectrum)
     target = _Quadratic(_with_spectrum(spectrum, dtype))
-    layout, mask = FlatLayout(("w",), ((n,),)), torch.ones(n, dtype=torch.bool)
+    layout, mask = ParameterLayout(("w",), ((n,),)), torch.ones(n, dtype=torch.bool)
     points = torch.zeros(3, n, dtype=dtype)
     tol = 1e-4 if dtype == torch.float32 else 1e-9  # rounding of the 50-scale products
     # Default stopping: the Ritz value plus its residual, an upper bound within rtol = 1e-3 of 4.
@@ -48,18 +48,18 @@ def test_top_eigenvalue_is_the_largest_positive_one_beside_a_larger_negative_one
     np.testing.assert_allclose(top.numpy(), 4.0, atol=tol)
     # No positive curvature at all: 0 (the step size then comes from γ alone).
     target = _Quadratic(_with_spectrum([-5.0, -1.0, -0.1, -3.0], dtype))
-    layout, mask = FlatLayout(("w",), ((4,),)), torch.ones(4, dtype=torch.bool)
+    layout, mask = ParameterLayout(("w",), ((4,),)), torch.ones(4, dtype=torch.bool)
     assert torch.equal(top_hessian_eigenvalue(target, layout, mask, torch.zeros(2, 4, dtype=dtype)), torch.zeros(2, dtype=dtype))
 
 
 def test_top_eigenvalue_matches_the_dense_hessian_of_a_network_away_from_its_minimum():
-    from tl_degeneracy.llc.api import make_target
+    from tl_degeneracy.llc.targets import make_target
 
     model = deep_linear_network(1).double()
     x = dln_inputs(50).double()
     target = make_target(model, x, None, None)
     names = list(target.star)
-    layout = FlatLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
+    layout = ParameterLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
     mask = torch.ones(layout.numel, dtype=torch.bool)
     points = 0.7 * torch.randn(4, layout.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     lanczos = top_hessian_eigenvalue(target, layout, mask, points, rtol=0.0, iters=layout.numel)
@@ -92,6 +92,7 @@ class _FlatThenWall:
 
     n_batches = 1
     device = torch.device("cpu")
+    dtype = torch.float64  # what the sampler keeps its state in (SamplingTarget.dtype)
 
     def __init__(self, dim):
         self.star = {"w": torch.zeros(dim, dtype=torch.float64)}
@@ -104,18 +105,18 @@ def test_automatic_step_size_stays_below_every_step_size_whose_pilots_diverged()
     # The pilots' healthy small-η rounds see little curvature and propose an η near the diverging
     # ones again; the choice must remember the divergences (before the fix it alternated between
     # diverging and healthy rounds and returned η = 0.2, where every pilot had diverged).
-    from tl_degeneracy.llc.sampler import SamplerSettings, chain_seed, initial_state, run_chains
+    from tl_degeneracy.llc.sampler import Dynamics, chain_seed, initial_state, run_chains
     from tl_degeneracy.llc.stepsize import choose_step_size
 
     dim = 100
-    target, layout, mask = _FlatThenWall(dim), FlatLayout(("w",), ((dim,),)), torch.ones(dim, dtype=torch.bool)
+    target, layout, mask = _FlatThenWall(dim), ParameterLayout(("w",), ((dim,),)), torch.ones(dim, dtype=torch.bool)
     explode_at = 10.0 * dim + 100.0
     choice = choose_step_size(target, layout, mask, nbeta=1000.0, gamma=1.0, explode_at=explode_at, pilot_steps=50)
     diverged = [h["step_size"] for h in choice.history if h["diverged"]]
     assert diverged, "the case must make some pilots diverge to test anything"
     assert choice.step_size <= min(diverged) / 2
     # And the chosen η samples: chains from θ* survive 4× the pilots' length at it.
-    settings = SamplerSettings(nbeta=1000.0, step_size=choice.step_size, gamma=1.0, steps=200, explode_at=explode_at)
+    settings = Dynamics(nbeta=1000.0, step_size=choice.step_size, gamma=1.0, steps=200, explode_at=explode_at)
     state = run_chains(target, layout, mask, settings, initial_state(target, layout, [chain_seed(5, c) for c in range(4)], settings))
     assert bool(state.alive.all()), state.failed_at
 
@@ -131,7 +132,7 @@ def test_automatic_step_size_error_names_a_step_size_that_was_tried():
             r2 = deltas["w"].square().sum(1)
             return torch.where(r2 > 0, torch.full_like(r2, float("nan")), r2)
 
-    target, layout, mask = _Cliff(10), FlatLayout(("w",), ((10,),)), torch.ones(10, dtype=torch.bool)
+    target, layout, mask = _Cliff(10), ParameterLayout(("w",), ((10,),)), torch.ones(10, dtype=torch.bool)
     # At θ* the loss is ‖δ‖² (h = 2): the first pilot runs at step_size_for(2), each next one at a tenth.
     smallest_tried = step_size_for(2.0, 1000.0, 1.0, 0.05) / 10**7
     with pytest.raises(NumericalError, match=f"diverged at every step size tried, down to {smallest_tried:.3g};"):
@@ -139,12 +140,12 @@ def test_automatic_step_size_error_names_a_step_size_that_was_tried():
 
 
 def test_stopped_lanczos_is_an_upper_bound_within_rtol_and_independent_of_the_other_points():
-    from tl_degeneracy.llc.api import make_target
+    from tl_degeneracy.llc.targets import make_target
 
     model = deep_linear_network(1).double()
     target = make_target(model, dln_inputs(50).double(), None, None)
     names = list(target.star)
-    layout = FlatLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
+    layout = ParameterLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
     mask = torch.ones(layout.numel, dtype=torch.bool)
     points = 0.7 * torch.randn(3, layout.numel, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     rtol = 1e-2

@@ -32,7 +32,7 @@ def test_kl_llc_on_shipped_toys_is_finite_and_positive(name):
 
 
 def test_samples_are_the_positions_the_loss_counts(tiny_toy_transformer, tiny_toy_tokens):
-    from tl_degeneracy.llc.api import make_target
+    from tl_degeneracy.llc.targets import make_target
 
     sma = make_target(tld.load_model("toy:sma"), tld.toy_data("sma", 8), None, None)
     assert sma.n_samples == 8  # one prediction per sequence, not one per token
@@ -41,7 +41,7 @@ def test_samples_are_the_positions_the_loss_counts(tiny_toy_transformer, tiny_to
 
 
 def test_kl_reference_is_exact_zero_at_theta_star(tiny_toy_transformer, tiny_toy_tokens):
-    from tl_degeneracy.llc.api import make_target
+    from tl_degeneracy.llc.targets import make_target
 
     target = make_target(tiny_toy_transformer, tiny_toy_tokens, None, None)
     zeros = {n: torch.zeros((2, *t.shape)) for n, t in target.star.items()}

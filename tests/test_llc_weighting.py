@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from tl_degeneracy.llc import behavioral_llc
-from tl_degeneracy.llc.api import make_target, resolve_selection
-from tl_degeneracy.llc.sampler import FlatLayout
+from tl_degeneracy.llc.layout import ParameterLayout, selection_masks
+from tl_degeneracy.llc.targets import make_target
 from tl_degeneracy.llc.stepsize import top_hessian_eigenvalue
 
 from .fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
@@ -102,8 +102,8 @@ def test_curvature_of_ragged_minibatches_is_the_full_data_hessian():
     # mean of the batches' own XᵀX/n_b (which counts the short batch's row 7/3 times).
     model, x = _ragged_regression()
     mini = make_target(model, x, "mse", 3)
-    _, masks = resolve_selection(model, mini, None)
-    layout = FlatLayout(tuple(masks), tuple(tuple(mini.star[n].shape) for n in masks))
+    _, masks = selection_masks(mini, None)
+    layout = ParameterLayout(tuple(masks), tuple(tuple(mini.star[n].shape) for n in masks))
     mask = layout.flatten(masks)
     h = top_hessian_eigenvalue(mini, layout, mask, torch.zeros(1, 2, dtype=torch.float64), rtol=0.0, iters=10)
     expected = np.linalg.eigvalsh((x.T @ x / 7).numpy()).max()

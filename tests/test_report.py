@@ -368,7 +368,7 @@ def test_every_section_opens_with_a_verdict_and_a_glossary(full_report):
 
 
 def test_verdicts_say_what_the_numbers_mean():
-    from tl_degeneracy.report.result import SectionResult
+    from tl_degeneracy.report.report import SectionResult
     from tl_degeneracy.report.sections import verdict
 
     def sec(name, **values):
@@ -392,7 +392,7 @@ def test_verdicts_say_what_the_numbers_mean():
 def test_header_states_every_setting_changed_from_the_preset(full_report):
     import html as html_lib
 
-    from tl_degeneracy.report.result import changed_settings
+    from tl_degeneracy.report.report import changed_settings
 
     rep, out, _ = full_report
     expected = {"n_probes": "2", "loss_scales": "0.01,0.001", "chains": "2", "draws": "12", "burnin": "4",
@@ -412,7 +412,7 @@ def test_header_states_every_setting_changed_from_the_preset(full_report):
 
 
 def test_a_clipped_headline_never_ends_inside_a_number():
-    from tl_degeneracy.report.result import _NUMBER, _clip
+    from tl_degeneracy.report.report import _NUMBER, _clip
 
     lines = ["llc  51.1 s  λ̂_B = 21.9 ± 1.6 (N_eff = 43.81 of 478,976 parameters) at ε = 0.001; "
              "N_eff(ε): 39.1 at 0.01, 43.8 at 0.001, 50 at 0.0001",

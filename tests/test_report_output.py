@@ -17,7 +17,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy.cli import main
 from tl_degeneracy.report import Report, SectionResult, degeneracy_report
-from tl_degeneracy.report.result import ReportDirectoryError
+from tl_degeneracy.report.report import ReportDirectoryError
 
 #: Weights-only sections: no data read, no sampling (a fraction of a second on the bundled toys).
 CHEAP = ["--only", "summary", "invariants"]

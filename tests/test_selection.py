@@ -188,3 +188,20 @@ def test_tied_embedding_is_in_embed_and_unembed(tl_models):
     # TL 3.x's bridge adds a (zero, trainable) unembedding bias
     assert select_parameters(a, "unembed").names[0] == "embed.weight"
     assert set(select_parameters(a, "unembed").names) <= {"embed.weight", "unembed.bias"}
+
+
+def test_component_selections(tiny_toy_transformer):
+    """How llc_by_component and the report read ``components``: one selection per component, each
+    of which resolves; a list is taken as given; anything else is refused by name."""
+    from tl_degeneracy.models.selection import component_selections
+
+    a = adapt(tiny_toy_transformer)
+    heads = component_selections(a, "heads")
+    assert heads == [f"blocks.{l}.attn.head{h}" for l in range(2) for h in range(2)]
+    assert component_selections(tiny_toy_transformer, "layers") == ["blocks.0", "blocks.1"]
+    assert component_selections(a, "mlp") == ["blocks.0.mlp", "blocks.1.mlp"]
+    for selection in heads + component_selections(a, "attn"):
+        assert select_parameters(a, selection).numel > 0
+    assert component_selections(a, ("blocks.1.attn", "embed")) == ["blocks.1.attn", "embed"]
+    with pytest.raises(ValueError, match='"heads", "layers", "attn", "mlp"'):
+        component_selections(a, "neurons")

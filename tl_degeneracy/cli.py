@@ -74,8 +74,8 @@ def _load() -> float:
 def _check_options(args: argparse.Namespace) -> dict:
     """Validate every option that needs no model (cheap), before anything is loaded or computed;
     returns the budget overrides."""
-    from .report.api import check_device
-    from .report.result import check_writable
+    from .report.build import check_device
+    from .report.report import check_writable
     from .report.settings import resolve_settings
 
     if args.threads is not None and args.threads < 1:

@@ -37,7 +37,7 @@ length; its bundled data has a fixed length, so no padding happens there.)
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -46,7 +46,6 @@ from torch import Tensor
 
 from .errors import DataError
 from .models.adapt import adapt
-from .models.adapter import ModelAdapter
 
 __all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "token_batches"]
 
@@ -406,37 +405,6 @@ def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[s
     raise DataError(f"the Dataset has columns {cols}; expected a token column {TOKEN_COLUMNS} or a text column {TEXT_COLUMNS}")
 
 
-def _encoder(adapter: ModelAdapter) -> tuple[Callable[[str], list[int]], str]:
-    """How to turn one string into token ids (no special tokens; BOS is handled by token_batches)."""
-    model = adapter.model
-    missing = getattr(model, "tld_tokenizer_missing", None)  # set by load_model
-    if missing:
-        raise DataError(
-            f"{missing}, and the data are strings, which must be tokenized: its tokens would be meaningless. Save "
-            "the model's tokenizer into that directory (tokenizer.save_pretrained(dir)), or give token ids (a "
-            "LongTensor [batch, pos]; for the report, a .pt file holding one)"
-        )
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
-        def encode(s: str) -> list[int]:
-            try:
-                return list(tok(s, add_special_tokens=False, verbose=False)["input_ids"])
-            except TypeError:  # tokenizers without the HF call signature
-                return list(tok.encode(s))
-
-        return encode, "tokenizer"
-    to_tokens = getattr(model, "to_tokens", None)
-    if callable(to_tokens):
-        return (lambda s: to_tokens(s, prepend_bos=False, truncate=False)[0].tolist()), "to_tokens"
-    if adapter.d_vocab == 256:
-        # Byte-level models (toy:bytelm): the UTF-8 bytes are the tokens.
-        return (lambda s: list(s.encode("utf-8"))), "utf-8 bytes"
-    raise DataError(
-        f"cannot tokenize strings for this {type(model).__name__}: it has no .tokenizer or .to_tokens and is not "
-        f"byte-level (d_vocab={adapter.d_vocab}, not 256); pass token ids (a LongTensor [batch, pos]) instead"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -526,13 +494,10 @@ def token_batches(
         return data
     adapter = adapt(model)
     cfg = adapter.cfg
-    bos_id = cfg.bos_token_id
-    tok = getattr(adapter.model, "tokenizer", None)
-    if bos_id is None and tok is not None:
-        bos_id = getattr(tok, "bos_token_id", None)
+    bos_id = adapter.bos_token_id
 
     # --- 1. read the data into token rows (or strings), leaving padding out
-    pad_id = pad_token_id if pad_token_id is not None else getattr(tok, "pad_token_id", None)
+    pad_id = pad_token_id if pad_token_id is not None else adapter.pad_token_id
     padding = _Padding(pad_id if strip_padding else None, keep_first=pad_id is not None and pad_id == bos_id)
     rows: list[Tensor] | None = None
     texts: list[str] | None = None
@@ -585,7 +550,7 @@ def token_batches(
 
     # --- 2. BOS: strings get it from the model's default, token ids keep or ensure it
     if texts is not None:
-        encode, how = _encoder(adapter)
+        encode, how = adapter.text_encoder()
         source = f"{source} ({how})"
         rows = [torch.tensor(encode(s), dtype=torch.long) for s in texts]
         bos = cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
@@ -633,7 +598,7 @@ def token_batches(
     # --- 4. ids in range (the pad id too), and something left to count
     _validate_ids(seqs, cfg.d_vocab, source)
     if pad_token_id is None:
-        pad_token_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+        pad_token_id = adapter.pad_token_id
         if pad_token_id is None:
             pad_token_id = bos_id if bos_id is not None else 0
     if not 0 <= int(pad_token_id) < cfg.d_vocab:

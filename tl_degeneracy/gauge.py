@@ -13,7 +13,7 @@ that act as complex numbers on each rotary pair are symmetries too; they are not
 Weights are written back through the adapter (:func:`write_attention`): the TransformerLens-layout
 accessors of every backend are pure re-layouts of live parameters (HookedTransformer and the toys:
 the parameters themselves; TransformerBridge: views of the HF weights), and
-``models.selection._measure_parameter`` measures which parameter entry feeds which accessor entry.
+``models.selection.measure_parameter`` measures which parameter entry feeds which accessor entry.
 Each write is read back and checked.
 """
 
@@ -29,10 +29,10 @@ from torch import Tensor
 from .invariants import center_writing, fold_reading
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .models.selection import _components, _measure_parameter, _read_attention
+from .models.selection import measure_parameter, read_attention
 from .numerics import numerical_rank
 
-__all__ = ["random_gauge", "canonicalize_heads", "write_attention"]
+__all__ = ["random_gauge", "canonicalize_heads", "write_attention", "column_signs"]
 
 _KEYS = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O")
 
@@ -46,11 +46,7 @@ def _parameters_for_writing(adapter: ModelAdapter):
     try:
         return adapter.live_parameters()
     except RuntimeError:
-        saved = adapter._live
-        try:
-            return ModelAdapter.live_parameters(adapter)
-        finally:
-            adapter._live = saved
+        return adapter.unchecked_live_parameters()
 
 
 def _layer_layouts(adapter: ModelAdapter, layer: int) -> list[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]:
@@ -58,8 +54,8 @@ def _layer_layouts(adapter: ModelAdapter, layer: int) -> list[tuple[Tensor, dict
     component = f"blocks.{layer}.attn"
     out = []
     for lp in _parameters_for_writing(adapter):
-        if component in _components(adapter, lp):
-            out.append((lp.param, _measure_parameter(adapter, layer, lp.name, lp.param)))
+        if component in adapter.parameter_components(lp):
+            out.append((lp.param, measure_parameter(adapter, layer, lp.name, lp.param)))
     return out
 
 
@@ -79,7 +75,7 @@ def write_attention(adapter: ModelAdapter, layer: int, values: dict[str, Tensor]
     toy's fixed W_O = I). The result is read back and compared with ``values``.
     """
     layouts = _layer_layouts(adapter, layer) if layouts is None else layouts
-    current = _read_attention(adapter, layer)
+    current = read_attention(adapter, layer)
     for key, value in values.items():
         if key not in current:
             raise ValueError(f"layer {layer} has no {key} (a bias the checkpoint lacks?); cannot write it")
@@ -92,7 +88,7 @@ def write_attention(adapter: ModelAdapter, layer: int, values: dict[str, Tensor]
                     # Multi-dimensional indices: bridge parameters can be non-contiguous views
                     # (GPT-2's split q/k/v share storage with the joint c_attn), so no flat view.
                     p[torch.unravel_index(idx, p.shape)] = values[key].to(device=p.device, dtype=p.dtype)[touched]
-    back = _read_attention(adapter, layer)
+    back = read_attention(adapter, layer)
     for key, value in values.items():
         target = value.to(back[key].dtype)
         scale = float(target.abs().max()) or 1.0
@@ -115,8 +111,9 @@ def _random_scalar(d: int, g: torch.Generator) -> Float[Tensor, "d d"]:
     return sign * float(torch.exp(0.3 * torch.randn(1, generator=g, dtype=torch.float64))) * torch.eye(d, dtype=torch.float64)
 
 
-def _sign_fix(cols: Float[Tensor, "n r"]) -> Float[Tensor, " r"]:
-    """±1 per column so that each column's entry of largest modulus is positive (first on ties)."""
+def column_signs(cols: Float[Tensor, "n r"]) -> Float[Tensor, " r"]:
+    """±1 per column so that each column's entry of largest modulus is positive (first on ties): the
+    sign convention of the canonical gauge (METHODS §2), also used for interaction-basis directions."""
     idx = cols.abs().argmax(0)
     s = torch.sign(cols[idx, torch.arange(cols.shape[1])])
     return torch.where(s == 0, torch.ones_like(s), s)
@@ -134,7 +131,7 @@ def _canonical_gl(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Fl
     q1, r1 = torch.linalg.qr(left)
     q2, r2 = torch.linalg.qr(right.mT)
     u, s, vh = torch.linalg.svd(r1 @ r2.mT)
-    signs = _sign_fix(q1 @ u)
+    signs = column_signs(q1 @ u)
     u = u * signs
     rank = int(numerical_rank(s, dims=(left.shape[0], right.shape[1])))
     root = torch.where(torch.arange(s.shape[0]) < rank, s.sqrt(), torch.ones_like(s))
@@ -179,7 +176,7 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
     for layer in range(target.n_layers):
         layouts = _layer_layouts(target, layer)
         norm = target.norm_weights(layer, "ln1")
-        w = {k: v.to(torch.float64) for k, v in _read_attention(target, layer).items()}
+        w = {k: v.to(torch.float64) for k, v in read_attention(target, layer).items()}
         shapes = {k: v.shape for k, v in w.items()}
         ov_ok = all(k in w and _writable(layouts, k, shapes[k]) for k in ("W_V", "W_O"))
         ov_ok = ov_ok and ("b_V" not in w or _writable(layouts, "b_V", shapes["b_V"]) or not w["b_V"].any())
@@ -225,7 +222,7 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
         else:
             skipped.append(f"QK of layer {layer}")
         if new:
-            dtype = _read_attention(target, layer)["W_V"].dtype
+            dtype = read_attention(target, layer)["W_V"].dtype
             write_attention(target, layer, {k: v.to(dtype) for k, v in new.items()}, layouts)
     if skipped:
         warnings.warn(

@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_spectra", "plot_distance_heatmaps", "integer_ticks"]
+__all__ = ["plot_spectra", "plot_distance_heatmaps", "integer_ticks", "subplot_grid"]
 
 
-def _grid(n: int) -> tuple[int, int]:
+def subplot_grid(n: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of ``n`` panels, at most 4 to a row."""
     cols = min(n, 4)
     return math.ceil(n / cols), cols
 
@@ -38,7 +39,7 @@ def plot_spectra(frame: pd.DataFrame, log: bool = True):
     if not need <= set(frame.columns):
         raise ValueError(f"plot_spectra needs the columns {sorted(need)} (ov_invariants / qk_invariants output); got {list(frame.columns)}")
     layers = sorted(frame["layer"].unique())
-    rows, cols = _grid(len(layers))
+    rows, cols = subplot_grid(len(layers))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in layers])
     for i, layer in enumerate(layers):
         for _, row in frame[frame["layer"] == layer].iterrows():
@@ -67,7 +68,7 @@ def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: st
     if distance.ndim != 3 or distance.shape[1] != distance.shape[2]:
         raise ValueError(f"distance must be [layer, n, n]; got shape {distance.shape}")
     n_layers = distance.shape[0]
-    rows, cols = _grid(n_layers)
+    rows, cols = subplot_grid(n_layers)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in range(n_layers)])
     top = float(np.nanmax(distance)) if distance.size else 1.0
     for layer in range(n_layers):

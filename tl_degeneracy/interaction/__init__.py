@@ -5,8 +5,8 @@
 - :func:`find_modules` → :class:`Modules`: communities of the log-normalised edge graph.
 """
 
-from .api import interaction_basis
+from .compute import interaction_basis
 from .modules import Modules, find_modules
-from .result import InteractionBasis, NodeSpectrum
+from .basis_result import InteractionBasis, NodeSpectrum
 
 __all__ = ["InteractionBasis", "Modules", "NodeSpectrum", "find_modules", "interaction_basis"]

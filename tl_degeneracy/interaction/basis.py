@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import NumericalError
-from ..gauge import _sign_fix
+from ..gauge import column_signs
 from ..numerics import numerical_rank
 
 __all__ = ["SCALINGS", "NodeBasis", "Whitening", "interaction_directions", "probe_agreement", "whiten"]
@@ -113,7 +113,7 @@ def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D
     # The sign of each direction, fixed on C's rows (original coordinates): C's row i is a positive
     # multiple of v_iᵀ D_G^{-1/2} Pᵀ, so signing that row signs v_i.
     rows = (v.mT / whitening.eigenvalues[: whitening.rank].sqrt()[None, :]) @ whitening.vectors.mT
-    v = v * _sign_fix(rows.mT)[None, :] if k else v
+    v = v * column_signs(rows.mT)[None, :] if k else v
     return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v)
 
 

@@ -17,7 +17,7 @@ from ..stats.distributed import distributed_context
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
 from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
 from .edges import edge_pass
-from .result import InteractionBasis, NodeSpectrum
+from .basis_result import InteractionBasis, NodeSpectrum
 from .runner import Runner, build_runner
 
 __all__ = ["interaction_basis"]

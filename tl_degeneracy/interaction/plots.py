@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plots import _grid, integer_ticks
+from ..plots import integer_ticks, subplot_grid
 
 __all__ = ["plot_edges", "plot_interaction_spectra"]
 
@@ -39,7 +39,7 @@ def plot_edges(ib, log: bool = True):
     pairs = list(ib.edges)
     if not pairs:
         raise ValueError("this interaction basis has no edges (it was computed with edges=False)")
-    rows, cols = _grid(len(pairs))
+    rows, cols = subplot_grid(len(pairs))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{a} → {b}" for a, b in pairs])
     for n, pair in enumerate(pairs):
         e = ib.edges[pair].cpu().numpy()

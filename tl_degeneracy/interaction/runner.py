@@ -1,17 +1,19 @@
 """What every pass of the interaction basis needs, for any model: batches, a forward with hooks,
 the output, the sample mask, and the node hooks in forward order.
 
-Two kinds of model share one code path:
+Two kinds of model (:func:`~tl_degeneracy.models.adapt.model_kind`) share one code path, through
+their engine (:func:`~tl_degeneracy.models.engine.engine_for`):
 
-- anything :func:`tl_degeneracy.adapt` accepts: the engine is its adapter, the data are token
-  batches (:func:`tl_degeneracy.token_batches`) and the output is the logits;
-- any other ``HookedRootModule`` (a small MLP, a deep linear network): the engine is a
-  :class:`ModuleRunner` and the data are input tensors. A floating tensor [n, d_in] is n samples
-  with no position axis (every hook activation [batch, …] is seen as [batch, 1, …]); a tensor
-  [n, pos, d_in] (or integer inputs [n, pos]) has pos samples per row, all of which count.
+- a ``"transformer"``: the engine is its adapter, the data are token batches
+  (:func:`tl_degeneracy.token_batches`) and the output is the logits;
+- a ``"module"`` that is a ``HookedRootModule`` (a small MLP, a deep linear network): the engine is
+  a :class:`~tl_degeneracy.models.engine.ModuleEngine` and the data are input tensors. A floating
+  tensor [n, d_in] is n samples with no position axis (every hook activation [batch, …] is seen as
+  [batch, 1, …]); a tensor [n, pos, d_in] (or integer inputs [n, pos]) has pos samples per row, all
+  of which count.
 
-An engine has ``run_with_hooks(inputs, fwd_hooks)`` returning the output [batch, pos, …],
-``.model`` and ``.device``: exactly what the statistics passes (``moment_pass``, ``jacobian_pass``)
+An engine's ``run_with_hooks(inputs, fwd_hooks)`` returns the output [batch, pos, …]; with ``.model``,
+``.device`` and ``.dtype`` it is what the statistics passes (``moment_pass``, ``jacobian_pass``)
 call, so the same passes serve both kinds.
 """
 
@@ -26,43 +28,12 @@ from transformer_lens import HookedRootModule  # TL 4 removed it from hook_point
 
 from ..data import Batch, TokenBatches, token_batches
 from ..errors import DataError, MissingHookError
-from ..models.adapt import adapt
+from ..models.adapt import model_kind
 from ..models.adapter import ModelAdapter
+from ..models.engine import Engine, engine_for, has_position_axis
 from ..stats.passes import HookTarget, resolve_targets, run_until
 
-__all__ = ["ModuleRunner", "Runner", "TensorBatches", "build_runner"]
-
-
-class ModuleRunner:
-    """``run_with_hooks`` for a HookedRootModule that is not a transformer ``adapt`` knows.
-
-    With ``lift`` (inputs without a position axis), hook functions see each activation [batch, …] as
-    [batch, 1, …] and may return a replacement in that layout; the output is lifted the same way.
-    """
-
-    def __init__(self, model: HookedRootModule, lift: bool, device: torch.device):
-        self.model, self.lift, self.device = model, lift, device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        p = next(self.model.parameters(), None)
-        return p.dtype if p is not None else torch.get_default_dtype()
-
-    def _wrap(self, fn):
-        def hook(act: Tensor, hook=None):
-            out = fn(act.unsqueeze(1), hook)
-            return None if out is None else out.squeeze(1)
-
-        return hook
-
-    def run_with_hooks(self, inputs: Tensor, fwd_hooks: Sequence = ()) -> Tensor:
-        hooks = [(name, self._wrap(fn)) for name, fn in fwd_hooks] if self.lift else list(fwd_hooks)
-        # The adapter's eval-mode context only needs ``.model``: no dropout, mode restored after.
-        with ModelAdapter.eval_mode(self):
-            out = self.model.run_with_hooks(inputs, fwd_hooks=hooks)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{type(self.model).__name__}.forward returned a {type(out).__name__}; the interaction basis needs a tensor output")
-        return out.unsqueeze(1) if self.lift else out
+__all__ = ["Runner", "TensorBatches", "build_runner"]
 
 
 @dataclass
@@ -85,8 +56,7 @@ class TensorBatches:
 
     @property
     def has_positions(self) -> bool:
-        x = self.chunks[0]
-        return x.ndim >= 3 or not x.is_floating_point()
+        return has_position_axis(self.chunks[0])
 
     def batch(self, number: int, device: torch.device | str | None = None) -> Batch:
         if not 0 <= number < len(self):
@@ -130,7 +100,7 @@ def tensor_batches(data, batch_size: int) -> TensorBatches:
 class Runner:
     """The engine, the batches and the node hooks (forward order) of one interaction-basis run."""
 
-    engine: ModelAdapter | ModuleRunner
+    engine: Engine
     batches: TokenBatches | TensorBatches
     nodes: list[HookTarget]
 
@@ -189,40 +159,35 @@ def _check_order(names: list[str], order: list[str]) -> None:
         raise ValueError(f"nodes must be given in forward order, each once; they fire in the order {order}, got {names}")
 
 
-#: Classes whose instances ``adapt`` takes (by name, so that checking needs no import of the bridge).
-_ADAPTED_CLASSES = ("TransformerBridge", "HookedTransformer", "ToyModel")
-
-
-def _plain_module(model) -> bool:
-    """A HookedRootModule none of whose classes ``adapt`` knows. Decided without ``adapt``, whose
-    bridge check imports transformers' model zoo (~5 s) just to reject a small MLP."""
-    return isinstance(model, HookedRootModule) and not any(c.__name__ in _ADAPTED_CLASSES for c in type(model).__mro__)
-
-
-def _adapt_or_none(model) -> ModelAdapter:
+def _model_kind(model) -> str:
+    """``model_kind``, refusing what the interaction basis cannot run: anything that is not a model,
+    and a plain module without hook points."""
     try:
-        return adapt(model)
+        kind = model_kind(model)
     except TypeError:
+        kind = None
+    if kind is None or (kind == "module" and not isinstance(model, HookedRootModule)):
         raise TypeError(
             f"interaction_basis needs a model tld.adapt accepts or a transformer_lens HookedRootModule; got "
             f"{type(model).__module__}.{type(model).__name__}"
-        ) from None
+        )
+    return kind
 
 
 def build_runner(model, data, nodes: str | Sequence[str] | None, batch_size: int, seq_len: int | None,
                  skip_bos: bool | None) -> Runner:
     """Engine, batches and validated nodes: hook kinds (every layer) or exact hook names, in forward
     order, each once (ValueError otherwise); unknown names raise MissingHookError."""
-    adapter = None if _plain_module(model) else _adapt_or_none(model)
+    adapter = engine_for(model) if _model_kind(model) == "transformer" else None
     if adapter is not None:
+        engine = adapter
         batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
         items = _default_transformer_nodes(adapter) if nodes is None else ([nodes] if isinstance(nodes, str) else list(nodes))
         targets = [t for item in items for t in resolve_targets(adapter, [item], "interaction_basis")]
-        engine = adapter
     else:
         batches = tensor_batches(data, batch_size)
-        device = next((p.device for p in model.parameters()), batches.chunks[0].device)
-        engine = ModuleRunner(model, lift=not batches.has_positions, device=device)
+        # A module without parameters runs where its data are.
+        engine = engine_for(model, device=batches.chunks[0].device)
         available = list(model.hook_dict)
         items = available if nodes is None else ([nodes] if isinstance(nodes, str) else list(nodes))
         unknown = [n for n in items if n not in model.hook_dict]

@@ -5,7 +5,7 @@
 one chain-batched forward pass and one backward pass (METHODS §1, SGLD).
 
 With ``compile=True`` the loss is traced by ``torch.compile`` (TorchInductor) once per batch shape,
-as a function of the batch's tensors (``Target.batch_tensors``), and its backward pass is compiled
+as a function of the batch's tensors (``SamplingTarget.batch_tensors``), and its backward pass is compiled
 with it. Inductor fuses the model's elementwise work (normalisations, activations, softmax, the KL)
 into a few kernels, which is where an uncompiled chain-batched step on a small model spends half its
 time. The first call of each shape pays the compilation (tens of seconds on a CPU the first time;
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..models.chains import _OUT_OF_MEMORY
-from .targets import Target
-
-if TYPE_CHECKING:
-    from .sampler import FlatLayout
+from ..models.chains import OUT_OF_MEMORY
+from .layout import ParameterLayout
+from .targets import SamplingTarget
 
 
 #: Compilations of the loss one process may hold (models × selections × batch shapes; dynamo's default is 8).
@@ -50,7 +47,7 @@ def _recompile_limit() -> dict:
 class LossGrad:
     """L_B,b(θ* + δ) per chain and its gradient in δ, uncompiled or compiled (module docstring)."""
 
-    def __init__(self, target: Target, layout: FlatLayout, compile: bool = False):
+    def __init__(self, target: SamplingTarget, layout: ParameterLayout, compile: bool = False):
         self.target, self.layout = target, layout
         self.compiled = bool(compile)
         #: Seconds of the calls that compiled (one per batch shape), each including that step's own work.
@@ -111,7 +108,7 @@ class LossGrad:
             # word, so the limit is raised and reaching it is an error (handled below).
             with torch._dynamo.config.patch(_recompile_limit()):
                 out = self._value_and_grad(self._compiled_loss, delta, tensors)
-        except _OUT_OF_MEMORY:
+        except OUT_OF_MEMORY:
             raise
         except Exception as err:  # noqa: BLE001 - any compiler failure; a real error is re-raised below
             # An error of the model or the data itself is raised by the uncompiled call too, as itself.

@@ -19,25 +19,26 @@ Each chain has its own generator seeded from its global chain index, so its nois
 on which other chains run beside it (sharding across ranks) or on interruptions (resume). Its path
 depends on its seed and on the step size η, which all chains share: with a given ``step_size`` a
 chain's path is independent of the other chains, but the automatic η is lowered during burn-in to
-the largest curvature over *all* chains (api.py), so there the number of chains (and the other
+the largest curvature over *all* chains (estimate.py), so there the number of chains (and the other
 chains' paths) can change every chain's path.
+
+The flat layout and the mask m are layout.py's; the state's checkpoints are checkpoint.py's.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
+from .layout import ParameterLayout
 from .loss_grad import LossGrad
-from .targets import Target
+from .targets import SamplingTarget
 
 #: Steps per block: traces are copied to the host, failures read and checkpoints written at block ends.
 BLOCK = 256
@@ -50,30 +51,10 @@ NORMS = ("grad_step", "prior_step", "noise_step", "distance")
 
 
 @dataclass(frozen=True)
-class FlatLayout:
-    """Where each sampled parameter lives in the flat coordinate vector."""
+class Dynamics:
+    """The update one :func:`run_chains` call applies (module docstring): nβ, η, γ, the number of
+    steps, the RMSProp preconditioner's α and eps where it is on, and the divergence threshold on nβ L."""
 
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [math.prod(s) for s in self.shapes]
-
-    @property
-    def numel(self) -> int:
-        return sum(self.sizes)
-
-    def unflatten(self, flat: Float[Tensor, "chain D"]) -> dict[str, Tensor]:
-        parts = torch.split(flat, self.sizes, dim=1)
-        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes)}
-
-    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
-        return torch.cat([tensors[n].reshape(-1) for n in self.names])
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
     nbeta: float
     step_size: float
     gamma: float
@@ -86,7 +67,7 @@ class SamplerSettings:
 
 @dataclass
 class SamplerState:
-    """Everything needed to continue a run bit for bit (what a checkpoint holds)."""
+    """Everything needed to continue a run bit for bit (what a checkpoint holds: checkpoint.py)."""
 
     delta: Tensor
     v: Tensor | None
@@ -108,7 +89,8 @@ def chain_seed(seed: int, chain: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * (int(chain) + 1)) % (2**63 - 1)
 
 
-def initial_state(target: Target, layout: FlatLayout, seeds: Sequence[int], settings: SamplerSettings) -> SamplerState:
+def initial_state(target: SamplingTarget, layout: ParameterLayout, seeds: Sequence[int], dynamics: Dynamics) -> SamplerState:
+    """Every chain at θ* (δ = 0), its generator seeded by ``seeds[c]``, nothing sampled yet."""
     device = target.device
     dtype = target.dtype
     C = len(seeds)
@@ -119,10 +101,10 @@ def initial_state(target: Target, layout: FlatLayout, seeds: Sequence[int], sett
         gens.append(g)
     return SamplerState(
         delta=torch.zeros(C, layout.numel, device=device, dtype=dtype),
-        v=torch.zeros(C, layout.numel, device=device, dtype=dtype) if settings.rmsprop else None,
+        v=torch.zeros(C, layout.numel, device=device, dtype=dtype) if dynamics.rmsprop else None,
         generators=gens,
         step=0,
-        trace=np.full((settings.steps, C), np.nan),
+        trace=np.full((dynamics.steps, C), np.nan),
         alive=torch.ones(C, dtype=torch.bool, device=device),
         failed_at=torch.full((C,), -1, dtype=torch.long, device=device),
         norms=torch.zeros(C, len(NORMS), dtype=torch.float64, device=device),
@@ -130,22 +112,22 @@ def initial_state(target: Target, layout: FlatLayout, seeds: Sequence[int], sett
 
 
 def run_chains(
-    target: Target,
-    layout: FlatLayout,
+    target: SamplingTarget,
+    layout: ParameterLayout,
     mask: Bool[Tensor, " D"],
-    settings: SamplerSettings,
+    dynamics: Dynamics,
     state: SamplerState,
     on_block: Callable[[SamplerState], None] | None = None,
     stop_after: int | None = None,
     loss_grad: LossGrad | None = None,
 ) -> SamplerState:
-    """Advance ``state`` to ``settings.steps`` (or to ``stop_after`` steps, for tests of resume).
+    """Advance ``state`` to ``dynamics.steps`` (or to ``stop_after`` steps, for tests of resume).
 
     ``on_block(state)`` runs at every block end (checkpointing); it sees a consistent state.
     ``loss_grad`` computes each step's losses and gradient (default: uncompiled ``LossGrad``).
     """
     loss_grad = LossGrad(target, layout) if loss_grad is None else loss_grad
-    eta, nbeta, gamma = settings.step_size, settings.nbeta, settings.gamma
+    eta, nbeta, gamma = dynamics.step_size, dynamics.nbeta, dynamics.gamma
     # The update is applied in place (one pass per term instead of a new tensor per product), on
     # copies, so the caller's state is never changed behind its back.
     delta = state.delta.clone()
@@ -154,7 +136,7 @@ def run_chains(
     C, D = delta.shape
     # With every coordinate selected the mask is all ones and its products are skipped.
     m = None if bool(mask.all()) else mask.to(delta.dtype)
-    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    end = dynamics.steps if stop_after is None else min(dynamics.steps, stop_after)
     block_trace = torch.empty(BLOCK, C, dtype=torch.float64, device=delta.device)
     block_start = state.step
     sqrt_eta = eta**0.5
@@ -168,8 +150,8 @@ def run_chains(
         distance = delta.norm(dim=1)
         if v is not None:
             drift = nbeta * grad
-            v.mul_(settings.rms_alpha).addcmul_(drift, drift, value=1 - settings.rms_alpha)
-            precond = (v.sqrt() + settings.rms_eps).reciprocal_()
+            v.mul_(dynamics.rms_alpha).addcmul_(drift, drift, value=1 - dynamics.rms_alpha)
+            precond = (v.sqrt() + dynamics.rms_eps).reciprocal_()
             if m is not None:
                 precond.mul_(m)
             grad_step = (0.5 * eta) * precond * drift
@@ -195,7 +177,7 @@ def run_chains(
         lossd = loss.to(torch.float64)
         # Failure: non-finite loss or one far beyond anything a posterior at this nβ reaches, or a
         # non-finite update (then one of its terms' norms is non-finite).
-        bad = ~torch.isfinite(lossd) | (nbeta * lossd > settings.explode_at) | ~torch.isfinite(step_norms).all(1)
+        bad = ~torch.isfinite(lossd) | (nbeta * lossd > dynamics.explode_at) | ~torch.isfinite(step_norms).all(1)
         newly = bad & alive
         failed_at = torch.where(newly, torch.full_like(failed_at, t), failed_at)
         alive = alive & ~bad
@@ -216,58 +198,4 @@ def run_chains(
             if on_block is not None:
                 on_block(state)
     state.delta, state.v, state.alive, state.failed_at, state.norms = delta, v, alive, failed_at, norms
-    return state
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str, state: SamplerState, settings: dict) -> None:
-    """Write the full sampler state atomically (write to a temporary file, then rename)."""
-    payload = {
-        "settings": settings,
-        "step": state.step,
-        "delta": state.delta.cpu(),
-        "v": None if state.v is None else state.v.cpu(),
-        "generators": state.generator_states(),
-        "trace": state.trace,
-        "alive": state.alive.cpu(),
-        "failed_at": state.failed_at.cpu(),
-        "norms": state.norms.cpu(),
-        "wall_s": state.wall_s,
-        "extra": state.extra,
-    }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, settings: dict, state: SamplerState) -> SamplerState:
-    """Restore ``state`` from ``path``; refuse a checkpoint written with different settings."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    saved = payload["settings"]
-    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-    if "fingerprint" in diff:
-        old, new = saved.get("fingerprint") or {}, settings.get("fingerprint") or {}
-        what = ", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) or "fingerprint"
-        raise ValueError(
-            f"checkpoint {path} belongs to another model or other data (differs in: {what}); it cannot be "
-            f"resumed for this one. Use another checkpoint_dir (one per model and data set) or delete the file"
-        )
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {settings.get(k)!r}" for k in diff[:6])
-        raise ValueError(
-            f"checkpoint {path} was written with different settings ({detail}); use another checkpoint_dir "
-            f"or delete the file to start afresh"
-        )
-    device = state.delta.device
-    state.step = int(payload["step"])
-    state.delta = payload["delta"].to(device)
-    state.v = None if payload["v"] is None else payload["v"].to(device)
-    for g, s in zip(state.generators, payload["generators"]):
-        g.set_state(s)
-    state.trace = payload["trace"]
-    state.alive = payload["alive"].to(device)
-    state.failed_at = payload["failed_at"].to(device)
-    state.norms = payload["norms"].to(device)
-    state.wall_s = float(payload["wall_s"])
-    state.extra = payload["extra"]
     return state

@@ -21,6 +21,8 @@ chain has diverged at some η, no later pilot (and not the result) goes above ha
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,13 +30,24 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import NumericalError
-from .sampler import FlatLayout, SamplerSettings, chain_seed, initial_state, run_chains
-from .targets import Target
+from ..stats.distributed import broadcast_float, max_over_ranks
+from .config import SamplerConfig
+from .layout import ParameterLayout, Selection
+from .sampler import Dynamics, SamplerState, chain_seed, initial_state, run_chains
+from .targets import SamplingTarget
+
+#: Fractions of the burn-in after which the automatic η is re-adapted to the chains' curvature. The
+#: last one leaves a quarter of the burn-in to run under the final η, so the chains re-equilibrate
+#: to it before any draw counts (an adaptation at the very end of burn-in would let the first draws
+#: carry the transient of the η change). At the bias bound b the stiffest direction contracts by
+#: 1 − 2b per step (10 steps' relaxation time at b = 0.05), so the default burn-in's last 125 steps
+#: are ≈ 12 relaxation times.
+ADAPT_AT = (0.25, 0.5, 0.75)
 
 
 def top_hessian_eigenvalue(
-    target: Target,
-    layout: FlatLayout,
+    target: SamplingTarget,
+    layout: ParameterLayout,
     mask: Bool[Tensor, " D"],
     points: Float[Tensor, "P D"],
     *,
@@ -167,8 +180,8 @@ class StepSizeChoice:
 
 
 def choose_step_size(
-    target: Target,
-    layout: FlatLayout,
+    target: SamplingTarget,
+    layout: ParameterLayout,
     mask: Bool[Tensor, " D"],
     *,
     nbeta: float,
@@ -197,8 +210,8 @@ def choose_step_size(
     # Pilot seeds live far from the sampling chains' seeds (chain_seed of a large negative index).
     seeds = [chain_seed(seed, -1000 - c) for c in range(pilot_chains)]
     for rnd in range(max_rounds):
-        settings = SamplerSettings(nbeta=nbeta, step_size=eta, gamma=gamma, steps=pilot_steps, explode_at=explode_at)
-        state = run_chains(target, layout, mask, settings, initial_state(target, layout, seeds, settings))
+        dynamics = Dynamics(nbeta=nbeta, step_size=eta, gamma=gamma, steps=pilot_steps, explode_at=explode_at)
+        state = run_chains(target, layout, mask, dynamics, initial_state(target, layout, seeds, dynamics))
         alive = state.alive
         diverged = not bool(alive.all())
         if diverged:
@@ -228,3 +241,56 @@ def choose_step_size(
     # Not converged within max_rounds: the next proposal, which is below every diverging η (the
     # burn-in adaptation lowers it further if the chains find stiffer regions).
     return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
+
+
+def initial_step_size(
+    target: SamplingTarget, selection: Selection, config: SamplerConfig, *, nbeta: float, explode_at: float, seed: int,
+    saved: dict | None = None,
+) -> tuple[StepSizeChoice, str]:
+    """The step size sampling starts with, and where it came from: the one given in ``config`` (its
+    bias bound measured at θ*), the one a checkpoint saved (``saved``: ``StepSizeChoice.to_dict()``),
+    or the automatic one (:func:`choose_step_size`, the same on every rank)."""
+    layout, mask, gamma = selection.layout, selection.mask, config.gamma
+    if config.step_size is not None:
+        origin = torch.zeros(1, layout.numel, device=target.device, dtype=target.dtype)
+        h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
+        eta = float(config.step_size)
+        return StepSizeChoice(eta, h_ref, h_ref, bias_bound_of(eta, h_ref, nbeta, gamma), []), "given"
+    if saved is not None:
+        choice = StepSizeChoice(**{k: saved[k] for k in ("step_size", "h_max", "h_max_at_reference", "bias_bound")},
+                                history=saved["calibration"])
+        return choice, "automatic (from checkpoint)"
+    choice = choose_step_size(target, layout, mask, nbeta=nbeta, gamma=gamma, bias_bound=config.bias_bound,
+                              explode_at=explode_at, pilot_steps=config.pilot_steps, seed=seed)
+    # Every rank computes the same η (same seeds); broadcasting rules out last-bit differences.
+    choice.step_size = broadcast_float(choice.step_size)
+    return choice, "automatic"
+
+
+def chain_curvature(target: SamplingTarget, selection: Selection, state: SamplerState, point_seeds: Sequence[int]) -> float:
+    """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains of every rank,
+    at their current points (0 where none is healthy)."""
+    alive = state.alive.cpu()
+    h = 0.0
+    if bool(alive.any()):
+        points = state.delta[state.alive]
+        seeds = [s for s, a in zip(point_seeds, alive.tolist()) if a]
+        h = float(top_hessian_eigenvalue(target, selection.layout, selection.mask, points, iters=20, point_seeds=seeds).max())
+    return max_over_ranks(h)
+
+
+def round_down(x: float, digits: int = 3) -> float:
+    """``x`` > 0 rounded *down* to ``digits`` significant figures (a readable η that never exceeds
+    the one the bias bound allows)."""
+    exponent = math.floor(math.log10(x)) - digits + 1
+    # Written back through its decimal form, so that 8e-05 is not 7.999999999999999e-05.
+    return float(f"{math.floor(x / 10.0**exponent)}e{exponent}")
+
+
+def adapted_step_size(h_now: float, current: float, nbeta: float, config: SamplerConfig) -> float:
+    """The η a burn-in check proposes for curvature ``h_now`` (:data:`ADAPT_AT`): the bias bound's η,
+    RMSProp-scaled and rounded down; ``current`` where the posterior is flat (nβ h + γ = 0). The
+    caller keeps the smaller of it and ``current`` (η is lowered, never raised)."""
+    if not nbeta * h_now + config.gamma > 0:
+        return current
+    return round_down(step_size_for(h_now, nbeta, config.gamma, config.bias_bound) * config.rms_factor)

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from .api import behavioral_llc
+from .estimate import behavioral_llc
+
 
 def _subdir(kwargs: dict, name: str) -> dict:
     """``kwargs`` with ``checkpoint_dir`` replaced by its subdirectory for one call of a sweep.
@@ -65,28 +66,6 @@ def plot_llc_sweep(frame: pd.DataFrame):
     return fig
 
 
-def _components(adapter, components) -> list[str]:
-    from ..models.selection import select_parameters
-
-    if not isinstance(components, str):
-        return list(components)
-    L, H = adapter.n_layers, adapter.n_heads
-    if components == "heads":
-        return [f"blocks.{l}.attn.head{h}" for l in range(L) for h in range(H)]
-    if components == "layers":
-        return [f"blocks.{l}" for l in range(L)]
-    if components in ("attn", "mlp"):
-        out = []
-        for l in range(L):
-            try:
-                select_parameters(adapter, f"blocks.{l}.{components}")
-                out.append(f"blocks.{l}.{components}")
-            except ValueError:
-                continue  # e.g. an attention-only layer has no MLP
-        return out
-    raise ValueError(f'components must be "heads", "layers", "attn", "mlp" or a list of selections; got {components!r}')
-
-
 def llc_by_component(model, data, components: str | Sequence[str] = "heads", **kwargs) -> pd.DataFrame:
     """Restricted (weight-refined) LLC of each component: only its entries are sampled.
 
@@ -95,12 +74,13 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
     """
     from ..models.adapt import adapt
+    from ..models.selection import component_selections
 
     if "params" in kwargs:
         raise ValueError("llc_by_component sets params itself; pass components=")
     adapter = adapt(model)
     rows = []
-    for comp in _components(adapter, components):
+    for comp in component_selections(adapter, components):
         res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
         s = res.summary()
         rows.append({"component": comp, **{k: s[k] for k in _SUMMARY}, "n_eff_fraction": res.n_eff / res.n_params})

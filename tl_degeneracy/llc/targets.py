@@ -5,12 +5,13 @@ A *target* hands the sampler the reference parameters θ*, a fixed list of batch
 chain-batched computation (differentiable in δ). ``loss`` is ``loss_on(deltas, *batch_tensors(b))``:
 a batch's tensors (inputs, reference outputs, sample mask) are looked up first, so the loss itself
 is a function of tensors alone, which ``torch.compile`` can trace once for every batch of one shape
-(loss_grad.py). Two kinds:
+(loss_grad.py). Every forward goes through the model's engine (models/engine.py):
+``engine.forward`` for the reference outputs, ``engine.perturbed_forward(deltas, inputs,
+chains=True)`` (leak-free, eval mode, vmapped over the chain axis) for the chains. The two kinds of
+target differ only in their data, as the two kinds of model (``model_kind``) do:
 
-* :class:`AdapterTarget` – TransformerLens models and the bundled toys, through
-  ``adapter.perturbed_forward(deltas, tokens, chains=True)`` (leak-free, eval mode).
-* :class:`ModuleTarget` – any ``nn.Module`` mapping an input tensor to an output tensor, through
-  ``torch.func.functional_call`` vmapped over the chain axis.
+* :class:`TransformerTarget` – TransformerLens models and the bundled toys, on token data;
+* :class:`ModuleTarget` – any other ``nn.Module`` mapping an input tensor to an output tensor.
 
 Weighting (METHODS §1). L_B is the mean of the per-sample divergence over every counted position
 of the whole dataset: N positions in ``n_batches`` batches, n_b of them in batch b (padding and a
@@ -41,13 +42,12 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from ..errors import DataError
+from ..models.adapt import model_kind
+from ..models.engine import Engine, engine_for
 from ..numerics import compute_dtype
-from ..models.adapter import forward_scope
-from ..models.chains import ChainMap
 from .losses import LOSSES, masked_sum, per_sample_loss, reference_form
 
 #: Default memory budget for cached reference outputs (log-probabilities for kl).
@@ -69,22 +69,33 @@ def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
-class Target(abc.ABC):
-    """Base class: θ*, batches and the chain-batched behavioral loss."""
+def make_target(model, data, loss: str | None, batch_size: int | None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> SamplingTarget:
+    """The sampling target for ``model`` on ``data``: by :func:`model_kind`, a transformer's (default
+    loss kl: outputs are logits) or a plain module's (default loss mse)."""
+    if model_kind(model) == "transformer":
+        return TransformerTarget(engine_for(model), data, loss or "kl", batch_size, cache_bytes)
+    return ModuleTarget(engine_for(model), data, loss or "mse", batch_size, cache_bytes)
 
+
+class SamplingTarget(abc.ABC):
+    """Base class: θ*, batches and the chain-batched behavioral loss, on a model's engine."""
+
+    #: The model's kind (``model_kind``): ``"transformer"`` or ``"module"``.
+    kind: str
     loss_name: str
     star: dict[str, Tensor]
     description: dict
-    #: The model whose forwards the loss runs (what ``forward_scope`` keeps as found).
-    module: nn.Module
 
-    def __init__(self, loss: str, cache_bytes: int):
+    def __init__(self, engine: Engine, loss: str, cache_bytes: int):
         if loss not in LOSSES:
             raise ValueError(f"unknown behavioral loss {loss!r}; choose one of {LOSSES}")
+        self.engine = engine
         self.loss_name = loss
         self.cache_bytes = int(cache_bytes)
         self._cache: dict[int, Tensor] = {}
         self._cached_bytes = 0
+        #: θ*: the engine's live parameters, detached (sampled unless a selection says otherwise).
+        self.star = {p.name: p.param.detach() for p in engine.live_parameters()}
 
     @property
     @abc.abstractmethod
@@ -110,8 +121,10 @@ class Target(abc.ABC):
         """n̄ = N / n_batches, the divisor of every batch's loss (module docstring)."""
         return self.n_samples / self.n_batches
 
-    #: Why this target's loss cannot be compiled as one graph ("" where it can; loss_grad.py).
-    compile_obstacle: str = ""
+    @property
+    def compile_obstacle(self) -> str:
+        """Why this target's loss cannot be compiled as one graph ("" where it can; loss_grad.py)."""
+        return self.engine.compile_obstacle
 
     @property
     def device(self) -> torch.device:
@@ -124,16 +137,16 @@ class Target(abc.ABC):
         return compute_dtype(t.dtype for t in self.star.values())
 
     @abc.abstractmethod
-    def _reference_outputs(self, b: int) -> Tensor:
-        """f_θ*(x) on batch b (called under no_grad)."""
-
-    @abc.abstractmethod
     def _inputs(self, b: int) -> Tensor:
         """The model's input on batch b (a tensor of inputs, or token ids)."""
 
-    @abc.abstractmethod
+    def _reference_outputs(self, b: int) -> Tensor:
+        """f_θ*(x) on batch b (called under no_grad)."""
+        return self.engine.forward(self._inputs(b))
+
     def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:
         """f_{θ*+δ_c}(x) on ``inputs`` for every chain c: [chain, *reference shape]."""
+        return self.engine.perturbed_forward(deltas, inputs, chains=True)
 
     def _mask(self, b: int, reference: Tensor) -> Tensor | None:
         """Which samples of batch b count (None: all)."""
@@ -205,8 +218,9 @@ class Target(abc.ABC):
         return sum(self.loss(deltas, b) for b in batches) * (self.mean_positions / count)
 
 
-class ModuleTarget(Target):
-    """A plain ``nn.Module`` on a tensor of inputs (first axis = samples).
+class ModuleTarget(SamplingTarget):
+    """A plain ``nn.Module`` (its :class:`~tl_degeneracy.models.engine.ModuleEngine`) on a tensor of
+    inputs (first axis = samples).
 
     ``kl`` treats the outputs' last axis as logits; ``mse`` compares outputs (a 1-D output is one
     number per sample). Every output position counts: an output [rows, k] has one sample per row, an
@@ -214,24 +228,23 @@ class ModuleTarget(Target):
     selection says otherwise.
     """
 
-    def __init__(self, module: nn.Module, data: Tensor, loss: str, batch_size: int | None, cache_bytes: int):
-        super().__init__(loss, cache_bytes)
+    kind = "module"
+
+    def __init__(self, engine: Engine, data: Tensor, loss: str, batch_size: int | None, cache_bytes: int):
+        super().__init__(engine, loss, cache_bytes)
+        module = engine.model
         if not isinstance(data, Tensor) or data.ndim < 1 or len(data) == 0:
             raise DataError(
                 f"a plain nn.Module needs its inputs as a non-empty tensor with samples on the first axis; got {type(data).__name__}"
             )
-        self.module = module
-        self.star = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
         if not self.star:
             raise ValueError(f"{type(module).__name__} has no trainable parameters to sample")
-        device = next(iter(self.star.values())).device
-        self.data = data.to(device)
+        self.data = data.to(self.device)
         self.batch_size = len(data) if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise DataError(f"batch_size must be ≥ 1; got {batch_size}")
         self.description = {"kind": "module", "class": type(module).__name__, "n_samples": len(data),
                             "batch_size": self.batch_size}
-        self._chain_map = ChainMap()
 
     @property
     def n_batches(self) -> int:
@@ -239,44 +252,36 @@ class ModuleTarget(Target):
 
     def _data_digest(self) -> str:
         # Buffers (e.g. normalisation statistics) shape the outputs too, so they are part of "the data".
-        buffers = sorted((f"buffer:{n}", t) for n, t in self.module.named_buffers())
+        buffers = sorted((f"buffer:{n}", t) for n, t in self.engine.model.named_buffers())
         return tensor_digest([("inputs", self.data), *buffers])
 
     def _inputs(self, b: int) -> Tensor:
         return self.data[b * self.batch_size : (b + 1) * self.batch_size]
 
-    def _shape_outputs(self, out: Tensor) -> Tensor:
+    def _reference_outputs(self, b: int) -> Tensor:
         # One number per sample is a 1-wide output axis, so both losses see [..., k].
+        out = super()._reference_outputs(b)
         return out.unsqueeze(-1) if out.ndim == 1 else out
 
-    def _reference_outputs(self, b: int) -> Tensor:
-        with forward_scope(self.module):
-            return self._shape_outputs(self.module(self._inputs(b)))
-
-    def _outputs(self, deltas: dict[str, Tensor], x: Tensor) -> Tensor:
-        def single(ds: dict[str, Tensor]) -> Tensor:
-            values = {n: self.star[n] + d for n, d in ds.items()}
-            return self._shape_outputs(functional_call(self.module, values, (x,), strict=False))
-
-        with forward_scope(self.module):
-            return self._chain_map(single, deltas)
+    def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        out = super()._outputs(deltas, inputs)
+        return out.unsqueeze(-1) if out.ndim == 2 else out  # [chain, rows]: one number per sample
 
 
-class AdapterTarget(Target):
-    """A TransformerLens model or bundled toy (through its adapter) on token data.
+class TransformerTarget(SamplingTarget):
+    """A TransformerLens model or bundled toy (its adapter is the engine) on token data.
 
     Samples are the positions that count (``TokenBatches.mask``; BOS skipped per METHODS §0). A
     model whose logits have fewer positions than its input (e.g. toy:sma predicts once per
     sequence) counts every output position.
     """
 
+    kind = "transformer"
+
     def __init__(self, adapter, data, loss: str, batch_size: int | None, cache_bytes: int):
-        super().__init__(loss, cache_bytes)
+        super().__init__(adapter, loss, cache_bytes)
         from ..data import TokenBatches, token_batches
 
-        self.adapter = adapter
-        self.module = adapter.model
-        self.compile_obstacle = adapter.compile_obstacle
         if isinstance(data, TokenBatches):
             self.batches = data
         else:
@@ -284,8 +289,6 @@ class AdapterTarget(Target):
                 # Full batch: one batch holding every sequence (validated once to count them).
                 batch_size = token_batches(data, adapter, batch_size=1).n_sequences
             self.batches = token_batches(data, adapter, batch_size=batch_size)
-        live = adapter.live_parameters()
-        self.star = {p.name: p.param.detach() for p in live}
         self._batch_cache: dict[int, object] = {}
         self.description = {"kind": "adapter", "backend": adapter.backend, "class": type(adapter.model).__name__,
                             "n_sequences": self.batches.n_sequences, "batch_size": self.batches.batch_size,
@@ -310,12 +313,6 @@ class AdapterTarget(Target):
 
     def _inputs(self, b: int) -> Tensor:
         return self._batch(b).tokens
-
-    def _reference_outputs(self, b: int) -> Tensor:
-        return self.adapter.forward(self._inputs(b))
-
-    def _outputs(self, deltas: dict[str, Tensor], tokens: Tensor) -> Tensor:
-        return self.adapter.perturbed_forward(deltas, tokens, chains=True)
 
     def _mask(self, b: int, reference: Tensor) -> Tensor | None:
         batch = self._batch(b)

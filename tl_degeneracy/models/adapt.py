@@ -21,6 +21,29 @@ def _hooked_transformer_class():
     return HookedTransformer
 
 
+#: Classes (by name, anywhere in the MRO) that ``adapt`` wraps: decided without importing
+#: transformer_lens.model_bridge, which pulls in transformers' model zoo (~5 s) just to reject a small MLP.
+_ADAPTED_CLASSES = ("TransformerBridge", "HookedTransformer", "ToyModel")
+
+
+def model_kind(model) -> str:
+    """The one answer to "what kind of model is this?" that every analysis asks:
+
+    - ``"transformer"``: a :class:`ModelAdapter`, a bundled toy, a TransformerLens ``HookedTransformer``
+      or ``TransformerBridge`` — everything :func:`adapt` wraps (token data, logits);
+    - ``"module"``: any other ``torch.nn.Module`` (a theory model, a hooked MLP) — tensor inputs
+      and outputs, driven through :class:`~tl_degeneracy.models.engine.ModuleEngine`.
+
+    Raises ``TypeError`` for anything that is not a module.
+    """
+    if isinstance(model, ModelAdapter):
+        return "transformer"
+    if isinstance(model, nn.Module):
+        names = {c.__name__ for c in type(model).__mro__}
+        return "transformer" if names & set(_ADAPTED_CLASSES) else "module"
+    raise TypeError(f"expected a torch.nn.Module or a tl_degeneracy adapter; got {type(model).__module__}.{type(model).__name__}")
+
+
 def adapt(model: nn.Module | ModelAdapter) -> ModelAdapter:
     """Wrap ``model`` in the adapter of its backend; an adapter is returned unchanged.
 

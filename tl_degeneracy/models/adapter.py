@@ -1,7 +1,7 @@
 """The adapter: one interface over every supported model (API.md, "models").
 
 Analyses never reach into a backend; they ask an adapter for config numbers, hook names, weights in
-TransformerLens layout, the live parameter set and a perturbed forward. Backends subclass
+TransformerLens layout, the live parameter set, the tokenizer's ids and a perturbed forward. Backends subclass
 :class:`ModelAdapter` and implement the few ``_``-prefixed methods; everything that must be done
 once for all backends (GQA expansion, zero biases, de-duplicated parameters, leak-free perturbed
 forwards over a chain axis, eval mode) lives here.
@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import MissingHookError
+from ..errors import DataError, MissingHookError
 from .chains import ChainMap
 from .config import ModelConfig
 from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
@@ -178,6 +178,58 @@ class ModelAdapter(abc.ABC):
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
         }
+
+    # ------------------------------------------------------------------ tokens
+    def _tokenizer(self):
+        return getattr(self.model, "tokenizer", None)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The id of the BOS token sequences may begin with: the config's, else the tokenizer's, else None."""
+        if self.cfg.bos_token_id is not None:
+            return self.cfg.bos_token_id
+        return getattr(self._tokenizer(), "bos_token_id", None)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The tokenizer's pad id (what ``model.to_tokens`` pads with); None without a tokenizer."""
+        return getattr(self._tokenizer(), "pad_token_id", None)
+
+    def text_encoder(self) -> tuple[Callable[[str], list[int]], str]:
+        """(encode, how): ``encode`` turns one string into token ids, without special tokens (BOS is
+        the caller's to add); ``how`` says with what: ``"tokenizer"``, ``"to_tokens"`` or
+        ``"utf-8 bytes"`` (byte-level models, d_vocab 256, whose tokens are the UTF-8 bytes).
+
+        Raises:
+            DataError: the model was loaded without its tokenizer (``load_model`` says so on the
+                model), or it has none and is not byte-level.
+        """
+        model = self.model
+        missing = getattr(model, "tld_tokenizer_missing", None)  # set by load_model
+        if missing:
+            raise DataError(
+                f"{missing}, and the data are strings, which must be tokenized: its tokens would be meaningless. Save "
+                "the model's tokenizer into that directory (tokenizer.save_pretrained(dir)), or give token ids (a "
+                "LongTensor [batch, pos]; for the report, a .pt file holding one)"
+            )
+        tok = self._tokenizer()
+        if tok is not None:
+            def encode(s: str) -> list[int]:
+                try:
+                    return list(tok(s, add_special_tokens=False, verbose=False)["input_ids"])
+                except TypeError:  # tokenizers without the HF call signature
+                    return list(tok.encode(s))
+
+            return encode, "tokenizer"
+        to_tokens = getattr(model, "to_tokens", None)
+        if callable(to_tokens):
+            return (lambda s: to_tokens(s, prepend_bos=False, truncate=False)[0].tolist()), "to_tokens"
+        if self.d_vocab == 256:
+            return (lambda s: list(s.encode("utf-8"))), "utf-8 bytes"
+        raise DataError(
+            f"cannot tokenize strings for this {type(model).__name__}: it has no .tokenizer or .to_tokens and is not "
+            f"byte-level (d_vocab={self.d_vocab}, not 256); pass token ids (a LongTensor [batch, pos]) instead"
+        )
 
     # ------------------------------------------------------------------ hooks
     @abc.abstractmethod
@@ -335,6 +387,14 @@ class ModelAdapter(abc.ABC):
                 b_U = e["W_U"].new_zeros(e["W_U"].shape[-1])
             return EmbeddingWeights(W_E=e["W_E"], W_U=e["W_U"], b_U=b_U, W_pos=e.get("W_pos"))
 
+    def layer_attention(self, layer: int) -> dict[str, Tensor | None]:
+        """Layer ``layer``'s attention tensors as the backend exposes them, in TransformerLens layout:
+        W_Q [H,D,d], W_K/W_V [n_kv,D,d] (not GQA-expanded), W_O [H,d,D], b_Q [H,d], b_K/b_V [n_kv,d],
+        b_O [D]; None for a missing bias. Neither copied nor detached: on every backend they are
+        re-layouts of the live parameters, which is what measuring and writing head weights relies on
+        (``models.selection.measure_parameter``, ``gauge.write_attention``)."""
+        return self._layer_attention(layer)
+
     # ------------------------------------------------------------------ parameters
     def _canonical_name(self, slot: str) -> str:
         return slot
@@ -342,13 +402,20 @@ class ModelAdapter(abc.ABC):
     def _component_of(self, name: str) -> str | None:
         """The component a canonical parameter name belongs to: ``"blocks.L.attn"``,
         ``"blocks.L.mlp"``, ``"blocks.L.ln1"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``,
-        ``"ln_final"``, or None. Used by parameter selections (``models.selection``); the default
-        reads TransformerLens-style names, backends with other names override it."""
+        ``"ln_final"``, or None. The default reads TransformerLens-style names, backends with other
+        names override it."""
         m = _BLOCK_COMPONENT.match(name)
         if m:
             return f"blocks.{m[1]}.{m[2]}"
         m = _MODEL_COMPONENT.match(name)
         return m[1] if m else None
+
+    def parameter_components(self, lp) -> set[str]:
+        """The components (as :meth:`_component_of` names them) a live parameter ``lp`` belongs to,
+        over all its slots: a tied embedding is both ``embed`` and ``unembed``. Parameter selections
+        (``models.selection``) and the gauges (which parameters hold a layer's attention) read this."""
+        names = {lp.name} | {self._canonical_name(slot) for slot in lp.slots}
+        return {c for c in map(self._component_of, names) if c is not None}
 
     def example_tokens(self, batch: int = 1, pos: int = 8) -> Int[Tensor, "batch pos"]:
         """Valid tokens for probing the model (e.g. to find live parameters)."""
@@ -363,14 +430,25 @@ class ModelAdapter(abc.ABC):
         get no gradient and are left out; tied tensors appear once with all their slots.
         """
         if self._live is None:
-            tokens = self.example_tokens()
-
-            def loss():
-                with self.eval_mode():
-                    return self._logits(self.model(tokens)).float().square().mean()
-
-            self._live = find_live_parameters(self.model, loss, self._canonical_name)
+            self._live = self._find_live_parameters()
         return self._live
+
+    def unchecked_live_parameters(self) -> ParameterSet:
+        """What :meth:`live_parameters` finds, without the checks a backend adds to it, and not cached
+        when found here. A backend refuses its live set where it would be incomplete (the
+        TransformerLens 3.x bridge in compatibility mode computes gated-MLP weights from detached
+        copies); a caller that writes only some parameters (the gauges: attention weights) can still
+        use the ones the backward pass reaches, without any other analysis seeing that partial set."""
+        return self._live if self._live is not None else self._find_live_parameters()
+
+    def _find_live_parameters(self) -> ParameterSet:
+        tokens = self.example_tokens()
+
+        def loss():
+            with self.eval_mode():
+                return self._logits(self.model(tokens)).float().square().mean()
+
+        return find_live_parameters(self.model, loss, self._canonical_name)
 
     # ------------------------------------------------------------------ perturbed forward
     def _call_with(self, values: Mapping[str, Tensor], tokens: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .adapter import ModelAdapter
 from .config import ModelConfig
-from .hooked_transformer import _NORMALIZATION, LegacyHookNames
+from .hooked_transformer import NORMALIZATION, LegacyHookNames
 
 _ORIGINAL = re.compile(r"(^|\.)_?original_component(?=\.|$)")
 
@@ -92,7 +92,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             d_vocab=c.d_vocab,
             n_ctx=c.n_ctx,
             act_fn=getattr(c, "act_fn", None),
-            normalization=_NORMALIZATION.get(norm, norm),
+            normalization=NORMALIZATION.get(norm, norm),
             parallel_attn_mlp=bool(getattr(c, "parallel_attn_mlp", False)),
             gated_mlp=bool(getattr(c, "gated_mlp", False)),
             positional_embedding=getattr(c, "positional_embedding_type", None),

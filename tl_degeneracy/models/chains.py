@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 
-# torch.OutOfMemoryError (torch ≥ 2.5) is the base of torch.cuda.OutOfMemoryError; older torch has only the latter.
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+#: The exception torch raises when a device runs out of memory: torch.OutOfMemoryError (torch ≥ 2.5,
+#: the base of torch.cuda.OutOfMemoryError); older torch has only the latter.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 class ChainMap:
@@ -32,7 +33,7 @@ class ChainMap:
                 out = torch.func.vmap(single)(dict(deltas))
                 self.vmap_works = True
                 return out
-            except _OUT_OF_MEMORY:
+            except OUT_OF_MEMORY:
                 # Running out of memory says nothing about vmap support (and a chain loop would only
                 # hide the real problem, slowly): re-raise, and decide on vmap at a later call.
                 raise

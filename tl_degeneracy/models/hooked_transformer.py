@@ -35,7 +35,7 @@ from .hooks import MODEL_KINDS, TL_HOOK_TEMPLATES
 
 #: TransformerLens normalization types → the normalization operation (the "Pre" variants are the
 #: same operation with the affine part folded into the next linear map).
-_NORMALIZATION = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS", None: None}
+NORMALIZATION = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS", None: None}
 
 _MLP_KINDS = ("mlp_pre", "mlp_post", "mlp_out")
 
@@ -101,7 +101,7 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
             d_vocab=c.d_vocab,
             n_ctx=c.n_ctx,
             act_fn=c.act_fn,
-            normalization=_NORMALIZATION.get(c.normalization_type, c.normalization_type),
+            normalization=NORMALIZATION.get(c.normalization_type, c.normalization_type),
             parallel_attn_mlp=bool(c.parallel_attn_mlp),
             gated_mlp=bool(c.gated_mlp),
             positional_embedding=c.positional_embedding_type,

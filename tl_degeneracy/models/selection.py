@@ -129,12 +129,14 @@ def _bits(t: Tensor) -> Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _read_attention(adapter: ModelAdapter, layer: int) -> dict[str, Tensor]:
-    values = adapter._layer_attention(layer)
+def read_attention(adapter: ModelAdapter, layer: int) -> dict[str, Tensor]:
+    """Detached copies of layer ``layer``'s per-head attention accessors (TL layout, n_kv heads for
+    K/V; b_O, which no head owns, and absent biases left out)."""
+    values = adapter.layer_attention(layer)
     return {k: values[k].detach().clone() for k in _Q_KEYS + _KV_KEYS if values.get(k) is not None}
 
 
-def _measure_parameter(adapter: ModelAdapter, layer: int, name: str, p: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def measure_parameter(adapter: ModelAdapter, layer: int, name: str, p: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """accessor key → (touched mask of the accessor's shape, flat index into ``p`` per touched entry).
 
     Fills ``p`` with 0, then 1 (entries that change come from ``p``), then the base-256 digits of
@@ -148,15 +150,15 @@ def _measure_parameter(adapter: ModelAdapter, layer: int, name: str, p: Tensor) 
     try:
         with torch.no_grad():
             p.fill_(0)
-            zero = _read_attention(adapter, layer)
+            zero = read_attention(adapter, layer)
             p.fill_(1)
-            one = _read_attention(adapter, layer)
+            one = read_attention(adapter, layer)
             touched = {k: one[k] != zero[k] for k in zero}
             touched = {k: t for k, t in touched.items() if t.any()}
             codes = {k: torch.zeros(int(t.sum()), dtype=torch.long, device=p.device) for k, t in touched.items()}
             for digit in range(n_digits):
                 p.copy_(((flat // _BASE**digit) % _BASE).view(p.shape).to(p.dtype))
-                read = _read_attention(adapter, layer)
+                read = read_attention(adapter, layer)
                 for k, t in touched.items():
                     values = read[k][t].double()
                     if not ((values == values.round()) & (values >= 0) & (values < _BASE)).all():
@@ -168,7 +170,7 @@ def _measure_parameter(adapter: ModelAdapter, layer: int, name: str, p: Tensor) 
             # One scrambled fill checks the decoded indices end to end.
             probe = (flat * 7919 + 13) % _BASE
             p.copy_(probe.view(p.shape).to(p.dtype))
-            read = _read_attention(adapter, layer)
+            read = read_attention(adapter, layer)
             for k, t in touched.items():
                 if not torch.equal(read[k][t].long(), probe[codes[k]]):
                     raise RuntimeError(f"head layout of {name!r} ({k}, layer {layer}) failed its check")
@@ -189,12 +191,12 @@ def _head_layout(adapter: ModelAdapter, layer: int) -> _HeadLayout:
     kv_head: dict[str, Tensor] = {}
     n_kv = adapter.n_kv_heads
     for lp in adapter.live_parameters():
-        if component not in _components(adapter, lp):
+        if component not in adapter.parameter_components(lp):
             continue
         p = lp.param
         qh = torch.full(p.shape, -1, dtype=torch.long, device=p.device)
         kh = torch.full(p.shape, -1, dtype=torch.long, device=p.device)
-        for key, (touched, idx) in _measure_parameter(adapter, layer, lp.name, p).items():
+        for key, (touched, idx) in measure_parameter(adapter, layer, lp.name, p).items():
             n_rows = touched.shape[0]
             # the head axis is axis 0 of every per-layer accessor: the row of each touched entry
             rows = torch.arange(n_rows, device=p.device).view(-1, *[1] * (touched.ndim - 1))
@@ -219,13 +221,6 @@ def _head_masks(adapter: ModelAdapter, layer: int, head: int) -> dict[str, Tenso
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def _components(adapter: ModelAdapter, lp) -> set[str]:
-    """Components a live parameter belongs to, over all its slots (a tied embedding is both
-    ``embed`` and ``unembed``)."""
-    names = {lp.name} | {adapter._canonical_name(slot) for slot in lp.slots}
-    return {c for c in map(adapter._component_of, names) if c is not None}
-
-
 def _full(lp) -> Tensor:
     return torch.ones(lp.shape, dtype=torch.bool, device=lp.param.device)
 
@@ -249,15 +244,15 @@ def _resolve(adapter: ModelAdapter, item: str) -> dict[str, Tensor]:
     if m:
         _check_layer(adapter, int(m[1]), item)
         prefix = f"{item}."
-        chosen = {lp.name: _full(lp) for lp in live if any(c.startswith(prefix) for c in _components(adapter, lp))}
+        chosen = {lp.name: _full(lp) for lp in live if any(c.startswith(prefix) for c in adapter.parameter_components(lp))}
     elif _LAYER_PART.match(item) or item in _MODEL_PARTS:
         if _LAYER_PART.match(item):
             _check_layer(adapter, int(_LAYER_PART.match(item)[1]), item)
-        chosen = {lp.name: _full(lp) for lp in live if item in _components(adapter, lp)}
+        chosen = {lp.name: _full(lp) for lp in live if item in adapter.parameter_components(lp)}
     else:
         raise ValueError(
             f"unknown parameter selection {item!r}; accepted: {ACCEPTED}. Components of this model: "
-            f"{', '.join(sorted({c for lp in live for c in _components(adapter, lp)}))}"
+            f"{', '.join(sorted({c for lp in live for c in adapter.parameter_components(lp)}))}"
         )
     if not chosen:
         raise ValueError(
@@ -301,3 +296,32 @@ def select_parameters(model, selection: str | Sequence[str] | None = None) -> Pa
     order = adapter.live_parameters().names
     masks = {name: masks[name] for name in order if name in masks and bool(masks[name].any())}
     return ParameterSelection(spec=items, masks=masks, n_live=adapter.live_parameters().numel)
+
+
+def component_selections(model, components: str | Sequence[str]) -> list[str]:
+    """One selection per component named by ``components``, on ``model`` (anything :func:`adapt`
+    takes): ``"heads"`` (``blocks.L.attn.headH``, every layer and head), ``"layers"``
+    (``blocks.L``), ``"attn"`` / ``"mlp"`` (``blocks.L.attn`` / ``blocks.L.mlp`` of the layers that
+    have one), or a list of selections, returned as given. How ``llc_by_component`` and the report's
+    ``llc_components`` read the argument.
+    """
+    from .adapt import adapt
+
+    if not isinstance(components, str):
+        return list(components)
+    adapter = adapt(model)
+    L, H = adapter.n_layers, adapter.n_heads
+    if components == "heads":
+        return [f"blocks.{l}.attn.head{h}" for l in range(L) for h in range(H)]
+    if components == "layers":
+        return [f"blocks.{l}" for l in range(L)]
+    if components in ("attn", "mlp"):
+        out = []
+        for l in range(L):
+            try:
+                select_parameters(adapter, f"blocks.{l}.{components}")
+                out.append(f"blocks.{l}.{components}")
+            except ValueError:
+                continue  # e.g. an attention-only layer has no MLP
+        return out
+    raise ValueError(f'components must be "heads", "layers", "attn", "mlp" or a list of selections; got {components!r}')

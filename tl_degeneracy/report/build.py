@@ -21,7 +21,7 @@ from .context import (
     LoadedData, ReportContext, check_finite_weights, default_data_spec, library_versions, load_data_spec,
 )
 from .registry import SECTIONS, Section
-from .result import Report, SectionResult
+from .report import Report, SectionResult
 from .settings import ReportSettings, resolve_settings
 
 __all__ = ["check_device", "degeneracy_report"]
@@ -59,11 +59,10 @@ def _check_components(adapter, llc_components) -> None:
     """Resolve ``llc_components`` on the model now, so that a bad one fails before the LLC runs."""
     if llc_components is None:
         return
-    from ..llc.sweep import _components  # llc_by_component's own reading of the argument
-    from ..models.selection import select_parameters
+    from ..models.selection import component_selections, select_parameters
 
     try:
-        components = _components(adapter, llc_components)
+        components = component_selections(adapter, llc_components)
         for component in components:
             select_parameters(adapter, component)
     except ValueError as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .context import ReportContext
 from .registry import SECTIONS, Section
-from .result import ReportDirectoryError, SectionResult
+from .report import ReportDirectoryError, SectionResult
 from .serialize import to_jsonable
 
 __all__ = ["check_checkpoints", "clear", "fingerprint", "load_cached", "store"]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from .result import Report, SectionResult, changed_settings
+from .report import Report, SectionResult, changed_settings
 from .sections import METHODS_DOC, glossary, verdict
 
 __all__ = ["render_html", "render_notebook"]

@@ -12,7 +12,7 @@ from .activations import activation_stats
 from .distributed import DistributedContext, all_reduce_sum_, distributed_context
 from .jacobian import jacobian_stats
 from ..numerics import numerical_rank
-from .results import ActivationStats, HookStats, JacobianHookStats, JacobianStats
+from .gram_stats import ActivationStats, HookStats, JacobianHookStats, JacobianStats
 from .samples import SampleIndex
 
 __all__ = [

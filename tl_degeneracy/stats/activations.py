@@ -18,7 +18,7 @@ from ..models.adapt import adapt
 from .accumulators import MomentAccumulator
 from .distributed import distributed_context
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets
-from .results import ActivationStats, HookStats
+from .gram_stats import ActivationStats, HookStats
 from .samples import SampleIndex
 from .stream import Step, stream
 

@@ -55,7 +55,7 @@ from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
 from .distributed import distributed_context
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets, run_until
-from .results import JacobianHookStats, JacobianStats
+from .gram_stats import JacobianHookStats, JacobianStats
 from .stream import Step, stream
 from .vjp import Backward, cotangents, differentiable_capture
 

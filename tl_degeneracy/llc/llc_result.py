@@ -1,4 +1,4 @@
-"""The LLC estimate and its diagnostics (METHODS §1).
+"""The LLC estimate from the chains' traces, and the result that carries it (METHODS §1).
 
 λ̂_c = nβ · mean_{t ≥ burnin} L_B,b_t(θ_t^{(c)}) per chain c (the minibatch loss at θ_t used for
 its gradient; L_B(θ*) = 0 so no baseline is subtracted); λ̂ = mean over healthy chains;
@@ -7,12 +7,14 @@ spread = their standard deviation (ddof = 1); standard error = spread/√C. N_ef
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .sampler import NORMS
+from .sampler import NORMS, SamplerState
 
 
 @dataclass
@@ -99,7 +101,7 @@ class LLCResult:
         return fig
 
 
-def estimate(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+def chain_estimates(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.ndarray) -> tuple[np.ndarray, float, float, float]:
     """Per-chain λ̂ from losses [steps, C]; mean, spread (ddof 1) and standard error over healthy chains."""
     per_chain = nbeta * trace_losses[burnin:].mean(0)
     per_chain = np.where(failed_at >= 0, np.nan, per_chain)
@@ -108,3 +110,44 @@ def estimate(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.
     std = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
     stderr = std / np.sqrt(len(ok)) if len(ok) > 1 else float("nan")
     return per_chain, mean, std, float(stderr)
+
+
+@dataclass(frozen=True)
+class ChainRecords:
+    """Every chain's record, gathered from all ranks in global chain order: its losses L_B,b_t(θ_t)
+    [steps, C] (NaN after a failure), failure step (−1 if healthy) and mean update norms (NORMS);
+    the steps every rank completed, and the slowest rank's wall and compilation seconds."""
+
+    losses: np.ndarray
+    failed_at: np.ndarray
+    norms: np.ndarray
+    steps_done: int
+    wall_s: float
+    compile_s: float
+
+    @classmethod
+    def gather(cls, state: SamplerState, my_chains: Sequence[int], compile_s: float, world: int) -> ChainRecords:
+        """This rank's chains (``my_chains``, global indices) and, under torchrun, every other rank's."""
+        local = {
+            "chains": list(my_chains), "trace": state.trace, "failed_at": state.failed_at.cpu().numpy(),
+            "norms": (state.norms.cpu().numpy() / max(state.step, 1)), "wall_s": state.wall_s, "step": state.step,
+            "compile_s": compile_s,
+        }
+        parts = [local]
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, local)
+        order = np.argsort(np.concatenate([p["chains"] for p in parts]))
+        steps_done = min(p["step"] for p in parts)
+        return cls(
+            losses=np.concatenate([p["trace"] for p in parts], axis=1)[:, order][:steps_done],
+            failed_at=np.concatenate([p["failed_at"] for p in parts])[order],
+            norms=np.concatenate([p["norms"] for p in parts])[order],
+            steps_done=steps_done,
+            wall_s=max(p["wall_s"] for p in parts),
+            compile_s=max(p["compile_s"] for p in parts),
+        )
+
+    def failed(self) -> dict[int, int]:
+        """Failed chains → the step each failed at."""
+        return {int(c): int(s) for c, s in enumerate(self.failed_at) if s >= 0}

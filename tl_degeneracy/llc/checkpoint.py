@@ -1,0 +1,158 @@
+"""Checkpoints of the sampler state: written atomically every few steps, resumed bit for bit.
+
+A checkpoint holds the whole :class:`~tl_degeneracy.llc.sampler.SamplerState` (chains, RMSProp
+state, generators, trace, failures, norms, wall time and the run's step-size history in ``extra``)
+and the *run key*: the settings that must agree for a resume (the target's description and
+fingerprint, nβ, γ, chains, steps, seed, sampler, selection, η, ...). A checkpoint with another key
+is refused, with a message that says which setting differs. Under torchrun each rank writes its
+own file ``llc-rank<r>.pt`` and the ranks resume only together (:func:`agree_on_resume`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .sampler import SamplerState
+
+
+class Checkpointer:
+    """This rank's checkpoint file in ``directory``: whether to resume, and when to write.
+
+    ``resume_extra()`` decides with the other ranks whether the run resumes (:func:`agree_on_resume`);
+    ``restore(state, key)`` then loads the state written under run key ``key`` (refusing any other);
+    ``on_block`` (given to ``run_chains``) writes the state every ``every`` steps, at the end of the
+    run and where a test interrupts it (``stop_after``); ``save`` writes it now.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int, world: int, every: int, steps: int,
+                 stop_after: int | None = None):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(os.fspath(directory), f"llc-rank{rank}.pt")
+        self.world, self.every, self.steps, self.stop_after = world, every, steps, stop_after
+        self.key: dict = {}
+        self._last_saved = 0
+
+    def resume_extra(self) -> dict | None:
+        """This rank's saved ``extra`` when all ranks resume, None when all start afresh."""
+        return agree_on_resume(self.path, self.world)
+
+    def restore(self, state: SamplerState, key: dict, resume: bool) -> SamplerState:
+        """Fix the run key (what later writes store) and, when resuming, load ``state`` under it."""
+        self.key = key
+        if resume:
+            state = load_checkpoint(self.path, key, state)
+        self._last_saved = state.step
+        return state
+
+    @property
+    def on_block(self) -> Callable[[SamplerState], None]:
+        def write_if_due(state: SamplerState) -> None:
+            if state.step - self._last_saved >= self.every or state.step in (self.steps, self.stop_after):
+                self.save(state)
+                self._last_saved = state.step
+
+        return write_if_due
+
+    def save(self, state: SamplerState) -> None:
+        save_checkpoint(self.path, state, self.key)
+
+
+def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:
+    """Write the full sampler state and the run key atomically (write to a temporary file, then rename)."""
+    payload = {
+        "settings": key,
+        "step": state.step,
+        "delta": state.delta.cpu(),
+        "v": None if state.v is None else state.v.cpu(),
+        "generators": state.generator_states(),
+        "trace": state.trace,
+        "alive": state.alive.cpu(),
+        "failed_at": state.failed_at.cpu(),
+        "norms": state.norms.cpu(),
+        "wall_s": state.wall_s,
+        "extra": state.extra,
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, key: dict, state: SamplerState) -> SamplerState:
+    """Restore ``state`` from ``path``; refuse a checkpoint written under another run key."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    saved = payload["settings"]
+    diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+    if "fingerprint" in diff:
+        old, new = saved.get("fingerprint") or {}, key.get("fingerprint") or {}
+        what = ", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) or "fingerprint"
+        raise ValueError(
+            f"checkpoint {path} belongs to another model or other data (differs in: {what}); it cannot be "
+            f"resumed for this one. Use another checkpoint_dir (one per model and data set) or delete the file"
+        )
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {key.get(k)!r}" for k in diff[:6])
+        raise ValueError(
+            f"checkpoint {path} was written with different settings ({detail}); use another checkpoint_dir "
+            f"or delete the file to start afresh"
+        )
+    device = state.delta.device
+    state.step = int(payload["step"])
+    state.delta = payload["delta"].to(device)
+    state.v = None if payload["v"] is None else payload["v"].to(device)
+    for g, s in zip(state.generators, payload["generators"]):
+        g.set_state(s)
+    state.trace = payload["trace"]
+    state.alive = payload["alive"].to(device)
+    state.failed_at = payload["failed_at"].to(device)
+    state.norms = payload["norms"].to(device)
+    state.wall_s = float(payload["wall_s"])
+    state.extra = payload["extra"]
+    return state
+
+
+def agree_on_resume(path: str, world: int) -> dict | None:
+    """Whether this run resumes from its checkpoints, decided by all ranks together.
+
+    Returns this rank's checkpoint ``extra`` (step-size choice, adaptations) to resume from, or None
+    to start afresh. Under torchrun every rank reads its own file and the ranks exchange what they
+    found, so that all take the same decision: a rank that resumes skips the step-size calibration
+    and burn-in adaptations that a fresh rank runs, and their collectives would wait for each other
+    forever. Checkpoints on some ranks only, or written by different runs (settings) or at different
+    points of the burn-in adaptation, are refused on every rank with the same message.
+    """
+    mine = None
+    if os.path.exists(path):
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        extra = payload["extra"]
+        settings = {k: v for k, v in payload["settings"].items() if k != "my_chains"}
+        mine = {"extra": extra, "settings": settings, "step": int(payload["step"]),
+                "adapted": (extra.get("step_size"), [a["step"] for a in extra.get("adaptations", [])])}
+    if world == 1:
+        return None if mine is None else mine["extra"]
+    found = [None] * world
+    torch.distributed.all_gather_object(found, mine)
+    have = [r for r, f in enumerate(found) if f is not None]
+    where = os.path.dirname(path)
+    if not have:
+        return None
+    if len(have) < world:
+        raise ValueError(
+            f"checkpoint_dir {where} holds checkpoints for ranks {have} only, of {world}: the ranks cannot resume "
+            f"together (a rank would start afresh while the others resume). Delete the directory's llc-rank*.pt "
+            f"files to start afresh, or restore the missing ones"
+        )
+    first = found[have[0]]
+    if any(f["settings"] != first["settings"] for f in found):
+        raise ValueError(f"checkpoint_dir {where}: the ranks' checkpoints were written by different runs (settings differ); "
+                         f"delete its llc-rank*.pt files to start afresh")
+    if any(f["adapted"] != first["adapted"] for f in found):
+        steps = {r: f["step"] for r, f in enumerate(found)}
+        raise ValueError(
+            f"checkpoint_dir {where}: the ranks' checkpoints stopped at different points of the burn-in step-size "
+            f"adaptation (steps per rank {steps}), so they cannot resume together; delete its llc-rank*.pt files "
+            f"to start afresh"
+        )
+    return mine["extra"]

@@ -1,0 +1,96 @@
+"""``SamplerConfig``: the SGLD sampler's knobs for :func:`~tl_degeneracy.llc.behavioral_llc`, validated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+SAMPLERS = ("sgld", "rmsprop")
+
+
+def _positive_finite(name: str, value) -> None:
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How the tempered posterior of METHODS §1 is sampled (``behavioral_llc`` documents each knob).
+
+    Attributes:
+        chains, draws, burnin: chains run together; each runs burnin + draws steps; the estimate
+            averages the draws.
+        step_size: η; None for the automatic one (bias bound ``bias_bound``, stepsize.py).
+        gamma: localization γ of the prior centred at θ*.
+        sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD, with ``rms_alpha`` and
+            ``rms_eps``).
+        bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size (< 1).
+        pilot_steps: length of each pilot run of the automatic step size.
+        checkpoint_every: steps between checkpoints (with ``checkpoint_dir``).
+        compile: compile the loss and gradient of the sampling steps with ``torch.compile``.
+
+    Every value is checked when the config is made (ValueError with the rule it breaks).
+    """
+
+    chains: int = 8
+    draws: int = 2000
+    burnin: int = 500
+    step_size: float | None = None
+    gamma: float = 1.0
+    sampler: str = "sgld"
+    bias_bound: float = 0.05
+    rms_alpha: float = 0.99
+    rms_eps: float = 0.1
+    pilot_steps: int = 200
+    checkpoint_every: int = 512
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}; got {self.sampler!r}")
+        for name, low in (("chains", 1), ("draws", 1), ("burnin", 0), ("checkpoint_every", 1), ("pilot_steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}; got {value!r}")
+        gamma = self.gamma
+        if not (isinstance(gamma, (int, float, np.floating, np.integer)) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number ≥ 0; got {gamma!r}")
+        if self.step_size is not None:
+            _positive_finite("step_size", self.step_size)
+        _positive_finite("bias_bound", self.bias_bound)
+        if not self.bias_bound < 1:
+            # η(nβ h + γ)/4 ≥ 1 is past the stability limit of the stiffest direction (λ̂ ∝ 1/(1 − b)).
+            raise ValueError(f"bias_bound must be < 1 (the predicted bias factor is 1/(1 − bias_bound)); got {self.bias_bound!r}")
+        if not (isinstance(self.rms_alpha, (int, float, np.floating)) and 0 <= self.rms_alpha < 1):
+            raise ValueError(f"rms_alpha must satisfy 0 ≤ rms_alpha < 1; got {self.rms_alpha!r}")
+        _positive_finite("rms_eps", self.rms_eps)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False; got {self.compile!r}")
+
+    @property
+    def steps(self) -> int:
+        """Steps per chain: burn-in and draws."""
+        return self.burnin + self.draws
+
+    @property
+    def rmsprop(self) -> bool:
+        return self.sampler == "rmsprop"
+
+    @property
+    def rms_factor(self) -> float:
+        """What RMSProp's preconditioner (at most 1/rms_eps) asks of η: the automatic η is multiplied
+        by it, so that the largest preconditioned step keeps the bias bound (1 for plain SGLD)."""
+        return self.rms_eps if self.rmsprop else 1.0
+
+    @classmethod
+    def merged(cls, config: SamplerConfig | None, **given) -> SamplerConfig:
+        """``config`` (default: the defaults) with every knob in ``given`` that is not None in its place."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise TypeError(f"unknown sampler option(s) {unknown}; SamplerConfig has {sorted(known)}")
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a SamplerConfig; got {type(config).__name__}")
+        return replace(config or cls(), **{k: v for k, v in given.items() if v is not None})

@@ -1,0 +1,335 @@
+"""``behavioral_llc``: the behavioral local learning coefficient of a model (METHODS §1).
+
+The method, step by step (each step is its own module):
+
+1. the sampling target (targets.py): θ*, the batches and the chain-batched behavioral loss L_B,b,
+   on the model's engine (``model_kind`` decides transformer or plain module);
+2. the sampled coordinates (layout.py): the flat layout of δ = θ − θ* and the selection mask;
+3. the step size η (stepsize.py): given, or from the top Hessian eigenvalue at θ* and along pilot
+   runs, lowered during burn-in where the chains meet stiffer regions;
+4. SGLD over all chains at once (sampler.py), checkpointed and resumable (checkpoint.py);
+5. the estimate λ̂ = nβ · mean post-burn-in L_B,b over healthy chains, and its diagnostics
+   (llc_result.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..errors import NumericalError
+from ..stats.distributed import distributed_context
+from .checkpoint import Checkpointer
+from .config import SamplerConfig
+from .layout import ParameterLayout, Selection, select_coordinates
+from .llc_result import ChainRecords, LLCResult, chain_estimates
+from .loss_grad import LossGrad
+from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
+from .stepsize import ADAPT_AT, StepSizeChoice, adapted_step_size, bias_bound_of, chain_curvature, initial_step_size
+from .targets import DEFAULT_CACHE_BYTES, SamplingTarget, make_target
+
+#: Default nβ: the tempered posterior probes loss scale ε = 1/nβ = 10⁻³ (nats per sample for kl).
+DEFAULT_NBETA = 1000.0
+
+
+def resolve_nbeta(nbeta: float | None, loss_scale: float | None) -> float:
+    """nβ = 1/loss_scale; default :data:`DEFAULT_NBETA`."""
+    if nbeta is not None and loss_scale is not None and not np.isclose(nbeta * loss_scale, 1.0):
+        raise ValueError(f"nbeta = {nbeta} and loss_scale = {loss_scale} disagree (nbeta must be 1/loss_scale); pass one of them")
+    if loss_scale is not None:
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be finite and > 0; got {loss_scale}")
+        return 1.0 / float(loss_scale)
+    value = DEFAULT_NBETA if nbeta is None else float(nbeta)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"nbeta must be finite and > 0; got {value}")
+    return value
+
+
+def check_finite_at_reference(target: SamplingTarget, layout: ParameterLayout) -> None:
+    """L_B(θ*) must be finite (it is 0 for finite reference outputs) on every batch.
+
+    Non-finite reference outputs (NaN/inf logits, all −inf rows) would make every chain "diverge"
+    at its first step and the advice would wrongly point at the step size.
+    """
+    dtype = target.dtype
+    zero = layout.unflatten(torch.zeros(1, layout.numel, device=target.device, dtype=dtype))
+    with torch.no_grad():
+        for b in range(target.n_batches):
+            value = float(target.loss(zero, b)[0])
+            if not math.isfinite(value):
+                raise NumericalError(
+                    f"the behavioral loss at the model's own parameters (θ*, δ = 0) is {value} on batch {b}: the "
+                    f"model's reference outputs are not finite there (NaN/inf outputs, or logits that are −inf "
+                    f"everywhere in a row). Fix the model or the data; changing the step size cannot help"
+                )
+
+
+def behavioral_llc(
+    model,
+    data,
+    loss: str | None = None,
+    nbeta: float | None = None,
+    loss_scale: float | None = None,
+    step_size: float | None = None,
+    gamma: float | None = None,
+    chains: int | None = None,
+    draws: int | None = None,
+    burnin: int | None = None,
+    batch_size: int | None = None,
+    params=None,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    *,
+    config: SamplerConfig | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    _stop_after: int | None = None,
+    **options,
+) -> LLCResult:
+    """Behavioral LLC λ̂_B = nβ · E[L_B(θ)] under the tempered, localized posterior (METHODS §1)
+
+        p(θ) ∝ exp(−nβ L_B(θ) − γ/2 ‖θ − θ*‖²),
+
+    sampled by SGLD with all chains in one batched computation; θ* = the model's parameters, which
+    are never modified. L_B(θ*) = 0 exactly, so no baseline is estimated.
+
+    Args:
+        model: a TransformerLens model, a bundled toy (``load_model("toy:…")``), an adapter, or any
+            ``nn.Module`` mapping an input tensor to an output tensor.
+        data: token data (anything ``token_batches`` takes) for TransformerLens models and toys; a
+            tensor of inputs (samples on the first axis) for a plain module.
+        loss: ``"kl"`` (default for TransformerLens models and toys: outputs are logits) or
+            ``"mse"`` (default for plain modules: ½‖f_θ − f_θ*‖², the KL of unit Gaussians).
+        nbeta, loss_scale: nβ = 1/loss_scale (give at most one). Default nβ = 1000: the estimate
+            is λ_B at loss scale 10⁻³ (nats per sample for kl), where E[L_B] = λ/nβ.
+        step_size: η; default automatic: η (nβ h_max + γ)/4 = ``bias_bound`` with h_max the top
+            Hessian eigenvalue of L_B at θ* and along pilot runs (stepsize.py), so that the
+            step-size bias λ̂ ≈ λ/(1 − η nβ h/4) stays below ≈ ``bias_bound``; η is lowered (never
+            raised) after a quarter, half and three quarters of the burn-in if the chains reached
+            stiffer regions (:data:`ADAPT_AT`), so the last quarter of the burn-in runs under the
+            final η.
+            ``diagnostics["h_max"]``/``["bias_bound"]`` use the largest curvature measured before
+            sampling (pilots and burn-in checks; the pilots' alone is ``["h_max_pilot"]``). The
+            bound where the chains end is reported (``diagnostics["bias_bound_end"]``) and a warning
+            is issued when it exceeds twice ``bias_bound``.
+        gamma: localization γ (prior centred at θ*; default 1); it also keeps flat directions bounded.
+        chains, draws, burnin: chains run together (default 8); each runs burnin + draws steps
+            (default 500 + 2000); the estimate averages the draws. Under torchrun, chains must be at
+            least the number of ranks.
+        batch_size: samples (sequences, for token data) per minibatch; default all (full batch).
+            Minibatches are visited in a fixed cycle, the same batch for all chains at each step.
+            L_B is a mean over every counted position of the whole data (METHODS §1), so each
+            step's minibatch loss L_B,b (whose gradient drives the step and whose value enters the
+            estimate and the trace) is batch b's sum over its n_b counted positions divided by the
+            mean count per batch N/n_batches, not by n_b (targets.py): over a cycle these losses
+            and their gradients average to the dataset's L_B and ∇L_B however ragged the batches
+            (sequences of different lengths, a short last batch); with equal counts L_B,b is the
+            batch mean. λ̂ = nβ · the mean of L_B,b over the draws is therefore the position-weighted
+            estimate (exactly so for draws spanning whole cycles). ``diagnostics["n_samples"]``
+            is N, the counted positions of the data; ``["mean_positions_per_batch"]`` is N/n_batches.
+        params: restrict sampling to a selection (``select_parameters`` spellings for TL models and
+            toys, e.g. ``"blocks.0.attn.head1"``; parameter names or name → mask for plain modules).
+            The mask multiplies gradient, prior and noise.
+        seed: chain c uses the generator seeded by ``chain_seed(seed, c)``.
+        checkpoint_dir: write the sampler state there every ``checkpoint_every`` steps (atomically)
+            and resume from it when it exists; a checkpoint from other settings is refused, and so
+            is one from another model or other data (θ*, data, dtype and device type are hashed
+            into the checkpoint's settings). One directory holds one run. Under torchrun each rank
+            writes its own file and the ranks resume only together: checkpoints on some ranks
+            only, or inconsistent ones, are refused on every rank.
+        config: a :class:`SamplerConfig` holding the sampler's knobs (chains, draws, burnin,
+            step_size, gamma and the options below); the keywords above, and the options below
+            given as keywords, override its fields. The remaining arguments are options of the
+            sampler (fields of :class:`SamplerConfig`, defaults there):
+        sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
+            multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
+        bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size.
+        pilot_steps: length of each pilot run of the automatic step size (stepsize.py).
+        checkpoint_every: steps between checkpoints (default 512).
+        compile: compile the sampling steps' loss and gradient with ``torch.compile`` (loss_grad.py):
+            about 2× faster per chain-step on small transformers on a CPU (BENCHMARKS.md), after a
+            one-off compilation (``diagnostics["compile_s"]``: tens of seconds on a CPU the first
+            time, a few once Inductor's cache holds it), so for long runs. Same estimate up to
+            rounding (the chains' paths differ in the last bits from an uncompiled run's). Step-size
+            calibration (Hessian-vector products) stays uncompiled. Falls back to uncompiled, with
+            a warning, where compilation fails.
+        cache_bytes: memory budget for cached reference outputs (beyond it they are recomputed).
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) the chains are split
+    round-robin across ranks and gathered; every rank returns the full result.
+
+    Raises:
+        ValueError: an argument out of range (chains/draws ≥ 1, burnin ≥ 0, step_size, bias_bound
+            (< 1), rms_eps, nbeta/loss_scale finite and > 0, 0 ≤ rms_alpha < 1, gamma ≥ 0), more
+            ranks than chains, a checkpoint from other settings, another model or other data, or
+            (torchrun) checkpoints missing on some ranks or inconsistent between ranks.
+        TypeError: an option that is no field of :class:`SamplerConfig`.
+        NumericalError: L_B at θ* is not finite (non-finite reference outputs), or every chain
+            diverged (the message says what to change).
+    """
+    config = SamplerConfig.merged(config, step_size=step_size, gamma=gamma, chains=chains, draws=draws, burnin=burnin,
+                                  **options)
+    nb = resolve_nbeta(nbeta, loss_scale)
+    ctx = distributed_context()
+    if ctx.world_size > config.chains:
+        raise ValueError(
+            f"{ctx.world_size} ranks but only {config.chains} chains: chains are split across ranks and a rank without a "
+            f"chain has nothing to sample; pass chains ≥ {ctx.world_size} or run with fewer processes"
+        )
+    target = make_target(model, data, loss, batch_size, cache_bytes)
+    # One forward scope for the whole run: every forward inside it (checks, curvature, pilots, each
+    # SGLD step) is then free of the per-forward bookkeeping, and the model is given back as found
+    # (modes, no cached attention patterns holding the chains' graphs) when the run ends or fails.
+    with target.engine.eval_mode():
+        selection = select_coordinates(target, params)
+        # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
+        explode_at = 10.0 * selection.n_params + 100.0
+        check_finite_at_reference(target, selection.layout)
+        my_chains = list(range(ctx.rank, config.chains, ctx.world_size))
+        checkpointer = None if checkpoint_dir is None else Checkpointer(
+            checkpoint_dir, ctx.rank, ctx.world_size, config.checkpoint_every, config.steps, _stop_after)
+        saved = None if checkpointer is None else checkpointer.resume_extra()
+
+        choice, source = initial_step_size(target, selection, config, nbeta=nb, explode_at=explode_at, seed=seed,
+                                           saved=None if saved is None else saved.get("step_size_choice"))
+        eta = choice.step_size * (config.rms_factor if config.step_size is None else 1.0)
+        dynamics = Dynamics(nbeta=nb, step_size=eta, gamma=config.gamma, steps=config.steps, rmsprop=config.rmsprop,
+                            rms_alpha=config.rms_alpha, rms_eps=config.rms_eps, explode_at=explode_at)
+        state = initial_state(target, selection.layout, [chain_seed(seed, c) for c in my_chains], dynamics)
+        state.extra["step_size_choice"] = choice.to_dict()
+        if checkpointer is not None:
+            key = {**_run_key(target, config, nb, selection, seed, my_chains), "step_size": eta}
+            state = checkpointer.restore(state, key, resume=saved is not None)
+        loss_grad = LossGrad(target, selection.layout, compile=config.compile)
+        state, dynamics = _sample_with_burnin_adaptation(target, selection, config, dynamics, state, loss_grad,
+                                                         checkpointer, seed, my_chains, _stop_after)
+        # The bias bound where the chains ended: reported, and a warning when far above the target.
+        h_end = chain_curvature(target, selection, state, _point_seeds(seed, my_chains)) if state.step == config.steps else float("nan")
+        records = ChainRecords.gather(state, my_chains, loss_grad.compile_s, ctx.world_size)
+        return _result(target, selection, config, nb, choice, source, dynamics.step_size, state.extra["adaptations"],
+                       h_end, records, loss_grad, ctx.world_size)
+
+
+def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, selection: Selection, seed: int,
+             my_chains: list[int]) -> dict:
+    """What a checkpoint must have been written under to be resumed (checkpoint.py; η is added)."""
+    return {
+        # The fingerprint (θ*, data, dtype, device type) ties a checkpoint to this model on this data:
+        # class and sizes alone would let another model of the same shape resume this one's chains.
+        # Hashing reads every parameter on the CPU, so it is done only when checkpointing.
+        "target": target.description, "fingerprint": target.fingerprint(),
+        "loss": target.loss_name, "nbeta": nbeta, "gamma": float(config.gamma), "chains": config.chains,
+        "draws": config.draws, "burnin": config.burnin, "seed": seed, "sampler": config.sampler,
+        "bias_bound": config.bias_bound, "selection": selection.spec, "n_params": selection.n_params,
+        "step_size_given": config.step_size, "my_chains": my_chains,
+        "rms": (config.rms_alpha, config.rms_eps) if config.rmsprop else None,
+    }
+
+
+def _point_seeds(seed: int, my_chains: list[int]) -> list[int]:
+    """Seeds of the Lanczos start vectors at the chains' points (one per chain, apart from the chains' own)."""
+    return [chain_seed(seed + 17, c) for c in my_chains]
+
+
+def _sample_with_burnin_adaptation(
+    target: SamplingTarget, selection: Selection, config: SamplerConfig, dynamics: Dynamics, state: SamplerState,
+    loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int, my_chains: list[int], stop_after: int | None,
+) -> tuple[SamplerState, Dynamics]:
+    """Run the chains to the end (or to ``stop_after``), re-adapting an automatic η during burn-in.
+
+    The chains reach regions the pilots did not (flat directions spread slowly), so the curvature is
+    re-measured at the chains themselves after the burn-in fractions :data:`ADAPT_AT` and η is
+    lowered (never raised) to keep the bias bound. Burn-in steps do not enter the estimate, so
+    changing η there is harmless; the last change leaves a quarter of the burn-in for the chains to
+    settle under the final η. Each adaptation is recorded in ``state.extra`` (and checkpointed), so
+    a resumed run continues under the η it had reached.
+    """
+    checks = sorted({int(config.burnin * f) for f in ADAPT_AT} - {0}) if config.step_size is None else []
+    if "step_size" in state.extra:
+        dynamics = replace(dynamics, step_size=state.extra["step_size"])
+    adaptations = state.extra.setdefault("adaptations", [])
+    on_block = None if checkpointer is None else checkpointer.on_block
+    for check in checks + [dynamics.steps]:
+        stop = check if stop_after is None else min(check, stop_after)
+        if state.step < stop:
+            state = run_chains(target, selection.layout, selection.mask, dynamics, state, on_block=on_block, stop_after=stop,
+                               loss_grad=loss_grad)
+        if check == dynamics.steps or state.step != check or any(a["step"] == check for a in adaptations):
+            continue
+        h_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
+        eta_new = adapted_step_size(h_now, dynamics.step_size, dynamics.nbeta, config)
+        adaptations.append({"step": check, "h_max": h_now, "step_size": min(eta_new, dynamics.step_size)})
+        if eta_new < dynamics.step_size:
+            dynamics = replace(dynamics, step_size=eta_new)
+            state.extra["step_size"] = eta_new
+        if checkpointer is not None:
+            checkpointer.save(state)
+        if stop_after is not None and state.step >= stop_after:
+            break
+    return state, dynamics
+
+
+def _result(
+    target: SamplingTarget, selection: Selection, config: SamplerConfig, nb: float, choice: StepSizeChoice, source: str,
+    eta: float, adaptations: list[dict], h_end: float, records: ChainRecords, loss_grad: LossGrad, world: int,
+) -> LLCResult:
+    """λ̂ from the gathered chains (llc_result.py), the warnings its diagnostics call for, and the result."""
+    chains, bias_bound, gamma = config.chains, config.bias_bound, config.gamma
+    rms_factor = config.rms_factor
+    bias_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
+    steps_done = records.steps_done
+    # Interrupted on purpose (_stop_after): report what was sampled so far.
+    burnin_used = config.burnin if steps_done >= config.steps else min(config.burnin, max(steps_done - 1, 0))
+    per_chain, mean, std, stderr = chain_estimates(records.losses, nb, burnin_used, records.failed_at)
+    failed = records.failed()
+    advice = (
+        f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_bound}), increase gamma (now {gamma}), or use a "
+        f"larger loss_scale (smaller nbeta, now {nb:g})"
+    )
+    # stacklevel 3: the warnings point at the caller of behavioral_llc.
+    if len(failed) == chains:
+        raise NumericalError(f"all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
+    if failed:
+        warnings.warn(
+            f"{len(failed)} of {chains} chains diverged and are excluded (chain: step {failed}); {advice}",
+            RuntimeWarning, stacklevel=3,
+        )
+    if bias_end > 2 * bias_bound:
+        warnings.warn(
+            f"at the end of sampling the chains sit where the step-size bias bound η(nβ h_max + γ)/4 is {bias_end:.2g} "
+            f"(h_max {h_end:.3g}), above the {bias_bound:.2g} aimed for: λ̂ may be over-estimated by "
+            f"up to {bias_end / (1 - min(bias_end, 0.99)):.0%}; pass a smaller step_size (e.g. {eta * bias_bound / bias_end:.2g}) "
+            f"or a larger burnin so that the burn-in adaptation sees these regions",
+            RuntimeWarning, stacklevel=3,
+        )
+    wall, compile_s = records.wall_s, records.compile_s
+    # The reported bound uses the largest curvature measured before sampling: the pilots' h_max and
+    # every burn-in re-measurement (which may have lowered η because the chains found stiffer regions);
+    # the pilot value alone would under-state the bound the final η was chosen for.
+    h_max = max([choice.h_max] + [a["h_max"] for a in adaptations if math.isfinite(a["h_max"])])
+    bound = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
+    diagnostics = {
+        **choice.to_dict(), "step_size_source": source, "step_size": eta,
+        "h_max_pilot": choice.h_max, "h_max": h_max, "bias_bound": bound,
+        "predicted_bias_factor": 1.0 / (1.0 - bound) if bound < 1 else float("inf"),
+        "h_max_end": h_end, "bias_bound_end": bias_end, "adaptations": list(adaptations),
+        "norms": records.norms, "norm_names": NORMS, "failed_at": records.failed_at, "wall_s": wall,
+        # Per chain-step of sampling, without the one-off compilation (its seconds are compile_s).
+        "s_per_chain_step": (wall - compile_s) * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
+        "compiled": loss_grad.compiled, "compile_s": compile_s, "compile_error": loss_grad.compile_error,
+        "n_samples": target.n_samples, "mean_positions_per_batch": target.mean_positions, "world_size": world,
+        "steps_done": steps_done,
+        "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "
+                         "averaged over post-burn-in steps",
+    }
+    return LLCResult(
+        llc=mean, llc_std=std, llc_stderr=stderr, llc_per_chain=per_chain, trace=(nb * records.losses).T, nbeta=nb,
+        step_size=eta, gamma=float(gamma), chains=chains, draws=config.draws, burnin=config.burnin,
+        n_params=selection.n_params, loss=target.loss_name, sampler=config.sampler, failed=failed,
+        diagnostics=diagnostics, selection=selection.spec,
+    )
