@@ -18,6 +18,7 @@ from .models.selection import ParameterSelection, select_parameters
 from .models.toys.data import toy_data
 from .plots import plot_spectra
 from .report import Report, degeneracy_report
+from .report.compare import ReportComparison, compare_reports
 from .stats import ActivationStats, JacobianStats, activation_stats, jacobian_stats
 from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronization, neuron_synchronization
 
@@ -44,11 +45,13 @@ __all__ = [
     "PaddingWarning",
     "ParameterSelection",
     "Report",
+    "ReportComparison",
     "TLDegeneracyError",
     "TokenBatches",
     "activation_stats",
     "adapt",
     "canonicalize_heads",
+    "compare_reports",
     "degeneracy_counts",
     "degeneracy_report",
     "find_modules",

@@ -4,6 +4,9 @@
 report.json, report.html and one CSV per table to a directory. With no arguments it uses the bundled
 default model (``toy:bytelm``) on its bundled held-out text, offline. Reruns into the same
 directory reuse finished sections and resume interrupted LLC runs from ``<out>/checkpoints``.
+
+``tl-degeneracy compare DIR_A DIR_B`` writes comparison.html (the two reports side by side) and
+comparison.csv (``tld.compare_reports``) to ``--out``, by default ``compare-<A>-vs-<B>``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ EXAMPLES = """examples:
   tl-degeneracy report --model smollm2.gguf --data tokens.pt --only summary invariants
   tl-degeneracy report --preset thorough --llc-components heads
   tl-degeneracy report --set draws=400 chains=8 loss_scales=1e-2,1e-3,1e-4
+  tl-degeneracy compare reports/a reports/b            # two reports side by side → compare-a-vs-b/
 
 presets: quick (default; about a minute on toy:bytelm with 2 CPU cores) and thorough. --set changes
 single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale, loss_scales,
@@ -142,6 +146,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .report.compare import compare_reports, default_directory
+
+    comparison = compare_reports(args.dir_a, args.dir_b)
+    out = Path(args.out) if args.out else default_directory(comparison)
+    try:
+        html = comparison.save(out)
+    except OSError as e:  # a full disk, a directory made read-only meanwhile
+        raise CLIError(f"cannot write the comparison to {out}: {e}; free space or choose another --out") from e
+    print(comparison.summary())
+    print(f"  wrote {html} and comparison.csv in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-degeneracy", description="Measure degeneracy in transformer circuits.",
@@ -175,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     rep.add_argument("--debug", action="store_true", help="show the traceback of an error")
     rep.set_defaults(func=_report)
+    cmp = sub.add_parser("compare", help="two reports side by side",
+                         description="Write comparison.html (two saved reports side by side: settings that differ, "
+                                     "both verdicts, values A | B | B − A, both reports' figures) and comparison.csv.",
+                         epilog="Exit codes: 0 done; 2 bad input (a directory without a readable report.json, the "
+                                "same directory twice, an --out that holds something else), with a message.")
+    cmp.add_argument("dir_a", metavar="DIR_A", help="directory of report A (the --out of `tl-degeneracy report`)")
+    cmp.add_argument("dir_b", metavar="DIR_B", help="directory of report B")
+    cmp.add_argument("--out", default=None, help="output directory (default compare-<A>-vs-<B> in the current "
+                     "directory); it must be new, empty or an earlier comparison of the same two reports")
+    cmp.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    cmp.set_defaults(func=_compare)
     return parser
 
 

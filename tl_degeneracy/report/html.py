@@ -1,4 +1,5 @@
-"""``report.html``: one self-contained page that opens offline; and the compact notebook view.
+"""``report.html`` (and ``comparison.html``, two reports side by side): one self-contained page that
+opens offline; and the compact notebook view.
 
 plotly.js (from the installed plotly package) is inlined once in the head; every figure is a div
 plus a call to ``Plotly.newPlot``. Tables are plain HTML, so the numbers are readable with
@@ -14,13 +15,17 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .report import Report, SectionResult, changed_settings
 from .sections import METHODS_DOC, glossary, verdict
 
-__all__ = ["render_html", "render_notebook"]
+if TYPE_CHECKING:
+    from .compare import ReportComparison
+
+__all__ = ["flat_values", "render_comparison", "render_html", "render_notebook", "section_status", "value_text"]
 
 #: Rows of a table shown in the page; the CSV next to it has them all.
 MAX_ROWS = 60
@@ -137,15 +142,21 @@ def _is_matrix(v) -> bool:
     return isinstance(v, list) and bool(v) and isinstance(v[0], list)
 
 
-def _kv(values: Mapping) -> str:
-    """Key-value rows; nested mappings are flattened one level ("ov · rank"), matrices left out."""
+def flat_values(values: Mapping) -> dict:
+    """A section's values one level deep (a nested mapping's entries as "ov · rank"), without arrays
+    of two or more axes: those are shown as figures, not as text."""
     flat = {}
     for k, v in values.items():
         if isinstance(v, Mapping):
             flat.update({f"{k} · {k2}": v2 for k2, v2 in v.items()})
         else:
             flat[k] = v
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in flat.items() if not _is_matrix(v))
+    return {k: v for k, v in flat.items() if not _is_matrix(v)}
+
+
+def _kv(values: Mapping) -> str:
+    """Key-value rows of :func:`flat_values`."""
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in flat_values(values).items())
     return f'<table class="kv">{rows}</table>'
 
 
@@ -187,15 +198,7 @@ def _section(sec: SectionResult) -> str:
     words = verdict(sec)
     parts = [f'<section id="sec-{_e(sec.name)}"><h2>{_e(sec.title)} {badges}</h2>'
              + (f'<p class="verdict">{_e(words)}</p>' if words else "") + _glossary(sec)
-             + f'<p class="meta">{_e(meta)}</p>']
-    if sec.status == "ok":
-        parts.append(f'<p class="headline">{_e(sec.headline)}</p>')
-    else:
-        parts.append(f'<div class="note{" error" if sec.status == "failed" else ""}">{_e(sec.status)}: {_e(sec.reason)}</div>')
-        if sec.traceback:
-            parts.append(f"<details><summary>Traceback</summary><pre>{_e(sec.traceback)}</pre></details>")
-    parts += [f'<div class="note">{_e(n)}</div>' for n in sec.notes]
-    parts += [f'<div class="note">warning: {_e(w)}</div>' for w in sec.warnings]
+             + f'<p class="meta">{_e(meta)}</p>', *_outcome(sec)]
     for i, (name, fig) in enumerate(sec.figures.items()):
         parts.append(_figure(fig, f"fig-{sec.name}-{i}"))
     if sec.values:
@@ -211,13 +214,25 @@ def _section(sec: SectionResult) -> str:
     return "\n".join(parts)
 
 
-def render_html(report: Report) -> str:
-    """The report as one HTML page (see the module docstring)."""
-    from plotly.offline import get_plotlyjs
+def _outcome(sec: SectionResult) -> list[str]:
+    """What a section found: its headline (or why it has none, with the traceback of a failure),
+    then its notes and warnings."""
+    if sec.status == "ok":
+        parts = [f'<p class="headline">{_e(sec.headline)}</p>']
+    else:
+        parts = [f'<div class="note{" error" if sec.status == "failed" else ""}">{_e(sec.status)}: {_e(sec.reason)}</div>']
+        if sec.traceback:
+            parts.append(f"<details><summary>Traceback</summary><pre>{_e(sec.traceback)}</pre></details>")
+    parts += [f'<div class="note">{_e(n)}</div>' for n in sec.notes]
+    parts += [f'<div class="note">warning: {_e(w)}</div>' for w in sec.warnings]
+    return parts
 
+
+def _facts(report: Report) -> dict[str, str]:
+    """The header's facts about a report: backend, size, preset, time, changed settings, data."""
     m, s = report.model, report.settings
     facts = {"backend": f"{m.get('backend')} · {m.get('model_class')}",
-             "live parameters": f"{m.get('n_live_parameters', 0):,}", "preset": s.get("preset"),
+             "live parameters": f"{m.get('n_live_parameters', 0):,}", "preset": str(s.get("preset")),
              "total time": f"{report.wall_s:.1f} s"}
     changed = _changed(s)
     if changed:
@@ -225,6 +240,29 @@ def render_html(report: Report) -> str:
     if report.data:
         p = report.data["positions"]
         facts["data"] = f"{p['n_sequences']} sequences · {p['n_samples']:,} positions"
+    return facts
+
+
+def _document(title: str, body: str, css: str = "") -> str:
+    """A whole page: the styles, the script-error probe and plotly.js (inlined once) in the head."""
+    from plotly.offline import get_plotlyjs
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}{css}</style>
+{_ERROR_PROBE}
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head><body>
+{body}
+</body></html>
+"""
+
+
+def render_html(report: Report) -> str:
+    """The report as one HTML page (see the module docstring)."""
+    m, s = report.model, report.settings
+    facts = _facts(report)
     facts_html = "".join(f'<div class="fact"><b>{_e(k)}</b><span>{_e(v)}</span></div>' for k, v in facts.items())
     toc = []
     for sec in report.sections.values():
@@ -240,14 +278,7 @@ def render_html(report: Report) -> str:
                       f"{_kv((report.data or {}).get('positions', {}))}</details>"
                       f"<details><summary>Library versions</summary>{_kv(report.versions)}</details>")
     title = f"Degeneracy report — {m['label']}"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title>
-<style>{_CSS}</style>
-{_ERROR_PROBE}
-<script type="text/javascript">{get_plotlyjs()}</script>
-</head><body>
-<header><h1>{_e(title)}</h1>
+    return _document(title, f"""<header><h1>{_e(title)}</h1>
 <p class="sub">tl-degeneracy {_e(report.versions.get("tl-degeneracy", ""))} · created {_e(report.created)}</p>
 <div class="facts">{facts_html}</div></header>
 <main>
@@ -255,10 +286,141 @@ def render_html(report: Report) -> str:
 {"".join(_section(sec) for sec in report.sections.values())}
 </main>
 <footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods:
-<a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>
-</body></html>
+<a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""")
+
+
+# ------------------------------------------------------------------------------ comparison.html
+# Two reports side by side (compare.py): the report page's pieces, in two columns.
+_COMPARE_CSS = """
+header table.sides { border-collapse:collapse; margin-top:14px; font-size:14px; }
+header table.sides th, header table.sides td { padding:2px 22px 2px 0; text-align:left; vertical-align:top; }
+header table.sides th { color:#9fb3c8; font-weight:500; font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.pair { display:grid; grid-template-columns:minmax(0,1fr) minmax(0,1fr); gap:10px 24px; align-items:start; }
+.side-label { font-size:12px; font-weight:600; color:var(--muted); text-transform:uppercase; letter-spacing:.04em; }
+.absent { color:var(--muted); font-style:italic; border:1px dashed var(--line); border-radius:8px; padding:10px 14px;
+           margin:10px 0 14px; }
+.pair .figure { margin:4px 0 10px; }
+.badge.missing { background:#afb8c1; }
+nav table.data td { white-space:normal; }
 """
 
+
+def section_status(sec: SectionResult | None) -> str:
+    """A section's status, "missing" where a report does not hold it."""
+    return "missing" if sec is None else sec.status
+
+
+def _side_label(comparison: ReportComparison, i: int, sec: SectionResult | None) -> str:
+    badge = f' <span class="badge {section_status(sec)}">{section_status(sec)}</span>'
+    return f'<div class="side-label">{"AB"[i]} · {_e(comparison.names[i])}{badge}</div>'
+
+
+def _missing(comparison: ReportComparison, i: int, what: str) -> str:
+    return f'<div class="absent">{_e(what)} is not in report {"AB"[i]} ({_e(comparison.names[i])})</div>'
+
+
+def _compared_values(rows: pd.DataFrame) -> str:
+    """A section's scalar values: A | B | B − A, estimates as value ± standard error with whether
+    the difference exceeds two combined standard errors."""
+    rows = rows[rows["value"] != "status"]
+    if rows.empty:
+        return ""
+    has_se = rows["a_stderr"].notna() | rows["b_stderr"].notna()
+    shown = pd.DataFrame({
+        "value": rows["value"],
+        "A": [value_text(v, se) for v, se in zip(rows["a"], rows["a_stderr"])],
+        "B": [value_text(v, se) for v, se in zip(rows["b"], rows["b_stderr"])],
+        "B − A": rows["difference"].map(lambda d: "" if pd.isna(d) else "0" if d == 0 else f"{d:+.4g}"),
+    })
+    if has_se.any():
+        shown["beyond 2 SE"] = [
+            "" if beyond is None or pd.isna(beyond) else
+            f"{'yes' if beyond else 'no'}: |B − A| {'>' if beyond else '≤'} {2 * math.hypot(sa, sb):.3g}"
+            for beyond, sa, sb in zip(rows["beyond_2se"], rows["a_stderr"], rows["b_stderr"])]
+    note = ('<p class="more">± is the standard error of the mean over chains (METHODS §1); "beyond 2 SE": '
+            "|B − A| exceeds 2·√(se_A² + se_B²), more than chain-to-chain noise explains. It does not cover the "
+            "bias of chains too short to converge: read each side's verdict above.</p>" if has_se.any() else "")
+    return f"<h3>Values</h3>{_table(shown, max_rows=len(shown))}{note}"
+
+
+def value_text(value, stderr=None) -> str:
+    """A value as the pages show it (4 significant digits, long lists abbreviated), ``± stderr``
+    where it has a standard error."""
+    return _fmt(value) + ("" if stderr is None or pd.isna(stderr) else f" ± {_fmt(float(stderr))}")
+
+
+def _compared_section(comparison: ReportComparison, name: str, rows: pd.DataFrame) -> str:
+    pair = comparison.section(name)
+    present = next(sec for sec in pair if sec is not None)
+    times = ", ".join(f"{side} {'cached' if sec.cached else f'{sec.wall_s:.1f} s'}"
+                      for side, sec in zip("AB", pair) if sec is not None)
+    meta = " · ".join(x for x in (present.methods, times) if x)
+    sides = []
+    for i, sec in enumerate(pair):
+        if sec is None:
+            sides.append(f'<div>{_side_label(comparison, i, sec)}{_missing(comparison, i, f"Section {name!r}")}</div>')
+            continue
+        words = verdict(sec)
+        sides.append(f"<div>{_side_label(comparison, i, sec)}"
+                     + (f'<p class="verdict">{_e(words)}</p>' if words else "") + "".join(_outcome(sec)) + "</div>")
+    parts = [f'<section id="sec-{_e(name)}"><h2>{_e(present.title)}</h2><p class="meta">{_e(meta)}</p>',
+             f'<div class="pair">{"".join(sides)}</div>', _compared_values(rows)]
+    figures = list(dict.fromkeys(f for sec in pair if sec is not None for f in sec.figures))
+    for fig_name in figures:
+        cells = []
+        for i, sec in enumerate(pair):
+            if sec is not None and fig_name in sec.figures:
+                at = list(sec.figures).index(fig_name)
+                cells.append(_figure(sec.figures[fig_name], f"fig-{'ab'[i]}-{name}-{at}"))
+            elif sec is not None:
+                cells.append(_missing(comparison, i, f"Figure {fig_name!r}"))
+            else:
+                cells.append("<div></div>")
+        parts.append(f'<div class="pair">{"".join(cells)}</div>')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def render_comparison(comparison: ReportComparison) -> str:
+    """Two reports as one HTML page (compare.py): a header naming both models, data and settings,
+    every setting that differs, then per section present in either both verdicts and headlines
+    side by side, a table of its values A | B | B − A, and both reports' figures side by side."""
+    a, b = comparison.a, comparison.b
+    fa, fb = _facts(a), _facts(b)
+    rows = {"report": comparison.names, "model": (a.model.get("label"), b.model.get("label")),
+            "data": ((a.data or {}).get("source", "none"), (b.data or {}).get("source", "none")),
+            "seed": (a.settings.get("seed"), b.settings.get("seed"))}
+    rows.update({("positions" if k == "data" else k): (fa.get(k, ""), fb.get(k, ""))
+                 for k in dict.fromkeys([*fa, *fb]) if k != "total time"})
+    rows["tl-degeneracy"] = (a.versions.get("tl-degeneracy"), b.versions.get("tl-degeneracy"))
+    rows["created"] = (a.created, b.created)
+    facts = "".join(f"<tr><th>{_e(k)}</th><td>{_e(va)}</td><td>{_e(vb)}</td></tr>" for k, (va, vb) in rows.items())
+    diff = comparison.settings_frame()
+    diff_html = (f"<h2>Settings that differ ({len(diff)})</h2>"
+                 + _table(diff.rename(columns={"a": "A", "b": "B"}), max_rows=len(diff)) if len(diff) else
+                 "<h2>Settings</h2><p>The two reports were made with the same model, data, settings and versions.</p>")
+    toc = []
+    for name in comparison.sections:
+        pair = comparison.section(name)
+        title = next(sec for sec in pair if sec is not None).title
+        badges = " ".join(f'{side} <span class="badge {section_status(sec)}">{section_status(sec)}</span>'
+                          for side, sec in zip("AB", pair))
+        toc.append(f'<li><a href="#sec-{_e(name)}">{_e(title)}</a> {badges}</li>')
+    frame = comparison.to_frame()
+    sections = "".join(_compared_section(comparison, name, frame[frame["section"] == name])
+                       for name in comparison.sections)
+    sources = " · ".join(f"{side}: {_e(src or name)}" for side, src, name in zip("AB", comparison.sources, comparison.names))
+    title = f"Degeneracy reports compared — {comparison.names[0]} vs {comparison.names[1]}"
+    return _document(title, f"""<header><h1>{_e(title)}</h1>
+<p class="sub">{sources}</p>
+<table class="sides"><thead><tr><th></th><th>A</th><th>B</th></tr></thead><tbody>{facts}</tbody></table></header>
+<main>
+<nav>{diff_html}<h2>Contents</h2><ol>{"".join(toc)}</ol></nav>
+{sections}
+</main>
+<footer>Made by tl-degeneracy. Numbers: comparison.csv beside this page, and each report's report.json. Methods:
+<a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""",
+                     css=_COMPARE_CSS)
 
 # Scoped to the view's own div: a notebook page has styles of its own.
 _NOTEBOOK_CSS = """

@@ -27,7 +27,7 @@ import pandas as pd
 from ..errors import TLDegeneracyError
 from .serialize import csv_frame, figure_from_dict, figure_to_dict, table_from_dict, table_to_dict, to_jsonable
 
-__all__ = ["Report", "ReportDirectoryError", "SectionResult", "check_writable", "identity_conflicts"]
+__all__ = ["Report", "ReportDirectoryError", "SectionResult", "check_writable", "identity_conflicts", "write_atomic"]
 
 
 class ReportDirectoryError(TLDegeneracyError, ValueError):
@@ -159,13 +159,13 @@ class Report:
         stale = set() if older is None else {s.csv_name(t) for s in older.sections.values() for t in s.tables}
         for section in report.sections.values():
             for name, table in section.tables.items():
-                _write(out / section.csv_name(name), csv_frame(table).to_csv(index=False))
+                write_atomic(out / section.csv_name(name), csv_frame(table).to_csv(index=False))
                 stale.discard(section.csv_name(name))
         for name in stale:  # tables of a replaced section that its new result no longer has
             (out / name).unlink(missing_ok=True)
-        _write(out / "report.json", json.dumps(report.to_dict(), indent=1, allow_nan=False))
+        write_atomic(out / "report.json", json.dumps(report.to_dict(), indent=1, allow_nan=False))
         html = out / "report.html"
-        _write(html, render_html(report))
+        write_atomic(html, render_html(report))
         return html
 
     def merge(self, older: Report) -> Report:
@@ -304,7 +304,7 @@ def check_writable(out: Path) -> None:
                                    "choose another --out directory") from None
 
 
-def _write(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write atomically: an interrupted save leaves the old file, never a truncated one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,253 @@
+"""Two reports side by side (issue 17): ``tld.compare_reports`` and ``tl-degeneracy compare``.
+
+Two reports of the tiny toy with different weights (seeds 0 and 1), the second also with another
+report seed and ``n_probes``, on the cheap sections (summary, invariants, synchronization, counts:
+about a second each). The frame's values are the reports' own; estimates with standard errors (the
+LLC) are checked on hand-made sections whose answer is known; the page names both sides, every
+setting that differs and holds both reports' figures; bad input exits 2 with one paragraph; and
+comparison.html renders in headless Chromium with both sides' figures and no script error.
+"""
+
+import dataclasses
+import html
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.cli import main
+from tl_degeneracy.report import Report, SectionResult, degeneracy_report
+from tl_degeneracy.report.compare import ReportInputError
+from tl_degeneracy.report.report import ReportDirectoryError
+from tl_degeneracy.report.sections import verdict
+from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
+from tests.test_report_html import CHROMIUM, _chromium, _console_errors
+from tests.test_report_output import _one_paragraph
+
+CHEAP = ["summary", "invariants", "synchronization", "counts"]
+
+
+def _report(model_seed: int, seed: int, n_probes: int) -> Report:
+    tokens = torch.randint(0, TINY_TOY_KWARGS["d_vocab"], (6, 12), generator=torch.Generator().manual_seed(0))
+    return degeneracy_report(make_tiny_toy_transformer(model_seed), tokens, sections=CHEAP, seed=seed,
+                             overrides={"n_probes": n_probes}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Reports A (toy seed 0) and B (toy seed 1, report seed 1, n_probes 3), saved to a/ and b/."""
+    base = tmp_path_factory.mktemp("reports")
+    a, b = _report(0, 0, 2), _report(1, 1, 3)
+    a.save(base / "a")
+    b.save(base / "b")
+    return a, b, base / "a", base / "b"
+
+
+def _row(frame, section, value):
+    rows = frame[(frame["section"] == section) & (frame["value"] == value)]
+    assert len(rows) == 1, (section, value)
+    return rows.iloc[0]
+
+
+# ------------------------------------------------------------------------------------------- API
+def test_the_frame_holds_both_reports_values_and_their_differences(saved):
+    a, b, dir_a, dir_b = saved
+    comparison = tld.compare_reports(dir_a, dir_b)
+    assert comparison.names == ("a", "b") and comparison.sources == (str(dir_a.resolve()), str(dir_b.resolve()))
+    frame = comparison.to_frame()
+    assert list(frame.columns) == ["section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se"]
+    assert list(dict.fromkeys(frame["section"])) == CHEAP == comparison.sections
+    for name in CHEAP:
+        status = _row(frame, name, "status")
+        assert (status["a"], status["b"]) == ("ok", "ok")
+    checks = [("counts", "n_eff_kfac", lambda r: r["counts"].values["n_eff_kfac"]),
+              ("counts", "free", lambda r: r["counts"].values["free"]),
+              ("invariants", "ov · mean_copying_score", lambda r: r["invariants"].values["ov"]["mean_copying_score"]),
+              ("synchronization", "neurons_in_blocks", lambda r: r["synchronization"].values["neurons_in_blocks"]),
+              ("summary", "n_live_parameters", lambda r: r["summary"].values["n_live_parameters"])]
+    for section, value, get in checks:
+        row = _row(frame, section, value)
+        assert row["a"] == get(a) and row["b"] == get(b), (section, value)
+        assert row["difference"] == get(b) - get(a)
+        assert pd.isna(row["a_stderr"]) and row["beyond_2se"] is None  # no standard error: no verdict on it
+    # the two toys differ in their weights, not in their shapes
+    assert _row(frame, "summary", "n_live_parameters")["difference"] == 0
+    assert _row(frame, "invariants", "ov · mean_copying_score")["difference"] != 0
+    assert _row(frame, "counts", "n_probes")[["a", "b", "difference"]].tolist() == [2, 3, 1]
+    text = _row(frame, "summary", "backend")
+    assert (text["a"], text["b"]) == ("toy", "toy") and pd.isna(text["difference"])
+    assert not (frame["value"] == "head_distance").any()  # matrices are figures, not values
+    # Reports given as such compare as their saved directories do.
+    pd.testing.assert_frame_equal(tld.compare_reports(a, b).to_frame(), frame)
+
+
+def test_every_setting_that_differs_is_listed(saved):
+    *_, dir_a, dir_b = saved
+    comparison = tld.compare_reports(dir_a, dir_b)
+    diff = comparison.settings_frame().set_index("setting")
+    assert set(diff.index) == {"model weights sha256", "seed", "n_probes"}
+    assert diff.loc["seed"].tolist() == [0, 1] and diff.loc["n_probes"].tolist() == [2, 3]
+    a_digest, b_digest = (Report.load(d).identity["model"]["digest"] for d in (dir_a, dir_b))
+    assert diff.loc["model weights sha256"].tolist() == [a_digest, b_digest]
+    text = comparison.summary()
+    assert "3 setting(s) differ" in text and "seed 0 → 1" in text and "n_probes 2 → 3" in text
+    assert tld.compare_reports(dir_a, Report.load(dir_a)).settings_frame().empty
+
+
+def _llc(llc: float, se: float, sweep: dict[float, tuple[float, float]]) -> SectionResult:
+    """A hand-made LLC section: λ̂ ± se at the default scale and a sweep ε → (λ̂, se)."""
+    table = pd.DataFrame([{"loss_scale": eps, "llc": v, "llc_stderr": s, "n_eff": 2 * v} for eps, (v, s) in sweep.items()])
+    return SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", headline=f"λ̂_B = {llc} ± {se}",
+                         values={"llc": llc, "llc_stderr": se, "n_eff": 2 * llc, "loss_scale": 1e-3, "converged": False},
+                         tables={"sweep": table})
+
+
+def test_estimates_compare_within_two_combined_standard_errors(saved, tmp_path):
+    a, b, *_ = saved
+    # λ̂: 13 − 10 = 3 > 2·√(1² + 1²) = 2.83; N_eff: 6 > 2·√(2² + 2²) = 5.66 (se(N_eff) = 2·se(λ̂))
+    # sweep ε = 0.01: 6 − 4 = 2 < 2.83; ε = 0.1 only in B: no difference
+    with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    comparison = tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {1e-2: (4.0, 1.0)})),
+                                     with_llc(b, _llc(13.0, 1.0, {1e-2: (6.0, 1.0), 1e-1: (1.0, 0.5)})))
+    frame = comparison.to_frame()
+    expected = {"llc": (10, 13, 1, 1, True), "n_eff": (20, 26, 2, 2, True), "llc_stderr": (1, 1, None, None, None),
+                "sweep ε=0.01 · llc": (4, 6, 1, 1, False), "sweep ε=0.01 · n_eff": (8, 12, 2, 2, False)}
+    for value, (va, vb, se_a, se_b, beyond) in expected.items():
+        row = _row(frame, "llc", value)
+        assert (row["a"], row["b"], row["difference"]) == (va, vb, vb - va), value
+        assert [None if pd.isna(x) else x for x in (row["a_stderr"], row["b_stderr"])] == [se_a, se_b], value
+        assert row["beyond_2se"] is beyond, value
+    only_b = _row(frame, "llc", "sweep ε=0.1 · n_eff")
+    assert only_b["a"] is None and only_b["b"] == 2 and pd.isna(only_b["difference"]) and only_b["beyond_2se"] is None
+    assert "llc: 10 ± 1 vs 13 ± 1, beyond 2 combined standard errors" in comparison.summary()
+    page = comparison.save(tmp_path / "cmp").read_text()
+    assert "10 ± 1" in page and "13 ± 1" in page and f"yes: |B − A| &gt; {2 * math.sqrt(2):.3g}" in page
+    assert f"no: |B − A| ≤ {2 * math.sqrt(2):.3g}" in page
+    # the convergence verdicts, as they are
+    assert html.escape(verdict(comparison.a["llc"])) in page and "not converged" in verdict(comparison.a["llc"])
+
+
+def test_the_page_shows_both_sides(saved, tmp_path):
+    a, b, dir_a, dir_b = saved
+    from plotly.offline import get_plotlyjs
+
+    comparison = tld.compare_reports(dir_a, dir_b)
+    path = comparison.save(tmp_path / "cmp")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["comparison.csv", "comparison.html", "comparison.json"]
+    page = path.read_text()
+    assert "<title>Degeneracy reports compared — a vs b</title>" in page
+    assert page.count(get_plotlyjs()) == 1 and not re.search(r"<script[^>]+src=", page)  # inlined once, offline
+    assert "Settings that differ (3)" in page and "n_probes" in page and str(dir_a.resolve()) in page
+    for rep in (a, b):
+        for sec in rep.sections.values():
+            assert html.escape(verdict(sec)) in page and html.escape(sec.headline) in page, sec.name
+    for side, rep in (("a", a), ("b", b)):
+        ids = [f"fig-{side}-{sec.name}-{i}" for sec in rep.sections.values() for i in range(len(sec.figures))]
+        assert len(ids) == 4 and all(f'<div id="{i}"' in page for i in ids)  # OV, QK, head distances, counts
+    assert '<th class="text">B − A</th>' in page
+    stored = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert len(stored) == len(comparison.to_frame())
+    assert _row(stored, "counts", "n_eff_kfac")["difference"] == b["counts"].values["n_eff_kfac"] - a["counts"].values["n_eff_kfac"]
+
+
+def test_a_section_missing_from_one_report_says_so(saved, tmp_path):
+    a, b, *_ = saved
+    partial = dataclasses.replace(b, sections={k: v for k, v in b.sections.items() if k != "counts"})
+    comparison = tld.compare_reports(a, partial)
+    frame = comparison.to_frame()
+    assert _row(frame, "counts", "status")[["a", "b"]].tolist() == ["ok", "missing"]
+    row = _row(frame, "counts", "n_eff_kfac")
+    assert row["a"] == a["counts"].values["n_eff_kfac"] and row["b"] is None and pd.isna(row["difference"])
+    page = comparison.save(tmp_path / "cmp").read_text()
+    assert "Section &#x27;counts&#x27; is not in report B" in page
+    assert 'id="fig-a-counts-0"' in page and 'id="fig-b-counts-0"' not in page
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _compare(*argv):
+    return main(["compare", *map(str, argv)])
+
+
+def test_cli_writes_the_comparison_and_keeps_to_its_directory(saved, tmp_path, monkeypatch, capsys):
+    *_, dir_a, dir_b = saved
+    monkeypatch.chdir(tmp_path)
+    assert _compare(dir_a, dir_b) == 0
+    out = tmp_path / "compare-a-vs-b"  # default: in the current directory, inside neither report's
+    assert {p.name for p in out.iterdir()} == {"comparison.csv", "comparison.html", "comparison.json"}
+    printed = capsys.readouterr().out
+    assert "tl-degeneracy comparison: A = a" in printed and f"wrote {out.name}/comparison.html" in printed
+    # an earlier comparison of the same two is replaced, in either order
+    assert _compare(dir_a, dir_b, "--out", out) == 0 and _compare(dir_b, dir_a, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    third = tmp_path / "c"
+    _report(2, 0, 2).save(third)
+    assert _compare(dir_a, third, "--out", out) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"{out} holds the comparison of b and a, not of a and c" in err and "another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    assert _compare(dir_a, dir_b, "--out", third) == 2  # a report's own directory
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"{third} holds other files (report.json: a report, " in err and "another --out" in err
+    assert not (third / "comparison.html").exists()
+
+
+def test_bad_input_exits_2_with_one_paragraph(saved, tmp_path, capsys):
+    *_, dir_a, dir_b = saved
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "report.json").write_text('{"format": "tl-degeneracy-report/1", "model": ')
+    not_a_report = tmp_path / "other"
+    not_a_report.mkdir()
+    (not_a_report / "report.json").write_text(json.dumps({"hello": 1}))
+    out = tmp_path / "out"
+    cases = [
+        ((tmp_path / "nowhere", dir_b), f"report A: {tmp_path / 'nowhere'} does not exist"),
+        ((dir_a, empty), f"report B: {empty} holds no report.json"),
+        ((damaged, dir_b), f"report A: {damaged / 'report.json'} cannot be read (JSONDecodeError"),
+        ((dir_a, not_a_report), f"report B: {not_a_report / 'report.json'} cannot be read (ValueError: format None"),
+        ((dir_a, dir_a), f"A and B are the same report ({dir_a.resolve()})"),
+        ((dir_a, dir_a / ".." / dir_a.name), "A and B are the same report"),
+    ]
+    for (x, y), message in cases:
+        assert _compare(x, y, "--out", out) == 2, message
+        err = _one_paragraph(capsys.readouterr().err)
+        assert message in err, err
+        assert not out.exists()  # refused before anything is written
+    with pytest.raises(ReportInputError, match="holds no report.json"):
+        tld.compare_reports(dir_a, empty)
+    with pytest.raises(ReportDirectoryError, match="holds other files"):
+        tld.compare_reports(dir_a, dir_b).save(dir_a)
+    # --debug: the traceback, then the same paragraph
+    assert _compare(damaged, dir_b, "--debug") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "JSONDecodeError" in err and "tl-degeneracy: error: report A:" in err
+
+
+# ------------------------------------------------------------------------------- real browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run does)")
+def test_comparison_page_renders_both_sides_figures_without_script_errors(saved, tmp_path):
+    a, b, dir_a, dir_b = saved
+    page = tld.compare_reports(dir_a, dir_b).save(tmp_path / "cmp")
+    done = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert "data-js-errors" not in dom, re.findall(r'data-js-last-error="[^"]*"', dom)
+    assert not _console_errors(done.stderr), _console_errors(done.stderr)
+    n_figures = {side: sum(len(s.figures) for s in rep.sections.values()) for side, rep in (("a", a), ("b", b))}
+    assert len(re.findall(r'class="[^"]*\bjs-plotly-plot\b', dom)) == sum(n_figures.values())
+    rendered = {"a": 0, "b": 0}
+    for fig_id in re.findall(r'<div id="(fig-[ab]-[\w-]+)" class="plotly-graph-div', dom):
+        body = dom.split(f'id="{fig_id}"', 1)[1].split('<div class="figure">', 1)[0]
+        # plotly draws its axes and traces into SVG: <g class="trace ..."> for scatter and bars, "hm" for heatmaps
+        assert 'class="main-svg"' in body and re.search(r'class="(trace [\w ]+|hm)"', body), fig_id
+        rendered[fig_id[4]] += 1
+    assert rendered == n_figures

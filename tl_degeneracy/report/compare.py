@@ -1,0 +1,316 @@
+"""Two degeneracy reports side by side: ``compare_reports(a, b)`` and ``tl-degeneracy compare``.
+
+A :class:`ReportComparison` holds the two reports, A and B. ``to_frame()`` lists, for every section
+present in either, its status and each scalar value (nested values one level deep, matrices left
+out: html.flat_values) of A and of B, with the difference B − A where both are numbers.
+
+Uncertainty: where a value is an estimate with a standard error — the behavioral LLC λ̂_B, N_eff =
+2λ̂_B (standard error 2·se(λ̂_B)), the rows of the N_eff(ε) sweep and the restricted LLC of each
+component (METHODS §1: the standard error of the mean over chains) — the frame gives both standard
+errors and whether |B − A| exceeds two combined standard errors, 2·√(se_A² + se_B²). That error is
+the spread between chains only, not the bias of chains too short to converge, which each section's
+verdict states as it is ("not converged": a lower bound).
+
+``save(dir)`` writes ``comparison.html`` (one self-contained page, plotly.js inlined once, opens
+offline: html.render_comparison), ``comparison.csv`` (the frame) and ``comparison.json`` (which two
+reports it compares). A directory holds one comparison: ``save`` refuses a directory that holds
+anything else, except an earlier comparison of the same two reports, which it replaces.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import TLDegeneracyError
+from .html import flat_values, render_comparison, section_status, value_text
+from .registry import SECTIONS
+from .report import Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, write_atomic
+from .serialize import csv_frame, to_jsonable
+
+__all__ = ["ReportComparison", "ReportInputError", "compare_reports", "default_directory"]
+
+#: What a comparison directory holds.
+FILES = ("comparison.html", "comparison.csv", "comparison.json")
+FORMAT = "tl-degeneracy-comparison/1"
+#: Columns of ``ReportComparison.to_frame()``.
+COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se")
+
+#: value → (the value holding its standard error, factor): N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B) (METHODS §1).
+STDERR = {"llc": ("llc_stderr", 1.0), "n_eff": ("llc_stderr", 2.0)}
+#: Section → (table, the column naming each row, the row's name): tables whose rows are estimates
+#: with standard errors (STDERR), compared row by row beside the section's values.
+ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("components", "component", "component {}"))}
+
+
+class ReportInputError(TLDegeneracyError, ValueError):
+    """A report that cannot be compared: no such directory, no report.json there, one that cannot be
+    read, or the same report given twice."""
+
+
+def compare_reports(a: Report | str | os.PathLike, b: Report | str | os.PathLike) -> ReportComparison:
+    """Reports ``a`` and ``b`` (each a :class:`Report` or the directory a report was saved to) side
+    by side: ``.to_frame()`` (section × value: A, B, B − A and, for estimates, their standard errors
+    and whether the difference exceeds two combined standard errors), ``.settings_frame()`` (every
+    setting that differs), ``.summary()`` and ``.save(dir)`` (comparison.html and comparison.csv).
+
+    Raises:
+        ReportInputError: a directory that does not exist, holds no report.json or one that cannot
+            be read; or ``a`` and ``b`` are the same report (the same directory).
+    """
+    if a is b or (not isinstance(a, Report) and not isinstance(b, Report)
+                  and Path(a).resolve() == Path(b).resolve()):
+        where = "" if isinstance(a, Report) else f" ({Path(a).resolve()})"
+        raise ReportInputError(f"A and B are the same report{where}: a comparison needs two different reports; give "
+                               "the directories of two reports (the --out directories of two `tl-degeneracy report` "
+                               "runs).")
+    (ra, source_a), (rb, source_b) = _read(a, "A"), _read(b, "B")
+    return ReportComparison(ra, rb, names=(_name(ra, source_a), _name(rb, source_b)), sources=(source_a, source_b))
+
+
+def _read(source: Report | str | os.PathLike, side: str) -> tuple[Report, str | None]:
+    """The report and the resolved directory it was read from (None for a Report given as such)."""
+    if isinstance(source, Report):
+        return source, None
+    path = Path(source)
+    if not path.is_dir():
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise ReportInputError(f"report {side}: {path} {what}; give the directory a report was saved to (the --out "
+                               "directory of `tl-degeneracy report`).")
+    if not (path / "report.json").is_file():
+        raise ReportInputError(f"report {side}: {path} holds no report.json, so it is not the directory of a saved "
+                               f"report; give the --out directory of a `tl-degeneracy report` run (or run one: "
+                               f"tl-degeneracy report --out {path}).")
+    try:
+        stored = json.loads((path / "report.json").read_text(encoding="utf-8"))
+        fmt = stored.get("format") if isinstance(stored, dict) else None
+        if fmt != "tl-degeneracy-report/1":
+            raise ValueError(f"format {fmt!r}, not 'tl-degeneracy-report/1'")
+        report = Report.from_dict(stored)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ReportInputError(f"report {side}: {path / 'report.json'} cannot be read ({type(e).__name__}: {e}): it "
+                               "is damaged or not a tl-degeneracy report. Write the report again (tl-degeneracy "
+                               f"report --out {path} --fresh).") from e
+    return report, str(path.resolve())
+
+
+def _name(report: Report, source: str | None) -> str:
+    """A report's short name: its directory's name, or its model's label."""
+    return Path(source).name if source else str(report.model.get("label"))
+
+
+def default_directory(comparison: ReportComparison) -> Path:
+    """``compare-<A>-vs-<B>`` in the current directory (inside neither report's directory)."""
+    a, b = (re.sub(r"[^\w.-]+", "_", n).strip("._") or "report" for n in comparison.names)
+    return Path(f"compare-{a}-vs-{b}")
+
+
+@dataclass
+class ReportComparison:
+    """Two reports side by side (:func:`compare_reports`). ``names``: their short names (directory
+    names, or model labels); ``sources``: the directories they were read from (None for a Report
+    given as such)."""
+
+    a: Report
+    b: Report
+    names: tuple[str, str] = ("A", "B")
+    sources: tuple[str | None, str | None] = (None, None)
+
+    @property
+    def sections(self) -> list[str]:
+        """Every section present in either report, in report order."""
+        present = [*self.a.sections, *self.b.sections]
+        return [n for n in SECTIONS if n in present] + [n for n in dict.fromkeys(present) if n not in SECTIONS]
+
+    def section(self, name: str) -> tuple[SectionResult | None, SectionResult | None]:
+        """Section ``name`` of A and of B (None where a report does not hold it)."""
+        return self.a.sections.get(name), self.b.sections.get(name)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (section, value), sections in report order: ``a``, ``b`` (None where a report
+        lacks the value), ``difference`` = b − a where both are finite numbers, ``a_stderr`` and
+        ``b_stderr`` for estimates (see the module docstring) and ``beyond_2se``: |b − a| >
+        2·√(a_stderr² + b_stderr²) (None where either standard error is unknown). Each section
+        starts with its ``status`` row: ok, skipped, failed, or missing (not in that report)."""
+        rows = []
+        for name in self.sections:
+            sa, sb = self.section(name)
+            rows.append(_row(name, "status", (section_status(sa), None), (section_status(sb), None)))
+            va, vb = _scalars(sa), _scalars(sb)
+            rows += [_row(name, k, va.get(k, (None, None)), vb.get(k, (None, None))) for k in dict.fromkeys([*va, *vb])]
+        return pd.DataFrame(rows, columns=list(COLUMNS))
+
+    def settings_frame(self) -> pd.DataFrame:
+        """Every setting in which the two reports differ (columns setting, a, b): the model (label,
+        weights sha256, its summary), the data (source, sha256, the positions that counted), the
+        report's settings and budgets, and the library versions."""
+        fa, fb = _setup(self.a), _setup(self.b)
+        rows = [{"setting": k, "a": fa.get(k), "b": fb.get(k)} for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
+        return pd.DataFrame(rows, columns=["setting", "a", "b"])
+
+    def summary(self, width: int = 100) -> str:
+        """One screen of text: both reports, every setting that differs, per section both verdicts,
+        and the estimates whose difference exceeds two combined standard errors."""
+        from .sections import verdict
+
+        lines = [f"tl-degeneracy comparison: A = {self.names[0]} ({self.a.model.get('label')}), "
+                 f"B = {self.names[1]} ({self.b.model.get('label')})"]
+        diff = self.settings_frame()
+        if len(diff):  # never clipped: a reader must see every setting that differs
+            text = "; ".join(f"{r.setting} {value_text(r.a)} → {value_text(r.b)}" for r in diff.itertuples())
+            lines += textwrap.wrap(text, width, initial_indent=f"  {len(diff)} setting(s) differ, A → B: ",
+                                   subsequent_indent="    ", break_on_hyphens=False)
+        else:
+            lines.append("  same settings")
+        frame = self.to_frame()
+        for name in self.sections:  # wrapped, never clipped
+            for side, sec in zip("AB", self.section(name)):
+                words = "not in this report" if sec is None else (verdict(sec) or sec.headline)
+                lines += textwrap.wrap(words, width, initial_indent=f"  {name if side == 'A' else '':<16} {side}: ",
+                                       subsequent_indent=" " * 22, break_on_hyphens=False)
+            beyond = frame[(frame["section"] == name) & (frame["beyond_2se"] == True)]  # noqa: E712 (None too)
+            for r in beyond.itertuples():
+                lines += textwrap.wrap(f"{r.value}: {value_text(r.a, r.a_stderr)} vs {value_text(r.b, r.b_stderr)}, "
+                                       "beyond 2 combined standard errors", width, initial_indent=" " * 22,
+                                       subsequent_indent=" " * 24, break_on_hyphens=False)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``comparison.html``, ``comparison.csv`` and ``comparison.json`` into ``directory``
+        (created if needed); returns the path of ``comparison.html``.
+
+        Raises:
+            ReportDirectoryError: ``directory`` cannot be written, or holds anything but an earlier
+                comparison of the same two reports.
+        """
+        out = Path(directory)
+        self.check_directory(out)
+        check_writable(out)
+        write_atomic(out / "comparison.csv", csv_frame(self.to_frame()).to_csv(index=False))
+        record = {"format": FORMAT, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "a": self._side(0), "b": self._side(1)}
+        write_atomic(out / "comparison.json", json.dumps(to_jsonable(record), indent=1, allow_nan=False))
+        html = out / "comparison.html"
+        write_atomic(html, render_comparison(self))
+        return html
+
+    def check_directory(self, out: Path) -> None:
+        """Refuse ``out`` unless it is absent, empty, or holds an earlier comparison of these two
+        reports (same identities — model weights, data, package version — and, where both were read
+        from directories, the same directories), in either order."""
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise ReportDirectoryError(f"the output directory {out} is a file; choose another --out directory.")
+        # ".comparison.html.tmp-PID": left by a save that was interrupted (report._write)
+        others = sorted(p.name for p in out.iterdir() if p.name not in FILES and not p.name.startswith(".comparison."))
+        if others:
+            if "report.json" in others:  # the likeliest: --out given one of the reports' own directories
+                others.remove("report.json")
+                others.insert(0, "report.json: a report")
+            shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+            raise ReportDirectoryError(
+                f"{out} holds other files ({shown}), and a comparison would mix with them: a comparison's directory "
+                f"holds only {', '.join(FILES)}. Choose another --out directory (a new one).")
+        if not any(out.iterdir()):
+            return
+        try:
+            stored = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
+            there = (stored["a"], stored["b"])
+            names = [str(s.get("name")) for s in there]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ReportDirectoryError(
+                f"{out} holds a comparison whose comparison.json cannot be read ({type(e).__name__}: {e}), so it "
+                f"cannot tell which two reports it compares. Delete {out} or choose another --out directory.") from None
+        here = (self._side(0), self._side(1))
+        if not ((_same(there[0], here[0]) and _same(there[1], here[1]))
+                or (_same(there[0], here[1]) and _same(there[1], here[0]))):
+            raise ReportDirectoryError(
+                f"{out} holds the comparison of {names[0]} and {names[1]}, not of {self.names[0]} and "
+                f"{self.names[1]}; a directory holds one comparison. Choose another --out directory, or delete "
+                f"{out} first.")
+
+    def _side(self, i: int) -> dict:
+        """What comparison.json records of report A (0) or B (1)."""
+        report = (self.a, self.b)[i]
+        return {"name": self.names[i], "source": self.sources[i], "label": report.model.get("label"),
+                "identity": report.identity}
+
+
+def _same(there: dict, here: dict) -> bool:
+    """Whether a report recorded in comparison.json is this one: the same identity and, where both
+    were read from directories, the same directory; unknown (no identity) counts as another."""
+    if there.get("identity") is None or here.get("identity") is None:
+        return False
+    if identity_conflicts(there["identity"], here["identity"]):
+        return False
+    return there.get("source") is None or here.get("source") is None or there["source"] == here["source"]
+
+
+def _scalars(sec: SectionResult | None) -> dict[str, tuple[object, float | None]]:
+    """A section's scalar values (html.flat_values, as JSON values) → (value, its standard error or
+    None), then the estimates of its ESTIMATE_TABLES, row by row."""
+    if sec is None:
+        return {}
+    values = to_jsonable(flat_values(sec.values))
+    out = {k: (v, _stderr(values, k)) for k, v in values.items()}
+    for table, key, label in ESTIMATE_TABLES.get(sec.name, ()):
+        frame = sec.tables.get(table)
+        if frame is None or key not in frame:
+            continue
+        for record in to_jsonable(frame.to_dict(orient="records")):
+            out.update({f"{label.format(record[key])} · {col}": (record[col], _stderr(record, col))
+                        for col in STDERR if col in record})
+    return out
+
+
+def _stderr(values: dict, key: str) -> float | None:
+    name, factor = STDERR.get(key, (None, 0.0))
+    se = _number(values.get(name)) if name else None
+    return None if se is None or not math.isfinite(se) else factor * se
+
+
+def _number(v) -> float | None:
+    """A stored value as a float (JSON's "inf"/"-inf" too), or None when it is not a number."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    return {"inf": math.inf, "-inf": -math.inf}.get(v) if isinstance(v, str) else None
+
+
+def _row(section: str, value: str, a: tuple, b: tuple) -> dict:
+    (va, se_a), (vb, se_b) = a, b
+    na, nb = _number(va), _number(vb)
+    difference = nb - na if na is not None and nb is not None and math.isfinite(na) and math.isfinite(nb) else None
+    beyond = None
+    if difference is not None and se_a is not None and se_b is not None:
+        beyond = abs(difference) > 2 * math.hypot(se_a, se_b)
+    return dict(zip(COLUMNS, (section, value, va, vb, difference, se_a, se_b, beyond)))
+
+
+def _setup(report: Report) -> dict:
+    """Everything a report was made with, flat: model, data, settings and budgets, versions."""
+    identity = report.identity or {}
+    data = report.data or {}
+    out = {"model": report.model.get("label"), "model weights sha256": (identity.get("model") or {}).get("digest")}
+    out.update({f"model {k}": v for k, v in report.model.items() if k != "label"})
+    out.update({"data": data.get("source"), "data sha256": (identity.get("data") or {}).get("digest")})
+    out.update({f"data {k}": v for k, v in data.items() if k not in ("source", "positions")})
+    out.update({f"data {k}": v for k, v in (data.get("positions") or {}).items()})
+    out.update({k: v for k, v in report.settings.items() if k not in ("budgets", "overrides")})
+    out.update(report.settings.get("budgets") or {})
+    out.update({f"version {k}": v for k, v in report.versions.items()})
+    return to_jsonable(out)
+
