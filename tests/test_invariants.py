@@ -309,3 +309,17 @@ def test_plot_spectra(tiny_toy_transformer):
 def test_not_a_transformer():
     with pytest.raises(TypeError, match="cannot adapt"):
         ov_invariants(nn.Linear(3, 3))
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor():
+    # NaN weights used to surface as a raw LinAlgError from the SVD (and a misleading message from the
+    # gauge tools); every weight-space analysis now names the tensor first.
+    import tl_degeneracy as tld
+    from tests.fixtures.toys import make_tiny_toy_transformer
+
+    model = make_tiny_toy_transformer()
+    with torch.no_grad():
+        model.blocks[1].attn.W_V[0, 2, 3] = float("nan")
+    for analysis in (tld.ov_invariants, tld.qk_invariants, tld.random_gauge, tld.canonicalize_heads):
+        with pytest.raises(tld.NumericalError, match=r"not finite: live parameter blocks\.1\.attn\.W_V .* 1 NaN"):
+            analysis(model)

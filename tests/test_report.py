@@ -381,7 +381,9 @@ def test_verdicts_say_what_the_numbers_mean():
     assert low.startswith("2 of 8 OV circuits rank-deficient") and "QK" not in low
     llc = {"n_eff": 43.81, "loss_scale": 1e-3, "gamma": 1.0, "n_params": 478976}
     assert verdict(sec("llc", **llc)).startswith("λ̂ not checked for convergence")  # no R̂/ESS recorded
-    assert verdict(sec("llc", **llc, converged=False)) == "λ̂ not converged: N_eff ≥ 43.8 is a lower bound at ε = 0.001, γ = 1"
+    assert verdict(sec("llc", **llc, converged=False)) == "λ̂ not converged — lower bound; N_eff ≥ 43.8 at ε = 0.001, γ = 1"
+    assert verdict(sec("llc", **llc, converged=False, convergence_reason="R̂ 1.76 (max 1.05)")) == (
+        "λ̂ not converged — lower bound: R̂ 1.76 (max 1.05); N_eff ≥ 43.8 at ε = 0.001, γ = 1")
     assert verdict(sec("llc", **llc, converged=True)).startswith("λ̂ converged: N_eff = 43.8 of 478,976")
     assert verdict(sec("counts", free=0, n_params=10, n_eff_kfac=10)).startswith("no activation or Jacobian degeneracy")
     assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")

@@ -6,12 +6,22 @@ The data flow reads in one direction: model → adapter → batches → accumula
 
 from .counts import degeneracy_counts
 from .data import Batch, PaddingWarning, TokenBatches, token_batches
+from .numerics import HalfPrecisionWarning
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
 from .gauge import canonicalize_heads, random_gauge
 from . import theory
 from .interaction import InteractionBasis, Modules, find_modules, interaction_basis
 from .invariants import ov_invariants, qk_invariants
-from .llc import DEFAULT_NBETA, LLCResult, behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
+from .llc import (
+    DEFAULT_NBETA,
+    ConvergenceWarning,
+    LLCResult,
+    SamplerConfig,
+    behavioral_llc,
+    llc_by_component,
+    llc_sweep,
+    plot_llc_sweep,
+)
 from .models import ModelAdapter, adapt, load_model
 from .models.config import ModelConfig
 from .models.selection import ParameterSelection, select_parameters
@@ -24,6 +34,8 @@ from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronizat
 
 __all__ = [
     "DEFAULT_NBETA",
+    "ConvergenceWarning",
+    "SamplerConfig",
     "LLCResult",
     "behavioral_llc",
     "llc_by_component",
@@ -33,6 +45,7 @@ __all__ = [
     "ActivationStats",
     "Batch",
     "DataError",
+    "HalfPrecisionWarning",
     "HeadSyncResult",
     "InteractionBasis",
     "JacobianStats",

@@ -131,7 +131,7 @@ def degeneracy_counts(
     embeddings: bool = False,
     batch_size: int = 16,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = True,
     seq_len: int | None = None,
     skip_bos: bool | None = None,
 ) -> pd.DataFrame:
@@ -152,6 +152,8 @@ def degeneracy_counts(
         output: ``"kl"`` (Fisher-weighted) or ``"mse"`` on the logits, for K.
         n_probes, exact, seed: the Jacobian probes (``tld.jacobian_stats``).
         embeddings: also count W_E (one-hot inputs, G = diag of token frequencies).
+        progress: a tqdm bar per pass over the data (block inputs, activations, Jacobian probes),
+            as for the statistics passes (rank 0 only; TQDM_DISABLE turns them off).
     """
     if output not in ("kl", "mse"):
         raise ValueError(f"output must be 'kl' or 'mse'; got {output!r}")

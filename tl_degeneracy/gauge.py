@@ -167,6 +167,7 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
     copy of the model. ``left``/``right`` are the head group's *effective* factors (METHODS §2:
     P diag(w) W_V and W_O P, P diag(w) W_Q and (P diag(w) W_K)ᵀ); the chosen matrix multiplies the
     stored factors, which is the same gauge on the effective ones (P diag(w) (W_V A) = (P diag(w) W_V) A)."""
+    adapter.check_finite()
     model = adapter.model if inplace else copy_model(adapter.model)
     target = adapt(model) if not inplace else adapter
     H, n_kv = target.n_heads, target.n_kv_heads

@@ -98,6 +98,7 @@ def ov_circuits(model) -> FactoredMatrix:
     one float64 ``FactoredMatrix`` [L, H, D, D] (GQA: the shared value head of each query head's
     group is used for every head of the group)."""
     adapter = adapt(model)
+    adapter.check_finite()
     aw = adapter.attention_weights()
     return FactoredMatrix(_per_layer(adapter, fold_reading, aw.W_V), _per_layer(adapter, center_writing, aw.W_O))
 
@@ -113,6 +114,7 @@ def qk_circuits(model, affine: bool = False) -> FactoredMatrix:
     gauge-invariant too (b_Q → b_Q B, b_K → b_K B⁻ᵀ).
     """
     adapter = adapt(model)
+    adapter.check_finite()
     aw = adapter.attention_weights()
     W_Q, W_K = _per_layer(adapter, fold_reading, aw.W_Q), _per_layer(adapter, fold_reading, aw.W_K)
     if affine:

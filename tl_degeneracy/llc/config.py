@@ -27,7 +27,9 @@ class SamplerConfig:
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD, with ``rms_alpha`` and
             ``rms_eps``).
         bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size (< 1).
-        pilot_steps: length of each pilot run of the automatic step size.
+        pilot_steps: length of each pilot run of the automatic step size; None (default): scaled to
+            the budget, min(200, max(20, (burnin + draws)//10)) (:attr:`pilot_length`), so that
+            the pilots do not dominate short runs. A given value is used as given.
         checkpoint_every: steps between checkpoints (with ``checkpoint_dir``).
         compile: compile the loss and gradient of the sampling steps with ``torch.compile``.
 
@@ -43,7 +45,7 @@ class SamplerConfig:
     bias_bound: float = 0.05
     rms_alpha: float = 0.99
     rms_eps: float = 0.1
-    pilot_steps: int = 200
+    pilot_steps: int | None = None
     checkpoint_every: int = 512
     compile: bool = False
 
@@ -52,6 +54,8 @@ class SamplerConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}; got {self.sampler!r}")
         for name, low in (("chains", 1), ("draws", 1), ("burnin", 0), ("checkpoint_every", 1), ("pilot_steps", 1)):
             value = getattr(self, name)
+            if name == "pilot_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}; got {value!r}")
         gamma = self.gamma
@@ -73,6 +77,14 @@ class SamplerConfig:
     def steps(self) -> int:
         """Steps per chain: burn-in and draws."""
         return self.burnin + self.draws
+
+    @property
+    def pilot_length(self) -> int:
+        """Steps of each pilot run: ``pilot_steps`` if given, else a tenth of the chains' steps
+        between 20 and 200 (200 at the default budget of 2500 steps)."""
+        if self.pilot_steps is not None:
+            return int(self.pilot_steps)
+        return min(200, max(20, self.steps // 10))
 
     @property
     def rmsprop(self) -> bool:

@@ -9,7 +9,7 @@ The method, step by step (each step is its own module):
    runs, lowered during burn-in where the chains meet stiffer regions;
 4. SGLD over all chains at once (sampler.py), checkpointed and resumable (checkpoint.py);
 5. the estimate λ̂ = nβ · mean post-burn-in L_B,b over healthy chains, and its diagnostics
-   (llc_result.py).
+   (llc_result.py), with the convergence verdict (convergence.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import NumericalError
 from ..stats.distributed import distributed_context
+from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
 from .config import SamplerConfig
+from .convergence import ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
 from .llc_result import ChainRecords, LLCResult, chain_estimates
 from .loss_grad import LossGrad
@@ -88,6 +91,7 @@ def behavioral_llc(
     *,
     config: SamplerConfig | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    progress: bool = True,
     _stop_after: int | None = None,
     **options,
 ) -> LLCResult:
@@ -149,7 +153,8 @@ def behavioral_llc(
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
             multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
         bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size.
-        pilot_steps: length of each pilot run of the automatic step size (stepsize.py).
+        pilot_steps: length of each pilot run of the automatic step size (stepsize.py); default
+            scaled to the budget, min(200, max(20, (burnin + draws)//10)); a given value is used as is.
         checkpoint_every: steps between checkpoints (default 512).
         compile: compile the sampling steps' loss and gradient with ``torch.compile`` (loss_grad.py):
             about 2× faster per chain-step on small transformers on a CPU (BENCHMARKS.md), after a
@@ -159,6 +164,16 @@ def behavioral_llc(
             calibration (Hessian-vector products) stays uncompiled. Falls back to uncompiled, with
             a warning, where compilation fails.
         cache_bytes: memory budget for cached reference outputs (beyond it they are recomputed).
+        progress: tqdm bars (rank 0 only; the TQDM_DISABLE environment variable turns them off) over
+            the pilot runs' steps and the sampling steps, with the time left.
+
+    Convergence (METHODS §1, convergence.py): ``result.converged`` is True only when the split-R̂
+    of the healthy chains' post-burn-in traces is ≤ 1.05, their bulk effective sample size ≥ 100,
+    the last half of the draws is within 2 standard errors of the first half, and at most a quarter
+    of the chains diverged; ``diagnostics`` holds ``rhat``, ``ess``, ``drift``, ``n_diverged``,
+    ``diverged_chains`` and ``convergence`` (each failed criterion in words, the suggested budget).
+    A run that is not converged issues one :class:`ConvergenceWarning` saying what failed, with the
+    numbers, and the budget that would fix it; its λ̂ reads as a lower bound.
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the chains are split
     round-robin across ranks and gathered; every rank returns the full result.
@@ -195,8 +210,9 @@ def behavioral_llc(
             checkpoint_dir, ctx.rank, ctx.world_size, config.checkpoint_every, config.steps, _stop_after)
         saved = None if checkpointer is None else checkpointer.resume_extra()
 
+        show = show_progress(progress, ctx.rank)
         choice, source = initial_step_size(target, selection, config, nbeta=nb, explode_at=explode_at, seed=seed,
-                                           saved=None if saved is None else saved.get("step_size_choice"))
+                                           saved=None if saved is None else saved.get("step_size_choice"), progress=show)
         eta = choice.step_size * (config.rms_factor if config.step_size is None else 1.0)
         dynamics = Dynamics(nbeta=nb, step_size=eta, gamma=config.gamma, steps=config.steps, rmsprop=config.rmsprop,
                             rms_alpha=config.rms_alpha, rms_eps=config.rms_eps, explode_at=explode_at)
@@ -206,8 +222,10 @@ def behavioral_llc(
             key = {**_run_key(target, config, nb, selection, seed, my_chains), "step_size": eta}
             state = checkpointer.restore(state, key, resume=saved is not None)
         loss_grad = LossGrad(target, selection.layout, compile=config.compile)
-        state, dynamics = _sample_with_burnin_adaptation(target, selection, config, dynamics, state, loss_grad,
-                                                         checkpointer, seed, my_chains, _stop_after)
+        with tqdm(total=config.steps, initial=state.step, unit="step", disable=not show,
+                  desc=f"LLC: SGLD, {config.chains} chains × ({config.burnin} burn-in + {config.draws} draws)") as bar:
+            state, dynamics = _sample_with_burnin_adaptation(target, selection, config, dynamics, state, loss_grad,
+                                                             checkpointer, seed, my_chains, _stop_after, bar)
         # The bias bound where the chains ended: reported, and a warning when far above the target.
         h_end = chain_curvature(target, selection, state, _point_seeds(seed, my_chains)) if state.step == config.steps else float("nan")
         records = ChainRecords.gather(state, my_chains, loss_grad.compile_s, ctx.world_size)
@@ -239,6 +257,7 @@ def _point_seeds(seed: int, my_chains: list[int]) -> list[int]:
 def _sample_with_burnin_adaptation(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, dynamics: Dynamics, state: SamplerState,
     loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int, my_chains: list[int], stop_after: int | None,
+    bar=None,
 ) -> tuple[SamplerState, Dynamics]:
     """Run the chains to the end (or to ``stop_after``), re-adapting an automatic η during burn-in.
 
@@ -258,7 +277,7 @@ def _sample_with_burnin_adaptation(
         stop = check if stop_after is None else min(check, stop_after)
         if state.step < stop:
             state = run_chains(target, selection.layout, selection.mask, dynamics, state, on_block=on_block, stop_after=stop,
-                               loss_grad=loss_grad)
+                               loss_grad=loss_grad, bar=bar)
         if check == dynamics.steps or state.step != check or any(a["step"] == check for a in adaptations):
             continue
         h_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
@@ -294,11 +313,14 @@ def _result(
     # stacklevel 3: the warnings point at the caller of behavioral_llc.
     if len(failed) == chains:
         raise NumericalError(f"all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
-    if failed:
-        warnings.warn(
-            f"{len(failed)} of {chains} chains diverged and are excluded (chain: step {failed}); {advice}",
-            RuntimeWarning, stacklevel=3,
-        )
+    verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, step_size=eta, gamma=gamma,
+                                 burnin=config.burnin, divergence_advice=advice)
+    # One warning for a run that is not converged (it names diverged chains too); diverged chains of
+    # a converged run still get their own.
+    if not verdict.converged:
+        warnings.warn(verdict.message(mean), ConvergenceWarning, stacklevel=3)
+    elif failed:
+        warnings.warn(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
     if bias_end > 2 * bias_bound:
         warnings.warn(
             f"at the end of sampling the chains sit where the step-size bias bound η(nβ h_max + γ)/4 is {bias_end:.2g} "
@@ -323,7 +345,9 @@ def _result(
         "s_per_chain_step": (wall - compile_s) * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
         "compiled": loss_grad.compiled, "compile_s": compile_s, "compile_error": loss_grad.compile_error,
         "n_samples": target.n_samples, "mean_positions_per_batch": target.mean_positions, "world_size": world,
-        "steps_done": steps_done,
+        "steps_done": steps_done, "pilot_steps": 0 if source == "given" else config.pilot_length,
+        "rhat": verdict.rhat, "ess": verdict.ess, "drift": verdict.drift, "n_diverged": verdict.n_diverged,
+        "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(),
         "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "
                          "averaged over post-burn-in steps",
     }
@@ -331,5 +355,5 @@ def _result(
         llc=mean, llc_std=std, llc_stderr=stderr, llc_per_chain=per_chain, trace=(nb * records.losses).T, nbeta=nb,
         step_size=eta, gamma=float(gamma), chains=chains, draws=config.draws, burnin=config.burnin,
         n_params=selection.n_params, loss=target.loss_name, sampler=config.sampler, failed=failed,
-        diagnostics=diagnostics, selection=selection.spec,
+        diagnostics=diagnostics, selection=selection.spec, converged=verdict.converged,
     )

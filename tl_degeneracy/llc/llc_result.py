@@ -2,7 +2,8 @@
 
 λ̂_c = nβ · mean_{t ≥ burnin} L_B,b_t(θ_t^{(c)}) per chain c (the minibatch loss at θ_t used for
 its gradient; L_B(θ*) = 0 so no baseline is subtracted); λ̂ = mean over healthy chains;
-spread = their standard deviation (ddof = 1); standard error = spread/√C. N_eff = 2λ̂.
+spread = their standard deviation (ddof = 1); standard error = spread/√C. N_eff = 2λ̂. Whether the
+chains converged (split-R̂, ESS, drift, diverged chains) is convergence.py's verdict.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ class LLCResult:
     """Behavioral LLC at one loss scale, with per-chain values, traces and diagnostics.
 
     ``trace`` is [chains, steps] of nβ·L_B (burn-in included; NaN after a chain failed), so its
-    post-burn-in mean per chain is that chain's estimate. ``failed`` maps failed chains to the step
-    they failed at; they are excluded from ``llc``, ``llc_std`` and ``llc_stderr``.
+    post-burn-in mean per chain is that chain's estimate. ``failed`` maps failed (diverged) chains
+    to the step they failed at; they are excluded from ``llc``, ``llc_std`` and ``llc_stderr``.
+
+    ``converged``: the verdict of METHODS §1 (convergence.py): split-R̂ ≤ 1.05, bulk ESS ≥ 100, no
+    drift between the halves of the draws, at most a quarter of the chains diverged. Its numbers
+    are ``diagnostics["rhat"]``, ``["ess"]``, ``["drift"]`` (a z-score), ``["n_diverged"]``,
+    ``["diverged_chains"]``, and ``["convergence"]`` (each failed criterion in words, the suggested
+    budget). A run that is not converged gives a λ̂ to read as a lower bound.
     """
 
     llc: float
@@ -43,6 +50,7 @@ class LLCResult:
     failed: dict[int, int] = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     selection: tuple[str, ...] | None = None
+    converged: bool = False
 
     @property
     def loss_scale(self) -> float:
@@ -58,6 +66,12 @@ class LLCResult:
     def n_eff_stderr(self) -> float:
         return 2.0 * self.llc_stderr
 
+    @property
+    def convergence_reason(self) -> str:
+        """The failed convergence criteria in a few words with their numbers ("" when converged; the
+        full sentences and the suggested budget are in ``diagnostics["convergence"]``)."""
+        return self.diagnostics.get("convergence", {}).get("brief", "")
+
     def summary(self) -> dict:
         d = self.diagnostics
         return {
@@ -66,25 +80,40 @@ class LLCResult:
             "gamma": self.gamma, "bias_bound": d.get("bias_bound"), "h_max": d.get("h_max"), "chains": self.chains,
             "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin, "loss": self.loss,
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
+            "converged": self.converged, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
+            "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
         }
 
+    def to_dict(self) -> dict:
+        """:meth:`summary` with the per-chain estimates, the failed chains and the convergence
+        verdict in full (``diagnostics["convergence"]``); JSON-friendly."""
+        return {**self.summary(), "llc_per_chain": [float(x) for x in self.llc_per_chain],
+                "failed": {int(c): int(s) for c, s in self.failed.items()},
+                "convergence": self.diagnostics.get("convergence")}
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per chain: its estimate, failure step (−1 if healthy) and, averaged over its steps,
-        the magnitudes of the three terms of its SGLD update and its distance from θ*, all on the
-        scale of one update (``grad_step``, ``prior_step``, ``noise_step``, ``distance``; sampler.NORMS)."""
+        """One row per chain: its estimate, the step it diverged at (−1 if healthy) and, averaged over its steps, the magnitudes of the three terms of its SGLD update and its
+        distance from θ*, all on the scale of one update (``grad_step``, ``prior_step``,
+        ``noise_step``, ``distance``; sampler.NORMS). ``frame.attrs`` holds the run's verdict:
+        ``converged``, ``rhat``, ``ess``, ``drift``, ``n_diverged`` and ``convergence_reason``."""
         rows = []
         norms = self.diagnostics.get("norms", np.full((self.chains, len(NORMS)), np.nan))
         for c in range(self.chains):
             row = {"chain": c, "llc": self.llc_per_chain[c], "failed_at": self.failed.get(c, -1)}
             row.update({k: norms[c][i] for i, k in enumerate(NORMS)})
             rows.append(row)
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        s = self.summary()
+        frame.attrs.update({k: s[k] for k in ("converged", "rhat", "ess", "drift", "n_diverged", "convergence_reason")})
+        return frame
 
     def __repr__(self) -> str:
         return (
             f"LLCResult(llc={self.llc:.4g} ± {self.llc_stderr:.2g} (stderr), n_eff={self.n_eff:.4g}, n_params={self.n_params}, "
             f"nbeta={self.nbeta:g}, step_size={self.step_size:.3g}, bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
-            f"chains={self.chains}, failed={len(self.failed)})"
+            f"chains={self.chains}, failed={len(self.failed)}, converged={self.converged}, "
+            f"rhat={self.diagnostics.get('rhat', float('nan')):.3g}, ess={self.diagnostics.get('ess', float('nan')):.3g}, "
+            f"drift={self.diagnostics.get('drift', float('nan')):.2g})"
         )
 
     def plot(self):

@@ -120,11 +120,13 @@ def run_chains(
     on_block: Callable[[SamplerState], None] | None = None,
     stop_after: int | None = None,
     loss_grad: LossGrad | None = None,
+    bar=None,
 ) -> SamplerState:
     """Advance ``state`` to ``dynamics.steps`` (or to ``stop_after`` steps, for tests of resume).
 
     ``on_block(state)`` runs at every block end (checkpointing); it sees a consistent state.
     ``loss_grad`` computes each step's losses and gradient (default: uncompiled ``LossGrad``).
+    ``bar`` (a tqdm bar, or None) advances by one per step, all chains together.
     """
     loss_grad = LossGrad(target, layout) if loss_grad is None else loss_grad
     eta, nbeta, gamma = dynamics.step_size, dynamics.nbeta, dynamics.gamma
@@ -187,6 +189,8 @@ def run_chains(
         delta.masked_fill_(~alive[:, None], 0.0)
         if v is not None:
             v.masked_fill_(~alive[:, None], 0.0)
+        if bar is not None:
+            bar.update()
         if (t + 1) % BLOCK == 0 or t + 1 == end:
             n = t + 1 - block_start
             state.trace[block_start : t + 1] = block_trace[:n].cpu().numpy()

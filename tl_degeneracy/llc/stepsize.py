@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import NumericalError
 from ..stats.distributed import broadcast_float, max_over_ranks
@@ -192,8 +193,10 @@ def choose_step_size(
     pilot_steps: int = 200,
     max_rounds: int = 8,
     seed: int = 0,
+    progress: bool = False,
 ) -> StepSizeChoice:
-    """Choose η so that the bias bound η (nβ h_max + γ)/4 is ``bias_bound`` (module docstring)."""
+    """Choose η so that the bias bound η (nβ h_max + γ)/4 is ``bias_bound`` (module docstring).
+    ``progress``: a bar over each pilot round's steps (one bar, reset per round)."""
     dtype = target.dtype
     origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
     h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
@@ -209,43 +212,46 @@ def choose_step_size(
     ceiling = float("inf")
     # Pilot seeds live far from the sampling chains' seeds (chain_seed of a large negative index).
     seeds = [chain_seed(seed, -1000 - c) for c in range(pilot_chains)]
-    for rnd in range(max_rounds):
-        dynamics = Dynamics(nbeta=nbeta, step_size=eta, gamma=gamma, steps=pilot_steps, explode_at=explode_at)
-        state = run_chains(target, layout, mask, dynamics, initial_state(target, layout, seeds, dynamics))
-        alive = state.alive
-        diverged = not bool(alive.all())
-        if diverged:
-            ceiling = min(ceiling, eta)
-        if not bool(alive.any()):
-            history.append({"round": rnd, "step_size": eta, "h_max": float("nan"), "diverged": True})
-            eta = eta / 10
-            continue
-        h_pilot = float(top_hessian_eigenvalue(target, layout, mask, state.delta[alive], seed=seed + rnd + 1).max())
-        history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "diverged": diverged})
-        h_used = max(h_ref, h_pilot)
-        # After a divergence never go back up to it: at most half the smallest diverging η.
-        eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound), ceiling / 2)
-        if not diverged and abs(eta_new - eta) <= 0.25 * eta:
-            eta = min(eta, eta_new)
-            return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
-        # The curvature a pilot sees depends on the η it ran with, so the fixed point is approached
-        # with geometric damping (plain iteration can oscillate on singular models).
-        eta = eta_new if diverged or len(history) < 2 or history[-2]["diverged"] else (eta * eta_new) ** 0.5
-    healthy = [h["step_size"] for h in history if not h["diverged"]]
-    if not healthy:
-        tried = min(h["step_size"] for h in history)
-        raise NumericalError(
-            f"automatic step size: pilot chains diverged at every step size tried, down to {tried:.3g}; the behavioral "
-            f"loss may be non-finite near θ* or nβ = {nbeta:g} too large; try a larger loss_scale, a larger gamma, or pass step_size"
-        )
-    # Not converged within max_rounds: the next proposal, which is below every diverging η (the
-    # burn-in adaptation lowers it further if the chains find stiffer regions).
-    return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
+    with tqdm(total=pilot_steps, unit="step", leave=False, disable=not progress) as bar:
+        for rnd in range(max_rounds):
+            bar.reset()
+            bar.set_description(f"LLC step size: pilot round {rnd + 1} (η = {eta:.3g})")
+            dynamics = Dynamics(nbeta=nbeta, step_size=eta, gamma=gamma, steps=pilot_steps, explode_at=explode_at)
+            state = run_chains(target, layout, mask, dynamics, initial_state(target, layout, seeds, dynamics), bar=bar)
+            alive = state.alive
+            diverged = not bool(alive.all())
+            if diverged:
+                ceiling = min(ceiling, eta)
+            if not bool(alive.any()):
+                history.append({"round": rnd, "step_size": eta, "h_max": float("nan"), "diverged": True})
+                eta = eta / 10
+                continue
+            h_pilot = float(top_hessian_eigenvalue(target, layout, mask, state.delta[alive], seed=seed + rnd + 1).max())
+            history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "diverged": diverged})
+            h_used = max(h_ref, h_pilot)
+            # After a divergence never go back up to it: at most half the smallest diverging η.
+            eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound), ceiling / 2)
+            if not diverged and abs(eta_new - eta) <= 0.25 * eta:
+                eta = min(eta, eta_new)
+                return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
+            # The curvature a pilot sees depends on the η it ran with, so the fixed point is approached
+            # with geometric damping (plain iteration can oscillate on singular models).
+            eta = eta_new if diverged or len(history) < 2 or history[-2]["diverged"] else (eta * eta_new) ** 0.5
+        healthy = [h["step_size"] for h in history if not h["diverged"]]
+        if not healthy:
+            tried = min(h["step_size"] for h in history)
+            raise NumericalError(
+                f"automatic step size: pilot chains diverged at every step size tried, down to {tried:.3g}; the behavioral "
+                f"loss may be non-finite near θ* or nβ = {nbeta:g} too large; try a larger loss_scale, a larger gamma, or pass step_size"
+            )
+        # Not converged within max_rounds: the next proposal, which is below every diverging η (the
+        # burn-in adaptation lowers it further if the chains find stiffer regions).
+        return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
 
 
 def initial_step_size(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, *, nbeta: float, explode_at: float, seed: int,
-    saved: dict | None = None,
+    saved: dict | None = None, progress: bool = False,
 ) -> tuple[StepSizeChoice, str]:
     """The step size sampling starts with, and where it came from: the one given in ``config`` (its
     bias bound measured at θ*), the one a checkpoint saved (``saved``: ``StepSizeChoice.to_dict()``),
@@ -261,7 +267,7 @@ def initial_step_size(
                                 history=saved["calibration"])
         return choice, "automatic (from checkpoint)"
     choice = choose_step_size(target, layout, mask, nbeta=nbeta, gamma=gamma, bias_bound=config.bias_bound,
-                              explode_at=explode_at, pilot_steps=config.pilot_steps, seed=seed)
+                              explode_at=explode_at, pilot_steps=config.pilot_length, seed=seed, progress=progress)
     # Every rank computes the same η (same seeds); broadcasting rules out last-bit differences.
     choice.step_size = broadcast_float(choice.step_size)
     return choice, "automatic"

@@ -8,7 +8,10 @@ import re
 from collections.abc import Sequence
 
 import pandas as pd
+from tqdm.auto import tqdm
 
+from ..stats.distributed import distributed_context
+from ..stats.passes import show_progress
 from .estimate import behavioral_llc
 
 
@@ -28,7 +31,15 @@ def _subdir(kwargs: dict, name: str) -> dict:
     return {**kwargs, "checkpoint_dir": os.path.join(os.fspath(kwargs["checkpoint_dir"]), safe)}
 
 
-_SUMMARY = ["llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "h_max", "n_failed"]
+def _outer_bar(items: Sequence, desc: str, kwargs: dict):
+    """``items`` under a progress bar (``kwargs["progress"]``, default on, as for behavioral_llc)."""
+    items = list(items)
+    return tqdm(items, desc=desc, total=len(items), unit="run",
+                disable=not show_progress(kwargs.get("progress", True), distributed_context().rank))
+
+
+_SUMMARY = ["llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "h_max", "n_failed",
+            "converged", "rhat", "ess", "drift", "convergence_reason"]
 
 
 def llc_sweep(model, data, loss_scales: Sequence[float], **kwargs) -> pd.DataFrame:
@@ -37,14 +48,16 @@ def llc_sweep(model, data, loss_scales: Sequence[float], **kwargs) -> pd.DataFra
     ``checkpoint_dir``, each scale checkpoints in its own subdirectory ``loss_scale_<ε>``.
 
     Returns one row per loss scale: loss_scale, nbeta, llc, llc_std, llc_stderr, n_eff, n_params,
-    step_size, bias_bound, h_max, n_failed. Plot with :func:`plot_llc_sweep`.
+    step_size, bias_bound, h_max, n_failed, and the convergence verdict (METHODS §1): converged,
+    rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`. ``progress``: a bar
+    over the scales above each run's own bars.
     """
     if "nbeta" in kwargs or "loss_scale" in kwargs:
         raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
     if not len(loss_scales):
         raise ValueError("loss_scales is empty")
     rows = []
-    for eps in loss_scales:
+    for eps in _outer_bar(loss_scales, "llc_sweep: loss scales", kwargs):
         res = behavioral_llc(model, data, loss_scale=float(eps), **_subdir(kwargs, f"loss_scale_{float(eps)!r}"))
         s = res.summary()
         rows.append({"loss_scale": float(eps), "nbeta": res.nbeta, **{k: s[k] for k in _SUMMARY}})
@@ -70,8 +83,10 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     """Restricted (weight-refined) LLC of each component: only its entries are sampled.
 
     One row per component: component, n_params (its nominal parameter count), llc, llc_std,
-    llc_stderr, n_eff = 2λ̂, n_eff_fraction = n_eff/n_params, step_size, bias_bound, n_failed.
+    llc_stderr, n_eff = 2λ̂, n_eff_fraction = n_eff/n_params, step_size, bias_bound, n_failed and
+    the convergence verdict (converged, rhat, ess, drift, convergence_reason; METHODS §1).
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
+    ``progress``: a bar over the components above each run's own bars.
     """
     from ..models.adapt import adapt
     from ..models.selection import component_selections
@@ -80,7 +95,7 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
         raise ValueError("llc_by_component sets params itself; pass components=")
     adapter = adapt(model)
     rows = []
-    for comp in component_selections(adapter, components):
+    for comp in _outer_bar(component_selections(adapter, components), "llc_by_component", kwargs):
         res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
         s = res.summary()
         rows.append({"component": comp, **{k: s[k] for k in _SUMMARY}, "n_eff_fraction": res.n_eff / res.n_params})

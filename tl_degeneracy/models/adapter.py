@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import DataError, MissingHookError
+from ..errors import DataError, MissingHookError, NumericalError
 from .chains import ChainMap
 from .config import ModelConfig
 from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
@@ -422,6 +422,30 @@ class ModelAdapter(abc.ABC):
         g = torch.Generator().manual_seed(0)
         pos = min(pos, self.n_ctx)
         return torch.randint(0, self.d_vocab, (batch, pos), generator=g).to(self.device)
+
+    def check_finite(self) -> None:
+        """Refuse weights that hold NaN or ±∞, naming the first such live parameter.
+
+        Every analysis reads the weights (the spectra of METHODS §2 directly, the others through the
+        forward pass), and non-finite weights would fail each in its own way, deep inside.
+
+        Raises:
+            NumericalError: the first non-finite tensor, its NaN and ±∞ counts, and how many others.
+        """
+        bad = [p for p in self.live_parameters() if not bool(torch.isfinite(p.param.detach()).all())]
+        if not bad:
+            return
+        t = bad[0].param.detach()
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        others = ""
+        if len(bad) > 1:
+            names = ", ".join(p.name for p in bad[1:4]) + (" …" if len(bad) > 4 else "")
+            others = f" (and {len(bad) - 1} other tensor(s): {names})"
+        raise NumericalError(
+            f"the model's weights are not finite: live parameter {bad[0].name} {list(t.shape)} holds {n_nan} NaN and "
+            f"{n_inf} ±inf entries of {t.numel():,}{others}. Every analysis reads the weights, so none can run; load "
+            "weights that are finite (non-finite weights usually come from a diverged training run or a damaged file)"
+        )
 
     def live_parameters(self) -> ParameterSet:
         """Parameters that reach the output, each tensor once, with stable names (cached).

@@ -18,7 +18,7 @@ from ..models.adapt import adapt
 from . import cache
 from . import sections as _builtin_sections  # noqa: F401  (registers the built-in sections)
 from .context import (
-    LoadedData, ReportContext, check_finite_weights, default_data_spec, library_versions, load_data_spec,
+    LoadedData, ReportContext, default_data_spec, library_versions, load_data_spec,
 )
 from .registry import SECTIONS, Section
 from .report import Report, SectionResult
@@ -210,7 +210,7 @@ def degeneracy_report(
     torch.manual_seed(seed)
     spec_label, adapter = _resolve_model(model, device)
     label = label or spec_label
-    check_finite_weights(adapter)
+    adapter.check_finite()
     _check_components(adapter, llc_components)
     if out is not None and checkpoint_dir is None:
         checkpoint_dir = Path(out) / "checkpoints"

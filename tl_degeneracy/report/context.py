@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data import TokenBatches, token_batches
-from ..errors import DataError, NumericalError
+from ..errors import DataError
 from ..models.adapter import ModelAdapter
 from .settings import ReportSettings
 
-__all__ = ["ReportContext", "check_finite_weights", "default_data_spec", "library_versions", "load_data_spec"]
+__all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
 
 
 def library_versions() -> dict[str, str]:
@@ -32,7 +32,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for pkg in ("tl-degeneracy", "torch", "transformer-lens", "transformers", "numpy", "pandas", "plotly"):
+    for pkg in ("tl-degeneracy", "torch", "transformer-lens", "transformers", "numpy", "pandas", "plotly", "arviz-stats"):
         try:
             found[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -99,34 +99,6 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
     if not text.strip():
         raise DataError(f"data {spec!r}: the file is empty")
     return LoadedData([text], f"text file {path}", text=True)
-
-
-def check_finite_weights(adapter: ModelAdapter) -> None:
-    """Refuse a model whose live parameters hold NaN or ±∞, naming the first such tensor.
-
-    Every section reads the weights (the spectra of METHODS §2 directly, the others through the
-    forward pass), and non-finite weights would fail each in its own way, deep inside.
-
-    Raises:
-        NumericalError: the first non-finite tensor, its NaN and ±∞ counts, and how many others.
-    """
-    import torch
-
-    bad = [p for p in adapter.live_parameters() if not bool(torch.isfinite(p.param.detach()).all())]
-    if not bad:
-        return
-    t = bad[0].param.detach()
-    n_nan = int(torch.isnan(t).sum())
-    n_inf = int(torch.isinf(t).sum())
-    others = ""
-    if len(bad) > 1:
-        names = ", ".join(p.name for p in bad[1:4]) + (" …" if len(bad) > 4 else "")
-        others = f" (and {len(bad) - 1} other tensor(s): {names})"
-    raise NumericalError(
-        f"the model's weights are not finite: live parameter {bad[0].name} {list(t.shape)} holds {n_nan} NaN and "
-        f"{n_inf} ±inf entries of {t.numel():,}{others}. Every analysis reads the weights, so none can run; load "
-        "weights that are finite (non-finite weights usually come from a diverged training run or a damaged file)"
-    )
 
 
 def _head(data, n: int):

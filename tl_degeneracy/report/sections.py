@@ -197,7 +197,8 @@ def interaction(ctx: ReportContext) -> SectionOutput:
 
 _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference", "h_max_end", "bias_bound",
                 "bias_bound_end", "predicted_bias_factor", "calibration", "adaptations", "s_per_chain_step",
-                "wall_s", "n_samples", "n_batches", "steps_done", "compiled", "compile_s", "compile_error")
+                "wall_s", "n_samples", "n_batches", "steps_done", "compiled", "compile_s", "compile_error", "pilot_steps",
+                "rhat", "ess", "drift", "n_diverged", "diverged_chains", "convergence")
 
 
 @register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
@@ -207,7 +208,7 @@ def llc(ctx: ReportContext) -> SectionOutput:
     With a checkpoint directory every run resumes from its checkpoint."""
     s, data = ctx.settings, ctx.llc_batches
     kwargs = dict(chains=s.chains, draws=s.draws, burnin=s.burnin, pilot_steps=s.pilot_steps, seed=ctx.seed,
-                  compile=s.llc_compile)
+                  compile=s.llc_compile, progress=ctx.progress)
     others = [eps for eps in s.loss_scales if not math.isclose(eps, s.loss_scale)]
     runs = 1 + len(others) + (ctx.llc_components is not None)
     with tqdm(total=runs, desc="llc runs", disable=not ctx.progress, leave=False) as bar:
@@ -376,7 +377,8 @@ def _llc_verdict(v: dict) -> str:
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:
-        return f"λ̂ not converged: N_eff ≥ {n_eff} is a lower bound {where}"
+        reason = v.get("convergence_reason")  # absent from reports saved before it was recorded
+        return f"λ̂ not converged — lower bound{': ' + reason if reason else ''}; N_eff ≥ {n_eff} {where}"
     # No convergence check recorded (R̂, effective sample size, drift: docs/methods.md §1); short
     # chains under-estimate λ_B, so an unchecked number reads as a lower bound.
     return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound"

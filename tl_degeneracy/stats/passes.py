@@ -71,12 +71,17 @@ def feature_layout(kind: str | None, feature_shape: tuple[int, ...], per_head: b
     return FeatureLayout(tuple(feature_shape), 1, math.prod(feature_shape))
 
 
+def show_progress(progress: bool, rank: int = 0) -> bool:
+    """Whether a progress bar is drawn: asked for (``progress``), on rank 0, and not switched off by
+    the TQDM_DISABLE environment variable (the one rule for every bar of the package)."""
+    return bool(progress) and rank == 0 and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
+
+
 def shard(batches: TokenBatches, ctx: DistributedContext, device, progress: bool, desc: str) -> Iterator[Batch]:
     """This rank's batches (``rank::world_size``), on ``device``, with a progress bar on rank 0
     (off when ``progress=False`` or the environment sets TQDM_DISABLE)."""
     numbers = range(ctx.rank, len(batches), ctx.world_size)
-    disable = (not progress) or ctx.rank != 0 or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
-    bar = tqdm(numbers, desc=desc, total=len(numbers), disable=disable, unit="batch")
+    bar = tqdm(numbers, desc=desc, total=len(numbers), disable=not show_progress(progress, ctx.rank), unit="batch")
     for number in bar:
         yield batches.batch(number, device=device)
 

@@ -1,0 +1,191 @@
+"""The convergence verdict of an LLC run (METHODS §1 "Convergence") and the LLC's progress bars.
+
+Tolerances: R̂/ESS are ArviZ's own numbers (compared exactly); the ESS and drift standard errors of
+an AR(1) chain are checked against their closed forms within the Monte-Carlo error of 20 replicas.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from arviz_stats.base import array_stats
+
+from tl_degeneracy.llc import (ConvergenceWarning, SamplerConfig, assess_convergence, behavioral_llc, llc_by_component,
+                               llc_sweep)
+from tl_degeneracy.report.sections import VERDICTS
+
+from .test_llc import _BlowsUp, deep_linear_network, dln_inputs, linear_regression
+
+
+def _ar1(rho: float, chains: int, draws: int, seed: int = 0) -> np.ndarray:
+    """Stationary AR(1) chains x_t = ρ x_{t−1} + √(1 − ρ²) ξ_t with unit variance, [chains, draws]."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((chains, draws))
+    x[:, 0] = rng.normal(size=chains)
+    noise = rng.normal(size=(chains, draws)) * np.sqrt(1 - rho**2)
+    for t in range(1, draws):
+        x[:, t] = rho * x[:, t - 1] + noise[:, t]
+    return x
+
+
+def _convergence_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+
+@pytest.fixture(scope="module")
+def regression_run():
+    model, x = linear_regression()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(model, x)
+    return res, caught
+
+
+def test_a_regular_model_at_defaults_is_converged_near_theory(regression_run):
+    res, caught = regression_run
+    assert res.converged is True and not _convergence_warnings(caught)
+    d = res.diagnostics
+    assert d["rhat"] <= 1.05 and d["ess"] >= 100 and abs(d["drift"]) <= 2
+    assert d["n_diverged"] == 0 and d["diverged_chains"] == [] and d["convergence"]["failed"] == {}
+    # λ = d/2 = 5 up to the stated step-size bias bound and 4 standard errors (as in test_llc).
+    bound = d["bias_bound"]
+    assert abs(res.llc - 5.0) < 5.0 * bound / (1 - bound) + 4 * res.llc_stderr
+    # The verdict travels with the result: summary, to_dict, to_frame, repr, report verdict.
+    s = res.summary()
+    assert s["converged"] is True and s["rhat"] == d["rhat"] and s["ess"] == d["ess"] and s["drift"] == d["drift"]
+    assert res.to_dict()["convergence"]["converged"] is True
+    frame = res.to_frame()
+    assert frame.attrs["converged"] is True and frame.attrs["rhat"] == d["rhat"] and (frame["failed_at"] == -1).all()
+    assert "converged=True" in repr(res) and "rhat=" in repr(res) and "ess=" in repr(res)
+    assert VERDICTS["llc"]({"loss_scale": 1e-3, **s}).startswith("λ̂ converged")
+
+
+def test_a_full_rank_deep_linear_network_at_defaults_is_converged_near_aoyagi():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(deep_linear_network(2), dln_inputs())
+    assert res.converged and not _convergence_warnings(caught)
+    assert abs(res.llc - 4.0) < 0.1 * 4.0  # Aoyagi: 4.0; test_llc's 10 %
+
+
+def test_a_drifting_chain_is_not_converged_and_warns_once_with_a_budget():
+    # A step far below the automatic one and no burn-in: the chains are still leaving θ* (flat at
+    # W = 0 for a rank-0 deep linear network) when the draws end.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(deep_linear_network(0), dln_inputs(200), step_size=2e-6, burnin=0, draws=300, chains=4)
+    assert res.converged is False
+    messages = _convergence_warnings(caught)
+    assert len(messages) == 1, messages
+    failed = res.diagnostics["convergence"]["failed"]
+    assert "rhat" in failed and "ess" in failed
+    assert f"split-R̂ {res.diagnostics['rhat']:.3g} > 1.05" in messages[0] and "lower bound" in messages[0]
+    # The budget: draws from the observed ESS per draw, and the burn-in that equilibrates flat directions.
+    conv = res.diagnostics["convergence"]
+    assert conv["suggested_draws"] >= 300 * 100 / res.diagnostics["ess"]
+    assert conv["suggested_burnin"] == int(np.ceil(5 / (2e-6 * res.gamma)))
+    assert f"draws ≥ {conv['suggested_draws']:,}" in messages[0] and "larger γ" in messages[0]
+    assert res.summary()["converged"] is False and "converged=False" in repr(res)
+    verdict = VERDICTS["llc"]({"loss_scale": 1e-3, **res.summary()})
+    assert verdict.startswith(f"λ̂ not converged — lower bound: R̂ {res.diagnostics['rhat']:.3g} (max 1.05), ESS ")
+
+
+def test_a_trend_fails_rhat_and_drift_on_a_constructed_trace():
+    rng = np.random.default_rng(1)
+    flat = rng.normal(size=(4, 400))
+    assert assess_convergence(flat).converged
+    trend = flat + np.linspace(0, 3, 400)  # every chain still rising by 3 standard deviations
+    verdict = assess_convergence(trend, step_size=1e-3, gamma=1.0, burnin=100)
+    assert not verdict.converged and {"rhat", "drift"} <= set(verdict.failed)
+    assert verdict.drift > 2 and verdict.drift_means[1] > verdict.drift_means[0]
+    assert verdict.suggested_burnin == 5000 and "γ ≈ 50" in verdict.message(1.0)
+
+
+def test_rhat_and_ess_are_arviz_numbers():
+    trace = _ar1(0.7, 4, 300, seed=3) + np.arange(4)[:, None] * 0.05
+    verdict = assess_convergence(trace)
+    assert verdict.rhat == float(array_stats.rhat(trace, chain_axis=0, draw_axis=1))
+    assert verdict.ess == float(array_stats.ess(trace, chain_axis=0, draw_axis=1, method="bulk"))
+    # Diverged chains are left out of both.
+    masked = trace.copy()
+    masked[2, 100:] = np.nan
+    verdict = assess_convergence(masked, {2: 100})
+    kept = trace[[0, 1, 3]]
+    assert verdict.rhat == float(array_stats.rhat(kept, chain_axis=0, draw_axis=1))
+    assert verdict.ess == float(array_stats.ess(kept, chain_axis=0, draw_axis=1, method="bulk"))
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_ess_and_drift_standard_errors_account_for_autocorrelation(rho):
+    """AR(1): ESS = N(1 − ρ)/(1 + ρ) and a half's standard error √((1 + ρ)/((1 − ρ) n)); on
+    stationary chains the drift z is about standard normal (a little narrower: halves are correlated)."""
+    chains, draws = 4, 2000
+    runs = [assess_convergence(_ar1(rho, chains, draws, seed=s)) for s in range(20)]
+    ess = np.mean([v.ess for v in runs])
+    assert ess == pytest.approx(chains * draws * (1 - rho) / (1 + rho), rel=0.15)
+    se = np.mean([v.drift_stderrs[0] for v in runs])
+    assert se == pytest.approx(np.sqrt((1 + rho) / ((1 - rho) * chains * draws / 2)), rel=0.15)
+    z = np.array([v.drift for v in runs])
+    assert 0.5 < z.std() < 1.4 and np.mean(np.abs(z) > 2) <= 0.15
+
+
+def test_diverged_chains_are_counted_and_more_than_a_quarter_is_not_converged():
+    trace = _ar1(0.0, 8, 400, seed=2)
+    trace[5, 50:] = np.nan
+    one = assess_convergence(trace, {5: 50})
+    assert one.converged and one.n_diverged == 1 and one.diverged_chains == (5,)
+    assert "biases λ̂ low" in one.divergence
+    for c in (1, 6):
+        trace[c, 10:] = np.nan
+    three = assess_convergence(trace, {5: 50, 1: 10, 6: 10}, divergence_advice="reduce step_size")
+    assert not three.converged and three.n_diverged == 3 and three.diverged_chains == (1, 5, 6)
+    assert set(three.failed) == {"diverged"} and "3 of 8 chains diverged" in three.reason
+    assert "biases λ̂ low" in three.reason and "reduce step_size" in three.suggestions
+    with pytest.raises(ValueError, match="finite"):
+        assess_convergence(trace, {5: 50})  # chains 1 and 6 hold NaN but are not marked diverged
+
+
+def test_diverged_chains_of_a_run_are_reported():
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="diverged and are excluded .*biases λ̂ low"):
+        res = behavioral_llc(_BlowsUp(), x, nbeta=100, step_size=1e-3, chains=8, draws=200, burnin=0)
+    d = res.diagnostics
+    assert 0 < d["n_diverged"] == len(res.failed) and d["diverged_chains"] == sorted(res.failed)
+    frame = res.to_frame()
+    assert list(frame["failed_at"] >= 0) == [c in res.failed for c in range(8)]
+    assert frame.attrs["n_diverged"] == len(res.failed)
+    if d["n_diverged"] > 2:
+        assert not res.converged and "diverged" in d["convergence"]["failed"]
+
+
+def test_pilot_steps_scale_with_the_budget_unless_given():
+    assert SamplerConfig().pilot_length == 200  # default budget 2500 steps
+    assert SamplerConfig(draws=80, burnin=20).pilot_length == 20
+    assert SamplerConfig(draws=900, burnin=100).pilot_length == 100
+    assert SamplerConfig(draws=80, burnin=20, pilot_steps=7).pilot_length == 7
+    model, x = linear_regression(d=3, n=40)
+    res = behavioral_llc(model, x, chains=2, draws=150, burnin=50, progress=False)
+    assert res.diagnostics["pilot_steps"] == 20
+
+
+def test_progress_bars_show_steps_and_time_left(monkeypatch, capsys, tiny_toy_transformer, tiny_toy_tokens):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    model, x = linear_regression(d=3, n=40)
+    behavioral_llc(model, x, chains=2, draws=30, burnin=10, pilot_steps=5, progress=True)
+    err = capsys.readouterr().err
+    assert "LLC: SGLD, 2 chains × (10 burn-in + 30 draws)" in err and "40/40" in err and "pilot round 1" in err
+    assert "<" in err  # tqdm's elapsed<remaining
+    frame = llc_sweep(model, x, [1e-2, 1e-3], chains=2, draws=20, burnin=5, pilot_steps=5, progress=True)
+    assert "llc_sweep: loss scales" in capsys.readouterr().err
+    assert {"converged", "rhat", "ess", "drift", "convergence_reason"} <= set(frame.columns)
+    comps = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components=["blocks.0.attn.head0"], chains=2,
+                             draws=5, burnin=1, step_size=1e-6, nbeta=100, progress=True)
+    assert "llc_by_component" in capsys.readouterr().err and "converged" in comps.columns
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short chains: not converged (a warning would print where pytest does not catch it)
+        behavioral_llc(model, x, chains=2, draws=30, burnin=10, pilot_steps=5, progress=False)
+        assert capsys.readouterr().err == ""
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+        behavioral_llc(model, x, chains=2, draws=30, burnin=10, pilot_steps=5, progress=True)
+        assert capsys.readouterr().err == ""

@@ -1,0 +1,231 @@
+"""Convergence verdict of an LLC run (METHODS §1, "Convergence").
+
+λ̂ is reported as converged only when, over the post-burn-in traces nβ·L_B,b_t(θ_t) of the healthy
+chains [C, T]:
+
+(i) the split-R̂ is ≤ :data:`RHAT_MAX`: ArviZ's rank-normalised split-R̂ (Vehtari, Gelman, Simpson,
+    Carpenter & Bürkner 2021: every chain split in halves, Gelman–Rubin on the rank-normalised
+    draws and on their folded values, the larger of the two), ``arviz_stats.base.array_stats.rhat``;
+(ii) the bulk effective sample size (same paper, ``array_stats.ess(method="bulk")``) is ≥
+    :data:`ESS_MIN`;
+(iii) no drift: the mean of the last half of the draws is within :data:`DRIFT_MAX` standard errors of
+    the mean of the first half (module function :func:`assess_convergence` says how the standard
+    errors are computed);
+(iv) at most :data:`DIVERGED_MAX` of the chains diverged. Diverged chains are left out of λ̂, and
+    chains diverge where the loss is large, so dropping many of them biases λ̂ low.
+
+R̂ and ESS come from ArviZ (the field's reference implementation), not from code of this package.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from jaxtyping import Float
+
+#: Largest split-R̂ of a converged run (METHODS §1).
+RHAT_MAX = 1.05
+#: Smallest bulk effective sample size of a converged run (METHODS §1).
+ESS_MIN = 100.0
+#: Largest |z| between the means of the draws' last and first halves (≈ 95 % two-sided).
+DRIFT_MAX = 2.0
+#: Largest fraction of diverged chains of a converged run.
+DIVERGED_MAX = 0.25
+#: Relaxation of a direction that only the prior γ holds: its variance reaches 1 − e^{−ηγt} of the
+#: stationary 1/(nβ·0 + γ) after t steps, so ηγt = 5 leaves < 1 %. Directions with curvature relax faster.
+FLAT_RELAXATION = 5.0
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An LLC run that fails the convergence criteria of METHODS §1 (its λ̂ reads as a lower bound)."""
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """The verdict on one run's traces (module docstring) and what would fix a failed one.
+
+    ``failed`` maps each failed criterion (``"rhat"``, ``"ess"``, ``"drift"``, ``"diverged"``) to a
+    sentence with its numbers; ``suggestions`` are the budgets or settings that would address them.
+    ``drift`` is z = (mean_last − mean_first)/√(se_first² + se_last²); ``drift_means`` and
+    ``drift_stderrs`` are (first half, last half). ``divergence`` says how many chains diverged and
+    what leaving them out does ("" when none did).
+    """
+
+    converged: bool
+    rhat: float
+    ess: float
+    drift: float
+    drift_means: tuple[float, float]
+    drift_stderrs: tuple[float, float]
+    n_diverged: int
+    diverged_chains: tuple[int, ...]
+    chains: int
+    draws: int
+    failed: dict[str, str] = field(default_factory=dict)
+    suggestions: tuple[str, ...] = ()
+    suggested_draws: int | None = None
+    suggested_burnin: int | None = None
+    divergence: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The failed criteria in words ("" when converged)."""
+        return "; ".join(self.failed.values())
+
+    @property
+    def brief(self) -> str:
+        """The failed criteria in a few words with their numbers, for one-line verdicts ("" when converged)."""
+        # No "<" or ">": the words go into HTML pages and are compared there as text.
+        words = {
+            "rhat": f"R̂ {self.rhat:.3g} (max {RHAT_MAX})" if math.isfinite(self.rhat) else "R̂ undefined",
+            "ess": f"ESS {self.ess:.3g} (min {ESS_MIN:g})" if math.isfinite(self.ess) else "ESS undefined",
+            "drift": f"drift z = {self.drift:+.2g} (max ±{DRIFT_MAX:g})" if not math.isnan(self.drift) else "drift undefined",
+            "diverged": f"{self.n_diverged}/{self.chains} chains diverged",
+        }
+        return ", ".join(words[k] for k in self.failed)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(reason=self.reason, brief=self.brief, thresholds={"rhat": RHAT_MAX, "ess": ESS_MIN, "drift": DRIFT_MAX,
+                                                 "diverged_fraction": DIVERGED_MAX})
+        d["drift_means"], d["drift_stderrs"] = list(self.drift_means), list(self.drift_stderrs)
+        d["diverged_chains"] = list(self.diverged_chains)
+        return d
+
+    def message(self, llc: float) -> str:
+        """The text of the :class:`ConvergenceWarning`: what failed, with the numbers, and the budget."""
+        text = f"λ̂ = {llc:.4g} is not converged (METHODS §1), so read it as a lower bound: {self.reason}"
+        if self.divergence and "diverged" not in self.failed:
+            text += f"; {self.divergence}"
+        if self.suggestions:
+            text += ". Suggested: " + "; ".join(self.suggestions)
+        return text
+
+
+def _arviz(ary: np.ndarray) -> tuple[float, float]:
+    """ArviZ's rank-normalised split-R̂ and bulk ESS of draws [chains, draws] (NaN where undefined:
+    fewer than 2 chains or 4 draws, or a constant trace)."""
+    from arviz_stats.base import array_stats
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        # A constant or too short trace makes ArviZ divide by zero; its NaN is the answer.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rhat = float(array_stats.rhat(ary, chain_axis=0, draw_axis=1))
+        ess = float(array_stats.ess(ary, chain_axis=0, draw_axis=1, method="bulk"))
+    return rhat, ess
+
+
+def _half_mean(ary: np.ndarray) -> tuple[float, float]:
+    """Mean of draws [chains, draws] and its Monte-Carlo standard error sd/√ESS_mean (ArviZ's mcse)."""
+    from arviz_stats.base import array_stats
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        se = float(array_stats.mcse(ary, chain_axis=0, draw_axis=1, method="mean"))
+    return float(ary.mean()), se
+
+
+def assess_convergence(
+    draws: Float[np.ndarray, "C T"],
+    diverged: Mapping[int, int] | None = None,
+    *,
+    step_size: float | None = None,
+    gamma: float | None = None,
+    burnin: int | None = None,
+    divergence_advice: str = "",
+) -> Convergence:
+    """The convergence verdict of METHODS §1 on the post-burn-in traces ``draws`` [chains, draws] of
+    nβ·L_B (the values λ̂ averages).
+
+    ``diverged`` maps diverged chains (rows of ``draws``; their NaNs are ignored) to the step they
+    failed at; R̂, ESS and drift use the other chains only. The drift z compares the means of the
+    first and the last ⌊T/2⌋ draws of those chains. Each half's standard error is ArviZ's
+    Monte-Carlo standard error of the mean, sd/√ESS_mean, where ESS_mean (Vehtari et al. 2021)
+    counts the draws as fewer by the chains' autocorrelation and by disagreement between chains, so
+    a slowly mixing chain does not pass for many independent draws. The halves are treated as
+    independent; their covariance is positive for a correlated chain, so this over-states the
+    standard error of the difference and errs towards "no drift" (R̂ and ESS catch slow mixing).
+
+    ``step_size``, ``gamma`` and ``burnin`` (the run's η, γ and burn-in) make the suggested budget
+    concrete: a burn-in of 5/(ηγ) steps, which equilibrates even the directions only the prior γ
+    holds (:data:`FLAT_RELAXATION`), or the γ that does so within the given burn-in (within as many
+    steps as there are draws where the burn-in is 0).
+    ``divergence_advice`` is what to change when too many chains diverged.
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    if draws.ndim != 2:
+        raise ValueError(f"draws must be [chains, draws]; got shape {draws.shape}")
+    C, T = draws.shape
+    diverged = {int(c): int(s) for c, s in (diverged or {}).items()}
+    bad = [c for c in diverged if not 0 <= c < C]
+    if bad:
+        raise ValueError(f"diverged chains {bad} are not rows of draws (shape {draws.shape})")
+    healthy = np.array([c for c in range(C) if c not in diverged], dtype=int)
+    ok = draws[healthy]
+    if not np.isfinite(ok).all():
+        raise ValueError("draws of chains not marked as diverged must be finite")
+    nan = float("nan")
+    rhat, ess = _arviz(ok) if len(healthy) else (nan, nan)
+    half = T // 2
+    if len(healthy) and half >= 4:  # ArviZ's ESS needs 4 draws per chain
+        (m1, s1), (m2, s2) = _half_mean(ok[:, :half]), _half_mean(ok[:, T - half:])
+        se = math.hypot(s1, s2)
+        # se = 0: both halves constant (then equal means are no drift, different ones infinite drift).
+        drift = (m2 - m1) / se if se > 0 else nan if not se == 0 else 0.0 if m2 == m1 else math.copysign(math.inf, m2 - m1)
+    else:
+        (m1, s1), (m2, s2), drift = (nan, nan), (nan, nan), nan
+
+    failed: dict[str, str] = {}
+    suggestions: list[str] = []
+    if not rhat <= RHAT_MAX:
+        failed["rhat"] = (f"split-R̂ {rhat:.3g} > {RHAT_MAX}" if math.isfinite(rhat) else
+                          f"split-R̂ undefined ({len(healthy)} healthy chains × {T} draws: it needs ≥ 2 chains and ≥ 4 "
+                          "draws, and a trace that varies)")
+    if not ess >= ESS_MIN:
+        failed["ess"] = (f"effective sample size {ess:.3g} < {ESS_MIN:g}" if math.isfinite(ess) else
+                         "effective sample size undefined (too few draws)")
+    if not abs(drift) <= DRIFT_MAX:
+        failed["drift"] = (f"drift: the last half of the draws averages {m2:.4g} against {m1:.4g} for the first "
+                           f"(z = {drift:+.3g}, beyond ±{DRIFT_MAX:g} standard errors)" if not math.isnan(drift) else
+                           f"drift undefined ({T} draws: it needs ≥ 8, and a trace that varies)")
+    n_div = len(diverged)
+    divergence = "" if not n_div else (
+        f"{n_div} of {C} chains diverged and are excluded (chain: step {diverged}); chains diverge where the loss is "
+        "large, so dropping them biases λ̂ low")
+    if n_div > DIVERGED_MAX * C:
+        failed["diverged"] = divergence + f" (more than {DIVERGED_MAX:.0%} of the chains)"
+        if divergence_advice:
+            suggestions.append(divergence_advice)
+
+    suggested_draws = suggested_burnin = None
+    if "ess" in failed and math.isfinite(ess) and ess > 0:
+        # ESS grows in proportion to the draws once the chains mix: ESS per draw × draws ≥ ESS_MIN.
+        suggested_draws = math.ceil(1.1 * T * ESS_MIN / ess)
+        suggestions.append(f"draws ≥ {suggested_draws:,} (ESS {ess / T:.3g} per draw now; {ESS_MIN:g} needed)")
+    elif "ess" in failed:
+        suggested_draws = 4 * T
+        suggestions.append(f"draws ≥ {suggested_draws:,}")
+    if failed.keys() & {"rhat", "drift"}:
+        if step_size is not None and gamma is not None and gamma > 0:
+            suggested_burnin = math.ceil(FLAT_RELAXATION / (step_size * gamma))
+            text = (f"longer chains: burnin ≈ 5/(ηγ) = {suggested_burnin:,} steps equilibrates even the directions only "
+                    f"γ holds (an upper bound: curvature shortens it)")
+            # Without a burn-in, one as long as the draws.
+            within = burnin or T
+            text += (f", or a larger γ: γ ≈ {FLAT_RELAXATION / (step_size * within):.3g} does so within burnin = "
+                     f"{within:,} at this η (a larger γ makes λ̂ more local)")
+            suggestions.append(text)
+        elif gamma == 0:
+            suggestions.append("gamma > 0: with γ = 0 the directions the loss does not constrain never equilibrate")
+        else:
+            suggestions.append("longer chains (more burnin and draws) or a larger γ")
+    return Convergence(
+        converged=not failed, rhat=rhat, ess=ess, drift=float(drift), drift_means=(m1, m2), drift_stderrs=(s1, s2),
+        n_diverged=n_div, diverged_chains=tuple(sorted(diverged)), chains=C, draws=T, failed=failed,
+        suggestions=tuple(suggestions), suggested_draws=suggested_draws, suggested_burnin=suggested_burnin,
+        divergence=divergence,
+    )
