@@ -432,7 +432,8 @@ class ModelAdapter(abc.ABC):
         Raises:
             NumericalError: the first non-finite tensor, its NaN and ±∞ counts, and how many others.
         """
-        bad = [p for p in self.live_parameters() if not bool(torch.isfinite(p.param.detach()).all())]
+        # unchecked: a weight-space analysis may run where the backend refuses the full live set
+        bad = [p for p in self.unchecked_live_parameters() if not bool(torch.isfinite(p.param.detach()).all())]
         if not bad:
             return
         t = bad[0].param.detach()
