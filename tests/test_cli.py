@@ -12,7 +12,7 @@ from tl_degeneracy.cli import SECTIONS, main
 
 #: CI-sized budgets for the sections that sample (see tl_degeneracy/report/settings.py).
 TINY = ["--set", "chains=2", "draws=10", "burnin=4", "pilot_steps=5", "loss_scales=1e-2,1e-3", "n_sequences=16",
-        "n_probes=2"]
+        "n_probes=2", "llc_max_draws=1"]  # one block of draws per LLC run: no continuation
 
 
 def _report(out):

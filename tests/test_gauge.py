@@ -18,7 +18,7 @@ KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 
 
 def _tokens(adapter, n=2, pos=10):
-    return torch.randint(3, adapter.d_vocab, (n, pos), generator=torch.Generator().manual_seed(0))
+    return torch.randint(3, adapter.d_vocab, (n, pos), generator=torch.Generator().manual_seed(0)).to(adapter.device)
 
 
 def _assert_invariants_equal(a, b, rtol=1e-5):
@@ -146,8 +146,8 @@ def test_gqa_gauge_acts_on_the_group(tl_models):
                                    a0.W_V[kv].detach().double() @ a0.W_O[h].detach().double(), atol=1e-5, rtol=1e-4)
 
 
-def test_sma_has_no_attention_gauge():
-    sma = tld.load_model("toy:sma")
+def test_sma_has_no_attention_gauge(sma_model):
+    sma = sma_model
     with pytest.warns(RuntimeWarning, match="no gauge to apply"):
         gauged = random_gauge(sma)
     torch.testing.assert_close(gauged.blocks[0].attn.W_V, sma.blocks[0].attn.W_V)

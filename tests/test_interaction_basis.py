@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.device import test_device
 from tests.fixtures.distributed import rank_results, run_two_processes
 from tests.fixtures.toys import make_tiny_toy_transformer
 from tests.interaction_models import HookedMLP, mlp_inputs, node_acts, random_invertible
@@ -237,7 +238,7 @@ def test_sma_default_nodes_and_sequence_level_output(sma_model):
 def test_bytelm_small_data():
     import tl_degeneracy as tld
 
-    model = tld.load_model("toy:bytelm")
+    model = tld.load_model("toy:bytelm", device=test_device())
     toks = tld.toy_data("bytelm", 2, seed=0, seq_len=12)
     ib = interaction_basis(model, toks, kind="local", n_probes=2, edge_sources=1, progress=False)
     assert ib.nodes == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "ln_final.hook_normalized"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
+from tests.fixtures.device import test_device
 from tests.fixtures.toys import make_tiny_toy_transformer
 from tests.interaction_models import HookedMLP, mlp_inputs
 from tl_degeneracy.interaction import interaction_basis
@@ -57,7 +58,7 @@ def test_a_batch_split_changes_nothing_beyond_rounding_on_small_vocabulary_model
     assert a.dims["probe_stability"].isna().all()
 
     # toy:modadd (vocabulary 32, 3 positions), the global basis: 3·32 = 96 ≤ 16·8 exact cotangents
-    modadd = tld.load_model("toy:modadd").double()  # float64: rounding at float64's level
+    modadd = tld.load_model("toy:modadd", device=test_device()).double()  # float64: rounding at float64's level
     pairs = tld.toy_data("modadd")[:64]
     a, b = (interaction_basis(modadd, pairs, kind="global", batch_size=bs, progress=False) for bs in (32, 16))
     assert_same_run(a, b)

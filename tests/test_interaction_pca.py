@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.fixtures.device import on_test_device
 from tests.interaction_models import HookedMLP, mlp_inputs, node_acts
 from tl_degeneracy.interaction import interaction_basis
 
@@ -16,7 +17,7 @@ def rel(a, b):
 
 
 def test_pca_basis_is_the_centred_covariance_eigenbasis_with_its_variances():
-    model, x = HookedMLP([5, 7, 6, 4]), mlp_inputs(96, 5)
+    model, x = on_test_device(HookedMLP([5, 7, 6, 4])), on_test_device(mlp_inputs(96, 5))
     ib = interaction_basis(model, x, kind="pca", nodes=NODES, edges=False, progress=False)
     acts = node_acts(model, x, NODES)
     assert ib.settings["passes"] == 1  # the Gram pass only: no Jacobian pass
@@ -44,7 +45,7 @@ def test_pca_basis_is_the_centred_covariance_eigenbasis_with_its_variances():
 
 def test_pca_edges_match_brute_force_jacobians():
     """E_ij = (1/n) Σ_x (∂f̂^{l+1}_i/∂f̂^l_j · f̂^l_j)², the Jacobian from torch.func.jacrev."""
-    model, x = HookedMLP([4, 6, 5, 3]), mlp_inputs(40, 4)
+    model, x = on_test_device(HookedMLP([4, 6, 5, 3])), on_test_device(mlp_inputs(40, 4))
     ib = interaction_basis(model, x, kind="pca", nodes=NODES, progress=False)
     acts = node_acts(model, x, NODES)
     for a, b in zip(NODES[:-1], NODES[1:]):
@@ -56,7 +57,7 @@ def test_pca_edges_match_brute_force_jacobians():
                                                (b, lambda act, hook: seen.setdefault("f", act))])
             return seen["f"]
 
-        J = torch.func.jacrev(next_node)(torch.zeros(len(x), C_inv.shape[1], dtype=torch.float64)).detach()  # [n, D_b, n, k_a]
+        J = torch.func.jacrev(next_node)(torch.zeros(len(x), C_inv.shape[1], dtype=torch.float64, device=x.device)).detach()  # [n, D_b, n, k_a]
         A = torch.einsum("idk,ed->iek", torch.einsum("ndnk->ndk", J), C_next)  # [n, k_b, k_a]
         fhat = ib.transform(acts[a], a).detach()  # the activations carry the parameters' graph
         brute = ((A * fhat[:, None, :]) ** 2).mean(0)

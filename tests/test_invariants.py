@@ -15,6 +15,7 @@ from tl_degeneracy.invariants import free_directions, ov_invariants, qk_invarian
 from tl_degeneracy.models.adapter import NormWeights
 from tl_degeneracy.plots import plot_spectra
 
+from .fixtures.device import test_device
 from .fixtures.hf import BACKENDS, has_hooked_transformer, open_model
 
 
@@ -232,7 +233,7 @@ def test_adapter_norm_weights(tl_models, hf_dirs, load):
 
 
 def test_toy_norm_weights(tiny_toy_transformer):
-    sma, modadd = tld.adapt(tld.load_model("toy:sma")), tld.adapt(tld.load_model("toy:modadd"))
+    sma, modadd = (tld.adapt(tld.load_model(f"toy:{name}", device=test_device())) for name in ("sma", "modadd"))
     assert sma.norm_weights(0, "ln1") == NormWeights("rmsnorm", None, None)  # weightless RMSNorm
     assert modadd.norm_weights(0, "ln1") == NormWeights(None, None, None)
     norm = tld.adapt(tiny_toy_transformer).norm_weights(0, "ln1")
@@ -277,7 +278,7 @@ def test_ranks_do_not_depend_on_the_storage_dtype(hf_dirs, arch):
     cut-off is float64's, not the storage dtype's (bfloat16's gave ranks 8–11 of 12 at d_model 48)."""
     ranks = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        model = tld.load_model(hf_dirs[arch], device="cpu", dtype=dtype)
+        model = tld.load_model(hf_dirs[arch], device=test_device(), dtype=dtype)
         assert tld.adapt(model).dtype == dtype
         ov, qk = ov_invariants(model), qk_invariants(model)
         ranks[dtype] = (ov["rank"].tolist(), qk["rank"].tolist(), ov["rtol"].iloc[0])

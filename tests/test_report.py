@@ -20,7 +20,7 @@ from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 #: CI-sized LLC: far too short for converged estimates, long enough for finite positive ones. The
 #: interaction basis reads 5 of the 8 sequences, cut to 10 tokens: 50 tokens fit 5 of them whole.
 TINY = {"chains": 2, "draws": 12, "burnin": 4, "pilot_steps": 5, "loss_scales": (1e-2, 1e-3), "n_probes": 2,
-        "ib_tokens": 54, "ib_seq_len": 10}
+        "ib_tokens": 54, "ib_seq_len": 10, "llc_max_draws": 1}  # one block of draws: no continuation
 
 
 def _tokens(n=8, length=12, seed=0):
@@ -398,7 +398,7 @@ def test_header_states_every_setting_changed_from_the_preset(full_report):
 
     rep, out, _ = full_report
     expected = {"n_probes": "2", "loss_scales": "0.01,0.001", "chains": "2", "draws": "12", "burnin": "4",
-                "pilot_steps": "5", "ib_tokens": "54", "ib_seq_len": "10"}
+                "pilot_steps": "5", "ib_tokens": "54", "ib_seq_len": "10", "llc_max_draws": "1"}
     assert changed_settings(rep.settings) == expected
     assert changed_settings(Report.load(out).settings) == expected  # lists in JSON, tuples in settings
     header = (out / "report.html").read_text().split("</header>", 1)[0]

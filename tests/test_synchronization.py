@@ -9,6 +9,7 @@ import torch
 from tl_degeneracy.errors import DataError
 from tl_degeneracy.synchronization import head_synchronization, synchronized_blocks
 
+from .fixtures.device import test_device
 from .fixtures.distributed import rank_results, run_two_processes
 from .fixtures.toys import make_tiny_toy_transformer
 
@@ -173,7 +174,7 @@ def test_sma_toy_one_sample_per_sequence():
     """SMA: one learned query per sequence, so one sample per sequence; GELU MLP → approximate."""
     import tl_degeneracy as tld
 
-    sma, data = tld.load_model("toy:sma"), tld.toy_data("sma", 32)
+    sma, data = tld.load_model("toy:sma", device=test_device()), tld.toy_data("sma", 32)
     heads = head_synchronization(sma, data, tol=0.05)
     assert heads.n_samples == 32 and heads.distance.shape == (1, 1, 1) and heads.blocks == [[[0]]]
     assert heads.to_dict()["blocks"][0]["s_block"] == heads.head_rank[0, 0] > 0

@@ -34,7 +34,8 @@ EXAMPLES = """examples:
 
 presets: quick (default; about a minute on toy:bytelm with 2 CPU cores) and thorough. --set changes
 single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale, loss_scales,
-llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, ib_tokens, ib_seq_len, ib_probes,
+llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, llc_max_draws, llc_time_limit, step_size,
+llc_compile, ib_tokens, ib_seq_len, ib_probes,
 ib_edge_sources, ib_keep_share, ib_resolution (see tl_degeneracy/report/settings.py).
 
 An --out directory holds the report of one model on one data set, computed by one tl-degeneracy

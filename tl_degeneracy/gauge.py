@@ -115,7 +115,7 @@ def column_signs(cols: Float[Tensor, "n r"]) -> Float[Tensor, " r"]:
     """±1 per column so that each column's entry of largest modulus is positive (first on ties): the
     sign convention of the canonical gauge (METHODS §2), also used for interaction-basis directions."""
     idx = cols.abs().argmax(0)
-    s = torch.sign(cols[idx, torch.arange(cols.shape[1])])
+    s = torch.sign(cols[idx, torch.arange(cols.shape[1], device=cols.device)])
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
@@ -134,7 +134,7 @@ def _canonical_gl(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Fl
     signs = column_signs(q1 @ u)
     u = u * signs
     rank = int(numerical_rank(s, dims=(left.shape[0], right.shape[1])))
-    root = torch.where(torch.arange(s.shape[0]) < rank, s.sqrt(), torch.ones_like(s))
+    root = torch.where(torch.arange(s.shape[0], device=s.device) < rank, s.sqrt(), torch.ones_like(s))
     return torch.linalg.solve_triangular(r1, u * root, upper=True)
 
 
@@ -142,10 +142,10 @@ def _canonical_scalar(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -
     """B = c·I balancing ‖left·B‖ = ‖B⁻¹·right‖, with the sign making left's largest entry positive."""
     nl, nr = left.norm(), right.norm()
     if nl == 0 or nr == 0:
-        return torch.eye(left.shape[1], dtype=torch.float64)
+        return torch.eye(left.shape[1], dtype=torch.float64, device=left.device)
     flat = left.reshape(-1)
     sign = torch.sign(flat[flat.abs().argmax()])
-    return sign * (nr / nl).sqrt() * torch.eye(left.shape[1], dtype=torch.float64)
+    return sign * (nr / nl).sqrt() * torch.eye(left.shape[1], dtype=torch.float64, device=left.device)
 
 
 def copy_model(model):
@@ -248,11 +248,13 @@ def random_gauge(model, seed: int = 0, inplace: bool = False):
     adapter = adapt(model)
     g = torch.Generator().manual_seed(int(seed))
 
+    # The generator stays on the CPU, so a seed gives the same gauge on every device; the matrix is
+    # moved to the device of the weights it multiplies.
     def choose_ov(left, right):
-        return _random_invertible(left.shape[1], g)
+        return _random_invertible(left.shape[1], g).to(left.device)
 
     def choose_qk(left, right, rotary):
-        return (_random_scalar if rotary else _random_invertible)(left.shape[1], g)
+        return (_random_scalar if rotary else _random_invertible)(left.shape[1], g).to(left.device)
 
     return _gauge(adapter, choose_ov, choose_qk, inplace, "random_gauge")
 

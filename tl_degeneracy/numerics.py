@@ -102,7 +102,7 @@ def numerical_rank(
     if rtol is None:
         rtol = rank_rtol(spectrum.shape[-1] if dims is None else dims, precision, gram)
     if spectrum.shape[-1] == 0:
-        return torch.zeros(spectrum.shape[:-1], dtype=torch.long)
+        return torch.zeros(spectrum.shape[:-1], dtype=torch.long, device=spectrum.device)
     top = spectrum.max(-1, keepdim=True).values.clamp_min(0)
     cut = torch.maximum(top * rtol, torch.full_like(top, atol))
     return ((spectrum > cut) & (spectrum > 0)).sum(-1)

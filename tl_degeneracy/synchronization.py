@@ -209,8 +209,9 @@ class HeadSyncResult:
     def block_rank(self, layer: int, heads: list[int]) -> int:
         """s_S: rank of the (centred) value activations of the block's distinct KV heads side by side."""
         kvs = sorted(self._value_groups(heads))
-        idx = torch.cat([torch.arange(kv * self.d_head, (kv + 1) * self.d_head) for kv in kvs])
-        return _gram_rank(self.value_cov[layer][idx][:, idx], self.precision, self.rank_rtol)
+        cov = self.value_cov[layer]
+        idx = torch.cat([torch.arange(kv * self.d_head, (kv + 1) * self.d_head, device=cov.device) for kv in kvs])
+        return _gram_rank(cov[idx][:, idx], self.precision, self.rank_rtol)
 
     def _value_groups(self, heads: list[int]) -> dict[int, list[int]]:
         """The block's heads grouped by the KV head whose values they read."""
@@ -462,8 +463,9 @@ class NeuronSyncResult:
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
         """s_a: rank of the block's pre-activations on the data (paper eq. 21–22)."""
-        idx = torch.as_tensor(neurons)
-        return _gram_rank(self.pre_gram[layer][idx][:, idx], self.precision, self.rank_rtol)
+        gram = self.pre_gram[layer]
+        idx = torch.as_tensor(neurons, device=gram.device)
+        return _gram_rank(gram[idx][:, idx], self.precision, self.rank_rtol)
 
     def to_frame(self, singletons: bool = False) -> pd.DataFrame:
         """One row per block of ≥ 2 neurons (all blocks with ``singletons=True``): layer, neurons,

@@ -135,4 +135,4 @@ def probe_agreement(whitening: Whitening, gram_a: Float[Tensor, "D D"], gram_b: 
     vb = _eigh_descending(whitening.whitened(gram_b))[1][:, :k]
     q2 = (va.mT @ vb).square()
     leading = q2.cumsum(0).cumsum(1).diagonal()  # ‖Q[:r, :r]‖_F², r = 1 … k
-    return float((leading / torch.arange(1, k + 1, dtype=torch.float64)).mean())
+    return float((leading / torch.arange(1, k + 1, dtype=torch.float64, device=leading.device)).mean())

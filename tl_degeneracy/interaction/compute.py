@@ -57,8 +57,8 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
     def identity(name: str, source: str) -> None:
         # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
         # C = D_G^{s-½} Pᵀ; with s = +½ that is Pᵀ, the principal components (rib's "svd" baseline).
-        D = whitenings[name].mean.numel()
-        finish(name, torch.eye(D, dtype=torch.float64))
+        mean = whitenings[name].mean
+        finish(name, torch.eye(mean.numel(), dtype=torch.float64, device=mean.device))
         how[name] = _M(source, "none")
 
     def from_pass(res, name: str, source: str) -> None:
@@ -88,9 +88,9 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
         from_pass(res, names[final], "outputs")
     for l in range(final - 1, -1, -1):
         nxt = bases[names[l + 1]]
-        D = whitenings[names[l]].mean.numel()
+        mean = whitenings[names[l]].mean
         if nxt.size == 0:  # node l+1 keeps nothing: nothing downstream depends on node l either
-            finish(names[l], torch.zeros(D, D, dtype=torch.float64))
+            finish(names[l], torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device))
             how[names[l]] = _M("next node", "exact")
             continue
         # The recursion differentiates node l+1's importance-scaled coordinates whatever the output

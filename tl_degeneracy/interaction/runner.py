@@ -64,9 +64,10 @@ class TensorBatches:
         x = self.chunks[number]
         start = sum(c.shape[0] for c in self.chunks[:number])
         pos = x.shape[1] if self.has_positions else 1
-        mask = torch.ones(x.shape[0], pos, dtype=torch.bool)
-        out = Batch(tokens=x, mask=mask, lengths=torch.full((x.shape[0],), pos), index=torch.arange(start, start + x.shape[0]),
-                    number=number)
+        # On the inputs' device: a Batch never mixes devices, even when the caller gave CUDA inputs.
+        mask = torch.ones(x.shape[0], pos, dtype=torch.bool, device=x.device)
+        out = Batch(tokens=x, mask=mask, lengths=torch.full((x.shape[0],), pos, device=x.device),
+                    index=torch.arange(start, start + x.shape[0], device=x.device), number=number)
         return out.to(device) if device is not None else out
 
     @property

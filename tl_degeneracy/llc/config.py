@@ -8,6 +8,10 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 SAMPLERS = ("sgld", "rmsprop")
+#: Draws of each block of a ``draws="auto"`` run unless ``draws_block`` is given.
+DEFAULT_DRAWS_BLOCK = 500
+#: Most draws of a ``draws="auto"`` run given neither ``max_draws`` nor ``time_limit`` (10× the fixed default).
+DEFAULT_MAX_DRAWS = 20_000
 
 
 def _positive_finite(name: str, value) -> None:
@@ -21,7 +25,13 @@ class SamplerConfig:
 
     Attributes:
         chains, draws, burnin: chains run together; each runs burnin + draws steps; the estimate
-            averages the draws.
+            averages the draws. ``draws="auto"``: a budget instead of a count (estimate.py): the
+            chains run ``draws_block`` draws (default :data:`DEFAULT_DRAWS_BLOCK`), then further
+            blocks of as many, continuing the same chains, until the convergence verdict of
+            METHODS §1 holds, ``max_draws`` draws are reached (default :data:`DEFAULT_MAX_DRAWS`
+            when no ``time_limit`` is given) or the next block would end past ``time_limit``
+            seconds of the whole call. ``max_draws``, ``time_limit`` and ``draws_block`` are
+            refused with a fixed number of draws.
         step_size: η; None for the automatic one (bias bound ``bias_bound``, stepsize.py).
         gamma: localization γ of the prior centred at θ*.
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD, with ``rms_alpha`` and
@@ -37,7 +47,7 @@ class SamplerConfig:
     """
 
     chains: int = 8
-    draws: int = 2000
+    draws: int | str = 2000
     burnin: int = 500
     step_size: float | None = None
     gamma: float = 1.0
@@ -48,13 +58,24 @@ class SamplerConfig:
     pilot_steps: int | None = None
     checkpoint_every: int = 512
     compile: bool = False
+    max_draws: int | None = None
+    time_limit: float | None = None
+    draws_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}; got {self.sampler!r}")
-        for name, low in (("chains", 1), ("draws", 1), ("burnin", 0), ("checkpoint_every", 1), ("pilot_steps", 1)):
+        if isinstance(self.draws, str) and self.draws != "auto":
+            raise ValueError(f"draws must be an integer ≥ 1 or \"auto\"; got {self.draws!r}")
+        if not self.auto:
+            given = [n for n in ("max_draws", "time_limit", "draws_block") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set a budget for draws=\"auto\"; with draws={self.draws!r} "
+                                 "the run has a fixed length: pass draws=\"auto\" or leave them out")
+        for name, low in (("chains", 1), ("draws", 1), ("burnin", 0), ("checkpoint_every", 1), ("pilot_steps", 1),
+                          ("max_draws", 1), ("draws_block", 1)):
             value = getattr(self, name)
-            if name == "pilot_steps" and value is None:
+            if (name in ("pilot_steps", "max_draws", "draws_block") and value is None) or (name == "draws" and self.auto):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}; got {value!r}")
@@ -72,11 +93,37 @@ class SamplerConfig:
         _positive_finite("rms_eps", self.rms_eps)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False; got {self.compile!r}")
+        if self.time_limit is not None:
+            _positive_finite("time_limit", self.time_limit)
+
+    @property
+    def auto(self) -> bool:
+        """Whether the draws are a budget (``draws="auto"``) rather than a count."""
+        return isinstance(self.draws, str)
+
+    @property
+    def draw_budget(self) -> int | None:
+        """Most draws of a ``draws="auto"`` run (None: only ``time_limit`` bounds it)."""
+        if self.max_draws is not None or self.time_limit is not None:
+            return self.max_draws
+        return DEFAULT_MAX_DRAWS
+
+    @property
+    def first_draws(self) -> int:
+        """Draws of the first (for a fixed count: the only) block."""
+        if not self.auto:
+            return int(self.draws)
+        block = DEFAULT_DRAWS_BLOCK if self.draws_block is None else int(self.draws_block)
+        return block if self.draw_budget is None else min(block, self.draw_budget)
+
+    def fixed(self, draws: int) -> SamplerConfig:
+        """This config with a fixed number of draws (a ``draws="auto"`` run's blocks so far)."""
+        return replace(self, draws=int(draws), max_draws=None, time_limit=None, draws_block=None)
 
     @property
     def steps(self) -> int:
-        """Steps per chain: burn-in and draws."""
-        return self.burnin + self.draws
+        """Steps per chain: burn-in and draws (for ``draws="auto"``: of the first block)."""
+        return self.burnin + self.first_draws
 
     @property
     def pilot_length(self) -> int:

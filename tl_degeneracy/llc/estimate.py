@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import replace
 
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import NumericalError
-from ..stats.distributed import distributed_context
+from ..stats.distributed import distributed_context, max_over_ranks
 from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
 from .config import SamplerConfig
@@ -124,7 +125,19 @@ def behavioral_llc(
         gamma: localization γ (prior centred at θ*; default 1); it also keeps flat directions bounded.
         chains, draws, burnin: chains run together (default 8); each runs burnin + draws steps
             (default 500 + 2000); the estimate averages the draws. Under torchrun, chains must be at
-            least the number of ranks.
+            least the number of ranks. ``draws="auto"``: a budget instead of a count: after the
+            burn-in the chains run blocks of ``draws_block`` draws (default 500), each continuing
+            the same chains (in memory; with ``checkpoint_dir``, resumable, also under a larger
+            budget), until the convergence verdict below holds, ``max_draws`` draws are reached
+            (default 20,000 when no ``time_limit`` is given; the last block is cut to it) or the
+            next block would end past ``time_limit`` seconds since the call began (pilots
+            included, at the sampling speed so far; the first block always runs).
+            λ̂ averages every post-burn-in draw; k blocks equal one run of as many draws bit for
+            bit when the step size is given or ``pilot_steps`` is (the automatic pilots' default
+            length scales with burnin + the first block). ``diagnostics["budget"]`` records the
+            blocks run, the total draws, why the run stopped (``"converged"``, ``"max_draws"``,
+            ``"time_limit"``) and whether the budget ran out, with a ``reason`` that the warning
+            and :attr:`LLCResult.convergence_reason` repeat (None for a fixed number of draws).
         batch_size: samples (sequences, for token data) per minibatch; default all (full batch).
             Minibatches are visited in a fixed cycle, the same batch for all chains at each step.
             L_B is a mean over every counted position of the whole data (METHODS §1), so each
@@ -187,6 +200,7 @@ def behavioral_llc(
         NumericalError: L_B at θ* is not finite (non-finite reference outputs), or every chain
             diverged (the message says what to change).
     """
+    started = time.perf_counter()
     config = SamplerConfig.merged(config, step_size=step_size, gamma=gamma, chains=chains, draws=draws, burnin=burnin,
                                   **options)
     nb = resolve_nbeta(nbeta, loss_scale)
@@ -222,15 +236,24 @@ def behavioral_llc(
             key = {**_run_key(target, config, nb, selection, seed, my_chains), "step_size": eta}
             state = checkpointer.restore(state, key, resume=saved is not None)
         loss_grad = LossGrad(target, selection.layout, compile=config.compile)
-        with tqdm(total=config.steps, initial=state.step, unit="step", disable=not show,
+        # The run as sampled so far, with a fixed number of draws (draws="auto": the first block, or
+        # as far as a resumed checkpoint had extended the chains).
+        run = config.fixed(max(config.first_draws, len(state.trace) - config.burnin))
+        dynamics = replace(dynamics, steps=run.steps)
+        with tqdm(total=run.steps, initial=state.step, unit="step", disable=not show,
                   desc=f"LLC: SGLD, {config.chains} chains × ({config.burnin} burn-in + {config.draws} draws)") as bar:
-            state, dynamics = _sample_with_burnin_adaptation(target, selection, config, dynamics, state, loss_grad,
+            state, dynamics = _sample_with_burnin_adaptation(target, selection, run, dynamics, state, loss_grad,
                                                              checkpointer, seed, my_chains, _stop_after, bar)
+            budget = None
+            if config.auto:
+                state, dynamics, run, budget = _continue_until_converged(
+                    target, selection, config, run, dynamics, state, loss_grad, checkpointer, seed, my_chains,
+                    _stop_after, bar, ctx.world_size, started)
         # The bias bound where the chains ended: reported, and a warning when far above the target.
-        h_end = chain_curvature(target, selection, state, _point_seeds(seed, my_chains)) if state.step == config.steps else float("nan")
+        h_end = chain_curvature(target, selection, state, _point_seeds(seed, my_chains)) if state.step == run.steps else float("nan")
         records = ChainRecords.gather(state, my_chains, loss_grad.compile_s, ctx.world_size)
-        return _result(target, selection, config, nb, choice, source, dynamics.step_size, state.extra["adaptations"],
-                       h_end, records, loss_grad, ctx.world_size)
+        return _result(target, selection, run, nb, choice, source, dynamics.step_size, state.extra["adaptations"],
+                       h_end, records, loss_grad, ctx.world_size, budget)
 
 
 def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, selection: Selection, seed: int,
@@ -242,6 +265,8 @@ def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, select
         # Hashing reads every parameter on the CPU, so it is done only when checkpointing.
         "target": target.description, "fingerprint": target.fingerprint(),
         "loss": target.loss_name, "nbeta": nbeta, "gamma": float(config.gamma), "chains": config.chains,
+        # draws="auto" runs differ only in how far they go (max_draws, time_limit, block size), not
+        # in the chains, so a checkpoint of one resumes under a larger budget.
         "draws": config.draws, "burnin": config.burnin, "seed": seed, "sampler": config.sampler,
         "bias_bound": config.bias_bound, "selection": selection.spec, "n_params": selection.n_params,
         "step_size_given": config.step_size, "my_chains": my_chains,
@@ -293,11 +318,80 @@ def _sample_with_burnin_adaptation(
     return state, dynamics
 
 
+def _continue_until_converged(
+    target: SamplingTarget, selection: Selection, config: SamplerConfig, run: SamplerConfig, dynamics: Dynamics,
+    state: SamplerState, loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int, my_chains: list[int],
+    stop_after: int | None, bar, world: int, started: float,
+) -> tuple[SamplerState, Dynamics, SamplerConfig, dict]:
+    """``draws="auto"``: continue the same chains by blocks of draws until the verdict of METHODS §1
+    (convergence.py) holds or the budget is spent; returns the state, the dynamics, the run (its
+    draws so far) and what the budget did (``diagnostics["budget"]``).
+
+    Each block only advances the chains' steps (their state, RMSProp state and generators carry
+    over, and checkpoints written on the way resume), so a run that stops after k blocks equals one
+    fixed run of as many draws bit for bit. A block is not started when ``max_draws`` is reached
+    (the last block is shortened to it) or when, at the sampling speed so far, it would end past
+    ``time_limit`` seconds since the call began (pilots included); the first block always runs.
+    Every rank sees the same gathered traces and the slowest rank's clock, so all take the same
+    decision under torchrun.
+    """
+    block, max_draws, time_limit = config.first_draws, config.draw_budget, config.time_limit
+    nb = dynamics.nbeta
+    while True:
+        if stop_after is not None and state.step >= stop_after:
+            stopped = "interrupted"
+            break
+        records = ChainRecords.gather(state, my_chains, 0.0, world)
+        failed = records.failed()
+        if len(failed) == config.chains:
+            stopped = "diverged"  # _result raises, with advice
+            break
+        if assess_convergence(nb * records.losses[config.burnin:].T, failed).converged:
+            stopped = "converged"
+            break
+        if max_draws is not None and run.draws >= max_draws:
+            stopped = "max_draws"
+            break
+        more = block if max_draws is None else min(block, max_draws - run.draws)
+        elapsed = time.perf_counter() - started
+        if time_limit is not None:
+            elapsed = max_over_ranks(elapsed) if world > 1 else elapsed
+            ahead = more * records.wall_s / max(records.steps_done, 1)
+            if elapsed + ahead > time_limit:
+                stopped = "time_limit"
+                break
+        run = config.fixed(run.draws + more)
+        state.trace = np.concatenate([state.trace, np.full((more, state.trace.shape[1]), np.nan)])
+        dynamics = replace(dynamics, steps=run.steps)
+        if checkpointer is not None:
+            checkpointer.steps = run.steps  # it writes at the end of the run
+        bar.total = run.steps
+        bar.refresh()
+        state, dynamics = _sample_with_burnin_adaptation(target, selection, run, dynamics, state, loss_grad,
+                                                         checkpointer, seed, my_chains, stop_after, bar)
+    elapsed = time.perf_counter() - started
+    reason = {
+        "max_draws": f"budget spent: max_draws = {max_draws:,} reached",
+        "time_limit": f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
+                      f"{block:,} draws would pass it)" if time_limit is not None else "",
+    }.get(stopped, "")
+    budget = {
+        "draws": "auto", "draws_block": block, "max_draws": max_draws, "time_limit": time_limit,
+        "blocks": 1 + math.ceil(max(run.draws - block, 0) / block), "total_draws": run.draws, "elapsed_s": elapsed,
+        "stopped": stopped, "budget_exhausted": stopped in ("max_draws", "time_limit"), "reason": reason,
+    }
+    return state, dynamics, run, budget
+
+
 def _result(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, nb: float, choice: StepSizeChoice, source: str,
     eta: float, adaptations: list[dict], h_end: float, records: ChainRecords, loss_grad: LossGrad, world: int,
+    budget: dict | None = None,
 ) -> LLCResult:
-    """λ̂ from the gathered chains (llc_result.py), the warnings its diagnostics call for, and the result."""
+    """λ̂ from the gathered chains (llc_result.py), the warnings its diagnostics call for, and the result.
+
+    ``config`` has the run's draws (for ``draws="auto"``: all blocks'); ``budget`` is what the
+    ``draws="auto"`` budget did (None for a fixed number of draws)."""
     chains, bias_bound, gamma = config.chains, config.bias_bound, config.gamma
     rms_factor = config.rms_factor
     bias_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
@@ -318,7 +412,8 @@ def _result(
     # One warning for a run that is not converged (it names diverged chains too); diverged chains of
     # a converged run still get their own.
     if not verdict.converged:
-        warnings.warn(verdict.message(mean), ConvergenceWarning, stacklevel=3)
+        spent = f" ({budget['reason']})" if budget and budget["budget_exhausted"] else ""
+        warnings.warn(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
         warnings.warn(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
     if bias_end > 2 * bias_bound:
@@ -347,7 +442,7 @@ def _result(
         "n_samples": target.n_samples, "mean_positions_per_batch": target.mean_positions, "world_size": world,
         "steps_done": steps_done, "pilot_steps": 0 if source == "given" else config.pilot_length,
         "rhat": verdict.rhat, "ess": verdict.ess, "drift": verdict.drift, "n_diverged": verdict.n_diverged,
-        "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(),
+        "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(), "budget": budget,
         "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "
                          "averaged over post-burn-in steps",
     }

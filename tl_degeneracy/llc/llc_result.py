@@ -30,7 +30,9 @@ class LLCResult:
     drift between the halves of the draws, at most a quarter of the chains diverged. Its numbers
     are ``diagnostics["rhat"]``, ``["ess"]``, ``["drift"]`` (a z-score), ``["n_diverged"]``,
     ``["diverged_chains"]``, and ``["convergence"]`` (each failed criterion in words, the suggested
-    budget). A run that is not converged gives a λ̂ to read as a lower bound.
+    budget). A run that is not converged gives a λ̂ to read as a lower bound. A ``draws="auto"``
+    run records its budget in ``diagnostics["budget"]`` (blocks run, total draws, why it stopped,
+    whether the budget ran out; None for a fixed number of draws).
     """
 
     llc: float
@@ -68,9 +70,14 @@ class LLCResult:
 
     @property
     def convergence_reason(self) -> str:
-        """The failed convergence criteria in a few words with their numbers ("" when converged; the
-        full sentences and the suggested budget are in ``diagnostics["convergence"]``)."""
-        return self.diagnostics.get("convergence", {}).get("brief", "")
+        """The failed convergence criteria in a few words with their numbers, and where a
+        ``draws="auto"`` budget ran out, that ("" when converged; the full sentences and the
+        suggested budget are in ``diagnostics["convergence"]``)."""
+        brief = self.diagnostics.get("convergence", {}).get("brief", "")
+        budget = self.diagnostics.get("budget") or {}
+        if brief and budget.get("budget_exhausted"):
+            return f"{brief}; {budget['reason']}"
+        return brief
 
     def summary(self) -> dict:
         d = self.diagnostics

@@ -28,7 +28,7 @@ from .registry import SectionOutput, register_section
 
 _DATA = ("n_sequences", "batch_size", "seq_len")
 _LLC = ("llc_sequences", "llc_seq_len", "loss_scale", "loss_scales", "chains", "draws", "burnin", "pilot_steps",
-        "llc_compile")
+        "llc_compile", "llc_max_draws", "llc_time_limit", "step_size")
 
 
 @register_section("summary", "Model summary", needs_data=False)
@@ -198,17 +198,21 @@ def interaction(ctx: ReportContext) -> SectionOutput:
 _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference", "h_max_end", "bias_bound",
                 "bias_bound_end", "predicted_bias_factor", "calibration", "adaptations", "s_per_chain_step",
                 "wall_s", "n_samples", "n_batches", "steps_done", "compiled", "compile_s", "compile_error", "pilot_steps",
-                "rhat", "ess", "drift", "n_diverged", "diverged_chains", "convergence")
+                "rhat", "ess", "drift", "n_diverged", "diverged_chains", "convergence", "budget")
 
 
 @register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
 def llc(ctx: ReportContext) -> SectionOutput:
     """λ̂_B at the default loss scale (chains, traces, diagnostics), the sweep N_eff(ε) = 2λ̂_B(ε)
     over ``loss_scales``, and restricted LLCs per component when ``llc_components`` is given.
+    Every run continues its chains by blocks of ``draws`` until they converge or the budget
+    (``llc_max_draws``, ``llc_time_limit``) is spent (``behavioral_llc(draws="auto")``).
     With a checkpoint directory every run resumes from its checkpoint."""
     s, data = ctx.settings, ctx.llc_batches
-    kwargs = dict(chains=s.chains, draws=s.draws, burnin=s.burnin, pilot_steps=s.pilot_steps, seed=ctx.seed,
-                  compile=s.llc_compile, progress=ctx.progress)
+    # The first block of draws always runs, so llc_max_draws below draws means one block.
+    kwargs = dict(chains=s.chains, draws="auto", draws_block=s.draws, max_draws=max(s.llc_max_draws, s.draws),
+                  time_limit=s.llc_time_limit, step_size=s.step_size, burnin=s.burnin, pilot_steps=s.pilot_steps,
+                  seed=ctx.seed, compile=s.llc_compile, progress=ctx.progress)
     others = [eps for eps in s.loss_scales if not math.isclose(eps, s.loss_scale)]
     runs = 1 + len(others) + (ctx.llc_components is not None)
     with tqdm(total=runs, desc="llc runs", disable=not ctx.progress, leave=False) as bar:
@@ -227,7 +231,10 @@ def llc(ctx: ReportContext) -> SectionOutput:
             figures={"n_eff_sweep": plot_llc_sweep(sweep), "trace": res.plot()},
             values={**summary, "diagnostics": {k: res.diagnostics.get(k) for k in _DIAGNOSTICS}},
             settings={"llc_data": data.positions.to_dict(), "llc_components": ctx.llc_components},
-            notes=[f"{s.chains} chains × ({s.burnin} burn-in + {s.draws} draws) SGLD steps on {data.n_samples:,} positions. "
+            notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
+                   f"the budget of {s.llc_max_draws:,} draws"
+                   f"{'' if s.llc_time_limit is None else f' or {s.llc_time_limit:g} s per run'} was spent) SGLD steps "
+                   f"on {data.n_samples:,} positions. "
                    "Directions of small curvature equilibrate slowly at these step sizes, so short chains see "
                    "fewer of them and under-estimate λ_B; longer chains (the thorough preset) give estimates to quote."],
         )

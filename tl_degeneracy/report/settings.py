@@ -24,9 +24,15 @@ class ReportSettings:
     Statistics (synchronization, counts, activations) use the first ``n_sequences`` sequences of the
     data in batches of ``batch_size`` (``seq_len``: cut longer sequences into chunks of that length).
     The behavioral LLC (METHODS §1) samples on the first ``llc_sequences`` of them, each cut to its
-    first ``llc_seq_len`` tokens (None: whole), full batch: ``chains`` chains of ``burnin`` +
-    ``draws`` SGLD steps, with pilot runs of ``pilot_steps`` steps for the automatic step size. It
-    is estimated at ``loss_scale`` (ε = 1/nβ) and swept over ``loss_scales`` for N_eff(ε).
+    first ``llc_seq_len`` tokens (None: whole), full batch: ``chains`` chains of ``burnin`` SGLD
+    steps and then blocks of ``draws`` draws, continued until the chains pass the convergence
+    checks of METHODS §1 or the budget is spent (``behavioral_llc(draws="auto")``): at most
+    ``llc_max_draws`` draws (the first block always runs: at most one block where it is ≤
+    ``draws``), and no block that would end past ``llc_time_limit`` seconds per run
+    (None: no limit); a run whose budget ran out is reported as not converged, a lower bound, with
+    that reason. Pilot runs of ``pilot_steps`` steps choose the step size unless ``step_size`` (η)
+    is given. It is estimated at ``loss_scale`` (ε = 1/nβ) and swept over ``loss_scales`` for
+    N_eff(ε); each of these runs has the budget.
     ``llc_compile``: compile the SGLD steps (``behavioral_llc(compile=True)``): faster per step
     after a one-off compilation, which pays off on the thorough preset's long chains.
     ``sync_tol``: the pattern-distance tolerance of head and neuron synchronization (METHODS §3);
@@ -55,6 +61,9 @@ class ReportSettings:
     draws: int = 80
     burnin: int = 20
     pilot_steps: int = 10
+    llc_max_draws: int = 2000
+    llc_time_limit: float | None = 10.0
+    step_size: float | None = None
     llc_compile: bool = False
     ib_tokens: int = 512
     ib_seq_len: int | None = 64
@@ -65,7 +74,7 @@ class ReportSettings:
 
     def __post_init__(self) -> None:
         for name in ("n_sequences", "batch_size", "n_probes", "llc_sequences", "chains", "draws", "pilot_steps",
-                     "ib_tokens", "ib_probes"):
+                     "llc_max_draws", "ib_tokens", "ib_probes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"report setting {name} must be an integer ≥ 1; got {value!r}")
@@ -75,6 +84,11 @@ class ReportSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise ValueError(f"report setting {name} must be None or an integer ≥ 2; got {value!r}")
+        for name in ("llc_time_limit", "step_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"report setting {name} must be None or a finite number > 0; got {value!r}")
         if not isinstance(self.llc_compile, bool):
             raise ValueError(f"report setting llc_compile must be true or false; got {self.llc_compile!r}")
         e = self.ib_edge_sources
@@ -106,7 +120,9 @@ class ReportSettings:
 
 
 #: Fields that may be None (``--set ib_seq_len=none``).
-_OPTIONAL = ("seq_len", "llc_seq_len", "ib_seq_len", "ib_edge_sources")
+_OPTIONAL = ("seq_len", "llc_seq_len", "ib_seq_len", "ib_edge_sources", "llc_time_limit", "step_size")
+#: Optional fields that hold numbers with a fraction (their default None says nothing of the type).
+_FLOATS = ("llc_time_limit", "step_size")
 
 
 def _parse(name: str, value, current):
@@ -121,22 +137,24 @@ def _parse(name: str, value, current):
             return None
         if isinstance(current, bool):
             return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-        if isinstance(current, float):
+        if isinstance(current, float) or name in _FLOATS:
             return float(text)
         return int(text)
     except (ValueError, KeyError):
         raise ValueError(f"report setting {name}={value!r}: not a valid value (now {current!r})") from None
 
 
-#: Named budgets. ``quick``: the numbers above, about a minute on toy:bytelm; ``thorough``: 8× the
-#: statistics data, longer chains on longer sequences, a finer sweep, and an interaction basis on
-#: 8× the tokens with 4× the probes.
+#: Named budgets. ``quick``: the numbers above, about a minute on toy:bytelm (an LLC run starts
+#: no block that would end past 10 s, pilots included, so the LLC section's three runs take about
+#: 30 s, at most a block more each than the fixed 80 draws of before); ``thorough``: 8× the
+#: statistics data, longer chains (blocks of 1000 draws, up to 8000, no time limit) on longer
+#: sequences, a finer sweep, and an interaction basis on 8× the tokens with 4× the probes.
 PRESETS: dict[str, ReportSettings] = {
     "quick": ReportSettings(),
     "thorough": ReportSettings(
         n_sequences=512, batch_size=32, n_probes=16, loss_scales=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
         llc_sequences=32, llc_seq_len=None, chains=8, draws=1000, burnin=200, pilot_steps=200,
-        ib_tokens=4096, ib_seq_len=128, ib_probes=16,
+        llc_max_draws=8000, llc_time_limit=None, ib_tokens=4096, ib_seq_len=128, ib_probes=16,
     ),
 }
 

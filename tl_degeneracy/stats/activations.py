@@ -52,7 +52,7 @@ class _Collector:
             elif unit != self.units[name]:
                 raise ValueError(f"hook {name!r} changed its position axis between batches ({self.units[name]} → {unit})")
             if not self.accumulate:
-                self.flags[name] = torch.ones((), dtype=torch.bool)
+                self.flags[name] = torch.ones((), dtype=torch.bool, device=act.device)
                 return None
             layout = self.layouts[name]
             rows = self.index.rows(act.detach(), unit)
