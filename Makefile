@@ -13,8 +13,11 @@ PYTEST_ARGS ?=
 setup: $(VENV)/.installed
 setup-tl3: $(VENV_TL3)/.installed
 
+# bench = devinterp 2.0.1, the peer tests/test_devinterp_agreement.py compares against (it skips where
+# devinterp is absent, e.g. in .venv-tl3). It adds xarray, zarr and their small deps; the bootstrap's
+# constraints file keeps the installed torch.
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
-	PYTHON=$(PYTHON) bash scripts/bootstrap.sh $(VENV) "$(TL4)" dev,gguf
+	PYTHON=$(PYTHON) bash scripts/bootstrap.sh $(VENV) "$(TL4)" dev,gguf,bench
 	touch $@
 
 $(VENV_TL3)/.installed: pyproject.toml scripts/bootstrap.sh

@@ -21,14 +21,15 @@ per next-node direction (cost ∝ kept directions, ~770 for GPT-2); and with few
 most (tokens − 1) directions, which bounds our edge cost. Memory is the increase of the process's
 peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the run, measured in a
 fresh child process per model after the model and data are loaded: it covers torch's C++ allocations,
-which ``tracemalloc`` does not see.
+which ``tracemalloc`` does not see. With ``--device cuda`` the model runs on the GPU and the peak
+CUDA column is ``torch.cuda.max_memory_allocated`` over the run.
 
 The default sizes take about a minute on 2 idle cores (edge cost grows about with tokens² here,
 since the kept directions grow with the tokens). Prints a table and appends it, with the machine and the load, to BENCHMARKS.md under
 "## interaction basis cost".
 
     .venv/bin/python benchmarks/interaction_basis.py [--models bytelm,gpt2] [--bytelm-tokens 8x128]
-        [--gpt2-tokens 2x48] [--modadd-tokens 480x3] [--probes 8] [--edge-sources 1] [--no-write]
+        [--gpt2-tokens 2x48] [--modadd-tokens 480x3] [--probes 8] [--edge-sources 1] [--device cuda] [--no-write]
 """
 
 from __future__ import annotations
@@ -83,10 +84,16 @@ def model_and_tokens(name: str, n_seq: int, seq_len: int):
     raise SystemExit(f"unknown model {name!r}; choose bytelm, gpt2 or modadd")
 
 
-def run_one(name: str, n_seq: int, seq_len: int, probes: int, edge_sources: int, threads: int, queue) -> None:
-    """One model in a fresh process: load, then time ``interaction_basis`` and its peak-RSS increase."""
+def run_one(name: str, n_seq: int, seq_len: int, probes: int, edge_sources: int, threads: int, queue,
+            device: str = "cpu") -> None:
+    """One model in a fresh process: load, then time ``interaction_basis`` and its peak-RSS increase
+    (and on a GPU torch's peak CUDA allocation during the run)."""
     torch.set_num_threads(threads)
     model, tokens, origin = model_and_tokens(name, n_seq, seq_len)
+    model = model.to(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     t0, cpu0 = time.perf_counter(), time.process_time()
     ib = tld.interaction_basis(model, tokens, kind="local", output="kl", n_probes=probes, edge_sources=edge_sources,
@@ -101,13 +108,14 @@ def run_one(name: str, n_seq: int, seq_len: int, probes: int, edge_sources: int,
         "basis_s": ib.settings["gram_s"] + ib.settings["jacobian_s"], "edges_s": ib.settings["edges_s"], "wall_s": wall,
         "cpu_s": cpu,
         "peak_rss_increase_mb": (rss_after - rss_before) / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     })
 
 
-def measure(name: str, tokens: tuple[int, int], probes: int, edge_sources: int, threads: int) -> dict:
+def measure(name: str, tokens: tuple[int, int], probes: int, edge_sources: int, threads: int, device: str = "cpu") -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(name, *tokens, probes, edge_sources, threads, queue))
+    proc = ctx.Process(target=run_one, args=(name, *tokens, probes, edge_sources, threads, queue, device))
     proc.start()
     row = queue.get()
     proc.join()
@@ -123,7 +131,9 @@ def table(rows: list[dict]) -> str:
         "nodes (kept per node)": f"{r['nodes']} ({r['kept']})",
         "basis s (ms/token)": f"{r['basis_s']:.1f} ({r['basis_ms_tok']:.2f})",
         "edges s (ms/token)": f"{r['edges_s']:.1f} ({r['edges_ms_tok']:.2f})", "total s (CPU s)": f"{r['wall_s']:.1f} ({r['cpu_s']:.1f})",
-        "peak RSS increase": f"{r['peak_rss_increase_mb']:,.0f} MB", "basis ms/token ÷ rib's 70": f"{r['basis_vs_rib']:.3f}×",
+        "peak RSS increase": f"{r['peak_rss_increase_mb']:,.0f} MB",
+        "peak CUDA": "—" if r.get("peak_cuda_mb") is None else f"{r['peak_cuda_mb']:,.0f} MB",
+        "basis ms/token ÷ rib's 70": f"{r['basis_vs_rib']:.3f}×",
     } for r in rows]
     head = list(cells[0])
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -139,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--probes", type=int, default=8, help="Jacobian probes per batch (interaction_basis n_probes)")
     parser.add_argument("--edge-sources", type=int, default=1, help="random ±1 position sources for the edges")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     sizes = {"bytelm": parse_tokens(args.bytelm_tokens), "gpt2": parse_tokens(args.gpt2_tokens),
@@ -150,13 +161,14 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     rows = []
     for name in args.models.split(","):
-        rows.append(measure(name, sizes[name], args.probes, args.edge_sources, args.threads))
+        rows.append(measure(name, sizes[name], args.probes, args.edge_sources, args.threads, args.device))
         print(table(rows[-1:]), flush=True)
     load_after = os.getloadavg()
     if time.strftime("%Y-%m-%d %H:%M", time.gmtime(edges_file.stat().st_mtime)) != edges_mtime:
         edges_mtime += " (changed during the run)"
     block = "\n".join([
-        f"### {info['date']} UTC — {info['cpu']}, nproc {info['nproc']}, torch {info['torch']} ({args.threads} threads), CPU",
+        f"### {info['date']} UTC — {info['cpu']}, nproc {info['nproc']}, torch {info['torch']} ({args.threads} threads), "
+        f"{'CPU' if args.device == 'cpu' else args.device}",
         "",
         f"`interaction_basis(kind=\"local\", output=\"kl\", n_probes={args.probes}, edge_sources={args.edge_sources})`, "
         f"one batch per model, float32 models, float64 accumulators; edges.py as of {edges_mtime} UTC. Load average "

@@ -14,18 +14,23 @@ repetition are reported. Models:
 ``toy:bytelm`` (bundled weights; a same-sized random ToyTransformer if absent) and a GPT-2-small
 shaped random ToyTransformer (12 layers, d_model 768, 12 heads, d_mlp 3072, d_vocab 50257).
 
+Each model runs in a fresh process; its peak resident set (``ru_maxrss``: model, data and all
+three passes) and, on a GPU, torch's peak CUDA allocation are reported beside the throughput.
+
 Prints a table and appends it, with the machine (nproc, CPU model, torch version, date, load
 averages before/after), to BENCHMARKS.md under "## activation_stats throughput".
 
-    .venv/bin/python benchmarks/stats_throughput.py [--models bytelm,gpt2] [--reps 5] [--no-write]
+    .venv/bin/python benchmarks/stats_throughput.py [--models bytelm,gpt2] [--reps 5] [--device cuda] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import multiprocessing as mp
 import os
 import platform
+import resource
 import statistics
 import time
 import sys
@@ -79,9 +84,14 @@ def residual_hooks(adapter) -> list[str]:
     ]
 
 
+def on_device(adapter, batches):
+    """The batches with tokens and mask on the model's device."""
+    return (batches.batch(i, device=adapter.device) for i in range(len(batches)))
+
+
 def time_forward(adapter, batches) -> None:
     with torch.no_grad():
-        for batch in batches:
+        for batch in on_device(adapter, batches):
             adapter.forward(batch.tokens)
 
 
@@ -92,16 +102,18 @@ def time_stats(adapter, batches, hooks) -> None:
 def time_naive(adapter, batches, hooks) -> None:
     sums = {}
     with torch.no_grad():
-        for batch in batches:
+        for batch in on_device(adapter, batches):
             _, cache = adapter.model.run_with_cache(batch.tokens, names_filter=hooks)
             for h in hooks:
                 x = cache[h][batch.mask].double()
                 sums[h] = sums.get(h, 0) + torch.einsum("ni,nj->ij", x, x)
 
 
-def measure(name, loader, reps) -> dict:
+def measure(name, loader, reps, device="cpu") -> dict:
     model, tokens, batch_size, origin = loader()
-    adapter = tld.adapt(model)
+    adapter = tld.adapt(model.to(device))
+    if adapter.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(adapter.device)
     batches = token_batches(tokens, adapter, batch_size=batch_size)
     hooks = residual_hooks(adapter)
     runs = {"forward": lambda: time_forward(adapter, batches),
@@ -133,7 +145,32 @@ def measure(name, loader, reps) -> dict:
         "best_stats_over_forward": best["activation_stats"] / best["forward"],
         "best_naive_over_forward": best["naive"] / best["forward"],
         "spread": {k: (min(v), max(v)) for k, v in times.items()},
+        # Peak memory of all three passes: the process's peak resident set (ru_maxrss, KiB on Linux;
+        # each model runs in its own process, so it is this model's) and torch's peak CUDA allocation.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": (torch.cuda.max_memory_allocated(adapter.device) / 2**20
+                         if adapter.device.type == "cuda" else None),
     }
+
+
+def measure_fresh(name, reps, device, threads) -> dict:
+    """:func:`measure` in a fresh process, so that its peak RSS is this model's alone."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_child, args=(name, reps, device, threads, queue))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
+
+
+def _run_child(name, reps, device, threads, queue) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    queue.put(measure(name, LOADERS[name], reps, device))
+
+
+LOADERS = {"bytelm": load_bytelm, "gpt2": load_gpt2_shaped}
 
 
 def machine() -> dict:
@@ -156,14 +193,16 @@ def machine() -> dict:
 
 def table(rows) -> str:
     head = ("| model | shape | tokens (batches) | hooks | forward tok/s | activation_stats tok/s | naive tok/s "
-            "| stats / forward (median; best) | naive / forward (median; best) |")
-    lines = [head, "|" + "---|" * 9]
+            "| stats / forward (median; best) | naive / forward (median; best) | peak RSS | peak CUDA |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
+        cuda = "—" if r.get("peak_cuda_mb") is None else f"{r['peak_cuda_mb']:,.0f} MB"
         lines.append(
             f"| {r['model']} | {r['shape']} | {r['tokens']} ({r['batches']}) | {r['hooks']} | {r['forward_tok_s']:,.0f} "
             f"| {r['activation_stats_tok_s']:,.0f} | {r['naive_tok_s']:,.0f} "
             f"| {r['stats_over_forward']:.2f}×; {r['best_stats_over_forward']:.2f}× "
-            f"| {r['naive_over_forward']:.2f}×; {r['best_naive_over_forward']:.2f}× |"
+            f"| {r['naive_over_forward']:.2f}×; {r['best_naive_over_forward']:.2f}× "
+            f"| {r['peak_rss_mb']:,.0f} MB | {cuda} |"
         )
     return "\n".join(lines)
 
@@ -177,13 +216,13 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="bytelm,gpt2")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaders = {"bytelm": load_bytelm, "gpt2": load_gpt2_shaped}
     load_before = os.getloadavg()
-    rows = [measure(name, loaders[name], args.reps) for name in args.models.split(",")]
+    rows = [measure_fresh(name, args.reps, args.device, args.threads) for name in args.models.split(",")]
     load_after = os.getloadavg()
     m = machine()
     out = table(rows)
@@ -198,7 +237,9 @@ def main(argv=None) -> None:
             f"### {m['date']} — {m['cpu']}, nproc {m['nproc']}, torch {m['torch']} ({m['torch_threads']} threads)\n\n"
             f"Load average (1/5/15 min) before {fmt(load_before)}, after {fmt(load_after)}; "
             f"median (and best) of {args.reps} interleaved repetitions; tok/s from the medians. Hooks: resid_pre of every layer + resid_post of "
-            "the last. naive = run_with_cache + per-batch float64 einsum on the cached activations.\n\n"
+            "the last. naive = run_with_cache + per-batch float64 einsum on the cached activations. Device "
+            f"{args.device}; peak RSS: the process's peak resident set (one process per model, model and data "
+            "included); peak CUDA: torch.cuda.max_memory_allocated over the three passes.\n\n"
             + out + "\n\n" + "\n".join(f"- {r['model']}: {r['origin']}" for r in rows) + "\n"
         )
         write_section(block)

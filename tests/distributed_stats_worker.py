@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.fixtures.toys import make_tiny_toy_transformer  # noqa: E402
 from tl_degeneracy.stats import activation_stats, jacobian_stats  # noqa: E402
+from tests.fixtures.distributed import init_group  # noqa: E402
 
 HOOKS = ["resid_pre", "v", "q", "mlp_post"]
 
@@ -48,7 +49,7 @@ def compute() -> dict[str, torch.Tensor]:
 def main(out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    init_group()
     try:
         result = compute()
         if dist.get_rank() == 0:

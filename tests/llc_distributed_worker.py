@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from tests.fixtures.distributed import init_group  # noqa: E402
 
 
 def run(checkpoint_dir=None):
@@ -23,7 +24,7 @@ def run(checkpoint_dir=None):
 
 
 if __name__ == "__main__":
-    dist.init_process_group("gloo")
+    init_group()
     try:
         out = sys.argv[1]
         try:

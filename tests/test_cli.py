@@ -136,3 +136,49 @@ def test_module_entry_point_runs():
 def test_default_threads_leave_busy_cores_alone(monkeypatch, load, available, expected):
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
     assert cli._idle_threads(available) == expected
+
+
+def test_memory_budget_lowers_the_batch_size_and_the_header_says_so(tmp_path, capsys):
+    """--memory: the batch size not set explicitly is halved until a batch of the counts' Jacobian
+    pass fits (its estimate at 8 × 128 tokens is above the budget, at 4 × 128 below)."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.memory import counts_grams, estimate
+
+    adapter = tld.adapt(tld.load_model("toy:bytelm"))
+    held = counts_grams(adapter)
+    budget = estimate(adapter, "jacobian", 4, 128, n_cotangents=2, held=held) + 1
+    assert estimate(adapter, "jacobian", 8, 128, n_cotangents=2, held=held) > budget
+    out = tmp_path / "m"
+    argv = ["report", "--out", str(out), "--quiet", "--only", "counts", "--memory", str(budget),
+            "--set", "n_sequences=8", "n_probes=2"]
+    assert main(argv) == 0
+    report = _report(out)
+    memory = report["settings"]["memory"]
+    assert memory["budget"] == budget and memory["source"] == "the memory setting" and memory["fits"]
+    assert memory["lowered"] == {"batch_size": [8, 4]} and report["settings"]["budgets"]["batch_size"] == 4
+    assert report["sections"]["counts"]["status"] == "ok"
+    assert report["sections"]["counts"]["settings"]["batch_size"] == 4
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "memory budget" in printed and "lowered to fit: batch_size 8 → 4" in printed
+
+
+def test_memory_budget_too_small_for_explicit_batches_skips_with_what_to_lower(tmp_path, capsys):
+    out = tmp_path / "m"
+    argv = ["report", "--out", str(out), "--quiet", "--only", "synchronization", "--memory", "1M",
+            "--set", "n_sequences=8", "batch_size=8", "--seq-len", "128"]
+    assert main(argv) == 0  # a pass that does not fit is skipped, the report is written
+    report = _report(out)
+    section = report["sections"]["synchronization"]
+    assert section["status"] == "skipped" and "MemoryBudgetError" in section["reason"]
+    assert "lower batch_size (now 8) or seq_len (now 128)" in section["reason"]
+    assert report["settings"]["memory"]["fits"] is False and not report["settings"]["memory"]["lowered"]
+    assert "does NOT fit" in " ".join(capsys.readouterr().out.split())
+
+
+def test_default_memory_budget_is_stated(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["report", "--out", str(out), "--quiet", "--only", "summary"]) == 0
+    memory = _report(out)["settings"]["memory"]
+    assert memory["source"].startswith("50% of ") and memory["budget"] > 0 and "lowered" not in memory
+    assert main(["report", "--out", str(out), "--quiet", "--memory", "lots"]) == 2
+    assert "memory must be a size" in capsys.readouterr().err

@@ -34,10 +34,10 @@ def _dense_effective(w, W_left, W_right, layernorm: bool, reading_right: bool):
     """Dense effective D×D map from METHODS §2's formula: P diag(w) W_left · W_right P for OV, and
     P diag(w) W_left · W_rightᵀ-side (P diag(w))ᵀ for QK (``reading_right``: the right factor reads too)."""
     D = W_left.shape[0]
-    P = _projector(D, layernorm)
-    Dw = torch.diag(w.detach().double()) if w is not None else torch.eye(D, dtype=torch.float64)
-    right = W_right.detach().double()
-    m = P @ Dw @ W_left.detach().double() @ right
+    P = _projector(D, layernorm)  # the reference is computed on the CPU, wherever the model is
+    Dw = torch.diag(w.detach().double().cpu()) if w is not None else torch.eye(D, dtype=torch.float64)
+    right = W_right.detach().double().cpu()
+    m = P @ Dw @ W_left.detach().double().cpu() @ right
     return m @ (Dw @ P) if reading_right else m @ P
 
 
@@ -78,14 +78,14 @@ def test_affine_qk_folds_the_norm_bias(tiny_toy_transformer):
     """The affine QK form is that of the augmented normalised input [n, 1]: x = n·w + β, so the LN bias β
     enters through b_Q + β W_Q and b_K + β W_K (as fold_ln puts it), the reading weights as P diag(w) W."""
     blk = tiny_toy_transformer.blocks[0]
-    a, w, beta = blk.attn, blk.ln1.w.detach().double(), blk.ln1.b.detach().double()
+    a, w, beta = blk.attn, blk.ln1.w.detach().double().cpu(), blk.ln1.b.detach().double().cpu()
     D = w.shape[0]
     P = _projector(D, True)
     frame = qk_invariants(tiny_toy_transformer, affine=True)
     for h in range(a.W_Q.shape[0]):
-        W_Q, W_K = a.W_Q[h].detach().double(), a.W_K[h].detach().double()
-        left = torch.cat([P @ torch.diag(w) @ W_Q, (a.b_Q[h].detach().double() + beta @ W_Q)[None]])
-        right = torch.cat([P @ torch.diag(w) @ W_K, (a.b_K[h].detach().double() + beta @ W_K)[None]])
+        W_Q, W_K = a.W_Q[h].detach().double().cpu(), a.W_K[h].detach().double().cpu()
+        left = torch.cat([P @ torch.diag(w) @ W_Q, (a.b_Q[h].detach().double().cpu() + beta @ W_Q)[None]])
+        right = torch.cat([P @ torch.diag(w) @ W_K, (a.b_K[h].detach().double().cpu() + beta @ W_K)[None]])
         s = torch.linalg.svdvals(left @ right.T)
         row = frame[(frame["layer"] == 0) & (frame["head"] == h)].iloc[0]
         np.testing.assert_allclose(row["singular_values"], s[: row["rank"]].numpy(), rtol=1e-10)
@@ -190,8 +190,8 @@ def test_agrees_with_transformerlens_on_folded_models(tl_models, hf_dirs, arch, 
         except Exception as e:  # noqa: BLE001 - report which backend lacks it
             pytest.skip(f"{type(model).__name__}.{name} unavailable here: {e}")
         frame = fn(model)
-        S = theirs.S.detach().double()
-        eig = theirs.eigenvalues.detach().to(torch.complex128)
+        S = theirs.S.detach().double().cpu()
+        eig = theirs.eigenvalues.detach().to(torch.complex128).cpu()
         assert S.shape[:2] == (model.cfg.n_layers, model.cfg.n_heads)  # GQA expanded by TL too
         for _, row in frame.iterrows():
             s_tl = S[row["layer"], row["head"]]
@@ -221,9 +221,9 @@ def test_adapter_norm_weights(tl_models, hf_dirs, load):
         elif load == "bridge-compat":  # folded: kept as w = 1, b = 0
             assert torch.equal(norm.w, torch.ones_like(norm.w))
         else:
-            torch.testing.assert_close(norm.w, raw[f"{hf}.weight"].detach(), rtol=0, atol=0)
+            torch.testing.assert_close(norm.w.cpu(), raw[f"{hf}.weight"].detach(), rtol=0, atol=0)
             if arch == "gpt2":
-                torch.testing.assert_close(norm.b, raw[f"{hf}.bias"].detach(), rtol=0, atol=0)
+                torch.testing.assert_close(norm.b.cpu(), raw[f"{hf}.bias"].detach(), rtol=0, atol=0)
         if arch == "llama":
             assert norm.b is None
     with pytest.raises(ValueError, match="ln1"):
@@ -261,8 +261,8 @@ def test_gqa_rows_share_the_kv_head(tl_models):
     ov = ov_invariants(model)
     assert adapter.n_kv_heads == 2 and adapter.n_heads == 4
     assert ov["kv_head"].tolist() == [0, 0, 1, 1] * adapter.n_layers
-    attn, w = model.blocks[1].attn, model.blocks[1].ln1.w.detach().double()
-    W_V, W_O = attn.W_V.detach().double(), attn.W_O.detach()  # [n_kv, D, d], [H, d, D]
+    attn, w = model.blocks[1].attn, model.blocks[1].ln1.w.detach().double().cpu()
+    W_V, W_O = attn.W_V.detach().double().cpu(), attn.W_O.detach().cpu()  # [n_kv, D, d], [H, d, D]
     for h in range(4):
         s, _ = _dense(w[:, None] * W_V[h // 2], W_O[h])
         row = ov[(ov["layer"] == 1) & (ov["head"] == h)].iloc[0]

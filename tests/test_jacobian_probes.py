@@ -19,6 +19,7 @@ HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_v"]
 
 
 def rel(a, b):
+    a, b = a.cpu(), b.cpu()  # the brute-force references are on the CPU
     return float((a - b).norm() / b.norm())
 
 
@@ -59,8 +60,10 @@ def brute_force_gram(model, tokens, mask, hook, objective, output_hook=None, tra
 
     out = F(f0).detach()
     P, V = out.shape[1], out.shape[2]
-    J = torch.autograd.functional.jacobian(F, f0, vectorize=True).reshape(b, P, V, b, p, -1).double()
-    probs = out.exp() if objective == "kl" else None
+    # The reference sums on the CPU, wherever the model runs.
+    J = torch.autograd.functional.jacobian(F, f0, vectorize=True).reshape(b, P, V, b, p, -1).double().cpu()
+    probs = out.exp().cpu() if objective == "kl" else None
+    mask = mask.cpu()
     out_mask = mask if out_unit == "position" else mask.any(1, keepdim=True)
     D = J.shape[-1]
     K = torch.zeros(D, D, dtype=torch.float64)

@@ -124,8 +124,11 @@ def test_given_step_size_reports_its_bias_bound():
     model, x = linear_regression(d=3, n=50)
     res = behavioral_llc(model, x, step_size=1e-5, chains=2, draws=10, burnin=0)
     assert res.step_size == 1e-5 and res.diagnostics["step_size_source"] == "given"
-    h = res.diagnostics["h_max"]
-    assert res.diagnostics["bias_bound"] == pytest.approx(1e-5 * (res.nbeta * h + res.gamma) / 4)
+    from tl_degeneracy.llc.stepsize import predicted_bias
+
+    d = res.diagnostics
+    assert d["stiff_bound"] == pytest.approx(1e-5 * (res.nbeta * d["h_max"] + res.gamma) / 4)
+    assert d["bias_bound"] == pytest.approx(predicted_bias(1e-5, d["h_max"], d["trace_hessian"], res.llc, res.nbeta, res.gamma))
 
 
 def test_end_of_run_bias_warning_names_a_smaller_step_size():
@@ -228,16 +231,19 @@ def test_kl_softmax_regression_gives_half_the_identifiable_parameter_count():
 def test_reported_bias_bound_uses_the_curvature_found_in_burn_in():
     # Short pilots at the flat θ* of a rank-0 DLN under-estimate the curvature; the burn-in checks
     # find more and lower η. The reported h_max/bias bound must be the ones that η was chosen for.
-    from tl_degeneracy.llc.stepsize import bias_bound_of
+    from tl_degeneracy.llc.stepsize import bias_bound_of, predicted_bias
 
     res = behavioral_llc(deep_linear_network(0), dln_inputs(200), chains=4, draws=50, burnin=200, pilot_steps=20)
     d = res.diagnostics
     adapted = max(a["h_max"] for a in d["adaptations"])
     assert adapted > d["h_max_pilot"]  # the case this test is about
     assert d["h_max"] == max(adapted, d["h_max_pilot"]) == res.summary()["h_max"]
-    assert d["bias_bound"] == pytest.approx(bias_bound_of(res.step_size, d["h_max"], res.nbeta, res.gamma))
-    assert d["bias_bound"] == pytest.approx(0.05, rel=0.01)  # η adapted to that h_max (3 significant figures)
-    assert d["predicted_bias_factor"] == pytest.approx(1 / (1 - d["bias_bound"]))
+    # The stiffest direction's bound and the predicted bias (stepsize.py) use that h_max (and the
+    # largest trace measured), with the run's own λ̂.
+    assert d["stiff_bound"] == pytest.approx(bias_bound_of(res.step_size, d["h_max"], res.nbeta, res.gamma))
+    assert d["bias_bound"] == pytest.approx(predicted_bias(res.step_size, d["h_max"], d["trace_hessian"], res.llc,
+                                                           res.nbeta, res.gamma))
+    assert d["predicted_bias_factor"] == pytest.approx(1 + d["bias_bound"])
     assert np.isfinite(d["bias_bound_end"])
 
 

@@ -156,3 +156,31 @@ def test_stopped_lanczos_is_an_upper_bound_within_rtol_and_independent_of_the_ot
         hess = torch.autograd.functional.hessian(lambda d: target.loss(layout.unflatten(d[None]), 0)[0], point)
         exact = float(torch.linalg.eigvalsh(hess)[-1])
         assert exact * (1 - 1e-12) <= float(together[p]) <= exact * (1 + rtol)
+
+
+def test_hessian_products_that_do_not_fit_are_computed_in_smaller_groups_with_the_same_result(monkeypatch):
+    """A device out of memory for all points' double backward at once (a 135M-parameter model's 8
+    chains on a GPU) halves the group of points until it fits; each point's product is its own."""
+    from tl_degeneracy.llc import stepsize
+    from tl_degeneracy.llc.targets import make_target
+    from tl_degeneracy.models.chains import OUT_OF_MEMORY
+
+    model = deep_linear_network(1).double()
+    target = make_target(model, dln_inputs(50).double(), None, None)
+    names = list(target.star)
+    layout = ParameterLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
+    mask = torch.ones(layout.numel, dtype=torch.bool)
+    points = 0.7 * torch.randn(5, layout.numel, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    together = top_hessian_eigenvalue(target, layout, mask, points, point_seeds=[1, 2, 3, 4, 5])
+    fits, sizes = stepsize._batched_hvp, []
+
+    def two_at_most(target, layout, points, q, n_b):
+        sizes.append(points.shape[0])
+        if points.shape[0] > 2:
+            raise OUT_OF_MEMORY("CUDA out of memory (simulated)")
+        return fits(target, layout, points, q, n_b)
+
+    monkeypatch.setattr(stepsize, "_batched_hvp", two_at_most)
+    grouped = top_hessian_eigenvalue(target, layout, mask, points, point_seeds=[1, 2, 3, 4, 5])
+    assert max(s for s in sizes if s <= 2) == 2 and 5 in sizes
+    torch.testing.assert_close(grouped, together, rtol=1e-12, atol=0)

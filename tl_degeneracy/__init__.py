@@ -30,6 +30,7 @@ from .plots import plot_spectra
 from .report import Report, degeneracy_report
 from .report.compare import ReportComparison, compare_reports
 from .stats import ActivationStats, JacobianStats, activation_stats, jacobian_stats
+from .sparsify import SparsifyResult, sparsify
 from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronization, neuron_synchronization
 
 __all__ = [
@@ -73,6 +74,8 @@ __all__ = [
     "jacobian_stats",
     "load_model",
     "neuron_synchronization",
+    "sparsify",
+    "SparsifyResult",
     "ov_invariants",
     "plot_spectra",
     "qk_invariants",

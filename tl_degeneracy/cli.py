@@ -20,7 +20,7 @@ from pathlib import Path
 DEFAULT_MODEL = "toy:bytelm"
 #: Section names, in report order (kept here so that ``--help`` needs no heavy imports; a test
 #: checks it against the report's registry).
-SECTIONS = ("summary", "parameters", "invariants", "synchronization", "counts", "activations", "interaction", "llc")
+SECTIONS = ("summary", "parameters", "invariants", "synchronization", "counts", "activations", "interaction", "llc", "sparsity")
 PRESETS = ("quick", "thorough")
 
 EXAMPLES = """examples:
@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   tl-degeneracy report --model toy:sma --out out/sma    # another bundled model
   tl-degeneracy report --model ./my-hf-dir --data corpus.txt --device cpu
   tl-degeneracy report --model smollm2.gguf --data tokens.pt --only summary invariants
+  tl-degeneracy report --model smollm2.gguf --data corpus.txt --memory 8G   # batches sized to 8 GiB
   tl-degeneracy report --preset thorough --llc-components heads
   tl-degeneracy report --set draws=400 chains=8 loss_scales=1e-2,1e-3,1e-4
   tl-degeneracy compare reports/a reports/b            # two reports side by side → compare-a-vs-b/
@@ -36,7 +37,7 @@ presets: quick (default; about a minute on toy:bytelm with 2 CPU cores) and thor
 single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale, loss_scales,
 llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, llc_max_draws, llc_time_limit, step_size,
 llc_compile, ib_tokens, ib_seq_len, ib_probes,
-ib_edge_sources, ib_keep_share, ib_resolution (see tl_degeneracy/report/settings.py).
+ib_edge_sources, ib_keep_share, ib_resolution, memory (see tl_degeneracy/report/settings.py).
 
 An --out directory holds the report of one model on one data set, computed by one tl-degeneracy
 version. Rerunning into it reuses finished sections whose fingerprint (model weights, data, settings,
@@ -88,6 +89,8 @@ def _check_options(args: argparse.Namespace) -> dict:
     overrides = _overrides(args.set)
     if args.seq_len is not None:
         overrides["seq_len"] = args.seq_len
+    if args.memory is not None:
+        overrides["memory"] = args.memory
     try:
         resolve_settings(args.preset, overrides)
     except ValueError as e:
@@ -181,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--preset", choices=PRESETS, default="quick", help="budget preset (default quick)")
     rep.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override budget fields of the preset")
     rep.add_argument("--seq-len", type=int, default=None, help="chunk/truncate sequences to this length")
+    rep.add_argument("--memory", default=None, metavar="SIZE",
+                     help="memory budget of the statistics passes, e.g. 8G or 512M (default: half the available "
+                          "RAM, 80%% of the free GPU memory on a GPU); sequence length and batch size not set "
+                          "explicitly are lowered until a batch fits, and the report header says so")
     rep.add_argument("--llc-components", nargs="+", default=None, metavar="COMPONENT",
                      help="also the restricted LLC per component: heads, layers, attn, mlp, or selections "
                           "such as blocks.0.attn.head1")

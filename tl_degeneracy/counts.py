@@ -37,12 +37,14 @@ from torch import Tensor
 
 from .data import token_batches
 from .errors import MissingHookError
+from .memory import check_batches, counts_grams
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .numerics import activation_precision, numerical_rank
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
-from .stats.jacobian import jacobian_stats
+from .stats.jacobian import check_memory, jacobian_stats
+from .stats.passes import resolve_targets
 from .stats.stream import Step, stream
 
 __all__ = ["block_input_affine", "block_input_hook", "degeneracy_counts"]
@@ -154,6 +156,10 @@ def degeneracy_counts(
         embeddings: also count W_E (one-hot inputs, G = diag of token frequencies).
         progress: a tqdm bar per pass over the data (block inputs, activations, Jacobian probes),
             as for the statistics passes (rank 0 only; TQDM_DISABLE turns them off).
+
+    Raises:
+        MemoryBudgetError: a batch of the activation or Jacobian-probe pass would not fit the memory
+        budget (``tld.memory``); raised before the first pass, saying what to lower.
     """
     if output not in ("kl", "mse"):
         raise ValueError(f"output must be 'kl' or 'mse'; got {output!r}")
@@ -176,6 +182,13 @@ def degeneracy_counts(
             k_hooks += [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)]
     if embeddings:
         k_hooks.append(adapter.hook_name("embed"))
+    # Before the first pass: the Jacobian-probe pass (logits' softmax, cotangents and the autograd
+    # graph) is the one that outgrows memory first, with a large vocabulary; fail now, not after the
+    # activation passes.
+    check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes")
+    check_memory(adapter, batches, resolve_targets(adapter, k_hooks, "degeneracy_counts"), output_hook=None,
+                 n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
+                 held=counts_grams(adapter))  # the activation passes' Grams stay alive meanwhile
 
     inputs = _input_moments(adapter, batches, attn_in + mlp_in, progress)
     acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress)

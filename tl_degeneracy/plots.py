@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_spectra", "plot_distance_heatmaps", "integer_ticks", "subplot_grid"]
+__all__ = ["plot_spectra", "plot_distance_heatmaps", "plot_sparsity", "integer_ticks", "subplot_grid"]
 
 
 def subplot_grid(n: int) -> tuple[int, int]:
@@ -81,4 +81,29 @@ def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: st
     ticks = integer_ticks(distance.shape[1])
     fig.update_xaxes(title_text=labels, **ticks)
     fig.update_yaxes(autorange="reversed", title_text=labels, **ticks)
+    return fig
+
+
+def plot_sparsity(frame: pd.DataFrame):
+    """Per MLP layer, the free directions counted (METHODS §3–§4) beside the zeros the
+    sparsification added (METHODS §8; those stored in the model hatched inside), with the output
+    drift on a second, logarithmic axis (``SparsifyResult.to_frame`` output)."""
+    import plotly.graph_objects as go
+
+    layers = [f"layer {int(layer)}" for layer in frame["layer"]]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=layers, y=frame["free_directions"], name="free directions (§3–§4)"))
+    fig.add_trace(go.Bar(x=layers, y=frame["zeros_added"], name="zeros added (new basis)"))
+    fig.add_trace(go.Bar(x=layers, y=frame["zeros_in_model"], name="zeros stored in the model",
+                         marker_pattern_shape="/"))
+    # a drift of exactly 0 has no place on a log axis: drawn at the axis floor
+    drift = frame["output_drift"].clip(lower=1e-18)
+    fig.add_trace(go.Scatter(x=layers, y=drift, name="output drift (cumulative)", mode="lines+markers",
+                             yaxis="y2"))
+    fig.update_layout(
+        title="Constructive sparsification: free directions vs zeros added", barmode="group",
+        yaxis={"title": "count"}, yaxis2={"title": "max |Δ logits| / max |logits|", "type": "log",
+                                          "overlaying": "y", "side": "right"},
+        legend={"orientation": "h", "y": -0.2},
+    )
     return fig

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .counts import block_input_affine, block_input_hook
 from .data import token_batches
 from .errors import MissingHookError
 from .invariants import center_writing
+from .memory import check_batches
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .numerics import activation_precision, numerical_rank
@@ -44,6 +45,7 @@ __all__ = [
     "SyncJacobian",
     "head_synchronization",
     "neuron_synchronization",
+    "pattern_tv_sums",
     "synchronization_freedom",
     "synchronized_blocks",
 ]
@@ -298,6 +300,36 @@ def _input_covariance(acc: MomentAccumulator, w: Tensor | None) -> Float[Tensor,
     return w[:, None] * cov * w[None, :]
 
 
+#: Bytes of one chunk of attention-pattern rows in :func:`pattern_tv_sums` (float64 copy included).
+PATTERN_CHUNK_BYTES = 1 << 26
+
+
+def pattern_tv_sums(
+    pattern: Float[Tensor, "batch head query key"],
+    mask: Bool[Tensor, "batch query"],
+    chunk_bytes: int | None = None,
+) -> Float[Tensor, "head head"]:
+    """Σ over the counted (sequence, query) rows of the total-variation distance
+    ½ Σ_k |p_h(k) − p_h'(k)| between the attention distributions of every two heads (METHODS §3).
+
+    The rows are gathered and widened to float64 a chunk at a time, at most ``chunk_bytes`` (default
+    :data:`PATTERN_CHUNK_BYTES`) of them, at least one row: memory is O(H²) plus one chunk whatever
+    the number of positions, where a float64 copy of all rows [n, H, K] would be 2·n·H·K·8 bytes
+    (68 GB at 32 heads and 4k positions of one sequence). Chunking changes only the order of the
+    float64 sum.
+    """
+    _, H, _, K = pattern.shape
+    per_row = H * K * (pattern.element_size() + 8) + H * H * 8  # the gathered row, its float64 copy, its [H, H]
+    rows_per_chunk = max(1, int(chunk_bytes or PATTERN_CHUNK_BYTES) // per_row)
+    seq, query = mask.nonzero(as_tuple=True)  # counted rows, in the order of pattern[mask]
+    total = torch.zeros(H, H, dtype=torch.float64, device=pattern.device)
+    for start in range(0, len(seq), rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        rows = pattern[seq[part], :, query[part], :].to(torch.float64)  # [c, head, key]
+        total += torch.cdist(rows, rows, p=1).sum(0)  # Σ_k |p_h(k) − p_h'(k)| for every head pair
+    return 0.5 * total
+
+
 def head_synchronization(
     model,
     data,
@@ -314,7 +346,8 @@ def head_synchronization(
     ½ Σ_k |p_h(k) − p_h'(k)| between the attention distributions of two heads at each counted
     (sequence, query position), and the float64 mean and covariance of the value activations
     (``hook_v``) and of the heads' input (the normalized residual stream; ``hook_resid_pre`` without
-    a norm). Memory is O(L·H² + L·(n_kv·d)² + L·D²), independent of the amount of data.
+    a norm). Memory is O(L·H² + L·(n_kv·d)² + L·D²), independent of the amount of data, plus one
+    chunk of pattern rows (:func:`pattern_tv_sums`): the attention patterns are never copied whole.
 
     Heads whose patterns are all pairwise within ``tol`` form a block S (:func:`synchronized_blocks`).
     Each block's extra freedom is J_apart − J_sync (:func:`synchronization_freedom`) from D_in = rank
@@ -337,7 +370,8 @@ def head_synchronization(
     Raises:
         ValueError: tol outside [0, 1]. DataError: data without tokens. MissingHookError: a model
         without attention patterns, values or a findable attention input. TypeError: a model
-        ``tld.adapt`` does not take.
+        ``tld.adapt`` does not take. MemoryBudgetError: batches too large for the memory budget
+        (``tld.memory``), before anything runs.
     """
     tol = _check_tol(tol)
     adapter = adapt(model)
@@ -352,6 +386,7 @@ def head_synchronization(
         raise MissingHookError(f"head_synchronization needs attention patterns, values and inputs: {e}") from None
     input_names = [name for name, _ in attn_inputs]
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    check_batches(adapter, "head_sync", batches, "head_synchronization")  # fail before the first forward
     dev = adapter.device
     tv_sum = torch.zeros(L, H, H, dtype=torch.float64, device=dev)
     count = torch.zeros(L, dtype=torch.float64, device=dev)
@@ -366,12 +401,11 @@ def head_synchronization(
 
         def on_pattern(layer: int):
             def hook(pattern: Tensor, hook=None) -> None:
-                # [batch, head, query, key] → sample rows [n, head, key] (one per counted query position)
-                rows = pattern.detach().transpose(1, 2)
-                rows = index.rows(rows, index.unit(tuple(rows.shape), pattern_names[layer])).to(torch.float64)
-                for h in range(H):
-                    tv_sum[layer, h] += (0.5 * (rows[:, h : h + 1] - rows).abs().sum(-1)).sum(0)  # [H]
-                count[layer] += rows.shape[0]
+                b, _, q, k = pattern.shape
+                unit = index.unit((b, q, H, k), pattern_names[layer])  # sample rows: [batch, query] positions
+                mask = index.mask if unit == "position" else index.seq_mask[:, None]
+                tv_sum[layer] += pattern_tv_sums(pattern.detach(), mask)
+                count[layer] += index.count(unit)
                 flags[pattern_names[layer]] = torch.isfinite(tv_sum[layer]).all()
 
             return hook
@@ -532,6 +566,7 @@ def neuron_synchronization(
     Raises:
         ValueError: tol outside [0, 1], or a gated MLP with an unknown activation function.
         MissingHookError: a model without MLP layers. DataError: data without tokens.
+        MemoryBudgetError: batches too large for the memory budget (``tld.memory``), before anything runs.
     """
     tol = _check_tol(tol)
     adapter = adapt(model)
@@ -548,6 +583,7 @@ def neuron_synchronization(
         ratio = _RATIOS[key]
     approximate = (act_fn or "").lower() not in EXACT_ACTIVATIONS
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    check_batches(adapter, "neuron_sync", batches, "neuron_synchronization")  # fail before the first forward
     L, F = adapter.n_layers, adapter.d_mlp
     dev = adapter.device
     pre_names = [adapter.hook_name("mlp_pre", layer) for layer in range(L)]

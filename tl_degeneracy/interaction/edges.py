@@ -163,25 +163,25 @@ def _edge_cotangents(
     k, D = coords.shape
     m = mask.to(torch.float64)
     if sources is None:
-        patterns = []
-        for t in mask.any(0).nonzero().flatten().tolist():
-            one_hot = torch.zeros(b, P, dtype=torch.float64, device=mask.device)
-            one_hot[:, t] = 1.0
-            patterns.append(one_hot * m)
+        counted = mask.any(0).nonzero().flatten()
+        patterns = torch.zeros(len(counted), b, P, dtype=torch.float64, device=mask.device)
+        patterns[torch.arange(len(counted), device=mask.device), :, counted] = 1.0  # e_t at every sequence
         weight = 1.0
     else:
-        patterns = []
+        signs = []
         for s in range(sources):
             g = probe_generator(seed, batch_number, s, mask.device, stream=(EDGE_STREAM, pair))
-            signs = torch.randint(0, 2, (b, P), generator=g, device=mask.device).to(torch.float64) * 2 - 1
-            patterns.append(signs * m)
+            signs.append(torch.randint(0, 2, (b, P), generator=g, device=mask.device).to(torch.float64) * 2 - 1)
+        patterns = torch.stack(signs)
         weight = 1.0 / sources
-    jobs = [(p, i) for p in patterns for i in range(k)]
-    for start in range(0, len(jobs), chunk):
-        part = jobs[start : start + chunk]
-        cot = torch.stack([p[:, :, None] * coords[i][None, None, :] for p, i in part])
-        rows = torch.tensor([i for _, i in part], device=coords.device)
-        yield cot, rows, weight
+    patterns = patterns * m
+    # Jobs (pattern, direction i), pattern-major: a chunk of them is one broadcast product.
+    which = torch.arange(len(patterns), device=mask.device).repeat_interleave(k)
+    rows = torch.arange(k, device=coords.device).repeat(len(patterns))
+    for start in range(0, len(rows), chunk):
+        part = slice(start, start + chunk)
+        cot = patterns[which[part], :, :, None] * coords[rows[part]][:, None, None, :]  # [J, batch, pos, D]
+        yield cot, rows[part], weight
 
 
 def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tensor, "batch pos_a k_a"],

@@ -10,6 +10,11 @@ import numpy as np
 SAMPLERS = ("sgld", "rmsprop")
 #: Draws of each block of a ``draws="auto"`` run unless ``draws_block`` is given.
 DEFAULT_DRAWS_BLOCK = 500
+#: Floor of ``gamma="auto"`` unless ``min_gamma`` is given.
+DEFAULT_MIN_GAMMA = 1.0
+#: s·γ that ``gamma="auto"`` asks of the burn-in (s = η·burnin, the cumulative step): a direction
+#: held only by the prior γ reaches 1 − e⁻³ ≈ 95 % of its equilibrium variance (METHODS §1).
+GAMMA_RELAXATION = 3.0
 #: Most draws of a ``draws="auto"`` run given neither ``max_draws`` nor ``time_limit`` (10× the fixed default).
 DEFAULT_MAX_DRAWS = 20_000
 
@@ -32,11 +37,19 @@ class SamplerConfig:
             when no ``time_limit`` is given) or the next block would end past ``time_limit``
             seconds of the whole call. ``max_draws``, ``time_limit`` and ``draws_block`` are
             refused with a fixed number of draws.
-        step_size: η; None for the automatic one (bias bound ``bias_bound``, stepsize.py).
-        gamma: localization γ of the prior centred at θ*.
+        step_size: η; None for the automatic one (stepsize.py: predicted bias of λ̂ at most
+            ``bias_bound``, stiffest direction's η(nβ h_max + γ)/4 at most ``stiff_bound``).
+        gamma: localization γ of the prior centred at θ*, or ``"auto"``: the smallest γ ≥
+            ``min_gamma`` at which the directions only the prior holds equilibrate within the
+            burn-in, γ = max(min_gamma, :data:`GAMMA_RELAXATION`/(η · burnin)) (the first block of
+            draws stands in for a zero burn-in; :meth:`auto_gamma`).
+        min_gamma: the floor of ``gamma="auto"`` (refused with a given γ).
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD, with ``rms_alpha`` and
             ``rms_eps``).
-        bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size (< 1).
+        bias_bound: target of the predicted relative step-size bias of λ̂ for the automatic step
+            size (< 1; stepsize.py).
+        stiff_bound: largest η (nβ h_max + γ)/4 of the automatic step size (< 1: stability of the
+            stiffest direction).
         pilot_steps: length of each pilot run of the automatic step size; None (default): scaled to
             the budget, min(200, max(20, (burnin + draws)//10)) (:attr:`pilot_length`), so that
             the pilots do not dominate short runs. A given value is used as given.
@@ -50,9 +63,10 @@ class SamplerConfig:
     draws: int | str = 2000
     burnin: int = 500
     step_size: float | None = None
-    gamma: float = 1.0
+    gamma: float | str = 1.0
     sampler: str = "sgld"
     bias_bound: float = 0.05
+    stiff_bound: float = 0.5
     rms_alpha: float = 0.99
     rms_eps: float = 0.1
     pilot_steps: int | None = None
@@ -61,6 +75,7 @@ class SamplerConfig:
     max_draws: int | None = None
     time_limit: float | None = None
     draws_block: int | None = None
+    min_gamma: float | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -80,14 +95,26 @@ class SamplerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}; got {value!r}")
         gamma = self.gamma
-        if not (isinstance(gamma, (int, float, np.floating, np.integer)) and math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"gamma must be a finite number ≥ 0; got {gamma!r}")
+        if isinstance(gamma, str):
+            if gamma != "auto":
+                raise ValueError(f"gamma must be a finite number ≥ 0 or \"auto\"; got {gamma!r}")
+        elif not (isinstance(gamma, (int, float, np.floating, np.integer)) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number ≥ 0 or \"auto\"; got {gamma!r}")
+        if self.min_gamma is not None:
+            if not self.auto_gamma_on:
+                raise ValueError(f"min_gamma is the floor of gamma=\"auto\"; with gamma={gamma!r} it has no effect: "
+                                 "pass gamma=\"auto\" or leave it out")
+            _positive_finite("min_gamma", self.min_gamma)
         if self.step_size is not None:
             _positive_finite("step_size", self.step_size)
         _positive_finite("bias_bound", self.bias_bound)
         if not self.bias_bound < 1:
             # η(nβ h + γ)/4 ≥ 1 is past the stability limit of the stiffest direction (λ̂ ∝ 1/(1 − b)).
-            raise ValueError(f"bias_bound must be < 1 (the predicted bias factor is 1/(1 − bias_bound)); got {self.bias_bound!r}")
+            raise ValueError(f"bias_bound must be < 1 (it is a relative bias of λ̂); got {self.bias_bound!r}")
+        _positive_finite("stiff_bound", self.stiff_bound)
+        if not self.stiff_bound < 1:
+            # η(nβ h + γ)/4 ≥ 1 is past the stability limit of the stiffest direction.
+            raise ValueError(f"stiff_bound must be < 1 (the stability limit of the stiffest direction); got {self.stiff_bound!r}")
         if not (isinstance(self.rms_alpha, (int, float, np.floating)) and 0 <= self.rms_alpha < 1):
             raise ValueError(f"rms_alpha must satisfy 0 ≤ rms_alpha < 1; got {self.rms_alpha!r}")
         _positive_finite("rms_eps", self.rms_eps)
@@ -100,6 +127,30 @@ class SamplerConfig:
     def auto(self) -> bool:
         """Whether the draws are a budget (``draws="auto"``) rather than a count."""
         return isinstance(self.draws, str)
+
+    @property
+    def auto_gamma_on(self) -> bool:
+        """Whether γ is chosen from the budget (``gamma="auto"``)."""
+        return isinstance(self.gamma, str)
+
+    @property
+    def gamma_floor(self) -> float:
+        """The γ the pilots run at and ``gamma="auto"`` never goes below (the given γ otherwise)."""
+        if self.auto_gamma_on:
+            return DEFAULT_MIN_GAMMA if self.min_gamma is None else float(self.min_gamma)
+        return float(self.gamma)
+
+    def auto_gamma(self, step_size: float) -> float:
+        """γ = max(floor, GAMMA_RELAXATION/(η · T)) with T the burn-in (the first block of draws when
+        the burn-in is 0): the smallest γ at which a direction that only the prior holds — variance
+        1 − exp(−γ s) of its equilibrium after cumulative step s = ηT (sampler.py; research/
+        llc_convergence.md: plateaus at s·γ ≈ 2–5) — is within e⁻³ ≈ 5 % of equilibrium when the
+        draws that λ̂ averages begin. Directions with curvature relax faster (rate nβh + γ), so
+        models without flat directions need no more than the floor; the given γ for a number."""
+        if not self.auto_gamma_on:
+            return float(self.gamma)
+        window = self.burnin or self.first_draws
+        return max(self.gamma_floor, GAMMA_RELAXATION / (step_size * window))
 
     @property
     def draw_budget(self) -> int | None:

@@ -28,13 +28,14 @@ from ..errors import NumericalError
 from ..stats.distributed import distributed_context, max_over_ranks
 from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
-from .config import SamplerConfig
+from .config import GAMMA_RELAXATION, SamplerConfig
 from .convergence import ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
 from .llc_result import ChainRecords, LLCResult, chain_estimates
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
-from .stepsize import ADAPT_AT, StepSizeChoice, adapted_step_size, bias_bound_of, chain_curvature, initial_step_size
+from .stepsize import (ADAPT_AT, StepSizeChoice, adapted_step_size, bias_bound_of, chain_curvature, initial_step_size,
+                       predicted_bias, step_size_for, window_llc)
 from .targets import DEFAULT_CACHE_BYTES, SamplingTarget, make_target
 
 #: Default nβ: the tempered posterior probes loss scale ε = 1/nβ = 10⁻³ (nats per sample for kl).
@@ -81,7 +82,7 @@ def behavioral_llc(
     nbeta: float | None = None,
     loss_scale: float | None = None,
     step_size: float | None = None,
-    gamma: float | None = None,
+    gamma: float | str | None = None,
     chains: int | None = None,
     draws: int | None = None,
     burnin: int | None = None,
@@ -112,17 +113,29 @@ def behavioral_llc(
             ``"mse"`` (default for plain modules: ½‖f_θ − f_θ*‖², the KL of unit Gaussians).
         nbeta, loss_scale: nβ = 1/loss_scale (give at most one). Default nβ = 1000: the estimate
             is λ_B at loss scale 10⁻³ (nats per sample for kl), where E[L_B] = λ/nβ.
-        step_size: η; default automatic: η (nβ h_max + γ)/4 = ``bias_bound`` with h_max the top
-            Hessian eigenvalue of L_B at θ* and along pilot runs (stepsize.py), so that the
-            step-size bias λ̂ ≈ λ/(1 − η nβ h/4) stays below ≈ ``bias_bound``; η is lowered (never
-            raised) after a quarter, half and three quarters of the burn-in if the chains reached
-            stiffer regions (:data:`ADAPT_AT`), so the last quarter of the burn-in runs under the
-            final η.
-            ``diagnostics["h_max"]``/``["bias_bound"]`` use the largest curvature measured before
-            sampling (pilots and burn-in checks; the pilots' alone is ``["h_max_pilot"]``). The
-            bound where the chains end is reported (``diagnostics["bias_bound_end"]``) and a warning
-            is issued when it exceeds twice ``bias_bound``.
-        gamma: localization γ (prior centred at θ*; default 1); it also keeps flat directions bounded.
+        step_size: η; default automatic (stepsize.py): the largest η whose predicted relative
+            step-size bias of λ̂, η nβ tr(H)/(8 λ (1 − b_max)), is ``bias_bound`` (0.05) and whose
+            stiffest direction has b_max = η (nβ h_max + γ)/4 ≤ ``stiff_bound`` (0.5), with h_max
+            (Lanczos) and tr H (Hutchinson) of the Hessian of L_B at θ* and at the end of pilot
+            runs, and λ from the pilots' traces; η is lowered (never raised) after a quarter, half
+            and three quarters of the burn-in if the chains reached stiffer regions or their λ̂
+            calls for it (:data:`ADAPT_AT`), so the last quarter of the burn-in runs under the final
+            η. ``diagnostics["bias_bound"]`` is the predicted bias at the final η, with the largest
+            curvature and trace measured before sampling and the run's own λ̂ (``["h_max"]``,
+            ``["trace_hessian"]``; the pilots' alone: ``["h_max_pilot"]``); ``["stiff_bound"]`` its
+            b_max. The same at the chains' end points is ``["bias_bound_end"]``, and a warning is
+            issued when it exceeds twice ``bias_bound``.
+        gamma: localization γ of the prior (γ/2)‖θ − θ*‖² (default 1). It is part of the quantity:
+            the estimate is λ̂(ε, γ), the LLC of the posterior within reach of the prior, and
+            directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) instead of ½. So a
+            larger γ gives a smaller, more local value (toy:bytelm: > 530 at γ = 1, 227 at 10³, 70 at
+            10⁴, 17 at 10⁵), and values are comparable only at equal ε and γ. Models whose directions
+            all have nβh ≫ γ (regular models, the deep linear networks' non-gauge directions) do not
+            depend on it. ``"auto"``: the smallest γ ≥ ``min_gamma`` (default 1) at which the
+            chains can equilibrate within the budget, max(min_gamma, 3/(η · burnin))
+            (:meth:`SamplerConfig.auto_gamma`; flat directions are free random walks until s·γ ≈ 3,
+            s the cumulative step); the pilots run at the floor, and η is re-derived at the chosen
+            γ. ``result.gamma`` is the γ used, ``diagnostics["gamma_source"]`` says how it was set.
         chains, draws, burnin: chains run together (default 8); each runs burnin + draws steps
             (default 500 + 2000); the estimate averages the draws. Under torchrun, chains must be at
             least the number of ranks. ``draws="auto"``: a budget instead of a count: after the
@@ -165,7 +178,9 @@ def behavioral_llc(
             sampler (fields of :class:`SamplerConfig`, defaults there):
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
             multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
-        bias_bound: target of η (nβ h_max + γ)/4 for the automatic step size.
+        bias_bound: target of the predicted relative step-size bias of λ̂ (automatic step size).
+        stiff_bound: largest η (nβ h_max + γ)/4 of the automatic step size (stability).
+        min_gamma: the floor of ``gamma="auto"``.
         pilot_steps: length of each pilot run of the automatic step size (stepsize.py); default
             scaled to the budget, min(200, max(20, (burnin + draws)//10)); a given value is used as is.
         checkpoint_every: steps between checkpoints (default 512).
@@ -225,10 +240,12 @@ def behavioral_llc(
         saved = None if checkpointer is None else checkpointer.resume_extra()
 
         show = show_progress(progress, ctx.rank)
-        choice, source = initial_step_size(target, selection, config, nbeta=nb, explode_at=explode_at, seed=seed,
+        choice, source = initial_step_size(target, selection, config, nbeta=nb, gamma=config.gamma_floor,
+                                           explode_at=explode_at, seed=seed,
                                            saved=None if saved is None else saved.get("step_size_choice"), progress=show)
+        gamma, choice = _localization(config, choice, source, nb)
         eta = choice.step_size * (config.rms_factor if config.step_size is None else 1.0)
-        dynamics = Dynamics(nbeta=nb, step_size=eta, gamma=config.gamma, steps=config.steps, rmsprop=config.rmsprop,
+        dynamics = Dynamics(nbeta=nb, step_size=eta, gamma=gamma, steps=config.steps, rmsprop=config.rmsprop,
                             rms_alpha=config.rms_alpha, rms_eps=config.rms_eps, explode_at=explode_at)
         state = initial_state(target, selection.layout, [chain_seed(seed, c) for c in my_chains], dynamics)
         state.extra["step_size_choice"] = choice.to_dict()
@@ -250,10 +267,39 @@ def behavioral_llc(
                     target, selection, config, run, dynamics, state, loss_grad, checkpointer, seed, my_chains,
                     _stop_after, bar, ctx.world_size, started)
         # The bias bound where the chains ended: reported, and a warning when far above the target.
-        h_end = chain_curvature(target, selection, state, _point_seeds(seed, my_chains)) if state.step == run.steps else float("nan")
+        h_end, trace_end = (chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
+                            if state.step == run.steps else (float("nan"), float("nan")))
         records = ChainRecords.gather(state, my_chains, loss_grad.compile_s, ctx.world_size)
-        return _result(target, selection, run, nb, choice, source, dynamics.step_size, state.extra["adaptations"],
-                       h_end, records, loss_grad, ctx.world_size, budget)
+        return _result(target, selection, run, nb, choice, source, dynamics, state.extra["adaptations"],
+                       (h_end, trace_end), records, loss_grad, ctx.world_size, budget)
+
+
+def _localization(config: SamplerConfig, choice: StepSizeChoice, source: str, nbeta: float) -> tuple[float, StepSizeChoice]:
+    """The γ to sample at, and the step size re-derived for it.
+
+    A given γ is used as given. ``gamma="auto"`` (:meth:`SamplerConfig.auto_gamma`): γ = max(floor,
+    3/(η·burnin)); an automatic η depends on γ through the stiffest direction's a = nβ h_max + γ
+    (the predicted bias does not: γ cancels from it, stepsize.py), so the pair is iterated to its
+    fixed point from the pilots' measurements (η only falls as γ rises, so it converges; no new
+    pilots run). A resumed run reads the fixed point's η from its checkpoint, so it finds the same γ."""
+    gamma = config.auto_gamma(choice.step_size)
+    # A given η is not re-derived, and a checkpoint's saved choice already holds the fixed point
+    # (re-iterating it could move η in the last bit, and the checkpoint would refuse the run).
+    if not config.auto_gamma_on or source != "automatic":
+        return gamma, choice
+    eta = choice.step_size
+    for _ in range(20):
+        eta_new = min(eta, step_size_for(choice.h_max, nbeta, gamma, config.bias_bound, trace=choice.trace,
+                                         llc=choice.llc_pilot, stiff_bound=config.stiff_bound))
+        gamma_new = config.auto_gamma(eta_new)
+        done = eta_new == eta and gamma_new == gamma
+        eta, gamma = eta_new, gamma_new
+        if done:
+            break
+    choice = replace(choice, step_size=eta, bias_bound=predicted_bias(eta, choice.h_max, choice.trace, choice.llc_pilot,
+                                                                      nbeta, gamma),
+                     stiff_bound=bias_bound_of(eta, choice.h_max, nbeta, gamma))
+    return gamma, choice
 
 
 def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, selection: Selection, seed: int,
@@ -264,7 +310,8 @@ def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, select
         # class and sizes alone would let another model of the same shape resume this one's chains.
         # Hashing reads every parameter on the CPU, so it is done only when checkpointing.
         "target": target.description, "fingerprint": target.fingerprint(),
-        "loss": target.loss_name, "nbeta": nbeta, "gamma": float(config.gamma), "chains": config.chains,
+        "loss": target.loss_name, "nbeta": nbeta, "gamma": config.gamma if config.auto_gamma_on else float(config.gamma),
+        "min_gamma": config.min_gamma, "stiff_bound": config.stiff_bound, "chains": config.chains,
         # draws="auto" runs differ only in how far they go (max_draws, time_limit, block size), not
         # in the chains, so a checkpoint of one resumes under a larger budget.
         "draws": config.draws, "burnin": config.burnin, "seed": seed, "sampler": config.sampler,
@@ -298,16 +345,22 @@ def _sample_with_burnin_adaptation(
         dynamics = replace(dynamics, step_size=state.extra["step_size"])
     adaptations = state.extra.setdefault("adaptations", [])
     on_block = None if checkpointer is None else checkpointer.on_block
+    previous = 0
     for check in checks + [dynamics.steps]:
         stop = check if stop_after is None else min(check, stop_after)
         if state.step < stop:
             state = run_chains(target, selection.layout, selection.mask, dynamics, state, on_block=on_block, stop_after=stop,
                                loss_grad=loss_grad, bar=bar)
+        since, previous = previous, check
         if check == dynamics.steps or state.step != check or any(a["step"] == check for a in adaptations):
             continue
-        h_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
-        eta_new = adapted_step_size(h_now, dynamics.step_size, dynamics.nbeta, config)
-        adaptations.append({"step": check, "h_max": h_now, "step_size": min(eta_new, dynamics.step_size)})
+        h_now, trace_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
+        # λ̂ so far: the chains' mean nβ L_B since the last check (every rank's chains: gathered).
+        records = ChainRecords.gather(state, my_chains, 0.0, distributed_context().world_size)
+        llc_now = window_llc(records.losses, records.failed_at < 0, dynamics.nbeta, since, check)
+        eta_new = adapted_step_size(h_now, trace_now, llc_now, dynamics.step_size, dynamics.nbeta, dynamics.gamma, config)
+        adaptations.append({"step": check, "h_max": h_now, "trace_hessian": trace_now, "llc": llc_now,
+                            "step_size": min(eta_new, dynamics.step_size)})
         if eta_new < dynamics.step_size:
             dynamics = replace(dynamics, step_size=eta_new)
             state.extra["step_size"] = eta_new
@@ -371,7 +424,7 @@ def _continue_until_converged(
                                                          checkpointer, seed, my_chains, stop_after, bar)
     elapsed = time.perf_counter() - started
     reason = {
-        "max_draws": f"budget spent: max_draws = {max_draws:,} reached",
+        "max_draws": f"budget spent: max_draws = {max_draws:,}",
         "time_limit": f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
                       f"{block:,} draws would pass it)" if time_limit is not None else "",
     }.get(stopped, "")
@@ -385,23 +438,24 @@ def _continue_until_converged(
 
 def _result(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, nb: float, choice: StepSizeChoice, source: str,
-    eta: float, adaptations: list[dict], h_end: float, records: ChainRecords, loss_grad: LossGrad, world: int,
-    budget: dict | None = None,
+    dynamics: Dynamics, adaptations: list[dict], end: tuple[float, float], records: ChainRecords, loss_grad: LossGrad,
+    world: int, budget: dict | None = None,
 ) -> LLCResult:
     """λ̂ from the gathered chains (llc_result.py), the warnings its diagnostics call for, and the result.
 
-    ``config`` has the run's draws (for ``draws="auto"``: all blocks'); ``budget`` is what the
-    ``draws="auto"`` budget did (None for a fixed number of draws)."""
-    chains, bias_bound, gamma = config.chains, config.bias_bound, config.gamma
-    rms_factor = config.rms_factor
-    bias_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
+    ``config`` has the run's draws (for ``draws="auto"``: all blocks'); ``dynamics`` the final η and
+    the γ sampled at; ``end`` the top curvature and Hessian trace at the chains' end points;
+    ``budget`` is what the ``draws="auto"`` budget did (None for a fixed number of draws)."""
+    chains, bias_target = config.chains, config.bias_bound
+    eta, gamma, rms_factor = dynamics.step_size, dynamics.gamma, config.rms_factor
+    h_end, trace_end = end
     steps_done = records.steps_done
     # Interrupted on purpose (_stop_after): report what was sampled so far.
     burnin_used = config.burnin if steps_done >= config.steps else min(config.burnin, max(steps_done - 1, 0))
     per_chain, mean, std, stderr = chain_estimates(records.losses, nb, burnin_used, records.failed_at)
     failed = records.failed()
     advice = (
-        f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_bound}), increase gamma (now {gamma}), or use a "
+        f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_target}), increase gamma (now {gamma:.4g}), or use a "
         f"larger loss_scale (smaller nbeta, now {nb:g})"
     )
     # stacklevel 3: the warnings point at the caller of behavioral_llc.
@@ -416,31 +470,44 @@ def _result(
         warnings.warn(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
         warnings.warn(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
-    if bias_end > 2 * bias_bound:
+    # The predicted bias (stepsize.py) with the run's own λ̂: at the chains' end points, and with the
+    # largest curvature and trace measured before sampling (pilots and burn-in checks), the ones the
+    # final η was chosen for (the pilots' h_max alone would under-state it).
+    bias_end = predicted_bias(eta / rms_factor, h_end, trace_end, mean, nb, gamma)
+    stiff_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
+    if bias_end > 2 * bias_target:
+        smaller = eta * bias_target / bias_end if math.isfinite(bias_end) else eta / 10
+        size = (f"by about {bias_end:.0%}" if math.isfinite(bias_end) else
+                "without bound (the stiffest direction is past the stability limit there)")
         warnings.warn(
-            f"at the end of sampling the chains sit where the step-size bias bound η(nβ h_max + γ)/4 is {bias_end:.2g} "
-            f"(h_max {h_end:.3g}), above the {bias_bound:.2g} aimed for: λ̂ may be over-estimated by "
-            f"up to {bias_end / (1 - min(bias_end, 0.99)):.0%}; pass a smaller step_size (e.g. {eta * bias_bound / bias_end:.2g}) "
-            f"or a larger burnin so that the burn-in adaptation sees these regions",
+            f"at the end of sampling the chains sit where the step size over-estimates λ̂ {size}: predicted "
+            f"η nβ tr(H)/(8 λ̂ (1 − b_max)) with tr H = {trace_end:.3g} and h_max = {h_end:.3g} measured at the chains' end "
+            f"points (b_max = η(nβ h_max + γ)/4 = {stiff_end:.2g}), above the {bias_target:.2g} aimed for; pass a smaller "
+            f"step_size (e.g. {smaller:.2g}) or a larger burnin so that the burn-in adaptation sees these regions",
             RuntimeWarning, stacklevel=3,
         )
     wall, compile_s = records.wall_s, records.compile_s
-    # The reported bound uses the largest curvature measured before sampling: the pilots' h_max and
-    # every burn-in re-measurement (which may have lowered η because the chains found stiffer regions);
-    # the pilot value alone would under-state the bound the final η was chosen for.
-    h_max = max([choice.h_max] + [a["h_max"] for a in adaptations if math.isfinite(a["h_max"])])
-    bound = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
+    dynamics_eta0 = choice.step_size * (rms_factor if source != "given" else 1.0)
+    measured = [a for a in adaptations if math.isfinite(a["h_max"])]
+    h_max = max([choice.h_max] + [a["h_max"] for a in measured])
+    traces = [t for t in [choice.trace] + [a.get("trace_hessian", float("nan")) for a in measured] if math.isfinite(t)]
+    trace = max(traces) if traces else float("nan")
+    bound = predicted_bias(eta / rms_factor, h_max, trace, mean, nb, gamma)
+    stiff = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
     diagnostics = {
-        **choice.to_dict(), "step_size_source": source, "step_size": eta,
-        "h_max_pilot": choice.h_max, "h_max": h_max, "bias_bound": bound,
-        "predicted_bias_factor": 1.0 / (1.0 - bound) if bound < 1 else float("inf"),
-        "h_max_end": h_end, "bias_bound_end": bias_end, "adaptations": list(adaptations),
+        **choice.to_dict(), "step_size_source": source, "step_size": eta, "step_size_initial": dynamics_eta0,
+        "gamma": gamma, "gamma_source": _gamma_source(config, eta), "min_gamma": config.gamma_floor if config.auto_gamma_on else None,
+        "h_max_pilot": choice.h_max, "h_max": h_max, "trace_hessian": trace, "bias_bound": bound, "stiff_bound": stiff,
+        "predicted_bias_factor": 1.0 + bound,
+        "h_max_end": h_end, "trace_hessian_end": trace_end, "bias_bound_end": bias_end, "stiff_bound_end": stiff_end,
+        "adaptations": list(adaptations),
         "norms": records.norms, "norm_names": NORMS, "failed_at": records.failed_at, "wall_s": wall,
         # Per chain-step of sampling, without the one-off compilation (its seconds are compile_s).
         "s_per_chain_step": (wall - compile_s) * world / max(chains * steps_done, 1), "n_batches": target.n_batches,
         "compiled": loss_grad.compiled, "compile_s": compile_s, "compile_error": loss_grad.compile_error,
         "n_samples": target.n_samples, "mean_positions_per_batch": target.mean_positions, "world_size": world,
         "steps_done": steps_done, "pilot_steps": 0 if source == "given" else config.pilot_length,
+        "cumulative_step": _cumulative_step(dynamics_eta0, adaptations, steps_done),
         "rhat": verdict.rhat, "ess": verdict.ess, "drift": verdict.drift, "n_diverged": verdict.n_diverged,
         "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(), "budget": budget,
         "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "
@@ -452,3 +519,24 @@ def _result(
         n_params=selection.n_params, loss=target.loss_name, sampler=config.sampler, failed=failed,
         diagnostics=diagnostics, selection=selection.spec, converged=verdict.converged,
     )
+
+
+def _gamma_source(config: SamplerConfig, eta: float) -> str:
+    """How γ was set, in words (``diagnostics["gamma_source"]``)."""
+    if not config.auto_gamma_on:
+        return "given"
+    window = config.burnin or config.first_draws
+    return (f"auto: max(min_gamma = {config.gamma_floor:g}, {GAMMA_RELAXATION:g}/(η · {window:,} steps)) with the "
+            f"η chosen for it")
+
+
+def _cumulative_step(eta0: float, adaptations: list[dict], steps_done: int) -> float:
+    """s = Σ η over the steps run: the burn-in's pieces at the η each ran with (``eta0`` until the
+    first check, then each check's), the rest at the last: the relaxation clock of the directions
+    only the prior holds (METHODS §1; s·γ ≳ 3 equilibrates them)."""
+    s, start, eta = 0.0, 0, eta0
+    for a in adaptations:
+        step = min(a["step"], steps_done)
+        s += eta * (step - start)
+        start, eta = step, a["step_size"]
+    return s + eta * max(steps_done - start, 0)

@@ -20,7 +20,9 @@ from .sampler import NORMS, SamplerState
 
 @dataclass
 class LLCResult:
-    """Behavioral LLC at one loss scale, with per-chain values, traces and diagnostics.
+    """Behavioral LLC λ̂(ε, γ) at one loss scale ε = 1/nβ and one localization γ, with per-chain
+    values, traces and diagnostics. γ is part of the quantity (METHODS §1): a value is comparable
+    only with values at the same ε and γ; :attr:`label` and every table and summary state both.
 
     ``trace`` is [chains, steps] of nβ·L_B (burn-in included; NaN after a chain failed), so its
     post-burn-in mean per chain is that chain's estimate. ``failed`` maps failed (diverged) chains
@@ -60,6 +62,11 @@ class LLCResult:
         return 1.0 / self.nbeta
 
     @property
+    def label(self) -> str:
+        """The quantity with its loss scale and localization, e.g. ``λ̂(ε = 0.001, γ = 2.7e+03)``."""
+        return f"λ̂(ε = {self.loss_scale:.3g}, γ = {self.gamma:.3g})"
+
+    @property
     def n_eff(self) -> float:
         """Effective parameter count 2λ̂."""
         return 2.0 * self.llc
@@ -82,9 +89,12 @@ class LLCResult:
     def summary(self) -> dict:
         d = self.diagnostics
         return {
-            "llc": self.llc, "llc_std": self.llc_std, "llc_stderr": self.llc_stderr, "n_eff": self.n_eff,
+            "quantity": self.label, "llc": self.llc, "llc_std": self.llc_std, "llc_stderr": self.llc_stderr,
+            "n_eff": self.n_eff, "gamma_source": d.get("gamma_source"),
             "n_params": self.n_params, "loss_scale": self.loss_scale, "nbeta": self.nbeta, "step_size": self.step_size,
-            "gamma": self.gamma, "bias_bound": d.get("bias_bound"), "h_max": d.get("h_max"), "chains": self.chains,
+            "gamma": self.gamma, "bias_bound": d.get("bias_bound"), "stiff_bound": d.get("stiff_bound"),
+            "h_max": d.get("h_max"), "trace_hessian": d.get("trace_hessian"), "cumulative_step": d.get("cumulative_step"),
+            "chains": self.chains,
             "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin, "loss": self.loss,
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
             "converged": self.converged, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
@@ -101,8 +111,9 @@ class LLCResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per chain: its estimate, the step it diverged at (−1 if healthy) and, averaged over its steps, the magnitudes of the three terms of its SGLD update and its
         distance from θ*, all on the scale of one update (``grad_step``, ``prior_step``,
-        ``noise_step``, ``distance``; sampler.NORMS). ``frame.attrs`` holds the run's verdict:
-        ``converged``, ``rhat``, ``ess``, ``drift``, ``n_diverged`` and ``convergence_reason``."""
+        ``noise_step``, ``distance``; sampler.NORMS). ``frame.attrs`` holds the quantity
+        (``quantity``, ``loss_scale``, ``gamma``) and the run's verdict: ``converged``, ``rhat``,
+        ``ess``, ``drift``, ``n_diverged`` and ``convergence_reason``."""
         rows = []
         norms = self.diagnostics.get("norms", np.full((self.chains, len(NORMS)), np.nan))
         for c in range(self.chains):
@@ -111,13 +122,15 @@ class LLCResult:
             rows.append(row)
         frame = pd.DataFrame(rows)
         s = self.summary()
-        frame.attrs.update({k: s[k] for k in ("converged", "rhat", "ess", "drift", "n_diverged", "convergence_reason")})
+        frame.attrs.update({k: s[k] for k in ("quantity", "loss_scale", "gamma", "converged", "rhat", "ess", "drift",
+                                              "n_diverged", "convergence_reason")})
         return frame
 
     def __repr__(self) -> str:
         return (
-            f"LLCResult(llc={self.llc:.4g} ± {self.llc_stderr:.2g} (stderr), n_eff={self.n_eff:.4g}, n_params={self.n_params}, "
-            f"nbeta={self.nbeta:g}, step_size={self.step_size:.3g}, bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
+            f"LLCResult({self.label} = {self.llc:.4g} ± {self.llc_stderr:.2g} (stderr), n_eff={self.n_eff:.4g}, "
+            f"n_params={self.n_params}, nbeta={self.nbeta:g}, gamma={self.gamma:.4g}, step_size={self.step_size:.3g}, "
+            f"bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
             f"chains={self.chains}, failed={len(self.failed)}, converged={self.converged}, "
             f"rhat={self.diagnostics.get('rhat', float('nan')):.3g}, ess={self.diagnostics.get('ess', float('nan')):.3g}, "
             f"drift={self.diagnostics.get('drift', float('nan')):.2g})"
@@ -132,8 +145,8 @@ class LLCResult:
         for c in range(self.chains):
             fig.add_trace(go.Scatter(x=steps, y=self.trace[c], mode="lines", name=f"chain {c}", opacity=0.6))
         fig.add_vrect(x0=0, x1=self.burnin, fillcolor="grey", opacity=0.15, line_width=0, annotation_text="burn-in")
-        fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"λ̂ = {self.llc:.3g}")
-        fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title="Behavioral LLC traces")
+        fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"{self.label} = {self.llc:.3g}")
+        fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title=f"Behavioral LLC traces, {self.label}")
         return fig
 
 

@@ -1,21 +1,34 @@
-"""Automatic SGLD step size from the top Hessian eigenvalue of L_B (METHODS §1).
+"""Automatic SGLD step size from the curvature of L_B (METHODS §1, "Step size").
 
-On a quadratic with curvature h the discretised Langevin dynamics of sampler.py has stationary
-variance 1/(a(1 − η a/4)) per direction, a = nβ h + γ, instead of 1/a, so
+On a quadratic with curvatures h_i the discretised Langevin dynamics of sampler.py has stationary
+variance 1/(a_i(1 − b_i)) per direction instead of 1/a_i, with a_i = nβ h_i + γ and b_i = η a_i/4.
+Direction i contributes w_i/2 to λ, w_i = nβ h_i/a_i ∈ [0, 1), and w_i/(2(1 − b_i)) to λ̂, so the
+relative step-size bias of λ̂ is the w-weighted mean of b_i/(1 − b_i):
 
-    λ̂ ≈ λ / (1 − η (nβ h + γ)/4).
+    (λ̂ − λ)/λ = Σ w_i b_i/(1 − b_i) / Σ w_i  ≤  η nβ tr(H) / (8 λ (1 − b_max)),
 
-The step size is set so that the bias bound  b = η (nβ h_max + γ)/4  equals ``bias_bound``
-(default 0.05, i.e. at most ≈ 5 % over-estimate from the stiffest direction).
+since w_i b_i = η nβ h_i/4 (γ cancels) and b_i ≤ b_max = η (nβ h_max + γ)/4. This is the
+**predicted bias** (:func:`predicted_bias`): exact to first order in η, an upper bound on a
+quadratic. It needs the trace of the Hessian (Hutchinson's estimator on Hessian-vector products,
+:func:`hessian_trace`) and λ (the pilot chains' own estimate). The older bound b_max/(1 − b_max)
+assumes every direction is as stiff as the stiffest; on a model with a wide spectrum it overstates
+the bias by orders of magnitude (toy:bytelm: tr H ≈ 6·10³ against h_max ≈ 6·10² over 479k
+parameters, λ ≈ 10²; research/llc_convergence.md measured ≤ 3 % at 10× the step that bound allowed).
+
+The rule: the largest η whose predicted bias is ``bias_bound`` (default 0.05) and whose stiffest
+direction keeps b_max ≤ ``stiff_bound`` (default 0.5: stable, since the dynamics diverge at
+b = 1, and that direction's variance is at most doubled) — :func:`step_size_for`.
 
 h_max is the largest positive eigenvalue of the Hessian of L_B restricted to the selected
 coordinates, found by Lanczos iteration on Hessian-vector products (double backward, all points at
 once along the chain axis); negative curvature (a chain away from the minimum) cannot mask it. At θ* a singular model can be flat (e.g. a deep linear network at W = 0 has zero Hessian),
 while the posterior it samples is curved, so the curvature is also measured where the sampler
-goes: short pilot runs from θ* with the current η, h_max re-measured at their end points, η
-recomputed from the larger of that and h_max at θ*, until η changes by less than 25 % in a round
-whose pilots all stayed healthy. A pilot whose chains all diverge divides η by 10; once any pilot
-chain has diverged at some η, no later pilot (and not the result) goes above half of it. Pilots use their own seeds and a fixed number of chains, so the chosen
+goes: short pilot runs from θ* with the current η, h_max and tr H re-measured at their end points
+and λ read from their traces, η recomputed from the larger curvatures, until η changes by less
+than 25 % in a round whose pilots all stayed healthy. Before any pilot has run λ is unknown and
+the first pilot uses the cautious η of b_max = ``bias_bound``. A pilot whose chains all diverge
+divides η by 10; once any pilot chain has diverged at some η, no later pilot (and not the result)
+goes above half of it. Pilots use their own seeds and a fixed number of chains, so the chosen
 η is the same on every rank and for every number of chains.
 """
 
@@ -25,12 +38,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import NumericalError
+from ..models.chains import OUT_OF_MEMORY
 from ..stats.distributed import broadcast_float, max_over_ranks
 from .config import SamplerConfig
 from .layout import ParameterLayout, Selection
@@ -40,10 +55,18 @@ from .targets import SamplingTarget
 #: Fractions of the burn-in after which the automatic η is re-adapted to the chains' curvature. The
 #: last one leaves a quarter of the burn-in to run under the final η, so the chains re-equilibrate
 #: to it before any draw counts (an adaptation at the very end of burn-in would let the first draws
-#: carry the transient of the η change). At the bias bound b the stiffest direction contracts by
-#: 1 − 2b per step (10 steps' relaxation time at b = 0.05), so the default burn-in's last 125 steps
-#: are ≈ 12 relaxation times.
+#: carry the transient of the η change). At b_max = η(nβ h_max + γ)/4 the stiffest direction
+#: contracts by 1 − 2b_max per step (10 steps' relaxation time at b_max = 0.05, one at 0.5), so the
+#: default burn-in's last 125 steps are ≥ 12 relaxation times of the directions the rule is set by.
 ADAPT_AT = (0.25, 0.5, 0.75)
+#: Relative accuracy of the Lanczos h_max used for the step size: a few percent of η is all the rule
+#: needs, and each iteration is a Hessian-vector product at every point.
+CURVATURE_RTOL = 0.02
+#: Hutchinson probes per point for tr H (pilots' end points, chains at burn-in checks): 4 points ×
+#: 2 probes give the posterior mean of tr H to the ≈ 10–20 % the bias rule needs.
+TRACE_PROBES = 2
+#: Most a pilot round may raise η by: the next pilot then tests the larger η before it is used.
+MAX_GROWTH = 4.0
 
 
 def top_hessian_eigenvalue(
@@ -115,12 +138,7 @@ def top_hessian_eigenvalue(
     for _ in range(iters):
         rows = active.nonzero()[:, 0]
         hq = torch.zeros_like(q)
-        for b in range(n_b):
-            d = points[rows].detach().requires_grad_(True)
-            loss = target.loss(layout.unflatten(d), b).sum()
-            (grad,) = torch.autograd.grad(loss, d, create_graph=True)
-            (h,) = torch.autograd.grad((grad * q[rows]).sum(), d)
-            hq[rows] += h.detach() / n_b
+        hq[rows] = _hvp(target, layout, points[rows], q[rows], n_b)
         hq = hq * m
         alpha = (q * hq).sum(1, keepdim=True)
         w = hq - alpha * q - beta_prev * q_prev
@@ -151,33 +169,141 @@ def top_hessian_eigenvalue(
     return top.clamp_min(0).to(points.dtype)
 
 
-def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float) -> float:
-    """η with η (nβ h_max + γ)/4 = bias_bound."""
+def _hvp(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"], q: Float[Tensor, "P D"],
+         n_b: int) -> Float[Tensor, "P D"]:
+    """H(θ* + points[p]) q[p] for every point: the mean over the first ``n_b`` batches of the Hessians
+    of L_B,b (double backward along the chain axis). Each point's product depends on that point
+    alone, so where the points' double-backward graph does not fit in the device's memory they are
+    computed in smaller groups (halved until they fit) with the same result."""
+    hq = torch.zeros_like(q)
+    group, start = points.shape[0], 0
+    while start < points.shape[0]:
+        rows = slice(start, start + group)
+        try:
+            hq[rows] = _batched_hvp(target, layout, points[rows], q[rows], n_b)
+        except OUT_OF_MEMORY:
+            if group == 1:
+                raise
+            group = (group + 1) // 2
+            continue
+        start += group
+    return hq
+
+
+def _batched_hvp(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"],
+                 q: Float[Tensor, "P D"], n_b: int) -> Float[Tensor, "P D"]:
+    hq = torch.zeros_like(q)
+    for b in range(n_b):
+        d = points.detach().requires_grad_(True)
+        loss = target.loss(layout.unflatten(d), b).sum()
+        (grad,) = torch.autograd.grad(loss, d, create_graph=True)
+        (h,) = torch.autograd.grad((grad * q).sum(), d)
+        hq += h.detach() / n_b
+    return hq
+
+
+def trace_samples(
+    target: SamplingTarget,
+    layout: ParameterLayout,
+    mask: Bool[Tensor, " D"],
+    points: Float[Tensor, "P D"],
+    point_seeds: Sequence[int],
+    *,
+    probes: int = 2,
+    max_batches: int = 4,
+) -> Float[Tensor, "P probes"]:
+    """Hutchinson samples zᵀ H z of tr ∇²L_B at θ* + points[p] (masked coordinates), E_z = tr H for
+    Rademacher z (±1 on the selected coordinates); each probe is one Hessian-vector product for all
+    points at once, and point p draws its z from its own generator seeded ``point_seeds[p]``, so its
+    samples do not depend on the other points (nor on how chains are split across ranks). Float64.
+    Batches as in :func:`top_hessian_eigenvalue`."""
+    m = mask.to(points.dtype)
+    n_b = min(max_batches, target.n_batches)
+    gens = [torch.Generator(device=points.device).manual_seed(int(ps)) for ps in point_seeds]
+    out = torch.empty(points.shape[0], probes, dtype=torch.float64, device=points.device)
+    for k in range(probes):
+        z = torch.stack([torch.randint(0, 2, points.shape[1:], generator=g, device=points.device) for g in gens])
+        z = (z.to(points.dtype) * 2 - 1) * m
+        out[:, k] = (_hvp(target, layout, points, z, n_b) * z).sum(1).to(torch.float64)
+    return out
+
+
+def hessian_trace(samples: Float[Tensor, "..."]) -> tuple[float, float]:
+    """The mean of Hutchinson samples (:func:`trace_samples`, of every point: the posterior average
+    of tr H over the chains, which the bias of λ̂ depends on; module docstring) and its standard
+    error, their spread over √(their number)."""
+    v = samples.reshape(-1).to(torch.float64)
+    se = float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
+    return float(v.mean()), se
+
+
+def predicted_bias(step_size: float, h_max: float, trace: float, llc: float, nbeta: float, gamma: float) -> float:
+    """Relative step-size bias of λ̂ predicted for η (module docstring):
+    η nβ tr(H) / (8 λ (1 − b_max)), b_max = η (nβ h_max + γ)/4; inf at or past the stability limit
+    b_max ≥ 1, and where λ ≤ 0 is not yet known, the bound of the stiffest direction
+    b_max/(1 − b_max) (every direction as stiff as the stiffest)."""
+    b_max = bias_bound_of(step_size, h_max, nbeta, gamma)
+    if not b_max < 1:
+        return float("inf")
+    if not (math.isfinite(llc) and llc > 0 and math.isfinite(trace)):
+        return b_max / (1 - b_max)
+    return step_size * nbeta * max(trace, 0.0) / (8.0 * llc * (1.0 - b_max))
+
+
+def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float, *, trace: float = float("nan"),
+                  llc: float = float("nan"), stiff_bound: float = 0.5) -> float:
+    """The largest η whose :func:`predicted_bias` is ``bias_bound`` and whose stiffest direction has
+    b_max = η (nβ h_max + γ)/4 ≤ ``stiff_bound``. Without a measured λ and tr H, the η of
+    b_max/(1 − b_max) = bias_bound (every direction as stiff as the stiffest; a cautious start)."""
     curvature = nbeta * h_max + gamma
     if not curvature > 0:
         raise ValueError(
             "the behavioral loss is flat at θ* in every sampled direction and gamma = 0, so no step size "
             "can be derived; set gamma > 0 (localization) or pass step_size"
         )
-    return 4.0 * bias_bound / curvature
+    B = curvature / 4.0  # b_max = B η
+    if math.isfinite(llc) and llc > 0 and math.isfinite(trace):
+        # η nβ tr/(8λ) = bias (1 − B η)  ⇔  η = bias / (A + bias B), A = nβ tr/(8λ).
+        A = nbeta * max(trace, 0.0) / (8.0 * llc)
+        eta = bias_bound / (A + bias_bound * B)
+    else:
+        eta = bias_bound / ((1.0 + bias_bound) * B)
+    return min(eta, stiff_bound / B)
 
 
 def bias_bound_of(step_size: float, h_max: float, nbeta: float, gamma: float) -> float:
-    """b = η (nβ h_max + γ)/4: λ̂ ≲ λ/(1 − b) from the stiffest direction."""
+    """b_max = η (nβ h_max + γ)/4 of the stiffest direction (its variance is inflated by 1/(1 − b_max);
+    the dynamics are unstable at b_max ≥ 2 for that direction's mean and 1 for the bound used here)."""
     return step_size * (nbeta * h_max + gamma) / 4.0
 
 
 @dataclass
 class StepSizeChoice:
+    """The step size chosen and what it was derived from: h_max (largest curvature measured, the
+    pilots' and θ*'s), h_max at θ*, tr H (the larger of θ*'s and the pilots' posterior mean), λ read
+    from the last pilot (NaN before any), the predicted bias of λ̂ (``bias_bound``) and the stiffest
+    direction's b_max (``stiff_bound``) at this η, and each pilot round (``history``)."""
+
     step_size: float
     h_max: float
     h_max_at_reference: float
     bias_bound: float
     history: list[dict] = field(default_factory=list)
+    trace: float = float("nan")
+    llc_pilot: float = float("nan")
+    stiff_bound: float = float("nan")
 
     def to_dict(self) -> dict:
         return {"step_size": self.step_size, "h_max": self.h_max, "h_max_at_reference": self.h_max_at_reference,
-                "bias_bound": self.bias_bound, "calibration": self.history}
+                "bias_bound": self.bias_bound, "calibration": self.history, "trace_hessian": self.trace,
+                "llc_pilot": self.llc_pilot, "stiff_bound": self.stiff_bound}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> StepSizeChoice:
+        """Inverse of :meth:`to_dict` (a checkpoint's saved choice)."""
+        return cls(saved["step_size"], saved["h_max"], saved["h_max_at_reference"], saved["bias_bound"],
+                   saved["calibration"], saved.get("trace_hessian", float("nan")), saved.get("llc_pilot", float("nan")),
+                   saved.get("stiff_bound", float("nan")))
 
 
 def choose_step_size(
@@ -188,6 +314,7 @@ def choose_step_size(
     nbeta: float,
     gamma: float,
     bias_bound: float = 0.05,
+    stiff_bound: float = 0.5,
     explode_at: float = float("inf"),
     pilot_chains: int = 4,
     pilot_steps: int = 200,
@@ -195,13 +322,14 @@ def choose_step_size(
     seed: int = 0,
     progress: bool = False,
 ) -> StepSizeChoice:
-    """Choose η so that the bias bound η (nβ h_max + γ)/4 is ``bias_bound`` (module docstring).
-    ``progress``: a bar over each pilot round's steps (one bar, reset per round)."""
+    """Choose η so that the predicted bias of λ̂ is ``bias_bound`` and the stiffest direction's
+    b_max ≤ ``stiff_bound`` (module docstring). ``progress``: a bar over each pilot round's steps
+    (one bar, reset per round)."""
     dtype = target.dtype
     origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
-    h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
-    h_used = h_ref
-    eta = step_size_for(h_ref, nbeta, gamma, bias_bound)
+    h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed, rtol=CURVATURE_RTOL)[0])
+    h_used, trace, llc = h_ref, float("nan"), float("nan")
+    eta = step_size_for(h_ref, nbeta, gamma, bias_bound, stiff_bound=stiff_bound)
     history: list[dict] = []
     # The smallest η at which a pilot chain diverged: no later pilot (nor the result) reaches half of
     # it. Without this memory a pilot at a much smaller η, whose chains cover less ground in
@@ -212,6 +340,11 @@ def choose_step_size(
     ceiling = float("inf")
     # Pilot seeds live far from the sampling chains' seeds (chain_seed of a large negative index).
     seeds = [chain_seed(seed, -1000 - c) for c in range(pilot_chains)]
+
+    def choice(step: float) -> StepSizeChoice:
+        return StepSizeChoice(step, h_used, h_ref, predicted_bias(step, h_used, trace, llc, nbeta, gamma), history,
+                              trace, llc, bias_bound_of(step, h_used, nbeta, gamma))
+
     with tqdm(total=pilot_steps, unit="step", leave=False, disable=not progress) as bar:
         for rnd in range(max_rounds):
             bar.reset()
@@ -226,14 +359,19 @@ def choose_step_size(
                 history.append({"round": rnd, "step_size": eta, "h_max": float("nan"), "diverged": True})
                 eta = eta / 10
                 continue
-            h_pilot = float(top_hessian_eigenvalue(target, layout, mask, state.delta[alive], seed=seed + rnd + 1).max())
-            history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "diverged": diverged})
+            ends = state.delta[alive]
+            h_pilot = float(top_hessian_eigenvalue(target, layout, mask, ends, seed=seed + rnd + 1, rtol=CURVATURE_RTOL).max())
+            trace, trace_se = hessian_trace(trace_samples(target, layout, mask, ends, [seed + rnd + 1 + 7919 * c for c in
+                                                                               range(len(ends))], probes=TRACE_PROBES))
+            llc = window_llc(state.trace, alive.cpu().numpy(), nbeta, pilot_steps // 2)
+            history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "trace_hessian": trace,
+                            "trace_hessian_se": trace_se, "llc_pilot": llc, "diverged": diverged})
             h_used = max(h_ref, h_pilot)
             # After a divergence never go back up to it: at most half the smallest diverging η.
-            eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound), ceiling / 2)
+            eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound, trace=trace, llc=llc, stiff_bound=stiff_bound),
+                          ceiling / 2, MAX_GROWTH * eta)
             if not diverged and abs(eta_new - eta) <= 0.25 * eta:
-                eta = min(eta, eta_new)
-                return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
+                return choice(min(eta, eta_new))
             # The curvature a pilot sees depends on the η it ran with, so the fixed point is approached
             # with geometric damping (plain iteration can oscillate on singular models).
             eta = eta_new if diverged or len(history) < 2 or history[-2]["diverged"] else (eta * eta_new) ** 0.5
@@ -244,45 +382,71 @@ def choose_step_size(
                 f"automatic step size: pilot chains diverged at every step size tried, down to {tried:.3g}; the behavioral "
                 f"loss may be non-finite near θ* or nβ = {nbeta:g} too large; try a larger loss_scale, a larger gamma, or pass step_size"
             )
-        # Not converged within max_rounds: the next proposal, which is below every diverging η (the
-        # burn-in adaptation lowers it further if the chains find stiffer regions).
-        return StepSizeChoice(eta, h_used, h_ref, bias_bound_of(eta, h_used, nbeta, gamma), history)
+        # Not converged within max_rounds: the next proposal where it is below every η a pilot ran at
+        # healthily (it is below every diverging one), else the last healthy pilot's η (the burn-in
+        # adaptation lowers it further if the chains find stiffer regions).
+        return choice(min(eta, healthy[-1]))
+
+
+def window_llc(trace: np.ndarray, alive: np.ndarray, nbeta: float, start: int, stop: int | None = None) -> float:
+    """nβ · the mean loss over steps [start, stop) of the healthy chains of ``trace`` [steps, C]
+    (NaN where none is healthy or no step is recorded): the chains' own λ̂ so far, for the bias rule."""
+    window = trace[start:stop][:, alive]
+    return float(nbeta * np.nanmean(window)) if window.size and np.isfinite(window).any() else float("nan")
 
 
 def initial_step_size(
-    target: SamplingTarget, selection: Selection, config: SamplerConfig, *, nbeta: float, explode_at: float, seed: int,
-    saved: dict | None = None, progress: bool = False,
+    target: SamplingTarget, selection: Selection, config: SamplerConfig, *, nbeta: float, gamma: float,
+    explode_at: float, seed: int, saved: dict | None = None, progress: bool = False,
 ) -> tuple[StepSizeChoice, str]:
     """The step size sampling starts with, and where it came from: the one given in ``config`` (its
-    bias bound measured at θ*), the one a checkpoint saved (``saved``: ``StepSizeChoice.to_dict()``),
-    or the automatic one (:func:`choose_step_size`, the same on every rank)."""
-    layout, mask, gamma = selection.layout, selection.mask, config.gamma
+    stiffest direction's bound measured at θ*; the predicted bias needs λ̂ and is computed at the
+    end), the one a checkpoint saved (``saved``: ``StepSizeChoice.to_dict()``), or the automatic
+    one (:func:`choose_step_size`, the same on every rank), at localization ``gamma`` (the pilots'
+    γ: the floor for ``gamma="auto"``)."""
+    layout, mask = selection.layout, selection.mask
     if config.step_size is not None:
         origin = torch.zeros(1, layout.numel, device=target.device, dtype=target.dtype)
-        h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed)[0])
+        h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed, rtol=CURVATURE_RTOL)[0])
         eta = float(config.step_size)
-        return StepSizeChoice(eta, h_ref, h_ref, bias_bound_of(eta, h_ref, nbeta, gamma), []), "given"
+        b = bias_bound_of(eta, h_ref, nbeta, gamma)
+        return StepSizeChoice(eta, h_ref, h_ref, predicted_bias(eta, h_ref, float("nan"), float("nan"), nbeta, gamma), [],
+                              stiff_bound=b), "given"
     if saved is not None:
-        choice = StepSizeChoice(**{k: saved[k] for k in ("step_size", "h_max", "h_max_at_reference", "bias_bound")},
-                                history=saved["calibration"])
-        return choice, "automatic (from checkpoint)"
+        return StepSizeChoice.from_dict(saved), "automatic (from checkpoint)"
     choice = choose_step_size(target, layout, mask, nbeta=nbeta, gamma=gamma, bias_bound=config.bias_bound,
-                              explode_at=explode_at, pilot_steps=config.pilot_length, seed=seed, progress=progress)
+                              stiff_bound=config.stiff_bound, explode_at=explode_at, pilot_steps=config.pilot_length,
+                              seed=seed, progress=progress)
     # Every rank computes the same η (same seeds); broadcasting rules out last-bit differences.
     choice.step_size = broadcast_float(choice.step_size)
     return choice, "automatic"
 
 
-def chain_curvature(target: SamplingTarget, selection: Selection, state: SamplerState, point_seeds: Sequence[int]) -> float:
+def chain_curvature(target: SamplingTarget, selection: Selection, state: SamplerState,
+                    point_seeds: Sequence[int]) -> tuple[float, float]:
     """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains of every rank,
-    at their current points (0 where none is healthy)."""
+    at their current points, and the mean Hessian trace over all of them (Hutchinson,
+    :func:`trace_samples`); (0, NaN) where none is healthy."""
     alive = state.alive.cpu()
-    h = 0.0
+    h, trace = 0.0, float("nan")
     if bool(alive.any()):
         points = state.delta[state.alive]
         seeds = [s for s, a in zip(point_seeds, alive.tolist()) if a]
-        h = float(top_hessian_eigenvalue(target, selection.layout, selection.mask, points, iters=20, point_seeds=seeds).max())
-    return max_over_ranks(h)
+        h = float(top_hessian_eigenvalue(target, selection.layout, selection.mask, points, iters=20, point_seeds=seeds,
+                                         rtol=CURVATURE_RTOL).max())
+        samples = trace_samples(target, selection.layout, selection.mask, points, seeds, probes=TRACE_PROBES).reshape(-1)
+        local = samples.cpu().tolist()
+    else:
+        local = []
+    # Every rank's samples (each chain's drawn from its own seed), so the mean is the one a single
+    # process computes over all chains.
+    parts = [local]
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+    gathered = [x for part in parts for x in part]
+    trace = hessian_trace(torch.tensor(gathered, dtype=torch.float64, device="cpu"))[0] if gathered else float("nan")
+    return max_over_ranks(h), trace
 
 
 def round_down(x: float, digits: int = 3) -> float:
@@ -293,10 +457,13 @@ def round_down(x: float, digits: int = 3) -> float:
     return float(f"{math.floor(x / 10.0**exponent)}e{exponent}")
 
 
-def adapted_step_size(h_now: float, current: float, nbeta: float, config: SamplerConfig) -> float:
-    """The η a burn-in check proposes for curvature ``h_now`` (:data:`ADAPT_AT`): the bias bound's η,
+def adapted_step_size(h_now: float, trace_now: float, llc_now: float, current: float, nbeta: float, gamma: float,
+                      config: SamplerConfig) -> float:
+    """The η a burn-in check proposes for the chains' curvature ``h_now``, Hessian trace
+    ``trace_now`` and λ̂ so far ``llc_now`` (:data:`ADAPT_AT`): the rule of :func:`step_size_for`,
     RMSProp-scaled and rounded down; ``current`` where the posterior is flat (nβ h + γ = 0). The
     caller keeps the smaller of it and ``current`` (η is lowered, never raised)."""
-    if not nbeta * h_now + config.gamma > 0:
+    if not nbeta * h_now + gamma > 0:
         return current
-    return round_down(step_size_for(h_now, nbeta, config.gamma, config.bias_bound) * config.rms_factor)
+    eta = step_size_for(h_now, nbeta, gamma, config.bias_bound, trace=trace_now, llc=llc_now, stiff_bound=config.stiff_bound)
+    return round_down(eta * config.rms_factor)

@@ -1,4 +1,5 @@
-"""Loss-scale sweeps λ_B(ε), N_eff(ε) = 2λ_B(ε), and restricted LLCs per component (METHODS §1)."""
+"""Sweeps of λ_B(ε, γ) over loss scales ε and localizations γ, N_eff(ε, γ) = 2λ_B(ε, γ), and
+restricted LLCs per component (METHODS §1)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -38,51 +40,92 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
                 disable=not show_progress(kwargs.get("progress", True), distributed_context().rank))
 
 
-_SUMMARY = ["llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "h_max", "n_failed",
-            "converged", "rhat", "ess", "drift", "convergence_reason"]
+_SUMMARY = ["gamma", "gamma_source", "llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "n_failed",
+            "cumulative_step", "converged", "rhat", "ess", "drift", "convergence_reason"]
 
 
-def llc_sweep(model, data, loss_scales: Sequence[float], **kwargs) -> pd.DataFrame:
-    """λ_B(ε) and N_eff(ε) = 2λ_B(ε) at each loss scale ε (nβ = 1/ε); other arguments as in
-    :func:`behavioral_llc` (the step size is chosen per scale unless given). With
-    ``checkpoint_dir``, each scale checkpoints in its own subdirectory ``loss_scale_<ε>``.
+def _row(res) -> dict:
+    """The sweep columns of one result (``_SUMMARY``)."""
+    summary = res.summary()
+    return {k: summary[k] for k in _SUMMARY}
 
-    Returns one row per loss scale: loss_scale, nbeta, llc, llc_std, llc_stderr, n_eff, n_params,
-    step_size, bias_bound, h_max, n_failed, and the convergence verdict (METHODS §1): converged,
-    rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`. ``progress``: a bar
-    over the scales above each run's own bars.
+
+def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: Sequence[float | str] | None = None,
+              **kwargs) -> pd.DataFrame:
+    """λ_B(ε, γ) and N_eff(ε, γ) = 2λ_B(ε, γ) at each loss scale ε (nβ = 1/ε) and each localization γ
+    of ``gammas`` (a number or ``"auto"``; default: the single γ of ``gamma=``, else behavioral_llc's
+    default); other arguments as in :func:`behavioral_llc` (the step size is chosen per run unless
+    given). ``loss_scales`` defaults to behavioral_llc's ε = 10⁻³. The γ-curve at fixed ε shows how
+    local the value is (METHODS §1: it falls as γ rises; values at different γ are different
+    quantities). With ``checkpoint_dir``, each run checkpoints in its own subdirectory
+    ``loss_scale_<ε>`` (``loss_scale_<ε>_gamma_<γ>`` when sweeping γ).
+
+    Returns one row per (ε, γ), ε outer: loss_scale, nbeta, gamma (the γ sampled at; with "auto"
+    the one chosen), gamma_source, llc, llc_std, llc_stderr, n_eff, n_params, step_size,
+    bias_bound (predicted step-size bias), h_max, n_failed, cumulative_step (s = Σ η), and the
+    convergence verdict (METHODS §1): converged, rhat, ess, drift, convergence_reason. Plot with
+    :func:`plot_llc_sweep`. ``progress``: a bar over the runs above each run's own bars.
     """
     if "nbeta" in kwargs or "loss_scale" in kwargs:
         raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
-    if not len(loss_scales):
+    if gammas is not None and "gamma" in kwargs:
+        raise ValueError("pass gammas=[...] or gamma=, not both")
+    from .estimate import DEFAULT_NBETA
+
+    scales = [1.0 / DEFAULT_NBETA] if loss_scales is None else list(loss_scales)
+    if not len(scales):
         raise ValueError("loss_scales is empty")
+    if gammas is not None and not len(gammas):
+        raise ValueError("gammas is empty")
+    gammas_used = [kwargs.pop("gamma", None)] if gammas is None else list(gammas)
+    grid = [(float(eps), g) for eps in scales for g in gammas_used]
     rows = []
-    for eps in _outer_bar(loss_scales, "llc_sweep: loss scales", kwargs):
-        res = behavioral_llc(model, data, loss_scale=float(eps), **_subdir(kwargs, f"loss_scale_{float(eps)!r}"))
-        s = res.summary()
-        rows.append({"loss_scale": float(eps), "nbeta": res.nbeta, **{k: s[k] for k in _SUMMARY}})
+    for eps, g in _outer_bar(grid, "llc_sweep: loss scales" if gammas is None else "llc_sweep: (ε, γ)", kwargs):
+        name = f"loss_scale_{eps!r}" if gammas is None else f"loss_scale_{eps!r}_gamma_{g if isinstance(g, str) else float(g)!r}"
+        res = behavioral_llc(model, data, loss_scale=eps, gamma=g, **_subdir(kwargs, name))
+        rows.append({"loss_scale": eps, "nbeta": res.nbeta, **_row(res)})
     return pd.DataFrame(rows)
 
 
+def _gamma_line(row) -> str:
+    """The line of :func:`plot_llc_sweep` a sweep row belongs to."""
+    if "gamma" not in row:
+        return "N_eff"
+    return "γ auto (per point)" if str(row.get("gamma_source", "")).startswith("auto") else f"γ = {row['gamma']:.3g}"
+
+
 def plot_llc_sweep(frame: pd.DataFrame):
-    """Plotly figure of N_eff(ε) = 2λ_B(ε) against the loss scale (log axis), ±2 standard errors."""
+    """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors: against the loss scale (log
+    axis), one line per γ, when the frame has several ε; against γ (the γ-curve) at its single ε
+    otherwise. Every line is labelled with the γ (or ε) it holds fixed."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(
-        go.Scatter(
-            x=frame["loss_scale"], y=frame["n_eff"], mode="lines+markers", name="N_eff",
-            error_y=dict(type="data", array=4 * frame["llc_stderr"]),
-        )
-    )
-    fig.update_layout(xaxis_type="log", xaxis_title="loss scale ε = 1/nβ", yaxis_title="N_eff(ε) = 2 λ_B(ε)",
-                      title="Effective parameter count over loss scales")
+    fig = go.Figure()
+    if frame["loss_scale"].nunique() > 1 or "gamma" not in frame:
+        # γ = "auto" chooses a γ per run: those points form one line, each point's γ in its hover text.
+        keys = np.array([_gamma_line(row) for _, row in frame.iterrows()])
+        for name in dict.fromkeys(keys):
+            part = frame[keys == name]
+            fig.add_trace(go.Scatter(
+                x=part["loss_scale"], y=part["n_eff"], mode="lines+markers", name=name,
+                error_y=dict(type="data", array=4 * part["llc_stderr"]),
+                text=[f"γ = {g:.3g}" for g in part["gamma"]] if "gamma" in part else None))
+        fig.update_layout(xaxis_type="log", xaxis_title="loss scale ε = 1/nβ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
+                          title="Effective parameter count over loss scales (γ per line)")
+    else:
+        eps = float(frame["loss_scale"].iloc[0])
+        part = frame.sort_values("gamma")
+        fig.add_trace(go.Scatter(x=part["gamma"], y=part["n_eff"], mode="lines+markers", name=f"ε = {eps:.3g}",
+                                 error_y=dict(type="data", array=4 * part["llc_stderr"])))
+        fig.update_layout(xaxis_type="log", xaxis_title="localization γ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
+                          title=f"Effective parameter count over localizations at ε = {eps:.3g}")
     return fig
 
 
 def llc_by_component(model, data, components: str | Sequence[str] = "heads", **kwargs) -> pd.DataFrame:
     """Restricted (weight-refined) LLC of each component: only its entries are sampled.
 
-    One row per component: component, n_params (its nominal parameter count), llc, llc_std,
+    One row per component: component, gamma, gamma_source, n_params (its nominal parameter count), llc, llc_std,
     llc_stderr, n_eff = 2λ̂, n_eff_fraction = n_eff/n_params, step_size, bias_bound, n_failed and
     the convergence verdict (converged, rhat, ess, drift, convergence_reason; METHODS §1).
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
@@ -97,6 +140,5 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     rows = []
     for comp in _outer_bar(component_selections(adapter, components), "llc_by_component", kwargs):
         res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
-        s = res.summary()
-        rows.append({"component": comp, **{k: s[k] for k in _SUMMARY}, "n_eff_fraction": res.n_eff / res.n_params})
+        rows.append({"component": comp, **_row(res), "n_eff_fraction": res.n_eff / res.n_params})
     return pd.DataFrame(rows)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TLDegeneracyError
+from ..memory import MemoryBudget, default_budget, memory_limit
 from ..models.adapt import adapt
 from . import cache
 from . import sections as _builtin_sections  # noqa: F401  (registers the built-in sections)
@@ -169,6 +170,11 @@ def degeneracy_report(
         sections: names to run (default all, in report order: ``tld.report.SECTIONS``).
         preset: ``"quick"``, ``"thorough"`` or a :class:`ReportSettings`; ``overrides`` changes
             single fields (e.g. ``{"draws": 500}``).
+            The memory budget (``overrides={"memory": "8G"}``, default a share of the memory
+            available on the model's device, ``tld.memory.default_budget``) bounds each statistics
+            pass: ``seq_len`` and ``batch_size`` not given in ``overrides`` are lowered until a batch
+            fits (``ReportContext.fit_memory``; the header states the budget and what was lowered),
+            and a pass that still does not fit is skipped with a message saying what to lower.
         seed: seeds torch and the stochastic estimators (Jacobian probes, SGLD chains).
         checkpoint_dir: keep finished sections and the LLC sampler states there; a rerun with the
             same fingerprint (cache.py) reuses finished sections and resumes interrupted LLC runs.
@@ -221,6 +227,12 @@ def degeneracy_report(
     )
     if any(SECTIONS[s].needs_data for s in chosen):
         ctx.batches  # noqa: B018  (validates the data now, before any section runs)
+    budget = (default_budget(adapter.device) if settings.memory is None
+              else MemoryBudget(settings.memory, "the memory setting"))
+    # Sequence length and batch size that were not asked for explicitly follow from the budget.
+    explicit = {"batch_size", "seq_len"} if isinstance(preset, ReportSettings) else set(overrides or {})
+    memory = ctx.fit_memory(budget, explicit, chosen)
+    settings = ctx.settings
     # The output directory and the checkpoints are checked now too: nothing is computed for a
     # directory that would refuse the result.
     older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh)
@@ -241,7 +253,8 @@ def degeneracy_report(
         ctx.section_dir = section_dirs.get(name)
         result = cached.get(name)
         if result is None:
-            result = _run_section(section, ctx, errors)
+            with memory_limit(budget):  # every pass checks its batches against the report's budget
+                result = _run_section(section, ctx, errors)
             if ctx.checkpoint_dir is not None and result.status == "ok":
                 cache.store(section, ctx, result)
         results[name] = result
@@ -251,7 +264,7 @@ def degeneracy_report(
         settings={"preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
                   "seed": seed, "device": str(adapter.device), "torch_threads": torch.get_num_threads(), "sections": chosen,
                   "checkpoint_dir": None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                  "llc_components": llc_components, "budgets": settings.to_dict()},
+                  "llc_components": llc_components, "budgets": settings.to_dict(), "memory": memory},
         versions=library_versions(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_s=time.perf_counter() - t0,

@@ -21,10 +21,18 @@ import numpy as np
 
 from ..data import TokenBatches, token_batches
 from ..errors import DataError
+from ..memory import MemoryBudget
 from ..models.adapter import ModelAdapter
 from .settings import ReportSettings
 
 __all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
+
+#: The passes of each section whose batches the memory budget bounds (``tld.memory.estimate``).
+#: The interaction basis and the LLC read their own, smaller budgets (ib_tokens, llc_sequences).
+_MEMORY_ANALYSES = {"synchronization": ("head_sync", "neuron_sync"), "counts": ("forward", "jacobian"),
+                    "activations": ("forward",)}
+#: The memory fit halves the sequence length down to this before it lowers the batch size.
+MIN_FITTED_SEQ_LEN = 256
 
 
 def library_versions() -> dict[str, str]:
@@ -180,6 +188,53 @@ class ReportContext:
     def ib_batches(self) -> TokenBatches:
         s = self.settings
         return self._prefix(None, s.ib_seq_len, s.batch_size, n_tokens=s.ib_tokens)
+
+    def fit_memory(self, budget: MemoryBudget, explicit: set[str], sections: list[str]) -> dict:
+        """Lower ``seq_len`` and ``batch_size`` (those not in ``explicit``) until one batch of each
+        statistics pass of ``sections`` fits ``budget`` (``tld.memory.estimate``): first the
+        sequence length, halved down to :data:`MIN_FITTED_SEQ_LEN` (attention grows with its
+        square), then the batch size, halved down to 1, then the sequence length below that.
+        Changes ``settings`` (and drops the batches built from the old ones); returns what the
+        report header states: the budget, the estimate per batch, and the values before and after.
+        A pass that still does not fit fails when it starts, with a message saying what to lower.
+        """
+        from ..memory import counts_grams, estimate
+
+        s = self.settings
+        analyses = [a for name in sections for a in _MEMORY_ANALYSES.get(name, ())]
+        if self.adapter.d_mlp is None:
+            analyses = [a for a in analyses if a != "neuron_sync"]
+        info = {"budget": budget.bytes, "source": budget.source, "batch_size": s.batch_size, "seq_len": s.seq_len}
+        if not analyses or self.data is None:
+            return info
+
+        held = counts_grams(self.adapter)  # by the counts' Jacobian pass (degeneracy_counts)
+
+        def needed(b: int, t: int) -> int:
+            return max(estimate(self.adapter, a, b, t, n_cotangents=s.n_probes, held=held if a == "jacobian" else 0)
+                       for a in analyses)
+
+        b0 = b = min(s.batch_size, max(1, self.batches.n_sequences))
+        t0 = t = self.batches.max_len
+        free_t, free_b = "seq_len" not in explicit, "batch_size" not in explicit
+        while needed(b, t) > budget.bytes:
+            if free_t and t > MIN_FITTED_SEQ_LEN:
+                t = max(MIN_FITTED_SEQ_LEN, t // 2)
+            elif free_b and b > 1:
+                b = (b + 1) // 2
+            elif free_t and t > 2:
+                t = max(2, t // 2)
+            else:
+                break
+        info.update(needed=needed(b, t), fits=needed(b, t) <= budget.bytes,
+                    lowered={k: [old, new] for k, old, new in (("batch_size", b0, b), ("seq_len", t0, t)) if old != new})
+        if info["lowered"]:
+            self.settings = s.replace(batch_size=b if b != b0 else s.batch_size, seq_len=t if t != t0 else s.seq_len)
+            for name in ("batches", "llc_batches", "ib_batches"):
+                self.__dict__.pop(name, None)
+            self.batches  # noqa: B018  (rebuilt now: the report's identity and data description read it)
+            info.update(batch_size=self.settings.batch_size, seq_len=self.settings.seq_len)
+        return info
 
     def data_description(self) -> dict | None:
         """Where the data came from and which positions counted (None without data)."""

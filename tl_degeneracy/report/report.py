@@ -238,6 +238,9 @@ class Report:
             lines.append(f"  data: {self.data['source']}: {p['n_sequences']} sequences, {p['n_samples']:,} positions counted")
         s = self.settings
         lines.append(f"  preset {s['preset']}, seed {s['seed']}; {self.wall_s:.1f} s in all")
+        if s.get("memory"):
+            lines += textwrap.wrap(memory_line(s["memory"]), width, initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
         changed = changed_settings(s)
         if changed:  # never clipped: a reader must see every setting that differs from the preset
             lines += textwrap.wrap(" ".join(f"{k}={v}" for k, v in changed.items()), width,
@@ -290,6 +293,22 @@ def identity_conflicts(there: dict | None, here: dict | None) -> list[str]:
         out.append(f"computed by tl-degeneracy {there.get('tl-degeneracy')} there, {here.get('tl-degeneracy')} now "
                    "(its results may differ)")
     return out
+
+
+def memory_line(memory: dict) -> str:
+    """The header's sentence on the memory budget (``ReportContext.fit_memory``): the budget and
+    where it comes from, the estimated peak of one batch, and what was lowered to fit it."""
+    from ..memory import format_bytes
+
+    text = f"memory budget {format_bytes(memory['budget'])} ({memory['source']})"
+    if "needed" in memory:
+        text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
+    lowered = memory.get("lowered") or {}
+    if lowered:
+        text += "; lowered to fit: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in lowered.items())
+    if memory.get("fits") is False:
+        text += "; does NOT fit: the passes that exceed it are skipped, saying what to lower"
+    return text
 
 
 def check_writable(out: Path) -> None:

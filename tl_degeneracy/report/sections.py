@@ -203,18 +203,21 @@ _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference"
 
 @register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
 def llc(ctx: ReportContext) -> SectionOutput:
-    """λ̂_B at the default loss scale (chains, traces, diagnostics), the sweep N_eff(ε) = 2λ̂_B(ε)
-    over ``loss_scales``, and restricted LLCs per component when ``llc_components`` is given.
-    Every run continues its chains by blocks of ``draws`` until they converge or the budget
-    (``llc_max_draws``, ``llc_time_limit``) is spent (``behavioral_llc(draws="auto")``).
-    With a checkpoint directory every run resumes from its checkpoint."""
+    """λ̂_B(ε, γ) at the default loss scale and localization (chains, traces, diagnostics), the sweep
+    N_eff(ε, γ) = 2λ̂_B(ε, γ) over ``loss_scales``, the γ-curve over ``gammas`` at that loss scale
+    (when given), and restricted LLCs per component when ``llc_components`` is given. γ is part of
+    the quantity (METHODS §1), so every value, table and the headline state it. Every run continues
+    its chains by blocks of ``draws`` until they converge or the budget (``llc_max_draws``,
+    ``llc_time_limit``) is spent (``behavioral_llc(draws="auto")``). With a checkpoint directory
+    every run resumes from its checkpoint."""
     s, data = ctx.settings, ctx.llc_batches
     # The first block of draws always runs, so llc_max_draws below draws means one block.
-    kwargs = dict(chains=s.chains, draws="auto", draws_block=s.draws, max_draws=max(s.llc_max_draws, s.draws),
-                  time_limit=s.llc_time_limit, step_size=s.step_size, burnin=s.burnin, pilot_steps=s.pilot_steps,
-                  seed=ctx.seed, compile=s.llc_compile, progress=ctx.progress)
+    fixed = dict(chains=s.chains, draws="auto", draws_block=s.draws, max_draws=max(s.llc_max_draws, s.draws),
+                 time_limit=s.llc_time_limit, step_size=s.step_size, burnin=s.burnin, pilot_steps=s.pilot_steps,
+                 seed=ctx.seed, compile=s.llc_compile, progress=ctx.progress)
+    kwargs = dict(fixed, gamma=s.gamma, **({"min_gamma": s.min_gamma} if s.gamma == "auto" else {}))
     others = [eps for eps in s.loss_scales if not math.isclose(eps, s.loss_scale)]
-    runs = 1 + len(others) + (ctx.llc_components is not None)
+    runs = 1 + len(others) + len(s.gammas) + (ctx.llc_components is not None)
     with tqdm(total=runs, desc="llc runs", disable=not ctx.progress, leave=False) as bar:
         res = behavioral_llc(ctx.adapter, data, loss_scale=s.loss_scale, checkpoint_dir=ctx.checkpoint("default"), **kwargs)
         bar.update()
@@ -234,20 +237,57 @@ def llc(ctx: ReportContext) -> SectionOutput:
             notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
                    f"the budget of {s.llc_max_draws:,} draws"
                    f"{'' if s.llc_time_limit is None else f' or {s.llc_time_limit:g} s per run'} was spent) SGLD steps "
-                   f"on {data.n_samples:,} positions. "
-                   "Directions of small curvature equilibrate slowly at these step sizes, so short chains see "
-                   "fewer of them and under-estimate λ_B; longer chains (the thorough preset) give estimates to quote."],
+                   f"on {data.n_samples:,} positions, at localization γ = {res.gamma:.3g} "
+                   f"({res.diagnostics.get('gamma_source', 'given')}). "
+                   "γ is part of the quantity: directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) "
+                   "instead of ½, so a larger γ gives a smaller, more local value, and values compare only at equal "
+                   "ε and γ. Unconverged chains under-estimate λ_B(ε, γ) (a lower bound)."],
         )
+        if s.gammas:
+            curve = llc_sweep(ctx.adapter, data, [s.loss_scale], gammas=list(s.gammas),
+                              checkpoint_dir=ctx.checkpoint("gammas"), **fixed)
+            bar.update(len(s.gammas))
+            curve = pd.concat([curve, pd.DataFrame([{c: summary[c] for c in curve.columns}])], ignore_index=True)
+            curve = curve.sort_values("gamma", ignore_index=True)
+            out.tables["gamma_curve"] = curve
+            out.figures["n_eff_gamma"] = plot_llc_sweep(curve)
         if ctx.llc_components is not None:
             comps = llc_by_component(ctx.adapter, data, components=ctx.llc_components,
                                      checkpoint_dir=ctx.checkpoint("components"), **kwargs)
             bar.update()
             out.tables["components"] = comps
             out.figures["components"] = plot_component_llc(comps)
-    curve = ", ".join(f"{r.n_eff:.3g} at {r.loss_scale:g}" for r in sweep.itertuples())
-    out.headline = (f"λ̂_B = {res.llc:.4g} ± {res.llc_stderr:.2g} (N_eff = {res.n_eff:.4g} of {res.n_params:,} "
-                    f"parameters) at ε = {res.loss_scale:g}; N_eff(ε): {curve}")
+    curve = ", ".join(f"{r.n_eff:.3g} at (ε = {r.loss_scale:g}, γ = {r.gamma:.3g})" for r in sweep.itertuples())
+    state = "converged" if res.converged else f"not converged — lower bound: {res.convergence_reason}"
+    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')} = {res.llc:.4g} ± {res.llc_stderr:.2g} ({state}; N_eff = "
+                    f"{res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): {curve}")
     return out
+
+
+@register_section("sparsity", "Constructive sparsification of the MLPs", needs_data=True,
+                  settings=(*_DATA, "sparsity"), methods="METHODS §8")
+def sparsity(ctx: ReportContext) -> SectionOutput:
+    """Per MLP layer, the free directions of METHODS §3–§4 against the exact zeros that
+    ``tld.sparsify`` creates from them, and the output drift of the sparsified copy (METHODS §8).
+    Off unless the ``sparsity`` setting is on (the thorough preset): it runs L + 3 passes over the data."""
+    from ..plots import plot_sparsity
+    from ..sparsify import sparsify
+
+    s = ctx.settings
+    if not s.sparsity:  # a choice of the preset, not a failure: the section is "ok" and says so
+        return SectionOutput(values={"off": True}, headline="not run in this preset: set sparsity=true (on in the "
+                             "thorough preset)", notes=["off in this preset: it takes several passes over the data"])
+    res = sparsify(ctx.adapter, ctx.batches, batch_size=s.batch_size, progress=ctx.progress)
+    frame = res.to_frame()
+    values = {"free_directions": int(frame["free_directions"].sum()), "zeros_added": int(frame["zeros_added"].sum()),
+              "zeros_in_model": int(frame["zeros_in_model"].sum()), "output_drift": res.output_drift, "kl": res.kl,
+              "approximate": res.approximate, "act_fn": res.act_fn, "tol": res.tol,
+              "blocks_in_basis": int(frame["blocks_in_basis"].sum())}
+    return SectionOutput(
+        tables={"layers": frame}, figures={"sparsity": res.plot()}, values=values,
+        headline=(f"{values['zeros_added']:,} zeros added for {values['free_directions']:,} free directions; "
+                  f"output drift {res.output_drift:.2g}, KL {res.kl:.2g}"),
+    )
 
 
 # ------------------------------------------------------------------------------ verdicts and glossary
@@ -379,7 +419,8 @@ def _g(x, spec: str = "g") -> str:
 
 
 def _llc_verdict(v: dict) -> str:
-    where = f"at ε = {_g(v.get('loss_scale'))}, γ = {_g(v.get('gamma'))}"
+    # γ is part of the quantity (METHODS §1): the verdict names λ̂(ε, γ), not λ̂ alone.
+    where = f"at ε = {_g(v.get('loss_scale'))}, γ = {_g(v.get('gamma'), '.3g')}"
     n_eff, converged = _g(v.get("n_eff"), ".3g"), v.get("converged")
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
@@ -413,3 +454,24 @@ def verdict(section) -> str:
 def glossary(section) -> list[tuple[str, str, int]]:
     """(term, definition, docs/methods.md section) for the terms a section's reader meets."""
     return [(term, *TERMS[term]) for term in GLOSSARY.get(section.name, ())]
+
+
+# ------------------------------------------------------------------------------ sparsity (METHODS §8)
+TERMS["zeros added"] = ("exact zero weights between the MLP input and its hidden neurons that the "
+                        "re-parametrisation creates: pairs of nodes that do not interact", 8)
+TERMS["output drift"] = ("max |Δ logits| / max |logits| of the sparsified copy against the original on the "
+                         "data: float rounding for ReLU, the approximation for GELU/SiLU", 8)
+GLOSSARY["sparsity"] = ("free (counts)", "synchronized block", "zeros added", "output drift")
+
+
+def _sparsity_verdict(v: dict) -> str:
+    if v.get("off"):
+        return "not run in this preset (set sparsity=true, or use the thorough preset)"
+    free, zeros = v.get("free_directions", 0), v.get("zeros_added", 0)
+    met = "at least one" if zeros >= free else "fewer than one"
+    kind = "approximate (smooth activation)" if v.get("approximate") else "exact up to rounding"
+    return (f"{met} non-interacting pair per free direction ({zeros:,} zeros for {free:,}); the copy is {kind}: "
+            f"drift {_g(v.get('output_drift'), '.2g')}, KL {_g(v.get('kl'), '.2g')}")
+
+
+VERDICTS["sparsity"] = _sparsity_verdict

@@ -31,8 +31,10 @@ class ReportSettings:
     ``draws``), and no block that would end past ``llc_time_limit`` seconds per run
     (None: no limit); a run whose budget ran out is reported as not converged, a lower bound, with
     that reason. Pilot runs of ``pilot_steps`` steps choose the step size unless ``step_size`` (η)
-    is given. It is estimated at ``loss_scale`` (ε = 1/nβ) and swept over ``loss_scales`` for
-    N_eff(ε); each of these runs has the budget.
+    is given. It is estimated at ``loss_scale`` (ε = 1/nβ) and localization ``gamma`` (a number, or
+    ``"auto"``: the smallest γ ≥ ``min_gamma`` at which the chains equilibrate within the burn-in,
+    3/(η·burnin); METHODS §1), swept over ``loss_scales`` for N_eff(ε, γ), and, when ``gammas`` is
+    not empty, over those γ at ``loss_scale`` (the γ-curve); each of these runs has the budget.
     ``llc_compile``: compile the SGLD steps (``behavioral_llc(compile=True)``): faster per step
     after a one-off compilation, which pays off on the thorough preset's long chains.
     ``sync_tol``: the pattern-distance tolerance of head and neuron synchronization (METHODS §3);
@@ -58,12 +60,15 @@ class ReportSettings:
     llc_sequences: int = 4
     llc_seq_len: int | None = 32
     chains: int = 4
-    draws: int = 80
-    burnin: int = 20
-    pilot_steps: int = 10
+    draws: int = 200
+    burnin: int = 200
+    pilot_steps: int = 20
     llc_max_draws: int = 2000
-    llc_time_limit: float | None = 10.0
+    llc_time_limit: float | None = 40.0
     step_size: float | None = None
+    gamma: float | str = "auto"
+    min_gamma: float = 1.0
+    gammas: tuple[float, ...] = ()
     llc_compile: bool = False
     ib_tokens: int = 512
     ib_seq_len: int | None = 64
@@ -71,6 +76,12 @@ class ReportSettings:
     ib_edge_sources: int | None = None
     ib_keep_share: float = 0.99
     ib_resolution: float = 1.0
+    #: Run the sparsity section (``tld.sparsify``, METHODS §8; several passes over the data): thorough only.
+    sparsity: bool = False
+    #: Memory budget in bytes of the statistics sections (``--memory 8G``); None: a share of the
+    #: memory available on the model's device (``tld.memory.default_budget``). Sequence length and
+    #: batch size not set explicitly are lowered until each pass fits it (``context.fit_to_memory``).
+    memory: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_sequences", "batch_size", "n_probes", "llc_sequences", "chains", "draws", "pilot_steps",
@@ -100,9 +111,17 @@ class ReportSettings:
             raise ValueError(f"report setting ib_resolution must be a finite number > 0; got {self.ib_resolution!r}")
         if not 0.0 <= self.sync_tol <= 1.0:
             raise ValueError(f"report setting sync_tol must lie in [0, 1]; got {self.sync_tol!r}")
+        if not (self.gamma == "auto" or (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
+                                         and math.isfinite(self.gamma) and self.gamma >= 0)):
+            raise ValueError(f"report setting gamma must be \"auto\" or a finite number ≥ 0; got {self.gamma!r}")
+        for name, values in (("min_gamma", (self.min_gamma,)), ("gammas", self.gammas)):
+            if not all(isinstance(g, (int, float)) and math.isfinite(g) and g > 0 for g in values):
+                raise ValueError(f"report setting {name} must hold finite numbers > 0; got {values!r}")
         for eps in (self.loss_scale, *self.loss_scales):
             if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
                 raise ValueError(f"loss scales must be finite numbers > 0; got {eps!r}")
+        if self.memory is not None and (isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1):
+            raise ValueError(f"report setting memory must be None or a number of bytes ≥ 1 (8G, 512M, …); got {self.memory!r}")
         if not self.loss_scales:
             raise ValueError("report setting loss_scales is empty")
 
@@ -130,31 +149,39 @@ def _parse(name: str, value, current):
     if not isinstance(value, str):
         return tuple(float(v) for v in value) if isinstance(current, tuple) else value
     text = value.strip()
+    if name == "memory":  # a size: 8G, 512M, 1.5GiB, or bytes; none/auto for the default share
+        from ..memory import parse_memory
+
+        return None if text.lower() in ("none", "auto") else parse_memory(text)
     try:
         if isinstance(current, tuple):
             return tuple(float(v) for v in text.split(",") if v.strip())
         if text.lower() == "none" and name in _OPTIONAL:
             return None
+        if name == "gamma" and text.lower() == "auto":
+            return "auto"
         if isinstance(current, bool):
             return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-        if isinstance(current, float) or name in _FLOATS:
+        if isinstance(current, float) or name in _FLOATS or name == "gamma":
             return float(text)
         return int(text)
     except (ValueError, KeyError):
         raise ValueError(f"report setting {name}={value!r}: not a valid value (now {current!r})") from None
 
 
-#: Named budgets. ``quick``: the numbers above, about a minute on toy:bytelm (an LLC run starts
-#: no block that would end past 10 s, pilots included, so the LLC section's three runs take about
-#: 30 s, at most a block more each than the fixed 80 draws of before); ``thorough``: 8× the
-#: statistics data, longer chains (blocks of 1000 draws, up to 8000, no time limit) on longer
-#: sequences, a finer sweep, and an interaction basis on 8× the tokens with 4× the probes.
+#: Named budgets. ``quick``: the numbers above (an LLC run starts no block that would end past 40 s,
+#: pilots included; with γ = "auto" the chains equilibrate within the 200 burn-in steps, so on
+#: toy:bytelm the main run converges: BENCHMARKS.md, "LLC presets"); ``thorough``: 8× the
+#: statistics data, 8 chains on twice the LLC tokens (blocks of 500 draws after 500 burn-in, up to
+#: 4000, at most 300 s per run), a finer sweep over ε, the γ-curve at 10³, 10⁴, 10⁵ beside the
+#: automatic γ, and an interaction basis on 8× the tokens with 4× the probes.
 PRESETS: dict[str, ReportSettings] = {
     "quick": ReportSettings(),
     "thorough": ReportSettings(
-        n_sequences=512, batch_size=32, n_probes=16, loss_scales=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
-        llc_sequences=32, llc_seq_len=None, chains=8, draws=1000, burnin=200, pilot_steps=200,
-        llc_max_draws=8000, llc_time_limit=None, ib_tokens=4096, ib_seq_len=128, ib_probes=16,
+        n_sequences=512, batch_size=32, n_probes=16, loss_scales=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
+        llc_sequences=8, llc_seq_len=32, chains=8, draws=500, burnin=500, pilot_steps=50, gammas=(1e3, 1e4, 1e5),
+        llc_max_draws=4000, llc_time_limit=300.0, ib_tokens=4096, ib_seq_len=128, ib_probes=16,
+        sparsity=True,
     ),
 }
 

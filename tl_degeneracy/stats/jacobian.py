@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ..data import token_batches
 from ..errors import MissingHookError, NumericalError
+from ..memory import check_batches, hook_width
 from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
 from .distributed import distributed_context
@@ -59,7 +60,7 @@ from .gram_stats import JacobianHookStats, JacobianStats
 from .stream import Step, stream
 from .vjp import Backward, cotangents, differentiable_capture
 
-__all__ = ["EXACT_FACTOR", "JacobianPass", "jacobian_pass", "jacobian_stats", "max_counted_positions", "resolve_exact"]
+__all__ = ["EXACT_FACTOR", "JacobianPass", "check_memory", "jacobian_pass", "jacobian_stats", "max_counted_positions", "resolve_exact"]
 
 OBJECTIVES = ("kl", "mse")
 METHODS_ = ("auto", "batched", "loop")
@@ -111,6 +112,19 @@ def check_exact(exact, n_probes) -> None:
         raise ValueError(f"exact must be True, False or 'auto'; got {exact!r}")
     if exact is not True and (not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1):
         raise ValueError(f"n_probes must be a positive integer; got {n_probes!r}")
+
+
+def check_memory(adapter, batches, targets: list[HookTarget], *, output_hook: str | None, n_probes: int,
+                 exact: bool | str, what: str = "jacobian_stats", held: int = 0) -> None:
+    """:class:`~tl_degeneracy.memory.MemoryBudgetError` now, before any forward, when one batch of
+    the Jacobian pass would not fit the memory budget (``tld.memory.estimate("jacobian")``: the
+    forward's autograd graph, a chunk of cotangents on the output, their gradients at ``targets``,
+    the targets' float64 Grams, and ``held`` bytes of earlier passes' results)."""
+    out_width = adapter.d_vocab if output_hook is None else hook_width(adapter, None, output_hook)
+    n_exact = max_counted_positions(batches) * out_width
+    n_cot = n_exact if resolve_exact(exact, n_probes, n_exact) else n_probes
+    check_batches(adapter, "jacobian", batches, what, n_cotangents=n_cot, chunk_elements=CHUNK_ELEMENTS,
+                  target_widths=[hook_width(adapter, t.kind, t.name) for t in targets], out_width=out_width, held=held)
 
 
 def jacobian_pass(
@@ -282,6 +296,8 @@ def jacobian_stats(
 
     Raises:
         NumericalError: non-finite outputs or gradients (naming the hook and batch).
+        MemoryBudgetError: a batch's pass would not fit the memory budget (``tld.memory``), raised
+        before the first forward, saying what to lower.
     """
     if method not in METHODS_:
         raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
@@ -299,6 +315,7 @@ def jacobian_stats(
     check_exact(exact, n_probes)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "jacobian_stats")
+    check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact)
     res = jacobian_pass(
         adapter, batches, targets, objective=objective, output_hook=output_hook, output_transform=output_transform,
         n_probes=n_probes, exact=exact, seed=seed, per_head=per_head, device=device, progress=progress,

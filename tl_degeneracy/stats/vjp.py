@@ -84,18 +84,23 @@ def cotangents(
     if objective == "kl":
         p = torch.softmax(out.detach().to(torch.float64), dim=-1)
     if exact:
-        columns = [(t, v) for t in out_mask.any(0).nonzero().flatten().tolist() for v in range(V)]
-        for start in range(0, len(columns), chunk):
-            cols = columns[start : start + chunk]
-            cot = torch.zeros(len(cols), b, P, V, dtype=torch.float64, device=out.device)
-            for j, (t, v) in enumerate(cols):
-                if objective == "mse":
-                    cot[j, :, t, v] = 1.0
-                else:  # s_v = √p_v (e_v − p): Σ_v s_v s_vᵀ = diag(p) − p pᵀ
-                    s = -p[:, t, :] * p[:, t, v : v + 1].sqrt()
-                    s[:, v] += p[:, t, v].sqrt()
-                    cot[j, :, t, :] = s
-            yield cot.to(out.dtype) * m, 1.0
+        # Output entries (t, v), t-major: one cotangent each, built a chunk at a time by indexing.
+        positions = out_mask.any(0).nonzero().flatten()
+        ts, vs = positions.repeat_interleave(V), torch.arange(V, device=out.device).repeat(len(positions))
+        for start in range(0, len(ts), chunk):
+            t, v = ts[start : start + chunk], vs[start : start + chunk]
+            j = torch.arange(len(t), device=out.device)
+            # Built in the output's dtype, zero but at (j, ·, t_j): the mask (0 or 1) multiplies only there.
+            cot = torch.zeros(len(t), b, P, V, dtype=out.dtype, device=out.device)
+            m_t = m[:, t, 0].transpose(0, 1)  # [J, batch]
+            if objective == "mse":
+                cot[j, :, t, v] = m_t
+            else:  # s_v = √p_v (e_v − p): Σ_v s_v s_vᵀ = diag(p) − p pᵀ
+                p_t = p[:, t, :].transpose(0, 1)  # [J, batch, V]
+                root = p_t.gather(2, v[:, None, None].expand(-1, b, 1)).sqrt()  # √p_v [J, batch, 1]
+                s = (-p_t * root).scatter_add_(2, v[:, None, None].expand(-1, b, 1), root)
+                cot[j, :, t, :] = s.to(out.dtype) * m_t[:, :, None]
+            yield cot, 1.0
         return
     counted = [row.nonzero().flatten() for row in out_mask]
     ids = sequences.tolist()
@@ -119,7 +124,7 @@ def cotangents(
                     u = torch.rand(len(pos), 1, generator=g, device=out.device, dtype=torch.float64) * cdf[:, -1:]
                     y = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # [n_i, 1]
                     cot[j, i, pos] = cot[j, i, pos].scatter_add(1, y, torch.ones_like(y, dtype=cot.dtype))
-        yield cot.to(out.dtype) * m, 1.0 / n_probes
+        yield cot.mul_(m).to(out.dtype), 1.0 / n_probes
 
 
 def differentiable_capture(store: dict[str, Tensor], name: str):

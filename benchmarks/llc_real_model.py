@@ -1,0 +1,126 @@
+"""Behavioral LLC chain-step time on a SmolLM2-135M-shaped model (issue 19: 8 chains × 1,000 steps on
+32 × 128 tokens, goal ≤ 10 minutes on one H100-class GPU).
+
+The model is a Llama of SmolLM2-135M's exact shape (30 layers, d_model 576, 9 query / 3 key-value
+heads of 64, gated SiLU MLP of 1,536, vocabulary 49,152, tied embeddings; 134.5M parameters) with
+random weights, built locally and loaded through ``tld.load_model`` as a TransformerBridge: the
+time per step depends on the shape alone, and nothing is downloaded. The λ̂ of a random model is
+not a finding and is not printed as one.
+
+Two runs with the same given step size (no step-size calibration), ``--steps A,B`` draws each and no
+burn-in; the time per chain-step is (t_B − t_A)/(B − A) (what the fixed cost of a call — the
+reference forward, the curvature checks — does not enter), and the full 1,000-step run is
+extrapolated as t_A + (1000 − A) × that. Peak CUDA memory is read over both runs.
+
+    python benchmarks/llc_real_model.py [--device cuda] [--chains 8] [--tokens 32x128] [--steps 5,15]
+        [--dtype float32] [--layers 30] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+import tl_degeneracy as tld  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from record import append_to_section, machine_line  # noqa: E402
+
+SECTION = "## behavioral LLC on a 135M-parameter LM"
+
+# SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M), the fields that set the shape.
+SMOLLM2_135M = dict(
+    num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+    intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+    hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+    bos_token_id=0, eos_token_id=0,
+)
+
+
+def build(directory: Path, layers: int) -> Path:
+    """Save a randomly initialised SmolLM2-135M-shaped Llama to ``directory``, with the test suite's
+    word-level tokenizer (the bridge needs one; the data here are token ids, so it is never used)."""
+    import transformers as tf
+
+    from tests.fixtures.hf import tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers}))
+    path = directory / "smollm2-135m-shaped"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def timed_llc(model, tokens, args, draws: int) -> tuple[float, object]:
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    result = tld.behavioral_llc(
+        model, tokens, chains=args.chains, draws=draws, burnin=0, step_size=args.step_size,
+        batch_size=tokens.shape[0], seed=0, progress=False,
+    )
+    sync()
+    return time.perf_counter() - t0, result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--tokens", default="32x128", help="sequences x positions (one full batch per step)")
+    ap.add_argument("--steps", default="5,15", help="draws of the two timed runs")
+    ap.add_argument("--target-steps", type=int, default=1000)
+    ap.add_argument("--step-size", type=float, default=1e-7)
+    ap.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="fewer for a smoke test")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    n_seq, n_pos = (int(x) for x in args.tokens.split("x"))
+    a, b = (int(x) for x in args.steps.split(","))
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        model = tld.load_model(build(Path(tmp), args.layers), device=args.device, dtype=dtype)
+        t_load = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(1, SMOLLM2_135M["vocab_size"], (n_seq, n_pos), generator=torch.Generator().manual_seed(0))
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_a, _ = timed_llc(model, tokens, args, a)
+    t_b, result = timed_llc(model, tokens, args, b)
+    per_step = (t_b - t_a) / (b - a)
+    total = t_a + (args.target_steps - a) * per_step
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(args.device).type == "cuda" else float("nan")
+    line = (
+        f"| {args.device} | {args.dtype} | {args.chains} | {n_seq}×{n_pos} | {t_load:.1f} s | {t_a:.1f} s ({a}) / {t_b:.1f} s ({b}) "
+        f"| {per_step:.3f} s ({per_step / args.chains * 1e3:.0f} ms per chain-step) | {total / 60:.1f} min | {peak:.1f} GiB |"
+    )
+    head = ("| device | dtype | chains | tokens | load | runs (draws) | per step, all chains | "
+            f"{args.target_steps} steps, extrapolated | peak CUDA memory |\n" + "|---" * 9 + "|")
+    print(head)
+    print(line)
+    print(f"parameters {n_params:,}; step size {args.step_size:g} given; diverged chains {result.diagnostics.get('n_diverged')}")
+    if not args.no_write:
+        block = (
+            f"### {machine_line()}\n\n"
+            f"`benchmarks/llc_real_model.py --device {args.device} --dtype {args.dtype} --chains {args.chains} "
+            f"--tokens {args.tokens} --steps {args.steps}`: a random Llama of SmolLM2-135M's shape ({n_params:,} "
+            "parameters) as a TransformerBridge, KL behavioral loss, full batch, given step size; per step = "
+            "difference of the two runs over the difference of their draws (fixed costs cancel).\n\n"
+            + head + "\n" + line + "\n"
+        )
+        append_to_section(SECTION, "llc_real_model.py", block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Memory budgets (tl_degeneracy.memory, issue 19): sizes parse, analyses that would not fit fail
+before their first forward pass with a message saying what to lower, and the estimate of a
+Jacobian pass bounds the peak-RSS increase it causes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy import counts as counts_module
+from tl_degeneracy.memory import (
+    MemoryBudgetError, current_budget, estimate, format_bytes, memory_limit, parse_memory,
+)
+
+from .fixtures.toys import make_tiny_toy_transformer
+
+
+def test_parse_and_format_sizes():
+    assert parse_memory("8G") == parse_memory("8GiB") == parse_memory("8gb") == 8 << 30
+    assert parse_memory("512M") == 512 << 20 and parse_memory("1.5K") == 1536 and parse_memory(4096) == 4096
+    for bad in ("lots", "-1G", "0", "", True):
+        with pytest.raises(ValueError, match="memory must be"):
+            parse_memory(bad)
+    assert format_bytes(8 << 30) == "8.0 GiB" and format_bytes(900) == "900 B"
+
+
+def test_memory_limit_sets_the_budget_in_force():
+    outside = current_budget("cpu")
+    assert outside.bytes > 0 and "RAM" in outside.source
+    with memory_limit("2G") as budget:
+        assert current_budget("cpu") == budget and budget.bytes == 2 << 30
+    assert current_budget("cpu").source == outside.source
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a pass ran although the budget was known to be too small")
+
+
+def test_analyses_fail_before_their_first_forward(monkeypatch):
+    model = make_tiny_toy_transformer()
+    tokens = torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(counts_module, "_input_moments", _never)
+    with memory_limit(1024):
+        for run in (lambda: tld.head_synchronization(model, tokens, batch_size=8),
+                    lambda: tld.neuron_synchronization(model, tokens, batch_size=8),
+                    lambda: tld.jacobian_stats(model, tokens, batch_size=8, progress=False),
+                    lambda: tld.degeneracy_counts(model, tokens, batch_size=8, progress=False)):
+            with pytest.raises(MemoryBudgetError, match=r"lower batch_size \(now 8\) or seq_len \(now 12\)"):
+                run()
+    # the same calls run under a budget they fit (the estimate of 8 × 12 tokens is far below 1 GiB)
+    with memory_limit("1G"):
+        tld.head_synchronization(model, tokens, batch_size=8)
+
+
+def test_estimate_grows_with_the_batch_and_the_square_of_positions():
+    adapter = tld.adapt(make_tiny_toy_transformer(n_ctx=256))
+    for analysis in ("forward", "head_sync", "neuron_sync", "jacobian"):
+        small, wide, long = (estimate(adapter, analysis, b, t) for b, t in ((2, 64), (4, 64), (2, 256)))
+        assert small < wide <= 2 * small + (1 << 26) and long > 4 * small
+    with pytest.raises(ValueError, match="analysis must be"):
+        estimate(adapter, "backward", 2, 8)
+
+
+def test_estimate_bounds_the_measured_peak_of_a_jacobian_pass():
+    """In a fresh process (peak RSS is per process), degeneracy_counts on toy:bytelm at 16 × 128
+    tokens raises the peak resident set by less than the Jacobian pass's estimate, and by more than
+    a third of it (so the estimate is not vacuous)."""
+    code = textwrap.dedent("""
+        import json, os
+        os.environ["TQDM_DISABLE"] = "1"
+
+        def status_kb(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+
+        import torch
+        torch.set_num_threads(1)
+        import tl_degeneracy as tld
+        from tl_degeneracy.memory import counts_grams, estimate
+        model = tld.load_model("toy:bytelm")
+        tokens = tld.toy_data("bytelm")[:16, :128]
+        adapter = tld.adapt(model)
+        tld.degeneracy_counts(model, tokens[:1, :4], batch_size=1, n_probes=4, progress=False)  # lazy loads
+        # Reset the peak resident set to the current one (Linux ≥ 4.0), so that peaks of the imports
+        # and of the warm-up above do not hide the pass's own.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kb("VmRSS")
+        tld.degeneracy_counts(model, tokens, batch_size=16, n_probes=4, progress=False)
+        after = status_kb("VmHWM")
+        need = estimate(adapter, "jacobian", 16, 128, n_cotangents=4, held=counts_grams(adapter))
+        print(json.dumps({"measured": after - before, "estimate": need}))
+    """)
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["estimate"] / 3 < got["measured"] <= got["estimate"], got

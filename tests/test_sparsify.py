@@ -1,0 +1,195 @@
+"""Constructive sparsification (METHODS §8): exactness, counts, the copy, edges, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.interaction.edges import edge_pass
+from tl_degeneracy.interaction.runner import build_runner
+from tl_degeneracy.models.toys.transformer import ToyTransformer
+from tests.fixtures.hf import assert_state_unchanged, state_snapshot
+
+EPS64 = torch.finfo(torch.float64).eps
+# ReLU exactness: every step is a float64 linear solve or product over D + F = 640 terms, so the
+# construction's own rounding is (D + F)·eps64 ≈ 1.4e-13 relative, times the condition of the
+# eliminations (|A| ≈ 1 and block sub-matrices measured ≲ 1e3 here): ≲ 1.4e-10. A float32 step or a
+# wrong relation would show ≥ 1e-7. Step 1 also inherits the rank rule's cut-off: directions with
+# Gram eigenvalue below D·eps64·λ_max are eliminated although they carry up to √(that) of the signal
+# (``eliminated_scale``), which bounds the extra error up to the |A|·|W| factors (10 allowed).
+ROUNDING = 1e3 * 640 * EPS64
+
+
+@pytest.fixture(scope="module")
+def modadd():
+    return tld.load_model("toy:modadd", dtype=torch.float64)
+
+
+def _subsets():
+    full = tld.toy_data("modadd")
+    return {"first4": full[:4], "rand20": tld.toy_data("modadd", n=20, seed=1),
+            "rand60": tld.toy_data("modadd", n=60, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def results(modadd):
+    return {name: (data, tld.sparsify(modadd, data)) for name, data in _subsets().items()}
+
+
+def test_relu_exact_on_several_subsets(results):
+    ranks = []
+    for name, (_, res) in results.items():
+        row = res.to_frame().iloc[0]
+        ranks.append(int(row.input_rank))
+        assert not res.approximate and res.tol == 0.0
+        assert row.output_drift <= ROUNDING + 10 * row.eliminated_scale, name
+        assert abs(row.kl) <= ROUNDING, name
+        assert row.zeros_added >= row.free_directions > 0, name
+        assert row.zeros_in_model >= row.activation_free, name  # step 1's zeros are stored
+    assert min(ranks) < 128  # a subset where the MLP input is low rank
+    first4 = results["first4"][1].to_frame().iloc[0]
+    assert first4.blocks > 0 and first4.sync_free > 0 and first4.eliminated_scale < 1e-6
+
+
+def test_free_directions_are_the_package_counts(modadd, results):
+    data, res = results["first4"]
+    row = res.to_frame().iloc[0]
+    # degeneracy_counts needs a norm before the MLP; modadd has none: the rank of the same Gram by
+    # the same rule from activation_stats (the LayerNorm toy below checks against degeneracy_counts).
+    stats = tld.activation_stats(modadd, data, hooks="blocks.0.hook_resid_mid", per_head=False, progress=False)
+    rank = stats["blocks.0.hook_resid_mid"].rank(centered=False)
+    assert row.input_rank == rank and row.activation_free == (128 - rank) * 512
+    sync = tld.neuron_synchronization(modadd, data, tol=0.0).to_frame()
+    assert row.blocks == len(sync)
+    assert row.sync_free == int(sync["extra_freedom"].clip(lower=0).sum())
+
+
+def test_original_untouched_and_copy_hooks(modadd):
+    data = _subsets()["first4"]
+    before = state_snapshot(modadd)
+    res = tld.sparsify(modadd, data)
+    assert_state_unchanged(modadd, before)
+    copy = res.model
+    assert type(copy) is type(modadd) and copy is not modadd
+    basis = res.bases[0]
+    assert len(basis.eliminated) == 128 - res.to_frame().iloc[0].input_rank
+    assert torch.equal(copy.blocks[0].mlp.W_in[basis.eliminated], torch.zeros_like(copy.blocks[0].mlp.W_in[basis.eliminated]))
+    posts = {}
+
+    def keep(tag):
+        def hook(act, hook):
+            posts[tag] = act.detach()
+        return hook
+
+    modadd.run_with_hooks(data, fwd_hooks=[("blocks.0.mlp.hook_post", keep("orig"))])
+    copy.run_with_hooks(data, fwd_hooks=[("blocks.0.mlp.hook_post", keep("new"))])
+    mapped = basis.map_hidden(posts["orig"])
+    scale = float(posts["orig"].abs().max())
+    assert float((mapped - posts["new"]).abs().max()) <= ROUNDING * scale
+    # The input relation holds on the data: x_J = x_K A.
+    x = {}
+    modadd.run_with_hooks(data, fwd_hooks=[("blocks.0.hook_resid_mid", lambda a, hook: x.setdefault("x", a.detach()))])
+    xs = x["x"].reshape(-1, 128)
+    err = (xs[:, basis.eliminated] - xs[:, basis.kept] @ basis.relation).abs().max()
+    assert float(err) <= ROUNDING * float(xs.abs().max())
+
+
+def test_zero_edges_at_least_free_directions(results):
+    """The §5 edge formula between the MLP input and hidden layer of the sparsified model, evaluated
+    in the sparsified model's coordinates (the input as stored, the hidden layer in the paper's basis
+    ``bases[0].paper_hidden``): at least one exactly-zero edge per free direction counted. (The §5
+    interaction *basis* itself is invariant under any invertible re-parametrisation of a node layer,
+    so it is the same for the original and the sparsified model and cannot show the new zeros.)"""
+    for name in ("first4", "rand20"):
+        data, res = results[name]
+        model, basis = res.model, res.bases[0]
+        nodes = ["blocks.0.hook_resid_mid", "blocks.0.mlp.hook_post"]
+        runner = build_runner(model, data, nodes, batch_size=64, seq_len=None, skip_bos=None)
+        D, F = 128, 512
+        B = basis.hidden_basis
+        C = {nodes[0]: torch.eye(D, dtype=torch.float64), nodes[1]: B.T}
+        C_inv = {nodes[0]: torch.eye(D, dtype=torch.float64), nodes[1]: torch.linalg.inv(B).T}
+        mean = {n: torch.zeros(C[n].shape[1], dtype=torch.float64) for n in nodes}
+        # counts only divide E; which entries are exactly zero does not depend on them
+        ep = edge_pass(runner.engine, runner.batches, runner.nodes, C, C_inv, mean, {n: 1 for n in nodes},
+                       progress=False)
+        edges = ep.edges[nodes[0], nodes[1]]
+        assert edges.shape == (F, D)
+        row = res.to_frame().iloc[0]
+        # zeros of the stored weights give exactly zero edges ...
+        assert int((edges == 0).sum()) >= row.zeros_in_model >= row.activation_free, name
+        # ... those of the paper's basis are zero in exact arithmetic and computed as Σ_k W_jk r_k B_ki
+        # x_j in float64: relative error ROUNDING at most, so E (a square) at most ROUNDING² of the
+        # largest edge, 1e-20, far below any edge that is not zero.
+        assert int((edges <= ROUNDING**2 * edges.max()).sum()) >= row.free_directions, name
+
+
+def test_gelu_reports_drift_and_kl():
+    model = tld.load_model("toy:bytelm")
+    data = tld.toy_data("bytelm")[:4]
+    res = tld.sparsify(model, data, tol=0.05, seq_len=32)
+    frame = res.to_frame()
+    assert res.approximate and frame.attrs["approximate"]
+    assert list(frame["layer"]) == [0, 1]
+    assert frame["output_drift"].notna().all() and frame["kl"].notna().all()
+    # float32 model: step 1 is exact up to the float32 rank rule's cut-off (eliminated_scale ≈ 1e-5)
+    assert 0 <= res.output_drift < 1e-3 and 0 <= res.kl + 1e-7 < 1e-4
+    assert (frame["zeros_added"] >= frame["free_directions"]).all()
+
+
+def test_relu_layernorm_with_biases_exact():
+    """LayerNorm (gain and bias before W_in) and MLP biases (the bias row may take the identity)."""
+    model = ToyTransformer(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=11, n_ctx=8,
+                           act_fn="relu", seed=3).double().eval()
+    with torch.no_grad():  # non-trivial norm gains and biases
+        for block in model.blocks:
+            block.ln2.w.mul_(1.5).add_(0.1)
+            block.ln2.b.add_(0.2)
+            block.mlp.b_in.normal_(0, 0.3)
+    data = torch.randint(0, 11, (3, 4), generator=torch.Generator().manual_seed(0))
+    res = tld.sparsify(model, data)
+    frame = res.to_frame()
+    assert (frame["input_rank"] < 16).all()  # 12 samples
+    assert (frame["output_drift"] <= ROUNDING + 10 * frame["eliminated_scale"]).all()
+    assert (frame["zeros_added"] >= frame["free_directions"]).all()
+    counts = tld.degeneracy_counts(model, data, n_probes=1, progress=False)
+    w_in = counts[counts["map"] == "W_in"]
+    assert list(frame["input_rank"]) == list(w_in["rank_G"])
+    assert list(frame["activation_free"]) == list((w_in["d_in"] - w_in["rank_G"]) * w_in["d_out"])
+
+
+def test_gated_mlp_refused(tl_models):
+    from tests.fixtures.hf import tl_major_version
+
+    backend = "hooked_transformer" if tl_major_version() < 4 else "bridge"
+    model = tl_models("llama", backend)
+    with pytest.raises(ValueError, match="gated"):
+        tld.sparsify(model, torch.randint(0, 50, (2, 6)))
+
+
+def test_bad_input(modadd):
+    data = _subsets()["first4"]
+    with pytest.raises(ValueError, match="tol"):
+        tld.sparsify(modadd, data, tol=2.0)
+    with pytest.raises(tld.DataError):
+        tld.sparsify(modadd, torch.zeros(0, 3, dtype=torch.long))
+    with pytest.raises(TypeError):
+        tld.sparsify(torch.nn.Linear(3, 3), data)
+
+
+def test_report_section(modadd):
+    from tl_degeneracy.report.sections import glossary, verdict
+
+    data = _subsets()["first4"]
+    quick = tld.degeneracy_report(modadd, data, sections=["sparsity"], progress=False)
+    assert quick["sparsity"].status == "ok" and "sparsity=true" in quick["sparsity"].headline
+    assert verdict(quick["sparsity"]).startswith("not run in this preset")
+    report = tld.degeneracy_report(modadd, data, sections=["sparsity"], progress=False, overrides={"sparsity": True})
+    section = report["sparsity"]
+    assert section.status == "ok", section.reason
+    frame = section.tables["layers"]
+    assert list(frame["layer"]) == [0] and section.values["zeros_added"] >= section.values["free_directions"] > 0
+    assert "sparsity" in section.figures
+    assert verdict(section).startswith("at least one non-interacting pair per free direction")
+    assert [t for t, *_ in glossary(section)] == ["free (counts)", "synchronized block", "zeros added", "output drift"]

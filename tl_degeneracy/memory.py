@@ -1,0 +1,244 @@
+"""Memory budgets: what an analysis may allocate, an estimate of what it will, and a clear error
+before it starts when that does not fit (issue 19).
+
+A pass over the data holds one batch's worth of tensors at a time; what grows with the model is
+the size of that batch's tensors: attention patterns (batch · heads · positions²), the logits
+(batch · positions · vocabulary), and in a Jacobian pass the forward's autograd graph and the
+cotangents on the logits. :func:`estimate` gives an upper estimate of an analysis's peak from the
+model's shape and the batch's, :func:`check_fits` compares it with the budget in force and raises
+:class:`MemoryBudgetError` naming what to lower, before anything is allocated.
+
+The budget in force is the one set with :func:`memory_limit` (the report sets its own, see
+``ReportSettings.memory``), else all memory available on the model's device now: free CUDA memory
+on a GPU, the kernel's MemAvailable on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TLDegeneracyError
+
+__all__ = [
+    "DEFAULT_FRACTION", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits", "current_budget",
+    "check_batches", "counts_grams", "default_budget", "estimate", "format_bytes", "hook_width", "memory_limit", "parse_memory",
+]
+
+#: Share of the available memory the report budgets by default, per device type: the rest is left
+#: to the allocator's fragmentation, the Python heap and other processes (estimates are rough).
+DEFAULT_FRACTION = {"cuda": 0.8, "cpu": 0.5}
+ANALYSES = ("forward", "head_sync", "neuron_sync", "jacobian")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class MemoryBudgetError(TLDegeneracyError, MemoryError):
+    """An analysis would allocate more than the memory budget; the message says what to lower."""
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes from ``"8G"``, ``"512M"``, ``"1.5GiB"``, ``"8GB"`` (binary units: K = 1024) or a number of bytes.
+
+    Raises:
+        ValueError: anything else, or a size that is not positive.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"memory must be a size such as 8G or 512M; got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+        if not match:
+            raise ValueError(f"memory must be a size such as 8G, 512M or 1.5GiB; got {text!r}")
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not value >= 1:
+        raise ValueError(f"memory must be a positive size; got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """``12.3 GiB``, ``512.0 MiB``, ``900 B``."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory(device: torch.device | str) -> tuple[int, str]:
+    """(bytes, what they are) that ``device`` has free now: CUDA's free memory on a GPU, the
+    kernel's MemAvailable on the CPU (total physical memory where /proc/meminfo is absent)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "physical RAM"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A budget of ``bytes`` and where it comes from (``source``, for messages and the report header)."""
+
+    bytes: int
+    source: str
+
+    def __str__(self) -> str:
+        return f"{format_bytes(self.bytes)} ({self.source})"
+
+
+def default_budget(device: torch.device | str, fraction: float | None = None) -> MemoryBudget:
+    """``fraction`` (default :data:`DEFAULT_FRACTION` of the device type) of :func:`available_memory`."""
+    device = torch.device(device)
+    fraction = DEFAULT_FRACTION.get(device.type, DEFAULT_FRACTION["cpu"]) if fraction is None else float(fraction)
+    free, what = available_memory(device)
+    return MemoryBudget(int(free * fraction), f"{fraction:.0%} of {format_bytes(free)} {what}")
+
+
+_LIMIT: contextvars.ContextVar[MemoryBudget | None] = contextvars.ContextVar("tld_memory_limit", default=None)
+
+
+@contextlib.contextmanager
+def memory_limit(budget: MemoryBudget | int | str):
+    """Analyses run inside use ``budget`` (a :class:`MemoryBudget`, bytes or a size such as ``"8G"``)."""
+    if not isinstance(budget, MemoryBudget):
+        budget = MemoryBudget(parse_memory(budget), "set with memory_limit")
+    token = _LIMIT.set(budget)
+    try:
+        yield budget
+    finally:
+        _LIMIT.reset(token)
+
+
+def current_budget(device: torch.device | str) -> MemoryBudget:
+    """The budget of :func:`memory_limit` in force, else all of :func:`available_memory` on ``device``."""
+    limit = _LIMIT.get()
+    if limit is not None:
+        return limit
+    free, what = available_memory(device)
+    return MemoryBudget(free, what)
+
+
+def estimate(
+    adapter,
+    analysis: str,
+    batch: int,
+    seq: int,
+    *,
+    n_cotangents: int = 1,
+    chunk_elements: int = 1 << 24,
+    target_widths: Sequence[int] | None = None,
+    out_width: int | None = None,
+    held: int = 0,
+) -> int:
+    """Upper estimate in bytes of the peak that ``analysis`` allocates for one batch of ``batch``
+    sequences of ``seq`` tokens of ``adapter``'s model (weights not included: they are loaded).
+
+    - ``"forward"``: a forward pass with statistics hooks (activation statistics, counts' input
+      moments): one layer's attention scores and pattern (3 · batch · heads · seq² floats), its MLP,
+      the logits and their float64 copy, float64 rows of the hooked activations.
+    - ``"head_sync"`` / ``"neuron_sync"``: the forward plus float64 rows of the values, inputs and
+      one chunk of pattern rows (``synchronization.pattern_tv_sums``), or of the MLP's pre- and
+      post-activations and firing patterns.
+    - ``"jacobian"``: a Jacobian pass (``stats.jacobian``): the autograd graph of the forward
+      (every layer's activations and attention patterns), the softmax in float64, one chunk of
+      cotangents on the logits (``min(n_cotangents, chunk_elements / (batch·seq·vocab))`` of them,
+      built in float64) and their gradients at the targets (``target_widths``: the features per
+      position of each target, default every layer's q, k, v, attention output, MLP
+      pre-activations and output, as ``degeneracy_counts`` takes them). ``out_width``: features
+      per position of the output the cotangents sit on (default the vocabulary: the logits).
+
+    Every analysis also counts its float64 accumulators, which do not grow with the data but do
+    with the model (an F × F Gram per MLP hook: 75 MB per layer at d_mlp 3072), and ``held`` bytes
+    that earlier passes keep alive (``degeneracy_counts``' activation Grams during its Jacobian pass).
+
+    The constants are counts of the tensors each pass keeps alive, not measurements; on toy:bytelm
+    the measured peak-RSS increase of a Jacobian pass lies within them (tests/test_memory.py), and
+    on a GPU the peak CUDA allocation of ``degeneracy_counts`` on a GPT-2-small-shaped model.
+    """
+    if analysis not in ANALYSES:
+        raise ValueError(f"analysis must be one of {ANALYSES}; got {analysis!r}")
+    c = adapter.cfg
+    L, H, d, D, V = c.n_layers, c.n_heads or 0, c.d_head or 0, c.d_model, c.d_vocab
+    kv = c.n_kv_heads or H
+    F = c.d_mlp or 0
+    s = max(adapter.dtype.itemsize, 4)  # half-precision models upcast softmax and norms to float32
+    tokens = batch * seq
+    attention = 3 * batch * H * seq * seq * s  # scores, masked scores, pattern of one layer
+    per_token = (8 * D + (H + 2 * kv) * d + 3 * F) * s  # residual, norms, q/k/v/z, MLP of one layer
+    forward = attention + tokens * (per_token + V * (s + 8)) + int(held)
+    if analysis == "forward":
+        return int(forward + tokens * (D + F + H * d) * 8 + counts_grams(adapter))
+    if analysis == "head_sync":
+        from .synchronization import PATTERN_CHUNK_BYTES
+
+        rows = min(PATTERN_CHUNK_BYTES, tokens * H * seq * (s + 8))  # one chunk, or all rows if fewer
+        return int(forward + tokens * (kv * d + D) * 8 * 2 + rows + L * ((kv * d) ** 2 + D * D) * 8 * 2)
+    if analysis == "neuron_sync":
+        return int(forward + tokens * F * 8 * 4 + L * F * F * 8 * 2)
+    V = V if out_width is None else int(out_width)
+    graph = L * (attention + tokens * per_token) + tokens * V * s
+    chunk = max(1, min(int(n_cotangents), chunk_elements // max(1, tokens * V)))
+    if target_widths is None:
+        target_widths = L * [H * d, kv * d, kv * d, D, D] + L * (1 + int(c.gated_mlp)) * [F]
+    width = sum(target_widths)
+    accumulators = sum(w * w for w in target_widths) * 8  # float64 Grams (per-head blocks are smaller)
+    cotangents = 2 * tokens * V * 8 + chunk * tokens * V * (8 + 2 * s)  # float64 softmax and its input; a chunk
+    backward = chunk * (tokens * V * s + attention + tokens * per_token)  # one layer's gradients at a time
+    gradients = chunk * tokens * width * s + chunk * tokens * max(D, F, H * d) * 8  # at the targets; float64 rows
+    return int(graph + cotangents + backward + gradients + accumulators + held)
+
+
+def check_fits(needed: int, device: torch.device | str, what: str, lower: str) -> None:
+    """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed the budget in force
+    (:func:`current_budget`), saying that ``what`` needs them and what to lower (``lower``)."""
+    budget = current_budget(device)
+    if needed > budget.bytes:
+        raise MemoryBudgetError(
+            f"{what} would need about {format_bytes(needed)}, more than the memory budget of {budget}; "
+            f"{lower}, or raise the budget (--memory / the report's memory setting / tld.memory.memory_limit) "
+            "where the machine has more"
+        )
+
+
+def counts_grams(adapter) -> int:
+    """Bytes of ``degeneracy_counts``' activation-pass Grams (float64: z per head, the MLP output,
+    both blocks' inputs, per layer), which stay alive during its Jacobian pass."""
+    c = adapter.cfg
+    F, H, d, D = c.d_mlp or 0, c.n_heads or 0, c.d_head or 0, c.d_model
+    return c.n_layers * (F * F + H * d * d + 2 * D * D) * 8
+
+
+def hook_width(adapter, kind: str | None, name: str = "") -> int:
+    """Features per position of a hook of ``kind`` (q/z: heads·d_head, k/v: KV heads·d_head, MLP
+    hooks: d_mlp, anything else: d_model), for :func:`estimate`'s ``target_widths``."""
+    c = adapter.cfg
+    kv = c.n_kv_heads or c.n_heads or 0
+    widths = {"q": (c.n_heads or 0) * (c.d_head or 0), "z": (c.n_heads or 0) * (c.d_head or 0),
+              "k": kv * (c.d_head or 0), "v": kv * (c.d_head or 0), "mlp_pre": c.d_mlp or 0, "mlp_post": c.d_mlp or 0,
+              "pre_linear": c.d_mlp or 0}
+    if kind is None and ".mlp.hook_" in name:  # e.g. hook_pre_linear of a gated MLP
+        kind = "mlp_pre"
+    return int(widths.get(kind, c.d_model))
+
+
+def check_batches(adapter, analysis: str, batches, what: str, **kwargs) -> None:
+    """:func:`check_fits` for ``analysis`` (:func:`estimate`, with ``kwargs``) on ``batches`` (a
+    TokenBatches: its ``batch_size`` sequences of at most ``max_len`` tokens), on the model's device;
+    the message says to lower batch_size or seq_len."""
+    b, t = int(batches.batch_size), int(batches.max_len)
+    needed = estimate(adapter, analysis, min(b, max(1, batches.n_sequences)), t, **kwargs)
+    check_fits(needed, adapter.device, f"{what} on batches of {b} × {t} tokens",
+               f"lower batch_size (now {b}) or seq_len (now {t})")

@@ -1,0 +1,469 @@
+"""Constructive sparsification of the MLP layers (METHODS §8, paper §4).
+
+For each MLP, input x = the vector W_in reads (the normalized residual stream with the norm's gain
+and bias applied, or the residual stream in a model without norms), hidden f = act(x W_in + b_in):
+
+1. **Low-rank inputs.** The uncentred Gram G¹ = (1/n) Σ x xᵀ has rank r < D on the data (the rank
+   rule of ``tl_degeneracy.numerics``, as ``degeneracy_counts`` counts it). Its null eigenvectors N
+   (D × (D−r)) say x N = 0 on the data. Our choice (METHODS §8 leaves it to the transformer): the
+   eigenbasis of G¹ *finds* the null space, but the D − r coordinates J that are eliminated are
+   coordinates of the model's own input (the paper's choice of "r of the neurons"), picked by
+   column-pivoted QR of Nᵀ (the best-conditioned N_J). Then x_J = x_K A with A = −N_K N_J⁻¹ on the
+   data, and W̃_K = W_K + A W_J, W̃_J = 0 gives (D − r)·F exact zeros in the *stored* W_in with
+   x W̃ = x W on the data. Rotating the input instead would put the zeros in a basis the model
+   cannot store: W_in reads the norm's output coordinate by coordinate, so a rotation can only be
+   multiplied into W_in, where it leaves no zero. Nothing is folded: the norm is untouched.
+2. **Synchronized neurons** (blocks from :func:`~tl_degeneracy.synchronization.neuron_synchronization`
+   on the same data; ``tol=0`` for ReLU, i.e. identical firing on every counted sample):
+   - neurons whose pre-activations are linear combinations of the block's others on the data
+     (p_j = p_I β) are removed: f_j = r·p_j = f_I β inside a block (one firing pattern r), so W_out
+     of the kept neurons absorbs β W_out[j] and the removed neuron's W_in column, bias and W_out row
+     become 0 (exact for ReLU);
+   - for the block's s_a independent neurons I, C = M_R⁻¹ with M = [W̃; b_in] restricted to the
+     block's columns and M_R its s_a rows R of best conditioning (pivoted QR; the paper's eq. 26 takes
+     the first ones): Ŵ = M C has the identity on rows R, s_a² − s_a zeros, and W_out absorbs
+     C⁻¹ = M_R. **Paper eq. 28 (C commutes with ReLU) holds only when every new neuron keeps the
+     block's firing pattern on the data** (counterexample: p = (x₁ + x₂, x₁ + 3x₂) fire together at
+     x = (1, −0.1), but the new neuron p̂₂ = x₂ does not). So each block's C is checked on the data:
+     where it keeps the firing pattern it is written into the model (exact); where it does not, the
+     per-neuron activation cannot hold the new hidden basis, and C is kept in ``bases`` only: the
+     zeros then exist in the paper's hidden basis f̂ = f C (where ∂f̂/∂x = r·Ŵ, so the §5 edges
+     vanish) but not in the stored weights. ``to_frame`` reports both counts.
+3. The outputs of the copy are compared with the original's on the data: ``output_drift`` =
+   max |Δ logits| / max |logits| and the behavioral loss KL(original ‖ copy) (METHODS §1), after
+   each layer is written (cumulative). For GELU/SiLU step 1 and the removals are exact but the block
+   change of basis is only approximate (METHODS §3): the drift and KL measure it.
+
+Gated MLPs (post = act(x W_gate) ⊙ x W_in) are refused: the hidden unit is a product of two
+pre-activations, so neither the removal nor C passes through it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .counts import block_input_affine, block_input_hook
+from .data import token_batches
+from .errors import MissingHookError, NumericalError
+from .llc.losses import per_sample_loss, reference_form
+from .models.adapt import adapt
+from .models.adapter import ModelAdapter
+from .numerics import activation_precision, numerical_rank
+from .stats.accumulators import MomentAccumulator, descending_eigvalsh
+from .stats.stream import Step, stream
+from .synchronization import EXACT_ACTIVATIONS, neuron_synchronization
+
+__all__ = ["LayerBasis", "SparsifyResult", "sparsify"]
+
+#: Activations whose value at 0 is 0 (a removed neuron, p ≡ 0, then outputs exactly 0), by cfg.act_fn prefix.
+SUPPORTED_ACTIVATIONS = ("relu", "gelu", "silu", "swish")
+_MLP_TENSORS = ("W_in", "b_in", "W_out", "b_out")
+
+
+@dataclass(frozen=True)
+class LayerBasis:
+    """The change of basis of one MLP layer (METHODS §8).
+
+    Input: the sparsified model reads the same input vector x as the original; the coordinates
+    ``eliminated`` (J) have zero weights and equal x_K @ ``relation`` on the data (K = ``kept``).
+    Hidden: on the data, the sparsified model's ``hook_post`` = original ``hook_post`` @
+    ``hidden_map`` (block changes of basis written into the model, removed neurons → 0), and the
+    paper's hidden basis is f̂ = sparsified ``hook_post`` @ ``hidden_basis`` (the block changes the
+    per-neuron activation could not hold; identity elsewhere)."""
+
+    layer: int
+    kept: Int[np.ndarray, " r"]
+    eliminated: Int[np.ndarray, " n_eliminated"]
+    relation: Float[Tensor, "r n_eliminated"] = field(repr=False)
+    hidden_map: Float[Tensor, "d_mlp d_mlp"] = field(repr=False)
+    hidden_basis: Float[Tensor, "d_mlp d_mlp"] = field(repr=False)
+
+    def map_hidden(self, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
+        """The sparsified model's hidden activations from the original's (exact on the data for ReLU)."""
+        return post.to(self.hidden_map) @ self.hidden_map
+
+    def paper_hidden(self, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
+        """The paper's hidden coordinates f̂ from the sparsified model's hidden activations."""
+        return post.to(self.hidden_basis) @ self.hidden_basis
+
+
+@dataclass(eq=False)
+class SparsifyResult:
+    """What :func:`sparsify` returns: ``model`` (the re-parametrised deep copy), ``bases`` (one
+    :class:`LayerBasis` per layer) and per-layer counts (``to_frame``). ``approximate``: a smooth
+    activation or ``tol`` > 0, where the block changes of basis are not exact (METHODS §3)."""
+
+    model: object = field(repr=False)
+    bases: list[LayerBasis] = field(repr=False)
+    rows: list[dict] = field(repr=False)
+    act_fn: str | None
+    tol: float
+    approximate: bool
+    n_samples: int
+    seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per MLP layer: ``layer``, ``input_rank`` (r), ``blocks`` (synchronized blocks of ≥ 2
+        neurons), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
+        for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 the
+        extra freedom s_a² − Σ per-neuron rescalings, at least 0), ``zeros_added`` (the entries of
+        [W_in; b_in] in the new basis that the construction sets to exactly zero, whether or not they
+        were zero before: the non-interacting input–hidden pairs), ``zeros_in_model`` (those of them
+        stored in ``model``'s weights), ``blocks_in_model`` /
+        ``blocks_in_basis`` (block changes of basis written into the model / kept in ``bases`` only),
+        ``removed_neurons``, ``eliminated_scale`` (√(largest eliminated G¹ eigenvalue / largest): how
+        far the eliminated input directions are from exactly zero on the data, relative, so the size
+        of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
+        0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
+        columns = ["layer", "input_rank", "blocks", "free_directions", "activation_free", "sync_free", "zeros_added",
+                   "zeros_in_model", "blocks_in_model", "blocks_in_basis", "removed_neurons", "eliminated_scale", "output_drift", "kl"]
+        frame = pd.DataFrame(self.rows, columns=columns)
+        frame.attrs.update({"act_fn": self.act_fn, "tol": self.tol, "approximate": self.approximate,
+                            "n_samples": self.n_samples, "seconds": self.seconds})
+        return frame
+
+    @property
+    def output_drift(self) -> float:
+        """Drift of the whole sparsified model (the last layer's row)."""
+        return float(self.rows[-1]["output_drift"]) if self.rows else 0.0
+
+    @property
+    def kl(self) -> float:
+        return float(self.rows[-1]["kl"]) if self.rows else 0.0
+
+    def plot(self):
+        """Free directions against zeros added per layer, with the output drift (``plots.plot_sparsity``)."""
+        from .plots import plot_sparsity
+
+        return plot_sparsity(self.to_frame())
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _mlp_input(adapter: ModelAdapter, layer: int) -> tuple[str, Tensor | None, Tensor | None]:
+    """The hook carrying the MLP's input and the norm gain/bias still to apply (``counts``'
+    ``block_input_hook``/``block_input_affine``), or the residual stream in a model without norms."""
+    try:
+        return (block_input_hook(adapter, layer, "ln2"), *block_input_affine(adapter, layer, "ln2"))
+    except MissingHookError:
+        if adapter.cfg.normalization is None:
+            return adapter.hook_name("resid_mid", layer), None, None
+        raise
+
+
+def _pivots(matrix: Float[Tensor, "m n"], k: int) -> np.ndarray:
+    """The k columns of ``matrix`` of best conditioning (column-pivoted QR), in pivot order."""
+    _, _, piv = scipy.linalg.qr(matrix.detach().cpu().numpy(), mode="economic", pivoting=True)
+    return piv[:k]
+
+
+def _check_act(adapter: ModelAdapter) -> str:
+    if adapter.d_mlp is None:
+        raise MissingHookError(f"sparsify needs MLP layers; this {type(adapter.model).__name__} has none")
+    if adapter.cfg.gated_mlp:
+        raise ValueError("sparsify does not handle gated MLPs (Llama family: post = act(x W_gate) ⊙ (x W_in)): the "
+                         "hidden unit is a product of two pre-activations, so neither removing dependent neurons nor "
+                         "a block change of basis passes through it (METHODS §8)")
+    act = (adapter.cfg.act_fn or "").lower()
+    if not act.startswith(SUPPORTED_ACTIVATIONS):
+        raise ValueError(f"sparsify supports ReLU, GELU and SiLU MLPs (act(0) = 0); got act_fn={adapter.cfg.act_fn!r}")
+    return act
+
+
+def _live_mlp(model, layer: int) -> dict[str, Tensor | None]:
+    """The live MLP tensors of ``layer`` (TransformerLens layout: HookedTransformer, the toys, the bridge's views)."""
+    mlp = model.blocks[layer].mlp
+    return {name: getattr(mlp, name, None) for name in _MLP_TENSORS}
+
+
+def _write_mlp(model, layer: int, values: dict[str, Tensor]) -> None:
+    """Write ``values`` into the live MLP tensors of ``layer`` and read them back through the adapter."""
+    live = _live_mlp(model, layer)
+    with torch.no_grad():
+        for name, value in values.items():
+            if live[name] is None:
+                raise ValueError(f"layer {layer} has no {name}; cannot write it")
+            live[name].copy_(value.to(live[name]))
+    back = adapt(model).mlp_weights()
+    for name, value in values.items():
+        got = getattr(back, name)[layer]
+        if not torch.equal(got, value.to(got)):
+            raise TypeError(f"writing {name} of layer {layer} of this {type(model).__name__} did not take effect; "
+                            "sparsify needs a model whose MLP weights are its parameters (HookedTransformer, the toys)")
+
+
+@dataclass
+class _Block:
+    """One block's change of basis, before the data decide where it goes."""
+
+    neurons: list[int]  # the independent neurons I
+    C: Float[Tensor, "s s"]
+    rows: np.ndarray  # R: rows of [W̃; b] that become the identity (index D = the bias row)
+    violations: Tensor | None = None  # samples on which a new neuron leaves the block's firing pattern
+
+
+# ---------------------------------------------------------------------------------------------- passes
+def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> list[MomentAccumulator]:
+    """Uncentred moments of every MLP input x (the norm's gain and bias applied), one pass."""
+    L, D = adapter.n_layers, adapter.d_model
+    inputs = [_mlp_input(adapter, layer) for layer in range(L)]
+    accs = [MomentAccumulator(1, D, device=adapter.device) for _ in range(L)]
+
+    def on_batch(step: Step) -> None:
+        if not step.count:
+            return
+        seen: set[int] = set()
+
+        def hook_for(layer: int):
+            name, w, b = inputs[layer]
+
+            def hook(act: Tensor, hook=None) -> None:
+                if layer in seen:  # count one firing per forward
+                    return
+                seen.add(layer)
+                x = step.index.rows(act.detach(), step.index.unit(tuple(act.shape), name)).to(torch.float64)
+                if w is not None:
+                    x = x * w.to(x)
+                if b is not None:
+                    x = x + b.to(x)
+                step.flags[name] = accs[layer].update(x[:, None])
+
+            return hook
+
+        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=[(inputs[l][0], hook_for(l)) for l in range(L)])
+
+    stream(adapter.device, batches, on_batch, reduce=lambda: accs, desc="sparsify: MLP inputs", progress=progress)
+    return accs
+
+
+def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]], progress: bool) -> None:
+    """Count, per block, the samples on which some new neuron p_I C has another sign than the block's
+    firing (p_I[0] > 0): where there are none, ReLU(p_I C) = ReLU(p_I) C on the data (paper eq. 28)."""
+    for bl in blocks.values():
+        for b in bl:
+            b.violations = torch.zeros((), dtype=torch.float64, device=adapter.device)
+    names = {layer: adapter.hook_name("mlp_pre", layer) for layer in blocks}
+
+    def on_batch(step: Step) -> None:
+        if not step.count:
+            return
+
+        def hook_for(layer: int):
+            def hook(p: Tensor, hook=None) -> None:
+                rows = step.index.rows(p.detach(), step.index.unit(tuple(p.shape), names[layer])).to(torch.float64)
+                for b in blocks[layer]:
+                    p_I = rows[:, b.neurons]
+                    new = p_I @ b.C.to(p_I)
+                    b.violations += ((new > 0) != (p_I[:, :1] > 0)).any(1).sum()
+
+            return hook
+
+        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=[(names[l], hook_for(l)) for l in blocks])
+
+    stream(adapter.device, batches, on_batch, reduce=lambda: [b.violations for bl in blocks.values() for b in bl],
+           desc="sparsify: firing check", progress=progress)
+
+
+def _drift(original: ModelAdapter, copy_: ModelAdapter, batches, progress: bool) -> tuple[float, float]:
+    """(max |Δ logits| / max |logits|, mean KL(original ‖ copy)) over the counted samples."""
+    sums = torch.zeros(4, dtype=torch.float64, device=original.device)  # max|Δ|, max|logits|, Σ KL, n
+
+    def on_batch(step: Step) -> None:
+        if not step.count:
+            return
+        tokens, index = step.batch.tokens, step.index
+        ref, new = original.forward(tokens), copy_.forward(tokens)
+        unit = index.unit(tuple(ref.shape), "logits")
+        ref, new = index.rows(ref, unit).to(torch.float64), index.rows(new, unit).to(torch.float64)
+        kl = per_sample_loss("kl", new[None], reference_form("kl", ref))[0]
+        step.flags["logits"] = torch.isfinite(new).all() & torch.isfinite(kl).all()
+        sums[0] = torch.maximum(sums[0], (new - ref).abs().max())
+        sums[1] = torch.maximum(sums[1], ref.abs().max())
+        sums[2] += kl.sum()
+        sums[3] += kl.numel()
+
+    stream(original.device, batches, on_batch, desc="sparsify: drift", progress=progress, what="output")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        maxima = sums[:2].clone()
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+        totals = sums[2:].clone()
+        torch.distributed.all_reduce(totals)
+        sums = torch.cat([maxima, totals])
+    return float(sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)), float(sums[2] / sums[3].clamp_min(1))
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+def _eliminate_inputs(gram: Float[Tensor, "D D"], rank: int, W: Float[Tensor, "D F"]):
+    """Step 1: (kept K, eliminated J, A with x_J = x_K A on the data, W̃ with W̃_J = 0, x W̃ = x W)."""
+    D = gram.shape[0]
+    _, vecs = torch.linalg.eigh(gram)
+    null = vecs[:, : D - rank]  # eigh is ascending: the D − r smallest eigenvalues
+    J = np.sort(_pivots(null.T, D - rank))
+    K = np.setdiff1d(np.arange(D), J)
+    A = -torch.linalg.solve(null[J].T, null[K].T).T if len(J) else null.new_zeros(rank, 0)  # −N_K N_J⁻¹
+    W_t = W.clone()
+    if len(J):
+        W_t[K] += A @ W[J]
+        W_t[J] = 0
+    return K, J, A, W_t
+
+
+def _block_bases(M: Float[Tensor, "rows F"], pre_gram: Float[Tensor, "F F"], s: int, neurons: list[int],
+                 allowed_rows: np.ndarray):
+    """Step 2 for one block: (independent neurons I, dependent ones, β with p_dep = p_I β, the block's
+    change of basis as a :class:`_Block` or None when s < 2)."""
+    P = pre_gram[neurons][:, neurons]
+    order = _pivots(P, len(neurons)) if s else np.arange(len(neurons))
+    I = [neurons[i] for i in sorted(order[:s])]
+    dep = [n for n in neurons if n not in I]
+    beta = (torch.linalg.solve(pre_gram[I][:, I], pre_gram[I][:, dep]) if s and dep
+            else pre_gram.new_zeros(len(I), len(dep)))
+    if s < 2:
+        return I, dep, beta, None
+    sub = M[allowed_rows][:, I]  # rows of [W̃; b] the block may take as its identity
+    R = np.sort(allowed_rows[_pivots(sub.T, s)])
+    C = torch.linalg.inv(M[R][:, I])
+    return I, dep, beta, _Block(neurons=I, C=C, rows=R)
+
+
+def sparsify(
+    model,
+    data,
+    tol: float | None = None,
+    batch_size: int = 16,
+    rank_rtol: float | None = None,
+    progress: bool = False,
+    seq_len: int | None = None,
+    skip_bos: bool | None = None,
+) -> SparsifyResult:
+    """Re-parametrise a copy of ``model`` so that every free direction of METHODS §3–§4 in its MLPs
+    becomes a pair of non-interacting nodes (METHODS §8, paper §4; module docstring).
+
+    Args:
+        model: a model ``tld.adapt`` takes, with ReLU, GELU or SiLU MLPs whose weights are its
+            parameters (HookedTransformer, the bundled toys). Never modified.
+        data: anything ``token_batches`` takes; every statistic and the drift use its counted samples.
+        tol: firing-pattern distance for synchronized blocks (``neuron_synchronization``). Default 0
+            for ReLU (identical firing on every sample: exact) and 0.05 for GELU/SiLU (approximate;
+            read ``output_drift`` and ``kl``).
+        rank_rtol: relative eigenvalue cut-off for the input and block ranks; default the package's
+            rank rule at the forward's precision (as ``degeneracy_counts``).
+
+    Returns:
+        :class:`SparsifyResult` (``model``, ``bases``, ``to_frame()``).
+
+    Raises:
+        ValueError: a gated MLP, an unsupported activation, tol outside [0, 1]. MissingHookError: no
+        MLP layers. TypeError: a model ``adapt`` does not take, or whose MLP weights cannot be
+        written. DataError: empty data. NumericalError: non-finite outputs of the copy.
+    """
+    t0 = time.perf_counter()
+    adapter = adapt(model)
+    act = _check_act(adapter)
+    exact_act = act in EXACT_ACTIVATIONS
+    tol = (0.0 if exact_act else 0.05) if tol is None else float(tol)
+    if not 0.0 <= tol <= 1.0 or math.isnan(tol):
+        raise ValueError(f"tol must lie in [0, 1] (a firing-pattern distance); got {tol}")
+    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    sync = neuron_synchronization(model, data, tol=tol, batch_size=batch_size, rank_rtol=rank_rtol,
+                                  progress=progress, seq_len=seq_len, skip_bos=skip_bos)
+    sync_frame = sync.to_frame()
+    grams = _input_grams(adapter, batches, progress)
+    precision = activation_precision(adapter.dtype)
+    weights = adapter.mlp_weights()
+    has_bias = _live_mlp(adapter.model, 0)["b_in"] is not None
+    L, D, F = adapter.n_layers, adapter.d_model, adapter.d_mlp
+
+    new_weights, pending, bases, rows = [], {}, [], []
+    for layer in range(L):
+        gram = grams[layer].gram()[0].cpu()
+        r = int(numerical_rank(descending_eigvalsh(gram), D, precision=precision, gram=True, rtol=rank_rtol))
+        W = weights.W_in[layer].to(torch.float64).cpu()
+        b = weights.b_in[layer].to(torch.float64).cpu()
+        W_out = weights.W_out[layer].to(torch.float64).cpu().clone()
+        K, J, A, W_t = _eliminate_inputs(gram, r, W)
+        M = torch.cat([W_t, b[None]]) if has_bias else W_t  # row D: the bias, an input that is always 1
+        allowed = np.concatenate([K, [D]]) if has_bias else K
+        hidden_map = torch.eye(F, dtype=torch.float64, device="cpu")
+        removed, blocks = [], []
+        forced = torch.zeros(M.shape, dtype=torch.bool, device="cpu")  # the entries the construction sets to zero
+        forced[J] = True
+        for neurons in (n for n in sync.blocks[layer] if len(n) > 1):
+            I, dep, beta, block = _block_bases(M, sync.pre_gram[layer].to(torch.float64), sync.block_rank(layer, neurons),
+                                               neurons, allowed)
+            if dep:  # f_dep = f_I β inside one firing pattern: W_out of I absorbs it, the neurons go
+                W_out[I] += beta @ W_out[dep]
+                M[:, dep] = 0
+                forced[:, dep] = True
+                W_out[dep] = 0
+                hidden_map[:, dep] = 0
+                removed += dep
+            if block is not None:
+                blocks.append(block)
+        new_weights.append({"M": M, "W_out": W_out, "forced": forced})
+        pending[layer] = blocks
+        bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, hidden_map=hidden_map))
+        free = sync_frame[sync_frame["layer"] == layer]["extra_freedom"].clip(lower=0).sum()
+        spectrum = descending_eigvalsh(gram).clamp_min(0)
+        scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
+        rows.append({"layer": layer, "input_rank": r, "eliminated_scale": scale, "blocks": len([n for n in sync.blocks[layer] if len(n) > 1]),
+                     "activation_free": (D - r) * F, "sync_free": int(free), "removed_neurons": len(removed)})
+
+    if any(pending.values()):
+        _check_firing(adapter, batches, {l: b for l, b in pending.items() if b}, progress)
+
+    sparse = copy.deepcopy(adapter.model)  # the model itself, also when an adapter was passed
+    sparse_adapter = adapt(sparse)
+    result_bases = []
+    for layer in range(L):
+        M, W_out, info = new_weights[layer]["M"], new_weights[layer]["W_out"], bases[layer]
+        hidden_basis = torch.eye(F, dtype=torch.float64, device="cpu")
+        stored = M.clone()  # the weights written into the model
+        paper = M.clone()  # the weights in the paper's hidden basis (every block's C applied)
+        forced, in_basis = new_weights[layer]["forced"], torch.zeros(M.shape, dtype=torch.bool, device="cpu")
+        in_model = 0
+        for block in pending[layer]:
+            I = block.neurons
+            new_cols = M[:, I] @ block.C
+            new_cols[block.rows] = torch.eye(len(I), dtype=torch.float64, device="cpu")  # exactly the identity (eq. 26)
+            paper[:, I] = new_cols
+            off_diagonal = ~torch.eye(len(I), dtype=torch.bool, device="cpu")
+            forced[np.ix_(block.rows, I)] = off_diagonal
+            if int(block.violations) == 0:  # the new neurons keep the block's firing: exact in the model
+                stored[:, I] = new_cols
+                W_out[I] = M[block.rows][:, I] @ W_out[I]  # C⁻¹ = M_R
+                info["hidden_map"][np.ix_(I, I)] = block.C
+                in_model += 1
+            else:
+                hidden_basis[np.ix_(I, I)] = block.C
+                in_basis[np.ix_(block.rows, I)] = off_diagonal
+        values = {"W_in": stored[:D], "W_out": W_out}
+        if has_bias:
+            values["b_in"] = stored[D]
+        _write_mlp(sparse, layer, values)
+        written = sparse_adapter.mlp_weights()
+        written_M = torch.cat([written.W_in[layer], written.b_in[layer][None]]) if has_bias else written.W_in[layer]
+        zeros_added = int((forced & (paper == 0)).sum())
+        zeros_in_model = int((forced & ~in_basis & (written_M.cpu() == 0)).sum())
+        if zeros_added != int(forced.sum()) or zeros_in_model != int((forced & ~in_basis).sum()):
+            raise NumericalError(f"layer {layer}: an entry the construction sets to zero is not zero (a bug)")
+        drift, kl = _drift(adapter, sparse_adapter, batches, progress)
+        if not (math.isfinite(drift) and math.isfinite(kl)):
+            raise NumericalError(f"the sparsified model's outputs are not finite after layer {layer}")
+        result_bases.append(LayerBasis(hidden_basis=hidden_basis, **info))
+        row = rows[layer]
+        row.update({"free_directions": row["activation_free"] + row["sync_free"], "zeros_added": zeros_added,
+                    "zeros_in_model": zeros_in_model, "blocks_in_model": in_model,
+                    "blocks_in_basis": len(pending[layer]) - in_model, "output_drift": drift, "kl": kl})
+    return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,
+                          approximate=not exact_act or tol > 0, n_samples=sync.n_samples,
+                          seconds=time.perf_counter() - t0)
