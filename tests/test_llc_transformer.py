@@ -44,7 +44,7 @@ def test_kl_reference_is_exact_zero_at_theta_star(tiny_toy_transformer, tiny_toy
     from tl_degeneracy.llc.targets import make_target
 
     target = make_target(tiny_toy_transformer, tiny_toy_tokens, None, None)
-    zeros = {n: torch.zeros((2, *t.shape)) for n, t in target.star.items()}
+    zeros = {n: torch.zeros((2, *t.shape), device=t.device) for n, t in target.star.items()}
     loss = target.loss(zeros, 0)
     assert loss.shape == (2,)
     assert float(loss.abs().max()) < 1e-6

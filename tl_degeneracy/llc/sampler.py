@@ -2,7 +2,7 @@
 
 All chains live in one flat tensor δ ∈ R^{C×D} (δ = θ − θ*, D = entries of the sampled parameters)
 and advance together: one chain-batched forward/backward per step, no host synchronisation inside
-the loop. Per step t, on batch b = t mod n_batches (the same batch for every chain):
+the loop on an accelerator. Per step t, on batch b = t mod n_batches (the same batch for every chain):
 
     δ ← δ − (η/2) G ⊙ m ⊙ [ nβ ∇L_B,b(θ* + δ) + γ δ ] + √η √G ⊙ m ⊙ ξ,     ξ ~ N(0, I)
 
@@ -14,7 +14,9 @@ loss L_B,b(θ_t) evaluated for the gradient (before the update) is recorded per 
 the device and copied out in blocks.
 
 A chain whose loss becomes non-finite or explodes (nβ L > ``explode_at``) is frozen at θ* and
-flagged with the step it failed at; the check is a device-side ``where``, read at block ends.
+flagged with the step it failed at; the check is a device-side ``where``, read at block ends (on
+the CPU, where a read is free, also every step, so that the parking pass is skipped while every
+chain is healthy).
 Each chain has its own generator seeded from its global chain index, so its noise does not depend
 on which other chains run beside it (sharding across ranks) or on interruptions (resume). Its path
 depends on its seed and on the step size η, which all chains share: with a given ``step_size`` a
@@ -144,11 +146,21 @@ def run_chains(
     sqrt_eta = eta**0.5
     c_grad, c_prior = 0.5 * eta * nbeta, 0.5 * eta * gamma
     noise = torch.empty_like(delta)
+    # Plain SGLD on every coordinate: the noise term's norm is √η ‖ξ‖.
+    plain = v is None and m is None
+    noise_norm = torch.empty(C, device=delta.device, dtype=delta.dtype)
+    # Reading a flag on the CPU costs nothing (there is no queue of kernels to drain), so there the
+    # pass that parks failed chains runs only once a chain has failed; on an accelerator it runs
+    # every step, since reading the flag would stall the queue at every step.
+    park_always = delta.device.type != "cpu"
     t0 = time.perf_counter()
     for t in range(state.step, end):
         loss, grad = loss_grad(delta, t % target.n_batches)
         for c, g in enumerate(state.generators):
             torch.randn(D, generator=g, device=delta.device, dtype=delta.dtype, out=noise[c])
+            if plain:
+                # ‖ξ_c‖ while the row is still in cache (a pass over all rows afterwards re-reads them).
+                torch.linalg.vector_norm(noise[c : c + 1], dim=1, out=noise_norm[c : c + 1])
         distance = delta.norm(dim=1)
         if v is not None:
             drift = nbeta * grad
@@ -164,12 +176,12 @@ def run_chains(
         else:
             if m is not None:
                 grad, noise_m = grad * m, noise * m
-                prior_norm = (delta * m).norm(dim=1)
+                prior_norm, noise_m_norm = (delta * m).norm(dim=1), noise_m.norm(dim=1)
             else:
-                noise_m, prior_norm = noise, distance
+                noise_m, prior_norm, noise_m_norm = noise, distance, noise_norm
             # The three terms' norms are scalar multiples of these, so no term is materialised.
             step_norms = torch.stack([c_grad * grad.norm(dim=1), c_prior * prior_norm,
-                                      sqrt_eta * noise_m.norm(dim=1), distance], 1)
+                                      sqrt_eta * noise_m_norm, distance], 1)
             if m is not None:
                 delta.addcmul_(delta, m, value=-c_prior)
             else:
@@ -186,9 +198,10 @@ def run_chains(
         block_trace[(t - block_start) % BLOCK] = torch.where(alive | newly, lossd, torch.full_like(lossd, float("nan")))
         norms = norms + torch.where(alive[:, None], step_norms, torch.zeros_like(step_norms))
         # A failed chain is parked at θ* (δ = 0) so that its NaNs never reach the other chains' arithmetic.
-        delta.masked_fill_(~alive[:, None], 0.0)
-        if v is not None:
-            v.masked_fill_(~alive[:, None], 0.0)
+        if park_always or not bool(alive.all()):
+            delta.masked_fill_(~alive[:, None], 0.0)
+            if v is not None:
+                v.masked_fill_(~alive[:, None], 0.0)
         if bar is not None:
             bar.update()
         if (t + 1) % BLOCK == 0 or t + 1 == end:
