@@ -8,7 +8,7 @@ TL4 ?= transformer-lens>=4.3,<5
 TL3 ?= transformer-lens==3.9.0
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-tl3 report test test-tl4 test-tl3 bench clean
+.PHONY: setup setup-tl3 report test test-tl4 test-tl3 bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 setup-tl3: $(VENV_TL3)/.installed
@@ -37,6 +37,13 @@ test-tl3: setup-tl3
 
 bench: setup
 	$(VENV)/bin/python benchmarks/stats_throughput.py
+
+# Wheels for benchmarks/gpu.sh on an offline GPU machine (Python $(GPU_PYTHON), x86-64 Linux).
+GPU_PYTHON ?= 3.12
+gpu-wheels:
+	grep -v '^#' benchmarks/gpu-wheels.txt | xargs $(PYTHON) -m pip download -q --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl
 
 clean:
 	rm -rf $(VENV) $(VENV_TL3) reports

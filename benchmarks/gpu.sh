@@ -12,8 +12,8 @@
 # - llc:         behavioral LLC of a SmolLM2-135M-shaped model, 8 chains on 32 × 128 tokens, time per
 #                step measured on a fraction and extrapolated to 1,000 steps;
 # - devinterp:   SGLD time per chain-step against devinterp 2.0.1 on the same model and settings;
-# - multigpu:    the torchrun tests (statistics all-reduce, sharded chains) when more than one GPU is
-#                visible, over NCCL.
+# - multigpu:    when more than one GPU is visible: the two-process tests over NCCL (statistics
+#                all-reduce, sharded chains) and the scaling of both on all GPUs (distributed_scaling.py).
 #
 # Each section runs under its own time limit and its failure does not stop the others. Every
 # benchmark appends its table to BENCHMARKS.md (in this checkout); logs, a summary and the updated
@@ -60,28 +60,34 @@ N_GPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || e
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 
 # run_section NAME SECONDS COMMAND...: run one section under its limit, log it, record rc and time.
+# LIMIT_<name>=SECONDS in the environment overrides a section's limit (a shorter run when device time is short).
 run_section() {
-    local name=$1 limit=$2
+    local name=$1 limit_var="LIMIT_$1"
+    local limit=${!limit_var:-$2}
     shift 2
     case " $SECTIONS " in *" $name "*) ;; *) return 0 ;; esac
     echo "=== $name (limit ${limit}s): $*"
     local t0=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
     local rc=$? t1=$(date +%s)
+    grep -E "FAILED|ERROR" "$RESULTS/$name.log" | head -n 40
     tail -n 25 "$RESULTS/$name.log"
     echo "$name: rc $rc, $((t1 - t0)) s$([ $rc -eq 124 ] && echo ' (time limit)')" | tee -a "$SUMMARY"
 }
 
 DEVICE_TESTS="tests/test_device_guard.py tests/test_invariants.py tests/test_synchronization.py tests/test_interaction_basis.py
-    tests/test_interaction_defaults.py tests/test_interaction_pca.py tests/test_gauge.py tests/test_counts.py tests/test_llc_transformer.py"
+    tests/test_interaction_defaults.py tests/test_interaction_pca.py tests/test_gauge.py tests/test_counts.py tests/test_llc_transformer.py
+    tests/test_chain_map.py tests/test_jacobian_probes.py tests/test_llc_stepsize.py"
 # shellcheck disable=SC2086
-run_section tests 150 $PY -m pytest -q -p no:cacheprovider $XDIST $DEVICE_TESTS
+# -v: each test's outcome is logged as it finishes, so a run stopped at its limit still names its failures.
+run_section tests 150 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $DEVICE_TESTS
 run_section stats 60 $PY benchmarks/stats_throughput.py --device cuda --reps 3
 run_section interaction 60 $PY benchmarks/interaction_basis.py --device cuda --models gpt2 --gpt2-tokens 8x128
-run_section llc 150 $PY benchmarks/llc_real_model.py --device cuda --chains 8 --tokens 32x128 --steps 5,15
-run_section devinterp 90 $PY benchmarks/llc_vs_devinterp.py --device cuda --models tf,bytelm --reps 1
+run_section llc 150 $PY benchmarks/llc_real_model.py --device cuda --chains 8 --tokens 32x128 --steps 4,12
+run_section devinterp 90 $PY benchmarks/llc_vs_devinterp.py --device cuda --models bytelm --reps 1
 if [ "$N_GPU" -gt 1 ]; then
-    run_section multigpu 120 env TLD_DISTRIBUTED_BACKEND=nccl $PY -m pytest -q -p no:cacheprovider -k distributed tests
+    run_section multigpu 150 bash -c "env TLD_DISTRIBUTED_BACKEND=nccl $PY -m pytest -q -p no:cacheprovider -k 'two_processes or two_ranks' tests; \
+        $PY benchmarks/distributed_scaling.py --device cuda --nproc $N_GPU"
 else
     case " $SECTIONS " in *" multigpu "*) echo "multigpu: skipped ($N_GPU GPU visible)" | tee -a "$SUMMARY" ;; esac
 fi

@@ -96,8 +96,12 @@ def main(argv=None) -> None:
     tokens = torch.randint(1, SMOLLM2_135M["vocab_size"], (n_seq, n_pos), generator=torch.Generator().manual_seed(0))
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # Each phase is printed as it ends, so a run stopped at a time limit still says how far it got.
+    print(f"loaded in {t_load:.1f} s ({n_params:,} parameters)", flush=True)
     t_a, _ = timed_llc(model, tokens, args, a)
+    print(f"{a} draws: {t_a:.1f} s", flush=True)
     t_b, result = timed_llc(model, tokens, args, b)
+    print(f"{b} draws: {t_b:.1f} s", flush=True)
     per_step = (t_b - t_a) / (b - a)
     total = t_a + (args.target_steps - a) * per_step
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(args.device).type == "cuda" else float("nan")

@@ -22,7 +22,9 @@ from .llc import (
     llc_sweep,
     plot_llc_sweep,
 )
+from .memory import MemoryBudgetError, memory_limit
 from .models import ModelAdapter, adapt, load_model
+from .models.chains import VmapFallbackWarning
 from .models.config import ModelConfig
 from .models.selection import ParameterSelection, select_parameters
 from .models.toys.data import toy_data
@@ -36,6 +38,9 @@ from .synchronization import HeadSyncResult, NeuronSyncResult, head_synchronizat
 __all__ = [
     "DEFAULT_NBETA",
     "ConvergenceWarning",
+    "VmapFallbackWarning",
+    "MemoryBudgetError",
+    "memory_limit",
     "SamplerConfig",
     "LLCResult",
     "behavioral_llc",
