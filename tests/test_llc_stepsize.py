@@ -139,7 +139,9 @@ def test_automatic_step_size_error_names_a_step_size_that_was_tried():
         choose_step_size(target, layout, mask, nbeta=1000.0, gamma=1.0, pilot_steps=5, max_rounds=8)
 
 
-def test_stopped_lanczos_is_an_upper_bound_within_rtol_and_independent_of_the_other_points():
+def _dln_points(n: int):
+    """A float64 deep linear network's sampling target, its layout and full mask, and ``n`` points
+    well away from θ* (where the Hessian is not that at the minimum)."""
     from tl_degeneracy.llc.targets import make_target
 
     model = deep_linear_network(1).double()
@@ -147,7 +149,12 @@ def test_stopped_lanczos_is_an_upper_bound_within_rtol_and_independent_of_the_ot
     names = list(target.star)
     layout = ParameterLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
     mask = torch.ones(layout.numel, dtype=torch.bool)
-    points = 0.7 * torch.randn(3, layout.numel, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    points = 0.7 * torch.randn(n, layout.numel, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return target, layout, mask, points
+
+
+def test_stopped_lanczos_is_an_upper_bound_within_rtol_and_independent_of_the_other_points():
+    target, layout, mask, points = _dln_points(3)
     rtol = 1e-2
     together = top_hessian_eigenvalue(target, layout, mask, points, rtol=rtol, point_seeds=[4, 5, 6])
     for p, point in enumerate(points):
@@ -162,15 +169,9 @@ def test_hessian_products_that_do_not_fit_are_computed_in_smaller_groups_with_th
     """A device out of memory for all points' double backward at once (a 135M-parameter model's 8
     chains on a GPU) halves the group of points until it fits; each point's product is its own."""
     from tl_degeneracy.llc import stepsize
-    from tl_degeneracy.llc.targets import make_target
     from tl_degeneracy.models.chains import OUT_OF_MEMORY
 
-    model = deep_linear_network(1).double()
-    target = make_target(model, dln_inputs(50).double(), None, None)
-    names = list(target.star)
-    layout = ParameterLayout(tuple(names), tuple(tuple(target.star[n].shape) for n in names))
-    mask = torch.ones(layout.numel, dtype=torch.bool)
-    points = 0.7 * torch.randn(5, layout.numel, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    target, layout, mask, points = _dln_points(5)
     together = top_hessian_eigenvalue(target, layout, mask, points, point_seeds=[1, 2, 3, 4, 5])
     fits, sizes = stepsize._batched_hvp, []
 

@@ -64,7 +64,7 @@ class ReportSettings:
     burnin: int = 200
     pilot_steps: int = 20
     llc_max_draws: int = 2000
-    llc_time_limit: float | None = 40.0
+    llc_time_limit: float | None = 80.0
     step_size: float | None = None
     gamma: float | str = "auto"
     min_gamma: float = 1.0
@@ -169,7 +169,7 @@ def _parse(name: str, value, current):
         raise ValueError(f"report setting {name}={value!r}: not a valid value (now {current!r})") from None
 
 
-#: Named budgets. ``quick``: the numbers above (an LLC run starts no block that would end past 40 s,
+#: Named budgets. ``quick``: the numbers above (an LLC run starts no block that would end past 80 s,
 #: pilots included; with γ = "auto" the chains equilibrate within the 200 burn-in steps, so on
 #: toy:bytelm the main run converges: BENCHMARKS.md, "LLC presets"); ``thorough``: 8× the
 #: statistics data, 8 chains on twice the LLC tokens (blocks of 500 draws after 500 burn-in, up to
