@@ -206,6 +206,17 @@ def behavioral_llc(
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the chains are split
     round-robin across ranks and gathered; every rank returns the full result.
 
+    Relation to devinterp (2.0.1; docs/methods.md §1, tests/test_devinterp_agreement.py): the same
+    posterior and the same plain SGLD update w ← w − (η/2)[nβ ∇L_b(w) + γ(w − w*)] + √η ξ, with L_b
+    the *mean* loss of the minibatch in both. So ``nbeta`` is its ``n_beta`` (no default there; it
+    suggests m/ln m for batch size m), ``gamma`` its ``localization`` (default 0 there) and
+    ``step_size`` its ``lr``. devinterp averages every step, burn-in included, and subtracts an
+    ``init_loss`` estimated on 32 batches; here the post-burn-in draws are averaged and L_B(θ*) = 0
+    needs no baseline. With ``burnin=0`` and devinterp's ``loss_fn`` = this behavioral loss the two
+    estimators are the same; they agree within their combined standard errors on reduced-rank
+    regression and a normal crossing. ``sampler="rmsprop"`` with (η, ``rms_eps`` e) is its
+    ``rmsprop_sgld`` with ``lr`` = η/nβ and ``rmsprop_eps`` = e/nβ.
+
     Raises:
         ValueError: an argument out of range (chains/draws ≥ 1, burnin ≥ 0, step_size, bias_bound
             (< 1), rms_eps, nbeta/loss_scale finite and > 0, 0 ≤ rms_alpha < 1, gamma ≥ 0), more
