@@ -102,6 +102,7 @@ ANALYSES: dict[str, Callable] = {
     "neuron_synchronization": lambda m, x: tld.neuron_synchronization(m, x),
     "degeneracy_counts": lambda m, x: tld.degeneracy_counts(m, x, n_probes=2),
     "interaction_basis+find_modules": _interaction_and_modules,
+    "sparsify": lambda m, x: tld.sparsify(m, x),
     "behavioral_llc (vmap)": lambda m, x: _llc(m, x, vmap=True),
     "behavioral_llc (chain loop)": lambda m, x: _llc(m, x, vmap=False),
 }
@@ -175,3 +176,25 @@ def test_forward_scope_restores_rebound_added_and_none_attributes_also_on_error(
         with forward_scope(model):
             model(x, fail=True)
     assert model.last is None and model.kept is kept and "added" not in vars(model) and model.training
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "toy"])
+def test_a_copy_shares_nothing_with_the_original(models, backend):
+    """``copy_model`` (the copies random_gauge, canonicalize_heads and sparsify return): running the
+    copy leaves the original as it was, gives the same outputs, and fires the hooks added to the
+    copy's own hook points. A plain deepcopy of a TransformerLens 4 bridge fails both: its blocks'
+    capture hooks still write into the original's attention and run the original's hook_mlp_in."""
+    from tl_degeneracy.models.copying import copy_model
+
+    model, tokens = models(backend)
+    twin = copy_model(model)
+    name = next(n for n, _ in twin.named_modules() if n.endswith("hook_mlp_in") or n.endswith("hook_resid_mid"))
+    if hasattr(twin, "set_use_hook_mlp_in"):
+        twin.set_use_hook_mlp_in(True)
+    before, fired = fingerprint(model), []
+    with torch.no_grad():
+        out = twin.run_with_hooks(tokens, fwd_hooks=[(name, lambda act, hook: fired.append(act.shape))])
+        torch.testing.assert_close(out, tld.adapt(model).forward(tokens), rtol=0, atol=0)
+    assert fired, f"a hook on the copy's {name} did not fire"
+    after = fingerprint(model)
+    assert sorted(k for k in before.keys() | after.keys() if before.get(k, "absent") != after.get(k, "absent")) == []

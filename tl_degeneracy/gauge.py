@@ -19,7 +19,6 @@ Each write is read back and checked.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -29,6 +28,7 @@ from torch import Tensor
 from .invariants import center_writing, fold_reading
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
+from .models.copying import copy_model
 from .models.selection import measure_parameter, read_attention
 from .numerics import numerical_rank
 
@@ -146,20 +146,6 @@ def _canonical_scalar(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -
     flat = left.reshape(-1)
     sign = torch.sign(flat[flat.abs().argmax()])
     return sign * (nr / nl).sqrt() * torch.eye(left.shape[1], dtype=torch.float64, device=left.device)
-
-
-def copy_model(model):
-    """A deep copy of ``model``. Tensors that a forward pass left on modules with an autograd history
-    (TransformerBridge keeps the last attention ``_pattern``) cannot be deep-copied; they are copied
-    detached, which is what they are for a model at rest."""
-    memo = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            items = value.values() if isinstance(value, dict) else [value]
-            for t in items:
-                if isinstance(t, Tensor) and not isinstance(t, torch.nn.Parameter) and t.grad_fn is not None:
-                    memo[id(t)] = t.detach().clone()
-    return copy.deepcopy(model, memo)
 
 
 def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str):

@@ -40,7 +40,6 @@ pre-activations, so neither the removal nor C passes through it.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from .errors import MissingHookError, NumericalError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
+from .models.copying import copy_model
 from .numerics import activation_precision, numerical_rank
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -421,7 +421,7 @@ def sparsify(
     if any(pending.values()):
         _check_firing(adapter, batches, {l: b for l, b in pending.items() if b}, progress)
 
-    sparse = copy.deepcopy(adapter.model)  # the model itself, also when an adapter was passed
+    sparse = copy_model(adapter.model)  # the model itself, also when an adapter was passed
     sparse_adapter = adapt(sparse)
     result_bases = []
     for layer in range(L):
