@@ -182,3 +182,23 @@ def test_smollm2_gguf_from_wheel(tmp_path):
         loss = model(text, return_type="loss").item()
     assert "Paris" in model.tokenizer.decode([next_token])
     assert loss < 0.5 * torch.log(torch.tensor(float(a.d_vocab))).item()  # far below a uniform guess (10.8 nats)
+
+
+def test_a_temporary_name_holding_an_architecture_word_is_drawn_again(monkeypatch, tmp_path):
+    """mkdtemp's random suffix can spell a word TransformerLens 3.x reads as an architecture
+    ("tld_ht_gvt55txd" holds "t5"): such a directory is discarded and another drawn, not an error."""
+    import tempfile
+
+    from tl_degeneracy.models import loading
+
+    names = iter(["tld_ht_gvt55txd", "tld_ht_abcdefgh"])
+
+    def mkdtemp(prefix=""):
+        path = tmp_path / next(names)
+        path.mkdir()
+        return str(path)
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    got = loading._neutral_tempdir()
+    assert got.name == "tld_ht_abcdefgh" and not (tmp_path / "tld_ht_gvt55txd").exists()

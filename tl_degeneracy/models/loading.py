@@ -148,6 +148,23 @@ def _load_hf_directory(path: Path, device, dtype, backend: str | None) -> nn.Mod
     return model
 
 
+def _neutral_tempdir() -> Path:
+    """A fresh temporary directory whose path holds none of ``_TL3_NAME_TRIGGERS``: mkdtemp's random
+    suffix can ("tld_ht_gvt55txd" holds "t5"), so such a name is discarded and drawn again; a TMPDIR
+    that holds one itself is an error."""
+    base = str(Path(tempfile.gettempdir()).resolve())
+    if any(t in base.lower() for t in _TL3_NAME_TRIGGERS):
+        raise RuntimeError(
+            f"the temporary directory {base!r} contains one of {_TL3_NAME_TRIGGERS}, which makes TransformerLens "
+            "3.x guess the architecture from the path; set TMPDIR to another directory"
+        )
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix="tld_ht_"))
+        if not any(t in str(tmp.resolve()).lower() for t in _TL3_NAME_TRIGGERS):
+            return tmp
+        tmp.rmdir()
+
+
 def _hooked_transformer_from_directory(path: Path, device, dtype) -> nn.Module:
     """TransformerLens 3.x HookedTransformer from a local HF directory, without weight processing.
 
@@ -172,15 +189,10 @@ def _hooked_transformer_from_directory(path: Path, device, dtype) -> nn.Module:
     config = json.loads((path / "config.json").read_text())
     if "n_ctx" not in config and "n_positions" in config:
         config["n_ctx"] = config["n_positions"]
-    tmp = Path(tempfile.mkdtemp(prefix="tld_ht_"))
+    tmp = _neutral_tempdir()
     try:
         neutral = tmp / "model"
         neutral.mkdir()
-        if any(t in str(neutral.resolve()).lower() for t in _TL3_NAME_TRIGGERS):
-            raise RuntimeError(
-                f"the temporary directory {str(neutral.resolve())!r} contains one of {_TL3_NAME_TRIGGERS}, which makes "
-                "TransformerLens 3.x guess the architecture from the path; set TMPDIR to another directory"
-            )
         (neutral / "config.json").write_text(json.dumps(config))
         cfg = loading.get_pretrained_model_config(str(neutral), device=str(device), fold_ln=False, dtype=dtype)
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
