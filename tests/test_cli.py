@@ -1,6 +1,7 @@
 """The main job: ``tl-degeneracy report`` writes its files, prints a summary, resumes, fails clearly."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -155,11 +156,12 @@ def test_memory_budget_lowers_the_batch_size_and_the_header_says_so(tmp_path, ca
     report = _report(out)
     memory = report["settings"]["memory"]
     assert memory["budget"] == budget and memory["source"] == "the memory setting" and memory["fits"]
-    assert memory["lowered"] == {"batch_size": [8, 4]} and report["settings"]["budgets"]["batch_size"] == 4
+    # The setting is lowered (16, the preset's, of which 8 sequences fill one batch, → 4).
+    assert memory["lowered"] == {"batch_size": [16, 4]} and report["settings"]["budgets"]["batch_size"] == 4
     assert report["sections"]["counts"]["status"] == "ok"
     assert report["sections"]["counts"]["settings"]["batch_size"] == 4
     printed = " ".join(capsys.readouterr().out.split())
-    assert "memory budget" in printed and "lowered to fit: batch_size 8 → 4" in printed
+    assert "memory budget" in printed and "lowered to fit: batch_size 16 → 4" in printed
 
 
 def test_memory_budget_too_small_for_explicit_batches_skips_with_what_to_lower(tmp_path, capsys):
@@ -182,3 +184,27 @@ def test_default_memory_budget_is_stated(tmp_path, capsys):
     assert memory["source"].startswith("50% of ") and memory["budget"] > 0 and "lowered" not in memory
     assert main(["report", "--out", str(out), "--quiet", "--memory", "lots"]) == 2
     assert "memory must be a size" in capsys.readouterr().err
+
+
+def test_a_gguf_model_in_bfloat16_runs_every_section(tmp_path, tiny_gguf):
+    """--dtype bfloat16 end to end on a GGUF Llama (GQA, gated MLP, rotary): the weights stay in
+    bfloat16 and every section runs to finite numbers (the float64 accumulation of bfloat16
+    activations and Jacobians is tested in test_stats.py and test_counts.py)."""
+    path, _ = tiny_gguf
+    tokens = tmp_path / "tokens.pt"
+    torch.save(torch.randint(3, 100, (16, 12), generator=torch.Generator().manual_seed(0)), tokens)
+    out = tmp_path / "bf16"
+    argv = ["report", "--model", str(path), "--data", str(tokens), "--dtype", "bfloat16", "--out", str(out), "--quiet",
+            *TINY, "ib_tokens=48", "ib_seq_len=12"]
+    assert main(argv) == 0
+    report = _report(out)
+    assert report["model"]["dtype"] == "bfloat16"
+    status = {name: s["status"] for name, s in report["sections"].items()}
+    assert status == {s: "ok" for s in SECTIONS}, {n: s.get("reason") for n, s in report["sections"].items()
+                                                  if s["status"] != "ok"}
+    llc = report["sections"]["llc"]["values"]
+    assert math.isfinite(llc["llc"]) and llc["llc"] > 0 and math.isfinite(llc["llc_stderr"])
+    rows = report["sections"]["activations"]["tables"]["hooks"]["records"]
+    assert all(r["count"] == 16 * 12 and 0 < r["rank"] <= r["dim"] for r in rows)
+    counts = report["sections"]["counts"]["values"]
+    assert 0 < counts["n_eff_kfac"] <= counts["n_params"]

@@ -273,3 +273,16 @@ def test_two_processes_equal_one(tmp_path):
         for key in single:
             if key != "world_size":
                 assert rel(multi[key], single[key]) < 1e-10, (rank, key)
+
+
+def test_nodes_whose_rank_the_samples_bound_are_flagged():
+    """n samples span at most n − 1 centred directions: with fewer than D + 1 of them a node's
+    degenerate directions are the data's limit, and dims says so; with enough data it does not."""
+    model = make_tiny_toy_transformer()  # D = 16
+    few = torch.randint(0, 20, (1, 8), generator=torch.Generator().manual_seed(0))
+    dims = interaction_basis(model, few, n_probes=2, progress=False).dims
+    assert (dims["n"] < dims["D"]).all()
+    assert (dims["rank_G"] <= dims["n"] - 1).all() and dims["sample_limited"].all()
+    many = torch.randint(0, 20, (16, 16), generator=torch.Generator().manual_seed(0))
+    dims = interaction_basis(model, many, n_probes=2, progress=False).dims
+    assert not dims["sample_limited"].any() and (dims["n"] > dims["D"]).all()

@@ -53,6 +53,8 @@ def test_regular_model_gives_half_the_parameter_count():
     assert abs(res.llc - d / 2) < (d / 2) * bound / (1 - bound) + 4 * res.llc_stderr
     assert torch.equal(model.weight, before)  # θ* untouched
     assert res.n_eff == pytest.approx(2 * res.llc)
+    # A regular model's draws do not drift: converged after the first burn-in, not extended.
+    assert res.converged and res.burnin == 500 and res.diagnostics["burnin_auto"]["extensions"] == []
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
@@ -61,6 +63,17 @@ def test_deep_linear_network_matches_aoyagi_at_default_settings(rank):
     res = behavioral_llc(deep_linear_network(rank), dln_inputs())
     assert res.loss == "mse" and not res.failed
     assert abs(res.llc - expected) <= 0.10 * expected, (res.llc, expected, res.diagnostics["calibration"])
+    # Converged at the defaults: the singular points of ranks 0 and 1 have directions without
+    # quadratic curvature, and their draws after the first 500-step burn-in still drift (z ≈ +3);
+    # burnin="auto" turns those draws into burn-in (re-adapting η) and draws afresh.
+    auto = res.diagnostics["burnin_auto"]
+    assert res.converged, res.diagnostics["convergence"]["reason"]
+    assert res.burnin == auto["used"] and not auto["budget_exhausted"]
+    assert bool(auto["extensions"]) == (rank < 2)
+    assert all(set(e["failed"]) & {"drift", "rhat"} for e in auto["extensions"])
+    if res.diagnostics["step_size_source"] == "automatic":  # each extension re-measured η at the chains
+        adapted = {a["step"] for a in res.diagnostics["adaptations"]}
+        assert all(e["step"] in adapted for e in auto["extensions"])
 
 
 def test_diagnostics_and_frame():

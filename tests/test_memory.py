@@ -105,3 +105,30 @@ def test_estimate_bounds_the_measured_peak_of_a_jacobian_pass():
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["estimate"] / 3 < got["measured"] <= got["estimate"], got
+
+
+def test_the_report_fit_counts_the_sequences_that_shorter_cuts_make():
+    """Two long sequences cut to a quarter of their length are eight, and fill a batch of eight: the
+    fit must size that batch, not the two it started from (SmolLM2 on a text file: fitted at 2 × 512,
+    run at 16 × 512, and the counts' Jacobian pass then refused at 44.5 GiB)."""
+    from tl_degeneracy.memory import MemoryBudget, counts_grams
+    from tl_degeneracy.report.build import _resolve_data
+    from tl_degeneracy.report.context import MIN_FITTED_SEQ_LEN, ReportContext
+    from tl_degeneracy.report.settings import resolve_settings
+
+    length = 4 * MIN_FITTED_SEQ_LEN
+    model = make_tiny_toy_transformer(n_ctx=length)
+    adapter = tld.adapt(model)
+    tokens = torch.randint(0, 20, (2, length), generator=torch.Generator().manual_seed(0))
+    ctx = ReportContext(label="tiny", adapter=adapter, settings=resolve_settings("quick", {"seq_len": length}),
+                        data=_resolve_data(tokens, "tiny"))
+    assert (ctx.batches.n_sequences, ctx.batches.max_len) == (2, length)
+    held = counts_grams(adapter)
+    kw = dict(n_cotangents=ctx.settings.n_probes, held=held)
+    budget = estimate(adapter, "jacobian", 8, MIN_FITTED_SEQ_LEN, **kw) + 1
+    assert estimate(adapter, "jacobian", 2, 2 * MIN_FITTED_SEQ_LEN, **kw) <= budget  # two sequences would fit
+    assert estimate(adapter, "jacobian", 4, 2 * MIN_FITTED_SEQ_LEN, **kw) > budget  # the four they become do not
+    info = ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["counts"])
+    b = ctx.batches
+    assert info["fits"] and b.max_len == MIN_FITTED_SEQ_LEN and b.n_sequences == 8
+    assert estimate(adapter, "jacobian", min(b.batch_size, b.n_sequences), b.max_len, **kw) <= budget

@@ -121,7 +121,7 @@ def test_interaction_section_equals_a_direct_call(full_report):
                                    n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
     modules = tld.find_modules(direct, seed=0)
     assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
-                                                "M_method", "probe_stability"]
+                                                "M_method", "probe_stability", "sample_limited"]
     pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)
     assert (sec.tables["dims"]["n"] == 5 * 10).all()  # the ib_tokens budget: 5 whole sequences of 10 tokens
     pd.testing.assert_frame_equal(sec.tables["edges"], direct.edge_summary(), check_exact=True)
@@ -387,6 +387,9 @@ def test_verdicts_say_what_the_numbers_mean():
     assert verdict(sec("llc", **llc, converged=True)).startswith("λ̂ converged: N_eff = 43.8 of 478,976")
     assert verdict(sec("counts", free=0, n_params=10, n_eff_kfac=10)).startswith("no activation or Jacobian degeneracy")
     assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")
+    limited = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
+                          inside_share=0.5, n_modules=3))
+    assert "at 2 node(s) only as many as the 126 samples allow" in limited and "raise ib_tokens" in limited
     assert verdict(SectionResult(name="counts", title="c", status="skipped", reason="MissingHookError: x")).startswith(
         "does not apply")
 

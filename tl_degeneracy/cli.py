@@ -29,15 +29,19 @@ EXAMPLES = """examples:
   tl-degeneracy report --model ./my-hf-dir --data corpus.txt --device cpu
   tl-degeneracy report --model smollm2.gguf --data tokens.pt --only summary invariants
   tl-degeneracy report --model smollm2.gguf --data corpus.txt --memory 8G   # batches sized to 8 GiB
+  tl-degeneracy report --model smollm2.gguf --data corpus.txt --dtype bfloat16
+  tl-degeneracy report --set llc_params=blocks.3.attn section_time=none   # a restricted LLC, no time fit
   tl-degeneracy report --preset thorough --llc-components heads
   tl-degeneracy report --set draws=400 chains=8 loss_scales=1e-2,1e-3,1e-4
   tl-degeneracy compare reports/a reports/b            # two reports side by side → compare-a-vs-b/
 
-presets: quick (default; about a minute on toy:bytelm with 2 CPU cores) and thorough. --set changes
-single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale, loss_scales,
-llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, llc_max_draws, llc_time_limit, step_size,
-llc_compile, ib_tokens, ib_seq_len, ib_probes,
-ib_edge_sources, ib_keep_share, ib_resolution, memory (see tl_degeneracy/report/settings.py).
+presets: quick (default; a few minutes on toy:bytelm with 2 CPU cores; on large models the interaction
+basis and the LLC are scoped to section_time, 300 s each, and the header says how) and thorough.
+--set changes single budget fields: n_sequences, batch_size, seq_len, sync_tol, n_probes, loss_scale,
+loss_scales, llc_sequences, llc_seq_len, chains, draws, burnin, pilot_steps, llc_max_draws,
+llc_time_limit, step_size, gamma, min_gamma, gammas, llc_params, llc_compile, ib_tokens, ib_seq_len,
+ib_probes, ib_edge_sources, ib_keep_share, ib_resolution, sparsity, memory, section_time
+(see tl_degeneracy/report/settings.py).
 
 An --out directory holds the report of one model on one data set, computed by one tl-degeneracy
 version. Rerunning into it reuses finished sections whose fingerprint (model weights, data, settings,
@@ -123,7 +127,7 @@ def _report(args: argparse.Namespace) -> int:
               "--threads N to choose)", file=sys.stderr)
     loaded = None if data is None else load_data_spec(data)  # a bad --data fails before the model loads
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device, dtype=None if args.dtype is None else getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError, OSError, ImportError, TypeError) as e:
         raise CLIError(f"--model {args.model!r}: {e}") from e
     try:
@@ -183,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"run only these sections: {', '.join(SECTIONS)}")
     rep.add_argument("--preset", choices=PRESETS, default="quick", help="budget preset (default quick)")
     rep.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override budget fields of the preset")
+    rep.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None,
+                     help="load the model's weights in this dtype (default: the loader's, float32 for Hugging Face "
+                          "and GGUF models); statistics accumulate in float64 and the LLC's loss in float32 or wider "
+                          "whatever the weights")
     rep.add_argument("--seq-len", type=int, default=None, help="chunk/truncate sequences to this length")
     rep.add_argument("--memory", default=None, metavar="SIZE",
                      help="memory budget of the statistics passes, e.g. 8G or 512M (default: half the available "

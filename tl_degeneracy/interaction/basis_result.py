@@ -111,16 +111,20 @@ class InteractionBasis:
         """One row per node: D, rank_G (Gram directions kept), interaction_rank (basis size),
         degenerate = D − interaction_rank, n (samples), and how M was obtained: M (whose Jacobian:
         "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none") and
-        probe_stability (the half-probe agreement, NaN unless probes; see :class:`NodeSpectrum`)."""
+        probe_stability (the half-probe agreement, NaN unless probes; see :class:`NodeSpectrum`);
+        sample_limited: rank_G reached n − 1 (n when uncentred) < D, the most that n samples can
+        span, so the node's degenerate directions may be the data's, not the model's (read more)."""
         rows = []
         for node in self.nodes:
             spec = self.eigenvalues[node]
-            D = int(spec.gram.numel())
+            D, n = int(spec.gram.numel()), int(self.counts[node])
+            bound = n - int(self.centered)  # the rank n samples can reach (one less once centred)
             rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
-                         "degenerate": D - spec.interaction_rank, "n": self.counts[node], "M": spec.M,
-                         "M_method": spec.M_method, "probe_stability": spec.probe_stability})
+                         "degenerate": D - spec.interaction_rank, "n": n, "M": spec.M,
+                         "M_method": spec.M_method, "probe_stability": spec.probe_stability,
+                         "sample_limited": bound < D and spec.rank_G >= bound})
         return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M", "M_method",
-                                           "probe_stability"])
+                                           "probe_stability", "sample_limited"])
 
     def to_frame(self) -> pd.DataFrame:
         """The same table as :attr:`dims`."""

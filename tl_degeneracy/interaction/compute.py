@@ -95,9 +95,10 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
             continue
         # The recursion differentiates node l+1's importance-scaled coordinates whatever the output
         # scaling (METHODS §5 step 3: only s = +½ composes); the shift by μ does not change a Jacobian.
-        C = nxt.matrix("importance").to(device=runner.device, dtype=runner.dtype)
+        # In the node's own dtype, which may differ from the weights' (a bfloat16 Llama normalises in float32).
+        C = nxt.matrix("importance").to(device=runner.device)
         res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[l]], objective="mse", output_hook=names[l + 1],
-                            output_transform=lambda o, C=C: o.flatten(2) @ C.mT, seed=_pass_seed(seed, l),
+                            output_transform=lambda o, C=C: o.flatten(2) @ C.mT.to(o.dtype), seed=_pass_seed(seed, l),
                             desc=f"LIB {names[l]}", **probe_kw)
         from_pass(res, names[l], "next node")
     return bases, how

@@ -17,6 +17,11 @@ DEFAULT_MIN_GAMMA = 1.0
 GAMMA_RELAXATION = 3.0
 #: Most draws of a ``draws="auto"`` run given neither ``max_draws`` nor ``time_limit`` (10× the fixed default).
 DEFAULT_MAX_DRAWS = 20_000
+#: The first burn-in of ``burnin="auto"`` (the default), before any extension.
+DEFAULT_BURNIN = 500
+#: Longest burn-in ``burnin="auto"`` extends to unless ``max_burnin`` is given (40× the first one):
+#: it bounds the cost of a model whose traces never stop drifting at this γ.
+DEFAULT_MAX_BURNIN = 20_000
 
 
 def _positive_finite(name: str, value) -> None:
@@ -36,13 +41,18 @@ class SamplerConfig:
             METHODS §1 holds, ``max_draws`` draws are reached (default :data:`DEFAULT_MAX_DRAWS`
             when no ``time_limit`` is given) or the next block would end past ``time_limit``
             seconds of the whole call. ``max_draws``, ``time_limit`` and ``draws_block`` are
-            refused with a fixed number of draws.
+            refused with a fixed number of draws. ``burnin="auto"`` (the default): a burn-in of
+            :data:`DEFAULT_BURNIN` steps, extended while the draws still drift (estimate.py: when the
+            verdict fails on drift or split-R̂, the draws become burn-in and the chains draw
+            afresh), up to ``max_burnin`` steps (default :data:`DEFAULT_MAX_BURNIN`; refused with a
+            given burn-in) and no further once the burn-in's cumulative step s has s·γ ≥
+            ``FLAT_RELAXATION`` (convergence.py), past which no direction is still relaxing.
         step_size: η; None for the automatic one (stepsize.py: predicted bias of λ̂ at most
             ``bias_bound``, stiffest direction's η(nβ h_max + γ)/4 at most ``stiff_bound``).
         gamma: localization γ of the prior centred at θ*, or ``"auto"``: the smallest γ ≥
             ``min_gamma`` at which the directions only the prior holds equilibrate within the
             burn-in, γ = max(min_gamma, :data:`GAMMA_RELAXATION`/(η · burnin)) (the first block of
-            draws stands in for a zero burn-in; :meth:`auto_gamma`).
+            draws stands in for a zero burn-in, the first burn-in for ``burnin="auto"``; :meth:`auto_gamma`).
         min_gamma: the floor of ``gamma="auto"`` (refused with a given γ).
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD, with ``rms_alpha`` and
             ``rms_eps``).
@@ -61,7 +71,7 @@ class SamplerConfig:
 
     chains: int = 8
     draws: int | str = 2000
-    burnin: int = 500
+    burnin: int | str = "auto"
     step_size: float | None = None
     gamma: float | str = 1.0
     sampler: str = "sgld"
@@ -76,21 +86,28 @@ class SamplerConfig:
     time_limit: float | None = None
     draws_block: int | None = None
     min_gamma: float | None = None
+    max_burnin: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}; got {self.sampler!r}")
         if isinstance(self.draws, str) and self.draws != "auto":
             raise ValueError(f"draws must be an integer ≥ 1 or \"auto\"; got {self.draws!r}")
+        if isinstance(self.burnin, str) and self.burnin != "auto":
+            raise ValueError(f"burnin must be an integer ≥ 0 or \"auto\"; got {self.burnin!r}")
+        if self.max_burnin is not None and not self.auto_burnin:
+            raise ValueError(f"max_burnin bounds burnin=\"auto\"; with burnin={self.burnin!r} the burn-in is fixed: "
+                             "pass burnin=\"auto\" or leave max_burnin out")
         if not self.auto:
             given = [n for n in ("max_draws", "time_limit", "draws_block") if getattr(self, n) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} set a budget for draws=\"auto\"; with draws={self.draws!r} "
                                  "the run has a fixed length: pass draws=\"auto\" or leave them out")
         for name, low in (("chains", 1), ("draws", 1), ("burnin", 0), ("checkpoint_every", 1), ("pilot_steps", 1),
-                          ("max_draws", 1), ("draws_block", 1)):
+                          ("max_draws", 1), ("draws_block", 1), ("max_burnin", 0)):
             value = getattr(self, name)
-            if (name in ("pilot_steps", "max_draws", "draws_block") and value is None) or (name == "draws" and self.auto):
+            if ((name in ("pilot_steps", "max_draws", "draws_block", "max_burnin") and value is None)
+                    or (name == "draws" and self.auto) or (name == "burnin" and self.auto_burnin)):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}; got {value!r}")
@@ -129,6 +146,21 @@ class SamplerConfig:
         return isinstance(self.draws, str)
 
     @property
+    def auto_burnin(self) -> bool:
+        """Whether the burn-in is extended while the draws drift (``burnin="auto"``)."""
+        return isinstance(self.burnin, str)
+
+    @property
+    def initial_burnin(self) -> int:
+        """The burn-in before any extension: the given one, or :data:`DEFAULT_BURNIN` for ``"auto"``."""
+        return DEFAULT_BURNIN if self.auto_burnin else int(self.burnin)
+
+    @property
+    def burnin_budget(self) -> int:
+        """Longest burn-in of ``burnin="auto"``: ``max_burnin``, default :data:`DEFAULT_MAX_BURNIN`."""
+        return DEFAULT_MAX_BURNIN if self.max_burnin is None else int(self.max_burnin)
+
+    @property
     def auto_gamma_on(self) -> bool:
         """Whether γ is chosen from the budget (``gamma="auto"``)."""
         return isinstance(self.gamma, str)
@@ -149,7 +181,7 @@ class SamplerConfig:
         models without flat directions need no more than the floor; the given γ for a number."""
         if not self.auto_gamma_on:
             return float(self.gamma)
-        window = self.burnin or self.first_draws
+        window = self.initial_burnin or self.first_draws
         return max(self.gamma_floor, GAMMA_RELAXATION / (step_size * window))
 
     @property
@@ -167,14 +199,18 @@ class SamplerConfig:
         block = DEFAULT_DRAWS_BLOCK if self.draws_block is None else int(self.draws_block)
         return block if self.draw_budget is None else min(block, self.draw_budget)
 
-    def fixed(self, draws: int) -> SamplerConfig:
-        """This config with a fixed number of draws (a ``draws="auto"`` run's blocks so far)."""
-        return replace(self, draws=int(draws), max_draws=None, time_limit=None, draws_block=None)
+    def fixed(self, draws: int, burnin: int | None = None) -> SamplerConfig:
+        """This config with a fixed number of draws (a ``draws="auto"`` run's blocks so far) and a
+        fixed burn-in (``burnin``, default the first: a ``burnin="auto"`` run's extended one)."""
+        burnin = self.initial_burnin if burnin is None else int(burnin)
+        return replace(self, draws=int(draws), burnin=burnin, max_draws=None, time_limit=None, draws_block=None,
+                       max_burnin=None)
 
     @property
     def steps(self) -> int:
-        """Steps per chain: burn-in and draws (for ``draws="auto"``: of the first block)."""
-        return self.burnin + self.first_draws
+        """Steps per chain: burn-in and draws (for ``draws="auto"``: of the first block; for
+        ``burnin="auto"``: the first burn-in)."""
+        return self.initial_burnin + self.first_draws
 
     @property
     def pilot_length(self) -> int:

@@ -7,7 +7,9 @@ The method, step by step (each step is its own module):
 2. the sampled coordinates (layout.py): the flat layout of δ = θ − θ* and the selection mask;
 3. the step size η (stepsize.py): given, or from the top Hessian eigenvalue at θ* and along pilot
    runs, lowered during burn-in where the chains meet stiffer regions;
-4. SGLD over all chains at once (sampler.py), checkpointed and resumable (checkpoint.py);
+4. SGLD over all chains at once (sampler.py), checkpointed and resumable (checkpoint.py), the
+   burn-in extended while the draws still drift (``burnin="auto"``) and, for ``draws="auto"``,
+   blocks of draws added until the verdict holds (``_continue_until_converged``);
 5. the estimate λ̂ = nβ · mean post-burn-in L_B,b over healthy chains, and its diagnostics
    (llc_result.py), with the convergence verdict (convergence.py).
 """
@@ -29,7 +31,7 @@ from ..stats.distributed import distributed_context, max_over_ranks
 from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
-from .convergence import ConvergenceWarning, assess_convergence
+from .convergence import FLAT_RELAXATION, Convergence, ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
 from .llc_result import ChainRecords, LLCResult, chain_estimates
 from .loss_grad import LossGrad
@@ -137,8 +139,25 @@ def behavioral_llc(
             s the cumulative step); the pilots run at the floor, and η is re-derived at the chosen
             γ. ``result.gamma`` is the γ used, ``diagnostics["gamma_source"]`` says how it was set.
         chains, draws, burnin: chains run together (default 8); each runs burnin + draws steps
-            (default 500 + 2000); the estimate averages the draws. Under torchrun, chains must be at
-            least the number of ranks. ``draws="auto"``: a budget instead of a count: after the
+            (default 500 + 2000, the burn-in extended as below); the estimate averages the draws.
+            Under torchrun, chains must be at least the number of ranks. ``burnin="auto"`` (the
+            default; a given number is used as is): a burn-in of 500 steps that is extended while
+            the chains show they have not reached equilibrium: when the verdict below fails on
+            drift or split-R̂ (the traces still move; more draws would only dilute that), the draws
+            so far become burn-in, an automatic η is re-adapted at the chains (those that drift
+            reach stiffer regions: on the rank-0 deep linear network h_max grows from 1.5 to 4 and
+            at the first η the equilibrium λ̂ is 2.90 instead of 2.48), the chains settle under it
+            for a quarter of the first burn-in and draw afresh (the first block for
+            ``draws="auto"``). It stops growing at ``max_burnin`` steps (default 20,000) or once the
+            burn-in's cumulative step s = Σ η has s·γ ≥ 5, when even the directions only γ holds
+            have relaxed (convergence.py, FLAT_RELAXATION), so a model whose draws do not drift
+            pays nothing (regression, the full-rank deep linear network: 500), and the singular
+            deep linear networks of rank 0 and 1 get 2,625 steps at the defaults (one extension;
+            ≈ 5 s each on one CPU core). ``result.burnin`` is the burn-in used;
+            ``diagnostics["burnin_auto"]`` records the first and final burn-in, every extension
+            (step, verdict, η), whether the burn-in budget ran out and why, and
+            ``diagnostics["burnin_source"]`` (also in ``summary()``) says it in words.
+            ``draws="auto"``: a budget instead of a count: after the
             burn-in the chains run blocks of ``draws_block`` draws (default 500), each continuing
             the same chains (in memory; with ``checkpoint_dir``, resumable, also under a larger
             budget), until the convergence verdict below holds, ``max_draws`` draws are reached
@@ -147,7 +166,7 @@ def behavioral_llc(
             included, at the sampling speed so far; the first block always runs).
             λ̂ averages every post-burn-in draw; k blocks equal one run of as many draws bit for
             bit when the step size is given or ``pilot_steps`` is (the automatic pilots' default
-            length scales with burnin + the first block). ``diagnostics["budget"]`` records the
+            length scales with burnin + the first block) and the burn-in was not extended. ``diagnostics["budget"]`` records the
             blocks run, the total draws, why the run stopped (``"converged"``, ``"max_draws"``,
             ``"time_limit"``) and whether the budget ran out, with a ``reason`` that the warning
             and :attr:`LLCResult.convergence_reason` repeat (None for a fixed number of draws).
@@ -181,6 +200,7 @@ def behavioral_llc(
         bias_bound: target of the predicted relative step-size bias of λ̂ (automatic step size).
         stiff_bound: largest η (nβ h_max + γ)/4 of the automatic step size (stability).
         min_gamma: the floor of ``gamma="auto"``.
+        max_burnin: the longest burn-in of ``burnin="auto"`` (refused with a given burn-in).
         pilot_steps: length of each pilot run of the automatic step size (stepsize.py); default
             scaled to the budget, min(200, max(20, (burnin + draws)//10)); a given value is used as is.
         checkpoint_every: steps between checkpoints (default 512).
@@ -198,7 +218,7 @@ def behavioral_llc(
     Convergence (METHODS §1, convergence.py): ``result.converged`` is True only when the split-R̂
     of the healthy chains' post-burn-in traces is ≤ 1.05, their bulk effective sample size ≥ 100,
     the last half of the draws is within 2 standard errors of the first half, and at most a quarter
-    of the chains diverged; ``diagnostics`` holds ``rhat``, ``ess``, ``drift``, ``n_diverged``,
+    of the chains diverged (judged after any extension of ``burnin="auto"``); ``diagnostics`` holds ``rhat``, ``ess``, ``drift``, ``n_diverged``,
     ``diverged_chains`` and ``convergence`` (each failed criterion in words, the suggested budget).
     A run that is not converged issues one :class:`ConvergenceWarning` saying what failed, with the
     numbers, and the budget that would fix it; its λ̂ reads as a lower bound.
@@ -264,25 +284,34 @@ def behavioral_llc(
             key = {**_run_key(target, config, nb, selection, seed, my_chains), "step_size": eta}
             state = checkpointer.restore(state, key, resume=saved is not None)
         loss_grad = LossGrad(target, selection.layout, compile=config.compile)
-        # The run as sampled so far, with a fixed number of draws (draws="auto": the first block, or
-        # as far as a resumed checkpoint had extended the chains).
-        run = config.fixed(max(config.first_draws, len(state.trace) - config.burnin))
+        # The run as sampled so far, with a fixed burn-in and number of draws (burnin="auto": the
+        # first burn-in, or as far as a resumed checkpoint had extended it; draws="auto": the first
+        # block, or as far as a resumed checkpoint had extended the chains).
+        burnin_now = state.extra.get("burnin", config.initial_burnin)
+        run = config.fixed(max(config.first_draws, len(state.trace) - burnin_now), burnin_now)
         dynamics = replace(dynamics, steps=run.steps)
+        if checkpointer is not None:
+            checkpointer.steps = run.steps
+        # The burn-in checks of an automatic η: fractions of the first burn-in (an extension adapts at its own start).
+        checks = sorted({int(config.initial_burnin * f) for f in ADAPT_AT} - {0}) if config.step_size is None else []
+        eta0 = eta
+        burn = f"{config.initial_burnin}{'+' if config.auto_burnin else ''}"
         with tqdm(total=run.steps, initial=state.step, unit="step", disable=not show,
-                  desc=f"LLC: SGLD, {config.chains} chains × ({config.burnin} burn-in + {config.draws} draws)") as bar:
+                  desc=f"LLC: SGLD, {config.chains} chains × ({burn} burn-in + {config.draws} draws)") as bar:
             state, dynamics = _sample_with_burnin_adaptation(target, selection, run, dynamics, state, loss_grad,
-                                                             checkpointer, seed, my_chains, _stop_after, bar)
-            budget = None
-            if config.auto:
-                state, dynamics, run, budget = _continue_until_converged(
+                                                             checkpointer, seed, my_chains, _stop_after, bar, checks)
+            budget = burnin_record = None
+            if config.auto or config.auto_burnin:
+                state, dynamics, run, budget, burnin_record = _continue_until_converged(
                     target, selection, config, run, dynamics, state, loss_grad, checkpointer, seed, my_chains,
-                    _stop_after, bar, ctx.world_size, started)
+                    _stop_after, bar, ctx.world_size, started, checks, eta0)
         # The bias bound where the chains ended: reported, and a warning when far above the target.
         h_end, trace_end = (chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
                             if state.step == run.steps else (float("nan"), float("nan")))
         records = ChainRecords.gather(state, my_chains, loss_grad.compile_s, ctx.world_size)
         return _result(target, selection, run, nb, choice, source, dynamics, state.extra["adaptations"],
-                       (h_end, trace_end), records, loss_grad, ctx.world_size, budget)
+                       (h_end, trace_end), records, loss_grad, ctx.world_size, _gamma_source(config, eta), budget,
+                       burnin_record)
 
 
 def _localization(config: SamplerConfig, choice: StepSizeChoice, source: str, nbeta: float) -> tuple[float, StepSizeChoice]:
@@ -340,24 +369,24 @@ def _point_seeds(seed: int, my_chains: list[int]) -> list[int]:
 def _sample_with_burnin_adaptation(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, dynamics: Dynamics, state: SamplerState,
     loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int, my_chains: list[int], stop_after: int | None,
-    bar=None,
+    bar=None, checks: list[int] = (),
 ) -> tuple[SamplerState, Dynamics]:
     """Run the chains to the end (or to ``stop_after``), re-adapting an automatic η during burn-in.
 
     The chains reach regions the pilots did not (flat directions spread slowly), so the curvature is
-    re-measured at the chains themselves after the burn-in fractions :data:`ADAPT_AT` and η is
-    lowered (never raised) to keep the bias bound. Burn-in steps do not enter the estimate, so
-    changing η there is harmless; the last change leaves a quarter of the burn-in for the chains to
-    settle under the final η. Each adaptation is recorded in ``state.extra`` (and checkpointed), so
-    a resumed run continues under the η it had reached.
+    re-measured at the chains themselves at the steps ``checks`` (the first burn-in's fractions
+    :data:`ADAPT_AT`; none for a given η) and η is lowered (never raised) to keep the bias bound
+    (:func:`_adapt_step_size`). Burn-in steps do not enter the estimate, so changing η there is
+    harmless; the last change leaves a quarter of the burn-in for the chains to settle under the
+    final η. Checks already behind the chains are skipped; a resumed run continues under the η it
+    had reached (``state.extra``).
     """
-    checks = sorted({int(config.burnin * f) for f in ADAPT_AT} - {0}) if config.step_size is None else []
     if "step_size" in state.extra:
         dynamics = replace(dynamics, step_size=state.extra["step_size"])
     adaptations = state.extra.setdefault("adaptations", [])
     on_block = None if checkpointer is None else checkpointer.on_block
     previous = 0
-    for check in checks + [dynamics.steps]:
+    for check in list(checks) + [dynamics.steps]:
         stop = check if stop_after is None else min(check, stop_after)
         if state.step < stop:
             state = run_chains(target, selection.layout, selection.mask, dynamics, state, on_block=on_block, stop_after=stop,
@@ -365,16 +394,7 @@ def _sample_with_burnin_adaptation(
         since, previous = previous, check
         if check == dynamics.steps or state.step != check or any(a["step"] == check for a in adaptations):
             continue
-        h_now, trace_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
-        # λ̂ so far: the chains' mean nβ L_B since the last check (every rank's chains: gathered).
-        records = ChainRecords.gather(state, my_chains, 0.0, distributed_context().world_size)
-        llc_now = window_llc(records.losses, records.failed_at < 0, dynamics.nbeta, since, check)
-        eta_new = adapted_step_size(h_now, trace_now, llc_now, dynamics.step_size, dynamics.nbeta, dynamics.gamma, config)
-        adaptations.append({"step": check, "h_max": h_now, "trace_hessian": trace_now, "llc": llc_now,
-                            "step_size": min(eta_new, dynamics.step_size)})
-        if eta_new < dynamics.step_size:
-            dynamics = replace(dynamics, step_size=eta_new)
-            state.extra["step_size"] = eta_new
+        dynamics = _adapt_step_size(target, selection, config, dynamics, state, seed, my_chains, since)
         if checkpointer is not None:
             checkpointer.save(state)
         if stop_after is not None and state.step >= stop_after:
@@ -382,25 +402,58 @@ def _sample_with_burnin_adaptation(
     return state, dynamics
 
 
+def _adapt_step_size(target: SamplingTarget, selection: Selection, config: SamplerConfig, dynamics: Dynamics,
+                     state: SamplerState, seed: int, my_chains: list[int], since: int) -> Dynamics:
+    """Re-measure h_max and tr H at the chains now and λ̂ over steps [``since``, now), lower an
+    automatic η to what they call for (:func:`adapted_step_size`; never raise it) and record the
+    check in ``state.extra["adaptations"]`` (checkpointed by the caller)."""
+    check = state.step
+    h_now, trace_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
+    # λ̂ so far: the chains' mean nβ L_B since the last check (every rank's chains: gathered).
+    records = ChainRecords.gather(state, my_chains, 0.0, distributed_context().world_size)
+    llc_now = window_llc(records.losses, records.failed_at < 0, dynamics.nbeta, since, check)
+    eta_new = adapted_step_size(h_now, trace_now, llc_now, dynamics.step_size, dynamics.nbeta, dynamics.gamma, config)
+    state.extra["adaptations"].append({"step": check, "h_max": h_now, "trace_hessian": trace_now, "llc": llc_now,
+                                       "step_size": min(eta_new, dynamics.step_size)})
+    if eta_new < dynamics.step_size:
+        dynamics = replace(dynamics, step_size=eta_new)
+        state.extra["step_size"] = eta_new
+    return dynamics
+
+
 def _continue_until_converged(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, run: SamplerConfig, dynamics: Dynamics,
     state: SamplerState, loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int, my_chains: list[int],
-    stop_after: int | None, bar, world: int, started: float,
-) -> tuple[SamplerState, Dynamics, SamplerConfig, dict]:
-    """``draws="auto"``: continue the same chains by blocks of draws until the verdict of METHODS §1
-    (convergence.py) holds or the budget is spent; returns the state, the dynamics, the run (its
-    draws so far) and what the budget did (``diagnostics["budget"]``).
+    stop_after: int | None, bar, world: int, started: float, checks: list[int], eta0: float,
+) -> tuple[SamplerState, Dynamics, SamplerConfig, dict | None, dict | None]:
+    """``burnin="auto"`` and ``draws="auto"``: continue the same chains until the verdict of METHODS
+    §1 (convergence.py) holds or the budgets are spent; returns the state, the dynamics, the run
+    (its burn-in and draws so far), what the draws budget did (``diagnostics["budget"]``; None for a
+    fixed number of draws) and what the burn-in did (``diagnostics["burnin_auto"]``; None for a
+    given burn-in).
 
-    Each block only advances the chains' steps (their state, RMSProp state and generators carry
-    over, and checkpoints written on the way resume), so a run that stops after k blocks equals one
-    fixed run of as many draws bit for bit. A block is not started when ``max_draws`` is reached
-    (the last block is shortened to it) or when, at the sampling speed so far, it would end past
-    ``time_limit`` seconds since the call began (pilots included); the first block always runs.
-    Every rank sees the same gathered traces and the slowest rank's clock, so all take the same
-    decision under torchrun.
+    Burn-in (``burnin="auto"``): a verdict that fails on drift or split-R̂ says the traces are still
+    moving, i.e. the chains had not reached equilibrium when the draws began, which more draws
+    only dilute. Then the draws so far become burn-in (:func:`_extend_burnin`): η is re-adapted at
+    the chains (they may have reached stiffer regions), a quarter of the first burn-in settles them
+    under it, and a fresh first block of draws follows. The burn-in stops growing at ``max_burnin``
+    steps, or once its cumulative step s has s·γ ≥ :data:`FLAT_RELAXATION` (every direction,
+    down to those only γ holds, has then relaxed, so what still moves is no transient a longer
+    burn-in removes); the run then draws on (``draws="auto"``) or stops.
+
+    Draws (``draws="auto"``): blocks of draws are added; each only advances the chains' steps
+    (their state, RMSProp state and generators carry over, and checkpoints written on the way
+    resume), so a run that stops after k blocks without extending its burn-in equals one fixed run
+    of as many draws bit for bit. A block (or an extension) is not started when ``max_draws`` is
+    reached (the last block is shortened to it) or when, at the sampling speed so far, it would end
+    past ``time_limit`` seconds since the call began (pilots included); the first block always
+    runs. Every rank sees the same gathered traces and the slowest rank's clock, so all take the
+    same decision under torchrun.
     """
     block, max_draws, time_limit = config.first_draws, config.draw_budget, config.time_limit
     nb = dynamics.nbeta
+    extensions = state.extra.setdefault("burnin_extensions", [])
+    burnin_refused = ""
     while True:
         if stop_after is not None and state.step >= stop_after:
             stopped = "interrupted"
@@ -410,53 +463,132 @@ def _continue_until_converged(
         if len(failed) == config.chains:
             stopped = "diverged"  # _result raises, with advice
             break
-        if assess_convergence(nb * records.losses[config.burnin:].T, failed).converged:
+        verdict = assess_convergence(nb * records.losses[run.burnin:].T, failed)
+        if verdict.converged:
             stopped = "converged"
+            break
+        moving = config.auto_burnin and bool(verdict.failed.keys() & {"drift", "rhat"})
+        burnin_refused = _burnin_refusal(config, run, dynamics, state, eta0) if moving else ""
+        if moving and not burnin_refused:
+            if _past_time_limit(config, records, _settle_steps(config) + block, started, world):
+                stopped = "time_limit"
+                break
+            state, dynamics, run = _extend_burnin(target, selection, config, run, dynamics, state, verdict, loss_grad,
+                                                  checkpointer, seed, my_chains, stop_after, bar, checks)
+            continue
+        if not config.auto:
+            stopped = "fixed"
             break
         if max_draws is not None and run.draws >= max_draws:
             stopped = "max_draws"
             break
         more = block if max_draws is None else min(block, max_draws - run.draws)
-        elapsed = time.perf_counter() - started
-        if time_limit is not None:
-            elapsed = max_over_ranks(elapsed) if world > 1 else elapsed
-            ahead = more * records.wall_s / max(records.steps_done, 1)
-            if elapsed + ahead > time_limit:
-                stopped = "time_limit"
-                break
-        run = config.fixed(run.draws + more)
-        state.trace = np.concatenate([state.trace, np.full((more, state.trace.shape[1]), np.nan)])
-        dynamics = replace(dynamics, steps=run.steps)
-        if checkpointer is not None:
-            checkpointer.steps = run.steps  # it writes at the end of the run
-        bar.total = run.steps
-        bar.refresh()
-        state, dynamics = _sample_with_burnin_adaptation(target, selection, run, dynamics, state, loss_grad,
-                                                         checkpointer, seed, my_chains, stop_after, bar)
+        if _past_time_limit(config, records, more, started, world):
+            stopped = "time_limit"
+            break
+        run = config.fixed(run.draws + more, run.burnin)
+        state, dynamics = _run_further(target, selection, run, dynamics, state, more, loss_grad, checkpointer, seed,
+                                       my_chains, stop_after, bar, checks)
     elapsed = time.perf_counter() - started
     reason = {
         "max_draws": f"budget spent: max_draws = {max_draws:,}",
         "time_limit": f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
                       f"{block:,} draws would pass it)" if time_limit is not None else "",
     }.get(stopped, "")
-    budget = {
+    budget = None if not config.auto else {
         "draws": "auto", "draws_block": block, "max_draws": max_draws, "time_limit": time_limit,
         "blocks": 1 + math.ceil(max(run.draws - block, 0) / block), "total_draws": run.draws, "elapsed_s": elapsed,
         "stopped": stopped, "budget_exhausted": stopped in ("max_draws", "time_limit"), "reason": reason,
     }
-    return state, dynamics, run, budget
+    burnin_record = None if not config.auto_burnin else {
+        "burnin": "auto", "initial": config.initial_burnin, "used": run.burnin, "max_burnin": config.burnin_budget,
+        "extensions": list(extensions), "budget_exhausted": bool(burnin_refused) and stopped != "converged",
+        "reason": burnin_refused if stopped != "converged" else "",
+    }
+    return state, dynamics, run, budget, burnin_record
+
+
+def _settle_steps(config: SamplerConfig) -> int:
+    """Steps an extended burn-in runs after its η check: as many as the first burn-in ran under its final η."""
+    return config.initial_burnin - int(config.initial_burnin * ADAPT_AT[-1])
+
+
+def _burnin_refusal(config: SamplerConfig, run: SamplerConfig, dynamics: Dynamics, state: SamplerState,
+                    eta0: float) -> str:
+    """Why ``burnin="auto"`` extends the burn-in no further ("" when it may): its budget, or a burn-in
+    whose cumulative step s already has s·γ ≥ FLAT_RELAXATION (nothing left that it could relax)."""
+    s_burnin = _cumulative_step(eta0, state.extra.get("adaptations", []), run.burnin)
+    if dynamics.gamma > 0 and s_burnin * dynamics.gamma >= FLAT_RELAXATION:
+        return (f"burn-in not extended further: its cumulative step s = {s_burnin:.3g} has s·γ = "
+                f"{s_burnin * dynamics.gamma:.3g} ≥ {FLAT_RELAXATION:g}, so even the directions only γ holds have relaxed")
+    if state.step + _settle_steps(config) > config.burnin_budget:
+        return f"burn-in budget spent: max_burnin = {config.burnin_budget:,} steps (burn-in {run.burnin:,})"
+    return ""
+
+
+def _past_time_limit(config: SamplerConfig, records: ChainRecords, steps: int, started: float, world: int) -> bool:
+    """Whether ``steps`` more steps, at the sampling speed so far, would end past ``time_limit``."""
+    if config.time_limit is None:
+        return False
+    elapsed = time.perf_counter() - started
+    elapsed = max_over_ranks(elapsed) if world > 1 else elapsed
+    return elapsed + steps * records.wall_s / max(records.steps_done, 1) > config.time_limit
+
+
+def _run_further(
+    target: SamplingTarget, selection: Selection, run: SamplerConfig, dynamics: Dynamics, state: SamplerState,
+    more: int, loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int, my_chains: list[int],
+    stop_after: int | None, bar, checks: list[int], save: bool = False,
+) -> tuple[SamplerState, Dynamics]:
+    """Continue the chains by ``more`` steps, to the end of ``run`` (its trace grown to hold them);
+    ``save``: checkpoint the grown state first (it holds a decision a resumed run must find)."""
+    state.trace = np.concatenate([state.trace, np.full((more, state.trace.shape[1]), np.nan)])
+    dynamics = replace(dynamics, steps=run.steps)
+    if checkpointer is not None:
+        checkpointer.steps = run.steps  # it writes at the end of the run
+        if save:
+            checkpointer.save(state)
+    bar.total = run.steps
+    bar.refresh()
+    return _sample_with_burnin_adaptation(target, selection, run, dynamics, state, loss_grad, checkpointer, seed,
+                                          my_chains, stop_after, bar, checks)
+
+
+def _extend_burnin(
+    target: SamplingTarget, selection: Selection, config: SamplerConfig, run: SamplerConfig, dynamics: Dynamics,
+    state: SamplerState, verdict: Convergence, loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int,
+    my_chains: list[int], stop_after: int | None, bar, checks: list[int],
+) -> tuple[SamplerState, Dynamics, SamplerConfig]:
+    """``burnin="auto"``: the draws so far become burn-in; an automatic η is re-adapted at the chains
+    now (over the draws' window), the chains settle under it for :func:`_settle_steps` steps, and a
+    first block of draws follows. The extension is recorded in ``state.extra`` (``"burnin"``, the
+    burn-in now; ``"burnin_extensions"``) and checkpointed, so a resumed run continues from it."""
+    at = state.step
+    if config.step_size is None:
+        dynamics = _adapt_step_size(target, selection, config, dynamics, state, seed, my_chains, run.burnin)
+    burnin = at + _settle_steps(config)
+    state.extra["burnin"] = burnin
+    state.extra["burnin_extensions"].append({
+        "step": at, "burnin": burnin, "failed": sorted(verdict.failed), "drift": verdict.drift, "rhat": verdict.rhat,
+        "step_size": dynamics.step_size})
+    run = config.fixed(config.first_draws, burnin)
+    state, dynamics = _run_further(target, selection, run, dynamics, state, run.steps - at, loss_grad, checkpointer,
+                                   seed, my_chains, stop_after, bar, checks, save=True)
+    return state, dynamics, run
 
 
 def _result(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, nb: float, choice: StepSizeChoice, source: str,
     dynamics: Dynamics, adaptations: list[dict], end: tuple[float, float], records: ChainRecords, loss_grad: LossGrad,
-    world: int, budget: dict | None = None,
+    world: int, gamma_source: str, budget: dict | None = None, burnin_record: dict | None = None,
 ) -> LLCResult:
     """λ̂ from the gathered chains (llc_result.py), the warnings its diagnostics call for, and the result.
 
-    ``config`` has the run's draws (for ``draws="auto"``: all blocks'); ``dynamics`` the final η and
-    the γ sampled at; ``end`` the top curvature and Hessian trace at the chains' end points;
-    ``budget`` is what the ``draws="auto"`` budget did (None for a fixed number of draws)."""
+    ``config`` has the run's burn-in (for ``burnin="auto"``: as extended) and draws (for
+    ``draws="auto"``: all blocks'); ``dynamics`` the final η and the γ sampled at; ``end`` the top
+    curvature and Hessian trace at the chains' end points; ``gamma_source`` how γ was set;
+    ``budget`` is what the ``draws="auto"`` budget did (None for a fixed number of draws) and
+    ``burnin_record`` what ``burnin="auto"`` did (None for a given burn-in)."""
     chains, bias_target = config.chains, config.bias_bound
     eta, gamma, rms_factor = dynamics.step_size, dynamics.gamma, config.rms_factor
     h_end, trace_end = end
@@ -477,7 +609,8 @@ def _result(
     # One warning for a run that is not converged (it names diverged chains too); diverged chains of
     # a converged run still get their own.
     if not verdict.converged:
-        spent = f" ({budget['reason']})" if budget and budget["budget_exhausted"] else ""
+        spent = "".join(f" ({record['reason']})" for record in (budget, burnin_record)
+                        if record and record["budget_exhausted"])
         warnings.warn(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
         warnings.warn(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
@@ -507,7 +640,7 @@ def _result(
     stiff = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
     diagnostics = {
         **choice.to_dict(), "step_size_source": source, "step_size": eta, "step_size_initial": dynamics_eta0,
-        "gamma": gamma, "gamma_source": _gamma_source(config, eta), "min_gamma": config.gamma_floor if config.auto_gamma_on else None,
+        "gamma": gamma, "gamma_source": gamma_source, "min_gamma": config.gamma_floor if config.auto_gamma_on else None,
         "h_max_pilot": choice.h_max, "h_max": h_max, "trace_hessian": trace, "bias_bound": bound, "stiff_bound": stiff,
         "predicted_bias_factor": 1.0 + bound,
         "h_max_end": h_end, "trace_hessian_end": trace_end, "bias_bound_end": bias_end, "stiff_bound_end": stiff_end,
@@ -521,6 +654,7 @@ def _result(
         "cumulative_step": _cumulative_step(dynamics_eta0, adaptations, steps_done),
         "rhat": verdict.rhat, "ess": verdict.ess, "drift": verdict.drift, "n_diverged": verdict.n_diverged,
         "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(), "budget": budget,
+        "burnin_auto": burnin_record, "burnin_source": _burnin_source(burnin_record),
         "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "
                          "averaged over post-burn-in steps",
     }
@@ -536,9 +670,18 @@ def _gamma_source(config: SamplerConfig, eta: float) -> str:
     """How γ was set, in words (``diagnostics["gamma_source"]``)."""
     if not config.auto_gamma_on:
         return "given"
-    window = config.burnin or config.first_draws
+    window = config.initial_burnin or config.first_draws
     return (f"auto: max(min_gamma = {config.gamma_floor:g}, {GAMMA_RELAXATION:g}/(η · {window:,} steps)) with the "
             f"η chosen for it")
+
+
+def _burnin_source(record: dict | None) -> str:
+    """How the burn-in was set, in words (``diagnostics["burnin_source"]``)."""
+    if record is None:
+        return "given"
+    n = len(record["extensions"])
+    grown = (f", extended {n}× to {record['used']:,} while the draws drifted" if n else ", not extended: the draws did not drift")
+    return f"auto: {record['initial']:,} steps{grown} (max_burnin {record['max_burnin']:,})"
 
 
 def _cumulative_step(eta0: float, adaptations: list[dict], steps_done: int) -> float:

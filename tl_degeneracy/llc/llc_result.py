@@ -34,7 +34,10 @@ class LLCResult:
     ``["diverged_chains"]``, and ``["convergence"]`` (each failed criterion in words, the suggested
     budget). A run that is not converged gives a λ̂ to read as a lower bound. A ``draws="auto"``
     run records its budget in ``diagnostics["budget"]`` (blocks run, total draws, why it stopped,
-    whether the budget ran out; None for a fixed number of draws).
+    whether the budget ran out; None for a fixed number of draws), a ``burnin="auto"`` run its
+    burn-in in ``diagnostics["burnin_auto"]`` (first and final burn-in, each extension, whether the
+    burn-in budget ran out; None for a given burn-in) and ``["burnin_source"]`` (in words);
+    :attr:`burnin` is the burn-in used.
     """
 
     llc: float
@@ -78,13 +81,12 @@ class LLCResult:
     @property
     def convergence_reason(self) -> str:
         """The failed convergence criteria in a few words with their numbers, and where a
-        ``draws="auto"`` budget ran out, that ("" when converged; the full sentences and the
+        ``draws="auto"`` budget or the ``burnin="auto"`` one ran out, that ("" when converged; the full sentences and the
         suggested budget are in ``diagnostics["convergence"]``)."""
         brief = self.diagnostics.get("convergence", {}).get("brief", "")
-        budget = self.diagnostics.get("budget") or {}
-        if brief and budget.get("budget_exhausted"):
-            return f"{brief}; {budget['reason']}"
-        return brief
+        spent = [r["reason"] for r in (self.diagnostics.get("budget"), self.diagnostics.get("burnin_auto"))
+                 if r and r.get("budget_exhausted")]
+        return "; ".join([brief, *spent]) if brief else brief
 
     def summary(self) -> dict:
         d = self.diagnostics
@@ -95,7 +97,8 @@ class LLCResult:
             "gamma": self.gamma, "bias_bound": d.get("bias_bound"), "stiff_bound": d.get("stiff_bound"),
             "h_max": d.get("h_max"), "trace_hessian": d.get("trace_hessian"), "cumulative_step": d.get("cumulative_step"),
             "chains": self.chains,
-            "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin, "loss": self.loss,
+            "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin,
+            "burnin_source": d.get("burnin_source"), "loss": self.loss,
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
             "converged": self.converged, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
             "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,

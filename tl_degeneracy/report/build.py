@@ -22,6 +22,7 @@ from .context import (
     LoadedData, ReportContext, default_data_spec, library_versions, load_data_spec,
 )
 from .registry import SECTIONS, Section
+from .scope import SCOPED, fit_time
 from .report import Report, SectionResult
 from .settings import ReportSettings, resolve_settings
 
@@ -175,6 +176,11 @@ def degeneracy_report(
             pass: ``seq_len`` and ``batch_size`` not given in ``overrides`` are lowered until a batch
             fits (``ReportContext.fit_memory``; the header states the budget and what was lowered),
             and a pass that still does not fit is skipped with a message saying what to lower.
+            The time per costly section (``section_time``, 300 s in the quick preset) scopes the
+            interaction basis and the LLC the same way (``tld.report.scope``): settings not given in
+            ``overrides`` (ib_tokens; llc_params, llc_sequences, llc_seq_len, loss_scales, gammas)
+            are lowered until their time, predicted from passes timed on the model, fits; the
+            header states the predictions and what was lowered (a ``ReportSettings`` is kept as is).
         seed: seeds torch and the stochastic estimators (Jacobian probes, SGLD chains).
         checkpoint_dir: keep finished sections and the LLC sampler states there; a rerun with the
             same fingerprint (cache.py) reuses finished sections and resumes interrupted LLC runs.
@@ -232,6 +238,8 @@ def degeneracy_report(
     # Sequence length and batch size that were not asked for explicitly follow from the budget.
     explicit = {"batch_size", "seq_len"} if isinstance(preset, ReportSettings) else set(overrides or {})
     memory = ctx.fit_memory(budget, explicit, chosen)
+    # The costly sections' scope follows from their predicted time, unless set (settings given whole are kept).
+    timing = fit_time(ctx, set(SCOPED) if isinstance(preset, ReportSettings) else explicit, chosen)
     settings = ctx.settings
     # The output directory and the checkpoints are checked now too: nothing is computed for a
     # directory that would refuse the result.
@@ -264,7 +272,8 @@ def degeneracy_report(
         settings={"preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
                   "seed": seed, "device": str(adapter.device), "torch_threads": torch.get_num_threads(), "sections": chosen,
                   "checkpoint_dir": None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                  "llc_components": llc_components, "budgets": settings.to_dict(), "memory": memory},
+                  "llc_components": llc_components, "budgets": settings.to_dict(), "memory": memory,
+                  "time_fit": timing},
         versions=library_versions(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_s=time.perf_counter() - t0,

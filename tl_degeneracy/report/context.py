@@ -210,12 +210,16 @@ class ReportContext:
 
         held = counts_grams(self.adapter)  # by the counts' Jacobian pass (degeneracy_counts)
 
+        n0, t0 = max(1, self.batches.n_sequences), self.batches.max_len
+
         def needed(b: int, t: int) -> int:
+            # Cut shorter, long sequences become more of them (up to n_sequences), and batches fill up.
+            b = min(b, max(n0 * -(-t0 // t), 1) if t < t0 else n0, s.n_sequences)
             return max(estimate(self.adapter, a, b, t, n_cotangents=s.n_probes, held=held if a == "jacobian" else 0)
                        for a in analyses)
 
-        b0 = b = min(s.batch_size, max(1, self.batches.n_sequences))
-        t0 = t = self.batches.max_len
+        b0 = b = s.batch_size
+        t = t0
         free_t, free_b = "seq_len" not in explicit, "batch_size" not in explicit
         while needed(b, t) > budget.bytes:
             if free_t and t > MIN_FITTED_SEQ_LEN:
@@ -229,12 +233,20 @@ class ReportContext:
         info.update(needed=needed(b, t), fits=needed(b, t) <= budget.bytes,
                     lowered={k: [old, new] for k, old, new in (("batch_size", b0, b), ("seq_len", t0, t)) if old != new})
         if info["lowered"]:
-            self.settings = s.replace(batch_size=b if b != b0 else s.batch_size, seq_len=t if t != t0 else s.seq_len)
-            for name in ("batches", "llc_batches", "ib_batches"):
-                self.__dict__.pop(name, None)
-            self.batches  # noqa: B018  (rebuilt now: the report's identity and data description read it)
+            self.update_settings(batch_size=b if b != b0 else s.batch_size, seq_len=t if t != t0 else s.seq_len)
             info.update(batch_size=self.settings.batch_size, seq_len=self.settings.seq_len)
         return info
+
+    def update_settings(self, **changes) -> None:
+        """Change some settings and drop the batches built from the old ones; the statistics
+        batches, when they change, are rebuilt at once (the report's identity and data description
+        read them)."""
+        self.settings = self.settings.replace(**changes)
+        rebuild = "batches" in self.__dict__ and bool(changes.keys() & {"n_sequences", "batch_size", "seq_len"})
+        for name in ("batches", "llc_batches", "ib_batches") if rebuild else ("llc_batches", "ib_batches"):
+            self.__dict__.pop(name, None)
+        if rebuild:
+            self.batches  # noqa: B018
 
     def data_description(self) -> dict | None:
         """Where the data came from and which positions counted (None without data)."""

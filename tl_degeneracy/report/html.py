@@ -237,6 +237,10 @@ def _facts(report: Report) -> dict[str, str]:
     changed = _changed(s)
     if changed:
         facts["changed from preset"] = changed
+    if (s.get("time_fit") or {}).get("lowered"):
+        from .scope import time_line
+
+        facts["time fit"] = time_line(s["time_fit"])
     if report.data:
         p = report.data["positions"]
         facts["data"] = f"{p['n_sequences']} sequences · {p['n_samples']:,} positions"

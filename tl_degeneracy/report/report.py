@@ -241,6 +241,11 @@ class Report:
         if s.get("memory"):
             lines += textwrap.wrap(memory_line(s["memory"]), width, initial_indent="  ", subsequent_indent="    ",
                                    break_on_hyphens=False)
+        if (s.get("time_fit") or {}).get("predicted"):
+            from .scope import time_line
+
+            lines += textwrap.wrap(time_line(s["time_fit"]), width, initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
         changed = changed_settings(s)
         if changed:  # never clipped: a reader must see every setting that differs from the preset
             lines += textwrap.wrap(" ".join(f"{k}={v}" for k, v in changed.items()), width,

@@ -28,7 +28,7 @@ from .registry import SectionOutput, register_section
 
 _DATA = ("n_sequences", "batch_size", "seq_len")
 _LLC = ("llc_sequences", "llc_seq_len", "loss_scale", "loss_scales", "chains", "draws", "burnin", "pilot_steps",
-        "llc_compile", "llc_max_draws", "llc_time_limit", "step_size")
+        "llc_compile", "llc_max_draws", "llc_time_limit", "step_size", "llc_params", "gamma", "min_gamma", "gammas")
 
 
 @register_section("summary", "Model summary", needs_data=False)
@@ -182,13 +182,16 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         tables={"dims": dims, "edges": edges, "modules": table, "members": modules.members_frame()},
         figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
         values={"degenerate_directions": int(dims["degenerate"].sum()), "n_modules": modules.n_modules,
+                "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
                 "timings": timings},
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
                   "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
                   "modules": modules.to_dict()["settings"]},
-        headline=f"interaction rank per node {ranks} ({int(dims['degenerate'].sum())} degenerate directions); " + (
+        headline=f"interaction rank per node {ranks} ({int(dims['degenerate'].sum())} degenerate directions"
+                 + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
+                    if dims["sample_limited"].any() else "") + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
             f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the edge weight (modularity "
             f"{modules.modularity:.3f})"),
@@ -208,8 +211,9 @@ def llc(ctx: ReportContext) -> SectionOutput:
     (when given), and restricted LLCs per component when ``llc_components`` is given. γ is part of
     the quantity (METHODS §1), so every value, table and the headline state it. Every run continues
     its chains by blocks of ``draws`` until they converge or the budget (``llc_max_draws``,
-    ``llc_time_limit``) is spent (``behavioral_llc(draws="auto")``). With a checkpoint directory
-    every run resumes from its checkpoint."""
+    ``llc_time_limit``) is spent (``behavioral_llc(draws="auto")``). With ``llc_params`` the runs
+    (not the per-component ones) are restricted LLCs of that selection, which the notes and the
+    headline name. With a checkpoint directory every run resumes from its checkpoint."""
     s, data = ctx.settings, ctx.llc_batches
     # The first block of draws always runs, so llc_max_draws below draws means one block.
     fixed = dict(chains=s.chains, draws="auto", draws_block=s.draws, max_draws=max(s.llc_max_draws, s.draws),
@@ -219,12 +223,14 @@ def llc(ctx: ReportContext) -> SectionOutput:
     others = [eps for eps in s.loss_scales if not math.isclose(eps, s.loss_scale)]
     runs = 1 + len(others) + len(s.gammas) + (ctx.llc_components is not None)
     with tqdm(total=runs, desc="llc runs", disable=not ctx.progress, leave=False) as bar:
-        res = behavioral_llc(ctx.adapter, data, loss_scale=s.loss_scale, checkpoint_dir=ctx.checkpoint("default"), **kwargs)
+        res = behavioral_llc(ctx.adapter, data, loss_scale=s.loss_scale, params=s.llc_params,
+                             checkpoint_dir=ctx.checkpoint("default"), **kwargs)
         bar.update()
         summary = {"loss_scale": res.loss_scale, "nbeta": res.nbeta, **res.summary()}
         rows = []
         for eps in others:  # one call per scale, so that the bar moves as each finishes
-            rows.append(llc_sweep(ctx.adapter, data, [eps], checkpoint_dir=ctx.checkpoint("sweep"), **kwargs))
+            rows.append(llc_sweep(ctx.adapter, data, [eps], params=s.llc_params, checkpoint_dir=ctx.checkpoint("sweep"),
+                                  **kwargs))
             bar.update()
         columns = list(rows[0].columns) if rows else list(summary)
         sweep = pd.concat([*rows, pd.DataFrame([{c: summary[c] for c in columns}])], ignore_index=True)
@@ -241,10 +247,14 @@ def llc(ctx: ReportContext) -> SectionOutput:
                    f"({res.diagnostics.get('gamma_source', 'given')}). "
                    "γ is part of the quantity: directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) "
                    "instead of ½, so a larger γ gives a smaller, more local value, and values compare only at equal "
-                   "ε and γ. Unconverged chains under-estimate λ_B(ε, γ) (a lower bound)."],
+                   "ε and γ. Unconverged chains under-estimate λ_B(ε, γ) (a lower bound).",
+                   *([] if s.llc_params is None else [
+                       f"Restricted LLC (METHODS §1): only the {res.n_params:,} parameters of {s.llc_params} move; the "
+                       f"other {ctx.summary.get('n_live_parameters', 0) - res.n_params:,} stay at θ*. It measures the "
+                       "degeneracy of that selection given the rest of the model, not the whole model's."])],
         )
         if s.gammas:
-            curve = llc_sweep(ctx.adapter, data, [s.loss_scale], gammas=list(s.gammas),
+            curve = llc_sweep(ctx.adapter, data, [s.loss_scale], gammas=list(s.gammas), params=s.llc_params,
                               checkpoint_dir=ctx.checkpoint("gammas"), **fixed)
             bar.update(len(s.gammas))
             curve = pd.concat([curve, pd.DataFrame([{c: summary[c] for c in curve.columns}])], ignore_index=True)
@@ -259,7 +269,8 @@ def llc(ctx: ReportContext) -> SectionOutput:
             out.figures["components"] = plot_component_llc(comps)
     curve = ", ".join(f"{r.n_eff:.3g} at (ε = {r.loss_scale:g}, γ = {r.gamma:.3g})" for r in sweep.itertuples())
     state = "converged" if res.converged else f"not converged — lower bound: {res.convergence_reason}"
-    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')} = {res.llc:.4g} ± {res.llc_stderr:.2g} ({state}; N_eff = "
+    scope = "" if s.llc_params is None else f" of {s.llc_params}"
+    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {res.llc:.4g} ± {res.llc_stderr:.2g} ({state}; N_eff = "
                     f"{res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): {curve}")
     return out
 
@@ -405,8 +416,11 @@ def _activations_verdict(v: dict) -> str:
 
 
 def _interaction_verdict(v: dict) -> str:
-    deg = v.get("degenerate_directions", 0)
+    deg, limited = v.get("degenerate_directions", 0), v.get("sample_limited_nodes", 0)
     text = "every node at full interaction rank" if not deg else f"{deg} degenerate directions across the nodes"
+    if limited:  # rank_G at n − 1 < D: too few samples to tell the model's degeneracy from the data's
+        text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} samples allow, so those "
+                 "counts are the data's limit, not the model's (raise ib_tokens)")
     share = v.get("inside_share")
     if share is None or (isinstance(share, float) and math.isnan(share)):
         return text + "; no modules (no edge above the cut-off)"

@@ -35,6 +35,8 @@ class ReportSettings:
     ``"auto"``: the smallest γ ≥ ``min_gamma`` at which the chains equilibrate within the burn-in,
     3/(η·burnin); METHODS §1), swept over ``loss_scales`` for N_eff(ε, γ), and, when ``gammas`` is
     not empty, over those γ at ``loss_scale`` (the γ-curve); each of these runs has the budget.
+    ``llc_params``: restrict the LLC to a selection of parameters (``select_parameters`` spellings,
+    e.g. ``"blocks.29.attn"``; None: every live parameter), a restricted LLC (METHODS §1).
     ``llc_compile``: compile the SGLD steps (``behavioral_llc(compile=True)``): faster per step
     after a one-off compilation, which pays off on the thorough preset's long chains.
     ``sync_tol``: the pattern-distance tolerance of head and neuron synchronization (METHODS §3);
@@ -48,6 +50,12 @@ class ReportSettings:
     asks for the unbiased estimate with r random ±1 position sources where that is cheaper. Modules
     (METHODS §6) keep the edges holding ``ib_keep_share`` of each layer pair's edge mass and use
     modularity resolution ``ib_resolution``.
+
+    ``section_time``: seconds that the interaction and LLC sections may each take (None: no limit).
+    Their time is predicted from passes timed on the model (scope.py), and what the user did not
+    set is lowered until it fits: the interaction basis's ``ib_tokens``, then the LLC's scope
+    (``llc_params`` = the last layer's attention, fewer ``llc_sequences`` and ``llc_seq_len``, the
+    main loss scale only); the report header says what changed. On small models nothing does.
     """
 
     n_sequences: int = 64
@@ -69,6 +77,7 @@ class ReportSettings:
     gamma: float | str = "auto"
     min_gamma: float = 1.0
     gammas: tuple[float, ...] = ()
+    llc_params: str | None = None
     llc_compile: bool = False
     ib_tokens: int = 512
     ib_seq_len: int | None = 64
@@ -82,6 +91,7 @@ class ReportSettings:
     #: memory available on the model's device (``tld.memory.default_budget``). Sequence length and
     #: batch size not set explicitly are lowered until each pass fits it (``context.fit_to_memory``).
     memory: int | None = None
+    section_time: float | None = 300.0
 
     def __post_init__(self) -> None:
         for name in ("n_sequences", "batch_size", "n_probes", "llc_sequences", "chains", "draws", "pilot_steps",
@@ -95,7 +105,9 @@ class ReportSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise ValueError(f"report setting {name} must be None or an integer ≥ 2; got {value!r}")
-        for name in ("llc_time_limit", "step_size"):
+        if self.llc_params is not None and not (isinstance(self.llc_params, str) and self.llc_params.strip()):
+            raise ValueError(f"report setting llc_params must be None or a parameter selection; got {self.llc_params!r}")
+        for name in ("llc_time_limit", "step_size", "section_time"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
@@ -139,9 +151,10 @@ class ReportSettings:
 
 
 #: Fields that may be None (``--set ib_seq_len=none``).
-_OPTIONAL = ("seq_len", "llc_seq_len", "ib_seq_len", "ib_edge_sources", "llc_time_limit", "step_size")
+_OPTIONAL = ("seq_len", "llc_seq_len", "ib_seq_len", "ib_edge_sources", "llc_time_limit", "step_size", "llc_params",
+             "section_time")
 #: Optional fields that hold numbers with a fraction (their default None says nothing of the type).
-_FLOATS = ("llc_time_limit", "step_size")
+_FLOATS = ("llc_time_limit", "step_size", "section_time")
 
 
 def _parse(name: str, value, current):
@@ -156,8 +169,10 @@ def _parse(name: str, value, current):
     try:
         if isinstance(current, tuple):
             return tuple(float(v) for v in text.split(",") if v.strip())
-        if text.lower() == "none" and name in _OPTIONAL:
+        if text.lower() == "none" and name in _OPTIONAL or (name == "llc_params" and text.lower() == "all"):
             return None
+        if name == "llc_params":
+            return text
         if name == "gamma" and text.lower() == "auto":
             return "auto"
         if isinstance(current, bool):
@@ -174,14 +189,15 @@ def _parse(name: str, value, current):
 #: toy:bytelm the main run converges: BENCHMARKS.md, "LLC presets"); ``thorough``: 8× the
 #: statistics data, 8 chains on twice the LLC tokens (blocks of 500 draws after 500 burn-in, up to
 #: 4000, at most 300 s per run), a finer sweep over ε, the γ-curve at 10³, 10⁴, 10⁵ beside the
-#: automatic γ, and an interaction basis on 8× the tokens with 4× the probes.
+#: automatic γ, an interaction basis on 8× the tokens with 4× the probes, and no time fit
+#: (``section_time`` None: the whole model, however long it takes).
 PRESETS: dict[str, ReportSettings] = {
     "quick": ReportSettings(),
     "thorough": ReportSettings(
         n_sequences=512, batch_size=32, n_probes=16, loss_scales=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
         llc_sequences=8, llc_seq_len=32, chains=8, draws=500, burnin=500, pilot_steps=50, gammas=(1e3, 1e4, 1e5),
         llc_max_draws=4000, llc_time_limit=300.0, ib_tokens=4096, ib_seq_len=128, ib_probes=16,
-        sparsity=True,
+        sparsity=True, section_time=None,
     ),
 }
 

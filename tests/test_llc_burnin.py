@@ -1,0 +1,112 @@
+"""``burnin="auto"`` (the default): the burn-in is extended while the draws still drift (METHODS §1,
+"Convergence"; estimate.py ``_continue_until_converged``).
+
+The drifting run is test_llc_convergence's: a step far below the automatic one on a rank-0 deep
+linear network, so the chains are still leaving θ* whatever the burn-in the budget allows, and every
+window's verdict fails; that makes the extensions and the budget that stops them deterministic.
+"""
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tl_degeneracy.llc import ConvergenceWarning, SamplerConfig, behavioral_llc
+from tl_degeneracy.llc.config import DEFAULT_BURNIN, DEFAULT_MAX_BURNIN
+from tl_degeneracy.llc.convergence import FLAT_RELAXATION
+from tl_degeneracy.llc.estimate import _burnin_refusal
+
+from .test_llc import deep_linear_network, dln_inputs
+
+#: Still leaving θ* after thousands of steps (s·γ = 2e-6 per step).
+DRIFTING = dict(step_size=2e-6, chains=4, progress=False)
+SETTLE = DEFAULT_BURNIN // 4  # the first burn-in runs its last quarter under its final η; an extension as long
+
+
+def _drifting(**kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(deep_linear_network(0), dln_inputs(200), **DRIFTING, **kwargs)
+    return res, [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+
+def test_config_defaults_and_refusals():
+    cfg = SamplerConfig()
+    assert cfg.burnin == "auto" and cfg.auto_burnin and cfg.initial_burnin == DEFAULT_BURNIN == 500
+    assert cfg.burnin_budget == DEFAULT_MAX_BURNIN and cfg.steps == 2500 and cfg.pilot_length == 200
+    assert SamplerConfig(burnin=80).initial_burnin == 80 and not SamplerConfig(burnin=80).auto_burnin
+    assert SamplerConfig(max_burnin=3000).burnin_budget == 3000
+    assert cfg.fixed(100, 925).burnin == 925 and cfg.fixed(100).burnin == 500 and cfg.fixed(100).max_burnin is None
+    with pytest.raises(ValueError, match="burnin"):
+        SamplerConfig(burnin="long")
+    with pytest.raises(ValueError, match="max_burnin"):
+        SamplerConfig(burnin=100, max_burnin=1000)
+    with pytest.raises(ValueError, match="max_burnin"):
+        SamplerConfig(max_burnin=-1)
+
+
+def test_a_drifting_run_extends_its_burn_in_until_the_budget_and_says_so():
+    res, messages = _drifting(draws=300, max_burnin=1000)
+    auto = res.diagnostics["burnin_auto"]
+    # 500 + 300 drift → the draws become burn-in (+125 to settle) → 925 + 300 drift → 1350 > 1000: no more.
+    assert [e["step"] for e in auto["extensions"]] == [800] and [e["burnin"] for e in auto["extensions"]] == [925]
+    assert set(auto["extensions"][0]["failed"]) & {"drift", "rhat"}
+    assert res.burnin == auto["used"] == 800 + SETTLE and res.draws == 300
+    assert res.trace.shape == (4, res.burnin + 300) and np.isfinite(res.trace).all()
+    assert res.llc == pytest.approx(res.trace[:, res.burnin:].mean(1).mean(), rel=1e-12)
+    assert not res.converged and auto["budget_exhausted"]
+    assert auto["reason"] == "burn-in budget spent: max_burnin = 1,000 steps (burn-in 925)"
+    assert len(messages) == 1 and auto["reason"] in messages[0] and "lower bound" in messages[0]
+    assert res.convergence_reason.endswith(auto["reason"])
+    assert res.summary()["burnin"] == 925
+    assert res.summary()["burnin_source"] == "auto: 500 steps, extended 1× to 925 while the draws drifted (max_burnin 1,000)"
+
+
+def test_a_given_burn_in_is_never_extended():
+    res, messages = _drifting(draws=300, burnin=500)
+    assert res.burnin == 500 and res.trace.shape == (4, 800)
+    assert res.diagnostics["burnin_auto"] is None and res.diagnostics["burnin_source"] == "given"
+    assert not res.converged and len(messages) == 1 and "max_burnin" not in messages[0]
+    # The same chains as the auto run's first 800 steps: an extension only continues them.
+    auto, _ = _drifting(draws=300, max_burnin=1000)
+    np.testing.assert_array_equal(auto.trace[:, :800], res.trace)
+
+
+def test_extensions_with_draws_auto_restart_the_blocks_and_both_budgets_are_reported():
+    res, messages = _drifting(draws="auto", draws_block=100, max_draws=200, max_burnin=900)
+    auto, budget = res.diagnostics["burnin_auto"], res.diagnostics["budget"]
+    # 500 + 100 → burn-in 725 + 100 → 950 > 900: the burn-in stops, the draws go on to max_draws.
+    assert res.burnin == 600 + SETTLE and [e["step"] for e in auto["extensions"]] == [600]
+    assert res.draws == budget["total_draws"] == 200 and budget["blocks"] == 2 and budget["stopped"] == "max_draws"
+    assert res.trace.shape == (4, res.burnin + res.draws)
+    assert auto["budget_exhausted"] and budget["budget_exhausted"] and len(messages) == 1
+    assert "max_burnin = 900" in messages[0] and "max_draws = 200" in messages[0]
+
+
+def test_resuming_across_an_extension_equals_the_uninterrupted_run(tmp_path):
+    full, _ = _drifting(draws=300, max_burnin=1000)
+    # Interrupted inside the extended window (burn-in 925, steps 800..1225), then resumed.
+    partial, _ = _drifting(draws=300, max_burnin=1000, checkpoint_dir=tmp_path, checkpoint_every=64, _stop_after=1000)
+    assert partial.diagnostics["steps_done"] == 1000
+    resumed, _ = _drifting(draws=300, max_burnin=1000, checkpoint_dir=tmp_path)
+    assert resumed.burnin == full.burnin == 925
+    np.testing.assert_array_equal(resumed.trace, full.trace)
+    assert resumed.llc == full.llc and resumed.diagnostics["burnin_auto"] == full.diagnostics["burnin_auto"]
+
+
+def test_no_extension_past_the_relaxation_of_the_directions_only_gamma_holds():
+    """s·γ ≥ FLAT_RELAXATION over the burn-in: even a direction with no curvature has relaxed to
+    e⁻⁵ of its equilibrium, so a still-failing verdict is no transient; below it only the budget stops."""
+    config = SamplerConfig()
+    run = config.fixed(2000, 10_000)
+    state = SimpleNamespace(extra={"adaptations": []}, step=12_000)
+    unit = SimpleNamespace(gamma=1.0)
+    refusal = _burnin_refusal(config, run, unit, state, eta0=FLAT_RELAXATION / 10_000)
+    assert "s·γ = 5 ≥ 5" in refusal and "only γ holds have relaxed" in refusal
+    assert _burnin_refusal(config, run, unit, state, eta0=1e-4) == ""  # s·γ = 1
+    # The cumulative step follows the η adaptations: halved at step 5000, s·γ = 0.5 + 0.25 < 5.
+    state.extra["adaptations"] = [{"step": 5000, "step_size": 5e-5, "h_max": 1.0}]
+    assert _burnin_refusal(config, run, unit, state, eta0=1e-4) == ""
+    assert _burnin_refusal(config, run, SimpleNamespace(gamma=0.0), state, eta0=1.0) == ""  # γ = 0: no relaxation clock
+    assert "max_burnin = 20,000" in _burnin_refusal(config, run, unit, SimpleNamespace(extra={}, step=19_900), eta0=1e-4)

@@ -1,0 +1,129 @@
+"""The report's time fit (tl_degeneracy/report/scope.py): costly sections scoped to a time per
+section, in a fixed order, never touching what the user set, and said in the header; the
+restricted LLC it falls back to."""
+
+import warnings
+
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.report import degeneracy_report
+from tl_degeneracy.report.cache import fingerprint
+from tl_degeneracy.report.context import ReportContext
+from tl_degeneracy.report.registry import SECTIONS
+from tl_degeneracy.report.scope import LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, fit_time, time_line
+from tl_degeneracy.report.settings import PRESETS, ReportSettings, resolve_settings
+from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
+
+SECTIONS_TIMED = ["interaction", "llc"]
+
+
+def _tokens(n=8, length=64):
+    return torch.randint(0, TINY_TOY_KWARGS["d_vocab"], (n, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def ctx():
+    from tl_degeneracy.report.build import _resolve_data
+
+    model = make_tiny_toy_transformer(n_ctx=64)
+    c = ReportContext(label="tiny", adapter=tld.adapt(model), settings=resolve_settings("quick"),
+                      data=_resolve_data(_tokens(), "tiny"))
+    c.batches  # noqa: B018
+    return c
+
+
+def test_nothing_is_lowered_when_the_sections_fit(ctx):
+    before = ctx.settings
+    info = fit_time(ctx, set(), SECTIONS_TIMED)
+    assert info["lowered"] == {} and info["fits"] is True and ctx.settings == before
+    assert set(info["predicted"]) == {"interaction", "llc"} and all(t > 0 for t in info["predicted"].values())
+    assert "lowered" not in time_line(info)
+
+
+def test_an_impossible_time_lowers_everything_in_order_and_says_so(ctx):
+    ctx.update_settings(section_time=1e-9)
+    info = fit_time(ctx, set(), SECTIONS_TIMED)
+    s = ctx.settings
+    last = TINY_TOY_KWARGS["n_layers"] - 1
+    assert info["lowered"] == {
+        "ib_tokens": [512, MIN_IB_TOKENS], "llc_params": [None, f"blocks.{last}.attn"], "llc_sequences": [4, 1],
+        "llc_seq_len": [32, MIN_LLC_SEQ_LEN], "loss_scales": [(1e-2, 1e-3, 1e-4), (1e-3,)]}
+    assert list(info["lowered"]) == ["ib_tokens", "llc_params", "llc_sequences", "llc_seq_len", "loss_scales"]
+    assert (s.ib_tokens, s.llc_params, s.llc_sequences, s.llc_seq_len, s.loss_scales) == (
+        MIN_IB_TOKENS, f"blocks.{last}.attn", 1, MIN_LLC_SEQ_LEN, (1e-3,))
+    assert info["fits"] is False
+    # The batches follow the new settings.
+    assert ctx.llc_batches.n_sequences == 1 and ctx.llc_batches.max_len == MIN_LLC_SEQ_LEN
+    assert sum(len(q) for q in ctx.ib_batches.sequences) <= MIN_IB_TOKENS
+    line = time_line(info)
+    assert f"llc_params all → blocks.{last}.attn" in line and "loss_scales (0.01, 0.001, 0.0001) → (0.001)" in line
+    assert "still over it" in line
+
+
+def test_settings_the_user_gave_are_never_lowered(ctx):
+    ctx.update_settings(section_time=1e-9, llc_params="blocks.0", ib_tokens=256, llc_seq_len=24)
+    info = fit_time(ctx, {"llc_params", "ib_tokens", "llc_seq_len"}, SECTIONS_TIMED)
+    assert ctx.settings.llc_params == "blocks.0" and ctx.settings.ib_tokens == 256 and ctx.settings.llc_seq_len == 24
+    assert set(info["lowered"]) == {"llc_sequences", "loss_scales"}
+
+
+def test_no_time_limit_and_unselected_sections_change_nothing(ctx):
+    ctx.update_settings(section_time=None)
+    assert fit_time(ctx, set(), SECTIONS_TIMED) == {"section_time": None, "predicted": {}, "lowered": {}}
+    ctx.update_settings(section_time=1e-9)
+    info = fit_time(ctx, set(), ["summary", "counts"])
+    assert info["predicted"] == {} and info["lowered"] == {}
+    assert PRESETS["thorough"].section_time is None and PRESETS["quick"].section_time == 300.0
+
+
+def test_the_llc_prediction_counts_the_budget_and_the_calibration(ctx, monkeypatch):
+    import tl_degeneracy.report.scope as scope
+
+    monkeypatch.setattr(scope, "_chain_step_seconds", lambda c: 0.01)
+    monkeypatch.setattr(scope, "_forward_seconds", lambda c: 0.0)
+    s = ctx.settings  # 3 runs; 4 chains × (200 + 200) first block, up to 2000 draws but 80 s per run
+    first = (s.chains * (s.burnin + s.draws) + LLC_CALIBRATION) * 0.01
+    whole = (s.chains * (s.burnin + s.llc_max_draws) + LLC_CALIBRATION) * 0.01
+    assert fit_time(ctx, set(), ["llc"])["predicted"]["llc"] == pytest.approx(3 * max(first, min(whole, 80.0)))
+
+
+def test_the_report_runs_a_restricted_llc_and_states_the_scope(tmp_path):
+    model = make_tiny_toy_transformer(n_ctx=64)
+    small = {"chains": 2, "draws": 12, "burnin": 4, "pilot_steps": 5, "llc_max_draws": 1, "loss_scales": (1e-3,)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = degeneracy_report(model, _tokens(), sections=["llc"], progress=False,
+                                overrides={**small, "section_time": 1e-9}, out=tmp_path)
+    sec = rep["llc"]
+    assert sec.status == "ok", sec.reason
+    last = TINY_TOY_KWARGS["n_layers"] - 1
+    n_attn = tld.select_parameters(model, f"blocks.{last}.attn").numel
+    assert sec.values["n_params"] == n_attn
+    assert f"of blocks.{last}.attn =" in sec.headline and f"of {n_attn:,} parameters" in sec.headline
+    assert any("Restricted LLC" in n and f"blocks.{last}.attn" in n for n in sec.notes)
+    fit = rep.settings["time_fit"]
+    assert fit["lowered"]["llc_params"] == [None, f"blocks.{last}.attn"]
+    assert rep.settings["budgets"]["llc_params"] == f"blocks.{last}.attn"
+    assert f"llc_params all → blocks.{last}.attn" in " ".join(rep.summary(width=400).split())
+    assert "time fit" in (tmp_path / "report.html").read_text()
+
+
+def test_llc_params_and_section_time_parse_from_the_command_line():
+    s = resolve_settings("quick", {"llc_params": "blocks.0.attn", "section_time": "60"})
+    assert s.llc_params == "blocks.0.attn" and s.section_time == 60.0
+    s = resolve_settings("quick", {"llc_params": "all", "section_time": "none"})
+    assert s.llc_params is None and s.section_time is None
+    with pytest.raises(ValueError, match="section_time"):
+        resolve_settings("quick", {"section_time": "-1"})
+
+
+def test_the_llc_fingerprint_follows_gamma_and_the_selection(ctx):
+    llc = SECTIONS["llc"]
+    base = fingerprint(llc, ctx)
+    for change in ({"gamma": 10.0}, {"min_gamma": 3.0}, {"gammas": (1e3,)}, {"llc_params": "blocks.0"}):
+        saved = ctx.settings
+        ctx.update_settings(**change)
+        assert fingerprint(llc, ctx) != base, change
+        ctx.settings = saved

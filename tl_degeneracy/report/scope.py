@@ -1,0 +1,180 @@
+"""The report's time fit: how much of the costly sections a preset's time per section allows.
+
+Two sections grow much faster than a forward pass with the model:
+
+- the interaction edges (METHODS §5) take one forward-mode JVP per kept direction of each node, and
+  the kept directions are at most the positions read, so about ``IB_COST`` · min(D, n) forward
+  passes over the section's n positions (cost ∝ n² until n reaches the width D);
+- an LLC run (METHODS §1) takes chains · (burnin + draws) chain-steps, each a forward and backward
+  pass over the LLC tokens, plus the step-size calibration's Hessian-vector products, about
+  ``LLC_CALIBRATION`` chain-steps; the first block of draws always runs, further blocks until
+  ``llc_max_draws`` or ``llc_time_limit``.
+
+Both are predicted from passes timed here on the model and its data, and the settings the user did
+not give are lowered, in a fixed order, until the prediction fits ``section_time``: the
+interaction basis's token budget is halved; the LLC is first restricted to the last layer's
+attention (a restricted LLC, METHODS §1), then given fewer tokens, then run at the main loss scale
+only. What changed, and the predictions, go to the report header; so on a GPU or on a small model
+nothing changes, and on a 135M-parameter model on a CPU the report still finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+#: Forward passes per kept direction of the interaction section, all nodes' bases and edges together.
+#: Measured on SmolLM2-135M (30 layers, D = 576), 2 CPU threads: 128 tokens, 32 s for 127 kept
+#: directions per node at 0.15 s per forward (1.7 each, idle machine); 64 tokens, 37 s for 62 at
+#: 0.13 s (4.5, a loaded machine, where the fixed costs weigh more).
+IB_COST = 2.0
+#: Chain-steps that one LLC run's step size and curvature checks cost (pilots, Lanczos and
+#: Hutchinson probes before and after sampling). Measured: SmolLM2-135M restricted to its last
+#: layer's attention, 32 tokens, 4 chains: 64 s besides sampling at 0.059 s per chain-step.
+LLC_CALIBRATION = 1000
+#: The time fit lowers no token budget below these.
+MIN_IB_TOKENS = 64
+MIN_LLC_SEQ_LEN = 16
+
+#: Settings the time fit may change (those the user gave are left alone).
+SCOPED = ("ib_tokens", "llc_params", "llc_sequences", "llc_seq_len", "loss_scales", "gammas")
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    """Wall time of ``run()``, the faster of two calls (the first pays one-off costs)."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _forward_seconds(ctx) -> float:
+    """One forward pass over all of the interaction section's batches."""
+    adapter, batches = ctx.adapter, ctx.ib_batches
+
+    def run():
+        with torch.no_grad(), adapter.eval_mode():
+            for i in range(len(batches)):
+                adapter.forward(batches.batch(i, device=adapter.device).tokens)
+
+    return _seconds(run)
+
+
+def _chain_step_seconds(ctx) -> float:
+    """Seconds per chain-step of the LLC's own chain-batched loss and gradient (``LossGrad``) on the
+    LLC batch, all chains together at θ*, divided by the chains."""
+    from ..llc.layout import select_coordinates
+    from ..llc.loss_grad import LossGrad
+    from ..llc.targets import make_target
+
+    s = ctx.settings
+    target = make_target(ctx.adapter, ctx.llc_batches, None, None)
+    with target.engine.eval_mode():
+        layout = select_coordinates(target, s.llc_params).layout
+        step = LossGrad(target, layout)
+        delta = torch.zeros(s.chains, layout.numel, dtype=target.dtype, device=target.device)
+        return _seconds(lambda: step(delta, 0)) / s.chains
+
+
+def _llc_runs(settings) -> int:
+    """LLC runs of the report's llc section: the main one, the other loss scales, the γ-curve."""
+    others = [e for e in settings.loss_scales if abs(e - settings.loss_scale) > 1e-12 * settings.loss_scale]
+    return 1 + len(others) + len(settings.gammas)
+
+
+def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
+    s, limit = ctx.settings, ctx.settings.section_time
+    n, seconds = ctx.ib_batches.n_samples, _forward_seconds(ctx)
+    width = ctx.adapter.d_model
+
+    def predicted(tokens: int) -> float:
+        share = tokens / s.ib_tokens  # forward time and positions scale with the tokens read
+        return IB_COST * min(width, n * share) * seconds * share
+
+    tokens = s.ib_tokens
+    if "ib_tokens" not in explicit:
+        while predicted(tokens) > limit and tokens // 2 >= MIN_IB_TOKENS:
+            tokens //= 2
+    info["predicted"]["interaction"] = predicted(tokens)
+    if tokens != s.ib_tokens:
+        info["lowered"]["ib_tokens"] = [s.ib_tokens, tokens]
+        ctx.update_settings(ib_tokens=tokens)
+
+
+def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
+    limit = ctx.settings.section_time
+
+    def predicted() -> float:
+        s = ctx.settings
+        step = _chain_step_seconds(ctx)
+        first = (s.chains * (s.burnin + s.draws) + LLC_CALIBRATION) * step  # the first block always runs
+        whole = (s.chains * (s.burnin + max(s.draws, s.llc_max_draws)) + LLC_CALIBRATION) * step
+        return _llc_runs(s) * max(first, whole if s.llc_time_limit is None else min(whole, s.llc_time_limit))
+
+    def lower(name: str, value) -> None:
+        before = ctx.settings.to_dict()[name]
+        info["lowered"].setdefault(name, [before, value])[1] = value
+        ctx.update_settings(**{name: value})
+
+    cost = predicted()
+    s = ctx.settings
+    if cost > limit and "llc_params" not in explicit and s.llc_params is None and ctx.adapter.n_layers:
+        lower("llc_params", f"blocks.{ctx.adapter.n_layers - 1}.attn")
+        cost = predicted()
+    while cost > limit and "llc_sequences" not in explicit and ctx.settings.llc_sequences > 1:
+        lower("llc_sequences", ctx.settings.llc_sequences // 2)
+        cost = predicted()
+    while (cost > limit and "llc_seq_len" not in explicit and ctx.settings.llc_seq_len is not None
+           and ctx.settings.llc_seq_len // 2 >= MIN_LLC_SEQ_LEN):
+        lower("llc_seq_len", ctx.settings.llc_seq_len // 2)
+        cost = predicted()
+    if cost > limit and _llc_runs(ctx.settings) > 1:
+        if "loss_scales" not in explicit and len(ctx.settings.loss_scales) > 1:
+            lower("loss_scales", (ctx.settings.loss_scale,))
+        if "gammas" not in explicit and ctx.settings.gammas:
+            lower("gammas", ())
+        cost = predicted()
+    info["predicted"]["llc"] = cost
+
+
+def fit_time(ctx, explicit: set[str], sections: list[str]) -> dict:
+    """Lower the settings of :data:`SCOPED` not in ``explicit`` until the interaction and LLC
+    sections of ``sections`` are predicted to take at most ``section_time`` seconds each (module
+    docstring); changes ``ctx.settings``. Returns what the report header states: the time per
+    section, the predicted seconds per section after the fit, and each setting lowered
+    ``[before, after]``, with ``fits`` False where a prediction still exceeds it."""
+    limit = ctx.settings.section_time
+    info = {"section_time": limit, "predicted": {}, "lowered": {}}
+    if limit is None or ctx.data is None:
+        return info
+    if "interaction" in sections:
+        _fit_interaction(ctx, explicit, info)
+    if "llc" in sections:
+        _fit_llc(ctx, explicit, info)
+    info["fits"] = all(t <= limit for t in info["predicted"].values())
+    return info
+
+
+def time_line(fit: dict) -> str:
+    """The header's sentence on the time fit (:func:`fit_time`)."""
+    text = f"time per costly section {fit['section_time']:g} s"
+    if fit.get("predicted"):
+        text += "; predicted " + ", ".join(f"{k} {v:.0f} s" for k, v in fit["predicted"].items())
+    lowered = fit.get("lowered") or {}
+    if lowered:
+        text += "; lowered to fit: " + ", ".join(f"{k} {_text(a)} → {_text(b)}" for k, (a, b) in lowered.items())
+    if fit.get("fits") is False:
+        text += "; still over it with what may be lowered: set the scope yourself (--set) or a larger section_time"
+    return text
+
+
+def _text(value) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(f"{v:g}" for v in value) + ")"
+    return str(value)
