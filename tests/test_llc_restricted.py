@@ -71,3 +71,20 @@ def test_unknown_selection_is_refused():
         behavioral_llc(model, x, params="bias")
     with pytest.raises(ValueError, match="shape"):
         behavioral_llc(model, x, params={"weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_a_bfloat16_models_restricted_chains_run_in_float32(tiny_toy_transformer, tiny_toy_tokens):
+    """SGLD keeps δ in float32 for a bfloat16 model (θ* + δ in bfloat16 would round δ away). The
+    sampled weights are then float32 and meet the others widened, so the whole forward runs in
+    float32: the same chains as on the float32 copy of the bfloat16 weights, bit for bit."""
+    import copy
+
+    from tl_degeneracy.models.adapt import adapt
+
+    bf16 = copy.deepcopy(tiny_toy_transformer).to(torch.bfloat16)
+    wide = copy.deepcopy(bf16).to(torch.float32)
+    kw = dict(params="blocks.1.attn", chains=2, draws=8, burnin=2, step_size=1e-4, progress=False)
+    a, b = behavioral_llc(bf16, tiny_toy_tokens, **kw), behavioral_llc(wide, tiny_toy_tokens, **kw)
+    assert np.isfinite(a.llc) and np.array_equal(a.trace, b.trace)
+    delta = {"blocks.1.attn.W_Q": torch.zeros(2, *bf16.blocks[1].attn.W_Q.shape)}
+    assert adapt(bf16).perturbed_forward(delta, tiny_toy_tokens[:2], chains=True).dtype == torch.float32

@@ -12,7 +12,8 @@ from tl_degeneracy.report import degeneracy_report
 from tl_degeneracy.report.cache import fingerprint
 from tl_degeneracy.report.context import ReportContext
 from tl_degeneracy.report.registry import SECTIONS
-from tl_degeneracy.report.scope import LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, fit_time, time_line
+from tl_degeneracy.report.report import time_line
+from tl_degeneracy.report.scope import LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, fit_time
 from tl_degeneracy.report.settings import PRESETS, ReportSettings, resolve_settings
 from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 

@@ -141,7 +141,10 @@ class SamplingTarget(abc.ABC):
         """The model's input on batch b (a tensor of inputs, or token ids)."""
 
     def _reference_outputs(self, b: int) -> Tensor:
-        """f_θ*(x) on batch b (called under no_grad)."""
+        """f_θ*(x) on batch b (called under no_grad), computed as the chains compute theirs: with
+        weights narrower than :attr:`dtype` (bfloat16) read widened, so that L_B(θ*) = 0 exactly."""
+        if any(t.dtype.itemsize < self.dtype.itemsize for t in self.star.values() if t.is_floating_point()):
+            return self.engine.perturbed_forward({}, self._inputs(b), dtype=self.dtype)
         return self.engine.forward(self._inputs(b))
 
     def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:

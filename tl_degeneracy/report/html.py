@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .report import Report, SectionResult, changed_settings
+from .report import Report, SectionResult, changed_settings, time_line
 from .sections import METHODS_DOC, glossary, verdict
 
 if TYPE_CHECKING:
@@ -238,8 +238,6 @@ def _facts(report: Report) -> dict[str, str]:
     if changed:
         facts["changed from preset"] = changed
     if (s.get("time_fit") or {}).get("lowered"):
-        from .scope import time_line
-
         facts["time fit"] = time_line(s["time_fit"])
     if report.data:
         p = report.data["positions"]

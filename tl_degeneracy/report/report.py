@@ -242,8 +242,6 @@ class Report:
             lines += textwrap.wrap(memory_line(s["memory"]), width, initial_indent="  ", subsequent_indent="    ",
                                    break_on_hyphens=False)
         if (s.get("time_fit") or {}).get("predicted"):
-            from .scope import time_line
-
             lines += textwrap.wrap(time_line(s["time_fit"]), width, initial_indent="  ", subsequent_indent="    ",
                                    break_on_hyphens=False)
         changed = changed_settings(s)
@@ -308,12 +306,35 @@ def memory_line(memory: dict) -> str:
     text = f"memory budget {format_bytes(memory['budget'])} ({memory['source']})"
     if "needed" in memory:
         text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
-    lowered = memory.get("lowered") or {}
-    if lowered:
-        text += "; lowered to fit: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in lowered.items())
+    text += _lowered(memory)
     if memory.get("fits") is False:
         text += "; does NOT fit: the passes that exceed it are skipped, saying what to lower"
     return text
+
+
+def time_line(fit: dict) -> str:
+    """The header's sentence on the time fit (``scope.fit_time``): the time per costly section, the
+    predicted time of each after the fit, and what was lowered to fit it."""
+    text = f"time per costly section {fit['section_time']:g} s"
+    if fit.get("predicted"):
+        text += "; predicted " + ", ".join(f"{k} {v:.0f} s" for k, v in fit["predicted"].items())
+    text += _lowered(fit)
+    if fit.get("fits") is False:
+        text += "; still over it with what may be lowered: set the scope yourself (--set) or a larger section_time"
+    return text
+
+
+def _lowered(fit: dict) -> str:
+    """"; lowered to fit: name before → after, …" for a fit's ``lowered`` settings ("" if none)."""
+    def text(value) -> str:
+        if value is None:
+            return "all"
+        if isinstance(value, (list, tuple)):
+            return "(" + ", ".join(f"{v:g}" for v in value) + ")"
+        return str(value)
+
+    lowered = fit.get("lowered") or {}
+    return "; lowered to fit: " + ", ".join(f"{k} {text(a)} → {text(b)}" for k, (a, b) in lowered.items()) if lowered else ""
 
 
 def check_writable(out: Path) -> None:

@@ -15,7 +15,9 @@ not give are lowered, in a fixed order, until the prediction fits ``section_time
 interaction basis's token budget is halved; the LLC is first restricted to the last layer's
 attention (a restricted LLC, METHODS §1), then given fewer tokens, then run at the main loss scale
 only. What changed, and the predictions, go to the report header; so on a GPU or on a small model
-nothing changes, and on a 135M-parameter model on a CPU the report still finishes.
+nothing changes, and on a 135M-parameter model on a CPU the report still finishes. The scope thus
+follows the machine's speed (and its load, near a threshold): reports meant to be compared should
+set these settings, or ``section_time=none``, explicitly.
 """
 
 from __future__ import annotations
@@ -157,24 +159,3 @@ def fit_time(ctx, explicit: set[str], sections: list[str]) -> dict:
         _fit_llc(ctx, explicit, info)
     info["fits"] = all(t <= limit for t in info["predicted"].values())
     return info
-
-
-def time_line(fit: dict) -> str:
-    """The header's sentence on the time fit (:func:`fit_time`)."""
-    text = f"time per costly section {fit['section_time']:g} s"
-    if fit.get("predicted"):
-        text += "; predicted " + ", ".join(f"{k} {v:.0f} s" for k, v in fit["predicted"].items())
-    lowered = fit.get("lowered") or {}
-    if lowered:
-        text += "; lowered to fit: " + ", ".join(f"{k} {_text(a)} → {_text(b)}" for k, (a, b) in lowered.items())
-    if fit.get("fits") is False:
-        text += "; still over it with what may be lowered: set the scope yourself (--set) or a larger section_time"
-    return text
-
-
-def _text(value) -> str:
-    if value is None:
-        return "all"
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(f"{v:g}" for v in value) + ")"
-    return str(value)
