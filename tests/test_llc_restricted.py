@@ -86,5 +86,9 @@ def test_a_bfloat16_models_restricted_chains_run_in_float32(tiny_toy_transformer
     kw = dict(params="blocks.1.attn", chains=2, draws=8, burnin=2, step_size=1e-4, progress=False)
     a, b = behavioral_llc(bf16, tiny_toy_tokens, **kw), behavioral_llc(wide, tiny_toy_tokens, **kw)
     assert np.isfinite(a.llc) and np.array_equal(a.trace, b.trace)
+    widened = make_target(bf16, tiny_toy_tokens, None, None).widened
+    assert widened and {t.dtype for t in widened.values()} == {torch.float32}
+    assert make_target(wide, tiny_toy_tokens, None, None).widened is None  # nothing to widen: the plain forward
     delta = {"blocks.1.attn.W_Q": torch.zeros(2, *bf16.blocks[1].attn.W_Q.shape)}
-    assert adapt(bf16).perturbed_forward(delta, tiny_toy_tokens[:2], chains=True).dtype == torch.float32
+    out = adapt(bf16).perturbed_forward(delta, tiny_toy_tokens[:2], chains=True, under=widened)
+    assert out.dtype == torch.float32

@@ -140,16 +140,26 @@ class SamplingTarget(abc.ABC):
     def _inputs(self, b: int) -> Tensor:
         """The model's input on batch b (a tensor of inputs, or token ids)."""
 
+    @functools.cached_property
+    def widened(self) -> dict[str, Tensor] | None:
+        """θ*'s weights and buffers narrower than :attr:`dtype` (a bfloat16 model's), cast to it
+        once for the run (``widened_state``); None when there are none. Every forward of the
+        sampler reads them, so the chains, the reference and the curvature run in :attr:`dtype`."""
+        from ..models.parameters import widened_state
+
+        cast = widened_state(self.engine.model, self.engine.live_parameters(), self.dtype)
+        return cast or None
+
     def _reference_outputs(self, b: int) -> Tensor:
-        """f_θ*(x) on batch b (called under no_grad), computed as the chains compute theirs: with
-        weights narrower than :attr:`dtype` (bfloat16) read widened, so that L_B(θ*) = 0 exactly."""
-        if any(t.dtype.itemsize < self.dtype.itemsize for t in self.star.values() if t.is_floating_point()):
-            return self.engine.perturbed_forward({}, self._inputs(b), dtype=self.dtype)
+        """f_θ*(x) on batch b (called under no_grad), computed as the chains compute theirs (with
+        :attr:`widened` weights for a bfloat16 model, so that L_B(θ*) = 0 exactly)."""
+        if self.widened is not None:
+            return self.engine.perturbed_forward({}, self._inputs(b), under=self.widened)
         return self.engine.forward(self._inputs(b))
 
     def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:
         """f_{θ*+δ_c}(x) on ``inputs`` for every chain c: [chain, *reference shape]."""
-        return self.engine.perturbed_forward(deltas, inputs, chains=True)
+        return self.engine.perturbed_forward(deltas, inputs, chains=True, under=self.widened)
 
     def _mask(self, b: int, reference: Tensor) -> Tensor | None:
         """Which samples of batch b count (None: all)."""

@@ -26,7 +26,7 @@ from ..errors import DataError, MissingHookError, NumericalError
 from .chains import ChainMap
 from .config import ModelConfig
 from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
-from .parameters import ParameterSet, find_live_parameters, widened_state, widest_dtype
+from .parameters import ParameterSet, find_live_parameters
 from .weights import AttentionWeights, EmbeddingWeights, MLPWeights
 
 HookFn = Callable[[Tensor, object], Tensor | None]
@@ -493,16 +493,16 @@ class ModelAdapter(abc.ABC):
         tokens: Int[Tensor, "batch pos"],
         *,
         chains: bool = False,
-        dtype: torch.dtype | None = None,
+        under: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Logits at θ* + Δ, differentiable in Δ; the model itself is never changed.
 
         ``deltas`` maps live-parameter names to perturbations of the parameter's shape (omitted
         parameters stay at θ*). With ``chains=True`` every delta carries a leading chain axis C and
         the result is [C, batch, pos, vocab], computed in one batched call with ``torch.func.vmap``
-        where the backend allows it, else chain by chain. Always in eval mode. With ``dtype``, or
-        deltas wider than the weights, the whole forward runs in the wider dtype: every weight is
-        read widened, buffers too (:func:`~tl_degeneracy.models.parameters.widened_state`).
+        where the backend allows it, else chain by chain. Always in eval mode. ``under``: tensors
+        read instead of the model's at those module paths (where no delta applies), e.g. the
+        widened weights and buffers of :func:`~tl_degeneracy.models.parameters.widened_state`.
         """
         live = self.live_parameters()
         for name, d in deltas.items():
@@ -511,10 +511,9 @@ class ModelAdapter(abc.ABC):
             if tuple(expected) != shape:
                 axis = "[chains, *shape]" if chains else "the parameter's shape"
                 raise ValueError(f"delta for {name!r} has shape {tuple(d.shape)}; expected {axis} with shape {shape}")
-        frozen = widened_state(self.model, live, widest_dtype(dtype, deltas))
 
         def single(ds: Mapping[str, Tensor]) -> Tensor:
-            return self._call_with({n: live[n].param.detach() + d for n, d in ds.items()}, tokens, under=frozen)
+            return self._call_with({n: live[n].param.detach() + d for n, d in ds.items()}, tokens, under=under)
 
         with self.eval_mode():
             if not chains:

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from .adapt import adapt, model_kind
 from .adapter import HookFn, ModelAdapter, forward_scope
 from .chains import ChainMap
-from .parameters import LiveParameter, ParameterSet, widened_state, widest_dtype
+from .parameters import LiveParameter, ParameterSet
 
 __all__ = ["Engine", "ModuleEngine", "engine_for", "has_position_axis"]
 
@@ -55,7 +55,7 @@ class Engine(Protocol):
     def live_parameters(self) -> ParameterSet: ...
 
     def perturbed_forward(self, deltas: Mapping[str, Tensor], inputs: Tensor, *, chains: bool = False,
-                          dtype: torch.dtype | None = None) -> Tensor: ...
+                          under: Mapping[str, Tensor] | None = None) -> Tensor: ...
 
 
 def has_position_axis(inputs: Tensor) -> bool:
@@ -135,17 +135,15 @@ class ModuleEngine:
         return self._live
 
     def perturbed_forward(self, deltas: Mapping[str, Tensor], inputs: Tensor, *, chains: bool = False,
-                          dtype: torch.dtype | None = None) -> Tensor:
+                          under: Mapping[str, Tensor] | None = None) -> Tensor:
         """The output at θ* + Δ, differentiable in Δ (parameters not in ``deltas`` stay at θ*); the
         model itself is never changed. With ``chains=True`` every delta has a leading chain axis C
         and the result is [C, *output], one vmapped call where the model allows it. In eval mode.
-        With ``dtype``, or deltas wider than the weights, every weight is read widened
-        (:func:`~tl_degeneracy.models.parameters.widened_state`)."""
+        ``under``: tensors read instead of the model's at those paths where no delta applies."""
         live = self.live_parameters()
-        frozen = widened_state(self.model, live, widest_dtype(dtype, deltas))
 
         def single(ds: Mapping[str, Tensor]) -> Tensor:
-            values = {**frozen, **{n: live[n].param.detach() + d for n, d in ds.items()}}
+            values = {**(under or {}), **{n: live[n].param.detach() + d for n, d in ds.items()}}
             return functional_call(self.model, values, (inputs,), strict=False)
 
         with self.eval_mode():

@@ -10,7 +10,6 @@ functional call can replace all of them together.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -122,33 +121,17 @@ def find_live_parameters(
     return ParameterSet(params)
 
 
-#: model → ((dtype, the tensors' identities and in-place versions), widened copies by slot).
-_WIDENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def widened_state(model: nn.Module, live: ParameterSet, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def widened_state(model: nn.Module, live: ParameterSet, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every slot of the live weights, and every floating buffer, narrower than ``dtype``, detached
-    and cast to it, keyed by module path as ``functional_call`` takes them ({} for None).
+    and cast to it, keyed by module path as ``functional_call`` takes them ({} when none is).
 
     A perturbed forward whose perturbations are wider than the weights (a bfloat16 model's SGLD
-    chains keep δ in float32, since θ* + δ in bfloat16 would round δ away) reads every weight and
-    buffer (a bias the backend keeps as a buffer, rotary frequencies) widened, so that the whole
-    forward runs in that dtype. Cached while none of them changes."""
-    if dtype is None:
-        return {}
+    chains keep δ in float32, since θ* + δ in bfloat16 would round δ away) reads these instead, so
+    that the whole forward runs in that dtype (a bias the backend keeps as a buffer, rotary
+    frequencies included)."""
     tensors = [(p.slots, p.param) for p in live] + [((name,), b) for name, b in model.named_buffers() if b is not None]
-    key = (dtype, tuple((id(t), t._version) for _, t in tensors))
-    hit = _WIDENED.get(model)
-    if hit is None or hit[0] != key:
-        cast = {}
-        for slots, t in tensors:
-            if t.is_floating_point() and t.dtype.itemsize < dtype.itemsize:
-                cast.update(dict.fromkeys(slots, t.detach().to(dtype)))
-        hit = _WIDENED[model] = (key, cast)
-    return hit[1]
-
-
-def widest_dtype(dtype: torch.dtype | None, deltas) -> torch.dtype | None:
-    """The widest of ``dtype`` and the floating dtypes of the tensors in ``deltas`` (a mapping)."""
-    dtypes = [d.dtype for d in deltas.values() if d.is_floating_point()] + ([dtype] if dtype is not None else [])
-    return max(dtypes, key=lambda t: t.itemsize, default=None)
+    cast = {}
+    for slots, t in tensors:
+        if t.is_floating_point() and t.dtype.itemsize < dtype.itemsize:
+            cast.update(dict.fromkeys(slots, t.detach().to(dtype)))
+    return cast
