@@ -214,7 +214,7 @@ class ReportContext:
 
         def needed(b: int, t: int) -> int:
             # Cut shorter, long sequences become more of them (up to n_sequences), and batches fill up.
-            b = min(b, max(n0 * -(-t0 // t), 1) if t < t0 else n0, s.n_sequences)
+            b = min(b, n0 * -(-t0 // t), s.n_sequences)
             return max(estimate(self.adapter, a, b, t, n_cotangents=s.n_probes, held=held if a == "jacobian" else 0)
                        for a in analyses)
 
@@ -233,7 +233,7 @@ class ReportContext:
         info.update(needed=needed(b, t), fits=needed(b, t) <= budget.bytes,
                     lowered={k: [old, new] for k, old, new in (("batch_size", b0, b), ("seq_len", t0, t)) if old != new})
         if info["lowered"]:
-            self.update_settings(batch_size=b if b != b0 else s.batch_size, seq_len=t if t != t0 else s.seq_len)
+            self.update_settings(batch_size=b, seq_len=t if t != t0 else s.seq_len)
             info.update(batch_size=self.settings.batch_size, seq_len=self.settings.seq_len)
         return info
 

@@ -109,10 +109,14 @@ def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
 
 def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
     limit = ctx.settings.section_time
+    timed: dict[tuple, float] = {}  # chain-step seconds per (selection, LLC data): fewer runs need no new timing
 
     def predicted() -> float:
         s = ctx.settings
-        step = _chain_step_seconds(ctx)
+        key = (s.llc_params, s.llc_sequences, s.llc_seq_len)
+        if key not in timed:
+            timed[key] = _chain_step_seconds(ctx)
+        step = timed[key]
         first = (s.chains * (s.burnin + s.draws) + LLC_CALIBRATION) * step  # the first block always runs
         whole = (s.chains * (s.burnin + max(s.draws, s.llc_max_draws)) + LLC_CALIBRATION) * step
         return _llc_runs(s) * max(first, whole if s.llc_time_limit is None else min(whole, s.llc_time_limit))
