@@ -5,11 +5,15 @@ true) and within 10 % of a run ten times longer at the same γ and step, within 
 on 2 CPU cores; the thorough preset finishes in under an hour (estimated from a measured fraction).
 Also the step-size bias measured as research/llc_convergence.md does: λ̂ at one γ for multiples k
 of the cautious step (b_max = η(nβ h_max + γ)/4 = 0.05), each run for the same cumulative step
-s = Σ η (k times fewer steps), against the bias the automatic rule predicts (stepsize.py).
+s = Σ η (k times fewer steps), against the bias the automatic rule predicts (stepsize.py). And the spectrum behind that prediction:
+at the end points of chains run at one of those steps, stochastic Lanczos quadrature of the Hessian
+gives Σ w_i (the number of directions the chains feel, ≈ 2λ on a quadratic) and the purely quadratic
+bias Σ w_i b_i/(1 − b_i) / Σ w_i that (1.8) bounds with 2λ̂ in place of Σ w_i.
 
     python benchmarks/llc_presets.py quick [--set burnin=300 ...] [--longer-device cuda]
     python benchmarks/llc_presets.py thorough --fraction      # one run, one block; scaled to the preset
     python benchmarks/llc_presets.py bias [--device cuda]
+    python benchmarks/llc_presets.py spectrum                 # the Hessian spectrum behind (1.8)
     python benchmarks/llc_presets.py record results.json      # append saved results to BENCHMARKS.md
 
 Each mode prints its numbers and a JSON line (``--json FILE`` saves it); the load average before and
@@ -139,7 +143,9 @@ def bias(args) -> dict:
                                          draws=steps - burnin, seed=0, progress=False)
             rows.append({"gamma": gamma, "k": k, "step_size": k * eta1, "steps": steps, "llc": res.llc,
                          "stderr": res.llc_stderr, "converged": res.converged, "rhat": res.diagnostics["rhat"],
-                         "predicted_bias": res.diagnostics["bias_bound"], "b_max": bias_bound_of(k * eta1, h, 1000.0, gamma),
+                         # (1.8) where the chains ended, with the run's λ̂ (a given η has no pilots, so
+                         # diagnostics["bias_bound"] is only the stiffest direction's b/(1 − b) there).
+                         "predicted_bias": res.diagnostics["bias_bound_end"], "b_max": bias_bound_of(k * eta1, h, 1000.0, gamma),
                          "old_warning_bound": res.diagnostics["stiff_bound_end"] / (1 - min(res.diagnostics["stiff_bound_end"], 0.99)),
                          "failed": len(res.failed)})
             print(json.dumps(rows[-1]), flush=True)
@@ -147,7 +153,101 @@ def bias(args) -> dict:
         for r in rows:
             if r["gamma"] == gamma:
                 r["measured_bias"] = r["llc"] / base["llc"] - 1
+                r["measured_bias_se"] = 0.0 if r is base else (r["llc"] / base["llc"]) * (
+                    (r["stderr"] / r["llc"]) ** 2 + (base["stderr"] / base["llc"]) ** 2) ** 0.5
+                r["predicted_increment"] = (1 + r["predicted_bias"]) / (1 + base["predicted_bias"]) - 1
     return {"mode": "bias", "h_max": h, "relax": args.relax, "device": args.device, "rows": rows}
+
+
+def _lanczos_quadrature(target, layout, mask, points, *, probes: int, steps: int, seed: int) -> tuple:
+    """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) of ∇²L_B at θ* + points[p]: per
+    Rademacher probe z, ``steps`` Lanczos iterations from z/‖z‖ (fully reorthogonalised) give Ritz
+    values θ_j and weights D·s_j² (s the first components of T's eigenvectors), so that
+    zᵀ f(H) z ≈ Σ_j D s_j² f(θ_j) and tr f(H) is its mean over probes and points. Returns nodes and
+    weights, each [points · probes, steps], float64."""
+    from tl_degeneracy.llc.stepsize import hessian_vector_products
+
+    m = mask.to(points.dtype)
+    n_sel = float(mask.sum())
+    g = torch.Generator(device=points.device).manual_seed(seed)
+    nodes, weights = [], []
+    for _ in range(probes):
+        z = (torch.randint(0, 2, points.shape, generator=g, device=points.device).to(points.dtype) * 2 - 1) * m
+        basis = [z / z.norm(dim=1, keepdim=True)]
+        alphas, betas = [], []
+        for j in range(steps):
+            w = hessian_vector_products(target, layout, points, basis[-1], 1) * m
+            alphas.append((w * basis[-1]).sum(1).double())
+            for v in basis:  # full reorthogonalisation: ghost Ritz values would distort the weights
+                w = w - (w * v).sum(1, keepdim=True) * v
+            betas.append(w.norm(dim=1).double())
+            basis.append(w / betas[-1][:, None].to(w.dtype))
+        T = torch.diag_embed(torch.stack(alphas, 1))
+        off = torch.stack(betas[:-1], 1)
+        T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        nodes.append(evals)
+        weights.append(n_sel * evecs[:, 0, :] ** 2)
+    return torch.cat(nodes).cpu(), torch.cat(weights).cpu()
+
+
+def spectrum(args) -> dict:
+    """Σ w_i and the quadratic step bias at the end points of chains at k × the cautious η."""
+    import numpy as np
+
+    import tl_degeneracy as tld
+    from tl_degeneracy.llc.layout import select_coordinates
+    from tl_degeneracy.llc.sampler import Dynamics, chain_seed, initial_state, run_chains
+    from tl_degeneracy.llc.stepsize import (hessian_trace, predicted_bias, step_size_for, top_hessian_eigenvalue,
+                                            trace_samples, window_llc)
+    from tl_degeneracy.llc.targets import make_target
+
+    nbeta = 1000.0
+    model = tld.load_model("toy:bytelm").to(args.device)
+    data = tld.toy_data("bytelm")[:4, :32]
+    target = make_target(model, data, "kl", None, 2**30)
+    rows = []
+    with target.engine.eval_mode():
+        sel = select_coordinates(target, None)
+        origin = torch.zeros(1, sel.layout.numel, device=target.device, dtype=target.dtype)
+        h_ref = float(top_hessian_eigenvalue(target, sel.layout, sel.mask, origin)[0])
+        for gamma in args.gammas:
+            eta1 = step_size_for(h_ref, nbeta, gamma, 0.05 / 1.05)  # b_max = 0.05, as in bias()
+            eta = args.run_multiple * eta1
+            steps = int(round(args.relax / gamma / eta))
+            dynamics = Dynamics(nbeta=nbeta, step_size=eta, gamma=gamma, steps=steps)
+            seeds = [chain_seed(0, c) for c in range(4)]
+            state = run_chains(target, sel.layout, sel.mask, dynamics, initial_state(target, sel.layout, seeds, dynamics))
+            llc = window_llc(state.trace, state.alive.cpu().numpy(), nbeta, steps // 2)
+            ends = state.delta[state.alive]
+            h_end = float(top_hessian_eigenvalue(target, sel.layout, sel.mask, ends).max())
+            trace, trace_se = hessian_trace(trace_samples(target, sel.layout, sel.mask, ends, seeds, probes=4))
+            nodes, weights = _lanczos_quadrature(target, sel.layout, sel.mask, ends, probes=args.probes,
+                                                 steps=args.lanczos_steps, seed=1)
+            curv = nbeta * nodes.clamp_min(0)  # negative curvature holds nothing: w = 0 there
+            w = curv / (curv + gamma)
+
+            def quadrature(values):
+                per_probe = (weights * values).sum(1).numpy()
+                return float(per_probe.mean()), float(per_probe.std(ddof=1) / np.sqrt(len(per_probe)))
+
+            sum_w, sum_w_se = quadrature(w)
+            row = {"gamma": gamma, "run_k": args.run_multiple, "step_size": eta, "steps": steps, "llc": llc,
+                   "h_max_end": h_end, "trace": trace, "trace_se": trace_se, "trace_slq": quadrature(nodes)[0],
+                   "sum_w": sum_w, "sum_w_se": sum_w_se, "ks": []}
+            for k in args.multiples:
+                b = k * eta1 * (curv + gamma) / 4
+                quad = quadrature(torch.where(b < 1, w * b / (1 - b), torch.full_like(b, float("inf"))))[0] / sum_w
+                row["ks"].append({"k": k, "quadratic": quad,
+                                  "bound_18": predicted_bias(k * eta1, h_end, trace, llc, nbeta, gamma)})
+            base = row["ks"][0]
+            for x in row["ks"]:
+                x["quadratic_increment"] = (1 + x["quadratic"]) / (1 + base["quadratic"]) - 1
+                x["bound_18_increment"] = (1 + x["bound_18"]) / (1 + base["bound_18"]) - 1
+            rows.append(row)
+            print(json.dumps(row, default=float), flush=True)
+    return {"mode": "spectrum", "h_max": h_ref, "relax": args.relax, "device": args.device, "probes": args.probes,
+            "lanczos_steps": args.lanczos_steps, "rows": rows}
 
 
 def markdown(results: list[dict], machine: dict) -> str:
@@ -176,18 +276,36 @@ def markdown(results: list[dict], machine: dict) -> str:
         elif r["mode"] == "bias":
             lines += [f"Step-size bias at matched cumulative step (s·γ = {r['relax']:g}; k × the cautious η of b_max = 0.05; "
                       f"h_max(θ*) = {r['h_max']:.4g}; {r['device']}):", "",
-                      "| γ | k | η | steps | λ̂ ± se | measured bias vs k = 1 | predicted (new rule) | old warning's bound | diverged |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| γ | k | η | steps | λ̂ ± se | measured bias vs k = 1 | (1.8) at the end points | (1.8) vs k = 1 | "
+                      "stiffest direction's b/(1 − b) | diverged |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             lines += [f"| {x['gamma']:.0e} | {x['k']} | {x['step_size']:.3g} | {x['steps']} | {x['llc']:.4g} ± {x['stderr']:.2g} | "
-                      f"{x['measured_bias']:+.1%} | {x['predicted_bias']:.1%} | {x['old_warning_bound']:.0%} | {x['failed']} |"
-                      for x in r["rows"]]
+                      f"{x['measured_bias']:+.1%} ± {x['measured_bias_se']:.1%} | {x['predicted_bias']:.1%} | {x['predicted_increment']:+.1%} | "
+                      f"{x['old_warning_bound']:.0%} | {x['failed']} |" for x in r["rows"]]
+            lines.append("")
+        elif r["mode"] == "spectrum":
+            lines += [f"Hessian spectrum at the chains' end points (4 chains at k × the cautious η, s·γ = {r['relax']:g}; "
+                      f"stochastic Lanczos quadrature, {r['probes']} probes × 4 points × {r['lanczos_steps']} steps; "
+                      f"{r['device']}). Σ w_i = Σ nβh_i/(nβh_i + γ) counts the directions the chains feel (= 2λ on a "
+                      "quadratic); \"quadratic\" is Σ w_i b_i/(1 − b_i) / Σ w_i, the bias if every direction were "
+                      "quadratic; (1.8) divides the same numerator by 2λ̂ instead of Σ w_i. Increments are relative "
+                      "to k = 1, as the measured column of the bias table.", "",
+                      "| γ | run at k | λ̂ | 2λ̂ | Σ w_i ± se | tr H (Hutchinson; SLQ) | h_max end | k | quadratic | "
+                      "increment | (1.8) | increment |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for x in r["rows"]:
+                for i, q in enumerate(x["ks"]):
+                    head = (f"| {x['gamma']:.0e} | {x['run_k']:g} | {x['llc']:.4g} | {2 * x['llc']:.4g} | "
+                            f"{x['sum_w']:.0f} ± {x['sum_w_se']:.0f} | {x['trace']:.0f} ± {x['trace_se']:.0f}; "
+                            f"{x['trace_slq']:.0f} | {x['h_max_end']:.4g} ") if i == 0 else "| | | | | | | "
+                    lines.append(head + f"| {q['k']:g} | {q['quadratic']:.2%} | {q['quadratic_increment']:+.1%} | "
+                                        f"{q['bound_18']:.1%} | {q['bound_18_increment']:+.1%} |")
             lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["quick", "thorough", "bias", "record"])
+    parser.add_argument("mode", choices=["quick", "thorough", "bias", "spectrum", "record"])
     parser.add_argument("json_in", nargs="?", help="record: a file of saved results (one JSON object per line)")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--set", action="append", default=[], help="report setting override key=value")
@@ -196,6 +314,9 @@ def main() -> None:
     parser.add_argument("--gammas", type=float, nargs="+", default=[1e4, 1e5])
     parser.add_argument("--multiples", type=float, nargs="+", default=[1, 5, 10])
     parser.add_argument("--relax", type=float, default=20.0)
+    parser.add_argument("--run-multiple", type=float, default=5.0, help="spectrum: the chains run at this k")
+    parser.add_argument("--probes", type=int, default=4, help="spectrum: Rademacher probes per end point")
+    parser.add_argument("--lanczos-steps", type=int, default=30, help="spectrum: Lanczos steps per probe")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
@@ -208,7 +329,7 @@ def main() -> None:
         block = markdown([r["result"] for r in saved], machine)
     else:
         machine = _machine()
-        result = {"quick": quick, "thorough": thorough, "bias": bias}[args.mode](args)
+        result = {"quick": quick, "thorough": thorough, "bias": bias, "spectrum": spectrum}[args.mode](args)
         machine["load_after"] = os.getloadavg()
         print(json.dumps(result, default=float))
         if args.json:

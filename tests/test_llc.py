@@ -4,6 +4,8 @@ Tolerances come from the method's own error: the predicted step-size bias (exact
 quadratic) plus a few Monte-Carlo standard errors; for the deep linear networks the issue's 10 %.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,10 @@ def test_given_step_size_reports_its_bias_bound():
     d = res.diagnostics
     assert d["stiff_bound"] == pytest.approx(1e-5 * (res.nbeta * d["h_max"] + res.gamma) / 4)
     assert d["bias_bound"] == pytest.approx(predicted_bias(1e-5, d["h_max"], d["trace_hessian"], res.llc, res.nbeta, res.gamma))
+    # No curvature is measured before sampling a given η: the bound is (1.8) with the trace where the
+    # chains ended, not the stiffest direction's b/(1 − b) that predicted_bias falls back to without one.
+    assert math.isfinite(d["trace_hessian"]) and d["trace_hessian"] == d["trace_hessian_end"]
+    assert d["h_max"] == max(d["h_max_at_reference"], d["h_max_end"])
 
 
 def test_end_of_run_bias_warning_names_a_smaller_step_size():

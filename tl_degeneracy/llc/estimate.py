@@ -125,8 +125,10 @@ def behavioral_llc(
             η. ``diagnostics["bias_bound"]`` is the predicted bias at the final η, with the largest
             curvature and trace measured before sampling and the run's own λ̂ (``["h_max"]``,
             ``["trace_hessian"]``; the pilots' alone: ``["h_max_pilot"]``); ``["stiff_bound"]`` its
-            b_max. The same at the chains' end points is ``["bias_bound_end"]``, and a warning is
-            issued when it exceeds twice ``bias_bound``.
+            b_max (for a given η, which measures no curvature before sampling: at θ* and the
+            chains' end points). The same at the end points alone is ``["bias_bound_end"]``, and a
+            warning is issued when it exceeds twice ``bias_bound``. On toy:bytelm the predicted bias
+            stayed above the measured one, by about 2× (docs/methods.md §1).
         gamma: localization γ of the prior (γ/2)‖θ − θ*‖² (default 1). It is part of the quantity:
             the estimate is λ̂(ε, γ), the LLC of the posterior within reach of the prior, and
             directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) instead of ½. So a
@@ -635,6 +637,10 @@ def _result(
     measured = [a for a in adaptations if math.isfinite(a["h_max"])]
     h_max = max([choice.h_max] + [a["h_max"] for a in measured])
     traces = [t for t in [choice.trace] + [a.get("trace_hessian", float("nan")) for a in measured] if math.isfinite(t)]
+    if not traces and math.isfinite(trace_end):
+        # A given η measures no tr H before sampling: (1.8) where the chains ended, since the
+        # stiffest direction's b/(1 − b) alone over-states the bias of a wide spectrum many times.
+        traces, h_max = [trace_end], max(h_max, h_end)
     trace = max(traces) if traces else float("nan")
     bound = predicted_bias(eta / rms_factor, h_max, trace, mean, nb, gamma)
     stiff = bias_bound_of(eta / rms_factor, h_max, nb, gamma)

@@ -9,7 +9,9 @@ relative step-size bias of λ̂ is the w-weighted mean of b_i/(1 − b_i):
 
 since w_i b_i = η nβ h_i/4 (γ cancels) and b_i ≤ b_max = η (nβ h_max + γ)/4. This is the
 **predicted bias** (:func:`predicted_bias`): exact to first order in η, an upper bound on a
-quadratic. It needs the trace of the Hessian (Hutchinson's estimator on Hessian-vector products,
+quadratic; on toy:bytelm, measured at matched cumulative step, it stayed above the real bias by
+1.7–4× (docs/methods.md §1; a singular model is not a quadratic, so this is a measurement, not a
+guarantee). It needs the trace of the Hessian (Hutchinson's estimator on Hessian-vector products,
 :func:`hessian_trace`) and λ (the pilot chains' own estimate). The older bound b_max/(1 − b_max)
 assumes every direction is as stiff as the stiffest; on a model with a wide spectrum it overstates
 the bias by orders of magnitude (toy:bytelm: tr H ≈ 6·10³ against h_max ≈ 6·10² over 479k
@@ -138,7 +140,7 @@ def top_hessian_eigenvalue(
     for _ in range(iters):
         rows = active.nonzero()[:, 0]
         hq = torch.zeros_like(q)
-        hq[rows] = _hvp(target, layout, points[rows], q[rows], n_b)
+        hq[rows] = hessian_vector_products(target, layout, points[rows], q[rows], n_b)
         hq = hq * m
         alpha = (q * hq).sum(1, keepdim=True)
         w = hq - alpha * q - beta_prev * q_prev
@@ -169,8 +171,8 @@ def top_hessian_eigenvalue(
     return top.clamp_min(0).to(points.dtype)
 
 
-def _hvp(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"], q: Float[Tensor, "P D"],
-         n_b: int) -> Float[Tensor, "P D"]:
+def hessian_vector_products(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"],
+                            q: Float[Tensor, "P D"], n_b: int) -> Float[Tensor, "P D"]:
     """H(θ* + points[p]) q[p] for every point: the mean over the first ``n_b`` batches of the Hessians
     of L_B,b (double backward along the chain axis). Each point's product depends on that point
     alone, so where the points' double-backward graph does not fit in the device's memory they are
@@ -224,7 +226,7 @@ def trace_samples(
     for k in range(probes):
         z = torch.stack([torch.randint(0, 2, points.shape[1:], generator=g, device=points.device) for g in gens])
         z = (z.to(points.dtype) * 2 - 1) * m
-        out[:, k] = (_hvp(target, layout, points, z, n_b) * z).sum(1).to(torch.float64)
+        out[:, k] = (hessian_vector_products(target, layout, points, z, n_b) * z).sum(1).to(torch.float64)
     return out
 
 
