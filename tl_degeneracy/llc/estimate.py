@@ -199,6 +199,9 @@ def behavioral_llc(
             sampler (fields of :class:`SamplerConfig`, defaults there):
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
             multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
+            On toy:bytelm RMSProp was slower to converge than plain SGLD (an automatic η ≈ 9×
+            smaller, ≈ 20 % more time per step); it is kept to reproduce devinterp's
+            ``rmsprop_sgld`` (below), not as a faster sampler.
         bias_bound: target of the predicted relative step-size bias of λ̂ (automatic step size).
         stiff_bound: largest η (nβ h_max + γ)/4 of the automatic step size (stability).
         min_gamma: the floor of ``gamma="auto"``.
