@@ -12,14 +12,20 @@ burn-in; the time per chain-step is (t_B − t_A)/(B − A) (what the fixed cost
 reference forward, the curvature checks — does not enter), and the full 1,000-step run is
 extrapolated as t_A + (1000 − A) × that. Peak CUDA memory is read over both runs.
 
+``--bare BLOCKS,STEPS`` times the chain-step against bare forward+backward passes of the same model
+on the same batch instead (``llc_vs_devinterp.chain_step_vs_bare``: alternating blocks, wall and
+process CPU time), and reports the process's system time and minor page faults over it and its
+peak resident set: what the chains cost beyond the model's own arithmetic.
+
     python benchmarks/llc_real_model.py [--device cuda] [--chains 8] [--tokens 32x128] [--steps 5,15]
-        [--dtype float32] [--layers 30] [--no-write]
+        [--dtype float32] [--layers 30] [--bare 3,2] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tl_degeneracy as tld  # noqa: E402
@@ -83,6 +90,8 @@ def main(argv=None) -> None:
     ap.add_argument("--step-size", type=float, default=1e-7)
     ap.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="fewer for a smoke test")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--bare", default=None, metavar="BLOCKS,STEPS",
+                    help="time the chain-step against bare forward+backward passes instead of the two runs")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     n_seq, n_pos = (int(x) for x in args.tokens.split("x"))
@@ -98,6 +107,8 @@ def main(argv=None) -> None:
         torch.cuda.reset_peak_memory_stats()
     # Each phase is printed as it ends, so a run stopped at a time limit still says how far it got.
     print(f"loaded in {t_load:.1f} s ({n_params:,} parameters)", flush=True)
+    if args.bare is not None:
+        return chain_step_against_bare(model, tokens, args, n_params)
     t_a, _ = timed_llc(model, tokens, args, a)
     print(f"{a} draws: {t_a:.1f} s", flush=True)
     t_b, result = timed_llc(model, tokens, args, b)
@@ -121,6 +132,43 @@ def main(argv=None) -> None:
             f"--tokens {args.tokens} --steps {args.steps}`: a random Llama of SmolLM2-135M's shape ({n_params:,} "
             "parameters) as a TransformerBridge, KL behavioral loss, full batch, given step size; per step = "
             "difference of the two runs over the difference of their draws (fixed costs cancel).\n\n"
+            + head + "\n" + line + "\n"
+        )
+        append_to_section(SECTION, "llc_real_model.py", block)
+
+
+def chain_step_against_bare(model, tokens, args, n_params: int) -> None:
+    from types import SimpleNamespace
+
+    from llc_vs_devinterp import Case, chain_step_vs_bare
+
+    blocks, steps = (int(x) for x in args.bare.split(","))
+    case = Case(name="smollm2-shaped", model=model, data=tokens, theory=None, loss="kl", chains=args.chains,
+                burnin=0, draws=steps)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    out = chain_step_vs_bare(case, SimpleNamespace(nbeta=1000.0, gamma=1.0), args.step_size, blocks, steps)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    sys_s, user_s = after.ru_stime - before.ru_stime, after.ru_utime - before.ru_utime
+    faults = after.ru_minflt - before.ru_minflt
+    per_block = ", ".join(f"{r:.2f}" for r in out["ratio_wall"])
+    head = ("| device | dtype | layers | parameters | chains | tokens | bare forward+backward ms, wall (CPU) | "
+            "chain-step ms, wall (CPU) | chain-step / bare, wall: median (per block) | system / user CPU s | minor page faults | peak RSS |\n"
+            + "|---" * 12 + "|")
+    line = (f"| {args.device} | {args.dtype} | {args.layers} | {n_params:,} | {args.chains} | {args.tokens} | "
+            f"{np.median(out['bare_wall']) * 1e3:.1f} ({np.median(out['bare_cpu']) * 1e3:.1f}) | "
+            f"{np.median(out['chain_wall']) * 1e3:.1f} ({np.median(out['chain_cpu']) * 1e3:.1f}) | "
+            f"**{np.median(out['ratio_wall']):.2f}×** ({per_block}) | {sys_s:.1f} / {user_s:.1f} | {faults:,} | "
+            f"{after.ru_maxrss / 2**20:.1f} GiB |")
+    print(head)
+    print(line)
+    if not args.no_write:
+        malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+        block = (
+            f"### {machine_line()}\n\n"
+            f"`{(malloc + ' ') if malloc else ''}benchmarks/llc_real_model.py --device {args.device} --dtype {args.dtype} "
+            f"--chains {args.chains} --tokens {args.tokens} --layers {args.layers} --bare {args.bare}`: the chain-step "
+            "of a random Llama of SmolLM2-135M's shape against bare forward+backward passes (same batch, KL behavioral "
+            "loss, given step size), alternating blocks; system time and page faults of the whole comparison, the process's peak resident set.\n\n"
             + head + "\n" + line + "\n"
         )
         append_to_section(SECTION, "llc_real_model.py", block)
