@@ -128,7 +128,7 @@ def behavioral_llc(
             b_max (for a given η, which measures no curvature before sampling: at θ* and the
             chains' end points). The same at the end points alone is ``["bias_bound_end"]``, and a
             warning is issued when it exceeds twice ``bias_bound``. On toy:bytelm the predicted bias
-            stayed above the measured one, by about 2× (docs/methods.md §1).
+            stayed above the measured one, by 1.7–4× (docs/methods.md §1).
         gamma: localization γ of the prior (γ/2)‖θ − θ*‖² (default 1). It is part of the quantity:
             the estimate is λ̂(ε, γ), the LLC of the posterior within reach of the prior, and
             directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) instead of ½. So a
