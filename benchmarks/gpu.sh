@@ -2,13 +2,15 @@
 # One command that checks and measures the package on a GPU (issue 19), in under 8 minutes on one
 # H100-class GPU:
 #
-#   bash benchmarks/gpu.sh [SECTION ...]      sections: tests stats interaction llc devinterp multigpu
+#   bash benchmarks/gpu.sh [SECTION ...]      sections: tests stats interaction kl llc devinterp multigpu
 #                                             (default: all, in that order)
 #
 # - tests:       the device test suite (TLD_TEST_DEVICE=cuda; every test that builds its model through
 #                the shared fixtures builds it on the GPU), in parallel with pytest-xdist when present;
 # - stats:       activation_stats throughput against a plain forward pass (bytelm, GPT-2-small shape);
 # - interaction: the GPT-2-small-shaped interaction basis, time and peak memory per 1k tokens;
+# - kl:          the behavioral KL's forward+backward (8 chains × 32 × 128 tokens × SmolLM2's vocabulary)
+#                against the same divergence written out for autograd: time and peak CUDA memory;
 # - llc:         behavioral LLC of a SmolLM2-135M-shaped model, 8 chains on 32 × 128 tokens, time per
 #                step measured on a fraction and extrapolated to 1,000 steps;
 # - devinterp:   SGLD time per chain-step against devinterp 2.0.1 on the same model and settings;
@@ -26,7 +28,7 @@ RESULTS=${OUT:-gpu-results}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TLD_TEST_DEVICE=${TLD_TEST_DEVICE:-cuda}
-SECTIONS=${*:-tests stats interaction llc devinterp multigpu}
+SECTIONS=${*:-tests stats interaction kl llc devinterp multigpu}
 SUMMARY="$RESULTS/summary.txt"
 : >"$SUMMARY"
 T_START=$(date +%s)
@@ -77,12 +79,13 @@ run_section() {
 
 DEVICE_TESTS="tests/test_device_guard.py tests/test_invariants.py tests/test_synchronization.py tests/test_interaction_basis.py
     tests/test_interaction_defaults.py tests/test_interaction_pca.py tests/test_gauge.py tests/test_counts.py tests/test_llc_transformer.py
-    tests/test_chain_map.py tests/test_jacobian_probes.py tests/test_llc_stepsize.py"
+    tests/test_chain_map.py tests/test_jacobian_probes.py tests/test_llc_stepsize.py tests/test_losses.py"
 # shellcheck disable=SC2086
 # -v: each test's outcome is logged as it finishes, so a run stopped at its limit still names its failures.
 run_section tests 150 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $DEVICE_TESTS
 run_section stats 60 $PY benchmarks/stats_throughput.py --device cuda --reps 3
 run_section interaction 60 $PY benchmarks/interaction_basis.py --device cuda --models gpt2 --gpt2-tokens 8x128
+run_section kl 40 $PY benchmarks/behavioral_kl.py --device cuda --chains 8 --positions 4096 --reps 3
 run_section llc 150 $PY benchmarks/llc_real_model.py --device cuda --chains 8 --tokens 32x128 --steps 4,12
 run_section devinterp 90 $PY benchmarks/llc_vs_devinterp.py --device cuda --models bytelm --reps 1
 if [ "$N_GPU" -gt 1 ]; then

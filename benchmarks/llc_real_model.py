@@ -162,7 +162,9 @@ def chain_step_against_bare(model, tokens, args, n_params: int) -> None:
     print(head)
     print(line)
     if not args.no_write:
-        malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+        # The allocator settings this run had (README, "Large models on a CPU"), as they were given.
+        malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                          if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE")
         block = (
             f"### {machine_line()}\n\n"
             f"`{(malloc + ' ') if malloc else ''}benchmarks/llc_real_model.py --device {args.device} --dtype {args.dtype} "

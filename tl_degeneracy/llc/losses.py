@@ -36,20 +36,74 @@ def reference_form(loss: str, outputs: Float[Tensor, "*batch k"]) -> Tensor:
 def per_sample_loss(
     loss: str, outputs: Float[Tensor, "chain *batch k"], reference: Float[Tensor, "*batch k"]
 ) -> Float[Tensor, "chain *batch"]:
-    """Per-sample divergence of each chain's outputs from the reference (``reference_form``)."""
+    """Per-sample divergence of each chain's outputs from the reference (``reference_form``; a
+    constant: no gradient flows into it)."""
     if loss == "kl":
-        logp = torch.log_softmax(_promoted(outputs), dim=-1)
-        # Σ p* (log p* − log p). Where the reference puts zero mass (log p* = −inf, e.g. masked
-        # logits) the term is 0 by convention; computed naively it is 0·(−inf) = NaN, so those
-        # entries are selected out (with a finite stand-in so no NaN/inf reaches the backward pass).
-        # Only −inf is selected out: a NaN reference stays NaN, so broken outputs are still caught.
-        zero_mass = reference == -torch.inf
-        ref = torch.where(zero_mass, torch.zeros_like(reference), reference)
-        terms = torch.where(zero_mass, torch.zeros_like(logp), ref.exp() * (ref - logp))
-        return terms.sum(-1)
+        z = _promoted(outputs)
+        dtype = torch.promote_types(z.dtype, reference.dtype)
+        return _KLToReference.apply(z.to(dtype), reference.detach().to(dtype))
     if loss == "mse":
         return 0.5 * (_promoted(outputs) - reference).square().sum(-1)
     raise ValueError(f"unknown behavioral loss {loss!r}; choose one of {LOSSES}")
+
+
+class _KLToReference(torch.autograd.Function):
+    """KL(p* ‖ softmax(z_c)) = Σ_k p*_k (log p*_k − log softmax(z_c)_k) for each chain c, from the
+    logits z [chain, *batch, k] and the reference log-probabilities log p* [*batch, k]; where p* = 0
+    (log p* = −inf: masked logits) a term is 0 by convention (computed naively, 0·(−inf) = NaN). A
+    NaN reference or output stays NaN, so broken outputs are still caught.
+
+    The values and gradients are those of autograd through the written-out expression
+    (:func:`_written_out_kl`), bit for bit on the CPU (tests/test_losses.py; on a GPU a sum over one
+    chain's rows may be split differently than over all chains': equal to float rounding). That
+    expression keeps about ten tensors of the chains' full output size (each [chain, batch,
+    positions, vocabulary]: 0.75 GiB for 4 chains of 8 × 128 tokens of a 49,152-word vocabulary)
+    and makes as many passes over them. Here forward and backward run chain by chain in buffers of
+    one chain's size, repeating autograd's operations row for row (row-wise operations give the same
+    bits on a chain's rows as on the whole tensor): the forward keeps only z, the backward allocates
+    only the gradient (BENCHMARKS.md, "behavioral KL: fused against autograd"). Under double backward
+    (``create_graph``: the Hessian-vector products of the step-size checks) the backward is
+    autograd's own, through the written-out expression.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, log_ref: Tensor) -> Tensor:
+        zero_mass = log_ref == -torch.inf
+        log_ref = torch.where(zero_mass, torch.zeros_like(log_ref), log_ref)
+        ref = log_ref.exp()
+        out = torch.empty(z.shape[:-1], dtype=z.dtype, device=z.device)
+        buf = torch.empty_like(log_ref)
+        for c in range(z.shape[0]):
+            torch.log_softmax(z[c], -1, out=buf)
+            torch.sub(log_ref, buf, out=buf)
+            torch.mul(ref, buf, out=buf).masked_fill_(zero_mass, 0.0)
+            torch.sum(buf, -1, out=out[c])
+        ctx.save_for_backward(z, log_ref, zero_mass)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        z, log_ref, zero_mass = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: autograd's graph of the written-out form
+            (dz,) = torch.autograd.grad(_written_out_kl(z, log_ref, zero_mass), z, grad_outputs=grad, create_graph=True)
+            return dz, None
+        # Chain by chain again, into the gradient's rows: autograd's operations on the written-out
+        # form (−p*·g through the selection, then log-softmax's backward), row for row.
+        dz = torch.empty_like(z)
+        logp, dlogp = torch.empty_like(log_ref), torch.empty_like(log_ref)
+        ref = log_ref.exp()
+        for c in range(z.shape[0]):
+            torch.log_softmax(z[c], -1, out=logp)
+            torch.mul(grad[c, ..., None], ref, out=dlogp).masked_fill_(zero_mass, 0.0).neg_()
+            torch.ops.aten._log_softmax_backward_data.out(dlogp, logp, -1, z.dtype, out=dz[c])
+        return dz, None
+
+
+def _written_out_kl(z: Tensor, log_ref: Tensor, zero_mass: Tensor) -> Tensor:
+    """Σ_k p*_k (log p*_k − log softmax(z)_k), terms with p*_k = 0 selected out (``log_ref`` is 0
+    there: a finite stand-in, so no NaN/inf reaches the backward pass)."""
+    logp = torch.log_softmax(z, dim=-1)
+    return torch.where(zero_mass, torch.zeros_like(logp), log_ref.exp() * (log_ref - logp)).sum(-1)
 
 
 def masked_sum(
