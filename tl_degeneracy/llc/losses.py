@@ -78,12 +78,12 @@ class _KLToReference(torch.autograd.Function):
             torch.sub(log_ref, buf, out=buf)
             torch.mul(ref, buf, out=buf).masked_fill_(zero_mass, 0.0)
             torch.sum(buf, -1, out=out[c])
-        ctx.save_for_backward(z, log_ref, zero_mass)
+        ctx.save_for_backward(z, log_ref, ref, zero_mass)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        z, log_ref, zero_mass = ctx.saved_tensors
+        z, log_ref, ref, zero_mass = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: autograd's graph of the written-out form
             (dz,) = torch.autograd.grad(_written_out_kl(z, log_ref, zero_mass), z, grad_outputs=grad, create_graph=True)
             return dz, None
@@ -91,7 +91,6 @@ class _KLToReference(torch.autograd.Function):
         # form (−p*·g through the selection, then log-softmax's backward), row for row.
         dz = torch.empty_like(z)
         logp, dlogp = torch.empty_like(log_ref), torch.empty_like(log_ref)
-        ref = log_ref.exp()
         for c in range(z.shape[0]):
             torch.log_softmax(z[c], -1, out=logp)
             torch.mul(grad[c, ..., None], ref, out=dlogp).masked_fill_(zero_mass, 0.0).neg_()
