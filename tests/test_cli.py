@@ -96,7 +96,8 @@ def test_only_runs_the_named_sections_and_needs_no_data_for_weights(tmp_path, hf
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "toy:nope"], "bundled"),
+        (["--model", "toy:nope"], "--model 'toy:nope': unknown bundled model"),
+        (["--set", "draws=10", "--set", "draws=20"], "draws twice"),
         (["--model", "/nonexistent/model-dir"], "no such file"),
         (["--data", "/nonexistent/file.txt"], "no such file"),
         (["--set", "draws"], "KEY=VALUE"),
@@ -107,6 +108,14 @@ def test_only_runs_the_named_sections_and_needs_no_data_for_weights(tmp_path, hf
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
     assert main(["report", "--out", str(tmp_path / "x"), "--quiet", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_repeated_set_and_only_add_up(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(cli, "_report", lambda args: seen.update(only=args.only, set=args.set) or 0)
+    assert main(["report", "--out", str(tmp_path / "x"), "--only", "summary", "--only", "invariants", "counts",
+                 "--set", "chains=2", "draws=50", "--set", "n_probes=2"]) == 0
+    assert seen == {"only": ["summary", "invariants", "counts"], "set": ["chains=2", "draws=50", "n_probes=2"]}
 
 
 def test_token_ids_out_of_range_exit_2(tmp_path, capsys):

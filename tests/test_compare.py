@@ -59,7 +59,8 @@ def test_the_frame_holds_both_reports_values_and_their_differences(saved):
     comparison = tld.compare_reports(dir_a, dir_b)
     assert comparison.names == ("a", "b") and comparison.sources == (str(dir_a.resolve()), str(dir_b.resolve()))
     frame = comparison.to_frame()
-    assert list(frame.columns) == ["section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se"]
+    assert list(frame.columns) == ["section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se",
+                                   "comparable"]
     assert list(dict.fromkeys(frame["section"])) == CHEAP == comparison.sections
     for name in CHEAP:
         status = _row(frame, name, "status")
@@ -98,11 +99,15 @@ def test_every_setting_that_differs_is_listed(saved):
     assert tld.compare_reports(dir_a, Report.load(dir_a)).settings_frame().empty
 
 
-def _llc(llc: float, se: float, sweep: dict[float, tuple[float, float]]) -> SectionResult:
-    """A hand-made LLC section: λ̂ ± se at the default scale and a sweep ε → (λ̂, se)."""
-    table = pd.DataFrame([{"loss_scale": eps, "llc": v, "llc_stderr": s, "n_eff": 2 * v} for eps, (v, s) in sweep.items()])
+def _llc(llc: float, se: float, sweep: dict[float, tuple[float, float]], gamma: float = 100.0,
+         converged: bool = True) -> SectionResult:
+    """A hand-made LLC section: λ̂ ± se at the default scale and a sweep ε → (λ̂, se), all at ``gamma``."""
+    quantity = {"gamma": gamma, "selection": None, "n_params": 1000, "converged": converged}
+    table = pd.DataFrame([{"loss_scale": eps, "llc": v, "llc_stderr": s, "n_eff": 2 * v, **quantity}
+                          for eps, (v, s) in sweep.items()])
     return SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", headline=f"λ̂_B = {llc} ± {se}",
-                         values={"llc": llc, "llc_stderr": se, "n_eff": 2 * llc, "loss_scale": 1e-3, "converged": False},
+                         values={"llc": llc, "llc_stderr": se, "n_eff": 2 * llc, "loss_scale": 1e-3, **quantity,
+                                 "convergence_reason": None if converged else "split-R̂ 1.3 > 1.05"},
                          tables={"sweep": table})
 
 
@@ -127,8 +132,25 @@ def test_estimates_compare_within_two_combined_standard_errors(saved, tmp_path):
     page = comparison.save(tmp_path / "cmp").read_text()
     assert "10 ± 1" in page and "13 ± 1" in page and f"yes: |B − A| &gt; {2 * math.sqrt(2):.3g}" in page
     assert f"no: |B − A| ≤ {2 * math.sqrt(2):.3g}" in page
+    assert (frame[frame["a_stderr"].notna() & frame["b_stderr"].notna()]["comparable"] == "yes").all()
+
+
+def test_estimates_of_other_quantities_or_unconverged_are_not_tested(saved, tmp_path):
+    a, b, *_ = saved
+    with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    # γ differs (gamma="auto" picks it per run): λ̂_B(ε, γ) is another quantity, however far apart
+    comparison = tld.compare_reports(with_llc(a, _llc(10.0, 0.1, {1e-2: (4.0, 0.1)}, gamma=538.0)),
+                                     with_llc(b, _llc(13.0, 0.1, {1e-2: (6.0, 0.1)}, gamma=64550.0, converged=False)))
+    frame = comparison.to_frame()
+    for value in ("llc", "n_eff", "sweep ε=0.01 · llc"):
+        row = _row(frame, "llc", value)
+        assert row["beyond_2se"] is None, value
+        assert "gamma differs (538 vs 6.455e+04)" in row["comparable"] and "B not converged" in row["comparable"]
+    text = comparison.summary()
+    assert "beyond 2 combined" not in text and "llc: not compared (gamma differs" in text
+    assert "not compared: gamma differs" in comparison.save(tmp_path / "cmp").read_text()
     # the convergence verdicts, as they are
-    assert html.escape(verdict(comparison.a["llc"])) in page and "not converged" in verdict(comparison.a["llc"])
+    assert "not converged" in verdict(comparison.b["llc"])
 
 
 def test_the_page_shows_both_sides(saved, tmp_path):

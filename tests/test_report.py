@@ -69,6 +69,18 @@ def test_sections_hold_the_analyses_numbers(full_report):
     assert len(llc.tables["chains"]) == TINY["chains"]
     assert llc.tables["components"]["component"].tolist() == ["blocks.1.attn"]
     assert set(llc.figures) == {"n_eff_sweep", "trace", "components"}
+    # every N_eff(ε, γ) of the headline carries its ± and, unconverged, reads as a lower bound
+    points = llc.headline.split("N_eff(ε, γ): ", 1)[1].split("), ")
+    assert len(points) == len(sweep) and all(" ± " in p for p in points)
+    for p, r in zip(points, sweep.itertuples()):
+        assert p.startswith("≥ ") == ("(not converged)" in p) == (not r.converged)
+
+
+def test_an_llc_without_a_spread_says_so_instead_of_nan():
+    from tl_degeneracy.llc.llc_result import estimate_text
+
+    assert estimate_text(341.6, float("nan"), 1) == "341.6 ± unknown (1 healthy chain: no spread to measure)"
+    assert estimate_text(50.7213, 0.391, 4) == "50.72 ± 0.39"
 
 
 def test_saved_report_round_trips_and_has_a_csv_per_table(full_report, tmp_path):
@@ -361,7 +373,8 @@ def test_every_section_opens_with_a_verdict_and_a_glossary(full_report):
         for term, text, n in terms:
             assert n in anchors and text
             assert f"<dt>{html_lib.escape(term)}</dt>" in body and f'href="{METHODS_DOC}#s{n}"' in body
-        assert words in summary and words in rep._repr_html_().replace("&#x27;", "'")
+        # (the summary wraps a long verdict onto indented lines)
+        assert " ".join(words.split()) in " ".join(summary.split()) and words in rep._repr_html_().replace("&#x27;", "'")
     # loaded from report.json the verdicts are the same (they are made from stored values only)
     loaded = Report.load(out)
     assert [verdict(s) for s in loaded.sections.values()] == [verdict(s) for s in rep.sections.values()]
@@ -385,6 +398,9 @@ def test_verdicts_say_what_the_numbers_mean():
     assert verdict(sec("llc", **llc, converged=False, convergence_reason="R̂ 1.76 (max 1.05)")) == (
         "λ̂ not converged — lower bound: R̂ 1.76 (max 1.05); N_eff ≥ 43.8 at ε = 0.001, γ = 1")
     assert verdict(sec("llc", **llc, converged=True)).startswith("λ̂ converged: N_eff = 43.8 of 478,976")
+    restricted = verdict(sec("llc", **llc, converged=True, llc_stderr=0.05, selection="blocks.1.attn"))
+    assert restricted.startswith("λ̂ converged: N_eff = 43.8 ± 0.1 of 478,976") and \
+        restricted.endswith("restricted to blocks.1.attn (478,976 parameters; the rest held at θ*)")
     assert verdict(sec("counts", free=0, n_params=10, n_eff_kfac=10)).startswith("no activation or Jacobian degeneracy")
     assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")
     limited = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,

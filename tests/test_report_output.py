@@ -48,6 +48,31 @@ def _one_paragraph(err: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- directory
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys, fresh):
+    out = tmp_path / "mine"
+    out.mkdir()
+    files = {"report.html": b"<p>my notes</p>", "activations_hooks.csv": b"a,b\n1,2\n", "notes.txt": b"x"}
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    assert _run(out, "--model", "toy:sma", *CHEAP, *fresh) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "not a tl-degeneracy report" in err and "activations_hooks.csv" in err and "new or empty --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_fresh_over_an_unreadable_report_deletes_no_csv(tmp_path, capsys):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.json").write_text("{not json")
+    (out / "llc_my_measurements.csv").write_text("a\n1\n")
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 2  # unreadable: refused without --fresh
+    assert "cannot be read" in _one_paragraph(capsys.readouterr().err)
+    assert _run(out, "--model", "toy:sma", *CHEAP, "--fresh") == 0
+    assert (out / "llc_my_measurements.csv").read_text() == "a\n1\n"
+    assert _stored(out)["model"]["label"] == "toy:sma"
+
+
 def test_another_model_is_refused_and_fresh_replaces_the_report_whole(tmp_path, capsys):
     out = tmp_path / "rep"
     assert _run(out, "--model", "toy:sma", *CHEAP) == 0

@@ -63,6 +63,8 @@ def _overrides(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CLIError(f"--set {item!r}: expected KEY=VALUE (e.g. draws=400)")
+        if key.strip() in out:  # which of two values was meant cannot be told
+            raise CLIError(f"--set gives {key.strip()} twice ({out[key.strip()]!r} and {value!r}); give it once")
         out[key.strip()] = value
     return out
 
@@ -183,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "directory, or toy / toy:NAME (default: the bundled data of a toy model)")
     rep.add_argument("--out", default="reports/default", help="output directory (default reports/default)")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
-    rep.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
-                     help=f"run only these sections: {', '.join(SECTIONS)}")
+    rep.add_argument("--only", nargs="+", action="extend", choices=SECTIONS, metavar="SECTION",
+                     help=f"run only these sections: {', '.join(SECTIONS)} (repeatable)")
     rep.add_argument("--preset", choices=PRESETS, default="quick", help="budget preset (default quick)")
-    rep.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override budget fields of the preset")
+    rep.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                     help="override budget fields of the preset (repeatable; a key given twice is refused)")
     rep.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None,
                      help="load the model's weights in this dtype (default: the loader's, float32 for Hugging Face "
                           "and GGUF models); statistics accumulate in float64 and the LLC's loss in float32 or wider "
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="memory budget of the statistics passes, e.g. 8G or 512M (default: half the available "
                           "RAM, 80%% of the free GPU memory on a GPU); sequence length and batch size not set "
                           "explicitly are lowered until a batch fits, and the report header says so")
-    rep.add_argument("--llc-components", nargs="+", default=None, metavar="COMPONENT",
+    rep.add_argument("--llc-components", nargs="+", action="extend", default=None, metavar="COMPONENT",
                      help="also the restricted LLC per component: heads, layers, attn, mlp, or selections "
                           "such as blocks.0.attn.head1")
     rep.add_argument("--seed", type=int, default=0, help="seed of the probes and SGLD chains (default 0)")

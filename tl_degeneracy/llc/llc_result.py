@@ -8,6 +8,8 @@ chains converged (split-R̂, ESS, drift, diverged chains) is convergence.py's ve
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -131,7 +133,8 @@ class LLCResult:
 
     def __repr__(self) -> str:
         return (
-            f"LLCResult({self.label} = {self.llc:.4g} ± {self.llc_stderr:.2g} (stderr), n_eff={self.n_eff:.4g}, "
+            f"LLCResult({self.label} = {estimate_text(self.llc, self.llc_stderr, self.chains - len(self.failed))} "
+            f"(stderr), n_eff={self.n_eff:.4g}, "
             f"n_params={self.n_params}, nbeta={self.nbeta:g}, gamma={self.gamma:.4g}, step_size={self.step_size:.3g}, "
             f"bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
             f"chains={self.chains}, failed={len(self.failed)}, converged={self.converged}, "
@@ -151,6 +154,14 @@ class LLCResult:
         fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"{self.label} = {self.llc:.3g}")
         fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title=f"Behavioral LLC traces, {self.label}")
         return fig
+
+
+def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") -> str:
+    """``value ± stderr`` as every printout shows an LLC; where the standard error over chains is
+    undefined (fewer than two healthy chains) it says so instead of printing nan."""
+    if math.isfinite(stderr):
+        return f"{value:{spec}} ± {stderr:.2g}"
+    return f"{value:{spec}} ± unknown ({healthy} healthy chain{'' if healthy == 1 else 's'}: no spread to measure)"
 
 
 def chain_estimates(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.ndarray) -> tuple[np.ndarray, float, float, float]:

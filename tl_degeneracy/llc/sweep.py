@@ -40,7 +40,7 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
                 disable=not show_progress(kwargs.get("progress", True), distributed_context().rank))
 
 
-_SUMMARY = ["gamma", "gamma_source", "llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "n_failed",
+_SUMMARY = ["gamma", "gamma_source", "llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed",
             "cumulative_step", "converged", "rhat", "ess", "drift", "convergence_reason"]
 
 

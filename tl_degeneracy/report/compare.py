@@ -9,7 +9,10 @@ Uncertainty: where a value is an estimate with a standard error — the behavior
 component (METHODS §1: the standard error of the mean over chains) — the frame gives both standard
 errors and whether |B − A| exceeds two combined standard errors, 2·√(se_A² + se_B²). That error is
 the spread between chains only, not the bias of chains too short to converge, which each section's
-verdict states as it is ("not converged": a lower bound).
+verdict states as it is ("not converged": a lower bound). Two estimates are tested only when they
+are of one quantity — the same loss scale ε, localization γ and parameter selection (METHODS §1:
+λ̂_B(ε, γ) moves with γ, and ``gamma="auto"`` picks γ per run) — and both converged; otherwise
+``comparable`` says why not and ``beyond_2se`` is None.
 
 ``save(dir)`` writes ``comparison.html`` (one self-contained page, plotly.js inlined once, opens
 offline: html.render_comparison), ``comparison.csv`` (the frame) and ``comparison.json`` (which two
@@ -42,13 +45,15 @@ __all__ = ["ReportComparison", "ReportInputError", "compare_reports", "default_d
 FILES = ("comparison.html", "comparison.csv", "comparison.json")
 FORMAT = "tl-degeneracy-comparison/1"
 #: Columns of ``ReportComparison.to_frame()``.
-COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se")
+COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se", "comparable")
 
 #: value → (the value holding its standard error, factor): N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B) (METHODS §1).
 STDERR = {"llc": ("llc_stderr", 1.0), "n_eff": ("llc_stderr", 2.0)}
 #: Section → (table, the column naming each row, the row's name): tables whose rows are estimates
 #: with standard errors (STDERR), compared row by row beside the section's values.
 ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("components", "component", "component {}"))}
+#: What makes two LLC estimates one quantity (METHODS §1), as the section values and table rows name it.
+QUANTITY = ("loss_scale", "gamma", "selection", "n_params")
 
 
 class ReportInputError(TLDegeneracyError, ValueError):
@@ -137,15 +142,18 @@ class ReportComparison:
     def to_frame(self) -> pd.DataFrame:
         """One row per (section, value), sections in report order: ``a``, ``b`` (None where a report
         lacks the value), ``difference`` = b − a where both are finite numbers, ``a_stderr`` and
-        ``b_stderr`` for estimates (see the module docstring) and ``beyond_2se``: |b − a| >
-        2·√(a_stderr² + b_stderr²) (None where either standard error is unknown). Each section
-        starts with its ``status`` row: ok, skipped, failed, or missing (not in that report)."""
+        ``b_stderr`` for estimates (see the module docstring), ``beyond_2se``: |b − a| >
+        2·√(a_stderr² + b_stderr²) (None where either standard error is unknown or the estimates
+        are not comparable) and ``comparable`` for estimates: "yes", or why not (ε, γ or the
+        parameter selection differ; a side did not converge). Each section starts with its
+        ``status`` row: ok, skipped, failed, or missing (not in that report)."""
         rows = []
         for name in self.sections:
             sa, sb = self.section(name)
-            rows.append(_row(name, "status", (section_status(sa), None), (section_status(sb), None)))
+            rows.append(_row(name, "status", (section_status(sa), None, None), (section_status(sb), None, None)))
             va, vb = _scalars(sa), _scalars(sb)
-            rows += [_row(name, k, va.get(k, (None, None)), vb.get(k, (None, None))) for k in dict.fromkeys([*va, *vb])]
+            rows += [_row(name, k, va.get(k, (None, None, None)), vb.get(k, (None, None, None)))
+                     for k in dict.fromkeys([*va, *vb])]
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def settings_frame(self) -> pd.DataFrame:
@@ -180,6 +188,10 @@ class ReportComparison:
             for r in beyond.itertuples():
                 lines += textwrap.wrap(f"{r.value}: {value_text(r.a, r.a_stderr)} vs {value_text(r.b, r.b_stderr)}, "
                                        "beyond 2 combined standard errors", width, initial_indent=" " * 22,
+                                       subsequent_indent=" " * 24, break_on_hyphens=False)
+            apart = frame[(frame["section"] == name) & frame["comparable"].notna() & (frame["comparable"] != "yes")]
+            for r in apart[apart["value"].isin(["llc", *[v for v in apart["value"] if v.endswith("· llc")]])].itertuples():
+                lines += textwrap.wrap(f"{r.value}: not compared ({r.comparable})", width, initial_indent=" " * 22,
                                        subsequent_indent=" " * 24, break_on_hyphens=False)
         return "\n".join(lines)
 
@@ -258,21 +270,36 @@ def _same(there: dict, here: dict) -> bool:
     return there.get("source") is None or here.get("source") is None or there["source"] == here["source"]
 
 
-def _scalars(sec: SectionResult | None) -> dict[str, tuple[object, float | None]]:
+def _scalars(sec: SectionResult | None) -> dict[str, tuple[object, float | None, dict | None]]:
     """A section's scalar values (html.flat_values, as JSON values) → (value, its standard error or
-    None), then the estimates of its ESTIMATE_TABLES, row by row."""
+    None, the record that says which quantity an estimate is, or None), then the estimates of its
+    ESTIMATE_TABLES, row by row."""
     if sec is None:
         return {}
     values = to_jsonable(flat_values(sec.values))
-    out = {k: (v, _stderr(values, k)) for k, v in values.items()}
+    out = {k: (v, _stderr(values, k), values if k in STDERR else None) for k, v in values.items()}
     for table, key, label in ESTIMATE_TABLES.get(sec.name, ()):
         frame = sec.tables.get(table)
         if frame is None or key not in frame:
             continue
         for record in to_jsonable(frame.to_dict(orient="records")):
-            out.update({f"{label.format(record[key])} · {col}": (record[col], _stderr(record, col))
+            out.update({f"{label.format(record[key])} · {col}": (record[col], _stderr(record, col), record)
                         for col in STDERR if col in record})
     return out
+
+
+def _incomparable(qa: dict, qb: dict) -> str | None:
+    """Why two LLC estimates (their section values or table rows) cannot be tested against each
+    other — not one quantity (QUANTITY), or a side not converged (a lower bound) — or None."""
+    reasons = []
+    for key in QUANTITY:
+        a, b = qa.get(key), qb.get(key)
+        na, nb = _number(a), _number(b)
+        same = math.isclose(na, nb, rel_tol=1e-9) if na is not None and nb is not None else a == b
+        if not same:
+            reasons.append(f"{key} differs ({value_text(a)} vs {value_text(b)})")
+    reasons += [f"{side} not converged (a lower bound)" for side, q in zip("AB", (qa, qb)) if q.get("converged") is False]
+    return "; ".join(reasons) or None
 
 
 def _stderr(values: dict, key: str) -> float | None:
@@ -291,13 +318,15 @@ def _number(v) -> float | None:
 
 
 def _row(section: str, value: str, a: tuple, b: tuple) -> dict:
-    (va, se_a), (vb, se_b) = a, b
+    (va, se_a, qa), (vb, se_b, qb) = a, b
     na, nb = _number(va), _number(vb)
     difference = nb - na if na is not None and nb is not None and math.isfinite(na) and math.isfinite(nb) else None
+    why_not = _incomparable(qa, qb) if qa is not None and qb is not None else None
+    comparable = None if qa is None or qb is None else why_not or "yes"
     beyond = None
-    if difference is not None and se_a is not None and se_b is not None:
+    if difference is not None and se_a is not None and se_b is not None and why_not is None:
         beyond = abs(difference) > 2 * math.hypot(se_a, se_b)
-    return dict(zip(COLUMNS, (section, value, va, vb, difference, se_a, se_b, beyond)))
+    return dict(zip(COLUMNS, (section, value, va, vb, difference, se_a, se_b, beyond, comparable)))
 
 
 def _setup(report: Report) -> dict:

@@ -23,6 +23,7 @@ from ..data import TokenBatches, token_batches
 from ..errors import DataError
 from ..memory import MemoryBudget
 from ..models.adapter import ModelAdapter
+from ..models.toys.registry import BUNDLED
 from .settings import ReportSettings
 
 __all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
@@ -50,8 +51,9 @@ def library_versions() -> dict[str, str]:
 
 
 def default_data_spec(model_spec: str | None) -> str | None:
-    """``toy:NAME`` for a bundled toy spec (its bundled data), else None (no default data)."""
-    if isinstance(model_spec, str) and model_spec.startswith("toy:"):
+    """``toy:NAME`` for a bundled toy spec (its bundled data), else None (no default data; an unknown
+    toy spec is then refused by the model loader, which names the bundled models)."""
+    if isinstance(model_spec, str) and model_spec in BUNDLED:
         return "toy:" + model_spec.removeprefix("toy:").split("-")[0]
     return None
 

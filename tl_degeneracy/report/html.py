@@ -336,12 +336,14 @@ def _compared_values(rows: pd.DataFrame) -> str:
     })
     if has_se.any():
         shown["beyond 2 SE"] = [
+            f"not compared: {why}" if isinstance(why, str) and why != "yes" else
             "" if beyond is None or pd.isna(beyond) else
             f"{'yes' if beyond else 'no'}: |B − A| {'>' if beyond else '≤'} {2 * math.hypot(sa, sb):.3g}"
-            for beyond, sa, sb in zip(rows["beyond_2se"], rows["a_stderr"], rows["b_stderr"])]
+            for beyond, sa, sb, why in zip(rows["beyond_2se"], rows["a_stderr"], rows["b_stderr"], rows["comparable"])]
     note = ('<p class="more">± is the standard error of the mean over chains (METHODS §1); "beyond 2 SE": '
-            "|B − A| exceeds 2·√(se_A² + se_B²), more than chain-to-chain noise explains. It does not cover the "
-            "bias of chains too short to converge: read each side's verdict above.</p>" if has_se.any() else "")
+            "|B − A| exceeds 2·√(se_A² + se_B²), more than chain-to-chain noise explains. Estimates are compared only "
+            "at the same ε, γ and parameter selection, and when both converged (an unconverged λ̂ is a lower bound); "
+            "otherwise the column says why not.</p>" if has_se.any() else "")
     return f"<h3>Values</h3>{_table(shown, max_rows=len(shown))}{note}"
 
 

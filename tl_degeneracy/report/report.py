@@ -194,13 +194,18 @@ class Report:
         else None (no report there, or ``replace``). Creates the directory.
 
         Raises:
-            ReportDirectoryError: ``directory`` cannot be written, or (without ``replace``) it holds
-                a report of another model, data set or package version, or one it cannot read.
+            ReportDirectoryError: ``directory`` cannot be written; it holds no report.json but other
+                files (whatever ``replace``: a fresh start replaces a report, never foreign files); or
+                (without ``replace``) it holds a report of another model, data set or package version,
+                or one it cannot read.
         """
         out = Path(directory)
         check_writable(out)
         path = out / "report.json"
-        if replace or not path.exists():
+        if not path.exists():
+            _refuse_foreign_files(out)
+            return None
+        if replace:
             return None
         try:
             older = cls.load(out)
@@ -357,17 +362,32 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _remove_report(out: Path) -> None:
-    """Delete the report in ``out``: report.json, report.html and the CSVs report.json lists (or,
-    when it cannot be read, every ``<section>_<table>.csv`` of a registered section)."""
-    from .registry import SECTIONS
-
+    """Delete the report in ``out``: report.json, report.html and the CSVs report.json lists. When
+    report.json cannot be read, no CSV is deleted: which files it wrote cannot be told, and a file
+    that is not the report's must never be lost (the new report overwrites its own names)."""
     try:
         stored = json.loads((out / "report.json").read_text())
         csvs = [out / t["csv"] for s in stored["sections"].values() for t in s["tables"].values()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        csvs = [p for name in SECTIONS for p in out.glob(f"{name}_*.csv")]
+        csvs = []
     for path in (*csvs, out / "report.json", out / "report.html"):
         path.unlink(missing_ok=True)
+
+
+#: What a directory may hold before its first report.json: the run's checkpoints (an interrupted
+#: first run resumes from them).
+_OWN_ENTRIES = frozenset({"checkpoints"})
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    """Raise :class:`ReportDirectoryError` when ``out``, which holds no report.json, holds files the
+    report would overwrite or mix with (anything but its checkpoints and hidden files)."""
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ReportDirectoryError(
+            f"{out} holds files that are not a tl-degeneracy report ({shown}); a report written there could "
+            "overwrite them or be mixed up with them. Write to a new or empty --out directory.")
 
 
 def _clip(line: str, width: int) -> str:

@@ -19,6 +19,7 @@ from ..errors import MissingHookError
 from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
+from ..llc.llc_result import estimate_text
 from ..plots import plot_spectra
 from ..stats import activation_stats
 from ..synchronization import head_synchronization, neuron_synchronization
@@ -241,7 +242,7 @@ def llc(ctx: ReportContext) -> SectionOutput:
             values={**summary, "diagnostics": {k: res.diagnostics.get(k) for k in _DIAGNOSTICS}},
             settings={"llc_data": data.positions.to_dict(), "llc_components": ctx.llc_components},
             notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
-                   f"the budget of {s.llc_max_draws:,} draws"
+                   f"the budget of {fixed['max_draws']:,} draws"
                    f"{'' if s.llc_time_limit is None else f' or {s.llc_time_limit:g} s per run'} was spent) SGLD steps "
                    f"on {data.n_samples:,} positions, at localization γ = {res.gamma:.3g} "
                    f"({res.diagnostics.get('gamma_source', 'given')}). "
@@ -267,12 +268,21 @@ def llc(ctx: ReportContext) -> SectionOutput:
             bar.update()
             out.tables["components"] = comps
             out.figures["components"] = plot_component_llc(comps)
-    curve = ", ".join(f"{r.n_eff:.3g} at (ε = {r.loss_scale:g}, γ = {r.gamma:.3g})" for r in sweep.itertuples())
     state = "converged" if res.converged else f"not converged — lower bound: {res.convergence_reason}"
     scope = "" if s.llc_params is None else f" of {s.llc_params}"
-    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {res.llc:.4g} ± {res.llc_stderr:.2g} ({state}; N_eff = "
-                    f"{res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): {curve}")
+    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = "
+                    f"{estimate_text(res.llc, res.llc_stderr, res.chains - len(res.failed))} ({state}; N_eff "
+                    f"{'=' if res.converged else '≥'} {res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): "
+                    + ", ".join(_sweep_point(r) for r in sweep.itertuples()))
     return out
+
+
+def _sweep_point(r) -> str:
+    """One N_eff(ε, γ) of a sweep row: ± its standard error (2·se(λ̂)), and "≥ … (not converged)"
+    where its chains did not converge (a lower bound, METHODS §1)."""
+    value = estimate_text(r.n_eff, 2 * r.llc_stderr, r.chains - r.n_failed, ".3g")
+    where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g})"
+    return f"{value} at {where}" if r.converged else f"≥ {value} (not converged) at {where}"
 
 
 @register_section("sparsity", "Constructive sparsification of the MLPs", needs_data=True,
@@ -433,9 +443,15 @@ def _g(x, spec: str = "g") -> str:
 
 
 def _llc_verdict(v: dict) -> str:
-    # γ is part of the quantity (METHODS §1): the verdict names λ̂(ε, γ), not λ̂ alone.
+    # γ is part of the quantity (METHODS §1): the verdict names λ̂(ε, γ), not λ̂ alone; a restricted
+    # LLC names its selection, so that no comparison can take it for the whole model's.
     where = f"at ε = {_g(v.get('loss_scale'))}, γ = {_g(v.get('gamma'), '.3g')}"
+    if v.get("selection"):
+        where += f", restricted to {v['selection']} ({v.get('n_params', 0):,} parameters; the rest held at θ*)"
     n_eff, converged = _g(v.get("n_eff"), ".3g"), v.get("converged")
+    se = v.get("llc_stderr")
+    if isinstance(se, (int, float)) and math.isfinite(se) and v.get("n_eff") is not None:
+        n_eff += f" ± {2 * se:.2g}"
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:
