@@ -148,6 +148,21 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch, load, available, ex
     assert cli._idle_threads(available) == expected
 
 
+def test_a_shorter_fitted_sequence_length_keeps_the_data(tmp_path):
+    """--memory small enough to cut the sequences: they are cut shorter, not dropped (the positions
+    counted stay those of the unfitted run), and both the summary and the page say so."""
+    argv = ["--quiet", "--only", "activations", "--set", "n_sequences=8"]
+    assert main(["report", "--out", str(tmp_path / "a"), *argv]) == 0
+    assert main(["report", "--out", str(tmp_path / "b"), *argv, "--memory", "8M"]) == 0
+    a, b = _report(tmp_path / "a"), _report(tmp_path / "b")
+    memory = b["settings"]["memory"]
+    t0, t = memory["lowered"]["seq_len"]
+    assert t < t0 and memory["cut"] == {"n_sequences": [8, 8 * -(-t0 // t)]}
+    assert b["data"]["positions"]["n_samples"] == a["data"]["positions"]["n_samples"] == 8 * 128
+    page = (tmp_path / "b" / "report.html").read_text()
+    assert "memory budget 8.0 MiB" in page and "8 sequences cut into up to" in page
+
+
 def test_memory_budget_lowers_the_batch_size_and_the_header_says_so(tmp_path, capsys):
     """--memory: the batch size not set explicitly is halved until a batch of the counts' Jacobian
     pass fits (its estimate at 8 × 128 tokens is above the budget, at 4 × 128 below)."""

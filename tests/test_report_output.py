@@ -151,6 +151,13 @@ def test_a_partial_rerun_keeps_the_finished_sections(tmp_path):
     again = _stored(out)
     assert list(again["sections"]) == ["summary", "parameters", "invariants", "activations"]
     assert again["data"]["source"] == again["identity"]["data"]["source"] == "toy:sma"
+    # A section kept from a run with other data settings says so; the header describes this run.
+    assert _run(out, "--model", "toy:sma", "--only", "summary", "--set", "n_sequences=16") == 0
+    report = Report.load(out)
+    assert report.settings_apart(report["activations"]) == {"n_sequences": 8}
+    assert report.settings_apart(report["summary"]) == {}
+    assert "than the header's (an earlier run into this directory): n_sequences=8" in report.summary(width=200)
+    assert "an earlier run into this directory): n_sequences=8" in (out / "report.html").read_text()
 
 
 def _report(identity, tables):

@@ -199,6 +199,8 @@ class ReportContext:
         Changes ``settings`` (and drops the batches built from the old ones); returns what the
         report header states: the budget, the estimate per batch, and the values before and after.
         A pass that still does not fit fails when it starts, with a message saying what to lower.
+        A shorter sequence length keeps the data: ``n_sequences`` (which counts sequences after
+        cutting) grows by the same factor, so the sequences are cut shorter, not dropped.
         """
         from ..memory import counts_grams, estimate
 
@@ -235,7 +237,10 @@ class ReportContext:
         info.update(needed=needed(b, t), fits=needed(b, t) <= budget.bytes,
                     lowered={k: [old, new] for k, old, new in (("batch_size", b0, b), ("seq_len", t0, t)) if old != new})
         if info["lowered"]:
-            self.update_settings(batch_size=b, seq_len=t if t != t0 else s.seq_len)
+            pieces = -(-t0 // t)  # each sequence becomes this many
+            self.update_settings(batch_size=b, seq_len=t if t != t0 else s.seq_len, n_sequences=s.n_sequences * pieces)
+            if pieces > 1:
+                info["cut"] = {"n_sequences": [s.n_sequences, self.settings.n_sequences]}
             info.update(batch_size=self.settings.batch_size, seq_len=self.settings.seq_len)
         return info
 

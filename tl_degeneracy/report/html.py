@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .report import Report, SectionResult, changed_settings, time_line
+from .report import Report, SectionResult, changed_settings, memory_line, time_line
 from .sections import METHODS_DOC, glossary, verdict
 
 if TYPE_CHECKING:
@@ -189,12 +189,15 @@ def _changed(settings: Mapping) -> str:
     return " ".join(f"{k}={v}" for k, v in changed_settings(settings).items())
 
 
-def _section(sec: SectionResult) -> str:
+def _section(sec: SectionResult, apart: dict) -> str:
+    """One section of the page; ``apart``: its settings that differ from the header's (Report.settings_apart)."""
     badges = f'<span class="badge {sec.status}">{sec.status}</span>'
     if sec.cached:
         badges += ' <span class="badge cached">from checkpoint</span>'
     when = f"{sec.wall_s:.1f} s" + (" (earlier run)" if sec.cached else "")
-    meta = " · ".join(x for x in (when, sec.methods) if x)
+    other = ("computed with other settings than the header's (an earlier run into this directory): "
+             + " ".join(f"{k}={v}" for k, v in apart.items())) if apart else ""
+    meta = " · ".join(x for x in (when, sec.methods, other) if x)
     words = verdict(sec)
     parts = [f'<section id="sec-{_e(sec.name)}"><h2>{_e(sec.title)} {badges}</h2>'
              + (f'<p class="verdict">{_e(words)}</p>' if words else "") + _glossary(sec)
@@ -237,6 +240,8 @@ def _facts(report: Report) -> dict[str, str]:
     changed = _changed(s)
     if changed:
         facts["changed from preset"] = changed
+    if s.get("memory"):
+        facts["memory"] = memory_line(s["memory"])
     if (s.get("time_fit") or {}).get("lowered"):
         facts["time fit"] = time_line(s["time_fit"])
     if report.data:
@@ -285,7 +290,7 @@ def render_html(report: Report) -> str:
 <div class="facts">{facts_html}</div></header>
 <main>
 <nav><h2>Contents</h2><ol>{"".join(toc)}</ol>{header_details}</nav>
-{"".join(_section(sec) for sec in report.sections.values())}
+{"".join(_section(sec, report.settings_apart(sec)) for sec in report.sections.values())}
 </main>
 <footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods:
 <a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""")

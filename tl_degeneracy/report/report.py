@@ -266,8 +266,20 @@ class Report:
                     lines.append(_clip(f"{'':28}{text}", width))
             else:
                 lines.append(_clip(f"{mark}{sec.name:<16} {when:>8}  {text}", width))
+            apart = self.settings_apart(sec)
+            if apart:  # never clipped: the header's settings do not describe this section
+                lines += textwrap.wrap(f"computed with other settings than the header's (an earlier run into this "
+                                       f"directory): {_settings_text(apart)}", width, initial_indent=" " * 28,
+                                       subsequent_indent=" " * 30, break_on_hyphens=False)
             lines += [_clip(f"{'':28}warning: {w}", width) for w in sec.warnings]
         return "\n".join(lines)
+
+    def settings_apart(self, section: SectionResult) -> dict:
+        """The settings of ``section`` that differ from this report's own budgets: a section kept
+        from an earlier run into the same directory (:meth:`merge`) that other settings made."""
+        budgets = to_jsonable(self.settings.get("budgets") or {})
+        own = to_jsonable(section.settings)
+        return {k: v for k, v in own.items() if k in budgets and budgets[k] != v}
 
 
 #: A number as it appears in a headline: sign, digits with thousands separators, a decimal point or
@@ -312,6 +324,9 @@ def memory_line(memory: dict) -> str:
     if "needed" in memory:
         text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
     text += _lowered(memory)
+    if memory.get("cut"):
+        a, b = memory["cut"]["n_sequences"]
+        text += f" (the same data: {a:,} sequences cut into up to {b:,} shorter ones)"
     if memory.get("fits") is False:
         text += "; does NOT fit: the passes that exceed it are skipped, saying what to lower"
     return text
@@ -431,6 +446,10 @@ def _setting_text(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _settings_text(settings: dict) -> str:
+    return " ".join(f"{k}={_setting_text(v)}" for k, v in settings.items())
 
 
 def changed_settings(settings: dict) -> dict[str, str]:
