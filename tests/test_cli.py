@@ -108,6 +108,17 @@ def test_only_runs_the_named_sections_and_needs_no_data_for_weights(tmp_path, hf
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
     assert main(["report", "--out", str(tmp_path / "x"), "--quiet", *argv]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # the directory this run made is not left behind
+
+
+def test_an_interrupt_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_report", interrupted)
+    assert main(["report", "--out", str(tmp_path / "x"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "the same command resumes" in err
 
 
 def test_repeated_set_and_only_add_up(monkeypatch, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from tl_degeneracy.counts import degeneracy_counts
+from tl_degeneracy.counts import SampleLimitedWarning, degeneracy_counts, sample_limited
 
 from .fixtures.distributed import rank_results, run_two_processes
 from .fixtures.hf import ARCHS
@@ -92,6 +94,62 @@ def test_embeddings_row():
     frame = degeneracy_counts(model, tokens, n_probes=4, embeddings=True)
     row = frame[frame["map"] == "W_E"].iloc[0]
     assert row["rank_G"] == 7 and row["n_params"] == 20 * 16
+
+
+def test_embeddings_row_loss_scale():
+    """W_E's G = diag(token frequencies): a frequency at or below loss_scale is zero like any other
+    eigenvalue (METHODS §4), so rank_G is the number of tokens more frequent than it (it was the
+    number of distinct tokens whatever the loss_scale: 19 where 8 tokens are above 0.05)."""
+    model = make_tiny_toy_transformer(n_layers=1)
+    tokens = _tokens()
+    freq = torch.bincount(tokens.flatten().cpu(), minlength=20).double() / tokens.numel()
+    levels = freq[freq > 0].unique()  # ascending
+    loss_scale = float(levels[len(levels) // 2 - 1] + levels[len(levels) // 2]) / 2  # between two frequencies
+    above = int((freq > loss_scale).sum())
+    assert 0 < above < int((freq > 0).sum())
+    frame = degeneracy_counts(model, tokens, n_probes=2, embeddings=True, loss_scale=loss_scale, progress=False)
+    assert frame[frame["map"] == "W_E"].iloc[0]["rank_G"] == above
+
+
+def test_sample_limited_rule():
+    """The interaction basis's rule: the rank reached n (n − 1 centred), and n is below the dimension."""
+    assert sample_limited(10, 10, 16) and not sample_limited(9, 10, 16) and not sample_limited(16, 20, 16)
+    assert sample_limited(9, 10, 16, centered=True) and not sample_limited(8, 10, 16, centered=True)
+    assert not sample_limited(16, 16, 16)  # full rank: nothing is left for more data to show
+
+
+def test_sample_limited_rows():
+    """10 samples < D = 16: the reading maps' rank_G is 10, all the samples allow, so those rows are
+    flagged and a warning says so; W_O (d_in = d_head = 8 < 10) is not. With 160 samples nothing is."""
+    model = make_tiny_toy_transformer(n_layers=1)
+    distinct = torch.arange(2, 12).reshape(2, 5)  # no (token, position) twice: 10 different inputs
+    with pytest.warns(SampleLimitedWarning, match="reached n = 10"):
+        few = degeneracy_counts(model, distinct, n_probes=2, progress=False)
+    reading = few[few["map"].isin(["W_Q", "W_K", "W_V", "W_in"])]
+    assert (reading["rank_G"] == 10).all() and reading["sample_limited"].all()
+    assert not few[few["map"] == "W_O"]["sample_limited"].any()
+    assert (few["sample_limited"] == (few["rank_G"] >= 10) & (few["d_in"] > 10)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleLimitedWarning)
+        many = degeneracy_counts(model, _tokens(), n_probes=2, progress=False)
+    assert not many["sample_limited"].any()
+
+
+def test_report_counts_line_says_sample_limited():
+    """The report's counts headline and verdict say when counts are the data's limit."""
+    from tl_degeneracy import degeneracy_report
+    from tl_degeneracy.report.sections import verdict
+
+    model = make_tiny_toy_transformer(n_layers=1)
+    with pytest.warns(SampleLimitedWarning):
+        report = degeneracy_report(model, torch.arange(2, 12).reshape(2, 5), sections=["counts"], progress=False)
+    section = report["counts"]
+    assert section.status == "ok", section.reason
+    limited = int(section.tables["maps"]["sample_limited"].sum())
+    assert limited > 0 and section.values["sample_limited_maps"] == limited and section.values["n_samples"] == 10
+    assert f"{limited} map(s) at the rank their 10 samples allow" in section.headline
+    assert "the data's limit, not the model's" in verdict(section)
+    assert section.settings["counts_data"]["n_samples"] == 10
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -347,8 +348,6 @@ def test_json_values_are_strict():
 # ------------------------------------------------------------------ a report that explains itself
 
 def _methods_anchors() -> set[int]:
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     return {int(n) for n in re.findall(r'<a id="s(\d)"></a>', text)}
 
@@ -356,10 +355,13 @@ def _methods_anchors() -> set[int]:
 def test_every_section_opens_with_a_verdict_and_a_glossary(full_report):
     import html as html_lib
 
-    from tl_degeneracy.report.sections import METHODS_DOC, glossary, verdict
+    from tl_degeneracy.report.html import methods_href
+    from tl_degeneracy.report.sections import glossary, verdict
 
     rep, out, _ = full_report
     page = (out / "report.html").read_text()
+    href = methods_href()  # the checkout's docs/methods.md: reachable from any report directory
+    assert href.startswith("file://") and Path(href.removeprefix("file://")).is_file()
     anchors = _methods_anchors()
     assert anchors == set(range(9))  # docs/methods.md keeps METHODS §0–§8
     summary = rep.summary(width=200)
@@ -372,7 +374,7 @@ def test_every_section_opens_with_a_verdict_and_a_glossary(full_report):
             < body.index('<p class="meta">'), sec.name
         for term, text, n in terms:
             assert n in anchors and text
-            assert f"<dt>{html_lib.escape(term)}</dt>" in body and f'href="{METHODS_DOC}#s{n}"' in body
+            assert f"<dt>{html_lib.escape(term)}</dt>" in body and f'href="{href}#s{n}"' in body
         # (the summary wraps a long verdict onto indented lines)
         assert " ".join(words.split()) in " ".join(summary.split()) and words in rep._repr_html_().replace("&#x27;", "'")
     # loaded from report.json the verdicts are the same (they are made from stored values only)
@@ -406,6 +408,9 @@ def test_verdicts_say_what_the_numbers_mean():
     limited = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
                           inside_share=0.5, n_modules=3))
     assert "at 2 node(s) only as many as the 126 samples allow" in limited and "raise ib_tokens" in limited
+    few = verdict(sec("activations", n_samples=16, min_rank=16, dim=128))
+    assert few.startswith("residual stream rank 16 of 128") and "the data's limit, not the model's" in few
+    assert verdict(sec("activations", n_samples=1024, min_rank=127, dim=128)).startswith("residual stream rank-deficient")
     assert verdict(SectionResult(name="counts", title="c", status="skipped", reason="MissingHookError: x")).startswith(
         "does not apply")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
+from tl_degeneracy.counts import SampleLimitedWarning
 from tl_degeneracy.interaction.edges import edge_pass
 from tl_degeneracy.interaction.runner import build_runner
 from tl_degeneracy.models.toys.transformer import ToyTransformer
@@ -47,6 +48,7 @@ def test_relu_exact_on_several_subsets(results):
         assert abs(row.kl) <= ROUNDING, name
         assert row.zeros_added >= row.free_directions > 0, name
         assert row.zeros_in_model >= row.activation_free, name  # step 1's zeros are stored
+        assert not row.sample_limited and row.input_rank < res.n_samples, name  # the rank is the model's
     assert min(ranks) < 128  # a subset where the MLP input is low rank
     first4 = results["first4"][1].to_frame().iloc[0]
     assert first4.blocks > 0 and first4.sync_free > 0 and first4.eliminated_scale < 1e-6
@@ -148,12 +150,15 @@ def test_relu_layernorm_with_biases_exact():
             block.ln2.b.add_(0.2)
             block.mlp.b_in.normal_(0, 0.3)
     data = torch.randint(0, 11, (3, 4), generator=torch.Generator().manual_seed(0))
-    res = tld.sparsify(model, data)
+    with pytest.warns(SampleLimitedWarning, match="2 of 2 MLP inputs"):
+        res = tld.sparsify(model, data)
     frame = res.to_frame()
-    assert (frame["input_rank"] < 16).all()  # 12 samples
+    # 12 samples < D = 16 span the rank 12: the eliminated inputs are the data's limit, and flagged
+    assert (frame["input_rank"] == 12).all() and frame["sample_limited"].all()
     assert (frame["output_drift"] <= ROUNDING + 10 * frame["eliminated_scale"]).all()
     assert (frame["zeros_added"] >= frame["free_directions"]).all()
-    counts = tld.degeneracy_counts(model, data, n_probes=1, progress=False)
+    with pytest.warns(SampleLimitedWarning):
+        counts = tld.degeneracy_counts(model, data, n_probes=1, progress=False)
     w_in = counts[counts["map"] == "W_in"]
     assert list(frame["input_rank"]) == list(w_in["rank_G"])
     assert list(frame["activation_free"]) == list((w_in["d_in"] - w_in["rank_G"]) * w_in["d_out"])
@@ -192,4 +197,8 @@ def test_report_section(modadd):
     assert list(frame["layer"]) == [0] and section.values["zeros_added"] >= section.values["free_directions"] > 0
     assert "sparsity" in section.figures
     assert verdict(section).startswith("at least one non-interacting pair per free direction")
+    # the verdict says "exact" only with what bounds the drift: the input directions the rank rule dropped
+    scale = float(frame["eliminated_scale"].max())
+    assert section.values["eliminated_scale"] == scale
+    assert (f"≤ {scale:.2g} of the signal" in verdict(section)) == (scale > 0) and "exact up to rounding" in verdict(section)
     assert [t for t, *_ in glossary(section)] == ["free (counts)", "synchronized block", "zeros added", "output drift"]

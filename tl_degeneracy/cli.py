@@ -243,16 +243,33 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.llc_components) > 1:
             return _error(CLIError("--llc-components heads/layers/attn/mlp stands alone"), debug)
         args.llc_components = args.llc_components[0]  # a family name; otherwise a list of selections
+    out = Path(args.out) if getattr(args, "out", None) else None
+    created = out is not None and not out.exists()
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("tl-degeneracy: interrupted. Finished sections and the SGLD chains' checkpoints are kept: the same "
+              "command resumes from them (--fresh starts over).", file=sys.stderr)
+        return 130
     except CLIError as e:
+        _remove_if_left_empty(out, created)
         return _error(e, debug)
     except Exception as e:  # the package's own errors carry a message meant for the user
         from .errors import TLDegeneracyError
 
         if isinstance(e, TLDegeneracyError):
+            _remove_if_left_empty(out, created)
             return _error(e, debug)
         raise
+
+
+def _remove_if_left_empty(out: Path | None, created: bool) -> None:
+    """Remove the --out directory this run created when bad input stopped it before anything was
+    written there (an empty directory left behind would look like a finished run's)."""
+    if created and out is not None and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 if __name__ == "__main__":

@@ -27,15 +27,29 @@ to the Gram, since its ``hook_normalized`` precedes them).
 Ranks follow the package's one rule (METHODS §2, :func:`tl_degeneracy.numerics.rank_rtol` with
 ``gram=True``) for Grams of vectors computed in the forward/backward pass: its precision is
 ``activation_precision`` of the model's dtype (float32 for bf16/fp16/fp32 models, with a warning for half precision).
+W_E's G = diag(token frequencies) is exact (counts of one-hot inputs), so its precision is float64;
+the same rule and ``loss_scale`` decide which frequencies are zero.
+
+Positions (METHODS §0, §4): every non-padding position counts, BOS included. A direction is free only
+if nothing downstream reads it, and every later position reads the BOS position's activations
+through attention, so leaving BOS out would call a direction free that only BOS uses
+(:func:`counted_batches`; ``sparsify`` counts the same way).
+
+Sample limit: n samples span at most n directions, so a Gram whose rank reached n < d_in says as much
+about the data as about the model (:func:`sample_limited`, per row, with a :class:`SampleLimitedWarning`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from .data import token_batches
+from .data import TokenBatches, token_batches
 from .errors import MissingHookError
 from .memory import check_batches, counts_grams
 from .models.adapt import adapt
@@ -47,7 +61,49 @@ from .stats.jacobian import check_memory, jacobian_stats
 from .stats.passes import resolve_targets
 from .stats.stream import Step, stream
 
-__all__ = ["block_input_affine", "block_input_hook", "degeneracy_counts"]
+__all__ = ["SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
+           "sample_limited", "warn_sample_limited"]
+
+
+class SampleLimitedWarning(UserWarning):
+    """A rank reached the number of samples below the dimension: the count may be the data's limit."""
+
+
+def sample_limited(rank: int, n_samples: int, dim: int, centered: bool = False) -> bool:
+    """Whether a Gram's rank may be the data's limit rather than the model's: n samples span at most n
+    directions (n − 1 once centred), so a rank that reached that bound below the dimension ``dim``
+    cannot tell how many directions more data would show (the interaction basis's ``sample_limited``)."""
+    bound = n_samples - int(centered)
+    return bound < dim and rank >= bound
+
+
+def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_samples: int) -> None:
+    """A :class:`SampleLimitedWarning` when the ranks of ``limited`` of ``total`` Grams (``grams``
+    names them) are :func:`sample_limited`; nothing when none is."""
+    if limited:
+        warnings.warn(
+            f"{caller}: the rank of {limited} of {total} {grams} reached n = {n_samples}, the most directions "
+            f"{n_samples} samples can span (below the input width): their free directions may be the data's limit, "
+            "not the model's (column sample_limited); count on more positions",
+            SampleLimitedWarning,
+            stacklevel=3,
+        )
+
+
+def counted_batches(data, adapter: ModelAdapter, batch_size: int, seq_len: int | None, skip_bos: bool | None,
+                    caller: str) -> TokenBatches:
+    """``data``'s batches with every non-padding position counted, BOS included (METHODS §4, §8): every
+    later position reads the BOS position through attention, so a direction only BOS uses is not free.
+    A :class:`~tl_degeneracy.data.TokenBatches` that leaves BOS out (the default of ``token_batches``)
+    is read with it counted; ``skip_bos=True`` is refused for the same reason."""
+    if skip_bos:
+        raise ValueError(
+            f"{caller} counts the BOS position (skip_bos=True refused): every later position reads it through "
+            "attention, so a direction used only at BOS is not free, and leaving BOS out would count it free "
+            "(METHODS §4, §8); leave skip_bos unset"
+        )
+    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=False)
+    return dataclasses.replace(batches, skip_bos=False) if batches.skip_bos else batches
 
 
 def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
@@ -122,6 +178,15 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
     return accs
 
 
+def _token_frequencies(batches: TokenBatches, d_vocab: int) -> Float[Tensor, " d_vocab"]:
+    """Frequency of each token over the counted positions: the eigenvalues of W_E's input Gram
+    G = (1/n) Σ e_t e_tᵀ = diag(frequencies) (METHODS (4.1) for one-hot inputs), float64."""
+    counts = torch.zeros(d_vocab, dtype=torch.float64)
+    for batch in batches:
+        counts += torch.bincount(batch.tokens[batch.mask].cpu(), minlength=d_vocab).to(torch.float64)
+    return counts / batches.n_samples
+
+
 def degeneracy_counts(
     model,
     data,
@@ -141,23 +206,31 @@ def degeneracy_counts(
 
     Returns one row per map: ``map`` (W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, W_E), ``layer``,
     ``head`` (query head, or KV head for W_K/W_V; None for MLP maps), ``d_in``, ``d_out``,
-    ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K and ``free`` =
-    n_params − kfac. ``frame.attrs`` holds ``n_eff_kfac`` (Σ kfac), ``n_params``, the tolerances,
-    the objective and the positions counted.
+    ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K (4.5), ``free`` =
+    n_params − kfac (4.4) and ``sample_limited`` (rank_G reached the n samples below d_in:
+    :func:`sample_limited`; a :class:`SampleLimitedWarning` says how many). ``frame.attrs`` holds
+    ``n_eff_kfac`` (Σ kfac), ``n_params``, the tolerances, the objective and the positions counted:
+    every non-padding position, BOS included (:func:`counted_batches`).
 
     Args:
+        data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
+            BOS counted.
         rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram); default: the
             package's rank rule for a Gram (:func:`tl_degeneracy.numerics.rank_rtol` with ``gram=True``)
-            of that Gram's size at the forward pass's precision, ``activation_precision`` of the model's dtype.
+            of that Gram's size at the forward pass's precision, ``activation_precision`` of the model's
+            dtype (float64 for W_E's exact token frequencies).
         loss_scale: eigenvalues at or below it also count as zero (METHODS §4: a direction whose
-            variance is below ε is free at loss scale ε). ``None``: no absolute cut-off.
+            variance is below ε is free at loss scale ε; for W_E, a token frequency). ``None``: no
+            absolute cut-off.
         output: ``"kl"`` (Fisher-weighted) or ``"mse"`` on the logits, for K.
         n_probes, exact, seed: the Jacobian probes (``tld.jacobian_stats``).
         embeddings: also count W_E (one-hot inputs, G = diag of token frequencies).
         progress: a tqdm bar per pass over the data (block inputs, activations, Jacobian probes),
             as for the statistics passes (rank 0 only; TQDM_DISABLE turns them off).
+        skip_bos: ``None`` or ``False``; ``True`` is refused (BOS must count, module docstring).
 
     Raises:
+        ValueError: ``output`` not kl/mse, a negative ``loss_scale``, ``skip_bos=True``.
         MemoryBudgetError: a batch of the activation or Jacobian-probe pass would not fit the memory
         budget (``tld.memory``); raised before the first pass, saying what to lower.
     """
@@ -167,7 +240,7 @@ def degeneracy_counts(
         raise ValueError(f"loss_scale must be a non-negative number or None; got {loss_scale!r}")
     adapter = adapt(model)
     mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
-    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")
     L, H, n_kv, D, d = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_model, adapter.d_head
     atol = 0.0 if loss_scale is None else float(loss_scale)
     gated = adapter.cfg.gated_mlp
@@ -195,17 +268,23 @@ def degeneracy_counts(
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
                          seed=seed, per_head=True, progress=progress)
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
+    n = batches.n_samples
+
+    def spectrum_rank(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision) -> int:
+        """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS §4)."""
+        return int(numerical_rank(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
+                                  rtol=None if rtol is None else float(rtol), atol=atol))
 
     def rank(m: Tensor) -> int:
-        return int(numerical_rank(descending_eigvalsh(m), m.shape[-1], precision=precision, gram=True,
-                                  rtol=None if rtol is None else float(rtol), atol=atol))
+        return spectrum_rank(descending_eigvalsh(m))
 
     rows = []
 
     def add(map_name, layer, head, G_rank, K_rank, d_in, d_out):
         rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                      "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
-                     "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank})
+                     "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank,
+                     "sample_limited": sample_limited(G_rank, n, d_in)})
 
     for layer in range(L):
         s = inputs[attn_in[layer]]
@@ -233,13 +312,13 @@ def degeneracy_counts(
                 add("W_in", layer, None, rank_m, rank(jac[("mlp_pre", layer)].gram), D, F)
             add("W_out", layer, None, rank(acts[("mlp_post", layer)].gram), rank(jac[("mlp_out", layer)].gram), F, D)
     if embeddings:
-        seen = torch.zeros(adapter.d_vocab, dtype=torch.bool)
-        for batch in batches:
-            seen[batch.tokens[batch.mask].cpu()] = True
-        # G = diag(token frequencies): its rank is the number of distinct tokens at counted positions.
-        add("W_E", None, None, int(seen.sum()), rank(jac[adapter.hook_name("embed")].gram), adapter.d_vocab, D)
+        # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
+        G_rank = spectrum_rank(_token_frequencies(batches, adapter.d_vocab), torch.float64)
+        add("W_E", None, None, G_rank, rank(jac[adapter.hook_name("embed")].gram), adapter.d_vocab, D)
 
     frame = pd.DataFrame(rows)
+    warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
+                        "maps' input Grams (rank_G)", n)
     for col in ("layer", "head"):
         frame[col] = frame[col].astype("Int64")
     frame.attrs.update({

@@ -36,6 +36,11 @@ and bias applied, or the residual stream in a model without norms), hidden f = a
 
 Gated MLPs (post = act(x W_gate) ⊙ x W_in) are refused: the hidden unit is a product of two
 pre-activations, so neither the removal nor C passes through it.
+
+Every step (G¹, the synchronized blocks, the firing check, the drift) reads the same samples: every
+non-padding position, BOS included (``counts.counted_batches``). Every later position reads the BOS
+position through attention, so an input direction or a firing pattern used only at BOS is not free
+(a 2-layer float64 ReLU toy with BOS: output drift 1.5·10⁻² with BOS left out, 7·10⁻¹⁵ with it counted).
 """
 
 from __future__ import annotations
@@ -51,8 +56,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .counts import block_input_affine, block_input_hook
-from .data import token_batches
+from .counts import block_input_affine, block_input_hook, counted_batches, sample_limited, warn_sample_limited
 from .errors import MissingHookError, NumericalError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
@@ -110,10 +114,13 @@ class SparsifyResult:
     tol: float
     approximate: bool
     n_samples: int
+    positions: dict  # which positions counted (``Positions.to_dict()``): every non-padding one
     seconds: float
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per MLP layer: ``layer``, ``input_rank`` (r), ``blocks`` (synchronized blocks of ≥ 2
+        """One row per MLP layer: ``layer``, ``input_rank`` (r), ``sample_limited`` (r reached the
+        n samples below D, so ``activation_free`` may be the data's limit, not the model's:
+        ``counts.sample_limited``), ``blocks`` (synchronized blocks of ≥ 2
         neurons), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
         for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 the
         extra freedom s_a² − Σ per-neuron rescalings, at least 0), ``zeros_added`` (the entries of
@@ -125,11 +132,12 @@ class SparsifyResult:
         far the eliminated input directions are from exactly zero on the data, relative, so the size
         of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
         0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
-        columns = ["layer", "input_rank", "blocks", "free_directions", "activation_free", "sync_free", "zeros_added",
-                   "zeros_in_model", "blocks_in_model", "blocks_in_basis", "removed_neurons", "eliminated_scale", "output_drift", "kl"]
+        columns = ["layer", "input_rank", "sample_limited", "blocks", "free_directions", "activation_free", "sync_free",
+                   "zeros_added", "zeros_in_model", "blocks_in_model", "blocks_in_basis", "removed_neurons",
+                   "eliminated_scale", "output_drift", "kl"]
         frame = pd.DataFrame(self.rows, columns=columns)
         frame.attrs.update({"act_fn": self.act_fn, "tol": self.tol, "approximate": self.approximate,
-                            "n_samples": self.n_samples, "seconds": self.seconds})
+                            "n_samples": self.n_samples, "positions": self.positions, "seconds": self.seconds})
         return frame
 
     @property
@@ -351,20 +359,23 @@ def sparsify(
     Args:
         model: a model ``tld.adapt`` takes, with ReLU, GELU or SiLU MLPs whose weights are its
             parameters (HookedTransformer, the bundled toys). Never modified.
-        data: anything ``token_batches`` takes; every statistic and the drift use its counted samples.
+        data: anything ``token_batches`` takes; every statistic and the drift use every non-padding
+            position, BOS included (module docstring; a ``TokenBatches`` that leaves BOS out is read
+            with BOS counted).
         tol: firing-pattern distance for synchronized blocks (``neuron_synchronization``). Default 0
             for ReLU (identical firing on every sample: exact) and 0.05 for GELU/SiLU (approximate;
             read ``output_drift`` and ``kl``).
         rank_rtol: relative eigenvalue cut-off for the input and block ranks; default the package's
             rank rule at the forward's precision (as ``degeneracy_counts``).
+        skip_bos: ``None`` or ``False``; ``True`` is refused (BOS must count, module docstring).
 
     Returns:
         :class:`SparsifyResult` (``model``, ``bases``, ``to_frame()``).
 
     Raises:
-        ValueError: a gated MLP, an unsupported activation, tol outside [0, 1]. MissingHookError: no
-        MLP layers. TypeError: a model ``adapt`` does not take, or whose MLP weights cannot be
-        written. DataError: empty data. NumericalError: non-finite outputs of the copy.
+        ValueError: a gated MLP, an unsupported activation, tol outside [0, 1], ``skip_bos=True``.
+        MissingHookError: no MLP layers. TypeError: a model ``adapt`` does not take, or whose MLP
+        weights cannot be written. DataError: empty data. NumericalError: non-finite outputs of the copy.
     """
     t0 = time.perf_counter()
     adapter = adapt(model)
@@ -373,9 +384,9 @@ def sparsify(
     tol = (0.0 if exact_act else 0.05) if tol is None else float(tol)
     if not 0.0 <= tol <= 1.0 or math.isnan(tol):
         raise ValueError(f"tol must lie in [0, 1] (a firing-pattern distance); got {tol}")
-    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
-    sync = neuron_synchronization(model, data, tol=tol, batch_size=batch_size, rank_rtol=rank_rtol,
-                                  progress=progress, seq_len=seq_len, skip_bos=skip_bos)
+    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "sparsify")
+    # The blocks' firing patterns on the same samples as G¹ and the firing check, BOS included.
+    sync = neuron_synchronization(model, batches, tol=tol, rank_rtol=rank_rtol, progress=progress)
     sync_frame = sync.to_frame()
     grams = _input_grams(adapter, batches, progress)
     precision = activation_precision(adapter.dtype)
@@ -415,9 +426,12 @@ def sparsify(
         free = sync_frame[sync_frame["layer"] == layer]["extra_freedom"].clip(lower=0).sum()
         spectrum = descending_eigvalsh(gram).clamp_min(0)
         scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
-        rows.append({"layer": layer, "input_rank": r, "eliminated_scale": scale, "blocks": len([n for n in sync.blocks[layer] if len(n) > 1]),
+        rows.append({"layer": layer, "input_rank": r, "sample_limited": sample_limited(r, batches.n_samples, D),
+                     "eliminated_scale": scale, "blocks": len([n for n in sync.blocks[layer] if len(n) > 1]),
                      "activation_free": (D - r) * F, "sync_free": int(free), "removed_neurons": len(removed)})
 
+    warn_sample_limited("sparsify", sum(row["sample_limited"] for row in rows), L, "MLP inputs (input_rank)",
+                        batches.n_samples)
     if any(pending.values()):
         _check_firing(adapter, batches, {l: b for l, b in pending.items() if b}, progress)
 
@@ -466,4 +480,4 @@ def sparsify(
                     "blocks_in_basis": len(pending[layer]) - in_model, "output_drift": drift, "kl": kl})
     return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,
                           approximate=not exact_act or tol > 0, n_samples=sync.n_samples,
-                          seconds=time.perf_counter() - t0)
+                          positions=batches.positions.to_dict(), seconds=time.perf_counter() - t0)

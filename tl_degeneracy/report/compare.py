@@ -51,7 +51,8 @@ COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "
 STDERR = {"llc": ("llc_stderr", 1.0), "n_eff": ("llc_stderr", 2.0)}
 #: Section → (table, the column naming each row, the row's name): tables whose rows are estimates
 #: with standard errors (STDERR), compared row by row beside the section's values.
-ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("components", "component", "component {}"))}
+ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("gamma_curve", "gamma", "γ-curve γ={:.3g}"),
+                           ("components", "component", "component {}"))}
 #: What makes two LLC estimates one quantity (METHODS §1), as the section values and table rows name it.
 QUANTITY = ("loss_scale", "gamma", "selection", "n_params")
 

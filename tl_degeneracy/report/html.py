@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -173,9 +174,20 @@ def _figure(fig, div_id: str) -> str:
     return f'<div class="figure">{body}</div>'
 
 
-def _methods_link(n: int) -> str:
-    """A link to section §n of the methods page (relative: the page lives in the repository)."""
-    return f'<a href="{_e(METHODS_DOC)}#s{n}">methods §{n}</a>'
+def methods_href() -> str | None:
+    """The address of the methods page: a file:// address of docs/methods.md in the checkout the
+    package runs from (a report lives in a directory of its own, so a relative link would not
+    reach it), or None when the package is installed without it (the pages then name it only)."""
+    path = Path(__file__).resolve().parents[2] / METHODS_DOC
+    return path.as_uri() if path.is_file() else None
+
+
+def _methods_link(n: int | None = None) -> str:
+    """A link to section §n of the methods page (the whole page without ``n``), or its name where
+    there is no page to link to."""
+    text = METHODS_DOC if n is None else f"methods §{n}"
+    href = methods_href()
+    return _e(text) if href is None else f'<a href="{_e(href)}{"" if n is None else f"#s{n}"}">{_e(text)}</a>'
 
 
 def _glossary(sec: SectionResult) -> str:
@@ -293,7 +305,7 @@ def render_html(report: Report) -> str:
 {"".join(_section(sec, report.settings_apart(sec)) for sec in report.sections.values())}
 </main>
 <footer>Made by tl-degeneracy. Numbers: report.json and the CSV files beside this page. Methods:
-<a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""")
+{_methods_link()} in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""")
 
 
 # ------------------------------------------------------------------------------ comparison.html
@@ -428,7 +440,7 @@ def render_comparison(comparison: ReportComparison) -> str:
 {sections}
 </main>
 <footer>Made by tl-degeneracy. Numbers: comparison.csv beside this page, and each report's report.json. Methods:
-<a href="{_e(METHODS_DOC)}">{_e(METHODS_DOC)}</a> in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""",
+{_methods_link()} in the tl-degeneracy repository ("METHODS §N" is its §N).</footer>""",
                      css=_COMPARE_CSS)
 
 # Scoped to the view's own div: a notebook page has styles of its own.

@@ -124,17 +124,23 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
 @register_section("counts", "Activation and Jacobian degeneracy counts", needs_data=True,
                   settings=(*_DATA, "n_probes"), methods="METHODS §4")
 def counts(ctx: ReportContext) -> SectionOutput:
-    """rank(G)·rank(K) per linear map and its sum n_eff_kfac, the Kronecker estimate of N_eff."""
+    """rank(G)·rank(K) per linear map and its sum n_eff_kfac, the Kronecker estimate of N_eff, on every
+    non-padding position of the data, BOS included (``degeneracy_counts``), and how many maps' rank(G)
+    is all that the samples allow (``sample_limited``)."""
     s = ctx.settings
     frame = degeneracy_counts(ctx.adapter, ctx.batches, n_probes=s.n_probes, seed=ctx.seed, progress=ctx.progress)
     totals = frame.groupby("map", sort=False)[["n_params", "kfac", "free"]].sum().reset_index()
     a = frame.attrs
+    limited, n = int(frame["sample_limited"].sum()), a["positions"]["n_samples"]
     return SectionOutput(
         tables={"maps": frame, "totals": totals},
         figures={"by_map": plot_counts(totals)},
-        values={k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes")},
+        values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes")},
+                "sample_limited_maps": limited, "n_samples": n},
+        settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
         headline=(f"Σ n_eff_kfac = {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map parameters "
-                  f"({a['free']:,} free, {a['free'] / a['n_params']:.1%})"),
+                  f"({a['free']:,} free, {a['free'] / a['n_params']:.1%})"
+                  + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")),
     )
 
 
@@ -303,9 +309,12 @@ def sparsity(ctx: ReportContext) -> SectionOutput:
     values = {"free_directions": int(frame["free_directions"].sum()), "zeros_added": int(frame["zeros_added"].sum()),
               "zeros_in_model": int(frame["zeros_in_model"].sum()), "output_drift": res.output_drift, "kl": res.kl,
               "approximate": res.approximate, "act_fn": res.act_fn, "tol": res.tol,
-              "blocks_in_basis": int(frame["blocks_in_basis"].sum())}
+              "blocks_in_basis": int(frame["blocks_in_basis"].sum()),
+              "sample_limited_layers": int(frame["sample_limited"].sum()), "n_samples": res.positions["n_samples"],
+              "eliminated_scale": float(frame["eliminated_scale"].max())}
     return SectionOutput(
         tables={"layers": frame}, figures={"sparsity": res.plot()}, values=values,
+        settings={"sparsity_data": res.positions},  # BOS counts here even where the report's data leave it out
         headline=(f"{values['zeros_added']:,} zeros added for {values['free_directions']:,} free directions; "
                   f"output drift {res.output_drift:.2g}, KL {res.kl:.2g}"),
     )
@@ -414,14 +423,23 @@ def _counts_verdict(v: dict) -> str:
     free, n = v.get("free", 0), v.get("n_params", 0)
     if not free:
         return "no activation or Jacobian degeneracy: the data constrain every linear-map parameter"
-    return (f"{free / max(n, 1):.1%} of the linear-map parameters are free (activation/Jacobian degeneracy): "
+    text = (f"{free / max(n, 1):.1%} of the linear-map parameters are free (activation/Jacobian degeneracy): "
             f"N_eff ≈ {v.get('n_eff_kfac', 0):,} by the Kronecker estimate")
+    limited = v.get("sample_limited_maps", 0)
+    if limited:  # rank(G) = n < d_in: too few samples to tell the model's degeneracy from the data's
+        text += (f" — at {limited} map(s) rank(G) is all that the {v.get('n_samples')} samples allow, so those "
+                 "counts are the data's limit, not the model's (raise n_sequences)")
+    return text
 
 
 def _activations_verdict(v: dict) -> str:
-    rank, dim = v.get("min_rank"), v.get("dim")
+    rank, dim, n = v.get("min_rank"), v.get("dim"), v.get("n_samples")
     if rank == dim:
         return "residual stream full rank at every hook: no activation degeneracy there"
+    if n is not None and rank is not None and n <= dim and rank >= n - 1:
+        # n samples span at most n directions: the rank says how much data there was, not the model
+        return (f"residual stream rank {rank} of {dim} at the lowest hook — as many as its {n:,} samples allow, so "
+                "the data's limit, not the model's: give more data (n_sequences × seq_len) to tell")
     return f"residual stream rank-deficient (lowest rank {rank} of {dim}): unused directions at some hooks"
 
 
@@ -430,7 +448,8 @@ def _interaction_verdict(v: dict) -> str:
     text = "every node at full interaction rank" if not deg else f"{deg} degenerate directions across the nodes"
     if limited:  # rank_G at n − 1 < D: too few samples to tell the model's degeneracy from the data's
         text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} samples allow, so those "
-                 "counts are the data's limit, not the model's (raise ib_tokens)")
+                 "counts are the data's limit, not the model's (raise ib_tokens, or give more data: n_sequences × "
+                 "seq_len)")
     share = v.get("inside_share")
     if share is None or (isinstance(share, float) and math.isnan(share)):
         return text + "; no modules (no edge above the cut-off)"
@@ -499,9 +518,19 @@ def _sparsity_verdict(v: dict) -> str:
         return "not run in this preset (set sparsity=true, or use the thorough preset)"
     free, zeros = v.get("free_directions", 0), v.get("zeros_added", 0)
     met = "at least one" if zeros >= free else "fewer than one"
-    kind = "approximate (smooth activation)" if v.get("approximate") else "exact up to rounding"
-    return (f"{met} non-interacting pair per free direction ({zeros:,} zeros for {free:,}); the copy is {kind}: "
+    if v.get("approximate"):
+        kind = "approximate (smooth activation, or blocks whose firing differs on some samples)"
+    else:  # step 1 drops the input directions the rank rule calls zero: they bound the drift (METHODS §8)
+        scale = v.get("eliminated_scale")
+        kind = ("exact up to rounding" if not scale else
+                f"exact up to rounding and the input directions the rank rule calls zero (≤ {scale:.2g} of the signal)")
+    text = (f"{met} non-interacting pair per free direction ({zeros:,} zeros for {free:,}); the copy is {kind}: "
             f"drift {_g(v.get('output_drift'), '.2g')}, KL {_g(v.get('kl'), '.2g')}")
+    limited = v.get("sample_limited_layers", 0)
+    if limited:  # input rank = n < D: the eliminated inputs are the data's limit, not the model's
+        text += (f" — at {limited} layer(s) the input rank is all that the {v.get('n_samples')} samples allow "
+                 "(raise n_sequences)")
+    return text
 
 
 VERDICTS["sparsity"] = _sparsity_verdict
