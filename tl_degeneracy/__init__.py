@@ -4,7 +4,7 @@ The data flow reads in one direction: model → adapter → batches → accumula
 "METHODS §N" in docstrings refers to docs/methods.md §N, the maths the package implements.
 """
 
-from .counts import degeneracy_counts
+from .counts import SampleLimitedWarning, degeneracy_counts
 from .data import Batch, PaddingWarning, TokenBatches, token_batches
 from .numerics import HalfPrecisionWarning
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
@@ -56,6 +56,7 @@ __all__ = [
     "InteractionBasis",
     "JacobianStats",
     "MissingHookError",
+    "SampleLimitedWarning",
     "ModelAdapter",
     "ModelConfig",
     "Modules",
