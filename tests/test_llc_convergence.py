@@ -189,3 +189,20 @@ def test_progress_bars_show_steps_and_time_left(monkeypatch, capsys, tiny_toy_tr
         monkeypatch.setenv("TQDM_DISABLE", "1")
         behavioral_llc(model, x, chains=2, draws=30, burnin=10, pilot_steps=5, progress=True)
         assert capsys.readouterr().err == ""
+
+
+def test_the_standard_error_says_when_it_may_under_state_the_uncertainty():
+    from tl_degeneracy.llc.llc_result import stderr_caveat
+
+    rng = np.random.default_rng(0)
+    # two independent AR(1) chains of strong autocorrelation: ArviZ's MCSE sees the few effective draws
+    phi, T = 0.99, 2000
+    x = np.zeros((2, T))
+    for t in range(1, T):
+        x[:, t] = phi * x[:, t - 1] + rng.normal(size=2)
+    verdict = assess_convergence(x)
+    sd_over_ess = x.std() / np.sqrt(verdict.ess)
+    assert verdict.mcse == pytest.approx(sd_over_ess, rel=0.3)  # ArviZ's sd/√ESS_mean, of the same order
+    assert "only 2 chain mean(s)" in stderr_caveat(0.01, verdict.mcse, 2)
+    assert stderr_caveat(0.01, 0.05, 8).startswith("± may under-state the uncertainty") and "5.0×" in stderr_caveat(0.01, 0.05, 8)
+    assert stderr_caveat(0.04, 0.05, 8) is None

@@ -52,7 +52,9 @@ class Convergence:
     sentence with its numbers; ``suggestions`` are the budgets or settings that would address them.
     ``drift`` is z = (mean_last − mean_first)/√(se_first² + se_last²); ``drift_means`` and
     ``drift_stderrs`` are (first half, last half). ``divergence`` says how many chains diverged and
-    what leaving them out does ("" when none did).
+    what leaving them out does ("" when none did). ``mcse``: ArviZ's Monte-Carlo standard error of
+    the mean of all the healthy chains' draws, sd/√ESS_mean (a second estimate of λ̂'s standard
+    error, from every draw rather than from the spread of a few chain means).
     """
 
     converged: bool
@@ -70,6 +72,7 @@ class Convergence:
     suggested_draws: int | None = None
     suggested_burnin: int | None = None
     divergence: str = ""
+    mcse: float = float("nan")
 
     @property
     def reason(self) -> str:
@@ -119,7 +122,7 @@ def _arviz(ary: np.ndarray) -> tuple[float, float]:
     return rhat, ess
 
 
-def _half_mean(ary: np.ndarray) -> tuple[float, float]:
+def _mean_mcse(ary: np.ndarray) -> tuple[float, float]:
     """Mean of draws [chains, draws] and its Monte-Carlo standard error sd/√ESS_mean (ArviZ's mcse)."""
     from arviz_stats.base import array_stats
 
@@ -170,9 +173,10 @@ def assess_convergence(
         raise ValueError("draws of chains not marked as diverged must be finite")
     nan = float("nan")
     rhat, ess = _arviz(ok) if len(healthy) else (nan, nan)
+    mcse = _mean_mcse(ok)[1] if len(healthy) and T >= 4 else nan
     half = T // 2
     if len(healthy) and half >= 4:  # ArviZ's ESS needs 4 draws per chain
-        (m1, s1), (m2, s2) = _half_mean(ok[:, :half]), _half_mean(ok[:, T - half:])
+        (m1, s1), (m2, s2) = _mean_mcse(ok[:, :half]), _mean_mcse(ok[:, T - half:])
         se = math.hypot(s1, s2)
         # se = 0: both halves constant (then equal means are no drift, different ones infinite drift).
         drift = (m2 - m1) / se if se > 0 else nan if not se == 0 else 0.0 if m2 == m1 else math.copysign(math.inf, m2 - m1)
@@ -227,5 +231,5 @@ def assess_convergence(
         converged=not failed, rhat=rhat, ess=ess, drift=float(drift), drift_means=(m1, m2), drift_stderrs=(s1, s2),
         n_diverged=n_div, diverged_chains=tuple(sorted(diverged)), chains=C, draws=T, failed=failed,
         suggestions=tuple(suggestions), suggested_draws=suggested_draws, suggested_burnin=suggested_burnin,
-        divergence=divergence,
+        divergence=divergence, mcse=mcse,
     )

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..autograd import gradients_enabled, refuse_inference_mode
 from ..errors import NumericalError
 from ..stats.distributed import distributed_context, max_over_ranks
 from ..stats.passes import show_progress
@@ -33,7 +34,7 @@ from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
 from .convergence import FLAT_RELAXATION, Convergence, ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
-from .llc_result import ChainRecords, LLCResult, chain_estimates
+from .llc_result import ChainRecords, LLCResult, chain_estimates, stderr_caveat
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
 from .stepsize import (ADAPT_AT, StepSizeChoice, adapted_step_size, bias_bound_of, chain_curvature, initial_step_size,
@@ -252,6 +253,7 @@ def behavioral_llc(
             diverged (the message says what to change).
     """
     started = time.perf_counter()
+    refuse_inference_mode("behavioral_llc")
     config = SamplerConfig.merged(config, step_size=step_size, gamma=gamma, chains=chains, draws=draws, burnin=burnin,
                                   **options)
     nb = resolve_nbeta(nbeta, loss_scale)
@@ -265,7 +267,9 @@ def behavioral_llc(
     # One forward scope for the whole run: every forward inside it (checks, curvature, pilots, each
     # SGLD step) is then free of the per-forward bookkeeping, and the model is given back as found
     # (modes, no cached attention patterns holding the chains' graphs) when the run ends or fails.
-    with target.engine.eval_mode():
+    # The sampler and the curvature differentiate in the perturbations, also when the caller runs
+    # under torch.no_grad(), as TransformerLens notebooks do.
+    with gradients_enabled(target.engine.model), target.engine.eval_mode():
         selection = select_coordinates(target, params)
         # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
         explode_at = 10.0 * selection.n_params + 100.0
@@ -619,6 +623,9 @@ def _result(
         warnings.warn(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
         warnings.warn(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
+    caveat = stderr_caveat(stderr, verdict.mcse, chains - len(failed))
+    if caveat:
+        warnings.warn(f"λ̂ = {mean:.4g} ± {stderr:.2g}: {caveat}", RuntimeWarning, stacklevel=3)
     # The predicted bias (stepsize.py) with the run's own λ̂: at the chains' end points, and with the
     # largest curvature and trace measured before sampling (pilots and burn-in checks), the ones the
     # final η was chosen for (the pilots' h_max alone would under-state it).
@@ -662,6 +669,7 @@ def _result(
         "steps_done": steps_done, "pilot_steps": 0 if source == "given" else config.pilot_length,
         "cumulative_step": _cumulative_step(dynamics_eta0, adaptations, steps_done),
         "rhat": verdict.rhat, "ess": verdict.ess, "drift": verdict.drift, "n_diverged": verdict.n_diverged,
+        "llc_mcse": verdict.mcse, "stderr_caveat": caveat,
         "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(), "budget": budget,
         "burnin_auto": burnin_record, "burnin_source": _burnin_source(burnin_record),
         "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "

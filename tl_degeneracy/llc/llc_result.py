@@ -104,6 +104,7 @@ class LLCResult:
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
             "converged": self.converged, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
             "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
+            "llc_mcse": d.get("llc_mcse"), "stderr_caveat": d.get("stderr_caveat"),
         }
 
     def to_dict(self) -> dict:
@@ -162,6 +163,25 @@ def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") 
     if math.isfinite(stderr):
         return f"{value:{spec}} ± {stderr:.2g}"
     return f"{value:{spec}} ± unknown ({healthy} healthy chain{'' if healthy == 1 else 's'}: no spread to measure)"
+
+
+#: Fewest healthy chains whose spread gives a standard error worth quoting alone (with C chains the
+#: spread's own relative error is about 1/√(2(C − 1)): 71 % at 2 chains, 41 % at 4).
+MIN_CHAINS_FOR_STDERR = 4
+
+
+def stderr_caveat(stderr: float, mcse: float, healthy: int) -> str | None:
+    """Why ``llc_stderr`` (the spread of the chain means / √C) may under-state λ̂'s uncertainty, or
+    None: too few chains to measure a spread, or ArviZ's Monte-Carlo standard error from every draw
+    (``mcse``, sd/√ESS) more than twice as large (the chains agree more closely than their draws'
+    autocorrelation allows, by chance)."""
+    if healthy < MIN_CHAINS_FOR_STDERR:
+        return (f"± is the spread of only {healthy} chain mean(s), itself uncertain (run ≥ {MIN_CHAINS_FOR_STDERR} "
+                f"chains); the ESS-based standard error of all draws is {mcse:.2g}")
+    if math.isfinite(mcse) and math.isfinite(stderr) and mcse > 2 * stderr:
+        return (f"± may under-state the uncertainty: the ESS-based standard error of all draws is {mcse:.2g}, "
+                f"{mcse / stderr:.1f}× the spread of the chain means")
+    return None
 
 
 def chain_estimates(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.ndarray) -> tuple[np.ndarray, float, float, float]:

@@ -471,6 +471,8 @@ def _llc_verdict(v: dict) -> str:
     se = v.get("llc_stderr")
     if isinstance(se, (int, float)) and math.isfinite(se) and v.get("n_eff") is not None:
         n_eff += f" ± {2 * se:.2g}"
+    if v.get("stderr_caveat"):
+        where += f" ({v['stderr_caveat']})"
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:
