@@ -197,3 +197,18 @@ def test_two_processes_one_batch(tmp_path):
     for rank, multi in enumerate(rank_results(tmp_path)):
         for key, value in single.items():
             assert torch.equal(multi[key], value), (rank, key)
+
+
+def test_a_model_without_normalization_reads_the_residual_stream():
+    """toy:modadd has no norm: the attention's and the MLP's linear maps read resid_pre and
+    resid_mid as they are, so rank(G) of W_Q / W_in is the rank of those activations' Gram."""
+    import tl_degeneracy as tld
+
+    model = tld.load_model("toy:modadd")
+    x = tld.toy_data("modadd")[:64]
+    frame = degeneracy_counts(model, x, progress=False)
+    stats = tld.activation_stats(model, x, hooks=["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"], progress=False)
+    row = lambda m: frame[frame["map"] == m].iloc[0]
+    assert row("W_Q")["rank_G"] == stats["blocks.0.hook_resid_pre"].rank()
+    assert row("W_in")["rank_G"] == stats["blocks.0.hook_resid_mid"].rank()
+    assert set(frame["map"]) == {"W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"}

@@ -107,17 +107,22 @@ def counted_batches(data, adapter: ModelAdapter, batch_size: int, seq_len: int |
 
 
 def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
-    """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps."""
+    """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps: the norm's
+    output in a pre-norm block, the residual stream itself (``resid_pre`` / ``resid_mid``) in a model
+    without normalization (toy:modadd)."""
     available = adapter.available_hooks()
     # hook_out (the bridge) is the input itself; hook_normalized may precede the norm's affine part
     # (block_input_affine), so it comes second.
-    for name in (f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{ln}.hook_normalized"):
+    names = [f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{ln}.hook_normalized"]
+    if adapter.cfg.normalization is None:
+        names.append(f"blocks.{layer}.hook_resid_{'pre' if ln == 'ln1' else 'mid'}")
+    for name in names:
         if name in available:
             return name
     raise MissingHookError(
         f"cannot find the input of layer {layer}'s {'attention' if ln == 'ln1' else 'MLP'} on this "
-        f"{type(adapter.model).__name__} (no {ln}.hook_out / {ln}.hook_normalized); degeneracy_counts needs a "
-        "standard pre-norm block"
+        f"{type(adapter.model).__name__} (none of {', '.join(names)}); degeneracy_counts needs a standard "
+        "pre-norm block (or no normalization at all), not a parallel or post-norm one"
     )
 
 
