@@ -1,4 +1,4 @@
-"""degeneracy_counts and sparsify count the BOS position (METHODS §4, §8): every later position reads it
+"""degeneracy_counts, sparsify and head/neuron synchronization count the BOS position (METHODS §3, §4, §8): every later position reads it
 through attention, so a direction used only at BOS is not free. Before, both left BOS out by default
 (token_batches' skip_bos) and called such directions free; sparsify then removed them and its ReLU copy
 drifted by 1.5e-2 (the audit's e1 case, which these tests reproduce)."""
@@ -77,7 +77,10 @@ def test_sparsify_exact_with_bos():
 
 
 @pytest.mark.parametrize("run", [lambda m, x: degeneracy_counts(m, x, skip_bos=True, progress=False),
-                                 lambda m, x: tld.sparsify(m, x, skip_bos=True)], ids=["counts", "sparsify"])
+                                 lambda m, x: tld.sparsify(m, x, skip_bos=True),
+                                 lambda m, x: tld.head_synchronization(m, x, skip_bos=True),
+                                 lambda m, x: tld.neuron_synchronization(m, x, skip_bos=True)],
+                         ids=["counts", "sparsify", "head_sync", "neuron_sync"])
 def test_skip_bos_refused(run):
     model, tokens = bos_relu_toy()
     with pytest.raises(ValueError, match="skip_bos=True refused"):
@@ -93,3 +96,11 @@ def test_token_batches_without_bos_give_the_same_counts():
     a = degeneracy_counts(model, tokens, n_probes=2, progress=False)
     b = degeneracy_counts(model, batches, n_probes=2, progress=False)
     assert a.equals(b) and a.attrs["positions"] == b.attrs["positions"]
+
+
+def test_synchronization_counts_the_bos_position():
+    """Every later query reads the BOS position's values and MLP output, so head and neuron
+    synchronization count it too (their freedom is the same kind of claim as the counts')."""
+    model, tokens = bos_relu_toy()
+    assert tld.head_synchronization(model, tokens).n_samples == tokens.numel()
+    assert tld.neuron_synchronization(model, tokens).n_samples == tokens.numel()

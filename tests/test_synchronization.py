@@ -254,7 +254,7 @@ def test_sma_toy_one_sample_per_sequence():
 
 
 # ---------------------------------------------------------------------------------------------- J_apart − J_sync
-from tl_degeneracy.synchronization import synchronization_freedom  # noqa: E402
+from tl_degeneracy.synchronization import component_freedom  # noqa: E402
 
 # Small block sizes: n samples of a D-dimensional input of rank D_IN < D (so D_in ≠ D is exercised),
 # heads of width d writing into D_OUT dimensions.
@@ -313,11 +313,9 @@ def _ranks_and_jacobians(X, W_V, heads):
     params = [*W_V, *(O for _, O in heads)]
     j_apart = _jacobian_rank(lambda p: torch.stack(outputs(p)), params)
     j_sync = _jacobian_rank(lambda p: torch.stack(outputs(p)).sum(0), params)
-    rank = lambda m: int(torch.linalg.matrix_rank(m))  # noqa: E731
-    count = synchronization_freedom(
-        rank(X), [rank(X @ V) for V in W_V], rank(torch.cat([X @ V for V in W_V], 1)),
-        [torch.stack([O for gh, O in heads if gh == g]) for g in range(G)], d_out,
-    )
+    values = torch.cat([X @ V for V in W_V], 1)  # every value head's vectors on the data, side by side
+    count = component_freedom(values.T @ values, [g for g, _ in heads], torch.stack([O for _, O in heads]),
+                              [list(range(len(heads)))], int(torch.linalg.matrix_rank(X)), d_out)
     return count, j_apart, j_sync
 
 
@@ -343,18 +341,6 @@ def test_count_closed_forms():
     assert extra["exact copy"] == d * (D_IN + D_OUT - d)
     assert extra["gqa pair"] == d * D_OUT
     assert 2 * d * d < extra["partial overlap"] < d * (D_IN + D_OUT - d)
-
-
-def test_count_bad_input():
-    O = torch.zeros(1, d, D_OUT)
-    with pytest.raises(ValueError, match="one value rank per group"):
-        synchronization_freedom(D_IN, [d, d], 2 * d, [O])
-    with pytest.raises(ValueError, match="inconsistent ranks"):
-        synchronization_freedom(1, [d], d, [O])  # values cannot span more than the input
-    with pytest.raises(ValueError, match=r"\[m_g, d, D\] stacks"):
-        synchronization_freedom(D_IN, [d, d], 2 * d, [O, torch.zeros(1, d, D_OUT + 1)])
-    with pytest.raises(ValueError, match="d_out must lie in"):
-        synchronization_freedom(D_IN, [d], d, [O], d_out=D_OUT + 1)
 
 
 def _copy_head(model, layer: int, src: int, dst: int, names=("W_Q", "W_K", "b_Q", "b_K", "W_V", "b_V", "W_O")):
@@ -444,3 +430,236 @@ def test_two_processes_equal_one(tmp_path):
             else:
                 assert torch.equal(a, b), key
     assert int(single["one/n_samples"]) == 30 and int(single["three/extra"]) > 0
+
+
+# ------------------------------------------------------------------------------ blocks that split a KV head
+import warnings  # noqa: E402
+
+from tl_degeneracy.synchronization import (  # noqa: E402
+    HeadSyncResult,
+    NeuronSyncResult,
+    SyncCountWarning,
+    component_freedom,
+)
+
+#: The audit's layer (docs: /work/notes/audit_methods.md, finding 1): 4 query heads, heads 0, 1 read KV
+#: head 0 and heads 2, 3 read KV head 1.
+GQA_KV = [0, 0, 1, 1]
+
+
+def _gqa_layer(g: torch.Generator, kv_of_head, n_kv: int, rank_one=(), zero=(), copies=()):
+    """Input X [N, D] of rank D_IN, one W_V per KV head, one W_O per head; heads in ``rank_one`` get
+    a W_O of rank 1, heads in ``zero`` W_O = 0, and (src, dst) in ``copies`` W_O^dst = W_O^src."""
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    X = rand(N, D_IN) @ rand(D_IN, D)
+    W_V = [rand(D, d) for _ in range(n_kv)]
+    W_O = [rand(d, 1) @ rand(1, D_OUT) if h in rank_one else rand(d, D_OUT) for h in range(len(kv_of_head))]
+    for h in zero:
+        W_O[h] = torch.zeros(d, D_OUT, dtype=torch.float64)
+    for src, dst in copies:
+        W_O[dst] = W_O[src].clone()
+    return X, W_V, W_O
+
+
+def _layer_jacobian_rank(X, W_V, W_O, kv_of_head, blocks) -> int:
+    """Rank of the Jacobian of the whole layer, (W_V^g, W_O^h) ↦ (Σ_{h∈b} X W_V^{g(h)} W_O^h)_b, by torch.func."""
+    G = len(W_V)
+
+    def outputs(params):
+        V, O = params[:G], params[G:]
+        return torch.stack([sum(X @ V[kv_of_head[h]] @ O[h] for h in block) for block in blocks])
+
+    return _jacobian_rank(outputs, [*W_V, *W_O])
+
+
+def _counted_and_true(X, W_V, W_O, kv_of_head, blocks):
+    """(component_freedom's count, (true J_apart, true J_sync)) for one layer given as weights."""
+    A = torch.cat([X @ V for V in W_V], 1)
+    count = component_freedom(A.T @ A, kv_of_head, torch.stack(W_O), blocks, int(torch.linalg.matrix_rank(X)), D_OUT)
+    apart = _layer_jacobian_rank(X, W_V, W_O, kv_of_head, [[h] for h in range(len(kv_of_head))])
+    return count, (apart, _layer_jacobian_rank(X, W_V, W_O, kv_of_head, blocks))
+
+
+@pytest.mark.parametrize("blocks, extra", [([[0, 2], [1], [3]], 0), ([[0, 2], [1, 3]], 8),
+                                           ([[0, 1, 2], [3]], 14), ([[0, 1], [2], [3]], 10)])
+def test_blocks_that_split_kv_heads_equal_the_jacobian_rank(blocks, extra):
+    """A KV head's W_V is shared with its query heads outside the block, so the count is the drop of
+    the whole layer's Jacobian rank (METHODS (3.5a)–(3.5c)): the audit's four partitions, whose
+    per-block count said 8, 16, 18 and 10."""
+    count, true = _counted_and_true(*_gqa_layer(torch.Generator().manual_seed(0), GQA_KV, 2), GQA_KV, blocks)
+    assert (count.j_apart, count.j_sync) == true
+    assert count.exact and count.extra_freedom == extra
+
+
+@pytest.mark.parametrize("weights", [dict(rank_one=(1,)), dict(rank_one=(0, 2)), dict(zero=(3,)),
+                                     dict(copies=((0, 2),)), dict(rank_one=(1, 3), copies=((0, 2),))])
+@pytest.mark.parametrize("blocks", [[[0, 2], [1], [3]], [[0, 2], [1, 3]], [[0, 1, 2], [3]], [[0, 3], [1, 2]]])
+def test_rank_deficient_output_weights(blocks, weights):
+    """W_O of rank 1, zero, or one head's W_O copied into a head of the other KV head (a summed output
+    map of rank d < 2·d): the count still equals the Jacobian rank."""
+    count, true = _counted_and_true(*_gqa_layer(torch.Generator().manual_seed(1), GQA_KV, 2, **weights), GQA_KV, blocks)
+    assert (count.j_apart, count.j_sync) == true
+
+
+#: Three KV heads of two query heads each: blocks {0, 2} and {1, 4} read the pairs {0, 1} and {0, 2}
+#: of KV heads, whose spans are not all the values', so their constraints on Y are real.
+THREE_KV = [0, 0, 1, 1, 2, 2]
+THREE_KV_BLOCKS = [[0, 2], [1, 4], [3], [5]]
+
+
+def test_dense_y_path(monkeypatch):
+    """W_O^2 = W_O^0 makes block {0, 2}'s summed output map rank-deficient (d of 2·d): METHODS (3.5b)'s
+    closed form does not apply and Y is the dense rank, which equals the Jacobian's. With no room for
+    the dense rank (DENSE_Y_LIMIT = 0) the count says it is not exact instead of guessing."""
+    layer = _gqa_layer(torch.Generator().manual_seed(2), THREE_KV, 3, copies=((0, 2),))
+    count, true = _counted_and_true(*layer, THREE_KV, THREE_KV_BLOCKS)
+    assert (count.j_apart, count.j_sync) == true and count.exact
+    monkeypatch.setattr(sync_module, "DENSE_Y_LIMIT", 0)
+    count, _ = _counted_and_true(*layer, THREE_KV, THREE_KV_BLOCKS)
+    assert count.j_apart == true[0] and not count.exact and count.j_sync is None and count.extra_freedom is None
+    full_rank, _ = _counted_and_true(*_gqa_layer(torch.Generator().manual_seed(2), THREE_KV, 3), THREE_KV,
+                                     THREE_KV_BLOCKS)
+    assert full_rank.exact  # full-rank summed maps: the closed form needs no dense rank
+
+
+@pytest.mark.parametrize("case", ["independent", "exact copy", "gqa pair", "partial overlap",
+                                  "rank-deficient value", "block of 3", "mean-free outputs"])
+def test_one_block_of_whole_kv_heads_keeps_the_block_count(case):
+    """A single block that reads whole KV heads: the component count is (3.3)–(3.4)'s."""
+    X, W_V, heads = _block(case, torch.Generator().manual_seed(0))
+    old, _, _ = _ranks_and_jacobians(X, W_V, heads)
+    A = torch.cat([X @ V for V in W_V], 1)
+    d_out = D_OUT - 1 if case == "mean-free outputs" else D_OUT
+    new = component_freedom(A.T @ A, [g for g, _ in heads], torch.stack([O for _, O in heads]),
+                            [list(range(len(heads)))], int(torch.linalg.matrix_rank(X)), d_out)
+    assert (new.j_apart, new.j_sync) == (old.j_apart, old.j_sync)
+
+
+def test_smollm2_shaped_gqa_pair():
+    """README: SmolLM2 layer 18, heads 7 and 8 of the KV group {6, 7, 8} synchronized (d = 64, D = 576,
+    RMSNorm so D_out = D): d·D_out = 36,864 extra free directions."""
+    g = torch.Generator().manual_seed(3)
+    root = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    W_O = torch.randn(3, 64, 576, generator=g, dtype=torch.float64)
+    count = component_freedom(root @ root.T, [0, 0, 0], W_O, [[0], [1, 2]], 576)
+    assert count.extra_freedom == 64 * 576 == 36_864
+
+
+def test_component_freedom_bad_input():
+    W_O = torch.zeros(2, d, D_OUT, dtype=torch.float64)
+    gram = torch.eye(2 * d, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not a partition"):
+        component_freedom(gram, [0, 1], W_O, [[0]], D_IN)
+    with pytest.raises(ValueError, match=r"\[G·d, G·d\] value Gram"):
+        component_freedom(gram, [0, 2], W_O, [[0], [1]], D_IN)
+    with pytest.raises(ValueError, match="d_out must lie in"):
+        component_freedom(gram, [0, 1], W_O, [[0, 1]], D_IN, d_out=D_OUT + 1)
+
+
+def _result_from_weights(X, W_V, W_O, kv_of_head, blocks, distance=None) -> HeadSyncResult:
+    """A one-layer HeadSyncResult from weights (what head_synchronization would have measured)."""
+    A = torch.cat([X @ V for V in W_V], 1)
+    A = A - A.mean(0)
+    H, n_kv = len(kv_of_head), len(W_V)
+    x = X - X.mean(0)
+    rank = lambda m: int(torch.linalg.matrix_rank(m))  # noqa: E731
+    return HeadSyncResult(
+        distance=np.zeros((1, H, H)) if distance is None else distance[None], tol=0.0, blocks=[blocks],
+        value_gram=(A.T @ A / N)[None], head_rank=np.array([[rank(A[:, g * d:(g + 1) * d]) for g in kv_of_head]]),
+        n_samples=N, n_kv_heads=n_kv, d_head=d, rank_rtol=None, value_cov=(A.T @ A / N)[None],
+        input_rank=np.array([rank(x)]), W_O=torch.stack(W_O)[None], d_out=D_OUT, precision=torch.float64,
+    )
+
+
+def test_frame_gives_each_component_its_count_once():
+    """Blocks {0, 2}, {1}, {3} and a third KV head whose heads 4, 5 stay apart: two components. The
+    counts stand on the component's first multi-head block's row (else its first row), 0 on its others,
+    so the frame sums to the layer's Jacobian ranks; the component column names the heads."""
+    X, W_V, W_O = _gqa_layer(torch.Generator().manual_seed(0), THREE_KV, 3)
+    blocks = [[0, 2], [1], [3], [4], [5]]
+    res = _result_from_weights(X, W_V, W_O, THREE_KV, blocks)
+    frame = res.to_frame()
+    apart = _layer_jacobian_rank(X, W_V, W_O, THREE_KV, [[h] for h in range(6)])
+    sync = _layer_jacobian_rank(X, W_V, W_O, THREE_KV, blocks)
+    assert frame["component"].tolist() == [(0, 1, 2, 3)] * 3 + [(4, 5)] * 2
+    assert [bool(j > 0) for j in frame["j_apart"]] == [True, False, False, True, False]
+    # jacfwd counts W_V in all D input directions, the frame those the data reach (D_in): same ranks
+    assert (int(frame["j_apart"].sum()), int(frame["j_sync"].sum())) == (apart, sync)
+    assert res.extra_freedom == apart - sync == 0 and res.count_exact and bool(frame["count_exact"].all())
+    assert (frame["free_block"] - frame["free_separate"]).tolist() == frame["extra_freedom"].tolist()
+    assert int(frame["n_params"].sum()) == 3 * D_OUT * d + 6 * d * D_OUT  # each KV head's W_V once
+    assert res.block_freedom(0, [0, 1]).extra_freedom == 10  # a whole-KV-head block, the rest apart
+
+
+def test_not_exact_component_is_marked(monkeypatch):
+    """A component whose count cannot be computed exactly gets <NA> counts, count_exact False, a
+    SyncCountWarning naming the layer and heads, and no total."""
+    monkeypatch.setattr(sync_module, "DENSE_Y_LIMIT", 0)
+    res = _result_from_weights(*_gqa_layer(torch.Generator().manual_seed(2), THREE_KV, 3, copies=((0, 2),)),
+                               THREE_KV, THREE_KV_BLOCKS)
+    with pytest.warns(SyncCountWarning, match=r"layer 0, heads \[0, 1, 2, 3, 4, 5\]"):
+        frame = res.to_frame()
+    assert not frame["count_exact"].any() and frame["extra_freedom"].isna().iloc[0]
+    assert frame["j_apart"].iloc[0] > 0  # the heads apart are always exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyncCountWarning)
+        assert res.extra_freedom is None and not res.count_exact
+
+
+def test_head_blocks_with_differing_patterns_are_approximate():
+    """tol = 1 puts two heads with different patterns into one block: its freedom holds only where
+    the patterns agree, so the block and the result are approximate; identical patterns are exact."""
+    exact = head_synchronization(_synchronize_layer0(_wide_toy()), _tokens(), tol=0.01)
+    assert not exact.approximate and exact.approximation == "" and not exact.to_frame()["approximate"].any()
+    loose = head_synchronization(make_tiny_toy_transformer(), _tokens(), tol=1.0)
+    frame = loose.to_frame()
+    assert frame["approximate"].tolist() == (frame["max_distance"] > 0).tolist() == [True, True]
+    assert loose.approximate and f"{frame['max_distance'].max():.2g}" in loose.approximation
+
+
+def test_unequal_value_scales_do_not_raise():
+    """Audit finding 10: head 0 with 4 value directions, head 1 with full-rank values at 1e-7 of that
+    scale, one pattern. Separately head 1 has rank 8, but jointly its directions fall under the block's
+    cut-off; the count caps every rank at the component's, so the frame is consistent and no error."""
+    model = _copy_head(make_tiny_toy_transformer(), 0, 0, 1)
+    a = model.blocks[0].attn
+    with torch.no_grad():
+        a.W_V[0][:, 4:] = 0
+        a.b_V[0][4:] = 0
+        a.W_V[1] = 1e-7 * torch.randn(a.W_V[1].shape, generator=torch.Generator().manual_seed(5))
+        a.b_V[1] = 0
+    res = head_synchronization(model, _tokens(), tol=1e-6)
+    row = res.to_frame().iloc[0]
+    assert res.blocks[0][0] == [0, 1] and res.head_rank[0].tolist() == [4, 8] and row["s_block"] == 4
+    assert row["count_exact"] and row["extra_freedom"] >= 0
+
+
+def test_relu_blocks_at_positive_tol_are_approximate():
+    """ReLU at tol = 0.05: blocks whose neurons disagree on some samples are approximate (their
+    distance is that fraction of samples), the exact duplicate is not, and the label says how much."""
+    res = neuron_synchronization(_relu_model_with_duplicate(), _tokens(), tol=0.05)
+    frame = res.to_frame()
+    assert frame["approximate"].tolist() == (frame["max_distance"] > 0).tolist()
+    assert not frame.set_index("neurons").loc[[(3, 5)], "approximate"].any() and frame["approximate"].any()
+    k = round(frame["max_distance"].max() * res.n_samples)
+    assert res.approximate
+    assert res.approximation == f"firing patterns in blocks differ on up to {k / res.n_samples:.2%} of samples"
+    exact = neuron_synchronization(_relu_model_with_duplicate(), _tokens(), tol=0.0)
+    assert not exact.approximate and exact.approximation == ""
+
+
+def test_relu_zero_distance_is_decided_from_the_sample_count():
+    """A ReLU distance is k/n exactly; float64 rounding of E[r_i²] + E[r_j²] − 2E[r_i r_j] leaves a few
+    eps, which must not read as a disagreement, while one sample in n must."""
+    n = 1000
+
+    def result(dist: float) -> NeuronSyncResult:
+        distance = np.array([[[0.0, dist], [dist, 0.0]]])
+        return NeuronSyncResult(distance=distance, tol=0.01, blocks=[[[0, 1]]], pre_gram=torch.eye(2)[None],
+                                n_samples=n, act_fn="relu", exact_activation=True, rank_rtol=None)
+
+    assert not result(4 * np.finfo(np.float64).eps).approximate
+    assert result(1 / n).approximate and result(1 / n).approximation.endswith("0.10% of samples")
+    smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], pre_gram=torch.eye(2)[None],
+                              n_samples=n, act_fn="gelu", exact_activation=False, rank_rtol=None)
+    assert smooth.approximate and smooth.approximation == "smooth activation"

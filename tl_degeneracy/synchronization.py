@@ -4,8 +4,8 @@ Heads: heads of one layer whose attention patterns agree on the data act as one 
 summed OV circuit, A·X·Σ_h W_V^h W_O^h, so only the sum of their value/output maps is pinned down.
 The freedom this adds is the drop in the rank of the Jacobian from the value and output weights to
 the function when the heads' separate outputs are replaced by their sum (METHODS §3, corrected;
-:func:`synchronization_freedom`). Neurons: two ReLU neurons whose firing patterns r = f/p agree act
-as one neuron with summed output weights.
+:func:`component_freedom`, also for blocks coupled through a shared GQA value head). Neurons: two ReLU neurons whose firing patterns
+r = f/p agree act as one neuron with summed output weights.
 
 Both analyses are one streaming pass each (``stats.stream``) with memory independent of the amount
 of data: head pattern distances accumulate into [L, H, H] sums, value Grams into [L, n_kv·d, n_kv·d],
@@ -19,6 +19,7 @@ precision of the forward pass that produced them, products of stored weights at 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,25 +29,26 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .counts import block_input_affine, block_input_hook
-from .data import token_batches
+from .counts import block_input_affine, block_input_hook, counted_batches
 from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .numerics import activation_precision, numerical_rank
+from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
 
 __all__ = [
     "HeadSyncResult",
     "NeuronSyncResult",
+    "SyncCountWarning",
     "SyncJacobian",
+    "component_freedom",
     "head_synchronization",
     "neuron_synchronization",
     "pattern_tv_sums",
-    "synchronization_freedom",
     "synchronized_blocks",
 ]
 
@@ -98,86 +100,286 @@ def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
 # ---------------------------------------------------------------------------------------------- heads
 @dataclass(frozen=True)
 class SyncJacobian:
-    """Jacobian ranks of one block of heads (METHODS §3): ``j_apart`` with the heads' outputs
-    separate, ``j_sync`` with them summed under one pattern; ``extra_freedom`` = j_apart − j_sync."""
+    """Jacobian ranks of a set of heads (METHODS §3): ``j_apart`` with every head's output separate,
+    ``j_sync`` with the outputs of each synchronized block summed under its pattern;
+    ``extra_freedom`` = j_apart − j_sync. ``j_sync`` is None when it could not be computed exactly
+    (:func:`component_freedom`), and then so is ``extra_freedom``."""
 
     j_apart: int
-    j_sync: int
+    j_sync: int | None
 
     @property
-    def extra_freedom(self) -> int:
-        return self.j_apart - self.j_sync
+    def exact(self) -> bool:
+        return self.j_sync is not None
+
+    @property
+    def extra_freedom(self) -> int | None:
+        return None if self.j_sync is None else self.j_apart - self.j_sync
 
 
-def synchronization_freedom(
+#: Largest s·G·d (the unknowns of Y in METHODS (3.5b)) for which Y is found as a dense rank when its
+#: closed form does not apply; above it the component's count is reported as not exact.
+DENSE_Y_LIMIT = 4096
+
+
+class SyncCountWarning(UserWarning):
+    """A synchronized component whose Jacobian rank was not computed exactly (METHODS §3): its
+    j_sync and extra freedom are left empty rather than guessed."""
+
+
+@dataclass(frozen=True)
+class _Subspace:
+    """Orthonormal bases of a subspace found by a rank decision (``basis``) and of its orthogonal
+    complement (``complement``), and the angle to which they are known: Wedin's bound, the size of
+    what the decision cut off over the smallest singular value it kept."""
+
+    basis: Float[Tensor, "n r"]
+    complement: Float[Tensor, "n k"]
+    angle: float
+
+
+def _top_subspace(U: Float[Tensor, "n k"], sv: Float[Tensor, " k"], r: int, noise: float) -> _Subspace:
+    """The span of the first r left singular vectors U (singular values ``sv``) of a matrix, with
+    ``noise`` the singular value below which its rank decision counted directions as zero."""
+    basis = U[:, :r]
+    angle = min(1.0, noise / float(sv[r - 1])) if r else 0.0
+    return _Subspace(basis, torch.linalg.qr(basis, mode="complete").Q[:, r:], angle)
+
+
+def _rank_within(parts: Sequence[Float[Tensor, "rows cols"]], angle: float) -> int:
+    """Rank of the blocks ``parts`` stacked, each built from orthonormal bases known to ``angle``:
+    each block can move by about ``angle`` in norm, so singular values below √(blocks)·angle are
+    rounding (and never below the float64 rule)."""
+    m = torch.cat(list(parts))
+    return int(numerical_rank(torch.linalg.svdvals(m), tuple(m.shape), atol=math.sqrt(len(parts)) * angle))
+
+
+@dataclass(frozen=True)
+class _ValueSpan:
+    """The value vectors of G KV heads (d columns each) on the data, in coordinates of their
+    s-dimensional span (METHODS §3): column j of ``coords`` (s × G·d) is value direction j, so that
+    coordsᵀ coords is the rank-s part of ``gram``. Every rank of a set S of KV heads is
+    :meth:`HeadSyncResult.block_rank`'s rule on S's own Gram, capped at s, and S's span W_S is the
+    top-s_S left singular subspace of its columns: subspaces and ranks come from the same decisions.
+    ``cut``: the eigenvalue below which the component's rank rule counts a direction as zero."""
+
+    gram: Float[Tensor, "kv_dim kv_dim"]
+    coords: Float[Tensor, "s kv_dim"]
+    d: int
+    precision: torch.dtype
+    rtol: float | None
+    cut: float
+
+    @classmethod
+    def of(cls, gram: Float[Tensor, "kv_dim kv_dim"], d: int, precision: torch.dtype, rtol: float | None) -> _ValueSpan:
+        gram = gram.to(torch.float64)
+        s = _gram_rank(gram, precision, rtol)
+        eig, vec = torch.linalg.eigh((gram + gram.mT) / 2)
+        eig, vec = eig.flip(0).clamp_min(0), vec.flip(1)
+        cut = (rule_rtol(gram.shape[0], precision, gram=True) if rtol is None else rtol) * float(eig[0])
+        return cls(gram, eig[:s].sqrt()[:, None] * vec[:, :s].mT, d, precision, rtol, cut)
+
+    @property
+    def s(self) -> int:
+        return self.coords.shape[0]
+
+    @property
+    def n_groups(self) -> int:
+        return self.coords.shape[1] // self.d
+
+    def _index(self, groups: Sequence[int]) -> Tensor:
+        return torch.cat([torch.arange(g * self.d, (g + 1) * self.d, device=self.gram.device) for g in groups])
+
+    def rank(self, groups: Sequence[int]) -> int:
+        """s_S = dim W_S."""
+        idx = self._index(groups)
+        return min(_gram_rank(self.gram[idx][:, idx], self.precision, self.rtol), self.s)
+
+    def subspace(self, groups: Sequence[int]) -> _Subspace:
+        """W_S within the span; its complement is the range of Π_S^⊥ in (3.5b). The value vectors are
+        known to about √cut (the singular value the rank rule cuts at)."""
+        U, sv, _ = torch.linalg.svd(self.coords[:, self._index(groups)], full_matrices=False)
+        return _top_subspace(U, sv, self.rank(groups), math.sqrt(self.cut))
+
+    def intersection_dim(self, sets: Sequence[Sequence[int]]) -> int:
+        """dim ∩_S W_S (s for no sets): s minus the rank of the complements side by side."""
+        if len(sets) < 2:
+            return self.rank(sets[0]) if sets else self.s
+        spaces = [self.subspace(S) for S in sets]
+        return self.s - _rank_within([w.complement.mT for w in spaces], max(w.angle for w in spaces))
+
+
+def _column_space(m: Float[Tensor, "rows cols"]) -> _Subspace:
+    """Column space of a matrix of weights by the float64 rank rule (:func:`_weight_rank`), which
+    cuts at max(dims)·eps·σ₁. Thin SVD: a map of output weights can be 128 × 32,768, whose full right
+    factor would not fit."""
+    U, sv, _ = torch.linalg.svd(m, full_matrices=False)
+    r = int(numerical_rank(sv, tuple(m.shape), precision=torch.float64))
+    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape)) * float(sv[0]) if r else 0.0)
+
+
+def _block_maps(W_O: Float[Tensor, "heads d_head d_model"], kv_of_head: Sequence[int], blocks: Sequence[Sequence[int]],
+                n_groups: int) -> list[Float[Tensor, "kv_dim d_model"]]:
+    """B_b of METHODS (3.5a), one per block: Σ_{h∈b reading g} W_O^h in the d rows of KV head g, zero
+    in the rows of KV heads that no head of b reads."""
+    d, D = W_O.shape[1:]
+    maps = []
+    for block in blocks:
+        B = W_O.new_zeros(n_groups, d, D)
+        for h in block:
+            B[kv_of_head[h]] += W_O[h]
+        maps.append(B.reshape(n_groups * d, D))
+    return maps
+
+
+def _block_groups(block: Sequence[int], kv_of_head: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({kv_of_head[h] for h in block}))
+
+
+def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor],
+                     kv_of_head: Sequence[int]) -> dict[tuple[int, ...], _Subspace]:
+    """C_S of METHODS (3.5b): for each set S of KV heads read by some block, the sum of col(B_b) over
+    the blocks that read exactly S (they share Π_S^⊥, so their constraints on Y combine)."""
+    columns: dict[tuple[int, ...], list[Tensor]] = {}
+    for block, B in zip(blocks, maps):
+        columns.setdefault(_block_groups(block, kv_of_head), []).append(B)
+    return {S: _column_space(torch.cat(Bs, 1)) for S, Bs in columns.items()}
+
+
+def _group_y(span: _ValueSpan, g: int, active: dict[tuple[int, ...], _Subspace]) -> int:
+    """KV head g's share of Y in METHODS (3.5c): its d coordinates map C_g (rank r_g, from blocks
+    reading g alone) into W_g and everything into w_g = dim ∩ W_S over the multi-group sets S that
+    hold g, whose full-rank C_S leaves no other constraint. (The min only guards the nesting
+    W_g ⊂ W_S that exact data guarantee.)"""
+    r = active[(g,)].basis.shape[1] if (g,) in active else 0
+    w = span.intersection_dim([S for S in active if len(S) > 1 and g in S])
+    return min(span.rank((g,)), w) * r + w * (span.d - r)
+
+
+def _dense_y(span: _ValueSpan, active: dict[tuple[int, ...], _Subspace]) -> int:
+    """Y of METHODS (3.5b) as s·G·d minus the rank of its constraints nᵀ Y c = 0 (n ⟂ W_S within the
+    span, c ∈ C_S), each the row vec(n cᵀ)."""
+    unknowns = span.s * span.coords.shape[1]
+    if not active:
+        return unknowns
+    values = {S: span.subspace(S) for S in active}
+    rows = [torch.kron(C.basis.mT, values[S].complement.mT) for S, C in active.items()]
+    angle = max(w.angle for w in values.values()) + max(C.angle for C in active.values())
+    return unknowns - _rank_within(rows, angle)
+
+
+def _y_dimension(span: _ValueSpan, sets: dict[tuple[int, ...], _Subspace]) -> int | None:
+    """Y(partition) of METHODS (3.5b), or None when neither the closed form (3.5c) applies nor
+    s·G·d ≤ :data:`DENSE_Y_LIMIT`."""
+    # A set whose span is all of the component's (W_S = V: Π_S^⊥ = 0) or whose blocks write nothing
+    # constrains nothing; dropping it keeps whole-group blocks on the closed form at any size.
+    active = {S: C for S, C in sets.items() if C.basis.shape[1] and span.rank(S) < span.s}
+    if all(C.basis.shape[1] == len(S) * span.d for S, C in active.items() if len(S) > 1):
+        return sum(_group_y(span, g, active) for g in range(span.n_groups))
+    if span.s * span.coords.shape[1] <= DENSE_Y_LIMIT:
+        return _dense_y(span, active)
+    return None
+
+
+def _kernel_dimension(span: _ValueSpan, kv_of_head: Sequence[int], W_O: Float[Tensor, "heads d_head d_model"],
+                      blocks: Sequence[Sequence[int]], input_rank: int, d_out: int) -> int | None:
+    """dim ker of the Jacobian of (W_V^g on the data, W_O^h) ↦ (Σ_{h∈b} A_{g(h)} W_O^h)_b for one
+    partition of the heads into blocks, METHODS (3.5a): the part of W_V outside the value span, Y,
+    and the output weights; None when Y is not exact."""
+    maps = _block_maps(W_O, kv_of_head, blocks, span.n_groups)
+    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head))
+    if y is None:
+        return None
+    # Ranks decided on different Grams (the input's, the values') may disagree by rounding-level
+    # directions; the value span cannot take more of the input than there is.
+    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1)))
+    outputs = d_out * (len(kv_of_head) * span.d - sum(span.rank(_block_groups(b, kv_of_head)) for b in blocks))
+    return outside + y + outputs
+
+
+def component_freedom(
+    value_gram: Float[Tensor, "kv_dim kv_dim"],
+    kv_of_head: Sequence[int],
+    W_O: Float[Tensor, "heads d_head d_model"],
+    blocks: Sequence[Sequence[int]],
     input_rank: int,
-    value_ranks: Sequence[int],
-    block_value_rank: int,
-    W_O: Sequence[Float[Tensor, "heads d_head d_model"]],
     d_out: int | None = None,
+    precision: torch.dtype = torch.float64,
+    rank_rtol: float | None = None,
 ) -> SyncJacobian:
-    """Free directions that synchronizing a block S of heads adds (METHODS §3, corrected).
+    """J_apart and J_sync of heads that read G KV heads, with ``blocks`` synchronized (METHODS §3,
+    (3.5a)–(3.5c)); exact also when a block takes only part of a KV head's query heads.
 
-    The heads of S are grouped by their value map: group g = the m_g query heads that read one value
-    head (m_g = 1 without GQA). On n samples let X (n × D) be the heads' input, D_in = rank X, and for
-    group g let A_g = X W_V^g (n × d) be its value vectors, s_g = rank A_g, and
-    A_S = [A_1 … A_G] (n × G·d) the block's value vectors side by side, s_S = rank A_S.
-
-    The Jacobian ranks are those of two maps from the value and output weights
-    θ = (W_V^g for each group, W_O^h for each head) to the function:
-
-    - heads apart: F_apart(θ) = (X W_V^{g(h)} W_O^h)_{h ∈ S}, each head's output on its own (heads
-      with different patterns are told apart by the function); its Jacobian rank is
-      J_apart = Σ_g [D_in·rank(B_g^cat) + m_g·D_out·s_g − s_g·rank(B_g^cat)],
-      B_g^cat = [W_O^h for h ∈ g] side by side (d × m_g·D_out);
-    - heads synchronized: F_sync(θ) = Σ_{h ∈ S} X W_V^{g(h)} W_O^h, the sum the common pattern
-      multiplies (taken as injective on it); its Jacobian rank is
-      J_sync = D_in·rank(B_S) + D_out·s_S − s_S·rank(B_S),
-      B_S = [Σ_{h ∈ g} W_O^h for each g] stacked (G·d × D_out).
-
-    Both follow from dim{P B + A Q} = D_in·rank B + D_out·rank A − rank A·rank B, the Jacobian rank of
-    (P, B) ↦ A B with A = X P. Synchronization adds J_apart − J_sync ≥ 0 free directions: 2·d² for a
-    pair of full-rank heads with independent values (the paper's s_S² − Σ s_h²), d·(D_in + D_out − d)
-    for an exact copy of a head, d·D_out for two GQA query heads of one value head.
-    (:func:`head_synchronization` applies this to the model's centred input and values, whose means
-    only add a constant to the output; see there.)
+    A KV head's W_V is shared by all its query heads, in a block or not, so blocks that read one KV
+    head are coupled: the freedom is the drop of the Jacobian rank of all these heads together, not a
+    sum over blocks. With J = G·D_in·d + H·d·D_out − ker (parameters W_V^g on the data and W_O^h,
+    minus the kernel dimension (3.5a)), ``j_apart`` is J with every head its own block (this is
+    (3.3)) and ``j_sync`` J with ``blocks`` ((3.4) when one block reads whole KV heads).
 
     Args:
-        input_rank: D_in.
-        value_ranks: s_g, one per group, in the order of ``W_O``.
-        block_value_rank: s_S.
-        W_O: per group, the output weights [m_g, d, D] of its heads in S (any float dtype; the
-            ranks of B_g^cat and B_S are float64 weight ranks).
+        value_gram: [G·d, G·d] Gram (or covariance) of the value vectors of the G KV heads on the
+            data; its ranks follow the package's rule at ``precision`` (``rank_rtol`` overrides the
+            relative eigenvalue cut-off), as :meth:`HeadSyncResult.block_rank`.
+        kv_of_head: for each head 0..H−1, the KV head (0..G−1) whose values it reads.
+        W_O: [H, d, D] output weights (any float dtype; ranks of their sums are float64 weight ranks).
+        blocks: a partition of 0..H−1 into synchronized blocks.
+        input_rank: D_in, the rank of the heads' input on the data.
         d_out: D_out, the dimension of the space the heads write into that the function reads
             (default D; D − 1 under LayerNorm, which never reads the mean direction). The rows of
             ``W_O`` must lie in that space.
 
+    Returns:
+        ``j_sync`` None (and a not exact result) when a set of ≥ 2 KV heads read by blocks has a
+        rank-deficient summed output map and s·G·d > :data:`DENSE_Y_LIMIT`.
+
     Raises:
-        ValueError: no groups, ``value_ranks`` and ``W_O`` of different lengths, groups of different
-        d or D_out, or ranks that no data can produce (s_g > s_S, s_S > D_in or Σ s_g).
+        ValueError: shapes that do not fit together, KV indices out of range, or blocks that are
+        not a partition of the heads.
     """
-    if not W_O or len(value_ranks) != len(W_O):
-        raise ValueError(f"need one value rank per group of output weights; got {len(value_ranks)} ranks "
-                         f"for {len(W_O)} groups")
-    shapes = {tuple(w.shape[1:]) for w in W_O}
-    if len(shapes) != 1 or any(w.ndim != 3 or w.shape[0] == 0 for w in W_O):
-        raise ValueError(f"W_O groups must be non-empty [m_g, d, D] stacks of one d and D; got "
-                         f"{[tuple(w.shape) for w in W_O]}")
-    s = [int(r) for r in value_ranks]
-    s_S, d_in = int(block_value_rank), int(input_rank)
-    if min(s) < 0 or max(s) > s_S or s_S > min(d_in, sum(s)):
-        raise ValueError(f"inconsistent ranks: value ranks {s}, block value rank {s_S}, input rank {d_in} "
-                         "(need s_g ≤ s_S ≤ min(D_in, Σ s_g))")
-    d_out = W_O[0].shape[-1] if d_out is None else int(d_out)
-    if not 0 < d_out <= W_O[0].shape[-1]:
-        raise ValueError(f"d_out must lie in 1..{W_O[0].shape[-1]} (W_O's output dimension); got {d_out}")
-    j_apart = 0
-    for s_g, w in zip(s, W_O):
-        r_cat = _weight_rank(w.permute(1, 0, 2).reshape(w.shape[1], -1))
-        j_apart += d_in * r_cat + w.shape[0] * d_out * s_g - s_g * r_cat
-    r_sum = _weight_rank(torch.cat([w.to(torch.float64).sum(0) for w in W_O]))
-    j_sync = d_in * r_sum + d_out * s_S - s_S * r_sum
-    return SyncJacobian(j_apart=int(j_apart), j_sync=int(j_sync))
+    H, d, D = W_O.shape
+    G = value_gram.shape[0] // d if d else 0
+    if value_gram.shape != (G * d, G * d) or G == 0 or len(kv_of_head) != H or not all(0 <= g < G for g in kv_of_head):
+        raise ValueError(f"need a [G·d, G·d] value Gram ({tuple(value_gram.shape)} with d = {d}) and one KV head "
+                         f"in 0..G−1 per head of W_O ({len(kv_of_head)} for {H} heads)")
+    if sorted(h for b in blocks for h in b) != list(range(H)):
+        raise ValueError(f"blocks {blocks} are not a partition of the heads 0..{H - 1}")
+    d_out = D if d_out is None else int(d_out)
+    if not 0 < d_out <= D:
+        raise ValueError(f"d_out must lie in 1..{D} (W_O's output dimension); got {d_out}")
+    span = _ValueSpan.of(value_gram, d, precision, rank_rtol)
+    W_O = W_O.to(torch.float64)
+    params = G * int(input_rank) * d + H * d * d_out
+    apart = _kernel_dimension(span, kv_of_head, W_O, [[h] for h in range(H)], int(input_rank), d_out)
+    if all(len(b) == 1 for b in blocks):
+        return SyncJacobian(j_apart=params - apart, j_sync=params - apart)
+    sync = _kernel_dimension(span, kv_of_head, W_O, blocks, int(input_rank), d_out)
+    return SyncJacobian(j_apart=params - apart, j_sync=None if sync is None else params - sync)
+
+
+def _components(blocks: Sequence[Sequence[int]], kv_of_head: Sequence[int]) -> list[list[int]]:
+    """The blocks (by index) joined into connected components: two blocks are joined when they hold
+    query heads of one KV head (METHODS §3: their Jacobians are coupled through its W_V). Components
+    come in the order of their first block."""
+    component = list(range(len(blocks)))
+
+    def root(i: int) -> int:
+        while component[i] != i:
+            i = component[i]
+        return i
+
+    reader: dict[int, int] = {}
+    for i, block in enumerate(blocks):
+        for h in block:
+            first = reader.setdefault(kv_of_head[h], i)
+            component[root(i)] = root(first)
+    joined: dict[int, list[int]] = {}
+    for i in range(len(blocks)):
+        joined.setdefault(root(i), []).append(i)
+    return sorted(joined.values())
+
+
+#: HeadSyncResult.to_frame's per-component count columns.
+_COUNT_COLUMNS = ("n_params", "j_apart", "j_sync", "free_block", "free_separate", "extra_freedom")
 
 
 @dataclass(eq=False)
@@ -208,68 +410,139 @@ class HeadSyncResult:
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
 
+    @property
+    def kv_of_head(self) -> list[int]:
+        """The KV head whose values each query head reads (GQA: consecutive runs of H / n_kv heads)."""
+        H = self.head_rank.shape[1]
+        return [h // (H // self.n_kv_heads) for h in range(H)]
+
+    def _kv_index(self, kvs: Sequence[int]) -> Tensor:
+        """Rows of ``value_cov`` that hold the given KV heads, in that order."""
+        return torch.cat([torch.arange(kv * self.d_head, (kv + 1) * self.d_head, device=self.value_cov.device)
+                          for kv in kvs])
+
     def block_rank(self, layer: int, heads: list[int]) -> int:
         """s_S: rank of the (centred) value activations of the block's distinct KV heads side by side."""
-        kvs = sorted(self._value_groups(heads))
-        cov = self.value_cov[layer]
-        idx = torch.cat([torch.arange(kv * self.d_head, (kv + 1) * self.d_head, device=cov.device) for kv in kvs])
-        return _gram_rank(cov[idx][:, idx], self.precision, self.rank_rtol)
+        idx = self._kv_index(_block_groups(heads, self.kv_of_head))
+        return _gram_rank(self.value_cov[layer][idx][:, idx], self.precision, self.rank_rtol)
 
-    def _value_groups(self, heads: list[int]) -> dict[int, list[int]]:
-        """The block's heads grouped by the KV head whose values they read."""
-        group = self.head_rank.shape[1] // self.n_kv_heads
-        groups: dict[int, list[int]] = {}
-        for h in heads:
-            groups.setdefault(h // group, []).append(h)
-        return groups
+    def freedom(self, layer: int, blocks: Sequence[Sequence[int]]) -> SyncJacobian:
+        """J_apart and J_sync of the heads of ``blocks`` together with every other query head of their
+        KV heads (those apart), with ``blocks`` synchronized (:func:`component_freedom`, METHODS
+        (3.5a)–(3.5c)). When J_sync is not exact a :class:`SyncCountWarning` names the layer and heads."""
+        kv = self.kv_of_head
+        kvs = sorted({kv[h] for block in blocks for h in block})
+        heads = [h for h in range(len(kv)) if kv[h] in kvs]
+        local = {h: i for i, h in enumerate(heads)}
+        listed = {h for block in blocks for h in block}
+        partition = [[local[h] for h in block] for block in blocks] + [[local[h]] for h in heads if h not in listed]
+        idx = self._kv_index(kvs)
+        jac = component_freedom(self.value_cov[layer][idx][:, idx], [kvs.index(kv[h]) for h in heads],
+                                self.W_O[layer, heads], partition, int(self.input_rank[layer]), self.d_out,
+                                self.precision, self.rank_rtol)
+        if not jac.exact:
+            warnings.warn(
+                f"layer {layer}, heads {heads}: the synchronized blocks {[list(b) for b in blocks]} split KV "
+                "heads, and a set of KV heads that blocks read together has a rank-deficient summed output map, "
+                f"so J_sync has no closed form and s·G·d exceeds DENSE_Y_LIMIT = {DENSE_Y_LIMIT}: j_sync and "
+                "extra_freedom are left empty (count_exact False)", SyncCountWarning, stacklevel=2)
+        return jac
 
     def block_freedom(self, layer: int, heads: list[int]) -> SyncJacobian:
-        """J_apart and J_sync of one block (:func:`synchronization_freedom`)."""
-        groups = self._value_groups(heads)
-        return synchronization_freedom(
-            int(self.input_rank[layer]), [int(self.head_rank[layer, g[0]]) for g in groups.values()],
-            self.block_rank(layer, heads), [self.W_O[layer, g] for g in groups.values()], self.d_out,
-        )
+        """J_apart and J_sync when only this block is synchronized and the other query heads of its KV
+        heads stay apart (:meth:`freedom`); for a block of whole KV heads, METHODS (3.3)–(3.4)."""
+        return self.freedom(layer, [heads])
+
+    def _block_distance(self, layer: int, heads: Sequence[int]) -> float:
+        """Largest pattern distance between two heads of the block (0 for one head)."""
+        return float(self.distance[layer][np.ix_(heads, heads)].max())
+
+    def _component_totals(self, layer: int, blocks: Sequence[Sequence[int]]) -> dict:
+        """The count columns of one component (every head of its KV heads, so nothing left apart)."""
+        jac = self.freedom(layer, blocks)
+        n_heads = sum(len(b) for b in blocks)
+        n_kv = len({self.kv_of_head[h] for b in blocks for h in b})
+        n_params = (n_kv + n_heads) * self.d_head * self.W_O.shape[-1]  # each stored value head once
+        unknown = not jac.exact
+        return {"n_params": n_params, "j_apart": jac.j_apart, "j_sync": pd.NA if unknown else jac.j_sync,
+                "free_block": pd.NA if unknown else n_params - jac.j_sync, "free_separate": n_params - jac.j_apart,
+                "extra_freedom": pd.NA if unknown else jac.extra_freedom, "count_exact": jac.exact}
 
     def to_frame(self) -> pd.DataFrame:
         """One row per block (singletons included): layer, heads, size, max pairwise distance,
-        s_block (s_S), s_heads (s of each head's values), input_rank (D_in), n_params (the block's
-        W_V and W_O entries, each stored value head once), j_apart, j_sync, free_block =
-        n_params − j_sync, free_separate = n_params − j_apart, extra_freedom = j_apart − j_sync
-        (METHODS §3, corrected)."""
+        approximate (max distance > 0: the freedom holds only where the patterns agree), s_block
+        (s_S), s_heads (s of each head's values), input_rank (D_in), component (the heads of the
+        block's component: blocks joined through query heads of one KV head, METHODS §3), count_exact,
+        and the component's counts (METHODS (3.5a)–(3.5c)): n_params (its W_V and W_O entries, each
+        stored value head once), j_apart, j_sync, free_block = n_params − j_sync, free_separate =
+        n_params − j_apart, extra_freedom = j_apart − j_sync.
+
+        The counts belong to a component, not a block (blocks that share a KV head are coupled), so
+        they stand on one row of the component, its first block of ≥ 2 heads (else its first block),
+        and are 0 on its other rows: each column sums over the frame to the model's total. A block of
+        whole KV heads, or a model without GQA, is its own component. Where a component's count is
+        not exact (count_exact False, with a :class:`SyncCountWarning`), j_sync, free_block and
+        extra_freedom are <NA>."""
         rows = []
-        d, D = self.d_head, self.W_O.shape[-1]
         for layer, blocks in enumerate(self.blocks):
-            for heads in blocks:
-                jac = self.block_freedom(layer, heads)
-                n_params = len(self._value_groups(heads)) * D * d + len(heads) * d * D
-                sub = self.distance[layer][np.ix_(heads, heads)]
-                rows.append({
-                    "layer": layer,
-                    "heads": tuple(heads),
-                    "size": len(heads),
-                    "max_distance": float(sub.max()),
-                    "s_block": self.block_rank(layer, heads),
-                    "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
-                    "input_rank": int(self.input_rank[layer]),
-                    "n_params": n_params,
-                    "j_apart": jac.j_apart,
-                    "j_sync": jac.j_sync,
-                    "free_block": n_params - jac.j_sync,
-                    "free_separate": n_params - jac.j_apart,
-                    "extra_freedom": jac.extra_freedom,
-                })
-        return pd.DataFrame(rows)
+            component_of, totals = {}, {}
+            for component in _components(blocks, self.kv_of_head):
+                members = [blocks[i] for i in component]
+                lead = next((i for i in component if len(blocks[i]) > 1), component[0])
+                totals[lead] = self._component_totals(layer, members)
+                component_of |= {i: (tuple(sorted(h for b in members for h in b)), lead) for i in component}
+            for i, heads in enumerate(blocks):
+                heads_of_component, lead = component_of[i]
+                counts = totals[i] if i == lead else {**dict.fromkeys(_COUNT_COLUMNS, 0),
+                                                      "count_exact": totals[lead]["count_exact"]}
+                distance = self._block_distance(layer, heads)
+                rows.append({"layer": layer, "heads": tuple(heads), "size": len(heads), "max_distance": distance,
+                             "approximate": distance > 0, "s_block": self.block_rank(layer, heads),
+                             "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
+                             "input_rank": int(self.input_rank[layer]), "component": heads_of_component, **counts})
+        columns = ["layer", "heads", "size", "max_distance", "approximate", "s_block", "s_heads", "input_rank",
+                   "component", "count_exact", *_COUNT_COLUMNS]
+        frame = pd.DataFrame(rows, columns=columns)
+        return frame.astype({c: "Int64" for c in _COUNT_COLUMNS})
 
     @property
-    def extra_freedom(self) -> int:
-        """Total extra free directions from synchronization, over all layers."""
-        return int(self.to_frame()["extra_freedom"].sum())
+    def extra_freedom(self) -> int | None:
+        """Total extra free directions from synchronization over all layers, the sum over components;
+        None when some component's count is not exact (``count_exact``)."""
+        frame = self.to_frame()
+        return int(frame["extra_freedom"].sum()) if frame["count_exact"].all() else None
+
+    @property
+    def count_exact(self) -> bool:
+        """Whether every component's Jacobian rank was computed exactly (:func:`component_freedom`)."""
+        return bool(self.to_frame()["count_exact"].all())
+
+    @property
+    def max_block_distance(self) -> float:
+        """Largest pattern distance inside any block (0 when every block's heads agree on every sample)."""
+        return max(self._block_distance(layer, b) for layer, blocks in enumerate(self.blocks) for b in blocks)
+
+    @property
+    def approximate(self) -> bool:
+        """True when some block's heads have patterns that differ (max distance > 0): its freedom
+        holds only on the samples where they agree. Heads with identical query/key weights run the
+        same float operations and give bit-identical patterns, so exact agreement is 0, not a
+        rounding threshold."""
+        return self.max_block_distance > 0
+
+    @property
+    def approximation(self) -> str:
+        """Why the freedom is approximate, for labels ("" when it is not)."""
+        if not self.approximate:
+            return ""
+        return f"attention patterns in blocks differ, mean TV distance up to {self.max_block_distance:.2g}"
 
     def to_dict(self) -> dict:
+        frame = self.to_frame()
         return {"kind": "head_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "rank_rtol": self.rank_rtol, "precision": str(self.precision).removeprefix("torch."),
-                "distance": self.distance.tolist(), "blocks": self.to_frame().to_dict(orient="records")}
+                "approximate": self.approximate, "count_exact": bool(frame["count_exact"].all()),
+                "distance": self.distance.tolist(), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
         """Heatmap of the pairwise pattern distances, one panel per layer."""
@@ -283,12 +556,7 @@ def _attention_input(adapter: ModelAdapter, layer: int) -> tuple[str, Tensor | N
     block_input_hook`` / ``block_input_affine``; the norm's bias only shifts the mean, which the
     covariance drops): the normalized residual stream, or the residual stream itself in a model
     without normalization."""
-    try:
-        return block_input_hook(adapter, layer, "ln1"), block_input_affine(adapter, layer, "ln1")[0]
-    except MissingHookError:
-        if adapter.cfg.normalization is None:
-            return adapter.hook_name("resid_pre", layer), None
-        raise
+    return block_input_hook(adapter, layer, "ln1"), block_input_affine(adapter, layer, "ln1")[0]
 
 
 def _input_covariance(acc: MomentAccumulator, w: Tensor | None) -> Float[Tensor, "D D"]:
@@ -350,10 +618,11 @@ def head_synchronization(
     chunk of pattern rows (:func:`pattern_tv_sums`): the attention patterns are never copied whole.
 
     Heads whose patterns are all pairwise within ``tol`` form a block S (:func:`synchronized_blocks`).
-    Each block's extra freedom is J_apart − J_sync (:func:`synchronization_freedom`) from D_in = rank
-    of the covariance of the heads' input, s_g = rank of the covariance of each value head's
-    activations, s_S = the same for the block's value heads side by side, and the effective output
-    weights (GQA: query heads that share a KV head form one value group). Covariances, not Grams:
+    The extra freedom is J_apart − J_sync per component (blocks joined through query heads of one KV
+    head, whose shared W_V couples them; :func:`component_freedom`, METHODS (3.5a)–(3.5c)) from
+    D_in = rank of the covariance of the heads' input, the covariance of the value activations of
+    the component's KV heads (s and the spans W_S of sets of them), and the effective output weights;
+    a block of whole KV heads is its own component and gets (3.3)–(3.5). Covariances, not Grams:
     attention rows sum to one, so the mean value vector v̄ reaches the output as the constant v̄·W_O,
     which every head adds alike, synchronized or not, and b_O absorbs (TransformerLens'
     ``fold_value_biases`` moves b_V into b_O for this reason); the mean of the input reaches only
@@ -366,9 +635,12 @@ def head_synchronization(
         rank_rtol: relative eigenvalue cut-off for the activation ranks (D_in, s); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). Weight ranks
             always use the float64 rule.
+        skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included
+            (``counts.counted_batches``), since every later query reads the BOS position's values;
+            ``True`` is refused.
 
     Raises:
-        ValueError: tol outside [0, 1]. DataError: data without tokens. MissingHookError: a model
+        ValueError: tol outside [0, 1], ``skip_bos=True``. DataError: data without tokens. MissingHookError: a model
         without attention patterns, values or a findable attention input. TypeError: a model
         ``tld.adapt`` does not take. MemoryBudgetError: batches too large for the memory budget
         (``tld.memory``), before anything runs.
@@ -385,7 +657,7 @@ def head_synchronization(
     except MissingHookError as e:
         raise MissingHookError(f"head_synchronization needs attention patterns, values and inputs: {e}") from None
     input_names = [name for name, _ in attn_inputs]
-    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "head_synchronization")
     check_batches(adapter, "head_sync", batches, "head_synchronization")  # fail before the first forward
     dev = adapter.device
     tv_sum = torch.zeros(L, H, H, dtype=torch.float64, device=dev)
@@ -481,8 +753,9 @@ class NeuronSyncResult:
     neurons, singletons left out of ``to_frame`` unless asked); ``pre_gram`` [L, F, F]: uncentred
     Gram of the pre-activations, from which block ranks s_a come (``rank_rtol``: the caller's
     eigenvalue cut-off, or None for the package's rule at ``precision``, activation_precision of the model).
-    ``approximate`` is True for smooth activations (GELU, SiLU), where r varies continuously and
-    synchronization is only approximate."""
+    ``exact_activation``: r is piecewise constant (ReLU), so a block is exact where its neurons fire
+    alike on every sample; for smooth activations (GELU, SiLU) r varies continuously and every block
+    is approximate (``approximate``, ``approximation``)."""
 
     distance: Float[np.ndarray, "layer neuron neuron"]
     tol: float
@@ -490,10 +763,43 @@ class NeuronSyncResult:
     pre_gram: Tensor = field(repr=False)
     n_samples: int
     act_fn: str | None
-    approximate: bool
+    exact_activation: bool
     rank_rtol: float | None
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
+
+    def _disagreements(self, distance: float) -> int:
+        """For ReLU, the number of samples on which two neurons at ``distance`` disagree about firing.
+        With r ∈ {0, 1} the distance is exactly k/n; its float64 value E[r_i²] + E[r_j²] − 2E[r_i r_j]
+        (means of 0/1 products, merged batch by batch) is off by a few eps64 per merge, far below
+        1/(2n) for any n·batches < 10¹⁴, so rounding n·distance recovers k (and 0 means every sample)."""
+        return round(distance * self.n_samples)
+
+    def _block_approximate(self, max_distance: float) -> bool:
+        """A block's freedom is exact only for an exact activation and neurons that agree on every sample."""
+        return not self.exact_activation or self._disagreements(max_distance) > 0
+
+    @property
+    def max_block_distance(self) -> float:
+        """Largest distance between two neurons of one block (0 when no block has two neurons)."""
+        return max((float(self.distance[layer][np.ix_(b, b)].max()) for layer, blocks in enumerate(self.blocks)
+                    for b in blocks if len(b) > 1), default=0.0)
+
+    @property
+    def approximate(self) -> bool:
+        """True when some block's freedom is approximate: a smooth activation, or ReLU neurons in one
+        block that disagree about firing on some samples (tol > 0)."""
+        return self._block_approximate(self.max_block_distance)
+
+    @property
+    def approximation(self) -> str:
+        """Why the freedom is approximate, for labels ("" when it is exact)."""
+        if not self.exact_activation:
+            return "smooth activation"
+        if not self.approximate:
+            return ""
+        share = self._disagreements(self.max_block_distance) / self.n_samples
+        return f"firing patterns in blocks differ on up to {share:.2%} of samples"
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
         """s_a: rank of the block's pre-activations on the data (paper eq. 21–22)."""
@@ -504,7 +810,8 @@ class NeuronSyncResult:
     def to_frame(self, singletons: bool = False) -> pd.DataFrame:
         """One row per block of ≥ 2 neurons (all blocks with ``singletons=True``): layer, neurons,
         size, max pairwise distance, s_block, free_block = s_a² (METHODS §3), free_separate = the
-        per-neuron rescalings (one per neuron with nonzero pre-activations), extra_freedom, approximate.
+        per-neuron rescalings (one per neuron with nonzero pre-activations), extra_freedom, approximate
+        (a smooth activation, or neurons that disagree about firing on some samples).
 
         A block whose pre-activations are linearly dependent (a neuron duplicated as a multiple of
         another) has s_a < size and a negative extra_freedom: those directions are not lost, they
@@ -516,18 +823,18 @@ class NeuronSyncResult:
                     continue
                 s = self.block_rank(layer, neurons)
                 separate = sum(self.block_rank(layer, [i]) for i in neurons)
-                sub = self.distance[layer][np.ix_(neurons, neurons)]
+                distance = float(self.distance[layer][np.ix_(neurons, neurons)].max())
                 rows.append({"layer": layer, "neurons": tuple(neurons), "size": len(neurons),
-                             "max_distance": float(sub.max()), "s_block": s, "free_block": s * s,
+                             "max_distance": distance, "s_block": s, "free_block": s * s,
                              "free_separate": separate, "extra_freedom": s * s - separate,
-                             "approximate": self.approximate})
+                             "approximate": self._block_approximate(distance)})
         columns = ["layer", "neurons", "size", "max_distance", "s_block", "free_block", "free_separate",
                    "extra_freedom", "approximate"]
         return pd.DataFrame(rows, columns=columns)
 
     def to_dict(self) -> dict:
         return {"kind": "neuron_synchronization", "tol": self.tol, "n_samples": self.n_samples,
-                "act_fn": self.act_fn, "approximate": self.approximate,
+                "act_fn": self.act_fn, "approximate": self.approximate, "approximation": self.approximation,
                 "blocks": self.to_frame().to_dict(orient="records")}
 
     def plot(self):
@@ -552,8 +859,10 @@ def neuron_synchronization(
     One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[p pᵀ]
     (F×F each): the distance E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] of every pair comes
     from the first, so memory is O(L·F²) whatever the amount of data. For ReLU r ∈ {0, 1} and the
-    distance is the fraction of samples on which two neurons disagree about firing; for GELU r = Φ(p),
-    for SiLU r = σ(p), both in (0, 1), and the result is labelled ``approximate``.
+    distance is the fraction of samples on which two neurons disagree about firing, and a block is
+    exact only when it is 0 (tol > 0 admits blocks that disagree on up to that fraction: labelled
+    ``approximate``); for GELU r = Φ(p), for SiLU r = σ(p), both in (0, 1), and every block is
+    ``approximate``.
 
     f is ``hook_post`` and p ``hook_pre`` (r = 1 where p = 0). Gated MLPs (post = act(gate)·linear):
     r = act(p)/p of the gate pre-activation p = ``hook_pre`` (from the model's ``act_fn``).
@@ -563,8 +872,11 @@ def neuron_synchronization(
         rank_rtol: relative eigenvalue cut-off for the pre-activation ranks s_a; default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
 
+        skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included, since later
+            positions read the BOS position's MLP output (``counts.counted_batches``); ``True`` is refused.
+
     Raises:
-        ValueError: tol outside [0, 1], or a gated MLP with an unknown activation function.
+        ValueError: tol outside [0, 1], ``skip_bos=True``, or a gated MLP with an unknown activation function.
         MissingHookError: a model without MLP layers. DataError: data without tokens.
         MemoryBudgetError: batches too large for the memory budget (``tld.memory``), before anything runs.
     """
@@ -581,8 +893,8 @@ def neuron_synchronization(
         if key not in _RATIOS:
             raise ValueError(f"gated MLP with activation {act_fn!r}: no firing-pattern formula (known: {sorted(_RATIOS)})")
         ratio = _RATIOS[key]
-    approximate = (act_fn or "").lower() not in EXACT_ACTIVATIONS
-    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+    exact_activation = (act_fn or "").lower() in EXACT_ACTIVATIONS
+    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "neuron_synchronization")
     check_batches(adapter, "neuron_sync", batches, "neuron_synchronization")  # fail before the first forward
     L, F = adapter.n_layers, adapter.d_mlp
     dev = adapter.device
@@ -637,7 +949,7 @@ def neuron_synchronization(
     blocks = [_fast_blocks(distance_np[layer], tol) for layer in range(L)]
     return NeuronSyncResult(
         distance=distance_np, tol=tol, blocks=blocks, pre_gram=torch.stack([a.gram()[0] for a in p_acc]).cpu(),
-        n_samples=r_acc[0].count, act_fn=act_fn, approximate=approximate,
+        n_samples=r_acc[0].count, act_fn=act_fn, exact_activation=exact_activation,
         rank_rtol=None if rank_rtol is None else float(rank_rtol), precision=activation_precision(adapter.dtype),
         positions=batches.positions,
     )

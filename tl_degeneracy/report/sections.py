@@ -99,10 +99,11 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         tables={"head_blocks": heads},
         figures={"head_distance": hs.plot()},
         values={"head_distance": hs.distance, "head_synchronized_blocks": len(synced),
-                "head_extra_freedom": int(heads["extra_freedom"].sum()), "n_samples": hs.n_samples,
-                "rank_rtol": hs.rank_rtol},
+                "head_extra_freedom": hs.extra_freedom, "head_sync_approximation": hs.approximation,
+                "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
-    headline = f"{len(synced)} synchronized head block(s) (extra freedom {int(heads['extra_freedom'].sum()):,})"
+    headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)})"
+                f"{_approximate_label(hs.approximation)}")
     try:
         ns = neuron_synchronization(ctx.adapter, ctx.batches, tol=s.sync_tol, batch_size=s.batch_size,
                                     progress=ctx.progress)
@@ -114,11 +115,24 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         out.values.update({"neuron_synchronized_blocks": len(neurons),
                            "neurons_in_blocks": int(neurons["size"].sum()),
                            "neuron_extra_freedom": int(neurons["extra_freedom"].sum()),
-                           "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate})
-        label = " (approximate: smooth activation)" if ns.approximate else ""
+                           "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
+                           "neuron_sync_approximation": ns.approximation})
+        label = _approximate_label(ns.approximation)
         headline += f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum())} neurons{label}"
     out.headline = headline
     return out
+
+
+def _extra_freedom_text(extra: int | None) -> str:
+    """The heads' extra freedom, or that some component's count is not exact (METHODS §3)."""
+    if extra is None:
+        return "extra freedom not exact: see count_exact in the head blocks"
+    return f"extra freedom {extra:,}"
+
+
+def _approximate_label(approximation: str) -> str:
+    """' (approximate: why)' when synchronization holds only approximately, else ''."""
+    return f" (approximate: {approximation})" if approximation else ""
 
 
 @register_section("counts", "Activation and Jacobian degeneracy counts", needs_data=True,
@@ -348,7 +362,8 @@ TERMS: dict[str, tuple[str, int]] = {
     "synchronized block": ("heads (or neurons) of one layer whose patterns agree within sync_tol on the data, "
                            "so only the sum of their output maps matters", 3),
     "extra freedom": ("parameter directions a synchronized block frees beyond those of its units apart "
-                      "(the drop in the Jacobian's rank)", 3),
+                      "(the drop in the Jacobian's rank; blocks that share a GQA value head are counted "
+                      "together, on one row)", 3),
     "G and K": ("a linear map's input Gram E[f fᵀ] and output-Jacobian Gram E[JᵀJ]; their zero directions "
                 "free parameters", 4),
     "n_eff_kfac": ("Σ rank(G)·rank(K) over the linear maps: the Kronecker estimate of N_eff", 4),
@@ -409,13 +424,16 @@ def _invariants_verdict(v: dict) -> str:
 
 def _synchronization_verdict(v: dict) -> str:
     blocks = v.get("head_synchronized_blocks", 0)
+    extra = v.get("head_extra_freedom", 0)
     text = ("no synchronized heads" if not blocks else
-            f"{blocks} synchronized head block(s), {v.get('head_extra_freedom', 0):,} extra free directions")
+            f"{blocks} synchronized head block(s), "
+            + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None))
+            + _approximate_label(v.get("head_sync_approximation", "")))
     if "neuron_synchronized_blocks" in v:
         n = v["neuron_synchronized_blocks"]
-        text += "; no synchronized neurons" if not n else (
-            f"; {n} synchronized neuron block(s)" + (" (approximate: smooth activation)"
-                                                     if v.get("neuron_sync_approximate") else ""))
+        # reports saved before the per-block label have only the flag, which meant a smooth activation
+        why = v.get("neuron_sync_approximation", "smooth activation" if v.get("neuron_sync_approximate") else "")
+        text += "; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s)" + _approximate_label(why)
     return text
 
 
