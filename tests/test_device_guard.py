@@ -31,7 +31,10 @@ FACTORIES = frozenset({
 #: (number of device-less factory calls there, why a CPU tensor is right).
 ALLOWED: dict[str, tuple[int, str]] = {
     "data.py": (9, "the token data pipeline lives on the CPU; Batch.to(device) moves each batch"),
-    "counts.py::degeneracy_counts": (1, "a CPU set of seen token ids, filled from tokens moved with .cpu()"),
+    "counts.py::_token_frequencies": (1, "a CPU histogram of token ids, filled from tokens moved with .cpu()"),
+    "invariants.py::_rotary_angles": (1, "rotation angles as CPU float64 (the others come .cpu()); eigenvectors are built from them on the CPU"),
+    "invariants.py::_rotation_eigenspaces": (3, "eigenspace bases built on the CPU; _block_ranks moves them to the weights' device"),
+    "invariants.py::_group_free_directions": (1, "the identity basis of a non-rotary head; _block_ranks moves it to the weights' device"),
     "gauge.py::_writable": (1, "a CPU coverage mask, filled from layout masks moved with .cpu()"),
     "gauge.py::_random_invertible": (4, "a CPU generator keeps gauges device-independent; random_gauge moves the result"),
     "gauge.py::_random_scalar": (3, "as _random_invertible"),

@@ -8,11 +8,16 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.gauge import canonicalize_heads, random_gauge
+from tl_degeneracy.gauge import canonicalize_heads, random_gauge, write_attention
 from tl_degeneracy.invariants import center_writing, fold_reading, ov_invariants, qk_invariants
+from tl_degeneracy.models.copying import copy_model
 from tl_degeneracy.models.selection import read_attention
+from tl_degeneracy.numerics import numerical_rank, product_scale
 
-from .fixtures.hf import ARCHS, BACKENDS, assert_state_unchanged, has_hooked_transformer, open_model, state_snapshot
+from .fixtures.hf import (
+    ARCHS, BACKENDS, assert_state_unchanged, has_hooked_transformer, native_config, open_model, state_snapshot,
+)
+from .fixtures.toys import make_tiny_toy_transformer
 
 KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 
@@ -151,3 +156,114 @@ def test_sma_has_no_attention_gauge(sma_model):
     with pytest.warns(RuntimeWarning, match="no gauge to apply"):
         gauged = random_gauge(sma)
     torch.testing.assert_close(gauged.blocks[0].attn.W_V, sma.blocks[0].attn.W_V)
+
+
+# ---------------------------------------------------------------------------------------------- rank-deficient heads
+def _zeroed(model, layer: int, zeros: dict[str, tuple]):
+    """``model`` with the given index ranges of layer ``layer``'s attention accessors (TL layout, n_kv
+    heads for K/V) set to 0, written through the adapter like any gauge."""
+    adapter = tld.adapt(model)
+    w = {k: v.detach().clone() for k, v in read_attention(adapter, layer).items()}
+    for key, index in zeros.items():
+        w[key][index] = 0
+    write_attention(adapter, layer, {k: w[k] for k in zeros})
+    return model
+
+
+def _toy(layer, zeros):
+    return _zeroed(make_tiny_toy_transformer(), layer, zeros)
+
+
+def _bridge(kind, layer, zeros, hf_dirs=None):
+    """A fresh bridge (the session's models stay untouched): the tiny Llama (GQA, rotary) or a
+    TL-native GQA model with learned positions (so that its QK gauge is a GL(d), not a scalar)."""
+    if kind == "llama":
+        model = open_model(hf_dirs["llama"], "bridge")
+    else:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        cfg = native_config("llama")
+        cfg.positional_embedding_type = "standard"
+        model = TransformerBridge.boot_native(cfg).eval()
+    return _zeroed(model, layer, zeros)
+
+
+#: name → (model factory arguments). Toy: 2 heads of 8, no GQA; the bridges: 4 query heads, 2 KV heads.
+RANK_DEFICIENT = {
+    "toy: zero column of W_V": ("toy", 0, {"W_V": (0, slice(None), 7)}),
+    "toy: pruned head": ("toy", 0, {"W_V": (0,), "W_O": (0,)}),
+    "toy: W_Q zero": ("toy", 1, {"W_Q": (1,)}),
+    "toy: zero row of W_O": ("toy", 0, {"W_O": (0, 7)}),
+    "gqa: zero column of a shared W_V": ("llama", 0, {"W_V": (0, slice(None), 3)}),
+    "gqa: pruned KV group": ("llama", 1, {"W_V": (1,), "W_O": (slice(2, 4),)}),
+    "gqa rotary: W_Q of one query head zero": ("llama", 0, {"W_Q": (1,)}),
+    "gqa: W_Q of one query head zero": ("native", 0, {"W_Q": (2,)}),
+    "gqa: W_Q of a whole KV group zero": ("native", 0, {"W_Q": (slice(0, 2),)}),
+    "gqa: two zero columns of a shared W_K": ("native", 1, {"W_K": (0, slice(None), slice(2, 4))}),
+}
+
+
+def _group_factors(model, layer: int, kv: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The effective factors of KV group ``kv`` as one product each (METHODS §2): OV = W_V·[W_O^h …],
+    QK = [W_Q^h; …]·W_Kᵀ, the factorisation that the canonical gauge puts into SVD form."""
+    adapter = tld.adapt(model)
+    eff = _effective(model, layer)
+    group = adapter.n_heads // adapter.n_kv_heads
+    heads = slice(kv * group, (kv + 1) * group)
+    return {"OV": (eff["W_V"][kv], torch.cat(list(eff["W_O"][heads]), dim=-1)),
+            "QK": (torch.cat(list(eff["W_Q"][heads]), dim=0), eff["W_K"][kv].mT)}
+
+
+def _spans_agree(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
+    """Whether the columns of ``a`` and ``b`` span the same space, singular values ≤ ``atol`` being 0."""
+    rank = lambda m: int((torch.linalg.svdvals(m) > atol).sum())  # noqa: E731
+    return rank(a) == rank(b) == rank(torch.cat([a, b], dim=1))
+
+
+@pytest.mark.parametrize("case", list(RANK_DEFICIENT))
+def test_rank_deficient_heads(case, hf_dirs):
+    """Audit finding 4: heads with a singular factor used to crash (NaN from a triangular solve). Now
+    the function is unchanged, the canonical form of a randomly gauged copy equals the original's on
+    every group's rank-r part (all of it for full-rank groups and for the rotary QK's scalar gauge),
+    the remaining d − r directions agree up to a GL(d − r) (same spans), and canonicalizing twice
+    changes nothing.
+
+    Logit tolerance, from float rounding: the canonical weights are the float64 gauge of the stored
+    float32 weights, rounded to float32 (half an ulp per entry), and both models' float32 forwards
+    round as the original's does, which differs from its float64 forward by e = max|Δ|. Each of the
+    three contributes about e, so the canonical logits lie within 3e of the original's; 4e is asserted.
+
+    The weights are compared on a float64 copy: stored in float32, a gauged copy's zero column is
+    float32 rounding, which the float64 rank rule rightly counts as rank. In float64 the canonical
+    weights carry the gauges' rounding, eps64 times their condition (≲ e² for random_gauge) over the
+    relative gap between singular values (≳ 1e-2 in these random heads): ≲ 1e-12 of the largest
+    entry; 1e-10 is asserted, and singular values below it count as zero in the span comparison."""
+    kind, layer, zeros = RANK_DEFICIENT[case]
+    model = _toy(layer, zeros) if kind == "toy" else _bridge(kind, layer, zeros, hf_dirs)
+    adapter = tld.adapt(model)
+    tokens = _tokens(adapter)
+    exact = copy_model(model).to(torch.float64)
+    with torch.no_grad():
+        base, reference = adapter.forward(tokens).double(), tld.adapt(exact).forward(tokens)
+        out = tld.adapt(canonicalize_heads(model)).forward(tokens).double()
+    assert float((out - base).abs().max()) <= 4 * float((base - reference).abs().max())
+
+    canon = canonicalize_heads(exact)
+    other, again = canonicalize_heads(random_gauge(exact, seed=4)), canonicalize_heads(canon)
+    rotary = adapter.cfg.positional_embedding == "rotary"
+    for lay in range(adapter.n_layers):
+        for kv in range(adapter.n_kv_heads):
+            c, o, a = (_group_factors(m, lay, kv) for m in (canon, other, again))
+            for circuit, (left, right) in c.items():
+                atol = 1e-10 * max(float(left.abs().max()), float(right.abs().max()), 1.0)
+                for name, theirs in (("idempotence", a), ("two gauges", o)):
+                    msg = f"{name}, layer {lay} group {kv} {circuit}"
+                    if name == "idempotence" or (rotary and circuit == "QK"):
+                        r = left.shape[1]
+                    else:
+                        r = int(numerical_rank(torch.linalg.svdvals(left @ right), (left.shape[0], right.shape[1]),
+                                               scale=product_scale(left, right)))
+                        assert _spans_agree(left[:, r:], theirs[circuit][0][:, r:], atol), msg
+                        assert _spans_agree(right[r:].mT, theirs[circuit][1][r:].mT, atol), msg
+                    torch.testing.assert_close(theirs[circuit][0][:, :r], left[:, :r], rtol=0, atol=atol, msg=msg)
+                    torch.testing.assert_close(theirs[circuit][1][:r], right[:r], rtol=0, atol=atol, msg=msg)

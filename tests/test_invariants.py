@@ -11,12 +11,16 @@ import torch
 from torch import nn
 
 import tl_degeneracy as tld
-from tl_degeneracy.invariants import free_directions, ov_invariants, qk_invariants
+from tl_degeneracy.gauge import write_attention
+from tl_degeneracy.invariants import free_directions, ov_circuits, ov_invariants, qk_circuits, qk_invariants
 from tl_degeneracy.models.adapter import NormWeights
+from tl_degeneracy.models.copying import copy_model
+from tl_degeneracy.models.selection import read_attention
 from tl_degeneracy.plots import plot_spectra
 
 from .fixtures.device import test_device
-from .fixtures.hf import BACKENDS, has_hooked_transformer, open_model
+from .fixtures.hf import BACKENDS, has_hooked_transformer, native_config, open_model
+from .fixtures.jacobian import jacobian_rank
 
 
 def _dense(W_left, W_right):
@@ -89,22 +93,62 @@ def test_affine_qk_folds_the_norm_bias(tiny_toy_transformer):
         s = torch.linalg.svdvals(left @ right.T)
         row = frame[(frame["layer"] == 0) & (frame["head"] == h)].iloc[0]
         np.testing.assert_allclose(row["singular_values"], s[: row["rank"]].numpy(), rtol=1e-10)
-        assert row["free_directions"] == free_directions(D + 1, a.W_Q.shape[-1], row["rank"])
+        assert row["free_directions"] == a.W_Q.shape[-1] ** 2  # full rank, no GQA, no rotary: GL(d)
 
 
-def test_rank_deficient_head_free_directions(tiny_toy_transformer):
+def _factorisation_free(fn, factors: list[torch.Tensor]) -> int:
+    """Free directions by definition (METHODS (2.4)): factor entries minus the rank of the Jacobian
+    of ``fn`` (factors → products) there, from torch.func."""
+    return sum(f.numel() for f in factors) - jacobian_rank(fn, factors)
+
+
+def _ov_group(fm, layer: int, heads: list[int]):
+    """The effective OV factors of query heads ``heads`` sharing one value head: [W_V, W_O^h, …]."""
+    return [fm.A[layer, heads[0]]] + [fm.B[layer, h] for h in heads]
+
+
+#: Head (0, 0) of the tiny toy (D = 16, d = 8): how its factors are made rank deficient, and whether
+#: both end up with the product's rank (where (2.4)'s 2·D·d − r(2D − r) holds).
+RANK_CASES = {
+    "full rank": ({}, True),
+    "W_V of rank 3": ({"W_V": (slice(None), slice(3, None))}, False),
+    "zero column of W_V": ({"W_V": (slice(None), 7)}, False),
+    "zero row of W_O": ({"W_O": (7,)}, False),
+    "both of rank 3": ({"W_V": (slice(None), slice(3, None)), "W_O": (slice(3, None),)}, True),
+    "pruned": ({"W_V": (slice(None),), "W_O": (slice(None),)}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK_CASES))
+def test_free_directions_are_the_jacobian_kernel(tiny_toy_transformer, case):
+    """Audit finding 6 / METHODS (2.4): ``free_directions`` is the number of factor entries minus the
+    Jacobian rank of (W_V, W_O) ↦ W_V W_O, and it is the factors' ranks that set it; (2.4)'s
+    2·D·d − r(2D − r) in the product's rank r is that count only when both factors have rank r."""
+    zeros, both_rank_r = RANK_CASES[case]
     a = tiny_toy_transformer.blocks[0].attn
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # W_V of head 0 with rank 3, exactly: a product formed in float32 (W_V[:, :3] @ M)
-        # is rank 3 only up to float32 rounding, which the float64 rank rule rightly sees.
-        a.W_V[0, :, 3:] = 0.0
-        a.W_O[0] = torch.randn(a.W_O.shape[1:], generator=g)
+    with torch.no_grad():  # exact zeros: a low-rank product formed in float32 would be rank d to float64
+        for name, index in zeros.items():
+            getattr(a, name)[0][index] = 0.0
     ov = ov_invariants(tiny_toy_transformer)
     row = ov[(ov["layer"] == 0) & (ov["head"] == 0)].iloc[0]
-    D, d = a.W_V.shape[1:]
-    assert row["rank"] == 3 and len(row["singular_values"]) == 3 and len(row["eigenvalues"]) <= 3
-    assert row["free_directions"] == 2 * D * d - 3 * (2 * D - 3) == free_directions(D, d, 3)
-    assert row["singular_values"][-1] > row["tol"]
+    factors = _ov_group(ov_circuits(tiny_toy_transformer), 0, [0])
+    assert row["free_directions"] == _factorisation_free(lambda f: f[0] @ f[1], factors)
+    D, d, r = a.W_V.shape[1], a.W_V.shape[2], row["rank"]
+    assert (row["free_directions"] == 2 * D * d - r * (2 * D - r)) == both_rank_r
+    assert len(row["singular_values"]) == r and len(row["eigenvalues"]) <= r
+    if r:
+        assert row["singular_values"][-1] > row["tol"]
+
+
+def test_free_directions_formula():
+    """The closed forms of :func:`free_directions` (METHODS (2.4))."""
+    D, d = 16, 8
+    assert free_directions(D, D, [(d, d, d)]) == d * d  # GL(d)
+    assert free_directions(D, D, [(d, 3, 3)]) == 2 * D * d - 3 * (2 * D - 3)
+    assert free_directions(D, D, [(d, d - 1, d)]) == d * d - d + D  # a zero column of W_V
+    assert free_directions(D, 2 * D, [(d, d, d)]) == d * d  # a GQA group of two heads: one GL(d)
+    assert free_directions(D, D, [(1, 1, 1)] * d) == d  # full rotary, distinct frequencies
+    assert free_directions(D, D, [(1, 1, 1)] * 2 + [(d - 2, d - 2, d - 2)]) == 2 + (d - 2) ** 2  # partial
 
 
 def test_sma_toy():
@@ -119,6 +163,160 @@ def test_sma_toy():
     assert affine["rank"][0] == 1 and bool(affine["affine"][0])
     q = sma.blocks[0].attn.q.detach().double()
     np.testing.assert_allclose(affine["singular_values"][0], [float(q.norm())], rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- GQA, rotary
+@pytest.mark.parametrize("zero_column", [False, True])
+def test_gqa_ov_free_directions_count_the_group_once(tl_models, zero_column):
+    """Audit finding 6 (e10): under GQA one W_V serves two query heads and one gauge A acts on the
+    whole group, so the group's free directions are those of (W_V, W_O¹, W_O²) ↦ (W_V W_O¹, W_V W_O²):
+    d² = 64, not 2·d². The group's count stands on its first head and the column sums to the total."""
+    model = copy_model(tl_models("llama", "bridge"))  # a private copy: the weights change below
+    if zero_column:  # a rank-deficient shared value head: both of its query heads lose a direction
+        w = read_attention(tld.adapt(model), 0)
+        W_V = w["W_V"].detach().clone()
+        W_V[0, :, 5] = 0.0
+        write_attention(tld.adapt(model), 0, {"W_V": W_V})
+    ov = ov_invariants(model)
+    fm = ov_circuits(model)
+    D, d = fm.ldim, fm.mdim
+    for layer in range(2):
+        for kv, heads in enumerate(([0, 1], [2, 3])):
+            rows = ov[(ov["layer"] == layer) & (ov["kv_head"] == kv)]
+            truth = _factorisation_free(lambda f: torch.stack([f[0] @ o for o in f[1:]]), _ov_group(fm, layer, heads))
+            assert rows["free_directions"].tolist() == [truth, 0]
+            if not (zero_column and layer == 0 and kv == 0):
+                assert truth == d * d
+    # A zero column of the shared W_V: d² − d + 2D in its group (its W_O row in both heads is free).
+    assert ov["free_directions"].sum() == 4 * d * d + (2 * D - d if zero_column else 0)
+
+
+def _native_gqa_without_rotary():
+    """A TL-native GQA bridge (4 query heads, 2 KV heads, d = 8) with learned positions."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = native_config("llama")
+    cfg.positional_embedding_type = "standard"
+    return TransformerBridge.boot_native(cfg).eval()
+
+
+def test_gqa_qk_free_directions_count_the_group_once():
+    """QK under GQA: one W_K serves two query heads, one B per group: (W_Q¹, W_Q², W_K) ↦ (W_Q^h W_Kᵀ)
+    has d² free directions per group, counted once."""
+    model = _native_gqa_without_rotary()
+    qk, fm = qk_invariants(model), qk_circuits(model)
+    d = fm.mdim
+    for layer in range(2):
+        for kv, heads in enumerate(([0, 1], [2, 3])):
+            factors = [fm.A[layer, h] for h in heads] + [fm.B[layer, heads[0]]]
+            truth = _factorisation_free(lambda f: torch.stack([q @ f[-1] for q in f[:-1]]), factors)
+            rows = qk[(qk["layer"] == layer) & (qk["kv_head"] == kv)]
+            assert rows["free_directions"].tolist() == [truth, 0] and truth == d * d
+    assert not qk["rotary"].any()
+
+
+def _rotary_scores(hf_model, positions: int):
+    """(query factors…, key factor) ↦ the scores q_t·k_0 of every offset t < ``positions``, with the
+    rotation done by Hugging Face's own rotary code (an independent account of layout and frequencies)."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    rotary = next(m for name, m in hf_model.named_modules() if name.endswith("rotary_emb"))
+    x = torch.zeros(1, dtype=torch.float64)
+    cos, sin = rotary(x, torch.arange(positions)[None])  # [1, T, rotary dims]
+
+    def scores(factors):
+        K = factors[-1]  # d × D: the key at offset 0 is not rotated
+        out = []
+        for Q in factors[:-1]:
+            q = Q[:, None, None, :].expand(Q.shape[0], 1, positions, Q.shape[1])
+            rotated, _ = apply_rotary_pos_emb(q, q, cos.to(Q), sin.to(Q))
+            out.append(torch.einsum("atd,db->tab", rotated[:, 0], K))
+        return torch.stack(out)
+
+    return scores
+
+
+def _repeated_frequency_dir(tmp_path):
+    """The tiny Llama with rope_theta = 1: every rotary pair turns by 1 rad per position."""
+    import transformers as tf
+
+    from .fixtures.hf import tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, rope_theta=1.0, vocab_size=100,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    directory = tmp_path / "tiny_repeated_rope"  # no "llama" in the path (TransformerLens 3.x picks by name)
+    tf.LlamaForCausalLM(cfg).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+#: name → (architecture, zeroed W_Q entries of layer 0, full-rank count per group as a closed form).
+#: d = 8: Llama rotates all 8 dims with 4 distinct frequencies (2 each); NeoX rotates 2 (2 + 6²);
+#: rope_theta = 1 gives all four pairs one frequency, so the commuting matrices are GL(4, C): 2·4².
+ROTARY_CASES = {
+    "llama, rotary on all dims": ("llama", None, 8),
+    "llama, one rotary pair of a group's W_Q zero": ("llama", (slice(0, 2), slice(None), [0, 4]), None),
+    "neox, rotary on 2 of 8 dims": ("neox", None, 2 + 6 * 6),
+    "repeated frequencies": ("repeated", None, 2 * 4 * 4),
+}
+
+
+@pytest.mark.parametrize("case", list(ROTARY_CASES))
+def test_rotary_qk_free_directions_are_the_commutant(hf_dirs, tmp_path, case):
+    """Audit finding 6: with rotary embeddings the score is q R_t kᵀ, only gauges commuting with every
+    R_t are symmetries, and QK's free directions are those of (W_Q^h…, W_K) ↦ (W_Q^h R_t W_Kᵀ)_{h,t}:
+    the commutant at full rank (2 per rotary pair of distinct frequency, (d − rotary dims)² for the
+    rest; more for repeated frequencies), checked against the Jacobian rank with HF's own rotary.
+    Offsets 0 … 8 span the algebra of the one-position rotation (≤ 8 distinct eigenvalues at d = 8)."""
+    from transformers import AutoModelForCausalLM
+
+    arch, zeros, closed_form = ROTARY_CASES[case]
+    directory = _repeated_frequency_dir(tmp_path) if arch == "repeated" else hf_dirs[arch]
+    model = open_model(directory, "bridge")
+    if zeros is not None:  # both query heads of group 0 lose the pair (0, 4): rotate-half pairs j, j + 4
+        W_Q = read_attention(tld.adapt(model), 0)["W_Q"].detach().clone()
+        W_Q[zeros] = 0.0
+        write_attention(tld.adapt(model), 0, {"W_Q": W_Q})
+    qk, fm = qk_invariants(model), qk_circuits(model)
+    assert qk["rotary"].all()
+    scores = _rotary_scores(AutoModelForCausalLM.from_pretrained(directory), positions=9)
+    adapter = tld.adapt(model)
+    group = adapter.n_heads // adapter.n_kv_heads
+    for kv in range(adapter.n_kv_heads):
+        heads = list(range(kv * group, (kv + 1) * group))
+        factors = [fm.A[0, h] for h in heads] + [fm.B[0, heads[0]]]
+        truth = _factorisation_free(scores, factors)
+        rows = qk[(qk["layer"] == 0) & (qk["kv_head"] == kv)]
+        assert rows["free_directions"].tolist() == [truth] + [0] * (group - 1), kv
+        if closed_form is not None:
+            assert truth == closed_form
+    if zeros is not None:  # the pair's two eigenvectors no longer reach W_Q: each frees W_K's D entries there
+        assert qk.loc[(qk["layer"] == 0) & (qk["head"] == 0), "free_directions"].item() == 6 + 2 * fm.rdim
+
+
+# ---------------------------------------------------------------------------------------------- rank rule
+@pytest.mark.parametrize("condition", [1e0, 1e2, 1e4, 1e6])
+def test_rank_does_not_depend_on_the_balance_of_the_factors(tiny_toy_transformer, condition):
+    """Audit finding 9 (e3): a rank-4 head under gauges A of growing condition number read as rank 4,
+    4, 6, 8, because the product's rounding (the SVD core of the factors) grows with ‖W_V A‖‖A⁻¹ W_O‖
+    while the cut-off followed σ_1. The cut-off is now relative to ‖A‖₂‖B‖₂ (numerics.product_scale),
+    the rank 4 whatever the balance. The same for QK with W_K of rank 4."""
+    a = tiny_toy_transformer.blocks[0].attn
+    tiny_toy_transformer.double()  # the gauged factors are stored exactly as computed
+    g = torch.Generator().manual_seed(3)
+    d = a.W_V.shape[-1]
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.logspace(0, math.log10(condition), d, dtype=torch.float64)) @ Q.T
+    with torch.no_grad():
+        a.W_O[0, 4:] = 0.0
+        a.W_K[0, :, 4:] = 0.0
+        a.W_V[0], a.W_O[0] = a.W_V[0] @ A, torch.linalg.solve(A, a.W_O[0])
+        a.W_Q[0], a.W_K[0] = a.W_Q[0] @ A, a.W_K[0] @ torch.linalg.inv(A).T
+    for frame in (ov_invariants(tiny_toy_transformer), qk_invariants(tiny_toy_transformer)):
+        assert frame.loc[(frame["layer"] == 0) & (frame["head"] == 0), "rank"].item() == 4
+        assert (frame.loc[frame["layer"] == 1, "rank"] == d).all()
 
 
 # ---------------------------------------------------------------------------------------------- however loaded
@@ -146,13 +344,13 @@ _SV_RTOL = 8 * _EPS32 * math.sqrt(8)
 _SCORE_ATOL = 10 * _SV_RTOL
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
 def test_same_invariants_however_loaded(tl_models, hf_dirs, arch):
     """Issue 14 item 3: one checkpoint with non-trivial LayerNorm/RMSNorm gains and biases gives the
     same spectra, ranks and copying scores unfolded (bridge, HookedTransformer), in compatibility mode
     and folded by HookedTransformer (TL 3.x): the effective maps are the same maps."""
     loads = [ld for ld in LOADS if has_hooked_transformer() or not ld.startswith("hooked_transformer")]
-    norm = {"gpt2": "layernorm", "llama": "rmsnorm"}[arch]
+    norm = {"gpt2": "layernorm", "neox": "layernorm", "llama": "rmsnorm"}[arch]
     for affine in (False, True):
         for circuit in ("OV", "QK"):
             if affine and circuit == "OV":
@@ -166,6 +364,8 @@ def test_same_invariants_however_loaded(tl_models, hf_dirs, arch):
             assert (ref["rank"] == 8).all()  # d_head: the inner dimension bounds the affine form too
             for ld, frame in frames.items():
                 assert frame["rank"].tolist() == ref["rank"].tolist(), (ld, circuit)
+                # Rotary frequencies read from HF's inv_freq (bridges) or TL's rotary buffers (HookedTransformer).
+                assert frame["free_directions"].tolist() == ref["free_directions"].tolist(), (ld, circuit)
                 for (_, r0), (_, r1) in zip(ref.iterrows(), frame.iterrows()):
                     top = r0["singular_values"][0]
                     np.testing.assert_allclose(r1["singular_values"], r0["singular_values"], rtol=0,
@@ -322,5 +522,5 @@ def test_non_finite_weights_are_refused_naming_the_tensor():
     with torch.no_grad():
         model.blocks[1].attn.W_V[0, 2, 3] = float("nan")
     for analysis in (tld.ov_invariants, tld.qk_invariants, tld.random_gauge, tld.canonicalize_heads):
-        with pytest.raises(tld.NumericalError, match=r"not finite: live parameter blocks\.1\.attn\.W_V .* 1 NaN"):
+        with pytest.raises(tld.NumericalError, match=r"not finite: parameter blocks\.1\.attn\.W_V .* 1 NaN"):
             analysis(model)

@@ -14,6 +14,7 @@ from tl_degeneracy.synchronization import head_synchronization, synchronized_blo
 
 from .fixtures.device import test_device
 from .fixtures.distributed import rank_results, run_two_processes
+from .fixtures.jacobian import jacobian_rank
 from .fixtures.toys import make_tiny_toy_transformer
 
 
@@ -263,19 +264,6 @@ N, D, D_IN, d, D_OUT = 14, 8, 6, 2, 5
 MEAN_FREE = torch.eye(D_OUT, dtype=torch.float64) - 1 / D_OUT
 
 
-def _jacobian_rank(fn, params: list[torch.Tensor]) -> int:
-    """Rank of the Jacobian of ``fn`` (list of tensors → tensor) at ``params``, float64, by SVD."""
-    from torch.func import jacfwd
-
-    sizes = [p.numel() for p in params]
-
-    def flat(theta):
-        return fn([t.view_as(p) for t, p in zip(theta.split(sizes), params)]).flatten()
-
-    J = jacfwd(flat)(torch.cat([p.flatten() for p in params]))
-    return int(torch.linalg.matrix_rank(J))
-
-
 def _block(case: str, g: torch.Generator):
     """Input X [N, D] of rank D_IN, value weights W_V per value group and (group, W_O) per head."""
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
@@ -311,8 +299,8 @@ def _ranks_and_jacobians(X, W_V, heads):
         return [X @ V[g] @ O[i] @ readout for i, (g, _) in enumerate(heads)]
 
     params = [*W_V, *(O for _, O in heads)]
-    j_apart = _jacobian_rank(lambda p: torch.stack(outputs(p)), params)
-    j_sync = _jacobian_rank(lambda p: torch.stack(outputs(p)).sum(0), params)
+    j_apart = jacobian_rank(lambda p: torch.stack(outputs(p)), params)
+    j_sync = jacobian_rank(lambda p: torch.stack(outputs(p)).sum(0), params)
     values = torch.cat([X @ V for V in W_V], 1)  # every value head's vectors on the data, side by side
     count = component_freedom(values.T @ values, [g for g, _ in heads], torch.stack([O for _, O in heads]),
                               [list(range(len(heads)))], int(torch.linalg.matrix_rank(X)), d_out)
@@ -321,7 +309,7 @@ def _ranks_and_jacobians(X, W_V, heads):
 
 @pytest.mark.parametrize("case", ["independent", "exact copy", "gqa pair", "partial overlap",
                                   "rank-deficient value", "block of 3", "mean-free outputs"])
-def test_count_equals_the_jacobian_rank(case):
+def test_count_equals_thejacobian_rank(case):
     """METHODS §3's J_apart and J_sync are the ranks of the Jacobians of the heads' separate outputs
     and of their sum with respect to (W_V^g, W_O^h), computed here directly with torch.func."""
     X, W_V, heads = _block(case, torch.Generator().manual_seed(0))
@@ -461,7 +449,7 @@ def _gqa_layer(g: torch.Generator, kv_of_head, n_kv: int, rank_one=(), zero=(), 
     return X, W_V, W_O
 
 
-def _layer_jacobian_rank(X, W_V, W_O, kv_of_head, blocks) -> int:
+def _layerjacobian_rank(X, W_V, W_O, kv_of_head, blocks) -> int:
     """Rank of the Jacobian of the whole layer, (W_V^g, W_O^h) ↦ (Σ_{h∈b} X W_V^{g(h)} W_O^h)_b, by torch.func."""
     G = len(W_V)
 
@@ -469,20 +457,20 @@ def _layer_jacobian_rank(X, W_V, W_O, kv_of_head, blocks) -> int:
         V, O = params[:G], params[G:]
         return torch.stack([sum(X @ V[kv_of_head[h]] @ O[h] for h in block) for block in blocks])
 
-    return _jacobian_rank(outputs, [*W_V, *W_O])
+    return jacobian_rank(outputs, [*W_V, *W_O])
 
 
 def _counted_and_true(X, W_V, W_O, kv_of_head, blocks):
     """(component_freedom's count, (true J_apart, true J_sync)) for one layer given as weights."""
     A = torch.cat([X @ V for V in W_V], 1)
     count = component_freedom(A.T @ A, kv_of_head, torch.stack(W_O), blocks, int(torch.linalg.matrix_rank(X)), D_OUT)
-    apart = _layer_jacobian_rank(X, W_V, W_O, kv_of_head, [[h] for h in range(len(kv_of_head))])
-    return count, (apart, _layer_jacobian_rank(X, W_V, W_O, kv_of_head, blocks))
+    apart = _layerjacobian_rank(X, W_V, W_O, kv_of_head, [[h] for h in range(len(kv_of_head))])
+    return count, (apart, _layerjacobian_rank(X, W_V, W_O, kv_of_head, blocks))
 
 
 @pytest.mark.parametrize("blocks, extra", [([[0, 2], [1], [3]], 0), ([[0, 2], [1, 3]], 8),
                                            ([[0, 1, 2], [3]], 14), ([[0, 1], [2], [3]], 10)])
-def test_blocks_that_split_kv_heads_equal_the_jacobian_rank(blocks, extra):
+def test_blocks_that_split_kv_heads_equal_thejacobian_rank(blocks, extra):
     """A KV head's W_V is shared with its query heads outside the block, so the count is the drop of
     the whole layer's Jacobian rank (METHODS (3.5a)–(3.5c)): the audit's four partitions, whose
     per-block count said 8, 16, 18 and 10."""
@@ -579,8 +567,8 @@ def test_frame_gives_each_component_its_count_once():
     blocks = [[0, 2], [1], [3], [4], [5]]
     res = _result_from_weights(X, W_V, W_O, THREE_KV, blocks)
     frame = res.to_frame()
-    apart = _layer_jacobian_rank(X, W_V, W_O, THREE_KV, [[h] for h in range(6)])
-    sync = _layer_jacobian_rank(X, W_V, W_O, THREE_KV, blocks)
+    apart = _layerjacobian_rank(X, W_V, W_O, THREE_KV, [[h] for h in range(6)])
+    sync = _layerjacobian_rank(X, W_V, W_O, THREE_KV, blocks)
     assert frame["component"].tolist() == [(0, 1, 2, 3)] * 3 + [(4, 5)] * 2
     assert [bool(j > 0) for j in frame["j_apart"]] == [True, False, False, True, False]
     # jacfwd counts W_V in all D input directions, the frame those the data reach (D_in): same ranks

@@ -30,7 +30,7 @@ from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
 from .models.selection import measure_parameter, read_attention
-from .numerics import numerical_rank
+from .numerics import numerical_rank, product_scale
 
 __all__ = ["random_gauge", "canonicalize_heads", "write_attention", "column_signs"]
 
@@ -120,22 +120,48 @@ def column_signs(cols: Float[Tensor, "n r"]) -> Float[Tensor, " r"]:
 
 
 def _canonical_gl(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Float[Tensor, "d d"]:
-    """A with left·A = U√S and A⁻¹·right = √S Vᵀ, from the thin SVD left·right = U S Vᵀ (METHODS §2).
+    """A = [A_r, F] with left·A_r = U_r√S_r and B_r·right = √S_r V_rᵀ for the first r rows B_r of
+    A⁻¹, from the thin SVD left·right = U S Vᵀ of numerical rank r (METHODS §2, canonical gauge).
 
-    Done through the d×d core: left = Q1 R1, rightᵀ = Q2 R2, R1 R2ᵀ = u s vᵀ, so U = Q1 u and
-    A = R1⁻¹ u √s. Signs: each column of U gets its entry of largest modulus positive (gauge
-    invariant, since U is). Directions beyond the numerical rank (the package's rule at float64
-    precision; a rank-deficient head) keep scale 1 there: they remain free, and the canonical form
-    is unique only on the rank-r part.
+    Done through the d×d core: left = Q1 R1, rightᵀ = Q2 R2, R1 R2ᵀ = u s vᵀ, so U = Q1 u, V = Q2 v,
+    A_r = right·V_r S_r^(−1/2) = R2ᵀ v_r s_r^(−1/2) and B_r = S_r^(−1/2) U_rᵀ left = s_r^(−1/2) u_rᵀ R1
+    (B_r A_r = I_r). Neither needs left or right to be invertible, so a rank-deficient head (a zero
+    column of W_V, a pruned head) is canonical on its rank-r part too. Signs: each column of U gets
+    its entry of largest modulus positive (gauge invariant, since U is); v follows u.
+
+    The other d − r columns F span the kernel of B_r (so that B_r·F = 0 and B_r is indeed A⁻¹'s top);
+    they carry the head's residual freedom, which no choice of them makes canonical: a gauge G of
+    the head moves them by a GL(d − r) (:func:`_free_columns` keeps them as stored where it can).
+    r is the package's rank rule for a product computed from its factors (numerics.product_scale).
     """
     q1, r1 = torch.linalg.qr(left)
     q2, r2 = torch.linalg.qr(right.mT)
     u, s, vh = torch.linalg.svd(r1 @ r2.mT)
     signs = column_signs(q1 @ u)
-    u = u * signs
-    rank = int(numerical_rank(s, dims=(left.shape[0], right.shape[1])))
-    root = torch.where(torch.arange(s.shape[0], device=s.device) < rank, s.sqrt(), torch.ones_like(s))
-    return torch.linalg.solve_triangular(r1, u * root, upper=True)
+    u, v = u * signs, vh.mT * signs
+    rank = int(numerical_rank(s, dims=(left.shape[0], right.shape[1]), scale=product_scale(left, right)))
+    root = s[:rank].sqrt()
+    canonical = r2.mT @ v[:, :rank] / root
+    reading = u[:, :rank].mT @ r1 / root[:, None]
+    return torch.cat([canonical, _free_columns(reading)], dim=1)
+
+
+def _free_columns(reading: Float[Tensor, "r d"]) -> Float[Tensor, "d k"]:
+    """k = d − r columns spanning the kernel of ``reading`` (rank r): the orthogonal projections onto
+    the kernel of k coordinate axes, picked greedily by the length of what is new in them (pivoted
+    Gram–Schmidt), in axis order. Axes that lie in the kernel are kept exactly, so on a head whose
+    rank-r part is already canonical (columns r+1… of the stored factors free) the gauge is I there:
+    canonicalizing twice changes nothing."""
+    r, d = reading.shape
+    basis = torch.linalg.svd(reading, full_matrices=True).Vh[r:]  # the kernel (all of R^d for r = 0)
+    projection = basis.mT @ basis
+    residual, chosen = projection.clone(), []
+    for _ in range(d - r):
+        j = int(residual.norm(dim=0).argmax())
+        chosen.append(j)
+        q = residual[:, j] / residual[:, j].norm()
+        residual = residual - torch.outer(q, q @ residual)
+    return projection[:, sorted(chosen)]
 
 
 def _canonical_scalar(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -> Float[Tensor, "d d"]:
@@ -262,8 +288,14 @@ def canonicalize_heads(model, inplace: bool = False):
     models only the scalar gauge is available, and the canonical choice balances the effective
     ‖P diag(w) W_Q‖ = ‖P diag(w) W_K‖ with the largest entry of the effective W_Q positive. Signs are
     fixed deterministically (each left singular vector's largest entry positive), so the result is
-    idempotent and two gauges of one model give the same weights (for heads whose singular values
-    are distinct and nonzero; a rank-deficient head keeps its residual freedom).
+    idempotent and two gauges of one model give the same weights (for heads whose nonzero singular
+    values are distinct).
+
+    A rank-deficient head or group (numerical rank r < d: a zero column of W_V, W_Q = 0, a pruned head)
+    is canonical on its rank-r part: the first r columns of P diag(w) W_V A are U_r√S_r and the first
+    r rows of A⁻¹ W_O P are √S_r V_rᵀ. Its other d − r directions carry a residual freedom that no
+    gauge removes; they are left as stored where they already are free, so canonicalizing twice
+    changes nothing, and two gauges of one model give weights that differ there by a GL(d − r) only.
 
     Returns a deep copy unless ``inplace=True``.
     """

@@ -22,12 +22,18 @@ The products are kept as TransformerLens ``FactoredMatrix`` objects (D×d times 
 singular values come from a d-dimensional core and their nonzero eigenvalues from the d×d matrix
 W_O P · P diag(w) W_V, so nothing D×D is ever formed or decomposed. Everything is computed in
 float64 from the stored weights, which are exact float64 numbers whatever their storage dtype, so the
-rank follows the package's one rule at float64 precision (:mod:`tl_degeneracy.numerics`).
+rank follows the package's one rule at float64 precision (:mod:`tl_degeneracy.numerics`), relative to
+the product's rounding scale ‖A‖₂‖B‖₂ (:func:`numerics.product_scale`), so that an unbalanced gauge
+does not change it.
+
+Free directions (METHODS (2.4), :func:`free_directions`) are counted per key/value group, the unit
+on which one gauge acts, and for rotary QK only the gauges that commute with the rotations count.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -38,7 +44,7 @@ from transformer_lens import FactoredMatrix
 
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter, NormWeights
-from .numerics import numerical_rank, rank_rtol
+from .numerics import numerical_rank, product_scale, rank_rtol
 
 __all__ = [
     "ov_invariants", "qk_invariants", "ov_circuits", "qk_circuits", "free_directions", "default_rtol",
@@ -46,10 +52,24 @@ __all__ = [
 ]
 
 
-def free_directions(d_model: int, d_head: int, rank: int) -> int:
-    """Free directions of a factorisation of a rank-r D×D product through d dims (METHODS §2):
-    2·D·d − r(2D − r); equal to d² at full rank r = d (the dimension of GL(d))."""
-    return 2 * d_model * d_head - rank * (2 * d_model - rank)
+def free_directions(rows: int, cols: int, blocks: Iterable[tuple[int, int, int]]) -> int:
+    """Free directions of a circuit's factorisation (METHODS (2.4)): the number of factor entries minus
+    the rank of the Jacobian of (L, R) ↦ (L R_t R)_t, with L rows×d, R d×cols and R_t the rotation
+    between a query and a key t positions apart (the identity for OV and without rotary).
+
+    ``blocks`` holds (m, rank L E, rank Eᴴ R) for each eigenspace E (d×m, orthonormal columns) of the
+    rotation of one position; (d, rank L, rank R) without rotary. R_t = Σ_E λ_E^t E Eᴴ splits the
+    Jacobian into one factorisation through m dimensions per eigenspace, so the count is
+
+        Σ_E m·(rows + cols) − rows·rank(Eᴴ R) − cols·rank(L E) + rank(L E)·rank(Eᴴ R).
+
+    At full rank: d² without rotary (GL(d), the gauge (2.1)); Σ_E m² with rotary (the matrices that
+    commute with every rotation: 2 per rotary pair of distinct frequency, plus (d − rotary dims)²).
+    With both factors of rank r and rows = cols = D it is (2.4)'s 2·D·d − r(2D − r). It is the factors'
+    ranks that enter, not the product's: a head whose W_V loses a column (rank d − 1) while W_O keeps
+    full rank has d² − d + D free directions, not (d − 1)² + 2D.
+    """
+    return sum(m * (rows + cols) - rows * rr - cols * rl + rl * rr for m, rl, rr in blocks)
 
 
 def default_rtol(adapter: ModelAdapter, affine: bool = False) -> float:
@@ -137,24 +157,133 @@ def _copying_scores(eig: Complex[Tensor, " r"]) -> tuple[float, float]:
     return float(eig.real.sum()) / total, float(mass[eig.real > 0].sum()) / total
 
 
+# ---------------------------------------------------------------------------------------------- free directions
+def _rotary_angles(adapter: ModelAdapter, layer: int) -> tuple[Float[Tensor, " pairs"], bool]:
+    """(ω_j, adjacent): the angle by which rotary turns coordinate pair j of a head between positions
+    one apart, as the model computes it, and whether pairs are (2j, 2j+1) (else (j, j + pairs)).
+
+    HookedTransformer: its rotary_cos/rotary_sin buffers at position 1. TransformerBridge: the HF
+    model's ``inv_freq`` (the first one: layers are assumed to share it). Otherwise (a TL-native
+    bridge, an HF model without ``inv_freq``) TransformerLens' formula rotary_base^(−2j/rotary_dim).
+    The layout is TransformerLens' ``rotary_adjacent_pairs``. The count at full rank depends only on
+    how many frequencies coincide; the layout matters only for factors that are rank deficient on a
+    rotary pair (TL-native bridges rotate adjacent pairs whatever that flag says). The adapters have
+    no accessor for the rotation yet, hence the backend's own attributes here.
+    """
+    model = adapter.model
+    adjacent = bool(getattr(model.cfg, "rotary_adjacent_pairs", False))
+    attn = model.blocks[layer].attn
+    if hasattr(attn, "rotary_cos"):  # one angle per rotated coordinate, each pair's twice
+        theta = torch.atan2(attn.rotary_sin[1].double(), attn.rotary_cos[1].double()).cpu()
+        return (theta[::2] if adjacent else theta[: theta.numel() // 2]), adjacent
+    hf = getattr(model, "original_model", None)
+    freqs = [b for name, b in hf.named_buffers() if name.endswith(".inv_freq")] if hf is not None else []
+    if freqs:
+        return freqs[0].double().cpu(), adjacent
+    rotary_dim = getattr(model.cfg, "rotary_dim", None) or adapter.d_head
+    return model.cfg.rotary_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim), adjacent
+
+
+def _rotation_eigenspaces(d: int, angles: Float[Tensor, " pairs"], adjacent: bool) -> list[Complex[Tensor, "d m"]]:
+    """Orthonormal bases of the eigenspaces of the rotation of one position (METHODS §2), which
+    :func:`free_directions` counts block by block.
+
+    Pair (a, b) turned by ω has the eigenvectors (e_a ± i·e_b)/√2 with eigenvalues e^{±iω}; the
+    coordinates beyond the rotary ones keep eigenvalue 1. Eigenvalues that agree to the rank rule's
+    d·eps(float64) share one eigenspace (repeated frequencies; an angle of 0 joins the non-rotary part).
+    """
+    n = angles.numel()
+    first = torch.arange(0, 2 * n, 2) if adjacent else torch.arange(n)
+    second = first + 1 if adjacent else first + n
+    eye = torch.eye(d, dtype=torch.complex128)
+    eigen = [(complex(1.0), eye[c]) for c in range(2 * n, d)]  # (eigenvalue, eigenvector)
+    for a, b, w in zip(first.tolist(), second.tolist(), angles.tolist()):
+        u = (eye[a] + 1j * eye[b]) / math.sqrt(2)
+        eigen += [(complex(math.cos(w), math.sin(w)), u), (complex(math.cos(w), -math.sin(w)), u.conj())]
+    groups: list[tuple[complex, list[Tensor]]] = []
+    for lam, v in eigen:
+        match = next((g for g in groups if abs(g[0] - lam) <= rank_rtol(d)), None)
+        if match is None:
+            groups.append((lam, [v]))
+        else:
+            match[1].append(v)
+    return [torch.stack(vs, dim=1) for _, vs in groups]
+
+
+def _ranks(blocks: tuple[Tensor, ...], length: int, scale: Tensor) -> list[int]:
+    """The rank rule (float64, dims (length, block width), cut-off relative to ``scale``) of each
+    d×m block, batched over the blocks of one width (RoPE gives d blocks of one column each)."""
+    ranks = [0] * len(blocks)
+    by_width: dict[int, list[int]] = {}
+    for i, block in enumerate(blocks):
+        by_width.setdefault(block.shape[-1], []).append(i)
+    for m, idx in by_width.items():
+        spectra = torch.linalg.svdvals(torch.stack([blocks[i] for i in idx]))
+        for i, r in zip(idx, numerical_rank(spectra, (length, m), scale=scale).tolist()):
+            ranks[i] = r
+    return ranks
+
+
+def _block_ranks(
+    left: Float[Tensor, "rows d"], right: Float[Tensor, "d cols"], spaces: list[Tensor]
+) -> list[tuple[int, int, int]]:
+    """(m, rank L E, rank Eᴴ R) for each eigenspace E of ``spaces``, by the rank rule at float64
+    (the factors are float64 functions of stored weights; the scale is ‖L‖₂, resp. ‖R‖₂).
+
+    L = Q T with Q orthonormal has the ranks and norms of T (d×d), so only d×d matrices are decomposed."""
+    V = torch.cat(spaces, dim=1).to(left.device)  # unitary: the eigenspaces side by side
+    T_l = torch.linalg.qr(left, mode="r").R.to(V.dtype)
+    T_r = torch.linalg.qr(right.mT, mode="r").R.to(V.dtype)
+    sizes = [E.shape[1] for E in spaces]
+    rank_l = _ranks((T_l @ V).split(sizes, dim=1), left.shape[0], product_scale(T_l, V))
+    rank_r = _ranks((T_r @ V.conj()).split(sizes, dim=1), right.shape[1], product_scale(T_r, V))
+    return list(zip(sizes, rank_l, rank_r))
+
+
+def _group_free_directions(
+    fm: FactoredMatrix, adapter: ModelAdapter, shared_left: bool, rotary: bool
+) -> list[list[int]]:
+    """:func:`free_directions` of every (layer, KV group): the group's factors are the shared one
+    (OV: P diag(w) W_V, ``shared_left``; QK: (P diag(w) W_K)ᵀ) and the query heads' own ones side by
+    side (OV: [W_O^{h1} P … W_O^{hm} P]; QK: [P diag(w) W_Q^{h1}; …]), so the shared weights count once."""
+    group = adapter.n_heads // adapter.n_kv_heads
+    d = fm.mdim
+    out = []
+    for layer in range(adapter.n_layers):
+        spaces = (_rotation_eigenspaces(d, *_rotary_angles(adapter, layer)) if rotary
+                  else [torch.eye(d, dtype=torch.float64)])
+        counts = []
+        for kv in range(adapter.n_kv_heads):
+            heads = slice(kv * group, (kv + 1) * group)
+            if shared_left:
+                left, right = fm.A[layer, kv * group], torch.cat(list(fm.B[layer, heads]), dim=-1)
+            else:
+                left, right = torch.cat(list(fm.A[layer, heads]), dim=0), fm.B[layer, kv * group]
+            counts.append(free_directions(left.shape[0], right.shape[1], _block_ranks(left, right, spaces)))
+        out.append(counts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rows
 def _invariant_rows(
-    fm: FactoredMatrix, adapter: ModelAdapter, rtol: float, circuit: str, extra: dict
+    fm: FactoredMatrix, adapter: ModelAdapter, rtol: float, circuit: str, extra: dict, free: list[list[int]]
 ) -> pd.DataFrame:
     U, S, Vh = fm.svd()  # S: [L, H, d] (float64), sorted descending
     S = S.cpu()
     eig = fm.eigenvalues.cpu()  # eigenvalues of B A (d×d): the nonzero ones of A B, plus zeros
     norms = fm.norm().cpu()
-    ranks = numerical_rank(S, rtol=rtol)  # the package's rule, here with the caller's or float64's rtol
+    # The rank rule for a product computed from its factors: the cut-off scales with ‖A‖₂‖B‖₂, the
+    # size of the rounding of the SVD's core, which a gauge can make much larger than σ_1.
+    scales = product_scale(fm.A, fm.B).cpu()
+    ranks = numerical_rank(S, rtol=rtol, scale=scales)
     group = adapter.n_heads // adapter.n_kv_heads
-    D = fm.ldim
-    d = fm.mdim
     norm = adapter.norm_weights(0, "ln1").kind
     rows = []
     for layer in range(adapter.n_layers):
         for head in range(adapter.n_heads):
             s = S[layer, head]
             r = int(ranks[layer, head])
-            tol = rtol * max(float(s[0]), 0.0) if s.numel() else 0.0
+            tol = rtol * float(scales[layer, head])
             lam = eig[layer, head]
             # An eigenvalue counts as nonzero when its modulus exceeds the singular values' cut-off,
             # and there are at most r of them (rank r). The cap matters: a repeated zero eigenvalue
@@ -175,7 +304,8 @@ def _invariant_rows(
                 "eigenvalues": lam.numpy().astype(np.complex128),
                 "copying_score": copy,
                 "positive_eigen_share": positive,
-                "free_directions": free_directions(D, d, r),
+                # The group's count on its first head: the column sums to the model's total.
+                "free_directions": free[layer][head // group] if head % group == 0 else 0,
                 "norm": norm,
                 "centered": norm == "layernorm",
                 **extra,
@@ -187,19 +317,23 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     """Invariants of the effective OV circuit P diag(w) W_V W_O P per (layer, head) (METHODS §2;
     module docstring: the same whether the model's norms are folded or not).
 
-    One row per head with: ``rank`` (numerical rank: singular values σ_i > rtol·σ_1), ``rtol`` and the
+    One row per head with: ``rank`` (numerical rank: singular values σ_i > rtol·‖A‖₂‖B‖₂ for the
+    factors A = P diag(w) W_V, B = W_O P, :func:`numerics.product_scale`: the scale of the product's
+    rounding, so that a gauge with ill-conditioned A leaves the rank as it is), ``rtol`` and the
     absolute cut-off ``tol`` used, ``frobenius`` (‖OV‖_F), ``singular_values`` (the nonzero ones,
     descending), ``eigenvalues`` (the nonzero eigenvalues of OV, complex, by decreasing modulus;
     computed as those of the d×d matrix W_O P · P diag(w) W_V), ``copying_score`` (Σ Re λ / Σ |λ|),
-    ``positive_eigen_share`` (share of eigenvalue modulus with Re λ > 0), ``free_directions`` =
-    2·D·d − r(2D − r) of the factorisation (d² at full rank), ``norm`` (the norm folded in:
-    ``"layernorm"``, ``"rmsnorm"`` or None) and ``centered`` (whether P was applied: LayerNorm).
+    ``positive_eigen_share`` (share of eigenvalue modulus with Re λ > 0), ``free_directions``,
+    ``norm`` (the norm folded in: ``"layernorm"``, ``"rmsnorm"`` or None) and ``centered`` (whether P
+    was applied: LayerNorm).
 
-    Grouped-query attention: the value head is shared by the query heads of a group, so every head h
-    gets OV_h = W_V^{kv(h)} W_O^h with its own output slice and the group's shared W_V (column
-    ``kv_head``). The free directions are per head as if the head were alone; the gauge of a shared
-    value head acts on the whole group at once (``random_gauge``), so the group as a whole has d²
-    gauge directions per KV head, not per query head.
+    ``free_directions`` are those of the factorisation of the head's KV *group* (:func:`free_directions`,
+    METHODS (2.4)): d² at full rank (the gauge A of (2.1)), more where a factor is rank deficient.
+    Under grouped-query attention the value head is shared by the m query heads of a group, every
+    head h gets OV_h = W_V^{kv(h)} W_O^h (column ``kv_head``), and one gauge A acts on the whole group,
+    so the group, factorised as W_V·[W_O^{h1} … W_O^{hm}], is what has free directions. Its count
+    stands on the row of its first query head and the group's other rows hold 0, so the column sums
+    to the model's total; without GQA every head is its own group.
 
     Works on every adapter backend and on the toys (on the SMA toy W_O is the identity and its RMSNorm
     has no gain, so OV is W_V).
@@ -211,7 +345,9 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     """
     adapter = adapt(model)
     rtol = default_rtol(adapter) if rtol is None else float(rtol)
-    return _invariant_rows(ov_circuits(adapter), adapter, rtol, "OV", {})
+    fm = ov_circuits(adapter)
+    free = _group_free_directions(fm, adapter, shared_left=True, rotary=False)
+    return _invariant_rows(fm, adapter, rtol, "OV", {}, free)
 
 
 def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.DataFrame:
@@ -219,18 +355,24 @@ def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.
     (METHODS §2); the columns of :func:`ov_invariants`.
 
     QK_h = W_Q^h (W_K^{kv(h)})ᵀ: under grouped-query attention the key head is shared by a group of
-    query heads (column ``kv_head``), each with its own W_Q slice. ``affine=True`` analyses the
+    query heads (column ``kv_head``), each with its own W_Q slice, and ``free_directions`` are the
+    group's, [W_Q^{h1}; …; W_Q^{hm}]·W_Kᵀ, on its first head's row. ``affine=True`` analyses the
     (D+1)×(D+1) form with the biases appended, the norm's bias folded into them (:func:`qk_circuits`);
     on the SMA toy, whose query is one learned vector (W_Q = 0, b_Q = q, W_K = I), QK is zero and the
     affine form has rank 1.
 
     Column ``rotary``: under rotary position embeddings the score is q R_{t−t'} kᵀ with a rotation
-    between the factors, so only gauges that commute with the rotations leave the model unchanged
-    (``random_gauge`` uses scalars there); the invariants of the effective W_Q W_Kᵀ are still those
-    TransformerLens reports as ``model.QK`` for a folded model, and ``free_directions`` counts the
-    generic factorisation freedom.
+    between the factors. The invariants of the effective W_Q W_Kᵀ are still those TransformerLens
+    reports as ``model.QK`` for a folded model, but only gauges that commute with every rotation leave
+    the model unchanged, so ``free_directions`` count the factorisations of all the q R_t kᵀ together:
+    at full rank 2 per rotary pair (distinct frequencies, as RoPE's are) plus (d − rotary dims)² for
+    the coordinates rotary leaves alone, not d² (:func:`free_directions`). This takes the rotations of
+    every offset 0 … n_ctx − 1 to span the algebra of the one-position rotation (n_ctx at least its
+    number of distinct eigenvalues, ≤ d + 1; n_ctx ≥ 2 at full rank).
     """
     adapter = adapt(model)
     rtol = default_rtol(adapter, affine) if rtol is None else float(rtol)
-    extra = {"affine": bool(affine), "rotary": adapter.cfg.positional_embedding == "rotary"}
-    return _invariant_rows(qk_circuits(adapter, affine=affine), adapter, rtol, "QK", extra)
+    rotary = adapter.cfg.positional_embedding == "rotary"
+    fm = qk_circuits(adapter, affine=affine)
+    free = _group_free_directions(fm, adapter, shared_left=False, rotary=rotary)
+    return _invariant_rows(fm, adapter, rtol, "QK", {"affine": bool(affine), "rotary": rotary}, free)

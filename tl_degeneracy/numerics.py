@@ -7,6 +7,11 @@ A value counts as nonzero when
     λ_i > max((max(dims) · eps(precision))², max(dims) · eps(float64)) · λ_1  (Gram eigenvalues, ``gram=True``)
 
 the standard backward-error bound of a rank-revealing decomposition (as in ``numpy.linalg.matrix_rank``).
+σ_1 there stands for the scale of the matrix's rounding. For a product A·B whose spectrum is computed
+from its factors (OV = W_V·W_O, QK; a core of the factors' SVDs), that scale is ‖A‖₂‖B‖₂, not
+σ_1(AB) ≤ ‖A‖₂‖B‖₂: the two agree for balanced factors, but a gauge (A M, M⁻¹ B) with M ill
+conditioned leaves AB unchanged while its rounding grows with ‖A M‖₂‖M⁻¹ B‖₂, and a σ_1-relative
+cut-off would count that rounding as rank (:func:`product_scale`).
 A Gram's eigenvalues are σ², hence the square; but its float64 eigendecomposition itself moves every
 eigenvalue by about max(dims)·eps(float64)·λ_1, a floor that the square of a float64 cut-off would
 fall far below.
@@ -25,6 +30,8 @@ never sets the precision of sums, losses or samplers.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Iterable
 
@@ -32,7 +39,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["HalfPrecisionWarning", "activation_precision", "compute_dtype", "rank_rtol", "numerical_rank"]
+__all__ = [
+    "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_rtol", "numerical_rank",
+    "product_scale",
+]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -83,6 +93,33 @@ def rank_rtol(dims: int | Iterable[int], precision: torch.dtype = torch.float64,
     return max(rtol * rtol, size * torch.finfo(torch.float64).eps) if gram else rtol
 
 
+def product_scale(
+    left: Float[Tensor, "*groups m k"], right: Float[Tensor, "*groups k n"]
+) -> Float[Tensor, " *groups"]:
+    """‖A‖₂‖B‖₂ for A = ``left``, B = ``right``: the scale of the rounding of the product A·B computed
+    from its factors, the ``scale`` of the rank rule for such products (module docstring)."""
+    return torch.linalg.matrix_norm(left, ord=2) * torch.linalg.matrix_norm(right, ord=2)
+
+
+def check_tolerances(rtol: float | None = None, atol: float = 0.0) -> tuple[float | None, float]:
+    """(rtol, atol) of a rank cut-off as floats, or ValueError saying what is allowed: rtol (None:
+    the rule's default) a finite number in [0, 1), since a cut-off at or above the largest value
+    counts nothing; atol a finite number ≥ 0. NaN would silently give rank 0, a negative rtol full
+    rank. :func:`numerical_rank` checks its own; an analysis may call this first, before its passes."""
+    if rtol is not None:
+        rtol = _tolerance(rtol, "rtol", 1.0, "a finite number in [0, 1) (a fraction of the largest value)")
+    return rtol, _tolerance(atol, "atol", math.inf, "a finite number ≥ 0")
+
+
+def _tolerance(value, name: str, below: float, allowed: str) -> float:
+    """``value`` as a float in [0, ``below``), else ValueError naming ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"a rank tolerance {name} must be {allowed}; got {value!r}")
+    if not 0.0 <= float(value) < below:
+        raise ValueError(f"a rank tolerance {name} must be {allowed}; got {float(value)!r}")
+    return float(value)
+
+
 def numerical_rank(
     spectrum: Float[Tensor, "*groups k"],
     dims: int | Iterable[int] | None = None,
@@ -91,18 +128,23 @@ def numerical_rank(
     gram: bool = False,
     rtol: float | None = None,
     atol: float = 0.0,
+    scale: Tensor | None = None,
 ) -> Tensor:
     """Number of values of ``spectrum`` (per group along the last axis) above the rank rule's
-    cut-off max(rtol·largest, atol); 0 for an all-zero spectrum.
+    cut-off max(rtol·scale, atol); 0 for an all-zero spectrum.
 
-    ``rtol`` defaults to :func:`rank_rtol` ``(dims, precision, gram)``; ``dims`` (the matrix's
+    ``rtol`` defaults to :func:`rank_rtol` ``(dims, precision, gram)`` and, like ``atol``, is checked
+    (:func:`check_tolerances`: ValueError for NaN, ±inf, negative values, rtol ≥ 1); ``dims`` (the matrix's
     dimensions) defaults to the spectrum's length. ``atol`` is an absolute floor (METHODS §4: a
-    variance below ``loss_scale`` counts as zero).
+    variance below ``loss_scale`` counts as zero). ``scale`` (per group) is the scale of the matrix's
+    rounding: by default the spectrum's largest value, :func:`product_scale` for a product computed
+    from its factors (module docstring).
     """
+    rtol, atol = check_tolerances(rtol, atol)
     if rtol is None:
         rtol = rank_rtol(spectrum.shape[-1] if dims is None else dims, precision, gram)
     if spectrum.shape[-1] == 0:
         return torch.zeros(spectrum.shape[:-1], dtype=torch.long, device=spectrum.device)
-    top = spectrum.max(-1, keepdim=True).values.clamp_min(0)
+    top = spectrum.max(-1, keepdim=True).values.clamp_min(0) if scale is None else scale.to(spectrum)[..., None]
     cut = torch.maximum(top * rtol, torch.full_like(top, atol))
     return ((spectrum > cut) & (spectrum > 0)).sum(-1)
