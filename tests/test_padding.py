@@ -1,5 +1,6 @@
-"""Padding never counts (METHODS §0): attention masks wherever they can be given, and the trailing
-pad-id rule for plain token tensors such as ``model.to_tokens(strings)`` (issue 14, item 1)."""
+"""Padding never counts (METHODS §0): attention masks wherever they can be given, and the pad-id
+rule (leading and trailing runs) for plain token tensors such as ``model.to_tokens(strings)``, padded
+on the right or the left (issue 14, item 1; API audit finding 4)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def test_strings_to_tokens_and_masked_dataset_count_the_same(tl_models, backend,
         pad_id = model.tokenizer.pad_token_id
         padded = model.to_tokens(strings)  # BOS + words, right-padded with pad_id to the longest
         assert padded.shape == (6, 21) and int((padded == pad_id).sum()) > 6 * 21 // 3
+        left = model.to_tokens(strings, padding_side="left")  # pad_id … pad_id BOS words
+        assert int(left[0, -1]) != pad_id and torch.equal(left.sort(-1).values, padded.sort(-1).values)
         # A collator's left-padded batch with its attention mask, the same sequences with BOS.
         tok = model.tokenizer
         ids = [[BOS, *tok(s, add_special_tokens=False)["input_ids"]] for s in strings]
@@ -86,7 +89,7 @@ def test_strings_to_tokens_and_masked_dataset_count_the_same(tl_models, backend,
         ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
 
         results, n_warnings = {}, {}
-        for name, data in (("strings", strings), ("to_tokens", padded), ("dataset", ds)):
+        for name, data in (("strings", strings), ("to_tokens", padded), ("to_tokens_left", left), ("dataset", ds)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 results[name] = tld.activation_stats(model, data, hooks=HOOKS, batch_size=4, progress=False)
@@ -95,7 +98,7 @@ def test_strings_to_tokens_and_masked_dataset_count_the_same(tl_models, backend,
     n_words = sum(len(s.split()) for s in strings)  # BOS skipped: the samples are the words
     ref = results["strings"]
     assert len(ref.stats) >= len(HOOKS)
-    for name in ("to_tokens", "dataset"):
+    for name in ("to_tokens", "to_tokens_left", "dataset"):
         for hook, h in ref.stats.items():
             other = results[name].stats[hook]
             assert other.count == h.count == n_words, (name, hook)
@@ -103,14 +106,14 @@ def test_strings_to_tokens_and_masked_dataset_count_the_same(tl_models, backend,
             torch.testing.assert_close(other.mean, h.mean, rtol=1e-12, atol=0)
             gram = (lambda st: st.gram) if h.has_full else (lambda st: st.head_gram)  # q: per-head blocks only
             torch.testing.assert_close(gram(other), gram(h), rtol=1e-12, atol=0)
-    expected_rule = {"strings": "none", "to_tokens": "trailing_pad_id", "dataset": "attention_mask"}
+    expected_rule = {"strings": "none", "to_tokens": "pad_id_runs", "to_tokens_left": "pad_id_runs", "dataset": "attention_mask"}
     for name, res in results.items():
         pos = res.positions
         assert pos.n_samples == n_words and pos.n_tokens == n_words + 6 and pos.bos and pos.skip_bos, name
         assert pos.padding_rule == expected_rule[name]
         assert pos.n_padding == (0 if name == "strings" else 6 * 21 - (n_words + 6))
         json.dumps(pos.to_dict())
-    assert n_warnings == {"strings": 0, "to_tokens": 1, "dataset": 0}
+    assert n_warnings == {"strings": 0, "to_tokens": 1, "to_tokens_left": 1, "dataset": 0}
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -213,7 +216,7 @@ def test_trailing_pad_ids_of_a_tensor_are_padding_and_inner_ones_tokens():
     assert len(caught) == 1
     assert real_rows(tb) == [[BOS, 5, PAD, 6], [BOS, 7, 8, 9, 10, 11]]  # the third row is BOS only: dropped
     pos = tb.positions
-    assert pos.padding_rule == "trailing_pad_id" and pos.n_padding == 7 and pos.n_dropped == 1 and pos.n_samples == 8
+    assert pos.padding_rule == "pad_id_runs" and pos.n_padding == 7 and pos.n_dropped == 1 and pos.n_samples == 8
     # The toy's DataLoader of the same tensor: the same rows
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(toks), batch_size=2)
     with pytest.warns(PaddingWarning):
@@ -228,6 +231,28 @@ def test_pad_equal_to_bos_strips_only_the_trailing_run_after_the_bos():
         tb = token_batches(toks, model, skip_bos=False)
     # the inner BOS id is a token; the all-pad row keeps its BOS (position 0 is never padding)
     assert real_rows(tb) == [[BOS, 5, BOS, 6], [BOS], [BOS, 7, 8, 9, 10, 11]]
+    assert tb.positions.bos and tb.positions.bos_source == "given"
+
+
+def test_leading_pad_ids_of_a_tensor_are_padding_like_trailing_ones():
+    """A left-padded tensor without a mask (to_tokens(padding_side="left")) counted its pad ids as
+    tokens and hid the BOS (24 samples instead of 12, no warning); one rule now strips both sides."""
+    model = tokenizer_model()
+    right = torch.tensor([[BOS, 5, PAD, 6, PAD, PAD], [BOS, 7, 8, 9, 10, 11], [BOS, 12, PAD, PAD, PAD, PAD]])
+    left = torch.tensor([[PAD, PAD, BOS, 5, PAD, 6], [BOS, 7, 8, 9, 10, 11], [PAD, PAD, PAD, PAD, BOS, 12]])
+    for toks in (right, left):
+        with pytest.warns(PaddingWarning, match="6 positions at the ends of 2 of 3 token rows"):
+            tb = token_batches(toks, model)
+        assert real_rows(tb) == [[BOS, 5, PAD, 6], [BOS, 7, 8, 9, 10, 11], [BOS, 12]]
+        assert tb.positions.bos and tb.n_samples == 9 and tb.positions.padding_rule == "pad_id_runs"
+
+
+def test_pad_equal_to_bos_keeps_the_last_of_a_leading_run_as_the_bos():
+    model = tokenizer_model(pad_token="<bos>")  # GPT-2 in TransformerLens: pad = BOS = EOS
+    toks = torch.tensor([[BOS, BOS, BOS, 5, BOS, 6], [BOS, 7, 8, 9, 10, 11], [BOS, BOS, BOS, BOS, BOS, BOS]])
+    with pytest.warns(PaddingWarning, match="7 positions at the ends of 2 of 3 token rows"):
+        tb = token_batches(toks, model, skip_bos=False)
+    assert real_rows(tb) == [[BOS, 5, BOS, 6], [BOS, 7, 8, 9, 10, 11], [BOS]]
     assert tb.positions.bos and tb.positions.bos_source == "given"
 
 

@@ -19,23 +19,27 @@ the real tokens of each row are kept (:attr:`Positions.padding_rule` says how):
 - an attention mask (1 = real token), wherever one can be given: a ``datasets.Dataset`` column, a
   dict batch (e.g. a tokenizer's output), a DataLoader's dict batches, or ``attention_mask=``. The
   mask may pad left or right; each row's real tokens must be one contiguous run;
-- a token *tensor* without a mask (the data itself, or a DataLoader's batches): the trailing run of
-  the pad id at the end of each row (default: the tokenizer's ``pad_token_id``, which is what
-  ``model.to_tokens`` pads with). A pad id inside a row is a real token; where the pad id is also
-  BOS (GPT-2 in TransformerLens: pad = BOS = EOS), a row's first position is its BOS, never
-  padding. This drops a real trailing token that equals the pad id (GPT-2's EOS), so a
+- a token *tensor* without a mask (the data itself, or a DataLoader's batches): the runs of the pad
+  id at the start and at the end of each row (default: the tokenizer's ``pad_token_id``, which is
+  what ``model.to_tokens`` pads with, on the right or, with ``padding_side="left"``, on the left).
+  A pad id inside a row is a real token; where the pad id is also BOS (GPT-2 in TransformerLens:
+  pad = BOS = EOS), the last position of the leading run is the row's BOS, never padding. This
+  drops a real first or last token that equals the pad id (GPT-2's EOS), so a
   :class:`PaddingWarning` says how many positions were dropped; ``strip_padding=False`` keeps them;
 - strings, token lists and unmasked Dataset rows carry each sequence at its own length: no padding.
 
 Batches are then re-padded on the right. With causal attention and absolute positions counted from
 the first token, a position never attends to anything after it, so the activations and logits at
-the real positions are exactly those of the unpadded sequence and no attention mask is needed. (A
-non-causal model, such as the SMA toy's single query over all positions, must get sequences of one
-length; its bundled data has a fixed length, so no padding happens there.)
+the real positions are exactly those of the unpadded sequence and no attention mask is needed. A
+non-causal model (``attention_dir="bidirectional"``: BERT) would attend to that padding, and its
+results would depend on the batch size, so it must get batches without padding: sequences of one
+length, or ``batch_size=1``; anything else is refused (:func:`check_unpadded`). (The SMA toy's single
+query over all positions is non-causal too; its bundled data has a fixed length.)
 """
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,7 +51,7 @@ from torch import Tensor
 from .errors import DataError
 from .models.adapt import adapt
 
-__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "token_batches"]
+__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "check_unpadded", "token_batches"]
 
 #: Column names read from a ``datasets.Dataset``, in order of preference.
 TOKEN_COLUMNS = ("tokens", "input_ids")
@@ -68,9 +72,10 @@ class Positions:
     ``None`` when there is no BOS). ``skip_bos``: the BOS position is not a sample.
     ``n_tokens`` counts real (non-padding) positions, ``n_samples`` the positions that count.
     ``padding_rule`` says how padding in the data was recognised (module docstring):
-    ``"attention_mask"``, ``"trailing_pad_id"`` (trailing runs of ``pad_token_id`` in token
-    tensors), both joined by ``+``, or ``"none"`` (the data were read as given); ``n_padding`` is
-    the number of positions it left out. ``padding`` is the side the batches are padded on.
+    ``"attention_mask"``, ``"pad_id_runs"`` (runs of ``pad_token_id`` at the start and end of the
+    rows of token tensors), both joined by ``+``, or ``"none"`` (the data were read as given);
+    ``n_padding`` is the number of positions it left out. ``padding`` is the side the batches are
+    padded on.
     """
 
     bos: bool
@@ -303,18 +308,19 @@ def _describe(rows: list[Tensor]) -> str:
 class _Padding:
     """How padding is recognised while the data are read (module docstring), and what it found.
 
-    ``pad_id``: in token tensors without a mask, the trailing run of it ends each row's real tokens
-    (None: not looked for); ``keep_first``: the pad id is also BOS, so a row's first position is its
-    BOS, never padding. The counts and :attr:`rule` go into :class:`Positions`.
+    ``pad_id``: in token tensors without a mask, the runs of it at the start and at the end of each
+    row are padding (None: not looked for); ``keep_first``: the pad id is also BOS, so the last
+    position of the leading run (a row's first one, when it is padded on the right) is its BOS,
+    never padding. The counts and :attr:`rule` go into :class:`Positions`.
     """
 
     pad_id: int | None
     keep_first: bool
     rules: set[str] = field(default_factory=set)
     n_padding: int = 0  # positions left out, by either rule
-    n_pad_id: int = 0  # positions left out as trailing pad ids
+    n_pad_id: int = 0  # positions left out as pad ids
     rows_pad_id: int = 0  # rows that had some
-    rows_unmasked: int = 0  # rows searched for trailing pad ids
+    rows_unmasked: int = 0  # rows searched for pad ids
 
     @property
     def rule(self) -> str:
@@ -344,17 +350,22 @@ class _Padding:
         return out
 
     def unpadded(self, rows: list[Tensor]) -> list[Tensor]:
-        """Rows of a token tensor without a mask, each without its trailing run of ``pad_id``
-        (a pad id before the row's last real token is a real token)."""
+        """Rows of a token tensor without a mask, each without the runs of ``pad_id`` at its start
+        and end: padding on the right (``to_tokens``) or on the left (``padding_side="left"``), one
+        rule for both sides. A pad id between real tokens is a real token; with ``keep_first``
+        the position before the first other id is the BOS (an all-pad row keeps one, its BOS)."""
         if self.pad_id is None:
             return rows
         out = []
         for row in rows:
-            real = (row != self.pad_id).nonzero()
-            end = int(real[-1, 0]) + 1 if len(real) else 0
-            out.append(row[: max(end, min(len(row), 1))] if self.keep_first else row[:end])
+            real = (row != self.pad_id).nonzero()[:, 0]
+            start, end = (int(real[0]), int(real[-1]) + 1) if len(real) else (len(row), len(row))
+            if self.keep_first and len(row):
+                start = max(start - 1, 0)
+                end = max(end, start + 1)
+            out.append(row[start:end])
         dropped = [len(r) - len(o) for r, o in zip(rows, out)]
-        self.rules.add("trailing_pad_id")
+        self.rules.add("pad_id_runs")
         self.n_padding += sum(dropped)
         self.n_pad_id += sum(dropped)
         self.rows_pad_id += sum(d > 0 for d in dropped)
@@ -435,6 +446,30 @@ def _validate_ids(rows: list[Tensor], d_vocab: int, source: str) -> None:
             )
 
 
+def _batch_size(value) -> int:
+    """``value`` as a batch size: a positive integer (a float such as 2.5 is refused, not truncated)."""
+    try:
+        size = operator.index(value)  # ints and numpy integers; not floats, and bools are refused below
+    except TypeError:
+        size = None
+    if size is None or isinstance(value, bool) or size < 1:
+        raise DataError(f"batch_size must be a positive integer (sequences per batch); got {value!r}")
+    return size
+
+
+def check_unpadded(lengths: Sequence[int], batch_size: int, adapter) -> None:
+    """DataError where a non-causal model (``adapter.causal`` False) would get padded batches:
+    sequences of more than one length with ``batch_size`` > 1 (module docstring)."""
+    if adapter.causal or batch_size == 1 or len(set(lengths)) <= 1:
+        return
+    raise DataError(
+        f"this {type(adapter.model).__name__} is not causal (bidirectional attention, as in BERT): every position "
+        f"attends to every other one of its sequence, and these {len(lengths)} sequences have lengths "
+        f"{min(lengths)}..{max(lengths)}, so batches would be padded and the real tokens would attend to the padding "
+        "(results would change with batch_size). Give sequences of one length, or pass batch_size=1"
+    )
+
+
 def token_batches(
     data,
     model,
@@ -472,8 +507,9 @@ def token_batches(
             sequences begin with BOS; METHODS §0). ``True`` without a BOS is an error.
         shuffle, seed: a fixed order drawn from ``seed`` (the same on every iteration).
         pad_token_id: the id written into padding (it never counts). In token tensors without a
-            mask, the trailing run of it at the end of each row is padding (where it is also BOS, a
-            row's first position is its BOS). Default: the tokenizer's pad id (recognised as
+            mask, the runs of it at the start and at the end of each row are padding, so left- and
+            right-padded tensors give the same batches (where it is also BOS, the last position of
+            the leading run is the row's BOS). Default: the tokenizer's pad id (recognised as
             padding, with a :class:`PaddingWarning` saying how many positions that dropped), else
             BOS, else 0 (written into padding only: without a tokenizer, no id is taken for padding
             unless given here).
@@ -486,13 +522,17 @@ def token_batches(
     Raises:
         DataError: empty data, non-integer or out-of-vocabulary ids (naming the id and where),
             sequences longer than n_ctx without ``seq_len``, an attention mask that does not fit
-            the tokens (shape, values other than 0/1, real tokens not one contiguous run).
+            the tokens (shape, values other than 0/1, real tokens not one contiguous run), a
+            ``batch_size`` that is not a positive integer, sequences of several lengths in batches
+            of a non-causal model (:func:`check_unpadded`).
     """
+    adapter = adapt(model)
     if isinstance(data, TokenBatches):
         if attention_mask is not None:
             raise DataError("attention_mask= cannot apply to a TokenBatches: its padding was already left out")
+        check_unpadded([len(s) for s in data.sequences], data.batch_size, adapter)
         return data
-    adapter = adapt(model)
+    batch_size = _batch_size(batch_size)
     cfg = adapter.cfg
     bos_id = adapter.bos_token_id
 
@@ -610,9 +650,10 @@ def token_batches(
             f"the {source} data has no position to count: every sequence is empty"
             + (" or holds only BOS (skip_bos=True)" if bos and skip_bos else "")
         )
+    check_unpadded([len(s) for s in kept], batch_size, adapter)
     return TokenBatches(
         sequences=kept,
-        batch_size=int(batch_size),
+        batch_size=batch_size,
         bos=bos,
         bos_source=bos_source,
         bos_token_id=bos_id if bos else None,

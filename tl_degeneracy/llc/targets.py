@@ -44,6 +44,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..autograd import ordinary
 from ..errors import DataError
 from ..models.adapt import model_kind
 from ..models.engine import Engine, engine_for
@@ -252,7 +253,7 @@ class ModuleTarget(SamplingTarget):
             )
         if not self.star:
             raise ValueError(f"{type(module).__name__} has no trainable parameters to sample")
-        self.data = data.to(self.device)
+        self.data = ordinary(data.to(self.device))  # inputs made under inference_mode cannot be saved for backward
         self.batch_size = len(data) if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise DataError(f"batch_size must be ≥ 1; got {batch_size}")

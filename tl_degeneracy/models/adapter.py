@@ -94,6 +94,17 @@ def forward_scope(model: nn.Module) -> Iterator[None]:
                     del attributes[key]
 
 
+def _refuse_meta_weights(model: nn.Module) -> None:
+    """ValueError for a model whose weights are on the meta device (shapes without values)."""
+    name = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if name is not None:
+        raise ValueError(
+            f"the weights of this {type(model).__name__} are on the meta device (e.g. {name}): they have shapes but "
+            "no values, so nothing can be measured; load them first (e.g. from_pretrained without device_map='meta', "
+            "or model.to_empty(device=...) followed by load_state_dict)"
+        )
+
+
 _BLOCK_COMPONENT = re.compile(r"^blocks\.(\d+)\.(attn|mlp|ln\w*)\.")
 _MODEL_COMPONENT = re.compile(r"^(embed|pos_embed|unembed|ln_final)\.")
 
@@ -106,9 +117,12 @@ class NormWeights:
     """The normalization in front of a block's attention (``ln1``) or MLP (``ln2``) (METHODS §2).
 
     ``kind``: ``"layernorm"`` (x ↦ (x − mean x)/σ · w + b), ``"rmsnorm"`` (x ↦ x/rms · w) or None
-    (no normalization). ``w``/``b`` [d_model] as stored, None where the model has none: absent from
-    the architecture, or folded into the next linear maps (HookedTransformer's ``fold_ln``; a
-    compatibility-mode bridge keeps them as w = 1, b = 0).
+    (no normalization). ``w``/``b`` [d_model]: the *effective* gain and bias, the numbers that
+    multiply and shift the normalized input. That is the stored tensor except where a norm stores
+    its gain as an offset from 1 (Gemma-family RMSNorm computes x/rms · (1 + w)): there ``w`` is
+    1 + the stored tensor. None where the model has none: absent from the architecture, or folded
+    into the next linear maps (HookedTransformer's ``fold_ln``; a compatibility-mode bridge keeps
+    an effective w = 1, b = 0).
     """
 
     kind: str | None
@@ -130,8 +144,10 @@ class ModelAdapter(abc.ABC):
     compile_obstacle: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module):
+        _refuse_meta_weights(model)
         self.model = model
         self.cfg: ModelConfig = self._read_config()
+        self._check_config()
         self._live: ParameterSet | None = None
         self._chain_map = ChainMap()
 
@@ -139,6 +155,47 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def _read_config(self) -> ModelConfig:
         """Architecture numbers of the wrapped model."""
+
+    def _layer_0_weights(self) -> dict[str, Tensor | None]:
+        """W_E and layer 0's attention and MLP weights, as far as the backend exposes them (a block
+        without standard attention or MLP, a hybrid or mixture of experts, is refused where those are
+        read, not here)."""
+        found = {"W_E": self._embedding()["W_E"]}
+        for read in (self._layer_attention, self._layer_mlp) if self.cfg.d_mlp is not None else (self._layer_attention,):
+            try:
+                found.update(read(0))
+            except (AttributeError, TypeError):
+                pass
+        return found
+
+    def _config_mismatches(self) -> list[str]:
+        """Where layer 0's weights and the embedding disagree with the sizes of :attr:`cfg`."""
+        c = self.cfg
+        D, d = c.d_model, c.d_head
+        expected = {"W_Q": (c.n_heads, D, d), "W_K": (c.n_kv_heads, D, d), "W_V": (c.n_kv_heads, D, d),
+                    "W_O": (c.n_heads, d, D), "W_E": (c.d_vocab, D)}
+        if c.d_mlp is not None:
+            expected.update(W_in=(D, c.d_mlp), W_out=(c.d_mlp, D))
+        with torch.no_grad():
+            found = self._layer_0_weights()
+        return [
+            f"{name} of layer 0 is {list(found[name].shape)}, not {list(shape)}"
+            for name, shape in expected.items() if found.get(name) is not None and tuple(found[name].shape) != shape
+        ]
+
+    def _check_config(self) -> None:
+        """ValueError where the config's sizes do not fit the weights: every analysis sizes its
+        maps and counts from :attr:`cfg`, so a wrong size gives wrong numbers or shape errors."""
+        wrong = self._config_mismatches()
+        if wrong:
+            c = self.cfg
+            raise ValueError(
+                f"the config of this {type(self.model).__name__} does not fit its weights: {'; '.join(wrong)} (config: "
+                f"n_heads={c.n_heads}, n_kv_heads={c.n_kv_heads}, d_model={c.d_model}, d_head={c.d_head}, "
+                f"d_mlp={c.d_mlp}, d_vocab={c.d_vocab}). tl_degeneracy sizes every map from the config; correct "
+                "model.cfg to match the weights (TransformerLens' conversion of this architecture may have set it "
+                "wrong)"
+            )
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -156,6 +213,13 @@ class ModelAdapter(abc.ABC):
     d_mlp = property(lambda self: self.cfg.d_mlp)
     d_vocab = property(lambda self: self.cfg.d_vocab)
     n_ctx = property(lambda self: self.cfg.n_ctx)
+
+    @property
+    def causal(self) -> bool:
+        """Whether every position attends only to itself and earlier ones: the backend config's
+        ``attention_dir`` is not ``"bidirectional"`` (BERT, a HookedTransformer built so). What
+        lets :func:`~tl_degeneracy.data.token_batches` pad ragged data without an attention mask."""
+        return getattr(getattr(self.model, "cfg", None), "attention_dir", "causal") != "bidirectional"
 
     @property
     def device(self) -> torch.device:
@@ -347,16 +411,51 @@ class ModelAdapter(abc.ABC):
     #: LayerNorm/RMSNorm and the bridge's: x/σ) or after them (the bundled toys: x/σ·w + b).
     normalized_before_affine: ClassVar[bool] = False
 
+    def _post_norm(self, norm: nn.Module, ln: str) -> str | None:
+        """Where a block's ``ln`` module (``ln1``/``ln2``) normalizes the sublayer's output instead of
+        its input: what it normalizes, in words; None (the default) for a pre-norm."""
+        return None
+
+    def _norm_module(self, layer: int, ln: str) -> nn.Module:
+        """The module ``blocks[layer].<ln>``, or :class:`MissingHookError` where the block has no
+        norm in front of that linear map: post-norm blocks (OLMo2) normalize the attention's and
+        MLP's outputs instead (TL 4.x calls those norms ``ln1_post``/``ln2_post``)."""
+        block = self.model.blocks[layer]
+        module = getattr(block, ln, None)
+        where = None if module is None else self._post_norm(module, ln)
+        if module is not None and where is None:
+            return module
+        if where is None:
+            # nn.Module.named_children: a bridge component's own __getattr__ would route names elsewhere.
+            norms = [name for name, _ in nn.Module.named_children(block) if name.startswith("ln")]
+            where = f"its norms: {', '.join(norms)}" if norms else "it has none"
+        raise MissingHookError(
+            f"layer {layer} of this {type(self.model).__name__} has no norm in front of its "
+            f"{'attention' if ln == 'ln1' else 'MLP'} ({where}): it is not a pre-norm block (OLMo2 normalizes the "
+            "outputs instead). tl_degeneracy's effective maps (METHODS §2) read the normalized block input, so they "
+            "are not defined here; use a pre-norm model (GPT-2, Llama, Gemma, Pythia ...)"
+        )
+
+    def _gain_is_offset(self, norm: nn.Module) -> bool:
+        """Whether ``norm`` computes x/σ · (1 + w) from its stored gain w (Gemma-family RMSNorm).
+        Default: no; a backend whose norms may do so says which."""
+        return False
+
     def _layer_norm(self, layer: int, ln: str) -> tuple[Tensor | None, Tensor | None]:
-        """(w, b) of the norm ``ln`` of ``layer``, None where absent. Default: the TransformerLens
+        """The effective (w, b) of the norm ``ln`` of ``layer``, None where absent: the TransformerLens
         module ``blocks[layer].<ln>`` with attributes ``w`` and ``b`` (HookedTransformer, the bridge's
-        NormalizationBridge and the toys all have this shape)."""
-        module = getattr(self.model.blocks[layer], ln)
-        return getattr(module, "w", None), getattr(module, "b", None)
+        NormalizationBridge and the toys all have this shape), w read as 1 + w where the module
+        stores its gain as an offset (:meth:`_gain_is_offset`)."""
+        module = self._norm_module(layer, ln)
+        w, b = getattr(module, "w", None), getattr(module, "b", None)
+        if w is not None and self._gain_is_offset(module):
+            w = 1 + w
+        return w, b
 
     def norm_weights(self, layer: int, ln: str) -> NormWeights:
         """The normalization ``ln`` (``"ln1"``: before the attention, ``"ln2"``: before the MLP) of
-        ``layer``: its kind and stored gain/bias (:class:`NormWeights`), detached."""
+        ``layer``: its kind and effective gain/bias (:class:`NormWeights`), detached. Every
+        analysis that folds a norm (invariants, gauges, counts, synchronization) reads it here."""
         if ln not in ("ln1", "ln2"):
             raise ValueError(f"ln must be 'ln1' (attention input) or 'ln2' (MLP input); got {ln!r}")
         if not -self.n_layers <= layer < self.n_layers:
@@ -424,26 +523,28 @@ class ModelAdapter(abc.ABC):
         return torch.randint(0, self.d_vocab, (batch, pos), generator=g).to(self.device)
 
     def check_finite(self) -> None:
-        """Refuse weights that hold NaN or ±∞, naming the first such live parameter.
+        """Refuse weights that hold NaN or ±∞, naming the first such parameter.
 
         Every analysis reads the weights (the spectra of METHODS §2 directly, the others through the
-        forward pass), and non-finite weights would fail each in its own way, deep inside.
+        forward pass), and non-finite weights would fail each in its own way, deep inside. Every
+        parameter tensor of the module is read (dead copies too): telling live from dead takes a
+        backward pass, which a weight-space analysis should not need.
 
         Raises:
             NumericalError: the first non-finite tensor, its NaN and ±∞ counts, and how many others.
         """
-        # unchecked: a weight-space analysis may run where the backend refuses the full live set
-        bad = [p for p in self.unchecked_live_parameters() if not bool(torch.isfinite(p.param.detach()).all())]
+        bad = [(self._canonical_name(slot), p.detach()) for slot, p in self.model.named_parameters()
+               if not bool(torch.isfinite(p.detach()).all())]
         if not bad:
             return
-        t = bad[0].param.detach()
+        name, t = bad[0]
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         others = ""
         if len(bad) > 1:
-            names = ", ".join(p.name for p in bad[1:4]) + (" …" if len(bad) > 4 else "")
+            names = ", ".join(n for n, _ in bad[1:4]) + (" …" if len(bad) > 4 else "")
             others = f" (and {len(bad) - 1} other tensor(s): {names})"
         raise NumericalError(
-            f"the model's weights are not finite: live parameter {bad[0].name} {list(t.shape)} holds {n_nan} NaN and "
+            f"the model's weights are not finite: parameter {name} {list(t.shape)} holds {n_nan} NaN and "
             f"{n_inf} ±inf entries of {t.numel():,}{others}. Every analysis reads the weights, so none can run; load "
             "weights that are finite (non-finite weights usually come from a diverged training run or a damaged file)"
         )
@@ -467,11 +568,11 @@ class ModelAdapter(abc.ABC):
         return self._live if self._live is not None else self._find_live_parameters()
 
     def _find_live_parameters(self) -> ParameterSet:
-        tokens = self.example_tokens()
-
         def loss():
+            # Tokens made here, inside the probe's autograd region: ones made under the caller's
+            # inference_mode could not be saved for the embedding's backward.
             with self.eval_mode():
-                return self._logits(self.model(tokens)).float().square().mean()
+                return self._logits(self.model(self.example_tokens())).float().square().mean()
 
         return find_live_parameters(self.model, loss, self._canonical_name)
 

@@ -17,6 +17,8 @@ The bridge wraps a Hugging Face model. What the adapter has to know about it
   parameters (the model-level ``model.W_Q`` stacks are copies). Under GQA ``W_K``/``W_V`` have n_kv
   heads. A bias the checkpoint lacks raises ``AttributeError``; it is reported as None.
   TL 3.9 has no model-level ``W_pos``; the components' accessors exist in both versions.
+  Gemma-family norms store their gain as an offset from 1 and compute x/σ · (1 + w); the adapter
+  hands out the effective gain 1 + w (``norm_weights``), in both modes.
 - **Parameters.** ``model.parameters()`` holds dead joint-QKV copies (GPT-2, NeoX) and every tensor
   sits under several module paths. The live set comes from one backward pass (base class); each
   parameter is named by its path through the bridge's own components with the
@@ -88,7 +90,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             n_kv_heads=getattr(c, "n_key_value_heads", None) or n_heads,
             d_model=c.d_model,
             d_head=c.d_head,
-            d_mlp=None if getattr(c, "attn_only", False) else getattr(c, "d_mlp", None),
+            d_mlp=None if getattr(c, "attn_only", False) else self._mlp_width(getattr(c, "d_mlp", None)),
             d_vocab=c.d_vocab,
             n_ctx=c.n_ctx,
             act_fn=getattr(c, "act_fn", None),
@@ -100,6 +102,22 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             default_prepend_bos=bool(getattr(c, "default_prepend_bos", False)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )
+
+    @property
+    def causal(self) -> bool:
+        """The config's ``attention_dir`` (base class), and the wrapped HF attention's own
+        ``is_causal`` flags: TL 3.9's BERT bridge reports ``attention_dir="causal"``."""
+        attention = _attribute(self.model.blocks[0], "attn")
+        modules = [] if attention is None else nn.Module.modules(attention)
+        return super().causal and all(getattr(m, "is_causal", True) is not False for m in modules)
+
+    def _mlp_width(self, configured: int | None) -> int | None:
+        """F of layer 0's W_in [D, F] where the bridge exposes it, else ``configured``: the forward
+        runs the HF module, so its weights set the width, not TransformerLens' config (whose OPT
+        d_mlp is 4·d_model whatever the checkpoint's ffn_dim)."""
+        mlp = _attribute(self.model.blocks[0], "mlp")
+        W_in = None if mlp is None else _attribute(mlp, "W_in")
+        return configured if W_in is None else int(W_in.shape[-1])
 
     def _embeddings_tied(self) -> bool:
         # The config flag stays True after compatibility mode unties GPT-2's W_U, so look at storage.
@@ -142,6 +160,22 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             "W_U": m.unembed.W_U,
             "b_U": _attribute(m.unembed, "b_U"),
         }
+
+    def _post_norm(self, norm: nn.Module, ln: str) -> str | None:
+        """TL 3.9 maps OLMo2's ``post_attention_layernorm``/``post_feedforward_layernorm`` to ``ln1``/
+        ``ln2`` (TL 4.x to ``ln1_post``/``ln2_post``), so the wrapped HF module's name decides: a
+        post-norm where it names the sublayer the norm should precede. (Llama's pre-MLP ``ln2`` is
+        ``post_attention_layernorm``: after the attention, before the MLP.)"""
+        name = str(getattr(norm, "name", "") or "")
+        after = {"ln1": ("post_attention",), "ln2": ("post_feedforward", "post_mlp")}[ln]
+        return f"its {ln} wraps {name}, applied after it" if name.startswith(after) else None
+
+    def _gain_is_offset(self, norm: nn.Module) -> bool:
+        """TL 4.x says so per norm (``NormalizationBridge.uses_weight_offset``: Gemma-family RMSNorm,
+        LayerNorm1P); TL 3.9's norm applies 1 + w wherever the config sets ``rmsnorm_uses_offset``.
+        Compatibility mode folds the gain into the next weights and stores w = 0: an effective 1."""
+        flag = getattr(norm, "uses_weight_offset", None)
+        return bool(flag) if flag is not None else bool(getattr(self.model.cfg, "rmsnorm_uses_offset", False))
 
     # ------------------------------------------------------------------ parameters
     def _bridge_module_names(self) -> dict[int, str]:

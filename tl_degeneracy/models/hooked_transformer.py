@@ -81,6 +81,30 @@ class LegacyHookNames:
         return f"this {model} has no {name!r} hook point (hook kind {kind!r})"
 
 
+#: HookedTransformer settings that change the shapes of its hooks, not what it computes → the call
+#: that turns each off (TransformerLens reads them at every forward).
+_RESHAPING_OPTIONS = {
+    "use_split_qkv_input": ("ln1's hooks carry one copy of the attention input per head [batch, pos, head, d_model]",
+                            "model.set_use_split_qkv_input(False)"),
+    "use_attn_in": ("ln1's hooks carry one copy of the attention input per head [batch, pos, head, d_model]",
+                    "model.set_use_attn_in(False)"),
+    "ungroup_grouped_query_attention": ("hook_k and hook_v carry n_heads expanded copies of the n_key_value_heads "
+                                       "key/value heads", "model.set_ungroup_grouped_query_attention(False)"),
+}
+
+
+def _refuse_reshaped_hooks(cfg) -> None:
+    """ValueError for a HookedTransformer run with a setting of :data:`_RESHAPING_OPTIONS`: the
+    analyses read those hooks as the block input and the n_kv key/value heads, and would crash on the
+    shapes or, worse, count expanded copies as heads."""
+    for option, (what, fix) in _RESHAPING_OPTIONS.items():
+        if getattr(cfg, option, False):
+            raise ValueError(
+                f"this HookedTransformer runs with {option}=True: {what}, which tl_degeneracy's analyses do not read. "
+                f"Call {fix} first; it changes only the hooks, not what the model computes"
+            )
+
+
 class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
     """Adapter over a TransformerLens 3.x ``HookedTransformer`` (see the module docstring for the
     parameter set: HookedTransformer's names, its zero biases and its untied ``W_U``)."""
@@ -90,6 +114,7 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
 
     def _read_config(self) -> ModelConfig:
         c = self.model.cfg
+        _refuse_reshaped_hooks(c)
         tokenizer = getattr(self.model, "tokenizer", None)
         return ModelConfig(
             n_layers=c.n_layers,

@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..autograd import gradients_enabled
+
 
 @dataclass(frozen=True)
 class LiveParameter:
@@ -97,23 +99,31 @@ def find_live_parameters(
 
     ``loss_fn`` runs a forward pass and returns a scalar that depends on every output.
     ``canonical_name`` maps a slot path to the stable name; the first slot of a tied tensor names it.
+
+    Whether a tensor is live does not depend on ``requires_grad``: frozen parameters
+    (``model.requires_grad_(False)``, common before interpretability work) are probed as well, and
+    the probe runs under the caller's ``torch.no_grad()`` or ``torch.inference_mode()`` too
+    (:func:`~tl_degeneracy.autograd.gradients_enabled`). Each parameter's ``grad`` and
+    ``requires_grad`` are given back as they were.
     """
-    saved = {id(p): p.grad for p in model.parameters()}
-    for p in model.parameters():
-        p.grad = None
-    try:
-        with torch.enable_grad():
+    with gradients_enabled(model):
+        saved = {id(p): (p.grad, p.requires_grad) for p in model.parameters()}
+        try:
+            for p in model.parameters():
+                p.grad = None
+                p.requires_grad_(p.is_floating_point())  # integer (quantized) tensors cannot have gradients
             loss_fn().backward()
-        groups: dict[int, tuple[nn.Parameter, dict[tuple[int, str], str]]] = {}
-        for slot, p in nn.Module.named_parameters(model, remove_duplicate=False):
-            if p.grad is None:
-                continue
-            mod_path, _, attr = slot.rpartition(".")
-            key = (id(model.get_submodule(mod_path)), attr)
-            groups.setdefault(id(p), (p, {}))[1].setdefault(key, slot)
-    finally:
-        for p in model.parameters():
-            p.grad = saved.get(id(p))
+            groups: dict[int, tuple[nn.Parameter, dict[tuple[int, str], str]]] = {}
+            for slot, p in nn.Module.named_parameters(model, remove_duplicate=False):
+                if p.grad is None:
+                    continue
+                mod_path, _, attr = slot.rpartition(".")
+                key = (id(model.get_submodule(mod_path)), attr)
+                groups.setdefault(id(p), (p, {}))[1].setdefault(key, slot)
+        finally:
+            for p in model.parameters():
+                p.grad, requires_grad = saved[id(p)]
+                p.requires_grad_(requires_grad)
     params = [
         LiveParameter(name=canonical_name(next(iter(slots.values()))), param=p, slots=tuple(slots.values()))
         for p, slots in groups.values()

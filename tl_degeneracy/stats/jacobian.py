@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..autograd import gradients_enabled, refuse_inference_mode
 from ..data import token_batches
 from ..errors import MissingHookError, NumericalError
 from ..memory import check_batches, hook_width
@@ -217,7 +218,7 @@ def jacobian_pass(
             return
         index = step.index
         inputs = [acts[n] for n in names]
-        if out.requires_grad:
+        if out.requires_grad:  # autograd is on (stream); False only where no target feeds the output
             n_cot = (int(out_mask.any(0).sum()) * out.shape[-1]) if res.exact else n_probes
             per = max(1, out.shape[0] * out.shape[1] * out.shape[2])
             chunk = probe_chunk or max(1, min(n_cot, CHUNK_ELEMENTS // per))
@@ -250,7 +251,9 @@ def jacobian_pass(
             yield res.accs[name]
             yield from res.halves.get(name, ())
 
-    stream(runner.device, batches, on_batch, reduce=reduce, desc=desc, progress=progress, grad=True, what="gradient")
+    with gradients_enabled(runner.model):  # refuses weights made under inference_mode; stream turns autograd on
+        stream(runner.device, batches, on_batch, reduce=reduce, desc=desc, progress=progress, grad=True,
+               what="gradient")
     return res
 
 
@@ -298,7 +301,10 @@ def jacobian_stats(
         NumericalError: non-finite outputs or gradients (naming the hook and batch).
         MemoryBudgetError: a batch's pass would not fit the memory budget (``tld.memory``), raised
         before the first forward, saying what to lower.
+        RuntimeError: called under ``torch.inference_mode()`` (``torch.no_grad()`` and a frozen
+        model are fine), or the model's weights were made under it.
     """
+    refuse_inference_mode("jacobian_stats")  # before any work (stream would refuse it later)
     if method not in METHODS_:
         raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
     adapter = adapt(model)

@@ -14,11 +14,12 @@ this rank still joins the reductions with tensors of the right shape.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+from ..autograd import gradients_enabled, ordinary, refuse_inference_mode
 from ..data import Batch
 from .distributed import all_reduce_sum_, distributed_context
 from .passes import raise_if_not_finite, shard
@@ -37,6 +38,12 @@ class Step:
     index: SampleIndex
     flags: dict[str, Tensor] = field(default_factory=dict)
     count: bool = True
+
+
+def _for_autograd(batch: Batch) -> Batch:
+    """``batch`` with its tensors usable by autograd: copies of those made under ``inference_mode``
+    (a caller's input tensors, which ``TensorBatches`` slices; ``TokenBatches`` makes fresh ones)."""
+    return replace(batch, tokens=ordinary(batch.tokens), mask=ordinary(batch.mask), lengths=ordinary(batch.lengths))
 
 
 Reducible = Tensor | object  # a float64 tensor (summed in place) or an accumulator with .all_reduce()
@@ -63,22 +70,28 @@ def stream(
         reduce: called once after the loop on every rank; the tensors and accumulators it returns
             are summed across ranks (tensors in place with ``all_reduce_sum_``, accumulators with
             their ``all_reduce()``), in the order given.
-        grad: run with autograd enabled (Jacobian passes); otherwise under ``torch.no_grad()``.
+        grad: run with autograd enabled (Jacobian passes), also when the caller is under
+            ``torch.no_grad()``; refused under ``torch.inference_mode()`` (:mod:`tl_degeneracy.
+            autograd`), and input tensors made under it earlier are copied. Otherwise under
+            ``torch.no_grad()``.
         what: what the flags check, for the NaN/inf error message.
 
     Returns the number of batches this rank processed.
     """
     ctx = distributed_context()
     n_mine = 0
-    with torch.enable_grad() if grad else torch.no_grad():
-        for batch in shard(batches, ctx, device, progress, desc):
+    if grad:
+        refuse_inference_mode(f"this analysis (its {desc!r} pass)")
+    ready = _for_autograd if grad else (lambda batch: batch)
+    with gradients_enabled() if grad else torch.no_grad():
+        for batch in map(ready, shard(batches, ctx, device, progress, desc)):
             step = Step(batch, SampleIndex.from_batch(batch))
             on_batch(step)
             raise_if_not_finite(step.flags, batch, what)
             n_mine += 1
         if ctx.active:
             if n_mine == 0:
-                first = batches.batch(0, device=device)
+                first = ready(batches.batch(0, device=device))
                 on_batch(Step(first, SampleIndex.from_batch(first), count=False))
             for item in reduce():
                 if isinstance(item, Tensor):

@@ -1,0 +1,386 @@
+"""Models and inputs from the API audit (notes/audit_api.md) that gave silent wrong numbers or unclear
+crashes: Gemma-family norm gains, grad modes and frozen weights, left padding, non-causal models,
+meta weights, post-norm blocks, HookedTransformer options, config/weight mismatches, bad tolerances.
+
+Tiny random Hugging Face models of the architectures the shared fixtures (tests/fixtures/hf.py) do
+not cover are built here, once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import tl_degeneracy as tld
+from tests.fixtures.hf import VOCAB, boot_bridge, has_hooked_transformer, tiny_tokenizer
+from tl_degeneracy.errors import MissingHookError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LAYERS = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+GEMMAS = ("gemma", "gemma2", "gemma3")
+
+
+def _hf_model(arch: str):
+    """A tiny random causal LM of ``arch`` with random norm gains and biases (a wrong reading of
+    them would otherwise go unnoticed)."""
+    import transformers as tf
+
+    configs = {
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_LAYERS, num_key_value_heads=2, head_dim=8, **_COMMON)),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_LAYERS, num_key_value_heads=2, head_dim=8, **_COMMON)),
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_LAYERS, num_key_value_heads=2, head_dim=8, **_COMMON)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**_LAYERS, num_key_value_heads=4, **_COMMON)),
+        # ffn_dim 64 ≠ 4·hidden_size: the bridge's config says d_mlp 128
+        "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                                                      max_position_embeddings=64, word_embed_proj_dim=32, **_COMMON)),
+    }
+    torch.manual_seed(0)
+    model = configs[arch]()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def audit_dirs(tmp_path_factory):
+    """arch → a local HF directory (model and tokenizer), saved on first use."""
+    root = tmp_path_factory.mktemp("audit_hf")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            directory = root / arch
+            _hf_model(arch).save_pretrained(directory)
+            tiny_tokenizer().save_pretrained(directory)
+            made[arch] = directory
+        return made[arch]
+
+    return get
+
+
+def quiet_boot(directory: Path, compat: bool = False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TransformerLens' notes on softcapping and the like
+        return boot_bridge(directory, compat=compat)
+
+
+# ---------------------------------------------------------------------------------------------- Gemma gains
+def hand_circuits(directory: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """OV_h = diag(1 + w) W_V^kv W_O^h and QK_h = diag(1 + w) W_Q^h (diag(1 + w) W_K^kv)ᵀ of every head,
+    in float64, straight from the HF checkpoint (Gemma's RMSNorm computes x/rms · (1 + w))."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory).double()
+    c = hf.config
+    H, n_kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    ov, qk = [], []
+    for layer in hf.model.layers:
+        gain = (1 + layer.input_layernorm.weight.detach())[:, None]
+        a = layer.self_attn
+        W_Q = a.q_proj.weight.detach().T.reshape(-1, H, d).transpose(0, 1)  # [H, D, d]
+        W_K = a.k_proj.weight.detach().T.reshape(-1, n_kv, d).transpose(0, 1)
+        W_V = a.v_proj.weight.detach().T.reshape(-1, n_kv, d).transpose(0, 1)
+        W_O = a.o_proj.weight.detach().T.reshape(H, d, -1)  # [H, d, D]
+        for h in range(H):
+            kv = h // (H // n_kv)
+            ov.append(gain * W_V[kv] @ W_O[h])
+            qk.append((gain * W_Q[h]) @ (gain * W_K[kv]).T)
+    return ov, qk
+
+
+@pytest.mark.parametrize("arch", GEMMAS)
+def test_gemma_gain_offset_is_folded_in_both_modes(arch, audit_dirs):
+    """Gemma-family RMSNorm multiplies by 1 + w: the adapter's norm gain is that, and the OV/QK
+    invariants equal, in default and compatibility mode alike, those of the checkpoint's weights with
+    gain 1 + w (before the fix: 10× too small by default, rank 0 in compatibility mode)."""
+    directory = audit_dirs(arch)
+    ov, qk = hand_circuits(directory)
+    for compat in (False, True):
+        model = quiet_boot(directory, compat)
+        norm = tld.adapt(model).norm_weights(0, "ln1")
+        stored = model.blocks[0].ln1.w.detach()
+        torch.testing.assert_close(norm.w, 1 + stored)
+        if compat:  # folded: stored 0, an effective gain of 1
+            torch.testing.assert_close(norm.w, torch.ones_like(norm.w))
+        for frame, expected in ((tld.ov_invariants(model), ov), (tld.qk_invariants(model), qk)):
+            assert frame["rank"].tolist() == [8] * len(expected)
+            for row, M in zip(frame.itertuples(), expected):
+                assert row.frobenius == pytest.approx(float(M.norm()), rel=1e-5)
+                s = torch.linalg.svdvals(M)[:8].numpy()
+                assert row.singular_values == pytest.approx(s, rel=1e-4)
+
+
+def test_gemma_canonical_heads_agree_between_modes(audit_dirs):
+    """The canonical gauge is chosen from the effective factors (gain 1 + w): default and compatibility
+    mode give the same canonical heads, and the function is kept (with the gain read as 0 in
+    compatibility mode the choice divided by zero and wrote NaN into the model)."""
+    from tl_degeneracy.invariants import fold_reading
+
+    tokens = torch.tensor([[1, 5, 17, 42, 9, 77, 3]])
+    effective = []
+    for compat in (False, True):
+        model = quiet_boot(audit_dirs("gemma"), compat)
+        canonical = tld.canonicalize_heads(model)
+        assert all(bool(torch.isfinite(p).all()) for p in canonical.parameters())
+        torch.testing.assert_close(canonical(tokens), model(tokens), atol=1e-4, rtol=1e-4)
+        adapter = tld.adapt(canonical)
+        aw, norm = adapter.attention_weights(), adapter.norm_weights(0, "ln1")
+        effective.append([fold_reading(aw.W_V[0], norm), fold_reading(aw.W_Q[0], norm)])
+    for default, compat in zip(*effective):
+        torch.testing.assert_close(default, compat, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- grad modes
+def toy_and_tokens():
+    from tests.fixtures.toys import make_tiny_toy_transformer
+
+    model = make_tiny_toy_transformer()
+    tokens = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+    return model, tokens
+
+
+def jacobian_traces(model, tokens) -> list[float]:
+    return tld.jacobian_stats(model, tokens, hooks=["resid_pre"], exact=True, progress=False).to_frame()["trace"].tolist()
+
+
+def short_llc(model, tokens) -> float:
+    return tld.behavioral_llc(model, tokens, chains=2, draws=6, burnin=4, step_size=1e-4, progress=False).llc
+
+
+GRADIENT_ANALYSES = {
+    "jacobian_stats": lambda m, x: tld.jacobian_stats(m, x, hooks=["resid_pre"], progress=False),
+    "degeneracy_counts": lambda m, x: tld.degeneracy_counts(m, x, progress=False),
+    "interaction_basis": lambda m, x: tld.interaction_basis(m, x, progress=False),
+    "behavioral_llc": short_llc,
+}
+
+
+@pytest.mark.parametrize("name", GRADIENT_ANALYSES)
+def test_gradient_analyses_refuse_inference_mode(name):
+    """Under inference_mode the Jacobians came back silently zero (n_eff_kfac 0, interaction rank 0)."""
+    model, tokens = toy_and_tokens()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"takes gradients.*call it outside torch\.inference_mode"):
+        GRADIENT_ANALYSES[name](model, tokens)
+
+
+def test_gradient_analyses_under_no_grad_and_on_a_frozen_model_give_the_normal_numbers():
+    model, tokens = toy_and_tokens()
+    expected = (jacobian_traces(model, tokens), tld.degeneracy_counts(model, tokens, progress=False).attrs["n_eff_kfac"],
+                short_llc(model, tokens))
+    assert min(expected[0]) > 0
+    with torch.no_grad():
+        assert (jacobian_traces(model, tokens), tld.degeneracy_counts(model, tokens, progress=False).attrs["n_eff_kfac"],
+                short_llc(model, tokens)) == expected
+    model.requires_grad_(False)
+    assert (jacobian_traces(model, tokens), tld.degeneracy_counts(model, tokens, progress=False).attrs["n_eff_kfac"],
+            short_llc(model, tokens)) == expected
+    assert not any(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+def test_weight_and_activation_analyses_run_on_a_frozen_model_and_under_inference_mode(hf_dirs):
+    """Weight-space analyses need no gradient from the caller: a frozen bridge failed with 'element 0 of
+    tensors does not require grad'."""
+    model = boot_bridge(hf_dirs["gpt2"])
+    tokens = torch.tensor([[1, 5, 17, 42, 9, 77, 3]])
+    expected_ov = tld.ov_invariants(model)["frobenius"].tolist()
+    expected_act = tld.activation_stats(model, tokens, hooks=["resid_post"], progress=False).to_frame()["trace"].tolist()
+    live = tld.adapt(model).live_parameters().names
+    model.requires_grad_(False)
+    assert tld.adapt(model).live_parameters().names == live  # frozen is not dead
+    torch.testing.assert_close(tld.random_gauge(model)(tokens), model(tokens), atol=1e-4, rtol=1e-4)
+    for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with ctx():
+            assert tld.ov_invariants(model)["frobenius"].tolist() == expected_ov
+            acts = tld.activation_stats(model, tokens, hooks=["resid_post"], progress=False).to_frame()["trace"].tolist()
+            assert acts == expected_act
+            assert tld.adapt(model).live_parameters().names == live
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_inputs_made_under_inference_mode_are_usable_later():
+    """A plain module's inputs made under inference_mode and passed outside it: the passes that
+    differentiate copy them (autograd cannot save inference tensors for backward)."""
+    from tests.interaction_models import HookedMLP
+
+    model = HookedMLP([4, 6, 3])
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.inference_mode():
+        frozen_x = x.clone()
+    expected = tld.interaction_basis(model, x, edges=False, progress=False).dims["interaction_rank"].tolist()
+    assert tld.interaction_basis(model, frozen_x, edges=False, progress=False).dims["interaction_rank"].tolist() == expected
+    llc = dict(chains=2, draws=6, burnin=4, step_size=1e-4, progress=False)
+    assert tld.behavioral_llc(model, frozen_x, **llc).llc == tld.behavioral_llc(model, x, **llc).llc
+
+
+def test_weights_made_under_inference_mode_are_refused_by_gradient_analyses():
+    from tests.fixtures.toys import make_tiny_toy_transformer
+
+    with torch.inference_mode():
+        model = make_tiny_toy_transformer()
+    tokens = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"weights of this ToyTransformer .* were made under torch\.inference_mode"):
+        jacobian_traces(model, tokens)
+
+
+# ---------------------------------------------------------------------------------------------- non-causal models
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                       max_position_embeddings=64, vocab_size=VOCAB, pad_token_id=0))
+    directory = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def bidirectional_models(bert_dir):
+    """A BERT bridge (TL 3.9's config calls it causal; its HF attention says otherwise) and, on
+    TL 3.x, a HookedTransformer with attention_dir="bidirectional"."""
+    models = [quiet_boot(bert_dir)]
+    if has_hooked_transformer():
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        models.append(HookedTransformer(HookedTransformerConfig(
+            n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=VOCAB, n_ctx=32, act_fn="gelu",
+            normalization_type="LN", attention_dir="bidirectional", seed=0)).eval())
+    return models
+
+
+def test_non_causal_models_refuse_padded_batches(bert_dir):
+    """Ragged data gave batch-size-dependent results on bidirectional models (real tokens attended to
+    the right padding); now they need sequences of one length or batch_size=1."""
+    g = torch.Generator().manual_seed(1)
+    ragged = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 12, 7)]
+    even = [s[:5] for s in ragged]
+    for model in bidirectional_models(bert_dir):
+        assert not tld.adapt(model).causal
+        with pytest.raises(tld.DataError, match=r"not causal .* lengths 5\.\.12,.* one length, or pass batch_size=1"):
+            tld.activation_stats(model, ragged, hooks=["resid_post"], batch_size=4, progress=False)
+        with pytest.raises(tld.DataError, match="not causal"):
+            tld.token_batches(tld.TokenBatches(sequences=[torch.tensor(r) for r in ragged], batch_size=4, bos=False,
+                                               bos_source=None, bos_token_id=None, skip_bos=False, pad_token_id=0), model)
+        one = tld.activation_stats(model, ragged, hooks=["resid_post"], batch_size=1, progress=False)
+        assert one.positions.n_samples == 33
+        for bs in (1, 4):  # one length: no padding, whatever the batch size
+            assert tld.token_batches(even, model, batch_size=bs).n_samples == 20
+
+
+def test_pre_norm_gains_of_every_block_input_are_read(tl_models):
+    """Llama's pre-MLP norm is called post_attention_layernorm: it is ln2, in front of the MLP."""
+    adapter = tld.adapt(tl_models("llama", "bridge"))
+    torch.testing.assert_close(adapter.norm_weights(1, "ln2").w, adapter.model.blocks[1].ln2.w.detach())
+
+
+def test_causal_models_say_so(tl_models):
+    for arch in ("gpt2", "llama"):
+        assert tld.adapt(tl_models(arch, "bridge")).causal
+
+
+# ---------------------------------------------------------------------------------------------- models that cannot be read
+def test_meta_weights_are_refused_at_adapt_time(hf_dirs):
+    """Every analysis of a meta-device model crashed in torch ('Tensor.item() cannot be called on meta tensors')."""
+    model = boot_bridge(hf_dirs["gpt2"]).to("meta")
+    for analysis in (tld.adapt, tld.ov_invariants, lambda m: tld.activation_stats(m, torch.tensor([[1, 5, 6]]), progress=False)):
+        with pytest.raises(ValueError, match=r"weights of this TransformerBridge are on the meta device .* load them first"):
+            analysis(model)
+
+
+def test_post_norm_blocks_say_that_they_have_no_pre_norm(audit_dirs):
+    """OLMo2 normalizes the attention's output (ln1_post); ov_invariants raised an AttributeError."""
+    model = quiet_boot(audit_dirs("olmo2"))
+    # TL 4.x names OLMo2's norms ln1_post/ln2_post; TL 3.9 calls post_attention_layernorm "ln1"
+    with pytest.raises(MissingHookError, match=r"no norm in front of its attention \((its norms: ln1_post, ln2_post|"
+                                               r"its ln1 wraps post_attention_layernorm, applied after it)\)"):
+        tld.ov_invariants(model)
+
+
+def test_config_is_checked_against_the_weights(audit_dirs):
+    """OPT with ffn_dim 64 ≠ 4·d_model: the bridge's config says d_mlp 128. The adapter takes the
+    width of the weights the forward runs, so counts and synchronization see 64 (n_params was 4096
+    for W_in [32, 64]; neuron_synchronization crashed on the shapes); a config that still does not
+    fit its weights is refused, naming the mismatch."""
+    model = quiet_boot(audit_dirs("opt"))
+    adapter = tld.adapt(model)
+    assert adapter.d_mlp == 64 == adapter.mlp_weights().W_in.shape[-1]
+    tokens = torch.randint(3, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    counts = tld.degeneracy_counts(model, tokens, progress=False)
+    assert set(counts.loc[counts["map"].isin(["W_in", "W_out"]), "n_params"]) == {32 * 64}
+    assert tld.neuron_synchronization(model, tokens).pre_gram.shape == (2, 64, 64)
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    class WrongConfig(ToyTransformer):
+        @property
+        def cfg(self):
+            return dataclasses.replace(super().cfg, d_mlp=48)
+
+    with pytest.raises(ValueError, match=r"does not fit its weights: W_in of layer 0 is \[16, 32\], not \[16, 48\]; W_out"):
+        tld.adapt(WrongConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=16))
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens 3.x")
+@pytest.mark.parametrize("option", ["use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention"])
+def test_hooked_transformer_options_that_reshape_hooks_are_refused(option):
+    """split-QKV/attn_in inputs crashed on accumulator shapes; ungrouped GQA was read as n_heads KV heads
+    (jacobian_stats at k off by 1.3%, counts' W_K row kv = 1 a copy of KV head 0), silently."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    gqa = option == "ungroup_grouped_query_attention"
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32, act_fn="gelu",
+        normalization_type="LN", n_key_value_heads=2 if gqa else None, seed=0)).eval()
+    getattr(model, f"set_{option}")(True)
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    for analysis in (tld.head_synchronization, lambda m, x: tld.jacobian_stats(m, x, hooks=["k"], progress=False)):
+        with pytest.raises(ValueError, match=rf"runs with {option}=True: .* Call model\.set_{option}\(False\) first"):
+            analysis(model, tokens)
+    getattr(model, f"set_{option}")(False)
+    assert tld.head_synchronization(model, tokens).n_kv_heads == (2 if gqa else 4)
+
+
+# ---------------------------------------------------------------------------------------------- tolerances, batch sizes
+@pytest.mark.parametrize("rtol", [float("nan"), -1.0, 1.0, float("inf")])
+def test_rank_tolerances_are_checked(rtol, tiny_toy_transformer):
+    """rtol=nan gave rank 0 everywhere, rtol=-1 full rank, silently."""
+    from tl_degeneracy.numerics import numerical_rank
+
+    with pytest.raises(ValueError, match="a rank tolerance rtol must be a finite number in"):
+        numerical_rank(torch.tensor([3.0, 2.0, 1e-20]), rtol=rtol)
+    with pytest.raises(ValueError, match="a rank tolerance rtol"):
+        tld.ov_invariants(tiny_toy_transformer, rtol=rtol)
+    with pytest.raises(ValueError, match="a rank tolerance atol must be a finite number ≥ 0"):
+        numerical_rank(torch.tensor([3.0, 2.0]), atol=-1.0 if rtol == 1.0 else rtol)  # NaN, -1, ∞
+    for not_a_number in ("1e-3", True, None):
+        with pytest.raises(ValueError, match="a rank tolerance atol must be"):
+            numerical_rank(torch.tensor([3.0, 2.0]), atol=not_a_number)
+
+
+def test_valid_tolerances_still_decide_the_rank():
+    from tl_degeneracy.numerics import numerical_rank
+
+    spectrum = torch.tensor([3.0, 2.0, 1e-3, 1e-20])
+    assert [int(numerical_rank(spectrum, rtol=r)) for r in (0.0, 1e-6, 0.5, 0.9)] == [4, 3, 2, 1]
+    assert int(numerical_rank(spectrum, rtol=0.0, atol=1.0)) == 2
+
+
+@pytest.mark.parametrize("batch_size", [2.5, 0, -1, True, "4", None])
+def test_batch_sizes_must_be_positive_integers(batch_size, tiny_toy_transformer):
+    """batch_size=2.5 was truncated to 2, silently."""
+    with pytest.raises(tld.DataError, match=r"batch_size must be a positive integer .*; got"):
+        tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, batch_size=batch_size)
+
+
+def test_numpy_integer_batch_sizes_are_fine(tiny_toy_transformer):
+    import numpy as np
+
+    assert tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, batch_size=np.int64(3)).batch_size == 3
