@@ -167,8 +167,18 @@ GRADIENT_ANALYSES = {
 def test_gradient_analyses_refuse_inference_mode(name):
     """Under inference_mode the Jacobians came back silently zero (n_eff_kfac 0, interaction rank 0)."""
     model, tokens = toy_and_tokens()
-    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"takes gradients.*call it outside torch\.inference_mode"):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"takes gradients.*call it outside torch\.inference_mode") as e:
         GRADIENT_ANALYSES[name](model, tokens)
+    assert str(e.value).startswith(name)  # refused by the analysis itself, before its first pass
+
+
+def test_gauges_under_inference_mode_keep_the_function():
+    model, tokens = toy_and_tokens()
+    with torch.inference_mode():
+        before = model(tokens)
+        for gauged in (tld.random_gauge(model, seed=0), tld.canonicalize_heads(model)):
+            after = gauged(tokens)
+            assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
 
 
 def test_gradient_analyses_under_no_grad_and_on_a_frozen_model_give_the_normal_numbers():

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from tl_degeneracy.counts import SampleLimitedWarning, degeneracy_counts, sample_limited
+from tl_degeneracy.counts import SampleLimitedWarning, degeneracy_counts
+from tl_degeneracy.numerics import sample_limited
 
 from .fixtures.distributed import rank_results, run_two_processes
 from .fixtures.hf import ARCHS

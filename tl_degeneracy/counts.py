@@ -36,7 +36,7 @@ through attention, so leaving BOS out would call a direction free that only BOS 
 (:func:`counted_batches`; ``sparsify`` counts the same way).
 
 Sample limit: n samples span at most n directions, so a Gram whose rank reached n < d_in says as much
-about the data as about the model (:func:`sample_limited`, per row, with a :class:`SampleLimitedWarning`).
+about the data as about the model (``numerics.sample_limited``, per row, with a :class:`SampleLimitedWarning`).
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .autograd import refuse_inference_mode
 from .data import TokenBatches, token_batches
 from .errors import MissingHookError
 from .memory import check_batches, counts_grams
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import activation_precision, numerical_rank
+from .numerics import activation_precision, check_tolerances, numerical_rank, sample_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.jacobian import check_memory, jacobian_stats
@@ -62,19 +63,11 @@ from .stats.passes import resolve_targets
 from .stats.stream import Step, stream
 
 __all__ = ["SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
-           "sample_limited", "warn_sample_limited"]
+           "warn_sample_limited"]
 
 
 class SampleLimitedWarning(UserWarning):
     """A rank reached the number of samples below the dimension: the count may be the data's limit."""
-
-
-def sample_limited(rank: int, n_samples: int, dim: int, centered: bool = False) -> bool:
-    """Whether a Gram's rank may be the data's limit rather than the model's: n samples span at most n
-    directions (n − 1 once centred), so a rank that reached that bound below the dimension ``dim``
-    cannot tell how many directions more data would show (the interaction basis's ``sample_limited``)."""
-    bound = n_samples - int(centered)
-    return bound < dim and rank >= bound
 
 
 def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_samples: int) -> None:
@@ -110,6 +103,8 @@ def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps: the norm's
     output in a pre-norm block, the residual stream itself (``resid_pre`` / ``resid_mid``) in a model
     without normalization (toy:modadd)."""
+    if adapter.cfg.normalization is not None:
+        adapter.norm_weights(layer, ln)  # a post-norm block (OLMo2) has no norm in front: MissingHookError
     available = adapter.available_hooks()
     # hook_out (the bridge) is the input itself; hook_normalized may precede the norm's affine part
     # (block_input_affine), so it comes second.
@@ -128,7 +123,7 @@ def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
 
 def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tensor | None, Tensor | None]:
     """(w, b) such that the linear maps' input is x = n·w + b with n = the activation at
-    :func:`block_input_hook`: the norm's stored gain and bias where that hook is a
+    :func:`block_input_hook`: the norm's effective gain and its bias where that hook is a
     ``hook_normalized`` that precedes them (``adapter.normalized_before_affine``: HookedTransformer);
     (None, None) where the hook is the input itself (the bridge's ``hook_out``, the toys, folded norms)."""
     if not (block_input_hook(adapter, layer, ln).endswith(".hook_normalized") and adapter.normalized_before_affine):
@@ -213,7 +208,7 @@ def degeneracy_counts(
     ``head`` (query head, or KV head for W_K/W_V; None for MLP maps), ``d_in``, ``d_out``,
     ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K (4.5), ``free`` =
     n_params − kfac (4.4) and ``sample_limited`` (rank_G reached the n samples below d_in:
-    :func:`sample_limited`; a :class:`SampleLimitedWarning` says how many). ``frame.attrs`` holds
+    ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many). ``frame.attrs`` holds
     ``n_eff_kfac`` (Σ kfac), ``n_params``, the tolerances, the objective and the positions counted:
     every non-padding position, BOS included (:func:`counted_batches`).
 
@@ -243,6 +238,8 @@ def degeneracy_counts(
         raise ValueError(f"output must be 'kl' or 'mse'; got {output!r}")
     if loss_scale is not None and not loss_scale >= 0:
         raise ValueError(f"loss_scale must be a non-negative number or None; got {loss_scale!r}")
+    refuse_inference_mode("degeneracy_counts")  # before the activation passes, not after them
+    rtol, _ = check_tolerances(rtol)
     adapter = adapt(model)
     mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")

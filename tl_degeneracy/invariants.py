@@ -44,7 +44,7 @@ from transformer_lens import FactoredMatrix
 
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter, NormWeights
-from .numerics import numerical_rank, product_scale, rank_rtol
+from .numerics import check_tolerances, numerical_rank, product_scale, rank_rtol
 
 __all__ = [
     "ov_invariants", "qk_invariants", "ov_circuits", "qk_circuits", "free_directions", "default_rtol",
@@ -344,7 +344,7 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
             float64 precision (max(D, d)·eps(float64)), whatever dtype the weights are stored in.
     """
     adapter = adapt(model)
-    rtol = default_rtol(adapter) if rtol is None else float(rtol)
+    rtol = default_rtol(adapter) if rtol is None else check_tolerances(rtol)[0]
     fm = ov_circuits(adapter)
     free = _group_free_directions(fm, adapter, shared_left=True, rotary=False)
     return _invariant_rows(fm, adapter, rtol, "OV", {}, free)
@@ -371,7 +371,7 @@ def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.
     number of distinct eigenvalues, ≤ d + 1; n_ctx ≥ 2 at full rank).
     """
     adapter = adapt(model)
-    rtol = default_rtol(adapter, affine) if rtol is None else float(rtol)
+    rtol = default_rtol(adapter, affine) if rtol is None else check_tolerances(rtol)[0]
     rotary = adapter.cfg.positional_embedding == "rotary"
     fm = qk_circuits(adapter, affine=affine)
     free = _group_free_directions(fm, adapter, shared_left=False, rotary=rotary)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_rtol", "numerical_rank",
-    "product_scale",
+    "product_scale", "sample_limited",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -148,3 +148,11 @@ def numerical_rank(
     top = spectrum.max(-1, keepdim=True).values.clamp_min(0) if scale is None else scale.to(spectrum)[..., None]
     cut = torch.maximum(top * rtol, torch.full_like(top, atol))
     return ((spectrum > cut) & (spectrum > 0)).sum(-1)
+
+
+def sample_limited(rank: int, n_samples: int, dim: int, centered: bool = False) -> bool:
+    """Whether a Gram's rank may be the data's limit rather than the model's: n samples span at most n
+    directions (n − 1 once centred), so a rank that reached that bound below the dimension ``dim``
+    cannot tell how many directions more data would show (counts, sparsify, the interaction basis)."""
+    bound = n_samples - int(centered)
+    return bound < dim and rank >= bound

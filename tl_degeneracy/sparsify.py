@@ -56,13 +56,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .counts import block_input_affine, block_input_hook, counted_batches, sample_limited, warn_sample_limited
+from .counts import block_input_affine, block_input_hook, counted_batches, warn_sample_limited
 from .errors import MissingHookError, NumericalError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
-from .numerics import activation_precision, numerical_rank
+from .numerics import activation_precision, numerical_rank, sample_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
 from .synchronization import EXACT_ACTIVATIONS, neuron_synchronization
@@ -120,7 +120,7 @@ class SparsifyResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per MLP layer: ``layer``, ``input_rank`` (r), ``sample_limited`` (r reached the
         n samples below D, so ``activation_free`` may be the data's limit, not the model's:
-        ``counts.sample_limited``), ``blocks`` (synchronized blocks of ≥ 2
+        ``numerics.sample_limited``), ``blocks`` (synchronized blocks of ≥ 2
         neurons), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
         for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 the
         extra freedom s_a² − Σ per-neuron rescalings, at least 0), ``zeros_added`` (the entries of

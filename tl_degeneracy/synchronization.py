@@ -35,7 +35,7 @@ from .invariants import center_writing
 from .memory import check_batches
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import activation_precision, numerical_rank
+from .numerics import activation_precision, check_tolerances, numerical_rank
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -646,6 +646,7 @@ def head_synchronization(
         (``tld.memory``), before anything runs.
     """
     tol = _check_tol(tol)
+    rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
     adapter = adapt(model)
     if not adapter.n_heads:
         raise MissingHookError("head_synchronization needs a model with attention heads; this one has none")
@@ -881,6 +882,7 @@ def neuron_synchronization(
         MemoryBudgetError: batches too large for the memory budget (``tld.memory``), before anything runs.
     """
     tol = _check_tol(tol)
+    rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
     adapter = adapt(model)
     if adapter.d_mlp is None:
         raise MissingHookError(f"neuron_synchronization needs MLP layers; this {type(adapter.model).__name__} has none")

@@ -9,6 +9,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..numerics import sample_limited
+
 __all__ = ["InteractionBasis", "NodeSpectrum"]
 
 
@@ -118,11 +120,10 @@ class InteractionBasis:
         for node in self.nodes:
             spec = self.eigenvalues[node]
             D, n = int(spec.gram.numel()), int(self.counts[node])
-            bound = n - int(self.centered)  # the rank n samples can reach (one less once centred)
             rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
                          "degenerate": D - spec.interaction_rank, "n": n, "M": spec.M,
                          "M_method": spec.M_method, "probe_stability": spec.probe_stability,
-                         "sample_limited": bound < D and spec.rank_G >= bound})
+                         "sample_limited": sample_limited(spec.rank_G, n, D, self.centered)})
         return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M", "M_method",
                                            "probe_stability", "sample_limited"])
 

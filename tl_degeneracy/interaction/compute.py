@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..autograd import refuse_inference_mode
 from ..errors import DataError
-from ..numerics import activation_precision, rank_rtol
+from ..numerics import activation_precision, check_tolerances, rank_rtol
 from ..stats.activations import moment_pass
 from ..stats.distributed import distributed_context
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
@@ -213,6 +214,9 @@ def interaction_basis(
             forward order or repeated, bad options. DataError: empty data. NumericalError: NaN/inf
             activations, gradients or results.
     """
+    refuse_inference_mode("interaction_basis")  # before the activation pass, not after it
+    gram_rtol, gram_atol = check_tolerances(gram_rtol, gram_atol)
+    interaction_rtol, interaction_atol = check_tolerances(interaction_rtol, interaction_atol)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
     if output not in OBJECTIVES:

@@ -21,6 +21,11 @@ def copy_model(model: nn.Module) -> nn.Module:
     attention modules and run the original's ``hook_mlp_in`` (hooks added to the copy's would never
     fire). They are installed afresh on the copy.
     """
+    with torch.inference_mode(False):  # the copy is an ordinary model even when made under inference_mode
+        return _copy(model)
+
+
+def _copy(model: nn.Module) -> nn.Module:
     memo = {}
     for module in model.modules():
         for value in vars(module).values():
