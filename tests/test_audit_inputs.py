@@ -394,3 +394,26 @@ def test_numpy_integer_batch_sizes_are_fine(tiny_toy_transformer):
     import numpy as np
 
     assert tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, batch_size=np.int64(3)).batch_size == 3
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens 3.x")
+def test_qk_norm_models_get_scalar_qk_gauges_and_no_qk_free_directions():
+    """With q/k norms (use_qk_norm; Qwen3, OLMo2, Gemma3) a GL(d) QK gauge changed the logits by 0.30
+    of a logit scale of 2.9; only scalings, which the norm divides out, are symmetries."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32, act_fn="gelu",
+        normalization_type="RMS", use_qk_norm=True, seed=0)).eval()
+    assert tld.adapt(model).cfg.qk_norm
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+        scale = float(before.abs().max())
+        # the norms' eps (1e-5 against q·q of order 1) is the only term a scaling changes
+        for gauged in (tld.random_gauge(model, seed=0), tld.canonicalize_heads(model)):
+            assert float((gauged(tokens) - before).abs().max()) < 1e-4 * scale
+    with pytest.warns(RuntimeWarning, match="normalizes queries and keys"):
+        qk = tld.qk_invariants(model)
+    assert qk["qk_norm"].all() and qk["free_directions"].isna().all()
+    assert tld.ov_invariants(model)["free_directions"].notna().all()

@@ -8,7 +8,9 @@ W_K/W_V (and b_K/b_V) and on the W_Q/W_O slices of *every* head of the group at 
 Rotary position embeddings put a position-dependent rotation between q and k, so a generic B would
 change the scores; only gauges that commute with every rotation are symmetries. Here the QK gauge of
 rotary models is restricted to scalars B = s·I (s ≠ 0), which commute with anything. (Block scalings
-that act as complex numbers on each rotary pair are symmetries too; they are not used.)
+that act as complex numbers on each rotary pair are symmetries too; they are not used.) The same
+holds where queries and keys are normalized before the scores (``cfg.qk_norm``: Qwen3, OLMo2,
+Gemma3): a norm divides out a scaling of q and k, but no other B.
 
 Weights are written back through the adapter (:func:`write_attention`): the TransformerLens-layout
 accessors of every backend are pure re-layouts of live parameters (HookedTransformer and the toys:
@@ -184,7 +186,8 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
     target = adapt(model) if not inplace else adapter
     H, n_kv = target.n_heads, target.n_kv_heads
     group = H // n_kv
-    rotary = target.cfg.positional_embedding == "rotary"
+    # Scalars are the QK gauges that commute with every rotation and that a q/k norm divides out.
+    rotary = target.cfg.positional_embedding == "rotary" or target.cfg.qk_norm
     skipped = []
     for layer in range(target.n_layers):
         layouts = _layer_layouts(target, layer)

@@ -33,6 +33,7 @@ on which one gauge acts, and for rotary QK only the gauges that commute with the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -266,8 +267,10 @@ def _group_free_directions(
 
 # ---------------------------------------------------------------------------------------------- rows
 def _invariant_rows(
-    fm: FactoredMatrix, adapter: ModelAdapter, rtol: float, circuit: str, extra: dict, free: list[list[int]]
+    fm: FactoredMatrix, adapter: ModelAdapter, rtol: float, circuit: str, extra: dict, free: list[list[int]] | None
 ) -> pd.DataFrame:
+    """One row per head (the columns of :func:`ov_invariants`); ``free`` None: free directions not
+    counted (<NA>: queries and keys normalized before the scores, :func:`qk_invariants`)."""
     U, S, Vh = fm.svd()  # S: [L, H, d] (float64), sorted descending
     S = S.cpu()
     eig = fm.eigenvalues.cpu()  # eigenvalues of B A (d×d): the nonzero ones of A B, plus zeros
@@ -305,12 +308,14 @@ def _invariant_rows(
                 "copying_score": copy,
                 "positive_eigen_share": positive,
                 # The group's count on its first head: the column sums to the model's total.
-                "free_directions": free[layer][head // group] if head % group == 0 else 0,
+                "free_directions": pd.NA if free is None else free[layer][head // group] if head % group == 0 else 0,
                 "norm": norm,
                 "centered": norm == "layernorm",
                 **extra,
             })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame["free_directions"] = frame["free_directions"].astype("Int64")
+    return frame
 
 
 def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
@@ -369,10 +374,20 @@ def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.
     the coordinates rotary leaves alone, not d² (:func:`free_directions`). This takes the rotations of
     every offset 0 … n_ctx − 1 to span the algebra of the one-position rotation (n_ctx at least its
     number of distinct eigenvalues, ≤ d + 1; n_ctx ≥ 2 at full rank).
+
+    Column ``qk_norm``: where queries and keys are normalized before the scores (Qwen3, OLMo2, Gemma3,
+    ``use_qk_norm``), the scores are not the bilinear form W_Q W_Kᵀ but one of the normalized q and
+    k: the invariants describe the weights' product only, a warning says so, and ``free_directions``
+    are <NA> (the norm leaves no GL(d) gauge, only the scalings it divides out; (2.4) does not apply).
     """
     adapter = adapt(model)
     rtol = default_rtol(adapter, affine) if rtol is None else check_tolerances(rtol)[0]
-    rotary = adapter.cfg.positional_embedding == "rotary"
+    rotary, qk_norm = adapter.cfg.positional_embedding == "rotary", adapter.cfg.qk_norm
     fm = qk_circuits(adapter, affine=affine)
-    free = _group_free_directions(fm, adapter, shared_left=False, rotary=rotary)
-    return _invariant_rows(fm, adapter, rtol, "QK", {"affine": bool(affine), "rotary": rotary}, free)
+    if qk_norm:
+        warnings.warn("qk_invariants: this model normalizes queries and keys before the scores, so QK = W_Q W_Kᵀ "
+                      "describes the weights, not the score map, and its free directions are not counted (<NA>)",
+                      RuntimeWarning, stacklevel=2)
+    free = None if qk_norm else _group_free_directions(fm, adapter, shared_left=False, rotary=rotary)
+    return _invariant_rows(fm, adapter, rtol, "QK", {"affine": bool(affine), "rotary": rotary, "qk_norm": qk_norm},
+                           free)

@@ -99,6 +99,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             gated_mlp=bool(getattr(c, "gated_mlp", False)),
             positional_embedding=getattr(c, "positional_embedding_type", None),
             tied_embeddings=self._embeddings_tied(),
+            qk_norm=self._qk_norm(c),
             default_prepend_bos=bool(getattr(c, "default_prepend_bos", False)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )
@@ -110,6 +111,14 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         attention = _attribute(self.model.blocks[0], "attn")
         modules = [] if attention is None else nn.Module.modules(attention)
         return super().causal and all(getattr(m, "is_causal", True) is not False for m in modules)
+
+    def _qk_norm(self, c) -> bool:
+        """Whether queries and keys are normalized before the scores: TransformerLens' ``use_qk_norm``,
+        or a ``q_norm`` / ``k_norm`` module in the wrapped attention (Hugging Face's Qwen3, OLMo2, Gemma3)."""
+        attention = _attribute(self.model.blocks[0], "attn")
+        modules = [] if attention is None else nn.Module.named_modules(attention)
+        return bool(getattr(c, "use_qk_norm", False)) or any(
+            name.rsplit(".", 1)[-1] in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") for name, _ in modules)
 
     def _mlp_width(self, configured: int | None) -> int | None:
         """F of layer 0's W_in [D, F] where the bridge exposes it, else ``configured``: the forward

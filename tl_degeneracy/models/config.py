@@ -28,6 +28,7 @@ class ModelConfig:
     gated_mlp: bool
     positional_embedding: str | None
     tied_embeddings: bool = False
+    qk_norm: bool = False  # a norm between x W_Q / x W_K and the scores (Qwen3, OLMo2, Gemma3, use_qk_norm)
     default_prepend_bos: bool = False
     bos_token_id: int | None = None
 

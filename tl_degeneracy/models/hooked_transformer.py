@@ -132,6 +132,7 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
             positional_embedding=c.positional_embedding_type,
             # HookedTransformer keeps W_U as its own parameter even for tied checkpoints.
             tied_embeddings=False,
+            qk_norm=bool(getattr(c, "use_qk_norm", False)),
             default_prepend_bos=bool(c.default_prepend_bos),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )

@@ -63,7 +63,8 @@ def _circuit_values(frame: pd.DataFrame, d_head: int) -> dict:
         "full_rank_heads": int((frame["rank"] == d_head).sum()),
         "mean_rank": float(frame["rank"].mean()),
         "mean_copying_score": float(np.nanmean(frame["copying_score"])) if frame["copying_score"].notna().any() else None,
-        "free_directions": int(frame["free_directions"].sum()),
+        # None where some head's free directions are not counted (q/k norms: qk_invariants)
+        "free_directions": None if frame["free_directions"].isna().any() else int(frame["free_directions"].sum()),
     }
 
 
