@@ -44,7 +44,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import MissingHookError, NumericalError
@@ -153,12 +153,15 @@ def _edge_cotangents(
     mask: Bool[Tensor, "batch pos"],
     sources: int | None,
     seed: int,
-    batch_number: int,
+    sequences: Int[Tensor, " batch"],
     pair: int,
     chunk: int,
 ):
     """Chunks of (cotangents [J, batch, pos, D] on f^{l+1}, direction index i [J], weight): the
-    cotangent of e_{t,i} (or Σ_t φ_t e_{t,i}) on f̂^{l+1} is C^{l+1}[i] at position t (chain rule)."""
+    cotangent of e_{t,i} (or Σ_t φ_t e_{t,i}) on f̂^{l+1} is C^{l+1}[i] at position t (chain rule).
+    Source s of a sequence draws its signs φ from a generator keyed by (seed, the sequence's number
+    in the data, s, pair), as the Jacobian probes do: a sequence gets the same signs in whichever
+    batch it falls, so re-batching changes the estimate only by rounding (METHODS §5)."""
     b, P = mask.shape
     k, D = coords.shape
     m = mask.to(torch.float64)
@@ -168,11 +171,14 @@ def _edge_cotangents(
         patterns[torch.arange(len(counted), device=mask.device), :, counted] = 1.0  # e_t at every sequence
         weight = 1.0
     else:
-        signs = []
+        # As many signs as the sequence has positions up to its last counted one, whatever the batch's
+        # width (a generator's first draws do not depend on how many follow them only for one size).
+        ends = [int(row.nonzero().max()) + 1 if bool(row.any()) else 0 for row in mask.cpu()]
+        patterns = torch.zeros(sources, b, P, dtype=torch.float64, device=mask.device)
         for s in range(sources):
-            g = probe_generator(seed, batch_number, s, mask.device, stream=(EDGE_STREAM, pair))
-            signs.append(torch.randint(0, 2, (b, P), generator=g, device=mask.device).to(torch.float64) * 2 - 1)
-        patterns = torch.stack(signs)
+            for row, (x, end) in enumerate(zip(sequences.tolist(), ends)):
+                g = probe_generator(seed, x, s, mask.device, stream=(EDGE_STREAM, pair))
+                patterns[s, row, :end] = torch.randint(0, 2, (end,), generator=g, device=mask.device).to(torch.float64) * 2 - 1
         weight = 1.0 / sources
     patterns = patterns * m
     # Jobs (pattern, direction i), pattern-major: a chunk of them is one broadcast product.
@@ -186,12 +192,12 @@ def _edge_cotangents(
 
 def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tensor, "batch pos_a k_a"],
                   C_inv: Float[Tensor, "D_a k_a"], C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"],
-                  sources: int | None, seed: int, batch_number: int, pair: int, total: Tensor) -> None:
+                  sources: int | None, seed: int, sequences: Tensor, pair: int, total: Tensor) -> None:
     """Add Σ_x Σ_t a_{t,i,j}² (or its ±1-source estimate) for every i to ``total`` [k_b, k_a]."""
     if not f_b.requires_grad:  # node l+1 does not depend on node l
         return
     chunk = max(1, CHUNK_ELEMENTS // max(1, f_b.numel(), f_a.numel()))
-    for cot, rows, weight in _edge_cotangents(C_b.to(f_b.device), mask_b, sources, seed, batch_number, pair, chunk):
+    for cot, rows, weight in _edge_cotangents(C_b.to(f_b.device), mask_b, sources, seed, sequences, pair, chunk):
         (g,) = backward(f_b, [f_a], cot.to(f_b.dtype).view(len(rows), *f_b.shape))
         if g is None:
             return
@@ -276,7 +282,7 @@ def edge_pass(
             fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
             fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
             _reverse_pair(backward, f_a, f_b, fhat, C_inv[a], C[b], _sample_mask(index, f_b, b), sources, seed,
-                          batch.number, names.index(a), totals[a, b])
+                          batch.index, names.index(a), totals[a, b])
 
     def on_batch(step: Step) -> None:
         if step.count:  # the accumulators exist already: a rank without batches only joins the reduction
