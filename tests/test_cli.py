@@ -243,3 +243,21 @@ def test_a_gguf_model_in_bfloat16_runs_every_section(tmp_path, tiny_gguf):
     assert all(r["count"] == 16 * 12 and 0 < r["rank"] <= r["dim"] for r in rows)
     counts = report["sections"]["counts"]["values"]
     assert 0 < counts["n_eff_kfac"] <= counts["n_params"]
+
+
+def test_text_that_is_not_utf8_is_read_with_a_warning(tmp_path):
+    from tl_degeneracy.report.context import load_data_spec
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("def f(): return 'café'\n".encode("latin-1") * 20)
+    with pytest.warns(UserWarning, match="20 byte sequence"):
+        loaded = load_data_spec(path)
+    assert "\ufffd" in loaded.data[0]
+
+
+def test_an_unreadable_tensor_file_does_not_advise_unsafe_loading(tmp_path, capsys):
+    path = tmp_path / "tokens.pt"
+    path.write_bytes(b"not a tensor file")
+    assert main(["report", "--data", str(path), "--out", str(tmp_path / "x"), "--quiet", "--only", "activations"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read it as a file of one torch tensor" in err and "weights_only=False" not in err

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -101,11 +102,19 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
         try:
             tokens = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
-            raise DataError(f"data {spec!r}: cannot read it as a torch tensor file ({type(e).__name__}: {e})") from None
+            # torch's own advice (weights_only=False) would run arbitrary code from the file: not passed on
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(f"data {spec!r}: cannot read it as a file of one torch tensor ({type(e).__name__}: "
+                            f"{first}); save the token ids with torch.save(tensor, path)") from None
         if not isinstance(tokens, torch.Tensor):
             raise DataError(f"data {spec!r} must hold one LongTensor of token ids [batch, pos]; it holds a {type(tokens).__name__}")
         return LoadedData(tokens, f"tensor file {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text and "\ufffd".encode() not in raw:  # bytes that are not UTF-8 became U+FFFD
+        warnings.warn(f"data {spec!r}: {text.count(chr(0xFFFD)):,} byte sequence(s) that are not UTF-8 were "
+                      "replaced by U+FFFD before tokenizing; re-encode the file as UTF-8 to read them as written",
+                      UserWarning, stacklevel=2)
     if not text.strip():
         raise DataError(f"data {spec!r}: the file is empty")
     return LoadedData([text], f"text file {path}", text=True)

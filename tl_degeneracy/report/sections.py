@@ -385,8 +385,8 @@ TERMS: dict[str, tuple[str, int]] = {
               "volume scaling would have", 1),
     "γ (localization)": ("strength of the prior that keeps samples near θ*; λ̂ depends on it, so it is "
                          "stated with λ̂", 1),
-    "converged": ("split-R̂ ≤ 1.05, effective sample size ≥ 100 and no drift between the halves of the "
-                  "draws; otherwise λ̂ reads as a lower bound", 1),
+    "converged": ("split-R̂ ≤ 1.05, effective sample size ≥ 100, no drift between the halves of the "
+                  "draws and at most a quarter of the chains diverged; otherwise λ̂ reads as a lower bound", 1),
 }
 
 #: Section name → the terms its glossary explains, in reading order.
