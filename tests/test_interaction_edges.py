@@ -187,6 +187,29 @@ def test_source_estimates_do_not_depend_on_the_batches():
     assert rel(est[8], ib.edges[pair]) > 1e-3  # an estimate, not the exact edges
 
 
+def test_source_estimates_carry_their_standard_error():
+    """r ≥ 2 sources: the standard error is the spread of the r one-source estimates over √r; the
+    estimates of 6 seeds lie around the exact edges as that error says (|z| of ΣE within 3.5 for all),
+    and exact pairs carry none."""
+    model = tiny_toy()
+    toks = torch.randint(2, 20, (3, 8), generator=torch.Generator().manual_seed(5))
+    exact = interaction_basis(model, toks, kind="local", exact=True, progress=False)
+    pair = next(iter(exact.edges))
+    assert exact.edge_stderr == {} and (exact.edge_summary()["total_stderr"] == 0).all()
+    z = []
+    for seed in range(6):
+        est = recompute(model, toks, exact, mode="reverse", sources=8, seed=seed)
+        se, se_total = est.stderr[pair], est.total_stderr[pair]
+        assert se.shape == est.edges[pair].shape and bool((se >= 0).all()) and se_total > 0
+        z.append((float(est.edges[pair].sum()) - float(exact.edges[pair].sum())) / se_total)
+    assert max(abs(v) for v in z) < 3.5, z
+    one = recompute(model, toks, exact, mode="reverse", sources=1, seed=0)
+    assert one.stderr[pair] is None and one.total_stderr[pair] is None  # one source: no spread to measure
+    ib = interaction_basis(model, toks, kind="local", exact=True, edge_sources=2, progress=False)
+    estimated = [p for p, m in ib.settings["edge_modes"].items() if m.startswith("reverse")]
+    assert len(ib.edge_stderr) == len(estimated)
+
+
 def test_auto_with_sources_is_exact_where_forward_mode_is_no_dearer():
     """kept_l ≤ r·kept_{l+1}: the source estimate would cost more VJPs than the exact JVPs."""
     model = tiny_toy()

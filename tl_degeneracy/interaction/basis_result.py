@@ -59,6 +59,8 @@ class InteractionBasis:
     - ``eigenvalues[node]``: a :class:`NodeSpectrum` with ``.gram`` (D_G) and ``.interaction`` (D_M).
     - ``edges[(node_l, node_l1)]``: E, float64 [kept_{l+1}, kept_l] ≥ 0 (i: direction of node l+1,
       j: of node l); empty when the run had ``edges=False``.
+    - ``edge_stderr[(node_l, node_l1)]``: (standard error of each entry of E, of ΣE) for the pairs
+      estimated with r ≥ 2 ±1 sources (``edge_sources``); exact pairs have none.
     - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges);
       ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
       counted; ``settings``: cut-offs, probes, sources, seed, passes over the data, timings.
@@ -74,6 +76,7 @@ class InteractionBasis:
     mean: dict[str, Tensor]
     eigenvalues: dict[str, NodeSpectrum]
     edges: dict[tuple[str, str], Tensor]
+    edge_stderr: dict[tuple[str, str], tuple[Tensor, float]]
     counts: dict[str, int]
     feature_shapes: dict[str, tuple[int, ...]]
     positions: dict | None = None
@@ -132,15 +135,18 @@ class InteractionBasis:
         return self.dims
 
     def edge_summary(self) -> pd.DataFrame:
-        """One row per adjacent pair: shape, total ΣE, largest E and the share of ΣE on the diagonal."""
+        """One row per adjacent pair: shape, total ΣE with its standard error (``total_stderr``: for
+        ±1-source estimates; 0 for exact pairs), largest E and the share of ΣE on the diagonal."""
         rows = []
         for (a, b), e in self.edges.items():
             total = float(e.sum())
             k = min(e.shape)
             rows.append({"source": a, "target": b, "kept_source": e.shape[1], "kept_target": e.shape[0], "total": total,
+                         "total_stderr": self.edge_stderr[a, b][1] if (a, b) in self.edge_stderr else 0.0,
                          "max": float(e.max()) if e.numel() else 0.0,
                          "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan")})
-        return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "max", "diagonal_share"])
+        return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "total_stderr",
+                                           "max", "diagonal_share"])
 
     def to_dict(self) -> dict:
         """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists)."""
@@ -153,7 +159,9 @@ class InteractionBasis:
             "nodes": list(self.nodes),
             "dims": self.dims.to_dict(orient="records"),
             "eigenvalues": {n: {"gram": s.gram.tolist(), "interaction": s.interaction.tolist()} for n, s in self.eigenvalues.items()},
-            "edges": [{"source": a, "target": b, "values": e.tolist()} for (a, b), e in self.edges.items()],
+            "edges": [{"source": a, "target": b, "values": e.tolist(),
+                       **({"stderr": self.edge_stderr[a, b][0].tolist(), "total_stderr": self.edge_stderr[a, b][1]}
+                          if (a, b) in self.edge_stderr else {})} for (a, b), e in self.edges.items()],
             "counts": dict(self.counts),
             "positions": self.positions,
             "settings": dict(self.settings),

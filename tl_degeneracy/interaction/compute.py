@@ -259,11 +259,12 @@ def interaction_basis(
     basis = {n: bases[n].matrix(scaling) for n in runner.names}
     inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
     mean = {n: whitenings[n].mean for n in runner.names}
-    edge_values, edge_modes = {}, {}
+    edge_values, edge_modes, edge_stderr = {}, {}, {}
     if edges and len(runner.nodes) > 1:
         ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, edge_sources, seed,
                        method=method, device=acc_device, progress=progress)
         edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
+        edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
     timings["edges_s"] = time.perf_counter() - t2
 
     n_jacobian_passes = {"global": 1, "local": len(runner.nodes) - (last == "pca"), "pca": 0}[kind]
@@ -291,6 +292,7 @@ def interaction_basis(
                                      rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
                                      M_method=how[n].method, probe_stability=how[n].stability) for n in runner.names},
         edges=edge_values,
+        edge_stderr=edge_stderr,
         counts=counts,
         feature_shapes=shapes,
         positions=runner.positions,

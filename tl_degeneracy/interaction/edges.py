@@ -23,6 +23,9 @@ Two exact ways to get every a_{t,i,j}, and one estimate:
   sequence-level node).
 - reverse mode, r random ±1 position sources φ (``sources=r``): cotangent Σ_t φ_t e_{t,i}; since
   E[φ_t φ_t'] = δ_tt', E[(Σ_t φ_t a_t)²] = Σ_t a_t², unbiased, with r · kept_{l+1} VJPs per batch.
+  Each source gives its own estimate of E; their mean is the result and, for r ≥ 2, their spread
+  over √r its standard error (per entry and for ΣE). A sequence draws its signs from a generator
+  keyed by its number in the data, so re-batching moves an estimate only by rounding.
 
 ``mode="auto"`` takes, per pair, forward mode unless the reverse pass needs fewer products
 (kept_l > P_out·kept_{l+1} exact, or kept_l > r·kept_{l+1} with sources, e.g. a wide node feeding a
@@ -66,10 +69,14 @@ Pair = tuple[str, str]
 @dataclass(frozen=True)
 class EdgePass:
     """E per adjacent pair (float64 [kept_{l+1}, kept_l]) and how each was computed:
-    ``"forward"`` (exact JVPs), ``"reverse"`` (exact VJPs) or ``"reverse, r sources"``."""
+    ``"forward"`` (exact JVPs), ``"reverse"`` (exact VJPs) or ``"reverse, r sources"``; ``stderr``:
+    for a source estimate with r ≥ 2, the standard error of each entry (the spread of the r
+    one-source estimates over √r), None for exact pairs."""
 
     edges: dict[Pair, Float[Tensor, "k1 k0"]]
     modes: dict[Pair, str]
+    stderr: dict[Pair, Float[Tensor, "k1 k0"] | None]
+    total_stderr: dict[Pair, float | None]  # of ΣE, from the spread of the sources' totals
 
 
 def _sample_mask(index: SampleIndex, act: Tensor, name: str) -> Bool[Tensor, "batch pos"]:
@@ -157,8 +164,9 @@ def _edge_cotangents(
     pair: int,
     chunk: int,
 ):
-    """Chunks of (cotangents [J, batch, pos, D] on f^{l+1}, direction index i [J], weight): the
-    cotangent of e_{t,i} (or Σ_t φ_t e_{t,i}) on f̂^{l+1} is C^{l+1}[i] at position t (chain rule).
+    """Chunks of (cotangents [J, batch, pos, D] on f^{l+1}, direction index i [J], source index [J]):
+    the cotangent of e_{t,i} (or Σ_t φ_t e_{t,i}) on f̂^{l+1} is C^{l+1}[i] at position t (chain rule).
+    Exact cotangents all belong to source 0; each of the r sources gives its own estimate.
     Source s of a sequence draws its signs φ from a generator keyed by (seed, the sequence's number
     in the data, s, pair), as the Jacobian probes do: a sequence gets the same signs in whichever
     batch it falls, so re-batching changes the estimate only by rounding (METHODS §5)."""
@@ -169,7 +177,7 @@ def _edge_cotangents(
         counted = mask.any(0).nonzero().flatten()
         patterns = torch.zeros(len(counted), b, P, dtype=torch.float64, device=mask.device)
         patterns[torch.arange(len(counted), device=mask.device), :, counted] = 1.0  # e_t at every sequence
-        weight = 1.0
+        source = torch.zeros(len(counted), dtype=torch.long, device=mask.device)
     else:
         # As many signs as the sequence has positions up to its last counted one, whatever the batch's
         # width (a generator's first draws do not depend on how many follow them only for one size).
@@ -179,7 +187,7 @@ def _edge_cotangents(
             for row, (x, end) in enumerate(zip(sequences.tolist(), ends)):
                 g = probe_generator(seed, x, s, mask.device, stream=(EDGE_STREAM, pair))
                 patterns[s, row, :end] = torch.randint(0, 2, (end,), generator=g, device=mask.device).to(torch.float64) * 2 - 1
-        weight = 1.0 / sources
+        source = torch.arange(sources, device=mask.device)
     patterns = patterns * m
     # Jobs (pattern, direction i), pattern-major: a chunk of them is one broadcast product.
     which = torch.arange(len(patterns), device=mask.device).repeat_interleave(k)
@@ -187,23 +195,24 @@ def _edge_cotangents(
     for start in range(0, len(rows), chunk):
         part = slice(start, start + chunk)
         cot = patterns[which[part], :, :, None] * coords[rows[part]][:, None, None, :]  # [J, batch, pos, D]
-        yield cot, rows[part], weight
+        yield cot, rows[part], source[which[part]]
 
 
 def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tensor, "batch pos_a k_a"],
                   C_inv: Float[Tensor, "D_a k_a"], C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"],
                   sources: int | None, seed: int, sequences: Tensor, pair: int, total: Tensor) -> None:
-    """Add Σ_x Σ_t a_{t,i,j}² (or its ±1-source estimate) for every i to ``total`` [k_b, k_a]."""
+    """Add Σ_x Σ_t a_{t,i,j}² for every i to ``total`` [1, k_b, k_a], or each ±1 source's estimate of
+    it to its own slice of ``total`` [r, k_b, k_a]."""
     if not f_b.requires_grad:  # node l+1 does not depend on node l
         return
     chunk = max(1, CHUNK_ELEMENTS // max(1, f_b.numel(), f_a.numel()))
-    for cot, rows, weight in _edge_cotangents(C_b.to(f_b.device), mask_b, sources, seed, sequences, pair, chunk):
+    for cot, rows, source in _edge_cotangents(C_b.to(f_b.device), mask_b, sources, seed, sequences, pair, chunk):
         (g,) = backward(f_b, [f_a], cot.to(f_b.dtype).view(len(rows), *f_b.shape))
         if g is None:
             return
         h = g.flatten(3).to(device=total.device, dtype=torch.float64) @ C_inv  # ∂f̂^{l+1}_{t,i}/∂f̂^l_{s,j}
         coeff = (h * fhat).sum(2)  # [J, batch, k_a]: Σ_s ∂f̂_{t,i}/∂f̂_{s,j} · f̂_{s,j}
-        total.index_add_(0, rows.to(total.device), coeff.square().sum(1), alpha=weight)
+        total.index_put_((source.to(total.device), rows.to(total.device)), coeff.square().sum(1), accumulate=True)
 
 
 def edge_pass(
@@ -241,7 +250,9 @@ def edge_pass(
     C = {n: basis[n].to(acc_device, torch.float64) for n in names}
     C_inv = {n: inverse[n].to(acc_device, torch.float64) for n in names}
     mu = {n: mean[n].to(acc_device, torch.float64) for n in names}
-    totals = {(a, b): torch.zeros(C[b].shape[0], C[a].shape[0], dtype=torch.float64, device=acc_device)
+    # One slice per ±1 source (each its own estimate; their spread gives the standard error), one for exact
+    # pairs; exact contributions (forward mode) go to every slice alike.
+    totals = {(a, b): torch.zeros(sources or 1, C[b].shape[0], C[a].shape[0], dtype=torch.float64, device=acc_device)
               for a, b in zip(names[:-1], names[1:])}
     modes = _choose_modes(engine, batches.batch(0, device=engine.device), pairs, {n: C[n].shape[0] for n in names}, sources,
                           mode) if pairs else {}
@@ -292,11 +303,14 @@ def edge_pass(
     # grad: the reverse pairs' VJPs need autograd; the forward pairs run under their own no_grad.
     stream(engine.device, batches, on_batch, reduce=lambda: list(totals.values()), desc="interaction edges",
            progress=progress, grad=True, what="edge")
-    edges = {}
+    edges, stderr, total_stderr = {}, {}, {}
     for a, b in totals:
-        e = totals[a, b] / max(counts[a], 1)
-        if not bool(torch.isfinite(e).all()):
+        per_source = totals[a, b] / max(counts[a], 1)
+        if not bool(torch.isfinite(per_source).all()):
             raise NumericalError(f"non-finite interaction edges between {a!r} and {b!r}")
-        edges[a, b] = e
+        edges[a, b] = per_source.mean(0)
+        estimated = modes.get((a, b)) == "reverse" and (sources or 1) > 1
+        stderr[a, b] = per_source.std(0) / sources ** 0.5 if estimated else None
+        total_stderr[a, b] = float(per_source.sum((1, 2)).std() / sources ** 0.5) if estimated else None
     labels = {p: m if m == "forward" or sources is None else f"reverse, {sources} sources" for p, m in modes.items()}
-    return EdgePass(edges=edges, modes=labels)
+    return EdgePass(edges=edges, modes=labels, stderr=stderr, total_stderr=total_stderr)
