@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -483,6 +484,12 @@ class HeadSyncResult:
         whole KV heads, or a model without GQA, is its own component. Where a component's count is
         not exact (count_exact False, with a :class:`SyncCountWarning`), j_sync, free_block and
         extra_freedom are <NA>."""
+        return self._frame.copy()
+
+    @cached_property
+    def _frame(self) -> pd.DataFrame:
+        """:meth:`to_frame`, computed once: every component's count takes decompositions of its value
+        covariance and output weights, and the totals, labels and ``to_dict`` all read the frame."""
         rows = []
         for layer, blocks in enumerate(self.blocks):
             component_of, totals = {}, {}
@@ -509,13 +516,13 @@ class HeadSyncResult:
     def extra_freedom(self) -> int | None:
         """Total extra free directions from synchronization over all layers, the sum over components;
         None when some component's count is not exact (``count_exact``)."""
-        frame = self.to_frame()
+        frame = self._frame
         return int(frame["extra_freedom"].sum()) if frame["count_exact"].all() else None
 
     @property
     def count_exact(self) -> bool:
         """Whether every component's Jacobian rank was computed exactly (:func:`component_freedom`)."""
-        return bool(self.to_frame()["count_exact"].all())
+        return bool(self._frame["count_exact"].all())
 
     @property
     def max_block_distance(self) -> float:
@@ -538,7 +545,7 @@ class HeadSyncResult:
         return f"attention patterns in blocks differ, mean TV distance up to {self.max_block_distance:.2g}"
 
     def to_dict(self) -> dict:
-        frame = self.to_frame()
+        frame = self._frame
         return {"kind": "head_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "rank_rtol": self.rank_rtol, "precision": str(self.precision).removeprefix("torch."),
                 "approximate": self.approximate, "count_exact": bool(frame["count_exact"].all()),
