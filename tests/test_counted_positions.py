@@ -44,9 +44,9 @@ def test_counts_read_the_bos_position():
     x = cache["blocks.0.ln2.hook_normalized"]  # what W_in of layer 0 reads (the toy's norm is applied)
     everywhere = tld.activation_stats(model, tokens, hooks="blocks.0.ln2.hook_normalized", per_head=False,
                                       skip_bos=False, progress=False)["blocks.0.ln2.hook_normalized"]
-    rank_all = everywhere.rank(centered=False)
+    rank_all = everywhere.rank(centered=True)  # W_in has a bias: its inputs' covariance (METHODS §4)
     w_in = frame[(frame["map"] == "W_in") & (frame["layer"] == 0)].iloc[0]
-    assert w_in["rank_G"] == rank_all == 11  # 10 positions after BOS, and BOS
+    assert w_in["centered"] and w_in["rank_G"] == rank_all == 10  # 11 inputs (10 after BOS, and BOS), centred
 
     # The 10 later positions leave D − 10 directions unused; one of them is used at BOS.
     later = x[:, 1:].reshape(-1, D)
@@ -73,7 +73,7 @@ def test_sparsify_exact_with_bos():
         assert (frame["output_drift"] <= ROUNDING + 10 * frame["eliminated_scale"]).all(), frame.to_dict("list")
         assert (frame["kl"].abs() <= ROUNDING).all()
         assert not res.approximate and not res.positions["skip_bos"] and res.n_samples == tokens.numel()
-        assert (frame["input_rank"] == 11).all()
+        assert (frame["input_rank"] == 10).all()  # 11 distinct inputs, centred (W_in has a bias, METHODS §8)
 
 
 @pytest.mark.parametrize("run", [lambda m, x: degeneracy_counts(m, x, skip_bos=True, progress=False),

@@ -11,7 +11,7 @@ from tl_degeneracy.counts import SampleLimitedWarning, degeneracy_counts
 from tl_degeneracy.numerics import sample_limited
 
 from .fixtures.distributed import rank_results, run_two_processes
-from .fixtures.hf import ARCHS
+from .fixtures.hf import ARCHS, LOADS, has_hooked_transformer, load_as
 from .fixtures.toys import make_tiny_toy_transformer
 
 
@@ -120,16 +120,17 @@ def test_sample_limited_rule():
 
 
 def test_sample_limited_rows():
-    """10 samples < D = 16: the reading maps' rank_G is 10, all the samples allow, so those rows are
-    flagged and a warning says so; W_O (d_in = d_head = 8 < 10) is not. With 160 samples nothing is."""
+    """10 samples < D = 16: the reading maps' rank_G is 9, all that 10 samples allow once centred (the
+    maps have biases, METHODS §4), so those rows are flagged and a warning says so; W_O (d_in = d_head
+    = 8 < 9) is not. With 160 samples nothing is."""
     model = make_tiny_toy_transformer(n_layers=1)
     distinct = torch.arange(2, 12).reshape(2, 5)  # no (token, position) twice: 10 different inputs
     with pytest.warns(SampleLimitedWarning, match="reached n = 10"):
         few = degeneracy_counts(model, distinct, n_probes=2, progress=False)
     reading = few[few["map"].isin(["W_Q", "W_K", "W_V", "W_in"])]
-    assert (reading["rank_G"] == 10).all() and reading["sample_limited"].all()
+    assert reading["centered"].all() and (reading["rank_G"] == 9).all() and reading["sample_limited"].all()
     assert not few[few["map"] == "W_O"]["sample_limited"].any()
-    assert (few["sample_limited"] == (few["rank_G"] >= 10) & (few["d_in"] > 10)).all()
+    assert (few["sample_limited"] == (few["rank_G"] >= 9) & (few["d_in"] > 9)).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error", SampleLimitedWarning)
         many = degeneracy_counts(model, _tokens(), n_probes=2, progress=False)
@@ -175,6 +176,58 @@ def test_hooked_transformer_input_gram(tl_models):
     a = degeneracy_counts(tl_models("gpt2", "hooked_transformer"), tokens, n_probes=2, output="mse")
     b = degeneracy_counts(tl_models("gpt2", "bridge"), tokens, n_probes=2, output="mse")
     assert a["rank_G"].tolist() == b["rank_G"].tolist()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_same_counts_however_norm_biases_are_stored(tl_models, hf_dirs, arch):
+    """A LayerNorm bias stored in the norm (raw bridge, HookedTransformer) adds a constant to every input
+    of the next maps; folded (compatibility mode, fold_ln) it lives in b_Q, b_K, b_V, b_in instead. Each
+    of those maps has a bias, so the direction the constant adds is free up to a change of that bias, and
+    the count reads the inputs' covariance (METHODS §4): one count for every load. Uncentred, the raw
+    loads counted that direction (tiny GPT-2: rank_G 32 against 31, n_eff_kfac 21,280 against 20,832)."""
+    tokens = _tokens(n=8, pos=10, vocab=100)
+    loads = [ld for ld in LOADS if has_hooked_transformer() or not ld.startswith("hooked_transformer")]
+    frames = {ld: degeneracy_counts(load_as(tl_models, hf_dirs, arch, ld), tokens, n_probes=4, output="mse",
+                                    progress=False) for ld in loads}
+    key = ["map", "layer", "head", "rank_G", "rank_K", "centered"]
+    first = frames[loads[0]]
+    assert first["centered"].all()  # every map of these checkpoints has a bias
+    reading = first[first["map"].isin(["W_Q", "W_K", "W_V", "W_in"])]
+    assert (reading["rank_G"] == reading["d_in"] - 1).all()  # LayerNorm's output spans D − 1 directions
+    for ld in loads[1:]:
+        assert frames[ld][key].equals(first[key]), ld
+        assert frames[ld].attrs["n_eff_kfac"] == first.attrs["n_eff_kfac"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_constant_input_direction_is_free_only_with_a_bias(bias):
+    """The toy's LayerNorm output x̂·w + b has a direction c on which it is constant (x̂ ⊥ 1, so c ∝ 1/w)
+    but not zero (cᵀb ≠ 0). With b_Q, moving W_Q along c ⊗ v and b_Q by −(cᵀμ)v leaves the logits
+    unchanged, so W_Q's count reads the covariance: rank_G = D − 1. Without map biases the same move
+    changes the logits, and the uncentred Gram counts c: rank_G = D."""
+    model = make_tiny_toy_transformer(n_layers=1, bias=bias).double()
+    tokens = _tokens()
+    frame = degeneracy_counts(model, tokens, n_probes=2, progress=False)
+    w_q = frame[(frame["map"] == "W_Q") & (frame["head"] == 0)].iloc[0]
+    D = int(w_q["d_in"])
+    assert bool(w_q["centered"]) == bias and w_q["rank_G"] == (D - 1 if bias else D)
+
+    _, cache = model.run_with_cache(tokens)
+    x = cache["blocks.0.ln1.hook_normalized"].reshape(-1, D)  # the toy's norm output, w and b applied
+    attn = model.blocks[0].attn
+    c = 1 / model.blocks[0].ln1.w.detach()
+    c = c / c.norm()
+    mu = float((x @ c).mean())
+    assert float((x @ c - mu).abs().max()) < 1e-12 and abs(mu) > 1e-2  # constant on the data, not zero
+    v = torch.randn(attn.W_Q.shape[-1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        before = model(tokens)
+        attn.W_Q[0] += torch.outer(c, v)
+        if bias:
+            attn.b_Q[0] -= mu * v
+        after = model(tokens)
+    change = float((after - before).abs().max()) / float(before.abs().max())
+    assert change < 1e-12 if bias else change > 1e-4
 
 
 def test_bad_input(tiny_toy_transformer):

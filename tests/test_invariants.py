@@ -19,7 +19,7 @@ from tl_degeneracy.models.selection import read_attention
 from tl_degeneracy.plots import plot_spectra
 
 from .fixtures.device import test_device
-from .fixtures.hf import BACKENDS, has_hooked_transformer, native_config, open_model
+from .fixtures.hf import LOADS, has_hooked_transformer, load_as, native_config, open_model
 from .fixtures.jacobian import jacobian_rank
 
 
@@ -320,20 +320,6 @@ def test_rank_does_not_depend_on_the_balance_of_the_factors(tiny_toy_transformer
 
 
 # ---------------------------------------------------------------------------------------------- however loaded
-#: Loads of one checkpoint: the unfolded bridge and HookedTransformer (raw weights), the compatibility-
-#: mode bridge and a HookedTransformer with fold_ln + center_writing_weights (TransformerLens folds
-#: and centres in float32; TL 3.x only).
-LOADS = BACKENDS + ("hooked_transformer-folded",)
-
-
-def _load(tl_models, hf_dirs, arch: str, load: str):
-    if load != "hooked_transformer-folded":
-        return tl_models(arch, load)
-    model = open_model(hf_dirs[arch], "hooked_transformer")  # a fresh copy: folding changes it in place
-    model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
-    return model
-
-
 # Folding rounds every weight entry once or twice in float32 (w·W, then the mean over d_model removed),
 # so the folded factors differ from the float64 ones by ‖E‖ ≲ 4·eps32·‖W‖ per factor; a singular value
 # of the product moves by at most ‖E_L‖‖R‖ + ‖L‖‖E_R‖ ≲ 8·eps32·√d·σ_1 ≈ 2.7e-6·σ_1 at d = 8
@@ -357,7 +343,7 @@ def test_same_invariants_however_loaded(tl_models, hf_dirs, arch):
                 continue
             frames = {}
             for ld in loads:
-                model = _load(tl_models, hf_dirs, arch, ld)
+                model = load_as(tl_models, hf_dirs, arch, ld)
                 frames[ld] = ov_invariants(model) if circuit == "OV" else qk_invariants(model, affine=affine)
                 assert (frames[ld]["norm"] == norm).all() and (frames[ld]["centered"] == (norm == "layernorm")).all()
             ref = frames["bridge"]
@@ -383,7 +369,7 @@ def test_agrees_with_transformerlens_on_folded_models(tl_models, hf_dirs, arch, 
     singular values and eigenvalues."""
     if load.startswith("hooked_transformer") and not has_hooked_transformer():
         pytest.skip("HookedTransformer needs TransformerLens 3.x")
-    model = _load(tl_models, hf_dirs, arch, load)
+    model = load_as(tl_models, hf_dirs, arch, load)
     for fn, name in ((ov_invariants, "OV"), (qk_invariants, "QK")):
         try:
             theirs = getattr(model, name)
@@ -411,7 +397,7 @@ def test_adapter_norm_weights(tl_models, hf_dirs, load):
     if load.startswith("hooked_transformer") and not has_hooked_transformer():
         pytest.skip("HookedTransformer needs TransformerLens 3.x")
     for arch, kind in (("gpt2", "layernorm"), ("llama", "rmsnorm")):
-        adapter = tld.adapt(_load(tl_models, hf_dirs, arch, load))
+        adapter = tld.adapt(load_as(tl_models, hf_dirs, arch, load))
         hf = {"gpt2": "transformer.h.1.ln_2", "llama": "model.layers.1.post_attention_layernorm"}[arch]
         raw = dict(AutoModelForCausalLM.from_pretrained(hf_dirs[arch]).named_parameters())
         norm = adapter.norm_weights(1, "ln2")

@@ -89,11 +89,12 @@ def test_original_untouched_and_copy_hooks(modadd):
     mapped = basis.map_hidden(posts["orig"])
     scale = float(posts["orig"].abs().max())
     assert float((mapped - posts["new"]).abs().max()) <= ROUNDING * scale
-    # The input relation holds on the data: x_J = x_K A.
+    # The input relation holds on the data: x_J = x_K A + offset (offset 0: modadd has no b_in).
     x = {}
     modadd.run_with_hooks(data, fwd_hooks=[("blocks.0.hook_resid_mid", lambda a, hook: x.setdefault("x", a.detach()))])
     xs = x["x"].reshape(-1, 128)
-    err = (xs[:, basis.eliminated] - xs[:, basis.kept] @ basis.relation).abs().max()
+    assert not basis.offset.any()
+    err = (xs[:, basis.eliminated] - xs[:, basis.kept] @ basis.relation - basis.offset).abs().max()
     assert float(err) <= ROUNDING * float(xs.abs().max())
 
 
@@ -153,10 +154,19 @@ def test_relu_layernorm_with_biases_exact():
     with pytest.warns(SampleLimitedWarning, match="2 of 2 MLP inputs"):
         res = tld.sparsify(model, data)
     frame = res.to_frame()
-    # 12 samples < D = 16 span the rank 12: the eliminated inputs are the data's limit, and flagged
-    assert (frame["input_rank"] == 12).all() and frame["sample_limited"].all()
+    # 12 samples < D = 16 span an affine space of dimension 11 (W_in has a bias, so the covariance counts,
+    # METHODS §8): the eliminated inputs are the data's limit, and flagged
+    assert (frame["input_rank"] == 11).all() and frame["sample_limited"].all()
     assert (frame["output_drift"] <= ROUNDING + 10 * frame["eliminated_scale"]).all()
     assert (frame["zeros_added"] >= frame["free_directions"]).all()
+    # The affine relation x_J = x_K A + offset holds on the data (the copy's b_in absorbed offset @ W_J:
+    # without it the drift above would be of the order of the offsets).
+    _, cache = model.run_with_cache(data)
+    for layer, basis in enumerate(res.bases):
+        xs = cache[f"blocks.{layer}.ln2.hook_normalized"].reshape(-1, 16)
+        assert float(basis.offset.abs().max()) > 0.1  # the norm's bias: x is far from a linear subspace
+        err = (xs[:, basis.eliminated] - xs[:, basis.kept] @ basis.relation - basis.offset).abs().max()
+        assert float(err) <= ROUNDING * float(xs.abs().max())
     with pytest.warns(SampleLimitedWarning):
         counts = tld.degeneracy_counts(model, data, n_probes=1, progress=False)
     w_in = counts[counts["map"] == "W_in"]

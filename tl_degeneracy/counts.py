@@ -20,7 +20,10 @@ W_E (optional)        one-hot tokens: G = diag(frequencies)        hook_embed
 ====================  ===========================================  =================================
 
 Under GQA, W_K and W_V are counted once per stored KV head (METHODS §0). Biases are affine
-offsets, not linear maps, and are left out. The attention/MLP input is ``ln1/ln2.hook_out`` on the
+offsets, not linear maps, and are left out of the count, but a map with a bias (``adapter.map_biases``)
+reads its inputs' covariance instead of G: a direction on which the inputs are constant is free up to a
+change of that bias (METHODS (4.1′); column ``centered``), so the count does not depend on whether a
+LayerNorm's bias is stored in the norm or folded into the maps' biases. The attention/MLP input is ``ln1/ln2.hook_out`` on the
 bridge and ``hook_normalized`` elsewhere (with HookedTransformer's unfolded gain and bias applied
 to the Gram, since its ``hook_normalized`` precedes them).
 
@@ -35,7 +38,7 @@ if nothing downstream reads it, and every later position reads the BOS position'
 through attention, so leaving BOS out would call a direction free that only BOS uses
 (:func:`counted_batches`; ``sparsify`` counts the same way).
 
-Sample limit: n samples span at most n directions, so a Gram whose rank reached n < d_in says as much
+Sample limit: n samples span at most n directions (n − 1 centred), so a Gram whose rank reached that bound below d_in says as much
 about the data as about the model (``numerics.sample_limited``, per row, with a :class:`SampleLimitedWarning`).
 """
 
@@ -76,8 +79,8 @@ def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_sam
     if limited:
         warnings.warn(
             f"{caller}: the rank of {limited} of {total} {grams} reached n = {n_samples}, the most directions "
-            f"{n_samples} samples can span (below the input width): their free directions may be the data's limit, "
-            "not the model's (column sample_limited); count on more positions",
+            f"{n_samples} samples can span (n − 1 for a covariance; below the input width): their free directions may "
+            "be the data's limit, not the model's (column sample_limited); count on more positions",
             SampleLimitedWarning,
             stacklevel=3,
         )
@@ -132,18 +135,20 @@ def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tens
     return norm.w, norm.b
 
 
-def _affine_gram(adapter: ModelAdapter, layer: int, ln: str, gram: Tensor, mean: Tensor) -> Tensor:
-    """E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ with W = diag(w), x = n·w + b
-    (:func:`block_input_affine`)."""
+def _input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumulator, centered: bool) -> Tensor:
+    """The second moment of the linear maps' input x = n·w + b (:func:`block_input_affine`) from the
+    moments of n: the covariance W Cov(n) W (the bias b drops out), or the uncentred
+    E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ, with W = diag(w)."""
     w, b = block_input_affine(adapter, layer, ln)
+    moment, mean = (acc.covariance() if centered else acc.gram())[0], acc.mean[0]
     if w is not None:
-        w = w.detach().to(gram)
-        gram = w[:, None] * gram * w[None, :]
+        w = w.detach().to(moment)
+        moment = w[:, None] * moment * w[None, :]
         mean = mean * w
-    if b is not None:
-        b = b.detach().to(gram)
-        gram = gram + torch.outer(mean, b) + torch.outer(b, mean) + torch.outer(b, b)
-    return gram
+    if b is not None and not centered:
+        b = b.detach().to(moment)
+        moment = moment + torch.outer(mean, b) + torch.outer(b, mean) + torch.outer(b, b)
+    return moment
 
 
 def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: bool) -> dict[str, MomentAccumulator]:
@@ -207,7 +212,8 @@ def degeneracy_counts(
     Returns one row per map: ``map`` (W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, W_E), ``layer``,
     ``head`` (query head, or KV head for W_K/W_V; None for MLP maps), ``d_in``, ``d_out``,
     ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K (4.5), ``free`` =
-    n_params − kfac (4.4) and ``sample_limited`` (rank_G reached the n samples below d_in:
+    n_params − kfac (4.4), ``centered`` (the map has a bias, so rank_G is that of its inputs'
+    covariance, (4.1′)) and ``sample_limited`` (rank_G reached the n samples, n − 1 centred, below d_in:
     ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many). ``frame.attrs`` holds
     ``n_eff_kfac`` (Σ kfac), ``n_params``, the tolerances, the objective and the positions counted:
     every non-padding position, BOS included (:func:`counted_batches`).
@@ -282,37 +288,44 @@ def degeneracy_counts(
 
     rows = []
 
-    def add(map_name, layer, head, G_rank, K_rank, d_in, d_out):
+    def add(map_name, layer, head, G_rank, K_rank, d_in, d_out, centered=False):
         rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                      "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
-                     "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank,
-                     "sample_limited": sample_limited(G_rank, n, d_in)})
+                     "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
+                     "sample_limited": sample_limited(G_rank, n, d_in, centered=centered)})
 
     for layer in range(L):
-        s = inputs[attn_in[layer]]
-        rank_x = rank(_affine_gram(adapter, layer, "ln1", s.gram()[0], s.mean[0]))
+        bias = adapter.map_biases(layer)
+        input_ranks: dict[tuple[str, bool], int] = {}
+
+        def input_rank(ln: str, centered: bool) -> int:
+            if (ln, centered) not in input_ranks:
+                acc = inputs[(attn_in if ln == "ln1" else mlp_in)[layer]]
+                input_ranks[ln, centered] = rank(_input_moment(adapter, layer, ln, acc, centered))
+            return input_ranks[ln, centered]
+
         q_K = jac[("q", layer)].head_gram
         k_K = jac[("k", layer)].head_gram
         v_K = jac[("v", layer)].head_gram
-        z_G = acts[("z", layer)].head_gram
+        z = acts[("z", layer)]
+        z_G = z.head_covariance() if bias["W_O"] else z.head_gram
         out_K = rank(jac[("attn_out", layer)].gram)
         for h in range(H):
-            add("W_Q", layer, h, rank_x, rank(q_K[h]), D, d)
+            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"]), rank(q_K[h]), D, d, bias["W_Q"])
         for kv in range(n_kv):
-            add("W_K", layer, kv, rank_x, rank(k_K[kv]), D, d)
-            add("W_V", layer, kv, rank_x, rank(v_K[kv]), D, d)
+            add("W_K", layer, kv, input_rank("ln1", bias["W_K"]), rank(k_K[kv]), D, d, bias["W_K"])
+            add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), rank(v_K[kv]), D, d, bias["W_V"])
         for h in range(H):
-            add("W_O", layer, h, rank(z_G[h]), out_K, d, D)
+            add("W_O", layer, h, rank(z_G[h]), out_K, d, D, bias["W_O"])
         if mlp:
-            s = inputs[mlp_in[layer]]
-            rank_m = rank(_affine_gram(adapter, layer, "ln2", s.gram()[0], s.mean[0]))
             F = adapter.d_mlp
-            if gated:
-                add("W_gate", layer, None, rank_m, rank(jac[("mlp_pre", layer)].gram), D, F)
-                add("W_in", layer, None, rank_m, rank(jac[f"blocks.{layer}.mlp.hook_pre_linear"].gram), D, F)
-            else:
-                add("W_in", layer, None, rank_m, rank(jac[("mlp_pre", layer)].gram), D, F)
-            add("W_out", layer, None, rank(acts[("mlp_post", layer)].gram), rank(jac[("mlp_out", layer)].gram), F, D)
+            maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
+                [("W_in", ("mlp_pre", layer))]
+            for name, key in maps:
+                add(name, layer, None, input_rank("ln2", bias[name]), rank(jac[key].gram), D, F, bias[name])
+            post = acts[("mlp_post", layer)]
+            add("W_out", layer, None, rank(post.covariance() if bias["W_out"] else post.gram),
+                rank(jac[("mlp_out", layer)].gram), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
         G_rank = spectrum_rank(_token_frequencies(batches, adapter.d_vocab), torch.float64)

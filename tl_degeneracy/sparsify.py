@@ -3,14 +3,15 @@
 For each MLP, input x = the vector W_in reads (the normalized residual stream with the norm's gain
 and bias applied, or the residual stream in a model without norms), hidden f = act(x W_in + b_in):
 
-1. **Low-rank inputs.** The uncentred Gram G¹ = (1/n) Σ x xᵀ has rank r < D on the data (the rank
-   rule of ``tl_degeneracy.numerics``, as ``degeneracy_counts`` counts it). Its null eigenvectors N
-   (D × (D−r)) say x N = 0 on the data. Our choice (METHODS §8 leaves it to the transformer): the
+1. **Low-rank inputs.** The Gram G¹ = (1/n) Σ x xᵀ, or where W_in has a bias the covariance
+   (1/n) Σ (x − μ)(x − μ)ᵀ (METHODS (4.1′)), has rank r < D on the data (the rank rule of
+   ``tl_degeneracy.numerics``, as ``degeneracy_counts`` counts it). Its null eigenvectors N
+   (D × (D−r)) say x N = 0 (with the bias: (x − μ) N = 0, and b_in absorbs the offset) on the data. Our choice (METHODS §8 leaves it to the transformer): the
    eigenbasis of G¹ *finds* the null space, but the D − r coordinates J that are eliminated are
    coordinates of the model's own input (the paper's choice of "r of the neurons"), picked by
-   column-pivoted QR of Nᵀ (the best-conditioned N_J). Then x_J = x_K A with A = −N_K N_J⁻¹ on the
-   data, and W̃_K = W_K + A W_J, W̃_J = 0 gives (D − r)·F exact zeros in the *stored* W_in with
-   x W̃ = x W on the data. Rotating the input instead would put the zeros in a basis the model
+   column-pivoted QR of Nᵀ (the best-conditioned N_J). Then x_J = x_K A (+ a, with the bias) with
+   A = −N_K N_J⁻¹ on the data, and W̃_K = W_K + A W_J, W̃_J = 0 (b̃_in = b_in + a W_J) gives (D − r)·F
+   exact zeros in the *stored* W_in with x W̃ + b̃_in = x W + b_in on the data. Rotating the input instead would put the zeros in a basis the model
    cannot store: W_in reads the norm's output coordinate by coordinate, so a rotation can only be
    multiplied into W_in, where it leaves no zero. Nothing is folded: the norm is untouched.
 2. **Synchronized neurons** (blocks from :func:`~tl_degeneracy.synchronization.neuron_synchronization`
@@ -79,7 +80,8 @@ class LayerBasis:
     """The change of basis of one MLP layer (METHODS §8).
 
     Input: the sparsified model reads the same input vector x as the original; the coordinates
-    ``eliminated`` (J) have zero weights and equal x_K @ ``relation`` on the data (K = ``kept``).
+    ``eliminated`` (J) have zero weights and equal x_K @ ``relation`` + ``offset`` on the data
+    (K = ``kept``; ``offset`` is 0 unless W_in has a bias, which absorbs ``offset`` @ W_J).
     Hidden: on the data, the sparsified model's ``hook_post`` = original ``hook_post`` @
     ``hidden_map`` (block changes of basis written into the model, removed neurons → 0), and the
     paper's hidden basis is f̂ = sparsified ``hook_post`` @ ``hidden_basis`` (the block changes the
@@ -89,6 +91,7 @@ class LayerBasis:
     kept: Int[np.ndarray, " r"]
     eliminated: Int[np.ndarray, " n_eliminated"]
     relation: Float[Tensor, "r n_eliminated"] = field(repr=False)
+    offset: Float[Tensor, " n_eliminated"] = field(repr=False)
     hidden_map: Float[Tensor, "d_mlp d_mlp"] = field(repr=False)
     hidden_basis: Float[Tensor, "d_mlp d_mlp"] = field(repr=False)
 
@@ -221,7 +224,7 @@ class _Block:
 
 # ---------------------------------------------------------------------------------------------- passes
 def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> list[MomentAccumulator]:
-    """Uncentred moments of every MLP input x (the norm's gain and bias applied), one pass."""
+    """Moments (mean and covariance) of every MLP input x (the norm's gain and bias applied), one pass."""
     L, D = adapter.n_layers, adapter.d_model
     inputs = [_mlp_input(adapter, layer) for layer in range(L)]
     accs = [MomentAccumulator(1, D, device=adapter.device) for _ in range(L)]
@@ -310,19 +313,24 @@ def _drift(original: ModelAdapter, copy_: ModelAdapter, batches, progress: bool)
 
 
 # ---------------------------------------------------------------------------------------------- the layer
-def _eliminate_inputs(gram: Float[Tensor, "D D"], rank: int, W: Float[Tensor, "D F"]):
-    """Step 1: (kept K, eliminated J, A with x_J = x_K A on the data, W̃ with W̃_J = 0, x W̃ = x W)."""
-    D = gram.shape[0]
-    _, vecs = torch.linalg.eigh(gram)
+def _eliminate_inputs(moment: Float[Tensor, "D D"], mean: Float[Tensor, " D"] | None, rank: int,
+                      W: Float[Tensor, "D F"]):
+    """Step 1: (kept K, eliminated J, A and a with x_J = x_K A + a on the data, W̃ with W̃_J = 0 and
+    x W̃ + a W_J = x W). ``moment`` is the uncentred Gram (``mean`` None: a = 0) or, where W_in has a
+    bias to absorb a W_J, the covariance with the inputs' ``mean``: (x − μ) N = 0 on the data gives
+    x_J = x_K A + μ N N_J⁻¹ with A = −N_K N_J⁻¹."""
+    D = moment.shape[0]
+    _, vecs = torch.linalg.eigh(moment)
     null = vecs[:, : D - rank]  # eigh is ascending: the D − r smallest eigenvalues
     J = np.sort(_pivots(null.T, D - rank))
     K = np.setdiff1d(np.arange(D), J)
     A = -torch.linalg.solve(null[J].T, null[K].T).T if len(J) else null.new_zeros(rank, 0)  # −N_K N_J⁻¹
+    a = null.new_zeros(len(J)) if mean is None or not len(J) else torch.linalg.solve(null[J].T, null.T @ mean)
     W_t = W.clone()
     if len(J):
         W_t[K] += A @ W[J]
         W_t[J] = 0
-    return K, J, A, W_t
+    return K, J, A, a, W_t
 
 
 def _block_bases(M: Float[Tensor, "rows F"], pre_gram: Float[Tensor, "F F"], s: int, neurons: list[int],
@@ -396,12 +404,17 @@ def sparsify(
 
     new_weights, pending, bases, rows = [], {}, [], []
     for layer in range(L):
-        gram = grams[layer].gram()[0].cpu()
-        r = int(numerical_rank(descending_eigvalsh(gram), D, precision=precision, gram=True, rtol=rank_rtol))
+        # With b_in, a direction on which x is constant is free up to a change of b_in (METHODS §4, §8):
+        # the covariance, as degeneracy_counts reads it.
+        moment = (grams[layer].covariance() if has_bias else grams[layer].gram())[0].cpu()
+        spectrum = descending_eigvalsh(moment).clamp_min(0)
+        r = int(numerical_rank(spectrum, D, precision=precision, gram=True, rtol=rank_rtol))
         W = weights.W_in[layer].to(torch.float64).cpu()
         b = weights.b_in[layer].to(torch.float64).cpu()
         W_out = weights.W_out[layer].to(torch.float64).cpu().clone()
-        K, J, A, W_t = _eliminate_inputs(gram, r, W)
+        K, J, A, a, W_t = _eliminate_inputs(moment, grams[layer].mean[0].cpu() if has_bias else None, r, W)
+        if len(J):
+            b = b + a @ W[J]
         M = torch.cat([W_t, b[None]]) if has_bias else W_t  # row D: the bias, an input that is always 1
         allowed = np.concatenate([K, [D]]) if has_bias else K
         hidden_map = torch.eye(F, dtype=torch.float64, device="cpu")
@@ -422,11 +435,11 @@ def sparsify(
                 blocks.append(block)
         new_weights.append({"M": M, "W_out": W_out, "forced": forced})
         pending[layer] = blocks
-        bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, hidden_map=hidden_map))
+        bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, offset=a, hidden_map=hidden_map))
         free = sync_frame[sync_frame["layer"] == layer]["extra_freedom"].clip(lower=0).sum()
-        spectrum = descending_eigvalsh(gram).clamp_min(0)
         scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
-        rows.append({"layer": layer, "input_rank": r, "sample_limited": sample_limited(r, batches.n_samples, D),
+        rows.append({"layer": layer, "input_rank": r,
+                     "sample_limited": sample_limited(r, batches.n_samples, D, centered=has_bias),
                      "eliminated_scale": scale, "blocks": len([n for n in sync.blocks[layer] if len(n) > 1]),
                      "activation_free": (D - r) * F, "sync_free": int(free), "removed_neurons": len(removed)})
 

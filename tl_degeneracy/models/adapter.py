@@ -486,6 +486,26 @@ class ModelAdapter(abc.ABC):
                 b_U = e["W_U"].new_zeros(e["W_U"].shape[-1])
             return EmbeddingWeights(W_E=e["W_E"], W_U=e["W_U"], b_U=b_U, W_pos=e.get("W_pos"))
 
+    #: Whether the gated MLP adds ``b_in`` after the product act(x W_gate) ⊙ x W_in (TransformerLens'
+    #: GatedMLP), so that it is the bias of neither map; Hugging Face's up/gate projections carry their own.
+    gated_bias_after_product: ClassVar[bool] = False
+
+    def map_biases(self, layer: int) -> dict[str, bool]:
+        """Which linear maps of ``layer`` (W_Q, W_K, W_V, W_O and, with an MLP, W_in, W_gate, W_out) add
+        a bias of their own to their output, p = W f + b. Where one does, moving W along a direction c
+        on which the input is constant on the data (cᵀ(f − μ) = 0) and b by −(cᵀμ)·(that change's
+        row) leaves the function unchanged, so the count of W's free directions reads the centred
+        covariance of f (METHODS §4). A stored LayerNorm bias adds such a constant; folded into b_Q …
+        it does not, and the count must not depend on which (:func:`tl_degeneracy.degeneracy_counts`)."""
+        attention = self._layer_attention(layer)
+        biases = {f"W_{x}": attention.get(f"b_{x}") is not None for x in "QKVO"}
+        if self.d_mlp is not None:
+            mlp = self._layer_mlp(layer)
+            own_b_in = not (self.cfg.gated_mlp and self.gated_bias_after_product)
+            biases.update(W_in=own_b_in and mlp.get("b_in") is not None, W_gate=mlp.get("b_gate") is not None,
+                          W_out=mlp.get("b_out") is not None)
+        return biases
+
     def layer_attention(self, layer: int) -> dict[str, Tensor | None]:
         """Layer ``layer``'s attention tensors as the backend exposes them, in TransformerLens layout:
         W_Q [H,D,d], W_K/W_V [n_kv,D,d] (not GQA-expanded), W_O [H,d,D], b_Q [H,d], b_K/b_V [n_kv,d],

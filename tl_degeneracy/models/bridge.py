@@ -152,7 +152,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
 
     def _layer_mlp(self, layer: int) -> dict[str, Tensor | None]:
         mlp = self.model.blocks[layer].mlp
-        weights = {name: _attribute(mlp, name) for name in ("W_in", "W_gate", "W_out", "b_in", "b_out")}
+        weights = {name: _attribute(mlp, name) for name in ("W_in", "W_gate", "W_out", "b_in", "b_gate", "b_out")}
         if weights["W_in"] is None or weights["W_out"] is None:
             raise TypeError(
                 f"the MLP of layer {layer} ({type(mlp).__name__}) has no W_in/W_out accessors "

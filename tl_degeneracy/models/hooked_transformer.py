@@ -111,6 +111,7 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
 
     backend = "hooked_transformer"
     normalized_before_affine = True  # LayerNorm/RMSNorm: hook_normalized(x / scale), then · w + b
+    gated_bias_after_product = True  # GatedMLP: act(x W_gate) ⊙ (x W_in) + b_in
 
     def _read_config(self) -> ModelConfig:
         c = self.model.cfg
