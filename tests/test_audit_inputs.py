@@ -417,3 +417,11 @@ def test_qk_norm_models_get_scalar_qk_gauges_and_no_qk_free_directions():
         qk = tld.qk_invariants(model)
     assert qk["qk_norm"].all() and qk["free_directions"].isna().all()
     assert tld.ov_invariants(model)["free_directions"].notna().all()
+    # the report's verdict names the gauge that is there, not a GL(d_head) one for QK
+    from tl_degeneracy.report.sections import VERDICTS, _circuit_values
+
+    with pytest.warns(RuntimeWarning):
+        values = {"ov": _circuit_values(tld.ov_invariants(model), 8), "qk": _circuit_values(tld.qk_invariants(model), 8)}
+    assert values["qk"]["qk_norm"] and not values["ov"]["qk_norm"]
+    words = VERDICTS["invariants"](values)
+    assert "scalings the q/k norms divide out" in words and "OV circuits' GL(d_head)" in words

@@ -63,6 +63,22 @@ def test_an_impossible_time_lowers_everything_in_order_and_says_so(ctx):
     assert "still over it" in line
 
 
+def test_no_setting_is_lowered_where_the_data_hold_less_than_it():
+    """Three 12-token sequences: llc_seq_len 32 and 16 both read 12 tokens, ib_tokens 512 … 64 all read the
+    36 there are, llc_sequences 4 reads 3. Halving such a setting changes nothing, so the fit starts from
+    what the data hold (before, the header announced llc_seq_len 32 → 16 and ib_tokens 512 → 64 that cut
+    nothing)."""
+    from tl_degeneracy.report.build import _resolve_data
+
+    c = ReportContext(label="short", adapter=tld.adapt(make_tiny_toy_transformer(n_ctx=64)),
+                      settings=resolve_settings("quick"), data=_resolve_data(_tokens(n=3, length=12), "short"))
+    c.update_settings(section_time=1e-9)
+    info = fit_time(c, set(), SECTIONS_TIMED)
+    assert "llc_seq_len" not in info["lowered"] and "ib_tokens" not in info["lowered"]
+    assert info["lowered"]["llc_sequences"] == [4, 1]  # 3 held, halved once
+    assert c.llc_batches.n_sequences == 1 and info["fits"] is False
+
+
 def test_settings_the_user_gave_are_never_lowered(ctx):
     ctx.update_settings(section_time=1e-9, llc_params="blocks.0", ib_tokens=256, llc_seq_len=24)
     info = fit_time(ctx, {"llc_params", "ib_tokens", "llc_seq_len"}, SECTIONS_TIMED)

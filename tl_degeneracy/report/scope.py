@@ -92,15 +92,17 @@ def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
     s, limit = ctx.settings, ctx.settings.section_time
     n, seconds = ctx.ib_batches.n_samples, _forward_seconds(ctx)
     width = ctx.adapter.d_model
+    # Fewer tokens than ib_tokens in the data: a lower ib_tokens changes nothing until it is below them.
+    available = sum(len(q[: s.ib_seq_len]) for q in ctx.batches.sequences)
 
     def predicted(tokens: int) -> float:
-        share = tokens / s.ib_tokens  # forward time and positions scale with the tokens read
+        share = min(tokens, available) / min(s.ib_tokens, available)  # forward time and positions scale with the tokens
         return IB_COST * min(width, n * share) * seconds * share
 
     tokens = s.ib_tokens
     if "ib_tokens" not in explicit:
-        while predicted(tokens) > limit and tokens // 2 >= MIN_IB_TOKENS:
-            tokens //= 2
+        while predicted(tokens) > limit and min(tokens, available) // 2 >= MIN_IB_TOKENS:
+            tokens = min(tokens, available) // 2
     info["predicted"]["interaction"] = predicted(tokens)
     if tokens != s.ib_tokens:
         info["lowered"]["ib_tokens"] = [s.ib_tokens, tokens]
@@ -126,17 +128,24 @@ def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
         info["lowered"].setdefault(name, [before, value])[1] = value
         ctx.update_settings(**{name: value})
 
+    def used(name: str, available: int) -> int:
+        """How many sequences / positions the LLC batch really has under setting ``name`` (None: all):
+        halving a setting above what the data hold would change nothing."""
+        value = ctx.settings.to_dict()[name]
+        return available if value is None else min(value, available)
+
+    sequences = ctx.batches.sequences
+    n_sequences, longest = len(sequences), max(len(q) for q in sequences)
     cost = predicted()
     s = ctx.settings
     if cost > limit and "llc_params" not in explicit and s.llc_params is None and ctx.adapter.n_layers:
         lower("llc_params", f"blocks.{ctx.adapter.n_layers - 1}.attn")
         cost = predicted()
-    while cost > limit and "llc_sequences" not in explicit and ctx.settings.llc_sequences > 1:
-        lower("llc_sequences", ctx.settings.llc_sequences // 2)
+    while cost > limit and "llc_sequences" not in explicit and used("llc_sequences", n_sequences) > 1:
+        lower("llc_sequences", used("llc_sequences", n_sequences) // 2)
         cost = predicted()
-    while (cost > limit and "llc_seq_len" not in explicit and ctx.settings.llc_seq_len is not None
-           and ctx.settings.llc_seq_len // 2 >= MIN_LLC_SEQ_LEN):
-        lower("llc_seq_len", ctx.settings.llc_seq_len // 2)
+    while cost > limit and "llc_seq_len" not in explicit and used("llc_seq_len", longest) // 2 >= MIN_LLC_SEQ_LEN:
+        lower("llc_seq_len", used("llc_seq_len", longest) // 2)
         cost = predicted()
     if cost > limit and _llc_runs(ctx.settings) > 1:
         if "loss_scales" not in explicit and len(ctx.settings.loss_scales) > 1:

@@ -65,6 +65,7 @@ def _circuit_values(frame: pd.DataFrame, d_head: int) -> dict:
         "mean_copying_score": float(np.nanmean(frame["copying_score"])) if frame["copying_score"].notna().any() else None,
         # None where some head's free directions are not counted (q/k norms: qk_invariants)
         "free_directions": None if frame["free_directions"].isna().any() else int(frame["free_directions"].sum()),
+        "qk_norm": bool("qk_norm" in frame and frame["qk_norm"].any()),
     }
 
 
@@ -417,10 +418,13 @@ def _parameters_verdict(v: dict) -> str:
 def _invariants_verdict(v: dict) -> str:
     ov, qk = v.get("ov", {}), v.get("qk", {})
     low = {name: c.get("heads", 0) - c.get("full_rank_heads", 0) for name, c in (("OV", ov), ("QK", qk))}
+    # q/k norms leave QK no GL(d_head) gauge, only the scalings they divide out (qk_invariants, METHODS §2)
+    gauge = ("the OV circuits' GL(d_head) gauge and the scalings the q/k norms divide out" if qk.get("qk_norm")
+             else "the GL(d_head) gauge")
     if not any(low.values()):
-        return "every head full rank: no weight-space degeneracy beyond the GL(d_head) gauge"
+        return f"every head full rank: no weight-space degeneracy beyond {gauge}"
     parts = [f"{n} of {c.get('heads', 0)} {name} circuits" for (name, n), c in zip(low.items(), (ov, qk)) if n]
-    return f"{' and '.join(parts)} rank-deficient: weight-space degeneracy beyond the GL(d_head) gauge"
+    return f"{' and '.join(parts)} rank-deficient: weight-space degeneracy beyond {gauge}"
 
 
 def _synchronization_verdict(v: dict) -> str:
