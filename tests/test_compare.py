@@ -135,6 +135,18 @@ def test_estimates_compare_within_two_combined_standard_errors(saved, tmp_path):
     assert (frame[frame["a_stderr"].notna() & frame["b_stderr"].notna()]["comparable"] == "yes").all()
 
 
+def test_the_larger_of_the_chain_spread_and_the_mcse_is_the_standard_error(saved):
+    """With two chains the chains' spread (± 1 here) can under-state the uncertainty that ArviZ's MCSE of
+    all draws shows (3): the comparison uses the larger, so 10 vs 13 is no longer called a difference."""
+    a, b, *_ = saved
+    with_llc = lambda rep, sec, mcse: dataclasses.replace(
+        rep, sections={**rep.sections, "llc": dataclasses.replace(sec, values={**sec.values, "llc_mcse": mcse})})
+    frame = tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {}), 3.0), with_llc(b, _llc(13.0, 1.0, {}), 3.0)).to_frame()
+    row = _row(frame, "llc", "llc")
+    assert (row["a_stderr"], row["b_stderr"]) == (3.0, 3.0) and row["beyond_2se"] is False
+    assert _row(frame, "llc", "n_eff")["a_stderr"] == 6.0
+
+
 def test_estimates_of_other_quantities_or_unconverged_are_not_tested(saved, tmp_path):
     a, b, *_ = saved
     with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})

@@ -67,12 +67,14 @@ def test_deep_linear_network_matches_aoyagi_at_default_settings(rank):
     assert abs(res.llc - expected) <= 0.10 * expected, (res.llc, expected, res.diagnostics["calibration"])
     # Converged at the defaults: the singular points of ranks 0 and 1 have directions without
     # quadratic curvature, and their draws after the first 500-step burn-in still drift (z ≈ +3);
-    # burnin="auto" turns those draws into burn-in (re-adapting η) and draws afresh.
+    # rank 2's GL(2) gauge directions are held only by γ and have not relaxed after 500 steps
+    # (criterion (v): mean δ·∇U below 95 % of d; at 500 steps λ̂ read 4.31 with a 7.7 % bias). burnin="auto"
+    # turns those draws into burn-in (re-adapting η) and draws afresh.
     auto = res.diagnostics["burnin_auto"]
     assert res.converged, res.diagnostics["convergence"]["reason"]
-    assert res.burnin == auto["used"] and not auto["budget_exhausted"]
-    assert bool(auto["extensions"]) == (rank < 2)
-    assert all(set(e["failed"]) & {"drift", "rhat"} for e in auto["extensions"])
+    assert res.burnin == auto["used"] and not auto["budget_exhausted"] and res.diagnostics["relaxation"] >= 0.95
+    assert auto["extensions"]
+    assert all(set(e["failed"]) & {"drift", "rhat", "relaxation"} for e in auto["extensions"])
     if res.diagnostics["step_size_source"] == "automatic":  # each extension re-measured η at the chains
         adapted = {a["step"] for a in res.diagnostics["adaptations"]}
         assert all(e["step"] in adapted for e in auto["extensions"])

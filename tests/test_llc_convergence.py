@@ -15,7 +15,7 @@ from tl_degeneracy.llc import (ConvergenceWarning, SamplerConfig, assess_converg
                                llc_sweep)
 from tl_degeneracy.report.sections import VERDICTS
 
-from .test_llc import _BlowsUp, deep_linear_network, dln_inputs, linear_regression
+from .test_llc import _BlowsUp, deep_linear_network, dln_inputs, linear_regression, quadratic_prediction
 
 
 def _ar1(rho: float, chains: int, draws: int, seed: int = 0) -> np.ndarray:
@@ -69,6 +69,50 @@ def test_a_full_rank_deep_linear_network_at_defaults_is_converged_near_aoyagi():
     assert abs(res.llc - 4.0) < 0.1 * 4.0  # Aoyagi: 4.0; test_llc's 10 %
 
 
+def _weak_directions_regression(n: int = 4000):
+    """Linear regression with 40 weights and XᵀX/n = diag(h): 10 directions of h = 1 and 30 of h = 3·10⁻⁴,
+    i.e. nβh = 0.3 at the default nβ = 1000, the order of the default γ = 1 (the audit's case)."""
+    h = np.array([1.0] * 10 + [3e-4] * 30)
+    q, _ = torch.linalg.qr(torch.randn(n, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    x = (q * np.sqrt(n) * torch.tensor(np.sqrt(h))).float()
+    return torch.nn.Linear(40, 1, bias=False), x, np.linalg.eigvalsh((x.T.double() @ x.double() / n).numpy())
+
+
+def test_a_run_whose_weak_directions_have_not_relaxed_is_not_converged():
+    """Criterion (v), relaxation. With a given burn-in of 4,750 steps the chains pass split-R̂, ESS and the
+    drift test (they share the transient from θ*), but the 30 weak directions have relaxed only to
+    1 − e^{−a·s} ≈ 80 % of their variance: λ̂ read 7.46 ± 0.18 against an exact 8.71 at this η, z = −7,
+    and was labelled converged. δ·∇U shows it: its mean over the draws is ≈ 0.88·d, not d."""
+    model, x, h = _weak_directions_regression()
+    with pytest.warns(ConvergenceWarning, match="relaxation"):
+        res = behavioral_llc(model, x, burnin=4750, progress=False)
+    exact = quadratic_prediction(h, res.nbeta, res.gamma, res.step_size)
+    assert (exact - res.llc) / res.llc_stderr > 3  # the number is low, as the verdict now says
+    conv = res.diagnostics["convergence"]
+    assert not res.converged and "relaxation" in conv["failed"] and conv["relaxation"] < 0.95
+    assert {"rhat", "ess", "drift"}.isdisjoint(conv["failed"])  # the other criteria saw nothing
+    # burnin="auto" (the default) extends the burn-in until the directions have relaxed: right and converged.
+    auto = behavioral_llc(model, x, progress=False)
+    exact = quadratic_prediction(h, auto.nbeta, auto.gamma, auto.step_size)
+    assert auto.converged and auto.burnin > 4750 and auto.diagnostics["relaxation"] >= 0.95
+    assert abs(auto.llc - exact) < 3 * auto.llc_stderr
+
+
+def test_relaxation_is_the_mean_virial_over_the_coordinates():
+    """assess_convergence's criterion (v) on constructed traces: r = mean δ·∇U / d with ArviZ's MCSE; a
+    run that recorded none (virial None, or NaN from an old checkpoint) is judged without it."""
+    draws = _ar1(0.0, 4, 400)
+    rng = np.random.default_rng(0)
+    relaxed = 40 + np.sqrt(80) * rng.standard_normal((4, 400))  # Σ a δ² over 40 coordinates: mean 40, var 80
+    ok = assess_convergence(draws, virial=relaxed, n_coordinates=40)
+    assert ok.converged and abs(ok.relaxation - 1) < 4 * ok.relaxation_mcse
+    assert ok.relaxation_mcse == pytest.approx(float(array_stats.mcse(relaxed / 40, chain_axis=0, draw_axis=1)))
+    low = assess_convergence(draws, virial=0.8 * relaxed, n_coordinates=40)
+    assert not low.converged and set(low.failed) == {"relaxation"} and "relaxation 79.8%" in low.brief
+    for missing in (None, np.full((4, 400), np.nan)):
+        assert assess_convergence(draws, virial=missing, n_coordinates=40).converged
+
+
 def test_a_drifting_chain_is_not_converged_and_warns_once_with_a_budget():
     # A step far below the automatic one and no burn-in: the chains are still leaving θ* (flat at
     # W = 0 for a rank-0 deep linear network) when the draws end.
@@ -100,6 +144,21 @@ def test_a_trend_fails_rhat_and_drift_on_a_constructed_trace():
     assert not verdict.converged and {"rhat", "drift"} <= set(verdict.failed)
     assert verdict.drift > 2 and verdict.drift_means[1] > verdict.drift_means[0]
     assert verdict.suggested_burnin == 5000 and "γ ≈ 50" in verdict.message(1.0)
+
+
+def test_the_suggested_burnin_is_longer_than_the_one_that_failed():
+    """The advice for a failed R̂ or drift: at least twice the burn-in used (it once suggested 834 steps
+    after 2,625 had failed), and, once ηγ·burnin ≥ 5 has relaxed every direction, not a burn-in at all."""
+    rng = np.random.default_rng(1)
+    trend = rng.normal(size=(4, 400)) + np.linspace(0, 3, 400)
+    long = assess_convergence(trend, step_size=1e-3, gamma=1.0, burnin=4000)  # 5/(ηγ) = 5,000 < 2 · 4,000
+    assert long.suggested_burnin == 8000
+    # chains that each settled at its own level: R̂ (and so ESS) fails, nothing drifts, and the burn-in
+    # relaxed everything
+    apart = rng.normal(size=(4, 2000)) + np.array([0.0, 0.0, 1.0, 1.0])[:, None]
+    verdict = assess_convergence(apart, step_size=1e-3, gamma=1.0, burnin=6000)
+    assert set(verdict.failed) == {"rhat", "ess"} and verdict.suggested_burnin is None
+    assert "more draws or chains, or a larger γ" in verdict.message(1.0)
 
 
 def test_rhat_and_ess_are_arviz_numbers():

@@ -91,6 +91,7 @@ class _FlatThenWall:
     """
 
     n_batches = 1
+    batch_positions = (1,)  # one batch: the step meets the measured curvature (largest_batch_factor 1)
     device = torch.device("cpu")
     dtype = torch.float64  # what the sampler keeps its state in (SamplingTarget.dtype)
 

@@ -52,6 +52,27 @@ def test_llc_sweep_checkpoints_each_scale_in_its_own_directory(tmp_path):
     assert np.array_equal(first["llc"], again["llc"])
 
 
+def test_sweep_rows_carry_the_stderr_caveat_and_their_error_bars_the_larger_error():
+    from tl_degeneracy.llc import behavioral_llc
+
+    from .test_llc import linear_regression
+
+    model, x = linear_regression(d=3, n=40)
+    kw = dict(chains=2, draws=200, burnin=50, step_size=1e-3)
+    frame = llc_sweep(model, x, loss_scales=[1e-2, 1e-3], **kw)
+    # Each row is the run behavioral_llc makes at its scale, with the same MCSE and caveat: two
+    # chain means give a ± that is itself uncertain (METHODS §1, "Standard error").
+    for row in frame.itertuples():
+        single = behavioral_llc(model, x, loss_scale=row.loss_scale, **kw)
+        assert row.llc == single.llc and row.llc_stderr == single.llc_stderr
+        assert row.llc_mcse == single.diagnostics["llc_mcse"] and np.isfinite(row.llc_mcse)
+        assert row.stderr_caveat == single.diagnostics["stderr_caveat"]
+        assert "only 2 chain mean(s)" in row.stderr_caveat
+    # ±2 standard errors of N_eff = 2λ̂, each the larger of the chains' spread and the MCSE.
+    bars = np.concatenate([np.asarray(trace.error_y.array) for trace in plot_llc_sweep(frame).data])
+    np.testing.assert_allclose(bars, 4 * np.maximum(frame["llc_stderr"], frame["llc_mcse"]))
+
+
 def test_llc_sweep_refuses_a_fixed_scale():
     with pytest.raises(ValueError, match="loss_scales"):
         llc_sweep(QuadraticPlusQuartic(1.0), torch.zeros(1, 1), loss_scales=[1e-2], nbeta=10)
@@ -67,6 +88,7 @@ def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens
         assert row.n_params == tld.select_parameters(tiny_toy_transformer, row.component).numel
         assert np.isfinite(row.llc) and row.llc > 0
         assert row.n_eff_fraction == pytest.approx(row.n_eff / row.n_params)
+        assert "only 2 chain mean(s)" in row.stderr_caveat and np.isfinite(row.llc_mcse)
     # With a checkpoint directory every component gets its own subdirectory (sanitised name).
     ckpt = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components=["blocks.0.attn.head0", "blocks.1.attn.head1"],
                             chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100, checkpoint_dir=tmp_path)

@@ -4,8 +4,12 @@ L_B is a mean over every counted position of the whole data, never a mean of per
 minibatch's loss is its sum over its counted positions divided by the mean count per batch, so over
 a cycle of ragged batches (sequences of different lengths, padding, a short last batch) the losses,
 their gradients and the curvature average to the one-full-batch L_B. All in float64: the
-comparisons are exact up to float64 rounding of sums of a few hundred terms (rtol 1e-10).
+comparisons are exact up to float64 rounding of sums of a few hundred terms (rtol 1e-10). The
+dynamics still see the split: the largest batch's step meets w_max = max_b n_b/n̄ times the
+curvature, which the step-size rule uses and a run warns about.
 """
+
+import warnings
 
 import numpy as np
 import pytest
@@ -118,3 +122,77 @@ def test_llc_reports_the_counted_positions_of_ragged_data():
     d = res.diagnostics
     assert d["n_samples"] == 7 and d["n_batches"] == 3 and d["mean_positions_per_batch"] == pytest.approx(7 / 3)
     assert np.isfinite(res.llc)
+
+
+def cycle_prediction(h: np.ndarray, nbeta: float, gamma: float, step_size: float, weights) -> float:
+    """E[nβ L_B,b] of SGLD on ½ Σ h_i δ_i² cycling over batches whose losses carry weights w_b (n_b/n̄):
+    per direction the step on batch b contracts the variance by c_b² = (1 − η(nβ w_b h + γ)/2)² and adds
+    η; the cycle's fixed point, averaged over the cycle's recorded losses ½ nβ w_b h V_b. One batch of
+    weight 1 gives the full-batch value ½ nβ h/(a(1 − η a/4)) (METHODS (1.7))."""
+    w = np.asarray(weights, dtype=np.float64)[:, None]
+    c2 = (1 - step_size * (nbeta * w * h + gamma) / 2) ** 2  # [batch, direction]
+    added = np.zeros_like(h)
+    for b in range(len(w)):
+        added = c2[b] * added + step_size
+    v = added / (1 - np.prod(c2, 0))  # variance before the cycle's first step
+    total = 0.0
+    for b in range(len(w)):
+        total += float(np.sum(0.5 * nbeta * w[b] * h * v))
+        v = c2[b] * v + step_size
+    return total / len(w)
+
+
+def _llc_and_ragged_warnings(model, x, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(model, x, **kw)
+    return res, [str(w.message) for w in caught if "ragged minibatches" in str(w.message)]
+
+
+def test_a_tiny_last_batch_shrinks_the_step_size_and_warns():
+    # n = 1000 in batches (999, 1): the 999-row batch's loss is (its sum)/500, so its steps meet
+    # w_max = 1.998× the curvature of L_B. The automatic η is chosen for that curvature, so λ̂ keeps
+    # the full batch's bias; at the full batch's η it rose by 5 standard errors (+4 %) without a word.
+    from .test_llc import linear_regression, quadratic_prediction
+
+    model, x = linear_regression()
+    h = np.linalg.eigvalsh((x.T @ x / len(x)).double().numpy())
+    d = 10
+    full, none = _llc_and_ragged_warnings(model, x)
+    even, none_even = _llc_and_ragged_warnings(model, x, batch_size=250)
+    ragged, warned = _llc_and_ragged_warnings(model, x, batch_size=999)
+    assert not none and not none_even and len(warned) == 1
+    assert "2.00× the mean 500" in warned[0] and "batch_size=500 divides the 1,000 rows" in warned[0]
+    weights = (999 / 500, 1 / 500)
+    # The rule's curvature is the largest batch's (Lanczos upper estimate, CURVATURE_RTOL 2 %) ...
+    assert ragged.diagnostics["h_max"] == pytest.approx(weights[0] * h.max(), rel=0.03)
+    assert full.diagnostics["h_max"] == pytest.approx(h.max(), rel=0.03)
+    # ... so η is about w_max times smaller (an even split leaves it alone).
+    assert ragged.step_size == pytest.approx(full.step_size / weights[0], rel=0.1)
+    assert even.step_size == pytest.approx(full.step_size, rel=0.1)
+    # The SGLD value of the (999, 1) cycle at that η (exact on this quadratic) ...
+    assert cycle_prediction(h, full.nbeta, full.gamma, full.step_size, [1.0]) == pytest.approx(
+        quadratic_prediction(h, full.nbeta, full.gamma, full.step_size), rel=1e-12)
+    expected = cycle_prediction(h, ragged.nbeta, ragged.gamma, ragged.step_size, weights)
+    assert abs(ragged.llc - expected) < 4 * ragged.llc_stderr
+    # ... is the full batch's within the method's error, and the bias bound covers the distance to d/2.
+    assert abs(ragged.llc - full.llc) < 4 * np.hypot(ragged.llc_stderr, full.llc_stderr)
+    bound = ragged.diagnostics["bias_bound"]
+    assert bound <= 0.05 + 1e-9
+    assert abs(ragged.llc - d / 2) < (d / 2) * bound / (1 - bound) + 4 * ragged.llc_stderr
+
+
+def test_largest_batch_weight_and_the_curvature_factor():
+    from tl_degeneracy.llc.stepsize import largest_batch_factor
+
+    x = torch.zeros(1000, 2)
+    model = nn.Linear(2, 1, bias=False)
+    for batch_size, w_max, factor in [(None, 1.0, 1.0), (250, 1.0, 1.0), (999, 1.998, 1.998),
+                                      (300, 1.2, 1.2),  # (300, 300, 300, 100): all four measured
+                                      (64, 1.024, 1.0)]:  # 15 × 64 + 40: the first four batches are full
+        target = make_target(model, x, "mse", batch_size)
+        assert target.largest_batch_weight == pytest.approx(w_max) and largest_batch_factor(target) == pytest.approx(factor)
+        if w_max <= 1.2:
+            assert target.ragged_warning() is None
+        else:
+            assert "batch_size=500" in target.ragged_warning()

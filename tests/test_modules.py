@@ -277,3 +277,14 @@ def test_bad_input():
         find_modules(good.edges)
     with pytest.raises(DataError, match="at least two"):
         find_modules(FakeBasis(["a"], {}))
+
+
+def test_a_basis_without_edges_is_refused_with_the_rerun_that_gives_them():
+    from tests.interaction_models import HookedMLP, mlp_inputs
+    from tl_degeneracy.interaction import interaction_basis
+
+    ib = interaction_basis(HookedMLP([5, 7, 6, 4]), mlp_inputs(32, 5), kind="pca",
+                           nodes=["hook_in", "hook_h0", "hook_h1"], edges=False, progress=False)
+    assert ib.edges == {}
+    with pytest.raises(DataError, match=r"edges=False.*rerun interaction_basis with edges=True"):
+        find_modules(ib)

@@ -75,6 +75,15 @@ def test_sections_hold_the_analyses_numbers(full_report):
     assert len(points) == len(sweep) and all(" ± " in p for p in points)
     for p, r in zip(points, sweep.itertuples()):
         assert p.startswith("≥ ") == ("(not converged)" in p) == (not r.converged)
+    # Two chains: every ± is flagged, with the ESS-based ± of N_eff beside it (METHODS §1, "Standard error").
+    assert all("only 2 chain mean(s)" in c for c in sweep["stderr_caveat"])
+    assert all("only 2 chain mean(s)" in c for c in llc.tables["components"]["stderr_caveat"])
+    for p, r in zip(points, sweep.itertuples()):
+        assert f"(± uncertain: ESS-based ± {2 * r.llc_mcse:.2g})" in p, p
+    head = llc.headline.split("N_eff(ε, γ): ", 1)[0]
+    assert f"(± uncertain: ESS-based ± {llc.values['llc_mcse']:.2g})" in head, head
+    bars = np.concatenate([np.asarray(t.error_y.array) for t in llc.figures["n_eff_sweep"].data])
+    assert np.allclose(np.sort(bars), np.sort(4 * np.maximum(sweep["llc_stderr"], sweep["llc_mcse"])))
 
 
 def test_an_llc_without_a_spread_says_so_instead_of_nan():

@@ -214,6 +214,10 @@ def _edge_arrays(ib) -> tuple[list[str], dict[Pair, Float[np.ndarray, "out inp"]
         raise DataError(f"ib.nodes must list at least two distinct node layers; got {nodes}")
     pairs = list(zip(nodes[:-1], nodes[1:]))
     keys = set(ib.edges)
+    if not keys:
+        # What interaction_basis(..., edges=False) returns: the bases without the edges modules are made of.
+        raise DataError("ib has no edges (an interaction basis computed with edges=False), and modules are "
+                        "communities of its edge graph: rerun interaction_basis with edges=True")
     unknown = [key for key in keys if key not in set(pairs)]
     if unknown:
         raise DataError(f"ib.edges has keys that are not adjacent node-layer pairs (nodes[l], nodes[l+1]): "

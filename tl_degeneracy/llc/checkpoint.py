@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .sampler import SamplerState
@@ -69,6 +70,7 @@ def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:
         "v": None if state.v is None else state.v.cpu(),
         "generators": state.generator_states(),
         "trace": state.trace,
+        "virial": state.virial,
         "alive": state.alive.cpu(),
         "failed_at": state.failed_at.cpu(),
         "norms": state.norms.cpu(),
@@ -105,6 +107,8 @@ def load_checkpoint(path: str, key: dict, state: SamplerState) -> SamplerState:
     for g, s in zip(state.generators, payload["generators"]):
         g.set_state(s)
     state.trace = payload["trace"]
+    # A checkpoint of an earlier version has no δ·∇U: NaN, and the relaxation criterion is skipped.
+    state.virial = payload.get("virial", np.full_like(state.trace, np.nan))
     state.alive = payload["alive"].to(device)
     state.failed_at = payload["failed_at"].to(device)
     state.norms = payload["norms"].to(device)

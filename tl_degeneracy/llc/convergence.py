@@ -12,7 +12,18 @@ chains [C, T]:
     the mean of the first half (module function :func:`assess_convergence` says how the standard
     errors are computed);
 (iv) at most :data:`DIVERGED_MAX` of the chains diverged. Diverged chains are left out of λ̂, and
-    chains diverge where the loss is large, so dropping many of them biases λ̂ low.
+    chains diverge where the loss is large, so dropping many of them biases λ̂ low;
+(v) relaxation (equipartition): with U = nβ·L_B + (γ/2)‖θ − θ*‖² the posterior's potential, the
+    stationary distribution ∝ e^{−U} has E[(θ − θ*)·∇U] = d, the number of sampled coordinates
+    (integration by parts), whatever the model. Every chain starts at θ*, and a direction of
+    curvature a (nβh + γ) contributes a·δ² → 1 only after its variance has relaxed, as 1 − e^{−a·s}
+    in the cumulative step s: the draws' mean of δ·∇U over d, the *relaxation* r, falls short of 1 by
+    the share of directions still spreading from θ* (at a finite step it lies slightly above 1,
+    METHODS (1.7)). r must be at least :data:`RELAXED_MIN` = 1 − e^{−3}, the equilibrium that
+    ``gamma="auto"`` asks of the directions only γ holds (config.py, ``GAMMA_RELAXATION``).
+    Split-R̂, ESS and the drift test cannot see this: every chain starts at θ* and shares the
+    transient, and the slow directions move the loss too little for the drift test to notice (a
+    linear regression with 30 weak directions read 7.46 ± 0.18 "converged" against an exact 8.71).
 
 R̂ and ESS come from ArviZ (the field's reference implementation), not from code of this package.
 """
@@ -27,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from jaxtyping import Float
 
+from .config import GAMMA_RELAXATION
+
 #: Largest split-R̂ of a converged run (METHODS §1).
 RHAT_MAX = 1.05
 #: Smallest bulk effective sample size of a converged run (METHODS §1).
@@ -38,6 +51,9 @@ DIVERGED_MAX = 0.25
 #: Relaxation of a direction that only the prior γ holds: its variance reaches 1 − e^{−ηγt} of the
 #: stationary 1/(nβ·0 + γ) after t steps, so ηγt = 5 leaves < 1 %. Directions with curvature relax faster.
 FLAT_RELAXATION = 5.0
+#: Smallest relaxation r = mean δ·∇U / d of a converged run (criterion (v)): within e⁻³ of equilibrium,
+#: as ``gamma="auto"`` asks of the directions only γ holds.
+RELAXED_MIN = 1 - math.exp(-GAMMA_RELAXATION)
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -48,13 +64,16 @@ class ConvergenceWarning(RuntimeWarning):
 class Convergence:
     """The verdict on one run's traces (module docstring) and what would fix a failed one.
 
-    ``failed`` maps each failed criterion (``"rhat"``, ``"ess"``, ``"drift"``, ``"diverged"``) to a
+    ``failed`` maps each failed criterion (``"rhat"``, ``"ess"``, ``"drift"``, ``"diverged"``,
+    ``"relaxation"``) to a
     sentence with its numbers; ``suggestions`` are the budgets or settings that would address them.
     ``drift`` is z = (mean_last − mean_first)/√(se_first² + se_last²); ``drift_means`` and
     ``drift_stderrs`` are (first half, last half). ``divergence`` says how many chains diverged and
     what leaving them out does ("" when none did). ``mcse``: ArviZ's Monte-Carlo standard error of
     the mean of all the healthy chains' draws, sd/√ESS_mean (a second estimate of λ̂'s standard
-    error, from every draw rather than from the spread of a few chain means).
+    error, from every draw rather than from the spread of a few chain means). ``relaxation`` and
+    ``relaxation_mcse``: r = mean δ·∇U / d of the healthy chains' draws and its Monte-Carlo standard
+    error (criterion (v); NaN where the run recorded no δ·∇U).
     """
 
     converged: bool
@@ -73,6 +92,8 @@ class Convergence:
     suggested_burnin: int | None = None
     divergence: str = ""
     mcse: float = float("nan")
+    relaxation: float = float("nan")
+    relaxation_mcse: float = float("nan")
 
     @property
     def reason(self) -> str:
@@ -88,13 +109,14 @@ class Convergence:
             "ess": f"ESS {self.ess:.3g} (min {ESS_MIN:g})" if math.isfinite(self.ess) else "ESS undefined",
             "drift": f"drift z = {self.drift:+.2g} (max ±{DRIFT_MAX:g})" if not math.isnan(self.drift) else "drift undefined",
             "diverged": f"{self.n_diverged}/{self.chains} chains diverged",
+            "relaxation": f"relaxation {self.relaxation:.1%} (min {RELAXED_MIN:.0%})",
         }
         return ", ".join(words[k] for k in self.failed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(reason=self.reason, brief=self.brief, thresholds={"rhat": RHAT_MAX, "ess": ESS_MIN, "drift": DRIFT_MAX,
-                                                 "diverged_fraction": DIVERGED_MAX})
+                                                 "diverged_fraction": DIVERGED_MAX, "relaxation": RELAXED_MIN})
         d["drift_means"], d["drift_stderrs"] = list(self.drift_means), list(self.drift_stderrs)
         d["diverged_chains"] = list(self.diverged_chains)
         return d
@@ -136,6 +158,8 @@ def assess_convergence(
     draws: Float[np.ndarray, "C T"],
     diverged: Mapping[int, int] | None = None,
     *,
+    virial: Float[np.ndarray, "C T"] | None = None,
+    n_coordinates: int | None = None,
     step_size: float | None = None,
     gamma: float | None = None,
     burnin: int | None = None,
@@ -153,10 +177,16 @@ def assess_convergence(
     independent; their covariance is positive for a correlated chain, so this over-states the
     standard error of the difference and errs towards "no drift" (R̂ and ESS catch slow mixing).
 
+    ``virial`` [chains, draws]: δ·∇U of the same draws and chains, with ``n_coordinates`` = d the
+    sampled coordinates, for criterion (v) (skipped when None or not finite throughout: a run, or part of
+    one resumed from an older checkpoint, that recorded none).
+
     ``step_size``, ``gamma`` and ``burnin`` (the run's η, γ and burn-in) make the suggested budget
     concrete: a burn-in of 5/(ηγ) steps, which equilibrates even the directions only the prior γ
-    holds (:data:`FLAT_RELAXATION`), or the γ that does so within the given burn-in (within as many
-    steps as there are draws where the burn-in is 0).
+    holds (:data:`FLAT_RELAXATION`), at least twice the burn-in that failed, or the γ that does so
+    within the given burn-in (within as many steps as there are draws where the burn-in is 0). A
+    burn-in whose cumulative step ηT already has ηγT ≥ 5 has relaxed every direction: chains that
+    still disagree sit in different regions, which more draws or chains (or a larger γ) address.
     ``divergence_advice`` is what to change when too many chains diverged.
     """
     draws = np.asarray(draws, dtype=np.float64)
@@ -183,6 +213,12 @@ def assess_convergence(
     else:
         (m1, s1), (m2, s2), drift = (nan, nan), (nan, nan), nan
 
+    relax, relax_se = nan, nan
+    if virial is not None and n_coordinates and len(healthy):
+        v = np.asarray(virial, dtype=np.float64)[healthy] / n_coordinates
+        if np.isfinite(v).all() and T >= 4:
+            relax, relax_se = _mean_mcse(v)
+
     failed: dict[str, str] = {}
     suggestions: list[str] = []
     if not rhat <= RHAT_MAX:
@@ -196,6 +232,16 @@ def assess_convergence(
         failed["drift"] = (f"drift: the last half of the draws averages {m2:.4g} against {m1:.4g} for the first "
                            f"(z = {drift:+.3g}, beyond ±{DRIFT_MAX:g} standard errors)" if not math.isnan(drift) else
                            f"drift undefined ({T} draws: it needs ≥ 8, and a trace that varies)")
+    # One-sided: a finite step raises r above 1 (METHODS (1.7)); only a shortfall means unrelaxed directions.
+    # The point estimate decides, as for R̂ and ESS: at equilibrium r ≈ 1 lies about one standard error
+    # above the threshold for d = 40 coordinates and 4 chains × 2,000 draws (more for larger d), and a
+    # false alarm costs a burn-in extension or a "lower bound" label, never a wrong "converged".
+    if relax < RELAXED_MIN:
+        failed["relaxation"] = (
+            f"relaxation: the draws' mean δ·∇U is {relax:.1%}"
+            + (f" (± {relax_se:.1%})" if math.isfinite(relax_se) else "") + " of its equilibrium value d = "
+            f"{n_coordinates:,} (the sampled coordinates; at least {RELAXED_MIN:.0%} needed): directions held only "
+            "weakly, by γ or a small curvature, are still spreading from θ*, so λ̂ reads low")
     n_div = len(diverged)
     divergence = "" if not n_div else (
         f"{n_div} of {C} chains diverged and are excluded (chain: step {diverged}); chains diverge where the loss is "
@@ -213,11 +259,17 @@ def assess_convergence(
     elif "ess" in failed:
         suggested_draws = 4 * T
         suggestions.append(f"draws ≥ {suggested_draws:,}")
-    if failed.keys() & {"rhat", "drift"}:
-        if step_size is not None and gamma is not None and gamma > 0:
-            suggested_burnin = math.ceil(FLAT_RELAXATION / (step_size * gamma))
-            text = (f"longer chains: burnin ≈ 5/(ηγ) = {suggested_burnin:,} steps equilibrates even the directions only "
-                    f"γ holds (an upper bound: curvature shortens it)")
+    if failed.keys() & {"rhat", "drift", "relaxation"}:
+        relaxed = step_size is not None and gamma is not None and (burnin or 0) * step_size * gamma >= FLAT_RELAXATION
+        if relaxed and not failed.keys() & {"drift", "relaxation"}:
+            suggestions.append(
+                f"more draws or chains, or a larger γ: the burn-in's cumulative step has ηγ·burnin = "
+                f"{burnin * step_size * gamma:.3g} ≥ {FLAT_RELAXATION:g}, so every direction has relaxed and the chains "
+                "that still disagree sit in different regions of the posterior (no longer burn-in would change that)")
+        elif step_size is not None and gamma is not None and gamma > 0:
+            suggested_burnin = max(math.ceil(FLAT_RELAXATION / (step_size * gamma)), 2 * (burnin or 0))
+            text = (f"longer chains: burnin ≈ {suggested_burnin:,} steps (5/(ηγ) equilibrates even the directions only "
+                    "γ holds, an upper bound since curvature shortens it; at least twice the burn-in used)")
             # Without a burn-in, one as long as the draws.
             within = burnin or T
             text += (f", or a larger γ: γ ≈ {FLAT_RELAXATION / (step_size * within):.3g} does so within burnin = "
@@ -231,5 +283,5 @@ def assess_convergence(
         converged=not failed, rhat=rhat, ess=ess, drift=float(drift), drift_means=(m1, m2), drift_stderrs=(s1, s2),
         n_diverged=n_div, diverged_chains=tuple(sorted(diverged)), chains=C, draws=T, failed=failed,
         suggestions=tuple(suggestions), suggested_draws=suggested_draws, suggested_burnin=suggested_burnin,
-        divergence=divergence, mcse=mcse,
+        divergence=divergence, mcse=mcse, relaxation=float(relax), relaxation_mcse=float(relax_se),
     )

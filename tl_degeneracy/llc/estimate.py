@@ -8,7 +8,7 @@ The method, step by step (each step is its own module):
 3. the step size η (stepsize.py): given, or from the top Hessian eigenvalue at θ* and along pilot
    runs, lowered during burn-in where the chains meet stiffer regions;
 4. SGLD over all chains at once (sampler.py), checkpointed and resumable (checkpoint.py), the
-   burn-in extended while the draws still drift (``burnin="auto"``) and, for ``draws="auto"``,
+   burn-in extended while the draws still drift or lag (``burnin="auto"``) and, for ``draws="auto"``,
    blocks of draws added until the verdict holds (``_continue_until_converged``);
 5. the estimate λ̂ = nβ · mean post-burn-in L_B,b over healthy chains, and its diagnostics
    (llc_result.py), with the convergence verdict (convergence.py).
@@ -129,7 +129,9 @@ def behavioral_llc(
             b_max (for a given η, which measures no curvature before sampling: at θ* and the
             chains' end points). The same at the end points alone is ``["bias_bound_end"]``, and a
             warning is issued when it exceeds twice ``bias_bound``. On toy:bytelm the predicted bias
-            stayed above the measured one, by 1.7–4× (docs/methods.md §1).
+            stayed above the measured one, by 1.7–4× (docs/methods.md §1). With ragged batches
+            every h_max and tr H here is the largest batch's, w_max = max_b n_b/n̄ times that of L_B
+            (its steps meet that curvature; 1 for equal batches; stepsize.py).
         gamma: localization γ of the prior (γ/2)‖θ − θ*‖² (default 1). It is part of the quantity:
             the estimate is λ̂(ε, γ), the LLC of the posterior within reach of the prior, and
             directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) instead of ½. So a
@@ -146,17 +148,18 @@ def behavioral_llc(
             Under torchrun, chains must be at least the number of ranks. ``burnin="auto"`` (the
             default; a given number is used as is): a burn-in of 500 steps that is extended while
             the chains show they have not reached equilibrium: when the verdict below fails on
-            drift or split-R̂ (the traces still move; more draws would only dilute that), the draws
+            drift, split-R̂ or relaxation (the traces still move, or directions are still spreading
+            from θ*; more draws would only dilute that), the draws
             so far become burn-in, an automatic η is re-adapted at the chains (those that drift
             reach stiffer regions: on the rank-0 deep linear network h_max grows from 1.5 to 4 and
             at the first η the equilibrium λ̂ is 2.90 instead of 2.48), the chains settle under it
             for a quarter of the first burn-in and draw afresh (the first block for
             ``draws="auto"``). It stops growing at ``max_burnin`` steps (default 20,000) or once the
             burn-in's cumulative step s = Σ η has s·γ ≥ 5, when even the directions only γ holds
-            have relaxed (convergence.py, FLAT_RELAXATION), so a model whose draws do not drift
-            pays nothing (regression, the full-rank deep linear network: 500), and the singular
-            deep linear networks of rank 0 and 1 get 2,625 steps at the defaults (one extension;
-            ≈ 5 s each on one CPU core). ``result.burnin`` is the burn-in used;
+            have relaxed (convergence.py, FLAT_RELAXATION), so a model whose draws neither drift
+            nor lag pays nothing (regression: 500), the singular deep linear networks of rank 0
+            and 1 get 2,625 steps at the defaults (one extension; ≈ 5 s each on one CPU core), and
+            the full-rank one, whose GL(2) gauge directions only γ holds, 6,875 (three). ``result.burnin`` is the burn-in used;
             ``diagnostics["burnin_auto"]`` records the first and final burn-in, every extension
             (step, verdict, η), whether the burn-in budget ran out and why, and
             ``diagnostics["burnin_source"]`` (also in ``summary()``) says it in words.
@@ -223,8 +226,10 @@ def behavioral_llc(
 
     Convergence (METHODS §1, convergence.py): ``result.converged`` is True only when the split-R̂
     of the healthy chains' post-burn-in traces is ≤ 1.05, their bulk effective sample size ≥ 100,
-    the last half of the draws is within 2 standard errors of the first half, and at most a quarter
-    of the chains diverged (judged after any extension of ``burnin="auto"``); ``diagnostics`` holds ``rhat``, ``ess``, ``drift``, ``n_diverged``,
+    the last half of the draws is within 2 standard errors of the first half, at most a quarter
+    of the chains diverged, and the chains have relaxed (mean δ·∇U ≥ 95 % of the d sampled
+    coordinates, METHODS (1.9)) (judged after any extension of ``burnin="auto"``); ``diagnostics``
+    holds ``rhat``, ``ess``, ``drift``, ``relaxation`` (and ``relaxation_mcse``), ``n_diverged``,
     ``diverged_chains`` and ``convergence`` (each failed criterion in words, the suggested budget).
     A run that is not converged issues one :class:`ConvergenceWarning` saying what failed, with the
     numbers, and the budget that would fix it; its λ̂ reads as a lower bound.
@@ -441,9 +446,9 @@ def _continue_until_converged(
     fixed number of draws) and what the burn-in did (``diagnostics["burnin_auto"]``; None for a
     given burn-in).
 
-    Burn-in (``burnin="auto"``): a verdict that fails on drift or split-R̂ says the traces are still
-    moving, i.e. the chains had not reached equilibrium when the draws began, which more draws
-    only dilute. Then the draws so far become burn-in (:func:`_extend_burnin`): η is re-adapted at
+    Burn-in (``burnin="auto"``): a verdict that fails on drift, split-R̂ or relaxation says the
+    traces are still moving, i.e. the chains had not reached equilibrium when the draws began, which
+    more draws only dilute. Then the draws so far become burn-in (:func:`_extend_burnin`): η is re-adapted at
     the chains (they may have reached stiffer regions), a quarter of the first burn-in settles them
     under it, and a fresh first block of draws follows. The burn-in stops growing at ``max_burnin``
     steps, or once its cumulative step s has s·γ ≥ :data:`FLAT_RELAXATION` (every direction,
@@ -472,11 +477,12 @@ def _continue_until_converged(
         if len(failed) == config.chains:
             stopped = "diverged"  # _result raises, with advice
             break
-        verdict = assess_convergence(nb * records.losses[run.burnin:].T, failed)
+        verdict = assess_convergence(nb * records.losses[run.burnin:].T, failed, virial=records.virial[run.burnin:].T,
+                                     n_coordinates=selection.n_params)
         if verdict.converged:
             stopped = "converged"
             break
-        moving = config.auto_burnin and bool(verdict.failed.keys() & {"drift", "rhat"})
+        moving = config.auto_burnin and bool(verdict.failed.keys() & {"drift", "rhat", "relaxation"})
         burnin_refused = _burnin_refusal(config, run, dynamics, state, eta0) if moving else ""
         if moving and not burnin_refused:
             if _past_time_limit(config, records, _settle_steps(config) + block, started, world):
@@ -552,6 +558,7 @@ def _run_further(
     """Continue the chains by ``more`` steps, to the end of ``run`` (its trace grown to hold them);
     ``save``: checkpoint the grown state first (it holds a decision a resumed run must find)."""
     state.trace = np.concatenate([state.trace, np.full((more, state.trace.shape[1]), np.nan)])
+    state.virial = np.concatenate([state.virial, np.full((more, state.virial.shape[1]), np.nan)])
     dynamics = replace(dynamics, steps=run.steps)
     if checkpointer is not None:
         checkpointer.steps = run.steps  # it writes at the end of the run
@@ -613,8 +620,9 @@ def _result(
     # stacklevel 3: the warnings point at the caller of behavioral_llc.
     if len(failed) == chains:
         raise NumericalError(f"all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
-    verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, step_size=eta, gamma=gamma,
-                                 burnin=config.burnin, divergence_advice=advice)
+    verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, virial=records.virial[burnin_used:].T,
+                                 n_coordinates=selection.n_params, step_size=eta, gamma=gamma, burnin=config.burnin,
+                                 divergence_advice=advice)
     # One warning for a run that is not converged (it names diverged chains too); diverged chains of
     # a converged run still get their own.
     if not verdict.converged:
@@ -669,7 +677,8 @@ def _result(
         "steps_done": steps_done, "pilot_steps": 0 if source == "given" else config.pilot_length,
         "cumulative_step": _cumulative_step(dynamics_eta0, adaptations, steps_done),
         "rhat": verdict.rhat, "ess": verdict.ess, "drift": verdict.drift, "n_diverged": verdict.n_diverged,
-        "llc_mcse": verdict.mcse, "stderr_caveat": caveat,
+        "llc_mcse": verdict.mcse, "stderr_caveat": caveat, "relaxation": verdict.relaxation,
+        "relaxation_mcse": verdict.relaxation_mcse,
         "diverged_chains": list(verdict.diverged_chains), "convergence": verdict.to_dict(), "budget": budget,
         "burnin_auto": burnin_record, "burnin_source": _burnin_source(burnin_record),
         "estimate_uses": "minibatch loss at θ_t used for its gradient (weighted by the batch's counted positions), "

@@ -103,7 +103,7 @@ class LLCResult:
             "burnin_source": d.get("burnin_source"), "loss": self.loss,
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
             "converged": self.converged, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
-            "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
+            "relaxation": d.get("relaxation"), "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
             "llc_mcse": d.get("llc_mcse"), "stderr_caveat": d.get("stderr_caveat"),
         }
 
@@ -119,7 +119,7 @@ class LLCResult:
         distance from θ*, all on the scale of one update (``grad_step``, ``prior_step``,
         ``noise_step``, ``distance``; sampler.NORMS). ``frame.attrs`` holds the quantity
         (``quantity``, ``loss_scale``, ``gamma``) and the run's verdict: ``converged``, ``rhat``,
-        ``ess``, ``drift``, ``n_diverged`` and ``convergence_reason``."""
+        ``ess``, ``drift``, ``relaxation``, ``n_diverged`` and ``convergence_reason``."""
         rows = []
         norms = self.diagnostics.get("norms", np.full((self.chains, len(NORMS)), np.nan))
         for c in range(self.chains):
@@ -129,7 +129,7 @@ class LLCResult:
         frame = pd.DataFrame(rows)
         s = self.summary()
         frame.attrs.update({k: s[k] for k in ("quantity", "loss_scale", "gamma", "converged", "rhat", "ess", "drift",
-                                              "n_diverged", "convergence_reason")})
+                                              "relaxation", "n_diverged", "convergence_reason")})
         return frame
 
     def __repr__(self) -> str:
@@ -198,10 +198,11 @@ def chain_estimates(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_
 @dataclass(frozen=True)
 class ChainRecords:
     """Every chain's record, gathered from all ranks in global chain order: its losses L_B,b_t(θ_t)
-    [steps, C] (NaN after a failure), failure step (−1 if healthy) and mean update norms (NORMS);
-    the steps every rank completed, and the slowest rank's wall and compilation seconds."""
+    and δ_t·∇U(θ_t) [steps, C] (NaN after a failure), failure step (−1 if healthy) and mean update
+    norms (NORMS); the steps every rank completed, and the slowest rank's wall and compilation seconds."""
 
     losses: np.ndarray
+    virial: np.ndarray
     failed_at: np.ndarray
     norms: np.ndarray
     steps_done: int
@@ -212,7 +213,7 @@ class ChainRecords:
     def gather(cls, state: SamplerState, my_chains: Sequence[int], compile_s: float, world: int) -> ChainRecords:
         """This rank's chains (``my_chains``, global indices) and, under torchrun, every other rank's."""
         local = {
-            "chains": list(my_chains), "trace": state.trace, "failed_at": state.failed_at.cpu().numpy(),
+            "chains": list(my_chains), "trace": state.trace, "virial": state.virial, "failed_at": state.failed_at.cpu().numpy(),
             "norms": (state.norms.cpu().numpy() / max(state.step, 1)), "wall_s": state.wall_s, "step": state.step,
             "compile_s": compile_s,
         }
@@ -224,6 +225,7 @@ class ChainRecords:
         steps_done = min(p["step"] for p in parts)
         return cls(
             losses=np.concatenate([p["trace"] for p in parts], axis=1)[:, order][:steps_done],
+            virial=np.concatenate([p["virial"] for p in parts], axis=1)[:, order][:steps_done],
             failed_at=np.concatenate([p["failed_at"] for p in parts])[order],
             norms=np.concatenate([p["norms"] for p in parts])[order],
             steps_done=steps_done,

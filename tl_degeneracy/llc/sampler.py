@@ -11,7 +11,9 @@ coordinates never move) and G = 1 (SGLD) or the RMSProp preconditioner G = 1/(ep
 V ← αV + (1 − α)(nβ∇L)². L_B,b is batch b's estimate of the dataset's L_B, weighted by its counted
 positions (targets.py), so that over a cycle of ragged batches the drift averages to nβ∇L_B. The
 loss L_B,b(θ_t) evaluated for the gradient (before the update) is recorded per chain and step on
-the device and copied out in blocks.
+the device and copied out in blocks, and so is δ·∇U = δ·(nβ ∇L_B,b + γ δ) (over the selected
+coordinates, the only ones δ has), whose mean over the draws is d at equilibrium (convergence.py,
+criterion (v): the relaxation of the directions only weakly held).
 
 A chain whose loss becomes non-finite or explodes (nβ L > ``explode_at``) is frozen at θ* and
 flagged with the step it failed at; the check is a device-side ``where``, read at block ends (on
@@ -76,6 +78,7 @@ class SamplerState:
     generators: list[torch.Generator]
     step: int
     trace: np.ndarray  # [steps, C] float64 losses L_B,b(θ_t); NaN after a chain failed
+    virial: np.ndarray  # [steps, C] float64 δ_t·∇U(θ_t), the same steps and chains
     alive: Tensor
     failed_at: Tensor
     norms: Tensor  # [C, len(NORMS)] sums over steps
@@ -107,6 +110,7 @@ def initial_state(target: SamplingTarget, layout: ParameterLayout, seeds: Sequen
         generators=gens,
         step=0,
         trace=np.full((dynamics.steps, C), np.nan),
+        virial=np.full((dynamics.steps, C), np.nan),
         alive=torch.ones(C, dtype=torch.bool, device=device),
         failed_at=torch.full((C,), -1, dtype=torch.long, device=device),
         norms=torch.zeros(C, len(NORMS), dtype=torch.float64, device=device),
@@ -142,6 +146,7 @@ def run_chains(
     m = None if bool(mask.all()) else mask.to(delta.dtype)
     end = dynamics.steps if stop_after is None else min(dynamics.steps, stop_after)
     block_trace = torch.empty(BLOCK, C, dtype=torch.float64, device=delta.device)
+    block_virial = torch.empty(BLOCK, C, dtype=torch.float64, device=delta.device)
     block_start = state.step
     sqrt_eta = eta**0.5
     c_grad, c_prior = 0.5 * eta * nbeta, 0.5 * eta * gamma
@@ -162,6 +167,8 @@ def run_chains(
                 # ‖ξ_c‖ while the row is still in cache (a pass over all rows afterwards re-reads them).
                 torch.linalg.vector_norm(noise[c : c + 1], dim=1, out=noise_norm[c : c + 1])
         distance = delta.norm(dim=1)
+        # δ·∇U before the update, at the point the gradient was taken (δ is zero off the selection).
+        virial = nbeta * torch.linalg.vecdot(delta, grad).to(torch.float64) + gamma * distance.to(torch.float64) ** 2
         if v is not None:
             drift = nbeta * grad
             v.mul_(dynamics.rms_alpha).addcmul_(drift, drift, value=1 - dynamics.rms_alpha)
@@ -196,6 +203,7 @@ def run_chains(
         failed_at = torch.where(newly, torch.full_like(failed_at, t), failed_at)
         alive = alive & ~bad
         block_trace[(t - block_start) % BLOCK] = torch.where(alive | newly, lossd, torch.full_like(lossd, float("nan")))
+        block_virial[(t - block_start) % BLOCK] = torch.where(alive | newly, virial, torch.full_like(virial, float("nan")))
         norms = norms + torch.where(alive[:, None], step_norms, torch.zeros_like(step_norms))
         # A failed chain is parked at θ* (δ = 0) so that its NaNs never reach the other chains' arithmetic.
         if park_always or not bool(alive.all()):
@@ -207,6 +215,7 @@ def run_chains(
         if (t + 1) % BLOCK == 0 or t + 1 == end:
             n = t + 1 - block_start
             state.trace[block_start : t + 1] = block_trace[:n].cpu().numpy()
+            state.virial[block_start : t + 1] = block_virial[:n].cpu().numpy()
             state.delta, state.v, state.alive, state.failed_at, state.norms = delta, v, alive, failed_at, norms
             state.step = t + 1
             state.wall_s += time.perf_counter() - t0

@@ -21,6 +21,11 @@ The rule: the largest η whose predicted bias is ``bias_bound`` (default 0.05) a
 direction keeps b_max ≤ ``stiff_bound`` (default 0.5: stable, since the dynamics diverge at
 b = 1, and that direction's variance is at most doubled) — :func:`step_size_for`.
 
+Ragged batches: the step on batch b meets w_b = n_b/n̄ times the curvature of L_B (targets.py), and
+to first order in η a cycle's bias is the mean of w_b² times one full batch's, at most w_max =
+max_b n_b/n̄ times. So the h_max and tr H the rule and the bias bound use are the largest batch's:
+the measured ones times :func:`largest_batch_factor` (1 for equal batches; METHODS §1, "Step size").
+
 h_max is the largest positive eigenvalue of the Hessian of L_B restricted to the selected
 coordinates, found by Lanczos iteration on Hessian-vector products (double backward, all points at
 once along the chain axis); negative curvature (a chain away from the minimum) cannot mask it. At θ* a singular model can be flat (e.g. a deep linear network at W = 0 has zero Hessian),
@@ -37,6 +42,7 @@ goes above half of it. Pilots use their own seeds and a fixed number of chains, 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,6 +75,8 @@ CURVATURE_RTOL = 0.02
 TRACE_PROBES = 2
 #: Most a pilot round may raise η by: the next pilot then tests the larger η before it is used.
 MAX_GROWTH = 4.0
+#: Batches (the first ones of the cycle) whose mean Hessian the curvature is measured on.
+CURVATURE_BATCHES = 4
 
 
 def top_hessian_eigenvalue(
@@ -77,7 +85,7 @@ def top_hessian_eigenvalue(
     mask: Bool[Tensor, " D"],
     points: Float[Tensor, "P D"],
     *,
-    max_batches: int = 4,
+    max_batches: int = CURVATURE_BATCHES,
     iters: int = 30,
     rtol: float = 1e-3,
     seed: int = 0,
@@ -212,7 +220,7 @@ def trace_samples(
     point_seeds: Sequence[int],
     *,
     probes: int = 2,
-    max_batches: int = 4,
+    max_batches: int = CURVATURE_BATCHES,
 ) -> Float[Tensor, "P probes"]:
     """Hutchinson samples zᵀ H z of tr ∇²L_B at θ* + points[p] (masked coordinates), E_z = tr H for
     Rademacher z (±1 on the selected coordinates); each probe is one Hessian-vector product for all
@@ -237,6 +245,23 @@ def hessian_trace(samples: Float[Tensor, "..."]) -> tuple[float, float]:
     v = samples.reshape(-1).to(torch.float64)
     se = float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
     return float(v.mean()), se
+
+
+def largest_batch_factor(target: SamplingTarget) -> float:
+    """max_b n_b over the mean n_b of the first :data:`CURVATURE_BATCHES` batches: the factor from the
+    Hessian the curvature is measured on (their mean Hessian of L_B,b, each ∝ n_b) to the largest
+    batch's, which its SGLD step meets (module docstring). w_max = max_b n_b/n̄ where the data have
+    at most that many batches; 1 for equal batches."""
+    measured = target.batch_positions[:CURVATURE_BATCHES]
+    return max(target.batch_positions) * len(measured) / sum(measured)
+
+
+def reference_curvature(target: SamplingTarget, layout: ParameterLayout, mask: Bool[Tensor, " D"], seed: int) -> float:
+    """h_max at θ* of the largest batch's loss (:func:`largest_batch_factor` × the Lanczos value of
+    :func:`top_hessian_eigenvalue`, to :data:`CURVATURE_RTOL`)."""
+    origin = torch.zeros(1, layout.numel, device=target.device, dtype=target.dtype)
+    h = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed, rtol=CURVATURE_RTOL)[0])
+    return largest_batch_factor(target) * h
 
 
 def predicted_bias(step_size: float, h_max: float, trace: float, llc: float, nbeta: float, gamma: float) -> float:
@@ -282,7 +307,8 @@ def bias_bound_of(step_size: float, h_max: float, nbeta: float, gamma: float) ->
 @dataclass
 class StepSizeChoice:
     """The step size chosen and what it was derived from: h_max (largest curvature measured, the
-    pilots' and θ*'s), h_max at θ*, tr H (the larger of θ*'s and the pilots' posterior mean), λ read
+    pilots' and θ*'s), h_max at θ*, tr H (the larger of θ*'s and the pilots' posterior mean), all
+    of the largest batch's loss (:func:`largest_batch_factor`; module docstring), λ read
     from the last pilot (NaN before any), the predicted bias of λ̂ (``bias_bound``) and the stiffest
     direction's b_max (``stiff_bound``) at this η, and each pilot round (``history``)."""
 
@@ -327,9 +353,8 @@ def choose_step_size(
     """Choose η so that the predicted bias of λ̂ is ``bias_bound`` and the stiffest direction's
     b_max ≤ ``stiff_bound`` (module docstring). ``progress``: a bar over each pilot round's steps
     (one bar, reset per round)."""
-    dtype = target.dtype
-    origin = torch.zeros(1, layout.numel, device=target.device, dtype=dtype)
-    h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed, rtol=CURVATURE_RTOL)[0])
+    h_ref = reference_curvature(target, layout, mask, seed)
+    weight = largest_batch_factor(target)
     h_used, trace, llc = h_ref, float("nan"), float("nan")
     eta = step_size_for(h_ref, nbeta, gamma, bias_bound, stiff_bound=stiff_bound)
     history: list[dict] = []
@@ -362,9 +387,10 @@ def choose_step_size(
                 eta = eta / 10
                 continue
             ends = state.delta[alive]
-            h_pilot = float(top_hessian_eigenvalue(target, layout, mask, ends, seed=seed + rnd + 1, rtol=CURVATURE_RTOL).max())
-            trace, trace_se = hessian_trace(trace_samples(target, layout, mask, ends, [seed + rnd + 1 + 7919 * c for c in
-                                                                               range(len(ends))], probes=TRACE_PROBES))
+            h_pilot = weight * float(top_hessian_eigenvalue(target, layout, mask, ends, seed=seed + rnd + 1,
+                                                            rtol=CURVATURE_RTOL).max())
+            trace, trace_se = (weight * x for x in hessian_trace(trace_samples(
+                target, layout, mask, ends, [seed + rnd + 1 + 7919 * c for c in range(len(ends))], probes=TRACE_PROBES)))
             llc = window_llc(state.trace, alive.cpu().numpy(), nbeta, pilot_steps // 2)
             history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "trace_hessian": trace,
                             "trace_hessian_se": trace_se, "llc_pilot": llc, "diverged": diverged})
@@ -405,11 +431,14 @@ def initial_step_size(
     stiffest direction's bound measured at θ*; the predicted bias needs λ̂ and is computed at the
     end), the one a checkpoint saved (``saved``: ``StepSizeChoice.to_dict()``), or the automatic
     one (:func:`choose_step_size`, the same on every rank), at localization ``gamma`` (the pilots'
-    γ: the floor for ``gamma="auto"``)."""
+    γ: the floor for ``gamma="auto"``). Warns where the batches are ragged enough for λ̂ to depend
+    on how the data are split (``SamplingTarget.ragged_warning``)."""
     layout, mask = selection.layout, selection.mask
+    ragged = target.ragged_warning()
+    if ragged:
+        warnings.warn(ragged, RuntimeWarning, stacklevel=3)
     if config.step_size is not None:
-        origin = torch.zeros(1, layout.numel, device=target.device, dtype=target.dtype)
-        h_ref = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed, rtol=CURVATURE_RTOL)[0])
+        h_ref = reference_curvature(target, layout, mask, seed)
         eta = float(config.step_size)
         b = bias_bound_of(eta, h_ref, nbeta, gamma)
         return StepSizeChoice(eta, h_ref, h_ref, predicted_bias(eta, h_ref, float("nan"), float("nan"), nbeta, gamma), [],
@@ -428,7 +457,8 @@ def chain_curvature(target: SamplingTarget, selection: Selection, state: Sampler
                     point_seeds: Sequence[int]) -> tuple[float, float]:
     """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains of every rank,
     at their current points, and the mean Hessian trace over all of them (Hutchinson,
-    :func:`trace_samples`); (0, NaN) where none is healthy."""
+    :func:`trace_samples`), both of the largest batch's loss (:func:`largest_batch_factor`); (0,
+    NaN) where none is healthy."""
     alive = state.alive.cpu()
     h, trace = 0.0, float("nan")
     if bool(alive.any()):
@@ -448,7 +478,8 @@ def chain_curvature(target: SamplingTarget, selection: Selection, state: Sampler
         torch.distributed.all_gather_object(parts, local)
     gathered = [x for part in parts for x in part]
     trace = hessian_trace(torch.tensor(gathered, dtype=torch.float64, device="cpu"))[0] if gathered else float("nan")
-    return max_over_ranks(h), trace
+    weight = largest_batch_factor(target)
+    return weight * max_over_ranks(h), weight * trace
 
 
 def round_down(x: float, digits: int = 3) -> float:

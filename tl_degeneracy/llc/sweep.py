@@ -40,8 +40,11 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
                 disable=not show_progress(kwargs.get("progress", True), distributed_context().rank))
 
 
-_SUMMARY = ["gamma", "gamma_source", "llc", "llc_std", "llc_stderr", "n_eff", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed",
-            "cumulative_step", "converged", "rhat", "ess", "drift", "convergence_reason"]
+# llc_mcse and stderr_caveat travel with llc_stderr: a row quoted or plotted without them would
+# show a ± from two chain means that agree by chance as if it were the uncertainty (METHODS §1).
+_SUMMARY = ["gamma", "gamma_source", "llc", "llc_std", "llc_stderr", "llc_mcse", "stderr_caveat", "n_eff", "n_params",
+            "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed", "cumulative_step", "converged", "rhat",
+            "ess", "drift", "convergence_reason"]
 
 
 def _row(res) -> dict:
@@ -61,10 +64,12 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     ``loss_scale_<ε>`` (``loss_scale_<ε>_gamma_<γ>`` when sweeping γ).
 
     Returns one row per (ε, γ), ε outer: loss_scale, nbeta, gamma (the γ sampled at; with "auto"
-    the one chosen), gamma_source, llc, llc_std, llc_stderr, n_eff, n_params, step_size,
-    bias_bound (predicted step-size bias), h_max, n_failed, cumulative_step (s = Σ η), and the
-    convergence verdict (METHODS §1): converged, rhat, ess, drift, convergence_reason. Plot with
-    :func:`plot_llc_sweep`. ``progress``: a bar over the runs above each run's own bars.
+    the one chosen), gamma_source, llc, llc_std, llc_stderr, llc_mcse (the ESS-based standard
+    error of all draws), stderr_caveat (why llc_stderr may under-state the uncertainty, or None;
+    METHODS §1, "Standard error"), n_eff, n_params, step_size, bias_bound (predicted step-size
+    bias), h_max, n_failed, cumulative_step (s = Σ η), and the convergence verdict (METHODS §1):
+    converged, rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
+    ``progress``: a bar over the runs above each run's own bars.
     """
     if "nbeta" in kwargs or "loss_scale" in kwargs:
         raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
@@ -94,10 +99,18 @@ def _gamma_line(row) -> str:
     return "γ auto (per point)" if str(row.get("gamma_source", "")).startswith("auto") else f"γ = {row['gamma']:.3g}"
 
 
+def plotted_stderr(frame: pd.DataFrame) -> pd.Series:
+    """The standard error of λ̂ a plot's error bars show for each row of a sweep or component table:
+    the larger of ``llc_stderr`` (the spread of the chain means over √C) and ``llc_mcse`` (sd/√ESS
+    of all draws), since with few chains the spread alone can be far too small (METHODS §1,
+    "Standard error"); where one is NaN (one healthy chain: no spread), the other."""
+    return pd.Series(np.fmax(frame["llc_stderr"].astype(float), frame["llc_mcse"].astype(float)), index=frame.index)
+
+
 def plot_llc_sweep(frame: pd.DataFrame):
-    """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors: against the loss scale (log
-    axis), one line per γ, when the frame has several ε; against γ (the γ-curve) at its single ε
-    otherwise. Every line is labelled with the γ (or ε) it holds fixed."""
+    """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors (:func:`plotted_stderr`):
+    against the loss scale (log axis), one line per γ, when the frame has several ε; against γ (the
+    γ-curve) at its single ε otherwise. Every line is labelled with the γ (or ε) it holds fixed."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -108,7 +121,7 @@ def plot_llc_sweep(frame: pd.DataFrame):
             part = frame[keys == name]
             fig.add_trace(go.Scatter(
                 x=part["loss_scale"], y=part["n_eff"], mode="lines+markers", name=name,
-                error_y=dict(type="data", array=4 * part["llc_stderr"]),
+                error_y=dict(type="data", array=4 * plotted_stderr(part)),
                 text=[f"γ = {g:.3g}" for g in part["gamma"]] if "gamma" in part else None))
         fig.update_layout(xaxis_type="log", xaxis_title="loss scale ε = 1/nβ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
                           title="Effective parameter count over loss scales (γ per line)")
@@ -116,7 +129,7 @@ def plot_llc_sweep(frame: pd.DataFrame):
         eps = float(frame["loss_scale"].iloc[0])
         part = frame.sort_values("gamma")
         fig.add_trace(go.Scatter(x=part["gamma"], y=part["n_eff"], mode="lines+markers", name=f"ε = {eps:.3g}",
-                                 error_y=dict(type="data", array=4 * part["llc_stderr"])))
+                                 error_y=dict(type="data", array=4 * plotted_stderr(part))))
         fig.update_layout(xaxis_type="log", xaxis_title="localization γ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
                           title=f"Effective parameter count over localizations at ε = {eps:.3g}")
     return fig
@@ -126,8 +139,9 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     """Restricted (weight-refined) LLC of each component: only its entries are sampled.
 
     One row per component: component, gamma, gamma_source, n_params (its nominal parameter count), llc, llc_std,
-    llc_stderr, n_eff = 2λ̂, n_eff_fraction = n_eff/n_params, step_size, bias_bound, n_failed and
-    the convergence verdict (converged, rhat, ess, drift, convergence_reason; METHODS §1).
+    llc_stderr, llc_mcse and stderr_caveat (as in :func:`llc_sweep`), n_eff = 2λ̂, n_eff_fraction =
+    n_eff/n_params, step_size, bias_bound, n_failed and the convergence verdict (converged, rhat,
+    ess, drift, convergence_reason; METHODS §1).
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
     ``progress``: a bar over the components above each run's own bars.
     """

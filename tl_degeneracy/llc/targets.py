@@ -27,6 +27,12 @@ positions of short batches up. With equal counts per batch (fixed-length sequenc
 n_b = n̄ and L_B,b is the batch mean; with one batch it is L_B itself. ``mean_loss`` is the
 position-weighted mean over a set of batches (by default all: the dataset's L_B).
 
+The weighting fixes L_B, not the dynamics: batch b's loss carries the weight w_b = n_b/n̄, so its
+SGLD step meets w_b times the curvature of L_B, and the largest batch w_max = max_b n_b/n̄ times
+(``largest_batch_weight``). The step-size rule and its bias bound use that curvature (stepsize.py;
+METHODS §1, "Step size"), and a run whose w_max exceeds :data:`RAGGED_WEIGHT` warns
+(``ragged_warning``), since its λ̂ depends on how the data were split.
+
 Reference outputs f_θ*(x) are computed from the frozen θ* under ``no_grad`` when a batch is first
 needed and kept while the cache stays within ``cache_bytes``; beyond that they are recomputed per
 step (one extra forward pass).
@@ -53,6 +59,9 @@ from .losses import LOSSES, masked_sum, per_sample_loss, reference_form
 
 #: Default memory budget for cached reference outputs (log-probabilities for kl).
 DEFAULT_CACHE_BYTES = 256 * 2**20
+#: Largest-batch weight w_max = max_b n_b/n̄ above which a run warns (``ragged_warning``): with batches
+#: (999, 1) of a linear regression (w_max = 2) λ̂ at a fixed η rose by 5 standard errors (+4 %).
+RAGGED_WEIGHT = 1.2
 
 
 def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
@@ -110,9 +119,14 @@ class SamplingTarget(abc.ABC):
         return int(mask.sum()) if mask is not None else math.prod(reference.shape[:-1])
 
     @functools.cached_property
+    def batch_positions(self) -> tuple[int, ...]:
+        """n_b of every batch of the cycle, in order."""
+        return tuple(self.positions(b) for b in range(self.n_batches))
+
+    @functools.cached_property
     def n_samples(self) -> int:
         """N = Σ_b n_b: the samples (counted positions) of the whole dataset that L_B averages over."""
-        count = sum(self.positions(b) for b in range(self.n_batches))
+        count = sum(self.batch_positions)
         if count == 0:
             raise DataError("the data hold no counted positions (every position is padding or a skipped BOS)")
         return count
@@ -121,6 +135,38 @@ class SamplingTarget(abc.ABC):
     def mean_positions(self) -> float:
         """n̄ = N / n_batches, the divisor of every batch's loss (module docstring)."""
         return self.n_samples / self.n_batches
+
+    @property
+    def largest_batch_weight(self) -> float:
+        """w_max = max_b n_b / n̄: how many times the curvature of L_B the step on the largest batch
+        meets (1 for equal batches; module docstring)."""
+        return max(self.batch_positions) / self.mean_positions
+
+    @property
+    @abc.abstractmethod
+    def split(self) -> tuple[int, int, str]:
+        """How the data are cut into batches: (number of units, units per batch, their name), the
+        units being rows of a tensor or sequences."""
+
+    def ragged_warning(self) -> str | None:
+        """Where w_max > :data:`RAGGED_WEIGHT`: what the ragged split does to λ̂ and which
+        ``batch_size`` avoids it (None otherwise)."""
+        w = self.largest_batch_weight
+        if w <= RAGGED_WEIGHT:
+            return None
+        units, size, name = self.split
+        if units % size:
+            # The largest divisor not above the batch size: equal batches that still fit in memory.
+            even = next(d for d in range(size, 0, -1) if units % d == 0)
+            fix = (f"batch_size={even} divides the {units:,} {name} evenly (or leave out the {units % size:,} {name} "
+                   "of the short last batch)")
+        else:  # equal numbers of sequences, of different lengths
+            fix = f"batches of {name} of equal length, or one batch (batch_size=None), avoid this"
+        return (f"ragged minibatches: the largest of the {self.n_batches} batches holds {max(self.batch_positions):,} "
+                f"counted positions, {w:.2f}× the mean {self.mean_positions:.4g}, so its SGLD steps meet {w:.2f}× the "
+                "curvature of L_B. The step-size rule and the reported bias bound use that curvature (an automatic "
+                f"step size is about {w:.2f}× smaller than an even split needs), but λ̂ still depends on how the data "
+                f"are split (METHODS §1, \"Step size\"); {fix}")
 
     @property
     def compile_obstacle(self) -> str:
@@ -264,6 +310,10 @@ class ModuleTarget(SamplingTarget):
     def n_batches(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
+    @property
+    def split(self) -> tuple[int, int, str]:
+        return len(self.data), self.batch_size, "rows"
+
     def _data_digest(self) -> str:
         # Buffers (e.g. normalisation statistics) shape the outputs too, so they are part of "the data".
         buffers = sorted((f"buffer:{n}", t) for n, t in self.engine.model.named_buffers())
@@ -311,6 +361,10 @@ class TransformerTarget(SamplingTarget):
     @property
     def n_batches(self) -> int:
         return len(self.batches)
+
+    @property
+    def split(self) -> tuple[int, int, str]:
+        return self.batches.n_sequences, self.batches.batch_size, "sequences"
 
     def _data_digest(self) -> str:
         tb = self.batches

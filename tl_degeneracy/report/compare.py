@@ -6,10 +6,11 @@ out: html.flat_values) of A and of B, with the difference B − A where both are
 
 Uncertainty: where a value is an estimate with a standard error — the behavioral LLC λ̂_B, N_eff =
 2λ̂_B (standard error 2·se(λ̂_B)), the rows of the N_eff(ε) sweep and the restricted LLC of each
-component (METHODS §1: the standard error of the mean over chains) — the frame gives both standard
-errors and whether |B − A| exceeds two combined standard errors, 2·√(se_A² + se_B²). That error is
-the spread between chains only, not the bias of chains too short to converge, which each section's
-verdict states as it is ("not converged": a lower bound). Two estimates are tested only when they
+component (METHODS §1: the larger of the standard error of the mean over chains and ArviZ's
+Monte-Carlo standard error of all draws, since with few chains the first under-states it) — the
+frame gives both standard errors and whether |B − A| exceeds two combined standard errors,
+2·√(se_A² + se_B²). That error is sampling noise only, not the bias of chains too short to converge,
+which each section's verdict states as it is ("not converged": a lower bound). Two estimates are tested only when they
 are of one quantity — the same loss scale ε, localization γ and parameter selection (METHODS §1:
 λ̂_B(ε, γ) moves with γ, and ``gamma="auto"`` picks γ per run) — and both converged; otherwise
 ``comparable`` says why not and ``beyond_2se`` is None.
@@ -47,8 +48,9 @@ FORMAT = "tl-degeneracy-comparison/1"
 #: Columns of ``ReportComparison.to_frame()``.
 COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se", "comparable")
 
-#: value → (the value holding its standard error, factor): N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B) (METHODS §1).
-STDERR = {"llc": ("llc_stderr", 1.0), "n_eff": ("llc_stderr", 2.0)}
+#: value → (the values holding its standard errors, factor): the larger of the chains' spread and ArviZ's
+#: MCSE (with few chains the spread under-states it, METHODS §1), and N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B).
+STDERR = {"llc": (("llc_stderr", "llc_mcse"), 1.0), "n_eff": (("llc_stderr", "llc_mcse"), 2.0)}
 #: Section → (table, the column naming each row, the row's name): tables whose rows are estimates
 #: with standard errors (STDERR), compared row by row beside the section's values.
 ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("gamma_curve", "gamma", "γ-curve γ={:.3g}"),
@@ -304,9 +306,9 @@ def _incomparable(qa: dict, qb: dict) -> str | None:
 
 
 def _stderr(values: dict, key: str) -> float | None:
-    name, factor = STDERR.get(key, (None, 0.0))
-    se = _number(values.get(name)) if name else None
-    return None if se is None or not math.isfinite(se) else factor * se
+    names, factor = STDERR.get(key, ((), 0.0))
+    known = [se for se in (_number(values.get(n)) for n in names) if se is not None and math.isfinite(se)]
+    return factor * max(known) if known else None
 
 
 def _number(v) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..llc.sweep import plotted_stderr
 from ..plots import integer_ticks
 
 __all__ = ["plot_counts", "plot_gram_spectra", "plot_component_llc"]
@@ -42,11 +43,12 @@ def plot_gram_spectra(stats):
 
 
 def plot_component_llc(frame: pd.DataFrame):
-    """N_eff of each component's restricted LLC as a fraction of its parameter count (METHODS §1)."""
+    """N_eff of each component's restricted LLC as a fraction of its parameter count (METHODS §1),
+    ±2 standard errors (:func:`~tl_degeneracy.llc.sweep.plotted_stderr`)."""
     import plotly.graph_objects as go
 
     fig = go.Figure(go.Bar(x=frame["component"], y=frame["n_eff_fraction"],
-                           error_y=dict(type="data", array=4 * frame["llc_stderr"] / frame["n_params"])))
+                           error_y=dict(type="data", array=4 * plotted_stderr(frame) / frame["n_params"])))
     fig.update_layout(title="Restricted LLC per component: N_eff / n_params", yaxis_title="N_eff / n_params",
                       xaxis_title="component")
     return fig

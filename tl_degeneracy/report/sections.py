@@ -224,7 +224,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
 _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference", "h_max_end", "bias_bound",
                 "bias_bound_end", "predicted_bias_factor", "calibration", "adaptations", "s_per_chain_step",
                 "wall_s", "n_samples", "n_batches", "steps_done", "compiled", "compile_s", "compile_error", "pilot_steps",
-                "rhat", "ess", "drift", "n_diverged", "diverged_chains", "convergence", "budget")
+                "rhat", "ess", "drift", "relaxation", "n_diverged", "diverged_chains", "convergence", "budget")
 
 
 @register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
@@ -292,17 +292,31 @@ def llc(ctx: ReportContext) -> SectionOutput:
             out.figures["components"] = plot_component_llc(comps)
     state = "converged" if res.converged else f"not converged — lower bound: {res.convergence_reason}"
     scope = "" if s.llc_params is None else f" of {s.llc_params}"
-    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = "
-                    f"{estimate_text(res.llc, res.llc_stderr, res.chains - len(res.failed))} ({state}; N_eff "
+    value = _estimate(res.llc, res.llc_stderr, summary["llc_mcse"], summary["stderr_caveat"], res.chains - len(res.failed),
+                      ".4g")
+    out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {value} ({state}; N_eff "
                     f"{'=' if res.converged else '≥'} {res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): "
                     + ", ".join(_sweep_point(r) for r in sweep.itertuples()))
     return out
 
 
+def _estimate(value: float, stderr: float, mcse: float | None, caveat: str | None, healthy: int, spec: str) -> str:
+    """:func:`estimate_text` of ``value ± stderr``, followed where the run carries a stderr caveat
+    by "(± uncertain: ESS-based ± mcse)": the ± from a few chain means can be far too small, and a
+    line that quotes it must not read as precise (METHODS §1, "Standard error"; the full caveat is
+    in the section's verdict). ``mcse`` on the scale of ``value``."""
+    text = estimate_text(value, stderr, healthy, spec)
+    # A sweep table holds None where a row has no caveat (NaN once a frame was concatenated).
+    if not (isinstance(caveat, str) and caveat):
+        return text
+    return f"{text} (± uncertain: ESS-based ± {mcse:.2g})"
+
+
 def _sweep_point(r) -> str:
-    """One N_eff(ε, γ) of a sweep row: ± its standard error (2·se(λ̂)), and "≥ … (not converged)"
-    where its chains did not converge (a lower bound, METHODS §1)."""
-    value = estimate_text(r.n_eff, 2 * r.llc_stderr, r.chains - r.n_failed, ".3g")
+    """One N_eff(ε, γ) of a sweep row: ± its standard error (2·se(λ̂)), flagged where that ± may
+    under-state the uncertainty (:func:`_estimate`), and "≥ … (not converged)" where its chains did
+    not converge (a lower bound, METHODS §1)."""
+    value = _estimate(r.n_eff, 2 * r.llc_stderr, 2 * r.llc_mcse, r.stderr_caveat, r.chains - r.n_failed, ".3g")
     where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g})"
     return f"{value} at {where}" if r.converged else f"≥ {value} (not converged) at {where}"
 
@@ -494,8 +508,11 @@ def _llc_verdict(v: dict) -> str:
     se = v.get("llc_stderr")
     if isinstance(se, (int, float)) and math.isfinite(se) and v.get("n_eff") is not None:
         n_eff += f" ± {2 * se:.2g}"
-    if v.get("stderr_caveat"):
-        where += f" ({v['stderr_caveat']})"
+    if v.get("stderr_caveat"):  # its numbers are on λ̂'s scale, half N_eff's
+        healthy = (v.get("chains") or 0) - (v.get("n_failed") or 0)
+        known = isinstance(se, (int, float)) and isinstance(v.get("llc"), (int, float))
+        on = f"λ̂ = {estimate_text(v['llc'], se, healthy, '.4g')}" if known else "λ̂"
+        where += f" (on {on}: {v['stderr_caveat']})"
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:

@@ -22,9 +22,10 @@ __all__ = ["Backward", "cotangents", "differentiable_capture", "probe_generator"
 
 def probe_generator(seed: int, unit: int, probe: int, device: torch.device,
                     stream: tuple[int, ...] = ()) -> torch.Generator:
-    """Generator of probe ``probe`` of ``unit`` (a sequence's number in the data for Jacobian
-    probes, a batch's number for edge sources); ``stream`` separates independent uses (e.g. edge
-    sources from Jacobian probes) without changing the default streams."""
+    """Generator of probe ``probe`` of ``unit`` (a sequence's number in the data, for Jacobian
+    probes and edge sources alike, so that neither depends on how the data are batched; METHODS
+    §5); ``stream`` separates independent uses (e.g. edge sources from Jacobian probes) without
+    changing the default streams."""
     # SeedSequence mixes the integers into well-separated streams (no seed + index collisions).
     keys = [int(seed), int(unit), int(probe), *(int(s) for s in stream)]
     state = np.random.SeedSequence(keys).generate_state(2, dtype=np.uint32)
