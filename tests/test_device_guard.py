@@ -32,7 +32,7 @@ FACTORIES = frozenset({
 ALLOWED: dict[str, tuple[int, str]] = {
     "data.py": (9, "the token data pipeline lives on the CPU; Batch.to(device) moves each batch"),
     "counts.py::_token_frequencies": (1, "a CPU histogram of token ids, filled from tokens moved with .cpu()"),
-    "invariants.py::_rotary_angles": (1, "rotation angles as CPU float64 (the others come .cpu()); eigenvectors are built from them on the CPU"),
+    "models/adapter.py::ModelAdapter.rotary_angles": (1, "rotation angles as CPU float64 (the others come .cpu()); eigenvectors are built from them on the CPU"),
     "invariants.py::_rotation_eigenspaces": (3, "eigenspace bases built on the CPU; _block_ranks moves them to the weights' device"),
     "invariants.py::_group_free_directions": (1, "the identity basis of a non-rotary head; _block_ranks moves it to the weights' device"),
     "gauge.py::_writable": (1, "a CPU coverage mask, filled from layout masks moved with .cpu()"),

@@ -159,32 +159,6 @@ def _copying_scores(eig: Complex[Tensor, " r"]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- free directions
-def _rotary_angles(adapter: ModelAdapter, layer: int) -> tuple[Float[Tensor, " pairs"], bool]:
-    """(ω_j, adjacent): the angle by which rotary turns coordinate pair j of a head between positions
-    one apart, as the model computes it, and whether pairs are (2j, 2j+1) (else (j, j + pairs)).
-
-    HookedTransformer: its rotary_cos/rotary_sin buffers at position 1. TransformerBridge: the HF
-    model's ``inv_freq`` (the first one: layers are assumed to share it). Otherwise (a TL-native
-    bridge, an HF model without ``inv_freq``) TransformerLens' formula rotary_base^(−2j/rotary_dim).
-    The layout is TransformerLens' ``rotary_adjacent_pairs``. The count at full rank depends only on
-    how many frequencies coincide; the layout matters only for factors that are rank deficient on a
-    rotary pair (TL-native bridges rotate adjacent pairs whatever that flag says). The adapters have
-    no accessor for the rotation yet, hence the backend's own attributes here.
-    """
-    model = adapter.model
-    adjacent = bool(getattr(model.cfg, "rotary_adjacent_pairs", False))
-    attn = model.blocks[layer].attn
-    if hasattr(attn, "rotary_cos"):  # one angle per rotated coordinate, each pair's twice
-        theta = torch.atan2(attn.rotary_sin[1].double(), attn.rotary_cos[1].double()).cpu()
-        return (theta[::2] if adjacent else theta[: theta.numel() // 2]), adjacent
-    hf = getattr(model, "original_model", None)
-    freqs = [b for name, b in hf.named_buffers() if name.endswith(".inv_freq")] if hf is not None else []
-    if freqs:
-        return freqs[0].double().cpu(), adjacent
-    rotary_dim = getattr(model.cfg, "rotary_dim", None) or adapter.d_head
-    return model.cfg.rotary_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim), adjacent
-
-
 def _rotation_eigenspaces(d: int, angles: Float[Tensor, " pairs"], adjacent: bool) -> list[Complex[Tensor, "d m"]]:
     """Orthonormal bases of the eigenspaces of the rotation of one position (METHODS §2), which
     :func:`free_directions` counts block by block.
@@ -251,7 +225,7 @@ def _group_free_directions(
     d = fm.mdim
     out = []
     for layer in range(adapter.n_layers):
-        spaces = (_rotation_eigenspaces(d, *_rotary_angles(adapter, layer)) if rotary
+        spaces = (_rotation_eigenspaces(d, *adapter.rotary_angles(layer)) if rotary
                   else [torch.eye(d, dtype=torch.float64)])
         counts = []
         for kv in range(adapter.n_kv_heads):

@@ -486,6 +486,18 @@ class ModelAdapter(abc.ABC):
                 b_U = e["W_U"].new_zeros(e["W_U"].shape[-1])
             return EmbeddingWeights(W_E=e["W_E"], W_U=e["W_U"], b_U=b_U, W_pos=e.get("W_pos"))
 
+    def rotary_angles(self, layer: int) -> tuple[Float[Tensor, " pairs"], bool]:
+        """(ω_j, adjacent) of ``layer``'s rotary position embedding (METHODS §2): the angle by which
+        it turns coordinate pair j of a head between positions one apart, float64 on the CPU, and
+        whether the pairs are (2j, 2j + 1) (TransformerLens' ``rotary_adjacent_pairs``; else (j, j +
+        pairs)). Here TransformerLens' formula rotary_base^(−2j/rotary_dim); backends that hold the
+        angles the forward uses read those instead. The count at full rank depends only on how many
+        frequencies coincide; the layout matters only for factors rank-deficient on a rotary pair."""
+        c = self.model.cfg
+        rotary_dim = getattr(c, "rotary_dim", None) or self.d_head
+        angles = c.rotary_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        return angles, bool(getattr(c, "rotary_adjacent_pairs", False))
+
     #: Whether the gated MLP adds ``b_in`` after the product act(x W_gate) ⊙ x W_in (TransformerLens'
     #: GatedMLP), so that it is the bias of neither map; Hugging Face's up/gate projections carry their own.
     gated_bias_after_product: ClassVar[bool] = False

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .adapter import ModelAdapter
 from .config import ModelConfig
-from .hooked_transformer import NORMALIZATION, LegacyHookNames
+from .hooked_transformer import NORMALIZATION, LegacyHookNames, buffer_rotary_angles
 
 _ORIGINAL = re.compile(r"(^|\.)_?original_component(?=\.|$)")
 
@@ -146,6 +146,19 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         return names
 
     # ------------------------------------------------------------------ weights
+    def rotary_angles(self, layer: int) -> tuple[Tensor, bool]:
+        """The base class's (ω_j, adjacent), read where the forward keeps them: TransformerLens'
+        rotary buffers on the attention, else the wrapped HF model's ``inv_freq`` (the first one:
+        layers are assumed to share it), else TransformerLens' formula."""
+        found = buffer_rotary_angles(self.model.blocks[layer].attn, self.model.cfg)
+        if found is not None:
+            return found
+        hf = getattr(self.model, "original_model", None)
+        freqs = [b for name, b in hf.named_buffers() if name.endswith(".inv_freq")] if hf is not None else []
+        if freqs:
+            return freqs[0].double().cpu(), bool(getattr(self.model.cfg, "rotary_adjacent_pairs", False))
+        return super().rotary_angles(layer)
+
     def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
         attn = self.model.blocks[layer].attn
         return {name: _attribute(attn, name) for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")}

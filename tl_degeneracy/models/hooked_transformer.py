@@ -26,6 +26,7 @@ TransformerLens hook names.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..errors import MissingHookError
@@ -138,6 +139,11 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )
 
+    def rotary_angles(self, layer: int) -> tuple[Tensor, bool]:
+        """The base class's (ω_j, adjacent), read from the attention's ``rotary_cos``/``rotary_sin``
+        buffers at position 1 where it has them (one angle per rotated coordinate, each pair's twice)."""
+        return buffer_rotary_angles(self.model.blocks[layer].attn, self.model.cfg) or super().rotary_angles(layer)
+
     def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
         attn = self.model.blocks[layer].attn
 
@@ -169,3 +175,13 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
             "W_U": m.unembed.W_U,
             "b_U": getattr(m.unembed, "b_U", None),
         }
+
+
+def buffer_rotary_angles(attention, cfg) -> tuple[Tensor, bool] | None:
+    """(ω_j, adjacent) from TransformerLens' ``rotary_cos``/``rotary_sin`` buffers of ``attention`` at
+    position 1 (one angle per rotated coordinate, each pair's twice), or None where it has none."""
+    if not hasattr(attention, "rotary_cos"):
+        return None
+    adjacent = bool(getattr(cfg, "rotary_adjacent_pairs", False))
+    theta = torch.atan2(attention.rotary_sin[1].double(), attention.rotary_cos[1].double()).cpu()
+    return (theta[::2] if adjacent else theta[: theta.numel() // 2]), adjacent
