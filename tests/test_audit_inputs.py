@@ -386,14 +386,28 @@ def test_valid_tolerances_still_decide_the_rank():
 @pytest.mark.parametrize("batch_size", [2.5, 0, -1, True, "4", None])
 def test_batch_sizes_must_be_positive_integers(batch_size, tiny_toy_transformer):
     """batch_size=2.5 was truncated to 2, silently."""
-    with pytest.raises(tld.DataError, match=r"batch_size must be a positive integer .*; got"):
+    with pytest.raises(tld.DataError, match=r"batch_size must be an integer ≥ 1 .*; got"):
         tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, batch_size=batch_size)
 
 
-def test_numpy_integer_batch_sizes_are_fine(tiny_toy_transformer):
+@pytest.mark.parametrize("seq_len", [True, 2.5, 0, "4"])
+def test_seq_lens_must_be_integers(seq_len, tiny_toy_transformer):
+    """seq_len=True was read as 1: every sequence cut into 1-token chunks, silently."""
+    with pytest.raises(tld.DataError, match=r"seq_len must be an integer ≥ 1 .*; got"):
+        tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, seq_len=seq_len)
+
+
+def test_numpy_integer_batch_sizes_and_seq_lens_are_fine(tiny_toy_transformer):
     import numpy as np
 
-    assert tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, batch_size=np.int64(3)).batch_size == 3
+    tb = tld.token_batches(torch.randint(0, 20, (4, 6)), tiny_toy_transformer, batch_size=np.int64(3), seq_len=np.int64(4))
+    assert tb.batch_size == 3 and tb.max_len == 4  # seq_len=np.int64(4) was refused
+
+
+def test_activation_stats_checks_the_memory_budget_first(tiny_toy_transformer):
+    """activation_stats ran to the end under a budget that the other passes refuse before starting."""
+    with tld.memory_limit("1K"), pytest.raises(tld.MemoryBudgetError, match="activation_stats"):
+        tld.activation_stats(tiny_toy_transformer, torch.randint(0, 20, (4, 6)), progress=False)
 
 
 @pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens 3.x")

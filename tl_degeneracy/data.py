@@ -446,14 +446,15 @@ def _validate_ids(rows: list[Tensor], d_vocab: int, source: str) -> None:
             )
 
 
-def _batch_size(value) -> int:
-    """``value`` as a batch size: a positive integer (a float such as 2.5 is refused, not truncated)."""
+def _count(value, name: str, what: str, least: int = 1) -> int:
+    """``value`` as a count ≥ ``least``: ints and numpy integers; floats (2.5 is refused, not truncated)
+    and bools (True is not 1 sequence or token) are refused with a DataError naming ``name``."""
     try:
-        size = operator.index(value)  # ints and numpy integers; not floats, and bools are refused below
+        size = operator.index(value)
     except TypeError:
         size = None
-    if size is None or isinstance(value, bool) or size < 1:
-        raise DataError(f"batch_size must be a positive integer (sequences per batch); got {value!r}")
+    if size is None or isinstance(value, bool) or size < least:
+        raise DataError(f"{name} must be an integer ≥ {least} ({what}); got {value!r}")
     return size
 
 
@@ -532,7 +533,7 @@ def token_batches(
             raise DataError("attention_mask= cannot apply to a TokenBatches: its padding was already left out")
         check_unpadded([len(s) for s in data.sequences], data.batch_size, adapter)
         return data
-    batch_size = _batch_size(batch_size)
+    batch_size = _count(batch_size, "batch_size", "sequences per batch")
     cfg = adapter.cfg
     bos_id = adapter.bos_token_id
 
@@ -620,8 +621,7 @@ def token_batches(
     # --- 3. lengths: chunk to seq_len, or refuse sequences longer than n_ctx
     extra = 1 if bos else 0
     if seq_len is not None:
-        if not isinstance(seq_len, int) or seq_len < 1 + extra:
-            raise DataError(f"seq_len must be an integer ≥ {1 + extra}{' (BOS + 1 token)' if bos else ''}; got {seq_len!r}")
+        seq_len = _count(seq_len, "seq_len", "tokens per chunk" + (", BOS + 1 token at least" if bos else ""), 1 + extra)
         if seq_len > cfg.n_ctx:
             raise DataError(f"seq_len={seq_len} is longer than the model's context n_ctx={cfg.n_ctx}")
         seqs = [c for b in bodies for c in _chunk(b, bos_id if bos else None, seq_len - extra)]

@@ -171,7 +171,11 @@ def estimate(
     The constants are counts of the tensors each pass keeps alive, not measurements; the peak-RSS
     increase of a Jacobian pass on toy:bytelm (tests/test_memory.py) and the peak CUDA allocation of
     ``degeneracy_counts`` on a GPT-2-small-shaped model were measured within them or at most 1 %
-    above, and the estimate is the count times :data:`ALLOCATOR_SLACK`.
+    above, and the estimate is the count times :data:`ALLOCATOR_SLACK`. That holds for a pass in a
+    process that has run one before: the first pass of a fresh process raises the resident set once
+    by a few hundred MB more (a V = 32,000 toy's Jacobian pass: 992 MiB cold, 687 MiB warm, against an
+    estimate of 686; the libraries' workspaces and the allocator's first large blocks), which the
+    default budget's headroom (:data:`DEFAULT_FRACTION`) covers and a budget set to the last MB does not.
     """
     if analysis not in ANALYSES:
         raise ValueError(f"analysis must be one of {ANALYSES}; got {analysis!r}")

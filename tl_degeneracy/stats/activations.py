@@ -14,6 +14,7 @@ import torch
 
 from ..data import token_batches
 from ..errors import MissingHookError
+from ..memory import check_batches
 from ..models.adapt import adapt
 from .accumulators import MomentAccumulator
 from .distributed import distributed_context
@@ -133,10 +134,13 @@ def activation_stats(
     Raises:
         NumericalError: a NaN/inf activation (naming the hook and batch). DataError: bad data.
         MissingHookError: unknown hooks, or hooks that never fire.
+        MemoryBudgetError: a batch's forward pass would not fit the memory budget (``tld.memory``),
+        before anything runs.
     """
     adapter = adapt(model)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "activation_stats")
+    check_batches(adapter, "forward", batches, "activation_stats")  # fail before the first forward, as the others
     collector = moment_pass(adapter, batches, targets, per_head, device, progress)
 
     stats = {}
