@@ -399,7 +399,8 @@ def sparsify(
     grams = _input_grams(adapter, batches, progress)
     precision = activation_precision(adapter.dtype)
     weights = adapter.mlp_weights()
-    has_bias = _live_mlp(adapter.model, 0)["b_in"] is not None
+    # Gated MLPs are refused above, so W_in has a bias of its own exactly where b_in exists (adapter.map_biases).
+    has_bias = adapter.map_biases(0)["W_in"]
     L, D, F = adapter.n_layers, adapter.d_model, adapter.d_mlp
 
     new_weights, pending, bases, rows = [], {}, [], []

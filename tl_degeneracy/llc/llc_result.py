@@ -184,6 +184,14 @@ def stderr_caveat(stderr: float, mcse: float, healthy: int) -> str | None:
     return None
 
 
+def larger_stderr(stderr, mcse):
+    """The standard error to quote or test with: the larger of ``stderr`` (the spread of the chain
+    means over √C) and ``mcse`` (ArviZ's sd/√ESS of all draws), since with few chains the spread
+    alone can be far too small (METHODS §1, "Standard error"); where one is NaN (one healthy chain:
+    no spread), the other. Scalars or arrays alike."""
+    return np.fmax(np.asarray(stderr, dtype=np.float64), np.asarray(mcse, dtype=np.float64))
+
+
 def chain_estimates(trace_losses: np.ndarray, nbeta: float, burnin: int, failed_at: np.ndarray) -> tuple[np.ndarray, float, float, float]:
     """Per-chain λ̂ from losses [steps, C]; mean, spread (ddof 1) and standard error over healthy chains."""
     per_chain = nbeta * trace_losses[burnin:].mean(0)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..stats.distributed import distributed_context
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc
+from .llc_result import larger_stderr
 
 
 def _subdir(kwargs: dict, name: str) -> dict:
@@ -101,10 +102,8 @@ def _gamma_line(row) -> str:
 
 def plotted_stderr(frame: pd.DataFrame) -> pd.Series:
     """The standard error of λ̂ a plot's error bars show for each row of a sweep or component table:
-    the larger of ``llc_stderr`` (the spread of the chain means over √C) and ``llc_mcse`` (sd/√ESS
-    of all draws), since with few chains the spread alone can be far too small (METHODS §1,
-    "Standard error"); where one is NaN (one healthy chain: no spread), the other."""
-    return pd.Series(np.fmax(frame["llc_stderr"].astype(float), frame["llc_mcse"].astype(float)), index=frame.index)
+    :func:`~tl_degeneracy.llc.llc_result.larger_stderr` of its ``llc_stderr`` and ``llc_mcse``."""
+    return pd.Series(larger_stderr(frame["llc_stderr"], frame["llc_mcse"]), index=frame.index)
 
 
 def plot_llc_sweep(frame: pd.DataFrame):

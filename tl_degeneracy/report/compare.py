@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import TLDegeneracyError
+from ..llc.llc_result import larger_stderr
 from .html import flat_values, render_comparison, section_status, value_text
 from .registry import SECTIONS
 from .report import Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, write_atomic
@@ -307,8 +308,11 @@ def _incomparable(qa: dict, qb: dict) -> str | None:
 
 def _stderr(values: dict, key: str) -> float | None:
     names, factor = STDERR.get(key, ((), 0.0))
-    known = [se for se in (_number(values.get(n)) for n in names) if se is not None and math.isfinite(se)]
-    return factor * max(known) if known else None
+    if not names:
+        return None
+    numbers = [_number(values.get(n)) for n in names]
+    se = float(larger_stderr(*(math.nan if x is None else x for x in numbers)))
+    return factor * se if math.isfinite(se) else None
 
 
 def _number(v) -> float | None:
