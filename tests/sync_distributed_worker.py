@@ -37,7 +37,8 @@ def compute() -> dict[str, torch.Tensor]:
         out |= {f"{key}/distance": torch.as_tensor(hs.distance), f"{key}/value_cov": hs.value_cov,
                 f"{key}/input_rank": torch.as_tensor(hs.input_rank), f"{key}/n_samples": torch.tensor(hs.n_samples),
                 f"{key}/extra": torch.tensor(hs.extra_freedom), f"{key}/neuron_distance": torch.as_tensor(ns.distance),
-                f"{key}/pre_gram": ns.pre_gram, f"{key}/neuron_samples": torch.tensor(ns.n_samples)}
+                f"{key}/neuron_value_gram": ns.value_gram, f"{key}/neuron_samples": torch.tensor(ns.n_samples),
+                f"{key}/neuron_input_rank": torch.as_tensor(ns.input_rank)}
     return out
 
 

@@ -326,7 +326,7 @@ def test_config_is_checked_against_the_weights(audit_dirs):
     tokens = torch.randint(3, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
     counts = tld.degeneracy_counts(model, tokens, progress=False)
     assert set(counts.loc[counts["map"].isin(["W_in", "W_out"]), "n_params"]) == {32 * 64}
-    assert tld.neuron_synchronization(model, tokens).pre_gram.shape == (2, 64, 64)
+    assert tld.neuron_synchronization(model, tokens).value_gram.shape == (2, 64, 64)
     from tl_degeneracy.models.toys.transformer import ToyTransformer
 
     class WrongConfig(ToyTransformer):

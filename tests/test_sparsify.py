@@ -64,7 +64,7 @@ def test_free_directions_are_the_package_counts(modadd, results):
     assert row.input_rank == rank and row.activation_free == (128 - rank) * 512
     sync = tld.neuron_synchronization(modadd, data, tol=0.0).to_frame()
     assert row.blocks == len(sync)
-    assert row.sync_free == int(sync["extra_freedom"].clip(lower=0).sum())
+    assert row.sync_free == int(sync["extra_freedom"].sum())
 
 
 def test_original_untouched_and_copy_hooks(modadd):
@@ -120,12 +120,17 @@ def test_zero_edges_at_least_free_directions(results):
         edges = ep.edges[nodes[0], nodes[1]]
         assert edges.shape == (F, D)
         row = res.to_frame().iloc[0]
-        # zeros of the stored weights give exactly zero edges ...
-        assert int((edges == 0).sum()) >= row.zeros_in_model >= row.activation_free, name
+        # zeros of the stored [W_in; b_in] give exactly zero input–hidden edges ...
+        assert int((edges == 0).sum()) >= row.zeros_in_model - row.zeros_out >= row.activation_free, name
         # ... those of the paper's basis are zero in exact arithmetic and computed as Σ_k W_jk r_k B_ki
         # x_j in float64: relative error ROUNDING at most, so E (a square) at most ROUNDING² of the
-        # largest edge, 1e-20, far below any edge that is not zero.
-        assert int((edges <= ROUNDING**2 * edges.max()).sum()) >= row.free_directions, name
+        # largest edge, 1e-20, far below any edge that is not zero. A removed neuron (f ≡ 0, W_out row
+        # 0) adds D zero hidden–output pairs (zeros_out): with them, one zero per free direction.
+        removed = basis.hidden_map.abs().sum(0) == 0
+        assert row.zeros_out == D * int(removed.sum()) == D * row.removed_neurons, name
+        assert (model.blocks[0].mlp.W_out[removed.to(model.blocks[0].mlp.W_out.device)] == 0).all(), name
+        zero_edges = int((edges <= ROUNDING**2 * edges.max()).sum())
+        assert zero_edges + row.zeros_out >= row.free_directions, name
 
 
 def test_gelu_reports_drift_and_kl():

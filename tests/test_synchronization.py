@@ -194,9 +194,9 @@ def test_bad_input(tiny_toy_transformer):
 from tl_degeneracy.synchronization import neuron_synchronization  # noqa: E402
 
 
-def _relu_model_with_duplicate(c: float = 2.5):
+def _relu_model_with_duplicate(c: float = 2.5, dtype: torch.dtype = torch.float32):
     """ReLU MLP; neuron 5 of layer 0 is 2.5 × neuron 3 (W_in column and b_in): same firing pattern."""
-    model = make_tiny_toy_transformer(act_fn="relu")
+    model = make_tiny_toy_transformer(act_fn="relu").to(dtype)
     mlp = model.blocks[0].mlp
     with torch.no_grad():
         mlp.W_in[:, 5] = c * mlp.W_in[:, 3]
@@ -213,15 +213,82 @@ def test_duplicated_relu_neuron_is_synchronized():
     frame = res.to_frame()
     assert frame[["layer", "neurons"]].values.tolist() == [[0, (3, 5)]]
     row = frame.iloc[0]
-    # METHODS §3: block freedom s_a² with s_a the rank of the block's pre-activations: p_5 = 2.5 p_3,
-    # so s_a = 1; separately each neuron has its own rescaling (1 + 1).
-    assert row["s_block"] == 1 and row["free_block"] == 1 and row["free_separate"] == 2
+    # METHODS §3 (corrected): f_5 = 2.5 f_3, so s = 1, and the block computes r·p_3·(w_3 + 2.5 w_5):
+    # only that sum of output rows is pinned down, d_out = D − 1 (LayerNorm) extra directions. The
+    # paper's s_a² − Σ 1 would say 1 − 2 = −1.
+    assert row["s_block"] == 1 and row["count_exact"] and row["extra_freedom"] == 16 - 1 == res.extra_freedom
     assert res.blocks[1] == [[i] for i in range(32)] or all(len(b) == 1 for b in res.blocks[1])
     # for ReLU the distance is the fraction of samples on which two neurons disagree
     _, cache = model.run_with_cache(_tokens())
     fire = (cache["blocks.0.mlp.hook_pre"] > 0).double().flatten(0, 1)
     np.testing.assert_allclose(res.distance[0, 0, 1], float((fire[:, 0] != fire[:, 1]).double().mean()), rtol=1e-12)
     assert len(res.plot().data) == 2
+
+
+def _mlp_input(model, tokens, layer: int = 0) -> torch.Tensor:
+    """A layer's MLP input x̃ = [x, 1] at every position, float64 (x = n·w + b from the hooked n)."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.counts import block_input_affine, block_input_hook
+
+    adapter = tld.adapt(model)
+    name = block_input_hook(adapter, layer, "ln2")
+    w, b = block_input_affine(adapter, layer, "ln2")
+    _, cache = model.run_with_cache(tokens, names_filter=name)
+    x = cache[name].flatten(0, 1).double()
+    x = x * (1 if w is None else w.double()) + (0 if b is None else b.double())
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1)
+
+
+def _neuron_block_jacobians(model, tokens, layer: int, neurons: list[int]) -> tuple[int, int]:
+    """Brute force (METHODS §3): ranks of the Jacobians of a block's output from its W̃_in columns
+    and W_out rows, with the neurons' outputs apart (one output each) and summed, on every position,
+    P-projected (LayerNorm never reads the mean direction)."""
+    X = _mlp_input(model, tokens, layer)
+    mlp = model.blocks[layer].mlp
+    Wt = torch.cat([mlp.W_in.detach(), mlp.b_in.detach()[None]]).double()[:, neurons]
+    B = mlp.W_out.detach().double()[neurons]
+    P = torch.eye(B.shape[1], dtype=torch.float64) - 1 / B.shape[1]
+    synced = jacobian_rank(lambda t: torch.relu(X @ t[0]) @ t[1] @ P, [Wt, B])
+    apart = jacobian_rank(lambda t: torch.relu(X @ t[0]).T[:, :, None] * (t[1] @ P)[:, None, :], [Wt, B])
+    return apart, synced
+
+
+def test_neuron_block_freedom_is_the_jacobian_rank_drop():
+    """A block of three ReLU neurons firing alike, neuron 5 = 2.5 × neuron 3 and neuron 7 = neuron 3
+    plus a small independent direction that changes no sign on the data, and two neurons that never
+    fire: extra_freedom equals the brute-force drop of the Jacobian rank, d_out·(m − s) + s·m − m =
+    15 + 6 − 3 = 18 for the first block, 0 for the dead pair (the paper's s_a² − Σ 1 gives 4 − 3 = 1 and
+    s_a² − 0 = 4 from the never-firing pre-activations)."""
+    # float64: the ground truth's ranks (float64 SVD) then see LayerNorm's lost direction as zero
+    model, tokens = _relu_model_with_duplicate(dtype=torch.float64), _tokens()
+    mlp = model.blocks[0].mlp
+    X = _mlp_input(model, tokens)
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(X.shape[1], generator=g, dtype=torch.float64).to(X.device)
+    with torch.no_grad():
+        p3 = X @ torch.cat([mlp.W_in[:, 3], mlp.b_in[3:4]]).double()
+        eps = 0.5 * float(p3.abs().min() / (X @ v).abs().max())  # keeps sign(p_7) = sign(p_3) on every sample
+        mlp.W_in[:, 7] = mlp.W_in[:, 3] + eps * v[:-1].to(mlp.W_in)
+        mlp.b_in[7] = mlp.b_in[3] + eps * v[-1].to(mlp.b_in)
+        mlp.b_in[[10, 11]] = -100.0
+    res = neuron_synchronization(model, tokens, tol=0.0)
+    frame = res.to_frame().set_index("neurons")
+    assert {(3, 5, 7), (10, 11)} <= set(frame.index) and frame["count_exact"].all()
+    for block, layer in frame["layer"].items():  # the random toy has a block of its own in layer 1
+        apart, synced = _neuron_block_jacobians(model, tokens, layer, list(block))
+        assert frame.loc[[block], "extra_freedom"].item() == apart - synced, block
+    assert frame.loc[[(3, 5, 7)], "extra_freedom"].item() == 18 and frame.loc[[(10, 11)], "extra_freedom"].item() == 0
+    assert frame.loc[[(3, 5, 7)], "s_block"].item() == 2 and frame.loc[[(10, 11)], "s_block"].item() == 0
+
+
+def test_gated_neuron_blocks_have_no_count(tl_models):
+    """A gated MLP's block computes r·Σ_k w_k g_k l_k, quadratic in the input: no bilinear count, so
+    the frame leaves extra_freedom empty, count_exact False, and says so once."""
+    res = neuron_synchronization(tl_models("llama", "bridge"), _tokens(n=4, pos=8, vocab=100), tol=1.0)
+    with pytest.warns(sync_module.SyncCountWarning, match="gated MLP"):
+        frame = res.to_frame()
+    assert len(frame) and not frame["count_exact"].any() and frame["extra_freedom"].isna().all()
+    assert res.extra_freedom is None and not res.count_exact and res.to_dict()["count_exact"] is False
 
 
 def test_gelu_is_labelled_approximate(tiny_toy_transformer):
@@ -640,14 +707,15 @@ def test_relu_zero_distance_is_decided_from_the_sample_count():
     """A ReLU distance is k/n exactly; float64 rounding of E[r_i²] + E[r_j²] − 2E[r_i r_j] leaves a few
     eps, which must not read as a disagreement, while one sample in n must."""
     n = 1000
+    weights = dict(fire_rate=torch.ones(1, 2), input_rank=np.array([3]), W_out=torch.eye(2)[None], d_out=2, in_bias=False)
 
     def result(dist: float) -> NeuronSyncResult:
         distance = np.array([[[0.0, dist], [dist, 0.0]]])
-        return NeuronSyncResult(distance=distance, tol=0.01, blocks=[[[0, 1]]], pre_gram=torch.eye(2)[None],
-                                n_samples=n, act_fn="relu", exact_activation=True, rank_rtol=None)
+        return NeuronSyncResult(distance=distance, tol=0.01, blocks=[[[0, 1]]], value_gram=torch.eye(2)[None],
+                                n_samples=n, act_fn="relu", exact_activation=True, rank_rtol=None, **weights)
 
     assert not result(4 * np.finfo(np.float64).eps).approximate
     assert result(1 / n).approximate and result(1 / n).approximation.endswith("0.10% of samples")
-    smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], pre_gram=torch.eye(2)[None],
-                              n_samples=n, act_fn="gelu", exact_activation=False, rank_rtol=None)
+    smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], value_gram=torch.eye(2)[None],
+                              n_samples=n, act_fn="gelu", exact_activation=False, rank_rtol=None, **weights)
     assert smooth.approximate and smooth.approximation == "smooth activation"

@@ -155,7 +155,7 @@ def estimate(
       the logits and their float64 copy, float64 rows of the hooked activations.
     - ``"head_sync"`` / ``"neuron_sync"``: the forward plus float64 rows of the values, inputs and
       one chunk of pattern rows (``synchronization.pattern_tv_sums``), or of the MLP's pre- and
-      post-activations and firing patterns.
+      post-activations, firing patterns and inputs.
     - ``"jacobian"``: a Jacobian pass (``stats.jacobian``): the autograd graph of the forward
       (every layer's activations and attention patterns), the softmax in float64, one chunk of
       cotangents on the logits (``min(n_cotangents, chunk_elements / (batch·seq·vocab))`` of them,
@@ -204,7 +204,7 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
         rows = min(PATTERN_CHUNK_BYTES, tokens * H * seq * (s + 8))  # one chunk, or all rows if fewer
         return int(forward + tokens * (kv * d + D) * 8 * 2 + rows + L * ((kv * d) ** 2 + D * D) * 8 * 2)
     if analysis == "neuron_sync":
-        return int(forward + tokens * F * 8 * 4 + L * F * F * 8 * 2)
+        return int(forward + tokens * (F * 4 + D) * 8 + L * (F * F * 2 + D * D) * 8)
     V = V if out_width is None else int(out_width)
     graph = L * (attention + tokens * per_token) + tokens * V * s
     chunk = max(1, min(int(n_cotangents), chunk_elements // max(1, tokens * V)))

@@ -125,18 +125,19 @@ class SparsifyResult:
         n samples below D, so ``activation_free`` may be the data's limit, not the model's:
         ``numerics.sample_limited``), ``blocks`` (synchronized blocks of ≥ 2
         neurons), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
-        for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 the
-        extra freedom s_a² − Σ per-neuron rescalings, at least 0), ``zeros_added`` (the entries of
-        [W_in; b_in] in the new basis that the construction sets to exactly zero, whether or not they
-        were zero before: the non-interacting input–hidden pairs), ``zeros_in_model`` (those of them
-        stored in ``model``'s weights), ``blocks_in_model`` /
+        for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 its
+        extra freedom J_apart − J_sync, ``neuron_synchronization``), ``zeros_added`` (the entries of
+        [W_in; b_in] in the new basis and of removed neurons' W_out rows that the construction sets to
+        exactly zero, whether or not they were zero before: the non-interacting input–hidden and
+        hidden–output pairs), ``zeros_in_model`` (those of them stored in ``model``'s weights),
+        ``zeros_out`` (the hidden–output ones: removed neurons' W_out rows, all stored), ``blocks_in_model`` /
         ``blocks_in_basis`` (block changes of basis written into the model / kept in ``bases`` only),
         ``removed_neurons``, ``eliminated_scale`` (√(largest eliminated G¹ eigenvalue / largest): how
         far the eliminated input directions are from exactly zero on the data, relative, so the size
         of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
         0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
         columns = ["layer", "input_rank", "sample_limited", "blocks", "free_directions", "activation_free", "sync_free",
-                   "zeros_added", "zeros_in_model", "blocks_in_model", "blocks_in_basis", "removed_neurons",
+                   "zeros_added", "zeros_in_model", "zeros_out", "blocks_in_model", "blocks_in_basis", "removed_neurons",
                    "eliminated_scale", "output_drift", "kl"]
         frame = pd.DataFrame(self.rows, columns=columns)
         frame.attrs.update({"act_fn": self.act_fn, "tol": self.tol, "approximate": self.approximate,
@@ -333,16 +334,16 @@ def _eliminate_inputs(moment: Float[Tensor, "D D"], mean: Float[Tensor, " D"] | 
     return K, J, A, a, W_t
 
 
-def _block_bases(M: Float[Tensor, "rows F"], pre_gram: Float[Tensor, "F F"], s: int, neurons: list[int],
+def _block_bases(M: Float[Tensor, "rows F"], value_gram: Float[Tensor, "F F"], s: int, neurons: list[int],
                  allowed_rows: np.ndarray):
-    """Step 2 for one block: (independent neurons I, dependent ones, β with p_dep = p_I β, the block's
-    change of basis as a :class:`_Block` or None when s < 2)."""
-    P = pre_gram[neurons][:, neurons]
+    """Step 2 for one block: (independent neurons I, dependent ones, β with f_dep = f_I β on the data,
+    the block's change of basis as a :class:`_Block` or None when s < 2)."""
+    P = value_gram[neurons][:, neurons]
     order = _pivots(P, len(neurons)) if s else np.arange(len(neurons))
     I = [neurons[i] for i in sorted(order[:s])]
     dep = [n for n in neurons if n not in I]
-    beta = (torch.linalg.solve(pre_gram[I][:, I], pre_gram[I][:, dep]) if s and dep
-            else pre_gram.new_zeros(len(I), len(dep)))
+    beta = (torch.linalg.solve(value_gram[I][:, I], value_gram[I][:, dep]) if s and dep
+            else value_gram.new_zeros(len(I), len(dep)))
     if s < 2:
         return I, dep, beta, None
     sub = M[allowed_rows][:, I]  # rows of [W̃; b] the block may take as its identity
@@ -423,7 +424,7 @@ def sparsify(
         forced = torch.zeros(M.shape, dtype=torch.bool, device="cpu")  # the entries the construction sets to zero
         forced[J] = True
         for neurons in (n for n in sync.blocks[layer] if len(n) > 1):
-            I, dep, beta, block = _block_bases(M, sync.pre_gram[layer].to(torch.float64), sync.block_rank(layer, neurons),
+            I, dep, beta, block = _block_bases(M, sync.value_gram[layer].to(torch.float64), sync.block_rank(layer, neurons),
                                                neurons, allowed)
             if dep:  # f_dep = f_I β inside one firing pattern: W_out of I absorbs it, the neurons go
                 W_out[I] += beta @ W_out[dep]
@@ -434,10 +435,10 @@ def sparsify(
                 removed += dep
             if block is not None:
                 blocks.append(block)
-        new_weights.append({"M": M, "W_out": W_out, "forced": forced})
+        new_weights.append({"M": M, "W_out": W_out, "forced": forced, "removed": removed})
         pending[layer] = blocks
         bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, offset=a, hidden_map=hidden_map))
-        free = sync_frame[sync_frame["layer"] == layer]["extra_freedom"].clip(lower=0).sum()
+        free = sync_frame[sync_frame["layer"] == layer]["extra_freedom"].sum()
         scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
         rows.append({"layer": layer, "input_rank": r,
                      "sample_limited": sample_limited(r, batches.n_samples, D, centered=has_bias),
@@ -480,9 +481,13 @@ def sparsify(
         _write_mlp(sparse, layer, values)
         written = sparse_adapter.mlp_weights()
         written_M = torch.cat([written.W_in[layer], written.b_in[layer][None]]) if has_bias else written.W_in[layer]
-        zeros_added = int((forced & (paper == 0)).sum())
-        zeros_in_model = int((forced & ~in_basis & (written_M.cpu() == 0)).sum())
-        if zeros_added != int(forced.sum()) or zeros_in_model != int((forced & ~in_basis).sum()):
+        # a removed neuron's W_out row is zero as well: its D hidden–output pairs no longer interact
+        removed = new_weights[layer]["removed"]
+        out_zeros = int((written.W_out[layer][removed].cpu() == 0).sum())
+        zeros_added = int((forced & (paper == 0)).sum()) + len(removed) * W_out.shape[1]
+        zeros_in_model = int((forced & ~in_basis & (written_M.cpu() == 0)).sum()) + out_zeros
+        if (zeros_added != int(forced.sum()) + len(removed) * W_out.shape[1]
+                or zeros_in_model != int((forced & ~in_basis).sum()) + len(removed) * W_out.shape[1]):
             raise NumericalError(f"layer {layer}: an entry the construction sets to zero is not zero (a bug)")
         drift, kl = _drift(adapter, sparse_adapter, batches, progress)
         if not (math.isfinite(drift) and math.isfinite(kl)):
@@ -490,7 +495,7 @@ def sparsify(
         result_bases.append(LayerBasis(hidden_basis=hidden_basis, **info))
         row = rows[layer]
         row.update({"free_directions": row["activation_free"] + row["sync_free"], "zeros_added": zeros_added,
-                    "zeros_in_model": zeros_in_model, "blocks_in_model": in_model,
+                    "zeros_in_model": zeros_in_model, "zeros_out": out_zeros, "blocks_in_model": in_model,
                     "blocks_in_basis": len(pending[layer]) - in_model, "output_drift": drift, "kl": kl})
     return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,
                           approximate=not exact_act or tol > 0, n_samples=sync.n_samples,

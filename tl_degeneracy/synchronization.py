@@ -4,13 +4,15 @@ Heads: heads of one layer whose attention patterns agree on the data act as one 
 summed OV circuit, A·X·Σ_h W_V^h W_O^h, so only the sum of their value/output maps is pinned down.
 The freedom this adds is the drop in the rank of the Jacobian from the value and output weights to
 the function when the heads' separate outputs are replaced by their sum (METHODS §3, corrected;
-:func:`component_freedom`, also for blocks coupled through a shared GQA value head). Neurons: two ReLU neurons whose firing patterns
-r = f/p agree act as one neuron with summed output weights.
+:func:`component_freedom`, also for blocks coupled through a shared GQA value head). Neurons: ReLU
+neurons whose firing patterns r = f/p agree compute, where they fire, r·Σ_k p_k w_k, the same
+bilinear form, so only the sum of their input/output products is pinned down and the same count
+applies (:meth:`NeuronSyncResult.freedom`).
 
 Both analyses are one streaming pass each (``stats.stream``) with memory independent of the amount
 of data: head pattern distances accumulate into [L, H, H] sums, value Grams into [L, n_kv·d, n_kv·d],
-the heads' input moments into [L, D, D], neuron firing-pattern Grams into [L, F, F]
-(E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] comes from one Gram of r).
+the heads' and MLPs' input moments into [L, D, D], neuron firing-pattern and post-activation Grams
+into [L, F, F] (E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] comes from one Gram of r).
 
 Ranks follow the package's one rank rule (``tl_degeneracy.numerics``): activation Grams at the
 precision of the forward pass that produced them, products of stored weights at float64.
@@ -30,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .counts import block_input_affine, block_input_hook, counted_batches
+from .counts import block_input_hook, counted_batches, input_moment
 from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
@@ -558,23 +560,6 @@ class HeadSyncResult:
         return plot_distance_heatmaps(self.distance, "head", f"attention-pattern TV distance (tol {self.tol})")
 
 
-def _attention_input(adapter: ModelAdapter, layer: int) -> tuple[str, Tensor | None]:
-    """The hook carrying the heads' input and the gain w still to apply to it (``counts.
-    block_input_hook`` / ``block_input_affine``; the norm's bias only shifts the mean, which the
-    covariance drops): the normalized residual stream, or the residual stream itself in a model
-    without normalization."""
-    return block_input_hook(adapter, layer, "ln1"), block_input_affine(adapter, layer, "ln1")[0]
-
-
-def _input_covariance(acc: MomentAccumulator, w: Tensor | None) -> Float[Tensor, "D D"]:
-    """Covariance of the heads' input x = n·w + b from that of the hooked n: diag(w) Cov(n) diag(w)."""
-    cov = acc.covariance()[0]
-    if w is None:
-        return cov
-    w = w.detach().to(cov)
-    return w[:, None] * cov * w[None, :]
-
-
 #: Bytes of one chunk of attention-pattern rows in :func:`pattern_tv_sums` (float64 copy included).
 PATTERN_CHUNK_BYTES = 1 << 26
 
@@ -661,10 +646,11 @@ def head_synchronization(
     try:
         pattern_names = [adapter.hook_name("attn_pattern", layer) for layer in range(L)]
         value_names = [adapter.hook_name("v", layer) for layer in range(L)]
-        attn_inputs = [_attention_input(adapter, layer) for layer in range(L)]
+        # the normalized residual stream, or the residual stream itself without normalization; its
+        # gain is applied afterwards (input_moment), its bias only shifts the mean, which the covariance drops
+        input_names = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
     except MissingHookError as e:
         raise MissingHookError(f"head_synchronization needs attention patterns, values and inputs: {e}") from None
-    input_names = [name for name, _ in attn_inputs]
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "head_synchronization")
     check_batches(adapter, "head_sync", batches, "head_synchronization")  # fail before the first forward
     dev = adapter.device
@@ -725,8 +711,8 @@ def head_synchronization(
     covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
     precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
     rtol = None if rank_rtol is None else float(rank_rtol)
-    input_rank = np.array([_gram_rank(_input_covariance(inputs[layer], attn_inputs[layer][1]).cpu(), precision, rtol)
-                           for layer in range(L)], dtype=np.int64)
+    input_rank = np.array([_gram_rank(input_moment(adapter, layer, "ln1", inputs[layer], centered=True).cpu(),
+                                      precision, rtol) for layer in range(L)], dtype=np.int64)
     kv_rank = np.array([
         [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol) for kv in range(n_kv)]
         for layer in range(L)
@@ -758,23 +744,36 @@ _RATIOS = {
 class NeuronSyncResult:
     """Neuron synchronization (METHODS §3). ``distance`` [L, F, F]: E[(r_i − r_j)²] over counted
     samples, r = f/p the firing pattern; ``blocks``: per layer, the synchronized blocks (lists of
-    neurons, singletons left out of ``to_frame`` unless asked); ``pre_gram`` [L, F, F]: uncentred
-    Gram of the pre-activations, from which block ranks s_a come (``rank_rtol``: the caller's
-    eigenvalue cut-off, or None for the package's rule at ``precision``, activation_precision of the model).
-    ``exact_activation``: r is piecewise constant (ReLU), so a block is exact where its neurons fire
-    alike on every sample; for smooth activations (GELU, SiLU) r varies continuously and every block
-    is approximate (``approximate``, ``approximation``)."""
+    neurons, singletons left out of ``to_frame`` unless asked); ``value_gram`` [L, F, F]: uncentred
+    Gram of the post-activations f = r·p, the values W_out reads, from which the block ranks s come
+    (``rank_rtol``: the caller's eigenvalue cut-off, or None for the package's rule at ``precision``,
+    activation_precision of the model); ``fire_rate`` [L, F]: E[r], for ReLU the share of samples on
+    which a neuron fires; ``input_rank`` [L]: D_in, the rank of the MLP input x on the data together
+    with the constant 1 where W_in has a bias (``in_bias``); ``W_out`` [L, F, D]: the effective output
+    weights (float64; W_out P under LayerNorm) and ``d_out`` the dimension they write into (D − 1
+    under LayerNorm). ``exact_activation``: r is piecewise constant (ReLU), so a block is exact where
+    its neurons fire alike on every sample; for smooth activations (GELU, SiLU) r varies continuously
+    and every block is approximate (``approximate``, ``approximation``). ``gated``: a gated MLP, whose
+    block computes r·Σ_k w_k g_k l_k, quadratic in the input, where the bilinear count of
+    :meth:`freedom` does not hold: its counts are left empty (``count_exact`` False)."""
 
     distance: Float[np.ndarray, "layer neuron neuron"]
     tol: float
     blocks: list[list[list[int]]]
-    pre_gram: Tensor = field(repr=False)
+    value_gram: Float[Tensor, "layer neuron neuron"] = field(repr=False)
     n_samples: int
     act_fn: str | None
     exact_activation: bool
     rank_rtol: float | None
+    fire_rate: Float[Tensor, "layer neuron"] = field(repr=False)
+    input_rank: Int[np.ndarray, " layer"]
+    W_out: Float[Tensor, "layer neuron d_model"] = field(repr=False)
+    d_out: int
+    in_bias: bool
+    gated: bool = False
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
+    _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, distance: float) -> int:
         """For ReLU, the number of samples on which two neurons at ``distance`` disagree about firing.
@@ -810,40 +809,100 @@ class NeuronSyncResult:
         return f"firing patterns in blocks differ on up to {share:.2%} of samples"
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
-        """s_a: rank of the block's pre-activations on the data (paper eq. 21–22)."""
-        gram = self.pre_gram[layer]
+        """s: rank of the block's post-activations f = r·p on the data (the values W_out reads)."""
+        gram = self.value_gram[layer]
         idx = torch.as_tensor(neurons, device=gram.device)
         return _gram_rank(gram[idx][:, idx], self.precision, self.rank_rtol)
 
+    def freedom(self, layer: int, neurons: list[int]) -> SyncJacobian | None:
+        """J_apart and J_sync of the block's W_in columns (with b_in) and W_out rows (METHODS §3,
+        corrected). Where the block fires it computes r·Σ_k p_k w_k with p_k = x̃ w̃_k: a bilinear map
+        of (W̃_in on the data, W_out), as a block of heads computes A·X·Σ W_V W_O, so
+        :func:`component_freedom` with one value group of width 1 per neuron counts it: m
+        independent neurons give m² − m (the paper's s_a² − Σ 1), a neuron duplicated as a multiple of
+        another gives d_out (only the sum of their output rows matters), neurons that never fire 0.
+
+        W_in meets the input only where the block fires, but D_in is the input's rank over all
+        samples (a rank per block would take a D×D Gram per block): j_apart and j_sync are the
+        ranks with that D_in, and only their difference is the block's, exactly so when the block's
+        W_out rows are independent or it fires on every sample (:meth:`to_frame`'s count_exact).
+        None for a gated MLP."""
+        if self.gated:
+            return None
+        idx = torch.as_tensor(neurons, device=self.value_gram.device)
+        m = len(neurons)
+        return component_freedom(self.value_gram[layer][idx][:, idx], list(range(m)),
+                                 self.W_out[layer][idx.to(self.W_out.device)][:, None, :], [list(range(m))],
+                                 int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol)
+
+    def _input_known(self, layer: int, neurons: list[int]) -> bool:
+        """Whether J_apart − J_sync holds for the block's own input rank: it depends on D_in only
+        through D_in·(rank of the nonzero W_out rows − rank of their sum map), which vanishes when the
+        rows are independent; else the block must fire on every sample (smooth activations never vanish)."""
+        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons]) == len(neurons):
+            return True
+        return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in neurons)
+
     def to_frame(self, singletons: bool = False) -> pd.DataFrame:
         """One row per block of ≥ 2 neurons (all blocks with ``singletons=True``): layer, neurons,
-        size, max pairwise distance, s_block, free_block = s_a² (METHODS §3), free_separate = the
-        per-neuron rescalings (one per neuron with nonzero pre-activations), extra_freedom, approximate
-        (a smooth activation, or neurons that disagree about firing on some samples).
+        size, max pairwise distance, approximate (a smooth activation, or neurons that disagree about
+        firing on some samples), s_block (s, the rank of the block's post-activations), count_exact
+        and extra_freedom = J_apart − J_sync (:meth:`freedom`), ≥ 0.
 
-        A block whose pre-activations are linearly dependent (a neuron duplicated as a multiple of
-        another) has s_a < size and a negative extra_freedom: those directions are not lost, they
-        appear as activation degeneracy of W_out's input instead (METHODS §4, ``degeneracy_counts``)."""
+        count_exact is False and extra_freedom <NA> for a gated MLP (:meth:`freedom`) and where J_sync
+        has no closed form and the block exceeds DENSE_Y_LIMIT; count_exact is False with the count
+        an upper bound where the block's W_out rows are dependent and it fires on only part of the
+        samples (the count then takes the input's rank over all samples)."""
+        return self._frame(singletons).copy()
+
+    def _frame(self, singletons: bool) -> pd.DataFrame:
+        """:meth:`to_frame`, computed once per ``singletons``: each block's count decomposes its values
+        and output weights, and the totals, labels and ``to_dict`` all read the frame."""
+        if singletons in self._frames:
+            return self._frames[singletons]
         rows = []
         for layer, blocks in enumerate(self.blocks):
             for neurons in blocks:
                 if len(neurons) < 2 and not singletons:
                     continue
-                s = self.block_rank(layer, neurons)
-                separate = sum(self.block_rank(layer, [i]) for i in neurons)
                 distance = float(self.distance[layer][np.ix_(neurons, neurons)].max())
+                jac = self.freedom(layer, neurons) if len(neurons) > 1 else SyncJacobian(0, 0)
+                exact = jac is not None and jac.exact and self._input_known(layer, neurons)
+                extra = pd.NA if jac is None or not jac.exact else jac.extra_freedom
                 rows.append({"layer": layer, "neurons": tuple(neurons), "size": len(neurons),
-                             "max_distance": distance, "s_block": s, "free_block": s * s,
-                             "free_separate": separate, "extra_freedom": s * s - separate,
-                             "approximate": self._block_approximate(distance)})
-        columns = ["layer", "neurons", "size", "max_distance", "s_block", "free_block", "free_separate",
-                   "extra_freedom", "approximate"]
-        return pd.DataFrame(rows, columns=columns)
+                             "max_distance": distance, "approximate": self._block_approximate(distance),
+                             "s_block": self.block_rank(layer, neurons), "count_exact": exact, "extra_freedom": extra})
+        columns = ["layer", "neurons", "size", "max_distance", "approximate", "s_block", "count_exact", "extra_freedom"]
+        frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
+        inexact = frame[~frame["count_exact"].astype(bool)]
+        if len(inexact) and not self._frames:  # once per result
+            why = ("a gated MLP's block computes r·Σ_k w_k g_k l_k, quadratic in the input, which the bilinear "
+                   "count does not cover: extra_freedom left empty" if self.gated else
+                   "J_sync has no closed form beyond DENSE_Y_LIMIT (extra_freedom empty), or the block's W_out rows "
+                   "are dependent and it fires on only part of the samples (extra_freedom an upper bound)")
+            warnings.warn(f"neuron_synchronization: {len(inexact)} block(s) without an exact count "
+                          f"(first: layer {inexact.iloc[0]['layer']}, neurons {list(inexact.iloc[0]['neurons'])}): {why}",
+                          SyncCountWarning, stacklevel=3)
+        self._frames[singletons] = frame
+        return frame
+
+    @property
+    def count_exact(self) -> bool:
+        """Whether every block's count is exact (:meth:`to_frame`)."""
+        return bool(self._frame(False)["count_exact"].all())
+
+    @property
+    def extra_freedom(self) -> int | None:
+        """Total extra free directions from synchronized neurons over all layers; None when some
+        block's count is not exact."""
+        frame = self._frame(False)
+        return int(frame["extra_freedom"].sum()) if frame["count_exact"].all() else None
 
     def to_dict(self) -> dict:
+        frame = self._frame(False)
         return {"kind": "neuron_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "act_fn": self.act_fn, "approximate": self.approximate, "approximation": self.approximation,
-                "blocks": self.to_frame().to_dict(orient="records")}
+                "count_exact": bool(frame["count_exact"].all()), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
         """Heatmap of E[(r_i − r_j)²], one panel per layer."""
@@ -862,31 +921,39 @@ def neuron_synchronization(
     seq_len: int | None = None,
     skip_bos: bool | None = None,
 ) -> NeuronSyncResult:
-    """Synchronized MLP neurons (METHODS §3): neurons whose firing patterns r_i = f_i/p_i agree.
+    """Synchronized MLP neurons and the freedom they add (METHODS §3, corrected): neurons whose firing
+    patterns r_i = f_i/p_i agree.
 
-    One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[p pᵀ]
-    (F×F each): the distance E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] of every pair comes
-    from the first, so memory is O(L·F²) whatever the amount of data. For ReLU r ∈ {0, 1} and the
-    distance is the fraction of samples on which two neurons disagree about firing, and a block is
-    exact only when it is 0 (tol > 0 admits blocks that disagree on up to that fraction: labelled
-    ``approximate``); for GELU r = Φ(p), for SiLU r = σ(p), both in (0, 1), and every block is
-    ``approximate``.
+    One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[f fᵀ]
+    (F×F each) and the moments of the MLP input (D×D): the distance E[(r_i − r_j)²] = E[r_i²] +
+    E[r_j²] − 2 E[r_i r_j] of every pair comes from the first, so memory is O(L·(F² + D²)) whatever
+    the amount of data. For ReLU r ∈ {0, 1} and the distance is the fraction of samples on which two
+    neurons disagree about firing, and a block is exact only when it is 0 (tol > 0 admits blocks that
+    disagree on up to that fraction: labelled ``approximate``); for GELU r = Φ(p), for SiLU r = σ(p),
+    both in (0, 1), and every block is ``approximate``.
+
+    The extra freedom of a block is J_apart − J_sync (:meth:`NeuronSyncResult.freedom`): from the
+    rank s of its post-activations f (E[f fᵀ]), D_in (the rank of the MLP input with the constant
+    that b_in multiplies) and its effective W_out rows. The paper's s_a² − Σ 1 is its special case of
+    independent neurons; for a neuron duplicated as a multiple of another it would be negative.
 
     f is ``hook_post`` and p ``hook_pre`` (r = 1 where p = 0). Gated MLPs (post = act(gate)·linear):
-    r = act(p)/p of the gate pre-activation p = ``hook_pre`` (from the model's ``act_fn``).
+    r = act(p)/p of the gate pre-activation p = ``hook_pre`` (from the model's ``act_fn``); their
+    blocks get distances and ranks but no count (``NeuronSyncResult.gated``).
 
     Args:
         tol: distance threshold in [0, 1].
-        rank_rtol: relative eigenvalue cut-off for the pre-activation ranks s_a; default: the
+        rank_rtol: relative eigenvalue cut-off for the activation ranks (s, D_in); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
+            Weight ranks always use the float64 rule.
 
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included, since later
             positions read the BOS position's MLP output (``counts.counted_batches``); ``True`` is refused.
 
     Raises:
         ValueError: tol outside [0, 1], ``skip_bos=True``, or a gated MLP with an unknown activation function.
-        MissingHookError: a model without MLP layers. DataError: data without tokens.
-        MemoryBudgetError: batches too large for the memory budget (``tld.memory``), before anything runs.
+        MissingHookError: a model without MLP layers or a findable MLP input. DataError: data without
+        tokens. MemoryBudgetError: batches too large for the memory budget (``tld.memory``), before anything runs.
     """
     tol = _check_tol(tol)
     rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
@@ -903,49 +970,63 @@ def neuron_synchronization(
             raise ValueError(f"gated MLP with activation {act_fn!r}: no firing-pattern formula (known: {sorted(_RATIOS)})")
         ratio = _RATIOS[key]
     exact_activation = (act_fn or "").lower() in EXACT_ACTIVATIONS
+    L, F, D = adapter.n_layers, adapter.d_mlp, adapter.d_model
+    try:
+        input_names = [block_input_hook(adapter, layer, "ln2") for layer in range(L)]
+    except MissingHookError as e:
+        raise MissingHookError(f"neuron_synchronization needs the MLP inputs: {e}") from None
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "neuron_synchronization")
     check_batches(adapter, "neuron_sync", batches, "neuron_synchronization")  # fail before the first forward
-    L, F = adapter.n_layers, adapter.d_mlp
     dev = adapter.device
     pre_names = [adapter.hook_name("mlp_pre", layer) for layer in range(L)]
     post_names = [adapter.hook_name("mlp_post", layer) for layer in range(L)]
     r_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
-    p_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
+    f_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
+    x_acc = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
 
     def on_batch(step: Step) -> None:
         if not step.count:
             return  # the accumulators exist already, with their shapes
         index, flags, pre = step.index, step.flags, {}
 
+        def rows_of(act: Tensor, name: str) -> Tensor:
+            return index.rows(act.detach(), index.unit(tuple(act.shape), name)).to(torch.float64)
+
         def on_pre(layer: int):
             def hook(p: Tensor, hook=None) -> None:
-                rows = index.rows(p.detach(), index.unit(tuple(p.shape), pre_names[layer])).to(torch.float64)
-                pre[layer] = rows
-                flags[pre_names[layer]] = p_acc[layer].update(rows[:, None])
-                if ratio is not None:
+                rows = rows_of(p, pre_names[layer])
+                flags[pre_names[layer]] = torch.isfinite(rows).all()
+                if ratio is None:
+                    pre[layer] = rows
+                else:
                     r_acc[layer].update(ratio(rows)[:, None])
 
             return hook
 
         def on_post(layer: int):
             def hook(f: Tensor, hook=None) -> None:
-                if ratio is not None:
-                    return None
-                p = pre.pop(layer)
-                f = index.rows(f.detach(), index.unit(tuple(f.shape), post_names[layer])).to(torch.float64)
-                # r = f/p, and 1 where p = 0 (METHODS §3)
-                r = torch.where(p == 0, torch.ones_like(p), f / torch.where(p == 0, torch.ones_like(p), p))
-                flags[post_names[layer]] = r_acc[layer].update(r[:, None])
-                return None
+                f = rows_of(f, post_names[layer])
+                flags[post_names[layer]] = f_acc[layer].update(f[:, None])
+                if ratio is None:
+                    p = pre.pop(layer)
+                    # r = f/p, and 1 where p = 0 (METHODS §3)
+                    r_acc[layer].update(torch.where(p == 0, torch.ones_like(p), f / torch.where(p == 0, torch.ones_like(p), p))[:, None])
+
+            return hook
+
+        def on_input(layer: int):
+            def hook(x: Tensor, hook=None) -> None:
+                flags[input_names[layer]] = x_acc[layer].update(rows_of(x, input_names[layer])[:, None])
 
             return hook
 
         hooks = [(pre_names[l], on_pre(l)) for l in range(L)] + [(post_names[l], on_post(l)) for l in range(L)]
+        hooks += [(input_names[l], on_input(l)) for l in range(L)]
         adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-    stream(dev, batches, on_batch, reduce=lambda: [*r_acc, *p_acc], desc="neuron_synchronization",
-           progress=progress, what="MLP activation")
-    if r_acc[0].count == 0:
+    stream(dev, batches, on_batch, reduce=lambda: [*r_acc, *f_acc, *x_acc], desc="neuron_synchronization",
+           progress=progress, what="MLP activation or input")
+    if r_acc[0].count == 0 or min(acc.count for acc in x_acc) == 0:
         raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
     distance = []
     for acc in r_acc:
@@ -956,10 +1037,20 @@ def neuron_synchronization(
         distance.append(dist)
     distance_np = torch.stack(distance).cpu().numpy()
     blocks = [_fast_blocks(distance_np[layer], tol) for layer in range(L)]
+    precision = activation_precision(adapter.dtype)
+    rtol = None if rank_rtol is None else float(rank_rtol)
+    # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
+    in_bias = bool(adapter.map_biases(0)["W_in"])
+    input_rank = np.array([_gram_rank(input_moment(adapter, layer, "ln2", x_acc[layer], centered=in_bias).cpu(),
+                                      precision, rtol) + int(in_bias) for layer in range(L)], dtype=np.int64)
+    norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
+    W_out = adapter.mlp_weights().W_out
+    W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
     return NeuronSyncResult(
-        distance=distance_np, tol=tol, blocks=blocks, pre_gram=torch.stack([a.gram()[0] for a in p_acc]).cpu(),
-        n_samples=r_acc[0].count, act_fn=act_fn, exact_activation=exact_activation,
-        rank_rtol=None if rank_rtol is None else float(rank_rtol), precision=activation_precision(adapter.dtype),
+        distance=distance_np, tol=tol, blocks=blocks, value_gram=torch.stack([a.gram()[0] for a in f_acc]).cpu(),
+        n_samples=r_acc[0].count, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
+        fire_rate=torch.stack([a.mean[0] for a in r_acc]).cpu(), input_rank=input_rank, W_out=W_out,
+        d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions,
     )
 
