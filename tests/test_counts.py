@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from tl_degeneracy.counts import SampleLimitedWarning, degeneracy_counts
+from tl_degeneracy.counts import ProbeLimitedWarning, SampleLimitedWarning, degeneracy_counts
 from tl_degeneracy.numerics import sample_limited
 
 from .fixtures.distributed import rank_results, run_two_processes
@@ -135,6 +135,35 @@ def test_sample_limited_rows():
         warnings.simplefilter("error", SampleLimitedWarning)
         many = degeneracy_counts(model, _tokens(), n_probes=2, progress=False)
     assert not many["sample_limited"].any()
+
+
+def test_probe_limited_rows():
+    """Audit 4: W_in of a 256-neuron MLP on 24 positions has rank_K 256 exactly, but 2 probes per batch
+    find far fewer directions (every probe gradient lies in K's range, so a probe rank is a lower
+    bound). The rows whose halves of the probes found fewer directions than all of them are flagged,
+    with a warning and the report's headline; every flagged rank is below the exact one, and the
+    exact Grams flag nothing."""
+    from tl_degeneracy import degeneracy_report
+    from tl_degeneracy.report.sections import verdict
+
+    model = make_tiny_toy_transformer(n_layers=1, d_mlp=256).double()
+    tokens = torch.randint(0, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    exact = degeneracy_counts(model, tokens, exact=True, progress=False)
+    assert not exact["probe_limited"].any() and exact.attrs["probe_limited_maps"] == 0
+    with pytest.warns(ProbeLimitedWarning, match="n_eff_kfac is a lower bound"):
+        probed = degeneracy_counts(model, tokens, n_probes=2, progress=False)
+    assert (probed["rank_K"] <= exact["rank_K"]).all()
+    w_in = probed[probed["map"] == "W_in"].iloc[0]
+    assert exact[exact["map"] == "W_in"]["rank_K"].item() == 256 and w_in["rank_K"] < 256 and w_in["probe_limited"]
+    short = probed["rank_K"] < exact["rank_K"]
+    assert probed["probe_limited"].sum() == probed.attrs["probe_limited_maps"] > 0
+    assert (probed["probe_limited"] <= short).all()  # a flag only where the rank is short indeed
+    with pytest.warns(ProbeLimitedWarning):
+        section = degeneracy_report(model, tokens, sections=["counts"], progress=False,
+                                    overrides={"n_probes": 2})["counts"]
+    assert section.status == "ok", section.reason
+    assert "still grew with the probes" in section.headline and "Σ n_eff_kfac = ≥ " in section.headline
+    assert "free counts are upper bounds" in verdict(section)
 
 
 def test_report_counts_line_says_sample_limited():

@@ -65,12 +65,17 @@ from .stats.jacobian import check_memory, jacobian_stats
 from .stats.passes import resolve_targets
 from .stats.stream import Step, stream
 
-__all__ = ["SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
-           "warn_sample_limited"]
+__all__ = ["ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
+           "input_moment", "warn_sample_limited"]
 
 
 class SampleLimitedWarning(UserWarning):
     """A rank reached the number of samples below the dimension: the count may be the data's limit."""
+
+
+class ProbeLimitedWarning(UserWarning):
+    """A Jacobian Gram's rank from probes was still growing with the number of probes: rank_K is a
+    lower bound, and the map's free count an upper bound."""
 
 
 def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_samples: int) -> None:
@@ -135,10 +140,11 @@ def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tens
     return norm.w, norm.b
 
 
-def _input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumulator, centered: bool) -> Tensor:
+def input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumulator, centered: bool) -> Tensor:
     """The second moment of the linear maps' input x = n·w + b (:func:`block_input_affine`) from the
-    moments of n: the covariance W Cov(n) W (the bias b drops out), or the uncentred
-    E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ, with W = diag(w)."""
+    moments ``acc`` of n, the activation at :func:`block_input_hook`: the covariance W Cov(n) W (the
+    bias b drops out), or the uncentred E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ, with W = diag(w).
+    Counts (METHODS (4.1′)) and synchronization (D_in, METHODS §3) read their input ranks from it."""
     w, b = block_input_affine(adapter, layer, ln)
     moment, mean = (acc.covariance() if centered else acc.gram())[0], acc.mean[0]
     if w is not None:
@@ -213,10 +219,14 @@ def degeneracy_counts(
     ``head`` (query head, or KV head for W_K/W_V; None for MLP maps), ``d_in``, ``d_out``,
     ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K (4.5), ``free`` =
     n_params − kfac (4.4), ``centered`` (the map has a bias, so rank_G is that of its inputs'
-    covariance, (4.1′)) and ``sample_limited`` (rank_G reached the n samples, n − 1 centred, below d_in:
-    ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many). ``frame.attrs`` holds
-    ``n_eff_kfac`` (Σ kfac), ``n_params``, the tolerances, the objective and the positions counted:
-    every non-padding position, BOS included (:func:`counted_batches`).
+    covariance, (4.1′)), ``sample_limited`` (rank_G reached the n samples, n − 1 centred, below d_in:
+    ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many) and ``probe_limited``
+    (with probes: the Gram of either half of each batch's probes has a lower rank than all of them
+    together, so rank_K is still growing with the probes: a lower bound, and ``free`` an upper bound;
+    a :class:`ProbeLimitedWarning` says how many; METHODS §4). ``frame.attrs`` holds ``n_eff_kfac``
+    (Σ kfac; a lower bound where a map is probe-limited), ``n_params``, ``probe_limited_maps``, the
+    tolerances, the objective and the positions counted: every non-padding position, BOS included
+    (:func:`counted_batches`).
 
     Args:
         data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
@@ -269,12 +279,12 @@ def degeneracy_counts(
     check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes")
     check_memory(adapter, batches, resolve_targets(adapter, k_hooks, "degeneracy_counts"), output_hook=None,
                  n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
-                 held=counts_grams(adapter))  # the activation passes' Grams stay alive meanwhile
+                 held=counts_grams(adapter), halves=True)  # the activation passes' Grams stay alive meanwhile
 
     inputs = _input_moments(adapter, batches, attn_in + mlp_in, progress)
     acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress)
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
-                         seed=seed, per_head=True, progress=progress)
+                         seed=seed, per_head=True, progress=progress, halves=True)
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
     n = batches.n_samples
 
@@ -286,13 +296,24 @@ def degeneracy_counts(
     def rank(m: Tensor) -> int:
         return spectrum_rank(descending_eigvalsh(m))
 
+    def k_rank(key, head: int | None = None) -> tuple[int, bool]:
+        """rank_K of a Jacobian Gram, and whether it is probe-limited: every probe gradient lies in
+        K's range, so a probe Gram's rank can only fall short of K's, and a half of the probes that
+        finds fewer directions than all of them says more probes would find more."""
+        stats = jac[key]
+        r = rank(stats.gram if head is None else stats.head_gram[head])
+        halves = stats.half_grams(head is not None)
+        return r, halves is not None and min(rank(h if head is None else h[head]) for h in halves) < r
+
     rows = []
 
-    def add(map_name, layer, head, G_rank, K_rank, d_in, d_out, centered=False):
+    def add(map_name, layer, head, G_rank, K, d_in, d_out, centered=False):
+        K_rank, probe_limited = K
         rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                      "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
                      "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
-                     "sample_limited": sample_limited(G_rank, n, d_in, centered=centered)})
+                     "sample_limited": sample_limited(G_rank, n, d_in, centered=centered),
+                     "probe_limited": probe_limited})
 
     for layer in range(L):
         bias = adapter.map_biases(layer)
@@ -301,20 +322,17 @@ def degeneracy_counts(
         def input_rank(ln: str, centered: bool) -> int:
             if (ln, centered) not in input_ranks:
                 acc = inputs[(attn_in if ln == "ln1" else mlp_in)[layer]]
-                input_ranks[ln, centered] = rank(_input_moment(adapter, layer, ln, acc, centered))
+                input_ranks[ln, centered] = rank(input_moment(adapter, layer, ln, acc, centered))
             return input_ranks[ln, centered]
 
-        q_K = jac[("q", layer)].head_gram
-        k_K = jac[("k", layer)].head_gram
-        v_K = jac[("v", layer)].head_gram
         z = acts[("z", layer)]
         z_G = z.head_covariance() if bias["W_O"] else z.head_gram
-        out_K = rank(jac[("attn_out", layer)].gram)
+        out_K = k_rank(("attn_out", layer))
         for h in range(H):
-            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"]), rank(q_K[h]), D, d, bias["W_Q"])
+            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"]), k_rank(("q", layer), h), D, d, bias["W_Q"])
         for kv in range(n_kv):
-            add("W_K", layer, kv, input_rank("ln1", bias["W_K"]), rank(k_K[kv]), D, d, bias["W_K"])
-            add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), rank(v_K[kv]), D, d, bias["W_V"])
+            add("W_K", layer, kv, input_rank("ln1", bias["W_K"]), k_rank(("k", layer), kv), D, d, bias["W_K"])
+            add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"])
         for h in range(H):
             add("W_O", layer, h, rank(z_G[h]), out_K, d, D, bias["W_O"])
         if mlp:
@@ -322,24 +340,32 @@ def degeneracy_counts(
             maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
                 [("W_in", ("mlp_pre", layer))]
             for name, key in maps:
-                add(name, layer, None, input_rank("ln2", bias[name]), rank(jac[key].gram), D, F, bias[name])
+                add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name])
             post = acts[("mlp_post", layer)]
             add("W_out", layer, None, rank(post.covariance() if bias["W_out"] else post.gram),
-                rank(jac[("mlp_out", layer)].gram), F, D, bias["W_out"])
+                k_rank(("mlp_out", layer)), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
         G_rank = spectrum_rank(_token_frequencies(batches, adapter.d_vocab), torch.float64)
-        add("W_E", None, None, G_rank, rank(jac[adapter.hook_name("embed")].gram), adapter.d_vocab, D)
+        add("W_E", None, None, G_rank, k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
 
     frame = pd.DataFrame(rows)
     warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
                         "maps' input Grams (rank_G)", n)
+    probe_limited = int(frame["probe_limited"].sum())
+    if probe_limited:
+        warnings.warn(
+            f"degeneracy_counts: at {probe_limited} of {len(frame)} maps half of the {n_probes} Jacobian probes per batch "
+            "found fewer directions of K than all of them (column probe_limited): there rank_K is a lower bound and "
+            "free an upper bound, and n_eff_kfac is a lower bound; raise n_probes, count on more positions, or use "
+            "exact=True", ProbeLimitedWarning, stacklevel=2)
     for col in ("layer", "head"):
         frame[col] = frame[col].astype("Int64")
     frame.attrs.update({
         "n_eff_kfac": int(frame["kfac"].sum()),
         "n_params": int(frame["n_params"].sum()),
         "free": int(frame["free"].sum()),
+        "probe_limited_maps": probe_limited,
         "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
         "positions": batches.positions.to_dict(),

@@ -116,19 +116,20 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         out.tables["neuron_blocks"] = neurons
         out.values.update({"neuron_synchronized_blocks": len(neurons),
                            "neurons_in_blocks": int(neurons["size"].sum()),
-                           "neuron_extra_freedom": int(neurons["extra_freedom"].sum()),
+                           "neuron_extra_freedom": ns.extra_freedom,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
                            "neuron_sync_approximation": ns.approximation})
         label = _approximate_label(ns.approximation)
-        headline += f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum())} neurons{label}"
+        headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum())} neurons"
+                     + (f" ({_extra_freedom_text(ns.extra_freedom, 'neuron')})" if len(neurons) else "") + label)
     out.headline = headline
     return out
 
 
-def _extra_freedom_text(extra: int | None) -> str:
-    """The heads' extra freedom, or that some component's count is not exact (METHODS §3)."""
+def _extra_freedom_text(extra: int | None, unit: str = "head") -> str:
+    """The heads' or neurons' extra freedom, or that some block's count is not exact (METHODS §3)."""
     if extra is None:
-        return "extra freedom not exact: see count_exact in the head blocks"
+        return f"extra freedom not exact: see count_exact in the {unit} blocks"
     return f"extra freedom {extra:,}"
 
 
@@ -148,15 +149,18 @@ def counts(ctx: ReportContext) -> SectionOutput:
     totals = frame.groupby("map", sort=False)[["n_params", "kfac", "free"]].sum().reset_index()
     a = frame.attrs
     limited, n = int(frame["sample_limited"].sum()), a["positions"]["n_samples"]
+    probes = a["probe_limited_maps"]
     return SectionOutput(
         tables={"maps": frame, "totals": totals},
         figures={"by_map": plot_counts(totals)},
-        values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes")},
+        values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
+                                     "probe_limited_maps")},
                 "sample_limited_maps": limited, "n_samples": n},
         settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
-        headline=(f"Σ n_eff_kfac = {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map parameters "
-                  f"({a['free']:,} free, {a['free'] / a['n_params']:.1%})"
-                  + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")),
+        headline=(f"Σ n_eff_kfac = {'≥ ' if probes else ''}{a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
+                  f"parameters ({'≤ ' if probes else ''}{a['free']:,} free, {a['free'] / a['n_params']:.1%})"
+                  + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")
+                  + (f"; {probes} map(s) whose rank_K still grew with the probes (a lower bound)" if probes else "")),
     )
 
 
@@ -452,7 +456,10 @@ def _synchronization_verdict(v: dict) -> str:
         n = v["neuron_synchronized_blocks"]
         # reports saved before the per-block label have only the flag, which meant a smooth activation
         why = v.get("neuron_sync_approximation", "smooth activation" if v.get("neuron_sync_approximate") else "")
-        text += "; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s)" + _approximate_label(why)
+        extra = v.get("neuron_extra_freedom", 0)
+        text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
+                 + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None, "neuron"))
+                 + _approximate_label(why))
     return text
 
 
@@ -466,6 +473,10 @@ def _counts_verdict(v: dict) -> str:
     if limited:  # rank(G) = n < d_in: too few samples to tell the model's degeneracy from the data's
         text += (f" — at {limited} map(s) rank(G) is all that the {v.get('n_samples')} samples allow, so those "
                  "counts are the data's limit, not the model's (raise n_sequences)")
+    probes = v.get("probe_limited_maps", 0)  # absent from reports saved before it was checked
+    if probes:  # half the probes found fewer directions of K than all of them
+        text += (f" — at {probes} map(s) rank(K) was still growing with the number of Jacobian probes, so their "
+                 "free counts are upper bounds and N_eff a lower bound (raise n_probes)")
     return text
 
 

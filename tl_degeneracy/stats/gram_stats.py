@@ -183,10 +183,24 @@ class JacobianHookStats(_GramStats):
 
     full: Tensor | None = field(repr=False, default=None)
     head_full: Tensor | None = field(repr=False, default=None)
+    halves: tuple[Tensor, Tensor] | None = field(repr=False, default=None)
 
     @property
     def has_full(self) -> bool:
         return self.full is not None
+
+    def half_grams(self, head: bool = False) -> tuple[Tensor, Tensor] | None:
+        """The Grams of the two halves of each batch's probes (``jacobian_stats(..., halves=True)``),
+        laid out as :attr:`gram` (or :attr:`head_gram` with ``head``); None where they were not
+        accumulated (exact Grams, fewer than two probes). Every probe gradient g = Jᵀu lies in the
+        range of K, so a probe Gram's rank is a lower bound of K's: halves whose ranks fall short of
+        the whole estimate's say that more probes would still find directions."""
+        if self.halves is None:
+            return None
+        if not head:
+            return self.halves if self.head_full is None else None
+        heads = self._need_heads()
+        return self.halves if self.head_full is not None else tuple(_blocks(h, heads) for h in self.halves)
 
     @property
     def gram(self) -> Float[Tensor, "D D"]:

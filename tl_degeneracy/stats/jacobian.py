@@ -116,16 +116,21 @@ def check_exact(exact, n_probes) -> None:
 
 
 def check_memory(adapter, batches, targets: list[HookTarget], *, output_hook: str | None, n_probes: int,
-                 exact: bool | str, what: str = "jacobian_stats", held: int = 0) -> None:
+                 exact: bool | str, what: str = "jacobian_stats", held: int = 0, halves: bool = False) -> None:
     """:class:`~tl_degeneracy.memory.MemoryBudgetError` now, before any forward, when one batch of
     the Jacobian pass would not fit the memory budget (``tld.memory.estimate("jacobian")``: the
     forward's autograd graph, a chunk of cotangents on the output, their gradients at ``targets``,
-    the targets' float64 Grams, and ``held`` bytes of earlier passes' results)."""
+    the targets' float64 Grams (three times with ``halves``), and ``held`` bytes of earlier passes'
+    results)."""
     out_width = adapter.d_vocab if output_hook is None else hook_width(adapter, None, output_hook)
     n_exact = max_counted_positions(batches) * out_width
-    n_cot = n_exact if resolve_exact(exact, n_probes, n_exact) else n_probes
+    is_exact = resolve_exact(exact, n_probes, n_exact)
+    n_cot = n_exact if is_exact else n_probes
+    widths = [hook_width(adapter, t.kind, t.name) for t in targets]
+    if halves and not is_exact and n_probes > 1:
+        held += 2 * sum(w * w for w in widths) * 8  # the two half-probe Grams beside the whole one
     check_batches(adapter, "jacobian", batches, what, n_cotangents=n_cot, chunk_elements=CHUNK_ELEMENTS,
-                  target_widths=[hook_width(adapter, t.kind, t.name) for t in targets], out_width=out_width, held=held)
+                  target_widths=widths, out_width=out_width, held=held)
 
 
 def jacobian_pass(
@@ -257,6 +262,13 @@ def jacobian_pass(
     return res
 
 
+def _half_grams(accs, head_blocks_only: bool) -> tuple[Tensor, Tensor] | None:
+    """The half-probe Grams in :class:`JacobianHookStats`' layout (None where none were accumulated)."""
+    if accs is None:
+        return None
+    return tuple(acc.gram() if head_blocks_only else acc.gram()[0] for acc in accs)
+
+
 def jacobian_stats(
     model,
     data,
@@ -274,6 +286,7 @@ def jacobian_stats(
     method: str = "auto",
     seq_len: int | None = None,
     skip_bos: bool | None = None,
+    halves: bool = False,
 ) -> JacobianStats:
     """Jacobian-probe Grams K = (1/n) Σ_t E[g_t g_tᵀ] at ``hooks`` (METHODS §4; module docstring).
 
@@ -292,6 +305,10 @@ def jacobian_stats(
         probe_chunk: cotangents per backward call (default: as many as fit ~16M output elements).
         method: ``"batched"`` (vmapped backward), ``"loop"`` (one backward per cotangent, graph
             retained) or ``"auto"`` (batched where the model's ops support it).
+        halves: with probes (≥ 2), also accumulate the Grams of the first and second half of each
+            batch's probes in the same pass (``.half_grams()``; two more Grams per hook): where
+            their ranks fall short of the whole estimate's, the probes have not found all of K's
+            range yet (``degeneracy_counts``' ``probe_limited``).
 
     Returns:
         :class:`JacobianStats`: hook → ``.gram`` [D, D] (and ``.head_gram`` [H, d, d] for q/k/v/z),
@@ -321,10 +338,10 @@ def jacobian_stats(
     check_exact(exact, n_probes)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "jacobian_stats")
-    check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact)
+    check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves)
     res = jacobian_pass(
         adapter, batches, targets, objective=objective, output_hook=output_hook, output_transform=output_transform,
-        n_probes=n_probes, exact=exact, seed=seed, per_head=per_head, device=device, progress=progress,
+        n_probes=n_probes, exact=exact, halves=halves, seed=seed, per_head=per_head, device=device, progress=progress,
         method=method, probe_chunk=probe_chunk,
     )
     no_gradient, accs, layouts, units = res.no_gradient, res.accs, res.layouts, res.units
@@ -350,6 +367,7 @@ def jacobian_stats(
             feature_shape=layout.feature_shape,
             full=None if layout.head_blocks_only else gram[0],
             head_full=gram if layout.head_blocks_only else None,
+            halves=_half_grams(res.halves.get(t.name), layout.head_blocks_only),
             dtype=res.dtypes[t.name],
         )
     return JacobianStats(
