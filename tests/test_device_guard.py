@@ -35,7 +35,7 @@ ALLOWED: dict[str, tuple[int, str]] = {
     "models/adapter.py::ModelAdapter.rotary_angles": (1, "rotation angles as CPU float64 (the others come .cpu()); eigenvectors are built from them on the CPU"),
     "invariants.py::_rotation_eigenspaces": (3, "eigenspace bases built on the CPU; _block_ranks moves them to the weights' device"),
     "invariants.py::_group_free_directions": (1, "the identity basis of a non-rotary head; _block_ranks moves it to the weights' device"),
-    "gauge.py::_writable": (1, "a CPU coverage mask, filled from layout masks moved with .cpu()"),
+    "models/selection.py::writable": (1, "a CPU coverage mask, filled from layout masks moved with .cpu()"),
     "gauge.py::_random_invertible": (4, "a CPU generator keeps gauges device-independent; random_gauge moves the result"),
     "gauge.py::_random_scalar": (3, "as _random_invertible"),
     "stats/distributed.py::_scalar_collective": (1, "a float scalar, moved to the collective's device on the next line"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -163,6 +164,31 @@ def test_sma_toy():
     assert affine["rank"][0] == 1 and bool(affine["affine"][0])
     q = sma.blocks[0].attn.q.detach().double()
     np.testing.assert_allclose(affine["singular_values"][0], [float(q.norm())], rtol=1e-10)
+
+
+def test_circuits_fixed_by_the_architecture_count_no_free_directions():
+    """Audit 4: the SMA toy's W_O is a fixed identity and W_Q = 0, W_K = I are no parameters either,
+    so neither circuit has a gauge (random_gauge leaves it as it is): free_directions <NA>, not the
+    d² = 1,024 a factorisation of parameters would have, and the report's verdict does not call
+    QK's rank 0 weight-space degeneracy. Head synchronization leaves its counts, which take W_O's
+    entries for parameters, empty (a lone head still adds no freedom)."""
+    from tl_degeneracy import degeneracy_report
+    from tl_degeneracy.report.sections import verdict
+
+    sma = tld.load_model("toy:sma")
+    for frame in (ov_invariants(sma), qk_invariants(sma), qk_invariants(sma, affine=True)):
+        assert not frame["parameters"].any() and frame["free_directions"].isna().all()
+    bytelm = ov_invariants(tld.load_model("toy:bytelm"))
+    assert bytelm["parameters"].all() and (bytelm["free_directions"] == 32 * 32).all()
+    section = degeneracy_report(sma, sections=["invariants"], progress=False)["invariants"]
+    assert section.values["qk"]["fixed_heads"] == 1 and section.values["qk"]["low_rank_parameter_heads"] == 0
+    assert section.values["ov"]["free_directions"] == 0 and "fixed by the architecture" in section.headline
+    text = verdict(section)
+    assert "rank-deficient" not in text and "1 OV and 1 QK circuit(s) fixed by the architecture" in text
+    from tl_degeneracy.synchronization import head_synchronization
+
+    row = head_synchronization(sma, tld.toy_data("sma", 16)).to_frame().iloc[0]
+    assert row["n_params"] is pd.NA and row["free_block"] is pd.NA and row["extra_freedom"] == 0 and row["count_exact"]
 
 
 # ---------------------------------------------------------------------------------------------- GQA, rotary

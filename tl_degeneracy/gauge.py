@@ -33,7 +33,7 @@ from .invariants import center_writing, fold_reading
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
-from .models.selection import measure_parameter, read_attention
+from .models.selection import attention_layouts, circuit_parameters, read_attention, writable
 from .numerics import numerical_rank, product_scale
 
 __all__ = ["random_gauge", "canonicalize_heads", "write_attention", "column_signs"]
@@ -42,48 +42,18 @@ _KEYS = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O")
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _parameters_for_writing(adapter: ModelAdapter):
-    """The live parameters; where the adapter refuses them because some *MLP* weights are computed
-    from detached copies (TransformerLens 3.x bridge, compatibility mode, gated MLP), the parameters
-    that do get a gradient still include every attention weight, which is all a gauge writes. That
-    partial set is computed without being cached on the adapter, so no other analysis sees it."""
-    try:
-        return adapter.live_parameters()
-    except RuntimeError:
-        return adapter.unchecked_live_parameters()
-
-
-def _layer_layouts(adapter: ModelAdapter, layer: int) -> list[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]:
-    """(parameter, accessor key → (touched mask, flat parameter index)) for layer ``layer``'s attention."""
-    component = f"blocks.{layer}.attn"
-    out = []
-    for lp in _parameters_for_writing(adapter):
-        if component in adapter.parameter_components(lp):
-            out.append((lp.param, measure_parameter(adapter, layer, lp.name, lp.param)))
-    return out
-
-
-def _writable(layouts, key: str, shape: torch.Size) -> bool:
-    """Whether every entry of accessor ``key`` comes from some live parameter entry."""
-    covered = torch.zeros(shape, dtype=torch.bool)
-    for _, layout in layouts:
-        if key in layout:
-            covered |= layout[key][0].cpu()
-    return bool(covered.all())
-
-
 def write_attention(adapter: ModelAdapter, layer: int, values: dict[str, Tensor], layouts=None) -> None:
     """Set layer ``layer``'s attention accessors (TL layout, n_kv heads for K/V) to ``values``, in place.
 
     Every entry of an accessor must come from a live parameter (otherwise ValueError: e.g. the SMA
     toy's fixed W_O = I). The result is read back and compared with ``values``.
     """
-    layouts = _layer_layouts(adapter, layer) if layouts is None else layouts
+    layouts = attention_layouts(adapter, layer) if layouts is None else layouts
     current = read_attention(adapter, layer)
     for key, value in values.items():
         if key not in current:
             raise ValueError(f"layer {layer} has no {key} (a bias the checkpoint lacks?); cannot write it")
-        if not _writable(layouts, key, current[key].shape):
+        if not writable(layouts, key, current[key].shape):
             raise ValueError(f"{key} of layer {layer} is not (entirely) a parameter of this model; cannot write it")
     with torch.no_grad():
         for p, layout in layouts:
@@ -192,17 +162,13 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
     rotary = target.cfg.positional_embedding == "rotary" or target.cfg.qk_norm
     skipped = []
     for layer in range(target.n_layers):
-        layouts = _layer_layouts(target, layer)
+        layouts = attention_layouts(target, layer)
         norm = target.norm_weights(layer, "ln1")
         w = {k: v.to(torch.float64) for k, v in read_attention(target, layer).items()}
         shapes = {k: v.shape for k, v in w.items()}
-        ov_ok = all(k in w and _writable(layouts, k, shapes[k]) for k in ("W_V", "W_O"))
-        ov_ok = ov_ok and ("b_V" not in w or _writable(layouts, "b_V", shapes["b_V"]) or not w["b_V"].any())
-        qk_ok = all(k in w and _writable(layouts, k, shapes[k]) for k in ("W_Q", "W_K"))
-        for b in ("b_Q", "b_K"):
-            qk_ok = qk_ok and (b not in w or _writable(layouts, b, shapes[b]) or not w[b].any())
+        factors = circuit_parameters(target, layer, layouts)
         new = {}
-        if ov_ok:
+        if factors.ov:
             W_V, W_O = w["W_V"].clone(), w["W_O"].clone()
             b_V = w["b_V"].clone() if "b_V" in w else None
             for kv in range(n_kv):
@@ -214,11 +180,11 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
                 if b_V is not None:
                     b_V[kv] = b_V[kv] @ A
             new.update(W_V=W_V, W_O=W_O)
-            if b_V is not None and _writable(layouts, "b_V", shapes["b_V"]):
+            if b_V is not None and writable(layouts, "b_V", shapes["b_V"]):
                 new["b_V"] = b_V
         else:
             skipped.append(f"OV of layer {layer}")
-        if qk_ok:
+        if factors.qk:
             W_Q, W_K = w["W_Q"].clone(), w["W_K"].clone()
             b_Q = w["b_Q"].clone() if "b_Q" in w else None
             b_K = w["b_K"].clone() if "b_K" in w else None
@@ -235,7 +201,7 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
                     b_K[kv] = b_K[kv] @ B_inv_T
             new.update(W_Q=W_Q, W_K=W_K)
             for name, value in (("b_Q", b_Q), ("b_K", b_K)):
-                if value is not None and _writable(layouts, name, shapes[name]):
+                if value is not None and writable(layouts, name, shapes[name]):
                     new[name] = value
         else:
             skipped.append(f"QK of layer {layer}")

@@ -45,6 +45,7 @@ from transformer_lens import FactoredMatrix
 
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter, NormWeights
+from .models.selection import circuit_parameters
 from .numerics import check_tolerances, numerical_rank, product_scale, rank_rtol
 
 __all__ = [
@@ -216,15 +217,20 @@ def _block_ranks(
 
 
 def _group_free_directions(
-    fm: FactoredMatrix, adapter: ModelAdapter, shared_left: bool, rotary: bool
-) -> list[list[int]]:
+    fm: FactoredMatrix, adapter: ModelAdapter, shared_left: bool, rotary: bool, parameters: list[bool]
+) -> list[list[int | None]]:
     """:func:`free_directions` of every (layer, KV group): the group's factors are the shared one
     (OV: P diag(w) W_V, ``shared_left``; QK: (P diag(w) W_K)ᵀ) and the query heads' own ones side by
-    side (OV: [W_O^{h1} P … W_O^{hm} P]; QK: [P diag(w) W_Q^{h1}; …]), so the shared weights count once."""
+    side (OV: [W_O^{h1} P … W_O^{hm} P]; QK: [P diag(w) W_Q^{h1}; …]), so the shared weights count once.
+    None for the groups of a layer whose factors are not all parameters (``parameters[layer]`` False):
+    a factor the architecture fixes has no gauge to count."""
     group = adapter.n_heads // adapter.n_kv_heads
     d = fm.mdim
     out = []
     for layer in range(adapter.n_layers):
+        if not parameters[layer]:
+            out.append([None] * adapter.n_kv_heads)
+            continue
         spaces = (_rotation_eigenspaces(d, *adapter.rotary_angles(layer)) if rotary
                   else [torch.eye(d, dtype=torch.float64)])
         counts = []
@@ -241,10 +247,13 @@ def _group_free_directions(
 
 # ---------------------------------------------------------------------------------------------- rows
 def _invariant_rows(
-    fm: FactoredMatrix, adapter: ModelAdapter, rtol: float, circuit: str, extra: dict, free: list[list[int]] | None
+    fm: FactoredMatrix, adapter: ModelAdapter, rtol: float, circuit: str, extra: dict,
+    free: list[list[int | None]] | None, parameters: list[bool],
 ) -> pd.DataFrame:
     """One row per head (the columns of :func:`ov_invariants`); ``free`` None: free directions not
-    counted (<NA>: queries and keys normalized before the scores, :func:`qk_invariants`)."""
+    counted (<NA>: queries and keys normalized before the scores, :func:`qk_invariants`), as for a
+    group whose entry is None; ``parameters``: per layer, whether the circuit's factors are all live
+    parameters (``models.selection.circuit_parameters``)."""
     U, S, Vh = fm.svd()  # S: [L, H, d] (float64), sorted descending
     S = S.cpu()
     eig = fm.eigenvalues.cpu()  # eigenvalues of B A (d×d): the nonzero ones of A B, plus zeros
@@ -282,7 +291,9 @@ def _invariant_rows(
                 "copying_score": copy,
                 "positive_eigen_share": positive,
                 # The group's count on its first head: the column sums to the model's total.
-                "free_directions": pd.NA if free is None else free[layer][head // group] if head % group == 0 else 0,
+                "free_directions": (pd.NA if free is None or free[layer][head // group] is None
+                                    else free[layer][head // group] if head % group == 0 else 0),
+                "parameters": parameters[layer],
                 "norm": norm,
                 "centered": norm == "layernorm",
                 **extra,
@@ -314,8 +325,12 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     stands on the row of its first query head and the group's other rows hold 0, so the column sums
     to the model's total; without GQA every head is its own group.
 
-    Works on every adapter backend and on the toys (on the SMA toy W_O is the identity and its RMSNorm
-    has no gain, so OV is W_V).
+    ``parameters``: whether the circuit's factors are all live parameters
+    (``models.selection.circuit_parameters``). Where one is fixed by the architecture there is no gauge
+    and the product is not degenerate in the weights: ``free_directions`` is <NA> there.
+
+    Works on every adapter backend and on the toys (on the SMA toy W_O is the identity, not a
+    parameter, and its RMSNorm has no gain, so OV is W_V: ``parameters`` False).
 
     Args:
         model: anything ``tld.adapt`` accepts.
@@ -325,8 +340,9 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     adapter = adapt(model)
     rtol = default_rtol(adapter) if rtol is None else check_tolerances(rtol)[0]
     fm = ov_circuits(adapter)
-    free = _group_free_directions(fm, adapter, shared_left=True, rotary=False)
-    return _invariant_rows(fm, adapter, rtol, "OV", {}, free)
+    parameters = [circuit_parameters(adapter, layer).ov for layer in range(adapter.n_layers)]
+    free = _group_free_directions(fm, adapter, shared_left=True, rotary=False, parameters=parameters)
+    return _invariant_rows(fm, adapter, rtol, "OV", {}, free, parameters)
 
 
 def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.DataFrame:
@@ -362,6 +378,8 @@ def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.
         warnings.warn("qk_invariants: this model normalizes queries and keys before the scores, so QK = W_Q W_Kᵀ "
                       "describes the weights, not the score map, and its free directions are not counted (<NA>)",
                       RuntimeWarning, stacklevel=2)
-    free = None if qk_norm else _group_free_directions(fm, adapter, shared_left=False, rotary=rotary)
+    parameters = [circuit_parameters(adapter, layer).qk for layer in range(adapter.n_layers)]
+    free = None if qk_norm else _group_free_directions(fm, adapter, shared_left=False, rotary=rotary,
+                                                       parameters=parameters)
     return _invariant_rows(fm, adapter, rtol, "QK", {"affine": bool(affine), "rotary": rotary, "qk_norm": qk_norm},
-                           free)
+                           free, parameters)

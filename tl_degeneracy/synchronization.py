@@ -37,7 +37,7 @@ from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
 from .models.adapt import adapt
-from .models.adapter import ModelAdapter
+from .models.selection import circuit_parameters
 from .numerics import activation_precision, check_tolerances, numerical_rank
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
@@ -412,6 +412,7 @@ class HeadSyncResult:
     d_out: int
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
+    ov_parameters: list[bool] | None = None
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -461,7 +462,13 @@ class HeadSyncResult:
         return float(self.distance[layer][np.ix_(heads, heads)].max())
 
     def _component_totals(self, layer: int, blocks: Sequence[Sequence[int]]) -> dict:
-        """The count columns of one component (every head of its KV heads, so nothing left apart)."""
+        """The count columns of one component (every head of its KV heads, so nothing left apart).
+        In a layer whose W_V/W_O are not all parameters (``ov_parameters``) the counts, which take
+        every entry of both as one, are left empty; one head alone still has no extra freedom."""
+        if self.ov_parameters is not None and not self.ov_parameters[layer]:
+            alone = sum(len(b) for b in blocks) == 1
+            return {**dict.fromkeys(_COUNT_COLUMNS, pd.NA), "extra_freedom": 0 if alone else pd.NA,
+                    "count_exact": alone}
         jac = self.freedom(layer, blocks)
         n_heads = sum(len(b) for b in blocks)
         n_kv = len({self.kv_of_head[h] for b in blocks for h in b})
@@ -485,7 +492,9 @@ class HeadSyncResult:
         and are 0 on its other rows: each column sums over the frame to the model's total. A block of
         whole KV heads, or a model without GQA, is its own component. Where a component's count is
         not exact (count_exact False, with a :class:`SyncCountWarning`), j_sync, free_block and
-        extra_freedom are <NA>."""
+        extra_freedom are <NA>. In a layer whose W_V or W_O is not a parameter (the SMA toy's W_O is a
+        fixed identity: ``ov_parameters``) every count column is <NA>, except that a head alone has
+        extra_freedom 0."""
         return self._frame.copy()
 
     @cached_property
@@ -726,7 +735,7 @@ def head_synchronization(
         distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
         n_samples=int(count[0]), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
         input_rank=input_rank, W_O=W_O, d_out=D - int(norms[0].kind == "layernorm"), precision=precision,
-        positions=batches.positions,
+        positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
     )
 
 

@@ -182,6 +182,65 @@ def measure_parameter(adapter: ModelAdapter, layer: int, name: str, p: Tensor) -
     return {k: (t, codes[k]) for k, t in touched.items()}
 
 
+def _parameters_for_writing(adapter: ModelAdapter):
+    """The live parameters; where the adapter refuses them because some *MLP* weights are computed
+    from detached copies (TransformerLens 3.x bridge, compatibility mode, gated MLP), the parameters
+    that do get a gradient still include every attention weight, which is all a gauge writes. That
+    partial set is computed without being cached on the adapter, so no other analysis sees it."""
+    try:
+        return adapter.live_parameters()
+    except RuntimeError:
+        return adapter.unchecked_live_parameters()
+
+
+def attention_layouts(adapter: ModelAdapter, layer: int) -> list[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]:
+    """(parameter, accessor key → (touched mask, flat parameter index)) for layer ``layer``'s attention
+    (:func:`measure_parameter` of every live parameter of that component)."""
+    component = f"blocks.{layer}.attn"
+    out = []
+    for lp in _parameters_for_writing(adapter):
+        if component in adapter.parameter_components(lp):
+            out.append((lp.param, measure_parameter(adapter, layer, lp.name, lp.param)))
+    return out
+
+
+def writable(layouts, key: str, shape: torch.Size) -> bool:
+    """Whether every entry of accessor ``key`` comes from some live parameter entry."""
+    covered = torch.zeros(shape, dtype=torch.bool)
+    for _, layout in layouts:
+        if key in layout:
+            covered |= layout[key][0].cpu()
+    return bool(covered.all())
+
+@dataclass(frozen=True)
+class CircuitParameters:
+    """Whether a layer's OV factors (W_V, W_O and a nonzero b_V) and QK factors (W_Q, W_K and nonzero
+    b_Q, b_K) are entirely live parameters. Where they are not (the SMA toy has a learned query in b_Q
+    over W_Q = 0 and no W_K or W_O: the adapter presents fixed identities), the circuit has no
+    GL(d_head) gauge, and its product is fixed by the architecture rather than degenerate in the
+    weights (METHODS §2)."""
+
+    ov: bool
+    qk: bool
+
+
+def circuit_parameters(adapter: ModelAdapter, layer: int, layouts=None) -> CircuitParameters:
+    """:class:`CircuitParameters` of layer ``layer`` (``layouts``: :func:`attention_layouts`, if at hand).
+    The one rule for both the gauges (``tl_degeneracy.gauge``) and the counts that assume a gauge
+    (invariants' free directions, head synchronization)."""
+    layouts = attention_layouts(adapter, layer) if layouts is None else layouts
+    w = read_attention(adapter, layer)
+
+    def param(key: str) -> bool:
+        return key in w and writable(layouts, key, w[key].shape)
+
+    def bias_ok(key: str) -> bool:  # a bias that is not a parameter must be zero to leave the gauge free
+        return key not in w or param(key) or not w[key].any()
+
+    return CircuitParameters(ov=param("W_V") and param("W_O") and bias_ok("b_V"),
+                             qk=param("W_Q") and param("W_K") and bias_ok("b_Q") and bias_ok("b_K"))
+
+
 def _head_layout(adapter: ModelAdapter, layer: int) -> _HeadLayout:
     cache = _LAYOUTS.setdefault(adapter, {})
     if layer in cache:

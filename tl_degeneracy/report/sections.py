@@ -58,13 +58,19 @@ def parameters(ctx: ReportContext) -> SectionOutput:
 
 
 def _circuit_values(frame: pd.DataFrame, d_head: int) -> dict:
+    # A circuit whose factors are not all parameters is fixed by the architecture: no gauge, and
+    # a low rank there is not weight-space degeneracy (ov_invariants, column parameters)
+    fixed = ~frame["parameters"].astype(bool)
     return {
         "heads": len(frame),
         "full_rank_heads": int((frame["rank"] == d_head).sum()),
+        "fixed_heads": int(fixed.sum()),
+        "low_rank_parameter_heads": int(((frame["rank"] < d_head) & ~fixed).sum()),
         "mean_rank": float(frame["rank"].mean()),
         "mean_copying_score": float(np.nanmean(frame["copying_score"])) if frame["copying_score"].notna().any() else None,
         # None where some head's free directions are not counted (q/k norms: qk_invariants)
-        "free_directions": None if frame["free_directions"].isna().any() else int(frame["free_directions"].sum()),
+        "free_directions": (None if frame.loc[~fixed, "free_directions"].isna().any()
+                            else int(frame["free_directions"].sum())),
         "qk_norm": bool("qk_norm" in frame and frame["qk_norm"].any()),
     }
 
@@ -76,6 +82,7 @@ def invariants(ctx: ReportContext) -> SectionOutput:
     ov, qk = ov_invariants(ctx.adapter), qk_invariants(ctx.adapter)
     values = {"ov": _circuit_values(ov, d), "qk": _circuit_values(qk, d), "rtol": float(ov["rtol"].iloc[0])}
     parts = [f"{name.upper()}: {v['full_rank_heads']}/{v['heads']} heads full rank (d_head {d})"
+             + (f", {v['fixed_heads']} fixed by the architecture (factors not parameters)" if v["fixed_heads"] else "")
              for name, v in (("ov", values["ov"]), ("qk", values["qk"]))]
     copy = values["ov"]["mean_copying_score"]
     if copy is not None:
@@ -435,14 +442,20 @@ def _parameters_verdict(v: dict) -> str:
 
 def _invariants_verdict(v: dict) -> str:
     ov, qk = v.get("ov", {}), v.get("qk", {})
-    low = {name: c.get("heads", 0) - c.get("full_rank_heads", 0) for name, c in (("OV", ov), ("QK", qk))}
+    # reports saved before circuits fixed by the architecture were told apart count every low-rank head
+    low = {name: c.get("low_rank_parameter_heads", c.get("heads", 0) - c.get("full_rank_heads", 0))
+           for name, c in (("OV", ov), ("QK", qk))}
+    fixed = [f"{c['fixed_heads']} {name}" for name, c in (("OV", ov), ("QK", qk)) if c.get("fixed_heads")]
+    note = (f"; {' and '.join(fixed)} circuit(s) fixed by the architecture (their factors are not parameters: "
+            "no gauge, and their rank is not weight-space degeneracy)" if fixed else "")
     # q/k norms leave QK no GL(d_head) gauge, only the scalings they divide out (qk_invariants, METHODS §2)
     gauge = ("the OV circuits' GL(d_head) gauge and the scalings the q/k norms divide out" if qk.get("qk_norm")
              else "the GL(d_head) gauge")
     if not any(low.values()):
-        return f"every head full rank: no weight-space degeneracy beyond {gauge}"
+        head = "every head full rank" if not fixed else "every circuit with parameter factors full rank"
+        return f"{head}: no weight-space degeneracy beyond {gauge}{note}"
     parts = [f"{n} of {c.get('heads', 0)} {name} circuits" for (name, n), c in zip(low.items(), (ov, qk)) if n]
-    return f"{' and '.join(parts)} rank-deficient: weight-space degeneracy beyond {gauge}"
+    return f"{' and '.join(parts)} rank-deficient: weight-space degeneracy beyond {gauge}{note}"
 
 
 def _synchronization_verdict(v: dict) -> str:
