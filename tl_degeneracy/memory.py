@@ -28,7 +28,7 @@ from .errors import TLDegeneracyError
 
 __all__ = [
     "DEFAULT_FRACTION", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits", "current_budget",
-    "check_batches", "counts_grams", "default_budget", "estimate", "format_bytes", "hook_width", "memory_limit", "parse_memory",
+    "check_batches", "counts_grams", "counts_widths", "default_budget", "half_gram_bytes", "estimate", "format_bytes", "hook_width", "memory_limit", "parse_memory",
 ]
 
 #: Share of the available memory the report budgets by default, per device type: the rest is left
@@ -209,7 +209,7 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
     graph = L * (attention + tokens * per_token) + tokens * V * s
     chunk = max(1, min(int(n_cotangents), chunk_elements // max(1, tokens * V)))
     if target_widths is None:
-        target_widths = L * [H * d, kv * d, kv * d, D, D] + L * (1 + int(c.gated_mlp)) * [F]
+        target_widths = counts_widths(adapter)
     width = sum(target_widths)
     accumulators = sum(w * w for w in target_widths) * 8  # float64 Grams (per-head blocks are smaller)
     cotangents = 2 * tokens * V * 8 + chunk * tokens * V * (8 + 2 * s)  # float64 softmax and its input; a chunk
@@ -228,6 +228,20 @@ def check_fits(needed: int, device: torch.device | str, what: str, lower: str) -
             f"{lower}, or raise the budget (--memory / the report's memory setting / tld.memory.memory_limit) "
             "where the machine has more"
         )
+
+
+def counts_widths(adapter) -> list[int]:
+    """Features per position of ``degeneracy_counts``' Jacobian targets: every layer's q, k, v,
+    attention output, MLP output and MLP pre-activations (two of them in a gated MLP)."""
+    c = adapter.cfg
+    F, H, d, D, kv = c.d_mlp or 0, c.n_heads or 0, c.d_head or 0, c.d_model, c.n_kv_heads or c.n_heads or 0
+    return c.n_layers * [H * d, kv * d, kv * d, D, D] + c.n_layers * (1 + int(c.gated_mlp)) * [F]
+
+
+def half_gram_bytes(widths: Sequence[int]) -> int:
+    """Bytes of the two half-probe float64 Grams that ``jacobian_stats(..., halves=True)`` keeps beside
+    the whole ones, for targets of ``widths`` features (per-head blocks are smaller)."""
+    return 2 * sum(w * w for w in widths) * 8
 
 
 def counts_grams(adapter) -> int:

@@ -52,7 +52,7 @@ from torch import Tensor
 from ..autograd import gradients_enabled, refuse_inference_mode
 from ..data import token_batches
 from ..errors import MissingHookError, NumericalError
-from ..memory import check_batches, hook_width
+from ..memory import check_batches, half_gram_bytes, hook_width
 from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
 from .distributed import distributed_context
@@ -128,7 +128,7 @@ def check_memory(adapter, batches, targets: list[HookTarget], *, output_hook: st
     n_cot = n_exact if is_exact else n_probes
     widths = [hook_width(adapter, t.kind, t.name) for t in targets]
     if halves and not is_exact and n_probes > 1:
-        held += 2 * sum(w * w for w in widths) * 8  # the two half-probe Grams beside the whole one
+        held += half_gram_bytes(widths)
     check_batches(adapter, "jacobian", batches, what, n_cotangents=n_cot, chunk_elements=CHUNK_ELEMENTS,
                   target_widths=widths, out_width=out_width, held=held)
 
