@@ -154,6 +154,16 @@ def _mean_mcse(ary: np.ndarray) -> tuple[float, float]:
     return float(ary.mean()), se
 
 
+
+def _apart_from(value: float, limit: float) -> str:
+    """``value`` with 3 significant digits, or as many more as it takes not to print as ``limit``
+    (R̂ 1.0517 reads "1.052 > 1.05", not "1.05 > 1.05")."""
+    for digits in range(3, 10):
+        text = f"{value:.{digits}g}"
+        if float(text) != float(f"{limit:.{digits}g}"):
+            return text
+    return f"{value!r}"
+
 def assess_convergence(
     draws: Float[np.ndarray, "C T"],
     diverged: Mapping[int, int] | None = None,
@@ -222,11 +232,11 @@ def assess_convergence(
     failed: dict[str, str] = {}
     suggestions: list[str] = []
     if not rhat <= RHAT_MAX:
-        failed["rhat"] = (f"split-R̂ {rhat:.3g} > {RHAT_MAX}" if math.isfinite(rhat) else
+        failed["rhat"] = (f"split-R̂ {_apart_from(rhat, RHAT_MAX)} > {RHAT_MAX}" if math.isfinite(rhat) else
                           f"split-R̂ undefined ({len(healthy)} healthy chains × {T} draws: it needs ≥ 2 chains and ≥ 4 "
                           "draws, and a trace that varies)")
     if not ess >= ESS_MIN:
-        failed["ess"] = (f"effective sample size {ess:.3g} < {ESS_MIN:g}" if math.isfinite(ess) else
+        failed["ess"] = (f"effective sample size {_apart_from(ess, ESS_MIN)} < {ESS_MIN:g}" if math.isfinite(ess) else
                          "effective sample size undefined (too few draws)")
     if not abs(drift) <= DRIFT_MAX:
         failed["drift"] = (f"drift: the last half of the draws averages {m2:.4g} against {m1:.4g} for the first "
