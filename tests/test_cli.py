@@ -178,10 +178,10 @@ def test_memory_budget_lowers_the_batch_size_and_the_header_says_so(tmp_path, ca
     """--memory: the batch size not set explicitly is halved until a batch of the counts' Jacobian
     pass fits (its estimate at 8 × 128 tokens is above the budget, at 4 × 128 below)."""
     import tl_degeneracy as tld
-    from tl_degeneracy.memory import counts_grams, counts_widths, estimate, half_gram_bytes
+    from tl_degeneracy.memory import counts_held, estimate
 
     adapter = tld.adapt(tld.load_model("toy:bytelm"))
-    held = counts_grams(adapter) + half_gram_bytes(counts_widths(adapter))  # the probe_limited check's halves too
+    held = counts_held(adapter)
     budget = estimate(adapter, "jacobian", 4, 128, n_cotangents=2, held=held) + 1
     assert estimate(adapter, "jacobian", 8, 128, n_cotangents=2, held=held) > budget
     out = tmp_path / "m"

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from tl_degeneracy.counts import ProbeLimitedWarning, SampleLimitedWarning, degeneracy_counts
+from tl_degeneracy.counts import DataLimitedWarning, ProbeLimitedWarning, SampleLimitedWarning, degeneracy_counts
 from tl_degeneracy.numerics import sample_limited
 
 from .fixtures.distributed import rank_results, run_two_processes
@@ -163,7 +163,33 @@ def test_probe_limited_rows():
                                     overrides={"n_probes": 2})["counts"]
     assert section.status == "ok", section.reason
     assert "still grew with the probes" in section.headline and "Σ n_eff_kfac = ≥ " in section.headline
-    assert "free counts are upper bounds" in verdict(section)
+    assert "free counts are upper bounds" in verdict(section) and "N_eff ≥" in verdict(section)
+    growing = section.values["data_limited_maps"]  # 24 positions of 2 sequences: half of them shows less
+    assert growing == int(section.tables["maps"]["data_limited"].sum()) > 0
+    assert f"{growing} map(s) whose ranks still grew with the data" in section.headline
+
+
+def test_data_limited_rows_are_the_ranks_half_the_data_lacks():
+    """Audit 4 (toy:modadd's report: 87.9 % 'free' on 64 sequences, 55.9 % on all 961, never flagged):
+    a rank below n can still grow with the data. Ground truth with exact Grams: the counts of the
+    even-numbered sequences alone; a map is data_limited exactly where its rank_G or rank_K there is
+    lower. Enough data (toy:bytelm's 64 × 128 tokens) flags nothing."""
+    model = make_tiny_toy_transformer(n_layers=1)
+    tokens = torch.randint(0, 20, (6, 4), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(DataLimitedWarning, match="still growing with the data"):
+        whole = degeneracy_counts(model, tokens, exact=True, progress=False, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = degeneracy_counts(model, tokens[::2], exact=True, progress=False)
+    lower = (half["rank_G"] < whole["rank_G"]) | (half["rank_K"] < whole["rank_K"])
+    assert whole["data_limited"].tolist() == lower.tolist() and lower.any()
+    assert whole.attrs["data_limited_maps"] == int(lower.sum())
+    import tl_degeneracy as tld
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataLimitedWarning)
+        enough = degeneracy_counts(tld.load_model("toy:bytelm"), tld.toy_data("bytelm")[:64], progress=False)
+    assert not enough["data_limited"].any() and enough.attrs["n_eff_kfac"] == 390_144
 
 
 def test_report_counts_line_says_sample_limited():

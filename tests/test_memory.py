@@ -84,7 +84,7 @@ def test_estimate_bounds_the_measured_peak_of_a_jacobian_pass():
         import torch
         torch.set_num_threads(1)
         import tl_degeneracy as tld
-        from tl_degeneracy.memory import counts_grams, estimate
+        from tl_degeneracy.memory import counts_held, estimate
         model = tld.load_model("toy:bytelm")
         tokens = tld.toy_data("bytelm")[:16, :128]
         adapter = tld.adapt(model)
@@ -96,7 +96,7 @@ def test_estimate_bounds_the_measured_peak_of_a_jacobian_pass():
         before = status_kb("VmRSS")
         tld.degeneracy_counts(model, tokens, batch_size=16, n_probes=4, progress=False)
         after = status_kb("VmHWM")
-        need = estimate(adapter, "jacobian", 16, 128, n_cotangents=4, held=counts_grams(adapter))
+        need = estimate(adapter, "jacobian", 16, 128, n_cotangents=4, held=counts_held(adapter))
         print(json.dumps({"measured": after - before, "estimate": need}))
     """)
     if not os.access("/proc/self/clear_refs", os.W_OK):
@@ -111,7 +111,7 @@ def test_the_report_fit_counts_the_sequences_that_shorter_cuts_make():
     """Two long sequences cut to a quarter of their length are eight, and fill a batch of eight: the
     fit must size that batch, not the two it started from (SmolLM2 on a text file: fitted at 2 × 512,
     run at 16 × 512, and the counts' Jacobian pass then refused at 44.5 GiB)."""
-    from tl_degeneracy.memory import MemoryBudget, counts_grams
+    from tl_degeneracy.memory import MemoryBudget, counts_held
     from tl_degeneracy.report.build import _resolve_data
     from tl_degeneracy.report.context import MIN_FITTED_SEQ_LEN, ReportContext
     from tl_degeneracy.report.settings import resolve_settings
@@ -123,7 +123,7 @@ def test_the_report_fit_counts_the_sequences_that_shorter_cuts_make():
     ctx = ReportContext(label="tiny", adapter=adapter, settings=resolve_settings("quick", {"seq_len": length}),
                         data=_resolve_data(tokens, "tiny"))
     assert (ctx.batches.n_sequences, ctx.batches.max_len) == (2, length)
-    held = counts_grams(adapter)
+    held = counts_held(adapter)
     kw = dict(n_cotangents=ctx.settings.n_probes, held=held)
     budget = estimate(adapter, "jacobian", 8, MIN_FITTED_SEQ_LEN, **kw) + 1
     assert estimate(adapter, "jacobian", 2, 2 * MIN_FITTED_SEQ_LEN, **kw) <= budget  # two sequences would fit

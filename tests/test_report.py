@@ -157,6 +157,15 @@ def test_interaction_section_equals_a_direct_call(full_report):
     assert sec.settings["ib_tokens"] == 54 and sec.settings["ib_data"]["n_sequences"] == 5
     assert set(sec.values["timings"]) == {"gram_s", "jacobian_s", "edges_s", "modules_s"}
     assert set(sec.figures) == {"spectra", "edges", "modules"}
+    # ranks from probes are labelled estimates, with the half-probe agreement (audit 4)
+    probed = direct.dims[direct.dims["M_method"] == "probes"]
+    assert sec.values["probe_nodes"] == len(probed)
+    if len(probed):
+        assert f"estimated from {PRESETS['quick'].ib_probes} Jacobian probes per batch" in sec.headline
+        assert sec.values["min_probe_stability"] == pytest.approx(float(probed["probe_stability"].min()))
+        from tl_degeneracy.report.sections import verdict
+
+        assert "(estimated: M from" in verdict(sec)
     names = list(SECTIONS)
     assert names.index("interaction") == names.index("llc") - 1
 

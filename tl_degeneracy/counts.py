@@ -55,22 +55,28 @@ from torch import Tensor
 from .autograd import refuse_inference_mode
 from .data import TokenBatches, token_batches
 from .errors import MissingHookError
-from .memory import check_batches, counts_grams
+from .memory import check_batches, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .numerics import activation_precision, check_tolerances, numerical_rank, sample_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
+from .stats.gram_stats import JacobianHookStats
 from .stats.jacobian import check_memory, jacobian_stats
 from .stats.passes import resolve_targets
 from .stats.stream import Step, stream
 
-__all__ = ["ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
+__all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
            "input_moment", "warn_sample_limited"]
 
 
 class SampleLimitedWarning(UserWarning):
     """A rank reached the number of samples below the dimension: the count may be the data's limit."""
+
+
+class DataLimitedWarning(UserWarning):
+    """A rank was lower on half of the data than on all of it: still growing with the data, so the
+    map's free count is an upper bound."""
 
 
 class ProbeLimitedWarning(UserWarning):
@@ -157,11 +163,14 @@ def input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumula
     return moment
 
 
-def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: bool) -> dict[str, MomentAccumulator]:
-    """Uncentred moments of the normalized block inputs, counting each hook's first firing per
-    forward pass only: HookedTransformer applies ``ln1`` separately to the query, key and value
-    inputs (three firings of one hook with identical values), which ``activation_stats`` refuses."""
+def _input_moments(adapter: ModelAdapter, batches, hooks: list[str],
+                   progress: bool) -> tuple[dict[str, MomentAccumulator], dict[str, MomentAccumulator]]:
+    """Uncentred moments of the normalized block inputs, and those of the data's even-numbered
+    sequences alone (for ``data_limited``), counting each hook's first firing per forward pass only:
+    HookedTransformer applies ``ln1`` separately to the query, key and value inputs (three firings
+    of one hook with identical values), which ``activation_stats`` refuses."""
     accs: dict[str, MomentAccumulator] = {}
+    halves: dict[str, MomentAccumulator] = {}
 
     def on_batch(step: Step) -> None:
         seen: set[str] = set()
@@ -171,11 +180,14 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
                 if name in seen:
                     return
                 seen.add(name)
-                rows = step.index.rows(act.detach(), step.index.unit(tuple(act.shape), name))
+                unit = step.index.unit(tuple(act.shape), name)
+                rows = step.index.rows(act.detach(), unit).reshape(-1, 1, act.shape[-1])
                 if name not in accs:  # also on a rank without batches (step.count False): it joins the reduction
                     accs[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
+                    halves[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
                 if step.count:
-                    step.flags[name] = accs[name].update(rows.reshape(rows.shape[0], 1, -1))
+                    step.flags[name] = accs[name].update(rows)
+                    halves[name].update(rows[step.index.half(unit)])
 
             return hook
 
@@ -184,18 +196,22 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
         if silent:
             raise MissingHookError(f"hook(s) {silent} did not fire on this {type(adapter.model).__name__}")
 
-    stream(adapter.device, batches, on_batch, reduce=lambda: [accs[n] for n in hooks],  # the same order on every rank
-           desc="degeneracy_counts", progress=progress, what="activation")
-    return accs
+    stream(adapter.device, batches, on_batch, reduce=lambda: [*(accs[n] for n in hooks), *(halves[n] for n in hooks)],
+           desc="degeneracy_counts", progress=progress, what="activation")  # the same order on every rank
+    return accs, halves
 
 
-def _token_frequencies(batches: TokenBatches, d_vocab: int) -> Float[Tensor, " d_vocab"]:
+def _token_frequencies(batches: TokenBatches, d_vocab: int, half: bool = False) -> Float[Tensor, " d_vocab"]:
     """Frequency of each token over the counted positions: the eigenvalues of W_E's input Gram
-    G = (1/n) Σ e_t e_tᵀ = diag(frequencies) (METHODS (4.1) for one-hot inputs), float64."""
+    G = (1/n) Σ e_t e_tᵀ = diag(frequencies) (METHODS (4.1) for one-hot inputs), float64; with
+    ``half``, over the data's even-numbered sequences alone."""
     counts = torch.zeros(d_vocab, dtype=torch.float64)
+    n = 0
     for batch in batches:
-        counts += torch.bincount(batch.tokens[batch.mask].cpu(), minlength=d_vocab).to(torch.float64)
-    return counts / batches.n_samples
+        mask = batch.mask.cpu() & (batch.index % 2 == 0)[:, None] if half else batch.mask.cpu()
+        counts += torch.bincount(batch.tokens.cpu()[mask], minlength=d_vocab).to(torch.float64)
+        n += int(mask.sum())
+    return counts / max(n, 1)
 
 
 def degeneracy_counts(
@@ -223,10 +239,13 @@ def degeneracy_counts(
     ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many) and ``probe_limited``
     (with probes: the Gram of either half of each batch's probes has a lower rank than all of them
     together, so rank_K is still growing with the probes: a lower bound, and ``free`` an upper bound;
-    a :class:`ProbeLimitedWarning` says how many; METHODS §4). ``frame.attrs`` holds ``n_eff_kfac``
-    (Σ kfac; a lower bound where a map is probe-limited), ``n_params``, ``probe_limited_maps``, the
-    tolerances, the objective and the positions counted: every non-padding position, BOS included
-    (:func:`counted_batches`).
+    a :class:`ProbeLimitedWarning` says how many; METHODS §4) and ``data_limited`` (rank_G or rank_K
+    is lower on the data's even-numbered sequences alone than on all of them: still growing with the
+    data, which ``sample_limited`` does not see when few distinct inputs keep a rank below n; a
+    :class:`DataLimitedWarning` says how many). ``frame.attrs`` holds ``n_eff_kfac`` (Σ kfac; a lower
+    bound where a map is data- or probe-limited), ``n_params``, ``data_limited_maps``,
+    ``probe_limited_maps``, the tolerances, the objective and the positions counted: every
+    non-padding position, BOS included (:func:`counted_batches`).
 
     Args:
         data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
@@ -279,12 +298,12 @@ def degeneracy_counts(
     check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes")
     check_memory(adapter, batches, resolve_targets(adapter, k_hooks, "degeneracy_counts"), output_hook=None,
                  n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
-                 held=counts_grams(adapter), halves=True)  # the activation passes' Grams stay alive meanwhile
+                 held=counts_held(adapter))  # the activation passes' Grams, the split-half checks' Grams
 
-    inputs = _input_moments(adapter, batches, attn_in + mlp_in, progress)
-    acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress)
+    inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress)
+    acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
-                         seed=seed, per_head=True, progress=progress, halves=True)
+                         seed=seed, per_head=True, progress=progress, halves=True, half=True)
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
     n = batches.n_samples
 
@@ -296,37 +315,49 @@ def degeneracy_counts(
     def rank(m: Tensor) -> int:
         return spectrum_rank(descending_eigvalsh(m))
 
-    def k_rank(key, head: int | None = None) -> tuple[int, bool]:
-        """rank_K of a Jacobian Gram, and whether it is probe-limited: every probe gradient lies in
-        K's range, so a probe Gram's rank can only fall short of K's, and a half of the probes that
-        finds fewer directions than all of them says more probes would find more."""
+    def g_rank(whole: Tensor, half: Tensor) -> tuple[int, bool]:
+        """rank_G, and whether the data's even-numbered sequences alone give a lower one: the rank is
+        still growing with the data."""
+        r = rank(whole)
+        return r, rank(half) < r
+
+    def k_rank(key, head: int | None = None) -> tuple[int, bool, bool]:
+        """rank_K, whether it is probe-limited and whether it grows with the data. Every probe
+        gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and a half of
+        the probes that finds fewer directions than all of them says more probes would find more."""
         stats = jac[key]
-        r = rank(stats.gram if head is None else stats.head_gram[head])
+
+        def of(st: JacobianHookStats) -> Tensor:
+            return st.gram if head is None else st.head_gram[head]
+
+        r = rank(of(stats))
         halves = stats.half_grams(head is not None)
-        return r, halves is not None and min(rank(h if head is None else h[head]) for h in halves) < r
+        probes = halves is not None and min(rank(h if head is None else h[head]) for h in halves) < r
+        return r, probes, rank(of(stats.half)) < r
 
     rows = []
 
-    def add(map_name, layer, head, G_rank, K, d_in, d_out, centered=False):
-        K_rank, probe_limited = K
+    def add(map_name, layer, head, G, K, d_in, d_out, centered=False):
+        (G_rank, g_grows), (K_rank, probe_limited, k_grows) = G, K
         rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                      "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
                      "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
                      "sample_limited": sample_limited(G_rank, n, d_in, centered=centered),
-                     "probe_limited": probe_limited})
+                     "data_limited": g_grows or k_grows, "probe_limited": probe_limited})
 
     for layer in range(L):
         bias = adapter.map_biases(layer)
-        input_ranks: dict[tuple[str, bool], int] = {}
+        input_ranks: dict[tuple[str, bool], tuple[int, bool]] = {}
 
-        def input_rank(ln: str, centered: bool) -> int:
+        def input_rank(ln: str, centered: bool) -> tuple[int, bool]:
             if (ln, centered) not in input_ranks:
-                acc = inputs[(attn_in if ln == "ln1" else mlp_in)[layer]]
-                input_ranks[ln, centered] = rank(input_moment(adapter, layer, ln, acc, centered))
+                hook = (attn_in if ln == "ln1" else mlp_in)[layer]
+                input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
+                                                   input_moment(adapter, layer, ln, input_halves[hook], centered))
             return input_ranks[ln, centered]
 
         z = acts[("z", layer)]
-        z_G = z.head_covariance() if bias["W_O"] else z.head_gram
+        z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
         out_K = k_rank(("attn_out", layer))
         for h in range(H):
             add("W_Q", layer, h, input_rank("ln1", bias["W_Q"]), k_rank(("q", layer), h), D, d, bias["W_Q"])
@@ -334,7 +365,7 @@ def degeneracy_counts(
             add("W_K", layer, kv, input_rank("ln1", bias["W_K"]), k_rank(("k", layer), kv), D, d, bias["W_K"])
             add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"])
         for h in range(H):
-            add("W_O", layer, h, rank(z_G[h]), out_K, d, D, bias["W_O"])
+            add("W_O", layer, h, g_rank(z_G[h], z_half[h]), out_K, d, D, bias["W_O"])
         if mlp:
             F = adapter.d_mlp
             maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
@@ -342,16 +373,25 @@ def degeneracy_counts(
             for name, key in maps:
                 add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name])
             post = acts[("mlp_post", layer)]
-            add("W_out", layer, None, rank(post.covariance() if bias["W_out"] else post.gram),
-                k_rank(("mlp_out", layer)), F, D, bias["W_out"])
+            G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
+            add("W_out", layer, None, g_rank(*G_post), k_rank(("mlp_out", layer)), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
         G_rank = spectrum_rank(_token_frequencies(batches, adapter.d_vocab), torch.float64)
-        add("W_E", None, None, G_rank, k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
+        G_half = spectrum_rank(_token_frequencies(batches, adapter.d_vocab, half=True), torch.float64)
+        add("W_E", None, None, (G_rank, G_half < G_rank), k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
 
     frame = pd.DataFrame(rows)
     warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
                         "maps' input Grams (rank_G)", n)
+    data_limited = int(frame["data_limited"].sum())
+    if data_limited:
+        warnings.warn(
+            f"degeneracy_counts: at {data_limited} of {len(frame)} maps rank_G or rank_K is lower on half of the "
+            f"{batches.n_sequences} sequences (the even-numbered ones) than on all of them (column data_limited): "
+            "those ranks are still growing with the data, so the maps' free counts are upper bounds and n_eff_kfac "
+            "a lower bound, for the model as much as for these data; count on more sequences",
+            DataLimitedWarning, stacklevel=2)
     probe_limited = int(frame["probe_limited"].sum())
     if probe_limited:
         warnings.warn(
@@ -366,6 +406,7 @@ def degeneracy_counts(
         "n_params": int(frame["n_params"].sum()),
         "free": int(frame["free"].sum()),
         "probe_limited_maps": probe_limited,
+        "data_limited_maps": data_limited,
         "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
         "positions": batches.positions.to_dict(),

@@ -28,7 +28,7 @@ from .errors import TLDegeneracyError
 
 __all__ = [
     "DEFAULT_FRACTION", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits", "current_budget",
-    "check_batches", "counts_grams", "counts_widths", "default_budget", "half_gram_bytes", "estimate", "format_bytes", "hook_width", "memory_limit", "parse_memory",
+    "check_batches", "counts_grams", "counts_held", "counts_widths", "default_budget", "half_gram_bytes", "estimate", "format_bytes", "hook_width", "memory_limit", "parse_memory",
 ]
 
 #: Share of the available memory the report budgets by default, per device type: the rest is left
@@ -197,7 +197,8 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
     per_token = (8 * D + (H + 2 * kv) * d + 3 * F) * s  # residual, norms, q/k/v/z, MLP of one layer
     forward = attention + tokens * (per_token + V * (s + 8)) + int(held)
     if analysis == "forward":
-        return int(forward + tokens * (D + F + H * d) * 8 + counts_grams(adapter))
+        # counts' activation passes keep a half-data twin of every Gram (degeneracy_counts' data_limited)
+        return int(forward + tokens * (D + F + H * d) * 8 + 2 * counts_grams(adapter))
     if analysis == "head_sync":
         from .synchronization import PATTERN_CHUNK_BYTES
 
@@ -238,10 +239,19 @@ def counts_widths(adapter) -> list[int]:
     return c.n_layers * [H * d, kv * d, kv * d, D, D] + c.n_layers * (1 + int(c.gated_mlp)) * [F]
 
 
-def half_gram_bytes(widths: Sequence[int]) -> int:
-    """Bytes of the two half-probe float64 Grams that ``jacobian_stats(..., halves=True)`` keeps beside
-    the whole ones, for targets of ``widths`` features (per-head blocks are smaller)."""
-    return 2 * sum(w * w for w in widths) * 8
+def half_gram_bytes(widths: Sequence[int], sets: int = 2) -> int:
+    """Bytes of ``sets`` more float64 Grams for targets of ``widths`` features (per-head blocks are
+    smaller): the two half-probe Grams of ``jacobian_stats(..., halves=True)``, the half-data one of
+    ``half=True``, kept beside the whole ones."""
+    return sets * sum(w * w for w in widths) * 8
+
+
+def counts_held(adapter) -> int:
+    """Bytes that stay alive during ``degeneracy_counts``' Jacobian pass beside one set of its
+    targets' Grams: the activation passes' Grams, each with its half-data twin (:func:`counts_grams`
+    twice), and the Jacobian pass's two half-probe Grams and one half-data Gram per target (the
+    split-half checks ``probe_limited`` and ``data_limited``)."""
+    return 2 * counts_grams(adapter) + half_gram_bytes(counts_widths(adapter), sets=3)
 
 
 def counts_grams(adapter) -> int:

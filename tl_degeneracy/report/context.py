@@ -211,7 +211,7 @@ class ReportContext:
         A shorter sequence length keeps the data: ``n_sequences`` (which counts sequences after
         cutting) grows by the same factor, so the sequences are cut shorter, not dropped.
         """
-        from ..memory import counts_grams, counts_widths, estimate, half_gram_bytes
+        from ..memory import counts_held, estimate
 
         s = self.settings
         analyses = [a for name in sections for a in _MEMORY_ANALYSES.get(name, ())]
@@ -221,9 +221,7 @@ class ReportContext:
         if not analyses or self.data is None:
             return info
 
-        # by the counts' Jacobian pass (degeneracy_counts): the activation passes' Grams, and the
-        # half-probe Grams of its probe_limited check
-        held = counts_grams(self.adapter) + half_gram_bytes(counts_widths(self.adapter))
+        held = counts_held(self.adapter)  # by the counts' Jacobian pass (degeneracy_counts)
 
         n0, t0 = max(1, self.batches.n_sequences), self.batches.max_len
 

@@ -156,17 +156,19 @@ def counts(ctx: ReportContext) -> SectionOutput:
     totals = frame.groupby("map", sort=False)[["n_params", "kfac", "free"]].sum().reset_index()
     a = frame.attrs
     limited, n = int(frame["sample_limited"].sum()), a["positions"]["n_samples"]
-    probes = a["probe_limited_maps"]
+    probes, growing = a["probe_limited_maps"], a["data_limited_maps"]
+    bound = probes or growing  # some rank is still growing: n_eff_kfac a lower bound, free an upper one
     return SectionOutput(
         tables={"maps": frame, "totals": totals},
         figures={"by_map": plot_counts(totals)},
         values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
-                                     "probe_limited_maps")},
+                                     "probe_limited_maps", "data_limited_maps")},
                 "sample_limited_maps": limited, "n_samples": n},
         settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
-        headline=(f"Σ n_eff_kfac = {'≥ ' if probes else ''}{a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
-                  f"parameters ({'≤ ' if probes else ''}{a['free']:,} free, {a['free'] / a['n_params']:.1%})"
+        headline=(f"Σ n_eff_kfac = {'≥ ' if bound else ''}{a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
+                  f"parameters ({'≤ ' if bound else ''}{a['free']:,} free, {a['free'] / a['n_params']:.1%})"
                   + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")
+                  + (f"; {growing} map(s) whose ranks still grew with the data (half of it gave less)" if growing else "")
                   + (f"; {probes} map(s) whose rank_K still grew with the probes (a lower bound)" if probes else "")),
     )
 
@@ -212,6 +214,15 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     dims, edges, table = ib.dims, ib.edge_summary(), modules.to_frame()
     timings = {k: ib.settings[k] for k in ("gram_s", "jacobian_s", "edges_s")} | {"modules_s": modules_s}
     ranks = ", ".join(f"{r.interaction_rank}/{r.D}" for r in dims.itertuples())
+    # Where M comes from Jacobian probes the ranks are estimates: say so beside them, with how well
+    # the two halves of the probes agree on the kept directions (probe_agreement; 1 = the same)
+    probed = dims[dims["M_method"] == "probes"]
+    stability = float(probed["probe_stability"].min()) if len(probed) else None
+    estimated = (f"; estimated from {s.ib_probes} Jacobian probes per batch at {len(probed)} of {len(dims)} node(s), "
+                 f"half-probe agreement ≥ {stability:.2f}" if len(probed) and stability is not None
+                 and not math.isnan(stability) else
+                 f"; estimated from {s.ib_probes} Jacobian probe(s) per batch at {len(probed)} of {len(dims)} node(s)"
+                 if len(probed) else "")
     return SectionOutput(
         tables={"dims": dims, "edges": edges, "modules": table, "members": modules.members_frame()},
         figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
@@ -219,13 +230,15 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
+                "probe_nodes": len(probed), "n_probes": s.ib_probes,
+                "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
                 "timings": timings},
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
                   "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
                   "modules": modules.to_dict()["settings"]},
         headline=f"interaction rank per node {ranks} ({int(dims['degenerate'].sum())} degenerate directions"
                  + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
-                    if dims["sample_limited"].any() else "") + "); " + (
+                    if dims["sample_limited"].any() else "") + estimated + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
             f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the edge weight (modularity "
             f"{modules.modularity:.3f})"),
@@ -480,12 +493,18 @@ def _counts_verdict(v: dict) -> str:
     free, n = v.get("free", 0), v.get("n_params", 0)
     if not free:
         return "no activation or Jacobian degeneracy: the data constrain every linear-map parameter"
-    text = (f"{free / max(n, 1):.1%} of the linear-map parameters are free (activation/Jacobian degeneracy): "
-            f"N_eff ≈ {v.get('n_eff_kfac', 0):,} by the Kronecker estimate")
+    bound = v.get("data_limited_maps", 0) or v.get("probe_limited_maps", 0)  # some rank still growing
+    text = (f"{'at most ' if bound else ''}{free / max(n, 1):.1%} of the linear-map parameters are free "
+            f"(activation/Jacobian degeneracy): N_eff {'≥' if bound else '≈'} {v.get('n_eff_kfac', 0):,} by the "
+            "Kronecker estimate")
     limited = v.get("sample_limited_maps", 0)
     if limited:  # rank(G) = n < d_in: too few samples to tell the model's degeneracy from the data's
         text += (f" — at {limited} map(s) rank(G) is all that the {v.get('n_samples')} samples allow, so those "
                  "counts are the data's limit, not the model's (raise n_sequences)")
+    growing = v.get("data_limited_maps", 0)  # absent from reports saved before it was checked
+    if growing:  # half of the data gave lower ranks than all of it
+        text += (f" — at {growing} map(s) the ranks were still growing with the data (half of the sequences gave "
+                 "lower ones), so their free counts are upper bounds and N_eff a lower bound (raise n_sequences)")
     probes = v.get("probe_limited_maps", 0)  # absent from reports saved before it was checked
     if probes:  # half the probes found fewer directions of K than all of them
         text += (f" — at {probes} map(s) rank(K) was still growing with the number of Jacobian probes, so their "
@@ -511,6 +530,12 @@ def _interaction_verdict(v: dict) -> str:
         text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} samples allow, so those "
                  "counts are the data's limit, not the model's (raise ib_tokens, or give more data: n_sequences × "
                  "seq_len)")
+    probed = v.get("probe_nodes", 0)  # absent from reports saved before it was recorded
+    if probed:
+        agreement = v.get("min_probe_stability")
+        text += (f" (estimated: M from {v.get('n_probes')} Jacobian probes per batch at {probed} node(s)"
+                 + (f", the two halves of the probes agreeing ≥ {agreement:.2f} on the kept directions" if agreement
+                    is not None else "") + ")")
     share = v.get("inside_share")
     if share is None or (isinstance(share, float) and math.isnan(share)):
         return text + "; no modules (no edge above the cut-off)"

@@ -27,13 +27,15 @@ __all__ = ["activation_stats", "moment_pass"]
 
 
 class _Collector:
-    """Forward hooks that fold each batch's sample rows into one accumulator per hook point."""
+    """Forward hooks that fold each batch's sample rows into one accumulator per hook point (and,
+    with ``half``, those of the data's even-numbered sequences into a second one)."""
 
-    def __init__(self, targets: list[HookTarget], per_head: bool, device: torch.device):
-        self.targets, self.per_head, self.device = targets, per_head, device
+    def __init__(self, targets: list[HookTarget], per_head: bool, device: torch.device, half: bool = False):
+        self.targets, self.per_head, self.device, self.half = targets, per_head, device, half
         self.layouts: dict[str, FeatureLayout] = {}
         self.units: dict[str, str] = {}
         self.accs: dict[str, MomentAccumulator] = {}
+        self.half_accs: dict[str, MomentAccumulator] = {}
         self.dtypes: dict[str, torch.dtype] = {}  # as the forward produced them: the rank rule's precision
         self.index: SampleIndex | None = None
         self.flags: dict[str, torch.Tensor] = {}
@@ -50,14 +52,18 @@ class _Collector:
                 layout = feature_layout(target.kind, tuple(act.shape[2:]), self.per_head)
                 self.layouts[name], self.units[name], self.dtypes[name] = layout, unit, act.dtype
                 self.accs[name] = MomentAccumulator(layout.groups, layout.dim, device=self.device)
+                if self.half:
+                    self.half_accs[name] = MomentAccumulator(layout.groups, layout.dim, device=self.device)
             elif unit != self.units[name]:
                 raise ValueError(f"hook {name!r} changed its position axis between batches ({self.units[name]} → {unit})")
             if not self.accumulate:
                 self.flags[name] = torch.ones((), dtype=torch.bool, device=act.device)
                 return None
             layout = self.layouts[name]
-            rows = self.index.rows(act.detach(), unit)
-            self.flags[name] = self.accs[name].update(rows.reshape(rows.shape[0], layout.groups, layout.dim))
+            rows = self.index.rows(act.detach(), unit).reshape(-1, layout.groups, layout.dim)
+            self.flags[name] = self.accs[name].update(rows)
+            if self.half:
+                self.half_accs[name].update(rows[self.index.half(unit)])
             return None  # the activation is only read, never replaced
 
         return hook
@@ -79,17 +85,19 @@ class _Collector:
 
 
 def moment_pass(runner, batches, targets: list[HookTarget], per_head: bool, device=None, progress: bool = True,
-                desc: str = "activation_stats") -> _Collector:
+                desc: str = "activation_stats", half: bool = False) -> _Collector:
     """One no-grad pass over ``batches`` folding every target's sample rows into its float64
-    :class:`MomentAccumulator` (``collector.accs``), summed across ``torch.distributed`` ranks.
+    :class:`MomentAccumulator` (``collector.accs``; with ``half`` also the rows of the data's
+    even-numbered sequences into ``collector.half_accs``), summed across ``torch.distributed`` ranks.
 
     ``runner``: anything with ``run_with_hooks(tokens, fwd_hooks)``, ``.model`` and ``.device`` (a
     ModelAdapter, or the interaction basis's runner for plain HookedRootModules).
     """
     acc_device = torch.device(device) if device is not None else runner.device
-    collector = _Collector(targets, per_head, acc_device)
+    collector = _Collector(targets, per_head, acc_device, half)
     stream(runner.device, batches, collector.on_batch(runner), desc=desc, progress=progress, what="activation",
-           reduce=lambda: [collector.accs[t.name] for t in targets])  # the same order on every rank
+           reduce=lambda: [*(collector.accs[t.name] for t in targets),  # the same order on every rank
+                           *(collector.half_accs[t.name] for t in targets if half)])
     return collector
 
 
@@ -104,6 +112,7 @@ def activation_stats(
     device: torch.device | str | None = None,
     seq_len: int | None = None,
     skip_bos: bool | None = None,
+    half: bool = False,
 ) -> ActivationStats:
     """Streaming float64 statistics of the activations at ``hooks`` over ``data`` (METHODS §4, §0).
 
@@ -125,6 +134,9 @@ def activation_stats(
             §3 needs block ranks), whose diagonal blocks are the per-head Grams.
         progress: a tqdm bar (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         device: where the float64 accumulators live (default: the model's device).
+        half: also the statistics of the data's even-numbered sequences alone (``.half`` of each
+            hook's statistics; twice the accumulators): a rank that is lower there than on all the
+            data is still growing with the data (``degeneracy_counts``' ``data_limited``).
 
     Samples: with an activation position axis as long as the tokens', every counted token position
     (``data.positions``: padding never, BOS not by default); with a position axis of length 1, one
@@ -141,13 +153,12 @@ def activation_stats(
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "activation_stats")
     check_batches(adapter, "forward", batches, "activation_stats")  # fail before the first forward, as the others
-    collector = moment_pass(adapter, batches, targets, per_head, device, progress)
+    collector = moment_pass(adapter, batches, targets, per_head, device, progress, half=half)
 
-    stats = {}
-    for t in targets:
-        acc, layout = collector.accs[t.name], collector.layouts[t.name]
+    def hook_stats(t: HookTarget, acc: MomentAccumulator, half_stats: HookStats | None = None) -> HookStats:
+        layout = collector.layouts[t.name]
         cov = acc.covariance()
-        stats[t.name] = HookStats(
+        return HookStats(
             name=t.name,
             kind=t.kind,
             layer=t.layer,
@@ -159,7 +170,11 @@ def activation_stats(
             cov=None if layout.head_blocks_only else cov[0],
             head_cov=cov if layout.head_blocks_only else None,
             dtype=collector.dtypes[t.name],
+            half=half_stats,
         )
+
+    stats = {t.name: hook_stats(t, collector.accs[t.name],
+                                hook_stats(t, collector.half_accs[t.name]) if half else None) for t in targets}
     return ActivationStats(
         stats=stats,
         positions=batches.positions,

@@ -134,6 +134,7 @@ class HookStats(_GramStats):
     centered: bool = False
     cov: Tensor | None = field(repr=False, default=None)  # [D, D]
     head_cov: Tensor | None = field(repr=False, default=None)  # [H, d, d], per-head-only accumulation
+    half: HookStats | None = field(repr=False, default=None)  # the data's even-numbered sequences alone
 
     @property
     def has_full(self) -> bool:
@@ -184,6 +185,7 @@ class JacobianHookStats(_GramStats):
     full: Tensor | None = field(repr=False, default=None)
     head_full: Tensor | None = field(repr=False, default=None)
     halves: tuple[Tensor, Tensor] | None = field(repr=False, default=None)
+    half: JacobianHookStats | None = field(repr=False, default=None)  # the data's even-numbered sequences alone
 
     @property
     def has_full(self) -> bool:

@@ -79,7 +79,8 @@ class JacobianPass:
     """What one pass accumulated: per hook its float64 accumulator, feature layout and sample unit;
     whether the Grams are exact (``exact``, decided once for the pass); with ``halves`` and probes,
     per hook two more accumulators, each the Gram estimate from one half of every batch's probes
-    (probes 0 … ⌊k/2⌋−1 and ⌊k/2⌋ … k−1), from the same backward passes."""
+    (probes 0 … ⌊k/2⌋−1 and ⌊k/2⌋ … k−1), from the same backward passes; with ``half``, per hook the
+    estimate from the data's even-numbered sequences alone (every probe)."""
 
     accs: dict[str, SecondMomentAccumulator] = field(default_factory=dict)
     layouts: dict[str, FeatureLayout] = field(default_factory=dict)
@@ -89,6 +90,7 @@ class JacobianPass:
     no_gradient: set[str] = field(default_factory=set)
     exact: bool | None = None
     halves: dict[str, tuple[SecondMomentAccumulator, SecondMomentAccumulator]] = field(default_factory=dict)
+    half: dict[str, SecondMomentAccumulator] = field(default_factory=dict)
 
 
 def max_counted_positions(batches) -> int:
@@ -116,19 +118,19 @@ def check_exact(exact, n_probes) -> None:
 
 
 def check_memory(adapter, batches, targets: list[HookTarget], *, output_hook: str | None, n_probes: int,
-                 exact: bool | str, what: str = "jacobian_stats", held: int = 0, halves: bool = False) -> None:
+                 exact: bool | str, what: str = "jacobian_stats", held: int = 0, halves: bool = False,
+                 half: bool = False) -> None:
     """:class:`~tl_degeneracy.memory.MemoryBudgetError` now, before any forward, when one batch of
     the Jacobian pass would not fit the memory budget (``tld.memory.estimate("jacobian")``: the
     forward's autograd graph, a chunk of cotangents on the output, their gradients at ``targets``,
-    the targets' float64 Grams (three times with ``halves``), and ``held`` bytes of earlier passes'
-    results)."""
+    the targets' float64 Grams (two sets more with ``halves``, one more with ``half``), and ``held``
+    bytes of earlier passes' results)."""
     out_width = adapter.d_vocab if output_hook is None else hook_width(adapter, None, output_hook)
     n_exact = max_counted_positions(batches) * out_width
     is_exact = resolve_exact(exact, n_probes, n_exact)
     n_cot = n_exact if is_exact else n_probes
     widths = [hook_width(adapter, t.kind, t.name) for t in targets]
-    if halves and not is_exact and n_probes > 1:
-        held += half_gram_bytes(widths)
+    held += half_gram_bytes(widths, sets=2 * int(halves and not is_exact and n_probes > 1) + int(half))
     check_batches(adapter, "jacobian", batches, what, n_cotangents=n_cot, chunk_elements=CHUNK_ELEMENTS,
                   target_widths=widths, out_width=out_width, held=held)
 
@@ -144,6 +146,7 @@ def jacobian_pass(
     n_probes: int = 8,
     exact: bool | str = False,
     halves: bool = False,
+    half: bool = False,
     seed: int = 0,
     per_head: bool = True,
     device: torch.device | None = None,
@@ -161,14 +164,15 @@ def jacobian_pass(
     fired. ``exact="auto"`` is decided from the first batch's output width and the data's
     :func:`max_counted_positions` (the same on every batch and process, so a different batch split
     never changes the method). ``halves``: also accumulate the two half-probe estimates
-    (:class:`JacobianPass`). Under ``torch.distributed`` each rank takes its shard and the
+    (:class:`JacobianPass`); ``half``: also the estimate from the data's even-numbered sequences
+    alone (``res.half``). Under ``torch.distributed`` each rank takes its shard and the
     accumulators are summed (``stream``).
     """
     acc_device = torch.device(device) if device is not None else runner.device
     backward = Backward(method)
     res = JacobianPass()
     names = [t.name for t in targets]
-    half = n_probes // 2  # probes [0, half) form half A, [half, n_probes) half B
+    n_half = n_probes // 2  # probes [0, n_half) form half A, [n_half, n_probes) half B
 
     def forward(step: Step) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """The output [batch, pos, out] of one batch, its differentiable target activations and its mask."""
@@ -212,9 +216,11 @@ def jacobian_pass(
             res.layouts[t.name], res.units[t.name] = layout, step.index.unit(tuple(act.shape), t.name)
             res.dtypes[t.name] = act.dtype
             res.accs[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
-            if halves and not res.exact and half > 0:
+            if halves and not res.exact and n_half > 0:
                 res.halves[t.name] = tuple(SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
                                            for _ in range(2))
+            if half:
+                res.half[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
 
     def on_batch(step: Step) -> None:
         out, acts, out_mask = forward(step)
@@ -239,10 +245,12 @@ def jacobian_pass(
                     rows = rows.reshape(rows.shape[0], -1, layout.groups, layout.dim)
                     ok = res.accs[name].update(rows.flatten(0, 1), weight=weight)
                     if name in res.halves:
-                        split = min(max(half - first, 0), rows.shape[0])
+                        split = min(max(n_half - first, 0), rows.shape[0])
                         a, b = res.halves[name]
-                        a.update(rows[:split].flatten(0, 1), weight=1.0 / half)
-                        b.update(rows[split:].flatten(0, 1), weight=1.0 / (n_probes - half))
+                        a.update(rows[:split].flatten(0, 1), weight=1.0 / n_half)
+                        b.update(rows[split:].flatten(0, 1), weight=1.0 / (n_probes - n_half))
+                    if name in res.half:
+                        res.half[name].update(rows[:, index.half(res.units[name])].flatten(0, 1), weight=weight)
                     step.flags[name] = ok if name not in step.flags else step.flags[name] & ok
                 first += cot.shape[0]
         for name in names:
@@ -250,11 +258,15 @@ def jacobian_pass(
             res.accs[name].add_samples(n)
             for acc in res.halves.get(name, ()):
                 acc.add_samples(n)
+            if name in res.half:
+                res.half[name].add_samples(int(index.half(res.units[name]).sum()))
 
     def reduce():
         for name in names:
             yield res.accs[name]
             yield from res.halves.get(name, ())
+            if name in res.half:
+                yield res.half[name]
 
     with gradients_enabled(runner.model):  # refuses weights made under inference_mode; stream turns autograd on
         stream(runner.device, batches, on_batch, reduce=reduce, desc=desc, progress=progress, grad=True,
@@ -287,6 +299,7 @@ def jacobian_stats(
     seq_len: int | None = None,
     skip_bos: bool | None = None,
     halves: bool = False,
+    half: bool = False,
 ) -> JacobianStats:
     """Jacobian-probe Grams K = (1/n) Σ_t E[g_t g_tᵀ] at ``hooks`` (METHODS §4; module docstring).
 
@@ -309,6 +322,9 @@ def jacobian_stats(
             batch's probes in the same pass (``.half_grams()``; two more Grams per hook): where
             their ranks fall short of the whole estimate's, the probes have not found all of K's
             range yet (``degeneracy_counts``' ``probe_limited``).
+        half: also the Grams from the data's even-numbered sequences alone (``.half`` of each hook's
+            statistics; one more Gram per hook): a rank lower there than on all the data is still
+            growing with the data (``degeneracy_counts``' ``data_limited``).
 
     Returns:
         :class:`JacobianStats`: hook → ``.gram`` [D, D] (and ``.head_gram`` [H, d, d] for q/k/v/z),
@@ -338,11 +354,12 @@ def jacobian_stats(
     check_exact(exact, n_probes)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "jacobian_stats")
-    check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves)
+    check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves,
+                 half=half)
     res = jacobian_pass(
         adapter, batches, targets, objective=objective, output_hook=output_hook, output_transform=output_transform,
-        n_probes=n_probes, exact=exact, halves=halves, seed=seed, per_head=per_head, device=device, progress=progress,
-        method=method, probe_chunk=probe_chunk,
+        n_probes=n_probes, exact=exact, halves=halves, half=half, seed=seed, per_head=per_head, device=device,
+        progress=progress, method=method, probe_chunk=probe_chunk,
     )
     no_gradient, accs, layouts, units = res.no_gradient, res.accs, res.layouts, res.units
 
@@ -354,11 +371,10 @@ def jacobian_stats(
             RuntimeWarning,
             stacklevel=2,
         )
-    stats = {}
-    for t in targets:
-        acc, layout = accs[t.name], layouts[t.name]
+    def hook_stats(t: HookTarget, acc: SecondMomentAccumulator, halves=None, half_stats=None) -> JacobianHookStats:
+        layout = layouts[t.name]
         gram = acc.gram()
-        stats[t.name] = JacobianHookStats(
+        return JacobianHookStats(
             name=t.name,
             kind=t.kind,
             layer=t.layer,
@@ -367,9 +383,13 @@ def jacobian_stats(
             feature_shape=layout.feature_shape,
             full=None if layout.head_blocks_only else gram[0],
             head_full=gram if layout.head_blocks_only else None,
-            halves=_half_grams(res.halves.get(t.name), layout.head_blocks_only),
+            halves=_half_grams(halves, layout.head_blocks_only),
+            half=half_stats,
             dtype=res.dtypes[t.name],
         )
+
+    stats = {t.name: hook_stats(t, accs[t.name], res.halves.get(t.name),
+                                hook_stats(t, res.half[t.name]) if t.name in res.half else None) for t in targets}
     return JacobianStats(
         stats=stats,
         positions=batches.positions,

@@ -34,13 +34,23 @@ class SampleIndex:
     n_positions: int
     n_sequences: int
     all_positions: bool  # every position counts: rows are a reshape, no gather
+    even: Bool[Tensor, " batch"] | None = None  # the sequence's place in the data is even: the first half
 
     @classmethod
     def from_batch(cls, batch: Batch) -> SampleIndex:
         mask = batch.mask
         seq_mask = mask.any(1)
         n_pos = int(mask.sum())
-        return cls(mask, seq_mask, n_pos, int(seq_mask.sum()), n_pos == mask.numel())
+        even = (batch.index % 2 == 0).to(mask.device)
+        return cls(mask, seq_mask, n_pos, int(seq_mask.sum()), n_pos == mask.numel(), even)
+
+    def half(self, unit: str) -> Bool[Tensor, " n"]:
+        """Which of :meth:`rows`' rows belong to the data's even-numbered sequences: a half of the
+        data, the same whatever the batching and the ranks, for split-half checks of whether a rank
+        still grows with the data (``degeneracy_counts``' ``data_limited``)."""
+        if unit == "sequence":
+            return self.even[self.seq_mask]
+        return self.even[:, None].expand_as(self.mask)[self.mask]
 
     def unit(self, act_shape: tuple[int, ...], name: str, lead: int = 0) -> str:
         """``"position"`` or ``"sequence"`` for an activation of ``act_shape`` (after ``lead``
