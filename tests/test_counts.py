@@ -190,6 +190,10 @@ def test_data_limited_rows_are_the_ranks_half_the_data_lacks():
         warnings.simplefilter("error", DataLimitedWarning)
         enough = degeneracy_counts(tld.load_model("toy:bytelm"), tld.toy_data("bytelm")[:64], progress=False)
     assert not enough["data_limited"].any() and enough.attrs["n_eff_kfac"] == 390_144
+    # and its spectra have gaps around the rank cut-off: the same count 100× either way (rank_band)
+    assert enough.attrs["n_eff_kfac_band"] == [390_144, 390_144]
+    assert (whole["kfac_min"] <= whole["kfac"]).all() and (whole["kfac"] <= whole["kfac_max"]).all()
+    assert whole.attrs["n_eff_kfac_band"] == [int(whole["kfac_min"].sum()), int(whole["kfac_max"].sum())]
 
 
 def test_report_counts_line_says_sample_limited():
@@ -321,3 +325,12 @@ def test_a_model_without_normalization_reads_the_residual_stream():
     assert row("W_Q")["rank_G"] == stats["blocks.0.hook_resid_pre"].rank()
     assert row("W_in")["rank_G"] == stats["blocks.0.hook_resid_mid"].rank()
     assert set(frame["map"]) == {"W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"}
+
+
+def test_counts_verdict_gives_the_cutoff_band():
+    """Where the ranks depend on the cut-off (no spectral gap), the report says by how much."""
+    from tl_degeneracy.report.sections import VERDICTS, _cutoff_band_text
+
+    v = {"free": 10, "n_params": 100, "n_eff_kfac": 90, "n_eff_kfac_band": [80, 95], "cutoff_band": 100.0}
+    assert "N_eff 80–95 with it 100× higher or lower" in VERDICTS["counts"](v)
+    assert _cutoff_band_text([90, 90], 90, 100.0) == "" and "80–95" in _cutoff_band_text([80, 95], 90, 100.0)

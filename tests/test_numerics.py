@@ -66,3 +66,19 @@ def test_activation_stats_of_a_bfloat16_model_warn_and_record_their_dtype():
     assert s.dtype == torch.bfloat16
     with pytest.warns(HalfPrecisionWarning):
         assert s.precision == torch.float32
+
+
+def test_rank_band_spreads_only_without_a_gap():
+    """Audit 4: a spectrum with a gap around the rule's cut-off has one rank whatever the cut-off
+    within CUTOFF_BAND; one that decays smoothly through it (toy:modadd's float32 MLP input: 84 of
+    128 directions above the float32 rule, 128 resolved in float64) gives the spread that the rank's
+    choice of cut-off decides."""
+    from tl_degeneracy.numerics import CUTOFF_BAND, rank_band, rank_rtol
+
+    cut = rank_rtol(64, torch.float32, gram=True)
+    gap = torch.cat([torch.ones(40, dtype=torch.float64), torch.full((24,), cut * 1e-6, dtype=torch.float64)])
+    assert rank_band(gap, precision=torch.float32, gram=True) == (40, 40, 40)
+    smooth = torch.logspace(0, -16, 64, dtype=torch.float64)  # a decade every 4 eigenvalues
+    low, mid, high = rank_band(smooth, precision=torch.float32, gram=True)
+    assert low < mid < high and mid == int((smooth > cut).sum())
+    assert low == int((smooth > cut * CUTOFF_BAND).sum()) and high == int((smooth > cut / CUTOFF_BAND).sum())

@@ -58,7 +58,7 @@ from .errors import MissingHookError
 from .memory import check_batches, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import activation_precision, check_tolerances, numerical_rank, sample_limited
+from .numerics import CUTOFF_BAND, activation_precision, check_tolerances, rank_band, sample_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -242,10 +242,14 @@ def degeneracy_counts(
     a :class:`ProbeLimitedWarning` says how many; METHODS §4) and ``data_limited`` (rank_G or rank_K
     is lower on the data's even-numbered sequences alone than on all of them: still growing with the
     data, which ``sample_limited`` does not see when few distinct inputs keep a rank below n; a
-    :class:`DataLimitedWarning` says how many). ``frame.attrs`` holds ``n_eff_kfac`` (Σ kfac; a lower
-    bound where a map is data- or probe-limited), ``n_params``, ``data_limited_maps``,
-    ``probe_limited_maps``, the tolerances, the objective and the positions counted: every
-    non-padding position, BOS included (:func:`counted_batches`).
+    :class:`DataLimitedWarning` says how many), and ``kfac_min`` / ``kfac_max``: kfac with the rank
+    rule's cut-off moved ``numerics.CUTOFF_BAND``-fold up / down (``numerics.rank_band``), equal to
+    kfac where G's and K's spectra have gaps around the cut-off and spread where they decay smoothly
+    through it (the rank is then the cut-off's as much as the model's). ``frame.attrs`` holds
+    ``n_eff_kfac`` (Σ kfac; a lower bound where a map is data- or probe-limited), ``n_eff_kfac_band``
+    ([Σ kfac_min, Σ kfac_max]), ``n_params``, ``data_limited_maps``, ``probe_limited_maps``, the
+    tolerances, the objective and the positions counted: every non-padding position, BOS included
+    (:func:`counted_batches`).
 
     Args:
         data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
@@ -256,7 +260,8 @@ def degeneracy_counts(
             dtype (float64 for W_E's exact token frequencies).
         loss_scale: eigenvalues at or below it also count as zero (METHODS §4: a direction whose
             variance is below ε is free at loss scale ε; for W_E, a token frequency). ``None``: no
-            absolute cut-off.
+            absolute cut-off. Unlike the ranks, such counts depend on the parametrisation (a gauge
+            or a ReLU rescaling moves the eigenvalues an absolute cut sees; METHODS §4).
         output: ``"kl"`` (Fisher-weighted) or ``"mse"`` on the logits, for K.
         n_probes, exact, seed: the Jacobian probes (``tld.jacobian_stats``).
         embeddings: also count W_E (one-hot inputs, G = diag of token frequencies).
@@ -307,43 +312,49 @@ def degeneracy_counts(
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
     n = batches.n_samples
 
-    def spectrum_rank(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision) -> int:
-        """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS §4)."""
-        return int(numerical_rank(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
-                                  rtol=None if rtol is None else float(rtol), atol=atol))
+    def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision) -> tuple[int, int, int]:
+        """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
+        §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band)."""
+        return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
+                         rtol=None if rtol is None else float(rtol), atol=atol)
+
+    def band(m: Tensor) -> tuple[int, int, int]:
+        return spectrum_band(descending_eigvalsh(m))
 
     def rank(m: Tensor) -> int:
-        return spectrum_rank(descending_eigvalsh(m))
+        return band(m)[1]
 
-    def g_rank(whole: Tensor, half: Tensor) -> tuple[int, bool]:
-        """rank_G, and whether the data's even-numbered sequences alone give a lower one: the rank is
-        still growing with the data."""
-        r = rank(whole)
-        return r, rank(half) < r
+    def g_rank(whole: Tensor, half: Tensor) -> tuple[tuple[int, int, int], bool]:
+        """rank_G (its band), and whether the data's even-numbered sequences alone give a lower one:
+        the rank is still growing with the data."""
+        b = band(whole)
+        return b, rank(half) < b[1]
 
-    def k_rank(key, head: int | None = None) -> tuple[int, bool, bool]:
-        """rank_K, whether it is probe-limited and whether it grows with the data. Every probe
-        gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and a half of
-        the probes that finds fewer directions than all of them says more probes would find more."""
+    def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
+        """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
+        probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and a
+        half of the probes that finds fewer directions than all of them says more probes would find more."""
         stats = jac[key]
 
         def of(st: JacobianHookStats) -> Tensor:
             return st.gram if head is None else st.head_gram[head]
 
-        r = rank(of(stats))
+        b = band(of(stats))
         halves = stats.half_grams(head is not None)
-        probes = halves is not None and min(rank(h if head is None else h[head]) for h in halves) < r
-        return r, probes, rank(of(stats.half)) < r
+        probes = halves is not None and min(rank(h if head is None else h[head]) for h in halves) < b[1]
+        return b, probes, rank(of(stats.half)) < b[1]
 
     rows = []
 
     def add(map_name, layer, head, G, K, d_in, d_out, centered=False):
-        (G_rank, g_grows), (K_rank, probe_limited, k_grows) = G, K
+        (G_band, g_grows), (K_band, probe_limited, k_grows) = G, K
+        G_rank, K_rank = G_band[1], K_band[1]
         rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                      "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
                      "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
                      "sample_limited": sample_limited(G_rank, n, d_in, centered=centered),
-                     "data_limited": g_grows or k_grows, "probe_limited": probe_limited})
+                     "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
+                     "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
 
     for layer in range(L):
         bias = adapter.map_biases(layer)
@@ -377,9 +388,9 @@ def degeneracy_counts(
             add("W_out", layer, None, g_rank(*G_post), k_rank(("mlp_out", layer)), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
-        G_rank = spectrum_rank(_token_frequencies(batches, adapter.d_vocab), torch.float64)
-        G_half = spectrum_rank(_token_frequencies(batches, adapter.d_vocab, half=True), torch.float64)
-        add("W_E", None, None, (G_rank, G_half < G_rank), k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
+        G_band = spectrum_band(_token_frequencies(batches, adapter.d_vocab), torch.float64)
+        G_half = spectrum_band(_token_frequencies(batches, adapter.d_vocab, half=True), torch.float64)[1]
+        add("W_E", None, None, (G_band, G_half < G_band[1]), k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
 
     frame = pd.DataFrame(rows)
     warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
@@ -407,6 +418,8 @@ def degeneracy_counts(
         "free": int(frame["free"].sum()),
         "probe_limited_maps": probe_limited,
         "data_limited_maps": data_limited,
+        "n_eff_kfac_band": [int(frame["kfac_min"].sum()), int(frame["kfac_max"].sum())],
+        "cutoff_band": CUTOFF_BAND,
         "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
         "positions": batches.positions.to_dict(),

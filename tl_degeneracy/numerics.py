@@ -40,8 +40,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
-    "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_rtol", "numerical_rank",
-    "product_scale", "sample_limited",
+    "CUTOFF_BAND", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
+    "rank_rtol", "numerical_rank", "product_scale", "sample_limited",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -148,6 +148,31 @@ def numerical_rank(
     top = spectrum.max(-1, keepdim=True).values.clamp_min(0) if scale is None else scale.to(spectrum)[..., None]
     cut = torch.maximum(top * rtol, torch.full_like(top, atol))
     return ((spectrum > cut) & (spectrum > 0)).sum(-1)
+
+
+#: How far :func:`rank_band` moves the rank rule's cut-off either way to see whether a rank sits in a
+#: gap of its spectrum: where a rank changes within the band, it is the choice of cut-off's.
+CUTOFF_BAND = 100.0
+
+
+def rank_band(
+    spectrum: Float[Tensor, " k"],
+    dims: int | Iterable[int] | None = None,
+    *,
+    precision: torch.dtype = torch.float64,
+    gram: bool = False,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> tuple[int, int, int]:
+    """(rank at the cut-off × :data:`CUTOFF_BAND`, the rank, rank at the cut-off / CUTOFF_BAND) of one
+    spectrum by :func:`numerical_rank`'s rule (``atol`` held fixed): the three agree where the
+    spectrum has a gap around the cut-off, and their spread is the rank's uncertainty where it has
+    none (a spectrum that decays smoothly through the cut-off, as float32 activations of a model
+    with many weak directions; audit 4)."""
+    rtol = rank_rtol(spectrum.shape[-1] if dims is None else dims, precision, gram) if rtol is None else rtol
+    return tuple(int(numerical_rank(spectrum, dims, precision=precision, gram=gram, atol=atol,
+                                    rtol=min(rtol * factor, 1 - 1e-9)))
+                 for factor in (CUTOFF_BAND, 1.0, 1 / CUTOFF_BAND))
 
 
 def sample_limited(rank: int, n_samples: int, dim: int, centered: bool = False) -> bool:

@@ -133,6 +133,13 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
     return out
 
 
+def _cutoff_band_text(band, n_eff: int, factor: float) -> str:
+    """The n_eff_kfac range as the rank cut-off moves ``factor``-fold either way ("" when it does not move)."""
+    if band is None or list(band) == [n_eff, n_eff]:
+        return ""
+    return f"; {band[0]:,}–{band[1]:,} with the rank cut-off {factor:g}× higher or lower (no spectral gap there)"
+
+
 def _extra_freedom_text(extra: int | None, unit: str = "head") -> str:
     """The heads' or neurons' extra freedom, or that some block's count is not exact (METHODS §3)."""
     if extra is None:
@@ -162,11 +169,12 @@ def counts(ctx: ReportContext) -> SectionOutput:
         tables={"maps": frame, "totals": totals},
         figures={"by_map": plot_counts(totals)},
         values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
-                                     "probe_limited_maps", "data_limited_maps")},
+                                     "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band")},
                 "sample_limited_maps": limited, "n_samples": n},
         settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
         headline=(f"Σ n_eff_kfac = {'≥ ' if bound else ''}{a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
                   f"parameters ({'≤ ' if bound else ''}{a['free']:,} free, {a['free'] / a['n_params']:.1%})"
+                  + _cutoff_band_text(a["n_eff_kfac_band"], a["n_eff_kfac"], a["cutoff_band"])
                   + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")
                   + (f"; {growing} map(s) whose ranks still grew with the data (half of it gave less)" if growing else "")
                   + (f"; {probes} map(s) whose rank_K still grew with the probes (a lower bound)" if probes else "")),
@@ -501,6 +509,10 @@ def _counts_verdict(v: dict) -> str:
     if limited:  # rank(G) = n < d_in: too few samples to tell the model's degeneracy from the data's
         text += (f" — at {limited} map(s) rank(G) is all that the {v.get('n_samples')} samples allow, so those "
                  "counts are the data's limit, not the model's (raise n_sequences)")
+    band = v.get("n_eff_kfac_band")  # absent from reports saved before it was recorded
+    if band is not None and list(band) != [v.get("n_eff_kfac"), v.get("n_eff_kfac")]:
+        text += (f" — the ranks depend on the cut-off: N_eff {band[0]:,}–{band[1]:,} with it "
+                 f"{v.get('cutoff_band', 100):g}× higher or lower, where the spectra decay without a gap")
     growing = v.get("data_limited_maps", 0)  # absent from reports saved before it was checked
     if growing:  # half of the data gave lower ranks than all of it
         text += (f" — at {growing} map(s) the ranks were still growing with the data (half of the sequences gave "
