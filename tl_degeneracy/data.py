@@ -1,4 +1,4 @@
-"""Token batches: turn user data into validated, padded, masked batches (API.md, "data").
+"""Token batches: turn user data into validated, padded, masked batches.
 
 ``token_batches(data, model)`` accepts a LongTensor, a list of strings, a Hugging Face
 ``datasets.Dataset``, a torch ``DataLoader`` (or a list of token sequences) and returns a
@@ -484,7 +484,7 @@ def token_batches(
     attention_mask=None,
     strip_padding: bool = True,
 ) -> TokenBatches:
-    """Validated, right-padded, masked batches of ``data`` for ``model`` (API.md, "data").
+    """Validated, right-padded, masked batches of ``data`` for ``model``.
 
     Args:
         data: a LongTensor [batch, pos] or [pos]; a list of strings (tokenized with the model's

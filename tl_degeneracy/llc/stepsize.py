@@ -54,7 +54,8 @@ from tqdm.auto import tqdm
 
 from ..errors import NumericalError
 from ..models.chains import OUT_OF_MEMORY
-from ..stats.distributed import broadcast_float, max_over_ranks
+from ..stats.distributed import broadcast_float, distributed_context, max_over_ranks
+from ..stats.passes import show_progress
 from .config import SamplerConfig
 from .layout import ParameterLayout, Selection
 from .sampler import Dynamics, SamplerState, chain_seed, initial_state, run_chains
@@ -372,7 +373,8 @@ def choose_step_size(
         return StepSizeChoice(step, h_used, h_ref, predicted_bias(step, h_used, trace, llc, nbeta, gamma), history,
                               trace, llc, bias_bound_of(step, h_used, nbeta, gamma))
 
-    with tqdm(total=pilot_steps, unit="step", leave=False, disable=not progress) as bar:
+    with tqdm(total=pilot_steps, unit="step", leave=False,
+              disable=not show_progress(progress, distributed_context().rank)) as bar:
         for rnd in range(max_rounds):
             bar.reset()
             bar.set_description(f"LLC step size: pilot round {rnd + 1} (η = {eta:.3g})")

@@ -1,4 +1,4 @@
-"""The adapter: one interface over every supported model (API.md, "models").
+"""The adapter: one interface over every supported model.
 
 Analyses never reach into a backend; they ask an adapter for config numbers, hook names, weights in
 TransformerLens layout, the live parameter set, the tokenizer's ids and a perturbed forward. Backends subclass

@@ -69,7 +69,7 @@ def load_model(
     *,
     backend: str | None = None,
 ) -> nn.Module:
-    """Load a model by spec (see the module docstring and API.md); the result is in eval mode.
+    """Load a model by spec (see the module docstring); the result is in eval mode.
 
     ``device`` defaults to CUDA when available, else CPU (toys: where their loader puts them);
     ``dtype`` to float32 for Hugging Face models. ``backend="bridge"`` forces a TransformerBridge on

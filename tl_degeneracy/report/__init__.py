@@ -1,4 +1,4 @@
-"""The degeneracy report (API.md, "report"): every analysis on one model and dataset, saved as
+"""The degeneracy report: every analysis on one model and dataset, saved as
 report.json, a self-contained report.html and one CSV per table."""
 
 from .build import degeneracy_report

@@ -22,6 +22,8 @@ from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..llc.llc_result import estimate_text
 from ..plots import plot_spectra
 from ..stats import activation_stats
+from ..stats.distributed import distributed_context
+from ..stats.passes import show_progress
 from ..synchronization import head_synchronization, neuron_synchronization
 from .context import ReportContext
 from .plots import plot_component_llc, plot_counts, plot_gram_spectra
@@ -277,7 +279,8 @@ def llc(ctx: ReportContext) -> SectionOutput:
     kwargs = dict(fixed, gamma=s.gamma, **({"min_gamma": s.min_gamma} if s.gamma == "auto" else {}))
     others = [eps for eps in s.loss_scales if not math.isclose(eps, s.loss_scale)]
     runs = 1 + len(others) + len(s.gammas) + (ctx.llc_components is not None)
-    with tqdm(total=runs, desc="llc runs", disable=not ctx.progress, leave=False) as bar:
+    with tqdm(total=runs, desc="llc runs", disable=not show_progress(ctx.progress, distributed_context().rank),
+              leave=False) as bar:
         res = behavioral_llc(ctx.adapter, data, loss_scale=s.loss_scale, params=s.llc_params,
                              checkpoint_dir=ctx.checkpoint("default"), **kwargs)
         bar.update()
@@ -401,8 +404,9 @@ TERMS: dict[str, tuple[str, int]] = {
                          "circuit that never change the model", 2),
     "numerical rank": ("the number of singular values above max(dims)·eps·σ₁ (one rule for the whole "
                        "package); full rank = d_head", 0),
-    "free directions": ("2·D·d − r(2D − r): directions of a rank-r circuit's factors that leave the circuit "
-                        "unchanged; d² (the gauge alone) at full rank", 2),
+    "free directions": ("directions of a circuit's factors that leave the circuit unchanged: d² (the gauge "
+                        "alone) at full rank, more where a factor is rank-deficient (2·D·d − r(2D − r) when "
+                        "both factors have rank r); empty where a factor is not a parameter", 2),
     "copying score": ("Σ Re λ / Σ |λ| over the circuit's nonzero eigenvalues, in [−1, 1]; 1: the head copies "
                       "what it reads", 2),
     "pattern distance": ("mean total-variation distance between two heads' attention patterns (neurons: "

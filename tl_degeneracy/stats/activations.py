@@ -1,4 +1,4 @@
-"""``activation_stats``: streaming float64 Gram, mean and count per hook point (API.md, METHODS §4).
+"""``activation_stats``: streaming float64 Gram, mean and count per hook point (METHODS §4).
 
 One forward pass per batch captures every requested hook through ``run_with_hooks``; each hook
 function selects the sample rows (METHODS §0: mask of counted positions), converts them to

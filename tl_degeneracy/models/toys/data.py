@@ -1,4 +1,4 @@
-"""Bundled data for the bundled toys: ``toy_data(name)`` (``tld.toy_data`` in API.md).
+"""Bundled data for the bundled toys: ``toy_data(name)`` (``tld.toy_data``).
 
 Each toy's data comes from a function registered under the toy's name in :data:`TOY_DATA`. A toy
 module registers its own with one line, ``register_toy_data("name", fn)``; :func:`toy_data` imports
