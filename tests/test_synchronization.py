@@ -719,3 +719,22 @@ def test_relu_zero_distance_is_decided_from_the_sample_count():
     smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], value_gram=torch.eye(2)[None],
                               n_samples=n, act_fn="gelu", exact_activation=False, rank_rtol=None, **weights)
     assert smooth.approximate and smooth.approximation == "smooth activation"
+
+
+def test_blocks_formed_on_half_of_the_data():
+    """Audit 4 (toy:modadd: 1,704 synchronized-neuron freedom on part of the data, 936 on all of it,
+    unflagged): the pass also forms the blocks of the data's even-numbered sequences, exactly those of
+    a run on that half alone, and marks every block that half forms otherwise (on_half False)."""
+    model, tokens = _relu_model_with_duplicate(), _tokens()
+    neurons = neuron_synchronization(model, tokens, tol=0.0, batch_size=5)
+    alone = neuron_synchronization(model, tokens[::2], tol=0.0)
+    assert neurons.half_blocks == alone.blocks
+    frame = neurons.to_frame()
+    on_half = [any(frozenset(n) == frozenset(b) for b in alone.blocks[layer])
+               for layer, n in zip(frame["layer"], frame["neurons"])]
+    assert frame["on_half"].tolist() == on_half
+    assert neurons.changing_blocks == on_half.count(False)
+    heads = head_synchronization(_synchronize_layer0(make_tiny_toy_transformer()), tokens, tol=0.05, batch_size=5)
+    heads_alone = head_synchronization(_synchronize_layer0(make_tiny_toy_transformer()), tokens[::2], tol=0.05)
+    assert heads.half_blocks == heads_alone.blocks
+    assert heads.to_frame().set_index("heads").loc[[(0, 1)], "on_half"].item()

@@ -205,7 +205,7 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
         rows = min(PATTERN_CHUNK_BYTES, tokens * H * seq * (s + 8))  # one chunk, or all rows if fewer
         return int(forward + tokens * (kv * d + D) * 8 * 2 + rows + L * ((kv * d) ** 2 + D * D) * 8 * 2)
     if analysis == "neuron_sync":
-        return int(forward + tokens * (F * 4 + D) * 8 + L * (F * F * 2 + D * D) * 8)
+        return int(forward + tokens * (F * 4 + D) * 8 + L * (F * F * 3 + D * D) * 8)
     V = V if out_width is None else int(out_width)
     graph = L * (attention + tokens * per_token) + tokens * V * s
     chunk = max(1, min(int(n_cotangents), chunk_elements // max(1, tokens * V)))

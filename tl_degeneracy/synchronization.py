@@ -59,6 +59,14 @@ __all__ = [
 EXACT_ACTIVATIONS = ("relu",)
 
 
+def _formed_on_half(half_blocks: list[list[list[int]]] | None, layer: int, units: Sequence[int]) -> bool | None:
+    """Whether the data's even-numbered sequences alone form exactly this block (None where they were
+    not compared): a block that half of the data forms otherwise still changes with the data."""
+    if half_blocks is None:
+        return None
+    return frozenset(units) in {frozenset(b) for b in half_blocks[layer]}
+
+
 def _check_tol(tol: float) -> float:
     tol = float(tol)
     if not (0.0 <= tol <= 1.0) or math.isnan(tol):
@@ -395,7 +403,9 @@ class HeadSyncResult:
     [L]: D_in, the rank of the covariance of the heads' input; ``W_O`` [L, H, d, D]: the effective
     output weights (float64; W_O P under LayerNorm) and ``d_out`` the dimension D_out they write into
     (D − 1 under LayerNorm, else D). ``rank_rtol`` is the caller's relative eigenvalue cut-off for
-    activation ranks, or None for the package's rule at ``precision`` (activation_precision of the model)."""
+    activation ranks, or None for the package's rule at ``precision`` (activation_precision of the model).
+    ``half_blocks``: the blocks that the data's even-numbered sequences alone form (``to_frame``'s
+    on_half; ``changing_blocks``)."""
 
     distance: Float[np.ndarray, "layer head head"]
     tol: float
@@ -413,6 +423,7 @@ class HeadSyncResult:
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
     ov_parameters: list[bool] | None = None
+    half_blocks: list[list[list[int]]] | None = None
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -480,7 +491,9 @@ class HeadSyncResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per block (singletons included): layer, heads, size, max pairwise distance,
-        approximate (max distance > 0: the freedom holds only where the patterns agree), s_block
+        approximate (max distance > 0: the freedom holds only where the patterns agree), on_half (the
+        data's even-numbered sequences alone form exactly this block: False where the blocks still
+        change with the data, so the block and its count are not yet the model's), s_block
         (s_S), s_heads (s of each head's values), input_rank (D_in), component (the heads of the
         block's component: blocks joined through query heads of one KV head, METHODS §3), count_exact,
         and the component's counts (METHODS (3.5a)–(3.5c)): n_params (its W_V and W_O entries, each
@@ -515,11 +528,13 @@ class HeadSyncResult:
                                                       "count_exact": totals[lead]["count_exact"]}
                 distance = self._block_distance(layer, heads)
                 rows.append({"layer": layer, "heads": tuple(heads), "size": len(heads), "max_distance": distance,
-                             "approximate": distance > 0, "s_block": self.block_rank(layer, heads),
+                             "approximate": distance > 0,
+                             "on_half": _formed_on_half(self.half_blocks, layer, heads),
+                             "s_block": self.block_rank(layer, heads),
                              "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
                              "input_rank": int(self.input_rank[layer]), "component": heads_of_component, **counts})
-        columns = ["layer", "heads", "size", "max_distance", "approximate", "s_block", "s_heads", "input_rank",
-                   "component", "count_exact", *_COUNT_COLUMNS]
+        columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
+                   "input_rank", "component", "count_exact", *_COUNT_COLUMNS]
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype({c: "Int64" for c in _COUNT_COLUMNS})
 
@@ -529,6 +544,12 @@ class HeadSyncResult:
         None when some component's count is not exact (``count_exact``)."""
         frame = self._frame
         return int(frame["extra_freedom"].sum()) if frame["count_exact"].all() else None
+
+    @property
+    def changing_blocks(self) -> int:
+        """Blocks of ≥ 2 heads that half of the data does not form alike (0 when not compared)."""
+        frame = self._frame
+        return int(((frame["size"] > 1) & (frame["on_half"] == False)).sum())  # noqa: E712 (None: not compared)
 
     @property
     def count_exact(self) -> bool:
@@ -663,8 +684,10 @@ def head_synchronization(
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "head_synchronization")
     check_batches(adapter, "head_sync", batches, "head_synchronization")  # fail before the first forward
     dev = adapter.device
-    tv_sum = torch.zeros(L, H, H, dtype=torch.float64, device=dev)
-    count = torch.zeros(L, dtype=torch.float64, device=dev)
+    # [L, 2, H, H]: the data's even- and odd-numbered sequences apart (their sum is the whole), so
+    # that blocks can also be formed from half of the data (HeadSyncResult.half_blocks)
+    tv_sum = torch.zeros(L, 2, H, H, dtype=torch.float64, device=dev)
+    count = torch.zeros(L, 2, dtype=torch.float64, device=dev)
     values = [MomentAccumulator(1, n_kv * d, device=dev) for _ in range(L)]
     inputs = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
 
@@ -679,8 +702,9 @@ def head_synchronization(
                 b, _, q, k = pattern.shape
                 unit = index.unit((b, q, H, k), pattern_names[layer])  # sample rows: [batch, query] positions
                 mask = index.mask if unit == "position" else index.seq_mask[:, None]
-                tv_sum[layer] += pattern_tv_sums(pattern.detach(), mask)
-                count[layer] += index.count(unit)
+                for part, half in enumerate((mask & index.even[:, None], mask & ~index.even[:, None])):
+                    tv_sum[layer, part] += pattern_tv_sums(pattern.detach(), half)
+                    count[layer, part] += half.sum()
                 flags[pattern_names[layer]] = torch.isfinite(tv_sum[layer]).all()
 
             return hook
@@ -711,11 +735,13 @@ def head_synchronization(
 
     stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, *values, *inputs],
            desc="head_synchronization", progress=progress, what="attention pattern, value or input")
-    if float(count.min()) == 0 or min(acc.count for acc in values + inputs) == 0:
+    if float(count.sum(1).min()) == 0 or min(acc.count for acc in values + inputs) == 0:
         raise MissingHookError("the attention pattern, value or input hooks did not fire (or no position "
                                "counted); nothing to compare")
-    distance = (tv_sum / count[:, None, None]).cpu().numpy()
+    distance = (tv_sum.sum(1) / count.sum(1)[:, None, None]).cpu().numpy()
     distance = (distance + distance.transpose(0, 2, 1)) / 2  # symmetric up to rounding already
+    half = (tv_sum[:, 0] / count[:, 0].clamp_min(1)[:, None, None]).cpu().numpy()
+    half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, tol) for layer in range(L)]
     grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
     covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
     precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
@@ -733,9 +759,10 @@ def head_synchronization(
     blocks = [synchronized_blocks(distance[layer], tol) for layer in range(L)]
     return HeadSyncResult(
         distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
-        n_samples=int(count[0]), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
+        n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
         input_rank=input_rank, W_O=W_O, d_out=D - int(norms[0].kind == "layernorm"), precision=precision,
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
+        half_blocks=half_blocks,
     )
 
 
@@ -782,6 +809,7 @@ class NeuronSyncResult:
     gated: bool = False
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
+    half_blocks: list[list[list[int]]] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, distance: float) -> int:
@@ -855,8 +883,10 @@ class NeuronSyncResult:
     def to_frame(self, singletons: bool = False) -> pd.DataFrame:
         """One row per block of ≥ 2 neurons (all blocks with ``singletons=True``): layer, neurons,
         size, max pairwise distance, approximate (a smooth activation, or neurons that disagree about
-        firing on some samples), s_block (s, the rank of the block's post-activations), count_exact
-        and extra_freedom = J_apart − J_sync (:meth:`freedom`), ≥ 0.
+        firing on some samples), on_half (the data's even-numbered sequences alone form exactly this
+        block; False where blocks still change with the data: fewer samples can only merge ReLU
+        blocks at tol 0, so a block's count is then an upper bound), s_block (s, the rank of the
+        block's post-activations), count_exact and extra_freedom = J_apart − J_sync (:meth:`freedom`), ≥ 0.
 
         count_exact is False and extra_freedom <NA> for a gated MLP (:meth:`freedom`) and where J_sync
         has no closed form and the block exceeds DENSE_Y_LIMIT; count_exact is False with the count
@@ -880,8 +910,10 @@ class NeuronSyncResult:
                 extra = pd.NA if jac is None or not jac.exact else jac.extra_freedom
                 rows.append({"layer": layer, "neurons": tuple(neurons), "size": len(neurons),
                              "max_distance": distance, "approximate": self._block_approximate(distance),
+                             "on_half": _formed_on_half(self.half_blocks, layer, neurons),
                              "s_block": self.block_rank(layer, neurons), "count_exact": exact, "extra_freedom": extra})
-        columns = ["layer", "neurons", "size", "max_distance", "approximate", "s_block", "count_exact", "extra_freedom"]
+        columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "s_block", "count_exact",
+                   "extra_freedom"]
         frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
         inexact = frame[~frame["count_exact"].astype(bool)]
         if len(inexact) and not self._frames:  # once per result
@@ -894,6 +926,12 @@ class NeuronSyncResult:
                           SyncCountWarning, stacklevel=3)
         self._frames[singletons] = frame
         return frame
+
+    @property
+    def changing_blocks(self) -> int:
+        """Blocks of ≥ 2 neurons that half of the data does not form alike (0 when not compared)."""
+        frame = self._frame(False)
+        return int((frame["on_half"] == False).sum())  # noqa: E712 (None: not compared)
 
     @property
     def count_exact(self) -> bool:
@@ -933,8 +971,9 @@ def neuron_synchronization(
     """Synchronized MLP neurons and the freedom they add (METHODS §3, corrected): neurons whose firing
     patterns r_i = f_i/p_i agree.
 
-    One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[f fᵀ]
-    (F×F each) and the moments of the MLP input (D×D): the distance E[(r_i − r_j)²] = E[r_i²] +
+    One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] (also over the
+    data's even-numbered sequences alone, whose blocks say whether the blocks still change with the
+    data: ``to_frame``'s on_half) and E[f fᵀ] (F×F each) and the moments of the MLP input (D×D): the distance E[(r_i − r_j)²] = E[r_i²] +
     E[r_j²] − 2 E[r_i r_j] of every pair comes from the first, so memory is O(L·(F² + D²)) whatever
     the amount of data. For ReLU r ∈ {0, 1} and the distance is the fraction of samples on which two
     neurons disagree about firing, and a block is exact only when it is 0 (tol > 0 admits blocks that
@@ -990,6 +1029,7 @@ def neuron_synchronization(
     pre_names = [adapter.hook_name("mlp_pre", layer) for layer in range(L)]
     post_names = [adapter.hook_name("mlp_post", layer) for layer in range(L)]
     r_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
+    r_half = [MomentAccumulator(1, F, device=dev) for _ in range(L)]  # the data's even-numbered sequences
     f_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
     x_acc = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
 
@@ -998,34 +1038,41 @@ def neuron_synchronization(
             return  # the accumulators exist already, with their shapes
         index, flags, pre = step.index, step.flags, {}
 
-        def rows_of(act: Tensor, name: str) -> Tensor:
-            return index.rows(act.detach(), index.unit(tuple(act.shape), name)).to(torch.float64)
+        def rows_of(act: Tensor, name: str) -> tuple[Tensor, Tensor]:
+            """The sample rows (float64) and which of them the data's even-numbered sequences hold."""
+            unit = index.unit(tuple(act.shape), name)
+            return index.rows(act.detach(), unit).to(torch.float64), index.half(unit)
+
+        def add_firing(layer: int, r: Tensor, half: Tensor) -> None:
+            r_acc[layer].update(r[:, None])
+            r_half[layer].update(r[half][:, None])
 
         def on_pre(layer: int):
             def hook(p: Tensor, hook=None) -> None:
-                rows = rows_of(p, pre_names[layer])
+                rows, half = rows_of(p, pre_names[layer])
                 flags[pre_names[layer]] = torch.isfinite(rows).all()
                 if ratio is None:
                     pre[layer] = rows
                 else:
-                    r_acc[layer].update(ratio(rows)[:, None])
+                    add_firing(layer, ratio(rows), half)
 
             return hook
 
         def on_post(layer: int):
             def hook(f: Tensor, hook=None) -> None:
-                f = rows_of(f, post_names[layer])
+                f, half = rows_of(f, post_names[layer])
                 flags[post_names[layer]] = f_acc[layer].update(f[:, None])
                 if ratio is None:
                     p = pre.pop(layer)
                     # r = f/p, and 1 where p = 0 (METHODS §3)
-                    r_acc[layer].update(torch.where(p == 0, torch.ones_like(p), f / torch.where(p == 0, torch.ones_like(p), p))[:, None])
+                    add_firing(layer, torch.where(p == 0, torch.ones_like(p), f / torch.where(p == 0, torch.ones_like(p), p)),
+                               half)
 
             return hook
 
         def on_input(layer: int):
             def hook(x: Tensor, hook=None) -> None:
-                flags[input_names[layer]] = x_acc[layer].update(rows_of(x, input_names[layer])[:, None])
+                flags[input_names[layer]] = x_acc[layer].update(rows_of(x, input_names[layer])[0][:, None])
 
             return hook
 
@@ -1033,19 +1080,13 @@ def neuron_synchronization(
         hooks += [(input_names[l], on_input(l)) for l in range(L)]
         adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-    stream(dev, batches, on_batch, reduce=lambda: [*r_acc, *f_acc, *x_acc], desc="neuron_synchronization",
+    stream(dev, batches, on_batch, reduce=lambda: [*r_acc, *r_half, *f_acc, *x_acc], desc="neuron_synchronization",
            progress=progress, what="MLP activation or input")
     if r_acc[0].count == 0 or min(acc.count for acc in x_acc) == 0:
         raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
-    distance = []
-    for acc in r_acc:
-        G = acc.gram()[0]
-        diag = G.diagonal()
-        dist = (diag[:, None] + diag[None, :] - 2 * G).clamp_min(0)  # rounding can dip below 0
-        dist.fill_diagonal_(0)
-        distance.append(dist)
-    distance_np = torch.stack(distance).cpu().numpy()
+    distance_np = np.stack([_firing_distance(acc) for acc in r_acc])
     blocks = [_fast_blocks(distance_np[layer], tol) for layer in range(L)]
+    half_blocks = [_fast_blocks(_firing_distance(r_half[layer]), tol) for layer in range(L)]
     precision = activation_precision(adapter.dtype)
     rtol = None if rank_rtol is None else float(rank_rtol)
     # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
@@ -1060,8 +1101,17 @@ def neuron_synchronization(
         n_samples=r_acc[0].count, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
         fire_rate=torch.stack([a.mean[0] for a in r_acc]).cpu(), input_rank=input_rank, W_out=W_out,
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
-        positions=batches.positions,
+        positions=batches.positions, half_blocks=half_blocks,
     )
+
+
+def _firing_distance(acc: MomentAccumulator) -> Float[np.ndarray, "neuron neuron"]:
+    """E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] of every pair, from the uncentred Gram of r."""
+    G = acc.gram()[0]
+    diag = G.diagonal()
+    dist = (diag[:, None] + diag[None, :] - 2 * G).clamp_min(0)  # rounding can dip below 0
+    dist.fill_diagonal_(0)
+    return dist.cpu().numpy()
 
 
 def _fast_blocks(distance: np.ndarray, tol: float) -> list[list[int]]:

@@ -111,10 +111,10 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         figures={"head_distance": hs.plot()},
         values={"head_distance": hs.distance, "head_synchronized_blocks": len(synced),
                 "head_extra_freedom": hs.extra_freedom, "head_sync_approximation": hs.approximation,
-                "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
+                "head_changing_blocks": hs.changing_blocks, "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
     headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)})"
-                f"{_approximate_label(hs.approximation)}")
+                f"{_approximate_label(hs.approximation)}{_changing_text(hs.changing_blocks, len(synced))}")
     try:
         ns = neuron_synchronization(ctx.adapter, ctx.batches, tol=s.sync_tol, batch_size=s.batch_size,
                                     progress=ctx.progress)
@@ -127,12 +127,20 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                            "neurons_in_blocks": int(neurons["size"].sum()),
                            "neuron_extra_freedom": ns.extra_freedom,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
-                           "neuron_sync_approximation": ns.approximation})
+                           "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks})
         label = _approximate_label(ns.approximation)
         headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum())} neurons"
-                     + (f" ({_extra_freedom_text(ns.extra_freedom, 'neuron')})" if len(neurons) else "") + label)
+                     + (f" ({_extra_freedom_text(ns.extra_freedom, 'neuron')})" if len(neurons) else "") + label
+                     + _changing_text(ns.changing_blocks, len(neurons)))
     out.headline = headline
     return out
+
+
+def _changing_text(changing: int, blocks: int) -> str:
+    """That some blocks are formed otherwise on half of the data ("" when none is)."""
+    if not changing:
+        return ""
+    return f"; {changing} of the {blocks} formed otherwise on half of the data (still changing with the data)"
 
 
 def _cutoff_band_text(band, n_eff: int, factor: float) -> str:
@@ -490,6 +498,7 @@ def _synchronization_verdict(v: dict) -> str:
             f"{blocks} synchronized head block(s), "
             + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None))
             + _approximate_label(v.get("head_sync_approximation", "")))
+    text += _changing_text(v.get("head_changing_blocks", 0), blocks)  # absent from older reports: 0
     if "neuron_synchronized_blocks" in v:
         n = v["neuron_synchronized_blocks"]
         # reports saved before the per-block label have only the flag, which meant a smooth activation
@@ -497,7 +506,7 @@ def _synchronization_verdict(v: dict) -> str:
         extra = v.get("neuron_extra_freedom", 0)
         text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
                  + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None, "neuron"))
-                 + _approximate_label(why))
+                 + _approximate_label(why) + _changing_text(v.get("neuron_changing_blocks", 0), n))
     return text
 
 
