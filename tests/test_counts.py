@@ -140,7 +140,7 @@ def test_sample_limited_rows():
 def test_probe_limited_rows():
     """Audit 4: W_in of a 256-neuron MLP on 24 positions has rank_K 256 exactly, but 2 probes per batch
     find far fewer directions (every probe gradient lies in K's range, so a probe rank is a lower
-    bound). The rows whose halves of the probes found fewer directions than all of them are flagged,
+    bound). The rows where the first half of the probes found fewer directions than all of them are flagged,
     with a warning and the report's headline; every flagged rank is below the exact one, and the
     exact Grams flag nothing."""
     from tl_degeneracy import degeneracy_report

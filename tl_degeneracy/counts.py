@@ -237,7 +237,7 @@ def degeneracy_counts(
     n_params − kfac (4.4), ``centered`` (the map has a bias, so rank_G is that of its inputs'
     covariance, (4.1′)), ``sample_limited`` (rank_G reached the n samples, n − 1 centred, below d_in:
     ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many) and ``probe_limited``
-    (with probes: the Gram of either half of each batch's probes has a lower rank than all of them
+    (with probes: the Gram of the first half of each batch's probes has a lower rank than all of them
     together, so rank_K is still growing with the probes: a lower bound, and ``free`` an upper bound;
     a :class:`ProbeLimitedWarning` says how many; METHODS §4) and ``data_limited`` (rank_G or rank_K
     is lower on the data's even-numbered sequences alone than on all of them: still growing with the
@@ -308,7 +308,7 @@ def degeneracy_counts(
     inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress)
     acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
-                         seed=seed, per_head=True, progress=progress, halves=True, half=True)
+                         seed=seed, per_head=True, progress=progress, halves="first", half=True)
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
     n = batches.n_samples
 
@@ -332,8 +332,9 @@ def degeneracy_counts(
 
     def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
         """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
-        probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and a
-        half of the probes that finds fewer directions than all of them says more probes would find more."""
+        probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and the
+        first half of the probes finding fewer directions than all of them says more probes would
+        find more."""
         stats = jac[key]
 
         def of(st: JacobianHookStats) -> Tensor:
@@ -406,7 +407,7 @@ def degeneracy_counts(
     probe_limited = int(frame["probe_limited"].sum())
     if probe_limited:
         warnings.warn(
-            f"degeneracy_counts: at {probe_limited} of {len(frame)} maps half of the {n_probes} Jacobian probes per batch "
+            f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian probes per batch "
             "found fewer directions of K than all of them (column probe_limited): there rank_K is a lower bound and "
             "free an upper bound, and n_eff_kfac is a lower bound; raise n_probes, count on more positions, or use "
             "exact=True", ProbeLimitedWarning, stacklevel=2)

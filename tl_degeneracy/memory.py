@@ -249,9 +249,9 @@ def half_gram_bytes(widths: Sequence[int], sets: int = 2) -> int:
 def counts_held(adapter) -> int:
     """Bytes that stay alive during ``degeneracy_counts``' Jacobian pass beside one set of its
     targets' Grams: the activation passes' Grams, each with its half-data twin (:func:`counts_grams`
-    twice), and the Jacobian pass's two half-probe Grams and one half-data Gram per target (the
-    split-half checks ``probe_limited`` and ``data_limited``)."""
-    return 2 * counts_grams(adapter) + half_gram_bytes(counts_widths(adapter), sets=3)
+    twice), and the Jacobian pass's half-probe Gram and half-data Gram per target (the split-half
+    checks ``probe_limited`` and ``data_limited``)."""
+    return 2 * counts_grams(adapter) + half_gram_bytes(counts_widths(adapter), sets=2)
 
 
 def counts_grams(adapter) -> int:

@@ -59,6 +59,14 @@ __all__ = [
 EXACT_ACTIVATIONS = ("relu",)
 
 
+def _units_text(units: Sequence[int], shown: int = 8) -> str:
+    """A block's neurons for a message: all of a small one, the first few and the count of a large one."""
+    units = list(units)
+    if len(units) <= shown:
+        return f"neurons {units}"
+    return f"{len(units)} neurons {', '.join(map(str, units[:shown]))}, …"
+
+
 def _formed_on_half(half_blocks: list[list[list[int]]] | None, layer: int, units: Sequence[int]) -> bool | None:
     """Whether the data's even-numbered sequences alone form exactly this block (None where they were
     not compared): a block that half of the data forms otherwise still changes with the data."""
@@ -922,7 +930,7 @@ class NeuronSyncResult:
                    "J_sync has no closed form beyond DENSE_Y_LIMIT (extra_freedom empty), or the block's W_out rows "
                    "are dependent and it fires on only part of the samples (extra_freedom an upper bound)")
             warnings.warn(f"neuron_synchronization: {len(inexact)} block(s) without an exact count "
-                          f"(first: layer {inexact.iloc[0]['layer']}, neurons {list(inexact.iloc[0]['neurons'])}): {why}",
+                          f"(first: layer {inexact.iloc[0]['layer']}, {_units_text(inexact.iloc[0]['neurons'])}): {why}",
                           SyncCountWarning, stacklevel=3)
         self._frames[singletons] = frame
         return frame

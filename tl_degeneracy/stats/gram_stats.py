@@ -184,15 +184,16 @@ class JacobianHookStats(_GramStats):
 
     full: Tensor | None = field(repr=False, default=None)
     head_full: Tensor | None = field(repr=False, default=None)
-    halves: tuple[Tensor, Tensor] | None = field(repr=False, default=None)
+    halves: tuple[Tensor, ...] | None = field(repr=False, default=None)
     half: JacobianHookStats | None = field(repr=False, default=None)  # the data's even-numbered sequences alone
 
     @property
     def has_full(self) -> bool:
         return self.full is not None
 
-    def half_grams(self, head: bool = False) -> tuple[Tensor, Tensor] | None:
-        """The Grams of the two halves of each batch's probes (``jacobian_stats(..., halves=True)``),
+    def half_grams(self, head: bool = False) -> tuple[Tensor, ...] | None:
+        """The Grams of the two halves of each batch's probes (``jacobian_stats(..., halves=True)``;
+        the first half's alone with ``halves="first"``),
         laid out as :attr:`gram` (or :attr:`head_gram` with ``head``); None where they were not
         accumulated (exact Grams, fewer than two probes). Every probe gradient g = Jᵀu lies in the
         range of K, so a probe Gram's rank is a lower bound of K's: halves whose ranks fall short of

@@ -89,7 +89,7 @@ class JacobianPass:
     output_unit: str | None = None
     no_gradient: set[str] = field(default_factory=set)
     exact: bool | None = None
-    halves: dict[str, tuple[SecondMomentAccumulator, SecondMomentAccumulator]] = field(default_factory=dict)
+    halves: dict[str, tuple[SecondMomentAccumulator, ...]] = field(default_factory=dict)
     half: dict[str, SecondMomentAccumulator] = field(default_factory=dict)
 
 
@@ -118,19 +118,21 @@ def check_exact(exact, n_probes) -> None:
 
 
 def check_memory(adapter, batches, targets: list[HookTarget], *, output_hook: str | None, n_probes: int,
-                 exact: bool | str, what: str = "jacobian_stats", held: int = 0, halves: bool = False,
+                 exact: bool | str, what: str = "jacobian_stats", held: int = 0, halves: bool | str = False,
                  half: bool = False) -> None:
     """:class:`~tl_degeneracy.memory.MemoryBudgetError` now, before any forward, when one batch of
     the Jacobian pass would not fit the memory budget (``tld.memory.estimate("jacobian")``: the
     forward's autograd graph, a chunk of cotangents on the output, their gradients at ``targets``,
-    the targets' float64 Grams (two sets more with ``halves``, one more with ``half``), and ``held``
+    the targets' float64 Grams (two sets more with ``halves``, one with ``halves="first"``, one more
+    with ``half``), and ``held``
     bytes of earlier passes' results)."""
     out_width = adapter.d_vocab if output_hook is None else hook_width(adapter, None, output_hook)
     n_exact = max_counted_positions(batches) * out_width
     is_exact = resolve_exact(exact, n_probes, n_exact)
     n_cot = n_exact if is_exact else n_probes
     widths = [hook_width(adapter, t.kind, t.name) for t in targets]
-    held += half_gram_bytes(widths, sets=2 * int(halves and not is_exact and n_probes > 1) + int(half))
+    probe_sets = (1 if halves == "first" else 2) if halves and not is_exact and n_probes > 1 else 0
+    held += half_gram_bytes(widths, sets=probe_sets + int(half))
     check_batches(adapter, "jacobian", batches, what, n_cotangents=n_cot, chunk_elements=CHUNK_ELEMENTS,
                   target_widths=widths, out_width=out_width, held=held)
 
@@ -145,7 +147,7 @@ def jacobian_pass(
     output_transform: Callable[[Tensor], Tensor] | None = None,
     n_probes: int = 8,
     exact: bool | str = False,
-    halves: bool = False,
+    halves: bool | str = False,
     half: bool = False,
     seed: int = 0,
     per_head: bool = True,
@@ -164,7 +166,7 @@ def jacobian_pass(
     fired. ``exact="auto"`` is decided from the first batch's output width and the data's
     :func:`max_counted_positions` (the same on every batch and process, so a different batch split
     never changes the method). ``halves``: also accumulate the two half-probe estimates
-    (:class:`JacobianPass`); ``half``: also the estimate from the data's even-numbered sequences
+    (:class:`JacobianPass`; ``"first"``: only the first half's); ``half``: also the estimate from the data's even-numbered sequences
     alone (``res.half``). Under ``torch.distributed`` each rank takes its shard and the
     accumulators are summed (``stream``).
     """
@@ -218,7 +220,7 @@ def jacobian_pass(
             res.accs[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
             if halves and not res.exact and n_half > 0:
                 res.halves[t.name] = tuple(SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
-                                           for _ in range(2))
+                                           for _ in range(1 if halves == "first" else 2))
             if half:
                 res.half[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
 
@@ -246,9 +248,10 @@ def jacobian_pass(
                     ok = res.accs[name].update(rows.flatten(0, 1), weight=weight)
                     if name in res.halves:
                         split = min(max(n_half - first, 0), rows.shape[0])
-                        a, b = res.halves[name]
+                        a, *b = res.halves[name]
                         a.update(rows[:split].flatten(0, 1), weight=1.0 / n_half)
-                        b.update(rows[split:].flatten(0, 1), weight=1.0 / (n_probes - n_half))
+                        for acc in b:
+                            acc.update(rows[split:].flatten(0, 1), weight=1.0 / (n_probes - n_half))
                     if name in res.half:
                         res.half[name].update(rows[:, index.half(res.units[name])].flatten(0, 1), weight=weight)
                     step.flags[name] = ok if name not in step.flags else step.flags[name] & ok
@@ -298,7 +301,7 @@ def jacobian_stats(
     method: str = "auto",
     seq_len: int | None = None,
     skip_bos: bool | None = None,
-    halves: bool = False,
+    halves: bool | str = False,
     half: bool = False,
 ) -> JacobianStats:
     """Jacobian-probe Grams K = (1/n) Σ_t E[g_t g_tᵀ] at ``hooks`` (METHODS §4; module docstring).
@@ -319,7 +322,8 @@ def jacobian_stats(
         method: ``"batched"`` (vmapped backward), ``"loop"`` (one backward per cotangent, graph
             retained) or ``"auto"`` (batched where the model's ops support it).
         halves: with probes (≥ 2), also accumulate the Grams of the first and second half of each
-            batch's probes in the same pass (``.half_grams()``; two more Grams per hook): where
+            batch's probes in the same pass (``.half_grams()``; two more Grams per hook, one with
+            ``"first"``, which keeps the first half's only): where
             their ranks fall short of the whole estimate's, the probes have not found all of K's
             range yet (``degeneracy_counts``' ``probe_limited``).
         half: also the Grams from the data's even-numbered sequences alone (``.half`` of each hook's
