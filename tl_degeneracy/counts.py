@@ -66,8 +66,8 @@ from .stats.jacobian import check_memory, jacobian_stats
 from .stats.passes import resolve_targets
 from .stats.stream import Step, stream
 
-__all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook", "counted_batches", "degeneracy_counts",
-           "input_moment", "warn_sample_limited"]
+__all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook",
+           "counted_batches", "degeneracy_counts", "input_moment", "warn_sample_limited"]
 
 
 class SampleLimitedWarning(UserWarning):
@@ -407,7 +407,8 @@ def degeneracy_counts(
     probe_limited = int(frame["probe_limited"].sum())
     if probe_limited:
         warnings.warn(
-            f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian probes per batch "
+            f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian "
+            "probes per batch "
             "found fewer directions of K than all of them (column probe_limited): there rank_K is a lower bound and "
             "free an upper bound, and n_eff_kfac is a lower bound; raise n_probes, count on more positions, or use "
             "exact=True", ProbeLimitedWarning, stacklevel=2)

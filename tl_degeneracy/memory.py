@@ -28,7 +28,8 @@ from .errors import TLDegeneracyError
 
 __all__ = [
     "DEFAULT_FRACTION", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits", "current_budget",
-    "check_batches", "counts_grams", "counts_held", "counts_widths", "default_budget", "half_gram_bytes", "estimate", "format_bytes", "hook_width", "memory_limit", "parse_memory",
+    "check_batches", "counts_grams", "counts_held", "counts_widths", "default_budget", "half_gram_bytes", "estimate",
+    "format_bytes", "hook_width", "memory_limit", "parse_memory",
 ]
 
 #: Share of the available memory the report budgets by default, per device type: the rest is left

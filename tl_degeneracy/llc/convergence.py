@@ -105,8 +105,10 @@ class Convergence:
         """The failed criteria in a few words with their numbers, for one-line verdicts ("" when converged)."""
         # No "<" or ">": the words go into HTML pages and are compared there as text.
         words = {
-            "rhat": f"R̂ {_apart_from(self.rhat, RHAT_MAX)} (max {RHAT_MAX})" if math.isfinite(self.rhat) else "R̂ undefined",
-            "ess": f"ESS {_apart_from(self.ess, ESS_MIN)} (min {ESS_MIN:g})" if math.isfinite(self.ess) else "ESS undefined",
+            "rhat": (f"R̂ {_apart_from(self.rhat, RHAT_MAX)} (max {RHAT_MAX})" if math.isfinite(self.rhat)
+                     else "R̂ undefined"),
+            "ess": (f"ESS {_apart_from(self.ess, ESS_MIN)} (min {ESS_MIN:g})" if math.isfinite(self.ess)
+                    else "ESS undefined"),
             "drift": f"drift z = {self.drift:+.2g} (max ±{DRIFT_MAX:g})" if not math.isnan(self.drift) else "drift undefined",
             "diverged": f"{self.n_diverged}/{self.chains} chains diverged",
             "relaxation": f"relaxation {self.relaxation:.1%} (min {RELAXED_MIN:.0%})",

@@ -166,9 +166,9 @@ def jacobian_pass(
     fired. ``exact="auto"`` is decided from the first batch's output width and the data's
     :func:`max_counted_positions` (the same on every batch and process, so a different batch split
     never changes the method). ``halves``: also accumulate the two half-probe estimates
-    (:class:`JacobianPass`; ``"first"``: only the first half's); ``half``: also the estimate from the data's even-numbered sequences
-    alone (``res.half``). Under ``torch.distributed`` each rank takes its shard and the
-    accumulators are summed (``stream``).
+    (:class:`JacobianPass`; ``"first"``: only the first half's); ``half``: also the estimate from
+    the data's even-numbered sequences alone (``res.half``). Under ``torch.distributed`` each rank
+    takes its shard and the accumulators are summed (``stream``).
     """
     acc_device = torch.device(device) if device is not None else runner.device
     backward = Backward(method)
