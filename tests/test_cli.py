@@ -137,6 +137,24 @@ def test_token_ids_out_of_range_exit_2(tmp_path, capsys):
     assert "300" in err and "256" in err
 
 
+def test_a_tokenizer_dict_file_is_read_with_its_padding(tmp_path, capsys):
+    """Audit 3: a .pt holding a tokenizer's output ({input_ids, attention_mask}) was refused; it is read
+    as token_batches reads the dict, padding left out; a dict without token ids is refused by name."""
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 10:] = 0  # right padding of the second sequence
+    path = tmp_path / "encoded.pt"
+    torch.save({"input_ids": ids, "attention_mask": mask}, path)
+    out = tmp_path / "d"
+    assert main(["report", "--data", str(path), "--out", str(out), "--quiet", "--only", "activations"]) == 0
+    rows = _report(out)["sections"]["activations"]["tables"]["hooks"]["records"]
+    assert rows[0]["count"] == int(mask.sum()) == 58
+    other = tmp_path / "other.pt"
+    torch.save({"labels": ids}, other)
+    assert main(["report", "--data", str(other), "--out", str(tmp_path / "e"), "--quiet", "--only", "activations"]) == 2
+    assert "keys ['labels']" in capsys.readouterr().err
+
+
 def test_text_file_data(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)

@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "a self-contained report.html and one CSV per table.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     rep.add_argument("--model", default=DEFAULT_MODEL, help=f"anything load_model accepts (default {DEFAULT_MODEL})")
-    rep.add_argument("--data", default=None, help="a .txt file, a .pt LongTensor [batch,pos], a saved dataset "
-                     "directory, or toy / toy:NAME (default: the bundled data of a toy model)")
+    rep.add_argument("--data", default=None, help="a .txt file, a .pt LongTensor [batch,pos] (or a tokenizer's dict "
+                     "with input_ids and attention_mask), a saved dataset directory, or toy / toy:NAME (default: the "
+                     "bundled data of a toy model)")
     rep.add_argument("--out", default="reports/default", help="output directory (default reports/default)")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     rep.add_argument("--only", nargs="+", action="extend", choices=SECTIONS, metavar="SECTION",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import TokenBatches, token_batches
+from ..data import MASK_COLUMN, TOKEN_COLUMNS, TokenBatches, token_batches
 from ..errors import DataError
 from ..memory import MemoryBudget
 from ..models.adapter import ModelAdapter
@@ -106,8 +106,14 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DataError(f"data {spec!r}: cannot read it as a file of one torch tensor ({type(e).__name__}: "
                             f"{first}); save the token ids with torch.save(tensor, path)") from None
+        if isinstance(tokens, dict) and any(key in tokens for key in TOKEN_COLUMNS):
+            # a tokenizer's output saved as is: token_batches reads input_ids with its attention_mask
+            return LoadedData(tokens, f"token dict file {path}")
         if not isinstance(tokens, torch.Tensor):
-            raise DataError(f"data {spec!r} must hold one LongTensor of token ids [batch, pos]; it holds a {type(tokens).__name__}")
+            raise DataError(f"data {spec!r} must hold one LongTensor of token ids [batch, pos], or a dict with "
+                            f"{' or '.join(TOKEN_COLUMNS)} (and {MASK_COLUMN}) as a tokenizer returns it; it holds a "
+                            f"{type(tokens).__name__}"
+                            + (f" with keys {sorted(map(str, tokens))}" if isinstance(tokens, dict) else ""))
         return LoadedData(tokens, f"tensor file {path}")
     raw = path.read_bytes()
     text = raw.decode("utf-8", errors="replace")
