@@ -191,6 +191,18 @@ def test_circuits_fixed_by_the_architecture_count_no_free_directions():
     assert row["n_params"] is pd.NA and row["free_block"] is pd.NA and row["extra_freedom"] == 0 and row["count_exact"]
 
 
+def test_telling_parameters_apart_writes_nothing():
+    """Which factors are parameters is read from storage: the invariants write no weight (version
+    counters unchanged) and still run on weights made under inference_mode, as before."""
+    model = tld.load_model("toy:bytelm")
+    versions = {name: p._version for name, p in model.named_parameters()}
+    assert ov_invariants(model)["parameters"].all() and qk_invariants(model)["parameters"].all()
+    assert {name: p._version for name, p in model.named_parameters()} == versions
+    with torch.inference_mode():
+        frozen = tld.load_model("toy:bytelm")
+    assert (ov_invariants(frozen)["free_directions"] == 32 * 32).all()
+
+
 # ---------------------------------------------------------------------------------------------- GQA, rotary
 @pytest.mark.parametrize("zero_column", [False, True])
 def test_gqa_ov_free_directions_count_the_group_once(tl_models, zero_column):

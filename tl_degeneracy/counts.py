@@ -64,6 +64,7 @@ from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
 from .stats.jacobian import check_memory, jacobian_stats
 from .stats.passes import resolve_targets
+from .stats.samples import SampleIndex
 from .stats.stream import Step, stream
 
 __all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook",
@@ -201,17 +202,17 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str],
     return accs, halves
 
 
-def _token_frequencies(batches: TokenBatches, d_vocab: int, half: bool = False) -> Float[Tensor, " d_vocab"]:
+def _token_frequencies(batches: TokenBatches, d_vocab: int) -> tuple[Float[Tensor, " d_vocab"], Float[Tensor, " d_vocab"]]:
     """Frequency of each token over the counted positions: the eigenvalues of W_E's input Gram
-    G = (1/n) Σ e_t e_tᵀ = diag(frequencies) (METHODS (4.1) for one-hot inputs), float64; with
-    ``half``, over the data's even-numbered sequences alone."""
-    counts = torch.zeros(d_vocab, dtype=torch.float64)
-    n = 0
+    G = (1/n) Σ e_t e_tᵀ = diag(frequencies) (METHODS (4.1) for one-hot inputs), float64; and the same
+    over the data's even-numbered sequences alone (``SampleIndex.half``, for ``data_limited``)."""
+    counts = torch.zeros(2, d_vocab, dtype=torch.float64)
     for batch in batches:
-        mask = batch.mask.cpu() & (batch.index % 2 == 0)[:, None] if half else batch.mask.cpu()
-        counts += torch.bincount(batch.tokens.cpu()[mask], minlength=d_vocab).to(torch.float64)
-        n += int(mask.sum())
-    return counts / max(n, 1)
+        index = SampleIndex.from_batch(batch)
+        tokens, half = index.rows(batch.tokens, "position").cpu(), index.half("position").cpu()
+        counts[0] += torch.bincount(tokens, minlength=d_vocab).to(torch.float64)
+        counts[1] += torch.bincount(tokens[half], minlength=d_vocab).to(torch.float64)
+    return counts[0] / max(float(counts[0].sum()), 1.0), counts[1] / max(float(counts[1].sum()), 1.0)
 
 
 def degeneracy_counts(
@@ -389,8 +390,9 @@ def degeneracy_counts(
             add("W_out", layer, None, g_rank(*G_post), k_rank(("mlp_out", layer)), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
-        G_band = spectrum_band(_token_frequencies(batches, adapter.d_vocab), torch.float64)
-        G_half = spectrum_band(_token_frequencies(batches, adapter.d_vocab, half=True), torch.float64)[1]
+        frequencies, half_frequencies = _token_frequencies(batches, adapter.d_vocab)
+        G_band = spectrum_band(frequencies, torch.float64)
+        G_half = spectrum_band(half_frequencies, torch.float64)[1]
         add("W_E", None, None, (G_band, G_half < G_band[1]), k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
 
     frame = pd.DataFrame(rows)

@@ -166,7 +166,7 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
         norm = target.norm_weights(layer, "ln1")
         w = {k: v.to(torch.float64) for k, v in read_attention(target, layer).items()}
         shapes = {k: v.shape for k, v in w.items()}
-        factors = circuit_parameters(target, layer, layouts)
+        factors = circuit_parameters(target, layer)
         new = {}
         if factors.ov:
             W_V, W_O = w["W_V"].clone(), w["W_O"].clone()

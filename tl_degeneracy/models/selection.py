@@ -224,18 +224,25 @@ class CircuitParameters:
     qk: bool
 
 
-def circuit_parameters(adapter: ModelAdapter, layer: int, layouts=None) -> CircuitParameters:
-    """:class:`CircuitParameters` of layer ``layer`` (``layouts``: :func:`attention_layouts`, if at hand).
-    The one rule for both the gauges (``tl_degeneracy.gauge``) and the counts that assume a gauge
-    (invariants' free directions, head synchronization)."""
-    layouts = attention_layouts(adapter, layer) if layouts is None else layouts
-    w = read_attention(adapter, layer)
+def circuit_parameters(adapter: ModelAdapter, layer: int) -> CircuitParameters:
+    """:class:`CircuitParameters` of layer ``layer``: the one rule for the gauges
+    (``tl_degeneracy.gauge``) and the counts that assume a gauge (invariants' free directions, head
+    synchronization). Decided without writing anything and without a backward pass: the adapters'
+    accessors are re-layouts of the model's parameters (``ModelAdapter.layer_attention``), so an
+    accessor whose storage is a parameter's is that parameter's, and one with storage of its own is
+    fixed (the SMA toy's identities and zeros). Measuring the layouts (:func:`measure_parameter`) would
+    write into the weights, which a read-only analysis must not (and cannot, for weights made under
+    inference_mode)."""
+    storages = {p.untyped_storage().data_ptr() for p in adapter.model.parameters()}
+    values = adapter.layer_attention(layer)
 
     def param(key: str) -> bool:
-        return key in w and writable(layouts, key, w[key].shape)
+        t = values.get(key)
+        return t is not None and t.untyped_storage().data_ptr() in storages
 
     def bias_ok(key: str) -> bool:  # a bias that is not a parameter must be zero to leave the gauge free
-        return key not in w or param(key) or not w[key].any()
+        t = values.get(key)
+        return t is None or param(key) or not bool(t.detach().any())
 
     return CircuitParameters(ov=param("W_V") and param("W_O") and bias_ok("b_V"),
                              qk=param("W_Q") and param("W_K") and bias_ok("b_Q") and bias_ok("b_K"))
