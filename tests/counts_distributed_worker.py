@@ -1,12 +1,15 @@
 """Worker for tests/test_counts.py::test_two_processes_one_batch, launched with ``python -m
 torch.distributed.run``: ``degeneracy_counts`` on data of a single batch under a gloo process group
 of two ranks, so rank 1 has no batch of its own and must still join every reduction (the input
-moments once raised KeyError there). Each rank saves its frame's rank columns."""
+moments once raised KeyError there). Each rank saves its frame's rank columns and how many
+SampleLimitedWarnings it gave (15 positions of a 16-wide residual stream: every input Gram is at the
+samples' limit): warnings about the shared result come from rank 0 alone."""
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -17,15 +20,20 @@ torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.fixtures.toys import make_tiny_toy_transformer  # noqa: E402
-from tl_degeneracy.counts import degeneracy_counts  # noqa: E402
+from tl_degeneracy.counts import SampleLimitedWarning, degeneracy_counts  # noqa: E402
 
 
 def compute() -> dict[str, torch.Tensor]:
-    """rank_G and rank_K of every map of a float64 tiny toy on one batch of 3 sequences."""
+    """rank_G and rank_K of every map of a float64 tiny toy on one batch of 3 sequences, and the
+    number of SampleLimitedWarnings given."""
     model = make_tiny_toy_transformer(n_layers=1).double()
-    tokens = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(4))
-    frame = degeneracy_counts(model, tokens, n_probes=4, batch_size=8, output="mse")
-    return {"rank_G": torch.tensor(frame["rank_G"].tolist()), "rank_K": torch.tensor(frame["rank_K"].tolist())}
+    tokens = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = degeneracy_counts(model, tokens, n_probes=4, batch_size=8, output="mse")
+    given = sum(issubclass(w.category, SampleLimitedWarning) for w in caught)
+    return {"rank_G": torch.tensor(frame["rank_G"].tolist()), "rank_K": torch.tensor(frame["rank_K"].tolist()),
+            "warnings": torch.tensor(given)}
 
 
 if __name__ == "__main__":

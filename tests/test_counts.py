@@ -162,7 +162,7 @@ def test_probe_limited_rows():
         section = degeneracy_report(model, tokens, sections=["counts"], progress=False,
                                     overrides={"n_probes": 2})["counts"]
     assert section.status == "ok", section.reason
-    assert "still grew with the probes" in section.headline and "Σ n_eff_kfac = ≥ " in section.headline
+    assert "still grew with the probes" in section.headline and "Σ n_eff_kfac ≥ " in section.headline
     assert "free counts are upper bounds" in verdict(section) and "N_eff ≥" in verdict(section)
     growing = section.values["data_limited_maps"]  # 24 positions of 2 sequences: half of them shows less
     assert growing == int(section.tables["maps"]["data_limited"].sum()) > 0
@@ -302,12 +302,16 @@ def test_bad_input(tiny_toy_transformer):
 
 def test_two_processes_one_batch(tmp_path):
     """Under torch.distributed a rank without a batch still joins the input-moment reduction (it raised
-    KeyError), and both ranks get the single-process counts."""
+    KeyError), and both ranks get the single-process counts; the warning about them is given once, on
+    rank 0 (it was given by every rank)."""
     from tests.counts_distributed_worker import compute
 
     run_two_processes("counts_distributed_worker.py", tmp_path)
     single = compute()
+    given = single.pop("warnings")
+    assert int(given) == 1
     for rank, multi in enumerate(rank_results(tmp_path)):
+        assert int(multi.pop("warnings")) == (int(given) if rank == 0 else 0), rank
         for key, value in single.items():
             assert torch.equal(multi[key], value), (rank, key)
 
@@ -334,3 +338,16 @@ def test_counts_verdict_gives_the_cutoff_band():
     v = {"free": 10, "n_params": 100, "n_eff_kfac": 90, "n_eff_kfac_band": [80, 95], "cutoff_band": 100.0}
     assert "N_eff 80–95 with it 100× higher or lower" in VERDICTS["counts"](v)
     assert _cutoff_band_text([90, 90], 90, 100.0) == "" and "80–95" in _cutoff_band_text([80, 95], 90, 100.0)
+
+
+def test_counts_verdict_never_rounds_a_few_free_parameters_to_none():
+    """SmolLM2-135M's report read 'at most 0.0% of the linear-map parameters are free' for 32,064 of
+    106,168,320 (0.030%): a share that is neither none nor all keeps two significant digits."""
+    from tl_degeneracy.report.sections import VERDICTS
+
+    v = {"free": 32_064, "n_params": 106_168_320, "n_eff_kfac": 106_136_256, "data_limited_maps": 1}
+    assert VERDICTS["counts"](v).startswith("at most 0.030% of the linear-map parameters are free")
+    v = {"free": 3_072, "n_params": 393_216, "n_eff_kfac": 390_144}
+    assert VERDICTS["counts"](v).startswith("0.8% of the linear-map parameters are free")
+    v = {"free": 393_200, "n_params": 393_216, "n_eff_kfac": 16}
+    assert VERDICTS["counts"](v).startswith("99.9959% of the linear-map parameters are free")

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tl_degeneracy.llc import behavioral_llc
-from tl_degeneracy.stats.distributed import DistributedContext
+from tl_degeneracy.distributed import DistributedContext
 
 from .test_llc import linear_regression
 
@@ -76,11 +76,11 @@ def test_more_ranks_than_chains_is_refused(monkeypatch):
 
 def test_collectives_use_the_backend_device(monkeypatch):
     """Under NCCL the scalars broadcast/reduced across ranks must be CUDA tensors (NCCL rejects CPU
-    ones), so stats.distributed places them with reduce_device. Simulated on the CPU: a fake
+    ones), so tl_degeneracy.distributed places them with reduce_device. Simulated on the CPU: a fake
     two-rank world whose collectives check that every tensor went through reduce_device."""
     import sys
 
-    from tl_degeneracy.stats import distributed
+    from tl_degeneracy import distributed
 
     api = sys.modules["tl_degeneracy.llc.estimate"]
     real_reduce_device = distributed.reduce_device
@@ -93,10 +93,11 @@ def test_collectives_use_the_backend_device(monkeypatch):
     def collective(t, *args, **kwargs):
         assert any(t is p or t.data_ptr() == p.data_ptr() for p in placed), "collective on a tensor not placed by reduce_device"
 
-    def gather(parts, local):
-        # Rank 1 holds the odd chains; its traces are stand-ins (this test is about devices).
+    def gather(parts, local, group=None):
+        # Rank 1 holds the odd chains; its traces (and its Hessian-trace samples) are stand-ins
+        # (this test is about devices).
         parts[0] = local
-        parts[1] = {**local, "chains": [c + 1 for c in local["chains"]]}
+        parts[1] = {**local, "chains": [c + 1 for c in local["chains"]]} if isinstance(local, dict) else local
 
     two = lambda group=None: DistributedContext(0, 2)  # noqa: E731
     monkeypatch.setattr(api, "distributed_context", two)
@@ -163,11 +164,14 @@ def _fake_world(monkeypatch, found):
     """A two-rank world whose all_gather_object returns ``found`` (this rank's entry is its own)."""
     import sys
 
+    from tl_degeneracy import distributed
+
     api = sys.modules["tl_degeneracy.llc.checkpoint"]
 
-    def gather(parts, local):
+    def gather(parts, local, group=None):
         parts[:] = [local if f == "mine" else f for f in found]
 
+    monkeypatch.setattr(distributed, "distributed_context", lambda group=None: DistributedContext(0, 2))
     monkeypatch.setattr(dist, "all_gather_object", gather)
     return api
 

@@ -719,6 +719,11 @@ def test_relu_zero_distance_is_decided_from_the_sample_count():
     smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], value_gram=torch.eye(2)[None],
                               n_samples=n, act_fn="gelu", exact_activation=False, rank_rtol=None, **weights)
     assert smooth.approximate and smooth.approximation == "smooth activation"
+    # a block of a smooth activation says how far apart its r = act(p)/p are (RMS: √E[(r_i − r_j)²])
+    paired = NeuronSyncResult(distance=np.array([[[0.0, 0.04], [0.04, 0.0]]]), tol=0.05, blocks=[[[0, 1]]],
+                              value_gram=torch.eye(2)[None], n_samples=n, act_fn="gelu", exact_activation=False,
+                              rank_rtol=None, **weights)
+    assert paired.approximation == "smooth activation: r = act(p)/p differs inside blocks by up to 0.2 RMS"
 
 
 def test_blocks_formed_on_half_of_the_data():

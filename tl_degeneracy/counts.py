@@ -45,7 +45,6 @@ about the data as about the model (``numerics.sample_limited``, per row, with a 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pandas as pd
 import torch
@@ -54,6 +53,7 @@ from torch import Tensor
 
 from .autograd import refuse_inference_mode
 from .data import TokenBatches, token_batches
+from .distributed import warn_once
 from .errors import MissingHookError
 from .memory import check_batches, counts_held
 from .models.adapt import adapt
@@ -89,7 +89,7 @@ def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_sam
     """A :class:`SampleLimitedWarning` when the ranks of ``limited`` of ``total`` Grams (``grams``
     names them) are :func:`sample_limited`; nothing when none is."""
     if limited:
-        warnings.warn(
+        warn_once(
             f"{caller}: the rank of {limited} of {total} {grams} reached n = {n_samples}, the most directions "
             f"{n_samples} samples can span (n − 1 for a covariance; below the input width): their free directions may "
             "be the data's limit, not the model's (column sample_limited); count on more positions",
@@ -400,15 +400,16 @@ def degeneracy_counts(
                         "maps' input Grams (rank_G)", n)
     data_limited = int(frame["data_limited"].sum())
     if data_limited:
-        warnings.warn(
+        warn_once(
             f"degeneracy_counts: at {data_limited} of {len(frame)} maps rank_G or rank_K is lower on half of the "
             f"{batches.n_sequences} sequences (the even-numbered ones) than on all of them (column data_limited): "
             "those ranks are still growing with the data, so the maps' free counts are upper bounds and n_eff_kfac "
-            "a lower bound, for the model as much as for these data; count on more sequences",
-            DataLimitedWarning, stacklevel=2)
+            "a lower bound, for the model as much as for these data; count on more sequences (where the data are "
+            "already the model's whole input domain, e.g. every pair of a modular-addition task, no more exist and "
+            "the counts are the task's)", DataLimitedWarning, stacklevel=2)
     probe_limited = int(frame["probe_limited"].sum())
     if probe_limited:
-        warnings.warn(
+        warn_once(
             f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian "
             "probes per batch "
             "found fewer directions of K than all of them (column probe_limited): there rank_K is a lower bound and "

@@ -40,7 +40,6 @@ query over all positions is non-causal too; its bundled data has a fixed length.
 from __future__ import annotations
 
 import operator
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +47,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from .distributed import warn_once
 from .errors import DataError
 from .models.adapt import adapt
 
@@ -579,7 +579,7 @@ def token_batches(
             f"DataLoader carries its mask as an {MASK_COLUMN!r} key or column"
         )
     if padding.n_pad_id and pad_token_id is None:
-        warnings.warn(
+        warn_once(
             f"token_batches: {padding.n_pad_id} positions at the ends of {padding.rows_pad_id} of {padding.rows_unmasked} "
             f"token rows hold the tokenizer's pad id {pad_id} and were left out as padding; pass strip_padding=False "
             "to count them, or attention_mask= to say which positions are real",

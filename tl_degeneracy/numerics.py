@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Iterable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from .distributed import warn_once
 
 __all__ = [
     "CUTOFF_BAND", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
@@ -70,7 +71,7 @@ def activation_precision(dtype: torch.dtype) -> torch.dtype:
     for exact ones).
     """
     if dtype in HALF_DTYPES:
-        warnings.warn(
+        warn_once(
             f"the model computes in {str(dtype).removeprefix('torch.')}: its activations carry rounding of "
             f"~{torch.finfo(dtype).eps:.0e}, which float32's rank cut-off counts as directions, so activation and "
             "gradient ranks are upper bounds; load the model in float32 (tld.load_model(spec, dtype=torch.float32)) "

@@ -58,6 +58,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .counts import block_input_affine, block_input_hook, counted_batches, warn_sample_limited
+from .distributed import max_over_ranks
 from .errors import MissingHookError, NumericalError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
@@ -287,7 +288,8 @@ def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]
 
 def _drift(original: ModelAdapter, copy_: ModelAdapter, batches, progress: bool) -> tuple[float, float]:
     """(max |Δ logits| / max |logits|, mean KL(original ‖ copy)) over the counted samples."""
-    sums = torch.zeros(4, dtype=torch.float64, device=original.device)  # max|Δ|, max|logits|, Σ KL, n
+    maxima = torch.zeros(2, dtype=torch.float64, device=original.device)  # max|Δ logits|, max|logits|
+    totals = torch.zeros(2, dtype=torch.float64, device=original.device)  # Σ KL, n
 
     def on_batch(step: Step) -> None:
         if not step.count:
@@ -298,19 +300,15 @@ def _drift(original: ModelAdapter, copy_: ModelAdapter, batches, progress: bool)
         ref, new = index.rows(ref, unit).to(torch.float64), index.rows(new, unit).to(torch.float64)
         kl = per_sample_loss("kl", new[None], reference_form("kl", ref))[0]
         step.flags["logits"] = torch.isfinite(new).all() & torch.isfinite(kl).all()
-        sums[0] = torch.maximum(sums[0], (new - ref).abs().max())
-        sums[1] = torch.maximum(sums[1], ref.abs().max())
-        sums[2] += kl.sum()
-        sums[3] += kl.numel()
+        maxima[0] = torch.maximum(maxima[0], (new - ref).abs().max())
+        maxima[1] = torch.maximum(maxima[1], ref.abs().max())
+        totals[0] += kl.sum()
+        totals[1] += kl.numel()
 
-    stream(original.device, batches, on_batch, desc="sparsify: drift", progress=progress, what="output")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        maxima = sums[:2].clone()
-        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
-        totals = sums[2:].clone()
-        torch.distributed.all_reduce(totals)
-        sums = torch.cat([maxima, totals])
-    return float(sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)), float(sums[2] / sums[3].clamp_min(1))
+    stream(original.device, batches, on_batch, reduce=lambda: [totals], desc="sparsify: drift", progress=progress,
+           what="output")
+    drift, scale = max_over_ranks(float(maxima[0])), max_over_ranks(float(maxima[1]))
+    return drift / max(scale, torch.finfo(torch.float64).tiny), float(totals[0] / totals[1].clamp_min(1))
 
 
 # ---------------------------------------------------------------------------------------------- the layer

@@ -21,7 +21,6 @@ precision of the forward pass that produced them, products of stored weights at 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,6 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .counts import block_input_hook, counted_batches, input_moment
+from .distributed import warn_once
 from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
@@ -464,7 +464,7 @@ class HeadSyncResult:
                                 self.W_O[layer, heads], partition, int(self.input_rank[layer]), self.d_out,
                                 self.precision, self.rank_rtol)
         if not jac.exact:
-            warnings.warn(
+            warn_once(
                 f"layer {layer}, heads {heads}: the synchronized blocks {[list(b) for b in blocks]} split KV "
                 "heads, and a set of KV heads that blocks read together has a rank-deficient summed output map, "
                 f"so J_sync has no closed form and s·G·d exceeds DENSE_Y_LIMIT = {DENSE_Y_LIMIT}: j_sync and "
@@ -846,8 +846,10 @@ class NeuronSyncResult:
     @property
     def approximation(self) -> str:
         """Why the freedom is approximate, for labels ("" when it is exact)."""
-        if not self.exact_activation:
-            return "smooth activation"
+        if not self.exact_activation:  # r = act(p)/p is a smooth function of p: no two neurons share it exactly
+            spread = self.max_block_distance
+            return "smooth activation" + (f": r = act(p)/p differs inside blocks by up to {math.sqrt(spread):.2g} RMS"
+                                          if spread > 0 else "")
         if not self.approximate:
             return ""
         share = self._disagreements(self.max_block_distance) / self.n_samples
@@ -929,7 +931,7 @@ class NeuronSyncResult:
                    "count does not cover: extra_freedom left empty" if self.gated else
                    "J_sync has no closed form beyond DENSE_Y_LIMIT (extra_freedom empty), or the block's W_out rows "
                    "are dependent and it fires on only part of the samples (extra_freedom an upper bound)")
-            warnings.warn(f"neuron_synchronization: {len(inexact)} block(s) without an exact count "
+            warn_once(f"neuron_synchronization: {len(inexact)} block(s) without an exact count "
                           f"(first: layer {inexact.iloc[0]['layer']}, {_units_text(inexact.iloc[0]['neurons'])}): {why}",
                           SyncCountWarning, stacklevel=3)
         self._frames[singletons] = frame

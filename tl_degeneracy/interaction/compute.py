@@ -14,7 +14,7 @@ from ..autograd import refuse_inference_mode
 from ..errors import DataError
 from ..numerics import activation_precision, check_tolerances, rank_rtol
 from ..stats.activations import moment_pass
-from ..stats.distributed import distributed_context
+from ..distributed import distributed_context
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
 from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
 from .edges import edge_pass

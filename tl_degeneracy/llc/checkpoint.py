@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..distributed import gather_objects
 from .sampler import SamplerState
 
 
@@ -136,8 +137,7 @@ def agree_on_resume(path: str, world: int) -> dict | None:
                 "adapted": (extra.get("step_size"), [a["step"] for a in extra.get("adaptations", [])])}
     if world == 1:
         return None if mine is None else mine["extra"]
-    found = [None] * world
-    torch.distributed.all_gather_object(found, mine)
+    found = gather_objects(mine)
     have = [r for r, f in enumerate(found) if f is not None]
     where = os.path.dirname(path)
     if not have:

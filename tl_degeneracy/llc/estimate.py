@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..autograd import gradients_enabled, refuse_inference_mode
 from ..errors import NumericalError
-from ..stats.distributed import distributed_context, max_over_ranks
+from ..distributed import distributed_context, max_over_ranks, warn_once
 from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
@@ -322,7 +321,7 @@ def behavioral_llc(
         # The bias bound where the chains ended: reported, and a warning when far above the target.
         h_end, trace_end = (chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
                             if state.step == run.steps else (float("nan"), float("nan")))
-        records = ChainRecords.gather(state, my_chains, loss_grad.compile_s, ctx.world_size)
+        records = ChainRecords.gather(state, my_chains, loss_grad.compile_s)
         return _result(target, selection, run, nb, choice, source, dynamics, state.extra["adaptations"],
                        (h_end, trace_end), records, loss_grad, ctx.world_size, _gamma_source(config, eta), budget,
                        burnin_record)
@@ -424,7 +423,7 @@ def _adapt_step_size(target: SamplingTarget, selection: Selection, config: Sampl
     check = state.step
     h_now, trace_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
     # λ̂ so far: the chains' mean nβ L_B since the last check (every rank's chains: gathered).
-    records = ChainRecords.gather(state, my_chains, 0.0, distributed_context().world_size)
+    records = ChainRecords.gather(state, my_chains, 0.0)
     llc_now = window_llc(records.losses, records.failed_at < 0, dynamics.nbeta, since, check)
     eta_new = adapted_step_size(h_now, trace_now, llc_now, dynamics.step_size, dynamics.nbeta, dynamics.gamma, config)
     state.extra["adaptations"].append({"step": check, "h_max": h_now, "trace_hessian": trace_now, "llc": llc_now,
@@ -472,7 +471,7 @@ def _continue_until_converged(
         if stop_after is not None and state.step >= stop_after:
             stopped = "interrupted"
             break
-        records = ChainRecords.gather(state, my_chains, 0.0, world)
+        records = ChainRecords.gather(state, my_chains, 0.0)
         failed = records.failed()
         if len(failed) == config.chains:
             stopped = "diverged"  # _result raises, with advice
@@ -628,12 +627,12 @@ def _result(
     if not verdict.converged:
         spent = "".join(f" ({record['reason']})" for record in (budget, burnin_record)
                         if record and record["budget_exhausted"])
-        warnings.warn(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
+        warn_once(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
-        warnings.warn(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
+        warn_once(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
     caveat = stderr_caveat(stderr, verdict.mcse, chains - len(failed))
     if caveat:
-        warnings.warn(f"λ̂ = {mean:.4g} ± {stderr:.2g}: {caveat}", RuntimeWarning, stacklevel=3)
+        warn_once(f"λ̂ = {mean:.4g} ± {stderr:.2g}: {caveat}", RuntimeWarning, stacklevel=3)
     # The predicted bias (stepsize.py) with the run's own λ̂: at the chains' end points, and with the
     # largest curvature and trace measured before sampling (pilots and burn-in checks), the ones the
     # final η was chosen for (the pilots' h_max alone would under-state it).
@@ -643,7 +642,7 @@ def _result(
         smaller = eta * bias_target / bias_end if math.isfinite(bias_end) else eta / 10
         size = (f"by about {bias_end:.0%}" if math.isfinite(bias_end) else
                 "without bound (the stiffest direction is past the stability limit there)")
-        warnings.warn(
+        warn_once(
             f"at the end of sampling the chains sit where the step size over-estimates λ̂ {size}: predicted "
             f"η nβ tr(H)/(8 λ̂ (1 − b_max)) with tr H = {trace_end:.3g} and h_max = {h_end:.3g} measured at the chains' end "
             f"points (b_max = η(nβ h_max + γ)/4 = {stiff_end:.2g}), above the {bias_target:.2g} aimed for; pass a smaller "

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..distributed import gather_objects
 from .sampler import NORMS, SamplerState
 
 
@@ -218,17 +219,14 @@ class ChainRecords:
     compile_s: float
 
     @classmethod
-    def gather(cls, state: SamplerState, my_chains: Sequence[int], compile_s: float, world: int) -> ChainRecords:
+    def gather(cls, state: SamplerState, my_chains: Sequence[int], compile_s: float) -> ChainRecords:
         """This rank's chains (``my_chains``, global indices) and, under torchrun, every other rank's."""
         local = {
             "chains": list(my_chains), "trace": state.trace, "virial": state.virial, "failed_at": state.failed_at.cpu().numpy(),
             "norms": (state.norms.cpu().numpy() / max(state.step, 1)), "wall_s": state.wall_s, "step": state.step,
             "compile_s": compile_s,
         }
-        parts = [local]
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, local)
+        parts = gather_objects(local)
         order = np.argsort(np.concatenate([p["chains"] for p in parts]))
         steps_done = min(p["step"] for p in parts)
         return cls(

@@ -42,7 +42,6 @@ goes above half of it. Pilots use their own seeds and a fixed number of chains, 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -54,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NumericalError
 from ..models.chains import OUT_OF_MEMORY
-from ..stats.distributed import broadcast_float, distributed_context, max_over_ranks
+from ..distributed import broadcast_float, distributed_context, gather_objects, max_over_ranks, warn_once
 from ..stats.passes import show_progress
 from .config import SamplerConfig
 from .layout import ParameterLayout, Selection
@@ -438,7 +437,7 @@ def initial_step_size(
     layout, mask = selection.layout, selection.mask
     ragged = target.ragged_warning()
     if ragged:
-        warnings.warn(ragged, RuntimeWarning, stacklevel=3)
+        warn_once(ragged, RuntimeWarning, stacklevel=3)
     if config.step_size is not None:
         h_ref = reference_curvature(target, layout, mask, seed)
         eta = float(config.step_size)
@@ -474,11 +473,7 @@ def chain_curvature(target: SamplingTarget, selection: Selection, state: Sampler
         local = []
     # Every rank's samples (each chain's drawn from its own seed), so the mean is the one a single
     # process computes over all chains.
-    parts = [local]
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, local)
-    gathered = [x for part in parts for x in part]
+    gathered = [x for part in gather_objects(local) for x in part]
     trace = hessian_trace(torch.tensor(gathered, dtype=torch.float64, device="cpu"))[0] if gathered else float("nan")
     weight = largest_batch_factor(target)
     return weight * max_over_ranks(h), weight * trace

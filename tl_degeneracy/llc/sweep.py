@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..stats.distributed import distributed_context
+from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc
 from .llc_result import larger_stderr

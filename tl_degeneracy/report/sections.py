@@ -22,7 +22,7 @@ from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..llc.llc_result import estimate_text
 from ..plots import plot_spectra
 from ..stats import activation_stats
-from ..stats.distributed import distributed_context
+from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from ..synchronization import head_synchronization, neuron_synchronization
 from .context import ReportContext
@@ -129,7 +129,8 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
                            "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks})
         label = _approximate_label(ns.approximation)
-        headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum())} neurons"
+        headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
+                     f"{ctx.adapter.n_layers * ctx.adapter.d_mlp:,} neurons"
                      + (f" ({_extra_freedom_text(ns.extra_freedom, 'neuron')})" if len(neurons) else "") + label
                      + _changing_text(ns.changing_blocks, len(neurons)))
     out.headline = headline
@@ -182,8 +183,8 @@ def counts(ctx: ReportContext) -> SectionOutput:
                                      "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band")},
                 "sample_limited_maps": limited, "n_samples": n},
         settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
-        headline=(f"Σ n_eff_kfac = {'≥ ' if bound else ''}{a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
-                  f"parameters ({'≤ ' if bound else ''}{a['free']:,} free, {a['free'] / a['n_params']:.1%})"
+        headline=(f"Σ n_eff_kfac {'≥' if bound else '='} {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
+                  f"parameters ({'≤ ' if bound else ''}{a['free']:,} free, {_share(a['free'], a['n_params'])})"
                   + _cutoff_band_text(a["n_eff_kfac_band"], a["n_eff_kfac"], a["cutoff_band"])
                   + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")
                   + (f"; {growing} map(s) whose ranks still grew with the data (half of it gave less)" if growing else "")
@@ -510,12 +511,23 @@ def _synchronization_verdict(v: dict) -> str:
     return text
 
 
+def _share(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage with one decimal, and with two significant digits where one
+    decimal would round a part that is neither none nor all of the whole to 0.0% or 100.0%."""
+    x = part / max(whole, 1)
+    if 0 < part < whole and not 0.0005 <= x < 0.9995:
+        smaller = min(part, whole - part) / whole * 100  # the share that one decimal would hide
+        digits = max(2, 1 - math.floor(math.log10(smaller) + 1e-9))
+        return f"{100 * x:.{digits}f}%"
+    return f"{x:.1%}"
+
+
 def _counts_verdict(v: dict) -> str:
     free, n = v.get("free", 0), v.get("n_params", 0)
     if not free:
         return "no activation or Jacobian degeneracy: the data constrain every linear-map parameter"
     bound = v.get("data_limited_maps", 0) or v.get("probe_limited_maps", 0)  # some rank still growing
-    text = (f"{'at most ' if bound else ''}{free / max(n, 1):.1%} of the linear-map parameters are free "
+    text = (f"{'at most ' if bound else ''}{_share(free, n)} of the linear-map parameters are free "
             f"(activation/Jacobian degeneracy): N_eff {'≥' if bound else '≈'} {v.get('n_eff_kfac', 0):,} by the "
             "Kronecker estimate")
     limited = v.get("sample_limited_maps", 0)

@@ -9,7 +9,7 @@
 
 from .accumulators import MomentAccumulator, SecondMomentAccumulator, descending_eigvalsh
 from .activations import activation_stats
-from .distributed import DistributedContext, all_reduce_sum_, distributed_context
+from ..distributed import DistributedContext, all_reduce_sum_, distributed_context
 from .jacobian import jacobian_stats
 from ..numerics import numerical_rank
 from .gram_stats import ActivationStats, HookStats, JacobianHookStats, JacobianStats

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .distributed import all_reduce_sum_
+from ..distributed import all_reduce_sum_
 
 __all__ = ["MomentAccumulator", "SecondMomentAccumulator", "descending_eigvalsh"]
 

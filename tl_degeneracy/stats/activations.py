@@ -17,7 +17,7 @@ from ..errors import MissingHookError
 from ..memory import check_batches
 from ..models.adapt import adapt
 from .accumulators import MomentAccumulator
-from .distributed import distributed_context
+from ..distributed import distributed_context
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets
 from .gram_stats import ActivationStats, HookStats
 from .samples import SampleIndex

@@ -42,7 +42,6 @@ tiny model (per-call overhead dominates) and on par on toy:bytelm at 16×128 tok
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -55,7 +54,7 @@ from ..errors import MissingHookError, NumericalError
 from ..memory import check_batches, half_gram_bytes, hook_width
 from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
-from .distributed import distributed_context
+from ..distributed import distributed_context, warn_once
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets, run_until
 from .gram_stats import JacobianHookStats, JacobianStats
 from .stream import Step, stream
@@ -370,7 +369,7 @@ def jacobian_stats(
     if no_gradient and output_hook is None:
         # Every hook of a transformer feeds its logits; no gradient means the backend did not
         # continue the forward from the hooked tensor (or the hook sits on a dead branch).
-        warnings.warn(
+        warn_once(
             f"the logits do not depend on hook(s) {sorted(no_gradient)} as hooked: their Jacobian Grams are zero",
             RuntimeWarning,
             stacklevel=2,

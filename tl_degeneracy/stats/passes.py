@@ -14,7 +14,7 @@ from ..data import Batch, TokenBatches
 from ..errors import MissingHookError, NumericalError
 from ..models.adapter import ModelAdapter
 from ..models.hooks import PATTERN_KINDS
-from .distributed import DistributedContext
+from ..distributed import DistributedContext
 
 __all__ = ["HookTarget", "FeatureLayout", "resolve_targets", "feature_layout", "shard", "raise_if_not_finite", "run_until"]
 

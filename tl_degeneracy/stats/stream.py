@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..autograd import gradients_enabled, ordinary, refuse_inference_mode
 from ..data import Batch
-from .distributed import all_reduce_sum_, distributed_context
+from ..distributed import all_reduce_sum_, distributed_context
 from .passes import raise_if_not_finite, shard
 from .samples import SampleIndex
 

@@ -1,21 +1,24 @@
-"""``torch.distributed`` helpers for the streaming statistics.
+"""``torch.distributed`` helpers: the one place that tells whether a process group is active.
 
 When a process group is initialised, every statistics pass processes the batches
 ``rank, rank + world_size, …`` of the data (a disjoint shard per rank) and sums its float64
-accumulators across ranks at the end, so every rank returns the same, complete result. Probes
-are seeded per batch (not per rank), so the result does not depend on the number of processes.
-Without a process group everything runs in the one process.
+accumulators across ranks at the end, and ``behavioral_llc`` shards its chains and gathers them,
+so every rank returns the same, complete result; warnings about that result are given once
+(:func:`warn_once`). Probes are seeded per batch (not per rank), so the result does not depend on
+the number of processes. Without a process group everything runs in the one process.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device"]
+__all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device",
+           "gather_objects", "warn_once"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,23 @@ def max_over_ranks(value: float, group=None) -> float:
     if not distributed_context(group).active:
         return float(value)
     return _scalar_collective(value, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group), group)
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` without a process group."""
+    context = distributed_context(group)
+    if not context.active:
+        return [obj]
+    parts = [None] * context.world_size
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
+
+
+def warn_once(message: str, category: type[Warning], stacklevel: int = 2) -> None:
+    """``warnings.warn`` on rank 0 only (everywhere without a process group).
+
+    For warnings about a result that every rank shares (all-reduced statistics, gathered chains, the
+    same data and model on every rank): a ``torchrun`` job of N processes would otherwise print each
+    one N times. ``stacklevel`` counts as for ``warnings.warn`` called where this is called."""
+    if distributed_context().rank == 0:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
