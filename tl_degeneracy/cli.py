@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "whatever the weights")
     rep.add_argument("--seq-len", type=int, default=None, help="chunk/truncate sequences to this length")
     rep.add_argument("--memory", default=None, metavar="SIZE",
-                     help="memory budget of the statistics passes, e.g. 8G or 512M (default: half the available "
-                          "RAM, 80%% of the free GPU memory on a GPU); sequence length and batch size not set "
+                     help="memory budget of the statistics passes, beyond the loaded model and data, e.g. 8G or "
+                          "512M (default: half the RAM available once they are loaded, 80%% of the free GPU memory "
+                          "on a GPU); sequence length and batch size not set "
                           "explicitly are lowered until a batch fits, and the report header says so")
     rep.add_argument("--llc-components", nargs="+", action="extend", default=None, metavar="COMPONENT",
                      help="also the restricted LLC per component: heads, layers, attn, mlp, or selections "

@@ -10,7 +10,10 @@ model's shape and the batch's, :func:`check_fits` compares it with the budget in
 
 The budget in force is the one set with :func:`memory_limit` (the report sets its own, see
 ``ReportSettings.memory``), else all memory available on the model's device now: free CUDA memory
-on a GPU, the kernel's MemAvailable on the CPU.
+on a GPU, the kernel's MemAvailable on the CPU. Both are read once the model and the data are
+loaded, and the estimates leave the weights out: a budget bounds what the passes allocate beyond
+what is loaded, so a process's peak resident set is the loaded model, the libraries and the data
+plus at most about the budget.
 """
 
 from __future__ import annotations

@@ -87,9 +87,10 @@ class ReportSettings:
     ib_resolution: float = 1.0
     #: Run the sparsity section (``tld.sparsify``, METHODS §8; several passes over the data): thorough only.
     sparsity: bool = False
-    #: Memory budget in bytes of the statistics sections (``--memory 8G``); None: a share of the
-    #: memory available on the model's device (``tld.memory.default_budget``). Sequence length and
-    #: batch size not set explicitly are lowered until each pass fits it (``context.fit_to_memory``).
+    #: Memory budget in bytes of the statistics sections (``--memory 8G``), beyond the loaded model and
+    #: data; None: a share of the memory available on the model's device once they are loaded
+    #: (``tld.memory.default_budget``). Sequence length and
+    #: batch size not set explicitly are lowered until each pass fits it (``ReportContext.fit_memory``).
     memory: int | None = None
     section_time: float | None = 300.0
 
