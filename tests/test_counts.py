@@ -351,3 +351,24 @@ def test_counts_verdict_never_rounds_a_few_free_parameters_to_none():
     assert VERDICTS["counts"](v).startswith("0.8% of the linear-map parameters are free")
     v = {"free": 393_200, "n_params": 393_216, "n_eff_kfac": 16}
     assert VERDICTS["counts"](v).startswith("99.9959% of the linear-map parameters are free")
+
+
+def test_probe_limited_never_flags_a_rank_at_full_width():
+    """Audit 5: on the report's toy:modadd data (64 sequences, 4 probes) the four W_V maps, rank_K 32
+    of 32 (exact 32), were flagged probe-limited: the half-probe spectrum decays through the cut-off.
+    A rank at K's full width cannot grow with more probes."""
+    import tl_degeneracy as tld
+
+    frame = degeneracy_counts(tld.load_model("toy:modadd"), tld.toy_data("modadd")[:64], n_probes=4, batch_size=16,
+                              progress=False)
+    full = frame[frame["rank_K"] == frame["d_out"]]
+    assert len(full) and not full["probe_limited"].any()
+
+
+def test_one_probe_says_that_it_cannot_be_checked():
+    """With n_probes=1 no half of the probes exists to compare with (audit 5: 12 of 20 maps below their
+    exact rank_K, none flagged, no word): a ProbeLimitedWarning says the check did not run."""
+    model = make_tiny_toy_transformer(n_layers=1)
+    with pytest.warns(ProbeLimitedWarning, match="n_probes=1"):
+        frame = degeneracy_counts(model, _tokens(), n_probes=1, output="kl")
+    assert not frame["probe_limited"].any()

@@ -82,3 +82,18 @@ def test_rank_band_spreads_only_without_a_gap():
     low, mid, high = rank_band(smooth, precision=torch.float32, gram=True)
     assert low < mid < high and mid == int((smooth > cut).sum())
     assert low == int((smooth > cut * CUTOFF_BAND).sum()) and high == int((smooth > cut / CUTOFF_BAND).sum())
+
+
+def test_rank_band_never_counts_below_the_float64_floor():
+    """Audit 5: in a float64 model the band's lower cut-off (the rule's / 100) fell below the float64
+    eigensolver's own error, so kfac_max counted exact zeros (LayerNorm's mean direction: a W_O's
+    rank_K 15 → 16). Below float64's rule nothing is resolved: the band stops there."""
+    from tl_degeneracy.numerics import rank_band, rank_rtol
+
+    floor = rank_rtol(16, torch.float64, gram=True)  # 16·eps64
+    spectrum = torch.cat([torch.ones(15, dtype=torch.float64), torch.tensor([floor / 10], dtype=torch.float64)])
+    assert rank_band(spectrum, precision=torch.float64, gram=True) == (15, 15, 15)
+    # in float32 the rule's cut-off is far above the floor, and the band moves it both ways
+    cut = rank_rtol(16, torch.float32, gram=True)
+    weak = torch.cat([torch.ones(15, dtype=torch.float64), torch.tensor([cut / 10], dtype=torch.float64)])
+    assert rank_band(weak, precision=torch.float32, gram=True) == (15, 15, 16)

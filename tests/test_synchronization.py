@@ -225,6 +225,19 @@ def test_duplicated_relu_neuron_is_synchronized():
     assert len(res.plot().data) == 2
 
 
+def test_duplicated_neuron_in_float64_has_one_direction():
+    """Audit 5: in a float64 model, neuron 5 = 1.3 × neuron 3 leaves the block's 2 × 2 post-activation
+    Gram an eigenvalue ratio of about 1e-15 (rounding of 1.3·W_in), above the 2 × 2 block's own float64
+    floor 2·eps: s read 2 and the extra freedom 2 (count_exact True). A block keeps the floor of the
+    layer's whole Gram (32 neurons: 32·eps), so s = 1 and the count is d_out, as for c = 2.5."""
+    res = neuron_synchronization(_relu_model_with_duplicate(1.3, torch.float64), _tokens(), tol=0.0)
+    gram = res.value_gram[0][[3, 5]][:, [3, 5]]
+    ratio = float(torch.linalg.eigvalsh(gram)[0] / torch.linalg.eigvalsh(gram)[1])
+    assert 2 * torch.finfo(torch.float64).eps < ratio < 32 * torch.finfo(torch.float64).eps  # the case audited
+    row = res.to_frame().set_index("neurons").loc[[(3, 5)]].iloc[0]
+    assert row["s_block"] == 1 and row["count_exact"] and row["extra_freedom"] == 16 - 1
+
+
 def _mlp_input(model, tokens, layer: int = 0) -> torch.Tensor:
     """A layer's MLP input x̃ = [x, 1] at every position, float64 (x = n·w + b from the hooked n)."""
     import tl_degeneracy as tld

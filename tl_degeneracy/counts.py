@@ -335,15 +335,18 @@ def degeneracy_counts(
         """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
         probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and the
         first half of the probes finding fewer directions than all of them says more probes would
-        find more."""
+        find more; a rank at K's full width cannot grow (audit 5: toy:modadd's W_V, 32 of 32, were
+        flagged where the half-probe spectrum decayed through the cut-off)."""
         stats = jac[key]
 
         def of(st: JacobianHookStats) -> Tensor:
             return st.gram if head is None else st.head_gram[head]
 
-        b = band(of(stats))
+        gram = of(stats)
+        b = band(gram)
         halves = stats.half_grams(head is not None)
-        probes = halves is not None and min(rank(h if head is None else h[head]) for h in halves) < b[1]
+        probes = (halves is not None and b[1] < gram.shape[-1]
+                  and min(rank(h if head is None else h[head]) for h in halves) < b[1])
         return b, probes, rank(of(stats.half)) < b[1]
 
     rows = []
@@ -408,7 +411,13 @@ def degeneracy_counts(
             "already the model's whole input domain, e.g. every pair of a modular-addition task, no more exist and "
             "the counts are the task's)", DataLimitedWarning, stacklevel=2)
     probe_limited = int(frame["probe_limited"].sum())
-    if probe_limited:
+    if n_probes == 1 and not exact:
+        warn_once(
+            "degeneracy_counts: with n_probes=1 no half of the probes is kept, so whether rank_K is still growing "
+            "with the probes cannot be checked (probe_limited is False everywhere): every probe rank_K is a lower "
+            "bound of K's and n_eff_kfac one of the Kronecker count; use n_probes ≥ 2, or exact=True",
+            ProbeLimitedWarning, stacklevel=2)
+    elif probe_limited:
         warn_once(
             f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian "
             "probes per batch "

@@ -169,10 +169,14 @@ def rank_band(
     spectrum by :func:`numerical_rank`'s rule (``atol`` held fixed): the three agree where the
     spectrum has a gap around the cut-off, and their spread is the rank's uncertainty where it has
     none (a spectrum that decays smoothly through the cut-off, as float32 activations of a model
-    with many weak directions; audit 4)."""
-    rtol = rank_rtol(spectrum.shape[-1] if dims is None else dims, precision, gram) if rtol is None else rtol
+    with many weak directions; audit 4). The lower cut-off stays at or above the float64 rule's
+    (the eigensolver's own error): below it even exact zeros count (audit 5: a float64 model's band
+    counted LayerNorm's mean direction, which no map reads)."""
+    dims = spectrum.shape[-1] if dims is None else dims
+    rtol = rank_rtol(dims, precision, gram) if rtol is None else rtol
+    floor = min(rank_rtol(dims, torch.float64, gram), rtol)
     return tuple(int(numerical_rank(spectrum, dims, precision=precision, gram=gram, atol=atol,
-                                    rtol=min(rtol * factor, 1 - 1e-9)))
+                                    rtol=min(max(rtol * factor, floor), 1 - 1e-9)))
                  for factor in (CUTOFF_BAND, 1.0, 1 / CUTOFF_BAND))
 
 

@@ -102,12 +102,24 @@ def synchronized_blocks(distance: Float[np.ndarray, "n n"], tol: float) -> list[
     return blocks
 
 
-def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float | None) -> int:
-    """Rank of an activation Gram by the package's rule at the forward's ``precision`` (``rtol``
-    overrides the relative eigenvalue cut-off)."""
+def _gram_rtol(size: int, precision: torch.dtype, rtol: float | None, width: int | None) -> float:
+    """The rank rule's relative cut-off for a ``size`` × ``size`` block of an activation Gram that is
+    ``width`` wide (``rtol`` overrides it): the rule at the forward's ``precision`` for the block, but
+    not below the float64 floor of the whole Gram it is read from, whose accumulation and
+    eigendecomposition leave every eigenvalue uncertain by about width·eps(float64) of the largest
+    (audit 5: in a float64 model a neuron duplicated as 1.3× another left its 2 × 2 block an eigenvalue
+    ratio of 1.3e-15, above the block's own floor 2·eps and counted as a second direction)."""
+    if rtol is not None:
+        return rtol
+    return max(rule_rtol(size, precision, gram=True), rule_rtol(max(size, width or 0), torch.float64, gram=True))
+
+
+def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float | None, width: int | None = None) -> int:
+    """Rank of an activation Gram, or of a block of one ``width`` wide, by the package's rule at the
+    forward's ``precision`` (:func:`_gram_rtol`; ``rtol`` overrides the relative eigenvalue cut-off)."""
     if gram.numel() == 0:
         return 0
-    return int(numerical_rank(descending_eigvalsh(gram), precision=precision, gram=True, rtol=rtol))
+    return int(numerical_rank(descending_eigvalsh(gram), gram=True, rtol=_gram_rtol(gram.shape[0], precision, rtol, width)))
 
 
 def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
@@ -188,15 +200,17 @@ class _ValueSpan:
     precision: torch.dtype
     rtol: float | None
     cut: float
+    width: int | None = None
 
     @classmethod
-    def of(cls, gram: Float[Tensor, "kv_dim kv_dim"], d: int, precision: torch.dtype, rtol: float | None) -> _ValueSpan:
+    def of(cls, gram: Float[Tensor, "kv_dim kv_dim"], d: int, precision: torch.dtype, rtol: float | None,
+           width: int | None = None) -> _ValueSpan:
         gram = gram.to(torch.float64)
-        s = _gram_rank(gram, precision, rtol)
+        s = _gram_rank(gram, precision, rtol, width)
         eig, vec = torch.linalg.eigh((gram + gram.mT) / 2)
         eig, vec = eig.flip(0).clamp_min(0), vec.flip(1)
-        cut = (rule_rtol(gram.shape[0], precision, gram=True) if rtol is None else rtol) * float(eig[0])
-        return cls(gram, eig[:s].sqrt()[:, None] * vec[:, :s].mT, d, precision, rtol, cut)
+        cut = _gram_rtol(gram.shape[0], precision, rtol, width) * float(eig[0])
+        return cls(gram, eig[:s].sqrt()[:, None] * vec[:, :s].mT, d, precision, rtol, cut, width)
 
     @property
     def s(self) -> int:
@@ -212,7 +226,7 @@ class _ValueSpan:
     def rank(self, groups: Sequence[int]) -> int:
         """s_S = dim W_S."""
         idx = self._index(groups)
-        return min(_gram_rank(self.gram[idx][:, idx], self.precision, self.rtol), self.s)
+        return min(_gram_rank(self.gram[idx][:, idx], self.precision, self.rtol, self.width), self.s)
 
     def subspace(self, groups: Sequence[int]) -> _Subspace:
         """W_S within the span; its complement is the range of Π_S^⊥ in (3.5b). The value vectors are
@@ -325,6 +339,7 @@ def component_freedom(
     d_out: int | None = None,
     precision: torch.dtype = torch.float64,
     rank_rtol: float | None = None,
+    gram_width: int | None = None,
 ) -> SyncJacobian:
     """J_apart and J_sync of heads that read G KV heads, with ``blocks`` synchronized (METHODS §3,
     (3.5a)–(3.5c)); exact also when a block takes only part of a KV head's query heads.
@@ -346,6 +361,8 @@ def component_freedom(
         d_out: D_out, the dimension of the space the heads write into that the function reads
             (default D; D − 1 under LayerNorm, which never reads the mean direction). The rows of
             ``W_O`` must lie in that space.
+        gram_width: the width of the activation Gram that ``value_gram`` is a block of (every KV
+            head's values, a layer's neurons), whose float64 floor its ranks keep (:func:`_gram_rtol`).
 
     Returns:
         ``j_sync`` None (and a not exact result) when a set of ≥ 2 KV heads read by blocks has a
@@ -365,7 +382,7 @@ def component_freedom(
     d_out = D if d_out is None else int(d_out)
     if not 0 < d_out <= D:
         raise ValueError(f"d_out must lie in 1..{D} (W_O's output dimension); got {d_out}")
-    span = _ValueSpan.of(value_gram, d, precision, rank_rtol)
+    span = _ValueSpan.of(value_gram, d, precision, rank_rtol, gram_width)
     W_O = W_O.to(torch.float64)
     params = G * int(input_rank) * d + H * d * d_out
     apart = _kernel_dimension(span, kv_of_head, W_O, [[h] for h in range(H)], int(input_rank), d_out)
@@ -447,7 +464,7 @@ class HeadSyncResult:
     def block_rank(self, layer: int, heads: list[int]) -> int:
         """s_S: rank of the (centred) value activations of the block's distinct KV heads side by side."""
         idx = self._kv_index(_block_groups(heads, self.kv_of_head))
-        return _gram_rank(self.value_cov[layer][idx][:, idx], self.precision, self.rank_rtol)
+        return _gram_rank(self.value_cov[layer][idx][:, idx], self.precision, self.rank_rtol, self.value_cov.shape[-1])
 
     def freedom(self, layer: int, blocks: Sequence[Sequence[int]]) -> SyncJacobian:
         """J_apart and J_sync of the heads of ``blocks`` together with every other query head of their
@@ -462,7 +479,7 @@ class HeadSyncResult:
         idx = self._kv_index(kvs)
         jac = component_freedom(self.value_cov[layer][idx][:, idx], [kvs.index(kv[h]) for h in heads],
                                 self.W_O[layer, heads], partition, int(self.input_rank[layer]), self.d_out,
-                                self.precision, self.rank_rtol)
+                                self.precision, self.rank_rtol, self.value_cov.shape[-1])
         if not jac.exact:
             warn_once(
                 f"layer {layer}, heads {heads}: the synchronized blocks {[list(b) for b in blocks]} split KV "
@@ -757,7 +774,8 @@ def head_synchronization(
     input_rank = np.array([_gram_rank(input_moment(adapter, layer, "ln1", inputs[layer], centered=True).cpu(),
                                       precision, rtol) for layer in range(L)], dtype=np.int64)
     kv_rank = np.array([
-        [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol) for kv in range(n_kv)]
+        [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol, covs.shape[-1])
+         for kv in range(n_kv)]
         for layer in range(L)
     ], dtype=np.int64).reshape(L, n_kv)
     head_rank = kv_rank[:, np.arange(H) // (H // n_kv)]
@@ -859,7 +877,7 @@ class NeuronSyncResult:
         """s: rank of the block's post-activations f = r·p on the data (the values W_out reads)."""
         gram = self.value_gram[layer]
         idx = torch.as_tensor(neurons, device=gram.device)
-        return _gram_rank(gram[idx][:, idx], self.precision, self.rank_rtol)
+        return _gram_rank(gram[idx][:, idx], self.precision, self.rank_rtol, gram.shape[-1])
 
     def freedom(self, layer: int, neurons: list[int]) -> SyncJacobian | None:
         """J_apart and J_sync of the block's W_in columns (with b_in) and W_out rows (METHODS §3,
@@ -880,7 +898,8 @@ class NeuronSyncResult:
         m = len(neurons)
         return component_freedom(self.value_gram[layer][idx][:, idx], list(range(m)),
                                  self.W_out[layer][idx.to(self.W_out.device)][:, None, :], [list(range(m))],
-                                 int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol)
+                                 int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
+                                 self.value_gram.shape[-1])
 
     def _input_known(self, layer: int, neurons: list[int]) -> bool:
         """Whether J_apart − J_sync holds for the block's own input rank: it depends on D_in only
