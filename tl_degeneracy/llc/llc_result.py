@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..distributed import gather_objects
 from .sampler import NORMS, SamplerState

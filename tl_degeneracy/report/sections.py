@@ -371,7 +371,6 @@ def sparsity(ctx: ReportContext) -> SectionOutput:
     """Per MLP layer, the free directions of METHODS §3–§4 against the exact zeros that
     ``tld.sparsify`` creates from them, and the output drift of the sparsified copy (METHODS §8).
     Off unless the ``sparsity`` setting is on (the thorough preset): it runs L + 3 passes over the data."""
-    from ..plots import plot_sparsity
     from ..sparsify import sparsify
 
     s = ctx.settings
