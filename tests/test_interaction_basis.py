@@ -286,3 +286,44 @@ def test_nodes_whose_rank_the_samples_bound_are_flagged():
     many = torch.randint(0, 20, (16, 16), generator=torch.Generator().manual_seed(0))
     dims = interaction_basis(model, many, n_probes=2, progress=False).dims
     assert not dims["sample_limited"].any() and (dims["n"] > dims["D"]).all()
+
+
+def test_interaction_rank_band_is_the_ranks_at_the_moved_cut_off():
+    """Audit 6: interaction ranks that sit on the rank rule's cut-off with no spectral gap (toy:modadd's
+    resid_post) were given as plain numbers. dims carries the ranks with the cut-off moved
+    CUTOFF_BAND-fold up and down, recomputed here from the stored spectra by the rank rule itself."""
+    import warnings
+
+    import tl_degeneracy as tld
+    from tl_degeneracy.numerics import CUTOFF_BAND, activation_precision, numerical_rank, rank_rtol
+
+    model = tld.load_model("toy:modadd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ib = tld.interaction_basis(model, tld.toy_data("modadd")[:64], progress=False)
+    precision = activation_precision(next(model.parameters()).dtype)
+    spread = False
+    for row in ib.dims.itertuples():
+        spec = ib.eigenvalues[row.node]
+        g_rtol = rank_rtol(spec.gram.numel(), precision=precision, gram=True)
+        m_rtol = rank_rtol(spec.rank_G, precision=precision, gram=True)
+        floor = lambda n, rtol: min(rank_rtol(n, torch.float64, gram=True), rtol)  # noqa: E731 (numerics.rank_band)
+        for values, rtol, low, high in ((spec.gram, g_rtol, row.rank_G_min, row.rank_G_max),
+                                        (spec.interaction, m_rtol, row.interaction_rank_min, row.interaction_rank_max)):
+            n = values.numel()
+            assert low == int(numerical_rank(values, rtol=rtol * CUTOFF_BAND))
+            assert high == int(numerical_rank(values, rtol=max(rtol / CUTOFF_BAND, floor(n, rtol))))
+        assert row.rank_G_min <= row.rank_G <= row.rank_G_max
+        assert row.interaction_rank_min <= row.interaction_rank <= row.interaction_rank_max
+        spread |= row.interaction_rank_min < row.interaction_rank_max
+    assert spread  # resid_post's D_M decays through the cut-off (115: 84–115 on these data)
+
+
+def test_interaction_verdict_gives_the_cutoff_band():
+    from tl_degeneracy.report.sections import VERDICTS
+
+    v = {"degenerate_directions": 109, "degenerate_band": [109, 140], "cutoff_band": 100.0, "inside_share": 0.34,
+         "n_modules": 4}
+    assert "109–140 degenerate directions with it 100× higher or lower" in VERDICTS["interaction"](v)
+    v["degenerate_band"] = [109, 109]
+    assert "cut-off" not in VERDICTS["interaction"](v)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..errors import NumericalError
 from ..gauge import column_signs
-from ..numerics import numerical_rank
+from ..numerics import numerical_rank, rank_band
 
 __all__ = ["SCALINGS", "NodeBasis", "Whitening", "interaction_directions", "probe_agreement", "whiten"]
 
@@ -50,6 +50,16 @@ def _kept(descending: Float[Tensor, " d"], rtol: float, atol: float) -> int:
     return int(numerical_rank(descending, rtol=rtol, atol=atol)) if descending.numel() else 0
 
 
+def _band(descending: Float[Tensor, " d"], rtol: float, atol: float) -> tuple[int, int]:
+    """How many would be kept with the cut-off moved ``numerics.CUTOFF_BAND``-fold up and down
+    (:func:`~tl_degeneracy.numerics.rank_band`): equal to the rank where the spectrum has a gap
+    around the cut-off, spread where it decays smoothly through it."""
+    if not descending.numel():
+        return 0, 0
+    low, _, high = rank_band(descending, gram=True, rtol=rtol, atol=atol)
+    return low, high
+
+
 @dataclass(frozen=True)
 class Whitening:
     """Step 1 of one node: mean μ, the Gram's spectrum D_G and its kept eigenvectors P."""
@@ -57,6 +67,7 @@ class Whitening:
     mean: Float[Tensor, " D"]
     eigenvalues: Float[Tensor, " D"]  # all of D_G, descending
     vectors: Float[Tensor, "D r"]  # P: eigenvectors with D_G above the cut-off
+    band: tuple[int, int] = (0, 0)  # rank of D_G with the cut-off 100× higher, lower (_band)
 
     @property
     def rank(self) -> int:
@@ -75,7 +86,7 @@ def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, a
         raise NumericalError("non-finite Gram matrix")
     vals, vecs = _eigh_descending(gram)
     r = _kept(vals, rtol, atol)
-    return Whitening(mean=mean.to(torch.float64), eigenvalues=vals, vectors=vecs[:, :r])
+    return Whitening(mean=mean.to(torch.float64), eigenvalues=vals, vectors=vecs[:, :r], band=_band(vals, rtol, atol))
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class NodeBasis:
     whitening: Whitening
     eigenvalues: Float[Tensor, " r"]  # all of D_M, descending
     directions: Float[Tensor, "r k"]  # V: eigenvectors of M̃ with D_M above the cut-off, signed
+    band: tuple[int, int] = (0, 0)  # rank of D_M with the cut-off 100× higher, lower, the whitening held (_band)
 
     @property
     def size(self) -> int:
@@ -114,7 +126,7 @@ def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D
     # multiple of v_iᵀ D_G^{-1/2} Pᵀ, so signing that row signs v_i.
     rows = (v.mT / whitening.eigenvalues[: whitening.rank].sqrt()[None, :]) @ whitening.vectors.mT
     v = v * column_signs(rows.mT)[None, :] if k else v
-    return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v)
+    return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v, band=_band(vals, rtol, atol))
 
 
 def probe_agreement(whitening: Whitening, gram_a: Float[Tensor, "D D"], gram_b: Float[Tensor, "D D"], k: int) -> float:

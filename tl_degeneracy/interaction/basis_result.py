@@ -30,6 +30,11 @@ class NodeSpectrum:
     ``M_method`` is ``"exact"``, ``"probes"`` or ``"none"`` (M = I); ``probe_stability`` is
     :func:`~tl_degeneracy.interaction.basis.probe_agreement` of the two half-probe estimates where
     probes were used (NaN otherwise, or with a single probe).
+
+    ``rank_G_band`` / ``interaction_band``: (fewest, most) directions kept with the run's cut-off
+    moved ``numerics.CUTOFF_BAND``-fold up and down (``numerics.rank_band``; the interaction band
+    holds the whitening at rank_G): equal to the rank where the spectrum has a gap around the
+    cut-off, spread where the rank is the cut-off's choice (METHODS §5).
     """
 
     gram: Float[Tensor, " D"]
@@ -39,6 +44,8 @@ class NodeSpectrum:
     M: str = "outputs"
     M_method: str = "exact"
     probe_stability: float = float("nan")
+    rank_G_band: tuple[int, int] | None = None
+    interaction_band: tuple[int, int] | None = None
 
     @property
     def kept(self) -> Float[Tensor, " kept"]:
@@ -118,17 +125,24 @@ class InteractionBasis:
         "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none") and
         probe_stability (the half-probe agreement, NaN unless probes; see :class:`NodeSpectrum`);
         sample_limited: rank_G reached n − 1 (n when uncentred) < D, the most that n samples can
-        span, so the node's degenerate directions may be the data's, not the model's (read more)."""
+        span, so the node's degenerate directions may be the data's, not the model's (read more);
+        rank_G_min / rank_G_max and interaction_rank_min / interaction_rank_max: the ranks with the
+        cut-off moved ``numerics.CUTOFF_BAND``-fold up / down (:class:`NodeSpectrum`'s bands)."""
         rows = []
         for node in self.nodes:
             spec = self.eigenvalues[node]
             D, n = int(spec.gram.numel()), int(self.counts[node])
+            g_band = spec.rank_G_band or (spec.rank_G, spec.rank_G)
+            i_band = spec.interaction_band or (spec.interaction_rank, spec.interaction_rank)
             rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
                          "degenerate": D - spec.interaction_rank, "n": n, "M": spec.M,
                          "M_method": spec.M_method, "probe_stability": spec.probe_stability,
-                         "sample_limited": sample_limited(spec.rank_G, n, D, self.centered)})
+                         "sample_limited": sample_limited(spec.rank_G, n, D, self.centered),
+                         "rank_G_min": g_band[0], "rank_G_max": g_band[1],
+                         "interaction_rank_min": i_band[0], "interaction_rank_max": i_band[1]})
         return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M", "M_method",
-                                           "probe_stability", "sample_limited"])
+                                           "probe_stability", "sample_limited", "rank_G_min", "rank_G_max",
+                                           "interaction_rank_min", "interaction_rank_max"])
 
     def to_frame(self) -> pd.DataFrame:
         """The same table as :attr:`dims`."""

@@ -290,7 +290,9 @@ def interaction_basis(
         mean=mean,
         eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
                                      rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
-                                     M_method=how[n].method, probe_stability=how[n].stability) for n in runner.names},
+                                     M_method=how[n].method, probe_stability=how[n].stability,
+                                     rank_G_band=whitenings[n].band, interaction_band=bases[n].band)
+                     for n in runner.names},
         edges=edge_values,
         edge_stderr=edge_stderr,
         counts=counts,

@@ -15,14 +15,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..counts import degeneracy_counts
+from ..distributed import distributed_context
 from ..errors import MissingHookError
 from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..llc.llc_result import estimate_text
+from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
 from ..stats import activation_stats
-from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from ..synchronization import head_synchronization, neuron_synchronization
 from .context import ReportContext
@@ -233,6 +234,9 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     dims, edges, table = ib.dims, ib.edge_summary(), modules.to_frame()
     timings = {k: ib.settings[k] for k in ("gram_s", "jacobian_s", "edges_s")} | {"modules_s": modules_s}
     ranks = ", ".join(f"{r.interaction_rank}/{r.D}" for r in dims.itertuples())
+    degenerate = int(dims["degenerate"].sum())
+    # the count with the rank cut-off moved CUTOFF_BAND-fold up and down: its spread is the choice of cut-off's
+    degenerate_band = [int((dims["D"] - dims["interaction_rank_max"]).sum()), int((dims["D"] - dims["interaction_rank_min"]).sum())]
     # Where M comes from Jacobian probes the ranks are estimates: say so beside them, with how well
     # the two halves of the probes agree on the kept directions (probe_agreement; 1 = the same)
     probed = dims[dims["M_method"] == "probes"]
@@ -245,7 +249,8 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     return SectionOutput(
         tables={"dims": dims, "edges": edges, "modules": table, "members": modules.members_frame()},
         figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
-        values={"degenerate_directions": int(dims["degenerate"].sum()), "n_modules": modules.n_modules,
+        values={"degenerate_directions": degenerate, "degenerate_band": degenerate_band, "cutoff_band": CUTOFF_BAND,
+                "n_modules": modules.n_modules,
                 "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
@@ -255,7 +260,8 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
                   "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
                   "modules": modules.to_dict()["settings"]},
-        headline=f"interaction rank per node {ranks} ({int(dims['degenerate'].sum())} degenerate directions"
+        headline=f"interaction rank per node {ranks} ({degenerate} degenerate directions"
+                 + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND).replace(";", ",", 1)
                  + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
                     if dims["sample_limited"].any() else "") + estimated + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
@@ -562,6 +568,10 @@ def _activations_verdict(v: dict) -> str:
 def _interaction_verdict(v: dict) -> str:
     deg, limited = v.get("degenerate_directions", 0), v.get("sample_limited_nodes", 0)
     text = "every node at full interaction rank" if not deg else f"{deg} degenerate directions across the nodes"
+    band = v.get("degenerate_band")  # absent from reports saved before it was recorded
+    if band is not None and list(band) != [deg, deg]:
+        text += (f" — the ranks depend on the cut-off: {band[0]:,}–{band[1]:,} degenerate directions with it "
+                 f"{v.get('cutoff_band', 100):g}× higher or lower, where the spectra decay without a gap")
     if limited:  # rank_G at n − 1 < D: too few samples to tell the model's degeneracy from the data's
         text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} samples allow, so those "
                  "counts are the data's limit, not the model's (raise ib_tokens, or give more data: n_sequences × "
