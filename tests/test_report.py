@@ -143,7 +143,8 @@ def test_interaction_section_equals_a_direct_call(full_report):
                                    n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
     modules = tld.find_modules(direct, seed=0)
     assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
-                                                "M_method", "probe_stability", "sample_limited"]
+                                                "M_method", "probe_stability", "sample_limited", "rank_G_min",
+                                                "rank_G_max", "interaction_rank_min", "interaction_rank_max"]
     pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)
     assert (sec.tables["dims"]["n"] == 5 * 10).all()  # the ib_tokens budget: 5 whole sequences of 10 tokens
     pd.testing.assert_frame_equal(sec.tables["edges"], direct.edge_summary(), check_exact=True)
