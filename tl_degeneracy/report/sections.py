@@ -145,11 +145,12 @@ def _changing_text(changing: int, blocks: int) -> str:
     return f"; {changing} of the {blocks} formed otherwise on half of the data (still changing with the data)"
 
 
-def _cutoff_band_text(band, n_eff: int, factor: float) -> str:
-    """The n_eff_kfac range as the rank cut-off moves ``factor``-fold either way ("" when it does not move)."""
-    if band is None or list(band) == [n_eff, n_eff]:
+def _cutoff_band_text(band, count: int, factor: float, sep: str = "; ") -> str:
+    """A count's range as the rank cut-off moves ``factor``-fold either way, after ``sep`` ("" when it
+    does not move)."""
+    if band is None or list(band) == [count, count]:
         return ""
-    return f"; {band[0]:,}–{band[1]:,} with the rank cut-off {factor:g}× higher or lower (no spectral gap there)"
+    return f"{sep}{band[0]:,}–{band[1]:,} with the rank cut-off {factor:g}× higher or lower (no spectral gap there)"
 
 
 def _extra_freedom_text(extra: int | None, unit: str = "head") -> str:
@@ -261,7 +262,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                   "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
                   "modules": modules.to_dict()["settings"]},
         headline=f"interaction rank per node {ranks} ({degenerate} degenerate directions"
-                 + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND).replace(";", ",", 1)
+                 + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND, sep=", ")
                  + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
                     if dims["sample_limited"].any() else "") + estimated + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
