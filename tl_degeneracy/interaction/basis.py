@@ -67,7 +67,7 @@ class Whitening:
     mean: Float[Tensor, " D"]
     eigenvalues: Float[Tensor, " D"]  # all of D_G, descending
     vectors: Float[Tensor, "D r"]  # P: eigenvectors with D_G above the cut-off
-    band: tuple[int, int] = (0, 0)  # rank of D_G with the cut-off 100× higher, lower (_band)
+    band: tuple[int, int] | None = None  # rank of D_G with the cut-off 100× higher, lower (_band)
 
     @property
     def rank(self) -> int:
@@ -96,7 +96,7 @@ class NodeBasis:
     whitening: Whitening
     eigenvalues: Float[Tensor, " r"]  # all of D_M, descending
     directions: Float[Tensor, "r k"]  # V: eigenvectors of M̃ with D_M above the cut-off, signed
-    band: tuple[int, int] = (0, 0)  # rank of D_M with the cut-off 100× higher, lower, the whitening held (_band)
+    band: tuple[int, int] | None = None  # rank of D_M with the cut-off 100× higher, lower, the whitening held (_band)
 
     @property
     def size(self) -> int:
