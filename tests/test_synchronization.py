@@ -218,11 +218,102 @@ def test_duplicated_relu_neuron_is_synchronized():
     # paper's s_a² − Σ 1 would say 1 − 2 = −1.
     assert row["s_block"] == 1 and row["count_exact"] and row["extra_freedom"] == 16 - 1 == res.extra_freedom
     assert res.blocks[1] == [[i] for i in range(32)] or all(len(b) == 1 for b in res.blocks[1])
-    # for ReLU the distance is the fraction of samples on which two neurons disagree
+    # for ReLU the firing distance is the fraction of samples on which two neurons disagree
     _, cache = model.run_with_cache(_tokens())
     fire = (cache["blocks.0.mlp.hook_pre"] > 0).double().flatten(0, 1)
-    np.testing.assert_allclose(res.distance[0, 0, 1], float((fire[:, 0] != fire[:, 1]).double().mean()), rtol=1e-12)
+    np.testing.assert_allclose(res.firing_distance[0, 0, 1], float((fire[:, 0] != fire[:, 1]).double().mean()),
+                               rtol=1e-12)
     assert len(res.plot().data) == 2
+
+
+def _eq20_distance(p: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """Paper eq. 20's distance of every pair, directly from the samples [n, F]: the share of the pair's
+    output energy that changes when each neuron fires with the other's pattern r = f/p."""
+    p, f = p.double(), f.double()
+    g = p if g is None else g.double()
+    r = torch.where(p == 0, torch.ones_like(p), f / torch.where(p == 0, torch.ones_like(p), p))
+    diff2 = (r[:, :, None] - r[:, None, :]) ** 2  # [n, i, j]
+    g2 = g**2
+    num = (g2[:, :, None] * diff2).sum(0) + (g2[:, None, :] * diff2).sum(0)
+    energy = (f**2).sum(0)
+    return num / (energy[:, None] + energy[None, :])
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "gelu"])
+def test_neuron_distance_is_eq20(act_fn):
+    """The streamed distance (batches of 5 sequences, two F×F products per batch) equals paper eq. 20's
+    output-weighted distance computed pair by pair from all samples at once."""
+    model, tokens = make_tiny_toy_transformer(act_fn=act_fn), _tokens()
+    res = neuron_synchronization(model, tokens, tol=0.05, batch_size=5)
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(2):
+        p, f = (cache[f"blocks.{layer}.mlp.hook_{k}"].flatten(0, 1) for k in ("pre", "post"))
+        direct = _eq20_distance(p, f).fill_diagonal_(0).cpu().numpy()
+        np.testing.assert_allclose(res.distance[layer], direct, rtol=1e-9, atol=1e-13)
+
+
+def test_gated_neuron_distance_weighs_by_gate_times_linear(tl_models):
+    """Gated MLP (f = act(p)·l): the output per unit of firing is p·l, so eq. 20 weighs by (p·l)²."""
+    model, tokens = tl_models("llama", "bridge"), _tokens(n=4, pos=8, vocab=100)
+    res = neuron_synchronization(model, tokens, tol=0.0)
+    _, cache = model.run_with_cache(tokens)
+    p, l, f = (cache[f"blocks.0.mlp.hook_{k}"].flatten(0, 1) for k in ("pre", "pre_linear", "post"))
+    r = torch.sigmoid(p.double())  # SiLU: r = σ(p)
+    g = p.double() * l.double()
+    diff2 = (r[:, :, None] - r[:, None, :]) ** 2
+    num = ((g**2)[:, :, None] * diff2).sum(0) + ((g**2)[:, None, :] * diff2).sum(0)
+    energy = ((r * g) ** 2).sum(0)
+    direct = (num / (energy[:, None] + energy[None, :])).fill_diagonal_(0).cpu().numpy()
+    np.testing.assert_allclose(res.distance[0], direct, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose((r * g).cpu().numpy(), f.double().cpu().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_mostly_silent_gelu_neurons_that_fire_apart_are_not_synchronized():
+    """Corrected criterion (paper eq. 20): two GELU neurons p_0 = 2z − 4, p_1 = −2z − 4 (z a
+    standardised direction of the MLP input) are off on most samples and fire on opposite inputs.
+    r = Φ(p) is nearly 0 for both on most samples, so the unweighted E[(r_0 − r_1)²] used before put
+    them in one block at tol 0.05; what they output is unrelated (one fires where the other is
+    silent), and the output-weighted distance says so."""
+    model, tokens = make_tiny_toy_transformer(act_fn="gelu"), _tokens()
+    mlp = model.blocks[0].mlp
+    _, cache = model.run_with_cache(tokens)
+    x = cache["blocks.0.ln2.hook_normalized"].flatten(0, 1)
+    with torch.no_grad():
+        z = x @ mlp.W_in[:, 0]
+        w, mean = mlp.W_in[:, 0] / z.std(), float(z.mean() / z.std())
+        mlp.W_in[:, 0], mlp.W_in[:, 1] = 2 * w, -2 * w
+        mlp.b_in[0], mlp.b_in[1] = -4 - 2 * mean, -4 + 2 * mean
+    res = neuron_synchronization(model, tokens, tol=0.05)
+    _, cache = model.run_with_cache(tokens)
+    f, p = (cache[f"blocks.0.mlp.hook_{k}"].flatten(0, 1).double() for k in ("post", "pre"))
+    assert float((p[:, :2] > 0).double().mean()) < 0.05  # mostly off
+    assert res.firing_distance[0, 0, 1] <= 0.05  # the old criterion's block
+    assert not any({0, 1} <= set(b) for b in res.blocks[0])
+    assert res.distance[0, 0, 1] > 1.0  # more than their whole output energy would change
+    # ground truth: where one fires (f above a tenth of its largest), the other is silent
+    fires = f[:, :2] > 0.1 * f[:, :2].max(0).values
+    assert fires.any(0).all() and not (fires[:, 0] & fires[:, 1]).any()
+
+
+def test_relu_disagreements_where_outputs_are_small_stay_in_a_block():
+    """ReLU neurons 3 and 5 = neuron 3 with its bias lowered a little disagree about firing only
+    where p_3 is below the shift, so their outputs differ there by at most the shift: eq. 20 keeps
+    them in one (approximate) block, and the label gives both the share of samples and the change."""
+    model = _relu_model_with_duplicate(c=1.0)
+    mlp = model.blocks[0].mlp
+    _, cache = model.run_with_cache(_tokens())
+    p3 = cache["blocks.0.mlp.hook_pre"][..., 3].flatten()
+    shift = float(p3[p3 > 0].quantile(0.1))  # a tenth of neuron 3's firing samples change side
+    with torch.no_grad():
+        mlp.b_in[5] -= shift
+    res = neuron_synchronization(model, _tokens(), tol=0.05)
+    block = next(b for b in res.blocks[0] if 3 in b)
+    assert 5 in block and res.firing_distance[0, 3, 5] > 0 and res.approximate
+    frame = res.to_frame().set_index("neurons")
+    assert frame.loc[[tuple(block)], "approximate"].item()
+    n_dis = round(res._block_max(res.firing_distance) * res.n_samples)
+    assert f"differ on up to {n_dis / res.n_samples:.2%} of samples" in res.approximation
+    assert f"by up to {np.sqrt(res.max_block_distance):.2g} RMS (relative)" in res.approximation
 
 
 def test_duplicated_neuron_in_float64_has_one_direction():
@@ -307,7 +398,7 @@ def test_gated_neuron_blocks_have_no_count(tl_models):
 def test_gelu_is_labelled_approximate(tiny_toy_transformer):
     res = neuron_synchronization(tiny_toy_transformer, _tokens(), tol=0.01)
     assert res.approximate and bool(res.to_frame(singletons=True)["approximate"].all())
-    assert np.all(res.distance >= 0) and np.all(res.distance <= 1)
+    assert np.all(res.distance >= 0) and np.all(res.firing_distance >= 0) and np.all(res.firing_distance <= 1)
 
 
 def test_gated_mlp_bridge(tl_models):
@@ -704,14 +795,16 @@ def test_unequal_value_scales_do_not_raise():
 
 def test_relu_blocks_at_positive_tol_are_approximate():
     """ReLU at tol = 0.05: blocks whose neurons disagree on some samples are approximate (their
-    distance is that fraction of samples), the exact duplicate is not, and the label says how much."""
+    firing distance is that fraction of samples), the exact duplicate is not, and the label says how much."""
     res = neuron_synchronization(_relu_model_with_duplicate(), _tokens(), tol=0.05)
     frame = res.to_frame()
     assert frame["approximate"].tolist() == (frame["max_distance"] > 0).tolist()
     assert not frame.set_index("neurons").loc[[(3, 5)], "approximate"].any() and frame["approximate"].any()
-    k = round(frame["max_distance"].max() * res.n_samples)
+    k = round(res._block_max(res.firing_distance) * res.n_samples)
     assert res.approximate
-    assert res.approximation == f"firing patterns in blocks differ on up to {k / res.n_samples:.2%} of samples"
+    assert res.approximation == (f"firing patterns in blocks differ on up to {k / res.n_samples:.2%} of samples; "
+                                 f"sharing a firing pattern would change a block's outputs by up to "
+                                 f"{np.sqrt(frame['max_distance'].max()):.2g} RMS (relative)")
     exact = neuron_synchronization(_relu_model_with_duplicate(), _tokens(), tol=0.0)
     assert not exact.approximate and exact.approximation == ""
 
@@ -724,19 +817,21 @@ def test_relu_zero_distance_is_decided_from_the_sample_count():
 
     def result(dist: float) -> NeuronSyncResult:
         distance = np.array([[[0.0, dist], [dist, 0.0]]])
-        return NeuronSyncResult(distance=distance, tol=0.01, blocks=[[[0, 1]]], value_gram=torch.eye(2)[None],
+        return NeuronSyncResult(distance=distance, firing_distance=distance, tol=0.01, blocks=[[[0, 1]]], value_gram=torch.eye(2)[None],
                                 n_samples=n, act_fn="relu", exact_activation=True, rank_rtol=None, **weights)
 
     assert not result(4 * np.finfo(np.float64).eps).approximate
-    assert result(1 / n).approximate and result(1 / n).approximation.endswith("0.10% of samples")
-    smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], value_gram=torch.eye(2)[None],
+    assert result(1 / n).approximate and "differ on up to 0.10% of samples" in result(1 / n).approximation
+    smooth = NeuronSyncResult(distance=np.zeros((1, 2, 2)), firing_distance=np.zeros((1, 2, 2)), tol=0.0, blocks=[[[0], [1]]], value_gram=torch.eye(2)[None],
                               n_samples=n, act_fn="gelu", exact_activation=False, rank_rtol=None, **weights)
     assert smooth.approximate and smooth.approximation == "smooth activation"
-    # a block of a smooth activation says how far apart its r = act(p)/p are (RMS: √E[(r_i − r_j)²])
-    paired = NeuronSyncResult(distance=np.array([[[0.0, 0.04], [0.04, 0.0]]]), tol=0.05, blocks=[[[0, 1]]],
+    # a block of a smooth activation says how far its outputs move when its neurons share a pattern
+    paired = NeuronSyncResult(distance=np.array([[[0.0, 0.04], [0.04, 0.0]]]),
+                              firing_distance=np.array([[[0.0, 0.01], [0.01, 0.0]]]), tol=0.05, blocks=[[[0, 1]]],
                               value_gram=torch.eye(2)[None], n_samples=n, act_fn="gelu", exact_activation=False,
                               rank_rtol=None, **weights)
-    assert paired.approximation == "smooth activation: r = act(p)/p differs inside blocks by up to 0.2 RMS"
+    assert paired.approximation == ("smooth activation: sharing a firing pattern would change a block's outputs by "
+                                    "up to 0.2 RMS (relative)")
 
 
 def test_blocks_formed_on_half_of_the_data():

@@ -90,4 +90,4 @@ __all__ = [
     "token_batches",
     "toy_data",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -159,7 +159,7 @@ def estimate(
       the logits and their float64 copy, float64 rows of the hooked activations.
     - ``"head_sync"`` / ``"neuron_sync"``: the forward plus float64 rows of the values, inputs and
       one chunk of pattern rows (``synchronization.pattern_tv_sums``), or of the MLP's pre- and
-      post-activations, firing patterns and inputs.
+      post-activations, firing patterns, the products eq. 20's distance sums, and inputs.
     - ``"jacobian"``: a Jacobian pass (``stats.jacobian``): the autograd graph of the forward
       (every layer's activations and attention patterns), the softmax in float64, one chunk of
       cotangents on the logits (``min(n_cotangents, chunk_elements / (batch·seq·vocab))`` of them,
@@ -209,7 +209,8 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
         rows = min(PATTERN_CHUNK_BYTES, tokens * H * seq * (s + 8))  # one chunk, or all rows if fewer
         return int(forward + tokens * (kv * d + D) * 8 * 2 + rows + L * ((kv * d) ** 2 + D * D) * 8 * 2)
     if analysis == "neuron_sync":
-        return int(forward + tokens * (F * 4 + D) * 8 + L * (F * F * 3 + D * D) * 8)
+        # rows of p, l, f, r, g, g², r², r·g²; Grams of r (all and half of the data) and f, eq. 20's sums (both)
+        return int(forward + tokens * (F * 8 + D) * 8 + L * (F * F * 5 + D * D) * 8)
     V = V if out_width is None else int(out_width)
     graph = L * (attention + tokens * per_token) + tokens * V * s
     chunk = max(1, min(int(n_cotangents), chunk_elements // max(1, tokens * V)))

@@ -7,12 +7,14 @@ the function when the heads' separate outputs are replaced by their sum (METHODS
 :func:`component_freedom`, also for blocks coupled through a shared GQA value head). Neurons: ReLU
 neurons whose firing patterns r = f/p agree compute, where they fire, r·Σ_k p_k w_k, the same
 bilinear form, so only the sum of their input/output products is pinned down and the same count
-applies (:meth:`NeuronSyncResult.freedom`).
+applies (:meth:`NeuronSyncResult.freedom`); "agree" is judged where it matters for the outputs, by
+paper eq. 20's output-weighted distance.
 
 Both analyses are one streaming pass each (``stats.stream``) with memory independent of the amount
 of data: head pattern distances accumulate into [L, H, H] sums, value Grams into [L, n_kv·d, n_kv·d],
 the heads' and MLPs' input moments into [L, D, D], neuron firing-pattern and post-activation Grams
-into [L, F, F] (E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] comes from one Gram of r).
+and the sums of the output-weighted distance into [L, F, F] (E[(r_i − r_j)²] = E[r_i²] + E[r_j²] −
+2 E[r_i r_j] comes from one Gram of r, eq. 20's numerator from two products of r and p per batch).
 
 Ranks follow the package's one rank rule (``tl_degeneracy.numerics``): activation Grams at the
 precision of the forward pass that produced them, products of stored weights at float64.
@@ -804,8 +806,12 @@ _RATIOS = {
 
 @dataclass(eq=False)
 class NeuronSyncResult:
-    """Neuron synchronization (METHODS §3). ``distance`` [L, F, F]: E[(r_i − r_j)²] over counted
-    samples, r = f/p the firing pattern; ``blocks``: per layer, the synchronized blocks (lists of
+    """Neuron synchronization (METHODS §3). ``distance`` [L, F, F]: the output-weighted distance of
+    paper eq. 20 (:class:`_FiringMismatch`): (E[g_i² (r_i − r_j)²] + E[g_j² (r_i − r_j)²]) / (E[f_i²] +
+    E[f_j²]) over counted samples, r = f/p the firing pattern and g = f/r (p, or p·l when gated), the
+    share of the pair's output energy that would change if each neuron fired with the other's
+    pattern; ``firing_distance`` [L, F, F]: E[(r_i − r_j)²], for ReLU the share of samples on which the
+    two disagree about firing; ``blocks``: per layer, the synchronized blocks (lists of
     neurons, singletons left out of ``to_frame`` unless asked); ``value_gram`` [L, F, F]: uncentred
     Gram of the post-activations f = r·p, the values W_out reads, from which the block ranks s come
     (``rank_rtol``: the caller's eigenvalue cut-off, or None for the package's rule at ``precision``,
@@ -820,6 +826,7 @@ class NeuronSyncResult:
     :meth:`freedom` does not hold: its counts are left empty (``count_exact`` False)."""
 
     distance: Float[np.ndarray, "layer neuron neuron"]
+    firing_distance: Float[np.ndarray, "layer neuron neuron"]
     tol: float
     blocks: list[list[list[int]]]
     value_gram: Float[Tensor, "layer neuron neuron"] = field(repr=False)
@@ -838,40 +845,45 @@ class NeuronSyncResult:
     half_blocks: list[list[list[int]]] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
-    def _disagreements(self, distance: float) -> int:
-        """For ReLU, the number of samples on which two neurons at ``distance`` disagree about firing.
-        With r ∈ {0, 1} the distance is exactly k/n; its float64 value E[r_i²] + E[r_j²] − 2E[r_i r_j]
+    def _disagreements(self, firing_distance: float) -> int:
+        """For ReLU, the number of samples on which two neurons at ``firing_distance`` disagree about
+        firing. With r ∈ {0, 1} it is exactly k/n; its float64 value E[r_i²] + E[r_j²] − 2E[r_i r_j]
         (means of 0/1 products, merged batch by batch) is off by a few eps64 per merge, far below
         1/(2n) for any n·batches < 10¹⁴, so rounding n·distance recovers k (and 0 means every sample)."""
-        return round(distance * self.n_samples)
+        return round(firing_distance * self.n_samples)
 
-    def _block_approximate(self, max_distance: float) -> bool:
+    def _block_approximate(self, max_firing_distance: float) -> bool:
         """A block's freedom is exact only for an exact activation and neurons that agree on every sample."""
-        return not self.exact_activation or self._disagreements(max_distance) > 0
+        return not self.exact_activation or self._disagreements(max_firing_distance) > 0
+
+    def _block_max(self, distance: np.ndarray) -> float:
+        """Largest entry of ``distance`` between two neurons of one block (0 when no block has two)."""
+        return max((float(distance[layer][np.ix_(b, b)].max()) for layer, blocks in enumerate(self.blocks)
+                    for b in blocks if len(b) > 1), default=0.0)
 
     @property
     def max_block_distance(self) -> float:
-        """Largest distance between two neurons of one block (0 when no block has two neurons)."""
-        return max((float(self.distance[layer][np.ix_(b, b)].max()) for layer, blocks in enumerate(self.blocks)
-                    for b in blocks if len(b) > 1), default=0.0)
+        """Largest (eq. 20) distance between two neurons of one block (0 when no block has two neurons)."""
+        return self._block_max(self.distance)
 
     @property
     def approximate(self) -> bool:
         """True when some block's freedom is approximate: a smooth activation, or ReLU neurons in one
         block that disagree about firing on some samples (tol > 0)."""
-        return self._block_approximate(self.max_block_distance)
+        return self._block_approximate(self._block_max(self.firing_distance))
 
     @property
     def approximation(self) -> str:
-        """Why the freedom is approximate, for labels ("" when it is exact)."""
+        """Why the freedom is approximate, for labels ("" when it is exact): how far a block's outputs
+        move when its neurons share a firing pattern, √(max distance) as an RMS share."""
+        change = self.max_block_distance
+        moved = f"sharing a firing pattern would change a block's outputs by up to {math.sqrt(change):.2g} RMS (relative)"
         if not self.exact_activation:  # r = act(p)/p is a smooth function of p: no two neurons share it exactly
-            spread = self.max_block_distance
-            return "smooth activation" + (f": r = act(p)/p differs inside blocks by up to {math.sqrt(spread):.2g} RMS"
-                                          if spread > 0 else "")
+            return "smooth activation" + (f": {moved}" if change > 0 else "")
         if not self.approximate:
             return ""
-        share = self._disagreements(self.max_block_distance) / self.n_samples
-        return f"firing patterns in blocks differ on up to {share:.2%} of samples"
+        share = self._disagreements(self._block_max(self.firing_distance)) / self.n_samples
+        return f"firing patterns in blocks differ on up to {share:.2%} of samples; {moved}"
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
         """s: rank of the block's post-activations f = r·p on the data (the values W_out reads)."""
@@ -934,11 +946,12 @@ class NeuronSyncResult:
                 if len(neurons) < 2 and not singletons:
                     continue
                 distance = float(self.distance[layer][np.ix_(neurons, neurons)].max())
+                firing = float(self.firing_distance[layer][np.ix_(neurons, neurons)].max())
                 jac = self.freedom(layer, neurons) if len(neurons) > 1 else SyncJacobian(0, 0)
                 exact = jac is not None and jac.exact and self._input_known(layer, neurons)
                 extra = pd.NA if jac is None or not jac.exact else jac.extra_freedom
                 rows.append({"layer": layer, "neurons": tuple(neurons), "size": len(neurons),
-                             "max_distance": distance, "approximate": self._block_approximate(distance),
+                             "max_distance": distance, "approximate": self._block_approximate(firing),
                              "on_half": _formed_on_half(self.half_blocks, layer, neurons),
                              "s_block": self.block_rank(layer, neurons), "count_exact": exact, "extra_freedom": extra})
         columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "s_block", "count_exact",
@@ -981,10 +994,10 @@ class NeuronSyncResult:
                 "count_exact": bool(frame["count_exact"].all()), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
-        """Heatmap of E[(r_i − r_j)²], one panel per layer."""
+        """Heatmap of the (eq. 20) distance, one panel per layer."""
         from .plots import plot_distance_heatmaps
 
-        return plot_distance_heatmaps(self.distance, "neuron", f"firing-pattern distance (tol {self.tol})")
+        return plot_distance_heatmaps(self.distance, "neuron", f"output-weighted firing-pattern distance (tol {self.tol})")
 
 
 def neuron_synchronization(
@@ -998,16 +1011,23 @@ def neuron_synchronization(
     skip_bos: bool | None = None,
 ) -> NeuronSyncResult:
     """Synchronized MLP neurons and the freedom they add (METHODS §3, corrected): neurons whose firing
-    patterns r_i = f_i/p_i agree.
+    patterns r_i = f_i/p_i agree where it matters for their outputs (paper eq. 20).
 
-    One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] (also over the
-    data's even-numbered sequences alone, whose blocks say whether the blocks still change with the
-    data: ``to_frame``'s on_half) and E[f fᵀ] (F×F each) and the moments of the MLP input (D×D): the distance E[(r_i − r_j)²] = E[r_i²] +
-    E[r_j²] − 2 E[r_i r_j] of every pair comes from the first, so memory is O(L·(F² + D²)) whatever
-    the amount of data. For ReLU r ∈ {0, 1} and the distance is the fraction of samples on which two
-    neurons disagree about firing, and a block is exact only when it is 0 (tol > 0 admits blocks that
-    disagree on up to that fraction: labelled ``approximate``); for GELU r = Φ(p), for SiLU r = σ(p),
-    both in (0, 1), and every block is ``approximate``.
+    Two neurons are compared by the share of their output energy that would change if each fired
+    with the other's pattern, d_ij = (E[p_i² (r_i − r_j)²] + E[p_j² (r_i − r_j)²]) / (E[f_i²] + E[f_j²])
+    (``NeuronSyncResult.distance``; corrected: the unweighted E[(r_i − r_j)²] used before let GELU
+    neurons that are mostly off join a block whatever they do where they fire — toy:bytelm's 154
+    report blocks at tol 0.05 would change their outputs by 122 % RMS, median over blocks). A block
+    is a set of neurons within ``tol`` of each other. For ReLU r ∈ {0, 1}: a block is exact only when
+    its neurons agree about firing on every sample (tol > 0 admits disagreements where they carry
+    little output: labelled ``approximate``, with the share of samples); for GELU r = Φ(p), for SiLU
+    r = σ(p), both in (0, 1), and every block is ``approximate``.
+
+    One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[f fᵀ], the
+    F×F sums of d's numerator and the moments of the MLP input (D×D), so memory is O(L·(F² + D²))
+    whatever the amount of data. The Gram of r and the sums are kept apart for the data's even- and
+    odd-numbered sequences: the even half's blocks say whether the blocks still change with the
+    data (``to_frame``'s on_half), and the halves add up to all of it.
 
     The extra freedom of a block is J_apart − J_sync (:meth:`NeuronSyncResult.freedom`): from the
     rank s of its post-activations f (E[f fᵀ]), D_in (the rank of the MLP input with the constant
@@ -1015,11 +1035,13 @@ def neuron_synchronization(
     independent neurons; for a neuron duplicated as a multiple of another it would be negative.
 
     f is ``hook_post`` and p ``hook_pre`` (r = 1 where p = 0). Gated MLPs (post = act(gate)·linear):
-    r = act(p)/p of the gate pre-activation p = ``hook_pre`` (from the model's ``act_fn``); their
-    blocks get distances and ranks but no count (``NeuronSyncResult.gated``).
+    r = act(p)/p of the gate pre-activation p = ``hook_pre`` (from the model's ``act_fn``), and the
+    output per unit of firing is p·l with l = ``hook_pre_linear``; their blocks get distances and
+    ranks but no count (``NeuronSyncResult.gated``).
 
     Args:
-        tol: distance threshold in [0, 1].
+        tol: distance threshold in [0, 1]: the largest share of a pair's output energy that firing
+            with each other's pattern may change (0.05: about 22 % RMS).
         rank_rtol: relative eigenvalue cut-off for the activation ranks (s, D_in); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
             Weight ranks always use the float64 rule.
@@ -1056,34 +1078,30 @@ def neuron_synchronization(
     check_batches(adapter, "neuron_sync", batches, "neuron_synchronization")  # fail before the first forward
     dev = adapter.device
     pre_names = [adapter.hook_name("mlp_pre", layer) for layer in range(L)]
+    linear_names = [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)] if gated else []
     post_names = [adapter.hook_name("mlp_post", layer) for layer in range(L)]
-    r_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
-    r_half = [MomentAccumulator(1, F, device=dev) for _ in range(L)]  # the data's even-numbered sequences
+    # The Gram of r and eq. 20's sums, kept apart for the data's even- and odd-numbered sequences: the
+    # even half's blocks say whether blocks still change with the data, and the halves add up to all.
+    r_acc, r_odd = ([MomentAccumulator(1, F, device=dev) for _ in range(L)] for _ in range(2))
     f_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
     x_acc = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
+    mismatch, mismatch_odd = ([_FiringMismatch.zeros(F, dev) for _ in range(L)] for _ in range(2))
 
     def on_batch(step: Step) -> None:
         if not step.count:
             return  # the accumulators exist already, with their shapes
-        index, flags, pre = step.index, step.flags, {}
+        index, flags, pre, linear = step.index, step.flags, {}, {}
 
         def rows_of(act: Tensor, name: str) -> tuple[Tensor, Tensor]:
             """The sample rows (float64) and which of them the data's even-numbered sequences hold."""
             unit = index.unit(tuple(act.shape), name)
             return index.rows(act.detach(), unit).to(torch.float64), index.half(unit)
 
-        def add_firing(layer: int, r: Tensor, half: Tensor) -> None:
-            r_acc[layer].update(r[:, None])
-            r_half[layer].update(r[half][:, None])
-
-        def on_pre(layer: int):
-            def hook(p: Tensor, hook=None) -> None:
-                rows, half = rows_of(p, pre_names[layer])
-                flags[pre_names[layer]] = torch.isfinite(rows).all()
-                if ratio is None:
-                    pre[layer] = rows
-                else:
-                    add_firing(layer, ratio(rows), half)
+        def keep_rows(name: str, into: dict, layer: int):
+            def hook(act: Tensor, hook=None) -> None:
+                rows, _ = rows_of(act, name)
+                flags[name] = torch.isfinite(rows).all()
+                into[layer] = rows
 
             return hook
 
@@ -1091,11 +1109,18 @@ def neuron_synchronization(
             def hook(f: Tensor, hook=None) -> None:
                 f, half = rows_of(f, post_names[layer])
                 flags[post_names[layer]] = f_acc[layer].update(f[:, None])
+                p = pre.pop(layer)
                 if ratio is None:
-                    p = pre.pop(layer)
-                    # r = f/p, and 1 where p = 0 (METHODS §3)
-                    add_firing(layer, torch.where(p == 0, torch.ones_like(p), f / torch.where(p == 0, torch.ones_like(p), p)),
-                               half)
+                    # r = f/p, and 1 where p = 0 (METHODS §3); the output per unit of firing is g = p
+                    one = torch.ones_like(p)
+                    r, g = torch.where(p == 0, one, f / torch.where(p == 0, one, p)), p
+                else:  # gated: f = act(p)·l = r·g with g = p·l
+                    r, g = ratio(p), p * linear.pop(layer)
+                odd = ~half
+                r_acc[layer].update(r[half][:, None])
+                r_odd[layer].update(r[odd][:, None])
+                mismatch[layer].update(r[half], g[half])
+                mismatch_odd[layer].update(r[odd], g[odd])
 
             return hook
 
@@ -1105,17 +1130,23 @@ def neuron_synchronization(
 
             return hook
 
-        hooks = [(pre_names[l], on_pre(l)) for l in range(L)] + [(post_names[l], on_post(l)) for l in range(L)]
-        hooks += [(input_names[l], on_input(l)) for l in range(L)]
+        hooks = [(pre_names[l], keep_rows(pre_names[l], pre, l)) for l in range(L)]
+        hooks += [(linear_names[l], keep_rows(linear_names[l], linear, l)) for l in range(len(linear_names))]
+        hooks += [(post_names[l], on_post(l)) for l in range(L)] + [(input_names[l], on_input(l)) for l in range(L)]
         adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-    stream(dev, batches, on_batch, reduce=lambda: [*r_acc, *r_half, *f_acc, *x_acc], desc="neuron_synchronization",
-           progress=progress, what="MLP activation or input")
+    stream(dev, batches, on_batch, desc="neuron_synchronization", progress=progress, what="MLP activation or input",
+           reduce=lambda: [*r_acc, *r_odd, *f_acc, *x_acc, *(t for m in (*mismatch, *mismatch_odd) for t in m.tensors())])
+    half_blocks = [_fast_blocks(m.distance(_firing_distance(acc)), tol) for acc, m in zip(r_acc, mismatch)]
+    for layer in range(L):  # the even half's accumulators take in the odd half's: all of the data
+        r_acc[layer].merge(r_odd[layer])
+        mismatch[layer].add_(mismatch_odd[layer])
+    del r_odd, mismatch_odd
     if r_acc[0].count == 0 or min(acc.count for acc in x_acc) == 0:
         raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
-    distance_np = np.stack([_firing_distance(acc) for acc in r_acc])
+    firing_np = np.stack([_firing_distance(acc) for acc in r_acc])
+    distance_np = np.stack([m.distance(firing_np[layer]) for layer, m in enumerate(mismatch)])
     blocks = [_fast_blocks(distance_np[layer], tol) for layer in range(L)]
-    half_blocks = [_fast_blocks(_firing_distance(r_half[layer]), tol) for layer in range(L)]
     precision = activation_precision(adapter.dtype)
     rtol = None if rank_rtol is None else float(rank_rtol)
     # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
@@ -1126,7 +1157,8 @@ def neuron_synchronization(
     W_out = adapter.mlp_weights().W_out
     W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
     return NeuronSyncResult(
-        distance=distance_np, tol=tol, blocks=blocks, value_gram=torch.stack([a.gram()[0] for a in f_acc]).cpu(),
+        distance=distance_np, firing_distance=firing_np, tol=tol, blocks=blocks,
+        value_gram=torch.stack([a.gram()[0] for a in f_acc]).cpu(),
         n_samples=r_acc[0].count, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
         fire_rate=torch.stack([a.mean[0] for a in r_acc]).cpu(), input_rank=input_rank, W_out=W_out,
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
@@ -1141,6 +1173,52 @@ def _firing_distance(acc: MomentAccumulator) -> Float[np.ndarray, "neuron neuron
     dist = (diag[:, None] + diag[None, :] - 2 * G).clamp_min(0)  # rounding can dip below 0
     dist.fill_diagonal_(0)
     return dist.cpu().numpy()
+
+
+@dataclass
+class _FiringMismatch:
+    """Sums for the output-weighted firing-pattern distance (paper eq. 20, METHODS §3, corrected).
+
+    With g the output per unit of firing (f = r·g: g = p, or p·l in a gated MLP), a neuron j that
+    fired with neuron i's pattern would output r_i·g_j, off by g_j (r_i − r_j). ``cross``[i, j] holds
+    Σ r_i² g_j² − 2 r_i r_j g_j² and ``energy``[j] Σ f_j² = Σ r_j² g_j², so that
+    Σ g_j² (r_i − r_j)² = cross[i, j] + energy[j] comes from two F×F products per batch, whatever the
+    amount of data. Plain sums (no count), so the ranks' tensors add up under torchrun."""
+
+    cross: Float[Tensor, "neuron neuron"]
+    energy: Float[Tensor, " neuron"]
+
+    @classmethod
+    def zeros(cls, width: int, device) -> _FiringMismatch:
+        return cls(torch.zeros(width, width, dtype=torch.float64, device=device),
+                   torch.zeros(width, dtype=torch.float64, device=device))
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.cross, self.energy
+
+    def add_(self, other: _FiringMismatch) -> _FiringMismatch:
+        self.cross.add_(other.cross)
+        self.energy.add_(other.energy)
+        return self
+
+    def update(self, r: Float[Tensor, "n neuron"], g: Float[Tensor, "n neuron"]) -> None:
+        g2 = g * g
+        self.cross.addmm_((r * r).mT, g2).addmm_(r.mT, r * g2, alpha=-2.0)
+        self.energy.add_((r * r * g2).sum(0))
+
+    def distance(self, firing: Float[np.ndarray, "neuron neuron"]) -> Float[np.ndarray, "neuron neuron"]:
+        """d_ij = (E[g_i² (r_i − r_j)²] + E[g_j² (r_i − r_j)²]) / (E[f_i²] + E[f_j²]): how much the
+        pair's outputs would change, relative to their size, if each fired with the other's pattern.
+        Pairs with identical firing patterns (``firing`` = E[(r_i − r_j)²] exactly 0) are at 0 whatever
+        the rounding of the two products, and so are two neurons that never output anything (E[f²] = 0
+        for both)."""
+        num = self.cross + self.energy[None, :]
+        num = (num + num.mT).clamp_min(0)  # rounding can dip below 0
+        den = self.energy[:, None] + self.energy[None, :]
+        dist = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros_like(num)).cpu().numpy()
+        dist[firing == 0] = 0.0
+        np.fill_diagonal(dist, 0.0)
+        return dist
 
 
 def _fast_blocks(distance: np.ndarray, tol: float) -> list[list[int]]:

@@ -129,11 +129,14 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                            "neuron_extra_freedom": ns.extra_freedom,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
                            "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks})
-        label = _approximate_label(ns.approximation)
-        headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
-                     f"{ctx.adapter.n_layers * ctx.adapter.d_mlp:,} neurons"
-                     + (f" ({_extra_freedom_text(ns.extra_freedom, 'neuron')})" if len(neurons) else "") + label
-                     + _changing_text(ns.changing_blocks, len(neurons)))
+        total = ctx.adapter.n_layers * ctx.adapter.d_mlp
+        if len(neurons):
+            headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
+                         f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')})"
+                         f"{_approximate_label(ns.approximation)}{_changing_text(ns.changing_blocks, len(neurons))}")
+        else:
+            headline += (f"; no synchronized neurons among {total:,} (firing with each other's pattern would change "
+                         f"every pair's outputs by more than {math.sqrt(ns.tol):.0%} RMS, tol {ns.tol:g}; METHODS §3)")
     out.headline = headline
     return out
 
