@@ -59,8 +59,10 @@ def plot_spectra(frame: pd.DataFrame, log: bool = True):
     return fig
 
 
-def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: str = "pattern distance"):
-    """One heatmap per layer of a [layer, n, n] distance array (head or neuron synchronization)."""
+def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: str = "pattern distance",
+                           zmax: float | None = None):
+    """One heatmap per layer of a [layer, n, n] distance array (head or neuron synchronization), its
+    colour scale from 0 to ``zmax`` (default: the largest distance; larger ones take the top colour)."""
     from plotly.subplots import make_subplots
     import plotly.graph_objects as go
 
@@ -70,7 +72,7 @@ def plot_distance_heatmaps(distance: np.ndarray, labels: str = "head", title: st
     n_layers = distance.shape[0]
     rows, cols = subplot_grid(n_layers)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in range(n_layers)])
-    top = float(np.nanmax(distance)) if distance.size else 1.0
+    top = zmax if zmax is not None else float(np.nanmax(distance)) if distance.size else 1.0
     for layer in range(n_layers):
         fig.add_trace(
             go.Heatmap(z=distance[layer], zmin=0, zmax=top or 1.0, coloraxis="coloraxis",

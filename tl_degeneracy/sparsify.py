@@ -369,7 +369,8 @@ def sparsify(
         data: anything ``token_batches`` takes; every statistic and the drift use every non-padding
             position, BOS included (module docstring; a ``TokenBatches`` that leaves BOS out is read
             with BOS counted).
-        tol: firing-pattern distance for synchronized blocks (``neuron_synchronization``). Default 0
+        tol: the neurons' distance for synchronized blocks (``neuron_synchronization``: their firing
+            patterns and, paper eq. 20, their outputs on swapping patterns). Default 0
             for ReLU (identical firing on every sample: exact) and 0.05 for GELU/SiLU (approximate;
             read ``output_drift`` and ``kl``).
         rank_rtol: relative eigenvalue cut-off for the input and block ranks; default the package's
@@ -390,7 +391,7 @@ def sparsify(
     exact_act = act in EXACT_ACTIVATIONS
     tol = (0.0 if exact_act else 0.05) if tol is None else float(tol)
     if not 0.0 <= tol <= 1.0 or math.isnan(tol):
-        raise ValueError(f"tol must lie in [0, 1] (a firing-pattern distance); got {tol}")
+        raise ValueError(f"tol must lie in [0, 1] (a neuron-synchronization distance); got {tol}")
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "sparsify")
     # The blocks' firing patterns on the same samples as G¹ and the firing check, BOS included.
     sync = neuron_synchronization(model, batches, tol=tol, rank_rtol=rank_rtol, progress=progress)

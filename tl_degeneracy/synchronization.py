@@ -796,9 +796,17 @@ def head_synchronization(
 
 # ---------------------------------------------------------------------------------------------- neurons
 #: r = act(p)/p for the activation functions of gated MLPs (whose hook_post is act(gate)·linear).
+def _tanh_gelu_ratio(p: Tensor) -> Tensor:
+    """gelu_new(p)/p for the tanh approximation of GELU (gelu_new, gelu_fast, gelu_pytorch_tanh)."""
+    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (p + 0.044715 * p**3)))
+
+
 _RATIOS = {
     "relu": lambda p: (p > 0).to(p.dtype),
     "gelu": lambda p: torch.special.ndtr(p),  # gelu(p)/p = Φ(p)
+    "gelu_new": _tanh_gelu_ratio,
+    "gelu_fast": _tanh_gelu_ratio,
+    "gelu_pytorch_tanh": _tanh_gelu_ratio,
     "silu": torch.sigmoid,  # silu(p)/p = σ(p)
     "swish": torch.sigmoid,
 }
@@ -806,12 +814,14 @@ _RATIOS = {
 
 @dataclass(eq=False)
 class NeuronSyncResult:
-    """Neuron synchronization (METHODS §3). ``distance`` [L, F, F]: the output-weighted distance of
-    paper eq. 20 (:class:`_FiringMismatch`): (E[g_i² (r_i − r_j)²] + E[g_j² (r_i − r_j)²]) / (E[f_i²] +
-    E[f_j²]) over counted samples, r = f/p the firing pattern and g = f/r (p, or p·l when gated), the
-    share of the pair's output energy that would change if each neuron fired with the other's
-    pattern; ``firing_distance`` [L, F, F]: E[(r_i − r_j)²], for ReLU the share of samples on which the
-    two disagree about firing; ``blocks``: per layer, the synchronized blocks (lists of
+    """Neuron synchronization (METHODS §3). ``output_distance`` [L, F, F]: the output-weighted distance
+    (3.6a), our reading of paper eq. 20 (:class:`_FiringMismatch`): (E[g_i² (r_i − r_j)²] + E[g_j²
+    (r_i − r_j)²]) / (E[f_i²] + E[f_j²]) over counted samples, r = f/p the firing pattern and g = f/r
+    (p, or p·l when gated): the energy by which the pair's outputs would change if the two swapped
+    firing patterns, relative to the pair's output energy (it can exceed 1); ``firing_distance``
+    [L, F, F]: E[(r_i − r_j)²], for ReLU the share of samples on which the two disagree about firing;
+    ``distance``: the larger of the two, from which the blocks are formed; ``blocks``: per layer, the
+    synchronized blocks (lists of
     neurons, singletons left out of ``to_frame`` unless asked); ``value_gram`` [L, F, F]: uncentred
     Gram of the post-activations f = r·p, the values W_out reads, from which the block ranks s come
     (``rank_rtol``: the caller's eigenvalue cut-off, or None for the package's rule at ``precision``,
@@ -825,7 +835,7 @@ class NeuronSyncResult:
     block computes r·Σ_k w_k g_k l_k, quadratic in the input, where the bilinear count of
     :meth:`freedom` does not hold: its counts are left empty (``count_exact`` False)."""
 
-    distance: Float[np.ndarray, "layer neuron neuron"]
+    output_distance: Float[np.ndarray, "layer neuron neuron"]
     firing_distance: Float[np.ndarray, "layer neuron neuron"]
     tol: float
     blocks: list[list[list[int]]]
@@ -856,6 +866,13 @@ class NeuronSyncResult:
         """A block's freedom is exact only for an exact activation and neurons that agree on every sample."""
         return not self.exact_activation or self._disagreements(max_firing_distance) > 0
 
+    @cached_property
+    def distance(self) -> Float[np.ndarray, "layer neuron neuron"]:
+        """The distance the blocks are formed from: the larger of ``output_distance`` (3.6a) and
+        ``firing_distance``, so that two neurons in one block differ little in what they output and
+        (for ReLU) disagree about firing on at most a ``tol`` share of the samples (METHODS §3)."""
+        return np.maximum(self.output_distance, self.firing_distance)
+
     def _block_max(self, distance: np.ndarray) -> float:
         """Largest entry of ``distance`` between two neurons of one block (0 when no block has two)."""
         return max((float(distance[layer][np.ix_(b, b)].max()) for layer, blocks in enumerate(self.blocks)
@@ -863,25 +880,30 @@ class NeuronSyncResult:
 
     @property
     def max_block_distance(self) -> float:
-        """Largest (eq. 20) distance between two neurons of one block (0 when no block has two neurons)."""
-        return self._block_max(self.distance)
+        """Largest distance (``distance``) between two neurons of one block (0 when no block has two neurons)."""
+        return max(self._block_max(self.output_distance), self._block_max(self.firing_distance))
+
+    @property
+    def _has_blocks(self) -> bool:
+        return any(len(b) > 1 for blocks in self.blocks for b in blocks)
 
     @property
     def approximate(self) -> bool:
-        """True when some block's freedom is approximate: a smooth activation, or ReLU neurons in one
-        block that disagree about firing on some samples (tol > 0)."""
-        return self._block_approximate(self._block_max(self.firing_distance))
+        """True when some block's freedom is approximate: a block of a smooth activation, or ReLU
+        neurons in one block that disagree about firing on some samples (tol > 0). False without blocks."""
+        return self._has_blocks and self._block_approximate(self._block_max(self.firing_distance))
 
     @property
     def approximation(self) -> str:
-        """Why the freedom is approximate, for labels ("" when it is exact): how far a block's outputs
-        move when its neurons share a firing pattern, √(max distance) as an RMS share."""
-        change = self.max_block_distance
-        moved = f"sharing a firing pattern would change a block's outputs by up to {math.sqrt(change):.2g} RMS (relative)"
-        if not self.exact_activation:  # r = act(p)/p is a smooth function of p: no two neurons share it exactly
-            return "smooth activation" + (f": {moved}" if change > 0 else "")
+        """Why the freedom is approximate, for labels ("" when it is exact or there are no blocks): how
+        far two neurons' outputs move when they swap firing patterns, √(largest (3.6a)) as a relative RMS."""
         if not self.approximate:
             return ""
+        change = self._block_max(self.output_distance)
+        moved = (f"two neurons of a block that swapped firing patterns would change their outputs by up to "
+                 f"{math.sqrt(change):.2g} RMS (relative)")
+        if not self.exact_activation:  # r = act(p)/p is a smooth function of p: no two neurons share it exactly
+            return "smooth activation" + (f": {moved}" if change > 0 else "")
         share = self._disagreements(self._block_max(self.firing_distance)) / self.n_samples
         return f"firing patterns in blocks differ on up to {share:.2%} of samples; {moved}"
 
@@ -945,8 +967,9 @@ class NeuronSyncResult:
             for neurons in blocks:
                 if len(neurons) < 2 and not singletons:
                     continue
-                distance = float(self.distance[layer][np.ix_(neurons, neurons)].max())
-                firing = float(self.firing_distance[layer][np.ix_(neurons, neurons)].max())
+                sub = np.ix_(neurons, neurons)
+                firing = float(self.firing_distance[layer][sub].max())
+                distance = max(float(self.output_distance[layer][sub].max()), firing)
                 jac = self.freedom(layer, neurons) if len(neurons) > 1 else SyncJacobian(0, 0)
                 exact = jac is not None and jac.exact and self._input_known(layer, neurons)
                 extra = pd.NA if jac is None or not jac.exact else jac.extra_freedom
@@ -994,10 +1017,11 @@ class NeuronSyncResult:
                 "count_exact": bool(frame["count_exact"].all()), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
-        """Heatmap of the (eq. 20) distance, one panel per layer."""
+        """Heatmap of ``distance``, one panel per layer, its colours capped at 1 (pairs far apart reach
+        hundreds; those near ``tol`` are what the blocks are made of)."""
         from .plots import plot_distance_heatmaps
 
-        return plot_distance_heatmaps(self.distance, "neuron", f"output-weighted firing-pattern distance (tol {self.tol})")
+        return plot_distance_heatmaps(self.distance, "neuron", f"neuron distance (tol {self.tol})", zmax=1.0)
 
 
 def neuron_synchronization(
@@ -1013,15 +1037,19 @@ def neuron_synchronization(
     """Synchronized MLP neurons and the freedom they add (METHODS §3, corrected): neurons whose firing
     patterns r_i = f_i/p_i agree where it matters for their outputs (paper eq. 20).
 
-    Two neurons are compared by the share of their output energy that would change if each fired
-    with the other's pattern, d_ij = (E[p_i² (r_i − r_j)²] + E[p_j² (r_i − r_j)²]) / (E[f_i²] + E[f_j²])
-    (``NeuronSyncResult.distance``; corrected: the unweighted E[(r_i − r_j)²] used before let GELU
-    neurons that are mostly off join a block whatever they do where they fire — toy:bytelm's 154
-    report blocks at tol 0.05 would change their outputs by 122 % RMS, median over blocks). A block
-    is a set of neurons within ``tol`` of each other. For ReLU r ∈ {0, 1}: a block is exact only when
-    its neurons agree about firing on every sample (tol > 0 admits disagreements where they carry
-    little output: labelled ``approximate``, with the share of samples); for GELU r = Φ(p), for SiLU
-    r = σ(p), both in (0, 1), and every block is ``approximate``.
+    Two neurons are compared by what they output (METHODS (3.6a), our reading of eq. 20): the energy
+    by which their outputs would change if they swapped firing patterns, relative to their output
+    energy, d_ij = (E[p_i² (r_i − r_j)²] + E[p_j² (r_i − r_j)²]) / (E[f_i²] + E[f_j²])
+    (``NeuronSyncResult.output_distance``), and by their firing patterns, E[(r_i − r_j)²]
+    (``firing_distance``; for ReLU the share of samples on which they disagree about firing). A block
+    is a set of neurons within ``tol`` of each other in both. Corrected: the firing distance alone
+    let GELU neurons that are mostly off join a block whatever they do where they fire (toy:bytelm's
+    154 report blocks at tol 0.05: the most distant pair of each would change its outputs by 122 %
+    RMS on swapping patterns, median over blocks), and (3.6a) alone admits ReLU neurons that disagree
+    on most samples where their outputs are small. For ReLU a block is exact only when its neurons
+    agree about firing on every sample (tol > 0 admits disagreements: labelled ``approximate``, with
+    the share of samples); for GELU r = Φ(p), for SiLU r = σ(p), both in (0, 1), and every block is
+    ``approximate``.
 
     One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[f fᵀ], the
     F×F sums of d's numerator and the moments of the MLP input (D×D), so memory is O(L·(F² + D²))
@@ -1040,8 +1068,9 @@ def neuron_synchronization(
     ranks but no count (``NeuronSyncResult.gated``).
 
     Args:
-        tol: distance threshold in [0, 1]: the largest share of a pair's output energy that firing
-            with each other's pattern may change (0.05: about 22 % RMS).
+        tol: distance threshold in [0, 1], for both distances: (3.6a) ≤ 0.05 lets a pair's outputs
+            change by up to about 22 % RMS on swapping firing patterns, and for ReLU the two may
+            disagree about firing on up to 5 % of the samples.
         rank_rtol: relative eigenvalue cut-off for the activation ranks (s, D_in); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
             Weight ranks always use the float64 rule.
@@ -1064,7 +1093,7 @@ def neuron_synchronization(
     ratio = None
     if gated:
         key = (act_fn or "").lower()
-        key = "gelu" if key.startswith("gelu") else key
+        key = "gelu" if key.startswith("gelu") and key not in _RATIOS else key
         if key not in _RATIOS:
             raise ValueError(f"gated MLP with activation {act_fn!r}: no firing-pattern formula (known: {sorted(_RATIOS)})")
         ratio = _RATIOS[key]
@@ -1137,16 +1166,25 @@ def neuron_synchronization(
 
     stream(dev, batches, on_batch, desc="neuron_synchronization", progress=progress, what="MLP activation or input",
            reduce=lambda: [*r_acc, *r_odd, *f_acc, *x_acc, *(t for m in (*mismatch, *mismatch_odd) for t in m.tensors())])
-    half_blocks = [_fast_blocks(m.distance(_firing_distance(acc)), tol) for acc, m in zip(r_acc, mismatch)]
-    for layer in range(L):  # the even half's accumulators take in the odd half's: all of the data
-        r_acc[layer].merge(r_odd[layer])
-        mismatch[layer].add_(mismatch_odd[layer])
-    del r_odd, mismatch_odd
-    if r_acc[0].count == 0 or min(acc.count for acc in x_acc) == 0:
+    if r_acc[0].count + r_odd[0].count == 0 or min(acc.count for acc in x_acc) == 0:
         raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
-    firing_np = np.stack([_firing_distance(acc) for acc in r_acc])
-    distance_np = np.stack([m.distance(firing_np[layer]) for layer, m in enumerate(mismatch)])
-    blocks = [_fast_blocks(distance_np[layer], tol) for layer in range(L)]
+    # Layer by layer, each accumulator let go once read, so that the results replace them in memory.
+    output_np, firing_np = (np.empty((L, F, F)) for _ in range(2))
+    # The results live on the CPU whatever the model's device (the result's ranks and frames read them there).
+    value_gram = torch.empty(L, F, F, dtype=torch.float64, device="cpu")
+    fire_rate = torch.empty(L, F, dtype=torch.float64, device="cpu")
+    half_blocks, blocks = [], []
+    for layer in range(L):
+        firing_half = _firing_distance(r_acc[layer])
+        half_blocks.append(_fast_blocks(np.maximum(mismatch[layer].distance(firing_half), firing_half), tol))
+        r_acc[layer].merge(r_odd[layer])  # the even half takes in the odd half: all of the data
+        mismatch[layer].add_(mismatch_odd[layer])
+        firing_np[layer] = _firing_distance(r_acc[layer])
+        output_np[layer] = mismatch[layer].distance(firing_np[layer])
+        blocks.append(_fast_blocks(np.maximum(output_np[layer], firing_np[layer]), tol))
+        value_gram[layer], fire_rate[layer] = f_acc[layer].gram()[0].cpu(), r_acc[layer].mean[0].cpu()
+        n_samples = r_acc[layer].count
+        r_acc[layer] = r_odd[layer] = mismatch[layer] = mismatch_odd[layer] = f_acc[layer] = None
     precision = activation_precision(adapter.dtype)
     rtol = None if rank_rtol is None else float(rank_rtol)
     # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
@@ -1157,10 +1195,9 @@ def neuron_synchronization(
     W_out = adapter.mlp_weights().W_out
     W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
     return NeuronSyncResult(
-        distance=distance_np, firing_distance=firing_np, tol=tol, blocks=blocks,
-        value_gram=torch.stack([a.gram()[0] for a in f_acc]).cpu(),
-        n_samples=r_acc[0].count, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
-        fire_rate=torch.stack([a.mean[0] for a in r_acc]).cpu(), input_rank=input_rank, W_out=W_out,
+        output_distance=output_np, firing_distance=firing_np, tol=tol, blocks=blocks, value_gram=value_gram,
+        n_samples=n_samples, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
+        fire_rate=fire_rate, input_rank=input_rank, W_out=W_out,
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions, half_blocks=half_blocks,
     )
@@ -1207,11 +1244,12 @@ class _FiringMismatch:
         self.energy.add_((r * r * g2).sum(0))
 
     def distance(self, firing: Float[np.ndarray, "neuron neuron"]) -> Float[np.ndarray, "neuron neuron"]:
-        """d_ij = (E[g_i² (r_i − r_j)²] + E[g_j² (r_i − r_j)²]) / (E[f_i²] + E[f_j²]): how much the
-        pair's outputs would change, relative to their size, if each fired with the other's pattern.
-        Pairs with identical firing patterns (``firing`` = E[(r_i − r_j)²] exactly 0) are at 0 whatever
-        the rounding of the two products, and so are two neurons that never output anything (E[f²] = 0
-        for both)."""
+        """(3.6a): d_ij = (E[g_i² (r_i − r_j)²] + E[g_j² (r_i − r_j)²]) / (E[f_i²] + E[f_j²]), the energy
+        by which the pair's outputs would change if the two swapped firing patterns, relative to the
+        pair's output energy (it can exceed 1: g is nonzero where a neuron is off). Pairs with
+        identical firing patterns (``firing`` = E[(r_i − r_j)²] exactly 0) are at 0 whatever the
+        rounding of the two products, and so are two neurons that never output anything (E[f²] = 0
+        for both; the blocks take the larger of this and ``firing``, which tells such neurons apart)."""
         num = self.cross + self.energy[None, :]
         num = (num + num.mT).clamp_min(0)  # rounding can dip below 0
         den = self.energy[:, None] + self.energy[None, :]

@@ -135,8 +135,8 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                          f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')})"
                          f"{_approximate_label(ns.approximation)}{_changing_text(ns.changing_blocks, len(neurons))}")
         else:
-            headline += (f"; no synchronized neurons among {total:,} (firing with each other's pattern would change "
-                         f"every pair's outputs by more than {math.sqrt(ns.tol):.0%} RMS, tol {ns.tol:g}; METHODS §3)")
+            headline += (f"; no synchronized neurons among {total:,} at tol {ns.tol:g} (METHODS §3: no two fire alike "
+                         f"and would change their outputs by at most {math.sqrt(ns.tol):.0%} RMS on swapping patterns)")
     out.headline = headline
     return out
 
@@ -427,8 +427,10 @@ TERMS: dict[str, tuple[str, int]] = {
                         "both factors have rank r); empty where a factor is not a parameter", 2),
     "copying score": ("Σ Re λ / Σ |λ| over the circuit's nonzero eigenvalues, in [−1, 1]; 1: the head copies "
                       "what it reads", 2),
-    "pattern distance": ("mean total-variation distance between two heads' attention patterns (neurons: "
-                         "mean squared difference of firing patterns), in [0, 1]", 3),
+    "pattern distance": ("heads: mean total-variation distance between two attention patterns, in [0, 1]; "
+                         "neurons: the larger of the mean squared difference of their firing patterns and the "
+                         "energy by which their outputs would change on swapping patterns, relative to their "
+                         "output energy (METHODS (3.6a), paper eq. 20; can exceed 1)", 3),
     "synchronized block": ("heads (or neurons) of one layer whose patterns agree within sync_tol on the data, "
                            "so only the sum of their output maps matters", 3),
     "extra freedom": ("parameter directions a synchronized block frees beyond those of its units apart "

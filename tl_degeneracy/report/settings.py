@@ -40,8 +40,9 @@ class ReportSettings:
     ``llc_compile``: compile the SGLD steps (``behavioral_llc(compile=True)``): faster per step
     after a one-off compilation, which pays off on the thorough preset's long chains.
     ``sync_tol``: the tolerance of head and neuron synchronization (METHODS §3): the heads' mean
-    total-variation distance of attention patterns, and the neurons' share of output energy that
-    sharing a firing pattern would change (paper eq. 20; 0.05 ≈ 22 % RMS);
+    total-variation distance of attention patterns; for neurons, both the mean squared difference of
+    their firing patterns and the relative energy by which their outputs would change on swapping
+    patterns (paper eq. 20; 0.05 ≈ 22 % RMS);
     ``n_probes``: Jacobian probes per batch for the counts' K Grams (METHODS §4).
 
     The local interaction basis (METHODS §5) reads the first sequences, each cut to its first
