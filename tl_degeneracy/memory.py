@@ -159,7 +159,7 @@ def estimate(
       the logits and their float64 copy, float64 rows of the hooked activations.
     - ``"head_sync"`` / ``"neuron_sync"``: the forward plus float64 rows of the values, inputs and
       one chunk of pattern rows (``synchronization.pattern_tv_sums``), or of the MLP's pre- and
-      post-activations, firing patterns, the products eq. 20's distance sums, and inputs.
+      post-activations, firing patterns, the products behind (3.6a)'s sums, and inputs.
     - ``"jacobian"``: a Jacobian pass (``stats.jacobian``): the autograd graph of the forward
       (every layer's activations and attention patterns), the softmax in float64, one chunk of
       cotangents on the logits (``min(n_cotangents, chunk_elements / (batch·seq·vocab))`` of them,
