@@ -871,7 +871,7 @@ class NeuronSyncResult:
         """The distance the blocks are formed from: the larger of ``output_distance`` (3.6a) and
         ``firing_distance``, so that two neurons in one block differ little in what they output and
         (for ReLU) disagree about firing on at most a ``tol`` share of the samples (METHODS §3)."""
-        return np.maximum(self.output_distance, self.firing_distance)
+        return _neuron_distance(self.output_distance, self.firing_distance)
 
     def _block_max(self, distance: np.ndarray) -> float:
         """Largest entry of ``distance`` between two neurons of one block (0 when no block has two)."""
@@ -881,7 +881,7 @@ class NeuronSyncResult:
     @property
     def max_block_distance(self) -> float:
         """Largest distance (``distance``) between two neurons of one block (0 when no block has two neurons)."""
-        return max(self._block_max(self.output_distance), self._block_max(self.firing_distance))
+        return float(_neuron_distance(self._block_max(self.output_distance), self._block_max(self.firing_distance)))
 
     @property
     def _has_blocks(self) -> bool:
@@ -969,7 +969,7 @@ class NeuronSyncResult:
                     continue
                 sub = np.ix_(neurons, neurons)
                 firing = float(self.firing_distance[layer][sub].max())
-                distance = max(float(self.output_distance[layer][sub].max()), firing)
+                distance = float(_neuron_distance(self.output_distance[layer][sub], self.firing_distance[layer][sub]).max())
                 jac = self.freedom(layer, neurons) if len(neurons) > 1 else SyncJacobian(0, 0)
                 exact = jac is not None and jac.exact and self._input_known(layer, neurons)
                 extra = pd.NA if jac is None or not jac.exact else jac.extra_freedom
@@ -1176,12 +1176,12 @@ def neuron_synchronization(
     half_blocks, blocks = [], []
     for layer in range(L):
         firing_half = _firing_distance(r_acc[layer])
-        half_blocks.append(_fast_blocks(np.maximum(mismatch[layer].distance(firing_half), firing_half), tol))
+        half_blocks.append(_fast_blocks(_neuron_distance(mismatch[layer].distance(firing_half), firing_half), tol))
         r_acc[layer].merge(r_odd[layer])  # the even half takes in the odd half: all of the data
         mismatch[layer].add_(mismatch_odd[layer])
         firing_np[layer] = _firing_distance(r_acc[layer])
         output_np[layer] = mismatch[layer].distance(firing_np[layer])
-        blocks.append(_fast_blocks(np.maximum(output_np[layer], firing_np[layer]), tol))
+        blocks.append(_fast_blocks(_neuron_distance(output_np[layer], firing_np[layer]), tol))
         value_gram[layer], fire_rate[layer] = f_acc[layer].gram()[0].cpu(), r_acc[layer].mean[0].cpu()
         n_samples = r_acc[layer].count
         r_acc[layer] = r_odd[layer] = mismatch[layer] = mismatch_odd[layer] = f_acc[layer] = None
@@ -1201,6 +1201,12 @@ def neuron_synchronization(
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions, half_blocks=half_blocks,
     )
+
+
+def _neuron_distance(output, firing):
+    """The distance neuron blocks are formed from (METHODS §3): the larger of (3.6a), how far two
+    neurons' outputs would move on swapping firing patterns, and their firing distance E[(r_i − r_j)²]."""
+    return np.maximum(output, firing)
 
 
 def _firing_distance(acc: MomentAccumulator) -> Float[np.ndarray, "neuron neuron"]:
