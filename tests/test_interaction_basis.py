@@ -5,6 +5,7 @@ probe convergence, errors, and runs on the bundled toys and the HF test architec
 from __future__ import annotations
 
 import json
+import warnings
 import types
 
 import numpy as np
@@ -286,6 +287,40 @@ def test_nodes_whose_rank_the_samples_bound_are_flagged():
     many = torch.randint(0, 20, (16, 16), generator=torch.Generator().manual_seed(0))
     dims = interaction_basis(model, many, n_probes=2, progress=False).dims
     assert not dims["sample_limited"].any() and (dims["n"] > dims["D"]).all()
+
+
+def test_ranks_that_grow_with_the_data_are_flagged_by_the_even_numbered_sequences():
+    """Audit 8b: a rank below n − 1 that more data would raise was not flagged (toy:modadd's last node,
+    LIB: 115 on 64 sequences, 128 on all 961). dims carries the ranks on the even-numbered rows alone
+    and flags a node where either is lower; inputs whose odd rows add a direction the even ones lack
+    are flagged at every node that sees it, with a DataLimitedWarning, and inputs that span the same
+    directions in both halves are not."""
+    from tl_degeneracy import DataLimitedWarning
+
+    model = HookedMLP([4, 6, 3])
+    x = mlp_inputs(200, 4)
+    x[0::2, 3] = 0.0  # the even-numbered rows never use input direction 3
+    with pytest.warns(DataLimitedWarning, match="still growing with the data"):
+        ib = interaction_basis(model, x, kind="local", last="outputs", batch_size=32, progress=False)
+    dims = ib.dims.set_index("node")
+    assert dims.loc["hook_in", "rank_G"] == 4 and dims.loc["hook_in", "rank_G_half"] == 3
+    assert bool(dims.loc["hook_in", "data_limited"])
+    assert not dims["sample_limited"].any()  # far more samples than dimensions: only the split tells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataLimitedWarning)
+        full = interaction_basis(model, mlp_inputs(200, 4), kind="local", last="outputs", batch_size=32,
+                                 progress=False).dims
+    assert not full["data_limited"].any() and (full["rank_G_half"] == full["rank_G"]).all()
+    assert (full["interaction_rank_half"] == full["interaction_rank"]).all()
+
+
+def test_output_is_recorded_only_where_one_enters_the_basis():
+    """Audit 8b: LIB with last="pca" recorded output="kl" though no output enters it."""
+    model, x = HookedMLP([4, 5, 3]), mlp_inputs(64, 4)
+    assert interaction_basis(model, x, kind="local", last="pca", progress=False).output is None
+    assert interaction_basis(model, x, kind="pca", progress=False).output is None
+    assert interaction_basis(model, x, kind="local", last="outputs", output="mse", progress=False).output == "mse"
+    assert interaction_basis(model, x, kind="global", output="kl", progress=False).output == "kl"
 
 
 def test_interaction_rank_band_is_the_ranks_at_the_moved_cut_off():

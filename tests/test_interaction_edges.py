@@ -208,6 +208,15 @@ def test_source_estimates_carry_their_standard_error():
     ib = interaction_basis(model, toks, kind="local", exact=True, edge_sources=2, progress=False)
     estimated = [p for p, m in ib.settings["edge_modes"].items() if m.startswith("reverse")]
     assert len(ib.edge_stderr) == len(estimated)
+    summary = ib.edge_summary()
+    assert summary["estimated"].sum() == len(estimated) and (summary.loc[summary["estimated"], "total_stderr"] > 0).all()
+    # Audit 8b: a one-source estimate printed total_stderr 0.0, the value that means "exact"; a
+    # narrowing pair (resid_mid → ln2's scale, one number per position) is where sources are cheaper
+    nodes = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.ln2.hook_scale", "blocks.1.hook_resid_pre"]
+    ib = interaction_basis(model, toks, kind="global", nodes=nodes, edge_sources=1, progress=False)
+    summary = ib.edge_summary()
+    assert summary["estimated"].any() and summary.loc[summary["estimated"], "total_stderr"].isna().all()
+    assert (summary.loc[~summary["estimated"], "total_stderr"] == 0).all()
 
 
 def test_auto_with_sources_is_exact_where_forward_mode_is_no_dearer():

@@ -140,10 +140,11 @@ def test_interaction_section_equals_a_direct_call(full_report):
     rep, _, _ = full_report
     sec = rep["interaction"]
     direct = tld.interaction_basis(make_tiny_toy_transformer(), _tokens()[:5, :10], kind="local", output="kl",
-                                   n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
+                                   last="outputs", n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
     modules = tld.find_modules(direct, seed=0)
     assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
-                                                "M_method", "probe_stability", "sample_limited", "rank_G_min",
+                                                "M_method", "probe_stability", "sample_limited", "rank_G_half",
+                                                "interaction_rank_half", "data_limited", "rank_G_min",
                                                 "rank_G_max", "interaction_rank_min", "interaction_rank_max"]
     pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)
     assert (sec.tables["dims"]["n"] == 5 * 10).all()  # the ib_tokens budget: 5 whole sequences of 10 tokens
@@ -155,6 +156,9 @@ def test_interaction_section_equals_a_direct_call(full_report):
     assert (sec.values["n_modules"], sec.values["modularity"], sec.values["inside_share"]) == \
         (modules.n_modules, modules.modularity, modules.inside_share)
     assert sec.settings["kind"] == "local" and sec.settings["output"] == "kl" and sec.settings["nodes"] == direct.nodes
+    # the last node read by the outputs: a PCA node's "degenerate" directions are only those without variance
+    assert sec.settings["last"] == "outputs" and direct.dims["M"].iloc[-1] == "outputs"
+    assert sec.values["data_limited_nodes"] == int(direct.dims["data_limited"].sum())
     assert sec.settings["ib_tokens"] == 54 and sec.settings["ib_data"]["n_sequences"] == 5
     assert set(sec.values["timings"]) == {"gram_s", "jacobian_s", "edges_s", "modules_s"}
     assert set(sec.figures) == {"spectra", "edges", "modules"}

@@ -67,6 +67,35 @@ def test_free_directions_are_the_package_counts(modadd, results):
     assert row.sync_free == int(sync["extra_freedom"].sum())
 
 
+def test_free_directions_carry_the_cut_off_band_and_the_data_check(results):
+    """Audit 8b: sparsify printed its free directions as one number where the MLP input's spectrum
+    decays through the cut-off without a gap (toy:modadd in float32: 32,800 free directions, 17,440 in
+    float64 with the same weights), and without the split-half check degeneracy_counts makes. The band
+    is the rank rule's at the cut-off moved CUTOFF_BAND-fold, recomputed here from the same Gram;
+    data_limited says whether the even-numbered sequences alone give a lower rank."""
+    from tl_degeneracy.numerics import DataLimitedWarning, rank_band
+    from tl_degeneracy.stats.accumulators import descending_eigvalsh
+
+    model = tld.load_model("toy:modadd")  # float32: the cut-off falls where the spectrum has no gap
+    data = tld.toy_data("modadd")[:64]
+    with pytest.warns(DataLimitedWarning, match="still growing with the data"):
+        row = tld.sparsify(model, data).to_frame().iloc[0]
+    stats = tld.activation_stats(model, data, hooks="blocks.0.hook_resid_mid", per_head=False, progress=False)
+    spectrum = descending_eigvalsh(stats["blocks.0.hook_resid_mid"].gram).clamp_min(0)
+    low, rank, high = rank_band(spectrum, 128, precision=torch.float32, gram=True)
+    assert (row.input_rank_min, row.input_rank, row.input_rank_max) == (low, rank, high) and low < rank < high
+    assert row.free_min == (128 - high) * 512 + row.sync_free < row.free_directions
+    assert row.free_max == (128 - low) * 512 + row.sync_free > row.free_directions
+    half = tld.activation_stats(model, data[0::2], hooks="blocks.0.hook_resid_mid", per_head=False, progress=False)
+    assert row.data_limited == (half["blocks.0.hook_resid_mid"].rank(centered=False) < rank) and row.data_limited
+    assert row.sync_exact and row.kl >= 0
+    # a float64 model on data that span the MLP input's used directions in both halves: nothing flagged
+    for name, (_, res) in results.items():
+        frame = res.to_frame()
+        assert (frame["input_rank_min"] <= frame["input_rank"]).all() and (frame["input_rank"] <= frame["input_rank_max"]).all()
+        assert (frame["kl"] >= 0).all(), name
+
+
 def test_original_untouched_and_copy_hooks(modadd):
     data = _subsets()["first4"]
     before = state_snapshot(modadd)
@@ -212,6 +241,10 @@ def test_report_section(modadd):
     assert list(frame["layer"]) == [0] and section.values["zeros_added"] >= section.values["free_directions"] > 0
     assert "sparsity" in section.figures
     assert verdict(section).startswith("at least one non-interacting pair per free direction")
+    # Audit 8b: the headline printed only zeros_added, which counts zeros of the paper's hidden basis too
+    assert f"({section.values['zeros_in_model']:,} in the copy's stored weights)" in section.headline
+    assert section.values["data_limited_layers"] == int(frame["data_limited"].sum()) == 1
+    assert "still growing with the data" in verdict(section)
     # the verdict says "exact" only with what bounds the drift: the input directions the rank rule dropped
     scale = float(frame["eliminated_scale"].max())
     assert section.values["eliminated_scale"] == scale

@@ -6,7 +6,7 @@ The data flow reads in one direction: model → adapter → batches → accumula
 
 from .counts import SampleLimitedWarning, degeneracy_counts
 from .data import Batch, PaddingWarning, TokenBatches, token_batches
-from .numerics import HalfPrecisionWarning
+from .numerics import DataLimitedWarning, HalfPrecisionWarning
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
 from .gauge import canonicalize_heads, random_gauge
 from . import theory
@@ -51,6 +51,7 @@ __all__ = [
     "ActivationStats",
     "Batch",
     "DataError",
+    "DataLimitedWarning",
     "HalfPrecisionWarning",
     "HeadSyncResult",
     "InteractionBasis",

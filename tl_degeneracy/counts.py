@@ -58,7 +58,7 @@ from .errors import MissingHookError
 from .memory import check_batches, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import CUTOFF_BAND, activation_precision, check_tolerances, rank_band, sample_limited
+from .numerics import CUTOFF_BAND, DataLimitedWarning, activation_precision, check_tolerances, rank_band, sample_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -73,11 +73,6 @@ __all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", 
 
 class SampleLimitedWarning(UserWarning):
     """A rank reached the number of samples below the dimension: the count may be the data's limit."""
-
-
-class DataLimitedWarning(UserWarning):
-    """A rank was lower on half of the data than on all of it: still growing with the data, so the
-    map's free count is an upper bound."""
 
 
 class ProbeLimitedWarning(UserWarning):

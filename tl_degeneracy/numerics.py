@@ -41,7 +41,7 @@ from torch import Tensor
 from .distributed import warn_once
 
 __all__ = [
-    "CUTOFF_BAND", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
+    "CUTOFF_BAND", "DataLimitedWarning", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
     "rank_rtol", "numerical_rank", "product_scale", "sample_limited",
 ]
 
@@ -50,6 +50,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 class HalfPrecisionWarning(UserWarning):
     """Activations or gradients were computed in float16/bfloat16: ranks of their Grams are upper bounds."""
+
+
+class DataLimitedWarning(UserWarning):
+    """A rank was lower on half of the data than on all of it: still growing with the data, so the
+    free or degenerate directions counted from it are upper bounds (counts, the interaction basis)."""
 
 
 def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:

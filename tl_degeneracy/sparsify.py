@@ -58,16 +58,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .counts import block_input_affine, block_input_hook, counted_batches, warn_sample_limited
-from .distributed import max_over_ranks
+from .distributed import max_over_ranks, warn_once
 from .errors import MissingHookError, NumericalError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
-from .numerics import activation_precision, numerical_rank, sample_limited
+from .numerics import DataLimitedWarning, activation_precision, numerical_rank, rank_band, sample_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
-from .synchronization import EXACT_ACTIVATIONS, neuron_synchronization
+from .synchronization import EXACT_ACTIVATIONS, SyncCountWarning, neuron_synchronization
 
 __all__ = ["LayerBasis", "SparsifyResult", "sparsify"]
 
@@ -122,12 +122,18 @@ class SparsifyResult:
     seconds: float
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per MLP layer: ``layer``, ``input_rank`` (r), ``sample_limited`` (r reached the
-        n samples below D, so ``activation_free`` may be the data's limit, not the model's:
-        ``numerics.sample_limited``), ``blocks`` (synchronized blocks of ≥ 2
+        """One row per MLP layer: ``layer``, ``input_rank`` (r) and ``input_rank_min`` /
+        ``input_rank_max`` (r with the rank rule's cut-off moved ``numerics.CUTOFF_BAND``-fold up /
+        down: equal where the input spectrum has a gap, spread where r is the cut-off's choice),
+        ``sample_limited`` (r reached the n samples below D, so ``activation_free`` may be the data's
+        limit, not the model's: ``numerics.sample_limited``), ``data_limited`` (r is lower on the
+        data's even-numbered sequences alone: still growing with the data, so more data would use
+        some of the eliminated directions), ``blocks`` (synchronized blocks of ≥ 2
         neurons), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
         for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 its
-        extra freedom J_apart − J_sync, ``neuron_synchronization``), ``zeros_added`` (the entries of
+        extra freedom J_apart − J_sync, ``neuron_synchronization``) with ``free_min`` / ``free_max``
+        from the band of r, ``sync_exact`` (every block's count is exact; False: some are upper
+        estimates or have no closed form and are left out of ``sync_free``), ``zeros_added`` (the entries of
         [W_in; b_in] in the new basis and of removed neurons' W_out rows that the construction sets to
         exactly zero, whether or not they were zero before: the non-interacting input–hidden and
         hidden–output pairs), ``zeros_in_model`` (those of them stored in ``model``'s weights),
@@ -137,7 +143,8 @@ class SparsifyResult:
         far the eliminated input directions are from exactly zero on the data, relative, so the size
         of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
         0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
-        columns = ["layer", "input_rank", "sample_limited", "blocks", "free_directions", "activation_free", "sync_free",
+        columns = ["layer", "input_rank", "input_rank_min", "input_rank_max", "sample_limited", "data_limited", "blocks",
+                   "free_directions", "free_min", "free_max", "activation_free", "sync_free", "sync_exact",
                    "zeros_added", "zeros_in_model", "zeros_out", "blocks_in_model", "blocks_in_basis", "removed_neurons",
                    "eliminated_scale", "output_drift", "kl"]
         frame = pd.DataFrame(self.rows, columns=columns)
@@ -225,11 +232,13 @@ class _Block:
 
 
 # ---------------------------------------------------------------------------------------------- passes
-def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> list[MomentAccumulator]:
-    """Moments (mean and covariance) of every MLP input x (the norm's gain and bias applied), one pass."""
+def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> tuple[list[MomentAccumulator], list[MomentAccumulator]]:
+    """Moments (mean and covariance) of every MLP input x (the norm's gain and bias applied), and
+    those of the data's even-numbered sequences alone (for ``data_limited``), one pass."""
     L, D = adapter.n_layers, adapter.d_model
     inputs = [_mlp_input(adapter, layer) for layer in range(L)]
     accs = [MomentAccumulator(1, D, device=adapter.device) for _ in range(L)]
+    halves = [MomentAccumulator(1, D, device=adapter.device) for _ in range(L)]
 
     def on_batch(step: Step) -> None:
         if not step.count:
@@ -243,19 +252,22 @@ def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> list[MomentA
                 if layer in seen:  # count one firing per forward
                     return
                 seen.add(layer)
-                x = step.index.rows(act.detach(), step.index.unit(tuple(act.shape), name)).to(torch.float64)
+                unit = step.index.unit(tuple(act.shape), name)
+                x = step.index.rows(act.detach(), unit).to(torch.float64)
                 if w is not None:
                     x = x * w.to(x)
                 if b is not None:
                     x = x + b.to(x)
                 step.flags[name] = accs[layer].update(x[:, None])
+                halves[layer].update(x[step.index.half(unit), None])
 
             return hook
 
         adapter.run_with_hooks(step.batch.tokens, fwd_hooks=[(inputs[l][0], hook_for(l)) for l in range(L)])
 
-    stream(adapter.device, batches, on_batch, reduce=lambda: accs, desc="sparsify: MLP inputs", progress=progress)
-    return accs
+    stream(adapter.device, batches, on_batch, reduce=lambda: [*accs, *halves], desc="sparsify: MLP inputs",
+           progress=progress)
+    return accs, halves
 
 
 def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]], progress: bool) -> None:
@@ -308,7 +320,8 @@ def _drift(original: ModelAdapter, copy_: ModelAdapter, batches, progress: bool)
     stream(original.device, batches, on_batch, reduce=lambda: [totals], desc="sparsify: drift", progress=progress,
            what="output")
     drift, scale = max_over_ranks(float(maxima[0])), max_over_ranks(float(maxima[1]))
-    return drift / max(scale, torch.finfo(torch.float64).tiny), float(totals[0] / totals[1].clamp_min(1))
+    # KL ≥ 0: a negative mean (−5e-18 on a float64 copy that drifts by rounding only) is rounding, not a number to print
+    return drift / max(scale, torch.finfo(torch.float64).tiny), max(0.0, float(totals[0] / totals[1].clamp_min(1)))
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -396,7 +409,7 @@ def sparsify(
     # The blocks' firing patterns on the same samples as G¹ and the firing check, BOS included.
     sync = neuron_synchronization(model, batches, tol=tol, rank_rtol=rank_rtol, progress=progress)
     sync_frame = sync.to_frame()
-    grams = _input_grams(adapter, batches, progress)
+    grams, half_grams = _input_grams(adapter, batches, progress)
     precision = activation_precision(adapter.dtype)
     weights = adapter.mlp_weights()
     # Gated MLPs are refused above, so W_in has a bias of its own exactly where b_in exists (adapter.map_biases).
@@ -407,9 +420,11 @@ def sparsify(
     for layer in range(L):
         # With b_in, a direction on which x is constant is free up to a change of b_in (METHODS §4, §8):
         # the covariance, as degeneracy_counts reads it.
-        moment = (grams[layer].covariance() if has_bias else grams[layer].gram())[0].cpu()
+        moment, half_moment = ((g.covariance() if has_bias else g.gram())[0].cpu() for g in (grams[layer], half_grams[layer]))
         spectrum = descending_eigvalsh(moment).clamp_min(0)
-        r = int(numerical_rank(spectrum, D, precision=precision, gram=True, rtol=rank_rtol))
+        r_min, r, r_max = rank_band(spectrum, D, precision=precision, gram=True, rtol=rank_rtol)
+        r_half = int(numerical_rank(descending_eigvalsh(half_moment).clamp_min(0), D, precision=precision, gram=True,
+                                    rtol=rank_rtol))
         W = weights.W_in[layer].to(torch.float64).cpu()
         b = weights.b_in[layer].to(torch.float64).cpu()
         W_out = weights.W_out[layer].to(torch.float64).cpu().clone()
@@ -437,15 +452,29 @@ def sparsify(
         new_weights.append({"M": M, "W_out": W_out, "forced": forced, "removed": removed})
         pending[layer] = blocks
         bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, offset=a, hidden_map=hidden_map))
-        free = sync_frame[sync_frame["layer"] == layer]["extra_freedom"].sum()
+        layer_blocks = sync_frame[sync_frame["layer"] == layer]  # blocks of ≥ 2 neurons
         scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
-        rows.append({"layer": layer, "input_rank": r,
+        rows.append({"layer": layer, "input_rank": r, "input_rank_min": r_min, "input_rank_max": r_max,
                      "sample_limited": sample_limited(r, batches.n_samples, D, centered=has_bias),
-                     "eliminated_scale": scale, "blocks": len([n for n in sync.blocks[layer] if len(n) > 1]),
-                     "activation_free": (D - r) * F, "sync_free": int(free), "removed_neurons": len(removed)})
+                     "data_limited": r_half < r,
+                     "eliminated_scale": scale, "blocks": len(layer_blocks),
+                     "activation_free": (D - r) * F, "sync_free": int(layer_blocks["extra_freedom"].sum()),
+                     "sync_exact": bool(layer_blocks["count_exact"].all()), "removed_neurons": len(removed),
+                     "free_min": (D - r_max) * F, "free_max": (D - r_min) * F})
 
     warn_sample_limited("sparsify", sum(row["sample_limited"] for row in rows), L, "MLP inputs (input_rank)",
                         batches.n_samples)
+    grows = sum(row["data_limited"] for row in rows)
+    if grows:
+        warn_once(f"sparsify: at {grows} of {L} layers the MLP input's rank is lower on half of the "
+                  f"{batches.n_sequences} sequences (the even-numbered ones) than on all of them (column "
+                  "data_limited): it is still growing with the data, so activation_free counts directions that more "
+                  "data would use, and the copy may drift off these data; sparsify on more sequences",
+                  DataLimitedWarning, stacklevel=2)
+    if not all(row["sync_exact"] for row in rows):
+        warn_once("sparsify: some synchronized blocks' extra freedom is an upper estimate (approximate blocks) or has "
+                  "no closed form (left out of sync_free): column sync_exact; free_directions is then not exact",
+                  SyncCountWarning, stacklevel=2)
     if any(pending.values()):
         _check_firing(adapter, batches, {l: b for l, b in pending.items() if b}, progress)
 
@@ -493,7 +522,9 @@ def sparsify(
             raise NumericalError(f"the sparsified model's outputs are not finite after layer {layer}")
         result_bases.append(LayerBasis(hidden_basis=hidden_basis, **info))
         row = rows[layer]
-        row.update({"free_directions": row["activation_free"] + row["sync_free"], "zeros_added": zeros_added,
+        row.update({"free_directions": row["activation_free"] + row["sync_free"],
+                    "free_min": row["free_min"] + row["sync_free"], "free_max": row["free_max"] + row["sync_free"],
+                    "zeros_added": zeros_added,
                     "zeros_in_model": zeros_in_model, "zeros_out": out_zeros, "blocks_in_model": in_model,
                     "blocks_in_basis": len(pending[layer]) - in_model, "output_drift": drift, "kl": kl})
     return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,

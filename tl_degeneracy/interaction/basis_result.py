@@ -35,6 +35,9 @@ class NodeSpectrum:
     moved ``numerics.CUTOFF_BAND``-fold up and down (``numerics.rank_band``; the interaction band
     holds the whitening at rank_G): equal to the rank where the spectrum has a gap around the
     cut-off, spread where the rank is the cut-off's choice (METHODS §5).
+
+    ``half_ranks``: (rank_G, interaction rank) from the data's even-numbered sequences alone; lower
+    than on all of the data means the ranks are still growing with the data (``data_limited``).
     """
 
     gram: Float[Tensor, " D"]
@@ -46,6 +49,13 @@ class NodeSpectrum:
     probe_stability: float = float("nan")
     rank_G_band: tuple[int, int] | None = None
     interaction_band: tuple[int, int] | None = None
+    half_ranks: tuple[int, int] | None = None
+
+    @property
+    def data_limited(self) -> bool:
+        """rank_G or the interaction rank was lower on half of the data than on all of it."""
+        return self.half_ranks is not None and (self.half_ranks[0] < self.rank_G
+                                                or self.half_ranks[1] < self.interaction_rank)
 
     @property
     def kept(self) -> Float[Tensor, " kept"]:
@@ -57,7 +67,8 @@ class InteractionBasis:
     """The interaction basis of every node layer, and the edges between adjacent ones (METHODS §5).
 
     - ``nodes``: hook names in forward order; ``kind`` (``"global"``/``"local"``/``"pca"``),
-      ``output`` (``"kl"``/``"mse"``), ``scaling`` (``"importance"``/``"paper"``), ``centered``;
+      ``output`` (``"kl"``/``"mse"``; None where no output enters the basis: PCA, and LIB with
+      ``last="pca"``), ``scaling`` (``"importance"``/``"paper"``), ``centered``;
       ``last``: LIB's last node, ``"pca"`` (M = I) or ``"outputs"`` (the model's outputs), None for
       the other kinds.
     - ``basis[node]``: C, float64 [kept, D], f̂ = C (f − μ); rows ordered by decreasing D_M.
@@ -67,7 +78,8 @@ class InteractionBasis:
     - ``edges[(node_l, node_l1)]``: E, float64 [kept_{l+1}, kept_l] ≥ 0 (i: direction of node l+1,
       j: of node l); empty when the run had ``edges=False``.
     - ``edge_stderr[(node_l, node_l1)]``: (standard error of each entry of E, of ΣE) for the pairs
-      estimated with r ≥ 2 ±1 sources (``edge_sources``); exact pairs have none.
+      estimated with r ≥ 2 ±1 sources (``edge_sources``); exact pairs and one-source estimates have none
+      (:meth:`edge_summary` tells them apart).
     - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges);
       ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
       counted; ``settings``: cut-offs, probes, sources, seed, passes over the data, timings.
@@ -75,7 +87,7 @@ class InteractionBasis:
 
     nodes: list[str]
     kind: str
-    output: str
+    output: str | None
     scaling: str
     centered: bool
     basis: dict[str, Tensor]
@@ -121,11 +133,15 @@ class InteractionBasis:
     @property
     def dims(self) -> pd.DataFrame:
         """One row per node: D, rank_G (Gram directions kept), interaction_rank (basis size),
-        degenerate = D − interaction_rank, n (samples), and how M was obtained: M (whose Jacobian:
+        degenerate = D − interaction_rank (where M is "identity" only the directions without
+        variance: a PCA node does not ask what reads it), n (samples), and how M was obtained: M (whose Jacobian:
         "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none") and
         probe_stability (the half-probe agreement, NaN unless probes; see :class:`NodeSpectrum`);
         sample_limited: rank_G reached n − 1 (n when uncentred) < D, the most that n samples can
         span, so the node's degenerate directions may be the data's, not the model's (read more);
+        rank_G_half / interaction_rank_half: the ranks from the data's even-numbered sequences
+        alone, and data_limited: one of them is lower than on all of the data, so the ranks are still
+        growing with the data and the node's degenerate count is an upper bound (METHODS §5);
         rank_G_min / rank_G_max and interaction_rank_min / interaction_rank_max: the ranks with the
         cut-off moved ``numerics.CUTOFF_BAND``-fold up / down (:class:`NodeSpectrum`'s bands)."""
         rows = []
@@ -138,29 +154,38 @@ class InteractionBasis:
                          "degenerate": D - spec.interaction_rank, "n": n, "M": spec.M,
                          "M_method": spec.M_method, "probe_stability": spec.probe_stability,
                          "sample_limited": sample_limited(spec.rank_G, n, D, self.centered),
+                         "rank_G_half": spec.half_ranks[0] if spec.half_ranks else pd.NA,
+                         "interaction_rank_half": spec.half_ranks[1] if spec.half_ranks else pd.NA,
+                         "data_limited": spec.data_limited,
                          "rank_G_min": g_band[0], "rank_G_max": g_band[1],
                          "interaction_rank_min": i_band[0], "interaction_rank_max": i_band[1]})
-        return pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M", "M_method",
-                                           "probe_stability", "sample_limited", "rank_G_min", "rank_G_max",
-                                           "interaction_rank_min", "interaction_rank_max"])
+        frame = pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
+                                            "M_method", "probe_stability", "sample_limited", "rank_G_half",
+                                            "interaction_rank_half", "data_limited", "rank_G_min", "rank_G_max",
+                                            "interaction_rank_min", "interaction_rank_max"])
+        return frame.astype({"rank_G_half": "Int64", "interaction_rank_half": "Int64"})
 
     def to_frame(self) -> pd.DataFrame:
         """The same table as :attr:`dims`."""
         return self.dims
 
     def edge_summary(self) -> pd.DataFrame:
-        """One row per adjacent pair: shape, total ΣE with its standard error (``total_stderr``: for
-        ±1-source estimates; 0 for exact pairs), largest E and the share of ΣE on the diagonal."""
+        """One row per adjacent pair: shape, total ΣE, ``estimated`` (from ±1 sources rather than
+        exactly, METHODS (5.5)) with the standard error of ΣE (``total_stderr``: the sources' spread
+        over √r; NaN for a one-source estimate, which has no spread; 0 for exact pairs), largest E and
+        the share of ΣE on the diagonal."""
+        modes = self.settings.get("edge_modes", {})
         rows = []
         for (a, b), e in self.edges.items():
             total = float(e.sum())
             k = min(e.shape)
+            estimated = "sources" in modes.get(f"{a} -> {b}", "")  # edges.py labels them "reverse, r sources"
+            stderr = self.edge_stderr[a, b][1] if (a, b) in self.edge_stderr else float("nan") if estimated else 0.0
             rows.append({"source": a, "target": b, "kept_source": e.shape[1], "kept_target": e.shape[0], "total": total,
-                         "total_stderr": self.edge_stderr[a, b][1] if (a, b) in self.edge_stderr else 0.0,
-                         "max": float(e.max()) if e.numel() else 0.0,
+                         "estimated": estimated, "total_stderr": stderr, "max": float(e.max()) if e.numel() else 0.0,
                          "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan")})
-        return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "total_stderr",
-                                           "max", "diagonal_share"])
+        return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "estimated",
+                                           "total_stderr", "max", "diagonal_share"])
 
     def to_dict(self) -> dict:
         """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists)."""

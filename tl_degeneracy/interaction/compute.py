@@ -12,7 +12,8 @@ import torch
 
 from ..autograd import refuse_inference_mode
 from ..errors import DataError
-from ..numerics import activation_precision, check_tolerances, rank_rtol
+from ..distributed import warn_once
+from ..numerics import DataLimitedWarning, activation_precision, check_tolerances, rank_rtol
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
@@ -41,29 +42,37 @@ class _M:
     stability: float = float("nan")
 
 
-def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, output: str, interaction_rtol,
-                    interaction_atol, probe_kw: dict) -> tuple[dict[str, NodeBasis], dict[str, _M]]:
+def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last_rule: str, output: str,
+                    interaction_rtol, interaction_atol, probe_kw: dict
+                    ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, int]]:
     """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB (none for
-    its last node with ``last="pca"``), none for PCA."""
+    its last node with ``last="pca"``), none for PCA. Also the interaction rank of every node from
+    the data's even-numbered sequences alone (their Grams ``half_whitenings`` and Jacobian Grams; a
+    LIB node differentiates the whole data's basis of the next node), for ``data_limited``."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
     how: dict[str, _M] = {}
+    half_ranks: dict[str, int] = {}
     seed = probe_kw.pop("seed")
 
-    def finish(name: str, gram: torch.Tensor) -> None:
-        w = whitenings[name]
+    def directions(w, gram: torch.Tensor) -> NodeBasis:
         rtol = rank_rtol(w.rank, precision=activation_precision(runner.dtype), gram=True) if interaction_rtol is None else interaction_rtol
-        bases[name] = interaction_directions(w, gram, rtol, interaction_atol)
+        return interaction_directions(w, gram, rtol, interaction_atol)
+
+    def finish(name: str, gram: torch.Tensor, half_gram: torch.Tensor) -> None:
+        bases[name] = directions(whitenings[name], gram)
+        half_ranks[name] = directions(half_whitenings[name], half_gram).size
 
     def identity(name: str, source: str) -> None:
         # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
         # C = D_G^{s-½} Pᵀ; with s = +½ that is Pᵀ, the principal components (rib's "svd" baseline).
         mean = whitenings[name].mean
-        finish(name, torch.eye(mean.numel(), dtype=torch.float64, device=mean.device))
+        eye = torch.eye(mean.numel(), dtype=torch.float64, device=mean.device)
+        finish(name, eye, eye)
         how[name] = _M(source, "none")
 
     def from_pass(res, name: str, source: str) -> None:
-        finish(name, res.accs[name].gram()[0])
+        finish(name, res.accs[name].gram()[0], res.half[name].gram()[0])
         stability = float("nan")
         if name in res.halves:
             a, b = (acc.gram()[0] for acc in res.halves[name])
@@ -73,13 +82,13 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
     if kind == "pca":
         for name in names:
             identity(name, "identity")
-        return bases, how
+        return bases, how, half_ranks
     if kind == "global":
         res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output, seed=_pass_seed(seed, 0),
                             desc="interaction basis: Jacobians", **probe_kw)
         for name in names:
             from_pass(res, name, "outputs")
-        return bases, how
+        return bases, how, half_ranks
     final = len(names) - 1
     if last_rule == "pca":  # the companion paper's last node: its PCA (METHODS §5)
         identity(names[final], "identity")
@@ -91,7 +100,8 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
         nxt = bases[names[l + 1]]
         mean = whitenings[names[l]].mean
         if nxt.size == 0:  # node l+1 keeps nothing: nothing downstream depends on node l either
-            finish(names[l], torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device))
+            zero = torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device)
+            finish(names[l], zero, zero)
             how[names[l]] = _M("next node", "exact")
             continue
         # The recursion differentiates node l+1's importance-scaled coordinates whatever the output
@@ -102,7 +112,7 @@ def _jacobian_grams(runner: Runner, whitenings, kind: str, last_rule: str, outpu
                             output_transform=lambda o, C=C: o.flatten(2) @ C.mT.to(o.dtype), seed=_pass_seed(seed, l),
                             desc=f"LIB {names[l]}", **probe_kw)
         from_pass(res, names[l], "next node")
-    return bases, how
+    return bases, how, half_ranks
 
 
 def interaction_basis(
@@ -236,23 +246,28 @@ def interaction_basis(
     acc_device = torch.device(device) if device is not None else runner.device
 
     collector = moment_pass(runner.engine, runner.batches, runner.nodes, per_head=False, device=acc_device,
-                            progress=progress, desc="interaction basis: Grams")
-    whitenings, counts, shapes = {}, {}, {}
+                            progress=progress, desc="interaction basis: Grams", half=True)
+    whitenings, half_whitenings, counts, shapes = {}, {}, {}, {}
     for name in runner.names:
         acc = collector.accs[name]
         if acc.count == 0:
             raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
-        gram = acc.covariance()[0] if centered else acc.gram()[0]
-        mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
         rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
-        whitenings[name] = whiten(gram, mean, rtol, gram_atol)
+
+        def whitening(a):
+            gram = a.covariance()[0] if centered else a.gram()[0]
+            mean = a.mean[0] if centered else torch.zeros_like(a.mean[0])
+            return whiten(gram, mean, rtol, gram_atol)
+
+        whitenings[name], half_whitenings[name] = whitening(acc), whitening(collector.half_accs[name])
         counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
     timings["gram_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, seed=seed, per_head=False, device=acc_device,
-                    progress=progress, method=method)
-    bases, how = _jacobian_grams(runner, whitenings, kind, last, output, interaction_rtol, interaction_atol, probe_kw)
+    probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, half=True, seed=seed, per_head=False,
+                    device=acc_device, progress=progress, method=method)
+    bases, how, half_ranks = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
+                                             interaction_atol, probe_kw)
     timings["jacobian_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -278,10 +293,10 @@ def interaction_basis(
         "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
         **timings,
     }
-    return InteractionBasis(
+    result = InteractionBasis(
         nodes=runner.names,
         kind=kind,
-        output=output,
+        output=None if kind == "pca" or (kind == "local" and last == "pca") else output,  # no output enters those
         scaling=scaling,
         centered=bool(centered),
         last=last if kind == "local" else None,
@@ -291,7 +306,8 @@ def interaction_basis(
         eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
                                      rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
                                      M_method=how[n].method, probe_stability=how[n].stability,
-                                     rank_G_band=whitenings[n].band, interaction_band=bases[n].band)
+                                     rank_G_band=whitenings[n].band, interaction_band=bases[n].band,
+                                     half_ranks=(half_whitenings[n].rank, half_ranks[n]))
                      for n in runner.names},
         edges=edge_values,
         edge_stderr=edge_stderr,
@@ -300,3 +316,10 @@ def interaction_basis(
         positions=runner.positions,
         settings=settings,
     )
+    limited = [n for n in runner.names if result.eigenvalues[n].data_limited]
+    if limited:
+        warn_once(f"interaction_basis: at {len(limited)} of {len(runner.names)} nodes ({', '.join(limited)}) rank_G or "
+                  f"the interaction rank is lower on half of the {runner.batches.n_sequences} sequences (the even-numbered "
+                  "ones) than on all of them (dims' data_limited): the ranks are still growing with the data, so those "
+                  "nodes' degenerate directions are upper bounds; give more data", DataLimitedWarning, stacklevel=2)
+    return result

@@ -82,7 +82,10 @@ class Modules:
     share of kept edges (E > c) inside modules (rib's ``num_edges_kept``); ``modularity``: Q at the
     resolution used. Both shares and Q are NaN when no edge survives the cut-off. ``cutoff``: c per
     adjacent layer pair (None for a pair whose edges are all zero). ``keep_share`` is None when the
-    cut-off was given, and so is ``per_layer_cutoff``.
+    cut-off was given, and so is ``per_layer_cutoff``. ``restarts``: runs of the community
+    detection (seeds ``seed``, ``seed`` + 1, …), of which the partition of highest modularity is
+    kept; ``restart_modules`` / ``restart_modularity``: (fewest, most) modules and (lowest, highest)
+    Q over them (None without edges).
     """
 
     nodes: list[str]
@@ -98,6 +101,9 @@ class Modules:
     keep_share: float | None
     per_layer_cutoff: bool | None
     graph: nx.Graph = field(repr=False)
+    restarts: int = 1
+    restart_modules: tuple[int, int] | None = None  # fewest and most modules over the restarts
+    restart_modularity: tuple[float, float] | None = None  # lowest and highest Q over the restarts
 
     @property
     def n_modules(self) -> int:
@@ -162,6 +168,10 @@ class Modules:
                 "method": self.method,
                 "keep_share": self.keep_share,
                 "per_layer_cutoff": self.per_layer_cutoff,
+                "restarts": self.restarts,
+                "restart_modules": None if self.restart_modules is None else list(self.restart_modules),
+                "restart_modularity": None if self.restart_modularity is None else
+                [number(q) for q in self.restart_modularity],
             },
             "modules": modules,
             "isolated": [[node, int(d)] for node, d in self.isolated],
@@ -307,6 +317,7 @@ def find_modules(
     method: Literal["louvain", "leiden"] = "louvain",
     keep_share: float = DEFAULT_KEEP_SHARE,
     per_layer_cutoff: bool = True,
+    restarts: int = 5,
 ) -> Modules:
     """Modules of interaction-basis directions by modularity maximisation (METHODS §6).
 
@@ -324,9 +335,17 @@ def find_modules(
     weight is unchanged and the degree penalty shrinks) and makes each module connected, as
     Leiden guarantees. ``resolution`` γ > 0: larger γ favours smaller modules. ``seed`` makes the
     result reproducible (the vertex order is fixed, so one seed gives one partition).
+
+    Louvain and Leiden are randomised heuristics, and on graphs without clear modules different
+    seeds find different partitions (a random tanh MLP: 3 or 4 modules over seeds 0–4, the seed-0
+    one of lower Q). So the method runs ``restarts`` times with seeds ``seed``, ``seed`` + 1, …
+    and keeps the partition of highest modularity; ``restart_modules`` and
+    ``restart_modularity`` give the range over the runs (one number when they agree).
     """
     if method not in ("louvain", "leiden"):
         raise ValueError(f"method must be 'louvain' or 'leiden'; got {method!r}")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be a positive integer; got {restarts!r}")
     if not resolution > 0.0 or math.isinf(resolution):
         raise ValueError(f"resolution must be a positive finite number; got {resolution!r}")
     nodes, arrays = _edge_arrays(ib)
@@ -339,11 +358,21 @@ def find_modules(
     connected = nx.Graph()
     connected.add_nodes_from(v for v in graph.nodes if graph.degree(v) > 0)
     connected.add_weighted_edges_from(graph.edges(data="weight"))
-    members: list[list[Member]] = []
-    if connected.number_of_edges():
-        for community in _communities(connected, method, resolution, seed):
-            members += [list(part) for part in nx.connected_components(connected.subgraph(community))]
     order = {v: i for i, v in enumerate(graph.nodes)}
+    members: list[list[Member]] = []
+    spread_n = spread_q = None
+    if connected.number_of_edges():
+        runs = []
+        for k in range(restarts):
+            run: list[list[Member]] = []
+            for community in _communities(connected, method, resolution, None if seed is None else seed + k):
+                run += [list(part) for part in nx.connected_components(connected.subgraph(community))]
+            runs.append((nx.community.modularity(connected, run, weight="weight", resolution=resolution), run))
+        # the highest Q; among equal ones the earliest seed, so that restarts=1 is the single run
+        best = max(range(restarts), key=lambda k: (runs[k][0], -k))
+        members = runs[best][1]
+        spread_n = (min(len(r) for _, r in runs), max(len(r) for _, r in runs))
+        spread_q = (float(min(q for q, _ in runs)), float(max(q for q, _ in runs)))
     members = [sorted(m, key=order.__getitem__) for m in members]
     inside = [connected.subgraph(m).size(weight="weight") for m in members]
     ranked = sorted(range(len(members)), key=lambda k: (-inside[k], order[members[k][0]]))
@@ -365,4 +394,5 @@ def find_modules(
         resolution=float(resolution), seed=seed, method=method,
         keep_share=keep_share if cutoff is None else None,
         per_layer_cutoff=per_layer_cutoff if cutoff is None else None, graph=graph,
+        restarts=restarts, restart_modules=spread_n, restart_modularity=spread_q,
     )

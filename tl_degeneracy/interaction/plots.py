@@ -26,7 +26,7 @@ def plot_interaction_spectra(ib, log: bool = True):
         fig.update_yaxes(type="log")
     width = max((spec.gram.numel() for spec in ib.eigenvalues.values()), default=1)
     fig.update_xaxes(title_text="index i", **integer_ticks(width, first=1))
-    fig.update_layout(title=f"{ib.kind} interaction basis ({ib.output}, {ib.scaling} scaling): spectra per node")
+    fig.update_layout(title=f"{ib.kind} interaction basis ({ib.output + ', ' if ib.output else ''}{ib.scaling} scaling): spectra per node")
     return fig
 
 

@@ -71,8 +71,12 @@ class TensorBatches:
         return out.to(device) if device is not None else out
 
     @property
+    def n_sequences(self) -> int:
+        return sum(c.shape[0] for c in self.chunks)
+
+    @property
     def positions(self) -> dict:
-        return {"inputs": "tensor", "n_sequences": sum(c.shape[0] for c in self.chunks), "n_samples": self.n_samples,
+        return {"inputs": "tensor", "n_sequences": self.n_sequences, "n_samples": self.n_samples,
                 "position_axis": self.has_positions}
 
 

@@ -219,17 +219,20 @@ _IB = ("ib_tokens", "ib_seq_len", "ib_probes", "ib_edge_sources", "ib_keep_share
 @register_section("interaction", "Interaction bases, edges and modules", needs_data=True, settings=_IB,
                   methods="METHODS §5–§6")
 def interaction(ctx: ReportContext) -> SectionOutput:
-    """The local interaction basis (LIB, METHODS §5, output "kl", importance scaling) at the default
-    nodes: per node D, rank(G), the interaction rank and the D − interaction-rank degenerate
-    directions; the squared-formula edges E_ij between adjacent nodes; and modules of the
-    log-normalised edge graph w_ij = max(0, log(E_ij / c)) (METHODS §6), with c keeping
-    ``ib_keep_share`` of each pair's edge mass."""
+    """The local interaction basis (LIB, METHODS §5, importance scaling) at the default nodes, its
+    last node from the model's outputs (``last="outputs"``, output "kl"): per node D, rank(G), the
+    interaction rank and the D − interaction-rank degenerate directions; the squared-formula edges
+    E_ij between adjacent nodes; and modules of the log-normalised edge graph
+    w_ij = max(0, log(E_ij / c)) (METHODS §6), with c keeping ``ib_keep_share`` of each pair's edge
+    mass. The last node is read by the outputs, not by its own PCA (the API's default), because a
+    PCA node's degenerate directions are only those without variance: directions the unembedding
+    never reads would count as used (METHODS §5, corrected)."""
     s, data = ctx.settings, ctx.ib_batches
     with warnings.catch_warnings():
         # torch loads its forward-mode AD decompositions with torch.jit.script on the first JVP of
         # a process and warns that jit.script is deprecated: torch's own business, not the user's.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
-        ib = interaction_basis(ctx.adapter, data, kind="local", output="kl", n_probes=s.ib_probes,
+        ib = interaction_basis(ctx.adapter, data, kind="local", output="kl", last="outputs", n_probes=s.ib_probes,
                                edge_sources=s.ib_edge_sources, batch_size=s.batch_size, seed=ctx.seed,
                                progress=ctx.progress)
     t0 = time.perf_counter()
@@ -256,6 +259,9 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         values={"degenerate_directions": degenerate, "degenerate_band": degenerate_band, "cutoff_band": CUTOFF_BAND,
                 "n_modules": modules.n_modules,
                 "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
+                "data_limited_nodes": int(dims["data_limited"].sum()),
+                "estimated_edge_pairs": int(edges["estimated"].sum()), "edge_pairs": len(edges),
+                "edge_sources": s.ib_edge_sources,
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
                 "probe_nodes": len(probed), "n_probes": s.ib_probes,
@@ -267,11 +273,23 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         headline=f"interaction rank per node {ranks} ({degenerate} degenerate directions"
                  + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND, sep=", ")
                  + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
-                    if dims["sample_limited"].any() else "") + estimated + "); " + (
+                    if dims["sample_limited"].any() else "")
+                 + (f", {int(dims['data_limited'].sum())} node(s) with ranks still growing with the data"
+                    if dims["data_limited"].any() else "") + estimated + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
             f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the edge weight (modularity "
-            f"{modules.modularity:.3f})"),
+            f"{modules.modularity:.3f}{_restarts_text(modules)})"),
     )
+
+
+def _restarts_text(modules) -> str:
+    """How much the partition depends on the community detection's seed, where it does."""
+    low, high = modules.restart_modules or (modules.n_modules, modules.n_modules)
+    q_low, _ = modules.restart_modularity or (modules.modularity, modules.modularity)
+    if modules.restarts < 2 or (low == high and q_low == modules.modularity):
+        return ""
+    found = f"{low} modules each" if low == high else f"{low}–{high} modules"
+    return f"; the best of {modules.restarts} {modules.method.title()} runs, which found {found}, Q down to {q_low:.3f}"
 
 
 _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference", "h_max_end", "bias_bound",
@@ -394,12 +412,17 @@ def sparsity(ctx: ReportContext) -> SectionOutput:
               "approximate": res.approximate, "act_fn": res.act_fn, "tol": res.tol,
               "blocks_in_basis": int(frame["blocks_in_basis"].sum()),
               "sample_limited_layers": int(frame["sample_limited"].sum()), "n_samples": res.positions["n_samples"],
+              "data_limited_layers": int(frame["data_limited"].sum()), "sync_exact": bool(frame["sync_exact"].all()),
+              "free_band": [int(frame["free_min"].sum()), int(frame["free_max"].sum())], "cutoff_band": CUTOFF_BAND,
               "eliminated_scale": float(frame["eliminated_scale"].max())}
+    free = f"{values['free_directions']:,}" if values["sync_exact"] else f"≤ {values['free_directions']:,}"
     return SectionOutput(
         tables={"layers": frame}, figures={"sparsity": res.plot()}, values=values,
         settings={"sparsity_data": res.positions},  # BOS counts here even where the report's data leave it out
-        headline=(f"{values['zeros_added']:,} zeros added for {values['free_directions']:,} free directions; "
-                  f"output drift {res.output_drift:.2g}, KL {res.kl:.2g}"),
+        headline=(f"{values['zeros_added']:,} zeros added ({values['zeros_in_model']:,} in the copy's stored weights) "
+                  f"for {free} free directions"
+                  + _cutoff_band_text(values["free_band"], values["free_directions"], CUTOFF_BAND, sep=", ")
+                  + f"; output drift {res.output_drift:.2g}, KL {res.kl:.2g}"),
     )
 
 
@@ -444,7 +467,8 @@ TERMS: dict[str, tuple[str, int]] = {
                   "actually use", 4),
     "interaction rank": ("basis directions kept at a node: those through which its activations vary and "
                          "something downstream depends on them", 5),
-    "degenerate directions": ("D − interaction rank: directions nothing downstream depends on, on the data", 5),
+    "degenerate directions": ("D − interaction rank: directions nothing downstream depends on, on the data (the "
+                              "last node's: directions the model's outputs do not depend on)", 5),
     "edge E_ij": ("mean squared contribution of direction j of one node to direction i of the next", 5),
     "module": ("a group of basis directions with strong edges inside and weak edges to the rest "
                "(modularity Q: how clean the split is)", 6),
@@ -582,6 +606,11 @@ def _interaction_verdict(v: dict) -> str:
         text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} samples allow, so those "
                  "counts are the data's limit, not the model's (raise ib_tokens, or give more data: n_sequences × "
                  "seq_len)")
+    grows = v.get("data_limited_nodes", 0)  # absent from reports saved before it was recorded
+    if grows:  # lower on the even-numbered sequences alone: more data would find more directions
+        text += (f" — at {grows} node(s) rank(G) or the interaction rank is lower on half of the data than on all "
+                 "of it, so those ranks are still growing with the data and their degenerate counts are upper "
+                 "bounds (raise ib_tokens)")
     probed = v.get("probe_nodes", 0)  # absent from reports saved before it was recorded
     if probed:
         agreement = v.get("min_probe_stability")
@@ -591,7 +620,11 @@ def _interaction_verdict(v: dict) -> str:
     share = v.get("inside_share")
     if share is None or (isinstance(share, float) and math.isnan(share)):
         return text + "; no modules (no edge above the cut-off)"
-    return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the edge weight"
+    estimated = v.get("estimated_edge_pairs", 0)  # absent from reports saved before it was recorded
+    return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the edge weight" + (
+        f" (modules of edges estimated from {v.get('edge_sources')} ±1 source(s) at {estimated} of "
+        f"{v.get('edge_pairs')} node pairs, exact elsewhere: another draw of the sources may move them)"
+        if estimated else "")
 
 
 def _g(x, spec: str = "g") -> str:
@@ -649,8 +682,10 @@ def glossary(section) -> list[tuple[str, str, int]]:
 
 
 # ------------------------------------------------------------------------------ sparsity (METHODS §8)
-TERMS["zeros added"] = ("exact zero weights between the MLP input and its hidden neurons that the "
-                        "re-parametrisation creates: pairs of nodes that do not interact", 8)
+TERMS["zeros added"] = ("exact zeros that the re-parametrisation creates, each a pair of nodes that do not "
+                        "interact: input–hidden weights (and biases) and the output rows of removed neurons; "
+                        "those of blocks whose new neurons would not keep the block's firing exist only in the "
+                        "paper's hidden basis (kept beside the copy), the rest in the copy's stored weights", 8)
 TERMS["output drift"] = ("max |Δ logits| / max |logits| of the sparsified copy against the original on the "
                          "data: float rounding for ReLU, the approximation for GELU/SiLU", 8)
 GLOSSARY["sparsity"] = ("free (counts)", "synchronized block", "zeros added", "output drift")
@@ -667,8 +702,21 @@ def _sparsity_verdict(v: dict) -> str:
         scale = v.get("eliminated_scale")
         kind = ("exact up to rounding" if not scale else
                 f"exact up to rounding and the input directions the rank rule calls zero (≤ {scale:.2g} of the signal)")
-    text = (f"{met} non-interacting pair per free direction ({zeros:,} zeros for {free:,}); the copy is {kind}: "
-            f"drift {_g(v.get('output_drift'), '.2g')}, KL {_g(v.get('kl'), '.2g')}")
+    stored = v.get("zeros_in_model", zeros)
+    text = (f"{met} non-interacting pair per free direction ({zeros:,} zeros for {free:,}"
+            + ("" if stored == zeros else f"; {stored:,} of the zeros in the copy's stored weights, the rest in the "
+               "hidden basis kept beside it" + (", fewer than the free directions" if stored < free else ""))
+            + f"); the copy is {kind}: drift {_g(v.get('output_drift'), '.2g')}, KL {_g(v.get('kl'), '.2g')}")
+    band = v.get("free_band")  # absent from reports saved before it was recorded
+    if band is not None and band[0] != band[1]:
+        text += (f" — the free directions depend on the cut-off: {band[0]:,}–{band[1]:,} with it "
+                 f"{v.get('cutoff_band', 100):g}× higher or lower, where the MLP inputs' spectra decay without a gap")
+    if v.get("sync_exact") is False:
+        text += " — some synchronized blocks' freedom is an upper estimate or not counted, so the free directions are too"
+    grows = v.get("data_limited_layers", 0)
+    if grows:
+        text += (f" — at {grows} layer(s) the input rank is lower on half of the data than on all of it: still growing "
+                 "with the data, so more data would use some eliminated directions (raise n_sequences)")
     limited = v.get("sample_limited_layers", 0)
     if limited:  # input rank = n < D: the eliminated inputs are the data's limit, not the model's
         text += (f" — at {limited} layer(s) the input rank is all that the {v.get('n_samples')} samples allow "
