@@ -102,7 +102,7 @@ def test_every_setting_that_differs_is_listed(saved):
 def _llc(llc: float, se: float, sweep: dict[float, tuple[float, float]], gamma: float = 100.0,
          converged: bool = True) -> SectionResult:
     """A hand-made LLC section: λ̂ ± se at the default scale and a sweep ε → (λ̂, se), all at ``gamma``."""
-    quantity = {"gamma": gamma, "selection": None, "n_params": 1000, "converged": converged}
+    quantity = {"loss": "kl", "gamma": gamma, "selection": None, "n_params": 1000, "converged": converged}
     table = pd.DataFrame([{"loss_scale": eps, "llc": v, "llc_stderr": s, "n_eff": 2 * v, **quantity}
                           for eps, (v, s) in sweep.items()])
     return SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", headline=f"λ̂_B = {llc} ± {se}",
@@ -163,6 +163,47 @@ def test_estimates_of_other_quantities_or_unconverged_are_not_tested(saved, tmp_
     assert "not compared: gamma differs" in comparison.save(tmp_path / "cmp").read_text()
     # the convergence verdicts, as they are
     assert "not converged" in verdict(comparison.b["llc"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runs too short to converge, on purpose
+def test_sweep_rows_of_different_selections_are_not_one_quantity(saved, tiny_toy_transformer, tiny_toy_tokens):
+    """Restricted LLCs of two heads of one size: their sweep rows (llc_sweep's own) name the selection, so
+    they are not tested against each other, while two sweeps of one head are. The runs are too short to
+    converge; they are marked converged here, so that only the quantity decides."""
+    from tl_degeneracy.llc import llc_sweep
+
+    a, b, *_ = saved
+
+    def with_sweep(rep, head):
+        frame = llc_sweep(tiny_toy_transformer, tiny_toy_tokens, [1e-2], params=f"blocks.0.attn.head{head}", chains=2,
+                          draws=10, burnin=2, step_size=1e-6, progress=False).assign(converged=True)
+        sec = SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", tables={"sweep": frame})
+        return dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+
+    head0, head1, head0_again = with_sweep(a, 0), with_sweep(b, 1), with_sweep(b, 0)
+    frame = tld.compare_reports(head0, head1).to_frame()
+    for value in ("sweep ε=0.01 · llc", "sweep ε=0.01 · n_eff"):
+        row = _row(frame, "llc", value)
+        assert row["comparable"] == "selection differs (blocks.0.attn.head0 vs blocks.0.attn.head1)", value
+        assert row["beyond_2se"] is None and row["a_stderr"] > 0  # an estimate, with its error, yet not tested
+    assert "sweep ε=0.01 · llc: not compared (selection differs" in tld.compare_reports(head0, head1).summary()
+    same = _row(tld.compare_reports(head0, head0_again).to_frame(), "llc", "sweep ε=0.01 · llc")
+    assert same["comparable"] == "yes" and same["beyond_2se"] is not None
+
+
+def test_a_quantity_a_report_does_not_record_is_not_taken_as_the_same(saved):
+    """Rows of an older report that record no selection (or loss) may be of different selections: the
+    comparison says so instead of taking None == None for one quantity."""
+    a, b, *_ = saved
+    older = _llc(10.0, 1.0, {1e-2: (4.0, 1.0)})
+    older.tables["sweep"] = older.tables["sweep"].drop(columns=["selection", "loss"])
+    with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    frame = tld.compare_reports(with_llc(a, older), with_llc(b, _llc(10.0, 1.0, {1e-2: (4.0, 1.0)}))).to_frame()
+    row = _row(frame, "llc", "sweep ε=0.01 · llc")
+    assert row["comparable"] == ("loss not recorded in A (not known to be one quantity); "
+                                 "selection not recorded in A (not known to be one quantity)")
+    assert row["beyond_2se"] is None
+    assert _row(frame, "llc", "llc")["comparable"] == "yes"  # the section values record both
 
 
 def test_the_page_shows_both_sides(saved, tmp_path):

@@ -38,6 +38,19 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, sampler):
     np.testing.assert_array_equal(again.trace, full.trace)
 
 
+def test_a_draws_auto_checkpoint_resumes_under_a_larger_first_block(tmp_path):
+    """Audit 8a: draws="auto" checkpoints resume under another budget (the block size is not in the
+    run key), but a larger first block overflowed the checkpoint's trace (a numpy broadcast error).
+    Resumed, the run equals one that used the larger block from the start."""
+    model, x = linear_regression(d=5, n=100)
+    kw = dict(chains=3, burnin=100, seed=5, draws="auto", pilot_steps=20, progress=False)  # η not from the budget
+    fresh = behavioral_llc(model, x, draws_block=300, **kw)
+    behavioral_llc(model, x, draws_block=150, checkpoint_dir=tmp_path, _stop_after=200, **kw)
+    resumed = behavioral_llc(model, x, draws_block=300, checkpoint_dir=tmp_path, **kw)
+    assert resumed.draws == fresh.draws >= 300
+    np.testing.assert_array_equal(resumed.trace, fresh.trace)
+
+
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
     model, x = linear_regression(d=3, n=30)
     behavioral_llc(model, x, chains=2, draws=20, burnin=5, checkpoint_dir=tmp_path)

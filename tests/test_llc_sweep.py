@@ -1,11 +1,12 @@
 """Loss-scale sweeps and per-component restricted LLCs."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from tl_degeneracy.llc import llc_by_component, llc_sweep, plot_llc_sweep
+from tl_degeneracy.llc import LLCResult, llc_by_component, llc_sweep, plot_llc_sweep
 
 
 class QuadraticPlusQuartic(nn.Module):
@@ -34,7 +35,7 @@ def test_llc_sweep_crosses_over_from_half_to_quarter():
     assert np.allclose(frame["nbeta"], [1e10, 10.0])
     assert np.allclose(frame["n_eff"], 2 * frame["llc"])
     for expected, row in zip([0.5, 0.25], frame.itertuples()):
-        tolerance = expected * row.bias_bound / (1 - row.bias_bound) + 4 * row.llc_stderr + 0.01
+        tolerance = expected * row.bias_bound + 4 * row.llc_stderr + 0.01  # bias_bound: relative to the true λ
         assert abs(row.llc - expected) < tolerance, (row.llc, expected, tolerance)
     fig = plot_llc_sweep(frame)
     assert fig.layout.xaxis.type == "log"
@@ -68,9 +69,50 @@ def test_sweep_rows_carry_the_stderr_caveat_and_their_error_bars_the_larger_erro
         assert row.llc_mcse == single.diagnostics["llc_mcse"] and np.isfinite(row.llc_mcse)
         assert row.stderr_caveat == single.diagnostics["stderr_caveat"]
         assert "only 2 chain mean(s)" in row.stderr_caveat
+        assert (row.loss, row.selection) == (single.loss, None)  # the whole model's, named (report.compare)
     # ±2 standard errors of N_eff = 2λ̂, each the larger of the chains' spread and the MCSE.
     bars = np.concatenate([np.asarray(trace.error_y.array) for trace in plot_llc_sweep(frame).data])
     np.testing.assert_allclose(bars, 4 * np.maximum(frame["llc_stderr"], frame["llc_mcse"]))
+
+
+def _result(llc: float, mcse: float, converged: bool, gamma: float = 1130.0, nbeta: float = 1000.0) -> LLCResult:
+    """A finished run of 4 healthy chains: λ̂ = ``llc`` ± 0.05 (chains' spread) with MCSE ``mcse``."""
+    return LLCResult(llc=llc, llc_std=0.1, llc_stderr=0.05, llc_per_chain=np.full(4, llc), trace=np.full((4, 20), llc),
+                     nbeta=nbeta, step_size=1e-3, gamma=gamma, chains=4, draws=10, burnin=10, n_params=50, loss="kl",
+                     sampler="sgld", diagnostics={"llc_mcse": mcse, "convergence": {"brief": "" if converged else
+                                                                                     "split-R̂ 1.13 > 1.05; ESS 21 < 100"}},
+                     converged=converged)
+
+
+def test_figures_state_each_estimate_with_its_error_and_verdict():
+    """The trace's annotation quotes λ̂ ± the larger standard error and the verdict; unconverged points of
+    the sweep and the component chart are drawn apart (open markers, hatched bars), say "not converged" in
+    their hover text, and the component chart names each bar's γ."""
+    from tl_degeneracy.report.plots import plot_component_llc
+
+    unconverged, converged = _result(0.969, 0.069, False), _result(1.2, 0.01, True, nbeta=100.0)
+    (line,) = [a.text for a in unconverged.plot().layout.annotations if a.text != "burn-in"]
+    assert line == "λ̂(ε = 0.001, γ = 1.13e+03) = 0.969 ± 0.069 (not converged)"
+    (line,) = [a.text for a in converged.plot().layout.annotations if a.text != "burn-in"]
+    assert line == "λ̂(ε = 0.01, γ = 1.13e+03) = 1.2 ± 0.05 (converged)"  # the chains' spread, here the larger
+
+    sweep = pd.DataFrame([{"loss_scale": r.loss_scale, "nbeta": r.nbeta, **r.summary()} for r in (converged, unconverged)])
+    fig = plot_llc_sweep(sweep)
+    (trace,) = fig.data
+    assert list(trace.marker.symbol) == ["circle", "circle-open"] and fig.layout.legend.title.text == "open markers: not converged"
+    assert list(trace.text) == ["γ = 1.13e+03<br>N_eff = 2.4 ± 0.1<br>converged",
+                                "γ = 1.13e+03<br>N_eff = 1.94 ± 0.14<br>not converged: split-R̂ 1.13 > 1.05; ESS 21 < 100"]
+    assert plot_llc_sweep(sweep.iloc[:1]).layout.legend.title.text is None  # all converged: nothing to explain
+
+    components = pd.DataFrame([{"component": name, **r.summary(), "n_eff_fraction": r.n_eff / r.n_params}
+                               for name, r in (("blocks.0.attn.head0", _result(1.0, 0.02, True, gamma=19.0)),
+                                               ("blocks.0.attn.head1", _result(1.3, 0.02, False, gamma=34.6)))])
+    fig = plot_component_llc(components)
+    (bars,) = fig.data
+    assert list(bars.marker.pattern.shape) == ["", "/"] and fig.layout.legend.title.text == "hatched: not converged"
+    assert list(fig.layout.xaxis.ticktext) == ["blocks.0.attn.head0<br>γ = 19", "blocks.0.attn.head1<br>γ = 34.6"]
+    assert bars.hovertext[0].startswith("γ = 19<br>") and bars.hovertext[0].endswith("<br>converged")
+    assert bars.hovertext[1].startswith("γ = 34.6<br>N_eff = 2.6 ± 0.1<br>not converged: split-R̂ 1.13")
 
 
 def test_llc_sweep_refuses_a_fixed_scale():
@@ -89,6 +131,8 @@ def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens
         assert np.isfinite(row.llc) and row.llc > 0
         assert row.n_eff_fraction == pytest.approx(row.n_eff / row.n_params)
         assert "only 2 chain mean(s)" in row.stderr_caveat and np.isfinite(row.llc_mcse)
+        # the quantity each row is (report.compare tests only rows of one quantity)
+        assert (row.selection, row.loss_scale, row.nbeta) == (row.component, pytest.approx(1e-2), 100.0)
     # With a checkpoint directory every component gets its own subdirectory (sanitised name).
     ckpt = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components=["blocks.0.attn.head0", "blocks.1.attn.head1"],
                             chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100, checkpoint_dir=tmp_path)

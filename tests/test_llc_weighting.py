@@ -178,8 +178,8 @@ def test_a_tiny_last_batch_shrinks_the_step_size_and_warns():
     # ... is the full batch's within the method's error, and the bias bound covers the distance to d/2.
     assert abs(ragged.llc - full.llc) < 4 * np.hypot(ragged.llc_stderr, full.llc_stderr)
     bound = ragged.diagnostics["bias_bound"]
-    assert bound <= 0.05 + 1e-9
-    assert abs(ragged.llc - d / 2) < (d / 2) * bound / (1 - bound) + 4 * ragged.llc_stderr
+    assert ragged.diagnostics["bias_bound_chosen"] <= 0.05 / 0.95 + 1e-9
+    assert abs(ragged.llc - d / 2) < (d / 2)  * bound + 4 * ragged.llc_stderr
 
 
 def test_largest_batch_weight_and_the_curvature_factor():

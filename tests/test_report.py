@@ -69,12 +69,16 @@ def test_sections_hold_the_analyses_numbers(full_report):
     assert np.all(np.isfinite(sweep["llc"])) and np.all(sweep["llc"] > 0) and (sweep["n_failed"] == 0).all()
     assert len(llc.tables["chains"]) == TINY["chains"]
     assert llc.tables["components"]["component"].tolist() == ["blocks.1.attn"]
+    # audit 8a: each component ran at its own automatic γ, 30–60× below the whole model's, side by side
+    assert (llc.tables["components"]["gamma"] == llc.values["gamma"]).all()
     assert set(llc.figures) == {"n_eff_sweep", "trace", "components"}
     # every N_eff(ε, γ) of the headline carries its ± and, unconverged, reads as a lower bound
     points = llc.headline.split("N_eff(ε, γ): ", 1)[1].split("), ")
     assert len(points) == len(sweep) and all(" ± " in p for p in points)
-    for p, r in zip(points, sweep.itertuples()):
-        assert p.startswith("≥ ") == ("(not converged)" in p) == (not r.converged)
+    for p, r in zip(points, sweep.itertuples()):  # a lower bound only where the failure biases λ̂ low
+        assert ("(not converged" in p) == (not r.converged)
+        assert p.startswith("≥ ") == (not r.converged and r.lower_bound)
+        assert p.startswith("≈ ") == (not r.converged and not r.lower_bound)
     # Two chains: every ± is flagged, with the ESS-based ± of N_eff beside it (METHODS §1, "Standard error").
     assert all("only 2 chain mean(s)" in c for c in sweep["stderr_caveat"])
     assert all("only 2 chain mean(s)" in c for c in llc.tables["components"]["stderr_caveat"])
@@ -510,3 +514,14 @@ def test_report_figures_name_every_trace_and_heatmaps_have_integer_ticks(full_re
                     assert ax.get("tickmode") == "linear" and float(ax["dtick"]).is_integer() and ax["dtick"] >= 1
                     assert float(ax["tick0"]).is_integer(), (sec.name, name, ax)
     assert n_heatmaps == 2  # head pattern distances, interaction edges
+
+
+def test_an_llc_whose_chains_all_diverge_fails_the_section():
+    """Audit 8a: a step size that made every chain diverge was reported as "skipped" (an analysis that
+    does not apply) and the command exited 0; it is a failed measurement."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = degeneracy_report(make_tiny_toy_transformer(), _tokens(), sections=["llc"],
+                                overrides={**TINY, "step_size": 10.0}, progress=False)
+    section = rep["llc"]
+    assert section.status == "failed" and "EstimateFailedError: all 2 chains diverged" in section.reason

@@ -61,15 +61,35 @@ def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path, caps
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 
-def test_fresh_over_an_unreadable_report_deletes_no_csv(tmp_path, capsys):
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+@pytest.mark.parametrize("own", ['{"my": "own data"}', "{not json", '["tl-degeneracy-report/1"]'])
+def test_a_report_json_that_is_not_ours_is_refused_also_with_fresh(tmp_path, capsys, fresh, own):
+    """A report.json without the report's format marker (or not JSON) is the user's file, as any other:
+    --fresh replaces a report, never it, and the message does not point at --fresh."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    files = {"report.json": own.encode(), "report.html": b"<p>my notes</p>", "llc_my_measurements.csv": b"a\n1\n"}
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    assert _run(out, "--model", "toy:sma", *CHEAP, *fresh) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"{out} holds a report.json that is not a tl-degeneracy report" in err and "new or empty --out" in err
+    assert "--fresh" not in err and "fresh=True" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # nothing deleted, nothing written
+    with pytest.raises(ReportDirectoryError, match="not a tl-degeneracy report"):
+        Report.check_directory(out, None, replace=True)
+
+
+def test_fresh_over_a_damaged_report_of_ours_replaces_it_and_deletes_no_csv(tmp_path, capsys):
     out = tmp_path / "rep"
     out.mkdir()
-    (out / "report.json").write_text("{not json")
+    (out / "report.json").write_text(json.dumps({"format": "tl-degeneracy-report/1", "sections": 3}))
     (out / "llc_my_measurements.csv").write_text("a\n1\n")
-    assert _run(out, "--model", "toy:sma", *CHEAP) == 2  # unreadable: refused without --fresh
-    assert "cannot be read" in _one_paragraph(capsys.readouterr().err)
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 2  # ours but unreadable: refused without --fresh
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "holds a tl-degeneracy report.json that cannot be read (KeyError" in err and "--fresh" in err
     assert _run(out, "--model", "toy:sma", *CHEAP, "--fresh") == 0
-    assert (out / "llc_my_measurements.csv").read_text() == "a\n1\n"
+    assert (out / "llc_my_measurements.csv").read_text() == "a\n1\n"  # it lists no tables: no CSV is its
     assert _stored(out)["model"]["label"] == "toy:sma"
 
 

@@ -18,3 +18,8 @@ class DataError(TLDegeneracyError, ValueError):
 
 class NumericalError(TLDegeneracyError, FloatingPointError):
     """Non-finite activations, losses or statistics."""
+
+
+class EstimateFailedError(NumericalError):
+    """A measurement that ran and failed because of its settings (every SGLD chain diverged): not an
+    analysis that does not apply to the model, so a report marks the section failed, not skipped."""

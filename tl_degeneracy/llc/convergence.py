@@ -57,7 +57,8 @@ RELAXED_MIN = 1 - math.exp(-GAMMA_RELAXATION)
 
 
 class ConvergenceWarning(RuntimeWarning):
-    """An LLC run that fails the convergence criteria of METHODS §1 (its λ̂ reads as a lower bound)."""
+    """An LLC run that fails the convergence criteria of METHODS §1 (its λ̂ is a lower bound where
+    the chains had not relaxed or were still rising, and uncertain beyond its ± otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,15 @@ class Convergence:
     relaxation_mcse: float = float("nan")
 
     @property
+    def lower_bound(self) -> bool:
+        """Whether the failure biases λ̂ low: chains that had not relaxed from θ* (v), draws still
+        rising (drift z > 0) or many diverged chains, which are left out where the loss is largest.
+        R̂ or ESS alone (too few draws for chains that disagree) leave λ̂ uncertain in both
+        directions (audit 8a: 4 of 8 such runs of a regression above the exact value)."""
+        return ("relaxation" in self.failed or "diverged" in self.failed
+                or ("drift" in self.failed and self.drift > 0))
+
+    @property
     def reason(self) -> str:
         """The failed criteria in words ("" when converged)."""
         return "; ".join(self.failed.values())
@@ -105,9 +115,9 @@ class Convergence:
         """The failed criteria in a few words with their numbers, for one-line verdicts ("" when converged)."""
         # No "<" or ">": the words go into HTML pages and are compared there as text.
         words = {
-            "rhat": (f"R̂ {_apart_from(self.rhat, RHAT_MAX)} (max {RHAT_MAX})" if math.isfinite(self.rhat)
+            "rhat": (f"R̂ {apart_from(self.rhat, RHAT_MAX)} (max {RHAT_MAX})" if math.isfinite(self.rhat)
                      else "R̂ undefined"),
-            "ess": (f"ESS {_apart_from(self.ess, ESS_MIN)} (min {ESS_MIN:g})" if math.isfinite(self.ess)
+            "ess": (f"ESS {apart_from(self.ess, ESS_MIN)} (min {ESS_MIN:g})" if math.isfinite(self.ess)
                     else "ESS undefined"),
             "drift": f"drift z = {self.drift:+.2g} (max ±{DRIFT_MAX:g})" if not math.isnan(self.drift) else "drift undefined",
             "diverged": f"{self.n_diverged}/{self.chains} chains diverged",
@@ -117,7 +127,7 @@ class Convergence:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(reason=self.reason, brief=self.brief, thresholds={"rhat": RHAT_MAX, "ess": ESS_MIN, "drift": DRIFT_MAX,
+        d.update(reason=self.reason, brief=self.brief, lower_bound=self.lower_bound, thresholds={"rhat": RHAT_MAX, "ess": ESS_MIN, "drift": DRIFT_MAX,
                                                  "diverged_fraction": DIVERGED_MAX, "relaxation": RELAXED_MIN})
         d["drift_means"], d["drift_stderrs"] = list(self.drift_means), list(self.drift_stderrs)
         d["diverged_chains"] = list(self.diverged_chains)
@@ -125,7 +135,9 @@ class Convergence:
 
     def message(self, llc: float) -> str:
         """The text of the :class:`ConvergenceWarning`: what failed, with the numbers, and the budget."""
-        text = f"λ̂ = {llc:.4g} is not converged (METHODS §1), so read it as a lower bound: {self.reason}"
+        how = ("so read it as a lower bound" if self.lower_bound else
+               "so it is uncertain beyond its ± in either direction")
+        text = f"λ̂ = {llc:.4g} is not converged (METHODS §1), {how}: {self.reason}"
         if self.divergence and "diverged" not in self.failed:
             text += f"; {self.divergence}"
         if self.suggestions:
@@ -157,7 +169,7 @@ def _mean_mcse(ary: np.ndarray) -> tuple[float, float]:
 
 
 
-def _apart_from(value: float, limit: float) -> str:
+def apart_from(value: float, limit: float) -> str:
     """``value`` with 3 significant digits, or as many more as it takes not to print as ``limit``
     (R̂ 1.0517 reads "1.052 > 1.05", not "1.05 > 1.05")."""
     for digits in range(3, 10):
@@ -234,11 +246,11 @@ def assess_convergence(
     failed: dict[str, str] = {}
     suggestions: list[str] = []
     if not rhat <= RHAT_MAX:
-        failed["rhat"] = (f"split-R̂ {_apart_from(rhat, RHAT_MAX)} > {RHAT_MAX}" if math.isfinite(rhat) else
+        failed["rhat"] = (f"split-R̂ {apart_from(rhat, RHAT_MAX)} > {RHAT_MAX}" if math.isfinite(rhat) else
                           f"split-R̂ undefined ({len(healthy)} healthy chains × {T} draws: it needs ≥ 2 chains and ≥ 4 "
                           "draws, and a trace that varies)")
     if not ess >= ESS_MIN:
-        failed["ess"] = (f"effective sample size {_apart_from(ess, ESS_MIN)} < {ESS_MIN:g}" if math.isfinite(ess) else
+        failed["ess"] = (f"effective sample size {apart_from(ess, ESS_MIN)} < {ESS_MIN:g}" if math.isfinite(ess) else
                          "effective sample size undefined (too few draws)")
     if not abs(drift) <= DRIFT_MAX:
         failed["drift"] = (f"drift: the last half of the draws averages {m2:.4g} against {m1:.4g} for the first "

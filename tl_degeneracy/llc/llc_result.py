@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..distributed import gather_objects
+from .convergence import ESS_MIN, RHAT_MAX, apart_from
 from .sampler import NORMS, SamplerState
 
 
@@ -31,10 +32,12 @@ class LLCResult:
     to the step they failed at; they are excluded from ``llc``, ``llc_std`` and ``llc_stderr``.
 
     ``converged``: the verdict of METHODS §1 (convergence.py): split-R̂ ≤ 1.05, bulk ESS ≥ 100, no
-    drift between the halves of the draws, at most a quarter of the chains diverged. Its numbers
-    are ``diagnostics["rhat"]``, ``["ess"]``, ``["drift"]`` (a z-score), ``["n_diverged"]``,
-    ``["diverged_chains"]``, and ``["convergence"]`` (each failed criterion in words, the suggested
-    budget). A run that is not converged gives a λ̂ to read as a lower bound. A ``draws="auto"``
+    drift between the halves of the draws, at most a quarter of the chains diverged, and the chains
+    relaxed from θ* (relaxation ≥ 95 %). Its numbers are ``diagnostics["rhat"]``, ``["ess"]``,
+    ``["drift"]`` (a z-score), ``["relaxation"]``, ``["n_diverged"]``, ``["diverged_chains"]``, and
+    ``["convergence"]`` (each failed criterion in words, the suggested budget). A run that is not
+    converged gives a λ̂ to read as a lower bound where :attr:`lower_bound` (unrelaxed or rising
+    chains, many diverged), and as uncertain beyond its ± in either direction otherwise. A ``draws="auto"``
     run records its budget in ``diagnostics["budget"]`` (blocks run, total draws, why it stopped,
     whether the budget ran out; None for a fixed number of draws), a ``burnin="auto"`` run its
     burn-in in ``diagnostics["burnin_auto"]`` (first and final burn-in, each extension, whether the
@@ -81,6 +84,11 @@ class LLCResult:
         return 2.0 * self.llc_stderr
 
     @property
+    def lower_bound(self) -> bool:
+        """Not converged in a way that biases λ̂ low (``Convergence.lower_bound``); False when converged."""
+        return not self.converged and bool(self.diagnostics.get("convergence", {}).get("lower_bound", True))
+
+    @property
     def convergence_reason(self) -> str:
         """The failed convergence criteria in a few words with their numbers, and where a
         ``draws="auto"`` budget or the ``burnin="auto"`` one ran out, that ("" when converged; the full sentences and the
@@ -102,7 +110,7 @@ class LLCResult:
             "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin,
             "burnin_source": d.get("burnin_source"), "loss": self.loss,
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
-            "converged": self.converged, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
+            "converged": self.converged, "lower_bound": self.lower_bound, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
             "relaxation": d.get("relaxation"), "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
             "llc_mcse": d.get("llc_mcse"), "stderr_caveat": d.get("stderr_caveat"),
         }
@@ -139,12 +147,16 @@ class LLCResult:
             f"n_params={self.n_params}, nbeta={self.nbeta:g}, gamma={self.gamma:.4g}, step_size={self.step_size:.3g}, "
             f"bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
             f"chains={self.chains}, failed={len(self.failed)}, converged={self.converged}, "
-            f"rhat={self.diagnostics.get('rhat', float('nan')):.3g}, ess={self.diagnostics.get('ess', float('nan')):.3g}, "
+            f"rhat={apart_from(self.diagnostics.get('rhat', float('nan')), RHAT_MAX)}, "
+            f"ess={apart_from(self.diagnostics.get('ess', float('nan')), ESS_MIN)}, "
             f"drift={self.diagnostics.get('drift', float('nan')):.2g})"
         )
 
     def plot(self):
-        """Plotly figure: nβ·L_B per step for every chain, burn-in shaded, λ̂ as a line."""
+        """Plotly figure: nβ·L_B per step for every chain, burn-in shaded, λ̂ as a line annotated with
+        its standard error (the larger of the chains' and the MCSE, as the sweep's error bars:
+        :func:`larger_stderr`) and its verdict, e.g. "λ̂(ε = 0.001, γ = 1.13e+03) = 0.969 ± 0.069 (not
+        converged)"."""
         import plotly.graph_objects as go
 
         fig = go.Figure()
@@ -152,7 +164,10 @@ class LLCResult:
         for c in range(self.chains):
             fig.add_trace(go.Scatter(x=steps, y=self.trace[c], mode="lines", name=f"chain {c}", opacity=0.6))
         fig.add_vrect(x0=0, x1=self.burnin, fillcolor="grey", opacity=0.15, line_width=0, annotation_text="burn-in")
-        fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"{self.label} = {self.llc:.3g}")
+        stderr = float(larger_stderr(self.llc_stderr, self.diagnostics.get("llc_mcse")))
+        value = estimate_text(self.llc, stderr, self.chains - len(self.failed), ".3g")
+        state = "converged" if self.converged else "not converged"
+        fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"{self.label} = {value} ({state})")
         fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title=f"Behavioral LLC traces, {self.label}")
         return fig
 

@@ -88,6 +88,13 @@ class SamplerState:
     def generator_states(self) -> list[Tensor]:
         return [g.get_state() for g in self.generators]
 
+    def grow(self, steps: int) -> None:
+        """Make room in ``trace`` and ``virial`` for ``steps`` steps in all (NaN until sampled)."""
+        more = steps - len(self.trace)
+        if more > 0:
+            self.trace = np.concatenate([self.trace, np.full((more, self.trace.shape[1]), np.nan)])
+            self.virial = np.concatenate([self.virial, np.full((more, self.virial.shape[1]), np.nan)])
+
 
 def chain_seed(seed: int, chain: int) -> int:
     """Seed of global chain ``chain``: independent of sharding and of the number of chains."""

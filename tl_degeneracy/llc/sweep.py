@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc
-from .llc_result import larger_stderr
+from .llc_result import estimate_text, larger_stderr
 
 
 def _subdir(kwargs: dict, name: str) -> dict:
@@ -43,9 +43,11 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
 
 # llc_mcse and stderr_caveat travel with llc_stderr: a row quoted or plotted without them would
 # show a ± from two chain means that agree by chance as if it were the uncertainty (METHODS §1).
-_SUMMARY = ["gamma", "gamma_source", "llc", "llc_std", "llc_stderr", "llc_mcse", "stderr_caveat", "n_eff", "n_params",
-            "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed", "cumulative_step", "converged", "rhat",
-            "ess", "drift", "convergence_reason"]
+# loss and selection name the quantity with ε, γ and n_params: without them two rows of different
+# restricted LLCs (two heads of one size) would pass for one quantity (report.compare).
+_SUMMARY = ["gamma", "gamma_source", "loss", "selection", "llc", "llc_std", "llc_stderr", "llc_mcse", "stderr_caveat",
+            "n_eff", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed",
+            "cumulative_step", "converged", "lower_bound", "rhat", "ess", "drift", "convergence_reason"]
 
 
 def _row(res) -> dict:
@@ -65,10 +67,10 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     ``loss_scale_<ε>`` (``loss_scale_<ε>_gamma_<γ>`` when sweeping γ).
 
     Returns one row per (ε, γ), ε outer: loss_scale, nbeta, gamma (the γ sampled at; with "auto"
-    the one chosen), gamma_source, llc, llc_std, llc_stderr, llc_mcse (the ESS-based standard
-    error of all draws), stderr_caveat (why llc_stderr may under-state the uncertainty, or None;
-    METHODS §1, "Standard error"), n_eff, n_params, step_size, bias_bound (predicted step-size
-    bias), h_max, n_failed, cumulative_step (s = Σ η), and the convergence verdict (METHODS §1):
+    the one chosen), gamma_source, loss, selection (the sampled parameters, None for all), llc,
+    llc_std, llc_stderr, llc_mcse (the ESS-based standard error of all draws), stderr_caveat (why
+    llc_stderr may under-state the uncertainty, or None; METHODS §1, "Standard error"), n_eff,
+    n_params, step_size, bias_bound (predicted step-size bias), h_max, n_failed, cumulative_step (s = Σ η), and the convergence verdict (METHODS §1):
     converged, rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
     ``progress``: a bar over the runs above each run's own bars.
     """
@@ -106,11 +108,32 @@ def plotted_stderr(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(larger_stderr(frame["llc_stderr"], frame["llc_mcse"]), index=frame.index)
 
 
+def point_texts(frame: pd.DataFrame) -> list[str]:
+    """The hover text of each row of a sweep or component table in a figure: its γ (where the
+    table has one), N_eff ± its standard error (twice λ̂'s, :func:`plotted_stderr`) and its
+    verdict, "converged" or "not converged: " with the failed criteria."""
+    texts = []
+    for (_, row), se in zip(frame.iterrows(), plotted_stderr(frame)):
+        n_eff = estimate_text(row["n_eff"], 2 * se, row["chains"] - row["n_failed"], ".3g")
+        reason = row["convergence_reason"]
+        state = "converged" if row["converged"] else f"not converged: {reason}" if isinstance(reason, str) and reason \
+            else "not converged"
+        texts.append(("" if "gamma" not in row else f"γ = {row['gamma']:.3g}<br>") + f"N_eff = {n_eff}<br>{state}")
+    return texts
+
+
 def plot_llc_sweep(frame: pd.DataFrame):
     """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors (:func:`plotted_stderr`):
     against the loss scale (log axis), one line per γ, when the frame has several ε; against γ (the
-    γ-curve) at its single ε otherwise. Every line is labelled with the γ (or ε) it holds fixed."""
+    γ-curve) at its single ε otherwise. Every line is labelled with the γ (or ε) it holds fixed.
+    Points whose chains did not converge are open markers (the legend's title says so), and every
+    point's hover text gives its N_eff ± and verdict (:func:`point_texts`)."""
     import plotly.graph_objects as go
+
+    def points(part: pd.DataFrame, x: pd.Series, name: str):
+        symbols = ["circle" if converged else "circle-open" for converged in part["converged"]]
+        return go.Scatter(x=x, y=part["n_eff"], mode="lines+markers", name=name, marker=dict(symbol=symbols, size=9),
+                          error_y=dict(type="data", array=4 * plotted_stderr(part)), text=point_texts(part))
 
     fig = go.Figure()
     if frame["loss_scale"].nunique() > 1 or "gamma" not in frame:
@@ -118,26 +141,25 @@ def plot_llc_sweep(frame: pd.DataFrame):
         keys = np.array([_gamma_line(row) for _, row in frame.iterrows()])
         for name in dict.fromkeys(keys):
             part = frame[keys == name]
-            fig.add_trace(go.Scatter(
-                x=part["loss_scale"], y=part["n_eff"], mode="lines+markers", name=name,
-                error_y=dict(type="data", array=4 * plotted_stderr(part)),
-                text=[f"γ = {g:.3g}" for g in part["gamma"]] if "gamma" in part else None))
+            fig.add_trace(points(part, part["loss_scale"], name))
         fig.update_layout(xaxis_type="log", xaxis_title="loss scale ε = 1/nβ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
                           title="Effective parameter count over loss scales (γ per line)")
     else:
         eps = float(frame["loss_scale"].iloc[0])
         part = frame.sort_values("gamma")
-        fig.add_trace(go.Scatter(x=part["gamma"], y=part["n_eff"], mode="lines+markers", name=f"ε = {eps:.3g}",
-                                 error_y=dict(type="data", array=4 * plotted_stderr(part))))
+        fig.add_trace(points(part, part["gamma"], f"ε = {eps:.3g}"))
         fig.update_layout(xaxis_type="log", xaxis_title="localization γ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
                           title=f"Effective parameter count over localizations at ε = {eps:.3g}")
+    if not frame["converged"].all():  # a legend even for one line: its title is the key to the open markers
+        fig.update_layout(showlegend=True, legend_title_text="open markers: not converged")
     return fig
 
 
 def llc_by_component(model, data, components: str | Sequence[str] = "heads", **kwargs) -> pd.DataFrame:
     """Restricted (weight-refined) LLC of each component: only its entries are sampled.
 
-    One row per component: component, gamma, gamma_source, n_params (its nominal parameter count), llc, llc_std,
+    One row per component: component, loss_scale, nbeta, gamma, gamma_source, loss, selection (the
+    component as sampled), n_params (its nominal parameter count), llc, llc_std,
     llc_stderr, llc_mcse and stderr_caveat (as in :func:`llc_sweep`), n_eff = 2λ̂, n_eff_fraction =
     n_eff/n_params, step_size, bias_bound, n_failed and the convergence verdict (converged, rhat,
     ess, drift, convergence_reason; METHODS §1).
@@ -153,5 +175,6 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     rows = []
     for comp in _outer_bar(component_selections(adapter, components), "llc_by_component", kwargs):
         res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
-        rows.append({"component": comp, **_row(res), "n_eff_fraction": res.n_eff / res.n_params})
+        rows.append({"component": comp, "loss_scale": res.loss_scale, "nbeta": res.nbeta, **_row(res),
+                     "n_eff_fraction": res.n_eff / res.n_params})
     return pd.DataFrame(rows)

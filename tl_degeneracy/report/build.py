@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TLDegeneracyError
+from ..errors import EstimateFailedError, TLDegeneracyError
 from ..memory import MemoryBudget, default_budget, memory_limit
 from ..models.adapt import adapt
 from . import cache
@@ -108,6 +108,10 @@ def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionRe
         warnings.simplefilter("always")
         try:
             out = section.compute(ctx)
+        except EstimateFailedError as e:  # it applies, but its settings made it fail: a failure to act on
+            if errors == "raise":
+                raise
+            result.status, result.reason = "failed", f"{type(e).__name__}: {e}"
         except TLDegeneracyError as e:
             # The analysis does not apply here (a missing hook, unusable data, non-finite numbers).
             if errors == "raise":

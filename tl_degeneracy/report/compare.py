@@ -10,10 +10,11 @@ component (METHODS §1: the larger of the standard error of the mean over chains
 Monte-Carlo standard error of all draws, since with few chains the first under-states it) — the
 frame gives both standard errors and whether |B − A| exceeds two combined standard errors,
 2·√(se_A² + se_B²). That error is sampling noise only, not the bias of chains too short to converge,
-which each section's verdict states as it is ("not converged": a lower bound). Two estimates are tested only when they
-are of one quantity — the same loss scale ε, localization γ and parameter selection (METHODS §1:
-λ̂_B(ε, γ) moves with γ, and ``gamma="auto"`` picks γ per run) — and both converged; otherwise
-``comparable`` says why not and ``beyond_2se`` is None.
+which each section's verdict states as it is ("not converged": a lower bound, or uncertain in both directions). Two estimates are tested only when they
+are of one quantity — the same loss, loss scale ε, localization γ and parameter selection (METHODS §1:
+λ̂_B(ε, γ) moves with γ, and ``gamma="auto"`` picks γ per run), each recorded on both sides (a row
+that does not record one, as in reports of older versions, is not known to be the same quantity)
+— and both converged; otherwise ``comparable`` says why not and ``beyond_2se`` is None.
 
 ``save(dir)`` writes ``comparison.html`` (one self-contained page, plotly.js inlined once, opens
 offline: html.render_comparison), ``comparison.csv`` (the frame) and ``comparison.json`` (which two
@@ -38,7 +39,8 @@ from ..errors import TLDegeneracyError
 from ..llc.llc_result import larger_stderr
 from .html import flat_values, render_comparison, section_status, value_text
 from .registry import SECTIONS
-from .report import Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, write_atomic
+from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, stored_report,
+                     write_atomic)
 from .serialize import csv_frame, to_jsonable
 
 __all__ = ["ReportComparison", "ReportInputError", "compare_reports", "default_directory"]
@@ -56,8 +58,9 @@ STDERR = {"llc": (("llc_stderr", "llc_mcse"), 1.0), "n_eff": (("llc_stderr", "ll
 #: with standard errors (STDERR), compared row by row beside the section's values.
 ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("gamma_curve", "gamma", "γ-curve γ={:.3g}"),
                            ("components", "component", "component {}"))}
-#: What makes two LLC estimates one quantity (METHODS §1), as the section values and table rows name it.
-QUANTITY = ("loss_scale", "gamma", "selection", "n_params")
+#: What makes two LLC estimates one quantity (METHODS §1), as the section values and table rows name it
+#: (selection None: the whole model).
+QUANTITY = ("loss", "loss_scale", "gamma", "selection", "n_params")
 
 
 class ReportInputError(TLDegeneracyError, ValueError):
@@ -98,16 +101,18 @@ def _read(source: Report | str | os.PathLike, side: str) -> tuple[Report, str | 
         raise ReportInputError(f"report {side}: {path} holds no report.json, so it is not the directory of a saved "
                                f"report; give the --out directory of a `tl-degeneracy report` run (or run one: "
                                f"tl-degeneracy report --out {path}).")
+    where = f"report {side}: {path / 'report.json'} cannot be read"
     try:
-        stored = json.loads((path / "report.json").read_text(encoding="utf-8"))
-        fmt = stored.get("format") if isinstance(stored, dict) else None
-        if fmt != "tl-degeneracy-report/1":
-            raise ValueError(f"format {fmt!r}, not 'tl-degeneracy-report/1'")
+        stored = stored_report(path)
+    except (OSError, ValueError) as e:
+        # not the package's file: --fresh refuses to replace it (Report.check_directory), so no advice to rerun there
+        raise ReportInputError(f"{where} ({type(e).__name__}: {e}): it is not a tl-degeneracy report (or is damaged "
+                               "beyond telling). Give the --out directory of a `tl-degeneracy report` run.") from e
+    try:
         report = Report.from_dict(stored)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ReportInputError(f"report {side}: {path / 'report.json'} cannot be read ({type(e).__name__}: {e}): it "
-                               "is damaged or not a tl-degeneracy report. Write the report again (tl-degeneracy "
-                               f"report --out {path} --fresh).") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ReportInputError(f"{where} ({type(e).__name__}: {e}): it is a damaged tl-degeneracy report. Write the "
+                               f"report again (tl-degeneracy report --out {path} --fresh).") from e
     return report, str(path.resolve())
 
 
@@ -148,9 +153,9 @@ class ReportComparison:
         lacks the value), ``difference`` = b − a where both are finite numbers, ``a_stderr`` and
         ``b_stderr`` for estimates (see the module docstring), ``beyond_2se``: |b − a| >
         2·√(a_stderr² + b_stderr²) (None where either standard error is unknown or the estimates
-        are not comparable) and ``comparable`` for estimates: "yes", or why not (ε, γ or the
-        parameter selection differ; a side did not converge). Each section starts with its
-        ``status`` row: ok, skipped, failed, or missing (not in that report)."""
+        are not comparable) and ``comparable`` for estimates: "yes", or why not (the loss, ε, γ or
+        the parameter selection differ or are not recorded; a side did not converge). Each section
+        starts with its ``status`` row: ok, skipped, failed, or missing (not in that report)."""
         rows = []
         for name in self.sections:
             sa, sb = self.section(name)
@@ -294,15 +299,21 @@ def _scalars(sec: SectionResult | None) -> dict[str, tuple[object, float | None,
 
 def _incomparable(qa: dict, qb: dict) -> str | None:
     """Why two LLC estimates (their section values or table rows) cannot be tested against each
-    other — not one quantity (QUANTITY), or a side not converged (a lower bound) — or None."""
+    other — not one quantity (QUANTITY: a key differs, or a side does not record it), or a side not
+    converged (a lower bound, or uncertain beyond its ±) — or None."""
     reasons = []
     for key in QUANTITY:
-        a, b = qa.get(key), qb.get(key)
+        unrecorded = [side for side, q in zip("AB", (qa, qb)) if key not in q]
+        if unrecorded:  # absent on both sides is no evidence of one quantity: None == None must not pass
+            reasons.append(f"{key} not recorded in {' and '.join(unrecorded)} (not known to be one quantity)")
+            continue
+        a, b = qa[key], qb[key]
         na, nb = _number(a), _number(b)
         same = math.isclose(na, nb, rel_tol=1e-9) if na is not None and nb is not None else a == b
         if not same:
             reasons.append(f"{key} differs ({value_text(a)} vs {value_text(b)})")
-    reasons += [f"{side} not converged (a lower bound)" for side, q in zip("AB", (qa, qb)) if q.get("converged") is False]
+    reasons += [f"{side} not converged ({'a lower bound' if q.get('lower_bound') is not False else 'uncertain'})"
+                for side, q in zip("AB", (qa, qb)) if q.get("converged") is False]
     return "; ".join(reasons) or None
 
 

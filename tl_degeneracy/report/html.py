@@ -359,7 +359,7 @@ def _compared_values(rows: pd.DataFrame) -> str:
             for beyond, sa, sb, why in zip(rows["beyond_2se"], rows["a_stderr"], rows["b_stderr"], rows["comparable"])]
     note = ('<p class="more">± is the standard error of the mean over chains (METHODS §1); "beyond 2 SE": '
             "|B − A| exceeds 2·√(se_A² + se_B²), more than chain-to-chain noise explains. Estimates are compared only "
-            "at the same ε, γ and parameter selection, and when both converged (an unconverged λ̂ is a lower bound); "
+            "at the same ε, γ and parameter selection, and when both converged (an unconverged λ̂ is a lower bound or uncertain beyond its ±); "
             "otherwise the column says why not.</p>" if has_se.any() else "")
     return f"<h3>Values</h3>{_table(shown, max_rows=len(shown))}{note}"
 

@@ -27,7 +27,12 @@ import pandas as pd
 from ..errors import TLDegeneracyError
 from .serialize import csv_frame, figure_from_dict, figure_to_dict, table_from_dict, table_to_dict, to_jsonable
 
-__all__ = ["Report", "ReportDirectoryError", "SectionResult", "check_writable", "identity_conflicts", "write_atomic"]
+__all__ = ["FORMAT", "Report", "ReportDirectoryError", "SectionResult", "check_writable", "identity_conflicts",
+           "stored_report", "write_atomic"]
+
+#: The marker in every report.json this package writes: what tells its own report from a file that
+#: only has the name (a report is replaced by a fresh start, such a file never is).
+FORMAT = "tl-degeneracy-report/1"
 
 
 class ReportDirectoryError(TLDegeneracyError, ValueError):
@@ -132,7 +137,7 @@ class Report:
         """Everything, as strict JSON values (NaN → null, ±∞ → "inf"/"-inf", complex → [re, im])."""
         head = to_jsonable({k: getattr(self, k) for k in ("model", "data", "settings", "versions", "created", "wall_s",
                                                           "identity")})
-        return {"format": "tl-degeneracy-report/1", **head,
+        return {"format": FORMAT, **head,
                 "sections": {name: s.to_dict() for name, s in self.sections.items()}}
 
     @classmethod
@@ -195,9 +200,10 @@ class Report:
 
         Raises:
             ReportDirectoryError: ``directory`` cannot be written; it holds no report.json but other
-                files (whatever ``replace``: a fresh start replaces a report, never foreign files); or
-                (without ``replace``) it holds a report of another model, data set or package version,
-                or one it cannot read.
+                files, or a report.json that is not a tl-degeneracy report (no FORMAT marker, not
+                JSON; whatever ``replace``: a fresh start replaces a report, never foreign files);
+                or (without ``replace``) it holds a report of another model, data set or package
+                version, or one it cannot read.
         """
         out = Path(directory)
         check_writable(out)
@@ -205,14 +211,21 @@ class Report:
         if not path.exists():
             _refuse_foreign_files(out)
             return None
+        try:
+            stored = stored_report(out)
+        except (OSError, ValueError) as e:
+            raise ReportDirectoryError(
+                f"{out} holds a report.json that is not a tl-degeneracy report ({type(e).__name__}: {e}); a report "
+                "written there would overwrite it and its report.html. Write to a new or empty --out "
+                "directory.") from None
         if replace:
             return None
         try:
-            older = cls.load(out)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            older = cls.from_dict(stored)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ReportDirectoryError(
-                f"{out} holds a report.json that cannot be read ({type(e).__name__}: {e}), so a new report cannot be "
-                f"merged with it. {_WAY_OUT}") from None
+                f"{out} holds a tl-degeneracy report.json that cannot be read ({type(e).__name__}: {e}), so a new "
+                f"report cannot be merged with it. {_WAY_OUT}") from None
         conflicts = identity_conflicts(older.identity, identity)
         if conflicts:
             there = older.identity or {}
@@ -357,6 +370,21 @@ def _lowered(fit: dict) -> str:
     return "; lowered to fit: " + ", ".join(f"{k} {text(a)} → {text(b)}" for k, (a, b) in lowered.items()) if lowered else ""
 
 
+def stored_report(directory: str | Path) -> dict:
+    """The JSON of ``directory``/report.json, when it is a tl-degeneracy report: a JSON object with
+    the FORMAT marker (its other contents are not checked: see :meth:`Report.from_dict`).
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is not JSON, or has no FORMAT marker: a file this package did not write.
+    """
+    stored = json.loads((Path(directory) / "report.json").read_text(encoding="utf-8"))
+    fmt = stored.get("format") if isinstance(stored, dict) else None
+    if fmt != FORMAT:
+        raise ValueError(f"format {fmt!r}, not {FORMAT!r}")
+    return stored
+
+
 def check_writable(out: Path) -> None:
     """Create ``out`` and write a file there, or raise :class:`ReportDirectoryError` saying why not."""
     try:
@@ -377,9 +405,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _remove_report(out: Path) -> None:
-    """Delete the report in ``out``: report.json, report.html and the CSVs report.json lists. When
-    report.json cannot be read, no CSV is deleted: which files it wrote cannot be told, and a file
-    that is not the report's must never be lost (the new report overwrites its own names)."""
+    """Delete the report in ``out`` (a tl-degeneracy report: :meth:`Report.check_directory` refused any
+    other): report.json, report.html and the CSVs report.json lists. When a damaged report.json
+    lists none, no CSV is deleted: which files it wrote cannot be told, and a file that is not the
+    report's must never be lost (the new report overwrites its own names)."""
     try:
         stored = json.loads((out / "report.json").read_text())
         csvs = [out / t["csv"] for s in stored["sections"].values() for t in s["tables"].values()]

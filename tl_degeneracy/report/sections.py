@@ -342,7 +342,8 @@ def llc(ctx: ReportContext) -> SectionOutput:
                    f"({res.diagnostics.get('gamma_source', 'given')}). "
                    "γ is part of the quantity: directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) "
                    "instead of ½, so a larger γ gives a smaller, more local value, and values compare only at equal "
-                   "ε and γ. Unconverged chains under-estimate λ_B(ε, γ) (a lower bound).",
+                   "ε and γ. Chains that had not relaxed from θ* or were still rising under-estimate λ_B(ε, γ) (a "
+                   "lower bound); chains that failed only R̂ or ESS leave it uncertain in both directions.",
                    *([] if s.llc_params is None else [
                        f"Restricted LLC (METHODS §1): only the {res.n_params:,} parameters of {s.llc_params} move; the "
                        f"other {ctx.summary.get('n_live_parameters', 0) - res.n_params:,} stay at θ*. It measures the "
@@ -357,19 +358,30 @@ def llc(ctx: ReportContext) -> SectionOutput:
             out.tables["gamma_curve"] = curve
             out.figures["n_eff_gamma"] = plot_llc_sweep(curve)
         if ctx.llc_components is not None:
+            # One γ for all of them, the main run's: values compare only at equal ε and γ (METHODS §1), and
+            # each component's own automatic γ was 30–60× smaller than the whole model's (audit 8a).
             comps = llc_by_component(ctx.adapter, data, components=ctx.llc_components,
-                                     checkpoint_dir=ctx.checkpoint("components"), **kwargs)
+                                     checkpoint_dir=ctx.checkpoint("components"), **dict(fixed, gamma=res.gamma))
+            out.notes.append(f"The per-component LLCs are sampled at the main run's γ = {res.gamma:.3g}, so that they "
+                             "compare with each other and with it.")
             bar.update()
             out.tables["components"] = comps
             out.figures["components"] = plot_component_llc(comps)
-    state = "converged" if res.converged else f"not converged — lower bound: {res.convergence_reason}"
+    state = "converged" if res.converged else f"not converged — {_unconverged(res.lower_bound)}: {res.convergence_reason}"
     scope = "" if s.llc_params is None else f" of {s.llc_params}"
     value = _estimate(res.llc, res.llc_stderr, summary["llc_mcse"], summary["stderr_caveat"], res.chains - len(res.failed),
                       ".4g")
+    relation = "=" if res.converged else "≥" if res.lower_bound else "≈"
     out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {value} ({state}; N_eff "
-                    f"{'=' if res.converged else '≥'} {res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): "
+                    f"{relation} {res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): "
                     + ", ".join(_sweep_point(r) for r in sweep.itertuples()))
     return out
+
+
+def _unconverged(lower_bound) -> str:
+    """What an unconverged λ̂ is (METHODS §1): a lower bound where its chains had not relaxed or were
+    still rising, uncertain beyond its ± in both directions where only R̂ or ESS failed."""
+    return "lower bound" if lower_bound is not False else "uncertain in both directions"
 
 
 def _estimate(value: float, stderr: float, mcse: float | None, caveat: str | None, healthy: int, spec: str) -> str:
@@ -386,11 +398,15 @@ def _estimate(value: float, stderr: float, mcse: float | None, caveat: str | Non
 
 def _sweep_point(r) -> str:
     """One N_eff(ε, γ) of a sweep row: ± its standard error (2·se(λ̂)), flagged where that ± may
-    under-state the uncertainty (:func:`_estimate`), and "≥ … (not converged)" where its chains did
-    not converge (a lower bound, METHODS §1)."""
+    under-state the uncertainty (:func:`_estimate`), "≥ … (not converged)" where its chains did not
+    converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
+    R̂ or ESS (METHODS §1)."""
     value = _estimate(r.n_eff, 2 * r.llc_stderr, 2 * r.llc_mcse, r.stderr_caveat, r.chains - r.n_failed, ".3g")
     where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g})"
-    return f"{value} at {where}" if r.converged else f"≥ {value} (not converged) at {where}"
+    if r.converged:
+        return f"{value} at {where}"
+    low = getattr(r, "lower_bound", True)  # rows saved before it was recorded: the old reading
+    return f"≥ {value} (not converged) at {where}" if low is not False else f"≈ {value} (not converged: uncertain) at {where}"
 
 
 @register_section("sparsity", "Constructive sparsification of the MLPs", needs_data=True,
@@ -481,7 +497,9 @@ TERMS: dict[str, tuple[str, int]] = {
     "γ (localization)": ("strength of the prior that keeps samples near θ*; λ̂ depends on it, so it is "
                          "stated with λ̂", 1),
     "converged": ("split-R̂ ≤ 1.05, effective sample size ≥ 100, no drift between the halves of the "
-                  "draws and at most a quarter of the chains diverged; otherwise λ̂ reads as a lower bound", 1),
+                  "draws, at most a quarter of the chains diverged, and the chains relaxed from θ* (relaxation "
+                  "≥ 95 %); otherwise λ̂ is a lower bound where the chains had not relaxed or were still rising, "
+                  "and uncertain in both directions where only R̂ or ESS failed", 1),
 }
 
 #: Section name → the terms its glossary explains, in reading order.
@@ -647,11 +665,19 @@ def _llc_verdict(v: dict) -> str:
         known = isinstance(se, (int, float)) and isinstance(v.get("llc"), (int, float))
         on = f"λ̂ = {estimate_text(v['llc'], se, healthy, '.4g')}" if known else "λ̂"
         where += f" (on {on}: {v['stderr_caveat']})"
+    bias = v.get("bias_bound")  # the step size's predicted relative bias of λ̂ (METHODS (1.8))
+    if isinstance(bias, (int, float)) and bias > 0.1:
+        size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (its stiffest direction is unstable)"
+        where += f"; the step size may raise λ̂ {size} (METHODS (1.8))"
+    if (v.get("n_eff") or 0) > (v.get("n_params") or math.inf):
+        where += "; N_eff above the parameter count, which no model's λ allows: the step size's bias dominates"
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:
         reason = v.get("convergence_reason")  # absent from reports saved before it was recorded
-        return f"λ̂ not converged — lower bound{': ' + reason if reason else ''}; N_eff ≥ {n_eff} {where}"
+        low = v.get("lower_bound")  # absent from reports saved before it was recorded: the old reading
+        return (f"λ̂ not converged — {_unconverged(low)}{': ' + reason if reason else ''}; "
+                f"N_eff {'≥' if low is not False else '≈'} {n_eff} {where}")
     # No convergence check recorded (R̂, effective sample size, drift: docs/methods.md §1); short
     # chains under-estimate λ_B, so an unchecked number reads as a lower bound.
     return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound"
