@@ -184,6 +184,21 @@ def test_an_n_eff_above_the_parameter_count_is_flagged():
     assert "N_eff above the parameter count" in text and "without bound" in text
 
 
+def test_a_step_size_far_below_the_rule_is_said():
+    """Audit 8a: pilots of 3 steps read λ near 0 (they start at θ*), so the rule's η came out ~360×
+    too small, and nothing said so beyond "not converged"."""
+    model, x = linear_regression()
+    kw = dict(chains=4, burnin=200, draws=500, seed=0)
+    with pytest.warns(RuntimeWarning, match=r"× below what the bias target 0.05 allows.*raise pilot_steps"):
+        short = behavioral_llc(model, x, pilot_steps=3, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*below what the bias target")
+        enough = behavioral_llc(model, x, pilot_steps=200, **kw)
+    assert enough.step_size > 10 * short.step_size
+
+
 def test_end_of_run_bias_warning_names_a_smaller_step_size():
     model, x = linear_regression(d=3, n=50)
     # A given η far above the automatic one: the chains end where η(nβ h + γ)/4 ≫ 0.05.

@@ -670,6 +670,16 @@ def _result(
     # chains ended, the run 13 % high).
     bound = max((b for b in (bound_chosen, bias_end) if not math.isnan(b)), default=float("nan"))
     stiff = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
+    if source != "given" and math.isfinite(trace) and mean > 0 and nb * h_max + gamma > 0:
+        # The rule read λ from the pilots, which start at θ* where the loss is smallest: short pilots
+        # under-state λ and so η, up to 360× on a regression with pilot_steps = 3 (audit 8a), and the
+        # chains then relax that much slower. Said here, where the run's own λ̂ tells.
+        allowed = step_size_for(h_max, nb, gamma, bias_target, trace=trace, llc=mean, stiff_bound=config.stiff_bound)
+        if eta / rms_factor < allowed / 4:
+            warn_once(f"the step size {eta:.3g} is {allowed * rms_factor / eta:.0f}× below what the bias target "
+                      f"{bias_target:g} allows at the run's λ̂ ({allowed * rms_factor:.3g}): the pilots' λ (from "
+                      f"{config.pilot_length} steps) was far below it, and the chains relax that much slower; raise "
+                      "pilot_steps, or pass that step_size", RuntimeWarning, stacklevel=3)
     if 2 * mean > selection.n_params:  # λ ≤ d/2 for every model: only the sampler's bias can put λ̂ above it
         warn_once(f"N_eff = 2λ̂ = {2 * mean:.4g} exceeds the {selection.n_params:,} sampled parameters, which no model's λ "
                   f"allows (λ ≤ d/2): the step size biases λ̂ up (predicted bias {bound:.2g}); pass a smaller step_size",
