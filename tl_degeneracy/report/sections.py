@@ -667,7 +667,7 @@ def _llc_verdict(v: dict) -> str:
         where += f" (on {on}: {v['stderr_caveat']})"
     bias = v.get("bias_bound")  # the step size's predicted relative bias of λ̂ (METHODS (1.8))
     if isinstance(bias, (int, float)) and bias > 0.1:
-        size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (its stiffest direction is unstable)"
+        size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (the predicted excess reaches λ̂ itself)"
         where += f"; the step size may raise λ̂ {size} (METHODS (1.8))"
     if (v.get("n_eff") or 0) > (v.get("n_params") or math.inf):
         where += "; N_eff above the parameter count, which no model's λ allows: the step size's bias dominates"
