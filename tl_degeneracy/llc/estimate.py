@@ -188,6 +188,9 @@ def behavioral_llc(
             batch mean. λ̂ = nβ · the mean of L_B,b over the draws is therefore the position-weighted
             estimate (exactly so for draws spanning whole cycles). ``diagnostics["n_samples"]``
             is N, the counted positions of the data; ``["mean_positions_per_batch"]`` is N/n_batches.
+            Known limitation: small minibatches raise λ̂ beyond ``bias_bound``, which reads the mean
+            Hessian of the first batches and not how much the batches' Hessians differ (METHODS §1,
+            "Step size"); prefer the full batch where it fits.
         params: restrict sampling to a selection (``select_parameters`` spellings for TL models and
             toys, e.g. ``"blocks.0.attn.head1"``; parameter names or name → mask for plain modules).
             The mask multiplies gradient, prior and noise.
