@@ -314,3 +314,13 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(loading, "load_model", never)
     assert _run(tmp_path / "rep", "--data", str(tmp_path / "missing.txt")) == 2
     assert "no such file" in _one_paragraph(capsys.readouterr().err)
+
+
+def test_an_llc_whose_chains_all_diverge_exits_1_with_the_reason(tmp_path, capsys):
+    """Audit 8a: every chain diverging was "skipped" with exit 0; it is a failed measurement."""
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", "--only", "llc", "--set", "chains=2", "draws=10", "burnin=2",
+                "pilot_steps=2", "loss_scales=1e-3", "llc_max_draws=10", "step_size=100") == 1
+    err = capsys.readouterr().err
+    assert "section(s) llc failed (llc: EstimateFailedError: all 2 chains diverged" in err and "reduce step_size" in err
+    assert _stored(out)["sections"]["llc"]["status"] == "failed"

@@ -48,7 +48,8 @@ version. Rerunning into it reuses finished sections whose fingerprint (model wei
 seed, version) matches and resumes LLC chains from <out>/checkpoints; --only adds or replaces those
 sections and keeps the others. A directory holding another model's (data set's, version's) report
 is refused; --fresh replaces it whole and ignores the checkpoints.
-Exit codes: 0 done; 1 a section failed unexpectedly (see report.json); 2 bad input, with a message
+Exit codes: 0 done; 1 a section failed (unexpectedly, or an LLC whose every chain diverged: see
+report.json); 2 bad input, with a message
 saying what to do (--debug adds the traceback).
 """
 
@@ -150,8 +151,9 @@ def _report(args: argparse.Namespace) -> int:
     print(f"  wrote {html} and report.json, CSVs in {out} ({time.perf_counter() - t0:.1f} s)")
     failed = [s.name for s in report.sections.values() if s.status == "failed"]
     if failed:
-        print(f"tl-degeneracy: section(s) {', '.join(failed)} failed unexpectedly; tracebacks in {out / 'report.json'}",
-              file=sys.stderr)
+        reasons = "; ".join(f"{name}: {report.sections[name].reason}" for name in failed)
+        print(f"tl-degeneracy: section(s) {', '.join(failed)} failed ({reasons}); the tracebacks of unexpected "
+              f"failures are in {out / 'report.json'}", file=sys.stderr)
         return 1
     return 0
 
