@@ -58,7 +58,8 @@ from .errors import MissingHookError
 from .memory import check_batches, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import CUTOFF_BAND, DataLimitedWarning, activation_precision, check_tolerances, rank_band, sample_limited
+from .numerics import (CUTOFF_BAND, DataLimitedWarning, activation_precision, check_tolerances, rank_band,
+                       sample_limited, warn_data_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -397,14 +398,11 @@ def degeneracy_counts(
     warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
                         "maps' input Grams (rank_G)", n)
     data_limited = int(frame["data_limited"].sum())
-    if data_limited:
-        warn_once(
-            f"degeneracy_counts: at {data_limited} of {len(frame)} maps rank_G or rank_K is lower on half of the "
-            f"{batches.n_sequences} sequences (the even-numbered ones) than on all of them (column data_limited): "
-            "those ranks are still growing with the data, so the maps' free counts are upper bounds and n_eff_kfac "
-            "a lower bound, for the model as much as for these data; count on more sequences (where the data are "
-            "already the model's whole input domain, e.g. every pair of a modular-addition task, no more exist and "
-            "the counts are the task's)", DataLimitedWarning, stacklevel=2)
+    warn_data_limited("degeneracy_counts", data_limited, f"{len(frame)} maps", "rank_G or rank_K is",
+                      batches.n_sequences, "column data_limited",
+                      "the maps' free counts are upper bounds and n_eff_kfac a lower bound, for the model as much as "
+                      "for these data; count on more sequences (where the data are already the model's whole input "
+                      "domain, e.g. every pair of a modular-addition task, no more exist and the counts are the task's)")
     probe_limited = int(frame["probe_limited"].sum())
     if n_probes == 1 and not exact:
         warn_once(

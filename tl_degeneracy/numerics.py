@@ -42,7 +42,7 @@ from .distributed import warn_once
 
 __all__ = [
     "CUTOFF_BAND", "DataLimitedWarning", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
-    "rank_rtol", "numerical_rank", "product_scale", "sample_limited",
+    "rank_rtol", "numerical_rank", "product_scale", "sample_limited", "warn_data_limited",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -55,6 +55,17 @@ class HalfPrecisionWarning(UserWarning):
 class DataLimitedWarning(UserWarning):
     """A rank was lower on half of the data than on all of it: still growing with the data, so the
     free or degenerate directions counted from it are upper bounds (counts, the interaction basis)."""
+
+
+def warn_data_limited(caller: str, limited: int, total: str, ranks: str, n_sequences: int, column: str,
+                      consequence: str) -> None:
+    """One :class:`DataLimitedWarning` for ``limited`` of ``total`` units (e.g. "18 maps") whose
+    ``ranks`` were lower on the data's even-numbered sequences than on all of them; nothing when
+    none were. ``consequence`` says what that makes of the counts and what to do."""
+    if limited:
+        warn_once(f"{caller}: at {limited} of {total} {ranks} lower on half of the {n_sequences} sequences (the "
+                  f"even-numbered ones) than on all of them ({column}): still growing with the data, so {consequence}",
+                  DataLimitedWarning, stacklevel=3)
 
 
 def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:

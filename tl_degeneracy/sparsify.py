@@ -64,7 +64,7 @@ from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
-from .numerics import DataLimitedWarning, activation_precision, numerical_rank, rank_band, sample_limited
+from .numerics import activation_precision, numerical_rank, rank_band, sample_limited, warn_data_limited
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
 from .synchronization import EXACT_ACTIVATIONS, SyncCountWarning, neuron_synchronization
@@ -464,13 +464,10 @@ def sparsify(
 
     warn_sample_limited("sparsify", sum(row["sample_limited"] for row in rows), L, "MLP inputs (input_rank)",
                         batches.n_samples)
-    grows = sum(row["data_limited"] for row in rows)
-    if grows:
-        warn_once(f"sparsify: at {grows} of {L} layers the MLP input's rank is lower on half of the "
-                  f"{batches.n_sequences} sequences (the even-numbered ones) than on all of them (column "
-                  "data_limited): it is still growing with the data, so activation_free counts directions that more "
-                  "data would use, and the copy may drift off these data; sparsify on more sequences",
-                  DataLimitedWarning, stacklevel=2)
+    warn_data_limited("sparsify", sum(row["data_limited"] for row in rows), f"{L} layers", "the MLP input's rank is",
+                      batches.n_sequences, "column data_limited",
+                      "activation_free counts directions that more data would use, and the copy may drift off these "
+                      "data; sparsify on more sequences")
     if not all(row["sync_exact"] for row in rows):
         warn_once("sparsify: some synchronized blocks' extra freedom is an upper estimate (approximate blocks) or has "
                   "no closed form (left out of sync_free): column sync_exact; free_directions is then not exact",

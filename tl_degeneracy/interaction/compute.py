@@ -12,8 +12,7 @@ import torch
 
 from ..autograd import refuse_inference_mode
 from ..errors import DataError
-from ..distributed import warn_once
-from ..numerics import DataLimitedWarning, activation_precision, check_tolerances, rank_rtol
+from ..numerics import activation_precision, check_tolerances, rank_rtol, warn_data_limited
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
@@ -248,18 +247,18 @@ def interaction_basis(
     collector = moment_pass(runner.engine, runner.batches, runner.nodes, per_head=False, device=acc_device,
                             progress=progress, desc="interaction basis: Grams", half=True)
     whitenings, half_whitenings, counts, shapes = {}, {}, {}, {}
+
+    def whitening(acc, rtol: float):
+        gram = acc.covariance()[0] if centered else acc.gram()[0]
+        mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
+        return whiten(gram, mean, rtol, gram_atol)
+
     for name in runner.names:
         acc = collector.accs[name]
         if acc.count == 0:
             raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
         rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
-
-        def whitening(a):
-            gram = a.covariance()[0] if centered else a.gram()[0]
-            mean = a.mean[0] if centered else torch.zeros_like(a.mean[0])
-            return whiten(gram, mean, rtol, gram_atol)
-
-        whitenings[name], half_whitenings[name] = whitening(acc), whitening(collector.half_accs[name])
+        whitenings[name], half_whitenings[name] = (whitening(a, rtol) for a in (acc, collector.half_accs[name]))
         counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
     timings["gram_s"] = time.perf_counter() - t0
 
@@ -317,9 +316,7 @@ def interaction_basis(
         settings=settings,
     )
     limited = [n for n in runner.names if result.eigenvalues[n].data_limited]
-    if limited:
-        warn_once(f"interaction_basis: at {len(limited)} of {len(runner.names)} nodes ({', '.join(limited)}) rank_G or "
-                  f"the interaction rank is lower on half of the {runner.batches.n_sequences} sequences (the even-numbered "
-                  "ones) than on all of them (dims' data_limited): the ranks are still growing with the data, so those "
-                  "nodes' degenerate directions are upper bounds; give more data", DataLimitedWarning, stacklevel=2)
+    warn_data_limited("interaction_basis", len(limited), f"{len(runner.names)} nodes ({', '.join(limited)})",
+                      "rank_G or the interaction rank is", runner.batches.n_sequences, "dims' data_limited",
+                      "those nodes' degenerate directions are upper bounds; give more data")
     return result
