@@ -5,8 +5,9 @@ minibatch's loss is its sum over its counted positions divided by the mean count
 a cycle of ragged batches (sequences of different lengths, padding, a short last batch) the losses,
 their gradients and the curvature average to the one-full-batch L_B. All in float64: the
 comparisons are exact up to float64 rounding of sums of a few hundred terms (rtol 1e-10). The
-dynamics still see the split: the largest batch's step meets w_max = max_b n_b/n̄ times the
-curvature, which the step-size rule uses and a run warns about.
+dynamics still see the split: each step meets its own batch's loss, so the stiffest batch sets the
+stability of a step and the batches' gradients' spread adds to the injected noise; the step-size
+rule and the bias bound use both, and a ragged split warns.
 """
 
 import warnings
@@ -19,7 +20,7 @@ from torch import nn
 from tl_degeneracy.llc import behavioral_llc
 from tl_degeneracy.llc.layout import ParameterLayout, selection_masks
 from tl_degeneracy.llc.targets import make_target
-from tl_degeneracy.llc.stepsize import top_hessian_eigenvalue
+from tl_degeneracy.llc.stepsize import SPREAD_BATCHES, batch_curvature, gradient_spread, top_hessian_eigenvalue
 
 from .fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 
@@ -124,22 +125,25 @@ def test_llc_reports_the_counted_positions_of_ragged_data():
     assert np.isfinite(res.llc)
 
 
-def cycle_prediction(h: np.ndarray, nbeta: float, gamma: float, step_size: float, weights) -> float:
-    """E[nβ L_B,b] of SGLD on ½ Σ h_i δ_i² cycling over batches whose losses carry weights w_b (n_b/n̄):
-    per direction the step on batch b contracts the variance by c_b² = (1 − η(nβ w_b h + γ)/2)² and adds
-    η; the cycle's fixed point, averaged over the cycle's recorded losses ½ nβ w_b h V_b. One batch of
-    weight 1 gives the full-batch value ½ nβ h/(a(1 − η a/4)) (METHODS (1.7))."""
-    w = np.asarray(weights, dtype=np.float64)[:, None]
-    c2 = (1 - step_size * (nbeta * w * h + gamma) / 2) ** 2  # [batch, direction]
-    added = np.zeros_like(h)
-    for b in range(len(w)):
-        added = c2[b] * added + step_size
-    v = added / (1 - np.prod(c2, 0))  # variance before the cycle's first step
+def cycle_prediction(hessians, nbeta: float, gamma: float, step_size: float) -> float:
+    """E[nβ L_B,b] of SGLD on the quadratics L_B,b(δ) = ½ δᵀ H_b δ, one step on each batch in turn
+    (the sampler's cycle; the recorded loss is the step's batch loss): the step on batch b maps the
+    covariance Σ to M_b Σ M_bᵀ + η I, M_b = I − η(nβ H_b + γ)/2; the cycle's fixed point Σ_0 solves
+    (I − Φ ⊗ Φ) vec Σ_0 = vec Q (Φ the cycle's product of the M_b, Q the noise it accumulates), and the
+    value is the cycle's mean of ½ nβ tr(H_b Σ_b). Exact, for any batch Hessians; one batch H gives
+    the full-batch value ½ Σ nβ h/(a(1 − η a/4)) (METHODS (1.7))."""
+    hessians = [np.asarray(h, dtype=np.float64) for h in hessians]
+    eye = np.eye(len(hessians[0]))
+    steps = [eye - step_size * (nbeta * h + gamma * eye) / 2 for h in hessians]
+    phi, q = eye, np.zeros_like(eye)
+    for m in steps:
+        phi, q = m @ phi, m @ q @ m.T + step_size * eye
+    sigma = np.linalg.solve(np.eye(eye.size) - np.kron(phi, phi), q.reshape(-1)).reshape(eye.shape)
     total = 0.0
-    for b in range(len(w)):
-        total += float(np.sum(0.5 * nbeta * w[b] * h * v))
-        v = c2[b] * v + step_size
-    return total / len(w)
+    for h, m in zip(hessians, steps):
+        total += 0.5 * nbeta * float(np.trace(h @ sigma))
+        sigma = m @ sigma @ m.T + step_size * eye
+    return total / len(hessians)
 
 
 def _llc_and_ragged_warnings(model, x, **kw):
@@ -164,16 +168,17 @@ def test_a_tiny_last_batch_shrinks_the_step_size_and_warns():
     assert not none and not none_even and len(warned) == 1
     assert "2.00× the mean 500" in warned[0] and "batch_size=500 divides the 1,000 rows" in warned[0]
     weights = (999 / 500, 1 / 500)
-    # The rule's curvature is the largest batch's (Lanczos upper estimate, CURVATURE_RTOL 2 %) ...
+    # The rule's curvature is the stiffest batch's (Lanczos upper estimate, CURVATURE_RTOL 2 %) ...
     assert ragged.diagnostics["h_max"] == pytest.approx(weights[0] * h.max(), rel=0.03)
     assert full.diagnostics["h_max"] == pytest.approx(h.max(), rel=0.03)
-    # ... so η is about w_max times smaller (an even split leaves it alone).
-    assert ragged.step_size == pytest.approx(full.step_size / weights[0], rel=0.1)
+    # ... and the weights' spread, mean w_b² = 1.996 times one batch's bias, enters through the
+    # gradients' spread S: η is about that much smaller (an even split leaves it alone).
+    assert ragged.step_size == pytest.approx(full.step_size / np.mean(np.square(weights)), rel=0.1)
     assert even.step_size == pytest.approx(full.step_size, rel=0.1)
     # The SGLD value of the (999, 1) cycle at that η (exact on this quadratic) ...
-    assert cycle_prediction(h, full.nbeta, full.gamma, full.step_size, [1.0]) == pytest.approx(
+    assert cycle_prediction([np.diag(h)], full.nbeta, full.gamma, full.step_size) == pytest.approx(
         quadratic_prediction(h, full.nbeta, full.gamma, full.step_size), rel=1e-12)
-    expected = cycle_prediction(h, ragged.nbeta, ragged.gamma, ragged.step_size, weights)
+    expected = cycle_prediction([w * np.diag(h) for w in weights], ragged.nbeta, ragged.gamma, ragged.step_size)
     assert abs(ragged.llc - expected) < 4 * ragged.llc_stderr
     # ... is the full batch's within the method's error, and the bias bound covers the distance to d/2.
     assert abs(ragged.llc - full.llc) < 4 * np.hypot(ragged.llc_stderr, full.llc_stderr)
@@ -183,16 +188,89 @@ def test_a_tiny_last_batch_shrinks_the_step_size_and_warns():
 
 
 def test_largest_batch_weight_and_the_curvature_factor():
-    from tl_degeneracy.llc.stepsize import largest_batch_factor
+    from types import SimpleNamespace
+
+    from tl_degeneracy.llc.stepsize import unmeasured_batch_factor
 
     x = torch.zeros(1000, 2)
     model = nn.Linear(2, 1, bias=False)
-    for batch_size, w_max, factor in [(None, 1.0, 1.0), (250, 1.0, 1.0), (999, 1.998, 1.998),
-                                      (300, 1.2, 1.2),  # (300, 300, 300, 100): all four measured
-                                      (64, 1.024, 1.0)]:  # 15 × 64 + 40: the first four batches are full
+    # Each batch's own curvature (L_B,b carries w_b) is measured on the first four batches; the factor
+    # covers a larger batch beyond them.
+    for batch_size, w_max in [(None, 1.0), (250, 1.0), (999, 1.998), (300, 1.2), (64, 1.024)]:
         target = make_target(model, x, "mse", batch_size)
-        assert target.largest_batch_weight == pytest.approx(w_max) and largest_batch_factor(target) == pytest.approx(factor)
+        assert target.largest_batch_weight == pytest.approx(w_max) and unmeasured_batch_factor(target) == 1.0
         if w_max <= 1.2:
             assert target.ragged_warning() is None
         else:
             assert "batch_size=500" in target.ragged_warning()
+    # Sequences of different lengths: the fifth batch counts 4× the positions of the largest measured one.
+    assert unmeasured_batch_factor(SimpleNamespace(batch_positions=(10, 8, 10, 9, 40, 3))) == 4.0
+
+
+def _regression_batches(batch_size: int):
+    """The linear regression of test_llc in float64, its target in batches of ``batch_size`` and their
+    Hessians H_b = X_bᵀX_b / batch_size (L_B,b = ½ δᵀ H_b δ; equal batches)."""
+    from .test_llc import linear_regression
+
+    model, x = linear_regression()
+    model, x = model.double(), x.double()
+    target = make_target(model, x, "mse", batch_size)
+    hessians = [(x[i:i + batch_size].T @ x[i:i + batch_size] / batch_size).numpy() for i in range(0, len(x), batch_size)]
+    return model, x, target, hessians
+
+
+def _layout(target):
+    _, masks = selection_masks(target, None)
+    layout = ParameterLayout(tuple(masks), tuple(tuple(target.star[n].shape) for n in masks))
+    return layout, layout.flatten(masks)
+
+
+def test_gradient_spread_and_the_stiffest_batch_are_exact_on_a_quadratic():
+    # ∇L_B,b(δ) = H_b δ: S = (1/B) Σ_b ‖H_b δ − H δ‖² over the B = 10 batches of 100 (all measured), and
+    # from the first SPREAD_BATCHES of B = 100 batches of 10 their sample variance times (B − 1)/B.
+    points = torch.randn(3, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for batch_size in (100, 10):
+        _, _, target, hessians = _regression_batches(batch_size)
+        layout, mask = _layout(target)
+        grads = np.stack([points.numpy() @ h for h in hessians])  # [B, P, D]
+        B = len(hessians)
+        k = min(B, SPREAD_BATCHES)
+        sample = ((grads[:k] - grads[:k].mean(0)) ** 2).sum(2).sum(0) / (k - 1)
+        expected = sample * (B - 1) / B
+        if k == B:
+            np.testing.assert_allclose(expected, ((grads - grads.mean(0)) ** 2).sum(2).mean(0), rtol=1e-12)
+        np.testing.assert_allclose(gradient_spread(target, layout, mask, points).numpy(), expected, rtol=1e-10)
+        # The stiffest of the first four batches' Hessians, not that of their mean.
+        top = batch_curvature(target, layout, mask, points[:1], rtol=0.0, iters=10)
+        assert float(top[0]) == pytest.approx(max(np.linalg.eigvalsh(h).max() for h in hessians[:4]), rel=1e-9)
+    one = make_target(*_regression_batches(10)[:2], "mse", None)
+    assert torch.equal(gradient_spread(one, *_layout(one), points), torch.zeros(3, dtype=torch.float64))
+
+
+def test_small_equal_minibatches_raise_the_bias_and_the_bound_covers_it():
+    # Linear regression, d = 10, n = 1000, in 100 batches of 10 samples (audit 8a F14): each step meets
+    # its batch's Hessian, whose spread around H adds to the injected noise. At the full batch's η the
+    # exact SGLD value of that cycle is 8.9 % above λ while the old rule, which read only the mean
+    # Hessian, printed the full batch's 4 %: λ̂ = 5.37 ± 0.04 over 3 seeds against 5.18 ± 0.04.
+    from .test_llc import linear_regression, quadratic_prediction
+
+    model, x = linear_regression()
+    hessians = _regression_batches(10)[3]
+    h = np.linalg.eigvalsh(np.mean(hessians, 0))
+    full = behavioral_llc(model, x, progress=False)
+    mini = behavioral_llc(model, x, batch_size=10, progress=False)
+    nb, gamma = mini.nbeta, mini.gamma
+    truth = float(np.sum(0.5 * nb * h / (nb * h + gamma)))  # λ at this γ (4.995)
+    old = cycle_prediction(hessians, nb, gamma, full.step_size)
+    assert (old - truth) / truth > 2 * full.diagnostics["bias_bound"]  # the case discriminates
+    assert full.diagnostics["gradient_spread"] == 0 and mini.diagnostics["gradient_spread"] > 0
+    # The automatic η is smaller, and the bound it prints covers the exact bias of the run's own η ...
+    assert mini.step_size < 0.6 * full.step_size
+    exact = cycle_prediction(hessians, nb, gamma, mini.step_size)
+    assert (exact - truth) / truth <= mini.diagnostics["bias_bound"] <= 0.1
+    # ... of which the spread term is the first-order part: (η/8) tr(W V) ≤ (η/8) nβ² S, W ⪯ I.
+    excess = exact - quadratic_prediction(h, nb, gamma, mini.step_size)
+    predicted = mini.step_size / 8 * nb**2 * mini.diagnostics["gradient_spread_end"]
+    assert 0.5 * predicted < excess < 1.5 * predicted
+    # The chains are the SGLD this oracle computes.
+    assert abs(mini.llc - exact) < 4 * mini.llc_stderr

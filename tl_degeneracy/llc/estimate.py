@@ -36,8 +36,8 @@ from .layout import ParameterLayout, Selection, select_coordinates
 from .llc_result import ChainRecords, LLCResult, chain_estimates, estimate_text, stderr_caveat
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
-from .stepsize import (ADAPT_AT, StepSizeChoice, adapted_step_size, bias_bound_of, bias_of_estimate, chain_curvature,
-                       initial_step_size, predicted_bias, step_size_for, window_llc)
+from .stepsize import (ADAPT_AT, Curvature, StepSizeChoice, adapted_step_size, bias_bound_of, bias_of_estimate,
+                       chain_curvature, initial_step_size, predicted_bias, step_size_for, window_llc)
 from .targets import DEFAULT_CACHE_BYTES, SamplingTarget, make_target
 
 #: Default nβ: the tempered posterior probes loss scale ε = 1/nβ = 10⁻³ (nats per sample for kl).
@@ -116,23 +116,22 @@ def behavioral_llc(
         nbeta, loss_scale: nβ = 1/loss_scale (give at most one). Default nβ = 1000: the estimate
             is λ_B at loss scale 10⁻³ (nats per sample for kl), where E[L_B] = λ/nβ.
         step_size: η; default automatic (stepsize.py): the largest η whose predicted relative
-            step-size bias of λ̂, η nβ tr(H)/(8 λ (1 − b_max)), is ``bias_bound`` (0.05) and whose
-            stiffest direction has b_max = η (nβ h_max + γ)/4 ≤ ``stiff_bound`` (0.5), with h_max
-            (Lanczos) and tr H (Hutchinson) of the Hessian of L_B at θ* and at the end of pilot
-            runs, and λ from the pilots' traces; η is lowered (never raised) after a quarter, half
+            step-size bias of λ̂, η nβ (tr H + nβ S)/(8 λ (1 − b_max)), is ``bias_bound`` (0.05) and
+            whose stiffest direction has b_max = η (nβ h_max + γ)/4 ≤ ``stiff_bound`` (0.5), with
+            h_max (Lanczos; the stiffest batch's) and tr H (Hutchinson) of the Hessian of L_B, and S
+            the minibatch gradients' spread (0 for the full batch; ``batch_size``), at θ* and at the
+            end of pilot runs, and λ from the pilots' traces; η is lowered (never raised) after a quarter, half
             and three quarters of the burn-in if the chains reached stiffer regions or their λ̂
             calls for it (:data:`ADAPT_AT`), so the last quarter of the burn-in runs under the final
             η. ``diagnostics["bias_bound"]`` is the predicted relative bias of λ̂ at the final η,
-            K/(λ̂ − K) with K = η nβ tr(H)/(8 (1 − b_max)) (λ̂ is raised by the K it bounds;
+            K/(λ̂ − K) with K = η nβ (tr H + nβ S)/(8 (1 − b_max)) (λ̂ is raised by the K it bounds;
             ``stepsize.bias_of_estimate``): the larger of ``["bias_bound_chosen"]``, with the largest
-            curvature and trace measured before sampling (``["h_max"]``, ``["trace_hessian"]``; the
-            pilots' alone: ``["h_max_pilot"]``), and ``["bias_bound_end"]``, with those measured at the
-            chains' end points; ``["stiff_bound"]`` is b_max (for a given η, which measures no
+            curvature, trace and spread measured before sampling (``["h_max"]``,
+            ``["trace_hessian"]``, ``["gradient_spread"]``; the pilots' alone: ``["h_max_pilot"]``),
+            and ``["bias_bound_end"]``, with those measured at the chains' end points; ``["stiff_bound"]`` is b_max (for a given η, which measures no
             curvature before sampling: at θ* and the chains' end points). A warning is issued when
             the end points' bias exceeds twice ``bias_bound``. On toy:bytelm the predicted bias
-            stayed above the measured one, by 1.7–4× (docs/methods.md §1). With ragged batches
-            every h_max and tr H here is the largest batch's, w_max = max_b n_b/n̄ times that of L_B
-            (its steps meet that curvature; 1 for equal batches; stepsize.py).
+            stayed above the measured one, by 1.7–4× (docs/methods.md §1).
         gamma: localization γ of the prior (γ/2)‖θ − θ*‖² (default 1). It is part of the quantity:
             the estimate is λ̂(ε, γ), the LLC of the posterior within reach of the prior, and
             directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) instead of ½. So a
@@ -188,9 +187,12 @@ def behavioral_llc(
             batch mean. λ̂ = nβ · the mean of L_B,b over the draws is therefore the position-weighted
             estimate (exactly so for draws spanning whole cycles). ``diagnostics["n_samples"]``
             is N, the counted positions of the data; ``["mean_positions_per_batch"]`` is N/n_batches.
-            Known limitation: small minibatches raise λ̂ beyond ``bias_bound``, which reads the mean
-            Hessian of the first batches and not how much the batches' Hessians differ (METHODS §1,
-            "Step size"); prefer the full batch where it fits.
+            Each step meets its own batch's loss, so minibatches raise λ̂ beyond the full batch's
+            step-size bias: the spread of the batches' gradients adds to the injected noise, and the
+            stiffest batch is stiffer than their mean. The rule and ``bias_bound`` include both (S
+            and the stiffest batch's h_max, measured on the first batches: stepsize.py; METHODS §1,
+            "Step size"), so an automatic η is smaller with small batches; ragged batches' weights
+            are part of S.
         params: restrict sampling to a selection (``select_parameters`` spellings for TL models and
             toys, e.g. ``"blocks.0.attn.head1"``; parameter names or name → mask for plain modules).
             The mask multiplies gradient, prior and noise.
@@ -325,11 +327,11 @@ def behavioral_llc(
                     target, selection, config, run, dynamics, state, loss_grad, checkpointer, seed, my_chains,
                     _stop_after, bar, ctx.world_size, started, checks, eta0)
         # The bias bound where the chains ended: reported, and a warning when far above the target.
-        h_end, trace_end = (chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
-                            if state.step == run.steps else (float("nan"), float("nan")))
+        end = (chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
+               if state.step == run.steps else Curvature(float("nan"), float("nan"), float("nan")))
         records = ChainRecords.gather(state, my_chains, loss_grad.compile_s)
         return _result(target, selection, run, nb, choice, source, dynamics, state.extra["adaptations"],
-                       (h_end, trace_end), records, loss_grad, ctx.world_size, _gamma_source(config, eta), budget,
+                       end, records, loss_grad, ctx.world_size, _gamma_source(config, eta), budget,
                        burnin_record)
 
 
@@ -349,14 +351,15 @@ def _localization(config: SamplerConfig, choice: StepSizeChoice, source: str, nb
     eta = choice.step_size
     for _ in range(20):
         eta_new = min(eta, step_size_for(choice.h_max, nbeta, gamma, config.bias_bound, trace=choice.trace,
-                                         llc=choice.llc_pilot, stiff_bound=config.stiff_bound))
+                                         llc=choice.llc_pilot, spread=choice.gradient_spread,
+                                         stiff_bound=config.stiff_bound))
         gamma_new = config.auto_gamma(eta_new)
         done = eta_new == eta and gamma_new == gamma
         eta, gamma = eta_new, gamma_new
         if done:
             break
     choice = replace(choice, step_size=eta, bias_bound=predicted_bias(eta, choice.h_max, choice.trace, choice.llc_pilot,
-                                                                      nbeta, gamma),
+                                                                      nbeta, gamma, choice.gradient_spread),
                      stiff_bound=bias_bound_of(eta, choice.h_max, nbeta, gamma))
     return gamma, choice
 
@@ -423,16 +426,17 @@ def _sample_with_burnin_adaptation(
 
 def _adapt_step_size(target: SamplingTarget, selection: Selection, config: SamplerConfig, dynamics: Dynamics,
                      state: SamplerState, seed: int, my_chains: list[int], since: int) -> Dynamics:
-    """Re-measure h_max and tr H at the chains now and λ̂ over steps [``since``, now), lower an
+    """Re-measure h_max, tr H and S at the chains now and λ̂ over steps [``since``, now), lower an
     automatic η to what they call for (:func:`adapted_step_size`; never raise it) and record the
     check in ``state.extra["adaptations"]`` (checkpointed by the caller)."""
     check = state.step
-    h_now, trace_now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
+    now = chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
     # λ̂ so far: the chains' mean nβ L_B since the last check (every rank's chains: gathered).
     records = ChainRecords.gather(state, my_chains, 0.0)
     llc_now = window_llc(records.losses, records.failed_at < 0, dynamics.nbeta, since, check)
-    eta_new = adapted_step_size(h_now, trace_now, llc_now, dynamics.step_size, dynamics.nbeta, dynamics.gamma, config)
-    state.extra["adaptations"].append({"step": check, "h_max": h_now, "trace_hessian": trace_now, "llc": llc_now,
+    eta_new = adapted_step_size(now, llc_now, dynamics.step_size, dynamics.nbeta, dynamics.gamma, config)
+    state.extra["adaptations"].append({"step": check, "h_max": now.h_max, "trace_hessian": now.trace,
+                                       "gradient_spread": now.spread, "llc": llc_now,
                                        "step_size": min(eta_new, dynamics.step_size)})
     if eta_new < dynamics.step_size:
         dynamics = replace(dynamics, step_size=eta_new)
@@ -599,19 +603,19 @@ def _extend_burnin(
 
 def _result(
     target: SamplingTarget, selection: Selection, config: SamplerConfig, nb: float, choice: StepSizeChoice, source: str,
-    dynamics: Dynamics, adaptations: list[dict], end: tuple[float, float], records: ChainRecords, loss_grad: LossGrad,
+    dynamics: Dynamics, adaptations: list[dict], end: Curvature, records: ChainRecords, loss_grad: LossGrad,
     world: int, gamma_source: str, budget: dict | None = None, burnin_record: dict | None = None,
 ) -> LLCResult:
     """λ̂ from the gathered chains (llc_result.py), the warnings its diagnostics call for, and the result.
 
     ``config`` has the run's burn-in (for ``burnin="auto"``: as extended) and draws (for
     ``draws="auto"``: all blocks'); ``dynamics`` the final η and the γ sampled at; ``end`` the top
-    curvature and Hessian trace at the chains' end points; ``gamma_source`` how γ was set;
+    curvature, Hessian trace and minibatch gradients' spread at the chains' end points; ``gamma_source`` how γ was set;
     ``budget`` is what the ``draws="auto"`` budget did (None for a fixed number of draws) and
     ``burnin_record`` what ``burnin="auto"`` did (None for a given burn-in)."""
     chains, bias_target = config.chains, config.bias_bound
     eta, gamma, rms_factor = dynamics.step_size, dynamics.gamma, config.rms_factor
-    h_end, trace_end = end
+    h_end, trace_end, spread_end = end.h_max, end.trace, end.spread
     steps_done = records.steps_done
     # Interrupted on purpose (_stop_after): report what was sampled so far.
     burnin_used = config.burnin if steps_done >= config.steps else min(config.burnin, max(steps_done - 1, 0))
@@ -641,16 +645,18 @@ def _result(
     # The predicted bias (stepsize.py) with the run's own λ̂: at the chains' end points, and with the
     # largest curvature and trace measured before sampling (pilots and burn-in checks), the ones the
     # final η was chosen for (the pilots' h_max alone would under-state it).
-    bias_end = bias_of_estimate(eta / rms_factor, h_end, trace_end, mean, nb, gamma)
+    bias_end = bias_of_estimate(eta / rms_factor, h_end, trace_end, mean, nb, gamma, spread_end)
     stiff_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
     if bias_end > 2 * bias_target:
         smaller = eta * bias_target / bias_end if math.isfinite(bias_end) else eta / 10
         size = (f"by about {bias_end:.0%}" if math.isfinite(bias_end) else
                 "without bound (the stiffest direction is past the stability limit there)" if stiff_end >= 1 else
                 "without bound (the predicted excess K is as large as λ̂ itself)")
+        noise = (f"(tr H + nβ S)/(8 (1 − b_max)), with tr H = {trace_end:.3g}, the minibatch gradients' spread S = "
+                 f"{spread_end:.3g}" if target.n_batches > 1 else f"tr(H)/(8 (1 − b_max)), with tr H = {trace_end:.3g}")
         warn_once(
             f"at the end of sampling the chains sit where the step size over-estimates λ̂ {size}: predicted "
-            f"K/(λ̂ − K), K = η nβ tr(H)/(8 (1 − b_max)), with tr H = {trace_end:.3g} and h_max = {h_end:.3g} measured at "
+            f"K/(λ̂ − K), K = η nβ {noise} and h_max = {h_end:.3g} measured at "
             f"the chains' end points (b_max = η(nβ h_max + γ)/4 = {stiff_end:.2g}), above the {bias_target:.2g} aimed for; "
             + (f"pass a smaller step_size (e.g. {smaller:.2g})" if source == "given" else
                f"pass a smaller step_size (e.g. {smaller:.2g}) or a larger burnin, so that the burn-in's step-size "
@@ -662,12 +668,13 @@ def _result(
     measured = [a for a in adaptations if math.isfinite(a["h_max"])]
     h_max = max([choice.h_max] + [a["h_max"] for a in measured])
     traces = [t for t in [choice.trace] + [a.get("trace_hessian", float("nan")) for a in measured] if math.isfinite(t)]
+    spread = max([choice.gradient_spread] + [a.get("gradient_spread", 0.0) for a in measured])
     if not traces and math.isfinite(trace_end):
         # A given η measures no tr H before sampling: (1.8) where the chains ended, since the
         # stiffest direction's b/(1 − b) alone over-states the bias of a wide spectrum many times.
-        traces, h_max = [trace_end], max(h_max, h_end)
+        traces, h_max, spread = [trace_end], max(h_max, h_end), max(spread, spread_end)
     trace = max(traces) if traces else float("nan")
-    bound_chosen = bias_of_estimate(eta / rms_factor, h_max, trace, mean, nb, gamma)
+    bound_chosen = bias_of_estimate(eta / rms_factor, h_max, trace, mean, nb, gamma, spread)
     # The run's bias is the larger of the two: the chains may sit where the curvature is larger than
     # where η was chosen (audit 8a: 4 % at the pilots' curvature, 27 % where a deep linear network's
     # chains ended, the run 13 % high).
@@ -677,7 +684,8 @@ def _result(
         # The rule read λ from the pilots, which start at θ* where the loss is smallest: short pilots
         # under-state λ and so η, up to 360× on a regression with pilot_steps = 3 (audit 8a), and the
         # chains then relax that much slower. Said here, where the run's own λ̂ tells.
-        allowed = step_size_for(h_max, nb, gamma, bias_target, trace=trace, llc=mean, stiff_bound=config.stiff_bound)
+        allowed = step_size_for(h_max, nb, gamma, bias_target, trace=trace, llc=mean, spread=spread,
+                                stiff_bound=config.stiff_bound)
         if eta / rms_factor < allowed / 4:
             warn_once(f"the step size {eta:.3g} is {allowed * rms_factor / eta:.0f}× below what the bias target "
                       f"{bias_target:g} allows at the run's λ̂ ({allowed * rms_factor:.3g}): the pilots' λ (from "
@@ -690,9 +698,11 @@ def _result(
     diagnostics = {
         **choice.to_dict(), "step_size_source": source, "step_size": eta, "step_size_initial": dynamics_eta0,
         "gamma": gamma, "gamma_source": gamma_source, "min_gamma": config.gamma_floor if config.auto_gamma_on else None,
-        "h_max_pilot": choice.h_max, "h_max": h_max, "trace_hessian": trace, "bias_bound": bound, "bias_bound_chosen": bound_chosen, "stiff_bound": stiff,
+        "h_max_pilot": choice.h_max, "h_max": h_max, "trace_hessian": trace, "gradient_spread": spread,
+        "bias_bound": bound, "bias_bound_chosen": bound_chosen, "stiff_bound": stiff,
         "predicted_bias_factor": 1.0 + bound,
-        "h_max_end": h_end, "trace_hessian_end": trace_end, "bias_bound_end": bias_end, "stiff_bound_end": stiff_end,
+        "h_max_end": h_end, "trace_hessian_end": trace_end, "gradient_spread_end": spread_end, "bias_bound_end": bias_end,
+        "stiff_bound_end": stiff_end,
         "adaptations": list(adaptations),
         "norms": records.norms, "norm_names": NORMS, "failed_at": records.failed_at, "wall_s": wall,
         # Per chain-step of sampling, without the one-off compilation (its seconds are compile_s).

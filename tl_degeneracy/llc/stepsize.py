@@ -21,10 +21,17 @@ The rule: the largest η whose predicted bias is ``bias_bound`` (default 0.05) a
 direction keeps b_max ≤ ``stiff_bound`` (default 0.5: stable, since the dynamics diverge at
 b = 1, and that direction's variance is at most doubled) — :func:`step_size_for`.
 
-Ragged batches: the step on batch b meets w_b = n_b/n̄ times the curvature of L_B (targets.py), and
-to first order in η a cycle's bias is the mean of w_b² times one full batch's, at most w_max =
-max_b n_b/n̄ times. So the h_max and tr H the rule and the bias bound use are the largest batch's:
-the measured ones times :func:`largest_batch_factor` (1 for equal batches; METHODS §1, "Step size").
+Minibatches: the step on batch b meets that batch's loss L_B,b (weighted by its counted positions,
+targets.py), not L_B. Two things follow (METHODS §1, "Step size"). The stiffest step is the
+stiffest batch's, so h_max is the largest over batches of the top eigenvalue of ∇²L_B,b
+(:func:`batch_curvature`), not that of their mean. And the spread of the batches' gradients adds to
+the injected noise: on a quadratic the step's variance gains (η/2)² Cov_b(nβ∇L_B,b), which to first
+order in η raises λ̂ by (η/8) tr(W V) ≤ (η/8) tr V, V the posterior mean of Cov_b(nβ∇L_B,b) and
+W = nβH(nβH + γ)⁻¹ ⪯ I (the same Lyapunov argument as the full batch's term; exact for the trace since
+W commutes with the drift). So the bias's numerator is η nβ (tr H + nβ S) with S = tr Cov_b(∇L_B,b)
+(:func:`gradient_spread`; 0 for one batch), and with ragged batches it holds their weights' effect as
+well (mean w_b² = 1 + Var w: the w_b are part of the spread). Linear regression, d = 10, batches of
+10 samples at η = 1.52·10⁻⁴: exact SGLD cycle value 5.44 against 5.20 in one batch, (η/8) nβ² S = 0.21.
 
 h_max is the largest positive eigenvalue of the Hessian of L_B restricted to the selected
 coordinates, found by Lanczos iteration on Hessian-vector products (double backward, all points at
@@ -75,8 +82,25 @@ CURVATURE_RTOL = 0.02
 TRACE_PROBES = 2
 #: Most a pilot round may raise η by: the next pilot then tests the larger η before it is used.
 MAX_GROWTH = 4.0
-#: Batches (the first ones of the cycle) whose mean Hessian the curvature is measured on.
+#: Batches (the first ones of the cycle) whose Hessians the curvature is measured on: h_max is the
+#: largest of theirs, tr H that of their mean.
 CURVATURE_BATCHES = 4
+#: Batches (the first ones of the cycle) whose gradients' spread S is measured on: each is one
+#: chain-batched gradient, the cost of one SGLD step, and 16 give S to about ±35 % (a variance from
+#: 15 degrees of freedom), enough for a bias term that the rule keeps at a few percent.
+SPREAD_BATCHES = 16
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """What the bias (1.8) is computed from, measured at some points: ``h_max`` the stiffest batch's top
+    Hessian eigenvalue (the largest over the points), ``trace`` the posterior mean of tr ∇²L_B and
+    ``spread`` that of S = tr Cov_b(∇L_B,b), the minibatch gradients' spread (module docstring; 0 for
+    one batch). NaN where nothing was measured."""
+
+    h_max: float
+    trace: float = float("nan")
+    spread: float = 0.0
 
 
 def top_hessian_eigenvalue(
@@ -85,7 +109,7 @@ def top_hessian_eigenvalue(
     mask: Bool[Tensor, " D"],
     points: Float[Tensor, "P D"],
     *,
-    max_batches: int = CURVATURE_BATCHES,
+    batches: Sequence[int] | None = None,
     iters: int = 30,
     rtol: float = 1e-3,
     seed: int = 0,
@@ -118,9 +142,10 @@ def top_hessian_eigenvalue(
     does not depend on which other points are computed beside it (``point_seeds``: one start vector
     per point from its own seed; else one generator seeded by ``seed`` for all).
 
-    Uses the first ``max_batches`` batches: the mean of their Hessians of L_B,b, each batch's loss
-    weighted by its counted positions (targets.py), so that with no more batches than that it is
-    the Hessian of the dataset's L_B (METHODS §1), however ragged the batches.
+    The Hessian is the mean of those of L_B,b over ``batches`` (default :func:`measured_batches`),
+    each batch's loss weighted by its counted positions (targets.py), so that over all the batches
+    it is the Hessian of the dataset's L_B (METHODS §1), however ragged the batches; one batch's
+    alone for :func:`batch_curvature`.
     """
     m = mask.to(points.dtype)
     P = points.shape[0]
@@ -136,7 +161,7 @@ def top_hessian_eigenvalue(
     q = q * m
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     q_prev = torch.zeros_like(q)
-    n_b = min(max_batches, target.n_batches)
+    batches = measured_batches(target) if batches is None else list(batches)
     # T is accumulated in float64 (its eigenvalues are the result), whatever the model dtype.
     alphas = torch.zeros(P, 0, dtype=torch.float64, device=points.device)
     betas = torch.zeros(P, 0, dtype=torch.float64, device=points.device)
@@ -148,7 +173,7 @@ def top_hessian_eigenvalue(
     for _ in range(iters):
         rows = active.nonzero()[:, 0]
         hq = torch.zeros_like(q)
-        hq[rows] = hessian_vector_products(target, layout, points[rows], q[rows], n_b)
+        hq[rows] = hessian_vector_products(target, layout, points[rows], q[rows], batches)
         hq = hq * m
         alpha = (q * hq).sum(1, keepdim=True)
         w = hq - alpha * q - beta_prev * q_prev
@@ -180,9 +205,8 @@ def top_hessian_eigenvalue(
 
 
 def hessian_vector_products(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"],
-                            q: Float[Tensor, "P D"], n_b: int) -> Float[Tensor, "P D"]:
-    """H(θ* + points[p]) q[p] for every point: the mean over the first ``n_b`` batches of the Hessians
-    of L_B,b (double backward along the chain axis). Each point's product depends on that point
+                            q: Float[Tensor, "P D"], batches: Sequence[int]) -> Float[Tensor, "P D"]:
+    """H(θ* + points[p]) q[p] for every point: the mean over ``batches`` of the Hessians of L_B,b (double backward along the chain axis). Each point's product depends on that point
     alone, so where the points' double-backward graph does not fit in the device's memory they are
     computed in smaller groups (halved until they fit) with the same result."""
     hq = torch.zeros_like(q)
@@ -190,7 +214,7 @@ def hessian_vector_products(target: SamplingTarget, layout: ParameterLayout, poi
     while start < points.shape[0]:
         rows = slice(start, start + group)
         try:
-            hq[rows] = _batched_hvp(target, layout, points[rows], q[rows], n_b)
+            hq[rows] = _batched_hvp(target, layout, points[rows], q[rows], batches)
         except OUT_OF_MEMORY:
             if group == 1:
                 raise
@@ -201,15 +225,70 @@ def hessian_vector_products(target: SamplingTarget, layout: ParameterLayout, poi
 
 
 def _batched_hvp(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"],
-                 q: Float[Tensor, "P D"], n_b: int) -> Float[Tensor, "P D"]:
+                 q: Float[Tensor, "P D"], batches: Sequence[int]) -> Float[Tensor, "P D"]:
     hq = torch.zeros_like(q)
-    for b in range(n_b):
+    for b in batches:
         d = points.detach().requires_grad_(True)
         loss = target.loss(layout.unflatten(d), b).sum()
         (grad,) = torch.autograd.grad(loss, d, create_graph=True)
         (h,) = torch.autograd.grad((grad * q).sum(), d)
-        hq += h.detach() / n_b
+        hq += h.detach() / len(batches)
     return hq
+
+
+def measured_batches(target: SamplingTarget) -> list[int]:
+    """The batches the curvature is measured on: the first :data:`CURVATURE_BATCHES` of the cycle."""
+    return list(range(min(CURVATURE_BATCHES, target.n_batches)))
+
+
+def batch_curvature(
+    target: SamplingTarget,
+    layout: ParameterLayout,
+    mask: Bool[Tensor, " D"],
+    points: Float[Tensor, "P D"],
+    *,
+    iters: int = 30,
+    rtol: float = CURVATURE_RTOL,
+    seed: int = 0,
+    point_seeds: list[int] | None = None,
+) -> Float[Tensor, " P"]:
+    """h_max of the stiffest step at every point: the largest over :func:`measured_batches` of the top
+    eigenvalue of ∇²L_B,b (:func:`top_hessian_eigenvalue` of each batch alone; the same number of
+    Hessian-vector products as one run on their mean), times :func:`unmeasured_batch_factor`. A step
+    meets its batch's Hessian, whose top eigenvalue can be several times that of the mean (linear
+    regression, d = 10, in batches of 10 samples: 3.3 on average, 4.9 at most, against 1.19; module
+    docstring). With one batch this is :func:`top_hessian_eigenvalue` of L_B."""
+    tops = [top_hessian_eigenvalue(target, layout, mask, points, batches=[b], iters=iters, rtol=rtol, seed=seed,
+                                   point_seeds=point_seeds) for b in measured_batches(target)]
+    return torch.stack(tops).amax(0) * unmeasured_batch_factor(target)
+
+
+def gradient_spread(target: SamplingTarget, layout: ParameterLayout, mask: Bool[Tensor, " D"],
+                    points: Float[Tensor, "P D"]) -> Float[Tensor, " P"]:
+    """S = tr Cov_b(∇L_B,b) = (1/B) Σ_b ‖∇L_B,b − ∇L_B‖² over the cycle's B batches (masked coordinates),
+    at every point: the minibatch gradients' spread, which adds η nβ² S/8 to the bias's K (module
+    docstring). Estimated from the first k = min(B, :data:`SPREAD_BATCHES`) batches as their sample
+    variance (k − 1 degrees of freedom) times (B − 1)/B, unbiased for a random subset and exact for
+    k = B; 0 for one batch. The sums are shifted by the first batch's gradient, so that a spread
+    small against the gradients themselves does not cancel away. Float64."""
+    n = target.n_batches
+    out = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
+    if n == 1:
+        return out
+    k = min(n, SPREAD_BATCHES)
+    m = mask.to(points.dtype)
+    shift = total = None
+    for b in range(k):
+        d = points.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(target.loss(layout.unflatten(d), b).sum(), d)
+        g = (g * m).to(torch.float64)
+        if shift is None:
+            shift, total = g, torch.zeros_like(g)
+            continue
+        total += g - shift
+        out += ((g - shift) ** 2).sum(1)
+    out = (out - (total ** 2).sum(1) / k) / (k - 1)
+    return out.clamp_min(0) * (n - 1) / n
 
 
 def trace_samples(
@@ -220,21 +299,21 @@ def trace_samples(
     point_seeds: Sequence[int],
     *,
     probes: int = 2,
-    max_batches: int = CURVATURE_BATCHES,
 ) -> Float[Tensor, "P probes"]:
     """Hutchinson samples zᵀ H z of tr ∇²L_B at θ* + points[p] (masked coordinates), E_z = tr H for
     Rademacher z (±1 on the selected coordinates); each probe is one Hessian-vector product for all
     points at once, and point p draws its z from its own generator seeded ``point_seeds[p]``, so its
     samples do not depend on the other points (nor on how chains are split across ranks). Float64.
-    Batches as in :func:`top_hessian_eigenvalue`."""
+    The Hessian is the mean of those of :func:`measured_batches`, the mean curvature the cycle's
+    steps meet."""
     m = mask.to(points.dtype)
-    n_b = min(max_batches, target.n_batches)
+    batches = measured_batches(target)
     gens = [torch.Generator(device=points.device).manual_seed(int(ps)) for ps in point_seeds]
     out = torch.empty(points.shape[0], probes, dtype=torch.float64, device=points.device)
     for k in range(probes):
         z = torch.stack([torch.randint(0, 2, points.shape[1:], generator=g, device=points.device) for g in gens])
         z = (z.to(points.dtype) * 2 - 1) * m
-        out[:, k] = (hessian_vector_products(target, layout, points, z, n_b) * z).sum(1).to(torch.float64)
+        out[:, k] = (hessian_vector_products(target, layout, points, z, batches) * z).sum(1).to(torch.float64)
     return out
 
 
@@ -247,50 +326,55 @@ def hessian_trace(samples: Float[Tensor, "..."]) -> tuple[float, float]:
     return float(v.mean()), se
 
 
-def largest_batch_factor(target: SamplingTarget) -> float:
-    """max_b n_b over the mean n_b of the first :data:`CURVATURE_BATCHES` batches: the factor from the
-    Hessian the curvature is measured on (their mean Hessian of L_B,b, each ∝ n_b) to the largest
-    batch's, which its SGLD step meets (module docstring). w_max = max_b n_b/n̄ where the data have
-    at most that many batches; 1 for equal batches."""
+def unmeasured_batch_factor(target: SamplingTarget) -> float:
+    """max_b n_b over all batches over that of :func:`measured_batches`: where the batch with the most
+    counted positions is not among those measured, the factor by which its curvature (L_B,b ∝ n_b,
+    targets.py) can exceed theirs; 1 when it is (always for one batch, or a short last one)."""
     measured = target.batch_positions[:CURVATURE_BATCHES]
-    return max(target.batch_positions) * len(measured) / sum(measured)
+    return max(target.batch_positions) / max(max(measured), 1)
 
 
 def reference_curvature(target: SamplingTarget, layout: ParameterLayout, mask: Bool[Tensor, " D"], seed: int) -> float:
-    """h_max at θ* of the largest batch's loss (:func:`largest_batch_factor` × the Lanczos value of
-    :func:`top_hessian_eigenvalue`, to :data:`CURVATURE_RTOL`)."""
+    """h_max at θ* of the stiffest batch (:func:`batch_curvature`, to :data:`CURVATURE_RTOL`)."""
     origin = torch.zeros(1, layout.numel, device=target.device, dtype=target.dtype)
-    h = float(top_hessian_eigenvalue(target, layout, mask, origin, seed=seed, rtol=CURVATURE_RTOL)[0])
-    return largest_batch_factor(target) * h
+    return float(batch_curvature(target, layout, mask, origin, seed=seed)[0])
 
 
-def predicted_bias(step_size: float, h_max: float, trace: float, llc: float, nbeta: float, gamma: float) -> float:
+def _noise(trace: float, spread: float, nbeta: float) -> float:
+    """tr H + nβ S: what η nβ/8 multiplies in the bias's K (module docstring)."""
+    return max(trace, 0.0) + nbeta * max(spread, 0.0)
+
+
+def predicted_bias(step_size: float, h_max: float, trace: float, llc: float, nbeta: float, gamma: float,
+                   spread: float = 0.0) -> float:
     """Relative step-size bias of λ̂ predicted for η (module docstring):
-    η nβ tr(H) / (8 λ (1 − b_max)), b_max = η (nβ h_max + γ)/4; inf at or past the stability limit
+    η nβ (tr H + nβ S) / (8 λ (1 − b_max)), b_max = η (nβ h_max + γ)/4, S the minibatch gradients'
+    spread (:func:`gradient_spread`; 0 for one batch); inf at or past the stability limit
     b_max ≥ 1, and where λ ≤ 0 is not yet known, the bound of the stiffest direction
     b_max/(1 − b_max) (every direction as stiff as the stiffest)."""
     b_max = bias_bound_of(step_size, h_max, nbeta, gamma)
     if not b_max < 1:
         return float("inf")
-    if not (math.isfinite(llc) and llc > 0 and math.isfinite(trace)):
+    if not (math.isfinite(llc) and llc > 0 and math.isfinite(trace) and math.isfinite(spread)):
         return b_max / (1 - b_max)
-    return step_size * nbeta * max(trace, 0.0) / (8.0 * llc * (1.0 - b_max))
+    return step_size * nbeta * _noise(trace, spread, nbeta) / (8.0 * llc * (1.0 - b_max))
 
 
-def bias_of_estimate(step_size: float, h_max: float, trace: float, llc_hat: float, nbeta: float, gamma: float) -> float:
+def bias_of_estimate(step_size: float, h_max: float, trace: float, llc_hat: float, nbeta: float, gamma: float,
+                     spread: float = 0.0) -> float:
     """(1.8) for a finished run, whose λ̂ is itself raised by the bias it bounds: to first order
-    λ̂ − λ = K = η nβ tr(H) / (8 (1 − b_max)) whatever λ, so the relative bias is K/λ = K/(λ̂ − K),
-    p/(1 − p) with p = :func:`predicted_bias` at λ̂ (inf where K ≥ λ̂). Dividing by λ̂ itself gave
-    p = K/λ̂, below the bias it bounds (audit 8a: 0.29 for a run 34 % high). Where λ̂ or tr H is
-    unknown, :func:`predicted_bias`'s bound of the stiffest direction, which reads no λ."""
-    p = predicted_bias(step_size, h_max, trace, llc_hat, nbeta, gamma)
+    λ̂ − λ = K = η nβ (tr H + nβ S) / (8 (1 − b_max)) whatever λ, so the relative bias is
+    K/λ = K/(λ̂ − K), p/(1 − p) with p = :func:`predicted_bias` at λ̂ (inf where K ≥ λ̂). Dividing by
+    λ̂ itself gave p = K/λ̂, below the bias it bounds (audit 8a: 0.29 for a run 34 % high). Where λ̂ or
+    tr H is unknown, :func:`predicted_bias`'s bound of the stiffest direction, which reads no λ."""
+    p = predicted_bias(step_size, h_max, trace, llc_hat, nbeta, gamma, spread)
     if not (math.isfinite(llc_hat) and llc_hat > 0 and math.isfinite(trace) and math.isfinite(p)):
         return p
     return p / (1 - p) if p < 1 else float("inf")
 
 
 def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float, *, trace: float = float("nan"),
-                  llc: float = float("nan"), stiff_bound: float = 0.5) -> float:
+                  llc: float = float("nan"), spread: float = 0.0, stiff_bound: float = 0.5) -> float:
     """The largest η whose :func:`predicted_bias` is ``bias_bound`` and whose stiffest direction has
     b_max = η (nβ h_max + γ)/4 ≤ ``stiff_bound``. Without a measured λ and tr H, the η of
     b_max/(1 − b_max) = bias_bound (every direction as stiff as the stiffest; a cautious start)."""
@@ -301,9 +385,9 @@ def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float, *
             "can be derived; set gamma > 0 (localization) or pass step_size"
         )
     B = curvature / 4.0  # b_max = B η
-    if math.isfinite(llc) and llc > 0 and math.isfinite(trace):
-        # η nβ tr/(8λ) = bias (1 − B η)  ⇔  η = bias / (A + bias B), A = nβ tr/(8λ).
-        A = nbeta * max(trace, 0.0) / (8.0 * llc)
+    if math.isfinite(llc) and llc > 0 and math.isfinite(trace) and math.isfinite(spread):
+        # η nβ T/(8λ) = bias (1 − B η)  ⇔  η = bias / (A + bias B), A = nβ T/(8λ), T = tr H + nβ S.
+        A = nbeta * _noise(trace, spread, nbeta) / (8.0 * llc)
         eta = bias_bound / (A + bias_bound * B)
     else:
         eta = bias_bound / ((1.0 + bias_bound) * B)
@@ -319,8 +403,8 @@ def bias_bound_of(step_size: float, h_max: float, nbeta: float, gamma: float) ->
 @dataclass
 class StepSizeChoice:
     """The step size chosen and what it was derived from: h_max (largest curvature measured, the
-    pilots' and θ*'s), h_max at θ*, tr H (the larger of θ*'s and the pilots' posterior mean), all
-    of the largest batch's loss (:func:`largest_batch_factor`; module docstring), λ read
+    pilots' and θ*'s, of the stiffest batch: :func:`batch_curvature`), h_max at θ*, tr H and the
+    minibatch gradients' spread S (the last pilot's posterior means; S = 0 for one batch), λ read
     from the last pilot (NaN before any), the predicted bias of λ̂ (``bias_bound``) and the stiffest
     direction's b_max (``stiff_bound``) at this η, and each pilot round (``history``)."""
 
@@ -332,18 +416,19 @@ class StepSizeChoice:
     trace: float = float("nan")
     llc_pilot: float = float("nan")
     stiff_bound: float = float("nan")
+    gradient_spread: float = 0.0
 
     def to_dict(self) -> dict:
         return {"step_size": self.step_size, "h_max": self.h_max, "h_max_at_reference": self.h_max_at_reference,
                 "bias_bound": self.bias_bound, "calibration": self.history, "trace_hessian": self.trace,
-                "llc_pilot": self.llc_pilot, "stiff_bound": self.stiff_bound}
+                "llc_pilot": self.llc_pilot, "stiff_bound": self.stiff_bound, "gradient_spread": self.gradient_spread}
 
     @classmethod
     def from_dict(cls, saved: dict) -> StepSizeChoice:
         """Inverse of :meth:`to_dict` (a checkpoint's saved choice)."""
         return cls(saved["step_size"], saved["h_max"], saved["h_max_at_reference"], saved["bias_bound"],
                    saved["calibration"], saved.get("trace_hessian", float("nan")), saved.get("llc_pilot", float("nan")),
-                   saved.get("stiff_bound", float("nan")))
+                   saved.get("stiff_bound", float("nan")), saved.get("gradient_spread", 0.0))
 
 
 def choose_step_size(
@@ -366,8 +451,7 @@ def choose_step_size(
     b_max ≤ ``stiff_bound`` (module docstring). ``progress``: a bar over each pilot round's steps
     (one bar, reset per round)."""
     h_ref = reference_curvature(target, layout, mask, seed)
-    weight = largest_batch_factor(target)
-    h_used, trace, llc = h_ref, float("nan"), float("nan")
+    h_used, trace, spread, llc = h_ref, float("nan"), 0.0, float("nan")
     eta = step_size_for(h_ref, nbeta, gamma, bias_bound, stiff_bound=stiff_bound)
     history: list[dict] = []
     # The smallest η at which a pilot chain diverged: no later pilot (nor the result) reaches half of
@@ -381,8 +465,8 @@ def choose_step_size(
     seeds = [chain_seed(seed, -1000 - c) for c in range(pilot_chains)]
 
     def choice(step: float) -> StepSizeChoice:
-        return StepSizeChoice(step, h_used, h_ref, predicted_bias(step, h_used, trace, llc, nbeta, gamma), history,
-                              trace, llc, bias_bound_of(step, h_used, nbeta, gamma))
+        return StepSizeChoice(step, h_used, h_ref, predicted_bias(step, h_used, trace, llc, nbeta, gamma, spread), history,
+                              trace, llc, bias_bound_of(step, h_used, nbeta, gamma), spread)
 
     with tqdm(total=pilot_steps, unit="step", leave=False,
               disable=not show_progress(progress, distributed_context().rank)) as bar:
@@ -400,17 +484,17 @@ def choose_step_size(
                 eta = eta / 10
                 continue
             ends = state.delta[alive]
-            h_pilot = weight * float(top_hessian_eigenvalue(target, layout, mask, ends, seed=seed + rnd + 1,
-                                                            rtol=CURVATURE_RTOL).max())
-            trace, trace_se = (weight * x for x in hessian_trace(trace_samples(
-                target, layout, mask, ends, [seed + rnd + 1 + 7919 * c for c in range(len(ends))], probes=TRACE_PROBES)))
+            h_pilot = float(batch_curvature(target, layout, mask, ends, seed=seed + rnd + 1).max())
+            trace, trace_se = hessian_trace(trace_samples(
+                target, layout, mask, ends, [seed + rnd + 1 + 7919 * c for c in range(len(ends))], probes=TRACE_PROBES))
+            spread = float(gradient_spread(target, layout, mask, ends).mean())
             llc = window_llc(state.trace, alive.cpu().numpy(), nbeta, pilot_steps // 2)
             history.append({"round": rnd, "step_size": eta, "h_max": h_pilot, "trace_hessian": trace,
-                            "trace_hessian_se": trace_se, "llc_pilot": llc, "diverged": diverged})
+                            "trace_hessian_se": trace_se, "gradient_spread": spread, "llc_pilot": llc, "diverged": diverged})
             h_used = max(h_ref, h_pilot)
             # After a divergence never go back up to it: at most half the smallest diverging η.
-            eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound, trace=trace, llc=llc, stiff_bound=stiff_bound),
-                          ceiling / 2, MAX_GROWTH * eta)
+            eta_new = min(step_size_for(h_used, nbeta, gamma, bias_bound, trace=trace, llc=llc, spread=spread,
+                                        stiff_bound=stiff_bound), ceiling / 2, MAX_GROWTH * eta)
             if not diverged and abs(eta_new - eta) <= 0.25 * eta:
                 return choice(min(eta, eta_new))
             # The curvature a pilot sees depends on the η it ran with, so the fixed point is approached
@@ -467,28 +551,27 @@ def initial_step_size(
 
 
 def chain_curvature(target: SamplingTarget, selection: Selection, state: SamplerState,
-                    point_seeds: Sequence[int]) -> tuple[float, float]:
-    """Largest top-Hessian eigenvalue (Lanczos upper estimate) over the healthy chains of every rank,
-    at their current points, and the mean Hessian trace over all of them (Hutchinson,
-    :func:`trace_samples`), both of the largest batch's loss (:func:`largest_batch_factor`); (0,
-    NaN) where none is healthy."""
+                    point_seeds: Sequence[int]) -> Curvature:
+    """The stiffest batch's top Hessian eigenvalue (:func:`batch_curvature`) over the healthy chains of
+    every rank, at their current points, and the means over all of them of the Hessian trace
+    (Hutchinson, :func:`trace_samples`) and of the minibatch gradients' spread
+    (:func:`gradient_spread`); h_max 0 and trace NaN where none is healthy."""
     alive = state.alive.cpu()
-    h, trace = 0.0, float("nan")
+    h, local, spreads = 0.0, [], []
     if bool(alive.any()):
         points = state.delta[state.alive]
         seeds = [s for s, a in zip(point_seeds, alive.tolist()) if a]
-        h = float(top_hessian_eigenvalue(target, selection.layout, selection.mask, points, iters=20, point_seeds=seeds,
-                                         rtol=CURVATURE_RTOL).max())
+        h = float(batch_curvature(target, selection.layout, selection.mask, points, iters=20, point_seeds=seeds).max())
         samples = trace_samples(target, selection.layout, selection.mask, points, seeds, probes=TRACE_PROBES).reshape(-1)
         local = samples.cpu().tolist()
-    else:
-        local = []
-    # Every rank's samples (each chain's drawn from its own seed), so the mean is the one a single
+        spreads = gradient_spread(target, selection.layout, selection.mask, points).cpu().tolist()
+    # Every rank's samples (each chain's drawn from its own seed), so the means are the ones a single
     # process computes over all chains.
     gathered = [x for part in gather_objects(local) for x in part]
     trace = hessian_trace(torch.tensor(gathered, dtype=torch.float64, device="cpu"))[0] if gathered else float("nan")
-    weight = largest_batch_factor(target)
-    return weight * max_over_ranks(h), weight * trace
+    all_spreads = [x for part in gather_objects(spreads) for x in part]
+    spread = float(np.mean(all_spreads)) if all_spreads else 0.0
+    return Curvature(max_over_ranks(h), trace, spread)
 
 
 def round_down(x: float, digits: int = 3) -> float:
@@ -499,13 +582,14 @@ def round_down(x: float, digits: int = 3) -> float:
     return float(f"{math.floor(x / 10.0**exponent)}e{exponent}")
 
 
-def adapted_step_size(h_now: float, trace_now: float, llc_now: float, current: float, nbeta: float, gamma: float,
+def adapted_step_size(now: Curvature, llc_now: float, current: float, nbeta: float, gamma: float,
                       config: SamplerConfig) -> float:
-    """The η a burn-in check proposes for the chains' curvature ``h_now``, Hessian trace
-    ``trace_now`` and λ̂ so far ``llc_now`` (:data:`ADAPT_AT`): the rule of :func:`step_size_for`,
-    RMSProp-scaled and rounded down; ``current`` where the posterior is flat (nβ h + γ = 0). The
-    caller keeps the smaller of it and ``current`` (η is lowered, never raised)."""
-    if not nbeta * h_now + gamma > 0:
+    """The η a burn-in check proposes for the chains' curvature ``now`` and λ̂ so far ``llc_now``
+    (:data:`ADAPT_AT`): the rule of :func:`step_size_for`, RMSProp-scaled and rounded down;
+    ``current`` where the posterior is flat (nβ h + γ = 0). The caller keeps the smaller of it and
+    ``current`` (η is lowered, never raised)."""
+    if not nbeta * now.h_max + gamma > 0:
         return current
-    eta = step_size_for(h_now, nbeta, gamma, config.bias_bound, trace=trace_now, llc=llc_now, stiff_bound=config.stiff_bound)
+    eta = step_size_for(now.h_max, nbeta, gamma, config.bias_bound, trace=now.trace, llc=llc_now, spread=now.spread,
+                        stiff_bound=config.stiff_bound)
     return round_down(eta * config.rms_factor)

@@ -29,8 +29,9 @@ position-weighted mean over a set of batches (by default all: the dataset's L_B)
 
 The weighting fixes L_B, not the dynamics: batch b's loss carries the weight w_b = n_b/n̄, so its
 SGLD step meets w_b times the curvature of L_B, and the largest batch w_max = max_b n_b/n̄ times
-(``largest_batch_weight``). The step-size rule and its bias bound use that curvature (stepsize.py;
-METHODS §1, "Step size"), and a run whose w_max exceeds :data:`RAGGED_WEIGHT` warns
+(``largest_batch_weight``). The step-size rule and its bias bound use the stiffest batch's curvature
+and the spread of the batches' gradients, of which the weights are part (stepsize.py; METHODS §1,
+"Step size"), and a run whose w_max exceeds :data:`RAGGED_WEIGHT` warns
 (``ragged_warning``), since its λ̂ depends on how the data were split.
 
 Reference outputs f_θ*(x) are computed from the frozen θ* under ``no_grad`` when a batch is first
@@ -164,9 +165,9 @@ class SamplingTarget(abc.ABC):
             fix = f"batches of {name} of equal length, or one batch (batch_size=None), avoid this"
         return (f"ragged minibatches: the largest of the {self.n_batches} batches holds {max(self.batch_positions):,} "
                 f"counted positions, {w:.2f}× the mean {self.mean_positions:.4g}, so its SGLD steps meet {w:.2f}× the "
-                "curvature of L_B. The step-size rule and the reported bias bound use that curvature (an automatic "
-                f"step size is about {w:.2f}× smaller than an even split needs), but λ̂ still depends on how the data "
-                f"are split (METHODS §1, \"Step size\"); {fix}")
+                "curvature of L_B. The step-size rule and the reported bias bound include that curvature and the "
+                "spread it gives the batches' gradients (so an automatic step size is smaller than an even split "
+                f"needs), but λ̂ still depends on how the data are split (METHODS §1, \"Step size\"); {fix}")
 
     @property
     def compile_obstacle(self) -> str:
