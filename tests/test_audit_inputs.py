@@ -39,6 +39,12 @@ def _hf_model(arch: str):
         # ffn_dim 64 ≠ 4·hidden_size: the bridge's config says d_mlp 128
         "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
                                                       max_position_embeddings=64, word_embed_proj_dim=32, **_COMMON)),
+        # post-LN: the same module names as pre-LN OPT (opt-350m)
+        "opt_post_ln": lambda: tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                                              ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32,
+                                                              do_layer_norm_before=False, **_COMMON)),
+        # post-LN, bidirectional: ln1 is attention.output.LayerNorm, after the attention's residual add
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(**_LAYERS, **_COMMON)),
     }
     torch.manual_seed(0)
     model = configs[arch]()
@@ -313,6 +319,24 @@ def test_post_norm_blocks_say_that_they_have_no_pre_norm(audit_dirs):
     with pytest.raises(MissingHookError, match=r"no norm in front of its attention \((its norms: ln1_post, ln2_post|"
                                                r"its ln1 wraps post_attention_layernorm, applied after it)\)"):
         tld.ov_invariants(model)
+
+
+def test_post_norm_blocks_whose_names_do_not_say_so_are_refused(audit_dirs):
+    """BERT and post-LN OPT were analysed as pre-norm models (audit 9 F8): the OV/QK invariants folded
+    the post-attention LayerNorm's gain (σ₁ off by up to 39 %) and the counts read the MLP's input as
+    the attention's. One forward pass now finds that BERT's ln1 does not output what its attention
+    reads; post-LN OPT's forward fails inside the bridge, which is said as it is."""
+    bert = quiet_boot(audit_dirs("bert"))
+    tokens = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    for analysis in (tld.ov_invariants, tld.qk_invariants, lambda m: tld.degeneracy_counts(m, tokens, progress=False)):
+        with pytest.raises(MissingHookError, match=r"no norm in front of its attention \(its ln1 \(attention.output.LayerNorm\) "
+                                                   r"does not output what its attention reads\)"):
+            analysis(bert)
+    with pytest.raises(tld.TLDegeneracyError, match=r"forward pass of this TransformerBridge on 8 tokens failed .*"
+                                                      r"post-norm ones, as in BERT and post-LN OPT, are not supported"):
+        tld.ov_invariants(quiet_boot(audit_dirs("opt_post_ln")))
+    # Its pre-LN twin passes the same check.
+    assert len(tld.ov_invariants(quiet_boot(audit_dirs("opt")))) == 8
 
 
 def test_config_is_checked_against_the_weights(audit_dirs):

@@ -411,9 +411,9 @@ class ModelAdapter(abc.ABC):
     #: LayerNorm/RMSNorm and the bridge's: x/σ) or after them (the bundled toys: x/σ·w + b).
     normalized_before_affine: ClassVar[bool] = False
 
-    def _post_norm(self, norm: nn.Module, ln: str) -> str | None:
-        """Where a block's ``ln`` module (``ln1``/``ln2``) normalizes the sublayer's output instead of
-        its input: what it normalizes, in words; None (the default) for a pre-norm."""
+    def _post_norm(self, layer: int, norm: nn.Module, ln: str) -> str | None:
+        """Where block ``layer``'s ``ln`` module (``ln1``/``ln2``) normalizes the sublayer's output
+        instead of its input: what it normalizes, in words; None (the default) for a pre-norm."""
         return None
 
     def _norm_module(self, layer: int, ln: str) -> nn.Module:
@@ -422,7 +422,7 @@ class ModelAdapter(abc.ABC):
         MLP's outputs instead (TL 4.x calls those norms ``ln1_post``/``ln2_post``)."""
         block = self.model.blocks[layer]
         module = getattr(block, ln, None)
-        where = None if module is None else self._post_norm(module, ln)
+        where = None if module is None else self._post_norm(layer, module, ln)
         if module is not None and where is None:
             return module
         if where is None:
@@ -432,7 +432,7 @@ class ModelAdapter(abc.ABC):
         raise MissingHookError(
             f"layer {layer} of this {type(self.model).__name__} has no norm in front of its "
             f"{'attention' if ln == 'ln1' else 'MLP'} ({where}): it is not a pre-norm block (OLMo2 normalizes the "
-            "outputs instead). tl_degeneracy's effective maps (METHODS §2) read the normalized block input, so they "
+            "sublayers' outputs instead, BERT the residual stream after them). tl_degeneracy's effective maps (METHODS §2) read the normalized block input, so they "
             "are not defined here; use a pre-norm model (GPT-2, Llama, Gemma, Pythia ...)"
         )
 

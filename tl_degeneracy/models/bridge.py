@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import Tensor, nn
+
+from ..errors import TLDegeneracyError
 
 from .adapter import ModelAdapter
 from .config import ModelConfig
@@ -72,6 +75,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
     def __init__(self, model: nn.Module):
         self._compat = bool(getattr(model, "compatibility_mode", False))
         self._module_names: dict[int, str] | None = None
+        self._feeds: dict[tuple[int, str], bool] | None = None
         super().__init__(model)
 
     @property
@@ -183,14 +187,58 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             "b_U": _attribute(m.unembed, "b_U"),
         }
 
-    def _post_norm(self, norm: nn.Module, ln: str) -> str | None:
+    def _post_norm(self, layer: int, norm: nn.Module, ln: str) -> str | None:
         """TL 3.9 maps OLMo2's ``post_attention_layernorm``/``post_feedforward_layernorm`` to ``ln1``/
         ``ln2`` (TL 4.x to ``ln1_post``/``ln2_post``), so the wrapped HF module's name decides: a
         post-norm where it names the sublayer the norm should precede. (Llama's pre-MLP ``ln2`` is
-        ``post_attention_layernorm``: after the attention, before the MLP.)"""
+        ``post_attention_layernorm``: after the attention, before the MLP.) Names do not tell every
+        post-norm: BERT's ``ln1`` is ``attention.output.LayerNorm``, after the attention and its
+        residual add, and post-LN OPT's has the pre-LN name. So the structure decides as well: a norm
+        whose output is not what its sublayer reads in one forward pass (:meth:`_norm_feeds`)."""
         name = str(getattr(norm, "name", "") or "")
         after = {"ln1": ("post_attention",), "ln2": ("post_feedforward", "post_mlp")}[ln]
-        return f"its {ln} wraps {name}, applied after it" if name.startswith(after) else None
+        if name.startswith(after):
+            return f"its {ln} wraps {name}, applied after it"
+        if self._norm_feeds().get((layer, ln), True):
+            return None
+        sublayer = "attention" if ln == "ln1" else "MLP"
+        return f"its {ln} ({name or type(norm).__name__}) does not output what its {sublayer} reads"
+
+    def _norm_feeds(self) -> dict[tuple[int, str], bool]:
+        """(layer, ln) → whether block ``layer``'s ``ln`` output is what the sublayer after it reads
+        (``ln1.hook_out`` against ``attn.hook_in``, ``ln2.hook_out`` against ``mlp.hook_in``), found in
+        one forward pass over a few tokens, once per adapter; pairs without both hooks (a parallel
+        block's shared norm) are left out. Equal, bit for bit, on every pre-norm architecture the
+        tests boot (GPT-2, OPT, Llama with GQA, NeoX, GPT-J, Phi, Gemma 1–3), in both TransformerLens
+        versions and modes. A forward pass that fails is an error: post-LN OPT's fails inside the
+        bridge, and no analysis can read a model whose forward does not run."""
+        if self._feeds is not None:
+            return self._feeds
+        pairs = {(layer, ln): (f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{sub}.hook_in")
+                 for layer in range(self.n_layers) for ln, sub in (("ln1", "attn"), ("ln2", "mlp"))}
+        hooks = self.model.hook_dict
+        pairs = {key: names for key, names in pairs.items() if all(n in hooks for n in names)}
+        seen: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def store(activation: Tensor, hook) -> None:
+                seen[name] = activation.detach()
+            return store
+
+        tokens = torch.arange(min(8, self.d_vocab), device=self.device)[None]
+        try:
+            with torch.no_grad():
+                self.run_with_hooks(tokens, fwd_hooks=[(n, keep(n)) for names in pairs.values() for n in names])
+        except Exception as err:
+            raise TLDegeneracyError(
+                f"a forward pass of this {type(self.model).__name__} on {tokens.shape[1]} tokens failed ({type(err).__name__}: "
+                f"{err}); tl_degeneracy checks with one that each block's norms feed its attention and MLP (pre-norm "
+                "blocks; post-norm ones, as in BERT and post-LN OPT, are not supported), and every analysis of "
+                "activations needs it"
+            ) from err
+        self._feeds = {key: torch.equal(seen[a], seen[b]) for key, (a, b) in pairs.items()
+                       if a in seen and b in seen and seen[a].shape == seen[b].shape}
+        return self._feeds
 
     def _gain_is_offset(self, norm: nn.Module) -> bool:
         """TL 4.x says so per norm (``NormalizationBridge.uses_weight_offset``: Gemma-family RMSNorm,
