@@ -82,6 +82,33 @@ def test_half_precision_ranks_use_the_float32_rule():
     assert (frame["rank_K"][frame["map"] == "W_V"] == 8).all()
 
 
+def test_half_precision_counts_say_they_may_read_high():
+    """toy:modadd in bfloat16 (the same weights rounded): the float32 rule counts the forward's rounding,
+    so n_eff_kfac read 142,080 against 77,335 in float32, printed "N_eff ≥ …, a lower bound" (its maps are
+    data-limited) and gave a cut-off band that left the float32 value out (audit 9 F7). The band now
+    reaches up to bfloat16's rounding level, and the attrs and the report's verdict say the count may
+    be too high as well as too low."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.report.sections import VERDICTS
+
+    data = tld.toy_data("modadd", 128, seed=0)
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            counts[dtype] = degeneracy_counts(tld.load_model("toy:modadd", dtype=dtype), data, exact=True, batch_size=64,
+                                              progress=False).attrs
+    full, half = counts[torch.float32], counts[torch.bfloat16]
+    assert full["half_precision"] is None and half["half_precision"] == "bfloat16"
+    assert half["n_eff_kfac"] > 1.5 * full["n_eff_kfac"]  # the case discriminates
+    low, high = half["n_eff_kfac_band"]
+    assert low <= full["n_eff_kfac"] <= high
+    assert full["data_limited_maps"] and half["data_limited_maps"]
+    verdict = VERDICTS["counts"]({**half, "sample_limited_maps": 0, "n_samples": 384})
+    assert "N_eff ≈" in verdict and "lower bound" not in verdict and "too high as well as too low" in verdict
+    assert "N_eff ≥" in VERDICTS["counts"]({**full, "sample_limited_maps": 0, "n_samples": 384})
+
+
 def test_loss_scale_cuts_small_directions():
     model = make_tiny_toy_transformer(n_layers=1)
     full = degeneracy_counts(model, _tokens(), n_probes=4)

@@ -58,7 +58,7 @@ from .errors import MissingHookError
 from .memory import check_batches, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import (CUTOFF_BAND, DataLimitedWarning, activation_precision, check_tolerances, rank_band,
+from .numerics import (CUTOFF_BAND, DataLimitedWarning, activation_precision, check_tolerances, rank_band, rounding_rtol,
                        sample_limited, warn_data_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
@@ -242,11 +242,14 @@ def degeneracy_counts(
     :class:`DataLimitedWarning` says how many), and ``kfac_min`` / ``kfac_max``: kfac with the rank
     rule's cut-off moved ``numerics.CUTOFF_BAND``-fold up / down (``numerics.rank_band``), equal to
     kfac where G's and K's spectra have gaps around the cut-off and spread where they decay smoothly
-    through it (the rank is then the cut-off's as much as the model's). ``frame.attrs`` holds
-    ``n_eff_kfac`` (Σ kfac; a lower bound where a map is data- or probe-limited), ``n_eff_kfac_band``
-    ([Σ kfac_min, Σ kfac_max]), ``n_params``, ``data_limited_maps``, ``probe_limited_maps``, the
-    tolerances, the objective and the positions counted: every non-padding position, BOS included
-    (:func:`counted_batches`).
+    through it (the rank is then the cut-off's as much as the model's; for a half-precision forward
+    the upper cut-off reaches at least its rounding level, ``numerics.rounding_rtol``). ``frame.attrs``
+    holds ``n_eff_kfac`` (Σ kfac; a lower bound where a map is data- or probe-limited, and where the
+    model computes in bfloat16/float16, ``half_precision``, possibly too high as well: its ranks may
+    count the forward's rounding, audit 9: toy:modadd 142,080 in bfloat16 against 77,335 in float32),
+    ``n_eff_kfac_band`` ([Σ kfac_min, Σ kfac_max]), ``n_params``, ``data_limited_maps``,
+    ``probe_limited_maps``, the tolerances, the objective and the positions counted: every
+    non-padding position, BOS included (:func:`counted_batches`).
 
     Args:
         data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
@@ -307,13 +310,18 @@ def degeneracy_counts(
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
                          seed=seed, per_head=True, progress=progress, halves="first", half=True)
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
+    # A half-precision forward's rounding sits far above float32's cut-off: the band reaches up to it.
+    rounding = rounding_rtol(adapter.dtype, gram=True)
     n = batches.n_samples
 
     def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision) -> tuple[int, int, int]:
         """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
-        §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band)."""
+        §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
+        up to the forward's rounding level at least for a half-precision model (exact inputs,
+        W_E's token frequencies, have none)."""
         return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
-                         rtol=None if rtol is None else float(rtol), atol=atol)
+                         rtol=None if rtol is None else float(rtol), atol=atol,
+                         noise_rtol=rounding if inputs_precision == precision else None)
 
     def band(m: Tensor) -> tuple[int, int, int]:
         return spectrum_band(descending_eigvalsh(m))
@@ -428,6 +436,8 @@ def degeneracy_counts(
         "n_eff_kfac_band": [int(frame["kfac_min"].sum()), int(frame["kfac_max"].sum())],
         "cutoff_band": CUTOFF_BAND,
         "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
+        # A half-precision forward's ranks may count its rounding: N_eff may read high as well as low.
+        "half_precision": str(adapter.dtype).removeprefix("torch.") if rounding is not None else None,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
         "positions": batches.positions.to_dict(),
     })

@@ -180,6 +180,7 @@ def rank_band(
     gram: bool = False,
     rtol: float | None = None,
     atol: float = 0.0,
+    noise_rtol: float | None = None,
 ) -> tuple[int, int, int]:
     """(rank at the cut-off × :data:`CUTOFF_BAND`, the rank, rank at the cut-off / CUTOFF_BAND) of one
     spectrum by :func:`numerical_rank`'s rule (``atol`` held fixed): the three agree where the
@@ -187,13 +188,28 @@ def rank_band(
     none (a spectrum that decays smoothly through the cut-off, as float32 activations of a model
     with many weak directions; audit 4). The lower cut-off stays at or above the float64 rule's
     (the eigensolver's own error): below it even exact zeros count (audit 5: a float64 model's band
-    counted LayerNorm's mean direction, which no map reads)."""
+    counted LayerNorm's mean direction, which no map reads). ``noise_rtol``: a relative level the
+    inputs' own rounding reaches (:func:`rounding_rtol` of a half-precision forward), which the
+    upper cut-off reaches at least, so that the band's low rank leaves that rounding out."""
     dims = spectrum.shape[-1] if dims is None else dims
     rtol = rank_rtol(dims, precision, gram) if rtol is None else rtol
     floor = min(rank_rtol(dims, torch.float64, gram), rtol)
+    high = max(rtol * CUTOFF_BAND, noise_rtol or 0.0)
     return tuple(int(numerical_rank(spectrum, dims, precision=precision, gram=gram, atol=atol,
-                                    rtol=min(max(rtol * factor, floor), 1 - 1e-9)))
-                 for factor in (CUTOFF_BAND, 1.0, 1 / CUTOFF_BAND))
+                                    rtol=min(max(cut, floor), 1 - 1e-9)))
+                 for cut in (high, rtol, rtol / CUTOFF_BAND))
+
+
+def rounding_rtol(dtype: torch.dtype, gram: bool = False) -> float | None:
+    """The relative level of a half-precision forward's rounding: eps(dtype) on singular values
+    (each activation carries a relative error up to eps/2, independent across entries), its square
+    on Gram eigenvalues; None for float32/float64 forwards, whose rank rule already sits above their
+    rounding. Not a rank rule (below it a spectrum's direction may still be signal); the upper end of
+    a half-precision forward's cut-off band (:func:`rank_band`), so that the band spans both readings."""
+    if dtype not in HALF_DTYPES:
+        return None
+    eps = torch.finfo(dtype).eps
+    return eps * eps if gram else eps
 
 
 def sample_limited(rank: int, n_samples: int, dim: int, centered: bool = False) -> bool:

@@ -180,16 +180,22 @@ def counts(ctx: ReportContext) -> SectionOutput:
     a = frame.attrs
     limited, n = int(frame["sample_limited"].sum()), a["positions"]["n_samples"]
     probes, growing = a["probe_limited_maps"], a["data_limited_maps"]
-    bound = probes or growing  # some rank is still growing: n_eff_kfac a lower bound, free an upper one
+    # Some rank still growing: n_eff_kfac a lower bound, free an upper one — unless a half-precision
+    # forward's rounding may have raised the ranks too: then uncertain in both directions.
+    half = a.get("half_precision")
+    bound = (probes or growing) and not half
     return SectionOutput(
         tables={"maps": frame, "totals": totals},
         figures={"by_map": plot_counts(totals)},
         values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
-                                     "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band")},
+                                     "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band",
+                                     "half_precision")},
                 "sample_limited_maps": limited, "n_samples": n},
         settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
-        headline=(f"Σ n_eff_kfac {'≥' if bound else '='} {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
+        headline=(f"Σ n_eff_kfac {'≥' if bound else '≈' if half else '='} {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
                   f"parameters ({'≤ ' if bound else ''}{a['free']:,} free, {_share(a['free'], a['n_params'])})"
+                  + (f"; the model computes in {half}, whose rounding the ranks may count (load it in float32)"
+                     if half else "")
                   + _cutoff_band_text(a["n_eff_kfac_band"], a["n_eff_kfac"], a["cutoff_band"])
                   + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")
                   + (f"; {growing} map(s) whose ranks still grew with the data (half of it gave less)" if growing else "")
@@ -579,10 +585,15 @@ def _counts_verdict(v: dict) -> str:
     free, n = v.get("free", 0), v.get("n_params", 0)
     if not free:
         return "no activation or Jacobian degeneracy: the data constrain every linear-map parameter"
-    bound = v.get("data_limited_maps", 0) or v.get("probe_limited_maps", 0)  # some rank still growing
+    half = v.get("half_precision")  # absent from reports saved before it was recorded
+    bound = (v.get("data_limited_maps", 0) or v.get("probe_limited_maps", 0)) and not half  # some rank still growing
     text = (f"{'at most ' if bound else ''}{_share(free, n)} of the linear-map parameters are free "
             f"(activation/Jacobian degeneracy): N_eff {'≥' if bound else '≈'} {v.get('n_eff_kfac', 0):,} by the "
             "Kronecker estimate")
+    if half:
+        text += (f" — the model computes in {half}: its activations' rounding can count as directions, which raises "
+                 "the ranks and N_eff, so N_eff may be too high as well as too low, and the cut-off band below reaches "
+                 "up to that rounding's level; load the model in float32 for this count")
     limited = v.get("sample_limited_maps", 0)
     if limited:  # rank(G) = n < d_in: too few samples to tell the model's degeneracy from the data's
         text += (f" — at {limited} map(s) rank(G) is all that the {v.get('n_samples')} samples allow, so those "
@@ -592,13 +603,14 @@ def _counts_verdict(v: dict) -> str:
         text += (f" — the ranks depend on the cut-off: N_eff {band[0]:,}–{band[1]:,} with it "
                  f"{v.get('cutoff_band', 100):g}× higher or lower, where the spectra decay without a gap")
     growing = v.get("data_limited_maps", 0)  # absent from reports saved before it was checked
+    low = "" if half else ", so their free counts are upper bounds and N_eff a lower bound"
     if growing:  # half of the data gave lower ranks than all of it
         text += (f" — at {growing} map(s) the ranks were still growing with the data (half of the sequences gave "
-                 "lower ones), so their free counts are upper bounds and N_eff a lower bound (raise n_sequences)")
+                 f"lower ones){low} (raise n_sequences)")
     probes = v.get("probe_limited_maps", 0)  # absent from reports saved before it was checked
     if probes:  # half the probes found fewer directions of K than all of them
-        text += (f" — at {probes} map(s) rank(K) was still growing with the number of Jacobian probes, so their "
-                 "free counts are upper bounds and N_eff a lower bound (raise n_probes)")
+        text += (f" — at {probes} map(s) rank(K) was still growing with the number of Jacobian probes{low} "
+                 "(raise n_probes)")
     return text
 
 
