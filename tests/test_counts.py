@@ -109,6 +109,23 @@ def test_half_precision_counts_say_they_may_read_high():
     assert "N_eff ≥" in VERDICTS["counts"]({**full, "sample_limited_maps": 0, "n_samples": 384})
 
 
+def test_one_sequence_says_the_data_check_could_not_run():
+    """One sequence: its even-numbered half is all of it, so data_limited could never fire, and the
+    counts read as final (audit 9 F5: rank_G 3 of 16 on one sequence, 12 maps flagged when the same
+    tokens came as two sequences)."""
+    from tl_degeneracy.report.sections import VERDICTS
+
+    model = make_tiny_toy_transformer(n_layers=1)
+    tokens = _tokens()[:1]
+    with pytest.warns(DataLimitedWarning, match=r"1 sequence, so half of them .* was not checked"):
+        one = degeneracy_counts(model, tokens, n_probes=4)
+    assert one.attrs["data_checked"] is False and not one["data_limited"].any()
+    assert "could not be checked" in VERDICTS["counts"]({**one.attrs, "sample_limited_maps": 0, "n_samples": 8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert degeneracy_counts(model, _tokens(), n_probes=4).attrs["data_checked"] is True
+
+
 def test_loss_scale_cuts_small_directions():
     model = make_tiny_toy_transformer(n_layers=1)
     full = degeneracy_counts(model, _tokens(), n_probes=4)

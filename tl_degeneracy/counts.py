@@ -438,6 +438,8 @@ def degeneracy_counts(
         "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
         # A half-precision forward's ranks may count its rounding: N_eff may read high as well as low.
         "half_precision": str(adapter.dtype).removeprefix("torch.") if rounding is not None else None,
+        # One sequence cannot be halved: data_limited was not checked (numerics.warn_data_limited).
+        "data_checked": batches.n_sequences >= 2,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
         "positions": batches.positions.to_dict(),
     })

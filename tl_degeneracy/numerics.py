@@ -61,8 +61,16 @@ def warn_data_limited(caller: str, limited: int, total: str, ranks: str, n_seque
                       consequence: str) -> None:
     """One :class:`DataLimitedWarning` for ``limited`` of ``total`` units (e.g. "18 maps") whose
     ``ranks`` were lower on the data's even-numbered sequences than on all of them; nothing when
-    none were. ``consequence`` says what that makes of the counts and what to do."""
-    if limited:
+    none were. ``consequence`` says what that makes of the counts and what to do. With one
+    sequence the even-numbered half is all of the data and the check cannot find anything: that
+    is said instead (audit 9: one sequence of 14 tokens read rank_G 3 of 16 with no word, the same
+    tokens as two sequences flagged 12 maps)."""
+    if n_sequences < 2:
+        warn_once(f"{caller}: the data hold {n_sequences} sequence, so half of them (the even-numbered ones) is all "
+                  f"of them and whether the ranks still grow with the data was not checked ({column}: False, "
+                  "unchecked); give two or more sequences, e.g. cut a long text into several",
+                  DataLimitedWarning, stacklevel=3)
+    elif limited:
         warn_once(f"{caller}: at {limited} of {total} {ranks} lower on half of the {n_sequences} sequences (the "
                   f"even-numbered ones) than on all of them ({column}): still growing with the data, so {consequence}",
                   DataLimitedWarning, stacklevel=3)

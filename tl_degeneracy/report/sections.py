@@ -189,7 +189,7 @@ def counts(ctx: ReportContext) -> SectionOutput:
         figures={"by_map": plot_counts(totals)},
         values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
                                      "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band",
-                                     "half_precision")},
+                                     "half_precision", "data_checked")},
                 "sample_limited_maps": limited, "n_samples": n},
         settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
         headline=(f"Σ n_eff_kfac {'≥' if bound else '≈' if half else '='} {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
@@ -603,6 +603,9 @@ def _counts_verdict(v: dict) -> str:
         text += (f" — the ranks depend on the cut-off: N_eff {band[0]:,}–{band[1]:,} with it "
                  f"{v.get('cutoff_band', 100):g}× higher or lower, where the spectra decay without a gap")
     growing = v.get("data_limited_maps", 0)  # absent from reports saved before it was checked
+    if v.get("data_checked") is False:  # one sequence: the split-half check could not run
+        text += (" — the data are one sequence, so whether the ranks still grow with the data could not be checked "
+                 "(give two or more sequences)")
     low = "" if half else ", so their free counts are upper bounds and N_eff a lower bound"
     if growing:  # half of the data gave lower ranks than all of it
         text += (f" — at {growing} map(s) the ranks were still growing with the data (half of the sequences gave "
