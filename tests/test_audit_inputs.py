@@ -43,6 +43,8 @@ def _hf_model(arch: str):
         "opt_post_ln": lambda: tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                                               ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32,
                                                               do_layer_norm_before=False, **_COMMON)),
+        # parallel attention and MLP reading one shared pre-norm, ln1 (biases on Q, K, V and fc1 alike)
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**_LAYERS, **_COMMON)),
         # post-LN, bidirectional: ln1 is attention.output.LayerNorm, after the attention's residual add
         "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(**_LAYERS, **_COMMON)),
     }
@@ -122,6 +124,20 @@ def test_gemma_gain_offset_is_folded_in_both_modes(arch, audit_dirs):
                 assert row.frobenius == pytest.approx(float(M.norm()), rel=1e-5)
                 s = torch.linalg.svdvals(M)[:8].numpy()
                 assert row.singular_values == pytest.approx(s, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", GEMMAS)
+def test_sandwich_norms_are_said_to_change_what_a_head_writes(arch, audit_dirs):
+    """Gemma 2/3 normalize the attention's output before the residual add (ln1_post): OV was printed as
+    what a head writes, with no word, though that norm's gain changes copying scores, sign included
+    (audit 9 F9). Gemma 1 has no such norm."""
+    model = quiet_boot(audit_dirs(arch))
+    sandwich = arch != "gemma"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = tld.ov_invariants(model)
+    said = [str(w.message) for w in caught if "before the residual add" in str(w.message)]
+    assert frame["post_norm"].tolist() == [sandwich] * len(frame) and len(said) == int(sandwich)
 
 
 def test_gemma_canonical_heads_agree_between_modes(audit_dirs):
@@ -337,6 +353,24 @@ def test_post_norm_blocks_whose_names_do_not_say_so_are_refused(audit_dirs):
         tld.ov_invariants(quiet_boot(audit_dirs("opt_post_ln")))
     # Its pre-LN twin passes the same check.
     assert len(tld.ov_invariants(quiet_boot(audit_dirs("opt")))) == 8
+
+
+def test_a_parallel_block_with_one_norm_feeds_its_mlp_from_it(audit_dirs):
+    """Phi (and GPT-J) read one shared pre-norm, ln1, in both sublayers; degeneracy_counts refused them as
+    "not a pre-norm block (OLMo2 ...)" (audit 9 F10). The MLP's input is ln1's output, so W_in's input
+    Gram is the attention maps' one (all four with a bias): equal ranks in every layer."""
+    model = quiet_boot(audit_dirs("phi"))
+    adapter = tld.adapt(model)
+    assert adapter.cfg.parallel_attn_mlp and getattr(model.blocks[0], "ln2", None) is None
+    torch.testing.assert_close(adapter.norm_weights(1, "ln2").w, adapter.norm_weights(1, "ln1").w)
+    tokens = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = tld.degeneracy_counts(model, tokens, exact=True, progress=False)
+    for layer in range(2):
+        rows = frame[frame["layer"] == layer]
+        assert set(rows.loc[rows["map"].isin(["W_Q", "W_K", "W_V", "W_in"]), "rank_G"]) == {
+            int(rows.loc[rows["map"] == "W_in", "rank_G"].iloc[0])}
 
 
 def test_config_is_checked_against_the_weights(audit_dirs):

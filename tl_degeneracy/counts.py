@@ -112,14 +112,17 @@ def counted_batches(data, adapter: ModelAdapter, batch_size: int, seq_len: int |
 
 def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps: the norm's
-    output in a pre-norm block, the residual stream itself (``resid_pre`` / ``resid_mid``) in a model
+    output in a pre-norm block (``ln1``'s for both in a parallel block with one norm), the residual stream itself (``resid_pre`` / ``resid_mid``) in a model
     without normalization (toy:modadd)."""
     if adapter.cfg.normalization is not None:
         adapter.norm_weights(layer, ln)  # a post-norm block (OLMo2) has no norm in front: MissingHookError
     available = adapter.available_hooks()
+    # A parallel block with one shared norm (GPT-J, Phi) feeds its MLP from ln1 (ModelAdapter._norm_module).
+    norm = "ln1" if ln == "ln2" and adapter.cfg.parallel_attn_mlp and f"blocks.{layer}.ln2.hook_out" not in available \
+        and f"blocks.{layer}.ln2.hook_normalized" not in available else ln
     # hook_out (the bridge) is the input itself; hook_normalized may precede the norm's affine part
     # (block_input_affine), so it comes second.
-    names = [f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{ln}.hook_normalized"]
+    names = [f"blocks.{layer}.{norm}.hook_out", f"blocks.{layer}.{norm}.hook_normalized"]
     if adapter.cfg.normalization is None:
         names.append(f"blocks.{layer}.hook_resid_{'pre' if ln == 'ln1' else 'mid'}")
     for name in names:

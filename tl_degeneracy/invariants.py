@@ -332,6 +332,13 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     Works on every adapter backend and on the toys (on the SMA toy W_O is the identity, not a
     parameter, and its RMSNorm has no gain, so OV is W_V: ``parameters`` False).
 
+    Column ``post_norm``: where the attention's summed output is normalized before the residual add
+    (Gemma 2/3's ``ln1_post``, "sandwich" norms), a head writes diag(g_post)·z W_O / rms(Σ_h z_h W_O^h):
+    its per-token 1/rms is shared by the heads and input-dependent, and the fixed gain g_post changes
+    spectra and copying scores (sign included, audit 9). The invariants describe P diag(w) W_V W_O, not
+    the written map, and a warning says so. Ranks and free directions are unaffected where g_post has
+    no zeros.
+
     Args:
         model: anything ``tld.adapt`` accepts.
         rtol: relative cut-off for the rank; default :func:`default_rtol`, the package's rank rule at
@@ -342,7 +349,13 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     fm = ov_circuits(adapter)
     parameters = [circuit_parameters(adapter, layer).ov for layer in range(adapter.n_layers)]
     free = _group_free_directions(fm, adapter, shared_left=True, rotary=False, parameters=parameters)
-    return _invariant_rows(fm, adapter, rtol, "OV", {}, free, parameters)
+    post_norm = adapter.attention_post_norm
+    if post_norm:
+        warnings.warn("ov_invariants: this model normalizes the attention's output before the residual add (ln1_post, "
+                      "as Gemma 2/3), so OV = P diag(w) W_V W_O describes the weights, not the map a head writes, which "
+                      "that norm's gain and per-token scale change: spectra and copying scores are of W_V W_O (ranks and "
+                      "free directions hold where the gain has no zeros)", RuntimeWarning, stacklevel=2)
+    return _invariant_rows(fm, adapter, rtol, "OV", {"post_norm": post_norm}, free, parameters)
 
 
 def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.DataFrame:

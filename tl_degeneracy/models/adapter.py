@@ -417,11 +417,15 @@ class ModelAdapter(abc.ABC):
         return None
 
     def _norm_module(self, layer: int, ln: str) -> nn.Module:
-        """The module ``blocks[layer].<ln>``, or :class:`MissingHookError` where the block has no
-        norm in front of that linear map: post-norm blocks (OLMo2) normalize the attention's and
-        MLP's outputs instead (TL 4.x calls those norms ``ln1_post``/``ln2_post``)."""
+        """The module ``blocks[layer].<ln>`` (a parallel block's shared ``ln1`` for its MLP: GPT-J,
+        Phi), or :class:`MissingHookError` where the block has no norm in front of that linear map:
+        post-norm blocks (OLMo2) normalize the attention's and MLP's outputs instead (TL 4.x calls
+        those norms ``ln1_post``/``ln2_post``)."""
         block = self.model.blocks[layer]
         module = getattr(block, ln, None)
+        if module is None and ln == "ln2" and self.cfg.parallel_attn_mlp:
+            # GPT-J, Phi: attention and MLP read the output of one shared pre-norm, ln1 (audit 9 F10).
+            ln, module = "ln1", getattr(block, "ln1", None)
         where = None if module is None else self._post_norm(layer, module, ln)
         if module is not None and where is None:
             return module
@@ -435,6 +439,12 @@ class ModelAdapter(abc.ABC):
             "sublayers' outputs instead, BERT the residual stream after them). tl_degeneracy's effective maps (METHODS §2) read the normalized block input, so they "
             "are not defined here; use a pre-norm model (GPT-2, Llama, Gemma, Pythia ...)"
         )
+
+    @property
+    def attention_post_norm(self) -> bool:
+        """Whether the blocks normalize the attention's output before the residual add (a ``ln1_post``
+        module: Gemma 2/3's sandwich norms, in both backends)."""
+        return any(name == "ln1_post" for name, _ in nn.Module.named_children(self.model.blocks[0]))
 
     def _gain_is_offset(self, norm: nn.Module) -> bool:
         """Whether ``norm`` computes x/σ · (1 + w) from its stored gain w (Gemma-family RMSNorm).

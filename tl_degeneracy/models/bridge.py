@@ -206,17 +206,22 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
 
     def _norm_feeds(self) -> dict[tuple[int, str], bool]:
         """(layer, ln) → whether block ``layer``'s ``ln`` output is what the sublayer after it reads
-        (``ln1.hook_out`` against ``attn.hook_in``, ``ln2.hook_out`` against ``mlp.hook_in``), found in
-        one forward pass over a few tokens, once per adapter; pairs without both hooks (a parallel
-        block's shared norm) are left out. Equal, bit for bit, on every pre-norm architecture the
+        (``ln1.hook_out`` against ``attn.hook_in``, ``ln2.hook_out`` — a parallel block's shared
+        ``ln1.hook_out`` — against ``mlp.hook_in``), found in one forward pass over a few tokens, once
+        per adapter; pairs without both hooks are left out. Equal, bit for bit, on every pre-norm architecture the
         tests boot (GPT-2, OPT, Llama with GQA, NeoX, GPT-J, Phi, Gemma 1–3), in both TransformerLens
         versions and modes. A forward pass that fails is an error: post-LN OPT's fails inside the
         bridge, and no analysis can read a model whose forward does not run."""
         if self._feeds is not None:
             return self._feeds
-        pairs = {(layer, ln): (f"blocks.{layer}.{ln}.hook_out", f"blocks.{layer}.{sub}.hook_in")
-                 for layer in range(self.n_layers) for ln, sub in (("ln1", "attn"), ("ln2", "mlp"))}
         hooks = self.model.hook_dict
+
+        def source(layer: int, ln: str) -> str:  # a parallel block's MLP reads its one norm, ln1 (GPT-J, Phi)
+            shared = ln == "ln2" and self.cfg.parallel_attn_mlp and f"blocks.{layer}.ln2.hook_out" not in hooks
+            return f"blocks.{layer}.{'ln1' if shared else ln}.hook_out"
+
+        pairs = {(layer, ln): (source(layer, ln), f"blocks.{layer}.{sub}.hook_in")
+                 for layer in range(self.n_layers) for ln, sub in (("ln1", "attn"), ("ln2", "mlp"))}
         pairs = {key: names for key, names in pairs.items() if all(n in hooks for n in names)}
         seen: dict[str, Tensor] = {}
 

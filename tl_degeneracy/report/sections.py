@@ -461,15 +461,18 @@ TERMS: dict[str, tuple[str, int]] = {
                         "N_eff refers to them", 0),
     "sample": ("one (sequence, token position) of the data; padding never counts, a leading BOS by default "
                "neither", 0),
-    "OV / QK circuit": ("the D×D products W_V W_O (what a head writes) and W_Q W_Kᵀ (where it attends); "
-                        "invariant under the head's gauge", 2),
+    "OV / QK circuit": ("the D×D products W_V W_O (what a head writes, before a post-attention norm where the "
+                        "model has one: Gemma 2/3) and W_Q W_Kᵀ (where it attends); invariant under the head's gauge", 2),
     "GL(d_head) gauge": ("W_V → W_V A, W_O → A⁻¹ W_O (and likewise for Q, K): d_head² re-parametrisations per "
-                         "circuit that never change the model", 2),
-    "numerical rank": ("the number of singular values above max(dims)·eps·σ₁ (one rule for the whole "
-                       "package); full rank = d_head", 0),
-    "free directions": ("directions of a circuit's factors that leave the circuit unchanged: d² (the gauge "
-                        "alone) at full rank, more where a factor is rank-deficient (2·D·d − r(2D − r) when "
-                        "both factors have rank r); empty where a factor is not a parameter", 2),
+                         "circuit that never change the model; for rotary QK only those that commute with the "
+                         "rotations, 2 per rotary pair plus (d_head − rotary dims)²", 2),
+    "numerical rank": ("the number of singular values above max(dims)·eps·‖A‖·‖B‖ for a product A·B computed "
+                       "from its factors (one rule for the whole package; ‖A‖·‖B‖ ≥ σ₁ is the scale of its "
+                       "rounding); full rank = d_head", 0),
+    "free directions": ("directions of a circuit's factors that leave the circuit unchanged: the gauge's "
+                        "dimension at full rank (d², or the rotary count above), more where a factor is "
+                        "rank-deficient (2·D·d − r(2D − r) when both factors have rank r); empty where a factor "
+                        "is not a parameter", 2),
     "copying score": ("Σ Re λ / Σ |λ| over the circuit's nonzero eigenvalues, in [−1, 1]; 1: the head copies "
                       "what it reads", 2),
     "pattern distance": ("heads: mean total-variation distance between two attention patterns, in [0, 1]; "
