@@ -226,6 +226,10 @@ def random_gauge(model, seed: int = 0, inplace: bool = False):
     (module docstring). GQA: one A and one B per KV head, acting on its whole group. Circuits whose
     factors are not both parameters (the SMA toy) are left unchanged, with a RuntimeWarning.
 
+    The gauged weights are rounded to the model's storage dtype: a zero direction of a rank-deficient
+    head becomes that rounding, which the float64 rank rule counts (rank 7 → 8 on a float32 toy; audit
+    9), so compare rank-deficient heads on float64 copies.
+
     Returns a deep copy of ``model`` (the input is untouched) unless ``inplace=True``.
     """
     adapter = adapt(model)
@@ -260,17 +264,30 @@ def canonicalize_heads(model, inplace: bool = False):
     ‖P diag(w) W_Q‖ = ‖P diag(w) W_K‖ with the largest entry of the effective W_Q positive. Signs are
     fixed deterministically (each left singular vector's largest entry positive), so the result is
     idempotent and two gauges of one model give the same weights (for heads whose nonzero singular
-    values are distinct).
+    values are distinct). Rotary QK is the exception: the scalar is all it fixes, and two copies
+    related by a rotary symmetry it does not use (a complex scalar per rotary pair, a GL of the
+    coordinates rotary leaves alone) keep W_Q/W_K that differ by O(1) (audit 9), so a rotary model's
+    QK is canonical only up to those; a warning says so.
 
     A rank-deficient head or group (numerical rank r < d: a zero column of W_V, W_Q = 0, a pruned head)
     is canonical on its rank-r part: the first r columns of P diag(w) W_V A are U_r√S_r and the first
     r rows of A⁻¹ W_O P are √S_r V_rᵀ. Its other d − r directions carry a residual freedom that no
     gauge removes; they are left as stored where they already are free, so canonicalizing twice
     changes nothing, and two gauges of one model give weights that differ there by a GL(d − r) only.
+    That holds for gauges computed exactly; a dense gauge stored in float32 or bfloat16 (as
+    :func:`random_gauge` writes a float32 model) fills a zero direction with the storage's rounding,
+    which the float64 rank rule counts: a head of rank 7 of 8 reads rank 8 (free directions 72 → 64)
+    in such a copy, and its canonical form differs in rank from the original's (audit 9; compare in
+    float64).
 
     Returns a deep copy unless ``inplace=True``.
     """
     adapter = adapt(model)
+    if adapter.cfg.positional_embedding == "rotary":
+        warnings.warn("canonicalize_heads: on this rotary model the QK gauge fixes one scalar per head; the complex "
+                      "scalings of each rotary pair (and a GL of the coordinates rotary leaves alone) are symmetries it "
+                      "does not fix, so two copies related by them keep different W_Q/W_K (METHODS §2)",
+                      RuntimeWarning, stacklevel=2)
 
     def choose_qk(left, right, rotary):
         return (_canonical_scalar if rotary else _canonical_gl)(left, right)
