@@ -229,6 +229,23 @@ def test_gqa_ov_free_directions_count_the_group_once(tl_models, zero_column):
     assert ov["free_directions"].sum() == 4 * d * d + (2 * D - d if zero_column else 0)
 
 
+def test_affine_qk_counts_bias_entries_only_where_the_model_stores_the_bias(tl_models):
+    """A bias-free Llama: with the queries of KV group 0 zeroed, every entry of its W_K is free (d·D).
+    affine=True appended the [b_Q]/[b_K] row and column and counted d of their entries too, though the
+    checkpoint has no such bias (audit 9 F3: 264 for 256)."""
+    model = copy_model(tl_models("llama", "bridge"))  # a private copy: the weights change below
+    adapter = tld.adapt(model)
+    assert not adapter.map_biases(0)["W_Q"] and not adapter.map_biases(0)["W_K"]
+    W_Q = read_attention(adapter, 0)["W_Q"].detach().clone()
+    W_Q[0:2] = 0
+    write_attention(adapter, 0, {"W_Q": W_Q})
+    D, d = adapter.d_model, adapter.d_head
+    for affine in (False, True):
+        layer0 = qk_invariants(model, affine=affine).query("layer == 0")
+        assert layer0["rank"].tolist()[:2] == [0, 0]
+        assert int(layer0["free_directions"].iloc[0]) == d * D
+
+
 def _native_gqa_without_rotary():
     """A TL-native GQA bridge (4 query heads, 2 KV heads, d = 8) with learned positions."""
     from transformer_lens.model_bridge import TransformerBridge

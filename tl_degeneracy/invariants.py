@@ -217,13 +217,17 @@ def _block_ranks(
 
 
 def _group_free_directions(
-    fm: FactoredMatrix, adapter: ModelAdapter, shared_left: bool, rotary: bool, parameters: list[bool]
+    fm: FactoredMatrix, adapter: ModelAdapter, shared_left: bool, rotary: bool, parameters: list[bool],
+    affine: bool = False,
 ) -> list[list[int | None]]:
     """:func:`free_directions` of every (layer, KV group): the group's factors are the shared one
     (OV: P diag(w) W_V, ``shared_left``; QK: (P diag(w) W_K)ᵀ) and the query heads' own ones side by
     side (OV: [W_O^{h1} P … W_O^{hm} P]; QK: [P diag(w) W_Q^{h1}; …]), so the shared weights count once.
     None for the groups of a layer whose factors are not all parameters (``parameters[layer]`` False):
-    a factor the architecture fixes has no gauge to count."""
+    a factor the architecture fixes has no gauge to count. ``affine`` (QK): the factors' bias row
+    (b_Q + β W_Q) and column (b_K + β W_K) count only where the layer stores that bias; elsewhere they
+    are functions of W_Q and W_K, not entries of their own (audit 9: 264 counted for 256 on a
+    bias-free Llama)."""
     group = adapter.n_heads // adapter.n_kv_heads
     d = fm.mdim
     out = []
@@ -234,12 +238,16 @@ def _group_free_directions(
         spaces = (_rotation_eigenspaces(d, *adapter.rotary_angles(layer)) if rotary
                   else [torch.eye(d, dtype=torch.float64)])
         counts = []
+        biases = adapter.map_biases(layer) if affine else {}
+        rows = fm.A.shape[-2] - int(affine and not biases["W_Q"])
+        cols = fm.B.shape[-1] - int(affine and not biases["W_K"])
         for kv in range(adapter.n_kv_heads):
             heads = slice(kv * group, (kv + 1) * group)
             if shared_left:
                 left, right = fm.A[layer, kv * group], torch.cat(list(fm.B[layer, heads]), dim=-1)
             else:
-                left, right = torch.cat(list(fm.A[layer, heads]), dim=0), fm.B[layer, kv * group]
+                left = torch.cat([a[:rows] for a in fm.A[layer, heads]], dim=0)
+                right = fm.B[layer, kv * group][:, :cols]
             counts.append(free_directions(left.shape[0], right.shape[1], _block_ranks(left, right, spaces)))
         out.append(counts)
     return out
@@ -393,6 +401,6 @@ def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.
                       RuntimeWarning, stacklevel=2)
     parameters = [circuit_parameters(adapter, layer).qk for layer in range(adapter.n_layers)]
     free = None if qk_norm else _group_free_directions(fm, adapter, shared_left=False, rotary=rotary,
-                                                       parameters=parameters)
+                                                       parameters=parameters, affine=affine)
     return _invariant_rows(fm, adapter, rtol, "QK", {"affine": bool(affine), "rotary": rotary, "qk_norm": qk_norm},
                            free, parameters)
