@@ -140,6 +140,33 @@ def test_sandwich_norms_are_said_to_change_what_a_head_writes(arch, audit_dirs):
     assert frame["post_norm"].tolist() == [sandwich] * len(frame) and len(said) == int(sandwich)
 
 
+@pytest.mark.parametrize("arch", GEMMAS)
+def test_sandwich_norms_counts_read_k_at_the_maps_own_output(arch, audit_dirs):
+    """Behind Gemma 2/3's post-norms hook_attn_out / hook_mlp_out carry the norm's output, not W_O's /
+    W_out's, where METHODS §4 reads K (audit 9 F9): the counts read the bridge's attn.o / mlp.out hooks
+    there, and their rank_K is that of the Jacobian Gram at those hooks."""
+    from tl_degeneracy.counts import write_output_hook
+    from tl_degeneracy.numerics import numerical_rank
+    from tl_degeneracy.stats.jacobian import jacobian_stats
+
+    model = quiet_boot(audit_dirs(arch))
+    adapter = tld.adapt(model)
+    sandwich = arch != "gemma"
+    expected = {"attn": "blocks.1.attn.o.hook_out", "mlp": "blocks.1.mlp.out.hook_out"} if sandwich else \
+        {"attn": "blocks.1.hook_attn_out", "mlp": "blocks.1.hook_mlp_out"}
+    assert {sub: write_output_hook(adapter, 1, sub) for sub in ("attn", "mlp")} == expected
+    tokens = torch.randint(3, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = tld.degeneracy_counts(model, tokens, exact=True, progress=False)
+        jac = jacobian_stats(model, tokens, hooks=list(expected.values()), exact=True, progress=False)
+    for sub, name in (("attn", "W_O"), ("mlp", "W_out")):
+        gram = jac[expected[sub]].gram
+        rank = int(numerical_rank(torch.linalg.eigvalsh(gram).flip(0), gram.shape[-1], precision=torch.float32, gram=True))
+        got = frame.loc[(frame["map"] == name) & (frame["layer"] == 1), "rank_K"]
+        assert set(got) == {rank}
+
+
 def test_gemma_canonical_heads_agree_between_modes(audit_dirs):
     """The canonical gauge is chosen from the effective factors (gain 1 + w): default and compatibility
     mode give the same canonical heads, and the function is kept (with the gain read as 0 in

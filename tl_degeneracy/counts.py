@@ -25,7 +25,9 @@ reads its inputs' covariance instead of G: a direction on which the inputs are c
 change of that bias (METHODS (4.1′); column ``centered``), so the count does not depend on whether a
 LayerNorm's bias is stored in the norm or folded into the maps' biases. The attention/MLP input is ``ln1/ln2.hook_out`` on the
 bridge and ``hook_normalized`` elsewhere (with HookedTransformer's unfolded gain and bias applied
-to the Gram, since its ``hook_normalized`` precedes them).
+to the Gram, since its ``hook_normalized`` precedes them). Behind a post-norm (Gemma 2/3's sandwich
+norms) hook_attn_out / hook_mlp_out carry the norm's output, so W_O's and W_out's K are read at the
+bridge's ``attn.o.hook_out`` / ``mlp.out.hook_out`` (:func:`write_output_hook`).
 
 Ranks follow the package's one rule (METHODS §2, :func:`tl_degeneracy.numerics.rank_rtol` with
 ``gram=True``) for Grams of vectors computed in the forward/backward pass: its precision is
@@ -132,6 +134,26 @@ def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
         f"cannot find the input of layer {layer}'s {'attention' if ln == 'ln1' else 'MLP'} on this "
         f"{type(adapter.model).__name__} (none of {', '.join(names)}); degeneracy_counts needs a standard "
         "pre-norm block (or no normalization at all), not a parallel or post-norm one"
+    )
+
+
+def write_output_hook(adapter: ModelAdapter, layer: int, sublayer: str) -> str:
+    """Hook carrying W_O's (``"attn"``) or W_out's (``"mlp"``) own output p = W f + b, where K is read
+    (METHODS §4): ``hook_attn_out`` / ``hook_mlp_out``, except behind a post-norm (Gemma 2/3's
+    ``ln1_post`` / ``ln2_post``), where those carry the norm's output — whose Jacobian removes each
+    sample's radial direction, so K's rank could differ (audit 9) — and the bridge's ``attn.o.hook_out`` /
+    ``mlp.out.hook_out`` carry the map's own. A backend without such a hook (HookedTransformer) is refused."""
+    kind = {"attn": "attn_out", "mlp": "mlp_out"}[sublayer]
+    if not adapter.post_norm(sublayer):
+        return adapter.hook_name(kind, layer)
+    name = f"blocks.{layer}.{'attn.o' if sublayer == 'attn' else 'mlp.out'}.hook_out"
+    if name in adapter.available_hooks():
+        return name
+    raise MissingHookError(
+        f"layer {layer} of this {type(adapter.model).__name__} normalizes its {'attention' if sublayer == 'attn' else 'MLP'}'s "
+        f"output before the residual add (Gemma 2/3), so hook_{kind} carries that norm's output, and no hook carries "
+        f"{'W_O' if sublayer == 'attn' else 'W_out'}'s own, where degeneracy_counts reads K; load the model as a "
+        "TransformerBridge (its attn.o / mlp.out hooks carry it)"
     )
 
 
@@ -293,9 +315,11 @@ def degeneracy_counts(
     attn_in = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
     mlp_in = [block_input_hook(adapter, layer, "ln2") for layer in range(L)] if mlp else []
     g_hooks = adapter.hook_names("z") + (adapter.hook_names("mlp_post") if mlp else [])
-    k_hooks = adapter.hook_names(["q", "k", "v", "attn_out"])
+    attn_out = [write_output_hook(adapter, layer, "attn") for layer in range(L)]
+    mlp_out = [write_output_hook(adapter, layer, "mlp") for layer in range(L)] if mlp else []
+    k_hooks = adapter.hook_names(["q", "k", "v"]) + attn_out
     if mlp:
-        k_hooks += adapter.hook_names(["mlp_pre", "mlp_out"])
+        k_hooks += adapter.hook_names(["mlp_pre"]) + mlp_out
         if gated:
             k_hooks += [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)]
     if embeddings:
@@ -381,7 +405,7 @@ def degeneracy_counts(
 
         z = acts[("z", layer)]
         z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
-        out_K = k_rank(("attn_out", layer))
+        out_K = k_rank(attn_out[layer])
         for h in range(H):
             add("W_Q", layer, h, input_rank("ln1", bias["W_Q"]), k_rank(("q", layer), h), D, d, bias["W_Q"])
         for kv in range(n_kv):
@@ -397,7 +421,7 @@ def degeneracy_counts(
                 add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name])
             post = acts[("mlp_post", layer)]
             G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-            add("W_out", layer, None, g_rank(*G_post), k_rank(("mlp_out", layer)), F, D, bias["W_out"])
+            add("W_out", layer, None, g_rank(*G_post), k_rank(mlp_out[layer]), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
         frequencies, half_frequencies = _token_frequencies(batches, adapter.d_vocab)

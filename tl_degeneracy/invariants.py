@@ -357,7 +357,7 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     fm = ov_circuits(adapter)
     parameters = [circuit_parameters(adapter, layer).ov for layer in range(adapter.n_layers)]
     free = _group_free_directions(fm, adapter, shared_left=True, rotary=False, parameters=parameters)
-    post_norm = adapter.attention_post_norm
+    post_norm = adapter.post_norm("attn")
     if post_norm:
         warnings.warn("ov_invariants: this model normalizes the attention's output before the residual add (ln1_post, "
                       "as Gemma 2/3), so OV = P diag(w) W_V W_O describes the weights, not the map a head writes, which "

@@ -440,11 +440,12 @@ class ModelAdapter(abc.ABC):
             "are not defined here; use a pre-norm model (GPT-2, Llama, Gemma, Pythia ...)"
         )
 
-    @property
-    def attention_post_norm(self) -> bool:
-        """Whether the blocks normalize the attention's output before the residual add (a ``ln1_post``
-        module: Gemma 2/3's sandwich norms, in both backends)."""
-        return any(name == "ln1_post" for name, _ in nn.Module.named_children(self.model.blocks[0]))
+    def post_norm(self, sublayer: str) -> bool:
+        """Whether the blocks normalize the attention's (``"attn"``) or the MLP's (``"mlp"``) output before
+        the residual add (a ``ln1_post`` / ``ln2_post`` module: Gemma 2/3's sandwich norms, in both
+        backends); ``hook_attn_out`` / ``hook_mlp_out`` then carry the norm's output, not W_O's / W_out's."""
+        name = {"attn": "ln1_post", "mlp": "ln2_post"}[sublayer]
+        return any(child == name for child, _ in nn.Module.named_children(self.model.blocks[0]))
 
     def _gain_is_offset(self, norm: nn.Module) -> bool:
         """Whether ``norm`` computes x/σ · (1 + w) from its stored gain w (Gemma-family RMSNorm).
