@@ -214,7 +214,8 @@ def activations(ctx: ReportContext) -> SectionOutput:
     return SectionOutput(
         tables={"hooks": frame},
         figures={"spectra": plot_gram_spectra(stats)},
-        values={"n_samples": int(frame["count"].iloc[0]), "min_rank": int(frame["rank"].min()), "dim": int(frame["dim"].max())},
+        values={"n_samples": int(frame["count"].iloc[0]), "min_rank": int(frame["rank"].min()), "dim": int(frame["dim"].max()),
+                "layernorm": ctx.adapter.cfg.normalization == "LN"},
         headline=f"ranks: {ranks}",
     )
 
@@ -489,7 +490,7 @@ TERMS: dict[str, tuple[str, int]] = {
     "n_eff_kfac": ("Σ rank(G)·rank(K) over the linear maps: the Kronecker estimate of N_eff", 4),
     "free (counts)": ("d_in·d_out − rank(G)·rank(K): a map's parameters that the data cannot see", 4),
     "Gram rank": ("numerical rank of a hook's float64 activation Gram: dimensions the activations "
-                  "actually use", 4),
+                  "actually use (under LayerNorm including the mean direction, which no layer reads)", 4),
     "interaction rank": ("basis directions kept at a node: those through which its activations vary and "
                          "something downstream depends on them", 5),
     "degenerate directions": ("D − interaction rank: directions nothing downstream depends on, on the data (the "
@@ -622,13 +623,17 @@ def _counts_verdict(v: dict) -> str:
 
 def _activations_verdict(v: dict) -> str:
     rank, dim, n = v.get("min_rank"), v.get("dim"), v.get("n_samples")
+    # Under LayerNorm the stream's mean direction is in the Gram but no layer reads it (audit 9): the
+    # same checkpoint loaded with its writing weights centred shows one dimension fewer.
+    mean = (" (under LayerNorm these ranks include the stream's mean direction, which every LayerNorm removes and "
+            "no layer reads: a load that centres the writing weights shows one fewer)") if v.get("layernorm") else ""
     if rank == dim:
-        return "residual stream full rank at every hook: no activation degeneracy there"
+        return "residual stream full rank at every hook: no activation degeneracy there" + mean
     if n is not None and rank is not None and n <= dim and rank >= n - 1:
         # n samples span at most n directions: the rank says how much data there was, not the model
         return (f"residual stream rank {rank} of {dim} at the lowest hook — as many as its {n:,} samples allow, so "
-                "the data's limit, not the model's: give more data (n_sequences × seq_len) to tell")
-    return f"residual stream rank-deficient (lowest rank {rank} of {dim}): unused directions at some hooks"
+                "the data's limit, not the model's: give more data (n_sequences × seq_len) to tell" + mean)
+    return f"residual stream rank-deficient (lowest rank {rank} of {dim}): unused directions at some hooks" + mean
 
 
 def _interaction_verdict(v: dict) -> str:
