@@ -116,7 +116,7 @@ def behavioral_llc(
         nbeta, loss_scale: nβ = 1/loss_scale (give at most one). Default nβ = 1000: the estimate
             is λ_B at loss scale 10⁻³ (nats per sample for kl), where E[L_B] = λ/nβ.
         step_size: η; default automatic (stepsize.py): the largest η whose predicted relative
-            step-size bias of λ̂, η nβ (tr H + nβ S)/(8 λ (1 − b_max)), is ``bias_bound`` (0.05) and
+            step-size bias of λ̂, η nβ (tr H + 2 nβ S)/(8 λ (1 − b_max)), is ``bias_bound`` (0.05) and
             whose stiffest direction has b_max = η (nβ h_max + γ)/4 ≤ ``stiff_bound`` (0.5), with
             h_max (Lanczos; the stiffest batch's) and tr H (Hutchinson) of the Hessian of L_B, and S
             the minibatch gradients' spread (0 for the full batch; ``batch_size``), at θ* and at the
@@ -124,7 +124,7 @@ def behavioral_llc(
             and three quarters of the burn-in if the chains reached stiffer regions or their λ̂
             calls for it (:data:`ADAPT_AT`), so the last quarter of the burn-in runs under the final
             η. ``diagnostics["bias_bound"]`` is the predicted relative bias of λ̂ at the final η,
-            K/(λ̂ − K) with K = η nβ (tr H + nβ S)/(8 (1 − b_max)) (λ̂ is raised by the K it bounds;
+            K/(λ̂ − K) with K = η nβ (tr H + 2 nβ S)/(8 (1 − b_max)) (λ̂ is raised by the K it bounds;
             ``stepsize.bias_of_estimate``): the larger of ``["bias_bound_chosen"]``, with the largest
             curvature, trace and spread measured before sampling (``["h_max"]``,
             ``["trace_hessian"]``, ``["gradient_spread"]``; the pilots' alone: ``["h_max_pilot"]``),
@@ -652,7 +652,7 @@ def _result(
         size = (f"by about {bias_end:.0%}" if math.isfinite(bias_end) else
                 "without bound (the stiffest direction is past the stability limit there)" if stiff_end >= 1 else
                 "without bound (the predicted excess K is as large as λ̂ itself)")
-        noise = (f"(tr H + nβ S)/(8 (1 − b_max)), with tr H = {trace_end:.3g}, the minibatch gradients' spread S = "
+        noise = (f"(tr H + 2 nβ S)/(8 (1 − b_max)), with tr H = {trace_end:.3g}, the minibatch gradients' spread S = "
                  f"{spread_end:.3g}" if target.n_batches > 1 else f"tr(H)/(8 (1 − b_max)), with tr H = {trace_end:.3g}")
         warn_once(
             f"at the end of sampling the chains sit where the step size over-estimates λ̂ {size}: predicted "

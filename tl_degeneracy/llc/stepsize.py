@@ -25,13 +25,18 @@ Minibatches: the step on batch b meets that batch's loss L_B,b (weighted by its 
 targets.py), not L_B. Two things follow (METHODS §1, "Step size"). The stiffest step is the
 stiffest batch's, so h_max is the largest over batches of the top eigenvalue of ∇²L_B,b
 (:func:`batch_curvature`), not that of their mean. And the spread of the batches' gradients adds to
-the injected noise: on a quadratic the step's variance gains (η/2)² Cov_b(nβ∇L_B,b), which to first
-order in η raises λ̂ by (η/8) tr(W V) ≤ (η/8) tr V, V the posterior mean of Cov_b(nβ∇L_B,b) and
-W = nβH(nβH + γ)⁻¹ ⪯ I (the same Lyapunov argument as the full batch's term; exact for the trace since
-W commutes with the drift). So the bias's numerator is η nβ (tr H + nβ S) with S = tr Cov_b(∇L_B,b)
-(:func:`gradient_spread`; 0 for one batch), and with ragged batches it holds their weights' effect as
-well (mean w_b² = 1 + Var w: the w_b are part of the spread). Linear regression, d = 10, batches of
-10 samples at η = 1.52·10⁻⁴: exact SGLD cycle value 5.44 against 5.20 in one batch, (η/8) nβ² S = 0.21.
+the injected noise: on a quadratic the step's variance gains (η/2)² Cov_b(nβ∇L_B,b). With batches
+drawn independently each step that raises λ̂, to first order in η, by (η/8) tr(W V), V the
+posterior mean of Cov_b(nβ∇L_B,b) and W = nβH(nβH + γ)⁻¹ ⪯ I (the Lyapunov argument of the full
+batch's term). The sampler cycles its batches in a fixed order and records each step's batch loss,
+which correlates the point with the batch it is read on: the exact periodic solution gives
+(η/8)(2 tr V − tr(W V)) instead, whatever the order (review of this change: 1.0× (η/8) tr V at
+γ = 1, 1.5× at γ = 10³, 1.9× at γ = 10⁴ on quadratics with W ≈ I, ½ I, 0.1 I), at most (η/4) tr V.
+So the bias's numerator is η nβ (tr H + 2 nβ S), S = tr Cov_b(∇L_B,b) (:func:`gradient_spread`; 0
+for one batch): exact where γ holds the spread's directions, up to 2× cautious where the curvature
+does (W ≈ I). With ragged batches S holds their weights' effect as well (mean w_b² = 1 + Var w).
+Linear regression, d = 10, batches of 10 samples at η = 1.52·10⁻⁴: exact SGLD cycle value 5.44
+against 5.20 in one batch, (η/8) nβ² S = 0.21.
 
 h_max is the largest positive eigenvalue of the Hessian of L_B restricted to the selected
 coordinates, found by Lanczos iteration on Hessian-vector products (double backward, all points at
@@ -49,7 +54,7 @@ goes above half of it. Pilots use their own seeds and a fixed number of chains, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,19 +214,25 @@ def hessian_vector_products(target: SamplingTarget, layout: ParameterLayout, poi
     """H(θ* + points[p]) q[p] for every point: the mean over ``batches`` of the Hessians of L_B,b (double backward along the chain axis). Each point's product depends on that point
     alone, so where the points' double-backward graph does not fit in the device's memory they are
     computed in smaller groups (halved until they fit) with the same result."""
-    hq = torch.zeros_like(q)
-    group, start = points.shape[0], 0
-    while start < points.shape[0]:
+    return _by_point_groups(lambda rows: _batched_hvp(target, layout, points[rows], q[rows], batches), torch.zeros_like(q))
+
+
+def _by_point_groups(compute: Callable[[slice], Tensor], out: Tensor) -> Tensor:
+    """``out[rows] = compute(rows)`` over groups of points (the first axis), all at once where that
+    fits in the device's memory, else in groups halved until they fit: for quantities where each
+    point's value depends on that point alone, so the result does not depend on the grouping."""
+    group, start = out.shape[0], 0
+    while start < out.shape[0]:
         rows = slice(start, start + group)
         try:
-            hq[rows] = _batched_hvp(target, layout, points[rows], q[rows], batches)
+            out[rows] = compute(rows)
         except OUT_OF_MEMORY:
             if group == 1:
                 raise
             group = (group + 1) // 2
             continue
         start += group
-    return hq
+    return out
 
 
 def _batched_hvp(target: SamplingTarget, layout: ParameterLayout, points: Float[Tensor, "P D"],
@@ -266,29 +277,36 @@ def batch_curvature(
 def gradient_spread(target: SamplingTarget, layout: ParameterLayout, mask: Bool[Tensor, " D"],
                     points: Float[Tensor, "P D"]) -> Float[Tensor, " P"]:
     """S = tr Cov_b(∇L_B,b) = (1/B) Σ_b ‖∇L_B,b − ∇L_B‖² over the cycle's B batches (masked coordinates),
-    at every point: the minibatch gradients' spread, which adds η nβ² S/8 to the bias's K (module
-    docstring). Estimated from the first k = min(B, :data:`SPREAD_BATCHES`) batches as their sample
-    variance (k − 1 degrees of freedom) times (B − 1)/B, unbiased for a random subset and exact for
-    k = B; 0 for one batch. The sums are shifted by the first batch's gradient, so that a spread
-    small against the gradients themselves does not cancel away. Float64."""
+    at every point: the minibatch gradients' spread, which adds up to η nβ² S/4 to the bias's K
+    (module docstring). Estimated from the first k = min(B, :data:`SPREAD_BATCHES`) batches as their
+    sample variance (k − 1 degrees of freedom) times (B − 1)/B, unbiased for a random subset and
+    exact for k = B; 0 for one batch. The sums are shifted by the first batch's gradient, so that a
+    spread small against the gradients themselves does not cancel away; besides the gradient, one
+    float64 sum and the shift per point are held (P × D each), and points are taken in smaller
+    groups where that does not fit (each point's S depends on that point alone). Float64."""
     n = target.n_batches
     out = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
     if n == 1:
         return out
     k = min(n, SPREAD_BATCHES)
     m = mask.to(points.dtype)
-    shift = total = None
-    for b in range(k):
-        d = points.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(target.loss(layout.unflatten(d), b).sum(), d)
-        g = (g * m).to(torch.float64)
-        if shift is None:
-            shift, total = g, torch.zeros_like(g)
-            continue
-        total += g - shift
-        out += ((g - shift) ** 2).sum(1)
-    out = (out - (total ** 2).sum(1) / k) / (k - 1)
-    return out.clamp_min(0) * (n - 1) / n
+
+    def spread(rows: slice) -> Tensor:
+        shift = total = None
+        squares = torch.zeros_like(out[rows])
+        for b in range(k):
+            d = points[rows].detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(target.loss(layout.unflatten(d), b).sum(), d)
+            g = g.detach().mul_(m)
+            if shift is None:
+                shift, total = g, torch.zeros_like(g, dtype=torch.float64)
+                continue
+            g = g.sub_(shift)
+            total += g
+            squares += g.square().sum(1, dtype=torch.float64)
+        return (squares - total.square().sum(1) / k) / (k - 1)
+
+    return _by_point_groups(spread, out).clamp_min(0) * (n - 1) / n
 
 
 def trace_samples(
@@ -341,14 +359,15 @@ def reference_curvature(target: SamplingTarget, layout: ParameterLayout, mask: B
 
 
 def _noise(trace: float, spread: float, nbeta: float) -> float:
-    """tr H + nβ S: what η nβ/8 multiplies in the bias's K (module docstring)."""
-    return max(trace, 0.0) + nbeta * max(spread, 0.0)
+    """tr H + 2 nβ S: what η nβ/8 multiplies in the bias's K (module docstring: the cycled batches'
+    spread term is at most (η/4) nβ² S)."""
+    return max(trace, 0.0) + 2.0 * nbeta * max(spread, 0.0)
 
 
 def predicted_bias(step_size: float, h_max: float, trace: float, llc: float, nbeta: float, gamma: float,
                    spread: float = 0.0) -> float:
     """Relative step-size bias of λ̂ predicted for η (module docstring):
-    η nβ (tr H + nβ S) / (8 λ (1 − b_max)), b_max = η (nβ h_max + γ)/4, S the minibatch gradients'
+    η nβ (tr H + 2 nβ S) / (8 λ (1 − b_max)), b_max = η (nβ h_max + γ)/4, S the minibatch gradients'
     spread (:func:`gradient_spread`; 0 for one batch); inf at or past the stability limit
     b_max ≥ 1, and where λ ≤ 0 is not yet known, the bound of the stiffest direction
     b_max/(1 − b_max) (every direction as stiff as the stiffest)."""
@@ -363,7 +382,7 @@ def predicted_bias(step_size: float, h_max: float, trace: float, llc: float, nbe
 def bias_of_estimate(step_size: float, h_max: float, trace: float, llc_hat: float, nbeta: float, gamma: float,
                      spread: float = 0.0) -> float:
     """(1.8) for a finished run, whose λ̂ is itself raised by the bias it bounds: to first order
-    λ̂ − λ = K = η nβ (tr H + nβ S) / (8 (1 − b_max)) whatever λ, so the relative bias is
+    λ̂ − λ = K = η nβ (tr H + 2 nβ S) / (8 (1 − b_max)) whatever λ, so the relative bias is
     K/λ = K/(λ̂ − K), p/(1 − p) with p = :func:`predicted_bias` at λ̂ (inf where K ≥ λ̂). Dividing by
     λ̂ itself gave p = K/λ̂, below the bias it bounds (audit 8a: 0.29 for a run 34 % high). Where λ̂ or
     tr H is unknown, :func:`predicted_bias`'s bound of the stiffest direction, which reads no λ."""
@@ -386,7 +405,7 @@ def step_size_for(h_max: float, nbeta: float, gamma: float, bias_bound: float, *
         )
     B = curvature / 4.0  # b_max = B η
     if math.isfinite(llc) and llc > 0 and math.isfinite(trace) and math.isfinite(spread):
-        # η nβ T/(8λ) = bias (1 − B η)  ⇔  η = bias / (A + bias B), A = nβ T/(8λ), T = tr H + nβ S.
+        # η nβ T/(8λ) = bias (1 − B η)  ⇔  η = bias / (A + bias B), A = nβ T/(8λ), T = tr H + 2 nβ S.
         A = nbeta * _noise(trace, spread, nbeta) / (8.0 * llc)
         eta = bias_bound / (A + bias_bound * B)
     else:

@@ -223,6 +223,9 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         pairs = {(layer, ln): (source(layer, ln), f"blocks.{layer}.{sub}.hook_in")
                  for layer in range(self.n_layers) for ln, sub in (("ln1", "attn"), ("ln2", "mlp"))}
         pairs = {key: names for key, names in pairs.items() if all(n in hooks for n in names)}
+        if not pairs:
+            self._feeds = {}
+            return self._feeds
         seen: dict[str, Tensor] = {}
 
         def keep(name: str):
@@ -230,7 +233,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
                 seen[name] = activation.detach()
             return store
 
-        tokens = torch.arange(min(8, self.d_vocab), device=self.device)[None]
+        tokens = torch.arange(min(8, self.d_vocab, self.cfg.n_ctx or 8), device=self.device)[None]
         try:
             with torch.no_grad():
                 self.run_with_hooks(tokens, fwd_hooks=[(n, keep(n)) for names in pairs.values() for n in names])
@@ -241,7 +244,9 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
                 "blocks; post-norm ones, as in BERT and post-LN OPT, are not supported), and every analysis of "
                 "activations needs it"
             ) from err
-        self._feeds = {key: torch.equal(seen[a], seen[b]) for key, (a, b) in pairs.items()
+        # NaN == NaN here: a non-finite activation (an overflowing float16 forward, an ablation) says
+        # nothing about where the norm sits, and the analyses that read activations say so themselves.
+        self._feeds = {key: torch.equal(seen[a].nan_to_num(), seen[b].nan_to_num()) for key, (a, b) in pairs.items()
                        if a in seen and b in seen and seen[a].shape == seen[b].shape}
         return self._feeds
 
