@@ -119,9 +119,7 @@ def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     if adapter.cfg.normalization is not None:
         adapter.norm_weights(layer, ln)  # a post-norm block (OLMo2) has no norm in front: MissingHookError
     available = adapter.available_hooks()
-    # A parallel block with one shared norm (GPT-J, Phi) feeds its MLP from ln1 (ModelAdapter._norm_module).
-    norm = "ln1" if ln == "ln2" and adapter.cfg.parallel_attn_mlp and f"blocks.{layer}.ln2.hook_out" not in available \
-        and f"blocks.{layer}.ln2.hook_normalized" not in available else ln
+    norm = adapter.block_norm(layer, ln)
     # hook_out (the bridge) is the input itself; hook_normalized may precede the norm's affine part
     # (block_input_affine), so it comes second.
     names = [f"blocks.{layer}.{norm}.hook_out", f"blocks.{layer}.{norm}.hook_normalized"]

@@ -416,16 +416,21 @@ class ModelAdapter(abc.ABC):
         instead of its input: what it normalizes, in words; None (the default) for a pre-norm."""
         return None
 
+    def block_norm(self, layer: int, ln: str) -> str:
+        """The name of the norm in front of block ``layer``'s attention (``ln="ln1"``) or MLP (``"ln2"``):
+        ``ln`` itself, except ``"ln1"`` for the MLP of a parallel block with one shared pre-norm (GPT-J,
+        Phi: attention and MLP read the same ln1 output; audit 9 F10)."""
+        shared = ln == "ln2" and self.cfg.parallel_attn_mlp and getattr(self.model.blocks[layer], "ln2", None) is None
+        return "ln1" if shared else ln
+
     def _norm_module(self, layer: int, ln: str) -> nn.Module:
         """The module ``blocks[layer].<ln>`` (a parallel block's shared ``ln1`` for its MLP: GPT-J,
         Phi), or :class:`MissingHookError` where the block has no norm in front of that linear map:
         post-norm blocks (OLMo2) normalize the attention's and MLP's outputs instead (TL 4.x calls
         those norms ``ln1_post``/``ln2_post``)."""
         block = self.model.blocks[layer]
+        ln = self.block_norm(layer, ln)
         module = getattr(block, ln, None)
-        if module is None and ln == "ln2" and self.cfg.parallel_attn_mlp:
-            # GPT-J, Phi: attention and MLP read the output of one shared pre-norm, ln1 (audit 9 F10).
-            ln, module = "ln1", getattr(block, "ln1", None)
         where = None if module is None else self._post_norm(layer, module, ln)
         if module is not None and where is None:
             return module

@@ -215,12 +215,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         if self._feeds is not None:
             return self._feeds
         hooks = self.model.hook_dict
-
-        def source(layer: int, ln: str) -> str:  # a parallel block's MLP reads its one norm, ln1 (GPT-J, Phi)
-            shared = ln == "ln2" and self.cfg.parallel_attn_mlp and f"blocks.{layer}.ln2.hook_out" not in hooks
-            return f"blocks.{layer}.{'ln1' if shared else ln}.hook_out"
-
-        pairs = {(layer, ln): (source(layer, ln), f"blocks.{layer}.{sub}.hook_in")
+        pairs = {(layer, ln): (f"blocks.{layer}.{self.block_norm(layer, ln)}.hook_out", f"blocks.{layer}.{sub}.hook_in")
                  for layer in range(self.n_layers) for ln, sub in (("ln1", "attn"), ("ln2", "mlp"))}
         pairs = {key: names for key, names in pairs.items() if all(n in hooks for n in names)}
         if not pairs:
