@@ -58,6 +58,29 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         behavioral_llc(model, x, chains=2, draws=20, burnin=5, gamma=2.0, checkpoint_dir=tmp_path)
 
 
+def test_a_minibatch_checkpoint_of_the_old_step_size_rule_is_refused(tmp_path):
+    """Review 31 F6: a 0.4.0 checkpoint saved an automatic η chosen without the minibatches' gradient
+    spread (its choice has no ``gradient_spread``); resuming it kept that η. Now it is refused and the
+    file is left as it was; a full-batch one (the rule did not change there) still resumes."""
+    model, x = linear_regression(d=3, n=40)
+    kw = dict(chains=2, draws=20, burnin=5, pilot_steps=20, progress=False)
+    for batch_size, refused in ((10, True), (None, False)):
+        where = tmp_path / str(batch_size)
+        behavioral_llc(model, x, batch_size=batch_size, checkpoint_dir=where, _stop_after=10, **kw)
+        path = where / "llc-rank0.pt"
+        payload = torch.load(path, weights_only=False)
+        del payload["extra"]["step_size_choice"]["gradient_spread"]
+        torch.save(payload, path)
+        before = path.read_bytes()
+        if refused:
+            with pytest.raises(ValueError, match=r"chosen by tl_degeneracy < 0\.4\.1.*gradient spread.*delete"):
+                behavioral_llc(model, x, batch_size=batch_size, checkpoint_dir=where, **kw)
+            assert path.read_bytes() == before
+        else:
+            resumed = behavioral_llc(model, x, batch_size=batch_size, checkpoint_dir=where, **kw)
+            assert resumed.diagnostics["step_size_source"] == "automatic (from checkpoint)"
+
+
 def test_checkpoint_from_another_model_or_other_data_is_refused(tmp_path):
     # Same class, same sizes, same settings: only θ* (or the data) differs, which the fingerprint catches.
     model_a, x = linear_regression(d=3, n=30)

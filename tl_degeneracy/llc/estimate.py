@@ -257,7 +257,8 @@ def behavioral_llc(
     Raises:
         ValueError: an argument out of range (chains/draws ≥ 1, burnin ≥ 0, step_size, bias_bound
             (< 1), rms_eps, nbeta/loss_scale finite and > 0, 0 ≤ rms_alpha < 1, gamma ≥ 0), more
-            ranks than chains, a checkpoint from other settings, another model or other data, or
+            ranks than chains, a checkpoint from other settings, another model or other data, a
+            minibatch run's checkpoint whose automatic η a version before 0.4.1 chose, or
             (torchrun) checkpoints missing on some ranks or inconsistent between ranks.
         TypeError: an option that is no field of :class:`SamplerConfig`.
         NumericalError: L_B at θ* is not finite (non-finite reference outputs), or every chain

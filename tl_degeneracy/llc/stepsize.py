@@ -560,6 +560,14 @@ def initial_step_size(
         return StepSizeChoice(eta, h_ref, h_ref, predicted_bias(eta, h_ref, float("nan"), float("nan"), nbeta, gamma), [],
                               stiff_bound=b), "given"
     if saved is not None:
+        if target.n_batches > 1 and "gradient_spread" not in saved:
+            # Written before the rule counted the minibatches' gradient spread (0.4.1): its η may
+            # bias λ̂ beyond the bound the run would print (up to 2× the printed bias, batches of 10).
+            raise ValueError(
+                "the checkpoint's automatic step size was chosen by tl_degeneracy < 0.4.1, whose rule leaves out "
+                "the minibatches' gradient spread, so its η may bias λ̂ beyond the printed bound; delete the "
+                "checkpoint_dir's llc-rank*.pt files to start afresh"
+            )
         return StepSizeChoice.from_dict(saved), "automatic (from checkpoint)"
     choice = choose_step_size(target, layout, mask, nbeta=nbeta, gamma=gamma, bias_bound=config.bias_bound,
                               stiff_bound=config.stiff_bound, explode_at=explode_at, pilot_steps=config.pilot_length,
