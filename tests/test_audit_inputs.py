@@ -379,7 +379,16 @@ def test_post_norm_blocks_whose_names_do_not_say_so_are_refused(audit_dirs):
                                                       r"post-norm ones, as in BERT and post-LN OPT, are not supported"):
         tld.ov_invariants(quiet_boot(audit_dirs("opt_post_ln")))
     # Its pre-LN twin passes the same check.
-    assert len(tld.ov_invariants(quiet_boot(audit_dirs("opt")))) == 8
+    opt = quiet_boot(audit_dirs("opt"))
+    assert len(tld.ov_invariants(opt)) == 8
+    # A hook of the caller's that patches what the attention reads runs in the check too (review 31
+    # F7): the refusal names it, and the same model passes once it is removed.
+    opt.blocks[1].attn.hook_in.add_hook(lambda x, hook: x + 1.0)
+    with pytest.raises(MissingHookError, match=r"does not output what its attention reads in a forward pass with your "
+                                               r"hooks on blocks\.1\.attn\.hook_in, .*model\.reset_hooks\(\)"):
+        tld.ov_invariants(opt)
+    opt.reset_hooks()
+    assert len(tld.ov_invariants(opt)) == 8
 
 
 def test_a_parallel_block_with_one_norm_feeds_its_mlp_from_it(audit_dirs):

@@ -76,6 +76,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         self._compat = bool(getattr(model, "compatibility_mode", False))
         self._module_names: dict[int, str] | None = None
         self._feeds: dict[tuple[int, str], bool] | None = None
+        self._hooked: dict[tuple[int, str], list[str]] = {}
         super().__init__(model)
 
     @property
@@ -202,7 +203,12 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         if self._norm_feeds().get((layer, ln), True):
             return None
         sublayer = "attention" if ln == "ln1" else "MLP"
-        return f"its {ln} ({name or type(norm).__name__}) does not output what its {sublayer} reads"
+        reason = f"its {ln} ({name or type(norm).__name__}) does not output what its {sublayer} reads"
+        hooked = self._hooked.get((layer, ln))
+        if hooked:
+            reason += (f" in a forward pass with your hooks on {', '.join(hooked)}, which may be what changed it: "
+                       "remove them (model.reset_hooks()) and retry")
+        return reason
 
     def _norm_feeds(self) -> dict[tuple[int, str], bool]:
         """(layer, ln) → whether block ``layer``'s ``ln`` output is what the sublayer after it reads
@@ -221,6 +227,8 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         if not pairs:
             self._feeds = {}
             return self._feeds
+        # A hook the caller left on these points (an ablation, a patch) runs in the check too.
+        self._hooked = {key: [n for n in names if hooks[n].fwd_hooks] for key, names in pairs.items()}
         seen: dict[str, Tensor] = {}
 
         def keep(name: str):
