@@ -20,7 +20,7 @@ from tl_degeneracy.models.selection import read_attention
 from tl_degeneracy.plots import plot_spectra
 
 from .fixtures.device import test_device
-from .fixtures.hf import LOADS, has_hooked_transformer, load_as, native_config, open_model
+from .fixtures.hf import LOADS, boot_native, has_hooked_transformer, load_as, native_config, open_model, save_hf_model
 from .fixtures.jacobian import jacobian_rank
 
 
@@ -313,6 +313,7 @@ def _repeated_frequency_dir(tmp_path):
 ROTARY_CASES = {
     "llama, rotary on all dims": ("llama", None, 8),
     "llama, one rotary pair of a group's W_Q zero": ("llama", (slice(0, 2), slice(None), [0, 4]), None),
+    "TL-native, one rotary pair of a group's W_Q zero": ("native", (slice(0, 2), slice(None), [0, 1]), None),
     "neox, rotary on 2 of 8 dims": ("neox", None, 2 + 6 * 6),
     "repeated frequencies": ("repeated", None, 2 * 4 * 4),
 }
@@ -323,20 +324,24 @@ def test_rotary_qk_free_directions_are_the_commutant(hf_dirs, tmp_path, case):
     """Audit finding 6: with rotary embeddings the score is q R_t kᵀ, only gauges commuting with every
     R_t are symmetries, and QK's free directions are those of (W_Q^h…, W_K) ↦ (W_Q^h R_t W_Kᵀ)_{h,t}:
     the commutant at full rank (2 per rotary pair of distinct frequency, (d − rotary dims)² for the
-    rest; more for repeated frequencies), checked against the Jacobian rank with HF's own rotary.
+    rest; more for repeated frequencies), checked against the Jacobian rank with HF's own rotary (TL-native: TransformerLens' rotary code).
     Offsets 0 … 8 span the algebra of the one-position rotation (≤ 8 distinct eigenvalues at d = 8)."""
     from transformers import AutoModelForCausalLM
 
     arch, zeros, closed_form = ROTARY_CASES[case]
-    directory = _repeated_frequency_dir(tmp_path) if arch == "repeated" else hf_dirs[arch]
-    model = open_model(directory, "bridge")
-    if zeros is not None:  # both query heads of group 0 lose the pair (0, 4): rotate-half pairs j, j + 4
+    if arch == "native":  # its own rotary code (adjacent pairs) is the independent account
+        model = boot_native("llama")
+        scores = _native_rotary_scores(model, positions=9)
+    else:
+        directory = _repeated_frequency_dir(tmp_path) if arch == "repeated" else hf_dirs[arch]
+        model = open_model(directory, "bridge")
+        scores = _rotary_scores(AutoModelForCausalLM.from_pretrained(directory), positions=9)
+    if zeros is not None:  # both query heads of group 0 lose a rotary pair: (0, 4) of rotate-half, (0, 1) adjacent
         W_Q = read_attention(tld.adapt(model), 0)["W_Q"].detach().clone()
         W_Q[zeros] = 0.0
         write_attention(tld.adapt(model), 0, {"W_Q": W_Q})
     qk, fm = qk_invariants(model), qk_circuits(model)
     assert qk["rotary"].all()
-    scores = _rotary_scores(AutoModelForCausalLM.from_pretrained(directory), positions=9)
     adapter = tld.adapt(model)
     group = adapter.n_heads // adapter.n_kv_heads
     for kv in range(adapter.n_kv_heads):
@@ -349,6 +354,75 @@ def test_rotary_qk_free_directions_are_the_commutant(hf_dirs, tmp_path, case):
             assert truth == closed_form
     if zeros is not None:  # the pair's two eigenvectors no longer reach W_Q: each frees W_K's D entries there
         assert qk.loc[(qk["layer"] == 0) & (qk["head"] == 0), "free_directions"].item() == 6 + 2 * fm.rdim
+
+
+def _rotate(x: torch.Tensor, t: int, angles: torch.Tensor, adjacent: bool) -> torch.Tensor:
+    """x [..., d] turned by the rotary rotation of position t: pair j = (2j, 2j + 1) if ``adjacent``
+    else (j, j + pairs), by the angle angles[j]·t; coordinates beyond the pairs unchanged."""
+    x, p = x.double(), angles.numel()
+    first = torch.arange(p) * 2 if adjacent else torch.arange(p)
+    second = first + 1 if adjacent else first + p
+    c, s = torch.cos(angles * t), torch.sin(angles * t)
+    out = x.clone()
+    out[..., first] = x[..., first] * c - x[..., second] * s
+    out[..., second] = x[..., first] * s + x[..., second] * c
+    return out
+
+
+def _pattern_error(model, angles: torch.Tensor, adjacent: bool, positions: int = 10) -> float:
+    """Largest deviation of layer 0's attention pattern (``hook_pattern``) from the one predicted from
+    its unrotated queries and keys (``hook_q``, ``hook_k``) turned by (``angles``, ``adjacent``): the
+    model's own forward is the oracle of its rotary layout and frequencies."""
+    seen = {}
+    names = [f"blocks.0.attn.hook_{x}" for x in ("q", "k", "pattern")]
+    model.run_with_hooks(torch.arange(3, 3 + positions, device=test_device())[None],
+                         fwd_hooks=[(n, lambda x, hook, n=n: seen.__setitem__(n, x.detach().cpu())) for n in names])
+    q, k, pattern = (seen[n][0] for n in names)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    turned_q, turned_k = (torch.stack([_rotate(x[t], t, angles, adjacent) for t in range(positions)]) for x in (q, k))
+    scores = torch.einsum("qhd,khd->hqk", turned_q, turned_k) / math.sqrt(q.shape[-1])
+    causal = torch.ones(positions, positions, dtype=torch.bool).tril()
+    return float((scores.masked_fill(~causal, -math.inf).softmax(-1) - pattern.double()).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["native", "llama", "neox", "gptj"])
+@pytest.mark.parametrize("backend", ["bridge", "bridge-compat", "hooked_transformer"])
+def test_rotary_pairs_and_angles_are_the_forwards(hf_dirs, tmp_path, arch, backend):
+    """The pairs and angles the free directions are counted in (METHODS §2) are those the model's
+    forward rotates by: its attention pattern is reproduced from hook_q/hook_k with them (float32
+    rounding: ~1e-7), and the other pairing misses it by far more. Both TL-native models and GPT-J
+    (whose config leaves ``rotary_adjacent_pairs`` False) rotate adjacent pairs; the adapter said
+    (j, j + pairs) for them, so a factor rank-deficient on a rotary pair was counted in the wrong
+    eigenspaces. Llama and NeoX (partial rotary) rotate halves."""
+    if arch == "native":
+        if backend != "bridge":
+            pytest.skip("TL-native models are bridges only")
+        model = boot_native("llama")
+    else:
+        directory = save_hf_model("gptj", tmp_path / "gptj") if arch == "gptj" else hf_dirs[arch]
+        model = open_model(directory, backend)
+    angles, adjacent = tld.adapt(model).rotary_angles(0)
+    assert adjacent == (arch in ("native", "gptj"))
+    assert _pattern_error(model, angles, adjacent) < 1e-5
+    if angles.numel() > 1:  # one pair (the tiny NeoX: 2 rotary dims) is both (0, 1) and (j, j + 1)
+        assert _pattern_error(model, angles, not adjacent) > 1e-3
+
+
+def _native_rotary_scores(model, positions: int):
+    """(query factors…, key factor) ↦ the scores q_t·k_0 of every offset t < ``positions``, rotated
+    by the TL-native model's own rotary code (``NativeRotary.apply_rope``)."""
+    rotary = model.blocks[0].attn.original_component.rotary
+
+    def scores(factors):
+        K = factors[-1]  # d × D: the key at offset 0 is not rotated
+        out = []
+        for Q in factors[:-1]:
+            q = Q[:, None, None, :].expand(Q.shape[0], 1, positions, Q.shape[1])
+            turned, _ = rotary.apply_rope(q, q)
+            out.append(torch.einsum("atd,db->tab", turned[:, 0], K))
+        return torch.stack(out)
+
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------- rank rule

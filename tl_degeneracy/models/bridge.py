@@ -32,6 +32,7 @@ The bridge wraps a Hugging Face model. What the adapter has to know about it
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -153,16 +154,38 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
     # ------------------------------------------------------------------ weights
     def rotary_angles(self, layer: int) -> tuple[Tensor, bool]:
         """The base class's (ω_j, adjacent), read where the forward keeps them: TransformerLens'
-        rotary buffers on the attention, else the wrapped HF model's ``inv_freq`` (the first one:
-        layers are assumed to share it), else TransformerLens' formula."""
-        found = buffer_rotary_angles(self.model.blocks[layer].attn, self.model.cfg)
+        rotary buffers on the attention; a TL-native model's rotary tables (pairs (2j, 2j + 1), the
+        one layout of its code; the tables hold any ``rope_scaling``); else the wrapped HF model's
+        ``inv_freq`` (the first one: layers are assumed to share it), else TransformerLens' formula,
+        with the pairs of :meth:`_adjacent_pairs`. Checked against each architecture's attention
+        pattern (tests/test_invariants.py): the config's ``rotary_adjacent_pairs`` alone said
+        (j, j + pairs) for TL-native models and GPT-J, which pair adjacent coordinates."""
+        attn = self.model.blocks[layer].attn
+        found = buffer_rotary_angles(attn, self.model.cfg)
         if found is not None:
             return found
+        native = getattr(getattr(attn, "original_component", None), "rotary", None)
+        if native is not None and hasattr(native, "cos_cached"):
+            theta = torch.atan2(native.sin_cached[1].double(), native.cos_cached[1].double()).cpu()
+            return theta[::2], True  # each angle stands twice: repeat_interleave over the pair
+        adjacent = self._adjacent_pairs(attn)
         hf = getattr(self.model, "original_model", None)
         freqs = [b for name, b in hf.named_buffers() if name.endswith(".inv_freq")] if hf is not None else []
         if freqs:
-            return freqs[0].double().cpu(), bool(getattr(self.model.cfg, "rotary_adjacent_pairs", False))
-        return super().rotary_angles(layer)
+            return freqs[0].double().cpu(), adjacent
+        return super().rotary_angles(layer)[0], adjacent
+
+    def _adjacent_pairs(self, attn: nn.Module) -> bool:
+        """Whether the attention rotates coordinate pairs (2j, 2j + 1) rather than (j, j + pairs):
+        where TransformerLens rotates, its config says so (``rotary_adjacent_pairs``: GLM, ERNIE;
+        ``rotary_interleaved_cos_sin``: Cohere); where the wrapped HF attention rotates by its own
+        code, that code does: GPT-J's and CodeGen's ``rotate_every_two`` pairs adjacent coordinates,
+        the others' ``rotate_half`` halves."""
+        c = self.model.cfg
+        if getattr(c, "rotary_adjacent_pairs", False) or getattr(c, "rotary_interleaved_cos_sin", False):
+            return True
+        hf = getattr(attn, "original_component", None)
+        return hf is not None and hasattr(sys.modules.get(type(hf).__module__), "rotate_every_two")
 
     def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
         attn = self.model.blocks[layer].attn
