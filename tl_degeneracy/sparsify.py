@@ -32,8 +32,15 @@ and bias applied, or the residual stream in a model without norms), hidden f = a
      vanish) but not in the stored weights. ``to_frame`` reports both counts.
 3. The outputs of the copy are compared with the original's on the data: ``output_drift`` =
    max |Δ logits| / max |logits| and the behavioral loss KL(original ‖ copy) (METHODS §1), after
-   each layer is written (cumulative). For GELU/SiLU step 1 and the removals are exact but the block
-   change of basis is only approximate (METHODS §3): the drift and KL measure it.
+   each layer is written (cumulative). Step 1 and the removals hold on the data for any activation,
+   up to what the rank rule calls zero (``eliminated_scale``, ``removed_residual``); for GELU/SiLU the
+   block change of basis is only approximate (METHODS §3), and where a smooth activation makes the
+   post-activations of neurons with parallel input weights independent there is none
+   (``blocks_without_basis``). The drift and KL measure the whole. Every zero holds on the data the
+   copy was built from: ``data_limited`` and ``blocks_changing`` say where half of them disagree.
+
+Which neurons of a block are independent is decided on their correlations (scale-free): ReLU's
+per-neuron rescaling (W_in column × c, W_out row ÷ c) changes no count and no removal.
 
 Gated MLPs (post = act(x W_gate) ⊙ x W_in) are refused: the hidden unit is a product of two
 pre-activations, so neither the removal nor C passes through it.
@@ -64,10 +71,11 @@ from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
-from .numerics import activation_precision, numerical_rank, rank_band, sample_limited, warn_data_limited
+from .numerics import (DataLimitedWarning, activation_precision, numerical_rank, rank_band, sample_limited,
+                       warn_data_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
-from .synchronization import EXACT_ACTIVATIONS, SyncCountWarning, neuron_synchronization
+from .synchronization import EXACT_ACTIVATIONS, SyncCountWarning, neuron_correlations, neuron_synchronization
 
 __all__ = ["LayerBasis", "SparsifyResult", "sparsify"]
 
@@ -129,7 +137,9 @@ class SparsifyResult:
         limit, not the model's: ``numerics.sample_limited``), ``data_limited`` (r is lower on the
         data's even-numbered sequences alone: still growing with the data, so more data would use
         some of the eliminated directions), ``blocks`` (synchronized blocks of ≥ 2
-        neurons), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
+        neurons), ``blocks_changing`` (those of them that the even-numbered sequences alone form
+        otherwise, ``neuron_synchronization``'s on_half: their removals and changes of basis hold on
+        these data and may not off them), ``free_directions`` = ``activation_free`` + ``sync_free`` (what METHODS §3–§4 count
         for the layer on the same data: (D − r)·F for W_in's low-rank input, and per block of ≥ 2 its
         extra freedom J_apart − J_sync, ``neuron_synchronization``) with ``free_min`` / ``free_max``
         from the band of r, ``sync_exact`` (every block's count is exact; False: some are upper
@@ -139,14 +149,18 @@ class SparsifyResult:
         hidden–output pairs), ``zeros_in_model`` (those of them stored in ``model``'s weights),
         ``zeros_out`` (the hidden–output ones: removed neurons' W_out rows, all stored), ``blocks_in_model`` /
         ``blocks_in_basis`` (block changes of basis written into the model / kept in ``bases`` only),
+        ``blocks_without_basis`` (blocks with s ≥ 2 whose independent neurons' input weights span fewer
+        than s directions, as a smooth activation allows: no change of basis, no zeros),
         ``removed_neurons``, ``eliminated_scale`` (√(largest eliminated G¹ eigenvalue / largest): how
         far the eliminated input directions are from exactly zero on the data, relative, so the size
-        of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
+        of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``removed_residual``
+        (the largest relative RMS of f_dep − f_I β over the removed neurons, each on its own scale:
+        step 2's error, likewise up to the rank rule's cut-off), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
         0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
         columns = ["layer", "input_rank", "input_rank_min", "input_rank_max", "sample_limited", "data_limited", "blocks",
-                   "free_directions", "free_min", "free_max", "activation_free", "sync_free", "sync_exact",
-                   "zeros_added", "zeros_in_model", "zeros_out", "blocks_in_model", "blocks_in_basis", "removed_neurons",
-                   "eliminated_scale", "output_drift", "kl"]
+                   "blocks_changing", "free_directions", "free_min", "free_max", "activation_free", "sync_free",
+                   "sync_exact", "zeros_added", "zeros_in_model", "zeros_out", "blocks_in_model", "blocks_in_basis",
+                   "blocks_without_basis", "removed_neurons", "eliminated_scale", "removed_residual", "output_drift", "kl"]
         frame = pd.DataFrame(self.rows, columns=columns)
         frame.attrs.update({"act_fn": self.act_fn, "tol": self.tol, "approximate": self.approximate,
                             "n_samples": self.n_samples, "positions": self.positions, "seconds": self.seconds})
@@ -271,8 +285,10 @@ def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> tuple[list[M
 
 
 def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]], progress: bool) -> None:
-    """Count, per block, the samples on which some new neuron p_I C has another sign than the block's
-    firing (p_I[0] > 0): where there are none, ReLU(p_I C) = ReLU(p_I) C on the data (paper eq. 28)."""
+    """Count, per block, the samples on which the block's neurons p_I and the new ones p_I C do not
+    all have one sign: where there are none, ReLU(p_I C) = ReLU(p_I) C on the data (paper eq. 28).
+    (With tol > 0 the block's own neurons may disagree: comparing the new ones with p_I[0] alone
+    wrote such a block into the model, drift 7·10⁻², audit 10a.)"""
     for bl in blocks.values():
         for b in bl:
             b.violations = torch.zeros((), dtype=torch.float64, device=adapter.device)
@@ -287,8 +303,8 @@ def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]
                 rows = step.index.rows(p.detach(), step.index.unit(tuple(p.shape), names[layer])).to(torch.float64)
                 for b in blocks[layer]:
                     p_I = rows[:, b.neurons]
-                    new = p_I @ b.C.to(p_I)
-                    b.violations += ((new > 0) != (p_I[:, :1] > 0)).any(1).sum()
+                    firing = torch.cat([p_I, p_I @ b.C.to(p_I)], 1) > 0  # the block's own neurons too (tol > 0)
+                    b.violations += (firing != firing[:, :1]).any(1).sum()
 
             return hook
 
@@ -348,19 +364,34 @@ def _eliminate_inputs(moment: Float[Tensor, "D D"], mean: Float[Tensor, " D"] | 
 def _block_bases(M: Float[Tensor, "rows F"], value_gram: Float[Tensor, "F F"], s: int, neurons: list[int],
                  allowed_rows: np.ndarray):
     """Step 2 for one block: (independent neurons I, dependent ones, β with f_dep = f_I β on the data,
-    the block's change of basis as a :class:`_Block` or None when s < 2)."""
+    the relative residual of that relation (the largest over the dependent neurons: how far they are
+    from exact combinations, on their own scale), the block's change of basis as a :class:`_Block`,
+    or None when s < 2 or when I's columns of [W̃; b] span fewer than s directions).
+
+    I is chosen on the neurons' correlations (``neuron_correlations``), so that neither I nor s
+    depends on how a ReLU neuron's scale is split between W_in and W_out. A smooth activation can
+    make the post-activations of neurons with parallel input weights independent (GELU(p) and
+    GELU(2p)): no C then gives M_I C an identity on s rows (eq. 26), and the block keeps its basis."""
     P = value_gram[neurons][:, neurons]
-    order = _pivots(P, len(neurons)) if s else np.arange(len(neurons))
+    order = _pivots(neuron_correlations(P), len(neurons)) if s else np.arange(len(neurons))
     I = [neurons[i] for i in sorted(order[:s])]
     dep = [n for n in neurons if n not in I]
     beta = (torch.linalg.solve(value_gram[I][:, I], value_gram[I][:, dep]) if s and dep
             else value_gram.new_zeros(len(I), len(dep)))
+    residual = 0.0
+    if dep:  # E(f_dep − f_I β)² = G_dd − G_dI β (the Schur complement), relative to E f_dep²
+        own = value_gram[dep, dep]
+        left = (own - (value_gram[dep][:, I] * beta.T).sum(1)).clamp_min(0)
+        live = own > 0
+        residual = float((left[live] / own[live]).sqrt().max()) if bool(live.any()) else 0.0
     if s < 2:
-        return I, dep, beta, None
+        return I, dep, beta, residual, None
     sub = M[allowed_rows][:, I]  # rows of [W̃; b] the block may take as its identity
+    if int(numerical_rank(torch.linalg.svdvals(sub), tuple(sub.shape), precision=torch.float64)) < s:
+        return I, dep, beta, residual, None
     R = np.sort(allowed_rows[_pivots(sub.T, s)])
     C = torch.linalg.inv(M[R][:, I])
-    return I, dep, beta, _Block(neurons=I, C=C, rows=R)
+    return I, dep, beta, residual, _Block(neurons=I, C=C, rows=R)
 
 
 def sparsify(
@@ -437,9 +468,12 @@ def sparsify(
         removed, blocks = [], []
         forced = torch.zeros(M.shape, dtype=torch.bool, device="cpu")  # the entries the construction sets to zero
         forced[J] = True
+        residual, no_basis = 0.0, 0
         for neurons in (n for n in sync.blocks[layer] if len(n) > 1):
-            I, dep, beta, block = _block_bases(M, sync.value_gram[layer].to(torch.float64), sync.block_rank(layer, neurons),
-                                               neurons, allowed)
+            s_block = sync.block_rank(layer, neurons)
+            I, dep, beta, res, block = _block_bases(M, sync.value_gram[layer].to(torch.float64), s_block, neurons, allowed)
+            residual = max(residual, res)
+            no_basis += int(block is None and s_block > 1)
             if dep:  # f_dep = f_I β inside one firing pattern: W_out of I absorbs it, the neurons go
                 W_out[I] += beta @ W_out[dep]
                 M[:, dep] = 0
@@ -457,6 +491,8 @@ def sparsify(
         rows.append({"layer": layer, "input_rank": r, "input_rank_min": r_min, "input_rank_max": r_max,
                      "sample_limited": sample_limited(r, batches.n_samples, D, centered=has_bias),
                      "data_limited": r_half < r,
+                     "blocks_changing": int((layer_blocks["on_half"] == False).sum()),  # noqa: E712 (None: not compared)
+                     "blocks_without_basis": no_basis, "removed_residual": residual,
                      "eliminated_scale": scale, "blocks": len(layer_blocks),
                      "activation_free": (D - r) * F, "sync_free": int(layer_blocks["extra_freedom"].sum()),
                      "sync_exact": bool(layer_blocks["count_exact"].all()), "removed_neurons": len(removed),
@@ -468,6 +504,17 @@ def sparsify(
                       batches.n_sequences, "column data_limited",
                       "activation_free counts directions that more data would use, and the copy may drift off these "
                       "data; sparsify on more sequences")
+    changing = sum(row["blocks_changing"] for row in rows)
+    if changing:
+        warn_once(f"sparsify: {changing} of {sum(row['blocks'] for row in rows)} synchronized blocks are formed otherwise "
+                  f"by the even-numbered half of the {batches.n_sequences} sequences (column blocks_changing): the "
+                  "neurons removed from them and their changes of basis hold on these data, and the copy may drift "
+                  "off them; sparsify on more sequences", DataLimitedWarning, stacklevel=2)
+    if any(row["blocks_without_basis"] for row in rows):
+        warn_once("sparsify: at some synchronized blocks the neurons' input weights span fewer directions than their "
+                  "post-activations (a smooth activation: GELU(p) and GELU(2p) are independent), so no change of basis "
+                  "makes their input weights an identity (paper eq. 26): those blocks keep their basis and add no zeros "
+                  "(column blocks_without_basis)", SyncCountWarning, stacklevel=2)
     if not all(row["sync_exact"] for row in rows):
         warn_once("sparsify: some synchronized blocks' extra freedom is an upper estimate (approximate blocks) or has "
                   "no closed form (left out of sync_free): column sync_exact; free_directions is then not exact",

@@ -124,6 +124,16 @@ def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float |
     return int(numerical_rank(descending_eigvalsh(gram), gram=True, rtol=_gram_rtol(gram.shape[0], precision, rtol, width)))
 
 
+def neuron_correlations(gram: Float[Tensor, "k k"]) -> Float[Tensor, "k k"]:
+    """The uncentred correlations G_ij / √(G_ii G_jj) of neurons with Gram ``gram`` (post-activations),
+    0 in the rows and columns of neurons that are 0 on every sample: a Gram whose rank does not
+    depend on each neuron's scale, which ReLU's per-neuron rescaling (W_in column × c, W_out row ÷ c)
+    changes and the function does not."""
+    scale = gram.diagonal().clamp_min(0).sqrt()
+    inverse = torch.where(scale > 0, 1 / scale.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(scale))
+    return gram * inverse[:, None] * inverse[None, :]
+
+
 def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
     """Rank of a matrix formed from stored weights: float64 SVD, float64 rule (METHODS §2)."""
     matrix = matrix.to(torch.float64)
@@ -908,10 +918,13 @@ class NeuronSyncResult:
         return f"firing patterns in blocks differ on up to {share:.2%} of samples; {moved}"
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
-        """s: rank of the block's post-activations f = r·p on the data (the values W_out reads)."""
+        """s: rank of the block's post-activations f = r·p on the data (the values W_out reads), by
+        the rank rule on their correlations (:func:`neuron_correlations`): scaling a ReLU neuron's
+        W_in column by c > 0 and its W_out row by 1/c is the same function, and must not change s
+        (audit 10a: relative to the block's largest eigenvalue, c = 10⁻⁶ turned s = 2 into 1)."""
         gram = self.value_gram[layer]
         idx = torch.as_tensor(neurons, device=gram.device)
-        return _gram_rank(gram[idx][:, idx], self.precision, self.rank_rtol, gram.shape[-1])
+        return _gram_rank(neuron_correlations(gram[idx][:, idx]), self.precision, self.rank_rtol, gram.shape[-1])
 
     def freedom(self, layer: int, neurons: list[int]) -> SyncJacobian | None:
         """J_apart and J_sync of the block's W_in columns (with b_in) and W_out rows (METHODS §3,
@@ -930,8 +943,12 @@ class NeuronSyncResult:
             return None
         idx = torch.as_tensor(neurons, device=self.value_gram.device)
         m = len(neurons)
-        return component_freedom(self.value_gram[layer][idx][:, idx], list(range(m)),
-                                 self.W_out[layer][idx.to(self.W_out.device)][:, None, :], [list(range(m))],
+        # Counted at the point of the rescaling orbit where every neuron's post-activation has unit
+        # energy on the data (its W_out row carries the scale): the same function, and rank decisions
+        # that do not depend on how the weights split each neuron's scale (:meth:`block_rank`).
+        gram = self.value_gram[layer][idx][:, idx]
+        W_out = self.W_out[layer][idx.to(self.W_out.device)] * gram.diagonal().clamp_min(0).sqrt().to(self.W_out)[:, None]
+        return component_freedom(neuron_correlations(gram), list(range(m)), W_out[:, None, :], [list(range(m))],
                                  int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
                                  self.value_gram.shape[-1])
 

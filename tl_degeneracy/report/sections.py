@@ -437,7 +437,11 @@ def sparsity(ctx: ReportContext) -> SectionOutput:
               "sample_limited_layers": int(frame["sample_limited"].sum()), "n_samples": res.positions["n_samples"],
               "data_limited_layers": int(frame["data_limited"].sum()), "sync_exact": bool(frame["sync_exact"].all()),
               "free_band": [int(frame["free_min"].sum()), int(frame["free_max"].sum())], "cutoff_band": CUTOFF_BAND,
-              "eliminated_scale": float(frame["eliminated_scale"].max())}
+              "eliminated_scale": float(frame["eliminated_scale"].max()),
+              "removed_residual": float(frame["removed_residual"].max()),
+              "blocks_changing": int(frame["blocks_changing"].sum()),
+              "blocks_without_basis": int(frame["blocks_without_basis"].sum()),
+              "n_sequences": res.positions["n_sequences"]}
     free = f"{values['free_directions']:,}" if values["sync_exact"] else f"≤ {values['free_directions']:,}"
     return SectionOutput(
         tables={"layers": frame}, figures={"sparsity": res.plot()}, values=values,
@@ -747,15 +751,17 @@ def _sparsity_verdict(v: dict) -> str:
     met = "at least one" if zeros >= free else "fewer than one"
     if v.get("approximate"):
         kind = "approximate (smooth activation, or blocks whose firing differs on some samples)"
-    else:  # step 1 drops the input directions the rank rule calls zero: they bound the drift (METHODS §8)
-        scale = v.get("eliminated_scale")
+    else:  # steps 1 and 2 drop the input directions and neuron combinations the rank rule calls zero (METHODS §8)
+        scale = max(v.get("eliminated_scale") or 0.0, v.get("removed_residual") or 0.0)
         kind = ("exact up to rounding" if not scale else
-                f"exact up to rounding and the input directions the rank rule calls zero (≤ {scale:.2g} of the signal)")
+                "exact up to rounding and the input directions and neuron combinations the rank rule calls zero "
+                f"(≤ {scale:.2g} of their signal)")
     stored = v.get("zeros_in_model", zeros)
     text = (f"{met} non-interacting pair per free direction ({zeros:,} zeros for {free:,}"
             + ("" if stored == zeros else f"; {stored:,} of the zeros in the copy's stored weights, the rest in the "
                "hidden basis kept beside it" + (", fewer than the free directions" if stored < free else ""))
-            + f"); the copy is {kind}: drift {_g(v.get('output_drift'), '.2g')}, KL {_g(v.get('kl'), '.2g')}")
+            + f"); on these data the copy is {kind}: drift {_g(v.get('output_drift'), '.2g')}, "
+            f"KL {_g(v.get('kl'), '.2g')}")
     band = v.get("free_band")  # absent from reports saved before it was recorded
     if band is not None and band[0] != band[1]:
         text += (f" — the free directions depend on the cut-off: {band[0]:,}–{band[1]:,} with it "
@@ -770,6 +776,16 @@ def _sparsity_verdict(v: dict) -> str:
     if limited:  # input rank = n < D: the eliminated inputs are the data's limit, not the model's
         text += (f" — at {limited} layer(s) the input rank is all that the {v.get('n_samples')} samples allow "
                  "(raise n_sequences)")
+    changing = v.get("blocks_changing", 0)  # absent from reports saved before it was recorded
+    if changing:
+        text += (f" — {changing} synchronized block(s) are formed otherwise on half of the data: the neurons removed "
+                 "from them and their changes of basis hold on these data only (raise n_sequences)")
+    if v.get("n_sequences") == 1:
+        text += " — one sequence: whether the ranks and blocks still change with the data was not checked"
+    without = v.get("blocks_without_basis", 0)
+    if without:
+        text += (f" — {without} block(s) have no change of basis (their neurons' input weights span fewer directions "
+                 "than their outputs, as a smooth activation allows), so they add no zeros")
     return text
 
 
