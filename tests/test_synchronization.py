@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import tl_degeneracy as tld
 from tl_degeneracy import synchronization as sync_module
 from tl_degeneracy.errors import DataError
 from tl_degeneracy.synchronization import head_synchronization, synchronized_blocks
@@ -878,3 +879,19 @@ def test_blocks_formed_on_half_of_the_data():
     heads_alone = head_synchronization(_synchronize_layer0(make_tiny_toy_transformer()), tokens[::2], tol=0.05)
     assert heads.half_blocks == heads_alone.blocks
     assert heads.to_frame().set_index("heads").loc[[(0, 1)], "on_half"].item()
+
+
+def test_relu_blocks_at_tol_0_do_not_depend_on_the_batching():
+    """Audit 10b F1: the firing distance k/n was read from a Gram merged batch by batch, so two neurons
+    firing on the same samples came out 2.2·10⁻¹⁶ apart depending on batch_size (and on the number of
+    torchrun processes), and tol = 0 — sparsify's default for ReLU — split them: toy:modadd's 11
+    sequences gave 89 or 88 blocks. ReLU's distances are now exact multiples of 1/n."""
+    model = tld.load_model("toy:modadd")
+    data = tld.toy_data("modadd")[:11]
+    results = [tld.neuron_synchronization(model, data, tol=0.0, batch_size=b) for b in (1, 3, 4, 11)]
+    n = results[0].n_samples
+    for res in results:
+        assert res.blocks == results[0].blocks
+        k = res.firing_distance * n
+        np.testing.assert_array_equal(k, np.round(k))
+    assert sum(len(b) > 1 for b in results[0].blocks[0]) == 89

@@ -1192,11 +1192,11 @@ def neuron_synchronization(
     fire_rate = torch.empty(L, F, dtype=torch.float64, device="cpu")
     half_blocks, blocks = [], []
     for layer in range(L):
-        firing_half = _firing_distance(r_acc[layer])
+        firing_half = _firing_distance(r_acc[layer], exact_activation)
         half_blocks.append(_fast_blocks(_neuron_distance(mismatch[layer].distance(firing_half), firing_half), tol))
         r_acc[layer].merge(r_odd[layer])  # the even half takes in the odd half: all of the data
         mismatch[layer].add_(mismatch_odd[layer])
-        firing_np[layer] = _firing_distance(r_acc[layer])
+        firing_np[layer] = _firing_distance(r_acc[layer], exact_activation)
         output_np[layer] = mismatch[layer].distance(firing_np[layer])
         blocks.append(_fast_blocks(_neuron_distance(output_np[layer], firing_np[layer]), tol))
         value_gram[layer], fire_rate[layer] = f_acc[layer].gram()[0].cpu(), r_acc[layer].mean[0].cpu()
@@ -1226,11 +1226,18 @@ def _neuron_distance(output, firing):
     return np.maximum(output, firing)
 
 
-def _firing_distance(acc: MomentAccumulator) -> Float[np.ndarray, "neuron neuron"]:
-    """E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] of every pair, from the uncentred Gram of r."""
+def _firing_distance(acc: MomentAccumulator, counts: bool) -> Float[np.ndarray, "neuron neuron"]:
+    """E[(r_i − r_j)²] = E[r_i²] + E[r_j²] − 2 E[r_i r_j] of every pair, from the uncentred Gram of r.
+    ``counts`` (ReLU: r ∈ {0, 1}): the distance is k/n for the k samples on which the pair disagrees,
+    and is returned as exactly that (:meth:`NeuronSyncResult._disagreements`' rounding). The Gram is
+    merged batch by batch and rank by rank, which leaves a few eps64 that depend on the batching: two
+    neurons firing on the same samples read 2.2·10⁻¹⁶ apart and missed each other at tol = 0 (audit 10b:
+    toy:modadd's blocks 89 → 88 with 3 processes or another batch_size)."""
     G = acc.gram()[0]
     diag = G.diagonal()
     dist = (diag[:, None] + diag[None, :] - 2 * G).clamp_min(0)  # rounding can dip below 0
+    if counts:
+        dist = torch.round(dist * acc.count) / acc.count
     dist.fill_diagonal_(0)
     return dist.cpu().numpy()
 
