@@ -324,3 +324,17 @@ def test_an_llc_whose_chains_all_diverge_exits_1_with_the_reason(tmp_path, capsy
     err = capsys.readouterr().err
     assert "section(s) llc failed (llc: EstimateFailedError: all 2 chains diverged" in err and "reduce step_size" in err
     assert _stored(out)["sections"]["llc"]["status"] == "failed"
+
+
+def test_under_torchrun_every_rank_runs_rank_0s_settings_and_one_writes_the_report(tmp_path):
+    """Audit 10b F2/F3: each rank fitted the LLC's scope to its own timing (one restricted it, the
+    other did not, and their chains were pooled into one λ̂ each labelled otherwise), and every rank
+    saved into one directory, where one refused the other's CSVs at the very end (exit 1). Rank 1's
+    fit is made to restrict the LLC here: both ranks run rank 0's scope, and the job writes one report."""
+    from tests.fixtures.distributed import run_two_processes
+
+    run_two_processes("report_distributed_worker.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["llc_params"] is None
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["settings"]["budgets"]["llc_params"] is None

@@ -5,12 +5,17 @@ When a process group is initialised, every statistics pass processes the batches
 accumulators across ranks at the end, and ``behavioral_llc`` shards its chains and gathers them,
 so every rank returns the same, complete result; warnings about that result are given once
 (:func:`warn_once`). Probes are seeded per batch (not per rank), so the result does not depend on
-the number of processes. Without a process group everything runs in the one process.
+the number of processes, up to float rounding: a chain alone on its rank runs another kernel
+path than chains batched together (3 processes against 1 on toy:sma: λ̂ 1e-7 to 1e-5 relative
+apart; 2 processes: identical, audit 10b). The report's memory and time fits, which each rank
+could make differently, are rank 0's (:func:`from_rank0`), and files every rank shares are written
+by rank 0 (:func:`on_rank0`). Without a process group everything runs in the one process.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device",
-           "gather_objects", "warn_once"]
+           "gather_objects", "from_rank0", "on_rank0", "warn_once"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,21 @@ def gather_objects(obj, group=None) -> list:
     parts = [None] * context.world_size
     dist.all_gather_object(parts, obj, group=group)
     return parts
+
+
+def from_rank0(obj, group=None):
+    """Rank 0's ``obj`` (picklable) on every rank: a decision every rank must share although each
+    could reach another (a fit to the machine's time or memory); ``obj`` without a process group."""
+    return gather_objects(obj, group)[0]
+
+
+def on_rank0(action: Callable[[], None], group=None) -> None:
+    """Run ``action`` on rank 0 only, and let every rank go on once it is done (a barrier): writes
+    to files that all ranks share, whose content every rank holds alike."""
+    if distributed_context(group).rank == 0:
+        action()
+    if distributed_context(group).active:
+        dist.barrier(group=group)
 
 
 def warn_once(message: str, category: type[Warning], stacklevel: int = 2) -> None:

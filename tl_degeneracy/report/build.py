@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import from_rank0, on_rank0
 from ..errors import EstimateFailedError, TLDegeneracyError
 from ..memory import MemoryBudget, default_budget, memory_limit
 from ..models.adapt import adapt
@@ -244,14 +246,22 @@ def degeneracy_report(
     memory = ctx.fit_memory(budget, explicit, chosen)
     # The costly sections' scope follows from their predicted time, unless set (settings given whole are kept).
     timing = fit_time(ctx, set(SCOPED) if isinstance(preset, ReportSettings) else explicit, chosen)
+    # Under torchrun every rank must stream the same batches and sample the same LLC: rank 0's fit
+    # decides (audit 10b: two ranks timed the LLC side by side, one restricted it and the other did
+    # not, and their chains were pooled into one λ̂ that each labelled differently).
+    agreed, memory, timing = from_rank0((ctx.settings, memory, timing))
+    changed = {f.name: getattr(agreed, f.name) for f in dataclasses.fields(agreed)
+               if getattr(agreed, f.name) != getattr(ctx.settings, f.name)}
+    if changed:
+        ctx.update_settings(**changed)
     settings = ctx.settings
     # The output directory and the checkpoints are checked now too: nothing is computed for a
     # directory that would refuse the result.
     older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh)
     section_dirs, cached = {}, {}
     if ctx.checkpoint_dir is not None:
-        if fresh:
-            cache.clear(ctx.checkpoint_dir)
+        if fresh:  # the files are shared by every rank: one deletes them (and the others wait)
+            on_rank0(lambda: cache.clear(ctx.checkpoint_dir))
         for name in chosen:
             section_dirs[name] = ctx.checkpoint_dir / f"{name}-{cache.fingerprint(SECTIONS[name], ctx)[:12]}"
             cached[name] = cache.load_cached(SECTIONS[name], ctx)
@@ -268,7 +278,7 @@ def degeneracy_report(
             with memory_limit(budget):  # every pass checks its batches against the report's budget
                 result = _run_section(section, ctx, errors)
             if ctx.checkpoint_dir is not None and result.status == "ok":
-                cache.store(section, ctx, result)
+                on_rank0(lambda: cache.store(section, ctx, result))
         results[name] = result
     report = Report(
         model={"label": label, **ctx.summary},
@@ -286,5 +296,6 @@ def degeneracy_report(
     )
     if out is not None:
         report = report.merge(older) if older is not None else report
-        report.save(out, replace=fresh)
+        # Every rank holds the same report; several writing one directory refused each other's files.
+        on_rank0(lambda: report.save(out, replace=fresh))
     return report

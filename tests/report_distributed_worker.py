@@ -1,0 +1,47 @@
+"""Worker for test_report_output.py: degeneracy_report under 2 gloo ranks writing one output directory.
+
+    torchrun --nproc_per_node=2 tests/report_distributed_worker.py OUT_DIR
+
+Rank 1's time fit is made to restrict the LLC, as a busier rank's timing can (audit 10b); every rank
+must still run rank 0's settings. Each rank writes OUT_DIR/rank<r>.json: the LLC scope it ran and
+its headline. The report goes to OUT_DIR/report.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from tests.fixtures.distributed import init_group  # noqa: E402
+
+SETTINGS = dict(n_sequences=8, batch_size=4, chains=2, draws=20, burnin=10, loss_scales=[1e-3], llc_max_draws=1,
+                llc_time_limit=None, pilot_steps=10, llc_sequences=2, llc_seq_len=12)
+
+
+def main(out: str) -> None:
+    import tl_degeneracy as tld
+    from tl_degeneracy.report import build
+
+    torch.set_num_threads(1)
+    if dist.get_rank() == 1:
+        fit = build.fit_time
+
+        def busier(ctx, explicit, chosen):
+            timing = fit(ctx, explicit, chosen)
+            ctx.update_settings(llc_params="blocks.0.attn")
+            return {**timing, "lowered": {"llc_params": [None, "blocks.0.attn"]}}
+
+        build.fit_time = busier
+    report = tld.degeneracy_report("toy:sma", sections=["summary", "llc"], overrides=SETTINGS, progress=False,
+                                   out=f"{out}/report")
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump({"llc_params": report.settings["budgets"]["llc_params"], "headline": report["llc"].headline}, f)
+
+
+if __name__ == "__main__":
+    init_group()
+    try:
+        main(sys.argv[1])
+        dist.barrier()  # leave together (see llc_distributed_worker.py)
+    finally:
+        dist.destroy_process_group()
