@@ -51,6 +51,20 @@ def test_a_draws_auto_checkpoint_resumes_under_a_larger_first_block(tmp_path):
     np.testing.assert_array_equal(resumed.trace, fresh.trace)
 
 
+def test_a_run_that_stopped_on_its_time_limit_is_not_extended_on_resume(tmp_path):
+    """Audit 10b F4: time_limit counted from each call's start, so calling a finished time-limited run
+    again with its checkpoint_dir extended it by a fresh budget (1,900 → 3,700 draws; a report rerun
+    after an interruption read another λ̂ and verdict). The checkpoint now carries the time spent."""
+    model, x = linear_regression(d=5, n=100)
+    kw = dict(chains=2, burnin=20, draws="auto", draws_block=20, max_draws=10**6, time_limit=1.5, pilot_steps=10,
+              gamma=100.0, seed=1, progress=False, checkpoint_dir=tmp_path)
+    first = behavioral_llc(model, x, **kw)
+    assert first.diagnostics["budget"]["stopped"] == "time_limit"
+    again = behavioral_llc(model, x, **kw)
+    assert again.draws == first.draws and again.llc == first.llc
+    assert again.diagnostics["budget"]["elapsed_s"] >= first.diagnostics["budget"]["elapsed_s"]
+
+
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
     model, x = linear_regression(d=3, n=30)
     behavioral_llc(model, x, chains=2, draws=20, burnin=5, checkpoint_dir=tmp_path)
@@ -160,6 +174,12 @@ def test_checkpoint_files_are_written_atomically(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["llc-rank0.pt"]  # no temporary file left behind
     payload = torch.load(tmp_path / "llc-rank0.pt", weights_only=False)
     assert payload["step"] == 600 and payload["delta"].shape == (2, 3) and len(payload["generators"]) == 2
+    # A write interrupted by a process that is gone left its temporary file (audit 10b): the next run removes it.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"llc-rank0.pt.tmp-{int(gone.stdout)}"
+    stale.write_bytes(b"partial")
+    behavioral_llc(model, x, chains=2, draws=600, burnin=0, checkpoint_dir=tmp_path, checkpoint_every=256)
+    assert sorted(os.listdir(tmp_path)) == ["llc-rank0.pt"]
 
 
 def _torchrun(out_dir, *args):

@@ -10,7 +10,9 @@ own file ``llc-rank<r>.pt`` and the ranks resume only together (:func:`agree_on_
 
 from __future__ import annotations
 
+import glob
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -33,9 +35,13 @@ class Checkpointer:
                  stop_after: int | None = None):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(os.fspath(directory), f"llc-rank{rank}.pt")
+        _remove_stale_writes(self.path)
         self.world, self.every, self.steps, self.stop_after = world, every, steps, stop_after
         self.key: dict = {}
         self._last_saved = 0
+        #: perf_counter() at which the run's time began (earlier calls' time included): each write
+        #: stores the time spent so far as ``extra["elapsed_s"]``, which a time budget counts on resume.
+        self.started: float | None = None
 
     def resume_extra(self) -> dict | None:
         """This rank's saved ``extra`` when all ranks resume, None when all start afresh."""
@@ -59,7 +65,24 @@ class Checkpointer:
         return write_if_due
 
     def save(self, state: SamplerState) -> None:
+        if self.started is not None:
+            state.extra["elapsed_s"] = time.perf_counter() - self.started
         save_checkpoint(self.path, state, self.key)
+
+
+def _remove_stale_writes(path: str) -> None:
+    """Delete the temporary files of writes to ``path`` (``<path>.tmp-<pid>``) whose process is gone:
+    an interrupted write left them beside the checkpoint, which no run reads (audit 10b)."""
+    for tmp in glob.glob(f"{glob.escape(path)}.tmp-*"):
+        pid = tmp.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(tmp)
+        except OSError:  # a process of another user holds that pid: not ours to judge
+            pass
 
 
 def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:

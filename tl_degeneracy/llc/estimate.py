@@ -169,7 +169,8 @@ def behavioral_llc(
             budget), until the convergence verdict below holds, ``max_draws`` draws are reached
             (default 20,000 when no ``time_limit`` is given; the last block is cut to it) or the
             next block would end past ``time_limit`` seconds since the call began (pilots
-            included, at the sampling speed so far; the first block always runs).
+            included, at the sampling speed so far; the first block always runs; a run resumed
+            from ``checkpoint_dir`` counts the time its checkpoint had spent).
             λ̂ averages every post-burn-in draw; k blocks equal one run of as many draws bit for
             bit when the step size is given or ``pilot_steps`` is (the automatic pilots' default
             length scales with burnin + the first block) and the burn-in was not extended. ``diagnostics["budget"]`` records the
@@ -304,6 +305,11 @@ def behavioral_llc(
         if checkpointer is not None:
             key = {**_run_key(target, config, nb, selection, seed, my_chains), "step_size": eta}
             state = checkpointer.restore(state, key, resume=saved is not None)
+            # time_limit counts the run's time over every call: a resumed run starts with what the
+            # checkpoint had spent (audit 10b: a run that had stopped on its budget was extended by a
+            # fresh one, 1,900 → 3,700 draws, and a rerun report read another λ̂ and verdict).
+            started -= state.extra.get("elapsed_s", 0.0)
+            checkpointer.started = started
         loss_grad = LossGrad(target, selection.layout, compile=config.compile)
         # The run as sampled so far, with a fixed burn-in and number of draws (burnin="auto": the
         # first burn-in, or as far as a resumed checkpoint had extended it; draws="auto": the first
