@@ -62,6 +62,43 @@ def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path, caps
 
 
 @pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+def test_a_checkpoints_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys, fresh):
+    """Audit 10b F5: a directory holding only a folder called checkpoints/ was taken for the report's own
+    (a common name for a training run's output), and --fresh deleted files in it (sections/…, folders
+    named like a section's checkpoints). Only what the report writes there is its own."""
+    out = tmp_path / "mine"
+    files = {"checkpoints/other.pt": b"weights", "checkpoints/sections/mine.txt": b"notes"}
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    assert _run(out, "--model", "toy:sma", *CHEAP, *fresh) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "not a tl-degeneracy report (checkpoints/other.pt, checkpoints/sections/mine.txt)" in err
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # The report's own checkpoints (an interrupted first run) are no reason to refuse.
+    ours = tmp_path / "ours"
+    assert _run(ours, "--model", "toy:sma", *CHEAP) == 0
+    assert (ours / "checkpoints" / "sections" / "summary.json").is_file()
+    for path in ours.iterdir():
+        if path.is_file():
+            path.unlink()
+    assert _run(ours, "--model", "toy:sma", *CHEAP, *fresh) == 0
+
+
+def test_fresh_deletes_only_the_csvs_beside_the_report(tmp_path, capsys):
+    """Audit 10b F6: --fresh deleted every CSV path report.json lists, also '../x.csv' outside --out."""
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    stored = _stored(out)
+    table = next(t for sec in stored["sections"].values() for t in sec["tables"].values())
+    table["csv"] = "../outside.csv"
+    (out / "report.json").write_text(json.dumps(stored))
+    (tmp_path / "outside.csv").write_text("a\n1\n")
+    assert _run(out, "--model", "toy:bytelm", *CHEAP, "--fresh") == 0
+    assert (tmp_path / "outside.csv").read_text() == "a\n1\n"
+
+
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
 @pytest.mark.parametrize("own", ['{"my": "own data"}', "{not json", '["tl-degeneracy-report/1"]'])
 def test_a_report_json_that_is_not_ours_is_refused_also_with_fresh(tmp_path, capsys, fresh, own):
     """A report.json without the report's format marker (or not JSON) is the user's file, as any other:

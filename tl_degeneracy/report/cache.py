@@ -101,14 +101,52 @@ def check_checkpoints(section_dir: Path) -> None:
 _SECTION_DIR = re.compile(r"^(?P<name>.+)-[0-9a-f]{12}$")
 
 
+#: A finished section (:func:`store`): ``sections/<section>.json``, or its write in progress.
+_SECTION_FILE = re.compile(r"^(?P<name>.+)\.(json|tmp-[0-9]+)$")
+
+
+def _own_section_file(path: Path) -> bool:
+    m = _SECTION_FILE.match(path.name)
+    return path.is_file() and m is not None and m["name"] in SECTIONS
+
+
+def _own_section_dir(path: Path) -> bool:
+    m = _SECTION_DIR.match(path.name)
+    return path.is_dir() and m is not None and m["name"] in SECTIONS
+
+
+def foreign_entries(checkpoint_dir: Path) -> list[str]:
+    """What ``checkpoint_dir`` holds that the report does not write there (hidden files aside): the
+    report writes finished sections as ``sections/<section>.json`` and each registered section's
+    checkpoints under ``<section>-<fingerprint[:12]>/``. A folder called ``checkpoints`` is a common
+    name for other programs' output (audit 10b: ``--fresh`` deleted a user's files in one)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return [root.name] if root.exists() else []
+    foreign = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name == "sections" and entry.is_dir():
+            foreign += [f"sections/{p.name}" for p in sorted(entry.iterdir()) if not _own_section_file(p)]
+        elif not _own_section_dir(entry):
+            foreign.append(entry.name)
+    return foreign
+
+
 def clear(checkpoint_dir: Path) -> None:
     """Delete what the report wrote under ``checkpoint_dir``: the finished sections and each
     registered section's checkpoint directory (nothing else: the directory may be shared)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return
-    shutil.rmtree(root / "sections", ignore_errors=True)
+    sections = root / "sections"
+    if sections.is_dir():
+        for path in sections.iterdir():
+            if _own_section_file(path):
+                path.unlink()
+        if not any(sections.iterdir()):
+            sections.rmdir()
     for entry in root.iterdir():
-        m = _SECTION_DIR.match(entry.name)
-        if entry.is_dir() and m and m["name"] in SECTIONS:
+        if _own_section_dir(entry):
             shutil.rmtree(entry)

@@ -414,19 +414,22 @@ def _remove_report(out: Path) -> None:
         csvs = [out / t["csv"] for s in stored["sections"].values() for t in s["tables"].values()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         csvs = []
+    # The report writes its CSVs beside report.json under plain names: a listed path elsewhere
+    # ("../x.csv", a hand-edited file) is not one of them (audit 10b).
+    csvs = [p for p in csvs if p.parent == out and p.suffix == ".csv"]
     for path in (*csvs, out / "report.json", out / "report.html"):
         path.unlink(missing_ok=True)
 
 
-#: What a directory may hold before its first report.json: the run's checkpoints (an interrupted
-#: first run resumes from them).
-_OWN_ENTRIES = frozenset({"checkpoints"})
-
-
 def _refuse_foreign_files(out: Path) -> None:
     """Raise :class:`ReportDirectoryError` when ``out``, which holds no report.json, holds files the
-    report would overwrite or mix with (anything but its checkpoints and hidden files)."""
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_ENTRIES and not p.name.startswith("."))
+    report would overwrite or mix with: anything but hidden files and the run's own checkpoints (an
+    interrupted first run resumes from them), a ``checkpoints`` folder holding only what the report
+    writes there (``cache.foreign_entries``)."""
+    from .cache import foreign_entries  # cache reads this module's SectionResult
+
+    foreign = sorted(p.name for p in out.iterdir() if p.name != "checkpoints" and not p.name.startswith("."))
+    foreign += [f"checkpoints/{name}" for name in foreign_entries(out / "checkpoints")]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ReportDirectoryError(
