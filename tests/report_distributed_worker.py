@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node=2 tests/report_distributed_worker.py OUT_DIR
 
-Rank 1's time fit is made to restrict the LLC, as a busier rank's timing can (audit 10b); every rank
-must still run rank 0's settings. Each rank writes OUT_DIR/rank<r>.json: the LLC scope it ran and
-its headline. The report goes to OUT_DIR/report.
+Rank 1's time fit is made to restrict the LLC, as a busier rank's timing can (audit 10b), and its free
+memory smaller; every rank must still run rank 0's settings against the smallest budget. Each rank
+writes OUT_DIR/rank<r>.json: the LLC scope it ran, its headline, its memory budget and what it saw of
+rank 0 failing to write a shared file. The report goes to OUT_DIR/report.
 """
 
 import json
@@ -14,17 +15,22 @@ import torch
 import torch.distributed as dist
 from tests.fixtures.distributed import init_group  # noqa: E402
 
+#: Rank 1's free memory, made smaller than rank 0's: both must check their passes against it.
+BUDGET = 512 * 2**20
 SETTINGS = dict(n_sequences=8, batch_size=4, chains=2, draws=20, burnin=10, loss_scales=[1e-3], llc_max_draws=1,
                 llc_time_limit=None, pilot_steps=10, llc_sequences=2, llc_seq_len=12)
 
 
 def main(out: str) -> None:
     import tl_degeneracy as tld
+    from tl_degeneracy.distributed import on_rank0
+    from tl_degeneracy.memory import MemoryBudget
     from tl_degeneracy.report import build
 
     torch.set_num_threads(1)
     if dist.get_rank() == 1:
         fit = build.fit_time
+        build.default_budget = lambda device: MemoryBudget(BUDGET, "rank 1's smaller free memory")
 
         def busier(ctx, explicit, chosen):
             timing = fit(ctx, explicit, chosen)
@@ -34,8 +40,14 @@ def main(out: str) -> None:
         build.fit_time = busier
     report = tld.degeneracy_report("toy:sma", sections=["summary", "llc"], overrides=SETTINGS, progress=False,
                                    out=f"{out}/report")
+    try:  # rank 0 fails writing a shared file: every rank hears of it
+        on_rank0(lambda: open(f"{out}/no/such/dir/file", "w"))
+        failed = None
+    except Exception as err:
+        failed = f"{type(err).__name__}: {err}"
     with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
-        json.dump({"llc_params": report.settings["budgets"]["llc_params"], "headline": report["llc"].headline}, f)
+        json.dump({"llc_params": report.settings["budgets"]["llc_params"], "headline": report["llc"].headline,
+                   "budget": report.settings["memory"]["budget"], "failed": failed}, f)
 
 
 if __name__ == "__main__":

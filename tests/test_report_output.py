@@ -370,8 +370,38 @@ def test_under_torchrun_every_rank_runs_rank_0s_settings_and_one_writes_the_repo
     fit is made to restrict the LLC here: both ranks run rank 0's scope, and the job writes one report."""
     from tests.fixtures.distributed import run_two_processes
 
+    from tests.report_distributed_worker import BUDGET
+
     run_two_processes("report_distributed_worker.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    failed = [r.pop("failed") for r in ranks]
     assert ranks[0] == ranks[1] and ranks[0]["llc_params"] is None
+    # Review 32: rank 0's fit checked against each rank's own budget let one rank skip a pass that the
+    # other ran, which then waited in its collectives: one budget, the smallest.
+    assert ranks[0]["budget"] == BUDGET
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["settings"]["budgets"]["llc_params"] is None
+    # Review 32: a write failing on rank 0 left the other ranks in a barrier; now every rank raises.
+    assert failed[0].startswith("FileNotFoundError") and failed[1].startswith(
+        "TLDegeneracyError: rank 0 failed writing files all ranks share (FileNotFoundError")
+
+
+def test_a_save_interrupted_after_report_json_leaves_a_directory_a_rerun_takes(tmp_path, capsys, monkeypatch):
+    """Review 32: the save wrote the CSVs before report.json, so one killed in between left the report's
+    own CSVs beside no report.json, which every rerun (--fresh included) refused as foreign files."""
+    from tl_degeneracy.report import report as report_module
+
+    out = tmp_path / "rep"
+    write = report_module.write_atomic
+
+    def killed_at_the_first_csv(path, text):
+        if path.suffix == ".csv":
+            raise KeyboardInterrupt
+        write(path, text)
+
+    monkeypatch.setattr(report_module, "write_atomic", killed_at_the_first_csv)
+    with pytest.raises(KeyboardInterrupt):
+        degeneracy_report("toy:sma", sections=["summary", "invariants"], out=out, progress=False)
+    monkeypatch.setattr(report_module, "write_atomic", write)
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    assert _csvs(out) == _listed_csvs(out)

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import TLDegeneracyError
+
 __all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device",
            "gather_objects", "from_rank0", "on_rank0", "warn_once"]
 
@@ -107,12 +109,22 @@ def from_rank0(obj, group=None):
 
 
 def on_rank0(action: Callable[[], None], group=None) -> None:
-    """Run ``action`` on rank 0 only, and let every rank go on once it is done (a barrier): writes
-    to files that all ranks share, whose content every rank holds alike."""
-    if distributed_context(group).rank == 0:
-        action()
-    if distributed_context(group).active:
-        dist.barrier(group=group)
+    """Run ``action`` on rank 0 only, and let every rank go on once it is done: writes to files that
+    all ranks share, whose content every rank holds alike. Where it fails on rank 0, every rank
+    raises (rank 0 its error, the others a :class:`TLDegeneracyError` quoting it), so that no rank
+    goes on alone to wait in a later collective."""
+    context = distributed_context(group)
+    error = None
+    if context.rank == 0:
+        try:
+            action()
+        except Exception as err:  # re-raised below, after the other ranks have heard of it
+            error = err
+    failed = from_rank0(None if error is None else f"{type(error).__name__}: {error}", group)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise TLDegeneracyError(f"rank 0 failed writing files all ranks share ({failed}); see its error")
 
 
 def warn_once(message: str, category: type[Warning], stacklevel: int = 2) -> None:

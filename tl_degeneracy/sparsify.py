@@ -155,7 +155,8 @@ class SparsifyResult:
         far the eliminated input directions are from exactly zero on the data, relative, so the size
         of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``removed_residual``
         (the largest relative RMS of f_dep − f_I β over the removed neurons, each on its own scale:
-        step 2's error, likewise up to the rank rule's cut-off), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
+        step 2's error, likewise up to the rank rule's cut-off; 0 where it is below the float64
+        Gram's resolution √(F·eps64)), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
         0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
         columns = ["layer", "input_rank", "input_rank_min", "input_rank_max", "sample_limited", "data_limited", "blocks",
                    "blocks_changing", "free_directions", "free_min", "free_max", "activation_free", "sync_free",
@@ -285,10 +286,10 @@ def _input_grams(adapter: ModelAdapter, batches, progress: bool) -> tuple[list[M
 
 
 def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]], progress: bool) -> None:
-    """Count, per block, the samples on which the block's neurons p_I and the new ones p_I C do not
-    all have one sign: where there are none, ReLU(p_I C) = ReLU(p_I) C on the data (paper eq. 28).
-    (With tol > 0 the block's own neurons may disagree: comparing the new ones with p_I[0] alone
-    wrote such a block into the model, drift 7·10⁻², audit 10a.)"""
+    """Count, per block, the samples on which the block's kept neurons p_I and the new ones p_I C do
+    not all have one sign: where there are none, ReLU(p_I C) = ReLU(p_I) C on the data (paper eq.
+    28). (With tol > 0 the kept neurons may disagree: comparing the new ones with p_I[0] alone wrote
+    such a block into the model, drift 7·10⁻², audit 10a. The removed neurons are gone from the copy.)"""
     for bl in blocks.values():
         for b in bl:
             b.violations = torch.zeros((), dtype=torch.float64, device=adapter.device)
@@ -303,7 +304,7 @@ def _check_firing(adapter: ModelAdapter, batches, blocks: dict[int, list[_Block]
                 rows = step.index.rows(p.detach(), step.index.unit(tuple(p.shape), names[layer])).to(torch.float64)
                 for b in blocks[layer]:
                     p_I = rows[:, b.neurons]
-                    firing = torch.cat([p_I, p_I @ b.C.to(p_I)], 1) > 0  # the block's own neurons too (tol > 0)
+                    firing = torch.cat([p_I, p_I @ b.C.to(p_I)], 1) > 0  # the kept neurons too (tol > 0)
                     b.violations += (firing != firing[:, :1]).any(1).sum()
 
             return hook
@@ -383,7 +384,11 @@ def _block_bases(M: Float[Tensor, "rows F"], value_gram: Float[Tensor, "F F"], s
         own = value_gram[dep, dep]
         left = (own - (value_gram[dep][:, I] * beta.T).sum(1)).clamp_min(0)
         live = own > 0
-        residual = float((left[live] / own[live]).sqrt().max()) if bool(live.any()) else 0.0
+        share = left[live] / own[live]
+        # Below the float64 Gram's own resolution (width·eps, the rank rule's floor) the difference
+        # is the subtraction's rounding, not a residual (exact duplicates read 3·10⁻⁸, review 32).
+        share = torch.where(share > value_gram.shape[0] * torch.finfo(torch.float64).eps, share, 0.0)
+        residual = float(share.sqrt().max()) if bool(live.any()) else 0.0
     if s < 2:
         return I, dep, beta, residual, None
     sub = M[allowed_rows][:, I]  # rows of [W̃; b] the block may take as its identity

@@ -520,6 +520,9 @@ def _continue_until_converged(
         run = config.fixed(run.draws + more, run.burnin)
         state, dynamics = _run_further(target, selection, run, dynamics, state, more, loss_grad, checkpointer, seed,
                                        my_chains, stop_after, bar, checks)
+    if stopped == "time_limit" and checkpointer is not None:
+        # The time spent up to this decision, so that a resumed call (whose clock starts there) takes it again.
+        checkpointer.save(state)
     elapsed = time.perf_counter() - started
     reason = {
         "max_draws": f"budget spent: max_draws = {max_draws:,}",

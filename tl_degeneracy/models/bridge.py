@@ -41,7 +41,7 @@ from ..errors import TLDegeneracyError
 
 from .adapter import ModelAdapter
 from .config import ModelConfig
-from .hooked_transformer import NORMALIZATION, LegacyHookNames, buffer_rotary_angles
+from .hooked_transformer import NORMALIZATION, LegacyHookNames, buffer_rotary_angles, table_rotary_angles
 
 _ORIGINAL = re.compile(r"(^|\.)_?original_component(?=\.|$)")
 
@@ -166,8 +166,7 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
             return found
         native = getattr(getattr(attn, "original_component", None), "rotary", None)
         if native is not None and hasattr(native, "cos_cached"):
-            theta = torch.atan2(native.sin_cached[1].double(), native.cos_cached[1].double()).cpu()
-            return theta[::2], True  # each angle stands twice: repeat_interleave over the pair
+            return table_rotary_angles(native.cos_cached, native.sin_cached, True), True
         adjacent = self._adjacent_pairs(attn)
         hf = getattr(self.model, "original_model", None)
         freqs = [b for name, b in hf.named_buffers() if name.endswith(".inv_freq")] if hf is not None else []

@@ -27,6 +27,7 @@ TransformerLens hook names.
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import MissingHookError
@@ -178,10 +179,17 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
 
 
 def buffer_rotary_angles(attention, cfg) -> tuple[Tensor, bool] | None:
-    """(ω_j, adjacent) from TransformerLens' ``rotary_cos``/``rotary_sin`` buffers of ``attention`` at
-    position 1 (one angle per rotated coordinate, each pair's twice), or None where it has none."""
+    """(ω_j, adjacent) from TransformerLens' ``rotary_cos``/``rotary_sin`` buffers of ``attention``
+    (:func:`table_rotary_angles`), or None where it has none."""
     if not hasattr(attention, "rotary_cos"):
         return None
     adjacent = bool(getattr(cfg, "rotary_adjacent_pairs", False))
-    theta = torch.atan2(attention.rotary_sin[1].double(), attention.rotary_cos[1].double()).cpu()
-    return (theta[::2] if adjacent else theta[: theta.numel() // 2]), adjacent
+    return table_rotary_angles(attention.rotary_cos, attention.rotary_sin, adjacent), adjacent
+
+
+def table_rotary_angles(cos: Float[Tensor, "pos rotary_dim"], sin: Float[Tensor, "pos rotary_dim"],
+                        adjacent: bool) -> Float[Tensor, " pairs"]:
+    """ω_j from a rotary cos/sin table at position 1, which holds one angle per rotated coordinate,
+    each pair's twice: at (2j, 2j + 1) for ``adjacent`` pairs, else at (j, j + pairs)."""
+    theta = torch.atan2(sin[1].double(), cos[1].double()).cpu()
+    return theta[::2] if adjacent else theta[: theta.numel() // 2]

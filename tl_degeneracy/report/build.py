@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import from_rank0, on_rank0
+from ..distributed import from_rank0, gather_objects, on_rank0
 from ..errors import EstimateFailedError, TLDegeneracyError
 from ..memory import MemoryBudget, default_budget, memory_limit
 from ..models.adapt import adapt
@@ -25,7 +25,7 @@ from .context import (
 )
 from .registry import SECTIONS, Section
 from .scope import SCOPED, fit_time
-from .report import Report, SectionResult
+from .report import CHECKPOINTS, Report, SectionResult
 from .settings import ReportSettings, resolve_settings
 
 __all__ = ["check_device", "degeneracy_report"]
@@ -231,7 +231,7 @@ def degeneracy_report(
     adapter.check_finite()
     _check_components(adapter, llc_components)
     if out is not None and checkpoint_dir is None:
-        checkpoint_dir = Path(out) / "checkpoints"
+        checkpoint_dir = Path(out) / CHECKPOINTS
     ctx = ReportContext(
         label=label, adapter=adapter, settings=settings, seed=seed,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), progress=progress,
@@ -241,6 +241,9 @@ def degeneracy_report(
         ctx.batches  # noqa: B018  (validates the data now, before any section runs)
     budget = (default_budget(adapter.device) if settings.memory is None
               else MemoryBudget(settings.memory, "the memory setting"))
+    # Under torchrun every rank checks its passes against one budget, the smallest rank's: a rank
+    # that alone refused a pass would leave the others waiting in its collectives (review 32).
+    budget = min(gather_objects(budget), key=lambda b: b.bytes)
     # Sequence length and batch size that were not asked for explicitly follow from the budget.
     explicit = {"batch_size", "seq_len"} if isinstance(preset, ReportSettings) else set(overrides or {})
     memory = ctx.fit_memory(budget, explicit, chosen)
@@ -277,8 +280,8 @@ def degeneracy_report(
         if result is None:
             with memory_limit(budget):  # every pass checks its batches against the report's budget
                 result = _run_section(section, ctx, errors)
-            if ctx.checkpoint_dir is not None and result.status == "ok":
-                on_rank0(lambda: cache.store(section, ctx, result))
+            if ctx.checkpoint_dir is not None:  # every rank takes part; rank 0's result decides
+                on_rank0(lambda: cache.store(section, ctx, result) if result.status == "ok" else None)
         results[name] = result
     report = Report(
         model={"label": label, **ctx.summary},

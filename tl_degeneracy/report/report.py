@@ -162,13 +162,16 @@ class Report:
             _remove_report(out)
         report = self.merge(older) if older is not None else self
         stale = set() if older is None else {s.csv_name(t) for s in older.sections.values() for t in s.tables}
+        # report.json first: a save interrupted after it leaves a directory that is recognisably the
+        # report's (its CSVs then rewritten by the rerun); CSVs first left files that every rerun,
+        # --fresh included, refused as foreign (review 32).
+        write_atomic(out / "report.json", json.dumps(report.to_dict(), indent=1, allow_nan=False))
         for section in report.sections.values():
             for name, table in section.tables.items():
                 write_atomic(out / section.csv_name(name), csv_frame(table).to_csv(index=False))
                 stale.discard(section.csv_name(name))
         for name in stale:  # tables of a replaced section that its new result no longer has
             (out / name).unlink(missing_ok=True)
-        write_atomic(out / "report.json", json.dumps(report.to_dict(), indent=1, allow_nan=False))
         html = out / "report.html"
         write_atomic(html, render_html(report))
         return html
@@ -421,6 +424,10 @@ def _remove_report(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+#: The folder of ``out`` that holds a report's checkpoints unless ``checkpoint_dir`` is given.
+CHECKPOINTS = "checkpoints"
+
+
 def _refuse_foreign_files(out: Path) -> None:
     """Raise :class:`ReportDirectoryError` when ``out``, which holds no report.json, holds files the
     report would overwrite or mix with: anything but hidden files and the run's own checkpoints (an
@@ -428,8 +435,8 @@ def _refuse_foreign_files(out: Path) -> None:
     writes there (``cache.foreign_entries``)."""
     from .cache import foreign_entries  # cache reads this module's SectionResult
 
-    foreign = sorted(p.name for p in out.iterdir() if p.name != "checkpoints" and not p.name.startswith("."))
-    foreign += [f"checkpoints/{name}" for name in foreign_entries(out / "checkpoints")]
+    foreign = sorted(p.name for p in out.iterdir() if p.name != CHECKPOINTS and not p.name.startswith("."))
+    foreign += [f"{CHECKPOINTS}/{name}" for name in foreign_entries(out / CHECKPOINTS)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ReportDirectoryError(
