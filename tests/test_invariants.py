@@ -408,6 +408,28 @@ def test_rotary_pairs_and_angles_are_the_forwards(hf_dirs, tmp_path, arch, backe
         assert _pattern_error(model, angles, not adjacent) > 1e-3
 
 
+def test_rotation_functions_say_their_pairing_and_a_module_with_two_is_named(tmp_path, monkeypatch):
+    """Review 32 F5: the pairing was read from the name rotate_every_two, which GLM-4V's text rotation
+    (rotate_half_llm, adjacent pairs) does not have. Each HF module's rotation functions are now read
+    off where they send a unit vector; a module with two that disagree (GLM-4V's vision and text)
+    cannot say which its attention uses: a warning says so, and halves are taken."""
+    import importlib
+
+    from tl_degeneracy.models.bridge import rotation_pairings
+
+    def module(arch):
+        return importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+
+    assert rotation_pairings(module("glm4v")) == {"rotate_half": False, "rotate_half_llm": True}
+    assert rotation_pairings(module("gptj")) == {"rotate_every_two": True}
+    assert rotation_pairings(module("llama")) == {"rotate_half": False}
+    model = open_model(save_hf_model("gptj", tmp_path / "gptj"), "bridge")
+    monkeypatch.setattr(module("gptj"), "rotate_half", module("llama").rotate_half, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"rotate_every_two \(adjacent pairs\), rotate_half \(halves\): which its "
+                                            r"attention uses cannot be read"):
+        assert tld.adapt(model).rotary_angles(0)[1] is False
+
+
 def _native_rotary_scores(model, positions: int):
     """(query factors…, key factor) ↦ the scores q_t·k_0 of every offset t < ``positions``, rotated
     by the TL-native model's own rotary code (``NativeRotary.apply_rope``)."""

@@ -31,12 +31,14 @@ The bridge wraps a Hugging Face model. What the adapter has to know about it
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 
 import torch
 from torch import Tensor, nn
 
+from ..distributed import warn_once
 from ..errors import TLDegeneracyError
 
 from .adapter import ModelAdapter
@@ -53,6 +55,28 @@ def _attribute(obj: object, name: str) -> Tensor | None:
         return getattr(obj, name)
     except AttributeError:
         return None
+
+
+def rotation_pairings(module) -> dict[str, bool]:
+    """Name → whether each rotation function ``rotate*`` of ``module`` (an HF modeling module) pairs
+    coordinates (2j, 2j + 1) (True) or (j, j + d/2) (False), read off where it sends the first unit
+    vector of a 4-dimensional head: the names differ where the pairing does not (``rotate_every_two``,
+    ``rotate_half_llm``, ``rotate_pairwise``: adjacent; ``rotate_half``: halves)."""
+    probe = torch.eye(4, device="cpu").reshape(1, 1, 4, 4)  # meets only the functions, no model tensor
+    found: dict[str, bool] = {}
+    for name, fn in sorted(vars(module).items()) if module is not None else ():
+        if not (name.startswith("rotate") and inspect.isfunction(fn)):
+            continue
+        try:
+            image = fn(probe)
+        except (TypeError, ValueError, IndexError, RuntimeError):  # another signature: not a pair rotation
+            continue
+        if not isinstance(image, Tensor) or image.shape != probe.shape:
+            continue
+        nonzero = image.reshape(4, 4)[0].nonzero().flatten().tolist()
+        if nonzero in ([1], [2]):
+            found[name] = nonzero == [1]
+    return found
 
 
 def _strip_original(path: str) -> str:
@@ -178,13 +202,23 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         """Whether the attention rotates coordinate pairs (2j, 2j + 1) rather than (j, j + pairs):
         where TransformerLens rotates, its config says so (``rotary_adjacent_pairs``: GLM, ERNIE;
         ``rotary_interleaved_cos_sin``: Cohere); where the wrapped HF attention rotates by its own
-        code, that code does: GPT-J's and CodeGen's ``rotate_every_two`` pairs adjacent coordinates,
-        the others' ``rotate_half`` halves."""
+        code, the rotation functions of its module do (:func:`rotation_pairings`: GPT-J's and
+        CodeGen's ``rotate_every_two`` pair adjacent coordinates, the others' ``rotate_half`` halves).
+        A module whose functions disagree (GLM-4V: ``rotate_half`` for vision, ``rotate_half_llm``
+        for text) cannot tell which its attention uses: halves are taken, with a warning."""
         c = self.model.cfg
         if getattr(c, "rotary_adjacent_pairs", False) or getattr(c, "rotary_interleaved_cos_sin", False):
             return True
         hf = getattr(attn, "original_component", None)
-        return hf is not None and hasattr(sys.modules.get(type(hf).__module__), "rotate_every_two")
+        pairings = {} if hf is None else rotation_pairings(sys.modules.get(type(hf).__module__))
+        if len(set(pairings.values())) > 1:
+            named = ", ".join(f"{name} ({'adjacent pairs' if adjacent else 'halves'})" for name, adjacent in pairings.items())
+            warn_once(f"the module of {type(hf).__name__} rotates with {named}: which its attention uses cannot be read, "
+                      "so rotary pairs are taken as halves (j, j + pairs); QK free directions of factors "
+                      "rank-deficient on a rotary pair may be counted in the wrong pairs (at full rank the count "
+                      "does not depend on the pairing)", RuntimeWarning, stacklevel=3)
+            return False
+        return set(pairings.values()) == {True}
 
     def _layer_attention(self, layer: int) -> dict[str, Tensor | None]:
         attn = self.model.blocks[layer].attn
