@@ -73,9 +73,11 @@ from .models.adapter import ModelAdapter
 from .models.copying import copy_model
 from .numerics import (DataLimitedWarning, activation_precision, numerical_rank, rank_band, sample_limited,
                        warn_data_limited)
+from .numerics import rank_rtol as rule_rtol  # sparsify's argument rank_rtol is a number
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
-from .synchronization import EXACT_ACTIVATIONS, SyncCountWarning, neuron_correlations, neuron_synchronization
+from .synchronization import (EXACT_ACTIVATIONS, SyncCountWarning, changing_blocks, neuron_correlations,
+                              neuron_synchronization)
 
 __all__ = ["LayerBasis", "SparsifyResult", "sparsify"]
 
@@ -387,7 +389,7 @@ def _block_bases(M: Float[Tensor, "rows F"], value_gram: Float[Tensor, "F F"], s
         share = left[live] / own[live]
         # Below the float64 Gram's own resolution (width·eps, the rank rule's floor) the difference
         # is the subtraction's rounding, not a residual (exact duplicates read 3·10⁻⁸, review 32).
-        share = torch.where(share > value_gram.shape[0] * torch.finfo(torch.float64).eps, share, 0.0)
+        share = torch.where(share > rule_rtol(value_gram.shape[0], torch.float64, gram=True), share, 0.0)
         residual = float(share.sqrt().max()) if bool(live.any()) else 0.0
     if s < 2:
         return I, dep, beta, residual, None
@@ -496,7 +498,7 @@ def sparsify(
         rows.append({"layer": layer, "input_rank": r, "input_rank_min": r_min, "input_rank_max": r_max,
                      "sample_limited": sample_limited(r, batches.n_samples, D, centered=has_bias),
                      "data_limited": r_half < r,
-                     "blocks_changing": int((layer_blocks["on_half"] == False).sum()),  # noqa: E712 (None: not compared)
+                     "blocks_changing": changing_blocks(layer_blocks),
                      "blocks_without_basis": no_basis, "removed_residual": residual,
                      "eliminated_scale": scale, "blocks": len(layer_blocks),
                      "activation_free": (D - r) * F, "sync_free": int(layer_blocks["extra_freedom"].sum()),

@@ -124,6 +124,12 @@ def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float |
     return int(numerical_rank(descending_eigvalsh(gram), gram=True, rtol=_gram_rtol(gram.shape[0], precision, rtol, width)))
 
 
+def changing_blocks(blocks: pd.DataFrame) -> int:
+    """How many of the rows of a blocks frame (``to_frame``) the data's even-numbered sequences alone
+    form otherwise (``on_half`` False; None, not compared, does not count)."""
+    return int((blocks["on_half"] == False).sum())  # noqa: E712 (None: not compared)
+
+
 def neuron_correlations(gram: Float[Tensor, "k k"]) -> Float[Tensor, "k k"]:
     """The uncentred correlations G_ij / √(G_ii G_jj) of neurons with Gram ``gram`` (post-activations),
     0 in the rows and columns of neurons that are 0 on every sample: a Gram whose rank does not
@@ -586,7 +592,7 @@ class HeadSyncResult:
     def changing_blocks(self) -> int:
         """Blocks of ≥ 2 heads that half of the data does not form alike (0 when not compared)."""
         frame = self._frame
-        return int(((frame["size"] > 1) & (frame["on_half"] == False)).sum())  # noqa: E712 (None: not compared)
+        return changing_blocks(frame[frame["size"] > 1])
 
     @property
     def count_exact(self) -> bool:
@@ -1012,8 +1018,7 @@ class NeuronSyncResult:
     @property
     def changing_blocks(self) -> int:
         """Blocks of ≥ 2 neurons that half of the data does not form alike (0 when not compared)."""
-        frame = self._frame(False)
-        return int((frame["on_half"] == False).sum())  # noqa: E712 (None: not compared)
+        return changing_blocks(self._frame(False))
 
     @property
     def count_exact(self) -> bool:
