@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -515,6 +517,26 @@ def test_count_equals_thejacobian_rank(case):
     assert count.extra_freedom >= 0
 
 
+@pytest.mark.parametrize("case", ["independent", "exact copy", "gqa pair", "partial overlap",
+                                  "rank-deficient value", "block of 3", "mean-free outputs"])
+def test_count_does_not_depend_on_the_value_heads_gauges(case):
+    """Each value head g gauged by A_g = 10^(−5g)·(orthogonal · diag(1 … 10⁻²) · orthogonal), its
+    readers' W_O by A_g⁻¹ (float64): the same function, so the same J_apart and J_sync as
+    :func:`test_count_equals_thejacobian_rank`'s. Before each value head was put at unit scale
+    (``balanced_values``) the second one's directions fell under the cut-off relative to the first's."""
+    g = torch.Generator().manual_seed(0)
+    X, W_V, heads = _block(case, g)
+    count = _ranks_and_jacobians(X, W_V, heads)[0]
+    gauges = [10.0 ** (-5 * k) * torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+              @ torch.diag(torch.logspace(0, -2, d, dtype=torch.float64))
+              @ torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0] for k in range(len(W_V))]
+    values = torch.cat([X @ V @ A for V, A in zip(W_V, gauges)], 1)
+    W_O = torch.stack([torch.linalg.solve(gauges[k], O) for k, O in heads])
+    gauged = component_freedom(values.T @ values, [k for k, _ in heads], W_O, [list(range(len(heads)))],
+                               int(torch.linalg.matrix_rank(X)), D_OUT - 1 if case == "mean-free outputs" else D_OUT)
+    assert (gauged.j_apart, gauged.j_sync) == (count.j_apart, count.j_sync)
+
+
 def test_count_closed_forms():
     """The cases METHODS §3 names: independent pair 2·d² (the paper's s_S² − Σ s_h²), exact copy
     d·(D_in + D_out − d) (the old count said −d²), GQA pair d·D_out (the old count said 0), and partly
@@ -802,21 +824,47 @@ def test_head_blocks_with_differing_patterns_are_approximate():
     assert loose.approximate and f"{frame['max_distance'].max():.2g}" in loose.approximation
 
 
-def test_unequal_value_scales_do_not_raise():
-    """Audit finding 10: head 0 with 4 value directions, head 1 with full-rank values at 1e-7 of that
-    scale, one pattern. Separately head 1 has rank 8, but jointly its directions fall under the block's
-    cut-off; the count caps every rank at the component's, so the frame is consistent and no error."""
-    model = _copy_head(make_tiny_toy_transformer(), 0, 0, 1)
+def _gauge_head(model, layer: int, head: int, A: torch.Tensor):
+    """W_V → W_V A, b_V → b_V A, W_O → A⁻¹ W_O on one head (computed in float64): the same function."""
+    a = model.blocks[layer].attn
+    A = A.double()
+    with torch.no_grad():
+        for name, M in (("W_V", None), ("b_V", None), ("W_O", torch.linalg.inv(A))):
+            w = getattr(a, name)[head].double()
+            getattr(a, name)[head] = (M @ w if M is not None else w @ A).to(getattr(a, name).dtype)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_heads_gauge_does_not_move_its_blocks_count(dtype):
+    """Head 0 with 4 value directions and head 1 with full-rank values of its own, one pattern, in a model
+    and in the same model with head 1 gauged by A = 10⁻⁷·(orthogonal · diag(1 … 10⁻²) · orthogonal)
+    (its values at 10⁻⁷ to 10⁻⁹ of head 0's scale, W_O carrying the inverse): the same function, so
+    the same ranks and counts. Relative to the block's largest eigenvalue (audit finding 10's frame,
+    before each head's values were put at unit scale) head 1's directions fell under the cut-off:
+    s_block 4 instead of 12."""
+    model = _copy_head(make_tiny_toy_transformer(), 0, 0, 1).to(dtype)
     a = model.blocks[0].attn
+    g = torch.Generator().manual_seed(5)
+    d = model.cfg.d_head
     with torch.no_grad():
         a.W_V[0][:, 4:] = 0
         a.b_V[0][4:] = 0
-        a.W_V[1] = 1e-7 * torch.randn(a.W_V[1].shape, generator=torch.Generator().manual_seed(5))
-        a.b_V[1] = 0
-    res = head_synchronization(model, _tokens(), tol=1e-6)
-    row = res.to_frame().iloc[0]
-    assert res.blocks[0][0] == [0, 1] and res.head_rank[0].tolist() == [4, 8] and row["s_block"] == 4
-    assert row["count_exact"] and row["extra_freedom"] >= 0
+        a.W_V[1] = torch.randn(a.W_V[1].shape, generator=g) / a.W_V.shape[1] ** 0.5
+        # W_O of its own: the stored A⁻¹ W_O is rounded to the model's dtype, which a copy of head 0's
+        # would no longer be exactly (a float64 weight rank; METHODS §2 on gauges stored in float32)
+        a.W_O[1] = torch.randn(a.W_O[1].shape, generator=g) / a.W_O.shape[1] ** 0.5
+    q1, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    A = 1e-7 * q1 @ torch.diag(torch.logspace(0, -2, d, dtype=torch.float64)) @ q2
+    gauged = _gauge_head(copy.deepcopy(model), 0, 1, A)
+    tokens = _tokens()
+    torch.testing.assert_close(gauged(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+    frames = [head_synchronization(m, tokens, tol=1e-6).to_frame() for m in (model, gauged)]
+    row = frames[0].iloc[0]
+    assert row["heads"] == (0, 1) and row["s_heads"] == (4, d) and row["s_block"] == 4 + d
+    columns = ["heads", "s_heads", "s_block", "j_apart", "j_sync", "extra_freedom"]
+    pd.testing.assert_frame_equal(frames[1][columns], frames[0][columns])
 
 
 def test_relu_blocks_at_positive_tol_are_approximate():

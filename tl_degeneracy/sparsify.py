@@ -76,7 +76,7 @@ from .numerics import (DataLimitedWarning, activation_precision, numerical_rank,
 from .numerics import rank_rtol as rule_rtol  # sparsify's argument rank_rtol is a number
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
-from .synchronization import (EXACT_ACTIVATIONS, SyncCountWarning, changing_blocks, neuron_correlations,
+from .synchronization import (EXACT_ACTIVATIONS, SyncCountWarning, balanced_values, changing_blocks,
                               neuron_synchronization)
 
 __all__ = ["LayerBasis", "SparsifyResult", "sparsify"]
@@ -371,12 +371,12 @@ def _block_bases(M: Float[Tensor, "rows F"], value_gram: Float[Tensor, "F F"], s
     from exact combinations, on their own scale), the block's change of basis as a :class:`_Block`,
     or None when s < 2 or when I's columns of [W̃; b] span fewer than s directions).
 
-    I is chosen on the neurons' correlations (``neuron_correlations``), so that neither I nor s
+    I is chosen on the neurons' correlations (``balanced_values`` with d = 1), so that neither I nor s
     depends on how a ReLU neuron's scale is split between W_in and W_out. A smooth activation can
     make the post-activations of neurons with parallel input weights independent (GELU(p) and
     GELU(2p)): no C then gives M_I C an identity on s rows (eq. 26), and the block keeps its basis."""
     P = value_gram[neurons][:, neurons]
-    order = _pivots(neuron_correlations(P), len(neurons)) if s else np.arange(len(neurons))
+    order = _pivots(balanced_values(P, 1).gram, len(neurons)) if s else np.arange(len(neurons))
     I = [neurons[i] for i in sorted(order[:s])]
     dep = [n for n in neurons if n not in I]
     beta = (torch.linalg.solve(value_gram[I][:, I], value_gram[I][:, dep]) if s and dep

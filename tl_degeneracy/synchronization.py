@@ -49,7 +49,9 @@ __all__ = [
     "HeadSyncResult",
     "NeuronSyncResult",
     "SyncCountWarning",
+    "BalancedValues",
     "SyncJacobian",
+    "balanced_values",
     "component_freedom",
     "head_synchronization",
     "neuron_synchronization",
@@ -130,14 +132,38 @@ def changing_blocks(blocks: pd.DataFrame) -> int:
     return int((blocks["on_half"] == False).sum())  # noqa: E712 (None: not compared)
 
 
-def neuron_correlations(gram: Float[Tensor, "k k"]) -> Float[Tensor, "k k"]:
-    """The uncentred correlations G_ij / √(G_ii G_jj) of neurons with Gram ``gram`` (post-activations),
-    0 in the rows and columns of neurons that are 0 on every sample: a Gram whose rank does not
-    depend on each neuron's scale, which ReLU's per-neuron rescaling (W_in column × c, W_out row ÷ c)
-    changes and the function does not."""
-    scale = gram.diagonal().clamp_min(0).sqrt()
-    inverse = torch.where(scale > 0, 1 / scale.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(scale))
-    return gram * inverse[:, None] * inverse[None, :]
+@dataclass(frozen=True)
+class BalancedValues:
+    """Value vectors of G groups of d columns (KV heads; neurons, d = 1) rescaled, group by group, so
+    that the largest eigenvalue of each group's own Gram is 1 (METHODS §3): ``gram`` = Dᵀ G D with
+    D = diag(c_g⁻¹ I), c_g = √λ_1(G_gg) (``scale``; groups that are 0 on every sample keep c_g = 1),
+    and each reader's output weights take the scale back (W_O → c_g W_O), so the function is the same.
+    A head's scalar gauge W_V → c W_V, W_O → W_O / c (a ReLU neuron's rescaling for d = 1) then moves
+    no rank: relative to the largest eigenvalue of a block of groups, a group at 10⁻⁷ of another's
+    scale fell under the cut-off and lost its directions. A gauge A that is not a scalar changes a
+    group's own spectrum by up to cond(A)², and moves a rank only where that carries an eigenvalue
+    across the cut-off, as it moves the group's own rank s_g (whitening each group inside would count
+    its weakest kept directions, known only to about the cut-off, as exact). For d = 1 ``gram`` is the
+    neurons' uncentred correlations G_ij / √(G_ii G_jj)."""
+
+    gram: Float[Tensor, "kv_dim kv_dim"]
+    scale: Float[Tensor, " groups"]
+
+    def output_weights(self, W_O: Float[Tensor, "heads d d_model"], group_of: Sequence[int]) -> Float[Tensor, "heads d d_model"]:
+        """Each reader's output weights c_g W_O^h, with g = ``group_of[h]`` (float64)."""
+        index = torch.as_tensor(list(group_of), device=self.scale.device)
+        return self.scale[index].to(W_O.device)[:, None, None] * W_O.to(torch.float64)
+
+
+def balanced_values(gram: Float[Tensor, "kv_dim kv_dim"], d: int) -> BalancedValues:
+    """``gram`` with each group of ``d`` columns rescaled to a largest own eigenvalue of 1 (:class:`BalancedValues`)."""
+    gram = gram.to(torch.float64)
+    G = gram.shape[0] // d if d else 0
+    own = gram.reshape(G, d, G, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    top = descending_eigvalsh(own)[:, 0].clamp_min(0) if G else gram.new_zeros(0)
+    scale = torch.where(top > 0, top.sqrt(), torch.ones_like(top))
+    inverse = (1 / scale).repeat_interleave(d)
+    return BalancedValues(gram * inverse[:, None] * inverse[None, :], scale)
 
 
 def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
@@ -371,7 +397,8 @@ def component_freedom(
     Args:
         value_gram: [G·d, G·d] Gram (or covariance) of the value vectors of the G KV heads on the
             data; its ranks follow the package's rule at ``precision`` (``rank_rtol`` overrides the
-            relative eigenvalue cut-off), as :meth:`HeadSyncResult.block_rank`.
+            relative eigenvalue cut-off), as :meth:`HeadSyncResult.block_rank`, with each KV head
+            at unit scale (:func:`balanced_values`; ``W_O`` takes the scale back).
         kv_of_head: for each head 0..H−1, the KV head (0..G−1) whose values it reads.
         W_O: [H, d, D] output weights (any float dtype; ranks of their sums are float64 weight ranks).
         blocks: a partition of 0..H−1 into synchronized blocks.
@@ -400,8 +427,11 @@ def component_freedom(
     d_out = D if d_out is None else int(d_out)
     if not 0 < d_out <= D:
         raise ValueError(f"d_out must lie in 1..{D} (W_O's output dimension); got {d_out}")
-    span = _ValueSpan.of(value_gram, d, precision, rank_rtol, gram_width)
-    W_O = W_O.to(torch.float64)
+    # Counted where each KV head's values have unit scale (its readers' W_O carry the scale): the same
+    # function, and rank decisions that do not depend on how a scalar gauge splits W_V W_O.
+    balanced = balanced_values(value_gram, d)
+    span = _ValueSpan.of(balanced.gram, d, precision, rank_rtol, gram_width)
+    W_O = balanced.output_weights(W_O, kv_of_head)
     params = G * int(input_rank) * d + H * d * d_out
     apart = _kernel_dimension(span, kv_of_head, W_O, [[h] for h in range(H)], int(input_rank), d_out)
     if all(len(b) == 1 for b in blocks):
@@ -480,9 +510,11 @@ class HeadSyncResult:
                           for kv in kvs])
 
     def block_rank(self, layer: int, heads: list[int]) -> int:
-        """s_S: rank of the (centred) value activations of the block's distinct KV heads side by side."""
+        """s_S: rank of the (centred) value activations of the block's distinct KV heads side by side, each
+        KV head at unit scale (:func:`balanced_values`), so that a head's scalar gauge does not move it."""
         idx = self._kv_index(_block_groups(heads, self.kv_of_head))
-        return _gram_rank(self.value_cov[layer][idx][:, idx], self.precision, self.rank_rtol, self.value_cov.shape[-1])
+        balanced = balanced_values(self.value_cov[layer][idx][:, idx], self.d_head)
+        return _gram_rank(balanced.gram, self.precision, self.rank_rtol, self.value_cov.shape[-1])
 
     def freedom(self, layer: int, blocks: Sequence[Sequence[int]]) -> SyncJacobian:
         """J_apart and J_sync of the heads of ``blocks`` together with every other query head of their
@@ -925,12 +957,12 @@ class NeuronSyncResult:
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
         """s: rank of the block's post-activations f = r·p on the data (the values W_out reads), by
-        the rank rule on their correlations (:func:`neuron_correlations`): scaling a ReLU neuron's
+        the rank rule on their correlations (:func:`balanced_values`, d = 1): scaling a ReLU neuron's
         W_in column by c > 0 and its W_out row by 1/c is the same function, and must not change s
         (audit 10a: relative to the block's largest eigenvalue, c = 10⁻⁶ turned s = 2 into 1)."""
         gram = self.value_gram[layer]
         idx = torch.as_tensor(neurons, device=gram.device)
-        return _gram_rank(neuron_correlations(gram[idx][:, idx]), self.precision, self.rank_rtol, gram.shape[-1])
+        return _gram_rank(balanced_values(gram[idx][:, idx], 1).gram, self.precision, self.rank_rtol, gram.shape[-1])
 
     def freedom(self, layer: int, neurons: list[int]) -> SyncJacobian | None:
         """J_apart and J_sync of the block's W_in columns (with b_in) and W_out rows (METHODS §3,
@@ -949,12 +981,8 @@ class NeuronSyncResult:
             return None
         idx = torch.as_tensor(neurons, device=self.value_gram.device)
         m = len(neurons)
-        # Counted at the point of the rescaling orbit where every neuron's post-activation has unit
-        # energy on the data (its W_out row carries the scale): the same function, and rank decisions
-        # that do not depend on how the weights split each neuron's scale (:meth:`block_rank`).
-        gram = self.value_gram[layer][idx][:, idx]
-        W_out = self.W_out[layer][idx.to(self.W_out.device)] * gram.diagonal().clamp_min(0).sqrt().to(self.W_out)[:, None]
-        return component_freedom(neuron_correlations(gram), list(range(m)), W_out[:, None, :], [list(range(m))],
+        W_out = self.W_out[layer][idx.to(self.W_out.device)]
+        return component_freedom(self.value_gram[layer][idx][:, idx], list(range(m)), W_out[:, None, :], [list(range(m))],
                                  int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
                                  self.value_gram.shape[-1])
 
