@@ -68,3 +68,22 @@ def node_acts(model, inputs, names: list[str]) -> dict[str, Tensor]:
     """Activations of ``names`` on ``inputs`` (run_with_cache), flattened per sample."""
     _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names)
     return {n: cache[n] for n in names}
+
+
+class HookedResidual(HookedRootModule):
+    """x (6) → h = tanh(W x) (2) → y = x + U h (6) → V y (4), float64; hooks ``hook_in``, ``hook_h``,
+    ``hook_y``. ``hook_h`` is not a cut: the outputs read x around it, through the skip connection."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Parameter(torch.randn(2, 6, generator=g, dtype=torch.float64))
+        self.U = nn.Parameter(torch.randn(6, 2, generator=g, dtype=torch.float64))
+        self.V = nn.Parameter(torch.randn(4, 6, generator=g, dtype=torch.float64))
+        self.hook_in, self.hook_h, self.hook_y = HookPoint(), HookPoint(), HookPoint()
+        self.setup()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hook_in(x)
+        h = self.hook_h(torch.tanh(x @ self.W.mT))
+        return self.hook_y(x + h @ self.U.mT) @ self.V.mT

@@ -14,9 +14,10 @@ from ..autograd import refuse_inference_mode
 from ..errors import DataError
 from ..numerics import activation_precision, check_tolerances, rank_rtol, warn_data_limited
 from ..stats.activations import moment_pass
-from ..distributed import distributed_context
+from ..distributed import distributed_context, warn_once
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
 from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
+from .cuts import find_bypasses
 from .edges import edge_pass
 from .basis_result import InteractionBasis, NodeSpectrum
 from .runner import Runner, build_runner
@@ -112,6 +113,29 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
                             desc=f"LIB {names[l]}", **probe_kw)
         from_pass(res, names[l], "next node")
     return bases, how, half_ranks
+
+
+def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
+    """Refuse LIB, and warn about edges, where a node is not a cut between the one before it and
+    what the basis is for (LIB with ``last="pca"``: the last node; else the outputs): both would
+    miss what goes around it (:mod:`~tl_degeneracy.interaction.cuts`)."""
+    if len(runner.nodes) < 2 or not (kind == "local" or edges):
+        return
+    target = runner.names[-1] if kind == "local" and last == "pca" else None
+    found = find_bypasses(runner, target)
+    if not found:
+        return
+    what = "the last node reads" if target is not None else "the outputs read"
+    pairs = "; ".join(f"{b.node!r} around {b.skipped!r} ({b.share:.2g} of its gradient)" for b in found)
+    if kind == "local":
+        raise ValueError(
+            f"interaction_basis(kind='local'): {what} {pairs}, so those nodes are not cuts of the model's graph: "
+            "LIB gives each node only the Jacobian of the next one and would count the directions read around it "
+            "(a skip connection) as degenerate (METHODS §5). Choose nodes each of which the next one alone passes "
+            "on (e.g. the residual stream; nodes=[...]), or use kind='global'")
+    warn_once(f"interaction_basis: {what} {pairs}; edges join adjacent nodes only, so the edge graph and the "
+              "modules found from it lack those paths (METHODS §5): choose nodes that are cuts of the model's graph",
+              RuntimeWarning, stacklevel=3)
 
 
 def interaction_basis(
@@ -220,7 +244,9 @@ def interaction_basis(
 
     Raises:
         MissingHookError: unknown node names, or nodes that never fire. ValueError: nodes out of
-            forward order or repeated, bad options. DataError: empty data. NumericalError: NaN/inf
+            forward order or repeated, bad options; for LIB, nodes that are not cuts of the model's
+            graph (a node that the target reads around the next one: :mod:`~.cuts`; the other kinds
+            warn that their edges lack those paths). DataError: empty data. NumericalError: NaN/inf
             activations, gradients or results.
     """
     refuse_inference_mode("interaction_basis")  # before the activation pass, not after it
@@ -242,6 +268,7 @@ def interaction_basis(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     runner = build_runner(model, data, nodes, batch_size, seq_len, skip_bos)
+    _check_cuts(runner, kind, last, edges)
     acc_device = torch.device(device) if device is not None else runner.device
 
     collector = moment_pass(runner.engine, runner.batches, runner.nodes, per_head=False, device=acc_device,

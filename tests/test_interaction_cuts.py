@@ -1,0 +1,70 @@
+"""LIB and the edges need nodes that are cuts of the model's graph (METHODS §5): what reaches the
+outputs from node l passes through node l+1. Audit 11a: a residual MLP with its hook points as nodes
+(the default for a HookedRootModule) read hook_in's interaction rank 2 of 6 under LIB, 4 directions
+counted degenerate that the outputs read through the skip connection (the global basis: 6 of 6)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tests.fixtures.hf import ARCHS, BACKENDS
+from tests.fixtures.toys import make_tiny_toy_transformer
+from tests.interaction_models import HookedResidual
+from tl_degeneracy.interaction import interaction_basis
+from tl_degeneracy.interaction.cuts import find_bypasses
+from tl_degeneracy.interaction.runner import build_runner
+
+
+def _inputs(n: int = 300) -> torch.Tensor:
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("last", ["pca", "outputs"])
+def test_lib_refuses_nodes_that_are_not_cuts(last):
+    with pytest.raises(ValueError, match=r"'hook_in' around 'hook_h'.*not cuts.*kind='global'"):
+        interaction_basis(HookedResidual(), _inputs(), kind="local", last=last, output="mse", exact=True,
+                          progress=False)
+
+
+def test_edges_over_nodes_that_are_not_cuts_are_flagged():
+    with pytest.warns(RuntimeWarning, match=r"'hook_in' around 'hook_h'.*lack those paths"):
+        ib = interaction_basis(HookedResidual(), _inputs(), kind="global", output="mse", exact=True, progress=False)
+    assert ib.eigenvalues["hook_in"].interaction_rank == 6  # the global basis is not affected
+
+
+def test_lib_over_cuts_finds_the_directions_the_outputs_read():
+    """hook_in → hook_y is a cut (y = x + U tanh(W x) is all the outputs read): LIB with the outputs'
+    Jacobian at the last node keeps all 6 directions of hook_in, as the global basis does (the
+    Jacobian V (I + U diag(tanh′) W) has rank 4 at each sample, but its row space moves with x)."""
+    model, x = HookedResidual(), _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        local = interaction_basis(model, x, kind="local", last="outputs", output="mse", exact=True,
+                                  nodes=["hook_in", "hook_y"], progress=False)
+    jac = torch.stack([torch.func.jacrev(lambda z: model(z[None])[0])(row) for row in x[:20]])
+    assert int(torch.linalg.matrix_rank(jac[0])) == 4
+    assert int(torch.linalg.matrix_rank(jac.flatten(0, 1))) == 6
+    assert local.eigenvalues["hook_in"].interaction_rank == 6
+
+
+def _check_default_nodes(model, tokens):
+    runner = build_runner(model, tokens, None, batch_size=4, seq_len=None, skip_bos=None)
+    assert find_bypasses(runner, None) == []
+    assert find_bypasses(runner, runner.names[-1]) == []
+
+
+def test_default_transformer_nodes_are_cuts():
+    model = make_tiny_toy_transformer()
+    _check_default_nodes(model, torch.randint(0, model.cfg.d_vocab, (4, 8), generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_nodes_of_every_backend_are_cuts(tl_models, arch, backend):
+    """The check holds a node by replacing its activation from a hook: every backend must pass that
+    replacement on (or the default nodes would be refused for a bypass that is not there)."""
+    model = tl_models(arch, backend)
+    _check_default_nodes(model, torch.randint(3, 60, (4, 8), generator=torch.Generator().manual_seed(0)))
