@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tl_degeneracy.llc import LLCResult, llc_by_component, llc_sweep, plot_llc_sweep
+from tl_degeneracy.llc.sweep import point_texts
 
 
 class QuadraticPlusQuartic(nn.Module):
@@ -141,3 +142,41 @@ def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens
     layers = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components="layers",
                               chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100)
     assert list(layers["component"]) == ["blocks.0", "blocks.1"]
+
+
+def _biased_rows() -> pd.DataFrame:
+    """Two sweep rows as ``llc_sweep`` writes them: one whose step size may bias λ̂ by 72 % and whose
+    N_eff exceeds its 10 parameters (audit 11b's regression at a given step size), one clean."""
+    common = dict(gamma=1.0, gamma_source="given", chains=4, n_failed=0, llc_mcse=0.1, stderr_caveat=None,
+                  convergence_reason="", converged=True, lower_bound=None, n_params=10)
+    return pd.DataFrame([
+        dict(common, loss_scale=6e-4, llc=8.6, llc_stderr=0.07, n_eff=17.2, bias_bound=0.72),
+        dict(common, loss_scale=1e-2, llc=4.9, llc_stderr=0.05, n_eff=9.8, bias_bound=0.02),
+    ])
+
+
+def test_sweep_points_say_what_the_step_size_may_have_done():
+    """Audit 11b F1: the main run's verdict said "the step size may raise λ̂ by up to X %" and "N_eff
+    above the parameter count", its sweep points (headline, hover text, markers) said nothing."""
+    from tl_degeneracy.report.plots import plot_component_llc
+    from tl_degeneracy.report.sections import _sweep_point
+
+    frame = _biased_rows()
+    biased, clean = (_sweep_point(r) for r in frame.itertuples())
+    assert "may raise λ̂ by up to 72%" in biased and "N_eff above the parameter count" in biased
+    assert "step size" not in clean and "parameter count" not in clean
+    texts = point_texts(frame)
+    assert "by up to 72%" in texts[0] and "step size" not in texts[1]
+    fig = plot_llc_sweep(frame)
+    assert list(fig.data[0].marker.symbol) == ["diamond", "circle"]
+    assert "step size may bias" in fig.layout.legend.title.text
+    bars = plot_component_llc(frame.assign(component=["a", "b"], n_eff_fraction=frame["n_eff"] / 10))
+    assert list(bars.data[0].marker.pattern.shape) == [".", ""]
+
+
+def test_sweep_points_at_automatic_gammas_are_not_joined():
+    """Audit 11b F3: with γ = "auto" every ε has its own γ, different quantities (METHODS §1): the plot
+    joined them into one curve "over loss scales"; now markers only, lines for a fixed γ."""
+    fixed = plot_llc_sweep(_biased_rows())
+    auto = plot_llc_sweep(_biased_rows().assign(gamma_source="auto", gamma=[9.6, 95.0]))
+    assert fixed.data[0].mode == "lines+markers" and auto.data[0].mode == "markers"

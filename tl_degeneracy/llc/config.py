@@ -177,8 +177,10 @@ class SamplerConfig:
         the burn-in is 0): the smallest γ at which a direction that only the prior holds — variance
         1 − exp(−γ s) of its equilibrium after cumulative step s = ηT (sampler.py; research/
         llc_convergence.md: plateaus at s·γ ≈ 2–5) — is within e⁻³ ≈ 5 % of equilibrium when the
-        draws that λ̂ averages begin. Directions with curvature relax faster (rate nβh + γ), so
-        models without flat directions need no more than the floor; the given γ for a number."""
+        draws that λ̂ averages begin. Directions with curvature relax faster (rate nβh + γ) and
+        would need no more than the floor, but the rule cannot tell them apart: with an automatic η
+        (η·nβ about constant) it sets γ ∝ nβ for every model, and the prior then holds a share
+        γ/(nβh + γ) of each direction (METHODS §1, corrected). The given γ for a number."""
         if not self.auto_gamma_on:
             return float(self.gamma)
         window = self.initial_burnin or self.first_draws

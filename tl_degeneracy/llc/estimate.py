@@ -137,8 +137,10 @@ def behavioral_llc(
             directions whose curvature nβh is far below γ count for ≈ nβh/(2γ) instead of ½. So a
             larger γ gives a smaller, more local value (toy:bytelm: > 530 at γ = 1, 227 at 10³, 70 at
             10⁴, 17 at 10⁵), and values are comparable only at equal ε and γ. Models whose directions
-            all have nβh ≫ γ (regular models, the deep linear networks' non-gauge directions) do not
-            depend on it. ``"auto"``: the smallest γ ≥ ``min_gamma`` (default 1) at which the
+            all have nβh ≫ γ (regular models, the deep linear networks' non-gauge directions at γ = 1)
+            hardly depend on it; under ``"auto"`` with an automatic η, γ grows ∝ nβ and holds a share
+            γ/(nβh + γ) of every direction at every ε (a regression: 4.57 for d/2 = 5; METHODS §1,
+            corrected), so compare with known answers at γ = 1. ``"auto"``: the smallest γ ≥ ``min_gamma`` (default 1) at which the
             chains can equilibrate within the budget, max(min_gamma, 3/(η · burnin))
             (:meth:`SamplerConfig.auto_gamma`; flat directions are free random walks until s·γ ≈ 3,
             s the cumulative step); the pilots run at the floor, and η is re-derived at the chosen

@@ -186,6 +186,25 @@ def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") 
 MIN_CHAINS_FOR_STDERR = 4
 
 
+#: The step size's predicted relative bias of λ̂ (METHODS (1.8)) above which an estimate says so.
+BIAS_FLAG = 0.1
+
+
+def step_size_caveats(bias, n_eff, n_params) -> list[str]:
+    """What the step size may have done to an estimate, in words: "the step size may raise λ̂ by up
+    to X %" where its predicted relative bias ``bias`` (METHODS (1.8)) exceeds :data:`BIAS_FLAG`, and
+    "N_eff above the parameter count …" where ``n_eff`` exceeds ``n_params``. The main run's verdict
+    and every point of a sweep or component table carry them alike (audit 11b: a sweep point at a
+    given step size read N_eff 17.2 ± 0.29 of 10 parameters as converged, with no word)."""
+    caveats = []
+    if isinstance(bias, (int, float)) and not math.isnan(bias) and bias > BIAS_FLAG:
+        size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (the predicted excess reaches λ̂ itself)"
+        caveats.append(f"the step size may raise λ̂ {size} (METHODS (1.8))")
+    if isinstance(n_eff, (int, float)) and isinstance(n_params, (int, float)) and n_eff > n_params:
+        caveats.append("N_eff above the parameter count, which no model's λ allows: the step size's bias dominates")
+    return caveats
+
+
 def stderr_caveat(stderr: float, mcse: float, healthy: int) -> str | None:
     """Why ``llc_stderr`` (the spread of the chain means / √C) may under-state λ̂'s uncertainty, or
     None: too few chains to measure a spread, or ArviZ's Monte-Carlo standard error from every draw

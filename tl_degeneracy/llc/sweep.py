@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc
-from .llc_result import estimate_text, larger_stderr
+from .llc_result import estimate_text, larger_stderr, step_size_caveats
 
 
 def _subdir(kwargs: dict, name: str) -> dict:
@@ -118,21 +118,30 @@ def point_texts(frame: pd.DataFrame) -> list[str]:
         reason = row["convergence_reason"]
         state = "converged" if row["converged"] else f"not converged: {reason}" if isinstance(reason, str) and reason \
             else "not converged"
-        texts.append(("" if "gamma" not in row else f"γ = {row['gamma']:.3g}<br>") + f"N_eff = {n_eff}<br>{state}")
+        caveats = "".join(f"<br>{c}" for c in row_caveats(row))
+        texts.append(("" if "gamma" not in row else f"γ = {row['gamma']:.3g}<br>") + f"N_eff = {n_eff}<br>{state}{caveats}")
     return texts
+
+
+def row_caveats(row) -> list[str]:
+    """:func:`~tl_degeneracy.llc.llc_result.step_size_caveats` of a table row."""
+    return step_size_caveats(row.get("bias_bound"), row["n_eff"], row.get("n_params"))
 
 
 def plot_llc_sweep(frame: pd.DataFrame):
     """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors (:func:`plotted_stderr`):
     against the loss scale (log axis), one line per γ, when the frame has several ε; against γ (the
     γ-curve) at its single ε otherwise. Every line is labelled with the γ (or ε) it holds fixed.
-    Points whose chains did not converge are open markers (the legend's title says so), and every
-    point's hover text gives its N_eff ± and verdict (:func:`point_texts`)."""
+    Points whose chains did not converge are open markers, points the step size may bias
+    (:func:`~tl_degeneracy.llc.llc_result.step_size_caveats`) diamonds (the legend's title says so),
+    and every point's hover text gives its N_eff ±, verdict and those caveats (:func:`point_texts`)."""
     import plotly.graph_objects as go
 
-    def points(part: pd.DataFrame, x: pd.Series, name: str):
-        symbols = ["circle" if converged else "circle-open" for converged in part["converged"]]
-        return go.Scatter(x=x, y=part["n_eff"], mode="lines+markers", name=name, marker=dict(symbol=symbols, size=9),
+    def points(part: pd.DataFrame, x: pd.Series, name: str, joined: bool = True):
+        symbols = [("diamond" if row_caveats(row) else "circle") + ("" if row["converged"] else "-open")
+                   for _, row in part.iterrows()]
+        return go.Scatter(x=x, y=part["n_eff"], mode="lines+markers" if joined else "markers", name=name,
+                          marker=dict(symbol=symbols, size=9),
                           error_y=dict(type="data", array=4 * plotted_stderr(part)), text=point_texts(part))
 
     fig = go.Figure()
@@ -141,17 +150,20 @@ def plot_llc_sweep(frame: pd.DataFrame):
         keys = np.array([_gamma_line(row) for _, row in frame.iterrows()])
         for name in dict.fromkeys(keys):
             part = frame[keys == name]
-            fig.add_trace(points(part, part["loss_scale"], name))
+            # Points at γ chosen per run are different quantities (METHODS §1): markers, not a curve.
+            fig.add_trace(points(part, part["loss_scale"], name, joined=not name.startswith("γ auto")))
         fig.update_layout(xaxis_type="log", xaxis_title="loss scale ε = 1/nβ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
-                          title="Effective parameter count over loss scales (γ per line)")
+                          title="Effective parameter count over loss scales (a line per fixed γ; γ auto: one per point)")
     else:
         eps = float(frame["loss_scale"].iloc[0])
         part = frame.sort_values("gamma")
         fig.add_trace(points(part, part["gamma"], f"ε = {eps:.3g}"))
         fig.update_layout(xaxis_type="log", xaxis_title="localization γ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
                           title=f"Effective parameter count over localizations at ε = {eps:.3g}")
-    if not frame["converged"].all():  # a legend even for one line: its title is the key to the open markers
-        fig.update_layout(showlegend=True, legend_title_text="open markers: not converged")
+    keys = [*([] if frame["converged"].all() else ["open markers: not converged"]),
+            *(["diamonds: the step size may bias N_eff"] if any(row_caveats(row) for _, row in frame.iterrows()) else [])]
+    if keys:  # a legend even for one line: its title is the key to the markers
+        fig.update_layout(showlegend=True, legend_title_text="; ".join(keys))
     return fig
 
 

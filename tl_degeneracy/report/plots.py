@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..llc.sweep import plotted_stderr, point_texts
+from ..llc.sweep import plotted_stderr, point_texts, row_caveats
 from ..plots import integer_ticks
 
 __all__ = ["plot_counts", "plot_gram_spectra", "plot_component_llc"]
@@ -46,11 +46,14 @@ def plot_component_llc(frame: pd.DataFrame):
     """N_eff of each component's restricted LLC as a fraction of its parameter count (METHODS §1),
     ±2 standard errors (:func:`~tl_degeneracy.llc.sweep.plotted_stderr`). Each bar's label names
     the γ it was sampled at (values at different γ are different quantities); bars whose chains did
-    not converge are hatched (the legend's title says so), and every bar's hover text gives its
-    N_eff ± and verdict (:func:`~tl_degeneracy.llc.sweep.point_texts`)."""
+    not converge are hatched "/", bars the step size may bias (``step_size_caveats``) dotted, "x" both
+    (the legend's title says so), and every bar's hover text gives its N_eff ±, verdict and those
+    caveats (:func:`~tl_degeneracy.llc.sweep.point_texts`)."""
     import plotly.graph_objects as go
 
-    hatch = ["" if converged else "/" for converged in frame["converged"]]
+    biased = [bool(row_caveats(row)) for _, row in frame.iterrows()]
+    hatch = [("x" if flagged else "/") if not converged else ("." if flagged else "")
+             for converged, flagged in zip(frame["converged"], biased)]
     fig = go.Figure(go.Bar(x=frame["component"], y=frame["n_eff_fraction"], name="N_eff / n_params",
                            marker=dict(pattern=dict(shape=hatch)), hovertext=point_texts(frame),
                            error_y=dict(type="data", array=4 * plotted_stderr(frame) / frame["n_params"])))
@@ -58,6 +61,8 @@ def plot_component_llc(frame: pd.DataFrame):
                      ticktext=[f"{c}<br>γ = {g:.3g}" for c, g in zip(frame["component"], frame["gamma"])])
     fig.update_layout(title="Restricted LLC per component: N_eff / n_params", yaxis_title="N_eff / n_params",
                       xaxis_title="component (the γ it was sampled at)")
-    if not frame["converged"].all():  # a legend even for one trace: its title is the key to the hatching
-        fig.update_layout(showlegend=True, legend_title_text="hatched: not converged")
+    keys = [*([] if frame["converged"].all() else ["hatched: not converged"]),
+            *(["dotted (x where also not converged): the step size may bias N_eff"] if any(biased) else [])]
+    if keys:  # a legend even for one trace: its title is the key to the hatching
+        fig.update_layout(showlegend=True, legend_title_text="; ".join(keys))
     return fig

@@ -20,7 +20,7 @@ from ..errors import MissingHookError
 from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
-from ..llc.llc_result import estimate_text
+from ..llc.llc_result import estimate_text, step_size_caveats
 from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
 from ..stats import activation_stats
@@ -405,11 +405,13 @@ def _estimate(value: float, stderr: float, mcse: float | None, caveat: str | Non
 
 def _sweep_point(r) -> str:
     """One N_eff(ε, γ) of a sweep row: ± its standard error (2·se(λ̂)), flagged where that ± may
-    under-state the uncertainty (:func:`_estimate`), "≥ … (not converged)" where its chains did not
+    under-state the uncertainty (:func:`_estimate`) and where the step size may bias it
+    (``step_size_caveats``), "≥ … (not converged)" where its chains did not
     converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
     R̂ or ESS (METHODS §1)."""
     value = _estimate(r.n_eff, 2 * r.llc_stderr, 2 * r.llc_mcse, r.stderr_caveat, r.chains - r.n_failed, ".3g")
-    where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g})"
+    flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None)))
+    where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g}{flags})"
     if r.converged:
         return f"{value} at {where}"
     low = getattr(r, "lower_bound", True)  # rows saved before it was recorded: the old reading
@@ -692,12 +694,7 @@ def _llc_verdict(v: dict) -> str:
         known = isinstance(se, (int, float)) and isinstance(v.get("llc"), (int, float))
         on = f"λ̂ = {estimate_text(v['llc'], se, healthy, '.4g')}" if known else "λ̂"
         where += f" (on {on}: {v['stderr_caveat']})"
-    bias = v.get("bias_bound")  # the step size's predicted relative bias of λ̂ (METHODS (1.8))
-    if isinstance(bias, (int, float)) and bias > 0.1:
-        size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (the predicted excess reaches λ̂ itself)"
-        where += f"; the step size may raise λ̂ {size} (METHODS (1.8))"
-    if (v.get("n_eff") or 0) > (v.get("n_params") or math.inf):
-        where += "; N_eff above the parameter count, which no model's λ allows: the step size's bias dominates"
+    where += "".join(f"; {c}" for c in step_size_caveats(v.get("bias_bound"), v.get("n_eff"), v.get("n_params")))
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:
