@@ -153,3 +153,17 @@ def test_probe_stability_is_near_one_for_many_probes_and_lower_for_few():
     ib = interaction_basis(model, long, n_probes=4, edges=False, progress=False)
     assert 12 * 15 > EXACT_FACTOR * 4 and ib.dims["M_method"][0] == "probes"
     assert 0 < ib.dims["probe_stability"][0] <= 1
+
+
+def test_probes_do_not_depend_on_the_models_dtype():
+    """Audit 11a F6: mse probes were drawn in the model's compute dtype, so a float32 and a float64
+    copy of one model got other probes (LIB bases 0.28–0.87 apart). Drawn in float64 they are the same
+    draws, and the bases agree to float32 rounding amplified by the spectra's gaps (measured ≤ 1.4e-6)."""
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(2, 20, (int(n),), generator=g) for n in torch.randint(5, 12, (12,), generator=g)]
+    runs = [interaction_basis(tiny_toy().to(dtype), seqs, kind="local", output="mse", last="outputs", exact=False,
+                              n_probes=4, progress=False, edges=False) for dtype in (torch.float64, torch.float32)]
+    for node in runs[0].nodes:
+        a, b = runs[0].basis[node], runs[1].basis[node].double()
+        assert runs[0].eigenvalues[node].M_method == "probes"
+        assert rel(b * torch.sign((a * b).sum(1, keepdim=True)), a) < 1e-4

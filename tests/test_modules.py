@@ -310,3 +310,19 @@ def test_a_basis_without_edges_is_refused_with_the_rerun_that_gives_them():
     assert ib.edges == {}
     with pytest.raises(DataError, match=r"edges=False.*rerun interaction_basis with edges=True"):
         find_modules(ib)
+
+
+def test_paper_scaled_edges_are_flagged():
+    """Audit 11a F5: paper-scaled edges are the importance-scaled ones over D_M,i² of the later node,
+    so their modules differ; find_modules says so, and the two scalings' edges relate exactly so."""
+    from tests.interaction_models import HookedMLP, mlp_inputs
+    from tl_degeneracy.interaction import interaction_basis
+
+    model, x = HookedMLP([5, 6, 4]), mlp_inputs(200, 5)
+    runs = {s: interaction_basis(model, x, kind="global", output="mse", exact=True, scaling=s, progress=False)
+            for s in ("importance", "paper")}
+    for (a, b), E in runs["importance"].edges.items():
+        d_m = runs["importance"].eigenvalues[b].interaction[: E.shape[0]]
+        torch.testing.assert_close(runs["paper"].edges[a, b], E / d_m[:, None] ** 2)
+    with pytest.warns(RuntimeWarning, match="scaling='paper'"):
+        find_modules(runs["paper"])

@@ -189,9 +189,12 @@ def interaction_basis(
       ``last="outputs"``, the global basis of the model's outputs with the chosen kl/mse weighting
       (the behaviour before issue 14; with ``mse`` and the logits as the last node, rib's un-rotated
       output node). ``ib.last`` and the ``M`` column of ``ib.dims`` say which. The recursion always
-      uses the importance-scaled f̂^{l+1} (only s = +½ composes, METHODS §5); ``scaling`` only
+      uses the importance-scaled f̂^{l+1} (only s = +½ composes, METHODS §5); ``scaling``
       rescales the returned coordinates, so the two scalings differ by a per-direction factor
-      D_M^{±1} for every kind. ``last`` does not apply to the other kinds.
+      D_M^{±1} for every kind — and so do the edges, computed in those coordinates (paper-scaled
+      E_ij is the importance-scaled one over D_M,i of node l+1 squared), and the modules found from
+      them (audit 11a: 6 modules for importance, 2 for paper on one model); only importance-scaled
+      edges pool across node layers on one scale (METHODS §6). ``last`` does not apply to the other kinds.
     - ``kind="pca"`` (the baseline the companion paper compares LIB with): M = I, the Jacobian
       replaced by the identity, so D_M = D_G and f̂ = Pᵀ (f − μ) with importance scaling, the
       principal components with E[f̂ f̂ᵀ] = diag(D_G); no Jacobian pass. Edges use the same formula
@@ -229,7 +232,7 @@ def interaction_basis(
             lower = probe noise; it needs n_probes ≥ 2).
         last: LIB's last node, ``"pca"`` or ``"outputs"`` (above).
         edge_sources: None (exact) or r: random ±1 position sources where they are cheaper (above).
-        seed: probes and sources are seeded per (seed, pass, batch, probe): results do not depend
+        seed: probes and sources are seeded per (seed, pass, sequence number in the data, probe): results do not depend
             on chunking or on the number of processes.
         device: where the float64 accumulators live (default: the model's device).
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
+from ..distributed import warn_once
 from ..errors import DataError, NumericalError
 
 __all__ = ["DEFAULT_KEEP_SHARE", "Modules", "find_modules", "log_edge_weights", "mass_cutoff"]
@@ -340,7 +341,7 @@ def find_modules(
     seeds find different partitions (a random tanh MLP: 3 or 4 modules over seeds 0–4, the seed-0
     one of lower Q). So the method runs ``restarts`` times with seeds ``seed``, ``seed`` + 1, …
     and keeps the partition of highest modularity; ``restart_modules`` and
-    ``restart_modularity`` give the range over the runs (one number when they agree).
+    ``restart_modularity`` give the range over the runs, (low, high) — equal when the runs agree.
     """
     if method not in ("louvain", "leiden"):
         raise ValueError(f"method must be 'louvain' or 'leiden'; got {method!r}")
@@ -348,6 +349,11 @@ def find_modules(
         raise ValueError(f"restarts must be a positive integer; got {restarts!r}")
     if not resolution > 0.0 or math.isinf(resolution):
         raise ValueError(f"resolution must be a positive finite number; got {resolution!r}")
+    if getattr(ib, "scaling", None) == "paper":
+        warn_once("find_modules: the interaction basis has scaling='paper', whose edges are the importance-scaled "
+                  "ones over D_M,i² of the later node: other weights, other cut-offs and other modules (audit 11a: 2 "
+                  "modules for 6 on one model); METHODS §6 reads edges on the importance scale "
+                  "(interaction_basis(..., scaling='importance'))", RuntimeWarning, stacklevel=2)
     nodes, arrays = _edge_arrays(ib)
     cutoffs = _cutoffs(arrays, cutoff, keep_share, per_layer_cutoff)
     graph = _graph(nodes, arrays, cutoffs)

@@ -45,7 +45,8 @@ def plot_edges(ib, log: bool = True):
         e = ib.edges[pair].cpu().numpy()
         z = np.log10(np.where(e > 0, e, np.nan)) if log else e
         fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis",
-                                 hovertemplate="i=%{y}, j=%{x}: %{z:.3g}<extra>" + f"{pair[0]} → {pair[1]}</extra>"),
+                                 hovertemplate="i=%{y}, j=%{x}: " + ("log10 E = " if log else "E = ") + "%{z:.3g}<extra>"
+                                 + f"{pair[0]} → {pair[1]}</extra>"),
                       row=n // cols + 1, col=n % cols + 1)
         # Direction indices are integers; each pair has its own numbers of directions.
         fig.update_xaxes(integer_ticks(e.shape[1]), title_text=f"direction j of {pair[0]}", row=n // cols + 1,

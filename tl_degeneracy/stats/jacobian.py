@@ -29,9 +29,10 @@ and V the output width. The choice is made once per pass from the data, never pe
 cutting the same data into other batches cannot change the method.
 
 Output positions that count are the same samples as at the hooks (the batch mask; for an output
-with a position axis of length 1, each sequence that has a counted position). Probe j of batch m
-is drawn from its own generator seeded by (seed, m, j), so results do not depend on chunking,
-on the backward method, or on how batches are split across processes.
+with a position axis of length 1, each sequence that has a counted position). Probe j of a
+sequence is drawn from its own generator seeded by (seed, the sequence's number in the data, j),
+in float64 whatever the model's dtype, so results do not depend on chunking, on the backward
+method, on how batches are split across processes, or (beyond rounding) on the model's dtype.
 
 All backward passes of a batch share ONE forward pass: either k separate ``autograd.grad`` calls
 with ``retain_graph`` (``method="loop"``) or one vmapped call over a chunk of probes
@@ -316,7 +317,7 @@ def jacobian_stats(
         exact: one backward pass per (output position, output entry) instead of probes; ``"auto"``:
             exact where that is at most :data:`EXACT_FACTOR` × ``n_probes`` backward passes per
             batch (decided once for the data; ``.exact`` of the result says which).
-        seed: probe j of batch m uses a generator seeded by (seed, m, j).
+        seed: probe j of a sequence uses a generator seeded by (seed, the sequence's number in the data, j).
         probe_chunk: cotangents per backward call (default: as many as fit ~16M output elements).
         method: ``"batched"`` (vmapped backward), ``"loop"`` (one backward per cotangent, graph
             retained) or ``"auto"`` (batched where the model's ops support it).

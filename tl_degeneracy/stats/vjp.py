@@ -15,7 +15,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..numerics import compute_dtype
 
 __all__ = ["Backward", "cotangents", "differentiable_capture", "probe_generator"]
 
@@ -108,8 +107,9 @@ def cotangents(
     for start in range(0, n_probes, chunk):
         probes = range(start, min(start + chunk, n_probes))
         if objective == "mse":
-            rand_dtype = compute_dtype(out.dtype)
-            cot = torch.zeros(len(probes), b, P, V, dtype=rand_dtype, device=out.device)
+            # Drawn in float64 whatever the model's dtype (as kl's uniforms), so that a float32 and a
+            # float64 copy of one model get the same probes up to their rounding (audit 11a F6).
+            cot = torch.zeros(len(probes), b, P, V, dtype=torch.float64, device=out.device)
         else:
             cot = -p.expand(len(probes), b, P, V).clone()
         for i, (pos, seq) in enumerate(zip(counted, ids)):
@@ -118,7 +118,7 @@ def cotangents(
             for j, probe in enumerate(probes):
                 g = probe_generator(seed, seq, probe, out.device)
                 if objective == "mse":
-                    cot[j, i, pos] = torch.randn(len(pos), V, generator=g, device=out.device, dtype=rand_dtype)
+                    cot[j, i, pos] = torch.randn(len(pos), V, generator=g, device=out.device, dtype=torch.float64)
                 else:
                     # y ~ p by inverse CDF (one uniform per output position): far cheaper than multinomial.
                     cdf = p[i, pos].cumsum(-1)  # [n_i, V]
