@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..autograd import ordinary
 from ..stats.passes import run_until
 from .runner import Runner
 
@@ -38,8 +39,8 @@ def _gradient(runner: Runner, tokens: Tensor, node: str, held: str | None, final
     activation at ``final``, or the model's output when ``final`` is None."""
     store: dict[str, Tensor] = {}
 
-    def leaf(act, hook=None):
-        store["f"] = act.detach().requires_grad_(True)
+    def leaf(act, hook=None):  # an input made under inference_mode cannot require grad: a copy can
+        store["f"] = ordinary(act.detach()).requires_grad_(True)
         return store["f"]
 
     def hold(act, hook=None):
