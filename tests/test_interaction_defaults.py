@@ -167,3 +167,25 @@ def test_probes_do_not_depend_on_the_models_dtype():
         a, b = runs[0].basis[node], runs[1].basis[node].double()
         assert runs[0].eigenvalues[node].M_method == "probes"
         assert rel(b * torch.sign((a * b).sum(1, keepdim=True)), a) < 1e-4
+
+
+def test_half_precision_bands_reach_the_rounding():
+    """Audit 11a F4: the same tiny toy in bfloat16 read interaction rank 16 of 16 with the band 16–16
+    (LayerNorm's mean direction, 0 in float32, counted from rounding) and nothing in the result said
+    so. The bands now reach down to what stands above bfloat16's rounding (the float32 rank), and
+    settings["half_precision"] names the dtype, as the counts do (METHODS §0)."""
+    tokens = torch.randint(2, 20, (24, 12), generator=torch.Generator().manual_seed(0))
+    runs = {dtype: interaction_basis(tiny_toy().to(dtype), tokens, kind="local", last="outputs", output="kl",
+                                     exact=True, progress=False, edges=False)
+            for dtype in (torch.float32, torch.bfloat16)}
+    single, half = runs[torch.float32], runs[torch.bfloat16]
+    assert single.settings["half_precision"] is None and half.settings["half_precision"] == "bfloat16"
+    for node in single.nodes:
+        exact = single.eigenvalues[node].interaction_rank
+        assert single.eigenvalues[node].interaction_band == (exact, exact)
+        low, high = half.eigenvalues[node].interaction_band
+        assert low <= exact <= high
+    from tl_degeneracy.report.sections import VERDICTS
+
+    assert "computes in bfloat16" in VERDICTS["interaction"]({"degenerate_directions": 0, "half_precision": "bfloat16"})
+    assert "computes in" not in VERDICTS["interaction"]({"degenerate_directions": 0, "half_precision": None})

@@ -50,13 +50,14 @@ def _kept(descending: Float[Tensor, " d"], rtol: float, atol: float) -> int:
     return int(numerical_rank(descending, rtol=rtol, atol=atol)) if descending.numel() else 0
 
 
-def _band(descending: Float[Tensor, " d"], rtol: float, atol: float) -> tuple[int, int]:
+def _band(descending: Float[Tensor, " d"], rtol: float, atol: float, noise_rtol: float | None = None) -> tuple[int, int]:
     """How many would be kept with the cut-off moved ``numerics.CUTOFF_BAND``-fold up and down
-    (:func:`~tl_degeneracy.numerics.rank_band`): equal to the rank where the spectrum has a gap
-    around the cut-off, spread where it decays smoothly through it."""
+    (:func:`~tl_degeneracy.numerics.rank_band`), and up to ``noise_rtol`` (a half-precision forward's
+    rounding, ``numerics.rounding_rtol``): equal to the rank where the spectrum has a gap around the
+    cut-off, spread where it decays smoothly through it or where rounding may count as directions."""
     if not descending.numel():
         return 0, 0
-    low, _, high = rank_band(descending, gram=True, rtol=rtol, atol=atol)
+    low, _, high = rank_band(descending, gram=True, rtol=rtol, atol=atol, noise_rtol=noise_rtol)
     return low, high
 
 
@@ -80,13 +81,16 @@ class Whitening:
         return s[:, None] * m * s[None, :]
 
 
-def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float) -> Whitening:
-    """Step 1: eigendecompose the (centred or uncentred) Gram and keep D_G > max(rtol·max, atol)."""
+def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float,
+           noise_rtol: float | None = None) -> Whitening:
+    """Step 1: eigendecompose the (centred or uncentred) Gram and keep D_G > max(rtol·max, atol)
+    (``noise_rtol``: the upper end of the band, :func:`_band`)."""
     if not bool(torch.isfinite(gram).all()):
         raise NumericalError("non-finite Gram matrix")
     vals, vecs = _eigh_descending(gram)
     r = _kept(vals, rtol, atol)
-    return Whitening(mean=mean.to(torch.float64), eigenvalues=vals, vectors=vecs[:, :r], band=_band(vals, rtol, atol))
+    return Whitening(mean=mean.to(torch.float64), eigenvalues=vals, vectors=vecs[:, :r],
+                     band=_band(vals, rtol, atol, noise_rtol))
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,10 @@ class NodeBasis:
         return (w.vectors * w.eigenvalues[: w.rank].sqrt()[None, :]) @ self.directions * (lam ** (-s))[None, :]
 
 
-def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D D"], rtol: float, atol: float) -> NodeBasis:
-    """Steps 2–3: eigendecompose M̃ and keep D_M > max(rtol·max, atol), largest first."""
+def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D D"], rtol: float, atol: float,
+                           noise_rtol: float | None = None) -> NodeBasis:
+    """Steps 2–3: eigendecompose M̃ and keep D_M > max(rtol·max, atol), largest first
+    (``noise_rtol``: the upper end of the band, :func:`_band`)."""
     if not bool(torch.isfinite(jacobian_gram).all()):
         raise NumericalError("non-finite Jacobian Gram matrix")
     vals, vecs = _eigh_descending(whitening.whitened(jacobian_gram))
@@ -126,7 +132,7 @@ def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D
     # multiple of v_iᵀ D_G^{-1/2} Pᵀ, so signing that row signs v_i.
     rows = (v.mT / whitening.eigenvalues[: whitening.rank].sqrt()[None, :]) @ whitening.vectors.mT
     v = v * column_signs(rows.mT)[None, :] if k else v
-    return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v, band=_band(vals, rtol, atol))
+    return NodeBasis(whitening=whitening, eigenvalues=vals, directions=v, band=_band(vals, rtol, atol, noise_rtol))
 
 
 def probe_agreement(whitening: Whitening, gram_a: Float[Tensor, "D D"], gram_b: Float[Tensor, "D D"], k: int) -> float:

@@ -12,7 +12,7 @@ import torch
 
 from ..autograd import refuse_inference_mode
 from ..errors import DataError
-from ..numerics import activation_precision, check_tolerances, rank_rtol, warn_data_limited
+from ..numerics import activation_precision, check_tolerances, rank_rtol, rounding_rtol, warn_data_limited
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context, warn_once
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
@@ -57,7 +57,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
 
     def directions(w, gram: torch.Tensor) -> NodeBasis:
         rtol = rank_rtol(w.rank, precision=activation_precision(runner.dtype), gram=True) if interaction_rtol is None else interaction_rtol
-        return interaction_directions(w, gram, rtol, interaction_atol)
+        return interaction_directions(w, gram, rtol, interaction_atol, rounding_rtol(runner.dtype, gram=True))
 
     def finish(name: str, gram: torch.Tensor, half_gram: torch.Tensor) -> None:
         bases[name] = directions(whitenings[name], gram)
@@ -281,7 +281,7 @@ def interaction_basis(
     def whitening(acc, rtol: float):
         gram = acc.covariance()[0] if centered else acc.gram()[0]
         mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
-        return whiten(gram, mean, rtol, gram_atol)
+        return whiten(gram, mean, rtol, gram_atol, rounding_rtol(runner.dtype, gram=True))
 
     for name in runner.names:
         acc = collector.accs[name]
@@ -320,6 +320,9 @@ def interaction_basis(
         "edges": bool(edges), "edge_sources": edge_sources, "edge_modes": edge_modes, "seed": int(seed), "method": method,
         "batch_size": batch_size, "n_batches": len(runner.batches), "world_size": distributed_context().world_size,
         "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
+        # A half-precision forward's rounding can count as directions: the ranks may be too high
+        # (the bands reach up to that rounding's level).
+        "half_precision": str(runner.dtype).removeprefix("torch.") if rounding_rtol(runner.dtype) is not None else None,
         **timings,
     }
     result = InteractionBasis(

@@ -273,7 +273,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
                 "probe_nodes": len(probed), "n_probes": s.ib_probes,
                 "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
-                "timings": timings},
+                "half_precision": ib.settings.get("half_precision"), "timings": timings},
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
                   "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
                   "modules": modules.to_dict()["settings"]},
@@ -658,6 +658,11 @@ def _interaction_verdict(v: dict) -> str:
         text += (f" — at {grows} node(s) rank(G) or the interaction rank is lower on half of the data than on all "
                  "of it, so those ranks are still growing with the data and their degenerate counts are upper "
                  "bounds (raise ib_tokens)")
+    half = v.get("half_precision")  # absent from reports saved before it was recorded
+    if half:
+        text += (f" — the model computes in {half}: its rounding can count as directions, so interaction ranks may "
+                 "be too high and the degenerate count too low (the band above reaches up to that rounding's level); "
+                 "load the model in float32 for this count")
     probed = v.get("probe_nodes", 0)  # absent from reports saved before it was recorded
     if probed:
         agreement = v.get("min_probe_stability")
