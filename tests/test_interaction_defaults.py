@@ -189,3 +189,27 @@ def test_half_precision_bands_reach_the_rounding():
 
     assert "computes in bfloat16" in VERDICTS["interaction"]({"degenerate_directions": 0, "half_precision": "bfloat16"})
     assert "computes in" not in VERDICTS["interaction"]({"degenerate_directions": 0, "half_precision": None})
+
+
+def test_bases_downstream_of_probes_are_estimated():
+    """Audit 11a F2: LIB's node before a probe-estimated last node had an exact M of a noisy basis,
+    and read M_method "exact", not estimated; its edges read total_stderr 0 (the value for exact
+    edges) while ΣE moved with the probe seed. Now dims["estimated"] marks both nodes and the pair's
+    edges are basis_estimated, total_stderr NaN."""
+    model = tiny_toy()
+    tokens = torch.randint(2, 20, (24, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(kind="local", last="outputs", output="kl", progress=False,
+              nodes=["blocks.1.hook_resid_pre", "ln_final.hook_normalized"])
+    exact = interaction_basis(model, tokens, exact=True, **kw)
+    assert not exact.dims["estimated"].any() and (exact.edge_summary()["total_stderr"] == 0).all()
+    # the last node needs P·V = 240 > 16·12 VJPs (probes), the node before P·kept = 180 ≤ 192 (exact)
+    probed = interaction_basis(model, tokens, n_probes=12, **kw)
+    assert probed.dims["M_method"].tolist() == ["exact", "probes"]
+    assert probed.dims["estimated"].tolist() == [True, True]
+    summary = probed.edge_summary()
+    assert summary["basis_estimated"].all() and summary["total_stderr"].isna().all() and not summary["estimated"].any()
+    moved = rel(probed.basis[probed.nodes[0]] * torch.sign((probed.basis[probed.nodes[0]] * exact.basis[exact.nodes[0]])
+                                                           .sum(1, keepdim=True)), exact.basis[exact.nodes[0]])
+    assert moved > 1e-3  # the noise the label is about: far above rounding
+    pca = interaction_basis(model, tokens, kind="pca", progress=False, edges=False)
+    assert not pca.dims["estimated"].any()

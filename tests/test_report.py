@@ -147,7 +147,7 @@ def test_interaction_section_equals_a_direct_call(full_report):
                                    last="outputs", n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
     modules = tld.find_modules(direct, seed=0)
     assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
-                                                "M_method", "probe_stability", "sample_limited", "rank_G_half",
+                                                "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
                                                 "interaction_rank_half", "data_limited", "rank_G_min",
                                                 "rank_G_max", "interaction_rank_min", "interaction_rank_max"]
     pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)

@@ -29,7 +29,10 @@ class NodeSpectrum:
     with ``last="outputs"``) or ``"identity"`` (M = I: PCA, or LIB's last node with ``last="pca"``);
     ``M_method`` is ``"exact"``, ``"probes"`` or ``"none"`` (M = I); ``probe_stability`` is
     :func:`~tl_degeneracy.interaction.basis.probe_agreement` of the two half-probe estimates where
-    probes were used (NaN otherwise, or with a single probe).
+    probes were used (NaN otherwise, or with a single probe). ``estimated``: the basis carries probe
+    noise — its own M came from probes, or (LIB) a later node's did, whose basis this node's M
+    differentiates (audit 11a: such a node read M_method "exact" while its basis moved 5–10 % with
+    the probe seed).
 
     ``rank_G_band`` / ``interaction_band``: (fewest, most) directions kept with the run's cut-off
     moved ``numerics.CUTOFF_BAND``-fold up and down (``numerics.rank_band``; the interaction band
@@ -47,6 +50,7 @@ class NodeSpectrum:
     M: str = "outputs"
     M_method: str = "exact"
     probe_stability: float = float("nan")
+    estimated: bool = False
     rank_G_band: tuple[int, int] | None = None
     interaction_band: tuple[int, int] | None = None
     half_ranks: tuple[int, int] | None = None
@@ -135,8 +139,9 @@ class InteractionBasis:
         """One row per node: D, rank_G (Gram directions kept), interaction_rank (basis size),
         degenerate = D − interaction_rank (where M is "identity" only the directions without
         variance: a PCA node does not ask what reads it), n (samples), and how M was obtained: M (whose Jacobian:
-        "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none") and
-        probe_stability (the half-probe agreement, NaN unless probes; see :class:`NodeSpectrum`);
+        "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none"),
+        probe_stability (the half-probe agreement, NaN unless probes) and estimated (the basis
+        carries probe noise, its own or a later LIB node's; see :class:`NodeSpectrum`);
         sample_limited: rank_G reached n − 1 (n when uncentred) < D, the most that n samples can
         span, so the node's degenerate directions may be the data's, not the model's (read more);
         rank_G_half / interaction_rank_half: the ranks from the data's even-numbered sequences
@@ -153,6 +158,7 @@ class InteractionBasis:
             rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
                          "degenerate": D - spec.interaction_rank, "n": n, "M": spec.M,
                          "M_method": spec.M_method, "probe_stability": spec.probe_stability,
+                         "estimated": spec.estimated,
                          "sample_limited": sample_limited(spec.rank_G, n, D, self.centered),
                          "rank_G_half": spec.half_ranks[0] if spec.half_ranks else pd.NA,
                          "interaction_rank_half": spec.half_ranks[1] if spec.half_ranks else pd.NA,
@@ -160,7 +166,7 @@ class InteractionBasis:
                          "rank_G_min": g_band[0], "rank_G_max": g_band[1],
                          "interaction_rank_min": i_band[0], "interaction_rank_max": i_band[1]})
         frame = pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
-                                            "M_method", "probe_stability", "sample_limited", "rank_G_half",
+                                            "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
                                             "interaction_rank_half", "data_limited", "rank_G_min", "rank_G_max",
                                             "interaction_rank_min", "interaction_rank_max"])
         return frame.astype({"rank_G_half": "Int64", "interaction_rank_half": "Int64"})
@@ -171,21 +177,27 @@ class InteractionBasis:
 
     def edge_summary(self) -> pd.DataFrame:
         """One row per adjacent pair: shape, total ΣE, ``estimated`` (from ±1 sources rather than
-        exactly, METHODS (5.5)) with the standard error of ΣE (``total_stderr``: the sources' spread
-        over √r; NaN for a one-source estimate, which has no spread; 0 for exact pairs), largest E and
-        the share of ΣE on the diagonal."""
+        exactly, METHODS (5.5)), ``basis_estimated`` (either node's basis carries probe noise,
+        :class:`NodeSpectrum`'s ``estimated``: ΣE moves with the probes, audit 11a: 7.9–11.8 over
+        six probe seeds for an exact 8.9), the standard error of ΣE (``total_stderr``: the sources'
+        spread over √r; NaN for a one-source estimate, which has no spread, and for edges in a probe
+        basis, whose noise the sources do not see; 0 only for exact edges in exact bases), largest E
+        and the share of ΣE on the diagonal."""
         modes = self.settings.get("edge_modes", {})
         rows = []
         for (a, b), e in self.edges.items():
             total = float(e.sum())
             k = min(e.shape)
             estimated = "sources" in modes.get(f"{a} -> {b}", "")  # edges.py labels them "reverse, r sources"
-            stderr = self.edge_stderr[a, b][1] if (a, b) in self.edge_stderr else float("nan") if estimated else 0.0
+            probed = self.eigenvalues[a].estimated or self.eigenvalues[b].estimated
+            stderr = (float("nan") if probed else self.edge_stderr[a, b][1] if (a, b) in self.edge_stderr
+                      else float("nan") if estimated else 0.0)
             rows.append({"source": a, "target": b, "kept_source": e.shape[1], "kept_target": e.shape[0], "total": total,
-                         "estimated": estimated, "total_stderr": stderr, "max": float(e.max()) if e.numel() else 0.0,
+                         "estimated": estimated, "basis_estimated": probed, "total_stderr": stderr,
+                         "max": float(e.max()) if e.numel() else 0.0,
                          "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan")})
         return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "estimated",
-                                           "total_stderr", "max", "diagonal_share"])
+                                           "basis_estimated", "total_stderr", "max", "diagonal_share"])
 
     def to_dict(self) -> dict:
         """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists)."""

@@ -311,6 +311,12 @@ def interaction_basis(
         edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
     timings["edges_s"] = time.perf_counter() - t2
 
+    # A LIB node differentiates the next node's finished basis: where any later node's M came from
+    # probes, this node's basis carries their noise too, although its own M is exact (audit 11a F2).
+    from_probes, later = {}, False
+    for name in reversed(runner.names):
+        later = (later and kind == "local") or how[name].method == "probes"
+        from_probes[name] = later
     n_jacobian_passes = {"global": 1, "local": len(runner.nodes) - (last == "pca"), "pca": 0}[kind]
     probed = any(h.method == "probes" for h in how.values())
     settings = {
@@ -338,6 +344,7 @@ def interaction_basis(
         eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
                                      rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
                                      M_method=how[n].method, probe_stability=how[n].stability,
+                                     estimated=from_probes[n],
                                      rank_G_band=whitenings[n].band, interaction_band=bases[n].band,
                                      half_ranks=(half_whitenings[n].rank, half_ranks[n]))
                      for n in runner.names},

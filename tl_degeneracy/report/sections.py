@@ -253,8 +253,10 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     degenerate_band = [int((dims["D"] - dims["interaction_rank_max"]).sum()), int((dims["D"] - dims["interaction_rank_min"]).sum())]
     # Where M comes from Jacobian probes the ranks are estimates: say so beside them, with how well
     # the two halves of the probes agree on the kept directions (probe_agreement; 1 = the same)
-    probed = dims[dims["M_method"] == "probes"]
-    stability = float(probed["probe_stability"].min()) if len(probed) else None
+    # (the nodes whose basis carries probe noise: their own M, or a later LIB node's, came from probes)
+    probed = dims[dims["estimated"]]
+    own = dims[dims["M_method"] == "probes"]
+    stability = float(own["probe_stability"].min()) if len(own) else None
     estimated = (f"; estimated from {s.ib_probes} Jacobian probes per batch at {len(probed)} of {len(dims)} node(s), "
                  f"half-probe agreement ≥ {stability:.2f}" if len(probed) and stability is not None
                  and not math.isnan(stability) else
@@ -268,6 +270,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
                 "data_limited_nodes": int(dims["data_limited"].sum()),
                 "estimated_edge_pairs": int(edges["estimated"].sum()), "edge_pairs": len(edges),
+                "probe_basis_edge_pairs": int(edges["basis_estimated"].sum()),
                 "edge_sources": s.ib_edge_sources,
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
@@ -673,10 +676,13 @@ def _interaction_verdict(v: dict) -> str:
     if share is None or (isinstance(share, float) and math.isnan(share)):
         return text + "; no modules (no edge above the cut-off)"
     estimated = v.get("estimated_edge_pairs", 0)  # absent from reports saved before it was recorded
+    in_probes = v.get("probe_basis_edge_pairs", 0)  # absent from reports saved before it was recorded
     return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the edge weight" + (
         f" (modules of edges estimated from {v.get('edge_sources')} ±1 source(s) at {estimated} of "
         f"{v.get('edge_pairs')} node pairs, exact elsewhere: another draw of the sources may move them)"
-        if estimated else "")
+        if estimated else "") + (
+        f" (edges at {in_probes} of {v.get('edge_pairs')} node pairs join bases estimated from Jacobian probes: "
+        "another draw of the probes moves them, by more than any standard error shown)" if in_probes else "")
 
 
 def _g(x, spec: str = "g") -> str:
