@@ -70,9 +70,15 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     the one chosen), gamma_source, loss, selection (the sampled parameters, None for all), llc,
     llc_std, llc_stderr, llc_mcse (the ESS-based standard error of all draws), stderr_caveat (why
     llc_stderr may under-state the uncertainty, or None; METHODS §1, "Standard error"), n_eff,
-    n_params, step_size, bias_bound (predicted step-size bias), h_max, n_failed, cumulative_step (s = Σ η), and the convergence verdict (METHODS §1):
-    converged, rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
+    n_params, step_size, bias_bound (predicted step-size bias), stiff_bound, h_max, chains, n_failed,
+    cumulative_step (s = Σ η), and the convergence verdict (METHODS §1): converged, lower_bound,
+    rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
     ``progress``: a bar over the runs above each run's own bars.
+
+    Every run uses the same ``seed``, so the points share their random numbers: their errors are
+    correlated (on a quadratic model, the same draws rescaled: each point as many standard errors
+    off), and a trend along ε is not tested by comparing the points' error bars. With ``gamma="auto"``
+    every ε gets its own γ, and the points are different quantities (METHODS §1, corrected).
     """
     if "nbeta" in kwargs or "loss_scale" in kwargs:
         raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
