@@ -68,3 +68,19 @@ def test_default_nodes_of_every_backend_are_cuts(tl_models, arch, backend):
     replacement on (or the default nodes would be refused for a bypass that is not there)."""
     model = tl_models(arch, backend)
     _check_default_nodes(model, torch.randint(3, 60, (4, 8), generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resid_mid_is_a_cut_only_where_the_backend_passes_edits_on(tl_models, backend):
+    """Review 33: a TransformerBridge passes an edit at hook_resid_mid to the MLP branch only, so the
+    residual path goes around it and LIB over [resid_pre, resid_mid, resid_post] would read the MLP's
+    Jacobian alone; HookedTransformer's hook_resid_mid is the residual stream itself."""
+    model = tl_models("gpt2", backend)
+    nodes = ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"]
+    runner = build_runner(model, torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(0)),
+                          ["blocks.0.hook_resid_pre", *nodes], batch_size=2, seq_len=None, skip_bos=None)
+    found = find_bypasses(runner, None)
+    if backend.startswith("bridge"):
+        assert [(b.node, b.skipped) for b in found] == [("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid")]
+    else:
+        assert found == []

@@ -180,3 +180,11 @@ def test_sweep_points_at_automatic_gammas_are_not_joined():
     fixed = plot_llc_sweep(_biased_rows())
     auto = plot_llc_sweep(_biased_rows().assign(gamma_source="auto", gamma=[9.6, 95.0]))
     assert fixed.data[0].mode == "lines+markers" and auto.data[0].mode == "markers"
+
+
+def test_step_size_caveats_read_numpy_numbers():
+    """Review 33: a table's cells are numpy scalars; isinstance(x, (int, float)) rejected np.int64."""
+    from tl_degeneracy.llc.llc_result import step_size_caveats
+
+    assert len(step_size_caveats(np.float64(0.72), np.float32(17.2), np.int64(10))) == 2
+    assert step_size_caveats(float("nan"), None, 10) == [] and step_size_caveats(True, 17.2, 10) == [step_size_caveats(0, 17.2, 10)[0]]

@@ -413,6 +413,25 @@ def test_neuron_block_freedom_is_the_jacobian_rank_drop():
     assert frame.loc[[(3, 5, 7)], "s_block"].item() == 2 and frame.loc[[(10, 11)], "s_block"].item() == 0
 
 
+@pytest.mark.parametrize("silence", ["dead", "pruned"])
+def test_silent_neurons_with_dependent_output_rows_add_no_freedom(silence):
+    """Review 33: neurons that are 0 on every sample move nothing, whatever their W_out rows; with
+    W_out[11] = 3·W_out[10] the per-neuron scaling had left those rows in the count, which read 16
+    (count_exact True for the pruned pair, W_in = b_in = 0) where the Jacobian's rank drops by 0."""
+    model, tokens = _relu_model_with_duplicate(dtype=torch.float64), _tokens()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        if silence == "dead":
+            mlp.b_in[[10, 11]] = -100.0
+        else:
+            mlp.W_in[:, [10, 11]] = 0.0
+            mlp.b_in[[10, 11]] = 0.0
+        mlp.W_out[11] = 3 * mlp.W_out[10]
+    frame = neuron_synchronization(model, tokens, tol=0.0).to_frame().set_index("neurons")
+    apart, synced = _neuron_block_jacobians(model, tokens, 0, [10, 11])
+    assert apart - synced == 0 and frame.loc[[(10, 11)], "extra_freedom"].item() == 0
+
+
 def test_gated_neuron_blocks_have_no_count(tl_models):
     """A gated MLP's block computes r·Σ_k w_k g_k l_k, quadratic in the input: no bilinear count, so
     the frame leaves extra_freedom empty, count_exact False, and says so once."""

@@ -151,7 +151,7 @@ class BalancedValues:
 
     def output_weights(self, W_O: Float[Tensor, "heads d d_model"], group_of: Sequence[int]) -> Float[Tensor, "heads d d_model"]:
         """Each reader's output weights c_g W_O^h, with g = ``group_of[h]`` (float64)."""
-        index = torch.as_tensor(list(group_of), device=self.scale.device)
+        index = torch.as_tensor(list(group_of), dtype=torch.long, device=self.scale.device)
         return self.scale[index].to(W_O.device)[:, None, None] * W_O.to(torch.float64)
 
 
@@ -981,8 +981,13 @@ class NeuronSyncResult:
             return None
         idx = torch.as_tensor(neurons, device=self.value_gram.device)
         m = len(neurons)
-        W_out = self.W_out[layer][idx.to(self.W_out.device)]
-        return component_freedom(self.value_gram[layer][idx][:, idx], list(range(m)), W_out[:, None, :], [list(range(m))],
+        gram = self.value_gram[layer][idx][:, idx]
+        # A neuron that is 0 on every sample never fires: neither its W_in (r = 0) nor its W_out row
+        # (f = 0) moves the function, so its row leaves the count (a head whose values are 0 keeps
+        # W_O: its W_V still moves the output; review 33).
+        fires = (gram.diagonal() > 0).to(self.W_out.device)
+        W_out = self.W_out[layer][idx.to(self.W_out.device)] * fires[:, None]
+        return component_freedom(gram, list(range(m)), W_out[:, None, :], [list(range(m))],
                                  int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
                                  self.value_gram.shape[-1])
 

@@ -131,8 +131,10 @@ def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
         raise ValueError(
             f"interaction_basis(kind='local'): {what} {pairs}, so those nodes are not cuts of the model's graph: "
             "LIB gives each node only the Jacobian of the next one and would count the directions read around it "
-            "(a skip connection) as degenerate (METHODS §5). Choose nodes each of which the next one alone passes "
-            "on (e.g. the residual stream; nodes=[...]), or use kind='global'")
+            "as degenerate (METHODS §5). The path around is a skip connection, or a backend that passes an edit at "
+            "the next node's hook to only part of what reads it (TransformerBridge: hook_resid_mid). Choose nodes "
+            "each of which the next one alone passes on (e.g. the residual stream before each block; nodes=[...]), "
+            "or use kind='global'")
     warn_once(f"interaction_basis: {what} {pairs}; edges join adjacent nodes only, so the edge graph and the "
               "modules found from it lack those paths (METHODS §5): choose nodes that are cuts of the model's graph",
               RuntimeWarning, stacklevel=3)

@@ -9,6 +9,7 @@ chains converged (split-R̂, ESS, drift, diverged chains) is convergence.py's ve
 from __future__ import annotations
 
 import math
+import numbers
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -196,11 +197,14 @@ def step_size_caveats(bias, n_eff, n_params) -> list[str]:
     "N_eff above the parameter count …" where ``n_eff`` exceeds ``n_params``. The main run's verdict
     and every point of a sweep or component table carry them alike (audit 11b: a sweep point at a
     given step size read N_eff 17.2 ± 0.29 of 10 parameters as converged, with no word)."""
+    def number(x) -> bool:  # numpy scalars too (a table's cells); not None, NaN or a bool
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
     caveats = []
-    if isinstance(bias, (int, float)) and not math.isnan(bias) and bias > BIAS_FLAG:
+    if number(bias) and bias > BIAS_FLAG:
         size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (the predicted excess reaches λ̂ itself)"
         caveats.append(f"the step size may raise λ̂ {size} (METHODS (1.8))")
-    if isinstance(n_eff, (int, float)) and isinstance(n_params, (int, float)) and n_eff > n_params:
+    if number(n_eff) and number(n_params) and n_eff > n_params:
         caveats.append("N_eff above the parameter count, which no model's λ allows: the step size's bias dominates")
     return caveats
 
