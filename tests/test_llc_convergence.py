@@ -78,6 +78,7 @@ def _weak_directions_regression(n: int = 4000):
     return torch.nn.Linear(40, 1, bias=False), x, np.linalg.eigvalsh((x.T.double() @ x.double() / n).numpy())
 
 
+@pytest.mark.tl_agnostic  # a linear model's chains for over a minute: once, in the TransformerLens 4.x run
 def test_a_run_whose_weak_directions_have_not_relaxed_is_not_converged():
     """Criterion (v), relaxation. With a given burn-in of 4,750 steps the chains pass split-R̂, ESS and the
     drift test (they share the transient from θ*), but the 30 weak directions have relaxed only to

@@ -27,6 +27,8 @@ import pytest
 import tl_degeneracy as tld
 from tl_degeneracy.models.toys.sma import sma_data
 
+pytestmark = pytest.mark.tl_agnostic  # trains the toy SMA models (minutes): once, in the TransformerLens 4.x run
+
 K = 5  # the label sums the first K of the T = 12 tokens
 NODES = ["resid_pre", "attn_out", "resid_post"]
 # The calls README's row states, keyword for keyword (checked against README below).

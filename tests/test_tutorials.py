@@ -65,6 +65,7 @@ def _failure_message(name: str, nb, index: int | None, error: Exception) -> str:
             f"---- cell {index} source ----\n{source}\n---- error ----\n{type(error).__name__}: {text}")
 
 
+@pytest.mark.tl_agnostic  # the notebooks use the bundled toys only: once, in the TransformerLens 4.x run
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_tutorial_runs_in_fast_mode(path: Path, tmp_path: Path):
     nb = nbformat.read(path, as_version=4)
