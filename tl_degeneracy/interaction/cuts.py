@@ -27,7 +27,8 @@ __all__ = ["Bypass", "find_bypasses"]
 @dataclass(frozen=True)
 class Bypass:
     """Node ``node`` reaches the target around ``skipped``: ``share`` = ‖∂⟨u, y⟩/∂f with ``skipped``
-    held fixed‖ / ‖∂⟨u, y⟩/∂f‖ (f: ``node``'s activations, y: the target, u: a Gaussian draw)."""
+    held fixed‖ / ‖∂⟨u, y⟩/∂f‖ (f: ``node``'s activations, y: the target, u: a product of Gaussian
+    vectors, one per axis of y)."""
 
     node: str
     skipped: str
@@ -68,8 +69,9 @@ def _gradient(runner: Runner, tokens: Tensor, node: str, held: str | None, final
 
 #: The share of the gradient around a node above which it is not a cut. Where the graph has no path
 #: around the held node autograd gives exactly 0 (every backend and dtype, review 33), so this only
-#: sets how small a bypass may pass unnoticed: one under 10⁻⁶ of the gradient changes M by less
-#: than 10⁻¹², below every rank cut-off.
+#: sets how small a bypass may pass unnoticed: one under 10⁻⁶ of the gradient gives a direction that
+#: only it reads at most ~10⁻¹² of M's scale, under float32's rank cut-off (a float64 model's rule
+#: could count it, as it would count any real dependence of that size).
 BYPASS_TOL = 1e-6
 
 
