@@ -59,8 +59,8 @@ def test_the_frame_holds_both_reports_values_and_their_differences(saved):
     comparison = tld.compare_reports(dir_a, dir_b)
     assert comparison.names == ("a", "b") and comparison.sources == (str(dir_a.resolve()), str(dir_b.resolve()))
     frame = comparison.to_frame()
-    assert list(frame.columns) == ["section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se",
-                                   "comparable"]
+    assert list(frame.columns) == ["section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "a_bias",
+                                   "b_bias", "beyond_2se", "comparable"]
     assert list(dict.fromkeys(frame["section"])) == CHEAP == comparison.sections
     for name in CHEAP:
         status = _row(frame, name, "status")
@@ -99,16 +99,22 @@ def test_every_setting_that_differs_is_listed(saved):
     assert tld.compare_reports(dir_a, Report.load(dir_a)).settings_frame().empty
 
 
+#: The positions a hand-made LLC section sampled (the section's settings["llc_data"]).
+LLC_DATA = {"n_sequences": 6, "n_positions": 72}
+
+
 def _llc(llc: float, se: float, sweep: dict[float, tuple[float, float]], gamma: float = 100.0,
-         converged: bool = True) -> SectionResult:
-    """A hand-made LLC section: λ̂ ± se at the default scale and a sweep ε → (λ̂, se), all at ``gamma``."""
-    quantity = {"loss": "kl", "gamma": gamma, "selection": None, "n_params": 1000, "converged": converged}
+         converged: bool = True, llc_data: dict = LLC_DATA, bias: float | None = None) -> SectionResult:
+    """A hand-made LLC section: λ̂ ± se at the default scale and a sweep ε → (λ̂, se), all at ``gamma``,
+    sampled on ``llc_data`` with predicted step-size bias ``bias``."""
+    quantity = {"loss": "kl", "gamma": gamma, "selection": None, "n_params": 1000, "converged": converged,
+                **({} if bias is None else {"bias_bound": bias})}
     table = pd.DataFrame([{"loss_scale": eps, "llc": v, "llc_stderr": s, "n_eff": 2 * v, **quantity}
                           for eps, (v, s) in sweep.items()])
     return SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", headline=f"λ̂_B = {llc} ± {se}",
                          values={"llc": llc, "llc_stderr": se, "n_eff": 2 * llc, "loss_scale": 1e-3, **quantity,
                                  "convergence_reason": None if converged else "split-R̂ 1.3 > 1.05"},
-                         tables={"sweep": table})
+                         tables={"sweep": table}, settings={"llc_data": dict(llc_data)})
 
 
 def test_estimates_compare_within_two_combined_standard_errors(saved, tmp_path):
@@ -177,7 +183,8 @@ def test_sweep_rows_of_different_selections_are_not_one_quantity(saved, tiny_toy
     def with_sweep(rep, head):
         frame = llc_sweep(tiny_toy_transformer, tiny_toy_tokens, [1e-2], params=f"blocks.0.attn.head{head}", chains=2,
                           draws=10, burnin=2, step_size=1e-6, progress=False).assign(converged=True)
-        sec = SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", tables={"sweep": frame})
+        sec = SectionResult(name="llc", title="Behavioral LLC and N_eff(ε)", status="ok", tables={"sweep": frame},
+                            settings={"llc_data": dict(LLC_DATA)})
         return dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
 
     head0, head1, head0_again = with_sweep(a, 0), with_sweep(b, 1), with_sweep(b, 0)
@@ -204,6 +211,56 @@ def test_a_quantity_a_report_does_not_record_is_not_taken_as_the_same(saved):
                                  "selection not recorded in A (not known to be one quantity)")
     assert row["beyond_2se"] is None
     assert _row(frame, "llc", "llc")["comparable"] == "yes"  # the section values record both
+
+
+def test_estimates_on_other_data_are_not_one_quantity(saved):
+    """Audit 12b: B's LLC sampled 8 tokens where A's sampled 48 (the time fit lowers them on its own):
+    0.00018 against 0.15 passed as one quantity, "beyond 2 SE". The positions sampled are part of it."""
+    a, b, *_ = saved
+    with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    frame = tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {1e-2: (4.0, 1.0)})),
+                                with_llc(b, _llc(13.0, 1.0, {1e-2: (6.0, 1.0)}, llc_data={"n_sequences": 1,
+                                                                                          "n_positions": 8}))).to_frame()
+    for value in ("llc", "sweep ε=0.01 · llc"):
+        row = _row(frame, "llc", value)
+        assert row["comparable"] == "llc_data differs" and row["beyond_2se"] is None, value
+
+
+def test_the_step_sizes_predicted_biases_widen_the_test(saved):
+    """Audit 12b: two runs that differ only in their step size are one quantity, but their estimates may
+    differ by each one's predicted bias (METHODS (1.8)): 10 vs 13 ± 1 is beyond 2√2 = 2.83, not beyond
+    2.83 + 10·0.1 + 13·0.1 = 5.13."""
+    a, b, *_ = saved
+    with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    row = _row(tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {}, bias=0.1)),
+                                   with_llc(b, _llc(13.0, 1.0, {}, bias=0.1))).to_frame(), "llc", "llc")
+    assert (row["a_bias"], row["b_bias"], row["comparable"]) == (0.1, 0.1, "yes") and row["beyond_2se"] is False
+
+
+def test_a_section_kept_with_other_settings_says_so(saved):
+    """Audit 12b: A's synchronization section was kept from an earlier run at sync_tol 0.3 while both
+    headers say 0.05: the comparison listed no differing setting."""
+    a, b, *_ = saved
+    sync = a.sections["synchronization"]
+    kept = dataclasses.replace(a, sections={**a.sections, "synchronization": dataclasses.replace(
+        sync, settings={**sync.settings, "sync_tol": 0.3})})
+    comparison = tld.compare_reports(kept, b)
+    differ = comparison.settings_frame().set_index("setting")
+    assert differ.loc["synchronization: sync_tol"].tolist() == [0.3, b.sections["synchronization"].settings["sync_tol"]]
+    assert "sync_tol 0.3 vs" in _row(comparison.to_frame(), "synchronization", "status")["comparable"]
+    assert _row(tld.compare_reports(a, b).to_frame(), "synchronization", "status")["comparable"] is None
+
+
+def test_gamma_curve_rows_are_keyed_by_their_gamma(saved):
+    """Audit 12b: γ-curve rows were labelled with 3 significant digits, and γ = 1004 overwrote γ = 1000."""
+    a, b, *_ = saved
+    sec = _llc(10.0, 1.0, {})
+    curve = pd.DataFrame([{"gamma": g, "llc": v, "llc_stderr": 0.1, "n_eff": 2 * v, "loss": "kl", "loss_scale": 1e-3,
+                           "selection": None, "n_params": 1000, "converged": True} for g, v in ((1000.0, 1.0), (1004.0, 2.0))])
+    sec.tables["gamma_curve"] = curve
+    with_llc = lambda rep: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    frame = tld.compare_reports(with_llc(a), with_llc(b)).to_frame()
+    assert _row(frame, "llc", "γ-curve γ=1000 · llc")["a"] == 1.0 and _row(frame, "llc", "γ-curve γ=1004 · llc")["a"] == 2.0
 
 
 def test_the_page_shows_both_sides(saved, tmp_path):

@@ -9,12 +9,21 @@ Uncertainty: where a value is an estimate with a standard error — the behavior
 component (METHODS §1: the larger of the standard error of the mean over chains and ArviZ's
 Monte-Carlo standard error of all draws, since with few chains the first under-states it) — the
 frame gives both standard errors and whether |B − A| exceeds two combined standard errors,
-2·√(se_A² + se_B²). That error is sampling noise only, not the bias of chains too short to converge,
-which each section's verdict states as it is ("not converged": a lower bound, or uncertain in both directions). Two estimates are tested only when they
-are of one quantity — the same loss, loss scale ε, localization γ and parameter selection (METHODS §1:
-λ̂_B(ε, γ) moves with γ, and ``gamma="auto"`` picks γ per run), each recorded on both sides (a row
-that does not record one, as in reports of older versions, is not known to be the same quantity)
-— and both converged; otherwise ``comparable`` says why not and ``beyond_2se`` is None.
+2·√(se_A² + se_B²) plus the step sizes' predicted biases |a|·bias_A + |b|·bias_B (METHODS (1.8),
+each estimate's ``bias_bound``: two runs that differ only in their step size are one quantity whose
+estimates may differ by that much; audit 12b). That allowance is sampling noise and discretisation
+bias only, not the bias of chains too short to converge, which each section's verdict states as it
+is ("not converged": a lower bound, or uncertain in both directions). Two estimates are tested only
+when they are of one quantity — the same loss, loss scale ε, localization γ, parameter selection
+and data (the data set's digest and the positions the LLC sampled on: the report's time fit lowers
+them on its own; audit 12b: 8 tokens against 48 passed as one quantity, 0.00018 vs 0.15) (METHODS
+§1: λ̂_B(ε, γ) moves with γ, and ``gamma="auto"`` picks γ per run), each recorded on both sides (a
+row that does not record one, as in reports of older versions, is not known to be the same
+quantity) — and both converged; otherwise ``comparable`` says why not and ``beyond_2se`` is None.
+
+A section kept from an earlier run into a report's directory may have been computed with other
+settings than the report's header: ``settings_frame`` lists such a section's own settings that
+differ between A and B, and the section's ``status`` row says so in ``comparable``.
 
 ``save(dir)`` writes ``comparison.html`` (one self-contained page, plotly.js inlined once, opens
 offline: html.render_comparison), ``comparison.csv`` (the frame) and ``comparison.json`` (which two
@@ -43,24 +52,26 @@ from .report import (Report, ReportDirectoryError, SectionResult, check_writable
                      write_atomic)
 from .serialize import csv_frame, to_jsonable
 
-__all__ = ["ReportComparison", "ReportInputError", "compare_reports", "default_directory"]
+__all__ = ["ReportComparison", "ReportInputError", "allowance", "compare_reports", "default_directory"]
 
 #: What a comparison directory holds.
 FILES = ("comparison.html", "comparison.csv", "comparison.json")
 FORMAT = "tl-degeneracy-comparison/1"
 #: Columns of ``ReportComparison.to_frame()``.
-COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "beyond_2se", "comparable")
+COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "a_bias", "b_bias", "beyond_2se",
+           "comparable")
 
 #: value → (the values holding its standard errors, factor): the larger of the chains' spread and ArviZ's
 #: MCSE (with few chains the spread under-states it, METHODS §1), and N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B).
 STDERR = {"llc": (("llc_stderr", "llc_mcse"), 1.0), "n_eff": (("llc_stderr", "llc_mcse"), 2.0)}
 #: Section → (table, the column naming each row, the row's name): tables whose rows are estimates
 #: with standard errors (STDERR), compared row by row beside the section's values.
-ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:g}"), ("gamma_curve", "gamma", "γ-curve γ={:.3g}"),
+ESTIMATE_TABLES = {"llc": (("sweep", "loss_scale", "sweep ε={:.6g}"), ("gamma_curve", "gamma", "γ-curve γ={:.6g}"),
                            ("components", "component", "component {}"))}
 #: What makes two LLC estimates one quantity (METHODS §1), as the section values and table rows name it
-#: (selection None: the whole model).
-QUANTITY = ("loss", "loss_scale", "gamma", "selection", "n_params")
+#: (selection None: the whole model), with the data they were sampled on: the data set's digest and
+#: the section's record of the positions it sampled (``data_digest``, ``llc_data``: _scalars adds them).
+QUANTITY = ("loss", "loss_scale", "gamma", "selection", "n_params", "data_digest", "llc_data")
 
 
 class ReportInputError(TLDegeneracyError, ValueError):
@@ -151,16 +162,21 @@ class ReportComparison:
     def to_frame(self) -> pd.DataFrame:
         """One row per (section, value), sections in report order: ``a``, ``b`` (None where a report
         lacks the value), ``difference`` = b − a where both are finite numbers, ``a_stderr`` and
-        ``b_stderr`` for estimates (see the module docstring), ``beyond_2se``: |b − a| >
-        2·√(a_stderr² + b_stderr²) (None where either standard error is unknown or the estimates
-        are not comparable) and ``comparable`` for estimates: "yes", or why not (the loss, ε, γ or
+        ``b_stderr`` for estimates (see the module docstring), ``a_bias`` and ``b_bias`` (their
+        step sizes' predicted relative biases), ``beyond_2se``: |b − a| > :func:`allowance`
+        (None where either standard error is unknown or the estimates are not comparable) and ``comparable`` for estimates: "yes", or why not (the loss, ε, γ or
         the parameter selection differ or are not recorded; a side did not converge). Each section
         starts with its ``status`` row: ok, skipped, failed, or missing (not in that report)."""
         rows = []
         for name in self.sections:
             sa, sb = self.section(name)
-            rows.append(_row(name, "status", (section_status(sa), None, None), (section_status(sb), None, None)))
-            va, vb = _scalars(sa), _scalars(sb)
+            status = _row(name, "status", (section_status(sa), None, None), (section_status(sb), None, None))
+            apart = self._kept_apart(name)
+            status["comparable"] = ("section settings differ from the other side's: "
+                                    + "; ".join(f"{k} {value_text(a)} vs {value_text(b)}" for k, (a, b) in apart.items())
+                                    if apart else None)
+            rows.append(status)
+            va, vb = _scalars(sa, self.a), _scalars(sb, self.b)
             rows += [_row(name, k, va.get(k, (None, None, None)), vb.get(k, (None, None, None)))
                      for k in dict.fromkeys([*va, *vb])]
         return pd.DataFrame(rows, columns=list(COLUMNS))
@@ -168,10 +184,25 @@ class ReportComparison:
     def settings_frame(self) -> pd.DataFrame:
         """Every setting in which the two reports differ (columns setting, a, b): the model (label,
         weights sha256, its summary), the data (source, sha256, the positions that counted), the
-        report's settings and budgets, and the library versions."""
+        report's settings and budgets, the library versions, and a section's own settings
+        ("<section>: <setting>") where a section kept from an earlier run differs from its header."""
         fa, fb = _setup(self.a), _setup(self.b)
         rows = [{"setting": k, "a": fa.get(k), "b": fb.get(k)} for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
+        rows += [{"setting": f"{name}: {k}", "a": a, "b": b}
+                 for name in self.sections for k, (a, b) in self._kept_apart(name).items()]
         return pd.DataFrame(rows, columns=["setting", "a", "b"])
+
+    def _kept_apart(self, name: str) -> dict[str, tuple]:
+        """Section ``name``'s own settings that differ between A and B where a side's section was
+        computed with other settings than its report's header (a section kept from an earlier run:
+        Report.settings_apart), so that the headers' settings do not show the difference (audit 12b:
+        sync_tol 0.3 kept in A against 0.05 in B, both headers 0.05, compared with no word)."""
+        sa, sb = self.section(name)
+        if sa is None or sb is None:
+            return {}
+        keys = dict.fromkeys([*self.a.settings_apart(sa), *self.b.settings_apart(sb)])
+        a, b = to_jsonable(dict(sa.settings)), to_jsonable(dict(sb.settings))
+        return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
     def summary(self, width: int = 100) -> str:
         """One screen of text: both reports, every setting that differs, per section both verdicts,
@@ -279,20 +310,26 @@ def _same(there: dict, here: dict) -> bool:
     return there.get("source") is None or here.get("source") is None or there["source"] == here["source"]
 
 
-def _scalars(sec: SectionResult | None) -> dict[str, tuple[object, float | None, dict | None]]:
+def _scalars(sec: SectionResult | None, report: Report) -> dict[str, tuple[object, float | None, dict | None]]:
     """A section's scalar values (html.flat_values, as JSON values) → (value, its standard error or
     None, the record that says which quantity an estimate is, or None), then the estimates of its
-    ESTIMATE_TABLES, row by row."""
+    ESTIMATE_TABLES, row by row. An estimate's record also holds the data it was sampled on: the
+    report's data digest and the section's ``llc_data`` (the positions it sampled), where recorded."""
     if sec is None:
         return {}
+    data = {"data_digest": ((report.identity or {}).get("data") or {}).get("digest")}
+    if "llc_data" in sec.settings:
+        data["llc_data"] = to_jsonable(sec.settings["llc_data"])
+    if data["data_digest"] is None:  # not recorded: not known to be the same data
+        del data["data_digest"]
     values = to_jsonable(flat_values(sec.values))
-    out = {k: (v, _stderr(values, k), values if k in STDERR else None) for k, v in values.items()}
+    out = {k: (v, _stderr(values, k), {**values, **data} if k in STDERR else None) for k, v in values.items()}
     for table, key, label in ESTIMATE_TABLES.get(sec.name, ()):
         frame = sec.tables.get(table)
         if frame is None or key not in frame:
             continue
         for record in to_jsonable(frame.to_dict(orient="records")):
-            out.update({f"{label.format(record[key])} · {col}": (record[col], _stderr(record, col), record)
+            out.update({f"{label.format(record[key])} · {col}": (record[col], _stderr(record, col), {**record, **data})
                         for col in STDERR if col in record})
     return out
 
@@ -311,7 +348,8 @@ def _incomparable(qa: dict, qb: dict) -> str | None:
         na, nb = _number(a), _number(b)
         same = math.isclose(na, nb, rel_tol=1e-9) if na is not None and nb is not None else a == b
         if not same:
-            reasons.append(f"{key} differs ({value_text(a)} vs {value_text(b)})")
+            reasons.append(f"{key} differs" + ("" if isinstance(a, dict) or isinstance(b, dict)
+                                               else f" ({value_text(a)} vs {value_text(b)})"))
     reasons += [f"{side} not converged ({'a lower bound' if q.get('lower_bound') is not False else 'uncertain'})"
                 for side, q in zip("AB", (qa, qb)) if q.get("converged") is False]
     return "; ".join(reasons) or None
@@ -341,10 +379,25 @@ def _row(section: str, value: str, a: tuple, b: tuple) -> dict:
     difference = nb - na if na is not None and nb is not None and math.isfinite(na) and math.isfinite(nb) else None
     why_not = _incomparable(qa, qb) if qa is not None and qb is not None else None
     comparable = None if qa is None or qb is None else why_not or "yes"
+    bias_a, bias_b = (_bias(q) if se is not None else None for q, se in ((qa, se_a), (qb, se_b)))
     beyond = None
     if difference is not None and se_a is not None and se_b is not None and why_not is None:
-        beyond = abs(difference) > 2 * math.hypot(se_a, se_b)
-    return dict(zip(COLUMNS, (section, value, va, vb, difference, se_a, se_b, beyond, comparable)))
+        beyond = abs(difference) > allowance(na, nb, se_a, se_b, bias_a, bias_b)
+    return dict(zip(COLUMNS, (section, value, va, vb, difference, se_a, se_b, bias_a, bias_b, beyond, comparable)))
+
+
+def _bias(record: dict | None) -> float:
+    """An estimate's predicted relative step-size bias (``bias_bound``, METHODS (1.8)); 0 where not
+    recorded or unknown."""
+    b = _number((record or {}).get("bias_bound"))
+    return 0.0 if b is None or math.isnan(b) else max(b, 0.0)
+
+
+def allowance(a: float, b: float, se_a: float, se_b: float, bias_a: float | None, bias_b: float | None) -> float:
+    """How far two estimates a, b of one quantity may lie apart without telling a difference:
+    2·√(se_a² + se_b²) plus each step size's predicted bias |a|·bias_a + |b|·bias_b (relative,
+    ``bias_bound``; ∞ where unbounded)."""
+    return 2 * math.hypot(se_a, se_b) + abs(a) * (bias_a or 0.0) + abs(b) * (bias_b or 0.0)
 
 
 def _setup(report: Report) -> dict:
@@ -357,6 +410,8 @@ def _setup(report: Report) -> dict:
     out.update({f"data {k}": v for k, v in data.items() if k not in ("source", "positions")})
     out.update({f"data {k}": v for k, v in (data.get("positions") or {}).items()})
     out.update({k: v for k, v in report.settings.items() if k not in ("budgets", "overrides")})
+    if isinstance(out.get("sections"), list):  # which sections, not their order
+        out["sections"] = sorted(out["sections"])
     out.update(report.settings.get("budgets") or {})
     out.update({f"version {k}": v for k, v in report.versions.items()})
     return to_jsonable(out)
