@@ -279,3 +279,23 @@ def test_an_unreadable_tensor_file_does_not_advise_unsafe_loading(tmp_path, caps
     assert main(["report", "--data", str(path), "--out", str(tmp_path / "x"), "--quiet", "--only", "activations"]) == 2
     err = capsys.readouterr().err
     assert "cannot read it as a file of one torch tensor" in err and "weights_only=False" not in err
+
+
+def test_files_that_are_not_text_are_not_read_as_text(tmp_path):
+    """Audit 12a F3: any file that was not .pt/.pth (in lower case) was read as text: a .json of 512
+    token ids ran as 19 sequences of text, a .npy's only word was to re-encode it as UTF-8."""
+    import numpy as np
+
+    from tl_degeneracy.errors import DataError
+    from tl_degeneracy.report.context import load_data_spec
+
+    (tmp_path / "ids.json").write_text(json.dumps(list(range(512))))
+    np.save(tmp_path / "ids.npy", np.arange(512))
+    (tmp_path / "noise.dat").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "blank.txt").write_text("  \n\t\n")
+    for name, words in (("ids.json", "a JSON file"), ("ids.npy", "a NumPy file"), ("noise.dat", "NUL bytes"),
+                        ("blank.txt", "only whitespace")):
+        with pytest.raises(DataError, match=words):
+            load_data_spec(tmp_path / name)
+    torch.save(torch.randint(0, 20, (2, 8)), tmp_path / "IDS.PT")  # a tensor file whatever the suffix's case
+    assert load_data_spec(tmp_path / "IDS.PT").source.startswith("tensor file")

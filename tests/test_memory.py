@@ -132,3 +132,71 @@ def test_the_report_fit_counts_the_sequences_that_shorter_cuts_make():
     b = ctx.batches
     assert info["fits"] and b.max_len == MIN_FITTED_SEQ_LEN and b.n_sequences == 8
     assert estimate(adapter, "jacobian", min(b.batch_size, b.n_sequences), b.max_len, **kw) <= budget
+
+
+def _bos_context(rows: list[torch.Tensor], n_ctx: int = 1024, **settings):
+    """A report context of the tiny toy with BOS id 1 (its tokenizer's) on token rows that start with it."""
+    import types
+
+    from tl_degeneracy.report.build import _resolve_data
+    from tl_degeneracy.report.context import ReportContext
+    from tl_degeneracy.report.settings import resolve_settings
+
+    model = make_tiny_toy_transformer(n_ctx=n_ctx)
+    model.tokenizer = types.SimpleNamespace(bos_token_id=1, pad_token_id=0)
+    return ReportContext(label="tiny", adapter=tld.adapt(model), settings=resolve_settings("quick", settings),
+                         data=_resolve_data(rows, "tiny"))
+
+
+def _tokens_read(batches) -> list[int]:
+    """Every token a TokenBatches reads, BOS left out, in order."""
+    return [int(t) for q in batches.sequences for t in (q[1:] if batches.bos else q)]
+
+
+@pytest.mark.parametrize("lengths", [[1024] * 6, [1024, 300, 700, 1024, 517, 290]])
+def test_a_shorter_cut_reads_the_same_data(lengths):
+    """Audit 12a F1/F6: cut from 1024 to 256 tokens, a BOS-led row's body of 1023 tokens makes 5 pieces
+    of BOS + 255, not 1024/256 = 4: counting 4 dropped the last fifth of the data, and on rows of other
+    lengths took pieces of rows not read before. Now the tokens read are the same, in the same order."""
+    from tl_degeneracy.memory import MemoryBudget
+    from tl_degeneracy.report.context import MIN_FITTED_SEQ_LEN
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.tensor([1]), torch.randint(3, 20, (n - 1,), generator=g)]) for n in lengths]
+    rows += [torch.cat([torch.tensor([1]), torch.randint(3, 20, (1023,), generator=g)]) for _ in range(4)]  # not read
+    ctx = _bos_context(rows, n_sequences=len(lengths))
+    before = _tokens_read(ctx.batches)
+    assert ctx.batches.bos and len(before) == sum(lengths) - len(lengths)
+    budget = estimate(ctx.adapter, "forward", ctx.settings.batch_size, MIN_FITTED_SEQ_LEN) + 1
+    info = ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["activations"])
+    assert info["lowered"]["seq_len"] == [1024, MIN_FITTED_SEQ_LEN] and ctx.batches.max_len == MIN_FITTED_SEQ_LEN
+    assert _tokens_read(ctx.batches) == before
+    assert info["cut"]["n_sequences"] == [len(lengths), ctx.batches.n_sequences]
+
+
+def test_the_fit_sizes_the_batches_the_cut_makes():
+    """Audit 12a F2: with 8 sequences the fit capped its batch at 8 (the number before the cut) while
+    the 40 pieces filled batches of 16: the header said it fit, and the pass then refused its batch."""
+    from tl_degeneracy.memory import MemoryBudget
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.tensor([1]), torch.randint(3, 20, (1023,), generator=g)]) for _ in range(8)]
+    ctx = _bos_context(rows, n_sequences=8)
+    budget = estimate(ctx.adapter, "forward", 8, 512) + 1  # 8 sequences of 512 would fit, 16 would not
+    assert estimate(ctx.adapter, "forward", 16, 512) > budget
+    info = ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["activations"])
+    b = ctx.batches
+    assert info["fits"] and estimate(ctx.adapter, "forward", min(b.batch_size, b.n_sequences), b.max_len) <= budget
+
+
+def test_the_sparsity_section_is_fitted_too():
+    """Audit 12a F8: the memory fit left the sparsity section out: alone, it was skipped for want of
+    memory that a smaller batch would have given it."""
+    from tl_degeneracy.memory import MemoryBudget
+
+    rows = [torch.cat([torch.tensor([1]), torch.randint(3, 20, (63,), generator=torch.Generator().manual_seed(i))])
+            for i in range(16)]
+    ctx = _bos_context(rows, n_ctx=64)
+    budget = estimate(ctx.adapter, "neuron_sync", 4, 64) + 1
+    info = ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["sparsity"])
+    assert info["fits"] and info["lowered"]["batch_size"][1] <= 4

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="load the model's weights in this dtype (default: the loader's, float32 for Hugging Face "
                           "and GGUF models); statistics accumulate in float64 and the LLC's loss in float32 or wider "
                           "whatever the weights")
-    rep.add_argument("--seq-len", type=int, default=None, help="chunk/truncate sequences to this length")
+    rep.add_argument("--seq-len", type=int, default=None, help="cut longer sequences into pieces of this many tokens (BOS put back before each piece); none is truncated")
     rep.add_argument("--memory", default=None, metavar="SIZE",
                      help="memory budget of the statistics passes, beyond the loaded model and data, e.g. 8G or "
                           "512M (default: half the RAM available once they are loaded, 80%% of the free GPU memory "

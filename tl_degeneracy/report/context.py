@@ -32,7 +32,17 @@ __all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_
 #: The passes of each section whose batches the memory budget bounds (``tld.memory.estimate``).
 #: The interaction basis and the LLC read their own, smaller budgets (ib_tokens, llc_sequences).
 _MEMORY_ANALYSES = {"synchronization": ("head_sync", "neuron_sync"), "counts": ("forward", "jacobian"),
-                    "activations": ("forward",)}
+                    "activations": ("forward",), "sparsity": ("neuron_sync", "forward")}
+#: Data files of these suffixes (compared case-insensitively) are refused rather than read as text
+#: (audit 12a: a .json of token ids ran as text, and a .npy's only warning was to re-encode it as UTF-8).
+NOT_TEXT = {
+    **dict.fromkeys((".json", ".jsonl"), "a JSON file (token ids, or records holding text)"),
+    **dict.fromkeys((".npy", ".npz"), "a NumPy file"),
+    **dict.fromkeys((".pkl", ".pickle"), "a pickle file"),
+    **dict.fromkeys((".safetensors", ".gguf", ".bin", ".ckpt", ".h5", ".hdf5"), "a weights or binary file"),
+    **dict.fromkeys((".parquet", ".arrow", ".feather"), "a columnar data file (load it with datasets and save_to_disk)"),
+    **dict.fromkeys((".gz", ".zip", ".bz2", ".xz", ".zst", ".tar"), "a compressed file (decompress it first)"),
+}
 #: The memory fit halves the sequence length down to this before it lowers the batch size.
 MIN_FITTED_SEQ_LEN = 256
 
@@ -70,10 +80,12 @@ class LoadedData:
 
 def load_data_spec(spec: str | os.PathLike) -> LoadedData:
     """Read a data spec: ``toy:NAME`` (bundled data), a ``.pt``/``.pth`` file holding one LongTensor of
-    token ids [batch, pos], a directory saved with ``datasets``' ``save_to_disk``, or a text file.
+    token ids [batch, pos] (suffixes in any case), a directory saved with ``datasets``'
+    ``save_to_disk``, or a text file (any other suffix but those of :data:`NOT_TEXT`).
 
     Raises:
-        DataError: no such file, an empty file, a .pt file that is not one tensor, an unknown toy.
+        DataError: no such file, an empty or whitespace-only file, a file with NUL bytes or a
+            suffix of :data:`NOT_TEXT` (not text), a .pt file that is not one tensor, an unknown toy.
     """
     import torch
 
@@ -98,7 +110,13 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
             return LoadedData(load_from_disk(str(path)), f"dataset {path}")
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"data {spec!r}: not a dataset saved with save_to_disk ({e})") from None
-    if path.suffix in (".pt", ".pth"):
+    suffix = path.suffix.lower()
+    if suffix in NOT_TEXT:
+        raise DataError(f"data {spec!r}: {NOT_TEXT[suffix]} is not read as data (give a text file, a .pt/.pth file "
+                        "of token ids saved with torch.save, a dataset directory saved with save_to_disk, or toy:NAME): "
+                        f"save the token ids with torch.save(torch.as_tensor(ids), '{path.with_suffix('.pt').name}'), "
+                        "or write the text into a .txt file")
+    if suffix in (".pt", ".pth"):
         try:
             tokens = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
@@ -116,13 +134,16 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
                             + (f" with keys {sorted(map(str, tokens))}" if isinstance(tokens, dict) else ""))
         return LoadedData(tokens, f"tensor file {path}")
     raw = path.read_bytes()
+    if b"\x00" in raw:  # no text holds NUL bytes: a binary file read as text would tokenize its bytes
+        raise DataError(f"data {spec!r} holds NUL bytes: a binary file, not text; give a text file, a .pt/.pth file "
+                        "of token ids, a dataset directory saved with save_to_disk, or toy:NAME")
     text = raw.decode("utf-8", errors="replace")
     if "\ufffd" in text and "\ufffd".encode() not in raw:  # bytes that are not UTF-8 became U+FFFD
         warnings.warn(f"data {spec!r}: {text.count(chr(0xFFFD)):,} byte sequence(s) that are not UTF-8 were "
                       "replaced by U+FFFD before tokenizing; re-encode the file as UTF-8 to read them as written",
                       UserWarning, stacklevel=2)
     if not text.strip():
-        raise DataError(f"data {spec!r}: the file is empty")
+        raise DataError(f"data {spec!r}: the file is empty" if not raw else f"data {spec!r}: the file holds only whitespace")
     return LoadedData([text], f"text file {path}", text=True)
 
 
@@ -215,7 +236,9 @@ class ReportContext:
         report header states: the budget, the estimate per batch, and the values before and after.
         A pass that still does not fit fails when it starts, with a message saying what to lower.
         A shorter sequence length keeps the data: ``n_sequences`` (which counts sequences after
-        cutting) grows by the same factor, so the sequences are cut shorter, not dropped.
+        cutting) becomes the number of pieces the sequences read so far make (``token_batches``'
+        rule: each body cut into pieces of t − 1 tokens behind a BOS where there is one), so the
+        sequences are cut shorter, not dropped or joined by others.
         """
         from ..memory import counts_held, estimate
 
@@ -230,10 +253,25 @@ class ReportContext:
         held = counts_held(self.adapter)  # by the counts' Jacobian pass (degeneracy_counts)
 
         n0, t0 = max(1, self.batches.n_sequences), self.batches.max_len
+        # token_batches cuts a sequence's body (BOS left out) into pieces of t − 1 tokens with BOS put
+        # back before each: a 1024-token row at t = 256 makes 5 pieces, not 1024/256 = 4 (audit 12a:
+        # counting 4 kept the first 80 % of the data and called it the same data).
+        extra = 1 if self.batches.bos else 0
+        lengths = [len(q) for q in self.batches.sequences]
+
+        def pieces(t: int) -> int:
+            """How many sequences the data now read become when cut to ``t`` tokens (a text file's
+            chunks are consecutive pieces of one text, cut again as one)."""
+            if t >= t0:
+                return len(lengths)
+            bodies = [n - extra for n in lengths]
+            if self.data.text:
+                return max(1, -(-sum(bodies) // (t - extra)))
+            return sum(max(1, -(-n // (t - extra))) for n in bodies)
 
         def needed(b: int, t: int) -> int:
-            # Cut shorter, long sequences become more of them (up to n_sequences), and batches fill up.
-            b = min(b, n0 * -(-t0 // t), s.n_sequences)
+            # Cut shorter, long sequences become more of them, and batches fill up.
+            b = min(b, pieces(t))
             return max(estimate(self.adapter, a, b, t, n_cotangents=s.n_probes, held=held if a == "jacobian" else 0)
                        for a in analyses)
 
@@ -252,10 +290,11 @@ class ReportContext:
         info.update(needed=needed(b, t), fits=needed(b, t) <= budget.bytes,
                     lowered={k: [old, new] for k, old, new in (("batch_size", b0, b), ("seq_len", t0, t)) if old != new})
         if info["lowered"]:
-            pieces = -(-t0 // t)  # each sequence becomes this many
-            self.update_settings(batch_size=b, seq_len=t if t != t0 else s.seq_len, n_sequences=s.n_sequences * pieces)
-            if pieces > 1:
-                info["cut"] = {"n_sequences": [s.n_sequences, self.settings.n_sequences]}
+            cut = pieces(t)  # the sequences now read, cut to t tokens: the same data
+            self.update_settings(batch_size=b, seq_len=t if t != t0 else s.seq_len,
+                                 n_sequences=cut if t != t0 else s.n_sequences)
+            if t != t0:
+                info["cut"] = {"n_sequences": [len(lengths), cut]}
             info.update(batch_size=self.settings.batch_size, seq_len=self.settings.seq_len)
         return info
 

@@ -336,7 +336,10 @@ def memory_line(memory: dict) -> str:
     where it comes from, the estimated peak of one batch, and what was lowered to fit it."""
     from ..memory import format_bytes
 
-    text = f"memory budget {format_bytes(memory['budget'])} ({memory['source']})"
+    # The interaction basis and the LLC are scoped by time (time_line), not by this budget (audit 12a:
+    # the interaction section took 6× a 150 MiB budget beyond the model): the header must not imply more.
+    text = (f"memory budget {format_bytes(memory['budget'])} ({memory['source']}) for the statistics passes "
+            "(synchronization, counts, activations, sparsity; not the interaction basis or the LLC)")
     if "needed" in memory:
         text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
     text += _lowered(memory)
