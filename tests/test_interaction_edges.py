@@ -213,10 +213,14 @@ def test_source_estimates_carry_their_standard_error():
     # Audit 8b: a one-source estimate printed total_stderr 0.0, the value that means "exact"; a
     # narrowing pair (resid_mid → ln2's scale, one number per position) is where sources are cheaper
     nodes = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.ln2.hook_scale", "blocks.1.hook_resid_pre"]
-    ib = interaction_basis(model, toks, kind="global", nodes=nodes, edge_sources=1, progress=False)
+    ib = interaction_basis(model, toks, kind="global", nodes=nodes, edge_sources=1, exact=True, progress=False)
     summary = ib.edge_summary()
     assert summary["estimated"].any() and summary.loc[summary["estimated"], "total_stderr"].isna().all()
-    assert (summary.loc[~summary["estimated"], "total_stderr"] == 0).all()
+    assert not summary["basis_estimated"].any() and (summary.loc[~summary["estimated"], "total_stderr"] == 0).all()
+    # in bases estimated from probes no edge is exact: the sources' spread does not see the probes' noise
+    probed = interaction_basis(model, toks, kind="global", nodes=nodes, edge_sources=1, exact=False, progress=False)
+    summary = probed.edge_summary()
+    assert summary["basis_estimated"].all() and summary["total_stderr"].isna().all()
 
 
 def test_auto_with_sources_is_exact_where_forward_mode_is_no_dearer():
