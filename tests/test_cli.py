@@ -293,8 +293,9 @@ def test_files_that_are_not_text_are_not_read_as_text(tmp_path):
     np.save(tmp_path / "ids.npy", np.arange(512))
     (tmp_path / "noise.dat").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "blank.txt").write_text("  \n\t\n")
+    (tmp_path / "utf16.txt").write_text("some text\n" * 4, encoding="utf-16")
     for name, words in (("ids.json", "a JSON file"), ("ids.npy", "a NumPy file"), ("noise.dat", "NUL bytes"),
-                        ("blank.txt", "only whitespace")):
+                        ("blank.txt", "only whitespace"), ("utf16.txt", "UTF-16 text; re-encode it as UTF-8")):
         with pytest.raises(DataError, match=words):
             load_data_spec(tmp_path / name)
     torch.save(torch.randint(0, 20, (2, 8)), tmp_path / "IDS.PT")  # a tensor file whatever the suffix's case

@@ -100,7 +100,7 @@ def test_every_setting_that_differs_is_listed(saved):
 
 
 #: The positions a hand-made LLC section sampled (the section's settings["llc_data"]).
-LLC_DATA = {"n_sequences": 6, "n_positions": 72}
+LLC_DATA = {"n_sequences": 6, "n_positions": 72, "digest": "0" * 64}
 
 
 def _llc(llc: float, se: float, sweep: dict[float, tuple[float, float]], gamma: float = 100.0,
@@ -134,10 +134,12 @@ def test_estimates_compare_within_two_combined_standard_errors(saved, tmp_path):
         assert row["beyond_2se"] is beyond, value
     only_b = _row(frame, "llc", "sweep ε=0.1 · n_eff")
     assert only_b["a"] is None and only_b["b"] == 2 and pd.isna(only_b["difference"]) and only_b["beyond_2se"] is None
-    assert "llc: 10 ± 1 vs 13 ± 1, beyond 2 combined standard errors" in comparison.summary()
+    summary = " ".join(comparison.summary().split())  # wrapped to the terminal's width
+    assert "llc: 10 ± 1 vs 13 ± 1, beyond 2 combined standard errors and the step sizes' biases" in summary
     page = comparison.save(tmp_path / "cmp").read_text()
-    assert "10 ± 1" in page and "13 ± 1" in page and f"yes: |B − A| &gt; {2 * math.sqrt(2):.3g}" in page
-    assert f"no: |B − A| ≤ {2 * math.sqrt(2):.3g}" in page
+    band = f"[{-2 * math.sqrt(2):.3g}, {2 * math.sqrt(2):.3g}]"
+    assert "10 ± 1" in page and "13 ± 1" in page and f"yes: B − A outside {band}" in page
+    assert f"no: B − A within {band}" in page
     assert (frame[frame["a_stderr"].notna() & frame["b_stderr"].notna()]["comparable"] == "yes").all()
 
 
@@ -220,7 +222,8 @@ def test_estimates_on_other_data_are_not_one_quantity(saved):
     with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
     frame = tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {1e-2: (4.0, 1.0)})),
                                 with_llc(b, _llc(13.0, 1.0, {1e-2: (6.0, 1.0)}, llc_data={"n_sequences": 1,
-                                                                                          "n_positions": 8}))).to_frame()
+                                                                                          "n_positions": 8,
+                                                                                          "digest": "1" * 64}))).to_frame()
     for value in ("llc", "sweep ε=0.01 · llc"):
         row = _row(frame, "llc", value)
         assert row["comparable"] == "llc_data differs" and row["beyond_2se"] is None, value
@@ -228,13 +231,24 @@ def test_estimates_on_other_data_are_not_one_quantity(saved):
 
 def test_the_step_sizes_predicted_biases_widen_the_test(saved):
     """Audit 12b: two runs that differ only in their step size are one quantity, but their estimates may
-    differ by each one's predicted bias (METHODS (1.8)): 10 vs 13 ± 1 is beyond 2√2 = 2.83, not beyond
-    2.83 + 10·0.1 + 13·0.1 = 5.13."""
+    differ by each one's predicted bias (METHODS (1.8)), which only raises λ̂: B − A = 3 lies outside
+    ±2√2 = ±2.83 but within [−2.83 − 10·0.1, 2.83 + 13·0.1] = [−3.83, 4.13]; B − A = −3.9 with A's
+    bias 0 and B's 0.1 lies outside [−2.83, 2.83 + 0.61] (review 34: one-sided, not both biases each way)."""
+    from tl_degeneracy.report.compare import noise_interval
+
     a, b, *_ = saved
     with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
     row = _row(tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {}, bias=0.1)),
                                    with_llc(b, _llc(13.0, 1.0, {}, bias=0.1))).to_frame(), "llc", "llc")
     assert (row["a_bias"], row["b_bias"], row["comparable"]) == (0.1, 0.1, "yes") and row["beyond_2se"] is False
+    band = noise_interval(10.0, 13.0, 1.0, 1.0, 0.1, 0.1)
+    assert (round(band.low, 2), round(band.high, 2)) == (-3.83, 4.13)
+    row = _row(tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {}, bias=0.0)),
+                                   with_llc(b, _llc(6.1, 1.0, {}, bias=0.1))).to_frame(), "llc", "llc")
+    assert row["beyond_2se"] is True
+    unrecorded = _row(tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {})), with_llc(b, _llc(13.0, 1.0, {}))).to_frame(),
+                      "llc", "llc")
+    assert unrecorded["a_bias"] is None and unrecorded["beyond_2se"] is True
 
 
 def test_a_section_kept_with_other_settings_says_so(saved):

@@ -69,6 +69,8 @@ def test_sections_hold_the_analyses_numbers(full_report):
     assert np.all(np.isfinite(sweep["llc"])) and np.all(sweep["llc"] > 0) and (sweep["n_failed"] == 0).all()
     assert len(llc.tables["chains"]) == TINY["chains"]
     assert llc.tables["components"]["component"].tolist() == ["blocks.1.attn"]
+    # a digest of the very tokens the LLC sampled, so that a comparison tests only LLCs of the same data (review 34)
+    assert re.fullmatch(r"[0-9a-f]{64}", llc.settings["llc_data"]["digest"])
     # audit 8a: each component ran at its own automatic γ, 30–60× below the whole model's, side by side
     assert (llc.tables["components"]["gamma"] == llc.values["gamma"]).all()
     assert set(llc.figures) == {"n_eff_sweep", "trace", "components"}

@@ -84,7 +84,7 @@ class Whitening:
 def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float,
            noise_rtol: float | None = None) -> Whitening:
     """Step 1: eigendecompose the (centred or uncentred) Gram and keep D_G > max(rtol·max, atol)
-    (``noise_rtol``: the upper end of the band, :func:`_band`)."""
+    (``noise_rtol``: the highest cut-off of the band, so its fewest directions, :func:`_band`)."""
     if not bool(torch.isfinite(gram).all()):
         raise NumericalError("non-finite Gram matrix")
     vals, vecs = _eigh_descending(gram)
@@ -122,7 +122,7 @@ class NodeBasis:
 def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D D"], rtol: float, atol: float,
                            noise_rtol: float | None = None) -> NodeBasis:
     """Steps 2–3: eigendecompose M̃ and keep D_M > max(rtol·max, atol), largest first
-    (``noise_rtol``: the upper end of the band, :func:`_band`)."""
+    (``noise_rtol``: the highest cut-off of the band, so its fewest directions, :func:`_band`)."""
     if not bool(torch.isfinite(jacobian_gram).all()):
         raise NumericalError("non-finite Jacobian Gram matrix")
     vals, vecs = _eigh_descending(whitening.whitened(jacobian_gram))

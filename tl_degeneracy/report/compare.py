@@ -9,9 +9,10 @@ Uncertainty: where a value is an estimate with a standard error — the behavior
 component (METHODS §1: the larger of the standard error of the mean over chains and ArviZ's
 Monte-Carlo standard error of all draws, since with few chains the first under-states it) — the
 frame gives both standard errors and whether |B − A| exceeds two combined standard errors,
-2·√(se_A² + se_B²) plus the step sizes' predicted biases |a|·bias_A + |b|·bias_B (METHODS (1.8),
-each estimate's ``bias_bound``: two runs that differ only in their step size are one quantity whose
-estimates may differ by that much; audit 12b). That allowance is sampling noise and discretisation
+2·√(se_A² + se_B²) beyond what the step sizes' predicted biases allow (METHODS (1.8), each
+estimate's ``bias_bound``: the step size only raises λ̂, so of one quantity B − A may reach
+|b|·bias_B above 0 and |a|·bias_A below; audit 12b: two runs that differed only in their step size
+were called different; :func:`noise_interval`). That allowance is sampling noise and discretisation
 bias only, not the bias of chains too short to converge, which each section's verdict states as it
 is ("not converged": a lower bound, or uncertain in both directions). Two estimates are tested only
 when they are of one quantity — the same loss, loss scale ε, localization γ, parameter selection
@@ -52,7 +53,7 @@ from .report import (Report, ReportDirectoryError, SectionResult, check_writable
                      write_atomic)
 from .serialize import csv_frame, to_jsonable
 
-__all__ = ["ReportComparison", "ReportInputError", "allowance", "compare_reports", "default_directory"]
+__all__ = ["NoiseInterval", "ReportComparison", "ReportInputError", "compare_reports", "default_directory", "noise_interval"]
 
 #: What a comparison directory holds.
 FILES = ("comparison.html", "comparison.csv", "comparison.json")
@@ -163,8 +164,9 @@ class ReportComparison:
         """One row per (section, value), sections in report order: ``a``, ``b`` (None where a report
         lacks the value), ``difference`` = b − a where both are finite numbers, ``a_stderr`` and
         ``b_stderr`` for estimates (see the module docstring), ``a_bias`` and ``b_bias`` (their
-        step sizes' predicted relative biases), ``beyond_2se``: |b − a| > :func:`allowance`
-        (None where either standard error is unknown or the estimates are not comparable) and ``comparable`` for estimates: "yes", or why not (the loss, ε, γ or
+        step sizes' predicted relative biases; None where not recorded), ``beyond_2se``: b − a
+        outside :func:`noise_interval` (None where either standard error is unknown or the
+        estimates are not comparable) and ``comparable`` for estimates: "yes", or why not (the loss, ε, γ or
         the parameter selection differ or are not recorded; a side did not converge). Each section
         starts with its ``status`` row: ok, skipped, failed, or missing (not in that report)."""
         rows = []
@@ -227,7 +229,8 @@ class ReportComparison:
             beyond = frame[(frame["section"] == name) & (frame["beyond_2se"] == True)]  # noqa: E712 (None too)
             for r in beyond.itertuples():
                 lines += textwrap.wrap(f"{r.value}: {value_text(r.a, r.a_stderr)} vs {value_text(r.b, r.b_stderr)}, "
-                                       "beyond 2 combined standard errors", width, initial_indent=" " * 22,
+                                       "beyond 2 combined standard errors and the step sizes' biases", width,
+                                       initial_indent=" " * 22,
                                        subsequent_indent=" " * 24, break_on_hyphens=False)
             apart = frame[(frame["section"] == name) & frame["comparable"].notna() & (frame["comparable"] != "yes")]
             for r in apart[apart["value"].isin(["llc", *[v for v in apart["value"] if v.endswith("· llc")]])].itertuples():
@@ -318,7 +321,7 @@ def _scalars(sec: SectionResult | None, report: Report) -> dict[str, tuple[objec
     if sec is None:
         return {}
     data = {"data_digest": ((report.identity or {}).get("data") or {}).get("digest")}
-    if "llc_data" in sec.settings:
+    if "digest" in (sec.settings.get("llc_data") or {}):  # older reports recorded positions, not which tokens
         data["llc_data"] = to_jsonable(sec.settings["llc_data"])
     if data["data_digest"] is None:  # not recorded: not known to be the same data
         del data["data_digest"]
@@ -382,22 +385,40 @@ def _row(section: str, value: str, a: tuple, b: tuple) -> dict:
     bias_a, bias_b = (_bias(q) if se is not None else None for q, se in ((qa, se_a), (qb, se_b)))
     beyond = None
     if difference is not None and se_a is not None and se_b is not None and why_not is None:
-        beyond = abs(difference) > allowance(na, nb, se_a, se_b, bias_a, bias_b)
+        beyond = not noise_interval(na, nb, se_a, se_b, bias_a, bias_b).holds(difference)
     return dict(zip(COLUMNS, (section, value, va, vb, difference, se_a, se_b, bias_a, bias_b, beyond, comparable)))
 
 
-def _bias(record: dict | None) -> float:
-    """An estimate's predicted relative step-size bias (``bias_bound``, METHODS (1.8)); 0 where not
-    recorded or unknown."""
+def _bias(record: dict | None) -> float | None:
+    """An estimate's predicted relative step-size bias (``bias_bound``, METHODS (1.8)); None where
+    not recorded or unknown."""
     b = _number((record or {}).get("bias_bound"))
-    return 0.0 if b is None or math.isnan(b) else max(b, 0.0)
+    return None if b is None or math.isnan(b) else max(b, 0.0)
 
 
-def allowance(a: float, b: float, se_a: float, se_b: float, bias_a: float | None, bias_b: float | None) -> float:
-    """How far two estimates a, b of one quantity may lie apart without telling a difference:
-    2·√(se_a² + se_b²) plus each step size's predicted bias |a|·bias_a + |b|·bias_b (relative,
-    ``bias_bound``; ∞ where unbounded)."""
-    return 2 * math.hypot(se_a, se_b) + abs(a) * (bias_a or 0.0) + abs(b) * (bias_b or 0.0)
+@dataclass(frozen=True)
+class NoiseInterval:
+    """The range [low, high] of B − A that two estimates of one quantity reach by chance and by
+    their step sizes' biases (:func:`noise_interval`)."""
+
+    low: float
+    high: float
+
+    def holds(self, difference: float) -> bool:
+        return self.low <= difference <= self.high
+
+    def __str__(self) -> str:
+        return f"[{self.low:.3g}, {self.high:.3g}]"
+
+
+def noise_interval(a: float, b: float, se_a: float, se_b: float, bias_a: float | None,
+                   bias_b: float | None) -> NoiseInterval:
+    """Where B − A of two estimates a, b of one quantity may lie without telling a difference:
+    ±2·√(se_a² + se_b²), widened by each step size's predicted bias on its own side — the step size
+    only raises λ̂, so B's bias |b|·bias_b raises B − A and A's |a|·bias_a lowers it (relative
+    ``bias_bound``s, METHODS (1.8); None counts as 0, ∞ where unbounded)."""
+    noise = 2 * math.hypot(se_a, se_b)
+    return NoiseInterval(-noise - abs(a) * (bias_a or 0.0), noise + abs(b) * (bias_b or 0.0))
 
 
 def _setup(report: Report) -> dict:

@@ -134,9 +134,13 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
                             + (f" with keys {sorted(map(str, tokens))}" if isinstance(tokens, dict) else ""))
         return LoadedData(tokens, f"tensor file {path}")
     raw = path.read_bytes()
-    if b"\x00" in raw:  # no text holds NUL bytes: a binary file read as text would tokenize its bytes
-        raise DataError(f"data {spec!r} holds NUL bytes: a binary file, not text; give a text file, a .pt/.pth file "
-                        "of token ids, a dataset directory saved with save_to_disk, or toy:NAME")
+    if b"\x00" in raw:  # no UTF-8 text holds NUL bytes: a binary file read as text would tokenize its bytes
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DataError(f"data {spec!r} holds NUL bytes: " + (
+            "UTF-16 text; re-encode it as UTF-8" if utf16 else
+            "a binary file, not text (UTF-16 text without a byte-order mark would look so too: re-encode it as "
+            "UTF-8); give a text file, a .pt/.pth file of token ids, a dataset directory saved with save_to_disk, "
+            "or toy:NAME"))
     text = raw.decode("utf-8", errors="replace")
     if "\ufffd" in text and "\ufffd".encode() not in raw:  # bytes that are not UTF-8 became U+FFFD
         warnings.warn(f"data {spec!r}: {text.count(chr(0xFFFD)):,} byte sequence(s) that are not UTF-8 were "

@@ -340,8 +340,9 @@ def _missing(comparison: ReportComparison, i: int, what: str) -> str:
 
 def _compared_values(rows: pd.DataFrame) -> str:
     """A section's scalar values: A | B | B − A, estimates as value ± standard error with whether
-    the difference exceeds two combined standard errors."""
-    from .compare import allowance  # compare builds on this module
+    the difference lies outside two combined standard errors and the step sizes' biases
+    (``compare.noise_interval``)."""
+    from .compare import noise_interval  # compare builds on this module
 
     rows = rows[rows["value"] != "status"]
     if rows.empty:
@@ -357,14 +358,15 @@ def _compared_values(rows: pd.DataFrame) -> str:
         shown["beyond 2 SE"] = [
             f"not compared: {why}" if isinstance(why, str) and why != "yes" else
             "" if beyond is None or pd.isna(beyond) else
-            f"{'yes' if beyond else 'no'}: |B − A| {'>' if beyond else '≤'} {allowance(a, b, sa, sb, ba, bb):.3g}"
+            f"{'yes' if beyond else 'no'}: B − A {'outside' if beyond else 'within'} "
+            f"{noise_interval(a, b, sa, sb, None if pd.isna(ba) else ba, None if pd.isna(bb) else bb)}"
             for beyond, a, b, sa, sb, ba, bb, why in zip(rows["beyond_2se"], rows["a"], rows["b"], rows["a_stderr"],
                                                          rows["b_stderr"], rows["a_bias"], rows["b_bias"],
                                                          rows["comparable"])]
     note = ('<p class="more">± is the larger of the standard error of the mean over chains and ArviZ\'s Monte-Carlo '
-            'standard error of all draws (METHODS §1); "beyond 2 SE": |B − A| exceeds 2·√(se_A² + se_B²) plus the '
-            "step sizes' predicted biases |A|·bias_A + |B|·bias_B (METHODS (1.8)), more than chain-to-chain noise and "
-            "the step size explain. Estimates are compared only at the same ε, γ, parameter selection and data, and "
+            'standard error of all draws (METHODS §1); "beyond 2 SE": B − A lies outside ±2·√(se_A² + se_B²) widened by '
+            "the step sizes' predicted biases (METHODS (1.8): a step size only raises λ̂, so |B|·bias_B above and "
+            "|A|·bias_A below), more than chain-to-chain noise and the step size explain. Estimates are compared only at the same ε, γ, parameter selection and data, and "
             "when both converged (an unconverged λ̂ is a lower bound or uncertain beyond its ±); otherwise the column "
             "says why not.</p>" if has_se.any() else "")
     return f"<h3>Values</h3>{_table(shown, max_rows=len(shown))}{note}"

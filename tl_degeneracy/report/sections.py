@@ -21,6 +21,7 @@ from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..llc.llc_result import estimate_text, step_size_caveats
+from ..llc.targets import tensor_digest
 from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
 from ..stats import activation_stats
@@ -253,15 +254,17 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     degenerate_band = [int((dims["D"] - dims["interaction_rank_max"]).sum()), int((dims["D"] - dims["interaction_rank_min"]).sum())]
     # Where M comes from Jacobian probes the ranks are estimates: say so beside them, with how well
     # the two halves of the probes agree on the kept directions (probe_agreement; 1 = the same)
-    # (the nodes whose basis carries probe noise: their own M, or a later LIB node's, came from probes)
-    probed = dims[dims["estimated"]]
-    own = dims[dims["M_method"] == "probes"]
-    stability = float(own["probe_stability"].min()) if len(own) else None
+    probed = dims[dims["M_method"] == "probes"]
+    # nodes whose basis carries probe noise although their own M is exact: a later LIB node's came from probes
+    downstream = int((dims["estimated"] & (dims["M_method"] != "probes")).sum())
+    stability = float(probed["probe_stability"].min()) if len(probed) else None
     estimated = (f"; estimated from {s.ib_probes} Jacobian probes per batch at {len(probed)} of {len(dims)} node(s), "
                  f"half-probe agreement ≥ {stability:.2f}" if len(probed) and stability is not None
                  and not math.isnan(stability) else
                  f"; estimated from {s.ib_probes} Jacobian probe(s) per batch at {len(probed)} of {len(dims)} node(s)"
                  if len(probed) else "")
+    if downstream:
+        estimated += f", and {downstream} node(s) before them differentiate those estimated bases"
     return SectionOutput(
         tables={"dims": dims, "edges": edges, "modules": table, "members": modules.members_frame()},
         figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
@@ -274,7 +277,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "edge_sources": s.ib_edge_sources,
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
-                "probe_nodes": len(probed), "n_probes": s.ib_probes,
+                "probe_nodes": len(probed), "probe_downstream_nodes": downstream, "n_probes": s.ib_probes,
                 "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
                 "half_precision": ib.settings.get("half_precision"), "timings": timings},
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
@@ -344,7 +347,10 @@ def llc(ctx: ReportContext) -> SectionOutput:
             tables={"sweep": sweep, "chains": res.to_frame()},
             figures={"n_eff_sweep": plot_llc_sweep(sweep), "trace": res.plot()},
             values={**summary, "diagnostics": {k: res.diagnostics.get(k) for k in _DIAGNOSTICS}},
-            settings={"llc_data": data.positions.to_dict(), "llc_components": ctx.llc_components},
+            # the digest of the very tokens sampled: two reports of one data set can sample others
+            # (a memory fit cuts the statistics batches the LLC's sequences are taken from; review 34)
+            settings={"llc_data": {**data.positions.to_dict(), "digest": tensor_digest(
+                (f"seq{i}", q) for i, q in enumerate(data.sequences))}, "llc_components": ctx.llc_components},
             notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
                    f"the budget of {fixed['max_draws']:,} draws"
                    f"{'' if s.llc_time_limit is None else f' or {s.llc_time_limit:g} s per run'} was spent) SGLD steps "
@@ -669,9 +675,12 @@ def _interaction_verdict(v: dict) -> str:
     probed = v.get("probe_nodes", 0)  # absent from reports saved before it was recorded
     if probed:
         agreement = v.get("min_probe_stability")
+        downstream = v.get("probe_downstream_nodes", 0)  # absent from reports saved before it was recorded
         text += (f" (estimated: M from {v.get('n_probes')} Jacobian probes per batch at {probed} node(s)"
                  + (f", the two halves of the probes agreeing ≥ {agreement:.2f} on the kept directions" if agreement
-                    is not None else "") + ")")
+                    is not None else "")
+                 + (f"; {downstream} node(s) before them differentiate those estimated bases, so their bases are "
+                    "estimates too" if downstream else "") + ")")
     share = v.get("inside_share")
     if share is None or (isinstance(share, float) and math.isnan(share)):
         return text + "; no modules (no edge above the cut-off)"
