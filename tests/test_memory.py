@@ -200,3 +200,21 @@ def test_the_sparsity_section_is_fitted_too():
     budget = estimate(ctx.adapter, "neuron_sync", 4, 64) + 1
     info = ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["sparsity"])
     assert info["fits"] and info["lowered"]["batch_size"][1] <= 4
+
+
+def test_a_shorter_cut_reads_no_further_row():
+    """Review 34: after the cut the batches were rebuilt from as many source rows as there are pieces, so
+    rows never read before were tokenized too: 4 BOS-led rows followed by 20 without turned BOS detection
+    off (bos True → False, 4 → 20 sequences, 4,092 → 5,120 tokens)."""
+    from tl_degeneracy.memory import MemoryBudget
+    from tl_degeneracy.report.context import MIN_FITTED_SEQ_LEN
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.tensor([1]), torch.randint(3, 20, (1023,), generator=g)]) for _ in range(4)]
+    rows += [torch.randint(3, 20, (1024,), generator=g) for _ in range(20)]
+    ctx = _bos_context(rows, n_sequences=4)
+    before = _tokens_read(ctx.batches)
+    assert ctx.batches.bos
+    budget = estimate(ctx.adapter, "forward", ctx.settings.batch_size, MIN_FITTED_SEQ_LEN) + 1
+    ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["activations"])
+    assert ctx.batches.bos and ctx.batches.max_len == MIN_FITTED_SEQ_LEN and _tokens_read(ctx.batches) == before

@@ -187,6 +187,11 @@ class ReportContext:
     #: Checkpoint directory of the section now running, named after its fingerprint (cache.py), so
     #: that a rerun with other settings starts afresh instead of meeting a checkpoint it must refuse.
     section_dir: Path | None = None
+    #: How many source rows (sequences, texts, dataset rows) ``batches`` reads before cutting: the
+    #: memory fit keeps those read before it cut them shorter (None: ``n_sequences``, which then
+    #: counts pieces), so that no further row is read and none can change what the data are (review
+    #: 34: a later row without BOS turned BOS detection off for all of them).
+    source_rows: int | None = None
 
     def __post_init__(self) -> None:
         self.summary = self.adapter.summary()
@@ -202,7 +207,8 @@ class ReportContext:
         seq_len = s.seq_len
         if seq_len is None and self.data.text:
             seq_len = self.adapter.n_ctx  # one long text: cut into context-sized chunks
-        tb = token_batches(_head(self.data.data, s.n_sequences), self.adapter, batch_size=s.batch_size, seq_len=seq_len)
+        tb = token_batches(_head(self.data.data, self.source_rows or s.n_sequences), self.adapter,
+                           batch_size=s.batch_size, seq_len=seq_len)
         if tb.n_sequences > s.n_sequences:
             tb = dataclasses.replace(tb, sequences=tb.sequences[: s.n_sequences])
         return tb
@@ -295,6 +301,8 @@ class ReportContext:
                     lowered={k: [old, new] for k, old, new in (("batch_size", b0, b), ("seq_len", t0, t)) if old != new})
         if info["lowered"]:
             cut = pieces(t)  # the sequences now read, cut to t tokens: the same data
+            if t != t0:
+                self.source_rows = self.source_rows or s.n_sequences
             self.update_settings(batch_size=b, seq_len=t if t != t0 else s.seq_len,
                                  n_sequences=cut if t != t0 else s.n_sequences)
             if t != t0:
