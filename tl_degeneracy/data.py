@@ -51,7 +51,7 @@ from .distributed import warn_once
 from .errors import DataError
 from .models.adapt import adapt
 
-__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "check_unpadded", "token_batches"]
+__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "check_unpadded", "chunk_count", "token_batches"]
 
 #: Column names read from a ``datasets.Dataset``, in order of preference.
 TOKEN_COLUMNS = ("tokens", "input_ids")
@@ -419,11 +419,18 @@ def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[s
 # ---------------------------------------------------------------------------------------------
 
 
+def chunk_count(length: int, piece: int) -> int:
+    """How many pieces :func:`token_batches` cuts a body (BOS left out) of ``length`` tokens into at
+    ``piece`` tokens each (``seq_len`` less one where each piece gets a BOS): at least one, an empty
+    body too. The report's memory fit counts with it what a shorter cut makes of the data."""
+    return max(1, -(-int(length) // int(piece)))
+
+
 def _chunk(seq: Tensor, bos_id: int | None, piece: int) -> list[Tensor]:
     """Cut ``seq`` (without BOS) into pieces of ``piece`` tokens, each led by BOS if ``bos_id`` is set."""
     out = []
-    for start in range(0, max(len(seq), 1), piece):
-        body = seq[start : start + piece]
+    for k in range(chunk_count(len(seq), piece)):
+        body = seq[k * piece : (k + 1) * piece]
         out.append(torch.cat([body.new_tensor([bos_id]), body]) if bos_id is not None else body)
     return out
 

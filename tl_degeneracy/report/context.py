@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import MASK_COLUMN, TOKEN_COLUMNS, TokenBatches, token_batches
+from ..data import MASK_COLUMN, TOKEN_COLUMNS, TokenBatches, chunk_count, token_batches
 from ..errors import DataError
 from ..memory import MemoryBudget
 from ..models.adapter import ModelAdapter
@@ -276,8 +276,8 @@ class ReportContext:
                 return len(lengths)
             bodies = [n - extra for n in lengths]
             if self.data.text:
-                return max(1, -(-sum(bodies) // (t - extra)))
-            return sum(max(1, -(-n // (t - extra))) for n in bodies)
+                return chunk_count(sum(bodies), t - extra)
+            return sum(chunk_count(n, t - extra) for n in bodies)
 
         def needed(b: int, t: int) -> int:
             # Cut shorter, long sequences become more of them, and batches fill up.
