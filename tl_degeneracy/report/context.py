@@ -151,6 +151,14 @@ def load_data_spec(spec: str | os.PathLike) -> LoadedData:
     return LoadedData([text], f"text file {path}", text=True)
 
 
+def sequences_digest(batches: TokenBatches) -> str:
+    """sha256 of the token sequences of ``batches``, in order: the report's data identity
+    (``ReportContext.data_digest``) and the LLC section's record of the tokens it sampled."""
+    from ..llc.targets import tensor_digest
+
+    return tensor_digest((f"seq{i}", q) for i, q in enumerate(batches.sequences))
+
+
 def _head(data, n: int):
     """The first ``n`` sequences (or texts, or dataset rows) of ``data`` where that is cheap to take
     before tokenizing; anything else whole (``batches`` cuts after validation)."""
@@ -344,9 +352,7 @@ class ReportContext:
     @cached_property
     def data_digest(self) -> str:
         """sha256 of the token sequences the sections read (in order)."""
-        from ..llc.targets import tensor_digest
-
-        return tensor_digest((f"seq{i}", s) for i, s in enumerate(self.batches.sequences))
+        return sequences_digest(self.batches)
 
     @cached_property
     def source_digest(self) -> str:

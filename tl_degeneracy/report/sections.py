@@ -21,13 +21,12 @@ from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..llc.llc_result import estimate_text, step_size_caveats
-from ..llc.targets import tensor_digest
 from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
 from ..stats import activation_stats
 from ..stats.passes import show_progress
 from ..synchronization import head_synchronization, neuron_synchronization
-from .context import ReportContext
+from .context import ReportContext, sequences_digest
 from .plots import plot_component_llc, plot_counts, plot_gram_spectra
 from .registry import SectionOutput, register_section
 
@@ -349,8 +348,8 @@ def llc(ctx: ReportContext) -> SectionOutput:
             values={**summary, "diagnostics": {k: res.diagnostics.get(k) for k in _DIAGNOSTICS}},
             # the digest of the very tokens sampled: two reports of one data set can sample others
             # (a memory fit cuts the statistics batches the LLC's sequences are taken from; review 34)
-            settings={"llc_data": {**data.positions.to_dict(), "digest": tensor_digest(
-                (f"seq{i}", q) for i, q in enumerate(data.sequences))}, "llc_components": ctx.llc_components},
+            settings={"llc_data": {**data.positions.to_dict(), "digest": sequences_digest(data)},
+                      "llc_components": ctx.llc_components},
             notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
                    f"the budget of {fixed['max_draws']:,} draws"
                    f"{'' if s.llc_time_limit is None else f' or {s.llc_time_limit:g} s per run'} was spent) SGLD steps "
