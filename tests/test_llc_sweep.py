@@ -54,7 +54,7 @@ def test_llc_sweep_checkpoints_each_scale_in_its_own_directory(tmp_path):
     assert np.array_equal(first["llc"], again["llc"])
 
 
-def test_sweep_rows_carry_the_stderr_caveat_and_their_error_bars_the_larger_error():
+def test_sweep_rows_carry_the_stderr_caveat_and_their_error_bars_the_standard_error():
     from tl_degeneracy.llc import behavioral_llc
 
     from .test_llc import linear_regression
@@ -69,18 +69,19 @@ def test_sweep_rows_carry_the_stderr_caveat_and_their_error_bars_the_larger_erro
         assert row.llc == single.llc and row.llc_stderr == single.llc_stderr
         assert row.llc_mcse == single.diagnostics["llc_mcse"] and np.isfinite(row.llc_mcse)
         assert row.stderr_caveat == single.diagnostics["stderr_caveat"]
-        assert "only 2 chain mean(s)" in row.stderr_caveat
+        assert "only 2 healthy chain(s)" in row.stderr_caveat
         assert (row.loss, row.selection) == (single.loss, None)  # the whole model's, named (report.compare)
     # ±2 standard errors of N_eff = 2λ̂, each the larger of the chains' spread and the MCSE.
+    assert (frame["llc_stderr"] >= frame["llc_mcse"]).all()
     bars = np.concatenate([np.asarray(trace.error_y.array) for trace in plot_llc_sweep(frame).data])
-    np.testing.assert_allclose(bars, 4 * np.maximum(frame["llc_stderr"], frame["llc_mcse"]))
+    np.testing.assert_allclose(bars, 4 * frame["llc_stderr"])
 
 
 def _result(llc: float, mcse: float, converged: bool, gamma: float = 1130.0, nbeta: float = 1000.0) -> LLCResult:
-    """A finished run of 4 healthy chains: λ̂ = ``llc`` ± 0.05 (chains' spread) with MCSE ``mcse``."""
-    return LLCResult(llc=llc, llc_std=0.1, llc_stderr=0.05, llc_per_chain=np.full(4, llc), trace=np.full((4, 20), llc),
+    """A finished run of 4 healthy chains: λ̂ = ``llc``, chains' spread 0.05 over √4, MCSE ``mcse``."""
+    return LLCResult(llc=llc, llc_std=0.1, llc_stderr=max(0.05, mcse), llc_per_chain=np.full(4, llc), trace=np.full((4, 20), llc),
                      nbeta=nbeta, step_size=1e-3, gamma=gamma, chains=4, draws=10, burnin=10, n_params=50, loss="kl",
-                     sampler="sgld", diagnostics={"llc_mcse": mcse, "convergence": {"brief": "" if converged else
+                     sampler="sgld", diagnostics={"llc_chain_stderr": 0.05, "llc_mcse": mcse, "convergence": {"brief": "" if converged else
                                                                                      "split-R̂ 1.13 > 1.05; ESS 21 < 100"}},
                      converged=converged)
 
@@ -131,7 +132,7 @@ def test_llc_by_component_one_row_per_head(tiny_toy_transformer, tiny_toy_tokens
         assert row.n_params == tld.select_parameters(tiny_toy_transformer, row.component).numel
         assert np.isfinite(row.llc) and row.llc > 0
         assert row.n_eff_fraction == pytest.approx(row.n_eff / row.n_params)
-        assert "only 2 chain mean(s)" in row.stderr_caveat and np.isfinite(row.llc_mcse)
+        assert "only 2 healthy chain(s)" in row.stderr_caveat and np.isfinite(row.llc_mcse)
         # the quantity each row is (report.compare tests only rows of one quantity)
         assert (row.selection, row.loss_scale, row.nbeta) == (row.component, pytest.approx(1e-2), 100.0)
     # With a checkpoint directory every component gets its own subdirectory (sanitised name).

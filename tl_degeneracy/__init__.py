@@ -91,4 +91,4 @@ __all__ = [
     "token_batches",
     "toy_data",
 ]
-__version__ = "0.4.3"
+__version__ = "0.4.4"

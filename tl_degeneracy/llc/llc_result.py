@@ -2,8 +2,9 @@
 
 λ̂_c = nβ · mean_{t ≥ burnin} L_B,b_t(θ_t^{(c)}) per chain c (the minibatch loss at θ_t used for
 its gradient; L_B(θ*) = 0 so no baseline is subtracted); λ̂ = mean over healthy chains;
-spread = their standard deviation (ddof = 1); standard error = spread/√C. N_eff = 2λ̂. Whether the
-chains converged (split-R̂, ESS, drift, diverged chains) is convergence.py's verdict.
+spread = their standard deviation (ddof = 1); standard error = the larger of spread/√C and ArviZ's
+Monte-Carlo standard error of all the draws, sd/√ESS (METHODS §1, "Standard error"). N_eff = 2λ̂.
+Whether the chains converged (split-R̂, ESS, drift, diverged chains) is convergence.py's verdict.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class LLCResult:
     ``trace`` is [chains, steps] of nβ·L_B (burn-in included; NaN after a chain failed), so its
     post-burn-in mean per chain is that chain's estimate. ``failed`` maps failed (diverged) chains
     to the step they failed at; they are excluded from ``llc``, ``llc_std`` and ``llc_stderr``.
+    ``llc_stderr`` is the ± every printout quotes: the larger of the chain means' spread over √C
+    (``diagnostics["llc_chain_stderr"]``) and ArviZ's sd/√ESS of all the draws
+    (``diagnostics["llc_mcse"]``), since either alone can be far too small (METHODS §1).
 
     ``converged``: the verdict of METHODS §1 (convergence.py): split-R̂ ≤ 1.05, bulk ESS ≥ 100, no
     drift between the halves of the draws, at most a quarter of the chains diverged, and the chains
@@ -114,7 +118,8 @@ class LLCResult:
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
             "converged": self.converged, "lower_bound": self.lower_bound, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
             "relaxation": d.get("relaxation"), "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
-            "llc_mcse": d.get("llc_mcse"), "stderr_caveat": d.get("stderr_caveat"),
+            "llc_chain_stderr": d.get("llc_chain_stderr"), "llc_mcse": d.get("llc_mcse"),
+            "stderr_caveat": d.get("stderr_caveat"),
         }
 
     def to_dict(self) -> dict:
@@ -156,8 +161,7 @@ class LLCResult:
 
     def plot(self):
         """Plotly figure: nβ·L_B per step for every chain, burn-in shaded, λ̂ as a line annotated with
-        its standard error (the larger of the chains' and the MCSE, as the sweep's error bars:
-        :func:`larger_stderr`) and its verdict, e.g. "λ̂(ε = 0.001, γ = 1.13e+03) = 0.969 ± 0.069 (not
+        its standard error and its verdict, e.g. "λ̂(ε = 0.001, γ = 1.13e+03) = 0.969 ± 0.069 (not
         converged)"."""
         import plotly.graph_objects as go
 
@@ -166,8 +170,7 @@ class LLCResult:
         for c in range(self.chains):
             fig.add_trace(go.Scatter(x=steps, y=self.trace[c], mode="lines", name=f"chain {c}", opacity=0.6))
         fig.add_vrect(x0=0, x1=self.burnin, fillcolor="grey", opacity=0.15, line_width=0, annotation_text="burn-in")
-        stderr = float(larger_stderr(self.llc_stderr, self.diagnostics.get("llc_mcse")))
-        value = estimate_text(self.llc, stderr, self.chains - len(self.failed), ".3g")
+        value = estimate_text(self.llc, self.llc_stderr, self.chains - len(self.failed), ".3g")
         state = "converged" if self.converged else "not converged"
         fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"{self.label} = {value} ({state})")
         fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title=f"Behavioral LLC traces, {self.label}")
@@ -209,25 +212,21 @@ def step_size_caveats(bias, n_eff, n_params) -> list[str]:
     return caveats
 
 
-def stderr_caveat(stderr: float, mcse: float, healthy: int) -> str | None:
-    """Why ``llc_stderr`` (the spread of the chain means / √C) may under-state λ̂'s uncertainty, or
-    None: too few chains to measure a spread, or ArviZ's Monte-Carlo standard error from every draw
-    (``mcse``, sd/√ESS) more than twice as large (the chains agree more closely than their draws'
-    autocorrelation allows, by chance)."""
+def stderr_caveat(healthy: int) -> str | None:
+    """Why λ̂'s ± may under-state its uncertainty, or None: fewer than :data:`MIN_CHAINS_FOR_STDERR`
+    healthy chains, whose spread and whose draws' effective sample size are themselves uncertain
+    (METHODS §1, "Standard error")."""
     if healthy < MIN_CHAINS_FOR_STDERR:
-        return (f"± is the spread of only {healthy} chain mean(s), itself uncertain (run ≥ {MIN_CHAINS_FOR_STDERR} "
-                f"chains); the ESS-based standard error of all draws is {mcse:.2g}")
-    if math.isfinite(mcse) and math.isfinite(stderr) and mcse > 2 * stderr:
-        return (f"± may under-state the uncertainty: the ESS-based standard error of all draws is {mcse:.2g}, "
-                f"{mcse / stderr:.1f}× the spread of the chain means")
+        return (f"± comes from only {healthy} healthy chain(s), so it is itself uncertain (run ≥ "
+                f"{MIN_CHAINS_FOR_STDERR} chains)")
     return None
 
 
 def larger_stderr(stderr, mcse):
-    """The standard error to quote or test with: the larger of ``stderr`` (the spread of the chain
-    means over √C) and ``mcse`` (ArviZ's sd/√ESS of all draws), since with few chains the spread
-    alone can be far too small (METHODS §1, "Standard error"); where one is NaN (one healthy chain:
-    no spread), the other. Scalars or arrays alike."""
+    """λ̂'s standard error: the larger of ``stderr`` (the spread of the chain means over √C) and
+    ``mcse`` (ArviZ's sd/√ESS of all draws), since with few chains the spread alone can be far too
+    small and the chains' agreement can hide autocorrelated draws (METHODS §1, "Standard error");
+    where one is NaN (one healthy chain: no spread), the other. Scalars or arrays alike."""
     return np.fmax(np.asarray(stderr, dtype=np.float64), np.asarray(mcse, dtype=np.float64))
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc
-from .llc_result import estimate_text, larger_stderr, step_size_caveats
+from .llc_result import estimate_text, step_size_caveats
 
 
 def _subdir(kwargs: dict, name: str) -> dict:
@@ -41,8 +41,8 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
                 disable=not show_progress(kwargs.get("progress", True), distributed_context().rank))
 
 
-# llc_mcse and stderr_caveat travel with llc_stderr: a row quoted or plotted without them would
-# show a ± from two chain means that agree by chance as if it were the uncertainty (METHODS §1).
+# stderr_caveat travels with llc_stderr: a row quoted or plotted without it would show a ± from two
+# chains as if it were known (METHODS §1); llc_mcse lets compare read reports saved before 0.4.4.
 # loss and selection name the quantity with ε, γ and n_params: without them two rows of different
 # restricted LLCs (two heads of one size) would pass for one quantity (report.compare).
 _SUMMARY = ["gamma", "gamma_source", "loss", "selection", "llc", "llc_std", "llc_stderr", "llc_mcse", "stderr_caveat",
@@ -68,8 +68,9 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
 
     Returns one row per (ε, γ), ε outer: loss_scale, nbeta, gamma (the γ sampled at; with "auto"
     the one chosen), gamma_source, loss, selection (the sampled parameters, None for all), llc,
-    llc_std, llc_stderr, llc_mcse (the ESS-based standard error of all draws), stderr_caveat (why
-    llc_stderr may under-state the uncertainty, or None; METHODS §1, "Standard error"), n_eff,
+    llc_std, llc_stderr (the larger of the chain means' spread over √C and llc_mcse, the ESS-based
+    standard error of all draws), llc_mcse, stderr_caveat (why llc_stderr may under-state the
+    uncertainty: too few healthy chains; else None; METHODS §1, "Standard error"), n_eff,
     n_params, step_size, bias_bound (predicted step-size bias), stiff_bound, h_max, chains, n_failed,
     cumulative_step (s = Σ η), and the convergence verdict (METHODS §1): converged, lower_bound,
     rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
@@ -108,19 +109,13 @@ def _gamma_line(row) -> str:
     return "γ auto (per point)" if str(row.get("gamma_source", "")).startswith("auto") else f"γ = {row['gamma']:.3g}"
 
 
-def plotted_stderr(frame: pd.DataFrame) -> pd.Series:
-    """The standard error of λ̂ a plot's error bars show for each row of a sweep or component table:
-    :func:`~tl_degeneracy.llc.llc_result.larger_stderr` of its ``llc_stderr`` and ``llc_mcse``."""
-    return pd.Series(larger_stderr(frame["llc_stderr"], frame["llc_mcse"]), index=frame.index)
-
-
 def point_texts(frame: pd.DataFrame) -> list[str]:
     """The hover text of each row of a sweep or component table in a figure: its γ (where the
-    table has one), N_eff ± its standard error (twice λ̂'s, :func:`plotted_stderr`) and its
+    table has one), N_eff ± its standard error (twice λ̂'s ``llc_stderr``) and its
     verdict, "converged" or "not converged: " with the failed criteria."""
     texts = []
-    for (_, row), se in zip(frame.iterrows(), plotted_stderr(frame)):
-        n_eff = estimate_text(row["n_eff"], 2 * se, row["chains"] - row["n_failed"], ".3g")
+    for _, row in frame.iterrows():
+        n_eff = estimate_text(row["n_eff"], 2 * row["llc_stderr"], row["chains"] - row["n_failed"], ".3g")
         reason = row["convergence_reason"]
         state = "converged" if row["converged"] else f"not converged: {reason}" if isinstance(reason, str) and reason \
             else "not converged"
@@ -135,7 +130,7 @@ def row_caveats(row) -> list[str]:
 
 
 def plot_llc_sweep(frame: pd.DataFrame):
-    """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors (:func:`plotted_stderr`):
+    """Plotly figure of N_eff(ε, γ) = 2λ_B(ε, γ), ±2 standard errors (``llc_stderr``):
     against the loss scale (log axis), one line per γ, when the frame has several ε; against γ (the
     γ-curve) at its single ε otherwise. Every line is labelled with the γ (or ε) it holds fixed.
     Points whose chains did not converge are open markers, points the step size may bias
@@ -148,7 +143,7 @@ def plot_llc_sweep(frame: pd.DataFrame):
                    for _, row in part.iterrows()]
         return go.Scatter(x=x, y=part["n_eff"], mode="lines+markers" if joined else "markers", name=name,
                           marker=dict(symbol=symbols, size=9),
-                          error_y=dict(type="data", array=4 * plotted_stderr(part)), text=point_texts(part))
+                          error_y=dict(type="data", array=4 * part["llc_stderr"]), text=point_texts(part))
 
     fig = go.Figure()
     if frame["loss_scale"].nunique() > 1 or "gamma" not in frame:

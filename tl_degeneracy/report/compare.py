@@ -62,8 +62,9 @@ FORMAT = "tl-degeneracy-comparison/1"
 COLUMNS = ("section", "value", "a", "b", "difference", "a_stderr", "b_stderr", "a_bias", "b_bias", "beyond_2se",
            "comparable")
 
-#: value → (the values holding its standard errors, factor): the larger of the chains' spread and ArviZ's
-#: MCSE (with few chains the spread under-states it, METHODS §1), and N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B).
+#: value → (the values holding its standard errors, factor): λ̂'s standard error is the larger of the
+#: chains' spread and ArviZ's MCSE (METHODS §1), which ``llc_stderr`` holds since 0.4.4; reports saved
+#: before held the spread alone there, so the larger is taken here again. N_eff = 2λ̂_B, so se(N_eff) = 2·se(λ̂_B).
 STDERR = {"llc": (("llc_stderr", "llc_mcse"), 1.0), "n_eff": (("llc_stderr", "llc_mcse"), 2.0)}
 #: Section → (table, the column naming each row, the row's name): tables whose rows are estimates
 #: with standard errors (STDERR), compared row by row beside the section's values.

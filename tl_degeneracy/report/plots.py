@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..llc.sweep import plotted_stderr, point_texts, row_caveats
+from ..llc.sweep import point_texts, row_caveats
 from ..plots import integer_ticks
 
 __all__ = ["plot_counts", "plot_gram_spectra", "plot_component_llc"]
@@ -44,7 +44,7 @@ def plot_gram_spectra(stats):
 
 def plot_component_llc(frame: pd.DataFrame):
     """N_eff of each component's restricted LLC as a fraction of its parameter count (METHODS §1),
-    ±2 standard errors (:func:`~tl_degeneracy.llc.sweep.plotted_stderr`). Each bar's label names
+    ±2 standard errors (``llc_stderr``). Each bar's label names
     the γ it was sampled at (values at different γ are different quantities); bars whose chains did
     not converge are hatched "/", bars the step size may bias (``step_size_caveats``) dotted, "x" both
     (the legend's title says so), and every bar's hover text gives its N_eff ±, verdict and those
@@ -56,7 +56,7 @@ def plot_component_llc(frame: pd.DataFrame):
              for converged, flagged in zip(frame["converged"], biased)]
     fig = go.Figure(go.Bar(x=frame["component"], y=frame["n_eff_fraction"], name="N_eff / n_params",
                            marker=dict(pattern=dict(shape=hatch)), hovertext=point_texts(frame),
-                           error_y=dict(type="data", array=4 * plotted_stderr(frame) / frame["n_params"])))
+                           error_y=dict(type="data", array=4 * frame["llc_stderr"] / frame["n_params"])))
     fig.update_xaxes(tickvals=list(frame["component"]),
                      ticktext=[f"{c}<br>γ = {g:.3g}" for c, g in zip(frame["component"], frame["gamma"])])
     fig.update_layout(title="Restricted LLC per component: N_eff / n_params", yaxis_title="N_eff / n_params",

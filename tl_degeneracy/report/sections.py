@@ -384,8 +384,7 @@ def llc(ctx: ReportContext) -> SectionOutput:
             out.figures["components"] = plot_component_llc(comps)
     state = "converged" if res.converged else f"not converged — {_unconverged(res.lower_bound)}: {res.convergence_reason}"
     scope = "" if s.llc_params is None else f" of {s.llc_params}"
-    value = _estimate(res.llc, res.llc_stderr, summary["llc_mcse"], summary["stderr_caveat"], res.chains - len(res.failed),
-                      ".4g")
+    value = _estimate(res.llc, res.llc_stderr, summary["stderr_caveat"], res.chains - len(res.failed), ".4g")
     relation = "=" if res.converged else "≥" if res.lower_bound else "≈"
     out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {value} ({state}; N_eff "
                     f"{relation} {res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): "
@@ -399,16 +398,16 @@ def _unconverged(lower_bound) -> str:
     return "lower bound" if lower_bound is not False else "uncertain in both directions"
 
 
-def _estimate(value: float, stderr: float, mcse: float | None, caveat: str | None, healthy: int, spec: str) -> str:
+def _estimate(value: float, stderr: float, caveat: str | None, healthy: int, spec: str) -> str:
     """:func:`estimate_text` of ``value ± stderr``, followed where the run carries a stderr caveat
-    by "(± uncertain: ESS-based ± mcse)": the ± from a few chain means can be far too small, and a
-    line that quotes it must not read as precise (METHODS §1, "Standard error"; the full caveat is
-    in the section's verdict). ``mcse`` on the scale of ``value``."""
+    (fewer than 4 healthy chains) by "(± uncertain: k healthy chains)", so that a line quoting it
+    does not read as precise (METHODS §1, "Standard error"; the full caveat is in the section's
+    verdict)."""
     text = estimate_text(value, stderr, healthy, spec)
     # A sweep table holds None where a row has no caveat (NaN once a frame was concatenated).
     if not (isinstance(caveat, str) and caveat):
         return text
-    return f"{text} (± uncertain: ESS-based ± {mcse:.2g})"
+    return f"{text} (± uncertain: {healthy} healthy chain{'' if healthy == 1 else 's'})"
 
 
 def _sweep_point(r) -> str:
@@ -417,7 +416,7 @@ def _sweep_point(r) -> str:
     (``step_size_caveats``), "≥ … (not converged)" where its chains did not
     converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
     R̂ or ESS (METHODS §1)."""
-    value = _estimate(r.n_eff, 2 * r.llc_stderr, 2 * r.llc_mcse, r.stderr_caveat, r.chains - r.n_failed, ".3g")
+    value = _estimate(r.n_eff, 2 * r.llc_stderr, r.stderr_caveat, r.chains - r.n_failed, ".3g")
     flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None)))
     where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g}{flags})"
     if r.converged:
