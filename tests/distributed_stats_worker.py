@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.fixtures.toys import make_tiny_toy_transformer  # noqa: E402
 from tl_degeneracy.stats import activation_stats, jacobian_stats  # noqa: E402
-from tests.fixtures.distributed import init_group  # noqa: E402
+from tests.fixtures.distributed import run_in_group  # noqa: E402
 
 HOOKS = ["resid_pre", "v", "q", "mlp_post"]
 
@@ -49,17 +49,12 @@ def compute() -> dict[str, torch.Tensor]:
 def main(out_dir: str) -> None:
     import torch.distributed as dist
 
-    init_group()
-    try:
-        result = compute()
-        if dist.get_rank() == 0:
-            torch.save(result, os.path.join(out_dir, "distributed.pt"))
-        else:  # every rank holds the complete, identical result
-            torch.save(result, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
-        dist.barrier()  # leave together: tearing gloo down while the peer still talks to it can abort
-    finally:
-        dist.destroy_process_group()
+    result = compute()
+    if dist.get_rank() == 0:
+        torch.save(result, os.path.join(out_dir, "distributed.pt"))
+    else:  # every rank holds the complete, identical result
+        torch.save(result, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run_in_group(lambda: main(sys.argv[1]))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from tests.fixtures.distributed import init_group  # noqa: E402
+from tests.fixtures.distributed import run_in_group  # noqa: E402
 
 
 def run(checkpoint_dir=None):
@@ -23,20 +23,16 @@ def run(checkpoint_dir=None):
     return behavioral_llc(model, x, chains=5, draws=80, burnin=20, seed=3, checkpoint_dir=checkpoint_dir)
 
 
-if __name__ == "__main__":
-    init_group()
+def main(out: str, checkpoint_dir: str | None) -> None:
     try:
-        out = sys.argv[1]
-        try:
-            res = run(sys.argv[2] if len(sys.argv) > 2 else None)
-        except ValueError as err:
-            with open(f"{out}/rank{dist.get_rank()}.txt", "w") as f:
-                f.write(str(err))
-        else:
-            np.savez(f"{out}/rank{dist.get_rank()}.npz", trace=res.trace, llc_per_chain=res.llc_per_chain,
-                     step_size=res.step_size, world_size=res.diagnostics["world_size"])
-        # A rank that tears gloo down while its peer still talks to it can abort at exit
-        # ("terminate called without an active exception"): leave together.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        res = run(checkpoint_dir)
+    except ValueError as err:
+        with open(f"{out}/rank{dist.get_rank()}.txt", "w") as f:
+            f.write(str(err))
+    else:
+        np.savez(f"{out}/rank{dist.get_rank()}.npz", trace=res.trace, llc_per_chain=res.llc_per_chain,
+                 step_size=res.step_size, world_size=res.diagnostics["world_size"])
+
+
+if __name__ == "__main__":
+    run_in_group(lambda: main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))

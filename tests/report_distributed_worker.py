@@ -13,7 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from tests.fixtures.distributed import init_group  # noqa: E402
+from tests.fixtures.distributed import run_in_group  # noqa: E402
 
 #: Rank 1's free memory, made smaller than rank 0's: both must check their passes against it.
 BUDGET = 512 * 2**20
@@ -51,9 +51,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    init_group()
-    try:
-        main(sys.argv[1])
-        dist.barrier()  # leave together (see llc_distributed_worker.py)
-    finally:
-        dist.destroy_process_group()
+    run_in_group(lambda: main(sys.argv[1]))
