@@ -1,10 +1,13 @@
 """LIB and the edges need nodes that are cuts of the model's graph (METHODS §5): what reaches the
 outputs from node l passes through node l+1. Audit 11a: a residual MLP with its hook points as nodes
 (the default for a HookedRootModule) read hook_in's interaction rank 2 of 6 under LIB, 4 directions
-counted degenerate that the outputs read through the skip connection (the global basis: 6 of 6)."""
+counted degenerate that the outputs read through the skip connection (the global basis: 6 of 6).
+And gradients at a residual-stream hook are the stream's only where the hook is a cut between the
+embedding and the outputs (audit 13a: a TransformerBridge's hook_resid_mid is the MLP's input)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -14,7 +17,7 @@ from tests.fixtures.hf import ARCHS, BACKENDS
 from tests.fixtures.toys import make_tiny_toy_transformer
 from tests.interaction_models import HookedResidual
 from tl_degeneracy.interaction import interaction_basis
-from tl_degeneracy.interaction.cuts import find_bypasses
+from tl_degeneracy.stats.cuts import find_bypasses
 from tl_degeneracy.interaction.runner import build_runner
 
 
@@ -52,8 +55,8 @@ def test_lib_over_cuts_finds_the_directions_the_outputs_read():
 
 def _check_default_nodes(model, tokens):
     runner = build_runner(model, tokens, None, batch_size=4, seq_len=None, skip_bos=None)
-    assert find_bypasses(runner, None) == []
-    assert find_bypasses(runner, runner.names[-1]) == []
+    assert find_bypasses(runner.engine, tokens[:1], runner.names, None) == []
+    assert find_bypasses(runner.engine, tokens[:1], runner.names, runner.names[-1]) == []
 
 
 def test_default_transformer_nodes_are_cuts():
@@ -77,10 +80,43 @@ def test_resid_mid_is_a_cut_only_where_the_backend_passes_edits_on(tl_models, ba
     Jacobian alone; HookedTransformer's hook_resid_mid is the residual stream itself."""
     model = tl_models("gpt2", backend)
     nodes = ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"]
-    runner = build_runner(model, torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(0)),
-                          ["blocks.0.hook_resid_pre", *nodes], batch_size=2, seq_len=None, skip_bos=None)
-    found = find_bypasses(runner, None)
+    tokens = torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    runner = build_runner(model, tokens, ["blocks.0.hook_resid_pre", *nodes], batch_size=2, seq_len=None, skip_bos=None)
+    found = find_bypasses(runner.engine, tokens[:1], runner.names, None)
     if backend.startswith("bridge"):
         assert [(b.node, b.skipped) for b in found] == [("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid")]
     else:
         assert found == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "neox"])  # NeoX's parallel blocks have no resid_mid
+def test_gradients_at_resid_mid_only_where_it_is_the_stream(tl_models, arch, backend):
+    """Audit 13a F1: a bridge's hook_resid_mid (ln2.hook_in) passes an edit to the MLP branch only, so
+    the Jacobian read there was the MLP's alone (trace K 0.28 against 47.5 at resid_post on a GPT-2
+    bridge; the global basis accepted the node): every gradient pass at it is refused; on
+    HookedTransformer, where the hook is the stream, it runs, as does every backend at resid_post."""
+    import tl_degeneracy as tld
+
+    model = tl_models(arch, backend)
+    tokens = torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(progress=False, exact=True)
+    assert tld.jacobian_stats(model, tokens, hooks=["resid_post"], **kw)["blocks.0.hook_resid_post"].count == 16
+    calls = {
+        "jacobian_stats": lambda: tld.jacobian_stats(model, tokens, hooks=["blocks.0.hook_resid_mid"], **kw),
+        "interaction_basis(kind='global')": lambda: interaction_basis(model, tokens, kind="global",
+                                                                      nodes=["blocks.0.hook_resid_mid"], **kw),
+        "interaction_basis(kind='local')": lambda: interaction_basis(model, tokens, kind="local", last="outputs",
+                                                                     nodes=["blocks.0.hook_resid_mid"], **kw),
+    }
+    for what, call in calls.items():
+        if backend.startswith("bridge"):
+            with pytest.raises(ValueError, match=rf"{re.escape(what)}: gradients at 'blocks.0.hook_resid_mid' would "
+                                                 r"not be the residual stream's.*ln2.hook_in"):
+                call()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 16 samples: data-limited ranks, said in warnings
+                call()
+    # PCA takes no gradients: the values at a bridge's hook_resid_mid are the stream's
+    interaction_basis(model, tokens, kind="pca", nodes=["blocks.0.hook_resid_mid"], progress=False)

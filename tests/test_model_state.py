@@ -95,7 +95,7 @@ def _interaction_and_modules(model, tokens):
 #: name → analysis(model, tokens); each as cheap as it can be made.
 ANALYSES: dict[str, Callable] = {
     "activation_stats": lambda m, x: tld.activation_stats(m, x, hooks=["resid_pre", "v"], progress=False),
-    "jacobian_stats": lambda m, x: tld.jacobian_stats(m, x, hooks=["resid_mid"], n_probes=2, progress=False),
+    "jacobian_stats": lambda m, x: tld.jacobian_stats(m, x, hooks=["resid_post"], n_probes=2, progress=False),
     "ov_invariants": lambda m, x: tld.ov_invariants(m),
     "qk_invariants": lambda m, x: tld.qk_invariants(m),
     "head_synchronization": lambda m, x: tld.head_synchronization(m, x),

@@ -15,9 +15,9 @@ from ..errors import DataError
 from ..numerics import activation_precision, check_tolerances, rank_rtol, rounding_rtol, warn_data_limited
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context, warn_once
+from ..stats.cuts import find_bypasses, refuse_off_stream
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
 from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
-from .cuts import find_bypasses
 from .edges import edge_pass
 from .basis_result import InteractionBasis, NodeSpectrum
 from .runner import Runner, build_runner
@@ -116,13 +116,18 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
 
 
 def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
-    """Refuse LIB, and warn about edges, where a node is not a cut between the one before it and
-    what the basis is for (LIB with ``last="pca"``: the last node; else the outputs): both would
-    miss what goes around it (:mod:`~tl_degeneracy.interaction.cuts`)."""
+    """Refuse gradients at a residual-stream node that is not the stream's (any kind but PCA:
+    :func:`~tl_degeneracy.stats.cuts.refuse_off_stream`); refuse LIB, and warn about edges, where a
+    node is not a cut between the one before it and what the basis is for (LIB with
+    ``last="pca"``: the last node; else the outputs): both would miss what goes around it
+    (:mod:`~tl_degeneracy.stats.cuts`)."""
+    sequence = runner.batches.batch(0, device=runner.device).tokens[:1]
+    if kind != "pca":
+        refuse_off_stream(runner.engine, sequence, runner.nodes, f"interaction_basis(kind={kind!r})")
     if len(runner.nodes) < 2 or not (kind == "local" or edges):
         return
     target = runner.names[-1] if kind == "local" and last == "pca" else None
-    found = find_bypasses(runner, target)
+    found = find_bypasses(runner.engine, sequence, runner.names, target)
     if not found:
         return
     what = "the last node reads" if target is not None else "the outputs read"

@@ -55,6 +55,7 @@ from ..errors import MissingHookError, NumericalError
 from ..memory import check_batches, half_gram_bytes, hook_width
 from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
+from .cuts import refuse_off_stream
 from ..distributed import distributed_context, warn_once
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets, run_until
 from .gram_stats import JacobianHookStats, JacobianStats
@@ -358,6 +359,7 @@ def jacobian_stats(
     check_exact(exact, n_probes)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "jacobian_stats")
+    refuse_off_stream(adapter, batches.batch(0, device=adapter.device).tokens, targets, "jacobian_stats")
     check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves,
                  half=half)
     res = jacobian_pass(
