@@ -91,6 +91,9 @@ def test_diagnostics_and_frame():
     # λ̂'s ± is the larger of the chain means' spread over √C and the ESS-based MCSE (audit 11b F4)
     assert res.diagnostics["llc_chain_stderr"] == pytest.approx(res.llc_std / np.sqrt(3))
     assert res.llc_stderr == max(res.diagnostics["llc_chain_stderr"], res.diagnostics["llc_mcse"])
+    # N_eff carries its ± wherever it is printed or tabled (audit 13b F6)
+    assert res.summary()["n_eff_stderr"] == res.n_eff_stderr == 2 * res.llc_stderr
+    assert f"n_eff={res.n_eff:.4g} ± {res.n_eff_stderr:.2g}," in repr(res)
     frame = res.to_frame()
     assert list(frame.columns) == ["chain", "llc", "failed_at", "grad_step", "prior_step", "noise_step", "distance"]
     assert (frame["failed_at"] == -1).all() and (frame[["grad_step", "noise_step", "distance"]] > 0).all().all()
@@ -191,12 +194,14 @@ def test_a_step_size_far_below_the_rule_is_said():
     too small, and nothing said so beyond "not converged"."""
     model, x = linear_regression()
     kw = dict(chains=4, burnin=200, draws=500, seed=0)
-    with pytest.warns(RuntimeWarning, match=r"× below what the bias target 0.05 allows.*raise pilot_steps"):
+    # The warning names its quantity and λ̂ apart from the step size it allows (audit 13b F3, F13).
+    with pytest.warns(RuntimeWarning, match=r"^λ̂\(ε = 0.001, γ = 1\): the step size \S+ is \d+× below the \S+ that the bias "
+                                            r"target 0.05 allows at the run's λ̂ = [\d.]+: .*raise pilot_steps"):
         short = behavioral_llc(model, x, pilot_steps=3, **kw)
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*below what the bias target")
+        warnings.filterwarnings("error", message=".*that the bias target")
         enough = behavioral_llc(model, x, pilot_steps=200, **kw)
     assert enough.step_size > 10 * short.step_size
 

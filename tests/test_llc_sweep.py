@@ -1,5 +1,7 @@
 """Loss-scale sweeps and per-component restricted LLCs."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +9,7 @@ import torch
 from torch import nn
 
 from tl_degeneracy.llc import LLCResult, llc_by_component, llc_sweep, plot_llc_sweep
+from tl_degeneracy.llc.convergence import ConvergenceWarning
 from tl_degeneracy.llc.sweep import point_texts
 
 
@@ -189,3 +192,19 @@ def test_step_size_caveats_read_numpy_numbers():
 
     assert len(step_size_caveats(np.float64(0.72), np.float32(17.2), np.int64(10))) == 2
     assert step_size_caveats(float("nan"), None, 10) == [] and step_size_caveats(True, 17.2, 10) == [step_size_caveats(0, 17.2, 10)[0]]
+
+
+def test_every_warning_of_a_component_table_names_its_component(tiny_toy_transformer, tiny_toy_tokens):
+    """Audit 13b F3: llc_by_component gave 12 warnings for 4 heads, none naming its head (nor ε or γ)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components=["blocks.0.attn.head0", "blocks.1.attn.head1"],
+                         chains=2, draws=10, burnin=2, step_size=1e-6, nbeta=100, progress=False)
+    convergence = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(convergence) == 2
+    for text, head in zip(convergence, ["blocks.0.attn.head0", "blocks.1.attn.head1"]):
+        assert re.match(rf"λ̂\(ε = 0.01, γ = \S+\) of {re.escape(head)} = \S+ is not converged", text), text
+    llc_warnings = [str(w.message) for w in caught if "ε = 0.01" in str(w.message)]
+    assert all(t.startswith("λ̂(ε = 0.01") for t in llc_warnings) and len(llc_warnings) >= 4  # + the 2-chain caveats

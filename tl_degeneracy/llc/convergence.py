@@ -133,11 +133,12 @@ class Convergence:
         d["diverged_chains"] = list(self.diverged_chains)
         return d
 
-    def message(self, llc: float) -> str:
-        """The text of the :class:`ConvergenceWarning`: what failed, with the numbers, and the budget."""
+    def message(self, llc: float, quantity: str = "λ̂") -> str:
+        """The text of the :class:`ConvergenceWarning`: which ``quantity`` (e.g. ``λ̂(ε = 0.001, γ = 1)``),
+        what failed, with the numbers, and the budget."""
         how = ("so read it as a lower bound" if self.lower_bound else
                "so it is uncertain beyond its ± in either direction")
-        text = f"λ̂ = {llc:.4g} is not converged (METHODS §1), {how}: {self.reason}"
+        text = f"{quantity} = {llc:.4g} is not converged (METHODS §1), {how}: {self.reason}"
         if self.divergence and "diverged" not in self.failed:
             text += f"; {self.divergence}"
         if self.suggestions:

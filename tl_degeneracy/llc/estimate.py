@@ -33,7 +33,8 @@ from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
 from .convergence import FLAT_RELAXATION, Convergence, ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
-from .llc_result import ChainRecords, LLCResult, chain_estimates, estimate_text, larger_stderr, stderr_caveat
+from .llc_result import (ChainRecords, LLCResult, chain_estimates, estimate_text, larger_stderr, quantity_label,
+                         stderr_caveat)
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
 from .stepsize import (ADAPT_AT, Curvature, StepSizeChoice, adapted_step_size, bias_bound_of, bias_of_estimate,
@@ -641,9 +642,14 @@ def _result(
         f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_target}), increase gamma (now {gamma:.4g}), or use a "
         f"larger loss_scale (smaller nbeta, now {nb:g})"
     )
-    # stacklevel 3: the warnings point at the caller of behavioral_llc.
+    # Every warning names its quantity: a sweep or a component table gives one per run (audit 13b).
+    quantity = quantity_label(1.0 / nb, gamma, selection.spec)
+
+    def warn(text: str, category: type[Warning]) -> None:
+        warn_once(f"{quantity}: {text}", category, stacklevel=4)  # at the caller of behavioral_llc
+
     if len(failed) == chains:
-        raise EstimateFailedError(f"all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
+        raise EstimateFailedError(f"{quantity}: all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
     verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, virial=records.virial[burnin_used:].T,
                                  n_coordinates=selection.n_params, step_size=eta, gamma=gamma, burnin=config.burnin,
                                  divergence_advice=advice)
@@ -652,15 +658,16 @@ def _result(
     if not verdict.converged:
         spent = "".join(f" ({record['reason']})" for record in (budget, burnin_record)
                         if record and record["budget_exhausted"])
-        warn_once(verdict.message(mean) + spent, ConvergenceWarning, stacklevel=3)
+        warn_once(verdict.message(mean, quantity) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
-        warn_once(f"{verdict.divergence}; {advice}", RuntimeWarning, stacklevel=3)
+        warn(f"{verdict.divergence}; {advice}", RuntimeWarning)
     # The ± quoted everywhere: the chain means' spread alone covered 32 of 40 exact values at 2σ where
     # about 38 should be (audit 11b), and a few chains can agree by chance where their draws do not.
     stderr = float(larger_stderr(chain_stderr, verdict.mcse))
     caveat = stderr_caveat(chains - len(failed))
     if caveat:
-        warn_once(f"λ̂ = {estimate_text(mean, stderr, chains - len(failed))}: {caveat}", RuntimeWarning, stacklevel=3)
+        warn_once(f"{quantity} = {estimate_text(mean, stderr, chains - len(failed))}: {caveat}", RuntimeWarning,
+                  stacklevel=3)
     # The predicted bias (stepsize.py) with the run's own λ̂: at the chains' end points, and with the
     # largest curvature and trace measured before sampling (pilots and burn-in checks), the ones the
     # final η was chosen for (the pilots' h_max alone would under-state it).
@@ -673,14 +680,14 @@ def _result(
                 "without bound (the predicted excess K is as large as λ̂ itself)")
         noise = (f"(tr H + 2 nβ S)/(8 (1 − b_max)), with tr H = {trace_end:.3g}, the minibatch gradients' spread S = "
                  f"{spread_end:.3g}" if target.n_batches > 1 else f"tr(H)/(8 (1 − b_max)), with tr H = {trace_end:.3g}")
-        warn_once(
+        warn(
             f"at the end of sampling the chains sit where the step size over-estimates λ̂ {size}: predicted "
             f"K/(λ̂ − K), K = η nβ {noise} and h_max = {h_end:.3g} measured at "
             f"the chains' end points (b_max = η(nβ h_max + γ)/4 = {stiff_end:.2g}), above the {bias_target:.2g} aimed for; "
             + (f"pass a smaller step_size (e.g. {smaller:.2g})" if source == "given" else
                f"pass a smaller step_size (e.g. {smaller:.2g}) or a larger burnin, so that the burn-in's step-size "
                "adaptation sees these regions"),
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
         )
     wall, compile_s = records.wall_s, records.compile_s
     dynamics_eta0 = choice.step_size * (rms_factor if source != "given" else 1.0)
@@ -706,14 +713,14 @@ def _result(
         allowed = step_size_for(h_max, nb, gamma, bias_target, trace=trace, llc=mean, spread=spread,
                                 stiff_bound=config.stiff_bound)
         if eta / rms_factor < allowed / 4:
-            warn_once(f"the step size {eta:.3g} is {allowed * rms_factor / eta:.0f}× below what the bias target "
-                      f"{bias_target:g} allows at the run's λ̂ ({allowed * rms_factor:.3g}): the pilots' λ (from "
-                      f"{config.pilot_length} steps) was far below it, and the chains relax that much slower; raise "
-                      "pilot_steps, or pass that step_size", RuntimeWarning, stacklevel=3)
+            warn(f"the step size {eta:.3g} is {allowed * rms_factor / eta:.0f}× below the {allowed * rms_factor:.3g} "
+                 f"that the bias target {bias_target:g} allows at the run's λ̂ = {mean:.4g}: the pilots' λ (from "
+                 f"{config.pilot_length} steps) was far below it, and the chains relax that much slower; raise "
+                 "pilot_steps, or pass that step_size", RuntimeWarning)
     if 2 * mean > selection.n_params:  # λ ≤ d/2 for every model: only the sampler's bias can put λ̂ above it
-        warn_once(f"N_eff = 2λ̂ = {2 * mean:.4g} exceeds the {selection.n_params:,} sampled parameters, which no model's λ "
-                  f"allows (λ ≤ d/2): the step size biases λ̂ up (predicted bias {bound:.2g}); pass a smaller step_size",
-                  RuntimeWarning, stacklevel=3)
+        warn(f"N_eff = 2λ̂ = {2 * mean:.4g} exceeds the {selection.n_params:,} sampled parameters, which no model's λ "
+             f"allows (λ ≤ d/2): the step size biases λ̂ up (predicted bias {bound:.2g}); pass a smaller step_size",
+             RuntimeWarning)
     diagnostics = {
         **choice.to_dict(), "step_size_source": source, "step_size": eta, "step_size_initial": dynamics_eta0,
         "gamma": gamma, "gamma_source": gamma_source, "min_gamma": config.gamma_floor if config.auto_gamma_on else None,

@@ -77,7 +77,7 @@ class LLCResult:
     @property
     def label(self) -> str:
         """The quantity with its loss scale and localization, e.g. ``λ̂(ε = 0.001, γ = 2.7e+03)``."""
-        return f"λ̂(ε = {self.loss_scale:.3g}, γ = {self.gamma:.3g})"
+        return quantity_label(self.loss_scale, self.gamma)
 
     @property
     def n_eff(self) -> float:
@@ -86,6 +86,7 @@ class LLCResult:
 
     @property
     def n_eff_stderr(self) -> float:
+        """The standard error of N_eff: 2·``llc_stderr``."""
         return 2.0 * self.llc_stderr
 
     @property
@@ -107,7 +108,7 @@ class LLCResult:
         d = self.diagnostics
         return {
             "quantity": self.label, "llc": self.llc, "llc_std": self.llc_std, "llc_stderr": self.llc_stderr,
-            "n_eff": self.n_eff, "gamma_source": d.get("gamma_source"),
+            "n_eff": self.n_eff, "n_eff_stderr": self.n_eff_stderr, "gamma_source": d.get("gamma_source"),
             "n_params": self.n_params, "loss_scale": self.loss_scale, "nbeta": self.nbeta, "step_size": self.step_size,
             "gamma": self.gamma, "bias_bound": d.get("bias_bound"), "stiff_bound": d.get("stiff_bound"),
             "h_max": d.get("h_max"), "trace_hessian": d.get("trace_hessian"),
@@ -150,7 +151,7 @@ class LLCResult:
     def __repr__(self) -> str:
         return (
             f"LLCResult({self.label} = {estimate_text(self.llc, self.llc_stderr, self.chains - len(self.failed))} "
-            f"(stderr), n_eff={self.n_eff:.4g}, "
+            f"(stderr), n_eff={estimate_text(self.n_eff, self.n_eff_stderr, self.chains - len(self.failed))}, "
             f"n_params={self.n_params}, nbeta={self.nbeta:g}, gamma={self.gamma:.4g}, step_size={self.step_size:.3g}, "
             f"bias_bound={self.diagnostics.get('bias_bound', float('nan')):.3g}, "
             f"chains={self.chains}, failed={len(self.failed)}, converged={self.converged}, "
@@ -175,6 +176,13 @@ class LLCResult:
         fig.add_hline(y=self.llc, line_dash="dash", annotation_text=f"{self.label} = {value} ({state})")
         fig.update_layout(xaxis_title="SGLD step", yaxis_title="nβ · L_B", title=f"Behavioral LLC traces, {self.label}")
         return fig
+
+
+def quantity_label(loss_scale: float, gamma: float, selection: Sequence[str] | None = None) -> str:
+    """λ̂ with its loss scale and localization, e.g. ``λ̂(ε = 0.001, γ = 2.7e+03)``, and with
+    ``selection`` the sampled parameters (a restricted LLC): ``… of blocks.0.attn``."""
+    text = f"λ̂(ε = {loss_scale:.3g}, γ = {gamma:.3g})"
+    return f"{text} of {', '.join(selection)}" if selection else text
 
 
 def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") -> str:

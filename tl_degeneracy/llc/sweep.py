@@ -46,7 +46,7 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
 # loss and selection name the quantity with ε, γ and n_params: without them two rows of different
 # restricted LLCs (two heads of one size) would pass for one quantity (report.compare).
 _SUMMARY = ["gamma", "gamma_source", "loss", "selection", "llc", "llc_std", "llc_stderr", "llc_mcse", "stderr_caveat",
-            "n_eff", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed",
+            "n_eff", "n_eff_stderr", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed",
             "cumulative_step", "converged", "lower_bound", "rhat", "ess", "drift", "convergence_reason"]
 
 
@@ -70,7 +70,7 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     the one chosen), gamma_source, loss, selection (the sampled parameters, None for all), llc,
     llc_std, llc_stderr (the larger of the chain means' spread over √C and llc_mcse, the ESS-based
     standard error of all draws), llc_mcse, stderr_caveat (why llc_stderr may under-state the
-    uncertainty: too few healthy chains; else None; METHODS §1, "Standard error"), n_eff,
+    uncertainty: too few healthy chains; else None; METHODS §1, "Standard error"), n_eff, n_eff_stderr (2·llc_stderr),
     n_params, step_size, bias_bound (predicted step-size bias), stiff_bound, h_max, chains, n_failed,
     cumulative_step (s = Σ η), and the convergence verdict (METHODS §1): converged, lower_bound,
     rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
@@ -173,7 +173,7 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
 
     One row per component: component, loss_scale, nbeta, gamma, gamma_source, loss, selection (the
     component as sampled), n_params (its nominal parameter count), llc, llc_std,
-    llc_stderr, llc_mcse and stderr_caveat (as in :func:`llc_sweep`), n_eff = 2λ̂, n_eff_fraction =
+    llc_stderr, llc_mcse and stderr_caveat (as in :func:`llc_sweep`), n_eff = 2λ̂, n_eff_stderr, n_eff_fraction =
     n_eff/n_params, step_size, bias_bound, n_failed and the convergence verdict (converged, rhat,
     ess, drift, convergence_reason; METHODS §1).
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
