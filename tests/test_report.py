@@ -43,7 +43,12 @@ def test_every_section_runs_on_the_tiny_toy(full_report):
     rep, _, caught = full_report
     assert list(rep.sections) == list(SECTIONS)
     assert {s.status for s in rep.sections.values()} == {"ok"}, {s.name: s.reason for s in rep.sections.values()}
-    assert all(w.startswith("report section 'llc'") for w in caught), caught  # only the LLC's own may fire
+    # only the LLC's own may fire, and synchronization's on 8 short sequences: blocks and input ranks that
+    # half of them give otherwise (audit 13b F1/F4)
+    data_limited = ("report section 'synchronization': head_synchronization: ",
+                    "report section 'synchronization': neuron_synchronization: ")
+    assert all(w.startswith(("report section 'llc'", *data_limited)) for w in caught), caught
+    assert all("half" in w for w in caught if w.startswith(data_limited)), caught
     for s in rep.sections.values():
         assert s.wall_s >= 0 and s.versions["torch"] == torch.__version__ and s.headline
         assert set(SECTIONS[s.name].settings) <= set(s.settings)
@@ -528,4 +533,4 @@ def test_an_llc_whose_chains_all_diverge_fails_the_section():
         rep = degeneracy_report(make_tiny_toy_transformer(), _tokens(), sections=["llc"],
                                 overrides={**TINY, "step_size": 10.0}, progress=False)
     section = rep["llc"]
-    assert section.status == "failed" and "EstimateFailedError: all 2 chains diverged" in section.reason
+    assert section.status == "failed" and "EstimateFailedError: λ̂(ε = 0.001, γ = 1): all 2 chains diverged" in section.reason

@@ -359,7 +359,7 @@ def test_an_llc_whose_chains_all_diverge_exits_1_with_the_reason(tmp_path, capsy
     assert _run(out, "--model", "toy:sma", "--only", "llc", "--set", "chains=2", "draws=10", "burnin=2",
                 "pilot_steps=2", "loss_scales=1e-3", "llc_max_draws=10", "step_size=100") == 1
     err = capsys.readouterr().err
-    assert "section(s) llc failed (llc: EstimateFailedError: all 2 chains diverged" in err and "reduce step_size" in err
+    assert "section(s) llc failed (llc: EstimateFailedError: λ̂(ε = 0.001, γ = 1): all 2 chains diverged" in err and "reduce step_size" in err
     assert _stored(out)["sections"]["llc"]["status"] == "failed"
 
 

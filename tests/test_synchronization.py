@@ -962,3 +962,31 @@ def test_relu_blocks_at_tol_0_do_not_depend_on_the_batching():
         k = res.firing_distance * n
         np.testing.assert_array_equal(k, np.round(k))
     assert sum(len(b) > 1 for b in results[0].blocks[0]) == 89
+
+
+def test_blocks_and_input_ranks_that_still_change_with_the_data_are_said():
+    """Audit 13b F1/F4: on toy:modadd with 64 pairs, 71 of 97 neuron blocks are formed otherwise by half
+    of the data (on_half False) yet came with count_exact and no warning, and to_dict left them out; a
+    layer's D_in still grew with the data (head synchronization's input_rank 113 → 124 → 127 on 4, 16,
+    64 sequences of toy:bytelm) with no flag. Both are now DataLimitedWarnings, frame columns and
+    to_dict entries."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.numerics import DataLimitedWarning
+
+    model, x = tld.load_model("toy:modadd"), tld.toy_data("modadd")[:64]
+    with pytest.warns(DataLimitedWarning, match=r"neuron_synchronization: \d+ of \d+ synchronized blocks are formed "
+                                                r"otherwise by the even-numbered half of the 64 sequences"):
+        neurons = neuron_synchronization(model, x)
+    frame = neurons.to_frame()
+    assert neurons.changing_blocks == int((frame["on_half"] == False).sum()) > 0  # noqa: E712
+    assert neurons.to_dict()["changing_blocks"] == neurons.changing_blocks
+    assert "data_limited" in frame.columns and "data_limited_layers" in neurons.to_dict()
+
+    bytelm, text = tld.load_model("toy:bytelm"), tld.toy_data("bytelm")[:4, :64]
+    with pytest.warns(DataLimitedWarning, match=r"head_synchronization: at \d of 2 layers the input's rank \(input_rank\) "
+                                                r"is lower on half of the 4 sequences"):
+        heads = head_synchronization(bytelm, text)
+    assert heads.data_limited.any() and (heads.input_rank_half < heads.input_rank).any()
+    frame = heads.to_frame()
+    assert frame["data_limited"].tolist() == [bool(heads.data_limited[layer]) for layer in frame["layer"]]
+    assert heads.to_dict()["data_limited_layers"] == np.flatnonzero(heads.data_limited).tolist()

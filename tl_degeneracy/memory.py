@@ -207,12 +207,13 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
         from .synchronization import PATTERN_CHUNK_BYTES
 
         rows = min(PATTERN_CHUNK_BYTES, tokens * H * seq * (s + 8))  # one chunk, or all rows if fewer
-        return int(forward + tokens * (kv * d + D) * 8 * 2 + rows + L * ((kv * d) ** 2 + D * D) * 8 * 2)
+        # accumulators: values, inputs and the even-numbered sequences' inputs (each a Gram and a mean)
+        return int(forward + tokens * (kv * d + D) * 8 * 2 + rows + L * ((kv * d) ** 2 + 2 * D * D) * 8 * 2)
     if analysis == "neuron_sync":
         # Accumulators: per layer the Grams of r (even and odd sequences) and f, (3.6a)'s sums (even and
-        # odd), the input moments. Beside them, during the pass one batch's rows (p, l, f, r, g, g², r²,
+        # odd), the input moments (all the data and the even-numbered sequences). Beside them, during the pass one batch's rows (p, l, f, r, g, g², r²,
         # r·g²); after it, one layer's distance temporaries while the results replace the accumulators.
-        return int(max(forward + tokens * (F * 8 + D) * 8, 8 * F * F * 8) + L * (F * F * 5 + D * D) * 8)
+        return int(max(forward + tokens * (F * 8 + D) * 8, 8 * F * F * 8) + L * (F * F * 5 + 2 * D * D) * 8)
     V = V if out_width is None else int(out_width)
     graph = L * (attention + tokens * per_token) + tokens * V * s
     chunk = max(1, min(int(n_cotangents), chunk_elements // max(1, tokens * V)))

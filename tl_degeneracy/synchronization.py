@@ -40,7 +40,7 @@ from .invariants import center_writing
 from .memory import check_batches
 from .models.adapt import adapt
 from .models.selection import circuit_parameters
-from .numerics import activation_precision, check_tolerances, numerical_rank
+from .numerics import DataLimitedWarning, activation_precision, check_tolerances, numerical_rank, warn_data_limited
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -130,6 +130,32 @@ def changing_blocks(blocks: pd.DataFrame) -> int:
     """How many of the rows of a blocks frame (``to_frame``) the data's even-numbered sequences alone
     form otherwise (``on_half`` False; None, not compared, does not count)."""
     return int((blocks["on_half"] == False).sum())  # noqa: E712 (None: not compared)
+
+
+def _input_limited(input_rank: np.ndarray, input_rank_half: np.ndarray | None) -> Bool[np.ndarray, " layer"]:
+    """Per layer, whether D_in was lower on the data's even-numbered sequences than on all of them
+    (False where not compared)."""
+    return np.zeros(len(input_rank), bool) if input_rank_half is None else np.asarray(input_rank_half) < input_rank
+
+
+def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
+    """The :class:`DataLimitedWarning` s of a synchronization result whose blocks or input ranks
+    still change with the data (audit 13b: both were returned as exact, without a word): blocks that
+    the data's even-numbered sequences form otherwise (``on_half`` False), and layers whose D_in is
+    lower on them (``data_limited``); ``counts`` names what such a D_in moves."""
+    # From the blocks alone: the frame's counts cost decompositions that a caller may never ask for.
+    on_half = [_formed_on_half(result.half_blocks, layer, b) for layer, blocks in enumerate(result.blocks)
+               for b in blocks if len(b) > 1]
+    changing = sum(x is False for x in on_half)
+    if changing:
+        warn_once(f"{caller}: {changing} of {len(on_half)} synchronized blocks are formed otherwise by "
+                  f"the even-numbered half of the {n_sequences} sequences (to_frame's on_half False): the blocks still "
+                  "change with the data, so they and their extra_freedom are not yet the model's; give more data",
+                  DataLimitedWarning, stacklevel=3)
+    limited = result.data_limited
+    warn_data_limited(caller, int(limited.sum()), f"{len(limited)} layers", "the input's rank (input_rank) is",
+                      n_sequences, "to_frame's data_limited", f"{counts} use a D_in that more data would raise; "
+                      "give more data")
 
 
 @dataclass(frozen=True)
@@ -497,6 +523,13 @@ class HeadSyncResult:
     positions: object = field(repr=False, default=None)
     ov_parameters: list[bool] | None = None
     half_blocks: list[list[list[int]]] | None = None
+    input_rank_half: Int[np.ndarray, " layer"] | None = None
+
+    @property
+    def data_limited(self) -> Bool[np.ndarray, " layer"]:
+        """Per layer, whether D_in (``input_rank``) is lower on the data's even-numbered sequences
+        alone than on all of them: still growing with the data (to_frame's data_limited)."""
+        return _input_limited(self.input_rank, self.input_rank_half)
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -569,7 +602,8 @@ class HeadSyncResult:
         approximate (max distance > 0: the freedom holds only where the patterns agree), on_half (the
         data's even-numbered sequences alone form exactly this block: False where the blocks still
         change with the data, so the block and its count are not yet the model's), s_block
-        (s_S), s_heads (s of each head's values), input_rank (D_in), component (the heads of the
+        (s_S), s_heads (s of each head's values), input_rank (D_in), data_limited (D_in is lower on
+        the even-numbered sequences alone: it and the counts that use it still grow with the data), component (the heads of the
         block's component: blocks joined through query heads of one KV head, METHODS §3), count_exact,
         and the component's counts (METHODS (3.5a)–(3.5c)): n_params (its W_V and W_O entries, each
         stored value head once), j_apart, j_sync, free_block = n_params − j_sync, free_separate =
@@ -607,9 +641,10 @@ class HeadSyncResult:
                              "on_half": _formed_on_half(self.half_blocks, layer, heads),
                              "s_block": self.block_rank(layer, heads),
                              "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
-                             "input_rank": int(self.input_rank[layer]), "component": heads_of_component, **counts})
+                             "input_rank": int(self.input_rank[layer]),
+                             "data_limited": bool(self.data_limited[layer]), "component": heads_of_component, **counts})
         columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
-                   "input_rank", "component", "count_exact", *_COUNT_COLUMNS]
+                   "input_rank", "data_limited", "component", "count_exact", *_COUNT_COLUMNS]
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype({c: "Int64" for c in _COUNT_COLUMNS})
 
@@ -656,6 +691,7 @@ class HeadSyncResult:
         return {"kind": "head_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "rank_rtol": self.rank_rtol, "precision": str(self.precision).removeprefix("torch."),
                 "approximate": self.approximate, "count_exact": bool(frame["count_exact"].all()),
+                "changing_blocks": self.changing_blocks, "data_limited_layers": np.flatnonzero(self.data_limited).tolist(),
                 "distance": self.distance.tolist(), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
@@ -765,6 +801,7 @@ def head_synchronization(
     count = torch.zeros(L, 2, dtype=torch.float64, device=dev)
     values = [MomentAccumulator(1, n_kv * d, device=dev) for _ in range(L)]
     inputs = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
+    inputs_half = [MomentAccumulator(1, D, device=dev) for _ in range(L)]  # the even-numbered sequences' D_in
 
     def on_batch(step: Step) -> None:
         if not step.count:
@@ -784,15 +821,19 @@ def head_synchronization(
 
             return hook
 
-        def rows_into(acc: MomentAccumulator, name: str):
+        def rows_into(acc: MomentAccumulator, name: str, half: MomentAccumulator | None = None):
             def hook(act: Tensor, hook=None) -> None:
-                rows = index.rows(act.detach(), index.unit(tuple(act.shape), name))
-                flags[name] = acc.update(rows.reshape(rows.shape[0], 1, -1))
+                unit = index.unit(tuple(act.shape), name)
+                rows = index.rows(act.detach(), unit)
+                rows = rows.reshape(rows.shape[0], 1, -1)
+                flags[name] = acc.update(rows)
+                if half is not None:
+                    half.update(rows[index.half(unit)])
 
             return hook
 
         def on_input(layer: int):
-            record = rows_into(inputs[layer], input_names[layer])
+            record = rows_into(inputs[layer], input_names[layer], inputs_half[layer])
 
             def hook(x: Tensor, hook=None) -> None:
                 # HookedTransformer applies ln1 separately to the query, key and value inputs: the
@@ -808,7 +849,7 @@ def head_synchronization(
         hooks += [(input_names[l], on_input(l)) for l in range(L)]
         adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-    stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, *values, *inputs],
+    stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, *values, *inputs, *inputs_half],
            desc="head_synchronization", progress=progress, what="attention pattern, value or input")
     if float(count.sum(1).min()) == 0 or min(acc.count for acc in values + inputs) == 0:
         raise MissingHookError("the attention pattern, value or input hooks did not fire (or no position "
@@ -821,8 +862,9 @@ def head_synchronization(
     covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
     precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
     rtol = None if rank_rtol is None else float(rank_rtol)
-    input_rank = np.array([_gram_rank(input_moment(adapter, layer, "ln1", inputs[layer], centered=True).cpu(),
-                                      precision, rtol) for layer in range(L)], dtype=np.int64)
+    input_rank, input_rank_half = (
+        np.array([_gram_rank(input_moment(adapter, layer, "ln1", accs[layer], centered=True).cpu(), precision, rtol)
+                  for layer in range(L)], dtype=np.int64) for accs in (inputs, inputs_half))
     kv_rank = np.array([
         [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol, covs.shape[-1])
          for kv in range(n_kv)]
@@ -833,13 +875,15 @@ def head_synchronization(
     norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
     W_O = torch.stack([center_writing(W_O[layer], norms[layer]) for layer in range(L)]).cpu()
     blocks = [synchronized_blocks(distance[layer], tol) for layer in range(L)]
-    return HeadSyncResult(
+    result = HeadSyncResult(
         distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
         n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
         input_rank=input_rank, W_O=W_O, d_out=D - int(norms[0].kind == "layernorm"), precision=precision,
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
-        half_blocks=half_blocks,
+        half_blocks=half_blocks, input_rank_half=input_rank_half,
     )
+    warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- neurons
@@ -901,7 +945,14 @@ class NeuronSyncResult:
     precision: torch.dtype = torch.float32
     positions: object = field(repr=False, default=None)
     half_blocks: list[list[list[int]]] | None = None
+    input_rank_half: Int[np.ndarray, " layer"] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
+
+    @property
+    def data_limited(self) -> Bool[np.ndarray, " layer"]:
+        """Per layer, whether D_in (``input_rank``) is lower on the data's even-numbered sequences
+        alone than on all of them: still growing with the data (to_frame's data_limited)."""
+        return _input_limited(self.input_rank, self.input_rank_half)
 
     def _disagreements(self, firing_distance: float) -> int:
         """For ReLU, the number of samples on which two neurons at ``firing_distance`` disagree about
@@ -1004,7 +1055,8 @@ class NeuronSyncResult:
         size, max pairwise distance, approximate (a smooth activation, or neurons that disagree about
         firing on some samples), on_half (the data's even-numbered sequences alone form exactly this
         block; False where blocks still change with the data: fewer samples can only merge ReLU
-        blocks at tol 0, so a block's count is then an upper bound), s_block (s, the rank of the
+        blocks at tol 0, so a block's count is then an upper bound), data_limited (the layer's D_in is
+        lower on the even-numbered sequences alone: still growing with the data), s_block (s, the rank of the
         block's post-activations), count_exact and extra_freedom = J_apart − J_sync (:meth:`freedom`), ≥ 0.
 
         count_exact is False and extra_freedom <NA> for a gated MLP (:meth:`freedom`) and where J_sync
@@ -1032,9 +1084,10 @@ class NeuronSyncResult:
                 rows.append({"layer": layer, "neurons": tuple(neurons), "size": len(neurons),
                              "max_distance": distance, "approximate": self._block_approximate(firing),
                              "on_half": _formed_on_half(self.half_blocks, layer, neurons),
+                             "data_limited": bool(self.data_limited[layer]),
                              "s_block": self.block_rank(layer, neurons), "count_exact": exact, "extra_freedom": extra})
-        columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "s_block", "count_exact",
-                   "extra_freedom"]
+        columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "data_limited", "s_block",
+                   "count_exact", "extra_freedom"]
         frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
         inexact = frame[~frame["count_exact"].astype(bool)]
         if len(inexact) and not self._frames:  # once per result
@@ -1069,7 +1122,8 @@ class NeuronSyncResult:
         frame = self._frame(False)
         return {"kind": "neuron_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "act_fn": self.act_fn, "approximate": self.approximate, "approximation": self.approximation,
-                "count_exact": bool(frame["count_exact"].all()), "blocks": frame.to_dict(orient="records")}
+                "count_exact": bool(frame["count_exact"].all()), "changing_blocks": self.changing_blocks,
+                "data_limited_layers": np.flatnonzero(self.data_limited).tolist(), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
         """Heatmap of ``distance``, one panel per layer, its colours capped at 1 (pairs far apart reach
@@ -1168,7 +1222,7 @@ def neuron_synchronization(
     # even half's blocks say whether blocks still change with the data, and the halves add up to all.
     r_acc, r_odd = ([MomentAccumulator(1, F, device=dev) for _ in range(L)] for _ in range(2))
     f_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
-    x_acc = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
+    x_acc, x_half = ([MomentAccumulator(1, D, device=dev) for _ in range(L)] for _ in range(2))
     mismatch, mismatch_odd = ([_FiringMismatch.zeros(F, dev) for _ in range(L)] for _ in range(2))
 
     def on_batch(step: Step) -> None:
@@ -1210,7 +1264,9 @@ def neuron_synchronization(
 
         def on_input(layer: int):
             def hook(x: Tensor, hook=None) -> None:
-                flags[input_names[layer]] = x_acc[layer].update(rows_of(x, input_names[layer])[0][:, None])
+                rows, half = rows_of(x, input_names[layer])
+                flags[input_names[layer]] = x_acc[layer].update(rows[:, None])
+                x_half[layer].update(rows[half][:, None])
 
             return hook
 
@@ -1220,7 +1276,7 @@ def neuron_synchronization(
         adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
     stream(dev, batches, on_batch, desc="neuron_synchronization", progress=progress, what="MLP activation or input",
-           reduce=lambda: [*r_acc, *r_odd, *f_acc, *x_acc, *(t for m in (*mismatch, *mismatch_odd) for t in m.tensors())])
+           reduce=lambda: [*r_acc, *r_odd, *f_acc, *x_acc, *x_half, *(t for m in (*mismatch, *mismatch_odd) for t in m.tensors())])
     if r_acc[0].count + r_odd[0].count == 0 or min(acc.count for acc in x_acc) == 0:
         raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
     # Layer by layer, each accumulator let go once read, so that the results replace them in memory.
@@ -1244,18 +1300,21 @@ def neuron_synchronization(
     rtol = None if rank_rtol is None else float(rank_rtol)
     # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
     in_bias = bool(adapter.map_biases(0)["W_in"])
-    input_rank = np.array([_gram_rank(input_moment(adapter, layer, "ln2", x_acc[layer], centered=in_bias).cpu(),
-                                      precision, rtol) + int(in_bias) for layer in range(L)], dtype=np.int64)
+    input_rank, input_rank_half = (
+        np.array([_gram_rank(input_moment(adapter, layer, "ln2", accs[layer], centered=in_bias).cpu(), precision, rtol)
+                  + int(in_bias) for layer in range(L)], dtype=np.int64) for accs in (x_acc, x_half))
     norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
     W_out = adapter.mlp_weights().W_out
     W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
-    return NeuronSyncResult(
+    result = NeuronSyncResult(
         output_distance=output_np, firing_distance=firing_np, tol=tol, blocks=blocks, value_gram=value_gram,
         n_samples=n_samples, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
         fire_rate=fire_rate, input_rank=input_rank, W_out=W_out,
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
-        positions=batches.positions, half_blocks=half_blocks,
+        positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half,
     )
+    warn_unsettled("neuron_synchronization", result, batches.n_sequences, "j_apart and j_sync")
+    return result
 
 
 def _neuron_distance(output, firing):

@@ -112,10 +112,12 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         figures={"head_distance": hs.plot()},
         values={"head_distance": hs.distance, "head_synchronized_blocks": len(synced),
                 "head_extra_freedom": hs.extra_freedom, "head_sync_approximation": hs.approximation,
-                "head_changing_blocks": hs.changing_blocks, "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
+                "head_changing_blocks": hs.changing_blocks, "head_data_limited_layers": int(hs.data_limited.sum()),
+                "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
     headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)})"
-                f"{_approximate_label(hs.approximation)}{_changing_text(hs.changing_blocks, len(synced))}")
+                f"{_approximate_label(hs.approximation)}"
+                f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()))}")
     try:
         ns = neuron_synchronization(ctx.adapter, ctx.batches, tol=s.sync_tol, batch_size=s.batch_size,
                                     progress=ctx.progress)
@@ -128,12 +130,14 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                            "neurons_in_blocks": int(neurons["size"].sum()),
                            "neuron_extra_freedom": ns.extra_freedom,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
-                           "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks})
+                           "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks,
+                           "neuron_data_limited_layers": int(ns.data_limited.sum())})
         total = ctx.adapter.n_layers * ctx.adapter.d_mlp
         if len(neurons):
             headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
                          f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')})"
-                         f"{_approximate_label(ns.approximation)}{_changing_text(ns.changing_blocks, len(neurons))}")
+                         f"{_approximate_label(ns.approximation)}"
+                         f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()))}")
         else:
             headline += (f"; no synchronized neurons among {total:,} at tol {ns.tol:g} (METHODS §3: no two fire alike "
                          f"and would change their outputs by at most {math.sqrt(ns.tol):.0%} RMS on swapping patterns)")
@@ -141,11 +145,14 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
     return out
 
 
-def _changing_text(changing: int, blocks: int) -> str:
-    """That some blocks are formed otherwise on half of the data ("" when none is)."""
-    if not changing:
-        return ""
-    return f"; {changing} of the {blocks} formed otherwise on half of the data (still changing with the data)"
+def _changing_text(changing: int, blocks: int, limited: int = 0) -> str:
+    """That some blocks are formed otherwise on half of the data, and that the input's rank D_in of
+    ``limited`` layers is lower there ("" when neither is)."""
+    text = (f"; {changing} of the {blocks} formed otherwise on half of the data (still changing with the data)"
+            if changing else "")
+    if limited:
+        text += f"; D_in still growing with the data at {limited} layer(s), so the counts that use it too"
+    return text
 
 
 def _cutoff_band_text(band, count: int, factor: float, sep: str = "; ") -> str:
@@ -575,7 +582,8 @@ def _synchronization_verdict(v: dict) -> str:
             f"{blocks} synchronized head block(s), "
             + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None))
             + _approximate_label(v.get("head_sync_approximation", "")))
-    text += _changing_text(v.get("head_changing_blocks", 0), blocks)  # absent from older reports: 0
+    # absent from older reports: 0
+    text += _changing_text(v.get("head_changing_blocks", 0), blocks, v.get("head_data_limited_layers", 0))
     if "neuron_synchronized_blocks" in v:
         n = v["neuron_synchronized_blocks"]
         # reports saved before the per-block label have only the flag, which meant a smooth activation
@@ -583,7 +591,8 @@ def _synchronization_verdict(v: dict) -> str:
         extra = v.get("neuron_extra_freedom", 0)
         text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
                  + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None, "neuron"))
-                 + _approximate_label(why) + _changing_text(v.get("neuron_changing_blocks", 0), n))
+                 + _approximate_label(why)
+                 + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0)))
     return text
 
 
