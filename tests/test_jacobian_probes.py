@@ -241,3 +241,14 @@ def test_transformerlens_backends(backend, tmp_path):
     K, n = brute_force_gram(model, batch.tokens, batch.mask, hook, "mse", output_hook=out)
     # float32 model: Jacobians agree to float32 rounding (~1e-7 relative), checked at 1e-5
     assert js[hook].count == n and float(K.norm()) > 0 and rel(js[hook].gram, K) < 1e-5
+
+
+def test_the_frame_says_when_k_came_from_probes(tiny_toy_transformer, tiny_toy_tokens):
+    """Audit 13b F2: jacobian_stats' frame gave a probed rank (82 where K's is 118 on toy:modadd) with
+    nothing to say it was an estimate. A probed K̂ lies in K's range: its rank is at most K's."""
+    probed = jacobian_stats(tiny_toy_transformer, tiny_toy_tokens, hooks="resid_pre", n_probes=1, progress=False)
+    exact = jacobian_stats(tiny_toy_transformer, tiny_toy_tokens, hooks="resid_pre", exact=True, progress=False)
+    a, b = probed.to_frame(), exact.to_frame()
+    assert a["estimated"].all() and (a["n_probes"] == 1).all()
+    assert not b["estimated"].any() and b["n_probes"].isna().all()
+    assert (a["rank"] <= b["rank"]).all()

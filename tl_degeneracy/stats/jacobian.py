@@ -333,7 +333,9 @@ def jacobian_stats(
 
     Returns:
         :class:`JacobianStats`: hook → ``.gram`` [D, D] (and ``.head_gram`` [H, d, d] for q/k/v/z),
-        ``.count`` = n, all float64. A hook the output does not depend on gets a zero Gram.
+        ``.count`` = n, all float64. A hook the output does not depend on gets a zero Gram. From
+        probes (not ``exact``) each Gram is an estimate: its rank a lower bound on K's, its trace
+        unbiased (``to_frame``'s ``estimated``).
 
     Raises:
         NumericalError: non-finite outputs or gradients (naming the hook and batch).
