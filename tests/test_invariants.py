@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import tl_degeneracy as tld
+from tests.fixtures.hf import has_hooked_transformer
 from tl_degeneracy.gauge import write_attention
 from tl_degeneracy.invariants import free_directions, ov_circuits, ov_invariants, qk_circuits, qk_invariants
 from tl_degeneracy.models.adapter import NormWeights
@@ -661,3 +662,25 @@ def test_non_finite_weights_are_refused_naming_the_tensor():
     for analysis in (tld.ov_invariants, tld.qk_invariants, tld.random_gauge, tld.canonicalize_heads):
         with pytest.raises(tld.NumericalError, match=r"not finite: parameter blocks\.1\.attn\.W_V .* 1 NaN"):
             analysis(model)
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="shortformer: HookedTransformer (TransformerLens 3.x) only")
+def test_shortformer_qk_circuits_and_counts_are_refused():
+    """Audit 13a F2/F3: a shortformer block's queries and keys read ln1(x) + W_pos, the values ln1(x);
+    QK from P diag(w) W_Q missed the direction W_Q reads through W_pos (rank 7 where the 8th query
+    direction moves the pattern by 0.15), and counts read the same input as ln1's output (rank_G 31 of
+    32). Both are refused, with the reason; OV, which reads ln1(x), still runs."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    import tl_degeneracy as tld
+    from tl_degeneracy.errors import UnsupportedArchitectureError
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=8,
+                                  act_fn="gelu", normalization_type="LN", positional_embedding_type="shortformer",
+                                  seed=0, device="cpu")
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    for call in (lambda: tld.qk_invariants(model), lambda: tld.degeneracy_counts(model, tokens, progress=False)):
+        with pytest.raises(UnsupportedArchitectureError, match="shortformer.*W_pos"):
+            call()
+    assert len(tld.ov_invariants(model)) == 2

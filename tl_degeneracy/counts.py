@@ -304,6 +304,7 @@ def degeneracy_counts(
     refuse_inference_mode("degeneracy_counts")  # before the activation passes, not after them
     rtol, _ = check_tolerances(rtol)
     adapter = adapt(model)
+    adapter.refuse_shortformer("degeneracy_counts")
     mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")
     L, H, n_kv, D, d = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_model, adapter.d_head

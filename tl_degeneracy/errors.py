@@ -12,6 +12,11 @@ class MissingHookError(TLDegeneracyError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnsupportedArchitectureError(TLDegeneracyError, ValueError):
+    """An analysis that does not handle this model's architecture (it says which part and why); a
+    report skips its section."""
+
+
 class DataError(TLDegeneracyError, ValueError):
     """Data that cannot be used: empty, token ids out of range, sequences longer than n_ctx."""
 

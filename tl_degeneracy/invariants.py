@@ -136,6 +136,7 @@ def qk_circuits(model, affine: bool = False) -> FactoredMatrix:
     gauge-invariant too (b_Q → b_Q B, b_K → b_K B⁻ᵀ).
     """
     adapter = adapt(model)
+    adapter.refuse_shortformer("qk_circuits (and qk_invariants)")
     adapter.check_finite()
     aw = adapter.attention_weights()
     W_Q, W_K = _per_layer(adapter, fold_reading, aw.W_Q), _per_layer(adapter, fold_reading, aw.W_K)

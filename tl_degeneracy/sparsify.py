@@ -66,7 +66,7 @@ from torch import Tensor
 
 from .counts import block_input_affine, block_input_hook, counted_batches, warn_sample_limited
 from .distributed import max_over_ranks, warn_once
-from .errors import MissingHookError, NumericalError
+from .errors import MissingHookError, NumericalError, UnsupportedArchitectureError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
@@ -207,7 +207,7 @@ def _check_act(adapter: ModelAdapter) -> str:
     if adapter.d_mlp is None:
         raise MissingHookError(f"sparsify needs MLP layers; this {type(adapter.model).__name__} has none")
     if adapter.cfg.gated_mlp:
-        raise ValueError("sparsify does not handle gated MLPs (Llama family: post = act(x W_gate) ⊙ (x W_in)): the "
+        raise UnsupportedArchitectureError("sparsify does not handle gated MLPs (Llama family: post = act(x W_gate) ⊙ (x W_in)): the "
                          "hidden unit is a product of two pre-activations, so neither removing dependent neurons nor "
                          "a block change of basis passes through it (METHODS §8)")
     act = (adapter.cfg.act_fn or "").lower()

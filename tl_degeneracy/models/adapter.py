@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import DataError, MissingHookError, NumericalError
+from ..errors import DataError, MissingHookError, NumericalError, UnsupportedArchitectureError
 from .chains import ChainMap
 from .config import ModelConfig
 from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
@@ -294,6 +294,17 @@ class ModelAdapter(abc.ABC):
             f"cannot tokenize strings for this {type(model).__name__}: it has no .tokenizer or .to_tokens and is not "
             f"byte-level (d_vocab={self.d_vocab}, not 256); pass token ids (a LongTensor [batch, pos]) instead"
         )
+
+    def refuse_shortformer(self, what: str) -> None:
+        """UnsupportedArchitectureError for a shortformer model (``positional_embedding_type=
+        "shortformer"``), whose queries and keys read ln1(x) + W_pos while the values read ln1(x):
+        ``what`` reads the query/key input as the norm's output, whose span lacks W_pos's directions
+        (audit 13a: a QK rank 7 where the 8th query direction moves the pattern by 0.15)."""
+        if self.cfg.positional_embedding == "shortformer":
+            raise UnsupportedArchitectureError(
+                f"{what} does not handle shortformer position embeddings: this {type(self.model).__name__} adds W_pos "
+                "to the queries' and keys' input only, and the analysis reads that input as ln1's output, which lacks "
+                "W_pos's directions, so its W_Q/W_K ranks and free directions would be wrong")
 
     # ------------------------------------------------------------------ hooks
     @abc.abstractmethod
