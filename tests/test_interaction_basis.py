@@ -362,3 +362,16 @@ def test_interaction_verdict_gives_the_cutoff_band():
     assert "109–140 degenerate directions with it 100× higher or lower" in VERDICTS["interaction"](v)
     v["degenerate_band"] = [109, 109]
     assert "cut-off" not in VERDICTS["interaction"](v)
+
+
+def test_the_repr_carries_the_ranks_verdicts(tiny_toy_transformer, tiny_toy_tokens):
+    """Audit 13b F7: the repr a notebook shows gave kept/D as if exact and final."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same verdicts, as warnings
+        ib = interaction_basis(tiny_toy_transformer, tiny_toy_tokens, n_probes=2, exact=False, progress=False)
+    dims = ib.dims
+    assert dims["estimated"].any()
+    assert f"{int(dims['estimated'].sum())} of {len(dims)} nodes estimated from probes" in repr(ib)
+    assert ("still growing with the data" in repr(ib)) == bool(dims["data_limited"].any())

@@ -43,11 +43,12 @@ def test_every_section_runs_on_the_tiny_toy(full_report):
     rep, _, caught = full_report
     assert list(rep.sections) == list(SECTIONS)
     assert {s.status for s in rep.sections.values()} == {"ok"}, {s.name: s.reason for s in rep.sections.values()}
-    # only the LLC's own may fire, and synchronization's on 8 short sequences: blocks and input ranks that
-    # half of them give otherwise (audit 13b F1/F4)
+    # only the LLC's own may fire, synchronization's on 8 short sequences (blocks and input ranks that half
+    # of them give otherwise, audit 13b F1/F4) and the modules' restarts that disagree on the count (F7)
     data_limited = ("report section 'synchronization': head_synchronization: ",
                     "report section 'synchronization': neuron_synchronization: ")
-    assert all(w.startswith(("report section 'llc'", *data_limited)) for w in caught), caught
+    restarts = "report section 'interaction': find_modules: the 5 restarts of louvain found"
+    assert all(w.startswith(("report section 'llc'", restarts, *data_limited)) for w in caught), caught
     assert all("half" in w for w in caught if w.startswith(data_limited)), caught
     for s in rep.sections.values():
         assert s.wall_s >= 0 and s.versions["torch"] == torch.__version__ and s.headline

@@ -251,3 +251,10 @@ def test_default_rank_follows_the_rank_rule_at_the_activations_precision():
     # Summaries use each hook's rule too (positions are not read by to_frame).
     frame = ActivationStats(stats={st.name: st}, positions=None, n_layers=1).to_frame()
     assert int(frame["rank"].iloc[0]) == 3
+
+
+def test_hooks_of_the_wrong_type_say_what_hooks_are(tiny_toy_transformer, tiny_toy_tokens):
+    """Audit 13b F9: hooks=3 raised "'int' object is not iterable"."""
+    for hooks in (3, None, ["resid_pre", 2]):
+        with pytest.raises(TypeError, match=r"hooks must be a hook kind \(resid_pre, .*a hook name, or a list of them"):
+            activation_stats(tiny_toy_transformer, tiny_toy_tokens, hooks=hooks, progress=False)

@@ -639,8 +639,8 @@ def token_batches(
             i = int(lengths.argmax())
             raise DataError(
                 f"sequence {i} has {int(lengths[i])} tokens{' (BOS included)' if bos else ''}, more than the model's "
-                f"n_ctx={cfg.n_ctx}; pass seq_len= (≤ {cfg.n_ctx}; --seq-len on the command line) to cut long sequences into "
-                "chunks, or use shorter data"
+                f"n_ctx={cfg.n_ctx}; pass seq_len= (≤ {cfg.n_ctx}; degeneracy_report: overrides={{'seq_len': N}}; the command "
+                "line: --seq-len N) to cut long sequences into chunks, or use shorter data"
             )
 
     # --- 4. ids in range (the pad id too), and something left to count

@@ -110,6 +110,13 @@ class Modules:
     def n_modules(self) -> int:
         return len(self.members)
 
+    def __repr__(self) -> str:
+        spread = ("" if self.restart_modules is None or self.restart_modules[0] == self.restart_modules[1] else
+                  f" ({self.restart_modules[0]}–{self.restart_modules[1]} over {self.restarts} restarts)")
+        return (f"Modules({self.n_modules} modules{spread} over {len(self.nodes)} nodes, {len(self.isolated)} isolated "
+                f"directions; Q {self.modularity:.3g}, inside share {self.inside_share:.3g}; {self.method}, "
+                f"resolution {self.resolution:g})")
+
     def _layer(self, node: str) -> int:
         return self.nodes.index(node)
 
@@ -394,6 +401,11 @@ def find_modules(
         edges_inside_share = 1.0 - len(cut) / graph.number_of_edges()
     else:
         modularity = inside_share = edges_inside_share = math.nan
+    if spread_n is not None and spread_n[0] != spread_n[1]:
+        # audit 13b: restarts that disagreed (3 vs 4 modules) were only an attribute
+        warn_once(f"find_modules: the {restarts} restarts of {method} found {spread_n[0]} to {spread_n[1]} modules (Q "
+                  f"{spread_q[0]:.3g}–{spread_q[1]:.3g}); the partition of highest Q is kept, so the module count "
+                  "itself is uncertain (restart_modules)", RuntimeWarning, stacklevel=2)
     return Modules(
         nodes=nodes, members=members, isolated=isolated, modularity=float(modularity),
         inside_share=float(inside_share), edges_inside_share=float(edges_inside_share), cutoff=cutoffs,

@@ -329,7 +329,13 @@ class ModelAdapter(abc.ABC):
 
     def hook_names(self, spec: str | Sequence[str]) -> list[str]:
         """Resolve hook kinds (every layer) and exact hook names to a list of hook names, in order."""
-        items = [spec] if isinstance(spec, str) else list(spec)
+        try:
+            items = [spec] if isinstance(spec, str) else list(spec)
+        except TypeError:  # not iterable: hooks=3, hooks=None
+            items = None
+        if items is None or not all(isinstance(item, str) for item in items):
+            raise TypeError(f"hooks must be a hook kind ({', '.join(HOOK_KINDS)}), a hook name, or a list of them; "
+                            f"got {spec!r}")
         if not items:
             raise ValueError("no hooks requested")
         available = self.available_hooks()
