@@ -61,6 +61,10 @@ def test_an_impossible_time_lowers_everything_in_order_and_says_so(ctx):
     line = time_line(info)
     assert f"llc_params all → blocks.{last}.attn" in line and "loss_scales (0.01, 0.001, 0.0001) → (0.001)" in line
     assert "still over it" in line
+    # what made the fit lower them (audit 13b F8: the header gave only the prediction after the fit)
+    assert info["predicted_before"]["llc"] > info["predicted"]["llc"]
+    assert info["predicted_before"]["interaction"] > info["predicted"]["interaction"]
+    assert f"llc {info['predicted']['llc']:.0f} s ({info['predicted_before']['llc']:.0f} s before lowering)" in line
 
 
 def test_no_setting_is_lowered_where_the_data_hold_less_than_it():
@@ -88,7 +92,8 @@ def test_settings_the_user_gave_are_never_lowered(ctx):
 
 def test_no_time_limit_and_unselected_sections_change_nothing(ctx):
     ctx.update_settings(section_time=None)
-    assert fit_time(ctx, set(), SECTIONS_TIMED) == {"section_time": None, "predicted": {}, "lowered": {}}
+    assert fit_time(ctx, set(), SECTIONS_TIMED) == {"section_time": None, "predicted": {}, "predicted_before": {},
+                                                        "lowered": {}}
     ctx.update_settings(section_time=1e-9)
     info = fit_time(ctx, set(), ["summary", "counts"])
     assert info["predicted"] == {} and info["lowered"] == {}

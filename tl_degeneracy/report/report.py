@@ -353,10 +353,15 @@ def memory_line(memory: dict) -> str:
 
 def time_line(fit: dict) -> str:
     """The header's sentence on the time fit (``scope.fit_time``): the time per costly section, the
-    predicted time of each after the fit, and what was lowered to fit it."""
+    predicted time of each after the fit (and before it, where it lowered something: audit 13b, a
+    header that read "llc 240 s" under a 300 s limit did not say why the LLC had been restricted),
+    and what was lowered to fit it."""
     text = f"time per costly section {fit['section_time']:g} s"
+    before = fit.get("predicted_before") or {}  # absent from reports saved before it was recorded
     if fit.get("predicted"):
-        text += "; predicted " + ", ".join(f"{k} {v:.0f} s" for k, v in fit["predicted"].items())
+        text += "; predicted " + ", ".join(
+            f"{k} {v:.0f} s" + (f" ({before[k]:.0f} s before lowering)" if k in before else "")
+            for k, v in fit["predicted"].items())
     text += _lowered(fit)
     if fit.get("fits") is False:
         text += "; still over it with what may be lowered: set the scope yourself (--set) or a larger section_time"

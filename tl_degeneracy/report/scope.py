@@ -106,6 +106,7 @@ def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
     info["predicted"]["interaction"] = predicted(tokens)
     if tokens != s.ib_tokens:
         info["lowered"]["ib_tokens"] = [s.ib_tokens, tokens]
+        info["predicted_before"]["interaction"] = predicted(s.ib_tokens)
         ctx.update_settings(ib_tokens=tokens)
 
 
@@ -136,7 +137,7 @@ def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
 
     sequences = ctx.batches.sequences
     n_sequences, longest = len(sequences), max(len(q) for q in sequences)
-    cost = predicted()
+    cost = before = predicted()
     s = ctx.settings
     if cost > limit and "llc_params" not in explicit and s.llc_params is None and ctx.adapter.n_layers:
         lower("llc_params", f"blocks.{ctx.adapter.n_layers - 1}.attn")
@@ -154,16 +155,19 @@ def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
             lower("gammas", ())
         cost = predicted()
     info["predicted"]["llc"] = cost
+    if cost != before:
+        info["predicted_before"]["llc"] = before
 
 
 def fit_time(ctx, explicit: set[str], sections: list[str]) -> dict:
     """Lower the settings of :data:`SCOPED` not in ``explicit`` until the interaction and LLC
     sections of ``sections`` are predicted to take at most ``section_time`` seconds each (module
     docstring); changes ``ctx.settings``. Returns what the report header states: the time per
-    section, the predicted seconds per section after the fit, and each setting lowered
+    section, the predicted seconds per section after the fit (``predicted``) and, for a section
+    whose settings were lowered, before it (``predicted_before``), and each setting lowered
     ``[before, after]``, with ``fits`` False where a prediction still exceeds it."""
     limit = ctx.settings.section_time
-    info = {"section_time": limit, "predicted": {}, "lowered": {}}
+    info = {"section_time": limit, "predicted": {}, "predicted_before": {}, "lowered": {}}
     if limit is None or ctx.data is None:
         return info
     if "interaction" in sections:
