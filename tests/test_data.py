@@ -222,3 +222,19 @@ def test_strings_for_a_model_loaded_without_its_tokenizer_are_refused(tiny_toy_t
     with pytest.raises(DataError, match="has no tokenizer.*save_pretrained"):
         token_batches(["some text"], tiny_toy_transformer)
     assert token_batches(torch.tensor([[1, 2, 3]]), tiny_toy_transformer).n_samples == 3  # ids need no tokenizer
+
+
+def test_small_messages_say_what_is_expected():
+    """Audit 13b F11/F17/F18: memory_limit("8Q") failed only at `with`; --set chains=abc did not say an
+    integer was expected; skip_bos=True on a model without BOS suggested prepend_bos=True, which fails."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.errors import DataError
+    from tl_degeneracy.report.settings import resolve_settings
+
+    with pytest.raises(ValueError):
+        tld.memory_limit("8Q")
+    with pytest.raises(ValueError, match="chains='abc': not a valid value: an integer"):
+        resolve_settings("quick", {"chains": "abc"})
+    model = tld.load_model("toy:bytelm")
+    with pytest.raises(DataError, match="the model has no BOS token, so leave skip_bos unset"):
+        tld.token_batches(tld.toy_data("bytelm")[:2, :16], model, skip_bos=True)

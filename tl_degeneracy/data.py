@@ -622,7 +622,9 @@ def token_batches(
     elif skip_bos and not bos:
         raise DataError(
             "skip_bos=True, but the sequences do not begin with a BOS token "
-            f"(prepend_bos={prepend_bos}, bos_token_id={bos_id}); pass prepend_bos=True or leave skip_bos unset"
+            f"(prepend_bos={prepend_bos}, bos_token_id={bos_id}); "
+            + ("pass prepend_bos=True or leave skip_bos unset" if bos_id is not None else
+               "the model has no BOS token, so leave skip_bos unset")
         )
 
     # --- 3. lengths: chunk to seq_len, or refuse sequences longer than n_ctx

@@ -118,11 +118,16 @@ def default_budget(device: torch.device | str, fraction: float | None = None) ->
 _LIMIT: contextvars.ContextVar[MemoryBudget | None] = contextvars.ContextVar("tld_memory_limit", default=None)
 
 
-@contextlib.contextmanager
-def memory_limit(budget: MemoryBudget | int | str):
-    """Analyses run inside use ``budget`` (a :class:`MemoryBudget`, bytes or a size such as ``"8G"``)."""
+def memory_limit(budget: MemoryBudget | int | str) -> contextlib.AbstractContextManager[MemoryBudget]:
+    """Analyses run inside use ``budget`` (a :class:`MemoryBudget`, bytes or a size such as ``"8G"``);
+    a size that does not parse is refused here, not at ``with``."""
     if not isinstance(budget, MemoryBudget):
         budget = MemoryBudget(parse_memory(budget), "set with memory_limit")
+    return _limited(budget)
+
+
+@contextlib.contextmanager
+def _limited(budget: MemoryBudget):
     token = _LIMIT.set(budget)
     try:
         yield budget

@@ -185,7 +185,10 @@ def _parse(name: str, value, current):
             return float(text)
         return int(text)
     except (ValueError, KeyError):
-        raise ValueError(f"report setting {name}={value!r}: not a valid value (now {current!r})") from None
+        kind = ("true or false" if isinstance(current, bool) else
+                "a number" + (" or auto" if name == "gamma" else "")
+                if isinstance(current, float) or name in _FLOATS or name == "gamma" else "an integer")
+        raise ValueError(f"report setting {name}={value!r}: not a valid value: {kind} (now {current!r})") from None
 
 
 #: Named budgets. ``quick``: the numbers above (an LLC run starts no block that would end past 80 s,
