@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..autograd import ordinary
+from ..autograd import gradients_enabled, ordinary
 from ..errors import MissingHookError
 from .passes import HookTarget, run_until
 
@@ -93,7 +93,7 @@ def gradient_share_around(engine, tokens: Tensor, node: str, held: str, final: s
     """‖∂⟨u, y⟩/∂f with ``held`` fixed‖ / ‖∂⟨u, y⟩/∂f‖ (:class:`Bypass`) on ``tokens``: 0 where
     everything from ``node`` to the target passes through ``held``; 0 too where the target does
     not depend on ``node`` at all."""
-    with engine.eval_mode():
+    with engine.eval_mode(), gradients_enabled(engine.model):  # refuses weights made under inference_mode
         full = _gradient(engine, tokens, node, None, final, seed).double().norm()
         around = _gradient(engine, tokens, node, held, final, seed).double().norm()
     return float(around / full) if full > 0 else (math.inf if around > 0 else 0.0)
