@@ -65,6 +65,11 @@ def test_sections_hold_the_analyses_numbers(full_report):
     counts = rep["counts"]
     assert counts.values["n_eff_kfac"] == int(counts.tables["maps"]["kfac"].sum())
     assert counts.tables["totals"]["n_params"].sum() == counts.values["n_params"]
+    # the totals carry their band and verdicts, as the maps do (audit 13b F19: the CSV is read on its own)
+    totals, maps = counts.tables["totals"], counts.tables["maps"]
+    assert [totals["kfac_min"].sum(), totals["kfac_max"].sum()] == counts.values["n_eff_kfac_band"]
+    assert totals["data_limited_maps"].sum() == maps["data_limited"].sum() == counts.values["data_limited_maps"]
+    assert totals["probe_limited_maps"].sum() == counts.values["probe_limited_maps"]
     direct = tld.head_synchronization(model, tokens, tol=PRESETS["quick"].sync_tol)
     np.testing.assert_allclose(rep["synchronization"].values["head_distance"], direct.distance)
     llc = rep["llc"]
@@ -164,7 +169,10 @@ def test_interaction_section_equals_a_direct_call(full_report):
     assert (sec.tables["dims"]["n"] == 5 * 10).all()  # the ib_tokens budget: 5 whole sequences of 10 tokens
     pd.testing.assert_frame_equal(sec.tables["edges"], direct.edge_summary(), check_exact=True)
     assert len(sec.tables["edges"]) == len(direct.nodes) - 1 == 2
-    pd.testing.assert_frame_equal(sec.tables["modules"], modules.to_frame(), check_exact=True)
+    # the modules' table also says what its edges rest on (audit 13b F19)
+    pd.testing.assert_frame_equal(sec.tables["modules"], modules.to_frame().assign(
+        basis_estimated_nodes=int(direct.dims["estimated"].sum()), data_limited_nodes=int(direct.dims["data_limited"].sum())),
+        check_exact=True)
     pd.testing.assert_frame_equal(sec.tables["members"], modules.members_frame(), check_exact=True)
     assert sec.values["degenerate_directions"] == int(direct.dims["degenerate"].sum())
     assert (sec.values["n_modules"], sec.values["modularity"], sec.values["inside_share"]) == \

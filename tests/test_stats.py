@@ -258,3 +258,9 @@ def test_hooks_of_the_wrong_type_say_what_hooks_are(tiny_toy_transformer, tiny_t
     for hooks in (3, None, ["resid_pre", 2]):
         with pytest.raises(TypeError, match=r"hooks must be a hook kind \(resid_pre, .*a hook name, or a list of them"):
             activation_stats(tiny_toy_transformer, tiny_toy_tokens, hooks=hooks, progress=False)
+
+
+def test_a_hook_of_a_layer_the_model_lacks_says_so(tiny_toy_transformer, tiny_toy_tokens):
+    """Audit 13b F10: blocks.7.hook_resid_pre on a 2-layer model gave the first three hook names alphabetically."""
+    with pytest.raises(MissingHookError, match=r"layer 7 out of range for a model with 2 layers.*'blocks\.\d\.hook_resid_pre'"):
+        activation_stats(tiny_toy_transformer, tiny_toy_tokens, hooks=["blocks.7.hook_resid_pre"], progress=False)

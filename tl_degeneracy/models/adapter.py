@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import difflib
 import operator
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -348,9 +349,13 @@ class ModelAdapter(abc.ABC):
             elif item in available:
                 new = [item]
             else:
+                layer = re.match(r"blocks\.(\d+)\.", item)
+                where = (f" (layer {layer.group(1)} out of range for a model with {self.n_layers} layers)"
+                         if layer and int(layer.group(1)) >= self.n_layers else "")
+                near = difflib.get_close_matches(item, sorted(available), n=3) or sorted(available)[:3]
                 raise MissingHookError(
                     f"{item!r} is neither a hook kind ({', '.join(HOOK_KINDS)}) nor a hook point of this "
-                    f"{type(self.model).__name__}; e.g. {sorted(available)[:3]}"
+                    f"{type(self.model).__name__}{where}; e.g. {near}"
                 )
             names.extend(n for n in new if n not in names)
         return names

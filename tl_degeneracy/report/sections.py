@@ -183,7 +183,10 @@ def counts(ctx: ReportContext) -> SectionOutput:
     is all that the samples allow (``sample_limited``)."""
     s = ctx.settings
     frame = degeneracy_counts(ctx.adapter, ctx.batches, n_probes=s.n_probes, seed=ctx.seed, progress=ctx.progress)
-    totals = frame.groupby("map", sort=False)[["n_params", "kfac", "free"]].sum().reset_index()
+    # the band and the verdicts travel with the sums: the CSV is read on its own (audit 13b)
+    groups = frame.groupby("map", sort=False)
+    totals = groups[["n_params", "kfac", "free", "kfac_min", "kfac_max"]].sum().join(
+        groups[["data_limited", "probe_limited", "sample_limited"]].sum().add_suffix("_maps")).reset_index()
     a = frame.attrs
     limited, n = int(frame["sample_limited"].sum()), a["positions"]["n_samples"]
     probes, growing = a["probe_limited_maps"], a["data_limited_maps"]
@@ -252,7 +255,10 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     t0 = time.perf_counter()
     modules = find_modules(ib, resolution=s.ib_resolution, keep_share=s.ib_keep_share, seed=ctx.seed)
     modules_s = time.perf_counter() - t0
-    dims, edges, table = ib.dims, ib.edge_summary(), modules.to_frame()
+    # the modules' own CSV says what its edges rest on (audit 13b): probe-estimated or still-growing bases
+    dims, edges = ib.dims, ib.edge_summary()
+    table = modules.to_frame().assign(basis_estimated_nodes=int(dims["estimated"].sum()),
+                                      data_limited_nodes=int(dims["data_limited"].sum()))
     timings = {k: ib.settings[k] for k in ("gram_s", "jacobian_s", "edges_s")} | {"modules_s": modules_s}
     ranks = ", ".join(f"{r.interaction_rank}/{r.D}" for r in dims.itertuples())
     degenerate = int(dims["degenerate"].sum())
