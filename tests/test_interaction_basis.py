@@ -375,3 +375,17 @@ def test_the_repr_carries_the_ranks_verdicts(tiny_toy_transformer, tiny_toy_toke
     assert dims["estimated"].any()
     assert f"{int(dims['estimated'].sum())} of {len(dims)} nodes estimated from probes" in repr(ib)
     assert ("still growing with the data" in repr(ib)) == bool(dims["data_limited"].any())
+
+
+def test_several_hook_kinds_are_put_in_forward_order(tiny_toy_transformer, tiny_toy_tokens):
+    """Audit 13a F6: kinds expand layer by layer one kind after another, so nodes=["resid_pre", "attn_out"]
+    on two layers was always refused as out of order; exact names out of order still are."""
+    from tl_degeneracy.interaction.runner import build_runner
+
+    runner = build_runner(tiny_toy_transformer, tiny_toy_tokens, ["resid_pre", "attn_out"], batch_size=4, seq_len=None,
+                          skip_bos=None)
+    assert runner.names == ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.1.hook_resid_pre",
+                            "blocks.1.hook_attn_out"]
+    with pytest.raises(ValueError, match="forward order"):
+        build_runner(tiny_toy_transformer, tiny_toy_tokens, ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"],
+                     batch_size=4, seq_len=None, skip_bos=None)

@@ -219,7 +219,8 @@ def interaction_basis(
         model: a model ``tld.adapt`` accepts (data: anything ``token_batches`` accepts), or any other
             transformer_lens ``HookedRootModule`` (data: a tensor [n, d_in] or [n, pos, d_in], or a
             list of such batches; output: the module's forward output).
-        nodes: hook kinds (every layer) and/or exact hook names, in forward order. Default for
+        nodes: hook kinds (every layer) and/or exact hook names, in forward order (where hook kinds
+            are among them, every node is put in the order it fires). Default for
             transformers: resid_pre of every layer, then ``ln_final.hook_normalized`` (or the last
             resid_post where there is no final norm); for other modules every hook point, in the
             order the forward pass reaches them.

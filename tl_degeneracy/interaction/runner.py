@@ -31,6 +31,7 @@ from ..errors import DataError, MissingHookError
 from ..models.adapt import model_kind
 from ..models.adapter import ModelAdapter
 from ..models.engine import Engine, engine_for, has_position_axis
+from ..models.hooks import LAYER_KINDS
 from ..stats.passes import HookTarget, resolve_targets, run_until
 
 __all__ = ["Runner", "TensorBatches", "build_runner"]
@@ -212,5 +213,10 @@ def build_runner(model, data, nodes: str | Sequence[str] | None, batch_size: int
         if not targets:
             raise MissingHookError(f"no hook point of this {type(model).__name__} fired during its forward pass")
     else:
+        if adapter is not None and any(item in LAYER_KINDS for item in items) and set(order) == set(names):
+            # Kinds expand to every layer, one kind after another (audit 13a: nodes=["resid_pre", "attn_out"]
+            # was always refused): the forward pass says where each hook belongs.
+            targets.sort(key=lambda t: order.index(t.name))
+            names = [t.name for t in targets]
         _check_order(names, order)
     return Runner(engine=engine, batches=batches, nodes=targets)
