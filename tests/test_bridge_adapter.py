@@ -217,3 +217,13 @@ def test_adapt_rejects_other_types(bad):
 def test_adapt_returns_adapter_unchanged(tl_models):
     a = adapt(tl_models("gpt2", "bridge"))
     assert adapt(a) is a
+
+
+def test_the_exact_name_of_a_kind_the_architecture_lacks_says_why(tl_models):
+    """Audit 13a F7: blocks.0.hook_resid_mid on parallel blocks got the generic "not a hook point"."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.errors import MissingHookError
+
+    adapter = tld.adapt(tl_models("neox", "bridge"))
+    with pytest.raises(MissingHookError, match="parallel attention and MLP blocks"):
+        adapter.hook_names(["blocks.0.hook_resid_mid"])

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from ..errors import DataError, MissingHookError, NumericalError, UnsupportedArchitectureError
 from .chains import ChainMap
 from .config import ModelConfig
-from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS
+from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS, TL_HOOK_TEMPLATES
 from .parameters import ParameterSet, find_live_parameters
 from .weights import AttentionWeights, EmbeddingWeights, MLPWeights
 
@@ -349,6 +349,7 @@ class ModelAdapter(abc.ABC):
             elif item in available:
                 new = [item]
             else:
+                self._refuse_missing_kind(item)
                 layer = re.match(r"blocks\.(\d+)\.", item)
                 where = (f" (layer {layer.group(1)} out of range for a model with {self.n_layers} layers)"
                          if layer and int(layer.group(1)) >= self.n_layers else "")
@@ -359,6 +360,15 @@ class ModelAdapter(abc.ABC):
                 )
             names.extend(n for n in new if n not in names)
         return names
+
+    def _refuse_missing_kind(self, name: str) -> None:
+        """Where ``name`` is the TransformerLens name of a hook kind this architecture lacks, the
+        MissingHookError that says why (e.g. resid_mid of parallel blocks), not a generic one."""
+        for kind in LAYER_KINDS:
+            pattern = "^" + re.escape(TL_HOOK_TEMPLATES[kind]).replace(re.escape("{layer}"), r"\d+") + "$"
+            if re.match(pattern, name):
+                self._hook_template(kind)  # raises, saying why, where the architecture lacks the kind
+                return
 
     def available_hooks(self) -> set[str]:
         """Every hook point name the model accepts (aliases included)."""
