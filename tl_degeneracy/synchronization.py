@@ -132,6 +132,22 @@ def changing_blocks(blocks: pd.DataFrame) -> int:
     return int((blocks["on_half"] == False).sum())  # noqa: E712 (None: not compared)
 
 
+def _sync_repr(name: str, unit: str, result) -> str:
+    """A short repr of a synchronization result from its cheap fields (the counts take decompositions:
+    ``to_frame``), without the [L, n, n] distance arrays that filled a notebook cell (audit 13b)."""
+    sizes = [len(b) for blocks in result.blocks for b in blocks if len(b) > 1]
+    on_half = [_formed_on_half(result.half_blocks, layer, b) for layer, blocks in enumerate(result.blocks)
+               for b in blocks if len(b) > 1]
+    changing = sum(x is False for x in on_half)
+    limited = np.flatnonzero(result.data_limited).tolist()
+    verdicts = ([result.approximation] if result.approximation else []) + (
+        [f"{changing} formed otherwise on half of the data"] if changing else []) + (
+        [f"D_in still growing with the data at layer(s) {limited}"] if limited else [])
+    return (f"{name}({len(sizes)} synchronized {unit} block(s) of {sum(sizes)} {unit}s over {len(result.blocks)} "
+            f"layers at tol {result.tol:g}, {result.n_samples:,} samples" + "".join(f"; {v}" for v in verdicts)
+            + "; counts: to_frame())")
+
+
 def _input_limited(input_rank: np.ndarray, input_rank_half: np.ndarray | None) -> Bool[np.ndarray, " layer"]:
     """Per layer, whether D_in was lower on the data's even-numbered sequences than on all of them
     (False where not compared)."""
@@ -686,6 +702,9 @@ class HeadSyncResult:
             return ""
         return f"attention patterns in blocks differ, mean TV distance up to {self.max_block_distance:.2g}"
 
+    def __repr__(self) -> str:
+        return _sync_repr("HeadSyncResult", "head", self)
+
     def to_dict(self) -> dict:
         frame = self._frame
         return {"kind": "head_synchronization", "tol": self.tol, "n_samples": self.n_samples,
@@ -1117,6 +1136,9 @@ class NeuronSyncResult:
         block's count is not exact."""
         frame = self._frame(False)
         return int(frame["extra_freedom"].sum()) if frame["count_exact"].all() else None
+
+    def __repr__(self) -> str:
+        return _sync_repr("NeuronSyncResult", "neuron", self)
 
     def to_dict(self) -> dict:
         frame = self._frame(False)
