@@ -38,7 +38,11 @@ def compute() -> dict[str, torch.Tensor]:
                 f"{key}/input_rank": torch.as_tensor(hs.input_rank), f"{key}/n_samples": torch.tensor(hs.n_samples),
                 f"{key}/extra": torch.tensor(hs.extra_freedom), f"{key}/neuron_distance": torch.as_tensor(ns.distance),
                 f"{key}/neuron_value_gram": ns.value_gram, f"{key}/neuron_samples": torch.tensor(ns.n_samples),
-                f"{key}/neuron_input_rank": torch.as_tensor(ns.input_rank)}
+                f"{key}/neuron_input_rank": torch.as_tensor(ns.input_rank),
+                # the even-numbered sequences' input ranks and blocks: reduced over the ranks too
+                f"{key}/input_rank_half": torch.as_tensor(hs.input_rank_half),
+                f"{key}/neuron_input_rank_half": torch.as_tensor(ns.input_rank_half),
+                f"{key}/changing": torch.tensor([hs.changing_blocks, ns.changing_blocks])}
     return out
 
 

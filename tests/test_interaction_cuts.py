@@ -120,5 +120,14 @@ def test_gradients_at_resid_mid_only_where_it_is_the_stream(tl_models, arch, bac
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # 16 samples: data-limited ranks, said in warnings
                 call()
-    # PCA takes no gradients: the values at a bridge's hook_resid_mid are the stream's
+    # PCA takes no gradients: the values at a bridge's hook_resid_mid are the stream's; its edges do (review 35)
     interaction_basis(model, tokens, kind="pca", nodes=["blocks.0.hook_resid_mid"], progress=False)
+    edges = lambda: interaction_basis(model, tokens, kind="pca", nodes=["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
+                                                                        "blocks.1.hook_resid_pre"], edges=True, progress=False)
+    if backend.startswith("bridge"):
+        with pytest.raises(ValueError, match="gradients at 'blocks.0.hook_resid_mid' would not be the residual stream's"):
+            edges()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            edges()

@@ -7,7 +7,7 @@ The data flow reads in one direction: model → adapter → batches → accumula
 from .counts import SampleLimitedWarning, degeneracy_counts
 from .data import Batch, PaddingWarning, TokenBatches, token_batches
 from .numerics import DataLimitedWarning, HalfPrecisionWarning
-from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError
+from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError, UnsupportedArchitectureError
 from .gauge import canonicalize_heads, random_gauge
 from . import theory
 from .interaction import InteractionBasis, Modules, find_modules, interaction_basis
@@ -68,6 +68,7 @@ __all__ = [
     "Report",
     "ReportComparison",
     "TLDegeneracyError",
+    "UnsupportedArchitectureError",
     "TokenBatches",
     "activation_stats",
     "adapt",

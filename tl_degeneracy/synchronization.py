@@ -132,13 +132,19 @@ def changing_blocks(blocks: pd.DataFrame) -> int:
     return int((blocks["on_half"] == False).sum())  # noqa: E712 (None: not compared)
 
 
+def _unsettled_blocks(result) -> tuple[int, int]:
+    """(blocks of ≥ 2 units that the data's even-numbered sequences form otherwise, blocks of ≥ 2
+    units) of a synchronization result, from its blocks alone (the frame's counts cost decompositions)."""
+    on_half = [_formed_on_half(result.half_blocks, layer, b) for layer, blocks in enumerate(result.blocks)
+               for b in blocks if len(b) > 1]
+    return sum(x is False for x in on_half), len(on_half)
+
+
 def _sync_repr(name: str, unit: str, result) -> str:
     """A short repr of a synchronization result from its cheap fields (the counts take decompositions:
     ``to_frame``), without the [L, n, n] distance arrays that filled a notebook cell (audit 13b)."""
     sizes = [len(b) for blocks in result.blocks for b in blocks if len(b) > 1]
-    on_half = [_formed_on_half(result.half_blocks, layer, b) for layer, blocks in enumerate(result.blocks)
-               for b in blocks if len(b) > 1]
-    changing = sum(x is False for x in on_half)
+    changing = result.changing_blocks
     limited = np.flatnonzero(result.data_limited).tolist()
     verdicts = ([result.approximation] if result.approximation else []) + (
         [f"{changing} formed otherwise on half of the data"] if changing else []) + (
@@ -159,12 +165,9 @@ def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
     still change with the data (audit 13b: both were returned as exact, without a word): blocks that
     the data's even-numbered sequences form otherwise (``on_half`` False), and layers whose D_in is
     lower on them (``data_limited``); ``counts`` names what such a D_in moves."""
-    # From the blocks alone: the frame's counts cost decompositions that a caller may never ask for.
-    on_half = [_formed_on_half(result.half_blocks, layer, b) for layer, blocks in enumerate(result.blocks)
-               for b in blocks if len(b) > 1]
-    changing = sum(x is False for x in on_half)
+    changing, total = _unsettled_blocks(result)
     if changing:
-        warn_once(f"{caller}: {changing} of {len(on_half)} synchronized blocks are formed otherwise by "
+        warn_once(f"{caller}: {changing} of {total} synchronized blocks are formed otherwise by "
                   f"the even-numbered half of the {n_sequences} sequences (to_frame's on_half False): the blocks still "
                   "change with the data, so they and their extra_freedom are not yet the model's; give more data",
                   DataLimitedWarning, stacklevel=3)
@@ -674,8 +677,7 @@ class HeadSyncResult:
     @property
     def changing_blocks(self) -> int:
         """Blocks of ≥ 2 heads that half of the data does not form alike (0 when not compared)."""
-        frame = self._frame
-        return changing_blocks(frame[frame["size"] > 1])
+        return _unsettled_blocks(self)[0]
 
     @property
     def count_exact(self) -> bool:
@@ -1123,7 +1125,7 @@ class NeuronSyncResult:
     @property
     def changing_blocks(self) -> int:
         """Blocks of ≥ 2 neurons that half of the data does not form alike (0 when not compared)."""
-        return changing_blocks(self._frame(False))
+        return _unsettled_blocks(self)[0]
 
     @property
     def count_exact(self) -> bool:

@@ -116,13 +116,13 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
 
 
 def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
-    """Refuse gradients at a residual-stream node that is not the stream's (any kind but PCA:
-    :func:`~tl_degeneracy.stats.cuts.refuse_off_stream`); refuse LIB, and warn about edges, where a
+    """Refuse gradients at a residual-stream node that is not the stream's (every kind but PCA
+    without edges takes them: :func:`~tl_degeneracy.stats.cuts.refuse_off_stream`); refuse LIB, and warn about edges, where a
     node is not a cut between the one before it and what the basis is for (LIB with
     ``last="pca"``: the last node; else the outputs): both would miss what goes around it
     (:mod:`~tl_degeneracy.stats.cuts`)."""
     sequence = runner.batches.batch(0, device=runner.device).tokens[:1]
-    if kind != "pca":
+    if kind != "pca" or (edges and len(runner.nodes) > 1):  # edges differentiate the nodes too (review 35)
         refuse_off_stream(runner.engine, sequence, runner.nodes, f"interaction_basis(kind={kind!r})")
     if len(runner.nodes) < 2 or not (kind == "local" or edges):
         return

@@ -186,8 +186,8 @@ def quantity_label(loss_scale: float, gamma: float, selection: Sequence[str] | N
 
 
 def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") -> str:
-    """``value ± stderr`` as every printout shows an LLC; where the standard error over chains is
-    undefined (fewer than two healthy chains) it says so instead of printing nan."""
+    """``value ± stderr`` as every printout shows an LLC; where the standard error is undefined (NaN:
+    one healthy chain and no draws' error either) it says so instead of printing nan."""
     if math.isfinite(stderr):
         return f"{value:{spec}} ± {stderr:.2g}"
     return f"{value:{spec}} ± unknown ({healthy} healthy chain{'' if healthy == 1 else 's'}: no spread to measure)"

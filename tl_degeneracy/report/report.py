@@ -40,7 +40,8 @@ class ReportDirectoryError(TLDegeneracyError, ValueError):
     package version's) report or a damaged checkpoint, or it cannot be written."""
 
 #: Section status: ``ok``; ``skipped`` (the analysis does not apply to this model or data: a
-#: MissingHookError, DataError or NumericalError, with its message); ``failed`` (any other error: a
+#: MissingHookError, UnsupportedArchitectureError, DataError or NumericalError, with its message);
+#: ``failed`` (an EstimateFailedError, a measurement its settings made fail, or any other error: a
 #: bug or an unexpected input; the traceback is kept and a warning issued).
 STATUSES = ("ok", "skipped", "failed")
 

@@ -150,8 +150,8 @@ def _changing_text(changing: int, blocks: int, limited: int = 0) -> str:
     ``limited`` layers is lower there ("" when neither is)."""
     text = (f"; {changing} of the {blocks} formed otherwise on half of the data (still changing with the data)"
             if changing else "")
-    if limited:
-        text += f"; D_in still growing with the data at {limited} layer(s), so the counts that use it too"
+    if limited and blocks:  # without blocks no count uses D_in
+        text += f"; D_in is still growing with the data at {limited} layer(s), and so are the counts that use it"
     return text
 
 
@@ -722,7 +722,7 @@ def _llc_verdict(v: dict) -> str:
     se = v.get("llc_stderr")
     if isinstance(se, (int, float)) and math.isfinite(se) and v.get("n_eff") is not None:
         n_eff += f" ± {2 * se:.2g}"
-    if v.get("stderr_caveat"):  # its numbers are on λ̂'s scale, half N_eff's
+    if v.get("stderr_caveat"):  # it is about λ̂'s ±, half N_eff's
         healthy = (v.get("chains") or 0) - (v.get("n_failed") or 0)
         known = isinstance(se, (int, float)) and isinstance(v.get("llc"), (int, float))
         on = f"λ̂ = {estimate_text(v['llc'], se, healthy, '.4g')}" if known else "λ̂"

@@ -161,6 +161,20 @@ _OPTIONAL = ("seq_len", "llc_seq_len", "ib_seq_len", "ib_edge_sources", "llc_tim
 _FLOATS = ("llc_time_limit", "step_size", "section_time")
 
 
+def _value_kind(name: str, current) -> tuple[type | None, str]:
+    """The type a setting's string converts to (None: kept as text) and how to name it in a message."""
+    optional = " or none" if name in _OPTIONAL else ""
+    if isinstance(current, tuple):
+        return tuple, "numbers separated by commas"
+    if name == "llc_params":
+        return None, "a parameter selection or all"
+    if isinstance(current, bool):
+        return bool, "true or false"
+    if isinstance(current, float) or name in _FLOATS or name == "gamma":
+        return float, "a number" + (" or auto" if name == "gamma" else optional)
+    return int, "an integer" + optional
+
+
 def _parse(name: str, value, current):
     """Convert a command-line string to the type of the field it sets (ints, floats, None, tuples)."""
     if not isinstance(value, str):
@@ -170,25 +184,21 @@ def _parse(name: str, value, current):
         from ..memory import parse_memory
 
         return None if text.lower() in ("none", "auto") else parse_memory(text)
+    kind, words = _value_kind(name, current)
     try:
-        if isinstance(current, tuple):
+        if kind is tuple:
             return tuple(float(v) for v in text.split(",") if v.strip())
         if text.lower() == "none" and name in _OPTIONAL or (name == "llc_params" and text.lower() == "all"):
             return None
-        if name == "llc_params":
+        if kind is None:
             return text
         if name == "gamma" and text.lower() == "auto":
             return "auto"
-        if isinstance(current, bool):
+        if kind is bool:
             return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-        if isinstance(current, float) or name in _FLOATS or name == "gamma":
-            return float(text)
-        return int(text)
+        return kind(text)
     except (ValueError, KeyError):
-        kind = ("true or false" if isinstance(current, bool) else
-                "a number" + (" or auto" if name == "gamma" else "")
-                if isinstance(current, float) or name in _FLOATS or name == "gamma" else "an integer")
-        raise ValueError(f"report setting {name}={value!r}: not a valid value: {kind} (now {current!r})") from None
+        raise ValueError(f"report setting {name}={value!r}: not a valid value: {words} (now {current!r})") from None
 
 
 #: Named budgets. ``quick``: the numbers above (an LLC run starts no block that would end past 80 s,

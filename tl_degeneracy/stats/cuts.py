@@ -74,6 +74,8 @@ def _gradient(engine, tokens: Tensor, node: str, held: str | None, final: str | 
     hooks = [(node, leaf)] + ([(held, hold)] if held is not None else []) + ([(final, read)] if final is not None else [])
     with torch.enable_grad():
         out = run_until(engine, tokens, hooks, stop_after=final)
+        if "f" not in store:  # ``node`` comes after ``final``: the target does not read it
+            return torch.zeros(())
         y = store["y"] if final is not None else out
         if not y.requires_grad:
             return torch.zeros_like(store["f"])
@@ -88,15 +90,18 @@ def _gradient(engine, tokens: Tensor, node: str, held: str | None, final: str | 
     return torch.zeros_like(store["f"]) if grad is None else grad
 
 
+def _share(around: Tensor, full: Tensor) -> float:
+    around, full = around.double().norm(), full.double().norm()
+    return float(around / full) if full > 0 else (math.inf if around > 0 else 0.0)
+
+
 def gradient_share_around(engine, tokens: Tensor, node: str, held: str, final: str | None = None,
                           seed: int = 0) -> float:
     """‖∂⟨u, y⟩/∂f with ``held`` fixed‖ / ‖∂⟨u, y⟩/∂f‖ (:class:`Bypass`) on ``tokens``: 0 where
     everything from ``node`` to the target passes through ``held``; 0 too where the target does
     not depend on ``node`` at all."""
     with engine.eval_mode(), gradients_enabled(engine.model):  # refuses weights made under inference_mode
-        full = _gradient(engine, tokens, node, None, final, seed).double().norm()
-        around = _gradient(engine, tokens, node, held, final, seed).double().norm()
-    return float(around / full) if full > 0 else (math.inf if around > 0 else 0.0)
+        return _share(_gradient(engine, tokens, node, held, final, seed), _gradient(engine, tokens, node, None, final, seed))
 
 
 def find_bypasses(engine, tokens: Tensor, names: Sequence[str], final: str | None, seed: int = 0) -> list[Bypass]:
@@ -114,11 +119,12 @@ def find_bypasses(engine, tokens: Tensor, names: Sequence[str], final: str | Non
     return found
 
 
-def refuse_off_stream(engine, tokens: Tensor, targets: Sequence[HookTarget], what: str) -> None:
+def refuse_off_stream(engine, tokens: Tensor, targets: Sequence[HookTarget], what: str,
+                      final: str | None = None) -> None:
     """ValueError where a residual-stream hook of ``targets`` (:data:`RESIDUAL_KINDS`) is not a cut
-    between the embedding and the outputs, measured on the first sequence of ``tokens`` (module
-    docstring): gradients taken there would not be the stream's. Models without an embedding hook
-    kind (plain modules) are not checked."""
+    between the embedding and the target (the activation at hook ``final``, or the outputs), measured
+    on the first sequence of ``tokens`` (module docstring): gradients taken there would not be the
+    stream's. Models without an embedding hook kind (plain modules) are not checked."""
     residual = [t for t in targets if t.kind in RESIDUAL_KINDS]
     if not residual or not hasattr(engine, "hook_name"):
         return
@@ -127,12 +133,18 @@ def refuse_off_stream(engine, tokens: Tensor, targets: Sequence[HookTarget], wha
     except MissingHookError:
         return
     sample = tokens[:1, :_CHECK_POSITIONS] if tokens.ndim >= 2 else tokens[:1]
-    for t in residual:
-        share = gradient_share_around(engine, sample, embed, t.name)
+    with engine.eval_mode(), gradients_enabled(engine.model):
+        full = _gradient(engine, sample, embed, None, final, 0)  # one for every hook
+        # A hook the target does not read at all (downstream of an output_hook) has gradient 0 there,
+        # which is right; only a hook the target reads in part is off the stream.
+        read = [t for t in residual if _gradient(engine, sample, t.name, None, final, 0).abs().max() > 0]
+        shares = {t.name: _share(_gradient(engine, sample, embed, t.name, final, 0), full) for t in read}
+    for t in read:
+        share = shares[t.name]
         if share > BYPASS_TOL:
             raise ValueError(
-                f"{what}: gradients at {t.name!r} would not be the residual stream's: {share:.2g} of the "
-                f"gradient of the outputs with respect to the embedding goes around that hook, so an edit there "
+                f"{what}: gradients at {t.name!r} would not be the residual stream's: a share {share:.2g} of the "
+                f"gradient of the {final or 'outputs'} with respect to the embedding goes around that hook, so an edit there "
                 f"reaches only part of what reads the stream (a TransformerBridge's hook_resid_mid is the MLP's "
                 f"input, ln2.hook_in). Take gradients at resid_pre or resid_post; forward statistics "
                 f"(activation_stats) read the right values at {t.name!r}"

@@ -361,7 +361,7 @@ def jacobian_stats(
     check_exact(exact, n_probes)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "jacobian_stats")
-    refuse_off_stream(adapter, batches.batch(0, device=adapter.device).tokens, targets, "jacobian_stats")
+    refuse_off_stream(adapter, batches.batch(0, device=adapter.device).tokens, targets, "jacobian_stats", output_hook)
     check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves,
                  half=half)
     res = jacobian_pass(
