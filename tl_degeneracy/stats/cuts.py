@@ -75,7 +75,7 @@ def _gradient(engine, tokens: Tensor, node: str, held: str | None, final: str | 
     with torch.enable_grad():
         out = run_until(engine, tokens, hooks, stop_after=final)
         if "f" not in store:  # ``node`` comes after ``final``: the target does not read it
-            return torch.zeros(())
+            return torch.zeros((), device=tokens.device)
         y = store["y"] if final is not None else out
         if not y.requires_grad:
             return torch.zeros_like(store["f"])
