@@ -154,10 +154,23 @@ def _sync_repr(name: str, unit: str, result) -> str:
             + "; counts: to_frame())")
 
 
-def _input_limited(input_rank: np.ndarray, input_rank_half: np.ndarray | None) -> Bool[np.ndarray, " layer"]:
-    """Per layer, whether D_in was lower on the data's even-numbered sequences than on all of them
-    (False where not compared)."""
-    return np.zeros(len(input_rank), bool) if input_rank_half is None else np.asarray(input_rank_half) < input_rank
+class _HalfDataChecks:
+    """What a synchronization result (``blocks``, ``half_blocks``, ``input_rank``,
+    ``input_rank_half``) says about the data's even-numbered sequences alone."""
+
+    @property
+    def data_limited(self) -> Bool[np.ndarray, " layer"]:
+        """Per layer, whether D_in (``input_rank``) is lower on the data's even-numbered sequences
+        alone than on all of them: still growing with the data (to_frame's data_limited; False
+        where not compared)."""
+        if self.input_rank_half is None:
+            return np.zeros(len(self.input_rank), bool)
+        return np.asarray(self.input_rank_half) < self.input_rank
+
+    @property
+    def changing_blocks(self) -> int:
+        """Blocks of ≥ 2 units that half of the data does not form alike (0 when not compared)."""
+        return _unsettled_blocks(self)[0]
 
 
 def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
@@ -512,7 +525,7 @@ _COUNT_COLUMNS = ("n_params", "j_apart", "j_sync", "free_block", "free_separate"
 
 
 @dataclass(eq=False)
-class HeadSyncResult:
+class HeadSyncResult(_HalfDataChecks):
     """Head synchronization (METHODS §3). ``distance`` [L, H, H]: mean total-variation distance between
     the attention patterns of two heads over counted (sequence, query position) samples; ``blocks``:
     per layer, the synchronized blocks (lists of heads); ``value_gram`` [L, n_kv·d, n_kv·d]: uncentred
@@ -543,12 +556,6 @@ class HeadSyncResult:
     ov_parameters: list[bool] | None = None
     half_blocks: list[list[list[int]]] | None = None
     input_rank_half: Int[np.ndarray, " layer"] | None = None
-
-    @property
-    def data_limited(self) -> Bool[np.ndarray, " layer"]:
-        """Per layer, whether D_in (``input_rank``) is lower on the data's even-numbered sequences
-        alone than on all of them: still growing with the data (to_frame's data_limited)."""
-        return _input_limited(self.input_rank, self.input_rank_half)
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -674,10 +681,6 @@ class HeadSyncResult:
         frame = self._frame
         return int(frame["extra_freedom"].sum()) if frame["count_exact"].all() else None
 
-    @property
-    def changing_blocks(self) -> int:
-        """Blocks of ≥ 2 heads that half of the data does not form alike (0 when not compared)."""
-        return _unsettled_blocks(self)[0]
 
     @property
     def count_exact(self) -> bool:
@@ -926,7 +929,7 @@ _RATIOS = {
 
 
 @dataclass(eq=False)
-class NeuronSyncResult:
+class NeuronSyncResult(_HalfDataChecks):
     """Neuron synchronization (METHODS §3). ``output_distance`` [L, F, F]: the output-weighted distance
     (3.6a), our reading of paper eq. 20 (:class:`_FiringMismatch`): (E[g_i² (r_i − r_j)²] + E[g_j²
     (r_i − r_j)²]) / (E[f_i²] + E[f_j²]) over counted samples, r = f/p the firing pattern and g = f/r
@@ -968,12 +971,6 @@ class NeuronSyncResult:
     half_blocks: list[list[list[int]]] | None = None
     input_rank_half: Int[np.ndarray, " layer"] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
-
-    @property
-    def data_limited(self) -> Bool[np.ndarray, " layer"]:
-        """Per layer, whether D_in (``input_rank``) is lower on the data's even-numbered sequences
-        alone than on all of them: still growing with the data (to_frame's data_limited)."""
-        return _input_limited(self.input_rank, self.input_rank_half)
 
     def _disagreements(self, firing_distance: float) -> int:
         """For ReLU, the number of samples on which two neurons at ``firing_distance`` disagree about
@@ -1122,10 +1119,6 @@ class NeuronSyncResult:
         self._frames[singletons] = frame
         return frame
 
-    @property
-    def changing_blocks(self) -> int:
-        """Blocks of ≥ 2 neurons that half of the data does not form alike (0 when not compared)."""
-        return _unsettled_blocks(self)[0]
 
     @property
     def count_exact(self) -> bool:

@@ -121,9 +121,11 @@ def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
     node is not a cut between the one before it and what the basis is for (LIB with
     ``last="pca"``: the last node; else the outputs): both would miss what goes around it
     (:mod:`~tl_degeneracy.stats.cuts`)."""
+    gradients = kind != "pca" or (edges and len(runner.nodes) > 1)  # edges differentiate the nodes too (review 35)
+    if not gradients:
+        return
     sequence = runner.batches.batch(0, device=runner.device).tokens[:1]
-    if kind != "pca" or (edges and len(runner.nodes) > 1):  # edges differentiate the nodes too (review 35)
-        refuse_off_stream(runner.engine, sequence, runner.nodes, f"interaction_basis(kind={kind!r})")
+    refuse_off_stream(runner.engine, sequence, runner.nodes, f"interaction_basis(kind={kind!r})")
     if len(runner.nodes) < 2 or not (kind == "local" or edges):
         return
     target = runner.names[-1] if kind == "local" and last == "pca" else None
