@@ -67,6 +67,18 @@ def test_auto_that_cannot_converge_stops_at_max_draws_with_the_reason():
     assert verdict.startswith("λ̂ not converged — lower bound: R̂ ") and "max_draws = 250" in verdict
 
 
+def test_auto_progress_bar_says_it_grows_by_blocks_and_shows_each_verdict(monkeypatch, capsys):
+    # audit 13b F16: the bar read 100 % at the end of each block, then dropped back, unexplained.
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        behavioral_llc(deep_linear_network(0), dln_inputs(200), progress=True, **STUCK, draws="auto",
+                       draws_block=100, max_draws=250)
+    err = capsys.readouterr().err
+    assert "4 chains × (0 burn-in + blocks of 100 draws until converged)" in err
+    assert "after 100 draws: " in err and "after 200 draws: " in err and "(max 1.05)" in err
+
+
 def test_auto_stops_at_the_time_limit():
     # The first block always runs; the next would end past 1 ms.
     res, messages = _stuck(draws="auto", draws_block=100, max_draws=10**6, time_limit=1e-3)

@@ -407,7 +407,7 @@ def sparsify(
     tol: float | None = None,
     batch_size: int = 16,
     rank_rtol: float | None = None,
-    progress: bool = False,
+    progress: bool = True,
     seq_len: int | None = None,
     skip_bos: bool | None = None,
 ) -> SparsifyResult:
@@ -426,6 +426,7 @@ def sparsify(
             read ``output_drift`` and ``kl``).
         rank_rtol: relative eigenvalue cut-off for the input and block ranks; default the package's
             rank rule at the forward's precision (as ``degeneracy_counts``).
+        progress: tqdm bars over each pass (rank 0 only; the TQDM_DISABLE environment variable turns them off).
         skip_bos: ``None`` or ``False``; ``True`` is refused (BOS must count, module docstring).
 
     Returns:

@@ -761,7 +761,7 @@ def head_synchronization(
     tol: float = 0.05,
     batch_size: int = 16,
     rank_rtol: float | None = None,
-    progress: bool = False,
+    progress: bool = True,
     seq_len: int | None = None,
     skip_bos: bool | None = None,
 ) -> HeadSyncResult:
@@ -792,6 +792,7 @@ def head_synchronization(
         rank_rtol: relative eigenvalue cut-off for the activation ranks (D_in, s); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). Weight ranks
             always use the float64 rule.
+        progress: a tqdm bar over the batches (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included
             (``counts.counted_batches``), since every later query reads the BOS position's values;
             ``True`` is refused.
@@ -1156,7 +1157,7 @@ def neuron_synchronization(
     tol: float = 0.05,
     batch_size: int = 16,
     rank_rtol: float | None = None,
-    progress: bool = False,
+    progress: bool = True,
     seq_len: int | None = None,
     skip_bos: bool | None = None,
 ) -> NeuronSyncResult:
@@ -1200,7 +1201,7 @@ def neuron_synchronization(
         rank_rtol: relative eigenvalue cut-off for the activation ranks (s, D_in); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
             Weight ranks always use the float64 rule.
-
+        progress: a tqdm bar over the batches (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included, since later
             positions read the BOS position's MLP output (``counts.counted_batches``); ``True`` is refused.
 

@@ -331,8 +331,11 @@ def behavioral_llc(
         checks = sorted({int(config.initial_burnin * f) for f in ADAPT_AT} - {0}) if config.step_size is None else []
         eta0 = eta
         burn = f"{config.initial_burnin}{'+' if config.auto_burnin else ''}"
+        # draws="auto": the bar's total is the block under way; it grows with each block, which the
+        # description says beforehand and the postfix (the last verdict) explains as it happens.
+        draws = f"blocks of {config.first_draws} draws until converged" if config.auto else f"{config.draws} draws"
         with tqdm(total=run.steps, initial=state.step, unit="step", disable=not show,
-                  desc=f"LLC: SGLD, {config.chains} chains × ({burn} burn-in + {config.draws} draws)") as bar:
+                  desc=f"LLC: SGLD, {config.chains} chains × ({burn} burn-in + {draws})") as bar:
             state, dynamics = _sample_with_burnin_adaptation(target, selection, run, dynamics, state, loss_grad,
                                                              checkpointer, seed, my_chains, _stop_after, bar, checks)
             budget = burnin_record = None
@@ -502,6 +505,7 @@ def _continue_until_converged(
             break
         verdict = assess_convergence(nb * records.losses[run.burnin:].T, failed, virial=records.virial[run.burnin:].T,
                                      n_coordinates=selection.n_params)
+        bar.set_postfix_str("converged" if verdict.converged else f"after {run.draws:,} draws: {verdict.brief}")
         if verdict.converged:
             stopped = "converged"
             break
