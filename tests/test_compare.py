@@ -300,6 +300,23 @@ def test_the_page_shows_both_sides(saved, tmp_path):
     assert _row(stored, "counts", "n_eff_kfac")["difference"] == b["counts"].values["n_eff_kfac"] - a["counts"].values["n_eff_kfac"]
 
 
+def test_the_notebook_view_shows_settings_verdicts_and_values_without_script(saved):
+    a, b, *_ = saved
+    with_llc = lambda rep, sec: dataclasses.replace(rep, sections={**rep.sections, "llc": sec})
+    partial = dataclasses.replace(b, sections={k: v for k, v in b.sections.items() if k != "counts"})
+    comparison = tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {})), with_llc(partial, _llc(13.0, 1.0, {})))
+    view = comparison._repr_html_()
+    assert "<script" not in view and "Degeneracy reports compared — A = ToyTransformer vs B = ToyTransformer" in view
+    assert "3 setting(s) differ" in view and "n_probes" in view
+    for rep in (a, b):
+        for sec in rep.sections.values():
+            if sec.name != "counts" or rep is a:
+                assert html.escape(verdict(sec)) in view, sec.name
+    assert '<span class="badge missing">missing</span>' in view  # counts: only in A
+    band = f"[{-2 * math.sqrt(2):.3g}, {2 * math.sqrt(2):.3g}]"
+    assert "10 ± 1" in view and "13 ± 1" in view and f"yes: B − A outside {band}" in view
+
+
 def test_a_section_missing_from_one_report_says_so(saved, tmp_path):
     a, b, *_ = saved
     partial = dataclasses.replace(b, sections={k: v for k, v in b.sections.items() if k != "counts"})

@@ -47,7 +47,7 @@ import pandas as pd
 
 from ..errors import TLDegeneracyError
 from ..llc.llc_result import larger_stderr
-from .html import flat_values, render_comparison, section_status, value_text
+from .html import flat_values, render_comparison, render_notebook, section_status, value_text
 from .registry import SECTIONS
 from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, stored_report,
                      write_atomic)
@@ -241,6 +241,11 @@ class ReportComparison:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the settings that differ, both verdicts per section and each section's
+        values side by side (html.py); no plots, as for a Report."""
+        return render_notebook(self)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``comparison.html``, ``comparison.csv`` and ``comparison.json`` into ``directory``

@@ -5,7 +5,8 @@ plotly.js (from the installed plotly package) is inlined once in the head; every
 plus a call to ``Plotly.newPlot``. Tables are plain HTML, so the numbers are readable with
 JavaScript off. Nothing is loaded from the network: no CDN, no fonts, no MathJax.
 
-The notebook view (``Report._repr_html_``, ``SectionResult._repr_html_``) is tables only, with no
+The notebook view (``Report._repr_html_``, ``SectionResult._repr_html_``,
+``ReportComparison._repr_html_``) is tables only, with no
 script at all: a notebook that displays a report many times stays small, and it renders the same
 offline, in JupyterLab, VS Code and on GitHub. The figures stay one call away (``.figures``).
 """
@@ -494,11 +495,41 @@ def _notebook_section(sec: SectionResult, open_: bool = False) -> str:
     return "".join(parts)
 
 
-def render_notebook(item: Report | SectionResult) -> str:
+def _notebook_comparison(comparison: ReportComparison) -> str:
+    """Two reports compared, for a notebook: the settings that differ, one line per section with
+    both statuses and verdicts, then each section folded with its values A | B | B − A (and, for
+    estimates, whether B − A lies beyond the noise); figures stay in ``comparison.save``'s page."""
+    diff = comparison.settings_frame()
+    settings = (f"<p><b>{len(diff)} setting(s) differ</b></p>{_table(diff.rename(columns={'a': 'A', 'b': 'B'}), len(diff))}"
+                if len(diff) else "<p>Same model, data, settings and versions.</p>")
+    frame = comparison.to_frame()
+    lines, folded = [], []
+    for name in comparison.sections:
+        pair = comparison.section(name)
+        cells = "".join(f'<td><span class="badge {section_status(sec)}">{section_status(sec)}</span></td>'
+                        f'<td>{_e("" if sec is None else verdict(sec) or sec.headline)}</td>' for sec in pair)
+        lines.append(f"<tr><td><code>{_e(name)}</code></td>{cells}</tr>")
+        values = _compared_values(frame[frame["section"] == name])
+        if values:
+            title = next(sec for sec in pair if sec is not None).title
+            folded.append(f"<details><summary><b>{_e(title)}</b></summary>{values}</details>")
+    names = " vs ".join(f"{side} = {n}" for side, n in zip("AB", comparison.names))
+    return (f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style><h3>Degeneracy reports compared — {_e(names)}</h3>'
+            f'{settings}<table class="sections"><tr><th class="text">section</th><th>A</th>'
+            f'<th class="text">A: verdict</th><th>B</th><th class="text">B: verdict</th></tr>{"".join(lines)}</table>'
+            f'{"".join(folded)}<p class="muted">Every value: <code>.to_frame()</code>; the settings that differ: '
+            f"<code>.settings_frame()</code>; both reports' figures side by side: <code>.save(directory)</code> → "
+            f"comparison.html.</p></div>")
+
+
+def render_notebook(item: Report | SectionResult | ReportComparison) -> str:
     """The compact notebook view of a report (a header, one line per section, then each section
-    folded) or of one section (unfolded); tables only, no script (see the module docstring)."""
+    folded), of one section (unfolded) or of a comparison of two reports; tables only, no script
+    (see the module docstring)."""
     if isinstance(item, SectionResult):
         return f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style>{_notebook_section(item, open_=True)}</div>'
+    if not isinstance(item, Report):
+        return _notebook_comparison(item)
     m, s = item.model, item.settings
     facts = [f"{m.get('backend')} · {m.get('model_class')}", f"{m.get('n_live_parameters', 0):,} live parameters",
              f"preset {s.get('preset')}, seed {s.get('seed')}", f"{item.wall_s:.1f} s"]
