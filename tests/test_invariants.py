@@ -664,23 +664,81 @@ def test_non_finite_weights_are_refused_naming_the_tensor():
             analysis(model)
 
 
-@pytest.mark.skipif(not has_hooked_transformer(), reason="shortformer: HookedTransformer (TransformerLens 3.x) only")
-def test_shortformer_qk_circuits_and_counts_are_refused():
-    """Audit 13a F2/F3: a shortformer block's queries and keys read ln1(x) + W_pos, the values ln1(x);
-    QK from P diag(w) W_Q missed the direction W_Q reads through W_pos (rank 7 where the 8th query
-    direction moves the pattern by 0.15), and counts read the same input as ln1's output (rank_G 31 of
-    32). Both are refused, with the reason; OV, which reads ln1(x), still runs."""
+def _shortformer(seed: int = 0):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    import tl_degeneracy as tld
-    from tl_degeneracy.errors import UnsupportedArchitectureError
 
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=8,
                                   act_fn="gelu", normalization_type="LN", positional_embedding_type="shortformer",
-                                  seed=0, device="cpu")
+                                  seed=seed, device="cpu")
     model = HookedTransformer(cfg).eval()
+    with torch.no_grad():  # random LN gain and bias, so that folding them wrongly would show
+        g = torch.Generator().manual_seed(seed)
+        model.blocks[0].ln1.w.copy_(1 + 0.3 * torch.randn(16, generator=g))
+        model.blocks[0].ln1.b.copy_(0.3 * torch.randn(16, generator=g))
+        model.blocks[0].attn.b_Q.copy_(0.3 * torch.randn(2, 8, generator=g))
+        model.blocks[0].attn.b_K.copy_(0.3 * torch.randn(2, 8, generator=g))
+    return model
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="shortformer: HookedTransformer (TransformerLens 3.x) only")
+def test_shortformer_qk_is_the_form_on_the_input_the_queries_and_keys_read():
+    """Audit 13a F2: a shortformer block's queries and keys read x̃ = ln1(x) + W_pos[p] (TransformerLens
+    cannot fold ln1 there), the values ln1(x). QK from P diag(w) W_Q missed what W_Q reads through
+    W_pos (rank 7 where the 8th query direction moves the pattern by 0.15); QK is now W_Q W_Kᵀ on x̃,
+    whose affine form gives every score exactly."""
+    model = _shortformer()
+    with torch.no_grad():  # head 0's first query column reads only the mean direction, which P removes
+        model.blocks[0].attn.W_Q[0, :, 0] = 0.5
+    tokens = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(0))
+    qk = tld.qk_invariants(model)
+    assert qk["rank"].tolist() == [8, 8] and (qk["norm"].isna()).all() and not qk["centered"].any()
+    assert qk["free_directions"].tolist() == [64, 64]  # d² at full rank: the GL(8) gauge
+    # that direction moves the pattern: it is read, through W_pos (and ln1's bias)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: "pattern" in n or "scores" in n
+                                    or n.endswith(("ln1.hook_normalized", "hook_pos_embed")))
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q[0, :, 0] = 0.0
+    _, moved = model.run_with_cache(tokens, names_filter=lambda n: "pattern" in n)
+    assert (cache["blocks.0.attn.hook_pattern"] - moved["blocks.0.attn.hook_pattern"])[:, 0].abs().max() > 1e-3
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q[0, :, 0] = 0.5
+    # the affine form [x̃, 1] QK [x̃', 1]ᵀ / √d_head is every (causal) score
+    ln1 = model.blocks[0].ln1
+    x = (cache["blocks.0.ln1.hook_normalized"] * ln1.w + ln1.b + cache["hook_pos_embed"]).double()
+    x1 = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+    form = qk_circuits(model, affine=True)
+    AB = (form.A @ form.B)[0]  # [H, D+1, D+1]
+    scores = torch.einsum("bqi,hij,bkj->bhqk", x1, AB, x1) / math.sqrt(8)
+    causal = torch.tril(torch.ones(8, 8, dtype=torch.bool))
+    torch.testing.assert_close(scores[..., causal], cache["blocks.0.attn.hook_attn_scores"].double()[..., causal],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="shortformer: HookedTransformer (TransformerLens 3.x) only")
+def test_shortformer_gauges_keep_the_model_and_its_qk_invariants():
+    model = _shortformer(1)
+    tokens = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(1))
+    before = tld.qk_invariants(model, affine=True)
+    for gauge in (lambda m: tld.random_gauge(m, seed=3), tld.canonicalize_heads):
+        moved = gauge(model)
+        torch.testing.assert_close(moved(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+        after = tld.qk_invariants(moved, affine=True)
+        assert after["rank"].tolist() == before["rank"].tolist()
+        for s, t in zip(before["singular_values"], after["singular_values"]):
+            np.testing.assert_allclose(t, s, rtol=1e-4)
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="shortformer: HookedTransformer (TransformerLens 3.x) only")
+def test_shortformer_counts_are_refused_and_the_report_says_so():
+    """Audit 13a F3: degeneracy_counts reads the query/key input as ln1's output (rank_G 31 of 32 where
+    x̃ = ln1(x) + W_pos spans 32): refused with the reason; the report's invariants section runs
+    (review 35 #10: it was skipped whole, OV included) and its counts section is skipped."""
+    from tl_degeneracy.errors import UnsupportedArchitectureError
+
+    model = _shortformer()
     tokens = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
-    for call in (lambda: tld.qk_invariants(model), lambda: tld.degeneracy_counts(model, tokens, progress=False)):
-        with pytest.raises(UnsupportedArchitectureError, match="shortformer.*W_pos"):
-            call()
-    assert len(tld.ov_invariants(model)) == 2
+    with pytest.raises(UnsupportedArchitectureError, match="shortformer.*W_pos"):
+        tld.degeneracy_counts(model, tokens, progress=False)
+    report = tld.degeneracy_report(model, tokens, sections=["invariants", "counts"], progress=False)
+    assert report["invariants"].status == "ok" and report["counts"].status == "skipped"
+    assert "shortformer" in report["counts"].reason

@@ -151,7 +151,8 @@ def _canonical_scalar(left: Float[Tensor, "m d"], right: Float[Tensor, "d n"]) -
 def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str):
     """Apply per-KV-head gauges ``choose_ov(left, right)`` / ``choose_qk(left, right, rotary)`` to a
     copy of the model. ``left``/``right`` are the head group's *effective* factors (METHODS §2:
-    P diag(w) W_V and W_O P, P diag(w) W_Q and (P diag(w) W_K)ᵀ); the chosen matrix multiplies the
+    P diag(w) W_V and W_O P, P diag(w) W_Q and (P diag(w) W_K)ᵀ; a shortformer's plain W_Q and W_Kᵀ,
+    ``ModelAdapter.query_key_norm``); the chosen matrix multiplies the
     stored factors, which is the same gauge on the effective ones (P diag(w) (W_V A) = (P diag(w) W_V) A)."""
     adapter.check_finite()
     model = adapter.model if inplace else copy_model(adapter.model)
@@ -188,10 +189,11 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
             W_Q, W_K = w["W_Q"].clone(), w["W_K"].clone()
             b_Q = w["b_Q"].clone() if "b_Q" in w else None
             b_K = w["b_K"].clone() if "b_K" in w else None
+            qk_read = target.query_key_norm(layer)
             for kv in range(n_kv):
                 heads = slice(kv * group, (kv + 1) * group)
-                left = torch.cat(list(fold_reading(W_Q[heads], norm)), dim=0)  # [group·D, d]: every Q slice
-                B = choose_qk(left, fold_reading(W_K[kv], norm).mT, rotary)
+                left = torch.cat(list(fold_reading(W_Q[heads], qk_read)), dim=0)  # [group·D, d]: every Q slice
+                B = choose_qk(left, fold_reading(W_K[kv], qk_read).mT, rotary)
                 B_inv_T = torch.linalg.inv(B).mT
                 W_Q[heads] = W_Q[heads] @ B
                 W_K[kv] = W_K[kv] @ B_inv_T

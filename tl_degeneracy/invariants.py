@@ -109,10 +109,11 @@ def fold_bias(
     return b + torch.einsum("D,...Dd->...d", norm.b.to(b), W.to(torch.float64))
 
 
-def _per_layer(adapter: ModelAdapter, fn, *tensors: Tensor) -> Tensor:
-    """``fn(*layer_slices, ln1 norm of that layer)`` stacked over layers."""
-    return torch.stack([fn(*(t[layer] for t in tensors), adapter.norm_weights(layer, "ln1"))
-                        for layer in range(adapter.n_layers)])
+def _per_layer(adapter: ModelAdapter, fn, *tensors: Tensor, query_key: bool = False) -> Tensor:
+    """``fn(*layer_slices, norm of that layer)`` stacked over layers: ln1, or as the queries and keys
+    read it (``query_key``: ``ModelAdapter.query_key_norm``)."""
+    norm = adapter.query_key_norm if query_key else lambda layer: adapter.norm_weights(layer, "ln1")
+    return torch.stack([fn(*(t[layer] for t in tensors), norm(layer)) for layer in range(adapter.n_layers)])
 
 
 def ov_circuits(model) -> FactoredMatrix:
@@ -134,14 +135,19 @@ def qk_circuits(model, affine: bool = False) -> FactoredMatrix:
     whole score (x W_Q + b_Q)(x' W_K + b_K)ᵀ of x = n diag(w) + β. The norm's bias β enters only
     through the query and key biases, exactly as ``fold_ln`` folds it (:func:`fold_bias`). It is
     gauge-invariant too (b_Q → b_Q B, b_K → b_K B⁻ᵀ).
+
+    A shortformer model's queries and keys read x̃ = ln1(x) + W_pos[p], which spans R^D and carries
+    no fold: there QK_h = W_Q^h (W_K^h)ᵀ, the form on x̃ itself, and the affine form appends the
+    plain b_Q, b_K (``ModelAdapter.query_key_norm``; METHODS §2).
     """
     adapter = adapt(model)
-    adapter.refuse_shortformer("qk_circuits (and qk_invariants)")
     adapter.check_finite()
     aw = adapter.attention_weights()
-    W_Q, W_K = _per_layer(adapter, fold_reading, aw.W_Q), _per_layer(adapter, fold_reading, aw.W_K)
+    W_Q = _per_layer(adapter, fold_reading, aw.W_Q, query_key=True)
+    W_K = _per_layer(adapter, fold_reading, aw.W_K, query_key=True)
     if affine:
-        b_Q, b_K = _per_layer(adapter, fold_bias, aw.b_Q, aw.W_Q), _per_layer(adapter, fold_bias, aw.b_K, aw.W_K)
+        b_Q = _per_layer(adapter, fold_bias, aw.b_Q, aw.W_Q, query_key=True)
+        b_K = _per_layer(adapter, fold_bias, aw.b_K, aw.W_K, query_key=True)
         W_Q = torch.cat([W_Q, b_Q[:, :, None]], dim=-2)
         W_K = torch.cat([W_K, b_K[:, :, None]], dim=-2)
     return FactoredMatrix(W_Q, W_K.transpose(-1, -2))
@@ -272,7 +278,7 @@ def _invariant_rows(
     scales = product_scale(fm.A, fm.B).cpu()
     ranks = numerical_rank(S, rtol=rtol, scale=scales)
     group = adapter.n_heads // adapter.n_kv_heads
-    norm = adapter.norm_weights(0, "ln1").kind
+    norm = (adapter.query_key_norm(0) if circuit == "QK" else adapter.norm_weights(0, "ln1")).kind
     rows = []
     for layer in range(adapter.n_layers):
         for head in range(adapter.n_heads):
@@ -369,7 +375,8 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
 
 def qk_invariants(model, rtol: float | None = None, affine: bool = False) -> pd.DataFrame:
     """Invariants of the effective QK circuit P diag(w) W_Q (P diag(w) W_K)ᵀ per (layer, head)
-    (METHODS §2); the columns of :func:`ov_invariants`.
+    (METHODS §2; a shortformer's W_Q W_Kᵀ, :func:`qk_circuits`, its column ``norm`` None); the
+    columns of :func:`ov_invariants`.
 
     QK_h = W_Q^h (W_K^{kv(h)})ᵀ: under grouped-query attention the key head is shared by a group of
     query heads (column ``kv_head``), each with its own W_Q slice, and ``free_directions`` are the

@@ -300,7 +300,7 @@ class ModelAdapter(abc.ABC):
         """UnsupportedArchitectureError for a shortformer model (``positional_embedding_type=
         "shortformer"``), whose queries and keys read ln1(x) + W_pos while the values read ln1(x):
         ``what`` reads the query/key input as the norm's output, whose span lacks W_pos's directions
-        (audit 13a: a QK rank 7 where the 8th query direction moves the pattern by 0.15)."""
+        (audit 13a: rank_G 31 of 32 in ``degeneracy_counts``)."""
         if self.cfg.positional_embedding == "shortformer":
             raise UnsupportedArchitectureError(
                 f"{what} does not handle shortformer position embeddings: this {type(self.model).__name__} adds W_pos "
@@ -518,6 +518,19 @@ class ModelAdapter(abc.ABC):
             return NormWeights(None, None, None)
         w, b = self._layer_norm(layer % self.n_layers, ln)
         return NormWeights(kind, None if w is None else w.detach(), None if b is None else b.detach())
+
+    def query_key_norm(self, layer: int) -> NormWeights:
+        """The normalization as ``layer``'s queries and keys read it: ``norm_weights(layer, "ln1")``,
+        except in a shortformer model (``positional_embedding_type="shortformer"``), whose queries
+        and keys read ln1(x) + W_pos[p]. That input is neither mean-free nor w-scaled and spans
+        all of R^D, and TransformerLens cannot fold ln1 into W_Q/W_K there (``fold_ln`` is refused),
+        so the QK analyses read it whole: no norm to fold (NormWeights(None, None, None)), the
+        plain W_Q and W_K and their biases (audit 13a F2: P diag(w) W_Q missed the direction W_Q
+        reads through W_pos)."""
+        if self.cfg.positional_embedding == "shortformer":
+            self.norm_weights(layer, "ln1")  # the same checks of the layer and the norm's kind
+            return NormWeights(None, None, None)
+        return self.norm_weights(layer, "ln1")
 
     def mlp_weights(self) -> MLPWeights:
         """MLP weights of every layer (W_gate set for gated MLPs)."""
