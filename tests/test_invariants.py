@@ -729,16 +729,25 @@ def test_shortformer_gauges_keep_the_model_and_its_qk_invariants():
 
 
 @pytest.mark.skipif(not has_hooked_transformer(), reason="shortformer: HookedTransformer (TransformerLens 3.x) only")
-def test_shortformer_counts_are_refused_and_the_report_says_so():
-    """Audit 13a F3: degeneracy_counts reads the query/key input as ln1's output (rank_G 31 of 32 where
-    x̃ = ln1(x) + W_pos spans 32): refused with the reason; the report's invariants section runs
-    (review 35 #10: it was skipped whole, OV included) and its counts section is skipped."""
-    from tl_degeneracy.errors import UnsupportedArchitectureError
-
+def test_shortformer_counts_read_what_the_queries_keys_and_values_read():
+    """Audit 13a F3: degeneracy_counts read a shortformer's query/key input as ln1's output (rank_G 15
+    of 16: ln1(x) is mean-free up to its bias, x̃ = ln1(x) + W_pos[p] is not). W_Q and W_K now read
+    x̃ (their covariance: they have biases), W_V ln1(x); the report's counts section runs (it was
+    skipped, and its invariants section too, OV included: review 35 #10)."""
     model = _shortformer()
-    tokens = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UnsupportedArchitectureError, match="shortformer.*W_pos"):
-        tld.degeneracy_counts(model, tokens, progress=False)
+    tokens = torch.randint(0, 20, (6, 8), generator=torch.Generator().manual_seed(0))
+    counts = tld.degeneracy_counts(model, tokens, progress=False)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("ln1.hook_normalized",
+                                                                               "hook_pos_embed")))
+    ln1 = model.blocks[0].ln1
+    values = (cache["blocks.0.ln1.hook_normalized"] * ln1.w + ln1.b).double().reshape(-1, 16)
+    queries = values + cache["hook_pos_embed"].double().expand(6, 8, 16).reshape(-1, 16)
+
+    def rank(x):
+        return int(torch.linalg.matrix_rank(torch.cov(x.T), rtol=1e-6))
+
+    assert (rank(queries), rank(values)) == (16, 15)
+    rank_G = counts.groupby("map")["rank_G"].unique().map(list).to_dict()
+    assert rank_G["W_Q"] == [16] and rank_G["W_K"] == [16] and rank_G["W_V"] == [15]
     report = tld.degeneracy_report(model, tokens, sections=["invariants", "counts"], progress=False)
-    assert report["invariants"].status == "ok" and report["counts"].status == "skipped"
-    assert "shortformer" in report["counts"].reason
+    assert report["invariants"].status == "ok" and report["counts"].status == "ok"

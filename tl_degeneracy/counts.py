@@ -11,7 +11,8 @@ Maps and where their statistics come from (one activation pass, one Jacobian-pro
 ====================  ===========================================  =================================
 map                   input f (G)                                  output (K)
 ====================  ===========================================  =================================
-W_Q^h                 attention input (normalized residual)        hook_q, head h
+W_Q^h                 attention input (normalized residual;        hook_q, head h
+                      shortformer: + hook_pos_embed, W_K too)
 W_K^kv, W_V^kv        attention input                              hook_k / hook_v, KV head kv
 W_O^h                 hook_z, head h                               hook_attn_out (sum over heads)
 W_in (W_gate)         MLP input (normalized residual)              hook_pre_linear (hook_pre)
@@ -183,40 +184,61 @@ def input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumula
     return moment
 
 
-def _input_moments(adapter: ModelAdapter, batches, hooks: list[str],
-                   progress: bool) -> tuple[dict[str, MomentAccumulator], dict[str, MomentAccumulator]]:
+def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: bool,
+                   query_key: dict[str, tuple[Tensor | None, Tensor | None]] | None = None,
+                   ) -> tuple[dict, dict]:
     """Uncentred moments of the normalized block inputs, and those of the data's even-numbered
     sequences alone (for ``data_limited``), counting each hook's first firing per forward pass only:
     HookedTransformer applies ``ln1`` separately to the query, key and value inputs (three firings
-    of one hook with identical values), which ``activation_stats`` refuses."""
-    accs: dict[str, MomentAccumulator] = {}
-    halves: dict[str, MomentAccumulator] = {}
+    of one hook with identical values), which ``activation_stats`` refuses.
+
+    ``query_key`` (a shortformer model): for each of its hooks, with the (w, b) of
+    :func:`block_input_affine`, also the moments of what the queries and keys read,
+    x̃ = n·w + b + the position embedding (``hook_pos_embed``, as the model adds it, padding offsets
+    included), keyed ``(hook, "query_key")``."""
+    query_key = query_key or {}
+    accs: dict = {}
+    halves: dict = {}
+    keys = [*hooks, *((n, "query_key") for n in hooks if n in query_key)]
 
     def on_batch(step: Step) -> None:
         seen: set[str] = set()
+        pos: dict[str, Tensor] = {}
+
+        def add(key, act: Tensor, unit) -> None:
+            rows = step.index.rows(act, unit).reshape(-1, 1, act.shape[-1])
+            if key not in accs:  # also on a rank without batches (step.count False): it joins the reduction
+                accs[key] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
+                halves[key] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
+            if step.count:
+                step.flags[key] = accs[key].update(rows)
+                halves[key].update(rows[step.index.half(unit)])
 
         def keep(name):
             def hook(act: Tensor, hook=None) -> None:
                 if name in seen:
                     return
                 seen.add(name)
+                act = act.detach()
                 unit = step.index.unit(tuple(act.shape), name)
-                rows = step.index.rows(act.detach(), unit).reshape(-1, 1, act.shape[-1])
-                if name not in accs:  # also on a rank without batches (step.count False): it joins the reduction
-                    accs[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
-                    halves[name] = MomentAccumulator(1, rows.shape[-1], device=adapter.device)
-                if step.count:
-                    step.flags[name] = accs[name].update(rows)
-                    halves[name].update(rows[step.index.half(unit)])
+                add(name, act, unit)
+                if name in query_key:
+                    w, b = query_key[name]
+                    x = act * (1 if w is None else w.to(act)) + (0 if b is None else b.to(act))
+                    add((name, "query_key"), x + pos["embed"].to(act), unit)
 
             return hook
 
-        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=[(n, keep(n)) for n in hooks])
+        def keep_pos(act: Tensor, hook=None) -> None:
+            pos["embed"] = act.detach()
+
+        fwd = [("hook_pos_embed", keep_pos)] if query_key else []
+        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=fwd + [(n, keep(n)) for n in hooks])
         silent = [n for n in hooks if n not in seen]
         if silent:
             raise MissingHookError(f"hook(s) {silent} did not fire on this {type(adapter.model).__name__}")
 
-    stream(adapter.device, batches, on_batch, reduce=lambda: [*(accs[n] for n in hooks), *(halves[n] for n in hooks)],
+    stream(adapter.device, batches, on_batch, reduce=lambda: [*(accs[k] for k in keys), *(halves[k] for k in keys)],
            desc="degeneracy_counts", progress=progress, what="activation")  # the same order on every rank
     return accs, halves
 
@@ -304,7 +326,6 @@ def degeneracy_counts(
     refuse_inference_mode("degeneracy_counts")  # before the activation passes, not after them
     rtol, _ = check_tolerances(rtol)
     adapter = adapt(model)
-    adapter.refuse_shortformer("degeneracy_counts")
     mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
     batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")
     L, H, n_kv, D, d = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_model, adapter.d_head
@@ -331,7 +352,10 @@ def degeneracy_counts(
                  n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
                  held=counts_held(adapter))  # the activation passes' Grams, the split-half checks' Grams
 
-    inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress)
+    # A shortformer's queries and keys read ln1(x) + W_pos[p], its values ln1(x) (METHODS §2).
+    shortformer = adapter.cfg.positional_embedding == "shortformer"
+    query_key = {attn_in[layer]: block_input_affine(adapter, layer, "ln1") for layer in range(L)} if shortformer else None
+    inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress, query_key)
     acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
                          seed=seed, per_head=True, progress=progress, halves="first", half=True)
@@ -395,9 +419,17 @@ def degeneracy_counts(
         bias = adapter.map_biases(layer)
         input_ranks: dict[tuple[str, bool], tuple[int, bool]] = {}
 
-        def input_rank(ln: str, centered: bool) -> tuple[int, bool]:
+        def input_rank(ln: str, centered: bool, queries_keys: bool = False) -> tuple[int, bool]:
+            """rank_G of a block input (its band, and whether it grows with the data); ``queries_keys``:
+            the input the queries and keys read (a shortformer's x̃, whose moments hold x̃ itself)."""
+            hook = (attn_in if ln == "ln1" else mlp_in)[layer]
+            if queries_keys and shortformer:
+                if ("x̃", centered) not in input_ranks:
+                    whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
+                    of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
+                    input_ranks["x̃", centered] = g_rank(of(whole), of(half))
+                return input_ranks["x̃", centered]
             if (ln, centered) not in input_ranks:
-                hook = (attn_in if ln == "ln1" else mlp_in)[layer]
                 input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
                                                    input_moment(adapter, layer, ln, input_halves[hook], centered))
             return input_ranks[ln, centered]
@@ -406,9 +438,9 @@ def degeneracy_counts(
         z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
         out_K = k_rank(attn_out[layer])
         for h in range(H):
-            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"]), k_rank(("q", layer), h), D, d, bias["W_Q"])
+            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"])
         for kv in range(n_kv):
-            add("W_K", layer, kv, input_rank("ln1", bias["W_K"]), k_rank(("k", layer), kv), D, d, bias["W_K"])
+            add("W_K", layer, kv, input_rank("ln1", bias["W_K"], True), k_rank(("k", layer), kv), D, d, bias["W_K"])
             add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"])
         for h in range(H):
             add("W_O", layer, h, g_rank(z_G[h], z_half[h]), out_K, d, D, bias["W_O"])

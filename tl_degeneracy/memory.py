@@ -269,10 +269,12 @@ def counts_held(adapter) -> int:
 
 def counts_grams(adapter) -> int:
     """Bytes of ``degeneracy_counts``' activation-pass Grams (float64: z per head, the MLP output,
-    both blocks' inputs, per layer), which stay alive during its Jacobian pass."""
+    the blocks' inputs per layer: the attention's, the MLP's where there is one, and a shortformer's
+    query/key input), which stay alive during its Jacobian pass."""
     c = adapter.cfg
     F, H, d, D = c.d_mlp or 0, c.n_heads or 0, c.d_head or 0, c.d_model
-    return c.n_layers * (F * F + H * d * d + 2 * D * D) * 8
+    inputs = 1 + (F > 0) + (c.positional_embedding == "shortformer")
+    return c.n_layers * (F * F + H * d * d + inputs * D * D) * 8
 
 
 def hook_width(adapter, kind: str | None, name: str = "") -> int:

@@ -296,17 +296,6 @@ class ModelAdapter(abc.ABC):
             f"byte-level (d_vocab={self.d_vocab}, not 256); pass token ids (a LongTensor [batch, pos]) instead"
         )
 
-    def refuse_shortformer(self, what: str) -> None:
-        """UnsupportedArchitectureError for a shortformer model (``positional_embedding_type=
-        "shortformer"``), whose queries and keys read ln1(x) + W_pos while the values read ln1(x):
-        ``what`` reads the query/key input as the norm's output, whose span lacks W_pos's directions
-        (audit 13a: rank_G 31 of 32 in ``degeneracy_counts``)."""
-        if self.cfg.positional_embedding == "shortformer":
-            raise UnsupportedArchitectureError(
-                f"{what} does not handle shortformer position embeddings: this {type(self.model).__name__} adds W_pos "
-                "to the queries' and keys' input only, and the analysis reads that input as ln1's output, which lacks "
-                "W_pos's directions, so its W_Q/W_K ranks and free directions would be wrong")
-
     # ------------------------------------------------------------------ hooks
     @abc.abstractmethod
     def _hook_template(self, kind: str) -> str:
