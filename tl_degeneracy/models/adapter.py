@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import DataError, MissingHookError, NumericalError, UnsupportedArchitectureError
+from ..errors import DataError, MissingHookError, NumericalError
 from .chains import ChainMap
 from .config import ModelConfig
 from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS, TL_HOOK_TEMPLATES
