@@ -990,3 +990,61 @@ def test_blocks_and_input_ranks_that_still_change_with_the_data_are_said():
     frame = heads.to_frame()
     assert frame["data_limited"].tolist() == [bool(heads.data_limited[layer]) for layer in frame["layer"]]
     assert heads.to_dict()["data_limited_layers"] == np.flatnonzero(heads.data_limited).tolist()
+
+
+# ------------------------------------------------------------------------------ half precision (audit 14b F1)
+def _gpt2_pair(directory, overlap: bool):
+    """Tiny GPT-2 whose layer-0 heads 0 and 1 share W_Q, W_K, b_Q, b_K (identical patterns) and either
+    are exact copies (values and W_O too) or share 4 of their 8 value columns (``overlap``)."""
+    from .fixtures.hf import make_hf_model, tiny_tokenizer
+
+    hf, D, d = make_hf_model("gpt2").cpu(), 32, 8
+    with torch.no_grad():
+        attn = hf.transformer.h[0].attn
+        W, b = attn.c_attn.weight, attn.c_attn.bias
+        for off in (0, D):  # q, k
+            W[:, off + d : off + 2 * d] = W[:, off : off + d]
+            b[off + d : off + 2 * d] = b[off : off + d]
+        v = 2 * D
+        if overlap:
+            W[:, v + d : v + d + 4] = W[:, v : v + 4]
+        else:
+            W[:, v + d : v + 2 * d] = W[:, v : v + d]
+            b[v + d : v + 2 * d] = b[v : v + d]
+            attn.c_proj.weight[d : 2 * d] = attn.c_proj.weight[:d]
+    hf.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sync_counts_carry_a_band_that_holds_the_exact_count(tmp_path, dtype):
+    """Two heads with one pattern whose values overlap in 4 of 8 dimensions: (3.3)–(3.4) give
+    J_apart = 2(31·8 + 31·8 − 64) = 864 and J_sync = 31·16 + 31·12 − 12·16 = 676, extra freedom 188,
+    which float32 reads. In bf16/fp16 the rounding of the values counted as 4 more value directions
+    (s 16) and the count read 128, stated as exact. Now the count at the rounding level bounds it
+    (128–188), with a HalfPrecisionWarning, columns, repr and to_dict saying so. An exact copy read
+    D_in 32 (> D − 1 = 31 under LayerNorm) and 440 where it is 432: D_in is capped."""
+    tokens = torch.randint(3, 100, (16, 16), generator=torch.Generator().manual_seed(5))
+    tokens[:, 0] = 1
+    overlap = _gpt2_pair(tmp_path / "overlap", overlap=True)
+    exact = head_synchronization(tld.load_model(overlap, device="cpu", dtype=torch.float32), tokens, tol=1e-6,
+                                 progress=False)
+    assert exact.to_frame().iloc[0]["extra_freedom"] == 188 and exact.extra_freedom_band == (188, 188)
+    assert not exact.half_precision
+    with pytest.warns(tld.HalfPrecisionWarning, match=r"extra freedom of 1 block\(s\) differs .*total 128–188"):
+        half = head_synchronization(tld.load_model(overlap, device="cpu", dtype=dtype), tokens, tol=1e-6,
+                                    progress=False)
+        row = half.to_frame().iloc[0]
+    lo, hi = row["extra_freedom_min"], row["extra_freedom_max"]
+    assert lo <= 188 <= hi and lo < hi and half.extra_freedom_band == (lo, hi)
+    assert half.half_precision and "extra_freedom_band" in repr(half)
+    assert half.to_dict()["extra_freedom_band"] == (lo, hi) and half.to_dict()["half_precision"]
+    copy_ = head_synchronization(tld.load_model(_gpt2_pair(tmp_path / "copy", overlap=False), device="cpu",
+                                                dtype=dtype), tokens, tol=1e-6, progress=False)
+    assert copy_.input_rank[0] == 31 and copy_.to_frame().iloc[0]["extra_freedom"] == 8 * (31 + 31 - 8)
+    # the same cap in the counts: W_Q's input covariance (GPT-2's q has a bias) read 32 of D = 32 in half precision
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = tld.degeneracy_counts(tld.load_model(overlap, device="cpu", dtype=dtype), tokens, progress=False)
+    assert counts.loc[counts["map"].isin(["W_Q", "W_K", "W_V"]), "rank_G"].max() == 31

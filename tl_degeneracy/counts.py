@@ -72,7 +72,7 @@ from .stats.samples import SampleIndex
 from .stats.stream import Step, stream
 
 __all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", "block_input_affine", "block_input_hook",
-           "counted_batches", "degeneracy_counts", "input_moment", "warn_sample_limited"]
+           "counted_batches", "degeneracy_counts", "input_moment", "input_rank_bound", "warn_sample_limited"]
 
 
 class SampleLimitedWarning(UserWarning):
@@ -165,6 +165,16 @@ def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tens
         return None, None
     norm = adapter.norm_weights(layer, ln)
     return norm.w, norm.b
+
+
+def input_rank_bound(adapter: ModelAdapter, centered: bool) -> int:
+    """The most directions the covariance (``centered``) or uncentred Gram of a block input x = n·w + b
+    can have: D − 1 for the covariance under LayerNorm (n is mean-free, so Cov(x) = diag(w) Cov(n)
+    diag(w) has rank ≤ D − 1), D otherwise. A half-precision forward's rounding fills the missing
+    direction above float32's cut-off (audit 14b: D_in 32 of D = 32 on a bfloat16 bridge), which
+    the analyses cap here rather than count. Not for a shortformer's query/key input x̃ = x + W_pos[p]."""
+    return adapter.d_model - int(centered and adapter.cfg.normalization is not None
+                                 and adapter.norm_weights(0, "ln1").kind == "layernorm")
 
 
 def input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumulator, centered: bool) -> Tensor:
@@ -379,11 +389,12 @@ def degeneracy_counts(
     def rank(m: Tensor) -> int:
         return band(m)[1]
 
-    def g_rank(whole: Tensor, half: Tensor) -> tuple[tuple[int, int, int], bool]:
-        """rank_G (its band), and whether the data's even-numbered sequences alone give a lower one:
-        the rank is still growing with the data."""
-        b = band(whole)
-        return b, rank(half) < b[1]
+    def g_rank(whole: Tensor, half: Tensor, most: int | None = None) -> tuple[tuple[int, int, int], bool]:
+        """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
+        alone give a lower one: the rank is still growing with the data."""
+        most = whole.shape[-1] if most is None else most
+        b = tuple(min(r, most) for r in band(whole))
+        return b, min(rank(half), most) < b[1]
 
     def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
         """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
@@ -431,7 +442,8 @@ def degeneracy_counts(
                 return input_ranks["x̃", centered]
             if (ln, centered) not in input_ranks:
                 input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
-                                                   input_moment(adapter, layer, ln, input_halves[hook], centered))
+                                                   input_moment(adapter, layer, ln, input_halves[hook], centered),
+                                                   input_rank_bound(adapter, centered))
             return input_ranks[ln, centered]
 
         z = acts[("z", layer)]

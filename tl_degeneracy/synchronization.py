@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -33,14 +33,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .counts import block_input_hook, counted_batches, input_moment
+from .counts import block_input_hook, counted_batches, input_moment, input_rank_bound
 from .distributed import warn_once
 from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
 from .models.adapt import adapt
 from .models.selection import circuit_parameters
-from .numerics import DataLimitedWarning, activation_precision, check_tolerances, numerical_rank, warn_data_limited
+from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, numerical_rank,
+                       rounding_rtol, warn_data_limited)
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -148,7 +149,8 @@ def _sync_repr(name: str, unit: str, result) -> str:
     limited = np.flatnonzero(result.data_limited).tolist()
     verdicts = ([result.approximation] if result.approximation else []) + (
         [f"{changing} formed otherwise on half of the data"] if changing else []) + (
-        [f"D_in still growing with the data at layer(s) {limited}"] if limited else [])
+        [f"D_in still growing with the data at layer(s) {limited}"] if limited else []) + (
+        ["half-precision forward: each count lies in a band (extra_freedom_band)"] if result.half_precision else [])
     return (f"{name}({len(sizes)} synchronized {unit} block(s) of {sum(sizes)} {unit}s over {len(result.blocks)} "
             f"layers at tol {result.tol:g}, {result.n_samples:,} samples" + "".join(f"; {v}" for v in verdicts)
             + "; counts: to_frame())")
@@ -171,6 +173,57 @@ class _HalfDataChecks:
     def changing_blocks(self) -> int:
         """Blocks of ≥ 2 units that half of the data does not form alike (0 when not compared)."""
         return _unsettled_blocks(self)[0]
+
+
+class _RoundingBand:
+    """A synchronization result of a half-precision model (``noise_rtol``: the forward's rounding
+    level on Gram eigenvalues, ``numerics.rounding_rtol``; None otherwise) counted twice: at the rank
+    rule's cut-off, and at that rounding level (``input_rank_noise``: D_in there). The rule's
+    float32 cut-off counts rounding as directions (audit 14b: two heads whose values overlap in 4
+    dimensions read s 16 where it is 12, extra freedom 128 where it is 188), so a count that differs
+    between the two is known only to lie between them (``extra_freedom_min`` / ``_max``)."""
+
+    @property
+    def half_precision(self) -> bool:
+        """Whether the model computed in float16/bfloat16, so that the counts carry a rounding band."""
+        return self.noise_rtol is not None
+
+    def _at_rounding(self):
+        """This result with its activation ranks cut at the rounding level (None when not half precision)."""
+        if self.noise_rtol is None:
+            return None
+        return replace(self, rank_rtol=self.noise_rtol, input_rank=self.input_rank_noise, noise_rtol=None,
+                       input_rank_noise=None)
+
+    @staticmethod
+    def _banded(frame: pd.DataFrame, other: pd.DataFrame | None) -> pd.DataFrame:
+        """``frame`` with extra_freedom_min / extra_freedom_max: the smaller and larger of its count and
+        ``other``'s (the same blocks counted at the rounding level; equal to the count without one)."""
+        counts = frame["extra_freedom"]
+        there = counts if other is None else other["extra_freedom"].set_axis(frame.index)
+        both = pd.concat([counts, there], axis=1)
+        frame["extra_freedom_min"] = both.min(axis=1, skipna=False).astype("Int64")
+        frame["extra_freedom_max"] = both.max(axis=1, skipna=False).astype("Int64")
+        return frame
+
+    def _warn_band(self, caller: str, frame: pd.DataFrame) -> None:
+        """A :class:`HalfPrecisionWarning` where a half-precision model's counts move between the cut-offs."""
+        moved = frame[frame["extra_freedom_min"] != frame["extra_freedom_max"]].dropna(subset=["extra_freedom"])
+        if len(moved):
+            lo, hi = int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
+            warn_once(f"{caller}: the model computes in half precision, and the extra freedom of {len(moved)} "
+                      f"block(s) differs between the rank rule's float32 cut-off and the forward's rounding level "
+                      f"(total {lo:,}–{hi:,}; columns extra_freedom_min/max): the count is known only to lie between; "
+                      "load the model in float32 for one count", HalfPrecisionWarning, stacklevel=4)
+
+    @property
+    def extra_freedom_band(self) -> tuple[int, int] | None:
+        """(smallest, largest) total extra freedom at the two cut-offs (equal without half precision;
+        None where a count is not exact)."""
+        frame = self.to_frame()
+        if self.extra_freedom is None:
+            return None
+        return int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
 
 
 def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
@@ -525,7 +578,7 @@ _COUNT_COLUMNS = ("n_params", "j_apart", "j_sync", "free_block", "free_separate"
 
 
 @dataclass(eq=False)
-class HeadSyncResult(_HalfDataChecks):
+class HeadSyncResult(_HalfDataChecks, _RoundingBand):
     """Head synchronization (METHODS §3). ``distance`` [L, H, H]: mean total-variation distance between
     the attention patterns of two heads over counted (sequence, query position) samples; ``blocks``:
     per layer, the synchronized blocks (lists of heads); ``value_gram`` [L, n_kv·d, n_kv·d]: uncentred
@@ -536,7 +589,8 @@ class HeadSyncResult(_HalfDataChecks):
     (D − 1 under LayerNorm, else D). ``rank_rtol`` is the caller's relative eigenvalue cut-off for
     activation ranks, or None for the package's rule at ``precision`` (activation_precision of the model).
     ``half_blocks``: the blocks that the data's even-numbered sequences alone form (``to_frame``'s
-    on_half; ``changing_blocks``)."""
+    on_half; ``changing_blocks``). ``noise_rtol``, ``input_rank_noise``: a half-precision model's
+    rounding band (:class:`_RoundingBand`)."""
 
     distance: Float[np.ndarray, "layer head head"]
     tol: float
@@ -556,6 +610,8 @@ class HeadSyncResult(_HalfDataChecks):
     ov_parameters: list[bool] | None = None
     half_blocks: list[list[list[int]]] | None = None
     input_rank_half: Int[np.ndarray, " layer"] | None = None
+    noise_rtol: float | None = None
+    input_rank_noise: Int[np.ndarray, " layer"] | None = None
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -633,7 +689,9 @@ class HeadSyncResult(_HalfDataChecks):
         block's component: blocks joined through query heads of one KV head, METHODS §3), count_exact,
         and the component's counts (METHODS (3.5a)–(3.5c)): n_params (its W_V and W_O entries, each
         stored value head once), j_apart, j_sync, free_block = n_params − j_sync, free_separate =
-        n_params − j_apart, extra_freedom = j_apart − j_sync.
+        n_params − j_apart, extra_freedom = j_apart − j_sync, and extra_freedom_min / extra_freedom_max:
+        for a half-precision model the smaller and larger of the count at the rank rule's cut-off and
+        at the forward's rounding level (:class:`_RoundingBand`), else both the count.
 
         The counts belong to a component, not a block (blocks that share a KV head are coupled), so
         they stand on one row of the component, its first block of ≥ 2 heads (else its first block),
@@ -671,8 +729,11 @@ class HeadSyncResult(_HalfDataChecks):
                              "data_limited": bool(self.data_limited[layer]), "component": heads_of_component, **counts})
         columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
                    "input_rank", "data_limited", "component", "count_exact", *_COUNT_COLUMNS]
-        frame = pd.DataFrame(rows, columns=columns)
-        return frame.astype({c: "Int64" for c in _COUNT_COLUMNS})
+        frame = pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in _COUNT_COLUMNS})
+        rounded = self._at_rounding()
+        frame = self._banded(frame, None if rounded is None else rounded._frame)
+        self._warn_band("head_synchronization", frame)
+        return frame
 
     @property
     def extra_freedom(self) -> int | None:
@@ -714,6 +775,7 @@ class HeadSyncResult(_HalfDataChecks):
         frame = self._frame
         return {"kind": "head_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "rank_rtol": self.rank_rtol, "precision": str(self.precision).removeprefix("torch."),
+                "half_precision": self.half_precision, "extra_freedom_band": self.extra_freedom_band,
                 "approximate": self.approximate, "count_exact": bool(frame["count_exact"].all()),
                 "changing_blocks": self.changing_blocks, "data_limited_layers": np.flatnonzero(self.data_limited).tolist(),
                 "distance": self.distance.tolist(), "blocks": frame.to_dict(orient="records")}
@@ -887,9 +949,14 @@ def head_synchronization(
     covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
     precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
     rtol = None if rank_rtol is None else float(rank_rtol)
-    input_rank, input_rank_half = (
-        np.array([_gram_rank(input_moment(adapter, layer, "ln1", accs[layer], centered=True).cpu(), precision, rtol)
-                  for layer in range(L)], dtype=np.int64) for accs in (inputs, inputs_half))
+    noise = rounding_rtol(adapter.dtype, gram=True) if rtol is None else None  # the half-precision band
+    most = input_rank_bound(adapter, centered=True)
+
+    def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
+        return np.array([min(_gram_rank(input_moment(adapter, layer, "ln1", accs[layer], centered=True).cpu(),
+                                        precision, cut), most) for layer in range(L)], dtype=np.int64)
+
+    input_rank, input_rank_half = d_in(inputs, rtol), d_in(inputs_half, rtol)
     kv_rank = np.array([
         [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol, covs.shape[-1])
          for kv in range(n_kv)]
@@ -905,7 +972,8 @@ def head_synchronization(
         n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
         input_rank=input_rank, W_O=W_O, d_out=D - int(norms[0].kind == "layernorm"), precision=precision,
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
-        half_blocks=half_blocks, input_rank_half=input_rank_half,
+        half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
+        input_rank_noise=None if noise is None else d_in(inputs, noise),
     )
     warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
     return result
@@ -930,7 +998,7 @@ _RATIOS = {
 
 
 @dataclass(eq=False)
-class NeuronSyncResult(_HalfDataChecks):
+class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     """Neuron synchronization (METHODS §3). ``output_distance`` [L, F, F]: the output-weighted distance
     (3.6a), our reading of paper eq. 20 (:class:`_FiringMismatch`): (E[g_i² (r_i − r_j)²] + E[g_j²
     (r_i − r_j)²]) / (E[f_i²] + E[f_j²]) over counted samples, r = f/p the firing pattern and g = f/r
@@ -971,6 +1039,8 @@ class NeuronSyncResult(_HalfDataChecks):
     positions: object = field(repr=False, default=None)
     half_blocks: list[list[list[int]]] | None = None
     input_rank_half: Int[np.ndarray, " layer"] | None = None
+    noise_rtol: float | None = None
+    input_rank_noise: Int[np.ndarray, " layer"] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, firing_distance: float) -> int:
@@ -1081,7 +1151,10 @@ class NeuronSyncResult(_HalfDataChecks):
         count_exact is False and extra_freedom <NA> for a gated MLP (:meth:`freedom`) and where J_sync
         has no closed form and the block exceeds DENSE_Y_LIMIT; count_exact is False with the count
         an upper bound where the block's W_out rows are dependent and it fires on only part of the
-        samples (the count then takes the input's rank over all samples)."""
+        samples (the count then takes the input's rank over all samples). extra_freedom_min /
+        extra_freedom_max: for a half-precision model the smaller and larger of the count at the
+        rank rule's cut-off and at the forward's rounding level (:class:`_RoundingBand`), else both
+        the count."""
         return self._frame(singletons).copy()
 
     def _frame(self, singletons: bool) -> pd.DataFrame:
@@ -1108,6 +1181,10 @@ class NeuronSyncResult(_HalfDataChecks):
         columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "data_limited", "s_block",
                    "count_exact", "extra_freedom"]
         frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
+        rounded = self._at_rounding()
+        frame = self._banded(frame, None if rounded is None else rounded._frame(singletons))
+        if not self._frames:  # once per result
+            self._warn_band("neuron_synchronization", frame)
         inexact = frame[~frame["count_exact"].astype(bool)]
         if len(inexact) and not self._frames:  # once per result
             why = ("a gated MLP's block computes r·Σ_k w_k g_k l_k, quadratic in the input, which the bilinear "
@@ -1140,6 +1217,7 @@ class NeuronSyncResult(_HalfDataChecks):
         frame = self._frame(False)
         return {"kind": "neuron_synchronization", "tol": self.tol, "n_samples": self.n_samples,
                 "act_fn": self.act_fn, "approximate": self.approximate, "approximation": self.approximation,
+                "half_precision": self.half_precision, "extra_freedom_band": self.extra_freedom_band,
                 "count_exact": bool(frame["count_exact"].all()), "changing_blocks": self.changing_blocks,
                 "data_limited_layers": np.flatnonzero(self.data_limited).tolist(), "blocks": frame.to_dict(orient="records")}
 
@@ -1318,9 +1396,14 @@ def neuron_synchronization(
     rtol = None if rank_rtol is None else float(rank_rtol)
     # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
     in_bias = bool(adapter.map_biases(0)["W_in"])
-    input_rank, input_rank_half = (
-        np.array([_gram_rank(input_moment(adapter, layer, "ln2", accs[layer], centered=in_bias).cpu(), precision, rtol)
-                  + int(in_bias) for layer in range(L)], dtype=np.int64) for accs in (x_acc, x_half))
+    noise = rounding_rtol(adapter.dtype, gram=True) if rtol is None else None  # the half-precision band
+    most = input_rank_bound(adapter, centered=in_bias)
+
+    def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
+        return np.array([min(_gram_rank(input_moment(adapter, layer, "ln2", accs[layer], centered=in_bias).cpu(),
+                                        precision, cut), most) + int(in_bias) for layer in range(L)], dtype=np.int64)
+
+    input_rank, input_rank_half = d_in(x_acc, rtol), d_in(x_half, rtol)
     norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
     W_out = adapter.mlp_weights().W_out
     W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
@@ -1329,7 +1412,8 @@ def neuron_synchronization(
         n_samples=n_samples, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
         fire_rate=fire_rate, input_rank=input_rank, W_out=W_out,
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
-        positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half,
+        positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
+        input_rank_noise=None if noise is None else d_in(x_acc, noise),
     )
     warn_unsettled("neuron_synchronization", result, batches.n_sequences, "j_apart and j_sync")
     return result

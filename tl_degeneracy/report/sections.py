@@ -111,11 +111,13 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         tables={"head_blocks": heads},
         figures={"head_distance": hs.plot()},
         values={"head_distance": hs.distance, "head_synchronized_blocks": len(synced),
-                "head_extra_freedom": hs.extra_freedom, "head_sync_approximation": hs.approximation,
+                "head_extra_freedom": hs.extra_freedom, "head_extra_freedom_band": hs.extra_freedom_band,
+                "head_sync_approximation": hs.approximation,
                 "head_changing_blocks": hs.changing_blocks, "head_data_limited_layers": int(hs.data_limited.sum()),
                 "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
-    headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)})"
+    headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)}"
+                f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom)})"
                 f"{_approximate_label(hs.approximation)}"
                 f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()))}")
     try:
@@ -128,14 +130,15 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         out.tables["neuron_blocks"] = neurons
         out.values.update({"neuron_synchronized_blocks": len(neurons),
                            "neurons_in_blocks": int(neurons["size"].sum()),
-                           "neuron_extra_freedom": ns.extra_freedom,
+                           "neuron_extra_freedom": ns.extra_freedom, "neuron_extra_freedom_band": ns.extra_freedom_band,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
                            "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks,
                            "neuron_data_limited_layers": int(ns.data_limited.sum())})
         total = ctx.adapter.n_layers * ctx.adapter.d_mlp
         if len(neurons):
             headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
-                         f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')})"
+                         f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')}"
+                         f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom)})"
                          f"{_approximate_label(ns.approximation)}"
                          f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()))}")
         else:
@@ -161,6 +164,15 @@ def _cutoff_band_text(band, count: int, factor: float, sep: str = "; ") -> str:
     if band is None or list(band) == [count, count]:
         return ""
     return f"{sep}{band[0]:,}–{band[1]:,} with the rank cut-off {factor:g}× higher or lower (no spectral gap there)"
+
+
+def _rounding_band_text(band, count: int | None) -> str:
+    """A half-precision model's synchronization count as a band: the count at float32's cut-off and at
+    the forward's rounding level ("" where they agree or a report predates the band)."""
+    if band is None or count is None or list(band) == [count, count]:
+        return ""
+    return (f", between {band[0]:,} and {band[1]:,}: the half-precision forward's rounding moves it (the count at "
+            "float32's rank cut-off and at the rounding level)")
 
 
 def _extra_freedom_text(extra: int | None, unit: str = "head") -> str:
@@ -587,6 +599,7 @@ def _synchronization_verdict(v: dict) -> str:
     text = ("no synchronized heads" if not blocks else
             f"{blocks} synchronized head block(s), "
             + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None))
+            + _rounding_band_text(v.get("head_extra_freedom_band"), extra)
             + _approximate_label(v.get("head_sync_approximation", "")))
     # absent from older reports: 0
     text += _changing_text(v.get("head_changing_blocks", 0), blocks, v.get("head_data_limited_layers", 0))
@@ -597,6 +610,7 @@ def _synchronization_verdict(v: dict) -> str:
         extra = v.get("neuron_extra_freedom", 0)
         text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
                  + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None, "neuron"))
+                 + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra)
                  + _approximate_label(why)
                  + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0)))
     return text
