@@ -4,7 +4,9 @@ Tolerances come from the method's own error: the predicted step-size bias (exact
 quadratic) plus a few Monte-Carlo standard errors; for the deep linear networks the issue's 10 %.
 """
 
+import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -187,6 +189,44 @@ def test_an_n_eff_above_the_parameter_count_is_flagged():
     assert res.n_eff > res.n_params and res.diagnostics["bias_bound"] == math.inf
     text = VERDICTS["llc"]({**res.summary(), "loss_scale": res.loss_scale})
     assert "N_eff above the parameter count" in text and "without bound" in text
+    assert "without bound" in repr(res) and "N_eff above the parameter count" in repr(res)
+    # Audit 14a F5: a failure that reads low makes no lower bound where the step size raises λ̂ without bound.
+    rising = dataclasses.replace(res, converged=False, diagnostics={
+        **res.diagnostics, "convergence": {**res.diagnostics["convergence"], "lower_bound": True}})
+    assert not rising.lower_bound
+
+
+def test_a_regular_models_n_eff_at_the_predicted_bias_is_not_flagged():
+    """Audit 14a F10: λ = d/2 for a full-rank regression, so the automatic step size's own 4 % bias put
+    every default run at N_eff ≈ 1.04 d, and each warned "pass a smaller step_size"."""
+    model, x = linear_regression()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(model, x, progress=False)
+    assert res.converged and res.n_eff > res.n_params  # 10.54 at this seed
+    assert res.n_eff <= res.n_params * (1 + res.diagnostics["bias_bound"]) + 2 * res.n_eff_stderr
+    assert not [w for w in caught if "exceeds the 10 sampled parameters" in str(w.message)]
+    assert "parameter count" not in repr(res)
+
+
+def test_a_half_precision_module_takes_inputs_of_its_own_dtype():
+    """Audit 14a F6: the weights were widened to float32, its bfloat16 inputs were not (a raw dtype error)."""
+    model, x = linear_regression()
+    ref = behavioral_llc(model, x.bfloat16().float(), chains=2, draws=100, burnin=50, step_size=1e-5, progress=False,
+                         loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = behavioral_llc(model.bfloat16(), x.bfloat16(), chains=2, draws=100, burnin=50, step_size=1e-5,
+                              progress=False, loss="mse")
+    assert half.llc == pytest.approx(ref.llc, rel=0.05)
+
+
+def test_kl_on_one_output_per_sample_is_refused():
+    """Audit 14a F7: softmax over one logit is 1 whatever θ, so L_B ≡ 0 and λ̂ read 0 ± 0 with advice
+    to sample longer."""
+    model, x = linear_regression()
+    with pytest.raises(ValueError, match="one output per sample: its softmax is 1 for every θ.*loss='mse'"):
+        behavioral_llc(model, x, loss="kl", progress=False)
 
 
 def test_a_step_size_far_below_the_rule_is_said():
@@ -198,7 +238,6 @@ def test_a_step_size_far_below_the_rule_is_said():
     with pytest.warns(RuntimeWarning, match=r"^λ̂\(ε = 0.001, γ = 1\): the step size \S+ is \d+× below the \S+ that the bias "
                                             r"target 0.05 allows at the run's λ̂ = [\d.]+: .*raise pilot_steps"):
         short = behavioral_llc(model, x, pilot_steps=3, **kw)
-    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*that the bias target")

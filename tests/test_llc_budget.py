@@ -114,6 +114,21 @@ def test_auto_resumes_from_its_checkpoint_and_continues_under_a_larger_budget(tm
     more, _ = _stuck(draws="auto", draws_block=100, max_draws=300, checkpoint_dir=tmp_path / "b")
     assert more.diagnostics["step_size_source"] == "given"
     _same_run(more, fixed)
+    # Audit 14a F13: resumed under a smaller budget, the record said "max_draws = 200" beside 300 draws.
+    less, messages = _stuck(draws="auto", draws_block=100, max_draws=200, checkpoint_dir=tmp_path / "b")
+    _same_run(less, fixed)
+    assert less.diagnostics["budget"]["reason"] == "budget spent: max_draws = 200 (the run resumed had drawn 300 already)"
+
+
+def test_a_time_limit_without_max_draws_returns_its_result(tmp_path):
+    """Audit 14a F1: draws="auto" with time_limit and no max_draws (max_draws None) crashed formatting
+    the budget's reason after all the sampling, and again on resuming its checkpoint."""
+    model, x = linear_regression()
+    res = behavioral_llc(model, x, draws="auto", time_limit=600.0, progress=False, checkpoint_dir=tmp_path / "c")
+    budget = res.diagnostics["budget"]
+    assert res.converged and budget["max_draws"] is None and budget["stopped"] == "converged" and budget["reason"] == ""
+    again = behavioral_llc(model, x, draws="auto", time_limit=600.0, progress=False, checkpoint_dir=tmp_path / "c")
+    assert again.llc == res.llc and again.draws == res.draws
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -110,3 +110,32 @@ def test_no_extension_past_the_relaxation_of_the_directions_only_gamma_holds():
     assert _burnin_refusal(config, run, unit, state, eta0=1e-4) == ""
     assert _burnin_refusal(config, run, SimpleNamespace(gamma=0.0), state, eta0=1.0) == ""  # γ = 0: no relaxation clock
     assert "max_burnin = 20,000" in _burnin_refusal(config, run, unit, SimpleNamespace(extra={}, step=19_900), eta0=1e-4)
+
+
+def test_one_chain_does_not_extend_the_burn_in_for_an_undefined_rhat():
+    """Audit 14a F8: with one chain split-R̂ is undefined, which burnin="auto" read as moving traces:
+    it extended the burn-in to max_burnin (8× the time), then advised a longer one. Now the burn-in
+    stays, and the advice is a second chain."""
+    from .test_llc import linear_regression
+
+    model, x = linear_regression()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = behavioral_llc(model, x, chains=1, progress=False)
+    assert res.burnin == DEFAULT_BURNIN and not res.diagnostics["burnin_auto"]["extensions"]
+    message = next(str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning))
+    assert "R̂ undefined" in message and "chains ≥ 2 (split-R̂ compares chains; 1 healthy chain(s) here)" in message
+    assert "longer chains" not in message
+
+
+def test_the_divergence_advice_names_bias_bound_only_for_an_automatic_step():
+    """Audit 14a F11: with a given step_size, "reduce … bias_bound" was advised, which changes nothing then."""
+    model, x = deep_linear_network(2), dln_inputs(200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            behavioral_llc(model, x, step_size=0.05, chains=4, draws=50, burnin=10, progress=False)
+        except Exception as e:  # every chain diverged: the advice is in the error
+            caught.append(SimpleNamespace(message=e))
+    advice = [str(w.message) for w in caught if "reduce step_size" in str(w.message)]
+    assert advice and all("bias_bound" not in a for a in advice)

@@ -165,7 +165,8 @@ def test_the_suggested_burnin_is_longer_than_the_one_that_failed():
 def test_only_failures_that_bias_low_make_a_lower_bound():
     """Audit 8a: every unconverged λ̂ was printed as a lower bound ("N_eff ≥"), but chains that only
     disagree (R̂, ESS) are noisy in both directions (4 of 8 such regression runs above the exact
-    value). A lower bound needs unrelaxed chains, draws still rising, or many diverged chains."""
+    value). A lower bound needs draws still rising (drift, or unrelaxed chains whose draws rise) or
+    many diverged chains, and a step size that does not raise λ̂ (audit 14a F5)."""
     rng = np.random.default_rng(1)
     apart = rng.normal(size=(4, 2000)) + np.array([0.0, 0.0, 1.0, 1.0])[:, None]
     noisy = assess_convergence(apart)
@@ -178,7 +179,16 @@ def test_only_failures_that_bias_low_make_a_lower_bound():
     assert "drift" in rising.failed and rising.lower_bound and "read it as a lower bound" in rising.message(1.0)
     assert "drift" in falling.failed and not falling.lower_bound
     relaxed = 40 + np.sqrt(80) * rng.standard_normal((4, 400))
-    assert assess_convergence(_ar1(0.0, 4, 400), virial=0.8 * relaxed, n_coordinates=40).lower_bound
+    rising_unrelaxed = assess_convergence(_ar1(0.0, 4, 400) + np.linspace(0, 0.1, 400), virial=0.8 * relaxed,
+                                          n_coordinates=40)
+    assert "relaxation" in rising_unrelaxed.failed and rising_unrelaxed.drift > 0 and rising_unrelaxed.lower_bound
+    # Audit 14a F4: unrelaxed with draws that do not rise is uncertain both ways (flat directions carry no
+    # loss; a deep linear network's gauge directions read high before they relax).
+    level_unrelaxed = assess_convergence(_ar1(0.0, 4, 400) - np.linspace(0, 0.1, 400), virial=0.8 * relaxed,
+                                         n_coordinates=40)
+    assert set(level_unrelaxed.failed) == {"relaxation"} and level_unrelaxed.drift < 0
+    assert not level_unrelaxed.lower_bound and "either direction" in level_unrelaxed.message(1.0)
+    assert "read it as a lower bound" not in rising_unrelaxed.message(1.0, step_biased=True)
     diverged = assess_convergence(_ar1(0.0, 8, 400), {5: 50, 1: 10, 6: 10})
     assert "diverged" in diverged.failed and diverged.lower_bound
     v = {"loss_scale": 1e-3, "gamma": 1.0, "n_eff": 12.1, "n_params": 10, "llc": 6.05, "llc_stderr": 0.5,

@@ -24,6 +24,8 @@ chains [C, T]:
     Split-R̂, ESS and the drift test cannot see this: every chain starts at θ* and shares the
     transient, and the slow directions move the loss too little for the drift test to notice (a
     linear regression with 30 weak directions read 7.46 ± 0.18 "converged" against an exact 8.71).
+    An unrelaxed run is uncertain in both directions, not a lower bound: those directions may carry
+    no loss at all, or less where the chains are headed than at θ* (audit 14a F4).
 
 R̂ and ESS come from ArviZ (the field's reference implementation), not from code of this package.
 """
@@ -58,7 +60,7 @@ RELAXED_MIN = 1 - math.exp(-GAMMA_RELAXATION)
 
 class ConvergenceWarning(RuntimeWarning):
     """An LLC run that fails the convergence criteria of METHODS §1 (its λ̂ is a lower bound where
-    the chains had not relaxed or were still rising, and uncertain beyond its ± otherwise)."""
+    the draws were still rising or many chains diverged, and uncertain beyond its ± otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,16 @@ class Convergence:
 
     @property
     def lower_bound(self) -> bool:
-        """Whether the failure biases λ̂ low: chains that had not relaxed from θ* (v), draws still
-        rising (drift z > 0) or many diverged chains, which are left out where the loss is largest.
-        R̂ or ESS alone (too few draws for chains that disagree) leave λ̂ uncertain in both
-        directions (audit 8a: 4 of 8 such runs of a regression above the exact value)."""
-        return ("relaxation" in self.failed or "diverged" in self.failed
-                or ("drift" in self.failed and self.drift > 0))
+        """Whether the failure biases λ̂ low: draws still rising (a failed drift test with z > 0, or
+        unfinished relaxation (v) while the draws' second half averages above the first), or many
+        diverged chains, which are left out where the loss is largest. R̂ or ESS alone (too few
+        draws for chains that disagree) leave λ̂ uncertain in both directions (audit 8a: 4 of 8 such
+        runs of a regression above the exact value), and so does unfinished relaxation with draws
+        that do not rise (corrected, audit 14a F4): the directions still spreading may carry no loss
+        at all (exactly flat ones: 2.618 ± 0.056 against 2.611 exact) or cost less where the chains
+        are headed than at θ* (a rank-2 deep linear network's gauge directions: 4.31, 4.18, 4.16 at
+        burn-in 500, λ = 4)."""
+        return "diverged" in self.failed or (self.drift > 0 and bool(self.failed.keys() & {"drift", "relaxation"}))
 
     @property
     def reason(self) -> str:
@@ -133,11 +139,14 @@ class Convergence:
         d["diverged_chains"] = list(self.diverged_chains)
         return d
 
-    def message(self, llc: float, quantity: str = "λ̂") -> str:
+    def message(self, llc: float, quantity: str = "λ̂", step_biased: bool = False) -> str:
         """The text of the :class:`ConvergenceWarning`: which ``quantity`` (e.g. ``λ̂(ε = 0.001, γ = 1)``),
-        what failed, with the numbers, and the budget."""
-        how = ("so read it as a lower bound" if self.lower_bound else
-               "so it is uncertain beyond its ± in either direction")
+        what failed, with the numbers, and the budget. ``step_biased``: the step size is predicted to
+        raise λ̂ beyond ``llc_result.BIAS_FLAG``, so a failure that reads low makes no lower bound."""
+        how = ("so read it as a lower bound" if self.lower_bound and not step_biased else
+               "so it is uncertain beyond its ± in either direction"
+               + (" (it would read low, but the step size raises it: see the step size's warning)"
+                  if self.lower_bound else ""))
         text = f"{quantity} = {llc:.4g} is not converged (METHODS §1), {how}: {self.reason}"
         if self.divergence and "diverged" not in self.failed:
             text += f"; {self.divergence}"
@@ -266,7 +275,7 @@ def assess_convergence(
             f"relaxation: the draws' mean δ·∇U is {relax:.1%}"
             + (f" (± {relax_se:.1%})" if math.isfinite(relax_se) else "") + " of its equilibrium value d = "
             f"{n_coordinates:,} (the sampled coordinates; at least {RELAXED_MIN:.0%} needed): directions held only "
-            "weakly, by γ or a small curvature, are still spreading from θ*, so λ̂ reads low")
+            "weakly, by γ or a small curvature, are still spreading from θ*, which may move λ̂ either way")
     n_div = len(diverged)
     divergence = "" if not n_div else (
         f"{n_div} of {C} chains diverged and are excluded (chain: step {diverged}); chains diverge where the loss is "
@@ -284,7 +293,11 @@ def assess_convergence(
     elif "ess" in failed:
         suggested_draws = 4 * T
         suggestions.append(f"draws ≥ {suggested_draws:,}")
-    if failed.keys() & {"rhat", "drift", "relaxation"}:
+    if "rhat" in failed and len(healthy) < 2:
+        # No burn-in or draws make R̂ defined on one chain (audit 14a F8: burn-in ran to its maximum, then
+        # the advice was a longer one).
+        suggestions.append(f"chains ≥ 2 (split-R̂ compares chains; {len(healthy)} healthy chain(s) here)")
+    if failed.keys() & {"drift", "relaxation"} or ("rhat" in failed and len(healthy) >= 2):
         relaxed = step_size is not None and gamma is not None and (burnin or 0) * step_size * gamma >= FLAT_RELAXATION
         if relaxed and not failed.keys() & {"drift", "relaxation"}:
             suggestions.append(

@@ -34,7 +34,7 @@ from .config import GAMMA_RELAXATION, SamplerConfig
 from .convergence import FLAT_RELAXATION, Convergence, ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
 from .llc_result import (ChainRecords, LLCResult, chain_estimates, estimate_text, larger_stderr, quantity_label,
-                         stderr_caveat)
+                         step_biased, step_size_caveats, stderr_caveat)
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
 from .stepsize import (ADAPT_AT, Curvature, StepSizeChoice, adapted_step_size, bias_bound_of, bias_of_estimate,
@@ -509,7 +509,9 @@ def _continue_until_converged(
         if verdict.converged:
             stopped = "converged"
             break
-        moving = config.auto_burnin and bool(verdict.failed.keys() & {"drift", "rhat", "relaxation"})
+        # An undefined R̂ (one healthy chain, or too few draws) is no sign of moving traces (audit 14a F8).
+        moving = config.auto_burnin and bool(verdict.failed.keys() & {"drift", "relaxation"}
+                                             or ("rhat" in verdict.failed and math.isfinite(verdict.rhat)))
         burnin_refused = _burnin_refusal(config, run, dynamics, state, eta0) if moving else ""
         if moving and not burnin_refused:
             if _past_time_limit(config, records, _settle_steps(config) + block, started, world):
@@ -535,11 +537,15 @@ def _continue_until_converged(
         # The time spent up to this decision, so that a resumed call (whose clock starts there) takes it again.
         checkpointer.save(state)
     elapsed = time.perf_counter() - started
-    reason = {
-        "max_draws": f"budget spent: max_draws = {max_draws:,}",
-        "time_limit": f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
-                      f"{block:,} draws would pass it)" if time_limit is not None else "",
-    }.get(stopped, "")
+    # Only the reason that applies is formatted: max_draws is None under a time_limit alone (audit 14a F1).
+    if stopped == "max_draws":
+        reason = f"budget spent: max_draws = {max_draws:,}" + (
+            f" (the run resumed had drawn {run.draws:,} already)" if run.draws > max_draws else "")
+    elif stopped == "time_limit":
+        reason = (f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
+                  f"{block:,} draws would pass it)")
+    else:
+        reason = ""
     budget = None if not config.auto else {
         "draws": "auto", "draws_block": block, "max_draws": max_draws, "time_limit": time_limit,
         "blocks": 1 + math.ceil(max(run.draws - block, 0) / block), "total_draws": run.draws, "elapsed_s": elapsed,
@@ -642,10 +648,9 @@ def _result(
     burnin_used = config.burnin if steps_done >= config.steps else min(config.burnin, max(steps_done - 1, 0))
     per_chain, mean, std, chain_stderr = chain_estimates(records.losses, nb, burnin_used, records.failed_at)
     failed = records.failed()
-    advice = (
-        f"reduce step_size (now {eta:.3g}) or bias_bound (now {bias_target}), increase gamma (now {gamma:.4g}), or use a "
-        f"larger loss_scale (smaller nbeta, now {nb:g})"
-    )
+    # bias_bound sets only an automatic η (audit 14a F11: it was named beside a given step_size too).
+    step = f"step_size (now {eta:.3g})" if source == "given" else f"step_size (now {eta:.3g}) or bias_bound (now {bias_target})"
+    advice = f"reduce {step}, increase gamma (now {gamma:.4g}), or use a larger loss_scale (smaller nbeta, now {nb:g})"
     # Every warning names its quantity: a sweep or a component table gives one per run (audit 13b).
     quantity = quantity_label(1.0 / nb, gamma, selection.spec)
 
@@ -657,14 +662,6 @@ def _result(
     verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, virial=records.virial[burnin_used:].T,
                                  n_coordinates=selection.n_params, step_size=eta, gamma=gamma, burnin=config.burnin,
                                  divergence_advice=advice)
-    # One warning for a run that is not converged (it names diverged chains too); diverged chains of
-    # a converged run still get their own.
-    if not verdict.converged:
-        spent = "".join(f" ({record['reason']})" for record in (budget, burnin_record)
-                        if record and record["budget_exhausted"])
-        warn_once(verdict.message(mean, quantity) + spent, ConvergenceWarning, stacklevel=3)
-    elif failed:
-        warn(f"{verdict.divergence}; {advice}", RuntimeWarning)
     # The ± quoted everywhere: the chain means' spread alone covered 32 of 40 exact values at 2σ where
     # about 38 should be (audit 11b), and a few chains can agree by chance where their draws do not.
     stderr = float(larger_stderr(chain_stderr, verdict.mcse))
@@ -678,8 +675,11 @@ def _result(
     bias_end = bias_of_estimate(eta / rms_factor, h_end, trace_end, mean, nb, gamma, spread_end)
     stiff_end = bias_bound_of(eta / rms_factor, h_end, nb, gamma)
     if bias_end > 2 * bias_target:
-        smaller = eta * bias_target / bias_end if math.isfinite(bias_end) else eta / 10
-        size = (f"by about {bias_end:.0%}" if math.isfinite(bias_end) else
+        # Beyond 100 % the first-order K/(λ̂ − K) no longer sizes the bias (audit 14a F9: 35,710 % printed
+        # for +207 %), nor the step that would meet the target.
+        smaller = eta * bias_target / min(bias_end, 1.0) if math.isfinite(bias_end) else eta / 10
+        size = (f"by about {bias_end:.0%}" if bias_end <= 1 else
+                "by more than 100 % (beyond what the first-order prediction can size)" if math.isfinite(bias_end) else
                 "without bound (the stiffest direction is past the stability limit there)" if stiff_end >= 1 else
                 "without bound (the predicted excess K is as large as λ̂ itself)")
         noise = (f"(tr H + 2 nβ S)/(8 (1 − b_max)), with tr H = {trace_end:.3g}, the minibatch gradients' spread S = "
@@ -709,6 +709,14 @@ def _result(
     # where η was chosen (audit 8a: 4 % at the pilots' curvature, 27 % where a deep linear network's
     # chains ended, the run 13 % high).
     bound = max((b for b in (bound_chosen, bias_end) if not math.isnan(b)), default=float("nan"))
+    # One warning for a run that is not converged (it names diverged chains too); diverged chains of
+    # a converged run still get their own. A step size that raises λ̂ makes a low-reading failure no lower bound.
+    if not verdict.converged:
+        spent = "".join(f" ({record['reason']})" for record in (budget, burnin_record)
+                        if record and record["budget_exhausted"])
+        warn_once(verdict.message(mean, quantity, step_biased(bound)) + spent, ConvergenceWarning, stacklevel=3)
+    elif failed:
+        warn(f"{verdict.divergence}; {advice}", RuntimeWarning)
     stiff = bias_bound_of(eta / rms_factor, h_max, nb, gamma)
     if source != "given" and math.isfinite(trace) and mean > 0 and nb * h_max + gamma > 0:
         # The rule read λ from the pilots, which start at θ* where the loss is smallest: short pilots
@@ -721,10 +729,13 @@ def _result(
                  f"that the bias target {bias_target:g} allows at the run's λ̂ = {mean:.4g}: the pilots' λ (from "
                  f"{config.pilot_length} steps) was far below it, and the chains relax that much slower; raise "
                  "pilot_steps, or pass that step_size", RuntimeWarning)
-    if 2 * mean > selection.n_params:  # λ ≤ d/2 for every model: only the sampler's bias can put λ̂ above it
-        warn(f"N_eff = 2λ̂ = {2 * mean:.4g} exceeds the {selection.n_params:,} sampled parameters, which no model's λ "
-             f"allows (λ ≤ d/2): the step size biases λ̂ up (predicted bias {bound:.2g}); pass a smaller step_size",
-             RuntimeWarning)
+    # λ ≤ d/2 for every model: only the sampler's bias (and noise) can put λ̂ above it. A regular model
+    # sits at d/2, so the predicted bias and ± are allowed for (audit 14a F10: every default run warned).
+    excess = step_size_caveats(bound, 2 * mean, selection.n_params, 2 * stderr)
+    if 2 * mean > selection.n_params and any(c.startswith("N_eff above") for c in excess):
+        warn(f"N_eff = 2λ̂ = {2 * mean:.4g} ± {2 * stderr:.2g} exceeds the {selection.n_params:,} sampled parameters by "
+             f"more than the predicted step-size bias ({bound:.2g}) explains, which no model's λ allows (λ ≤ d/2): "
+             "the step size biases λ̂ up more than predicted; pass a smaller step_size", RuntimeWarning)
     diagnostics = {
         **choice.to_dict(), "step_size_source": source, "step_size": eta, "step_size_initial": dynamics_eta0,
         "gamma": gamma, "gamma_source": gamma_source, "min_gamma": config.gamma_floor if config.auto_gamma_on else None,

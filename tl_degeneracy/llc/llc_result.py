@@ -91,8 +91,19 @@ class LLCResult:
 
     @property
     def lower_bound(self) -> bool:
-        """Not converged in a way that biases λ̂ low (``Convergence.lower_bound``); False when converged."""
-        return not self.converged and bool(self.diagnostics.get("convergence", {}).get("lower_bound", True))
+        """Not converged in a way that biases λ̂ low (``Convergence.lower_bound``), and no step size
+        predicted to raise it by more than :data:`BIAS_FLAG` (audit 14a F5: a row whose bias bound was
+        unbounded read "≥"); False when converged."""
+        return (not self.converged and bool(self.diagnostics.get("convergence", {}).get("lower_bound", True))
+                and not step_biased(self.diagnostics.get("bias_bound")))
+
+    @property
+    def caveats(self) -> list[str]:
+        """What may make λ̂ read other than its ± says, in words: the step size's predicted bias, an
+        N_eff above the parameter count (:func:`step_size_caveats`), and a ± from few chains."""
+        d = self.diagnostics
+        return step_size_caveats(d.get("bias_bound"), self.n_eff, self.n_params, self.n_eff_stderr) + (
+            [d["stderr_caveat"]] if d.get("stderr_caveat") else [])
 
     @property
     def convergence_reason(self) -> str:
@@ -157,7 +168,8 @@ class LLCResult:
             f"chains={self.chains}, failed={len(self.failed)}, converged={self.converged}, "
             f"rhat={apart_from(self.diagnostics.get('rhat', float('nan')), RHAT_MAX)}, "
             f"ess={apart_from(self.diagnostics.get('ess', float('nan')), ESS_MIN)}, "
-            f"drift={self.diagnostics.get('drift', float('nan')):.2g})"
+            f"drift={self.diagnostics.get('drift', float('nan')):.2g}"
+            + "".join(f"; {c}" for c in self.caveats) + ")"
         )
 
     def plot(self):
@@ -202,21 +214,37 @@ MIN_CHAINS_FOR_STDERR = 4
 BIAS_FLAG = 0.1
 
 
-def step_size_caveats(bias, n_eff, n_params) -> list[str]:
-    """What the step size may have done to an estimate, in words: "the step size may raise λ̂ by up
-    to X %" where its predicted relative bias ``bias`` (METHODS (1.8)) exceeds :data:`BIAS_FLAG`, and
-    "N_eff above the parameter count …" where ``n_eff`` exceeds ``n_params``. The main run's verdict
-    and every point of a sweep or component table carry them alike (audit 11b: a sweep point at a
-    given step size read N_eff 17.2 ± 0.29 of 10 parameters as converged, with no word)."""
-    def number(x) -> bool:  # numpy scalars too (a table's cells); not None, NaN or a bool
-        return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+def _number(x) -> bool:
+    """A real number: numpy scalars too (a table's cells); not None, NaN or a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
 
+
+def step_biased(bias) -> bool:
+    """Whether a step size's predicted relative bias of λ̂ (METHODS (1.8)) exceeds :data:`BIAS_FLAG`."""
+    return _number(bias) and bias > BIAS_FLAG
+
+
+def step_size_caveats(bias, n_eff, n_params, n_eff_stderr=None) -> list[str]:
+    """What the step size may have done to an estimate, in words: "the step size may raise λ̂ by up
+    to X %" where its predicted relative bias ``bias`` (METHODS (1.8)) exceeds :data:`BIAS_FLAG`
+    (above 100 % the first-order prediction is out of its range and says only that), and "N_eff
+    above the parameter count …" where ``n_eff`` exceeds ``n_params`` by more than that bias (at most
+    100 %) and two standard errors explain (audit 14a F10: a regular model's λ = d/2 and a 4 % bias put every
+    default run at N_eff ≈ 1.04 d). The main run's verdict and every point of a sweep or component
+    table carry them alike (audit 11b: a sweep point at a given step size read N_eff 17.2 ± 0.29 of
+    10 parameters as converged, with no word)."""
     caveats = []
-    if number(bias) and bias > BIAS_FLAG:
-        size = f"by up to {bias:.0%}" if math.isfinite(bias) else "without bound (the predicted excess reaches λ̂ itself)"
+    if step_biased(bias):
+        size = (f"by up to {bias:.0%}" if bias <= 1 else
+                "by more than 100 % (beyond what the first-order prediction can size)" if math.isfinite(bias) else
+                "without bound (the predicted excess reaches λ̂ itself)")
         caveats.append(f"the step size may raise λ̂ {size} (METHODS (1.8))")
-    if number(n_eff) and number(n_params) and n_eff > n_params:
-        caveats.append("N_eff above the parameter count, which no model's λ allows: the step size's bias dominates")
+    if _number(n_eff) and _number(n_params):
+        # Beyond 100 % the predicted bias sizes nothing (step_size_caveats' first caveat): allow at most that.
+        allowed = n_params * (1 + (min(bias, 1.0) if _number(bias) and bias > 0 else 0.0))
+        if n_eff > allowed + 2 * (n_eff_stderr if _number(n_eff_stderr) else 0.0):
+            caveats.append("N_eff above the parameter count by more than the step size's predicted bias and its ± "
+                           "explain, which no model's λ allows: the step size's bias is larger than predicted")
     return caveats
 
 

@@ -27,8 +27,18 @@ def _promoted(x: Tensor) -> Tensor:
 
 
 def reference_form(loss: str, outputs: Float[Tensor, "*batch k"]) -> Tensor:
-    """What is kept of the reference outputs: log-probabilities for ``kl``, the outputs for ``mse``."""
+    """What is kept of the reference outputs: log-probabilities for ``kl``, the outputs for ``mse``.
+
+    Raises:
+        ValueError: ``kl`` on outputs with one number per sample, whose softmax is 1 whatever θ (L_B ≡ 0,
+            so λ̂ would read 0 ± 0 with advice that cannot help; audit 14a F7).
+    """
     if loss == "kl":
+        if outputs.shape[-1] == 1:
+            raise ValueError(
+                "loss='kl' reads the outputs' last axis as the logits of a softmax, and this model gives one "
+                "output per sample: its softmax is 1 for every θ, so the KL is 0 everywhere and λ̂ would be 0. Use "
+                "loss='mse' (or have the model output one logit per class, e.g. [-z, z] for a binary one)")
         return torch.log_softmax(_promoted(outputs), dim=-1)
     return _promoted(outputs)
 

@@ -126,7 +126,7 @@ def point_texts(frame: pd.DataFrame) -> list[str]:
 
 def row_caveats(row) -> list[str]:
     """:func:`~tl_degeneracy.llc.llc_result.step_size_caveats` of a table row."""
-    return step_size_caveats(row.get("bias_bound"), row["n_eff"], row.get("n_params"))
+    return step_size_caveats(row.get("bias_bound"), row["n_eff"], row.get("n_params"), row.get("n_eff_stderr"))
 
 
 def plot_llc_sweep(frame: pd.DataFrame):

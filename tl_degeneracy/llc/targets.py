@@ -300,6 +300,10 @@ class ModuleTarget(SamplingTarget):
             )
         if not self.star:
             raise ValueError(f"{type(module).__name__} has no trainable parameters to sample")
+        if data.is_floating_point() and self.widened is not None and data.dtype != self.dtype:
+            # A half-precision module runs with its weights widened to the compute dtype (``widened``):
+            # inputs of its own dtype follow them (audit 14a F6: a raw dtype mismatch from functional_call).
+            data = data.to(self.dtype)
         self.data = ordinary(data.to(self.device))  # inputs made under inference_mode cannot be saved for backward
         self.batch_size = len(data) if batch_size is None else int(batch_size)
         if self.batch_size < 1:

@@ -442,7 +442,8 @@ def _sweep_point(r) -> str:
     converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
     R̂ or ESS (METHODS §1)."""
     value = _estimate(r.n_eff, 2 * r.llc_stderr, r.stderr_caveat, r.chains - r.n_failed, ".3g")
-    flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None)))
+    flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None),
+                                                          getattr(r, "n_eff_stderr", None)))
     where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g}{flags})"
     if r.converged:
         return f"{value} at {where}"
@@ -741,7 +742,8 @@ def _llc_verdict(v: dict) -> str:
         known = isinstance(se, (int, float)) and isinstance(v.get("llc"), (int, float))
         on = f"λ̂ = {estimate_text(v['llc'], se, healthy, '.4g')}" if known else "λ̂"
         where += f" (on {on}: {v['stderr_caveat']})"
-    where += "".join(f"; {c}" for c in step_size_caveats(v.get("bias_bound"), v.get("n_eff"), v.get("n_params")))
+    where += "".join(f"; {c}" for c in step_size_caveats(v.get("bias_bound"), v.get("n_eff"), v.get("n_params"),
+                                                         v.get("n_eff_stderr")))
     if converged is True:
         return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
     if converged is False:
