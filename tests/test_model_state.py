@@ -198,3 +198,32 @@ def test_a_copy_shares_nothing_with_the_original(models, backend):
     assert fired, f"a hook on the copy's {name} did not fire"
     after = fingerprint(model)
     assert sorted(k for k in before.keys() | after.keys() if before.get(k, "absent") != after.get(k, "absent")) == []
+
+
+def test_hooks_a_user_left_attached_are_named():
+    """Audits 14a F12, 14b F6: a leftover hook (an ablation, a patch) ran inside every statistics pass
+    and SGLD step and nothing said so. Now every analysis names where hooks are attached; the model's
+    backends' own hooks (the bridge wires some to the modules it wraps) are not the user's and stay silent."""
+    import warnings
+
+    model = make_tiny_toy_transformer()
+    tokens = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def attached(run) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        return [str(w.message) for w in caught if "hooks attached" in str(w.message)]
+
+    assert attached(lambda: tld.activation_stats(model, tokens, progress=False)) == []
+    model.add_hook("blocks.0.hook_resid_post", lambda act, hook: 0.5 * act)
+    message, = attached(lambda: tld.activation_stats(model, tokens, progress=False))
+    assert "'blocks.0.hook_resid_post'" in message and "reset_hooks(including_permanent=True)" in message
+    model.reset_hooks(including_permanent=True)
+    linear = torch.nn.Linear(3, 1)
+    handle = linear.register_forward_hook(lambda module, inputs, output: output)
+    run = lambda: tld.behavioral_llc(linear, torch.randn(40, 3), loss="mse", chains=2, draws=10, burnin=5,
+                                     step_size=1e-5, progress=False)
+    assert ["the model itself" in m for m in attached(run)] == [True]
+    handle.remove()
+    assert attached(run) == []

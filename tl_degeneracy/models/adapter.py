@@ -26,7 +26,7 @@ from torch.func import functional_call
 from ..errors import DataError, MissingHookError, NumericalError
 from .chains import ChainMap
 from .config import ModelConfig
-from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS, TL_HOOK_TEMPLATES
+from .hooks import HOOK_KINDS, LAYER_KINDS, MODEL_KINDS, TL_HOOK_TEMPLATES, warn_attached_hooks
 from .parameters import ParameterSet, find_live_parameters
 from .weights import AttentionWeights, EmbeddingWeights, MLPWeights
 
@@ -146,6 +146,7 @@ class ModelAdapter(abc.ABC):
 
     def __init__(self, model: nn.Module):
         _refuse_meta_weights(model)
+        warn_attached_hooks(model)
         self.model = model
         self.cfg: ModelConfig = self._read_config()
         self._check_config()

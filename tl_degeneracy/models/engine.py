@@ -26,6 +26,7 @@ from torch.func import functional_call
 from .adapt import adapt, model_kind
 from .adapter import HookFn, ModelAdapter, forward_scope
 from .chains import ChainMap
+from .hooks import warn_attached_hooks
 from .parameters import LiveParameter, ParameterSet
 
 __all__ = ["Engine", "ModuleEngine", "engine_for", "has_position_axis"]
@@ -81,6 +82,7 @@ class ModuleEngine:
     def __init__(self, model: nn.Module, device: torch.device | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ModuleEngine needs a torch.nn.Module; got {type(model).__name__}")
+        warn_attached_hooks(model)
         self.model = model
         self._device = device
         self._live: ParameterSet | None = None

@@ -1,6 +1,11 @@
-"""The hook kinds every adapter names, and how they are laid out (METHODS §0)."""
+"""The hook kinds every adapter names, and how they are laid out (METHODS §0); and the hooks a user
+left attached to a model, which run inside every forward an analysis makes."""
 
 from __future__ import annotations
+
+from torch import nn
+
+from ..distributed import warn_once
 
 #: Hook kinds that exist once per layer.
 LAYER_KINDS: tuple[str, ...] = (
@@ -45,3 +50,30 @@ TL_HOOK_TEMPLATES: dict[str, str] = {
     "embed": "hook_embed",
     "ln_final": "ln_final.hook_normalized",
 }
+
+
+#: Where torch keeps a module's hooks.
+_HOOK_SLOTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def attached_hooks(model: nn.Module) -> list[str]:
+    """Where hooks are attached to ``model``: the hook points (``hook_dict``) of a TransformerLens
+    model or toy, whose backends keep their own hooks on the modules they wrap, never there; every
+    submodule of any other module ("" is the module itself)."""
+    points = getattr(model, "hook_dict", None)
+    places = points.items() if isinstance(points, dict) else model.named_modules()
+    return [name for name, module in places if any(getattr(module, slot, None) for slot in _HOOK_SLOTS)]
+
+
+def warn_attached_hooks(model: nn.Module) -> None:
+    """A warning when hooks are attached to ``model`` (audits 14a F12, 14b F6: a leftover ablation
+    hook ran inside every statistics pass and SGLD step, and nothing said so)."""
+    places = attached_hooks(model)
+    if places:
+        shown = ", ".join(repr(p) if p else "the model itself" for p in places[:3])
+        more = f" and {len(places) - 3} more" if len(places) > 3 else ""
+        reset = ("call model.reset_hooks(including_permanent=True)" if hasattr(model, "reset_hooks")
+                 else "remove them (their handles' .remove())")
+        warn_once(f"this {type(model).__name__} has hooks attached at {shown}{more}: they run inside every forward "
+                  "pass of tl_degeneracy's analyses, so the numbers describe the hooked model, not its weights alone; "
+                  f"{reset} first to analyse the model itself", RuntimeWarning, stacklevel=4)
