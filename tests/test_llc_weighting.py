@@ -20,7 +20,8 @@ from torch import nn
 from tl_degeneracy.llc import behavioral_llc
 from tl_degeneracy.llc.layout import ParameterLayout, selection_masks
 from tl_degeneracy.llc.targets import make_target
-from tl_degeneracy.llc.stepsize import SPREAD_BATCHES, batch_curvature, gradient_spread, top_hessian_eigenvalue
+from tl_degeneracy.llc.stepsize import (SPREAD_BATCHES, batch_curvature, cycle_sample, gradient_spread,
+                                        top_hessian_eigenvalue)
 
 from .fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 
@@ -204,7 +205,9 @@ def test_largest_batch_weight_and_the_curvature_factor():
             assert target.ragged_warning() is None
         else:
             assert "batch_size=500" in target.ragged_warning()
-    # Sequences of different lengths: the fifth batch counts 4× the positions of the largest measured one.
+    # Sequences of different lengths: batches 0, 2, 3 and 5 are measured (spread over the cycle); the
+    # fifth counts 4× the positions of the largest of them.
+    assert cycle_sample(6, 4) == [0, 2, 3, 5] and cycle_sample(3, 4) == [0, 1, 2] and cycle_sample(100, 1) == [0]
     assert unmeasured_batch_factor(SimpleNamespace(batch_positions=(10, 8, 10, 9, 40, 3))) == 4.0
 
 
@@ -228,22 +231,24 @@ def _layout(target):
 
 def test_gradient_spread_and_the_stiffest_batch_are_exact_on_a_quadratic():
     # ∇L_B,b(δ) = H_b δ: S = (1/B) Σ_b ‖H_b δ − H δ‖² over the B = 10 batches of 100 (all measured), and
-    # from the first SPREAD_BATCHES of B = 100 batches of 10 their sample variance times (B − 1)/B.
+    # from SPREAD_BATCHES of B = 100 batches of 10, spread over the cycle, their sample variance times (B − 1)/B.
     points = torch.randn(3, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for batch_size in (100, 10):
         _, _, target, hessians = _regression_batches(batch_size)
         layout, mask = _layout(target)
         grads = np.stack([points.numpy() @ h for h in hessians])  # [B, P, D]
         B = len(hessians)
-        k = min(B, SPREAD_BATCHES)
-        sample = ((grads[:k] - grads[:k].mean(0)) ** 2).sum(2).sum(0) / (k - 1)
+        measured = cycle_sample(B, SPREAD_BATCHES)
+        k = len(measured)
+        sample = ((grads[measured] - grads[measured].mean(0)) ** 2).sum(2).sum(0) / (k - 1)
         expected = sample * (B - 1) / B
         if k == B:
             np.testing.assert_allclose(expected, ((grads - grads.mean(0)) ** 2).sum(2).mean(0), rtol=1e-12)
         np.testing.assert_allclose(gradient_spread(target, layout, mask, points).numpy(), expected, rtol=1e-10)
-        # The stiffest of the first four batches' Hessians, not that of their mean.
+        # The stiffest of four batches' Hessians spread over the cycle, not that of their mean.
         top = batch_curvature(target, layout, mask, points[:1], rtol=0.0, iters=10)
-        assert float(top[0]) == pytest.approx(max(np.linalg.eigvalsh(h).max() for h in hessians[:4]), rel=1e-9)
+        four = cycle_sample(B, 4)
+        assert float(top[0]) == pytest.approx(max(np.linalg.eigvalsh(hessians[b]).max() for b in four), rel=1e-9)
     one = make_target(*_regression_batches(10)[:2], "mse", None)
     assert torch.equal(gradient_spread(one, *_layout(one), points), torch.zeros(3, dtype=torch.float64))
 
@@ -294,3 +299,21 @@ def test_cycled_minibatch_bias_is_covered_where_gamma_holds_the_spread():
         exact = cycle_prediction(hessians, nb, gamma, res.step_size)
         assert 0 < (exact - truth) / truth <= res.diagnostics["bias_bound"], (gamma, exact, truth, res.diagnostics["bias_bound"])
         assert abs(res.llc - exact) < 4 * res.llc_stderr
+
+
+def test_a_stiff_batch_at_the_end_of_the_cycle_is_measured_and_its_chains_are_not_dropped():
+    """Audit 14a F2, F3: one batch of 10 (of 100) with inputs ×4 has top curvature 49.9 against 1.54 for
+    the mean. Put last, it was never measured (the first 4 batches were): h_max read 4.03, η came out
+    28× too large for it, and 5 of 8 chains were dropped as diverged. Put first, healthy chains were
+    dropped because that one batch's nβ L_b (≈ ½ tr(H_b H⁻¹), up to B× the whole data's) crossed a
+    threshold sized for the whole data, and λ̂ read 4.80 for 5.00."""
+    from .test_llc import linear_regression
+
+    model, x = linear_regression()
+    x = x.clone()
+    x[-10:] *= 4.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short chains at a small η: not converged
+        res = behavioral_llc(model, x, batch_size=10, chains=4, burnin=500, draws=1000, progress=False)
+    assert res.diagnostics["h_max"] > 45 and not res.failed
+    assert res.diagnostics["step_size"] < 4e-6  # set by the stiff batch: b_max ≤ ½ there

@@ -292,7 +292,10 @@ def behavioral_llc(
     with gradients_enabled(target.engine.model), target.engine.eval_mode():
         selection = select_coordinates(target, params)
         # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
-        explode_at = 10.0 * selection.n_params + 100.0
+        # The test reads one batch's loss, nβ L_B,b ≈ ½ tr(H_b H⁻¹) at equilibrium, up to B times the
+        # whole data's where only that batch constrains a direction (audit 14a F2: healthy chains on a
+        # stiff batch of 100 reached 218 > 200, were dropped as diverged, and λ̂ read 4.80 for 5.00).
+        explode_at = (10.0 * selection.n_params + 100.0) * target.n_batches
         check_finite_at_reference(target, selection.layout)
         my_chains = list(range(ctx.rank, config.chains, ctx.world_size))
         checkpointer = None if checkpoint_dir is None else Checkpointer(
