@@ -267,3 +267,23 @@ def test_rank_deficient_heads(case, hf_dirs):
                         assert _spans_agree(right[r:].mT, theirs[circuit][1][r:].mT, atol), msg
                     torch.testing.assert_close(theirs[circuit][0][:, :r], left[:, :r], rtol=0, atol=atol, msg=msg)
                     torch.testing.assert_close(theirs[circuit][1][:r], right[:r], rtol=0, atol=atol, msg=msg)
+
+
+def test_a_half_precision_gauge_says_its_rounding_moves_the_outputs():
+    """Audit 14b F3: on a bfloat16 model the gauged weights are rounded to bfloat16, which moved the
+    logits by 2e-3 and canonicalizing twice the weights by 3.5e-3, with no word."""
+    import warnings
+
+    from .fixtures.toys import make_tiny_toy_transformer
+
+    model = make_tiny_toy_transformer().to(torch.bfloat16)
+    for gauge in (tld.canonicalize_heads, tld.random_gauge):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gauge(model)
+        assert any("stores its weights in bfloat16" in str(w.message) and "model.float()" in str(w.message)
+                   for w in caught), gauge.__name__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tld.canonicalize_heads(make_tiny_toy_transformer())
+    assert not [w for w in caught if "stores its weights" in str(w.message)]
