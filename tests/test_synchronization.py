@@ -1048,3 +1048,34 @@ def test_half_precision_sync_counts_carry_a_band_that_holds_the_exact_count(tmp_
         warnings.simplefilter("ignore")
         counts = tld.degeneracy_counts(tld.load_model(overlap, device="cpu", dtype=dtype), tokens, progress=False)
     assert counts.loc[counts["map"].isin(["W_Q", "W_K", "W_V"]), "rank_G"].max() == 31
+
+
+def test_an_input_rank_at_the_sample_count_is_flagged(tmp_path):
+    """Audit 14b F2: on one sequence of 10 tokens D_in read 9 (n − 1, the data's limit) and the exact copy's
+    extra freedom 256 for 432, with data_limited False in the frame, to_dict and repr (its half-data check
+    cannot run on one sequence). Now sample_limited says so; on 8 sequences nothing is flagged."""
+    model = tld.load_model(_gpt2_pair(tmp_path / "copy", overlap=False), device="cpu")
+    for n, flagged in ((1, True), (8, False)):
+        tokens = torch.randint(3, 100, (n, 10), generator=torch.Generator().manual_seed(5))
+        tokens[:, 0] = 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            heads = head_synchronization(model, tokens, tol=1e-6, progress=False)
+            neurons = tld.neuron_synchronization(model, tokens, progress=False)
+        assert heads.to_frame()["sample_limited"].all() == flagged and bool(heads.sample_limited.any()) == flagged
+        assert (heads.to_dict()["sample_limited_layers"] == [0, 1]) == flagged
+        assert (neurons.to_dict()["sample_limited_layers"] == [0, 1]) == flagged
+        assert ("D_in at the sample count" in repr(heads)) == flagged
+        assert any(issubclass(w.category, tld.SampleLimitedWarning) for w in caught) == flagged
+
+
+def test_activation_ranks_say_what_they_rest_on():
+    """Audit 14b F5: rank 6 of 32 on 6 samples came with no rtol, no sample_limited mark and no warning."""
+    model = make_tiny_toy_transformer()
+    with pytest.warns(tld.SampleLimitedWarning, match="activation_stats: the rank of 2 of 2"):
+        few = tld.activation_stats(model, _tokens(n=1, pos=7), progress=False)
+    frame = few.to_frame()
+    assert (frame["rank"] == 7).all() and frame["sample_limited"].all() and not frame["half_precision"].any()
+    assert (frame["rtol"] > 0).all() and few.to_dict()["hooks"][0]["sample_limited"]
+    many = tld.activation_stats(model, _tokens(n=24, pos=12), progress=False).to_frame()
+    assert not many["sample_limited"].any()

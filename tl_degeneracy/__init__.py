@@ -4,9 +4,9 @@ The data flow reads in one direction: model → adapter → batches → accumula
 "METHODS §N" in docstrings refers to docs/methods.md §N, the maths the package implements.
 """
 
-from .counts import SampleLimitedWarning, degeneracy_counts
+from .counts import degeneracy_counts
 from .data import Batch, PaddingWarning, TokenBatches, token_batches
-from .numerics import DataLimitedWarning, HalfPrecisionWarning
+from .numerics import DataLimitedWarning, HalfPrecisionWarning, SampleLimitedWarning
 from .errors import DataError, MissingHookError, NumericalError, TLDegeneracyError, UnsupportedArchitectureError
 from .gauge import canonicalize_heads, random_gauge
 from . import theory

@@ -61,8 +61,8 @@ from .errors import MissingHookError
 from .memory import check_batches, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
-from .numerics import (CUTOFF_BAND, DataLimitedWarning, activation_precision, check_tolerances, rank_band, rounding_rtol,
-                       sample_limited, warn_data_limited)
+from .numerics import (CUTOFF_BAND, DataLimitedWarning, SampleLimitedWarning, activation_precision, check_tolerances,
+                       rank_band, rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -75,26 +75,9 @@ __all__ = ["DataLimitedWarning", "ProbeLimitedWarning", "SampleLimitedWarning", 
            "counted_batches", "degeneracy_counts", "input_moment", "input_rank_bound", "warn_sample_limited"]
 
 
-class SampleLimitedWarning(UserWarning):
-    """A rank reached the number of samples below the dimension: the count may be the data's limit."""
-
-
 class ProbeLimitedWarning(UserWarning):
     """A Jacobian Gram's rank from probes was still growing with the number of probes: rank_K is a
     lower bound, and the map's free count an upper bound."""
-
-
-def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_samples: int) -> None:
-    """A :class:`SampleLimitedWarning` when the ranks of ``limited`` of ``total`` Grams (``grams``
-    names them) are :func:`sample_limited`; nothing when none is."""
-    if limited:
-        warn_once(
-            f"{caller}: the rank of {limited} of {total} {grams} reached n = {n_samples}, the most directions "
-            f"{n_samples} samples can span (n − 1 for a covariance; below the input width): their free directions may "
-            "be the data's limit, not the model's (column sample_limited); count on more positions",
-            SampleLimitedWarning,
-            stacklevel=3,
-        )
 
 
 def counted_batches(data, adapter: ModelAdapter, batch_size: int, seq_len: int | None, skip_bos: bool | None,

@@ -221,6 +221,24 @@ def rounding_rtol(dtype: torch.dtype, gram: bool = False) -> float | None:
     return eps * eps if gram else eps
 
 
+class SampleLimitedWarning(UserWarning):
+    """A rank reached the number of samples below the dimension: the count may be the data's limit."""
+
+
+def warn_sample_limited(caller: str, limited: int, total: int, grams: str, n_samples: int) -> None:
+    """A :class:`SampleLimitedWarning` when the ranks of ``limited`` of ``total`` Grams (``grams``
+    names them) are :func:`sample_limited`; nothing when none is."""
+    if limited:
+        warn_once(
+            f"{caller}: the rank of {limited} of {total} {grams} reached n = {n_samples}, the most directions "
+            f"{n_samples} samples can span (n − 1 for a covariance; below the input width): their ranks, and the free "
+            "directions counted from them, may be the data's limit, not the model's (column sample_limited); count on "
+            "more positions",
+            SampleLimitedWarning,
+            stacklevel=3,
+        )
+
+
 def sample_limited(rank: int, n_samples: int, dim: int, centered: bool = False) -> bool:
     """Whether a Gram's rank may be the data's limit rather than the model's: n samples span at most n
     directions (n − 1 once centred), so a rank that reached that bound below the dimension ``dim``

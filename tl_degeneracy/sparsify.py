@@ -64,7 +64,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .counts import block_input_affine, block_input_hook, counted_batches, warn_sample_limited
+from .counts import block_input_affine, block_input_hook, counted_batches
 from .distributed import max_over_ranks, warn_once
 from .errors import MissingHookError, NumericalError, UnsupportedArchitectureError
 from .llc.losses import per_sample_loss, reference_form
@@ -72,7 +72,7 @@ from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
 from .numerics import (DataLimitedWarning, activation_precision, numerical_rank, rank_band, sample_limited,
-                       warn_data_limited)
+                       warn_data_limited, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol  # sparsify's argument rank_rtol is a number
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream

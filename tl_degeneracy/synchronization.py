@@ -41,7 +41,7 @@ from .memory import check_batches
 from .models.adapt import adapt
 from .models.selection import circuit_parameters
 from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, numerical_rank,
-                       rounding_rtol, warn_data_limited)
+                       rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -150,7 +150,9 @@ def _sync_repr(name: str, unit: str, result) -> str:
     verdicts = ([result.approximation] if result.approximation else []) + (
         [f"{changing} formed otherwise on half of the data"] if changing else []) + (
         [f"D_in still growing with the data at layer(s) {limited}"] if limited else []) + (
-        ["half-precision forward: each count lies in a band (extra_freedom_band)"] if result.half_precision else [])
+        ["half-precision forward: each count lies in a band (extra_freedom_band)"] if result.half_precision else []) + (
+        [f"D_in at the sample count at layer(s) {np.flatnonzero(result.sample_limited).tolist()}"]
+        if result.sample_limited is not None and result.sample_limited.any() else [])
     return (f"{name}({len(sizes)} synchronized {unit} block(s) of {sum(sizes)} {unit}s over {len(result.blocks)} "
             f"layers at tol {result.tol:g}, {result.n_samples:,} samples" + "".join(f"; {v}" for v in verdicts)
             + "; counts: to_frame())")
@@ -226,6 +228,10 @@ class _RoundingBand:
         return int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
 
 
+def _limited_layers(flags: Bool[np.ndarray, " layer"] | None) -> list[int]:
+    return [] if flags is None else np.flatnonzero(flags).tolist()
+
+
 def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
     """The :class:`DataLimitedWarning` s of a synchronization result whose blocks or input ranks
     still change with the data (audit 13b: both were returned as exact, without a word): blocks that
@@ -241,6 +247,9 @@ def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
     warn_data_limited(caller, int(limited.sum()), f"{len(limited)} layers", "the input's rank (input_rank) is",
                       n_sequences, "to_frame's data_limited", f"{counts} use a D_in that more data would raise; "
                       "give more data")
+    # audit 14b F2: one sequence of 10 tokens read D_in 9 (n − 1) and the count 256 for 432, "not data-limited".
+    warn_sample_limited(caller, len(_limited_layers(result.sample_limited)), len(limited),
+                        "layers' input covariances (D_in, whose counts use it)", result.n_samples)
 
 
 @dataclass(frozen=True)
@@ -612,6 +621,7 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
     input_rank_half: Int[np.ndarray, " layer"] | None = None
     noise_rtol: float | None = None
     input_rank_noise: Int[np.ndarray, " layer"] | None = None
+    sample_limited: Bool[np.ndarray, " layer"] | None = None
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -685,7 +695,8 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         data's even-numbered sequences alone form exactly this block: False where the blocks still
         change with the data, so the block and its count are not yet the model's), s_block
         (s_S), s_heads (s of each head's values), input_rank (D_in), data_limited (D_in is lower on
-        the even-numbered sequences alone: it and the counts that use it still grow with the data), component (the heads of the
+        the even-numbered sequences alone: it and the counts that use it still grow with the data),
+        sample_limited (D_in reached the samples' bound n − 1 below its own: the data's limit), component (the heads of the
         block's component: blocks joined through query heads of one KV head, METHODS §3), count_exact,
         and the component's counts (METHODS (3.5a)–(3.5c)): n_params (its W_V and W_O entries, each
         stored value head once), j_apart, j_sync, free_block = n_params − j_sync, free_separate =
@@ -726,9 +737,11 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
                              "s_block": self.block_rank(layer, heads),
                              "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
                              "input_rank": int(self.input_rank[layer]),
-                             "data_limited": bool(self.data_limited[layer]), "component": heads_of_component, **counts})
+                             "data_limited": bool(self.data_limited[layer]),
+                             "sample_limited": self.sample_limited is not None and bool(self.sample_limited[layer]),
+                             "component": heads_of_component, **counts})
         columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
-                   "input_rank", "data_limited", "component", "count_exact", *_COUNT_COLUMNS]
+                   "input_rank", "data_limited", "sample_limited", "component", "count_exact", *_COUNT_COLUMNS]
         frame = pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in _COUNT_COLUMNS})
         rounded = self._at_rounding()
         frame = self._banded(frame, None if rounded is None else rounded._frame)
@@ -778,6 +791,7 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
                 "half_precision": self.half_precision, "extra_freedom_band": self.extra_freedom_band,
                 "approximate": self.approximate, "count_exact": bool(frame["count_exact"].all()),
                 "changing_blocks": self.changing_blocks, "data_limited_layers": np.flatnonzero(self.data_limited).tolist(),
+                "sample_limited_layers": _limited_layers(self.sample_limited),
                 "distance": self.distance.tolist(), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
@@ -974,6 +988,7 @@ def head_synchronization(
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
         half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(inputs, noise),
+        sample_limited=np.array([sample_limited(int(r), int(count[0].sum()), most, centered=True) for r in input_rank]),
     )
     warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
     return result
@@ -1041,6 +1056,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     input_rank_half: Int[np.ndarray, " layer"] | None = None
     noise_rtol: float | None = None
     input_rank_noise: Int[np.ndarray, " layer"] | None = None
+    sample_limited: Bool[np.ndarray, " layer"] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, firing_distance: float) -> int:
@@ -1145,7 +1161,8 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         firing on some samples), on_half (the data's even-numbered sequences alone form exactly this
         block; False where blocks still change with the data: fewer samples can only merge ReLU
         blocks at tol 0, so a block's count is then an upper bound), data_limited (the layer's D_in is
-        lower on the even-numbered sequences alone: still growing with the data), s_block (s, the rank of the
+        lower on the even-numbered sequences alone: still growing with the data), sample_limited (D_in
+        reached the samples' bound below its own: the data's limit), s_block (s, the rank of the
         block's post-activations), count_exact and extra_freedom = J_apart − J_sync (:meth:`freedom`), ≥ 0.
 
         count_exact is False and extra_freedom <NA> for a gated MLP (:meth:`freedom`) and where J_sync
@@ -1177,9 +1194,10 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
                              "max_distance": distance, "approximate": self._block_approximate(firing),
                              "on_half": _formed_on_half(self.half_blocks, layer, neurons),
                              "data_limited": bool(self.data_limited[layer]),
+                             "sample_limited": self.sample_limited is not None and bool(self.sample_limited[layer]),
                              "s_block": self.block_rank(layer, neurons), "count_exact": exact, "extra_freedom": extra})
-        columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "data_limited", "s_block",
-                   "count_exact", "extra_freedom"]
+        columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "data_limited", "sample_limited",
+                   "s_block", "count_exact", "extra_freedom"]
         frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
         rounded = self._at_rounding()
         frame = self._banded(frame, None if rounded is None else rounded._frame(singletons))
@@ -1219,7 +1237,8 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
                 "act_fn": self.act_fn, "approximate": self.approximate, "approximation": self.approximation,
                 "half_precision": self.half_precision, "extra_freedom_band": self.extra_freedom_band,
                 "count_exact": bool(frame["count_exact"].all()), "changing_blocks": self.changing_blocks,
-                "data_limited_layers": np.flatnonzero(self.data_limited).tolist(), "blocks": frame.to_dict(orient="records")}
+                "data_limited_layers": np.flatnonzero(self.data_limited).tolist(),
+                "sample_limited_layers": _limited_layers(self.sample_limited), "blocks": frame.to_dict(orient="records")}
 
     def plot(self):
         """Heatmap of ``distance``, one panel per layer, its colours capped at 1 (pairs far apart reach
@@ -1414,6 +1433,8 @@ def neuron_synchronization(
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(x_acc, noise),
+        sample_limited=np.array([sample_limited(int(r) - int(in_bias), n_samples, most, centered=in_bias)
+                                 for r in input_rank]),
     )
     warn_unsettled("neuron_synchronization", result, batches.n_sequences, "j_apart and j_sync")
     return result

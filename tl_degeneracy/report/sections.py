@@ -114,12 +114,13 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                 "head_extra_freedom": hs.extra_freedom, "head_extra_freedom_band": hs.extra_freedom_band,
                 "head_sync_approximation": hs.approximation,
                 "head_changing_blocks": hs.changing_blocks, "head_data_limited_layers": int(hs.data_limited.sum()),
+                "head_sample_limited_layers": int(hs.sample_limited.sum()),
                 "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
     headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)}"
                 f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom)})"
                 f"{_approximate_label(hs.approximation)}"
-                f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()))}")
+                f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()), int(hs.sample_limited.sum()))}")
     try:
         ns = neuron_synchronization(ctx.adapter, ctx.batches, tol=s.sync_tol, batch_size=s.batch_size,
                                     progress=ctx.progress)
@@ -133,14 +134,15 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                            "neuron_extra_freedom": ns.extra_freedom, "neuron_extra_freedom_band": ns.extra_freedom_band,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
                            "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks,
-                           "neuron_data_limited_layers": int(ns.data_limited.sum())})
+                           "neuron_data_limited_layers": int(ns.data_limited.sum()),
+                           "neuron_sample_limited_layers": int(ns.sample_limited.sum())})
         total = ctx.adapter.n_layers * ctx.adapter.d_mlp
         if len(neurons):
             headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
                          f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')}"
                          f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom)})"
                          f"{_approximate_label(ns.approximation)}"
-                         f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()))}")
+                         f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()), int(ns.sample_limited.sum()))}")
         else:
             headline += (f"; no synchronized neurons among {total:,} at tol {ns.tol:g} (METHODS §3: no two fire alike "
                          f"and would change their outputs by at most {math.sqrt(ns.tol):.0%} RMS on swapping patterns)")
@@ -148,13 +150,16 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
     return out
 
 
-def _changing_text(changing: int, blocks: int, limited: int = 0) -> str:
-    """That some blocks are formed otherwise on half of the data, and that the input's rank D_in of
-    ``limited`` layers is lower there ("" when neither is)."""
+def _changing_text(changing: int, blocks: int, limited: int = 0, sampled: int = 0) -> str:
+    """That some blocks are formed otherwise on half of the data, that the input's rank D_in of
+    ``limited`` layers is lower there, and that ``sampled`` layers' D_in reached the sample count
+    ("" when none is)."""
     text = (f"; {changing} of the {blocks} formed otherwise on half of the data (still changing with the data)"
             if changing else "")
     if limited and blocks:  # without blocks no count uses D_in
         text += f"; D_in is still growing with the data at {limited} layer(s), and so are the counts that use it"
+    if sampled and blocks:
+        text += f"; D_in reached the number of samples at {sampled} layer(s): the data's limit, not the model's"
     return text
 
 
@@ -603,7 +608,8 @@ def _synchronization_verdict(v: dict) -> str:
             + _rounding_band_text(v.get("head_extra_freedom_band"), extra)
             + _approximate_label(v.get("head_sync_approximation", "")))
     # absent from older reports: 0
-    text += _changing_text(v.get("head_changing_blocks", 0), blocks, v.get("head_data_limited_layers", 0))
+    text += _changing_text(v.get("head_changing_blocks", 0), blocks, v.get("head_data_limited_layers", 0),
+                           v.get("head_sample_limited_layers", 0))
     if "neuron_synchronized_blocks" in v:
         n = v["neuron_synchronized_blocks"]
         # reports saved before the per-block label have only the flag, which meant a smooth activation
@@ -613,7 +619,8 @@ def _synchronization_verdict(v: dict) -> str:
                  + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None, "neuron"))
                  + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra)
                  + _approximate_label(why)
-                 + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0)))
+                 + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0),
+                                  v.get("neuron_sample_limited_layers", 0)))
     return text
 
 

@@ -16,6 +16,7 @@ from ..data import token_batches
 from ..errors import MissingHookError
 from ..memory import check_batches
 from ..models.adapt import adapt
+from ..numerics import warn_sample_limited
 from .accumulators import MomentAccumulator
 from ..distributed import distributed_context
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets
@@ -175,6 +176,8 @@ def activation_stats(
 
     stats = {t.name: hook_stats(t, collector.accs[t.name],
                                 hook_stats(t, collector.half_accs[t.name]) if half else None) for t in targets}
+    limited = [s.name for s in stats.values() if s.has_full and s.limited_by_samples(s.rank(), s.dim)]
+    warn_sample_limited("activation_stats", len(limited), len(stats), "hooks' Grams", min(s.count for s in stats.values()))
     return ActivationStats(
         stats=stats,
         positions=batches.positions,

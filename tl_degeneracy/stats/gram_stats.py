@@ -26,7 +26,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..data import Positions
-from ..numerics import activation_precision, numerical_rank  # numerical_rank re-exported: tl_degeneracy.stats
+from ..numerics import (HALF_DTYPES, activation_precision, numerical_rank,  # numerical_rank re-exported: tl_degeneracy.stats
+                        rank_rtol, sample_limited)
 from .accumulators import descending_eigvalsh
 
 __all__ = ["ActivationStats", "HookStats", "JacobianHookStats", "JacobianStats", "numerical_rank"]
@@ -106,7 +107,16 @@ class _GramStats(abc.ABC):
             return float(self._matrix(centered).diagonal().sum())
         return float(self._head_matrix(centered).diagonal(dim1=-2, dim2=-1).sum())
 
+    def limited_by_samples(self, rank: int, dim: int) -> bool | None:
+        """Whether ``rank`` (of a ``dim``-wide Gram) may be the data's limit (``numerics.sample_limited``);
+        None where the sample count does not bound it (Jacobian Grams)."""
+        return None
+
     def summary(self, rtol: float | None = None) -> dict:
+        """The hook's rank with what it rests on (audit 14b F5: 6 of 32 on 6 samples, with no word):
+        the cut-off ``rtol`` used, ``half_precision`` (a bfloat16/float16 forward: an upper bound,
+        numerics) and ``sample_limited`` (:meth:`limited_by_samples`)."""
+        rank = self.rank(rtol) if self.has_full else None
         return {
             "hook": self.name,
             "kind": self.kind,
@@ -114,7 +124,10 @@ class _GramStats(abc.ABC):
             "unit": self.unit,
             "dim": self.dim,
             "count": self.count,
-            "rank": self.rank(rtol) if self.has_full else None,
+            "rank": rank,
+            "rtol": rank_rtol(self.dim, self.precision, gram=True) if rtol is None else float(rtol),
+            "half_precision": self.dtype in HALF_DTYPES,
+            "sample_limited": None if rank is None else self.limited_by_samples(rank, self.dim),
             "trace": self.trace(),
         }
 
@@ -135,6 +148,9 @@ class HookStats(_GramStats):
     cov: Tensor | None = field(repr=False, default=None)  # [D, D]
     head_cov: Tensor | None = field(repr=False, default=None)  # [H, d, d], per-head-only accumulation
     half: HookStats | None = field(repr=False, default=None)  # the data's even-numbered sequences alone
+
+    def limited_by_samples(self, rank: int, dim: int) -> bool:
+        return sample_limited(rank, self.count, dim, centered=self.centered)
 
     @property
     def has_full(self) -> bool:
@@ -256,17 +272,19 @@ class _Collection(Mapping):
         return list(self.stats)
 
     def to_frame(self, rtol: float | None = None, per_head: bool = False) -> pd.DataFrame:
-        """One row per hook (hook, kind, layer, unit, dim, count, rank at ``rtol``, trace); with
-        ``per_head=True`` one row per (hook, head) for hooks with a head axis. ``rtol=None``: each
-        hook's rank rule (:meth:`HookStats.rank`)."""
+        """One row per hook (hook, kind, layer, unit, dim, count, rank at ``rtol``, the rtol used,
+        half_precision, sample_limited, trace: ``summary``); with ``per_head=True`` one row per
+        (hook, head) for hooks with a head axis. ``rtol=None``: each hook's rank rule (:meth:`HookStats.rank`)."""
         rows = []
         for s in self.stats.values():
             if per_head and s.n_heads is not None:
                 ranks = s.head_ranks(rtol)
                 traces = s._head_matrix(None).diagonal(dim1=-2, dim2=-1).sum(-1)
+                d = s.feature_shape[1]
                 for h in range(s.n_heads):
-                    rows.append({**s.summary(rtol), "head": h, "dim": s.feature_shape[1],
-                                 "rank": int(ranks[h]), "trace": float(traces[h])})
+                    rows.append({**s.summary(rtol), "head": h, "dim": d, "rank": int(ranks[h]),
+                                 "rtol": rank_rtol(d, s.precision, gram=True) if rtol is None else float(rtol),
+                                 "sample_limited": s.limited_by_samples(int(ranks[h]), d), "trace": float(traces[h])})
             else:
                 rows.append(s.summary(rtol))
         frame = pd.DataFrame(rows)
