@@ -48,6 +48,7 @@ about the data as about the model (``numerics.sample_limited``, per row, with a 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pandas as pd
 import torch
@@ -349,7 +350,11 @@ def degeneracy_counts(
     shortformer = adapter.cfg.positional_embedding == "shortformer"
     query_key = {attn_in[layer]: block_input_affine(adapter, layer, "ln1") for layer in range(L)} if shortformer else None
     inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress, query_key)
-    acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
+    with warnings.catch_warnings():
+        # The counts judge their own Grams' sample limit (column sample_limited, one warning below), which
+        # activation_stats would also warn of, for z and hook_post, in other words.
+        warnings.filterwarnings("ignore", category=SampleLimitedWarning, message="activation_stats")
+        acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
     jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
                          seed=seed, per_head=True, progress=progress, halves="first", half=True)
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
