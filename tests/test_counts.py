@@ -416,3 +416,14 @@ def test_one_probe_says_that_it_cannot_be_checked():
     with pytest.warns(ProbeLimitedWarning, match="n_probes=1"):
         frame = degeneracy_counts(model, _tokens(), n_probes=1, output="kl")
     assert not frame["probe_limited"].any()
+
+
+def test_a_rank_at_layernorms_own_bound_is_not_the_datas_limit():
+    """Review 36: on one 16-token sequence of a D = 16 LayerNorm model, W_Q/W_K/W_V/W_in read rank_G 15
+    and were flagged sample_limited, though D − 1 = 15 is all a LayerNorm output's covariance can span
+    (head synchronization, which caps D_in there, said False)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = degeneracy_counts(make_tiny_toy_transformer(), torch.randint(0, 20, (1, 16)), progress=False)
+    inputs = frame[frame["map"].isin(["W_Q", "W_K", "W_V", "W_in"])]
+    assert (inputs["rank_G"] == 15).all() and not inputs["sample_limited"].any()

@@ -126,6 +126,12 @@ def test_one_chain_does_not_extend_the_burn_in_for_an_undefined_rhat():
     message = next(str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning))
     assert "R̂ undefined" in message and "chains ≥ 2 (split-R̂ compares chains; 1 healthy chain(s) here)" in message
     assert "longer chains" not in message
+    # nor draws more blocks (review 36: it drew to max_draws)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = behavioral_llc(model, x, chains=1, draws="auto", draws_block=200, max_draws=5000, progress=False)
+    assert auto.draws == 200 and auto.diagnostics["budget"]["stopped"] == "one_chain"
+    assert "split-R̂ needs ≥ 2 healthy chains" in auto.convergence_reason
 
 
 def test_the_divergence_advice_names_bias_bound_only_for_an_automatic_step():

@@ -208,7 +208,7 @@ def test_largest_batch_weight_and_the_curvature_factor():
     # Sequences of different lengths: batches 0, 2, 3 and 5 are measured (spread over the cycle); the
     # fifth counts 4× the positions of the largest of them.
     assert cycle_sample(6, 4) == [0, 2, 3, 5] and cycle_sample(3, 4) == [0, 1, 2] and cycle_sample(100, 1) == [0]
-    assert unmeasured_batch_factor(SimpleNamespace(batch_positions=(10, 8, 10, 9, 40, 3))) == 4.0
+    assert unmeasured_batch_factor(SimpleNamespace(batch_positions=(10, 8, 10, 9, 40, 3), n_batches=6)) == 4.0
 
 
 def _regression_batches(batch_size: int):

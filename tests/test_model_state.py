@@ -220,6 +220,17 @@ def test_hooks_a_user_left_attached_are_named():
     message, = attached(lambda: tld.activation_stats(model, tokens, progress=False))
     assert "'blocks.0.hook_resid_post'" in message and "reset_hooks(including_permanent=True)" in message
     model.reset_hooks(including_permanent=True)
+    # review 36: a torch hook on a submodule of a TransformerLens-style model, not only on its hook points
+    handle = model.blocks[0].mlp.register_forward_hook(lambda module, inputs, output: 0 * output)
+    message, = attached(lambda: tld.activation_stats(model, tokens, progress=False))
+    assert "'blocks.0.mlp'" in message
+    handle.remove()
+    # hooks that are part of the model (torch's weight_norm, pruning) are not the user's leftovers
+    normed = torch.nn.Sequential(torch.nn.utils.weight_norm(torch.nn.Linear(3, 4)), torch.nn.Linear(4, 1))
+    torch.nn.utils.prune.l1_unstructured(normed[1], "weight", 0.5)
+    from tl_degeneracy.models.hooks import attached_hooks
+
+    assert attached_hooks(normed) == []
     linear = torch.nn.Linear(3, 1)
     handle = linear.register_forward_hook(lambda module, inputs, output: output)
     run = lambda: tld.behavioral_llc(linear, torch.randn(40, 3), loss="mse", chains=2, draws=10, burnin=5,

@@ -1040,6 +1040,13 @@ def test_half_precision_sync_counts_carry_a_band_that_holds_the_exact_count(tmp_
     assert lo <= 188 <= hi and lo < hi and half.extra_freedom_band == (lo, hi)
     assert half.half_precision and "extra_freedom_band" in repr(half)
     assert half.to_dict()["extra_freedom_band"] == (lo, hi) and half.to_dict()["half_precision"]
+    # review 36: a rank_rtol of one's own kept no band and read half_precision False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        own = head_synchronization(tld.load_model(overlap, device="cpu", dtype=dtype), tokens, tol=1e-6,
+                                   rank_rtol=1e-6, progress=False)
+        low, high = own.extra_freedom_band
+    assert own.half_precision and low <= 188 <= high
     copy_ = head_synchronization(tld.load_model(_gpt2_pair(tmp_path / "copy", overlap=False), device="cpu",
                                                 dtype=dtype), tokens, tol=1e-6, progress=False)
     assert copy_.input_rank[0] == 31 and copy_.to_frame().iloc[0]["extra_freedom"] == 8 * (31 + 31 - 8)

@@ -404,13 +404,15 @@ def degeneracy_counts(
 
     rows = []
 
-    def add(map_name, layer, head, G, K, d_in, d_out, centered=False):
+    def add(map_name, layer, head, G, K, d_in, d_out, centered=False, g_most=None):
+        """One map's row; ``g_most``: the most directions its input can span (``input_rank_bound``;
+        default d_in), below which a rank at the sample count may be the data's limit."""
         (G_band, g_grows), (K_band, probe_limited, k_grows) = G, K
         G_rank, K_rank = G_band[1], K_band[1]
         rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                      "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
                      "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
-                     "sample_limited": sample_limited(G_rank, n, d_in, centered=centered),
+                     "sample_limited": sample_limited(G_rank, n, d_in if g_most is None else g_most, centered=centered),
                      "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
                      "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
 
@@ -437,11 +439,17 @@ def degeneracy_counts(
         z = acts[("z", layer)]
         z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
         out_K = k_rank(attn_out[layer])
+        def most(centered: bool, queries_keys: bool = False) -> int:
+            return D if queries_keys and shortformer else input_rank_bound(adapter, centered)
+
         for h in range(H):
-            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"])
+            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
+                most(bias["W_Q"], True))
         for kv in range(n_kv):
-            add("W_K", layer, kv, input_rank("ln1", bias["W_K"], True), k_rank(("k", layer), kv), D, d, bias["W_K"])
-            add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"])
+            add("W_K", layer, kv, input_rank("ln1", bias["W_K"], True), k_rank(("k", layer), kv), D, d, bias["W_K"],
+                most(bias["W_K"], True))
+            add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"],
+                most(bias["W_V"]))
         for h in range(H):
             add("W_O", layer, h, g_rank(z_G[h], z_half[h]), out_K, d, D, bias["W_O"])
         if mlp:
@@ -449,7 +457,7 @@ def degeneracy_counts(
             maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
                 [("W_in", ("mlp_pre", layer))]
             for name, key in maps:
-                add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name])
+                add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name], most(bias[name]))
             post = acts[("mlp_post", layer)]
             G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
             add("W_out", layer, None, g_rank(*G_post), k_rank(mlp_out[layer]), F, D, bias["W_out"])

@@ -39,6 +39,7 @@ from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
 from .models.adapt import adapt
+from .models.adapter import ModelAdapter
 from .models.selection import circuit_parameters
 from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, numerical_rank,
                        rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
@@ -177,10 +178,29 @@ class _HalfDataChecks:
         return _unsettled_blocks(self)[0]
 
 
+def _rounding_cut(dtype: torch.dtype, rtol: float | None) -> float | None:
+    """The relative cut-off of a half-precision model's rounding band: the forward's rounding level on
+    Gram eigenvalues (``numerics.rounding_rtol``), or a larger ``rtol`` the caller gave; None for a
+    float32/float64 model."""
+    noise = rounding_rtol(dtype, gram=True)
+    return None if noise is None else max(noise, rtol or 0.0)
+
+
+def _input_ranks(adapter: ModelAdapter, accs: list[MomentAccumulator], ln: str, centered: bool,
+                 precision: torch.dtype, rtol: float | None) -> Int[np.ndarray, " layer"]:
+    """D_in of every layer: the rank of the covariance (``centered``) or Gram of the block input
+    (``counts.input_moment``) by the rank rule at ``precision`` (``rtol`` overrides its cut-off), at
+    most ``counts.input_rank_bound``."""
+    most = input_rank_bound(adapter, centered)
+    return np.array([min(_gram_rank(input_moment(adapter, layer, ln, acc, centered=centered).cpu(), precision, rtol), most)
+                     for layer, acc in enumerate(accs)], dtype=np.int64)
+
+
 class _RoundingBand:
-    """A synchronization result of a half-precision model (``noise_rtol``: the forward's rounding
-    level on Gram eigenvalues, ``numerics.rounding_rtol``; None otherwise) counted twice: at the rank
-    rule's cut-off, and at that rounding level (``input_rank_noise``: D_in there). The rule's
+    """A synchronization result of a half-precision model (``noise_rtol``: the band's cut-off, the
+    forward's rounding level on Gram eigenvalues or a larger ``rank_rtol`` the caller gave,
+    :func:`_rounding_cut`; None otherwise) counted twice: at the rank rule's (or the caller's)
+    cut-off, and at that level (``input_rank_noise``: D_in there). The rule's
     float32 cut-off counts rounding as directions (audit 14b: two heads whose values overlap in 4
     dimensions read s 16 where it is 12, extra freedom 128 where it is 188), so a count that differs
     between the two is known only to lie between them (``extra_freedom_min`` / ``_max``)."""
@@ -214,7 +234,7 @@ class _RoundingBand:
         if len(moved):
             lo, hi = int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
             warn_once(f"{caller}: the model computes in half precision, and the extra freedom of {len(moved)} "
-                      f"block(s) differs between the rank rule's float32 cut-off and the forward's rounding level "
+                      f"block(s) differs between the rank cut-off (float32's rule, or rank_rtol) and the forward's rounding level "
                       f"(total {lo:,}–{hi:,}; columns extra_freedom_min/max): the count is known only to lie between; "
                       "load the model in float32 for one count", HalfPrecisionWarning, stacklevel=4)
 
@@ -963,12 +983,10 @@ def head_synchronization(
     covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
     precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
     rtol = None if rank_rtol is None else float(rank_rtol)
-    noise = rounding_rtol(adapter.dtype, gram=True) if rtol is None else None  # the half-precision band
-    most = input_rank_bound(adapter, centered=True)
+    noise = _rounding_cut(adapter.dtype, rtol)
 
     def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
-        return np.array([min(_gram_rank(input_moment(adapter, layer, "ln1", accs[layer], centered=True).cpu(),
-                                        precision, cut), most) for layer in range(L)], dtype=np.int64)
+        return _input_ranks(adapter, accs, "ln1", True, precision, cut)
 
     input_rank, input_rank_half = d_in(inputs, rtol), d_in(inputs_half, rtol)
     kv_rank = np.array([
@@ -988,9 +1006,12 @@ def head_synchronization(
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
         half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(inputs, noise),
-        sample_limited=np.array([sample_limited(int(r), int(count[0].sum()), most, centered=True) for r in input_rank]),
+        sample_limited=np.array([sample_limited(int(r), int(count[0].sum()), input_rank_bound(adapter, True), centered=True)
+                                 for r in input_rank]),
     )
     warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
+    if result.half_precision:
+        result.to_frame()  # its band's warning now, with the call's others (review 36)
     return result
 
 
@@ -1415,12 +1436,10 @@ def neuron_synchronization(
     rtol = None if rank_rtol is None else float(rank_rtol)
     # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
     in_bias = bool(adapter.map_biases(0)["W_in"])
-    noise = rounding_rtol(adapter.dtype, gram=True) if rtol is None else None  # the half-precision band
-    most = input_rank_bound(adapter, centered=in_bias)
+    noise = _rounding_cut(adapter.dtype, rtol)
 
     def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
-        return np.array([min(_gram_rank(input_moment(adapter, layer, "ln2", accs[layer], centered=in_bias).cpu(),
-                                        precision, cut), most) + int(in_bias) for layer in range(L)], dtype=np.int64)
+        return _input_ranks(adapter, accs, "ln2", in_bias, precision, cut) + int(in_bias)
 
     input_rank, input_rank_half = d_in(x_acc, rtol), d_in(x_half, rtol)
     norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
@@ -1433,9 +1452,11 @@ def neuron_synchronization(
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(x_acc, noise),
-        sample_limited=np.array([sample_limited(int(r) - int(in_bias), n_samples, most, centered=in_bias)
-                                 for r in input_rank]),
+        sample_limited=np.array([sample_limited(int(r) - int(in_bias), n_samples, input_rank_bound(adapter, in_bias),
+                                                centered=in_bias) for r in input_rank]),
     )
+    if result.half_precision:
+        result.to_frame()  # its band's warning now, with the call's others (review 36)
     warn_unsettled("neuron_synchronization", result, batches.n_sequences, "j_apart and j_sync")
     return result
 

@@ -24,8 +24,9 @@ chains [C, T]:
     Split-R̂, ESS and the drift test cannot see this: every chain starts at θ* and shares the
     transient, and the slow directions move the loss too little for the drift test to notice (a
     linear regression with 30 weak directions read 7.46 ± 0.18 "converged" against an exact 8.71).
-    An unrelaxed run is uncertain in both directions, not a lower bound: those directions may carry
-    no loss at all, or less where the chains are headed than at θ* (audit 14a F4).
+    An unrelaxed run is a lower bound only where its draws still rise, and uncertain in both
+    directions otherwise: the directions still spreading may carry no loss at all, or less where the
+    chains are headed than at θ* (audit 14a F4).
 
 R̂ and ESS come from ArviZ (the field's reference implementation), not from code of this package.
 """
@@ -133,6 +134,7 @@ class Convergence:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        # lower_bound here is the traces' reading alone; LLCResult.lower_bound also asks the step size's bias.
         d.update(reason=self.reason, brief=self.brief, lower_bound=self.lower_bound, thresholds={"rhat": RHAT_MAX, "ess": ESS_MIN, "drift": DRIFT_MAX,
                                                  "diverged_fraction": DIVERGED_MAX, "relaxation": RELAXED_MIN})
         d["drift_means"], d["drift_stderrs"] = list(self.drift_means), list(self.drift_stderrs)
@@ -269,7 +271,7 @@ def assess_convergence(
     # One-sided: a finite step raises r above 1 (METHODS (1.7)); only a shortfall means unrelaxed directions.
     # The point estimate decides, as for R̂ and ESS: at equilibrium r ≈ 1 lies about one standard error
     # above the threshold for d = 40 coordinates and 4 chains × 2,000 draws (more for larger d), and a
-    # false alarm costs a burn-in extension or a "lower bound" label, never a wrong "converged".
+    # false alarm costs a burn-in extension or a "not converged" label, never a wrong "converged".
     if relax < RELAXED_MIN:
         failed["relaxation"] = (
             f"relaxation: the draws' mean δ·∇U is {relax:.1%}"

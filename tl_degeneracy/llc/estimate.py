@@ -33,8 +33,8 @@ from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
 from .convergence import FLAT_RELAXATION, Convergence, ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
-from .llc_result import (ChainRecords, LLCResult, chain_estimates, estimate_text, larger_stderr, quantity_label,
-                         step_biased, step_size_caveats, stderr_caveat)
+from .llc_result import (ChainRecords, LLCResult, bias_size, chain_estimates, estimate_text, larger_stderr,
+                         n_eff_beyond_bias, quantity_label, step_biased, stderr_caveat)
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
 from .stepsize import (ADAPT_AT, Curvature, StepSizeChoice, adapted_step_size, bias_bound_of, bias_of_estimate,
@@ -178,7 +178,8 @@ def behavioral_llc(
             bit when the step size is given or ``pilot_steps`` is (the automatic pilots' default
             length scales with burnin + the first block) and the burn-in was not extended. ``diagnostics["budget"]`` records the
             blocks run, the total draws, why the run stopped (``"converged"``, ``"max_draws"``,
-            ``"time_limit"``) and whether the budget ran out, with a ``reason`` that the warning
+            ``"time_limit"``, ``"one_chain"``: fewer than 2 healthy chains, which no draws make
+            converge) and whether the budget ran out, with a ``reason`` that the warning
             and :attr:`LLCResult.convergence_reason` repeat (None for a fixed number of draws).
         batch_size: samples (sequences, for token data) per minibatch; default all (full batch).
             Minibatches are visited in a fixed cycle, the same batch for all chains at each step.
@@ -526,6 +527,9 @@ def _continue_until_converged(
         if not config.auto:
             stopped = "fixed"
             break
+        if config.chains - len(failed) < 2:
+            stopped = "one_chain"  # split-R̂ compares chains: no draws make it defined (review 36)
+            break
         if max_draws is not None and run.draws >= max_draws:
             stopped = "max_draws"
             break
@@ -544,6 +548,8 @@ def _continue_until_converged(
     if stopped == "max_draws":
         reason = f"budget spent: max_draws = {max_draws:,}" + (
             f" (the run resumed had drawn {run.draws:,} already)" if run.draws > max_draws else "")
+    elif stopped == "one_chain":
+        reason = "stopped drawing: split-R̂ needs ≥ 2 healthy chains, which more draws cannot give"
     elif stopped == "time_limit":
         reason = (f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
                   f"{block:,} draws would pass it)")
@@ -552,7 +558,7 @@ def _continue_until_converged(
     budget = None if not config.auto else {
         "draws": "auto", "draws_block": block, "max_draws": max_draws, "time_limit": time_limit,
         "blocks": 1 + math.ceil(max(run.draws - block, 0) / block), "total_draws": run.draws, "elapsed_s": elapsed,
-        "stopped": stopped, "budget_exhausted": stopped in ("max_draws", "time_limit"), "reason": reason,
+        "stopped": stopped, "budget_exhausted": stopped in ("max_draws", "time_limit", "one_chain"), "reason": reason,
     }
     burnin_record = None if not config.auto_burnin else {
         "burnin": "auto", "initial": config.initial_burnin, "used": run.burnin, "max_burnin": config.burnin_budget,
@@ -681,10 +687,9 @@ def _result(
         # Beyond 100 % the first-order K/(λ̂ − K) no longer sizes the bias (audit 14a F9: 35,710 % printed
         # for +207 %), nor the step that would meet the target.
         smaller = eta * bias_target / min(bias_end, 1.0) if math.isfinite(bias_end) else eta / 10
-        size = (f"by about {bias_end:.0%}" if bias_end <= 1 else
-                "by more than 100 % (beyond what the first-order prediction can size)" if math.isfinite(bias_end) else
-                "without bound (the stiffest direction is past the stability limit there)" if stiff_end >= 1 else
-                "without bound (the predicted excess K is as large as λ̂ itself)")
+        size = bias_size(bias_end) or (
+            "without bound (the stiffest direction is past the stability limit there)" if stiff_end >= 1 else
+            "without bound (the predicted excess K is as large as λ̂ itself)")
         noise = (f"(tr H + 2 nβ S)/(8 (1 − b_max)), with tr H = {trace_end:.3g}, the minibatch gradients' spread S = "
                  f"{spread_end:.3g}" if target.n_batches > 1 else f"tr(H)/(8 (1 − b_max)), with tr H = {trace_end:.3g}")
         warn(
@@ -734,8 +739,7 @@ def _result(
                  "pilot_steps, or pass that step_size", RuntimeWarning)
     # λ ≤ d/2 for every model: only the sampler's bias (and noise) can put λ̂ above it. A regular model
     # sits at d/2, so the predicted bias and ± are allowed for (audit 14a F10: every default run warned).
-    excess = step_size_caveats(bound, 2 * mean, selection.n_params, 2 * stderr)
-    if 2 * mean > selection.n_params and any(c.startswith("N_eff above") for c in excess):
+    if n_eff_beyond_bias(2 * mean, selection.n_params, bound, 2 * stderr):
         warn(f"N_eff = 2λ̂ = {2 * mean:.4g} ± {2 * stderr:.2g} exceeds the {selection.n_params:,} sampled parameters by "
              f"more than the predicted step-size bias ({bound:.2g}) explains, which no model's λ allows (λ ≤ d/2): "
              "the step size biases λ̂ up more than predicted; pass a smaller step_size", RuntimeWarning)

@@ -41,8 +41,9 @@ class LLCResult:
     relaxed from θ* (relaxation ≥ 95 %). Its numbers are ``diagnostics["rhat"]``, ``["ess"]``,
     ``["drift"]`` (a z-score), ``["relaxation"]``, ``["n_diverged"]``, ``["diverged_chains"]``, and
     ``["convergence"]`` (each failed criterion in words, the suggested budget). A run that is not
-    converged gives a λ̂ to read as a lower bound where :attr:`lower_bound` (unrelaxed or rising
-    chains, many diverged), and as uncertain beyond its ± in either direction otherwise. A ``draws="auto"``
+    converged gives a λ̂ to read as a lower bound where :attr:`lower_bound` (draws still rising,
+    unrelaxed or not; many chains diverged; and no step size predicted to raise λ̂), and as
+    uncertain beyond its ± in either direction otherwise. A ``draws="auto"``
     run records its budget in ``diagnostics["budget"]`` (blocks run, total draws, why it stopped,
     whether the budget ran out; None for a fixed number of draws), a ``burnin="auto"`` run its
     burn-in in ``diagnostics["burnin_auto"]`` (first and final burn-in, each extension, whether the
@@ -235,17 +236,31 @@ def step_size_caveats(bias, n_eff, n_params, n_eff_stderr=None) -> list[str]:
     10 parameters as converged, with no word)."""
     caveats = []
     if step_biased(bias):
-        size = (f"by up to {bias:.0%}" if bias <= 1 else
-                "by more than 100 % (beyond what the first-order prediction can size)" if math.isfinite(bias) else
-                "without bound (the predicted excess reaches λ̂ itself)")
+        size = bias_size(bias, "up to") or "without bound (the predicted excess reaches λ̂ itself)"
         caveats.append(f"the step size may raise λ̂ {size} (METHODS (1.8))")
-    if _number(n_eff) and _number(n_params):
-        # Beyond 100 % the predicted bias sizes nothing (step_size_caveats' first caveat): allow at most that.
-        allowed = n_params * (1 + (min(bias, 1.0) if _number(bias) and bias > 0 else 0.0))
-        if n_eff > allowed + 2 * (n_eff_stderr if _number(n_eff_stderr) else 0.0):
-            caveats.append("N_eff above the parameter count by more than the step size's predicted bias and its ± "
-                           "explain, which no model's λ allows: the step size's bias is larger than predicted")
+    if n_eff_beyond_bias(n_eff, n_params, bias, n_eff_stderr):
+        caveats.append("N_eff above the parameter count by more than the step size's predicted bias and its ± "
+                       "explain, which no model's λ allows: the step size's bias is larger than predicted")
     return caveats
+
+
+def bias_size(bias: float, word: str = "about") -> str | None:
+    """A predicted relative bias in words, "by ``word`` X %"; above 100 % the first-order prediction
+    K/(λ̂ − K) is out of its range and says only that (audit 14a F9: 35,710 % printed for +207 %);
+    None where it is unbounded (the caller says why)."""
+    if bias <= 1:
+        return f"by {word} {bias:.0%}"
+    return "by more than 100 % (beyond what the first-order prediction can size)" if math.isfinite(bias) else None
+
+
+def n_eff_beyond_bias(n_eff, n_params, bias, n_eff_stderr=None) -> bool:
+    """Whether N_eff exceeds the parameter count by more than the step size's predicted relative bias
+    (at most 100 %: beyond it the prediction sizes nothing) and two standard errors explain: λ ≤ d/2
+    for every model, and a regular one sits at d/2 (audit 14a F10)."""
+    if not (_number(n_eff) and _number(n_params)):
+        return False
+    allowed = n_params * (1 + (min(bias, 1.0) if _number(bias) and bias > 0 else 0.0))
+    return n_eff > allowed + 2 * (n_eff_stderr if _number(n_eff_stderr) else 0.0)
 
 
 def stderr_caveat(healthy: int) -> str | None:

@@ -359,7 +359,7 @@ def unmeasured_batch_factor(target: SamplingTarget) -> float:
     """max_b n_b over all batches over that of :func:`measured_batches`: where the batch with the most
     counted positions is not among those measured, the factor by which its curvature (L_B,b ∝ n_b,
     targets.py) can exceed theirs; 1 when it is (always for one batch, or a short last one)."""
-    measured = [target.batch_positions[b] for b in cycle_sample(len(target.batch_positions), CURVATURE_BATCHES)]
+    measured = [target.batch_positions[b] for b in measured_batches(target)]
     return max(target.batch_positions) / max(max(measured), 1)
 
 

@@ -54,15 +54,29 @@ TL_HOOK_TEMPLATES: dict[str, str] = {
 
 #: Where torch keeps a module's hooks.
 _HOOK_SLOTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+#: Module names where a backend keeps hooks of its own: a TransformerBridge wires its hook points to
+#: the Hugging Face modules it wraps (``…._original_component``) on its first forward.
+_BACKEND_MODULES = "_original_component"
+
+
+def _own_reparametrisation(hook) -> bool:
+    """Whether a hook is part of the model: torch's weight_norm, spectral_norm and pruning compute the
+    weights in forward pre-hooks, which removing would break (review 36)."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm, prune.BasePruningMethod))
 
 
 def attached_hooks(model: nn.Module) -> list[str]:
-    """Where hooks are attached to ``model``: the hook points (``hook_dict``) of a TransformerLens
-    model or toy, whose backends keep their own hooks on the modules they wrap, never there; every
-    submodule of any other module ("" is the module itself)."""
-    points = getattr(model, "hook_dict", None)
-    places = points.items() if isinstance(points, dict) else model.named_modules()
-    return [name for name, module in places if any(getattr(module, slot, None) for slot in _HOOK_SLOTS)]
+    """Names of ``model``'s modules ("" is the model itself) with hooks attached that are not part of
+    the model (:func:`_own_reparametrisation`) nor a backend's own (:data:`_BACKEND_MODULES`): a
+    TransformerLens hook point's, or a torch hook on any module (review 36: one on ``blocks[0].mlp``
+    zero-ablated it unseen)."""
+    return [name for name, module in model.named_modules() if _BACKEND_MODULES not in name
+            and any(not _own_reparametrisation(hook) for slot in _HOOK_SLOTS
+                    for hook in (getattr(module, slot, None) or {}).values())]
 
 
 def warn_attached_hooks(model: nn.Module) -> None:
@@ -72,8 +86,8 @@ def warn_attached_hooks(model: nn.Module) -> None:
     if places:
         shown = ", ".join(repr(p) if p else "the model itself" for p in places[:3])
         more = f" and {len(places) - 3} more" if len(places) > 3 else ""
-        reset = ("call model.reset_hooks(including_permanent=True)" if hasattr(model, "reset_hooks")
-                 else "remove them (their handles' .remove())")
+        reset = ("call model.reset_hooks(including_permanent=True) for hook points, and remove torch hooks by their "
+                 "handles (.remove())" if hasattr(model, "reset_hooks") else "remove them by their handles (.remove())")
         warn_once(f"this {type(model).__name__} has hooks attached at {shown}{more}: they run inside every forward "
                   "pass of tl_degeneracy's analyses, so the numbers describe the hooked model, not its weights alone; "
                   f"{reset} first to analyse the model itself", RuntimeWarning, stacklevel=4)

@@ -159,7 +159,7 @@ def _changing_text(changing: int, blocks: int, limited: int = 0, sampled: int = 
     if limited and blocks:  # without blocks no count uses D_in
         text += f"; D_in is still growing with the data at {limited} layer(s), and so are the counts that use it"
     if sampled and blocks:
-        text += f"; D_in reached the number of samples at {sampled} layer(s): the data's limit, not the model's"
+        text += f"; D_in reached the number of samples at {sampled} layer(s): it may be the data's limit, not the model's"
     return text
 
 

@@ -107,6 +107,10 @@ class _GramStats(abc.ABC):
             return float(self._matrix(centered).diagonal().sum())
         return float(self._head_matrix(centered).diagonal(dim1=-2, dim2=-1).sum())
 
+    def rtol_of(self, dim: int, rtol: float | None = None) -> float:
+        """The relative cut-off a ``dim``-wide Gram's rank uses: ``rtol``, or the rule's at :attr:`precision`."""
+        return rank_rtol(dim, self.precision, gram=True) if rtol is None else float(rtol)
+
     def limited_by_samples(self, rank: int, dim: int) -> bool | None:
         """Whether ``rank`` (of a ``dim``-wide Gram) may be the data's limit (``numerics.sample_limited``);
         None where the sample count does not bound it (Jacobian Grams)."""
@@ -125,7 +129,7 @@ class _GramStats(abc.ABC):
             "dim": self.dim,
             "count": self.count,
             "rank": rank,
-            "rtol": rank_rtol(self.dim, self.precision, gram=True) if rtol is None else float(rtol),
+            "rtol": self.rtol_of(self.dim, rtol),
             "half_precision": self.dtype in HALF_DTYPES,
             "sample_limited": None if rank is None else self.limited_by_samples(rank, self.dim),
             "trace": self.trace(),
@@ -283,7 +287,7 @@ class _Collection(Mapping):
                 d = s.feature_shape[1]
                 for h in range(s.n_heads):
                     rows.append({**s.summary(rtol), "head": h, "dim": d, "rank": int(ranks[h]),
-                                 "rtol": rank_rtol(d, s.precision, gram=True) if rtol is None else float(rtol),
+                                 "rtol": s.rtol_of(d, rtol),
                                  "sample_limited": s.limited_by_samples(int(ranks[h]), d), "trace": float(traces[h])})
             else:
                 rows.append(s.summary(rtol))
