@@ -420,6 +420,10 @@ def degeneracy_counts(
         bias = adapter.map_biases(layer)
         input_ranks: dict[tuple[str, bool], tuple[int, bool]] = {}
 
+        def most(centered: bool, queries_keys: bool = False) -> int:
+            """The most directions a block input can span: a shortformer's x̃ all D, else input_rank_bound."""
+            return D if queries_keys and shortformer else input_rank_bound(adapter, centered)
+
         def input_rank(ln: str, centered: bool, queries_keys: bool = False) -> tuple[int, bool]:
             """rank_G of a block input (its band, and whether it grows with the data); ``queries_keys``:
             the input the queries and keys read (a shortformer's x̃, whose moments hold x̃ itself)."""
@@ -428,20 +432,17 @@ def degeneracy_counts(
                 if ("x̃", centered) not in input_ranks:
                     whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
                     of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
-                    input_ranks["x̃", centered] = g_rank(of(whole), of(half))
+                    input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True))
                 return input_ranks["x̃", centered]
             if (ln, centered) not in input_ranks:
                 input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
                                                    input_moment(adapter, layer, ln, input_halves[hook], centered),
-                                                   input_rank_bound(adapter, centered))
+                                                   most(centered))
             return input_ranks[ln, centered]
 
         z = acts[("z", layer)]
         z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
         out_K = k_rank(attn_out[layer])
-        def most(centered: bool, queries_keys: bool = False) -> int:
-            return D if queries_keys and shortformer else input_rank_bound(adapter, centered)
-
         for h in range(H):
             add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
                 most(bias["W_Q"], True))

@@ -152,8 +152,8 @@ def _sync_repr(name: str, unit: str, result) -> str:
         [f"{changing} formed otherwise on half of the data"] if changing else []) + (
         [f"D_in still growing with the data at layer(s) {limited}"] if limited else []) + (
         ["half-precision forward: each count lies in a band (extra_freedom_band)"] if result.half_precision else []) + (
-        [f"D_in at the sample count at layer(s) {np.flatnonzero(result.sample_limited).tolist()}"]
-        if result.sample_limited is not None and result.sample_limited.any() else [])
+        [f"D_in at the sample count at layer(s) {_limited_layers(result.sample_limited)}"]
+        if _limited_layers(result.sample_limited) else [])
     return (f"{name}({len(sizes)} synchronized {unit} block(s) of {sum(sizes)} {unit}s over {len(result.blocks)} "
             f"layers at tol {result.tol:g}, {result.n_samples:,} samples" + "".join(f"; {v}" for v in verdicts)
             + "; counts: to_frame())")
@@ -194,6 +194,14 @@ def _input_ranks(adapter: ModelAdapter, accs: list[MomentAccumulator], ln: str, 
     most = input_rank_bound(adapter, centered)
     return np.array([min(_gram_rank(input_moment(adapter, layer, ln, acc, centered=centered).cpu(), precision, rtol), most)
                      for layer, acc in enumerate(accs)], dtype=np.int64)
+
+
+def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_samples: int,
+                     centered: bool) -> Bool[np.ndarray, " layer"]:
+    """Per layer, whether D_in (``ranks``, of the input alone) reached what ``n_samples`` can span below
+    what the input itself can (``counts.input_rank_bound``): the data's limit, perhaps (``numerics.sample_limited``)."""
+    most = input_rank_bound(adapter, centered)
+    return np.array([sample_limited(int(r), n_samples, most, centered=centered) for r in ranks], dtype=bool)
 
 
 class _RoundingBand:
@@ -1006,8 +1014,7 @@ def head_synchronization(
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
         half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(inputs, noise),
-        sample_limited=np.array([sample_limited(int(r), int(count[0].sum()), input_rank_bound(adapter, True), centered=True)
-                                 for r in input_rank]),
+        sample_limited=_at_sample_count(adapter, input_rank, int(count[0].sum()), centered=True),
     )
     warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
     if result.half_precision:
@@ -1452,8 +1459,7 @@ def neuron_synchronization(
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(x_acc, noise),
-        sample_limited=np.array([sample_limited(int(r) - int(in_bias), n_samples, input_rank_bound(adapter, in_bias),
-                                                centered=in_bias) for r in input_rank]),
+        sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), n_samples, centered=in_bias),
     )
     if result.half_precision:
         result.to_frame()  # its band's warning now, with the call's others (review 36)

@@ -4,6 +4,9 @@ left attached to a model, which run inside every forward an analysis makes."""
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..distributed import warn_once
 
@@ -62,10 +65,6 @@ _BACKEND_MODULES = "_original_component"
 def _own_reparametrisation(hook) -> bool:
     """Whether a hook is part of the model: torch's weight_norm, spectral_norm and pruning compute the
     weights in forward pre-hooks, which removing would break (review 36)."""
-    from torch.nn.utils import prune
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     return isinstance(hook, (WeightNorm, SpectralNorm, prune.BasePruningMethod))
 
 
