@@ -32,8 +32,8 @@ test: test-tl4 test-tl3
 test-tl4: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# The TransformerLens 3.9 run checks what depends on the TransformerLens version; the slow tests of
-# toy models and numerics alone (marker tl_agnostic) ran in the 4.x environment already.
+# The TransformerLens 3.9 run checks what depends on the TransformerLens version; the slower tests on
+# no TransformerLens-specific path (marker tl_agnostic) ran in the 4.x environment already.
 test-tl3: setup-tl3
 	$(VENV_TL3)/bin/python -m pytest -q -m "not slow and not tl_agnostic" $(PYTEST_ARGS)
 

@@ -182,14 +182,17 @@ def test_a_shorter_fitted_sequence_length_keeps_the_data(tmp_path):
     counted stay those of the unfitted run), and both the summary and the page say so."""
     argv = ["--quiet", "--only", "activations", "--set", "n_sequences=8"]
     assert main(["report", "--out", str(tmp_path / "a"), *argv]) == 0
-    assert main(["report", "--out", str(tmp_path / "b"), *argv, "--memory", "8M"]) == 0
+    # 3 MiB: a batch of one sequence of 128 tokens needs about 4 (the forward and the hooks' Grams;
+    # audit 12a F9: the counts' Grams were charged to this pass too, and at 8M it was skipped)
+    assert main(["report", "--out", str(tmp_path / "b"), *argv, "--memory", "3M"]) == 0
     a, b = _report(tmp_path / "a"), _report(tmp_path / "b")
+    assert b["sections"]["activations"]["status"] == "ok"
     memory = b["settings"]["memory"]
     t0, t = memory["lowered"]["seq_len"]
     assert t < t0 and memory["cut"] == {"n_sequences": [8, 8 * -(-t0 // t)]}
     assert b["data"]["positions"]["n_samples"] == a["data"]["positions"]["n_samples"] == 8 * 128
     page = (tmp_path / "b" / "report.html").read_text()
-    assert "memory budget 8.0 MiB" in page and "8 sequences cut into up to" in page
+    assert "memory budget 3.0 MiB" in page and "8 sequences cut into up to" in page
 
 
 def test_memory_budget_lowers_the_batch_size_and_the_header_says_so(tmp_path, capsys):
@@ -221,13 +224,20 @@ def test_memory_budget_too_small_for_explicit_batches_skips_with_what_to_lower(t
     out = tmp_path / "m"
     argv = ["report", "--out", str(out), "--quiet", "--only", "synchronization", "--memory", "1M",
             "--set", "n_sequences=8", "batch_size=8", "--seq-len", "128"]
-    assert main(argv) == 0  # a pass that does not fit is skipped, the report is written
+    # a pass that does not fit fails (it applies; the budget stops it: audit 15b F12, exit 0 with
+    # nothing computed) and the report is written
+    assert main(argv) == 1
     report = _report(out)
     section = report["sections"]["synchronization"]
-    assert section["status"] == "skipped" and "MemoryBudgetError" in section["reason"]
+    assert section["status"] == "failed" and "MemoryBudgetError" in section["reason"] and section["traceback"] is None
     assert "lower batch_size (now 8) or seq_len (now 128)" in section["reason"]
     assert report["settings"]["memory"]["fits"] is False and not report["settings"]["memory"]["lowered"]
-    assert "does NOT fit" in " ".join(capsys.readouterr().out.split())
+    printed = capsys.readouterr()
+    assert "does NOT fit: the passes that exceed it fail" in " ".join(printed.out.split())
+    assert "section(s) synchronization failed (synchronization: MemoryBudgetError" in " ".join(printed.err.split())
+    # a section that does not apply, even the only one asked for, is skipped with exit 0 (README)
+    assert main(["report", "--out", str(tmp_path / "sma"), "--quiet", "--model", "toy:sma", "--only", "counts"]) == 0
+    assert _report(tmp_path / "sma")["sections"]["counts"]["status"] == "skipped"
 
 
 def test_default_memory_budget_is_stated(tmp_path, capsys):

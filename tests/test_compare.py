@@ -91,9 +91,9 @@ def test_every_setting_that_differs_is_listed(saved):
     comparison = tld.compare_reports(dir_a, dir_b)
     diff = comparison.settings_frame().set_index("setting")
     assert set(diff.index) == {"model weights sha256", "seed", "n_probes"}
-    assert diff.loc["seed"].tolist() == [0, 1] and diff.loc["n_probes"].tolist() == [2, 3]
+    assert diff.loc["seed"].tolist() == [0, 1, True] and diff.loc["n_probes"].tolist() == [2, 3, True]
     a_digest, b_digest = (Report.load(d).identity["model"]["digest"] for d in (dir_a, dir_b))
-    assert diff.loc["model weights sha256"].tolist() == [a_digest, b_digest]
+    assert diff.loc["model weights sha256"].tolist() == [a_digest, b_digest, True]
     text = comparison.summary()
     assert "3 setting(s) differ" in text and "seed 0 → 1" in text and "n_probes 2 → 3" in text
     assert tld.compare_reports(dir_a, Report.load(dir_a)).settings_frame().empty
@@ -135,10 +135,10 @@ def test_estimates_compare_within_two_combined_standard_errors(saved, tmp_path):
     only_b = _row(frame, "llc", "sweep ε=0.1 · n_eff")
     assert only_b["a"] is None and only_b["b"] == 2 and pd.isna(only_b["difference"]) and only_b["beyond_2se"] is None
     summary = " ".join(comparison.summary().split())  # wrapped to the terminal's width
-    assert "llc: 10 ± 1 vs 13 ± 1, beyond 2 combined standard errors and the step sizes' biases" in summary
+    assert "llc: 10.0 ± 1.0 vs 13.0 ± 1.0, beyond 2 combined standard errors and the step sizes' biases" in summary
     page = comparison.save(tmp_path / "cmp").read_text()
     band = f"[{-2 * math.sqrt(2):.3g}, {2 * math.sqrt(2):.3g}]"
-    assert "10 ± 1" in page and "13 ± 1" in page and f"yes: B − A outside {band}" in page
+    assert "10.0 ± 1.0" in page and "13.0 ± 1.0" in page and f"yes: B − A outside {band}" in page
     assert f"no: B − A within {band}" in page
     assert (frame[frame["a_stderr"].notna() & frame["b_stderr"].notna()]["comparable"] == "yes").all()
 
@@ -260,9 +260,40 @@ def test_a_section_kept_with_other_settings_says_so(saved):
         sync, settings={**sync.settings, "sync_tol": 0.3})})
     comparison = tld.compare_reports(kept, b)
     differ = comparison.settings_frame().set_index("setting")
-    assert differ.loc["synchronization: sync_tol"].tolist() == [0.3, b.sections["synchronization"].settings["sync_tol"]]
+    assert differ.loc["synchronization: sync_tol"].tolist() == [0.3, b.sections["synchronization"].settings["sync_tol"], True]
     assert "sync_tol 0.3 vs" in _row(comparison.to_frame(), "synchronization", "status")["comparable"]
     assert _row(tld.compare_reports(a, b).to_frame(), "synchronization", "status")["comparable"] is None
+
+
+def test_sections_computed_alike_under_headers_that_differ_say_so(saved):
+    """Audit 15b: B's synchronization was kept from a run at sync_tol 0.05 while B's header says 0.3;
+    A's is 0.05 too. The comparison said "sync_tol 0.05 → 0.3" and nothing else, so the identical
+    values read as "sync_tol changes nothing". Settings that only say where the checkpoints were, or
+    what the time fit predicted, are not listed as differences (they buried the real ones); a
+    skipped section's reason is printed."""
+    a, *_ = saved
+    budgets = dict(a.settings["budgets"], sync_tol=0.3)
+    sync = a.sections["synchronization"]
+    b2 = dataclasses.replace(a, settings={**a.settings, "budgets": budgets, "checkpoint_dir": "/elsewhere",
+                                          "time_fit": {"predicted": {"llc": 2.3}}},
+                             sections={**a.sections, "synchronization": dataclasses.replace(sync, kept=True),
+                                       "counts": dataclasses.replace(a.sections["counts"], status="skipped",
+                                                                     reason="MissingHookError: no 'q' hook")})
+    comparison = tld.compare_reports(a, b2)
+    settings = comparison.settings_frame().set_index("setting")
+    assert settings.loc["synchronization: sync_tol"].tolist() == [sync.settings["sync_tol"]] * 2 + [False]
+    assert "checkpoint_dir" not in settings.index and "time_fit" not in settings.index
+    status = _row(comparison.to_frame(), "synchronization", "status")["comparable"]
+    assert status.startswith(f"both computed at sync_tol={sync.settings['sync_tol']:g}")
+    summary = " ".join(comparison.summary(width=200).split())
+    assert f"computed alike on both sides: synchronization: sync_tol {sync.settings['sync_tol']:g}" in summary
+    assert "1 setting(s) differ, A → B: sync_tol" in summary
+    assert "does not apply to this model or data (MissingHookError: no 'q' hook)" in summary
+    # the page and the notebook say the same (review 37: they listed it among the differences)
+    from tl_degeneracy.report.html import render_comparison
+
+    for view in (render_comparison(comparison), comparison._repr_html_()):
+        assert "Settings that differ (1)" in view and "Computed alike on both sides, whatever the headers say (1)" in view
 
 
 def test_gamma_curve_rows_are_keyed_by_their_gamma(saved):
@@ -307,14 +338,14 @@ def test_the_notebook_view_shows_settings_verdicts_and_values_without_script(sav
     comparison = tld.compare_reports(with_llc(a, _llc(10.0, 1.0, {})), with_llc(partial, _llc(13.0, 1.0, {})))
     view = comparison._repr_html_()
     assert "<script" not in view and "Degeneracy reports compared — A = ToyTransformer vs B = ToyTransformer" in view
-    assert "3 setting(s) differ" in view and "n_probes" in view
+    assert "Settings that differ (3)" in view and "n_probes" in view
     for rep in (a, b):
         for sec in rep.sections.values():
             if sec.name != "counts" or rep is a:
                 assert html.escape(verdict(sec)) in view, sec.name
     assert '<span class="badge missing">missing</span>' in view  # counts: only in A
     band = f"[{-2 * math.sqrt(2):.3g}, {2 * math.sqrt(2):.3g}]"
-    assert "10 ± 1" in view and "13 ± 1" in view and f"yes: B − A outside {band}" in view
+    assert "10.0 ± 1.0" in view and "13.0 ± 1.0" in view and f"yes: B − A outside {band}" in view
 
 
 def test_a_section_missing_from_one_report_says_so(saved, tmp_path):

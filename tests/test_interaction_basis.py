@@ -202,6 +202,9 @@ def test_bad_input_gives_clear_errors():
         interaction_basis(mlp, mlp_inputs(8, 3), nodes=["hook_in", "hook_nope"], progress=False)
     with pytest.raises(DataError):
         interaction_basis(mlp, torch.zeros(0, 3, dtype=torch.float64), progress=False)
+    for size in (0, -1, 2.5, True):  # audit 15a: a raw torch error, or 2.5 run as 2
+        with pytest.raises(DataError, match="batch_size must be an integer"):
+            interaction_basis(mlp, mlp_inputs(8, 3), batch_size=size, progress=False)
     with pytest.raises(TypeError, match="HookedRootModule"):
         interaction_basis(torch.nn.Linear(3, 2), mlp_inputs(8, 3), progress=False)
     with torch.no_grad():

@@ -12,6 +12,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from tests.fixtures.hf import ARCHS, BACKENDS
 from tests.fixtures.toys import make_tiny_toy_transformer
@@ -30,6 +33,44 @@ def test_lib_refuses_nodes_that_are_not_cuts(last):
     with pytest.raises(ValueError, match=r"'hook_in' around 'hook_h'.*not cuts.*kind='global'"):
         interaction_basis(HookedResidual(), _inputs(), kind="local", last=last, output="mse", exact=True,
                           progress=False)
+
+
+class GatedSkip(HookedRootModule):
+    """x(6) → h = tanh(W x)(2) → y = U h (6) → out = V y + relu(x₀)·c: the outputs read x around h
+    only on rows where x₀ > 0 (audit 15a)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W, self.U, self.V = (nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64))
+                                  for shape in ((2, 6), (6, 2), (4, 6)))
+        self.c = nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+        self.hook_in, self.hook_h, self.hook_y = HookPoint(), HookPoint(), HookPoint()
+        self.setup()
+
+    def forward(self, x):
+        x = self.hook_in(x)
+        y = self.hook_y(self.hook_h(torch.tanh(x @ self.W.mT)) @ self.U.mT)
+        return y @ self.V.mT + torch.relu(x[..., :1]) * self.c
+
+
+def test_a_skip_through_a_gate_is_found_whichever_row_comes_first():
+    """Audit 15a: the check read the first row only; with x₀ < 0 there LIB ran and called 4 of
+    hook_in's 6 directions degenerate where the outputs read 3 (the global basis), while the same
+    rows in another order were refused. Rows spread over the data find the skip in either order."""
+    x = _inputs()
+    for first in ((x[:, 0] < 0).nonzero()[0], (x[:, 0] > 0).nonzero()[0]):
+        rows = x.clone()
+        rows[[0, int(first)]] = rows[[int(first), 0]]
+        with pytest.raises(ValueError, match=r"'hook_in' around 'hook_h'.*not cuts"):
+            interaction_basis(GatedSkip(), rows, kind="local", last="outputs", output="mse", exact=True, progress=False)
+    # rows sorted by the gate, open only in the last batch, whatever the number of batches (review 37:
+    # with fewer than 8 batches the sample left out the last ones)
+    ordered = x[x[:, 0].argsort()]
+    for batch_size in (150, 75, 43, 32):  # 2, 4, 7 and 10 batches
+        with pytest.raises(ValueError, match=r"'hook_in' around 'hook_h'.*not cuts"):
+            interaction_basis(GatedSkip(), ordered, kind="local", last="outputs", output="mse", exact=True,
+                              batch_size=batch_size, progress=False)
 
 
 def test_edges_over_nodes_that_are_not_cuts_are_flagged():

@@ -221,6 +221,16 @@ def test_source_estimates_carry_their_standard_error():
     probed = interaction_basis(model, toks, kind="global", nodes=nodes, edge_sources=1, exact=False, progress=False)
     summary = probed.edge_summary()
     assert summary["basis_estimated"].all() and summary["total_stderr"].isna().all()
+    # and the JSON says what the summary says (audit 15a: to_dict kept the sources' finite spread there)
+    for probes, exact_M in ((2, False), (8, True)):
+        res = interaction_basis(model, toks, kind="global", nodes=nodes, edge_sources=2, exact=exact_M, n_probes=probes,
+                                progress=False)
+        rows = res.edge_summary().to_dict("records")
+        for edge, row in zip(res.to_dict()["edges"], rows, strict=True):
+            assert (edge["estimated"], edge["basis_estimated"]) == (row["estimated"], row["basis_estimated"])
+            assert np.isnan(edge["total_stderr"]) if np.isnan(row["total_stderr"]) else edge["total_stderr"] == row["total_stderr"]
+            assert ("stderr" in edge) == (row["estimated"] and not row["basis_estimated"])
+        assert any(edge["estimated"] for edge in res.to_dict()["edges"])
 
 
 def test_auto_with_sources_is_exact_where_forward_mode_is_no_dearer():

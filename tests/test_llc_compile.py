@@ -51,6 +51,7 @@ def test_compiled_loss_and_gradient_equal_uncompiled_on_toy_transformer(tiny_toy
 
 
 @needs_compiler
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_compiled_llc_of_deep_linear_network_matches_aoyagi_and_resumes(tmp_path):
     """One compilation serves three calls: the same shapes reuse the compiled step."""
     expected = dln_learning_coefficient((3, 2, 3), 1).llc  # 3.5

@@ -61,6 +61,7 @@ def test_a_regular_model_at_defaults_is_converged_near_theory(regression_run):
     assert VERDICTS["llc"]({"loss_scale": 1e-3, **s}).startswith("λ̂ converged")
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_a_full_rank_deep_linear_network_at_defaults_is_converged_near_aoyagi():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -99,14 +99,16 @@ def test_figures_state_each_estimate_with_its_error_and_verdict():
     (line,) = [a.text for a in unconverged.plot().layout.annotations if a.text != "burn-in"]
     assert line == "λ̂(ε = 0.001, γ = 1.13e+03) = 0.969 ± 0.069 (not converged)"
     (line,) = [a.text for a in converged.plot().layout.annotations if a.text != "burn-in"]
-    assert line == "λ̂(ε = 0.01, γ = 1.13e+03) = 1.2 ± 0.05 (converged)"  # the chains' spread, here the larger
+    assert line == "λ̂(ε = 0.01, γ = 1.13e+03) = 1.200 ± 0.050 (converged)"  # the chains' spread, here the larger
 
     sweep = pd.DataFrame([{"loss_scale": r.loss_scale, "nbeta": r.nbeta, **r.summary()} for r in (converged, unconverged)])
     fig = plot_llc_sweep(sweep)
     (trace,) = fig.data
     assert list(trace.marker.symbol) == ["circle", "circle-open"] and fig.layout.legend.title.text == "open markers: not converged"
-    assert list(trace.text) == ["γ = 1.13e+03<br>N_eff = 2.4 ± 0.1<br>converged",
-                                "γ = 1.13e+03<br>N_eff = 1.94 ± 0.14<br>not converged: split-R̂ 1.13 > 1.05; ESS 21 < 100"]
+    # the relation and verdict the report's text gives, and what the bars are (audit 15b)
+    assert list(trace.text) == ["γ = 1.13e+03<br>N_eff = 2.40 ± 0.10<br>bars: ±2 standard errors<br>converged",
+                                "γ = 1.13e+03<br>N_eff ≥ 1.94 ± 0.14<br>bars: ±2 standard errors<br>not converged — "
+                                "lower bound: split-R̂ 1.13 > 1.05; ESS 21 < 100"]
     assert plot_llc_sweep(sweep.iloc[:1]).layout.legend.title.text is None  # all converged: nothing to explain
 
     components = pd.DataFrame([{"component": name, **r.summary(), "n_eff_fraction": r.n_eff / r.n_params}
@@ -117,7 +119,8 @@ def test_figures_state_each_estimate_with_its_error_and_verdict():
     assert list(bars.marker.pattern.shape) == ["", "/"] and fig.layout.legend.title.text == "hatched: not converged"
     assert list(fig.layout.xaxis.ticktext) == ["blocks.0.attn.head0<br>γ = 19", "blocks.0.attn.head1<br>γ = 34.6"]
     assert bars.hovertext[0].startswith("γ = 19<br>") and bars.hovertext[0].endswith("<br>converged")
-    assert bars.hovertext[1].startswith("γ = 34.6<br>N_eff = 2.6 ± 0.1<br>not converged: split-R̂ 1.13")
+    assert bars.hovertext[1].startswith("γ = 34.6<br>N_eff ≥ 2.60 ± 0.10<br>bars: ±2 standard errors<br>not converged — "
+                                        "lower bound: split-R̂ 1.13")
 
 
 def test_llc_sweep_refuses_a_fixed_scale():

@@ -218,3 +218,54 @@ def test_a_shorter_cut_reads_no_further_row():
     budget = estimate(ctx.adapter, "forward", ctx.settings.batch_size, MIN_FITTED_SEQ_LEN) + 1
     ctx.fit_memory(MemoryBudget(budget, "test"), set(), ["activations"])
     assert ctx.batches.bos and ctx.batches.max_len == MIN_FITTED_SEQ_LEN and _tokens_read(ctx.batches) == before
+
+
+def test_interaction_edges_chunk_their_directions_within_the_budget(monkeypatch):
+    """Under a budget that leaves room for three directions beside what the edge pass holds (its
+    nodes' Grams and one batch's forward), every edge JVP carries at most three (audit 12a F4: all
+    128 directions of toy:bytelm at once took 737 MiB under a 150 MiB budget; review 37: chunks that
+    filled the whole budget took the pass to 1.66× it), and the edges equal those of unbounded chunks."""
+    from tl_degeneracy.interaction import interaction_basis
+    from tl_degeneracy.memory import DIRECTION_HEADROOM, direction_bytes, direction_chunk
+
+    model = make_tiny_toy_transformer().double()
+    tokens = torch.randint(0, 20, (4, 10), generator=torch.Generator().manual_seed(0))
+    free = interaction_basis(model, tokens, kind="pca", batch_size=4, progress=False)
+    adapter = tld.adapt(model)
+    D = adapter.cfg.d_model
+    one = direction_bytes(adapter, 4, 10, D, D)
+    base = estimate(adapter, "forward", 4, 10) + len(free.nodes) * 2 * 8 * D * D  # one batch's forward, the Grams
+    sizes = []
+    vmap = torch.func.vmap
+
+    def spy(f, *args, **kwargs):
+        inner = vmap(f, *args, **kwargs)
+
+        def call(tangents):
+            sizes.append(tangents.shape[0])
+            return inner(tangents)
+
+        return call
+
+    monkeypatch.setattr(torch.func, "vmap", spy)
+    with memory_limit(base + 3 * DIRECTION_HEADROOM * one):
+        assert direction_chunk(adapter, 4, 10, D, D, held=base) == 3
+        bounded = interaction_basis(model, tokens, kind="pca", batch_size=4, progress=False)
+    with memory_limit(base + one // 2), pytest.raises(MemoryBudgetError, match="edge pass on batches of 4 × 10 tokens"):
+        interaction_basis(model, tokens, kind="pca", batch_size=4, progress=False)  # PCA: no Jacobian pass checked it
+    assert sizes and max(sizes) == 3 and max(bounded.basis[n].shape[0] for n in bounded.nodes) > 3
+    for pair, e in free.edges.items():
+        assert torch.allclose(bounded.edges[pair], e, rtol=1e-12, atol=1e-14 * float(e.abs().max()))
+
+
+def test_interaction_jacobian_passes_fail_before_they_start(monkeypatch):
+    """A LIB or global pass whose batch does not fit the budget fails before its first forward with
+    the message saying what to lower, after only the Gram pass."""
+    from tl_degeneracy.interaction import compute
+
+    model = make_tiny_toy_transformer()
+    tokens = torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(compute, "jacobian_pass", _never)
+    for kind in ("local", "global"):
+        with memory_limit(1 << 16), pytest.raises(MemoryBudgetError, match=r"lower batch_size \(now 8\) or seq_len \(now 12\)"):
+            compute.interaction_basis(model, tokens, kind=kind, batch_size=8, progress=False)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
+from tl_degeneracy.llc.llc_result import value_with_error
 from tl_degeneracy.report import SECTIONS, Report, SectionOutput, degeneracy_report, register_section
 from tl_degeneracy.report.serialize import to_jsonable
 from tl_degeneracy.report.settings import PRESETS, resolve_settings
@@ -58,6 +59,8 @@ def test_every_section_runs_on_the_tiny_toy(full_report):
 
 
 def test_sections_hold_the_analyses_numbers(full_report):
+    from tl_degeneracy.report.sections import _sweep_point
+
     rep, _, _ = full_report
     model, tokens = make_tiny_toy_transformer(), _tokens()
     ov = tld.ov_invariants(model)
@@ -97,10 +100,16 @@ def test_sections_hold_the_analyses_numbers(full_report):
     assert all("only 2 healthy chain(s)" in c for c in sweep["stderr_caveat"])
     assert all("only 2 healthy chain(s)" in c for c in llc.tables["components"]["stderr_caveat"])
     assert (sweep["llc_stderr"] >= sweep["llc_mcse"]).all() and llc.values["llc_stderr"] >= llc.values["llc_mcse"]
+    # each value to its ±'s decimal place (audit 15b: 1234.6 ± 2.2 printed "1.23e+03 ± 2.2")
     for p, r in zip(points, sweep.itertuples()):
-        assert f" ± {2 * r.llc_stderr:.2g} (± uncertain: 2 healthy chains)" in p, p
+        assert f"{value_with_error(r.n_eff, 2 * r.llc_stderr, '.3g')} (± uncertain: 2 healthy chains)" in p, p
     head = llc.headline.split("N_eff(ε, γ): ", 1)[0]
-    assert f"{llc.values['llc']:.4g} ± {llc.values['llc_stderr']:.2g} (± uncertain: 2 healthy chains)" in head, head
+    assert f"{value_with_error(llc.values['llc'], llc.values['llc_stderr'])} (± uncertain: 2 healthy chains)" in head, head
+    # every component's estimate with its verdict, as the sweep points, in the verdict the terminal wraps
+    # (audit 15b: tables and clipped warnings only; review 37: not the headline, which the terminal clips)
+    listed = [f"{r.component} {_sweep_point(r)}" for r in llc.tables["components"].itertuples()]
+    assert llc.values["component_points"] == listed
+    assert " ".join(rep.summary(width=100).split()).count(f"components: {', '.join(listed)}") == 1
     bars = np.concatenate([np.asarray(t.error_y.array) for t in llc.figures["n_eff_sweep"].data])
     assert np.allclose(np.sort(bars), np.sort(4 * sweep["llc_stderr"]))
 
@@ -179,7 +188,7 @@ def test_interaction_section_equals_a_direct_call(full_report):
         (modules.n_modules, modules.modularity, modules.inside_share)
     assert sec.settings["kind"] == "local" and sec.settings["output"] == "kl" and sec.settings["nodes"] == direct.nodes
     # the last node read by the outputs: a PCA node's "degenerate" directions are only those without variance
-    assert sec.settings["last"] == "outputs" and direct.dims["M"].iloc[-1] == "outputs"
+    assert sec.settings["basis"]["last"] == "outputs" and direct.dims["M"].iloc[-1] == "outputs"
     assert sec.values["data_limited_nodes"] == int(direct.dims["data_limited"].sum())
     assert sec.settings["ib_tokens"] == 54 and sec.settings["ib_data"]["n_sequences"] == 5
     assert set(sec.values["timings"]) == {"gram_s", "jacobian_s", "edges_s", "modules_s"}
@@ -445,8 +454,12 @@ def test_verdicts_say_what_the_numbers_mean():
     assert verdict(sec("llc", **llc, converged=False, convergence_reason="R̂ 1.76 (max 1.05)")) == (
         "λ̂ not converged — lower bound: R̂ 1.76 (max 1.05); N_eff ≥ 43.8 at ε = 0.001, γ = 1")
     assert verdict(sec("llc", **llc, converged=True)).startswith("λ̂ converged: N_eff = 43.8 of 478,976")
+    more = verdict(sec("llc", **llc, converged=False, lower_bound=False, gamma_curve_points=["≈ 1 at (ε = 0.001, γ = 10)"],
+                       component_points=["blocks.0.attn 2 at (ε = 0.001, γ = 1)"]))
+    assert more.endswith("; γ-curve: ≈ 1 at (ε = 0.001, γ = 10); components: blocks.0.attn 2 at (ε = 0.001, γ = 1)")
+    assert "N_eff ≈ 43.8" in more
     restricted = verdict(sec("llc", **llc, converged=True, llc_stderr=0.05, selection="blocks.1.attn"))
-    assert restricted.startswith("λ̂ converged: N_eff = 43.8 ± 0.1 of 478,976") and \
+    assert restricted.startswith("λ̂ converged: N_eff = 43.81 ± 0.10 of 478,976") and \
         restricted.endswith("restricted to blocks.1.attn (478,976 parameters; the rest held at θ*)")
     assert verdict(sec("counts", free=0, n_params=10, n_eff_kfac=10)).startswith("no activation or Jacobian degeneracy")
     assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")
@@ -456,8 +469,31 @@ def test_verdicts_say_what_the_numbers_mean():
     few = verdict(sec("activations", n_samples=16, min_rank=16, dim=128))
     assert few.startswith("residual stream rank 16 of 128") and "the data's limit, not the model's" in few
     assert verdict(sec("activations", n_samples=1024, min_rank=127, dim=128)).startswith("residual stream rank-deficient")
+    # audit 15b: each hook read with its own flags — a hook at its sample count is the data's limit
+    # even where another hook has more samples, and half precision makes every rank an upper bound
+    act = dict(n_samples=96, min_rank=8, dim=32, deficient_hooks=1, min_model_rank=15, sample_limited_hooks=1, min_samples=8)
+    both = verdict(sec("activations", **act, half_precision=None))
+    assert both.startswith("residual stream rank-deficient at 1 hook(s) (lowest rank 15 of 32): 17 unused directions")
+    assert "1 hook(s) at the rank their samples allow (as few as 8)" in both and "upper bounds" not in both
+    half = verdict(sec("activations", **dict(act, deficient_hooks=0, min_model_rank=None), half_precision="float16"))
+    assert half.startswith("residual stream full rank at every hook with more samples than dimensions — in float16 "
+                           "these ranks are upper bounds") and "unused directions there" not in half
     assert verdict(SectionResult(name="counts", title="c", status="skipped", reason="MissingHookError: x")).startswith(
         "does not apply")
+
+
+def test_activations_read_each_hook_with_its_own_sample_limit():
+    """Audit 15b: toy:sma reads resid_post once per sequence; at 8 sequences its rank 8 is the data's
+    limit, while resid_pre (96 samples) is truly deficient (15 of 32): the section says each."""
+    from tl_degeneracy.report.sections import verdict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sample-limit warning, which this test is about
+        sec = degeneracy_report("toy:sma", sections=["activations"], overrides={"n_sequences": 8}, progress=False)["activations"]
+    v = sec.values
+    assert (v["deficient_hooks"], v["min_model_rank"], v["sample_limited_hooks"], v["min_samples"]) == (1, 15, 1, 8)
+    assert "0.hook_resid_post 8/32 (= its 8 samples)" in sec.headline and "upper bounds" not in sec.headline
+    assert verdict(sec).startswith("residual stream rank-deficient at 1 hook(s) (lowest rank 15 of 32)")
 
 
 def test_header_states_every_setting_changed_from_the_preset(full_report):
@@ -543,3 +579,17 @@ def test_an_llc_whose_chains_all_diverge_fails_the_section():
                                 overrides={**TINY, "step_size": 10.0}, progress=False)
     section = rep["llc"]
     assert section.status == "failed" and "EstimateFailedError: λ̂(ε = 0.001, γ = 1): all 2 chains diverged" in section.reason
+
+
+def test_a_section_read_back_writes_the_same_csv():
+    """Audit 15b: a section reused from the checkpoint came back from JSON with its nullable integer
+    columns as floats, so a resumed report's CSVs read "0.0" where the first run wrote "0"."""
+    from tl_degeneracy.report import SectionResult
+    from tl_degeneracy.report.serialize import csv_frame
+
+    table = pd.DataFrame({"head": pd.array([0, None, 2], dtype="Int64"), "layer": [0, 1, 1], "ok": [True, False, True],
+                          "x": [0.5, None, 1.5]})
+    sec = SectionResult(name="counts", title="c", status="ok", tables={"maps": table})
+    back = SectionResult.from_dict(json.loads(json.dumps(sec.to_dict())))
+    assert csv_frame(back.tables["maps"]).to_csv(index=False) == csv_frame(table).to_csv(index=False)
+    assert list(back.tables["maps"].dtypes.astype(str)) == ["Int64", "int64", "bool", "float64"]

@@ -9,6 +9,7 @@ exits 2 with one paragraph saying what to do, before anything is computed.
 
 import json
 import shutil
+import warnings
 
 import pandas as pd
 import pytest
@@ -198,8 +199,8 @@ def test_a_partial_rerun_keeps_the_finished_sections(tmp_path):
     assert _run(out, "--model", "toy:sma", "--only", "summary") == 0
     merged = _stored(out)
     assert list(merged["sections"]) == ["summary", "parameters", "invariants"]
-    for name in ("parameters", "invariants"):
-        assert merged["sections"][name] == full["sections"][name]
+    for name in ("parameters", "invariants"):  # the same results, now marked as this run's elders
+        assert merged["sections"][name] == {**full["sections"][name], "kept": True}
     assert _csvs(out) == csvs == _listed_csvs(out)
     page = (out / "report.html").read_text()
     assert all(f'id="sec-{name}"' in page for name in ("summary", "parameters", "invariants"))
@@ -215,6 +216,33 @@ def test_a_partial_rerun_keeps_the_finished_sections(tmp_path):
     assert report.settings_apart(report["summary"]) == {}
     assert "than the header's (an earlier run into this directory): n_sequences=8" in report.summary(width=200)
     assert "an earlier run into this directory): n_sequences=8" in (out / "report.html").read_text()
+
+
+def test_sections_kept_from_an_earlier_run_say_so_and_name_its_seed(tmp_path):
+    """Audit 15b: a rerun with another seed (``--only activations --seed 1``) kept seed 0's counts
+    section under a header saying seed 1, unflagged and with its old time; a fresh report flagged its
+    own interaction section ("n_probes=none", the basis's own setting of that name); the notebook
+    view left the flag out; every section warning reached the terminal twice."""
+    out = tmp_path / "rep"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(out, "--model", "toy:modadd", "--only", "counts", "activations", "interaction",
+                    "--set", "n_sequences=8", "ib_tokens=64", "ib_probes=8") == 0
+    assert not [w for w in caught if str(w.message).startswith("report section ")]  # the summary has them
+    fresh = Report.load(out)
+    assert all(fresh.settings_apart(sec) == {} and not sec.kept for sec in fresh.sections.values())
+    assert _run(out, "--model", "toy:modadd", "--only", "activations", "--seed", "1", "--set", "n_sequences=8",
+                "ib_tokens=64", "ib_probes=8") == 0
+    report = Report.load(out)
+    assert [n for n, sec in report.sections.items() if sec.kept] == ["counts", "interaction"]
+    assert report.settings_apart(report["counts"]) == report.settings_apart(report["interaction"]) == {"seed": 0}
+    assert report.settings_apart(report["activations"]) == {}
+    text = report.summary(width=200)
+    assert "counts               kept" in text and "(an earlier run into this directory): seed=0" in text
+    assert "(an earlier run into this directory): seed=0" in report._repr_html_()
+    # the page's header names the seed and where the data came from, as the terminal's does
+    page = (out / "report.html").read_text()
+    assert "quick, seed 1" in page and f"{report.data['source']}: 8 sequences" in page
 
 
 def _report(identity, tables):
@@ -282,7 +310,7 @@ def test_an_out_that_cannot_be_written(tmp_path, capsys):
 def test_a_damaged_checkpoint_is_named_and_fresh_starts_afresh(tmp_path, capsys):
     out = tmp_path / "rep"
     argv = ["--model", "toy:sma", "--only", "llc", "--set", "chains=2", "draws=6", "burnin=2", "pilot_steps=3",
-            "loss_scales=1e-3", "llc_sequences=2"]
+            "loss_scales=1e-3", "llc_sequences=2", "llc_max_draws=6"]  # one block: no drawing on until the time limit
     assert _run(out, *argv) == 0
     (ckpt,) = out.glob("checkpoints/llc-*/default/llc-rank0.pt")
     ckpt.write_bytes(ckpt.read_bytes()[:200])  # a truncated copy, as a full disk leaves it

@@ -294,8 +294,9 @@ def test_rescaled_relu_neurons_change_no_count_and_no_removal():
         sync = tld.neuron_synchronization(model, data, tol=0.0).to_frame()
         row = tld.sparsify(model, data).to_frame().iloc[0]
         seen.append((list(sync["s_block"]), list(sync["extra_freedom"]), row.removed_neurons, row.free_directions))
-        # an exact combination: the residual below the Gram's resolution reads 0
-        assert row.output_drift <= ROUNDING and row.removed_residual == 0.0, c
+        # an exact combination: the residual below the Gram's resolution reads that resolution, a
+        # bound (audit 15a: reading 0 there called a real residual of 2.9·10⁻⁷ rounding)
+        assert row.output_drift <= ROUNDING and row.removed_residual == pytest.approx((24 * 2.0 ** -52) ** 0.5), c
     assert seen[0] == ([2], [19], 1, 19) and seen.count(seen[0]) == 3
 
 
@@ -381,3 +382,48 @@ def test_the_firing_check_reads_every_kept_neuron_of_the_block():
     assert any({0, 1} <= set(block) for block in tld.neuron_synchronization(model, data, tol=0.1).blocks[0])
     row = tld.sparsify(model, data, tol=0.1).to_frame().iloc[0]
     assert row.blocks_in_model == 0 and row.blocks_in_basis == 1 and row.output_drift <= ROUNDING
+
+
+def test_a_removed_neuron_residual_bounds_its_drift():
+    """Audit 15a: in float64 a neuron removed as 2 × another to 2.9·10⁻⁷ of its signal read
+    removed_residual 0 (the rank rule's floor zeroed it), and its drift of 2.8·10⁻⁷ was called
+    rounding. The residual below the Gram's resolution now reads that resolution, a bound on the true
+    residual (relative RMS of f₁ − β f₀ on the data)."""
+    D, F, V, T = 16, 512, 13, 10
+    model = ToyTransformer(n_layers=1, d_model=D, n_heads=2, d_head=8, d_mlp=F, d_vocab=V, n_ctx=T, act_fn="relu",
+                           normalization=None, seed=5).double().eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        mlp = model.blocks[0].mlp
+        mlp.b_in.normal_(0, 0.01, generator=g)
+        mlp.W_in[:, 1] = 2 * mlp.W_in[:, 0] + 2e-7 * mlp.W_in[:, 0].norm() * torch.randn(D, dtype=torch.float64, generator=g)
+        mlp.b_in[1] = 2 * mlp.b_in[0]
+        mlp.W_out[:2] *= 300.0
+    data = torch.randint(0, V, (40, T), generator=g)
+    _, cache = model.run_with_cache(data)
+    f = cache["blocks.0.mlp.hook_post"].reshape(-1, F)
+    beta = (f[:, 0] @ f[:, 1]) / (f[:, 0] @ f[:, 0])
+    true = float((f[:, 1] - beta * f[:, 0]).norm() / f[:, 1].norm())
+    result = tld.sparsify(model, data, progress=False)
+    row = result.to_frame().iloc[0]
+    assert float(result.bases[0].hidden_map[:, 1].abs().sum()) == 0  # neuron 1 removed
+    assert row.output_drift > ROUNDING and true > 1e-7  # not rounding: the residual's
+    assert row.removed_residual == pytest.approx((F * 2.0 ** -52) ** 0.5) and row.removed_residual >= true
+
+
+def test_one_dead_neuron_is_removed_as_several_are():
+    """Audit 15a: a neuron that never fires formed a block of one, which was skipped, while two dead
+    neurons formed a block of rank 0 and were both removed."""
+    data = torch.randint(0, 13, (24, 10), generator=torch.Generator().manual_seed(0))
+    removed = {}
+    for dead in ([2], [2, 5]):
+        model = ToyTransformer(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=64, d_vocab=13, n_ctx=16,
+                               act_fn="relu", normalization="LN", seed=3).double().eval()
+        with torch.no_grad():
+            model.blocks[0].mlp.b_in[dead] = -100.0
+        result = tld.sparsify(model, data, progress=False)
+        row = result.to_frame().iloc[0]
+        removed[len(dead)] = row.removed_neurons
+        assert all(float(result.bases[0].hidden_map[:, j].abs().sum()) == 0 for j in dead)
+        assert row.zeros_out == 16 * len(dead) and row.removed_residual == 0.0 and row.output_drift <= ROUNDING
+    assert removed == {1: 1, 2: 2}

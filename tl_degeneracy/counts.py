@@ -59,7 +59,7 @@ from .autograd import refuse_inference_mode
 from .data import TokenBatches, token_batches
 from .distributed import warn_once
 from .errors import MissingHookError
-from .memory import check_batches, counts_held
+from .memory import check_batches, counts_forward_held, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .numerics import (CUTOFF_BAND, DataLimitedWarning, SampleLimitedWarning, activation_precision, check_tolerances,
@@ -341,7 +341,7 @@ def degeneracy_counts(
     # Before the first pass: the Jacobian-probe pass (logits' softmax, cotangents and the autograd
     # graph) is the one that outgrows memory first, with a large vocabulary; fail now, not after the
     # activation passes.
-    check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes")
+    check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes", held=counts_forward_held(adapter))
     check_memory(adapter, batches, resolve_targets(adapter, k_hooks, "degeneracy_counts"), output_hook=None,
                  n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
                  held=counts_held(adapter))  # the activation passes' Grams, the split-half checks' Grams

@@ -51,7 +51,7 @@ from .distributed import warn_once
 from .errors import DataError
 from .models.adapt import adapt
 
-__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "check_unpadded", "chunk_count", "token_batches"]
+__all__ = ["Batch", "PaddingWarning", "Positions", "TokenBatches", "as_count", "check_unpadded", "chunk_count", "token_batches"]
 
 #: Column names read from a ``datasets.Dataset``, in order of preference.
 TOKEN_COLUMNS = ("tokens", "input_ids")
@@ -453,7 +453,7 @@ def _validate_ids(rows: list[Tensor], d_vocab: int, source: str) -> None:
             )
 
 
-def _count(value, name: str, what: str, least: int = 1) -> int:
+def as_count(value, name: str, what: str, least: int = 1) -> int:
     """``value`` as a count ≥ ``least``: ints and numpy integers; floats (2.5 is refused, not truncated)
     and bools (True is not 1 sequence or token) are refused with a DataError naming ``name``."""
     try:
@@ -540,7 +540,7 @@ def token_batches(
             raise DataError("attention_mask= cannot apply to a TokenBatches: its padding was already left out")
         check_unpadded([len(s) for s in data.sequences], data.batch_size, adapter)
         return data
-    batch_size = _count(batch_size, "batch_size", "sequences per batch")
+    batch_size = as_count(batch_size, "batch_size", "sequences per batch")
     cfg = adapter.cfg
     bos_id = adapter.bos_token_id
 
@@ -630,7 +630,7 @@ def token_batches(
     # --- 3. lengths: chunk to seq_len, or refuse sequences longer than n_ctx
     extra = 1 if bos else 0
     if seq_len is not None:
-        seq_len = _count(seq_len, "seq_len", "tokens per chunk" + (", BOS + 1 token at least" if bos else ""), 1 + extra)
+        seq_len = as_count(seq_len, "seq_len", "tokens per chunk" + (", BOS + 1 token at least" if bos else ""), 1 + extra)
         if seq_len > cfg.n_ctx:
             raise DataError(f"seq_len={seq_len} is longer than the model's context n_ctx={cfg.n_ctx}")
         seqs = [c for b in bodies for c in _chunk(b, bos_id if bos else None, seq_len - extra)]

@@ -30,9 +30,10 @@ import torch
 from .errors import TLDegeneracyError
 
 __all__ = [
-    "DEFAULT_FRACTION", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits", "current_budget",
-    "check_batches", "counts_grams", "counts_held", "counts_widths", "default_budget", "half_gram_bytes", "estimate",
-    "format_bytes", "hook_width", "memory_limit", "parse_memory",
+    "DEFAULT_FRACTION", "DIRECTION_HEADROOM", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits",
+    "current_budget", "check_batches", "counts_forward_held", "counts_grams", "counts_held", "counts_widths",
+    "default_budget", "direction_bytes", "direction_chunk", "half_gram_bytes", "estimate", "format_bytes", "hook_width",
+    "memory_limit", "moment_held", "parse_memory",
 ]
 
 #: Share of the available memory the report budgets by default, per device type: the rest is left
@@ -43,6 +44,11 @@ ANALYSES = ("forward", "head_sync", "neuron_sync", "jacobian")
 #: but not yet reused): the Jacobian pass on toy:bytelm raised the peak resident set by 395 MB
 #: against 392 MB of counted tensors in one CI run (tests/test_memory.py).
 ALLOCATOR_SLACK = 1.05
+
+#: How many times its estimate :func:`direction_chunk` counts each direction: the allocator keeps the
+#: blocks of earlier passes and of earlier chunks of other sizes (16 edge directions of toy:bytelm at
+#: 8 × 64 tokens raised the peak resident set by 170 MiB, 10.6 each, against 9.2 estimated; 4 by 52).
+DIRECTION_HEADROOM = 2
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -161,7 +167,9 @@ def estimate(
 
     - ``"forward"``: a forward pass with statistics hooks (activation statistics, counts' input
       moments): one layer's attention scores and pattern (3 · batch · heads · seq² floats), its MLP,
-      the logits and their float64 copy, float64 rows of the hooked activations.
+      the logits and their float64 copy, float64 rows of the hooked activations; the caller's
+      Grams come in ``held`` (audit 12a F9: counts' Gram twins charged to every forward pass made
+      activation_stats' estimate 3–10× its peak).
     - ``"head_sync"`` / ``"neuron_sync"``: the forward plus float64 rows of the values, inputs and
       one chunk of pattern rows (``synchronization.pattern_tv_sums``), or of the MLP's pre- and
       post-activations, firing patterns, the products behind (3.6a)'s sums, and inputs.
@@ -200,14 +208,11 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
     L, H, d, D, V = c.n_layers, c.n_heads or 0, c.d_head or 0, c.d_model, c.d_vocab
     kv = c.n_kv_heads or H
     F = c.d_mlp or 0
-    s = max(adapter.dtype.itemsize, 4)  # half-precision models upcast softmax and norms to float32
+    s, attention, per_token = _layer_bytes(adapter, batch, seq)
     tokens = batch * seq
-    attention = 3 * batch * H * seq * seq * s  # scores, masked scores, pattern of one layer
-    per_token = (8 * D + (H + 2 * kv) * d + 3 * F) * s  # residual, norms, q/k/v/z, MLP of one layer
     forward = attention + tokens * (per_token + V * (s + 8)) + int(held)
     if analysis == "forward":
-        # counts' activation passes keep a half-data twin of every Gram (degeneracy_counts' data_limited)
-        return int(forward + tokens * (D + F + H * d) * 8 + 2 * counts_grams(adapter))
+        return int(forward + tokens * (D + F + H * d) * 8)
     if analysis == "head_sync":
         from .synchronization import PATTERN_CHUNK_BYTES
 
@@ -230,6 +235,41 @@ def _counted_bytes(adapter, analysis: str, batch: int, seq: int, *, n_cotangents
     backward = chunk * (tokens * V * s + attention + tokens * per_token)  # one layer's gradients at a time
     gradients = chunk * tokens * width * s + chunk * tokens * max(D, F, H * d) * 8  # at the targets; float64 rows
     return int(graph + cotangents + backward + gradients + accumulators + held)
+
+
+def _layer_bytes(adapter, batch: int, seq: int) -> tuple[int, int, int]:
+    """(bytes per float of the forward's activations, one layer's attention scores, masked scores
+    and pattern, one layer's activations per token: residual, norms, q/k/v/z, MLP)."""
+    c = adapter.cfg
+    H, d, D, F = c.n_heads or 0, c.d_head or 0, c.d_model, c.d_mlp or 0
+    kv = c.n_kv_heads or H
+    s = max(adapter.dtype.itemsize, 4)  # half-precision models upcast softmax and norms to float32
+    return s, 3 * batch * H * seq * seq * s, (8 * D + (H + 2 * kv) * d + 3 * F) * s
+
+
+def direction_bytes(adapter, batch: int, seq: int, in_width: int, out_width: int) -> int:
+    """Upper estimate in bytes of what one more direction adds to a pass that carries a chunk of
+    tangents (forward mode) or cotangents (reverse mode) through a section of ``adapter``'s model on
+    one batch of ``batch`` sequences of ``seq`` tokens: one layer's activations (a derivative pass
+    frees a layer's before it reaches the next, as :func:`estimate`'s ``"jacobian"`` counts its
+    cotangents), the direction on the section's input (``in_width`` features per position) and its
+    result on the output (``out_width``), each with a float64 copy; times :data:`ALLOCATOR_SLACK`.
+    The interaction edges' JVP chunks on toy:bytelm (8 × 64 tokens): 5.8 MiB per direction measured
+    (737 MiB for 128), 7.4 MiB estimated."""
+    s, attention, per_token = _layer_bytes(adapter, batch, seq)
+    tokens = batch * seq
+    return int((attention + tokens * (per_token + (in_width + out_width) * (s + 8))) * ALLOCATOR_SLACK)
+
+
+def direction_chunk(adapter, batch: int, seq: int, in_width: int, out_width: int, held: int = 0) -> int:
+    """How many directions (:func:`direction_bytes`, each counted :data:`DIRECTION_HEADROOM` times)
+    one chunk may carry within the budget in force (:func:`current_budget`) beside ``held`` bytes
+    that the pass keeps anyway (review 37: chunks that filled the whole budget took the interaction
+    section to 1.66× it): at least one; a pass whose single direction does not fit is the memory
+    checks' business (:func:`check_fits`)."""
+    budget = current_budget(adapter.device).bytes
+    per = DIRECTION_HEADROOM * max(1, direction_bytes(adapter, batch, seq, in_width, out_width))
+    return max(1, (budget - int(held)) // per)
 
 
 def check_fits(needed: int, device: torch.device | str, what: str, lower: str) -> None:
@@ -264,7 +304,19 @@ def counts_held(adapter) -> int:
     targets' Grams: the activation passes' Grams, each with its half-data twin (:func:`counts_grams`
     twice), and the Jacobian pass's half-probe Gram and half-data Gram per target (the split-half
     checks ``probe_limited`` and ``data_limited``)."""
-    return 2 * counts_grams(adapter) + half_gram_bytes(counts_widths(adapter), sets=2)
+    return counts_forward_held(adapter) + half_gram_bytes(counts_widths(adapter), sets=2)
+
+
+def moment_held(widths: Sequence[int], half: bool = False) -> int:
+    """Bytes that a statistics pass (``activation_stats``) keeps beside one batch: the float64 Grams
+    of hooks of ``widths`` features, and their half-data twins with ``half``."""
+    return half_gram_bytes(widths, sets=1 + int(half))
+
+
+def counts_forward_held(adapter) -> int:
+    """Bytes that ``degeneracy_counts``' activation passes keep beside one batch: their Grams, each
+    with its half-data twin (``data_limited``)."""
+    return 2 * counts_grams(adapter)
 
 
 def counts_grams(adapter) -> int:

@@ -157,8 +157,9 @@ class SparsifyResult:
         far the eliminated input directions are from exactly zero on the data, relative, so the size
         of step 1's error; the rank rule lets it reach √(D·eps) at float64), ``removed_residual``
         (the largest relative RMS of f_dep − f_I β over the removed neurons, each on its own scale:
-        step 2's error, likewise up to the rank rule's cut-off; 0 where it is below the float64
-        Gram's resolution √(F·eps64)), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
+        step 2's error, likewise up to the rank rule's cut-off; where it is below the float64
+        Gram's resolution √(F·eps64), which cannot tell it from rounding, that resolution: a bound;
+        0 only where no neuron that fires was removed), ``output_drift`` (max |Δ logits| / max |logits| on the data after layers
         0..layer are written) and ``kl`` (mean KL(original ‖ copy) over counted samples, same)."""
         columns = ["layer", "input_rank", "input_rank_min", "input_rank_max", "sample_limited", "data_limited", "blocks",
                    "blocks_changing", "free_directions", "free_min", "free_max", "activation_free", "sync_free",
@@ -385,12 +386,14 @@ def _block_bases(M: Float[Tensor, "rows F"], value_gram: Float[Tensor, "F F"], s
     if dep:  # E(f_dep − f_I β)² = G_dd − G_dI β (the Schur complement), relative to E f_dep²
         own = value_gram[dep, dep]
         left = (own - (value_gram[dep][:, I] * beta.T).sum(1)).clamp_min(0)
-        live = own > 0
+        live = own > 0  # a neuron that never fires is exactly 0: no residual
         share = left[live] / own[live]
         # Below the float64 Gram's own resolution (width·eps, the rank rule's floor) the difference
-        # is the subtraction's rounding, not a residual (exact duplicates read 3·10⁻⁸, review 32).
-        share = torch.where(share > rule_rtol(value_gram.shape[0], torch.float64, gram=True), share, 0.0)
-        residual = float(share.sqrt().max()) if bool(live.any()) else 0.0
+        # is the subtraction's rounding (exact duplicates read 3·10⁻⁸, review 32), so the residual is
+        # known only to lie below it: that bound is reported, not 0 (audit 15a: a neuron removed at
+        # 2.9·10⁻⁷ of its signal read 0, and its drift of 2.8·10⁻⁷ was called rounding).
+        floor = rule_rtol(value_gram.shape[0], torch.float64, gram=True)
+        residual = float(share.clamp_min(floor).sqrt().max()) if bool(live.any()) else 0.0
     if s < 2:
         return I, dep, beta, residual, None
     sub = M[allowed_rows][:, I]  # rows of [W̃; b] the block may take as its identity
@@ -477,7 +480,10 @@ def sparsify(
         forced = torch.zeros(M.shape, dtype=torch.bool, device="cpu")  # the entries the construction sets to zero
         forced[J] = True
         residual, no_basis = 0.0, 0
-        for neurons in (n for n in sync.blocks[layer] if len(n) > 1):
+        # Blocks of one neuron have nothing to remove, but for one that never fires on the data (f = 0,
+        # alone in its firing pattern: audit 15a, one dead neuron stayed where two were removed).
+        gram = sync.value_gram[layer]
+        for neurons in (n for n in sync.blocks[layer] if len(n) > 1 or not bool(gram[n[0], n[0]] > 0)):
             s_block = sync.block_rank(layer, neurons)
             I, dep, beta, res, block = _block_bases(M, sync.value_gram[layer].to(torch.float64), s_block, neurons, allowed)
             residual = max(residual, res)

@@ -200,7 +200,20 @@ class InteractionBasis:
                                            "basis_estimated", "total_stderr", "max", "diagonal_share"])
 
     def to_dict(self) -> dict:
-        """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists)."""
+        """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists).
+        Each edge carries :meth:`edge_summary`'s verdicts (``estimated``, ``basis_estimated``) and its
+        ``total_stderr``; per-entry ``stderr`` only where the sources' spread is the whole error
+        (not in a probe-estimated basis, audit 15a: ΣE 29.6 ± 2.0 in the JSON where the summary
+        said the error is unknown)."""
+        summary = self.edge_summary().set_index(["source", "target"])
+        edges = []
+        for (a, b), e in self.edges.items():
+            row = summary.loc[(a, b)]
+            edge = {"source": a, "target": b, "values": e.tolist(), "estimated": bool(row["estimated"]),
+                    "basis_estimated": bool(row["basis_estimated"]), "total_stderr": float(row["total_stderr"])}
+            if (a, b) in self.edge_stderr and not row["basis_estimated"]:
+                edge["stderr"] = self.edge_stderr[a, b][0].tolist()
+            edges.append(edge)
         return {
             "kind": self.kind,
             "output": self.output,
@@ -210,9 +223,7 @@ class InteractionBasis:
             "nodes": list(self.nodes),
             "dims": self.dims.to_dict(orient="records"),
             "eigenvalues": {n: {"gram": s.gram.tolist(), "interaction": s.interaction.tolist()} for n, s in self.eigenvalues.items()},
-            "edges": [{"source": a, "target": b, "values": e.tolist(),
-                       **({"stderr": self.edge_stderr[a, b][0].tolist(), "total_stderr": self.edge_stderr[a, b][1]}
-                          if (a, b) in self.edge_stderr else {})} for (a, b), e in self.edges.items()],
+            "edges": edges,
             "counts": dict(self.counts),
             "positions": self.positions,
             "settings": dict(self.settings),

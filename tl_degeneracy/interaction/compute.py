@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from ..numerics import activation_precision, check_tolerances, rank_rtol, roundi
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context, warn_once
 from ..stats.cuts import find_bypasses, refuse_off_stream
-from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, jacobian_pass
+from ..memory import check_fits, direction_bytes, direction_chunk, estimate
+from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, check_memory, jacobian_pass
 from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
 from .edges import edge_pass
 from .basis_result import InteractionBasis, NodeSpectrum
@@ -42,13 +44,42 @@ class _M:
     stability: float = float("nan")
 
 
+def _check_memory(runner: Runner, targets: list, output_hook: str | None, out_width: int | None, probe_kw: dict,
+                  held: int, what: str) -> None:
+    """MemoryBudgetError before a Jacobian pass of a transformer's interaction basis when one batch
+    would not fit the budget in force (``stats.jacobian.check_memory``, with the half-probe and
+    half-data Grams the pass keeps and ``held`` bytes of the Gram pass's results). A plain module's
+    passes have no estimate: their chunks are bounded by element counts only."""
+    if runner.kind == "transformer":
+        check_memory(runner.engine, runner.batches, targets, output_hook=output_hook, n_probes=probe_kw["n_probes"],
+                     exact=probe_kw["exact"], what=what, held=held, halves=True, half=True, out_width=out_width)
+
+
+def _edge_chunk(runner: Runner, widths: list[int], held: int) -> int | None:
+    """Directions per edge JVP/VJP call that one batch of a transformer carries within the memory
+    budget (``tld.memory.direction_chunk``, for the widest node) beside what the edge pass holds
+    anyway: ``held`` bytes of results and one batch's forward (``estimate("forward")``; a
+    reverse-mode pair's graph reaches no further than it). MemoryBudgetError where not even one
+    direction fits (a PCA basis's edges have no Jacobian pass that would have checked). None for a
+    plain module."""
+    if runner.kind != "transformer":
+        return None
+    batches = runner.batches
+    b, t, width = min(batches.batch_size, max(1, batches.n_sequences)), batches.max_len, max(widths)
+    base = held + estimate(runner.engine, "forward", b, t)
+    check_fits(base + direction_bytes(runner.engine, b, t, width, width), runner.device,
+               f"interaction_basis' edge pass on batches of {b} × {t} tokens", f"lower batch_size (now {b}) or seq_len (now {t})")
+    return direction_chunk(runner.engine, b, t, width, width, held=base)
+
+
 def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last_rule: str, output: str,
-                    interaction_rtol, interaction_atol, probe_kw: dict
+                    interaction_rtol, interaction_atol, probe_kw: dict, held: int
                     ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, int]]:
     """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB (none for
     its last node with ``last="pca"``), none for PCA. Also the interaction rank of every node from
     the data's even-numbered sequences alone (their Grams ``half_whitenings`` and Jacobian Grams; a
-    LIB node differentiates the whole data's basis of the next node), for ``data_limited``."""
+    LIB node differentiates the whole data's basis of the next node), for ``data_limited``. Each
+    pass first checks that one batch fits the memory budget (:func:`_check_memory`)."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
     how: dict[str, _M] = {}
@@ -84,6 +115,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
             identity(name, "identity")
         return bases, how, half_ranks
     if kind == "global":
+        _check_memory(runner, runner.nodes, None, None, probe_kw, held, "interaction_basis' Jacobian pass")
         res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output, seed=_pass_seed(seed, 0),
                             desc="interaction basis: Jacobians", **probe_kw)
         for name in names:
@@ -93,6 +125,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
     if last_rule == "pca":  # the companion paper's last node: its PCA (METHODS §5)
         identity(names[final], "identity")
     else:
+        _check_memory(runner, [runner.nodes[final]], None, None, probe_kw, held, f"LIB's pass at {names[final]}")
         res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[final]], objective=output,
                             seed=_pass_seed(seed, final), desc=f"LIB {names[final]}", **probe_kw)
         from_pass(res, names[final], "outputs")
@@ -108,6 +141,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
         # scaling (METHODS §5 step 3: only s = +½ composes); the shift by μ does not change a Jacobian.
         # In the node's own dtype, which may differ from the weights' (a bfloat16 Llama normalises in float32).
         C = nxt.matrix("importance").to(device=runner.device)
+        _check_memory(runner, [runner.nodes[l]], names[l + 1], nxt.size, probe_kw, held, f"LIB's pass at {names[l]}")
         res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[l]], objective="mse", output_hook=names[l + 1],
                             output_transform=lambda o, C=C: o.flatten(2) @ C.mT.to(o.dtype), seed=_pass_seed(seed, l),
                             desc=f"LIB {names[l]}", **probe_kw)
@@ -124,12 +158,11 @@ def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
     gradients = kind != "pca" or (edges and len(runner.nodes) > 1)  # edges differentiate the nodes too (review 35)
     if not gradients:
         return
-    sequence = runner.batches.batch(0, device=runner.device).tokens[:1]
-    refuse_off_stream(runner.engine, sequence, runner.nodes, f"interaction_basis(kind={kind!r})")
+    refuse_off_stream(runner.engine, runner.cut_sample()[0], runner.nodes, f"interaction_basis(kind={kind!r})")
     if len(runner.nodes) < 2 or not (kind == "local" or edges):
         return
     target = runner.names[-1] if kind == "local" and last == "pca" else None
-    found = find_bypasses(runner.engine, sequence, runner.names, target)
+    found = find_bypasses(runner.engine, runner.cut_sample(), runner.names, target)
     if not found:
         return
     what = "the last node reads" if target is not None else "the outputs read"
@@ -251,7 +284,12 @@ def interaction_basis(
     ``last="pca"`` (node l's forward stops at node l+1, its VJPs go back through one section only,
     n_probes or P·kept_{l+1} per batch); PCA: no Jacobian pass; edges: one pass (per batch and pair, min(kept_l JVPs,
     P·kept_{l+1} or r·kept_{l+1} VJPs) through one section each, in chunks). Memory: the D×D
-    float64 accumulators and one chunk of tangents or VJPs; no per-direction gradient is stored.
+    float64 accumulators and one chunk of tangents or VJPs; no per-direction gradient is stored. On a
+    transformer every Jacobian pass first checks that one batch fits the memory budget in force
+    (``tld.memory``: ``memory_limit``, else the memory available), and the edges carry as many
+    directions per chunk as fit it (``tld.memory.direction_chunk``). Under ``torch.distributed`` each
+    process checks its own budget: give every rank the same one (``tld.memory_limit``), as the
+    report does, so that no rank stops while the others wait for it.
 
     Under ``torch.distributed`` every pass shards the batches and reduces its float64 sums.
 
@@ -260,7 +298,8 @@ def interaction_basis(
             forward order or repeated, bad options; for LIB, nodes that are not cuts of the model's
             graph (a node that the target reads around the next one: :mod:`~.cuts`; the other kinds
             warn that their edges lack those paths). DataError: empty data. NumericalError: NaN/inf
-            activations, gradients or results.
+            activations, gradients or results. MemoryBudgetError: a Jacobian pass's batch would not fit
+            the memory budget (before that pass; the message says what to lower).
     """
     refuse_inference_mode("interaction_basis")  # before the activation pass, not after it
     gram_rtol, gram_atol = check_tolerances(gram_rtol, gram_atol)
@@ -305,8 +344,10 @@ def interaction_basis(
     t1 = time.perf_counter()
     probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, half=True, seed=seed, per_head=False,
                     device=acc_device, progress=progress, method=method)
+    # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and half-data.
+    held = sum(2 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
     bases, how, half_ranks = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
-                                             interaction_atol, probe_kw)
+                                             interaction_atol, probe_kw, held)
     timings["jacobian_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -316,7 +357,8 @@ def interaction_basis(
     edge_values, edge_modes, edge_stderr = {}, {}, {}
     if edges and len(runner.nodes) > 1:
         ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, edge_sources, seed,
-                       method=method, device=acc_device, progress=progress)
+                       method=method, device=acc_device, progress=progress,
+                       max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held))
         edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
         edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
     timings["edges_s"] = time.perf_counter() - t2

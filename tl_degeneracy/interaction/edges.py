@@ -129,13 +129,15 @@ def _section(engine, tokens, a: str, b: str):
 
 
 def _forward_pair(engine, tokens, f_a: Tensor, fhat: Float[Tensor, "batch pos_a k_a"], C_inv: Float[Tensor, "D_a k_a"],
-                  C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"], a: str, b: str) -> Float[Tensor, "k_b k_a"]:
-    """Σ_x Σ_t a_{t,i,j}² of one batch for every (i, j), chunks of j through one vmapped JVP."""
+                  C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"], a: str, b: str,
+                  max_chunk: int | None) -> Float[Tensor, "k_b k_a"]:
+    """Σ_x Σ_t a_{t,i,j}² of one batch for every (i, j), chunks of j through one vmapped JVP (at most
+    ``max_chunk`` directions each)."""
     k = fhat.shape[-1]
     total = torch.zeros(C_b.shape[0], k, dtype=torch.float64, device=fhat.device)
-    # The VJP chunks' budget: on toy:bytelm (2 threads) all 128 directions in one call beat chunks of
-    # 32 by ~20%, the primal and the prefix then running once.
-    chunk = max(1, CHUNK_ELEMENTS // max(f_a.numel(), mask_b.numel() * C_b.shape[1], 1))
+    # The JVP chunks' budget: on toy:bytelm (2 threads) all 128 directions in one call beat chunks of
+    # 32 by ~20%, the primal and the prefix then running once; the memory budget may ask for fewer.
+    chunk = max(1, min(CHUNK_ELEMENTS // max(f_a.numel(), mask_b.numel() * C_b.shape[1], 1), max_chunk or k))
     section = _section(engine, tokens, a, b)
     primal = f_a.detach()
     m_b = mask_b.to(total.device, torch.float64)[None, :, :, None]
@@ -200,12 +202,13 @@ def _edge_cotangents(
 
 def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tensor, "batch pos_a k_a"],
                   C_inv: Float[Tensor, "D_a k_a"], C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"],
-                  sources: int | None, seed: int, sequences: Tensor, pair: int, total: Tensor) -> None:
+                  sources: int | None, seed: int, sequences: Tensor, pair: int, total: Tensor,
+                  max_chunk: int | None) -> None:
     """Add Σ_x Σ_t a_{t,i,j}² for every i to ``total`` [1, k_b, k_a], or each ±1 source's estimate of
-    it to its own slice of ``total`` [r, k_b, k_a]."""
+    it to its own slice of ``total`` [r, k_b, k_a]; at most ``max_chunk`` cotangents per VJP call."""
     if not f_b.requires_grad:  # node l+1 does not depend on node l
         return
-    chunk = max(1, CHUNK_ELEMENTS // max(1, f_b.numel(), f_a.numel()))
+    chunk = max(1, min(CHUNK_ELEMENTS // max(1, f_b.numel(), f_a.numel()), max_chunk or CHUNK_ELEMENTS))
     for cot, rows, source in _edge_cotangents(C_b.to(f_b.device), mask_b, sources, seed, sequences, pair, chunk):
         (g,) = backward(f_b, [f_a], cot.to(f_b.dtype).view(len(rows), *f_b.shape))
         if g is None:
@@ -229,13 +232,16 @@ def edge_pass(
     mode: str = "auto",
     device: torch.device | None = None,
     progress: bool = True,
+    max_chunk: int | None = None,
 ) -> EdgePass:
     """E for every adjacent pair of ``nodes`` in one pass over ``batches`` (module docstring).
 
     ``basis``, ``inverse``, ``mean``: C, C⁺ and μ per node (as in :class:`InteractionBasis`);
     ``counts``: n_l per node (the Gram pass's sample counts). ``sources``: None (exact) or r ±1
     position sources for reverse-mode pairs; ``method``: how VJPs are batched (``Backward``);
-    ``mode``: ``"auto"``, ``"forward"`` or ``"reverse"`` for every pair. Per batch, one forward
+    ``mode``: ``"auto"``, ``"forward"`` or ``"reverse"`` for every pair; ``max_chunk``: at most this
+    many directions per JVP or VJP call (the caller's memory budget, ``tld.memory.direction_chunk``;
+    None: only the element count bounds a chunk). Per batch, one forward
     captures the nodes, each forward-mode pair runs its JVP chunks (a forward up to node l+1 each)
     and the reverse-mode pairs share one differentiable forward and take VJPs through one section
     each: the ``on_batch`` of :func:`~tl_degeneracy.stats.stream.stream`, which shards the batches
@@ -271,7 +277,7 @@ def edge_pass(
             fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
             try:
                 totals[a, b] += _forward_pair(engine, batch.tokens, f_a, fhat, C_inv[a], C[b],
-                                              _sample_mask(index, acts[b], b), a, b)
+                                              _sample_mask(index, acts[b], b), a, b, max_chunk)
             except RuntimeError as err:  # NotImplementedError included
                 if (a, b) in proven or mode == "forward":
                     raise
@@ -293,7 +299,7 @@ def edge_pass(
             fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
             fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
             _reverse_pair(backward, f_a, f_b, fhat, C_inv[a], C[b], _sample_mask(index, f_b, b), sources, seed,
-                          batch.index, names.index(a), totals[a, b])
+                          batch.index, names.index(a), totals[a, b], max_chunk)
 
     def on_batch(step: Step) -> None:
         if step.count:  # the accumulators exist already: a rank without batches only joins the reduction

@@ -26,15 +26,19 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedRootModule  # TL 4 removed it from hook_points; the top level has it in 3.9 and 4.x
 
-from ..data import Batch, TokenBatches, token_batches
+from ..data import Batch, TokenBatches, as_count, token_batches
 from ..errors import DataError, MissingHookError
 from ..models.adapt import model_kind
 from ..models.adapter import ModelAdapter
 from ..models.engine import Engine, engine_for, has_position_axis
 from ..models.hooks import LAYER_KINDS
+from ..stats.cuts import CHECK_POSITIONS
 from ..stats.passes import HookTarget, resolve_targets, run_until
 
-__all__ = ["Runner", "TensorBatches", "build_runner"]
+__all__ = ["CUT_SAMPLE_BATCHES", "Runner", "TensorBatches", "build_runner"]
+
+#: Batches of the data the cut checks read (``Runner.cut_sample``).
+CUT_SAMPLE_BATCHES = 8
 
 
 @dataclass
@@ -83,10 +87,11 @@ class TensorBatches:
 
 def tensor_batches(data, batch_size: int) -> TensorBatches:
     """A tensor [n, d_in] / [n, pos, d_in] (cut into ``batch_size`` rows) or a list of such batches."""
+    batch_size = as_count(batch_size, "batch_size", "rows per batch")
     if isinstance(data, Tensor):
         if data.ndim < 2 or data.shape[0] == 0:
             raise DataError(f"module inputs must be a non-empty tensor [n, d_in] or [n, pos, d_in]; got shape {tuple(data.shape)}")
-        chunks = list(data.split(int(batch_size)))
+        chunks = list(data.split(batch_size))
     elif isinstance(data, (list, tuple)) and data and all(isinstance(x, Tensor) for x in data):
         chunks = [x for x in data if x.shape[0] > 0]
         shapes = {tuple(x.shape[2:] if x.ndim >= 3 else x.shape[1:]) for x in chunks}
@@ -104,11 +109,13 @@ def tensor_batches(data, batch_size: int) -> TensorBatches:
 
 @dataclass
 class Runner:
-    """The engine, the batches and the node hooks (forward order) of one interaction-basis run."""
+    """The engine, the batches and the node hooks (forward order) of one interaction-basis run, and
+    the model's kind (``model_kind``: ``"transformer"``, whose engine is its adapter, or ``"module"``)."""
 
     engine: Engine
     batches: TokenBatches | TensorBatches
     nodes: list[HookTarget]
+    kind: str
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,6 +133,22 @@ class Runner:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.nodes]
+
+    def cut_sample(self) -> list[Tensor]:
+        """The inputs the cut checks read (``stats.cuts``). A transformer's paths do not depend on
+        the data: the first sequence's first ``CHECK_POSITIONS`` positions. A plain module's may (a
+        ReLU gate open on some rows only: audit 15a, the first row alone passed a skip that half the
+        rows take): every batch where there are at most :data:`CUT_SAMPLE_BATCHES`, else that many
+        spread evenly over the data, first and last included, each cut to its first
+        ``CHECK_POSITIONS`` positions where it has a position axis; a gate that no sampled row opens
+        still passes."""
+        if self.kind == "transformer":
+            return [self.batches.batch(0, device=self.device).tokens[:1, :CHECK_POSITIONS]]
+        n = len(self.batches)
+        k = min(n, CUT_SAMPLE_BATCHES)
+        numbers = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        cut = slice(None, CHECK_POSITIONS) if self.batches.has_positions else slice(None)
+        return [self.batches.batch(i, device=self.device).tokens[:, cut] for i in numbers]
 
 
 def _default_transformer_nodes(adapter: ModelAdapter) -> list[str]:
@@ -184,7 +207,8 @@ def build_runner(model, data, nodes: str | Sequence[str] | None, batch_size: int
                  skip_bos: bool | None) -> Runner:
     """Engine, batches and validated nodes: hook kinds (every layer) or exact hook names, in forward
     order, each once (ValueError otherwise); unknown names raise MissingHookError."""
-    adapter = engine_for(model) if _model_kind(model) == "transformer" else None
+    kind = _model_kind(model)
+    adapter = engine_for(model) if kind == "transformer" else None
     if adapter is not None:
         engine = adapter
         batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
@@ -219,4 +243,4 @@ def build_runner(model, data, nodes: str | Sequence[str] | None, batch_size: int
             targets.sort(key=lambda t: order.index(t.name))
             names = [t.name for t in targets]
         _check_order(names, order)
-    return Runner(engine=engine, batches=batches, nodes=targets)
+    return Runner(engine=engine, batches=batches, nodes=targets, kind=kind)

@@ -198,12 +198,59 @@ def quantity_label(loss_scale: float, gamma: float, selection: Sequence[str] | N
     return f"{text} of {', '.join(selection)}" if selection else text
 
 
-def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") -> str:
-    """``value ± stderr`` as every printout shows an LLC; where the standard error is undefined (NaN:
-    one healthy chain and no draws' error either) it says so instead of printing nan."""
-    if math.isfinite(stderr):
+def value_with_error(value: float, stderr: float, spec: str = ".4g") -> str:
+    """``value ± stderr`` with the standard error to 2 significant digits and the value to the same
+    decimal place, so that rounding moves the printed value by at most a twentieth of its ± (audit
+    15b: 1234.6 ± 2.2 printed "1.23e+03 ± 2.2", 2.1 standard errors off; 101.44 ± 0.78 "101 ±
+    0.78"); ``spec`` where the error fixes no place (zero or not finite, or a value it would
+    print as 0)."""
+    if not (math.isfinite(stderr) and stderr > 0 and math.isfinite(value)):
         return f"{value:{spec}} ± {stderr:.2g}"
+    error = float(f"{stderr:.2g}")
+    places = max(0, 1 - math.floor(math.log10(error)))
+    if places > 12 or abs(value) < 0.5 * 10.0 ** -places:
+        return f"{value:{spec}} ± {stderr:.2g}"
+    return f"{value:,.{places}f} ± {error:,.{places}f}"
+
+
+def estimate_text(value: float, stderr: float, healthy: int, spec: str = ".4g") -> str:
+    """``value ± stderr`` as every printout shows an LLC (:func:`value_with_error`); where the
+    standard error is undefined (NaN: one healthy chain and no draws' error either) it says so
+    instead of printing nan."""
+    if math.isfinite(stderr):
+        return value_with_error(value, stderr, spec)
     return f"{value:{spec}} ± unknown ({healthy} healthy chain{'' if healthy == 1 else 's'}: no spread to measure)"
+
+
+def estimate_line(value: float, stderr: float, caveat: str | None, healthy: int, spec: str = ".4g") -> str:
+    """:func:`estimate_text` of ``value ± stderr``, followed where the run carries a stderr caveat
+    (fewer than 4 healthy chains) by "(± uncertain: k healthy chains)", so that a line quoting it
+    does not read as precise (METHODS §1, "Standard error"; the full caveat is in the verdicts)."""
+    text = estimate_text(value, stderr, healthy, spec)
+    # A sweep table holds None where a row has no caveat (NaN once a frame was concatenated).
+    if not (isinstance(caveat, str) and caveat):
+        return text
+    return f"{text} (± uncertain: {healthy} healthy chain{'' if healthy == 1 else 's'})"
+
+
+def is_lower_bound(lower_bound) -> bool:
+    """Whether an unconverged λ̂ reads as a lower bound (METHODS §1): ``lower_bound`` as recorded
+    (numpy's booleans included); a result saved before it was recorded (None, NaN) keeps the old
+    reading, a lower bound."""
+    if lower_bound is None or (isinstance(lower_bound, float) and math.isnan(lower_bound)):
+        return True
+    return bool(lower_bound)
+
+
+def relation(converged, lower_bound) -> str:
+    """How a printed estimate relates to its quantity: "=" converged, "≥" a lower bound (chains not
+    relaxed or still rising), "≈" uncertain in both directions (only R̂ or ESS failed)."""
+    return "=" if converged else "≥" if is_lower_bound(lower_bound) else "≈"
+
+
+def unconverged_text(lower_bound) -> str:
+    """What an unconverged λ̂ is, in words (:func:`relation`)."""
+    return "lower bound" if is_lower_bound(lower_bound) else "uncertain in both directions"
 
 
 #: Fewest healthy chains whose spread gives a standard error worth quoting alone (with C chains the

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..distributed import distributed_context
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc
-from .llc_result import estimate_text, step_size_caveats
+from .llc_result import estimate_line, relation, step_size_caveats, unconverged_text
 
 
 def _subdir(kwargs: dict, name: str) -> dict:
@@ -111,16 +111,22 @@ def _gamma_line(row) -> str:
 
 def point_texts(frame: pd.DataFrame) -> list[str]:
     """The hover text of each row of a sweep or component table in a figure: its γ (where the
-    table has one), N_eff ± its standard error (twice λ̂'s ``llc_stderr``) and its
-    verdict, "converged" or "not converged: " with the failed criteria."""
+    table has one), N_eff ± its standard error (twice λ̂'s ``llc_stderr``; the bars are twice
+    that, and the text says so), "(± uncertain)" where few chains make the ± itself uncertain, and
+    its verdict as the report's text gives it: "=" converged, "≥" a lower bound, "≈" uncertain in
+    both directions, with the failed criteria (audit 15b: the hover wrote "N_eff =" for all and
+    called the bars ±1 standard error)."""
     texts = []
     for _, row in frame.iterrows():
-        n_eff = estimate_text(row["n_eff"], 2 * row["llc_stderr"], row["chains"] - row["n_failed"], ".3g")
+        n_eff = estimate_line(row["n_eff"], 2 * row["llc_stderr"], row.get("stderr_caveat"), row["chains"] - row["n_failed"],
+                              ".3g")
         reason = row["convergence_reason"]
-        state = "converged" if row["converged"] else f"not converged: {reason}" if isinstance(reason, str) and reason \
-            else "not converged"
+        reason = f": {reason}" if isinstance(reason, str) and reason else ""
+        low = row.get("lower_bound")  # tables saved before it was recorded: None, the old reading
+        state = "converged" if row["converged"] else f"not converged — {unconverged_text(low)}{reason}"
         caveats = "".join(f"<br>{c}" for c in row_caveats(row))
-        texts.append(("" if "gamma" not in row else f"γ = {row['gamma']:.3g}<br>") + f"N_eff = {n_eff}<br>{state}{caveats}")
+        texts.append(("" if "gamma" not in row else f"γ = {row['gamma']:.3g}<br>")
+                     + f"N_eff {relation(row['converged'], low)} {n_eff}<br>bars: ±2 standard errors<br>{state}{caveats}")
     return texts
 
 

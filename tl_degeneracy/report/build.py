@@ -16,7 +16,7 @@ import torch
 
 from ..distributed import from_rank0, gather_objects, on_rank0
 from ..errors import EstimateFailedError, TLDegeneracyError
-from ..memory import MemoryBudget, default_budget, memory_limit
+from ..memory import MemoryBudget, MemoryBudgetError, default_budget, memory_limit
 from ..models.adapt import adapt
 from . import cache
 from . import sections as _builtin_sections  # noqa: F401  (registers the built-in sections)
@@ -110,7 +110,9 @@ def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionRe
         warnings.simplefilter("always")
         try:
             out = section.compute(ctx)
-        except EstimateFailedError as e:  # it applies, but its settings made it fail: a failure to act on
+        except (EstimateFailedError, MemoryBudgetError) as e:
+            # it applies, but its settings (or the memory budget) made it fail: a failure to act on,
+            # not "does not apply" (audit 15b: a budget too small for every pass exited 0)
             if errors == "raise":
                 raise
             result.status, result.reason = "failed", f"{type(e).__name__}: {e}"

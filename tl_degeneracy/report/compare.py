@@ -49,8 +49,8 @@ from ..errors import TLDegeneracyError
 from ..llc.llc_result import larger_stderr
 from .html import flat_values, render_comparison, render_notebook, section_status, value_text
 from .registry import SECTIONS
-from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, stored_report,
-                     write_atomic)
+from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, settings_text,
+                     stored_report, write_atomic)
 from .serialize import csv_frame, to_jsonable
 
 __all__ = ["NoiseInterval", "ReportComparison", "ReportInputError", "compare_reports", "default_directory", "noise_interval"]
@@ -175,9 +175,15 @@ class ReportComparison:
             sa, sb = self.section(name)
             status = _row(name, "status", (section_status(sa), None, None), (section_status(sb), None, None))
             apart = self._kept_apart(name)
-            status["comparable"] = ("section settings differ from the other side's: "
-                                    + "; ".join(f"{k} {value_text(a)} vs {value_text(b)}" for k, (a, b) in apart.items())
-                                    if apart else None)
+            differ = {k: ab for k, ab in apart.items() if not _equal(*ab)}
+            same = {k: ab[0] for k, ab in apart.items() if _equal(*ab)}
+            # audit 15b: both sides computed at sync_tol 0.05, B's header 0.3: the headers' difference
+            # must not read as one these sections saw
+            status["comparable"] = "; ".join(
+                [*(["section settings differ from the other side's: "
+                    + "; ".join(f"{k} {value_text(a)} vs {value_text(b)}" for k, (a, b) in differ.items())] if differ else []),
+                 *([f"both computed at {settings_text(same)}, whatever the headers say (a section kept from an "
+                    "earlier run)"] if same else [])]) or None
             rows.append(status)
             va, vb = _scalars(sa, self.a), _scalars(sb, self.b)
             rows += [_row(name, k, va.get(k, (None, None, None)), vb.get(k, (None, None, None)))
@@ -188,24 +194,28 @@ class ReportComparison:
         """Every setting in which the two reports differ (columns setting, a, b): the model (label,
         weights sha256, its summary), the data (source, sha256, the positions that counted), the
         report's settings and budgets, the library versions, and a section's own settings
-        ("<section>: <setting>") where a section kept from an earlier run differs from its header."""
+        ("<section>: <setting>", both sides' values, equal or not) where a side's section was
+        computed with other settings than its header (kept from an earlier run). ``differs``: False
+        only for such a section setting that both sides' sections share, whatever their headers say."""
         fa, fb = _setup(self.a), _setup(self.b)
-        rows = [{"setting": k, "a": fa.get(k), "b": fb.get(k)} for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
-        rows += [{"setting": f"{name}: {k}", "a": a, "b": b}
+        rows = [{"setting": k, "a": fa.get(k), "b": fb.get(k), "differs": True}
+                for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
+        rows += [{"setting": f"{name}: {k}", "a": a, "b": b, "differs": not _equal(a, b)}
                  for name in self.sections for k, (a, b) in self._kept_apart(name).items()]
-        return pd.DataFrame(rows, columns=["setting", "a", "b"])
+        return pd.DataFrame(rows, columns=["setting", "a", "b", "differs"])
 
     def _kept_apart(self, name: str) -> dict[str, tuple]:
-        """Section ``name``'s own settings that differ between A and B where a side's section was
-        computed with other settings than its report's header (a section kept from an earlier run:
-        Report.settings_apart), so that the headers' settings do not show the difference (audit 12b:
-        sync_tol 0.3 kept in A against 0.05 in B, both headers 0.05, compared with no word)."""
+        """Section ``name``'s own settings (A's, B's) where a side's section was computed with other
+        settings than its report's header (a section kept from an earlier run: Report.settings_apart),
+        equal or not: the headers do not show them (audit 12b: sync_tol 0.3 kept in A against 0.05
+        in B, both headers 0.05, compared with no word; audit 15b: both computed at 0.05, the headers
+        0.05 and 0.3, read as "sync_tol 0.05 → 0.3 changes nothing")."""
         sa, sb = self.section(name)
         if sa is None or sb is None:
             return {}
         keys = dict.fromkeys([*self.a.settings_apart(sa), *self.b.settings_apart(sb)])
         a, b = to_jsonable(dict(sa.settings)), to_jsonable(dict(sb.settings))
-        return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+        return {k: (a.get(k), b.get(k)) for k in keys}
 
     def summary(self, width: int = 100) -> str:
         """One screen of text: both reports, every setting that differs, per section both verdicts,
@@ -214,17 +224,22 @@ class ReportComparison:
 
         lines = [f"tl-degeneracy comparison: A = {self.names[0]} ({self.a.model.get('label')}), "
                  f"B = {self.names[1]} ({self.b.model.get('label')})"]
-        diff = self.settings_frame()
+        settings = self.settings_frame()
+        diff, same = settings[settings["differs"]], settings[~settings["differs"]]
         if len(diff):  # never clipped: a reader must see every setting that differs
             text = "; ".join(f"{r.setting} {value_text(r.a)} → {value_text(r.b)}" for r in diff.itertuples())
             lines += textwrap.wrap(text, width, initial_indent=f"  {len(diff)} setting(s) differ, A → B: ",
                                    subsequent_indent="    ", break_on_hyphens=False)
         else:
             lines.append("  same settings")
+        if len(same):  # sections kept from earlier runs, computed alike whatever their headers say
+            lines += textwrap.wrap("; ".join(f"{r.setting} {value_text(r.a)}" for r in same.itertuples()), width,
+                                   initial_indent="  computed alike on both sides: ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
         frame = self.to_frame()
         for name in self.sections:  # wrapped, never clipped
             for side, sec in zip("AB", self.section(name)):
-                words = "not in this report" if sec is None else (verdict(sec) or sec.headline)
+                words = "not in this report" if sec is None else (verdict(sec, with_reason=True) or sec.headline)
                 lines += textwrap.wrap(words, width, initial_indent=f"  {name if side == 'A' else '':<16} {side}: ",
                                        subsequent_indent=" " * 22, break_on_hyphens=False)
             beyond = frame[(frame["section"] == name) & (frame["beyond_2se"] == True)]  # noqa: E712 (None too)
@@ -427,6 +442,11 @@ def noise_interval(a: float, b: float, se_a: float, se_b: float, bias_a: float |
     return NoiseInterval(-noise - abs(a) * (bias_a or 0.0), noise + abs(b) * (bias_b or 0.0))
 
 
+def _equal(a, b) -> bool:
+    """Two settings' values are the same (lists and dicts compared whole)."""
+    return to_jsonable(a) == to_jsonable(b)
+
+
 def _setup(report: Report) -> dict:
     """Everything a report was made with, flat: model, data, settings and budgets, versions."""
     identity = report.identity or {}
@@ -436,7 +456,11 @@ def _setup(report: Report) -> dict:
     out.update({"data": data.get("source"), "data sha256": (identity.get("data") or {}).get("digest")})
     out.update({f"data {k}": v for k, v in data.items() if k not in ("source", "positions")})
     out.update({f"data {k}": v for k, v in (data.get("positions") or {}).items()})
-    out.update({k: v for k, v in report.settings.items() if k not in ("budgets", "overrides")})
+    # Not the numbers' settings: where the checkpoints were, the machine's budget and timings
+    # (the settings they lowered are among the budgets) and threads (audit 15b: every comparison
+    # listed checkpoint_dir and time_fit as differing, burying the setting that did)
+    out.update({k: v for k, v in report.settings.items()
+                if k not in ("budgets", "overrides", "checkpoint_dir", "time_fit", "memory", "torch_threads")})
     if isinstance(out.get("sections"), list):  # which sections, not their order
         out["sections"] = sorted(out["sections"])
     out.update(report.settings.get("budgets") or {})

@@ -27,8 +27,10 @@ from ..models.adapter import ModelAdapter
 from ..models.toys.registry import BUNDLED
 from .settings import ReportSettings
 
-__all__ = ["ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
+__all__ = ["ACTIVATION_HOOKS", "ReportContext", "default_data_spec", "library_versions", "load_data_spec"]
 
+#: The hooks the activations section reads (every layer's).
+ACTIVATION_HOOKS = ("resid_pre", "resid_post")
 #: The passes of each section whose batches the memory budget bounds (``tld.memory.estimate``).
 #: The interaction basis and the LLC read their own, smaller budgets (ib_tokens, llc_sequences).
 _MEMORY_ANALYSES = {"synchronization": ("head_sync", "neuron_sync"), "counts": ("forward", "jacobian"),
@@ -258,17 +260,21 @@ class ReportContext:
         rule: each body cut into pieces of t − 1 tokens behind a BOS where there is one), so the
         sequences are cut shorter, not dropped or joined by others.
         """
-        from ..memory import counts_held, estimate
+        from ..memory import counts_forward_held, counts_held, estimate, hook_width, moment_held
 
         s = self.settings
-        analyses = [a for name in sections for a in _MEMORY_ANALYSES.get(name, ())]
+        analyses = [(name, a) for name in sections for a in _MEMORY_ANALYSES.get(name, ())]
         if self.adapter.d_mlp is None:
-            analyses = [a for a in analyses if a != "neuron_sync"]
+            analyses = [(name, a) for name, a in analyses if a != "neuron_sync"]
         info = {"budget": budget.bytes, "source": budget.source, "batch_size": s.batch_size, "seq_len": s.seq_len}
         if not analyses or self.data is None:
             return info
 
-        held = counts_held(self.adapter)  # by the counts' Jacobian pass (degeneracy_counts)
+        # What each pass keeps alive beside one batch, as the passes count it themselves: the counts'
+        # Grams (and twins, and the Jacobian pass's split-half Grams), the activations section's Grams.
+        widths = [hook_width(self.adapter, kind) for kind in ACTIVATION_HOOKS for _ in range(self.adapter.n_layers)]
+        held = {("counts", "jacobian"): counts_held(self.adapter), ("counts", "forward"): counts_forward_held(self.adapter),
+                ("activations", "forward"): moment_held(widths), ("sparsity", "forward"): counts_forward_held(self.adapter)}
 
         n0, t0 = max(1, self.batches.n_sequences), self.batches.max_len
         # token_batches cuts a sequence's body (BOS left out) into pieces of t − 1 tokens with BOS put
@@ -290,8 +296,8 @@ class ReportContext:
         def needed(b: int, t: int) -> int:
             # Cut shorter, long sequences become more of them, and batches fill up.
             b = min(b, pieces(t))
-            return max(estimate(self.adapter, a, b, t, n_cotangents=s.n_probes, held=held if a == "jacobian" else 0)
-                       for a in analyses)
+            return max(estimate(self.adapter, a, b, t, n_cotangents=s.n_probes, held=held.get((name, a), 0))
+                       for name, a in analyses)
 
         b0 = b = s.batch_size
         t = t0

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .report import Report, SectionResult, changed_settings, memory_line, time_line
+from ..llc.llc_result import value_with_error
+from .report import Report, SectionResult, changed_settings, memory_line, settings_text, time_line
 from .sections import METHODS_DOC, glossary, verdict
 
 if TYPE_CHECKING:
@@ -205,11 +206,11 @@ def _changed(settings: Mapping) -> str:
 def _section(sec: SectionResult, apart: dict) -> str:
     """One section of the page; ``apart``: its settings that differ from the header's (Report.settings_apart)."""
     badges = f'<span class="badge {sec.status}">{sec.status}</span>'
-    if sec.cached:
-        badges += ' <span class="badge cached">from checkpoint</span>'
-    when = f"{sec.wall_s:.1f} s" + (" (earlier run)" if sec.cached else "")
+    if sec.cached or sec.kept:
+        badges += f' <span class="badge cached">{"kept from an earlier run" if sec.kept else "from checkpoint"}</span>'
+    when = f"{sec.wall_s:.1f} s" + (" (earlier run)" if sec.cached or sec.kept else "")
     other = ("computed with other settings than the header's (an earlier run into this directory): "
-             + " ".join(f"{k}={v}" for k, v in apart.items())) if apart else ""
+             + settings_text(apart)) if apart else ""
     meta = " · ".join(x for x in (when, sec.methods, other) if x)
     words = verdict(sec)
     parts = [f'<section id="sec-{_e(sec.name)}"><h2>{_e(sec.title)} {badges}</h2>'
@@ -245,21 +246,22 @@ def _outcome(sec: SectionResult) -> list[str]:
 
 
 def _facts(report: Report) -> dict[str, str]:
-    """The header's facts about a report: backend, size, preset, time, changed settings, data."""
+    """The header's facts about a report (the page's and the notebook's): backend, size, preset and
+    seed, time, changed settings, the memory and time fits, data and where it came from."""
     m, s = report.model, report.settings
     facts = {"backend": f"{m.get('backend')} · {m.get('model_class')}",
-             "live parameters": f"{m.get('n_live_parameters', 0):,}", "preset": str(s.get("preset")),
-             "total time": f"{report.wall_s:.1f} s"}
+             "live parameters": f"{m.get('n_live_parameters', 0):,}",
+             "preset": f"{s.get('preset')}, seed {s.get('seed')}", "total time": f"{report.wall_s:.1f} s"}
     changed = _changed(s)
     if changed:
         facts["changed from preset"] = changed
     if s.get("memory"):
         facts["memory"] = memory_line(s["memory"])
-    if (s.get("time_fit") or {}).get("lowered"):
+    if (s.get("time_fit") or {}).get("lowered") or (s.get("time_fit") or {}).get("fits") is False:
         facts["time fit"] = time_line(s["time_fit"])
     if report.data:
         p = report.data["positions"]
-        facts["data"] = f"{p['n_sequences']} sequences · {p['n_samples']:,} positions"
+        facts["data"] = f"{report.data.get('source')}: {p['n_sequences']} sequences · {p['n_samples']:,} positions"
     return facts
 
 
@@ -286,7 +288,7 @@ def render_html(report: Report) -> str:
     facts_html = "".join(f'<div class="fact"><b>{_e(k)}</b><span>{_e(v)}</span></div>' for k, v in facts.items())
     toc = []
     for sec in report.sections.values():
-        when = "cached" if sec.cached else f"{sec.wall_s:.1f} s"
+        when = sec.when()
         hl = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
         words = verdict(sec) if sec.status == "ok" else ""
         line = f'<br><span class="verdict-line">{_e(words)}</span>' if words else ""
@@ -357,13 +359,14 @@ def _compared_values(rows: pd.DataFrame) -> str:
     })
     if has_se.any():
         shown["beyond 2 SE"] = [
+            why if value == "status" and isinstance(why, str) else  # a section's note, not an estimate's
             f"not compared: {why}" if isinstance(why, str) and why != "yes" else
             "" if beyond is None or pd.isna(beyond) else
             f"{'yes' if beyond else 'no'}: B − A {'outside' if beyond else 'within'} "
             f"{noise_interval(a, b, sa, sb, None if pd.isna(ba) else ba, None if pd.isna(bb) else bb)}"
-            for beyond, a, b, sa, sb, ba, bb, why in zip(rows["beyond_2se"], rows["a"], rows["b"], rows["a_stderr"],
-                                                         rows["b_stderr"], rows["a_bias"], rows["b_bias"],
-                                                         rows["comparable"])]
+            for beyond, a, b, sa, sb, ba, bb, why, value in zip(rows["beyond_2se"], rows["a"], rows["b"], rows["a_stderr"],
+                                                                rows["b_stderr"], rows["a_bias"], rows["b_bias"],
+                                                                rows["comparable"], rows["value"])]
     note = ('<p class="more">± is the larger of the standard error of the mean over chains and ArviZ\'s Monte-Carlo '
             'standard error of all draws (METHODS §1); "beyond 2 SE": B − A lies outside ±2·√(se_A² + se_B²) widened by '
             "the step sizes' predicted biases (METHODS (1.8): a step size only raises λ̂, so |B|·bias_B above and "
@@ -375,14 +378,18 @@ def _compared_values(rows: pd.DataFrame) -> str:
 
 def value_text(value, stderr=None) -> str:
     """A value as the pages show it (4 significant digits, long lists abbreviated), ``± stderr``
-    where it has a standard error."""
-    return _fmt(value) + ("" if stderr is None or pd.isna(stderr) else f" ± {_fmt(float(stderr))}")
+    where it has a standard error (then to the error's decimal place: ``value_with_error``)."""
+    if stderr is None or pd.isna(stderr):
+        return _fmt(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value_with_error(float(value), float(stderr))
+    return f"{_fmt(value)} ± {_fmt(float(stderr))}"
 
 
 def _compared_section(comparison: ReportComparison, name: str, rows: pd.DataFrame) -> str:
     pair = comparison.section(name)
     present = next(sec for sec in pair if sec is not None)
-    times = ", ".join(f"{side} {'cached' if sec.cached else f'{sec.wall_s:.1f} s'}"
+    times = ", ".join(f"{side} {sec.when()}"
                       for side, sec in zip("AB", pair) if sec is not None)
     meta = " · ".join(x for x in (present.methods, times) if x)
     sides = []
@@ -425,10 +432,7 @@ def render_comparison(comparison: ReportComparison) -> str:
     rows["tl-degeneracy"] = (a.versions.get("tl-degeneracy"), b.versions.get("tl-degeneracy"))
     rows["created"] = (a.created, b.created)
     facts = "".join(f"<tr><th>{_e(k)}</th><td>{_e(va)}</td><td>{_e(vb)}</td></tr>" for k, (va, vb) in rows.items())
-    diff = comparison.settings_frame()
-    diff_html = (f"<h2>Settings that differ ({len(diff)})</h2>"
-                 + _table(diff.rename(columns={"a": "A", "b": "B"}), max_rows=len(diff)) if len(diff) else
-                 "<h2>Settings</h2><p>The two reports were made with the same model, data, settings and versions.</p>")
+    diff_html = _compared_settings(comparison, "h2")
     toc = []
     for name in comparison.sections:
         pair = comparison.section(name)
@@ -469,9 +473,11 @@ _NOTEBOOK_CSS = """
 """
 
 
-def _notebook_section(sec: SectionResult, open_: bool = False) -> str:
-    """One section as a <details> block: headline or reason, notes, values and the first rows of each table."""
-    when = "cached" if sec.cached else f"{sec.wall_s:.1f} s"
+def _notebook_section(sec: SectionResult, open_: bool = False, apart: dict | None = None) -> str:
+    """One section as a <details> block: headline or reason, the settings it was computed with where
+    they differ from the report's (``apart``, Report.settings_apart), notes, values and the first
+    rows of each table."""
+    when = sec.when()
     text = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
     words = verdict(sec)
     terms = ", ".join(f"{term} (methods §{n})" for term, _, n in glossary(sec))
@@ -480,6 +486,9 @@ def _notebook_section(sec: SectionResult, open_: bool = False) -> str:
              f'{_e(sec.methods or sec.name)}</span></summary>'
              + (f"<p><b>{_e(words)}</b></p>" if words else "") + f"<p>{_e(text)}</p>"
              + (f'<p class="muted">terms: {_e(terms)}; definitions in {_e(METHODS_DOC)}</p>' if terms else "")]
+    if apart:  # audit 15b: the notebook showed a kept section under the header's settings, unflagged
+        parts.append(f"<p><b>computed with other settings than the header's (an earlier run into this directory): "
+                     f"{_e(settings_text(apart))}</b></p>")
     parts += [f"<p>note: {_e(n)}</p>" for n in sec.notes]
     parts += [f"<p>warning: {_e(w)}</p>" for w in sec.warnings]
     if sec.values and sec.name != "summary":
@@ -495,19 +504,36 @@ def _notebook_section(sec: SectionResult, open_: bool = False) -> str:
     return "".join(parts)
 
 
+def _compared_settings(comparison: ReportComparison, heading: str) -> str:
+    """The settings that differ, then those that sections kept from earlier runs share on both sides
+    whatever their headers say (``settings_frame``'s ``differs``; review 37: the page listed them
+    as differences), each under a ``heading`` ("h2" on the page, "p" in a notebook)."""
+    frame = comparison.settings_frame().rename(columns={"a": "A", "b": "B"})
+    diff, same = (frame[frame["differs"] == want].drop(columns="differs") for want in (True, False))
+
+    def title(text: str) -> str:
+        return f"<h2>{_e(text)}</h2>" if heading == "h2" else f"<p><b>{_e(text)}</b></p>"
+
+    if not len(frame):
+        return title("Settings") + "<p>The two reports were made with the same model, data, settings and versions.</p>"
+    out = title(f"Settings that differ ({len(diff)})") + _table(diff, max_rows=len(diff)) if len(diff) else title(
+        "Settings that differ (0)")
+    if len(same):
+        out += title(f"Computed alike on both sides, whatever the headers say ({len(same)})") + _table(same, max_rows=len(same))
+    return out
+
+
 def _notebook_comparison(comparison: ReportComparison) -> str:
     """Two reports compared, for a notebook: the settings that differ, one line per section with
     both statuses and verdicts, then each section folded with its values A | B | B − A (and, for
     estimates, whether B − A lies beyond the noise); figures stay in ``comparison.save``'s page."""
-    diff = comparison.settings_frame()
-    settings = (f"<p><b>{len(diff)} setting(s) differ</b></p>{_table(diff.rename(columns={'a': 'A', 'b': 'B'}), len(diff))}"
-                if len(diff) else "<p>Same model, data, settings and versions.</p>")
+    settings = _compared_settings(comparison, "p")
     frame = comparison.to_frame()
     lines, folded = [], []
     for name in comparison.sections:
         pair = comparison.section(name)
         cells = "".join(f'<td><span class="badge {section_status(sec)}">{section_status(sec)}</span></td>'
-                        f'<td>{_e("" if sec is None else verdict(sec) or sec.headline)}</td>' for sec in pair)
+                        f'<td>{_e("" if sec is None else verdict(sec, with_reason=True) or sec.headline)}</td>' for sec in pair)
         lines.append(f"<tr><td><code>{_e(name)}</code></td>{cells}</tr>")
         values = _compared_values(frame[frame["section"] == name])
         if values:
@@ -530,25 +556,19 @@ def render_notebook(item: Report | SectionResult | ReportComparison) -> str:
         return f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style>{_notebook_section(item, open_=True)}</div>'
     if not isinstance(item, Report):
         return _notebook_comparison(item)
-    m, s = item.model, item.settings
-    facts = [f"{m.get('backend')} · {m.get('model_class')}", f"{m.get('n_live_parameters', 0):,} live parameters",
-             f"preset {s.get('preset')}, seed {s.get('seed')}", f"{item.wall_s:.1f} s"]
-    changed = _changed(s)
-    if changed:
-        facts.insert(3, f"changed from preset: {changed}")
-    if item.data:
-        p = item.data["positions"]
-        facts.append(f"data {item.data['source']}: {p['n_sequences']} sequences, {p['n_samples']:,} positions")
+    m = item.model
+    # the page's facts, the memory and time fits included (audit 15b: the notebook left out what they lowered)
+    facts = [v if k in ("backend", "memory", "time fit") else f"{k} {v}" for k, v in _facts(item).items()]
     rows = "".join(
         f'<tr><td><code>{_e(sec.name)}</code></td><td><span class="badge {sec.status}">{sec.status}</span></td>'
-        f'<td class="muted">{_e("cached" if sec.cached else f"{sec.wall_s:.1f} s")}</td>'
+        f'<td class="muted">{_e(sec.when())}</td>'
         f'<td>{_e(verdict(sec) if sec.status == "ok" else "")}</td>'
         f'<td>{_e(sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}")}</td></tr>'
         for sec in item.sections.values())
     return (f'<div class="tld-report"><style>{_NOTEBOOK_CSS}</style>'
             f"<h3>Degeneracy report — {_e(m['label'])}</h3><p class=\"muted\">{_e(' · '.join(facts))}</p>"
             f'<table class="sections">{rows}</table>'
-            f"{''.join(_notebook_section(sec) for sec in item.sections.values())}"
+            f"{''.join(_notebook_section(sec, apart=item.settings_apart(sec)) for sec in item.sections.values())}"
             f'<p class="muted">A section: <code>report["name"]</code>; its DataFrames: <code>.tables</code>; its plotly '
             f"figures: <code>.figures</code>; every plot in one page: <code>report.save(directory)</code> → report.html."
             f"</p></div>")

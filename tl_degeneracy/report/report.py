@@ -14,6 +14,8 @@ report's files first.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -49,7 +51,8 @@ STATUSES = ("ok", "skipped", "failed")
 @dataclass
 class SectionResult:
     """One section of the report. ``cached``: reused from the checkpoint directory of an earlier
-    run with the same fingerprint (``wall_s`` is then that run's time)."""
+    run with the same fingerprint (``wall_s`` is then that run's time); ``kept``: taken over from
+    the report already in the output directory, which this run did not recompute (:meth:`Report.merge`)."""
 
     name: str
     title: str
@@ -67,6 +70,13 @@ class SectionResult:
     wall_s: float = 0.0
     versions: dict = field(default_factory=dict)
     cached: bool = False
+    kept: bool = False
+
+    def when(self, spec: str = ".1f") -> str:
+        """Where the result came from where this run did not compute it ("kept": from the report
+        already in the directory; "cached": from the checkpoint of an earlier run), else the seconds
+        it took (audit 15b: a kept section showed its old time under a header of this run's)."""
+        return "kept" if self.kept else "cached" if self.cached else f"{self.wall_s:{spec}} s"
 
     def csv_name(self, table: str) -> str:
         return f"{self.name}_{table}.csv"
@@ -74,7 +84,7 @@ class SectionResult:
     def __repr__(self) -> str:
         # One line: the dataclass default would print every table and figure.
         tables = ", ".join(f"{k} {t.shape[0]}×{t.shape[1]}" for k, t in self.tables.items())
-        status = self.status + (" (cached)" if self.cached else "")
+        status = self.status + (" (kept from an earlier run)" if self.kept else " (cached)" if self.cached else "")
         return (f"<SectionResult {self.name!r} {status}, {self.wall_s:.1f} s: {self.headline or self.reason or ''}"
                 f"{'; tables: ' + tables if tables else ''}>")
 
@@ -86,7 +96,8 @@ class SectionResult:
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("name", "title", "status", "methods", "reason", "traceback", "headline",
-                                          "notes", "warnings", "settings", "values", "wall_s", "versions", "cached")}
+                                          "notes", "warnings", "settings", "values", "wall_s", "versions", "cached",
+                                          "kept")}
         d = to_jsonable(d)
         d["tables"] = {name: {"csv": self.csv_name(name), **table_to_dict(t)} for name, t in self.tables.items()}
         d["figures"] = {name: figure_to_dict(f) for name, f in self.figures.items()}
@@ -181,12 +192,14 @@ class Report:
         """This report with the sections of ``older`` (a report of the same identity) that it does
         not hold, in report order: what a partial rerun (``sections=[...]``) leaves in a directory.
         The header (settings, versions, time) is this run's; each section keeps its own settings
-        and versions. Data and identity are this report's, or ``older``'s where this run read none."""
+        and versions, and a section taken over from ``older`` is marked ``kept``. Data and identity
+        are this report's, or ``older``'s where this run read none."""
         from .registry import SECTIONS
 
         names = [n for n in SECTIONS if n in self.sections or n in older.sections]
         names += [n for n in (*older.sections, *self.sections) if n not in names]
-        sections = {n: self.sections[n] if n in self.sections else older.sections[n] for n in names}
+        sections = {n: self.sections[n] if n in self.sections else dataclasses.replace(older.sections[n], kept=True)
+                    for n in names}
         identity = self.identity
         if identity is not None and older.identity is not None and identity.get("data") is None:
             identity = {**identity, "data": older.identity.get("data")}
@@ -273,7 +286,7 @@ class Report:
                                    break_on_hyphens=False)
         for sec in self.sections.values():
             mark = {"ok": "  ", "skipped": "- ", "failed": "! "}[sec.status]
-            when = "cached" if sec.cached else f"{sec.wall_s:6.1f} s"
+            when = sec.when("6.1f")
             words = verdict(sec) if sec.status == "ok" else ""
             text = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
             if words:  # the verdict in full, wrapped; the headline's numbers below it, on one line
@@ -286,17 +299,29 @@ class Report:
             apart = self.settings_apart(sec)
             if apart:  # never clipped: the header's settings do not describe this section
                 lines += textwrap.wrap(f"computed with other settings than the header's (an earlier run into this "
-                                       f"directory): {_settings_text(apart)}", width, initial_indent=" " * 28,
+                                       f"directory): {settings_text(apart)}", width, initial_indent=" " * 28,
                                        subsequent_indent=" " * 30, break_on_hyphens=False)
             lines += [_clip(f"{'':28}warning: {w}", width) for w in sec.warnings]
         return "\n".join(lines)
 
     def settings_apart(self, section: SectionResult) -> dict:
         """The settings of ``section`` that differ from this report's own budgets: a section kept
-        from an earlier run into the same directory (:meth:`merge`) that other settings made."""
-        budgets = to_jsonable(self.settings.get("budgets") or {})
+        from an earlier run into the same directory (:meth:`merge`) that other settings made. Only
+        the budgets the section declares it reads count (``register_section(settings=...)``; all
+        budgets for a section no longer registered), and the header's settings a section records
+        where it reads them (:data:`SECTION_HEADER_SETTINGS`: the seed of a seeded section, the
+        LLC's components; audit 15b: a rerun with another seed kept seed 0's LLC unflagged)."""
+        from .registry import SECTIONS
+
+        header = {k: self.settings.get(k) for k in SECTION_HEADER_SETTINGS}
+        budgets = to_jsonable({**(self.settings.get("budgets") or {}), **header})
         own = to_jsonable(section.settings)
-        return {k: v for k, v in own.items() if k in budgets and budgets[k] != v}
+        declared = (set(SECTIONS[section.name].settings) if section.name in SECTIONS else set(budgets)) | set(header)
+        return {k: v for k, v in own.items() if k in budgets and k in declared and budgets[k] != v}
+
+
+#: Report-wide settings (not budgets) that a section which reads them records with its own.
+SECTION_HEADER_SETTINGS = ("seed", "llc_components")
 
 
 #: A number as it appears in a headline: sign, digits with thousands separators, a decimal point or
@@ -337,10 +362,11 @@ def memory_line(memory: dict) -> str:
     where it comes from, the estimated peak of one batch, and what was lowered to fit it."""
     from ..memory import format_bytes
 
-    # The interaction basis and the LLC are scoped by time (time_line), not by this budget (audit 12a:
-    # the interaction section took 6× a 150 MiB budget beyond the model): the header must not imply more.
+    # The LLC is scoped by time (time_line), not by this budget (audit 12a: 1.6× a 150 MiB budget beyond
+    # the model): the header must not imply more. The interaction basis checks its passes against it
+    # and chunks its edges to fit (``tld.memory.direction_chunk``), but is not fitted.
     text = (f"memory budget {format_bytes(memory['budget'])} ({memory['source']}) for the statistics passes "
-            "(synchronization, counts, activations, sparsity; not the interaction basis or the LLC)")
+            "(synchronization, counts, activations, sparsity) and the interaction basis; not the LLC")
     if "needed" in memory:
         text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
     text += _lowered(memory)
@@ -348,7 +374,7 @@ def memory_line(memory: dict) -> str:
         a, b = memory["cut"]["n_sequences"]
         text += f" (the same data: {a:,} sequences cut into up to {b:,} shorter ones)"
     if memory.get("fits") is False:
-        text += "; does NOT fit: the passes that exceed it are skipped, saying what to lower"
+        text += "; does NOT fit: the passes that exceed it fail, saying what to lower"
     return text
 
 
@@ -496,7 +522,8 @@ def _setting_text(value) -> str:
     return str(value)
 
 
-def _settings_text(settings: dict) -> str:
+def settings_text(settings: dict) -> str:
+    """Settings as ``--set`` writes them: ``k=v`` separated by spaces."""
     return " ".join(f"{k}={_setting_text(v)}" for k, v in settings.items())
 
 

@@ -20,13 +20,14 @@ from ..errors import MissingHookError
 from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
-from ..llc.llc_result import estimate_text, step_size_caveats
+from ..llc.llc_result import (estimate_line, estimate_text, is_lower_bound, relation, step_size_caveats,
+                              unconverged_text, value_with_error)
 from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
 from ..stats import activation_stats
 from ..stats.passes import show_progress
 from ..synchronization import head_synchronization, neuron_synchronization
-from .context import ReportContext, sequences_digest
+from .context import ACTIVATION_HOOKS, ReportContext, sequences_digest
 from .plots import plot_component_llc, plot_counts, plot_gram_spectra
 from .registry import SectionOutput, register_section
 
@@ -176,8 +177,11 @@ def _rounding_band_text(band, count: int | None) -> str:
     the forward's rounding level ("" where they agree or a report predates the band)."""
     if band is None or count is None or list(band) == [count, count]:
         return ""
+    # The band moves the cut-off only: which neurons or heads form a block can itself change under
+    # the rounding (audit 15b: bfloat16 toy:modadd 2,177–8,797, its float32 weights 2,123 in fewer blocks).
     return (f", between {band[0]:,} and {band[1]:,}: the half-precision forward's rounding moves it (the count at "
-            "float32's rank cut-off and at the rounding level)")
+            "float32's rank cut-off and at the rounding level, in the blocks the half-precision patterns form; a "
+            "float32 forward may form others)")
 
 
 def _extra_freedom_text(extra: int | None, unit: str = "head") -> str:
@@ -218,7 +222,8 @@ def counts(ctx: ReportContext) -> SectionOutput:
                                      "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band",
                                      "half_precision", "data_checked")},
                 "sample_limited_maps": limited, "n_samples": n},
-        settings={"counts_data": a["positions"]},  # BOS counts here even where the report's data leave it out
+        # BOS counts here even where the report's data leave it out; the seed drew the probes
+        settings={"counts_data": a["positions"], "seed": ctx.seed},
         headline=(f"Σ n_eff_kfac {'≥' if bound else '≈' if half else '='} {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
                   f"parameters ({'≤ ' if bound else ''}{a['free']:,} free, {_share(a['free'], a['n_params'])})"
                   + (f"; the model computes in {half}, whose rounding the ranks may count (load it in float32)"
@@ -234,16 +239,25 @@ def counts(ctx: ReportContext) -> SectionOutput:
                   methods="METHODS §0, §4")
 def activations(ctx: ReportContext) -> SectionOutput:
     """Streaming float64 Grams of resid_pre and resid_post: counts, ranks, traces and spectra."""
-    stats = activation_stats(ctx.adapter, ctx.batches, hooks=["resid_pre", "resid_post"],
+    stats = activation_stats(ctx.adapter, ctx.batches, hooks=list(ACTIVATION_HOOKS),
                              batch_size=ctx.settings.batch_size, progress=ctx.progress)
     frame = stats.to_frame()
-    ranks = ", ".join(f"{r.hook.removeprefix('blocks.')} {r.rank}/{r.dim}" for r in frame.itertuples())
+    # Each hook's rank read with its own flags (audit 15b: a resid_post read once per sequence sat at
+    # its 8 samples and was called "unused directions"; half-precision rounding filled a deficient one)
+    ranks = ", ".join(f"{r.hook.removeprefix('blocks.')} {r.rank}/{r.dim}"
+                      + (f" (= its {r.count:,} samples)" if r.sample_limited else "") for r in frame.itertuples())
+    limited = frame["sample_limited"].fillna(False).astype(bool)
+    model = frame[~limited & (frame["rank"] < frame["dim"])]
+    half = str(ctx.adapter.dtype).removeprefix("torch.") if frame["half_precision"].any() else None
     return SectionOutput(
         tables={"hooks": frame},
         figures={"spectra": plot_gram_spectra(stats)},
         values={"n_samples": int(frame["count"].iloc[0]), "min_rank": int(frame["rank"].min()), "dim": int(frame["dim"].max()),
-                "layernorm": ctx.adapter.cfg.normalization == "LN"},
-        headline=f"ranks: {ranks}",
+                "layernorm": ctx.adapter.cfg.normalization == "LN", "deficient_hooks": len(model),
+                "min_model_rank": int(model["rank"].min()) if len(model) else None,
+                "sample_limited_hooks": int(limited.sum()), "n_hooks": len(frame),
+                "min_samples": int(frame["count"].min()), "half_precision": half},
+        headline=f"ranks: {ranks}" + (f" ({half}: upper bounds)" if half else ""),
     )
 
 
@@ -309,9 +323,11 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "probe_nodes": len(probed), "probe_downstream_nodes": downstream, "n_probes": s.ib_probes,
                 "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
                 "half_precision": ib.settings.get("half_precision"), "timings": timings},
+        # The basis's own settings apart from the report's: its n_probes (None: exact M) is not the
+        # counts' budget of that name (audit 15b: a fresh report flagged itself "other settings").
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
-                  "ib_data": ib.positions, **{k: v for k, v in ib.settings.items() if k not in timings},
-                  "modules": modules.to_dict()["settings"]},
+                  "ib_data": ib.positions, "basis": {k: v for k, v in ib.settings.items() if k not in timings},
+                  "modules": modules.to_dict()["settings"], "seed": ctx.seed},
         headline=f"interaction rank per node {ranks} ({degenerate} degenerate directions"
                  + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND, sep=", ")
                  + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
@@ -379,7 +395,7 @@ def llc(ctx: ReportContext) -> SectionOutput:
             # the digest of the very tokens sampled: two reports of one data set can sample others
             # (a memory fit cuts the statistics batches the LLC's sequences are taken from; review 34)
             settings={"llc_data": {**data.positions.to_dict(), "digest": sequences_digest(data)},
-                      "llc_components": ctx.llc_components},
+                      "llc_components": ctx.llc_components, "seed": ctx.seed},
             notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
                    f"the budget of {fixed['max_draws']:,} draws"
                    f"{'' if s.llc_time_limit is None else f' or {s.llc_time_limit:g} s per run'} was spent) SGLD steps "
@@ -412,48 +428,37 @@ def llc(ctx: ReportContext) -> SectionOutput:
             bar.update()
             out.tables["components"] = comps
             out.figures["components"] = plot_component_llc(comps)
-    state = "converged" if res.converged else f"not converged — {_unconverged(res.lower_bound)}: {res.convergence_reason}"
+    state = "converged" if res.converged else f"not converged — {unconverged_text(res.lower_bound)}: {res.convergence_reason}"
     scope = "" if s.llc_params is None else f" of {s.llc_params}"
-    value = _estimate(res.llc, res.llc_stderr, summary["stderr_caveat"], res.chains - len(res.failed), ".4g")
-    relation = "=" if res.converged else "≥" if res.lower_bound else "≈"
+    value = estimate_line(res.llc, res.llc_stderr, summary["stderr_caveat"], res.chains - len(res.failed), ".4g")
     out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {value} ({state}; N_eff "
-                    f"{relation} {res.n_eff:.4g} of {res.n_params:,} parameters); N_eff(ε, γ): "
-                    + ", ".join(_sweep_point(r) for r in sweep.itertuples()))
+                    f"{relation(res.converged, res.lower_bound)} {res.n_eff:.4g} of {res.n_params:,} parameters); "
+                    "N_eff(ε, γ): " + ", ".join(_sweep_point(r) for r in sweep.itertuples()))
+    # every estimate the section made, with its verdict, in the verdict the terminal wraps (audit 15b:
+    # the γ-curve and the components appeared only in tables and clipped warnings; review 37: the
+    # headline is clipped to one line there)
+    if "gamma_curve" in out.tables:
+        out.values["gamma_curve_points"] = [_sweep_point(r) for r in out.tables["gamma_curve"].itertuples()]
+    if "components" in out.tables:
+        out.values["component_points"] = [f"{r.component} {_sweep_point(r)}" for r in out.tables["components"].itertuples()]
     return out
-
-
-def _unconverged(lower_bound) -> str:
-    """What an unconverged λ̂ is (METHODS §1): a lower bound where its chains had not relaxed or were
-    still rising, uncertain beyond its ± in both directions where only R̂ or ESS failed."""
-    return "lower bound" if lower_bound is not False else "uncertain in both directions"
-
-
-def _estimate(value: float, stderr: float, caveat: str | None, healthy: int, spec: str) -> str:
-    """:func:`estimate_text` of ``value ± stderr``, followed where the run carries a stderr caveat
-    (fewer than 4 healthy chains) by "(± uncertain: k healthy chains)", so that a line quoting it
-    does not read as precise (METHODS §1, "Standard error"; the full caveat is in the section's
-    verdict)."""
-    text = estimate_text(value, stderr, healthy, spec)
-    # A sweep table holds None where a row has no caveat (NaN once a frame was concatenated).
-    if not (isinstance(caveat, str) and caveat):
-        return text
-    return f"{text} (± uncertain: {healthy} healthy chain{'' if healthy == 1 else 's'})"
 
 
 def _sweep_point(r) -> str:
     """One N_eff(ε, γ) of a sweep row: ± its standard error (2·se(λ̂)), flagged where that ± may
-    under-state the uncertainty (:func:`_estimate`) and where the step size may bias it
+    under-state the uncertainty (``estimate_line``) and where the step size may bias it
     (``step_size_caveats``), "≥ … (not converged)" where its chains did not
     converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
     R̂ or ESS (METHODS §1)."""
-    value = _estimate(r.n_eff, 2 * r.llc_stderr, r.stderr_caveat, r.chains - r.n_failed, ".3g")
+    value = estimate_line(r.n_eff, 2 * r.llc_stderr, r.stderr_caveat, r.chains - r.n_failed, ".3g")
     flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None),
                                                           getattr(r, "n_eff_stderr", None)))
     where = f"(ε = {r.loss_scale:g}, γ = {r.gamma:.3g}{flags})"
     if r.converged:
         return f"{value} at {where}"
-    low = getattr(r, "lower_bound", True)  # rows saved before it was recorded: the old reading
-    return f"≥ {value} (not converged) at {where}" if low is not False else f"≈ {value} (not converged: uncertain) at {where}"
+    low = getattr(r, "lower_bound", None)  # rows saved before it was recorded: the old reading
+    return (f"≥ {value} (not converged) at {where}" if is_lower_bound(low)
+            else f"≈ {value} (not converged: uncertain) at {where}")
 
 
 @register_section("sparsity", "Constructive sparsification of the MLPs", needs_data=True,
@@ -677,13 +682,33 @@ def _activations_verdict(v: dict) -> str:
     # same checkpoint loaded with its writing weights centred shows one dimension fewer.
     mean = (" (under LayerNorm these ranks include the stream's mean direction, which every LayerNorm removes and "
             "no layer reads: a load that centres the writing weights shows one fewer)") if v.get("layernorm") else ""
-    if rank == dim:
-        return "residual stream full rank at every hook: no activation degeneracy there" + mean
-    if n is not None and rank is not None and n <= dim and rank >= n - 1:
+    if "deficient_hooks" not in v:  # a report saved before each hook's flags were read: the old reading
+        if rank == dim:
+            return "residual stream full rank at every hook: no activation degeneracy there" + mean
+        if n is not None and rank is not None and n <= dim and rank >= n - 1:
+            # n samples span at most n directions: the rank says how much data there was, not the model
+            return (f"residual stream rank {rank} of {dim} at the lowest hook — as many as its {n:,} samples allow, so "
+                    "the data's limit, not the model's: give more data (n_sequences × seq_len) to tell" + mean)
+        return f"residual stream rank-deficient (lowest rank {rank} of {dim}): unused directions at some hooks" + mean
+    deficient, limited, half = v["deficient_hooks"], v.get("sample_limited_hooks", 0), v.get("half_precision")
+    if deficient:
+        # rounding can only add directions: a half-precision deficiency is real, and may be larger
+        text = (f"residual stream rank-deficient at {deficient} hook(s) (lowest rank {v.get('min_model_rank')} of "
+                f"{dim}): {'at least ' if half else ''}{dim - v.get('min_model_rank', dim)} unused directions there")
+    elif limited and limited == v.get("n_hooks"):
+        text = "residual stream: no hook has more samples than dimensions, so no rank tells of the model"
+    elif limited:
+        text = "residual stream full rank at every hook with more samples than dimensions"
+    else:
+        text = "residual stream full rank at every hook: no activation degeneracy there"
+    if half:
+        text += (f" — in {half} these ranks are upper bounds: the forward's rounding can fill unused directions "
+                 "(run the model in float32 to tell)")
+    if limited:
         # n samples span at most n directions: the rank says how much data there was, not the model
-        return (f"residual stream rank {rank} of {dim} at the lowest hook — as many as its {n:,} samples allow, so "
-                "the data's limit, not the model's: give more data (n_sequences × seq_len) to tell" + mean)
-    return f"residual stream rank-deficient (lowest rank {rank} of {dim}): unused directions at some hooks" + mean
+        text += (f"; {limited} hook(s) at the rank their samples allow (as few as {v.get('min_samples', n):,}), the "
+                 "data's limit, not the model's: give more data (n_sequences × seq_len) to tell")
+    return text + mean
 
 
 def _interaction_verdict(v: dict) -> str:
@@ -734,6 +759,12 @@ def _g(x, spec: str = "g") -> str:
     return "?" if x is None else format(x, spec)
 
 
+def _more_estimates(v: dict) -> str:
+    """The γ-curve's and the components' N_eff with their verdicts, as the sweep's points read."""
+    return "".join(f"; {what}: {', '.join(v[key])}" for key, what in (("gamma_curve_points", "γ-curve"),
+                                                                     ("component_points", "components")) if v.get(key))
+
+
 def _llc_verdict(v: dict) -> str:
     # γ is part of the quantity (METHODS §1): the verdict names λ̂(ε, γ), not λ̂ alone; a restricted
     # LLC names its selection, so that no comparison can take it for the whole model's.
@@ -743,7 +774,7 @@ def _llc_verdict(v: dict) -> str:
     n_eff, converged = _g(v.get("n_eff"), ".3g"), v.get("converged")
     se = v.get("llc_stderr")
     if isinstance(se, (int, float)) and math.isfinite(se) and v.get("n_eff") is not None:
-        n_eff += f" ± {2 * se:.2g}"
+        n_eff = value_with_error(v["n_eff"], 2 * se, ".3g")
     if v.get("stderr_caveat"):  # it is about λ̂'s ±, half N_eff's
         healthy = (v.get("chains") or 0) - (v.get("n_failed") or 0)
         known = isinstance(se, (int, float)) and isinstance(v.get("llc"), (int, float))
@@ -752,12 +783,12 @@ def _llc_verdict(v: dict) -> str:
     where += "".join(f"; {c}" for c in step_size_caveats(v.get("bias_bound"), v.get("n_eff"), v.get("n_params"),
                                                          v.get("n_eff_stderr")))
     if converged is True:
-        return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}"
+        return f"λ̂ converged: N_eff = {n_eff} of {v.get('n_params', 0):,} parameters {where}" + _more_estimates(v)
     if converged is False:
         reason = v.get("convergence_reason")  # absent from reports saved before it was recorded
         low = v.get("lower_bound")  # absent from reports saved before it was recorded: the old reading
-        return (f"λ̂ not converged — {_unconverged(low)}{': ' + reason if reason else ''}; "
-                f"N_eff {'≥' if low is not False else '≈'} {n_eff} {where}")
+        return (f"λ̂ not converged — {unconverged_text(low)}{': ' + reason if reason else ''}; "
+                f"N_eff {relation(False, low)} {n_eff} {where}" + _more_estimates(v))
     # No convergence check recorded (R̂, effective sample size, drift: docs/methods.md §1); short
     # chains under-estimate λ_B, so an unchecked number reads as a lower bound.
     return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound"
@@ -771,13 +802,16 @@ VERDICTS: dict = {
 }
 
 
-def verdict(section) -> str:
+def verdict(section, with_reason: bool = False) -> str:
     """One line in words for a :class:`SectionResult`: what its numbers mean ("" for a section that
-    has no verdict of its own). A section that did not run says why in one line."""
-    if section.status == "skipped":
-        return "does not apply to this model or data (reason below)"
-    if section.status == "failed":
-        return "failed with an unexpected error: no result (traceback below)"
+    has no verdict of its own). A section that did not run says so, pointing to the reason printed
+    below it, or (``with_reason``, for a line with nothing below it: a comparison's) giving it."""
+    if section.status in ("skipped", "failed"):
+        words = ("does not apply to this model or data" if section.status == "skipped"
+                 else "failed with an unexpected error: no result")
+        if with_reason:
+            return f"{words} ({section.reason})" if section.reason else words
+        return f"{words} ({'reason' if section.status == 'skipped' else 'traceback'} below)"
     make = VERDICTS.get(section.name)
     return make(section.values) if make is not None else ""
 

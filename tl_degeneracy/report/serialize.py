@@ -53,18 +53,30 @@ def to_jsonable(obj):
     raise TypeError(f"cannot store a {type(obj).__name__} in the report JSON: {obj!r:.80}")
 
 
+#: Column dtypes a table read back from JSON takes again: JSON's numbers and nulls make a nullable
+#: integer column float ("0.0" in a resumed report's CSV where the first run wrote "0": audit 15b).
+_RESTORED = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "boolean",
+             "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
+
+
 def table_to_dict(frame: pd.DataFrame) -> dict:
-    """{"columns": [...], "records": [{column: value}, ...], "attrs": {...}} in JSON values."""
+    """{"columns": [...], "records": [{column: value}, ...], "attrs": {...}, "dtypes": {column:
+    dtype}} in JSON values (the integer and boolean dtypes, for :func:`table_from_dict`)."""
     return {
         "columns": [str(c) for c in frame.columns],
         "records": [to_jsonable(r) for r in frame.to_dict(orient="records")],
         "attrs": to_jsonable(dict(frame.attrs)),
+        "dtypes": {str(c): str(t) for c, t in frame.dtypes.items() if str(t) in _RESTORED},
     }
 
 
 def table_from_dict(d: dict) -> pd.DataFrame:
-    """The table of :func:`table_to_dict` (arrays come back as lists, NaN as None)."""
+    """The table of :func:`table_to_dict` (arrays come back as lists, NaN as None; integer and
+    boolean columns with their dtypes)."""
     frame = pd.DataFrame(d["records"], columns=d["columns"])
+    for column, dtype in (d.get("dtypes") or {}).items():
+        if column in frame.columns and dtype in _RESTORED:
+            frame[column] = frame[column].astype(dtype)
     frame.attrs.update(d.get("attrs", {}))
     return frame
 

@@ -14,7 +14,7 @@ import torch
 
 from ..data import token_batches
 from ..errors import MissingHookError
-from ..memory import check_batches
+from ..memory import check_batches, hook_width, moment_held
 from ..models.adapt import adapt
 from ..numerics import warn_sample_limited
 from .accumulators import MomentAccumulator
@@ -153,7 +153,9 @@ def activation_stats(
     adapter = adapt(model)
     batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
     targets = resolve_targets(adapter, hooks, "activation_stats")
-    check_batches(adapter, "forward", batches, "activation_stats")  # fail before the first forward, as the others
+    # fail before the first forward, as the others; the hooks' float64 Grams (and half-data twins) stay alive
+    widths = [hook_width(adapter, t.kind, t.name) for t in targets]
+    check_batches(adapter, "forward", batches, "activation_stats", held=moment_held(widths, half))
     collector = moment_pass(adapter, batches, targets, per_head, device, progress, half=half)
 
     def hook_stats(t: HookTarget, acc: MomentAccumulator, half_stats: HookStats | None = None) -> HookStats:

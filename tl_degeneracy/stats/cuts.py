@@ -29,7 +29,8 @@ from ..autograd import gradients_enabled, ordinary
 from ..errors import MissingHookError
 from .passes import HookTarget, run_until
 
-__all__ = ["BYPASS_TOL", "RESIDUAL_KINDS", "Bypass", "find_bypasses", "gradient_share_around", "refuse_off_stream"]
+__all__ = ["BYPASS_TOL", "CHECK_POSITIONS", "RESIDUAL_KINDS", "Bypass", "find_bypasses", "gradient_share_around",
+           "refuse_off_stream"]
 
 #: Hook kinds that name the residual stream itself.
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
@@ -41,8 +42,10 @@ RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
 #: could count it, as it would count any real dependence of that size).
 BYPASS_TOL = 1e-6
 
-#: Positions of the one sequence the checks run on: whether a path exists does not depend on the data.
-_CHECK_POSITIONS = 16
+#: Positions of each sequence the checks run on: a transformer's paths do not depend on the position
+#: (the stream check reads one sequence); a plain module's may depend on the data through its gates
+#: (a ReLU branch), so the bypass check reads a sample of rows spread over the data (audit 15a).
+CHECK_POSITIONS = 16
 
 
 @dataclass(frozen=True)
@@ -95,20 +98,26 @@ def _share(around: Tensor, full: Tensor) -> float:
     return float(around / full) if full > 0 else (math.inf if around > 0 else 0.0)
 
 
-def gradient_share_around(engine, tokens: Tensor, node: str, held: str, final: str | None = None,
+def gradient_share_around(engine, tokens: Tensor | Sequence[Tensor], node: str, held: str, final: str | None = None,
                           seed: int = 0) -> float:
-    """‖∂⟨u, y⟩/∂f with ``held`` fixed‖ / ‖∂⟨u, y⟩/∂f‖ (:class:`Bypass`) on ``tokens``: 0 where
-    everything from ``node`` to the target passes through ``held``; 0 too where the target does
-    not depend on ``node`` at all."""
+    """‖∂⟨u, y⟩/∂f with ``held`` fixed‖ / ‖∂⟨u, y⟩/∂f‖ (:class:`Bypass`) on ``tokens`` (one input
+    batch, or several: the norms then run over all of them): 0 where everything from ``node`` to
+    the target passes through ``held`` on every row; 0 too where the target does not depend on
+    ``node`` at all."""
+    samples = [tokens] if isinstance(tokens, Tensor) else list(tokens)
     with engine.eval_mode(), gradients_enabled(engine.model):  # refuses weights made under inference_mode
-        return _share(_gradient(engine, tokens, node, held, final, seed), _gradient(engine, tokens, node, None, final, seed))
+        around, full = (torch.stack([_gradient(engine, t, node, cut, final, seed).double().norm() for t in samples])
+                        for cut in (held, None))
+    return _share(around, full)
 
 
-def find_bypasses(engine, tokens: Tensor, names: Sequence[str], final: str | None, seed: int = 0) -> list[Bypass]:
+def find_bypasses(engine, tokens: Tensor | Sequence[Tensor], names: Sequence[str], final: str | None,
+                  seed: int = 0) -> list[Bypass]:
     """The adjacent node pairs (a, b) of ``names`` whose target — node ``final``, or the model's
     output when None — reads a by more than :data:`BYPASS_TOL` of its gradient around b
-    (:class:`Bypass`), on ``tokens`` (one sequence). A node pair whose b is ``final`` itself is a
-    cut by definition and is not checked."""
+    (:class:`Bypass`), on ``tokens`` (an input batch or several, :func:`gradient_share_around`): a
+    path through a gate is seen where any of their rows opens it. A node pair whose b is ``final``
+    itself is a cut by definition and is not checked."""
     found = []
     for a, b in zip(names, names[1:]):
         if b == final:
@@ -132,7 +141,7 @@ def refuse_off_stream(engine, tokens: Tensor, targets: Sequence[HookTarget], wha
         embed = engine.hook_name("embed")
     except MissingHookError:
         return
-    sample = tokens[:1, :_CHECK_POSITIONS] if tokens.ndim >= 2 else tokens[:1]
+    sample = tokens[:1, :CHECK_POSITIONS] if tokens.ndim >= 2 else tokens[:1]
     with engine.eval_mode(), gradients_enabled(engine.model):
         full = _gradient(engine, sample, embed, None, final, 0)  # one for every hook
         # A hook the target does not read at all (downstream of an output_hook) has gradient 0 there,

@@ -120,14 +120,17 @@ def check_exact(exact, n_probes) -> None:
 
 def check_memory(adapter, batches, targets: list[HookTarget], *, output_hook: str | None, n_probes: int,
                  exact: bool | str, what: str = "jacobian_stats", held: int = 0, halves: bool | str = False,
-                 half: bool = False) -> None:
+                 half: bool = False, out_width: int | None = None) -> None:
     """:class:`~tl_degeneracy.memory.MemoryBudgetError` now, before any forward, when one batch of
     the Jacobian pass would not fit the memory budget (``tld.memory.estimate("jacobian")``: the
     forward's autograd graph, a chunk of cotangents on the output, their gradients at ``targets``,
     the targets' float64 Grams (two sets more with ``halves``, one with ``halves="first"``, one more
     with ``half``), and ``held``
-    bytes of earlier passes' results)."""
-    out_width = adapter.d_vocab if output_hook is None else hook_width(adapter, None, output_hook)
+    bytes of earlier passes' results). ``out_width``: features per position of the output the
+    cotangents sit on, where an ``output_transform`` changes them (default: the vocabulary, or
+    ``output_hook``'s width)."""
+    if out_width is None:
+        out_width = adapter.d_vocab if output_hook is None else hook_width(adapter, None, output_hook)
     n_exact = max_counted_positions(batches) * out_width
     is_exact = resolve_exact(exact, n_probes, n_exact)
     n_cot = n_exact if is_exact else n_probes
