@@ -234,9 +234,13 @@ def test_report_section(modadd):
     quick = tld.degeneracy_report(modadd, data, sections=["sparsity"], progress=False)
     assert quick["sparsity"].status == "ok" and "sparsity=true" in quick["sparsity"].headline
     assert verdict(quick["sparsity"]).startswith("not run in this preset")
+    from tl_degeneracy.report.html import render_html, section_status
+
+    # audit 15b F14: a section its preset does not run showed a green "ok"
+    assert section_status(quick["sparsity"]) == "off" and '<span class="badge off">off</span>' in render_html(quick)
     report = tld.degeneracy_report(modadd, data, sections=["sparsity"], progress=False, overrides={"sparsity": True})
     section = report["sparsity"]
-    assert section.status == "ok", section.reason
+    assert section.status == "ok" and section_status(section) == "ok", section.reason
     frame = section.tables["layers"]
     assert list(frame["layer"]) == [0] and section.values["zeros_added"] >= section.values["free_directions"] > 0
     assert "sparsity" in section.figures

@@ -68,7 +68,7 @@ nav .verdict-line { font-size:13px; }
 .badge { display:inline-block; font-size:11px; font-weight:600; padding:1px 8px; border-radius:10px; color:#fff;
          text-transform:uppercase; letter-spacing:.03em; vertical-align:middle; }
 .badge.ok { background:var(--ok); } .badge.skipped { background:var(--skip); } .badge.failed { background:var(--fail); }
-.badge.cached { background:#6e7781; }
+.badge.cached, .badge.off { background:#6e7781; }
 .note { background:#fff8c5; border:1px solid #eed888; border-radius:6px; padding:6px 12px; margin:6px 0; font-size:14px; }
 .note.error { background:#ffebe9; border-color:#ffc1bc; }
 pre { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:10px; overflow:auto; font-size:12px; }
@@ -205,7 +205,7 @@ def _changed(settings: Mapping) -> str:
 
 def _section(sec: SectionResult, apart: dict) -> str:
     """One section of the page; ``apart``: its settings that differ from the header's (Report.settings_apart)."""
-    badges = f'<span class="badge {sec.status}">{sec.status}</span>'
+    badges = _badge(sec)
     if sec.cached or sec.kept:
         badges += f' <span class="badge cached">{"kept from an earlier run" if sec.kept else "from checkpoint"}</span>'
     when = f"{sec.wall_s:.1f} s" + (" (earlier run)" if sec.cached or sec.kept else "")
@@ -292,8 +292,8 @@ def render_html(report: Report) -> str:
         hl = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
         words = verdict(sec) if sec.status == "ok" else ""
         line = f'<br><span class="verdict-line">{_e(words)}</span>' if words else ""
-        toc.append(f'<li><a href="#sec-{_e(sec.name)}">{_e(sec.title)}</a> <span class="badge {sec.status}">{sec.status}'
-                   f'</span> <span class="time">{_e(when)}</span>{line}<br><span class="hl">{_e(hl)}</span></li>')
+        toc.append(f'<li><a href="#sec-{_e(sec.name)}">{_e(sec.title)}</a> {_badge(sec)} '
+                   f'<span class="time">{_e(when)}</span>{line}<br><span class="hl">{_e(hl)}</span></li>')
     settings = {k: v for k, v in s.items() if k != "budgets"}
     header_details = (f"<details><summary>Settings</summary>{_kv(settings)}{_kv(s.get('budgets', {}))}</details>"
                       f"<details><summary>Data</summary>{_kv(report.data or {'data': None})}"
@@ -327,13 +327,22 @@ nav table.data td { white-space:normal; }
 """
 
 
+def _badge(sec: SectionResult | None) -> str:
+    """A section's status badge (:func:`section_status`)."""
+    return f'<span class="badge {section_status(sec)}">{section_status(sec)}</span>'
+
+
 def section_status(sec: SectionResult | None) -> str:
-    """A section's status, "missing" where a report does not hold it."""
-    return "missing" if sec is None else sec.status
+    """A section's status as the pages show it: "missing" where a report does not hold it, "off"
+    for one that its preset does not run (audit 15b: the quick preset's sparsity showed a green
+    "ok"), else its status."""
+    if sec is None:
+        return "missing"
+    return "off" if sec.status == "ok" and sec.values.get("off") else sec.status
 
 
 def _side_label(comparison: ReportComparison, i: int, sec: SectionResult | None) -> str:
-    badge = f' <span class="badge {section_status(sec)}">{section_status(sec)}</span>'
+    badge = " " + _badge(sec)
     return f'<div class="side-label">{"AB"[i]} · {_e(comparison.names[i])}{badge}</div>'
 
 
@@ -437,7 +446,7 @@ def render_comparison(comparison: ReportComparison) -> str:
     for name in comparison.sections:
         pair = comparison.section(name)
         title = next(sec for sec in pair if sec is not None).title
-        badges = " ".join(f'{side} <span class="badge {section_status(sec)}">{section_status(sec)}</span>'
+        badges = " ".join(f'{side} {_badge(sec)}'
                           for side, sec in zip("AB", pair))
         toc.append(f'<li><a href="#sec-{_e(name)}">{_e(title)}</a> {badges}</li>')
     frame = comparison.to_frame()
@@ -462,7 +471,7 @@ _NOTEBOOK_CSS = """
 .tld-report .badge { display:inline-block; font-size:10px; font-weight:600; padding:0 7px; border-radius:9px; color:#fff;
                      text-transform:uppercase; }
 .tld-report .badge.ok { background:#1a7f37; } .tld-report .badge.skipped { background:#9a6700; }
-.tld-report .badge.failed { background:#cf222e; } .tld-report .badge.cached { background:#6e7781; }
+.tld-report .badge.failed { background:#cf222e; } .tld-report .badge.cached, .tld-report .badge.off { background:#6e7781; }
 .tld-report table { border-collapse:collapse; margin:4px 0; font-variant-numeric:tabular-nums; }
 .tld-report th, .tld-report td { padding:2px 10px; border-bottom:1px solid #d1d9e0; text-align:right; white-space:nowrap; }
 .tld-report th.text, .tld-report td.text, .tld-report table.kv th, .tld-report table.sections td { text-align:left; }
@@ -482,7 +491,7 @@ def _notebook_section(sec: SectionResult, open_: bool = False, apart: dict | Non
     words = verdict(sec)
     terms = ", ".join(f"{term} (methods §{n})" for term, _, n in glossary(sec))
     parts = [f'<details{" open" if open_ else ""}><summary><b>{_e(sec.title)}</b> '
-             f'<span class="badge {sec.status}">{sec.status}</span> <span class="muted">{_e(when)} · '
+             f'{_badge(sec)} <span class="muted">{_e(when)} · '
              f'{_e(sec.methods or sec.name)}</span></summary>'
              + (f"<p><b>{_e(words)}</b></p>" if words else "") + f"<p>{_e(text)}</p>"
              + (f'<p class="muted">terms: {_e(terms)}; definitions in {_e(METHODS_DOC)}</p>' if terms else "")]
@@ -532,7 +541,7 @@ def _notebook_comparison(comparison: ReportComparison) -> str:
     lines, folded = [], []
     for name in comparison.sections:
         pair = comparison.section(name)
-        cells = "".join(f'<td><span class="badge {section_status(sec)}">{section_status(sec)}</span></td>'
+        cells = "".join(f'<td>{_badge(sec)}</td>'
                         f'<td>{_e("" if sec is None else verdict(sec, with_reason=True) or sec.headline)}</td>' for sec in pair)
         lines.append(f"<tr><td><code>{_e(name)}</code></td>{cells}</tr>")
         values = _compared_values(frame[frame["section"] == name])
@@ -560,7 +569,7 @@ def render_notebook(item: Report | SectionResult | ReportComparison) -> str:
     # the page's facts, the memory and time fits included (audit 15b: the notebook left out what they lowered)
     facts = [v if k in ("backend", "memory", "time fit") else f"{k} {v}" for k, v in _facts(item).items()]
     rows = "".join(
-        f'<tr><td><code>{_e(sec.name)}</code></td><td><span class="badge {sec.status}">{sec.status}</span></td>'
+        f'<tr><td><code>{_e(sec.name)}</code></td><td>{_badge(sec)}</td>'
         f'<td class="muted">{_e(sec.when())}</td>'
         f'<td>{_e(verdict(sec) if sec.status == "ok" else "")}</td>'
         f'<td>{_e(sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}")}</td></tr>'
