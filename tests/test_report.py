@@ -593,3 +593,16 @@ def test_a_section_read_back_writes_the_same_csv():
     back = SectionResult.from_dict(json.loads(json.dumps(sec.to_dict())))
     assert csv_frame(back.tables["maps"]).to_csv(index=False) == csv_frame(table).to_csv(index=False)
     assert list(back.tables["maps"].dtypes.astype(str)) == ["Int64", "int64", "bool", "float64"]
+
+
+def test_a_failure_its_settings_made_is_not_called_unexpected():
+    """A section that failed for its settings or the memory budget (no traceback: an LLC whose chains
+    all diverged, a pass the budget cannot hold) was called "failed with an unexpected error"."""
+    from tl_degeneracy.report import SectionResult
+    from tl_degeneracy.report.sections import verdict
+
+    budget = SectionResult(name="counts", title="c", status="failed", reason="MemoryBudgetError: lower batch_size")
+    assert verdict(budget) == "failed: no result, its settings or the memory budget stopped it (reason below)"
+    crash = SectionResult(name="counts", title="c", status="failed", reason="KeyError: 'x'", traceback="Traceback …")
+    assert verdict(crash) == "failed with an unexpected error: no result (traceback below)"
+    assert verdict(budget, with_reason=True).endswith("(MemoryBudgetError: lower batch_size)")
