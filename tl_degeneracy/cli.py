@@ -259,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
+        # audit 15b F7: the time fit reads the machine's speed, so a rerun under another load may scope
+        # the costly sections otherwise, which their checkpoints then do not match
         print("tl-degeneracy: interrupted. Finished sections and the SGLD chains' checkpoints are kept: the same "
-              "command resumes from them (--fresh starts over).", file=sys.stderr)
+              "command resumes from them (--fresh starts over). Where the time fit lowered the interaction or LLC "
+              "settings (the header's \"lowered to fit\"), a rerun under another load may choose others and start "
+              "those sections over: give the lowered values with --set to resume them.", file=sys.stderr)
         return 130
     except CLIError as e:
         _remove_if_left_empty(out, created)
