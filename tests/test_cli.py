@@ -222,7 +222,7 @@ def test_memory_budget_lowers_the_batch_size_and_the_header_says_so(tmp_path, ca
     assert "memory budget" in printed and "lowered to fit: batch_size 16 → 4" in printed
 
 
-def test_memory_budget_too_small_for_explicit_batches_skips_with_what_to_lower(tmp_path, capsys):
+def test_memory_budget_too_small_for_explicit_batches_fails_with_what_to_lower(tmp_path, capsys):
     out = tmp_path / "m"
     argv = ["report", "--out", str(out), "--quiet", "--only", "synchronization", "--memory", "1M",
             "--set", "n_sequences=8", "batch_size=8", "--seq-len", "128"]

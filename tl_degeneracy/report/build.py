@@ -139,8 +139,9 @@ def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionRe
             result.warnings.append(text)
             warnings.warn(f"report section {section.name!r}: {w.message}", w.category, stacklevel=3)
     if result.status == "failed":
-        warnings.warn(f"report section {section.name!r} failed with {result.reason}; recorded in the report with its "
-                      "traceback, the other sections ran", RuntimeWarning, stacklevel=3)
+        kept = "with its traceback" if result.traceback else "with what to change"
+        warnings.warn(f"report section {section.name!r} failed with {result.reason}; recorded in the report {kept}, "
+                      "the other sections ran", RuntimeWarning, stacklevel=3)
     return result
 
 

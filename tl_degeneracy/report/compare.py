@@ -46,7 +46,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import TLDegeneracyError
-from ..llc.llc_result import larger_stderr
+from ..llc.llc_result import is_lower_bound, larger_stderr
 from .html import flat_values, render_comparison, render_notebook, section_status, value_text
 from .registry import SECTIONS
 from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, settings_text,
@@ -374,7 +374,7 @@ def _incomparable(qa: dict, qb: dict) -> str | None:
         if not same:
             reasons.append(f"{key} differs" + ("" if isinstance(a, dict) or isinstance(b, dict)
                                                else f" ({value_text(a)} vs {value_text(b)})"))
-    reasons += [f"{side} not converged ({'a lower bound' if q.get('lower_bound') is not False else 'uncertain'})"
+    reasons += [f"{side} not converged ({'a lower bound' if is_lower_bound(q.get('lower_bound')) else 'uncertain'})"
                 for side, q in zip("AB", (qa, qb)) if q.get("converged") is False]
     return "; ".join(reasons) or None
 

@@ -274,7 +274,9 @@ class ReportContext:
         # Grams (and twins, and the Jacobian pass's split-half Grams), the activations section's Grams.
         widths = [hook_width(self.adapter, kind) for kind in ACTIVATION_HOOKS for _ in range(self.adapter.n_layers)]
         held = {("counts", "jacobian"): counts_held(self.adapter), ("counts", "forward"): counts_forward_held(self.adapter),
-                ("activations", "forward"): moment_held(widths), ("sparsity", "forward"): counts_forward_held(self.adapter)}
+                ("activations", "forward"): moment_held(widths),
+                # sparsify's MLP-input Grams, whole and half-data (review 38: it was charged the counts')
+                ("sparsity", "forward"): moment_held([self.adapter.d_model] * self.adapter.n_layers, half=True)}
 
         n0, t0 = max(1, self.batches.n_sequences), self.batches.max_len
         # token_batches cuts a sequence's body (BOS left out) into pieces of t − 1 tokens with BOS put

@@ -368,14 +368,13 @@ def _compared_values(rows: pd.DataFrame) -> str:
     })
     if has_se.any():
         shown["beyond 2 SE"] = [
-            why if value == "status" and isinstance(why, str) else  # a section's note, not an estimate's
             f"not compared: {why}" if isinstance(why, str) and why != "yes" else
             "" if beyond is None or pd.isna(beyond) else
             f"{'yes' if beyond else 'no'}: B − A {'outside' if beyond else 'within'} "
             f"{noise_interval(a, b, sa, sb, None if pd.isna(ba) else ba, None if pd.isna(bb) else bb)}"
-            for beyond, a, b, sa, sb, ba, bb, why, value in zip(rows["beyond_2se"], rows["a"], rows["b"], rows["a_stderr"],
-                                                                rows["b_stderr"], rows["a_bias"], rows["b_bias"],
-                                                                rows["comparable"], rows["value"])]
+            for beyond, a, b, sa, sb, ba, bb, why in zip(rows["beyond_2se"], rows["a"], rows["b"], rows["a_stderr"],
+                                                         rows["b_stderr"], rows["a_bias"], rows["b_bias"],
+                                                         rows["comparable"])]
     note = ('<p class="more">± is the larger of the standard error of the mean over chains and ArviZ\'s Monte-Carlo '
             'standard error of all draws (METHODS §1); "beyond 2 SE": B − A lies outside ±2·√(se_A² + se_B²) widened by '
             "the step sizes' predicted biases (METHODS (1.8): a step size only raises λ̂, so |B|·bias_B above and "

@@ -43,8 +43,9 @@ class ReportDirectoryError(TLDegeneracyError, ValueError):
 
 #: Section status: ``ok``; ``skipped`` (the analysis does not apply to this model or data: a
 #: MissingHookError, UnsupportedArchitectureError, DataError or NumericalError, with its message);
-#: ``failed`` (an EstimateFailedError, a measurement its settings made fail, or any other error: a
-#: bug or an unexpected input; the traceback is kept and a warning issued).
+#: ``failed`` (an EstimateFailedError or a MemoryBudgetError, a measurement its settings or the
+#: memory budget made fail, with what to change; or any other error: a bug or an unexpected input,
+#: its traceback kept); a warning is issued for each.
 STATUSES = ("ok", "skipped", "failed")
 
 

@@ -791,7 +791,7 @@ def _llc_verdict(v: dict) -> str:
                 f"N_eff {relation(False, low)} {n_eff} {where}" + _more_estimates(v))
     # No convergence check recorded (R̂, effective sample size, drift: docs/methods.md §1); short
     # chains under-estimate λ_B, so an unchecked number reads as a lower bound.
-    return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound"
+    return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound" + _more_estimates(v)
 
 
 #: Section name → verdict(values) → one line in words. A section registered elsewhere may add its own.
