@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ from .errors import TLDegeneracyError
 
 __all__ = [
     "DEFAULT_FRACTION", "DIRECTION_HEADROOM", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits",
-    "current_budget", "check_batches", "counts_forward_held", "counts_grams", "counts_held", "counts_widths",
+    "current_budget", "check_batch_bytes", "check_batches", "counts_forward_held", "counts_grams", "counts_held", "counts_widths",
     "default_budget", "direction_bytes", "direction_chunk", "half_gram_bytes", "estimate", "format_bytes", "hook_width",
     "memory_limit", "moment_held", "parse_memory",
 ]
@@ -343,10 +343,16 @@ def hook_width(adapter, kind: str | None, name: str = "") -> int:
 
 
 def check_batches(adapter, analysis: str, batches, what: str, **kwargs) -> None:
-    """:func:`check_fits` for ``analysis`` (:func:`estimate`, with ``kwargs``) on ``batches`` (a
-    TokenBatches: its ``batch_size`` sequences of at most ``max_len`` tokens), on the model's device;
-    the message says to lower batch_size or seq_len."""
-    b, t = int(batches.batch_size), int(batches.max_len)
-    needed = estimate(adapter, analysis, min(b, max(1, batches.n_sequences)), t, **kwargs)
-    check_fits(needed, adapter.device, f"{what} on batches of {b} × {t} tokens",
-               f"lower batch_size (now {b}) or seq_len (now {t})")
+    """:func:`check_batch_bytes` of ``analysis`` (:func:`estimate`, with ``kwargs``)."""
+    check_batch_bytes(adapter, batches, what, lambda b, t: estimate(adapter, analysis, b, t, **kwargs))
+
+
+def check_batch_bytes(adapter, batches, what: str, needed: Callable[[int, int], int]) -> tuple[int, int]:
+    """:func:`check_fits` for ``needed(b, t)`` bytes on ``batches`` (a TokenBatches: its
+    ``batch_size`` sequences, b of them where the data hold fewer, of at most t = ``max_len``
+    tokens), on the model's device; the message says to lower batch_size or seq_len. Returns (b, t)."""
+    size, t = int(batches.batch_size), int(batches.max_len)
+    b = min(size, max(1, batches.n_sequences))
+    check_fits(needed(b, t), adapter.device, f"{what} on batches of {size} × {t} tokens",
+               f"lower batch_size (now {size}) or seq_len (now {t})")
+    return b, t

@@ -17,7 +17,7 @@ from ..numerics import activation_precision, check_tolerances, rank_rtol, roundi
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context, warn_once
 from ..stats.cuts import find_bypasses, refuse_off_stream
-from ..memory import check_fits, direction_bytes, direction_chunk, estimate
+from ..memory import check_batch_bytes, direction_bytes, direction_chunk, estimate
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, check_memory, jacobian_pass
 from .basis import SCALINGS, NodeBasis, interaction_directions, probe_agreement, whiten
 from .edges import edge_pass
@@ -64,12 +64,14 @@ def _edge_chunk(runner: Runner, widths: list[int], held: int) -> int | None:
     plain module."""
     if runner.kind != "transformer":
         return None
-    batches = runner.batches
-    b, t, width = min(batches.batch_size, max(1, batches.n_sequences)), batches.max_len, max(widths)
-    base = held + estimate(runner.engine, "forward", b, t)
-    check_fits(base + direction_bytes(runner.engine, b, t, width, width), runner.device,
-               f"interaction_basis' edge pass on batches of {b} × {t} tokens", f"lower batch_size (now {b}) or seq_len (now {t})")
-    return direction_chunk(runner.engine, b, t, width, width, held=base)
+    engine, width = runner.engine, max(widths)
+
+    def base(b: int, t: int) -> int:
+        return held + estimate(engine, "forward", b, t)
+
+    b, t = check_batch_bytes(engine, runner.batches, "interaction_basis' edge pass",
+                             lambda b, t: base(b, t) + direction_bytes(engine, b, t, width, width))
+    return direction_chunk(engine, b, t, width, width, held=base(b, t))
 
 
 def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last_rule: str, output: str,
@@ -158,11 +160,12 @@ def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
     gradients = kind != "pca" or (edges and len(runner.nodes) > 1)  # edges differentiate the nodes too (review 35)
     if not gradients:
         return
-    refuse_off_stream(runner.engine, runner.cut_sample()[0], runner.nodes, f"interaction_basis(kind={kind!r})")
+    sample = runner.cut_sample()  # read once: a module's spreads over its batches
+    refuse_off_stream(runner.engine, sample[0], runner.nodes, f"interaction_basis(kind={kind!r})")
     if len(runner.nodes) < 2 or not (kind == "local" or edges):
         return
     target = runner.names[-1] if kind == "local" and last == "pca" else None
-    found = find_bypasses(runner.engine, runner.cut_sample(), runner.names, target)
+    found = find_bypasses(runner.engine, sample, runner.names, target)
     if not found:
         return
     what = "the last node reads" if target is not None else "the outputs read"
