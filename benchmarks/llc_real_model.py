@@ -10,7 +10,10 @@ not a finding and is not printed as one.
 Two runs with the same given step size (no step-size calibration), ``--steps A,B`` draws each and no
 burn-in; the time per chain-step is (t_B − t_A)/(B − A) (what the fixed cost of a call — the
 reference forward, the curvature checks — does not enter), and the full 1,000-step run is
-extrapolated as t_A + (1000 − A) × that. Peak CUDA memory is read over both runs.
+extrapolated as t_A + (1000 − A) × that. Where the device runs out of memory, the runs are made on
+the first half of the sequences (halved again while needed) and their times scaled by the fraction
+(issue 19: measure a fraction and extrapolate). Peak CUDA memory is read over both runs and set
+beside the LLC's memory estimate (``tld.memory.sgld_bytes``), which is measured here, not enforced.
 
 ``--bare BLOCKS,STEPS`` times the chain-step against bare forward+backward passes of the same model
 on the same batch instead (``llc_vs_devinterp.chain_step_vs_bare``: alternating blocks, wall and
@@ -72,12 +75,37 @@ def timed_llc(model, tokens, args, draws: int) -> tuple[float, object]:
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    result = tld.behavioral_llc(
-        model, tokens, chains=args.chains, draws=draws, burnin=0, step_size=args.step_size,
-        batch_size=tokens.shape[0], seed=0, progress=False,
-    )
+    # The memory estimate (tld.memory.sgld_bytes) is measured here, not enforced: the run is what
+    # shows whether the chains fit, and the peak is compared with the estimate.
+    with tld.memory_limit(1 << 60):
+        result = tld.behavioral_llc(
+            model, tokens, chains=args.chains, draws=draws, burnin=0, step_size=args.step_size,
+            batch_size=tokens.shape[0], seed=0, progress=False,
+        )
     sync()
     return time.perf_counter() - t0, result
+
+
+def fitting_runs(model, tokens, args, a: int, b: int) -> tuple[int, float, float, object]:
+    """The two timed runs on the first n of the sequences, n halved from all of them while the device
+    runs out of memory (issue 19: measure a fraction and extrapolate); returns (n, t_a, t_b, result)."""
+    from tl_degeneracy.models.chains import OUT_OF_MEMORY
+
+    n = tokens.shape[0]
+    while True:
+        try:
+            t_a, _ = timed_llc(model, tokens[:n], args, a)
+            print(f"{n} sequences, {a} draws: {t_a:.1f} s", flush=True)
+            t_b, result = timed_llc(model, tokens[:n], args, b)
+            print(f"{n} sequences, {b} draws: {t_b:.1f} s", flush=True)
+            return n, t_a, t_b, result
+        except OUT_OF_MEMORY:
+            if n == 1:
+                raise
+            print(f"{n} sequences: out of device memory; halving", flush=True)
+            n = (n + 1) // 2
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main(argv=None) -> None:
@@ -109,19 +137,26 @@ def main(argv=None) -> None:
     print(f"loaded in {t_load:.1f} s ({n_params:,} parameters)", flush=True)
     if args.bare is not None:
         return chain_step_against_bare(model, tokens, args, n_params)
-    t_a, _ = timed_llc(model, tokens, args, a)
-    print(f"{a} draws: {t_a:.1f} s", flush=True)
-    t_b, result = timed_llc(model, tokens, args, b)
-    print(f"{b} draws: {t_b:.1f} s", flush=True)
-    per_step = (t_b - t_a) / (b - a)
-    total = t_a + (args.target_steps - a) * per_step
+    n_run, t_a, t_b, result = fitting_runs(model, tokens, args, a, b)
+    # time per step taken as proportional to the tokens where only a fraction fitted (an upper
+    # estimate where the smaller batch leaves the device underused)
+    scale = n_seq / n_run
+    per_step = (t_b - t_a) / (b - a) * scale
+    total = t_a * scale + (args.target_steps - a) * per_step
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(args.device).type == "cuda" else float("nan")
+    from tl_degeneracy.memory import sgld_bytes
+
+    estimate = sgld_bytes(tld.adapt(model), args.chains, n_run, n_pos, result.n_params,
+                          min(tld.llc.targets.DEFAULT_CACHE_BYTES, n_run * n_pos * SMOLLM2_135M["vocab_size"] * 4)) / 2**30
+    ran = f"{n_run}×{n_pos}" + (f" (×{scale:g} extrapolated)" if n_run < n_seq else "")
     line = (
-        f"| {args.device} | {args.dtype} | {args.chains} | {n_seq}×{n_pos} | {t_load:.1f} s | {t_a:.1f} s ({a}) / {t_b:.1f} s ({b}) "
-        f"| {per_step:.3f} s ({per_step / args.chains * 1e3:.0f} ms per chain-step) | {total / 60:.1f} min | {peak:.1f} GiB |"
+        f"| {args.device} | {args.dtype} | {args.chains} | {ran} | {t_load:.1f} s | {t_a:.1f} s ({a}) / {t_b:.1f} s ({b}) "
+        f"| {per_step:.3f} s ({per_step / args.chains * 1e3:.0f} ms per chain-step) | {total / 60:.1f} min | {peak:.1f} GiB "
+        f"| {estimate:.1f} GiB |"
     )
-    head = ("| device | dtype | chains | tokens | load | runs (draws) | per step, all chains | "
-            f"{args.target_steps} steps, extrapolated | peak CUDA memory |\n" + "|---" * 9 + "|")
+    head = ("| device | dtype | chains | tokens run | load | runs (draws) | per step, all chains | "
+            f"{args.target_steps} steps on {n_seq}×{n_pos}, extrapolated | peak CUDA memory | estimate (sgld_bytes) |\n"
+            + "|---" * 10 + "|")
     print(head)
     print(line)
     print(f"parameters {n_params:,}; step size {args.step_size:g} given; diverged chains {result.diagnostics.get('n_diverged')}")

@@ -242,6 +242,19 @@ def test_memory_budget_too_small_for_explicit_batches_fails_with_what_to_lower(t
     assert _report(tmp_path / "sma")["sections"]["counts"]["status"] == "skipped"
 
 
+def test_an_llc_that_does_not_fit_the_budget_fails_first_and_says_what_to_lower(tmp_path, capsys):
+    """The LLC section checks its chains against the report's budget (issue 19) before sampling:
+    failed, no traceback, exit 1, with the report settings to lower; the header says which passes
+    are fitted and which are only checked."""
+    out = tmp_path / "llc"
+    assert main(["report", "--out", str(out), "--quiet", "--only", "llc", "--memory", "2M"]) == 1
+    section = _report(out)["sections"]["llc"]
+    assert section["status"] == "failed" and "MemoryBudgetError" in section["reason"] and section["traceback"] is None
+    assert "behavioral LLC with" in section["reason"] and "llc_sequences" in section["reason"]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the interaction basis and the LLC check their passes against it" in printed
+
+
 def test_default_memory_budget_is_stated(tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["report", "--out", str(out), "--quiet", "--only", "summary"]) == 0

@@ -24,3 +24,15 @@ def test_two_process_stats_equal_single_process(tmp_path):
         assert torch.equal(multi[key], other_rank[key]), key  # both ranks hold the same result
     # the single-batch case: rank 1 had no batch of its own and still agreed
     assert int(multi["one/blocks.1.hook_resid_post/count"]) == 30
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """Audit 16b F1: non-finite activations in rank 1's batch only. Rank 1 raised alone and rank 0
+    waited in the reduction until gloo's timeout; now both raise NumericalError, rank 0 naming rank 1."""
+    import json
+
+    run_two_processes("distributed_stats_worker.py", tmp_path, "nonfinite")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["error"] for g in got] == ["NumericalError", "NumericalError"]
+    assert "non-finite" in got[1]["message"] and "failed on rank 1 of 2" in got[0]["message"]
+    assert got[1]["message"] in got[0]["message"]

@@ -15,8 +15,9 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy import counts as counts_module
+from tl_degeneracy.llc import estimate as llc_estimate
 from tl_degeneracy.memory import (
-    MemoryBudgetError, current_budget, estimate, format_bytes, memory_limit, parse_memory,
+    MemoryBudgetError, current_budget, estimate, format_bytes, memory_limit, parse_memory, sgld_bytes,
 )
 
 from .fixtures.toys import make_tiny_toy_transformer
@@ -25,10 +26,21 @@ from .fixtures.toys import make_tiny_toy_transformer
 def test_parse_and_format_sizes():
     assert parse_memory("8G") == parse_memory("8GiB") == parse_memory("8gb") == 8 << 30
     assert parse_memory("512M") == 512 << 20 and parse_memory("1.5K") == 1536 and parse_memory(4096) == 4096
-    for bad in ("lots", "-1G", "0", "", True):
+    for bad in ("lots", "-1G", "0", "", True, "1e309", float("inf")):
         with pytest.raises(ValueError, match="memory must be"):
             parse_memory(bad)
     assert format_bytes(8 << 30) == "8.0 GiB" and format_bytes(900) == "900 B"
+
+
+def test_the_default_cpu_budget_is_split_between_the_ranks_on_the_machine(monkeypatch):
+    """Audit 16b F2: under torchrun each CPU rank took the whole default share of the RAM."""
+    from tl_degeneracy.memory import default_budget
+
+    monkeypatch.setattr("tl_degeneracy.memory.available_memory", lambda device: (8 << 30, "available RAM"))
+    assert default_budget("cpu").bytes == 4 << 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    split = default_budget("cpu")
+    assert split.bytes == 1 << 30 and "split between 4 ranks on this machine" in split.source
 
 
 def test_memory_limit_sets_the_budget_in_force():
@@ -59,6 +71,84 @@ def test_analyses_fail_before_their_first_forward(monkeypatch):
         tld.head_synchronization(model, tokens, batch_size=8)
 
 
+def test_the_llc_fails_before_its_first_step_when_its_chains_do_not_fit(monkeypatch):
+    """behavioral_llc checks its chains against the budget before any forward (issue 19: on a CPU an
+    LLC that does not fit is killed by the kernel without a word), naming what to lower; a module
+    target, whose activations are not known from its shape, is not checked."""
+    model = make_tiny_toy_transformer()
+    tokens = torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(llc_estimate, "check_finite_at_reference", _never)
+    adapter = tld.adapt(model)
+    numel = sum(p.numel() for p in model.parameters())
+    need = sgld_bytes(adapter, 4, 8, 12, numel)
+    with memory_limit(need // 2), pytest.raises(MemoryBudgetError) as err:
+        tld.behavioral_llc(model, tokens, chains=4, draws=4, burnin=2, step_size=1e-4, progress=False)
+    text = str(err.value)
+    assert "4 chains on batches of 8 × 12 tokens" in text and f"sampling {numel:,} parameter entries" in text
+    assert "lower chains (now 4)" in text and "llc_seq_len" in text and "llc_params" in text
+    # each term grows the estimate: chains, tokens, parameters
+    assert sgld_bytes(adapter, 8, 8, 12, numel) > need and sgld_bytes(adapter, 4, 8, 24, numel) > need
+    assert sgld_bytes(adapter, 4, 8, 12, 2 * numel) > need
+    monkeypatch.undo()
+    with memory_limit(need + (need >> 2)):
+        assert tld.behavioral_llc(model, tokens, chains=4, draws=4, burnin=2, step_size=1e-4, progress=False).chains == 4
+    regression = torch.nn.Linear(3, 1)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    with memory_limit(1024):
+        assert tld.behavioral_llc(regression, x, chains=2, draws=4, burnin=2, step_size=1e-4, progress=False).chains == 2
+
+
+def test_sgld_estimate_bounds_the_measured_peak_of_an_llc_run():
+    """In a fresh process, a whole behavioral_llc run on toy:bytelm (4 chains, 8 × 32 tokens, the
+    end-of-run curvature included) raises the peak resident set by less than sgld_bytes and by more
+    than a third of it."""
+    got = _peak_in_fresh_process(
+        setup="""
+            import warnings
+            warnings.simplefilter("ignore")
+            from tl_degeneracy.memory import sgld_bytes
+            model = tld.load_model("toy:bytelm")
+            tokens = tld.toy_data("bytelm")[:8, :32]
+            run = dict(draws=20, burnin=10, step_size=1e-4, progress=False)
+            tld.behavioral_llc(model, tokens[:1, :4], chains=1, **run)  # lazy loads
+        """,
+        measured="r = tld.behavioral_llc(model, tokens, chains=4, **run)",
+        estimate="sgld_bytes(tld.adapt(model), 4, 8, 32, r.n_params, 8 * 32 * 256 * 4)",
+    )
+    assert got["estimate"] / 3 < got["measured"] <= got["estimate"], got
+
+
+def _peak_in_fresh_process(setup: str, measured: str, estimate: str) -> dict:
+    """In a fresh process (peak RSS is per process): run ``setup``, reset the peak resident set to the
+    current one (Linux ≥ 4.0, so that the imports' and warm-ups' peaks do not hide the pass's own),
+    run ``measured``; the rise of the peak and the value of ``estimate`` (code, ``tld`` imported)."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+    code = textwrap.dedent("""
+        import json, os
+        os.environ["TQDM_DISABLE"] = "1"
+
+        def status_kb(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+
+        import torch
+        torch.set_num_threads(1)
+        import tl_degeneracy as tld
+    """) + textwrap.dedent(setup) + textwrap.dedent(f"""
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kb("VmRSS")
+        {measured}
+        after = status_kb("VmHWM")
+        print(json.dumps({{"measured": after - before, "estimate": {estimate}}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_estimate_grows_with_the_batch_and_the_square_of_positions():
     adapter = tld.adapt(make_tiny_toy_transformer(n_ctx=256))
     for analysis in ("forward", "head_sync", "neuron_sync", "jacobian"):
@@ -72,38 +162,17 @@ def test_estimate_bounds_the_measured_peak_of_a_jacobian_pass():
     """In a fresh process (peak RSS is per process), degeneracy_counts on toy:bytelm at 16 × 128
     tokens raises the peak resident set by less than the Jacobian pass's estimate, and by more than
     a third of it (so the estimate is not vacuous)."""
-    code = textwrap.dedent("""
-        import json, os
-        os.environ["TQDM_DISABLE"] = "1"
-
-        def status_kb(key):
-            for line in open("/proc/self/status"):
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-
-        import torch
-        torch.set_num_threads(1)
-        import tl_degeneracy as tld
-        from tl_degeneracy.memory import counts_held, estimate
-        model = tld.load_model("toy:bytelm")
-        tokens = tld.toy_data("bytelm")[:16, :128]
-        adapter = tld.adapt(model)
-        tld.degeneracy_counts(model, tokens[:1, :4], batch_size=1, n_probes=4, progress=False)  # lazy loads
-        # Reset the peak resident set to the current one (Linux ≥ 4.0), so that peaks of the imports
-        # and of the warm-up above do not hide the pass's own.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = status_kb("VmRSS")
-        tld.degeneracy_counts(model, tokens, batch_size=16, n_probes=4, progress=False)
-        after = status_kb("VmHWM")
-        need = estimate(adapter, "jacobian", 16, 128, n_cotangents=4, held=counts_held(adapter))
-        print(json.dumps({"measured": after - before, "estimate": need}))
-    """)
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = _peak_in_fresh_process(
+        setup="""
+            from tl_degeneracy.memory import counts_held, estimate
+            model = tld.load_model("toy:bytelm")
+            tokens = tld.toy_data("bytelm")[:16, :128]
+            adapter = tld.adapt(model)
+            tld.degeneracy_counts(model, tokens[:1, :4], batch_size=1, n_probes=4, progress=False)  # lazy loads
+        """,
+        measured="tld.degeneracy_counts(model, tokens, batch_size=16, n_probes=4, progress=False)",
+        estimate='estimate(adapter, "jacobian", 16, 128, n_cotangents=4, held=counts_held(adapter))',
+    )
     assert got["estimate"] / 3 < got["measured"] <= got["estimate"], got
 
 

@@ -446,6 +446,9 @@ def test_verdicts_say_what_the_numbers_mean():
     full = {"heads": 8, "full_rank_heads": 8}
     assert verdict(sec("invariants", ov=full, qk=full)) == \
         "every head full rank: no weight-space degeneracy beyond the GL(d_head) gauge"
+    # audit 16a F4: rotary QK has only the gauges that commute with the rotations, not GL(d_head)
+    rotary = verdict(sec("invariants", ov=full, qk={**full, "rotary": True}))
+    assert "GL(d_head) gauge and the QK circuits' gauges that commute with the rotations" in rotary
     low = verdict(sec("invariants", ov={"heads": 8, "full_rank_heads": 6}, qk=full))
     assert low.startswith("2 of 8 OV circuits rank-deficient") and "QK" not in low
     llc = {"n_eff": 43.81, "loss_scale": 1e-3, "gamma": 1.0, "n_params": 478976}

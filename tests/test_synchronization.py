@@ -603,6 +603,41 @@ def test_exact_copy_end_to_end(normalization, input_hook):
     assert res.extra_freedom == pair["extra_freedom"]  # every other block is a singleton
 
 
+@pytest.mark.parametrize("o_bias", [False, True])
+def test_exact_copy_without_b_O_reads_uncentred_ranks(tmp_path, o_bias):
+    """Audit 16a F1: a head copy on a Llama (RMSNorm, MHA) with few distinct inputs. Without b_O
+    nothing absorbs the constant the mean input reaches the output as, so D_in is the uncentred
+    input's rank (10 for 10 distinct tokens) and extra = d·(D_in + D − d) = 272; with an o_proj
+    bias the centred rank (9) and 264. The centred count read 264 for both."""
+    import transformers as tf
+
+    from .fixtures.hf import boot_bridge, tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, hidden_act="silu", attention_bias=o_bias,
+                         mlp_bias=False, tie_word_embeddings=False, vocab_size=100, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    hf = tf.LlamaForCausalLM(cfg).double().eval()
+    d = 8
+    with torch.no_grad():
+        attn = hf.model.layers[0].self_attn
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight[d : 2 * d] = lin.weight[:d]
+            if lin.bias is not None:
+                lin.bias[d : 2 * d] = lin.bias[:d]
+        attn.o_proj.weight[:, d : 2 * d] = attn.o_proj.weight[:, :d]
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = tld.load_model(tmp_path, device="cpu", dtype=torch.float64)
+    tokens = torch.randint(3, 13, (16, 8), generator=torch.Generator().manual_seed(1))
+    res = head_synchronization(model, tokens, tol=0.0, batch_size=16)
+    d_in = 9 if o_bias else 10
+    pair = res.to_frame().iloc[0]
+    assert pair["heads"] == (0, 1) and res.input_rank[0] == d_in and res.d_out == 32
+    assert pair["extra_freedom"] == d * (d_in + 32 - d) and pair["count_exact"]
+
+
 def test_gqa_pair_end_to_end(tmp_path):
     """Llama bridge (2 KV heads for 4 query heads): query heads 0 and 1 read KV head 0; giving head 1
     head 0's W_Q makes their patterns identical, and synchronization adds d·D (the old count said 0)."""
@@ -841,6 +876,8 @@ def test_head_blocks_with_differing_patterns_are_approximate():
     frame = loose.to_frame()
     assert frame["approximate"].tolist() == (frame["max_distance"] > 0).tolist() == [True, True]
     assert loose.approximate and f"{frame['max_distance'].max():.2g}" in loose.approximation
+    # audit 16a F3: an approximate block's count reads as an upper estimate, not as free directions
+    assert loose.approximation.endswith(sync_module.UPPER_ESTIMATE) and "upper estimate" in repr(loose)
 
 
 def _gauge_head(model, layer: int, head: int, A: torch.Tensor):
@@ -897,7 +934,8 @@ def test_relu_blocks_at_positive_tol_are_approximate():
     assert res.approximate
     assert res.approximation == (f"firing patterns in blocks differ on up to {k / res.n_samples:.2%} of samples; "
                                  f"two neurons of a block that swapped firing patterns would change their outputs "
-                                 f"by up to {np.sqrt(res._block_max(res.output_distance)):.2g} RMS (relative)")
+                                 f"by up to {np.sqrt(res._block_max(res.output_distance)):.2g} RMS (relative); "
+                                 + sync_module.UPPER_ESTIMATE)
     exact = neuron_synchronization(_relu_model_with_duplicate(), _tokens(), tol=0.0)
     assert not exact.approximate and exact.approximation == ""
 
@@ -926,7 +964,7 @@ def test_relu_zero_distance_is_decided_from_the_sample_count():
                               value_gram=torch.eye(2)[None], n_samples=n, act_fn="gelu", exact_activation=False,
                               rank_rtol=None, **weights)
     assert paired.approximation == ("smooth activation: two neurons of a block that swapped firing patterns would "
-                                    "change their outputs by up to 0.2 RMS (relative)")
+                                    "change their outputs by up to 0.2 RMS (relative); " + sync_module.UPPER_ESTIMATE)
 
 
 def test_blocks_formed_on_half_of_the_data():

@@ -33,7 +33,7 @@ __all__ = [
     "DEFAULT_FRACTION", "DIRECTION_HEADROOM", "MemoryBudget", "MemoryBudgetError", "available_memory", "check_fits",
     "current_budget", "check_batch_bytes", "check_batches", "counts_forward_held", "counts_grams", "counts_held", "counts_widths",
     "default_budget", "direction_bytes", "direction_chunk", "half_gram_bytes", "estimate", "format_bytes", "hook_width",
-    "memory_limit", "moment_held", "parse_memory",
+    "memory_limit", "moment_held", "parse_memory", "sgld_bytes",
 ]
 
 #: Share of the available memory the report budgets by default, per device type: the rest is left
@@ -49,6 +49,15 @@ ALLOCATOR_SLACK = 1.05
 #: blocks of earlier passes and of earlier chunks of other sizes (16 edge directions of toy:bytelm at
 #: 8 × 64 tokens raised the peak resident set by 170 MiB, 10.6 each, against 9.2 estimated; 4 by 52).
 DIRECTION_HEADROOM = 2
+
+#: What the LLC (``behavioral_llc``) holds per chain at its peak (the Hessian-vector products of its
+#: curvature checks: a double backward through the chain-batched forward), in multiples of one chain's
+#: forward activations by kind (:func:`_layer_bytes`: every layer's attention scores and pattern, every
+#: layer's other activations, the logits) and of its sampled parameters (the flat state, the per-chain
+#: weights θ* + δ, their first and second gradients and the Lanczos vectors). Fitted upward to the
+#: peak-RSS increase of whole runs on CPU over six shapes, each term dominant in one of them
+#: (sgld_bytes' docstring).
+SGLD_PER_CHAIN = {"attention": 3.5, "activations": 6.5, "logits": 12.0, "parameters": 17.0}
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -72,8 +81,8 @@ def parse_memory(text: str | int | float) -> int:
         if not match:
             raise ValueError(f"memory must be a size such as 8G, 512M or 1.5GiB; got {text!r}")
         value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not value >= 1:
-        raise ValueError(f"memory must be a positive size; got {text!r}")
+    if not 1 <= value < float("inf"):
+        raise ValueError(f"memory must be a positive, finite size; got {text!r}")
     return int(value)
 
 
@@ -114,10 +123,16 @@ class MemoryBudget:
 
 
 def default_budget(device: torch.device | str, fraction: float | None = None) -> MemoryBudget:
-    """``fraction`` (default :data:`DEFAULT_FRACTION` of the device type) of :func:`available_memory`."""
+    """``fraction`` (default :data:`DEFAULT_FRACTION` of the device type) of :func:`available_memory`;
+    on a CPU shared by the ranks torchrun started on this machine (``LOCAL_WORLD_SIZE``), that share
+    split between them (audit 16b: 2 ranks each took 50 % of the RAM, 100 % together)."""
     device = torch.device(device)
     fraction = DEFAULT_FRACTION.get(device.type, DEFAULT_FRACTION["cpu"]) if fraction is None else float(fraction)
     free, what = available_memory(device)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) if device.type != "cuda" else 1
+    if ranks > 1:
+        return MemoryBudget(int(free * fraction / ranks),
+                            f"{fraction:.0%} of {format_bytes(free)} {what}, split between {ranks} ranks on this machine")
     return MemoryBudget(int(free * fraction), f"{fraction:.0%} of {format_bytes(free)} {what}")
 
 
@@ -245,6 +260,31 @@ def _layer_bytes(adapter, batch: int, seq: int) -> tuple[int, int, int]:
     kv = c.n_kv_heads or H
     s = max(adapter.dtype.itemsize, 4)  # half-precision models upcast softmax and norms to float32
     return s, 3 * batch * H * seq * seq * s, (8 * D + (H + 2 * kv) * d + 3 * F) * s
+
+
+def sgld_bytes(adapter, chains: int, batch: int, seq: int, n_params: int, reference: int = 0) -> int:
+    """Upper estimate in bytes of the peak that ``behavioral_llc`` allocates with ``chains`` chains
+    (on this process: a torchrun rank's share) on batches of ``batch`` sequences of ``seq`` tokens of
+    ``adapter``'s model, sampling a flat state of ``n_params`` entries (the parameter tensors the
+    selection touches), with ``reference`` bytes of cached reference outputs: per chain,
+    :data:`SGLD_PER_CHAIN` times each kind of one forward's activations and of the sampled
+    parameters, times :data:`ALLOCATOR_SLACK`; the weights themselves are loaded and not counted.
+    Every layer's activations are counted, also below the first sampled parameter (an upper
+    estimate for a restricted LLC).
+
+    Measured (fresh processes, given step size, 10 + 20 steps and the end-of-run curvature, 1 thread,
+    CPU): the peak resident set rose by 0.71–0.80 of the estimate before the slack on toy:bytelm at
+    2 and 8 chains × 8 × 32 tokens and 8 × 16 × 64, and on 4 chains of three ToyTransformers where
+    the attention (8 heads, 8 × 256 tokens), the logits (vocabulary 8,192) or the parameters (3.2M)
+    dominate; the automatic step size's pilots stayed below it (0.86 on toy:bytelm). The peak is the
+    curvature checks' Hessian-vector products, 3–5 times a single step's allocation. Not yet measured
+    on a GPU (issue 19's ``benchmarks/gpu.sh``); where it refuses a run that would fit, raise the budget."""
+    s, attention, per_token = _layer_bytes(adapter, batch, seq)
+    c, k = adapter.cfg, SGLD_PER_CHAIN
+    tokens = batch * seq
+    per_chain = (k["attention"] * c.n_layers * attention + k["activations"] * c.n_layers * tokens * per_token
+                 + k["logits"] * tokens * c.d_vocab * s + k["parameters"] * int(n_params) * s)
+    return int((int(chains) * per_chain + int(reference)) * ALLOCATOR_SLACK)
 
 
 def direction_bytes(adapter, batch: int, seq: int, in_width: int, out_width: int) -> int:

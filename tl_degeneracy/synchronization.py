@@ -142,6 +142,12 @@ def _unsettled_blocks(result) -> tuple[int, int]:
     return sum(x is False for x in on_half), len(on_half)
 
 
+#: What an approximate block's count is (METHODS §3, corrected; audit 16a F3: four random heads at
+#: tol 0.05 read 767 extra free directions per layer where the data's Jacobian drops no rank at all).
+UPPER_ESTIMATE = ("the count is what exact synchronization would free, an upper estimate of what the data show "
+                  "(their Jacobian's rank can drop less, down to 0)")
+
+
 def _sync_repr(name: str, unit: str, result) -> str:
     """A short repr of a synchronization result from its cheap fields (the counts take decompositions:
     ``to_frame``), without the [L, n, n] distance arrays that filled a notebook cell (audit 13b)."""
@@ -619,9 +625,10 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
     """Head synchronization (METHODS §3). ``distance`` [L, H, H]: mean total-variation distance between
     the attention patterns of two heads over counted (sequence, query position) samples; ``blocks``:
     per layer, the synchronized blocks (lists of heads); ``value_gram`` [L, n_kv·d, n_kv·d]: uncentred
-    Gram of the value activations (hook_v, stored KV heads) and ``value_cov`` their covariance, from
-    which the value ranks s come; ``head_rank`` [L, H]: s of each head's value head; ``input_rank``
-    [L]: D_in, the rank of the covariance of the heads' input; ``W_O`` [L, H, d, D]: the effective
+    Gram of the value activations (hook_v, stored KV heads) and ``value_cov`` their covariance (the
+    Gram where the layer has no b_O to absorb the mean, :func:`head_synchronization`), from which
+    the value ranks s come; ``head_rank`` [L, H]: s of each head's value head; ``input_rank`` [L]:
+    D_in, the rank of the covariance (Gram without b_O) of the heads' input; ``W_O`` [L, H, d, D]: the effective
     output weights (float64; W_O P under LayerNorm) and ``d_out`` the dimension D_out they write into
     (D − 1 under LayerNorm, else D). ``rank_rtol`` is the caller's relative eigenvalue cut-off for
     activation ranks, or None for the package's rule at ``precision`` (activation_precision of the model).
@@ -807,7 +814,8 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         """Why the freedom is approximate, for labels ("" when it is not)."""
         if not self.approximate:
             return ""
-        return f"attention patterns in blocks differ, mean TV distance up to {self.max_block_distance:.2g}"
+        return (f"attention patterns in blocks differ, mean TV distance up to {self.max_block_distance:.2g}; "
+                f"{UPPER_ESTIMATE}")
 
     def __repr__(self) -> str:
         return _sync_repr("HeadSyncResult", "head", self)
@@ -883,11 +891,12 @@ def head_synchronization(
     head, whose shared W_V couples them; :func:`component_freedom`, METHODS (3.5a)–(3.5c)) from
     D_in = rank of the covariance of the heads' input, the covariance of the value activations of
     the component's KV heads (s and the spans W_S of sets of them), and the effective output weights;
-    a block of whole KV heads is its own component and gets (3.3)–(3.5). Covariances, not Grams:
-    attention rows sum to one, so the mean value vector v̄ reaches the output as the constant v̄·W_O,
-    which every head adds alike, synchronized or not, and b_O absorbs (TransformerLens'
-    ``fold_value_biases`` moves b_V into b_O for this reason); the mean of the input reaches only
-    that constant. Under LayerNorm the residual stream's mean direction is never read, so W_O is
+    a block of whole KV heads is its own component and gets (3.3)–(3.5). Covariances, not Grams,
+    where the layer has b_O: attention rows sum to one, so the mean value vector v̄ reaches the
+    output as the constant v̄·W_O, which every head adds alike, synchronized or not, and b_O absorbs
+    (TransformerLens' ``fold_value_biases`` moves b_V into b_O for this reason); the mean of the
+    input reaches only that constant. Without b_O (Llama-style o_proj) nothing absorbs it, and the
+    uncentred Grams are read (METHODS §3, corrected). Under LayerNorm the residual stream's mean direction is never read, so W_O is
     taken as W_O P and D_out = D − 1 (METHODS §2's effective maps); the count is then the same for
     an unfolded bridge, a compatibility-mode bridge and a HookedTransformer of one checkpoint.
 
@@ -988,13 +997,16 @@ def head_synchronization(
     half = (tv_sum[:, 0] / count[:, 0].clamp_min(1)[:, None, None]).cpu().numpy()
     half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, tol) for layer in range(L)]
     grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
-    covs = torch.stack([acc.covariance()[0] for acc in values]).cpu()
+    # Centred only where b_O can absorb the constant the mean value and input reach the output as
+    # (audit 16a F1: a bias-free Llama's copied head read 264 free directions for 272).
+    centered = bool(adapter.map_biases(0)["W_O"])
+    covs = torch.stack([acc.covariance()[0] for acc in values]).cpu() if centered else grams
     precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
     rtol = None if rank_rtol is None else float(rank_rtol)
     noise = _rounding_cut(adapter.dtype, rtol)
 
     def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
-        return _input_ranks(adapter, accs, "ln1", True, precision, cut)
+        return _input_ranks(adapter, accs, "ln1", centered, precision, cut)
 
     input_rank, input_rank_half = d_in(inputs, rtol), d_in(inputs_half, rtol)
     kv_rank = np.array([
@@ -1014,7 +1026,7 @@ def head_synchronization(
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
         half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(inputs, noise),
-        sample_limited=_at_sample_count(adapter, input_rank, int(count[0].sum()), centered=True),
+        sample_limited=_at_sample_count(adapter, input_rank, int(count[0].sum()), centered=centered),
     )
     warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
     if result.half_precision:
@@ -1135,9 +1147,9 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         moved = (f"two neurons of a block that swapped firing patterns would change their outputs by up to "
                  f"{math.sqrt(change):.2g} RMS (relative)")
         if not self.exact_activation:  # r = act(p)/p is a smooth function of p: no two neurons share it exactly
-            return "smooth activation" + (f": {moved}" if change > 0 else "")
+            return "smooth activation" + (f": {moved}" if change > 0 else "") + f"; {UPPER_ESTIMATE}"
         share = self._disagreements(self._block_max(self.firing_distance)) / self.n_samples
-        return f"firing patterns in blocks differ on up to {share:.2%} of samples; {moved}"
+        return f"firing patterns in blocks differ on up to {share:.2%} of samples; {moved}; {UPPER_ESTIMATE}"
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
         """s: rank of the block's post-activations f = r·p on the data (the values W_out reads), by

@@ -59,6 +59,28 @@ def resolve_nbeta(nbeta: float | None, loss_scale: float | None) -> float:
     return value
 
 
+def check_memory(target: SamplingTarget, selection: Selection, chains: int) -> None:
+    """Refuse (:class:`~tl_degeneracy.memory.MemoryBudgetError`, saying what to lower) a run whose
+    ``chains`` chains on this process would need more than the memory budget in force
+    (:func:`~tl_degeneracy.memory.sgld_bytes`), before anything is sampled: on a CPU running out of
+    memory is the kernel killing the process without a word (issue 19). Transformer targets only:
+    a plain module's activations are not known from its shape."""
+    from ..memory import check_fits, sgld_bytes
+
+    if target.kind != "transformer":
+        return
+    tb = target.batches
+    b, t = min(tb.batch_size, max(1, tb.n_sequences)), tb.max_len
+    adapter = target.engine
+    # the reference outputs (log-probabilities) of every batch, cached up to cache_bytes
+    reference = min(target.cache_bytes, target.n_batches * b * t * adapter.cfg.d_vocab * target.dtype.itemsize)
+    n = selection.layout.numel
+    check_fits(sgld_bytes(adapter, chains, b, t, n, reference), target.device,
+               f"the behavioral LLC with {chains} chains on batches of {b} × {t} tokens, sampling {n:,} parameter entries",
+               f"lower chains (now {chains}), the sequences per batch (batch_size; the report's llc_sequences) or their "
+               "length (the report's llc_seq_len), or sample fewer parameters (params; the report's llc_params)")
+
+
 def check_finite_at_reference(target: SamplingTarget, layout: ParameterLayout) -> None:
     """L_B(θ*) must be finite (it is 0 for finite reference outputs) on every batch.
 
@@ -272,6 +294,8 @@ def behavioral_llc(
         TypeError: an option that is no field of :class:`SamplerConfig`.
         NumericalError: L_B at θ* is not finite (non-finite reference outputs), or every chain
             diverged (the message says what to change).
+        MemoryBudgetError: a transformer's chains would need more than the memory budget in force
+            (:func:`check_memory`; ``tld.memory_limit``), before anything is sampled.
     """
     started = time.perf_counter()
     refuse_inference_mode("behavioral_llc")
@@ -297,8 +321,9 @@ def behavioral_llc(
         # whole data's where only that batch constrains a direction (audit 14a F2: healthy chains on a
         # stiff batch of 100 reached 218 > 200, were dropped as diverged, and λ̂ read 4.80 for 5.00).
         explode_at = (10.0 * selection.n_params + 100.0) * target.n_batches
-        check_finite_at_reference(target, selection.layout)
         my_chains = list(range(ctx.rank, config.chains, ctx.world_size))
+        check_memory(target, selection, len(my_chains))
+        check_finite_at_reference(target, selection.layout)
         checkpointer = None if checkpoint_dir is None else Checkpointer(
             checkpoint_dir, ctx.rank, ctx.world_size, config.checkpoint_every, config.steps, _stop_after)
         saved = None if checkpointer is None else checkpointer.resume_extra()

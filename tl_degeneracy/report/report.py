@@ -363,11 +363,12 @@ def memory_line(memory: dict) -> str:
     where it comes from, the estimated peak of one batch, and what was lowered to fit it."""
     from ..memory import format_bytes
 
-    # The LLC is scoped by time (time_line), not by this budget (audit 12a: 1.6× a 150 MiB budget beyond
-    # the model): the header must not imply more. The interaction basis checks its passes against it
-    # and chunks its edges to fit (``tld.memory.direction_chunk``), but is not fitted.
-    text = (f"memory budget {format_bytes(memory['budget'])} ({memory['source']}) for the statistics passes "
-            "(synchronization, counts, activations, sparsity) and the interaction basis; not the LLC")
+    # Only the statistics passes are fitted (their batches lowered until one fits); the interaction
+    # basis and the LLC check their passes against the budget and fail first where one would not fit
+    # (the LLC's size is scoped by time, time_line): the header must not imply more (audit 12a).
+    text = (f"memory budget {format_bytes(memory['budget'])} ({memory['source']}): the statistics passes "
+            "(synchronization, counts, activations, sparsity) are fitted to it; the interaction basis and the LLC "
+            "check their passes against it")
     if "needed" in memory:
         text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
     text += _lowered(memory)

@@ -85,6 +85,7 @@ def invariants(ctx: ReportContext) -> SectionOutput:
     d = ctx.adapter.d_head
     ov, qk = ov_invariants(ctx.adapter), qk_invariants(ctx.adapter)
     values = {"ov": _circuit_values(ov, d), "qk": _circuit_values(qk, d), "rtol": float(ov["rtol"].iloc[0])}
+    values["qk"]["rotary"] = ctx.adapter.cfg.positional_embedding == "rotary"
     parts = [f"{name.upper()}: {v['full_rank_heads']}/{v['heads']} heads full rank (d_head {d})"
              + (f", {v['fixed_heads']} fixed by the architecture (factors not parameters)" if v["fixed_heads"] else "")
              for name, v in (("ov", values["ov"]), ("qk", values["qk"]))]
@@ -595,7 +596,10 @@ def _invariants_verdict(v: dict) -> str:
     note = (f"; {' and '.join(fixed)} circuit(s) fixed by the architecture (their factors are not parameters: "
             "no gauge, and their rank is not weight-space degeneracy)" if fixed else "")
     # q/k norms leave QK no GL(d_head) gauge, only the scalings they divide out (qk_invariants, METHODS §2)
+    # rotary QK: only the gauges that commute with the rotations (audit 16a F4: "GL(d_head)" was printed)
     gauge = ("the OV circuits' GL(d_head) gauge and the scalings the q/k norms divide out" if qk.get("qk_norm")
+             else "the OV circuits' GL(d_head) gauge and the QK circuits' gauges that commute with the rotations "
+                  "(2 per rotary pair plus (d_head − rotary dims)²)" if qk.get("rotary")
              else "the GL(d_head) gauge")
     if not any(low.values()):
         head = "every head full rank" if not fixed else "every circuit with parameter factors full rank"

@@ -90,10 +90,11 @@ class ReportSettings:
     ib_resolution: float = 1.0
     #: Run the sparsity section (``tld.sparsify``, METHODS §8; several passes over the data): thorough only.
     sparsity: bool = False
-    #: Memory budget in bytes of the statistics sections (``--memory 8G``), beyond the loaded model and
-    #: data; None: a share of the memory available on the model's device once they are loaded
-    #: (``tld.memory.default_budget``). Sequence length and
-    #: batch size not set explicitly are lowered until each pass fits it (``ReportContext.fit_memory``).
+    #: Memory budget in bytes of every section (``--memory 8G``), beyond the loaded model and data;
+    #: None: a share of the memory available on the model's device once they are loaded
+    #: (``tld.memory.default_budget``). For the statistics sections, sequence length and batch size not
+    #: set explicitly are lowered until each pass fits it (``ReportContext.fit_memory``); the interaction
+    #: basis and the LLC fail first where a pass would not fit.
     memory: int | None = None
     section_time: float | None = 300.0
 

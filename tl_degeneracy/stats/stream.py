@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..autograd import gradients_enabled, ordinary, refuse_inference_mode
 from ..data import Batch
-from ..distributed import all_reduce_sum_, distributed_context
+from ..distributed import all_reduce_sum_, distributed_context, gather_objects
+from ..errors import TLDegeneracyError
 from .passes import raise_if_not_finite, shard
 from .samples import SampleIndex
 
@@ -83,19 +84,51 @@ def stream(
     if grad:
         refuse_inference_mode(f"this analysis (its {desc!r} pass)")
     ready = _for_autograd if grad else (lambda batch: batch)
+    error = None
     with gradients_enabled() if grad else torch.no_grad():
-        for batch in map(ready, shard(batches, ctx, device, progress, desc)):
-            step = Step(batch, SampleIndex.from_batch(batch))
-            on_batch(step)
-            raise_if_not_finite(step.flags, batch, what)
-            n_mine += 1
-        if ctx.active:
-            if n_mine == 0:
+        try:
+            for batch in map(ready, shard(batches, ctx, device, progress, desc)):
+                step = Step(batch, SampleIndex.from_batch(batch))
+                on_batch(step)
+                raise_if_not_finite(step.flags, batch, what)
+                n_mine += 1
+            if ctx.active and n_mine == 0:
                 first = ready(batches.batch(0, device=device))
                 on_batch(Step(first, SampleIndex.from_batch(first), count=False))
+        except Exception as err:
+            if not ctx.active:
+                raise
+            error = err
+        if ctx.active:
+            _raise_on_every_rank(error, desc)
             for item in reduce():
                 if isinstance(item, Tensor):
                     all_reduce_sum_(item)
                 else:
                     item.all_reduce()
     return n_mine
+
+
+def _raise_on_every_rank(error: Exception | None, desc: str) -> None:
+    """Under torchrun, raise on every rank where the pass failed on any (``error``: this rank's, or
+    None): a rank that raised alone would leave the others waiting in the reduction for good (audit
+    16b: non-finite values in one rank's batches hung the report until gloo's 30-minute timeout).
+    A rank whose own batches were fine raises the first failing rank's error class (a
+    TLDegeneracyError subclass, so the report classifies it alike; RuntimeError otherwise) with its
+    message and rank."""
+    ctx = distributed_context()
+    failures = gather_objects(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error
+    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if first is None:
+        return
+    rank, (cls, message) = first
+    text = f"the {desc!r} pass failed on rank {rank} of {ctx.world_size}: {message}"
+    exc = RuntimeError(text)
+    if isinstance(cls, type) and issubclass(cls, TLDegeneracyError):
+        try:
+            exc = cls(text)
+        except TypeError:  # an error class that takes other arguments
+            pass
+    raise exc
