@@ -12,7 +12,8 @@
 # - kl:          the behavioral KL's forward+backward (8 chains × 32 × 128 tokens × SmolLM2's vocabulary)
 #                against the same divergence written out for autograd: time and peak CUDA memory;
 # - llc:         behavioral LLC of a SmolLM2-135M-shaped model, 8 chains on 32 × 128 tokens, time per
-#                step measured on a fraction and extrapolated to 1,000 steps;
+#                step measured on a fraction and extrapolated to 1,000 steps (on fewer sequences where the
+#                GPU runs out of memory), its peak CUDA memory beside the LLC's estimate (sgld_bytes);
 # - devinterp:   SGLD time per chain-step against devinterp 2.0.1 on the same model and settings;
 # - multigpu:    when more than one GPU is visible: the two-process tests over NCCL (statistics
 #                all-reduce, sharded chains) and the scaling of both on all GPUs (distributed_scaling.py).

@@ -106,6 +106,7 @@ def fitting_runs(model, tokens, args, a: int, b: int) -> tuple[int, float, float
             n = (n + 1) // 2
             if torch.device(args.device).type == "cuda":
                 torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()  # the peak of the runs that fit, not of the one that failed
 
 
 def main(argv=None) -> None:
@@ -148,14 +149,15 @@ def main(argv=None) -> None:
 
     estimate = sgld_bytes(tld.adapt(model), args.chains, n_run, n_pos, result.n_params,
                           min(tld.llc.targets.DEFAULT_CACHE_BYTES, n_run * n_pos * SMOLLM2_135M["vocab_size"] * 4)) / 2**30
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30  # the peak holds them too
     ran = f"{n_run}×{n_pos}" + (f" (×{scale:g} extrapolated)" if n_run < n_seq else "")
     line = (
         f"| {args.device} | {args.dtype} | {args.chains} | {ran} | {t_load:.1f} s | {t_a:.1f} s ({a}) / {t_b:.1f} s ({b}) "
         f"| {per_step:.3f} s ({per_step / args.chains * 1e3:.0f} ms per chain-step) | {total / 60:.1f} min | {peak:.1f} GiB "
-        f"| {estimate:.1f} GiB |"
+        f"| {estimate:.1f} GiB + {weights:.1f} GiB weights |"
     )
     head = ("| device | dtype | chains | tokens run | load | runs (draws) | per step, all chains | "
-            f"{args.target_steps} steps on {n_seq}×{n_pos}, extrapolated | peak CUDA memory | estimate (sgld_bytes) |\n"
+            f"{args.target_steps} steps on {n_seq}×{n_pos}, extrapolated | peak CUDA memory | estimate (sgld_bytes) + weights |\n"
             + "|---" * 10 + "|")
     print(head)
     print(line)

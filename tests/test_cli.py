@@ -121,6 +121,14 @@ def test_an_interrupt_says_how_to_resume(monkeypatch, tmp_path, capsys):
     assert "Traceback" not in err and "the same command resumes" in err
     # audit 15b F7: a time fit under another load may scope the costly sections otherwise
     assert "give the lowered values with --set to resume them" in " ".join(err.split())
+    # audit 16b F11: SIGTERM ends it the same way, and the handler before is put back
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_report", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["report", "--out", str(tmp_path / "y"), "--quiet"]) == 130
+    assert "the same command resumes" in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_repeated_set_and_only_add_up(monkeypatch, tmp_path):
@@ -325,3 +333,11 @@ def test_files_that_are_not_text_are_not_read_as_text(tmp_path):
             load_data_spec(tmp_path / name)
     torch.save(torch.randint(0, 20, (2, 8)), tmp_path / "IDS.PT")  # a tensor file whatever the suffix's case
     assert load_data_spec(tmp_path / "IDS.PT").source.startswith("tensor file")
+
+
+@pytest.mark.parametrize("argv, message", [(["--seed", str(2**64)], "seed must be an integer in [0, 2**63)"),
+                                           (["--memory", "1e309"], "memory must be a positive, finite size")])
+def test_seeds_and_sizes_out_of_range_are_refused_clearly(tmp_path, capsys, argv, message):
+    """Audit 16b F6: raw OverflowError tracebacks."""
+    assert main(["report", "--out", str(tmp_path / "r"), "--quiet", "--only", "summary", *argv]) == 2
+    assert message in capsys.readouterr().err

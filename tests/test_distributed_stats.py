@@ -36,3 +36,34 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     assert [g["error"] for g in got] == ["NumericalError", "NumericalError"]
     assert "non-finite" in got[1]["message"] and "failed on rank 1 of 2" in got[0]["message"]
     assert got[1]["message"] in got[0]["message"]
+
+
+def test_only_names_and_text_cross_between_ranks(monkeypatch):
+    """Review 39: the failing error's class was pickled to the other ranks, so a class that does not
+    pickle lost the real error. The other ranks now rebuild the package's classes by name, anything
+    else as RuntimeError, with the failing rank's message."""
+    import pickle
+
+    import pytest
+
+    from tl_degeneracy.errors import DataError
+    from tl_degeneracy.stats import stream
+
+    class Local(Exception):  # defined in a function: does not pickle
+        pass
+
+    monkeypatch.setattr(stream, "distributed_context", lambda: type("Ctx", (), {"world_size": 2})())
+    sent = []
+
+    def gather(obj):
+        pickle.dumps(obj)  # what all_gather_object does with it
+        sent.append(obj)
+        return [None, obj] if obj is not None else [None, failing]
+
+    monkeypatch.setattr(stream, "gather_objects", gather)
+    for error, expected in ((Local("boom"), RuntimeError), (DataError("bad data"), DataError)):
+        failing = (f"{type(error).__module__}.{type(error).__qualname__}", str(error))
+        with pytest.raises(type(error), match=str(error)):  # the failing rank raises its own
+            stream._raise_on_every_rank(error, "p")
+        with pytest.raises(expected, match=f"the 'p' pass failed on rank 1 of 2: {error}"):
+            stream._raise_on_every_rank(None, "p")

@@ -223,6 +223,15 @@ def test_a_half_precision_module_takes_inputs_of_its_own_dtype():
     assert half.llc == pytest.approx(ref.llc, rel=0.05)
 
 
+def test_a_module_that_cannot_take_the_data_is_refused_clearly():
+    """Audit 16b F8: a plain nn.Linear given token ids ended in torch's own dtype error."""
+    from tl_degeneracy.errors import DataError
+
+    tokens = torch.randint(0, 4, (8, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DataError, match=r"\(Linear\) cannot be evaluated on batch 0's inputs \(\(8, 4\), torch.int64\)"):
+        behavioral_llc(torch.nn.Linear(4, 2), tokens, chains=2, draws=4, burnin=2, step_size=1e-4, progress=False)
+
+
 def test_kl_on_one_output_per_sample_is_refused():
     """Audit 14a F7: softmax over one logit is 1 whatever θ, so L_B ≡ 0 and λ̂ read 0 ± 0 with advice
     to sample longer."""

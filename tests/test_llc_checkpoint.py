@@ -33,9 +33,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, sampler):
     np.testing.assert_array_equal(resumed.trace, full.trace)
     assert resumed.llc == full.llc
     np.testing.assert_array_equal(resumed.diagnostics["norms"], full.diagnostics["norms"])
+    # where each took up its chains (audit 16b F11: nothing recorded that a run was resumed)
+    assert full.diagnostics["resumed_at_step"] is None and resumed.diagnostics["resumed_at_step"] == 300
     # A finished checkpoint is read back without sampling again.
     again = behavioral_llc(model, x, sampler=sampler, checkpoint_dir=tmp_path, **KW)
     np.testing.assert_array_equal(again.trace, full.trace)
+    assert again.diagnostics["resumed_at_step"] == 700
 
 
 def test_a_draws_auto_checkpoint_resumes_under_a_larger_first_block(tmp_path):
@@ -82,7 +85,7 @@ def test_a_minibatch_checkpoint_of_the_old_step_size_rule_is_refused(tmp_path):
         where = tmp_path / str(batch_size)
         behavioral_llc(model, x, batch_size=batch_size, checkpoint_dir=where, _stop_after=10, **kw)
         path = where / "llc-rank0.pt"
-        payload = torch.load(path, weights_only=False)
+        payload = torch.load(path, weights_only=True)
         del payload["extra"]["step_size_choice"]["gradient_spread"]
         torch.save(payload, path)
         before = path.read_bytes()
@@ -93,6 +96,47 @@ def test_a_minibatch_checkpoint_of_the_old_step_size_rule_is_refused(tmp_path):
         else:
             resumed = behavioral_llc(model, x, batch_size=batch_size, checkpoint_dir=where, **kw)
             assert resumed.diagnostics["step_size_source"] == "automatic (from checkpoint)"
+
+
+def test_a_checkpoint_of_another_number_of_processes_says_so(tmp_path):
+    """Audit 16b F3: a run interrupted under 2 ranks and resumed in 1 process read "my_chains: checkpoint
+    [0, 2] vs now [0, 1, 2, 3]"; the message now names the number of processes and what to delete."""
+    model, x = linear_regression(d=3, n=30)
+    kw = dict(chains=4, draws=20, burnin=5, pilot_steps=20, progress=False)
+    behavioral_llc(model, x, checkpoint_dir=tmp_path, _stop_after=10, **kw)
+    path = tmp_path / "llc-rank0.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["settings"]["my_chains"] = [0, 2]  # rank 0's chains in a run of 2 processes
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"written by a run of 2 processes .*delete the llc-rank\*\.pt files"):
+        behavioral_llc(model, x, checkpoint_dir=tmp_path, **kw)
+
+
+class _Planted:
+    """Unpickling it runs ``touch <marker>``: what a crafted file in a checkpoint directory could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_without_running_it(tmp_path):
+    """Audit 16b F4: checkpoints were unpickled in full (weights_only=False), so a planted file ran a
+    command when the run resumed, and foreign files failed with KeyError/IndexError. Both are refused
+    with what to do, nothing runs and the file stays."""
+    model, x = linear_regression(d=3, n=30)
+    kw = dict(chains=2, draws=20, burnin=5, pilot_steps=20, progress=False)
+    marker = tmp_path / "ran"
+    for name, content in (("planted", {"settings": {}, "extra": _Planted(str(marker))}), ("foreign", {"a": 1})):
+        where = tmp_path / name
+        where.mkdir()
+        torch.save(content, where / "llc-rank0.pt")
+        before = (where / "llc-rank0.pt").read_bytes()
+        with pytest.raises(ValueError, match="checkpoint.*delete it to start afresh"):
+            behavioral_llc(model, x, checkpoint_dir=where, **kw)
+        assert not marker.exists() and (where / "llc-rank0.pt").read_bytes() == before
 
 
 def test_checkpoint_from_another_model_or_other_data_is_refused(tmp_path):
@@ -172,7 +216,7 @@ def test_checkpoint_files_are_written_atomically(tmp_path):
     model, x = linear_regression(d=3, n=30)
     behavioral_llc(model, x, chains=2, draws=600, burnin=0, checkpoint_dir=tmp_path, checkpoint_every=256)
     assert sorted(os.listdir(tmp_path)) == ["llc-rank0.pt"]  # no temporary file left behind
-    payload = torch.load(tmp_path / "llc-rank0.pt", weights_only=False)
+    payload = torch.load(tmp_path / "llc-rank0.pt", weights_only=True)  # no pickled code
     assert payload["step"] == 600 and payload["delta"].shape == (2, 3) and len(payload["generators"]) == 2
     # A write interrupted by a process that is gone left its temporary file (audit 10b): the next run removes it.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -238,7 +282,7 @@ def test_ranks_agree_on_resuming(tmp_path, monkeypatch):
     kw = dict(chains=2, draws=20, burnin=8, seed=1)
     behavioral_llc(model, x, checkpoint_dir=tmp_path, **kw)
     path = str(tmp_path / "llc-rank0.pt")
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=True)
     extra = payload["extra"]
     other = {"extra": extra, "settings": {k: v for k, v in payload["settings"].items() if k != "my_chains"},
              "step": payload["step"], "adapted": (extra.get("step_size"), [a["step"] for a in extra["adaptations"]])}

@@ -15,6 +15,7 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy import counts as counts_module
+from tl_degeneracy.distributed import DistributedContext
 from tl_degeneracy.llc import estimate as llc_estimate
 from tl_degeneracy.memory import (
     MemoryBudgetError, current_budget, estimate, format_bytes, memory_limit, parse_memory, sgld_bytes,
@@ -26,7 +27,7 @@ from .fixtures.toys import make_tiny_toy_transformer
 def test_parse_and_format_sizes():
     assert parse_memory("8G") == parse_memory("8GiB") == parse_memory("8gb") == 8 << 30
     assert parse_memory("512M") == 512 << 20 and parse_memory("1.5K") == 1536 and parse_memory(4096) == 4096
-    for bad in ("lots", "-1G", "0", "", True, "1e309", float("inf")):
+    for bad in ("lots", "-1G", "0", "", True, "1e309", float("inf"), 10**400):
         with pytest.raises(ValueError, match="memory must be"):
             parse_memory(bad)
     assert format_bytes(8 << 30) == "8.0 GiB" and format_bytes(900) == "900 B"
@@ -36,11 +37,14 @@ def test_the_default_cpu_budget_is_split_between_the_ranks_on_the_machine(monkey
     """Audit 16b F2: under torchrun each CPU rank took the whole default share of the RAM."""
     from tl_degeneracy.memory import default_budget
 
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("tl_degeneracy.memory.available_memory", lambda device: (8 << 30, "available RAM"))
     assert default_budget("cpu").bytes == 4 << 30
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     split = default_budget("cpu")
     assert split.bytes == 1 << 30 and "split between 4 ranks on this machine" in split.source
+    # direct calls (no memory_limit in force) too (review 39)
+    assert current_budget("cpu").bytes == 2 << 30 and "split between 4 ranks" in current_budget("cpu").source
 
 
 def test_memory_limit_sets_the_budget_in_force():
@@ -84,11 +88,18 @@ def test_the_llc_fails_before_its_first_step_when_its_chains_do_not_fit(monkeypa
     with memory_limit(need // 2), pytest.raises(MemoryBudgetError) as err:
         tld.behavioral_llc(model, tokens, chains=4, draws=4, burnin=2, step_size=1e-4, progress=False)
     text = str(err.value)
-    assert "4 chains on batches of 8 × 12 tokens" in text and f"sampling {numel:,} parameter entries" in text
+    assert "4 chain(s) per process on batches of 8 × 12 tokens" in text and f"sampling {numel:,} parameter entries" in text
     assert "lower chains (now 4)" in text and "llc_seq_len" in text and "llc_params" in text
     # each term grows the estimate: chains, tokens, parameters
     assert sgld_bytes(adapter, 8, 8, 12, numel) > need and sgld_bytes(adapter, 4, 8, 24, numel) > need
     assert sgld_bytes(adapter, 4, 8, 12, 2 * numel) > need
+    # a restricted LLC is charged the layers its parameters feed (review 39: every layer, per chain)
+    assert sgld_bytes(adapter, 4, 8, 12, numel, layers=1) < need
+    # under torchrun each rank is charged ⌈chains / ranks⌉ and every rank raises where one would not fit
+    monkeypatch.setattr(llc_estimate, "distributed_context", lambda: DistributedContext(0, 2))
+    monkeypatch.setattr(llc_estimate, "gather_objects", lambda mine: [mine, (1, need, "rank 1's budget")])
+    with memory_limit("1G"), pytest.raises(MemoryBudgetError, match="3 chain.s. per process.*budget of rank 1's budget"):
+        tld.behavioral_llc(model, tokens, chains=5, draws=4, burnin=2, step_size=1e-4, progress=False)
     monkeypatch.undo()
     with memory_limit(need + (need >> 2)):
         assert tld.behavioral_llc(model, tokens, chains=4, draws=4, burnin=2, step_size=1e-4, progress=False).chains == 4

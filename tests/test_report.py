@@ -385,6 +385,14 @@ def test_settings_presets_and_overrides():
         with pytest.raises(ValueError, match=f"report setting {next(iter(bad))} must"):
             resolve_settings("quick", bad)
     assert PRESETS["thorough"].ib_tokens > PRESETS["quick"].ib_tokens
+    # audit 16b F7: Python values of the wrong type, given to the API, gave raw TypeErrors or passed
+    assert resolve_settings("quick", {"loss_scales": 1e-3, "gammas": 1e3}).loss_scales == (1e-3,)
+    for bad in ({"sync_tol": None}, {"sync_tol": True}, {"sparsity": -1}, {"ib_resolution": True},
+                {"loss_scales": [1e-3, "a"]}):
+        with pytest.raises(ValueError, match=f"report setting {next(iter(bad))} must"):
+            resolve_settings("quick", bad)
+    with pytest.raises(ValueError, match="loss scales must be finite numbers"):
+        resolve_settings("quick", {"loss_scale": True})
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_settings("slow")
     with pytest.raises(ValueError, match="unknown report section"):
@@ -449,6 +457,12 @@ def test_verdicts_say_what_the_numbers_mean():
     # audit 16a F4: rotary QK has only the gauges that commute with the rotations, not GL(d_head)
     rotary = verdict(sec("invariants", ov=full, qk={**full, "rotary": True}))
     assert "GL(d_head) gauge and the QK circuits' gauges that commute with the rotations" in rotary
+    # audit 16a F3, review 39: an approximate block's count is an upper estimate, and reads so first
+    sync = verdict(sec("synchronization", head_synchronized_blocks=2, head_extra_freedom=1534,
+                       head_sync_approximation="attention patterns in blocks differ"))
+    assert sync.startswith("2 synchronized head block(s), up to 1,534 extra free directions (approximate: ")
+    exact = verdict(sec("synchronization", head_synchronized_blocks=1, head_extra_freedom=432))
+    assert exact.startswith("1 synchronized head block(s), 432 extra free directions")
     low = verdict(sec("invariants", ov={"heads": 8, "full_rank_heads": 6}, qk=full))
     assert low.startswith("2 of 8 OV circuits rank-deficient") and "QK" not in low
     llc = {"n_eff": 43.81, "loss_scale": 1e-3, "gamma": 1.0, "n_params": 478976}

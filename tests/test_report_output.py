@@ -323,6 +323,22 @@ def test_a_damaged_checkpoint_is_named_and_fresh_starts_afresh(tmp_path, capsys)
     assert _stored(out)["sections"]["llc"]["status"] == "ok"
 
 
+@pytest.mark.filterwarnings("ignore:report section 'llc'")
+def test_a_resumed_llc_says_so(tmp_path):
+    """Audit 16b F11: nothing recorded that the LLC's chains were taken up from a checkpoint."""
+    out = tmp_path / "rep"
+    argv = ["--model", "toy:sma", "--only", "llc", "--set", "chains=2", "draws=6", "burnin=2", "pilot_steps=3",
+            "loss_scales=1e-3", "llc_sequences=2", "llc_max_draws=6"]
+    assert _run(out, *argv) == 0
+    first = _stored(out)["sections"]["llc"]
+    assert first["values"]["diagnostics"]["resumed_at_step"] is None
+    (out / "checkpoints" / "sections" / "llc.json").unlink()  # as an interruption after the chains leaves it
+    assert _run(out, *argv) == 0
+    again = _stored(out)["sections"]["llc"]
+    assert again["values"]["diagnostics"]["resumed_at_step"] == 8
+    assert any("resumed an interrupted run's chains from their checkpoint at step 8" in n for n in again["notes"])
+
+
 def _nan_toy(monkeypatch):
     """Make load_model give toy:sma with one NaN in blocks.0.attn.W_V (as a diverged run leaves it)."""
     from tl_degeneracy.models import loading
@@ -433,3 +449,33 @@ def test_a_save_interrupted_after_report_json_leaves_a_directory_a_rerun_takes(t
     monkeypatch.setattr(report_module, "write_atomic", write)
     assert _run(out, "--model", "toy:sma", *CHEAP) == 0
     assert _csvs(out) == _listed_csvs(out)
+
+
+def test_damaged_cached_sections_are_recomputed_and_fresh_keeps_a_users_files(tmp_path, capsys, monkeypatch):
+    """Audit 16b: a cached section with its fingerprint but a broken result gave a raw traceback (F5),
+    --fresh deleted a user's file inside a section's checkpoint folder (F9), and a cache write cut short
+    by a full disk left its temporary file (F10)."""
+    from tl_degeneracy.report import cache
+
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    cached = out / "checkpoints" / "sections" / "invariants.json"
+    stored = json.loads(cached.read_text())
+    cached.write_text(json.dumps({"fingerprint": stored["fingerprint"], "result": {"broken": 1}}))
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    assert _stored(out)["sections"]["invariants"]["status"] == "ok" and not _stored(out)["sections"]["invariants"].get("cached")
+    mine = out / "checkpoints" / "invariants-0123456789ab" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    (mine.parent / "llc-rank0.pt").write_bytes(b"ours")
+    assert _run(out, "--model", "toy:sma", *CHEAP, "--fresh") == 0
+    assert mine.read_text() == "mine" and not (mine.parent / "llc-rank0.pt").exists()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.os, "replace", full_disk)  # os.replace itself: every write of the run fails
+    capsys.readouterr()
+    assert _run(tmp_path / "full", "--model", "toy:sma", *CHEAP) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list((tmp_path / "full").rglob("*.tmp-*"))

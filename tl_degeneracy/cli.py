@@ -12,7 +12,9 @@ comparison.csv (``tld.compare_reports``) to ``--out``, by default ``compare-<A>-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 import warnings
@@ -245,6 +247,25 @@ def _error(e: BaseException, debug: bool) -> int:
     return 2
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's time limit, ``kill``, torchrun stopping its workers) ends the command as
+    Ctrl-C does, with its message (audit 16b F11: it ended without a word); the handler before is
+    put back after. Outside the main thread signals cannot be caught and nothing changes."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -255,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if getattr(args, "out", None) else None
     created = out is not None and not out.exists()
     try:
-        return args.func(args)
+        with _terminate_as_interrupt():
+            return args.func(args)
     except KeyboardInterrupt:
         if debug:
             raise

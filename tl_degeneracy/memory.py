@@ -75,7 +75,10 @@ def parse_memory(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise ValueError(f"memory must be a size such as 8G or 512M; got {text!r}")
     if isinstance(text, (int, float)):
-        value = float(text)
+        try:
+            value = float(text)
+        except OverflowError:  # an int beyond float's range (review 39)
+            value = float("inf")
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
         if not match:
@@ -129,7 +132,7 @@ def default_budget(device: torch.device | str, fraction: float | None = None) ->
     device = torch.device(device)
     fraction = DEFAULT_FRACTION.get(device.type, DEFAULT_FRACTION["cpu"]) if fraction is None else float(fraction)
     free, what = available_memory(device)
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) if device.type != "cuda" else 1
+    ranks = _ranks_sharing(device)
     if ranks > 1:
         return MemoryBudget(int(free * fraction / ranks),
                             f"{fraction:.0%} of {format_bytes(free)} {what}, split between {ranks} ranks on this machine")
@@ -157,12 +160,27 @@ def _limited(budget: MemoryBudget):
 
 
 def current_budget(device: torch.device | str) -> MemoryBudget:
-    """The budget of :func:`memory_limit` in force, else all of :func:`available_memory` on ``device``."""
+    """The budget of :func:`memory_limit` in force, else all of :func:`available_memory` on ``device``
+    (on a CPU shared by torchrun's ranks, split between them)."""
     limit = _LIMIT.get()
     if limit is not None:
         return limit
     free, what = available_memory(device)
+    ranks = _ranks_sharing(device)
+    if ranks > 1:  # review 39: direct calls under torchrun gave every CPU rank all of the RAM
+        return MemoryBudget(free // ranks, f"{what}, split between {ranks} ranks on this machine")
     return MemoryBudget(free, what)
+
+
+def _ranks_sharing(device: torch.device | str) -> int:
+    """How many processes share ``device``'s memory: on a CPU, the ranks torchrun started on this
+    machine (``LOCAL_WORLD_SIZE``); a GPU is each rank's own."""
+    if torch.device(device).type == "cuda":
+        return 1
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
 
 
 def estimate(
@@ -262,29 +280,35 @@ def _layer_bytes(adapter, batch: int, seq: int) -> tuple[int, int, int]:
     return s, 3 * batch * H * seq * seq * s, (8 * D + (H + 2 * kv) * d + 3 * F) * s
 
 
-def sgld_bytes(adapter, chains: int, batch: int, seq: int, n_params: int, reference: int = 0) -> int:
+def sgld_bytes(adapter, chains: int, batch: int, seq: int, n_params: int, held: int = 0,
+               layers: int | None = None) -> int:
     """Upper estimate in bytes of the peak that ``behavioral_llc`` allocates with ``chains`` chains
     (on this process: a torchrun rank's share) on batches of ``batch`` sequences of ``seq`` tokens of
     ``adapter``'s model, sampling a flat state of ``n_params`` entries (the parameter tensors the
-    selection touches), with ``reference`` bytes of cached reference outputs: per chain,
-    :data:`SGLD_PER_CHAIN` times each kind of one forward's activations and of the sampled
-    parameters, times :data:`ALLOCATOR_SLACK`; the weights themselves are loaded and not counted.
-    Every layer's activations are counted, also below the first sampled parameter (an upper
-    estimate for a restricted LLC).
+    selection touches), beside ``held`` bytes it keeps anyway (cached reference outputs, a half-precision
+    model's widened weights): per chain, :data:`SGLD_PER_CHAIN` times each kind of one forward's
+    activations and of the sampled parameters, times :data:`ALLOCATOR_SLACK`; the weights themselves
+    are loaded and not counted. ``layers``: the top layers whose activations depend on the sampled
+    parameters (default all); those below run once for every chain without a graph, one layer's
+    activations at a time (review 39: a restricted LLC of a 4-layer toy's last attention rose 0.34 of
+    an estimate that charged every layer per chain).
 
-    Measured (fresh processes, given step size, 10 + 20 steps and the end-of-run curvature, 1 thread,
-    CPU): the peak resident set rose by 0.71–0.80 of the estimate before the slack on toy:bytelm at
-    2 and 8 chains × 8 × 32 tokens and 8 × 16 × 64, and on 4 chains of three ToyTransformers where
-    the attention (8 heads, 8 × 256 tokens), the logits (vocabulary 8,192) or the parameters (3.2M)
-    dominate; the automatic step size's pilots stayed below it (0.86 on toy:bytelm). The peak is the
-    curvature checks' Hessian-vector products, 3–5 times a single step's allocation. Not yet measured
-    on a GPU (issue 19's ``benchmarks/gpu.sh``); where it refuses a run that would fit, raise the budget."""
+    Measured (``benchmarks/llc_memory.py``: fresh processes, given step size, 10 + 20 steps and the
+    end-of-run curvature, 1 thread, CPU): the peak resident set rose by 0.70–0.92 of the estimate
+    before the slack on toy:bytelm at 2 and 8 chains × 8 × 32 tokens and 8 × 16 × 64, on 4 chains of
+    three ToyTransformers where the attention (8 heads, 8 × 256 tokens), the logits (vocabulary
+    8,192) or the parameters (3.2M) dominate, and on LLCs restricted to one layer's attention; the
+    automatic step size's pilots stayed below it. The peak is the curvature checks' Hessian-vector
+    products, 3–5 times a single step's allocation. Not yet measured on a GPU (issue 19's ``benchmarks/gpu.sh``); where it refuses
+    a run that would fit, raise the budget."""
     s, attention, per_token = _layer_bytes(adapter, batch, seq)
     c, k = adapter.cfg, SGLD_PER_CHAIN
+    L = c.n_layers if layers is None else max(0, min(int(layers), c.n_layers))
     tokens = batch * seq
-    per_chain = (k["attention"] * c.n_layers * attention + k["activations"] * c.n_layers * tokens * per_token
+    per_chain = (k["attention"] * L * attention + k["activations"] * L * tokens * per_token
                  + k["logits"] * tokens * c.d_vocab * s + k["parameters"] * int(n_params) * s)
-    return int((int(chains) * per_chain + int(reference)) * ALLOCATOR_SLACK)
+    below = attention + tokens * per_token if L < c.n_layers else 0
+    return int((int(chains) * per_chain + below + int(held)) * ALLOCATOR_SLACK)
 
 
 def direction_bytes(adapter, batch: int, seq: int, in_width: int, out_width: int) -> int:

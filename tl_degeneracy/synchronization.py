@@ -898,7 +898,10 @@ def head_synchronization(
     input reaches only that constant. Without b_O (Llama-style o_proj) nothing absorbs it, and the
     uncentred Grams are read (METHODS §3, corrected). Under LayerNorm the residual stream's mean direction is never read, so W_O is
     taken as W_O P and D_out = D − 1 (METHODS §2's effective maps); the count is then the same for
-    an unfolded bridge, a compatibility-mode bridge and a HookedTransformer of one checkpoint.
+    an unfolded bridge, a compatibility-mode bridge and a HookedTransformer of one checkpoint that
+    has b_O. Of one without (Llama), a HookedTransformer adds a zero b_O parameter, which absorbs the
+    constant in its parameter space, and its count is the centred one: it may exceed the bridge's by
+    d·(rank of the input Gram − rank of its covariance) per copied head (review 39: 264 against 272).
 
     Args:
         tol: distance threshold in [0, 1] (TV distance lies in [0, 1]).

@@ -93,8 +93,9 @@ def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:
         "delta": state.delta.cpu(),
         "v": None if state.v is None else state.v.cpu(),
         "generators": state.generator_states(),
-        "trace": state.trace,
-        "virial": state.virial,
+        # tensors, not numpy arrays: the file is read back with weights_only=True (load_payload)
+        "trace": torch.from_numpy(np.ascontiguousarray(state.trace)),
+        "virial": torch.from_numpy(np.ascontiguousarray(state.virial)),
         "alive": state.alive.cpu(),
         "failed_at": state.failed_at.cpu(),
         "norms": state.norms.cpu(),
@@ -106,9 +107,37 @@ def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:
     os.replace(tmp, path)
 
 
+#: What every checkpoint holds (:func:`save_checkpoint`).
+_PAYLOAD_KEYS = frozenset({"settings", "step", "delta", "v", "generators", "trace", "virial", "alive", "failed_at",
+                           "norms", "wall_s", "extra"})
+
+
+def load_payload(path: str) -> dict:
+    """The payload of the checkpoint at ``path``, unpickled with ``weights_only=True``: tensors and plain
+    containers only, so a file planted in a checkpoint directory cannot run code (audit 16b F4: with
+    weights_only=False a crafted file ran a shell command on the report's rerun). A file that is not
+    such a checkpoint, or one written before 0.4.7 (numpy arrays inside), is refused with what to do."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the unpickler refuses
+        # torch's own message advises weights_only=False, which is what must not be done with it
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint of this version of tl_degeneracy ({type(err).__name__}): it is "
+            "not one of its checkpoints, or was written before 0.4.7, and it is not unpickled in full since that "
+            "could run code it holds; delete it to start afresh"
+        ) from None
+    if not isinstance(payload, dict) or not _PAYLOAD_KEYS <= payload.keys() or not isinstance(payload["settings"], dict):
+        raise ValueError(f"{path} is not a behavioral-LLC checkpoint of tl_degeneracy (not the fields it writes); "
+                         "delete it to start afresh")
+    for name in ("trace", "virial"):
+        if isinstance(payload[name], torch.Tensor):
+            payload[name] = payload[name].numpy()
+    return payload
+
+
 def load_checkpoint(path: str, key: dict, state: SamplerState) -> SamplerState:
     """Restore ``state`` from ``path``; refuse a checkpoint written under another run key."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_payload(path)
     saved = payload["settings"]
     diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
     if "fingerprint" in diff:
@@ -117,6 +146,15 @@ def load_checkpoint(path: str, key: dict, state: SamplerState) -> SamplerState:
         raise ValueError(
             f"checkpoint {path} belongs to another model or other data (differs in: {what}); it cannot be "
             f"resumed for this one. Use another checkpoint_dir (one per model and data set) or delete the file"
+        )
+    if diff == ["my_chains"]:
+        # the chains are split round-robin over the ranks: the rank's first two chains are world apart
+        mine = list(saved.get("my_chains") or [])
+        then = f"{mine[1] - mine[0]} processes" if len(mine) > 1 else "another number of processes"
+        raise ValueError(
+            f"checkpoint {path} was written by a run of {then} (this rank's chains then {mine}, now "
+            f"{key.get('my_chains')}): resume with that number of processes, or delete the llc-rank*.pt files of "
+            f"{os.path.dirname(path)} to sample this run afresh (a report keeps its other sections)"
         )
     if diff:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {key.get(k)!r}" for k in diff[:6])
@@ -131,8 +169,7 @@ def load_checkpoint(path: str, key: dict, state: SamplerState) -> SamplerState:
     for g, s in zip(state.generators, payload["generators"]):
         g.set_state(s)
     state.trace = payload["trace"]
-    # A checkpoint of an earlier version has no δ·∇U: NaN, and the relaxation criterion is skipped.
-    state.virial = payload.get("virial", np.full_like(state.trace, np.nan))
+    state.virial = payload["virial"]
     state.alive = payload["alive"].to(device)
     state.failed_at = payload["failed_at"].to(device)
     state.norms = payload["norms"].to(device)
@@ -153,7 +190,7 @@ def agree_on_resume(path: str, world: int) -> dict | None:
     """
     mine = None
     if os.path.exists(path):
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_payload(path)
         extra = payload["extra"]
         settings = {k: v for k, v in payload["settings"].items() if k != "my_chains"}
         mine = {"extra": extra, "settings": settings, "step": int(payload["step"]),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import replace
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..autograd import gradients_enabled, refuse_inference_mode
 from ..errors import EstimateFailedError, NumericalError
-from ..distributed import distributed_context, max_over_ranks, warn_once
+from ..distributed import distributed_context, gather_objects, max_over_ranks, warn_once
 from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
@@ -61,24 +62,58 @@ def resolve_nbeta(nbeta: float | None, loss_scale: float | None) -> float:
 
 def check_memory(target: SamplingTarget, selection: Selection, chains: int) -> None:
     """Refuse (:class:`~tl_degeneracy.memory.MemoryBudgetError`, saying what to lower) a run whose
-    ``chains`` chains on this process would need more than the memory budget in force
-    (:func:`~tl_degeneracy.memory.sgld_bytes`), before anything is sampled: on a CPU running out of
-    memory is the kernel killing the process without a word (issue 19). Transformer targets only:
+    chains would need more than the memory budget in force (:func:`~tl_degeneracy.memory.sgld_bytes`)
+    on any process, before anything is sampled: on a CPU running out of memory is the kernel killing
+    the process without a word (issue 19). Each process is charged the largest share of the
+    ``chains``, ⌈chains / ranks⌉, and under torchrun every rank raises where any would not fit (review
+    39: a rank refused alone and the others waited in the chains' gather). Transformer targets only:
     a plain module's activations are not known from its shape."""
-    from ..memory import check_fits, sgld_bytes
+    from ..memory import MemoryBudgetError, current_budget, format_bytes
 
     if target.kind != "transformer":
         return
+    share = -(-int(chains) // distributed_context().world_size)
     tb = target.batches
     b, t = min(tb.batch_size, max(1, tb.n_sequences)), tb.max_len
-    adapter = target.engine
-    # the reference outputs (log-probabilities) of every batch, cached up to cache_bytes
-    reference = min(target.cache_bytes, target.n_batches * b * t * adapter.cfg.d_vocab * target.dtype.itemsize)
     n = selection.layout.numel
-    check_fits(sgld_bytes(adapter, chains, b, t, n, reference), target.device,
-               f"the behavioral LLC with {chains} chains on batches of {b} × {t} tokens, sampling {n:,} parameter entries",
-               f"lower chains (now {chains}), the sequences per batch (batch_size; the report's llc_sequences) or their "
-               "length (the report's llc_seq_len), or sample fewer parameters (params; the report's llc_params)")
+    need = chains_memory(target, selection, share)
+    budget = current_budget(target.device)
+    worst = max(gather_objects((need - budget.bytes, need, str(budget))))
+    if worst[0] > 0:
+        raise MemoryBudgetError(
+            f"the behavioral LLC with {share} chain(s) per process on batches of {b} × {t} tokens, sampling {n:,} "
+            f"parameter entries, would need about {format_bytes(worst[1])}, more than the memory budget of {worst[2]}; "
+            f"lower chains (now {chains}), the sequences per batch (batch_size; the report's llc_sequences) or their "
+            "length (the report's llc_seq_len), or sample fewer parameters (params; the report's llc_params), or raise "
+            "the budget (--memory / the report's memory setting / tld.memory.memory_limit) where the machine has more")
+
+
+def chains_memory(target: SamplingTarget, selection: Selection, chains: int) -> int:
+    """:func:`~tl_degeneracy.memory.sgld_bytes` of ``chains`` chains of a transformer ``target`` sampling
+    ``selection``, on its largest batch, beside the reference outputs of every batch (cached up to
+    ``cache_bytes``) and the float32 copy of a half-precision model's weights (``SamplingTarget.widened``)."""
+    from ..memory import sgld_bytes
+
+    tb = target.batches
+    b, t = min(tb.batch_size, max(1, tb.n_sequences)), tb.max_len
+    adapter, s = target.engine, target.dtype.itemsize
+    held = (min(target.cache_bytes, target.n_batches * b * t * adapter.cfg.d_vocab * s)
+            + sum(p.numel() * s for p in target.star.values() if p.dtype.itemsize < s))
+    return sgld_bytes(adapter, chains, b, t, selection.layout.numel, held,
+                      layers=_layers_sampled(selection, adapter.cfg.n_layers))
+
+
+def _layers_sampled(selection: Selection, n_layers: int) -> int:
+    """How many of the top layers depend on the sampled parameters (``blocks.<i>.…``; the embeddings
+    and any name not of a block: all of them; only the final norm or unembedding: none)."""
+    lowest = n_layers
+    for name in selection.layout.names:
+        m = re.match(r"blocks\.(\d+)\.", name)
+        if m:
+            lowest = min(lowest, int(m.group(1)))
+        elif not name.startswith(("ln_final.", "unembed.")):
+            return n_layers
+    return n_layers - lowest
 
 
 def check_finite_at_reference(target: SamplingTarget, layout: ParameterLayout) -> None:
@@ -322,7 +357,7 @@ def behavioral_llc(
         # stiff batch of 100 reached 218 > 200, were dropped as diverged, and λ̂ read 4.80 for 5.00).
         explode_at = (10.0 * selection.n_params + 100.0) * target.n_batches
         my_chains = list(range(ctx.rank, config.chains, ctx.world_size))
-        check_memory(target, selection, len(my_chains))
+        check_memory(target, selection, config.chains)
         check_finite_at_reference(target, selection.layout)
         checkpointer = None if checkpoint_dir is None else Checkpointer(
             checkpoint_dir, ctx.rank, ctx.world_size, config.checkpoint_every, config.steps, _stop_after)
@@ -338,9 +373,11 @@ def behavioral_llc(
                             rms_alpha=config.rms_alpha, rms_eps=config.rms_eps, explode_at=explode_at)
         state = initial_state(target, selection.layout, [chain_seed(seed, c) for c in my_chains], dynamics)
         state.extra["step_size_choice"] = choice.to_dict()
+        resumed_at = None
         if checkpointer is not None:
             key = {**_run_key(target, config, nb, selection, seed, my_chains), "step_size": eta}
             state = checkpointer.restore(state, key, resume=saved is not None)
+            resumed_at = state.step if saved is not None else None
             # time_limit counts the run's time over every call: a resumed run starts with what the
             # checkpoint had spent (audit 10b: a run that had stopped on its budget was extended by a
             # fresh one, 1,900 → 3,700 draws, and a rerun report read another λ̂ and verdict).
@@ -376,9 +413,12 @@ def behavioral_llc(
         end = (chain_curvature(target, selection, state, _point_seeds(seed, my_chains))
                if state.step == run.steps else Curvature(float("nan"), float("nan"), float("nan")))
         records = ChainRecords.gather(state, my_chains, loss_grad.compile_s)
-        return _result(target, selection, run, nb, choice, source, dynamics, state.extra["adaptations"],
-                       end, records, loss_grad, ctx.world_size, _gamma_source(config, eta), budget,
-                       burnin_record)
+        result = _result(target, selection, run, nb, choice, source, dynamics, state.extra["adaptations"],
+                         end, records, loss_grad, ctx.world_size, _gamma_source(config, eta), budget,
+                         burnin_record)
+        # where an interrupted run took up its chains (None: sampled in one go), audit 16b F11
+        result.diagnostics["resumed_at_step"] = resumed_at
+        return result
 
 
 def _localization(config: SamplerConfig, choice: StepSizeChoice, source: str, nbeta: float) -> tuple[float, StepSizeChoice]:

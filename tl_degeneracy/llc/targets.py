@@ -54,6 +54,7 @@ from torch import Tensor
 from ..autograd import ordinary
 from ..errors import DataError
 from ..models.adapt import model_kind
+from ..models.chains import OUT_OF_MEMORY
 from ..models.engine import Engine, engine_for
 from ..numerics import compute_dtype
 from .losses import LOSSES, masked_sum, per_sample_loss, reference_form
@@ -328,8 +329,21 @@ class ModuleTarget(SamplingTarget):
         return self.data[b * self.batch_size : (b + 1) * self.batch_size]
 
     def _reference_outputs(self, b: int) -> Tensor:
+        try:
+            out = super()._reference_outputs(b)
+        except OUT_OF_MEMORY:
+            raise
+        except (RuntimeError, TypeError) as err:
+            # the module's first forward on these data (audit 16b F8: nn.Linear on token ids ended in
+            # torch's "mat1 and mat2 must have the same dtype"; transformers take any token ids)
+            inputs = self._inputs(b)
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise DataError(
+                f"the model ({type(self.engine.model).__name__}) cannot be evaluated on batch {b}'s inputs "
+                f"({tuple(inputs.shape)}, {inputs.dtype}): {type(err).__name__}: {first}. Pass the input tensor it "
+                "takes (token ids are for TransformerLens models and the bundled toys)"
+            ) from err
         # One number per sample is a 1-wide output axis, so both losses see [..., k].
-        out = super()._reference_outputs(b)
         return out.unsqueeze(-1) if out.ndim == 1 else out
 
     def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:

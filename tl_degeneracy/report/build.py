@@ -228,6 +228,9 @@ def degeneracy_report(
     if unknown:
         raise ValueError(f"unknown report section(s) {unknown}; sections: {', '.join(SECTIONS)}")
     settings = resolve_settings(preset, overrides)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        # torch's generators take 64-bit seeds (audit 16b F6: "Overflow when unpacking long long")
+        raise ValueError(f"seed must be an integer in [0, 2**63); got {seed!r}")
     torch.manual_seed(seed)
     spec_label, adapter = _resolve_model(model, device)
     label = label or spec_label

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -57,9 +56,12 @@ def load_cached(section: Section, ctx: ReportContext) -> SectionResult | None:
         stored = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a half-written or damaged file: recompute
-    if stored.get("fingerprint") != fingerprint(section, ctx):
+    if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint(section, ctx):
         return None
-    result = SectionResult.from_dict(stored["result"])
+    try:
+        result = SectionResult.from_dict(stored["result"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # the right fingerprint over a damaged result (audit 16b F5: a raw traceback): recompute
     result.cached = True
     return result
 
@@ -69,8 +71,11 @@ def store(section: Section, ctx: ReportContext, result: SectionResult) -> None:
     path = _path(ctx, section.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint(section, ctx), "result": result.to_dict()}, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint(section, ctx), "result": result.to_dict()}, allow_nan=False))
+        os.replace(tmp, path)
+    finally:  # a write cut short (a full disk) leaves nothing behind (audit 16b F10)
+        tmp.unlink(missing_ok=True)
 
 
 def check_checkpoints(section_dir: Path) -> None:
@@ -149,4 +154,19 @@ def clear(checkpoint_dir: Path) -> None:
             sections.rmdir()
     for entry in root.iterdir():
         if _own_section_dir(entry):
-            shutil.rmtree(entry)
+            _clear_section_dir(entry)
+
+
+#: What a section writes in its checkpoint directory (the LLC's per-rank checkpoints and their writes).
+_CHECKPOINT_FILE = re.compile(r"^llc-rank[0-9]+\.pt(\.tmp-[0-9]+)?$")
+
+
+def _clear_section_dir(directory: Path) -> None:
+    """Delete the checkpoints a section wrote under ``directory`` and the folders they leave empty;
+    anything else stays, with its folders (audit 16b F9: --fresh deleted a user's files placed there)."""
+    for folder, _, files in os.walk(directory, topdown=False):
+        for name in files:
+            if _CHECKPOINT_FILE.match(name):
+                os.remove(os.path.join(folder, name))
+        if not os.listdir(folder):
+            os.rmdir(folder)

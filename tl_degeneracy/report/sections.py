@@ -119,7 +119,7 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                 "head_sample_limited_layers": int(hs.sample_limited.sum()),
                 "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
-    headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom)}"
+    headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom, 'head', hs.approximation)}"
                 f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom)})"
                 f"{_approximate_label(hs.approximation)}"
                 f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()), int(hs.sample_limited.sum()))}")
@@ -141,7 +141,7 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         total = ctx.adapter.n_layers * ctx.adapter.d_mlp
         if len(neurons):
             headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
-                         f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron')}"
+                         f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron', ns.approximation)}"
                          f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom)})"
                          f"{_approximate_label(ns.approximation)}"
                          f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()), int(ns.sample_limited.sum()))}")
@@ -185,11 +185,17 @@ def _rounding_band_text(band, count: int | None) -> str:
             "float32 forward may form others)")
 
 
-def _extra_freedom_text(extra: int | None, unit: str = "head") -> str:
-    """The heads' or neurons' extra freedom, or that some block's count is not exact (METHODS §3)."""
+def _extra_freedom_text(extra: int | None, unit: str = "head", approximation: str = "") -> str:
+    """The heads' or neurons' extra freedom ("up to" where blocks are approximate: an upper estimate,
+    METHODS §3), or that some block's count is not exact."""
     if extra is None:
         return f"extra freedom not exact: see count_exact in the {unit} blocks"
-    return f"extra freedom {extra:,}"
+    return f"extra freedom {_up_to(approximation)}{extra:,}"
+
+
+def _up_to(approximation: str | None) -> str:
+    """"up to " before an approximate count (an upper estimate: METHODS §3), else ""."""
+    return "up to " if approximation else ""
 
 
 def _approximate_label(approximation: str) -> str:
@@ -354,7 +360,8 @@ def _restarts_text(modules) -> str:
 _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference", "h_max_end", "bias_bound",
                 "bias_bound_end", "predicted_bias_factor", "calibration", "adaptations", "s_per_chain_step",
                 "wall_s", "n_samples", "n_batches", "steps_done", "compiled", "compile_s", "compile_error", "pilot_steps",
-                "rhat", "ess", "drift", "relaxation", "n_diverged", "diverged_chains", "convergence", "budget")
+                "rhat", "ess", "drift", "relaxation", "n_diverged", "diverged_chains", "convergence", "budget",
+                "resumed_at_step")
 
 
 @register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
@@ -411,6 +418,13 @@ def llc(ctx: ReportContext) -> SectionOutput:
                        f"other {ctx.summary.get('n_live_parameters', 0) - res.n_params:,} stay at θ*. It measures the "
                        "degeneracy of that selection given the rest of the model, not the whole model's."])],
         )
+        resumed = res.diagnostics.get("resumed_at_step")
+        if resumed is not None:  # audit 16b F11: nothing said so
+            out.notes.append(
+                f"The main run resumed an interrupted run's chains from their checkpoint at step {resumed:,}: they go on "
+                "exactly as they would have, but the time budget (llc_time_limit) counts both runs' time at each's "
+                "speed, so where it decides when to stop drawing the run may end at another block than an "
+                "uninterrupted one.")
         if s.gammas:
             curve = llc_sweep(ctx.adapter, data, [s.loss_scale], gammas=list(s.gammas), params=s.llc_params,
                               checkpoint_dir=ctx.checkpoint("gammas"), **fixed)
@@ -613,7 +627,8 @@ def _synchronization_verdict(v: dict) -> str:
     extra = v.get("head_extra_freedom", 0)
     text = ("no synchronized heads" if not blocks else
             f"{blocks} synchronized head block(s), "
-            + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None))
+            + (f"{_up_to(v.get('head_sync_approximation'))}{extra:,} extra free directions" if extra is not None
+               else _extra_freedom_text(None))
             + _rounding_band_text(v.get("head_extra_freedom_band"), extra)
             + _approximate_label(v.get("head_sync_approximation", "")))
     # absent from older reports: 0
@@ -625,7 +640,8 @@ def _synchronization_verdict(v: dict) -> str:
         why = v.get("neuron_sync_approximation", "smooth activation" if v.get("neuron_sync_approximate") else "")
         extra = v.get("neuron_extra_freedom", 0)
         text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
-                 + (f"{extra:,} extra free directions" if extra is not None else _extra_freedom_text(None, "neuron"))
+                 + (f"{_up_to(why)}{extra:,} extra free directions" if extra is not None
+                    else _extra_freedom_text(None, "neuron"))
                  + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra)
                  + _approximate_label(why)
                  + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0),

@@ -122,20 +122,22 @@ class ReportSettings:
         e = self.ib_edge_sources
         if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
             raise ValueError(f"report setting ib_edge_sources must be None (exact edges) or an integer ≥ 1; got {e!r}")
-        if not (isinstance(self.ib_keep_share, (int, float)) and 0.0 < self.ib_keep_share < 1.0):
+        if not (_number(self.ib_keep_share) and 0.0 < self.ib_keep_share < 1.0):
             raise ValueError(f"report setting ib_keep_share must lie in (0, 1); got {self.ib_keep_share!r}")
-        if not (isinstance(self.ib_resolution, (int, float)) and math.isfinite(self.ib_resolution) and self.ib_resolution > 0):
+        if not (_number(self.ib_resolution) and math.isfinite(self.ib_resolution) and self.ib_resolution > 0):
             raise ValueError(f"report setting ib_resolution must be a finite number > 0; got {self.ib_resolution!r}")
-        if not 0.0 <= self.sync_tol <= 1.0:
-            raise ValueError(f"report setting sync_tol must lie in [0, 1]; got {self.sync_tol!r}")
+        if not _number(self.sync_tol) or not 0.0 <= self.sync_tol <= 1.0:
+            raise ValueError(f"report setting sync_tol must be a number in [0, 1]; got {self.sync_tol!r}")
+        if not isinstance(self.sparsity, bool):
+            raise ValueError(f"report setting sparsity must be true or false; got {self.sparsity!r}")
         if not (self.gamma == "auto" or (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
                                          and math.isfinite(self.gamma) and self.gamma >= 0)):
             raise ValueError(f"report setting gamma must be \"auto\" or a finite number ≥ 0; got {self.gamma!r}")
         for name, values in (("min_gamma", (self.min_gamma,)), ("gammas", self.gammas)):
-            if not all(isinstance(g, (int, float)) and math.isfinite(g) and g > 0 for g in values):
+            if not all(_number(g) and math.isfinite(g) and g > 0 for g in values):
                 raise ValueError(f"report setting {name} must hold finite numbers > 0; got {values!r}")
         for eps in (self.loss_scale, *self.loss_scales):
-            if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            if not (_number(eps) and math.isfinite(eps) and eps > 0):
                 raise ValueError(f"loss scales must be finite numbers > 0; got {eps!r}")
         if self.memory is not None and (isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1):
             raise ValueError(f"report setting memory must be None or a number of bytes ≥ 1 (8G, 512M, …); got {self.memory!r}")
@@ -153,6 +155,11 @@ class ReportSettings:
         if unknown:
             raise ValueError(f"unknown report setting(s) {unknown}; settings: {', '.join(fields)}")
         return dataclasses.replace(self, **{k: _parse(k, v, getattr(self, k)) for k, v in overrides.items()})
+
+
+def _number(value) -> bool:
+    """An int or float, not a bool (True would pass as 1: audit 16b F7)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 #: Fields that may be None (``--set ib_seq_len=none``).
@@ -179,7 +186,14 @@ def _value_kind(name: str, current) -> tuple[type | None, str]:
 def _parse(name: str, value, current):
     """Convert a command-line string to the type of the field it sets (ints, floats, None, tuples)."""
     if not isinstance(value, str):
-        return tuple(float(v) for v in value) if isinstance(current, tuple) else value
+        if not isinstance(current, tuple):
+            return value
+        # one number for a list of them is one scale (audit 16b F7: a raw "'float' object is not iterable")
+        values = (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        try:
+            return tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"report setting {name} must be a number or a list of numbers; got {value!r}") from None
     text = value.strip()
     if name == "memory":  # a size: 8G, 512M, 1.5GiB, or bytes; none/auto for the default share
         from ..memory import parse_memory

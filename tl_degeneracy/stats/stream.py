@@ -113,22 +113,34 @@ def _raise_on_every_rank(error: Exception | None, desc: str) -> None:
     """Under torchrun, raise on every rank where the pass failed on any (``error``: this rank's, or
     None): a rank that raised alone would leave the others waiting in the reduction for good (audit
     16b: non-finite values in one rank's batches hung the report until gloo's 30-minute timeout).
-    A rank whose own batches were fine raises the first failing rank's error class (a
-    TLDegeneracyError subclass, so the report classifies it alike; RuntimeError otherwise) with its
-    message and rank."""
+    A rank whose own batches were fine raises the first failing rank's error class where it is one
+    of the package's (:func:`_package_error`, so the report classifies it alike; RuntimeError
+    otherwise) with its message and rank. Only names and text cross between ranks: an exception
+    class need not pickle (review 39: a local class lost the real error and hung the other rank)."""
     ctx = distributed_context()
-    failures = gather_objects(None if error is None else (type(error), str(error)))
+    failures = gather_objects(None if error is None else
+                              (f"{type(error).__module__}.{type(error).__qualname__}", str(error)))
     if error is not None:
         raise error
     first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
     if first is None:
         return
-    rank, (cls, message) = first
+    rank, (name, message) = first
     text = f"the {desc!r} pass failed on rank {rank} of {ctx.world_size}: {message}"
-    exc = RuntimeError(text)
-    if isinstance(cls, type) and issubclass(cls, TLDegeneracyError):
-        try:
-            exc = cls(text)
-        except TypeError:  # an error class that takes other arguments
-            pass
+    cls = _package_error(name)
+    try:
+        exc = cls(text)
+    except TypeError:  # an error class that takes other arguments
+        exc = RuntimeError(text)
     raise exc
+
+
+def _package_error(name: str) -> type[Exception]:
+    """The TLDegeneracyError subclass called ``name`` (module.qualname), else RuntimeError."""
+    todo = [TLDegeneracyError]
+    while todo:
+        cls = todo.pop()
+        if f"{cls.__module__}.{cls.__qualname__}" == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return RuntimeError
