@@ -145,10 +145,13 @@ def main(argv=None) -> None:
     per_step = (t_b - t_a) / (b - a) * scale
     total = t_a * scale + (args.target_steps - a) * per_step
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(args.device).type == "cuda" else float("nan")
-    from tl_degeneracy.memory import sgld_bytes
+    from tl_degeneracy.llc.estimate import chains_memory
+    from tl_degeneracy.llc.layout import select_coordinates
+    from tl_degeneracy.llc.targets import make_target
 
-    estimate = sgld_bytes(tld.adapt(model), args.chains, n_run, n_pos, result.n_params,
-                          min(tld.llc.targets.DEFAULT_CACHE_BYTES, n_run * n_pos * SMOLLM2_135M["vocab_size"] * 4)) / 2**30
+    # what the run itself checked before sampling (reference cache and widened bfloat16 weights included)
+    target = make_target(model, tokens[:n_run], None, n_run)
+    estimate = chains_memory(target, select_coordinates(target, None), args.chains) / 2**30
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30  # the peak holds them too
     ran = f"{n_run}×{n_pos}" + (f" (×{scale:g} extrapolated)" if n_run < n_seq else "")
     line = (

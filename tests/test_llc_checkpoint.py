@@ -112,6 +112,27 @@ def test_a_checkpoint_of_another_number_of_processes_says_so(tmp_path):
         behavioral_llc(model, x, checkpoint_dir=tmp_path, **kw)
 
 
+def test_numpy_settings_resume_and_one_ranks_unreadable_checkpoint_stops_every_rank(tmp_path, monkeypatch):
+    """Review 40: a step size taken from a sweep's frame (a numpy float) went into the run key, and the
+    file it made was refused on resume (weights_only loading); and a rank that could not read its
+    checkpoint raised alone while the others waited in the gather."""
+    from tl_degeneracy.llc import checkpoint
+
+    model, x = linear_regression(d=3, n=30)
+    kw = dict(chains=2, draws=20, burnin=5, progress=False, step_size=np.float64(1e-4), seed=np.int64(3))
+    full = behavioral_llc(model, x, **kw)
+    behavioral_llc(model, x, checkpoint_dir=tmp_path, _stop_after=10, **kw)
+    resumed = behavioral_llc(model, x, checkpoint_dir=tmp_path, **kw)
+    np.testing.assert_array_equal(resumed.trace, full.trace)
+    planted = tmp_path / "planted.pt"
+    torch.save({"a": 1}, planted)
+    good = {"extra": {}, "settings": {}, "step": 1, "adapted": (None, [])}
+    for mine, other, rank in ((planted, good, 0), (tmp_path / "llc-rank0.pt", {"error": "unreadable"}, 1)):
+        monkeypatch.setattr(checkpoint, "gather_objects", lambda obj: [obj, other] if rank == 0 else [good, other])
+        with pytest.raises(ValueError, match=f"rank {rank}: "):
+            checkpoint.agree_on_resume(str(mine), 2)
+
+
 class _Planted:
     """Unpickling it runs ``touch <marker>``: what a crafted file in a checkpoint directory could do."""
 

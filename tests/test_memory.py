@@ -109,6 +109,22 @@ def test_the_llc_fails_before_its_first_step_when_its_chains_do_not_fit(monkeypa
         assert tld.behavioral_llc(regression, x, chains=2, draws=4, burnin=2, step_size=1e-4, progress=False).chains == 2
 
 
+def test_the_layers_a_selection_feeds_are_read_from_its_names():
+    """Review 40: how the estimate maps sampled parameter names (toys, bridges, HookedTransformer) to
+    the top layers whose activations carry a graph."""
+    from tl_degeneracy.llc.estimate import _layers_sampled
+    from tl_degeneracy.llc.layout import ParameterLayout, Selection
+
+    def layers(*names):
+        layout = ParameterLayout(tuple(names), tuple((1,) for _ in names))
+        return _layers_sampled(Selection(None, layout, torch.ones(len(names), dtype=torch.bool)), 4)
+
+    assert layers("blocks.3.attn.W_Q", "blocks.3.attn.b_O") == 1
+    assert layers("blocks.2.attn.q.weight", "blocks.3.mlp.gate.weight") == 2  # a bridge's names
+    assert layers("blocks.0.ln1.w") == 4 and layers("embed.W_E") == 4 and layers("pos_embed.W_pos") == 4
+    assert layers("unembed.W_U", "ln_final.w") == 0 and layers("something.else") == 4
+
+
 def test_sgld_estimate_bounds_the_measured_peak_of_an_llc_run():
     """In a fresh process, a whole behavioral_llc run on toy:bytelm (4 chains, 8 × 32 tokens, the
     end-of-run curvature included) raises the peak resident set by less than sgld_bytes and by more

@@ -336,7 +336,9 @@ def test_a_resumed_llc_says_so(tmp_path):
     assert _run(out, *argv) == 0
     again = _stored(out)["sections"]["llc"]
     assert again["values"]["diagnostics"]["resumed_at_step"] == 8
-    assert any("resumed an interrupted run's chains from their checkpoint at step 8" in n for n in again["notes"])
+    # its chains had finished: read back, nothing sampled again (review 40: it was called resumed mid-run)
+    assert again["values"]["diagnostics"]["steps_done"] == 8
+    assert any("read back from its checkpoint, finished (8 steps)" in n for n in again["notes"])
 
 
 def _nan_toy(monkeypatch):

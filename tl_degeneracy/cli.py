@@ -53,7 +53,8 @@ sections and keeps the others. A directory holding another model's (data set's, 
 is refused; --fresh replaces it whole and ignores the checkpoints.
 Exit codes: 0 done; 1 a section failed (unexpectedly, an LLC whose every chain diverged, or a pass
 the memory budget cannot hold: see report.json); 2 bad input, with a message
-saying what to do (--debug adds the traceback).
+saying what to do (--debug adds the traceback); 130 interrupted (Ctrl-C), 143 stopped by SIGTERM:
+the same command resumes.
 """
 
 
@@ -247,23 +248,33 @@ def _error(e: BaseException, debug: bool) -> int:
     return 2
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, ended as an interrupt (:func:`_terminate_as_interrupt`)."""
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (a scheduler's time limit, ``kill``, torchrun stopping its workers) ends the command as
-    Ctrl-C does, with its message (audit 16b F11: it ended without a word); the handler before is
-    put back after. Outside the main thread signals cannot be caught and nothing changes."""
+    Ctrl-C does, with its message (audit 16b F11: it ended without a word), and exit status 143 (128 +
+    SIGTERM) so that a wrapper can still tell it from Ctrl-C's 130; the handler before is put back
+    after. Outside the main thread signals cannot be caught and nothing changes."""
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise _Terminated
 
     try:
         before = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread
+        before = _NOT_SET
+    if before is _NOT_SET:
         yield
         return
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+_NOT_SET = object()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _terminate_as_interrupt():
             return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupted:
         if debug:
             raise
         # audit 15b F7: the time fit reads the machine's speed, so a rerun under another load may scope
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               "command resumes from them (--fresh starts over). Where the time fit lowered the interaction or LLC "
               "settings (the header's \"lowered to fit\"), a rerun under another load may choose others and start "
               "those sections over: give the lowered values with --set to resume them.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interrupted, _Terminated) else 130
     except CLIError as e:
         _remove_if_left_empty(out, created)
         return _error(e, debug)

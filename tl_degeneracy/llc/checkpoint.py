@@ -88,7 +88,7 @@ def _remove_stale_writes(path: str) -> None:
 def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:
     """Write the full sampler state and the run key atomically (write to a temporary file, then rename)."""
     payload = {
-        "settings": key,
+        "settings": _plain(key),
         "step": state.step,
         "delta": state.delta.cpu(),
         "v": None if state.v is None else state.v.cpu(),
@@ -100,11 +100,24 @@ def save_checkpoint(path: str, state: SamplerState, key: dict) -> None:
         "failed_at": state.failed_at.cpu(),
         "norms": state.norms.cpu(),
         "wall_s": state.wall_s,
-        "extra": state.extra,
+        "extra": _plain(state.extra),
     }
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def _plain(value):
+    """``value`` with numpy scalars made Python numbers, in nested dicts, lists and tuples: what
+    ``torch.load(weights_only=True)`` reads back (review 40: a step size taken from a sweep's frame,
+    a numpy float, made a checkpoint that the same version refused)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 #: What every checkpoint holds (:func:`save_checkpoint`).
@@ -190,14 +203,25 @@ def agree_on_resume(path: str, world: int) -> dict | None:
     """
     mine = None
     if os.path.exists(path):
-        payload = load_payload(path)
-        extra = payload["extra"]
-        settings = {k: v for k, v in payload["settings"].items() if k != "my_chains"}
-        mine = {"extra": extra, "settings": settings, "step": int(payload["step"]),
-                "adapted": (extra.get("step_size"), [a["step"] for a in extra.get("adaptations", [])])}
+        try:
+            payload = load_payload(path)
+        except ValueError as err:
+            if world == 1:
+                raise
+            # every rank must hear of it, or the others wait in the gather below (review 40)
+            mine = {"error": str(err)}
+        else:
+            extra = payload["extra"]
+            settings = {k: v for k, v in payload["settings"].items() if k != "my_chains"}
+            mine = {"extra": extra, "settings": settings, "step": int(payload["step"]),
+                    "adapted": (extra.get("step_size"), [a["step"] for a in extra.get("adaptations", [])])}
     if world == 1:
         return None if mine is None else mine["extra"]
     found = gather_objects(mine)
+    refused = [(r, f["error"]) for r, f in enumerate(found) if f is not None and "error" in f]
+    if refused:
+        rank, text = refused[0]
+        raise ValueError(f"rank {rank}: {text}")
     have = [r for r, f in enumerate(found) if f is not None]
     where = os.path.dirname(path)
     if not have:

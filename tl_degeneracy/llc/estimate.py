@@ -17,6 +17,7 @@ The method, step by step (each step is its own module):
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 import time
@@ -264,7 +265,11 @@ def behavioral_llc(
             is one from another model or other data (θ*, data, dtype and device type are hashed
             into the checkpoint's settings). One directory holds one run. Under torchrun each rank
             writes its own file and the ranks resume only together: checkpoints on some ranks
-            only, or inconsistent ones, are refused on every rank.
+            only, or inconsistent ones, are refused on every rank, and so is a run resumed with
+            another number of processes. Files are read with ``torch.load(weights_only=True)``:
+            one that is not such a checkpoint (or from before 0.4.7) is refused, never unpickled
+            in full. ``result.diagnostics["resumed_at_step"]`` says where a resumed run took up
+            its chains (None: sampled in one go).
         config: a :class:`SamplerConfig` holding the sampler's knobs (chains, draws, burnin,
             step_size, gamma and the options below); the keywords above, and the options below
             given as keywords, override its fields. The remaining arguments are options of the
@@ -334,6 +339,7 @@ def behavioral_llc(
     """
     started = time.perf_counter()
     refuse_inference_mode("behavioral_llc")
+    seed = operator.index(seed)  # numpy integers too (torch's generators take Python ints only)
     config = SamplerConfig.merged(config, step_size=step_size, gamma=gamma, chains=chains, draws=draws, burnin=burnin,
                                   **options)
     nb = resolve_nbeta(nbeta, loss_scale)

@@ -54,7 +54,6 @@ from torch import Tensor
 from ..autograd import ordinary
 from ..errors import DataError
 from ..models.adapt import model_kind
-from ..models.chains import OUT_OF_MEMORY
 from ..models.engine import Engine, engine_for
 from ..numerics import compute_dtype
 from .losses import LOSSES, masked_sum, per_sample_loss, reference_form
@@ -301,6 +300,13 @@ class ModuleTarget(SamplingTarget):
             )
         if not self.star:
             raise ValueError(f"{type(module).__name__} has no trainable parameters to sample")
+        if not data.is_floating_point() and not any(isinstance(m, torch.nn.Embedding) for m in module.modules()):
+            # audit 16b F8: token ids into nn.Linear ended in torch's "mat1 and mat2 must have the same dtype"
+            raise DataError(
+                f"{type(module).__name__} has no embedding, so it cannot read integer inputs ({data.dtype}, e.g. token "
+                "ids): pass the floating input tensor it takes (token ids are for TransformerLens models, the bundled "
+                "toys, and modules that embed them)"
+            )
         if data.is_floating_point() and self.widened is not None and data.dtype != self.dtype:
             # A half-precision module runs with its weights widened to the compute dtype (``widened``):
             # inputs of its own dtype follow them (audit 14a F6: a raw dtype mismatch from functional_call).
@@ -329,21 +335,8 @@ class ModuleTarget(SamplingTarget):
         return self.data[b * self.batch_size : (b + 1) * self.batch_size]
 
     def _reference_outputs(self, b: int) -> Tensor:
-        try:
-            out = super()._reference_outputs(b)
-        except OUT_OF_MEMORY:
-            raise
-        except (RuntimeError, TypeError) as err:
-            # the module's first forward on these data (audit 16b F8: nn.Linear on token ids ended in
-            # torch's "mat1 and mat2 must have the same dtype"; transformers take any token ids)
-            inputs = self._inputs(b)
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise DataError(
-                f"the model ({type(self.engine.model).__name__}) cannot be evaluated on batch {b}'s inputs "
-                f"({tuple(inputs.shape)}, {inputs.dtype}): {type(err).__name__}: {first}. Pass the input tensor it "
-                "takes (token ids are for TransformerLens models and the bundled toys)"
-            ) from err
         # One number per sample is a 1-wide output axis, so both losses see [..., k].
+        out = super()._reference_outputs(b)
         return out.unsqueeze(-1) if out.ndim == 1 else out
 
     def _outputs(self, deltas: dict[str, Tensor], inputs: Tensor) -> Tensor:

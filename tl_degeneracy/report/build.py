@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import numbers
 import os
 import sys
 import time
@@ -12,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..distributed import from_rank0, gather_objects, on_rank0
@@ -228,9 +230,10 @@ def degeneracy_report(
     if unknown:
         raise ValueError(f"unknown report section(s) {unknown}; sections: {', '.join(SECTIONS)}")
     settings = resolve_settings(preset, overrides)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         # torch's generators take 64-bit seeds (audit 16b F6: "Overflow when unpacking long long")
         raise ValueError(f"seed must be an integer in [0, 2**63); got {seed!r}")
+    seed = int(seed)
     torch.manual_seed(seed)
     spec_label, adapter = _resolve_model(model, device)
     label = label or spec_label

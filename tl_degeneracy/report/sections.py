@@ -419,7 +419,10 @@ def llc(ctx: ReportContext) -> SectionOutput:
                        "degeneracy of that selection given the rest of the model, not the whole model's."])],
         )
         resumed = res.diagnostics.get("resumed_at_step")
-        if resumed is not None:  # audit 16b F11: nothing said so
+        if resumed is not None and resumed >= res.diagnostics.get("steps_done", 0):  # audit 16b F11, review 40
+            out.notes.append(f"The main run was read back from its checkpoint, finished ({resumed:,} steps) before the "
+                             "report was interrupted; no step was sampled again.")
+        elif resumed is not None:
             out.notes.append(
                 f"The main run resumed an interrupted run's chains from their checkpoint at step {resumed:,}: they go on "
                 "exactly as they would have, but the time budget (llc_time_limit) counts both runs' time at each's "

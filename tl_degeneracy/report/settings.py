@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..llc import DEFAULT_NBETA
 
@@ -158,8 +161,8 @@ class ReportSettings:
 
 
 def _number(value) -> bool:
-    """An int or float, not a bool (True would pass as 1: audit 16b F7)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (numpy's included), not a bool (True would pass as 1: audit 16b F7)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 #: Fields that may be None (``--set ib_seq_len=none``).
@@ -189,7 +192,7 @@ def _parse(name: str, value, current):
         if not isinstance(current, tuple):
             return value
         # one number for a list of them is one scale (audit 16b F7: a raw "'float' object is not iterable")
-        values = (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        values = (value,) if _number(value) else value
         try:
             return tuple(float(v) for v in values)
         except (TypeError, ValueError):

@@ -119,7 +119,7 @@ def _raise_on_every_rank(error: Exception | None, desc: str) -> None:
     class need not pickle (review 39: a local class lost the real error and hung the other rank)."""
     ctx = distributed_context()
     failures = gather_objects(None if error is None else
-                              (f"{type(error).__module__}.{type(error).__qualname__}", str(error)))
+                              (f"{type(error).__module__}.{type(error).__qualname__}", _text(error)))
     if error is not None:
         raise error
     first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
@@ -144,3 +144,11 @@ def _package_error(name: str) -> type[Exception]:
             return cls
         todo.extend(cls.__subclasses__())
     return RuntimeError
+
+
+def _text(error: Exception) -> str:
+    """``str(error)``, or its class name where that fails (the gather must still happen: review 40)."""
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - an error's own __str__ may raise anything
+        return f"{type(error).__name__} (its message could not be read)"
