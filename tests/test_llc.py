@@ -333,6 +333,7 @@ def softmax_regression(bias: bool):
     return model, torch.randn(500, 4, generator=torch.Generator().manual_seed(4))
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_kl_softmax_regression_gives_half_the_identifiable_parameter_count():
     """Softmax regression z = Wx + b (d = 4 inputs, k = 3 classes, 15 parameters) under the kl loss.
 

@@ -29,6 +29,7 @@ class QuadraticPlusQuartic(nn.Module):
         return f.expand(x.shape[0], 2)
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_llc_sweep_crosses_over_from_half_to_quarter():
     c = 0.03  # c⁴ = 8.1e-7; the end points below are 4 decades away on either side
     model = QuadraticPlusQuartic(c)

@@ -154,6 +154,7 @@ def _llc_and_ragged_warnings(model, x, **kw):
     return res, [str(w.message) for w in caught if "ragged minibatches" in str(w.message)]
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_a_tiny_last_batch_shrinks_the_step_size_and_warns():
     # n = 1000 in batches (999, 1): the 999-row batch's loss is (its sum)/500, so its steps meet
     # w_max = 1.998× the curvature of L_B. The automatic η is chosen for that curvature, so λ̂ keeps
@@ -253,6 +254,7 @@ def test_gradient_spread_and_the_stiffest_batch_are_exact_on_a_quadratic():
     assert torch.equal(gradient_spread(one, *_layout(one), points), torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_small_equal_minibatches_raise_the_bias_and_the_bound_covers_it():
     # Linear regression, d = 10, n = 1000, in 100 batches of 10 samples (audit 8a F14): each step meets
     # its batch's Hessian, whose spread around H adds to the injected noise. At the full batch's η the
@@ -282,6 +284,7 @@ def test_small_equal_minibatches_raise_the_bias_and_the_bound_covers_it():
     assert abs(mini.llc - exact) < 4 * mini.llc_stderr
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
 def test_cycled_minibatch_bias_is_covered_where_gamma_holds_the_spread():
     """With γ comparable to nβh (W = nβH(nβH + γ)⁻¹ well below I) the cycled sampler's spread term is up
     to (η/4) nβ² S, twice the (η/8) tr(W V) of batches drawn independently each step (review of the

@@ -197,6 +197,7 @@ print(json.dumps([[list(v) for v in m] for m in find_modules(ib, seed=0).members
 """
 
 
+@pytest.mark.tl_agnostic  # Louvain on a fixed graph (no TransformerLens): once, in the TransformerLens 4.x run
 def test_same_seed_same_result_in_every_process():
     # Vertex sets hash differently per process (PYTHONHASHSEED); the partition must not depend on it.
     import subprocess

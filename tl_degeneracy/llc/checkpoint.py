@@ -229,8 +229,9 @@ def agree_on_resume(path: str, world: int) -> dict | None:
     if len(have) < world:
         raise ValueError(
             f"checkpoint_dir {where} holds checkpoints for ranks {have} only, of {world}: the ranks cannot resume "
-            f"together (a rank would start afresh while the others resume). Delete the directory's llc-rank*.pt "
-            f"files to start afresh, or restore the missing ones"
+            f"together (a rank would start afresh while the others resume). If a run of {len(have)} process(es) wrote "
+            f"them, resume with that number; else delete the directory's llc-rank*.pt files to start afresh, or "
+            f"restore the missing ones"
         )
     first = found[have[0]]
     if any(f["settings"] != first["settings"] for f in found):
