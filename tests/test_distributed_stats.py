@@ -46,24 +46,27 @@ def test_only_names_and_text_cross_between_ranks(monkeypatch):
 
     import pytest
 
+    from tl_degeneracy import distributed
     from tl_degeneracy.errors import DataError
-    from tl_degeneracy.stats import stream
 
     class Local(Exception):  # defined in a function: does not pickle
         pass
 
-    monkeypatch.setattr(stream, "distributed_context", lambda: type("Ctx", (), {"world_size": 2})())
     sent = []
 
-    def gather(obj):
+    def gather(obj, group=None):
         pickle.dumps(obj)  # what all_gather_object does with it
         sent.append(obj)
         return [None, obj] if obj is not None else [None, failing]
 
-    monkeypatch.setattr(stream, "gather_objects", gather)
+    monkeypatch.setattr(distributed, "gather_objects", gather)
+
+    def message(rank, name, text):  # as the statistics passes word it
+        return f"the 'p' pass failed on rank {rank} of 2: {text}"
+
     for error, expected in ((Local("boom"), RuntimeError), (DataError("bad data"), DataError)):
         failing = (f"{type(error).__module__}.{type(error).__qualname__}", str(error))
         with pytest.raises(type(error), match=str(error)):  # the failing rank raises its own
-            stream._raise_on_every_rank(error, "p")
+            distributed.raise_on_every_rank(error, message)
         with pytest.raises(expected, match=f"the 'p' pass failed on rank 1 of 2: {error}"):
-            stream._raise_on_every_rank(None, "p")
+            distributed.raise_on_every_rank(None, message)

@@ -263,18 +263,15 @@ def _terminate_as_interrupt():
 
     try:
         before = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        before = _NOT_SET
-    if before is _NOT_SET:
+    except ValueError:  # not the main thread (no yield in here: its errors would chain this one)
+        before = False
+    if before is False:
         yield
         return
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-_NOT_SET = object()
+    finally:  # None: a handler not installed from Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .errors import TLDegeneracyError
 
 __all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device",
-           "gather_objects", "from_rank0", "on_rank0", "warn_once"]
+           "gather_objects", "from_rank0", "on_rank0", "raise_on_every_rank", "warn_once"]
 
 
 @dataclass(frozen=True)
@@ -111,20 +111,62 @@ def from_rank0(obj, group=None):
 def on_rank0(action: Callable[[], None], group=None) -> None:
     """Run ``action`` on rank 0 only, and let every rank go on once it is done: writes to files that
     all ranks share, whose content every rank holds alike. Where it fails on rank 0, every rank
-    raises (rank 0 its error, the others a :class:`TLDegeneracyError` quoting it), so that no rank
-    goes on alone to wait in a later collective."""
-    context = distributed_context(group)
+    raises (:func:`raise_on_every_rank`: rank 0 its error, the others a :class:`TLDegeneracyError`
+    quoting it), so that no rank goes on alone to wait in a later collective."""
     error = None
-    if context.rank == 0:
+    if distributed_context(group).rank == 0:
         try:
             action()
         except Exception as err:  # re-raised below, after the other ranks have heard of it
             error = err
-    failed = from_rank0(None if error is None else f"{type(error).__name__}: {error}", group)
+    raise_on_every_rank(error, lambda rank, name, text: f"rank {rank} failed writing files all ranks share "
+                                                        f"({name}: {text}); see its error",
+                        fallback=TLDegeneracyError, group=group)
+
+
+def raise_on_every_rank(error: Exception | None, message: Callable[[int, str, str], str],
+                        fallback: type[Exception] = RuntimeError, group=None) -> None:
+    """Every rank calls this with its own ``error`` (None where it has none) and raises where any rank
+    has one: a rank that raised alone would leave the others waiting in their next collective for
+    good (audit 16b: non-finite values in one rank's batches hung a report until gloo's 30-minute
+    timeout). A failing rank raises its own error; the others raise the first failing rank's error
+    class where it is one of the package's (so that a report classifies it alike), else ``fallback``,
+    with ``message(rank, class name, its text)``. Only names and text cross between ranks: an
+    exception class need not pickle (review 39: a local class lost the real error and hung the
+    other rank). Without a process group: ``error``, if any, is raised."""
+    failures = gather_objects(None if error is None else
+                              (f"{type(error).__module__}.{type(error).__qualname__}", _text(error)), group)
     if error is not None:
         raise error
-    if failed is not None:
-        raise TLDegeneracyError(f"rank 0 failed writing files all ranks share ({failed}); see its error")
+    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if first is None:
+        return
+    rank, (name, text) = first
+    cls = _package_error(name) or fallback
+    try:
+        exc = cls(message(rank, name.rsplit(".", 1)[-1], text))
+    except TypeError:  # an error class that takes other arguments
+        exc = fallback(message(rank, name.rsplit(".", 1)[-1], text))
+    raise exc
+
+
+def _package_error(name: str) -> type[Exception] | None:
+    """The TLDegeneracyError subclass called ``name`` (module.qualname), else None."""
+    todo = [TLDegeneracyError]
+    while todo:
+        cls = todo.pop()
+        if f"{cls.__module__}.{cls.__qualname__}" == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
+def _text(error: Exception) -> str:
+    """``str(error)``, or its class name where that fails (the gather must still happen: review 40)."""
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - an error's own __str__ may raise anything
+        return f"{type(error).__name__} (its message could not be read)"
 
 
 def warn_once(message: str, category: type[Warning], stacklevel: int = 2) -> None:

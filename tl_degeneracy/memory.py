@@ -130,13 +130,7 @@ def default_budget(device: torch.device | str, fraction: float | None = None) ->
     on a CPU shared by the ranks torchrun started on this machine (``LOCAL_WORLD_SIZE``), that share
     split between them (audit 16b: 2 ranks each took 50 % of the RAM, 100 % together)."""
     device = torch.device(device)
-    fraction = DEFAULT_FRACTION.get(device.type, DEFAULT_FRACTION["cpu"]) if fraction is None else float(fraction)
-    free, what = available_memory(device)
-    ranks = _ranks_sharing(device)
-    if ranks > 1:
-        return MemoryBudget(int(free * fraction / ranks),
-                            f"{fraction:.0%} of {format_bytes(free)} {what}, split between {ranks} ranks on this machine")
-    return MemoryBudget(int(free * fraction), f"{fraction:.0%} of {format_bytes(free)} {what}")
+    return _share(device, DEFAULT_FRACTION.get(device.type, DEFAULT_FRACTION["cpu"]) if fraction is None else float(fraction))
 
 
 _LIMIT: contextvars.ContextVar[MemoryBudget | None] = contextvars.ContextVar("tld_memory_limit", default=None)
@@ -165,11 +159,18 @@ def current_budget(device: torch.device | str) -> MemoryBudget:
     limit = _LIMIT.get()
     if limit is not None:
         return limit
+    return _share(device)  # review 39: split too, direct calls under torchrun gave every CPU rank all of the RAM
+
+
+def _share(device: torch.device | str, fraction: float | None = None) -> MemoryBudget:
+    """``fraction`` (None: all) of :func:`available_memory` on ``device``, split between the processes
+    that share it (:func:`_ranks_sharing`)."""
     free, what = available_memory(device)
+    part, text = (free, what) if fraction is None else (free * fraction, f"{fraction:.0%} of {format_bytes(free)} {what}")
     ranks = _ranks_sharing(device)
-    if ranks > 1:  # review 39: direct calls under torchrun gave every CPU rank all of the RAM
-        return MemoryBudget(free // ranks, f"{what}, split between {ranks} ranks on this machine")
-    return MemoryBudget(free, what)
+    if ranks > 1:
+        return MemoryBudget(int(part / ranks), f"{text}, split between {ranks} ranks on this machine")
+    return MemoryBudget(int(part), text)
 
 
 def _ranks_sharing(device: torch.device | str) -> int:

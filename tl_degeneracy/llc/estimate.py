@@ -74,8 +74,7 @@ def check_memory(target: SamplingTarget, selection: Selection, chains: int) -> N
     if target.kind != "transformer":
         return
     share = -(-int(chains) // distributed_context().world_size)
-    tb = target.batches
-    b, t = min(tb.batch_size, max(1, tb.n_sequences)), tb.max_len
+    b, t = _largest_batch(target)
     n = selection.layout.numel
     need = chains_memory(target, selection, share)
     budget = current_budget(target.device)
@@ -95,13 +94,18 @@ def chains_memory(target: SamplingTarget, selection: Selection, chains: int) -> 
     ``cache_bytes``) and the float32 copy of a half-precision model's weights (``SamplingTarget.widened``)."""
     from ..memory import sgld_bytes
 
-    tb = target.batches
-    b, t = min(tb.batch_size, max(1, tb.n_sequences)), tb.max_len
+    b, t = _largest_batch(target)
     adapter, s = target.engine, target.dtype.itemsize
     held = (min(target.cache_bytes, target.n_batches * b * t * adapter.cfg.d_vocab * s)
             + sum(p.numel() * s for p in target.star.values() if p.dtype.itemsize < s))
     return sgld_bytes(adapter, chains, b, t, selection.layout.numel, held,
                       layers=_layers_sampled(selection, adapter.cfg.n_layers))
+
+
+def _largest_batch(target: SamplingTarget) -> tuple[int, int]:
+    """(sequences, tokens) of a transformer target's largest batch, as padded."""
+    tb = target.batches
+    return min(tb.batch_size, max(1, tb.n_sequences)), tb.max_len
 
 
 def _layers_sampled(selection: Selection, n_layers: int) -> int:

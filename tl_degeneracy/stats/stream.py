@@ -21,8 +21,7 @@ from torch import Tensor
 
 from ..autograd import gradients_enabled, ordinary, refuse_inference_mode
 from ..data import Batch
-from ..distributed import all_reduce_sum_, distributed_context, gather_objects
-from ..errors import TLDegeneracyError
+from ..distributed import all_reduce_sum_, distributed_context, raise_on_every_rank
 from .passes import raise_if_not_finite, shard
 from .samples import SampleIndex
 
@@ -100,7 +99,8 @@ def stream(
                 raise
             error = err
         if ctx.active:
-            _raise_on_every_rank(error, desc)
+            raise_on_every_rank(error, lambda rank, name, text: f"the {desc!r} pass failed on rank {rank} of "
+                                                                f"{ctx.world_size}: {text}")
             for item in reduce():
                 if isinstance(item, Tensor):
                     all_reduce_sum_(item)
@@ -108,47 +108,3 @@ def stream(
                     item.all_reduce()
     return n_mine
 
-
-def _raise_on_every_rank(error: Exception | None, desc: str) -> None:
-    """Under torchrun, raise on every rank where the pass failed on any (``error``: this rank's, or
-    None): a rank that raised alone would leave the others waiting in the reduction for good (audit
-    16b: non-finite values in one rank's batches hung the report until gloo's 30-minute timeout).
-    A rank whose own batches were fine raises the first failing rank's error class where it is one
-    of the package's (:func:`_package_error`, so the report classifies it alike; RuntimeError
-    otherwise) with its message and rank. Only names and text cross between ranks: an exception
-    class need not pickle (review 39: a local class lost the real error and hung the other rank)."""
-    ctx = distributed_context()
-    failures = gather_objects(None if error is None else
-                              (f"{type(error).__module__}.{type(error).__qualname__}", _text(error)))
-    if error is not None:
-        raise error
-    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
-    if first is None:
-        return
-    rank, (name, message) = first
-    text = f"the {desc!r} pass failed on rank {rank} of {ctx.world_size}: {message}"
-    cls = _package_error(name)
-    try:
-        exc = cls(text)
-    except TypeError:  # an error class that takes other arguments
-        exc = RuntimeError(text)
-    raise exc
-
-
-def _package_error(name: str) -> type[Exception]:
-    """The TLDegeneracyError subclass called ``name`` (module.qualname), else RuntimeError."""
-    todo = [TLDegeneracyError]
-    while todo:
-        cls = todo.pop()
-        if f"{cls.__module__}.{cls.__qualname__}" == name:
-            return cls
-        todo.extend(cls.__subclasses__())
-    return RuntimeError
-
-
-def _text(error: Exception) -> str:
-    """``str(error)``, or its class name where that fails (the gather must still happen: review 40)."""
-    try:
-        return str(error)
-    except Exception:  # noqa: BLE001 - an error's own __str__ may raise anything
-        return f"{type(error).__name__} (its message could not be read)"
