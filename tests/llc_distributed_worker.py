@@ -1,11 +1,13 @@
 """Worker for test_llc_checkpoint.py: behavioral LLC with chains sharded over 2 gloo ranks.
 
-    torchrun --nproc_per_node=2 tests/llc_distributed_worker.py OUT_DIR [CHECKPOINT_DIR]
+    torchrun --nproc_per_node=2 tests/llc_distributed_worker.py OUT_DIR [CHECKPOINT_DIR | --fail-on-rank-1]
 
 Each rank writes OUT_DIR/rank<r>.npz with its result or, when ``behavioral_llc`` refuses to run
-(ValueError), OUT_DIR/rank<r>.txt with the message.
+(ValueError), OUT_DIR/rank<r>.txt with the message. With ``--fail-on-rank-1`` rank 1's chains fail
+and each rank writes OUT_DIR/rank<r>.json with the error it got.
 """
 
+import json
 import sys
 
 import numpy as np
@@ -34,5 +36,28 @@ def main(out: str, checkpoint_dir: str | None) -> None:
                  step_size=res.step_size, world_size=res.diagnostics["world_size"])
 
 
+def fail_on_rank_1(out: str) -> None:
+    """Rank 1's chains fail once sampling has begun (as a GPU that runs out of memory would), after
+    the step-size choice's collectives and before the next: audit 16b F1 left rank 0 waiting there
+    for good. Every rank must raise."""
+    from tl_degeneracy.llc import estimate
+
+    if dist.get_rank() == 1:
+        def run_chains(*args, **kwargs):
+            raise RuntimeError("out of memory on this rank's device (simulated)")
+
+        estimate.run_chains = run_chains
+    try:
+        run()
+        got = {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
+        got = {"error": type(err).__name__, "message": str(err)}
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(got, f)
+
+
 if __name__ == "__main__":
-    run_in_group(lambda: main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
+    if sys.argv[2:] == ["--fail-on-rank-1"]:
+        run_in_group(lambda: fail_on_rank_1(sys.argv[1]))
+    else:
+        run_in_group(lambda: main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))

@@ -1,6 +1,6 @@
 """Worker for test_report_output.py: degeneracy_report under 2 gloo ranks writing one output directory.
 
-    torchrun --nproc_per_node=2 tests/report_distributed_worker.py OUT_DIR
+    torchrun --nproc_per_node=2 tests/report_distributed_worker.py OUT_DIR [--llc-fails-on-rank-1]
 
 Rank 1's time fit is made to restrict the LLC, as a busier rank's timing can (audit 10b), and its free
 memory smaller; every rank must still run rank 0's settings against the smallest budget. Each rank
@@ -50,5 +50,30 @@ def main(out: str) -> None:
                    "budget": report.settings["memory"]["budget"], "failed": failed}, f)
 
 
+def llc_fails_on_rank_1(out: str) -> None:
+    """The LLC section's code fails on rank 1 only, before any collective, while rank 0 goes on into
+    the LLC's (audit 16b F1: rank 1 went on to the next section, and the ranks' collectives no longer
+    paired up). Every rank must record the section as failed and go on together; each writes
+    OUT_DIR/rank<r>.json with the statuses it got."""
+    import dataclasses
+
+    import tl_degeneracy as tld
+    from tl_degeneracy.report.registry import SECTIONS
+
+    torch.set_num_threads(1)
+    if dist.get_rank() == 1:
+        def compute(ctx):
+            raise RuntimeError("this rank's LLC failed (simulated)")
+
+        SECTIONS["llc"] = dataclasses.replace(SECTIONS["llc"], compute=compute)
+    report = tld.degeneracy_report("toy:sma", sections=["llc", "summary"], overrides=SETTINGS, progress=False,
+                                   out=f"{out}/report")
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump({name: [report[name].status, report[name].reason] for name in ("llc", "summary")}, f)
+
+
 if __name__ == "__main__":
-    run_in_group(lambda: main(sys.argv[1]))
+    if sys.argv[2:] == ["--llc-fails-on-rank-1"]:
+        run_in_group(lambda: llc_fails_on_rank_1(sys.argv[1]))
+    else:
+        run_in_group(lambda: main(sys.argv[1]))

@@ -38,7 +38,6 @@ ALLOWED: dict[str, tuple[int, str]] = {
     "models/selection.py::writable": (1, "a CPU coverage mask, filled from layout masks moved with .cpu()"),
     "gauge.py::_random_invertible": (4, "a CPU generator keeps gauges device-independent; random_gauge moves the result"),
     "gauge.py::_random_scalar": (3, "as _random_invertible"),
-    "distributed.py::_scalar_collective": (1, "a float scalar, moved to the collective's device on the next line"),
     "llc/targets.py::TransformerTarget._data_digest": (2, "hashed on the CPU, together with the CPU token data"),
     "theory.py::two_layer_linear_network": (2, "builds a new model on the CPU; the caller moves it"),
     "models/toys/transformer.py": (13, "nn.Module construction on the CPU; callers move the model"),

@@ -52,14 +52,12 @@ def test_only_names_and_text_cross_between_ranks(monkeypatch):
     class Local(Exception):  # defined in a function: does not pickle
         pass
 
-    sent = []
-
-    def gather(obj, group=None):
+    def gather(parts, obj, group=None):  # what rank 0 receives: rank 1 fails, or not
         pickle.dumps(obj)  # what all_gather_object does with it
-        sent.append(obj)
-        return [None, obj] if obj is not None else [None, failing]
+        parts[:] = [obj, obj if obj[0] is not None else (failing, None)]
 
-    monkeypatch.setattr(distributed, "gather_objects", gather)
+    monkeypatch.setattr(distributed, "distributed_context", lambda group=None: distributed.DistributedContext(0, 2))
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
 
     def message(rank, name, text):  # as the statistics passes word it
         return f"the 'p' pass failed on rank {rank} of 2: {text}"
@@ -70,3 +68,29 @@ def test_only_names_and_text_cross_between_ranks(monkeypatch):
             distributed.raise_on_every_rank(error, message)
         with pytest.raises(expected, match=f"the 'p' pass failed on rank 1 of 2: {error}"):
             distributed.raise_on_every_rank(None, message)
+
+
+def test_nested_blocks_exchange_an_error_once(monkeypatch):
+    """failing_together blocks nest (a pass inside behavioral_llc inside a report section): each ends
+    with one exchange, and an error sends its failure once, in the innermost block it was raised in;
+    the enclosing blocks let it through. A second send would pair with no other rank's collective."""
+    import pytest
+
+    from tl_degeneracy import distributed
+
+    sent = []
+
+    def gather(parts, obj, group=None):  # the other rank never fails here
+        sent.append(obj[0])
+        parts[:] = [obj, (None, obj[1])]
+
+    monkeypatch.setattr(distributed, "distributed_context", lambda group=None: distributed.DistributedContext(0, 2))
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    with distributed.failing_together("outer"), distributed.failing_together("inner"):
+        pass
+    assert sent == [None, None]  # one exchange per block, no failure
+    sent.clear()
+    with pytest.raises(ZeroDivisionError), distributed.failing_together("outer"):
+        with distributed.failing_together("inner"):
+            1 / 0
+    assert sent == [("builtins.ZeroDivisionError", "division by zero")]

@@ -190,47 +190,42 @@ def test_more_ranks_than_chains_is_refused(monkeypatch):
 
 
 def test_collectives_use_the_backend_device(monkeypatch):
-    """Under NCCL the scalars broadcast/reduced across ranks must be CUDA tensors (NCCL rejects CPU
-    ones), so tl_degeneracy.distributed places them with reduce_device. Simulated on the CPU: a fake
-    two-rank world whose collectives check that every tensor went through reduce_device."""
+    """Under NCCL the tensors reduced across ranks must be CUDA tensors (NCCL rejects CPU ones):
+    tl_degeneracy.distributed places them with reduce_device, and the LLC's scalars (η, curvature,
+    clocks) travel as objects, which all_gather_object places itself. Simulated on the CPU: a fake
+    two-rank world in which a tensor collective fails the test."""
     import sys
 
     from tl_degeneracy import distributed
 
     api = sys.modules["tl_degeneracy.llc.estimate"]
-    real_reduce_device = distributed.reduce_device
-    placed = []
 
-    def fake_reduce_device(t, group=None):
-        placed.append(t)
-        return t.device
-
-    def collective(t, *args, **kwargs):
-        assert any(t is p or t.data_ptr() == p.data_ptr() for p in placed), "collective on a tensor not placed by reduce_device"
+    def tensor_collective(t, *args, **kwargs):
+        raise AssertionError("the LLC reduced a tensor across ranks (NCCL would need it on the GPU)")
 
     def gather(parts, local, group=None):
         # Rank 1 holds the odd chains; its traces (and its Hessian-trace samples) are stand-ins
         # (this test is about devices).
+        failure, obj = local
         parts[0] = local
-        parts[1] = {**local, "chains": [c + 1 for c in local["chains"]]} if isinstance(local, dict) else local
+        parts[1] = (failure, {**obj, "chains": [c + 1 for c in obj["chains"]]} if isinstance(obj, dict) else obj)
 
     two = lambda group=None: DistributedContext(0, 2)  # noqa: E731
     monkeypatch.setattr(api, "distributed_context", two)
     monkeypatch.setattr(distributed, "distributed_context", two)
-    monkeypatch.setattr(distributed, "reduce_device", fake_reduce_device)
-    monkeypatch.setattr(dist, "broadcast", collective)
-    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "broadcast", tensor_collective)
+    monkeypatch.setattr(dist, "all_reduce", tensor_collective)
     monkeypatch.setattr(dist, "all_gather_object", gather)
     model, x = linear_regression(d=3, n=30)
     res = behavioral_llc(model, x, chains=4, draws=10, burnin=4, pilot_steps=10)
-    assert res.diagnostics["world_size"] == 2 and len(placed) >= 3  # η broadcast + curvature reductions
-    # And the real helper sends CPU tensors to the current GPU under NCCL only.
+    assert res.diagnostics["world_size"] == 2
+    # And the tensor helper sends CPU tensors to the current GPU under NCCL only.
     t = torch.zeros(1)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
-    assert real_reduce_device(t) == torch.device("cpu")
+    assert distributed.reduce_device(t) == torch.device("cpu")
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert real_reduce_device(t) == torch.device("cuda", 0)
+    assert distributed.reduce_device(t) == torch.device("cuda", 0)
 
 
 def test_checkpoint_files_are_written_atomically(tmp_path):
@@ -282,8 +277,26 @@ def test_two_ranks_give_the_single_process_chains_and_resume_only_together(tmp_p
     assert messages[0] == messages[1] and "checkpoints for ranks [0] only, of 2" in messages[0]
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_chains_failing_on_one_rank_raise_on_every_rank(tmp_path):
+    """Audit 16b F1's remainder: rank 1's chains raised (a GPU out of memory) and rank 0 waited in its
+    next gather until gloo's 30-minute timeout. Now both raise at once: rank 1 its own error, rank 0
+    one that names rank 1 and quotes it."""
+    import json
+
+    proc = _torchrun(tmp_path, "--fail-on-rank-1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert got[1] == {"error": "RuntimeError", "message": "out of memory on this rank's device (simulated)"}
+    # rank 0 hears of it in the collective it waits in (here a gather of the chains' curvature or traces)
+    assert got[0] == {"error": "RuntimeError", "message": "rank 1 of 2 failed with RuntimeError: "
+                                                          "out of memory on this rank's device (simulated)"}
+
+
 def _fake_world(monkeypatch, found):
-    """A two-rank world whose all_gather_object returns ``found`` (this rank's entry is its own)."""
+    """A two-rank world whose all_gather_object returns ``found`` (this rank's entry is its own; each
+    goes with no failure, as distributed.gather_objects sends it)."""
     import sys
 
     from tl_degeneracy import distributed
@@ -291,7 +304,7 @@ def _fake_world(monkeypatch, found):
     api = sys.modules["tl_degeneracy.llc.checkpoint"]
 
     def gather(parts, local, group=None):
-        parts[:] = [local if f == "mine" else f for f in found]
+        parts[:] = [local if f == "mine" else (None, f) for f in found]
 
     monkeypatch.setattr(distributed, "distributed_context", lambda group=None: DistributedContext(0, 2))
     monkeypatch.setattr(dist, "all_gather_object", gather)

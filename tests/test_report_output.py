@@ -432,6 +432,23 @@ def test_under_torchrun_every_rank_runs_rank_0s_settings_and_one_writes_the_repo
         "TLDegeneracyError: rank 0 failed writing files all ranks share (FileNotFoundError")
 
 
+def test_under_torchrun_a_section_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    """Audit 16b F1's remainder: a section whose code failed on rank 1 only was recorded as failed
+    there while rank 0 ran it on, and rank 1 went on to the next section: their collectives no longer
+    paired up (a hang, or one rank's objects read as another's). Now both record it as failed, naming
+    rank 1, and run the next section together; the report written says so."""
+    from tests.fixtures.distributed import run_two_processes
+
+    run_two_processes("report_distributed_worker.py", tmp_path, "--llc-fails-on-rank-1")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["llc"] == ["failed", "RuntimeError: this rank's LLC failed (simulated)"]
+    assert ranks[0]["llc"] == ["failed", "RuntimeError: rank 1 of 2 failed with RuntimeError: this rank's LLC "
+                                         "failed (simulated)"]
+    assert ranks[0]["summary"] == ranks[1]["summary"] == ["ok", None]
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["sections"]["llc"]["status"] == "failed" and "rank 1 of 2" in saved["sections"]["llc"]["reason"]
+
+
 def test_a_save_interrupted_after_report_json_leaves_a_directory_a_rerun_takes(tmp_path, capsys, monkeypatch):
     """Review 32: the save wrote the CSVs before report.json, so one killed in between left the report's
     own CSVs beside no report.json, which every rerun (--fresh included) refused as foreign files."""

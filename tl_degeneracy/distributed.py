@@ -9,15 +9,20 @@ the number of processes, up to float rounding: a chain alone on its rank runs an
 path than chains batched together (3 processes against 1 on toy:sma: λ̂ 1e-7 to 1e-5 relative
 apart; 2 processes: identical, audit 10b). The report's memory and time fits, which each rank
 could make differently, are rank 0's (:func:`from_rank0`), and files every rank shares are written
-by rank 0 (:func:`on_rank0`). Without a process group everything runs in the one process.
+by rank 0 (:func:`on_rank0`). An error raised on one rank only is raised on every rank
+(:func:`failing_together`: the statistics passes, ``behavioral_llc``, each report section and the
+report), so that no rank is left waiting for the others in a collective. Without a process group
+everything runs in the one process.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,7 +30,7 @@ from torch import Tensor
 from .errors import TLDegeneracyError
 
 __all__ = ["DistributedContext", "distributed_context", "all_reduce_sum_", "broadcast_float", "max_over_ranks", "reduce_device",
-           "gather_objects", "from_rank0", "on_rank0", "raise_on_every_rank", "warn_once"]
+           "gather_objects", "from_rank0", "on_rank0", "failing_together", "raise_on_every_rank", "warn_once"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,9 @@ def distributed_context(group=None) -> DistributedContext:
 def reduce_device(t: Tensor, group=None) -> torch.device:
     """Device on which ``t`` can take part in a collective of ``group``'s backend.
 
-    NCCL reduces only CUDA tensors, so CPU tensors (statistics kept with device="cpu", scalars built
-    on the host) go through the current GPU; other backends use ``t``'s own device.
+    NCCL reduces only CUDA tensors, so CPU tensors (statistics kept with device="cpu") go through the
+    current GPU; other backends use ``t``'s own device. (Objects and scalars are exchanged with
+    ``all_gather_object``, which places them itself.)
     """
     if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
@@ -71,35 +77,25 @@ def all_reduce_sum_(t: Tensor, group=None) -> Tensor:
     return t
 
 
-def _scalar_collective(value: float, collective, group=None) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    t = t.to(reduce_device(t, group))  # NCCL takes CUDA tensors only
-    collective(t)
-    return float(t[0])
-
-
 def broadcast_float(value: float, src: int = 0, group=None) -> float:
     """Rank ``src``'s ``value`` on every rank (``value`` itself without a process group)."""
-    if not distributed_context(group).active:
-        return float(value)
-    return _scalar_collective(value, lambda t: dist.broadcast(t, src, group=group), group)
+    return float(gather_objects(float(value), group)[src])
 
 
 def max_over_ranks(value: float, group=None) -> float:
-    """The largest ``value`` over the ranks (``value`` itself without a process group)."""
-    if not distributed_context(group).active:
-        return float(value)
-    return _scalar_collective(value, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group), group)
+    """The largest ``value`` over the ranks, NaN where any is (``value`` itself without a process group)."""
+    return float(np.max(gather_objects(float(value), group)))
 
 
 def gather_objects(obj, group=None) -> list:
-    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` without a process group."""
-    context = distributed_context(group)
-    if not context.active:
-        return [obj]
-    parts = [None] * context.world_size
-    dist.all_gather_object(parts, obj, group=group)
-    return parts
+    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` without a process group.
+
+    Where another rank sends its failure instead (:func:`raise_on_every_rank`, :func:`failing_together`),
+    this rank raises it: a rank that failed between two collectives meets the others in the next one
+    they reach, which is then where they learn of it."""
+    world = distributed_context(group).world_size
+    return _exchange(obj, None, lambda rank, name, text: f"rank {rank} of {world} failed with {name}: {text}",
+                     RuntimeError, group)
 
 
 def from_rank0(obj, group=None):
@@ -124,6 +120,29 @@ def on_rank0(action: Callable[[], None], group=None) -> None:
                         fallback=TLDegeneracyError, group=group)
 
 
+@contextmanager
+def failing_together(what: str, group=None):
+    """Run a block whose ranks meet in collectives (a context manager, or a function decorator) so
+    that an error raised on one rank only raises on every rank: the failing rank sends it in place of
+    its next collective (:func:`raise_on_every_rank`), and the others hear of it in whichever
+    collective they are waiting in, or where the block ends. Without this a rank that raised alone
+    left the others waiting in their next collective for good (audit 16b F1: non-finite values in one
+    rank's batches, an error in one rank's chains or in a report section's code). An error every
+    rank has already raised together passes through unchanged, so blocks nest; without a process
+    group the block runs as it is."""
+    error = None
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, _RAISED_ON_EVERY_RANK, False) or not distributed_context(group).active:
+            raise
+        error = err
+    context = distributed_context(group)
+    if context.active:
+        raise_on_every_rank(error, lambda rank, name, text: f"{what} failed on rank {rank} of {context.world_size}: "
+                                                            f"{name}: {text}", group=group)
+
+
 def raise_on_every_rank(error: Exception | None, message: Callable[[int, str, str], str],
                         fallback: type[Exception] = RuntimeError, group=None) -> None:
     """Every rank calls this with its own ``error`` (None where it has none) and raises where any rank
@@ -134,20 +153,44 @@ def raise_on_every_rank(error: Exception | None, message: Callable[[int, str, st
     with ``message(rank, class name, its text)``. Only names and text cross between ranks: an
     exception class need not pickle (review 39: a local class lost the real error and hung the
     other rank). Without a process group: ``error``, if any, is raised."""
-    failures = gather_objects(None if error is None else
-                              (f"{type(error).__module__}.{type(error).__qualname__}", _text(error)), group)
+    _exchange(None, error, message, fallback, group)
+
+
+#: Set on an error that every rank raises together, so that an enclosing :func:`failing_together`
+#: does not send it a second time (which no other rank would receive).
+_RAISED_ON_EVERY_RANK = "_tld_raised_on_every_rank"
+
+
+def _exchange(obj, error: Exception | None, message: Callable[[int, str, str], str], fallback: type[Exception],
+              group=None) -> list:
+    """The one collective of this module: every rank sends ``(its failure or None, obj)``; the rank
+    that has ``error`` raises it, and every rank raises where any rank failed; else every ``obj``."""
+    context = distributed_context(group)
+    if not context.active:
+        if error is not None:
+            raise error
+        return [obj]
+    failure = None if error is None else (f"{type(error).__module__}.{type(error).__qualname__}", _text(error))
+    parts = [None] * context.world_size
+    dist.all_gather_object(parts, (failure, obj), group=group)
     if error is not None:
-        raise error
-    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+        raise _raised_on_every_rank(error)
+    first = next(((rank, f) for rank, (f, _) in enumerate(parts) if f is not None), None)
     if first is None:
-        return
+        return [o for _, o in parts]
     rank, (name, text) = first
     cls = _package_error(name) or fallback
     try:
         exc = cls(message(rank, name.rsplit(".", 1)[-1], text))
     except TypeError:  # an error class that takes other arguments
         exc = fallback(message(rank, name.rsplit(".", 1)[-1], text))
-    raise exc
+    raise _raised_on_every_rank(exc)
+
+
+def _raised_on_every_rank(error: Exception) -> Exception:
+    with suppress(AttributeError):  # an exception class with __slots__ takes no mark
+        setattr(error, _RAISED_ON_EVERY_RANK, True)
+    return error
 
 
 def _package_error(name: str) -> type[Exception] | None:

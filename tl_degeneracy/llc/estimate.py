@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..autograd import gradients_enabled, refuse_inference_mode
 from ..errors import EstimateFailedError, NumericalError
-from ..distributed import distributed_context, gather_objects, max_over_ranks, warn_once
+from ..distributed import distributed_context, failing_together, gather_objects, max_over_ranks, warn_once
 from ..stats.passes import show_progress
 from .checkpoint import Checkpointer
 from .config import GAMMA_RELAXATION, SamplerConfig
@@ -359,7 +359,8 @@ def behavioral_llc(
     # (modes, no cached attention patterns holding the chains' graphs) when the run ends or fails.
     # The sampler and the curvature differentiate in the perturbations, also when the caller runs
     # under torch.no_grad(), as TransformerLens notebooks do.
-    with gradients_enabled(target.engine.model), target.engine.eval_mode():
+    # failing_together: an error in one rank's chains raises on every rank (none waits in a gather for good).
+    with failing_together("behavioral_llc"), gradients_enabled(target.engine.model), target.engine.eval_mode():
         selection = select_coordinates(target, params)
         # No posterior at nβ reaches nβ L_B far above d/2 (λ ≤ d/2); 20× that plus slack is a divergence.
         # The test reads one batch's loss, nβ L_B,b ≈ ½ tr(H_b H⁻¹) at equilibrium, up to B times the
@@ -742,7 +743,8 @@ def _result(
         warn_once(f"{quantity}: {text}", category, stacklevel=4)  # at the caller of behavioral_llc
 
     if len(failed) == chains:
-        raise EstimateFailedError(f"{quantity}: all {chains} chains diverged (steps {sorted(failed.values())}); {advice}")
+        raise EstimateFailedError(f"{quantity}: all {chains} chains diverged (steps {sorted(failed.values())}); {advice}",
+                                  chains=chains, gamma=gamma, gamma_source=gamma_source)
     verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, virial=records.virial[burnin_used:].T,
                                  n_coordinates=selection.n_params, step_size=eta, gamma=gamma, burnin=config.burnin,
                                  divergence_advice=advice)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distributed import from_rank0, gather_objects, on_rank0
+from ..distributed import failing_together, from_rank0, gather_objects, on_rank0
 from ..errors import EstimateFailedError, TLDegeneracyError
 from ..memory import MemoryBudget, MemoryBudgetError, default_budget, memory_limit
 from ..models.adapt import adapt
@@ -111,7 +111,8 @@ def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionRe
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            out = section.compute(ctx)
+            with failing_together(f"report section {section.name!r}"):
+                out = section.compute(ctx)
         except (EstimateFailedError, MemoryBudgetError) as e:
             # it applies, but its settings (or the memory budget) made it fail: a failure to act on,
             # not "does not apply" (audit 15b: a budget too small for every pass exited 0)
@@ -248,66 +249,68 @@ def degeneracy_report(
     )
     if any(SECTIONS[s].needs_data for s in chosen):
         ctx.batches  # noqa: B018  (validates the data now, before any section runs)
-    budget = (default_budget(adapter.device) if settings.memory is None
-              else MemoryBudget(settings.memory, "the memory setting"))
-    # Under torchrun every rank checks its passes against one budget, the smallest rank's: a rank
-    # that alone refused a pass would leave the others waiting in its collectives (review 32).
-    budget = min(gather_objects(budget), key=lambda b: b.bytes)
-    # Sequence length and batch size that were not asked for explicitly follow from the budget.
-    explicit = {"batch_size", "seq_len"} if isinstance(preset, ReportSettings) else set(overrides or {})
-    memory = ctx.fit_memory(budget, explicit, chosen)
-    # The costly sections' scope follows from their predicted time, unless set (settings given whole are kept).
-    timing = fit_time(ctx, set(SCOPED) if isinstance(preset, ReportSettings) else explicit, chosen)
-    # Under torchrun every rank must stream the same batches and sample the same LLC: rank 0's fit
-    # decides (audit 10b: two ranks timed the LLC side by side, one restricted it and the other did
-    # not, and their chains were pooled into one λ̂ that each labelled differently).
-    agreed, memory, timing = from_rank0((ctx.settings, memory, timing))
-    changed = {f.name: getattr(agreed, f.name) for f in dataclasses.fields(agreed)
-               if getattr(agreed, f.name) != getattr(ctx.settings, f.name)}
-    if changed:
-        ctx.update_settings(**changed)
-    settings = ctx.settings
-    # The output directory and the checkpoints are checked now too: nothing is computed for a
-    # directory that would refuse the result.
-    older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh)
-    section_dirs, cached = {}, {}
-    if ctx.checkpoint_dir is not None:
-        if fresh:  # the files are shared by every rank: one deletes them (and the others wait)
-            on_rank0(lambda: cache.clear(ctx.checkpoint_dir))
-        for name in chosen:
-            section_dirs[name] = ctx.checkpoint_dir / f"{name}-{cache.fingerprint(SECTIONS[name], ctx)[:12]}"
-            cached[name] = cache.load_cached(SECTIONS[name], ctx)
-            if cached[name] is None:  # it will run, and resume from its checkpoints
-                cache.check_checkpoints(section_dirs[name])
-    results = {}
-    for i, name in enumerate(chosen, 1):
-        section = SECTIONS[name]
-        if progress:
-            print(f"[{i}/{len(chosen)}] {section.title} …", file=sys.stderr, flush=True)
-        ctx.section_dir = section_dirs.get(name)
-        result = cached.get(name)
-        if result is None:
-            with memory_limit(budget):  # every pass checks its batches against the report's budget
-                result = _run_section(section, ctx, errors)
-            if ctx.checkpoint_dir is not None:  # every rank takes part; rank 0's result decides
-                on_rank0(lambda: cache.store(section, ctx, result) if result.status == "ok" else None)
-        results[name] = result
-    report = Report(
-        model={"label": label, **ctx.summary},
-        data=ctx.data_description() if ctx.data is not None and "batches" in ctx.__dict__ else None,
-        settings={"preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
-                  "seed": seed, "device": str(adapter.device), "torch_threads": torch.get_num_threads(), "sections": chosen,
-                  "checkpoint_dir": None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                  "llc_components": llc_components, "budgets": settings.to_dict(), "memory": memory,
-                  "time_fit": timing},
-        versions=library_versions(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        wall_s=time.perf_counter() - t0,
-        sections=results,
-        identity=ctx.identity(),
-    )
-    if out is not None:
-        report = report.merge(older) if older is not None else report
-        # Every rank holds the same report; several writing one directory refused each other's files.
-        on_rank0(lambda: report.save(out, replace=fresh))
-    return report
+    # From here on the ranks meet in collectives: an error on one rank only raises on every rank.
+    with failing_together("degeneracy_report"):
+        budget = (default_budget(adapter.device) if settings.memory is None
+                  else MemoryBudget(settings.memory, "the memory setting"))
+        # Under torchrun every rank checks its passes against one budget, the smallest rank's: a rank
+        # that alone refused a pass would leave the others waiting in its collectives (review 32).
+        budget = min(gather_objects(budget), key=lambda b: b.bytes)
+        # Sequence length and batch size that were not asked for explicitly follow from the budget.
+        explicit = {"batch_size", "seq_len"} if isinstance(preset, ReportSettings) else set(overrides or {})
+        memory = ctx.fit_memory(budget, explicit, chosen)
+        # The costly sections' scope follows from their predicted time, unless set (settings given whole are kept).
+        timing = fit_time(ctx, set(SCOPED) if isinstance(preset, ReportSettings) else explicit, chosen)
+        # Under torchrun every rank must stream the same batches and sample the same LLC: rank 0's fit
+        # decides (audit 10b: two ranks timed the LLC side by side, one restricted it and the other did
+        # not, and their chains were pooled into one λ̂ that each labelled differently).
+        agreed, memory, timing = from_rank0((ctx.settings, memory, timing))
+        changed = {f.name: getattr(agreed, f.name) for f in dataclasses.fields(agreed)
+                   if getattr(agreed, f.name) != getattr(ctx.settings, f.name)}
+        if changed:
+            ctx.update_settings(**changed)
+        settings = ctx.settings
+        # The output directory and the checkpoints are checked now too: nothing is computed for a
+        # directory that would refuse the result.
+        older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh)
+        section_dirs, cached = {}, {}
+        if ctx.checkpoint_dir is not None:
+            if fresh:  # the files are shared by every rank: one deletes them (and the others wait)
+                on_rank0(lambda: cache.clear(ctx.checkpoint_dir))
+            for name in chosen:
+                section_dirs[name] = ctx.checkpoint_dir / f"{name}-{cache.fingerprint(SECTIONS[name], ctx)[:12]}"
+                cached[name] = cache.load_cached(SECTIONS[name], ctx)
+                if cached[name] is None:  # it will run, and resume from its checkpoints
+                    cache.check_checkpoints(section_dirs[name])
+        results = {}
+        for i, name in enumerate(chosen, 1):
+            section = SECTIONS[name]
+            if progress:
+                print(f"[{i}/{len(chosen)}] {section.title} …", file=sys.stderr, flush=True)
+            ctx.section_dir = section_dirs.get(name)
+            result = cached.get(name)
+            if result is None:
+                with memory_limit(budget):  # every pass checks its batches against the report's budget
+                    result = _run_section(section, ctx, errors)
+                if ctx.checkpoint_dir is not None:  # every rank takes part; rank 0's result decides
+                    on_rank0(lambda: cache.store(section, ctx, result) if result.status == "ok" else None)
+            results[name] = result
+        report = Report(
+            model={"label": label, **ctx.summary},
+            data=ctx.data_description() if ctx.data is not None and "batches" in ctx.__dict__ else None,
+            settings={"preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
+                      "seed": seed, "device": str(adapter.device), "torch_threads": torch.get_num_threads(), "sections": chosen,
+                      "checkpoint_dir": None if checkpoint_dir is None else os.fspath(checkpoint_dir),
+                      "llc_components": llc_components, "budgets": settings.to_dict(), "memory": memory,
+                      "time_fit": timing},
+            versions=library_versions(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            wall_s=time.perf_counter() - t0,
+            sections=results,
+            identity=ctx.identity(),
+        )
+        if out is not None:
+            report = report.merge(older) if older is not None else report
+            # Every rank holds the same report; several writing one directory refused each other's files.
+            on_rank0(lambda: report.save(out, replace=fresh))
+        return report

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..autograd import gradients_enabled, ordinary, refuse_inference_mode
 from ..data import Batch
-from ..distributed import all_reduce_sum_, distributed_context, raise_on_every_rank
+from ..distributed import all_reduce_sum_, distributed_context, failing_together
 from .passes import raise_if_not_finite, shard
 from .samples import SampleIndex
 
@@ -83,9 +83,8 @@ def stream(
     if grad:
         refuse_inference_mode(f"this analysis (its {desc!r} pass)")
     ready = _for_autograd if grad else (lambda batch: batch)
-    error = None
     with gradients_enabled() if grad else torch.no_grad():
-        try:
+        with failing_together(f"the {desc!r} pass"):
             for batch in map(ready, shard(batches, ctx, device, progress, desc)):
                 step = Step(batch, SampleIndex.from_batch(batch))
                 on_batch(step)
@@ -94,13 +93,7 @@ def stream(
             if ctx.active and n_mine == 0:
                 first = ready(batches.batch(0, device=device))
                 on_batch(Step(first, SampleIndex.from_batch(first), count=False))
-        except Exception as err:
-            if not ctx.active:
-                raise
-            error = err
         if ctx.active:
-            raise_on_every_rank(error, lambda rank, name, text: f"the {desc!r} pass failed on rank {rank} of "
-                                                                f"{ctx.world_size}: {text}")
             for item in reduce():
                 if isinstance(item, Tensor):
                     all_reduce_sum_(item)
