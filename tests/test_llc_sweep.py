@@ -124,6 +124,32 @@ def test_figures_state_each_estimate_with_its_error_and_verdict():
                                         "lower bound: split-R̂ 1.13")
 
 
+@pytest.mark.tl_agnostic  # a plain torch network (no TransformerLens): once, in the TransformerLens 4.x run
+def test_a_point_whose_chains_all_diverge_keeps_the_others():
+    """Audit 17b F1: a given η stable at ε = 10⁻² and 10⁻³ diverges at 10⁻⁵ (nβ η h_max far past 4);
+    the sweep raised and lost the two points it had. Now that point's row has no estimate and says
+    why, the others are kept, a warning says so, and the figure names it."""
+    from tests.test_llc import linear_regression
+
+    model, x = linear_regression()
+    with pytest.warns(RuntimeWarning, match=r"llc_sweep: λ̂\(ε = 1e-05, γ = 1\): all 2 chains diverged .*the other "
+                                            r"points are kept"):
+        frame = llc_sweep(model, x, [1e-2, 1e-3, 1e-5], step_size=1e-4, chains=2, burnin=50, draws=100, seed=0,
+                          progress=False)
+    assert list(frame["loss_scale"]) == [1e-2, 1e-3, 1e-5] and list(frame["nbeta"]) == pytest.approx([1e2, 1e3, 1e5])
+    assert frame["error"].iloc[:2].isna().all() and np.isfinite(frame["llc"].iloc[:2]).all()
+    lost = frame.iloc[2]
+    assert "all 2 chains diverged" in lost["error"] and "reduce step_size" in lost["error"]
+    assert np.isnan(lost["llc"]) and np.isnan(lost["n_eff"]) and not lost["converged"]
+    assert (lost["chains"], lost["n_failed"], lost["gamma"]) == (2, 2, 1.0)
+    assert point_texts(frame)[2].startswith("no estimate: λ̂(ε = 1e-05, γ = 1): all 2 chains diverged")
+    fig = plot_llc_sweep(frame)
+    assert sum(len(t.y) for t in fig.data) == 2 and "no estimate (every chain diverged) at ε = 1e-05" in \
+        fig.layout.legend.title.text
+    every = llc_sweep(model, x, [1e-5], step_size=1e-4, chains=2, burnin=50, draws=100, progress=False)
+    assert plot_llc_sweep(every).layout.title.text.endswith("no point has an estimate (every chain diverged)")
+
+
 def test_llc_sweep_refuses_a_fixed_scale():
     with pytest.raises(ValueError, match="loss_scales"):
         llc_sweep(QuadraticPlusQuartic(1.0), torch.zeros(1, 1), loss_scales=[1e-2], nbeta=10)

@@ -253,6 +253,28 @@ def test_notebook_view_shows_every_section_with_its_tables_and_no_script(full_re
     assert rep.data["source"] == "Tensor [8, 12]"
 
 
+def test_an_llc_point_whose_chains_all_diverge_keeps_the_section(tmp_path):
+    """Audit 17b F1: a step_size stable at the main ε diverges at a sweep's smaller one; the sweep
+    raised, and the report recorded the whole LLC section as failed, the main run's λ̂ lost. Now the
+    section is ok, its headline and a note name the point without an estimate and what to change,
+    and the report saves (NaN as null)."""
+    overrides = dict(chains=2, draws=10, burnin=2, pilot_steps=2, loss_scales=[1e-3, 1e-9], llc_max_draws=10,
+                     step_size=1e-4, n_sequences=8, llc_sequences=2, llc_seq_len=12, llc_time_limit=None)
+    with pytest.warns(RuntimeWarning, match="the other points are kept"):
+        report = degeneracy_report("toy:sma", sections=["llc"], overrides=overrides, progress=False, out=tmp_path / "r")
+    section = report["llc"]
+    assert section.status == "ok" and math.isfinite(section.values["llc"])
+    assert section.headline.endswith("no estimate at (ε = 1e-09): every chain diverged (the table's error column says "
+                                     "what to change)")
+    assert re.match(r"No estimate: λ̂\(ε = 1e-09, γ = \S+\): all 2 chains diverged .*reduce step_size \(now 0.0001\)",
+                    section.notes[-1])
+    sweep = section.tables["sweep"]
+    assert list(sweep["loss_scale"]) == [1e-3, 1e-9] and sweep["error"].iloc[0] is None
+    assert math.isnan(sweep["llc"].iloc[1]) and sweep["error"].iloc[1] in section.notes[-1]
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())["sections"]["llc"]
+    assert saved["status"] == "ok" and saved["tables"]["sweep"]["columns"][-1] == "error"
+
+
 def test_a_loaded_toy_brings_its_name_and_data():
     # A model from tld.load_model keeps its spec, so the report reads the toy's own data, as for the spec.
     model = tld.load_model("toy:sma")

@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..distributed import distributed_context
+from ..distributed import distributed_context, warn_once
+from ..errors import EstimateFailedError
 from ..stats.passes import show_progress
-from .estimate import behavioral_llc
+from .estimate import behavioral_llc, resolve_nbeta
 from .llc_result import estimate_line, relation, step_size_caveats, unconverged_text
 
 
@@ -51,9 +52,29 @@ _SUMMARY = ["gamma", "gamma_source", "loss", "selection", "llc", "llc_std", "llc
 
 
 def _row(res) -> dict:
-    """The sweep columns of one result (``_SUMMARY``)."""
+    """The sweep columns of one result (``_SUMMARY``), and ``error`` None."""
     summary = res.summary()
-    return {k: summary[k] for k in _SUMMARY}
+    return {**{k: summary[k] for k in _SUMMARY}, "error": None}
+
+
+def _failed_row(error: EstimateFailedError, caller: str) -> dict:
+    """The columns of a point whose every chain diverged: no estimate (NaN), not converged, and in
+    ``error`` why and what to change; warned of. One unstable point used to abort the whole sweep,
+    and the report's LLC section with it (audit 17b F1: a given step size that is stable at the
+    largest ε diverges at the smallest)."""
+    warn_once(f"{caller}: {error}; the other points are kept, this one's row has no estimate (column error)",
+              RuntimeWarning, stacklevel=3)
+    row = dict.fromkeys(_SUMMARY, np.nan)
+    row.update(gamma=np.nan if error.gamma is None else error.gamma, gamma_source=error.gamma_source, loss=None,
+               selection=None, stderr_caveat=None, chains=error.chains, n_failed=error.chains, converged=False,
+               lower_bound=None, convergence_reason="failed: every chain diverged", error=str(error))
+    return row
+
+
+def point_failed(row) -> bool:
+    """Whether a sweep or component row is a point without an estimate (every chain diverged; tables
+    saved before 0.4.8 have no such rows)."""
+    return isinstance(row.get("error") if hasattr(row, "get") else getattr(row, "error", None), str)
 
 
 def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: Sequence[float | str] | None = None,
@@ -73,7 +94,9 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     uncertainty: too few healthy chains; else None; METHODS §1, "Standard error"), n_eff, n_eff_stderr (2·llc_stderr),
     n_params, step_size, bias_bound (predicted step-size bias), stiff_bound, h_max, chains, n_failed,
     cumulative_step (s = Σ η), and the convergence verdict (METHODS §1): converged, lower_bound,
-    rhat, ess, drift, convergence_reason. Plot with :func:`plot_llc_sweep`.
+    rhat, ess, drift, convergence_reason; and error: None, or for a point whose every chain diverged
+    (a given step size too large at that ε) why and what to change — that row has no estimate
+    (NaN) and the other points are kept (warned of). Plot with :func:`plot_llc_sweep`.
     ``progress``: a bar over the runs above each run's own bars.
 
     Every run uses the same ``seed``, so the points share their random numbers: their errors are
@@ -97,7 +120,11 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     rows = []
     for eps, g in _outer_bar(grid, "llc_sweep: loss scales" if gammas is None else "llc_sweep: (ε, γ)", kwargs):
         name = f"loss_scale_{eps!r}" if gammas is None else f"loss_scale_{eps!r}_gamma_{g if isinstance(g, str) else float(g)!r}"
-        res = behavioral_llc(model, data, loss_scale=eps, gamma=g, **_subdir(kwargs, name))
+        try:
+            res = behavioral_llc(model, data, loss_scale=eps, gamma=g, **_subdir(kwargs, name))
+        except EstimateFailedError as error:
+            rows.append({"loss_scale": eps, "nbeta": 1.0 / eps, **_failed_row(error, "llc_sweep")})
+            continue
         rows.append({"loss_scale": eps, "nbeta": res.nbeta, **_row(res)})
     return pd.DataFrame(rows)
 
@@ -118,6 +145,9 @@ def point_texts(frame: pd.DataFrame) -> list[str]:
     called the bars ±1 standard error)."""
     texts = []
     for _, row in frame.iterrows():
+        if point_failed(row):
+            texts.append(f"no estimate: {row['error']}")
+            continue
         n_eff = estimate_line(row["n_eff"], 2 * row["llc_stderr"], row.get("stderr_caveat"), row["chains"] - row["n_failed"],
                               ".3g")
         reason = row["convergence_reason"]
@@ -141,7 +171,8 @@ def plot_llc_sweep(frame: pd.DataFrame):
     γ-curve) at its single ε otherwise. Every line is labelled with the γ (or ε) it holds fixed.
     Points whose chains did not converge are open markers, points the step size may bias
     (:func:`~tl_degeneracy.llc.llc_result.step_size_caveats`) diamonds (the legend's title says so),
-    and every point's hover text gives its N_eff ±, verdict and those caveats (:func:`point_texts`)."""
+    and every point's hover text gives its N_eff ±, verdict and those caveats (:func:`point_texts`);
+    points without an estimate (every chain diverged) are left out and named in the legend's title."""
     import plotly.graph_objects as go
 
     def points(part: pd.DataFrame, x: pd.Series, name: str, joined: bool = True):
@@ -152,7 +183,11 @@ def plot_llc_sweep(frame: pd.DataFrame):
                           error_y=dict(type="data", array=4 * part["llc_stderr"]), text=point_texts(part))
 
     fig = go.Figure()
-    if frame["loss_scale"].nunique() > 1 or "gamma" not in frame:
+    lost = [row for _, row in frame.iterrows() if point_failed(row)]
+    frame = frame[[not point_failed(row) for _, row in frame.iterrows()]]
+    if not len(frame):
+        fig.update_layout(title="Effective parameter count: no point has an estimate (every chain diverged)")
+    elif frame["loss_scale"].nunique() > 1 or "gamma" not in frame:
         # γ = "auto" chooses a γ per run: those points form one line, each point's γ in its hover text.
         keys = np.array([_gamma_line(row) for _, row in frame.iterrows()])
         for name in dict.fromkeys(keys):
@@ -168,7 +203,9 @@ def plot_llc_sweep(frame: pd.DataFrame):
         fig.update_layout(xaxis_type="log", xaxis_title="localization γ", yaxis_title="N_eff(ε, γ) = 2 λ_B(ε, γ)",
                           title=f"Effective parameter count over localizations at ε = {eps:.3g}")
     keys = [*([] if frame["converged"].all() else ["open markers: not converged"]),
-            *(["diamonds: the step size may bias N_eff"] if any(row_caveats(row) for _, row in frame.iterrows()) else [])]
+            *(["diamonds: the step size may bias N_eff"] if any(row_caveats(row) for _, row in frame.iterrows()) else []),
+            *([f"no estimate (every chain diverged) at ε = {', '.join(format(row.loss_scale, 'g') for row in lost)}"]
+              if lost else [])]
     if keys:  # a legend even for one line: its title is the key to the markers
         fig.update_layout(showlegend=True, legend_title_text="; ".join(keys))
     return fig
@@ -181,7 +218,8 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     component as sampled), n_params (its nominal parameter count), llc, llc_std,
     llc_stderr, llc_mcse and stderr_caveat (as in :func:`llc_sweep`), n_eff = 2λ̂, n_eff_stderr, n_eff_fraction =
     n_eff/n_params, step_size, bias_bound, n_failed and the convergence verdict (converged, rhat,
-    ess, drift, convergence_reason; METHODS §1).
+    ess, drift, convergence_reason; METHODS §1); error as in :func:`llc_sweep` (a component whose
+    every chain diverged has no estimate; the others are kept).
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
     ``progress``: a bar over the components above each run's own bars.
     """
@@ -193,7 +231,13 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     adapter = adapt(model)
     rows = []
     for comp in _outer_bar(component_selections(adapter, components), "llc_by_component", kwargs):
-        res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
+        try:
+            res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
+        except EstimateFailedError as error:
+            nbeta = resolve_nbeta(kwargs.get("nbeta"), kwargs.get("loss_scale"))
+            rows.append({"component": comp, "loss_scale": 1.0 / nbeta, "nbeta": nbeta,
+                         **_failed_row(error, "llc_by_component"), "n_eff_fraction": np.nan})
+            continue
         rows.append({"component": comp, "loss_scale": res.loss_scale, "nbeta": res.nbeta, **_row(res),
                      "n_eff_fraction": res.n_eff / res.n_params})
     return pd.DataFrame(rows)

@@ -58,7 +58,8 @@ def plot_component_llc(frame: pd.DataFrame):
                            marker=dict(pattern=dict(shape=hatch)), hovertext=point_texts(frame),
                            error_y=dict(type="data", array=4 * frame["llc_stderr"] / frame["n_params"])))
     fig.update_xaxes(tickvals=list(frame["component"]),
-                     ticktext=[f"{c}<br>γ = {g:.3g}" for c, g in zip(frame["component"], frame["gamma"])])
+                     ticktext=[f"{c}<br>γ = {g:.3g}" if g == g else f"{c}<br>no estimate"  # NaN: every chain diverged
+                               for c, g in zip(frame["component"], frame["gamma"])])
     fig.update_layout(title="Restricted LLC per component: N_eff / n_params", yaxis_title="N_eff / n_params",
                       xaxis_title="component (the γ it was sampled at)")
     keys = [*([] if frame["converged"].all() else ["hatched: not converged"]),

@@ -20,6 +20,7 @@ from ..errors import MissingHookError
 from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
+from ..llc.sweep import point_failed
 from ..llc.llc_result import (estimate_line, estimate_text, is_lower_bound, relation, step_size_caveats,
                               unconverged_text, value_with_error)
 from ..numerics import CUTOFF_BAND
@@ -387,7 +388,7 @@ def llc(ctx: ReportContext) -> SectionOutput:
         res = behavioral_llc(ctx.adapter, data, loss_scale=s.loss_scale, params=s.llc_params,
                              checkpoint_dir=ctx.checkpoint("default"), **kwargs)
         bar.update()
-        summary = {"loss_scale": res.loss_scale, "nbeta": res.nbeta, **res.summary()}
+        summary = {"loss_scale": res.loss_scale, "nbeta": res.nbeta, **res.summary(), "error": None}
         rows = []
         for eps in others:  # one call per scale, so that the bar moves as each finishes
             rows.append(llc_sweep(ctx.adapter, data, [eps], params=s.llc_params, checkpoint_dir=ctx.checkpoint("sweep"),
@@ -459,6 +460,10 @@ def llc(ctx: ReportContext) -> SectionOutput:
         out.values["gamma_curve_points"] = [_sweep_point(r) for r in out.tables["gamma_curve"].itertuples()]
     if "components" in out.tables:
         out.values["component_points"] = [f"{r.component} {_sweep_point(r)}" for r in out.tables["components"].itertuples()]
+    # what to change for each run without an estimate (audit 17b F1: one such run lost the whole section)
+    out.notes += [f"No estimate{'' if getattr(r, 'component', None) is None else f' for {r.component}'}: {r.error}"
+                  for name in ("sweep", "gamma_curve", "components") if name in out.tables
+                  for r in out.tables[name].itertuples() if point_failed(r)]
     return out
 
 
@@ -468,6 +473,8 @@ def _sweep_point(r) -> str:
     (``step_size_caveats``), "≥ … (not converged)" where its chains did not
     converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
     R̂ or ESS (METHODS §1)."""
+    if point_failed(r):
+        return f"no estimate at (ε = {r.loss_scale:g}): every chain diverged (the table's error column says what to change)"
     value = estimate_line(r.n_eff, 2 * r.llc_stderr, r.stderr_caveat, r.chains - r.n_failed, ".3g")
     flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None),
                                                           getattr(r, "n_eff_stderr", None)))
