@@ -287,3 +287,39 @@ def test_explicit_pad_id_is_silent_and_no_tokenizer_means_no_pad_id():
     toy = make_tiny_toy_transformer()  # no tokenizer: no id is padding unless given
     tb = no_warnings(token_batches, torch.tensor([[5, 6, 0], [7, 0, 0]]), toy)
     assert tb.n_samples == 6 and tb.positions.padding_rule == "none"
+
+
+@pytest.mark.parametrize("backend", ["bridge", "hooked_transformer"])
+def test_a_tokenizer_that_pads_on_the_left_changes_nothing(tl_models, backend, single_thread):
+    """Audit 17a F5: a HookedTransformer whose tokenizer pads on the left masks every leading pad id
+    of a batch and shifts its positions, so a sequence whose first real token is the pad id (0 here,
+    BOS 1) got other activations, at any batch size and without a warning. The package pads on the
+    right: the statistics must not depend on the tokenizer's side, which is left as it was."""
+    import tl_degeneracy as tld
+
+    model = tl_models("gpt2", backend)
+    g = torch.Generator().manual_seed(9)
+    sequences = []
+    for i in range(8):
+        s = torch.randint(3, 100, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g)
+        s[len(s) // 2] = PAD  # the pad id as a real token: in the middle of every sequence,
+        if i % 2 == 0:
+            s[0] = PAD  # and first in half of them
+        sequences.append(s)
+    grams = {}
+    tok = model.tokenizer
+    side = tok.padding_side
+    try:
+        for padding_side in ("right", "left"):
+            tok.padding_side = padding_side
+            for batch_size in (1, 4):
+                stats = tld.activation_stats(model, sequences, hooks="ln_final", batch_size=batch_size, progress=False)
+                assert tok.padding_side == padding_side
+                (hook,) = stats.stats.values()
+                assert hook.count == sum(len(s) for s in sequences)
+                grams[padding_side, batch_size] = hook.gram
+    finally:
+        tok.padding_side = side
+    reference = grams["right", 1]
+    for key, gram in grams.items():
+        torch.testing.assert_close(gram, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()), msg=str(key))

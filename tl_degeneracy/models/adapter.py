@@ -66,6 +66,8 @@ def forward_scope(model: nn.Module) -> Iterator[None]:
     Outputs a forward returns, and the graphs behind them, are the caller's and are not touched.
     Tensors changed in place (not rebound) are not tracked: no supported backend does that.
 
+    A tokenizer that pads on the left pads on the right inside the scope (see the comment below).
+
     Re-entrant: inside a scope on the same model a nested one does nothing, the outer one restoring
     everything at its end, so a loop of forwards (an SGLD run) can hold one scope around all of them
     instead of paying for one per forward.
@@ -77,12 +79,22 @@ def forward_scope(model: nn.Module) -> Iterator[None]:
     modes = [m.training for m in modules]
     # A shallow copy of each __dict__: references only, no tensor data is copied.
     before = [dict(vars(m)) for m in modules]
+    # A HookedTransformer whose tokenizer pads on the left masks every leading pad id of a batch and
+    # shifts its positions (audit 17a F5: a real first token equal to the pad id, pad ≠ BOS, changed
+    # every statistic of its sequence, silently). The package pads on the right, after every real
+    # position of a causal model, and needs no mask: the tokenizer pads on the right meanwhile.
+    tokenizer = getattr(model, "tokenizer", None)
+    left = getattr(tokenizer, "padding_side", None) == "left"
+    if left:
+        tokenizer.padding_side = "right"
     model.eval()
     _IN_SCOPE.add(id(model))
     try:
         yield
     finally:
         _IN_SCOPE.discard(id(model))
+        if left:
+            tokenizer.padding_side = "left"
         for m, training, saved in zip(modules, modes, before):
             m.training = training
             attributes = vars(m)
