@@ -109,6 +109,35 @@ def test_half_precision_counts_say_they_may_read_high():
     assert "N_eff ≥" in VERDICTS["counts"]({**full, "sample_limited_maps": 0, "n_samples": 384})
 
 
+def test_a_half_precision_covariance_band_reaches_its_mean_s_rounding():
+    """Audit 17a F1: a layer whose MLP is linear on the data (b_in = 32, every neuron on) with W_in of
+    rank 3 has W_out's centred input Gram of rank 3 exactly. In bfloat16 the rounding of activations
+    ≈ 32 is eps·32 each, far above eps²·λ₁ of their covariance (spread ≈ 1), so the float32 rule read
+    rank 24 and the band (24, 24, 24) said so with certainty. The band's upper cut-off is now the
+    rounding of the activations' second moment, mean included: it reaches the truth."""
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    model = ToyTransformer(n_layers=2, d_model=16, n_heads=2, d_head=4, d_mlp=24, d_vocab=20, n_ctx=16,
+                           act_fn="relu", seed=0, bias=True).double()
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        mlp = model.blocks[1].mlp
+        mlp.W_in.copy_(torch.randn(mlp.W_in.shape, generator=g, dtype=torch.float64) * 0.3)
+        mlp.W_in[3:, :] = 0.0  # rank 3, exactly in every dtype
+        mlp.b_in.fill_(32.0)
+    tokens = torch.randint(0, 20, (24, 16), generator=torch.Generator().manual_seed(1))
+    rows = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frame = degeneracy_counts(model.to(dtype), tokens, n_probes=8, progress=False)
+        rows[dtype] = frame[(frame["map"] == "W_out") & (frame["layer"] == 1)].iloc[0]
+    exact, half = rows[torch.float64], rows[torch.bfloat16]
+    assert exact["centered"] and exact["rank_G"] == 3
+    assert half["rank_G"] > 3  # the rule counts the rounding (an upper bound, as documented)
+    assert half["kfac_min"] <= exact["kfac"] <= half["kfac_max"]
+
+
 def test_one_sequence_says_the_data_check_could_not_run():
     """One sequence: its even-numbered half is all of it, so data_limited could never fire, and the
     counts read as final (audit 9 F5: rank_G 3 of 16 on one sequence, 12 maps flagged when the same

@@ -97,3 +97,30 @@ def test_rank_band_never_counts_below_the_float64_floor():
     cut = rank_rtol(16, torch.float32, gram=True)
     weak = torch.cat([torch.ones(15, dtype=torch.float64), torch.tensor([cut / 10], dtype=torch.float64)])
     assert rank_band(weak, precision=torch.float32, gram=True) == (15, 15, 16)
+
+
+def test_a_covariance_s_rounding_band_is_set_by_its_mean():
+    """Audit 17a F1: activations 32 + a rank-3 spread of order 1, rounded to bfloat16 (eps·32 each):
+    their covariance's rounding sits near eps²·E[f²], ~500× above eps²·λ₁(covariance), which left the
+    whole band at the rounded rank 24. With the second moment as the noise scale (rank_band, and the
+    interaction basis's whitening) the band's fewest directions are the true 3."""
+    from tl_degeneracy.interaction.basis import whiten
+    from tl_degeneracy.numerics import rank_band, rounding_rtol
+
+    g = torch.Generator().manual_seed(0)
+    x = (32 + torch.randn(2000, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 24, generator=g, dtype=torch.float64))
+    x = x.to(torch.bfloat16).double()
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / len(x)
+    spectrum = torch.linalg.eigvalsh(cov).flip(0)
+    noise = rounding_rtol(torch.bfloat16, gram=True)
+    rtol = rank_rtol(24, torch.float32, gram=True)
+    assert rank_band(spectrum, 24, precision=torch.float32, gram=True, noise_rtol=noise) == (24, 24, 24)
+    second = float((x * x).mean(0).max())
+    assert rank_band(spectrum, 24, precision=torch.float32, gram=True, noise_rtol=noise, noise_scale=second)[0] == 3
+    # never below the spectrum's own scale: an uncentred Gram's band is unchanged
+    gram = x.T @ x / len(x)
+    top = torch.linalg.eigvalsh(gram).flip(0)
+    assert rank_band(top, 24, precision=torch.float32, gram=True, noise_rtol=noise, noise_scale=second) == \
+        rank_band(top, 24, precision=torch.float32, gram=True, noise_rtol=noise)
+    assert whiten(cov, mean, rtol, 0.0, noise).band[0] == 3

@@ -362,26 +362,31 @@ def degeneracy_counts(
     rounding = rounding_rtol(adapter.dtype, gram=True)
     n = batches.n_samples
 
-    def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision) -> tuple[int, int, int]:
+    def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision,
+                      second_moment: Tensor | None = None) -> tuple[int, int, int]:
         """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
         §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
         up to the forward's rounding level at least for a half-precision model (exact inputs,
-        W_E's token frequencies, have none)."""
+        W_E's token frequencies, have none), which for a covariance is set by its activations'
+        uncentred ``second_moment`` (rank_band's noise_scale)."""
+        scale = None if rounding is None or second_moment is None else float(second_moment.diagonal().max())
         return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
                          rtol=None if rtol is None else float(rtol), atol=atol,
-                         noise_rtol=rounding if inputs_precision == precision else None)
+                         noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
 
-    def band(m: Tensor) -> tuple[int, int, int]:
-        return spectrum_band(descending_eigvalsh(m))
+    def band(m: Tensor, second_moment: Tensor | None = None) -> tuple[int, int, int]:
+        return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
 
     def rank(m: Tensor) -> int:
         return band(m)[1]
 
-    def g_rank(whole: Tensor, half: Tensor, most: int | None = None) -> tuple[tuple[int, int, int], bool]:
+    def g_rank(whole: Tensor, half: Tensor, most: int | None = None,
+               second_moment: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
         """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
-        alone give a lower one: the rank is still growing with the data."""
+        alone give a lower one: the rank is still growing with the data. ``second_moment``: the
+        uncentred Gram where ``whole`` is a covariance (its band's rounding level)."""
         most = whole.shape[-1] if most is None else most
-        b = tuple(min(r, most) for r in band(whole))
+        b = tuple(min(r, most) for r in band(whole, second_moment))
         return b, min(rank(half), most) < b[1]
 
     def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
@@ -432,16 +437,20 @@ def degeneracy_counts(
                 if ("x̃", centered) not in input_ranks:
                     whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
                     of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
-                    input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True))
+                    input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True),
+                                                        whole.gram()[0] if centered else None)
                 return input_ranks["x̃", centered]
             if (ln, centered) not in input_ranks:
                 input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
                                                    input_moment(adapter, layer, ln, input_halves[hook], centered),
-                                                   most(centered))
+                                                   most(centered),
+                                                   input_moment(adapter, layer, ln, inputs[hook], False) if centered
+                                                   and rounding is not None else None)
             return input_ranks[ln, centered]
 
         z = acts[("z", layer)]
         z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
+        z_raw = z.head_gram if bias["W_O"] else [None] * H
         out_K = k_rank(attn_out[layer])
         for h in range(H):
             add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
@@ -452,7 +461,7 @@ def degeneracy_counts(
             add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"],
                 most(bias["W_V"]))
         for h in range(H):
-            add("W_O", layer, h, g_rank(z_G[h], z_half[h]), out_K, d, D, bias["W_O"])
+            add("W_O", layer, h, g_rank(z_G[h], z_half[h], second_moment=z_raw[h]), out_K, d, D, bias["W_O"])
         if mlp:
             F = adapter.d_mlp
             maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
@@ -461,7 +470,8 @@ def degeneracy_counts(
                 add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name], most(bias[name]))
             post = acts[("mlp_post", layer)]
             G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-            add("W_out", layer, None, g_rank(*G_post), k_rank(mlp_out[layer]), F, D, bias["W_out"])
+            add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] else None),
+                k_rank(mlp_out[layer]), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
         frequencies, half_frequencies = _token_frequencies(batches, adapter.d_vocab)

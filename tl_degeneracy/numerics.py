@@ -190,6 +190,7 @@ def rank_band(
     rtol: float | None = None,
     atol: float = 0.0,
     noise_rtol: float | None = None,
+    noise_scale: float | None = None,
 ) -> tuple[int, int, int]:
     """(rank at the cut-off × :data:`CUTOFF_BAND`, the rank, rank at the cut-off / CUTOFF_BAND) of one
     spectrum by :func:`numerical_rank`'s rule (``atol`` held fixed): the three agree where the
@@ -199,10 +200,17 @@ def rank_band(
     (the eigensolver's own error): below it even exact zeros count (audit 5: a float64 model's band
     counted LayerNorm's mean direction, which no map reads). ``noise_rtol``: a relative level the
     inputs' own rounding reaches (:func:`rounding_rtol` of a half-precision forward), which the
-    upper cut-off reaches at least, so that the band's low rank leaves that rounding out."""
+    upper cut-off reaches at least, so that the band's low rank leaves that rounding out.
+    ``noise_scale``: what ``noise_rtol`` is relative to where that is above the spectrum's largest
+    value — for a covariance, the largest second moment E[f_i²] of its activations, mean included:
+    each activation is rounded relative to itself, so where the mean is large against the spread the
+    rounding sits far above λ₁(covariance)·eps² (audit 17a F1: a bfloat16 covariance of rank 3 read
+    24, its band (24, 24, 24))."""
     dims = spectrum.shape[-1] if dims is None else dims
     rtol = rank_rtol(dims, precision, gram) if rtol is None else rtol
     floor = min(rank_rtol(dims, torch.float64, gram), rtol)
+    if noise_rtol is not None and noise_scale is not None and spectrum.numel():
+        noise_rtol = noise_rtol * max(1.0, noise_scale / max(float(spectrum.max()), torch.finfo(torch.float64).tiny))
     high = max(rtol * CUTOFF_BAND, noise_rtol or 0.0)
     return tuple(int(numerical_rank(spectrum, dims, precision=precision, gram=gram, atol=atol,
                                     rtol=min(max(cut, floor), 1 - 1e-9)))
