@@ -115,6 +115,31 @@ def test_relaxation_is_the_mean_virial_over_the_coordinates():
         assert assess_convergence(draws, virial=missing, n_coordinates=40).converged
 
 
+def test_a_step_that_spreads_the_chains_far_beyond_the_posterior_is_not_converged():
+    """Criterion (vi), audit 17b F2: a regression (λ = 5) at a given η with b_max = 0.9 mixes well (R̂ 1.00,
+    ESS 5,000) around a distribution far wider than the posterior: λ̂ read 24.7 ± 0.2, "converged", at
+    r = 4.95. r far above 1 says so whatever the model; more draws do not change it, so draws="auto"
+    stops at once, and the value is no lower bound."""
+    draws = _ar1(0.0, 4, 400)
+    rng = np.random.default_rng(0)
+    relaxed = 40 + np.sqrt(80) * rng.standard_normal((4, 400))
+    wide = assess_convergence(draws, virial=2.0 * relaxed, n_coordinates=40)
+    assert not wide.converged and set(wide.failed) == {"step_size"} and not wide.lower_bound
+    assert "relaxation 200% (max 150%): step size too large" == wide.brief
+    assert assess_convergence(draws, virial=1.2 * relaxed, n_coordinates=40).converged  # a small step's excess passes
+
+    model, x = linear_regression()
+    h = np.linalg.eigvalsh((x.T @ x / len(x)).double().numpy())
+    eta = 0.9 * 4 / (1000 * h.max() + 1)
+    with pytest.warns(ConvergenceWarning, match=r"is not converged \(METHODS §1\), so read it as too high: step size: the "
+                                                r"draws' mean δ·∇U is 4\d\d\.\d%"):
+        res = behavioral_llc(model, x, step_size=eta, burnin=200, draws=500, chains=4, seed=0, progress=False)
+    assert not res.converged and not res.lower_bound and res.llc > 4 * 5
+    auto = behavioral_llc(model, x, step_size=eta, burnin=200, draws="auto", draws_block=500, max_draws=4000, chains=4,
+                          seed=0, progress=False)
+    assert auto.diagnostics["budget"]["stopped"] == "step_size" and auto.draws == 500
+
+
 def test_a_drifting_chain_is_not_converged_and_warns_once_with_a_budget():
     # A step far below the automatic one and no burn-in: the chains are still leaving θ* (flat at
     # W = 0 for a rank-0 deep linear network) when the draws end.

@@ -26,7 +26,10 @@ chains [C, T]:
     linear regression with 30 weak directions read 7.46 ± 0.18 "converged" against an exact 8.71).
     An unrelaxed run is a lower bound only where its draws still rise, and uncertain in both
     directions otherwise: the directions still spreading may carry no loss at all, or less where the
-    chains are headed than at θ* (audit 14a F4).
+    chains are headed than at θ* (audit 14a F4);
+(vi) the step size: r at most :data:`RELAXED_MAX` (two standard errors allowed). Far above 1 it says
+    the discretisation spreads the chains beyond the posterior, which more draws do not change: λ̂
+    reads high, and only a smaller step fixes it.
 
 R̂ and ESS come from ArviZ (the field's reference implementation), not from code of this package.
 """
@@ -57,6 +60,11 @@ FLAT_RELAXATION = 5.0
 #: Smallest relaxation r = mean δ·∇U / d of a converged run (criterion (v)): within e⁻³ of equilibrium,
 #: as ``gamma="auto"`` asks of the directions only γ holds.
 RELAXED_MIN = 1 - math.exp(-GAMMA_RELAXATION)
+#: Largest relaxation of a converged run (criterion (vi)): a finite step raises r above 1 by about its
+#: relative excess of spread in the directions it samples (METHODS (1.7)); half again of equilibrium
+#: means the chains sample a distribution far wider than the posterior, and λ̂ reads high (audit 17b F2:
+#: a given η with b_max = 0.9 read 24.7 for λ = 5 at r = 4.95, "converged").
+RELAXED_MAX = 1.5
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -69,7 +77,7 @@ class Convergence:
     """The verdict on one run's traces (module docstring) and what would fix a failed one.
 
     ``failed`` maps each failed criterion (``"rhat"``, ``"ess"``, ``"drift"``, ``"diverged"``,
-    ``"relaxation"``) to a
+    ``"relaxation"``, ``"step_size"``) to a
     sentence with its numbers; ``suggestions`` are the budgets or settings that would address them.
     ``drift`` is z = (mean_last − mean_first)/√(se_first² + se_last²); ``drift_means`` and
     ``drift_stderrs`` are (first half, last half). ``divergence`` says how many chains diverged and
@@ -109,7 +117,9 @@ class Convergence:
         that do not rise (corrected, audit 14a F4): the directions still spreading may carry no loss
         at all (exactly flat ones: 2.618 ± 0.056 against 2.611 exact) or cost less where the chains
         are headed than at θ* (a rank-2 deep linear network's gauge directions: 4.31, 4.18, 4.16 at
-        burn-in 500, λ = 4)."""
+        burn-in 500, λ = 4). Never where the step size failed (vi): it raises λ̂."""
+        if "step_size" in self.failed:  # (vi): the step raises λ̂, whatever else failed
+            return False
         return "diverged" in self.failed or (self.drift > 0 and bool(self.failed.keys() & {"drift", "relaxation"}))
 
     @property
@@ -129,6 +139,7 @@ class Convergence:
             "drift": f"drift z = {self.drift:+.2g} (max ±{DRIFT_MAX:g})" if not math.isnan(self.drift) else "drift undefined",
             "diverged": f"{self.n_diverged}/{self.chains} chains diverged",
             "relaxation": f"relaxation {self.relaxation:.1%} (min {RELAXED_MIN:.0%})",
+            "step_size": f"relaxation {self.relaxation:.0%} (max {RELAXED_MAX:.0%}): step size too large",
         }
         return ", ".join(words[k] for k in self.failed)
 
@@ -136,7 +147,8 @@ class Convergence:
         d = asdict(self)
         # lower_bound here is the traces' reading alone; LLCResult.lower_bound also asks the step size's bias.
         d.update(reason=self.reason, brief=self.brief, lower_bound=self.lower_bound, thresholds={"rhat": RHAT_MAX, "ess": ESS_MIN, "drift": DRIFT_MAX,
-                                                 "diverged_fraction": DIVERGED_MAX, "relaxation": RELAXED_MIN})
+                                                 "diverged_fraction": DIVERGED_MAX, "relaxation": RELAXED_MIN,
+                                                 "relaxation_max": RELAXED_MAX})
         d["drift_means"], d["drift_stderrs"] = list(self.drift_means), list(self.drift_stderrs)
         d["diverged_chains"] = list(self.diverged_chains)
         return d
@@ -145,7 +157,8 @@ class Convergence:
         """The text of the :class:`ConvergenceWarning`: which ``quantity`` (e.g. ``λ̂(ε = 0.001, γ = 1)``),
         what failed, with the numbers, and the budget. ``step_biased``: the step size is predicted to
         raise λ̂ beyond ``llc_result.BIAS_FLAG``, so a failure that reads low makes no lower bound."""
-        how = ("so read it as a lower bound" if self.lower_bound and not step_biased else
+        how = ("so read it as too high" if "step_size" in self.failed else
+               "so read it as a lower bound" if self.lower_bound and not step_biased else
                "so it is uncertain beyond its ± in either direction"
                + (" (it would read low, but the step size raises it: see the step size's warning)"
                   if self.lower_bound else ""))
@@ -278,6 +291,12 @@ def assess_convergence(
             + (f" (± {relax_se:.1%})" if math.isfinite(relax_se) else "") + " of its equilibrium value d = "
             f"{n_coordinates:,} (the sampled coordinates; at least {RELAXED_MIN:.0%} needed): directions held only "
             "weakly, by γ or a small curvature, are still spreading from θ*, which may move λ̂ either way")
+    if relax - 2 * (relax_se if math.isfinite(relax_se) else 0.0) > RELAXED_MAX:
+        failed["step_size"] = (
+            f"step size: the draws' mean δ·∇U is {relax:.1%}" + (f" (± {relax_se:.1%})" if math.isfinite(relax_se) else "")
+            + f" of its equilibrium value d = {n_coordinates:,}, above {RELAXED_MAX:.0%}: the step spreads the chains "
+            "far beyond the posterior (METHODS (1.7)), so λ̂ reads high; more draws do not change it, a smaller "
+            "step_size does")
     n_div = len(diverged)
     divergence = "" if not n_div else (
         f"{n_div} of {C} chains diverged and are excluded (chain: step {diverged}); chains diverge where the loss is "

@@ -241,7 +241,8 @@ def behavioral_llc(
             length scales with burnin + the first block) and the burn-in was not extended. ``diagnostics["budget"]`` records the
             blocks run, the total draws, why the run stopped (``"converged"``, ``"max_draws"``,
             ``"time_limit"``, ``"one_chain"``: fewer than 2 healthy chains, which no draws make
-            converge) and whether the budget ran out, with a ``reason`` that the warning
+            converge, ``"step_size"``: a step that spreads the chains beyond the posterior, which no
+            draws change) and whether the budget ran out, with a ``reason`` that the warning
             and :attr:`LLCResult.convergence_reason` repeat (None for a fixed number of draws).
         batch_size: samples (sequences, for token data) per minibatch; default all (full batch).
             Minibatches are visited in a fixed cycle, the same batch for all chains at each step.
@@ -589,6 +590,9 @@ def _continue_until_converged(
         if verdict.converged:
             stopped = "converged"
             break
+        if "step_size" in verdict.failed:
+            stopped = "step_size"  # criterion (vi): neither draws nor burn-in shrink the step's excess
+            break
         # An undefined R̂ (one healthy chain, or too few draws) is no sign of moving traces (audit 14a F8).
         moving = config.auto_burnin and bool(verdict.failed.keys() & {"drift", "relaxation"}
                                              or ("rhat" in verdict.failed and math.isfinite(verdict.rhat)))
@@ -626,6 +630,8 @@ def _continue_until_converged(
             f" (the run resumed had drawn {run.draws:,} already)" if run.draws > max_draws else "")
     elif stopped == "one_chain":
         reason = "stopped drawing: split-R̂ needs ≥ 2 healthy chains, which more draws cannot give"
+    elif stopped == "step_size":
+        reason = "stopped drawing: the step size spreads the chains beyond the posterior, which more draws cannot change"
     elif stopped == "time_limit":
         reason = (f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
                   f"{block:,} draws would pass it)")
@@ -817,8 +823,9 @@ def _result(
     # λ ≤ d/2 for every model: only the sampler's bias (and noise) can put λ̂ above it. A regular model
     # sits at d/2, so the predicted bias and ± are allowed for (audit 14a F10: every default run warned).
     if n_eff_beyond_bias(2 * mean, selection.n_params, bound, 2 * stderr):
+        allowed = f"{bound:.0%}" if bound < 1 else "at most 100 % counted: beyond it the prediction sizes nothing"
         warn(f"N_eff = 2λ̂ = {2 * mean:.4g} ± {2 * stderr:.2g} exceeds the {selection.n_params:,} sampled parameters by "
-             f"more than the predicted step-size bias ({bound:.2g}) explains, which no model's λ allows (λ ≤ d/2): "
+             f"more than the predicted step-size bias ({allowed}) explains, which no model's λ allows (λ ≤ d/2): "
              "the step size biases λ̂ up more than predicted; pass a smaller step_size", RuntimeWarning)
     diagnostics = {
         **choice.to_dict(), "step_size_source": source, "step_size": eta, "step_size_initial": dynamics_eta0,
