@@ -210,6 +210,22 @@ def test_sample_limited_rows():
     assert not many["sample_limited"].any()
 
 
+def test_every_sequence_s_bos_is_one_sample(tl_models):
+    """Audit 17a F2: every sequence's BOS position is the same sample (one token at position 0, nothing
+    before it), so 3 sequences of 4 positions hold 10 distinct samples, not 12, and a centred Gram
+    reaches at most rank 9: the maps there were not flagged as at their samples' limit (bound 11)."""
+    model = tl_models("gpt2", "bridge")
+    bos = model.tokenizer.bos_token_id
+    sequences = [torch.tensor([bos, 5, 6, 7]), torch.tensor([bos, 8, 9, 10]), torch.tensor([bos, 11, 12, 13])]
+    with pytest.warns(SampleLimitedWarning, match="reached n = 10"):
+        frame = degeneracy_counts(model, sequences, n_probes=2, progress=False)
+    positions = frame.attrs["positions"]
+    assert positions["bos"] and not positions["skip_bos"] and positions["n_samples"] == 12
+    assert frame.attrs["n_distinct_samples"] == 10
+    wide = frame[frame["centered"] & (frame["d_in"] > 10)]
+    assert len(wide) and (wide["rank_G"] == 9).all() and wide["sample_limited"].all()
+
+
 def test_probe_limited_rows():
     """Audit 4: W_in of a 256-neuron MLP on 24 positions has rank_K 256 exactly, but 2 probes per batch
     find far fewer directions (every probe gradient lies in K's range, so a probe rank is a lower
@@ -281,7 +297,7 @@ def test_report_counts_line_says_sample_limited():
     assert section.status == "ok", section.reason
     limited = int(section.tables["maps"]["sample_limited"].sum())
     assert limited > 0 and section.values["sample_limited_maps"] == limited and section.values["n_samples"] == 10
-    assert f"{limited} map(s) at the rank their 10 samples allow" in section.headline
+    assert f"{limited} map(s) at the rank their 10 distinct samples allow" in section.headline
     assert "the data's limit, not the model's" in verdict(section)
     assert section.settings["counts_data"]["n_samples"] == 10
 
@@ -456,3 +472,23 @@ def test_a_rank_at_layernorms_own_bound_is_not_the_datas_limit():
         frame = degeneracy_counts(make_tiny_toy_transformer(), torch.randint(0, 20, (1, 16)), progress=False)
     inputs = frame[frame["map"].isin(["W_Q", "W_K", "W_V", "W_in"])]
     assert (inputs["rank_G"] == 15).all() and not inputs["sample_limited"].any()
+
+
+def test_counts_that_could_not_be_checked_read_as_lower_bounds():
+    """Audit 17a F3/F4: one probe per batch (no half of the probes to compare), one sequence (no half of
+    the data) or ranks at their samples' limit leave rank_K or rank_G possibly low, so N_eff is a lower
+    bound; the report's headline read "Σ n_eff_kfac = …" there and its verdict said nothing of the probes."""
+    from tl_degeneracy.report.sections import VERDICTS
+
+    checked = {"free": 100, "n_params": 400, "n_eff_kfac": 300, "data_checked": True, "probes_checked": True,
+               "data_limited_maps": 0, "probe_limited_maps": 0, "sample_limited_maps": 0, "n_samples": 50}
+    assert "N_eff ≈ 300" in VERDICTS["counts"](checked)
+    for change in ({"probes_checked": False}, {"data_checked": False}, {"sample_limited_maps": 2}):
+        assert "N_eff ≥ 300" in VERDICTS["counts"]({**checked, **change}), change
+    assert "one Jacobian probe per batch" in VERDICTS["counts"]({**checked, "probes_checked": False})
+    assert "N_eff ≈ 300" in VERDICTS["counts"]({**checked, "probes_checked": False, "half_precision": "bfloat16"})
+    model = make_tiny_toy_transformer(n_layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert degeneracy_counts(model, _tokens(), n_probes=1, progress=False).attrs["probes_checked"] is False
+        assert degeneracy_counts(model, _tokens(), n_probes=1, exact=True, progress=False).attrs["probes_checked"]

@@ -360,7 +360,7 @@ def degeneracy_counts(
     precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
     # A half-precision forward's rounding sits far above float32's cut-off: the band reaches up to it.
     rounding = rounding_rtol(adapter.dtype, gram=True)
-    n = batches.n_samples
+    n = batches.n_distinct_samples  # what a Gram's rank can reach: every sequence's BOS is one sample
 
     def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision,
                       second_moment: Tensor | None = None) -> tuple[int, int, int]:
@@ -518,6 +518,8 @@ def degeneracy_counts(
         # One sequence cannot be halved: data_limited was not checked (numerics.warn_data_limited).
         "data_checked": batches.n_sequences >= 2,
         "n_probes": None if exact else n_probes, "exact": bool(exact),
-        "positions": batches.positions.to_dict(),
+        # n_probes = 1 keeps no half of the probes: probe_limited was not checked.
+        "probes_checked": bool(exact) or n_probes >= 2,
+        "positions": batches.positions.to_dict(), "n_distinct_samples": n,
     })
     return frame

@@ -503,7 +503,7 @@ def sparsify(
         layer_blocks = sync_frame[sync_frame["layer"] == layer]  # blocks of ≥ 2 neurons
         scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
         rows.append({"layer": layer, "input_rank": r, "input_rank_min": r_min, "input_rank_max": r_max,
-                     "sample_limited": sample_limited(r, batches.n_samples, D, centered=has_bias),
+                     "sample_limited": sample_limited(r, batches.n_distinct_samples, D, centered=has_bias),
                      "data_limited": r_half < r,
                      "blocks_changing": changing_blocks(layer_blocks),
                      "blocks_without_basis": no_basis, "removed_residual": residual,
@@ -513,7 +513,7 @@ def sparsify(
                      "free_min": (D - r_max) * F, "free_max": (D - r_min) * F})
 
     warn_sample_limited("sparsify", sum(row["sample_limited"] for row in rows), L, "MLP inputs (input_rank)",
-                        batches.n_samples)
+                        batches.n_distinct_samples)
     warn_data_limited("sparsify", sum(row["data_limited"] for row in rows), f"{L} layers", "the MLP input's rank is",
                       batches.n_sequences, "column data_limited",
                       "activation_free counts directions that more data would use, and the copy may drift off these "

@@ -217,19 +217,17 @@ def counts(ctx: ReportContext) -> SectionOutput:
     totals = groups[["n_params", "kfac", "free", "kfac_min", "kfac_max"]].sum().join(
         groups[["data_limited", "probe_limited", "sample_limited"]].sum().add_suffix("_maps")).reset_index()
     a = frame.attrs
-    limited, n = int(frame["sample_limited"].sum()), a["positions"]["n_samples"]
+    limited, n = int(frame["sample_limited"].sum()), a["n_distinct_samples"]
+    values = {**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
+                                   "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band",
+                                   "half_precision", "data_checked", "probes_checked")},
+              "sample_limited_maps": limited, "n_samples": n}
+    half, bound = a.get("half_precision"), _counts_lower_bound(values)
     probes, growing = a["probe_limited_maps"], a["data_limited_maps"]
-    # Some rank still growing: n_eff_kfac a lower bound, free an upper one — unless a half-precision
-    # forward's rounding may have raised the ranks too: then uncertain in both directions.
-    half = a.get("half_precision")
-    bound = (probes or growing) and not half
     return SectionOutput(
         tables={"maps": frame, "totals": totals},
         figures={"by_map": plot_counts(totals)},
-        values={**{k: a[k] for k in ("n_eff_kfac", "n_params", "free", "rtol", "loss_scale", "output", "n_probes",
-                                     "probe_limited_maps", "data_limited_maps", "n_eff_kfac_band", "cutoff_band",
-                                     "half_precision", "data_checked")},
-                "sample_limited_maps": limited, "n_samples": n},
+        values=values,
         # BOS counts here even where the report's data leave it out; the seed drew the probes
         settings={"counts_data": a["positions"], "seed": ctx.seed},
         headline=(f"Σ n_eff_kfac {'≥' if bound else '≈' if half else '='} {a['n_eff_kfac']:,} of {a['n_params']:,} linear-map "
@@ -237,7 +235,7 @@ def counts(ctx: ReportContext) -> SectionOutput:
                   + (f"; the model computes in {half}, whose rounding the ranks may count (load it in float32)"
                      if half else "")
                   + _cutoff_band_text(a["n_eff_kfac_band"], a["n_eff_kfac"], a["cutoff_band"])
-                  + (f"; {limited} map(s) at the rank their {n:,} samples allow" if limited else "")
+                  + (f"; {limited} map(s) at the rank their {n:,} distinct samples allow" if limited else "")
                   + (f"; {growing} map(s) whose ranks still grew with the data (half of it gave less)" if growing else "")
                   + (f"; {probes} map(s) whose rank_K still grew with the probes (a lower bound)" if probes else "")),
     )
@@ -670,12 +668,23 @@ def _share(part: int, whole: int) -> str:
     return f"{x:.1%}"
 
 
+def _counts_lower_bound(v: dict) -> bool:
+    """Whether the counts' N_eff is a lower bound (free an upper one): some rank may still grow — with
+    the data (split halves), with the probes, or at the most its samples allow — or could not be
+    checked (one sequence; one probe: audit 17a F3/F4, whose headline read "=" there); unless a
+    half-precision forward's rounding may have raised the ranks too: then uncertain both ways. Keys
+    absent from reports saved before they were recorded count as checked."""
+    unchecked = v.get("data_checked") is False or v.get("probes_checked") is False
+    growing = v.get("data_limited_maps", 0) or v.get("probe_limited_maps", 0) or v.get("sample_limited_maps", 0)
+    return bool(growing or unchecked) and not v.get("half_precision")
+
+
 def _counts_verdict(v: dict) -> str:
     free, n = v.get("free", 0), v.get("n_params", 0)
     if not free:
         return "no activation or Jacobian degeneracy: the data constrain every linear-map parameter"
     half = v.get("half_precision")  # absent from reports saved before it was recorded
-    bound = (v.get("data_limited_maps", 0) or v.get("probe_limited_maps", 0)) and not half  # some rank still growing
+    bound = _counts_lower_bound(v)
     text = (f"{'at most ' if bound else ''}{_share(free, n)} of the linear-map parameters are free "
             f"(activation/Jacobian degeneracy): N_eff {'≥' if bound else '≈'} {v.get('n_eff_kfac', 0):,} by the "
             "Kronecker estimate")
@@ -699,6 +708,9 @@ def _counts_verdict(v: dict) -> str:
     if growing:  # half of the data gave lower ranks than all of it
         text += (f" — at {growing} map(s) the ranks were still growing with the data (half of the sequences gave "
                  f"lower ones){low} (raise n_sequences)")
+    if v.get("probes_checked") is False:  # n_probes = 1: no half of the probes to compare
+        text += (" — one Jacobian probe per batch, so whether rank(K) still grows with the probes could not be checked"
+                 f"{low} (use n_probes ≥ 2)")
     probes = v.get("probe_limited_maps", 0)  # absent from reports saved before it was checked
     if probes:  # half the probes found fewer directions of K than all of them
         text += (f" — at {probes} map(s) rank(K) was still growing with the number of Jacobian probes{low} "
