@@ -1,6 +1,7 @@
 """Worker for test_report_output.py: degeneracy_report under 2 gloo ranks writing one output directory.
 
-    torchrun --nproc_per_node=2 tests/report_distributed_worker.py OUT_DIR [--llc-fails-on-rank-1]
+    torchrun --nproc_per_node=2 tests/report_distributed_worker.py OUT_DIR [--llc-fails-on-rank-1 |
+                                                                            --fails-before-the-sections-on-rank-1]
 
 Rank 1's time fit is made to restrict the LLC, as a busier rank's timing can (audit 10b), and its free
 memory smaller; every rank must still run rank 0's settings against the smallest budget. Each rank
@@ -72,8 +73,34 @@ def llc_fails_on_rank_1(out: str) -> None:
         json.dump({name: [report[name].status, report[name].reason] for name in ("llc", "summary")}, f)
 
 
+def fails_before_the_sections_on_rank_1(out: str) -> None:
+    """Rank 1 fails in the report's own code before the first section (its output directory refused),
+    rank 0 does not (review 41: rank 0 heard of it inside the first section, recorded it as that
+    section's failure and went on alone, to wait for good). Both must raise from the report; each
+    writes OUT_DIR/rank<r>.json with what it raised."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.report.report import Report, ReportDirectoryError
+
+    torch.set_num_threads(1)
+    if dist.get_rank() == 1:
+        def refuse(directory, identity, replace=False):
+            raise ReportDirectoryError("this rank's output directory is refused (simulated)")
+
+        Report.check_directory = staticmethod(refuse)
+    try:
+        tld.degeneracy_report("toy:sma", sections=["llc", "summary"], overrides=SETTINGS, progress=False,
+                              out=f"{out}/report")
+        got = {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
+        got = {"error": type(err).__name__, "message": str(err)}
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(got, f)
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["--llc-fails-on-rank-1"]:
         run_in_group(lambda: llc_fails_on_rank_1(sys.argv[1]))
+    elif sys.argv[2:] == ["--fails-before-the-sections-on-rank-1"]:
+        run_in_group(lambda: fails_before_the_sections_on_rank_1(sys.argv[1]))
     else:
         run_in_group(lambda: main(sys.argv[1]))

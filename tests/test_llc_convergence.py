@@ -325,3 +325,26 @@ def test_the_standard_error_says_when_it_may_under_state_the_uncertainty():
     sd_over_ess = x.std() / np.sqrt(verdict.ess)
     assert verdict.mcse == pytest.approx(sd_over_ess, rel=0.3)  # ArviZ's sd/√ESS_mean, of the same order
     assert "only 2 healthy chain(s)" in stderr_caveat(2) and stderr_caveat(4) is None
+
+
+def test_with_a_given_step_r_hat_alone_adds_draws_rather_than_burn_in():
+    """Audit 17b F3: with a given η, burnin="auto" turned every block whose split-R̂ failed by chance
+    (1.05 < R̂ with ESS ≈ 150, no drift, relaxed) into burn-in, though an extension changes nothing but
+    the burn-in's length there: burn-ins of 1,750 to 19,875 steps over 16 seeds of one run. R̂ alone
+    now asks for more draws where η is given and draws are "auto"; drift and unfinished relaxation
+    still extend the burn-in, and so does R̂ where η is chosen (an extension re-adapts it)."""
+    from dataclasses import replace
+
+    from tl_degeneracy.llc.estimate import _still_moving
+
+    verdict = assess_convergence(_ar1(0.0, 4, 400))
+    rhat = replace(verdict, converged=False, rhat=1.07, failed={"rhat": "split-R̂ 1.07 > 1.05"})
+    undefined = replace(rhat, rhat=float("nan"))
+    drift = replace(rhat, failed={**rhat.failed, "drift": "drift"})
+    given = SamplerConfig.merged(None, step_size=1e-4, draws="auto")
+    chosen = SamplerConfig.merged(None, draws="auto")
+    fixed_draws = SamplerConfig.merged(None, step_size=1e-4, draws=500)
+    assert not _still_moving(given, rhat) and _still_moving(given, drift)
+    assert _still_moving(chosen, rhat) and _still_moving(fixed_draws, rhat)
+    assert not _still_moving(chosen, undefined)  # audit 14a F8
+    assert not _still_moving(SamplerConfig.merged(None, burnin=100, draws="auto"), drift)  # a burn-in given

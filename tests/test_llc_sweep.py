@@ -242,3 +242,35 @@ def test_every_warning_of_a_component_table_names_its_component(tiny_toy_transfo
         assert re.match(rf"λ̂\(ε = 0.01, γ = \S+\) of {re.escape(head)} = \S+ is not converged", text), text
     llc_warnings = [str(w.message) for w in caught if "ε = 0.01" in str(w.message)]
     assert all(t.startswith("λ̂(ε = 0.01") for t in llc_warnings) and len(llc_warnings) >= 4  # + the 2-chain caveats
+
+
+def test_a_component_whose_chains_all_diverge_is_named_in_its_figure_and_not_compared(tiny_toy_transformer,
+                                                                                     tiny_toy_tokens, monkeypatch):
+    """Review 41: a failed component's bar was labelled with its γ like the others and not named in the
+    legend; compare read its row as another quantity "not converged (a lower bound)"."""
+    from tl_degeneracy.errors import EstimateFailedError
+    from tl_degeneracy.llc import sweep
+    from tl_degeneracy.report.compare import _incomparable
+    from tl_degeneracy.report.plots import plot_component_llc
+
+    real = sweep.behavioral_llc
+
+    def second_fails(model, data, params=None, **kwargs):
+        if params == "blocks.1.attn":
+            raise EstimateFailedError("λ̂(ε = 0.01, γ = 5, blocks.1.attn): all 2 chains diverged; reduce step_size",
+                                      dict(chains=2, gamma=5.0, gamma_source="given", loss="kl", n_params=96,
+                                           selection="blocks.1.attn"))
+        return real(model, data, params=params, **kwargs)
+
+    monkeypatch.setattr(sweep, "behavioral_llc", second_fails)
+    with pytest.warns(RuntimeWarning, match="llc_by_component: .*the other points are kept"):
+        frame = llc_by_component(tiny_toy_transformer, tiny_toy_tokens, components=["blocks.0.attn", "blocks.1.attn"],
+                                 chains=2, draws=5, burnin=1, step_size=1e-6, nbeta=100, gamma=5.0, progress=False)
+    lost = frame.iloc[1]
+    assert np.isnan(lost["llc"]) and (lost["n_params"], lost["selection"], lost["loss_scale"]) == (96, "blocks.1.attn", 1e-2)
+    assert frame["n_params"].dtype.kind == "i"  # no NaN turned the counts into floats
+    fig = plot_component_llc(frame)
+    assert list(fig.layout.xaxis.ticktext)[1] == "blocks.1.attn<br>no estimate"
+    assert fig.layout.legend.title.text.endswith("no estimate (every chain diverged): blocks.1.attn")
+    records = frame.to_dict(orient="records")
+    assert _incomparable(records[0], records[1]) == "no estimate in B (every chain diverged)"

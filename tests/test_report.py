@@ -264,8 +264,9 @@ def test_an_llc_point_whose_chains_all_diverge_keeps_the_section(tmp_path):
         report = degeneracy_report("toy:sma", sections=["llc"], overrides=overrides, progress=False, out=tmp_path / "r")
     section = report["llc"]
     assert section.status == "ok" and math.isfinite(section.values["llc"])
-    assert section.headline.endswith("no estimate at (ε = 1e-09): every chain diverged (the table's error column says "
-                                     "what to change)")
+    assert re.search(r"no estimate at \(ε = 1e-09, γ = \S+\): every chain diverged \(the table's error column says "
+                     r"what to change\)$", section.headline)
+    assert "over loss scales" in section.figures["n_eff_sweep"].layout.title.text  # review 41: not drawn as a γ-curve
     assert re.match(r"No estimate: λ̂\(ε = 1e-09, γ = \S+\): all 2 chains diverged .*reduce step_size \(now 0.0001\)",
                     section.notes[-1])
     sweep = section.tables["sweep"]
@@ -273,6 +274,20 @@ def test_an_llc_point_whose_chains_all_diverge_keeps_the_section(tmp_path):
     assert math.isnan(sweep["llc"].iloc[1]) and sweep["error"].iloc[1] in section.notes[-1]
     saved = json.loads((tmp_path / "r" / "report.json").read_text())["sections"]["llc"]
     assert saved["status"] == "ok" and saved["tables"]["sweep"]["columns"][-1] == "error"
+
+
+def test_per_component_llcs_run_at_the_main_run_s_loss_scale():
+    """Review 41: the per-component LLCs ran at the default ε whatever loss_scale said, while the note
+    called them comparable with the main run (values compare only at equal ε and γ, METHODS §1)."""
+    overrides = dict(chains=2, draws=10, burnin=2, pilot_steps=2, loss_scale=1e-2, loss_scales=[1e-2], llc_max_draws=10,
+                     n_sequences=8, llc_sequences=2, llc_seq_len=12, llc_time_limit=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        section = degeneracy_report("toy:sma", sections=["llc"], overrides=overrides, progress=False,
+                                    llc_components=["blocks.0.attn"])["llc"]
+    assert section.values["loss_scale"] == 1e-2 and list(section.tables["components"]["loss_scale"]) == [1e-2]
+    assert list(section.tables["components"]["gamma"]) == [section.values["gamma"]]
+    assert any(n.startswith("The per-component LLCs are sampled at the main run's ε = 0.01 and γ = ") for n in section.notes)
 
 
 def test_a_loaded_toy_brings_its_name_and_data():

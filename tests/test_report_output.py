@@ -449,6 +449,19 @@ def test_under_torchrun_a_section_failing_on_one_rank_fails_on_every_rank(tmp_pa
     assert saved["sections"]["llc"]["status"] == "failed" and "rank 1 of 2" in saved["sections"]["llc"]["reason"]
 
 
+def test_under_torchrun_a_report_failing_on_one_rank_outside_its_sections_fails_on_every_rank(tmp_path):
+    """Review 41: rank 1 failed in the report's own code (its output directory refused) and rank 0
+    heard of it inside the first section, recorded it as that section's failure and went on alone,
+    waiting for good. Every rank enters a section together now: both raise from the report."""
+    from tests.fixtures.distributed import run_two_processes
+
+    run_two_processes("report_distributed_worker.py", tmp_path, "--fails-before-the-sections-on-rank-1")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1] == {"error": "ReportDirectoryError", "message": "this rank's output directory is refused (simulated)"}
+    assert ranks[0] == {"error": "ReportDirectoryError", "message": "rank 1 of 2 failed with ReportDirectoryError: this "
+                                                                    "rank's output directory is refused (simulated)"}
+
+
 def test_a_save_interrupted_after_report_json_leaves_a_directory_a_rerun_takes(tmp_path, capsys, monkeypatch):
     """Review 32: the save wrote the CSVs before report.json, so one killed in between left the report's
     own CSVs beside no report.json, which every rerun (--fresh included) refused as foreign files."""

@@ -122,14 +122,19 @@ def on_rank0(action: Callable[[], None], group=None) -> None:
 
 @contextmanager
 def failing_together(what: str, group=None):
-    """Run a block whose ranks meet in collectives (a context manager, or a function decorator) so
-    that an error raised on one rank only raises on every rank: the failing rank sends it in place of
+    """Run a block whose ranks meet in collectives (a ``with`` block: unlike a decorator it adds no
+    frame, so warnings raised inside keep pointing at the caller) so that an error raised on one rank
+    only raises on every rank: the failing rank sends it in place of
     its next collective (:func:`raise_on_every_rank`), and the others hear of it in whichever
     collective they are waiting in, or where the block ends. Without this a rank that raised alone
     left the others waiting in their next collective for good (audit 16b F1: non-finite values in one
     rank's batches, an error in one rank's chains or in a report section's code). An error every
     rank has already raised together passes through unchanged, so blocks nest; without a process
-    group the block runs as it is."""
+    group the block runs as it is. A peer hears of the error where it waits, which may be another
+    block than the one it began in: a caller that records errors (a report section) enters its block
+    together with the others (an exchange just before), so that an error from outside is not taken
+    for its own. Not exchanged: KeyboardInterrupt (torchrun stops every process on a signal) and an
+    error inside a tensor reduction itself (the statistics' all-reduce after a pass)."""
     error = None
     try:
         yield

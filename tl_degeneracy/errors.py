@@ -28,10 +28,9 @@ class NumericalError(TLDegeneracyError, FloatingPointError):
 class EstimateFailedError(NumericalError):
     """A measurement that ran and failed because of its settings (every SGLD chain diverged): not an
     analysis that does not apply to the model, so a report marks the section failed, not skipped.
-    ``chains``, ``gamma``, ``gamma_source``: how many chains ran (and diverged), at which localization
-    γ and how it was set, where known."""
+    ``quantity``: what a result would have recorded of the run, where known (the LLC's chains, gamma,
+    gamma_source, loss, selection and n_params), so that a table can keep a row for it."""
 
-    def __init__(self, message: str, chains: int | None = None, gamma: float | None = None,
-                 gamma_source: str | None = None):
+    def __init__(self, message: str, quantity: dict | None = None):
         super().__init__(message)
-        self.chains, self.gamma, self.gamma_source = chains, gamma, gamma_source
+        self.quantity = dict(quantity or {})

@@ -64,11 +64,16 @@ def _failed_row(error: EstimateFailedError, caller: str) -> dict:
     largest ε diverges at the smallest)."""
     warn_once(f"{caller}: {error}; the other points are kept, this one's row has no estimate (column error)",
               RuntimeWarning, stacklevel=3)
-    row = dict.fromkeys(_SUMMARY, np.nan)
-    row.update(gamma=np.nan if error.gamma is None else error.gamma, gamma_source=error.gamma_source, loss=None,
-               selection=None, stderr_caveat=None, chains=error.chains, n_failed=error.chains, converged=False,
-               lower_bound=None, convergence_reason="failed: every chain diverged", error=str(error))
+    row = {**dict.fromkeys(_SUMMARY, np.nan), "stderr_caveat": None, **error.quantity}
+    row.update(n_failed=row["chains"], converged=False, lower_bound=False,
+               convergence_reason="failed: every chain diverged", error=str(error))
     return row
+
+
+def point_name(row) -> str:
+    """"ε = …, γ = …" of a sweep row (a γ-curve's points share their ε; γ left out where not recorded)."""
+    gamma = getattr(row, "gamma", None)
+    return f"ε = {row.loss_scale:g}" + (f", γ = {gamma:.3g}" if gamma is not None and gamma == gamma else "")
 
 
 def point_failed(row) -> bool:
@@ -183,11 +188,12 @@ def plot_llc_sweep(frame: pd.DataFrame):
                           error_y=dict(type="data", array=4 * part["llc_stderr"]), text=point_texts(part))
 
     fig = go.Figure()
+    over_scales = frame["loss_scale"].nunique() > 1 or "gamma" not in frame  # decided on every point
     lost = [row for _, row in frame.iterrows() if point_failed(row)]
     frame = frame[[not point_failed(row) for _, row in frame.iterrows()]]
     if not len(frame):
         fig.update_layout(title="Effective parameter count: no point has an estimate (every chain diverged)")
-    elif frame["loss_scale"].nunique() > 1 or "gamma" not in frame:
+    elif over_scales:
         # γ = "auto" chooses a γ per run: those points form one line, each point's γ in its hover text.
         keys = np.array([_gamma_line(row) for _, row in frame.iterrows()])
         for name in dict.fromkeys(keys):
@@ -204,8 +210,7 @@ def plot_llc_sweep(frame: pd.DataFrame):
                           title=f"Effective parameter count over localizations at ε = {eps:.3g}")
     keys = [*([] if frame["converged"].all() else ["open markers: not converged"]),
             *(["diamonds: the step size may bias N_eff"] if any(row_caveats(row) for _, row in frame.iterrows()) else []),
-            *([f"no estimate (every chain diverged) at ε = {', '.join(format(row.loss_scale, 'g') for row in lost)}"]
-              if lost else [])]
+            *([f"no estimate (every chain diverged) at {', '.join(point_name(row) for row in lost)}"] if lost else [])]
     if keys:  # a legend even for one line: its title is the key to the markers
         fig.update_layout(showlegend=True, legend_title_text="; ".join(keys))
     return fig

@@ -290,6 +290,10 @@ def degeneracy_report(
             ctx.section_dir = section_dirs.get(name)
             result = cached.get(name)
             if result is None:
+                # Every rank enters the section together: an error a rank raised between sections is
+                # heard here, by the report, not inside the section, which would record it as its own
+                # and go on without that rank (review 41).
+                gather_objects(None)
                 with memory_limit(budget):  # every pass checks its batches against the report's budget
                     result = _run_section(section, ctx, errors)
                 if ctx.checkpoint_dir is not None:  # every rank takes part; rank 0's result decides

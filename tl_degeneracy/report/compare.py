@@ -47,6 +47,7 @@ import pandas as pd
 
 from ..errors import TLDegeneracyError
 from ..llc.llc_result import is_lower_bound, larger_stderr
+from ..llc.sweep import point_failed
 from .html import flat_values, render_comparison, render_notebook, section_status, value_text
 from .registry import SECTIONS
 from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, settings_text,
@@ -362,6 +363,9 @@ def _incomparable(qa: dict, qb: dict) -> str | None:
     """Why two LLC estimates (their section values or table rows) cannot be tested against each
     other — not one quantity (QUANTITY: a key differs, or a side does not record it), or a side not
     converged (a lower bound, or uncertain beyond its ±) — or None."""
+    failed = [side for side, q in zip("AB", (qa, qb)) if point_failed(q)]
+    if failed:  # a row without an estimate (every chain diverged): nothing to test
+        return f"no estimate in {' and '.join(failed)} (every chain diverged)"
     reasons = []
     for key in QUANTITY:
         unrecorded = [side for side, q in zip("AB", (qa, qb)) if key not in q]

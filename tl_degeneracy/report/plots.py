@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..llc.sweep import point_texts, row_caveats
+from ..llc.sweep import point_failed, point_texts, row_caveats
 from ..plots import integer_ticks
 
 __all__ = ["plot_counts", "plot_gram_spectra", "plot_component_llc"]
@@ -58,12 +58,15 @@ def plot_component_llc(frame: pd.DataFrame):
                            marker=dict(pattern=dict(shape=hatch)), hovertext=point_texts(frame),
                            error_y=dict(type="data", array=4 * frame["llc_stderr"] / frame["n_params"])))
     fig.update_xaxes(tickvals=list(frame["component"]),
-                     ticktext=[f"{c}<br>γ = {g:.3g}" if g == g else f"{c}<br>no estimate"  # NaN: every chain diverged
-                               for c, g in zip(frame["component"], frame["gamma"])])
+                     ticktext=[f"{row['component']}<br>" + ("no estimate" if point_failed(row) else f"γ = {row['gamma']:.3g}")
+                               for _, row in frame.iterrows()])
     fig.update_layout(title="Restricted LLC per component: N_eff / n_params", yaxis_title="N_eff / n_params",
                       xaxis_title="component (the γ it was sampled at)")
-    keys = [*([] if frame["converged"].all() else ["hatched: not converged"]),
-            *(["dotted (x where also not converged): the step size may bias N_eff"] if any(biased) else [])]
+    lost = [row["component"] for _, row in frame.iterrows() if point_failed(row)]
+    estimated = frame[[not point_failed(row) for _, row in frame.iterrows()]]
+    keys = [*([] if estimated["converged"].all() else ["hatched: not converged"]),
+            *(["dotted (x where also not converged): the step size may bias N_eff"] if any(biased) else []),
+            *([f"no estimate (every chain diverged): {', '.join(lost)}"] if lost else [])]
     if keys:  # a legend even for one trace: its title is the key to the hatching
         fig.update_layout(showlegend=True, legend_title_text="; ".join(keys))
     return fig

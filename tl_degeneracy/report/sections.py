@@ -20,7 +20,7 @@ from ..errors import MissingHookError
 from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
-from ..llc.sweep import point_failed
+from ..llc.sweep import point_failed, point_name
 from ..llc.llc_result import (estimate_line, estimate_text, is_lower_bound, relation, step_size_caveats,
                               unconverged_text, value_with_error)
 from ..numerics import CUTOFF_BAND
@@ -436,12 +436,14 @@ def llc(ctx: ReportContext) -> SectionOutput:
             out.tables["gamma_curve"] = curve
             out.figures["n_eff_gamma"] = plot_llc_sweep(curve)
         if ctx.llc_components is not None:
-            # One γ for all of them, the main run's: values compare only at equal ε and γ (METHODS §1), and
-            # each component's own automatic γ was 30–60× smaller than the whole model's (audit 8a).
+            # The main run's ε and γ for all of them: values compare only at equal ε and γ (METHODS §1;
+            # review 41: they ran at the default ε whatever loss_scale said), and each component's own
+            # automatic γ was 30–60× smaller than the whole model's (audit 8a).
             comps = llc_by_component(ctx.adapter, data, components=ctx.llc_components,
-                                     checkpoint_dir=ctx.checkpoint("components"), **dict(fixed, gamma=res.gamma))
-            out.notes.append(f"The per-component LLCs are sampled at the main run's γ = {res.gamma:.3g}, so that they "
-                             "compare with each other and with it.")
+                                     checkpoint_dir=ctx.checkpoint("components"),
+                                     **dict(fixed, gamma=res.gamma, loss_scale=s.loss_scale))
+            out.notes.append(f"The per-component LLCs are sampled at the main run's ε = {s.loss_scale:g} and "
+                             f"γ = {res.gamma:.3g}, so that they compare with each other and with it.")
             bar.update()
             out.tables["components"] = comps
             out.figures["components"] = plot_component_llc(comps)
@@ -472,7 +474,7 @@ def _sweep_point(r) -> str:
     converge in a way that biases λ̂ low and "≈ … (not converged: uncertain)" where they failed only
     R̂ or ESS (METHODS §1)."""
     if point_failed(r):
-        return f"no estimate at (ε = {r.loss_scale:g}): every chain diverged (the table's error column says what to change)"
+        return f"no estimate at ({point_name(r)}): every chain diverged (the table's error column says what to change)"
     value = estimate_line(r.n_eff, 2 * r.llc_stderr, r.stderr_caveat, r.chains - r.n_failed, ".3g")
     flags = "".join(f"; {c}" for c in step_size_caveats(getattr(r, "bias_bound", None), r.n_eff, getattr(r, "n_params", None),
                                                           getattr(r, "n_eff_stderr", None)))
