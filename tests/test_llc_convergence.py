@@ -135,9 +135,21 @@ def test_a_step_that_spreads_the_chains_far_beyond_the_posterior_is_not_converge
                                                 r"draws' mean δ·∇U is 4\d\d\.\d%"):
         res = behavioral_llc(model, x, step_size=eta, burnin=200, draws=500, chains=4, seed=0, progress=False)
     assert not res.converged and not res.lower_bound and res.llc > 4 * 5
+    # and every text reads it so (review 42: the report said "≈ … uncertain" under a "too high" warning)
+    from tl_degeneracy.report.sections import VERDICTS
+
+    summary = res.summary()
+    assert res.upper_bound and summary["upper_bound"]
+    import re
+
+    assert re.search(r"λ̂ not converged — too high \(the step size\): relaxation 4\d\d% \(max 150%\): step size too large",
+                     VERDICTS["llc"](summary))
+    assert "N_eff ≤ " in VERDICTS["llc"](summary)
     auto = behavioral_llc(model, x, step_size=eta, burnin=200, draws="auto", draws_block=500, max_draws=4000, chains=4,
                           seed=0, progress=False)
     assert auto.diagnostics["budget"]["stopped"] == "step_size" and auto.draws == 500
+    advice = res.diagnostics["convergence"]["suggestions"]
+    assert len(advice) == 1 and advice[0].startswith("a smaller step_size (≤ ")  # no "more draws" beside it
 
 
 def test_a_drifting_chain_is_not_converged_and_warns_once_with_a_budget():
@@ -348,3 +360,6 @@ def test_with_a_given_step_r_hat_alone_adds_draws_rather_than_burn_in():
     assert _still_moving(chosen, rhat) and _still_moving(fixed_draws, rhat)
     assert not _still_moving(chosen, undefined)  # audit 14a F8
     assert not _still_moving(SamplerConfig.merged(None, burnin=100, draws="auto"), drift)  # a burn-in given
+    # criterion (vi): only an automatic η changes at an extension (review 42), so only it extends
+    step = replace(rhat, failed={"step_size": "step size", "drift": "drift"})
+    assert _still_moving(chosen, step) and not _still_moving(given, step) and not _still_moving(fixed_draws, step)

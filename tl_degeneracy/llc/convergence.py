@@ -118,7 +118,7 @@ class Convergence:
         at all (exactly flat ones: 2.618 ± 0.056 against 2.611 exact) or cost less where the chains
         are headed than at θ* (a rank-2 deep linear network's gauge directions: 4.31, 4.18, 4.16 at
         burn-in 500, λ = 4). Never where the step size failed (vi): it raises λ̂."""
-        if "step_size" in self.failed:  # (vi): the step raises λ̂, whatever else failed
+        if "step_size" in self.failed:  # (vi): the step raises λ̂ (with diverged chains dropped too: both ways)
             return False
         return "diverged" in self.failed or (self.drift > 0 and bool(self.failed.keys() & {"drift", "relaxation"}))
 
@@ -157,7 +157,9 @@ class Convergence:
         """The text of the :class:`ConvergenceWarning`: which ``quantity`` (e.g. ``λ̂(ε = 0.001, γ = 1)``),
         what failed, with the numbers, and the budget. ``step_biased``: the step size is predicted to
         raise λ̂ beyond ``llc_result.BIAS_FLAG``, so a failure that reads low makes no lower bound."""
-        how = ("so read it as too high" if "step_size" in self.failed else
+        how = ("so read it as too high" if self.failed.keys() & {"step_size", "diverged"} == {"step_size"} else
+               "so it is uncertain beyond its ± in either direction (the step size raises it, the diverged chains "
+               "left out lower it)" if "step_size" in self.failed else
                "so read it as a lower bound" if self.lower_bound and not step_biased else
                "so it is uncertain beyond its ± in either direction"
                + (" (it would read low, but the step size raises it: see the step size's warning)"
@@ -338,6 +340,13 @@ def assess_convergence(
             suggestions.append("gamma > 0: with γ = 0 the directions the loss does not constrain never equilibrate")
         else:
             suggestions.append("longer chains (more burnin and draws) or a larger γ")
+    if "step_size" in failed:
+        # More draws or burn-in do not shrink the step's excess (vi): the other budgets would mislead.
+        ceiling = step_size / (relax - 1) * 0.05 if step_size and relax > 1 else None
+        suggestions = ["a smaller step_size" + (f" (≤ {ceiling:.2g}: r − 1 scales with it, and about 5 % is a small "
+                                                "bias)" if ceiling else "") + ", or leave it unset (chosen for a bias "
+                       "bound)"]
+        suggested_draws = suggested_burnin = None
     return Convergence(
         converged=not failed, rhat=rhat, ess=ess, drift=float(drift), drift_means=(m1, m2), drift_stderrs=(s1, s2),
         n_diverged=n_div, diverged_chains=tuple(sorted(diverged)), chains=C, draws=T, failed=failed,

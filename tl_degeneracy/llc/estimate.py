@@ -305,12 +305,14 @@ def behavioral_llc(
     Convergence (METHODS §1, convergence.py): ``result.converged`` is True only when the split-R̂
     of the healthy chains' post-burn-in traces is ≤ 1.05, their bulk effective sample size ≥ 100,
     the last half of the draws is within 2 standard errors of the first half, at most a quarter
-    of the chains diverged, and the chains have relaxed (mean δ·∇U ≥ 95 % of the d sampled
-    coordinates, METHODS (1.9)) (judged after any extension of ``burnin="auto"``); ``diagnostics``
+    of the chains diverged, the chains have relaxed (mean δ·∇U ≥ 95 % of the d sampled
+    coordinates, METHODS (1.9)) and the step does not spread them far beyond the posterior (that
+    mean ≤ 150 %) (judged after any extension of ``burnin="auto"``); ``diagnostics``
     holds ``rhat``, ``ess``, ``drift``, ``relaxation`` (and ``relaxation_mcse``), ``n_diverged``,
     ``diverged_chains`` and ``convergence`` (each failed criterion in words, the suggested budget).
     A run that is not converged issues one :class:`ConvergenceWarning` saying what failed, with the
-    numbers, and the budget that would fix it; its λ̂ reads as a lower bound.
+    numbers, and the budget that would fix it; its λ̂ reads as a lower bound where the chains were
+    still rising or many diverged, as too high where the step failed, else as uncertain both ways.
 
     Standard error (METHODS §1): ``result.llc_stderr`` is the larger of the chain means' spread over
     √C (``diagnostics["llc_chain_stderr"]``) and ArviZ's sd/√ESS of all draws (``["llc_mcse"]``);
@@ -402,7 +404,7 @@ def behavioral_llc(
         burnin_now = state.extra.get("burnin", config.initial_burnin)
         run = config.fixed(max(config.first_draws, len(state.trace) - burnin_now), burnin_now)
         state.grow(run.steps)  # a checkpoint written with a smaller first block of draws (audit 8a)
-        dynamics = replace(dynamics, steps=run.steps)
+        dynamics = replace(dynamics, steps=run.steps, adapt_until=run.burnin)
         if checkpointer is not None:
             checkpointer.steps = run.steps
         # The burn-in checks of an automatic η: fractions of the first burn-in (an extension adapts at its own start).
@@ -590,9 +592,6 @@ def _continue_until_converged(
         if verdict.converged:
             stopped = "converged"
             break
-        if "step_size" in verdict.failed:
-            stopped = "step_size"  # criterion (vi): neither draws nor burn-in shrink the step's excess
-            break
         moving = _still_moving(config, verdict)
         burnin_refused = _burnin_refusal(config, run, dynamics, state, eta0) if moving else ""
         if moving and not burnin_refused:
@@ -602,6 +601,9 @@ def _continue_until_converged(
             state, dynamics, run = _extend_burnin(target, selection, config, run, dynamics, state, verdict, loss_grad,
                                                   checkpointer, seed, my_chains, stop_after, bar, checks)
             continue
+        if "step_size" in verdict.failed:
+            stopped = "step_size"  # criterion (vi): more draws do not shrink the step's excess
+            break
         if not config.auto:
             stopped = "fixed"
             break
@@ -657,6 +659,8 @@ def _still_moving(config: SamplerConfig, verdict: Convergence) -> bool:
     1,750 to 19,875 steps over 16 seeds of one run); its draws are kept and more added instead."""
     if not config.auto_burnin:
         return False
+    if "step_size" in verdict.failed:  # only an automatic η changes: the extension re-adapts it (review 42)
+        return config.step_size is None
     if verdict.failed.keys() & {"drift", "relaxation"}:
         return True
     rhat = "rhat" in verdict.failed and math.isfinite(verdict.rhat)
@@ -698,7 +702,7 @@ def _run_further(
     """Continue the chains by ``more`` steps, to the end of ``run`` (its trace grown to hold them);
     ``save``: checkpoint the grown state first (it holds a decision a resumed run must find)."""
     state.grow(len(state.trace) + more)
-    dynamics = replace(dynamics, steps=run.steps)
+    dynamics = replace(dynamics, steps=run.steps, adapt_until=run.burnin)
     if checkpointer is not None:
         checkpointer.steps = run.steps  # it writes at the end of the run
         if save:

@@ -99,6 +99,13 @@ class LLCResult:
                 and not step_biased(self.diagnostics.get("bias_bound")))
 
     @property
+    def upper_bound(self) -> bool:
+        """Not converged because the step spreads the chains beyond the posterior (criterion (vi)),
+        with no chains dropped as diverged: λ̂ reads too high (review 42: the report said "≈")."""
+        failed = self.diagnostics.get("convergence", {}).get("failed", {})
+        return not self.converged and "step_size" in failed and "diverged" not in failed
+
+    @property
     def caveats(self) -> list[str]:
         """What may make λ̂ read other than its ± says, in words: the step size's predicted bias, an
         N_eff above the parameter count (:func:`step_size_caveats`), and a ± from few chains."""
@@ -129,7 +136,7 @@ class LLCResult:
             "n_failed": len(self.failed), "draws": self.draws, "burnin": self.burnin,
             "burnin_source": d.get("burnin_source"), "loss": self.loss,
             "sampler": self.sampler, "selection": None if self.selection is None else ", ".join(self.selection),
-            "converged": self.converged, "lower_bound": self.lower_bound, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
+            "converged": self.converged, "lower_bound": self.lower_bound, "upper_bound": self.upper_bound, "rhat": d.get("rhat"), "ess": d.get("ess"), "drift": d.get("drift"),
             "relaxation": d.get("relaxation"), "n_diverged": d.get("n_diverged"), "convergence_reason": self.convergence_reason,
             "llc_chain_stderr": d.get("llc_chain_stderr"), "llc_mcse": d.get("llc_mcse"),
             "stderr_caveat": d.get("stderr_caveat"),
@@ -242,15 +249,17 @@ def is_lower_bound(lower_bound) -> bool:
     return bool(lower_bound)
 
 
-def relation(converged, lower_bound) -> str:
+def relation(converged, lower_bound, upper_bound=False) -> str:
     """How a printed estimate relates to its quantity: "=" converged, "≥" a lower bound (chains not
-    relaxed or still rising), "≈" uncertain in both directions (only R̂ or ESS failed)."""
-    return "=" if converged else "≥" if is_lower_bound(lower_bound) else "≈"
+    relaxed or still rising), "≤" too high (the step size, criterion (vi); ``upper_bound``, absent
+    from results saved before 0.4.8), "≈" uncertain in both directions (only R̂ or ESS failed)."""
+    return "=" if converged else "≤" if upper_bound is True else "≥" if is_lower_bound(lower_bound) else "≈"
 
 
-def unconverged_text(lower_bound) -> str:
+def unconverged_text(lower_bound, upper_bound=False) -> str:
     """What an unconverged λ̂ is, in words (:func:`relation`)."""
-    return "lower bound" if is_lower_bound(lower_bound) else "uncertain in both directions"
+    return ("too high (the step size)" if upper_bound is True else
+            "lower bound" if is_lower_bound(lower_bound) else "uncertain in both directions")
 
 
 #: Fewest healthy chains whose spread gives a standard error worth quoting alone (with C chains the

@@ -48,7 +48,7 @@ def _outer_bar(items: Sequence, desc: str, kwargs: dict):
 # restricted LLCs (two heads of one size) would pass for one quantity (report.compare).
 _SUMMARY = ["gamma", "gamma_source", "loss", "selection", "llc", "llc_std", "llc_stderr", "llc_mcse", "stderr_caveat",
             "n_eff", "n_eff_stderr", "n_params", "step_size", "bias_bound", "stiff_bound", "h_max", "chains", "n_failed",
-            "cumulative_step", "converged", "lower_bound", "rhat", "ess", "drift", "convergence_reason"]
+            "cumulative_step", "converged", "lower_bound", "upper_bound", "rhat", "ess", "drift", "convergence_reason"]
 
 
 def _row(res) -> dict:
@@ -65,7 +65,7 @@ def _failed_row(error: EstimateFailedError, caller: str) -> dict:
     warn_once(f"{caller}: {error}; the other points are kept, this one's row has no estimate (column error)",
               RuntimeWarning, stacklevel=3)
     row = {**dict.fromkeys(_SUMMARY, np.nan), "stderr_caveat": None, **error.quantity}
-    row.update(n_failed=row["chains"], converged=False, lower_bound=False,
+    row.update(n_failed=row["chains"], converged=False, lower_bound=False, upper_bound=False,
                convergence_reason="failed: every chain diverged", error=str(error))
     return row
 
@@ -158,10 +158,11 @@ def point_texts(frame: pd.DataFrame) -> list[str]:
         reason = row["convergence_reason"]
         reason = f": {reason}" if isinstance(reason, str) and reason else ""
         low = row.get("lower_bound")  # tables saved before it was recorded: None, the old reading
-        state = "converged" if row["converged"] else f"not converged — {unconverged_text(low)}{reason}"
+        high = row.get("upper_bound")  # absent from tables saved before 0.4.8
+        state = "converged" if row["converged"] else f"not converged — {unconverged_text(low, high)}{reason}"
         caveats = "".join(f"<br>{c}" for c in row_caveats(row))
         texts.append(("" if "gamma" not in row else f"γ = {row['gamma']:.3g}<br>")
-                     + f"N_eff {relation(row['converged'], low)} {n_eff}<br>bars: ±2 standard errors<br>{state}{caveats}")
+                     + f"N_eff {relation(row['converged'], low, high)} {n_eff}<br>bars: ±2 standard errors<br>{state}{caveats}")
     return texts
 
 

@@ -282,6 +282,9 @@ def degeneracy_report(
                 cached[name] = cache.load_cached(SECTIONS[name], ctx)
                 if cached[name] is None:  # it will run, and resume from its checkpoints
                     cache.check_checkpoints(section_dirs[name])
+            # Which sections run is rank 0's: a rank that read another cache (a checkpoint folder per
+            # node) would skip a section the others run, and their collectives would not pair (review 42).
+            cached = from_rank0(cached)
         results = {}
         for i, name in enumerate(chosen, 1):
             section = SECTIONS[name]

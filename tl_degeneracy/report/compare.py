@@ -46,7 +46,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import TLDegeneracyError
-from ..llc.llc_result import is_lower_bound, larger_stderr
+from ..llc.llc_result import larger_stderr, unconverged_text
 from ..llc.sweep import point_failed
 from .html import flat_values, render_comparison, render_notebook, section_status, value_text
 from .registry import SECTIONS
@@ -378,7 +378,7 @@ def _incomparable(qa: dict, qb: dict) -> str | None:
         if not same:
             reasons.append(f"{key} differs" + ("" if isinstance(a, dict) or isinstance(b, dict)
                                                else f" ({value_text(a)} vs {value_text(b)})"))
-    reasons += [f"{side} not converged ({'a lower bound' if is_lower_bound(q.get('lower_bound')) else 'uncertain'})"
+    reasons += [f"{side} not converged ({unconverged_text(q.get('lower_bound'), q.get('upper_bound'))})"
                 for side, q in zip("AB", (qa, qb)) if q.get("converged") is False]
     return "; ".join(reasons) or None
 

@@ -447,11 +447,12 @@ def llc(ctx: ReportContext) -> SectionOutput:
             bar.update()
             out.tables["components"] = comps
             out.figures["components"] = plot_component_llc(comps)
-    state = "converged" if res.converged else f"not converged — {unconverged_text(res.lower_bound)}: {res.convergence_reason}"
+    state = ("converged" if res.converged else
+             f"not converged — {unconverged_text(res.lower_bound, res.upper_bound)}: {res.convergence_reason}")
     scope = "" if s.llc_params is None else f" of {s.llc_params}"
     value = estimate_line(res.llc, res.llc_stderr, summary["stderr_caveat"], res.chains - len(res.failed), ".4g")
     out.headline = (f"{res.label.replace('λ̂', 'λ̂_B')}{scope} = {value} ({state}; N_eff "
-                    f"{relation(res.converged, res.lower_bound)} {res.n_eff:.4g} of {res.n_params:,} parameters); "
+                    f"{relation(res.converged, res.lower_bound, res.upper_bound)} {res.n_eff:.4g} of {res.n_params:,} parameters); "
                     "N_eff(ε, γ): " + ", ".join(_sweep_point(r) for r in sweep.itertuples()))
     # every estimate the section made, with its verdict, in the verdict the terminal wraps (audit 15b:
     # the γ-curve and the components appeared only in tables and clipped warnings; review 37: the
@@ -482,6 +483,8 @@ def _sweep_point(r) -> str:
     if r.converged:
         return f"{value} at {where}"
     low = getattr(r, "lower_bound", None)  # rows saved before it was recorded: the old reading
+    if getattr(r, "upper_bound", False) is True:
+        return f"≤ {value} (not converged: too high, the step size) at {where}"
     return (f"≥ {value} (not converged) at {where}" if is_lower_bound(low)
             else f"≈ {value} (not converged: uncertain) at {where}")
 
@@ -831,8 +834,9 @@ def _llc_verdict(v: dict) -> str:
     if converged is False:
         reason = v.get("convergence_reason")  # absent from reports saved before it was recorded
         low = v.get("lower_bound")  # absent from reports saved before it was recorded: the old reading
-        return (f"λ̂ not converged — {unconverged_text(low)}{': ' + reason if reason else ''}; "
-                f"N_eff {relation(False, low)} {n_eff} {where}" + _more_estimates(v))
+        high = v.get("upper_bound")  # absent before 0.4.8
+        return (f"λ̂ not converged — {unconverged_text(low, high)}{': ' + reason if reason else ''}; "
+                f"N_eff {relation(False, low, high)} {n_eff} {where}" + _more_estimates(v))
     # No convergence check recorded (R̂, effective sample size, drift: docs/methods.md §1); short
     # chains under-estimate λ_B, so an unchecked number reads as a lower bound.
     return f"λ̂ not checked for convergence: read N_eff = {n_eff} {where} as a lower bound" + _more_estimates(v)
