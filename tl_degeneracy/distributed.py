@@ -124,9 +124,9 @@ def on_rank0(action: Callable[[], None], group=None) -> None:
 def failing_together(what: str, group=None):
     """Run a block whose ranks meet in collectives (a ``with`` block: unlike a decorator it adds no
     frame, so warnings raised inside keep pointing at the caller) so that an error raised on one rank
-    only raises on every rank: the failing rank sends it in place of
-    its next collective (:func:`raise_on_every_rank`), and the others hear of it in whichever
-    collective they are waiting in, or where the block ends. Without this a rank that raised alone
+    only raises on every rank: the failing rank sends it in place of its next collective
+    (:func:`raise_on_every_rank`), and the others hear of it in whichever collective they are
+    waiting in, or where the block ends. Without this a rank that raised alone
     left the others waiting in their next collective for good (audit 16b F1: non-finite values in one
     rank's batches, an error in one rank's chains or in a report section's code). An error every
     rank has already raised together passes through unchanged, so blocks nest; without a process
@@ -168,7 +168,7 @@ _RAISED_ON_EVERY_RANK = "_tld_raised_on_every_rank"
 
 def _exchange(obj, error: Exception | None, message: Callable[[int, str, str], str], fallback: type[Exception],
               group=None) -> list:
-    """The one collective of this module: every rank sends ``(its failure or None, obj)``; the rank
+    """The one object collective of this module: every rank sends ``(its failure or None, obj)``; the rank
     that has ``error`` raises it, and every rank raises where any rank failed; else every ``obj``."""
     context = distributed_context(group)
     if not context.active:

@@ -656,7 +656,9 @@ def _still_moving(config: SamplerConfig, verdict: Convergence) -> bool:
     one, from one healthy chain or too few draws, is no sign of it: audit 14a F8). Not R̂ alone where η
     is given and more draws may follow: an extension then changes nothing but the burn-in's length,
     and a block whose R̂ fails by chance was thrown away again and again (audit 17b F3: burn-ins of
-    1,750 to 19,875 steps over 16 seeds of one run); its draws are kept and more added instead."""
+    1,750 to 19,875 steps over 16 seeds of one run); its draws are kept and more added instead. A
+    step too large (criterion (vi)) only where η is automatic: the extension re-adapts it at the
+    chains, which a given η does not change."""
     if not config.auto_burnin:
         return False
     if "step_size" in verdict.failed:  # only an automatic η changes: the extension re-adapts it (review 42)
