@@ -438,7 +438,7 @@ def degeneracy_counts(
                     whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
                     of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
                     input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True),
-                                                        whole.gram()[0] if centered else None)
+                                                        whole.gram()[0] if centered and rounding is not None else None)
                 return input_ranks["x̃", centered]
             if (ln, centered) not in input_ranks:
                 input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
@@ -450,7 +450,8 @@ def degeneracy_counts(
 
         z = acts[("z", layer)]
         z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
-        z_raw = z.head_gram if bias["W_O"] else [None] * H
+        # the uncentred Grams only where a half-precision band reads them (spectrum_band)
+        z_raw = z.head_gram if bias["W_O"] and rounding is not None else [None] * H
         out_K = k_rank(attn_out[layer])
         for h in range(H):
             add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
@@ -470,7 +471,8 @@ def degeneracy_counts(
                 add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name], most(bias[name]))
             post = acts[("mlp_post", layer)]
             G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-            add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] else None),
+            add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
+                                             else None),
                 k_rank(mlp_out[layer]), F, D, bias["W_out"])
     if embeddings:
         # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
