@@ -104,3 +104,29 @@ def test_synchronization_counts_the_bos_position():
     model, tokens = bos_relu_toy()
     assert tld.head_synchronization(model, tokens).n_samples == tokens.numel()
     assert tld.neuron_synchronization(model, tokens).n_samples == tokens.numel()
+
+
+def test_every_analysis_counts_the_repeated_bos_once(tl_models):
+    """Audit 17a F2's remainder: every sequence's BOS position is one and the same sample, so 3
+    sequences of 4 positions hold 10 distinct samples, whose covariances reach rank 9 at most. The
+    synchronizations, activation_stats and the interaction basis judged the sample limit by all 12
+    positions (centred bound 11) and called rank 9 the model's; now each flags it, and says 10."""
+    model = tl_models("gpt2", "bridge")
+    bos = model.tokenizer.bos_token_id
+    sequences = [torch.tensor([bos, 5, 6, 7]), torch.tensor([bos, 8, 9, 10]), torch.tensor([bos, 11, 12, 13])]
+    for analysis in (tld.head_synchronization, tld.neuron_synchronization):
+        with pytest.warns(tld.SampleLimitedWarning, match="reached n = 10"):
+            result = analysis(model, sequences, progress=False)
+        assert result.n_samples == 12 and result.sample_limited.all(), analysis.__name__
+
+    with pytest.warns(tld.SampleLimitedWarning, match="reached n = 10"):
+        stats = tld.activation_stats(model, sequences, hooks=["resid_mid"], skip_bos=False, center=True,
+                                     progress=False)
+    frame = stats.to_frame()
+    assert (frame["count"] == 12).all() and (frame["distinct"] == 10).all()
+    assert (frame["rank"] == 9).all() and frame["sample_limited"].all()
+
+    dims = tld.interaction_basis(model, sequences, skip_bos=False, n_probes=2, progress=False).dims
+    assert (dims["n"] == 12).all() and (dims["distinct"] == 10).all()
+    wide = dims[dims["D"] > 10]
+    assert len(wide) and (wide["rank_G"] == 9).all() and wide["sample_limited"].all()

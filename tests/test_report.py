@@ -170,8 +170,8 @@ def test_interaction_section_equals_a_direct_call(full_report):
     direct = tld.interaction_basis(make_tiny_toy_transformer(), _tokens()[:5, :10], kind="local", output="kl",
                                    last="outputs", n_probes=PRESETS["quick"].ib_probes, seed=0, progress=False)
     modules = tld.find_modules(direct, seed=0)
-    assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
-                                                "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
+    assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "distinct",
+                                                "M", "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
                                                 "interaction_rank_half", "data_limited", "rank_G_min",
                                                 "rank_G_max", "interaction_rank_min", "interaction_rank_max"]
     pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)
@@ -519,7 +519,7 @@ def test_verdicts_say_what_the_numbers_mean():
     assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")
     limited = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
                           inside_share=0.5, n_modules=3))
-    assert "at 2 node(s) only as many as the 126 samples allow" in limited and "raise ib_tokens" in limited
+    assert "at 2 node(s) only as many as the 126 distinct samples allow" in limited and "raise ib_tokens" in limited
     few = verdict(sec("activations", n_samples=16, min_rank=16, dim=128))
     assert few.startswith("residual stream rank 16 of 128") and "the data's limit, not the model's" in few
     assert verdict(sec("activations", n_samples=1024, min_rank=127, dim=128)).startswith("residual stream rank-deficient")
@@ -528,7 +528,7 @@ def test_verdicts_say_what_the_numbers_mean():
     act = dict(n_samples=96, min_rank=8, dim=32, deficient_hooks=1, min_model_rank=15, sample_limited_hooks=1, min_samples=8)
     both = verdict(sec("activations", **act, half_precision=None))
     assert both.startswith("residual stream rank-deficient at 1 hook(s) (lowest rank 15 of 32): 17 unused directions")
-    assert "1 hook(s) at the rank their samples allow (as few as 8)" in both and "upper bounds" not in both
+    assert "1 hook(s) at the rank their distinct samples allow (as few as 8)" in both and "upper bounds" not in both
     half = verdict(sec("activations", **dict(act, deficient_hooks=0, min_model_rank=None), half_precision="float16"))
     assert half.startswith("residual stream full rank at every hook with more samples than dimensions — in float16 "
                            "these ranks are upper bounds") and "unused directions there" not in half
@@ -546,7 +546,7 @@ def test_activations_read_each_hook_with_its_own_sample_limit():
         sec = degeneracy_report("toy:sma", sections=["activations"], overrides={"n_sequences": 8}, progress=False)["activations"]
     v = sec.values
     assert (v["deficient_hooks"], v["min_model_rank"], v["sample_limited_hooks"], v["min_samples"]) == (1, 15, 1, 8)
-    assert "0.hook_resid_post 8/32 (= its 8 samples)" in sec.headline and "upper bounds" not in sec.headline
+    assert "0.hook_resid_post 8/32 (= its 8 distinct samples)" in sec.headline and "upper bounds" not in sec.headline
     assert verdict(sec).startswith("residual stream rank-deficient at 1 hook(s) (lowest rank 15 of 32)")
 
 

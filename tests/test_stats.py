@@ -178,9 +178,9 @@ def test_refuses_patterns_and_unknown_hooks(tiny_toy_transformer, tiny_toy_token
 def test_result_summaries(tiny_toy_transformer, tiny_toy_tokens):
     st = activation_stats(tiny_toy_transformer, tiny_toy_tokens, hooks=["resid_pre", "q", "ln_final"], center=True, progress=False)
     frame = st.to_frame()
-    assert list(frame.columns) == ["hook", "kind", "layer", "unit", "dim", "count", "rank", "rtol", "half_precision",
-                                   "sample_limited", "trace"]
-    assert frame["count"].tolist() == [36] * 5 and frame["dim"].tolist() == [16, 16, 16, 16, 16]
+    assert list(frame.columns) == ["hook", "kind", "layer", "unit", "dim", "count", "distinct", "rank", "rtol",
+                                   "half_precision", "sample_limited", "trace"]
+    assert frame["count"].tolist() == frame["distinct"].tolist() == [36] * 5 and frame["dim"].tolist() == [16, 16, 16, 16, 16]
     assert frame["rank"].isna().tolist() == [False, False, True, True, False]  # q: per-head only
     s = st["resid_pre", 1]
     ev = s.eigenvalues()  # centred (center=True)

@@ -188,6 +188,11 @@ class TokenBatches:
         repeated = self.n_sequences - 1 if self.bos and not self.skip_bos and self.n_sequences else 0
         return self.n_samples - repeated
 
+    def distinct(self, count: int, unit: str) -> int:
+        """Of ``count`` samples that a hook of ``unit`` counted over all the sequences, those that can
+        differ: a position-level hook's :attr:`n_distinct_samples`, a sequence-level one's all."""
+        return count - (self.n_samples - self.n_distinct_samples if unit == "position" else 0)
+
     @property
     def max_len(self) -> int:
         return int(self._lengths.max())

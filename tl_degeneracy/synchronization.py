@@ -34,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .counts import block_input_hook, counted_batches, input_moment, input_rank_bound
+from .data import TokenBatches
 from .distributed import warn_once
 from .errors import MissingHookError
 from .invariants import center_writing
@@ -204,8 +205,9 @@ def _input_ranks(adapter: ModelAdapter, accs: list[MomentAccumulator], ln: str, 
 
 def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_samples: int,
                      centered: bool) -> Bool[np.ndarray, " layer"]:
-    """Per layer, whether D_in (``ranks``, of the input alone) reached what ``n_samples`` can span below
-    what the input itself can (``counts.input_rank_bound``): the data's limit, perhaps (``numerics.sample_limited``)."""
+    """Per layer, whether D_in (``ranks``, of the input alone) reached what ``n_samples`` distinct samples
+    can span below what the input itself can (``counts.input_rank_bound``): the data's limit, perhaps
+    (``numerics.sample_limited``)."""
     most = input_rank_bound(adapter, centered)
     return np.array([sample_limited(int(r), n_samples, most, centered=centered) for r in ranks], dtype=bool)
 
@@ -266,12 +268,13 @@ def _limited_layers(flags: Bool[np.ndarray, " layer"] | None) -> list[int]:
     return [] if flags is None else np.flatnonzero(flags).tolist()
 
 
-def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
+def warn_unsettled(caller: str, result, batches: TokenBatches, counts: str) -> None:
     """The :class:`DataLimitedWarning` s of a synchronization result whose blocks or input ranks
     still change with the data (audit 13b: both were returned as exact, without a word): blocks that
     the data's even-numbered sequences form otherwise (``on_half`` False), and layers whose D_in is
-    lower on them (``data_limited``); ``counts`` names what such a D_in moves."""
-    changing, total = _unsettled_blocks(result)
+    lower on them (``data_limited``), and those at the most that the data's distinct samples span
+    (``sample_limited``); ``counts`` names what such a D_in moves."""
+    changing, total, n_sequences = *_unsettled_blocks(result), batches.n_sequences
     if changing:
         warn_once(f"{caller}: {changing} of {total} synchronized blocks are formed otherwise by "
                   f"the even-numbered half of the {n_sequences} sequences (to_frame's on_half False): the blocks still "
@@ -283,7 +286,7 @@ def warn_unsettled(caller: str, result, n_sequences: int, counts: str) -> None:
                       "give more data")
     # audit 14b F2: one sequence of 10 tokens read D_in 9 (n − 1) and the count 256 for 432, "not data-limited".
     warn_sample_limited(caller, len(_limited_layers(result.sample_limited)), len(limited),
-                        "layers' input covariances (D_in, whose counts use it)", result.n_samples)
+                        "layers' input covariances (D_in, whose counts use it)", batches.n_distinct_samples)
 
 
 @dataclass(frozen=True)
@@ -1029,9 +1032,9 @@ def head_synchronization(
         positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
         half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(inputs, noise),
-        sample_limited=_at_sample_count(adapter, input_rank, int(count[0].sum()), centered=centered),
+        sample_limited=_at_sample_count(adapter, input_rank, batches.n_distinct_samples, centered=centered),
     )
-    warn_unsettled("head_synchronization", result, batches.n_sequences, "j_apart, j_sync, free_block and free_separate")
+    warn_unsettled("head_synchronization", result, batches, "j_apart, j_sync, free_block and free_separate")
     if result.half_precision:
         result.to_frame()  # its band's warning now, with the call's others (review 36)
     return result
@@ -1474,11 +1477,11 @@ def neuron_synchronization(
         d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
         positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
         input_rank_noise=None if noise is None else d_in(x_acc, noise),
-        sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), n_samples, centered=in_bias),
+        sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), batches.n_distinct_samples, centered=in_bias),
     )
     if result.half_precision:
         result.to_frame()  # its band's warning now, with the call's others (review 36)
-    warn_unsettled("neuron_synchronization", result, batches.n_sequences, "j_apart and j_sync")
+    warn_unsettled("neuron_synchronization", result, batches, "j_apart and j_sync")
     return result
 
 

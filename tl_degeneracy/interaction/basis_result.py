@@ -84,7 +84,8 @@ class InteractionBasis:
     - ``edge_stderr[(node_l, node_l1)]``: (standard error of each entry of E, of ΣE) for the pairs
       estimated with r ≥ 2 ±1 sources (``edge_sources``); exact pairs and one-source estimates have none
       (:meth:`edge_summary` tells them apart).
-    - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges);
+    - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges), and
+      ``distinct[node]`` those that can differ (``TokenBatches.distinct``: a counted BOS is one sample);
       ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
       counted; ``settings``: cut-offs, probes, sources, seed, passes over the data, timings.
     """
@@ -101,6 +102,7 @@ class InteractionBasis:
     edges: dict[tuple[str, str], Tensor]
     edge_stderr: dict[tuple[str, str], tuple[Tensor, float]]
     counts: dict[str, int]
+    distinct: dict[str, int]
     feature_shapes: dict[str, tuple[int, ...]]
     positions: dict | None = None
     settings: dict = field(default_factory=dict)
@@ -142,8 +144,8 @@ class InteractionBasis:
         "next node", "outputs" or "identity"), M_method ("exact", "probes" or "none"),
         probe_stability (the half-probe agreement, NaN unless probes) and estimated (the basis
         carries probe noise, its own or a later LIB node's; see :class:`NodeSpectrum`);
-        sample_limited: rank_G reached n − 1 (n when uncentred) < D, the most that n samples can
-        span, so the node's degenerate directions may be the data's, not the model's (read more);
+        sample_limited: rank_G reached distinct − 1 (distinct when uncentred) < D, the most that
+        those samples can span, so the node's degenerate directions may be the data's, not the model's (read more);
         rank_G_half / interaction_rank_half: the ranks from the data's even-numbered sequences
         alone, and data_limited: one of them is lower than on all of the data, so the ranks are still
         growing with the data and the node's degenerate count is an upper bound (METHODS §5);
@@ -152,20 +154,20 @@ class InteractionBasis:
         rows = []
         for node in self.nodes:
             spec = self.eigenvalues[node]
-            D, n = int(spec.gram.numel()), int(self.counts[node])
+            D, n, distinct = int(spec.gram.numel()), int(self.counts[node]), int(self.distinct[node])
             g_band = spec.rank_G_band or (spec.rank_G, spec.rank_G)
             i_band = spec.interaction_band or (spec.interaction_rank, spec.interaction_rank)
             rows.append({"node": node, "D": D, "rank_G": spec.rank_G, "interaction_rank": spec.interaction_rank,
-                         "degenerate": D - spec.interaction_rank, "n": n, "M": spec.M,
+                         "degenerate": D - spec.interaction_rank, "n": n, "distinct": distinct, "M": spec.M,
                          "M_method": spec.M_method, "probe_stability": spec.probe_stability,
                          "estimated": spec.estimated,
-                         "sample_limited": sample_limited(spec.rank_G, n, D, self.centered),
+                         "sample_limited": sample_limited(spec.rank_G, distinct, D, self.centered),
                          "rank_G_half": spec.half_ranks[0] if spec.half_ranks else pd.NA,
                          "interaction_rank_half": spec.half_ranks[1] if spec.half_ranks else pd.NA,
                          "data_limited": spec.data_limited,
                          "rank_G_min": g_band[0], "rank_G_max": g_band[1],
                          "interaction_rank_min": i_band[0], "interaction_rank_max": i_band[1]})
-        frame = pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "M",
+        frame = pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "distinct", "M",
                                             "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
                                             "interaction_rank_half", "data_limited", "rank_G_min", "rank_G_max",
                                             "interaction_rank_min", "interaction_rank_max"])
@@ -225,6 +227,7 @@ class InteractionBasis:
             "eigenvalues": {n: {"gram": s.gram.tolist(), "interaction": s.interaction.tolist()} for n, s in self.eigenvalues.items()},
             "edges": edges,
             "counts": dict(self.counts),
+            "distinct": dict(self.distinct),
             "positions": self.positions,
             "settings": dict(self.settings),
         }

@@ -328,7 +328,7 @@ def interaction_basis(
 
     collector = moment_pass(runner.engine, runner.batches, runner.nodes, per_head=False, device=acc_device,
                             progress=progress, desc="interaction basis: Grams", half=True)
-    whitenings, half_whitenings, counts, shapes = {}, {}, {}, {}
+    whitenings, half_whitenings, counts, distinct, shapes = {}, {}, {}, {}, {}
 
     def whitening(acc, rtol: float):
         gram = acc.covariance()[0] if centered else acc.gram()[0]
@@ -342,6 +342,7 @@ def interaction_basis(
         rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
         whitenings[name], half_whitenings[name] = (whitening(a, rtol) for a in (acc, collector.half_accs[name]))
         counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
+        distinct[name] = runner.batches.distinct(acc.count, collector.units[name])
     timings["gram_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -406,6 +407,7 @@ def interaction_basis(
         edges=edge_values,
         edge_stderr=edge_stderr,
         counts=counts,
+        distinct=distinct,
         feature_shapes=shapes,
         positions=runner.positions,
         settings=settings,

@@ -54,6 +54,10 @@ class TensorBatches:
     def n_samples(self) -> int:
         return sum(c.shape[0] * (c.shape[1] if self.has_positions else 1) for c in self.chunks)
 
+    def distinct(self, count: int, unit: str) -> int:
+        """Samples that can differ, as ``TokenBatches.distinct``: all (no BOS repeats in given inputs)."""
+        return count
+
     @property
     def max_len(self) -> int:
         """Positions per row (1 without a position axis), as ``TokenBatches.max_len``."""

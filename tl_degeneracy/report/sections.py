@@ -162,7 +162,8 @@ def _changing_text(changing: int, blocks: int, limited: int = 0, sampled: int = 
     if limited and blocks:  # without blocks no count uses D_in
         text += f"; D_in is still growing with the data at {limited} layer(s), and so are the counts that use it"
     if sampled and blocks:
-        text += f"; D_in reached the number of samples at {sampled} layer(s): it may be the data's limit, not the model's"
+        text += (f"; D_in reached the number of distinct samples at {sampled} layer(s): it may be the data's limit, "
+                 "not the model's")
     return text
 
 
@@ -251,7 +252,7 @@ def activations(ctx: ReportContext) -> SectionOutput:
     # Each hook's rank read with its own flags (audit 15b: a resid_post read once per sequence sat at
     # its 8 samples and was called "unused directions"; half-precision rounding filled a deficient one)
     ranks = ", ".join(f"{r.hook.removeprefix('blocks.')} {r.rank}/{r.dim}"
-                      + (f" (= its {r.count:,} samples)" if r.sample_limited else "") for r in frame.itertuples())
+                      + (f" (= its {r.distinct:,} distinct samples)" if r.sample_limited else "") for r in frame.itertuples())
     limited = frame["sample_limited"].fillna(False).astype(bool)
     model = frame[~limited & (frame["rank"] < frame["dim"])]
     half = str(ctx.adapter.dtype).removeprefix("torch.") if frame["half_precision"].any() else None
@@ -262,7 +263,7 @@ def activations(ctx: ReportContext) -> SectionOutput:
                 "layernorm": ctx.adapter.cfg.normalization == "LN", "deficient_hooks": len(model),
                 "min_model_rank": int(model["rank"].min()) if len(model) else None,
                 "sample_limited_hooks": int(limited.sum()), "n_hooks": len(frame),
-                "min_samples": int(frame["count"].min()), "half_precision": half},
+                "min_samples": int(frame["distinct"].min()), "half_precision": half},
         headline=f"ranks: {ranks}" + (f" ({half}: upper bounds)" if half else ""),
     )
 
@@ -319,7 +320,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
         values={"degenerate_directions": degenerate, "degenerate_band": degenerate_band, "cutoff_band": CUTOFF_BAND,
                 "n_modules": modules.n_modules,
-                "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
+                "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["distinct"].min()),
                 "data_limited_nodes": int(dims["data_limited"].sum()),
                 "estimated_edge_pairs": int(edges["estimated"].sum()), "edge_pairs": len(edges),
                 "probe_basis_edge_pairs": int(edges["basis_estimated"].sum()),
@@ -336,7 +337,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                   "modules": modules.to_dict()["settings"], "seed": ctx.seed},
         headline=f"interaction rank per node {ranks} ({degenerate} degenerate directions"
                  + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND, sep=", ")
-                 + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['n'].min())} samples allow"
+                 + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['distinct'].min())} distinct samples allow"
                     if dims["sample_limited"].any() else "")
                  + (f", {int(dims['data_limited'].sum())} node(s) with ranks still growing with the data"
                     if dims["data_limited"].any() else "") + estimated + "); " + (
@@ -753,7 +754,7 @@ def _activations_verdict(v: dict) -> str:
                  "(run the model in float32 to tell)")
     if limited:
         # n samples span at most n directions: the rank says how much data there was, not the model
-        text += (f"; {limited} hook(s) at the rank their samples allow (as few as {v.get('min_samples', n):,}), the "
+        text += (f"; {limited} hook(s) at the rank their distinct samples allow (as few as {v.get('min_samples', n):,}), the "
                  "data's limit, not the model's: give more data (n_sequences × seq_len) to tell")
     return text + mean
 
@@ -766,7 +767,7 @@ def _interaction_verdict(v: dict) -> str:
         text += (f" — the ranks depend on the cut-off: {band[0]:,}–{band[1]:,} degenerate directions with it "
                  f"{v.get('cutoff_band', 100):g}× higher or lower, where the spectra decay without a gap")
     if limited:  # rank_G at n − 1 < D: too few samples to tell the model's degeneracy from the data's
-        text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} samples allow, so those "
+        text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} distinct samples allow, so those "
                  "counts are the data's limit, not the model's (raise ib_tokens, or give more data: n_sequences × "
                  "seq_len)")
     grows = v.get("data_limited_nodes", 0)  # absent from reports saved before it was recorded

@@ -158,7 +158,8 @@ def activation_stats(
     check_batches(adapter, "forward", batches, "activation_stats", held=moment_held(widths, half))
     collector = moment_pass(adapter, batches, targets, per_head, device, progress, half=half)
 
-    def hook_stats(t: HookTarget, acc: MomentAccumulator, half_stats: HookStats | None = None) -> HookStats:
+    def hook_stats(t: HookTarget, acc: MomentAccumulator, half_stats: HookStats | None = None,
+                   whole: bool = True) -> HookStats:
         layout = collector.layouts[t.name]
         cov = acc.covariance()
         return HookStats(
@@ -166,6 +167,7 @@ def activation_stats(
             kind=t.kind,
             layer=t.layer,
             count=acc.count,
+            distinct=batches.distinct(acc.count, collector.units[t.name]) if whole else None,
             unit=collector.units[t.name],
             feature_shape=layout.feature_shape,
             mean=acc.mean.flatten(),
@@ -177,10 +179,11 @@ def activation_stats(
         )
 
     stats = {t.name: hook_stats(t, collector.accs[t.name],
-                                hook_stats(t, collector.half_accs[t.name]) if half else None) for t in targets}
+                                hook_stats(t, collector.half_accs[t.name], whole=False) if half else None)
+             for t in targets}
     # audit 14b F5: rank 6 of 32 on 6 samples, with no word
     limited = [s.name for s in stats.values() if s.has_full and s.limited_by_samples(s.rank(), s.dim)]
-    warn_sample_limited("activation_stats", len(limited), len(stats), "hooks' Grams", min(s.count for s in stats.values()))
+    warn_sample_limited("activation_stats", len(limited), len(stats), "hooks' Grams", min(s.n_distinct for s in stats.values()))
     return ActivationStats(
         stats=stats,
         positions=batches.positions,

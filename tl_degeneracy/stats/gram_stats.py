@@ -51,6 +51,14 @@ class _GramStats(abc.ABC):
     #: dtype of the activations (gradients) as the forward (backward) pass produced them; the rank
     #: rule's precision is ``activation_precision(dtype)`` (METHODS §2, numerics module docstring).
     dtype: torch.dtype = torch.float32
+    #: Of ``count``, the samples that can differ (``TokenBatches.distinct``: every sequence's counted
+    #: BOS is one sample); None: all ``count`` are taken as distinct (Jacobian Grams, whose rank the
+    #: samples do not bound, and the half-data statistics, whose sample limit nothing reads).
+    distinct: int | None = None
+
+    @property
+    def n_distinct(self) -> int:
+        return self.count if self.distinct is None else self.distinct
 
     @property
     def dim(self) -> int:
@@ -128,6 +136,7 @@ class _GramStats(abc.ABC):
             "unit": self.unit,
             "dim": self.dim,
             "count": self.count,
+            "distinct": self.n_distinct,
             "rank": rank,
             "rtol": self.rtol_of(self.dim, rtol),
             "half_precision": self.dtype in HALF_DTYPES,
@@ -154,7 +163,7 @@ class HookStats(_GramStats):
     half: HookStats | None = field(repr=False, default=None)  # the data's even-numbered sequences alone
 
     def limited_by_samples(self, rank: int, dim: int) -> bool:
-        return sample_limited(rank, self.count, dim, centered=self.centered)
+        return sample_limited(rank, self.n_distinct, dim, centered=self.centered)
 
     @property
     def has_full(self) -> bool:
@@ -276,7 +285,8 @@ class _Collection(Mapping):
         return list(self.stats)
 
     def to_frame(self, rtol: float | None = None, per_head: bool = False) -> pd.DataFrame:
-        """One row per hook (hook, kind, layer, unit, dim, count, rank at ``rtol``, the rtol used,
+        """One row per hook (hook, kind, layer, unit, dim, count, distinct (the samples that can differ),
+        rank at ``rtol``, the rtol used,
         half_precision, sample_limited, trace: ``summary``); with ``per_head=True`` one row per
         (hook, head) for hooks with a head axis. ``rtol=None``: each hook's rank rule (:meth:`HookStats.rank`)."""
         rows = []
