@@ -3,10 +3,15 @@ torch.distributed.run``: ``degeneracy_counts`` on data of a single batch under a
 of two ranks, so rank 1 has no batch of its own and must still join every reduction (the input
 moments once raised KeyError there). Each rank saves its frame's rank columns and how many
 SampleLimitedWarnings it gave (15 positions of a 16-wide residual stream: every input Gram is at the
-samples' limit): warnings about the shared result come from rank 0 alone."""
+samples' limit): warnings about the shared result come from rank 0 alone.
+
+With ``--fail-between-passes-on-rank-1`` rank 1 raises between two of ``degeneracy_counts``' passes
+(after the activation pass's collectives, as running out of memory in its post-processing would) and
+each rank saves what it raised as ``rank<r>.json`` (review 41 #3: rank 0 waited in the next pass)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -36,7 +41,32 @@ def compute() -> dict[str, torch.Tensor]:
             "warnings": torch.tensor(given)}
 
 
-if __name__ == "__main__":
-    from tests.fixtures.distributed import worker_main
+def fail_between_passes_on_rank_1(out: str) -> None:
+    import torch.distributed as dist
 
-    worker_main(compute, sys.argv[1])
+    from tl_degeneracy import counts
+
+    if dist.get_rank() == 1:
+        real = counts.activation_stats
+
+        def activation_stats(*args, **kwargs):
+            real(*args, **kwargs)
+            raise RuntimeError("out of memory after the activation pass (simulated)")
+
+        counts.activation_stats = activation_stats
+    try:
+        compute()
+        got = {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
+        got = {"error": type(err).__name__, "message": str(err)}
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(got, f)
+
+
+if __name__ == "__main__":
+    from tests.fixtures.distributed import run_in_group, worker_main
+
+    if sys.argv[2:] == ["--fail-between-passes-on-rank-1"]:
+        run_in_group(lambda: fail_between_passes_on_rank_1(sys.argv[1]))
+    else:
+        worker_main(compute, sys.argv[1])

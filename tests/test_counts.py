@@ -405,6 +405,19 @@ def test_two_processes_one_batch(tmp_path):
             assert torch.equal(multi[key], value), (rank, key)
 
 
+def test_an_error_on_one_rank_between_passes_raises_on_both(tmp_path):
+    """Review 41 #3: rank 1 raises between two of degeneracy_counts' passes, after the activation
+    pass's collectives; rank 0 went on to the Jacobian pass and waited there for good. Now both
+    raise, rank 0 naming rank 1."""
+    import json
+
+    run_two_processes("counts_distributed_worker.py", tmp_path, "--fail-between-passes-on-rank-1")
+    got = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert got[1] == {"error": "RuntimeError", "message": "out of memory after the activation pass (simulated)"}
+    assert got[0]["error"] == "RuntimeError" and got[0]["message"].endswith(
+        "failed on rank 1 of 2: RuntimeError: out of memory after the activation pass (simulated)")
+
+
 def test_a_model_without_normalization_reads_the_residual_stream():
     """toy:modadd has no norm: the attention's and the MLP's linear maps read resid_pre and
     resid_mid as they are, so rank(G) of W_Q / W_in is the rank of those activations' Gram."""

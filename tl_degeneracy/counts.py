@@ -57,7 +57,7 @@ from torch import Tensor
 
 from .autograd import refuse_inference_mode
 from .data import TokenBatches, token_batches
-from .distributed import warn_once
+from .distributed import failing_together, warn_once
 from .errors import MissingHookError
 from .memory import check_batches, counts_forward_held, counts_held
 from .models.adapt import adapt
@@ -313,215 +313,216 @@ def degeneracy_counts(
         MemoryBudgetError: a batch of the activation or Jacobian-probe pass would not fit the memory
         budget (``tld.memory``); raised before the first pass, saying what to lower.
     """
-    if output not in ("kl", "mse"):
-        raise ValueError(f"output must be 'kl' or 'mse'; got {output!r}")
-    if loss_scale is not None and not loss_scale >= 0:
-        raise ValueError(f"loss_scale must be a non-negative number or None; got {loss_scale!r}")
-    refuse_inference_mode("degeneracy_counts")  # before the activation passes, not after them
-    rtol, _ = check_tolerances(rtol)
-    adapter = adapt(model)
-    mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
-    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")
-    L, H, n_kv, D, d = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_model, adapter.d_head
-    atol = 0.0 if loss_scale is None else float(loss_scale)
-    gated = adapter.cfg.gated_mlp
+    with failing_together("degeneracy_counts"):
+        if output not in ("kl", "mse"):
+            raise ValueError(f"output must be 'kl' or 'mse'; got {output!r}")
+        if loss_scale is not None and not loss_scale >= 0:
+            raise ValueError(f"loss_scale must be a non-negative number or None; got {loss_scale!r}")
+        refuse_inference_mode("degeneracy_counts")  # before the activation passes, not after them
+        rtol, _ = check_tolerances(rtol)
+        adapter = adapt(model)
+        mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
+        batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")
+        L, H, n_kv, D, d = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.d_model, adapter.d_head
+        atol = 0.0 if loss_scale is None else float(loss_scale)
+        gated = adapter.cfg.gated_mlp
 
-    attn_in = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
-    mlp_in = [block_input_hook(adapter, layer, "ln2") for layer in range(L)] if mlp else []
-    g_hooks = adapter.hook_names("z") + (adapter.hook_names("mlp_post") if mlp else [])
-    attn_out = [write_output_hook(adapter, layer, "attn") for layer in range(L)]
-    mlp_out = [write_output_hook(adapter, layer, "mlp") for layer in range(L)] if mlp else []
-    k_hooks = adapter.hook_names(["q", "k", "v"]) + attn_out
-    if mlp:
-        k_hooks += adapter.hook_names(["mlp_pre"]) + mlp_out
-        if gated:
-            k_hooks += [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)]
-    if embeddings:
-        k_hooks.append(adapter.hook_name("embed"))
-    # Before the first pass: the Jacobian-probe pass (logits' softmax, cotangents and the autograd
-    # graph) is the one that outgrows memory first, with a large vocabulary; fail now, not after the
-    # activation passes.
-    check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes", held=counts_forward_held(adapter))
-    check_memory(adapter, batches, resolve_targets(adapter, k_hooks, "degeneracy_counts"), output_hook=None,
-                 n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
-                 held=counts_held(adapter))  # the activation passes' Grams, the split-half checks' Grams
-
-    # A shortformer's queries and keys read ln1(x) + W_pos[p], its values ln1(x) (METHODS §2).
-    shortformer = adapter.cfg.positional_embedding == "shortformer"
-    query_key = {attn_in[layer]: block_input_affine(adapter, layer, "ln1") for layer in range(L)} if shortformer else None
-    inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress, query_key)
-    with warnings.catch_warnings():
-        # The counts judge their own Grams' sample limit (column sample_limited, one warning below), which
-        # activation_stats would also warn of, for z and hook_post, in other words.
-        warnings.filterwarnings("ignore", category=SampleLimitedWarning, message="activation_stats")
-        acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
-    jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
-                         seed=seed, per_head=True, progress=progress, halves="first", half=True)
-    precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
-    # A half-precision forward's rounding sits far above float32's cut-off: the band reaches up to it.
-    rounding = rounding_rtol(adapter.dtype, gram=True)
-    n = batches.n_distinct_samples  # what a Gram's rank can reach: every sequence's BOS is one sample
-
-    def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision,
-                      second_moment: Tensor | None = None) -> tuple[int, int, int]:
-        """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
-        §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
-        up to the forward's rounding level at least for a half-precision model (exact inputs,
-        W_E's token frequencies, have none), which for a covariance is set by its activations'
-        uncentred ``second_moment`` (rank_band's noise_scale)."""
-        scale = None if rounding is None or second_moment is None else float(second_moment.diagonal().max())
-        return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
-                         rtol=None if rtol is None else float(rtol), atol=atol,
-                         noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
-
-    def band(m: Tensor, second_moment: Tensor | None = None) -> tuple[int, int, int]:
-        return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
-
-    def rank(m: Tensor) -> int:
-        return band(m)[1]
-
-    def g_rank(whole: Tensor, half: Tensor, most: int | None = None,
-               second_moment: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
-        """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
-        alone give a lower one: the rank is still growing with the data. ``second_moment``: the
-        uncentred Gram where ``whole`` is a covariance (its band's rounding level)."""
-        most = whole.shape[-1] if most is None else most
-        b = tuple(min(r, most) for r in band(whole, second_moment))
-        return b, min(rank(half), most) < b[1]
-
-    def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
-        """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
-        probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and the
-        first half of the probes finding fewer directions than all of them says more probes would
-        find more; a rank at K's full width cannot grow (audit 5: toy:modadd's W_V, 32 of 32, were
-        flagged where the half-probe spectrum decayed through the cut-off)."""
-        stats = jac[key]
-
-        def of(st: JacobianHookStats) -> Tensor:
-            return st.gram if head is None else st.head_gram[head]
-
-        gram = of(stats)
-        b = band(gram)
-        halves = stats.half_grams(head is not None)
-        probes = (halves is not None and b[1] < gram.shape[-1]
-                  and min(rank(h if head is None else h[head]) for h in halves) < b[1])
-        return b, probes, rank(of(stats.half)) < b[1]
-
-    rows = []
-
-    def add(map_name, layer, head, G, K, d_in, d_out, centered=False, g_most=None):
-        """One map's row; ``g_most``: the most directions its input can span (``input_rank_bound``;
-        default d_in), below which a rank at the sample count may be the data's limit."""
-        (G_band, g_grows), (K_band, probe_limited, k_grows) = G, K
-        G_rank, K_rank = G_band[1], K_band[1]
-        rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
-                     "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
-                     "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
-                     "sample_limited": sample_limited(G_rank, n, d_in if g_most is None else g_most, centered=centered),
-                     "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
-                     "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
-
-    for layer in range(L):
-        bias = adapter.map_biases(layer)
-        input_ranks: dict[tuple[str, bool], tuple[int, bool]] = {}
-
-        def most(centered: bool, queries_keys: bool = False) -> int:
-            """The most directions a block input can span: a shortformer's x̃ all D, else input_rank_bound."""
-            return D if queries_keys and shortformer else input_rank_bound(adapter, centered)
-
-        def input_rank(ln: str, centered: bool, queries_keys: bool = False) -> tuple[int, bool]:
-            """rank_G of a block input (its band, and whether it grows with the data); ``queries_keys``:
-            the input the queries and keys read (a shortformer's x̃, whose moments hold x̃ itself)."""
-            hook = (attn_in if ln == "ln1" else mlp_in)[layer]
-            if queries_keys and shortformer:
-                if ("x̃", centered) not in input_ranks:
-                    whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
-                    of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
-                    input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True),
-                                                        whole.gram()[0] if centered and rounding is not None else None)
-                return input_ranks["x̃", centered]
-            if (ln, centered) not in input_ranks:
-                input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
-                                                   input_moment(adapter, layer, ln, input_halves[hook], centered),
-                                                   most(centered),
-                                                   input_moment(adapter, layer, ln, inputs[hook], False) if centered
-                                                   and rounding is not None else None)
-            return input_ranks[ln, centered]
-
-        z = acts[("z", layer)]
-        z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
-        # the uncentred Grams only where a half-precision band reads them (spectrum_band)
-        z_raw = z.head_gram if bias["W_O"] and rounding is not None else [None] * H
-        out_K = k_rank(attn_out[layer])
-        for h in range(H):
-            add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
-                most(bias["W_Q"], True))
-        for kv in range(n_kv):
-            add("W_K", layer, kv, input_rank("ln1", bias["W_K"], True), k_rank(("k", layer), kv), D, d, bias["W_K"],
-                most(bias["W_K"], True))
-            add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"],
-                most(bias["W_V"]))
-        for h in range(H):
-            add("W_O", layer, h, g_rank(z_G[h], z_half[h], second_moment=z_raw[h]), out_K, d, D, bias["W_O"])
+        attn_in = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
+        mlp_in = [block_input_hook(adapter, layer, "ln2") for layer in range(L)] if mlp else []
+        g_hooks = adapter.hook_names("z") + (adapter.hook_names("mlp_post") if mlp else [])
+        attn_out = [write_output_hook(adapter, layer, "attn") for layer in range(L)]
+        mlp_out = [write_output_hook(adapter, layer, "mlp") for layer in range(L)] if mlp else []
+        k_hooks = adapter.hook_names(["q", "k", "v"]) + attn_out
         if mlp:
-            F = adapter.d_mlp
-            maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
-                [("W_in", ("mlp_pre", layer))]
-            for name, key in maps:
-                add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name], most(bias[name]))
-            post = acts[("mlp_post", layer)]
-            G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-            add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
-                                             else None),
-                k_rank(mlp_out[layer]), F, D, bias["W_out"])
-    if embeddings:
-        # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
-        frequencies, half_frequencies = _token_frequencies(batches, adapter.d_vocab)
-        G_band = spectrum_band(frequencies, torch.float64)
-        G_half = spectrum_band(half_frequencies, torch.float64)[1]
-        add("W_E", None, None, (G_band, G_half < G_band[1]), k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
+            k_hooks += adapter.hook_names(["mlp_pre"]) + mlp_out
+            if gated:
+                k_hooks += [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)]
+        if embeddings:
+            k_hooks.append(adapter.hook_name("embed"))
+        # Before the first pass: the Jacobian-probe pass (logits' softmax, cotangents and the autograd
+        # graph) is the one that outgrows memory first, with a large vocabulary; fail now, not after the
+        # activation passes.
+        check_batches(adapter, "forward", batches, "degeneracy_counts' activation passes", held=counts_forward_held(adapter))
+        check_memory(adapter, batches, resolve_targets(adapter, k_hooks, "degeneracy_counts"), output_hook=None,
+                     n_probes=n_probes, exact=exact, what="degeneracy_counts' Jacobian-probe pass",
+                     held=counts_held(adapter))  # the activation passes' Grams, the split-half checks' Grams
 
-    frame = pd.DataFrame(rows)
-    warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
-                        "maps' input Grams (rank_G)", n)
-    data_limited = int(frame["data_limited"].sum())
-    warn_data_limited("degeneracy_counts", data_limited, f"{len(frame)} maps", "rank_G or rank_K is",
-                      batches.n_sequences, "column data_limited",
-                      "the maps' free counts are upper bounds and n_eff_kfac a lower bound, for the model as much as "
-                      "for these data; count on more sequences (where the data are already the model's whole input "
-                      "domain, e.g. every pair of a modular-addition task, no more exist and the counts are the task's)")
-    probe_limited = int(frame["probe_limited"].sum())
-    if n_probes == 1 and not exact:
-        warn_once(
-            "degeneracy_counts: with n_probes=1 no half of the probes is kept, so whether rank_K is still growing "
-            "with the probes cannot be checked (probe_limited is False everywhere): every probe rank_K is a lower "
-            "bound of K's and n_eff_kfac one of the Kronecker count; use n_probes ≥ 2, or exact=True",
-            ProbeLimitedWarning, stacklevel=2)
-    elif probe_limited:
-        warn_once(
-            f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian "
-            "probes per batch "
-            "found fewer directions of K than all of them (column probe_limited): there rank_K is a lower bound and "
-            "free an upper bound, and n_eff_kfac is a lower bound; raise n_probes, count on more positions, or use "
-            "exact=True", ProbeLimitedWarning, stacklevel=2)
-    for col in ("layer", "head"):
-        frame[col] = frame[col].astype("Int64")
-    frame.attrs.update({
-        "n_eff_kfac": int(frame["kfac"].sum()),
-        "n_params": int(frame["n_params"].sum()),
-        "free": int(frame["free"].sum()),
-        "probe_limited_maps": probe_limited,
-        "data_limited_maps": data_limited,
-        "n_eff_kfac_band": [int(frame["kfac_min"].sum()), int(frame["kfac_max"].sum())],
-        "cutoff_band": CUTOFF_BAND,
-        "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
-        # A half-precision forward's ranks may count its rounding: N_eff may read high as well as low.
-        "half_precision": str(adapter.dtype).removeprefix("torch.") if rounding is not None else None,
-        # One sequence cannot be halved: data_limited was not checked (numerics.warn_data_limited).
-        "data_checked": batches.n_sequences >= 2,
-        "n_probes": None if exact else n_probes, "exact": bool(exact),
-        # n_probes = 1 keeps no half of the probes: probe_limited was not checked.
-        "probes_checked": bool(exact) or n_probes >= 2,
-        "positions": batches.positions.to_dict(), "n_distinct_samples": n,
-    })
-    return frame
+        # A shortformer's queries and keys read ln1(x) + W_pos[p], its values ln1(x) (METHODS §2).
+        shortformer = adapter.cfg.positional_embedding == "shortformer"
+        query_key = {attn_in[layer]: block_input_affine(adapter, layer, "ln1") for layer in range(L)} if shortformer else None
+        inputs, input_halves = _input_moments(adapter, batches, attn_in + mlp_in, progress, query_key)
+        with warnings.catch_warnings():
+            # The counts judge their own Grams' sample limit (column sample_limited, one warning below), which
+            # activation_stats would also warn of, for z and hook_post, in other words.
+            warnings.filterwarnings("ignore", category=SampleLimitedWarning, message="activation_stats")
+            acts = activation_stats(adapter, batches, hooks=g_hooks, per_head=True, progress=progress, half=True)
+        jac = jacobian_stats(adapter, batches, hooks=k_hooks, output=output, n_probes=n_probes, exact=exact,
+                             seed=seed, per_head=True, progress=progress, halves="first", half=True)
+        precision = activation_precision(adapter.dtype)  # activations and gradients carry the forward's rounding
+        # A half-precision forward's rounding sits far above float32's cut-off: the band reaches up to it.
+        rounding = rounding_rtol(adapter.dtype, gram=True)
+        n = batches.n_distinct_samples  # what a Gram's rank can reach: every sequence's BOS is one sample
+
+        def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision,
+                          second_moment: Tensor | None = None) -> tuple[int, int, int]:
+            """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
+            §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
+            up to the forward's rounding level at least for a half-precision model (exact inputs,
+            W_E's token frequencies, have none), which for a covariance is set by its activations'
+            uncentred ``second_moment`` (rank_band's noise_scale)."""
+            scale = None if rounding is None or second_moment is None else float(second_moment.diagonal().max())
+            return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
+                             rtol=None if rtol is None else float(rtol), atol=atol,
+                             noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
+
+        def band(m: Tensor, second_moment: Tensor | None = None) -> tuple[int, int, int]:
+            return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
+
+        def rank(m: Tensor) -> int:
+            return band(m)[1]
+
+        def g_rank(whole: Tensor, half: Tensor, most: int | None = None,
+                   second_moment: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
+            """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
+            alone give a lower one: the rank is still growing with the data. ``second_moment``: the
+            uncentred Gram where ``whole`` is a covariance (its band's rounding level)."""
+            most = whole.shape[-1] if most is None else most
+            b = tuple(min(r, most) for r in band(whole, second_moment))
+            return b, min(rank(half), most) < b[1]
+
+        def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
+            """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
+            probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and the
+            first half of the probes finding fewer directions than all of them says more probes would
+            find more; a rank at K's full width cannot grow (audit 5: toy:modadd's W_V, 32 of 32, were
+            flagged where the half-probe spectrum decayed through the cut-off)."""
+            stats = jac[key]
+
+            def of(st: JacobianHookStats) -> Tensor:
+                return st.gram if head is None else st.head_gram[head]
+
+            gram = of(stats)
+            b = band(gram)
+            halves = stats.half_grams(head is not None)
+            probes = (halves is not None and b[1] < gram.shape[-1]
+                      and min(rank(h if head is None else h[head]) for h in halves) < b[1])
+            return b, probes, rank(of(stats.half)) < b[1]
+
+        rows = []
+
+        def add(map_name, layer, head, G, K, d_in, d_out, centered=False, g_most=None):
+            """One map's row; ``g_most``: the most directions its input can span (``input_rank_bound``;
+            default d_in), below which a rank at the sample count may be the data's limit."""
+            (G_band, g_grows), (K_band, probe_limited, k_grows) = G, K
+            G_rank, K_rank = G_band[1], K_band[1]
+            rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
+                         "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
+                         "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
+                         "sample_limited": sample_limited(G_rank, n, d_in if g_most is None else g_most, centered=centered),
+                         "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
+                         "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
+
+        for layer in range(L):
+            bias = adapter.map_biases(layer)
+            input_ranks: dict[tuple[str, bool], tuple[int, bool]] = {}
+
+            def most(centered: bool, queries_keys: bool = False) -> int:
+                """The most directions a block input can span: a shortformer's x̃ all D, else input_rank_bound."""
+                return D if queries_keys and shortformer else input_rank_bound(adapter, centered)
+
+            def input_rank(ln: str, centered: bool, queries_keys: bool = False) -> tuple[int, bool]:
+                """rank_G of a block input (its band, and whether it grows with the data); ``queries_keys``:
+                the input the queries and keys read (a shortformer's x̃, whose moments hold x̃ itself)."""
+                hook = (attn_in if ln == "ln1" else mlp_in)[layer]
+                if queries_keys and shortformer:
+                    if ("x̃", centered) not in input_ranks:
+                        whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
+                        of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
+                        input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True),
+                                                            whole.gram()[0] if centered and rounding is not None else None)
+                    return input_ranks["x̃", centered]
+                if (ln, centered) not in input_ranks:
+                    input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
+                                                       input_moment(adapter, layer, ln, input_halves[hook], centered),
+                                                       most(centered),
+                                                       input_moment(adapter, layer, ln, inputs[hook], False) if centered
+                                                       and rounding is not None else None)
+                return input_ranks[ln, centered]
+
+            z = acts[("z", layer)]
+            z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
+            # the uncentred Grams only where a half-precision band reads them (spectrum_band)
+            z_raw = z.head_gram if bias["W_O"] and rounding is not None else [None] * H
+            out_K = k_rank(attn_out[layer])
+            for h in range(H):
+                add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
+                    most(bias["W_Q"], True))
+            for kv in range(n_kv):
+                add("W_K", layer, kv, input_rank("ln1", bias["W_K"], True), k_rank(("k", layer), kv), D, d, bias["W_K"],
+                    most(bias["W_K"], True))
+                add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"],
+                    most(bias["W_V"]))
+            for h in range(H):
+                add("W_O", layer, h, g_rank(z_G[h], z_half[h], second_moment=z_raw[h]), out_K, d, D, bias["W_O"])
+            if mlp:
+                F = adapter.d_mlp
+                maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
+                    [("W_in", ("mlp_pre", layer))]
+                for name, key in maps:
+                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name], most(bias[name]))
+                post = acts[("mlp_post", layer)]
+                G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
+                add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
+                                                 else None),
+                    k_rank(mlp_out[layer]), F, D, bias["W_out"])
+        if embeddings:
+            # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.
+            frequencies, half_frequencies = _token_frequencies(batches, adapter.d_vocab)
+            G_band = spectrum_band(frequencies, torch.float64)
+            G_half = spectrum_band(half_frequencies, torch.float64)[1]
+            add("W_E", None, None, (G_band, G_half < G_band[1]), k_rank(adapter.hook_name("embed")), adapter.d_vocab, D)
+
+        frame = pd.DataFrame(rows)
+        warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
+                            "maps' input Grams (rank_G)", n)
+        data_limited = int(frame["data_limited"].sum())
+        warn_data_limited("degeneracy_counts", data_limited, f"{len(frame)} maps", "rank_G or rank_K is",
+                          batches.n_sequences, "column data_limited",
+                          "the maps' free counts are upper bounds and n_eff_kfac a lower bound, for the model as much as "
+                          "for these data; count on more sequences (where the data are already the model's whole input "
+                          "domain, e.g. every pair of a modular-addition task, no more exist and the counts are the task's)")
+        probe_limited = int(frame["probe_limited"].sum())
+        if n_probes == 1 and not exact:
+            warn_once(
+                "degeneracy_counts: with n_probes=1 no half of the probes is kept, so whether rank_K is still growing "
+                "with the probes cannot be checked (probe_limited is False everywhere): every probe rank_K is a lower "
+                "bound of K's and n_eff_kfac one of the Kronecker count; use n_probes ≥ 2, or exact=True",
+                ProbeLimitedWarning, stacklevel=2)
+        elif probe_limited:
+            warn_once(
+                f"degeneracy_counts: at {probe_limited} of {len(frame)} maps the first half of the {n_probes} Jacobian "
+                "probes per batch "
+                "found fewer directions of K than all of them (column probe_limited): there rank_K is a lower bound and "
+                "free an upper bound, and n_eff_kfac is a lower bound; raise n_probes, count on more positions, or use "
+                "exact=True", ProbeLimitedWarning, stacklevel=2)
+        for col in ("layer", "head"):
+            frame[col] = frame[col].astype("Int64")
+        frame.attrs.update({
+            "n_eff_kfac": int(frame["kfac"].sum()),
+            "n_params": int(frame["n_params"].sum()),
+            "free": int(frame["free"].sum()),
+            "probe_limited_maps": probe_limited,
+            "data_limited_maps": data_limited,
+            "n_eff_kfac_band": [int(frame["kfac_min"].sum()), int(frame["kfac_max"].sum())],
+            "cutoff_band": CUTOFF_BAND,
+            "rtol": rtol, "precision": str(precision).removeprefix("torch."), "loss_scale": loss_scale, "output": output,
+            # A half-precision forward's ranks may count its rounding: N_eff may read high as well as low.
+            "half_precision": str(adapter.dtype).removeprefix("torch.") if rounding is not None else None,
+            # One sequence cannot be halved: data_limited was not checked (numerics.warn_data_limited).
+            "data_checked": batches.n_sequences >= 2,
+            "n_probes": None if exact else n_probes, "exact": bool(exact),
+            # n_probes = 1 keeps no half of the probes: probe_limited was not checked.
+            "probes_checked": bool(exact) or n_probes >= 2,
+            "positions": batches.positions.to_dict(), "n_distinct_samples": n,
+        })
+        return frame

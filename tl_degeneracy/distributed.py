@@ -10,8 +10,9 @@ path than chains batched together (3 processes against 1 on toy:sma: λ̂ 1e-7 t
 apart; 2 processes: identical, audit 10b). The report's memory and time fits, which each rank
 could make differently, are rank 0's (:func:`from_rank0`), and files every rank shares are written
 by rank 0 (:func:`on_rank0`). An error raised on one rank only is raised on every rank
-(:func:`failing_together`: the statistics passes, ``behavioral_llc``, each report section and the
-report), so that no rank is left waiting for the others in a collective. Without a process group
+(:func:`failing_together`: the statistics passes, every public analysis — the statistics,
+``degeneracy_counts``, the synchronizations, ``interaction_basis``, ``sparsify``, ``behavioral_llc``
+and its sweeps — each report section and the report), so that no rank is left waiting for the others in a collective. Without a process group
 everything runs in the one process.
 """
 

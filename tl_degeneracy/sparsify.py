@@ -65,7 +65,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .counts import block_input_affine, block_input_hook, counted_batches
-from .distributed import max_over_ranks, warn_once
+from .distributed import failing_together, max_over_ranks, warn_once
 from .errors import MissingHookError, NumericalError, UnsupportedArchitectureError
 from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
@@ -440,151 +440,152 @@ def sparsify(
         MissingHookError: no MLP layers. TypeError: a model ``adapt`` does not take, or whose MLP
         weights cannot be written. DataError: empty data. NumericalError: non-finite outputs of the copy.
     """
-    t0 = time.perf_counter()
-    adapter = adapt(model)
-    act = _check_act(adapter)
-    exact_act = act in EXACT_ACTIVATIONS
-    tol = (0.0 if exact_act else 0.05) if tol is None else float(tol)
-    if not 0.0 <= tol <= 1.0 or math.isnan(tol):
-        raise ValueError(f"tol must lie in [0, 1] (a neuron-synchronization distance); got {tol}")
-    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "sparsify")
-    # The blocks' firing patterns on the same samples as G¹ and the firing check, BOS included.
-    sync = neuron_synchronization(model, batches, tol=tol, rank_rtol=rank_rtol, progress=progress)
-    sync_frame = sync.to_frame()
-    grams, half_grams = _input_grams(adapter, batches, progress)
-    precision = activation_precision(adapter.dtype)
-    weights = adapter.mlp_weights()
-    # Gated MLPs are refused above, so W_in has a bias of its own exactly where b_in exists (adapter.map_biases).
-    has_bias = adapter.map_biases(0)["W_in"]
-    L, D, F = adapter.n_layers, adapter.d_model, adapter.d_mlp
+    with failing_together("sparsify"):
+        t0 = time.perf_counter()
+        adapter = adapt(model)
+        act = _check_act(adapter)
+        exact_act = act in EXACT_ACTIVATIONS
+        tol = (0.0 if exact_act else 0.05) if tol is None else float(tol)
+        if not 0.0 <= tol <= 1.0 or math.isnan(tol):
+            raise ValueError(f"tol must lie in [0, 1] (a neuron-synchronization distance); got {tol}")
+        batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "sparsify")
+        # The blocks' firing patterns on the same samples as G¹ and the firing check, BOS included.
+        sync = neuron_synchronization(model, batches, tol=tol, rank_rtol=rank_rtol, progress=progress)
+        sync_frame = sync.to_frame()
+        grams, half_grams = _input_grams(adapter, batches, progress)
+        precision = activation_precision(adapter.dtype)
+        weights = adapter.mlp_weights()
+        # Gated MLPs are refused above, so W_in has a bias of its own exactly where b_in exists (adapter.map_biases).
+        has_bias = adapter.map_biases(0)["W_in"]
+        L, D, F = adapter.n_layers, adapter.d_model, adapter.d_mlp
 
-    new_weights, pending, bases, rows = [], {}, [], []
-    for layer in range(L):
-        # With b_in, a direction on which x is constant is free up to a change of b_in (METHODS §4, §8):
-        # the covariance, as degeneracy_counts reads it.
-        moment, half_moment = ((g.covariance() if has_bias else g.gram())[0].cpu() for g in (grams[layer], half_grams[layer]))
-        spectrum = descending_eigvalsh(moment).clamp_min(0)
-        r_min, r, r_max = rank_band(spectrum, D, precision=precision, gram=True, rtol=rank_rtol)
-        r_half = int(numerical_rank(descending_eigvalsh(half_moment).clamp_min(0), D, precision=precision, gram=True,
-                                    rtol=rank_rtol))
-        W = weights.W_in[layer].to(torch.float64).cpu()
-        b = weights.b_in[layer].to(torch.float64).cpu()
-        W_out = weights.W_out[layer].to(torch.float64).cpu().clone()
-        K, J, A, a, W_t = _eliminate_inputs(moment, grams[layer].mean[0].cpu() if has_bias else None, r, W)
-        if len(J):
-            b = b + a @ W[J]
-        M = torch.cat([W_t, b[None]]) if has_bias else W_t  # row D: the bias, an input that is always 1
-        allowed = np.concatenate([K, [D]]) if has_bias else K
-        hidden_map = torch.eye(F, dtype=torch.float64, device="cpu")
-        removed, blocks = [], []
-        forced = torch.zeros(M.shape, dtype=torch.bool, device="cpu")  # the entries the construction sets to zero
-        forced[J] = True
-        residual, no_basis = 0.0, 0
-        # Blocks of one neuron have nothing to remove, but for one that never fires on the data (f = 0,
-        # alone in its firing pattern: audit 15a, one dead neuron stayed where two were removed).
-        gram = sync.value_gram[layer]
-        for neurons in (n for n in sync.blocks[layer] if len(n) > 1 or not bool(gram[n[0], n[0]] > 0)):
-            s_block = sync.block_rank(layer, neurons)
-            I, dep, beta, res, block = _block_bases(M, sync.value_gram[layer].to(torch.float64), s_block, neurons, allowed)
-            residual = max(residual, res)
-            no_basis += int(block is None and s_block > 1)
-            if dep:  # f_dep = f_I β inside one firing pattern: W_out of I absorbs it, the neurons go
-                W_out[I] += beta @ W_out[dep]
-                M[:, dep] = 0
-                forced[:, dep] = True
-                W_out[dep] = 0
-                hidden_map[:, dep] = 0
-                removed += dep
-            if block is not None:
-                blocks.append(block)
-        new_weights.append({"M": M, "W_out": W_out, "forced": forced, "removed": removed})
-        pending[layer] = blocks
-        bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, offset=a, hidden_map=hidden_map))
-        layer_blocks = sync_frame[sync_frame["layer"] == layer]  # blocks of ≥ 2 neurons
-        scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
-        rows.append({"layer": layer, "input_rank": r, "input_rank_min": r_min, "input_rank_max": r_max,
-                     "sample_limited": sample_limited(r, batches.n_distinct_samples, D, centered=has_bias),
-                     "data_limited": r_half < r,
-                     "blocks_changing": changing_blocks(layer_blocks),
-                     "blocks_without_basis": no_basis, "removed_residual": residual,
-                     "eliminated_scale": scale, "blocks": len(layer_blocks),
-                     "activation_free": (D - r) * F, "sync_free": int(layer_blocks["extra_freedom"].sum()),
-                     "sync_exact": bool(layer_blocks["count_exact"].all()), "removed_neurons": len(removed),
-                     "free_min": (D - r_max) * F, "free_max": (D - r_min) * F})
+        new_weights, pending, bases, rows = [], {}, [], []
+        for layer in range(L):
+            # With b_in, a direction on which x is constant is free up to a change of b_in (METHODS §4, §8):
+            # the covariance, as degeneracy_counts reads it.
+            moment, half_moment = ((g.covariance() if has_bias else g.gram())[0].cpu() for g in (grams[layer], half_grams[layer]))
+            spectrum = descending_eigvalsh(moment).clamp_min(0)
+            r_min, r, r_max = rank_band(spectrum, D, precision=precision, gram=True, rtol=rank_rtol)
+            r_half = int(numerical_rank(descending_eigvalsh(half_moment).clamp_min(0), D, precision=precision, gram=True,
+                                        rtol=rank_rtol))
+            W = weights.W_in[layer].to(torch.float64).cpu()
+            b = weights.b_in[layer].to(torch.float64).cpu()
+            W_out = weights.W_out[layer].to(torch.float64).cpu().clone()
+            K, J, A, a, W_t = _eliminate_inputs(moment, grams[layer].mean[0].cpu() if has_bias else None, r, W)
+            if len(J):
+                b = b + a @ W[J]
+            M = torch.cat([W_t, b[None]]) if has_bias else W_t  # row D: the bias, an input that is always 1
+            allowed = np.concatenate([K, [D]]) if has_bias else K
+            hidden_map = torch.eye(F, dtype=torch.float64, device="cpu")
+            removed, blocks = [], []
+            forced = torch.zeros(M.shape, dtype=torch.bool, device="cpu")  # the entries the construction sets to zero
+            forced[J] = True
+            residual, no_basis = 0.0, 0
+            # Blocks of one neuron have nothing to remove, but for one that never fires on the data (f = 0,
+            # alone in its firing pattern: audit 15a, one dead neuron stayed where two were removed).
+            gram = sync.value_gram[layer]
+            for neurons in (n for n in sync.blocks[layer] if len(n) > 1 or not bool(gram[n[0], n[0]] > 0)):
+                s_block = sync.block_rank(layer, neurons)
+                I, dep, beta, res, block = _block_bases(M, sync.value_gram[layer].to(torch.float64), s_block, neurons, allowed)
+                residual = max(residual, res)
+                no_basis += int(block is None and s_block > 1)
+                if dep:  # f_dep = f_I β inside one firing pattern: W_out of I absorbs it, the neurons go
+                    W_out[I] += beta @ W_out[dep]
+                    M[:, dep] = 0
+                    forced[:, dep] = True
+                    W_out[dep] = 0
+                    hidden_map[:, dep] = 0
+                    removed += dep
+                if block is not None:
+                    blocks.append(block)
+            new_weights.append({"M": M, "W_out": W_out, "forced": forced, "removed": removed})
+            pending[layer] = blocks
+            bases.append(dict(layer=layer, kept=K, eliminated=J, relation=A, offset=a, hidden_map=hidden_map))
+            layer_blocks = sync_frame[sync_frame["layer"] == layer]  # blocks of ≥ 2 neurons
+            scale = float((spectrum[r] / spectrum[0]).sqrt()) if r < D and float(spectrum[0]) > 0 else 0.0
+            rows.append({"layer": layer, "input_rank": r, "input_rank_min": r_min, "input_rank_max": r_max,
+                         "sample_limited": sample_limited(r, batches.n_distinct_samples, D, centered=has_bias),
+                         "data_limited": r_half < r,
+                         "blocks_changing": changing_blocks(layer_blocks),
+                         "blocks_without_basis": no_basis, "removed_residual": residual,
+                         "eliminated_scale": scale, "blocks": len(layer_blocks),
+                         "activation_free": (D - r) * F, "sync_free": int(layer_blocks["extra_freedom"].sum()),
+                         "sync_exact": bool(layer_blocks["count_exact"].all()), "removed_neurons": len(removed),
+                         "free_min": (D - r_max) * F, "free_max": (D - r_min) * F})
 
-    warn_sample_limited("sparsify", sum(row["sample_limited"] for row in rows), L, "MLP inputs (input_rank)",
-                        batches.n_distinct_samples)
-    warn_data_limited("sparsify", sum(row["data_limited"] for row in rows), f"{L} layers", "the MLP input's rank is",
-                      batches.n_sequences, "column data_limited",
-                      "activation_free counts directions that more data would use, and the copy may drift off these "
-                      "data; sparsify on more sequences")
-    changing = sum(row["blocks_changing"] for row in rows)
-    if changing:
-        warn_once(f"sparsify: {changing} of {sum(row['blocks'] for row in rows)} synchronized blocks are formed otherwise "
-                  f"by the even-numbered half of the {batches.n_sequences} sequences (column blocks_changing): the "
-                  "neurons removed from them and their changes of basis hold on these data, and the copy may drift "
-                  "off them; sparsify on more sequences", DataLimitedWarning, stacklevel=2)
-    if any(row["blocks_without_basis"] for row in rows):
-        warn_once("sparsify: at some synchronized blocks the neurons' input weights span fewer directions than their "
-                  "post-activations (a smooth activation: GELU(p) and GELU(2p) are independent), so no change of basis "
-                  "makes their input weights an identity (paper eq. 26): those blocks keep their basis and add no zeros "
-                  "(column blocks_without_basis)", SyncCountWarning, stacklevel=2)
-    if not all(row["sync_exact"] for row in rows):
-        warn_once("sparsify: some synchronized blocks' extra freedom is an upper estimate (approximate blocks) or has "
-                  "no closed form (left out of sync_free): column sync_exact; free_directions is then not exact",
-                  SyncCountWarning, stacklevel=2)
-    if any(pending.values()):
-        _check_firing(adapter, batches, {l: b for l, b in pending.items() if b}, progress)
+        warn_sample_limited("sparsify", sum(row["sample_limited"] for row in rows), L, "MLP inputs (input_rank)",
+                            batches.n_distinct_samples)
+        warn_data_limited("sparsify", sum(row["data_limited"] for row in rows), f"{L} layers", "the MLP input's rank is",
+                          batches.n_sequences, "column data_limited",
+                          "activation_free counts directions that more data would use, and the copy may drift off these "
+                          "data; sparsify on more sequences")
+        changing = sum(row["blocks_changing"] for row in rows)
+        if changing:
+            warn_once(f"sparsify: {changing} of {sum(row['blocks'] for row in rows)} synchronized blocks are formed otherwise "
+                      f"by the even-numbered half of the {batches.n_sequences} sequences (column blocks_changing): the "
+                      "neurons removed from them and their changes of basis hold on these data, and the copy may drift "
+                      "off them; sparsify on more sequences", DataLimitedWarning, stacklevel=2)
+        if any(row["blocks_without_basis"] for row in rows):
+            warn_once("sparsify: at some synchronized blocks the neurons' input weights span fewer directions than their "
+                      "post-activations (a smooth activation: GELU(p) and GELU(2p) are independent), so no change of basis "
+                      "makes their input weights an identity (paper eq. 26): those blocks keep their basis and add no zeros "
+                      "(column blocks_without_basis)", SyncCountWarning, stacklevel=2)
+        if not all(row["sync_exact"] for row in rows):
+            warn_once("sparsify: some synchronized blocks' extra freedom is an upper estimate (approximate blocks) or has "
+                      "no closed form (left out of sync_free): column sync_exact; free_directions is then not exact",
+                      SyncCountWarning, stacklevel=2)
+        if any(pending.values()):
+            _check_firing(adapter, batches, {l: b for l, b in pending.items() if b}, progress)
 
-    sparse = copy_model(adapter.model)  # the model itself, also when an adapter was passed
-    sparse_adapter = adapt(sparse)
-    result_bases = []
-    for layer in range(L):
-        M, W_out, info = new_weights[layer]["M"], new_weights[layer]["W_out"], bases[layer]
-        hidden_basis = torch.eye(F, dtype=torch.float64, device="cpu")
-        stored = M.clone()  # the weights written into the model
-        paper = M.clone()  # the weights in the paper's hidden basis (every block's C applied)
-        forced, in_basis = new_weights[layer]["forced"], torch.zeros(M.shape, dtype=torch.bool, device="cpu")
-        in_model = 0
-        for block in pending[layer]:
-            I = block.neurons
-            new_cols = M[:, I] @ block.C
-            new_cols[block.rows] = torch.eye(len(I), dtype=torch.float64, device="cpu")  # exactly the identity (eq. 26)
-            paper[:, I] = new_cols
-            off_diagonal = ~torch.eye(len(I), dtype=torch.bool, device="cpu")
-            forced[np.ix_(block.rows, I)] = off_diagonal
-            if int(block.violations) == 0:  # the new neurons keep the block's firing: exact in the model
-                stored[:, I] = new_cols
-                W_out[I] = M[block.rows][:, I] @ W_out[I]  # C⁻¹ = M_R
-                info["hidden_map"][np.ix_(I, I)] = block.C
-                in_model += 1
-            else:
-                hidden_basis[np.ix_(I, I)] = block.C
-                in_basis[np.ix_(block.rows, I)] = off_diagonal
-        values = {"W_in": stored[:D], "W_out": W_out}
-        if has_bias:
-            values["b_in"] = stored[D]
-        _write_mlp(sparse, layer, values)
-        written = sparse_adapter.mlp_weights()
-        written_M = torch.cat([written.W_in[layer], written.b_in[layer][None]]) if has_bias else written.W_in[layer]
-        # a removed neuron's W_out row is zero as well: its D hidden–output pairs no longer interact
-        removed = new_weights[layer]["removed"]
-        out_zeros = int((written.W_out[layer][removed].cpu() == 0).sum())
-        zeros_added = int((forced & (paper == 0)).sum()) + len(removed) * W_out.shape[1]
-        zeros_in_model = int((forced & ~in_basis & (written_M.cpu() == 0)).sum()) + out_zeros
-        if (zeros_added != int(forced.sum()) + len(removed) * W_out.shape[1]
-                or zeros_in_model != int((forced & ~in_basis).sum()) + len(removed) * W_out.shape[1]):
-            raise NumericalError(f"layer {layer}: an entry the construction sets to zero is not zero (a bug)")
-        drift, kl = _drift(adapter, sparse_adapter, batches, progress)
-        if not (math.isfinite(drift) and math.isfinite(kl)):
-            raise NumericalError(f"the sparsified model's outputs are not finite after layer {layer}")
-        result_bases.append(LayerBasis(hidden_basis=hidden_basis, **info))
-        row = rows[layer]
-        row.update({"free_directions": row["activation_free"] + row["sync_free"],
-                    "free_min": row["free_min"] + row["sync_free"], "free_max": row["free_max"] + row["sync_free"],
-                    "zeros_added": zeros_added,
-                    "zeros_in_model": zeros_in_model, "zeros_out": out_zeros, "blocks_in_model": in_model,
-                    "blocks_in_basis": len(pending[layer]) - in_model, "output_drift": drift, "kl": kl})
-    return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,
-                          approximate=not exact_act or tol > 0, n_samples=sync.n_samples,
-                          positions=batches.positions.to_dict(), seconds=time.perf_counter() - t0)
+        sparse = copy_model(adapter.model)  # the model itself, also when an adapter was passed
+        sparse_adapter = adapt(sparse)
+        result_bases = []
+        for layer in range(L):
+            M, W_out, info = new_weights[layer]["M"], new_weights[layer]["W_out"], bases[layer]
+            hidden_basis = torch.eye(F, dtype=torch.float64, device="cpu")
+            stored = M.clone()  # the weights written into the model
+            paper = M.clone()  # the weights in the paper's hidden basis (every block's C applied)
+            forced, in_basis = new_weights[layer]["forced"], torch.zeros(M.shape, dtype=torch.bool, device="cpu")
+            in_model = 0
+            for block in pending[layer]:
+                I = block.neurons
+                new_cols = M[:, I] @ block.C
+                new_cols[block.rows] = torch.eye(len(I), dtype=torch.float64, device="cpu")  # exactly the identity (eq. 26)
+                paper[:, I] = new_cols
+                off_diagonal = ~torch.eye(len(I), dtype=torch.bool, device="cpu")
+                forced[np.ix_(block.rows, I)] = off_diagonal
+                if int(block.violations) == 0:  # the new neurons keep the block's firing: exact in the model
+                    stored[:, I] = new_cols
+                    W_out[I] = M[block.rows][:, I] @ W_out[I]  # C⁻¹ = M_R
+                    info["hidden_map"][np.ix_(I, I)] = block.C
+                    in_model += 1
+                else:
+                    hidden_basis[np.ix_(I, I)] = block.C
+                    in_basis[np.ix_(block.rows, I)] = off_diagonal
+            values = {"W_in": stored[:D], "W_out": W_out}
+            if has_bias:
+                values["b_in"] = stored[D]
+            _write_mlp(sparse, layer, values)
+            written = sparse_adapter.mlp_weights()
+            written_M = torch.cat([written.W_in[layer], written.b_in[layer][None]]) if has_bias else written.W_in[layer]
+            # a removed neuron's W_out row is zero as well: its D hidden–output pairs no longer interact
+            removed = new_weights[layer]["removed"]
+            out_zeros = int((written.W_out[layer][removed].cpu() == 0).sum())
+            zeros_added = int((forced & (paper == 0)).sum()) + len(removed) * W_out.shape[1]
+            zeros_in_model = int((forced & ~in_basis & (written_M.cpu() == 0)).sum()) + out_zeros
+            if (zeros_added != int(forced.sum()) + len(removed) * W_out.shape[1]
+                    or zeros_in_model != int((forced & ~in_basis).sum()) + len(removed) * W_out.shape[1]):
+                raise NumericalError(f"layer {layer}: an entry the construction sets to zero is not zero (a bug)")
+            drift, kl = _drift(adapter, sparse_adapter, batches, progress)
+            if not (math.isfinite(drift) and math.isfinite(kl)):
+                raise NumericalError(f"the sparsified model's outputs are not finite after layer {layer}")
+            result_bases.append(LayerBasis(hidden_basis=hidden_basis, **info))
+            row = rows[layer]
+            row.update({"free_directions": row["activation_free"] + row["sync_free"],
+                        "free_min": row["free_min"] + row["sync_free"], "free_max": row["free_max"] + row["sync_free"],
+                        "zeros_added": zeros_added,
+                        "zeros_in_model": zeros_in_model, "zeros_out": out_zeros, "blocks_in_model": in_model,
+                        "blocks_in_basis": len(pending[layer]) - in_model, "output_drift": drift, "kl": kl})
+        return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,
+                              approximate=not exact_act or tol > 0, n_samples=sync.n_samples,
+                              positions=batches.positions.to_dict(), seconds=time.perf_counter() - t0)

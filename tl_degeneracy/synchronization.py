@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .counts import block_input_hook, counted_batches, input_moment, input_rank_bound
 from .data import TokenBatches
-from .distributed import warn_once
+from .distributed import failing_together, warn_once
 from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
@@ -922,122 +922,123 @@ def head_synchronization(
         ``tld.adapt`` does not take. MemoryBudgetError: batches too large for the memory budget
         (``tld.memory``), before anything runs.
     """
-    tol = _check_tol(tol)
-    rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
-    adapter = adapt(model)
-    if not adapter.n_heads:
-        raise MissingHookError("head_synchronization needs a model with attention heads; this one has none")
-    L, H, d, n_kv, D = adapter.n_layers, adapter.n_heads, adapter.d_head, adapter.n_kv_heads, adapter.d_model
-    try:
-        pattern_names = [adapter.hook_name("attn_pattern", layer) for layer in range(L)]
-        value_names = [adapter.hook_name("v", layer) for layer in range(L)]
-        # the normalized residual stream, or the residual stream itself without normalization; its
-        # gain is applied afterwards (input_moment), its bias only shifts the mean, which the covariance drops
-        input_names = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
-    except MissingHookError as e:
-        raise MissingHookError(f"head_synchronization needs attention patterns, values and inputs: {e}") from None
-    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "head_synchronization")
-    check_batches(adapter, "head_sync", batches, "head_synchronization")  # fail before the first forward
-    dev = adapter.device
-    # [L, 2, H, H]: the data's even- and odd-numbered sequences apart (their sum is the whole), so
-    # that blocks can also be formed from half of the data (HeadSyncResult.half_blocks)
-    tv_sum = torch.zeros(L, 2, H, H, dtype=torch.float64, device=dev)
-    count = torch.zeros(L, 2, dtype=torch.float64, device=dev)
-    values = [MomentAccumulator(1, n_kv * d, device=dev) for _ in range(L)]
-    inputs = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
-    inputs_half = [MomentAccumulator(1, D, device=dev) for _ in range(L)]  # the even-numbered sequences' D_in
+    with failing_together("head_synchronization"):
+        tol = _check_tol(tol)
+        rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
+        adapter = adapt(model)
+        if not adapter.n_heads:
+            raise MissingHookError("head_synchronization needs a model with attention heads; this one has none")
+        L, H, d, n_kv, D = adapter.n_layers, adapter.n_heads, adapter.d_head, adapter.n_kv_heads, adapter.d_model
+        try:
+            pattern_names = [adapter.hook_name("attn_pattern", layer) for layer in range(L)]
+            value_names = [adapter.hook_name("v", layer) for layer in range(L)]
+            # the normalized residual stream, or the residual stream itself without normalization; its
+            # gain is applied afterwards (input_moment), its bias only shifts the mean, which the covariance drops
+            input_names = [block_input_hook(adapter, layer, "ln1") for layer in range(L)]
+        except MissingHookError as e:
+            raise MissingHookError(f"head_synchronization needs attention patterns, values and inputs: {e}") from None
+        batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "head_synchronization")
+        check_batches(adapter, "head_sync", batches, "head_synchronization")  # fail before the first forward
+        dev = adapter.device
+        # [L, 2, H, H]: the data's even- and odd-numbered sequences apart (their sum is the whole), so
+        # that blocks can also be formed from half of the data (HeadSyncResult.half_blocks)
+        tv_sum = torch.zeros(L, 2, H, H, dtype=torch.float64, device=dev)
+        count = torch.zeros(L, 2, dtype=torch.float64, device=dev)
+        values = [MomentAccumulator(1, n_kv * d, device=dev) for _ in range(L)]
+        inputs = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
+        inputs_half = [MomentAccumulator(1, D, device=dev) for _ in range(L)]  # the even-numbered sequences' D_in
 
-    def on_batch(step: Step) -> None:
-        if not step.count:
-            return  # the accumulators exist already, with their shapes
-        index, flags = step.index, step.flags
-        seen: set[int] = set()
+        def on_batch(step: Step) -> None:
+            if not step.count:
+                return  # the accumulators exist already, with their shapes
+            index, flags = step.index, step.flags
+            seen: set[int] = set()
 
-        def on_pattern(layer: int):
-            def hook(pattern: Tensor, hook=None) -> None:
-                b, _, q, k = pattern.shape
-                unit = index.unit((b, q, H, k), pattern_names[layer])  # sample rows: [batch, query] positions
-                mask = index.mask if unit == "position" else index.seq_mask[:, None]
-                for part, half in enumerate((mask & index.even[:, None], mask & ~index.even[:, None])):
-                    tv_sum[layer, part] += pattern_tv_sums(pattern.detach(), half)
-                    count[layer, part] += half.sum()
-                flags[pattern_names[layer]] = torch.isfinite(tv_sum[layer]).all()
+            def on_pattern(layer: int):
+                def hook(pattern: Tensor, hook=None) -> None:
+                    b, _, q, k = pattern.shape
+                    unit = index.unit((b, q, H, k), pattern_names[layer])  # sample rows: [batch, query] positions
+                    mask = index.mask if unit == "position" else index.seq_mask[:, None]
+                    for part, half in enumerate((mask & index.even[:, None], mask & ~index.even[:, None])):
+                        tv_sum[layer, part] += pattern_tv_sums(pattern.detach(), half)
+                        count[layer, part] += half.sum()
+                    flags[pattern_names[layer]] = torch.isfinite(tv_sum[layer]).all()
 
-            return hook
+                return hook
 
-        def rows_into(acc: MomentAccumulator, name: str, half: MomentAccumulator | None = None):
-            def hook(act: Tensor, hook=None) -> None:
-                unit = index.unit(tuple(act.shape), name)
-                rows = index.rows(act.detach(), unit)
-                rows = rows.reshape(rows.shape[0], 1, -1)
-                flags[name] = acc.update(rows)
-                if half is not None:
-                    half.update(rows[index.half(unit)])
+            def rows_into(acc: MomentAccumulator, name: str, half: MomentAccumulator | None = None):
+                def hook(act: Tensor, hook=None) -> None:
+                    unit = index.unit(tuple(act.shape), name)
+                    rows = index.rows(act.detach(), unit)
+                    rows = rows.reshape(rows.shape[0], 1, -1)
+                    flags[name] = acc.update(rows)
+                    if half is not None:
+                        half.update(rows[index.half(unit)])
 
-            return hook
+                return hook
 
-        def on_input(layer: int):
-            record = rows_into(inputs[layer], input_names[layer], inputs_half[layer])
+            def on_input(layer: int):
+                record = rows_into(inputs[layer], input_names[layer], inputs_half[layer])
 
-            def hook(x: Tensor, hook=None) -> None:
-                # HookedTransformer applies ln1 separately to the query, key and value inputs: the
-                # hook fires up to three times per forward with identical values; count it once.
-                if layer not in seen:
-                    seen.add(layer)
-                    record(x)
+                def hook(x: Tensor, hook=None) -> None:
+                    # HookedTransformer applies ln1 separately to the query, key and value inputs: the
+                    # hook fires up to three times per forward with identical values; count it once.
+                    if layer not in seen:
+                        seen.add(layer)
+                        record(x)
 
-            return hook
+                return hook
 
-        hooks = [(pattern_names[l], on_pattern(l)) for l in range(L)]
-        hooks += [(value_names[l], rows_into(values[l], value_names[l])) for l in range(L)]
-        hooks += [(input_names[l], on_input(l)) for l in range(L)]
-        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
+            hooks = [(pattern_names[l], on_pattern(l)) for l in range(L)]
+            hooks += [(value_names[l], rows_into(values[l], value_names[l])) for l in range(L)]
+            hooks += [(input_names[l], on_input(l)) for l in range(L)]
+            adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-    stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, *values, *inputs, *inputs_half],
-           desc="head_synchronization", progress=progress, what="attention pattern, value or input")
-    if float(count.sum(1).min()) == 0 or min(acc.count for acc in values + inputs) == 0:
-        raise MissingHookError("the attention pattern, value or input hooks did not fire (or no position "
-                               "counted); nothing to compare")
-    distance = (tv_sum.sum(1) / count.sum(1)[:, None, None]).cpu().numpy()
-    distance = (distance + distance.transpose(0, 2, 1)) / 2  # symmetric up to rounding already
-    half = (tv_sum[:, 0] / count[:, 0].clamp_min(1)[:, None, None]).cpu().numpy()
-    half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, tol) for layer in range(L)]
-    grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
-    # Centred only where b_O can absorb the constant the mean value and input reach the output as
-    # (audit 16a F1: a bias-free Llama's copied head read 264 free directions for 272).
-    centered = bool(adapter.map_biases(0)["W_O"])
-    covs = torch.stack([acc.covariance()[0] for acc in values]).cpu() if centered else grams
-    precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
-    rtol = None if rank_rtol is None else float(rank_rtol)
-    noise = _rounding_cut(adapter.dtype, rtol)
+        stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, *values, *inputs, *inputs_half],
+               desc="head_synchronization", progress=progress, what="attention pattern, value or input")
+        if float(count.sum(1).min()) == 0 or min(acc.count for acc in values + inputs) == 0:
+            raise MissingHookError("the attention pattern, value or input hooks did not fire (or no position "
+                                   "counted); nothing to compare")
+        distance = (tv_sum.sum(1) / count.sum(1)[:, None, None]).cpu().numpy()
+        distance = (distance + distance.transpose(0, 2, 1)) / 2  # symmetric up to rounding already
+        half = (tv_sum[:, 0] / count[:, 0].clamp_min(1)[:, None, None]).cpu().numpy()
+        half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, tol) for layer in range(L)]
+        grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
+        # Centred only where b_O can absorb the constant the mean value and input reach the output as
+        # (audit 16a F1: a bias-free Llama's copied head read 264 free directions for 272).
+        centered = bool(adapter.map_biases(0)["W_O"])
+        covs = torch.stack([acc.covariance()[0] for acc in values]).cpu() if centered else grams
+        precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
+        rtol = None if rank_rtol is None else float(rank_rtol)
+        noise = _rounding_cut(adapter.dtype, rtol)
 
-    def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
-        return _input_ranks(adapter, accs, "ln1", centered, precision, cut)
+        def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
+            return _input_ranks(adapter, accs, "ln1", centered, precision, cut)
 
-    input_rank, input_rank_half = d_in(inputs, rtol), d_in(inputs_half, rtol)
-    kv_rank = np.array([
-        [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol, covs.shape[-1])
-         for kv in range(n_kv)]
-        for layer in range(L)
-    ], dtype=np.int64).reshape(L, n_kv)
-    head_rank = kv_rank[:, np.arange(H) // (H // n_kv)]
-    W_O = adapter.attention_weights().W_O
-    norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
-    W_O = torch.stack([center_writing(W_O[layer], norms[layer]) for layer in range(L)]).cpu()
-    blocks = [synchronized_blocks(distance[layer], tol) for layer in range(L)]
-    result = HeadSyncResult(
-        distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
-        n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
-        input_rank=input_rank, W_O=W_O, d_out=D - int(norms[0].kind == "layernorm"), precision=precision,
-        positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
-        half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
-        input_rank_noise=None if noise is None else d_in(inputs, noise),
-        sample_limited=_at_sample_count(adapter, input_rank, batches.n_distinct_samples, centered=centered),
-    )
-    warn_unsettled("head_synchronization", result, batches, "j_apart, j_sync, free_block and free_separate")
-    if result.half_precision:
-        result.to_frame()  # its band's warning now, with the call's others (review 36)
-    return result
+        input_rank, input_rank_half = d_in(inputs, rtol), d_in(inputs_half, rtol)
+        kv_rank = np.array([
+            [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol, covs.shape[-1])
+             for kv in range(n_kv)]
+            for layer in range(L)
+        ], dtype=np.int64).reshape(L, n_kv)
+        head_rank = kv_rank[:, np.arange(H) // (H // n_kv)]
+        W_O = adapter.attention_weights().W_O
+        norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
+        W_O = torch.stack([center_writing(W_O[layer], norms[layer]) for layer in range(L)]).cpu()
+        blocks = [synchronized_blocks(distance[layer], tol) for layer in range(L)]
+        result = HeadSyncResult(
+            distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
+            n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
+            input_rank=input_rank, W_O=W_O, d_out=D - int(norms[0].kind == "layernorm"), precision=precision,
+            positions=batches.positions, ov_parameters=[circuit_parameters(adapter, layer).ov for layer in range(L)],
+            half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
+            input_rank_noise=None if noise is None else d_in(inputs, noise),
+            sample_limited=_at_sample_count(adapter, input_rank, batches.n_distinct_samples, centered=centered),
+        )
+        warn_unsettled("head_synchronization", result, batches, "j_apart, j_sync, free_block and free_separate")
+        if result.half_precision:
+            result.to_frame()  # its band's warning now, with the call's others (review 36)
+        return result
 
 
 # ---------------------------------------------------------------------------------------------- neurons
@@ -1353,136 +1354,137 @@ def neuron_synchronization(
         MissingHookError: a model without MLP layers or a findable MLP input. DataError: data without
         tokens. MemoryBudgetError: batches too large for the memory budget (``tld.memory``), before anything runs.
     """
-    tol = _check_tol(tol)
-    rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
-    adapter = adapt(model)
-    if adapter.d_mlp is None:
-        raise MissingHookError(f"neuron_synchronization needs MLP layers; this {type(adapter.model).__name__} has none")
-    act_fn = adapter.cfg.act_fn
-    gated = adapter.cfg.gated_mlp
-    ratio = None
-    if gated:
-        key = (act_fn or "").lower()
-        key = "gelu" if key.startswith("gelu") and key not in _RATIOS else key
-        if key not in _RATIOS:
-            raise ValueError(f"gated MLP with activation {act_fn!r}: no firing-pattern formula (known: {sorted(_RATIOS)})")
-        ratio = _RATIOS[key]
-    exact_activation = (act_fn or "").lower() in EXACT_ACTIVATIONS
-    L, F, D = adapter.n_layers, adapter.d_mlp, adapter.d_model
-    try:
-        input_names = [block_input_hook(adapter, layer, "ln2") for layer in range(L)]
-    except MissingHookError as e:
-        raise MissingHookError(f"neuron_synchronization needs the MLP inputs: {e}") from None
-    batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "neuron_synchronization")
-    check_batches(adapter, "neuron_sync", batches, "neuron_synchronization")  # fail before the first forward
-    dev = adapter.device
-    pre_names = [adapter.hook_name("mlp_pre", layer) for layer in range(L)]
-    linear_names = [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)] if gated else []
-    post_names = [adapter.hook_name("mlp_post", layer) for layer in range(L)]
-    # The Gram of r and eq. 20's sums, kept apart for the data's even- and odd-numbered sequences: the
-    # even half's blocks say whether blocks still change with the data, and the halves add up to all.
-    r_acc, r_odd = ([MomentAccumulator(1, F, device=dev) for _ in range(L)] for _ in range(2))
-    f_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
-    x_acc, x_half = ([MomentAccumulator(1, D, device=dev) for _ in range(L)] for _ in range(2))
-    mismatch, mismatch_odd = ([_FiringMismatch.zeros(F, dev) for _ in range(L)] for _ in range(2))
+    with failing_together("neuron_synchronization"):
+        tol = _check_tol(tol)
+        rank_rtol, _ = check_tolerances(rank_rtol)  # before the pass, not at its end
+        adapter = adapt(model)
+        if adapter.d_mlp is None:
+            raise MissingHookError(f"neuron_synchronization needs MLP layers; this {type(adapter.model).__name__} has none")
+        act_fn = adapter.cfg.act_fn
+        gated = adapter.cfg.gated_mlp
+        ratio = None
+        if gated:
+            key = (act_fn or "").lower()
+            key = "gelu" if key.startswith("gelu") and key not in _RATIOS else key
+            if key not in _RATIOS:
+                raise ValueError(f"gated MLP with activation {act_fn!r}: no firing-pattern formula (known: {sorted(_RATIOS)})")
+            ratio = _RATIOS[key]
+        exact_activation = (act_fn or "").lower() in EXACT_ACTIVATIONS
+        L, F, D = adapter.n_layers, adapter.d_mlp, adapter.d_model
+        try:
+            input_names = [block_input_hook(adapter, layer, "ln2") for layer in range(L)]
+        except MissingHookError as e:
+            raise MissingHookError(f"neuron_synchronization needs the MLP inputs: {e}") from None
+        batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "neuron_synchronization")
+        check_batches(adapter, "neuron_sync", batches, "neuron_synchronization")  # fail before the first forward
+        dev = adapter.device
+        pre_names = [adapter.hook_name("mlp_pre", layer) for layer in range(L)]
+        linear_names = [f"blocks.{layer}.mlp.hook_pre_linear" for layer in range(L)] if gated else []
+        post_names = [adapter.hook_name("mlp_post", layer) for layer in range(L)]
+        # The Gram of r and eq. 20's sums, kept apart for the data's even- and odd-numbered sequences: the
+        # even half's blocks say whether blocks still change with the data, and the halves add up to all.
+        r_acc, r_odd = ([MomentAccumulator(1, F, device=dev) for _ in range(L)] for _ in range(2))
+        f_acc = [MomentAccumulator(1, F, device=dev) for _ in range(L)]
+        x_acc, x_half = ([MomentAccumulator(1, D, device=dev) for _ in range(L)] for _ in range(2))
+        mismatch, mismatch_odd = ([_FiringMismatch.zeros(F, dev) for _ in range(L)] for _ in range(2))
 
-    def on_batch(step: Step) -> None:
-        if not step.count:
-            return  # the accumulators exist already, with their shapes
-        index, flags, pre, linear = step.index, step.flags, {}, {}
+        def on_batch(step: Step) -> None:
+            if not step.count:
+                return  # the accumulators exist already, with their shapes
+            index, flags, pre, linear = step.index, step.flags, {}, {}
 
-        def rows_of(act: Tensor, name: str) -> tuple[Tensor, Tensor]:
-            """The sample rows (float64) and which of them the data's even-numbered sequences hold."""
-            unit = index.unit(tuple(act.shape), name)
-            return index.rows(act.detach(), unit).to(torch.float64), index.half(unit)
+            def rows_of(act: Tensor, name: str) -> tuple[Tensor, Tensor]:
+                """The sample rows (float64) and which of them the data's even-numbered sequences hold."""
+                unit = index.unit(tuple(act.shape), name)
+                return index.rows(act.detach(), unit).to(torch.float64), index.half(unit)
 
-        def keep_rows(name: str, into: dict, layer: int):
-            def hook(act: Tensor, hook=None) -> None:
-                rows, _ = rows_of(act, name)
-                flags[name] = torch.isfinite(rows).all()
-                into[layer] = rows
+            def keep_rows(name: str, into: dict, layer: int):
+                def hook(act: Tensor, hook=None) -> None:
+                    rows, _ = rows_of(act, name)
+                    flags[name] = torch.isfinite(rows).all()
+                    into[layer] = rows
 
-            return hook
+                return hook
 
-        def on_post(layer: int):
-            def hook(f: Tensor, hook=None) -> None:
-                f, half = rows_of(f, post_names[layer])
-                flags[post_names[layer]] = f_acc[layer].update(f[:, None])
-                p = pre.pop(layer)
-                if ratio is None:
-                    # r = f/p, and 1 where p = 0 (METHODS §3); the output per unit of firing is g = p
-                    one = torch.ones_like(p)
-                    r, g = torch.where(p == 0, one, f / torch.where(p == 0, one, p)), p
-                else:  # gated: f = act(p)·l = r·g with g = p·l
-                    r, g = ratio(p), p * linear.pop(layer)
-                odd = ~half
-                r_acc[layer].update(r[half][:, None])
-                r_odd[layer].update(r[odd][:, None])
-                mismatch[layer].update(r[half], g[half])
-                mismatch_odd[layer].update(r[odd], g[odd])
+            def on_post(layer: int):
+                def hook(f: Tensor, hook=None) -> None:
+                    f, half = rows_of(f, post_names[layer])
+                    flags[post_names[layer]] = f_acc[layer].update(f[:, None])
+                    p = pre.pop(layer)
+                    if ratio is None:
+                        # r = f/p, and 1 where p = 0 (METHODS §3); the output per unit of firing is g = p
+                        one = torch.ones_like(p)
+                        r, g = torch.where(p == 0, one, f / torch.where(p == 0, one, p)), p
+                    else:  # gated: f = act(p)·l = r·g with g = p·l
+                        r, g = ratio(p), p * linear.pop(layer)
+                    odd = ~half
+                    r_acc[layer].update(r[half][:, None])
+                    r_odd[layer].update(r[odd][:, None])
+                    mismatch[layer].update(r[half], g[half])
+                    mismatch_odd[layer].update(r[odd], g[odd])
 
-            return hook
+                return hook
 
-        def on_input(layer: int):
-            def hook(x: Tensor, hook=None) -> None:
-                rows, half = rows_of(x, input_names[layer])
-                flags[input_names[layer]] = x_acc[layer].update(rows[:, None])
-                x_half[layer].update(rows[half][:, None])
+            def on_input(layer: int):
+                def hook(x: Tensor, hook=None) -> None:
+                    rows, half = rows_of(x, input_names[layer])
+                    flags[input_names[layer]] = x_acc[layer].update(rows[:, None])
+                    x_half[layer].update(rows[half][:, None])
 
-            return hook
+                return hook
 
-        hooks = [(pre_names[l], keep_rows(pre_names[l], pre, l)) for l in range(L)]
-        hooks += [(linear_names[l], keep_rows(linear_names[l], linear, l)) for l in range(len(linear_names))]
-        hooks += [(post_names[l], on_post(l)) for l in range(L)] + [(input_names[l], on_input(l)) for l in range(L)]
-        adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
+            hooks = [(pre_names[l], keep_rows(pre_names[l], pre, l)) for l in range(L)]
+            hooks += [(linear_names[l], keep_rows(linear_names[l], linear, l)) for l in range(len(linear_names))]
+            hooks += [(post_names[l], on_post(l)) for l in range(L)] + [(input_names[l], on_input(l)) for l in range(L)]
+            adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-    stream(dev, batches, on_batch, desc="neuron_synchronization", progress=progress, what="MLP activation or input",
-           reduce=lambda: [*r_acc, *r_odd, *f_acc, *x_acc, *x_half, *(t for m in (*mismatch, *mismatch_odd) for t in m.tensors())])
-    if r_acc[0].count + r_odd[0].count == 0 or min(acc.count for acc in x_acc) == 0:
-        raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
-    # Layer by layer, each accumulator let go once read, so that the results replace them in memory.
-    output_np, firing_np = (np.empty((L, F, F)) for _ in range(2))
-    # The results live on the CPU whatever the model's device (the result's ranks and frames read them there).
-    value_gram = torch.empty(L, F, F, dtype=torch.float64, device="cpu")
-    fire_rate = torch.empty(L, F, dtype=torch.float64, device="cpu")
-    half_blocks, blocks = [], []
-    for layer in range(L):
-        firing_half = _firing_distance(r_acc[layer], exact_activation)
-        half_blocks.append(_fast_blocks(_neuron_distance(mismatch[layer].distance(firing_half), firing_half), tol))
-        r_acc[layer].merge(r_odd[layer])  # the even half takes in the odd half: all of the data
-        mismatch[layer].add_(mismatch_odd[layer])
-        firing_np[layer] = _firing_distance(r_acc[layer], exact_activation)
-        output_np[layer] = mismatch[layer].distance(firing_np[layer])
-        blocks.append(_fast_blocks(_neuron_distance(output_np[layer], firing_np[layer]), tol))
-        value_gram[layer], fire_rate[layer] = f_acc[layer].gram()[0].cpu(), r_acc[layer].mean[0].cpu()
-        n_samples = r_acc[layer].count
-        r_acc[layer] = r_odd[layer] = mismatch[layer] = mismatch_odd[layer] = f_acc[layer] = None
-    precision = activation_precision(adapter.dtype)
-    rtol = None if rank_rtol is None else float(rank_rtol)
-    # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
-    in_bias = bool(adapter.map_biases(0)["W_in"])
-    noise = _rounding_cut(adapter.dtype, rtol)
+        stream(dev, batches, on_batch, desc="neuron_synchronization", progress=progress, what="MLP activation or input",
+               reduce=lambda: [*r_acc, *r_odd, *f_acc, *x_acc, *x_half, *(t for m in (*mismatch, *mismatch_odd) for t in m.tensors())])
+        if r_acc[0].count + r_odd[0].count == 0 or min(acc.count for acc in x_acc) == 0:
+            raise MissingHookError("the MLP hooks did not fire (or no position counted); nothing to compare")
+        # Layer by layer, each accumulator let go once read, so that the results replace them in memory.
+        output_np, firing_np = (np.empty((L, F, F)) for _ in range(2))
+        # The results live on the CPU whatever the model's device (the result's ranks and frames read them there).
+        value_gram = torch.empty(L, F, F, dtype=torch.float64, device="cpu")
+        fire_rate = torch.empty(L, F, dtype=torch.float64, device="cpu")
+        half_blocks, blocks = [], []
+        for layer in range(L):
+            firing_half = _firing_distance(r_acc[layer], exact_activation)
+            half_blocks.append(_fast_blocks(_neuron_distance(mismatch[layer].distance(firing_half), firing_half), tol))
+            r_acc[layer].merge(r_odd[layer])  # the even half takes in the odd half: all of the data
+            mismatch[layer].add_(mismatch_odd[layer])
+            firing_np[layer] = _firing_distance(r_acc[layer], exact_activation)
+            output_np[layer] = mismatch[layer].distance(firing_np[layer])
+            blocks.append(_fast_blocks(_neuron_distance(output_np[layer], firing_np[layer]), tol))
+            value_gram[layer], fire_rate[layer] = f_acc[layer].gram()[0].cpu(), r_acc[layer].mean[0].cpu()
+            n_samples = r_acc[layer].count
+            r_acc[layer] = r_odd[layer] = mismatch[layer] = mismatch_odd[layer] = f_acc[layer] = None
+        precision = activation_precision(adapter.dtype)
+        rtol = None if rank_rtol is None else float(rank_rtol)
+        # D_in: W̃ = [W_in; b_in] reads [x, 1], whose uncentred Gram has rank rank(Cov x) + 1; without b_in, x alone
+        in_bias = bool(adapter.map_biases(0)["W_in"])
+        noise = _rounding_cut(adapter.dtype, rtol)
 
-    def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
-        return _input_ranks(adapter, accs, "ln2", in_bias, precision, cut) + int(in_bias)
+        def d_in(accs: list[MomentAccumulator], cut: float | None) -> Int[np.ndarray, " layer"]:
+            return _input_ranks(adapter, accs, "ln2", in_bias, precision, cut) + int(in_bias)
 
-    input_rank, input_rank_half = d_in(x_acc, rtol), d_in(x_half, rtol)
-    norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
-    W_out = adapter.mlp_weights().W_out
-    W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
-    result = NeuronSyncResult(
-        output_distance=output_np, firing_distance=firing_np, tol=tol, blocks=blocks, value_gram=value_gram,
-        n_samples=n_samples, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
-        fire_rate=fire_rate, input_rank=input_rank, W_out=W_out,
-        d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
-        positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
-        input_rank_noise=None if noise is None else d_in(x_acc, noise),
-        sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), batches.n_distinct_samples, centered=in_bias),
-    )
-    if result.half_precision:
-        result.to_frame()  # its band's warning now, with the call's others (review 36)
-    warn_unsettled("neuron_synchronization", result, batches, "j_apart and j_sync")
-    return result
+        input_rank, input_rank_half = d_in(x_acc, rtol), d_in(x_half, rtol)
+        norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
+        W_out = adapter.mlp_weights().W_out
+        W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
+        result = NeuronSyncResult(
+            output_distance=output_np, firing_distance=firing_np, tol=tol, blocks=blocks, value_gram=value_gram,
+            n_samples=n_samples, act_fn=act_fn, exact_activation=exact_activation, rank_rtol=rtol,
+            fire_rate=fire_rate, input_rank=input_rank, W_out=W_out,
+            d_out=D - int(norms[0].kind == "layernorm"), in_bias=in_bias, gated=bool(gated), precision=precision,
+            positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
+            input_rank_noise=None if noise is None else d_in(x_acc, noise),
+            sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), batches.n_distinct_samples, centered=in_bias),
+        )
+        if result.half_precision:
+            result.to_frame()  # its band's warning now, with the call's others (review 36)
+        warn_unsettled("neuron_synchronization", result, batches, "j_apart and j_sync")
+        return result
 
 
 def _neuron_distance(output, firing):

@@ -15,7 +15,7 @@ from ..autograd import refuse_inference_mode
 from ..errors import DataError
 from ..numerics import activation_precision, check_tolerances, rank_rtol, rounding_rtol, warn_data_limited
 from ..stats.activations import moment_pass
-from ..distributed import distributed_context, warn_once
+from ..distributed import distributed_context, failing_together, warn_once
 from ..stats.cuts import find_bypasses, refuse_off_stream
 from ..memory import check_batch_bytes, direction_bytes, direction_chunk, estimate
 from ..stats.jacobian import EXACT_FACTOR, METHODS_, OBJECTIVES, check_exact, check_memory, jacobian_pass
@@ -304,116 +304,117 @@ def interaction_basis(
             activations, gradients or results. MemoryBudgetError: a Jacobian pass's batch would not fit
             the memory budget (before that pass; the message says what to lower).
     """
-    refuse_inference_mode("interaction_basis")  # before the activation pass, not after it
-    gram_rtol, gram_atol = check_tolerances(gram_rtol, gram_atol)
-    interaction_rtol, interaction_atol = check_tolerances(interaction_rtol, interaction_atol)
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    if output not in OBJECTIVES:
-        raise ValueError(f"output must be one of {OBJECTIVES}; got {output!r}")
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {tuple(SCALINGS)}; got {scaling!r}")
-    if method not in METHODS_:
-        raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
-    if last not in LAST:
-        raise ValueError(f"last must be one of {LAST}; got {last!r}")
-    check_exact(exact, n_probes)
-    if edge_sources is not None and (not isinstance(edge_sources, int) or edge_sources < 1):
-        raise ValueError(f"edge_sources must be None (exact) or a positive integer; got {edge_sources!r}")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    runner = build_runner(model, data, nodes, batch_size, seq_len, skip_bos)
-    _check_cuts(runner, kind, last, edges)
-    acc_device = torch.device(device) if device is not None else runner.device
+    with failing_together("interaction_basis"):
+        refuse_inference_mode("interaction_basis")  # before the activation pass, not after it
+        gram_rtol, gram_atol = check_tolerances(gram_rtol, gram_atol)
+        interaction_rtol, interaction_atol = check_tolerances(interaction_rtol, interaction_atol)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+        if output not in OBJECTIVES:
+            raise ValueError(f"output must be one of {OBJECTIVES}; got {output!r}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {tuple(SCALINGS)}; got {scaling!r}")
+        if method not in METHODS_:
+            raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
+        if last not in LAST:
+            raise ValueError(f"last must be one of {LAST}; got {last!r}")
+        check_exact(exact, n_probes)
+        if edge_sources is not None and (not isinstance(edge_sources, int) or edge_sources < 1):
+            raise ValueError(f"edge_sources must be None (exact) or a positive integer; got {edge_sources!r}")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        runner = build_runner(model, data, nodes, batch_size, seq_len, skip_bos)
+        _check_cuts(runner, kind, last, edges)
+        acc_device = torch.device(device) if device is not None else runner.device
 
-    collector = moment_pass(runner.engine, runner.batches, runner.nodes, per_head=False, device=acc_device,
-                            progress=progress, desc="interaction basis: Grams", half=True)
-    whitenings, half_whitenings, counts, distinct, shapes = {}, {}, {}, {}, {}
+        collector = moment_pass(runner.engine, runner.batches, runner.nodes, per_head=False, device=acc_device,
+                                progress=progress, desc="interaction basis: Grams", half=True)
+        whitenings, half_whitenings, counts, distinct, shapes = {}, {}, {}, {}, {}
 
-    def whitening(acc, rtol: float):
-        gram = acc.covariance()[0] if centered else acc.gram()[0]
-        mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
-        return whiten(gram, mean, rtol, gram_atol, rounding_rtol(runner.dtype, gram=True))
+        def whitening(acc, rtol: float):
+            gram = acc.covariance()[0] if centered else acc.gram()[0]
+            mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
+            return whiten(gram, mean, rtol, gram_atol, rounding_rtol(runner.dtype, gram=True))
 
-    for name in runner.names:
-        acc = collector.accs[name]
-        if acc.count == 0:
-            raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
-        rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
-        whitenings[name], half_whitenings[name] = (whitening(a, rtol) for a in (acc, collector.half_accs[name]))
-        counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
-        distinct[name] = runner.batches.distinct(acc.count, collector.units[name])
-    timings["gram_s"] = time.perf_counter() - t0
+        for name in runner.names:
+            acc = collector.accs[name]
+            if acc.count == 0:
+                raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
+            rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
+            whitenings[name], half_whitenings[name] = (whitening(a, rtol) for a in (acc, collector.half_accs[name]))
+            counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
+            distinct[name] = runner.batches.distinct(acc.count, collector.units[name])
+        timings["gram_s"] = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, half=True, seed=seed, per_head=False,
-                    device=acc_device, progress=progress, method=method)
-    # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and half-data.
-    held = sum(2 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
-    bases, how, half_ranks = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
-                                             interaction_atol, probe_kw, held)
-    timings["jacobian_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, half=True, seed=seed, per_head=False,
+                        device=acc_device, progress=progress, method=method)
+        # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and half-data.
+        held = sum(2 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
+        bases, how, half_ranks = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
+                                                 interaction_atol, probe_kw, held)
+        timings["jacobian_s"] = time.perf_counter() - t1
 
-    t2 = time.perf_counter()
-    basis = {n: bases[n].matrix(scaling) for n in runner.names}
-    inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
-    mean = {n: whitenings[n].mean for n in runner.names}
-    edge_values, edge_modes, edge_stderr = {}, {}, {}
-    if edges and len(runner.nodes) > 1:
-        ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, edge_sources, seed,
-                       method=method, device=acc_device, progress=progress,
-                       max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held))
-        edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
-        edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
-    timings["edges_s"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
+        basis = {n: bases[n].matrix(scaling) for n in runner.names}
+        inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
+        mean = {n: whitenings[n].mean for n in runner.names}
+        edge_values, edge_modes, edge_stderr = {}, {}, {}
+        if edges and len(runner.nodes) > 1:
+            ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, edge_sources, seed,
+                           method=method, device=acc_device, progress=progress,
+                           max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held))
+            edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
+            edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
+        timings["edges_s"] = time.perf_counter() - t2
 
-    # A LIB node differentiates the next node's finished basis: where any later node's M came from
-    # probes, this node's basis carries their noise too, although its own M is exact (audit 11a F2).
-    from_probes, later = {}, False
-    for name in reversed(runner.names):
-        later = (later and kind == "local") or how[name].method == "probes"
-        from_probes[name] = later
-    n_jacobian_passes = {"global": 1, "local": len(runner.nodes) - (last == "pca"), "pca": 0}[kind]
-    probed = any(h.method == "probes" for h in how.values())
-    settings = {
-        "gram_rtol": gram_rtol, "gram_atol": gram_atol, "interaction_rtol": interaction_rtol,
-        "interaction_atol": interaction_atol, "n_probes": n_probes if probed else None, "exact": exact,
-        "exact_factor": EXACT_FACTOR, "last": last if kind == "local" else None,
-        "edges": bool(edges), "edge_sources": edge_sources, "edge_modes": edge_modes, "seed": int(seed), "method": method,
-        "batch_size": batch_size, "n_batches": len(runner.batches), "world_size": distributed_context().world_size,
-        "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
-        # A half-precision forward's rounding can count as directions: the ranks may be too high
-        # (the bands reach up to that rounding's level).
-        "half_precision": str(runner.dtype).removeprefix("torch.") if rounding_rtol(runner.dtype) is not None else None,
-        **timings,
-    }
-    result = InteractionBasis(
-        nodes=runner.names,
-        kind=kind,
-        output=None if kind == "pca" or (kind == "local" and last == "pca") else output,  # no output enters those
-        scaling=scaling,
-        centered=bool(centered),
-        last=last if kind == "local" else None,
-        basis=basis,
-        inverse=inverse,
-        mean=mean,
-        eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
-                                     rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
-                                     M_method=how[n].method, probe_stability=how[n].stability,
-                                     estimated=from_probes[n],
-                                     rank_G_band=whitenings[n].band, interaction_band=bases[n].band,
-                                     half_ranks=(half_whitenings[n].rank, half_ranks[n]))
-                     for n in runner.names},
-        edges=edge_values,
-        edge_stderr=edge_stderr,
-        counts=counts,
-        distinct=distinct,
-        feature_shapes=shapes,
-        positions=runner.positions,
-        settings=settings,
-    )
-    limited = [n for n in runner.names if result.eigenvalues[n].data_limited]
-    warn_data_limited("interaction_basis", len(limited), f"{len(runner.names)} nodes ({', '.join(limited)})",
-                      "rank_G or the interaction rank is", runner.batches.n_sequences, "dims' data_limited",
-                      "those nodes' degenerate directions are upper bounds; give more data")
-    return result
+        # A LIB node differentiates the next node's finished basis: where any later node's M came from
+        # probes, this node's basis carries their noise too, although its own M is exact (audit 11a F2).
+        from_probes, later = {}, False
+        for name in reversed(runner.names):
+            later = (later and kind == "local") or how[name].method == "probes"
+            from_probes[name] = later
+        n_jacobian_passes = {"global": 1, "local": len(runner.nodes) - (last == "pca"), "pca": 0}[kind]
+        probed = any(h.method == "probes" for h in how.values())
+        settings = {
+            "gram_rtol": gram_rtol, "gram_atol": gram_atol, "interaction_rtol": interaction_rtol,
+            "interaction_atol": interaction_atol, "n_probes": n_probes if probed else None, "exact": exact,
+            "exact_factor": EXACT_FACTOR, "last": last if kind == "local" else None,
+            "edges": bool(edges), "edge_sources": edge_sources, "edge_modes": edge_modes, "seed": int(seed), "method": method,
+            "batch_size": batch_size, "n_batches": len(runner.batches), "world_size": distributed_context().world_size,
+            "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
+            # A half-precision forward's rounding can count as directions: the ranks may be too high
+            # (the bands reach up to that rounding's level).
+            "half_precision": str(runner.dtype).removeprefix("torch.") if rounding_rtol(runner.dtype) is not None else None,
+            **timings,
+        }
+        result = InteractionBasis(
+            nodes=runner.names,
+            kind=kind,
+            output=None if kind == "pca" or (kind == "local" and last == "pca") else output,  # no output enters those
+            scaling=scaling,
+            centered=bool(centered),
+            last=last if kind == "local" else None,
+            basis=basis,
+            inverse=inverse,
+            mean=mean,
+            eigenvalues={n: NodeSpectrum(gram=whitenings[n].eigenvalues, interaction=bases[n].eigenvalues,
+                                         rank_G=whitenings[n].rank, interaction_rank=bases[n].size, M=how[n].source,
+                                         M_method=how[n].method, probe_stability=how[n].stability,
+                                         estimated=from_probes[n],
+                                         rank_G_band=whitenings[n].band, interaction_band=bases[n].band,
+                                         half_ranks=(half_whitenings[n].rank, half_ranks[n]))
+                         for n in runner.names},
+            edges=edge_values,
+            edge_stderr=edge_stderr,
+            counts=counts,
+            distinct=distinct,
+            feature_shapes=shapes,
+            positions=runner.positions,
+            settings=settings,
+        )
+        limited = [n for n in runner.names if result.eigenvalues[n].data_limited]
+        warn_data_limited("interaction_basis", len(limited), f"{len(runner.names)} nodes ({', '.join(limited)})",
+                          "rank_G or the interaction rank is", runner.batches.n_sequences, "dims' data_limited",
+                          "those nodes' degenerate directions are upper bounds; give more data")
+        return result

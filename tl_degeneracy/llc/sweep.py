@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..distributed import distributed_context, warn_once
+from ..distributed import distributed_context, failing_together, warn_once
 from ..errors import EstimateFailedError
 from ..stats.passes import show_progress
 from .estimate import behavioral_llc, resolve_nbeta
@@ -109,29 +109,30 @@ def llc_sweep(model, data, loss_scales: Sequence[float] | None = None, gammas: S
     off), and a trend along ε is not tested by comparing the points' error bars. With ``gamma="auto"``
     every ε gets its own γ, and the points are different quantities (METHODS §1, corrected).
     """
-    if "nbeta" in kwargs or "loss_scale" in kwargs:
-        raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
-    if gammas is not None and "gamma" in kwargs:
-        raise ValueError("pass gammas=[...] or gamma=, not both")
-    from .estimate import DEFAULT_NBETA
+    with failing_together("llc_sweep"):
+        if "nbeta" in kwargs or "loss_scale" in kwargs:
+            raise ValueError("llc_sweep sets the loss scale itself; pass loss_scales=[...] only")
+        if gammas is not None and "gamma" in kwargs:
+            raise ValueError("pass gammas=[...] or gamma=, not both")
+        from .estimate import DEFAULT_NBETA
 
-    scales = [1.0 / DEFAULT_NBETA] if loss_scales is None else list(loss_scales)
-    if not len(scales):
-        raise ValueError("loss_scales is empty")
-    if gammas is not None and not len(gammas):
-        raise ValueError("gammas is empty")
-    gammas_used = [kwargs.pop("gamma", None)] if gammas is None else list(gammas)
-    grid = [(float(eps), g) for eps in scales for g in gammas_used]
-    rows = []
-    for eps, g in _outer_bar(grid, "llc_sweep: loss scales" if gammas is None else "llc_sweep: (ε, γ)", kwargs):
-        name = f"loss_scale_{eps!r}" if gammas is None else f"loss_scale_{eps!r}_gamma_{g if isinstance(g, str) else float(g)!r}"
-        try:
-            res = behavioral_llc(model, data, loss_scale=eps, gamma=g, **_subdir(kwargs, name))
-        except EstimateFailedError as error:
-            rows.append({"loss_scale": eps, "nbeta": 1.0 / eps, **_failed_row(error, "llc_sweep")})
-            continue
-        rows.append({"loss_scale": eps, "nbeta": res.nbeta, **_row(res)})
-    return pd.DataFrame(rows)
+        scales = [1.0 / DEFAULT_NBETA] if loss_scales is None else list(loss_scales)
+        if not len(scales):
+            raise ValueError("loss_scales is empty")
+        if gammas is not None and not len(gammas):
+            raise ValueError("gammas is empty")
+        gammas_used = [kwargs.pop("gamma", None)] if gammas is None else list(gammas)
+        grid = [(float(eps), g) for eps in scales for g in gammas_used]
+        rows = []
+        for eps, g in _outer_bar(grid, "llc_sweep: loss scales" if gammas is None else "llc_sweep: (ε, γ)", kwargs):
+            name = f"loss_scale_{eps!r}" if gammas is None else f"loss_scale_{eps!r}_gamma_{g if isinstance(g, str) else float(g)!r}"
+            try:
+                res = behavioral_llc(model, data, loss_scale=eps, gamma=g, **_subdir(kwargs, name))
+            except EstimateFailedError as error:
+                rows.append({"loss_scale": eps, "nbeta": 1.0 / eps, **_failed_row(error, "llc_sweep")})
+                continue
+            rows.append({"loss_scale": eps, "nbeta": res.nbeta, **_row(res)})
+        return pd.DataFrame(rows)
 
 
 def _gamma_line(row) -> str:
@@ -229,21 +230,22 @@ def llc_by_component(model, data, components: str | Sequence[str] = "heads", **k
     With ``checkpoint_dir``, each component checkpoints in its own subdirectory (named after it).
     ``progress``: a bar over the components above each run's own bars.
     """
-    from ..models.adapt import adapt
-    from ..models.selection import component_selections
+    with failing_together("llc_by_component"):
+        from ..models.adapt import adapt
+        from ..models.selection import component_selections
 
-    if "params" in kwargs:
-        raise ValueError("llc_by_component sets params itself; pass components=")
-    adapter = adapt(model)
-    rows = []
-    for comp in _outer_bar(component_selections(adapter, components), "llc_by_component", kwargs):
-        try:
-            res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
-        except EstimateFailedError as error:
-            nbeta = resolve_nbeta(kwargs.get("nbeta"), kwargs.get("loss_scale"))
-            rows.append({"component": comp, "loss_scale": 1.0 / nbeta, "nbeta": nbeta,
-                         **_failed_row(error, "llc_by_component"), "n_eff_fraction": np.nan})
-            continue
-        rows.append({"component": comp, "loss_scale": res.loss_scale, "nbeta": res.nbeta, **_row(res),
-                     "n_eff_fraction": res.n_eff / res.n_params})
-    return pd.DataFrame(rows)
+        if "params" in kwargs:
+            raise ValueError("llc_by_component sets params itself; pass components=")
+        adapter = adapt(model)
+        rows = []
+        for comp in _outer_bar(component_selections(adapter, components), "llc_by_component", kwargs):
+            try:
+                res = behavioral_llc(adapter, data, params=comp, **_subdir(kwargs, str(comp)))
+            except EstimateFailedError as error:
+                nbeta = resolve_nbeta(kwargs.get("nbeta"), kwargs.get("loss_scale"))
+                rows.append({"component": comp, "loss_scale": 1.0 / nbeta, "nbeta": nbeta,
+                             **_failed_row(error, "llc_by_component"), "n_eff_fraction": np.nan})
+                continue
+            rows.append({"component": comp, "loss_scale": res.loss_scale, "nbeta": res.nbeta, **_row(res),
+                         "n_eff_fraction": res.n_eff / res.n_params})
+        return pd.DataFrame(rows)

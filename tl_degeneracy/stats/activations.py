@@ -18,7 +18,7 @@ from ..memory import check_batches, hook_width, moment_held
 from ..models.adapt import adapt
 from ..numerics import warn_sample_limited
 from .accumulators import MomentAccumulator
-from ..distributed import distributed_context
+from ..distributed import distributed_context, failing_together
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets
 from .gram_stats import ActivationStats, HookStats
 from .samples import SampleIndex
@@ -150,46 +150,47 @@ def activation_stats(
         MemoryBudgetError: a batch's forward pass would not fit the memory budget (``tld.memory``),
         before anything runs.
     """
-    adapter = adapt(model)
-    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
-    targets = resolve_targets(adapter, hooks, "activation_stats")
-    # fail before the first forward, as the others; the hooks' float64 Grams (and half-data twins) stay alive
-    widths = [hook_width(adapter, t.kind, t.name) for t in targets]
-    check_batches(adapter, "forward", batches, "activation_stats", held=moment_held(widths, half))
-    collector = moment_pass(adapter, batches, targets, per_head, device, progress, half=half)
+    with failing_together("activation_stats"):
+        adapter = adapt(model)
+        batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+        targets = resolve_targets(adapter, hooks, "activation_stats")
+        # fail before the first forward, as the others; the hooks' float64 Grams (and half-data twins) stay alive
+        widths = [hook_width(adapter, t.kind, t.name) for t in targets]
+        check_batches(adapter, "forward", batches, "activation_stats", held=moment_held(widths, half))
+        collector = moment_pass(adapter, batches, targets, per_head, device, progress, half=half)
 
-    def hook_stats(t: HookTarget, acc: MomentAccumulator, half_stats: HookStats | None = None,
-                   whole: bool = True) -> HookStats:
-        layout = collector.layouts[t.name]
-        cov = acc.covariance()
-        return HookStats(
-            name=t.name,
-            kind=t.kind,
-            layer=t.layer,
-            count=acc.count,
-            distinct=batches.distinct(acc.count, collector.units[t.name]) if whole else None,
-            unit=collector.units[t.name],
-            feature_shape=layout.feature_shape,
-            mean=acc.mean.flatten(),
+        def hook_stats(t: HookTarget, acc: MomentAccumulator, half_stats: HookStats | None = None,
+                       whole: bool = True) -> HookStats:
+            layout = collector.layouts[t.name]
+            cov = acc.covariance()
+            return HookStats(
+                name=t.name,
+                kind=t.kind,
+                layer=t.layer,
+                count=acc.count,
+                distinct=batches.distinct(acc.count, collector.units[t.name]) if whole else None,
+                unit=collector.units[t.name],
+                feature_shape=layout.feature_shape,
+                mean=acc.mean.flatten(),
+                centered=bool(center),
+                cov=None if layout.head_blocks_only else cov[0],
+                head_cov=cov if layout.head_blocks_only else None,
+                dtype=collector.dtypes[t.name],
+                half=half_stats,
+            )
+
+        stats = {t.name: hook_stats(t, collector.accs[t.name],
+                                    hook_stats(t, collector.half_accs[t.name], whole=False) if half else None)
+                 for t in targets}
+        # audit 14b F5: rank 6 of 32 on 6 samples, with no word
+        limited = [s.name for s in stats.values() if s.has_full and s.limited_by_samples(s.rank(), s.dim)]
+        warn_sample_limited("activation_stats", len(limited), len(stats), "hooks' Grams", min(s.n_distinct for s in stats.values()))
+        return ActivationStats(
+            stats=stats,
+            positions=batches.positions,
+            n_layers=adapter.n_layers,
             centered=bool(center),
-            cov=None if layout.head_blocks_only else cov[0],
-            head_cov=cov if layout.head_blocks_only else None,
-            dtype=collector.dtypes[t.name],
-            half=half_stats,
+            per_head=bool(per_head),
+            n_batches=len(batches),
+            world_size=distributed_context().world_size,
         )
-
-    stats = {t.name: hook_stats(t, collector.accs[t.name],
-                                hook_stats(t, collector.half_accs[t.name], whole=False) if half else None)
-             for t in targets}
-    # audit 14b F5: rank 6 of 32 on 6 samples, with no word
-    limited = [s.name for s in stats.values() if s.has_full and s.limited_by_samples(s.rank(), s.dim)]
-    warn_sample_limited("activation_stats", len(limited), len(stats), "hooks' Grams", min(s.n_distinct for s in stats.values()))
-    return ActivationStats(
-        stats=stats,
-        positions=batches.positions,
-        n_layers=adapter.n_layers,
-        centered=bool(center),
-        per_head=bool(per_head),
-        n_batches=len(batches),
-        world_size=distributed_context().world_size,
-    )

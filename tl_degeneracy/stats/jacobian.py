@@ -56,7 +56,7 @@ from ..memory import check_batches, half_gram_bytes, hook_width
 from ..models.adapt import adapt
 from .accumulators import SecondMomentAccumulator
 from .cuts import refuse_off_stream
-from ..distributed import distributed_context, warn_once
+from ..distributed import distributed_context, failing_together, warn_once
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets, run_until
 from .gram_stats import JacobianHookStats, JacobianStats
 from .stream import Step, stream
@@ -347,70 +347,71 @@ def jacobian_stats(
         RuntimeError: called under ``torch.inference_mode()`` (``torch.no_grad()`` and a frozen
         model are fine), or the model's weights were made under it.
     """
-    refuse_inference_mode("jacobian_stats")  # before any work (stream would refuse it later)
-    if method not in METHODS_:
-        raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
-    adapter = adapt(model)
-    if output in OBJECTIVES:
-        objective, output_hook = output, None
-    else:
-        objective = "mse"
-        output_hook = adapter.hook_names(output)
-        if len(output_hook) != 1:
-            raise ValueError(f"output={output!r} names {len(output_hook)} hooks; pass one hook name, 'kl' or 'mse'")
-        output_hook = output_hook[0]
-    if output_transform is not None and objective != "mse":
-        raise ValueError("output_transform applies to mse outputs (output='mse' or a hook name), not to kl")
-    check_exact(exact, n_probes)
-    batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
-    targets = resolve_targets(adapter, hooks, "jacobian_stats")
-    refuse_off_stream(adapter, batches.batch(0, device=adapter.device).tokens, targets, "jacobian_stats", output_hook)
-    check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves,
-                 half=half)
-    res = jacobian_pass(
-        adapter, batches, targets, objective=objective, output_hook=output_hook, output_transform=output_transform,
-        n_probes=n_probes, exact=exact, halves=halves, half=half, seed=seed, per_head=per_head, device=device,
-        progress=progress, method=method, probe_chunk=probe_chunk,
-    )
-    no_gradient, accs, layouts, units = res.no_gradient, res.accs, res.layouts, res.units
-
-    if no_gradient and output_hook is None:
-        # Every hook of a transformer feeds its logits; no gradient means the backend did not
-        # continue the forward from the hooked tensor (or the hook sits on a dead branch).
-        warn_once(
-            f"the logits do not depend on hook(s) {sorted(no_gradient)} as hooked: their Jacobian Grams are zero",
-            RuntimeWarning,
-            stacklevel=2,
+    with failing_together("jacobian_stats"):
+        refuse_inference_mode("jacobian_stats")  # before any work (stream would refuse it later)
+        if method not in METHODS_:
+            raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
+        adapter = adapt(model)
+        if output in OBJECTIVES:
+            objective, output_hook = output, None
+        else:
+            objective = "mse"
+            output_hook = adapter.hook_names(output)
+            if len(output_hook) != 1:
+                raise ValueError(f"output={output!r} names {len(output_hook)} hooks; pass one hook name, 'kl' or 'mse'")
+            output_hook = output_hook[0]
+        if output_transform is not None and objective != "mse":
+            raise ValueError("output_transform applies to mse outputs (output='mse' or a hook name), not to kl")
+        check_exact(exact, n_probes)
+        batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
+        targets = resolve_targets(adapter, hooks, "jacobian_stats")
+        refuse_off_stream(adapter, batches.batch(0, device=adapter.device).tokens, targets, "jacobian_stats", output_hook)
+        check_memory(adapter, batches, targets, output_hook=output_hook, n_probes=n_probes, exact=exact, halves=halves,
+                     half=half)
+        res = jacobian_pass(
+            adapter, batches, targets, objective=objective, output_hook=output_hook, output_transform=output_transform,
+            n_probes=n_probes, exact=exact, halves=halves, half=half, seed=seed, per_head=per_head, device=device,
+            progress=progress, method=method, probe_chunk=probe_chunk,
         )
-    def hook_stats(t: HookTarget, acc: SecondMomentAccumulator, halves=None, half_stats=None) -> JacobianHookStats:
-        layout = layouts[t.name]
-        gram = acc.gram()
-        return JacobianHookStats(
-            name=t.name,
-            kind=t.kind,
-            layer=t.layer,
-            count=acc.count,
-            unit=units[t.name],
-            feature_shape=layout.feature_shape,
-            full=None if layout.head_blocks_only else gram[0],
-            head_full=gram if layout.head_blocks_only else None,
-            halves=_half_grams(halves, layout.head_blocks_only),
-            half=half_stats,
-            dtype=res.dtypes[t.name],
-        )
+        no_gradient, accs, layouts, units = res.no_gradient, res.accs, res.layouts, res.units
 
-    stats = {t.name: hook_stats(t, accs[t.name], res.halves.get(t.name),
-                                hook_stats(t, res.half[t.name]) if t.name in res.half else None) for t in targets}
-    return JacobianStats(
-        stats=stats,
-        positions=batches.positions,
-        n_layers=adapter.n_layers,
-        output=objective,
-        output_hook=output_hook,
-        n_probes=None if res.exact else n_probes,
-        exact=bool(res.exact),
-        seed=int(seed),
-        n_batches=len(batches),
-        world_size=distributed_context().world_size,
-        output_unit=res.output_unit or "position",
-    )
+        if no_gradient and output_hook is None:
+            # Every hook of a transformer feeds its logits; no gradient means the backend did not
+            # continue the forward from the hooked tensor (or the hook sits on a dead branch).
+            warn_once(
+                f"the logits do not depend on hook(s) {sorted(no_gradient)} as hooked: their Jacobian Grams are zero",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        def hook_stats(t: HookTarget, acc: SecondMomentAccumulator, halves=None, half_stats=None) -> JacobianHookStats:
+            layout = layouts[t.name]
+            gram = acc.gram()
+            return JacobianHookStats(
+                name=t.name,
+                kind=t.kind,
+                layer=t.layer,
+                count=acc.count,
+                unit=units[t.name],
+                feature_shape=layout.feature_shape,
+                full=None if layout.head_blocks_only else gram[0],
+                head_full=gram if layout.head_blocks_only else None,
+                halves=_half_grams(halves, layout.head_blocks_only),
+                half=half_stats,
+                dtype=res.dtypes[t.name],
+            )
+
+        stats = {t.name: hook_stats(t, accs[t.name], res.halves.get(t.name),
+                                    hook_stats(t, res.half[t.name]) if t.name in res.half else None) for t in targets}
+        return JacobianStats(
+            stats=stats,
+            positions=batches.positions,
+            n_layers=adapter.n_layers,
+            output=objective,
+            output_hook=output_hook,
+            n_probes=None if res.exact else n_probes,
+            exact=bool(res.exact),
+            seed=int(seed),
+            n_batches=len(batches),
+            world_size=distributed_context().world_size,
+            output_unit=res.output_unit or "position",
+        )
