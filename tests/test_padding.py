@@ -256,6 +256,28 @@ def test_pad_equal_to_bos_keeps_the_last_of_a_leading_run_as_the_bos():
     assert tb.positions.bos and tb.positions.bos_source == "given"
 
 
+def test_pad_equal_to_bos_in_data_without_bos_leaves_out_every_leading_run():
+    """Audit 18a F1: a left-padded tensor whose rows carry no BOS, where the pad id is also BOS (GPT-2
+    with pad = EOS), kept the last pad of each leading run as a token — counted as a sample, and in the
+    context of every real token of its row (52 samples for 48, a Gram 1.9e-2 off). Where some row
+    does not begin with the pad id, the data have no BOS and every leading run is padding, also when
+    the rows come in batches whose first holds padded rows only; where every row does, the last of
+    each leading run is its BOS, and the warning says so."""
+    model = tokenizer_model(pad_token="<bos>")
+    rows = [[9, 10, 11], [12, 13], [5, 6, 7, 8]]
+    left = torch.tensor([[BOS] * (4 - len(r)) + r for r in rows])
+    for data in (left, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(left), batch_size=2)):
+        with pytest.warns(PaddingWarning, match=r"3 positions at the ends of 2 of 3 token rows hold the tokenizer's "
+                                                r"pad id \d+ and were left out as padding; pass"):
+            tb = token_batches(data, model)
+        assert real_rows(tb) == rows and not tb.positions.bos and tb.n_samples == 9 and tb.positions.n_padding == 3
+    with_bos = torch.tensor([[BOS] * (4 - len(r)) + [BOS] + r for r in rows])
+    with pytest.warns(PaddingWarning, match=r"3 positions at the ends of 2 of 3 token rows .* \(the last of the "
+                                            r"leading run of 2 row\(s\) was kept as its BOS"):
+        tb = token_batches(with_bos, model)
+    assert real_rows(tb) == [[BOS, *r] for r in rows] and tb.positions.bos and tb.n_samples == 9
+
+
 def test_warning_text_is_one_line_saying_how_many_and_how_to_keep_them():
     model = tokenizer_model()
     toks = torch.tensor([[5, 6, PAD], [7, PAD, PAD], [8, 9, 10]])

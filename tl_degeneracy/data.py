@@ -23,7 +23,8 @@ the real tokens of each row are kept (:attr:`Positions.padding_rule` says how):
   id at the start and at the end of each row (default: the tokenizer's ``pad_token_id``, which is
   what ``model.to_tokens`` pads with, on the right or, with ``padding_side="left"``, on the left).
   A pad id inside a row is a real token; where the pad id is also BOS (GPT-2 in TransformerLens:
-  pad = BOS = EOS), the last position of the leading run is the row's BOS, never padding. This
+  pad = BOS = EOS) and every row begins with it, the last position of the leading run is the row's
+  BOS, never padding (where some row does not, the data have no BOS and every leading run is). This
   drops a real first or last token that equals the pad id (GPT-2's EOS), so a
   :class:`PaddingWarning` says how many positions were dropped; ``strip_padding=False`` keeps them;
 - strings, token lists and unmasked Dataset rows carry each sequence at its own length: no padding.
@@ -325,7 +326,8 @@ class _Padding:
     ``pad_id``: in token tensors without a mask, the runs of it at the start and at the end of each
     row are padding (None: not looked for); ``keep_first``: the pad id is also BOS, so the last
     position of the leading run (a row's first one, when it is padded on the right) is its BOS,
-    never padding. The counts and :attr:`rule` go into :class:`Positions`.
+    never padding — provided every row begins with it (:meth:`settled`). The counts and
+    :attr:`rule` go into :class:`Positions`.
     """
 
     pad_id: int | None
@@ -335,6 +337,8 @@ class _Padding:
     n_pad_id: int = 0  # positions left out as pad ids
     rows_pad_id: int = 0  # rows that had some
     rows_unmasked: int = 0  # rows searched for pad ids
+    # rows whose leading run's last position was kept as BOS: (row, positions before it, positions dropped)
+    kept: list[tuple[Tensor, int, int]] = field(default_factory=list)
 
     @property
     def rule(self) -> str:
@@ -374,10 +378,13 @@ class _Padding:
         for row in rows:
             real = (row != self.pad_id).nonzero()[:, 0]
             start, end = (int(real[0]), int(real[-1]) + 1) if len(real) else (len(row), len(row))
-            if self.keep_first and len(row):
-                start = max(start - 1, 0)
+            kept = self.keep_first and start > 0
+            if kept:
+                start -= 1
                 end = max(end, start + 1)
             out.append(row[start:end])
+            if kept:
+                self.kept.append((out[-1], start, len(row) - len(out[-1])))
         dropped = [len(r) - len(o) for r, o in zip(rows, out)]
         self.rules.add("pad_id_runs")
         self.n_padding += sum(dropped)
@@ -385,6 +392,26 @@ class _Padding:
         self.rows_pad_id += sum(d > 0 for d in dropped)
         self.rows_unmasked += len(rows)
         return out
+
+
+    def settled(self, rows: list[Tensor]) -> list[Tensor]:
+        """``rows`` (all of the data's, once read) without the kept BOS positions where not every row
+        begins with the pad id: then the data have no BOS, and a leading run is padding to its end
+        (audit 18a F1: a left-padded GPT-2 tensor without BOS kept one pad per padded row as a token,
+        in the context of every real one, and counted it as a sample)."""
+        if not self.kept or all(len(r) and int(r[0]) == self.pad_id for r in rows):
+            return rows
+        kept = {id(row) for row, _, _ in self.kept}
+        self.n_padding += len(kept)
+        self.n_pad_id += len(kept)
+        self.rows_pad_id += sum(dropped == 0 for _, _, dropped in self.kept)
+        self.kept = []
+        return [r[1:] if id(r) in kept else r for r in rows]
+
+    @property
+    def bos_after_padding(self) -> int:
+        """Rows padded on the left whose leading run's last position was kept as their BOS."""
+        return sum(before > 0 for _, before, _ in self.kept)
 
 
 def _rows_from_mapping(item: Mapping, where: str, padding: _Padding) -> list[Tensor]:
@@ -599,11 +626,15 @@ def token_batches(
             f"attention_mask= applies to a token tensor or token lists, not to {source} data; a dict, Dataset or "
             f"DataLoader carries its mask as an {MASK_COLUMN!r} key or column"
         )
+    rows = None if rows is None else padding.settled(rows)
     if padding.n_pad_id and pad_token_id is None:
+        kept = padding.bos_after_padding
         warn_once(
             f"token_batches: {padding.n_pad_id} positions at the ends of {padding.rows_pad_id} of {padding.rows_unmasked} "
-            f"token rows hold the tokenizer's pad id {pad_id} and were left out as padding; pass strip_padding=False "
-            "to count them, or attention_mask= to say which positions are real",
+            f"token rows hold the tokenizer's pad id {pad_id} and were left out as padding"
+            + (f" (the last of the leading run of {kept} row(s) was kept as its BOS: the pad id is also BOS and every "
+               "row begins with it)" if kept else "")
+            + "; pass strip_padding=False to count them, or attention_mask= to say which positions are real",
             PaddingWarning,
             stacklevel=2,
         )
