@@ -392,3 +392,25 @@ def test_several_hook_kinds_are_put_in_forward_order(tiny_toy_transformer, tiny_
     with pytest.raises(ValueError, match="forward order"):
         build_runner(tiny_toy_transformer, tiny_toy_tokens, ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"],
                      batch_size=4, seq_len=None, skip_bos=None)
+
+
+def test_rounding_the_whitening_magnifies_is_no_interaction_direction():
+    """Audit 18a F2: on a float64 deep linear network 6 → 8 → 5 → 4 whose middle map has rank 3, every
+    node's interaction rank is 3, but hook_h0 read 4: M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2} carries M's
+    float64 rounding magnified by the whitening (an eigenvalue at 1.5·10⁻¹⁵ λ₁(M̃) above the cut-off
+    6·eps·λ₁(M̃)). The float64 floor is now M's own, r·eps·λ₁(PᵀMP), times λ₁(D_G)."""
+    from .interaction_models import HookedMLP
+
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        model = HookedMLP([6, 8, 5, 4], act=lambda h: h)
+        with torch.no_grad():
+            for W, new in zip(model.weights, (r(8, 6), r(5, 3) @ r(3, 8), r(4, 5))):
+                W.copy_(new)
+            for b, new in zip(model.biases, (0.3 * r(8), 0.3 * r(5), 0.3 * r(4))):
+                b.copy_(new)
+        x = r(300, 6) * torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+        ib = interaction_basis(model, x, kind="global", output="mse", exact=True, progress=False,
+                               nodes=["hook_in", "hook_h0", "hook_h1"], edges=False)
+        assert ib.dims.set_index("node").loc["hook_h0", "interaction_rank"] == 3, seed

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..errors import NumericalError
 from ..gauge import column_signs
-from ..numerics import numerical_rank, rank_band
+from ..numerics import numerical_rank, rank_band, rank_rtol
 
 __all__ = ["SCALINGS", "NodeBasis", "Whitening", "interaction_directions", "probe_agreement", "whiten"]
 
@@ -79,8 +79,21 @@ class Whitening:
     def whitened(self, m: Float[Tensor, "D D"]) -> Float[Tensor, "r r"]:
         """M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2}: a Jacobian Gram with respect to f̃ (chain rule)."""
         s = self.eigenvalues[: self.rank].sqrt()
-        m = self.vectors.mT @ m.to(torch.float64) @ self.vectors
-        return s[:, None] * m * s[None, :]
+        return s[:, None] * self._kept_part(m) * s[None, :]
+
+    def _kept_part(self, m: Float[Tensor, "D D"]) -> Float[Tensor, "r r"]:
+        return self.vectors.mT @ m.to(torch.float64) @ self.vectors
+
+    def rounding_floor(self, m: Float[Tensor, "D D"]) -> float:
+        """The float64 eigensolver's error on M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2}: M's own, r·eps·λ₁(PᵀMP)
+        (the rank rule's floor, ``numerics.rank_rtol``), magnified by the whitening up to λ₁(D_G).
+        Relative to λ₁(M̃) it exceeds r·eps where M is largest in directions the activations
+        barely use (audit 18a F2: on a float64 deep linear network of interaction rank 3, eigenvalues
+        at 1.5–5.5·10⁻¹⁵ λ₁(M̃) counted as a 4th or 5th direction at 13 of 72 nodes)."""
+        if not self.rank:
+            return 0.0
+        top = float(torch.linalg.eigvalsh(self._kept_part(m)).max().clamp_min(0))
+        return rank_rtol(self.rank, torch.float64, gram=True) * top * float(self.eigenvalues[0])
 
 
 def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float,
@@ -131,6 +144,7 @@ def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D
     if not bool(torch.isfinite(jacobian_gram).all()):
         raise NumericalError("non-finite Jacobian Gram matrix")
     vals, vecs = _eigh_descending(whitening.whitened(jacobian_gram))
+    atol = max(atol, whitening.rounding_floor(jacobian_gram))
     k = _kept(vals, rtol, atol)
     v = vecs[:, :k]
     # The sign of each direction, fixed on C's rows (original coordinates): C's row i is a positive
