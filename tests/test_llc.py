@@ -524,9 +524,10 @@ def test_bad_arguments():
 def test_rmsprop_s_preconditioner_stays_fixed_after_the_burn_in():
     """Review 42: the RMSProp preconditioner kept following each chain's position (memory ~100 steps),
     with no correction term, so the chains sampled ≈ |∂U|·e^{−U}: λ̂ 8.87 ± 1.0 for λ = 5 (r = 1.78) on
-    a regression at a step whose bias is ~1 %. It now adapts during the burn-in only (Dynamics.adapt_until),
-    a constant metric afterwards, under which the posterior is SGLD's stationary law again (the same
-    run: 5.56 ± 0.72, r = 1.11). Mechanics here: v changes up to adapt_until and never after."""
+    a regression at a step whose bias is ~1 %. It now adapts during part of the burn-in only
+    (Dynamics.adapt_until; behavioral_llc's wiring: test_llc_burnin), a constant metric afterwards,
+    under which the posterior is SGLD's stationary law again. Mechanics here: v changes up to
+    adapt_until and never after."""
     from tl_degeneracy.llc.layout import select_coordinates
     from tl_degeneracy.llc.sampler import Dynamics, initial_state, run_chains
     from tl_degeneracy.llc.targets import make_target

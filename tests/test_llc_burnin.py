@@ -60,7 +60,9 @@ def test_a_drifting_run_extends_its_burn_in_until_the_budget_and_says_so():
     assert len(messages) == 1 and auto["reason"] in messages[0] and "lower bound" in messages[0]
     assert res.convergence_reason.endswith(auto["reason"])
     assert res.summary()["burnin"] == 925
-    assert res.summary()["burnin_source"] == "auto: 500 steps, extended 1× to 925 while the draws drifted (max_burnin 1,000)"
+    # by the criteria that failed (review 43 F3: "drifted" whatever had)
+    assert res.summary()["burnin_source"] == ("auto: 500 steps, extended 1× to 925 while the draws had not relaxed and "
+                                              "disagreed between chains (R̂) (max_burnin 1,000)")
 
 
 def test_a_given_burn_in_is_never_extended():
@@ -145,3 +147,48 @@ def test_the_divergence_advice_names_bias_bound_only_for_an_automatic_step():
             caught.append(SimpleNamespace(message=e))
     advice = [str(w.message) for w in caught if "reduce step_size" in str(w.message)]
     assert advice and all("bias_bound" not in a for a in advice)
+
+
+def test_a_step_too_large_at_an_automatic_step_size_that_stays_as_it_is_ends_the_run():
+    """Review 43 F3: criterion (vi) failed at an automatic η that the bounds themselves allow (d = 1
+    regression, bias_bound = stiff_bound = 0.9), and every extension re-adapted it to the same η and
+    threw its draws away: 3 extensions, 2,875 steps for 1,000, "while the draws drifted", and advice
+    to leave step_size unset, which it was. The re-adapted η is now compared first: unchanged, the
+    run stops there, too high, and says which bounds lower it."""
+    from .test_llc import linear_regression
+
+    model, x = linear_regression(d=1)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        res = behavioral_llc(model, x, chains=4, progress=False, seed=0, draws=500, bias_bound=0.9, stiff_bound=0.9)
+    auto, conv = res.diagnostics["burnin_auto"], res.diagnostics["convergence"]
+    assert auto["extensions"] == [] and res.burnin == 500 and res.diagnostics["steps_done"] == 1000
+    assert set(conv["failed"]) == {"step_size"} and res.upper_bound and not res.converged
+    assert res.diagnostics["adaptations"][-1]["step"] == 1000  # the check at the chains that found η unchanged
+    assert "lower bias_bound or stiff_bound" in conv["suggestions"][0] and "leave it unset" not in conv["suggestions"][0]
+    assert res.summary()["burnin_source"] == "auto: 500 steps, not extended: the draws did not drift (max_burnin 20,000)"
+
+
+def test_the_rmsprop_metric_is_frozen_halfway_through_the_first_burn_in(monkeypatch):
+    """Review 43 F1/F2: frozen at the first draw, the chains began the draws in the law the adapting
+    metric had led them to, and the first 5k draws read λ̂ 7.71 ± 0.63 for λ = 5 (16 chains, burn-in
+    20k); frozen halfway through the burn-in, 4.91 ± 0.45. No test failed when behavioral_llc's
+    wiring was undone: every run_chains call, of a given burn-in and of an extended one, must get
+    half the first burn-in, and a checkpoint written under another freeze must not be resumed."""
+    from tl_degeneracy.llc import estimate
+
+    real, seen = estimate.run_chains, []
+
+    def spy(target, layout, mask, dynamics, state, **kwargs):
+        seen.append(dynamics.adapt_until)
+        return real(target, layout, mask, dynamics, state, **kwargs)
+
+    monkeypatch.setattr(estimate, "run_chains", spy)
+    res, _ = _drifting(draws=300, max_burnin=1000, sampler="rmsprop")
+    assert [e["step"] for e in res.diagnostics["burnin_auto"]["extensions"]] == [800]  # an extension ran
+    assert seen and set(seen) == {DEFAULT_BURNIN // 2}
+    seen.clear()
+    _drifting(draws=30, burnin=40, sampler="rmsprop")
+    assert seen and set(seen) == {20}
+    cfg = SamplerConfig(burnin=40, sampler="rmsprop")
+    assert estimate._metric_frozen_at(cfg) == 20

@@ -145,6 +145,11 @@ def test_a_step_that_spreads_the_chains_far_beyond_the_posterior_is_not_converge
     assert re.search(r"λ̂ not converged — too high \(the step size\): relaxation 4\d\d% \(max 150%\): step size too large",
                      VERDICTS["llc"](summary))
     assert "N_eff ≤ " in VERDICTS["llc"](summary)
+    # numpy's booleans read as Python's (review 43 F6: `upper_bound is True` read np.True_ as "≈")
+    from tl_degeneracy.llc.llc_result import relation, unconverged_text
+
+    assert relation(False, np.False_, np.True_) == "≤" and unconverged_text(np.False_, np.True_) == "too high (the step size)"
+    assert relation(False, np.False_, np.False_) == "≈" and relation(False, None, float("nan")) == "≥"
     auto = behavioral_llc(model, x, step_size=eta, burnin=200, draws="auto", draws_block=500, max_draws=4000, chains=4,
                           seed=0, progress=False)
     assert auto.diagnostics["budget"]["stopped"] == "step_size" and auto.draws == 500

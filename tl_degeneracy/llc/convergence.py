@@ -215,6 +215,7 @@ def assess_convergence(
     gamma: float | None = None,
     burnin: int | None = None,
     divergence_advice: str = "",
+    automatic_step: bool = False,
 ) -> Convergence:
     """The convergence verdict of METHODS §1 on the post-burn-in traces ``draws`` [chains, draws] of
     nβ·L_B (the values λ̂ averages).
@@ -238,7 +239,8 @@ def assess_convergence(
     within the given burn-in (within as many steps as there are draws where the burn-in is 0). A
     burn-in whose cumulative step ηT already has ηγT ≥ 5 has relaxed every direction: chains that
     still disagree sit in different regions, which more draws or chains (or a larger γ) address.
-    ``divergence_advice`` is what to change when too many chains diverged.
+    ``divergence_advice`` is what to change when too many chains diverged; ``automatic_step``: η was
+    chosen for a bias bound, so a step too large (vi) is lowered through that bound.
     """
     draws = np.asarray(draws, dtype=np.float64)
     if draws.ndim != 2:
@@ -298,7 +300,7 @@ def assess_convergence(
             f"step size: the draws' mean δ·∇U is {relax:.1%}" + (f" (± {relax_se:.1%})" if math.isfinite(relax_se) else "")
             + f" of its equilibrium value d = {n_coordinates:,}, above {RELAXED_MAX:.0%}: the step spreads the chains "
             "far beyond the posterior (METHODS (1.7)), so λ̂ reads high; more draws do not change it, a smaller "
-            "step_size does")
+            "step size does")
     n_div = len(diverged)
     divergence = "" if not n_div else (
         f"{n_div} of {C} chains diverged and are excluded (chain: step {diverged}); chains diverge where the loss is "
@@ -343,9 +345,10 @@ def assess_convergence(
     if "step_size" in failed:
         # More draws or burn-in do not shrink the step's excess (vi): the other budgets would mislead.
         ceiling = step_size / (relax - 1) * 0.05 if step_size and relax > 1 else None
-        suggestions = ["a smaller step_size" + (f" (≤ {ceiling:.2g}: r − 1 scales with it, and about 5 % is a small "
-                                                "bias)" if ceiling else "") + ", or leave it unset (chosen for a bias "
-                       "bound)"]
+        smaller = (f" (≤ {ceiling:.2g}: r − 1 scales with it, and about 5 % is a small bias)" if ceiling else "")
+        suggestions = [f"a smaller step size{smaller}: give it as step_size, or lower bias_bound or stiff_bound, "
+                       "which set the automatic one" if automatic_step else
+                       f"a smaller step_size{smaller}, or leave it unset (chosen for a bias bound)"]
         suggested_draws = suggested_burnin = None
     return Convergence(
         converged=not failed, rhat=rhat, ess=ess, drift=float(drift), drift_means=(m1, m2), drift_stderrs=(s1, s2),

@@ -282,8 +282,9 @@ def behavioral_llc(
         sampler: ``"sgld"`` or ``"rmsprop"`` (RMSProp-preconditioned SGLD; the automatic η is
             multiplied by ``rms_eps`` so that the largest preconditioned step keeps the bias bound).
             On toy:bytelm RMSProp was slower to converge than plain SGLD (an automatic η ≈ 9×
-            smaller, ≈ 20 % more time per step); it is kept to reproduce devinterp's
-            ``rmsprop_sgld`` (below), not as a faster sampler.
+            smaller, ≈ 20 % more time per step), and its chains mix slowly; it is kept for
+            comparison with devinterp's ``rmsprop_sgld`` (below), not as a faster sampler. Its
+            preconditioner adapts during the first half of the burn-in only (METHODS §1, corrected).
         bias_bound: target of the predicted relative step-size bias of λ̂ (automatic step size).
         stiff_bound: largest η (nβ h_max + γ)/4 of the automatic step size (stability).
         min_gamma: the floor of ``gamma="auto"``.
@@ -329,8 +330,11 @@ def behavioral_llc(
     ``init_loss`` estimated on 32 batches; here the post-burn-in draws are averaged and L_B(θ*) = 0
     needs no baseline. With ``burnin=0`` and devinterp's ``loss_fn`` = this behavioral loss the two
     estimators are the same; they agree within their combined standard errors on reduced-rank
-    regression and a normal crossing. ``sampler="rmsprop"`` with (η, ``rms_eps`` e) is its
-    ``rmsprop_sgld`` with ``lr`` = η/nβ and ``rmsprop_eps`` = e/nβ.
+    regression and a normal crossing. ``sampler="rmsprop"`` with (η, ``rms_eps`` e) has the
+    parameters of its ``rmsprop_sgld`` with ``lr`` = η/nβ and ``rmsprop_eps`` = e/nβ, but not its
+    law: ``rmsprop_sgld`` adapts the preconditioner at every step, which samples another
+    distribution than the posterior (review 42), while here it is held fixed from halfway through
+    the burn-in (so with ``burnin=0`` this is plain SGLD at step η/e).
 
     Raises:
         ValueError: an argument out of range (chains/draws ≥ 1, burnin ≥ 0, step_size, bias_bound
@@ -404,7 +408,7 @@ def behavioral_llc(
         burnin_now = state.extra.get("burnin", config.initial_burnin)
         run = config.fixed(max(config.first_draws, len(state.trace) - burnin_now), burnin_now)
         state.grow(run.steps)  # a checkpoint written with a smaller first block of draws (audit 8a)
-        dynamics = replace(dynamics, steps=run.steps, adapt_until=run.burnin)
+        dynamics = replace(dynamics, steps=run.steps, adapt_until=_metric_frozen_at(config))
         if checkpointer is not None:
             checkpointer.steps = run.steps
         # The burn-in checks of an automatic η: fractions of the first burn-in (an extension adapts at its own start).
@@ -479,7 +483,8 @@ def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, select
         "draws": config.draws, "burnin": config.burnin, "seed": seed, "sampler": config.sampler,
         "bias_bound": config.bias_bound, "selection": selection.spec, "n_params": selection.n_params,
         "step_size_given": config.step_size, "my_chains": my_chains,
-        "rms": (config.rms_alpha, config.rms_eps) if config.rmsprop else None,
+        # where the preconditioner stops adapting: a checkpoint of one that adapted on (before 0.4.9) is another run
+        "rms": (config.rms_alpha, config.rms_eps, _metric_frozen_at(config)) if config.rmsprop else None,
     }
 
 
@@ -598,6 +603,15 @@ def _continue_until_converged(
             if _past_time_limit(config, records, _settle_steps(config) + block, started, world):
                 stopped = "time_limit"
                 break
+            eta_before = dynamics.step_size
+            if config.step_size is None and not any(a["step"] == state.step for a in state.extra["adaptations"]):
+                # an automatic η is re-adapted at the chains now (over the draws' window; once: resumed runs)
+                dynamics = _adapt_step_size(target, selection, config, dynamics, state, seed, my_chains, run.burnin)
+            if dynamics.step_size == eta_before and not _traces_moving(config, verdict):
+                # Only the step failed (vi), and the chains call for the same η: an extension would
+                # change nothing (review 43 F3: three of them at one η, 2.9× the steps, one verdict).
+                stopped = "step_size"
+                break
             state, dynamics, run = _extend_burnin(target, selection, config, run, dynamics, state, verdict, loss_grad,
                                                   checkpointer, seed, my_chains, stop_after, bar, checks)
             continue
@@ -631,7 +645,10 @@ def _continue_until_converged(
     elif stopped == "one_chain":
         reason = "stopped drawing: split-R̂ needs ≥ 2 healthy chains, which more draws cannot give"
     elif stopped == "step_size":
-        reason = "stopped drawing: the step size spreads the chains beyond the posterior, which more draws cannot change"
+        reason = ("stopped drawing: the step size spreads the chains beyond the posterior, which more draws cannot "
+                  "change" + ("" if config.step_size is not None else
+                              ", and re-adapted at the chains it stays as it is: a smaller bias_bound or stiff_bound "
+                              "lowers it"))
     elif stopped == "time_limit":
         reason = (f"budget spent: time_limit = {time_limit:g} s (elapsed {elapsed:.3g} s; another block of "
                   f"{block:,} draws would pass it)")
@@ -663,10 +680,26 @@ def _still_moving(config: SamplerConfig, verdict: Convergence) -> bool:
         return False
     if "step_size" in verdict.failed:  # only an automatic η changes: the extension re-adapts it (review 42)
         return config.step_size is None
+    return _traces_moving(config, verdict)
+
+
+def _traces_moving(config: SamplerConfig, verdict: Convergence) -> bool:
+    """:func:`_still_moving`'s reading of the traces alone: drift, relaxation or a finite split-R̂."""
     if verdict.failed.keys() & {"drift", "relaxation"}:
         return True
     rhat = "rhat" in verdict.failed and math.isfinite(verdict.rhat)
     return rhat and not (config.step_size is not None and config.auto)
+
+
+def _metric_frozen_at(config: SamplerConfig) -> int:
+    """The step from which the RMSProp preconditioner stays as it is: halfway through the first
+    burn-in, whose second half settles the chains under the final metric (and the η checks there
+    need none: the automatic η bounds the largest preconditioned step, 1/rms_eps), and an extended
+    burn-in settles them further. Review 43 F1 (λ = 5, 16 chains, burn-in 20k, 40k draws): frozen at
+    the first draw, the chains began the draws in the law the adapting metric had led them to
+    (≈ |∂U|·e^{−U}) and the first 5k draws read λ̂ 7.71 ± 0.63; frozen at 3/4 of the burn-in, 5.81 ±
+    0.52 (all draws 5.09 ± 0.22); frozen halfway, 4.91 ± 0.45 (all 4.95 ± 0.26)."""
+    return config.initial_burnin // 2
 
 
 def _settle_steps(config: SamplerConfig) -> int:
@@ -704,7 +737,7 @@ def _run_further(
     """Continue the chains by ``more`` steps, to the end of ``run`` (its trace grown to hold them);
     ``save``: checkpoint the grown state first (it holds a decision a resumed run must find)."""
     state.grow(len(state.trace) + more)
-    dynamics = replace(dynamics, steps=run.steps, adapt_until=run.burnin)
+    dynamics = replace(dynamics, steps=run.steps)
     if checkpointer is not None:
         checkpointer.steps = run.steps  # it writes at the end of the run
         if save:
@@ -720,13 +753,11 @@ def _extend_burnin(
     state: SamplerState, verdict: Convergence, loss_grad: LossGrad, checkpointer: Checkpointer | None, seed: int,
     my_chains: list[int], stop_after: int | None, bar, checks: list[int],
 ) -> tuple[SamplerState, Dynamics, SamplerConfig]:
-    """``burnin="auto"``: the draws so far become burn-in; an automatic η is re-adapted at the chains
-    now (over the draws' window), the chains settle under it for :func:`_settle_steps` steps, and a
-    first block of draws follows. The extension is recorded in ``state.extra`` (``"burnin"``, the
+    """``burnin="auto"``: the draws so far become burn-in (an automatic η re-adapted at the chains by
+    the caller), the chains settle under it for :func:`_settle_steps` steps, and a first block of
+    draws follows. The extension is recorded in ``state.extra`` (``"burnin"``, the
     burn-in now; ``"burnin_extensions"``) and checkpointed, so a resumed run continues from it."""
     at = state.step
-    if config.step_size is None:
-        dynamics = _adapt_step_size(target, selection, config, dynamics, state, seed, my_chains, run.burnin)
     burnin = at + _settle_steps(config)
     state.extra["burnin"] = burnin
     state.extra["burnin_extensions"].append({
@@ -774,7 +805,7 @@ def _result(
                  selection=None if selection.spec is None else ", ".join(selection.spec)))
     verdict = assess_convergence(nb * records.losses[burnin_used:].T, failed, virial=records.virial[burnin_used:].T,
                                  n_coordinates=selection.n_params, step_size=eta, gamma=gamma, burnin=config.burnin,
-                                 divergence_advice=advice)
+                                 divergence_advice=advice, automatic_step=config.step_size is None)
     # The ± quoted everywhere: the chain means' spread alone covered 32 of 40 exact values at 2σ where
     # about 38 should be (audit 11b), and a few chains can agree by chance where their draws do not.
     stderr = float(larger_stderr(chain_stderr, verdict.mcse))
@@ -889,12 +920,20 @@ def _gamma_source(config: SamplerConfig, eta: float) -> str:
             f"η chosen for it")
 
 
+#: What each failed criterion that extends a burn-in says of the draws (``_burnin_source``).
+_EXTENDED_FOR = {"drift": "drifted", "relaxation": "had not relaxed", "rhat": "disagreed between chains (R̂)",
+                 "step_size": "spread too far for the step (η re-adapted)"}
+
+
 def _burnin_source(record: dict | None) -> str:
     """How the burn-in was set, in words (``diagnostics["burnin_source"]``)."""
     if record is None:
         return "given"
     n = len(record["extensions"])
-    grown = (f", extended {n}× to {record['used']:,} while the draws drifted" if n else ", not extended: the draws did not drift")
+    causes = {cause for e in record["extensions"] for cause in e.get("failed", ()) if cause in _EXTENDED_FOR}
+    why = " and ".join(_EXTENDED_FOR[c] for c in sorted(causes)) or "still moved"
+    grown = (f", extended {n}× to {record['used']:,} while the draws {why}" if n else
+             ", not extended: the draws did not drift")
     return f"auto: {record['initial']:,} steps{grown} (max_burnin {record['max_burnin']:,})"
 
 

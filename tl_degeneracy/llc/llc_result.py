@@ -249,16 +249,24 @@ def is_lower_bound(lower_bound) -> bool:
     return bool(lower_bound)
 
 
+def is_upper_bound(upper_bound) -> bool:
+    """Whether an unconverged λ̂ reads as too high (criterion (vi), METHODS §1): ``upper_bound`` as
+    recorded (numpy's booleans included); absent from results saved before 0.4.8 (None, NaN): not."""
+    if upper_bound is None or (isinstance(upper_bound, float) and math.isnan(upper_bound)):
+        return False
+    return bool(upper_bound)
+
+
 def relation(converged, lower_bound, upper_bound=False) -> str:
     """How a printed estimate relates to its quantity: "=" converged, "≥" a lower bound (chains not
     relaxed or still rising), "≤" too high (the step size, criterion (vi); ``upper_bound``, absent
     from results saved before 0.4.8), "≈" uncertain in both directions (only R̂ or ESS failed)."""
-    return "=" if converged else "≤" if upper_bound is True else "≥" if is_lower_bound(lower_bound) else "≈"
+    return "=" if converged else "≤" if is_upper_bound(upper_bound) else "≥" if is_lower_bound(lower_bound) else "≈"
 
 
 def unconverged_text(lower_bound, upper_bound=False) -> str:
     """What an unconverged λ̂ is, in words (:func:`relation`)."""
-    return ("too high (the step size)" if upper_bound is True else
+    return ("too high (the step size)" if is_upper_bound(upper_bound) else
             "lower bound" if is_lower_bound(lower_bound) else "uncertain in both directions")
 
 

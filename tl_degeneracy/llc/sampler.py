@@ -8,7 +8,8 @@ the loop on an accelerator. Per step t, on batch b = t mod n_batches (the same b
 
 with m the selection mask (restricted LLC: it multiplies gradient, prior and noise, so unselected
 coordinates never move) and G = 1 (SGLD) or the RMSProp preconditioner G = 1/(eps + √V),
-V ← αV + (1 − α)(nβ∇L)². L_B,b is batch b's estimate of the dataset's L_B, weighted by its counted
+V ← αV + (1 − α)(nβ∇L)² until step ``adapt_until`` and constant after it (a V that keeps following
+the chain's position needs a correction term that this update lacks: review 42). L_B,b is batch b's estimate of the dataset's L_B, weighted by its counted
 positions (targets.py), so that over a cycle of ragged batches the drift averages to nβ∇L_B. The
 loss L_B,b(θ_t) evaluated for the gradient (before the update) is recorded per chain and step on
 the device and copied out in blocks, and so is δ·∇U = δ·(nβ ∇L_B,b + γ δ) (over the selected
@@ -58,8 +59,9 @@ NORMS = ("grad_step", "prior_step", "noise_step", "distance")
 class Dynamics:
     """The update one :func:`run_chains` call applies (module docstring): nβ, η, γ, the number of
     steps, the RMSProp preconditioner's α and eps where it is on, and the divergence threshold on nβ L.
-    ``adapt_until``: the step from which the RMSProp preconditioner stays as it is (the burn-in's end;
-    None: it adapts at every step). A preconditioner that keeps following the chain's position has no
+    ``adapt_until``: the step from which the RMSProp preconditioner stays as it is (``behavioral_llc``:
+    halfway through the first burn-in, whose rest settles the chains under it; None: it adapts at
+    every step). A preconditioner that keeps following the chain's position has no
     correction term and samples another distribution than the posterior: λ̂ read 1.65 for λ = 0.5 and
     6.4–9.9 for 5 on regressions, at a step whose bias is ~1 % (review 42). Fixed, it is a constant
     metric, under which SGLD's stationary law is the posterior again (up to the step's bias)."""

@@ -21,7 +21,7 @@ from ..interaction import find_modules, interaction_basis
 from ..invariants import ov_invariants, qk_invariants
 from ..llc import behavioral_llc, llc_by_component, llc_sweep, plot_llc_sweep
 from ..llc.sweep import point_failed, point_name
-from ..llc.llc_result import (estimate_line, estimate_text, is_lower_bound, relation, step_size_caveats,
+from ..llc.llc_result import (estimate_line, estimate_text, is_lower_bound, is_upper_bound, relation, step_size_caveats,
                               unconverged_text, value_with_error)
 from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
@@ -484,7 +484,7 @@ def _sweep_point(r) -> str:
     if r.converged:
         return f"{value} at {where}"
     low = getattr(r, "lower_bound", None)  # rows saved before it was recorded: the old reading
-    if getattr(r, "upper_bound", False) is True:
+    if is_upper_bound(getattr(r, "upper_bound", None)):
         return f"≤ {value} (not converged: too high, the step size) at {where}"
     return (f"≥ {value} (not converged) at {where}" if is_lower_bound(low)
             else f"≈ {value} (not converged: uncertain) at {where}")
