@@ -11,7 +11,6 @@ each rank saves what it raised as ``rank<r>.json`` (review 41 #3: rank 0 waited 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -44,6 +43,7 @@ def compute() -> dict[str, torch.Tensor]:
 def fail_between_passes_on_rank_1(out: str) -> None:
     import torch.distributed as dist
 
+    from tests.fixtures.distributed import save_outcome
     from tl_degeneracy import counts
 
     if dist.get_rank() == 1:
@@ -54,13 +54,7 @@ def fail_between_passes_on_rank_1(out: str) -> None:
             raise RuntimeError("out of memory after the activation pass (simulated)")
 
         counts.activation_stats = activation_stats
-    try:
-        compute()
-        got = {"error": None}
-    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
-        got = {"error": type(err).__name__, "message": str(err)}
-    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
-        json.dump(got, f)
+    save_outcome(compute, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.fixtures.toys import make_tiny_toy_transformer  # noqa: E402
 from tl_degeneracy.stats import activation_stats, jacobian_stats  # noqa: E402
-from tests.fixtures.distributed import run_in_group  # noqa: E402
+from tests.fixtures.distributed import run_in_group, save_outcome  # noqa: E402
 
 HOOKS = ["resid_pre", "v", "q", "mlp_post"]
 
@@ -59,24 +59,12 @@ def main(out_dir: str) -> None:
 def non_finite_on_rank1(out_dir: str) -> None:
     """Only rank 1's batch holds the token whose embedding is inf: every rank must raise (audit 16b:
     rank 0 waited in the reduction for good); each saves the error it got."""
-    import json
-
-    import torch.distributed as dist
-
-    from tl_degeneracy.errors import NumericalError
-
     model = make_tiny_toy_transformer().double()
     with torch.no_grad():
         model.embed.W_E[19] = float("inf")
     toks = torch.randint(0, 19, (4, 6), generator=torch.Generator().manual_seed(0))
     toks[2:, 3] = 19  # batch 1 of batch_size 2: rank 1's
-    try:
-        activation_stats(model, toks, hooks="resid_pre", batch_size=2, progress=False)
-        got = {"error": None}
-    except NumericalError as err:
-        got = {"error": type(err).__name__, "message": str(err)}
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump(got, f)
+    save_outcome(lambda: activation_stats(model, toks, hooks="resid_pre", batch_size=2, progress=False), out_dir)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ Each rank writes OUT_DIR/rank<r>.npz with its result or, when ``behavioral_llc``
 and each rank writes OUT_DIR/rank<r>.json with the error it got.
 """
 
-import json
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tests.fixtures.distributed import run_in_group  # noqa: E402
+from tests.fixtures.distributed import run_in_group, save_outcome  # noqa: E402
 
 
 def run(checkpoint_dir=None):
@@ -47,13 +46,7 @@ def fail_on_rank_1(out: str) -> None:
             raise RuntimeError("out of memory on this rank's device (simulated)")
 
         estimate.run_chains = run_chains
-    try:
-        run()
-        got = {"error": None}
-    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
-        got = {"error": type(err).__name__, "message": str(err)}
-    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
-        json.dump(got, f)
+    save_outcome(run, out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from tests.fixtures.distributed import run_in_group  # noqa: E402
+from tests.fixtures.distributed import run_in_group, save_outcome  # noqa: E402
 
 #: Rank 1's free memory, made smaller than rank 0's: both must check their passes against it.
 BUDGET = 512 * 2**20
@@ -87,14 +87,8 @@ def fails_before_the_sections_on_rank_1(out: str) -> None:
             raise ReportDirectoryError("this rank's output directory is refused (simulated)")
 
         Report.check_directory = staticmethod(refuse)
-    try:
-        tld.degeneracy_report("toy:sma", sections=["llc", "summary"], overrides=SETTINGS, progress=False,
-                              out=f"{out}/report")
-        got = {"error": None}
-    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
-        got = {"error": type(err).__name__, "message": str(err)}
-    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
-        json.dump(got, f)
+    save_outcome(lambda: tld.degeneracy_report("toy:sma", sections=["llc", "summary"], overrides=SETTINGS,
+                                               progress=False, out=f"{out}/report"), out)
 
 
 if __name__ == "__main__":

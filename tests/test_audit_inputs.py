@@ -335,6 +335,20 @@ def test_non_causal_models_refuse_padded_batches(bert_dir):
             assert tld.token_batches(even, model, batch_size=bs).n_samples == 20
 
 
+def test_a_bos_of_a_non_causal_model_is_no_repeated_sample(bert_dir):
+    """Review 44 M2: every sequence's BOS is one and the same sample only where attention is causal;
+    under bidirectional attention BOS sees its sequence, yet a full-rank hook (20 of 20) was flagged
+    as at the limit of "19 distinct samples"."""
+    g = torch.Generator().manual_seed(1)
+    even = [[1, *torch.randint(3, VOCAB, (4,), generator=g).tolist()] for _ in range(4)]  # <bos> = 1
+    models = [m for m in bidirectional_models(bert_dir) if tld.adapt(m).bos_token_id == 1]  # the BERT bridge
+    assert models
+    for model in models:
+        batches = tld.token_batches(even, model, pad_token_id=0, skip_bos=False)
+        assert batches.bos and not batches.skip_bos and not batches.causal and batches.n_samples == 20
+        assert batches.n_distinct_samples == batches.distinct(20, "position") == 20
+
+
 def test_pre_norm_gains_of_every_block_input_are_read(tl_models):
     """Llama's pre-MLP norm is called post_attention_layernorm: it is ln2, in front of the MLP."""
     adapter = tld.adapt(tl_models("llama", "bridge"))

@@ -398,7 +398,9 @@ def test_rounding_the_whitening_magnifies_is_no_interaction_direction():
     """Audit 18a F2: on a float64 deep linear network 6 → 8 → 5 → 4 whose middle map has rank 3, every
     node's interaction rank is 3, but hook_h0 read 4: M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2} carries M's
     float64 rounding magnified by the whitening (an eigenvalue at 1.5·10⁻¹⁵ λ₁(M̃) above the cut-off
-    6·eps·λ₁(M̃)). The float64 floor is now M's own, r·eps·λ₁(PᵀMP), times λ₁(D_G)."""
+    6·eps·λ₁(M̃)). The float64 floor is now M's own, r·eps·λ₁(PᵀMP), times λ₁(D_G); a cut-off the
+    caller gives is kept as given (review 44 M1: interaction_rtol=0 kept every positive eigenvalue
+    before the floor, and silently not after it)."""
     from .interaction_models import HookedMLP
 
     for seed in (0, 1):
@@ -411,6 +413,9 @@ def test_rounding_the_whitening_magnifies_is_no_interaction_direction():
             for b, new in zip(model.biases, (0.3 * r(8), 0.3 * r(5), 0.3 * r(4))):
                 b.copy_(new)
         x = r(300, 6) * torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
-        ib = interaction_basis(model, x, kind="global", output="mse", exact=True, progress=False,
-                               nodes=["hook_in", "hook_h0", "hook_h1"], edges=False)
+        kw = dict(kind="global", output="mse", exact=True, progress=False, nodes=["hook_in", "hook_h0", "hook_h1"],
+                  edges=False)
+        ib = interaction_basis(model, x, **kw)
         assert ib.dims.set_index("node").loc["hook_h0", "interaction_rank"] == 3, seed
+        every = interaction_basis(model, x, interaction_rtol=0.0, **kw).dims.set_index("node")
+        assert every.loc["hook_h0", "interaction_rank"] > 3, seed  # rounding above 0, kept as asked

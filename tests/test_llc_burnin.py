@@ -166,7 +166,9 @@ def test_a_step_too_large_at_an_automatic_step_size_that_stays_as_it_is_ends_the
     assert set(conv["failed"]) == {"step_size"} and res.upper_bound and not res.converged
     assert res.diagnostics["adaptations"][-1]["step"] == 1000  # the check at the chains that found η unchanged
     assert "lower bias_bound or stiff_bound" in conv["suggestions"][0] and "leave it unset" not in conv["suggestions"][0]
-    assert res.summary()["burnin_source"] == "auto: 500 steps, not extended: the draws did not drift (max_burnin 20,000)"
+    assert auto["reason"].startswith("the step size fails criterion (vi), and re-adapted at the chains (step 1,000)")
+    assert res.summary()["burnin_source"] == f"auto: 500 steps, not extended ({auto['reason']}) (max_burnin 20,000)"
+    assert auto["reason"] in res.convergence_reason
 
 
 def test_the_rmsprop_metric_is_frozen_halfway_through_the_first_burn_in(monkeypatch):

@@ -75,6 +75,24 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         behavioral_llc(model, x, chains=2, draws=20, burnin=5, gamma=2.0, checkpoint_dir=tmp_path)
 
 
+def test_an_rmsprop_checkpoint_of_the_old_schedule_is_refused(tmp_path):
+    """Review 43 F5: a checkpoint written while the preconditioner adapted at every step (before
+    0.4.9, run key ``rms`` = (α, eps)) was resumed at its step and its draws kept. Its key now
+    differs (the step the metric is frozen at) and it is refused, the file left as it was."""
+    model, x = linear_regression(d=3, n=40)
+    kw = dict(chains=2, draws=20, burnin=10, sampler="rmsprop", progress=False, checkpoint_dir=tmp_path)
+    behavioral_llc(model, x, _stop_after=15, **kw)
+    path = tmp_path / "llc-rank0.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["settings"]["rms"][2] == 5  # half of the first burn-in
+    payload["settings"]["rms"] = payload["settings"]["rms"][:2]
+    torch.save(payload, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"different settings \(rms: checkpoint"):
+        behavioral_llc(model, x, **kw)
+    assert path.read_bytes() == before
+
+
 def test_a_minibatch_checkpoint_of_the_old_step_size_rule_is_refused(tmp_path):
     """Review 31 F6: a 0.4.0 checkpoint saved an automatic η chosen without the minibatches' gradient
     spread (its choice has no ``gradient_spread``); resuming it kept that η. Now it is refused and the

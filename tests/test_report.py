@@ -518,14 +518,19 @@ def test_verdicts_say_what_the_numbers_mean():
     assert verdict(sec("counts", free=0, n_params=10, n_eff_kfac=10)).startswith("no activation or Jacobian degeneracy")
     assert verdict(sec("interaction", degenerate_directions=0, inside_share=None)).endswith("no modules (no edge above the cut-off)")
     limited = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
-                          inside_share=0.5, n_modules=3))
-    assert "at 2 node(s) only as many as the 126 distinct samples allow" in limited and "raise ib_tokens" in limited
+                          min_distinct_samples=117, inside_share=0.5, n_modules=3))
+    assert "at 2 node(s) only as many as their distinct samples allow (as few as 117)" in limited and "raise ib_tokens" in limited
+    # a report saved before 0.4.9 recorded all of its samples only (review 44 L5)
+    old = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
+                      inside_share=0.5, n_modules=3))
+    assert "at 2 node(s) only as many as their samples allow (as few as 126)" in old
     few = verdict(sec("activations", n_samples=16, min_rank=16, dim=128))
     assert few.startswith("residual stream rank 16 of 128") and "the data's limit, not the model's" in few
     assert verdict(sec("activations", n_samples=1024, min_rank=127, dim=128)).startswith("residual stream rank-deficient")
     # audit 15b: each hook read with its own flags — a hook at its sample count is the data's limit
     # even where another hook has more samples, and half precision makes every rank an upper bound
-    act = dict(n_samples=96, min_rank=8, dim=32, deficient_hooks=1, min_model_rank=15, sample_limited_hooks=1, min_samples=8)
+    act = dict(n_samples=96, min_rank=8, dim=32, deficient_hooks=1, min_model_rank=15, sample_limited_hooks=1, min_samples=8,
+               min_distinct_samples=8)
     both = verdict(sec("activations", **act, half_precision=None))
     assert both.startswith("residual stream rank-deficient at 1 hook(s) (lowest rank 15 of 32): 17 unused directions")
     assert "1 hook(s) at the rank their distinct samples allow (as few as 8)" in both and "upper bounds" not in both

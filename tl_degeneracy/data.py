@@ -149,6 +149,9 @@ class TokenBatches:
     n_dropped: int = 0
     padding_rule: str = "none"
     n_padding: int = 0
+    #: The model's attention is causal (``adapter.causal``): a position sees nothing after it, so
+    #: every sequence's BOS position is the same sample (:attr:`n_distinct_samples`).
+    causal: bool = True
 
     def __post_init__(self) -> None:
         if not self.sequences:
@@ -182,11 +185,12 @@ class TokenBatches:
 
     @property
     def n_distinct_samples(self) -> int:
-        """The samples that can differ: where BOS counts, every sequence's BOS position is one and the
-        same sample (one token at position 0, with nothing before it), so n_samples − n_sequences + 1
-        (audit 17a F2: 83 positions of 10 sequences held 74, and a centred Gram at their limit, 73, was
-        not flagged as the data's limit)."""
-        repeated = self.n_sequences - 1 if self.bos and not self.skip_bos and self.n_sequences else 0
+        """The samples that can differ: where BOS counts and attention is causal, every sequence's BOS
+        position is one and the same sample (one token at position 0, which sees nothing else), so
+        n_samples − n_sequences + 1 (audit 17a F2: 83 positions of 10 sequences held 74, and a centred
+        Gram at their limit, 73, was not flagged as the data's limit); under bidirectional attention
+        BOS sees its sequence, and every position can differ (review 44 M2)."""
+        repeated = self.n_sequences - 1 if self.bos and not self.skip_bos and self.causal and self.n_sequences else 0
         return self.n_samples - repeated
 
     def distinct(self, count: int, unit: str) -> int:
@@ -722,5 +726,6 @@ def token_batches(
         n_dropped=len(seqs) - len(kept),
         padding_rule=padding.rule,
         n_padding=padding.n_padding,
+        causal=bool(adapter.causal),
     )
 

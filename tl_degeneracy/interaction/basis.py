@@ -78,22 +78,29 @@ class Whitening:
 
     def whitened(self, m: Float[Tensor, "D D"]) -> Float[Tensor, "r r"]:
         """M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2}: a Jacobian Gram with respect to f̃ (chain rule)."""
-        s = self.eigenvalues[: self.rank].sqrt()
-        return s[:, None] * self._kept_part(m) * s[None, :]
+        return self._scaled(self._kept_part(m))
 
     def _kept_part(self, m: Float[Tensor, "D D"]) -> Float[Tensor, "r r"]:
         return self.vectors.mT @ m.to(torch.float64) @ self.vectors
 
-    def rounding_floor(self, m: Float[Tensor, "D D"]) -> float:
-        """The float64 eigensolver's error on M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2}: M's own, r·eps·λ₁(PᵀMP)
-        (the rank rule's floor, ``numerics.rank_rtol``), magnified by the whitening up to λ₁(D_G).
-        Relative to λ₁(M̃) it exceeds r·eps where M is largest in directions the activations
-        barely use (audit 18a F2: on a float64 deep linear network of interaction rank 3, eigenvalues
-        at 1.5–5.5·10⁻¹⁵ λ₁(M̃) counted as a 4th or 5th direction at 13 of 72 nodes)."""
+    def _scaled(self, kept: Float[Tensor, "r r"]) -> Float[Tensor, "r r"]:
+        s = self.eigenvalues[: self.rank].sqrt()
+        return s[:, None] * kept * s[None, :]
+
+    def rounding_floor(self, kept: Float[Tensor, "r r"], spectrum: Float[Tensor, " r"]) -> float:
+        """The rounding on M̃'s eigenvalues ``spectrum`` (descending), from M's kept part ``kept`` =
+        PᵀMP: M's own float64 error r·eps·λ₁(PᵀMP) (the rank rule's floor, ``numerics.rank_rtol``)
+        magnified by the whitening up to λ₁(D_G), and at least twice what M̃ shows of its rounding
+        itself, its most negative eigenvalue (M̃ is positive semi-definite: any below 0 is rounding,
+        e.g. of M's accumulation over the samples). Relative to λ₁(M̃) it exceeds r·eps where M is
+        largest in directions the activations barely use (audit 18a F2: on float64 deep linear
+        networks of interaction rank 3, eigenvalues at 1.5–5.5·10⁻¹⁵ λ₁(M̃) counted as a 4th or 5th
+        direction at 13 of 72 nodes)."""
         if not self.rank:
             return 0.0
-        top = float(torch.linalg.eigvalsh(self._kept_part(m)).max().clamp_min(0))
-        return rank_rtol(self.rank, torch.float64, gram=True) * top * float(self.eigenvalues[0])
+        top = float(torch.linalg.eigvalsh(kept).max().clamp_min(0))
+        propagated = rank_rtol(self.rank, torch.float64, gram=True) * top * float(self.eigenvalues[0])
+        return max(propagated, -2 * float(spectrum.min()))
 
 
 def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float,
@@ -138,13 +145,17 @@ class NodeBasis:
 
 
 def interaction_directions(whitening: Whitening, jacobian_gram: Float[Tensor, "D D"], rtol: float, atol: float,
-                           noise_rtol: float | None = None) -> NodeBasis:
+                           noise_rtol: float | None = None, floor: bool = True) -> NodeBasis:
     """Steps 2–3: eigendecompose M̃ and keep D_M > max(rtol·max, atol), largest first
-    (``noise_rtol``: the highest cut-off of the band, so its fewest directions, :func:`_band`)."""
+    (``noise_rtol``: the highest cut-off of the band, so its fewest directions, :func:`_band`;
+    ``floor``: and above M̃'s rounding, :meth:`Whitening.rounding_floor` — the rank rule's, not a
+    cut-off the caller chose)."""
     if not bool(torch.isfinite(jacobian_gram).all()):
         raise NumericalError("non-finite Jacobian Gram matrix")
-    vals, vecs = _eigh_descending(whitening.whitened(jacobian_gram))
-    atol = max(atol, whitening.rounding_floor(jacobian_gram))
+    kept = whitening._kept_part(jacobian_gram)
+    vals, vecs = _eigh_descending(whitening._scaled(kept))
+    if floor:
+        atol = max(atol, whitening.rounding_floor(kept, vals))
     k = _kept(vals, rtol, atol)
     v = vecs[:, :k]
     # The sign of each direction, fixed on C's rows (original coordinates): C's row i is a positive

@@ -90,7 +90,8 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
 
     def directions(w, gram: torch.Tensor) -> NodeBasis:
         rtol = rank_rtol(w.rank, precision=activation_precision(runner.dtype), gram=True) if interaction_rtol is None else interaction_rtol
-        return interaction_directions(w, gram, rtol, interaction_atol, rounding_rtol(runner.dtype, gram=True))
+        return interaction_directions(w, gram, rtol, interaction_atol, rounding_rtol(runner.dtype, gram=True),
+                                      floor=interaction_rtol is None)
 
     def finish(name: str, gram: torch.Tensor, half_gram: torch.Tensor) -> None:
         bases[name] = directions(whitenings[name], gram)
@@ -264,7 +265,8 @@ def interaction_basis(
             order the forward pass reaches them.
         gram_rtol, interaction_rtol: relative cut-offs (default: the package's rank rule for Gram
             eigenvalues, ``tld.numerics.rank_rtol(dim, precision=<the model's dtype>, gram=True)``,
-            dim = D for G and rank_G for M̃); gram_atol, interaction_atol: absolute ones.
+            dim = D for G and rank_G for M̃; for M̃ at least its rounding, M's float64 error carried
+            through the whitening, METHODS §5); gram_atol, interaction_atol: absolute ones.
         exact: ``"auto"`` (default): per Jacobian pass, M exactly (one backward per counted output
             entry: P·V for the outputs, P·kept_{l+1} for a LIB node, P = the longest sequence's
             counted positions) where that is at most ``EXACT_FACTOR`` = 16 times ``n_probes``

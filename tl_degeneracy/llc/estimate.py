@@ -567,7 +567,9 @@ def _continue_until_converged(
     under it, and a fresh first block of draws follows. The burn-in stops growing at ``max_burnin``
     steps, or once its cumulative step s has s·γ ≥ :data:`FLAT_RELAXATION` (every direction,
     down to those only γ holds, has then relaxed, so what still moves is no transient a longer
-    burn-in removes); the run then draws on (``draws="auto"``) or stops.
+    burn-in removes); the run then draws on (``draws="auto"``) or stops. A step too large (criterion
+    (vi)) extends it only where η is automatic and its re-adaptation lowers η (or the traces still
+    move too): otherwise the run stops, too high (``stopped="step_size"``).
 
     Draws (``draws="auto"``): blocks of draws are added; each only advances the chains' steps
     (their state, RMSProp state and generators carry over, and checkpoints written on the way
@@ -611,6 +613,9 @@ def _continue_until_converged(
                 # Only the step failed (vi), and the chains call for the same η: an extension would
                 # change nothing (review 43 F3: three of them at one η, 2.9× the steps, one verdict).
                 stopped = "step_size"
+                burnin_refused = (f"the step size fails criterion (vi), and re-adapted at the chains (step "
+                                  f"{state.step:,}) the automatic η stays {dynamics.step_size:.3g}: a longer burn-in "
+                                  "would not change it")
                 break
             state, dynamics, run = _extend_burnin(target, selection, config, run, dynamics, state, verdict, loss_grad,
                                                   checkpointer, seed, my_chains, stop_after, bar, checks)
@@ -933,7 +938,7 @@ def _burnin_source(record: dict | None) -> str:
     causes = {cause for e in record["extensions"] for cause in e.get("failed", ()) if cause in _EXTENDED_FOR}
     why = " and ".join(_EXTENDED_FOR[c] for c in sorted(causes)) or "still moved"
     grown = (f", extended {n}× to {record['used']:,} while the draws {why}" if n else
-             ", not extended: the draws did not drift")
+             f", not extended ({record['reason']})" if record.get("reason") else ", not extended: the draws did not drift")
     return f"auto: {record['initial']:,} steps{grown} (max_burnin {record['max_burnin']:,})"
 
 

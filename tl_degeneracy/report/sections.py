@@ -263,7 +263,8 @@ def activations(ctx: ReportContext) -> SectionOutput:
                 "layernorm": ctx.adapter.cfg.normalization == "LN", "deficient_hooks": len(model),
                 "min_model_rank": int(model["rank"].min()) if len(model) else None,
                 "sample_limited_hooks": int(limited.sum()), "n_hooks": len(frame),
-                "min_samples": int(frame["distinct"].min()), "half_precision": half},
+                "min_samples": int(frame["count"].min()), "min_distinct_samples": int(frame["distinct"].min()),
+                "half_precision": half},
         headline=f"ranks: {ranks}" + (f" ({half}: upper bounds)" if half else ""),
     )
 
@@ -320,7 +321,8 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         figures={"spectra": ib.plot_spectra(), "edges": ib.plot_edges(), "modules": modules.plot()},
         values={"degenerate_directions": degenerate, "degenerate_band": degenerate_band, "cutoff_band": CUTOFF_BAND,
                 "n_modules": modules.n_modules,
-                "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["distinct"].min()),
+                "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
+                "min_distinct_samples": int(dims["distinct"].min()),
                 "data_limited_nodes": int(dims["data_limited"].sum()),
                 "estimated_edge_pairs": int(edges["estimated"].sum()), "edge_pairs": len(edges),
                 "probe_basis_edge_pairs": int(edges["basis_estimated"].sum()),
@@ -754,9 +756,16 @@ def _activations_verdict(v: dict) -> str:
                  "(run the model in float32 to tell)")
     if limited:
         # n samples span at most n directions: the rank says how much data there was, not the model
-        text += (f"; {limited} hook(s) at the rank their distinct samples allow (as few as {v.get('min_samples', n):,}), the "
+        text += (f"; {limited} hook(s) at the rank their {_samples_allow(v, n)}, the "
                  "data's limit, not the model's: give more data (n_sequences × seq_len) to tell")
     return text + mean
+
+
+def _samples_allow(v: dict, n: int | None = None) -> str:
+    """"(distinct) samples allow (as few as N)": reports saved before 0.4.9 recorded all samples only."""
+    if "min_distinct_samples" in v:
+        return f"distinct samples allow (as few as {v['min_distinct_samples']:,})"
+    return f"samples allow (as few as {v.get('min_samples', n):,})"
 
 
 def _interaction_verdict(v: dict) -> str:
@@ -767,7 +776,7 @@ def _interaction_verdict(v: dict) -> str:
         text += (f" — the ranks depend on the cut-off: {band[0]:,}–{band[1]:,} degenerate directions with it "
                  f"{v.get('cutoff_band', 100):g}× higher or lower, where the spectra decay without a gap")
     if limited:  # rank_G at n − 1 < D: too few samples to tell the model's degeneracy from the data's
-        text += (f" — at {limited} node(s) only as many as the {v.get('min_samples')} distinct samples allow, so those "
+        text += (f" — at {limited} node(s) only as many as their {_samples_allow(v)}, so those "
                  "counts are the data's limit, not the model's (raise ib_tokens, or give more data: n_sequences × "
                  "seq_len)")
     grows = v.get("data_limited_nodes", 0)  # absent from reports saved before it was recorded
