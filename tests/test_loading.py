@@ -50,6 +50,23 @@ def test_local_directory(arch, hf_dirs):
     assert adapt(model).n_layers == 2
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("backend", [None, "bridge"])
+def test_a_directory_without_tokenizer_files_loads_with_a_tokenizer_of_ids(arch, backend, tmp_path):
+    """Audit 18b F2: a Llama (or Mistral) directory without tokenizer files did not load in either
+    TransformerLens version (transformers' empty tokenizer of its class needs sentencepiece), where
+    the README says such a directory gives a model for token data. Every one now gets a tokenizer of
+    ids alone (BOS, EOS and padding the config's) and ``tld_tokenizer_missing``."""
+    from tests.fixtures.hf import make_hf_model
+
+    make_hf_model(arch).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu", backend=backend)
+    assert "has no tokenizer" in model.tld_tokenizer_missing
+    assert (adapt(model).bos_token_id, adapt(model).pad_token_id) == (1, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), hf_logits(tmp_path, TOKENS), atol=1e-5, rtol=1e-4)
+
+
 def test_local_directory_forced_bridge(hf_dirs):
     model = load_model(str(hf_dirs["llama"]), backend="bridge", device="cpu")
     assert type(model).__name__ == "TransformerBridge" and not model.training

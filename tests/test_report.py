@@ -520,6 +520,16 @@ def test_verdicts_say_what_the_numbers_mean():
     limited = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
                           min_distinct_samples=117, inside_share=0.5, n_modules=3))
     assert "at 2 node(s) only as many as their distinct samples allow (as few as 117)" in limited and "raise ib_tokens" in limited
+    # audit 18b F3: no band to point at (0–0) in half precision, and F1: a synchronization band is for the
+    # blocks found in half precision, not a range the float32 count must lie in ("up to 1,700, between 1,700 and 8,698")
+    flat = verdict(sec("interaction", degenerate_directions=0, degenerate_band=[0, 0], half_precision="bfloat16",
+                       inside_share=None))
+    assert "computes in bfloat16" in flat and "band above" not in flat
+    from tl_degeneracy.report.sections import _rounding_band_text
+
+    assert _rounding_band_text([1700, 8698], 1700) == (
+        " (1,700–8,698 between float32's rank cut-off and the half-precision rounding level, in the blocks the "
+        "half-precision patterns form; a float32 forward may form other blocks, whose count can lie outside)")
     # a report saved before 0.4.9 recorded all of its samples only (review 44 L5)
     old = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
                       inside_share=0.5, n_modules=3))

@@ -99,8 +99,9 @@ def activation_precision(dtype: torch.dtype) -> torch.dtype:
             f"the model computes in {str(dtype).removeprefix('torch.')}: its activations carry rounding of "
             f"~{torch.finfo(dtype).eps:.0e}, which float32's rank cut-off counts as directions, so activation and "
             "gradient ranks are upper bounds, and the counts made from them (free directions, synchronization's extra "
-            "freedom) may be too low as well as too high (their bands: the same count at the rounding level); load "
-            "the model in float32 (tld.load_model(spec, dtype=torch.float32)) for exact ranks",
+            "freedom) may be too low as well as too high (their bands: the same count at the rounding level; "
+            "synchronization's blocks are formed from the half-precision patterns, and a float32 forward may form "
+            "others); load the model in float32 (tld.load_model(spec, dtype=torch.float32)) for exact ranks",
             HalfPrecisionWarning,
             stacklevel=2,
         )

@@ -20,6 +20,7 @@ function (research §1.2), and returns the model in eval mode.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -76,8 +77,9 @@ def load_model(
     TransformerLens 3.x, ``backend="hooked_transformer"`` asks for a HookedTransformer (3.x only).
     The spec is kept on the model as ``model.tld_spec``: the report names the model by it and, for a
     bundled toy, reads the toy's own data when none is given. A local directory without a tokenizer
-    gives a model with ``model.tld_tokenizer_missing`` (a sentence saying so), and the report refuses
-    text data for it rather than tokenize with the empty tokenizer transformers puts in its place.
+    gives a model with a tokenizer of ids alone (token i reads "<i>"; BOS, EOS and padding the
+    config's) and ``model.tld_tokenizer_missing`` (a sentence saying so): token data run as usual,
+    and the report refuses text data for it.
     """
     model = _load(spec, device, dtype, backend)
     object.__setattr__(model, "tld_spec", str(spec))
@@ -136,16 +138,40 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 
 
 def _load_hf_directory(path: Path, device, dtype, backend: str | None) -> nn.Module:
+    # Without tokenizer files transformers would build an empty tokenizer of the config's class, or fail
+    # where that class needs sentencepiece (Llama, Mistral: audit 18b F2); the model gets one of ids
+    # alone instead, and the report refuses text for it.
+    missing = not any((path / name).exists() for name in _TOKENIZER_FILES)
+    tokenizer = _ids_tokenizer(path) if missing else None
     if backend == "bridge" or _hooked_transformer_class() is None:
-        model = _boot_bridge(str(path), device, dtype)
+        model = _boot_bridge(str(path), device, dtype, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     else:
-        model = _hooked_transformer_from_directory(path, device, dtype)
-    if not any((path / name).exists() for name in _TOKENIZER_FILES):
-        # transformers then builds an empty tokenizer of the config's class instead of failing (every
-        # word [UNK] for BERT, nothing at all for GPT-2); the report refuses text for such a model.
-        missing = f"the model directory {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
-        object.__setattr__(model, "tld_tokenizer_missing", missing)
+        model = _hooked_transformer_from_directory(path, device, dtype, tokenizer)
+    if missing:
+        text = f"the model directory {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+        object.__setattr__(model, "tld_tokenizer_missing", text)
     return model
+
+
+def _ids_tokenizer(path: Path):
+    """A tokenizer of token ids alone for a model directory without tokenizer files: token i reads
+    "<i>", and BOS, EOS and padding are the config's ids (None where its config names no vocabulary).
+    Saved to a directory of its own that lasts as long as the process, and loaded from there:
+    TransformerLens reloads a tokenizer by its ``name_or_path``."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = json.loads((path / "config.json").read_text())
+    size = config.get("vocab_size")
+    if not isinstance(size, int) or size < 1:
+        return None
+    special = {f"{role}_token": f"<{config[f'{role}_token_id']}>" for role in ("bos", "eos", "pad")
+               if isinstance(config.get(f"{role}_token_id"), int) and 0 <= config[f"{role}_token_id"] < size}
+    ids = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(size)}, unk_token="<0>"))
+    where = _neutral_tempdir()
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    PreTrainedTokenizerFast(tokenizer_object=ids, unk_token="<0>", **special).save_pretrained(where)
+    return AutoTokenizer.from_pretrained(str(where))
 
 
 def _neutral_tempdir() -> Path:
@@ -165,7 +191,7 @@ def _neutral_tempdir() -> Path:
         tmp.rmdir()
 
 
-def _hooked_transformer_from_directory(path: Path, device, dtype) -> nn.Module:
+def _hooked_transformer_from_directory(path: Path, device, dtype, tokenizer=None) -> nn.Module:
     """TransformerLens 3.x HookedTransformer from a local HF directory, without weight processing.
 
     ``HookedTransformer.from_pretrained`` cannot load local checkpoints offline (research §2); the
@@ -174,6 +200,7 @@ def _hooked_transformer_from_directory(path: Path, device, dtype) -> nn.Module:
     transformers 5 lack ``n_ctx``. So the config is read from a copy of config.json (with n_ctx set
     from n_positions where missing) in a fresh temporary directory with a neutral name; the
     weights come from the HF model loaded here and handed over, so that path is never used for them.
+    ``tokenizer``: the one to use (a directory without tokenizer files: ``_ids_tokenizer``'s).
     """
     import transformer_lens.loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,10 +209,11 @@ def _hooked_transformer_from_directory(path: Path, device, dtype) -> nn.Module:
     dtype = dtype or torch.float32
     device = _default_device(device)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        tokenizer = None  # a checkpoint without a tokenizer still runs on token ids
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):
+            tokenizer = None  # a checkpoint without a tokenizer still runs on token ids
     config = json.loads((path / "config.json").read_text())
     if "n_ctx" not in config and "n_positions" in config:
         config["n_ctx"] = config["n_positions"]

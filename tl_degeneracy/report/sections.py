@@ -182,9 +182,9 @@ def _rounding_band_text(band, count: int | None) -> str:
         return ""
     # The band moves the cut-off only: which neurons or heads form a block can itself change under
     # the rounding (audit 15b: bfloat16 toy:modadd 2,177–8,797, its float32 weights 2,123 in fewer blocks).
-    return (f", between {band[0]:,} and {band[1]:,}: the half-precision forward's rounding moves it (the count at "
-            "float32's rank cut-off and at the rounding level, in the blocks the half-precision patterns form; a "
-            "float32 forward may form others)")
+    return (f" ({band[0]:,}–{band[1]:,} between float32's rank cut-off and the half-precision rounding level, in "
+            "the blocks the half-precision patterns form; a float32 forward may form other blocks, whose count can "
+            "lie outside)")
 
 
 def _extra_freedom_text(extra: int | None, unit: str = "head", approximation: str = "") -> str:
@@ -787,8 +787,9 @@ def _interaction_verdict(v: dict) -> str:
     half = v.get("half_precision")  # absent from reports saved before it was recorded
     if half:
         text += (f" — the model computes in {half}: its rounding can count as directions, so interaction ranks may "
-                 "be too high and the degenerate count too low (the band above reaches up to that rounding's level); "
-                 "load the model in float32 for this count")
+                 "be too high and the degenerate count too low"
+                 + (" (the band above reaches up to that rounding's level)" if band is not None and list(band) != [deg, deg]
+                    else "") + "; load the model in float32 for this count")
     probed = v.get("probe_nodes", 0)  # absent from reports saved before it was recorded
     if probed:
         agreement = v.get("min_probe_stability")
