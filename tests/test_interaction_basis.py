@@ -11,6 +11,9 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from tests.fixtures.device import test_device
 from tests.fixtures.distributed import rank_results, run_two_processes
@@ -394,28 +397,35 @@ def test_several_hook_kinds_are_put_in_forward_order(tiny_toy_transformer, tiny_
                      batch_size=4, seq_len=None, skip_bos=None)
 
 
-def test_rounding_the_whitening_magnifies_is_no_interaction_direction():
-    """Audit 18a F2: on a float64 deep linear network 6 → 8 → 5 → 4 whose middle map has rank 3, every
-    node's interaction rank is 3, but hook_h0 read 4: M̃ = D_G^{1/2} Pᵀ M P D_G^{1/2} carries M's
-    float64 rounding magnified by the whitening (an eigenvalue at 1.5·10⁻¹⁵ λ₁(M̃) above the cut-off
-    6·eps·λ₁(M̃)). The float64 floor is now M's own, r·eps·λ₁(PᵀMP), times λ₁(D_G); a cut-off the
-    caller gives is kept as given (review 44 M1: interaction_rtol=0 kept every positive eigenvalue
-    before the floor, and silently not after it)."""
-    from .interaction_models import HookedMLP
+class _CentredMLP(HookedRootModule):
+    """x (20) → ReLU (32 units) → the units less their mean → 10 outputs, float64: at most 10
+    directions of either hidden node are read by the outputs."""
 
-    for seed in (0, 1):
+    def __init__(self, seed: int):
+        super().__init__()
         g = torch.Generator().manual_seed(seed)
-        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-        model = HookedMLP([6, 8, 5, 4], act=lambda h: h)
-        with torch.no_grad():
-            for W, new in zip(model.weights, (r(8, 6), r(5, 3) @ r(3, 8), r(4, 5))):
-                W.copy_(new)
-            for b, new in zip(model.biases, (0.3 * r(8), 0.3 * r(5), 0.3 * r(4))):
-                b.copy_(new)
-        x = r(300, 6) * torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
-        kw = dict(kind="global", output="mse", exact=True, progress=False, nodes=["hook_in", "hook_h0", "hook_h1"],
-                  edges=False)
-        ib = interaction_basis(model, x, **kw)
-        assert ib.dims.set_index("node").loc["hook_h0", "interaction_rank"] == 3, seed
-        every = interaction_basis(model, x, interaction_rtol=0.0, **kw).dims.set_index("node")
-        assert every.loc["hook_h0", "interaction_rank"] > 3, seed  # rounding above 0, kept as asked
+        self.W1 = nn.Parameter(torch.randn(32, 20, generator=g, dtype=torch.float64) / 20**0.5)
+        self.b1 = nn.Parameter(0.3 * torch.randn(32, generator=g, dtype=torch.float64))
+        self.W2 = nn.Parameter(torch.randn(10, 32, generator=g, dtype=torch.float64) / 32**0.5)
+        self.hook_in, self.hook_post, self.hook_centred, self.hook_out = HookPoint(), HookPoint(), HookPoint(), HookPoint()
+        self.setup()
+
+    def forward(self, x):
+        h = self.hook_post(torch.relu(self.hook_in(x) @ self.W1.T + self.b1))
+        return self.hook_out(self.hook_centred(h - h.mean(-1, keepdim=True)) @ self.W2.T)
+
+
+def test_rounding_below_zero_marks_what_no_direction_exceeds():
+    """Audit 18a F2: float64 rounding in M̃ counted as interaction directions — tutorial 07's centred
+    two-tower models read 16 and 13 directions at hidden nodes whose 10 logits can read 10, and this
+    centred MLP 11–12 at 9 of 10 hidden nodes (seeds 1 and 3–5). M̃ sums outer products with positive
+    weights, so its most negative eigenvalue is rounding, and the floor is twice it: 10 at each. A
+    cut-off the caller gives is kept as given (review 44 M1: interaction_rtol=0 keeps the rounding)."""
+    for seed in (1, 3, 4, 5):
+        model = _CentredMLP(seed)
+        x = torch.randn(625, 20, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+        ranks = interaction_basis(model, x, kind="local", progress=False).dims.set_index("node")["interaction_rank"]
+        assert ranks["hook_post"] == ranks["hook_centred"] == 10, (seed, ranks.tolist())
+        if seed == 1:
+            every = interaction_basis(model, x, kind="local", interaction_rtol=0.0, progress=False).dims
+            assert (every.set_index("node")["interaction_rank"][["hook_post", "hook_centred"]] > 10).all()

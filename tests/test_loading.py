@@ -67,6 +67,15 @@ def test_a_directory_without_tokenizer_files_loads_with_a_tokenizer_of_ids(arch,
         torch.testing.assert_close(model(TOKENS), hf_logits(tmp_path, TOKENS), atol=1e-5, rtol=1e-4)
 
 
+def test_the_ids_tokenizer_reads_list_valued_special_ids_and_is_made_once(tmp_path):
+    """Review 45 M1/L3: a list-valued eos_token_id (Llama 3 instruct models) gives its first id, not
+    the unknown token 0, and loads of one vocabulary share one tokenizer directory."""
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 50, "bos_token_id": 1, "eos_token_id": [2, 3]}))
+    first, again = loading._ids_tokenizer(tmp_path), loading._ids_tokenizer(tmp_path)
+    assert (first.bos_token_id, first.eos_token_id, first.convert_ids_to_tokens(7)) == (1, 2, "<7>")
+    assert first.name_or_path == again.name_or_path
+
+
 def test_local_directory_forced_bridge(hf_dirs):
     model = load_model(str(hf_dirs["llama"]), backend="bridge", device="cpu")
     assert type(model).__name__ == "TransformerBridge" and not model.training

@@ -527,9 +527,9 @@ def test_verdicts_say_what_the_numbers_mean():
     assert "computes in bfloat16" in flat and "band above" not in flat
     from tl_degeneracy.report.sections import _rounding_band_text
 
-    assert _rounding_band_text([1700, 8698], 1700) == (
-        " (1,700–8,698 between float32's rank cut-off and the half-precision rounding level, in the blocks the "
-        "half-precision patterns form; a float32 forward may form other blocks, whose count can lie outside)")
+    assert _rounding_band_text([1700, 8698], 1700, "smooth activation") == (
+        " at float32's rank cut-off, up to 8,698 at the half-precision rounding level, in the blocks the "
+        "half-precision patterns form — a float32 forward may form other blocks, whose count can lie outside both")
     # a report saved before 0.4.9 recorded all of its samples only (review 44 L5)
     old = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
                       inside_share=0.5, n_modules=3))

@@ -397,7 +397,6 @@ class _Padding:
         self.rows_unmasked += len(rows)
         return out
 
-
     def settled(self, rows: list[Tensor]) -> list[Tensor]:
         """``rows`` (all of the data's, once read) without the kept BOS positions where not every row
         begins with the pad id: then the data have no BOS, and a leading run is padding to its end

@@ -265,8 +265,8 @@ def interaction_basis(
             order the forward pass reaches them.
         gram_rtol, interaction_rtol: relative cut-offs (default: the package's rank rule for Gram
             eigenvalues, ``tld.numerics.rank_rtol(dim, precision=<the model's dtype>, gram=True)``,
-            dim = D for G and rank_G for M̃; for M̃ at least its rounding, M's float64 error carried
-            through the whitening, METHODS §5); gram_atol, interaction_atol: absolute ones.
+            dim = D for G and rank_G for M̃, there at least twice M̃'s most negative eigenvalue, its
+            rounding, METHODS §5); gram_atol, interaction_atol: absolute ones.
         exact: ``"auto"`` (default): per Jacobian pass, M exactly (one backward per counted output
             entry: P·V for the outputs, P·kept_{l+1} for a LIB node, P = the longest sequence's
             counted positions) where that is at most ``EXACT_FACTOR`` = 16 times ``n_probes``

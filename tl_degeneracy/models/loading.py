@@ -153,11 +153,15 @@ def _load_hf_directory(path: Path, device, dtype, backend: str | None) -> nn.Mod
     return model
 
 
+#: The directories of :func:`_ids_tokenizer`'s tokenizers, one per vocabulary and special ids.
+_IDS_TOKENIZERS: dict[tuple, Path] = {}
+
+
 def _ids_tokenizer(path: Path):
     """A tokenizer of token ids alone for a model directory without tokenizer files: token i reads
-    "<i>", and BOS, EOS and padding are the config's ids (None where its config names no vocabulary).
-    Saved to a directory of its own that lasts as long as the process, and loaded from there:
-    TransformerLens reloads a tokenizer by its ``name_or_path``."""
+    "<i>", and BOS, EOS and padding are the config's ids (the first of a list; None where its config
+    names no vocabulary). Saved to a directory that lasts as long as the process (one per vocabulary
+    and special ids), and loaded from there: TransformerLens reloads a tokenizer by its ``name_or_path``."""
     from tokenizers import Tokenizer, models
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -165,13 +169,20 @@ def _ids_tokenizer(path: Path):
     size = config.get("vocab_size")
     if not isinstance(size, int) or size < 1:
         return None
-    special = {f"{role}_token": f"<{config[f'{role}_token_id']}>" for role in ("bos", "eos", "pad")
-               if isinstance(config.get(f"{role}_token_id"), int) and 0 <= config[f"{role}_token_id"] < size}
-    ids = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(size)}, unk_token="<0>"))
-    where = _neutral_tempdir()
-    atexit.register(shutil.rmtree, where, ignore_errors=True)
-    PreTrainedTokenizerFast(tokenizer_object=ids, unk_token="<0>", **special).save_pretrained(where)
-    return AutoTokenizer.from_pretrained(str(where))
+    special = {}
+    for role in ("bos", "eos", "pad"):
+        value = config.get(f"{role}_token_id")
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and 0 <= value < size:
+            special[f"{role}_token"] = f"<{value}>"
+    key = (size, tuple(sorted(special.items())))
+    if key not in _IDS_TOKENIZERS:
+        where = _neutral_tempdir()
+        atexit.register(shutil.rmtree, where, ignore_errors=True)
+        ids = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(size)}, unk_token="<0>"))
+        PreTrainedTokenizerFast(tokenizer_object=ids, unk_token="<0>", **special).save_pretrained(where)
+        _IDS_TOKENIZERS[key] = where
+    return AutoTokenizer.from_pretrained(str(_IDS_TOKENIZERS[key]))
 
 
 def _neutral_tempdir() -> Path:

@@ -121,7 +121,7 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
                 "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
     headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom, 'head', hs.approximation)}"
-                f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom)})"
+                f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom, hs.approximation)})"
                 f"{_approximate_label(hs.approximation)}"
                 f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()), int(hs.sample_limited.sum()))}")
     try:
@@ -143,7 +143,7 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         if len(neurons):
             headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
                          f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron', ns.approximation)}"
-                         f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom)})"
+                         f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom, ns.approximation)})"
                          f"{_approximate_label(ns.approximation)}"
                          f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()), int(ns.sample_limited.sum()))}")
         else:
@@ -175,16 +175,18 @@ def _cutoff_band_text(band, count: int, factor: float, sep: str = "; ") -> str:
     return f"{sep}{band[0]:,}–{band[1]:,} with the rank cut-off {factor:g}× higher or lower (no spectral gap there)"
 
 
-def _rounding_band_text(band, count: int | None) -> str:
-    """A half-precision model's synchronization count as a band: the count at float32's cut-off and at
+def _rounding_band_text(band, count: int | None, approximation: str = "") -> str:
+    """After a half-precision model's synchronization count (at float32's rank cut-off), the count at
     the forward's rounding level ("" where they agree or a report predates the band)."""
     if band is None or count is None or list(band) == [count, count]:
         return ""
+    other = band[1] if band[0] == count else band[0]
     # The band moves the cut-off only: which neurons or heads form a block can itself change under
-    # the rounding (audit 15b: bfloat16 toy:modadd 2,177–8,797, its float32 weights 2,123 in fewer blocks).
-    return (f" ({band[0]:,}–{band[1]:,} between float32's rank cut-off and the half-precision rounding level, in "
-            "the blocks the half-precision patterns form; a float32 forward may form other blocks, whose count can "
-            "lie outside)")
+    # the rounding (audit 15b: bfloat16 toy:modadd 2,177–8,797, its float32 weights 2,123 in fewer blocks;
+    # audit 18b F1: 1,700–8,698, its bfloat16 weights in float32 1,658).
+    return (f" at float32's rank cut-off, {_up_to(approximation)}{other:,} at the half-precision rounding level, in "
+            "the blocks the half-precision patterns form — a float32 forward may form other blocks, whose count can "
+            "lie outside both")
 
 
 def _extra_freedom_text(extra: int | None, unit: str = "head", approximation: str = "") -> str:
@@ -645,7 +647,7 @@ def _synchronization_verdict(v: dict) -> str:
             f"{blocks} synchronized head block(s), "
             + (f"{_up_to(v.get('head_sync_approximation'))}{extra:,} extra free directions" if extra is not None
                else _extra_freedom_text(None))
-            + _rounding_band_text(v.get("head_extra_freedom_band"), extra)
+            + _rounding_band_text(v.get("head_extra_freedom_band"), extra, v.get("head_sync_approximation") or "")
             + _approximate_label(v.get("head_sync_approximation", "")))
     # absent from older reports: 0
     text += _changing_text(v.get("head_changing_blocks", 0), blocks, v.get("head_data_limited_layers", 0),
@@ -658,7 +660,7 @@ def _synchronization_verdict(v: dict) -> str:
         text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
                  + (f"{_up_to(why)}{extra:,} extra free directions" if extra is not None
                     else _extra_freedom_text(None, "neuron"))
-                 + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra)
+                 + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra, why)
                  + _approximate_label(why)
                  + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0),
                                   v.get("neuron_sample_limited_layers", 0)))
