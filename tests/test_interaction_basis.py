@@ -418,7 +418,7 @@ class _CentredMLP(HookedRootModule):
 def test_rounding_below_zero_marks_what_no_direction_exceeds():
     """Audit 18a F2: float64 rounding in M̃ counted as interaction directions — tutorial 07's centred
     two-tower models read 16 and 13 directions at hidden nodes whose 10 logits can read 10, and this
-    centred MLP 11–12 at 9 of 10 hidden nodes (seeds 1 and 3–5). M̃ sums outer products with positive
+    centred MLP 11–12 at all 8 hidden nodes of seeds 1 and 3–5. M̃ sums outer products with positive
     weights, so its most negative eigenvalue is rounding, and the floor is twice it: 10 at each. A
     cut-off the caller gives is kept as given (review 44 M1: interaction_rtol=0 keeps the rounding)."""
     for seed in (1, 3, 4, 5):
