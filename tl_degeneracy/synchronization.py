@@ -279,7 +279,8 @@ def warn_unsettled(caller: str, result, batches: TokenBatches, counts: str) -> N
     the data's even-numbered sequences form otherwise (``on_half`` False), and layers whose D_in is
     lower on them (``data_limited``), and those at the most that the data's distinct samples span
     (``sample_limited``); ``counts`` names what such a D_in moves."""
-    changing, total, n_sequences = *_unsettled_blocks(result), batches.n_sequences
+    changing, total = _unsettled_blocks(result)
+    n_sequences = batches.n_sequences
     if changing:
         warn_once(f"{caller}: {changing} of {total} synchronized blocks are formed otherwise by "
                   f"the even-numbered half of the {n_sequences} sequences (to_frame's on_half False): the blocks still "
