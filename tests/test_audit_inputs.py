@@ -347,6 +347,10 @@ def test_a_bos_of_a_non_causal_model_is_no_repeated_sample(bert_dir):
         batches = tld.token_batches(even, model, pad_token_id=0, skip_bos=False)
         assert batches.bos and not batches.skip_bos and not batches.causal and batches.n_samples == 20
         assert batches.n_distinct_samples == batches.distinct(20, "position") == 20
+        # Review 45 L4: a TokenBatches built by hand (causal unless told) is read as the model attends.
+        by_hand = tld.TokenBatches(sequences=[torch.tensor(r) for r in even], batch_size=4, bos=True, bos_source="data",
+                                   bos_token_id=1, skip_bos=False, pad_token_id=0)
+        assert by_hand.causal and tld.token_batches(by_hand, model).n_distinct_samples == 20
 
 
 def test_pre_norm_gains_of_every_block_input_are_read(tl_models):

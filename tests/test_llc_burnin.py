@@ -154,7 +154,7 @@ def test_a_step_too_large_at_an_automatic_step_size_that_stays_as_it_is_ends_the
     regression, bias_bound = stiff_bound = 0.9), and every extension re-adapted it to the same η and
     threw its draws away: 3 extensions, 2,875 steps for 1,000, "while the draws drifted", and advice
     to leave step_size unset, which it was. The re-adapted η is now compared first: unchanged, the
-    run stops there, too high, and says which bounds lower it."""
+    run stops there, too high, and says which bounds lower it, and not that a budget was spent."""
     from .test_llc import linear_regression
 
     model, x = linear_regression(d=1)
@@ -169,6 +169,8 @@ def test_a_step_too_large_at_an_automatic_step_size_that_stays_as_it_is_ends_the
     assert auto["reason"].startswith("the step size fails criterion (vi), and re-adapted at the chains (step 1,000)")
     assert res.summary()["burnin_source"] == f"auto: 500 steps, not extended ({auto['reason']}) (max_burnin 20,000)"
     assert auto["reason"] in res.convergence_reason
+    # Review 45 L2: no budget ran out (max_burnin 20,000, 500 used); the reason is said all the same.
+    assert not auto["budget_exhausted"]
 
 
 def test_the_rmsprop_metric_is_frozen_halfway_through_the_first_burn_in(monkeypatch):

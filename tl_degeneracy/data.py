@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from jaxtyping import Bool, Int
@@ -583,7 +583,8 @@ def token_batches(
         if attention_mask is not None:
             raise DataError("attention_mask= cannot apply to a TokenBatches: its padding was already left out")
         check_unpadded([len(s) for s in data.sequences], data.batch_size, adapter)
-        return data
+        # One built by hand says causal unless told (review 45 L4): the model decides.
+        return data if data.causal == adapter.causal else replace(data, causal=bool(adapter.causal))
     batch_size = as_count(batch_size, "batch_size", "sequences per batch")
     cfg = adapter.cfg
     bos_id = adapter.bos_token_id

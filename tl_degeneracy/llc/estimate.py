@@ -36,7 +36,7 @@ from .config import GAMMA_RELAXATION, SamplerConfig
 from .convergence import FLAT_RELAXATION, Convergence, ConvergenceWarning, assess_convergence
 from .layout import ParameterLayout, Selection, select_coordinates
 from .llc_result import (ChainRecords, LLCResult, bias_size, chain_estimates, estimate_text, larger_stderr,
-                         n_eff_beyond_bias, quantity_label, step_biased, stderr_caveat)
+                         n_eff_beyond_bias, quantity_label, step_biased, stderr_caveat, stop_reasons)
 from .loss_grad import LossGrad
 from .sampler import NORMS, Dynamics, SamplerState, chain_seed, initial_state, run_chains
 from .stepsize import (ADAPT_AT, Curvature, StepSizeChoice, adapted_step_size, bias_bound_of, bias_of_estimate,
@@ -583,7 +583,7 @@ def _continue_until_converged(
     block, max_draws, time_limit = config.first_draws, config.draw_budget, config.time_limit
     nb = dynamics.nbeta
     extensions = state.extra.setdefault("burnin_extensions", [])
-    burnin_refused = ""
+    burnin_refused, burnin_spent = "", False
     while True:
         if stop_after is not None and state.step >= stop_after:
             stopped = "interrupted"
@@ -601,6 +601,7 @@ def _continue_until_converged(
             break
         moving = _still_moving(config, verdict)
         burnin_refused = _burnin_refusal(config, run, dynamics, state, eta0) if moving else ""
+        burnin_spent = bool(burnin_refused) and _burnin_budget_spent(config, state)
         if moving and not burnin_refused:
             if _past_time_limit(config, records, _settle_steps(config) + block, started, world):
                 stopped = "time_limit"
@@ -666,7 +667,7 @@ def _continue_until_converged(
     }
     burnin_record = None if not config.auto_burnin else {
         "burnin": "auto", "initial": config.initial_burnin, "used": run.burnin, "max_burnin": config.burnin_budget,
-        "extensions": list(extensions), "budget_exhausted": bool(burnin_refused) and stopped != "converged",
+        "extensions": list(extensions), "budget_exhausted": burnin_spent and stopped != "converged",
         "reason": burnin_refused if stopped != "converged" else "",
     }
     return state, dynamics, run, budget, burnin_record
@@ -720,9 +721,14 @@ def _burnin_refusal(config: SamplerConfig, run: SamplerConfig, dynamics: Dynamic
     if dynamics.gamma > 0 and s_burnin * dynamics.gamma >= FLAT_RELAXATION:
         return (f"burn-in not extended further: its cumulative step s = {s_burnin:.3g} has s·γ = "
                 f"{s_burnin * dynamics.gamma:.3g} ≥ {FLAT_RELAXATION:g}, so even the directions only γ holds have relaxed")
-    if state.step + _settle_steps(config) > config.burnin_budget:
+    if _burnin_budget_spent(config, state):
         return f"burn-in budget spent: max_burnin = {config.burnin_budget:,} steps (burn-in {run.burnin:,})"
     return ""
+
+
+def _burnin_budget_spent(config: SamplerConfig, state: SamplerState) -> bool:
+    """Whether another extension of the burn-in would pass ``max_burnin``."""
+    return state.step + _settle_steps(config) > config.burnin_budget
 
 
 def _past_time_limit(config: SamplerConfig, records: ChainRecords, steps: int, started: float, world: int) -> bool:
@@ -860,8 +866,7 @@ def _result(
     # One warning for a run that is not converged (it names diverged chains too); diverged chains of
     # a converged run still get their own. A step size that raises λ̂ makes a low-reading failure no lower bound.
     if not verdict.converged:
-        spent = "".join(f" ({record['reason']})" for record in (budget, burnin_record)
-                        if record and record["budget_exhausted"])
+        spent = "".join(f" ({reason})" for reason in stop_reasons(budget, burnin_record))
         warn_once(verdict.message(mean, quantity, step_biased(bound)) + spent, ConvergenceWarning, stacklevel=3)
     elif failed:
         warn(f"{verdict.divergence}; {advice}", RuntimeWarning)

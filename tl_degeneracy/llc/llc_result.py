@@ -119,8 +119,7 @@ class LLCResult:
         ``draws="auto"`` budget or the ``burnin="auto"`` one ran out, that ("" when converged; the full sentences and the
         suggested budget are in ``diagnostics["convergence"]``)."""
         brief = self.diagnostics.get("convergence", {}).get("brief", "")
-        spent = [r["reason"] for r in (self.diagnostics.get("budget"), self.diagnostics.get("burnin_auto"))
-                 if r and r.get("budget_exhausted")]
+        spent = stop_reasons(self.diagnostics.get("budget"), self.diagnostics.get("burnin_auto"))
         return "; ".join([brief, *spent]) if brief else brief
 
     def summary(self) -> dict:
@@ -282,6 +281,14 @@ BIAS_FLAG = 0.1
 def _number(x) -> bool:
     """A real number: numpy scalars too (a table's cells); not None, NaN or a bool."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def stop_reasons(budget: dict | None, burnin: dict | None) -> list[str]:
+    """Why an unconverged run stopped where its records say: a ``draws="auto"`` budget spent, and the
+    reason ``burnin="auto"`` extended no further (its budget, a burn-in that relaxed every direction,
+    or a step size that a longer burn-in would not change: only the first is ``budget_exhausted``)."""
+    return ([budget["reason"]] if budget and budget["budget_exhausted"] else []) + (
+        [burnin["reason"]] if burnin and burnin.get("reason") else [])
 
 
 def step_biased(bias) -> bool:
