@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.fixtures.hf import ARCHS, has_hooked_transformer
+import tl_degeneracy as tld
 from tl_degeneracy import adapt, load_model
 from tl_degeneracy.models import loading
 from tl_degeneracy.models.toys.registry import BUNDLED, WEIGHTS
@@ -65,6 +66,23 @@ def test_a_directory_without_tokenizer_files_loads_with_a_tokenizer_of_ids(arch,
     assert (adapt(model).bos_token_id, adapt(model).pad_token_id) == (1, 0)
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), hf_logits(tmp_path, TOKENS), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [None, "bridge"])
+def test_a_directory_whose_config_names_no_special_ids_has_none(backend, tmp_path):
+    """TransformerLens gave the ids tokenizer a BOS, EOS and pad token of its own ("<|endoftext|>",
+    the unknown id 0): BOS and padding read 0, and token 0 at a row's ends was left out as the
+    "tokenizer's pad id"; a config that names none has none, and every token counts."""
+    from tests.fixtures.hf import make_hf_model
+
+    model = make_hf_model("gpt2")
+    for role in ("bos", "eos", "pad"):
+        setattr(model.config, f"{role}_token_id", None)
+    model.save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu", backend=backend)
+    assert (adapt(model).bos_token_id, adapt(model).pad_token_id) == (None, None)
+    batches = tld.token_batches(torch.tensor([[0, 5, 6, 0], [7, 8, 9, 10]]), model)
+    assert not batches.bos and batches.n_padding == 0 and batches.n_samples == 8
 
 
 def test_the_ids_tokenizer_reads_list_valued_special_ids_and_is_made_once(tmp_path):

@@ -78,7 +78,7 @@ def load_model(
     The spec is kept on the model as ``model.tld_spec``: the report names the model by it and, for a
     bundled toy, reads the toy's own data when none is given. A local directory without a tokenizer
     gives a model with a tokenizer of ids alone (token i reads "<i>"; BOS, EOS and padding the
-    config's) and ``model.tld_tokenizer_missing`` (a sentence saying so): token data run as usual,
+    config's, and none that it does not name) and ``model.tld_tokenizer_missing`` (a sentence saying so): token data run as usual,
     and the report refuses text data for it.
     """
     model = _load(spec, device, dtype, backend)
@@ -147,6 +147,13 @@ def _load_hf_directory(path: Path, device, dtype, backend: str | None) -> nn.Mod
         model = _boot_bridge(str(path), device, dtype, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     else:
         model = _hooked_transformer_from_directory(path, device, dtype, tokenizer)
+    if tokenizer is not None:
+        # TransformerLens names a BOS, EOS and pad token where the tokenizer has none ("<|endoftext|>",
+        # the unknown id 0 here); a model whose config names none has none, and its id 0 is no padding.
+        named = _config_special_tokens(json.loads((path / "config.json").read_text()), tokenizer.vocab_size)
+        for role in _SPECIAL_ROLES:
+            if f"{role}_token" not in named:
+                setattr(model.tokenizer, f"{role}_token", None)
     if missing:
         text = f"the model directory {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
         object.__setattr__(model, "tld_tokenizer_missing", text)
@@ -169,12 +176,7 @@ def _ids_tokenizer(path: Path):
     size = config.get("vocab_size")
     if not isinstance(size, int) or size < 1:
         return None
-    special = {}
-    for role in ("bos", "eos", "pad"):
-        value = config.get(f"{role}_token_id")
-        value = value[0] if isinstance(value, list) and value else value
-        if isinstance(value, int) and 0 <= value < size:
-            special[f"{role}_token"] = f"<{value}>"
+    special = _config_special_tokens(config, size)
     key = (size, tuple(sorted(special.items())))
     if key not in _IDS_TOKENIZERS:
         where = _neutral_tempdir()
@@ -183,6 +185,21 @@ def _ids_tokenizer(path: Path):
         PreTrainedTokenizerFast(tokenizer_object=ids, unk_token="<0>", **special).save_pretrained(where)
         _IDS_TOKENIZERS[key] = where
     return AutoTokenizer.from_pretrained(str(_IDS_TOKENIZERS[key]))
+
+
+_SPECIAL_ROLES = ("bos", "eos", "pad")
+
+
+def _config_special_tokens(config: dict, size: int) -> dict[str, str]:
+    """The special tokens a config names, as :func:`_ids_tokenizer` spells them ({"bos_token": "<1>"}):
+    the first id of a list; ids outside the vocabulary of ``size`` tokens are none."""
+    special = {}
+    for role in _SPECIAL_ROLES:
+        value = config.get(f"{role}_token_id")
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and 0 <= value < size:
+            special[f"{role}_token"] = f"<{value}>"
+    return special
 
 
 def _neutral_tempdir() -> Path:
