@@ -138,6 +138,40 @@ def test_a_half_precision_covariance_band_reaches_its_mean_s_rounding():
     assert half["kfac_min"] <= exact["kfac"] <= half["kfac_max"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_relu_neuron_s_rescaling_moves_no_count(dtype):
+    """Audit 19b F1: W_in[:, k] → c·W_in[:, k], b_in[k] → c·b_in[k], W_out[k] → W_out[k]/c leaves a
+    ReLU MLP's function as it is, and its exact ranks. Ranked against the whole Gram's largest
+    eigenvalue, c = 10⁻⁶ took neuron k under hook_post's cut-off (float32: W_out's rank_G 15 of 16)
+    and took the 15 others under hook_pre's, where neuron k's Jacobian is 10¹² larger (W_in's rank_K
+    1), n_eff_kfac 448 → 336 with a band (336–406) that left 448 out, and no warning. Each neuron is
+    now ranked at its own scale."""
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    def build(c: float):
+        model = ToyTransformer(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=8,
+                               act_fn="relu", seed=1).double()
+        with torch.no_grad():
+            mlp = model.blocks[0].mlp
+            mlp.W_in[:, 6] *= c
+            mlp.b_in[6] *= c
+            mlp.W_out[6] /= c
+        return model.to(dtype).eval()
+
+    tokens = torch.randint(0, 7, (12, 6), generator=torch.Generator().manual_seed(0))
+    frames = {}
+    for c in (1.0, 1e-6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames[c] = degeneracy_counts(build(c), tokens, exact=True, progress=False, batch_size=12)
+    columns = ["map", "rank_G", "rank_K", "kfac_min", "kfac_max"]
+    plain, rescaled = (frames[c][frames[c]["map"].isin(["W_in", "W_out"])][columns].reset_index(drop=True)
+                       for c in (1.0, 1e-6))
+    assert (plain["rank_K"][plain["map"] == "W_in"] == 16).all() and (plain["rank_G"][plain["map"] == "W_out"] == 16).all()
+    assert rescaled.equals(plain)
+    assert frames[1e-6].attrs["n_eff_kfac"] == frames[1.0].attrs["n_eff_kfac"]
+
+
 def test_one_sequence_says_the_data_check_could_not_run():
     """One sequence: its even-numbered half is all of it, so data_limited could never fire, and the
     counts read as final (audit 9 F5: rank_G 3 of 16 on one sequence, 12 maps flagged when the same

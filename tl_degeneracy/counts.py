@@ -63,7 +63,7 @@ from .memory import check_batches, counts_forward_held, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .numerics import (CUTOFF_BAND, DataLimitedWarning, SampleLimitedWarning, activation_precision, check_tolerances,
-                       rank_band, rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
+                       rank_band, rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -293,7 +293,9 @@ def degeneracy_counts(
     Args:
         data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
             BOS counted.
-        rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram); default: the
+        rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram; for the MLP's
+            neuron-indexed Grams, W_out's G and W_in's and W_gate's K, of the Gram at each neuron's own
+            scale, ``numerics.unit_scales``, so that a ReLU neuron's rescaling moves no rank); default: the
             package's rank rule for a Gram (:func:`tl_degeneracy.numerics.rank_rtol` with ``gram=True``)
             of that Gram's size at the forward pass's precision, ``activation_precision`` of the model's
             dtype (float64 for W_E's exact token frequencies).
@@ -364,49 +366,62 @@ def degeneracy_counts(
         n = batches.n_distinct_samples  # what a Gram's rank can reach: every sequence's BOS is one sample
 
         def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision,
-                          second_moment: Tensor | None = None) -> tuple[int, int, int]:
+                          second_moment: Tensor | None = None, floor: float = atol) -> tuple[int, int, int]:
             """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
-            §4), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
+            §4; ``floor``), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
             up to the forward's rounding level at least for a half-precision model (exact inputs,
             W_E's token frequencies, have none), which for a covariance is set by its activations'
             uncentred ``second_moment`` (rank_band's noise_scale)."""
             scale = None if rounding is None or second_moment is None else float(second_moment.diagonal().max())
             return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
-                             rtol=None if rtol is None else float(rtol), atol=atol,
+                             rtol=None if rtol is None else float(rtol), atol=floor,
                              noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
 
-        def band(m: Tensor, second_moment: Tensor | None = None) -> tuple[int, int, int]:
-            return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
+        def band(m: Tensor, second_moment: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
+            """The band of a Gram ``m``; ``units``: its units' own scales (``numerics.unit_scales``): the rule
+            then reads D⁻¹mD⁻¹ (and D⁻¹·second_moment·D⁻¹), and loss_scale still m's own eigenvalues."""
+            if units is None:
+                return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
+            inverse = (1 / units).to(m.device)
+            scaled = (lambda x: None if x is None else x * inverse[:, None] * inverse[None, :])
+            b = spectrum_band(descending_eigvalsh(scaled(m)), second_moment=scaled(second_moment), floor=0.0)
+            if atol:
+                significant = int((descending_eigvalsh(m) > atol).sum())
+                b = tuple(min(r, significant) for r in b)
+            return b
 
-        def rank(m: Tensor) -> int:
-            return band(m)[1]
+        def rank(m: Tensor, units: Tensor | None = None) -> int:
+            return band(m, units=units)[1]
 
-        def g_rank(whole: Tensor, half: Tensor, most: int | None = None,
-                   second_moment: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
+        def g_rank(whole: Tensor, half: Tensor, most: int | None = None, second_moment: Tensor | None = None,
+                   units: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
             """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
             alone give a lower one: the rank is still growing with the data. ``second_moment``: the
-            uncentred Gram where ``whole`` is a covariance (its band's rounding level)."""
+            uncentred Gram where ``whole`` is a covariance (its band's rounding level); ``units``: as
+            :func:`band`'s."""
             most = whole.shape[-1] if most is None else most
-            b = tuple(min(r, most) for r in band(whole, second_moment))
-            return b, min(rank(half), most) < b[1]
+            b = tuple(min(r, most) for r in band(whole, second_moment, units))
+            return b, min(rank(half, units), most) < b[1]
 
-        def k_rank(key, head: int | None = None) -> tuple[tuple[int, int, int], bool, bool]:
+        def k_rank(key, head: int | None = None, per_unit: bool = False) -> tuple[tuple[int, int, int], bool, bool]:
             """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
             probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and the
             first half of the probes finding fewer directions than all of them says more probes would
             find more; a rank at K's full width cannot grow (audit 5: toy:modadd's W_V, 32 of 32, were
-            flagged where the half-probe spectrum decayed through the cut-off)."""
+            flagged where the half-probe spectrum decayed through the cut-off). ``per_unit``: ranked at
+            the units' own scales (:func:`band`), those of all the probes' Gram."""
             stats = jac[key]
 
             def of(st: JacobianHookStats) -> Tensor:
                 return st.gram if head is None else st.head_gram[head]
 
             gram = of(stats)
-            b = band(gram)
+            units = unit_scales(gram.diagonal()) if per_unit else None
+            b = band(gram, units=units)
             halves = stats.half_grams(head is not None)
             probes = (halves is not None and b[1] < gram.shape[-1]
-                      and min(rank(h if head is None else h[head]) for h in halves) < b[1])
-            return b, probes, rank(of(stats.half)) < b[1]
+                      and min(rank(h if head is None else h[head], units) for h in halves) < b[1])
+            return b, probes, rank(of(stats.half), units) < b[1]
 
         rows = []
 
@@ -468,12 +483,14 @@ def degeneracy_counts(
                 F = adapter.d_mlp
                 maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
                     [("W_in", ("mlp_pre", layer))]
+                # The neurons' own scales: a ReLU rescaling of one neuron moves no rank (audit 19b F1).
                 for name, key in maps:
-                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key), D, F, bias[name], most(bias[name]))
+                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key, per_unit=True), D, F, bias[name],
+                        most(bias[name]))
                 post = acts[("mlp_post", layer)]
                 G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
                 add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
-                                                 else None),
+                                                 else None, units=unit_scales(post.gram.diagonal())),
                     k_rank(mlp_out[layer]), F, D, bias["W_out"])
         if embeddings:
             # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.

@@ -42,7 +42,7 @@ from .distributed import warn_once
 
 __all__ = [
     "CUTOFF_BAND", "DataLimitedWarning", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
-    "rank_rtol", "numerical_rank", "product_scale", "sample_limited", "warn_data_limited",
+    "rank_rtol", "numerical_rank", "product_scale", "sample_limited", "unit_scales", "warn_data_limited",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -118,6 +118,17 @@ def rank_rtol(dims: int | Iterable[int], precision: torch.dtype = torch.float64,
     size = max(max(dims), 1)
     rtol = size * torch.finfo(precision).eps
     return max(rtol * rtol, size * torch.finfo(torch.float64).eps) if gram else rtol
+
+
+def unit_scales(diagonal: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """√M_ii of a Gram M's ``diagonal`` (1 where it is 0), float64: each unit's own scale. Ranked as
+    D⁻¹MD⁻¹ with D = diag(scales), a Gram of units that a symmetry rescales one by one (ReLU neurons:
+    W_in → cW_in, W_out → W_out/c) has the same rank whatever the scales, where against the largest
+    eigenvalue of M itself a unit at 10⁻⁶ of the others fell under the cut-off, or took the others
+    under it (audit 19b F1); each unit is rounded relative to itself, so its own scale is the one its
+    rounding is known against."""
+    diagonal = diagonal.to(torch.float64).clamp_min(0)
+    return torch.where(diagonal > 0, diagonal.sqrt(), torch.ones_like(diagonal))
 
 
 def product_scale(

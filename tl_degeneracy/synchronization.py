@@ -43,7 +43,7 @@ from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.selection import circuit_parameters
 from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, numerical_rank,
-                       rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
+                       rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -324,7 +324,7 @@ def balanced_values(gram: Float[Tensor, "kv_dim kv_dim"], d: int) -> BalancedVal
     G = gram.shape[0] // d if d else 0
     own = gram.reshape(G, d, G, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     top = descending_eigvalsh(own)[:, 0].clamp_min(0) if G else gram.new_zeros(0)
-    scale = torch.where(top > 0, top.sqrt(), torch.ones_like(top))
+    scale = unit_scales(top)
     inverse = (1 / scale).repeat_interleave(d)
     return BalancedValues(gram * inverse[:, None] * inverse[None, :], scale)
 
