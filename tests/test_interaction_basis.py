@@ -22,6 +22,7 @@ from tests.interaction_models import HookedMLP, mlp_inputs, node_acts, random_in
 from tl_degeneracy.data import token_batches
 from tl_degeneracy.errors import DataError, MissingHookError, NumericalError
 from tl_degeneracy.interaction import InteractionBasis, interaction_basis
+from tl_degeneracy.numerics import DataLimitedWarning
 
 MLP_NODES = ["hook_in", "hook_h0", "hook_h1", "hook_out"]
 
@@ -413,6 +414,48 @@ class _CentredMLP(HookedRootModule):
     def forward(self, x):
         h = self.hook_post(torch.relu(self.hook_in(x) @ self.W1.T + self.b1))
         return self.hook_out(self.hook_centred(h - h.mean(-1, keepdim=True)) @ self.W2.T)
+
+
+def test_the_rounding_floor_keeps_a_real_direction_of_small_variance_and_large_sensitivity():
+    """Review 46 L3 (review 45 H1's case as a unit test): activations of variance 10⁻¹² along two
+    directions that the outputs read 10¹² times harder give M̃ = diag(1, 1, 10⁻¹⁰, 1, 1, 1), all six
+    real; a floor from M's magnitudes through the whitening kept 5. M̃ has no negative eigenvalue
+    here, so the floor is 0 and the rule keeps every one."""
+    from tl_degeneracy.interaction import basis
+    from tl_degeneracy.numerics import rank_rtol
+
+    variance = torch.tensor([1, 1, 1, 1e-12, 1e-12, 1], dtype=torch.float64)
+    sensitivity = torch.tensor([1, 1, 1e-10, 1e12, 1e12, 1], dtype=torch.float64)
+    whitening = basis.whiten(torch.diag(variance), torch.zeros(6, dtype=torch.float64),
+                             rank_rtol(6, torch.float64, gram=True), 0.0)
+    assert whitening.rank == 6
+    kept = basis.interaction_directions(whitening, torch.diag(sensitivity), rank_rtol(6, torch.float64, gram=True), 0.0)
+    assert kept.size == 6 and kept.band == (6, 6)
+
+
+def test_a_deep_linear_network_s_rounding_above_the_cut_off_is_inside_the_band_and_said():
+    """Review 46 M2: a float64 deep linear network of interaction rank 3 whose M̃ shows no negative
+    eigenvalue below its rounding (8945, 404, 3.98, then 1.3·10⁻¹¹ just above the cut-off 1.2·10⁻¹¹)
+    reads 4, and 3 on half of the data, so the node is flagged as still growing with the data. The
+    band holds 3, and the warning says the difference may be the cut-off's."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    model = HookedMLP([6, 8, 5, 4], act=lambda h: h)
+    with torch.no_grad():
+        for W, new in zip(model.weights, (r(8, 6), r(5, 3) @ r(3, 8), r(4, 5))):
+            W.copy_(new)
+        for b, new in zip(model.biases, (0.3 * r(8), 0.3 * r(5), 0.3 * r(4))):
+            b.copy_(new)
+    x = r(300, 6) * torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    with pytest.warns(DataLimitedWarning, match="hook_h0 the half-data ranks lie inside the ranks' cut-off bands"):
+        ib = interaction_basis(model, x, kind="global", output="mse", exact=True, progress=False,
+                               nodes=["hook_in", "hook_h0", "hook_h1"], edges=False)
+    row = ib.dims.set_index("node").loc["hook_h0"]
+    assert row["interaction_rank_min"] == 3 <= row["interaction_rank"] <= row["interaction_rank_max"]
+    assert ib.eigenvalues["hook_h0"].limited_within_band == bool(row["data_limited"])
 
 
 def test_rounding_below_zero_marks_what_no_direction_exceeds():

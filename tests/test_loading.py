@@ -72,17 +72,23 @@ def test_a_directory_without_tokenizer_files_loads_with_a_tokenizer_of_ids(arch,
 def test_a_directory_whose_config_names_no_special_ids_has_none(backend, tmp_path):
     """TransformerLens gave the ids tokenizer a BOS, EOS and pad token of its own ("<|endoftext|>",
     the unknown id 0): BOS and padding read 0, and token 0 at a row's ends was left out as the
-    "tokenizer's pad id"; a config that names none has none, and every token counts."""
+    "tokenizer's pad id"; a config that names none has none, and every token counts. One that names
+    BOS and EOS but no padding (Llama 2, Mistral) pads with EOS, as with its tokenizer files
+    (review 46 M1: its padding was dropped with the invented tokens)."""
     from tests.fixtures.hf import make_hf_model
 
     model = make_hf_model("gpt2")
     for role in ("bos", "eos", "pad"):
         setattr(model.config, f"{role}_token_id", None)
-    model.save_pretrained(tmp_path)
-    model = load_model(tmp_path, device="cpu", backend=backend)
-    assert (adapt(model).bos_token_id, adapt(model).pad_token_id) == (None, None)
-    batches = tld.token_batches(torch.tensor([[0, 5, 6, 0], [7, 8, 9, 10]]), model)
+    model.save_pretrained(tmp_path / "none")
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(tmp_path / "no_pad")
+    none = load_model(tmp_path / "none", device="cpu", backend=backend)
+    assert (adapt(none).bos_token_id, adapt(none).pad_token_id) == (None, None)
+    batches = tld.token_batches(torch.tensor([[0, 5, 6, 0], [7, 8, 9, 10]]), none)
     assert not batches.bos and batches.n_padding == 0 and batches.n_samples == 8
+    no_pad = load_model(tmp_path / "no_pad", device="cpu", backend=backend)
+    assert (adapt(no_pad).bos_token_id, adapt(no_pad).pad_token_id, no_pad.tokenizer.eos_token_id) == (1, 2, 2)
 
 
 def test_the_ids_tokenizer_reads_list_valued_special_ids_and_is_made_once(tmp_path):

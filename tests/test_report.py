@@ -530,6 +530,9 @@ def test_verdicts_say_what_the_numbers_mean():
     assert _rounding_band_text([1700, 8698], 1700, "smooth activation") == (
         " at float32's rank cut-off, up to 8,698 at the half-precision rounding level, in the blocks the "
         "half-precision patterns form — a float32 forward may form other blocks, whose count can lie outside both")
+    # review 46 L4: a total strictly inside the band is neither cut-off's other total
+    assert _rounding_band_text([1000, 3000], 2000, "").startswith(
+        " at float32's rank cut-off, block by block between 1,000 and 3,000 at either cut-off, in the blocks")
     # a report saved before 0.4.9 recorded all of its samples only (review 44 L5)
     old = verdict(sec("interaction", degenerate_directions=900, sample_limited_nodes=2, min_samples=126,
                       inside_share=0.5, n_modules=3))

@@ -545,7 +545,7 @@ def token_batches(
             ``tokens``/``input_ids`` column (and optionally ``attention_mask``) or a ``text`` column;
             a torch ``DataLoader`` yielding LongTensors or such dicts (it is read once, up front, so
             that everything is validated before any model runs); or a :class:`TokenBatches`,
-            returned unchanged. Padding in the data never counts (module docstring).
+            returned as it is but for ``causal``, which the model decides. Padding in the data never counts (module docstring).
         model: the model or its adapter (``tld.adapt(model)``).
         batch_size: sequences per batch.
         seq_len: if set, sequences longer than ``seq_len`` are cut into consecutive chunks of at most

@@ -62,6 +62,16 @@ class NodeSpectrum:
                                                 or self.half_ranks[1] < self.interaction_rank)
 
     @property
+    def limited_within_band(self) -> bool:
+        """Data-limited, but with each half-data rank inside its rank's cut-off band: the difference
+        may be the cut-off's (an eigenvalue of rounding just above it on all of the data: review 46
+        on a float64 deep linear network, interaction rank 4 for 3, 3 on half the data) as much as
+        the data's."""
+        bands = (self.rank_G_band, self.interaction_band)
+        return self.data_limited and None not in bands and all(
+            half >= band[0] for half, band in zip(self.half_ranks, bands))
+
+    @property
     def kept(self) -> Float[Tensor, " kept"]:
         return self.interaction[: self.interaction_rank]
 

@@ -416,7 +416,11 @@ def interaction_basis(
             settings=settings,
         )
         limited = [n for n in runner.names if result.eigenvalues[n].data_limited]
+        in_band = [n for n in limited if result.eigenvalues[n].limited_within_band]
         warn_data_limited("interaction_basis", len(limited), f"{len(runner.names)} nodes ({', '.join(limited)})",
                           "rank_G or the interaction rank is", runner.batches.n_sequences, "dims' data_limited",
-                          "those nodes' degenerate directions are upper bounds; give more data")
+                          "those nodes' degenerate directions are upper bounds; give more data" + (
+                              f" (at {', '.join(in_band)} the half-data ranks lie inside the ranks' cut-off bands: "
+                              "there the difference may be the cut-off's, an eigenvalue just above it, as much as "
+                              "the data's)" if in_band else ""))
         return result

@@ -115,9 +115,11 @@ class LLCResult:
 
     @property
     def convergence_reason(self) -> str:
-        """The failed convergence criteria in a few words with their numbers, and where a
-        ``draws="auto"`` budget or the ``burnin="auto"`` one ran out, that ("" when converged; the full sentences and the
-        suggested budget are in ``diagnostics["convergence"]``)."""
+        """The failed convergence criteria in a few words with their numbers, and why the run stopped
+        where a ``draws="auto"`` budget ran out or ``burnin="auto"`` extended no further (its budget, a
+        burn-in that relaxed every direction, a step size a longer burn-in would not change;
+        :func:`stop_reasons`) ("" when converged; the full sentences and the suggested budget are in
+        ``diagnostics["convergence"]``)."""
         brief = self.diagnostics.get("convergence", {}).get("brief", "")
         spent = stop_reasons(self.diagnostics.get("budget"), self.diagnostics.get("burnin_auto"))
         return "; ".join([brief, *spent]) if brief else brief

@@ -78,7 +78,8 @@ def load_model(
     The spec is kept on the model as ``model.tld_spec``: the report names the model by it and, for a
     bundled toy, reads the toy's own data when none is given. A local directory without a tokenizer
     gives a model with a tokenizer of ids alone (token i reads "<i>"; BOS, EOS and padding the
-    config's, and none that it does not name) and ``model.tld_tokenizer_missing`` (a sentence saying so): token data run as usual,
+    config's, padding EOS where it names none, and otherwise none that it does not name:
+    TransformerLens's ``generate`` then needs ``stop_at_eos=False``) and ``model.tld_tokenizer_missing`` (a sentence saying so): token data run as usual,
     and the report refuses text data for it.
     """
     model = _load(spec, device, dtype, backend)
@@ -148,11 +149,12 @@ def _load_hf_directory(path: Path, device, dtype, backend: str | None) -> nn.Mod
     else:
         model = _hooked_transformer_from_directory(path, device, dtype, tokenizer)
     if tokenizer is not None:
-        # TransformerLens names a BOS, EOS and pad token where the tokenizer has none ("<|endoftext|>",
-        # the unknown id 0 here); a model whose config names none has none, and its id 0 is no padding.
-        named = _config_special_tokens(json.loads((path / "config.json").read_text()), tokenizer.vocab_size)
+        # TransformerLens fills a special token the tokenizer lacks with EOS, or else with "<|endoftext|>"
+        # (the unknown id 0 here): the first is the config's own token (pad = EOS, as with the model's
+        # tokenizer files: review 46 M1), the second none, and id 0 is then no padding.
+        named = set(_config_special_tokens(json.loads((path / "config.json").read_text()), tokenizer.vocab_size).values())
         for role in _SPECIAL_ROLES:
-            if f"{role}_token" not in named:
+            if getattr(model.tokenizer, f"{role}_token") not in named:
                 setattr(model.tokenizer, f"{role}_token", None)
     if missing:
         text = f"the model directory {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"

@@ -180,13 +180,17 @@ def _rounding_band_text(band, count: int | None, approximation: str = "") -> str
     the forward's rounding level ("" where they agree or a report predates the band)."""
     if band is None or count is None or list(band) == [count, count]:
         return ""
-    other = band[1] if band[0] == count else band[0]
+    # The band's ends sum each block's smaller and larger count: where some blocks count more at the
+    # rounding level and others fewer, the total lies strictly inside, and neither end is the other
+    # cut-off's total (review 46 L4).
+    at_rounding = (f"{_up_to(approximation)}{band[1] if band[0] == count else band[0]:,} at the half-precision "
+                   "rounding level" if count in band else
+                   f"block by block between {band[0]:,} and {band[1]:,} at either cut-off")
     # The band moves the cut-off only: which neurons or heads form a block can itself change under
     # the rounding (audit 15b: bfloat16 toy:modadd 2,177–8,797, its float32 weights 2,123 in fewer blocks;
     # audit 18b F1: 1,700–8,698, its bfloat16 weights in float32 1,658).
-    return (f" at float32's rank cut-off, {_up_to(approximation)}{other:,} at the half-precision rounding level, in "
-            "the blocks the half-precision patterns form — a float32 forward may form other blocks, whose count can "
-            "lie outside both")
+    return (f" at float32's rank cut-off, {at_rounding}, in the blocks the half-precision patterns form — a float32 "
+            "forward may form other blocks, whose count can lie outside both")
 
 
 def _extra_freedom_text(extra: int | None, unit: str = "head", approximation: str = "") -> str:

@@ -123,8 +123,9 @@ def activation_stats(
 
     Args:
         model: a model (or adapter) that ``tld.adapt`` accepts.
-        data: anything :func:`tl_degeneracy.token_batches` accepts (a TokenBatches is used as is;
-            ``batch_size``, ``seq_len`` and ``skip_bos`` apply only when the data still needs batching).
+        data: anything :func:`tl_degeneracy.token_batches` accepts (a TokenBatches is used as it is,
+            but for ``causal``, which the model decides; ``batch_size``, ``seq_len`` and ``skip_bos``
+            apply only when the data still needs batching).
         hooks: hook kinds (every layer, e.g. ``"resid_pre"``) and/or exact hook names. Attention
             patterns/scores are refused: compare them with ``tld.head_synchronization``.
         center: the default of ``.eigenvalues()`` / ``.rank()`` / ``to_frame``: covariance (True)
