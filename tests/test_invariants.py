@@ -471,6 +471,27 @@ def test_rank_does_not_depend_on_the_balance_of_the_factors(tiny_toy_transformer
         assert (frame.loc[frame["layer"] == 1, "rank"] == d).all()
 
 
+def test_eigenvalues_and_copying_scores_do_not_depend_on_the_balance_of_the_factors(tiny_toy_transformer):
+    """Audit 19a F1: the eigenvalues came from B A = A⁻¹(W_O W_V)A in the stored gauge A, whose
+    rounding grows as cond(A)²·eps: 7·10⁻⁶ relative at cond 10⁶ (copying score 1.7·10⁻⁷ off), where
+    the singular values agreed to 4·10⁻¹¹. From the SVD's core S^½VᵀUS^½ they move by the rounding
+    of the stored gauged weights alone, cond(A)·eps ≈ 10⁻¹⁰ here: 10⁻⁸ allows 100×."""
+    tiny_toy_transformer.double()
+    before = ov_invariants(tiny_toy_transformer)
+    a = tiny_toy_transformer.blocks[0].attn
+    d = a.W_V.shape[-1]
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    A = Q @ torch.diag(torch.logspace(0, 6, d, dtype=torch.float64)) @ Q.T
+    with torch.no_grad():
+        a.W_V[0], a.W_O[0] = a.W_V[0] @ A, torch.linalg.solve(A, a.W_O[0])
+    after = ov_invariants(tiny_toy_transformer)
+    for column in ("eigenvalues", "singular_values"):
+        for x, y in zip(before[column], after[column]):
+            gaps = np.abs(x[:, None] - y[None, :])  # nearest partner either way: a conjugate pair's order is rounding's
+            assert len(x) == len(y) and max(gaps.min(0).max(), gaps.min(1).max()) <= 1e-8 * np.abs(x).max()
+    np.testing.assert_allclose(after["copying_score"], before["copying_score"], rtol=0, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------------------------- however loaded
 # Folding rounds every weight entry once or twice in float32 (w·W, then the mean over d_model removed),
 # so the folded factors differ from the float64 ones by ‖E‖ ≲ 4·eps32·‖W‖ per factor; a singular value

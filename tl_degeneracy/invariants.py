@@ -20,7 +20,7 @@ compatibility-mode bridge and a folded HookedTransformer of one checkpoint give 
 
 The products are kept as TransformerLens ``FactoredMatrix`` objects (D×d times d×D): their
 singular values come from a d-dimensional core and their nonzero eigenvalues from the d×d matrix
-W_O P · P diag(w) W_V, so nothing D×D is ever formed or decomposed. Everything is computed in
+S^½ VᵀU S^½ of that SVD (A B = U S Vᵀ), so nothing D×D is ever formed or decomposed. Everything is computed in
 float64 from the stored weights, which are exact float64 numbers whatever their storage dtype, so the
 rank follows the package's one rule at float64 precision (:mod:`tl_degeneracy.numerics`), relative to
 the product's rounding scale ‖A‖₂‖B‖₂ (:func:`numerics.product_scale`), so that an unbalanced gauge
@@ -269,9 +269,13 @@ def _invariant_rows(
     counted (<NA>: queries and keys normalized before the scores, :func:`qk_invariants`), as for a
     group whose entry is None; ``parameters``: per layer, whether the circuit's factors are all live
     parameters (``models.selection.circuit_parameters``)."""
-    U, S, Vh = fm.svd()  # S: [L, H, d] (float64), sorted descending
+    U, S, V = fm.svd()  # A B = U diag(S) Vᵀ; S: [L, H, d] (float64), sorted descending
+    # The nonzero eigenvalues of U S Vᵀ are those of the d×d core S^½ (VᵀU) S^½, which is gauge-invariant:
+    # B A = G⁻¹(W_O W_V)G in a stored gauge G carries rounding that grows as cond(G)² (audit 19a F1:
+    # 7·10⁻⁶ relative at cond 10⁶, where the singular values agreed to 4·10⁻¹¹).
+    root = S.sqrt()
+    eig = torch.linalg.eigvals(root[..., :, None] * (V.mT @ U) * root[..., None, :]).cpu()
     S = S.cpu()
-    eig = fm.eigenvalues.cpu()  # eigenvalues of B A (d×d): the nonzero ones of A B, plus zeros
     norms = fm.norm().cpu()
     # The rank rule for a product computed from its factors: the cut-off scales with ‖A‖₂‖B‖₂, the
     # size of the rounding of the SVD's core, which a gauge can make much larger than σ_1.
@@ -327,7 +331,8 @@ def ov_invariants(model, rtol: float | None = None) -> pd.DataFrame:
     rounding, so that a gauge with ill-conditioned A leaves the rank as it is), ``rtol`` and the
     absolute cut-off ``tol`` used, ``frobenius`` (‖OV‖_F), ``singular_values`` (the nonzero ones,
     descending), ``eigenvalues`` (the nonzero eigenvalues of OV, complex, by decreasing modulus;
-    computed as those of the d×d matrix W_O P · P diag(w) W_V), ``copying_score`` (Σ Re λ / Σ |λ|),
+    computed as those of the d×d matrix S^½ VᵀU S^½ from the product's SVD U S Vᵀ, which no gauge
+    moves: those of W_O P · P diag(w) W_V in the stored gauge carry its rounding, cond(gauge)²·eps), ``copying_score`` (Σ Re λ / Σ |λ|),
     ``positive_eigen_share`` (share of eigenvalue modulus with Re λ > 0), ``free_directions``,
     ``norm`` (the norm folded in: ``"layernorm"``, ``"rmsnorm"`` or None) and ``centered`` (whether P
     was applied: LayerNorm).
