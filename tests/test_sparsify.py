@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.counts import SampleLimitedWarning
+from tl_degeneracy.numerics import DataLimitedWarning
 from tl_degeneracy.interaction.edges import edge_pass
 from tl_degeneracy.interaction.runner import build_runner
 from tl_degeneracy.models.toys.transformer import ToyTransformer
@@ -425,9 +428,25 @@ def test_one_dead_neuron_is_removed_as_several_are():
                                act_fn="relu", normalization="LN", seed=3).double().eval()
         with torch.no_grad():
             model.blocks[0].mlp.b_in[dead] = -100.0
-        result = tld.sparsify(model, data, progress=False)
+        # audit 19a F3: no half-data check sees a neuron silent on all of the data; the removal says so
+        with pytest.warns(DataLimitedWarning, match=f"{len(dead)} of the removed neurons never fire on these data"):
+            result = tld.sparsify(model, data, progress=False)
         row = result.to_frame().iloc[0]
         removed[len(dead)] = row.removed_neurons
+        assert row.removed_silent == len(dead)
         assert all(float(result.bases[0].hidden_map[:, j].abs().sum()) == 0 for j in dead)
         assert row.zeros_out == 16 * len(dead) and row.removed_residual == 0.0 and row.output_drift <= ROUNDING
     assert removed == {1: 1, 2: 2}
+
+
+def test_a_half_precision_copy_says_that_its_rewritten_weights_are_rounded():
+    """Audit 19a F4: a bfloat16 model's copy drifted 9·10⁻³ from rounding its rewritten weights where
+    the construction itself changed nothing measurable (float32: 3·10⁻⁷), with no word of it."""
+    model = ToyTransformer(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=13, n_ctx=16,
+                           act_fn="relu", normalization="LN", seed=3).to(torch.bfloat16).eval()
+    data = torch.randint(0, 13, (24, 10), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tld.sparsify(model, data, progress=False)
+    assert any(issubclass(w.category, RuntimeWarning) and "stores its weights in bfloat16" in str(w.message)
+               and "model.float()" in str(w.message) for w in caught)

@@ -34,8 +34,7 @@ from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
 from .models.selection import attention_layouts, circuit_parameters, read_attention, writable
-from .distributed import warn_once
-from .numerics import HALF_DTYPES, numerical_rank, product_scale
+from .numerics import numerical_rank, product_scale, warn_half_storage
 
 __all__ = ["random_gauge", "canonicalize_heads", "write_attention", "column_signs"]
 
@@ -211,13 +210,11 @@ def _gauge(adapter: ModelAdapter, choose_ov, choose_qk, inplace: bool, what: str
         if new:
             dtype = read_attention(target, layer)["W_V"].dtype
             write_attention(target, layer, {k: v.to(dtype) for k, v in new.items()}, layouts)
-    stored = read_attention(target, 0)["W_V"].dtype
-    if stored in HALF_DTYPES:
-        # audit 14b F3: in bfloat16 the gauge moved the logits by 2e-3 and canonicalizing twice the weights by 3.5e-3.
-        warn_once(f"{what}: this model stores its weights in {str(stored).removeprefix('torch.')}, so the gauged weights "
-                  f"are rounded to ~{torch.finfo(stored).eps:.0e} of their size: the outputs and the invariants move by "
-                  "about that much (not exactly equal, and canonicalizing again moves them again); gauge a float32 "
-                  "copy (model.float()) for equality to float32 rounding", RuntimeWarning, stacklevel=3)
+    # audit 14b F3: in bfloat16 the gauge moved the logits by 2e-3 and canonicalizing twice the weights by 3.5e-3.
+    warn_half_storage(what, read_attention(target, 0)["W_V"].dtype,
+                      "the outputs and the invariants move by about that much (not exactly equal, and canonicalizing "
+                      "again moves them again)", "gauge a float32 copy (model.float()) for equality to float32 rounding",
+                      stacklevel=3)
     if skipped:
         warnings.warn(
             f"{what}: left {', '.join(skipped)} unchanged: their factors are not both parameters of this "
