@@ -172,6 +172,29 @@ def test_a_relu_neuron_s_rescaling_moves_no_count(dtype):
     assert frames[1e-6].attrs["n_eff_kfac"] == frames[1.0].attrs["n_eff_kfac"]
 
 
+@pytest.mark.parametrize("act_fn", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_neuron_that_is_only_rounding_is_no_direction(act_fn, dtype):
+    """Review 47 F1: W_in[:, k] = 1/w and b_in[k] = −Σ b/w of the LayerNorm before it make neuron k's
+    pre-activation Σ n_i = 0 exactly, so its activation is rounding alone (|f_k| ≤ 5·10⁻⁷ in float32,
+    10⁻¹⁵ in float64) and W_out's rank_G is 15 of 16. At the neuron's own second moment that rounding
+    was a direction (16, its band 16–16); against the weights it is computed through it is rounding."""
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    model = ToyTransformer(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=8,
+                           act_fn=act_fn, seed=1).double()
+    with torch.no_grad():
+        mlp, ln = model.blocks[0].mlp, model.blocks[0].ln2
+        mlp.W_in[:, 6] = 1.0 / ln.w
+        mlp.b_in[6] = -(ln.b / ln.w).sum()
+    tokens = torch.randint(0, 7, (12, 6), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = degeneracy_counts(model.to(dtype).eval(), tokens, exact=True, progress=False, batch_size=12)
+    row = frame[frame["map"] == "W_out"].iloc[0]
+    assert row["rank_G"] == 15 and row["kfac_min"] == row["kfac_max"] == 15 * row["rank_K"]
+
+
 def test_one_sequence_says_the_data_check_could_not_run():
     """One sequence: its even-numbered half is all of it, so data_limited could never fire, and the
     counts read as final (audit 9 F5: rank_G 3 of 16 on one sequence, 12 maps flagged when the same

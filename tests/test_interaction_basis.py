@@ -455,7 +455,7 @@ def test_a_deep_linear_network_s_rounding_above_the_cut_off_is_inside_the_band_a
                                nodes=["hook_in", "hook_h0", "hook_h1"], edges=False)
     row = ib.dims.set_index("node").loc["hook_h0"]
     assert row["interaction_rank_min"] == 3 <= row["interaction_rank"] <= row["interaction_rank_max"]
-    assert ib.eigenvalues["hook_h0"].limited_within_band == bool(row["data_limited"])
+    assert ib.eigenvalues["hook_h0"].limited_within_band and row["limited_within_band"] and row["data_limited"]
 
 
 def test_rounding_below_zero_marks_what_no_direction_exceeds():

@@ -172,7 +172,7 @@ def test_interaction_section_equals_a_direct_call(full_report):
     modules = tld.find_modules(direct, seed=0)
     assert list(sec.tables["dims"].columns) == ["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "distinct",
                                                 "M", "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
-                                                "interaction_rank_half", "data_limited", "rank_G_min",
+                                                "interaction_rank_half", "data_limited", "limited_within_band", "rank_G_min",
                                                 "rank_G_max", "interaction_rank_min", "interaction_rank_max"]
     pd.testing.assert_frame_equal(sec.tables["dims"], direct.dims, check_exact=True)
     assert (sec.tables["dims"]["n"] == 5 * 10).all()  # the ib_tokens budget: 5 whole sequences of 10 tokens
@@ -190,6 +190,7 @@ def test_interaction_section_equals_a_direct_call(full_report):
     # the last node read by the outputs: a PCA node's "degenerate" directions are only those without variance
     assert sec.settings["basis"]["last"] == "outputs" and direct.dims["M"].iloc[-1] == "outputs"
     assert sec.values["data_limited_nodes"] == int(direct.dims["data_limited"].sum())
+    assert sec.values["limited_within_band_nodes"] == int(direct.dims["limited_within_band"].sum())
     assert sec.settings["ib_tokens"] == 54 and sec.settings["ib_data"]["n_sequences"] == 5
     assert set(sec.values["timings"]) == {"gram_s", "jacobian_s", "edges_s", "modules_s"}
     assert set(sec.figures) == {"spectra", "edges", "modules"}
@@ -530,6 +531,12 @@ def test_verdicts_say_what_the_numbers_mean():
     assert _rounding_band_text([1700, 8698], 1700, "smooth activation") == (
         " at float32's rank cut-off, up to 8,698 at the half-precision rounding level, in the blocks the "
         "half-precision patterns form — a float32 forward may form other blocks, whose count can lie outside both")
+    # review 47 F4/F5: a data-limited node inside its band says the difference may be the cut-off's; silent removals
+    within = verdict(sec("interaction", degenerate_directions=9, data_limited_nodes=2, limited_within_band_nodes=1,
+                         inside_share=0.5, n_modules=3))
+    assert "at 1 of them the half-data ranks lie inside the ranks' cut-off bands" in within
+    silent = verdict(sec("sparsity", free_directions=10, zeros_added=20, removed_silent=3, output_drift=0.0, kl=0.0))
+    assert "3 removed neuron(s) never fire on these data" in silent
     # review 46 L4: a total strictly inside the band is neither cut-off's other total
     assert _rounding_band_text([1000, 3000], 2000, "").startswith(
         " at float32's rank cut-off, block by block between 1,000 and 3,000 at either cut-off, in the blocks")

@@ -62,6 +62,7 @@ from .errors import MissingHookError
 from .memory import check_batches, counts_forward_held, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
+from .models.weights import MLPWeights
 from .numerics import (CUTOFF_BAND, DataLimitedWarning, SampleLimitedWarning, activation_precision, check_tolerances,
                        rank_band, rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
@@ -237,6 +238,30 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
     return accs, halves
 
 
+def _neuron_scales(weights: MLPWeights, layer: int, input_norm: float) -> dict[str, Float[Tensor, " d_mlp"]]:
+    """Each neuron's scale in the MLP's neuron-indexed Grams that the counts rank (METHODS §4): that of
+    the terms its value is computed from, which its rounding is relative to. ``"W_out"``: its
+    activation, ‖W_in[:, k]‖ + |b_in[k]|/‖x‖ (gated, act(x W_gate) ⊙ x W_in + b_in:
+    ‖W_gate[:, k]‖‖W_in[:, k]‖ + |b_in[k]|/‖x‖²), with ‖x‖ = ``input_norm``, √E‖x‖² of the MLP's
+    input; ``"W_in"`` (and ``"W_gate"``): its pre-activation's gradient, ‖W_out[k]‖ (gated, times the
+    other factor's ‖W[:, k]‖). Factors common to every neuron drop out of a relative cut-off. A ReLU
+    neuron's rescaling (W_in → cW_in, b_in → c·b_in, W_out → W_out/c) scales its G entries, K entries
+    and scales alike, so no rank moves (audit 19b F1: against the largest eigenvalue of the Gram
+    itself, c = 10⁻⁶ read W_in's rank_K 1 of 16); a neuron whose pre-activation cancels to rounding
+    stays at the rounding level against its terms, where its own second moment would have made that
+    rounding a direction (review 47). float64, on the CPU; weights of 0 give scale 1 (a row of 0)."""
+    W_in, b_in = weights.W_in[layer].detach().to(torch.float64).cpu(), weights.b_in[layer].detach().to(torch.float64).cpu()
+    out = weights.W_out[layer].detach().to(torch.float64).cpu().norm(dim=1)
+    reads = W_in.norm(dim=0)
+    norm = max(input_norm, torch.finfo(torch.float64).tiny)
+    if weights.W_gate is None:
+        scales = {"W_out": reads + b_in.abs() / norm, "W_in": out}
+    else:
+        gate = weights.W_gate[layer].detach().to(torch.float64).cpu().norm(dim=0)
+        scales = {"W_out": gate * reads + b_in.abs() / norm ** 2, "W_gate": out * reads, "W_in": out * gate}
+    return {name: unit_scales(scale ** 2) for name, scale in scales.items()}
+
+
 def _token_frequencies(batches: TokenBatches, d_vocab: int) -> tuple[Float[Tensor, " d_vocab"], Float[Tensor, " d_vocab"]]:
     """Frequency of each token over the counted positions: the eigenvalues of W_E's input Gram
     G = (1/n) Σ e_t e_tᵀ = diag(frequencies) (METHODS (4.1) for one-hot inputs), float64; and the same
@@ -294,8 +319,9 @@ def degeneracy_counts(
         data: anything ``token_batches`` takes; a ``TokenBatches`` that leaves BOS out is read with
             BOS counted.
         rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram; for the MLP's
-            neuron-indexed Grams, W_out's G and W_in's and W_gate's K, of the Gram at each neuron's own
-            scale, ``numerics.unit_scales``, so that a ReLU neuron's rescaling moves no rank); default: the
+            neuron-indexed Grams, W_out's G and W_in's and W_gate's K, of the Gram with each neuron at
+            the scale of the weights it is computed through, :func:`_neuron_scales`, so that a ReLU
+            neuron's rescaling moves no rank); default: the
             package's rank rule for a Gram (:func:`tl_degeneracy.numerics.rank_rtol` with ``gram=True``)
             of that Gram's size at the forward pass's precision, ``activation_precision`` of the model's
             dtype (float64 for W_E's exact token frequencies).
@@ -378,7 +404,7 @@ def degeneracy_counts(
                              noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
 
         def band(m: Tensor, second_moment: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
-            """The band of a Gram ``m``; ``units``: its units' own scales (``numerics.unit_scales``): the rule
+            """The band of a Gram ``m``; ``units``: its units' scales (:func:`_neuron_scales`): the rule
             then reads D⁻¹mD⁻¹ (and D⁻¹·second_moment·D⁻¹), and loss_scale still m's own eigenvalues."""
             if units is None:
                 return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
@@ -403,20 +429,18 @@ def degeneracy_counts(
             b = tuple(min(r, most) for r in band(whole, second_moment, units))
             return b, min(rank(half, units), most) < b[1]
 
-        def k_rank(key, head: int | None = None, per_unit: bool = False) -> tuple[tuple[int, int, int], bool, bool]:
+        def k_rank(key, head: int | None = None, units: Tensor | None = None) -> tuple[tuple[int, int, int], bool, bool]:
             """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
             probe gradient lies in K's range, so a probe Gram's rank can only fall short of K's, and the
             first half of the probes finding fewer directions than all of them says more probes would
             find more; a rank at K's full width cannot grow (audit 5: toy:modadd's W_V, 32 of 32, were
-            flagged where the half-probe spectrum decayed through the cut-off). ``per_unit``: ranked at
-            the units' own scales (:func:`band`), those of all the probes' Gram."""
+            flagged where the half-probe spectrum decayed through the cut-off). ``units``: as :func:`band`'s."""
             stats = jac[key]
 
             def of(st: JacobianHookStats) -> Tensor:
                 return st.gram if head is None else st.head_gram[head]
 
             gram = of(stats)
-            units = unit_scales(gram.diagonal()) if per_unit else None
             b = band(gram, units=units)
             halves = stats.half_grams(head is not None)
             probes = (halves is not None and b[1] < gram.shape[-1]
@@ -437,6 +461,7 @@ def degeneracy_counts(
                          "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
                          "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
 
+        mlp_weights = adapter.mlp_weights() if mlp else None
         for layer in range(L):
             bias = adapter.map_biases(layer)
             input_ranks: dict[tuple[str, bool], tuple[int, bool]] = {}
@@ -483,14 +508,15 @@ def degeneracy_counts(
                 F = adapter.d_mlp
                 maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
                     [("W_in", ("mlp_pre", layer))]
-                # The neurons' own scales: a ReLU rescaling of one neuron moves no rank (audit 19b F1).
+                x_norm = float(input_moment(adapter, layer, "ln2", inputs[mlp_in[layer]], False).trace().clamp_min(0).sqrt())
+                units = _neuron_scales(mlp_weights, layer, x_norm)
                 for name, key in maps:
-                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key, per_unit=True), D, F, bias[name],
+                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key, units=units[name]), D, F, bias[name],
                         most(bias[name]))
                 post = acts[("mlp_post", layer)]
                 G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
                 add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
-                                                 else None, units=unit_scales(post.gram.diagonal())),
+                                                 else None, units=units["W_out"]),
                     k_rank(mlp_out[layer]), F, D, bias["W_out"])
         if embeddings:
             # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.

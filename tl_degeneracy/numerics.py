@@ -120,15 +120,16 @@ def rank_rtol(dims: int | Iterable[int], precision: torch.dtype = torch.float64,
     return max(rtol * rtol, size * torch.finfo(torch.float64).eps) if gram else rtol
 
 
-def unit_scales(diagonal: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """√M_ii of a Gram M's ``diagonal`` (1 where it is 0), float64: each unit's own scale. Ranked as
-    D⁻¹MD⁻¹ with D = diag(scales), a Gram of units that a symmetry rescales one by one (ReLU neurons:
-    W_in → cW_in, W_out → W_out/c) has the same rank whatever the scales, where against the largest
-    eigenvalue of M itself a unit at 10⁻⁶ of the others fell under the cut-off, or took the others
-    under it (audit 19b F1); each unit is rounded relative to itself, so its own scale is the one its
-    rounding is known against."""
-    diagonal = diagonal.to(torch.float64).clamp_min(0)
-    return torch.where(diagonal > 0, diagonal.sqrt(), torch.ones_like(diagonal))
+def unit_scales(squares: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """√ of each unit's squared scale (1 where it is 0), float64. Ranked as D⁻¹MD⁻¹ with D =
+    diag(scales), a Gram M of units that a symmetry rescales one by one (ReLU neurons: W_in → cW_in,
+    W_out → W_out/c) has the same rank whatever their scales, where against the largest eigenvalue of
+    M itself a unit at 10⁻⁶ of the others fell under the cut-off, or took the others under it (audit
+    19b F1). The scale is the one a unit's rounding is relative to: a group's own largest eigenvalue
+    (``synchronization.balanced_values``), or the weights a neuron is computed through
+    (``counts._neuron_scales``)."""
+    squares = squares.to(torch.float64).clamp_min(0)
+    return torch.where(squares > 0, squares.sqrt(), torch.ones_like(squares))
 
 
 def product_scale(

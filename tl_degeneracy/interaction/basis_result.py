@@ -158,7 +158,9 @@ class InteractionBasis:
         those samples can span, so the node's degenerate directions may be the data's, not the model's (read more);
         rank_G_half / interaction_rank_half: the ranks from the data's even-numbered sequences
         alone, and data_limited: one of them is lower than on all of the data, so the ranks are still
-        growing with the data and the node's degenerate count is an upper bound (METHODS §5);
+        growing with the data and the node's degenerate count is an upper bound (METHODS §5), and
+        limited_within_band: data_limited with each half-data rank inside its cut-off band, where the
+        difference may be the cut-off's instead (:attr:`NodeSpectrum.limited_within_band`);
         rank_G_min / rank_G_max and interaction_rank_min / interaction_rank_max: the ranks with the
         cut-off moved ``numerics.CUTOFF_BAND``-fold up / down (:class:`NodeSpectrum`'s bands)."""
         rows = []
@@ -174,12 +176,12 @@ class InteractionBasis:
                          "sample_limited": sample_limited(spec.rank_G, distinct, D, self.centered),
                          "rank_G_half": spec.half_ranks[0] if spec.half_ranks else pd.NA,
                          "interaction_rank_half": spec.half_ranks[1] if spec.half_ranks else pd.NA,
-                         "data_limited": spec.data_limited,
+                         "data_limited": spec.data_limited, "limited_within_band": spec.limited_within_band,
                          "rank_G_min": g_band[0], "rank_G_max": g_band[1],
                          "interaction_rank_min": i_band[0], "interaction_rank_max": i_band[1]})
         frame = pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "distinct", "M",
                                             "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
-                                            "interaction_rank_half", "data_limited", "rank_G_min", "rank_G_max",
+                                            "interaction_rank_half", "data_limited", "limited_within_band", "rank_G_min", "rank_G_max",
                                             "interaction_rank_min", "interaction_rank_max"])
         return frame.astype({"rank_G_half": "Int64", "interaction_rank_half": "Int64"})
 

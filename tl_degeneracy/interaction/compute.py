@@ -421,6 +421,7 @@ def interaction_basis(
                           "rank_G or the interaction rank is", runner.batches.n_sequences, "dims' data_limited",
                           "those nodes' degenerate directions are upper bounds; give more data" + (
                               f" (at {', '.join(in_band)} the half-data ranks lie inside the ranks' cut-off bands: "
-                              "there the difference may be the cut-off's, an eigenvalue just above it, as much as "
-                              "the data's)" if in_band else ""))
+                              "there the difference may instead be the cut-off's, an eigenvalue of rounding just above "
+                              "it, and then the degenerate directions read too few; column limited_within_band)"
+                              if in_band else ""))
         return result

@@ -330,6 +330,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "sample_limited_nodes": int(dims["sample_limited"].sum()), "min_samples": int(dims["n"].min()),
                 "min_distinct_samples": int(dims["distinct"].min()),
                 "data_limited_nodes": int(dims["data_limited"].sum()),
+                "limited_within_band_nodes": int(dims["limited_within_band"].sum()),
                 "estimated_edge_pairs": int(edges["estimated"].sum()), "edge_pairs": len(edges),
                 "probe_basis_edge_pairs": int(edges["basis_estimated"].sum()),
                 "edge_sources": s.ib_edge_sources,
@@ -523,6 +524,7 @@ def sparsity(ctx: ReportContext) -> SectionOutput:
               "removed_residual": float(frame["removed_residual"].max()),
               "blocks_changing": int(frame["blocks_changing"].sum()),
               "blocks_without_basis": int(frame["blocks_without_basis"].sum()),
+              "removed_silent": int(frame["removed_silent"].sum()),
               "n_sequences": res.positions["n_sequences"]}
     free = f"{values['free_directions']:,}" if values["sync_exact"] else f"≤ {values['free_directions']:,}"
     return SectionOutput(
@@ -790,6 +792,11 @@ def _interaction_verdict(v: dict) -> str:
         text += (f" — at {grows} node(s) rank(G) or the interaction rank is lower on half of the data than on all "
                  "of it, so those ranks are still growing with the data and their degenerate counts are upper "
                  "bounds (raise ib_tokens)")
+        within = v.get("limited_within_band_nodes", 0)  # absent from reports saved before it was recorded
+        if within:  # review 46 M2 / 47 F4: an eigenvalue of rounding just above the cut-off reads the same
+            text += (f"; at {within} of them the half-data ranks lie inside the ranks' cut-off bands, where the "
+                     "difference may instead be the cut-off's (rounding just above it: then the degenerate count "
+                     "reads too low)")
     half = v.get("half_precision")  # absent from reports saved before it was recorded
     if half:
         text += (f" — the model computes in {half}: its rounding can count as directions, so interaction ranks may "
@@ -935,6 +942,10 @@ def _sparsity_verdict(v: dict) -> str:
     if changing:
         text += (f" — {changing} synchronized block(s) are formed otherwise on half of the data: the neurons removed "
                  "from them and their changes of basis hold on these data only (raise n_sequences)")
+    silent = v.get("removed_silent", 0)  # absent from reports saved before it was recorded
+    if silent:  # review 47 F5: no half-data check sees a neuron silent on all of the data
+        text += (f" — {silent} removed neuron(s) never fire on these data, so whether they fire on other inputs (and "
+                 "the copy drifts there) is not known (raise n_sequences, or give data that cover those inputs)")
     if v.get("n_sequences") == 1:
         text += " — one sequence: whether the ranks and blocks still change with the data was not checked"
     without = v.get("blocks_without_basis", 0)
