@@ -40,6 +40,7 @@ def _loss_grads(model, data, delta_scale: float, chains: int = 3):
 
 
 @needs_compiler
+@pytest.mark.tl_agnostic  # the package's own toy (compiling it: about a minute): once, in the TransformerLens 4.x run
 def test_compiled_loss_and_gradient_equal_uncompiled_on_toy_transformer(tiny_toy_transformer, tiny_toy_tokens):
     pairs, compiled = _loss_grads(tiny_toy_transformer, tiny_toy_tokens, 0.05)
     assert compiled.compiled and compiled.compile_error == "" and compiled.compile_s > 0
