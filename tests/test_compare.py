@@ -90,10 +90,10 @@ def test_every_setting_that_differs_is_listed(saved):
     *_, dir_a, dir_b = saved
     comparison = tld.compare_reports(dir_a, dir_b)
     diff = comparison.settings_frame().set_index("setting")
-    assert set(diff.index) == {"model weights sha256", "seed", "n_probes"}
+    assert set(diff.index) == {"model sha256", "seed", "n_probes"}
     assert diff.loc["seed"].tolist() == [0, 1, True] and diff.loc["n_probes"].tolist() == [2, 3, True]
     a_digest, b_digest = (Report.load(d).identity["model"]["digest"] for d in (dir_a, dir_b))
-    assert diff.loc["model weights sha256"].tolist() == [a_digest, b_digest, True]
+    assert diff.loc["model sha256"].tolist() == [a_digest, b_digest, True]
     text = comparison.summary()
     assert "3 setting(s) differ" in text and "seed 0 → 1" in text and "n_probes 2 → 3" in text
     assert tld.compare_reports(dir_a, Report.load(dir_a)).settings_frame().empty

@@ -167,6 +167,70 @@ def test_the_report_records_what_it_belongs_to(tmp_path):
     assert identity["data"] == {"source": "toy:sma", "digest": tensor_digest([("tokens", tld.toy_data("sma"))])}
 
 
+def test_the_model_digest_sees_the_config_the_buffers_and_hooks_not_only_the_weights(hf_dirs, tmp_path):
+    """Audit 20a F1: the digest (the cache's key and the directory's identity) was the weights' alone,
+    so a rerun after a config.json changed the activation, or with a permanent ablation hook, reused
+    the old sections (2 synchronized neuron blocks where the changed model has 9)."""
+    from tl_degeneracy.report.context import ReportContext
+
+    def digest(model):
+        return ReportContext(label="m", adapter=tld.adapt(model), settings=tld.report.PRESETS["quick"]).model_digest
+
+    model = tld.load_model(hf_dirs["llama"], device="cpu")
+    plain = digest(model)
+    assert digest(tld.load_model(hf_dirs["llama"], device="cpu")) == plain  # the same model, the same digest
+    model.blocks[0].hook_resid_pre.add_hook(lambda act, hook: act * 0, is_permanent=True)
+    hooked = digest(model)
+    model.reset_hooks(including_permanent=True)
+    assert hooked != plain and digest(model) == plain
+    config = json.loads((hf_dirs["llama"] / "config.json").read_text())
+    rope = ({"rope_parameters": {**config["rope_parameters"], "rope_theta": 10.0}} if "rope_parameters" in config
+            else {"rope_theta": 10.0})  # transformers 5 keeps it in rope_parameters
+    for key, change in (("act", {"hidden_act": "gelu"}), ("rope", rope)):  # the same weights, another function
+        changed = tmp_path / key
+        shutil.copytree(hf_dirs["llama"], changed)
+        (changed / "config.json").write_text(json.dumps({**config, **change}))
+        assert digest(tld.load_model(changed, device="cpu")) not in (plain, hooked), key
+
+
+def test_a_section_is_recomputed_under_other_library_versions(monkeypatch):
+    """Audit 20a F2: after a torch or TransformerLens upgrade the sections were reused as cached."""
+    from tl_degeneracy.report import cache
+    from tl_degeneracy.report.context import ReportContext
+    from tl_degeneracy.report.registry import SECTIONS
+
+    ctx = ReportContext(label="m", adapter=tld.adapt(tld.load_model("toy:sma")), settings=tld.report.PRESETS["quick"])
+    before = cache.fingerprint(SECTIONS["invariants"], ctx)
+    monkeypatch.setattr(cache, "library_versions", lambda: {"torch": "99.0"})
+    assert cache.fingerprint(SECTIONS["invariants"], ctx) != before
+
+
+def test_a_save_cut_short_says_so_until_it_is_completed(tmp_path, monkeypatch):
+    """Audit 20a F3: a save interrupted after report.json left its new numbers beside an earlier run's
+    CSVs and report.html, and nothing said so. report.json now says it is being written until the
+    rest is, and reading it warns."""
+    from tl_degeneracy.report import html
+
+    identity = {"model": {"label": "a", "digest": "1" * 64}, "data": None, "tl-degeneracy": tld.__version__}
+    _report(identity, ["one"]).save(tmp_path)
+
+    def interrupted(report):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(html, "render_html", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _report(identity, ["one", "two"]).save(tmp_path)
+    assert _stored(tmp_path)["incomplete"] is True
+    with pytest.warns(RuntimeWarning, match="was being saved when its run stopped"):
+        Report.load(tmp_path)
+    monkeypatch.undo()
+    _report(identity, ["one", "two"]).save(tmp_path)  # the rerun completes it
+    assert "incomplete" not in _stored(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Report.load(tmp_path)
+
+
 def test_other_data_is_refused_but_another_budget_on_the_same_data_is_not(tmp_path, capsys):
     out = tmp_path / "rep"
     argv = ["--model", "toy:sma", "--only", "activations"]
@@ -260,8 +324,8 @@ def test_save_merges_the_same_identity_and_refuses_another(tmp_path):
     _report(a, ["one"]).save(tmp_path)  # a rerun of the section: its table that went away goes too
     assert _csvs(tmp_path) == {"summary_one.csv"} == _listed_csvs(tmp_path)
     b = {**a, "model": {"label": "b", "digest": "2" * 64}}
-    with pytest.raises(ReportDirectoryError, match=r"holds the report of a.*model a \(weights sha256 111111111111\) "
-                                                   r"there, b \(222222222222\) now"):
+    with pytest.raises(ReportDirectoryError, match=r"holds the report of a.*model a \(sha256 111111111111 of its "
+                                                   r"weights, config and hooks\) there, b \(222222222222\) now"):
         _report(b, ["three"]).save(tmp_path)
     _report(b, ["three"]).save(tmp_path, replace=True)
     assert _csvs(tmp_path) == {"summary_three.csv"} and Report.load(tmp_path).identity == b

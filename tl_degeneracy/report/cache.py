@@ -1,8 +1,9 @@
 """Finished sections kept in the checkpoint directory, reused when their fingerprint matches.
 
 A section's fingerprint is the sha256 of: its name, the report settings it declares, the seed,
-the package version, the model's live parameters (values included), the device type, and — for
-sections that read data — the token sequences. A rerun with the same fingerprint loads the section
+the package's and the libraries' versions, the model (``ReportContext.model_digest``: its live
+parameters and buffers, values included, its configuration and the hooks on its modules), the
+device type, and — for sections that read data — the token sequences. A rerun with the same fingerprint loads the section
 instead of recomputing it. The section's own checkpoints (the LLC's sampler states) live in
 ``<checkpoint_dir>/<section>-<fingerprint[:12]>/``: an interrupted run resumes there, and a run with
 other settings gets a directory of its own rather than a checkpoint it would have to refuse.
@@ -19,7 +20,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from .context import ReportContext
+from .context import ReportContext, library_versions
 from .registry import SECTIONS, Section
 from .report import ReportDirectoryError, SectionResult
 from .serialize import to_jsonable
@@ -36,6 +37,7 @@ def fingerprint(section: Section, ctx: ReportContext) -> str:
         "seed": ctx.seed,
         "llc_components": ctx.llc_components if section.name == "llc" else None,
         "version": __version__,
+        "libraries": library_versions(),  # audit 20a F2: another torch or TransformerLens can move the numbers
         "model": ctx.model_digest,
         "device_type": ctx.adapter.device.type,
         "data": ctx.data_digest if section.needs_data else None,

@@ -51,7 +51,7 @@ from ..llc.sweep import point_failed
 from .html import flat_values, render_comparison, render_notebook, section_status, value_text
 from .registry import SECTIONS
 from .report import (Report, ReportDirectoryError, SectionResult, check_writable, identity_conflicts, settings_text,
-                     stored_report, write_atomic)
+                     stored_report, warn_incomplete, write_atomic)
 from .serialize import csv_frame, to_jsonable
 
 __all__ = ["NoiseInterval", "ReportComparison", "ReportInputError", "compare_reports", "default_directory", "noise_interval"]
@@ -122,6 +122,7 @@ def _read(source: Report | str | os.PathLike, side: str) -> tuple[Report, str | 
         # not the package's file: --fresh refuses to replace it (Report.check_directory), so no advice to rerun there
         raise ReportInputError(f"{where} ({type(e).__name__}: {e}): it is not a tl-degeneracy report (or is damaged "
                                "beyond telling). Give the --out directory of a `tl-degeneracy report` run.") from e
+    warn_incomplete(stored, path)
     try:
         report = Report.from_dict(stored)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -193,8 +194,8 @@ class ReportComparison:
 
     def settings_frame(self) -> pd.DataFrame:
         """Every setting in which the two reports differ (columns setting, a, b): the model (label,
-        weights sha256, its summary), the data (source, sha256, the positions that counted), the
-        report's settings and budgets, the library versions, and a section's own settings
+        sha256 of its weights, config and hooks, its summary), the data (source, sha256, the
+        positions that counted), the report's settings and budgets, the library versions, and a section's own settings
         ("<section>: <setting>", both sides' values, equal or not) where a side's section was
         computed with other settings than its header (kept from an earlier run). ``differs``: False
         only for such a section setting that both sides' sections share, whatever their headers say."""
@@ -455,7 +456,7 @@ def _setup(report: Report) -> dict:
     """Everything a report was made with, flat: model, data, settings and budgets, versions."""
     identity = report.identity or {}
     data = report.data or {}
-    out = {"model": report.model.get("label"), "model weights sha256": (identity.get("model") or {}).get("digest")}
+    out = {"model": report.model.get("label"), "model sha256": (identity.get("model") or {}).get("digest")}
     out.update({f"model {k}": v for k, v in report.model.items() if k != "label"})
     out.update({"data": data.get("source"), "data sha256": (identity.get("data") or {}).get("digest")})
     out.update({f"data {k}": v for k, v in data.items() if k not in ("source", "positions")})

@@ -49,6 +49,21 @@ NOT_TEXT = {
 MIN_FITTED_SEQ_LEN = 256
 
 
+def _config_items(cfg) -> dict:
+    """A model config's settings as JSON-able text, but for where it runs (``device``, ``n_devices``:
+    moving a model changes no number), what it is called (``model_name``, ``tokenizer_name``: a
+    HookedTransformer loaded from a directory names a temporary one, another at every load) and
+    values whose text names a memory address (it differs between processes)."""
+    if cfg is None:
+        return {}
+    items = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    return {k: repr(v) for k, v in items.items() if k not in _NOT_COMPUTED and " at 0x" not in repr(v)}
+
+
+#: Config settings that say where a model runs or what it is called, not what it computes.
+_NOT_COMPUTED = ("device", "n_devices", "model_name", "tokenizer_name")
+
+
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries that shape the numbers."""
     from importlib.metadata import PackageNotFoundError, version
@@ -352,10 +367,26 @@ class ReportContext:
 
     @cached_property
     def model_digest(self) -> str:
-        """sha256 of the live parameters (names, dtypes, shapes, values)."""
+        """sha256 of what the model computes with: the live parameters and the buffers (names, dtypes,
+        shapes, values), its configuration (the adapter's, and the model's own but for the device)
+        and the hooks attached to its hook points (how many, not which functions). The weights alone missed a config.json that changed the
+        activation or the rotary base, and a permanent ablation hook (audit 20a F1: a rerun reused
+        2 synchronized neuron blocks where the changed model has 9)."""
         from ..llc.targets import tensor_digest
 
-        return tensor_digest(sorted((p.name, p.param) for p in self.adapter.live_parameters()))
+        model = self.adapter.model
+        parts = {
+            "parameters": tensor_digest(sorted((p.name, p.param) for p in self.adapter.live_parameters())),
+            "buffers": tensor_digest(sorted(model.named_buffers(), key=lambda item: item[0])),
+            "config": {"adapter": self.adapter.cfg.to_dict(), "model": _config_items(getattr(model, "cfg", None))},
+            # TransformerLens lists the hooks on its hook points (how many, which permanent), not their
+            # functions; torch lists those on other modules nowhere public.
+            "hooks": sorted(f"{name}: {len(point.fwd_hooks)} forward ({sum(h.is_permanent for h in point.fwd_hooks)} "
+                            f"permanent), {len(point.bwd_hooks)} backward"
+                            for name, point in getattr(model, "hook_dict", {}).items()
+                            if point.fwd_hooks or point.bwd_hooks),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     @cached_property
     def data_digest(self) -> str:
@@ -383,8 +414,8 @@ class ReportContext:
         return self.data_digest
 
     def identity(self) -> dict:
-        """What this report's numbers belong to (``Report.identity``): the model (label, sha256 of
-        the live parameters), the data set (source, :attr:`source_digest`; None when no section
+        """What this report's numbers belong to (``Report.identity``): the model (label, :attr:`model_digest`:
+        its parameters, buffers, configuration and hooks), the data set (source, :attr:`source_digest`; None when no section
         read data) and the tl-degeneracy version."""
         from .. import __version__
 

@@ -21,6 +21,7 @@ import os
 import re
 import textwrap
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,8 +120,8 @@ class Report:
     counted (None without data); ``settings``: preset, budgets, seed, device, checkpoint directory;
     ``versions``: library versions; ``sections``: name → :class:`SectionResult`, in report order;
     ``identity``: what the numbers belong to — ``{"model": {"label", "digest"}, "data": {"source",
-    "digest"} or None, "tl-degeneracy": version}`` (digests: sha256 of the live parameters and of
-    the data; ``ReportContext.identity``) — compared by :meth:`save` with the report already in
+    "digest"} or None, "tl-degeneracy": version}`` (digests: sha256 of the model's parameters, buffers,
+    configuration and hooks, and of the data; ``ReportContext.identity``) — compared by :meth:`save` with the report already in
     the directory.
     """
 
@@ -177,8 +178,11 @@ class Report:
         stale = set() if older is None else {s.csv_name(t) for s in older.sections.values() for t in s.tables}
         # report.json first: a save interrupted after it leaves a directory that is recognisably the
         # report's (its CSVs then rewritten by the rerun); CSVs first left files that every rerun,
-        # --fresh included, refused as foreign (review 32).
-        write_atomic(out / "report.json", json.dumps(report.to_dict(), indent=1, allow_nan=False))
+        # --fresh included, refused as foreign (review 32). It says it is being written until the CSVs and
+        # the HTML are: an interrupted save left new totals beside an earlier run's CSVs and page,
+        # without a word (audit 20a F3).
+        content = report.to_dict()
+        write_atomic(out / "report.json", json.dumps({**content, INCOMPLETE: True}, indent=1, allow_nan=False))
         for section in report.sections.values():
             for name, table in section.tables.items():
                 write_atomic(out / section.csv_name(name), csv_frame(table).to_csv(index=False))
@@ -187,6 +191,7 @@ class Report:
             (out / name).unlink(missing_ok=True)
         html = out / "report.html"
         write_atomic(html, render_html(report))
+        write_atomic(out / "report.json", json.dumps(content, indent=1, allow_nan=False))
         return html
 
     def merge(self, older: Report) -> Report:
@@ -259,7 +264,9 @@ class Report:
         path = Path(directory) / "report.json"
         if not path.exists():
             raise FileNotFoundError(f"no report.json in {directory}")
-        return cls.from_dict(json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
+        warn_incomplete(stored, directory)
+        return cls.from_dict(stored)
 
     def summary(self, width: int = 100) -> str:
         """One screen of text: the model, the data, every setting changed from the preset, and per
@@ -346,7 +353,7 @@ def identity_conflicts(there: dict | None, here: dict | None) -> list[str]:
     out = []
     m0, m1 = there.get("model") or {}, here.get("model") or {}
     if m0.get("digest") != m1.get("digest"):
-        out.append(f"model {m0.get('label')} (weights sha256 {str(m0.get('digest'))[:12]}) there, "
+        out.append(f"model {m0.get('label')} (sha256 {str(m0.get('digest'))[:12]} of its weights, config and hooks) there, "
                    f"{m1.get('label')} ({str(m1.get('digest'))[:12]}) now")
     d0, d1 = there.get("data"), here.get("data")
     if d0 is not None and d1 is not None and d0.get("digest") != d1.get("digest"):
@@ -408,6 +415,19 @@ def _lowered(fit: dict) -> str:
 
     lowered = fit.get("lowered") or {}
     return "; lowered to fit: " + ", ".join(f"{k} {text(a)} → {text(b)}" for k, (a, b) in lowered.items()) if lowered else ""
+
+
+#: The key ``Report.save`` sets in report.json until the CSVs and report.html beside it are written.
+INCOMPLETE = "incomplete"
+
+
+def warn_incomplete(stored: dict, directory: str | Path) -> None:
+    """A RuntimeWarning where the report.json read from ``directory`` was saved by a run that stopped
+    before its CSVs and report.html were written: those may hold an earlier run's numbers."""
+    if stored.get(INCOMPLETE):
+        warnings.warn(f"the report in {directory} was being saved when its run stopped: report.json holds its numbers, "
+                      "but its CSVs and report.html may still be an earlier run's; rerun the same command to complete "
+                      "them", RuntimeWarning, stacklevel=3)
 
 
 def stored_report(directory: str | Path) -> dict:
