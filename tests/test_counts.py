@@ -195,6 +195,64 @@ def test_a_neuron_that_is_only_rounding_is_no_direction(act_fn, dtype):
     assert row["rank_G"] == 15 and row["kfac_min"] == row["kfac_max"] == 15 * row["rank_K"]
 
 
+def test_a_real_neuron_that_fires_on_few_samples_by_a_small_margin_counts():
+    """Review 48 F2: scaled by the weights it is computed through, a float64 ReLU neuron that fires on 2
+    of 72 samples by 10⁻⁷ of its terms (nine orders above its rounding) fell under the cut-off (15 of
+    16, its band 15–15). At its own scale it counts; only a neuron at its rounding level reads as 0."""
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    model = ToyTransformer(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=8,
+                           act_fn="relu", seed=1).double().eval()
+    tokens = torch.randint(0, 7, (12, 6), generator=torch.Generator().manual_seed(0))
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        x = cache["blocks.0.ln2.hook_normalized"].reshape(-1, 8)
+        pre = x @ mlp.W_in[:, 6]
+        mlp.b_in[6] = -pre.max() + 1e-7 * mlp.W_in[:, 6].norm() * x.norm(dim=1).pow(2).mean().sqrt()
+        _, cache = model.run_with_cache(tokens)
+    assert 0 < int((cache["blocks.0.mlp.hook_post"][..., 6] > 0).sum()) <= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = degeneracy_counts(model, tokens, exact=True, progress=False, batch_size=12)
+    row = frame[frame["map"] == "W_out"].iloc[0]
+    assert row["rank_G"] == 16 and row["kfac_min"] == 16 * row["rank_K"]
+
+
+def test_a_gated_neuron_driven_by_its_gate_bias_counts(tmp_path):
+    """Review 48 F1: a Hugging Face gated MLP with biases (act(x W_gate + b_gate) ⊙ (x W_in + b_in)) read
+    as TransformerLens's convention (no gate bias): a neuron whose gate is its bias (W_gate row 10⁻⁶,
+    b_gate 2), of ordinary activation, got a scale 10⁻⁶ too small and took the other 63 under the
+    cut-off (W_out's rank_G 1 of 64, W_in's rank_K 1)."""
+    import transformers as tf
+
+    from tests.fixtures.hf import boot_bridge, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, hidden_act="silu", attention_bias=False,
+                            mlp_bias=True, tie_word_embeddings=False, vocab_size=100, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0)
+    hf = tf.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        mlp = hf.model.layers[0].mlp
+        mlp.gate_proj.weight[5] *= 1e-6
+        mlp.gate_proj.bias[5] = 2.0
+        mlp.up_proj.bias[5] = 0.0
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    tokens = torch.randint(3, 100, (16, 12), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = degeneracy_counts(boot_bridge(tmp_path), tokens, progress=False, batch_size=16)
+    rows = frame[frame["map"].isin(["W_gate", "W_in", "W_out"])].set_index("map")
+    assert rows.loc["W_out", "rank_G"] == 64 and rows.loc["W_gate", "rank_K"] == rows.loc["W_in", "rank_K"] == 64
+
+
 def test_one_sequence_says_the_data_check_could_not_run():
     """One sequence: its even-numbered half is all of it, so data_limited could never fire, and the
     counts read as final (audit 9 F5: rank_G 3 of 16 on one sequence, 12 maps flagged when the same

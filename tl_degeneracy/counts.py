@@ -48,6 +48,7 @@ about the data as about the model (``numerics.sample_limited``, per row, with a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import pandas as pd
@@ -238,28 +239,46 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
     return accs, halves
 
 
-def _neuron_scales(weights: MLPWeights, layer: int, input_norm: float) -> dict[str, Float[Tensor, " d_mlp"]]:
-    """Each neuron's scale in the MLP's neuron-indexed Grams that the counts rank (METHODS §4): that of
-    the terms its value is computed from, which its rounding is relative to. ``"W_out"``: its
-    activation, ‖W_in[:, k]‖ + |b_in[k]|/‖x‖ (gated, act(x W_gate) ⊙ x W_in + b_in:
-    ‖W_gate[:, k]‖‖W_in[:, k]‖ + |b_in[k]|/‖x‖²), with ‖x‖ = ``input_norm``, √E‖x‖² of the MLP's
-    input; ``"W_in"`` (and ``"W_gate"``): its pre-activation's gradient, ‖W_out[k]‖ (gated, times the
-    other factor's ‖W[:, k]‖). Factors common to every neuron drop out of a relative cut-off. A ReLU
-    neuron's rescaling (W_in → cW_in, b_in → c·b_in, W_out → W_out/c) scales its G entries, K entries
-    and scales alike, so no rank moves (audit 19b F1: against the largest eigenvalue of the Gram
-    itself, c = 10⁻⁶ read W_in's rank_K 1 of 16); a neuron whose pre-activation cancels to rounding
-    stays at the rounding level against its terms, where its own second moment would have made that
-    rounding a direction (review 47). float64, on the CPU; weights of 0 give scale 1 (a row of 0)."""
-    W_in, b_in = weights.W_in[layer].detach().to(torch.float64).cpu(), weights.b_in[layer].detach().to(torch.float64).cpu()
-    out = weights.W_out[layer].detach().to(torch.float64).cpu().norm(dim=1)
-    reads = W_in.norm(dim=0)
-    norm = max(input_norm, torch.finfo(torch.float64).tiny)
-    if weights.W_gate is None:
-        scales = {"W_out": reads + b_in.abs() / norm, "W_in": out}
+def _rounding_floors(weights: MLPWeights, layer: int, input_norm: float, output_norm: float, dtype: torch.dtype,
+                     bias_after_product: bool) -> dict[str, Float[Tensor, " d_mlp"]]:
+    """Per neuron of ``layer``, the RMS at or below which its value in the Grams the counts rank is the
+    forward's rounding alone (METHODS §4): 4·eps(``dtype``)·T_k/√D, a few times the typical rounding of
+    a dot product of D terms of sizes ≈ T_k/D each (rounding errors add up as a random walk; the worst
+    case, D·eps·T_k, exceeds T_k in bfloat16 at D ≥ 128 and would read every neuron as rounding). ``"W_out"``: its activation, T_k = ‖x‖‖W_in[:, k]‖ +
+    |b_in[k]| (gated: the product of the gate's and the linear factor's T, with TransformerLens's b_in
+    after the product where ``bias_after_product``), ‖x‖ = ``input_norm`` (√E‖x‖² of the MLP's input);
+    ``"W_in"``, ``"W_gate"``: its pre-activation's gradient, T_k = ‖W_out[k]‖·``output_norm`` (√E‖g‖²
+    of the gradient at the MLP's output; gated, times the other factor's T). A ReLU rescaling of a
+    neuron scales its values and its floor alike. float64, on the CPU."""
+    def f64(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[layer].detach().to(torch.float64).cpu()
+
+    W_in, b_in, W_out, W_gate, b_gate = (f64(t) for t in (weights.W_in, weights.b_in, weights.W_out, weights.W_gate,
+                                                          weights.b_gate))
+    D = W_in.shape[0]
+    reads = input_norm * W_in.norm(dim=0)
+    writes = output_norm * W_out.norm(dim=1)
+    if W_gate is None:
+        sizes = {"W_out": reads + b_in.abs(), "W_in": writes}
     else:
-        gate = weights.W_gate[layer].detach().to(torch.float64).cpu().norm(dim=0)
-        scales = {"W_out": gate * reads + b_in.abs() / norm ** 2, "W_gate": out * reads, "W_in": out * gate}
-    return {name: unit_scales(scale ** 2) for name, scale in scales.items()}
+        gate = input_norm * W_gate.norm(dim=0) + (0.0 if b_gate is None else b_gate.abs())
+        linear = reads if bias_after_product else reads + b_in.abs()
+        sizes = {"W_out": gate * linear + (b_in.abs() if bias_after_product else 0.0),
+                 "W_gate": writes * linear, "W_in": writes * gate}
+    level = 4 * torch.finfo(dtype).eps / math.sqrt(D)
+    return {name: level * size for name, size in sizes.items()}
+
+
+def _neuron_units(diagonal: Float[Tensor, " d_mlp"], floor: Float[Tensor, " d_mlp"]) -> Float[Tensor, " d_mlp"]:
+    """The scales at which the counts rank a neuron-indexed Gram (``band``'s ``units``): each neuron's
+    own RMS √M_kk, so that a ReLU rescaling moves no rank (audit 19b F1: against the Gram's largest
+    eigenvalue, c = 10⁻⁶ read W_in's rank_K 1 of 16), a neuron that fires rarely counting as much as
+    one that fires always; and ∞ (its row and column read as 0) where that RMS is at most its
+    ``floor`` (:func:`_rounding_floors`): a pre-activation that cancels to rounding is no direction
+    (review 47), whose own RMS would have made its rounding one. (Scales from the weights alone cut
+    real neurons that fire on few samples, review 48.)"""
+    rms = diagonal.detach().to(torch.float64).cpu().clamp_min(0).sqrt()
+    return torch.where(rms > floor, unit_scales(rms ** 2), torch.full_like(rms, math.inf))
 
 
 def _token_frequencies(batches: TokenBatches, d_vocab: int) -> tuple[Float[Tensor, " d_vocab"], Float[Tensor, " d_vocab"]]:
@@ -320,8 +339,8 @@ def degeneracy_counts(
             BOS counted.
         rtol: an eigenvalue counts when above rtol·(largest eigenvalue of that Gram; for the MLP's
             neuron-indexed Grams, W_out's G and W_in's and W_gate's K, of the Gram with each neuron at
-            the scale of the weights it is computed through, :func:`_neuron_scales`, so that a ReLU
-            neuron's rescaling moves no rank); default: the
+            its own scale and those at their rounding level read as 0, :func:`_neuron_units`, so that a
+            ReLU neuron's rescaling moves no rank); default: the
             package's rank rule for a Gram (:func:`tl_degeneracy.numerics.rank_rtol` with ``gram=True``)
             of that Gram's size at the forward pass's precision, ``activation_precision`` of the model's
             dtype (float64 for W_E's exact token frequencies).
@@ -404,7 +423,7 @@ def degeneracy_counts(
                              noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
 
         def band(m: Tensor, second_moment: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
-            """The band of a Gram ``m``; ``units``: its units' scales (:func:`_neuron_scales`): the rule
+            """The band of a Gram ``m``; ``units``: its units' scales (:func:`_neuron_units`): the rule
             then reads D⁻¹mD⁻¹ (and D⁻¹·second_moment·D⁻¹), and loss_scale still m's own eigenvalues."""
             if units is None:
                 return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
@@ -509,14 +528,17 @@ def degeneracy_counts(
                 maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
                     [("W_in", ("mlp_pre", layer))]
                 x_norm = float(input_moment(adapter, layer, "ln2", inputs[mlp_in[layer]], False).trace().clamp_min(0).sqrt())
-                units = _neuron_scales(mlp_weights, layer, x_norm)
+                g_norm = float(jac[mlp_out[layer]].gram.trace().clamp_min(0).sqrt())
+                floors = _rounding_floors(mlp_weights, layer, x_norm, g_norm, adapter.dtype,
+                                          adapter.gated_bias_after_product)
                 for name, key in maps:
-                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key, units=units[name]), D, F, bias[name],
+                    units = _neuron_units(jac[key].gram.diagonal(), floors[name])
+                    add(name, layer, None, input_rank("ln2", bias[name]), k_rank(key, units=units), D, F, bias[name],
                         most(bias[name]))
                 post = acts[("mlp_post", layer)]
                 G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
                 add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
-                                                 else None, units=units["W_out"]),
+                                                 else None, units=_neuron_units(post.gram.diagonal(), floors["W_out"])),
                     k_rank(mlp_out[layer]), F, D, bias["W_out"])
         if embeddings:
             # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.

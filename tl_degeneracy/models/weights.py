@@ -73,13 +73,16 @@ class AttentionWeights:
 class MLPWeights:
     """MLP weights of every layer: post = act(x W_in + b_in), out = post W_out + b_out.
     Gated MLPs (TransformerLens convention, HookedTransformer and bridge alike): post =
-    act(x W_gate) ⊙ (x W_in) + b_in, with mlp.hook_pre = x W_gate. ``W_gate`` is None for ungated MLPs."""
+    act(x W_gate) ⊙ (x W_in) + b_in, with mlp.hook_pre = x W_gate. ``W_gate`` is None for ungated MLPs;
+    ``b_gate``: the gate projection's own bias where a checkpoint stores one (a Hugging Face gated MLP
+    with biases: post = act(x W_gate + b_gate) ⊙ (x W_in + b_in)), else None."""
 
     W_in: Float[Tensor, "layer d_model d_mlp"]
     b_in: Float[Tensor, "layer d_mlp"]
     W_out: Float[Tensor, "layer d_mlp d_model"]
     b_out: Float[Tensor, "layer d_model"]
     W_gate: Float[Tensor, "layer d_model d_mlp"] | None = None
+    b_gate: Float[Tensor, "layer d_mlp"] | None = None
 
     @classmethod
     def from_layers(cls, layers: list[dict[str, Tensor | None]]) -> "MLPWeights":
@@ -95,7 +98,9 @@ class MLPWeights:
         ])
         gates = [lw.get("W_gate") for lw in layers]
         W_gate = torch.stack(gates) if all(g is not None for g in gates) else None
-        return cls(W_in=W_in, b_in=b_in, W_out=W_out, b_out=b_out, W_gate=W_gate)
+        gate_biases = [lw.get("b_gate") for lw in layers]
+        b_gate = torch.stack(gate_biases) if W_gate is not None and all(b is not None for b in gate_biases) else None
+        return cls(W_in=W_in, b_in=b_in, W_out=W_out, b_out=b_out, W_gate=W_gate, b_gate=b_gate)
 
 
 @dataclass(frozen=True)
