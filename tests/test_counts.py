@@ -219,6 +219,30 @@ def test_a_real_neuron_that_fires_on_few_samples_by_a_small_margin_counts():
     assert row["rank_G"] == 16 and row["kfac_min"] == 16 * row["rank_K"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_real_neuron_that_fires_on_few_samples_counts_in_half_precision_too(dtype):
+    """Review 49 F1: in bfloat16 the rounding floor (4·eps ≈ 3 % of a neuron's terms) read a ReLU neuron
+    that fires on 3 samples by 5 % of its terms, its values within 6 % of float64's, as 0 (15 of 16, the
+    band 13–15 without float32's 16). Half-precision forwards have no floor: their band reaches the
+    rounding level instead."""
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    model = ToyTransformer(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=8,
+                           act_fn="relu", seed=1).double().eval()
+    tokens = torch.randint(0, 7, (12, 6), generator=torch.Generator().manual_seed(0))
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        x = cache["blocks.0.ln2.hook_normalized"].reshape(-1, 8)
+        size = mlp.W_in[:, 6].norm() * x.norm(dim=1).pow(2).mean().sqrt()
+        mlp.b_in[6] = -(x @ mlp.W_in[:, 6]).max() + 0.05 * size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = degeneracy_counts(model.to(dtype), tokens, exact=True, progress=False, batch_size=12)
+    row = frame[frame["map"] == "W_out"].iloc[0]
+    assert row["rank_G"] == 16 and row["kfac_min"] <= 16 * row["rank_K"] <= row["kfac_max"]
+
+
 def test_a_gated_neuron_driven_by_its_gate_bias_counts(tmp_path):
     """Review 48 F1: a Hugging Face gated MLP with biases (act(x W_gate + b_gate) ⊙ (x W_in + b_in)) read
     as TransformerLens's convention (no gate bias): a neuron whose gate is its bias (W_gate row 10⁻⁶,

@@ -64,8 +64,9 @@ from .memory import check_batches, counts_forward_held, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.weights import MLPWeights
-from .numerics import (CUTOFF_BAND, DataLimitedWarning, SampleLimitedWarning, activation_precision, check_tolerances,
-                       rank_band, rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
+from .numerics import (CUTOFF_BAND, HALF_DTYPES, DataLimitedWarning, SampleLimitedWarning, activation_precision,
+                       check_tolerances, rank_band, rounding_rtol, sample_limited, unit_scales, warn_data_limited,
+                       warn_sample_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -241,10 +242,11 @@ def _input_moments(adapter: ModelAdapter, batches, hooks: list[str], progress: b
 
 def _rounding_floors(weights: MLPWeights, layer: int, input_norm: float, output_norm: float, dtype: torch.dtype,
                      bias_after_product: bool) -> dict[str, Float[Tensor, " d_mlp"]]:
-    """Per neuron of ``layer``, the RMS at or below which its value in the Grams the counts rank is the
-    forward's rounding alone (METHODS §4): 4·eps(``dtype``)·T_k/√D, a few times the typical rounding of
-    a dot product of D terms of sizes ≈ T_k/D each (rounding errors add up as a random walk; the worst
-    case, D·eps·T_k, exceeds T_k in bfloat16 at D ≥ 128 and would read every neuron as rounding). ``"W_out"``: its activation, T_k = ‖x‖‖W_in[:, k]‖ +
+    """Per neuron of ``layer``, the RMS over the samples at or below which the counts read its value in
+    their Grams as the forward's rounding (METHODS §4): 4·eps(``dtype``)·T_k/√D, a few times the typical
+    rounding of one sample's dot product of D terms of sizes ≈ T_k/D each (rounding errors add up as a
+    random walk; the worst case, D·eps·T_k, exceeds T_k in bfloat16 at D ≥ 128); 0 for a float16 or
+    bfloat16 forward. ``"W_out"``: its activation, T_k = ‖x‖‖W_in[:, k]‖ +
     |b_in[k]| (gated: the product of the gate's and the linear factor's T, with TransformerLens's b_in
     after the product where ``bias_after_product``), ‖x‖ = ``input_norm`` (√E‖x‖² of the MLP's input);
     ``"W_in"``, ``"W_gate"``: its pre-activation's gradient, T_k = ‖W_out[k]‖·``output_norm`` (√E‖g‖²
@@ -265,7 +267,11 @@ def _rounding_floors(weights: MLPWeights, layer: int, input_norm: float, output_
         linear = reads if bias_after_product else reads + b_in.abs()
         sizes = {"W_out": gate * linear + (b_in.abs() if bias_after_product else 0.0),
                  "W_gate": writes * linear, "W_in": writes * gate}
-    level = 4 * torch.finfo(dtype).eps / math.sqrt(D)
+    # Not in half precision: there the floor (≈ 3 % of the terms in bfloat16) read real neurons as 0 where
+    # they fire on few samples or sit in GELU's tail, correct to a few % (review 49: 15 for float32's 16, the
+    # band without 16); the band's upper cut-off reaches the rounding level instead, and the ranks stay
+    # upper bounds, as the HalfPrecisionWarning says.
+    level = 0.0 if dtype in HALF_DTYPES else 4 * torch.finfo(dtype).eps / math.sqrt(D)
     return {name: level * size for name, size in sizes.items()}
 
 
