@@ -65,8 +65,7 @@ from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.weights import MLPWeights
 from .numerics import (CUTOFF_BAND, HALF_DTYPES, DataLimitedWarning, SampleLimitedWarning, activation_precision,
-                       check_tolerances, rank_band, rounding_rtol, sample_limited, unit_scales, warn_data_limited,
-                       warn_sample_limited)
+                       check_tolerances, rank_band, rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -284,7 +283,7 @@ def _neuron_units(diagonal: Float[Tensor, " d_mlp"], floor: Float[Tensor, " d_ml
     (review 47), whose own RMS would have made its rounding one. (Scales from the weights alone cut
     real neurons that fire on few samples, review 48.)"""
     rms = diagonal.detach().to(torch.float64).cpu().clamp_min(0).sqrt()
-    return torch.where(rms > floor, unit_scales(rms ** 2), torch.full_like(rms, math.inf))
+    return torch.where(rms > floor, rms, torch.full_like(rms, math.inf))
 
 
 def _token_frequencies(batches: TokenBatches, d_vocab: int) -> tuple[Float[Tensor, " d_vocab"], Float[Tensor, " d_vocab"]]:

@@ -125,8 +125,8 @@ def unit_scales(squares: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     diag(scales), a Gram M of units that a symmetry rescales one by one (ReLU neurons: W_in → cW_in,
     W_out → W_out/c) has the same rank whatever their scales, where against the largest eigenvalue of
     M itself a unit at 10⁻⁶ of the others fell under the cut-off, or took the others under it (audit
-    19b F1): a group's own largest eigenvalue (``synchronization.balanced_values``), a neuron's own
-    second moment (``counts._neuron_units``)."""
+    19b F1): here a group's own largest eigenvalue (``synchronization.balanced_values``; the counts
+    rank neurons at their own RMS likewise, ``counts._neuron_units``)."""
     squares = squares.to(torch.float64).clamp_min(0)
     return torch.where(squares > 0, squares.sqrt(), torch.ones_like(squares))
 

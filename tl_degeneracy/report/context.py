@@ -369,9 +369,9 @@ class ReportContext:
     def model_digest(self) -> str:
         """sha256 of what the model computes with: the live parameters and the buffers (names, dtypes,
         shapes, values), its configuration (the adapter's, and the model's own but for the device)
-        and the hooks attached to its hook points (how many, not which functions). The weights alone missed a config.json that changed the
-        activation or the rotary base, and a permanent ablation hook (audit 20a F1: a rerun reused
-        2 synchronized neuron blocks where the changed model has 9)."""
+        and the hooks attached to its hook points (how many, not which functions). The weights alone
+        missed a config.json that changed the activation or the rotary base, and a permanent ablation
+        hook (audit 20a F1: a rerun reused 2 synchronized neuron blocks where the changed model has 9)."""
         from ..llc.targets import tensor_digest
 
         model = self.adapter.model
@@ -414,9 +414,9 @@ class ReportContext:
         return self.data_digest
 
     def identity(self) -> dict:
-        """What this report's numbers belong to (``Report.identity``): the model (label, :attr:`model_digest`:
-        its parameters, buffers, configuration and hooks), the data set (source, :attr:`source_digest`; None when no section
-        read data) and the tl-degeneracy version."""
+        """What this report's numbers belong to (``Report.identity``): the model (label,
+        :attr:`model_digest`: its parameters, buffers, configuration and hooks), the data set (source,
+        :attr:`source_digest`; None when no section read data) and the tl-degeneracy version."""
         from .. import __version__
 
         data = None

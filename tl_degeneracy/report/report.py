@@ -120,9 +120,9 @@ class Report:
     counted (None without data); ``settings``: preset, budgets, seed, device, checkpoint directory;
     ``versions``: library versions; ``sections``: name → :class:`SectionResult`, in report order;
     ``identity``: what the numbers belong to — ``{"model": {"label", "digest"}, "data": {"source",
-    "digest"} or None, "tl-degeneracy": version}`` (digests: sha256 of the model's parameters, buffers,
-    configuration and hooks, and of the data; ``ReportContext.identity``) — compared by :meth:`save` with the report already in
-    the directory.
+    "digest"} or None, "tl-degeneracy": version}`` (digests: sha256 of the model's parameters,
+    buffers, configuration and hooks, and of the data; ``ReportContext.identity``) — compared by
+    :meth:`save` with the report already in the directory.
     """
 
     model: dict
@@ -353,8 +353,8 @@ def identity_conflicts(there: dict | None, here: dict | None) -> list[str]:
     out = []
     m0, m1 = there.get("model") or {}, here.get("model") or {}
     if m0.get("digest") != m1.get("digest"):
-        out.append(f"model {m0.get('label')} (sha256 {str(m0.get('digest'))[:12]} of its weights, config and hooks) there, "
-                   f"{m1.get('label')} ({str(m1.get('digest'))[:12]}) now")
+        out.append(f"model {m0.get('label')} (sha256 {str(m0.get('digest'))[:12]} of its weights, config and hooks) "
+                   f"there, {m1.get('label')} ({str(m1.get('digest'))[:12]}) now")
     d0, d1 = there.get("data"), here.get("data")
     if d0 is not None and d1 is not None and d0.get("digest") != d1.get("digest"):
         out.append(f"data {d0.get('source')} (sha256 {str(d0.get('digest'))[:12]}) there, {d1.get('source')} "
