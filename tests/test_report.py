@@ -375,6 +375,32 @@ def test_rerun_reuses_finished_sections_and_resumes_the_llc(tmp_path):
     assert not degeneracy_report(model, tokens, **{**kwargs, "sections": ["invariants"]})["invariants"].cached
 
 
+@pytest.mark.filterwarnings("ignore:report section 'llc'")
+def test_a_section_is_recomputed_only_for_what_moves_it(tmp_path):
+    # Audit 20a F4: more statistics sequences recomputed the LLC although it samples the same first
+    # llc_sequences, and another seed recomputed the sections that draw nothing at random.
+    model, tokens = make_tiny_toy_transformer(), _tokens(8)
+    overrides = {**TINY, "loss_scales": (1e-3,), "llc_sequences": 2, "n_sequences": 4}
+    kwargs = dict(sections=["activations", "counts", "llc"], checkpoint_dir=tmp_path, progress=False)
+    first = degeneracy_report(model, tokens, overrides=overrides, **kwargs)
+    more = degeneracy_report(model, tokens, overrides={**overrides, "n_sequences": 8}, **kwargs)
+    assert more["llc"].cached and more["llc"].to_dict() == {**first["llc"].to_dict(), "cached": True}
+    assert not more["activations"].cached and not more["counts"].cached
+    reseeded = degeneracy_report(model, tokens, overrides={**overrides, "n_sequences": 8}, seed=1, **kwargs)
+    assert reseeded["activations"].cached
+    assert not reseeded["counts"].cached and not reseeded["llc"].cached
+    # Other tokens within the LLC's prefix do move it.
+    changed = tokens.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % TINY_TOY_KWARGS["d_vocab"]
+    assert not degeneracy_report(model, changed, overrides=overrides, **kwargs)["llc"].cached
+
+
+def test_a_section_reads_one_of_the_contexts_batches():
+    with pytest.raises(ValueError, match="none of the context's batches"):
+        register_section("bad", "Bad", needs_data=True, reads="tokens")(lambda ctx: SectionOutput())
+    assert "bad" not in SECTIONS
+
+
 def test_a_new_package_version_recomputes_cached_sections(tmp_path, monkeypatch):
     # Results computed under an older rule (e.g. padding counted, dtype-dependent ranks) must not be
     # reused by a version that computes them differently: the version is part of the fingerprint.

@@ -92,9 +92,13 @@ def test_fresh_deletes_only_the_csvs_beside_the_report(tmp_path, capsys):
     assert _run(out, "--model", "toy:sma", *CHEAP) == 0
     stored = _stored(out)
     table = next(t for sec in stored["sections"].values() for t in sec["tables"].values())
-    table["csv"] = "../outside.csv"
+    own, table["csv"] = table["csv"], "../outside.csv"
     (out / "report.json").write_text(json.dumps(stored))
     (tmp_path / "outside.csv").write_text("a\n1\n")
+    # The report's own CSV, no longer listed, is not known as its own (audit 20a F5): refused, kept.
+    assert _run(out, "--model", "toy:bytelm", *CHEAP, "--fresh") == 2
+    assert own in capsys.readouterr().err and (out / own).exists() and _stored(out) == stored
+    (out / own).unlink()
     assert _run(out, "--model", "toy:bytelm", *CHEAP, "--fresh") == 0
     assert (tmp_path / "outside.csv").read_text() == "a\n1\n"
 
@@ -229,6 +233,25 @@ def test_a_save_cut_short_says_so_until_it_is_completed(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Report.load(tmp_path)
+    # Cut short before a table that went away was deleted: a rerun knows it as the report's own, to
+    # write again or to delete.
+    from tl_degeneracy.report import report as report_module
+
+    write = report_module.write_atomic
+
+    def killed_at_the_first_csv(path, text):
+        if path.suffix == ".csv":
+            raise KeyboardInterrupt
+        write(path, text)
+
+    for tables in (["one", "two"], ["one"]):
+        monkeypatch.setattr(report_module, "write_atomic", killed_at_the_first_csv)
+        with pytest.raises(KeyboardInterrupt):
+            _report(identity, ["one"]).save(tmp_path)
+        monkeypatch.undo()
+        assert _csvs(tmp_path) == {"summary_one.csv", "summary_two.csv"} != _listed_csvs(tmp_path)
+        _report(identity, tables).save(tmp_path)
+        assert _csvs(tmp_path) == {f"summary_{t}.csv" for t in tables} == _listed_csvs(tmp_path)
 
 
 def test_other_data_is_refused_but_another_budget_on_the_same_data_is_not(tmp_path, capsys):
@@ -280,6 +303,30 @@ def test_a_partial_rerun_keeps_the_finished_sections(tmp_path):
     assert report.settings_apart(report["summary"]) == {}
     assert "than the header's (an earlier run into this directory): n_sequences=8" in report.summary(width=200)
     assert "an earlier run into this directory): n_sequences=8" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+def test_a_users_file_under_a_report_tables_name_is_refused_and_kept(tmp_path, capsys, fresh):
+    # Audit 20a F5: a CSV the report does not list, under a name it writes, was overwritten silently.
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", "--only", "summary") == 0
+    mine = out / "parameters_live.csv"
+    mine.write_text("my,own\n1,2\n")
+    (out / "parameters_mine.csv").write_text("kept\n")  # a name the report does not write: no concern of it
+    before = _stored(out)
+    assert _run(out, "--model", "toy:sma", "--only", "parameters", *fresh) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "parameters_live.csv" in err and "would overwrite" in err and "parameters_mine" not in err
+    assert mine.read_text() == "my,own\n1,2\n" and _stored(out) == before  # nothing written, nothing deleted
+    mine.unlink()
+    assert _run(out, "--model", "toy:sma", "--only", "parameters", *fresh) == 0
+    assert "parameters_live.csv" in _listed_csvs(out) and (out / "parameters_mine.csv").read_text() == "kept\n"
+
+
+def test_sections_are_listed_in_report_order_whatever_the_order_asked(tmp_path):
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", "--only", "invariants", "summary") == 0
+    assert list(_stored(out)["sections"]) == ["summary", "invariants"]
 
 
 def test_sections_kept_from_an_earlier_run_say_so_and_name_its_seed(tmp_path):
@@ -346,6 +393,15 @@ def test_a_bad_llc_component_fails_before_any_work(tmp_path, capsys):
     assert not (out / "report.json").exists() and not (out / "checkpoints").exists()  # the LLC never ran
 
 
+def test_a_bad_llc_params_setting_is_named_before_any_work(tmp_path, capsys):
+    # Audit 20a F5: the message came from deep in the time fit, without the setting's name.
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", "--only", "summary", "llc", "--set", "llc_params=blocks.9.attn") == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "report setting llc_params='blocks.9.attn'" in err and "layer 9 out of range" in err
+    assert not out.exists()
+
+
 def test_a_device_the_machine_lacks(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _run(tmp_path / "rep", "--device", "cuda", *CHEAP) == 2
@@ -368,6 +424,10 @@ def test_an_out_that_cannot_be_written(tmp_path, capsys):
     assert _run(blocker / "rep", *CHEAP) == 2  # root may write anywhere, but not below a file
     err = _one_paragraph(capsys.readouterr().err)
     assert f"the output directory {blocker / 'rep'} cannot be written" in err and "another --out" in err
+    assert f"{blocker} is a file, not a directory" in err  # audit 20a F5: it read "(File exists)"
+    assert _run(blocker, *CHEAP) == 2
+    assert f"{blocker} is a file, not a directory" in _one_paragraph(capsys.readouterr().err)
+    assert blocker.read_text() == "not a directory"
 
 
 @pytest.mark.filterwarnings("ignore:report section 'llc'")  # chains this short warn about their bias bound

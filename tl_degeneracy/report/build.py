@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import numbers
 import os
 import sys
 import time
@@ -13,9 +12,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..data import as_seed
 from ..distributed import failing_together, from_rank0, gather_objects, on_rank0
 from ..errors import EstimateFailedError, TLDegeneracyError
 from ..memory import MemoryBudget, MemoryBudgetError, default_budget, memory_limit
@@ -61,12 +60,19 @@ def check_device(device: str | torch.device | None) -> None:
         raise ValueError(f"device {device!r}: this machine has no usable MPS device; use device cpu")
 
 
-def _check_components(adapter, llc_components) -> None:
-    """Resolve ``llc_components`` on the model now, so that a bad one fails before the LLC runs."""
-    if llc_components is None:
-        return
+def _check_selections(adapter, llc_params, llc_components) -> None:
+    """Resolve the ``llc_params`` setting and ``llc_components`` on the model now, so that a bad one
+    fails before the LLC runs, under its own name (audit 20a F5: a layer out of range in
+    ``llc_params`` was reported without the setting's name, from the time fit)."""
     from ..models.selection import component_selections, select_parameters
 
+    if llc_params is not None:
+        try:
+            select_parameters(adapter, llc_params)
+        except ValueError as e:
+            raise ValueError(f"report setting llc_params={llc_params!r}: {e}") from None
+    if llc_components is None:
+        return
     try:
         components = component_selections(adapter, llc_components)
         for component in components:
@@ -180,7 +186,8 @@ def degeneracy_report(
             ``toy:NAME``. Default: a bundled toy's own data (for ``toy:`` specs and toys loaded with
             ``tld.load_model``, which keeps the spec as ``model.tld_spec``); otherwise the
             sections that need data fail with a DataError before anything runs.
-        sections: names to run (default all, in report order: ``tld.report.SECTIONS``).
+        sections: names to run (default all); they run and are listed in report order
+            (``tld.report.SECTIONS``), whatever the order given.
         preset: ``"quick"``, ``"thorough"`` or a :class:`ReportSettings`; ``overrides`` changes
             single fields (e.g. ``{"draws": 500}``).
             The memory budget (``overrides={"memory": "8G"}``, default a share of the memory
@@ -230,16 +237,14 @@ def degeneracy_report(
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown report section(s) {unknown}; sections: {', '.join(SECTIONS)}")
+    chosen = [s for s in SECTIONS if s in chosen]  # report order, as a merged rerun lists them (audit 20a F5)
     settings = resolve_settings(preset, overrides)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        # torch's generators take 64-bit seeds (audit 16b F6: "Overflow when unpacking long long")
-        raise ValueError(f"seed must be an integer in [0, 2**63); got {seed!r}")
-    seed = int(seed)
+    seed = as_seed(seed)
     torch.manual_seed(seed)
     spec_label, adapter = _resolve_model(model, device)
     label = label or spec_label
     adapter.check_finite()
-    _check_components(adapter, llc_components)
+    _check_selections(adapter, settings.llc_params, llc_components)
     if out is not None and checkpoint_dir is None:
         checkpoint_dir = Path(out) / CHECKPOINTS
     ctx = ReportContext(

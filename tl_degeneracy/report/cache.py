@@ -1,9 +1,10 @@
 """Finished sections kept in the checkpoint directory, reused when their fingerprint matches.
 
-A section's fingerprint is the sha256 of: its name, the report settings it declares, the seed,
-the package's and the libraries' versions, the model (``ReportContext.model_digest``: its live
-parameters and buffers, values included, its configuration and the hooks on its modules), the
-device type, and — for sections that read data — the token sequences. A rerun with the same fingerprint loads the section
+A section's fingerprint is the sha256 of: its name, the report settings it declares, the seed (for
+seeded sections), the package's and the libraries' versions, the model (``ReportContext.model_digest``:
+its live parameters and buffers, values included, its configuration and the hooks on its modules),
+the device type, and — for sections that read data — the token sequences they read, with the rule
+for which positions count (``ReportContext.data_key``). A rerun with the same fingerprint loads the section
 instead of recomputing it. The section's own checkpoints (the LLC's sampler states) live in
 ``<checkpoint_dir>/<section>-<fingerprint[:12]>/``: an interrupted run resumes there, and a run with
 other settings gets a directory of its own rather than a checkpoint it would have to refuse.
@@ -34,13 +35,13 @@ def fingerprint(section: Section, ctx: ReportContext) -> str:
     key = {
         "section": section.name,
         "settings": {k: getattr(ctx.settings, k) for k in section.settings},
-        "seed": ctx.seed,
+        "seed": ctx.seed if section.seeded else None,
         "llc_components": ctx.llc_components if section.name == "llc" else None,
         "version": __version__,
         "libraries": library_versions(),  # audit 20a F2: another torch or TransformerLens can move the numbers
         "model": ctx.model_digest,
         "device_type": ctx.adapter.device.type,
-        "data": ctx.data_digest if section.needs_data else None,
+        "data": ctx.data_key(section.reads) if section.needs_data else None,
     }
     return hashlib.sha256(json.dumps(to_jsonable(key), sort_keys=True).encode()).hexdigest()
 

@@ -393,6 +393,15 @@ class ReportContext:
         """sha256 of the token sequences the sections read (in order)."""
         return sequences_digest(self.batches)
 
+    def data_key(self, view: str) -> dict:
+        """What a section's result takes from the batches ``view`` (``batches``, ``llc_batches`` or
+        ``ib_batches``) it reads: their tokens and the rule for which positions count (METHODS §0),
+        not the counts of the data around them, so that a larger ``n_sequences`` leaves the LLC's and
+        the interaction basis's keys alone where their prefix is the same (audit 20a F4)."""
+        batches = getattr(self, view)
+        rule = ("bos", "bos_source", "bos_token_id", "skip_bos", "pad_token_id", "padding_rule", "causal")
+        return {"sequences": sequences_digest(batches), **{k: getattr(batches, k) for k in rule}}
+
     @cached_property
     def source_digest(self) -> str:
         """sha256 of the data set as given, all of it (before the budgets take their share), so

@@ -44,9 +44,12 @@ class SectionOutput:
 
 @dataclass(frozen=True)
 class Section:
-    """A registered section. ``needs_data``: it reads ``ctx.batches`` (so the data must be valid
-    before it runs); ``settings``: the :class:`ReportSettings` fields it reads (recorded with its
-    result and part of its cache key); ``methods``: where docs/methods.md states what it computes."""
+    """A registered section. ``needs_data``: it reads data (so the data must be valid before it
+    runs); ``reads``: which of the context's batches it reads (``batches``, or the prefixes
+    ``llc_batches`` / ``ib_batches`` cut from them), whose tokens enter its cache key;
+    ``settings``: the :class:`ReportSettings` fields it reads (recorded with its result and part of
+    its cache key); ``seeded``: its result depends on ``ctx.seed`` (its cache key holds the seed);
+    ``methods``: where docs/methods.md states what it computes."""
 
     name: str
     title: str
@@ -54,7 +57,12 @@ class Section:
     needs_data: bool
     settings: tuple[str, ...]
     methods: str
+    reads: str = "batches"
+    seeded: bool = True
 
+
+#: The context's batches a section may read (``ReportContext``'s attributes of these names).
+DATA_VIEWS = ("batches", "llc_batches", "ib_batches")
 
 #: name → Section, in report order.
 SECTIONS: dict[str, Section] = {}
@@ -68,11 +76,18 @@ def register_section(
     settings: tuple[str, ...] = (),
     methods: str = "",
     before: str | None = None,
+    reads: str = "batches",
+    seeded: bool = True,
 ) -> Callable[[Callable[..., SectionOutput]], Callable[..., SectionOutput]]:
     """Decorator registering ``compute(ctx) -> SectionOutput`` as section ``name`` (at the end, or
-    just before section ``before``). Registering a name again replaces that section in place."""
+    just before section ``before``). Registering a name again replaces that section in place.
+    ``reads`` and ``seeded`` (see :class:`Section`) narrow the section's cache key to what moves its
+    result (audit 20a F4: the LLC was recomputed when only ``n_sequences`` changed, its tokens not);
+    the defaults, all the data and the seed, are always safe."""
     if before is not None and before not in SECTIONS:
         raise ValueError(f"no section {before!r} to insert before; sections: {', '.join(SECTIONS)}")
+    if reads not in DATA_VIEWS:
+        raise ValueError(f"section {name!r}: reads={reads!r} is none of the context's batches {DATA_VIEWS}")
 
     def decorate(compute: Callable[..., SectionOutput]) -> Callable[..., SectionOutput]:
         from .settings import ReportSettings
@@ -81,7 +96,7 @@ def register_section(
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"section {name!r} declares unknown settings {unknown}; settings: {sorted(known)}")
-        section = Section(name, title, compute, needs_data, tuple(settings), methods)
+        section = Section(name, title, compute, needs_data, tuple(settings), methods, reads, seeded)
         if name in SECTIONS or before is None:
             SECTIONS[name] = section
         else:

@@ -172,17 +172,21 @@ class Report:
 
         out = Path(directory)
         older = self.check_directory(out, self.identity, replace=replace)
+        report = self.merge(older) if older is not None else self
+        listed = set(_listed_tables(_stored_or_none(out)))
+        _refuse_unlisted_tables(out, [s.csv_name(t) for s in report.sections.values() for t in s.tables], listed)
         if replace:
             _remove_report(out)
-        report = self.merge(older) if older is not None else self
-        stale = set() if older is None else {s.csv_name(t) for s in older.sections.values() for t in s.tables}
+        stale = set() if older is None else listed
         # report.json first: a save interrupted after it leaves a directory that is recognisably the
         # report's (its CSVs then rewritten by the rerun); CSVs first left files that every rerun,
         # --fresh included, refused as foreign (review 32). It says it is being written until the CSVs and
         # the HTML are: an interrupted save left new totals beside an earlier run's CSVs and page,
-        # without a word (audit 20a F3).
+        # without a word (audit 20a F3). It also names the earlier run's tables it is about to delete,
+        # so that a rerun after an interruption knows them as the report's (_refuse_unlisted_tables).
         content = report.to_dict()
-        write_atomic(out / "report.json", json.dumps({**content, INCOMPLETE: True}, indent=1, allow_nan=False))
+        write_atomic(out / "report.json", json.dumps({**content, INCOMPLETE: True, REPLACED: sorted(stale)}, indent=1,
+                                                     allow_nan=False))
         for section in report.sections.values():
             for name, table in section.tables.items():
                 write_atomic(out / section.csv_name(name), csv_frame(table).to_csv(index=False))
@@ -420,6 +424,9 @@ def _lowered(fit: dict) -> str:
 #: The key ``Report.save`` sets in report.json until the CSVs and report.html beside it are written.
 INCOMPLETE = "incomplete"
 
+#: Beside :data:`INCOMPLETE`: the CSVs of the report there before, which the save deletes.
+REPLACED = "replaced_tables"
+
 
 def warn_incomplete(stored: dict, directory: str | Path) -> None:
     """A RuntimeWarning where the report.json read from ``directory`` was saved by a run that stopped
@@ -447,6 +454,10 @@ def stored_report(directory: str | Path) -> dict:
 
 def check_writable(out: Path) -> None:
     """Create ``out`` and write a file there, or raise :class:`ReportDirectoryError` saying why not."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # audit 20a F5: this read "(File exists)"
+        raise ReportDirectoryError(f"the output directory {out} cannot be written: {existing} is a file, not a "
+                                   "directory; choose another --out directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".tld-write-test-{uuid.uuid4().hex}"
@@ -469,16 +480,45 @@ def _remove_report(out: Path) -> None:
     other): report.json, report.html and the CSVs report.json lists. When a damaged report.json
     lists none, no CSV is deleted: which files it wrote cannot be told, and a file that is not the
     report's must never be lost (the new report overwrites its own names)."""
-    try:
-        stored = json.loads((out / "report.json").read_text())
-        csvs = [out / t["csv"] for s in stored["sections"].values() for t in s["tables"].values()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        csvs = []
-    # The report writes its CSVs beside report.json under plain names: a listed path elsewhere
-    # ("../x.csv", a hand-edited file) is not one of them (audit 10b).
-    csvs = [p for p in csvs if p.parent == out and p.suffix == ".csv"]
-    for path in (*csvs, out / "report.json", out / "report.html"):
+    for path in (*(out / name for name in _listed_tables(_stored_or_none(out))), out / "report.json",
+                 out / "report.html"):
         path.unlink(missing_ok=True)
+
+
+def _stored_or_none(out: Path) -> dict | None:
+    """The report.json in ``out`` as stored, or None where there is none or it is not readable JSON."""
+    try:
+        return json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _listed_tables(stored) -> list[str]:
+    """The CSV names a stored report.json lists (none when it lists none readably), with those of an
+    earlier report that its interrupted save was replacing (:data:`REPLACED`). The report writes
+    its CSVs beside report.json under plain names: a listed path elsewhere ("../x.csv", a hand-edited
+    file) is not one of them (audit 10b)."""
+    try:
+        names = [t["csv"] for s in stored["sections"].values() for t in s["tables"].values()]
+        names += list(stored.get(REPLACED) or [])
+    except (KeyError, TypeError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and Path(n).name == n and n.endswith(".csv")]
+
+
+def _refuse_unlisted_tables(out: Path, names: list[str], listed: set[str]) -> None:
+    """Raise :class:`ReportDirectoryError`, before anything in ``out`` is written or deleted, when a
+    CSV the report is about to write (``names``) is there but not the report's: the report.json there
+    does not list it (``listed``; audit 20a F5: a user's file under a table's name was overwritten
+    silently). The sections stay cached in the checkpoint directory, so a rerun once it is moved
+    recomputes nothing."""
+    clashes = sorted(n for n in set(names) if (out / n).exists() and n not in listed)
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise ReportDirectoryError(
+            f"{out} holds {shown}, which the report did not write (report.json does not list it) but would "
+            "overwrite with its own table of that name. Move or rename it and rerun (the finished sections are "
+            "reused), or write to another --out directory.")
 
 
 #: The folder of ``out`` that holds a report's checkpoints unless ``checkpoint_dir`` is given.

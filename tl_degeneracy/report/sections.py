@@ -37,7 +37,7 @@ _LLC = ("llc_sequences", "llc_seq_len", "loss_scale", "loss_scales", "chains", "
         "llc_compile", "llc_max_draws", "llc_time_limit", "step_size", "llc_params", "gamma", "min_gamma", "gammas")
 
 
-@register_section("summary", "Model summary", needs_data=False)
+@register_section("summary", "Model summary", needs_data=False, seeded=False)
 def summary(ctx: ReportContext) -> SectionOutput:
     """Backend, parametrisation and sizes (``adapter.summary()``)."""
     s = ctx.summary
@@ -50,7 +50,7 @@ def summary(ctx: ReportContext) -> SectionOutput:
     )
 
 
-@register_section("parameters", "Live parameters", needs_data=False)
+@register_section("parameters", "Live parameters", needs_data=False, seeded=False)
 def parameters(ctx: ReportContext) -> SectionOutput:
     """The de-duplicated trainable tensors every count and LLC refers to."""
     frame = ctx.adapter.live_parameters().to_frame()
@@ -80,7 +80,7 @@ def _circuit_values(frame: pd.DataFrame, d_head: int) -> dict:
     }
 
 
-@register_section("invariants", "OV and QK invariants", needs_data=False, methods="METHODS §2")
+@register_section("invariants", "OV and QK invariants", needs_data=False, seeded=False, methods="METHODS §2")
 def invariants(ctx: ReportContext) -> SectionOutput:
     """Gauge-invariant spectra, ranks and copying scores of every head's OV and QK circuits."""
     d = ctx.adapter.d_head
@@ -101,7 +101,7 @@ def invariants(ctx: ReportContext) -> SectionOutput:
     )
 
 
-@register_section("synchronization", "Head and neuron synchronization", needs_data=True,
+@register_section("synchronization", "Head and neuron synchronization", needs_data=True, seeded=False,
                   settings=(*_DATA, "sync_tol"), methods="METHODS §3")
 def synchronization(ctx: ReportContext) -> SectionOutput:
     """Synchronized attention heads (pattern-distance heatmaps, blocks, extra freedom) and a summary
@@ -249,7 +249,7 @@ def counts(ctx: ReportContext) -> SectionOutput:
 
 
 @register_section("activations", "Residual-stream activation statistics", needs_data=True, settings=_DATA,
-                  methods="METHODS §0, §4")
+                  seeded=False, methods="METHODS §0, §4")
 def activations(ctx: ReportContext) -> SectionOutput:
     """Streaming float64 Grams of resid_pre and resid_post: counts, ranks, traces and spectra."""
     stats = activation_stats(ctx.adapter, ctx.batches, hooks=list(ACTIVATION_HOOKS),
@@ -279,7 +279,7 @@ _IB = ("ib_tokens", "ib_seq_len", "ib_probes", "ib_edge_sources", "ib_keep_share
 
 
 @register_section("interaction", "Interaction bases, edges and modules", needs_data=True, settings=_IB,
-                  methods="METHODS §5–§6")
+                  reads="ib_batches", methods="METHODS §5–§6")
 def interaction(ctx: ReportContext) -> SectionOutput:
     """The local interaction basis (LIB, METHODS §5, importance scaling) at the default nodes, its
     last node from the model's outputs (``last="outputs"``, output "kl"): per node D, rank(G), the
@@ -373,7 +373,8 @@ _DIAGNOSTICS = ("step_size_source", "h_max", "h_max_pilot", "h_max_at_reference"
                 "resumed_at_step")
 
 
-@register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, methods="METHODS §1")
+@register_section("llc", "Behavioral LLC and N_eff(ε)", needs_data=True, settings=_LLC, reads="llc_batches",
+                  methods="METHODS §1")
 def llc(ctx: ReportContext) -> SectionOutput:
     """λ̂_B(ε, γ) at the default loss scale and localization (chains, traces, diagnostics), the sweep
     N_eff(ε, γ) = 2λ̂_B(ε, γ) over ``loss_scales``, the γ-curve over ``gammas`` at that loss scale
@@ -499,7 +500,7 @@ def _sweep_point(r) -> str:
             else f"≈ {value} (not converged: uncertain) at {where}")
 
 
-@register_section("sparsity", "Constructive sparsification of the MLPs", needs_data=True,
+@register_section("sparsity", "Constructive sparsification of the MLPs", needs_data=True, seeded=False,
                   settings=(*_DATA, "sparsity"), methods="METHODS §8")
 def sparsity(ctx: ReportContext) -> SectionOutput:
     """Per MLP layer, the free directions of METHODS §3–§4 against the exact zeros that
