@@ -551,3 +551,28 @@ def test_qk_norm_models_get_scalar_qk_gauges_and_no_qk_free_directions():
     assert values["qk"]["qk_norm"] and not values["ov"]["qk_norm"]
     words = VERDICTS["invariants"](values)
     assert "scalings the q/k norms divide out" in words and "OV circuits' GL(d_head)" in words
+
+
+@pytest.mark.parametrize("seed", ["a", -1, 2**64, 1.5, True])
+@pytest.mark.parametrize("call", ["random_gauge", "degeneracy_counts", "interaction_basis", "jacobian_stats",
+                                  "behavioral_llc", "token_batches", "find_modules", "degeneracy_report"])
+def test_a_bad_seed_is_refused_by_name_before_any_work(call, seed):
+    """Audit 19a: random_gauge(seed="a") raised int()'s bare message; a seed of 2**64 failed inside
+    torch ("Overflow when unpacking long long"). Every seeded entry point refuses it the same way."""
+    from tests.fixtures.toys import make_tiny_toy_transformer
+
+    model, tokens = make_tiny_toy_transformer(), torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+    calls = {
+        "random_gauge": lambda: tld.random_gauge(model, seed=seed),
+        "degeneracy_counts": lambda: tld.degeneracy_counts(model, tokens, seed=seed, progress=False),
+        "interaction_basis": lambda: tld.interaction_basis(model, tokens, seed=seed, progress=False),
+        "jacobian_stats": lambda: tld.jacobian_stats(model, tokens, seed=seed, progress=False),
+        "behavioral_llc": lambda: tld.behavioral_llc(model, tokens, seed=seed, chains=2, draws=4, burnin=2,
+                                                     progress=False),
+        "token_batches": lambda: tld.token_batches(tokens, model, seed=seed),
+        "find_modules": lambda: tld.find_modules(object(), seed=seed),
+        "degeneracy_report": lambda: tld.degeneracy_report(model, tokens, seed=seed, sections=["summary"],
+                                                           progress=False),
+    }
+    with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2\*\*63\); got "):
+        calls[call]()

@@ -137,6 +137,32 @@ def test_a_half_precision_covariance_band_reaches_its_mean_s_rounding():
     assert half["rank_G"] > 3  # the rule counts the rounding (an upper bound, as documented)
     assert half["kfac_min"] <= exact["kfac"] <= half["kfac_max"]
 
+def test_a_float32_input_with_a_large_mean_counts_no_rounding():
+    """Audit 21b F1: a residual stream 300·c + a low-rank spread (a rank-3 embedding at 10⁻² and a
+    constant position embedding) leaves ln1's output with a mean far above its spread; the float32
+    covariances' rounding (eps·|f| per activation) lay above the rule's cut-off relative to λ₁ and was
+    counted: rank_G 15 where the float64 forward reads 4. Each rank now stays at most the float64
+    one, which keeps its second-order directions (2·10⁻¹⁸ of a second moment of 5, far above float64's
+    rounding)."""
+    frames = {}
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (12, 12), generator=g)
+    embedding = torch.randn(20, 3, generator=g) @ torch.randn(3, 16, generator=g) * 0.01
+    shift = 300 * torch.randn(16, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.float64, torch.float32):
+        model = make_tiny_toy_transformer(seed=1)
+        with torch.no_grad():
+            model.embed.W_E.copy_(embedding)
+            model.pos_embed.W_pos.copy_(shift.expand_as(model.pos_embed.W_pos))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames[dtype] = degeneracy_counts(model.to(dtype), tokens, n_probes=2, progress=False)
+    exact, single = frames[torch.float64], frames[torch.float32]
+    assert exact["centered"].all() and (exact["map"] == single["map"]).all()
+    assert exact.loc[exact["map"].isin(["W_Q", "W_K", "W_V"]) & (exact["layer"] == 0), "rank_G"].eq(4).all()
+    assert (single["rank_G"] <= exact["rank_G"]).all() and (single["rank_G"] == 3).all()
+
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_relu_neuron_s_rescaling_moves_no_count(dtype):

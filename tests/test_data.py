@@ -238,3 +238,20 @@ def test_small_messages_say_what_is_expected():
     model = tld.load_model("toy:bytelm")
     with pytest.raises(DataError, match="the model has no BOS token, so leave skip_bos unset"):
         tld.token_batches(tld.toy_data("bytelm")[:2, :16], model, skip_bos=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("bos", [False, True])
+def test_distinct_samples_are_distinct_prefixes_or_sequences(causal, bos):
+    """Audit 21b F2: repeated sequences and shared beginnings were counted as new samples (only every
+    sequence's BOS was known as one). Under causal attention a position's sample is its prefix; under
+    bidirectional attention, its whole sequence and its place in it."""
+    rows = [[1, 2, 3], [1, 2, 4], [1, 2, 3], [1, 5, 3]]  # token 1 is the BOS where there is one
+    batches = TokenBatches(sequences=[torch.tensor(r) for r in rows], batch_size=2, bos=bos,
+                           bos_source="data" if bos else None, bos_token_id=1 if bos else None, skip_bos=bos,
+                           pad_token_id=0, causal=causal)
+    # causal prefixes: (1) | (1,2) (1,5) | (1,2,3) (1,2,4) (1,5,3); the BOS position does not count when skipped
+    expected = (5 if bos else 6) if causal else 3 * (2 if bos else 3)
+    assert batches.n_samples == (8 if bos else 12)
+    assert batches.n_distinct_samples == batches.distinct(batches.n_samples, "position") == expected
+    assert batches.distinct(4, "sequence") == 3

@@ -285,15 +285,39 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_nodes_whose_rank_the_samples_bound_are_flagged():
     """n samples span at most n − 1 centred directions: with fewer than D + 1 of them a node's
-    degenerate directions are the data's limit, and dims says so; with enough data it does not."""
+    degenerate directions are the data's limit, and dims and a warning say so; with enough data
+    neither does."""
+    from tl_degeneracy import SampleLimitedWarning
     model = make_tiny_toy_transformer()  # D = 16
     few = torch.randint(0, 20, (1, 8), generator=torch.Generator().manual_seed(0))
-    dims = interaction_basis(model, few, n_probes=2, progress=False).dims
+    with pytest.warns(SampleLimitedWarning, match="interaction_basis: the rank of 3 of 3 nodes' Grams"):
+        dims = interaction_basis(model, few, n_probes=2, progress=False).dims
     assert (dims["n"] < dims["D"]).all()
     assert (dims["rank_G"] <= dims["n"] - 1).all() and dims["sample_limited"].all()
     many = torch.randint(0, 20, (16, 16), generator=torch.Generator().manual_seed(0))
     dims = interaction_basis(model, many, n_probes=2, progress=False).dims
     assert not dims["sample_limited"].any() and (dims["n"] > dims["D"]).all()
+
+
+def test_repeated_inputs_are_counted_once():
+    """Audit 21b F2: inputs given more than once were counted as distinct samples, so ranks the data
+    bound (3 of 4 inputs given 3 times each; 7 of 8 positions of 2 sequences given 3 times) read as
+    the model's, and the even/odd split, which holds every input in both halves, could not tell."""
+    from tl_degeneracy import SampleLimitedWarning
+
+    model = HookedMLP([8, 8, 8])
+    x = mlp_inputs(4, 8)[[0, 1, 2, 3, 1, 0, 3, 2, 2, 3, 0, 1]]
+    with pytest.warns(SampleLimitedWarning, match="reached n = 4"):
+        dims = interaction_basis(model, x, kind="global", progress=False).dims
+    assert (dims["n"] == 12).all() and (dims["distinct"] == 4).all()
+    assert (dims["rank_G"] == 3).all() and dims["sample_limited"].all() and not dims["data_limited"].any()
+    toy = make_tiny_toy_transformer()  # causal, no BOS: a position's sample is its prefix
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(2, 20, (4,), generator=g), torch.randint(2, 20, (4,), generator=g)
+    with pytest.warns(SampleLimitedWarning):
+        dims = interaction_basis(toy, torch.stack([a, b, b, a, a, b]), n_probes=2, progress=False).dims
+    assert (dims["n"] == 24).all() and (dims["distinct"] == 8 - int(a[0] == b[0])).all()
+    assert dims["sample_limited"].all()
 
 
 def test_ranks_that_grow_with_the_data_are_flagged_by_the_even_numbered_sequences():

@@ -75,6 +75,20 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         behavioral_llc(model, x, chains=2, draws=20, burnin=5, gamma=2.0, checkpoint_dir=tmp_path)
 
 
+def test_a_checkpoint_whose_step_size_other_pilots_chose_is_refused(tmp_path):
+    """Audit 21a F1: a run with 3-step pilots (η far too small) was resumed by one asking for 200-step
+    pilots, which returned its λ̂ and reported 200; a step size given makes the pilots' length moot."""
+    model, x = linear_regression(d=3, n=30)
+    behavioral_llc(model, x, chains=2, draws=20, burnin=5, pilot_steps=3, checkpoint_dir=tmp_path / "auto")
+    with pytest.raises(ValueError, match="different settings.*pilot_steps"):
+        behavioral_llc(model, x, chains=2, draws=20, burnin=5, pilot_steps=50, checkpoint_dir=tmp_path / "auto")
+    first = behavioral_llc(model, x, chains=2, draws=20, burnin=5, step_size=1e-3, pilot_steps=3,
+                           checkpoint_dir=tmp_path / "given")
+    again = behavioral_llc(model, x, chains=2, draws=20, burnin=5, step_size=1e-3, pilot_steps=50,
+                           checkpoint_dir=tmp_path / "given")
+    assert again.llc == first.llc
+
+
 def test_an_rmsprop_checkpoint_of_the_old_schedule_is_refused(tmp_path):
     """Review 43 F5: a checkpoint written while the preconditioner adapted at every step (before
     0.4.9, run key ``rms`` = (α, eps)) was resumed at its step and its draws kept. Its key now

@@ -124,3 +124,46 @@ def test_a_covariance_s_rounding_band_is_set_by_its_mean():
     assert rank_band(top, 24, precision=torch.float32, gram=True, noise_rtol=noise, noise_scale=second) == \
         rank_band(top, 24, precision=torch.float32, gram=True, noise_rtol=noise)
     assert whiten(cov, mean, rtol, 0.0, noise).band[0] == 3
+
+
+@pytest.mark.parametrize("offset", [0.0, 4000.0])
+def test_a_float32_covariance_is_ranked_above_its_rounding_mean_included(offset):
+    """Audit 21b F1: activations 4000 + a rank-3 spread of order 5, rounded to float32 (eps·4000 each):
+    their covariance's rounding eigenvalues, 5.6·10⁻⁹, lie far above float32's cut-off relative to
+    λ₁(covariance), (24·eps)²·λ₁ ≈ 3·10⁻¹⁰, and counted as 21 more directions. Above the floor of
+    the activations' largest second moment (numerics.covariance_floor) the rank is the true 3, as it
+    is without the mean; the activation statistics and the interaction basis rank so."""
+    from tl_degeneracy.interaction.basis import whiten
+    from tl_degeneracy.numerics import covariance_floor, rank_band
+    from tl_degeneracy.stats.gram_stats import HookStats
+
+    g = torch.Generator().manual_seed(0)
+    x = offset + torch.randn(4000, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 24, generator=g, dtype=torch.float64)
+    x = x.to(torch.float32).double()
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / len(x)
+    spectrum = torch.linalg.eigvalsh(cov).flip(0)
+    floor = covariance_floor(24, torch.float32, cov.diagonal() + mean**2)
+    assert floor == pytest.approx((24 * torch.finfo(torch.float32).eps) ** 2 * float((x * x).mean(0).max()), rel=1e-9)
+    assert rank_band(spectrum, 24, precision=torch.float32, gram=True)[1] == (24 if offset else 3)
+    assert rank_band(spectrum, 24, precision=torch.float32, gram=True, rounding=floor) == (3, 3, 3)
+    assert whiten(cov, mean, rank_rtol(24, torch.float32, gram=True), 0.0, rounding=floor).rank == 3
+    stats = HookStats(name="h", kind="resid", layer=0, count=len(x), distinct=len(x), unit="position",
+                      feature_shape=(24,), mean=mean, centered=True, cov=cov, dtype=torch.float32)
+    assert stats.rank() == 3 and stats.rank(centered=False) == 4 - int(offset == 0)
+    assert stats.rank(rtol=rank_rtol(24, torch.float32, gram=True)) == (24 if offset else 3)  # a cut-off given is kept
+
+
+def test_a_float64_covariance_keeps_directions_far_below_its_mean():
+    """The floor is float64's where the forward is: a direction 10⁻⁹ of a mean's size, far above
+    float64's rounding, still counts (the relative rule's λ₁ stays the covariance's)."""
+    from tl_degeneracy.stats.gram_stats import HookStats
+
+    g = torch.Generator().manual_seed(1)
+    x = 1e3 + torch.randn(500, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 8, generator=g, dtype=torch.float64)
+    x[:, 0] += 1e-6 * torch.randn(500, generator=g, dtype=torch.float64)
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / len(x)
+    stats = HookStats(name="h", kind="resid", layer=0, count=len(x), distinct=len(x), unit="position",
+                      feature_shape=(8,), mean=mean, centered=True, cov=cov, dtype=torch.float64)
+    assert stats.rank() == 3

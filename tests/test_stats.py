@@ -180,7 +180,9 @@ def test_result_summaries(tiny_toy_transformer, tiny_toy_tokens):
     frame = st.to_frame()
     assert list(frame.columns) == ["hook", "kind", "layer", "unit", "dim", "count", "distinct", "rank", "rtol",
                                    "half_precision", "sample_limited", "trace"]
-    assert frame["count"].tolist() == frame["distinct"].tolist() == [36] * 5 and frame["dim"].tolist() == [16, 16, 16, 16, 16]
+    # sequences 0 and 2 both begin with token 4: under causal attention one sample at position 0
+    assert frame["count"].tolist() == [36] * 5 and frame["distinct"].tolist() == [35] * 5
+    assert frame["dim"].tolist() == [16, 16, 16, 16, 16]
     assert frame["rank"].isna().tolist() == [False, False, True, True, False]  # q: per-head only
     s = st["resid_pre", 1]
     ev = s.eigenvalues()  # centred (center=True)

@@ -57,7 +57,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .autograd import refuse_inference_mode
-from .data import TokenBatches, token_batches
+from .data import TokenBatches, as_seed, token_batches
 from .distributed import failing_together, warn_once
 from .errors import MissingHookError
 from .memory import check_batches, counts_forward_held, counts_held
@@ -65,7 +65,8 @@ from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.weights import MLPWeights
 from .numerics import (CUTOFF_BAND, HALF_DTYPES, DataLimitedWarning, SampleLimitedWarning, activation_precision,
-                       check_tolerances, rank_band, rounding_rtol, sample_limited, warn_data_limited, warn_sample_limited)
+                       check_tolerances, covariance_floor, rank_band, rounding_rtol, sample_limited, warn_data_limited,
+                       warn_sample_limited)
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.activations import activation_stats
 from .stats.gram_stats import JacobianHookStats
@@ -372,6 +373,7 @@ def degeneracy_counts(
             raise ValueError(f"loss_scale must be a non-negative number or None; got {loss_scale!r}")
         refuse_inference_mode("degeneracy_counts")  # before the activation passes, not after them
         rtol, _ = check_tolerances(rtol)
+        seed = as_seed(seed)
         adapter = adapt(model)
         mlp = adapter.d_mlp is not None  # attention-only models have no W_in/W_out
         batches = counted_batches(data, adapter, batch_size, seq_len, skip_bos, "degeneracy_counts")
@@ -421,11 +423,16 @@ def degeneracy_counts(
             §4; ``floor``), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
             up to the forward's rounding level at least for a half-precision model (exact inputs,
             W_E's token frequencies, have none), which for a covariance is set by its activations'
-            uncentred ``second_moment`` (rank_band's noise_scale)."""
-            scale = None if rounding is None or second_moment is None else float(second_moment.diagonal().max())
+            uncentred ``second_moment`` (rank_band's noise_scale). The rule's own cut-off (``rtol`` not
+            given) also leaves out a covariance's rounding, which its mean can set above it
+            (numerics.covariance_floor; audit 21b F1: 15 of 16 directions in float32 where float64 reads 4)."""
+            scale = None if second_moment is None else float(second_moment.diagonal().max())
+            own = 0.0 if second_moment is None or rtol is not None else covariance_floor(
+                spectrum.shape[-1], inputs_precision, second_moment.diagonal())
             return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
                              rtol=None if rtol is None else float(rtol), atol=floor,
-                             noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale)
+                             noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale,
+                             rounding=own)
 
         def band(m: Tensor, second_moment: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
             """The band of a Gram ``m``; ``units``: its units' scales (:func:`_neuron_units`): the rule
@@ -443,15 +450,17 @@ def degeneracy_counts(
         def rank(m: Tensor, units: Tensor | None = None) -> int:
             return band(m, units=units)[1]
 
-        def g_rank(whole: Tensor, half: Tensor, most: int | None = None, second_moment: Tensor | None = None,
+        def g_rank(whole: Tensor, half: Tensor, most: int | None = None,
+                   second_moments: tuple[Tensor, Tensor] | None = None,
                    units: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
             """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
-            alone give a lower one: the rank is still growing with the data. ``second_moment``: the
-            uncentred Gram where ``whole`` is a covariance (its band's rounding level); ``units``: as
+            alone give a lower one: the rank is still growing with the data. ``second_moments``: the
+            uncentred Grams of both where they are covariances (their rounding level); ``units``: as
             :func:`band`'s."""
             most = whole.shape[-1] if most is None else most
-            b = tuple(min(r, most) for r in band(whole, second_moment, units))
-            return b, min(rank(half, units), most) < b[1]
+            whole_moment, half_moment = (None, None) if second_moments is None else second_moments
+            b = tuple(min(r, most) for r in band(whole, whole_moment, units))
+            return b, min(band(half, half_moment, units)[1], most) < b[1]
 
         def k_rank(key, head: int | None = None, units: Tensor | None = None) -> tuple[tuple[int, int, int], bool, bool]:
             """rank_K (its band), whether it is probe-limited and whether it grows with the data. Every
@@ -503,20 +512,20 @@ def degeneracy_counts(
                         whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
                         of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
                         input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True),
-                                                            whole.gram()[0] if centered and rounding is not None else None)
+                                                            (whole.gram()[0], half.gram()[0]) if centered else None)
                     return input_ranks["x̃", centered]
                 if (ln, centered) not in input_ranks:
                     input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
                                                        input_moment(adapter, layer, ln, input_halves[hook], centered),
                                                        most(centered),
-                                                       input_moment(adapter, layer, ln, inputs[hook], False) if centered
-                                                       and rounding is not None else None)
+                                                       tuple(input_moment(adapter, layer, ln, a[hook], False)
+                                                             for a in (inputs, input_halves)) if centered else None)
                 return input_ranks[ln, centered]
 
             z = acts[("z", layer)]
             z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
-            # the uncentred Grams only where a half-precision band reads them (spectrum_band)
-            z_raw = z.head_gram if bias["W_O"] and rounding is not None else [None] * H
+            # a covariance's rounding level (spectrum_band)
+            z_raw = list(zip(z.head_gram, z.half.head_gram)) if bias["W_O"] else [None] * H
             out_K = k_rank(attn_out[layer])
             for h in range(H):
                 add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
@@ -527,7 +536,7 @@ def degeneracy_counts(
                 add("W_V", layer, kv, input_rank("ln1", bias["W_V"]), k_rank(("v", layer), kv), D, d, bias["W_V"],
                     most(bias["W_V"]))
             for h in range(H):
-                add("W_O", layer, h, g_rank(z_G[h], z_half[h], second_moment=z_raw[h]), out_K, d, D, bias["W_O"])
+                add("W_O", layer, h, g_rank(z_G[h], z_half[h], second_moments=z_raw[h]), out_K, d, D, bias["W_O"])
             if mlp:
                 F = adapter.d_mlp
                 maps = [("W_gate", ("mlp_pre", layer)), ("W_in", f"blocks.{layer}.mlp.hook_pre_linear")] if gated else \
@@ -542,7 +551,7 @@ def degeneracy_counts(
                         most(bias[name]))
                 post = acts[("mlp_post", layer)]
                 G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-                add("W_out", layer, None, g_rank(*G_post, second_moment=post.gram if bias["W_out"] and rounding is not None
+                add("W_out", layer, None, g_rank(*G_post, second_moments=(post.gram, post.half.gram) if bias["W_out"]
                                                  else None, units=_neuron_units(post.gram.diagonal(), floors["W_out"])),
                     k_rank(mlp_out[layer]), F, D, bias["W_out"])
         if embeddings:

@@ -43,7 +43,9 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -185,18 +187,47 @@ class TokenBatches:
 
     @property
     def n_distinct_samples(self) -> int:
-        """The samples that can differ: where BOS counts and attention is causal, every sequence's BOS
-        position is one and the same sample (one token at position 0, which sees nothing else), so
-        n_samples − n_sequences + 1 (audit 17a F2: 83 positions of 10 sequences held 74, and a centred
-        Gram at their limit, 73, was not flagged as the data's limit); under bidirectional attention
-        BOS sees its sequence, and every position can differ (review 44 M2)."""
-        repeated = self.n_sequences - 1 if self.bos and not self.skip_bos and self.causal and self.n_sequences else 0
-        return self.n_samples - repeated
+        """The counted samples that can differ. Under causal attention a position sees its prefix and
+        nothing else, so two positions with the same prefix are one sample: every sequence's BOS
+        (audit 17a F2: 83 positions of 10 sequences held 74, and a centred Gram at their limit, 73, was
+        not flagged as the data's limit), and any shared beginning or repeated sequence (audit 21b F2:
+        6 sequences, copies of 2, read 24 distinct positions for 8). Under bidirectional attention a
+        position sees its whole sequence, so the positions of repeated sequences are the repeats
+        (review 44 M2)."""
+        return self._distinct[0]
 
     def distinct(self, count: int, unit: str) -> int:
         """Of ``count`` samples that a hook of ``unit`` counted over all the sequences, those that can
-        differ: a position-level hook's :attr:`n_distinct_samples`, a sequence-level one's all."""
-        return count - (self.n_samples - self.n_distinct_samples if unit == "position" else 0)
+        differ: a position-level hook's :attr:`n_distinct_samples`, a sequence-level one's distinct
+        sequences."""
+        samples, sequences = self._distinct
+        return count - (self.n_samples - samples if unit == "position" else self.n_sequences - sequences)
+
+    @cached_property
+    def _distinct(self) -> tuple[int, int]:
+        """(distinct counted samples, distinct sequences): 64-bit hashes of each position's prefix
+        (FNV-1a over whole token ids, every sequence at once), unique over the counted positions."""
+        n, width = self.n_sequences, self.max_len
+        tokens = np.zeros((n, width), dtype=np.uint64)
+        lengths = self._lengths.numpy()
+        for i, seq in enumerate(self.sequences):
+            tokens[i, : len(seq)] = seq.detach().cpu().numpy().astype(np.uint64)
+        prefix = np.empty((n, width), dtype=np.uint64)
+        h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for p in range(width):
+                h = (h ^ tokens[:, p]) * np.uint64(0x100000001B3)
+                prefix[:, p] = h
+        counted = np.arange(width)[None, :] < lengths[:, None]
+        if self.bos and self.skip_bos:
+            counted[:, 0] = False
+        whole = prefix[np.arange(n), lengths - 1] ^ lengths.astype(np.uint64)
+        _, first = np.unique(whole, return_index=True)
+        if self.causal:
+            samples = len(np.unique(prefix[counted]))
+        else:
+            samples = int(counted[first].sum())
+        return samples, len(first)
 
     @property
     def max_len(self) -> int:
@@ -509,6 +540,19 @@ def as_count(value, name: str, what: str, least: int = 1) -> int:
     return size
 
 
+def as_seed(value, name: str = "seed") -> int:
+    """``value`` as a seed of torch's generators, an integer in [0, 2⁶³) (ints and numpy integers), or
+    a ValueError naming ``name`` (audit 16b F6: 2⁶⁴ failed inside torch with "Overflow when unpacking
+    long long"; audit 19a: "a" with int()'s bare message)."""
+    try:
+        seed = operator.index(value)
+    except TypeError:
+        seed = None
+    if seed is None or isinstance(value, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63); got {value!r}")
+    return seed
+
+
 def check_unpadded(lengths: Sequence[int], batch_size: int, adapter) -> None:
     """DataError where a non-causal model (``adapter.causal`` False) would get padded batches:
     sequences of more than one length with ``batch_size`` > 1 (module docstring)."""
@@ -586,6 +630,7 @@ def token_batches(
         # One built by hand says causal unless told (review 45 L4): the model decides.
         return data if data.causal == adapter.causal else replace(data, causal=bool(adapter.causal))
     batch_size = as_count(batch_size, "batch_size", "sequences per batch")
+    seed = as_seed(seed)
     cfg = adapter.cfg
     bos_id = adapter.bos_token_id
 
@@ -719,7 +764,7 @@ def token_batches(
         skip_bos=bool(skip_bos),
         pad_token_id=int(pad_token_id),
         shuffle=bool(shuffle),
-        seed=int(seed),
+        seed=seed,
         source=source,
         d_vocab=cfg.d_vocab,
         device=adapter.device,

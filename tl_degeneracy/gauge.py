@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .data import as_seed
 from .invariants import center_writing, fold_reading
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
@@ -240,7 +241,7 @@ def random_gauge(model, seed: int = 0, inplace: bool = False):
     Returns a deep copy of ``model`` (the input is untouched) unless ``inplace=True``.
     """
     adapter = adapt(model)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(as_seed(seed))
 
     # The generator stays on the CPU, so a seed gives the same gauge on every device; the matrix is
     # moved to the device of the weights it multiplies.

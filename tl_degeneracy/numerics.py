@@ -11,7 +11,13 @@ the standard backward-error bound of a rank-revealing decomposition (as in ``num
 from its factors (OV = W_V·W_O, QK; a core of the factors' SVDs), that scale is ‖A‖₂‖B‖₂, not
 σ_1(AB) ≤ ‖A‖₂‖B‖₂: the two agree for balanced factors, but a gauge (A M, M⁻¹ B) with M ill
 conditioned leaves AB unchanged while its rounding grows with ‖A M‖₂‖M⁻¹ B‖₂, and a σ_1-relative
-cut-off would count that rounding as rank (:func:`product_scale`).
+cut-off would count that rounding as rank (:func:`product_scale`). A covariance of activations
+(anything computed in a rounded forward) carries their rounding, each relative to the activation
+itself, mean included: its eigenvalues are also cut below (max(dims)·eps(precision))²·max_i E[f_i²],
+E[f_i²] = C_ii + μ_i² (:func:`covariance_floor`, an absolute floor beside the relative rule, whose
+λ_1 stays the covariance's for the eigensolver's error; audit 21b F1: a float32 node whose mean was
+400 times its spread read rank 8 for 3, its rounding 10⁻¹¹ against a cut-off of 3·10⁻¹³ relative
+to λ_1).
 A Gram's eigenvalues are σ², hence the square; but its float64 eigendecomposition itself moves every
 eigenvalue by about max(dims)·eps(float64)·λ_1, a floor that the square of a float64 cut-off would
 fall far below.
@@ -42,7 +48,7 @@ from .distributed import warn_once
 
 __all__ = [
     "CUTOFF_BAND", "DataLimitedWarning", "HalfPrecisionWarning", "activation_precision", "check_tolerances", "compute_dtype", "rank_band",
-    "rank_rtol", "numerical_rank", "product_scale", "sample_limited", "unit_scales", "warn_data_limited",
+    "rank_rtol", "numerical_rank", "covariance_floor", "product_scale", "sample_limited", "unit_scales", "warn_data_limited",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -103,7 +109,7 @@ def activation_precision(dtype: torch.dtype) -> torch.dtype:
             "synchronization's blocks are formed from the half-precision patterns, and a float32 forward may form "
             "others); load the model in float32 (tld.load_model(spec, dtype=torch.float32)) for exact ranks",
             HalfPrecisionWarning,
-            stacklevel=2,
+            stacklevel=None,
         )
     return compute_dtype(dtype)
 
@@ -129,6 +135,18 @@ def unit_scales(squares: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     rank neurons at their own RMS likewise, ``counts._neuron_units``)."""
     squares = squares.to(torch.float64).clamp_min(0)
     return torch.where(squares > 0, squares.sqrt(), torch.ones_like(squares))
+
+
+def covariance_floor(dims: int | Iterable[int], precision: torch.dtype, second_moments: Float[Tensor, " k"]) -> float:
+    """The eigenvalue below which a covariance of activations computed at ``precision``, whose
+    second moments E[f_i²] = C_ii + μ_i² are ``second_moments``, is their rounding (module
+    docstring): (max(dims)·eps)²·max_i E[f_i²] — an ``atol`` beside the rank rule, above its
+    relative cut-off only where the mean is large against the spread."""
+    dims = [int(dims)] if isinstance(dims, int) else [int(d) for d in dims]
+    if not second_moments.numel():
+        return 0.0
+    size = max(max(dims), 1) * torch.finfo(precision).eps
+    return size * size * float(second_moments.to(torch.float64).max())
 
 
 def product_scale(
@@ -203,6 +221,7 @@ def rank_band(
     atol: float = 0.0,
     noise_rtol: float | None = None,
     noise_scale: float | None = None,
+    rounding: float = 0.0,
 ) -> tuple[int, int, int]:
     """(rank at the cut-off × :data:`CUTOFF_BAND`, the rank, rank at the cut-off / CUTOFF_BAND) of one
     spectrum by :func:`numerical_rank`'s rule (``atol`` held fixed): the three agree where the
@@ -217,16 +236,17 @@ def rank_band(
     value — for a covariance, the largest second moment E[f_i²] of its activations, mean included:
     each activation is rounded relative to itself, so where the mean is large against the spread the
     rounding sits far above λ₁(covariance)·eps² (audit 17a F1: a bfloat16 covariance of rank 3 read
-    24, its band (24, 24, 24))."""
+    24, its band (24, 24, 24)). ``rounding``: an absolute part of the rule's cut-off, a covariance's
+    :func:`covariance_floor`, which the band moves with the relative part (``atol`` stays)."""
     dims = spectrum.shape[-1] if dims is None else dims
     rtol = rank_rtol(dims, precision, gram) if rtol is None else rtol
     floor = min(rank_rtol(dims, torch.float64, gram), rtol)
     if noise_rtol is not None and noise_scale is not None and spectrum.numel():
         noise_rtol = noise_rtol * max(1.0, noise_scale / max(float(spectrum.max()), torch.finfo(torch.float64).tiny))
     high = max(rtol * CUTOFF_BAND, noise_rtol or 0.0)
-    return tuple(int(numerical_rank(spectrum, dims, precision=precision, gram=gram, atol=atol,
+    return tuple(int(numerical_rank(spectrum, dims, precision=precision, gram=gram, atol=max(atol, rounding * k),
                                     rtol=min(max(cut, floor), 1 - 1e-9)))
-                 for cut in (high, rtol, rtol / CUTOFF_BAND))
+                 for cut, k in ((high, CUTOFF_BAND), (rtol, 1.0), (rtol / CUTOFF_BAND, 1 / CUTOFF_BAND)))
 
 
 def rounding_rtol(dtype: torch.dtype, gram: bool = False) -> float | None:

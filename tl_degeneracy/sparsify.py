@@ -71,8 +71,8 @@ from .llc.losses import per_sample_loss, reference_form
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.copying import copy_model
-from .numerics import (DataLimitedWarning, activation_precision, numerical_rank, rank_band, sample_limited,
-                       warn_data_limited, warn_half_storage, warn_sample_limited)
+from .numerics import (DataLimitedWarning, activation_precision, covariance_floor, numerical_rank, rank_band,
+                       sample_limited, warn_data_limited, warn_half_storage, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol  # sparsify's argument rank_rtol is a number
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -467,10 +467,13 @@ def sparsify(
             # With b_in, a direction on which x is constant is free up to a change of b_in (METHODS §4, §8):
             # the covariance, as degeneracy_counts reads it.
             moment, half_moment = ((g.covariance() if has_bias else g.gram())[0].cpu() for g in (grams[layer], half_grams[layer]))
+            # and the rule leaves out a covariance's rounding, which a large mean sets above it (audit 21b F1)
+            floor, half_floor = (covariance_floor(D, precision, g.gram()[0].diagonal()) if has_bias and rank_rtol is None
+                                 else 0.0 for g in (grams[layer], half_grams[layer]))
             spectrum = descending_eigvalsh(moment).clamp_min(0)
-            r_min, r, r_max = rank_band(spectrum, D, precision=precision, gram=True, rtol=rank_rtol)
+            r_min, r, r_max = rank_band(spectrum, D, precision=precision, gram=True, rtol=rank_rtol, rounding=floor)
             r_half = int(numerical_rank(descending_eigvalsh(half_moment).clamp_min(0), D, precision=precision, gram=True,
-                                        rtol=rank_rtol))
+                                        rtol=rank_rtol, atol=half_floor))
             W = weights.W_in[layer].to(torch.float64).cpu()
             b = weights.b_in[layer].to(torch.float64).cpu()
             W_out = weights.W_out[layer].to(torch.float64).cpu().clone()

@@ -42,8 +42,8 @@ from .memory import check_batches
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.selection import circuit_parameters
-from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, numerical_rank,
-                       rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
+from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, covariance_floor,
+                       numerical_rank, rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
@@ -121,12 +121,15 @@ def _gram_rtol(size: int, precision: torch.dtype, rtol: float | None, width: int
     return max(rule_rtol(size, precision, gram=True), rule_rtol(max(size, width or 0), torch.float64, gram=True))
 
 
-def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float | None, width: int | None = None) -> int:
+def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float | None, width: int | None = None,
+               atol: float = 0.0) -> int:
     """Rank of an activation Gram, or of a block of one ``width`` wide, by the package's rule at the
-    forward's ``precision`` (:func:`_gram_rtol`; ``rtol`` overrides the relative eigenvalue cut-off)."""
+    forward's ``precision`` (:func:`_gram_rtol`; ``rtol`` overrides the relative eigenvalue cut-off),
+    above ``atol``."""
     if gram.numel() == 0:
         return 0
-    return int(numerical_rank(descending_eigvalsh(gram), gram=True, rtol=_gram_rtol(gram.shape[0], precision, rtol, width)))
+    return int(numerical_rank(descending_eigvalsh(gram), gram=True, rtol=_gram_rtol(gram.shape[0], precision, rtol, width),
+                              atol=atol))
 
 
 def changing_blocks(blocks: pd.DataFrame) -> int:
@@ -196,11 +199,19 @@ def _rounding_cut(dtype: torch.dtype, rtol: float | None) -> float | None:
 def _input_ranks(adapter: ModelAdapter, accs: list[MomentAccumulator], ln: str, centered: bool,
                  precision: torch.dtype, rtol: float | None) -> Int[np.ndarray, " layer"]:
     """D_in of every layer: the rank of the covariance (``centered``) or Gram of the block input
-    (``counts.input_moment``) by the rank rule at ``precision`` (``rtol`` overrides its cut-off), at
-    most ``counts.input_rank_bound``."""
+    (``counts.input_moment``) by the rank rule at ``precision`` (``rtol`` overrides its cut-off; the
+    rule's own also leaves out a covariance's rounding, ``numerics.covariance_floor``), at most
+    ``counts.input_rank_bound``."""
     most = input_rank_bound(adapter, centered)
-    return np.array([min(_gram_rank(input_moment(adapter, layer, ln, acc, centered=centered).cpu(), precision, rtol), most)
-                     for layer, acc in enumerate(accs)], dtype=np.int64)
+
+    def rank(layer: int, acc: MomentAccumulator) -> int:
+        moment = input_moment(adapter, layer, ln, acc, centered=centered).cpu()
+        floor = 0.0
+        if centered and rtol is None:  # audit 21b F1: a large mean sets the rounding above the rule's cut-off
+            floor = covariance_floor(moment.shape[-1], precision, input_moment(adapter, layer, ln, acc, False).diagonal())
+        return min(_gram_rank(moment, precision, rtol, atol=floor), most)
+
+    return np.array([rank(layer, acc) for layer, acc in enumerate(accs)], dtype=np.int64)
 
 
 def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_samples: int,

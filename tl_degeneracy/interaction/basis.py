@@ -51,15 +51,16 @@ def _kept(descending: Float[Tensor, " d"], rtol: float, atol: float) -> int:
 
 
 def _band(descending: Float[Tensor, " d"], rtol: float, atol: float, noise_rtol: float | None = None,
-          noise_scale: float | None = None) -> tuple[int, int]:
+          noise_scale: float | None = None, rounding: float = 0.0) -> tuple[int, int]:
     """How many would be kept with the cut-off moved ``numerics.CUTOFF_BAND``-fold up and down
-    (:func:`~tl_degeneracy.numerics.rank_band`), and up to ``noise_rtol`` (a half-precision forward's
-    rounding, ``numerics.rounding_rtol``, relative to ``noise_scale`` where given: ``rank_band``): equal
-    to the rank where the spectrum has a gap around the cut-off, spread where it decays smoothly through
-    it or where rounding may count as directions."""
+    (:func:`~tl_degeneracy.numerics.rank_band`; ``rounding``, a covariance's floor, moves with it), and
+    up to ``noise_rtol`` (a half-precision forward's rounding, ``numerics.rounding_rtol``, relative to
+    ``noise_scale`` where given: ``rank_band``): equal to the rank where the spectrum has a gap around
+    the cut-off, spread where it decays smoothly through it or where rounding may count as directions."""
     if not descending.numel():
         return 0, 0
-    low, _, high = rank_band(descending, gram=True, rtol=rtol, atol=atol, noise_rtol=noise_rtol, noise_scale=noise_scale)
+    low, _, high = rank_band(descending, gram=True, rtol=rtol, atol=atol, noise_rtol=noise_rtol, noise_scale=noise_scale,
+                             rounding=rounding)
     return low, high
 
 
@@ -96,18 +97,18 @@ class Whitening:
 
 
 def whiten(gram: Float[Tensor, "D D"], mean: Float[Tensor, " D"], rtol: float, atol: float,
-           noise_rtol: float | None = None) -> Whitening:
-    """Step 1: eigendecompose the (centred or uncentred) Gram and keep D_G > max(rtol·max, atol)
-    (``noise_rtol``: the highest cut-off of the band, so its fewest directions, :func:`_band`; for a
-    covariance relative to the activations' largest second moment, mean included, as each is rounded
-    relative to itself)."""
+           noise_rtol: float | None = None, rounding: float = 0.0) -> Whitening:
+    """Step 1: eigendecompose the (centred or uncentred) Gram and keep D_G > max(rtol·max, atol,
+    ``rounding``) (``rounding``: a covariance's ``numerics.covariance_floor``; ``noise_rtol``: the
+    highest cut-off of the band, so its fewest directions, :func:`_band`; for a covariance relative to
+    the activations' largest second moment, mean included, as each is rounded relative to itself)."""
     if not bool(torch.isfinite(gram).all()):
         raise NumericalError("non-finite Gram matrix")
     vals, vecs = _eigh_descending(gram)
-    r = _kept(vals, rtol, atol)
+    r = _kept(vals, rtol, max(atol, rounding))
     scale = float((gram.diagonal() + mean.to(gram) ** 2).max()) if noise_rtol is not None and gram.numel() else None
     return Whitening(mean=mean.to(torch.float64), eigenvalues=vals, vectors=vecs[:, :r],
-                     band=_band(vals, rtol, atol, noise_rtol, scale))
+                     band=_band(vals, rtol, atol, noise_rtol, scale, rounding))
 
 
 @dataclass(frozen=True)

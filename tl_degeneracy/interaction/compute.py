@@ -13,7 +13,9 @@ import torch
 
 from ..autograd import refuse_inference_mode
 from ..errors import DataError
-from ..numerics import activation_precision, check_tolerances, rank_rtol, rounding_rtol, warn_data_limited
+from ..data import as_seed
+from ..numerics import (activation_precision, check_tolerances, covariance_floor, rank_rtol, rounding_rtol,
+                        warn_data_limited, warn_sample_limited)
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context, failing_together, warn_once
 from ..stats.cuts import find_bypasses, refuse_off_stream
@@ -310,6 +312,7 @@ def interaction_basis(
         refuse_inference_mode("interaction_basis")  # before the activation pass, not after it
         gram_rtol, gram_atol = check_tolerances(gram_rtol, gram_atol)
         interaction_rtol, interaction_atol = check_tolerances(interaction_rtol, interaction_atol)
+        seed = as_seed(seed)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
         if output not in OBJECTIVES:
@@ -336,7 +339,11 @@ def interaction_basis(
         def whitening(acc, rtol: float):
             gram = acc.covariance()[0] if centered else acc.gram()[0]
             mean = acc.mean[0] if centered else torch.zeros_like(acc.mean[0])
-            return whiten(gram, mean, rtol, gram_atol, rounding_rtol(runner.dtype, gram=True))
+            # The rule's own cut-off (rtol not given) also leaves out the activations' rounding, which
+            # a large mean sets above it (numerics.covariance_floor; audit 21b F1).
+            floor = 0.0 if gram_rtol is not None else covariance_floor(
+                gram.shape[-1], activation_precision(runner.dtype), gram.diagonal() + mean**2)
+            return whiten(gram, mean, rtol, gram_atol, rounding_rtol(runner.dtype, gram=True), floor)
 
         for name in runner.names:
             acc = collector.accs[name]
@@ -424,4 +431,9 @@ def interaction_basis(
                               "there the difference may instead be the cut-off's, an eigenvalue of rounding just above "
                               "it, and then the degenerate directions read too few; column limited_within_band)"
                               if in_band else ""))
+        dims = result.dims
+        at_samples = dims[dims["sample_limited"]]
+        # The column alone said it (audit 21b F2): every other sample-limited rank is also warned of.
+        warn_sample_limited("interaction_basis", len(at_samples), len(dims), "nodes' Grams (rank_G)",
+                            int(at_samples["distinct"].min()) if len(at_samples) else 0)
         return result

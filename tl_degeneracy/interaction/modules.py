@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
+from ..data import as_seed
 from ..distributed import warn_once
 from ..errors import DataError, NumericalError
 
@@ -352,6 +353,7 @@ def find_modules(
     """
     if method not in ("louvain", "leiden"):
         raise ValueError(f"method must be 'louvain' or 'leiden'; got {method!r}")
+    seed = None if seed is None else as_seed(seed)
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be a positive integer; got {restarts!r}")
     if not resolution > 0.0 or math.isinf(resolution):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -55,8 +56,16 @@ class TensorBatches:
         return sum(c.shape[0] * (c.shape[1] if self.has_positions else 1) for c in self.chunks)
 
     def distinct(self, count: int, unit: str) -> int:
-        """Samples that can differ, as ``TokenBatches.distinct``: all (no BOS repeats in given inputs)."""
-        return count
+        """Samples that can differ, as ``TokenBatches.distinct``: a repeated input row repeats its
+        samples, every position of it for a position-level hook (audit 21b F2: 12 rows, 4 inputs each
+        given 3 times, read 12 distinct samples, and rank 3 of them was not flagged as the data's limit)."""
+        repeats = self.n_sequences - self._distinct_rows
+        return count - repeats * (self.max_len if unit == "position" else 1)
+
+    @cached_property
+    def _distinct_rows(self) -> int:
+        rows = torch.cat([c.detach().reshape(c.shape[0], -1).cpu() for c in self.chunks])
+        return len(torch.unique(rows, dim=0))
 
     @property
     def max_len(self) -> int:

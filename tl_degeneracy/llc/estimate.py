@@ -17,7 +17,6 @@ The method, step by step (each step is its own module):
 from __future__ import annotations
 
 import math
-import operator
 import os
 import re
 import time
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..autograd import gradients_enabled, refuse_inference_mode
+from ..data import as_seed
 from ..errors import EstimateFailedError, NumericalError
 from ..distributed import distributed_context, failing_together, gather_objects, max_over_ranks, warn_once
 from ..stats.passes import show_progress
@@ -350,7 +350,7 @@ def behavioral_llc(
     """
     started = time.perf_counter()
     refuse_inference_mode("behavioral_llc")
-    seed = operator.index(seed)  # numpy integers too (torch's generators take Python ints only)
+    seed = as_seed(seed)  # numpy integers too (torch's generators take Python ints only)
     config = SamplerConfig.merged(config, step_size=step_size, gamma=gamma, chains=chains, draws=draws, burnin=burnin,
                                   **options)
     nb = resolve_nbeta(nbeta, loss_scale)
@@ -483,6 +483,9 @@ def _run_key(target: SamplingTarget, config: SamplerConfig, nbeta: float, select
         "draws": config.draws, "burnin": config.burnin, "seed": seed, "sampler": config.sampler,
         "bias_bound": config.bias_bound, "selection": selection.spec, "n_params": selection.n_params,
         "step_size_given": config.step_size, "my_chains": my_chains,
+        # the automatic step size's pilots chose η (audit 21a F1: a checkpoint of 3-step pilots, η 144×
+        # too small, was resumed by a run asking for 200 and reported as theirs)
+        "pilot_steps": config.pilot_length if config.step_size is None else None,
         # where the preconditioner stops adapting: a checkpoint of one that adapted on (before 0.4.9) is another run
         "rms": (config.rms_alpha, config.rms_eps, _metric_frozen_at(config)) if config.rmsprop else None,
     }

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..data import Positions
-from ..numerics import (HALF_DTYPES, activation_precision, numerical_rank,  # numerical_rank re-exported: tl_degeneracy.stats
+from ..numerics import (HALF_DTYPES, activation_precision, covariance_floor, numerical_rank,  # numerical_rank re-exported: tl_degeneracy.stats
                         rank_rtol, sample_limited)
 from .accumulators import descending_eigvalsh
 
@@ -101,14 +101,23 @@ class _GramStats(abc.ABC):
 
     def rank(self, rtol: float | None = None, atol: float = 0.0, centered: bool | None = None) -> int:
         """Numerical rank of the full Gram: eigenvalues above max(rtol·λ_max, atol); ``rtol``
-        defaults to the rank rule for a [dim, dim] Gram at :attr:`precision`."""
+        defaults to the rank rule for a [dim, dim] Gram at :attr:`precision`, which also leaves out
+        a covariance's rounding (``numerics.covariance_floor``)."""
+        floor = self._rounding_floor(centered, heads=False) if rtol is None else 0.0
         return int(numerical_rank(self.eigenvalues(centered), self.dim, precision=self.precision, gram=True,
-                                  rtol=rtol, atol=atol))
+                                  rtol=rtol, atol=max(atol, floor)))
 
     def head_ranks(self, rtol: float | None = None, atol: float = 0.0, centered: bool | None = None) -> Tensor:
         """Numerical rank of each head's [d_head, d_head] Gram (rule as in :meth:`rank`)."""
         ev = self.head_eigenvalues(centered)
-        return numerical_rank(ev, ev.shape[-1], precision=self.precision, gram=True, rtol=rtol, atol=atol)
+        floors = self._rounding_floor(centered, heads=True) if rtol is None else [0.0] * len(ev)
+        return torch.stack([numerical_rank(e, len(e), precision=self.precision, gram=True, rtol=rtol,
+                                           atol=max(atol, f)) for e, f in zip(ev, floors)])
+
+    def _rounding_floor(self, centered: bool | None, heads: bool) -> float | list[float]:
+        """The rounding of a covariance of these activations (per head where ``heads``); 0 for an
+        uncentred Gram, whose rule sits above it already."""
+        return [0.0] * (self.n_heads or 1) if heads else 0.0
 
     def trace(self, centered: bool | None = None) -> float:
         if self.has_full:
@@ -202,6 +211,14 @@ class HookStats(_GramStats):
     def _head_matrix(self, centered):
         centered = self.centered if centered is None else centered
         return self.head_covariance() if centered else self.head_gram
+
+    def _rounding_floor(self, centered, heads):
+        """Each activation is rounded relative to itself, mean included (audit 21b F1)."""
+        if not (self.centered if centered is None else centered):
+            return super()._rounding_floor(centered, heads)
+        if heads:
+            return [covariance_floor(g.shape[-1], self.precision, g.diagonal()) for g in self.head_gram]
+        return covariance_floor(self.dim, self.precision, self.gram.diagonal())
 
 
 @dataclass(eq=False)

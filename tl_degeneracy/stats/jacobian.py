@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..autograd import gradients_enabled, refuse_inference_mode
-from ..data import token_batches
+from ..data import as_seed, token_batches
 from ..errors import MissingHookError, NumericalError
 from ..memory import check_batches, half_gram_bytes, hook_width
 from ..models.adapt import adapt
@@ -349,6 +349,7 @@ def jacobian_stats(
     """
     with failing_together("jacobian_stats"):
         refuse_inference_mode("jacobian_stats")  # before any work (stream would refuse it later)
+        seed = as_seed(seed)
         if method not in METHODS_:
             raise ValueError(f"method must be one of {METHODS_}; got {method!r}")
         adapter = adapt(model)
