@@ -205,29 +205,30 @@ class TokenBatches:
 
     @cached_property
     def _distinct(self) -> tuple[int, int]:
-        """(distinct counted samples, distinct sequences): 64-bit hashes of each position's prefix
-        (FNV-1a over whole token ids, every sequence at once), unique over the counted positions."""
+        """(distinct counted samples, distinct sequences): a 64-bit hash of each position's prefix,
+        every sequence at once (a multiply–xorshift step per token, a bijection of the hash so far for
+        each token), unique among the counted positions of each position (equal prefixes have one
+        length) and, with the length, among the whole sequences."""
         n, width = self.n_sequences, self.max_len
-        tokens = np.zeros((n, width), dtype=np.uint64)
         lengths = self._lengths.numpy()
+        tokens = np.zeros((n, width), dtype=np.uint64)
         for i, seq in enumerate(self.sequences):
             tokens[i, : len(seq)] = seq.detach().cpu().numpy().astype(np.uint64)
-        prefix = np.empty((n, width), dtype=np.uint64)
-        h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+        first = 1 if self.bos and self.skip_bos else 0
+        h = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)
+        whole = np.empty(n, dtype=np.uint64)
+        per_position = []
         with np.errstate(over="ignore"):
             for p in range(width):
-                h = (h ^ tokens[:, p]) * np.uint64(0x100000001B3)
-                prefix[:, p] = h
-        counted = np.arange(width)[None, :] < lengths[:, None]
-        if self.bos and self.skip_bos:
-            counted[:, 0] = False
-        whole = prefix[np.arange(n), lengths - 1] ^ lengths.astype(np.uint64)
-        _, first = np.unique(whole, return_index=True)
-        if self.causal:
-            samples = len(np.unique(prefix[counted]))
-        else:
-            samples = int(counted[first].sum())
-        return samples, len(first)
+                h = (h ^ tokens[:, p]) * np.uint64(0x9E3779B97F4A7C15)
+                h ^= h >> np.uint64(31)
+                present = lengths > p
+                if self.causal and p >= first:
+                    per_position.append(len(np.unique(h[present])))
+                whole[lengths == p + 1] = h[lengths == p + 1]
+        _, kept = np.unique(np.stack([whole, lengths.astype(np.uint64)], axis=1), axis=0, return_index=True)
+        samples = sum(per_position) if self.causal else int(np.maximum(lengths[kept] - first, 0).sum())
+        return samples, len(kept)
 
     @property
     def max_len(self) -> int:
