@@ -226,8 +226,9 @@ def warn_once(message: str, category: type[Warning], stacklevel: int | None = 2)
     For warnings about a result that every rank shares (all-reduced statistics, gathered chains, the
     same data and model on every rank): a ``torchrun`` job of N processes would otherwise print each
     one N times. ``stacklevel`` counts as for ``warnings.warn`` called where this is called; None:
-    the caller's line (the frame that called into the package), and once per call from it, for a
-    warning that several analyses inside one call raise alike (review 47 F6: the dtype's warning
+    the caller's line (the frame that called into the package), and once from it (a loop calling
+    again from that line too, as Python's default filter does), for a warning that several analyses
+    inside one call raise alike (review 47 F6: the dtype's warning
     twice from sparsify, pointing at two lines inside the package; the package's own
     ``catch_warnings`` blocks reset Python's once-per-line record between them)."""
     if distributed_context().rank != 0:
@@ -236,7 +237,10 @@ def warn_once(message: str, category: type[Warning], stacklevel: int | None = 2)
         warnings.warn(message, category, stacklevel=stacklevel + 1)
         return
     level, caller = _caller_outside()
-    key = (id(caller), caller.f_lasti if caller is not None else -1, category, message)
+    # The frame's id alone may be a later frame's (ids are reused): with its place, it is at worst the
+    # same line again, which Python's own once-per-line filter would not show either.
+    where = (caller.f_code.co_filename, caller.f_lineno, caller.f_lasti) if caller is not None else None
+    key = (id(caller), where, category, message)
     if key not in _WARNED_AT_CALL:
         _WARNED_AT_CALL[key] = None
         while len(_WARNED_AT_CALL) > 64:
