@@ -143,7 +143,7 @@ def test_a_float32_input_with_a_large_mean_counts_no_rounding():
     covariances' rounding (eps·|f| per activation) lay above the rule's cut-off relative to λ₁ and was
     counted: rank_G 15 where the float64 forward reads 4. Each rank now stays at most the float64
     one, which keeps its second-order directions (2·10⁻¹⁸ of a second moment of 5, far above float64's
-    rounding)."""
+    rounding, below float32's)."""
     frames = {}
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 20, (12, 12), generator=g)
@@ -160,7 +160,9 @@ def test_a_float32_input_with_a_large_mean_counts_no_rounding():
     exact, single = frames[torch.float64], frames[torch.float32]
     assert exact["centered"].all() and (exact["map"] == single["map"]).all()
     assert exact.loc[exact["map"].isin(["W_Q", "W_K", "W_V"]) & (exact["layer"] == 0), "rank_G"].eq(4).all()
-    assert (single["rank_G"] <= exact["rank_G"]).all() and (single["rank_G"] == 3).all()
+    assert (single["rank_G"] <= exact["rank_G"]).all()
+    attention = single["map"].isin(["W_Q", "W_K", "W_V", "W_O"])
+    assert (single.loc[attention, "rank_G"] == 3).all()  # the embedding's 3; float64's 4th is second order
 
 
 

@@ -318,6 +318,13 @@ def test_repeated_inputs_are_counted_once():
         dims = interaction_basis(toy, torch.stack([a, b, b, a, a, b]), n_probes=2, progress=False).dims
     assert (dims["n"] == 24).all() and (dims["distinct"] == 8 - int(a[0] == b[0])).all()
     assert dims["sample_limited"].all()
+    # Batches of other position lengths (review 51 #2: the row comparison failed on them)
+    from tl_degeneracy.interaction.runner import tensor_batches
+
+    short, long = mlp_inputs(2, 4)[:, None, :].expand(2, 3, 4), mlp_inputs(2, 4)[:, None, :].expand(2, 5, 4)
+    batches = tensor_batches([short, short[:1].expand(2, 3, 4), long, long], 2)
+    assert batches.n_samples == 32 and batches.distinct(32, "position") == 32 - 2 * 3 - 2 * 5
+    assert batches.distinct(8, "sequence") == 4
 
 
 def test_ranks_that_grow_with_the_data_are_flagged_by_the_even_numbered_sequences():

@@ -130,9 +130,9 @@ def test_a_covariance_s_rounding_band_is_set_by_its_mean():
 def test_a_float32_covariance_is_ranked_above_its_rounding_mean_included(offset):
     """Audit 21b F1: activations 4000 + a rank-3 spread of order 5, rounded to float32 (eps·4000 each):
     their covariance's rounding eigenvalues, 5.6·10⁻⁹, lie far above float32's cut-off relative to
-    λ₁(covariance), (24·eps)²·λ₁ ≈ 3·10⁻¹⁰, and counted as 21 more directions. Above the floor of
-    the activations' largest second moment (numerics.covariance_floor) the rank is the true 3, as it
-    is without the mean; the activation statistics and the interaction basis rank so."""
+    λ₁(covariance), (24·eps)²·λ₁ ≈ 3·10⁻¹⁰, and counted as 21 more directions. Above the most that
+    rounding can add, eps²·Σ E[f_i²] (numerics.covariance_floor), the rank is the true 3, as it is
+    without the mean; the activation statistics and the interaction basis rank so."""
     from tl_degeneracy.interaction.basis import whiten
     from tl_degeneracy.numerics import covariance_floor, rank_band
     from tl_degeneracy.stats.gram_stats import HookStats
@@ -143,8 +143,8 @@ def test_a_float32_covariance_is_ranked_above_its_rounding_mean_included(offset)
     mean = x.mean(0)
     cov = (x - mean).T @ (x - mean) / len(x)
     spectrum = torch.linalg.eigvalsh(cov).flip(0)
-    floor = covariance_floor(24, torch.float32, cov.diagonal() + mean**2)
-    assert floor == pytest.approx((24 * torch.finfo(torch.float32).eps) ** 2 * float((x * x).mean(0).max()), rel=1e-9)
+    floor = covariance_floor(torch.float32, cov.diagonal() + mean**2)
+    assert floor == pytest.approx(torch.finfo(torch.float32).eps ** 2 * float((x * x).mean(0).sum()), rel=1e-9)
     assert rank_band(spectrum, 24, precision=torch.float32, gram=True)[1] == (24 if offset else 3)
     assert rank_band(spectrum, 24, precision=torch.float32, gram=True, rounding=floor) == (3, 3, 3)
     assert whiten(cov, mean, rank_rtol(24, torch.float32, gram=True), 0.0, rounding=floor).rank == 3
@@ -167,3 +167,27 @@ def test_a_float64_covariance_keeps_directions_far_below_its_mean():
     stats = HookStats(name="h", kind="resid", layer=0, count=len(x), distinct=len(x), unit="position",
                       feature_shape=(8,), mean=mean, centered=True, cov=cov, dtype=torch.float64)
     assert stats.rank() == 3
+
+
+@pytest.mark.parametrize("m", [0.0, 10.0, 30.0])
+def test_a_moderate_mean_cuts_no_direction_that_float32_resolves(m):
+    """Review 51 #1: a first floor, (D·eps)²·max E[f_i²], cut float32 directions 10²–10⁵ times above
+    their rounding wherever the mean exceeded the spread (h = W x + b, D = 64, W's singular values
+    1 … 10⁻⁵: rank 52 of 64 at a mean of 10, 46 at 30, the band 34–59 leaving 64 out). The floor is now
+    the most rounding can add, eps²·Σ E[f_i²]: at a mean of 10 the rank is float64's 64, and where the
+    smallest direction nears that bound (a mean of 30) the band still holds it."""
+    from tl_degeneracy.numerics import covariance_floor, rank_band
+
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    W = ((U * torch.logspace(0, -5, 64, dtype=torch.float64)) @ V.T).float()
+    direction = torch.randn(64, generator=g, dtype=torch.float64)
+    b = (m * direction / direction.abs().max()).float()
+    h = (torch.randn(4000, 64, generator=g).float() @ W.T + b).double()  # the float32 forward
+    mean = h.mean(0)
+    cov = (h - mean).T @ (h - mean) / len(h)
+    spectrum = torch.linalg.eigvalsh(cov).flip(0)
+    floor = covariance_floor(torch.float32, cov.diagonal() + mean**2)
+    low, rank, high = rank_band(spectrum, 64, precision=torch.float32, gram=True, rounding=floor)
+    assert rank == (64 if m <= 10 else rank) and high == 64 and rank >= 60

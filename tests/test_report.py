@@ -385,6 +385,8 @@ def test_a_section_is_recomputed_only_for_what_moves_it(tmp_path):
     first = degeneracy_report(model, tokens, overrides=overrides, **kwargs)
     more = degeneracy_report(model, tokens, overrides={**overrides, "n_sequences": 8}, **kwargs)
     assert more["llc"].cached and more["llc"].to_dict() == {**first["llc"].to_dict(), "cached": True}
+    # its record of the data it sampled holds no count of the whole data (review 50: n_dropped went stale)
+    assert "n_dropped" not in more["llc"].settings["llc_data"] and "n_padding" not in more["llc"].settings["llc_data"]
     assert not more["activations"].cached and not more["counts"].cached
     reseeded = degeneracy_report(model, tokens, overrides={**overrides, "n_sequences": 8}, seed=1, **kwargs)
     assert reseeded["activations"].cached

@@ -312,15 +312,20 @@ def test_a_users_file_under_a_report_tables_name_is_refused_and_kept(tmp_path, c
     assert _run(out, "--model", "toy:sma", "--only", "summary") == 0
     mine = out / "parameters_live.csv"
     mine.write_text("my,own\n1,2\n")
-    (out / "parameters_mine.csv").write_text("kept\n")  # a name the report does not write: no concern of it
+    (out / "notes.csv").write_text("kept\n")  # no section's name: no concern of the report
     before = _stored(out)
+    # Refused before any work (review 50: at the save, after --fresh had cleared the finished sections)
     assert _run(out, "--model", "toy:sma", "--only", "parameters", *fresh) == 2
     err = _one_paragraph(capsys.readouterr().err)
-    assert "parameters_live.csv" in err and "would overwrite" in err and "parameters_mine" not in err
+    assert "parameters_live.csv" in err and "may overwrite" in err and "notes.csv" not in err
     assert mine.read_text() == "my,own\n1,2\n" and _stored(out) == before  # nothing written, nothing deleted
-    mine.unlink()
+    assert not (out / "checkpoints" / "sections" / "parameters.json").exists()  # nothing computed
+    mine.rename(out / "parameters_mine.csv")  # any table name of a section it runs may be the report's next
+    assert _run(out, "--model", "toy:sma", "--only", "parameters", *fresh) == 2
+    assert "parameters_mine.csv" in capsys.readouterr().err
+    (out / "parameters_mine.csv").unlink()
     assert _run(out, "--model", "toy:sma", "--only", "parameters", *fresh) == 0
-    assert "parameters_live.csv" in _listed_csvs(out) and (out / "parameters_mine.csv").read_text() == "kept\n"
+    assert "parameters_live.csv" in _listed_csvs(out) and (out / "notes.csv").read_text() == "kept\n"
 
 
 def test_sections_are_listed_in_report_order_whatever_the_order_asked(tmp_path):

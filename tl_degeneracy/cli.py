@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             return _error(CLIError("--llc-components heads/layers/attn/mlp stands alone"), debug)
         args.llc_components = args.llc_components[0]  # a family name; otherwise a list of selections
     out = Path(args.out) if getattr(args, "out", None) else None
-    created = out is not None and not out.exists()
+    created = out is not None and not os.path.lexists(out)  # an unreadable parent: False, not an error
     try:
         with _terminate_as_interrupt():
             return args.func(args)

@@ -164,12 +164,16 @@ def input_rank_bound(adapter: ModelAdapter, centered: bool) -> int:
                                  and adapter.norm_weights(0, "ln1").kind == "layernorm")
 
 
-def input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumulator, centered: bool) -> Tensor:
+def input_moment(adapter: ModelAdapter, layer: int, ln: str, acc: MomentAccumulator, centered: bool,
+                 bias: bool = True) -> Tensor:
     """The second moment of the linear maps' input x = n·w + b (:func:`block_input_affine`) from the
     moments ``acc`` of n, the activation at :func:`block_input_hook`: the covariance W Cov(n) W (the
     bias b drops out), or the uncentred E[x xᵀ] = W E[n nᵀ] W + W μ bᵀ + b μᵀ W + b bᵀ, with W = diag(w).
-    Counts (METHODS (4.1′)) and synchronization (D_in, METHODS §3) read their input ranks from it."""
+    Counts (METHODS (4.1′)) and synchronization (D_in, METHODS §3) read their input ranks from it.
+    ``bias=False``: the uncentred W E[n nᵀ] W, the scale of the rounding the covariance carries (n's,
+    scaled by w: b is added here, in float64, not in the forward that rounded n)."""
     w, b = block_input_affine(adapter, layer, ln)
+    b = b if bias else None
     moment, mean = (acc.covariance() if centered else acc.gram())[0], acc.mean[0]
     if w is not None:
         w = w.detach().to(moment)
@@ -428,7 +432,7 @@ def degeneracy_counts(
             (numerics.covariance_floor; audit 21b F1: 15 of 16 directions in float32 where float64 reads 4)."""
             scale = None if second_moment is None else float(second_moment.diagonal().max())
             own = 0.0 if second_moment is None or rtol is not None else covariance_floor(
-                spectrum.shape[-1], inputs_precision, second_moment.diagonal())
+                inputs_precision, second_moment.diagonal())
             return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
                              rtol=None if rtol is None else float(rtol), atol=floor,
                              noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale,
@@ -518,7 +522,7 @@ def degeneracy_counts(
                     input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
                                                        input_moment(adapter, layer, ln, input_halves[hook], centered),
                                                        most(centered),
-                                                       tuple(input_moment(adapter, layer, ln, a[hook], False)
+                                                       tuple(input_moment(adapter, layer, ln, a[hook], False, bias=False)
                                                              for a in (inputs, input_halves)) if centered else None)
                 return input_ranks[ln, centered]
 

@@ -13,11 +13,12 @@ from its factors (OV = W_V·W_O, QK; a core of the factors' SVDs), that scale is
 conditioned leaves AB unchanged while its rounding grows with ‖A M‖₂‖M⁻¹ B‖₂, and a σ_1-relative
 cut-off would count that rounding as rank (:func:`product_scale`). A covariance of activations
 (anything computed in a rounded forward) carries their rounding, each relative to the activation
-itself, mean included: its eigenvalues are also cut below (max(dims)·eps(precision))²·max_i E[f_i²],
-E[f_i²] = C_ii + μ_i² (:func:`covariance_floor`, an absolute floor beside the relative rule, whose
-λ_1 stays the covariance's for the eigensolver's error; audit 21b F1: a float32 node whose mean was
-400 times its spread read rank 8 for 3, its rounding 10⁻¹¹ against a cut-off of 3·10⁻¹³ relative
-to λ_1).
+itself, mean included: errors δ_i with |δ_i| ≤ eps·|f_i| add at most E‖δ‖² ≤ eps²·Σ_i E[f_i²] to
+any eigenvalue, E[f_i²] = C_ii + μ_i² (all errors in one direction, as a normalization's rounded
+scale puts them; independent ones add about eps²·max E[f_i²]/12). Its eigenvalues are also cut below
+that bound (:func:`covariance_floor`, an absolute floor beside the relative rule, whose λ_1 stays the
+covariance's for the eigensolver's error; audit 21b F1: a float32 node whose mean was 400 times its
+spread read rank 8 for 3, its rounding 10⁻¹¹ against a cut-off of 3·10⁻¹³ relative to λ_1).
 A Gram's eigenvalues are σ², hence the square; but its float64 eigendecomposition itself moves every
 eigenvalue by about max(dims)·eps(float64)·λ_1, a floor that the square of a float64 cut-off would
 fall far below.
@@ -137,16 +138,15 @@ def unit_scales(squares: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     return torch.where(squares > 0, squares.sqrt(), torch.ones_like(squares))
 
 
-def covariance_floor(dims: int | Iterable[int], precision: torch.dtype, second_moments: Float[Tensor, " k"]) -> float:
-    """The eigenvalue below which a covariance of activations computed at ``precision``, whose
-    second moments E[f_i²] = C_ii + μ_i² are ``second_moments``, is their rounding (module
-    docstring): (max(dims)·eps)²·max_i E[f_i²] — an ``atol`` beside the rank rule, above its
-    relative cut-off only where the mean is large against the spread."""
-    dims = [int(dims)] if isinstance(dims, int) else [int(d) for d in dims]
+def covariance_floor(precision: torch.dtype, second_moments: Float[Tensor, " k"]) -> float:
+    """The largest eigenvalue the rounding of activations computed at ``precision`` can add to their
+    covariance, whose second moments E[f_i²] = C_ii + μ_i² are ``second_moments``: eps²·Σ_i E[f_i²]
+    (module docstring) — an ``atol`` beside the rank rule, above its relative cut-off only where the
+    mean is large against the spread: tr E[ffᵀ] > max(dims)²·λ_1 for the float32 rule."""
     if not second_moments.numel():
         return 0.0
-    size = max(max(dims), 1) * torch.finfo(precision).eps
-    return size * size * float(second_moments.to(torch.float64).max())
+    eps = torch.finfo(precision).eps
+    return eps * eps * float(second_moments.to(torch.float64).clamp_min(0).sum())
 
 
 def product_scale(

@@ -468,7 +468,7 @@ def sparsify(
             # the covariance, as degeneracy_counts reads it.
             moment, half_moment = ((g.covariance() if has_bias else g.gram())[0].cpu() for g in (grams[layer], half_grams[layer]))
             # and the rule leaves out a covariance's rounding, which a large mean sets above it (audit 21b F1)
-            floor, half_floor = (covariance_floor(D, precision, g.gram()[0].diagonal()) if has_bias and rank_rtol is None
+            floor, half_floor = (covariance_floor(precision, g.gram()[0].diagonal()) if has_bias and rank_rtol is None
                                  else 0.0 for g in (grams[layer], half_grams[layer]))
             spectrum = descending_eigvalsh(moment).clamp_min(0)
             r_min, r, r_max = rank_band(spectrum, D, precision=precision, gram=True, rtol=rank_rtol, rounding=floor)

@@ -208,7 +208,7 @@ def _input_ranks(adapter: ModelAdapter, accs: list[MomentAccumulator], ln: str, 
         moment = input_moment(adapter, layer, ln, acc, centered=centered).cpu()
         floor = 0.0
         if centered and rtol is None:  # audit 21b F1: a large mean sets the rounding above the rule's cut-off
-            floor = covariance_floor(moment.shape[-1], precision, input_moment(adapter, layer, ln, acc, False).diagonal())
+            floor = covariance_floor(precision, input_moment(adapter, layer, ln, acc, False, bias=False).diagonal())
         return min(_gram_rank(moment, precision, rtol, atol=floor), most)
 
     return np.array([rank(layer, acc) for layer, acc in enumerate(accs)], dtype=np.int64)

@@ -342,7 +342,7 @@ def interaction_basis(
             # The rule's own cut-off (rtol not given) also leaves out the activations' rounding, which
             # a large mean sets above it (numerics.covariance_floor; audit 21b F1).
             floor = 0.0 if gram_rtol is not None else covariance_floor(
-                gram.shape[-1], activation_precision(runner.dtype), gram.diagonal() + mean**2)
+                activation_precision(runner.dtype), gram.diagonal() + mean**2)
             return whiten(gram, mean, rtol, gram_atol, rounding_rtol(runner.dtype, gram=True), floor)
 
         for name in runner.names:

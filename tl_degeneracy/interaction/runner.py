@@ -59,13 +59,24 @@ class TensorBatches:
         """Samples that can differ, as ``TokenBatches.distinct``: a repeated input row repeats its
         samples, every position of it for a position-level hook (audit 21b F2: 12 rows, 4 inputs each
         given 3 times, read 12 distinct samples, and rank 3 of them was not flagged as the data's limit)."""
-        repeats = self.n_sequences - self._distinct_rows
-        return count - repeats * (self.max_len if unit == "position" else 1)
+        rows, positions = self._repeated
+        return count - (positions if unit == "position" else rows)
 
     @cached_property
-    def _distinct_rows(self) -> int:
-        rows = torch.cat([c.detach().reshape(c.shape[0], -1).cpu() for c in self.chunks])
-        return len(torch.unique(rows, dim=0))
+    def _repeated(self) -> tuple[int, int]:
+        """(rows that repeat an earlier one, their samples): rows are compared whole, their shape and
+        bytes (batches of other position lengths hold other rows; review 51 #2)."""
+        seen: set = set()
+        rows = positions = 0
+        for chunk in self.chunks:
+            flat = chunk.detach().cpu().contiguous()
+            per_row = flat.shape[1] if self.has_positions else 1
+            for row in flat:
+                key = (tuple(row.shape), row.numpy().tobytes())
+                if key in seen:
+                    rows, positions = rows + 1, positions + per_row
+                seen.add(key)
+        return rows, positions
 
     @property
     def max_len(self) -> int:

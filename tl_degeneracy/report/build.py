@@ -277,7 +277,7 @@ def degeneracy_report(
         settings = ctx.settings
         # The output directory and the checkpoints are checked now too: nothing is computed for a
         # directory that would refuse the result.
-        older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh)
+        older = None if out is None else Report.check_directory(out, ctx.identity(), replace=fresh, sections=chosen)
         section_dirs, cached = {}, {}
         if ctx.checkpoint_dir is not None:
             if fresh:  # the files are shared by every rank: one deletes them (and the others wait)

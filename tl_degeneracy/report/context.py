@@ -176,6 +176,14 @@ def sequences_digest(batches: TokenBatches) -> str:
     return tensor_digest((f"seq{i}", q) for i, q in enumerate(batches.sequences))
 
 
+def subset_positions(positions: dict) -> dict:
+    """The positions record of a prefix of the report's data (the LLC's, the interaction basis's)
+    without the counts of the whole data set it inherits (sequences dropped, padding left out), which
+    the report's data header gives: as a section's record they differed between runs that sampled the
+    same tokens, and a reused section kept another run's (review 50: compare called equal λ̂ other data)."""
+    return {k: v for k, v in positions.items() if k not in ("n_dropped", "n_padding")}
+
+
 def _head(data, n: int):
     """The first ``n`` sequences (or texts, or dataset rows) of ``data`` where that is cheap to take
     before tokenizing; anything else whole (``batches`` cuts after validation)."""

@@ -22,6 +22,7 @@ import re
 import textwrap
 import uuid
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,8 +220,11 @@ class Report:
                       identity=identity)
 
     @classmethod
-    def check_directory(cls, directory: str | Path, identity: dict | None, *, replace: bool = False) -> Report | None:
+    def check_directory(cls, directory: str | Path, identity: dict | None, *, replace: bool = False,
+                        sections: Sequence[str] = ()) -> Report | None:
         """Whether a report of ``identity`` may be written to ``directory``; before any work.
+        ``sections``: those the run computes, whose tables' names (``<section>_*.csv``) a file there
+        that the report does not list must not have (:func:`_refuse_unlisted_tables`).
 
         Returns the report already there when it has the same identity (to :meth:`merge` with),
         else None (no report there, or ``replace``). Creates the directory.
@@ -245,6 +249,9 @@ class Report:
                 f"{out} holds a report.json that is not a tl-degeneracy report ({type(e).__name__}: {e}); a report "
                 "written there would overwrite it and its report.html. Write to a new or empty --out "
                 "directory.") from None
+        # Before any work (review 50: refused at the save, after --fresh had cleared the finished sections)
+        names = [p.name for p in out.glob("*.csv") if any(p.name.startswith(f"{name}_") for name in sections)]
+        _refuse_unlisted_tables(out, names, set(_listed_tables(stored)))
         if replace:
             return None
         try:
@@ -454,8 +461,9 @@ def stored_report(directory: str | Path) -> dict:
 
 def check_writable(out: Path) -> None:
     """Create ``out`` and write a file there, or raise :class:`ReportDirectoryError` saying why not."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():  # audit 20a F5: this read "(File exists)"
+    # os.path: Path.exists raises on a parent that cannot be searched (review 50), mkdir below says so
+    existing = next((p for p in (out, *out.parents) if os.path.lexists(p)), None)
+    if existing is not None and not os.path.isdir(existing):  # audit 20a F5: this read "(File exists)"
         raise ReportDirectoryError(f"the output directory {out} cannot be written: {existing} is a file, not a "
                                    "directory; choose another --out directory")
     try:
@@ -508,17 +516,17 @@ def _listed_tables(stored) -> list[str]:
 
 def _refuse_unlisted_tables(out: Path, names: list[str], listed: set[str]) -> None:
     """Raise :class:`ReportDirectoryError`, before anything in ``out`` is written or deleted, when a
-    CSV the report is about to write (``names``) is there but not the report's: the report.json there
-    does not list it (``listed``; audit 20a F5: a user's file under a table's name was overwritten
-    silently). The sections stay cached in the checkpoint directory, so a rerun once it is moved
-    recomputes nothing."""
+    CSV named in ``names`` is there but not the report's: the report.json there does not list it
+    (``listed``; audit 20a F5: a user's file under a table's name was overwritten silently). The
+    report checks every CSV under the names of the sections it will run before any work
+    (:meth:`Report.check_directory`), and those it writes again before saving."""
     clashes = sorted(n for n in set(names) if (out / n).exists() and n not in listed)
     if clashes:
         shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
         raise ReportDirectoryError(
-            f"{out} holds {shown}, which the report did not write (report.json does not list it) but would "
-            "overwrite with its own table of that name. Move or rename it and rerun (the finished sections are "
-            "reused), or write to another --out directory.")
+            f"{out} holds {shown}, which the report did not write (report.json does not list it) but may "
+            "overwrite with its own table of that name. Move or rename it and rerun, or write to another --out "
+            "directory.")
 
 
 #: The folder of ``out`` that holds a report's checkpoints unless ``checkpoint_dir`` is given.

@@ -28,7 +28,7 @@ from ..plots import plot_spectra
 from ..stats import activation_stats
 from ..stats.passes import show_progress
 from ..synchronization import head_synchronization, neuron_synchronization
-from .context import ACTIVATION_HOOKS, ReportContext, sequences_digest
+from .context import ACTIVATION_HOOKS, ReportContext, sequences_digest, subset_positions
 from .plots import plot_component_llc, plot_counts, plot_gram_spectra
 from .registry import SectionOutput, register_section
 
@@ -342,7 +342,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
         # The basis's own settings apart from the report's: its n_probes (None: exact M) is not the
         # counts' budget of that name (audit 15b: a fresh report flagged itself "other settings").
         settings={"kind": ib.kind, "output": ib.output, "scaling": ib.scaling, "nodes": list(ib.nodes),
-                  "ib_data": ib.positions, "basis": {k: v for k, v in ib.settings.items() if k not in timings},
+                  "ib_data": subset_positions(ib.positions), "basis": {k: v for k, v in ib.settings.items() if k not in timings},
                   "modules": modules.to_dict()["settings"], "seed": ctx.seed},
         headline=f"interaction rank per node {ranks} ({degenerate} degenerate directions"
                  + _cutoff_band_text(degenerate_band, degenerate, CUTOFF_BAND, sep=", ")
@@ -412,7 +412,7 @@ def llc(ctx: ReportContext) -> SectionOutput:
             values={**summary, "diagnostics": {k: res.diagnostics.get(k) for k in _DIAGNOSTICS}},
             # the digest of the very tokens sampled: two reports of one data set can sample others
             # (a memory fit cuts the statistics batches the LLC's sequences are taken from; review 34)
-            settings={"llc_data": {**data.positions.to_dict(), "digest": sequences_digest(data)},
+            settings={"llc_data": {**subset_positions(data.positions.to_dict()), "digest": sequences_digest(data)},
                       "llc_components": ctx.llc_components, "seed": ctx.seed},
             notes=[f"{s.chains} chains × ({s.burnin} burn-in + {res.draws} draws, in blocks of {s.draws} until converged or "
                    f"the budget of {fixed['max_draws']:,} draws"

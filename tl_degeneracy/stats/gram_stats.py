@@ -217,8 +217,8 @@ class HookStats(_GramStats):
         if not (self.centered if centered is None else centered):
             return super()._rounding_floor(centered, heads)
         if heads:
-            return [covariance_floor(g.shape[-1], self.precision, g.diagonal()) for g in self.head_gram]
-        return covariance_floor(self.dim, self.precision, self.gram.diagonal())
+            return [covariance_floor(self.precision, g.diagonal()) for g in self.head_gram]
+        return covariance_floor(self.precision, self.gram.diagonal())
 
 
 @dataclass(eq=False)
