@@ -83,7 +83,7 @@ def fails_before_the_sections_on_rank_1(out: str) -> None:
 
     torch.set_num_threads(1)
     if dist.get_rank() == 1:
-        def refuse(directory, identity, replace=False):
+        def refuse(directory, identity, replace=False, sections=()):
             raise ReportDirectoryError("this rank's output directory is refused (simulated)")
 
         Report.check_directory = staticmethod(refuse)

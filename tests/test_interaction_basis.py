@@ -4,6 +4,7 @@ probe convergence, errors, and runs on the bundled toys and the HF test architec
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 import types
@@ -325,6 +326,32 @@ def test_repeated_inputs_are_counted_once():
     batches = tensor_batches([short, short[:1].expand(2, 3, 4), long, long], 2)
     assert batches.n_samples == 32 and batches.distinct(32, "position") == 32 - 2 * 3 - 2 * 5
     assert batches.distinct(8, "sequence") == 4
+    # bfloat16 inputs, and −0.0 as 0.0 (review 52: numpy holds no bfloat16; bytes told the zeros apart)
+    assert tensor_batches(x.to(torch.bfloat16), 5).distinct(12, "position") == 4
+    zeros = torch.zeros(2, 3)
+    zeros[1, 0] = -0.0
+    assert tensor_batches(zeros, 2).distinct(2, "position") == 1
+
+
+def test_a_float32_node_with_a_large_mean_counts_no_rounding():
+    """Audit 21b F1 (review 52 #5: through the analyses, not only numerics): a linear network whose
+    hidden node has rank 3 and a bias 400 times its spread read rank_G 8 in float32, where float64
+    reads 3; the interaction basis now reads 3 in both (activation_stats: test_numerics, HookStats)."""
+    model = HookedMLP([6, 8, 8, 5], act=lambda h: h, seed=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.weights[0].copy_(torch.randn(8, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 6, generator=g,
+                                                                                                  dtype=torch.float64) / 10)
+        model.biases[0].copy_(100 * torch.randn(8, generator=g, dtype=torch.float64))
+    x = mlp_inputs(400, 6)
+    for dtype in (torch.float64, torch.float32):
+        typed = copy.deepcopy(model).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dims = interaction_basis(typed, x.to(dtype), kind="global", output="mse", exact=True,
+                                     progress=False).dims.set_index("node")
+        # (the band's cut-off 100× lower reaches float32's rounding: 3–5 and 3–8 there, 3–3 in float64)
+        assert dims.loc["hook_h0", "rank_G"] == dims.loc["hook_h1", "rank_G"] == 3, dtype
 
 
 def test_ranks_that_grow_with_the_data_are_flagged_by_the_even_numbered_sequences():

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             return _error(CLIError("--llc-components heads/layers/attn/mlp stands alone"), debug)
         args.llc_components = args.llc_components[0]  # a family name; otherwise a list of selections
     out = Path(args.out) if getattr(args, "out", None) else None
-    created = out is not None and not os.path.lexists(out)  # an unreadable parent: False, not an error
+    created = out is not None and not os.path.lexists(out)  # (os.path: an unsearchable parent raises no error)
     try:
         with _terminate_as_interrupt():
             return args.func(args)
@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
 def _remove_if_left_empty(out: Path | None, created: bool) -> None:
     """Remove the --out directory this run created when bad input stopped it before anything was
     written there (an empty directory left behind would look like a finished run's)."""
-    if created and out is not None and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
+    with contextlib.suppress(OSError):  # a parent that cannot be searched (review 52): nothing was made there
+        if created and out is not None and os.path.isdir(out) and not any(out.iterdir()):
+            out.rmdir()
 
 
 if __name__ == "__main__":
