@@ -713,3 +713,13 @@ def test_a_failure_its_settings_made_is_not_called_unexpected():
     crash = SectionResult(name="counts", title="c", status="failed", reason="KeyError: 'x'", traceback="Traceback …")
     assert verdict(crash) == "failed with an unexpected error: no result (traceback below)"
     assert verdict(budget, with_reason=True).endswith("(MemoryBudgetError: lower batch_size)")
+
+
+def test_every_section_of_a_half_precision_model_records_its_dtype_warning():
+    """Review 47 F6's fix shows the dtype's HalfPrecisionWarning once per call from the caller's line;
+    every section runs from the one call of the report, yet each records it among its own warnings."""
+    model = make_tiny_toy_transformer().to(torch.bfloat16)
+    rep = degeneracy_report(model, _tokens(4), sections=["activations", "counts"], progress=False,
+                            overrides={"n_probes": 2})
+    for name in ("activations", "counts"):
+        assert any("computes in bfloat16" in w for w in rep[name].warnings), (name, rep[name].warnings)

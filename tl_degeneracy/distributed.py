@@ -252,6 +252,15 @@ def warn_once(message: str, category: type[Warning], stacklevel: int | None = 2)
 _WARNED_AT_CALL: dict = {}
 
 
+@contextmanager
+def own_warnings():
+    """A block whose warnings are recorded on their own (a report section's): what
+    :func:`warn_once` ``stacklevel=None`` showed before it is shown again inside it once, though the
+    caller's line is the same (every section runs from the one call of the report)."""
+    _WARNED_AT_CALL.clear()
+    yield
+
+
 def _caller_outside():
     """(``warnings.warn``'s stacklevel called in :func:`warn_once`, frame) of the frame that called
     into this package: the one beyond its outermost frame (torch's frames between the package's own,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import as_seed
-from ..distributed import failing_together, from_rank0, gather_objects, on_rank0
+from ..distributed import failing_together, from_rank0, gather_objects, on_rank0, own_warnings
 from ..errors import EstimateFailedError, TLDegeneracyError
 from ..memory import MemoryBudget, MemoryBudgetError, default_budget, memory_limit
 from ..models.adapt import adapt
@@ -114,7 +114,7 @@ def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionRe
     result = SectionResult(name=section.name, title=section.title, status="ok", methods=section.methods,
                            settings={k: getattr(ctx.settings, k) for k in section.settings}, versions=library_versions())
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, own_warnings():
         warnings.simplefilter("always")
         try:
             with failing_together(f"report section {section.name!r}"):
