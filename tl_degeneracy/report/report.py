@@ -494,9 +494,9 @@ def _remove_report(out: Path) -> None:
 
 
 def _stored_or_none(out: Path) -> dict | None:
-    """The report.json in ``out`` as stored, or None where there is none or it is not readable JSON."""
+    """:func:`stored_report` of ``out``, or None where there is none or it is not one."""
     try:
-        return json.loads((out / "report.json").read_text())
+        return stored_report(out)
     except (OSError, ValueError):
         return None
 
