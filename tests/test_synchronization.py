@@ -1128,3 +1128,57 @@ def test_activation_ranks_say_what_they_rest_on():
     assert (frame["rtol"] > 0).all() and few.to_dict()["hooks"][0]["sample_limited"]
     many = tld.activation_stats(model, _tokens(n=24, pos=12), progress=False).to_frame()
     assert not many["sample_limited"].any()
+
+
+def _spread_toy(n_heads: int, d_head: int, d_model: int, dtype: torch.dtype):
+    """A one-layer ToyTransformer with O(1) random weights (seeded)."""
+    from tl_degeneracy.models.toys.transformer import ToyTransformer
+
+    model = ToyTransformer(n_layers=1, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=8, d_vocab=20, n_ctx=16,
+                           act_fn="relu", seed=0)
+    g = torch.Generator().manual_seed(1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            scale = 1 / p.shape[-2] ** 0.5 if leaf.startswith("W_") else 0.3
+            p.copy_((1.0 if leaf == "w" else 0.0) + scale * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_heads_of_one_query_key_form_one_exact_block_though_their_patterns_differ_by_rounding(dtype):
+    """Audit 22a F2: three heads with the same W_Q, W_K, b_Q, b_K compute one pattern, but the batched
+    product rounds heads 1 and 2 in another order than head 0 (a distance of ~10⁻¹⁷ in float64,
+    ~10⁻⁸ in float32), so tol=0 split them ([[0], [1, 2]], extra freedom 18 where the Jacobian of the
+    layer's output reads 54) and a tol > 0 called the block approximate. Patterns within the
+    forward's rounding are one pattern now."""
+    model = _spread_toy(3, 3, 12, dtype)
+    with torch.no_grad():
+        attn = model.blocks[0].attn
+        for name in ("W_Q", "W_K", "b_Q", "b_K"):
+            getattr(attn, name)[1:] = getattr(attn, name)[0]
+    tokens = torch.randint(0, 20, (10, 8), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert not bool((pattern[:, 1] == pattern[:, 0]).all())  # not bit-identical: what the test is about
+    for tol in (0.0, 0.05):
+        result = head_synchronization(model, tokens, tol=tol, progress=False)
+        assert result.blocks == [[[0, 1, 2]]]
+        assert not result.approximate and not result.to_frame()["approximate"].any()
+        assert result.extra_freedom == 54
+
+
+def test_non_finite_output_weights_are_refused_by_name():
+    """Audit 22a F5: a NaN in W_O, which no activation carries, surfaced as torch's LinAlgError from
+    the counts' SVD; a NaN in the W_out row of a neuron in no block returned normal-looking counts."""
+    from tl_degeneracy.errors import NumericalError
+    from tl_degeneracy.synchronization import neuron_synchronization
+
+    tokens = torch.randint(0, 20, (10, 8), generator=torch.Generator().manual_seed(0))
+    for weight, analysis in (("W_O", head_synchronization), ("W_out", neuron_synchronization)):
+        model = _spread_toy(3, 3, 12, torch.float64)
+        with torch.no_grad():
+            module = model.blocks[0].attn if weight == "W_O" else model.blocks[0].mlp
+            getattr(module, weight)[-1, 0] = float("nan")
+        with pytest.raises(NumericalError, match=weight):
+            analysis(model, tokens, progress=False)

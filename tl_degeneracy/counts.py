@@ -279,16 +279,24 @@ def _rounding_floors(weights: MLPWeights, layer: int, input_norm: float, output_
     return {name: level * size for name, size in sizes.items()}
 
 
-def _neuron_units(diagonal: Float[Tensor, " d_mlp"], floor: Float[Tensor, " d_mlp"]) -> Float[Tensor, " d_mlp"]:
+def _neuron_units(diagonal: Float[Tensor, " d_mlp"], floor: Float[Tensor, " d_mlp"],
+                  variances: Float[Tensor, " d_mlp"] | None = None) -> Float[Tensor, " d_mlp"]:
     """The scales at which the counts rank a neuron-indexed Gram (``band``'s ``units``): each neuron's
     own RMS √M_kk, so that a ReLU rescaling moves no rank (audit 19b F1: against the Gram's largest
     eigenvalue, c = 10⁻⁶ read W_in's rank_K 1 of 16), a neuron that fires rarely counting as much as
     one that fires always; and ∞ (its row and column read as 0) where that RMS is at most its
     ``floor`` (:func:`_rounding_floors`): a pre-activation that cancels to rounding is no direction
     (review 47), whose own RMS would have made its rounding one. (Scales from the weights alone cut
-    real neurons that fire on few samples, review 48.)"""
+    real neurons that fire on few samples, review 48.) ``variances``: the neurons' variances where the
+    Gram is a covariance; ∞ also where the standard deviation is at most the floor: a neuron whose
+    pre-activation cancels to a constant varies only by its rounding, which is relative to the dot
+    product's terms, not to its value, so the covariance floor (relative to E[f²]) leaves it in (audit
+    22b F1: in float32 a ReLU neuron at 0.5 with terms of 300 read one direction more than float64)."""
     rms = diagonal.detach().to(torch.float64).cpu().clamp_min(0).sqrt()
-    return torch.where(rms > floor, rms, torch.full_like(rms, math.inf))
+    varies = rms > floor
+    if variances is not None:
+        varies &= variances.detach().to(torch.float64).cpu().clamp_min(0).sqrt() > floor
+    return torch.where(varies, rms, torch.full_like(rms, math.inf))
 
 
 def _token_frequencies(batches: TokenBatches, d_vocab: int) -> tuple[Float[Tensor, " d_vocab"], Float[Tensor, " d_vocab"]]:
@@ -422,30 +430,30 @@ def degeneracy_counts(
         n = batches.n_distinct_samples  # what a Gram's rank can reach: every sequence's BOS is one sample
 
         def spectrum_band(spectrum: Float[Tensor, " k"], inputs_precision: torch.dtype = precision,
-                          second_moment: Tensor | None = None, floor: float = atol) -> tuple[int, int, int]:
+                          second_moments: Tensor | None = None, floor: float = atol) -> tuple[int, int, int]:
             """The eigenvalues that are not zero: above the rank rule (0.4) and above loss_scale (METHODS
             §4; ``floor``), with the ranks at the rule's cut-off moved CUTOFF_BAND-fold up and down (rank_band) —
             up to the forward's rounding level at least for a half-precision model (exact inputs,
             W_E's token frequencies, have none), which for a covariance is set by its activations'
-            uncentred ``second_moment`` (rank_band's noise_scale). The rule's own cut-off (``rtol`` not
+            uncentred ``second_moments`` E[f_i²] (rank_band's noise_scale). The rule's own cut-off (``rtol`` not
             given) also leaves out a covariance's rounding, which its mean can set above it
             (numerics.covariance_floor; audit 21b F1: 15 of 16 directions in float32 where float64 reads 4)."""
-            scale = None if second_moment is None else float(second_moment.diagonal().max())
-            own = 0.0 if second_moment is None or rtol is not None else covariance_floor(
-                inputs_precision, second_moment.diagonal())
+            scale = None if second_moments is None else float(second_moments.max())
+            own = 0.0 if second_moments is None or rtol is not None else covariance_floor(inputs_precision, second_moments)
             return rank_band(spectrum, spectrum.shape[-1], precision=inputs_precision, gram=True,
                              rtol=None if rtol is None else float(rtol), atol=floor,
                              noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale,
                              rounding=own)
 
-        def band(m: Tensor, second_moment: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
-            """The band of a Gram ``m``; ``units``: its units' scales (:func:`_neuron_units`): the rule
-            then reads D⁻¹mD⁻¹ (and D⁻¹·second_moment·D⁻¹), and loss_scale still m's own eigenvalues."""
+        def band(m: Tensor, second_moments: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
+            """The band of a Gram ``m`` (``second_moments``: as :func:`spectrum_band`'s); ``units``: its units'
+            scales (:func:`_neuron_units`): the rule then reads D⁻¹mD⁻¹ (and D⁻²·second_moments), and
+            loss_scale still m's own eigenvalues."""
             if units is None:
-                return spectrum_band(descending_eigvalsh(m), second_moment=second_moment)
+                return spectrum_band(descending_eigvalsh(m), second_moments=second_moments)
             inverse = (1 / units).to(m.device)
-            scaled = (lambda x: None if x is None else x * inverse[:, None] * inverse[None, :])
-            b = spectrum_band(descending_eigvalsh(scaled(m)), second_moment=scaled(second_moment), floor=0.0)
+            b = spectrum_band(descending_eigvalsh(m * inverse[:, None] * inverse[None, :]), floor=0.0,
+                              second_moments=None if second_moments is None else second_moments * inverse.square())
             if atol:
                 significant = int((descending_eigvalsh(m) > atol).sum())
                 b = tuple(min(r, significant) for r in b)
@@ -459,8 +467,8 @@ def degeneracy_counts(
                    units: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
             """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
             alone give a lower one: the rank is still growing with the data. ``second_moments``: the
-            uncentred Grams of both where they are covariances (their rounding level); ``units``: as
-            :func:`band`'s."""
+            uncentred second moments E[f_i²] of both where they are covariances (their rounding level);
+            ``units``: as :func:`band`'s."""
             most = whole.shape[-1] if most is None else most
             whole_moment, half_moment = (None, None) if second_moments is None else second_moments
             b = tuple(min(r, most) for r in band(whole, whole_moment, units))
@@ -516,20 +524,23 @@ def degeneracy_counts(
                         whole, half = inputs[hook, "query_key"], input_halves[hook, "query_key"]
                         of = (lambda acc: acc.covariance()[0]) if centered else (lambda acc: acc.gram()[0])
                         input_ranks["x̃", centered] = g_rank(of(whole), of(half), most(centered, True),
-                                                            (whole.gram()[0], half.gram()[0]) if centered else None)
+                                                            (whole.gram()[0].diagonal(), half.gram()[0].diagonal())
+                                                            if centered else None)
                     return input_ranks["x̃", centered]
                 if (ln, centered) not in input_ranks:
                     input_ranks[ln, centered] = g_rank(input_moment(adapter, layer, ln, inputs[hook], centered),
                                                        input_moment(adapter, layer, ln, input_halves[hook], centered),
                                                        most(centered),
-                                                       tuple(input_moment(adapter, layer, ln, a[hook], False, bias=False)
+                                                       tuple(input_moment(adapter, layer, ln, a[hook], False,
+                                                                          bias=False).diagonal()
                                                              for a in (inputs, input_halves)) if centered else None)
                 return input_ranks[ln, centered]
 
             z = acts[("z", layer)]
             z_G, z_half = (z.head_covariance(), z.half.head_covariance()) if bias["W_O"] else (z.head_gram, z.half.head_gram)
             # a covariance's rounding level (spectrum_band)
-            z_raw = list(zip(z.head_gram, z.half.head_gram)) if bias["W_O"] else [None] * H
+            z_raw = list(zip(z.head_gram.diagonal(dim1=-2, dim2=-1), z.half.head_gram.diagonal(dim1=-2, dim2=-1))) \
+                if bias["W_O"] else [None] * H
             out_K = k_rank(attn_out[layer])
             for h in range(H):
                 add("W_Q", layer, h, input_rank("ln1", bias["W_Q"], True), k_rank(("q", layer), h), D, d, bias["W_Q"],
@@ -555,8 +566,9 @@ def degeneracy_counts(
                         most(bias[name]))
                 post = acts[("mlp_post", layer)]
                 G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-                add("W_out", layer, None, g_rank(*G_post, second_moments=(post.gram, post.half.gram) if bias["W_out"]
-                                                 else None, units=_neuron_units(post.gram.diagonal(), floors["W_out"])),
+                units = _neuron_units(post.gram.diagonal(), floors["W_out"], G_post[0].diagonal() if bias["W_out"] else None)
+                add("W_out", layer, None, g_rank(*G_post, second_moments=(post.gram.diagonal(), post.half.gram.diagonal())
+                                                 if bias["W_out"] else None, units=units),
                     k_rank(mlp_out[layer]), F, D, bias["W_out"])
         if embeddings:
             # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.

@@ -109,6 +109,18 @@ def synchronized_blocks(distance: Float[np.ndarray, "n n"], tol: float) -> list[
     return blocks
 
 
+PATTERN_ROUNDING = 16
+
+
+def pattern_rounding(precision: torch.dtype) -> float:
+    """The mean total-variation distance up to which two heads' attention patterns are the same
+    pattern computed twice: PATTERN_ROUNDING·eps(``precision``), the forward's rounding. Heads with
+    identical query/key weights need not give bit-identical patterns: a batched product rounds each
+    head in its own order (audit 22a F2: exact copies 2.3·10⁻⁸ apart in float32, 2.4·10⁻¹⁷ in float64,
+    which ``tol=0`` split apart and ``tol`` > 0 called approximate)."""
+    return PATTERN_ROUNDING * torch.finfo(precision).eps
+
+
 def _gram_rtol(size: int, precision: torch.dtype, rtol: float | None, width: int | None) -> float:
     """The rank rule's relative cut-off for a ``size`` × ``size`` block of an activation Gram that is
     ``width`` wide (``rtol`` overrides it): the rule at the forward's ``precision`` for the block, but
@@ -787,7 +799,7 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
                                                       "count_exact": totals[lead]["count_exact"]}
                 distance = self._block_distance(layer, heads)
                 rows.append({"layer": layer, "heads": tuple(heads), "size": len(heads), "max_distance": distance,
-                             "approximate": distance > 0,
+                             "approximate": distance > pattern_rounding(self.precision),
                              "on_half": _formed_on_half(self.half_blocks, layer, heads),
                              "s_block": self.block_rank(layer, heads),
                              "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
@@ -823,11 +835,9 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
 
     @property
     def approximate(self) -> bool:
-        """True when some block's heads have patterns that differ (max distance > 0): its freedom
-        holds only on the samples where they agree. Heads with identical query/key weights run the
-        same float operations and give bit-identical patterns, so exact agreement is 0, not a
-        rounding threshold."""
-        return self.max_block_distance > 0
+        """True when some block's heads have patterns that differ by more than the forward's rounding
+        (:func:`pattern_rounding`): its freedom holds only on the samples where they agree."""
+        return self.max_block_distance > pattern_rounding(self.precision)
 
     @property
     def approximation(self) -> str:
@@ -923,8 +933,16 @@ def head_synchronization(
     constant in its parameter space, and its count is the centred one: it may exceed the bridge's by
     d·(rank of the input Gram − rank of its covariance) per copied head (review 39: 264 against 272).
 
+    Not yet right (METHODS §3, audit 22a F1/F3): s and D_in are those of the values and of X, what a
+    block passes on where its pattern mixes positions generically; a pattern that sits exactly on
+    fixed positions (a BOS sink) passes on A·X, of lower rank, and the count can be far off (a sink's
+    copied head: 57 where the Jacobian reads 0), with no warning. In a float32 model a head copy that
+    a scalar gauge rescaled reads 33 where the float32 function's count is 57.
+
     Args:
-        tol: distance threshold in [0, 1] (TV distance lies in [0, 1]).
+        tol: distance threshold in [0, 1] (TV distance lies in [0, 1]); patterns within the forward's
+            rounding (:func:`pattern_rounding`) form a block at any ``tol``, so ``tol=0``: the same
+            pattern.
         rank_rtol: relative eigenvalue cut-off for the activation ranks (D_in, s); default: the
             package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). Weight ranks
             always use the float64 rule.
@@ -945,6 +963,7 @@ def head_synchronization(
         adapter = adapt(model)
         if not adapter.n_heads:
             raise MissingHookError("head_synchronization needs a model with attention heads; this one has none")
+        adapter.check_finite()  # the counts read W_O, which no activation carries (audit 22a F5)
         L, H, d, n_kv, D = adapter.n_layers, adapter.n_heads, adapter.d_head, adapter.n_kv_heads, adapter.d_model
         try:
             pattern_names = [adapter.hook_name("attn_pattern", layer) for layer in range(L)]
@@ -1018,14 +1037,15 @@ def head_synchronization(
                                    "counted); nothing to compare")
         distance = (tv_sum.sum(1) / count.sum(1)[:, None, None]).cpu().numpy()
         distance = (distance + distance.transpose(0, 2, 1)) / 2  # symmetric up to rounding already
+        precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
+        within = max(tol, pattern_rounding(precision))  # tol = 0: the same pattern up to its rounding
         half = (tv_sum[:, 0] / count[:, 0].clamp_min(1)[:, None, None]).cpu().numpy()
-        half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, tol) for layer in range(L)]
+        half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, within) for layer in range(L)]
         grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
         # Centred only where b_O can absorb the constant the mean value and input reach the output as
         # (audit 16a F1: a bias-free Llama's copied head read 264 free directions for 272).
         centered = bool(adapter.map_biases(0)["W_O"])
         covs = torch.stack([acc.covariance()[0] for acc in values]).cpu() if centered else grams
-        precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
         rtol = None if rank_rtol is None else float(rank_rtol)
         noise = _rounding_cut(adapter.dtype, rtol)
 
@@ -1042,7 +1062,7 @@ def head_synchronization(
         W_O = adapter.attention_weights().W_O
         norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
         W_O = torch.stack([center_writing(W_O[layer], norms[layer]) for layer in range(L)]).cpu()
-        blocks = [synchronized_blocks(distance[layer], tol) for layer in range(L)]
+        blocks = [synchronized_blocks(distance[layer], within) for layer in range(L)]
         result = HeadSyncResult(
             distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
             n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
@@ -1377,6 +1397,7 @@ def neuron_synchronization(
         adapter = adapt(model)
         if adapter.d_mlp is None:
             raise MissingHookError(f"neuron_synchronization needs MLP layers; this {type(adapter.model).__name__} has none")
+        adapter.check_finite()  # the counts read W_out, whose row of a neuron that fires on no sample nothing carries
         act_fn = adapter.cfg.act_fn
         gated = adapter.cfg.gated_mlp
         ratio = None
