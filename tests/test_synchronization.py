@@ -153,9 +153,9 @@ def test_pattern_memory_does_not_grow_with_positions(monkeypatch):
     monkeypatch.setattr(sync_module, "PATTERN_CHUNK_BYTES", budget)
     inner, largest = sync_module.pattern_tv_sums, {}
 
-    def recorded(pattern, mask, chunk_bytes=None):
+    def recorded(pattern, mask, chunk_bytes=None, **kwargs):
         with _LargestTensor() as mode:
-            out = inner(pattern, mask, chunk_bytes)
+            out = inner(pattern, mask, chunk_bytes, **kwargs)
         largest[pattern.shape[-1]] = max(largest.get(pattern.shape[-1], 0), mode.bytes)
         return out
 
@@ -1130,12 +1130,12 @@ def test_activation_ranks_say_what_they_rest_on():
     assert not many["sample_limited"].any()
 
 
-def _spread_toy(n_heads: int, d_head: int, d_model: int, dtype: torch.dtype):
+def _spread_toy(n_heads: int, d_head: int, d_model: int, dtype: torch.dtype, **config):
     """A one-layer ToyTransformer with O(1) random weights (seeded)."""
     from tl_degeneracy.models.toys.transformer import ToyTransformer
 
-    model = ToyTransformer(n_layers=1, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=8, d_vocab=20, n_ctx=16,
-                           act_fn="relu", seed=0)
+    model = ToyTransformer(n_layers=1, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=8, d_vocab=20,
+                           **{"n_ctx": 16, "act_fn": "relu", "seed": 0, **config})
     g = torch.Generator().manual_seed(1000)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -1182,3 +1182,173 @@ def test_non_finite_output_weights_are_refused_by_name():
             getattr(module, weight)[-1, 0] = float("nan")
         with pytest.raises(NumericalError, match=weight):
             analysis(model, tokens, progress=False)
+
+
+def _fixed_position_heads(target: int, copy: bool) -> torch.nn.Module:
+    """Heads 0 and 1 of a float64 toy attend (exactly, to float64's precision) to position ``target``
+    only: a positional direction there and keys that read it 200-fold; head 1 a copy of head 0's
+    values when ``copy``."""
+    model = _spread_toy(3, 3, 12, torch.float64)
+    direction = torch.zeros(12, dtype=torch.float64)
+    direction[:2] = torch.tensor([1.0, -1.0])  # mean-free: LayerNorm keeps it
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        model.pos_embed.W_pos[:, :2] = 0.0
+        model.embed.W_E[:, :2] = 0.0
+        model.pos_embed.W_pos[target] += 3.0 * direction
+        for h in (0, 1):
+            attn.W_K[h] = 0.0
+            attn.W_K[h, :2, 0] = torch.tensor([200.0, -200.0])
+            attn.W_Q[h], attn.b_Q[h], attn.b_K[h] = 0.0, 0.0, 0.0
+            attn.b_Q[h, 0] = 10.0
+        if copy:
+            for name in ("W_V", "W_O", "b_V"):
+                getattr(attn, name)[1] = getattr(attn, name)[0]
+    return model
+
+
+def _block_jacobian_extra(model, tokens, heads=(0, 1)) -> int:
+    """J_apart − J_sync of ``heads`` by the rank of the Jacobian of their outputs with respect to their
+    W_V and W_O (fixtures.jacobian), from the forward's patterns and LayerNorm output: each head's
+    output A_h (x W_V + b_V) W_O, centred over the samples (b_O absorbs a constant) and without the
+    mean direction (the next LayerNorm never reads it); apart stacked, synchronized summed."""
+    _, cache = model.run_with_cache(tokens)
+    ln = model.blocks[0].ln1
+    x = cache["blocks.0.ln1.hook_normalized"] * ln.w + ln.b
+    A = cache["blocks.0.attn.hook_pattern"]
+    b_V = model.blocks[0].attn.b_V.detach()
+    D = x.shape[-1]
+    P = torch.eye(D, dtype=torch.float64) - 1 / D
+
+    def outputs(p, centred=True):
+        out = []
+        for i, h in enumerate(heads):
+            o = (A[:, h] @ (x @ p[i] + b_V[h]) @ p[len(heads) + i]).reshape(-1, D)
+            out.append((o - o.mean(0) if centred else o) @ P)
+        return torch.stack(out)
+
+    attn = model.blocks[0].attn
+    params = [attn.W_V[h].detach().clone() for h in heads] + [attn.W_O[h].detach().clone() for h in heads]
+    sizes = [p.numel() for p in params]
+
+    def jacobian(fn):
+        flat = (lambda theta: fn([t.view_as(p) for t, p in zip(theta.split(sizes), params)]).flatten())
+        return torch.func.jacfwd(flat)(torch.cat([p.flatten() for p in params]))
+
+    # Against the uncentred outputs' scale: a head whose centred output is float64 rounding has no rank
+    # (a cut-off relative to its own largest singular value would count the rounding).
+    atol = 1e-9 * float(torch.linalg.matrix_norm(jacobian(lambda p: outputs(p, centred=False)), ord=2))
+    apart, sync = (int(torch.linalg.matrix_rank(jacobian(fn), atol=atol, rtol=0.0))
+                   for fn in (outputs, lambda p: outputs(p).sum(0)))
+    return apart - sync
+
+
+@pytest.mark.parametrize("copy", [False, True])
+@pytest.mark.parametrize("case", ["sink", "fixed_position"])
+def test_a_block_attending_to_fixed_positions_counts_what_its_pattern_passes_on(case, copy):
+    """Audit 22a F1: inside a block the heads compute A·x·W_V·W_O, so what the Jacobian sees is A·x,
+    not x. Two heads attending only to a BOS sink (every sequence starts with token 0) output a
+    constant: no extra freedom, where the counts read 18 (independent values) and 57 (a copy) from x
+    and the values; two attending only to position 1, which holds 3 distinct tokens, read 18 and 57
+    where the Jacobian says 33. The block's D_in and s are now those of A·x and A·v."""
+    model = _fixed_position_heads(0 if case == "sink" else 1, copy)
+    tokens = torch.randint(0, 20, (24, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 0
+    if case == "fixed_position":
+        tokens[:, 1] = torch.tensor([3, 7, 11])[torch.arange(24) % 3]
+    pattern = model.run_with_cache(tokens)[1]["blocks.0.attn.hook_pattern"][:, :2]
+    assert float(pattern[..., 0 if case == "sink" else 1][:, :, 1:].min()) > 1 - 1e-12  # exactly fixed
+    result = head_synchronization(model, tokens, tol=0.01, progress=False)
+    assert result.blocks[0][0] == [0, 1]
+    truth = _block_jacobian_extra(model, tokens)
+    assert truth == (0 if case == "sink" else 33)
+    assert result.extra_freedom == truth
+    row = result.to_frame().iloc[0]
+    assert row["input_rank"] < int(result.input_rank[0])  # the pattern's input, below the layer's
+
+
+def test_heads_whose_patterns_differ_at_one_sample_are_not_one_pattern():
+    """Review 53 #2: the same-pattern test read the mean distance, and a real difference at a few
+    samples shrinks in the mean as the data grow: heads whose queries differ only at one token, present
+    at one of 32,000 query positions (distance 0.05 there), averaged 1.6·10⁻⁶ < 16·eps(float32) and
+    formed one exact block at tol=0. Copies are one pattern at every sample; these heads are not. And
+    copies whose scores are 100 times larger round their patterns up to ~75·eps apart at a sample
+    (review 53 #3), still one pattern."""
+    model = _spread_toy(2, 3, 32, torch.float64, normalization=None, n_ctx=8)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for name in ("W_Q", "W_K", "b_Q", "b_K"):
+            getattr(attn, name)[1] = getattr(attn, name)[0]
+        E, P = model.embed.W_E, model.pos_embed.W_pos
+        basis, _ = torch.linalg.qr(torch.cat([E[:19], P]).T)
+        v = E[19] - basis @ (basis.T @ E[19])  # read by token 19's queries alone
+        attn.W_Q[1] += 0.5 * v[:, None] / (v @ E[19]) * torch.ones(1, 3, dtype=torch.float64)
+    tokens = torch.randint(0, 19, (4000, 8), generator=torch.Generator().manual_seed(0))
+    tokens[0, 4] = 19
+    single = model.to(torch.float32)
+    result = head_synchronization(single, tokens, tol=0.0, batch_size=500, progress=False)
+    assert result.distance[0][0, 1] < 16 * torch.finfo(torch.float32).eps  # what the mean alone would merge
+    assert result.blocks == [[[0], [1]]] and result.extra_freedom == 0
+    approximate = head_synchronization(single, tokens, tol=0.05, batch_size=500, progress=False)
+    assert approximate.blocks == [[[0, 1]]] and approximate.approximate
+
+    copies = _spread_toy(3, 3, 12, torch.float64, n_ctx=128)
+    attn = copies.blocks[0].attn
+    with torch.no_grad():
+        attn.W_Q.mul_(100)
+        attn.b_Q.mul_(100)
+        for name in ("W_Q", "W_K", "b_Q", "b_K"):
+            getattr(attn, name)[1:] = getattr(attn, name)[0]
+    tokens = torch.randint(0, 20, (4, 64), generator=torch.Generator().manual_seed(0))
+    result = head_synchronization(copies.to(torch.float32), tokens, tol=0.0, progress=False)
+    assert result.blocks == [[[0, 1, 2]]] and not result.approximate and result.extra_freedom == 54
+
+
+def test_a_float32_head_copy_under_a_large_mean_counts_no_rounding_of_its_values():
+    """Audit 22a (the value ranks' rounding, left open in 0.4.12): without a norm, a residual stream of
+    300·u plus its spread rounds every value to eps·|v| in float32, which the values' covariance carried
+    above the rank rule's cut-off relative to its λ₁: an exact copy read s_S 6 and 36 extra free
+    directions where float64 (and the Jacobian) read 3 and 63, two independent heads where there is
+    one. The values' ranks now leave out the covariance's rounding too (numerics.covariance_floor)."""
+    model = _spread_toy(3, 3, 12, torch.float64, normalization=None)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for name in ("W_Q", "W_K", "b_Q", "b_K", "W_V", "W_O", "b_V"):
+            getattr(attn, name)[1] = getattr(attn, name)[0]
+        u = torch.randn(12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        model.embed.W_E += 300 * u / u.norm()
+    tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for dtype in (torch.float64, torch.float32):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = head_synchronization(model.to(dtype), tokens, tol=1e-6, progress=False)
+        assert result.blocks == [[[0, 1], [2]]]
+        counts[dtype] = (result.to_frame().iloc[0]["s_block"], result.extra_freedom)
+    assert counts[torch.float32] == counts[torch.float64] == (3, 63)
+
+
+@pytest.mark.parametrize("gauge", ["scalar", "random_gauge"])
+def test_a_float32_head_copy_reads_as_a_copy_whatever_gauge_stored_it(gauge):
+    """Audit 22a F3: head 1 an exact copy of head 0, then rescaled (W_V·3, b_V·3, W_O/3) or given a random
+    GL(d) gauge, stored in float32: the same function up to float32 rounding. Its values' span read as a
+    copy's at float32's rule, its output maps (rounded apart by ~eps(float32)) as two heads' at float64's:
+    33 extra free directions, neither the float32 function's 57 nor two heads' 18. Both sides now follow
+    the forward's rule: 57, as float64 reads."""
+    from tl_degeneracy import random_gauge
+
+    model = _spread_toy(3, 3, 12, torch.float64)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for name in ("W_Q", "W_K", "b_Q", "b_K", "W_V", "W_O", "b_V"):
+            getattr(attn, name)[1] = getattr(attn, name)[0]
+        if gauge == "scalar":
+            attn.W_V[1] *= 3
+            attn.b_V[1] *= 3
+            attn.W_O[1] /= 3
+    if gauge == "random_gauge":
+        model = random_gauge(model, seed=1)
+    tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(0))
+    counts = {dtype: head_synchronization(model.to(dtype), tokens, tol=1e-6, progress=False).extra_freedom
+              for dtype in (torch.float64, torch.float32)}
+    assert counts == {torch.float64: 57, torch.float32: 57}

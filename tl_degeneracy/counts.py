@@ -291,7 +291,10 @@ def _neuron_units(diagonal: Float[Tensor, " d_mlp"], floor: Float[Tensor, " d_ml
     Gram is a covariance; ∞ also where the standard deviation is at most the floor: a neuron whose
     pre-activation cancels to a constant varies only by its rounding, which is relative to the dot
     product's terms, not to its value, so the covariance floor (relative to E[f²]) leaves it in (audit
-    22b F1: in float32 a ReLU neuron at 0.5 with terms of 300 read one direction more than float64)."""
+    22b F1: in float32 a ReLU neuron at 0.5 with terms of 300 read one direction more than float64, and
+    the band left the truth out). The floor lies 3.5–20 times above the rounding such neurons show, so
+    a neuron that really varies within it is dropped too (review 53 #1): the counts read the band's
+    fewest directions at these units, the rank at the others."""
     rms = diagonal.detach().to(torch.float64).cpu().clamp_min(0).sqrt()
     varies = rms > floor
     if variances is not None:
@@ -445,10 +448,16 @@ def degeneracy_counts(
                              noise_rtol=rounding if inputs_precision == precision else None, noise_scale=scale,
                              rounding=own)
 
-        def band(m: Tensor, second_moments: Tensor | None = None, units: Tensor | None = None) -> tuple[int, int, int]:
+        def band(m: Tensor, second_moments: Tensor | None = None, units: Tensor | None = None,
+                 fewest: Tensor | None = None) -> tuple[int, int, int]:
             """The band of a Gram ``m`` (``second_moments``: as :func:`spectrum_band`'s); ``units``: its units'
             scales (:func:`_neuron_units`): the rule then reads D⁻¹mD⁻¹ (and D⁻²·second_moments), and
-            loss_scale still m's own eigenvalues."""
+            loss_scale still m's own eigenvalues; ``fewest``: other units at which the band's fewest
+            directions are read too (its low end the smaller)."""
+            if fewest is not None:
+                low = band(m, second_moments, fewest)[0]
+                b = band(m, second_moments, units)
+                return min(low, b[0]), b[1], b[2]
             if units is None:
                 return spectrum_band(descending_eigvalsh(m), second_moments=second_moments)
             inverse = (1 / units).to(m.device)
@@ -464,14 +473,14 @@ def degeneracy_counts(
 
         def g_rank(whole: Tensor, half: Tensor, most: int | None = None,
                    second_moments: tuple[Tensor, Tensor] | None = None,
-                   units: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
+                   units: Tensor | None = None, fewest: Tensor | None = None) -> tuple[tuple[int, int, int], bool]:
             """rank_G (its band, each at most ``most``), and whether the data's even-numbered sequences
             alone give a lower one: the rank is still growing with the data. ``second_moments``: the
             uncentred second moments E[f_i²] of both where they are covariances (their rounding level);
-            ``units``: as :func:`band`'s."""
+            ``units``, ``fewest``: as :func:`band`'s."""
             most = whole.shape[-1] if most is None else most
             whole_moment, half_moment = (None, None) if second_moments is None else second_moments
-            b = tuple(min(r, most) for r in band(whole, whole_moment, units))
+            b = tuple(min(r, most) for r in band(whole, whole_moment, units, fewest))
             return b, min(band(half, half_moment, units)[1], most) < b[1]
 
         def k_rank(key, head: int | None = None, units: Tensor | None = None) -> tuple[tuple[int, int, int], bool, bool]:
@@ -566,9 +575,10 @@ def degeneracy_counts(
                         most(bias[name]))
                 post = acts[("mlp_post", layer)]
                 G_post = (post.covariance(), post.half.covariance()) if bias["W_out"] else (post.gram, post.half.gram)
-                units = _neuron_units(post.gram.diagonal(), floors["W_out"], G_post[0].diagonal() if bias["W_out"] else None)
+                units = _neuron_units(post.gram.diagonal(), floors["W_out"])
+                steady = _neuron_units(post.gram.diagonal(), floors["W_out"], G_post[0].diagonal()) if bias["W_out"] else None
                 add("W_out", layer, None, g_rank(*G_post, second_moments=(post.gram.diagonal(), post.half.gram.diagonal())
-                                                 if bias["W_out"] else None, units=units),
+                                                 if bias["W_out"] else None, units=units, fewest=steady),
                     k_rank(mlp_out[layer]), F, D, bias["W_out"])
         if embeddings:
             # G = diag(token frequencies), exact from counts of one-hot inputs: float64's rule, not the forward's.

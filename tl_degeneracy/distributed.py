@@ -68,14 +68,23 @@ def reduce_device(t: Tensor, group=None) -> torch.device:
 
 def all_reduce_sum_(t: Tensor, group=None) -> Tensor:
     """Sum ``t`` over the ranks of ``group`` in place (no-op without a process group)."""
+    return _all_reduce_(t, "SUM", group)
+
+
+def all_reduce_max_(t: Tensor, group=None) -> Tensor:
+    """The elementwise maximum of ``t`` over the ranks of ``group``, in place (no-op without a process group)."""
+    return _all_reduce_(t, "MAX", group)
+
+
+def _all_reduce_(t: Tensor, op: str, group=None) -> Tensor:
     if not distributed_context(group).active:
         return t
     device = reduce_device(t, group)
     if device == t.device:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group)
     else:
         buf = t.to(device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(buf, op=getattr(dist.ReduceOp, op), group=group)
         t.copy_(buf)
     return t
 

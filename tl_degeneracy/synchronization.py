@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .counts import block_input_hook, counted_batches, input_moment, input_rank_bound
 from .data import TokenBatches
-from .distributed import failing_together, warn_once
+from .distributed import all_reduce_max_, failing_together, warn_once
 from .errors import MissingHookError
 from .invariants import center_writing
 from .memory import check_batches
@@ -45,6 +45,7 @@ from .models.selection import circuit_parameters
 from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, covariance_floor,
                        numerical_rank, rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol
+from .pattern_inputs import PatternInputs, pattern_inputs
 from .stats.accumulators import MomentAccumulator, descending_eigvalsh
 from .stats.stream import Step, stream
 
@@ -109,16 +110,29 @@ def synchronized_blocks(distance: Float[np.ndarray, "n n"], tol: float) -> list[
     return blocks
 
 
-PATTERN_ROUNDING = 16
+PATTERN_ROUNDING = 128
 
 
 def pattern_rounding(precision: torch.dtype) -> float:
-    """The mean total-variation distance up to which two heads' attention patterns are the same
-    pattern computed twice: PATTERN_ROUNDING·eps(``precision``), the forward's rounding. Heads with
-    identical query/key weights need not give bit-identical patterns: a batched product rounds each
-    head in its own order (audit 22a F2: exact copies 2.3·10⁻⁸ apart in float32, 2.4·10⁻¹⁷ in float64,
-    which ``tol=0`` split apart and ``tol`` > 0 called approximate)."""
+    """The total-variation distance up to which two heads' attention distributions at every sample are
+    the same pattern computed twice: PATTERN_ROUNDING·eps(``precision``), the forward's rounding. Heads
+    with identical query/key weights need not give bit-identical patterns: a batched product rounds
+    each head in its own order (audit 22a F2: exact copies a mean 2.3·10⁻⁸ apart in float32, 2.4·10⁻¹⁷
+    in float64, which ``tol=0`` split apart and ``tol`` > 0 called approximate), the more the larger
+    the scores (review 53 #3: up to 75·eps at one sample of scores 100 times a toy's). Every sample's,
+    not the mean (review 53 #2: heads apart by 0.05 at one of 32,000 samples had a mean of 1.6·10⁻⁶)."""
     return PATTERN_ROUNDING * torch.finfo(precision).eps
+
+
+class _Largest:
+    """An elementwise maximum over batches and ranks (``stream``'s reduce: ``all_reduce`` takes the maximum)."""
+
+    def __init__(self, value: Tensor):
+        self.value = value
+
+    def all_reduce(self, group=None) -> _Largest:
+        all_reduce_max_(self.value, group)
+        return self
 
 
 def _gram_rtol(size: int, precision: torch.dtype, rtol: float | None, width: int | None) -> float:
@@ -142,6 +156,12 @@ def _gram_rank(gram: Float[Tensor, "k k"], precision: torch.dtype, rtol: float |
         return 0
     return int(numerical_rank(descending_eigvalsh(gram), gram=True, rtol=_gram_rtol(gram.shape[0], precision, rtol, width),
                               atol=atol))
+
+
+def _rounding_floor(precision: torch.dtype, rtol: float | None, moments: Float[Tensor, " k"] | None) -> float:
+    """The rounding floor of a covariance of activations whose uncentred second moments are ``moments``
+    (``numerics.covariance_floor``), beside the rule's own cut-off; 0 for a Gram (None) or a given ``rtol``."""
+    return 0.0 if moments is None or rtol is not None else covariance_floor(precision, moments)
 
 
 def changing_blocks(blocks: pd.DataFrame) -> int:
@@ -215,15 +235,20 @@ def _input_ranks(adapter: ModelAdapter, accs: list[MomentAccumulator], ln: str, 
     rule's own also leaves out a covariance's rounding, ``numerics.covariance_floor``), at most
     ``counts.input_rank_bound``."""
     most = input_rank_bound(adapter, centered)
+    return np.array([_input_rank(input_moment(adapter, layer, ln, acc, centered=centered).cpu(),
+                                 input_moment(adapter, layer, ln, acc, False, bias=False).diagonal(), centered, most,
+                                 precision, rtol)
+                     for layer, acc in enumerate(accs)], dtype=np.int64)
 
-    def rank(layer: int, acc: MomentAccumulator) -> int:
-        moment = input_moment(adapter, layer, ln, acc, centered=centered).cpu()
-        floor = 0.0
-        if centered and rtol is None:  # audit 21b F1: a large mean sets the rounding above the rule's cut-off
-            floor = covariance_floor(precision, input_moment(adapter, layer, ln, acc, False, bias=False).diagonal())
-        return min(_gram_rank(moment, precision, rtol, atol=floor), most)
 
-    return np.array([rank(layer, acc) for layer, acc in enumerate(accs)], dtype=np.int64)
+def _input_rank(moment: Float[Tensor, "D D"], scale: Float[Tensor, " D"], centered: bool, most: int,
+                precision: torch.dtype, rtol: float | None) -> int:
+    """The rank of a block input's ``moment`` (covariance where ``centered``) by the rank rule at
+    ``precision``, at most ``most``; a covariance's eigenvalues also above its rounding, set by the
+    uncentred second moments ``scale`` (``numerics.covariance_floor``; audit 21b F1: a large mean sets
+    it above the rule's cut-off), unless ``rtol`` is given."""
+    floor = covariance_floor(precision, scale) if centered and rtol is None else 0.0
+    return min(_gram_rank(moment, precision, rtol, atol=floor), most)
 
 
 def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_samples: int,
@@ -335,6 +360,13 @@ class BalancedValues:
     gram: Float[Tensor, "kv_dim kv_dim"]
     scale: Float[Tensor, " groups"]
 
+    def moments(self, raw: Float[Tensor, " kv_dim"] | None) -> Float[Tensor, " kv_dim"] | None:
+        """Per-coordinate second moments E[f_i²] (``raw``) at the balanced scale, as ``gram`` is."""
+        if raw is None:
+            return None
+        d = self.gram.shape[0] // max(len(self.scale), 1)
+        return raw.to(torch.float64).cpu() / self.scale.cpu().repeat_interleave(d).square()
+
     def output_weights(self, W_O: Float[Tensor, "heads d d_model"], group_of: Sequence[int]) -> Float[Tensor, "heads d d_model"]:
         """Each reader's output weights c_g W_O^h, with g = ``group_of[h]`` (float64)."""
         index = torch.as_tensor(list(group_of), dtype=torch.long, device=self.scale.device)
@@ -352,10 +384,12 @@ def balanced_values(gram: Float[Tensor, "kv_dim kv_dim"], d: int) -> BalancedVal
     return BalancedValues(gram * inverse[:, None] * inverse[None, :], scale)
 
 
-def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
-    """Rank of a matrix formed from stored weights: float64 SVD, float64 rule (METHODS §2)."""
+def _weight_rank(matrix: Float[Tensor, "m n"], precision: torch.dtype = torch.float64) -> int:
+    """Rank of a matrix formed from stored weights: float64 SVD, the rule at ``precision`` (METHODS §2:
+    float64 for the weights alone; the forward's for output maps balanced by the values' scales,
+    :func:`component_freedom`)."""
     matrix = matrix.to(torch.float64)
-    return int(numerical_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape), precision=torch.float64))
+    return int(numerical_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape), precision=precision))
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -422,7 +456,10 @@ class _ValueSpan:
     coordsᵀ coords is the rank-s part of ``gram``. Every rank of a set S of KV heads is
     :meth:`HeadSyncResult.block_rank`'s rule on S's own Gram, capped at s, and S's span W_S is the
     top-s_S left singular subspace of its columns: subspaces and ranks come from the same decisions.
-    ``cut``: the eigenvalue below which the component's rank rule counts a direction as zero."""
+    ``cut``: the eigenvalue below which the component's rank rule counts a direction as zero.
+    ``moments``: where ``gram`` is a covariance, its values' uncentred second moments E[f_i²], whose
+    rounding every rank also leaves out (``numerics.covariance_floor``, over the set's own coordinates;
+    not with a given ``rtol``)."""
 
     gram: Float[Tensor, "kv_dim kv_dim"]
     coords: Float[Tensor, "s kv_dim"]
@@ -431,16 +468,18 @@ class _ValueSpan:
     rtol: float | None
     cut: float
     width: int | None = None
+    moments: Float[Tensor, " kv_dim"] | None = None
 
     @classmethod
     def of(cls, gram: Float[Tensor, "kv_dim kv_dim"], d: int, precision: torch.dtype, rtol: float | None,
-           width: int | None = None) -> _ValueSpan:
+           width: int | None = None, moments: Float[Tensor, " kv_dim"] | None = None) -> _ValueSpan:
         gram = gram.to(torch.float64)
-        s = _gram_rank(gram, precision, rtol, width)
+        floor = _rounding_floor(precision, rtol, moments)
+        s = _gram_rank(gram, precision, rtol, width, atol=floor)
         eig, vec = torch.linalg.eigh((gram + gram.mT) / 2)
         eig, vec = eig.flip(0).clamp_min(0), vec.flip(1)
-        cut = _gram_rtol(gram.shape[0], precision, rtol, width) * float(eig[0])
-        return cls(gram, eig[:s].sqrt()[:, None] * vec[:, :s].mT, d, precision, rtol, cut, width)
+        cut = max(_gram_rtol(gram.shape[0], precision, rtol, width) * float(eig[0]), floor)
+        return cls(gram, eig[:s].sqrt()[:, None] * vec[:, :s].mT, d, precision, rtol, cut, width, moments)
 
     @property
     def s(self) -> int:
@@ -456,7 +495,8 @@ class _ValueSpan:
     def rank(self, groups: Sequence[int]) -> int:
         """s_S = dim W_S."""
         idx = self._index(groups)
-        return min(_gram_rank(self.gram[idx][:, idx], self.precision, self.rtol, self.width), self.s)
+        floor = _rounding_floor(self.precision, self.rtol, None if self.moments is None else self.moments[idx])
+        return min(_gram_rank(self.gram[idx][:, idx], self.precision, self.rtol, self.width, atol=floor), self.s)
 
     def subspace(self, groups: Sequence[int]) -> _Subspace:
         """W_S within the span; its complement is the range of Π_S^⊥ in (3.5b). The value vectors are
@@ -472,13 +512,13 @@ class _ValueSpan:
         return self.s - _rank_within([w.complement.mT for w in spaces], max(w.angle for w in spaces))
 
 
-def _column_space(m: Float[Tensor, "rows cols"]) -> _Subspace:
-    """Column space of a matrix of weights by the float64 rank rule (:func:`_weight_rank`), which
+def _column_space(m: Float[Tensor, "rows cols"], precision: torch.dtype = torch.float64) -> _Subspace:
+    """Column space of a matrix of weights by the rank rule at ``precision`` (:func:`_weight_rank`), which
     cuts at max(dims)·eps·σ₁. Thin SVD: a map of output weights can be 128 × 32,768, whose full right
     factor would not fit."""
     U, sv, _ = torch.linalg.svd(m, full_matrices=False)
-    r = int(numerical_rank(sv, tuple(m.shape), precision=torch.float64))
-    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape)) * float(sv[0]) if r else 0.0)
+    r = int(numerical_rank(sv, tuple(m.shape), precision=precision))
+    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape), precision) * float(sv[0]) if r else 0.0)
 
 
 def _block_maps(W_O: Float[Tensor, "heads d_head d_model"], kv_of_head: Sequence[int], blocks: Sequence[Sequence[int]],
@@ -499,14 +539,14 @@ def _block_groups(block: Sequence[int], kv_of_head: Sequence[int]) -> tuple[int,
     return tuple(sorted({kv_of_head[h] for h in block}))
 
 
-def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor],
-                     kv_of_head: Sequence[int]) -> dict[tuple[int, ...], _Subspace]:
+def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor], kv_of_head: Sequence[int],
+                     precision: torch.dtype) -> dict[tuple[int, ...], _Subspace]:
     """C_S of METHODS (3.5b): for each set S of KV heads read by some block, the sum of col(B_b) over
     the blocks that read exactly S (they share Π_S^⊥, so their constraints on Y combine)."""
     columns: dict[tuple[int, ...], list[Tensor]] = {}
     for block, B in zip(blocks, maps):
         columns.setdefault(_block_groups(block, kv_of_head), []).append(B)
-    return {S: _column_space(torch.cat(Bs, 1)) for S, Bs in columns.items()}
+    return {S: _column_space(torch.cat(Bs, 1), precision) for S, Bs in columns.items()}
 
 
 def _group_y(span: _ValueSpan, g: int, active: dict[tuple[int, ...], _Subspace]) -> int:
@@ -548,14 +588,18 @@ def _kernel_dimension(span: _ValueSpan, kv_of_head: Sequence[int], W_O: Float[Te
                       blocks: Sequence[Sequence[int]], input_rank: int, d_out: int) -> int | None:
     """dim ker of the Jacobian of (W_V^g on the data, W_O^h) ↦ (Σ_{h∈b} A_{g(h)} W_O^h)_b for one
     partition of the heads into blocks, METHODS (3.5a): the part of W_V outside the value span, Y,
-    and the output weights; None when Y is not exact."""
+    and the output weights; None when Y is not exact. The maps B_b carry the values' balancing scales,
+    which the forward rounded: their ranks follow the rule at its precision, as the values' do (audit
+    22a F3: in float32 a head copy whose W_V a scalar c rescaled, W_O by 1/c, read 33 — its values' span
+    a copy's at float32's rule, its maps, rounded apart by ~eps(float32), two heads' at float64's —
+    where the float32 function's count is 57)."""
     maps = _block_maps(W_O, kv_of_head, blocks, span.n_groups)
-    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head))
+    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head, span.precision))
     if y is None:
         return None
     # Ranks decided on different Grams (the input's, the values') may disagree by rounding-level
     # directions; the value span cannot take more of the input than there is.
-    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1)))
+    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1), span.precision))
     outputs = d_out * (len(kv_of_head) * span.d - sum(span.rank(_block_groups(b, kv_of_head)) for b in blocks))
     return outside + y + outputs
 
@@ -570,6 +614,7 @@ def component_freedom(
     precision: torch.dtype = torch.float64,
     rank_rtol: float | None = None,
     gram_width: int | None = None,
+    value_moments: Float[Tensor, " kv_dim"] | None = None,
 ) -> SyncJacobian:
     """J_apart and J_sync of heads that read G KV heads, with ``blocks`` synchronized (METHODS §3,
     (3.5a)–(3.5c)); exact also when a block takes only part of a KV head's query heads.
@@ -586,7 +631,8 @@ def component_freedom(
             relative eigenvalue cut-off), as :meth:`HeadSyncResult.block_rank`, with each KV head
             at unit scale (:func:`balanced_values`; ``W_O`` takes the scale back).
         kv_of_head: for each head 0..H−1, the KV head (0..G−1) whose values it reads.
-        W_O: [H, d, D] output weights (any float dtype; ranks of their sums are float64 weight ranks).
+        W_O: [H, d, D] output weights (any float dtype; the ranks of their balanced sums follow the rule at
+            ``precision``, as the values' do: :func:`_kernel_dimension`).
         blocks: a partition of 0..H−1 into synchronized blocks.
         input_rank: D_in, the rank of the heads' input on the data.
         d_out: D_out, the dimension of the space the heads write into that the function reads
@@ -594,6 +640,9 @@ def component_freedom(
             ``W_O`` must lie in that space.
         gram_width: the width of the activation Gram that ``value_gram`` is a block of (every KV
             head's values, a layer's neurons), whose float64 floor its ranks keep (:func:`_gram_rtol`).
+        value_moments: where ``value_gram`` is a covariance, the values' uncentred second moments
+            E[f_i²] [G·d]: its ranks also leave out their rounding (``numerics.covariance_floor``),
+            which a mean large against the spread sets above the rule's cut-off.
 
     Returns:
         ``j_sync`` None (and a not exact result) when a set of ≥ 2 KV heads read by blocks has a
@@ -616,7 +665,7 @@ def component_freedom(
     # Counted where each KV head's values have unit scale (its readers' W_O carry the scale): the same
     # function, and rank decisions that do not depend on how a scalar gauge splits W_V W_O.
     balanced = balanced_values(value_gram, d)
-    span = _ValueSpan.of(balanced.gram, d, precision, rank_rtol, gram_width)
+    span = _ValueSpan.of(balanced.gram, d, precision, rank_rtol, gram_width, balanced.moments(value_moments))
     W_O = balanced.output_weights(W_O, kv_of_head)
     params = G * int(input_rank) * d + H * d * d_out
     apart = _kernel_dimension(span, kv_of_head, W_O, [[h] for h in range(H)], int(input_rank), d_out)
@@ -689,6 +738,9 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
     noise_rtol: float | None = None
     input_rank_noise: Int[np.ndarray, " layer"] | None = None
     sample_limited: Bool[np.ndarray, " layer"] | None = None
+    pattern_inputs: dict[tuple[int, tuple[int, ...]], PatternInputs] | None = field(repr=False, default=None)
+    centered: bool = True
+    same_pattern: Bool[np.ndarray, "layer head head"] | None = field(repr=False, default=None)
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -701,12 +753,77 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         return torch.cat([torch.arange(kv * self.d_head, (kv + 1) * self.d_head, device=self.value_cov.device)
                           for kv in kvs])
 
-    def block_rank(self, layer: int, heads: list[int]) -> int:
-        """s_S: rank of the (centred) value activations of the block's distinct KV heads side by side, each
-        KV head at unit scale (:func:`balanced_values`), so that a head's scalar gauge does not move it."""
+    def _pattern(self, layer: int, heads: Sequence[int]) -> PatternInputs | None:
+        """What the block's common pattern passes on (:mod:`tl_degeneracy.pattern_inputs`; None for one head)."""
+        return None if self.pattern_inputs is None else self.pattern_inputs.get((layer, tuple(heads)))
+
+    def _pattern_input_rank(self, inputs: PatternInputs, half: bool = False) -> int:
+        """D_in of a block: the rank of its pattern-weighted input (of the even-numbered sequences' alone)."""
+        moment, scale = (inputs.input_moment_half, inputs.input_scale_half) if half else (inputs.input_moment,
+                                                                                          inputs.input_scale)
+        return _input_rank(moment, scale, inputs.centered, inputs.bound, self.precision, self.rank_rtol)
+
+    def _values(self, layer: int, heads: Sequence[int], plain: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The moment [G·d, G·d] of the values of the block's distinct KV heads side by side — those its
+        common pattern passes on where it has two or more heads (unless ``plain``), else the value
+        activations' — and, where it is a covariance, their uncentred second moments [G·d] (its rounding)."""
+        inputs = None if plain else self._pattern(layer, heads)
+        if inputs is not None:
+            return inputs.value_moment, inputs.value_scale if inputs.centered else None
         idx = self._kv_index(_block_groups(heads, self.kv_of_head))
-        balanced = balanced_values(self.value_cov[layer][idx][:, idx], self.d_head)
-        return _gram_rank(balanced.gram, self.precision, self.rank_rtol, self.value_cov.shape[-1])
+        return self.value_cov[layer][idx][:, idx], self.value_gram[layer].diagonal()[idx] if self.centered else None
+
+    def _value_rank(self, gram: Float[Tensor, "k k"], moments: Tensor | None) -> int:
+        """A rank of values' moment ``gram`` by the rule at the forward's precision, above the rounding
+        that the uncentred second ``moments`` of a covariance set (:func:`_rounding_floor`)."""
+        return _gram_rank(gram, self.precision, self.rank_rtol, self.value_cov.shape[-1],
+                          atol=_rounding_floor(self.precision, self.rank_rtol, moments))
+
+    def block_rank(self, layer: int, heads: list[int], plain: bool = False) -> int:
+        """s_S: rank of the (centred) values of the block's distinct KV heads side by side (those its
+        common pattern passes on, :meth:`_values`), each KV head at unit scale (:func:`balanced_values`),
+        so that a head's scalar gauge does not move it."""
+        gram, moments = self._values(layer, heads, plain)
+        balanced = balanced_values(gram, self.d_head)
+        return self._value_rank(balanced.gram, balanced.moments(moments))
+
+    def _head_ranks(self, layer: int, heads: Sequence[int]) -> tuple[int, ...]:
+        """s of each head's values, as the block passes them on (:meth:`_values`)."""
+        if self._pattern(layer, heads) is None:
+            return tuple(int(self.head_rank[layer, h]) for h in heads)
+        gram, moments = self._values(layer, heads)
+        kvs = _block_groups(heads, self.kv_of_head)
+        at, d = {kv: i for i, kv in enumerate(kvs)}, self.d_head
+        own = (lambda g: slice(at[g] * d, (at[g] + 1) * d))
+        return tuple(self._value_rank(gram[own(g), own(g)], None if moments is None else moments[own(g)])
+                     for g in (self.kv_of_head[h] for h in heads))
+
+    def _block_input_rank(self, layer: int, heads: Sequence[int]) -> tuple[int, bool]:
+        """D_in of a block (its pattern's input where it has two or more heads, else the layer's), and
+        whether it is lower on the data's even-numbered sequences alone."""
+        inputs = self._pattern(layer, heads)
+        if inputs is None:
+            return int(self.input_rank[layer]), bool(_HalfDataChecks.data_limited.fget(self)[layer])
+        rank = self._pattern_input_rank(inputs)
+        return rank, self._pattern_input_rank(inputs, half=True) < rank
+
+    @property
+    def data_limited(self) -> Bool[np.ndarray, " layer"]:
+        """Per layer, whether D_in — the layer's input's, or a block's pattern-weighted input's — is lower
+        on the data's even-numbered sequences alone than on all of them (still growing with the data)."""
+        flags = _HalfDataChecks.data_limited.fget(self).copy()
+        for layer, heads in self.pattern_inputs or {}:
+            flags[layer] |= self._block_input_rank(layer, heads)[1]
+        return flags
+
+    def _passes_on_less(self, layer: int, heads: Sequence[int]) -> bool:
+        """Whether the block's common pattern passes on fewer input or value directions than the layer's
+        input and values hold (a pattern that sits on fixed positions; audit 22a F1)."""
+        inputs = self._pattern(layer, heads)
+        if inputs is None:
+            return False
+        return (self._pattern_input_rank(inputs) < int(self.input_rank[layer])
+                or self.block_rank(layer, heads) < self.block_rank(layer, heads, plain=True))
 
     def freedom(self, layer: int, blocks: Sequence[Sequence[int]]) -> SyncJacobian:
         """J_apart and J_sync of the heads of ``blocks`` together with every other query head of their
@@ -718,10 +835,20 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         local = {h: i for i, h in enumerate(heads)}
         listed = {h for block in blocks for h in block}
         partition = [[local[h] for h in block] for block in blocks] + [[local[h]] for h in heads if h not in listed]
-        idx = self._kv_index(kvs)
-        jac = component_freedom(self.value_cov[layer][idx][:, idx], [kvs.index(kv[h]) for h in heads],
-                                self.W_O[layer, heads], partition, int(self.input_rank[layer]), self.d_out,
-                                self.precision, self.rank_rtol, self.value_cov.shape[-1])
+        whole = len(blocks) == 1 and len(heads) == len(blocks[0])
+        # one block of whole KV heads: its input and values are what its common pattern passes on
+        (values, moments), input_rank = ((self._values(layer, blocks[0]), self._block_input_rank(layer, blocks[0])[0])
+                                         if whole else (self._values(layer, heads, plain=True), int(self.input_rank[layer])))
+        jac = component_freedom(values, [kvs.index(kv[h]) for h in heads], self.W_O[layer, heads], partition,
+                                input_rank, self.d_out, self.precision, self.rank_rtol, self.value_cov.shape[-1], moments)
+        lost = [] if whole else [list(b) for b in blocks if self._passes_on_less(layer, b)]
+        if lost:
+            warn_once(
+                f"layer {layer}, heads {heads}: the synchronized block(s) {lost} split KV heads, and their common "
+                "pattern passes on fewer input or value directions than the layer's input and values hold (attention "
+                "on fixed positions); the count for blocks that split KV heads reads the layer's, so j_sync and "
+                "extra_freedom are left empty (count_exact False)", SyncCountWarning, stacklevel=2)
+            return SyncJacobian(j_apart=jac.j_apart, j_sync=None)
         if not jac.exact:
             warn_once(
                 f"layer {layer}, heads {heads}: the synchronized blocks {[list(b) for b in blocks]} split KV "
@@ -798,13 +925,14 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
                 counts = totals[i] if i == lead else {**dict.fromkeys(_COUNT_COLUMNS, 0),
                                                       "count_exact": totals[lead]["count_exact"]}
                 distance = self._block_distance(layer, heads)
+                input_rank, data_limited = self._block_input_rank(layer, heads)
                 rows.append({"layer": layer, "heads": tuple(heads), "size": len(heads), "max_distance": distance,
-                             "approximate": distance > pattern_rounding(self.precision),
+                             "approximate": self._block_approximate(layer, heads),
                              "on_half": _formed_on_half(self.half_blocks, layer, heads),
                              "s_block": self.block_rank(layer, heads),
-                             "s_heads": tuple(int(self.head_rank[layer, h]) for h in heads),
-                             "input_rank": int(self.input_rank[layer]),
-                             "data_limited": bool(self.data_limited[layer]),
+                             "s_heads": self._head_ranks(layer, heads),
+                             "input_rank": input_rank,
+                             "data_limited": data_limited,
                              "sample_limited": self.sample_limited is not None and bool(self.sample_limited[layer]),
                              "component": heads_of_component, **counts})
         columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
@@ -835,9 +963,16 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
 
     @property
     def approximate(self) -> bool:
-        """True when some block's heads have patterns that differ by more than the forward's rounding
-        (:func:`pattern_rounding`): its freedom holds only on the samples where they agree."""
-        return self.max_block_distance > pattern_rounding(self.precision)
+        """True when some block's heads have patterns that differ by more than the forward's rounding at
+        some sample (:func:`pattern_rounding`): its freedom holds only on the samples where they agree."""
+        return any(self._block_approximate(layer, b) for layer, blocks in enumerate(self.blocks) for b in blocks)
+
+    def _block_approximate(self, layer: int, heads: Sequence[int]) -> bool:
+        """Whether two heads of the block differ by more than their patterns' rounding at some sample
+        (without ``same_pattern``: whether their mean distance is above 0)."""
+        if self.same_pattern is None:
+            return self._block_distance(layer, heads) > 0
+        return not bool(self.same_pattern[layer][np.ix_(heads, heads)].all())
 
     @property
     def approximation(self) -> str:
@@ -875,9 +1010,11 @@ def pattern_tv_sums(
     pattern: Float[Tensor, "batch head query key"],
     mask: Bool[Tensor, "batch query"],
     chunk_bytes: int | None = None,
+    largest: Float[Tensor, "head head"] | None = None,
 ) -> Float[Tensor, "head head"]:
     """Σ over the counted (sequence, query) rows of the total-variation distance
-    ½ Σ_k |p_h(k) − p_h'(k)| between the attention distributions of every two heads (METHODS §3).
+    ½ Σ_k |p_h(k) − p_h'(k)| between the attention distributions of every two heads (METHODS §3);
+    ``largest`` (float64, in place): the elementwise maximum of itself and each row's distances.
 
     The rows are gathered and widened to float64 a chunk at a time, at most ``chunk_bytes`` (default
     :data:`PATTERN_CHUNK_BYTES`) of them, at least one row: memory is O(H²) plus one chunk whatever
@@ -893,7 +1030,10 @@ def pattern_tv_sums(
     for start in range(0, len(seq), rows_per_chunk):
         part = slice(start, start + rows_per_chunk)
         rows = pattern[seq[part], :, query[part], :].to(torch.float64)  # [c, head, key]
-        total += torch.cdist(rows, rows, p=1).sum(0)  # Σ_k |p_h(k) − p_h'(k)| for every head pair
+        distances = torch.cdist(rows, rows, p=1)  # Σ_k |p_h(k) − p_h'(k)| for every head pair
+        total += distances.sum(0)
+        if largest is not None and len(rows):
+            torch.maximum(largest, 0.5 * distances.amax(0), out=largest)
     return 0.5 * total
 
 
@@ -909,14 +1049,19 @@ def head_synchronization(
 ) -> HeadSyncResult:
     """Synchronized attention heads and the freedom they add (METHODS §3, corrected).
 
-    Streams once over ``data``: for every layer the [H, H] sums of the total-variation distance
-    ½ Σ_k |p_h(k) − p_h'(k)| between the attention distributions of two heads at each counted
+    Streams over ``data``: for every layer the [H, H] sums (and largest) of the total-variation
+    distance ½ Σ_k |p_h(k) − p_h'(k)| between the attention distributions of two heads at each counted
     (sequence, query position), and the float64 mean and covariance of the value activations
     (``hook_v``) and of the heads' input (the normalized residual stream; ``hook_resid_pre`` without
-    a norm). Memory is O(L·H² + L·(n_kv·d)² + L·D²), independent of the amount of data, plus one
-    chunk of pattern rows (:func:`pattern_tv_sums`): the attention patterns are never copied whole.
+    a norm); then, where blocks of two or more heads formed, a second pass for what each block's
+    common pattern passes on (:func:`~tl_degeneracy.pattern_inputs.pattern_inputs`: the moments of
+    A·x and A·v). Memory is O(L·H² + L·(n_kv·d)² + L·D² + blocks·D²), independent of the amount of
+    data, plus one chunk of pattern rows (:func:`pattern_tv_sums`): the attention patterns are never
+    copied whole.
 
-    Heads whose patterns are all pairwise within ``tol`` form a block S (:func:`synchronized_blocks`).
+    Heads whose patterns are all pairwise within ``tol`` form a block S (:func:`synchronized_blocks`);
+    heads whose patterns agree within their rounding at every sample (:func:`pattern_rounding`) are
+    one pattern at any ``tol``.
     The extra freedom is J_apart − J_sync per component (blocks joined through query heads of one KV
     head, whose shared W_V couples them; :func:`component_freedom`, METHODS (3.5a)–(3.5c)) from
     D_in = rank of the covariance of the heads' input, the covariance of the value activations of
@@ -933,19 +1078,17 @@ def head_synchronization(
     constant in its parameter space, and its count is the centred one: it may exceed the bridge's by
     d·(rank of the input Gram − rank of its covariance) per copied head (review 39: 264 against 272).
 
-    Not yet right (METHODS §3, audit 22a F1/F3): s and D_in are those of the values and of X, what a
-    block passes on where its pattern mixes positions generically; a pattern that sits exactly on
-    fixed positions (a BOS sink) passes on A·X, of lower rank, and the count can be far off (a sink's
-    copied head: 57 where the Jacobian reads 0), with no warning. In a float32 model a head copy that
-    a scalar gauge rescaled reads 33 where the float32 function's count is 57.
+    A block of whole KV heads takes D_in and s from what its common pattern passes on, A·x and A·v
+    (METHODS §3, corrected, audit 22a F1: two heads on a BOS sink read 57 extra free directions where
+    the Jacobian reads 0); heads alone read x.
 
     Args:
         tol: distance threshold in [0, 1] (TV distance lies in [0, 1]); patterns within the forward's
             rounding (:func:`pattern_rounding`) form a block at any ``tol``, so ``tol=0``: the same
             pattern.
         rank_rtol: relative eigenvalue cut-off for the activation ranks (D_in, s); default: the
-            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). Weight ranks
-            always use the float64 rule.
+            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). The
+            output maps, balanced by the values' scales, follow the rule at that precision too.
         progress: a tqdm bar over the batches (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included
             (``counts.counted_batches``), since every later query reads the BOS position's values;
@@ -979,6 +1122,7 @@ def head_synchronization(
         # [L, 2, H, H]: the data's even- and odd-numbered sequences apart (their sum is the whole), so
         # that blocks can also be formed from half of the data (HeadSyncResult.half_blocks)
         tv_sum = torch.zeros(L, 2, H, H, dtype=torch.float64, device=dev)
+        largest = _Largest(torch.zeros(L, H, H, dtype=torch.float64, device=dev))  # of one sample's distance
         count = torch.zeros(L, 2, dtype=torch.float64, device=dev)
         values = [MomentAccumulator(1, n_kv * d, device=dev) for _ in range(L)]
         inputs = [MomentAccumulator(1, D, device=dev) for _ in range(L)]
@@ -996,7 +1140,7 @@ def head_synchronization(
                     unit = index.unit((b, q, H, k), pattern_names[layer])  # sample rows: [batch, query] positions
                     mask = index.mask if unit == "position" else index.seq_mask[:, None]
                     for part, half in enumerate((mask & index.even[:, None], mask & ~index.even[:, None])):
-                        tv_sum[layer, part] += pattern_tv_sums(pattern.detach(), half)
+                        tv_sum[layer, part] += pattern_tv_sums(pattern.detach(), half, largest=largest.value[layer])
                         count[layer, part] += half.sum()
                     flags[pattern_names[layer]] = torch.isfinite(tv_sum[layer]).all()
 
@@ -1030,7 +1174,7 @@ def head_synchronization(
             hooks += [(input_names[l], on_input(l)) for l in range(L)]
             adapter.run_with_hooks(step.batch.tokens, fwd_hooks=hooks)
 
-        stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, *values, *inputs, *inputs_half],
+        stream(dev, batches, on_batch, reduce=lambda: [tv_sum, count, largest, *values, *inputs, *inputs_half],
                desc="head_synchronization", progress=progress, what="attention pattern, value or input")
         if float(count.sum(1).min()) == 0 or min(acc.count for acc in values + inputs) == 0:
             raise MissingHookError("the attention pattern, value or input hooks did not fire (or no position "
@@ -1038,9 +1182,11 @@ def head_synchronization(
         distance = (tv_sum.sum(1) / count.sum(1)[:, None, None]).cpu().numpy()
         distance = (distance + distance.transpose(0, 2, 1)) / 2  # symmetric up to rounding already
         precision = activation_precision(adapter.dtype)  # activation Grams: the forward's precision (numerics)
-        within = max(tol, pattern_rounding(precision))  # tol = 0: the same pattern up to its rounding
+        # the same pattern up to its rounding at every sample: one block at any tol
+        same = (torch.maximum(largest.value, largest.value.mT) <= pattern_rounding(precision)).cpu().numpy()
         half = (tv_sum[:, 0] / count[:, 0].clamp_min(1)[:, None, None]).cpu().numpy()
-        half_blocks = [synchronized_blocks((half[layer] + half[layer].T) / 2, within) for layer in range(L)]
+        half_blocks = [synchronized_blocks(np.where(same[layer], 0.0, (half[layer] + half[layer].T) / 2), tol)
+                       for layer in range(L)]
         grams = torch.stack([acc.gram()[0] for acc in values]).cpu()
         # Centred only where b_O can absorb the constant the mean value and input reach the output as
         # (audit 16a F1: a bias-free Llama's copied head read 264 free directions for 272).
@@ -1053,8 +1199,10 @@ def head_synchronization(
             return _input_ranks(adapter, accs, "ln1", centered, precision, cut)
 
         input_rank, input_rank_half = d_in(inputs, rtol), d_in(inputs_half, rtol)
+        own = [slice(kv * d, (kv + 1) * d) for kv in range(n_kv)]
         kv_rank = np.array([
-            [_gram_rank(covs[layer, kv * d : (kv + 1) * d, kv * d : (kv + 1) * d], precision, rtol, covs.shape[-1])
+            [_gram_rank(covs[layer, own[kv], own[kv]], precision, rtol, covs.shape[-1],
+                        atol=_rounding_floor(precision, rtol, grams[layer].diagonal()[own[kv]] if centered else None))
              for kv in range(n_kv)]
             for layer in range(L)
         ], dtype=np.int64).reshape(L, n_kv)
@@ -1062,7 +1210,10 @@ def head_synchronization(
         W_O = adapter.attention_weights().W_O
         norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
         W_O = torch.stack([center_writing(W_O[layer], norms[layer]) for layer in range(L)]).cpu()
-        blocks = [synchronized_blocks(distance[layer], within) for layer in range(L)]
+        blocks = [synchronized_blocks(np.where(same[layer], 0.0, distance[layer]), tol) for layer in range(L)]
+        kv_of_head = [h // (H // n_kv) for h in range(H)]
+        multi = [(layer, tuple(b)) for layer in range(L) for b in blocks[layer] if len(b) > 1]
+        patterned = pattern_inputs(adapter, batches, multi, kv_of_head, centered, progress) if multi else {}
         result = HeadSyncResult(
             distance=distance, tol=tol, blocks=blocks, value_gram=grams, head_rank=head_rank,
             n_samples=int(count[0].sum()), n_kv_heads=n_kv, d_head=d, rank_rtol=rtol, value_cov=covs,
@@ -1071,6 +1222,7 @@ def head_synchronization(
             half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
             input_rank_noise=None if noise is None else d_in(inputs, noise),
             sample_limited=_at_sample_count(adapter, input_rank, batches.n_distinct_samples, centered=centered),
+            pattern_inputs=patterned, centered=centered, same_pattern=same,
         )
         warn_unsettled("head_synchronization", result, batches, "j_apart, j_sync, free_block and free_separate")
         if result.half_precision:
@@ -1235,7 +1387,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         """Whether J_apart − J_sync holds for the block's own input rank: it depends on D_in only
         through D_in·(rank of the nonzero W_out rows − rank of their sum map), which vanishes when the
         rows are independent; else the block must fire on every sample (smooth activations never vanish)."""
-        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons]) == len(neurons):
+        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons], self.precision) == len(neurons):
             return True
         return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in neurons)
 
@@ -1380,8 +1532,8 @@ def neuron_synchronization(
             change by up to about 22 % RMS on swapping firing patterns, and for ReLU the two may
             disagree about firing on up to 5 % of the samples.
         rank_rtol: relative eigenvalue cut-off for the activation ranks (s, D_in); default: the
-            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
-            Weight ranks always use the float64 rule.
+            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). The
+            W_out rows, read with the values' scales, follow the rule at that precision too.
         progress: a tqdm bar over the batches (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included, since later
             positions read the BOS position's MLP output (``counts.counted_batches``); ``True`` is refused.
