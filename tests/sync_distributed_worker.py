@@ -42,7 +42,11 @@ def compute() -> dict[str, torch.Tensor]:
                 # the even-numbered sequences' input ranks and blocks: reduced over the ranks too
                 f"{key}/input_rank_half": torch.as_tensor(hs.input_rank_half),
                 f"{key}/neuron_input_rank_half": torch.as_tensor(ns.input_rank_half),
-                f"{key}/changing": torch.tensor([hs.changing_blocks, ns.changing_blocks])}
+                f"{key}/changing": torch.tensor([hs.changing_blocks, ns.changing_blocks]),
+                # the block's second pass (what its pattern passes on) and the per-sample maximum's reduction
+                f"{key}/same_pattern": torch.as_tensor(hs.same_pattern),
+                f"{key}/pattern_input": hs.pattern_inputs[0, (0, 1)].input_moment,
+                f"{key}/pattern_values": hs.pattern_inputs[0, (0, 1)].value_moment}
     return out
 
 

@@ -1352,3 +1352,67 @@ def test_a_float32_head_copy_reads_as_a_copy_whatever_gauge_stored_it(gauge):
     counts = {dtype: head_synchronization(model.to(dtype), tokens, tol=1e-6, progress=False).extra_freedom
               for dtype in (torch.float64, torch.float32)}
     assert counts == {torch.float64: 57, torch.float32: 57}
+
+
+def test_one_position_sequences_say_that_every_pattern_is_the_same():
+    """Audit 22a F6: with sequences of one token every pattern is [1], so three unrelated heads form one
+    block (54 extra free directions, right on these data) and nothing said that the patterns carried
+    no information."""
+    from tl_degeneracy.numerics import DataLimitedWarning
+
+    tokens = torch.randint(0, 20, (200, 1), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DataLimitedWarning, match="every sequence holds one position"):
+        result = head_synchronization(_spread_toy(3, 3, 12, torch.float64), tokens, progress=False)
+    assert result.blocks == [[[0, 1, 2]]]
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_an_approximate_block_counts_at_least_what_any_of_its_heads_passes_on(sink):
+    """Review 54 #1: a block found at tol 0.05 whose heads' patterns differ — one head a pure BOS sink,
+    the other two a weaker sink that also mixes — was read through its first head's pattern alone: with
+    the pure sink first it passed on nothing and read 0 extra free directions, below the Jacobian's 18,
+    though labelled an upper estimate (54 with the heads numbered otherwise). The rows of every head
+    are taken together now: the count holds the Jacobian's whatever the order."""
+    model = _spread_toy(3, 3, 12, torch.float64)
+    attn = model.blocks[0].attn
+    direction = torch.zeros(12, dtype=torch.float64)
+    direction[:2] = torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        model.pos_embed.W_pos[:, :2] = 0.0
+        model.embed.W_E[:, :2] = 0.0
+        model.pos_embed.W_pos[0] += 3.0 * direction
+        for h in range(3):
+            attn.W_K[h], attn.W_Q[h], attn.b_Q[h], attn.b_K[h] = 0.0, 0.0, 0.0, 0.0
+            attn.W_K[h, :2, 0] = torch.tensor([200.0, -200.0])
+            attn.b_Q[h, 0] = 10.0 if h == sink else 0.15
+            if h != sink:  # the weaker sink's heads also read a shared generic query, so the rest mixes
+                attn.W_Q[h, :, 1] = torch.linspace(-1, 1, 12, dtype=torch.float64)
+                attn.W_K[h, :, 1] = 3 * torch.linspace(1, -1, 12, dtype=torch.float64)
+    tokens = torch.randint(0, 20, (24, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 0
+    result = head_synchronization(model, tokens, tol=0.05, progress=False)
+    assert result.blocks == [[[0, 1, 2]]] and result.approximate
+    assert _block_jacobian_extra(model, tokens, heads=(0, 1, 2)) == 18
+    assert result.extra_freedom == 54  # the upper estimate, as the labels say, in either order
+
+
+def test_a_float32_duplicate_neuron_s_count_moves_with_no_relu_rescaling():
+    """Review 54 #2: whether a ReLU block's count holds for its own input rank was decided on the raw
+    W_out rows at float32's rule, so neuron 1 = 2·neuron 0 rescaled by 10⁶ (W_in·c, b_in·c, W_out/c: the
+    same function) read count_exact False and no total, where c = 1 reads 11. The rows are read at the
+    neurons' RMS, as the count reads them."""
+    from tl_degeneracy.synchronization import neuron_synchronization
+
+    tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(0))
+    totals = {}
+    for c in (1.0, 1e-6, 1e6):
+        model = _spread_toy(3, 3, 12, torch.float64)
+        mlp = model.blocks[0].mlp
+        with torch.no_grad():
+            mlp.W_in[:, 1] = 2 * c * mlp.W_in[:, 0]
+            mlp.b_in[1] = 2 * c * mlp.b_in[0]
+            mlp.W_out[1] /= c
+        result = neuron_synchronization(model.to(torch.float32), tokens, tol=0.0, progress=False)
+        assert [b for b in result.blocks[0] if len(b) > 1] == [[0, 1]]
+        totals[c] = result.extra_freedom
+    assert totals == {1.0: 11, 1e-6: 11, 1e6: 11}

@@ -7,7 +7,7 @@ the counts may read x and v; where it sits on fixed positions they span less (a 
 passes on one constant row), and so does the Jacobian of the block's output (audit 22a F1: a copied
 head attending only to BOS read 57 extra free directions where the Jacobian says 0). This module
 accumulates the moments of A·n (n: the normalized block input, :func:`counts.block_input_hook`) and
-of A·v for every block of two or more heads, in one pass over the data.
+of A·v for every block of two or more heads, over the rows of all of its heads, in one pass over the data.
 """
 
 from __future__ import annotations
@@ -58,8 +58,11 @@ class PatternInputs:
 def pattern_inputs(adapter: ModelAdapter, batches, blocks: Sequence[Block], kv_of_head: Sequence[int],
                    centered: bool, progress: bool) -> dict[Block, PatternInputs]:
     """:class:`PatternInputs` of every block in ``blocks`` (each of ≥ 2 heads), from one streaming pass
-    over ``batches``; each block reads its first head's pattern (its heads' patterns agree up to the
-    blocks' ``tol``). Under ``torch.distributed`` the accumulators are summed over the ranks."""
+    over ``batches``. The rows of every head of a block are taken together, so the block's spans hold
+    each head's: one pattern's where they agree, and where they differ (a block found at ``tol`` > 0)
+    at least any of its heads' (review 54 #1: a block read through its first head alone, a pure sink,
+    read 0 where its other heads' Jacobian drops 18, below the upper estimate it is labelled). Under
+    ``torch.distributed`` the accumulators are summed over the ranks."""
     d, n_kv = adapter.d_head, adapter.n_kv_heads
     layers = sorted({layer for layer, _ in blocks})
     kvs = {block: tuple(sorted({kv_of_head[h] for h in block[1]})) for block in blocks}
@@ -89,16 +92,18 @@ def pattern_inputs(adapter: ModelAdapter, batches, blocks: Sequence[Block], kv_o
             def hook(pattern: Tensor, hook=None) -> None:
                 n = held[layer, "input"].to(torch.float64)  # [batch, key, D]
                 v = held[layer, "v"].to(torch.float64).reshape(*n.shape[:2], n_kv, d)  # [batch, key, kv, d]
+                half = index.half("position")
                 for block in (b for b in blocks if b[0] == layer):
-                    A = pattern[:, block[1][0]].to(torch.float64)  # [batch, query, key]
-                    half = index.half("position")
-                    rows, squares = index.rows(A @ n, "position"), index.rows(A @ n.square(), "position")
-                    flags[names[layer][2]] = inputs[block].update(rows[:, None])
-                    halves[block].update(rows[half][:, None])
                     own = v[:, :, list(kvs[block])].flatten(2)
-                    values[block].update(index.rows(A @ own, "position")[:, None])
-                    for total, part in zip(spread[block], (squares, squares[half], index.rows(A @ own.square(), "position"))):
-                        total += part.sum(0)
+                    for head in block[1]:  # every head's rows: their span holds each head's
+                        A = pattern[:, head].to(torch.float64)  # [batch, query, key]
+                        rows, squares = index.rows(A @ n, "position"), index.rows(A @ n.square(), "position")
+                        flags[names[layer][2]] = inputs[block].update(rows[:, None])
+                        halves[block].update(rows[half][:, None])
+                        values[block].update(index.rows(A @ own, "position")[:, None])
+                        for total, part in zip(spread[block], (squares, squares[half],
+                                                               index.rows(A @ own.square(), "position"))):
+                            total += part.sum(0)
 
             return hook
 

@@ -1225,6 +1225,11 @@ def head_synchronization(
             pattern_inputs=patterned, centered=centered, same_pattern=same,
         )
         warn_unsettled("head_synchronization", result, batches, "j_apart, j_sync, free_block and free_separate")
+        if batches.max_len < 2:  # audit 22a F6
+            warn_once("head_synchronization: every sequence holds one position, so every attention pattern is [1] and "
+                      "every head has the same pattern as every other: the blocks say nothing about what the heads "
+                      "attend to (their counts hold on these data alone); give sequences of two or more tokens",
+                      DataLimitedWarning, stacklevel=2)
         if result.half_precision:
             result.to_frame()  # its band's warning now, with the call's others (review 36)
         return result
@@ -1386,8 +1391,11 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     def _input_known(self, layer: int, neurons: list[int]) -> bool:
         """Whether J_apart − J_sync holds for the block's own input rank: it depends on D_in only
         through D_in·(rank of the nonzero W_out rows − rank of their sum map), which vanishes when the
-        rows are independent; else the block must fire on every sample (smooth activations never vanish)."""
-        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons], self.precision) == len(neurons):
+        rows are independent; else the block must fire on every sample (smooth activations never vanish).
+        The rows are read at the neurons' RMS (:func:`balanced_values`' scales) by the forward's rule, as
+        :meth:`freedom` reads them, so that a ReLU rescaling moves nothing (review 54 #2)."""
+        scale = unit_scales(self.value_gram[layer].diagonal()[neurons]).to(self.W_out.device)
+        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons] * scale[:, None], self.precision) == len(neurons):
             return True
         return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in neurons)
 
