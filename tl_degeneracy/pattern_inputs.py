@@ -98,7 +98,8 @@ def pattern_inputs(adapter: ModelAdapter, batches, blocks: Sequence[Block], kv_o
                     for head in block[1]:  # every head's rows: their span holds each head's
                         A = pattern[:, head].to(torch.float64)  # [batch, query, key]
                         rows, squares = index.rows(A @ n, "position"), index.rows(A @ n.square(), "position")
-                        flags[names[layer][2]] = inputs[block].update(rows[:, None])
+                        ok = inputs[block].update(rows[:, None])
+                        flags[names[layer][2]] = ok & flags.get(names[layer][2], ok)
                         halves[block].update(rows[half][:, None])
                         values[block].update(index.rows(A @ own, "position")[:, None])
                         for total, part in zip(spread[block], (squares, squares[half],
