@@ -1328,31 +1328,6 @@ def test_a_float32_head_copy_under_a_large_mean_counts_no_rounding_of_its_values
     assert counts[torch.float32] == counts[torch.float64] == (3, 63)
 
 
-@pytest.mark.parametrize("gauge", ["scalar", "random_gauge"])
-def test_a_float32_head_copy_reads_as_a_copy_whatever_gauge_stored_it(gauge):
-    """Audit 22a F3: head 1 an exact copy of head 0, then rescaled (W_V·3, b_V·3, W_O/3) or given a random
-    GL(d) gauge, stored in float32: the same function up to float32 rounding. Its values' span read as a
-    copy's at float32's rule, its output maps (rounded apart by ~eps(float32)) as two heads' at float64's:
-    33 extra free directions, neither the float32 function's 57 nor two heads' 18. Both sides now follow
-    the forward's rule: 57, as float64 reads."""
-    from tl_degeneracy import random_gauge
-
-    model = _spread_toy(3, 3, 12, torch.float64)
-    attn = model.blocks[0].attn
-    with torch.no_grad():
-        for name in ("W_Q", "W_K", "b_Q", "b_K", "W_V", "W_O", "b_V"):
-            getattr(attn, name)[1] = getattr(attn, name)[0]
-        if gauge == "scalar":
-            attn.W_V[1] *= 3
-            attn.b_V[1] *= 3
-            attn.W_O[1] /= 3
-    if gauge == "random_gauge":
-        model = random_gauge(model, seed=1)
-    tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(0))
-    counts = {dtype: head_synchronization(model.to(dtype), tokens, tol=1e-6, progress=False).extra_freedom
-              for dtype in (torch.float64, torch.float32)}
-    assert counts == {torch.float64: 57, torch.float32: 57}
-
 
 def test_one_position_sequences_say_that_every_pattern_is_the_same():
     """Audit 22a F6: with sequences of one token every pattern is [1], so three unrelated heads form one
@@ -1396,23 +1371,26 @@ def test_an_approximate_block_counts_at_least_what_any_of_its_heads_passes_on(si
     assert result.extra_freedom == 54  # the upper estimate, as the labels say, in either order
 
 
-def test_a_float32_duplicate_neuron_s_count_moves_with_no_relu_rescaling():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_duplicate_neuron_s_count_moves_with_no_relu_rescaling(dtype):
     """Review 54 #2: whether a ReLU block's count holds for its own input rank was decided on the raw
     W_out rows at float32's rule, so neuron 1 = 2·neuron 0 rescaled by 10⁶ (W_in·c, b_in·c, W_out/c: the
-    same function) read count_exact False and no total, where c = 1 reads 11. The rows are read at the
-    neurons' RMS, as the count reads them."""
+    same function) read count_exact False and no total, where c = 1 reads 11; review 55 #1: read at the
+    neurons' RMS instead, neuron 1 = 10⁻⁶·neuron 0 with its own W_out row (not a rescaling: another
+    function, whose count is also 11) lost its count. The stored rows' independence is float64's."""
     from tl_degeneracy.synchronization import neuron_synchronization
 
     tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(0))
     totals = {}
-    for c in (1.0, 1e-6, 1e6):
+    for c, rescaled in ((1.0, True), (1e-6, True), (1e6, True), (1e-6, False)):
         model = _spread_toy(3, 3, 12, torch.float64)
         mlp = model.blocks[0].mlp
         with torch.no_grad():
             mlp.W_in[:, 1] = 2 * c * mlp.W_in[:, 0]
             mlp.b_in[1] = 2 * c * mlp.b_in[0]
-            mlp.W_out[1] /= c
-        result = neuron_synchronization(model.to(torch.float32), tokens, tol=0.0, progress=False)
+            if rescaled:
+                mlp.W_out[1] /= c
+        result = neuron_synchronization(model.to(dtype), tokens, tol=0.0, progress=False)
         assert [b for b in result.blocks[0] if len(b) > 1] == [[0, 1]]
-        totals[c] = result.extra_freedom
-    assert totals == {1.0: 11, 1e-6: 11, 1e6: 11}
+        totals[c, rescaled] = result.extra_freedom
+    assert set(totals.values()) == {11}, totals

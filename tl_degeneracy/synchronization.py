@@ -384,12 +384,10 @@ def balanced_values(gram: Float[Tensor, "kv_dim kv_dim"], d: int) -> BalancedVal
     return BalancedValues(gram * inverse[:, None] * inverse[None, :], scale)
 
 
-def _weight_rank(matrix: Float[Tensor, "m n"], precision: torch.dtype = torch.float64) -> int:
-    """Rank of a matrix formed from stored weights: float64 SVD, the rule at ``precision`` (METHODS §2:
-    float64 for the weights alone; the forward's for output maps balanced by the values' scales,
-    :func:`component_freedom`)."""
+def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
+    """Rank of a matrix formed from stored weights: float64 SVD, float64 rule (METHODS §2)."""
     matrix = matrix.to(torch.float64)
-    return int(numerical_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape), precision=precision))
+    return int(numerical_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape), precision=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -512,13 +510,13 @@ class _ValueSpan:
         return self.s - _rank_within([w.complement.mT for w in spaces], max(w.angle for w in spaces))
 
 
-def _column_space(m: Float[Tensor, "rows cols"], precision: torch.dtype = torch.float64) -> _Subspace:
-    """Column space of a matrix of weights by the rank rule at ``precision`` (:func:`_weight_rank`), which
+def _column_space(m: Float[Tensor, "rows cols"]) -> _Subspace:
+    """Column space of a matrix of weights by the float64 rank rule (:func:`_weight_rank`), which
     cuts at max(dims)·eps·σ₁. Thin SVD: a map of output weights can be 128 × 32,768, whose full right
     factor would not fit."""
     U, sv, _ = torch.linalg.svd(m, full_matrices=False)
-    r = int(numerical_rank(sv, tuple(m.shape), precision=precision))
-    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape), precision) * float(sv[0]) if r else 0.0)
+    r = int(numerical_rank(sv, tuple(m.shape), precision=torch.float64))
+    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape)) * float(sv[0]) if r else 0.0)
 
 
 def _block_maps(W_O: Float[Tensor, "heads d_head d_model"], kv_of_head: Sequence[int], blocks: Sequence[Sequence[int]],
@@ -539,14 +537,14 @@ def _block_groups(block: Sequence[int], kv_of_head: Sequence[int]) -> tuple[int,
     return tuple(sorted({kv_of_head[h] for h in block}))
 
 
-def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor], kv_of_head: Sequence[int],
-                     precision: torch.dtype) -> dict[tuple[int, ...], _Subspace]:
+def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor],
+                     kv_of_head: Sequence[int]) -> dict[tuple[int, ...], _Subspace]:
     """C_S of METHODS (3.5b): for each set S of KV heads read by some block, the sum of col(B_b) over
     the blocks that read exactly S (they share Π_S^⊥, so their constraints on Y combine)."""
     columns: dict[tuple[int, ...], list[Tensor]] = {}
     for block, B in zip(blocks, maps):
         columns.setdefault(_block_groups(block, kv_of_head), []).append(B)
-    return {S: _column_space(torch.cat(Bs, 1), precision) for S, Bs in columns.items()}
+    return {S: _column_space(torch.cat(Bs, 1)) for S, Bs in columns.items()}
 
 
 def _group_y(span: _ValueSpan, g: int, active: dict[tuple[int, ...], _Subspace]) -> int:
@@ -588,18 +586,14 @@ def _kernel_dimension(span: _ValueSpan, kv_of_head: Sequence[int], W_O: Float[Te
                       blocks: Sequence[Sequence[int]], input_rank: int, d_out: int) -> int | None:
     """dim ker of the Jacobian of (W_V^g on the data, W_O^h) ↦ (Σ_{h∈b} A_{g(h)} W_O^h)_b for one
     partition of the heads into blocks, METHODS (3.5a): the part of W_V outside the value span, Y,
-    and the output weights; None when Y is not exact. The maps B_b carry the values' balancing scales,
-    which the forward rounded: their ranks follow the rule at its precision, as the values' do (audit
-    22a F3: in float32 a head copy whose W_V a scalar c rescaled, W_O by 1/c, read 33 — its values' span
-    a copy's at float32's rule, its maps, rounded apart by ~eps(float32), two heads' at float64's —
-    where the float32 function's count is 57)."""
+    and the output weights; None when Y is not exact."""
     maps = _block_maps(W_O, kv_of_head, blocks, span.n_groups)
-    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head, span.precision))
+    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head))
     if y is None:
         return None
     # Ranks decided on different Grams (the input's, the values') may disagree by rounding-level
     # directions; the value span cannot take more of the input than there is.
-    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1), span.precision))
+    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1)))
     outputs = d_out * (len(kv_of_head) * span.d - sum(span.rank(_block_groups(b, kv_of_head)) for b in blocks))
     return outside + y + outputs
 
@@ -631,8 +625,7 @@ def component_freedom(
             relative eigenvalue cut-off), as :meth:`HeadSyncResult.block_rank`, with each KV head
             at unit scale (:func:`balanced_values`; ``W_O`` takes the scale back).
         kv_of_head: for each head 0..H−1, the KV head (0..G−1) whose values it reads.
-        W_O: [H, d, D] output weights (any float dtype; the ranks of their balanced sums follow the rule at
-            ``precision``, as the values' do: :func:`_kernel_dimension`).
+        W_O: [H, d, D] output weights (any float dtype; ranks of their sums are float64 weight ranks).
         blocks: a partition of 0..H−1 into synchronized blocks.
         input_rank: D_in, the rank of the heads' input on the data.
         d_out: D_out, the dimension of the space the heads write into that the function reads
@@ -1087,8 +1080,8 @@ def head_synchronization(
             rounding (:func:`pattern_rounding`) form a block at any ``tol``, so ``tol=0``: the same
             pattern.
         rank_rtol: relative eigenvalue cut-off for the activation ranks (D_in, s); default: the
-            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). The
-            output maps, balanced by the values' scales, follow the rule at that precision too.
+            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). Weight ranks
+            always use the float64 rule.
         progress: a tqdm bar over the batches (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included
             (``counts.counted_batches``), since every later query reads the BOS position's values;
@@ -1392,10 +1385,9 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         """Whether J_apart − J_sync holds for the block's own input rank: it depends on D_in only
         through D_in·(rank of the nonzero W_out rows − rank of their sum map), which vanishes when the
         rows are independent; else the block must fire on every sample (smooth activations never vanish).
-        The rows are read at the neurons' RMS (:func:`balanced_values`' scales) by the forward's rule, as
-        :meth:`freedom` reads them, so that a ReLU rescaling moves nothing (review 54 #2)."""
-        scale = unit_scales(self.value_gram[layer].diagonal()[neurons]).to(self.W_out.device)
-        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons] * scale[:, None], self.precision) == len(neurons):
+        The stored rows by float64's rule (at the forward's rule, raw rows lost a duplicate rescaled by
+        10⁶, review 54 #2; rows at the neurons' RMS a neuron at 10⁻⁶ of its twin's, review 55 #1)."""
+        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons]) == len(neurons):
             return True
         return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in neurons)
 
@@ -1540,8 +1532,8 @@ def neuron_synchronization(
             change by up to about 22 % RMS on swapping firing patterns, and for ReLU the two may
             disagree about firing on up to 5 % of the samples.
         rank_rtol: relative eigenvalue cut-off for the activation ranks (s, D_in); default: the
-            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``). The
-            W_out rows, read with the values' scales, follow the rule at that precision too.
+            package's rank rule at activation_precision of the model (``tl_degeneracy.numerics``).
+            Weight ranks always use the float64 rule.
         progress: a tqdm bar over the batches (rank 0 only; the TQDM_DISABLE environment variable turns it off).
         skip_bos: ``None`` or ``False``: every non-padding position counts, BOS included, since later
             positions read the BOS position's MLP output (``counts.counted_batches``); ``True`` is refused.
