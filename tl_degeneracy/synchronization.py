@@ -247,8 +247,7 @@ def _input_rank(moment: Float[Tensor, "D D"], scale: Float[Tensor, " D"], center
     ``precision``, at most ``most``; a covariance's eigenvalues also above its rounding, set by the
     uncentred second moments ``scale`` (``numerics.covariance_floor``; audit 21b F1: a large mean sets
     it above the rule's cut-off), unless ``rtol`` is given."""
-    floor = covariance_floor(precision, scale) if centered and rtol is None else 0.0
-    return min(_gram_rank(moment, precision, rtol, atol=floor), most)
+    return min(_gram_rank(moment, precision, rtol, atol=_rounding_floor(precision, rtol, scale if centered else None)), most)
 
 
 def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_samples: int,
