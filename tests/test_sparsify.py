@@ -176,6 +176,8 @@ def test_gelu_reports_drift_and_kl():
     frame = res.to_frame()
     assert res.approximate and frame.attrs["approximate"]
     assert list(frame["layer"]) == [0, 1]
+    # its GELU blocks are no copies: their counts are upper estimates, which sync_exact says (it read True)
+    assert frame["blocks"].sum() > 0 and (frame["sync_exact"] == (frame["blocks"] == 0)).all()
     assert frame["output_drift"].notna().all() and frame["kl"].notna().all()
     # float32 model: step 1 is exact up to the float32 rank rule's cut-off (eliminated_scale ≈ 1e-5)
     assert 0 <= res.output_drift < 1e-3 and 0 <= res.kl + 1e-7 < 1e-4

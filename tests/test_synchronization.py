@@ -371,7 +371,7 @@ def _mlp_input(model, tokens, layer: int = 0) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[:, :1])], 1)
 
 
-def _neuron_block_jacobians(model, tokens, layer: int, neurons: list[int]) -> tuple[int, int]:
+def _neuron_block_jacobians(model, tokens, layer: int, neurons: list[int], act=torch.relu) -> tuple[int, int]:
     """Brute force (METHODS §3): ranks of the Jacobians of a block's output from its W̃_in columns
     and W_out rows, with the neurons' outputs apart (one output each) and summed, on every position,
     P-projected (LayerNorm never reads the mean direction)."""
@@ -380,8 +380,8 @@ def _neuron_block_jacobians(model, tokens, layer: int, neurons: list[int]) -> tu
     Wt = torch.cat([mlp.W_in.detach(), mlp.b_in.detach()[None]]).double()[:, neurons]
     B = mlp.W_out.detach().double()[neurons]
     P = torch.eye(B.shape[1], dtype=torch.float64) - 1 / B.shape[1]
-    synced = jacobian_rank(lambda t: torch.relu(X @ t[0]) @ t[1] @ P, [Wt, B])
-    apart = jacobian_rank(lambda t: torch.relu(X @ t[0]).T[:, :, None] * (t[1] @ P)[:, None, :], [Wt, B])
+    synced = jacobian_rank(lambda t: act(X @ t[0]) @ t[1] @ P, [Wt, B])
+    apart = jacobian_rank(lambda t: act(X @ t[0]).T[:, :, None] * (t[1] @ P)[:, None, :], [Wt, B])
     return apart, synced
 
 
@@ -443,14 +443,17 @@ def test_gated_neuron_blocks_have_no_count(tl_models):
 
 
 def test_gelu_is_labelled_approximate(tiny_toy_transformer):
+    """Blocks of GELU neurons that are not copies are approximate; a neuron alone is its own copy."""
     res = neuron_synchronization(tiny_toy_transformer, _tokens(), tol=0.01)
-    assert res.approximate and bool(res.to_frame(singletons=True)["approximate"].all())
+    frame = res.to_frame(singletons=True)
+    assert res.approximate and (frame["approximate"] == (frame["size"] > 1)).all() and (frame["size"] > 1).any()
     assert np.all(res.distance >= 0) and np.all(res.firing_distance >= 0) and np.all(res.firing_distance <= 1)
 
 
 def test_gated_mlp_bridge(tl_models):
     res = neuron_synchronization(tl_models("llama", "bridge"), _tokens(n=4, pos=8, vocab=100), tol=0.0)
-    assert res.distance.shape == (2, 64, 64) and res.to_frame(singletons=True)["approximate"].all()
+    frame = res.to_frame(singletons=True)  # a neuron alone is its own copy: no approximation
+    assert res.distance.shape == (2, 64, 64) and (frame["approximate"] == (frame["size"] > 1)).all()
 
 
 def test_neuron_bad_input(tiny_toy_transformer):
@@ -461,7 +464,8 @@ def test_neuron_bad_input(tiny_toy_transformer):
 
 
 def test_sma_toy_one_sample_per_sequence():
-    """SMA: one learned query per sequence, so one sample per sequence; GELU MLP → approximate."""
+    """SMA: one learned query per sequence, so one sample per sequence; its GELU neurons stay apart at
+    tol 0, and a neuron alone is no approximation."""
     import tl_degeneracy as tld
 
     sma, data = tld.load_model("toy:sma", device=test_device()), tld.toy_data("sma", 32)
@@ -469,7 +473,8 @@ def test_sma_toy_one_sample_per_sequence():
     assert heads.n_samples == 32 and heads.distance.shape == (1, 1, 1) and heads.blocks == [[[0]]]
     assert heads.to_dict()["blocks"][0]["s_block"] == heads.head_rank[0, 0] > 0
     neurons = neuron_synchronization(sma, data, tol=0.0)
-    assert neurons.n_samples == 32 and neurons.to_frame(singletons=True)["approximate"].all()
+    frame = neurons.to_frame(singletons=True)
+    assert neurons.n_samples == 32 and frame["size"].eq(1).all() and not frame["approximate"].any()
 
 
 # ---------------------------------------------------------------------------------------------- J_apart − J_sync
@@ -1394,3 +1399,54 @@ def test_a_duplicate_neuron_s_count_moves_with_no_relu_rescaling(dtype):
         assert [b for b in result.blocks[0] if len(b) > 1] == [[0, 1]]
         totals[c, rescaled] = result.extra_freedom
     assert set(totals.values()) == {11}, totals
+
+
+@pytest.mark.parametrize("case, neurons, truth", [("copy", [3, 5], 15), ("three copies", [3, 5, 7], 30),
+                                                  ("dependent rows", [3, 5], 31), ("rows of rank 2", [3, 5, 7], 46)])
+def test_copies_of_a_gelu_neuron_are_an_exact_block_with_the_jacobian_s_count(case, neurons, truth):
+    """Audit 22a F4: neurons with the same W_in column and b_in compute one p, so one r = Φ(p), on every
+    input: their block is exact, not "an upper estimate". For GELU act(p) ≠ act'(p)·p, so unlike ReLU no
+    neuron's rescaling keeps its output, and the count of m copies whose rows have rank ρ is (m − 1)·d_out
+    + D_in·(m − ρ): the ReLU formula read 30 and 45 for the Jacobian's 31 and 46 with dependent rows."""
+    model, tokens = make_tiny_toy_transformer(act_fn="gelu").double(), _tokens()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        for k in neurons[1:]:
+            mlp.W_in[:, k] = mlp.W_in[:, 3]
+            mlp.b_in[k] = mlp.b_in[3]
+        if case == "dependent rows":
+            mlp.W_out[5] = 2 * mlp.W_out[3]
+        elif case == "rows of rank 2":
+            mlp.W_out[7] = mlp.W_out[3] - 0.5 * mlp.W_out[5]
+    res = neuron_synchronization(model, tokens, tol=0.0, progress=False)
+    frame = res.to_frame().set_index("neurons")
+    assert list(frame.index) == [tuple(neurons)]
+    apart, synced = _neuron_block_jacobians(model, tokens, 0, neurons, act=torch.nn.functional.gelu)
+    assert apart - synced == truth
+    row = frame.loc[[tuple(neurons)]].iloc[0]
+    assert not row["approximate"] and row["count_exact"] and row["extra_freedom"] == truth
+    assert not res.approximate and res.approximation == "" and res.extra_freedom == truth
+    # one bit apart in b_in: another function, whose block is an approximation again
+    with torch.no_grad():
+        mlp.b_in[neurons[-1]] = torch.nextafter(mlp.b_in[3], torch.tensor(np.inf, dtype=mlp.b_in.dtype))
+    res = neuron_synchronization(model, tokens, tol=1e-6, progress=False)
+    assert [b for b in res.blocks[0] if len(b) > 1] == [neurons] and res.approximate
+
+
+def test_a_never_firing_neuron_s_output_row_does_not_decide_whether_a_count_is_exact():
+    """Review 55 #2: whether a ReLU block's count holds for its own input rank read every raw W_out row,
+    a neuron that never fires included, whose row moves nothing (rescaling it, W_in·c and W_out/c, is
+    the same function): with that row parallel to the live neuron's, the block of a never-firing neuron
+    and one firing on half the samples lost count_exact. Only live rows count, so every row reads alike."""
+    w, v = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, 2.0])
+    distance = np.array([[[0.0, 0.5], [0.5, 0.0]]])
+    counts = set()
+    for dead_row in (torch.zeros(3), 3 * w, 1e7 * v, 1e-7 * v, v):
+        res = NeuronSyncResult(output_distance=distance, firing_distance=distance, tol=1.0, blocks=[[[0, 1]]],
+                               value_gram=torch.diag(torch.tensor([0.0, 1.0], dtype=torch.float64))[None],
+                               n_samples=1000, act_fn="relu", exact_activation=True, rank_rtol=None,
+                               fire_rate=torch.tensor([[0.0, 0.5]]), input_rank=np.array([3]),
+                               W_out=torch.stack([dead_row, w])[None], d_out=3, in_bias=False)
+        frame = res.to_frame()
+        counts.add((bool(frame["count_exact"].item()), int(frame["extra_freedom"].item())))
+    assert len(counts) == 1 and next(iter(counts))[0], counts

@@ -118,8 +118,9 @@ class LayerBasis:
 @dataclass(eq=False)
 class SparsifyResult:
     """What :func:`sparsify` returns: ``model`` (the re-parametrised deep copy), ``bases`` (one
-    :class:`LayerBasis` per layer) and per-layer counts (``to_frame``). ``approximate``: a smooth
-    activation or ``tol`` > 0, where the block changes of basis are not exact (METHODS §3)."""
+    :class:`LayerBasis` per layer) and per-layer counts (``to_frame``). ``approximate``: some block's
+    change of basis is not exact (``neuron_synchronization``'s: a smooth activation's block of neurons
+    that are not copies, or ReLU neurons that disagree about firing at ``tol`` > 0; METHODS §3)."""
 
     model: object = field(repr=False)
     bases: list[LayerBasis] = field(repr=False)
@@ -517,7 +518,7 @@ def sparsify(
                          "blocks_without_basis": no_basis, "removed_residual": residual,
                          "eliminated_scale": scale, "blocks": len(layer_blocks),
                          "activation_free": (D - r) * F, "sync_free": int(layer_blocks["extra_freedom"].sum()),
-                         "sync_exact": bool(layer_blocks["count_exact"].all()), "removed_neurons": len(removed),
+                         "sync_exact": bool((layer_blocks["count_exact"] & ~layer_blocks["approximate"]).all()), "removed_neurons": len(removed),
                          "removed_silent": silent,
                          "free_min": (D - r_max) * F, "free_max": (D - r_min) * F})
 
@@ -606,5 +607,5 @@ def sparsify(
                           "holds both)", "sparsify a float32 copy (model.float()) for a copy equal to float32 rounding",
                           stacklevel=2)
         return SparsifyResult(model=sparse, bases=result_bases, rows=rows, act_fn=adapter.cfg.act_fn, tol=tol,
-                              approximate=not exact_act or tol > 0, n_samples=sync.n_samples,
+                              approximate=sync.approximate, n_samples=sync.n_samples,
                               positions=batches.positions.to_dict(), seconds=time.perf_counter() - t0)

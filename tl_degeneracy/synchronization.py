@@ -42,6 +42,7 @@ from .memory import check_batches
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
 from .models.selection import circuit_parameters
+from .models.weights import MLPWeights
 from .numerics import (DataLimitedWarning, HalfPrecisionWarning, activation_precision, check_tolerances, covariance_floor,
                        numerical_rank, rounding_rtol, sample_limited, unit_scales, warn_data_limited, warn_sample_limited)
 from .numerics import rank_rtol as rule_rtol
@@ -1264,7 +1265,10 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     weights (float64; W_out P under LayerNorm) and ``d_out`` the dimension they write into (D − 1
     under LayerNorm). ``exact_activation``: r is piecewise constant (ReLU), so a block is exact where
     its neurons fire alike on every sample; for smooth activations (GELU, SiLU) r varies continuously
-    and every block is approximate (``approximate``, ``approximation``). ``gated``: a gated MLP, whose
+    and a block is approximate (``approximate``, ``approximation``) unless its neurons are copies.
+    ``input_copy`` [L, F]: a label per neuron, equal for neurons whose input weights (W̃_in column, and
+    the gate's) are equal bit for bit, which share p and so r on every input whatever the activation
+    (None: unknown, no neuron a copy). ``gated``: a gated MLP, whose
     block computes r·Σ_k w_k g_k l_k, quadratic in the input, where the bilinear count of
     :meth:`freedom` does not hold: its counts are left empty (``count_exact`` False)."""
 
@@ -1290,6 +1294,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     noise_rtol: float | None = None
     input_rank_noise: Int[np.ndarray, " layer"] | None = None
     sample_limited: Bool[np.ndarray, " layer"] | None = None
+    input_copy: Int[np.ndarray, "layer neuron"] | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, firing_distance: float) -> int:
@@ -1299,9 +1304,21 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         1/(2n) for any n·batches < 10¹⁴, so rounding n·distance recovers k (and 0 means every sample)."""
         return round(firing_distance * self.n_samples)
 
-    def _block_approximate(self, max_firing_distance: float) -> bool:
-        """A block's freedom is exact only for an exact activation and neurons that agree on every sample."""
-        return not self.exact_activation or self._disagreements(max_firing_distance) > 0
+    def _copies(self, layer: int, neurons: Sequence[int]) -> bool:
+        """Whether the neurons read the same input weights bit for bit (``input_copy``): the same
+        pre-activation p on every input, so the same r = act(p)/p whatever the activation."""
+        return self.input_copy is not None and len({int(self.input_copy[layer][k]) for k in neurons}) == 1
+
+    def _block_approximate(self, layer: int, neurons: Sequence[int]) -> bool:
+        """A block's freedom is exact for copies (:meth:`_copies`; a smooth activation's r is shared only
+        there, audit 22a F4) and for an exact activation whose neurons agree about firing on every sample."""
+        if self._copies(layer, neurons):
+            return False
+        return not self.exact_activation or self._disagreements(float(self.firing_distance[layer][np.ix_(neurons, neurons)].max())) > 0
+
+    def _approximate_blocks(self) -> list[tuple[int, list[int]]]:
+        return [(layer, b) for layer, blocks in enumerate(self.blocks) for b in blocks
+                if len(b) > 1 and self._block_approximate(layer, b)]
 
     @cached_property
     def distance(self) -> Float[np.ndarray, "layer neuron neuron"]:
@@ -1310,10 +1327,12 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         (for ReLU) disagree about firing on at most a ``tol`` share of the samples (METHODS §3)."""
         return _neuron_distance(self.output_distance, self.firing_distance)
 
-    def _block_max(self, distance: np.ndarray) -> float:
-        """Largest entry of ``distance`` between two neurons of one block (0 when no block has two)."""
-        return max((float(distance[layer][np.ix_(b, b)].max()) for layer, blocks in enumerate(self.blocks)
-                    for b in blocks if len(b) > 1), default=0.0)
+    def _block_max(self, distance: np.ndarray, blocks: list[tuple[int, list[int]]] | None = None) -> float:
+        """Largest entry of ``distance`` between two neurons of one of ``blocks`` (default: every block;
+        0 when no block has two)."""
+        if blocks is None:
+            blocks = [(layer, b) for layer, layer_blocks in enumerate(self.blocks) for b in layer_blocks if len(b) > 1]
+        return max((float(distance[layer][np.ix_(b, b)].max()) for layer, b in blocks), default=0.0)
 
     @property
     def max_block_distance(self) -> float:
@@ -1327,21 +1346,23 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     @property
     def approximate(self) -> bool:
         """True when some block's freedom is approximate: a block of a smooth activation, or ReLU
-        neurons in one block that disagree about firing on some samples (tol > 0). False without blocks."""
-        return self._has_blocks and self._block_approximate(self._block_max(self.firing_distance))
+        neurons in one block that disagree about firing on some samples (tol > 0); copies
+        (``input_copy``) are exact for any activation. False without blocks."""
+        return bool(self._approximate_blocks())
 
     @property
     def approximation(self) -> str:
         """Why the freedom is approximate, for labels ("" when it is exact or there are no blocks): how
         far two neurons' outputs move when they swap firing patterns, √(largest (3.6a)) as a relative RMS."""
-        if not self.approximate:
+        blocks = self._approximate_blocks()
+        if not blocks:
             return ""
-        change = self._block_max(self.output_distance)
+        change = self._block_max(self.output_distance, blocks)
         moved = (f"two neurons of a block that swapped firing patterns would change their outputs by up to "
                  f"{math.sqrt(change):.2g} RMS (relative)")
         if not self.exact_activation:  # r = act(p)/p is a smooth function of p: no two neurons share it exactly
             return "smooth activation" + (f": {moved}" if change > 0 else "") + f"; {UPPER_ESTIMATE}"
-        share = self._disagreements(self._block_max(self.firing_distance)) / self.n_samples
+        share = self._disagreements(self._block_max(self.firing_distance, blocks)) / self.n_samples
         return f"firing patterns in blocks differ on up to {share:.2%} of samples; {moved}; {UPPER_ESTIMATE}"
 
     def block_rank(self, layer: int, neurons: list[int]) -> int:
@@ -1371,24 +1392,42 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         idx = torch.as_tensor(neurons, device=self.value_gram.device)
         m = len(neurons)
         gram = self.value_gram[layer][idx][:, idx]
-        # A neuron that is 0 on every sample never fires: neither its W_in (r = 0) nor its W_out row
-        # (f = 0) moves the function, so its row leaves the count (a head whose values are 0 keeps
-        # W_O: its W_V still moves the output; review 33).
-        fires = (gram.diagonal() > 0).to(self.W_out.device)
-        W_out = self.W_out[layer][idx.to(self.W_out.device)] * fires[:, None]
-        return component_freedom(gram, list(range(m)), W_out[:, None, :], [list(range(m))],
-                                 int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
-                                 self.value_gram.shape[-1])
+        W_out = self._live_rows(layer, neurons)
+        jac = component_freedom(gram, list(range(m)), W_out[:, None, :], [list(range(m))],
+                                int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
+                                self.value_gram.shape[-1])
+        if self.exact_activation or not self._copies(layer, neurons):
+            return jac
+        # Copies of a smooth activation share p, but act(p) ≠ act'(p)·p: no neuron's rescaling (W̃_in·c,
+        # w/c) leaves its output fixed, so J_apart gains one direction per live neuron with a nonzero row,
+        # and J_sync one per dimension of those rows' span (act(p)⊗u leaves the W̃_in directions' span):
+        # the bilinear count read 30 for the Jacobian's 31 where W_out[5] = 2·W_out[3] (tests).
+        nonzero = W_out[W_out.abs().amax(-1) > 0]
+        return SyncJacobian(jac.j_apart + len(nonzero),
+                            None if jac.j_sync is None else jac.j_sync + (_weight_rank(nonzero) if len(nonzero) else 0))
+
+    def _live_rows(self, layer: int, neurons: Sequence[int]) -> Float[Tensor, "neuron d_model"]:
+        """The block's effective W_out rows, 0 for a neuron that is 0 on every sample: neither its W_in
+        (r = 0) nor its W_out row (f = 0) moves the function, so its row leaves the count (a head whose
+        values are 0 keeps W_O: its W_V still moves the output; review 33)."""
+        idx = torch.as_tensor(neurons, device=self.value_gram.device)
+        fires = (self.value_gram[layer][idx, idx] > 0).to(self.W_out.device)
+        return self.W_out[layer][idx.to(self.W_out.device)] * fires[:, None]
 
     def _input_known(self, layer: int, neurons: list[int]) -> bool:
         """Whether J_apart − J_sync holds for the block's own input rank: it depends on D_in only
         through D_in·(rank of the nonzero W_out rows − rank of their sum map), which vanishes when the
-        rows are independent; else the block must fire on every sample (smooth activations never vanish).
+        rows are independent; else the neurons with such rows must fire on every sample (smooth
+        activations never vanish). A neuron that never fires has no row (:meth:`_live_rows`), so that
+        rescaling it moves nothing (review 55 #2: at c = 10⁻⁷ its raw row outweighed the others').
         The stored rows by float64's rule (at the forward's rule, raw rows lost a duplicate rescaled by
         10⁶, review 54 #2; rows at the neurons' RMS a neuron at 10⁻⁶ of its twin's, review 55 #1)."""
-        if not self.exact_activation or _weight_rank(self.W_out[layer][neurons]) == len(neurons):
+        rows = self._live_rows(layer, neurons)
+        keep = rows.abs().amax(-1) > 0
+        live = [k for k, on in zip(neurons, keep.tolist()) if on]
+        if not self.exact_activation or not live or _weight_rank(rows[keep]) == len(live):
             return True
-        return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in neurons)
+        return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in live)
 
     def to_frame(self, singletons: bool = False) -> pd.DataFrame:
         """One row per block of ≥ 2 neurons (all blocks with ``singletons=True``): layer, neurons,
@@ -1420,13 +1459,12 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
                 if len(neurons) < 2 and not singletons:
                     continue
                 sub = np.ix_(neurons, neurons)
-                firing = float(self.firing_distance[layer][sub].max())
                 distance = float(_neuron_distance(self.output_distance[layer][sub], self.firing_distance[layer][sub]).max())
                 jac = self.freedom(layer, neurons) if len(neurons) > 1 else SyncJacobian(0, 0)
                 exact = jac is not None and jac.exact and self._input_known(layer, neurons)
                 extra = pd.NA if jac is None or not jac.exact else jac.extra_freedom
                 rows.append({"layer": layer, "neurons": tuple(neurons), "size": len(neurons),
-                             "max_distance": distance, "approximate": self._block_approximate(firing),
+                             "max_distance": distance, "approximate": self._block_approximate(layer, neurons),
                              "on_half": _formed_on_half(self.half_blocks, layer, neurons),
                              "data_limited": bool(self.data_limited[layer]),
                              "sample_limited": self.sample_limited is not None and bool(self.sample_limited[layer]),
@@ -1508,7 +1546,7 @@ def neuron_synchronization(
     on most samples where their outputs are small. For ReLU a block is exact only when its neurons
     agree about firing on every sample (tol > 0 admits disagreements: labelled ``approximate``, with
     the share of samples); for GELU r = Φ(p), for SiLU r = σ(p), both in (0, 1), and every block is
-    ``approximate``.
+    ``approximate`` but for copies (bit-identical input weights: one p, so one r, on every input).
 
     One streaming pass accumulates, per layer, the uncentred float64 Grams E[r rᵀ] and E[f fᵀ], the
     F×F sums of d's numerator and the moments of the MLP input (D×D), so memory is O(L·(F² + D²))
@@ -1659,7 +1697,8 @@ def neuron_synchronization(
 
         input_rank, input_rank_half = d_in(x_acc, rtol), d_in(x_half, rtol)
         norms = [adapter.norm_weights(layer, "ln1") for layer in range(L)]
-        W_out = adapter.mlp_weights().W_out
+        weights = adapter.mlp_weights()
+        W_out = weights.W_out
         W_out = torch.stack([center_writing(W_out[layer], norms[layer]) for layer in range(L)]).cpu()
         result = NeuronSyncResult(
             output_distance=output_np, firing_distance=firing_np, tol=tol, blocks=blocks, value_gram=value_gram,
@@ -1669,11 +1708,22 @@ def neuron_synchronization(
             positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
             input_rank_noise=None if noise is None else d_in(x_acc, noise),
             sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), batches.n_distinct_samples, centered=in_bias),
+            input_copy=_input_copies(weights),
         )
         if result.half_precision:
             result.to_frame()  # its band's warning now, with the call's others (review 36)
         warn_unsettled("neuron_synchronization", result, batches, "j_apart and j_sync")
         return result
+
+
+def _input_copies(weights: MLPWeights) -> Int[np.ndarray, "layer neuron"]:
+    """Per layer, a label per neuron for its input weights (W_in column and b_in, with W_gate's column
+    and b_gate in a gated MLP), equal where they are equal bit for bit: such neurons compute one
+    pre-activation on every input (audit 22a F4)."""
+    parts = [weights.W_in, weights.b_in[:, None]]
+    parts += [t if t.dim() == 3 else t[:, None] for t in (weights.W_gate, weights.b_gate) if t is not None]
+    columns = torch.cat(parts, dim=1).transpose(1, 2)  # [layer, neuron, inputs]
+    return np.stack([torch.unique(layer, dim=0, return_inverse=True)[1].cpu().numpy() for layer in columns])
 
 
 def _neuron_distance(output, firing):
