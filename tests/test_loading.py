@@ -136,6 +136,24 @@ def test_tl3_path_quirks(hf_dirs, tmp_path):
     assert config.get("n_positions") == 64 and "n_ctx" not in json.loads((gpt2_plain / "config.json").read_text())
 
 
+def test_a_gpt2_checkpoint_whose_mlp_is_not_four_times_its_width_loads(tmp_path):
+    """Audit 23a F4: TransformerLens 3 sizes a GPT-2 MLP as 4·d_model whatever n_inner says, so a local
+    checkpoint with n_inner = 64 for d_model 32 failed to load on the HookedTransformer route."""
+    import transformers as tf
+
+    from tests.fixtures.hf import save_hf_model
+
+    torch.manual_seed(0)
+    directory = save_hf_model("gpt2", tmp_path / "narrow")  # the fixture's config, rewritten below
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64,
+                                          vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    hf.save_pretrained(directory)
+    model = load_model(directory, device="cpu")
+    assert type(model).__name__ == expected_class() and adapt(model).d_mlp == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), hf_logits(directory, TOKENS), atol=1e-5, rtol=1e-4)
+
+
 def test_bundled_toy():
     specs = [s for s in sorted(BUNDLED) if (WEIGHTS / BUNDLED_FILES.get(s, "")).is_file()]
     if not specs:

@@ -157,6 +157,12 @@ def test_dataset_mask_column_ragged_and_torch_format():
     # without a mask column, Dataset rows are taken at their own lengths (no pad-id rule)
     tb = no_warnings(token_batches, datasets.Dataset.from_dict({"input_ids": [[5, PAD], [6, 7]]}), model)
     assert real_rows(tb) == [[5, PAD], [6, 7]] and tb.positions.padding_rule == "none"
+    # audit 23a F5: rows of one length ending in runs of the pad id look padded, and say that they count
+    padded = {"input_ids": [[BOS, 5, 6, PAD, PAD], [BOS, 7, 8, 9, 10], [BOS, 11, PAD, PAD, PAD]]}
+    for ds in (datasets.Dataset.from_dict(padded), datasets.Dataset.from_dict(padded).with_format("torch")):
+        with pytest.warns(PaddingWarning, match="2 of them end in a run of the pad id 0, with no 'attention_mask'"):
+            tb = token_batches(ds, model)
+        assert real_rows(tb) == padded["input_ids"]
 
 
 def test_explicit_attention_mask_for_tensors_and_token_lists():
@@ -221,6 +227,23 @@ def test_trailing_pad_ids_of_a_tensor_are_padding_and_inner_ones_tokens():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(toks), batch_size=2)
     with pytest.warns(PaddingWarning):
         assert real_rows(token_batches(loader, model)) == real_rows(tb)
+
+
+def test_an_empty_row_leaves_the_other_rows_bos_out():
+    """Audit 23a F1: one row with no token (all padding, an all-zero mask, an empty list) decided that
+    the data do not begin with BOS, so every other row's BOS position counted (9 samples for 6)."""
+    model = tokenizer_model()
+    rows = [[BOS, 5, 6, 7], [BOS, 8, 9], [BOS, 10]]
+    padded = torch.tensor([r + [PAD] * (4 - len(r)) for r in rows])
+    mask = (padded != PAD).long()
+    cases = {"lists": rows + [[]], "tensor": torch.cat([padded, torch.full((1, 4), PAD)]),
+             "mask": {"input_ids": torch.cat([padded, torch.full((1, 4), 5)]),
+                      "attention_mask": torch.cat([mask, torch.zeros(1, 4, dtype=torch.long)])}}
+    for name, data in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PaddingWarning)
+            pos = token_batches(data, model).positions
+        assert (pos.bos, pos.skip_bos, pos.n_samples, pos.n_dropped) == (True, True, 6, 1), name
 
 
 def test_pad_equal_to_bos_strips_only_the_trailing_run_after_the_bos():

@@ -267,3 +267,23 @@ def test_a_hook_of_a_layer_the_model_lacks_says_so(tiny_toy_transformer, tiny_to
     """Audit 13b F10: blocks.7.hook_resid_pre on a 2-layer model gave the first three hook names alphabetically."""
     with pytest.raises(MissingHookError, match=r"layer 7 out of range for a model with 2 layers.*'blocks\.\d\.hook_resid_pre'"):
         activation_stats(tiny_toy_transformer, tiny_toy_tokens, hooks=["blocks.7.hook_resid_pre"], progress=False)
+
+
+def test_a_float32_hook_of_a_half_precision_model_carries_the_model_s_precision(hf_dirs):
+    """Audit 23a F3: a bfloat16 Llama bridge computes its final RMSNorm in float32, so ln_final's
+    activations arrived as float32 and were recorded as such (half_precision False, no warning), though
+    they carry the bfloat16 residuals' rounding (1.9·10⁻³ of the Gram). The model's dtype bounds them."""
+    from tests.fixtures.hf import open_model
+
+    from tl_degeneracy.numerics import HalfPrecisionWarning, carried_dtype
+
+    model = open_model(hf_dirs["llama"], "bridge").to(torch.bfloat16)
+    name = "ln_final.hook_normalized"
+    produced = {}
+    model.run_with_hooks(torch.tensor([[1, 5, 6, 7]]), fwd_hooks=[(name, lambda a, hook: produced.update(dtype=a.dtype))])
+    assert produced["dtype"] == torch.float32  # what made the flag silent
+    with pytest.warns(HalfPrecisionWarning):
+        st = activation_stats(model, [[1, 5, 6, 7, 8], [1, 9, 10]], hooks=["ln_final"], progress=False).stats[name]
+    assert st.dtype == torch.bfloat16 and st.summary()["half_precision"]
+    assert carried_dtype(torch.float32, torch.float64) == torch.float32
+    assert carried_dtype(torch.float16, torch.bfloat16) == torch.bfloat16

@@ -478,6 +478,20 @@ def _rows_from_dataloader(loader, padding: _Padding) -> list[Tensor]:
     return rows
 
 
+def _warn_padded_columns(rows: list[Tensor], pad_id: int | None, col: str) -> None:
+    """Unmasked Dataset rows are taken at their length (module docstring); rows of one length of
+    which some end in a run of the pad id look padded, and their padding would count as tokens
+    (audit 23a F5: 273 samples for 179, without a word)."""
+    if pad_id is None or len(rows) < 2 or len({len(r) for r in rows}) > 1:
+        return
+    padded = sum(len(r) >= 2 and bool((r[-2:] == pad_id).all()) for r in rows)
+    if padded:
+        warn_once(f"token_batches: the Dataset's {len(rows)} {col!r} rows all have {len(rows[0])} tokens and {padded} of "
+                  f"them end in a run of the pad id {pad_id}, with no {MASK_COLUMN!r} column: every position counts as a "
+                  f"token, padding included; add the tokenizer's {MASK_COLUMN!r} column, or pass torch.tensor(ds[{col!r}]) "
+                  "to leave the runs out", PaddingWarning, stacklevel=4)
+
+
 def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[str] | None, str]:
     if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
         raise DataError(f"got a {type(ds).__name__}; pass one split of it (e.g. ds['train']), a datasets.Dataset")
@@ -485,7 +499,10 @@ def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[s
     for col in TOKEN_COLUMNS:
         if col in cols:
             item = {c: ds[c] for c in (col, MASK_COLUMN) if c in cols}
-            return _rows_from_mapping(item, "the Dataset", padding), None, f"datasets.Dataset[{col}]"
+            rows = _rows_from_mapping(item, "the Dataset", padding)
+            if MASK_COLUMN not in cols:
+                _warn_padded_columns(rows, padding.pad_id, col)
+            return rows, None, f"datasets.Dataset[{col}]"
     for col in TEXT_COLUMNS:
         if col in cols:
             return None, list(ds[col]), f"datasets.Dataset[{col}]"
@@ -702,7 +719,10 @@ def token_batches(
         bos_source = "prepended" if bos else None
         bodies = rows
     else:
-        starts_bos = bos_id is not None and all(len(r) and int(r[0]) == bos_id for r in rows)
+        # Over the rows that hold a token: an empty one (all padding) is dropped below, and deciding it
+        # had turned BOS off for all the data, counting every BOS position as a sample (audit 23a F1).
+        filled = [r for r in rows if len(r)]
+        starts_bos = bos_id is not None and bool(filled) and all(int(r[0]) == bos_id for r in filled)
         if prepend_bos is None:
             bos, bos_source = starts_bos, ("given" if starts_bos else None)
         elif prepend_bos:

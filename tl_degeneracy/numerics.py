@@ -91,6 +91,15 @@ def compute_dtype(*dtypes: torch.dtype | Iterable[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in flat else torch.float32
 
 
+def carried_dtype(produced: torch.dtype, model: torch.dtype) -> torch.dtype:
+    """The precision an activation carries: the less precise of the dtype the forward produced it in
+    and the model's. A bfloat16 bridge computes its final RMSNorm in float32 from bfloat16 residuals,
+    whose rounding (1.9·10⁻³ of the Gram) the float32 tensor still holds (audit 23a F3)."""
+    if not (produced.is_floating_point and model.is_floating_point):
+        return produced
+    return max(produced, model, key=lambda d: torch.finfo(d).eps)
+
+
 def activation_precision(dtype: torch.dtype) -> torch.dtype:
     """The rank rule's precision for Grams of activations or gradients produced in ``dtype``:
     :func:`compute_dtype` (float32 for half-precision forwards, float64 for float64 models).

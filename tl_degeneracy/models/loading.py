@@ -21,6 +21,7 @@ function (research §1.2), and returns the model in eval mode.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import importlib.util
 import json
 import os
@@ -253,6 +254,10 @@ def _hooked_transformer_from_directory(path: Path, device, dtype, tokenizer=None
         neutral.mkdir()
         (neutral / "config.json").write_text(json.dumps(config))
         cfg = loading.get_pretrained_model_config(str(neutral), device=str(device), fold_ln=False, dtype=dtype)
+        width = getattr(hf.config, "n_inner", None)
+        if width is not None and cfg.d_mlp != width:
+            # TL 3 sizes GPT-2's and GPT-J's MLPs as 4·d_model whatever the checkpoint's n_inner (audit 23a F4)
+            cfg = dataclasses.replace(cfg, d_mlp=int(width))
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
         state_dict = loading.get_pretrained_state_dict(str(neutral), cfg, hf, dtype=dtype)
     finally:

@@ -16,7 +16,7 @@ from ..data import token_batches
 from ..errors import MissingHookError
 from ..memory import check_batches, hook_width, moment_held
 from ..models.adapt import adapt
-from ..numerics import warn_sample_limited
+from ..numerics import carried_dtype, warn_sample_limited
 from .accumulators import MomentAccumulator
 from ..distributed import distributed_context, failing_together
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets
@@ -176,7 +176,7 @@ def activation_stats(
                 centered=bool(center),
                 cov=None if layout.head_blocks_only else cov[0],
                 head_cov=cov if layout.head_blocks_only else None,
-                dtype=collector.dtypes[t.name],
+                dtype=carried_dtype(collector.dtypes[t.name], adapter.dtype),
                 half=half_stats,
             )
 

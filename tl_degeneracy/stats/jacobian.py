@@ -54,6 +54,7 @@ from ..data import as_seed, token_batches
 from ..errors import MissingHookError, NumericalError
 from ..memory import check_batches, half_gram_bytes, hook_width
 from ..models.adapt import adapt
+from ..numerics import carried_dtype
 from .accumulators import SecondMomentAccumulator
 from .cuts import refuse_off_stream
 from ..distributed import distributed_context, failing_together, warn_once
@@ -398,7 +399,7 @@ def jacobian_stats(
                 head_full=gram if layout.head_blocks_only else None,
                 halves=_half_grams(halves, layout.head_blocks_only),
                 half=half_stats,
-                dtype=res.dtypes[t.name],
+                dtype=carried_dtype(res.dtypes[t.name], adapter.dtype),
             )
 
         stats = {t.name: hook_stats(t, accs[t.name], res.halves.get(t.name),
