@@ -41,7 +41,8 @@ def test_counts_read_the_bos_position():
     assert positions["bos"] and not positions["skip_bos"] and positions["n_samples"] == tokens.numel()
 
     _, cache = model.run_with_cache(tokens)
-    x = cache["blocks.0.ln2.hook_normalized"]  # what W_in of layer 0 reads (the toy's norm is applied)
+    ln = model.blocks[0].ln2  # what W_in of layer 0 reads: hook_normalized is x/σ, before the gain and bias
+    x = cache["blocks.0.ln2.hook_normalized"] * ln.w + ln.b
     everywhere = tld.activation_stats(model, tokens, hooks="blocks.0.ln2.hook_normalized", per_head=False,
                                       skip_bos=False, progress=False)["blocks.0.ln2.hook_normalized"]
     rank_all = everywhere.rank(centered=True)  # W_in has a bias: its inputs' covariance (METHODS §4)

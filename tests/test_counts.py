@@ -239,7 +239,8 @@ def test_a_real_neuron_that_fires_on_few_samples_counts(dtype, margin):
     mlp = model.blocks[0].mlp
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
-        x = cache["blocks.0.ln2.hook_normalized"].reshape(-1, 8)
+        ln = model.blocks[0].ln2  # hook_normalized is x/σ, before the gain and bias
+        x = (cache["blocks.0.ln2.hook_normalized"] * ln.w + ln.b).reshape(-1, 8)
         size = mlp.W_in[:, 6].norm() * x.norm(dim=1).pow(2).mean().sqrt()
         mlp.b_in[6] = -(x @ mlp.W_in[:, 6]).max() + margin * size
         _, cache = model.run_with_cache(tokens)
@@ -510,7 +511,8 @@ def test_a_constant_input_direction_is_free_only_with_a_bias(bias):
     assert bool(w_q["centered"]) == bias and w_q["rank_G"] == (D - 1 if bias else D)
 
     _, cache = model.run_with_cache(tokens)
-    x = cache["blocks.0.ln1.hook_normalized"].reshape(-1, D)  # the toy's norm output, w and b applied
+    ln = model.blocks[0].ln1  # hook_normalized is x/σ: the norm's output with its gain and bias applied
+    x = (cache["blocks.0.ln1.hook_normalized"] * ln.w + ln.b).reshape(-1, D)
     attn = model.blocks[0].attn
     c = 1 / model.blocks[0].ln1.w.detach()
     c = c / c.norm()

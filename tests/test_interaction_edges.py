@@ -250,3 +250,41 @@ def test_bad_mode_is_refused():
     ib = interaction_basis(model, toks, kind="pca", progress=False, edges=False)
     with pytest.raises(ValueError, match="mode must be one of"):
         recompute(model, toks, ib, mode="sideways")
+
+
+def test_the_edges_of_each_half_of_the_data_are_those_of_its_sequences_alone():
+    """Audit 23b F1: exact edges carried total_stderr 0 and nothing of the data's sampling error. The
+    edges of the even- and odd-numbered sequences, in the whole data's bases, equal the jacrev reference
+    on those sequences alone (each over its own samples), and sampling_stderr is what their totals imply."""
+    model, x = HookedMLP([6, 9, 5, 3]), mlp_inputs(40, 6)
+    ib = interaction_basis(model, x, kind="local", last="outputs", output="mse", exact=True, nodes=MLP_NODES,
+                           batch_size=16, progress=False)
+    halves = {"even": x[0::2], "odd": x[1::2]}  # one sample per sequence: the sequence numbers are the rows
+    for a, b in ib.edges:
+        even, odd = ib.edge_halves[a, b]
+        for got, part in ((even, halves["even"]), (odd, halves["odd"])):
+            assert rel(got, mlp_reference(model, ib, part, a, b)) < 1e-10, (a, b)
+        n, n_even = ib.counts[a], ib.half_counts[a]
+        assert (n_even, n) == (20, 40)
+        assert rel(n_even * even + (n - n_even) * odd, n * ib.edges[a, b]) < 1e-12
+    summary = ib.edge_summary().set_index(["source", "target"])
+    for (a, b), (even, odd) in ib.edge_halves.items():
+        row = summary.loc[(a, b)]
+        assert row["total_stderr"] == 0.0  # the computation's error: none for exact edges
+        assert row["total_even"] == pytest.approx(float(even.sum()), rel=1e-12)
+        assert row["sampling_stderr"] == pytest.approx(abs(float(even.sum() - odd.sum())) / 2, rel=1e-12)
+        assert row["sampling_stderr"] > 0
+    # source estimates split their halves too: the halves' weighted mean is the estimate
+    est = recompute(model, x, ib, batch_size=16, mode="reverse", sources=3, half_counts=ib.half_counts)
+    for (a, b), (even, odd) in est.halves.items():
+        assert rel((20 * even + 20 * odd) / 40, est.edges[a, b]) < 1e-12
+
+
+def test_edges_need_samples_to_average_over():
+    """Audit 23b F6: counts of 0 were taken as 1, and E came out as a sum, n times too large."""
+    model, x = HookedMLP([6, 9, 5, 3]), mlp_inputs(12, 6)
+    ib = interaction_basis(model, x, kind="pca", nodes=MLP_NODES, batch_size=16, progress=False)
+    runner = build_runner(model, x, ib.nodes, 16, None, None)
+    with pytest.raises(Exception, match=r"no samples counted at node\(s\) \['hook_in'\]"):
+        edge_pass(runner.engine, runner.batches, runner.nodes, ib.basis, ib.inverse, ib.mean,
+                  {**ib.counts, "hook_in": 0}, progress=False)

@@ -163,6 +163,9 @@ def test_dataset_mask_column_ragged_and_torch_format():
         with pytest.warns(PaddingWarning, match="2 of them end in a run of the pad id 0, with no 'attention_mask'"):
             tb = token_batches(ds, model)
         assert real_rows(tb) == padded["input_ids"]
+    # review 56 #4: where the pad id is EOS too, a run of it is text (an empty document packed in)
+    eos_padded = tokenizer_model(pad_token="<eos>")
+    no_warnings(token_batches, datasets.Dataset.from_dict({"input_ids": [[BOS, 5, 6, 2, 2], [BOS, 7, 8, 9, 10]]}), eos_padded)
 
 
 def test_explicit_attention_mask_for_tensors_and_token_lists():
@@ -231,7 +234,9 @@ def test_trailing_pad_ids_of_a_tensor_are_padding_and_inner_ones_tokens():
 
 def test_an_empty_row_leaves_the_other_rows_bos_out():
     """Audit 23a F1: one row with no token (all padding, an all-zero mask, an empty list) decided that
-    the data do not begin with BOS, so every other row's BOS position counted (9 samples for 6)."""
+    the data do not begin with BOS, so every other row's BOS position counted (9 samples for 6); review
+    56 #1: left in, it became a one-token [BOS] sequence, which the callers that count BOS counted (10
+    for 9). An empty string likewise."""
     model = tokenizer_model()
     rows = [[BOS, 5, 6, 7], [BOS, 8, 9], [BOS, 10]]
     padded = torch.tensor([r + [PAD] * (4 - len(r)) for r in rows])
@@ -244,6 +249,12 @@ def test_an_empty_row_leaves_the_other_rows_bos_out():
             warnings.simplefilter("ignore", PaddingWarning)
             pos = token_batches(data, model).positions
         assert (pos.bos, pos.skip_bos, pos.n_samples, pos.n_dropped) == (True, True, 6, 1), name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PaddingWarning)
+            tb = token_batches(data, model, skip_bos=False)
+        assert (tb.positions.n_samples, tb.positions.n_dropped, real_rows(tb)) == (9, 1, rows), name
+    texts = token_batches(["w5 w6", "", "w7"], model, prepend_bos=True, skip_bos=False)
+    assert (texts.positions.n_samples, texts.positions.n_dropped) == (5, 1)
 
 
 def test_pad_equal_to_bos_strips_only_the_trailing_run_after_the_bos():

@@ -206,7 +206,8 @@ def test_relu_layernorm_with_biases_exact():
     # without it the drift above would be of the order of the offsets).
     _, cache = model.run_with_cache(data)
     for layer, basis in enumerate(res.bases):
-        xs = cache[f"blocks.{layer}.ln2.hook_normalized"].reshape(-1, 16)
+        ln = model.blocks[layer].ln2  # hook_normalized is x/σ, before the gain and bias
+        xs = (cache[f"blocks.{layer}.ln2.hook_normalized"] * ln.w + ln.b).reshape(-1, 16)
         assert float(basis.offset.abs().max()) > 0.1  # the norm's bias: x is far from a linear subspace
         err = (xs[:, basis.eliminated] - xs[:, basis.kept] @ basis.relation - basis.offset).abs().max()
         assert float(err) <= ROUNDING * float(xs.abs().max())

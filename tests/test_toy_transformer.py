@@ -50,7 +50,8 @@ def test_hooks_reproduce_activations_computed_from_the_weights(tiny_toy_transfor
         p = f"blocks.{layer}."
         assert close(cache[p + "hook_resid_pre"], resid)
         x1 = layer_norm_by_hand(resid, sd[p + "ln1.w"], sd[p + "ln1.b"])
-        assert close(cache[p + "ln1.hook_normalized"], x1)
+        # hook_normalized is x/σ, before the gain and bias, as in TransformerLens (audit 23a F2)
+        assert close(cache[p + "ln1.hook_normalized"] * sd[p + "ln1.w"] + sd[p + "ln1.b"], x1)
         assert close(cache[p + "ln1.hook_scale"], (resid - resid.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).add(1e-5).sqrt())
 
         attn_out = sd[p + "attn.b_O"].expand(batch, n_pos, D).clone()
@@ -77,7 +78,7 @@ def test_hooks_reproduce_activations_computed_from_the_weights(tiny_toy_transfor
         assert close(cache[p + "hook_resid_mid"], resid)
 
         x2 = layer_norm_by_hand(resid, sd[p + "ln2.w"], sd[p + "ln2.b"])
-        assert close(cache[p + "ln2.hook_normalized"], x2)
+        assert close(cache[p + "ln2.hook_normalized"] * sd[p + "ln2.w"] + sd[p + "ln2.b"], x2)
         pre = x2 @ sd[p + "mlp.W_in"] + sd[p + "mlp.b_in"]
         assert close(cache[p + "mlp.hook_pre"], pre)
         post = gelu_by_hand(pre)
@@ -88,7 +89,8 @@ def test_hooks_reproduce_activations_computed_from_the_weights(tiny_toy_transfor
         assert close(cache[p + "hook_resid_post"], resid)
 
     final = layer_norm_by_hand(resid, sd["ln_final.w"], sd["ln_final.b"])
-    assert close(cache["ln_final.hook_normalized"], final)
+    assert close(cache["ln_final.hook_normalized"], layer_norm_by_hand(resid, 1.0, 0.0))
+    assert close(cache["ln_final.hook_normalized"] * sd["ln_final.w"] + sd["ln_final.b"], final)
     assert close(logits, final @ sd["unembed.W_U"] + sd["unembed.b_U"])
 
 

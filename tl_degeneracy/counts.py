@@ -146,9 +146,10 @@ def write_output_hook(adapter: ModelAdapter, layer: int, sublayer: str) -> str:
 def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tensor | None, Tensor | None]:
     """(w, b) such that the linear maps' input is x = n·w + b with n = the activation at
     :func:`block_input_hook`: the norm's effective gain and its bias where that hook is a
-    ``hook_normalized`` that precedes them (``adapter.normalized_before_affine``: HookedTransformer);
-    (None, None) where the hook is the input itself (the bridge's ``hook_out``, the toys, folded norms)."""
-    if not (block_input_hook(adapter, layer, ln).endswith(".hook_normalized") and adapter.normalized_before_affine):
+    ``hook_normalized``, which every backend fires on x/σ before them (HookedTransformer, the
+    bridge's NormalizationBridge, the toys); (None, None) where the hook is the input itself (the
+    bridge's ``hook_out``) or the norm has no gain and bias (folded, weightless)."""
+    if not block_input_hook(adapter, layer, ln).endswith(".hook_normalized"):
         return None, None
     norm = adapter.norm_weights(layer, ln)
     return norm.w, norm.b

@@ -478,10 +478,21 @@ def _rows_from_dataloader(loader, padding: _Padding) -> list[Tensor]:
     return rows
 
 
+def _without_empty(rows: list[Tensor]) -> tuple[list[Tensor], int]:
+    """The rows that hold a token, and how many held none (all padding, an all-zero mask, ``[]``, an
+    empty string). Such a row is no sequence: deciding BOS over it turned BOS off for all the data
+    (audit 23a F1: every BOS position counted), and prepending BOS to it made a one-token sequence that
+    the callers counting BOS took as a sample (review 56 #1)."""
+    kept = [r for r in rows if len(r)]
+    return kept, len(rows) - len(kept)
+
+
 def _warn_padded_columns(rows: list[Tensor], pad_id: int | None, col: str) -> None:
     """Unmasked Dataset rows are taken at their length (module docstring); rows of one length of
     which some end in a run of the pad id look padded, and their padding would count as tokens
-    (audit 23a F5: 273 samples for 179, without a word)."""
+    (audit 23a F5: 273 samples for 179, without a word). ``pad_id`` None: not looked for, also where
+    the pad id is a real token too (BOS or EOS: packed GPT-2 text ends a chunk with EOS EOS after an
+    empty document, review 56 #4)."""
     if pad_id is None or len(rows) < 2 or len({len(r) for r in rows}) > 1:
         return
     padded = sum(len(r) >= 2 and bool((r[-2:] == pad_id).all()) for r in rows)
@@ -492,7 +503,7 @@ def _warn_padded_columns(rows: list[Tensor], pad_id: int | None, col: str) -> No
                   "to leave the runs out", PaddingWarning, stacklevel=4)
 
 
-def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[str] | None, str]:
+def _from_hf_dataset(ds, padding: _Padding, special: set[int]) -> tuple[list[Tensor] | None, list[str] | None, str]:
     if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
         raise DataError(f"got a {type(ds).__name__}; pass one split of it (e.g. ds['train']), a datasets.Dataset")
     cols = list(ds.column_names)
@@ -501,7 +512,7 @@ def _from_hf_dataset(ds, padding: _Padding) -> tuple[list[Tensor] | None, list[s
             item = {c: ds[c] for c in (col, MASK_COLUMN) if c in cols}
             rows = _rows_from_mapping(item, "the Dataset", padding)
             if MASK_COLUMN not in cols:
-                _warn_padded_columns(rows, padding.pad_id, col)
+                _warn_padded_columns(rows, None if padding.pad_id in special else padding.pad_id, col)
             return rows, None, f"datasets.Dataset[{col}]"
     for col in TEXT_COLUMNS:
         if col in cols:
@@ -529,6 +540,8 @@ def _chunk(seq: Tensor, bos_id: int | None, piece: int) -> list[Tensor]:
 
 
 def _validate_ids(rows: list[Tensor], d_vocab: int, source: str) -> None:
+    if not rows:
+        return
     flat = torch.cat(rows)
     if flat.numel() == 0:
         return
@@ -661,7 +674,8 @@ def token_batches(
         rows, source = _rows(data, "the token tensor"), "tensor"
         rows = padding.masked(rows, attention_mask, "attention_mask") if attention_mask is not None else padding.unpadded(rows)
     elif _is_hf_dataset(data):
-        rows, texts, source = _from_hf_dataset(data, padding)
+        eos_id = getattr(getattr(adapter.model, "tokenizer", None), "eos_token_id", None)
+        rows, texts, source = _from_hf_dataset(data, padding, {bos_id, eos_id} - {None})
     elif isinstance(data, torch.utils.data.DataLoader):
         rows, source = _rows_from_dataloader(data, padding), "DataLoader"
     elif isinstance(data, Mapping):
@@ -713,16 +727,15 @@ def token_batches(
         encode, how = adapter.text_encoder()
         source = f"{source} ({how})"
         rows = [torch.tensor(encode(s), dtype=torch.long) for s in texts]
+        rows, n_empty = _without_empty(rows)
         bos = cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
         if bos and bos_id is None:
             raise DataError("prepend_bos=True but the model has no bos_token_id")
         bos_source = "prepended" if bos else None
         bodies = rows
     else:
-        # Over the rows that hold a token: an empty one (all padding) is dropped below, and deciding it
-        # had turned BOS off for all the data, counting every BOS position as a sample (audit 23a F1).
-        filled = [r for r in rows if len(r)]
-        starts_bos = bos_id is not None and bool(filled) and all(int(r[0]) == bos_id for r in filled)
+        rows, n_empty = _without_empty(rows)
+        starts_bos = bos_id is not None and bool(rows) and all(int(r[0]) == bos_id for r in rows)
         if prepend_bos is None:
             bos, bos_source = starts_bos, ("given" if starts_bos else None)
         elif prepend_bos:
@@ -789,7 +802,7 @@ def token_batches(
         source=source,
         d_vocab=cfg.d_vocab,
         device=adapter.device,
-        n_dropped=len(seqs) - len(kept),
+        n_dropped=n_empty + len(seqs) - len(kept),
         padding_rule=padding.rule,
         n_padding=padding.n_padding,
         causal=bool(adapter.causal),

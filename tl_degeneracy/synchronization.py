@@ -1268,7 +1268,9 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     and a block is approximate (``approximate``, ``approximation``) unless its neurons are copies.
     ``input_copy`` [L, F]: a label per neuron, equal for neurons whose input weights (W̃_in column, and
     the gate's) are equal bit for bit, which share p and so r on every input whatever the activation
-    (None: unknown, no neuron a copy). ``gated``: a gated MLP, whose
+    (None: unknown, no neuron a copy); ``fire_var`` [L, F]: Var(r) over the samples, and ``n_distinct``
+    the distinct samples, which say where a smooth activation's copies are counted exactly
+    (:meth:`_exact_copies`). ``gated``: a gated MLP, whose
     block computes r·Σ_k w_k g_k l_k, quadratic in the input, where the bilinear count of
     :meth:`freedom` does not hold: its counts are left empty (``count_exact`` False)."""
 
@@ -1295,6 +1297,8 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     input_rank_noise: Int[np.ndarray, " layer"] | None = None
     sample_limited: Bool[np.ndarray, " layer"] | None = None
     input_copy: Int[np.ndarray, "layer neuron"] | None = None
+    fire_var: Float[Tensor, "layer neuron"] | None = field(repr=False, default=None)
+    n_distinct: int | None = None
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, firing_distance: float) -> int:
@@ -1309,10 +1313,30 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         pre-activation p on every input, so the same r = act(p)/p whatever the activation."""
         return self.input_copy is not None and len({int(self.input_copy[layer][k]) for k in neurons}) == 1
 
+    def _exact_copies(self, layer: int, neurons: Sequence[int]) -> bool:
+        """Copies (:meth:`_copies`) whose count :meth:`freedom` gives exactly: any of an exact activation;
+        of a smooth one where act(p) lies off the span of act′(p)·x̃ over the samples, as the count's
+        correction takes, so where p varies (Var(r) above rounding; a constant p puts act(p) ∝ 1 in that
+        span), f is not 0 on every sample (p ≡ 0: act′(0) ≠ 0 still moves W_in, which the count leaves
+        out) and the distinct samples outnumber D_in (else x̃ spans them all). Review 56 #2/#3: the
+        correction read 31 for the Jacobian's 30 on 16 samples = D_in and on a constant neuron."""
+        if not self._copies(layer, neurons):
+            return False
+        if self.exact_activation:
+            return True
+        if self.fire_var is None or self.n_distinct is None or int(self.input_rank[layer]) >= self.n_distinct:
+            return False
+        idx = list(neurons)
+        fire_rate = self.fire_rate[layer, idx].to(torch.float64)
+        spread = self.fire_var[layer, idx].to(torch.float64)
+        floor = 16 * torch.finfo(self.precision).eps ** 2 * (spread + fire_rate**2)
+        return bool((self.value_gram[layer][idx, idx] > 0).all() and (spread > floor).all())
+
     def _block_approximate(self, layer: int, neurons: Sequence[int]) -> bool:
-        """A block's freedom is exact for copies (:meth:`_copies`; a smooth activation's r is shared only
-        there, audit 22a F4) and for an exact activation whose neurons agree about firing on every sample."""
-        if self._copies(layer, neurons):
+        """A block's freedom is exact for copies counted exactly (:meth:`_exact_copies`; a smooth
+        activation's r is shared only there, audit 22a F4) and for an exact activation whose neurons
+        agree about firing on every sample."""
+        if len(neurons) < 2 or self._exact_copies(layer, neurons):  # a neuron alone has no freedom to approximate
             return False
         return not self.exact_activation or self._disagreements(float(self.firing_distance[layer][np.ix_(neurons, neurons)].max())) > 0
 
@@ -1396,7 +1420,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         jac = component_freedom(gram, list(range(m)), W_out[:, None, :], [list(range(m))],
                                 int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
                                 self.value_gram.shape[-1])
-        if self.exact_activation or not self._copies(layer, neurons):
+        if self.exact_activation or not self._exact_copies(layer, neurons):
             return jac
         # Copies of a smooth activation share p, but act(p) ≠ act'(p)·p: no neuron's rescaling (W̃_in·c,
         # w/c) leaves its output fixed, so J_apart gains one direction per live neuron with a nonzero row,
@@ -1431,8 +1455,9 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
 
     def to_frame(self, singletons: bool = False) -> pd.DataFrame:
         """One row per block of ≥ 2 neurons (all blocks with ``singletons=True``): layer, neurons,
-        size, max pairwise distance, approximate (a smooth activation, or neurons that disagree about
-        firing on some samples), on_half (the data's even-numbered sequences alone form exactly this
+        size, max pairwise distance, approximate (a smooth activation's neurons that are not copies
+        counted exactly, :meth:`_exact_copies`, or neurons that disagree about firing on some samples; a
+        neuron alone never is), on_half (the data's even-numbered sequences alone form exactly this
         block; False where blocks still change with the data: fewer samples can only merge ReLU
         blocks at tol 0, so a block's count is then an upper bound), data_limited (the layer's D_in is
         lower on the even-numbered sequences alone: still growing with the data), sample_limited (D_in
@@ -1673,7 +1698,7 @@ def neuron_synchronization(
         output_np, firing_np = (np.empty((L, F, F)) for _ in range(2))
         # The results live on the CPU whatever the model's device (the result's ranks and frames read them there).
         value_gram = torch.empty(L, F, F, dtype=torch.float64, device="cpu")
-        fire_rate = torch.empty(L, F, dtype=torch.float64, device="cpu")
+        fire_rate, fire_var = (torch.empty(L, F, dtype=torch.float64, device="cpu") for _ in range(2))
         half_blocks, blocks = [], []
         for layer in range(L):
             firing_half = _firing_distance(r_acc[layer], exact_activation)
@@ -1684,6 +1709,7 @@ def neuron_synchronization(
             output_np[layer] = mismatch[layer].distance(firing_np[layer])
             blocks.append(_fast_blocks(_neuron_distance(output_np[layer], firing_np[layer]), tol))
             value_gram[layer], fire_rate[layer] = f_acc[layer].gram()[0].cpu(), r_acc[layer].mean[0].cpu()
+            fire_var[layer] = r_acc[layer].covariance()[0].diagonal().cpu()
             n_samples = r_acc[layer].count
             r_acc[layer] = r_odd[layer] = mismatch[layer] = mismatch_odd[layer] = f_acc[layer] = None
         precision = activation_precision(adapter.dtype)
@@ -1708,7 +1734,7 @@ def neuron_synchronization(
             positions=batches.positions, half_blocks=half_blocks, input_rank_half=input_rank_half, noise_rtol=noise,
             input_rank_noise=None if noise is None else d_in(x_acc, noise),
             sample_limited=_at_sample_count(adapter, input_rank - int(in_bias), batches.n_distinct_samples, centered=in_bias),
-            input_copy=_input_copies(weights),
+            input_copy=_input_copies(weights), fire_var=fire_var, n_distinct=batches.n_distinct_samples,
         )
         if result.half_precision:
             result.to_frame()  # its band's warning now, with the call's others (review 36)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -41,6 +42,8 @@ class NodeSpectrum:
 
     ``half_ranks``: (rank_G, interaction rank) from the data's even-numbered sequences alone; lower
     than on all of the data means the ranks are still growing with the data (``data_limited``).
+    ``half_interaction``: their D_M, and ``rounding`` the relative level at which two D_M are equal up
+    to rounding (the rank rule's, ``numerics.rank_rtol``), for :attr:`unresolved`.
     """
 
     gram: Float[Tensor, " D"]
@@ -54,6 +57,8 @@ class NodeSpectrum:
     rank_G_band: tuple[int, int] | None = None
     interaction_band: tuple[int, int] | None = None
     half_ranks: tuple[int, int] | None = None
+    half_interaction: Float[Tensor, " rank_G_half"] | None = None
+    rounding: float = 0.0
 
     @property
     def data_limited(self) -> bool:
@@ -75,6 +80,25 @@ class NodeSpectrum:
     def kept(self) -> Float[Tensor, " kept"]:
         return self.interaction[: self.interaction_rank]
 
+    @property
+    def unresolved(self) -> int:
+        """Adjacent kept directions (i, i + 1) whose D_M are not told apart by the data: their gap is at
+        most the two values' sampling spread, |D_M − D_M(half)| each (the even-numbered sequences' D_M at
+        the same place: for a mean over n samples and its first half, Var(half − all) = Var(all)), or
+        their rounding. Inside such a group eigh returns any rotation of the directions, and the edges
+        through them rotate with it (audit 23b F2: an orthogonal linear network with its input rotated,
+        5 modules against 3)."""
+        k = self.interaction_rank
+        if k < 2 or self.half_interaction is None:
+            return 0
+        kept = self.kept
+        half = torch.zeros_like(kept)
+        m = min(k, self.half_interaction.numel())
+        half[:m] = self.half_interaction[:m].to(kept)
+        spread = (half - kept).abs() + self.rounding * float(kept[0])
+        gaps = kept[:-1] - kept[1:]
+        return int((gaps <= spread[:-1] + spread[1:]).sum())
+
 
 @dataclass(eq=False)
 class InteractionBasis:
@@ -94,6 +118,10 @@ class InteractionBasis:
     - ``edge_stderr[(node_l, node_l1)]``: (standard error of each entry of E, of ΣE) for the pairs
       estimated with r ≥ 2 ±1 sources (``edge_sources``); exact pairs and one-source estimates have none
       (:meth:`edge_summary` tells them apart).
+    - ``edge_halves[(node_l, node_l1)]``: E of the data's even- and of its odd-numbered sequences alone,
+      in the same bases (absent where a half has no samples): how much E moves with the data
+      (:meth:`edge_summary`'s ``sampling_stderr``, :func:`~.modules.find_modules`' half-data modules);
+      ``half_counts[node]``: the even-numbered sequences' samples.
     - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges), and
       ``distinct[node]`` those that can differ (``TokenBatches.distinct``: a counted BOS is one sample);
       ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
@@ -117,6 +145,8 @@ class InteractionBasis:
     positions: dict | None = None
     settings: dict = field(default_factory=dict)
     last: str | None = None
+    edge_halves: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    half_counts: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ coordinates
     def _flat(self, x: Tensor, node: str, what: str) -> Tensor:
@@ -160,7 +190,9 @@ class InteractionBasis:
         alone, and data_limited: one of them is lower than on all of the data, so the ranks are still
         growing with the data and the node's degenerate count is an upper bound (METHODS §5), and
         limited_within_band: data_limited with each half-data rank inside its cut-off band, where the
-        difference may be the cut-off's instead (:attr:`NodeSpectrum.limited_within_band`);
+        difference may be the cut-off's instead (:attr:`NodeSpectrum.limited_within_band`); unresolved:
+        adjacent kept directions whose D_M the data do not tell apart, so that the directions, and the
+        edges through them, are fixed only up to a rotation (:attr:`NodeSpectrum.unresolved`);
         rank_G_min / rank_G_max and interaction_rank_min / interaction_rank_max: the ranks with the
         cut-off moved ``numerics.CUTOFF_BAND``-fold up / down (:class:`NodeSpectrum`'s bands)."""
         rows = []
@@ -177,11 +209,12 @@ class InteractionBasis:
                          "rank_G_half": spec.half_ranks[0] if spec.half_ranks else pd.NA,
                          "interaction_rank_half": spec.half_ranks[1] if spec.half_ranks else pd.NA,
                          "data_limited": spec.data_limited, "limited_within_band": spec.limited_within_band,
+                         "unresolved": spec.unresolved,
                          "rank_G_min": g_band[0], "rank_G_max": g_band[1],
                          "interaction_rank_min": i_band[0], "interaction_rank_max": i_band[1]})
         frame = pd.DataFrame(rows, columns=["node", "D", "rank_G", "interaction_rank", "degenerate", "n", "distinct", "M",
                                             "M_method", "probe_stability", "estimated", "sample_limited", "rank_G_half",
-                                            "interaction_rank_half", "data_limited", "limited_within_band", "rank_G_min", "rank_G_max",
+                                            "interaction_rank_half", "data_limited", "limited_within_band", "unresolved", "rank_G_min", "rank_G_max",
                                             "interaction_rank_min", "interaction_rank_max"])
         return frame.astype({"rank_G_half": "Int64", "interaction_rank_half": "Int64"})
 
@@ -196,7 +229,14 @@ class InteractionBasis:
         six probe seeds for an exact 8.9), the standard error of ΣE (``total_stderr``: the sources'
         spread over √r; NaN for a one-source estimate, which has no spread, and for edges in a probe
         basis, whose noise the sources do not see; 0 only for exact edges in exact bases), largest E
-        and the share of ΣE on the diagonal."""
+        and the share of ΣE on the diagonal.
+
+        That error is the computation's. The data's (audit 23b F1: ΣE 11.53 and 10.64 on two halves of
+        toy:modadd's pairs, with total_stderr 0): ``total_even`` / ``total_odd``, ΣE of the data's even-
+        and odd-numbered sequences in the same bases, and ``sampling_stderr`` = |ΣE_even − ΣE_odd|·
+        √(n_even·n_odd)/n, the standard error of ΣE that their difference implies (one degree of
+        freedom: a rough scale, not a tight interval; NaN where a half is empty). The bases are the
+        whole data's, so their own sampling error is not in it (:attr:`dims`' ``unresolved``)."""
         modes = self.settings.get("edge_modes", {})
         rows = []
         for (a, b), e in self.edges.items():
@@ -209,9 +249,23 @@ class InteractionBasis:
             rows.append({"source": a, "target": b, "kept_source": e.shape[1], "kept_target": e.shape[0], "total": total,
                          "estimated": estimated, "basis_estimated": probed, "total_stderr": stderr,
                          "max": float(e.max()) if e.numel() else 0.0,
-                         "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan")})
+                         "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan"),
+                         **self._sampling(a, b)})
         return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "estimated",
-                                           "basis_estimated", "total_stderr", "max", "diagonal_share"])
+                                           "basis_estimated", "total_stderr", "max", "diagonal_share", "total_even",
+                                           "total_odd", "sampling_stderr"])
+
+    def _sampling(self, a: str, b: str) -> dict[str, float]:
+        """ΣE of each half of the data and the standard error of ΣE their difference implies
+        (:meth:`edge_summary`): for a mean over n = n_e + n_o samples, Var(E_e − E_o) = σ²(1/n_e + 1/n_o)
+        and Var(E) = σ²/n."""
+        halves = self.edge_halves.get((a, b))
+        if halves is None:
+            return {"total_even": float("nan"), "total_odd": float("nan"), "sampling_stderr": float("nan")}
+        even, odd = (float(h.sum()) for h in halves)
+        n, n_even = self.counts[a], self.half_counts[a]
+        return {"total_even": even, "total_odd": odd,
+                "sampling_stderr": abs(even - odd) * math.sqrt(n_even * (n - n_even)) / n}
 
     def to_dict(self) -> dict:
         """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists).
@@ -224,7 +278,8 @@ class InteractionBasis:
         for (a, b), e in self.edges.items():
             row = summary.loc[(a, b)]
             edge = {"source": a, "target": b, "values": e.tolist(), "estimated": bool(row["estimated"]),
-                    "basis_estimated": bool(row["basis_estimated"]), "total_stderr": float(row["total_stderr"])}
+                    "basis_estimated": bool(row["basis_estimated"]), "total_stderr": float(row["total_stderr"]),
+                    **{k: float(row[k]) for k in ("total_even", "total_odd", "sampling_stderr")}}
             if (a, b) in self.edge_stderr and not row["basis_estimated"]:
                 edge["stderr"] = self.edge_stderr[a, b][0].tolist()
             edges.append(edge)
@@ -262,8 +317,8 @@ class InteractionBasis:
         dims = self.dims
         # the verdicts of the ranks shown (audit 13b: the repr a notebook shows gave them as exact and final)
         verdicts = [f"{int(dims[c].sum())} of {len(dims)} nodes {what}" for c, what in
-                    (("estimated", "estimated from probes"), ("data_limited", "still growing with the data"))
-                    if dims[c].any()]
+                    (("estimated", "estimated from probes"), ("data_limited", "still growing with the data"),
+                     ("unresolved", "with directions the data do not tell apart")) if dims[c].any()]
         verdict = f"; {', '.join(verdicts)}" if verdicts else ""
         return (f"InteractionBasis(kind={self.kind!r}{last}, output={self.output!r}, scaling={self.scaling!r}, "
                 f"kept/D = {{{sizes}}}{verdict})")

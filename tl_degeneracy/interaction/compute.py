@@ -14,8 +14,8 @@ import torch
 from ..autograd import refuse_inference_mode
 from ..errors import DataError
 from ..data import as_seed
-from ..numerics import (activation_precision, check_tolerances, covariance_floor, rank_rtol, rounding_rtol,
-                        warn_data_limited, warn_sample_limited)
+from ..numerics import (DataLimitedWarning, activation_precision, check_tolerances, covariance_floor, rank_rtol,
+                        rounding_rtol, warn_data_limited, warn_sample_limited)
 from ..stats.activations import moment_pass
 from ..distributed import distributed_context, failing_together, warn_once
 from ..stats.cuts import find_bypasses, refuse_off_stream
@@ -78,16 +78,17 @@ def _edge_chunk(runner: Runner, widths: list[int], held: int) -> int | None:
 
 def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last_rule: str, output: str,
                     interaction_rtol, interaction_atol, probe_kw: dict, held: int
-                    ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, int]]:
+                    ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, NodeBasis]]:
     """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB (none for
     its last node with ``last="pca"``), none for PCA. Also the interaction rank of every node from
     the data's even-numbered sequences alone (their Grams ``half_whitenings`` and Jacobian Grams; a
-    LIB node differentiates the whole data's basis of the next node), for ``data_limited``. Each
+    LIB node differentiates the whole data's basis of the next node), for ``data_limited`` and
+    ``unresolved``: those bases are returned too. Each
     pass first checks that one batch fits the memory budget (:func:`_check_memory`)."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
     how: dict[str, _M] = {}
-    half_ranks: dict[str, int] = {}
+    half_bases: dict[str, NodeBasis] = {}
     seed = probe_kw.pop("seed")
 
     def directions(w, gram: torch.Tensor) -> NodeBasis:
@@ -97,7 +98,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
 
     def finish(name: str, gram: torch.Tensor, half_gram: torch.Tensor) -> None:
         bases[name] = directions(whitenings[name], gram)
-        half_ranks[name] = directions(half_whitenings[name], half_gram).size
+        half_bases[name] = directions(half_whitenings[name], half_gram)
 
     def identity(name: str, source: str) -> None:
         # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
@@ -118,14 +119,14 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
     if kind == "pca":
         for name in names:
             identity(name, "identity")
-        return bases, how, half_ranks
+        return bases, how, half_bases
     if kind == "global":
         _check_memory(runner, runner.nodes, None, None, probe_kw, held, "interaction_basis' Jacobian pass")
         res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output, seed=_pass_seed(seed, 0),
                             desc="interaction basis: Jacobians", **probe_kw)
         for name in names:
             from_pass(res, name, "outputs")
-        return bases, how, half_ranks
+        return bases, how, half_bases
     final = len(names) - 1
     if last_rule == "pca":  # the companion paper's last node: its PCA (METHODS §5)
         identity(names[final], "identity")
@@ -151,7 +152,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
                             output_transform=lambda o, C=C: o.flatten(2) @ C.mT.to(o.dtype), seed=_pass_seed(seed, l),
                             desc=f"LIB {names[l]}", **probe_kw)
         from_pass(res, names[l], "next node")
-    return bases, how, half_ranks
+    return bases, how, half_bases
 
 
 def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
@@ -360,7 +361,7 @@ def interaction_basis(
                         device=acc_device, progress=progress, method=method)
         # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and half-data.
         held = sum(2 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
-        bases, how, half_ranks = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
+        bases, how, half_bases = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
                                                  interaction_atol, probe_kw, held)
         timings["jacobian_s"] = time.perf_counter() - t1
 
@@ -368,13 +369,15 @@ def interaction_basis(
         basis = {n: bases[n].matrix(scaling) for n in runner.names}
         inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
         mean = {n: whitenings[n].mean for n in runner.names}
-        edge_values, edge_modes, edge_stderr = {}, {}, {}
+        edge_values, edge_modes, edge_stderr, edge_halves = {}, {}, {}, {}
         if edges and len(runner.nodes) > 1:
-            ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, edge_sources, seed,
+            ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts,
+                           {n: collector.half_accs[n].count for n in runner.names}, edge_sources, seed,
                            method=method, device=acc_device, progress=progress,
                            max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held))
             edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
             edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
+            edge_halves = {p: h for p, h in ep.halves.items() if h is not None}
         timings["edges_s"] = time.perf_counter() - t2
 
         # A LIB node differentiates the next node's finished basis: where any later node's M came from
@@ -412,10 +415,14 @@ def interaction_basis(
                                          M_method=how[n].method, probe_stability=how[n].stability,
                                          estimated=from_probes[n],
                                          rank_G_band=whitenings[n].band, interaction_band=bases[n].band,
-                                         half_ranks=(half_whitenings[n].rank, half_ranks[n]))
+                                         half_ranks=(half_whitenings[n].rank, half_bases[n].size),
+                                         half_interaction=half_bases[n].eigenvalues,
+                                         rounding=rank_rtol(whitenings[n].rank, precision=activation_precision(runner.dtype)))
                          for n in runner.names},
             edges=edge_values,
             edge_stderr=edge_stderr,
+            edge_halves=edge_halves,
+            half_counts={n: collector.half_accs[n].count for n in runner.names},
             counts=counts,
             distinct=distinct,
             feature_shapes=shapes,
@@ -432,6 +439,14 @@ def interaction_basis(
                               "it, and then the degenerate directions read too few; column limited_within_band)"
                               if in_band else ""))
         dims = result.dims
+        unresolved = dims[dims["unresolved"] > 0]
+        if len(unresolved):
+            warn_once(f"interaction_basis: at {len(unresolved)} of {len(dims)} nodes ({', '.join(unresolved['node'])}) "
+                      f"{int(unresolved['unresolved'].sum())} pair(s) of adjacent kept directions have D_M closer than "
+                      "their sampling spread (the even-numbered sequences' D_M) or their rounding: the data fix those "
+                      "directions only up to a rotation among them, and the edges and modules through them may move "
+                      "with it (dims' unresolved; METHODS §5); more data separates them where they differ",
+                      DataLimitedWarning, stacklevel=2)
         at_samples = dims[dims["sample_limited"]]
         # The column alone said it (audit 21b F2): every other sample-limited rank is also warned of.
         warn_sample_limited("interaction_basis", len(at_samples), len(dims), "nodes' Grams (rank_G)",

@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..errors import MissingHookError, NumericalError
+from ..errors import DataError, MissingHookError, NumericalError
 from ..stats.jacobian import CHUNK_ELEMENTS
 from ..stats.passes import HookTarget, run_until
 from ..stats.samples import SampleIndex
@@ -71,12 +71,15 @@ class EdgePass:
     """E per adjacent pair (float64 [kept_{l+1}, kept_l]) and how each was computed:
     ``"forward"`` (exact JVPs), ``"reverse"`` (exact VJPs) or ``"reverse, r sources"``; ``stderr``:
     for a source estimate with r ≥ 2, the standard error of each entry (the spread of the r
-    one-source estimates over √r), None for exact pairs."""
+    one-source estimates over √r), None for exact pairs. ``halves``: E of the data's even- and of its
+    odd-numbered sequences alone, in the same bases (each over its own samples; None where a half has
+    none): their difference is the edges' sampling error (audit 23b F1)."""
 
     edges: dict[Pair, Float[Tensor, "k1 k0"]]
     modes: dict[Pair, str]
     stderr: dict[Pair, Float[Tensor, "k1 k0"] | None]
     total_stderr: dict[Pair, float | None]  # of ΣE, from the spread of the sources' totals
+    halves: dict[Pair, tuple[Float[Tensor, "k1 k0"], Float[Tensor, "k1 k0"]] | None]
 
 
 def _sample_mask(index: SampleIndex, act: Tensor, name: str) -> Bool[Tensor, "batch pos"]:
@@ -129,12 +132,13 @@ def _section(engine, tokens, a: str, b: str):
 
 
 def _forward_pair(engine, tokens, f_a: Tensor, fhat: Float[Tensor, "batch pos_a k_a"], C_inv: Float[Tensor, "D_a k_a"],
-                  C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"], a: str, b: str,
-                  max_chunk: int | None) -> Float[Tensor, "k_b k_a"]:
-    """Σ_x Σ_t a_{t,i,j}² of one batch for every (i, j), chunks of j through one vmapped JVP (at most
-    ``max_chunk`` directions each)."""
+                  C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"], even: Bool[Tensor, " batch"],
+                  a: str, b: str, max_chunk: int | None) -> Float[Tensor, "2 k_b k_a"]:
+    """Σ_x Σ_t a_{t,i,j}² of one batch for every (i, j), over all its sequences and over its ``even``
+    ones, chunks of j through one vmapped JVP (at most ``max_chunk`` directions each)."""
     k = fhat.shape[-1]
-    total = torch.zeros(C_b.shape[0], k, dtype=torch.float64, device=fhat.device)
+    total = torch.zeros(2, C_b.shape[0], k, dtype=torch.float64, device=fhat.device)
+    even = even.to(total.device)
     # The JVP chunks' budget: on toy:bytelm (2 threads) all 128 directions in one call beat chunks of
     # 32 by ~20%, the primal and the prefix then running once; the memory budget may ask for fewer.
     chunk = max(1, min(CHUNK_ELEMENTS // max(f_a.numel(), mask_b.numel() * C_b.shape[1], 1), max_chunk or k))
@@ -153,7 +157,9 @@ def _forward_pair(engine, tokens, f_a: Tensor, fhat: Float[Tensor, "batch pos_a 
         with torch.no_grad():
             out = torch.func.vmap(jvp)(tangents)  # [J, batch, pos_b, *feature_b]
         coeff = out.flatten(3).to(device=total.device, dtype=torch.float64) @ C_b.mT  # a_{t,i,j}: [J, batch, pos_b, k_b]
-        total[:, js] += (coeff.square() * m_b).sum((1, 2)).mT
+        per_sequence = (coeff.square() * m_b).sum(2)  # [J, batch, k_b]
+        total[0, :, js] += per_sequence.sum(1).mT
+        total[1, :, js] += per_sequence[:, even].sum(1).mT
     return total
 
 
@@ -203,9 +209,10 @@ def _edge_cotangents(
 def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tensor, "batch pos_a k_a"],
                   C_inv: Float[Tensor, "D_a k_a"], C_b: Float[Tensor, "k_b D_b"], mask_b: Bool[Tensor, "batch pos_b"],
                   sources: int | None, seed: int, sequences: Tensor, pair: int, total: Tensor,
-                  max_chunk: int | None) -> None:
-    """Add Σ_x Σ_t a_{t,i,j}² for every i to ``total`` [1, k_b, k_a], or each ±1 source's estimate of
-    it to its own slice of ``total`` [r, k_b, k_a]; at most ``max_chunk`` cotangents per VJP call."""
+                  even: Bool[Tensor, " batch"], max_chunk: int | None) -> None:
+    """Add Σ_x Σ_t a_{t,i,j}² for every i to ``total`` [2, 1, k_b, k_a] (over all the batch's
+    sequences, and over its ``even`` ones), or each ±1 source's estimate of it to its own slice of
+    ``total`` [2, r, k_b, k_a]; at most ``max_chunk`` cotangents per VJP call."""
     if not f_b.requires_grad:  # node l+1 does not depend on node l
         return
     chunk = max(1, min(CHUNK_ELEMENTS // max(1, f_b.numel(), f_a.numel()), max_chunk or CHUNK_ELEMENTS))
@@ -214,8 +221,10 @@ def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tens
         if g is None:
             return
         h = g.flatten(3).to(device=total.device, dtype=torch.float64) @ C_inv  # ∂f̂^{l+1}_{t,i}/∂f̂^l_{s,j}
-        coeff = (h * fhat).sum(2)  # [J, batch, k_a]: Σ_s ∂f̂_{t,i}/∂f̂_{s,j} · f̂_{s,j}
-        total.index_put_((source.to(total.device), rows.to(total.device)), coeff.square().sum(1), accumulate=True)
+        squares = (h * fhat).sum(2).square()  # [J, batch, k_a]: (Σ_s ∂f̂_{t,i}/∂f̂_{s,j} · f̂_{s,j})²
+        at = (source.to(total.device), rows.to(total.device))
+        total[0].index_put_(at, squares.sum(1), accumulate=True)
+        total[1].index_put_(at, squares[:, even.to(squares.device)].sum(1), accumulate=True)
 
 
 def edge_pass(
@@ -226,6 +235,7 @@ def edge_pass(
     inverse: dict[str, Float[Tensor, "D k"]],
     mean: dict[str, Float[Tensor, " D"]],
     counts: dict[str, int],
+    half_counts: dict[str, int] | None = None,
     sources: int | None = None,
     seed: int = 0,
     method: str = "auto",
@@ -237,7 +247,8 @@ def edge_pass(
     """E for every adjacent pair of ``nodes`` in one pass over ``batches`` (module docstring).
 
     ``basis``, ``inverse``, ``mean``: C, C⁺ and μ per node (as in :class:`InteractionBasis`);
-    ``counts``: n_l per node (the Gram pass's sample counts). ``sources``: None (exact) or r ±1
+    ``counts``: n_l per node (the Gram pass's sample counts), ``half_counts`` those of the data's
+    even-numbered sequences (None: no halves; ``EdgePass.halves``). ``sources``: None (exact) or r ±1
     position sources for reverse-mode pairs; ``method``: how VJPs are batched (``Backward``);
     ``mode``: ``"auto"``, ``"forward"`` or ``"reverse"`` for every pair; ``max_chunk``: at most this
     many directions per JVP or VJP call (the caller's memory budget, ``tld.memory.direction_chunk``;
@@ -256,9 +267,13 @@ def edge_pass(
     C = {n: basis[n].to(acc_device, torch.float64) for n in names}
     C_inv = {n: inverse[n].to(acc_device, torch.float64) for n in names}
     mu = {n: mean[n].to(acc_device, torch.float64) for n in names}
+    empty = [n for n in names[:-1] if counts[n] <= 0]
+    if empty:  # E's normalisation n_l: none would make E a sum (audit 23b F6: n times too large)
+        raise DataError(f"edge_pass: no samples counted at node(s) {empty}; E_ij is a mean over node l's samples")
     # One slice per ±1 source (each its own estimate; their spread gives the standard error), one for exact
-    # pairs; exact contributions (forward mode) go to every slice alike.
-    totals = {(a, b): torch.zeros(sources or 1, C[b].shape[0], C[a].shape[0], dtype=torch.float64, device=acc_device)
+    # pairs; exact contributions (forward mode) go to every slice alike. The leading axis: all sequences,
+    # and the even-numbered ones alone.
+    totals = {(a, b): torch.zeros(2, sources or 1, C[b].shape[0], C[a].shape[0], dtype=torch.float64, device=acc_device)
               for a, b in zip(names[:-1], names[1:])}
     modes = _choose_modes(engine, batches.batch(0, device=engine.device), pairs, {n: C[n].shape[0] for n in names}, sources,
                           mode) if pairs else {}
@@ -277,7 +292,7 @@ def edge_pass(
             fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
             try:
                 totals[a, b] += _forward_pair(engine, batch.tokens, f_a, fhat, C_inv[a], C[b],
-                                              _sample_mask(index, acts[b], b), a, b, max_chunk)
+                                              _sample_mask(index, acts[b], b), index.even, a, b, max_chunk)[:, None]
             except RuntimeError as err:  # NotImplementedError included
                 if (a, b) in proven or mode == "forward":
                     raise
@@ -299,7 +314,7 @@ def edge_pass(
             fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
             fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
             _reverse_pair(backward, f_a, f_b, fhat, C_inv[a], C[b], _sample_mask(index, f_b, b), sources, seed,
-                          batch.index, names.index(a), totals[a, b], max_chunk)
+                          batch.index, names.index(a), totals[a, b], index.even, max_chunk)
 
     def on_batch(step: Step) -> None:
         if step.count:  # the accumulators exist already: a rank without batches only joins the reduction
@@ -309,14 +324,18 @@ def edge_pass(
     # grad: the reverse pairs' VJPs need autograd; the forward pairs run under their own no_grad.
     stream(engine.device, batches, on_batch, reduce=lambda: list(totals.values()), desc="interaction edges",
            progress=progress, grad=True, what="edge")
-    edges, stderr, total_stderr = {}, {}, {}
+    edges, stderr, total_stderr, halves = {}, {}, {}, {}
     for a, b in totals:
-        per_source = totals[a, b] / max(counts[a], 1)
+        whole, even = totals[a, b]
+        per_source = whole / counts[a]
         if not bool(torch.isfinite(per_source).all()):
             raise NumericalError(f"non-finite interaction edges between {a!r} and {b!r}")
         edges[a, b] = per_source.mean(0)
         estimated = modes.get((a, b)) == "reverse" and (sources or 1) > 1
         stderr[a, b] = per_source.std(0) / sources ** 0.5 if estimated else None
         total_stderr[a, b] = float(per_source.sum((1, 2)).std() / sources ** 0.5) if estimated else None
+        n_even = None if half_counts is None else half_counts[a]
+        halves[a, b] = (None if n_even is None or not 0 < n_even < counts[a] else
+                        ((even / n_even).mean(0), ((whole - even) / (counts[a] - n_even)).mean(0)))
     labels = {p: m if m == "forward" or sources is None else f"reverse, {sources} sources" for p, m in modes.items()}
-    return EdgePass(edges=edges, modes=labels, stderr=stderr, total_stderr=total_stderr)
+    return EdgePass(edges=edges, modes=labels, stderr=stderr, total_stderr=total_stderr, halves=halves)

@@ -441,10 +441,6 @@ class ModelAdapter(abc.ABC):
                 [self._layer_attention(layer) for layer in range(self.n_layers)], self.n_heads
             )
 
-    #: Whether a norm's ``hook_normalized`` fires before its gain and bias (TransformerLens'
-    #: LayerNorm/RMSNorm and the bridge's: x/σ) or after them (the bundled toys: x/σ·w + b).
-    normalized_before_affine: ClassVar[bool] = False
-
     def _post_norm(self, layer: int, norm: nn.Module, ln: str) -> str | None:
         """Where block ``layer``'s ``ln`` module (``ln1``/``ln2``) normalizes the sublayer's output
         instead of its input: what it normalizes, in words; None (the default) for a pre-norm."""

@@ -94,9 +94,6 @@ class BridgeAdapter(LegacyHookNames, ModelAdapter):
         "TorchDynamo cannot trace TransformerBridge's component attribute lookups "
         "(GeneralizedComponent.__getattr__), so its forward would break into many small graphs and run no faster"
     )
-    #: NormalizationBridge: hook_normalized is x/σ, before w and b (measured on TL 4.3 GPT-2 and Llama
-    #: checkpoints: hook_normalized·w + b equals ln*.hook_out exactly).
-    normalized_before_affine = True
 
     def run_with_hooks(self, tokens, fwd_hooks=(), bwd_hooks=()):
         """:meth:`ModelAdapter.run_with_hooks`, without TransformerLens 4's warning that a hook edited a

@@ -112,7 +112,6 @@ class HookedTransformerAdapter(LegacyHookNames, ModelAdapter):
     parameter set: HookedTransformer's names, its zero biases and its untied ``W_U``)."""
 
     backend = "hooked_transformer"
-    normalized_before_affine = True  # LayerNorm/RMSNorm: hook_normalized(x / scale), then · w + b
     gated_bias_after_product = True  # GatedMLP: act(x W_gate) ⊙ (x W_in) + b_in
 
     def _read_config(self) -> ModelConfig:

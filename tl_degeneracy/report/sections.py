@@ -336,6 +336,11 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "edge_sources": s.ib_edge_sources,
                 "isolated_directions": len(modules.isolated), "modularity": modules.modularity,
                 "inside_share": modules.inside_share, "edges_inside_share": modules.edges_inside_share,
+                "mass_inside_share": modules.mass_inside_share,
+                "half_modules": None if modules.half_modules is None else list(modules.half_modules),
+                "half_agreement": None if modules.half_agreement is None else list(modules.half_agreement),
+                "unresolved_nodes": int((dims["unresolved"] > 0).sum()), "unresolved_pairs": int(dims["unresolved"].sum()),
+                "edge_sampling": _edge_sampling(edges),
                 "probe_nodes": len(probed), "probe_downstream_nodes": downstream, "n_probes": s.ib_probes,
                 "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
                 "half_precision": ib.settings.get("half_precision"), "timings": timings},
@@ -349,11 +354,29 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                  + (f", {int(dims['sample_limited'].sum())} node(s) at the rank their {int(dims['distinct'].min())} distinct samples allow"
                     if dims["sample_limited"].any() else "")
                  + (f", {int(dims['data_limited'].sum())} node(s) with ranks still growing with the data"
-                    if dims["data_limited"].any() else "") + estimated + "); " + (
+                    if dims["data_limited"].any() else "")
+                 + (f", {int(dims['unresolved'].sum())} pair(s) of directions the data do not tell apart"
+                    if dims["unresolved"].any() else "") + estimated + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
-            f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the edge weight (modularity "
-            f"{modules.modularity:.3f}{_restarts_text(modules)})"),
+            f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the log edge weight and "
+            f"{modules.mass_inside_share:.0%} of ΣE (modularity {modules.modularity:.3f}{_restarts_text(modules)}"
+            f"{_halves_text(modules.half_modules, modules.half_agreement)})"),
     )
+
+
+def _edge_sampling(edges) -> float | None:
+    """The largest sampling standard error of a pair's ΣE relative to it (``edge_summary``'s
+    ``sampling_stderr`` / ``total``), None where no pair has one."""
+    relative = (edges["sampling_stderr"] / edges["total"]).dropna()
+    return float(relative.max()) if len(relative) else None
+
+
+def _halves_text(half_modules, half_agreement) -> str:
+    """The modules of each half of the data, beside those of all of it (``Modules.half_modules``)."""
+    if half_modules is None:
+        return ""
+    return (f"; {half_modules[0]} and {half_modules[1]} modules on the data's two halves, agreeing "
+            f"{min(half_agreement):.2f}–{max(half_agreement):.2f} (adjusted Rand) with these")
 
 
 def _restarts_text(modules) -> str:
@@ -586,7 +609,8 @@ TERMS: dict[str, tuple[str, int]] = {
                               "last node's: directions the model's outputs do not depend on)", 5),
     "edge E_ij": ("mean squared contribution of direction j of one node to direction i of the next", 5),
     "module": ("a group of basis directions with strong edges inside and weak edges to the rest "
-               "(modularity Q: how clean the split is)", 6),
+               "(modularity Q: how clean the split is), found on the log edge weights log(E_ij/c) of the edges "
+               "above a cut-off c; it may split one pathway, and its share of ΣE is given beside", 6),
     "λ̂_B": ("the behavioral local learning coefficient: nβ times the mean behavioral loss over the "
             "localized posterior", 1),
     "loss scale ε": ("the resolution at which behaviour counts as changed, ε = 1/nβ (not the SGLD "
@@ -818,7 +842,19 @@ def _interaction_verdict(v: dict) -> str:
         return text + "; no modules (no edge above the cut-off)"
     estimated = v.get("estimated_edge_pairs", 0)  # absent from reports saved before it was recorded
     in_probes = v.get("probe_basis_edge_pairs", 0)  # absent from reports saved before it was recorded
-    return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the edge weight" + (
+    mass = v.get("mass_inside_share")  # absent from reports saved before it was recorded
+    halves = v.get("half_modules")  # absent from reports saved before it was recorded
+    sampling = v.get("edge_sampling")  # absent from reports saved before it was recorded
+    unresolved = v.get("unresolved_nodes", 0)  # absent from reports saved before it was recorded
+    return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the log edge weight" + (
+        f" and {mass:.0%} of the edge mass ΣE" if mass is not None and not math.isnan(mass) else "") + (
+        f" — the edges of each half of the data give {halves[0]} and {halves[1]} modules"
+        + (" (the partition moves with the data: read the modules as one sample's)"
+           if min(v.get("half_agreement") or [1.0]) < 1.0 else "") if halves else "") + (
+        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error)" if sampling else "") + (
+        f" — at {unresolved} node(s) {v.get('unresolved_pairs')} pair(s) of directions have interaction "
+        "eigenvalues the data do not tell apart: the edges through them are fixed only up to a rotation"
+        if unresolved else "") + (
         f" (modules of edges estimated from {v.get('edge_sources')} ±1 source(s) at {estimated} of "
         f"{v.get('edge_pairs')} node pairs, exact elsewhere: another draw of the sources may move them)"
         if estimated else "") + (

@@ -34,7 +34,9 @@ ACT_FNS = {"gelu": F.gelu, "relu": F.relu}
 
 class LayerNorm(nn.Module):
     """LayerNorm as TransformerLens writes it: ``hook_scale`` is the per-position standard deviation
-    [batch, pos, 1]; ``hook_normalized`` is the output *after* the learned ``w`` and ``b``."""
+    [batch, pos, 1]; ``hook_normalized`` is x/σ, before the learned ``w`` and ``b``, as in
+    TransformerLens' LayerNorm and the bridge's (audit 23a F2: it fired after them, so the hook kind
+    ``ln_final`` named other activations here than there, rank 16 against 15 for the same weights)."""
 
     def __init__(self, d_model: int, eps: float = 1e-5):
         super().__init__()
@@ -47,7 +49,7 @@ class LayerNorm(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale * self.w + self.b)
+        return self.hook_normalized(x / scale) * self.w + self.b
 
 
 def _bias(shape: tuple[int, ...], bias: bool) -> nn.Parameter | None:
