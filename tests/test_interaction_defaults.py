@@ -134,17 +134,19 @@ def test_last_node_is_its_pca_by_default_and_outputs_gives_the_global_basis_ther
 
 def test_probe_stability_is_near_one_for_many_probes_and_lower_for_few():
     """Forced probes: the agreement of the two half-probe bases; 1 − agreement falls like the
-    probe noise variance, 1/k (ratio 32 from 2 to 64 probes; asked: > 8)."""
+    probe noise variance, 1/k (ratio 32 from 2 to 64 probes; asked of the mean over 5 probe seeds: > 8,
+    since one draw's ratio ranged 5.5–92 over seeds)."""
     model = tiny_toy()
     toks = torch.randint(2, 20, (32, 7), generator=torch.Generator().manual_seed(1))
     kw = dict(exact=False, edges=False, batch_size=16, progress=False)
-    few = interaction_basis(model, toks, n_probes=2, **kw).dims
-    many = interaction_basis(model, toks, n_probes=64, **kw).dims
-    assert list(many["M_method"]) == ["probes", "probes", "none"]
-    s_few, s_many = few["probe_stability"][:2], many["probe_stability"][:2]
-    assert (s_many > 0.99).all() and (s_many <= 1 + 1e-12).all(), s_many
+    few = [interaction_basis(model, toks, n_probes=2, seed=seed, **kw).dims for seed in range(5)]
+    many = [interaction_basis(model, toks, n_probes=64, seed=seed, **kw).dims for seed in range(5)]
+    assert list(many[0]["M_method"]) == ["probes", "probes", "none"]
+    s_few = sum(d["probe_stability"][:2] for d in few) / 5
+    s_many = sum(d["probe_stability"][:2] for d in many) / 5
+    assert (s_many > 0.99).all() and all((d["probe_stability"][:2] <= 1 + 1e-12).all() for d in many), s_many
     assert ((1 - s_few) > 8 * (1 - s_many)).all(), (s_few, s_many)
-    assert many["probe_stability"][2:].isna().all()  # the last node's PCA has no M to estimate
+    assert many[0]["probe_stability"][2:].isna().all()  # the last node's PCA has no M to estimate
     one = interaction_basis(model, toks, n_probes=1, **kw).dims
     assert one["probe_stability"].isna().all()  # one probe cannot be halved
 
