@@ -136,18 +136,28 @@ def test_tl3_path_quirks(hf_dirs, tmp_path):
     assert config.get("n_positions") == 64 and "n_ctx" not in json.loads((gpt2_plain / "config.json").read_text())
 
 
-def test_a_gpt2_checkpoint_whose_mlp_is_not_four_times_its_width_loads(tmp_path):
-    """Audit 23a F4: TransformerLens 3 sizes a GPT-2 MLP as 4·d_model whatever n_inner says, so a local
-    checkpoint with n_inner = 64 for d_model 32 failed to load on the HookedTransformer route."""
+def _narrow_mlp_config(tf, arch: str):
+    """A config whose MLP is 64 wide for d_model 32, not the 4·d_model TransformerLens 3 assumes."""
+    common = dict(vocab_size=100, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel, tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64,
+                                                 pad_token_id=0, **common)
+    return tf.GPTNeoForCausalLM, tf.GPTNeoConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
+                                                 attention_types=[[["global", "local"], 1]], window_size=4,
+                                                 max_position_embeddings=64, **common)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_a_checkpoint_whose_mlp_is_not_four_times_its_width_loads(tmp_path, arch):
+    """TransformerLens 3 sizes GPT-2's and GPT-Neo's MLPs as 4·d_model whatever n_inner (audit 23a F4)
+    or intermediate_size (review 56 #7) says, so such a local checkpoint failed to load on the
+    HookedTransformer route. GPT-Neo's local-attention layer (window 4 < 7 tokens) is checked too."""
     import transformers as tf
 
-    from tests.fixtures.hf import save_hf_model
-
     torch.manual_seed(0)
-    directory = save_hf_model("gpt2", tmp_path / "narrow")  # the fixture's config, rewritten below
-    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64,
-                                          vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    hf.save_pretrained(directory)
+    directory = tmp_path / "narrow"
+    model_class, config = _narrow_mlp_config(tf, arch)
+    model_class(config).save_pretrained(directory)
     model = load_model(directory, device="cpu")
     assert type(model).__name__ == expected_class() and adapt(model).d_mlp == 64
     with torch.no_grad():

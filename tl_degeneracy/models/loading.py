@@ -222,6 +222,16 @@ def _neutral_tempdir() -> Path:
         tmp.rmdir()
 
 
+def _declared_mlp_width(config) -> int | None:
+    """The MLP width a checkpoint declares where TransformerLens 3 ignores it and assumes 4·d_model:
+    GPT-2's and GPT-J's ``n_inner`` (audit 23a F4) and GPT-Neo's ``intermediate_size`` (review 56 #7).
+    None where the config leaves the width at its 4·d_model default or declares it elsewhere."""
+    width = getattr(config, "n_inner", None)
+    if width is None and getattr(config, "model_type", None) == "gpt_neo":
+        width = getattr(config, "intermediate_size", None)
+    return None if width is None else int(width)
+
+
 def _hooked_transformer_from_directory(path: Path, device, dtype, tokenizer=None) -> nn.Module:
     """TransformerLens 3.x HookedTransformer from a local HF directory, without weight processing.
 
@@ -254,10 +264,9 @@ def _hooked_transformer_from_directory(path: Path, device, dtype, tokenizer=None
         neutral.mkdir()
         (neutral / "config.json").write_text(json.dumps(config))
         cfg = loading.get_pretrained_model_config(str(neutral), device=str(device), fold_ln=False, dtype=dtype)
-        width = getattr(hf.config, "n_inner", None)
+        width = _declared_mlp_width(hf.config)
         if width is not None and cfg.d_mlp != width:
-            # TL 3 sizes GPT-2's and GPT-J's MLPs as 4·d_model whatever the checkpoint's n_inner (audit 23a F4)
-            cfg = dataclasses.replace(cfg, d_mlp=int(width))
+            cfg = dataclasses.replace(cfg, d_mlp=width)
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
         state_dict = loading.get_pretrained_state_dict(str(neutral), cfg, hf, dtype=dtype)
     finally:
