@@ -27,6 +27,8 @@ def compute() -> dict[str, torch.Tensor]:
     ib = interaction_basis(model, toks, kind="local", n_probes=3, edge_sources=2, batch_size=2, seed=4, progress=False)
     out = {f"basis/{n}": c for n, c in ib.basis.items()}
     out |= {f"edges/{a}/{b}": e for (a, b), e in ib.edges.items()}
+    # each half in its own bases: the refit's sums are reduced with the rest (review 58 #1)
+    out |= {f"refit/{a}/{b}": torch.tensor(r, dtype=torch.float64) for (a, b), r in ib.edge_refit.items()}
     out["world_size"] = torch.tensor(ib.settings["world_size"])
     return out
 

@@ -380,6 +380,7 @@ def test_adjusted_rand_by_hand():
     assert _adjusted_rand(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 2])) == pytest.approx(4 / 7, rel=1e-12)
     assert _adjusted_rand(np.array([0, 0, 1, 1]), np.array([5, 5, 3, 3])) == 1.0
     assert _adjusted_rand(np.array([0, 1, 2]), np.array([0, 1, 2])) == 1.0
+    assert _adjusted_rand(np.array([3]), np.array([7])) == 1.0  # one item: no pair (review 58 #4: ZeroDivisionError)
 
 
 def test_the_share_of_the_edge_mass_inside_modules_is_given_beside_that_of_the_log_weights():

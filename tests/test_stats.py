@@ -217,6 +217,15 @@ def test_moment_accumulator_is_exact_under_any_split_and_large_offsets():
     assert close(a.merge(b).covariance()[0], ref_cov, 1e-9) and a.count == 500
     naive = x.T @ x / len(x) - torch.outer(ref_mean, ref_mean)
     assert not close(naive, ref_cov, 1e-6)  # why the accumulator keeps a centred scatter
+    # without: the samples but a part's (the odd half of a split-half check), merge's inverse
+    whole, part = MomentAccumulator(1, 6), MomentAccumulator(1, 6)
+    whole.update(x[:, None]), part.update(x[:123, None])
+    rest, ref = whole.without(part), x[123:]
+    ref_rest = (ref - ref.mean(0)).T @ (ref - ref.mean(0)) / len(ref)
+    assert rest.count == 377 and close(rest.mean[0], ref.mean(0), 1e-12) and close(rest.covariance()[0], ref_rest, 1e-9)
+    assert whole.without(whole).count == 0
+    with pytest.raises(ValueError, match="cannot take"):
+        part.without(whole)
 
 
 def test_rank_of_low_rank_rows():

@@ -14,6 +14,14 @@ from ..numerics import sample_limited
 
 __all__ = ["InteractionBasis", "NodeSpectrum"]
 
+#: :attr:`NodeSpectrum.unresolved`: neighbours on each side whose relative spreads are pooled, and how
+#: many spreads a gap must exceed (on a linear network's exactly tied pair, 40 draws of 64 and of 1,024
+#: samples: 97 and 100 % flagged; pairs 4 times apart: 12 and 0 %; 1.56 times apart: 72 and 0 %).
+UNRESOLVED_WINDOW = 2
+UNRESOLVED_Z = 2.0
+#: ``edge_summary``'s split-half columns (:meth:`InteractionBasis._sampling`).
+SAMPLING = ("total_even", "total_odd", "stderr_given_bases", "refit_even", "refit_odd", "sampling_stderr")
+
 
 @dataclass(frozen=True)
 class NodeSpectrum:
@@ -83,11 +91,14 @@ class NodeSpectrum:
     @property
     def unresolved(self) -> int:
         """Adjacent kept directions (i, i + 1) whose D_M are not told apart by the data: their gap is at
-        most the two values' sampling spread, |D_M − D_M(half)| each (the even-numbered sequences' D_M at
-        the same place: for a mean over n samples and its first half, Var(half − all) = Var(all)), or
-        their rounding. Inside such a group eigh returns any rotation of the directions, and the edges
-        through them rotate with it (audit 23b F2: an orthogonal linear network with its input rotated,
-        5 modules against 3)."""
+        most ``UNRESOLVED_Z`` times the two values' sampling spreads summed, plus their rounding. A value's
+        spread is |D_M − D_M(half)| (the even-numbered sequences' D_M at the same place: for a mean over n
+        samples and its first half, Var(half − all) = Var(all)) relative to D_M, pooled as a root mean
+        square over its ``UNRESOLVED_WINDOW`` neighbours on each side, times D_M: one draw per value
+        caught an exactly tied pair in only half of 40 data draws (review 58 #3). Eigenvectors rotate by
+        about spread/gap, so below twice the spread they are not fixed. Inside such a group eigh returns
+        any rotation of the directions, and the edges through them rotate with it (audit 23b F2: an
+        orthogonal linear network with its input rotated, 5 modules against 3)."""
         k = self.interaction_rank
         if k < 2 or self.half_interaction is None:
             return 0
@@ -95,7 +106,10 @@ class NodeSpectrum:
         half = torch.zeros_like(kept)
         m = min(k, self.half_interaction.numel())
         half[:m] = self.half_interaction[:m].to(kept)
-        spread = (half - kept).abs() + self.rounding * float(kept[0])
+        relative = ((half - kept) / kept).square()
+        w = UNRESOLVED_WINDOW
+        pooled = torch.stack([relative[max(0, i - w): i + w + 1].mean() for i in range(k)]).sqrt()
+        spread = UNRESOLVED_Z * pooled * kept + self.rounding * float(kept[0])
         gaps = kept[:-1] - kept[1:]
         return int((gaps <= spread[:-1] + spread[1:]).sum())
 
@@ -120,8 +134,11 @@ class InteractionBasis:
       (:meth:`edge_summary` tells them apart).
     - ``edge_halves[(node_l, node_l1)]``: E of the data's even- and of its odd-numbered sequences alone,
       in the same bases (absent where a half has no samples): how much E moves with the data
-      (:meth:`edge_summary`'s ``sampling_stderr``, :func:`~.modules.find_modules`' half-data modules);
+      (:meth:`edge_summary`'s ``stderr_given_bases``, :func:`~.modules.find_modules`' half-data modules);
       ``half_counts[node]``: the even-numbered sequences' samples.
+    - ``edge_refit[(node_l, node_l1)]``: ΣE of the even-numbered sequences in the bases fitted to them
+      alone and of the odd-numbered ones in theirs: how much ΣE moves with the data, the bases' own
+      sampling included (:meth:`edge_summary`'s ``sampling_stderr``).
     - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges), and
       ``distinct[node]`` those that can differ (``TokenBatches.distinct``: a counted BOS is one sample);
       ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
@@ -147,6 +164,7 @@ class InteractionBasis:
     last: str | None = None
     edge_halves: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
     half_counts: dict[str, int] = field(default_factory=dict)
+    edge_refit: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ coordinates
     def _flat(self, x: Tensor, node: str, what: str) -> Tensor:
@@ -233,10 +251,14 @@ class InteractionBasis:
 
         That error is the computation's. The data's (audit 23b F1: ΣE 11.53 and 10.64 on two halves of
         toy:modadd's pairs, with total_stderr 0): ``total_even`` / ``total_odd``, ΣE of the data's even-
-        and odd-numbered sequences in the same bases, and ``sampling_stderr`` = |ΣE_even − ΣE_odd|·
-        √(n_even·n_odd)/n, the standard error of ΣE that their difference implies (one degree of
-        freedom: a rough scale, not a tight interval; NaN where a half is empty). The bases are the
-        whole data's, so their own sampling error is not in it (:attr:`dims`' ``unresolved``)."""
+        and odd-numbered sequences in the whole data's bases, and ``stderr_given_bases`` = |ΣE_even −
+        ΣE_odd|·√(n_even·n_odd)/n, the standard error of ΣE their difference implies with the bases held
+        fixed; ``refit_even`` / ``refit_odd``, ΣE of each half in the bases fitted to that half alone, and
+        ``sampling_stderr``, the same formula on them: the bases' own sampling error included, which on
+        toy:modadd is most of it (review 58 #1: ΣE over 8 disjoint subsets spread 8–10 times more than the
+        fixed-basis error). Within LIB a half's basis at node l still differentiates the whole data's
+        basis of node l+1, so the recursion's sampling is only partly in it. One degree of freedom each:
+        a rough scale, not a tight interval; NaN where a half is empty or the run had no halves."""
         modes = self.settings.get("edge_modes", {})
         rows = []
         for (a, b), e in self.edges.items():
@@ -252,20 +274,23 @@ class InteractionBasis:
                          "diagonal_share": float(e[:k, :k].diagonal().sum()) / total if total > 0 else float("nan"),
                          **self._sampling(a, b)})
         return pd.DataFrame(rows, columns=["source", "target", "kept_source", "kept_target", "total", "estimated",
-                                           "basis_estimated", "total_stderr", "max", "diagonal_share", "total_even",
-                                           "total_odd", "sampling_stderr"])
+                                           "basis_estimated", "total_stderr", "max", "diagonal_share", *SAMPLING])
 
     def _sampling(self, a: str, b: str) -> dict[str, float]:
-        """ΣE of each half of the data and the standard error of ΣE their difference implies
-        (:meth:`edge_summary`): for a mean over n = n_e + n_o samples, Var(E_e − E_o) = σ²(1/n_e + 1/n_o)
-        and Var(E) = σ²/n."""
+        """ΣE of each half of the data, in the whole data's bases and in each half's own, and the
+        standard errors of ΣE their differences imply (:meth:`edge_summary`): for a mean over
+        n = n_e + n_o samples, Var(E_e − E_o) = σ²(1/n_e + 1/n_o) and Var(E) = σ²/n."""
+        row = dict.fromkeys(SAMPLING, float("nan"))
+        n, n_even = self.counts[a], self.half_counts.get(a, 0)
+        scale = math.sqrt(n_even * (n - n_even)) / n
         halves = self.edge_halves.get((a, b))
-        if halves is None:
-            return {"total_even": float("nan"), "total_odd": float("nan"), "sampling_stderr": float("nan")}
-        even, odd = (float(h.sum()) for h in halves)
-        n, n_even = self.counts[a], self.half_counts[a]
-        return {"total_even": even, "total_odd": odd,
-                "sampling_stderr": abs(even - odd) * math.sqrt(n_even * (n - n_even)) / n}
+        if halves is not None:
+            even, odd = (float(h.sum()) for h in halves)
+            row.update(total_even=even, total_odd=odd, stderr_given_bases=abs(even - odd) * scale)
+        refit = self.edge_refit.get((a, b))
+        if refit is not None:
+            row.update(refit_even=refit[0], refit_odd=refit[1], sampling_stderr=abs(refit[0] - refit[1]) * scale)
+        return row
 
     def to_dict(self) -> dict:
         """Everything but the basis matrices as JSON-serialisable numbers (spectra and edges as lists).
@@ -279,7 +304,7 @@ class InteractionBasis:
             row = summary.loc[(a, b)]
             edge = {"source": a, "target": b, "values": e.tolist(), "estimated": bool(row["estimated"]),
                     "basis_estimated": bool(row["basis_estimated"]), "total_stderr": float(row["total_stderr"]),
-                    **{k: float(row[k]) for k in ("total_even", "total_odd", "sampling_stderr")}}
+                    **{k: float(row[k]) for k in SAMPLING}}
             if (a, b) in self.edge_stderr and not row["basis_estimated"]:
                 edge["stderr"] = self.edge_stderr[a, b][0].tolist()
             edges.append(edge)
@@ -316,7 +341,7 @@ class InteractionBasis:
         last = f", last={self.last!r}" if self.last is not None else ""
         dims = self.dims
         # the verdicts of the ranks shown (audit 13b: the repr a notebook shows gave them as exact and final)
-        verdicts = [f"{int(dims[c].sum())} of {len(dims)} nodes {what}" for c, what in
+        verdicts = [f"{int((dims[c] > 0).sum())} of {len(dims)} nodes {what}" for c, what in  # unresolved counts pairs
                     (("estimated", "estimated from probes"), ("data_limited", "still growing with the data"),
                      ("unresolved", "with directions the data do not tell apart")) if dims[c].any()]
         verdict = f"; {', '.join(verdicts)}" if verdicts else ""

@@ -78,17 +78,17 @@ def _edge_chunk(runner: Runner, widths: list[int], held: int) -> int | None:
 
 def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last_rule: str, output: str,
                     interaction_rtol, interaction_atol, probe_kw: dict, held: int
-                    ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, NodeBasis]]:
+                    ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, tuple[NodeBasis, NodeBasis]]]:
     """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB (none for
-    its last node with ``last="pca"``), none for PCA. Also the interaction rank of every node from
-    the data's even-numbered sequences alone (their Grams ``half_whitenings`` and Jacobian Grams; a
-    LIB node differentiates the whole data's basis of the next node), for ``data_limited`` and
-    ``unresolved``: those bases are returned too. Each
+    its last node with ``last="pca"``), none for PCA. Also the bases of the data's even- and of its
+    odd-numbered sequences alone (their Grams ``half_whitenings[node]`` and Jacobian Grams; a LIB
+    node differentiates the whole data's basis of the next node): the even half's ranks give
+    ``data_limited`` and ``unresolved``, both halves the edges' refitted split-half error. Each
     pass first checks that one batch fits the memory budget (:func:`_check_memory`)."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
     how: dict[str, _M] = {}
-    half_bases: dict[str, NodeBasis] = {}
+    half_bases: dict[str, tuple[NodeBasis, NodeBasis]] = {}
     seed = probe_kw.pop("seed")
 
     def directions(w, gram: torch.Tensor) -> NodeBasis:
@@ -96,20 +96,21 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
         return interaction_directions(w, gram, rtol, interaction_atol, rounding_rtol(runner.dtype, gram=True),
                                       floor=interaction_rtol is None)
 
-    def finish(name: str, gram: torch.Tensor, half_gram: torch.Tensor) -> None:
+    def finish(name: str, gram: torch.Tensor, half_grams: tuple[torch.Tensor, torch.Tensor]) -> None:
         bases[name] = directions(whitenings[name], gram)
-        half_bases[name] = directions(half_whitenings[name], half_gram)
+        half_bases[name] = tuple(directions(w, g) for w, g in zip(half_whitenings[name], half_grams))
 
     def identity(name: str, source: str) -> None:
         # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
         # C = D_G^{s-½} Pᵀ; with s = +½ that is Pᵀ, the principal components (rib's "svd" baseline).
         mean = whitenings[name].mean
         eye = torch.eye(mean.numel(), dtype=torch.float64, device=mean.device)
-        finish(name, eye, eye)
+        finish(name, eye, (eye, eye))
         how[name] = _M(source, "none")
 
     def from_pass(res, name: str, source: str) -> None:
-        finish(name, res.accs[name].gram()[0], res.half[name].gram()[0])
+        whole, even = res.accs[name], res.half[name]
+        finish(name, whole.gram()[0], (even.gram()[0], whole.without(even).gram()[0]))
         stability = float("nan")
         if name in res.halves:
             a, b = (acc.gram()[0] for acc in res.halves[name])
@@ -140,7 +141,7 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
         mean = whitenings[names[l]].mean
         if nxt.size == 0:  # node l+1 keeps nothing: nothing downstream depends on node l either
             zero = torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device)
-            finish(names[l], zero, zero)
+            finish(names[l], zero, (zero, zero))
             how[names[l]] = _M("next node", "exact")
             continue
         # The recursion differentiates node l+1's importance-scaled coordinates whatever the output
@@ -351,7 +352,9 @@ def interaction_basis(
             if acc.count == 0:
                 raise DataError(f"no samples counted at node {name!r}: the data have no position that counts")
             rtol = rank_rtol(acc.dim, precision=activation_precision(runner.dtype), gram=True) if gram_rtol is None else gram_rtol
-            whitenings[name], half_whitenings[name] = (whitening(a, rtol) for a in (acc, collector.half_accs[name]))
+            even = collector.half_accs[name]
+            whitenings[name] = whitening(acc, rtol)
+            half_whitenings[name] = (whitening(even, rtol), whitening(acc.without(even), rtol))
             counts[name], shapes[name] = acc.count, collector.layouts[name].feature_shape
             distinct[name] = runner.batches.distinct(acc.count, collector.units[name])
         timings["gram_s"] = time.perf_counter() - t0
@@ -359,8 +362,8 @@ def interaction_basis(
         t1 = time.perf_counter()
         probe_kw = dict(n_probes=n_probes, exact=exact, halves=True, half=True, seed=seed, per_head=False,
                         device=acc_device, progress=progress, method=method)
-        # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and half-data.
-        held = sum(2 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
+        # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and of each half.
+        held = sum(3 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
         bases, how, half_bases = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
                                                  interaction_atol, probe_kw, held)
         timings["jacobian_s"] = time.perf_counter() - t1
@@ -369,15 +372,19 @@ def interaction_basis(
         basis = {n: bases[n].matrix(scaling) for n in runner.names}
         inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
         mean = {n: whitenings[n].mean for n in runner.names}
-        edge_values, edge_modes, edge_stderr, edge_halves = {}, {}, {}, {}
+        edge_values, edge_modes, edge_stderr, edge_halves, edge_refit = {}, {}, {}, {}, {}
         if edges and len(runner.nodes) > 1:
+            refit = tuple({n: (half_bases[n][h].matrix(scaling), half_bases[n][h].right_inverse(scaling),
+                               half_whitenings[n][h].mean) for n in runner.names} for h in (0, 1))
             ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts,
                            {n: collector.half_accs[n].count for n in runner.names}, edge_sources, seed,
                            method=method, device=acc_device, progress=progress,
-                           max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held))
+                           max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held),
+                           refit=refit)
             edge_values, edge_modes = ep.edges, {f"{a} -> {b}": m for (a, b), m in ep.modes.items()}
             edge_stderr = {p: (e, ep.total_stderr[p]) for p, e in ep.stderr.items() if e is not None}
             edge_halves = {p: h for p, h in ep.halves.items() if h is not None}
+            edge_refit = {p: h for p, h in ep.refit.items() if h is not None}
         timings["edges_s"] = time.perf_counter() - t2
 
         # A LIB node differentiates the next node's finished basis: where any later node's M came from
@@ -415,13 +422,14 @@ def interaction_basis(
                                          M_method=how[n].method, probe_stability=how[n].stability,
                                          estimated=from_probes[n],
                                          rank_G_band=whitenings[n].band, interaction_band=bases[n].band,
-                                         half_ranks=(half_whitenings[n].rank, half_bases[n].size),
-                                         half_interaction=half_bases[n].eigenvalues,
+                                         half_ranks=(half_whitenings[n][0].rank, half_bases[n][0].size),
+                                         half_interaction=half_bases[n][0].eigenvalues,
                                          rounding=rank_rtol(whitenings[n].rank, precision=activation_precision(runner.dtype)))
                          for n in runner.names},
             edges=edge_values,
             edge_stderr=edge_stderr,
             edge_halves=edge_halves,
+            edge_refit=edge_refit,
             half_counts={n: collector.half_accs[n].count for n in runner.names},
             counts=counts,
             distinct=distinct,
@@ -443,7 +451,7 @@ def interaction_basis(
         if len(unresolved):
             warn_once(f"interaction_basis: at {len(unresolved)} of {len(dims)} nodes ({', '.join(unresolved['node'])}) "
                       f"{int(unresolved['unresolved'].sum())} pair(s) of adjacent kept directions have D_M closer than "
-                      "their sampling spread (the even-numbered sequences' D_M) or their rounding: the data fix those "
+                      "twice their sampling spread (from the even-numbered sequences' D_M) or their rounding: the data fix those "
                       "directions only up to a rotation among them, and the edges and modules through them may move "
                       "with it (dims' unresolved; METHODS §5); more data separates them where they differ",
                       DataLimitedWarning, stacklevel=2)

@@ -43,6 +43,7 @@ nothing per direction or cotangent is stored.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..data import Batch
 from ..errors import DataError, MissingHookError, NumericalError
 from ..stats.jacobian import CHUNK_ELEMENTS
 from ..stats.passes import HookTarget, run_until
@@ -73,13 +75,17 @@ class EdgePass:
     for a source estimate with r ≥ 2, the standard error of each entry (the spread of the r
     one-source estimates over √r), None for exact pairs. ``halves``: E of the data's even- and of its
     odd-numbered sequences alone, in the same bases (each over its own samples; None where a half has
-    none): their difference is the edges' sampling error (audit 23b F1)."""
+    none): their difference is the edges' sampling error given the bases (audit 23b F1). ``refit``:
+    ΣE of the even-numbered sequences in the bases fitted to them alone, and of the odd-numbered ones
+    in theirs (``edge_pass``' ``refit``; None where it was not asked for or a half has no samples):
+    their difference is the sampling error of ΣE including the bases' own (review 58 #1)."""
 
     edges: dict[Pair, Float[Tensor, "k1 k0"]]
     modes: dict[Pair, str]
     stderr: dict[Pair, Float[Tensor, "k1 k0"] | None]
     total_stderr: dict[Pair, float | None]  # of ΣE, from the spread of the sources' totals
     halves: dict[Pair, tuple[Float[Tensor, "k1 k0"], Float[Tensor, "k1 k0"]] | None]
+    refit: dict[Pair, tuple[float, float] | None]
 
 
 def _sample_mask(index: SampleIndex, act: Tensor, name: str) -> Bool[Tensor, "batch pos"]:
@@ -227,6 +233,20 @@ def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tens
         total[1].index_put_(at, squares[:, even.to(squares.device)].sum(1), accumulate=True)
 
 
+#: A node's coordinates: C [kept, D], C⁺ [D, kept] and μ [D].
+Coords = tuple[Float[Tensor, "k D"], Float[Tensor, "D k"], Float[Tensor, " D"]]
+
+
+def _sequences(batch: Batch, keep: Bool[Tensor, " batch"]) -> Batch | None:
+    """The batch's sequences where ``keep`` (None where there are none): a batch of their own, so that
+    a half of the data can be differentiated in its own bases."""
+    if not bool(keep.any()):
+        return None
+    rows = keep.to(batch.tokens.device)
+    return Batch(tokens=batch.tokens[rows], mask=batch.mask[rows], lengths=batch.lengths[rows],
+                 index=batch.index[keep.to(batch.index.device)], number=batch.number)
+
+
 def edge_pass(
     engine,
     batches,
@@ -243,6 +263,7 @@ def edge_pass(
     device: torch.device | None = None,
     progress: bool = True,
     max_chunk: int | None = None,
+    refit: tuple[dict[str, Coords], dict[str, Coords]] | None = None,
 ) -> EdgePass:
     """E for every adjacent pair of ``nodes`` in one pass over ``batches`` (module docstring).
 
@@ -252,7 +273,10 @@ def edge_pass(
     position sources for reverse-mode pairs; ``method``: how VJPs are batched (``Backward``);
     ``mode``: ``"auto"``, ``"forward"`` or ``"reverse"`` for every pair; ``max_chunk``: at most this
     many directions per JVP or VJP call (the caller's memory budget, ``tld.memory.direction_chunk``;
-    None: only the element count bounds a chunk). Per batch, one forward
+    None: only the element count bounds a chunk). ``refit``: (C, C⁺, μ) per node fitted to the
+    even-numbered sequences alone and to the odd-numbered ones (needs ``half_counts``): each half's
+    sequences are differentiated again in their own bases, in the same pass (``EdgePass.refit``; the
+    products of one more pass). Per batch, one forward
     captures the nodes, each forward-mode pair runs its JVP chunks (a forward up to node l+1 each)
     and the reverse-mode pairs share one differentiable forward and take VJPs through one section
     each: the ``on_batch`` of :func:`~tl_degeneracy.stats.stream.stream`, which shards the batches
@@ -260,39 +284,53 @@ def edge_pass(
     """
     if mode not in EDGE_MODES:
         raise ValueError(f"mode must be one of {EDGE_MODES}; got {mode!r}")
+    if refit is not None and half_counts is None:
+        raise ValueError("edge_pass: refit needs half_counts (the even-numbered sequences' samples per node)")
     acc_device = torch.device(device) if device is not None else engine.device
     backward = Backward(method)
     names = [t.name for t in nodes]
     pairs = [p for p in zip(names[:-1], names[1:]) if basis[p[0]].shape[0] and basis[p[1]].shape[0]]
-    C = {n: basis[n].to(acc_device, torch.float64) for n in names}
-    C_inv = {n: inverse[n].to(acc_device, torch.float64) for n in names}
-    mu = {n: mean[n].to(acc_device, torch.float64) for n in names}
+
+    def coords(C, C_inv, mu) -> dict[str, Coords]:
+        return {n: (C[n].to(acc_device, torch.float64), C_inv[n].to(acc_device, torch.float64),
+                    mu[n].to(acc_device, torch.float64)) for n in names}
+
+    whole_coords = coords(basis, inverse, mean)
+    half_coords = [] if refit is None else [coords(*(
+        {n: h[n][i] for n in names} for i in range(3))) for h in refit]
     empty = [n for n in names[:-1] if counts[n] <= 0]
     if empty:  # E's normalisation n_l: none would make E a sum (audit 23b F6: n times too large)
         raise DataError(f"edge_pass: no samples counted at node(s) {empty}; E_ij is a mean over node l's samples")
-    # One slice per ±1 source (each its own estimate; their spread gives the standard error), one for exact
-    # pairs; exact contributions (forward mode) go to every slice alike. The leading axis: all sequences,
-    # and the even-numbered ones alone.
-    totals = {(a, b): torch.zeros(2, sources or 1, C[b].shape[0], C[a].shape[0], dtype=torch.float64, device=acc_device)
-              for a, b in zip(names[:-1], names[1:])}
-    modes = _choose_modes(engine, batches.batch(0, device=engine.device), pairs, {n: C[n].shape[0] for n in names}, sources,
-                          mode) if pairs else {}
+
+    def zeros(cs: dict[str, Coords]) -> dict[Pair, Tensor]:
+        # One slice per ±1 source (each its own estimate; their spread gives the standard error), one for
+        # exact pairs; exact contributions (forward mode) go to every slice alike. The leading axis: all
+        # sequences, and the even-numbered ones alone.
+        return {(a, b): torch.zeros(2, sources or 1, cs[b][0].shape[0], cs[a][0].shape[0], dtype=torch.float64,
+                                    device=acc_device) for a, b in zip(names[:-1], names[1:])}
+
+    totals = zeros(whole_coords)
+    half_totals = [zeros(cs) for cs in half_coords]
+    modes = _choose_modes(engine, batches.batch(0, device=engine.device), pairs, {n: basis[n].shape[0] for n in names},
+                          sources, mode) if pairs else {}
     proven: set[Pair] = set()  # forward-mode pairs that ran once: an error there is not a missing rule
 
-    def forward_pairs(step: Step) -> None:
+    def fhat_of(f_a: Tensor, cs: dict[str, Coords], a: str, index: SampleIndex) -> Tensor:
+        C, _, mu = cs[a]
+        fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu) @ C.mT
+        return fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
+
+    def forward_pairs(batch: Batch, index: SampleIndex, cs: dict[str, Coords], into: dict[Pair, Tensor]) -> None:
         """Each forward-mode pair's JVP chunks on one batch (a forward up to node l+1 each)."""
-        forward = [p for p in pairs if modes[p] == "forward"]
+        forward = [p for p in pairs if modes[p] == "forward" and cs[p[0]][0].shape[0] and cs[p[1]][0].shape[0]]
         if not forward:
             return
-        batch, index = step.batch, step.index
         acts = _capture(engine, batch.tokens, sorted({n for p in forward for n in p}, key=names.index), grad=False)
         for a, b in forward:
             f_a = acts[a]
-            fhat = (f_a.flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
-            fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
             try:
-                totals[a, b] += _forward_pair(engine, batch.tokens, f_a, fhat, C_inv[a], C[b],
-                                              _sample_mask(index, acts[b], b), index.even, a, b, max_chunk)[:, None]
+                into[a, b] += _forward_pair(engine, batch.tokens, f_a, fhat_of(f_a, cs, a, index), cs[a][1], cs[b][0],
+                                            _sample_mask(index, acts[b], b), index.even, a, b, max_chunk)[:, None]
             except RuntimeError as err:  # NotImplementedError included
                 if (a, b) in proven or mode == "forward":
                     raise
@@ -302,29 +340,35 @@ def edge_pass(
                 continue
             proven.add((a, b))
 
-    def reverse_pairs(step: Step) -> None:
+    def reverse_pairs(batch: Batch, index: SampleIndex, cs: dict[str, Coords], into: dict[Pair, Tensor]) -> None:
         """The reverse-mode pairs on one batch: one differentiable forward, VJPs through one section each."""
-        reverse = [p for p in pairs if modes[p] == "reverse"]
+        reverse = [p for p in pairs if modes[p] == "reverse" and cs[p[0]][0].shape[0] and cs[p[1]][0].shape[0]]
         if not reverse:
             return
-        batch, index = step.batch, step.index
         acts = _capture(engine, batch.tokens, sorted({n for p in reverse for n in p}, key=names.index), grad=True)
         for a, b in reverse:
             f_a, f_b = acts[a], acts[b]
-            fhat = (f_a.detach().flatten(2).to(acc_device, torch.float64) - mu[a]) @ C[a].mT
-            fhat = fhat * _sample_mask(index, f_a, a).to(acc_device)[:, :, None]
-            _reverse_pair(backward, f_a, f_b, fhat, C_inv[a], C[b], _sample_mask(index, f_b, b), sources, seed,
-                          batch.index, names.index(a), totals[a, b], index.even, max_chunk)
+            _reverse_pair(backward, f_a, f_b, fhat_of(f_a, cs, a, index), cs[a][1], cs[b][0],
+                          _sample_mask(index, f_b, b), sources, seed, batch.index, names.index(a), into[a, b],
+                          index.even, max_chunk)
 
     def on_batch(step: Step) -> None:
-        if step.count:  # the accumulators exist already: a rank without batches only joins the reduction
-            forward_pairs(step)
-            reverse_pairs(step)
+        if not step.count:  # the accumulators exist already: a rank without batches only joins the reduction
+            return
+        forward_pairs(step.batch, step.index, whole_coords, totals)
+        reverse_pairs(step.batch, step.index, whole_coords, totals)
+        for keep, cs, into in zip((step.index.even, ~step.index.even), half_coords, half_totals):
+            half = _sequences(step.batch, keep)
+            if half is not None:
+                index = SampleIndex.from_batch(half)
+                forward_pairs(half, index, cs, into)
+                reverse_pairs(half, index, cs, into)
 
     # grad: the reverse pairs' VJPs need autograd; the forward pairs run under their own no_grad.
-    stream(engine.device, batches, on_batch, reduce=lambda: list(totals.values()), desc="interaction edges",
-           progress=progress, grad=True, what="edge")
-    edges, stderr, total_stderr, halves = {}, {}, {}, {}
+    stream(engine.device, batches, on_batch,
+           reduce=lambda: [*totals.values(), *(t for h in half_totals for t in h.values())],
+           desc="interaction edges", progress=progress, grad=True, what="edge")
+    edges, stderr, total_stderr, halves, refitted = {}, {}, {}, {}, {}
     for a, b in totals:
         whole, even = totals[a, b]
         per_source = whole / counts[a]
@@ -335,7 +379,11 @@ def edge_pass(
         stderr[a, b] = per_source.std(0) / sources ** 0.5 if estimated else None
         total_stderr[a, b] = float(per_source.sum((1, 2)).std() / sources ** 0.5) if estimated else None
         n_even = None if half_counts is None else half_counts[a]
-        halves[a, b] = (None if n_even is None or not 0 < n_even < counts[a] else
-                        ((even / n_even).mean(0), ((whole - even) / (counts[a] - n_even)).mean(0)))
+        split = n_even is not None and 0 < n_even < counts[a]
+        halves[a, b] = ((even / n_even).mean(0), ((whole - even) / (counts[a] - n_even)).mean(0)) if split else None
+        refitted[a, b] = (tuple(float(t[a, b][0].sum((1, 2)).mean()) / n for t, n in
+                                zip(half_totals, (n_even, counts[a] - n_even))) if split and half_totals else None)
+        if refitted[a, b] is not None and not all(map(math.isfinite, refitted[a, b])):
+            raise NumericalError(f"non-finite interaction edges between {a!r} and {b!r} in a half's own bases")
     labels = {p: m if m == "forward" or sources is None else f"reverse, {sources} sources" for p, m in modes.items()}
-    return EdgePass(edges=edges, modes=labels, stderr=stderr, total_stderr=total_stderr, halves=halves)
+    return EdgePass(edges=edges, modes=labels, stderr=stderr, total_stderr=total_stderr, halves=halves, refit=refitted)

@@ -502,10 +502,13 @@ def _labels(graph: nx.Graph, members: list[list[Member]]) -> np.ndarray:
 
 def _adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
     """Hubert and Arabie's adjusted Rand index of two labellings of the same items: 1 for the same
-    partition, about 0 for independent ones (1 also where both put every item alone)."""
+    partition, about 0 for independent ones (1 also where both put every item alone, or there are
+    fewer than two items: no pair to disagree on)."""
     def pairs(counts: np.ndarray) -> float:
         return float((counts * (counts - 1) / 2).sum())
 
+    if len(a) < 2:
+        return 1.0
     _, ai = np.unique(a, return_inverse=True)
     _, bi = np.unique(b, return_inverse=True)
     table = np.zeros((ai.max() + 1, bi.max() + 1))

@@ -848,10 +848,11 @@ def _interaction_verdict(v: dict) -> str:
     unresolved = v.get("unresolved_nodes", 0)  # absent from reports saved before it was recorded
     return text + f"; {v.get('n_modules')} modules hold {share:.0%} of the log edge weight" + (
         f" and {mass:.0%} of the edge mass ΣE" if mass is not None and not math.isnan(mass) else "") + (
-        f" — the edges of each half of the data give {halves[0]} and {halves[1]} modules"
+        f" — the edges of each half of the data (in these bases) give {halves[0]} and {halves[1]} modules"
         + (" (the partition moves with the data: read the modules as one sample's)"
            if min(v.get("half_agreement") or [1.0]) < 1.0 else "") if halves else "") + (
-        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error)" if sampling else "") + (
+        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error, each half in bases "
+        "fitted to it alone)" if sampling else "") + (
         f" — at {unresolved} node(s) {v.get('unresolved_pairs')} pair(s) of directions have interaction "
         "eigenvalues the data do not tell apart: the edges through them are fixed only up to a rotation"
         if unresolved else "") + (

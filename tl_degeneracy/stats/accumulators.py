@@ -105,6 +105,23 @@ class MomentAccumulator:
         self.count = n
         return self
 
+    def without(self, part: MomentAccumulator) -> MomentAccumulator:
+        """A new accumulator of this one's samples but ``part``'s, which must be among them (the other
+        half of a split-half check): the inverse of :meth:`merge`, S_rest = S − S_part −
+        n_part·n_rest/n · δδᵀ with δ = μ_part − μ_rest."""
+        rest = MomentAccumulator(self.groups, self.dim, device=self.device)
+        n, n_p = self.count, part.count
+        if not 0 <= n_p <= n:
+            raise ValueError(f"cannot take {n_p} samples out of {n}")
+        if n_p == n:
+            return rest
+        mean_p = part.mean.to(self.device)
+        rest.count = n - n_p
+        rest.mean = (self.mean * n - mean_p * n_p) / rest.count
+        delta = mean_p - rest.mean
+        rest.scatter = self.scatter - part.scatter.to(self.device) - (n_p * rest.count / n) * (delta[:, :, None] * delta[:, None, :])
+        return rest
+
     def all_reduce(self, group=None) -> MomentAccumulator:
         """Combine the accumulators of all ranks of ``group`` (in place, same result everywhere).
 
@@ -171,6 +188,15 @@ class SecondMomentAccumulator:
         self.total.add_(other.total.to(self.device))
         self.count += other.count
         return self
+
+    def without(self, part: SecondMomentAccumulator) -> SecondMomentAccumulator:
+        """A new accumulator of this one's sum and count but ``part``'s (the inverse of :meth:`merge`)."""
+        if not 0 <= part.count <= self.count:
+            raise ValueError(f"cannot take {part.count} samples out of {self.count}")
+        rest = SecondMomentAccumulator(self.groups, self.dim, device=self.device)
+        rest.total = self.total - part.total.to(self.device)
+        rest.count = self.count - part.count
+        return rest
 
     def all_reduce(self, group=None) -> SecondMomentAccumulator:
         """Sum totals and counts over the ranks of ``group`` (float64)."""
