@@ -340,7 +340,7 @@ def test_interaction_edges_chunk_their_directions_within_the_budget(monkeypatch)
     adapter = tld.adapt(model)
     D = adapter.cfg.d_model
     one = direction_bytes(adapter, 4, 10, D, D)
-    base = estimate(adapter, "forward", 4, 10) + len(free.nodes) * 2 * 8 * D * D  # one batch's forward, the Grams
+    base = estimate(adapter, "forward", 4, 10) + len(free.nodes) * 3 * 8 * D * D  # a forward; the Grams, whole and of each half
     sizes = []
     vmap = torch.func.vmap
 
