@@ -197,6 +197,14 @@ def test_interaction_section_equals_a_direct_call(full_report):
     assert sec.settings["basis"]["last"] == "outputs" and direct.dims["M"].iloc[-1] == "outputs"
     assert sec.values["data_limited_nodes"] == int(direct.dims["data_limited"].sum())
     assert sec.values["limited_within_band_nodes"] == int(direct.dims["limited_within_band"].sum())
+    # unresolved pairs out of all adjacent pairs of kept directions (review 59: 318 alone read as alarming)
+    dims, adjacent = direct.dims, int((direct.dims["interaction_rank"] - 1).clip(lower=0).sum())
+    assert (sec.values["unresolved_pairs"], sec.values["adjacent_pairs"]) == (int(dims["unresolved"].sum()), adjacent)
+    if dims["unresolved"].any():
+        from tl_degeneracy.report.sections import verdict
+
+        assert f"{int(dims['unresolved'].sum())} of {adjacent} pairs of adjacent directions" in sec.headline
+        assert f"{int(dims['unresolved'].sum())} of {adjacent} pairs of adjacent directions" in verdict(sec)
     assert sec.settings["ib_tokens"] == 54 and sec.settings["ib_data"]["n_sequences"] == 5
     assert set(sec.values["timings"]) == {"gram_s", "jacobian_s", "edges_s", "modules_s"}
     assert set(sec.figures) == {"spectra", "edges", "modules"}

@@ -307,6 +307,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
     timings = {k: ib.settings[k] for k in ("gram_s", "jacobian_s", "edges_s")} | {"modules_s": modules_s}
     ranks = ", ".join(f"{r.interaction_rank}/{r.D}" for r in dims.itertuples())
     degenerate = int(dims["degenerate"].sum())
+    adjacent = int((dims["interaction_rank"] - 1).clip(lower=0).sum())  # the unresolved count's denominator
     # the count with the rank cut-off moved CUTOFF_BAND-fold up and down: its spread is the choice of cut-off's
     degenerate_band = [int((dims["D"] - dims["interaction_rank_max"]).sum()), int((dims["D"] - dims["interaction_rank_min"]).sum())]
     # Where M comes from Jacobian probes the ranks are estimates: say so beside them, with how well
@@ -340,6 +341,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "half_modules": None if modules.half_modules is None else list(modules.half_modules),
                 "half_agreement": None if modules.half_agreement is None else list(modules.half_agreement),
                 "unresolved_nodes": int((dims["unresolved"] > 0).sum()), "unresolved_pairs": int(dims["unresolved"].sum()),
+                "adjacent_pairs": adjacent,
                 "edge_sampling": _edge_sampling(edges),
                 "probe_nodes": len(probed), "probe_downstream_nodes": downstream, "n_probes": s.ib_probes,
                 "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
@@ -355,7 +357,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                     if dims["sample_limited"].any() else "")
                  + (f", {int(dims['data_limited'].sum())} node(s) with ranks still growing with the data"
                     if dims["data_limited"].any() else "")
-                 + (f", {int(dims['unresolved'].sum())} pair(s) of directions the data do not tell apart"
+                 + (f", {int(dims['unresolved'].sum())} of {adjacent} pairs of adjacent directions the data do not tell apart"
                     if dims["unresolved"].any() else "") + estimated + "); " + (
             "no edge above the cut-off, so no modules" if math.isnan(modules.inside_share) else
             f"{modules.n_modules} modules hold {modules.inside_share:.0%} of the log edge weight and "
@@ -854,7 +856,9 @@ def _interaction_verdict(v: dict) -> str:
         f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error with each half's bases "
         "refitted; a node's basis still reads the whole data's next one, so it can fall short: ΣE spread up to "
         "2.3 times it over disjoint subsets of the toys)" if sampling else "") + (
-        f" — at {unresolved} node(s) {v.get('unresolved_pairs')} pair(s) of directions have interaction "
+        f" — at {unresolved} node(s) {v.get('unresolved_pairs')}"
+        + (f" of {v['adjacent_pairs']}" if v.get("adjacent_pairs") else "")  # absent from reports saved before it
+        + " pairs of adjacent directions have interaction "
         "eigenvalues the data do not tell apart: the edges through them are fixed only up to a rotation"
         if unresolved else "") + (
         f" (modules of edges estimated from {v.get('edge_sources')} ±1 source(s) at {estimated} of "
