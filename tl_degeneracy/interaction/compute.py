@@ -370,14 +370,15 @@ def interaction_basis(
 
         t2 = time.perf_counter()
         basis = {n: bases[n].matrix(scaling) for n in runner.names}
+        half_counts = {n: collector.half_accs[n].count for n in runner.names}  # the even-numbered sequences' samples
         inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
         mean = {n: whitenings[n].mean for n in runner.names}
         edge_values, edge_modes, edge_stderr, edge_halves, edge_refit = {}, {}, {}, {}, {}
         if edges and len(runner.nodes) > 1:
             refit = tuple({n: (half_bases[n][h].matrix(scaling), half_bases[n][h].right_inverse(scaling),
                                half_whitenings[n][h].mean) for n in runner.names} for h in (0, 1))
-            ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts,
-                           {n: collector.half_accs[n].count for n in runner.names}, edge_sources, seed,
+            ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, half_counts,
+                           edge_sources, seed,
                            method=method, device=acc_device, progress=progress,
                            max_chunk=_edge_chunk(runner, [math.prod(shape) for shape in shapes.values()], held),
                            refit=refit)
@@ -430,7 +431,7 @@ def interaction_basis(
             edge_stderr=edge_stderr,
             edge_halves=edge_halves,
             edge_refit=edge_refit,
-            half_counts={n: collector.half_accs[n].count for n in runner.names},
+            half_counts=half_counts,
             counts=counts,
             distinct=distinct,
             feature_shapes=shapes,

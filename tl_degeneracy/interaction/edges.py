@@ -291,13 +291,11 @@ def edge_pass(
     names = [t.name for t in nodes]
     pairs = [p for p in zip(names[:-1], names[1:]) if basis[p[0]].shape[0] and basis[p[1]].shape[0]]
 
-    def coords(C, C_inv, mu) -> dict[str, Coords]:
-        return {n: (C[n].to(acc_device, torch.float64), C_inv[n].to(acc_device, torch.float64),
-                    mu[n].to(acc_device, torch.float64)) for n in names}
+    def coords(per_node: dict[str, Coords]) -> dict[str, Coords]:
+        return {n: tuple(t.to(acc_device, torch.float64) for t in per_node[n]) for n in names}
 
-    whole_coords = coords(basis, inverse, mean)
-    half_coords = [] if refit is None else [coords(*(
-        {n: h[n][i] for n in names} for i in range(3))) for h in refit]
+    whole_coords = coords({n: (basis[n], inverse[n], mean[n]) for n in names})
+    half_coords = [coords(h) for h in refit or ()]
     empty = [n for n in names[:-1] if counts[n] <= 0]
     if empty:  # E's normalisation n_l: none would make E a sum (audit 23b F6: n times too large)
         raise DataError(f"edge_pass: no samples counted at node(s) {empty}; E_ij is a mean over node l's samples")
