@@ -7,6 +7,10 @@ VENV_TL3 ?= .venv-tl3
 TL4 ?= transformer-lens>=4.3,<5
 TL3 ?= transformer-lens==3.9.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; each test runs on one thread, so one per core: CI has 2). Files are the
+# unit of distribution, so a module's fixtures are built once. TEST_JOBS=0 runs in this process.
+TEST_JOBS ?= 2
+XDIST = -n $(TEST_JOBS) --dist loadfile
 
 .PHONY: setup setup-tl3 report test test-tl4 test-tl3 bench gpu-wheels clean
 
@@ -30,12 +34,12 @@ report: setup
 test: test-tl4 test-tl3
 
 test-tl4: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The TransformerLens 3.9 run checks what depends on the TransformerLens version; the slower tests on
 # no TransformerLens-specific path (marker tl_agnostic) ran in the 4.x environment already.
 test-tl3: setup-tl3
-	$(VENV_TL3)/bin/python -m pytest -q -m "not slow and not tl_agnostic" $(PYTEST_ARGS)
+	$(VENV_TL3)/bin/python -m pytest -q $(XDIST) -m "not slow and not tl_agnostic" $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/stats_throughput.py
