@@ -693,3 +693,34 @@ def test_a_float32_relu_neuron_whose_terms_cancel_is_counted_within_the_band(sig
     assert single["kfac_min"] == 15 * single["rank_K"] < single["kfac_max"]  # the neuron's uncertainty is said
     if signal:
         assert single["rank_G"] == 16  # the real direction is counted
+
+
+@pytest.mark.parametrize("gain", ["spread", "constant"])
+def test_hook_normalized_after_the_affine_is_refused(gain, tiny_toy_tokens):
+    """A third-party norm whose hook_normalized fires after its gain and bias would have them applied
+    twice (review 58 #6): the analyses refuse it, naming the hook; the same weights with the hook on
+    x/σ pass. ``constant``: a gain of 0.5 everywhere keeps the mean square below 1, and the bias
+    moves LayerNorm's zero row sum."""
+    from tl_degeneracy.errors import UnsupportedArchitectureError
+    from tl_degeneracy.models.toys.transformer import LayerNorm
+    from tl_degeneracy.synchronization import head_synchronization
+
+    def after_affine(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+    model = make_tiny_toy_transformer(seed=3)
+    if gain == "constant":
+        with torch.no_grad():
+            for block in model.blocks:
+                for ln in (block.ln1, block.ln2):
+                    ln.w.fill_(0.5)
+    degeneracy_counts(model, tiny_toy_tokens, exact=True, progress=False)  # x/σ: accepted
+    for block in model.blocks:
+        for ln in (block.ln1, block.ln2):
+            ln.forward = after_affine.__get__(ln, LayerNorm)
+    with pytest.raises(UnsupportedArchitectureError, match=r"blocks\.0\.ln1\.hook_normalized .*count twice"):
+        degeneracy_counts(model, tiny_toy_tokens, exact=True, progress=False)
+    with pytest.raises(UnsupportedArchitectureError, match="hook_normalized"):
+        head_synchronization(model, tiny_toy_tokens, progress=False)

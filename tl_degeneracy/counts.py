@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 
 import pandas as pd
 import torch
@@ -59,7 +60,7 @@ from torch import Tensor
 from .autograd import refuse_inference_mode
 from .data import TokenBatches, as_seed, token_batches
 from .distributed import failing_together, warn_once
-from .errors import MissingHookError
+from .errors import MissingHookError, UnsupportedArchitectureError
 from .memory import check_batches, counts_forward_held, counts_held
 from .models.adapt import adapt
 from .models.adapter import ModelAdapter
@@ -152,7 +153,63 @@ def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tens
     if not block_input_hook(adapter, layer, ln).endswith(".hook_normalized"):
         return None, None
     norm = adapter.norm_weights(layer, ln)
+    if norm.w is not None or norm.b is not None:
+        check_normalized_hooks(adapter)
     return norm.w, norm.b
+
+
+#: How far a ``hook_normalized`` row may sit from x/σ's own properties before it is taken for the norm's
+#: output after its gain and bias: a row's mean square is σ²/(σ² + eps_norm), at most 1 and above 1/2
+#: wherever the input's own mean square exceeds the norm's eps (the largest row's is checked), and
+#: LayerNorm's row sums to 0 (|Σ_i n_i| / ‖n‖). Rounding moves these by about the forward's eps (4·10⁻³
+#: in bfloat16); a gain and bias applied move them by O(1) unless w is constant near 1 and b = 0.
+NORMALIZED_TOLERANCE = 0.05
+
+_NORMALIZED_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_normalized_hooks(adapter: ModelAdapter) -> None:
+    """Refuse a model whose ``hook_normalized`` fires on the norm's output after its gain and bias
+    rather than on x/σ: :func:`block_input_affine` applies (w, b) to that hook's activation, so they
+    would count twice and every input moment (counts, synchronization, sparsify) would be another
+    model's (review 58 #6: a third-party toy's norm). One forward of :meth:`ModelAdapter.example_tokens`
+    per adapter, reading every layer's attention and MLP input hook whose norm has a gain or bias."""
+    if adapter in _NORMALIZED_CHECKED:
+        return
+    kinds, worst = {}, {}
+    for layer in range(adapter.n_layers):
+        for ln in ("ln1", "ln2"):
+            try:
+                name = block_input_hook(adapter, layer, ln)
+            except MissingHookError:
+                continue
+            norm = adapter.norm_weights(layer, ln)
+            if name.endswith(".hook_normalized") and (norm.w is not None or norm.b is not None):
+                kinds[name] = norm.kind
+
+    def reader(name: str):
+        def hook(act: Tensor, hook=None) -> None:
+            n = act.detach().to(torch.float64)
+            square = n.square().mean(-1).max().item()
+            total = (n.sum(-1).abs() / n.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+            before = worst.get(name, (0.0, 0.0))
+            worst[name] = (max(before[0], square), max(before[1], total))  # a repeated firing (split q/k/v) reads alike
+
+        return hook
+
+    with torch.no_grad():
+        adapter.run_with_hooks(adapter.example_tokens(2, 8), fwd_hooks=[(name, reader(name)) for name in sorted(kinds)])
+    for name, (square, total) in sorted(worst.items()):
+        layernorm = kinds[name] == "layernorm"
+        if not 0.5 <= square <= 1 + NORMALIZED_TOLERANCE or (layernorm and total > NORMALIZED_TOLERANCE):
+            raise UnsupportedArchitectureError(
+                f"{name} of this {type(adapter.model).__name__} does not carry the normalized x/σ: its rows' largest mean "
+                f"square is {square:.3g} (x/σ: between 1/2 and 1)"
+                + (f" and sum to up to {total:.3g}·‖n‖ (x/σ under LayerNorm: 0)" if layernorm else "")
+                + ". It seems to fire after the norm's gain and bias, which tl_degeneracy applies itself, so they would "
+                "count twice; fire hook_normalized on x/σ, before w and b, as TransformerLens does "
+                "(docs/architecture.md)")
+    _NORMALIZED_CHECKED.add(adapter)
 
 
 def input_rank_bound(adapter: ModelAdapter, centered: bool) -> int:
