@@ -251,8 +251,9 @@ def test_bytelm_small_data():
     toks = tld.toy_data("bytelm", 2, seed=0, seq_len=12)
     ib = interaction_basis(model, toks, kind="local", n_probes=2, edge_sources=1, progress=False)
     assert ib.nodes == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "ln_final.hook_normalized"]
-    # Gram pass, a Jacobian pass for each node but the last (its PCA, last="pca"), edge pass
-    assert ib.settings["passes"] == 4 and ib.counts[ib.nodes[0]] == 24
+    # Gram pass, a Jacobian pass for each node but the last (its PCA, last="pca") and two more for the
+    # halves' own bases there (the edges' split-half error), edge pass
+    assert ib.settings["passes"] == 1 + 2 + 2 * 2 + 1 and ib.counts[ib.nodes[0]] == 24
     assert list(ib.dims["M"]) == ["next node", "next node", "identity"]
     check_result(ib)
 

@@ -137,8 +137,8 @@ class InteractionBasis:
       (:meth:`edge_summary`'s ``stderr_given_bases``, :func:`~.modules.find_modules`' half-data modules);
       ``half_counts[node]``: the even-numbered sequences' samples.
     - ``edge_refit[(node_l, node_l1)]``: ΣE of the even-numbered sequences in the bases fitted to them
-      alone and of the odd-numbered ones in theirs: how much ΣE moves with the data, the bases' own
-      sampling included (:meth:`edge_summary`'s ``sampling_stderr``).
+      alone (``interaction_basis`` run on them) and of the odd-numbered ones in theirs: how much ΣE
+      moves with the data, the bases' own sampling included (:meth:`edge_summary`'s ``sampling_stderr``).
     - ``counts[node]``: samples n per node (the normalisation of its Gram, M and outgoing edges), and
       ``distinct[node]`` those that can differ (``TokenBatches.distinct``: a counted BOS is one sample);
       ``feature_shapes[node]``: the activation's shape per sample; ``positions``: which positions
@@ -256,8 +256,8 @@ class InteractionBasis:
         fixed; ``refit_even`` / ``refit_odd``, ΣE of each half in the bases fitted to that half alone, and
         ``sampling_stderr``, the same formula on them: the bases' own sampling error included, which on
         toy:modadd is most of it (review 58 #1: ΣE over 8 disjoint subsets spread 8–10 times more than the
-        fixed-basis error). Within LIB a half's basis at node l still differentiates the whole data's
-        basis of node l+1, so the recursion's sampling is only partly in it. One degree of freedom each:
+        fixed-basis error). Within LIB a half's basis at node l differentiates that half's own basis of
+        node l+1 (two Jacobian passes more per node), so the whole recursion is refitted. One degree of freedom each:
         a rough scale, not a tight interval; NaN where a half is empty or the run had no halves."""
         modes = self.settings.get("edge_modes", {})
         rows = []

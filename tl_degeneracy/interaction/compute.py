@@ -76,29 +76,52 @@ def _edge_chunk(runner: Runner, widths: list[int], held: int) -> int | None:
     return direction_chunk(engine, b, t, width, width, held=base(b, t))
 
 
+@dataclass
+class _Fits:
+    """What :func:`_jacobian_grams` fitted: every node's basis and how its M was found; the bases of the
+    data's even- and odd-numbered sequences with node l+1's whole-data basis (``half_bases``, for
+    ``data_limited`` and ``unresolved``) and refitted down the whole recursion (``refit_bases``, for the
+    edges' split-half error; the same as ``half_bases`` but for LIB); and the Jacobian passes run."""
+
+    bases: dict[str, NodeBasis]
+    how: dict[str, _M]
+    half_bases: dict[str, tuple[NodeBasis, NodeBasis]]
+    refit_bases: dict[str, tuple[NodeBasis, NodeBasis]]
+    passes: int
+
+
 def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last_rule: str, output: str,
-                    interaction_rtol, interaction_atol, probe_kw: dict, held: int
-                    ) -> tuple[dict[str, NodeBasis], dict[str, _M], dict[str, tuple[NodeBasis, NodeBasis]]]:
+                    interaction_rtol, interaction_atol, probe_kw: dict, held: int, refit: bool) -> _Fits:
     """Steps 2–3 for every node: one pass for the global basis, one pass per node for LIB (none for
     its last node with ``last="pca"``), none for PCA. Also the bases of the data's even- and of its
-    odd-numbered sequences alone (their Grams ``half_whitenings[node]`` and Jacobian Grams; a LIB
-    node differentiates the whole data's basis of the next node): the even half's ranks give
-    ``data_limited`` and ``unresolved``, both halves the edges' refitted split-half error. Each
-    pass first checks that one batch fits the memory budget (:func:`_check_memory`)."""
+    odd-numbered sequences alone (their Grams ``half_whitenings[node]`` and Jacobian Grams; the odd
+    half's as the whole minus the even one). A LIB node's half bases differentiate the whole data's
+    basis of the next node (one pass serves all three); the even half's ranks give ``data_limited``
+    and ``unresolved``. With ``refit`` (edges wanted) each half's LIB node differentiates that half's
+    own basis of the next node as well, two passes more per node, so that the edges' split-half error
+    holds the whole recursion's sampling: each half's bases are then those of ``interaction_basis``
+    run on that half alone. Each pass first checks that one batch fits the memory budget
+    (:func:`_check_memory`)."""
     names = runner.names
     bases: dict[str, NodeBasis] = {}
     how: dict[str, _M] = {}
     half_bases: dict[str, tuple[NodeBasis, NodeBasis]] = {}
+    refit_bases: dict[str, tuple[NodeBasis, NodeBasis]] = {}
     seed = probe_kw.pop("seed")
+    passes = 0
 
     def directions(w, gram: torch.Tensor) -> NodeBasis:
         rtol = rank_rtol(w.rank, precision=activation_precision(runner.dtype), gram=True) if interaction_rtol is None else interaction_rtol
         return interaction_directions(w, gram, rtol, interaction_atol, rounding_rtol(runner.dtype, gram=True),
                                       floor=interaction_rtol is None)
 
+    def halves_of(res, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        whole, even = res.accs[name], res.half[name]
+        return even.gram()[0], whole.without(even).gram()[0]
+
     def finish(name: str, gram: torch.Tensor, half_grams: tuple[torch.Tensor, torch.Tensor]) -> None:
         bases[name] = directions(whitenings[name], gram)
-        half_bases[name] = tuple(directions(w, g) for w, g in zip(half_whitenings[name], half_grams))
+        half_bases[name] = refit_bases[name] = tuple(directions(w, g) for w, g in zip(half_whitenings[name], half_grams))
 
     def identity(name: str, source: str) -> None:
         # M = I, the Jacobian Gram of the identity map: M̃ = diag(D_G), so V = I, D_M = D_G and
@@ -109,51 +132,69 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
         how[name] = _M(source, "none")
 
     def from_pass(res, name: str, source: str) -> None:
-        whole, even = res.accs[name], res.half[name]
-        finish(name, whole.gram()[0], (even.gram()[0], whole.without(even).gram()[0]))
+        finish(name, res.accs[name].gram()[0], halves_of(res, name))
         stability = float("nan")
         if name in res.halves:
             a, b = (acc.gram()[0] for acc in res.halves[name])
             stability = probe_agreement(whitenings[name], a, b, bases[name].size)
         how[name] = _M(source, "exact" if res.exact else "probes", stability)
 
+    def lib_pass(l: int, nxt: NodeBasis, desc: str, **kw):
+        """Node l's Jacobian Gram pass through node l+1's basis ``nxt``."""
+        nonlocal passes
+        # The recursion differentiates node l+1's importance-scaled coordinates whatever the output
+        # scaling (METHODS §5 step 3: only s = +½ composes); the shift by μ does not change a Jacobian.
+        # In the node's own dtype, which may differ from the weights' (a bfloat16 Llama normalises in float32).
+        C = nxt.matrix("importance").to(device=runner.device)
+        _check_memory(runner, [runner.nodes[l]], names[l + 1], nxt.size, probe_kw, held, f"LIB's pass at {names[l]}")
+        passes += 1
+        return jacobian_pass(runner.engine, runner.batches, [runner.nodes[l]], objective="mse", output_hook=names[l + 1],
+                             output_transform=lambda o, C=C: o.flatten(2) @ C.mT.to(o.dtype), seed=_pass_seed(seed, l),
+                             desc=desc, **{**probe_kw, **kw})
+
+    def zero(name: str) -> torch.Tensor:
+        mean = whitenings[name].mean
+        return torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device)
+
+    def refit_half(l: int, h: int) -> NodeBasis:
+        # Half h's node l through half h's own basis of node l+1; the pass runs on all the data, and
+        # half h's sums are read off it as in the whole data's pass.
+        name, nxt = names[l], refit_bases[names[l + 1]][h]
+        if nxt.size == 0:
+            return directions(half_whitenings[name][h], zero(name))
+        res = lib_pass(l, nxt, f"LIB {name} ({('even', 'odd')[h]} half's bases)", halves=False)
+        return directions(half_whitenings[name][h], halves_of(res, name)[h])
+
     if kind == "pca":
         for name in names:
             identity(name, "identity")
-        return bases, how, half_bases
+        return _Fits(bases, how, half_bases, refit_bases, passes)
     if kind == "global":
         _check_memory(runner, runner.nodes, None, None, probe_kw, held, "interaction_basis' Jacobian pass")
         res = jacobian_pass(runner.engine, runner.batches, runner.nodes, objective=output, seed=_pass_seed(seed, 0),
                             desc="interaction basis: Jacobians", **probe_kw)
         for name in names:
             from_pass(res, name, "outputs")
-        return bases, how, half_bases
+        return _Fits(bases, how, half_bases, refit_bases, 1)
     final = len(names) - 1
     if last_rule == "pca":  # the companion paper's last node: its PCA (METHODS §5)
         identity(names[final], "identity")
     else:
         _check_memory(runner, [runner.nodes[final]], None, None, probe_kw, held, f"LIB's pass at {names[final]}")
+        passes += 1
         res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[final]], objective=output,
                             seed=_pass_seed(seed, final), desc=f"LIB {names[final]}", **probe_kw)
         from_pass(res, names[final], "outputs")
     for l in range(final - 1, -1, -1):
-        nxt = bases[names[l + 1]]
-        mean = whitenings[names[l]].mean
-        if nxt.size == 0:  # node l+1 keeps nothing: nothing downstream depends on node l either
-            zero = torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device)
-            finish(names[l], zero, (zero, zero))
-            how[names[l]] = _M("next node", "exact")
-            continue
-        # The recursion differentiates node l+1's importance-scaled coordinates whatever the output
-        # scaling (METHODS §5 step 3: only s = +½ composes); the shift by μ does not change a Jacobian.
-        # In the node's own dtype, which may differ from the weights' (a bfloat16 Llama normalises in float32).
-        C = nxt.matrix("importance").to(device=runner.device)
-        _check_memory(runner, [runner.nodes[l]], names[l + 1], nxt.size, probe_kw, held, f"LIB's pass at {names[l]}")
-        res = jacobian_pass(runner.engine, runner.batches, [runner.nodes[l]], objective="mse", output_hook=names[l + 1],
-                            output_transform=lambda o, C=C: o.flatten(2) @ C.mT.to(o.dtype), seed=_pass_seed(seed, l),
-                            desc=f"LIB {names[l]}", **probe_kw)
-        from_pass(res, names[l], "next node")
-    return bases, how, half_bases
+        name = names[l]
+        if bases[names[l + 1]].size == 0:  # node l+1 keeps nothing: nothing downstream depends on node l either
+            finish(name, zero(name), (zero(name), zero(name)))
+            how[name] = _M("next node", "exact")
+        else:
+            from_pass(lib_pass(l, bases[names[l + 1]], f"LIB {name}"), name, "next node")
+        if refit:
+            refit_bases[name] = (refit_half(l, 0), refit_half(l, 1))
+    return _Fits(bases, how, half_bases, refit_bases, passes)
 
 
 def _check_cuts(runner: Runner, kind: str, last: str, edges: bool) -> None:
@@ -291,7 +332,8 @@ def interaction_basis(
     Cost (B batches): one Gram pass (a forward per batch); global: one Jacobian pass (a forward and
     n_probes VJPs per batch, or P·V exact ones); LIB: one Jacobian pass per node but the last with
     ``last="pca"`` (node l's forward stops at node l+1, its VJPs go back through one section only,
-    n_probes or P·kept_{l+1} per batch); PCA: no Jacobian pass; edges: one pass (per batch and pair, min(kept_l JVPs,
+    n_probes or P·kept_{l+1} per batch), and with edges two more per node below the last, for the
+    halves' own bases (the edges' split-half error); PCA: no Jacobian pass; edges: one pass (per batch and pair, min(kept_l JVPs,
     P·kept_{l+1} or r·kept_{l+1} VJPs) through one section each, in chunks). Memory: the D×D
     float64 accumulators and one chunk of tangents or VJPs; no per-direction gradient is stored. On a
     transformer every Jacobian pass first checks that one batch fits the memory budget in force
@@ -364,8 +406,10 @@ def interaction_basis(
                         device=acc_device, progress=progress, method=method)
         # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and of each half.
         held = sum(3 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
-        bases, how, half_bases = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
-                                                 interaction_atol, probe_kw, held)
+        with_edges = bool(edges) and len(runner.nodes) > 1
+        fits = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
+                               interaction_atol, probe_kw, held, refit=with_edges)
+        bases, how, half_bases = fits.bases, fits.how, fits.half_bases
         timings["jacobian_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -374,8 +418,8 @@ def interaction_basis(
         inverse = {n: bases[n].right_inverse(scaling) for n in runner.names}
         mean = {n: whitenings[n].mean for n in runner.names}
         edge_values, edge_modes, edge_stderr, edge_halves, edge_refit = {}, {}, {}, {}, {}
-        if edges and len(runner.nodes) > 1:
-            refit = tuple({n: (half_bases[n][h].matrix(scaling), half_bases[n][h].right_inverse(scaling),
+        if with_edges:
+            refit = tuple({n: (fits.refit_bases[n][h].matrix(scaling), fits.refit_bases[n][h].right_inverse(scaling),
                                half_whitenings[n][h].mean) for n in runner.names} for h in (0, 1))
             ep = edge_pass(runner.engine, runner.batches, runner.nodes, basis, inverse, mean, counts, half_counts,
                            edge_sources, seed,
@@ -394,7 +438,6 @@ def interaction_basis(
         for name in reversed(runner.names):
             later = (later and kind == "local") or how[name].method == "probes"
             from_probes[name] = later
-        n_jacobian_passes = {"global": 1, "local": len(runner.nodes) - (last == "pca"), "pca": 0}[kind]
         probed = any(h.method == "probes" for h in how.values())
         settings = {
             "gram_rtol": gram_rtol, "gram_atol": gram_atol, "interaction_rtol": interaction_rtol,
@@ -402,7 +445,7 @@ def interaction_basis(
             "exact_factor": EXACT_FACTOR, "last": last if kind == "local" else None,
             "edges": bool(edges), "edge_sources": edge_sources, "edge_modes": edge_modes, "seed": int(seed), "method": method,
             "batch_size": batch_size, "n_batches": len(runner.batches), "world_size": distributed_context().world_size,
-            "passes": 1 + n_jacobian_passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
+            "passes": 1 + fits.passes + int(bool(edge_values)), "dtype": str(runner.dtype).removeprefix("torch."),
             # A half-precision forward's rounding can count as directions: the ranks may be too high
             # (the bands reach up to that rounding's level).
             "half_precision": str(runner.dtype).removeprefix("torch.") if rounding_rtol(runner.dtype) is not None else None,

@@ -853,9 +853,9 @@ def _interaction_verdict(v: dict) -> str:
         f" — the edges of each half of the data (in these bases) give {halves[0]} and {halves[1]} modules"
         + (" (the partition moves with the data: read the modules as one sample's)"
            if min(v.get("half_agreement") or [1.0]) < 1.0 else "") if halves else "") + (
-        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error with each half's bases "
-        "refitted; a node's basis still reads the whole data's next one, so it can fall short: ΣE spread up to "
-        "2.3 times it over disjoint subsets of the toys)" if sampling else "") + (
+        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error, each half's bases fitted "
+        "to it alone; one degree of freedom, so it can fall short: ΣE spread 0.8–2.2 times it over disjoint "
+        "subsets of the toys)" if sampling else "") + (
         f" — at {unresolved} node(s) {v.get('unresolved_pairs')}"
         + (f" of {v['adjacent_pairs']}" if v.get("adjacent_pairs") else "")  # absent from reports saved before it
         + " pairs of adjacent directions have interaction "
