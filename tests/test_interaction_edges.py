@@ -228,7 +228,7 @@ def test_source_estimates_carry_their_standard_error():
         rows = res.edge_summary().to_dict("records")
         for edge, row in zip(res.to_dict()["edges"], rows, strict=True):
             assert (edge["estimated"], edge["basis_estimated"]) == (row["estimated"], row["basis_estimated"])
-            assert np.isnan(edge["total_stderr"]) if np.isnan(row["total_stderr"]) else edge["total_stderr"] == row["total_stderr"]
+            assert edge["total_stderr"] is None if np.isnan(row["total_stderr"]) else edge["total_stderr"] == row["total_stderr"]
             assert ("stderr" in edge) == (row["estimated"] and not row["basis_estimated"])
         assert any(edge["estimated"] for edge in res.to_dict()["edges"])
 
@@ -316,3 +316,16 @@ def test_edges_need_samples_to_average_over():
     with pytest.raises(Exception, match=r"no samples counted at node\(s\) \['hook_in'\]"):
         edge_pass(runner.engine, runner.batches, runner.nodes, ib.basis, ib.inverse, ib.mean,
                   {**ib.counts, "hook_in": 0}, progress=False)
+
+
+def test_to_dict_is_strict_json_where_a_half_is_empty():
+    """Review 58 #5: one sequence leaves the odd half empty, and to_dict carried NaN for the split-half
+    columns (and probe_stability), which strict JSON refuses; they are None now, as in the modules'."""
+    import json
+
+    model = HookedMLP([6, 9, 5, 3])
+    ib = interaction_basis(model, mlp_inputs(1, 6), kind="local", exact=True, nodes=MLP_NODES, output="mse", progress=False)
+    d = json.loads(json.dumps(ib.to_dict(), allow_nan=False))
+    assert all(edge["sampling_stderr"] is None and edge["total_odd"] is None for edge in d["edges"])
+    assert all(row["probe_stability"] is None for row in d["dims"])  # exact M: no probe halves to compare
+    assert ib.edge_summary()["sampling_stderr"].isna().all()  # the table keeps NaN

@@ -23,6 +23,14 @@ UNRESOLVED_Z = 2.0
 SAMPLING = ("total_even", "total_odd", "stderr_given_bases", "refit_even", "refit_odd", "sampling_stderr")
 
 
+def json_number(x) -> float | int | bool | str | None:
+    """A table cell or summary value as JSON takes it: NaN (a quantity the run has none of, e.g. the
+    split-half error of one-sequence data) as None; other values unchanged, numbers as Python's."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x.item() if hasattr(x, "item") else x
+
+
 @dataclass(frozen=True)
 class NodeSpectrum:
     """Both spectra of one node, float64, descending.
@@ -303,8 +311,8 @@ class InteractionBasis:
         for (a, b), e in self.edges.items():
             row = summary.loc[(a, b)]
             edge = {"source": a, "target": b, "values": e.tolist(), "estimated": bool(row["estimated"]),
-                    "basis_estimated": bool(row["basis_estimated"]), "total_stderr": float(row["total_stderr"]),
-                    **{k: float(row[k]) for k in SAMPLING}}
+                    "basis_estimated": bool(row["basis_estimated"]), "total_stderr": json_number(float(row["total_stderr"])),
+                    **{k: json_number(float(row[k])) for k in SAMPLING}}
             if (a, b) in self.edge_stderr and not row["basis_estimated"]:
                 edge["stderr"] = self.edge_stderr[a, b][0].tolist()
             edges.append(edge)
@@ -315,7 +323,7 @@ class InteractionBasis:
             "centered": self.centered,
             "last": self.last,
             "nodes": list(self.nodes),
-            "dims": self.dims.to_dict(orient="records"),
+            "dims": [{k: json_number(v) for k, v in row.items()} for row in self.dims.to_dict(orient="records")],
             "eigenvalues": {n: {"gram": s.gram.tolist(), "interaction": s.interaction.tolist()} for n, s in self.eigenvalues.items()},
             "edges": edges,
             "counts": dict(self.counts),

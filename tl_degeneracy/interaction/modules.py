@@ -28,6 +28,7 @@ from ..data import as_seed
 from ..distributed import warn_once
 from ..errors import DataError, NumericalError
 from ..numerics import DataLimitedWarning
+from .basis_result import json_number
 
 __all__ = ["DEFAULT_KEEP_SHARE", "Modules", "find_modules", "log_edge_weights", "mass_cutoff"]
 
@@ -172,22 +173,19 @@ class Modules:
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary: settings, scores (NaN as None), modules with members, isolated."""
-        def number(x: float) -> float | None:
-            return None if math.isnan(x) else float(x)
-
         modules = self.to_frame().to_dict(orient="records")
         for row, members in zip(modules, self.members):
-            row["share_of_weight"] = number(row["share_of_weight"])
+            row["share_of_weight"] = json_number(row["share_of_weight"])
             row["members"] = [[node, int(d)] for node, d in members]
         return {
             "kind": "interaction_modules",
             "nodes": list(self.nodes),
-            "modularity": number(self.modularity),
-            "inside_share": number(self.inside_share),
-            "edges_inside_share": number(self.edges_inside_share),
-            "mass_inside_share": number(self.mass_inside_share),
+            "modularity": json_number(self.modularity),
+            "inside_share": json_number(self.inside_share),
+            "edges_inside_share": json_number(self.edges_inside_share),
+            "mass_inside_share": json_number(self.mass_inside_share),
             "half_modules": None if self.half_modules is None else list(self.half_modules),
-            "half_agreement": None if self.half_agreement is None else [number(a) for a in self.half_agreement],
+            "half_agreement": None if self.half_agreement is None else [json_number(a) for a in self.half_agreement],
             "settings": {
                 "cutoff": [{"source": a, "target": b, "cutoff": c} for (a, b), c in self.cutoff.items()],
                 "resolution": self.resolution,
@@ -198,7 +196,7 @@ class Modules:
                 "restarts": self.restarts,
                 "restart_modules": None if self.restart_modules is None else list(self.restart_modules),
                 "restart_modularity": None if self.restart_modularity is None else
-                [number(q) for q in self.restart_modularity],
+                [json_number(q) for q in self.restart_modularity],
             },
             "modules": modules,
             "isolated": [[node, int(d)] for node, d in self.isolated],
