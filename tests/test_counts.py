@@ -695,32 +695,65 @@ def test_a_float32_relu_neuron_whose_terms_cancel_is_counted_within_the_band(sig
         assert single["rank_G"] == 16  # the real direction is counted
 
 
-@pytest.mark.parametrize("gain", ["spread", "constant"])
-def test_hook_normalized_after_the_affine_is_refused(gain, tiny_toy_tokens):
-    """A third-party norm whose hook_normalized fires after its gain and bias would have them applied
-    twice (review 58 #6): the analyses refuse it, naming the hook; the same weights with the hook on
-    x/σ pass. ``constant``: a gain of 0.5 everywhere keeps the mean square below 1, and the bias
-    moves LayerNorm's zero row sum."""
-    from tl_degeneracy.errors import UnsupportedArchitectureError
+def _fire_after_affine(model) -> None:
+    """Make every LayerNorm of a toy fire hook_normalized after its gain and bias (a third-party norm's mistake)."""
     from tl_degeneracy.models.toys.transformer import LayerNorm
-    from tl_degeneracy.synchronization import head_synchronization
 
     def after_affine(self, x):
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale * self.w + self.b)
 
-    model = make_tiny_toy_transformer(seed=3)
-    if gain == "constant":
-        with torch.no_grad():
-            for block in model.blocks:
-                for ln in (block.ln1, block.ln2):
-                    ln.w.fill_(0.5)
-    degeneracy_counts(model, tiny_toy_tokens, exact=True, progress=False)  # x/σ: accepted
     for block in model.blocks:
         for ln in (block.ln1, block.ln2):
             ln.forward = after_affine.__get__(ln, LayerNorm)
+
+
+@pytest.mark.parametrize("gain", ["spread", "constant", "near one"])
+def test_hook_normalized_after_the_affine_is_refused(gain, tiny_toy_tokens):
+    """A third-party norm whose hook_normalized fires after its gain and bias would have them applied
+    twice (review 58 #6): the analyses refuse it before their passes, naming the hook; the same weights
+    with the hook on x/σ pass. ``constant``: a gain of 0.5 everywhere keeps the mean square below 1;
+    ``near one``: gains in [0.75, 1] and no bias (review 60 F5: a window on the mean square let it
+    pass) — each row's mean square is compared with σ²/(σ² + ε) from the norm's hook_scale."""
+    from tl_degeneracy.errors import UnsupportedArchitectureError
+    from tl_degeneracy.synchronization import head_synchronization
+
+    model = make_tiny_toy_transformer(seed=3)
+    with torch.no_grad():
+        for block in model.blocks:
+            for ln in (block.ln1, block.ln2):
+                if gain == "constant":
+                    ln.w.fill_(0.5)
+                elif gain == "near one":
+                    ln.w.copy_(torch.linspace(0.75, 1.0, ln.w.numel()))
+                    ln.b.zero_()
+    degeneracy_counts(model, tiny_toy_tokens, exact=True, progress=False)  # x/σ: accepted
+    _fire_after_affine(model)
+    calls = []
+    model.run_with_hooks = lambda *a, _run=model.run_with_hooks, **k: calls.append(1) or _run(*a, **k)
     with pytest.raises(UnsupportedArchitectureError, match=r"blocks\.0\.ln1\.hook_normalized .*count twice"):
         degeneracy_counts(model, tiny_toy_tokens, exact=True, progress=False)
+    assert len(calls) == 1  # the check's own forward: refused before any pass (review 60 F6)
     with pytest.raises(UnsupportedArchitectureError, match="hook_normalized"):
         head_synchronization(model, tiny_toy_tokens, progress=False)
+
+
+@pytest.mark.parametrize("case", ["bfloat16 with a large mean", "residual below the norm's eps"])
+def test_hook_normalized_on_x_over_sigma_is_accepted(case, tiny_toy_tokens):
+    """Review 60 F3/F4: x/σ read as another model's. A half-precision LayerNorm that subtracts a
+    rounded mean leaves √D·eps·|mean|/σ of the row sum (refused at |mean| = 8.5σ in bfloat16, D = 16);
+    a residual stream whose variance is below ε has x/σ rows of mean square well under 1/2."""
+    from tl_degeneracy.counts import check_normalized_hooks
+    from tl_degeneracy.models.adapt import adapt
+
+    model = make_tiny_toy_transformer(seed=3)
+    with torch.no_grad():
+        if case == "bfloat16 with a large mean":
+            model.embed.W_E.add_(3.0)
+            model.to(torch.bfloat16)
+        else:
+            for name, p in model.named_parameters():
+                if not name.endswith((".w", ".b")):
+                    p.mul_(1e-3)
+    check_normalized_hooks(adapt(model))

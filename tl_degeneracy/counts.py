@@ -104,7 +104,15 @@ def counted_batches(data, adapter: ModelAdapter, batch_size: int, seq_len: int |
 def block_input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     """Hook carrying the input of the attention (``ln1``) or MLP (``ln2``) linear maps: the norm's
     output in a pre-norm block (``ln1``'s for both in a parallel block with one norm), the residual stream itself (``resid_pre`` / ``resid_mid``) in a model
-    without normalization (toy:modadd)."""
+    without normalization (toy:modadd). A ``hook_normalized`` is checked to carry x/σ before any pass
+    reads it (:func:`check_normalized_hooks`)."""
+    name = _input_hook(adapter, layer, ln)
+    if name.endswith(".hook_normalized"):
+        check_normalized_hooks(adapter)
+    return name
+
+
+def _input_hook(adapter: ModelAdapter, layer: int, ln: str) -> str:
     if adapter.cfg.normalization is not None:
         adapter.norm_weights(layer, ln)  # a post-norm block (OLMo2) has no norm in front: MissingHookError
     available = adapter.available_hooks()
@@ -153,16 +161,16 @@ def block_input_affine(adapter: ModelAdapter, layer: int, ln: str) -> tuple[Tens
     if not block_input_hook(adapter, layer, ln).endswith(".hook_normalized"):
         return None, None
     norm = adapter.norm_weights(layer, ln)
-    if norm.w is not None or norm.b is not None:
-        check_normalized_hooks(adapter)
     return norm.w, norm.b
 
 
-#: How far a ``hook_normalized`` row may sit from x/σ's own properties before it is taken for the norm's
-#: output after its gain and bias: a row's mean square is σ²/(σ² + eps_norm), at most 1 and above 1/2
-#: wherever the input's own mean square exceeds the norm's eps (the largest row's is checked), and
-#: LayerNorm's row sums to 0 (|Σ_i n_i| / ‖n‖). Rounding moves these by about the forward's eps (4·10⁻³
-#: in bfloat16); a gain and bias applied move them by O(1) unless w is constant near 1 and b = 0.
+#: How far a ``hook_normalized`` row may sit from x/σ before it is taken for the norm's output after
+#: its gain and bias (relative). Where the norm's ``hook_scale`` and ε are known, a row's mean square
+#: must be (σ² − ε)/σ² (LayerNorm and RMSNorm alike; checked on rows with σ² ≥ 2ε): rounding moves it by
+#: about eps of the forward's precision, plus (eps·|mean x|/σ)² where a half-precision LayerNorm
+#: subtracts a rounded mean (10⁻² at |mean| = 30σ in bfloat16). Without them, only a mean square
+#: above 1 tells. A LayerNorm row of x/σ also sums to 0: |Σ_i n_i|/‖n‖, checked in float32 and float64
+#: only, since a rounded mean leaves √D·eps·|mean x|/σ of it in half precision (review 60 F3).
 NORMALIZED_TOLERANCE = 0.05
 
 _NORMALIZED_CHECKED: weakref.WeakSet = weakref.WeakSet()
@@ -173,40 +181,70 @@ def check_normalized_hooks(adapter: ModelAdapter) -> None:
     rather than on x/σ: :func:`block_input_affine` applies (w, b) to that hook's activation, so they
     would count twice and every input moment (counts, synchronization, sparsify) would be another
     model's (review 58 #6: a third-party toy's norm). One forward of :meth:`ModelAdapter.example_tokens`
-    per adapter, reading every layer's attention and MLP input hook whose norm has a gain or bias."""
+    per adapter, reading every layer's attention and MLP input hook whose norm has a gain or bias, and
+    the norm's ``hook_scale`` where it has one. A necessary condition only: a gain within the
+    tolerance of 1 with no bias passes, and so does any gain where neither the scale nor ε is known
+    and the mean square stays at most 1."""
     if adapter in _NORMALIZED_CHECKED:
         return
-    kinds, worst = {}, {}
+    norms, scales, worst = {}, {}, {}
+    available = adapter.available_hooks()
     for layer in range(adapter.n_layers):
         for ln in ("ln1", "ln2"):
             try:
-                name = block_input_hook(adapter, layer, ln)
+                name = _input_hook(adapter, layer, ln)
             except MissingHookError:
                 continue
             norm = adapter.norm_weights(layer, ln)
             if name.endswith(".hook_normalized") and (norm.w is not None or norm.b is not None):
-                kinds[name] = norm.kind
+                norms[name] = norm
 
-    def reader(name: str):
+    def read_scale(name: str):
         def hook(act: Tensor, hook=None) -> None:
-            n = act.detach().to(torch.float64)
-            square = n.square().mean(-1).max().item()
-            total = (n.sum(-1).abs() / n.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
-            before = worst.get(name, (0.0, 0.0))
-            worst[name] = (max(before[0], square), max(before[1], total))  # a repeated firing (split q/k/v) reads alike
+            scales[name] = act.detach().to(torch.float64).squeeze(-1)
 
         return hook
 
+    def read(name: str):
+        def hook(act: Tensor, hook=None) -> None:
+            n = act.detach().to(torch.float64)
+            square = n.square().mean(-1)
+            found = worst.setdefault(name, {"square": 0.0, "ratio": None, "sum": None})
+            found["square"] = max(found["square"], square.max().item())
+            sigma2, eps = (scales.get(name.removesuffix("hook_normalized") + "hook_scale"), norms[name].eps)
+            if sigma2 is not None and eps is not None and sigma2.shape == square.shape:
+                sigma2 = sigma2.square()
+                rows = sigma2 >= 2 * eps  # below, σ² − ε cancels
+                if rows.any():
+                    ratio = (square[rows] / ((sigma2[rows] - eps) / sigma2[rows]) - 1).abs().max().item()
+                    found["ratio"] = max(found["ratio"] or 0.0, ratio)
+            if norms[name].kind == "layernorm" and act.dtype not in HALF_DTYPES:
+                total = (n.sum(-1).abs() / n.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+                found["sum"] = max(found["sum"] or 0.0, total)
+
+        return hook
+
+    hooks = []
+    for name in sorted(norms):
+        scale = name.removesuffix("hook_normalized") + "hook_scale"
+        if scale in available:
+            hooks.append((scale, read_scale(scale)))
+        hooks.append((name, read(name)))
     with torch.no_grad():
-        adapter.run_with_hooks(adapter.example_tokens(2, 8), fwd_hooks=[(name, reader(name)) for name in sorted(kinds)])
-    for name, (square, total) in sorted(worst.items()):
-        layernorm = kinds[name] == "layernorm"
-        if not 0.5 <= square <= 1 + NORMALIZED_TOLERANCE or (layernorm and total > NORMALIZED_TOLERANCE):
+        adapter.run_with_hooks(adapter.example_tokens(2, 8), fwd_hooks=hooks)
+    for name, found in sorted(worst.items()):
+        ratio, total = found["ratio"], found["sum"]
+        wrong = []
+        if ratio is not None and ratio > NORMALIZED_TOLERANCE:
+            wrong.append(f"its rows' mean square differs from x/σ's, σ²/(σ² + ε), by up to {ratio:.1%}")
+        elif ratio is None and found["square"] > 1 + NORMALIZED_TOLERANCE:
+            wrong.append(f"its rows' largest mean square is {found['square']:.3g} (x/σ: at most 1)")
+        if total is not None and total > NORMALIZED_TOLERANCE:
+            wrong.append(f"its rows sum to up to {total:.3g}·‖n‖ (LayerNorm's x/σ: 0)")
+        if wrong:
             raise UnsupportedArchitectureError(
-                f"{name} of this {type(adapter.model).__name__} does not carry the normalized x/σ: its rows' largest mean "
-                f"square is {square:.3g} (x/σ: between 1/2 and 1)"
-                + (f" and sum to up to {total:.3g}·‖n‖ (x/σ under LayerNorm: 0)" if layernorm else "")
-                + ". It seems to fire after the norm's gain and bias, which tl_degeneracy applies itself, so they would "
+                f"{name} of this {type(adapter.model).__name__} does not carry the normalized x/σ: {'; '.join(wrong)}. "
+                "It seems to fire after the norm's gain and bias, which tl_degeneracy applies itself, so they would "
                 "count twice; fire hook_normalized on x/σ, before w and b, as TransformerLens does "
                 "(docs/architecture.md)")
     _NORMALIZED_CHECKED.add(adapter)

@@ -135,12 +135,14 @@ class NormWeights:
     its gain as an offset from 1 (Gemma-family RMSNorm computes x/rms · (1 + w)): there ``w`` is
     1 + the stored tensor. None where the model has none: absent from the architecture, or folded
     into the next linear maps (HookedTransformer's ``fold_ln``; a compatibility-mode bridge keeps
-    an effective w = 1, b = 0).
+    an effective w = 1, b = 0). ``eps``: the ε the norm adds to the mean square under its square root
+    (the module's ``eps``), None where the module holds none.
     """
 
     kind: str | None
     w: Float[Tensor, " d_model"] | None
     b: Float[Tensor, " d_model"] | None
+    eps: float | None = None
 
 
 class ModelAdapter(abc.ABC):
@@ -515,7 +517,9 @@ class ModelAdapter(abc.ABC):
         if kind is None:
             return NormWeights(None, None, None)
         w, b = self._layer_norm(layer % self.n_layers, ln)
-        return NormWeights(kind, None if w is None else w.detach(), None if b is None else b.detach())
+        eps = getattr(self._norm_module(layer % self.n_layers, ln), "eps", None)
+        return NormWeights(kind, None if w is None else w.detach(), None if b is None else b.detach(),
+                           float(eps) if isinstance(eps, (int, float)) else None)
 
     def query_key_norm(self, layer: int) -> NormWeights:
         """The normalization as ``layer``'s queries and keys read it: ``norm_weights(layer, "ln1")``,
