@@ -1,6 +1,7 @@
 """degeneracy_report: every section on a tiny toy, saved and read back; skipped and failed sections;
 the section registry; the checkpoint cache and LLC resume; bad input refused before any work."""
 
+import dataclasses
 import json
 import math
 import re
@@ -217,6 +218,15 @@ def test_interaction_section_equals_a_direct_call(full_report):
         from tl_degeneracy.report.sections import verdict
 
         assert "(estimated: M from" in verdict(sec)
+    # the split-half error of ΣE: each half's bases fitted to it alone (0.4.16), a scale and not a bound
+    from tl_degeneracy.report.sections import verdict
+
+    assert sec.values["edge_sampling_refit"] == "whole recursion"
+    assert sec.values["edge_sampling"] > 0
+    assert "each half's bases fitted to it alone; one degree of freedom, a scale and not a bound" in verdict(sec)
+    # review 60 F9: a 0.4.15 report's halves read the whole data's next basis, and its verdict still says so
+    old = dataclasses.replace(sec, values={k: v for k, v in sec.values.items() if k != "edge_sampling_refit"})
+    assert "a LIB node's through the whole data's next basis" in verdict(old)
     names = list(SECTIONS)
     assert names.index("interaction") == names.index("llc") - 1
 

@@ -265,7 +265,9 @@ class InteractionBasis:
         ``sampling_stderr``, the same formula on them: the bases' own sampling error included, which on
         toy:modadd is most of it (review 58 #1: ΣE over 8 disjoint subsets spread 8–10 times more than the
         fixed-basis error). Within LIB a half's basis at node l differentiates that half's own basis of
-        node l+1 (two Jacobian passes more per node), so the whole recursion is refitted. One degree of freedom each:
+        node l+1 (two Jacobian passes more per node), so the whole recursion is refitted (with exact
+        Jacobians; probes are keyed by a sequence's number in the data, so with probes the refit equals
+        a half-alone run in distribution only). One degree of freedom each:
         a rough scale, not a tight interval; NaN where a half is empty or the run had no halves."""
         modes = self.settings.get("edge_modes", {})
         rows = []

@@ -407,8 +407,10 @@ def interaction_basis(
         # The Gram pass's results stay alive during the Jacobian passes: each node's Gram, whole and of each half.
         held = sum(3 * 8 * math.prod(shape) ** 2 for shape in shapes.values())
         with_edges = bool(edges) and len(runner.nodes) > 1
+        # Both halves hold samples at every node, or there is no split-half error to refit for.
+        split = all(0 < collector.half_accs[n].count < counts[n] for n in runner.names)
         fits = _jacobian_grams(runner, whitenings, half_whitenings, kind, last, output, interaction_rtol,
-                               interaction_atol, probe_kw, held, refit=with_edges)
+                               interaction_atol, probe_kw, held, refit=with_edges and split)
         bases, how, half_bases = fits.bases, fits.how, fits.half_bases
         timings["jacobian_s"] = time.perf_counter() - t1
 

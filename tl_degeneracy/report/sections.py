@@ -342,7 +342,7 @@ def interaction(ctx: ReportContext) -> SectionOutput:
                 "half_agreement": None if modules.half_agreement is None else list(modules.half_agreement),
                 "unresolved_nodes": int((dims["unresolved"] > 0).sum()), "unresolved_pairs": int(dims["unresolved"].sum()),
                 "adjacent_pairs": adjacent,
-                "edge_sampling": _edge_sampling(edges),
+                "edge_sampling": _edge_sampling(edges), "edge_sampling_refit": "whole recursion",
                 "probe_nodes": len(probed), "probe_downstream_nodes": downstream, "n_probes": s.ib_probes,
                 "min_probe_stability": None if stability is None or math.isnan(stability) else stability,
                 "half_precision": ib.settings.get("half_precision"), "timings": timings},
@@ -853,9 +853,11 @@ def _interaction_verdict(v: dict) -> str:
         f" — the edges of each half of the data (in these bases) give {halves[0]} and {halves[1]} modules"
         + (" (the partition moves with the data: read the modules as one sample's)"
            if min(v.get("half_agreement") or [1.0]) < 1.0 else "") if halves else "") + (
-        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error, each half's bases fitted "
-        "to it alone; one degree of freedom, so it can fall short: ΣE spread 0.8–2.2 times it over disjoint "
-        "subsets of the toys)" if sampling else "") + (
+        f" — ΣE of a node pair moves by up to {sampling:.0%} (split-half standard error, "
+        + ("each half's bases fitted to it alone" if v.get("edge_sampling_refit")  # absent before 0.4.16
+           else "each half's bases refitted, a LIB node's through the whole data's next basis")
+        + "; one degree of freedom, a scale and not a bound: in about 4 runs of 10 ΣE's real spread is more than "
+        "twice it)" if sampling else "") + (
         f" — at {unresolved} node(s) {v.get('unresolved_pairs')}"
         + (f" of {v['adjacent_pairs']}" if v.get("adjacent_pairs") else "")  # absent from reports saved before it
         + " pairs of adjacent directions have interaction "
