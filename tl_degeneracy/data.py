@@ -112,6 +112,15 @@ class Batch:
     index: Int[Tensor, " batch"]
     number: int
 
+    def select(self, keep: Bool[Tensor, " batch"]) -> Batch | None:
+        """The batch's sequences where ``keep`` (None where there are none), a batch of their own with
+        their masks and places in the data: a half of the data differentiated on its own."""
+        if not bool(keep.any()):
+            return None
+        rows = keep.to(self.tokens.device)
+        return Batch(tokens=self.tokens[rows], mask=self.mask[rows], lengths=self.lengths[rows],
+                     index=self.index[keep.to(self.index.device)], number=self.number)
+
     @property
     def n_samples(self) -> int:
         return int(self.mask.sum())

@@ -157,13 +157,12 @@ def _jacobian_grams(runner: Runner, whitenings, half_whitenings, kind: str, last
         return torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device)
 
     def refit_half(l: int, h: int) -> NodeBasis:
-        # Half h's node l through half h's own basis of node l+1; the pass runs on all the data, and
-        # half h's sums are read off it as in the whole data's pass.
-        name, nxt = names[l], refit_bases[names[l + 1]][h]
+        # Half h's node l through half h's own basis of node l+1, differentiating that half's sequences only.
+        name, nxt, which = names[l], refit_bases[names[l + 1]][h], ("even", "odd")[h]
         if nxt.size == 0:
             return directions(half_whitenings[name][h], zero(name))
-        res = lib_pass(l, nxt, f"LIB {name} ({('even', 'odd')[h]} half's bases)", halves=False)
-        return directions(half_whitenings[name][h], halves_of(res, name)[h])
+        res = lib_pass(l, nxt, f"LIB {name} ({which} half's bases)", halves=False, half=False, sequences=which)
+        return directions(half_whitenings[name][h], res.accs[name].gram()[0])
 
     if kind == "pca":
         for name in names:

@@ -237,16 +237,6 @@ def _reverse_pair(backward: Backward, f_a: Tensor, f_b: Tensor, fhat: Float[Tens
 Coords = tuple[Float[Tensor, "k D"], Float[Tensor, "D k"], Float[Tensor, " D"]]
 
 
-def _sequences(batch: Batch, keep: Bool[Tensor, " batch"]) -> Batch | None:
-    """The batch's sequences where ``keep`` (None where there are none): a batch of their own, so that
-    a half of the data can be differentiated in its own bases."""
-    if not bool(keep.any()):
-        return None
-    rows = keep.to(batch.tokens.device)
-    return Batch(tokens=batch.tokens[rows], mask=batch.mask[rows], lengths=batch.lengths[rows],
-                 index=batch.index[keep.to(batch.index.device)], number=batch.number)
-
-
 def edge_pass(
     engine,
     batches,
@@ -356,7 +346,7 @@ def edge_pass(
         forward_pairs(step.batch, step.index, whole_coords, totals)
         reverse_pairs(step.batch, step.index, whole_coords, totals)
         for keep, cs, into in zip((step.index.even, ~step.index.even), half_coords, half_totals):
-            half = _sequences(step.batch, keep)
+            half = step.batch.select(keep)
             if half is not None:
                 index = SampleIndex.from_batch(half)
                 forward_pairs(half, index, cs, into)

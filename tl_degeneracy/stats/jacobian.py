@@ -60,6 +60,7 @@ from .cuts import refuse_off_stream
 from ..distributed import distributed_context, failing_together, warn_once
 from .passes import FeatureLayout, HookTarget, feature_layout, resolve_targets, run_until
 from .gram_stats import JacobianHookStats, JacobianStats
+from .samples import SampleIndex
 from .stream import Step, stream
 from .vjp import Backward, cotangents, differentiable_capture
 
@@ -161,6 +162,7 @@ def jacobian_pass(
     method: str = "auto",
     probe_chunk: int | None = None,
     desc: str = "jacobian_stats",
+    sequences: str | None = None,
 ) -> JacobianPass:
     """One pass over ``batches`` accumulating K = (1/n) Σ_t E[g_t g_tᵀ] at ``targets`` (module docstring).
 
@@ -172,9 +174,14 @@ def jacobian_pass(
     :func:`max_counted_positions` (the same on every batch and process, so a different batch split
     never changes the method). ``halves``: also accumulate the two half-probe estimates
     (:class:`JacobianPass`; ``"first"``: only the first half's); ``half``: also the estimate from
-    the data's even-numbered sequences alone (``res.half``). Under ``torch.distributed`` each rank
-    takes its shard and the accumulators are summed (``stream``).
+    the data's even-numbered sequences alone (``res.half``). ``sequences="even"`` / ``"odd"``: only
+    those sequences of each batch are differentiated (the others dropped before the forward; their
+    probes keyed by their places in the data as in a whole pass), so that ``res.accs`` holds that half
+    alone at half the cost. Under ``torch.distributed`` each rank takes its shard and the accumulators
+    are summed (``stream``).
     """
+    if sequences not in (None, "even", "odd"):
+        raise ValueError(f"sequences must be None, 'even' or 'odd'; got {sequences!r}")
     acc_device = torch.device(device) if device is not None else runner.device
     backward = Backward(method)
     res = JacobianPass()
@@ -230,6 +237,14 @@ def jacobian_pass(
                 res.half[t.name] = SecondMomentAccumulator(layout.groups, layout.dim, device=acc_device)
 
     def on_batch(step: Step) -> None:
+        if sequences is not None:
+            keep = step.index.even if sequences == "even" else ~step.index.even
+            part = step.batch.select(keep)
+            if part is None:  # none of this half here: only the accumulators' shapes, where still unknown
+                if not res.accs:
+                    setup(step, *forward(step)[:2])
+                return
+            step = Step(part, SampleIndex.from_batch(part), step.flags, step.count)
         out, acts, out_mask = forward(step)
         setup(step, out, acts)
         if not step.count:
