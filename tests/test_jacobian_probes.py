@@ -252,3 +252,31 @@ def test_the_frame_says_when_k_came_from_probes(tiny_toy_transformer, tiny_toy_t
     assert a["estimated"].all() and (a["n_probes"] == 1).all()
     assert not b["estimated"].any() and b["n_probes"].isna().all()
     assert (a["rank"] <= b["rank"]).all()
+
+
+def test_a_pass_over_one_half_of_the_sequences_is_that_half_alone():
+    """jacobian_pass(sequences="odd") differentiates only the odd-numbered sequences of each batch (LIB's
+    refit passes, review 60 F8): exact K equals a pass over those sequences alone, also where a batch holds
+    none of them (batch_size 1: every other batch is empty of the half, and only sets the shapes), and
+    equals the odd half of a whole pass (the whole less ``res.half``)."""
+    from tl_degeneracy.models.adapt import adapt
+    from tl_degeneracy.stats.jacobian import jacobian_pass
+    from tl_degeneracy.stats.passes import resolve_targets
+
+    model = make_tiny_toy_transformer(seed=2)
+    adapter = adapt(model)
+    tokens = torch.randint(1, 20, (5, 6), generator=torch.Generator().manual_seed(4))
+    targets = resolve_targets(adapter, ["resid_pre"], "test")
+    kw = dict(objective="kl", exact=True, progress=False, per_head=False)
+    for batch_size in (1, 2, 5):
+        part = jacobian_pass(adapter, token_batches(tokens, adapter, batch_size=batch_size), targets, sequences="odd", **kw)
+        alone = jacobian_pass(adapter, token_batches(tokens[1::2], adapter, batch_size=batch_size), targets, **kw)
+        whole = jacobian_pass(adapter, token_batches(tokens, adapter, batch_size=batch_size), targets, half=True, **kw)
+        for t in targets:
+            expected = alone.accs[t.name].gram()[0]
+            assert part.accs[t.name].count == alone.accs[t.name].count
+            assert torch.allclose(part.accs[t.name].gram()[0], expected, rtol=1e-10, atol=1e-14 * float(expected.abs().max()))
+            odd = whole.accs[t.name].without(whole.half[t.name]).gram()[0]
+            assert torch.allclose(part.accs[t.name].gram()[0], odd, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="sequences must be"):
+        jacobian_pass(adapter, token_batches(tokens, adapter), targets, sequences="first", **kw)
