@@ -198,6 +198,7 @@ def check_normalized_hooks(adapter: ModelAdapter) -> None:
             norm = adapter.norm_weights(layer, ln)
             if name.endswith(".hook_normalized") and (norm.w is not None or norm.b is not None):
                 norms[name] = norm
+    scale_of = {name: name.removesuffix("hook_normalized") + "hook_scale" for name in norms}
 
     def read_scale(name: str):
         def hook(act: Tensor, hook=None) -> None:
@@ -211,7 +212,7 @@ def check_normalized_hooks(adapter: ModelAdapter) -> None:
             square = n.square().mean(-1)
             found = worst.setdefault(name, {"square": 0.0, "ratio": None, "sum": None})
             found["square"] = max(found["square"], square.max().item())
-            sigma2, eps = (scales.get(name.removesuffix("hook_normalized") + "hook_scale"), norms[name].eps)
+            sigma2, eps = scales.get(scale_of[name]), norms[name].eps
             if sigma2 is not None and eps is not None and sigma2.shape == square.shape:
                 sigma2 = sigma2.square()
                 rows = sigma2 >= 2 * eps  # below, σ² − ε cancels
@@ -226,9 +227,8 @@ def check_normalized_hooks(adapter: ModelAdapter) -> None:
 
     hooks = []
     for name in sorted(norms):
-        scale = name.removesuffix("hook_normalized") + "hook_scale"
-        if scale in available:
-            hooks.append((scale, read_scale(scale)))
+        if scale_of[name] in available:
+            hooks.append((scale_of[name], read_scale(scale_of[name])))
         hooks.append((name, read(name)))
     with torch.no_grad():
         adapter.run_with_hooks(adapter.example_tokens(2, 8), fwd_hooks=hooks)
