@@ -13,7 +13,7 @@ from tl_degeneracy.report.cache import fingerprint
 from tl_degeneracy.report.context import ReportContext
 from tl_degeneracy.report.registry import SECTIONS
 from tl_degeneracy.report.report import time_line
-from tl_degeneracy.report.scope import LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, fit_time
+from tl_degeneracy.report.scope import LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, MODULES_COST, fit_time
 from tl_degeneracy.report.settings import PRESETS, ReportSettings, resolve_settings
 from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 
@@ -109,6 +109,18 @@ def test_the_llc_prediction_counts_the_budget_and_the_calibration(ctx, monkeypat
     first = (s.chains * (s.burnin + s.draws) + LLC_CALIBRATION) * 0.01
     whole = (s.chains * (s.burnin + s.llc_max_draws) + LLC_CALIBRATION) * 0.01
     assert fit_time(ctx, set(), ["llc"])["predicted"]["llc"] == pytest.approx(3 * max(first, min(whole, 80.0)))
+
+
+def test_the_interaction_prediction_counts_the_modules(ctx, monkeypatch):
+    """The modules' Louvain runs take time whatever the forward costs (SmolLM2-135M: 68 s of the section's
+    329 s, missing from the prediction before): with a free forward the prediction is theirs alone,
+    MODULES_COST per entry of n_layers edge matrices of min(D, n)² entries."""
+    import tl_degeneracy.report.scope as scope
+
+    monkeypatch.setattr(scope, "_forward_seconds", lambda c: 0.0)
+    kept = min(ctx.adapter.d_model, ctx.ib_batches.n_samples)
+    expected = MODULES_COST * TINY_TOY_KWARGS["n_layers"] * kept**2
+    assert fit_time(ctx, set(), ["interaction"])["predicted"]["interaction"] == pytest.approx(expected)
 
 
 def test_the_report_runs_a_restricted_llc_and_states_the_scope(tmp_path):

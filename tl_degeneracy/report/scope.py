@@ -4,7 +4,9 @@ Two sections grow much faster than a forward pass with the model:
 
 - the interaction edges (METHODS §5) take one forward-mode JVP per kept direction of each node, and
   the kept directions are at most the positions read, so about ``IB_COST`` · min(D, n) forward
-  passes over the section's n positions (cost ∝ n² until n reaches the width D);
+  passes over the section's n positions (cost ∝ n² until n reaches the width D); its modules
+  (METHODS §6) run Louvain in Python on the edge matrices, whatever the device, about
+  ``MODULES_COST`` seconds per entry of the n_layers matrices of min(D, n)² entries;
 - an LLC run (METHODS §1) takes chains · (burnin + draws) chain-steps, each a forward and backward
   pass over the LLC tokens, plus the step-size calibration's Hessian-vector products, about
   ``LLC_CALIBRATION`` chain-steps; the first block of draws always runs, further blocks until
@@ -27,11 +29,17 @@ from collections.abc import Callable
 
 import torch
 
-#: Forward passes per kept direction of the interaction section, all nodes' bases and edges together.
-#: Measured on SmolLM2-135M (30 layers, D = 576), 2 CPU threads: 128 tokens, 32 s for 127 kept
-#: directions per node at 0.15 s per forward (1.7 each, idle machine); 64 tokens, 37 s for 62 at
-#: 0.13 s (4.5, a loaded machine, where the fixed costs weigh more).
+#: Forward passes per kept direction of the interaction section, all nodes' bases and edges together
+#: (the whole data's and each half's refitted ones), the modules aside. Measured on SmolLM2-135M
+#: (30 layers, D = 576), 2 CPU threads, idle machine, version 0.4.16: 256 tokens, 261 s for 256 kept
+#: directions per node at 0.53 s per forward (1.9 each); before the half-data refits (0.4.0), 128
+#: tokens, 32 s for 127 at 0.15 s (1.7 each).
 IB_COST = 2.0
+#: Seconds per edge-matrix entry that the modules take (:func:`~tl_degeneracy.interaction.modules.find_modules`:
+#: 5 Louvain restarts on the whole data's graph and on each half's, then their modularity). Measured,
+#: 2 CPU threads, idle machine, version 0.4.16: SmolLM2-135M, 67.9 s for 30 pairs of 256 × 256 entries
+#: (3.5e-5 s each); toy:bytelm, 0.52 s for 2 pairs of 128 × 128 (1.6e-5 s each).
+MODULES_COST = 3.5e-5
 #: Chain-steps that one LLC run's step size and curvature checks cost (pilots, Lanczos and
 #: Hutchinson probes before and after sampling). Measured: SmolLM2-135M restricted to its last
 #: layer's attention, 32 tokens, 4 chains: 64 s besides sampling at 0.059 s per chain-step.
@@ -97,7 +105,8 @@ def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
 
     def predicted(tokens: int) -> float:
         share = min(tokens, available) / min(s.ib_tokens, available)  # forward time and positions scale with the tokens
-        return IB_COST * min(width, n * share) * seconds * share
+        kept = min(width, n * share)
+        return IB_COST * kept * seconds * share + MODULES_COST * ctx.adapter.n_layers * kept**2
 
     tokens = s.ib_tokens
     if "ib_tokens" not in explicit:
