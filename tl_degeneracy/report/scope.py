@@ -6,7 +6,9 @@ Two sections grow much faster than a forward pass with the model:
   the kept directions are at most the positions read, so about ``IB_COST`` · min(D, n) forward
   passes over the section's n positions (cost ∝ n² until n reaches the width D); its modules
   (METHODS §6) run Louvain in Python on the edge matrices, whatever the device, about
-  ``MODULES_COST`` seconds per entry of the n_layers matrices of min(D, n)² entries;
+  ``MODULES_COST`` seconds per entry of the n_layers matrices of min(D, n)² entries (the cut
+  checks, about four gradient passes of 16 tokens per layer, are a fixed cost left out: 23 s of
+  SmolLM2-135M's 111 s on 2 CPU threads);
 - an LLC run (METHODS §1) takes chains · (burnin + draws) chain-steps, each a forward and backward
   pass over the LLC tokens, plus the step-size calibration's Hessian-vector products, about
   ``LLC_CALIBRATION`` chain-steps; the first block of draws always runs, further blocks until
