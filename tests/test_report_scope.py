@@ -111,16 +111,29 @@ def test_the_llc_prediction_counts_the_budget_and_the_calibration(ctx, monkeypat
     assert fit_time(ctx, set(), ["llc"])["predicted"]["llc"] == pytest.approx(3 * max(first, min(whole, 80.0)))
 
 
-def test_the_interaction_prediction_counts_the_modules(ctx, monkeypatch):
+def test_the_interaction_prediction_counts_the_modules(monkeypatch):
     """The modules' Louvain runs take time whatever the forward costs (SmolLM2-135M: 68 s of the section's
     329 s, missing from the prediction before): with a free forward the prediction is theirs alone,
-    MODULES_COST per entry of n_layers edge matrices of min(D, n)² entries."""
+    MODULES_COST per entry of one edge matrix per pair of the section's adjacent nodes, each of
+    min(D, n)² entries; with fewer positions than D (n here) the kept directions are n, and halving
+    the tokens quarters the term."""
     import tl_degeneracy.report.scope as scope
+    from tl_degeneracy.interaction.runner import _default_transformer_nodes
+    from tl_degeneracy.report.build import _resolve_data
 
     monkeypatch.setattr(scope, "_forward_seconds", lambda c: 0.0)
-    kept = min(ctx.adapter.d_model, ctx.ib_batches.n_samples)
-    expected = MODULES_COST * TINY_TOY_KWARGS["n_layers"] * kept**2
-    assert fit_time(ctx, set(), ["interaction"])["predicted"]["interaction"] == pytest.approx(expected)
+    c = ReportContext(label="short", adapter=tld.adapt(make_tiny_toy_transformer(n_ctx=64)),
+                      settings=resolve_settings("quick"), data=_resolve_data(_tokens(n=2, length=6), "short"))
+    n, pairs = c.ib_batches.n_samples, len(_default_transformer_nodes(c.adapter)) - 1
+    assert n < c.adapter.d_model and pairs == TINY_TOY_KWARGS["n_layers"]
+    info = fit_time(c, set(), ["interaction"])
+    assert info["predicted"]["interaction"] == pytest.approx(MODULES_COST * pairs * n**2)
+    monkeypatch.setattr(scope, "MIN_IB_TOKENS", 4)
+    c.update_settings(section_time=1e-9)  # the 12 tokens held are halved once, to 6
+    info = fit_time(c, set(), ["interaction"])
+    assert info["lowered"]["ib_tokens"] == [512, 6]
+    assert info["predicted_before"]["interaction"] == pytest.approx(MODULES_COST * pairs * n**2)
+    assert info["predicted"]["interaction"] == pytest.approx(MODULES_COST * pairs * (n / 2) ** 2)
 
 
 def test_the_report_runs_a_restricted_llc_and_states_the_scope(tmp_path):

@@ -18,10 +18,11 @@ Both are predicted from passes timed here on the model and its data, and the set
 not give are lowered, in a fixed order, until the prediction fits ``section_time``: the
 interaction basis's token budget is halved; the LLC is first restricted to the last layer's
 attention (a restricted LLC, METHODS §1), then given fewer tokens, then run at the main loss scale
-only. What changed, and the predictions, go to the report header; so on a GPU or on a small model
-nothing changes, and on a 135M-parameter model on a CPU the report still finishes. The scope thus
-follows the machine's speed (and its load, near a threshold): reports meant to be compared should
-set these settings, or ``section_time=none``, explicitly.
+only. What changed, and the predictions, go to the report header; so on a small model nothing
+changes, and on a 135M-parameter model on a CPU the report still finishes. The scope thus follows
+the machine's speed (and its load, near a threshold), except the modules' term, which runs on the
+CPU whatever the device: on a GPU it alone lowers the tokens of a model of 36 layers of D ≥ 504.
+Reports meant to be compared should set these settings, or ``section_time=none``, explicitly.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from collections.abc import Callable
 import torch
 
 #: Forward passes per kept direction of the interaction section, all nodes' bases and edges together
-#: (the whole data's and each half's refitted ones), the modules aside. Measured on SmolLM2-135M
-#: (30 layers, D = 576), 2 CPU threads, idle machine, version 0.4.16: 256 tokens, 261 s for 256 kept
-#: directions per node at 0.53 s per forward (1.9 each); before the half-data refits (0.4.0), 128
-#: tokens, 32 s for 127 at 0.15 s (1.7 each).
+#: (the whole data's and each half's refitted ones), the modules and the cut checks aside. Measured
+#: on SmolLM2-135M (30 layers, D = 576), 2 CPU threads, idle machine, version 0.4.16: 256 tokens,
+#: 238.6 s of Jacobians and edges for 252 kept directions per node at 0.54 s per forward (1.75
+#: each); before the half-data refits (2026-12-04), 128 tokens, 32 s for 127 at 0.15 s (1.7 each).
 IB_COST = 2.0
 #: Seconds per edge-matrix entry that the modules take (:func:`~tl_degeneracy.interaction.modules.find_modules`:
 #: 5 Louvain restarts on the whole data's graph and on each half's, then their modularity). Measured,
-#: 2 CPU threads, idle machine, version 0.4.16: SmolLM2-135M, 67.9 s for 30 pairs of 256 × 256 entries
-#: (3.5e-5 s each); toy:bytelm, 0.52 s for 2 pairs of 128 × 128 (1.6e-5 s each).
+#: 2 CPU threads, idle machine, version 0.4.16: SmolLM2-135M, 67.9 s for 30 pairs of 252 × 252 entries
+#: (3.6e-5 s each) and 15.9 s for 30 of 126 × 126 (3.3e-5); toy:bytelm, 0.52 s for 2 pairs of
+#: 128 × 128 (1.6e-5 s each).
 MODULES_COST = 3.5e-5
 #: Chain-steps that one LLC run's step size and curvature checks cost (pilots, Lanczos and
 #: Hutchinson probes before and after sampling). Measured: SmolLM2-135M restricted to its last
