@@ -13,7 +13,8 @@ from tl_degeneracy.report.cache import fingerprint
 from tl_degeneracy.report.context import ReportContext
 from tl_degeneracy.report.registry import SECTIONS
 from tl_degeneracy.report.report import time_line
-from tl_degeneracy.report.scope import LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, MODULES_COST, fit_time
+from tl_degeneracy.report.scope import (CUT_PASSES, LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, MODULES_COST,
+                                        fit_time)
 from tl_degeneracy.report.settings import PRESETS, ReportSettings, resolve_settings
 from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 
@@ -118,13 +119,14 @@ def test_the_interaction_prediction_counts_the_modules(monkeypatch):
     min(D, n)² entries; with fewer positions than D (n here) the kept directions are n, and halving
     the tokens quarters the term."""
     import tl_degeneracy.report.scope as scope
-    from tl_degeneracy.interaction.runner import _default_transformer_nodes
+    from tl_degeneracy.interaction.runner import default_transformer_nodes
     from tl_degeneracy.report.build import _resolve_data
 
     monkeypatch.setattr(scope, "_forward_seconds", lambda c: 0.0)
+    monkeypatch.setattr(scope, "_cut_pass_seconds", lambda c, nodes: 0.0)
     c = ReportContext(label="short", adapter=tld.adapt(make_tiny_toy_transformer(n_ctx=64)),
                       settings=resolve_settings("quick"), data=_resolve_data(_tokens(n=2, length=6), "short"))
-    n, pairs = c.ib_batches.n_samples, len(_default_transformer_nodes(c.adapter)) - 1
+    n, pairs = c.ib_batches.n_samples, len(default_transformer_nodes(c.adapter)) - 1
     assert n < c.adapter.d_model and pairs == TINY_TOY_KWARGS["n_layers"]
     info = fit_time(c, set(), ["interaction"])
     assert info["predicted"]["interaction"] == pytest.approx(MODULES_COST * pairs * n**2)
@@ -134,6 +136,36 @@ def test_the_interaction_prediction_counts_the_modules(monkeypatch):
     assert info["lowered"]["ib_tokens"] == [512, 6]
     assert info["predicted_before"]["interaction"] == pytest.approx(MODULES_COST * pairs * n**2)
     assert info["predicted"]["interaction"] == pytest.approx(MODULES_COST * pairs * (n / 2) ** 2)
+
+
+def test_the_interaction_prediction_counts_the_cut_checks(ctx, monkeypatch):
+    """The cut checks run CUT_PASSES gradient passes per node pair on a few tokens, whatever the token
+    budget (SmolLM2-135M: 23 s of the section's 111 s, left out of the prediction before): a term that
+    halving ib_tokens does not lower. The pass is timed for real here (the first test covers its
+    running); its count is checked against the checks' own passes."""
+    import tl_degeneracy.report.scope as scope
+    import tl_degeneracy.stats.cuts as cuts
+    from tl_degeneracy.interaction.compute import _check_cuts
+    from tl_degeneracy.interaction.runner import build_runner
+
+    passes = []
+    real = cuts._gradient
+    monkeypatch.setattr(cuts, "_gradient", lambda *a, **k: passes.append(1) or real(*a, **k))
+    runner = build_runner(ctx.adapter, ctx.ib_batches.sequences, None, 4, None, None)
+    _check_cuts(runner, "local", "outputs", True)
+    pairs = len(runner.names) - 1
+    assert len(passes) == CUT_PASSES * pairs + 1  # and one embedding pass for all the stream's hooks
+
+    monkeypatch.setattr(scope, "_forward_seconds", lambda c: 0.0)
+    monkeypatch.setattr(scope, "MODULES_COST", 0.0)
+    monkeypatch.setattr(scope, "_cut_pass_seconds", lambda c, nodes: 0.25)
+    info = fit_time(ctx, set(), ["interaction"])
+    assert info["predicted"]["interaction"] == pytest.approx(CUT_PASSES * pairs * 0.25)
+    ctx.update_settings(section_time=1e-9)
+    info = fit_time(ctx, set(), ["interaction"])
+    assert info["lowered"]["ib_tokens"] == [512, MIN_IB_TOKENS]
+    assert info["predicted"]["interaction"] == info["predicted_before"]["interaction"] == pytest.approx(
+        CUT_PASSES * pairs * 0.25)
 
 
 def test_the_report_runs_a_restricted_llc_and_states_the_scope(tmp_path):

@@ -177,7 +177,7 @@ class Runner:
         return [self.batches.batch(i, device=self.device).tokens[:, cut] for i in numbers]
 
 
-def _default_transformer_nodes(adapter: ModelAdapter) -> list[str]:
+def default_transformer_nodes(adapter: ModelAdapter) -> list[str]:
     """resid_pre of every layer, then the final residual after the final norm (ln_final), or the
     last resid_post where the model has no final norm (e.g. toy:sma)."""
     names = adapter.hook_names("resid_pre")
@@ -238,7 +238,7 @@ def build_runner(model, data, nodes: str | Sequence[str] | None, batch_size: int
     if adapter is not None:
         engine = adapter
         batches = token_batches(data, adapter, batch_size=batch_size, seq_len=seq_len, skip_bos=skip_bos)
-        items = _default_transformer_nodes(adapter) if nodes is None else ([nodes] if isinstance(nodes, str) else list(nodes))
+        items = default_transformer_nodes(adapter) if nodes is None else ([nodes] if isinstance(nodes, str) else list(nodes))
         targets = [t for item in items for t in resolve_targets(adapter, [item], "interaction_basis")]
     else:
         batches = tensor_batches(data, batch_size)

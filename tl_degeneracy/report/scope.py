@@ -6,9 +6,9 @@ Two sections grow much faster than a forward pass with the model:
   the kept directions are at most the positions read, so about ``IB_COST`` · min(D, n) forward
   passes over the section's n positions (cost ∝ n² until n reaches the width D); its modules
   (METHODS §6) run Louvain in Python on the edge matrices, whatever the device, about
-  ``MODULES_COST`` seconds per entry of the n_layers matrices of min(D, n)² entries (the cut
-  checks, about four gradient passes of 16 tokens per layer, are a fixed cost left out: 23 s of
-  SmolLM2-135M's 111 s on 2 CPU threads);
+  ``MODULES_COST`` seconds per entry of the matrices, one per pair of adjacent nodes, of min(D, n)²
+  entries; and before any pass its cut checks (``stats.cuts``) take ``CUT_PASSES`` gradient passes
+  per pair on ``CHECK_POSITIONS`` tokens, whatever n (SmolLM2-135M: 23 s of 111 s);
 - an LLC run (METHODS §1) takes chains · (burnin + draws) chain-steps, each a forward and backward
   pass over the LLC tokens, plus the step-size calibration's Hessian-vector products, about
   ``LLC_CALIBRATION`` chain-steps; the first block of draws always runs, further blocks until
@@ -44,6 +44,10 @@ IB_COST = 2.0
 #: (3.6e-5 s each) and 15.9 s for 30 of 126 × 126 (3.3e-5); toy:bytelm, 0.52 s for 2 pairs of
 #: 128 × 128 (1.6e-5 s each).
 MODULES_COST = 3.5e-5
+#: Gradient passes of the cut checks per pair of adjacent nodes: ``refuse_off_stream``, two per
+#: residual-stream node (is it read; is the embedding's gradient all through it), and
+#: ``find_bypasses``, two per pair (with the later node held and without); 4·30 + 1 = 121 on SmolLM2-135M.
+CUT_PASSES = 4
 #: Chain-steps that one LLC run's step size and curvature checks cost (pilots, Lanczos and
 #: Hutchinson probes before and after sampling). Measured: SmolLM2-135M restricted to its last
 #: layer's attention, 32 tokens, 4 chains: 64 s besides sampling at 0.059 s per chain-step.
@@ -78,6 +82,17 @@ def _forward_seconds(ctx) -> float:
     return _seconds(run)
 
 
+def _cut_pass_seconds(ctx, nodes: list[str]) -> float:
+    """One gradient pass of the cut checks (``stats.cuts``): the first sequence's first
+    ``CHECK_POSITIONS`` tokens, the outputs' gradient at the first node with the second held, and
+    without (two passes, halved)."""
+    from ..stats.cuts import CHECK_POSITIONS, gradient_share_around
+
+    adapter = ctx.adapter
+    tokens = ctx.ib_batches.batch(0, device=adapter.device).tokens[:1, :CHECK_POSITIONS]
+    return _seconds(lambda: gradient_share_around(adapter, tokens, nodes[0], nodes[1])) / 2
+
+
 def _chain_step_seconds(ctx) -> float:
     """Seconds per chain-step of the LLC's own chain-batched loss and gradient (``LossGrad``) on the
     LLC batch, all chains together at θ*, divided by the chains."""
@@ -101,8 +116,13 @@ def _llc_runs(settings) -> int:
 
 
 def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
+    from ..interaction.runner import default_transformer_nodes
+
     s, limit = ctx.settings, ctx.settings.section_time
+    nodes = default_transformer_nodes(ctx.adapter)  # the section's nodes
+    pairs = len(nodes) - 1
     n, seconds = ctx.ib_batches.n_samples, _forward_seconds(ctx)
+    checks = CUT_PASSES * pairs * _cut_pass_seconds(ctx, nodes)
     width = ctx.adapter.d_model
     # Fewer tokens than ib_tokens in the data: a lower ib_tokens changes nothing until it is below them.
     available = sum(len(q[: s.ib_seq_len]) for q in ctx.batches.sequences)
@@ -110,7 +130,7 @@ def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
     def predicted(tokens: int) -> float:
         share = min(tokens, available) / min(s.ib_tokens, available)  # forward time and positions scale with the tokens
         kept = min(width, n * share)
-        return IB_COST * kept * seconds * share + MODULES_COST * ctx.adapter.n_layers * kept**2
+        return IB_COST * kept * seconds * share + MODULES_COST * pairs * kept**2 + checks
 
     tokens = s.ib_tokens
     if "ib_tokens" not in explicit:
