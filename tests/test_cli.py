@@ -262,14 +262,16 @@ def test_memory_budget_too_small_for_explicit_batches_fails_with_what_to_lower(t
 def test_an_llc_that_does_not_fit_the_budget_fails_first_and_says_what_to_lower(tmp_path, capsys):
     """The LLC section checks its chains against the report's budget (issue 19) before sampling:
     failed, no traceback, exit 1, with the report settings to lower; the header says which passes
-    are fitted and which are only checked."""
+    are fitted and which are only checked, what the fit lowered and that the LLC still does not fit."""
     out = tmp_path / "llc"
     assert main(["report", "--out", str(out), "--quiet", "--only", "llc", "--memory", "2M"]) == 1
     section = _report(out)["sections"]["llc"]
     assert section["status"] == "failed" and "MemoryBudgetError" in section["reason"] and section["traceback"] is None
     assert "behavioral LLC with" in section["reason"] and "llc_sequences" in section["reason"]
     printed = " ".join(capsys.readouterr().out.split())
-    assert "the interaction basis and the LLC check their passes against it" in printed
+    assert "the LLC's chains are fitted to it; the interaction basis checks its passes against it" in printed
+    assert "for the LLC's chains; lowered to fit: llc_params all → blocks.1.attn, llc_sequences 4 → 1" in printed
+    assert "does NOT fit with what may be lowered: the LLC fails, saying what to lower" in printed
 
 
 def test_default_memory_budget_is_stated(tmp_path, capsys):

@@ -12,9 +12,10 @@ from tl_degeneracy.report import degeneracy_report
 from tl_degeneracy.report.cache import fingerprint
 from tl_degeneracy.report.context import ReportContext
 from tl_degeneracy.report.registry import SECTIONS
-from tl_degeneracy.report.report import time_line
+from tl_degeneracy.memory import MemoryBudget
+from tl_degeneracy.report.report import memory_line, time_line
 from tl_degeneracy.report.scope import (CUT_PASSES, LLC_CALIBRATION, MIN_IB_TOKENS, MIN_LLC_SEQ_LEN, MODULES_COST,
-                                        fit_time)
+                                        fit_llc_memory, fit_time, llc_bytes)
 from tl_degeneracy.report.settings import PRESETS, ReportSettings, resolve_settings
 from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
 
@@ -187,6 +188,85 @@ def test_the_report_runs_a_restricted_llc_and_states_the_scope(tmp_path):
     assert rep.settings["budgets"]["llc_params"] == f"blocks.{last}.attn"
     assert f"llc_params all → blocks.{last}.attn" in " ".join(rep.summary(width=400).split())
     assert "time fit" in (tmp_path / "report.html").read_text()
+
+
+def _restricted_bytes(ctx) -> tuple[int, int]:
+    """llc_bytes of the whole model's LLC and of its last layer's attention (ctx left as it was)."""
+    whole = llc_bytes(ctx)
+    ctx.update_settings(llc_params=f"blocks.{TINY_TOY_KWARGS['n_layers'] - 1}.attn")
+    restricted = llc_bytes(ctx)
+    ctx.update_settings(llc_params=None)
+    return whole, restricted
+
+
+def test_the_llc_is_scoped_to_the_memory_budget_in_the_time_fits_order(ctx):
+    """The report's LLC was checked against the budget only, so an LLC over it failed where a restricted
+    one would fit (carried since issue 19), and the time fit ran a chain-step of it first, unchecked.
+    Now the memory fit lowers the same settings in the same order until the chains the LLC checks
+    (``chains_memory`` of ⌈chains / ranks⌉) fit, and the header says so."""
+    from tl_degeneracy.llc.estimate import chains_memory
+    from tl_degeneracy.llc.layout import select_coordinates
+    from tl_degeneracy.llc.targets import make_target
+
+    whole, restricted = _restricted_bytes(ctx)
+    assert restricted < whole
+    target = make_target(ctx.adapter, ctx.llc_batches, None, None)
+    assert whole == chains_memory(target, select_coordinates(target, None), ctx.settings.chains)
+    last = f"blocks.{TINY_TOY_KWARGS['n_layers'] - 1}.attn"
+    # A budget between the two: only the selection is lowered.
+    budget = MemoryBudget((whole + restricted) // 2, "a test's budget")
+    info = fit_llc_memory(ctx, budget, set(), ["summary", "llc"])
+    assert info == {"needed": restricted, "fits": True, "lowered": {"llc_params": [None, last]}}
+    assert ctx.settings.llc_params == last and ctx.settings.llc_sequences == 4 and ctx.settings.loss_scales == (
+        1e-2, 1e-3, 1e-4)
+    line = " ".join(memory_line({"budget": budget.bytes, "source": budget.source, "llc": info}).split())
+    assert "the statistics passes (synchronization, counts, activations, sparsity) and the LLC's chains are fitted" in line
+    assert f"for the LLC's chains; lowered to fit: llc_params all → {last}" in line and "NOT" not in line
+    # A budget that fits the whole LLC lowers nothing.
+    ctx.update_settings(llc_params=None)
+    assert fit_llc_memory(ctx, MemoryBudget(whole, "t"), set(), ["llc"])["lowered"] == {}
+    # One that nothing fits lowers the sequences and their length too (never the loss scales: they cost
+    # time, not memory), then says the LLC does not fit.
+    info = fit_llc_memory(ctx, MemoryBudget(1, "t"), set(), ["llc"])
+    assert info["fits"] is False and info["needed"] == llc_bytes(ctx) > 1
+    assert info["lowered"] == {"llc_params": [None, last], "llc_sequences": [4, 1], "llc_seq_len": [32, MIN_LLC_SEQ_LEN]}
+    assert "does NOT fit with what may be lowered: the LLC fails" in memory_line(
+        {"budget": 1, "source": "t", "llc": info})
+
+
+def test_the_memory_fit_leaves_what_the_user_gave_and_reports_without_an_llc(ctx):
+    ctx.update_settings(llc_sequences=2)
+    info = fit_llc_memory(ctx, MemoryBudget(1, "t"), {"llc_params", "llc_sequences"}, ["llc"])
+    assert list(info["lowered"]) == ["llc_seq_len"] and ctx.settings.llc_params is None
+    assert ctx.settings.llc_sequences == 2
+    assert fit_llc_memory(ctx, MemoryBudget(1, "t"), set(), ["summary", "counts"]) == {}
+    # reports saved before the LLC was fitted have no "llc" entry: their sentence is the old one
+    assert "the interaction basis and the LLC check their passes" in memory_line({"budget": 1, "source": "t"})
+
+
+def test_the_report_runs_the_llc_that_fits_its_memory_budget(tmp_path):
+    """End to end: a budget that the whole model's chains exceed ran no LLC before (MemoryBudgetError);
+    now the report samples the last layer's attention, which fits, and the header and notes say so."""
+    from tl_degeneracy.report.build import _resolve_data
+
+    model = make_tiny_toy_transformer(n_ctx=64)
+    small = {"chains": 2, "draws": 12, "burnin": 4, "pilot_steps": 5, "llc_max_draws": 1, "loss_scales": (1e-3,),
+             "section_time": None}
+    c = ReportContext(label="tiny", adapter=tld.adapt(model), settings=resolve_settings("quick", small),
+                      data=_resolve_data(_tokens(), "tiny"))
+    c.batches  # noqa: B018
+    whole, restricted = _restricted_bytes(c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = degeneracy_report(model, _tokens(), sections=["llc"], progress=False,
+                                overrides={**small, "memory": (whole + restricted) // 2}, out=tmp_path)
+    sec = rep["llc"]
+    last = f"blocks.{TINY_TOY_KWARGS['n_layers'] - 1}.attn"
+    assert sec.status == "ok", sec.reason
+    assert sec.values["n_params"] == tld.select_parameters(model, last).numel
+    assert any("Restricted LLC" in n for n in sec.notes)
+    assert rep.settings["memory"]["llc"]["lowered"] == {"llc_params": [None, last]}
+    assert f"lowered to fit: llc_params all → {last}" in " ".join(rep.summary(width=400).split())
 
 
 def test_llc_params_and_section_time_parse_from_the_command_line():

@@ -25,7 +25,7 @@ from .context import (
     LoadedData, ReportContext, default_data_spec, library_versions, load_data_spec,
 )
 from .registry import SECTIONS, Section
-from .scope import SCOPED, fit_time
+from .scope import SCOPED, fit_llc_memory, fit_time
 from .report import CHECKPOINTS, Report, SectionResult
 from .settings import ReportSettings, resolve_settings
 
@@ -194,7 +194,9 @@ def degeneracy_report(
             available on the model's device, ``tld.memory.default_budget``) bounds each statistics
             pass: ``seq_len`` and ``batch_size`` not given in ``overrides`` are lowered until a batch
             fits (``ReportContext.fit_memory``; the header states the budget and what was lowered),
-            and a pass that still does not fit is skipped with a message saying what to lower.
+            and a pass that still does not fit fails with a message saying what to lower; so are the
+            LLC's chains (llc_params, llc_sequences, llc_seq_len, in the time fit's order below:
+            ``tld.report.scope.fit_llc_memory``).
             The time per costly section (``section_time``, 300 s in the quick preset) scopes the
             interaction basis and the LLC the same way (``tld.report.scope``): settings not given in
             ``overrides`` (ib_tokens; llc_params, llc_sequences, llc_seq_len, loss_scales, gammas)
@@ -264,8 +266,13 @@ def degeneracy_report(
         # Sequence length and batch size that were not asked for explicitly follow from the budget.
         explicit = {"batch_size", "seq_len"} if isinstance(preset, ReportSettings) else set(overrides or {})
         memory = ctx.fit_memory(budget, explicit, chosen)
-        # The costly sections' scope follows from their predicted time, unless set (settings given whole are kept).
-        timing = fit_time(ctx, set(SCOPED) if isinstance(preset, ReportSettings) else explicit, chosen)
+        # The costly sections' scope follows from the budget and then from their predicted time, unless
+        # set (settings given whole are kept): the time fit runs a chain-step of the LLC it scopes.
+        scoped = set(SCOPED) if isinstance(preset, ReportSettings) else explicit
+        llc_memory = fit_llc_memory(ctx, budget, scoped, chosen)
+        if llc_memory:
+            memory["llc"] = llc_memory
+        timing = fit_time(ctx, scoped, chosen)
         # Under torchrun every rank must stream the same batches and sample the same LLC: rank 0's fit
         # decides (audit 10b: two ranks timed the LLC side by side, one restricted it and the other did
         # not, and their chains were pooled into one λ̂ that each labelled differently).

@@ -377,16 +377,19 @@ def identity_conflicts(there: dict | None, here: dict | None) -> list[str]:
 
 
 def memory_line(memory: dict) -> str:
-    """The header's sentence on the memory budget (``ReportContext.fit_memory``): the budget and
-    where it comes from, the estimated peak of one batch, and what was lowered to fit it."""
+    """The header's sentence on the memory budget (``ReportContext.fit_memory``,
+    ``scope.fit_llc_memory``): the budget and where it comes from, the estimated peak of one batch of
+    the statistics passes and of the LLC's chains, and what was lowered to fit them."""
     from ..memory import format_bytes
 
-    # Only the statistics passes are fitted (their batches lowered until one fits); the interaction
-    # basis and the LLC check their passes against the budget and fail first where one would not fit
-    # (the LLC's size is scoped by time, time_line): the header must not imply more (audit 12a).
+    # The interaction basis is not fitted: it checks its passes against the budget and fails first where
+    # one would not fit. The header must not imply more (audit 12a). Reports saved before the LLC was
+    # fitted (0.4.16) have no "llc" entry: theirs was checked only.
+    llc = memory.get("llc")
     text = (f"memory budget {format_bytes(memory['budget'])} ({memory['source']}): the statistics passes "
-            "(synchronization, counts, activations, sparsity) are fitted to it; the interaction basis and the LLC "
-            "check their passes against it")
+            "(synchronization, counts, activations, sparsity)" + (" and the LLC's chains are" if llc else " are")
+            + " fitted to it; " + ("the interaction basis checks its passes" if llc else
+                                     "the interaction basis and the LLC check their passes") + " against it")
     if "needed" in memory:
         text += f"; about {format_bytes(memory['needed'])} per batch of the statistics passes"
     text += _lowered(memory)
@@ -395,6 +398,11 @@ def memory_line(memory: dict) -> str:
         text += f" (the same data: {a:,} sequences cut into up to {b:,} shorter ones)"
     if memory.get("fits") is False:
         text += "; does NOT fit: the passes that exceed it fail, saying what to lower"
+    if llc:
+        text += f"; about {format_bytes(llc['needed'])} for the LLC's chains"
+        text += _lowered(llc)
+        if llc.get("fits") is False:
+            text += "; does NOT fit with what may be lowered: the LLC fails, saying what to lower"
     return text
 
 

@@ -23,6 +23,10 @@ changes, and on a 135M-parameter model on a CPU the report still finishes. The s
 the machine's speed (and its load, near a threshold), except the modules' term, which runs on the
 CPU whatever the device: on a GPU it alone lowers the tokens of a model of 36 layers of D ≥ 504.
 Reports meant to be compared should set these settings, or ``section_time=none``, explicitly.
+
+Before the time fit, :func:`fit_llc_memory` lowers the same LLC settings in the same order until its
+chains fit the report's memory budget (the statistics passes are fitted by
+``ReportContext.fit_memory``).
 """
 
 from __future__ import annotations
@@ -143,6 +147,38 @@ def _fit_interaction(ctx, explicit: set[str], info: dict) -> None:
         ctx.update_settings(ib_tokens=tokens)
 
 
+def _lower_llc(ctx, explicit: set[str], lowered: dict, over: Callable[[], bool], runs: bool) -> None:
+    """Lower the LLC's settings not in ``explicit`` while ``over()``, in the fixed order (module
+    docstring): the selection to the last layer's attention, the sequences halved down to one, their
+    length halved down to :data:`MIN_LLC_SEQ_LEN`, and (``runs``: they cost time, not memory) the
+    other loss scales and the γ-curve dropped. Each setting lowered goes to ``lowered`` as
+    ``[before, after]``."""
+    def lower(name: str, value) -> None:
+        before = ctx.settings.to_dict()[name]
+        lowered.setdefault(name, [before, value])[1] = value
+        ctx.update_settings(**{name: value})
+
+    def used(name: str, available: int) -> int:
+        """How many sequences / positions the LLC batch really has under setting ``name`` (None: all):
+        halving a setting above what the data hold would change nothing."""
+        value = ctx.settings.to_dict()[name]
+        return available if value is None else min(value, available)
+
+    sequences = ctx.batches.sequences
+    n_sequences, longest = len(sequences), max(len(q) for q in sequences)
+    if over() and "llc_params" not in explicit and ctx.settings.llc_params is None and ctx.adapter.n_layers:
+        lower("llc_params", f"blocks.{ctx.adapter.n_layers - 1}.attn")
+    while over() and "llc_sequences" not in explicit and used("llc_sequences", n_sequences) > 1:
+        lower("llc_sequences", used("llc_sequences", n_sequences) // 2)
+    while over() and "llc_seq_len" not in explicit and used("llc_seq_len", longest) // 2 >= MIN_LLC_SEQ_LEN:
+        lower("llc_seq_len", used("llc_seq_len", longest) // 2)
+    if runs and over() and _llc_runs(ctx.settings) > 1:
+        if "loss_scales" not in explicit and len(ctx.settings.loss_scales) > 1:
+            lower("loss_scales", (ctx.settings.loss_scale,))
+        if "gammas" not in explicit and ctx.settings.gammas:
+            lower("gammas", ())
+
+
 def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
     limit = ctx.settings.section_time
     timed: dict[tuple, float] = {}  # chain-step seconds per (selection, LLC data): fewer runs need no new timing
@@ -157,39 +193,41 @@ def _fit_llc(ctx, explicit: set[str], info: dict) -> None:
         whole = (s.chains * (s.burnin + max(s.draws, s.llc_max_draws)) + LLC_CALIBRATION) * step
         return _llc_runs(s) * max(first, whole if s.llc_time_limit is None else min(whole, s.llc_time_limit))
 
-    def lower(name: str, value) -> None:
-        before = ctx.settings.to_dict()[name]
-        info["lowered"].setdefault(name, [before, value])[1] = value
-        ctx.update_settings(**{name: value})
-
-    def used(name: str, available: int) -> int:
-        """How many sequences / positions the LLC batch really has under setting ``name`` (None: all):
-        halving a setting above what the data hold would change nothing."""
-        value = ctx.settings.to_dict()[name]
-        return available if value is None else min(value, available)
-
-    sequences = ctx.batches.sequences
-    n_sequences, longest = len(sequences), max(len(q) for q in sequences)
-    cost = before = predicted()
-    s = ctx.settings
-    if cost > limit and "llc_params" not in explicit and s.llc_params is None and ctx.adapter.n_layers:
-        lower("llc_params", f"blocks.{ctx.adapter.n_layers - 1}.attn")
-        cost = predicted()
-    while cost > limit and "llc_sequences" not in explicit and used("llc_sequences", n_sequences) > 1:
-        lower("llc_sequences", used("llc_sequences", n_sequences) // 2)
-        cost = predicted()
-    while cost > limit and "llc_seq_len" not in explicit and used("llc_seq_len", longest) // 2 >= MIN_LLC_SEQ_LEN:
-        lower("llc_seq_len", used("llc_seq_len", longest) // 2)
-        cost = predicted()
-    if cost > limit and _llc_runs(ctx.settings) > 1:
-        if "loss_scales" not in explicit and len(ctx.settings.loss_scales) > 1:
-            lower("loss_scales", (ctx.settings.loss_scale,))
-        if "gammas" not in explicit and ctx.settings.gammas:
-            lower("gammas", ())
-        cost = predicted()
+    before = predicted()
+    _lower_llc(ctx, explicit, info["lowered"], lambda: predicted() > limit, runs=True)
+    cost = predicted()
     info["predicted"]["llc"] = cost
     if cost != before:
         info["predicted_before"]["llc"] = before
+
+
+def llc_bytes(ctx) -> int:
+    """The memory one process's share of the LLC's chains needs with the report's LLC settings
+    (:func:`~tl_degeneracy.llc.estimate.chains_memory`, what the LLC checks before it samples)."""
+    from ..distributed import distributed_context
+    from ..llc.estimate import chains_memory
+    from ..llc.layout import select_coordinates
+    from ..llc.targets import make_target
+
+    s = ctx.settings
+    target = make_target(ctx.adapter, ctx.llc_batches, None, None)
+    share = -(-s.chains // distributed_context().world_size)
+    return chains_memory(target, select_coordinates(target, s.llc_params), share)
+
+
+def fit_llc_memory(ctx, budget, explicit: set[str], sections: list[str]) -> dict:
+    """Lower the LLC's scope (the settings of :data:`SCOPED` not in ``explicit``, in the time fit's
+    order) until its chains fit ``budget`` (:func:`llc_bytes`), before the time fit times a chain-step
+    with them: an LLC over the budget would otherwise fail when it starts (or, timed first, be killed
+    by the kernel). Changes ``ctx.settings``; returns what the header's memory sentence states: the
+    bytes needed after the fit, whether they fit, and each setting lowered ``[before, after]`` (empty
+    for a report without the llc section or without data)."""
+    if "llc" not in sections or ctx.data is None:
+        return {}
+    lowered: dict = {}
+    _lower_llc(ctx, explicit, lowered, lambda: llc_bytes(ctx) > budget.bytes, runs=False)
+    needed = llc_bytes(ctx)
+    return {"needed": needed, "fits": needed <= budget.bytes, "lowered": lowered}
 
 
 def fit_time(ctx, explicit: set[str], sections: list[str]) -> dict:
