@@ -583,6 +583,10 @@ def test_verdicts_say_what_the_numbers_mean():
     assert _rounding_band_text([1700, 8698], 1700, "smooth activation") == (
         " at float32's rank cut-off, up to 8,698 at the half-precision rounding level, in the blocks the "
         "half-precision patterns form — a float32 forward may form other blocks, whose count can lie outside both")
+    # audit 23a F1: a float32 model's band is its output weights' rule, not a half-precision rounding level
+    assert _rounding_band_text([80, 128], 128, "", "float32's rank rule for the output weights") == (
+        " with float64's rank rule for the output weights, 80 at float32's rank rule for the output weights: known "
+        "only to lie between")
     # review 47 F4/F5: a data-limited node inside its band says the difference may be the cut-off's; silent removals
     within = verdict(sec("interaction", degenerate_directions=9, data_limited_nodes=2, limited_within_band_nodes=1,
                          inside_share=0.5, n_modules=3))

@@ -92,4 +92,4 @@ __all__ = [
     "token_batches",
     "toy_data",
 ]
-__version__ = "0.4.16"
+__version__ = "0.4.17"

@@ -261,18 +261,42 @@ def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_
 
 
 class _RoundingBand:
-    """A synchronization result of a half-precision model (``noise_rtol``: the band's cut-off, the
-    forward's rounding level on Gram eigenvalues or a larger ``rank_rtol`` the caller gave,
-    :func:`_rounding_cut`; None otherwise) counted twice: at the rank rule's (or the caller's)
-    cut-off, and at that level (``input_rank_noise``: D_in there). The rule's
-    float32 cut-off counts rounding as directions (audit 14b: two heads whose values overlap in 4
-    dimensions read s 16 where it is 12, extra freedom 128 where it is 188), so a count that differs
-    between the two is known only to lie between them (``extra_freedom_min`` / ``_max``)."""
+    """A synchronization result counted at both ends of its rounding, ``extra_freedom_min`` / ``_max``
+    the smaller and larger count of each block; a count that differs between them is known only to
+    lie between.
+
+    - A half-precision model (``noise_rtol``: the forward's rounding level on Gram eigenvalues or a
+      larger ``rank_rtol`` the caller gave, :func:`_rounding_cut`; None otherwise): its activation
+      ranks at the rank rule's (or the caller's) cut-off, and at that level (``input_rank_noise``:
+      D_in there). The rule's float32 cut-off counts rounding as directions (audit 14b: two heads
+      whose values overlap in 4 dimensions read s 16 where it is 12, extra freedom 128 where it is 188).
+    - A float32 model (``precision``, its activations' rule, is not ``weight_precision``, the output
+      weights'): the ranks of its output maps by float64's rule, which takes the stored values as they
+      are, and by float32's, which takes their rounding for noise. Neither is right for every
+      model: float64's counts a float32 copy's rounding as directions (audit 23a F1: two heads of one
+      pattern, one W_O of rank 2, read 128 where the Jacobian has 80; a W_out row that is the sum of
+      two others, 6 where it has 19; audit 22a F3: rescaled copies), float32's drops a real
+      contribution below its cut-off (review 55 #1: a neuron at 2·10⁻⁶ of its twin's scale read 0
+      for 11). ``extra_freedom`` takes float64's. (A half-precision model's weights are rounded far
+      above float32's cut-off, where neither rule tells rounding from structure: its band is the
+      activations' alone, and its warning says to load the model in float32.)"""
 
     @property
     def half_precision(self) -> bool:
         """Whether the model computed in float16/bfloat16, so that the counts carry a rounding band."""
         return self.noise_rtol is not None
+
+    @property
+    def weights_banded(self) -> bool:
+        """Whether the output weights' ranks are also taken at float32's rule (a float32 model)."""
+        return self.weight_precision != self.precision and not self.half_precision
+
+    @property
+    def band_cause(self) -> str | None:
+        """What the band's other end changes, for labels (None where there is no band)."""
+        if self.half_precision:
+            return "the half-precision rounding level"
+        return "float32's rank rule for the output weights" if self.weights_banded else None
 
     def _at_rounding(self):
         """This result with its activation ranks cut at the rounding level (None when not half precision)."""
@@ -281,28 +305,44 @@ class _RoundingBand:
         return replace(self, rank_rtol=self.noise_rtol, input_rank=self.input_rank_noise, noise_rtol=None,
                        input_rank_noise=None)
 
+    def _other_ends(self) -> list:
+        """This result counted at its band's other end (a result without a band of its own): at the
+        rounding level, or with the output weights at float32's rule; none without a band."""
+        if self.weights_banded:
+            return [replace(self, weight_precision=self.precision)]
+        rounded = self._at_rounding()
+        return [] if rounded is None else [rounded]
+
     @staticmethod
-    def _banded(frame: pd.DataFrame, other: pd.DataFrame | None) -> pd.DataFrame:
-        """``frame`` with extra_freedom_min / extra_freedom_max: the smaller and larger of its count and
-        ``other``'s (the same blocks counted at the rounding level; equal to the count without one)."""
-        counts = frame["extra_freedom"]
-        there = counts if other is None else other["extra_freedom"].set_axis(frame.index)
-        both = pd.concat([counts, there], axis=1)
+    def _banded(frame: pd.DataFrame, others: Sequence[pd.DataFrame]) -> pd.DataFrame:
+        """``frame`` with extra_freedom_min / extra_freedom_max: the smallest and largest of its count and
+        ``others``' (the same blocks counted at the band's other ends; equal to the count without any)."""
+        counts = [frame["extra_freedom"], *(other["extra_freedom"].set_axis(frame.index) for other in others)]
+        both = pd.concat(counts, axis=1)
         frame["extra_freedom_min"] = both.min(axis=1, skipna=False).astype("Int64")
         frame["extra_freedom_max"] = both.max(axis=1, skipna=False).astype("Int64")
         return frame
 
     def _warn_band(self, caller: str, frame: pd.DataFrame) -> None:
-        """A :class:`HalfPrecisionWarning` where a half-precision model's counts move between the cut-offs."""
+        """A :class:`HalfPrecisionWarning` where a half-precision model's counts move between the cut-offs,
+        a :class:`SyncCountWarning` where a float32 model's move with its output weights' rule."""
         moved = frame[frame["extra_freedom_min"] != frame["extra_freedom_max"]].dropna(subset=["extra_freedom"])
-        if len(moved):
-            lo, hi = int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
+        if not len(moved):
+            return
+        lo, hi = int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
+        if self.half_precision:
             warn_once(f"{caller}: the model computes in half precision, and the extra freedom of {len(moved)} "
                       f"block(s) differs between the rank cut-off (float32's rule, or rank_rtol) and the forward's rounding level "
-                      f"(total {lo:,}–{hi:,}; columns extra_freedom_min/max): for these blocks the count is known only to "
-                      "lie between; the blocks themselves are formed from the half-precision patterns, and a float32 "
+                      f"(total {lo:,}–{hi:,}; columns extra_freedom_min/max): for these blocks the count is known "
+                      "only to lie between; the blocks themselves are formed from the half-precision patterns, and a float32 "
                       "forward may form others where a pair's distance lies near tol, whose count can lie outside "
                       "(audit 18b); load the model in float32 for one count", HalfPrecisionWarning, stacklevel=4)
+        else:
+            warn_once(f"{caller}: the extra freedom of {len(moved)} block(s) differs between float64's rank rule for "
+                      f"the float32 output weights and float32's (total {lo:,}–{hi:,}; columns extra_freedom_min/max; "
+                      "extra_freedom is float64's): float64's counts a float32 copy's rounding as directions, float32's "
+                      "drops real contributions below its cut-off, so for these blocks the count is known only to lie "
+                      "between (audit 23a); load the model in float64 for one count", SyncCountWarning, stacklevel=4)
 
     @property
     def extra_freedom_band(self) -> tuple[int, int] | None:
@@ -384,10 +424,11 @@ def balanced_values(gram: Float[Tensor, "kv_dim kv_dim"], d: int) -> BalancedVal
     return BalancedValues(gram * inverse[:, None] * inverse[None, :], scale)
 
 
-def _weight_rank(matrix: Float[Tensor, "m n"]) -> int:
-    """Rank of a matrix formed from stored weights: float64 SVD, float64 rule (METHODS §2)."""
+def _weight_rank(matrix: Float[Tensor, "m n"], precision: torch.dtype = torch.float64) -> int:
+    """Rank of a matrix formed from stored weights: float64 SVD, the rank rule at ``precision``
+    (METHODS §2; float64's, or the model's for the other end of :class:`_RoundingBand`)."""
     matrix = matrix.to(torch.float64)
-    return int(numerical_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape), precision=torch.float64))
+    return int(numerical_rank(torch.linalg.svdvals(matrix), tuple(matrix.shape), precision=precision))
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -417,7 +458,8 @@ DENSE_Y_LIMIT = 4096
 
 class SyncCountWarning(UserWarning):
     """A synchronized component whose Jacobian rank was not computed exactly (METHODS §3): its
-    j_sync and extra freedom are left empty rather than guessed."""
+    j_sync and extra freedom are left empty rather than guessed; or a float32 model's count that
+    moves with the rank rule of its output weights, known only within its band (:class:`_RoundingBand`)."""
 
 
 @dataclass(frozen=True)
@@ -510,13 +552,13 @@ class _ValueSpan:
         return self.s - _rank_within([w.complement.mT for w in spaces], max(w.angle for w in spaces))
 
 
-def _column_space(m: Float[Tensor, "rows cols"]) -> _Subspace:
-    """Column space of a matrix of weights by the float64 rank rule (:func:`_weight_rank`), which
-    cuts at max(dims)·eps·σ₁. Thin SVD: a map of output weights can be 128 × 32,768, whose full right
-    factor would not fit."""
+def _column_space(m: Float[Tensor, "rows cols"], precision: torch.dtype = torch.float64) -> _Subspace:
+    """Column space of a matrix of weights by the rank rule at ``precision`` (:func:`_weight_rank`),
+    which cuts at max(dims)·eps·σ₁. Thin SVD: a map of output weights can be 128 × 32,768, whose full
+    right factor would not fit."""
     U, sv, _ = torch.linalg.svd(m, full_matrices=False)
-    r = int(numerical_rank(sv, tuple(m.shape), precision=torch.float64))
-    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape)) * float(sv[0]) if r else 0.0)
+    r = int(numerical_rank(sv, tuple(m.shape), precision=precision))
+    return _top_subspace(U, sv, r, rule_rtol(tuple(m.shape), precision) * float(sv[0]) if r else 0.0)
 
 
 def _block_maps(W_O: Float[Tensor, "heads d_head d_model"], kv_of_head: Sequence[int], blocks: Sequence[Sequence[int]],
@@ -537,14 +579,15 @@ def _block_groups(block: Sequence[int], kv_of_head: Sequence[int]) -> tuple[int,
     return tuple(sorted({kv_of_head[h] for h in block}))
 
 
-def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor],
-                     kv_of_head: Sequence[int]) -> dict[tuple[int, ...], _Subspace]:
+def _constraint_sets(blocks: Sequence[Sequence[int]], maps: Sequence[Tensor], kv_of_head: Sequence[int],
+                     precision: torch.dtype = torch.float64) -> dict[tuple[int, ...], _Subspace]:
     """C_S of METHODS (3.5b): for each set S of KV heads read by some block, the sum of col(B_b) over
-    the blocks that read exactly S (they share Π_S^⊥, so their constraints on Y combine)."""
+    the blocks that read exactly S (they share Π_S^⊥, so their constraints on Y combine), ranked by
+    the rule at ``precision``."""
     columns: dict[tuple[int, ...], list[Tensor]] = {}
     for block, B in zip(blocks, maps):
         columns.setdefault(_block_groups(block, kv_of_head), []).append(B)
-    return {S: _column_space(torch.cat(Bs, 1)) for S, Bs in columns.items()}
+    return {S: _column_space(torch.cat(Bs, 1), precision) for S, Bs in columns.items()}
 
 
 def _group_y(span: _ValueSpan, g: int, active: dict[tuple[int, ...], _Subspace]) -> int:
@@ -583,17 +626,19 @@ def _y_dimension(span: _ValueSpan, sets: dict[tuple[int, ...], _Subspace]) -> in
 
 
 def _kernel_dimension(span: _ValueSpan, kv_of_head: Sequence[int], W_O: Float[Tensor, "heads d_head d_model"],
-                      blocks: Sequence[Sequence[int]], input_rank: int, d_out: int) -> int | None:
+                      blocks: Sequence[Sequence[int]], input_rank: int, d_out: int,
+                      weight_precision: torch.dtype = torch.float64) -> int | None:
     """dim ker of the Jacobian of (W_V^g on the data, W_O^h) ↦ (Σ_{h∈b} A_{g(h)} W_O^h)_b for one
     partition of the heads into blocks, METHODS (3.5a): the part of W_V outside the value span, Y,
-    and the output weights; None when Y is not exact."""
+    and the output weights (their maps ranked by the rule at ``weight_precision``); None when Y is
+    not exact."""
     maps = _block_maps(W_O, kv_of_head, blocks, span.n_groups)
-    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head))
+    y = _y_dimension(span, _constraint_sets(blocks, maps, kv_of_head, weight_precision))
     if y is None:
         return None
     # Ranks decided on different Grams (the input's, the values') may disagree by rounding-level
     # directions; the value span cannot take more of the input than there is.
-    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1)))
+    outside = max(input_rank - span.s, 0) * (span.coords.shape[1] - _weight_rank(torch.cat(maps, 1), weight_precision))
     outputs = d_out * (len(kv_of_head) * span.d - sum(span.rank(_block_groups(b, kv_of_head)) for b in blocks))
     return outside + y + outputs
 
@@ -609,6 +654,7 @@ def component_freedom(
     rank_rtol: float | None = None,
     gram_width: int | None = None,
     value_moments: Float[Tensor, " kv_dim"] | None = None,
+    weight_precision: torch.dtype = torch.float64,
 ) -> SyncJacobian:
     """J_apart and J_sync of heads that read G KV heads, with ``blocks`` synchronized (METHODS §3,
     (3.5a)–(3.5c)); exact also when a block takes only part of a KV head's query heads.
@@ -625,7 +671,9 @@ def component_freedom(
             relative eigenvalue cut-off), as :meth:`HeadSyncResult.block_rank`, with each KV head
             at unit scale (:func:`balanced_values`; ``W_O`` takes the scale back).
         kv_of_head: for each head 0..H−1, the KV head (0..G−1) whose values it reads.
-        W_O: [H, d, D] output weights (any float dtype; ranks of their sums are float64 weight ranks).
+        W_O: [H, d, D] output weights (any float dtype; the ranks of their sums take the rank rule at
+            ``weight_precision``: float64's by default, the rule for the stored values; a float32
+            model's rounding passes it, :class:`_RoundingBand`).
         blocks: a partition of 0..H−1 into synchronized blocks.
         input_rank: D_in, the rank of the heads' input on the data.
         d_out: D_out, the dimension of the space the heads write into that the function reads
@@ -661,10 +709,10 @@ def component_freedom(
     span = _ValueSpan.of(balanced.gram, d, precision, rank_rtol, gram_width, balanced.moments(value_moments))
     W_O = balanced.output_weights(W_O, kv_of_head)
     params = G * int(input_rank) * d + H * d * d_out
-    apart = _kernel_dimension(span, kv_of_head, W_O, [[h] for h in range(H)], int(input_rank), d_out)
+    apart = _kernel_dimension(span, kv_of_head, W_O, [[h] for h in range(H)], int(input_rank), d_out, weight_precision)
     if all(len(b) == 1 for b in blocks):
         return SyncJacobian(j_apart=params - apart, j_sync=params - apart)
-    sync = _kernel_dimension(span, kv_of_head, W_O, blocks, int(input_rank), d_out)
+    sync = _kernel_dimension(span, kv_of_head, W_O, blocks, int(input_rank), d_out, weight_precision)
     return SyncJacobian(j_apart=params - apart, j_sync=None if sync is None else params - sync)
 
 
@@ -734,6 +782,7 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
     pattern_inputs: dict[tuple[int, tuple[int, ...]], PatternInputs] | None = field(repr=False, default=None)
     centered: bool = True
     same_pattern: Bool[np.ndarray, "layer head head"] | None = field(repr=False, default=None)
+    weight_precision: torch.dtype = torch.float64
 
     @property
     def kv_of_head(self) -> list[int]:
@@ -833,7 +882,8 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         (values, moments), input_rank = ((self._values(layer, blocks[0]), self._block_input_rank(layer, blocks[0])[0])
                                          if whole else (self._values(layer, heads, plain=True), int(self.input_rank[layer])))
         jac = component_freedom(values, [kvs.index(kv[h]) for h in heads], self.W_O[layer, heads], partition,
-                                input_rank, self.d_out, self.precision, self.rank_rtol, self.value_cov.shape[-1], moments)
+                                input_rank, self.d_out, self.precision, self.rank_rtol, self.value_cov.shape[-1], moments,
+                                self.weight_precision)
         lost = [] if whole else [list(b) for b in blocks if self._passes_on_less(layer, b)]
         if lost:
             warn_once(
@@ -931,8 +981,7 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
                    "input_rank", "data_limited", "sample_limited", "component", "count_exact", *_COUNT_COLUMNS]
         frame = pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in _COUNT_COLUMNS})
-        rounded = self._at_rounding()
-        frame = self._banded(frame, None if rounded is None else rounded._frame)
+        frame = self._banded(frame, [end._frame for end in self._other_ends()])
         self._warn_band("head_synchronization", frame)
         return frame
 
@@ -1299,6 +1348,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
     input_copy: Int[np.ndarray, "layer neuron"] | None = None
     fire_var: Float[Tensor, "layer neuron"] | None = field(repr=False, default=None)
     n_distinct: int | None = None
+    weight_precision: torch.dtype = torch.float64
     _frames: dict = field(repr=False, init=False, default_factory=dict)
 
     def _disagreements(self, firing_distance: float) -> int:
@@ -1419,7 +1469,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         W_out = self._live_rows(layer, neurons)
         jac = component_freedom(gram, list(range(m)), W_out[:, None, :], [list(range(m))],
                                 int(self.input_rank[layer]), self.d_out, self.precision, self.rank_rtol,
-                                self.value_gram.shape[-1])
+                                self.value_gram.shape[-1], weight_precision=self.weight_precision)
         if self.exact_activation or not self._exact_copies(layer, neurons):
             return jac
         # Copies of a smooth activation share p, but act(p) ≠ act'(p)·p: no neuron's rescaling (W̃_in·c,
@@ -1428,7 +1478,8 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         # the bilinear count read 30 for the Jacobian's 31 where W_out[5] = 2·W_out[3] (tests).
         nonzero = W_out[W_out.abs().amax(-1) > 0]
         return SyncJacobian(jac.j_apart + len(nonzero),
-                            None if jac.j_sync is None else jac.j_sync + (_weight_rank(nonzero) if len(nonzero) else 0))
+                            None if jac.j_sync is None else jac.j_sync + (_weight_rank(nonzero, self.weight_precision)
+                                                                          if len(nonzero) else 0))
 
     def _live_rows(self, layer: int, neurons: Sequence[int]) -> Float[Tensor, "neuron d_model"]:
         """The block's effective W_out rows, 0 for a neuron that is 0 on every sample: neither its W_in
@@ -1449,7 +1500,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         rows = self._live_rows(layer, neurons)
         keep = rows.abs().amax(-1) > 0
         live = [k for k, on in zip(neurons, keep.tolist()) if on]
-        if not self.exact_activation or not live or _weight_rank(rows[keep]) == len(live):
+        if not self.exact_activation or not live or _weight_rank(rows[keep], self.weight_precision) == len(live):
             return True
         return all(round((1 - float(self.fire_rate[layer, k])) * self.n_samples) == 0 for k in live)
 
@@ -1497,8 +1548,7 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "data_limited", "sample_limited",
                    "s_block", "count_exact", "extra_freedom"]
         frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
-        rounded = self._at_rounding()
-        frame = self._banded(frame, None if rounded is None else rounded._frame(singletons))
+        frame = self._banded(frame, [end._frame(singletons) for end in self._other_ends()])
         if not self._frames:  # once per result
             self._warn_band("neuron_synchronization", frame)
         inexact = frame[~frame["count_exact"].astype(bool)]

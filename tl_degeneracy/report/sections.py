@@ -115,13 +115,14 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         figures={"head_distance": hs.plot()},
         values={"head_distance": hs.distance, "head_synchronized_blocks": len(synced),
                 "head_extra_freedom": hs.extra_freedom, "head_extra_freedom_band": hs.extra_freedom_band,
+                "head_band_cause": hs.band_cause,
                 "head_sync_approximation": hs.approximation,
                 "head_changing_blocks": hs.changing_blocks, "head_data_limited_layers": int(hs.data_limited.sum()),
                 "head_sample_limited_layers": int(hs.sample_limited.sum()),
                 "n_samples": hs.n_samples, "rank_rtol": hs.rank_rtol},
     )
     headline = (f"{len(synced)} synchronized head block(s) ({_extra_freedom_text(hs.extra_freedom, 'head', hs.approximation)}"
-                f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom, hs.approximation)})"
+                f"{_rounding_band_text(hs.extra_freedom_band, hs.extra_freedom, hs.approximation, hs.band_cause)})"
                 f"{_approximate_label(hs.approximation)}"
                 f"{_changing_text(hs.changing_blocks, len(synced), int(hs.data_limited.sum()), int(hs.sample_limited.sum()))}")
     try:
@@ -135,6 +136,7 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         out.values.update({"neuron_synchronized_blocks": len(neurons),
                            "neurons_in_blocks": int(neurons["size"].sum()),
                            "neuron_extra_freedom": ns.extra_freedom, "neuron_extra_freedom_band": ns.extra_freedom_band,
+                           "neuron_band_cause": ns.band_cause,
                            "act_fn": ns.act_fn, "neuron_sync_approximate": ns.approximate,
                            "neuron_sync_approximation": ns.approximation, "neuron_changing_blocks": ns.changing_blocks,
                            "neuron_data_limited_layers": int(ns.data_limited.sum()),
@@ -143,7 +145,7 @@ def synchronization(ctx: ReportContext) -> SectionOutput:
         if len(neurons):
             headline += (f"; {len(neurons)} synchronized neuron block(s) covering {int(neurons['size'].sum()):,} of "
                          f"{total:,} neurons ({_extra_freedom_text(ns.extra_freedom, 'neuron', ns.approximation)}"
-                         f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom, ns.approximation)})"
+                         f"{_rounding_band_text(ns.extra_freedom_band, ns.extra_freedom, ns.approximation, ns.band_cause)})"
                          f"{_approximate_label(ns.approximation)}"
                          f"{_changing_text(ns.changing_blocks, len(neurons), int(ns.data_limited.sum()), int(ns.sample_limited.sum()))}")
         else:
@@ -175,21 +177,26 @@ def _cutoff_band_text(band, count: int, factor: float, sep: str = "; ") -> str:
     return f"{sep}{band[0]:,}–{band[1]:,} with the rank cut-off {factor:g}× higher or lower (no spectral gap there)"
 
 
-def _rounding_band_text(band, count: int | None, approximation: str = "") -> str:
-    """After a half-precision model's synchronization count (at float32's rank cut-off), the count at
-    the forward's rounding level ("" where they agree or a report predates the band)."""
+def _rounding_band_text(band, count: int | None, approximation: str = "", cause: str | None = None) -> str:
+    """After a synchronization count, its band's other end (``_RoundingBand``): the count at a
+    half-precision model's rounding level, or with a float32 model's output weights ranked at its own
+    precision's rule, as ``cause`` (``band_cause``) says ("" where they agree or a report predates
+    the band; reports saved before the weights' band, 0.4.17, name no cause: theirs is half precision's)."""
     if band is None or count is None or list(band) == [count, count]:
         return ""
+    half = cause is None or "half-precision" in cause
+    cause = cause or "the half-precision rounding level"
     # The band's ends sum each block's smaller and larger count: where some blocks count more at the
     # rounding level and others fewer, the total lies strictly inside, and neither end is the other
     # cut-off's total (review 46 L4).
-    at_rounding = (f"{_up_to(approximation)}{band[1] if band[0] == count else band[0]:,} at the half-precision "
-                   "rounding level" if count in band else
-                   f"block by block between {band[0]:,} and {band[1]:,} at either cut-off")
+    other = (f"{_up_to(approximation)}{band[1] if band[0] == count else band[0]:,} at {cause}" if count in band else
+             f"block by block between {band[0]:,} and {band[1]:,} at either cut-off")
+    if not half:  # a float32 model: float64's rule counts its weights' rounding, float32's drops what lies below it
+        return f" with float64's rank rule for the output weights, {other}: known only to lie between"
     # The band moves the cut-off only: which neurons or heads form a block can itself change under
     # the rounding (audit 15b: bfloat16 toy:modadd 2,177–8,797, its float32 weights 2,123 in fewer blocks;
     # audit 18b F1: 1,700–8,698, its bfloat16 weights in float32 1,658).
-    return (f" at float32's rank cut-off, {at_rounding}, in the blocks the half-precision patterns form — a float32 "
+    return (f" at float32's rank cut-off, {other}, in the blocks the half-precision patterns form — a float32 "
             "forward may form other blocks, whose count can lie outside both")
 
 
@@ -680,7 +687,8 @@ def _synchronization_verdict(v: dict) -> str:
             f"{blocks} synchronized head block(s), "
             + (f"{_up_to(v.get('head_sync_approximation'))}{extra:,} extra free directions" if extra is not None
                else _extra_freedom_text(None))
-            + _rounding_band_text(v.get("head_extra_freedom_band"), extra, v.get("head_sync_approximation") or "")
+            + _rounding_band_text(v.get("head_extra_freedom_band"), extra, v.get("head_sync_approximation") or "",
+                                  v.get("head_band_cause"))
             + _approximate_label(v.get("head_sync_approximation", "")))
     # absent from older reports: 0
     text += _changing_text(v.get("head_changing_blocks", 0), blocks, v.get("head_data_limited_layers", 0),
@@ -693,7 +701,7 @@ def _synchronization_verdict(v: dict) -> str:
         text += ("; no synchronized neurons" if not n else f"; {n} synchronized neuron block(s), "
                  + (f"{_up_to(why)}{extra:,} extra free directions" if extra is not None
                     else _extra_freedom_text(None, "neuron"))
-                 + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra, why)
+                 + _rounding_band_text(v.get("neuron_extra_freedom_band"), extra, why, v.get("neuron_band_cause"))
                  + _approximate_label(why)
                  + _changing_text(v.get("neuron_changing_blocks", 0), n, v.get("neuron_data_limited_layers", 0),
                                   v.get("neuron_sample_limited_layers", 0)))
