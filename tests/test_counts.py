@@ -360,6 +360,33 @@ def test_sample_limited_rows():
     assert not many["sample_limited"].any()
 
 
+def test_a_jacobian_rank_at_its_sample_bound_is_flagged():
+    """Audit 23b F1: with a 2-token vocabulary each output position adds one direction to the exact kl
+    Fisher's K, so the last layer's W_O, whose output reaches its own position only, has rank_K ≤ the 12
+    distinct samples of three sequences given twice; it read 12 (15 on 64 sequences), unflagged, the
+    split-half check blind where the even half holds every distinct sample. rank_K is now checked
+    against its own bound; probes' bound is one direction per probe and position."""
+    from tl_degeneracy.counts import _k_sample_bound
+
+    model = make_tiny_toy_transformer(seed=1, act_fn="relu", d_vocab=2).double()
+    twice = torch.randint(0, 2, (3, 5), generator=torch.Generator().manual_seed(5)).repeat_interleave(2, dim=0)
+    with pytest.warns(SampleLimitedWarning, match="rank_K"):
+        few = degeneracy_counts(model, twice, exact=True, progress=False)
+    last = few[(few["layer"] == 1) & (few["map"] == "W_O")]
+    assert few.attrs["n_distinct_samples"] == 12 and (last["rank_K"] == 12).all() and last["sample_limited"].all()
+    assert not last["data_limited"].any()  # the half-data check cannot see it here
+    many = degeneracy_counts(model, torch.randint(0, 2, (64, 5), generator=torch.Generator().manual_seed(6)),
+                             exact=True, progress=False)
+    last = many[(many["layer"] == 1) & (many["map"] == "W_O")]
+    assert (last["rank_K"] == 15).all() and not last["sample_limited"].any()
+    # exact: the last layer's own-position maps only (V − 1 per distinct sample under kl, V under mse)
+    assert _k_sample_bound("W_O", 1, 2, True, "kl", 8, 2, 12, 30) == 12
+    assert _k_sample_bound("W_in", 1, 2, True, "mse", 8, 2, 12, 30) == 24
+    assert _k_sample_bound("W_V", 1, 2, True, "kl", 8, 2, 12, 30) is None  # values reach later positions
+    assert _k_sample_bound("W_O", 0, 2, True, "kl", 8, 2, 12, 30) is None  # later attention mixes positions
+    assert _k_sample_bound("W_K", 0, 2, False, "kl", 8, 2, 12, 30) == 240  # each probe, each position
+
+
 def test_every_sequence_s_bos_is_one_sample(tl_models):
     """Audit 17a F2: every sequence's BOS position is the same sample (one token at position 0, nothing
     before it), so 3 sequences of 4 positions hold 10 distinct samples, not 12, and a centred Gram

@@ -250,6 +250,28 @@ def check_normalized_hooks(adapter: ModelAdapter) -> None:
     _NORMALIZED_CHECKED.add(adapter)
 
 
+#: Maps whose outputs reach only their own position's outputs when they are the last layer's (no later
+#: attention mixes positions): a query reads one position, W_O writes it, the MLP acts on it.
+_OWN_POSITION_MAPS = ("W_Q", "W_O", "W_in", "W_gate", "W_out")
+
+
+def _k_sample_bound(map_name: str, layer: int | None, n_layers: int, exact: bool, output: str, n_probes: int,
+                    d_vocab: int, n_distinct: int, n_positions: int) -> int | None:
+    """The most directions a map's Jacobian Gram K can hold on these data (audit 23b F1: a 2-token
+    vocabulary's W_O read rank_K 12 of 15 on 12 distinct samples, unflagged): with probes, one
+    gradient per probe and position (each sequence draws its own probes, so a repeated sequence adds
+    directions); exact, for a last-layer map whose output reaches only its own position's outputs
+    (:data:`_OWN_POSITION_MAPS`), one per output direction of a distinct sample: V − 1 under kl (the
+    softmax's Fisher loses the constant), V under mse. None (not checked) elsewhere: there later
+    attention carries a position's output to later positions, and the bound grows with the lengths."""
+    if not exact:
+        return n_probes * n_positions
+    per_sample = {"kl": d_vocab - 1, "mse": d_vocab}.get(output)
+    if per_sample is None or layer != n_layers - 1 or map_name not in _OWN_POSITION_MAPS:
+        return None
+    return per_sample * n_distinct
+
+
 def input_rank_bound(adapter: ModelAdapter, centered: bool) -> int:
     """The most directions the covariance (``centered``) or uncentred Gram of a block input x = n·w + b
     can have: D − 1 for the covariance under LayerNorm (n is mean-free, so Cov(x) = diag(w) Cov(n)
@@ -433,7 +455,8 @@ def degeneracy_counts(
     ``n_params`` = d_in·d_out, ``rank_G``, ``rank_K``, ``kfac`` = rank_G·rank_K (4.5), ``free`` =
     n_params − kfac (4.4), ``centered`` (the map has a bias, so rank_G is that of its inputs'
     covariance, (4.1′)), ``sample_limited`` (rank_G reached the n samples, n − 1 centred, below d_in:
-    ``numerics.sample_limited``; a :class:`SampleLimitedWarning` says how many) and ``probe_limited``
+    ``numerics.sample_limited``; or rank_K reached its own bound below d_out, :func:`_k_sample_bound`;
+    a :class:`SampleLimitedWarning` says how many) and ``probe_limited``
     (with probes: the Gram of the first half of each batch's probes has a lower rank than all of them
     together, so rank_K is still growing with the probes: a lower bound, and ``free`` an upper bound;
     a :class:`ProbeLimitedWarning` says how many; METHODS §4) and ``data_limited`` (rank_G or rank_K
@@ -601,13 +624,17 @@ def degeneracy_counts(
 
         def add(map_name, layer, head, G, K, d_in, d_out, centered=False, g_most=None):
             """One map's row; ``g_most``: the most directions its input can span (``input_rank_bound``;
-            default d_in), below which a rank at the sample count may be the data's limit."""
+            default d_in), below which a rank at the sample count may be the data's limit; rank_K is
+            checked against its own bound (:func:`_k_sample_bound`)."""
             (G_band, g_grows), (K_band, probe_limited, k_grows) = G, K
             G_rank, K_rank = G_band[1], K_band[1]
+            k_bound = _k_sample_bound(map_name, layer, L, bool(jac.exact), output, n_probes, adapter.d_vocab, n,
+                                      batches.n_samples)
             rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                          "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
                          "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
-                         "sample_limited": sample_limited(G_rank, n, d_in if g_most is None else g_most, centered=centered),
+                         "sample_limited": sample_limited(G_rank, n, d_in if g_most is None else g_most, centered=centered)
+                         or (k_bound is not None and sample_limited(K_rank, k_bound, d_out)),
                          "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
                          "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
 
@@ -685,7 +712,8 @@ def degeneracy_counts(
 
         frame = pd.DataFrame(rows)
         warn_sample_limited("degeneracy_counts", int(frame["sample_limited"].sum()), len(frame),
-                            "maps' input Grams (rank_G)", n)
+                            "maps' input Grams (rank_G) or Jacobian Grams (rank_K, against their own bound: column "
+                            "sample_limited)", n)
         data_limited = int(frame["data_limited"].sum())
         warn_data_limited("degeneracy_counts", data_limited, f"{len(frame)} maps", "rank_G or rank_K is",
                           batches.n_sequences, "column data_limited",
