@@ -15,7 +15,7 @@ import torch
 
 import tl_degeneracy as tld
 from tl_degeneracy.llc.llc_result import value_with_error
-from tl_degeneracy.report import SECTIONS, Report, SectionOutput, degeneracy_report, register_section
+from tl_degeneracy.report import SECTIONS, Report, SectionOutput, SectionResult, degeneracy_report, register_section
 from tl_degeneracy.report.serialize import to_jsonable
 from tl_degeneracy.report.settings import PRESETS, resolve_settings
 from tests.fixtures.toys import TINY_TOY_KWARGS, make_tiny_toy_transformer
@@ -714,6 +714,27 @@ def test_an_llc_whose_chains_all_diverge_fails_the_section():
                                 overrides={**TINY, "step_size": 10.0}, progress=False)
     section = rep["llc"]
     assert section.status == "failed" and "EstimateFailedError: λ̂(ε = 0.001, γ = 1): all 2 chains diverged" in section.reason
+
+
+def test_a_model_whose_activations_overflow_fails_its_sections_and_says_why_in_full():
+    """Audit 23c F1: finite weights whose activations overflow to ±∞ made four sections "skipped" (an
+    analysis that does not apply) and the command exit 0, each reason clipped to one line before its
+    remedy. A NumericalError in a section is a failed measurement now, and the terminal shows the
+    whole reason; warnings too (F2: a sweep point's diverged chain was clipped away)."""
+    model = make_tiny_toy_transformer()
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in.mul_(1e30)
+        model.blocks[0].mlp.W_out.mul_(1e30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = degeneracy_report(model, _tokens(), sections=["activations", "counts"], progress=False)
+    for section in rep.sections.values():
+        assert section.status == "failed" and section.reason.startswith("NumericalError: non-finite"), section.reason
+    flat = " ".join(rep.summary(width=80).split())
+    assert flat.count("Check the model's weights and dtype (float16 overflow?) and the input tokens.") == 2
+    long = SectionResult(name="llc", title="t", status="ok", headline="h", warnings=["RuntimeWarning: " + "x " * 80 + "end"])
+    rep.sections = {"llc": long}
+    assert "x end" in " ".join(rep.summary(width=80).split())
 
 
 def test_a_section_read_back_writes_the_same_csv():

@@ -16,7 +16,7 @@ import torch
 
 from ..data import as_seed
 from ..distributed import failing_together, from_rank0, gather_objects, on_rank0, own_warnings
-from ..errors import EstimateFailedError, TLDegeneracyError
+from ..errors import EstimateFailedError, NumericalError, TLDegeneracyError
 from ..memory import MemoryBudget, MemoryBudgetError, default_budget, memory_limit
 from ..models.adapt import adapt
 from . import cache
@@ -119,14 +119,15 @@ def _run_section(section: Section, ctx: ReportContext, errors: str) -> SectionRe
         try:
             with failing_together(f"report section {section.name!r}"):
                 out = section.compute(ctx)
-        except (EstimateFailedError, MemoryBudgetError) as e:
-            # it applies, but its settings (or the memory budget) made it fail: a failure to act on,
-            # not "does not apply" (audit 15b: a budget too small for every pass exited 0)
+        except (EstimateFailedError, MemoryBudgetError, NumericalError) as e:
+            # it applies, but its settings (or the memory budget, or the model's non-finite numbers) made
+            # it fail: a failure to act on, not "does not apply" (audit 15b: a budget too small for every
+            # pass exited 0; audit 23c F1: a model whose activations overflow exited 0, four sections skipped)
             if errors == "raise":
                 raise
             result.status, result.reason = "failed", f"{type(e).__name__}: {e}"
         except TLDegeneracyError as e:
-            # The analysis does not apply here (a missing hook, unusable data, non-finite numbers).
+            # The analysis does not apply here (a missing hook, an architecture it does not cover, unusable data).
             if errors == "raise":
                 raise
             result.status, result.reason = "skipped", f"{type(e).__name__}: {e}"

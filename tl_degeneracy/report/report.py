@@ -44,10 +44,10 @@ class ReportDirectoryError(TLDegeneracyError, ValueError):
     package version's) report or a damaged checkpoint, or it cannot be written."""
 
 #: Section status: ``ok``; ``skipped`` (the analysis does not apply to this model or data: a
-#: MissingHookError, UnsupportedArchitectureError, DataError or NumericalError, with its message);
-#: ``failed`` (an EstimateFailedError or a MemoryBudgetError, a measurement its settings or the
-#: memory budget made fail, with what to change; or any other error: a bug or an unexpected input,
-#: its traceback kept); a warning is issued for each.
+#: MissingHookError, UnsupportedArchitectureError or DataError, with its message); ``failed`` (an
+#: EstimateFailedError, a MemoryBudgetError or a NumericalError, a measurement its settings, the
+#: memory budget or the model's non-finite numbers made fail, with what to change; or any other
+#: error: a bug or an unexpected input, its traceback kept); a warning is issued for each.
 STATUSES = ("ok", "skipped", "failed")
 
 
@@ -308,19 +308,25 @@ class Report:
             when = sec.when("6.1f")
             words = verdict(sec) if sec.status == "ok" else ""
             text = sec.headline if sec.status == "ok" else f"{sec.status}: {sec.reason}"
-            if words:  # the verdict in full, wrapped; the headline's numbers below it, on one line
+            # Verdicts, reasons and warnings in full, wrapped (audit 23c: clipped, a sweep point's diverged
+            # chain and a non-finite model's remedy never reached the terminal); the headline's numbers on
+            # one line below a verdict, which says what they mean.
+            if words:
                 lines += textwrap.wrap(words, width, initial_indent=f"{mark}{sec.name:<16} {when:>8}  ",
                                        subsequent_indent=" " * 28, break_on_hyphens=False)
                 if text:
                     lines.append(_clip(f"{'':28}{text}", width))
             else:
-                lines.append(_clip(f"{mark}{sec.name:<16} {when:>8}  {text}", width))
+                lines += textwrap.wrap(" ".join(text.split()), width, initial_indent=f"{mark}{sec.name:<16} {when:>8}  ",
+                                       subsequent_indent=" " * 28, break_on_hyphens=False)
             apart = self.settings_apart(sec)
             if apart:  # never clipped: the header's settings do not describe this section
                 lines += textwrap.wrap(f"computed with other settings than the header's (an earlier run into this "
                                        f"directory): {settings_text(apart)}", width, initial_indent=" " * 28,
                                        subsequent_indent=" " * 30, break_on_hyphens=False)
-            lines += [_clip(f"{'':28}warning: {w}", width) for w in sec.warnings]
+            for w in sec.warnings:
+                lines += textwrap.wrap(" ".join(w.split()), width, initial_indent=f"{'':28}warning: ",
+                                       subsequent_indent=" " * 30, break_on_hyphens=False)
         return "\n".join(lines)
 
     def settings_apart(self, section: SectionResult) -> dict:
