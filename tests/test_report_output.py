@@ -122,6 +122,33 @@ def test_a_report_json_that_is_not_ours_is_refused_also_with_fresh(tmp_path, cap
         Report.check_directory(out, None, replace=True)
 
 
+def test_a_truncated_report_json_beside_our_checkpoints_says_how_to_recover(tmp_path, capsys):
+    """Audit 23c F3: report.json cut short from outside, beside the run's own cached sections, was
+    called "not a tl-degeneracy report" with no way back; the message now says that deleting it
+    recovers the directory, whose finished sections are reused (and nothing is deleted for the user)."""
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    text = (out / "report.json").read_text()
+    (out / "report.json").write_text(text[:300])
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert "not a tl-degeneracy report (JSONDecodeError" in err and "delete it, report.html and the report's CSVs" in err
+    assert (out / "report.json").read_text() == text[:300]
+    for path in [out / "report.json", out / "report.html", *out.glob("*.csv")]:
+        path.unlink()
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    assert all(s["cached"] for s in _stored(out)["sections"].values())
+
+
+def test_the_same_model_in_another_dtype_is_refused_naming_the_dtypes(tmp_path, capsys):
+    """Audit 23c F4: the model loaded with another --dtype is another model (other numbers) but was
+    named twice alike; the refusal names the dtypes."""
+    out = tmp_path / "rep"
+    assert _run(out, "--model", "toy:sma", *CHEAP) == 0
+    assert _run(out, "--model", "toy:sma", *CHEAP, "--dtype", "float64") == 2
+    assert "its weights in float32 there and float64 now" in _one_paragraph(capsys.readouterr().err)
+
+
 def test_fresh_over_a_damaged_report_of_ours_replaces_it_and_deletes_no_csv(tmp_path, capsys):
     out = tmp_path / "rep"
     out.mkdir()
@@ -162,7 +189,7 @@ def test_the_report_records_what_it_belongs_to(tmp_path):
     ctx_digest = tld.report.context.ReportContext(
         label="toy:sma", adapter=tld.adapt(tld.load_model("toy:sma")), settings=tld.report.PRESETS["quick"],
     ).model_digest
-    assert identity["model"] == {"label": "toy:sma", "digest": ctx_digest}
+    assert identity["model"] == {"label": "toy:sma", "digest": ctx_digest, "dtype": "float32"}
     assert identity["tl-degeneracy"] == tld.__version__
     # The data set is the toy's whole data, hashed as given: a budget takes a share of it, the digest
     # does not depend on the budget.

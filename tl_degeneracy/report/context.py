@@ -432,11 +432,14 @@ class ReportContext:
 
     def identity(self) -> dict:
         """What this report's numbers belong to (``Report.identity``): the model (label,
-        :attr:`model_digest`: its parameters, buffers, configuration and hooks), the data set (source,
+        :attr:`model_digest`: its parameters, buffers, configuration and hooks; its dtype, named where
+        two runs differ in it), the data set (source,
         :attr:`source_digest`; None when no section read data) and the tl-degeneracy version."""
         from .. import __version__
 
         data = None
         if self.data is not None and "batches" in self.__dict__:
             data = {"source": self.data.source, "digest": self.source_digest}
-        return {"model": {"label": self.label, "digest": self.model_digest}, "data": data, "tl-degeneracy": __version__}
+        return {"model": {"label": self.label, "digest": self.model_digest,
+                          "dtype": str(self.adapter.dtype).removeprefix("torch.")},
+                "data": data, "tl-degeneracy": __version__}

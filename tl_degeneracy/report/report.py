@@ -245,10 +245,16 @@ class Report:
         try:
             stored = stored_report(out)
         except (OSError, ValueError) as e:
+            # A report of ours damaged from outside (our writes are atomic) sits beside our checkpoints
+            # (audit 23c F3: the message hid that deleting it recovers the directory).
+            ours = (out / CHECKPOINTS / "sections").is_dir()
             raise ReportDirectoryError(
                 f"{out} holds a report.json that is not a tl-degeneracy report ({type(e).__name__}: {e}); a report "
-                "written there would overwrite it and its report.html. Write to a new or empty --out "
-                "directory.") from None
+                "written there would overwrite it and its report.html. " + (
+                    "The directory also holds tl-degeneracy's checkpoints: if report.json is a damaged report of "
+                    "this package, delete it, report.html and the report's CSVs (<section>_<table>.csv) and rerun, "
+                    "and the finished sections in checkpoints/ are reused; else write"
+                    if ours else "Write") + " to a new or empty --out directory.") from None
         # Before any work (review 50: refused at the save, after --fresh had cleared the finished sections)
         names = [p.name for p in out.glob("*.csv") if any(p.name.startswith(f"{name}_") for name in sections)]
         _refuse_unlisted_tables(out, names, set(_listed_tables(stored)))
@@ -370,8 +376,11 @@ def identity_conflicts(there: dict | None, here: dict | None) -> list[str]:
     out = []
     m0, m1 = there.get("model") or {}, here.get("model") or {}
     if m0.get("digest") != m1.get("digest"):
+        # the dtype by name (audit 23c F4: one model loaded with another --dtype read as two of one label)
+        dtypes = (f", its weights in {m0['dtype']} there and {m1['dtype']} now" if m0.get("dtype") and m1.get("dtype")
+                  and m0["dtype"] != m1["dtype"] else "")  # absent from reports saved before 0.4.17
         out.append(f"model {m0.get('label')} (sha256 {str(m0.get('digest'))[:12]} of its weights, config and hooks) "
-                   f"there, {m1.get('label')} ({str(m1.get('digest'))[:12]}) now")
+                   f"there, {m1.get('label')} ({str(m1.get('digest'))[:12]}) now{dtypes}")
     d0, d1 = there.get("data"), here.get("data")
     if d0 is not None and d1 is not None and d0.get("digest") != d1.get("digest"):
         out.append(f"data {d0.get('source')} (sha256 {str(d0.get('digest'))[:12]}) there, {d1.get('source')} "
