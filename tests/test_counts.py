@@ -379,6 +379,12 @@ def test_a_jacobian_rank_at_its_sample_bound_is_flagged():
                              exact=True, progress=False)
     last = many[(many["layer"] == 1) & (many["map"] == "W_O")]
     assert (last["rank_K"] == 15).all() and not last["sample_limited"].any()
+    # review 62: the bound is the logits' width (d_vocab_out), and a rank at K's ceiling (D − 1 under
+    # LayerNorm for a writing map) cannot be the data's limit
+    wide = make_tiny_toy_transformer(seed=1, act_fn="relu", d_vocab=2, d_vocab_out=16).double()
+    wide_out = degeneracy_counts(wide, twice, exact=True, progress=False)
+    last = wide_out[(wide_out["layer"] == 1) & (wide_out["map"] == "W_O")]
+    assert (last["rank_K"] == 15).all() and not last["sample_limited"].any()
     # exact: the last layer's own-position maps only (V − 1 per distinct sample under kl, V under mse)
     assert _k_sample_bound("W_O", 1, 2, True, "kl", 8, 2, 12, 30) == 12
     assert _k_sample_bound("W_in", 1, 2, True, "mse", 8, 2, 12, 30) == 24

@@ -65,7 +65,10 @@ def test_a_run_that_stopped_on_its_time_limit_is_not_extended_on_resume(tmp_path
     assert first.diagnostics["budget"]["stopped"] == "time_limit"
     again = behavioral_llc(model, x, **kw)
     assert again.draws == first.draws and again.llc == first.llc
-    assert again.diagnostics["budget"]["elapsed_s"] >= first.diagnostics["budget"]["elapsed_s"]
+    # The time spent is carried over: the checkpoint's, saved after the last block (the first run's own
+    # figure adds its closing diagnostics, so under load it can be the larger: 1.4902 against 1.4886),
+    # where a fresh count would read the near-zero time of a call that samples nothing.
+    assert again.diagnostics["budget"]["elapsed_s"] >= kw["time_limit"] / 2
 
 
 def test_checkpoint_from_other_settings_is_refused(tmp_path):

@@ -758,7 +758,7 @@ def test_a_failure_its_settings_made_is_not_called_unexpected():
     from tl_degeneracy.report.sections import verdict
 
     budget = SectionResult(name="counts", title="c", status="failed", reason="MemoryBudgetError: lower batch_size")
-    assert verdict(budget) == "failed: no result, its settings or the memory budget stopped it (reason below)"
+    assert verdict(budget) == "failed: no result, its settings, the memory budget or non-finite numbers stopped it (reason below)"
     crash = SectionResult(name="counts", title="c", status="failed", reason="KeyError: 'x'", traceback="Traceback …")
     assert verdict(crash) == "failed with an unexpected error: no result (traceback below)"
     assert verdict(budget, with_reason=True).endswith("(MemoryBudgetError: lower batch_size)")

@@ -265,7 +265,7 @@ def test_the_report_runs_the_llc_that_fits_its_memory_budget(tmp_path):
     assert sec.status == "ok", sec.reason
     assert sec.values["n_params"] == tld.select_parameters(model, last).numel
     assert any("Restricted LLC" in n for n in sec.notes)
-    assert rep.settings["memory"]["llc"]["lowered"] == {"llc_params": [None, last]}
+    assert rep.settings["memory"]["llc"] == {"needed": restricted, "fits": True, "lowered": {"llc_params": [None, last]}}
     assert f"lowered to fit: llc_params all → {last}" in " ".join(rep.summary(width=400).split())
 
 

@@ -256,17 +256,19 @@ _OWN_POSITION_MAPS = ("W_Q", "W_O", "W_in", "W_gate", "W_out")
 
 
 def _k_sample_bound(map_name: str, layer: int | None, n_layers: int, exact: bool, output: str, n_probes: int,
-                    d_vocab: int, n_distinct: int, n_positions: int) -> int | None:
+                    d_vocab_out: int, n_distinct: int, n_positions: int) -> int | None:
     """The most directions a map's Jacobian Gram K can hold on these data (audit 23b F1: a 2-token
     vocabulary's W_O read rank_K 12 of 15 on 12 distinct samples, unflagged): with probes, one
     gradient per probe and position (each sequence draws its own probes, so a repeated sequence adds
     directions); exact, for a last-layer map whose output reaches only its own position's outputs
     (:data:`_OWN_POSITION_MAPS`), one per output direction of a distinct sample: V − 1 under kl (the
     softmax's Fisher loses the constant), V under mse. None (not checked) elsewhere: there later
-    attention carries a position's output to later positions, and the bound grows with the lengths."""
+    attention carries a position's output to later positions, and the bound grows with the lengths. A rank
+    at the bound is flagged only below the most K can hold (``degeneracy_counts``: d_out, or D − 1 for a
+    map writing a LayerNorm model's residual stream, whose mean no reader reads)."""
     if not exact:
         return n_probes * n_positions
-    per_sample = {"kl": d_vocab - 1, "mse": d_vocab}.get(output)
+    per_sample = {"kl": d_vocab_out - 1, "mse": d_vocab_out}.get(output)
     if per_sample is None or layer != n_layers - 1 or map_name not in _OWN_POSITION_MAPS:
         return None
     return per_sample * n_distinct
@@ -628,16 +630,19 @@ def degeneracy_counts(
             checked against its own bound (:func:`_k_sample_bound`)."""
             (G_band, g_grows), (K_band, probe_limited, k_grows) = G, K
             G_rank, K_rank = G_band[1], K_band[1]
-            k_bound = _k_sample_bound(map_name, layer, L, bool(jac.exact), output, n_probes, adapter.d_vocab, n,
+            k_bound = _k_sample_bound(map_name, layer, L, bool(jac.exact), output, n_probes, logits_width, n,
                                       batches.n_samples)
             rows.append({"map": map_name, "layer": layer, "head": head, "d_in": d_in, "d_out": d_out,
                          "n_params": d_in * d_out, "rank_G": G_rank, "rank_K": K_rank,
                          "kfac": G_rank * K_rank, "free": d_in * d_out - G_rank * K_rank, "centered": centered,
                          "sample_limited": sample_limited(G_rank, n, d_in if g_most is None else g_most, centered=centered)
-                         or (k_bound is not None and sample_limited(K_rank, k_bound, d_out)),
+                         or (k_bound is not None and sample_limited(K_rank, k_bound, k_most.get(map_name, d_out))),
                          "data_limited": g_grows or k_grows, "probe_limited": probe_limited,
                          "kfac_min": G_band[0] * K_band[0], "kfac_max": G_band[2] * K_band[2]})
 
+        logits_width = adapter.embedding_weights().W_U.shape[-1]  # d_vocab_out: a toy's may differ from d_vocab
+        # K of a map writing the residual stream has no direction along what no reader reads (LayerNorm's mean)
+        k_most = dict.fromkeys(("W_O", "W_out"), input_rank_bound(adapter, True))
         mlp_weights = adapter.mlp_weights() if mlp else None
         for layer in range(L):
             bias = adapter.map_biases(layer)

@@ -591,7 +591,7 @@ def sparsify(
             zeros_in_model = int((forced & ~in_basis & (written_M.cpu() == 0)).sum()) + out_zeros
             if (zeros_added != int(forced.sum()) + len(removed) * W_out.shape[1]
                     or zeros_in_model != int((forced & ~in_basis).sum()) + len(removed) * W_out.shape[1]):
-                raise NumericalError(f"layer {layer}: an entry the construction sets to zero is not zero (a bug)")
+                raise RuntimeError(f"layer {layer}: an entry the construction sets to zero is not zero (a bug; please report it)")
             drift, kl = _drift(adapter, sparse_adapter, batches, progress)
             if not (math.isfinite(drift) and math.isfinite(kl)):
                 raise NumericalError(f"the sparsified model's outputs are not finite after layer {layer}")

@@ -346,13 +346,14 @@ class _RoundingBand:
 
     @property
     def extra_freedom_band(self) -> tuple[int, int] | None:
-        """(smallest, largest) total extra freedom at the two cut-offs (equal without half precision;
-        None where a count is not exact), in the blocks the half-precision patterns formed: where a
+        """(smallest, largest) total extra freedom at the band's ends (:class:`_RoundingBand`; equal
+        without one; None where a count is not exact at either end: review 62, a total without it would
+        not hold extra_freedom), in the blocks the half-precision patterns formed: where a
         pair's distance lies within the patterns' rounding of ``tol``, a float32 forward may form other
         blocks, whose count the band does not cover (audit 18b F1: toy:modadd in bfloat16 read
         1,700–8,698; its bfloat16 weights in a float32 forward 1,658, in 100 blocks for 96)."""
         frame = self.to_frame()
-        if self.extra_freedom is None:
+        if self.extra_freedom is None or frame[["extra_freedom_min", "extra_freedom_max"]].isna().any(axis=None):
             return None
         return int(frame["extra_freedom_min"].sum()), int(frame["extra_freedom_max"].sum())
 
@@ -756,7 +757,8 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
     activation ranks, or None for the package's rule at ``precision`` (activation_precision of the model).
     ``half_blocks``: the blocks that the data's even-numbered sequences alone form (``to_frame``'s
     on_half; ``changing_blocks``). ``noise_rtol``, ``input_rank_noise``: a half-precision model's
-    rounding band (:class:`_RoundingBand`)."""
+    rounding band; ``weight_precision``: the rank rule of the output weights' ranks, float64's (a
+    float32 model's band takes float32's too; :class:`_RoundingBand`)."""
 
     distance: Float[np.ndarray, "layer head head"]
     tol: float
@@ -938,8 +940,9 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         and the component's counts (METHODS (3.5a)–(3.5c)): n_params (its W_V and W_O entries, each
         stored value head once), j_apart, j_sync, free_block = n_params − j_sync, free_separate =
         n_params − j_apart, extra_freedom = j_apart − j_sync, and extra_freedom_min / extra_freedom_max:
-        for a half-precision model the smaller and larger of the count at the rank rule's cut-off and
-        at the forward's rounding level (:class:`_RoundingBand`), else both the count.
+        the smaller and larger of the count at the band's two ends (:class:`_RoundingBand`: a
+        half-precision model's rank cut-off and rounding level, a float32 model's output weights at
+        float64's and float32's rule), else both the count.
 
         The counts belong to a component, not a block (blocks that share a KV head are coupled), so
         they stand on one row of the component, its first block of ≥ 2 heads (else its first block),
@@ -1519,9 +1522,9 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         has no closed form and the block exceeds DENSE_Y_LIMIT; count_exact is False with the count
         an upper bound where the block's W_out rows are dependent and it fires on only part of the
         samples (the count then takes the input's rank over all samples). extra_freedom_min /
-        extra_freedom_max: for a half-precision model the smaller and larger of the count at the
-        rank rule's cut-off and at the forward's rounding level (:class:`_RoundingBand`), else both
-        the count."""
+        extra_freedom_max: the smaller and larger of the count at the band's two ends
+        (:class:`_RoundingBand`: a half-precision model's rank cut-off and rounding level, a float32
+        model's output weights at float64's and float32's rule), else both the count."""
         return self._frame(singletons).copy()
 
     def _frame(self, singletons: bool) -> pd.DataFrame:

@@ -322,9 +322,10 @@ class Report:
                                        subsequent_indent=" " * 28, break_on_hyphens=False)
                 if text:
                     lines.append(_clip(f"{'':28}{text}", width))
-            else:
+            else:  # a section with no words at all still has its line (review 62), its warnings below it
                 lines += textwrap.wrap(" ".join(text.split()), width, initial_indent=f"{mark}{sec.name:<16} {when:>8}  ",
-                                       subsequent_indent=" " * 28, break_on_hyphens=False)
+                                       subsequent_indent=" " * 28, break_on_hyphens=False) or [
+                    f"{mark}{sec.name:<16} {when:>8}"]
             apart = self.settings_apart(sec)
             if apart:  # never clipped: the header's settings do not describe this section
                 lines += textwrap.wrap(f"computed with other settings than the header's (an earlier run into this "

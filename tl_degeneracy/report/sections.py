@@ -932,11 +932,12 @@ def verdict(section, with_reason: bool = False) -> str:
     has no verdict of its own). A section that did not run says so, pointing to the reason printed
     below it, or (``with_reason``, for a line with nothing below it: a comparison's) giving it."""
     if section.status in ("skipped", "failed"):
-        # a failure without a traceback is one its settings or the memory budget made (build._run_section)
+        # a failure without a traceback is one its settings, the memory budget or the model's non-finite
+        # numbers made (build._run_section)
         unexpected = section.status == "failed" and getattr(section, "traceback", None)
         words = ("does not apply to this model or data" if section.status == "skipped" else
                  "failed with an unexpected error: no result" if unexpected else
-                 "failed: no result, its settings or the memory budget stopped it")
+                 "failed: no result, its settings, the memory budget or non-finite numbers stopped it")
         if with_reason:
             return f"{words} ({section.reason})" if section.reason else words
         return f"{words} ({'traceback' if unexpected else 'reason'} below)"
