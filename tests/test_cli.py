@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -352,3 +353,15 @@ def test_seeds_and_sizes_out_of_range_are_refused_clearly(tmp_path, capsys, argv
     """Audit 16b F6: raw OverflowError tracebacks."""
     assert main(["report", "--out", str(tmp_path / "r"), "--quiet", "--only", "summary", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_progress_bars_are_off_without_a_terminal_and_the_section_lines_stay(tmp_path, capsys, monkeypatch):
+    """Audit 23c F5: without a terminal (a log, a pipe) every redraw of a progress bar was kept, hundreds
+    of lines with cursor codes; there the bars are off, the section lines stay, and the environment is
+    left as it was."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert main(["report", "--out", str(tmp_path / "r"), "--model", "toy:sma", "--only", "summary", "activations",
+                 "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] Model summary …" in err and "batch/s" not in err and "\x1b[A" not in err
+    assert "TQDM_DISABLE" not in os.environ

@@ -138,7 +138,7 @@ def _report(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError, ImportError, TypeError) as e:
         raise CLIError(f"--model {args.model!r}: {e}") from e
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _bars_on_a_terminal_only():
             # each section's warnings are in the summary printed below, once each (audit 15b: printed
             # twice, the first time with a source line of this file)
             warnings.filterwarnings("ignore", message="report section ")
@@ -164,6 +164,21 @@ def _report(args: argparse.Namespace) -> int:
               f"failures are in {out / 'report.json'}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _bars_on_a_terminal_only():
+    """Progress bars off (TQDM_DISABLE) while the report runs, where stderr is not a terminal: a log
+    keeps every redraw of a bar (audit 23c F5: hundreds of lines and cursor codes); the report's
+    section lines stay. A TQDM_DISABLE already set is left alone."""
+    if sys.stderr.isatty() or "TQDM_DISABLE" in os.environ:
+        yield
+        return
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TQDM_DISABLE", None)
 
 
 def _compare(args: argparse.Namespace) -> int:
