@@ -260,6 +260,11 @@ def _at_sample_count(adapter: ModelAdapter, ranks: Int[np.ndarray, " layer"], n_
     return np.array([sample_limited(int(r), n_samples, most, centered=centered) for r in ranks], dtype=bool)
 
 
+#: ``_RoundingBand.band_cause``: what the other end of a synchronization count's band changes.
+HALF_PRECISION_BAND = "the half-precision rounding level"
+WEIGHTS_BAND = "float32's rank rule for the output weights"
+
+
 class _RoundingBand:
     """A synchronization result counted at both ends of its rounding, ``extra_freedom_min`` / ``_max``
     the smaller and larger count of each block; a count that differs between them is known only to
@@ -295,8 +300,8 @@ class _RoundingBand:
     def band_cause(self) -> str | None:
         """What the band's other end changes, for labels (None where there is no band)."""
         if self.half_precision:
-            return "the half-precision rounding level"
-        return "float32's rank rule for the output weights" if self.weights_banded else None
+            return HALF_PRECISION_BAND
+        return WEIGHTS_BAND if self.weights_banded else None
 
     def _at_rounding(self):
         """This result with its activation ranks cut at the rounding level (None when not half precision)."""
@@ -305,20 +310,18 @@ class _RoundingBand:
         return replace(self, rank_rtol=self.noise_rtol, input_rank=self.input_rank_noise, noise_rtol=None,
                        input_rank_noise=None)
 
-    def _other_ends(self) -> list:
-        """This result counted at its band's other end (a result without a band of its own): at the
-        rounding level, or with the output weights at float32's rule; none without a band."""
-        if self.weights_banded:
-            return [replace(self, weight_precision=self.precision)]
-        rounded = self._at_rounding()
-        return [] if rounded is None else [rounded]
+    def _other_end(self):
+        """This result counted at its band's other end (a result without a band of its own): with the
+        output weights at float32's rule, or at the rounding level; None without a band."""
+        return replace(self, weight_precision=self.precision) if self.weights_banded else self._at_rounding()
 
     @staticmethod
-    def _banded(frame: pd.DataFrame, others: Sequence[pd.DataFrame]) -> pd.DataFrame:
-        """``frame`` with extra_freedom_min / extra_freedom_max: the smallest and largest of its count and
-        ``others``' (the same blocks counted at the band's other ends; equal to the count without any)."""
-        counts = [frame["extra_freedom"], *(other["extra_freedom"].set_axis(frame.index) for other in others)]
-        both = pd.concat(counts, axis=1)
+    def _banded(frame: pd.DataFrame, other: pd.DataFrame | None) -> pd.DataFrame:
+        """``frame`` with extra_freedom_min / extra_freedom_max: the smaller and larger of its count and
+        ``other``'s (the same blocks counted at the band's other end; equal to the count without one)."""
+        counts = frame["extra_freedom"]
+        there = counts if other is None else other["extra_freedom"].set_axis(frame.index)
+        both = pd.concat([counts, there], axis=1)
         frame["extra_freedom_min"] = both.min(axis=1, skipna=False).astype("Int64")
         frame["extra_freedom_max"] = both.max(axis=1, skipna=False).astype("Int64")
         return frame
@@ -984,7 +987,8 @@ class HeadSyncResult(_HalfDataChecks, _RoundingBand):
         columns = ["layer", "heads", "size", "max_distance", "approximate", "on_half", "s_block", "s_heads",
                    "input_rank", "data_limited", "sample_limited", "component", "count_exact", *_COUNT_COLUMNS]
         frame = pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in _COUNT_COLUMNS})
-        frame = self._banded(frame, [end._frame for end in self._other_ends()])
+        end = self._other_end()
+        frame = self._banded(frame, None if end is None else end._frame)
         self._warn_band("head_synchronization", frame)
         return frame
 
@@ -1551,7 +1555,8 @@ class NeuronSyncResult(_HalfDataChecks, _RoundingBand):
         columns = ["layer", "neurons", "size", "max_distance", "approximate", "on_half", "data_limited", "sample_limited",
                    "s_block", "count_exact", "extra_freedom"]
         frame = pd.DataFrame(rows, columns=columns).astype({"extra_freedom": "Int64"})
-        frame = self._banded(frame, [end._frame(singletons) for end in self._other_ends()])
+        end = self._other_end()
+        frame = self._banded(frame, None if end is None else end._frame(singletons))
         if not self._frames:  # once per result
             self._warn_band("neuron_synchronization", frame)
         inexact = frame[~frame["count_exact"].astype(bool)]

@@ -27,7 +27,7 @@ from ..numerics import CUTOFF_BAND
 from ..plots import plot_spectra
 from ..stats import activation_stats
 from ..stats.passes import show_progress
-from ..synchronization import head_synchronization, neuron_synchronization
+from ..synchronization import HALF_PRECISION_BAND, WEIGHTS_BAND, head_synchronization, neuron_synchronization
 from .context import ACTIVATION_HOOKS, ReportContext, sequences_digest, subset_positions
 from .plots import plot_component_llc, plot_counts, plot_gram_spectra
 from .registry import SectionOutput, register_section
@@ -184,8 +184,8 @@ def _rounding_band_text(band, count: int | None, approximation: str = "", cause:
     the band; reports saved before the weights' band, 0.4.17, name no cause: theirs is half precision's)."""
     if band is None or count is None or list(band) == [count, count]:
         return ""
-    half = cause is None or "half-precision" in cause
-    cause = cause or "the half-precision rounding level"
+    half = cause != WEIGHTS_BAND
+    cause = cause or HALF_PRECISION_BAND
     # The band's ends sum each block's smaller and larger count: where some blocks count more at the
     # rounding level and others fewer, the total lies strictly inside, and neither end is the other
     # cut-off's total (review 46 L4).
